@@ -1,0 +1,48 @@
+# Two commands do all the set-up on a fresh machine: `make run` and `make test`.
+PYTHON ?= python3
+VENV   ?= .venv
+PY      = $(VENV)/bin/python
+PIP     = $(PY) -m pip --disable-pip-version-check -q
+ARGS   ?=
+
+.PHONY: run install install-test test bench bench-deps proto clean
+
+$(VENV)/bin/python:
+	$(PYTHON) -m venv $(VENV)
+
+$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
+	$(PIP) install -e '.[server]'
+	touch $@
+
+$(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
+	$(PIP) install -e '.[server,test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+## make run: install and start kvstored with embedded defaults (ARGS="--dram-size 2GiB ...")
+run: install
+	$(VENV)/bin/kvstored $(ARGS)
+
+install-test: $(VENV)/.installed-test
+
+## make test: install what the tests need and run them
+test: install-test
+	$(PY) -m pytest $(ARGS)
+
+bench-deps: install
+	$(PIP) install -e '.[server,bench]'
+	command -v redis-server >/dev/null && command -v iperf3 >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iperf3 >/dev/null)
+
+## make bench: TCP put/get beside iperf3 and Redis (writes benchmarks/out/)
+bench: bench-deps
+	$(PY) benchmarks/bench_tcp.py $(ARGS)
+
+## make proto: regenerate client/kvstore/v1 from proto/
+proto: install
+	$(PIP) install 'grpcio-tools==1.85.1'
+	$(PY) -m grpc_tools.protoc -I proto --python_out=client --grpc_python_out=client --pyi_out=client proto/kvstore/v1/control.proto
+
+clean:
+	rm -rf $(VENV) build *.egg-info client/*.egg-info

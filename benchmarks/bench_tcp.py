@@ -1,0 +1,456 @@
+#!/usr/bin/env python3
+"""TCP data-path benchmark: kvstored vs Redis vs the iperf3 loopback ceiling.
+
+    python benchmarks/bench_tcp.py [--cc cubic|bbr|system] [--sizes 64KiB,256KiB,1MiB,4MiB]
+                                   [--concurrency 1,8] [--duration 2]
+                                   [--markdown out.md] [--json out.json]
+
+One run = one TCP congestion control (set machine-wide for the run, restored
+afterwards), under which it measures, in this order:
+
+1. iperf3, one stream over 127.0.0.1 (the kernel's ceiling for one connection);
+2. Redis (redis-server + redis-py/hiredis): SET and GET per size x concurrency;
+3. kvstored (python -m kvstored + the kvstore SDK): put, get (returns bytes)
+   and get_into (into a preallocated buffer) per size x concurrency.
+
+Both stores are timed by the same code (peers.measure): concurrency 1 is a
+plain loop on the sync client, concurrency c > 1 is c asyncio tasks in this
+one process sharing one async client. If kvstored cannot be started (e.g. the
+SDK is not there yet), its part fails with a clear message and the rest is
+still reported.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import inspect
+import json
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from typing import Callable
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _i, _p in enumerate((HERE, os.path.join(REPO, "client"), REPO)):
+    if _p not in sys.path:
+        sys.path.insert(_i, _p)
+
+import peers  # noqa: E402
+from peers import (BenchError, MiB, error_row, human_size, kill_process,  # noqa: E402
+                   new_event_loop, run_measurement, tail, working_set_keys)
+
+DEFAULT_SIZES = "64KiB,256KiB,1MiB,4MiB"
+MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * MiB), "MALLOC_MMAP_THRESHOLD_": str(64 * MiB)}
+
+
+class KvstoredUnavailable(BenchError):
+    """kvstored (daemon or SDK) cannot be benchmarked in this checkout; the message says why."""
+
+
+# --------------------------------------------------------------------------- daemon
+
+class KvstoredDaemon:
+    """``python -m kvstored`` on 127.0.0.1 with OS-chosen ports; ready when it writes --ready-file."""
+
+    def __init__(self, cc: str, *, dram_size: str = "2GiB", max_value_size: int = 8 * MiB,
+                 slab_size: int = 8 * MiB, extra_args: list[str] | None = None,
+                 start_timeout: float = 20.0, python: str = sys.executable):
+        self.cc = cc
+        self.dram_size = dram_size
+        self.max_value_size = max_value_size
+        self.slab_size = slab_size
+        self.extra_args = extra_args or []
+        self.start_timeout = start_timeout
+        self.python = python
+        self.proc: subprocess.Popen | None = None
+        self.dir: tempfile.TemporaryDirectory | None = None
+        self.log_path = ""
+        self.info: dict = {}
+
+    @property
+    def control_port(self) -> int:
+        return int(self.info["control_port"])
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.control_port}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log_tail(self, n: int = 1500) -> str:
+        return tail(self.log_path, n).strip()
+
+    def __enter__(self) -> "KvstoredDaemon":
+        self.dir = tempfile.TemporaryDirectory(prefix="bench-kvstored-")
+        try:
+            ready = os.path.join(self.dir.name, "ready.json")
+            self.log_path = os.path.join(self.dir.name, "kvstored.log")
+            cmd = [self.python, "-m", "kvstored", "--host", "127.0.0.1", "--port", "0",
+                   "--data-port", "0", "--dram-size", self.dram_size,
+                   "--max-value-size", human_size(self.max_value_size),
+                   "--slab-size", human_size(self.slab_size),
+                   "--tcp-congestion", self.cc, "--ready-file", ready, *self.extra_args]
+            env = dict(os.environ)
+            env["PYTHONPATH"] = os.pathsep.join(
+                [REPO, os.path.join(REPO, "client")] +
+                ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
+            with open(self.log_path, "wb") as logf:
+                self.proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdin=subprocess.DEVNULL,
+                                             stdout=logf, stderr=subprocess.STDOUT)
+            deadline = time.monotonic() + self.start_timeout
+            while True:
+                if self.proc.poll() is not None:
+                    raise KvstoredUnavailable(
+                        f"kvstored exited during start-up (rc={self.proc.returncode}); "
+                        f"command: {' '.join(cmd)}\n--- log tail ---\n{self.log_tail()}")
+                if os.path.exists(ready):
+                    try:
+                        with open(ready) as f:
+                            info = json.load(f)
+                        if "control_port" in info and "data_port" in info:
+                            self.info = info
+                            return self
+                    except (OSError, ValueError):
+                        pass  # partially written; poll again
+                if time.monotonic() > deadline:
+                    raise KvstoredUnavailable(
+                        f"kvstored did not write its ready file within {self.start_timeout:.0f}s; "
+                        f"command: {' '.join(cmd)}\n--- log tail ---\n{self.log_tail()}")
+                time.sleep(0.05)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+
+    def __exit__(self, *exc) -> None:
+        kill_process(self.proc, term_timeout=10.0)
+        self.proc = None
+        if self.dir is not None:
+            self.dir.cleanup()
+            self.dir = None
+
+
+# --------------------------------------------------------------------------- SDK
+
+def import_sdk():
+    """The kvstore SDK module, or KvstoredUnavailable saying what is missing."""
+    try:
+        import kvstore  # type: ignore
+    except Exception as e:
+        raise KvstoredUnavailable(f"cannot import the kvstore SDK from {REPO}/client: "
+                                  f"{type(e).__name__}: {e}") from e
+    missing = [n for n in ("Client", "AsyncClient") if not hasattr(kvstore, n)]
+    if missing:
+        raise KvstoredUnavailable(
+            f"the kvstore SDK at {os.path.dirname(getattr(kvstore, '__file__', '') or '?')} has no "
+            f"{' / '.join(missing)} yet (the SDK is still being written)")
+    return kvstore
+
+
+def _accepts(method, name: str) -> bool:
+    try:
+        return name in inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *,
+                  cc: str, max_ops: int = 200_000, warmup: float = 0.2, loop_kind: str = "auto",
+                  namespace: str = "bench", dram_size: str = "2GiB",
+                  daemon_args: list[str] | None = None,
+                  log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """put / get / get_into rows for every size x concurrency, and facts about the daemon.
+
+    Raises KvstoredUnavailable when the SDK or the daemon is missing or does
+    not start; errors of single measurements become error rows.
+    """
+    kvstore = import_sdk()
+    max_size = max(sizes)
+    rows: list[dict] = []
+    facts: dict = {}
+    with KvstoredDaemon(cc, dram_size=dram_size, max_value_size=max(8 * MiB, max_size),
+                        slab_size=max(8 * MiB, max_size), extra_args=daemon_args) as daemon:
+        facts["kvstored"] = (f"pid {daemon.info.get('pid')}, control :{daemon.control_port}, "
+                             f"data :{daemon.info.get('data_port')}")
+        log(f"kvstored up: {facts['kvstored']}")
+        loop, loop_name = new_event_loop(loop_kind)
+        client = kvstore.Client(daemon.address)
+        try:
+            overwrite = _accepts(client.put, "overwrite")
+            put_mode = "overwrite" if overwrite else "new-keys"
+            if not overwrite:
+                log("note: Client.put has no 'overwrite' parameter; put rows write fresh keys "
+                    "(a same-key same-value put would be a dedup no-op)")
+            facts["kvstored_put_mode"] = put_mode
+            has_get_into = hasattr(client, "get_into")
+            if not has_get_into:
+                log("note: the SDK has no get_into yet; get_into rows are skipped")
+            for run_id, size in enumerate(sizes):
+                if not daemon.alive():
+                    raise KvstoredUnavailable(f"kvstored died (rc={daemon.proc.returncode if daemon.proc else '?'})"
+                                              f"\n--- log tail ---\n{daemon.log_tail()}")
+                value = os.urandom(size)
+                keys = working_set_keys("kv", size)
+                ops = ["put", "get"] + (["get_into"] if has_get_into else [])
+                try:
+                    with peers.time_limit(120):
+                        _preload(client, keys, value, namespace)
+                except Exception as e:
+                    for conc in concurrencies:
+                        for op in ops:
+                            rows.append(error_row("kvstored", op, size, conc, f"preload failed: {e}"))
+                            log(peers._progress(rows[-1]))
+                    continue
+                for conc in concurrencies:
+                    for op in ops:
+                        if not daemon.alive():
+                            row = error_row("kvstored", op, size, conc, "daemon is not running")
+                        else:
+                            try:
+                                st = _kv_measure(kvstore, client, daemon.address, loop, op, size,
+                                                 conc, keys, value, namespace, overwrite,
+                                                 f"r{run_id}c{conc}", duration, max_ops, warmup)
+                                row = st.row("kvstored", op, size,
+                                             loop=loop_name if conc > 1 else "sync",
+                                             working_set_keys=len(keys),
+                                             **({"put_mode": put_mode} if op == "put" else {}))
+                            except Exception as e:
+                                row = error_row("kvstored", op, size, conc, e)
+                        rows.append(row)
+                        log(peers._progress(row))
+                _cleanup(client, keys, namespace)
+        finally:
+            with contextlib.suppress(Exception), peers.time_limit(10):
+                client.close()
+            loop.close()
+        if not daemon.alive():
+            log(f"WARNING: kvstored exited during the run\n{daemon.log_tail()}")
+    return rows, facts
+
+
+def _preload(client, keys: list[bytes], value: bytes, ns: str) -> None:
+    for k in keys:
+        client.put(k, value, namespace=ns)
+    got = client.get(keys[-1], namespace=ns)
+    if bytes(got) != value:
+        raise BenchError(f"kvstored returned a different value than was stored "
+                         f"({len(got)} bytes vs {len(value)})")
+    if hasattr(client, "get_into"):
+        buf = bytearray(len(value))
+        n = client.get_into(keys[0], buf, namespace=ns)
+        if n != len(value) or buf != value:
+            raise BenchError(f"kvstored get_into returned {n} bytes / different content")
+
+
+def _cleanup(client, keys: list[bytes], ns: str) -> None:
+    """Best effort: drop the working set so sizes do not compete for DRAM (eviction would anyway)."""
+    delete = getattr(client, "delete", None)
+    if delete is None:
+        return
+    with contextlib.suppress(Exception), peers.time_limit(30):
+        for start in range(0, len(keys), 256):
+            delete(keys[start:start + 256], namespace=ns)
+
+
+def _kv_measure(kvstore, client, address, loop, op, size, conc, keys, value, ns, overwrite,
+                tag, duration, max_ops, warmup) -> peers.Stats:
+    nkeys = len(keys)
+    put_kw = {"namespace": ns, **({"overwrite": True} if overwrite else {})}
+
+    def put_key(i: int) -> bytes:
+        # overwrite: cycle over the working set; else every put is a new key (never a dedup)
+        return keys[i % nkeys] if overwrite else f"put-{tag}-{size}-{i}".encode()
+
+    if conc == 1:
+        if op == "put":
+            put = client.put
+
+            def fn(w, i):
+                put(put_key(i), value, **put_kw)
+        elif op == "get":
+            get = client.get
+
+            def fn(w, i):
+                get(keys[i % nkeys], namespace=ns)
+        else:
+            get_into = client.get_into
+            buf = bytearray(size)
+
+            def fn(w, i):
+                n = get_into(keys[i % nkeys], buf, namespace=ns)
+                if n != size:
+                    raise BenchError(f"get_into returned {n} bytes, expected {size}")
+        return run_measurement(fn, duration, max_ops, 1, warmup=warmup)
+
+    async def open_client():
+        c = kvstore.AsyncClient(address)
+        await c.connect()
+        return c
+
+    ac = loop.run_until_complete(asyncio_wait_for(open_client(), 20))
+    try:
+        if op == "put":
+            async def fn(w, i):
+                await ac.put(put_key(i), value, **put_kw)
+        elif op == "get":
+            async def fn(w, i):
+                await ac.get(keys[i % nkeys], namespace=ns)
+        else:
+            bufs = [bytearray(size) for _ in range(conc)]
+
+            async def fn(w, i):
+                n = await ac.get_into(keys[i % nkeys], bufs[w], namespace=ns)
+                if n != size:
+                    raise BenchError(f"get_into returned {n} bytes, expected {size}")
+        return run_measurement(fn, duration, max_ops, conc, warmup=warmup, loop=loop)
+    finally:
+        with contextlib.suppress(Exception):
+            loop.run_until_complete(asyncio_wait_for(ac.close(), 10))
+
+
+def asyncio_wait_for(coro, seconds: float):
+    import asyncio
+    return asyncio.wait_for(coro, seconds)
+
+
+# --------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--cc", default="system",
+                    help="TCP congestion control for the whole run: cubic, bbr, ... or 'system' "
+                         "(leave the machine's setting; default)")
+    ap.add_argument("--sizes", default=DEFAULT_SIZES, help=f"value sizes (default {DEFAULT_SIZES})")
+    ap.add_argument("--concurrency", default="1,8",
+                    help="outstanding requests from one client process (default 1,8)")
+    ap.add_argument("--duration", type=float, default=2.0, help="seconds per measurement (default 2)")
+    ap.add_argument("--warmup", type=float, default=0.2, help="untimed seconds before each (default 0.2)")
+    ap.add_argument("--max-ops", type=int, default=200_000,
+                    help="operation cap per measurement (default 200000)")
+    ap.add_argument("--iperf-seconds", type=float, default=3.0, help="iperf3 run length (default 3)")
+    ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
+                    help="event loop for concurrency > 1, same for every system (default: uvloop "
+                         "if installed)")
+    ap.add_argument("--namespace", default="bench", help="kvstored namespace (default bench)")
+    ap.add_argument("--dram-size", default="2GiB", help="kvstored --dram-size (default 2GiB)")
+    ap.add_argument("--daemon-arg", action="append", default=[],
+                    help="extra argument for python -m kvstored (repeatable)")
+    ap.add_argument("--skip-iperf3", action="store_true")
+    ap.add_argument("--skip-redis", action="store_true")
+    ap.add_argument("--skip-kvstored", action="store_true")
+    ap.add_argument("--tune-malloc", action="store_true",
+                    help="re-exec with MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ set (glibc "
+                         "heap-trim pitfall with ~1 MiB buffers); applies to every client and the daemon")
+    ap.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
+    ap.add_argument("--json", metavar="FILE", help="also write meta + rows as JSON")
+    args = ap.parse_args(argv)
+    try:
+        args.size_list = [peers.parse_size(s) for s in args.sizes.split(",") if s.strip()]
+        args.conc_list = [int(c) for c in args.concurrency.split(",") if c.strip()]
+    except ValueError as e:
+        ap.error(str(e))
+    if not args.size_list or not args.conc_list or min(args.conc_list) < 1 or min(args.size_list) < 1:
+        ap.error("need at least one size >= 1 byte and one concurrency >= 1")
+    if args.duration <= 0 or args.max_ops < 1:
+        ap.error("--duration must be > 0 and --max-ops >= 1")
+    return args
+
+
+def _on_sigterm(signum, frame):
+    raise SystemExit(128 + signum)  # unwinds the with-blocks: peers stopped, sysctl restored
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.tune_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
+        env = {**os.environ, **MALLOC_ENV}
+        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+    signal.signal(signal.SIGTERM, _on_sigterm)
+
+    meta = peers.machine_facts()
+    meta.update(duration_s=args.duration, max_ops=args.max_ops,
+                sizes=[human_size(s) for s in args.size_list], concurrency=args.conc_list,
+                malloc_env={k: os.environ[k] for k in MALLOC_ENV if k in os.environ} or None)
+    rows: list[dict] = []
+    iperf3_bps = None
+    kv_error = None
+    want = None if args.cc == "system" else args.cc
+    try:
+        with peers.congestion_control(want) as cc:
+            meta["congestion_control"] = cc
+            _, meta["event_loop"] = _loop_name(args.loop)
+            print(f"congestion control: {cc}" + (" (system setting)" if want is None else
+                                                 " (set for this run)"), flush=True)
+            if not args.skip_iperf3:
+                try:
+                    iperf3_bps = peers.iperf3_loopback(args.iperf_seconds)
+                    print(f"iperf3 loopback, 1 stream, {args.iperf_seconds:g}s: "
+                          f"{iperf3_bps / 1e9:.2f} GB/s", flush=True)
+                except BenchError as e:
+                    print(f"iperf3: FAILED: {e}", flush=True)
+            if not args.skip_redis:
+                try:
+                    with peers.RedisServer() as rs:
+                        meta["redis_server"] = rs.version
+                        print(f"redis-server {rs.version} on port {rs.port}", flush=True)
+                        rows += peers.redis_rows(rs.port, args.size_list, args.conc_list,
+                                                 args.duration, max_ops=args.max_ops,
+                                                 warmup=args.warmup, loop_kind=args.loop,
+                                                 log=_log)
+                except BenchError as e:
+                    print(f"redis: FAILED: {e}", flush=True)
+            if not args.skip_kvstored:
+                try:
+                    kv, facts = kvstored_rows(args.size_list, args.conc_list, args.duration, cc=cc,
+                                              max_ops=args.max_ops, warmup=args.warmup,
+                                              loop_kind=args.loop, namespace=args.namespace,
+                                              dram_size=args.dram_size,
+                                              daemon_args=args.daemon_arg, log=_log)
+                    rows += kv
+                    meta.update(facts)
+                except BenchError as e:
+                    kv_error = str(e)
+                    print(f"kvstored: SKIPPED: {kv_error}", flush=True)
+    except BenchError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+    if kv_error:
+        meta["kvstored_error"] = kv_error.splitlines()[0]
+    print()
+    print(peers.format_table(rows, iperf3_bps, meta.get("congestion_control")))
+    if kv_error:
+        print(f"\nkvstored columns are empty: {kv_error.splitlines()[0]}")
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(peers.render_markdown(rows, iperf3_bps, meta))
+        print(f"wrote {args.markdown}")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump({"meta": meta, "iperf3_bytes_s": iperf3_bps, "rows": rows}, f, indent=1,
+                      default=str)
+            f.write("\n")
+        print(f"wrote {args.json}")
+    return 0
+
+
+def _loop_name(kind: str):
+    loop, name = new_event_loop(kind)
+    loop.close()
+    return None, name
+
+
+def _log(msg: str) -> None:
+    print(msg, flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,19 @@
+"""kvstore: the client SDK of kvstored.
+
+    import kvstore
+    with kvstore.Client("127.0.0.1:7070", namespace="llama3-8b") as c:
+        keys = kvstore.keys.chain(tokens, 256)
+        hit = c.lookup(keys)           # how many leading blocks are stored
+        blocks = c.batch_get(keys[:hit])
+"""
+from . import errors, keys
+from .aio import AsyncClient
+from .client import Client
+from .errors import (ChecksumMismatch, Conflict, InvalidArgument, KVStoreError, NoSpace, NotFound,
+                     PermissionDenied, ProtocolError, Timeout, Unavailable)
+
+__version__ = "0.1.0"
+
+__all__ = ["AsyncClient", "ChecksumMismatch", "Client", "Conflict", "InvalidArgument", "KVStoreError",
+           "NoSpace", "NotFound", "PermissionDenied", "ProtocolError", "Timeout", "Unavailable",
+           "errors", "keys"]

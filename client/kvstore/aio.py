@@ -1,0 +1,386 @@
+"""asyncio client: many requests in flight on one pipelined data connection.
+
+Responses are matched to requests by id and may arrive in any order. A get's
+payload is received straight into the caller's buffer (``get_into``) or a new
+bytearray; a put sends the caller's buffer without copying.
+"""
+from __future__ import annotations
+
+import asyncio
+import itertools
+import socket
+from typing import Sequence
+
+import grpc
+
+from . import errors
+from ._common import (DEFAULT_NAMESPACE, GRPC_OPTIONS, Namespaced, ServerInfo, as_bytes_view,
+                      grpc_error, writable_view)
+from .v1 import control_pb2 as pb
+from .v1 import control_pb2_grpc as pb_grpc
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
+                   OP_PUT, checksum, encode_request, key_bytes)
+
+_BUFFER = 256 << 10
+_RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+
+
+class _Waiter:
+    __slots__ = ("fut", "dest", "abandoned")
+
+    def __init__(self, fut: asyncio.Future, dest: memoryview | None):
+        self.fut = fut
+        self.dest = dest
+        self.abandoned = False  # caller gave up (timeout/cancel): its buffer must not be touched
+
+
+class _DataProtocol(asyncio.BufferedProtocol):
+    def __init__(self, verify: bool):
+        self.verify = verify
+        self.hbuf = bytearray(_BUFFER)
+        self.hview = memoryview(self.hbuf)
+        self.hstart = self.hend = 0
+        self.waiters: dict[int, _Waiter] = {}
+        self.target: memoryview | None = None
+        self.got = self.want = 0
+        self.finish = None  # callable run when the current payload is complete
+        self.transport: asyncio.Transport | None = None
+        self.lost: Exception | None = None
+        self.can_write = asyncio.Event()
+        self.can_write.set()
+        self.rid = itertools.count(1)
+
+    def connection_made(self, transport):
+        self.transport = transport
+
+    def connection_lost(self, exc):
+        self.lost = errors.Unavailable(f"data connection lost: {exc or 'closed by kvstored'}")
+        for w in self.waiters.values():
+            if not w.fut.done():
+                w.fut.set_exception(self.lost)
+        self.waiters.clear()
+        self.can_write.set()
+
+    def pause_writing(self):
+        self.can_write.clear()
+
+    def resume_writing(self):
+        self.can_write.set()
+
+    def get_buffer(self, sizehint):
+        if self.target is not None:
+            return self.target[self.got:]
+        if self.hend > _BUFFER - 65536:
+            n = self.hend - self.hstart
+            self.hbuf[:n] = self.hbuf[self.hstart:self.hend]
+            self.hstart, self.hend = 0, n
+        return self.hview[self.hend:]
+
+    def buffer_updated(self, nbytes):
+        if self.target is not None:
+            self.got += nbytes
+            if self.got == self.want:
+                self.target = None
+                self.finish()
+                self._parse()
+        else:
+            self.hend += nbytes
+            self._parse()
+
+    def _fail(self, message: str) -> None:
+        err = errors.ProtocolError(message)
+        for w in self.waiters.values():
+            if not w.fut.done():
+                w.fut.set_exception(err)
+        self.waiters.clear()
+        self.transport.abort()
+
+    def _receive(self, dest: memoryview, n: int, finish) -> None:
+        take = min(self.hend - self.hstart, n)
+        if take:
+            dest[:take] = self.hview[self.hstart:self.hstart + take]
+            self.hstart += take
+        if take == n:
+            finish()
+        else:
+            self.target, self.got, self.want, self.finish = dest, take, n, finish
+
+    def _parse(self) -> None:
+        while self.target is None and self.hend - self.hstart >= HEADER_SIZE:
+            magic, _v, op, flags, rid, status, _nl, _kl, aux, plen, csum = HEADER.unpack_from(
+                self.hbuf, self.hstart)
+            if magic != MAGIC or not flags & FLAG_RESPONSE:
+                return self._fail("malformed response frame from kvstored")
+            self.hstart += HEADER_SIZE
+            w = self.waiters.pop(rid, None)
+            if status:
+                msg = bytearray(plen)
+                self._receive(memoryview(msg), plen, lambda w=w, m=msg, s=status, r=rid: self._error(w, s, m, r))
+            elif op == OP_GET:
+                dest = None
+                if w is not None and not w.abandoned and w.dest is not None:
+                    if plen <= len(w.dest):
+                        dest = w.dest[:plen]
+                    else:
+                        self._resolve_exc(w, errors.InvalidArgument(
+                            f"object of {plen} bytes does not fit the {len(w.dest)}-byte buffer"))
+                        w = None
+                buf = dest if dest is not None else memoryview(bytearray(plen))
+                self._receive(buf, plen, lambda w=w, b=buf, c=csum, d=dest is not None: self._got(w, b, c, d))
+            elif op == OP_PUT:
+                self._resolve(w, aux != 1)  # aux=1: deduplicated
+            else:
+                self._resolve(w, True)
+        if self.hstart == self.hend:
+            self.hstart = self.hend = 0
+
+    def _got(self, w: _Waiter | None, buf: memoryview, csum: int, into: bool) -> None:
+        if w is None or w.abandoned:
+            return
+        if self.verify and checksum(buf) != csum:
+            return self._resolve_exc(w, errors.ChecksumMismatch(
+                "object bytes do not match their checksum after transfer"))
+        self._resolve(w, len(buf) if into else buf.obj)
+
+    def _error(self, w: _Waiter | None, status: int, msg: bytearray, rid: int) -> None:
+        err = errors.error_for_code(status, msg.decode("utf-8", "replace"), rid)
+        if w is None:
+            if isinstance(err, errors.ProtocolError):  # connection-level: fail everything
+                return self._fail(err.message)
+            return
+        self._resolve_exc(w, err)
+
+    @staticmethod
+    def _resolve(w: _Waiter | None, value) -> None:
+        if w is not None and not w.fut.done():
+            w.fut.set_result(value)
+
+    @staticmethod
+    def _resolve_exc(w: _Waiter | None, exc: Exception) -> None:
+        if w is not None and not w.fut.done():
+            w.fut.set_exception(exc)
+
+
+class AsyncClient(Namespaced):
+    """An asyncio kvstored client; safe to share between tasks of one event loop."""
+
+    def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
+                 timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
+                 tcp_congestion: str = ""):
+        super().__init__(namespace)
+        self.address = address
+        self.timeout = timeout
+        self.verify_checksums = verify_checksums
+        self.tcp_congestion = tcp_congestion
+        self._data_address = data_address
+        self._channel: grpc.aio.Channel | None = None
+        self._stub = None
+        self._info: ServerInfo | None = None
+        self._proto: _DataProtocol | None = None
+        self._connecting: asyncio.Lock | None = None
+        self._closed = False
+
+    async def __aenter__(self):
+        await self.connect()
+        return self
+
+    async def __aexit__(self, *exc):
+        await self.close()
+
+    async def connect(self) -> None:
+        await self._data()
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._proto is not None and self._proto.transport is not None:
+            self._proto.transport.close()
+        if self._channel is not None:
+            await self._channel.close()
+
+    # ------------------------------------------------------------ plumbing
+    def _control(self):
+        if self._channel is None:
+            self._channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+            self._stub = pb_grpc.KVStoreStub(self._channel)
+        return self._stub
+
+    async def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            return await getattr(self._control(), method)(request, timeout=timeout or self.timeout,
+                                                          wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise grpc_error(e, self.address) from None
+
+    async def info(self, refresh: bool = False) -> ServerInfo:
+        if self._info is None or refresh:
+            self._info = ServerInfo.from_pb(await self._call("Info", pb.InfoRequest()))
+        return self._info
+
+    async def _data(self) -> _DataProtocol:
+        p = self._proto
+        if p is not None and p.lost is None:
+            return p
+        if self._closed:
+            raise errors.Unavailable("client is closed")
+        if self._connecting is None:
+            self._connecting = asyncio.Lock()
+        async with self._connecting:
+            p = self._proto
+            if p is not None and p.lost is None:
+                return p
+            if self._data_address:
+                host, _, port = self._data_address.rpartition(":")
+                await self.info()
+            else:
+                info = await self.info(refresh=True)
+                host, port = info.data_host, info.data_port
+            loop = asyncio.get_running_loop()
+            try:
+                _, p = await asyncio.wait_for(
+                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums), host, int(port)),
+                    self.timeout)
+            except (OSError, asyncio.TimeoutError) as e:
+                raise errors.Unavailable(f"cannot connect to kvstored data path {host}:{port}: {e}") from None
+            sock = p.transport.get_extra_info("socket")
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            if self.tcp_congestion:
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.tcp_congestion.encode())
+            p.transport.set_write_buffer_limits(high=64 << 20)
+            self._proto = p
+            return p
+
+    async def _requests(self, build) -> list:
+        """Send frames made by ``build(proto) -> (buffers, waiters)``, await every answer.
+
+        Reconnects and retries on a lost connection until the timeout: every
+        data-path request is idempotent.
+        """
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        for attempt in itertools.count():
+            try:
+                p = await self._data()
+                bufs, waiters = build(p)
+                await p.can_write.wait()
+                if p.lost is not None:
+                    raise p.lost
+                p.transport.writelines(bufs)
+                try:
+                    return await asyncio.wait_for(
+                        asyncio.gather(*(w.fut for w in waiters)), max(deadline - loop.time(), 0.001))
+                except asyncio.TimeoutError:
+                    raise errors.Timeout(f"no answer from kvstored within {self.timeout}s") from None
+                finally:
+                    for w in waiters:
+                        w.abandoned = True
+                        if not w.fut.done():
+                            w.fut.cancel()
+                        elif not w.fut.cancelled():
+                            w.fut.exception()  # retrieved: no "never retrieved" warnings
+            except errors.Timeout:
+                raise
+            except errors.Unavailable as e:
+                left = deadline - loop.time()
+                if left <= 0 or self._closed:
+                    raise errors.Unavailable(f"kvstored data path unreachable: {e.message}") from None
+                await asyncio.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
+
+    # ------------------------------------------------------------ data path
+    async def put(self, key, value, *, namespace: str | None = None, overwrite: bool = False) -> bool:
+        return (await self.batch_put([(key, value)], namespace=namespace, overwrite=overwrite))[0]
+
+    async def batch_put(self, items, *, namespace: str | None = None, overwrite: bool = False) -> list[bool]:
+        ns = self._nsb(namespace)
+        limit = (await self.info()).max_value_size
+        prepared = []
+        for k, v in items:
+            mv = as_bytes_view(v)
+            if len(mv) > limit:
+                raise errors.InvalidArgument(f"value of {len(mv)} bytes exceeds the daemon's max_value_size {limit}")
+            prepared.append((key_bytes(k), mv, checksum(mv)))
+        flags = FLAG_OVERWRITE if overwrite else 0
+
+        def build(p: _DataProtocol):
+            loop = asyncio.get_running_loop()
+            bufs, waiters = [], []
+            for k, mv, cs in prepared:
+                rid = next(p.rid)
+                w = _Waiter(loop.create_future(), None)
+                p.waiters[rid] = w
+                waiters.append(w)
+                bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), cs, flags))
+                bufs.append(mv)
+            return bufs, waiters
+
+        return await self._requests(build)
+
+    async def get(self, key, *, namespace: str | None = None) -> bytearray:
+        return (await self.batch_get([key], namespace=namespace))[0]
+
+    async def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
+        return (await self.batch_get_into([key], [buffer], namespace=namespace))[0]
+
+    async def batch_get(self, keys: Sequence, *, namespace: str | None = None) -> list[bytearray]:
+        ks = self._keys(keys)
+        return await self._gets(self._nsb(namespace), ks, [None] * len(ks))
+
+    async def batch_get_into(self, keys: Sequence, buffers: Sequence, *,
+                             namespace: str | None = None) -> list[int]:
+        ks = self._keys(keys)
+        if len(ks) != len(buffers):
+            raise errors.InvalidArgument(f"{len(ks)} keys but {len(buffers)} buffers")
+        return await self._gets(self._nsb(namespace), ks, [writable_view(b) for b in buffers])
+
+    async def _gets(self, ns: bytes, keys: list[bytes], dests: list) -> list:
+        def build(p: _DataProtocol):
+            loop = asyncio.get_running_loop()
+            frames, waiters = [], []
+            for k, d in zip(keys, dests):
+                rid = next(p.rid)
+                w = _Waiter(loop.create_future(), d)
+                p.waiters[rid] = w
+                waiters.append(w)
+                frames.append(encode_request(OP_GET, rid, ns, k))
+            return [b"".join(frames)], waiters
+
+        return await self._requests(build)
+
+    async def ping(self) -> float:
+        loop = asyncio.get_running_loop()
+        t = loop.time()
+
+        def build(p: _DataProtocol):
+            rid = next(p.rid)
+            w = _Waiter(loop.create_future(), None)
+            p.waiters[rid] = w
+            return [encode_request(OP_PING, rid, b"", b"")], [w]
+
+        await self._requests(build)
+        return loop.time() - t
+
+    # ------------------------------------------------------------ control
+    def _keys_req(self, keys, namespace):
+        return pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys))
+
+    async def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
+        return list((await self._call("Exists", self._keys_req(keys, namespace))).exists)
+
+    async def lookup(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        return (await self._call("Lookup", self._keys_req(keys, namespace))).count
+
+    async def pin(self, keys: Sequence, ttl: float = 60.0, *, namespace: str | None = None) -> int:
+        r = await self._call("Pin", pb.PinRequest(namespace=self._nss(namespace), keys=self._keys(keys),
+                                                  ttl_seconds=ttl))
+        return r.count
+
+    async def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        return (await self._call("Unpin", self._keys_req(keys, namespace))).count
+
+    async def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        return (await self._call("Delete", self._keys_req(keys, namespace))).count
+
+    async def stats(self) -> pb.StatsResponse:
+        return await self._call("Stats", pb.StatsRequest())
+
+    async def health(self, timeout: float | None = None) -> pb.HealthResponse:
+        return await self._call("Health", pb.HealthRequest(), timeout)

@@ -1,0 +1,394 @@
+"""Blocking client: gRPC for control, a pipelined TCP connection per thread for data.
+
+Blocking sockets are the fastest way for Python to move megabyte payloads: a
+put is one ``sendmsg`` of header + the caller's buffer, a get is ``recv_into``
+the destination buffer. Batch calls write every request frame first and then
+collect the responses in whatever order the daemon completes them.
+"""
+from __future__ import annotations
+
+import itertools
+import socket
+import threading
+import time
+from typing import Iterable, Sequence
+
+import grpc
+
+from . import errors
+from ._common import (DEFAULT_NAMESPACE, GRPC_OPTIONS, Namespaced, ServerInfo, as_bytes_view,
+                      grpc_error, writable_view)
+from .v1 import control_pb2 as pb
+from .v1 import control_pb2_grpc as pb_grpc
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
+                   OP_PUT, checksum, encode_request, key_bytes)
+
+_RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+# Requests per pipelined round: bounds the response bytes queued in the daemon, so a
+# huge batch can never fill both directions of the socket and stall.
+WINDOW = 32
+_IOV_MAX = 512  # buffers per sendmsg (the kernel's limit is 1024)
+
+
+class _Response:
+    __slots__ = ("op", "rid", "status", "aux", "length", "checksum")
+
+    def __init__(self, op, rid, status, aux, length, csum):
+        self.op, self.rid, self.status, self.aux, self.length, self.checksum = op, rid, status, aux, length, csum
+
+
+class DataConnection:
+    """One blocking TCP connection to the data port (not thread-safe; one per thread)."""
+
+    def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = ""):
+        self.address = (host, port)
+        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tcp_congestion:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, tcp_congestion.encode())
+        self.sock.settimeout(timeout)
+        self._rid = itertools.count(1)
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hview = memoryview(self._hdr)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    def next_id(self) -> int:
+        return next(self._rid)
+
+    def send(self, buffers: list) -> None:
+        """sendmsg all buffers (gathered, no copy), handling partial sends."""
+        views = [memoryview(b) for b in buffers]
+        while views:
+            n = self.sock.sendmsg(views[:_IOV_MAX])
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+            if views and not len(views[0]):
+                views.pop(0)
+
+    def recv_into(self, view: memoryview) -> None:
+        got, want = 0, len(view)
+        recv = self.sock.recv_into
+        while got < want:
+            n = recv(view[got:])
+            if n == 0:
+                raise ConnectionResetError("kvstored closed the data connection")
+            got += n
+
+    def read_response(self) -> _Response:
+        self.recv_into(self._hview)
+        magic, _v, op, flags, rid, status, _nl, _kl, aux, plen, csum = HEADER.unpack_from(self._hdr)
+        if magic != MAGIC or not flags & FLAG_RESPONSE:
+            raise errors.ProtocolError("malformed response frame from kvstored")
+        return _Response(op, rid, status, aux, plen, csum)
+
+    def read_error(self, r: _Response) -> errors.KVStoreError:
+        msg = bytearray(r.length)
+        self.recv_into(memoryview(msg))
+        return errors.error_for_code(r.status, msg.decode("utf-8", "replace"), r.rid)
+
+    def discard(self, n: int) -> None:
+        buf = memoryview(bytearray(min(n, 1 << 20)))
+        while n:
+            take = min(n, len(buf))
+            self.recv_into(buf[:take])
+            n -= take
+
+
+class Client(Namespaced):
+    """A blocking kvstored client. Thread-safe: each thread gets its own data connection.
+
+    ``address`` is the control (gRPC) address ``host:port``; the data address is
+    learned from the daemon (``Info``) unless ``data_address`` is given.
+    """
+
+    def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
+                 timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
+                 tcp_congestion: str = ""):
+        super().__init__(namespace)
+        self.address = address
+        self.timeout = timeout
+        self.verify_checksums = verify_checksums
+        self.tcp_congestion = tcp_congestion
+        self._data_address = data_address
+        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._info: ServerInfo | None = None
+        self._local = threading.local()
+        self._conns: set[DataConnection] = set()
+        self._lock = threading.Lock()
+        self._closed = False
+
+    # ------------------------------------------------------------ plumbing
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self) -> None:
+        self._closed = True
+        with self._lock:
+            for c in self._conns:
+                c.close()
+            self._conns.clear()
+        self._channel.close()
+
+    def _call(self, method: str, request, timeout: float | None = None):
+        try:
+            # wait_for_ready: ride out a daemon restart within the timeout instead of failing fast
+            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, wait_for_ready=True)
+        except grpc.RpcError as e:
+            raise grpc_error(e, self.address) from None
+
+    def info(self, refresh: bool = False) -> ServerInfo:
+        if self._info is None or refresh:
+            self._info = ServerInfo.from_pb(self._call("Info", pb.InfoRequest()))
+        return self._info
+
+    def _connect(self) -> DataConnection:
+        if self._closed:
+            raise errors.Unavailable("client is closed")
+        if self._data_address:
+            host, _, port = self._data_address.rpartition(":")
+        else:
+            info = self.info(refresh=True)
+            host, port = info.data_host, info.data_port
+        conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion)
+        with self._lock:
+            self._conns.add(conn)
+        self._local.conn = conn
+        return conn
+
+    def _drop(self, conn: DataConnection) -> None:
+        conn.close()
+        with self._lock:
+            self._conns.discard(conn)
+        if getattr(self._local, "conn", None) is conn:
+            self._local.conn = None
+
+    def _run(self, fn):
+        """Run ``fn(conn)``; on a broken connection reconnect and retry until the timeout.
+
+        Every data-path request is idempotent (objects are immutable and a repeated put
+        of the same bytes is a no-op), so retrying after a reconnect is safe.
+        """
+        deadline = time.monotonic() + self.timeout
+        for attempt in itertools.count():
+            conn = getattr(self._local, "conn", None)
+            try:
+                if conn is None:
+                    conn = self._connect()
+                return fn(conn)
+            except socket.timeout:
+                if conn is not None:
+                    self._drop(conn)
+                raise errors.Timeout(f"no answer from kvstored within {self.timeout}s") from None
+            except errors.ProtocolError:
+                if conn is not None:
+                    self._drop(conn)
+                raise
+            except (OSError, errors.Unavailable) as e:
+                if conn is not None:
+                    self._drop(conn)
+                left = deadline - time.monotonic()
+                if left <= 0 or self._closed:
+                    raise errors.Unavailable(f"kvstored data path unreachable: {e}") from None
+                time.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
+
+    def _check_size(self, n: int) -> None:
+        limit = self.info().max_value_size
+        if n > limit:
+            raise errors.InvalidArgument(f"value of {n} bytes exceeds the daemon's max_value_size {limit}")
+
+    # ------------------------------------------------------------ data path
+    def put(self, key, value, *, namespace: str | None = None, overwrite: bool = False) -> bool:
+        """Store ``value`` (any contiguous buffer) under ``key``.
+
+        Returns True if stored, False if the identical object was already there.
+        Raises Conflict if the key holds different bytes (unless ``overwrite``).
+        """
+        return self.batch_put([(key, value)], namespace=namespace, overwrite=overwrite)[0]
+
+    def batch_put(self, items: Iterable[tuple[object, object]], *, namespace: str | None = None,
+                  overwrite: bool = False) -> list[bool]:
+        """Put many objects in one pipelined round; raises the first error (others may be stored)."""
+        ns = self._nsb(namespace)
+        prepared = []
+        for k, v in items:
+            mv = as_bytes_view(v)
+            self._check_size(len(mv))
+            prepared.append((key_bytes(k), mv, checksum(mv)))
+        flags = FLAG_OVERWRITE if overwrite else 0
+
+        def run(conn: DataConnection) -> list[bool]:
+            out: list[bool] = []
+            for w in range(0, len(prepared), WINDOW):
+                order = {}
+                bufs = []
+                for i, (k, mv, cs) in enumerate(prepared[w:w + WINDOW]):
+                    rid = conn.next_id()
+                    order[rid] = i
+                    bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), cs, flags))
+                    bufs.append(mv)
+                conn.send(bufs)
+                out += self._collect(conn, order, None)
+            return out
+
+        return self._run(run)
+
+    def get(self, key, *, namespace: str | None = None) -> bytearray:
+        """The object's bytes (a new bytearray). Raises NotFound."""
+        return self.batch_get([key], namespace=namespace)[0]
+
+    def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
+        """Receive the object straight into ``buffer``; returns its size."""
+        return self.batch_get_into([key], [buffer], namespace=namespace)[0]
+
+    def batch_get(self, keys: Sequence, *, namespace: str | None = None) -> list[bytearray]:
+        ns = self._nsb(namespace)
+        ks = self._keys(keys)
+
+        def run(conn: DataConnection) -> list:
+            out: list = []
+            for w in range(0, len(ks), WINDOW):
+                order = self._send_gets(conn, ns, ks[w:w + WINDOW])
+                out += self._collect(conn, order, None)
+            return out
+
+        return self._run(run)
+
+    def batch_get_into(self, keys: Sequence, buffers: Sequence, *, namespace: str | None = None) -> list[int]:
+        ns = self._nsb(namespace)
+        ks = self._keys(keys)
+        if len(ks) != len(buffers):
+            raise errors.InvalidArgument(f"{len(ks)} keys but {len(buffers)} buffers")
+        views = [writable_view(b) for b in buffers]
+
+        def run(conn: DataConnection) -> list:
+            out: list = []
+            for w in range(0, len(ks), WINDOW):
+                order = self._send_gets(conn, ns, ks[w:w + WINDOW])
+                out += self._collect(conn, order, views[w:w + WINDOW])
+            return out
+
+        return self._run(run)
+
+    def ping(self) -> float:
+        """Round trip over the data path, in seconds."""
+        def run(conn: DataConnection) -> float:
+            t = time.perf_counter()
+            rid = conn.next_id()
+            conn.send([encode_request(OP_PING, rid, b"", b"")])
+            self._collect(conn, {rid: 0}, None)
+            return time.perf_counter() - t
+        return self._run(run)
+
+    @staticmethod
+    def _send_gets(conn: DataConnection, ns: bytes, keys: list[bytes]) -> dict[int, int]:
+        order = {}
+        bufs = []
+        for i, k in enumerate(keys):
+            rid = conn.next_id()
+            order[rid] = i
+            bufs.append(encode_request(OP_GET, rid, ns, k))
+        conn.send([b"".join(bufs)])
+        return order
+
+    def _collect(self, conn: DataConnection, order: dict[int, int], views: list | None) -> list:
+        """Read one response per request id (any order); raise the first error after all arrive."""
+        results: list = [None] * len(order)
+        first_error: errors.KVStoreError | None = None
+        for _ in range(len(order)):
+            r = conn.read_response()
+            i = order.pop(r.rid, None)
+            if i is None:
+                if r.status == errors.ProtocolError.code:
+                    raise conn.read_error(r)
+                raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+            if r.status:
+                err = conn.read_error(r)
+                first_error = first_error or err
+                continue
+            if r.op == OP_PUT:
+                results[i] = r.aux != 1  # aux=1: deduplicated
+            elif r.op == OP_GET:
+                if views is not None:
+                    dest = views[i]
+                    if r.length > len(dest):
+                        conn.discard(r.length)
+                        first_error = first_error or errors.InvalidArgument(
+                            f"object of {r.length} bytes does not fit the {len(dest)}-byte buffer")
+                        continue
+                    dest = dest[:r.length]
+                    conn.recv_into(dest)
+                    results[i] = r.length
+                else:
+                    dest = bytearray(r.length)
+                    conn.recv_into(memoryview(dest))
+                    results[i] = dest
+                if self.verify_checksums and checksum(dest) != r.checksum:
+                    first_error = first_error or errors.ChecksumMismatch(
+                        "object bytes do not match their checksum after transfer")
+            else:
+                results[i] = True
+        if first_error is not None:
+            raise first_error
+        return results
+
+    # ------------------------------------------------------------ control
+    def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
+        r = self._call("Exists", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
+        return list(r.exists)
+
+    def lookup(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        """How many of ``keys`` are stored, counting from the first (the prefix hit length)."""
+        r = self._call("Lookup", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
+        return r.count
+
+    def pin(self, keys: Sequence, ttl: float = 60.0, *, namespace: str | None = None) -> int:
+        """Protect objects from eviction for ``ttl`` seconds; returns how many were pinned."""
+        r = self._call("Pin", pb.PinRequest(namespace=self._nss(namespace), keys=self._keys(keys),
+                                            ttl_seconds=ttl))
+        return r.count
+
+    def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        r = self._call("Unpin", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
+        return r.count
+
+    def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        r = self._call("Delete", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
+        return r.count
+
+    def stats(self) -> pb.StatsResponse:
+        return self._call("Stats", pb.StatsRequest())
+
+    def health(self, timeout: float | None = None) -> pb.HealthResponse:
+        return self._call("Health", pb.HealthRequest(), timeout)
+
+    def list(self, *, namespace: str | None = "", limit: int = 100) -> pb.ListResponse:
+        """A sample of stored objects (namespace "" = all namespaces)."""
+        ns = "" if not namespace else self._nss(namespace)
+        return self._call("List", pb.ListRequest(namespace=ns, limit=limit))
+
+    def control_put(self, key, value: bytes, *, namespace: str | None = None, overwrite: bool = False) -> bool:
+        """Put a small object over gRPC (no data connection needed)."""
+        r = self._call("Put", pb.PutRequest(namespace=self._nss(namespace), key=key_bytes(key),
+                                            value=bytes(value), checksum=checksum(value),
+                                            overwrite=overwrite))
+        return r.stored
+
+    def control_get(self, key, *, namespace: str | None = None) -> bytes:
+        r = self._call("Get", pb.GetRequest(namespace=self._nss(namespace), key=key_bytes(key)))
+        if self.verify_checksums and checksum(r.value) != r.checksum:
+            raise errors.ChecksumMismatch("object bytes do not match their checksum after transfer")
+        return r.value

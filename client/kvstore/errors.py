@@ -1,0 +1,80 @@
+"""Typed errors shared by the SDK and the daemon.
+
+Each error has a stable numeric ``code`` that travels in data-plane frames and
+in gRPC trailing metadata, so both paths raise the same Python class.
+"""
+from __future__ import annotations
+
+
+class KVStoreError(Exception):
+    """Base class of every error the store reports."""
+
+    code = 9  # INTERNAL
+    name = "Internal"
+
+    def __init__(self, message: str = "", *, request_id: int | None = None):
+        super().__init__(message or self.name)
+        self.message = message or self.name
+        self.request_id = request_id
+
+
+class NotFound(KVStoreError):
+    code = 1
+    name = "NotFound"
+
+
+class NoSpace(KVStoreError):
+    code = 2
+    name = "NoSpace"
+
+
+class Conflict(KVStoreError):
+    code = 3
+    name = "Conflict"
+
+
+class ChecksumMismatch(KVStoreError):
+    code = 4
+    name = "ChecksumMismatch"
+
+
+class InvalidArgument(KVStoreError):
+    code = 5
+    name = "InvalidArgument"
+
+
+class PermissionDenied(KVStoreError):
+    code = 6
+    name = "PermissionDenied"
+
+
+class Unavailable(KVStoreError):
+    code = 7
+    name = "Unavailable"
+
+
+class ProtocolError(InvalidArgument):
+    """A frame that cannot be parsed; the daemon closes the connection after it."""
+
+    code = 8
+    name = "ProtocolError"
+
+
+class Timeout(Unavailable):
+    code = 10
+    name = "Timeout"
+
+
+Internal = KVStoreError
+
+_BY_CODE: dict[int, type[KVStoreError]] = {
+    cls.code: cls
+    for cls in (NotFound, NoSpace, Conflict, ChecksumMismatch, InvalidArgument,
+                PermissionDenied, Unavailable, ProtocolError, KVStoreError, Timeout)
+}
+
+
+def error_for_code(code: int, message: str = "", request_id: int | None = None) -> KVStoreError:
+    """Build the typed error for a wire status code (unknown codes -> KVStoreError)."""
+    cls = _BY_CODE.get(code, KVStoreError)
+    return cls(message, request_id=request_id)

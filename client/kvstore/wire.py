@@ -1,0 +1,89 @@
+"""The data-plane frame codec, shared by the daemon and the SDK.
+
+A frame is a fixed 40-byte little-endian header, then the namespace bytes,
+then the key bytes, then ``payload_len`` bytes of payload::
+
+    magic    4s  b"KVSD"
+    version  u8  1
+    op       u8  PUT / GET / PING
+    flags    u16 FLAG_OVERWRITE on requests, FLAG_RESPONSE on responses
+    req_id   u64 chosen by the client; responses echo it (completion may be out of order)
+    status   u16 0 on requests; a kvstore.errors code on responses
+    ns_len   u8  namespace length (responses: 0)
+    key_len  u8  key length (responses: 0)
+    aux      u32 reserved, 0
+    length   u64 payload length
+    checksum u64 xxh3-64 of the payload (0 for error payloads, which are UTF-8 text)
+
+Bulk bytes never go through this module: callers send and receive payloads
+straight from / into their own buffers.
+"""
+from __future__ import annotations
+
+import re
+import struct
+
+import xxhash
+
+from .errors import InvalidArgument
+
+MAGIC = b"KVSD"
+VERSION = 1
+HEADER = struct.Struct("<4sBBHQHBBIQQ")
+HEADER_SIZE = HEADER.size  # 40
+
+OP_PUT = 1
+OP_GET = 2
+OP_PING = 3
+OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping"}
+
+FLAG_OVERWRITE = 0x0001
+FLAG_RESPONSE = 0x8000
+
+STATUS_OK = 0
+
+MAX_KEY_LEN = 128
+MAX_NAMESPACE_LEN = 64
+MAX_ERROR_MESSAGE = 1024
+DEFAULT_NAMESPACE = "default"
+
+_NAMESPACE_RE = re.compile(rb"[A-Za-z0-9_.:/\-]{1,64}\Z")
+
+checksum = xxhash.xxh3_64_intdigest
+"""Checksum of a payload (any buffer): xxh3-64 as an int."""
+
+
+def namespace_bytes(namespace: str | bytes) -> bytes:
+    """Validate a namespace and return its wire bytes."""
+    ns = namespace.encode() if isinstance(namespace, str) else bytes(namespace)
+    if not _NAMESPACE_RE.match(ns):
+        raise InvalidArgument(
+            f"invalid namespace {ns[:80]!r}: 1-{MAX_NAMESPACE_LEN} bytes of [A-Za-z0-9_.:/-]")
+    return ns
+
+
+def key_bytes(key: str | bytes | bytearray | memoryview) -> bytes:
+    """Validate a key (opaque binary, 1-128 bytes; str is UTF-8 encoded)."""
+    k = key.encode() if isinstance(key, str) else bytes(key)
+    if not 1 <= len(k) <= MAX_KEY_LEN:
+        raise InvalidArgument(f"key length {len(k)} outside 1-{MAX_KEY_LEN} bytes")
+    return k
+
+
+def encode_request(op: int, request_id: int, ns: bytes, key: bytes,
+                   payload_len: int = 0, payload_checksum: int = 0, flags: int = 0) -> bytes:
+    """Header + namespace + key of a request (ns and key already validated)."""
+    return HEADER.pack(MAGIC, VERSION, op, flags, request_id, 0, len(ns), len(key), 0,
+                       payload_len, payload_checksum) + ns + key
+
+
+def encode_response(op: int, request_id: int, status: int = STATUS_OK,
+                    payload_len: int = 0, payload_checksum: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, FLAG_RESPONSE, request_id, status, 0, 0, 0,
+                       payload_len, payload_checksum)
+
+
+def encode_error(op: int, request_id: int, status: int, message: str) -> bytes:
+    """A whole error response: header plus the UTF-8 message as payload."""
+    body = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
+    return encode_response(op, request_id, status, len(body), 0) + body

@@ -1,0 +1,476 @@
+"""Daemon configuration: defaults < TOML file < command-line flags.
+
+Every setting has one TOML name (``section.key``) and one flat field on
+:class:`Config`; the table ``SETTINGS`` below ties the two together and drives
+loading, type checking, error messages and ``to_toml``. All problems surface
+as a :class:`ConfigError` whose message is a single line naming the setting,
+the bad value and what is allowed, so the daemon can print it and exit 2.
+
+Sizes are always binary: ``K``/``KB``/``KiB`` all mean 1024 bytes (and so on
+for M, G, T). Nobody sizes a DRAM arena in powers of ten, and silently
+accepting ``1GB`` as 10**9 would give slab-misaligned arenas.
+"""
+from __future__ import annotations
+
+import argparse
+import difflib
+import math
+import os
+import re
+import socket
+import sys
+import tomllib
+from dataclasses import dataclass
+from decimal import Decimal
+from typing import Any, NoReturn
+
+from kvstored import __version__
+
+KiB = 1 << 10
+MiB = 1 << 20
+GiB = 1 << 30
+TiB = 1 << 40
+
+LOG_LEVELS = ("debug", "info", "warning", "error")
+SLAB_ALIGN = 4096  # the arena's slot alignment; slabs must be cut into whole pages
+
+# Auto-sized arena: a quarter of available memory, within these bounds.
+AUTO_DRAM_FRACTION = 4
+AUTO_DRAM_MAX = 4 * GiB
+AUTO_DRAM_MIN = 64 * MiB
+
+MEMINFO_PATH = "/proc/meminfo"
+TCP_CC_PATH = "/proc/sys/net/ipv4/tcp_available_congestion_control"
+
+_SIZE_HINT = "use e.g. 2GiB, 512MiB, 1073741824"
+
+
+class ConfigError(Exception):
+    """A bad setting; ``str(err)`` is one line fit for ``kvstored: error: ...``."""
+
+
+# ---------------------------------------------------------------- sizes
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([A-Za-z]*)\s*")
+_UNIT_SHIFT = {"": 0, "b": 0,
+               "k": 10, "kb": 10, "kib": 10,
+               "m": 20, "mb": 20, "mib": 20,
+               "g": 30, "gb": 30, "gib": 30,
+               "t": 40, "tb": 40, "tib": 40}
+
+
+def parse_size(value: Any, setting: str = "") -> int:
+    """Bytes from an int or a string such as ``"2GiB"``, ``"64 KiB"``, ``"1G"``, ``"4096"``.
+
+    Units are case-insensitive and all binary (K = KB = KiB = 1024). Fractions
+    are fine when they come out to whole bytes (``"1.5GiB"``); negative values,
+    non-whole byte counts and garbage raise ConfigError, prefixed with
+    ``setting`` when given.
+    """
+    where = f"{setting}: " if setting else ""
+    if isinstance(value, bool):  # bool is an int subclass; True is not a size
+        raise ConfigError(f"{where}expected a size, got {value!r} (boolean) ({_SIZE_HINT})")
+    if isinstance(value, int):
+        amount = Decimal(value)
+    elif isinstance(value, float):
+        if not math.isfinite(value):
+            raise ConfigError(f"{where}cannot parse {value!r} as a size ({_SIZE_HINT})")
+        amount = Decimal(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        negative = text.startswith("-")
+        m = _SIZE_RE.fullmatch(text[1:] if negative else text)
+        if not m or m.group(2).lower() not in _UNIT_SHIFT:
+            raise ConfigError(f"{where}cannot parse {value!r} as a size ({_SIZE_HINT})")
+        amount = Decimal(m.group(1)) * (1 << _UNIT_SHIFT[m.group(2).lower()])
+        if negative:
+            amount = -amount
+    else:
+        raise ConfigError(f"{where}expected a size, got {value!r} ({_type_name(value)}) "
+                          f"({_SIZE_HINT})")
+    if amount < 0:
+        raise ConfigError(f"{where}size must not be negative, got {value!r}")
+    if amount != amount.to_integral_value():
+        raise ConfigError(f"{where}{value!r} is not a whole number of bytes ({_SIZE_HINT})")
+    return int(amount)
+
+
+def format_size(n: int) -> str | int:
+    """``2147483648 -> "2GiB"`` when a binary unit divides exactly, else the plain int."""
+    for unit, mult in (("TiB", TiB), ("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
+        if n and n % mult == 0:
+            return f"{n // mult}{unit}"
+    return n
+
+
+# ---------------------------------------------------------------- settings table
+
+@dataclass(frozen=True)
+class Setting:
+    section: str
+    key: str
+    field: str
+    kind: str  # str | int | size | auto_size | float | bool | log_level
+
+    @property
+    def name(self) -> str:
+        return f"{self.section}.{self.key}"
+
+
+SETTINGS: tuple[Setting, ...] = (
+    Setting("server", "host", "host", "str"),
+    Setting("server", "control_port", "control_port", "int"),
+    Setting("server", "data_port", "data_port", "int"),
+    Setting("server", "tcp_congestion", "tcp_congestion", "str"),
+    Setting("server", "max_connections", "max_connections", "int"),
+    Setting("server", "max_inflight_bytes", "max_inflight_bytes", "size"),
+    Setting("server", "max_batch_keys", "max_batch_keys", "int"),
+    Setting("server", "max_control_value_size", "max_control_value_size", "size"),
+    Setting("dram", "size", "dram_size", "auto_size"),
+    Setting("dram", "slab_size", "slab_size", "size"),
+    Setting("dram", "max_value_size", "max_value_size", "size"),
+    Setting("dram", "high_watermark", "high_watermark", "float"),
+    Setting("dram", "low_watermark", "low_watermark", "float"),
+    Setting("dram", "hugepages", "hugepages", "bool"),
+    Setting("engine", "reservation_timeout", "reservation_timeout", "float"),
+    Setting("engine", "put_wait_timeout", "put_wait_timeout", "float"),
+    Setting("engine", "max_pin_ttl", "max_pin_ttl", "float"),
+    Setting("log", "level", "log_level", "log_level"),
+    Setting("node", "id", "node_id", "str"),
+)
+SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
+_BY_NAME = {s.name: s for s in SETTINGS}
+_BY_FIELD = {s.field: s for s in SETTINGS}
+
+
+def _type_name(v: Any) -> str:
+    for t, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
+                    (dict, "table"), (list, "array")):
+        if isinstance(v, t):
+            return name
+    return type(v).__name__
+
+
+def _coerce(s: Setting, v: Any) -> Any:
+    """Check one value's type for setting ``s`` and bring it to the field's type."""
+    def wrong(expected: str) -> ConfigError:
+        return ConfigError(f"{s.name}: expected {expected}, got {v!r} ({_type_name(v)})")
+
+    if s.kind in ("str", "log_level"):
+        if not isinstance(v, str):
+            raise wrong("a string")
+        # log levels are case-insensitive because Python's logging names are upper case
+        return v.lower() if s.kind == "log_level" else v
+    if s.kind == "int":
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise wrong("an integer")
+        return v
+    if s.kind == "float":
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise wrong("a number")
+        return float(v)
+    if s.kind == "bool":
+        if not isinstance(v, bool):
+            raise wrong("true or false")
+        return v
+    if s.kind == "auto_size" and (v is None or (isinstance(v, str) and v.strip().lower() == "auto")):
+        return None  # None = auto, resolved by validate()
+    return parse_size(v, s.name)
+
+
+def _unknown(name: str, candidates: list[str], what: str = "setting") -> ConfigError:
+    close = difflib.get_close_matches(name, candidates, n=1, cutoff=0.6)
+    if not close:
+        # right key, wrong section (e.g. 'engine.slab_size'): match on the last part
+        last = name.rsplit(".", 1)[-1]
+        close = [c for c in candidates if c.rsplit(".", 1)[-1] == last][:1]
+    hint = f" (did you mean '{close[0]}'?)" if close else ""
+    return ConfigError(f"unknown {what} '{name}'{hint}")
+
+
+# ---------------------------------------------------------------- host probes
+
+def mem_available() -> int | None:
+    """MemAvailable in bytes, or None where /proc/meminfo is unreadable."""
+    try:
+        with open(MEMINFO_PATH) as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * KiB  # the kernel reports kB (= KiB)
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def available_congestion_controls() -> list[str] | None:
+    """The kernel's TCP congestion algorithms, or None where that can't be read."""
+    try:
+        with open(TCP_CC_PATH) as f:
+            return f.read().split()
+    except OSError:
+        return None
+
+
+def auto_dram_size(slab_size: int) -> int:
+    """25% of MemAvailable, within [64 MiB, 4 GiB], rounded down to whole slabs (>= 1)."""
+    avail = mem_available()
+    size = AUTO_DRAM_MIN if avail is None else avail // AUTO_DRAM_FRACTION
+    size = max(AUTO_DRAM_MIN, min(size, AUTO_DRAM_MAX))
+    return max(slab_size, size // slab_size * slab_size)
+
+
+# ---------------------------------------------------------------- Config
+
+@dataclass
+class Config:
+    # [server]
+    host: str = "127.0.0.1"
+    control_port: int = 7070
+    data_port: int = 7071
+    tcp_congestion: str = ""  # empty = kernel default
+    max_connections: int = 1024
+    max_inflight_bytes: int = 256 * MiB  # per connection
+    max_batch_keys: int = 65536
+    max_control_value_size: int = 4 * MiB
+    # [dram]
+    dram_size: int | None = None  # None = auto (see auto_dram_size); concrete after validate()
+    slab_size: int = 64 * MiB
+    max_value_size: int = 64 * MiB
+    high_watermark: float = 0.95
+    low_watermark: float = 0.90
+    hugepages: bool = True
+    # [engine] (seconds)
+    reservation_timeout: float = 30.0
+    put_wait_timeout: float = 2.0
+    max_pin_ttl: float = 86400.0
+    # [log]
+    log_level: str = "info"
+    # [node]
+    node_id: str = ""  # empty = "<hostname>:<control_port>", filled by validate()
+
+    def validate(self) -> Config:
+        """Normalise field types, fill auto values, then check ranges; returns self.
+
+        Raises ConfigError on the first problem found.
+        """
+        for s in SETTINGS:
+            setattr(self, s.field, _coerce(s, getattr(self, s.field)))
+
+        for s in (_BY_FIELD["control_port"], _BY_FIELD["data_port"]):
+            port = getattr(self, s.field)
+            if not 0 <= port <= 65535:
+                raise ConfigError(f"{s.name}: {port} is out of range "
+                                  "(allowed 0..65535; 0 picks a free port)")
+        if not self.host.strip():
+            raise ConfigError("server.host: must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
+        if self.tcp_congestion:
+            known = available_congestion_controls()
+            # unreadable list (not Linux, no /proc): let the socket option report it later
+            if known is not None and self.tcp_congestion not in known:
+                raise ConfigError(f"server.tcp_congestion: {self.tcp_congestion!r} is not "
+                                  f"available on this host (available: {', '.join(known)})")
+
+        for f in ("max_connections", "max_inflight_bytes", "max_batch_keys",
+                  "max_control_value_size", "slab_size", "max_value_size"):
+            if getattr(self, f) <= 0:
+                raise ConfigError(f"{_BY_FIELD[f].name}: must be positive, got {getattr(self, f)}")
+        if self.slab_size % SLAB_ALIGN:
+            raise ConfigError(f"dram.slab_size: {self.slab_size} is not a multiple of "
+                              f"{SLAB_ALIGN} (use e.g. 64MiB)")
+        if self.slab_size < self.max_value_size:
+            raise ConfigError(
+                f"dram.slab_size ({format_size(self.slab_size)}) must be >= "
+                f"dram.max_value_size ({format_size(self.max_value_size)}): "
+                "every value is stored whole inside one slab")
+        if self.dram_size is None:
+            self.dram_size = auto_dram_size(self.slab_size)
+        if self.dram_size <= 0:
+            raise ConfigError(f"dram.size: must be positive, got {self.dram_size}")
+        if self.dram_size < self.slab_size:
+            raise ConfigError(f"dram.size ({format_size(self.dram_size)}) must hold at least "
+                              f"one slab (dram.slab_size = {format_size(self.slab_size)})")
+
+        low, high = self.low_watermark, self.high_watermark
+        if not 0 < low <= high <= 1:  # also false for NaN
+            raise ConfigError(f"dram.low_watermark ({low}) and dram.high_watermark ({high}) "
+                              "must satisfy 0 < low_watermark <= high_watermark <= 1")
+        for f in ("reservation_timeout", "put_wait_timeout", "max_pin_ttl"):
+            v = getattr(self, f)
+            if not (math.isfinite(v) and v > 0):
+                raise ConfigError(f"{_BY_FIELD[f].name}: must be a positive number of "
+                                  f"seconds, got {v}")
+        if self.log_level not in LOG_LEVELS:
+            raise ConfigError(f"log.level: {self.log_level!r} is not one of "
+                              f"{', '.join(LOG_LEVELS)}")
+        if not self.node_id:
+            self.node_id = f"{socket.gethostname()}:{self.control_port}"
+        return self
+
+    def to_toml(self) -> str:
+        """The config as TOML, in the file layout; ``load_config`` reads it back equal."""
+        lines = ["# kvstored configuration (sizes are binary: 1GiB = 1024MiB)"]
+        for section in SECTIONS:
+            lines += ["", f"[{section}]"]
+            for s in SETTINGS:
+                if s.section == section:
+                    lines.append(f"{s.key} = {_toml_value(s, getattr(self, s.field))}")
+        return "\n".join(lines) + "\n"
+
+    def engine_limits(self):
+        """The engine's StoreLimits for this config (auto dram size resolved if still unset)."""
+        from kvstored.engine.store import StoreLimits  # lazy: keep config importable alone
+
+        dram = self.dram_size if self.dram_size is not None else auto_dram_size(self.slab_size)
+        return StoreLimits(
+            dram_size=dram, slab_size=self.slab_size, max_value_size=self.max_value_size,
+            high_watermark=self.high_watermark, low_watermark=self.low_watermark,
+            reservation_timeout=self.reservation_timeout,
+            put_wait_timeout=self.put_wait_timeout, max_pin_ttl=self.max_pin_ttl,
+            hugepages=self.hugepages)
+
+
+def _toml_str(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif ch in "\b\t\n\f\r":
+            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:  # TOML forbids raw control characters
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(s: Setting, v: Any) -> str:
+    if s.kind in ("size", "auto_size"):
+        if v is None:
+            return '"auto"'
+        human = format_size(v)
+        return _toml_str(human) if isinstance(human, str) else str(human)
+    if s.kind == "bool":
+        return "true" if v else "false"
+    if s.kind == "float":
+        return repr(float(v))  # repr round-trips exactly and is valid TOML for finite floats
+    if s.kind == "int":
+        return str(v)
+    return _toml_str(v)
+
+
+# ---------------------------------------------------------------- loading
+
+def _read_toml(path: str | os.PathLike) -> dict[str, Any]:
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except OSError as e:
+        raise ConfigError(f"cannot read config file '{path}': {e.strerror or e}") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"config file '{path}' is not valid TOML: {e}") from None
+
+
+def _file_values(doc: dict[str, Any]) -> dict[str, Any]:
+    """Flat ``{field: raw value}`` from a parsed TOML document; rejects unknown names."""
+    out: dict[str, Any] = {}
+    for section, table in doc.items():
+        if section not in SECTIONS:
+            if not isinstance(table, dict):  # a top-level key, e.g. `host = ...`
+                raise _unknown(section, list(_BY_NAME))
+            raise _unknown(section, list(SECTIONS), "section")
+        if not isinstance(table, dict):
+            raise ConfigError(f"{section}: expected a table [{section}], got {table!r} "
+                              f"({_type_name(table)})")
+        for key, value in table.items():
+            s = _BY_NAME.get(f"{section}.{key}")
+            if s is None:
+                raise _unknown(f"{section}.{key}", list(_BY_NAME))
+            out[s.field] = _coerce(s, value)
+    return out
+
+
+def load_config(path: str | os.PathLike | None = None,
+                overrides: dict[str, Any] | None = None) -> Config:
+    """Defaults < TOML file at ``path`` (if any) < ``overrides`` (flat field names).
+
+    ``None`` override values are ignored, so unset command-line flags can be passed
+    straight through. Returns a validated Config with auto values filled in.
+    """
+    cfg = Config()
+    values = _file_values(_read_toml(path)) if path else {}
+    for field, value in (overrides or {}).items():
+        if field not in _BY_FIELD:
+            raise _unknown(field, list(_BY_FIELD), "override")
+        if value is not None:
+            values[field] = _coerce(_BY_FIELD[field], value)
+    for field, value in values.items():
+        setattr(cfg, field, value)
+    return cfg.validate()
+
+
+# ---------------------------------------------------------------- command line
+
+# flag dest -> Config field
+_FLAG_FIELDS = {"host": "host", "port": "control_port", "data_port": "data_port",
+                "dram_size": "dram_size", "slab_size": "slab_size",
+                "max_value_size": "max_value_size", "tcp_congestion": "tcp_congestion",
+                "log_level": "log_level"}
+
+
+def _size_arg(text: str) -> int:
+    try:
+        return parse_size(text)
+    except ConfigError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _dram_size_arg(text: str) -> str | int:
+    return "auto" if text.strip().lower() == "auto" else _size_arg(text)
+
+
+def build_arg_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="kvstored", description="KV-block storage daemon.",
+        epilog="Flags override the config file, which overrides built-in defaults. "
+               "Sizes take binary units: 64KiB, 512MiB, 2GiB (K/KB/M/MB/G/GB are 1024-based too).")
+    p.add_argument("--config", metavar="FILE", help="TOML config file")
+    p.add_argument("--host", metavar="H", help="listen address (default 127.0.0.1)")
+    p.add_argument("--port", metavar="P", type=int, help="control port (default 7070; 0 = any free)")
+    p.add_argument("--data-port", metavar="D", type=int, help="data port (default 7071; 0 = any free)")
+    p.add_argument("--dram-size", metavar="SIZE", type=_dram_size_arg,
+                   help="DRAM arena size, or 'auto' (25%% of available memory, at most 4GiB)")
+    p.add_argument("--slab-size", metavar="SIZE", type=_size_arg, help="slab size (default 64MiB)")
+    p.add_argument("--max-value-size", metavar="SIZE", type=_size_arg,
+                   help="largest value accepted (default 64MiB; <= slab size)")
+    p.add_argument("--tcp-congestion", metavar="NAME",
+                   help="TCP congestion control for data connections, e.g. cubic or bbr")
+    p.add_argument("--log-level", metavar="L", type=str.lower, choices=LOG_LEVELS,
+                   help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    p.add_argument("--ready-file", metavar="PATH",
+                   help="file written once the daemon is listening (for supervisors and tests)")
+    p.add_argument("--print-config", action="store_true",
+                   help="print the effective config as TOML and exit")
+    p.add_argument("--version", action="version", version=f"kvstored {__version__}")
+    return p
+
+
+def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Namespace]:
+    """Parse the daemon's flags and load the config they point at.
+
+    argparse problems exit 2 by themselves; a ConfigError is raised for the
+    caller to pass to :func:`fail`.
+    """
+    args = build_arg_parser().parse_args(argv)
+    overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
+    return load_config(args.config, overrides), args
+
+
+def fail(msg: str) -> NoReturn:
+    """Print ``kvstored: error: <msg>`` to stderr and exit 2, like argparse does."""
+    print(f"kvstored: error: {msg}", file=sys.stderr)
+    sys.exit(2)
+
+
+__all__ = ["Config", "ConfigError", "SETTINGS", "build_arg_parser", "config_from_args",
+           "fail", "format_size", "load_config", "parse_size"]

@@ -1,0 +1,177 @@
+"""The DRAM arena: one memfd mapping carved into fixed-size slabs.
+
+A slab is given to one size class on demand and cut into equal slots; a slab
+whose slots are all free goes back to the shared pool so another class can
+take it. memfd (not anonymous memory) so a same-host client can later map the
+very same pages.
+"""
+from __future__ import annotations
+
+import bisect
+import logging
+import mmap
+import os
+
+log = logging.getLogger("kvstored.arena")
+
+SLOT_ALIGN = 4096
+MIN_SLOT = 4096
+
+
+def size_classes(max_slot: int) -> list[int]:
+    """Slot sizes: four steps per power of two (<= 25% waste), 4 KiB aligned.
+
+    Powers of two are classes themselves, so the usual KV block sizes fit exactly.
+    """
+    out = set()
+    p = MIN_SLOT
+    while p <= max_slot:
+        for step in (4, 5, 6, 7):
+            s = p * step // 4
+            s = (s + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+            if s <= max_slot:
+                out.add(s)
+        p *= 2
+    out.add(max_slot)
+    return sorted(out)
+
+
+class Slab:
+    __slots__ = ("index", "base", "size_class", "free", "used")
+
+    def __init__(self, index: int, base: int):
+        self.index = index
+        self.base = base
+        self.size_class: SizeClass | None = None
+        self.free: list[int] = []  # free slot offsets (absolute in the arena)
+        self.used = 0
+
+
+class SizeClass:
+    __slots__ = ("index", "slot_size", "slots_per_slab", "slabs", "partial")
+
+    def __init__(self, index: int, slot_size: int, slab_size: int):
+        self.index = index
+        self.slot_size = slot_size
+        self.slots_per_slab = slab_size // slot_size
+        self.slabs: set[Slab] = set()
+        self.partial: set[Slab] = set()  # slabs of this class with a free slot
+
+
+class Arena:
+    """Slot allocator over a memfd mapping. Single-threaded (the daemon's event loop)."""
+
+    def __init__(self, size: int, slab_size: int, *, hugepages: bool = True, name: str = "kvstored-arena"):
+        if slab_size % SLOT_ALIGN or slab_size < MIN_SLOT:
+            raise ValueError(f"slab size {slab_size} must be a multiple of {SLOT_ALIGN}")
+        nslabs = size // slab_size
+        if nslabs < 1:
+            raise ValueError(f"arena size {size} is smaller than one slab ({slab_size})")
+        self.slab_size = slab_size
+        self.size = nslabs * slab_size
+        self.fd, self.hugepages = _memfd(name, self.size, hugepages)
+        self.mmap = mmap.mmap(self.fd, self.size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        if hasattr(self.mmap, "madvise") and hasattr(mmap, "MADV_HUGEPAGE") and not self.hugepages:
+            try:  # transparent huge pages on shmem, where the kernel allows it
+                self.mmap.madvise(mmap.MADV_HUGEPAGE)
+            except OSError:
+                pass
+        self.view = memoryview(self.mmap)
+        self.slabs = [Slab(i, i * slab_size) for i in range(nslabs)]
+        self.free_slabs: list[Slab] = list(reversed(self.slabs))
+        self.classes = [SizeClass(i, s, slab_size) for i, s in enumerate(size_classes(slab_size))]
+        self._class_sizes = [c.slot_size for c in self.classes]
+        self.used_bytes = 0  # bytes of slots handed out
+
+    # -- classes -----------------------------------------------------------
+    def class_for(self, size: int) -> SizeClass:
+        i = bisect.bisect_left(self._class_sizes, max(size, 1))
+        if i == len(self.classes):
+            raise ValueError(f"object of {size} bytes exceeds the slab size {self.slab_size}")
+        return self.classes[i]
+
+    def slab_of(self, offset: int) -> Slab:
+        return self.slabs[offset // self.slab_size]
+
+    # -- allocation --------------------------------------------------------
+    def alloc(self, sc: SizeClass) -> int | None:
+        """A free slot offset in class ``sc``, taking a free slab if needed; None if neither."""
+        if not sc.partial:
+            if not self.free_slabs:
+                return None
+            slab = self.free_slabs.pop()
+            slab.size_class = sc
+            slab.used = 0
+            # highest offset first so pop() hands out ascending addresses
+            slab.free = list(range(slab.base + (sc.slots_per_slab - 1) * sc.slot_size,
+                                   slab.base - 1, -sc.slot_size))
+            sc.slabs.add(slab)
+            sc.partial.add(slab)
+        slab = next(iter(sc.partial))
+        off = slab.free.pop()
+        slab.used += 1
+        if not slab.free:
+            sc.partial.discard(slab)
+        self.used_bytes += sc.slot_size
+        return off
+
+    def free(self, offset: int) -> None:
+        slab = self.slab_of(offset)
+        sc = slab.size_class
+        assert sc is not None, "free of a slot in an unassigned slab"
+        slab.free.append(offset)
+        slab.used -= 1
+        self.used_bytes -= sc.slot_size
+        if slab.used == 0:
+            # whole slab free: give it back so any class can use it
+            sc.slabs.discard(slab)
+            sc.partial.discard(slab)
+            slab.size_class = None
+            slab.free = []
+            self.free_slabs.append(slab)
+        else:
+            sc.partial.add(slab)
+
+    @property
+    def free_bytes(self) -> int:
+        return self.size - self.used_bytes
+
+    def close(self) -> None:
+        try:
+            self.view.release()
+            self.mmap.close()
+        except (BufferError, ValueError):  # views still exported at shutdown: the OS reclaims
+            pass
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+def _memfd(name: str, size: int, hugepages: bool) -> tuple[int, bool]:
+    # Only when enough huge pages are reserved: hugetlb memory is faulted in
+    # lazily and an unbacked page would SIGBUS the daemon instead of failing here.
+    if hugepages and hasattr(os, "MFD_HUGETLB") and _free_hugepage_bytes() >= size:
+        try:
+            fd = os.memfd_create(name, os.MFD_CLOEXEC | os.MFD_HUGETLB)
+            try:
+                os.ftruncate(fd, size)
+                return fd, True
+            except OSError:
+                os.close(fd)
+        except OSError:
+            pass
+        log.info("hugetlb pages unavailable for the arena; using normal pages (THP advised)")
+    fd = os.memfd_create(name, os.MFD_CLOEXEC)
+    os.ftruncate(fd, size)
+    return fd, False
+
+
+def _free_hugepage_bytes() -> int:
+    try:
+        info = dict(line.split(":", 1) for line in open("/proc/meminfo"))
+        free = int(info["HugePages_Free"].split()[0])
+        page_kib = int(info["Hugepagesize"].split()[0])
+        return free * page_kib * 1024
+    except (OSError, KeyError, ValueError):
+        return 0

@@ -1,0 +1,492 @@
+"""Store: the index, the DRAM arena, eviction, pins and two-phase puts.
+
+Everything here runs on the daemon's event loop thread, so there are no locks;
+the only coroutine is ``reserve_wait``, which waits (bounded) for space.
+
+Invariants kept here (see docs/architecture.md):
+  * put is reserve -> fill -> commit; only committed entries are in the index;
+  * an entry with a reader reference, a live pin or no commit is never evicted,
+    and its slot is only freed once the last reference is released;
+  * a second put of the same key and checksum is a no-op; a different checksum
+    is a Conflict unless overwrite is asked.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterable
+
+from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
+from kvstore.wire import checksum as payload_checksum
+
+from .arena import Arena, SizeClass
+
+log = logging.getLogger("kvstored.store")
+
+COMMITTED = 1
+DEAD = 2  # removed from the index (deleted / overwritten / evicted) while still referenced
+
+
+@dataclass
+class StoreLimits:
+    dram_size: int
+    slab_size: int = 64 << 20
+    max_value_size: int = 64 << 20
+    high_watermark: float = 0.95
+    low_watermark: float = 0.90
+    reservation_timeout: float = 30.0
+    put_wait_timeout: float = 2.0
+    max_pin_ttl: float = 24 * 3600.0
+    hugepages: bool = True
+
+
+class Entry:
+    """One committed object. Linked into its size class's SIEVE queue."""
+
+    __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
+                 "pins", "pin_until", "visited", "newer", "older", "committed_at")
+
+    def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: SizeClass):
+        self.ns = ns
+        self.key = key
+        self.offset = offset
+        self.size = size
+        self.checksum = checksum
+        self.sc = sc
+        self.state = COMMITTED
+        self.refs = 0
+        self.pins = 0
+        self.pin_until = 0.0
+        self.visited = False
+        self.newer: Entry | None = None
+        self.older: Entry | None = None
+        self.committed_at = time.time()
+
+    def pinned(self, now: float) -> bool:
+        return self.pins > 0 and self.pin_until > now
+
+
+class Reservation:
+    """A slot being filled by a writer; invisible to readers until commit."""
+
+    __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "overwrite", "deadline",
+                 "view", "on_expire", "done")
+
+    def __init__(self, ns, key, offset, size, checksum, sc, overwrite, deadline, view):
+        self.ns = ns
+        self.key = key
+        self.offset = offset
+        self.size = size
+        self.checksum = checksum
+        self.sc = sc
+        self.overwrite = overwrite
+        self.deadline = deadline
+        self.view: memoryview = view
+        # Called by the reaper before the slot is reclaimed, so the writer stops
+        # writing into it (the TCP server closes the connection).
+        self.on_expire: Callable[[Reservation], None] | None = None
+        self.done = False
+
+
+class _Sieve:
+    """SIEVE eviction queue of one size class (a doubly linked list plus a hand)."""
+
+    __slots__ = ("head", "tail", "hand", "count")
+
+    def __init__(self):
+        self.head: Entry | None = None  # newest
+        self.tail: Entry | None = None  # oldest
+        self.hand: Entry | None = None
+        self.count = 0
+
+    def push(self, e: Entry) -> None:
+        e.older = self.head
+        e.newer = None
+        if self.head is not None:
+            self.head.newer = e
+        self.head = e
+        if self.tail is None:
+            self.tail = e
+        self.count += 1
+
+    def remove(self, e: Entry) -> None:
+        if self.hand is e:
+            self.hand = e.newer
+        if e.newer is not None:
+            e.newer.older = e.older
+        else:
+            self.head = e.older
+        if e.older is not None:
+            e.older.newer = e.newer
+        else:
+            self.tail = e.newer
+        e.newer = e.older = None
+        self.count -= 1
+
+    def victim(self, now: float) -> Entry | None:
+        """The next evictable entry, or None after one full sweep found none.
+
+        Referenced and pinned entries are skipped without losing their visited bit.
+        """
+        e = self.hand or self.tail
+        for _ in range(2 * self.count + 1):
+            if e is None:
+                e = self.tail
+                if e is None:
+                    return None
+            if e.refs == 0 and not e.pinned(now):
+                if not e.visited:
+                    self.hand = e.newer
+                    return e
+                e.visited = False
+            e = e.newer
+        return None
+
+
+class Store:
+    def __init__(self, limits: StoreLimits, clock: Callable[[], float] = time.monotonic):
+        if limits.max_value_size > limits.slab_size:
+            raise ValueError("max_value_size must not exceed slab_size")
+        if not 0 < limits.low_watermark <= limits.high_watermark <= 1:
+            raise ValueError("watermarks must satisfy 0 < low <= high <= 1")
+        self.limits = limits
+        self.clock = clock
+        self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages)
+        self.index: dict[tuple[bytes, bytes], Entry] = {}
+        self._sieves = [_Sieve() for _ in self.arena.classes]
+        self._by_offset: dict[int, Entry] = {}
+        self.reservations: set[Reservation] = set()
+        # binds lazily to the running loop on first wait, so safe to create outside one
+        self._space_freed = asyncio.Event()
+        self.counters = dict.fromkeys(
+            ("puts", "put_bytes", "dedups", "conflicts", "gets", "get_bytes", "hits", "misses",
+             "evictions", "evicted_bytes", "checksum_failures", "reservations_expired",
+             "deletes", "no_space", "pins", "unpins"), 0)
+        self.objects_bytes = 0
+        self.reserved_bytes = 0
+
+    # ------------------------------------------------------------------ put
+    def reserve(self, ns: bytes, key: bytes, size: int, checksum: int,
+                overwrite: bool = False) -> Reservation | None:
+        """Reserve a slot for ``size`` bytes, or None when the same object is already stored.
+
+        Raises Conflict (different checksum, no overwrite), InvalidArgument (too
+        large) or NoSpace (nothing evictable right now; see ``reserve_wait``).
+        """
+        if size > self.limits.max_value_size:
+            raise InvalidArgument(
+                f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
+        old = self.index.get((ns, key))
+        if old is not None and not overwrite:
+            if old.checksum == checksum and old.size == size:
+                self.counters["dedups"] += 1
+                return None
+            self.counters["conflicts"] += 1
+            raise Conflict(f"key exists with a different checksum (size {old.size}); "
+                           "objects are immutable unless overwrite is asked")
+        sc = self.arena.class_for(size)
+        off = self._alloc(sc)
+        if off is None:
+            self.counters["no_space"] += 1
+            raise NoSpace(f"no space for {size} bytes: every candidate is pinned, referenced "
+                          "or being written")
+        view = self.arena.view[off:off + size]
+        res = Reservation(ns, key, off, size, checksum, sc, overwrite,
+                          self.clock() + self.limits.reservation_timeout, view)
+        self.reservations.add(res)
+        self.reserved_bytes += size
+        return res
+
+    async def reserve_wait(self, ns: bytes, key: bytes, size: int, checksum: int,
+                           overwrite: bool = False, timeout: float | None = None) -> Reservation | None:
+        """``reserve``, waiting up to ``put_wait_timeout`` for space to be freed."""
+        deadline = self.clock() + (self.limits.put_wait_timeout if timeout is None else timeout)
+        while True:
+            try:
+                return self.reserve(ns, key, size, checksum, overwrite)
+            except NoSpace:
+                left = deadline - self.clock()
+                if left <= 0:
+                    raise
+                self._space_freed.clear()
+                try:
+                    await asyncio.wait_for(self._space_freed.wait(), min(left, 0.05))
+                except asyncio.TimeoutError:
+                    pass  # re-check: pin leases may have lapsed meanwhile
+
+    def commit(self, res: Reservation) -> bool:
+        """Verify the checksum and publish. True if stored, False if it deduplicated."""
+        ok = payload_checksum(res.view) == res.checksum
+        self._finish(res)
+        if not ok:
+            self.counters["checksum_failures"] += 1
+            self._free_slot(res.offset)
+            raise ChecksumMismatch("payload checksum does not match the declared checksum; "
+                                   "nothing was stored")
+        k = (res.ns, res.key)
+        old = self.index.get(k)
+        if old is not None:
+            if old.checksum == res.checksum and old.size == res.size:
+                self._free_slot(res.offset)  # a concurrent identical put won the race
+                self.counters["dedups"] += 1
+                return False
+            if not res.overwrite:
+                self._free_slot(res.offset)
+                self.counters["conflicts"] += 1
+                raise Conflict("key was committed meanwhile with a different checksum")
+            self._unlink(old)
+        e = Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
+        self.index[k] = e
+        self._by_offset[res.offset] = e
+        self._sieves[res.sc.index].push(e)
+        self.objects_bytes += res.size
+        self.counters["puts"] += 1
+        self.counters["put_bytes"] += res.size
+        self.maybe_evict()
+        return True
+
+    def abort(self, res: Reservation) -> None:
+        """Drop a reservation (failed or abandoned write); nothing becomes visible."""
+        if not res.done:
+            self._finish(res)
+            self._free_slot(res.offset)
+
+    def put_bytes(self, ns: bytes, key: bytes, data, checksum: int | None = None,
+                  overwrite: bool = False) -> bool:
+        """One-shot put from a buffer (control-plane small objects)."""
+        cs = payload_checksum(data) if checksum is None else checksum
+        res = self.reserve(ns, key, len(data), cs, overwrite)
+        if res is None:
+            return False
+        try:
+            res.view[:] = data
+        except BaseException:
+            self.abort(res)
+            raise
+        return self.commit(res)
+
+    def _finish(self, res: Reservation) -> None:
+        res.done = True
+        res.view.release()
+        self.reservations.discard(res)
+        self.reserved_bytes -= res.size
+
+    # ------------------------------------------------------------------ get
+    def acquire(self, ns: bytes, key: bytes) -> Entry:
+        """Take a read reference on a committed object (release it when done)."""
+        e = self.index.get((ns, key))
+        self.counters["gets"] += 1
+        if e is None:
+            self.counters["misses"] += 1
+            raise NotFound("no such key")
+        self.counters["hits"] += 1
+        self.counters["get_bytes"] += e.size
+        e.visited = True
+        e.refs += 1
+        return e
+
+    def view(self, e: Entry) -> memoryview:
+        return self.arena.view[e.offset:e.offset + e.size]
+
+    def release(self, e: Entry) -> None:
+        e.refs -= 1
+        if e.refs == 0 and e.state == DEAD:
+            self._free_slot(e.offset)
+
+    def get_bytes(self, ns: bytes, key: bytes) -> tuple[bytes, int]:
+        e = self.acquire(ns, key)
+        try:
+            return bytes(self.arena.view[e.offset:e.offset + e.size]), e.checksum
+        finally:
+            self.release(e)
+
+    # ------------------------------------------------------- batch queries
+    def exists(self, ns: bytes, keys: Iterable[bytes]) -> list[bool]:
+        idx = self.index
+        return [(ns, k) in idx for k in keys]
+
+    def lookup(self, ns: bytes, keys: Iterable[bytes]) -> int:
+        """How many of ``keys`` exist, counting from the first (a prefix hit length)."""
+        n = 0
+        idx = self.index
+        for k in keys:
+            if (ns, k) not in idx:
+                break
+            n += 1
+        return n
+
+    def pin(self, ns: bytes, keys: Iterable[bytes], ttl: float) -> int:
+        """Protect objects from eviction for ``ttl`` seconds (or until unpinned)."""
+        if not 0 < ttl <= self.limits.max_pin_ttl:
+            raise InvalidArgument(f"pin ttl {ttl} outside (0, {self.limits.max_pin_ttl}] seconds")
+        until = self.clock() + ttl
+        n = 0
+        for k in keys:
+            e = self.index.get((ns, k))
+            if e is None:
+                continue
+            if e.pin_until <= self.clock():
+                e.pins = 0  # the old lease lapsed: start afresh
+            e.pins += 1
+            e.pin_until = max(e.pin_until, until)
+            n += 1
+        self.counters["pins"] += n
+        return n
+
+    def unpin(self, ns: bytes, keys: Iterable[bytes]) -> int:
+        n = 0
+        for k in keys:
+            e = self.index.get((ns, k))
+            if e is None or e.pins == 0:
+                continue
+            e.pins -= 1
+            if e.pins == 0:
+                e.pin_until = 0.0
+            n += 1
+        self.counters["unpins"] += n
+        if n:
+            self._signal_space()
+        return n
+
+    def delete(self, ns: bytes, keys: Iterable[bytes]) -> int:
+        n = 0
+        for k in keys:
+            e = self.index.get((ns, k))
+            if e is not None:
+                self._unlink(e)
+                n += 1
+        self.counters["deletes"] += n
+        return n
+
+    def sample(self, ns: bytes | None, limit: int) -> list[Entry]:
+        """Up to ``limit`` committed entries (dict order), optionally of one namespace."""
+        out = []
+        for (ens, _), e in self.index.items():
+            if ns is None or ens == ns:
+                out.append(e)
+                if len(out) >= limit:
+                    break
+        return out
+
+    # ------------------------------------------------------------ eviction
+    def _alloc(self, sc: SizeClass) -> int | None:
+        off = self.arena.alloc(sc)
+        if off is not None:
+            return off
+        # class full and no free slab: evict in this class, else free a whole slab elsewhere
+        now = self.clock()
+        victim = self._sieves[sc.index].victim(now)
+        if victim is not None:
+            self._evict(victim)
+            off = self.arena.alloc(sc)
+            if off is not None:
+                return off
+        if self._reclaim_slab(sc, now):
+            return self.arena.alloc(sc)
+        return None
+
+    def _reclaim_slab(self, wanted: SizeClass, now: float) -> bool:
+        """Empty one slab of another class whose objects can all be evicted."""
+        for sc in sorted(self.arena.classes, key=lambda c: len(c.slabs), reverse=True):
+            if sc is wanted or not sc.slabs:
+                continue
+            for slab in sc.slabs:
+                entries = [self._by_offset.get(off) for off in
+                           range(slab.base, slab.base + sc.slots_per_slab * sc.slot_size, sc.slot_size)]
+                used = [e for e in entries if e is not None]
+                # every used slot must be a committed, evictable object (no reservation)
+                if len(used) != slab.used:
+                    continue
+                if any(e.refs or e.pinned(now) for e in used):
+                    continue
+                for e in used:
+                    self._evict(e)
+                return True
+        return False
+
+    def maybe_evict(self) -> int:
+        """Evict down to the low watermark once use passes the high one."""
+        a = self.arena
+        if a.used_bytes <= self.limits.high_watermark * a.size:
+            return 0
+        target = self.limits.low_watermark * a.size
+        now = self.clock()
+        n = 0
+        stuck: set[int] = set()
+        while a.used_bytes > target and len(stuck) < len(self._sieves):
+            # the class holding the most bytes gives up the next victim
+            sc = max((c for c in a.classes if c.index not in stuck),
+                     key=lambda c: self._sieves[c.index].count * c.slot_size)
+            v = self._sieves[sc.index].victim(now)
+            if v is None:
+                stuck.add(sc.index)
+                continue
+            self._evict(v)
+            n += 1
+        return n
+
+    def _evict(self, e: Entry) -> None:
+        self.counters["evictions"] += 1
+        self.counters["evicted_bytes"] += e.size
+        self._unlink(e)
+
+    def _unlink(self, e: Entry) -> None:
+        """Remove from the index; free the slot now or when the last reader releases."""
+        del self.index[(e.ns, e.key)]
+        self._sieves[e.sc.index].remove(e)
+        self._by_offset.pop(e.offset, None)
+        self.objects_bytes -= e.size
+        e.state = DEAD
+        if e.refs == 0:
+            self._free_slot(e.offset)
+
+    def _free_slot(self, offset: int) -> None:
+        self.arena.free(offset)
+        self._signal_space()
+
+    def _signal_space(self) -> None:
+        self._space_freed.set()
+
+    # --------------------------------------------------------- maintenance
+    def reap(self) -> int:
+        """Reclaim reservations past their deadline (writer died or stalled)."""
+        now = self.clock()
+        expired = [r for r in self.reservations if r.deadline <= now]
+        for r in expired:
+            if r.on_expire is not None:
+                r.on_expire(r)
+            self.abort(r)
+            self.counters["reservations_expired"] += 1
+            log.warning("reclaimed an abandoned reservation: ns=%s key=%s size=%d",
+                        r.ns.decode(errors="replace"), r.key.hex()[:32], r.size)
+        return len(expired)
+
+    def stats(self) -> dict:
+        a = self.arena
+        now = self.clock()
+        pinned = sum(1 for e in self.index.values() if e.pins and e.pin_until > now)
+        namespaces: dict[str, int] = {}
+        for (ns, _k) in self.index:
+            n = ns.decode(errors="replace")
+            namespaces[n] = namespaces.get(n, 0) + 1
+        return {
+            "dram_capacity": a.size,
+            "dram_used": a.used_bytes,
+            "objects": len(self.index),
+            "object_bytes": self.objects_bytes,
+            "reservations": len(self.reservations),
+            "reserved_bytes": self.reserved_bytes,
+            "pinned": pinned,
+            "slab_size": a.slab_size,
+            "slabs_total": len(a.slabs),
+            "slabs_free": len(a.free_slabs),
+            "hugepages": a.hugepages,
+            "namespaces": namespaces,
+            **self.counters,
+        }
+
+    def close(self) -> None:
+        self.arena.close()
+
