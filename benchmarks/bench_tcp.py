@@ -388,9 +388,15 @@ def main(argv=None) -> int:
                                                  " (set for this run)"), flush=True)
             if not args.skip_iperf3:
                 try:
-                    iperf3_bps = peers.iperf3_loopback(args.iperf_seconds)
-                    print(f"iperf3 loopback, 1 stream, {args.iperf_seconds:g}s: "
-                          f"{iperf3_bps / 1e9:.2f} GB/s", flush=True)
+                    ip = peers.iperf3_loopback_detail(args.iperf_seconds)
+                    iperf3_bps = ip["bytes_s"]
+                    meta["iperf3"] = ip
+                    print(f"iperf3 loopback, 1 stream, {ip['seconds']}s: {iperf3_bps / 1e9:.2f} GB/s "
+                          f"(sender congestion control {ip['congestion']}, "
+                          f"{ip['retransmits']} retransmits)", flush=True)
+                    if ip["congestion"] and ip["congestion"] != cc:
+                        print(f"WARNING: iperf3 reports {ip['congestion']!r}, expected {cc!r}",
+                              flush=True)
                 except BenchError as e:
                     print(f"iperf3: FAILED: {e}", flush=True)
             if not args.skip_redis:

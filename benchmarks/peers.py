@@ -176,6 +176,16 @@ def congestion_control(name: str | None) -> Iterator[str]:
 
 def iperf3_loopback(seconds: float = 3, *, host: str = "127.0.0.1") -> float:
     """Single-stream loopback throughput in bytes/s measured by iperf3 (receiver side)."""
+    return iperf3_loopback_detail(seconds, host=host)["bytes_s"]
+
+
+def iperf3_loopback_detail(seconds: float = 3, *, host: str = "127.0.0.1") -> dict:
+    """iperf3 -s -1 on a free port + iperf3 -c ... -J; returns bytes_s, retransmits, congestion.
+
+    The server is started in one-off mode (-1), so readiness is taken from its
+    "Server listening" line, never from a probe connection (that would use up
+    its single test). The server is always killed; every wait is bounded.
+    """
     exe = shutil.which("iperf3")
     if exe is None:
         raise BenchError("iperf3 is not installed (apt-get install iperf3)")
@@ -183,15 +193,18 @@ def iperf3_loopback(seconds: float = 3, *, host: str = "127.0.0.1") -> float:
     last_err = ""
     for _attempt in range(3):  # a free port can be taken between probe and bind
         port = free_port(host)
-        server = subprocess.Popen([exe, "-s", "-1", "-B", host, "-p", str(port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        server = subprocess.Popen([exe, "-s", "-1", "-B", host, "-p", str(port), "--forceflush"],
+                                  stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
         try:
-            _wait_port(host, port, timeout=5.0, proc=server)
+            if not _wait_for_line(server, b"Server listening", timeout=5.0):
+                last_err = "iperf3 server did not report 'Server listening' within 5s"
+                continue
             try:
                 out = subprocess.run([exe, "-c", host, "-p", str(port), "-t", str(secs), "-J"],
                                      capture_output=True, timeout=secs + 20)
             except subprocess.TimeoutExpired:
-                raise BenchError(f"iperf3 client did not finish within {secs + 20}s")
+                last_err = f"iperf3 client did not finish within {secs + 20}s"
+                continue
             try:
                 doc = json.loads(out.stdout)
             except json.JSONDecodeError:
@@ -200,26 +213,37 @@ def iperf3_loopback(seconds: float = 3, *, host: str = "127.0.0.1") -> float:
             if "error" in doc:
                 last_err = f"iperf3 error: {doc['error']}"
                 continue
-            return float(doc["end"]["sum_received"]["bits_per_second"]) / 8.0
-        except BenchError as e:
-            last_err = str(e)
+            end = doc["end"]
+            return {"bytes_s": float(end["sum_received"]["bits_per_second"]) / 8.0,
+                    "retransmits": end.get("sum_sent", {}).get("retransmits"),
+                    "congestion": end.get("sender_tcp_congestion"),
+                    "seconds": secs}
         finally:
             kill_process(server, term_timeout=2.0)
+            if server.stdout:
+                server.stdout.close()
     raise BenchError(f"iperf3 loopback measurement failed: {last_err}")
 
 
-def _wait_port(host: str, port: int, *, timeout: float, proc: subprocess.Popen | None = None) -> None:
+def _wait_for_line(proc: subprocess.Popen, needle: bytes, *, timeout: float) -> bool:
+    """Read proc.stdout (non-blocking, bounded) until a line contains ``needle``."""
+    import select
+    fd = proc.stdout.fileno()
+    buf = b""
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc is not None and proc.poll() is not None:
-            err = proc.stderr.read().decode(errors="replace") if proc.stderr else ""
-            raise BenchError(f"server exited early (rc={proc.returncode}): {err[-500:]}")
-        try:
-            with socket.create_connection((host, port), timeout=0.5):
-                return
-        except OSError:
-            time.sleep(0.05)
-    raise BenchError(f"nothing listening on {host}:{port} after {timeout}s")
+    while needle not in buf:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        r, _, _ = select.select([fd], [], [], min(left, 0.2))
+        if r:
+            chunk = os.read(fd, 4096)
+            if not chunk:  # EOF: the server exited
+                return needle in buf
+            buf += chunk
+        elif proc.poll() is not None:
+            return False
+    return True
 
 
 # --------------------------------------------------------------------------- measurement

@@ -57,6 +57,8 @@ class Node:
         if self.control_port == 0:
             raise OSError(f"cannot listen on {c.host}:{c.control_port} for the control plane")
         await self.grpc_server.start()
+        if c.control_port == 0 and self.node_id.endswith(":0"):  # default id names the real port
+            self.node_id = f"{self.node_id[:-2]}:{self.control_port}"
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
         self.ready = True
         log.info("kvstored ready node=%s control=%s:%d data=%s:%d dram=%d hugepages=%s",
