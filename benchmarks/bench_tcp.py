@@ -45,6 +45,7 @@ from peers import (BenchError, MiB, error_row, human_size, kill_process,  # noqa
 
 DEFAULT_SIZES = "64KiB,256KiB,1MiB,4MiB"
 MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * MiB), "MALLOC_MMAP_THRESHOLD_": str(64 * MiB)}
+ADDED_ENV = "_BENCH_TCP_ADDED_ENV"  # names this script added on re-exec; never passed to the daemon
 
 
 class KvstoredUnavailable(BenchError):
@@ -96,6 +97,8 @@ class KvstoredDaemon:
                    "--slab-size", human_size(self.slab_size),
                    "--tcp-congestion", self.cc, "--ready-file", ready, *self.extra_args]
             env = dict(os.environ)
+            for name in filter(None, env.pop(ADDED_ENV, "").split(",")):
+                env.pop(name, None)  # the daemon runs with the environment it was given
             env["PYTHONPATH"] = os.pathsep.join(
                 [REPO, os.path.join(REPO, "client")] +
                 ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -178,7 +181,7 @@ def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *
                              f"data :{daemon.info.get('data_port')}")
         log(f"kvstored up: {facts['kvstored']}")
         loop, loop_name = new_event_loop(loop_kind)
-        client = kvstore.Client(daemon.address)
+        client = kvstore.Client(daemon.address, **client_kwargs(kvstore.Client, cc))
         try:
             overwrite = _accepts(client.put, "overwrite")
             put_mode = "overwrite" if overwrite else "new-keys"
@@ -213,7 +216,7 @@ def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *
                             try:
                                 st = _kv_measure(kvstore, client, daemon.address, loop, op, size,
                                                  conc, keys, value, namespace, overwrite,
-                                                 f"r{run_id}c{conc}", duration, max_ops, warmup)
+                                                 f"r{run_id}c{conc}", duration, max_ops, warmup, cc)
                                 row = st.row("kvstored", op, size,
                                              loop=loop_name if conc > 1 else "sync",
                                              working_set_keys=len(keys),
@@ -256,8 +259,13 @@ def _cleanup(client, keys: list[bytes], ns: str) -> None:
             delete(keys[start:start + 256], namespace=ns)
 
 
+def client_kwargs(cls, cc: str) -> dict:
+    """Pin the SDK's data sockets to the run's algorithm too, where the SDK lets us."""
+    return {"tcp_congestion": cc} if _accepts(cls, "tcp_congestion") else {}
+
+
 def _kv_measure(kvstore, client, address, loop, op, size, conc, keys, value, ns, overwrite,
-                tag, duration, max_ops, warmup) -> peers.Stats:
+                tag, duration, max_ops, warmup, cc) -> peers.Stats:
     nkeys = len(keys)
     put_kw = {"namespace": ns, **({"overwrite": True} if overwrite else {})}
 
@@ -287,7 +295,7 @@ def _kv_measure(kvstore, client, address, loop, op, size, conc, keys, value, ns,
         return run_measurement(fn, duration, max_ops, 1, warmup=warmup)
 
     async def open_client():
-        c = kvstore.AsyncClient(address)
+        c = kvstore.AsyncClient(address, **client_kwargs(kvstore.AsyncClient, cc))
         await c.connect()
         return c
 
@@ -343,9 +351,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-iperf3", action="store_true")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--skip-kvstored", action="store_true")
-    ap.add_argument("--tune-malloc", action="store_true",
-                    help="re-exec with MALLOC_TRIM_THRESHOLD_/MALLOC_MMAP_THRESHOLD_ set (glibc "
-                         "heap-trim pitfall with ~1 MiB buffers); applies to every client and the daemon")
+    ap.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
+                    help="do not re-exec this client process with MALLOC_TRIM_THRESHOLD_ / "
+                         "MALLOC_MMAP_THRESHOLD_ set. By default they are set (in the benchmark "
+                         "client only, never passed to the kvstored daemon): without them glibc "
+                         "trims the heap after every ~1 MiB buffer and redis-py's 1 MiB SET runs "
+                         "~3x slower, which would flatter kvstored")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     ap.add_argument("--json", metavar="FILE", help="also write meta + rows as JSON")
     args = ap.parse_args(argv)
@@ -367,15 +378,18 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.tune_malloc and any(os.environ.get(k) != v for k, v in MALLOC_ENV.items()):
-        env = {**os.environ, **MALLOC_ENV}
-        os.execve(sys.executable, [sys.executable, os.path.abspath(__file__), *sys.argv[1:]], env)
+    if args.tune_malloc and not os.environ.get(ADDED_ENV):
+        added = [k for k in MALLOC_ENV if k not in os.environ]
+        if added:
+            env = {**os.environ, **{k: MALLOC_ENV[k] for k in added}, ADDED_ENV: ",".join(added)}
+            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__),
+                                       *(sys.argv[1:] if argv is None else argv)], env)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     meta = peers.machine_facts()
     meta.update(duration_s=args.duration, max_ops=args.max_ops,
                 sizes=[human_size(s) for s in args.size_list], concurrency=args.conc_list,
-                malloc_env={k: os.environ[k] for k in MALLOC_ENV if k in os.environ} or None)
+                client_malloc_env={k: os.environ[k] for k in MALLOC_ENV if k in os.environ} or "glibc default")
     rows: list[dict] = []
     iperf3_bps = None
     kv_error = None

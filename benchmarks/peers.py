@@ -677,7 +677,7 @@ def render_markdown(rows: list[dict], iperf3_bytes_s: float | None, meta: dict |
         ("iperf3, 1 stream", f"{iperf3_bytes_s / 1e9:.2f} GB/s" if iperf3_bytes_s else "n/a"),
         ("congestion control", cc),
     ]
-    for k in ("duration_s", "max_ops", "event_loop", "machine", "kernel", "python",
+    for k in ("duration_s", "max_ops", "event_loop", "client_malloc_env", "kvstored_put_mode", "machine", "kernel", "python",
               "redis_server", "redis_py", "hiredis", "kvstored", "date"):
         if k in meta and meta[k] not in (None, ""):
             facts.append((k.replace("_", " "), str(meta[k])))

@@ -161,6 +161,14 @@ class _DataProtocol(asyncio.BufferedProtocol):
             w.fut.set_exception(exc)
 
 
+def _expire(waiters: list[_Waiter], timeout: float) -> None:
+    err = errors.Timeout(f"no answer from kvstored within {timeout}s")
+    for w in waiters:
+        w.abandoned = True
+        if not w.fut.done():
+            w.fut.set_exception(err)
+
+
 class AsyncClient(Namespaced):
     """An asyncio kvstored client; safe to share between tasks of one event loop."""
 
@@ -259,18 +267,23 @@ class AsyncClient(Namespaced):
         deadline = loop.time() + self.timeout
         for attempt in itertools.count():
             try:
-                p = await self._data()
+                p = self._proto
+                if p is None or p.lost is not None:
+                    p = await self._data()
+                if not p.can_write.is_set():
+                    await p.can_write.wait()
+                    if p.lost is not None:
+                        raise p.lost
                 bufs, waiters = build(p)
-                await p.can_write.wait()
-                if p.lost is not None:
-                    raise p.lost
                 p.transport.writelines(bufs)
+                # one timer for the whole call (cheaper than wait_for, which wraps a task)
+                timer = loop.call_at(deadline, _expire, waiters, self.timeout)
                 try:
-                    return await asyncio.wait_for(
-                        asyncio.gather(*(w.fut for w in waiters)), max(deadline - loop.time(), 0.001))
-                except asyncio.TimeoutError:
-                    raise errors.Timeout(f"no answer from kvstored within {self.timeout}s") from None
+                    if len(waiters) == 1:
+                        return [await waiters[0].fut]
+                    return await asyncio.gather(*(w.fut for w in waiters))
                 finally:
+                    timer.cancel()
                     for w in waiters:
                         w.abandoned = True
                         if not w.fut.done():
@@ -291,7 +304,7 @@ class AsyncClient(Namespaced):
 
     async def batch_put(self, items, *, namespace: str | None = None, overwrite: bool = False) -> list[bool]:
         ns = self._nsb(namespace)
-        limit = (await self.info()).max_value_size
+        limit = (self._info or await self.info()).max_value_size
         prepared = []
         for k, v in items:
             mv = as_bytes_view(v)

@@ -84,7 +84,10 @@ class DataConnection(asyncio.BufferedProtocol):
         self.req_id = 0
         self.after_skip: bytes | None = None  # frame to send once a skipped payload is consumed
         self.waiting: asyncio.Task | None = None  # reserve_wait in progress
-        self.sent = 0  # bytes handed to the transport
+        self.sent = 0  # bytes queued for the transport (out + handed over)
+        # Responses made while handling one batch of received bytes go out in one
+        # writelines (one syscall for a whole pipelined burst).
+        self.out: list = []
         self.pending: collections.deque[tuple[int, Entry]] = collections.deque()
         self.prune_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
@@ -175,6 +178,8 @@ class DataConnection(asyncio.BufferedProtocol):
         else:
             self.hend += nbytes
             self._parse()
+        if self.out:
+            self._flush()
 
     def eof_received(self):
         return False  # close our side too; connection_lost cleans up
@@ -246,6 +251,8 @@ class DataConnection(asyncio.BufferedProtocol):
             if not self.write_paused:
                 self._resume_reading()
             self._parse()
+        if self.out:
+            self._flush()
 
     def _start_payload(self, rid: int, res: "Reservation | None", plen: int) -> None:
         if res is None:  # same object already stored: skip the payload, answer "deduplicated"
@@ -326,6 +333,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.server.counters["errors_ProtocolError"] += 1
         log.info("closing data connection: %s", message)
         self._send(encode_error(0, rid, errors.ProtocolError.code, message))
+        self._flush()
         self.close()
 
     # ------------------------------------------------------------------ get
@@ -335,16 +343,22 @@ class DataConnection(asyncio.BufferedProtocol):
             e = self.store.acquire(ns, key)
         except errors.KVStoreError as err:
             return self._error(OP_GET, rid, err)
-        t = self.transport
-        t.writelines((encode_response(OP_GET, rid, 0, e.size, e.checksum), self.store.view(e)))
+        self.out.append(encode_response(OP_GET, rid, 0, e.size, e.checksum))
+        self.out.append(self.store.view(e))
         self.sent += HEADER_SIZE + e.size
         self.pending.append((self.sent, e))
-        self._prune()
 
     def _send(self, frame: bytes) -> None:
         if not self.closed:
-            self.transport.write(frame)
+            self.out.append(frame)
             self.sent += len(frame)
+
+    def _flush(self) -> None:
+        out, self.out = self.out, []
+        if not self.closed:
+            self.transport.writelines(out)
+            if self.pending:
+                self._prune()
 
     def _prune(self) -> None:
         """Release read references whose bytes have left uvloop's buffer."""
@@ -380,7 +394,13 @@ def _dedup_response(rid: int) -> bytes:
     return HEADER.pack(MAGIC, VERSION, OP_PUT, 0x8000, rid, 0, 0, 0, 1, 0, 0)
 
 
+_VALID_NAMESPACES: set[bytes] = set()
+
+
 def _check_names(ns: bytes, key: bytes) -> None:
-    namespace_bytes(ns)
+    if ns not in _VALID_NAMESPACES:
+        namespace_bytes(ns)
+        if len(_VALID_NAMESPACES) < 4096:  # a cache, bounded against namespace spraying
+            _VALID_NAMESPACES.add(ns)
     if not 1 <= len(key) <= MAX_KEY_LEN:
         raise errors.InvalidArgument(f"key length {len(key)} outside 1-{MAX_KEY_LEN} bytes")
