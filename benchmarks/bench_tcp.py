@@ -149,7 +149,7 @@ def import_sdk():
     missing = [n for n in ("Client", "AsyncClient") if not hasattr(kvstore, n)]
     if missing:
         raise KvstoredUnavailable(
-            f"the kvstore SDK at {os.path.dirname(getattr(kvstore, '__file__', '') or '?')} has no "
+            f"the kvstore SDK ({getattr(kvstore, '__file__', None) or '?'}) has no "
             f"{' / '.join(missing)} yet (the SDK is still being written)")
     return kvstore
 
@@ -177,9 +177,11 @@ def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *
     facts: dict = {}
     with KvstoredDaemon(cc, dram_size=dram_size, max_value_size=max(8 * MiB, max_size),
                         slab_size=max(8 * MiB, max_size), extra_args=daemon_args) as daemon:
-        facts["kvstored"] = (f"pid {daemon.info.get('pid')}, control :{daemon.control_port}, "
-                             f"data :{daemon.info.get('data_port')}")
-        log(f"kvstored up: {facts['kvstored']}")
+        facts["kvstored"] = (f"--dram-size {daemon.dram_size} --slab-size {human_size(daemon.slab_size)} "
+                             f"--max-value-size {human_size(daemon.max_value_size)} "
+                             f"--tcp-congestion {cc}")
+        log(f"kvstored up: pid {daemon.info.get('pid')}, control :{daemon.control_port}, "
+            f"data :{daemon.info.get('data_port')} ({facts['kvstored']})")
         loop, loop_name = new_event_loop(loop_kind)
         client = kvstore.Client(daemon.address, **client_kwargs(kvstore.Client, cc))
         try:
@@ -389,7 +391,8 @@ def main(argv=None) -> int:
     meta = peers.machine_facts()
     meta.update(duration_s=args.duration, max_ops=args.max_ops,
                 sizes=[human_size(s) for s in args.size_list], concurrency=args.conc_list,
-                client_malloc_env={k: os.environ[k] for k in MALLOC_ENV if k in os.environ} or "glibc default")
+                client_malloc_env=" ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV
+                                           if k in os.environ) or "glibc default")
     rows: list[dict] = []
     iperf3_bps = None
     kv_error = None
@@ -400,19 +403,9 @@ def main(argv=None) -> int:
             _, meta["event_loop"] = _loop_name(args.loop)
             print(f"congestion control: {cc}" + (" (system setting)" if want is None else
                                                  " (set for this run)"), flush=True)
+            iperf3_runs: list[dict] = []
             if not args.skip_iperf3:
-                try:
-                    ip = peers.iperf3_loopback_detail(args.iperf_seconds)
-                    iperf3_bps = ip["bytes_s"]
-                    meta["iperf3"] = ip
-                    print(f"iperf3 loopback, 1 stream, {ip['seconds']}s: {iperf3_bps / 1e9:.2f} GB/s "
-                          f"(sender congestion control {ip['congestion']}, "
-                          f"{ip['retransmits']} retransmits)", flush=True)
-                    if ip["congestion"] and ip["congestion"] != cc:
-                        print(f"WARNING: iperf3 reports {ip['congestion']!r}, expected {cc!r}",
-                              flush=True)
-                except BenchError as e:
-                    print(f"iperf3: FAILED: {e}", flush=True)
+                _iperf3(args, cc, "before", iperf3_runs)
             if not args.skip_redis:
                 try:
                     with peers.RedisServer() as rs:
@@ -436,6 +429,12 @@ def main(argv=None) -> int:
                 except BenchError as e:
                     kv_error = str(e)
                     print(f"kvstored: SKIPPED: {kv_error}", flush=True)
+            if not args.skip_iperf3:
+                _iperf3(args, cc, "after", iperf3_runs)
+            if iperf3_runs:
+                # the ceiling drifts on a shared 2-core VM: measure it on both sides, use the mean
+                iperf3_bps = sum(r["bytes_s"] for r in iperf3_runs) / len(iperf3_runs)
+                meta["iperf3_runs"] = iperf3_runs
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -460,6 +459,22 @@ def main(argv=None) -> int:
             f.write("\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _iperf3(args, cc: str, when: str, runs: list[dict]) -> None:
+    try:
+        ip = peers.iperf3_loopback_detail(args.iperf_seconds)
+    except BenchError as e:
+        print(f"iperf3 ({when}): FAILED: {e}", flush=True)
+        return
+    ip["when"] = when
+    runs.append(ip)
+    print(f"iperf3 loopback ({when}), 1 stream, {ip['seconds']}s: {ip['bytes_s'] / 1e9:.2f} GB/s "
+          f"(sender congestion control {ip['congestion']}, {ip['retransmits']} retransmits)",
+          flush=True)
+    if ip["congestion"] and ip["congestion"] != cc:
+        print(f"WARNING: iperf3 reports congestion control {ip['congestion']!r}, expected {cc!r}",
+              flush=True)
 
 
 def _loop_name(kind: str):

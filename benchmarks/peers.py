@@ -407,14 +407,24 @@ def run_measurement(fn, duration: float, max_ops: int, concurrency: int = 1, *,
 
 def new_event_loop(kind: str = "auto") -> tuple[asyncio.AbstractEventLoop, str]:
     """('auto' | 'uvloop' | 'asyncio') -> (loop, name). The same loop kind serves every system."""
+    loop, name = None, "asyncio"
     if kind in ("auto", "uvloop"):
         try:
             import uvloop  # type: ignore
-            return uvloop.new_event_loop(), "uvloop"
+            loop, name = uvloop.new_event_loop(), "uvloop"
         except ImportError:
             if kind == "uvloop":
                 raise BenchError("uvloop requested but not installed")
-    return asyncio.new_event_loop(), "asyncio"
+    if loop is None:
+        loop = asyncio.new_event_loop()
+
+    def quiet_on_exit(lp, ctx):
+        # SIGTERM/Ctrl-C unwinds through a running measurement; don't report its tasks
+        if not isinstance(ctx.get("exception"), (SystemExit, KeyboardInterrupt)):
+            lp.default_exception_handler(ctx)
+
+    loop.set_exception_handler(quiet_on_exit)
+    return loop, name
 
 
 def error_row(system: str, op: str, size: int, concurrency: int, err: BaseException | str) -> dict:
@@ -673,10 +683,13 @@ def render_markdown(rows: list[dict], iperf3_bytes_s: float | None, meta: dict |
     cc = meta.get("congestion_control", "?")
     md.append(f"### TCP loopback, congestion control `{cc}`")
     md.append("")
-    facts = [
-        ("iperf3, 1 stream", f"{iperf3_bytes_s / 1e9:.2f} GB/s" if iperf3_bytes_s else "n/a"),
-        ("congestion control", cc),
-    ]
+    ip = "n/a"
+    if iperf3_bytes_s:
+        ip = f"{iperf3_bytes_s / 1e9:.2f} GB/s"
+        runs = meta.get("iperf3_runs") or []
+        if len(runs) > 1:
+            ip += " (mean of " + ", ".join(f"{r['when']} {r['bytes_s'] / 1e9:.2f}" for r in runs) + ")"
+    facts = [("iperf3, 1 stream", ip), ("congestion control", cc)]
     for k in ("duration_s", "max_ops", "event_loop", "client_malloc_env", "kvstored_put_mode", "machine", "kernel", "python",
               "redis_server", "redis_py", "hiredis", "kvstored", "date"):
         if k in meta and meta[k] not in (None, ""):

@@ -59,6 +59,18 @@ class ServerInfo:
                    r.checksum_algorithm, r.wire_version)
 
 
+_WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")
+
+
+def data_endpoint(info: ServerInfo, control_address: str) -> tuple[str, int]:
+    """Where to dial the data path: the advertised host, or the control host when the
+    daemon listens on a wildcard address (which is not dialable from elsewhere)."""
+    host = info.data_host
+    if host in _WILDCARD_HOSTS:
+        host = control_address.rpartition(":")[0].strip("[]") or "127.0.0.1"
+    return host, info.data_port
+
+
 def as_bytes_view(value) -> memoryview:
     """A flat byte view of any C-contiguous buffer (bytes, bytearray, numpy, mmap...)."""
     try:
@@ -98,4 +110,4 @@ class Namespaced:
 
 
 __all__ = ["DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "as_bytes_view",
-           "grpc_error", "writable_view"]
+           "data_endpoint", "grpc_error", "writable_view"]

@@ -15,7 +15,7 @@ import grpc
 
 from . import errors
 from ._common import (DEFAULT_NAMESPACE, GRPC_OPTIONS, Namespaced, ServerInfo, as_bytes_view,
-                      grpc_error, writable_view)
+                      data_endpoint, grpc_error, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
@@ -241,7 +241,7 @@ class AsyncClient(Namespaced):
                 await self.info()
             else:
                 info = await self.info(refresh=True)
-                host, port = info.data_host, info.data_port
+                host, port = data_endpoint(info, self.address)
             loop = asyncio.get_running_loop()
             try:
                 _, p = await asyncio.wait_for(

@@ -18,7 +18,7 @@ import grpc
 
 from . import errors
 from ._common import (DEFAULT_NAMESPACE, GRPC_OPTIONS, Namespaced, ServerInfo, as_bytes_view,
-                      grpc_error, writable_view)
+                      data_endpoint, grpc_error, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
@@ -85,7 +85,8 @@ class DataConnection:
         got, want = 0, len(view)
         recv = self.sock.recv_into
         while got < want:
-            n = recv(view[got:])
+            # MSG_WAITALL: one syscall and one wake-up for the whole payload, not one per segment
+            n = recv(view[got:], 0, socket.MSG_WAITALL)
             if n == 0:
                 raise ConnectionResetError("kvstored closed the data connection")
             got += n
@@ -168,7 +169,7 @@ class Client(Namespaced):
             host, _, port = self._data_address.rpartition(":")
         else:
             info = self.info(refresh=True)
-            host, port = info.data_host, info.data_port
+            host, port = data_endpoint(info, self.address)
         conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion)
         with self._lock:
             self._conns.add(conn)
@@ -381,9 +382,9 @@ class Client(Namespaced):
     def health(self, timeout: float | None = None) -> pb.HealthResponse:
         return self._call("Health", pb.HealthRequest(), timeout)
 
-    def list(self, *, namespace: str | None = "", limit: int = 100) -> pb.ListResponse:
-        """A sample of stored objects (namespace "" = all namespaces)."""
-        ns = "" if not namespace else self._nss(namespace)
+    def list(self, *, namespace: str | None = None, limit: int = 100) -> pb.ListResponse:
+        """A sample of stored objects (None = this client's namespace, "" = all namespaces)."""
+        ns = "" if namespace == "" else self._nss(namespace)
         return self._call("List", pb.ListRequest(namespace=ns, limit=limit))
 
     def control_put(self, key, value: bytes, *, namespace: str | None = None, overwrite: bool = False) -> bool:

@@ -280,7 +280,7 @@ class Store:
         self.counters["gets"] += 1
         if e is None:
             self.counters["misses"] += 1
-            raise NotFound("no such key")
+            raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
         self.counters["hits"] += 1
         self.counters["get_bytes"] += e.size
         e.visited = True
@@ -490,3 +490,14 @@ class Store:
     def close(self) -> None:
         self.arena.close()
 
+
+
+def _show(key: bytes) -> str:
+    """A key for messages: text when printable, else hex; truncated."""
+    try:
+        text = key.decode()
+        if text.isprintable():
+            return repr(text[:64])
+    except UnicodeDecodeError:
+        pass
+    return "0x" + key[:32].hex()

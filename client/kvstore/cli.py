@@ -1,0 +1,624 @@
+"""``kvstore-cli``: inspect and poke a kvstored from the shell.
+
+    kvstore-cli -a 127.0.0.1:7070 status
+    kvstore-cli put ./block.bin --key blk0
+    kvstore-cli get blk0 -o - | xxd | head
+    kvstore-cli bench --size 1MiB --count 64 --op both
+
+Every command is a thin wrapper over the blocking :class:`kvstore.Client`, so what
+the CLI sees is what an application sees. Output is aligned text for people, or
+one JSON document on stdout with ``--json`` for scripts.
+
+Exit codes: 0 ok; 1 the store (or a local file) reported an error; 2 usage error;
+3 the daemon is unreachable or did not answer in time. ``exists`` and ``lookup``
+exit 0 whatever they find: their answer is data, not success or failure.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import re
+import secrets
+import sys
+import time
+from typing import Callable, Sequence
+
+from . import __version__, errors
+from .client import Client
+from .wire import key_bytes
+
+PROG = "kvstore-cli"
+DEFAULT_ADDRESS = "127.0.0.1:7070"
+DEFAULT_NAMESPACE = "default"
+
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2  # argparse's own convention
+EXIT_UNAVAILABLE = 3
+EXIT_INTERRUPTED = 130
+
+# Prefix of the keys `bench` writes; a random run id below it keeps concurrent runs
+# (and real data) apart, so the clean-up deletes only what this run wrote.
+BENCH_PREFIX = "kvstore-cli-bench"
+
+
+# ---------------------------------------------------------------- formatting
+
+def human_size(n: float) -> str:
+    """``1536 -> "1.5 KiB"``: binary units, like the daemon's configuration."""
+    if n < 1024:
+        return f"{int(n)} B"
+    for unit in ("KiB", "MiB", "GiB", "TiB", "PiB"):
+        n /= 1024
+        if n < 1024 or unit == "PiB":
+            return f"{n:.1f} {unit}"
+    raise AssertionError("unreachable")
+
+
+def human_duration(seconds: float) -> str:
+    """Short spans (latencies) with a unit that keeps 2-3 significant digits."""
+    if seconds < 1e-3:
+        return f"{seconds * 1e6:.0f} us"  # ASCII "us": stdout may not be UTF-8
+    if seconds < 1:
+        return f"{seconds * 1e3:.2f} ms"
+    return f"{seconds:.2f} s"
+
+
+def human_age(seconds: float) -> str:
+    """Long spans (uptime, object age): the two largest units are enough."""
+    if seconds < 60:
+        return f"{seconds:.1f}s" if seconds < 10 else f"{seconds:.0f}s"
+    s = int(seconds)
+    parts = []
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60), ("s", 1)):
+        if s >= size or parts:
+            parts.append(f"{s // size}{unit}")
+            s %= size
+    return " ".join(parts[:2])
+
+
+_SIZE_RE = re.compile(r"\s*(\d+(?:\.\d*)?|\.\d+)\s*([kmgt]?)(?:i?b)?\s*", re.IGNORECASE)
+_SHIFT = {"": 0, "k": 10, "m": 20, "g": 30, "t": 40}
+
+
+def parse_size(text: str) -> int:
+    """``"64KiB"``, ``"1M"``, ``"4096"`` -> bytes. All units binary (K = KB = KiB),
+    matching kvstored's own size settings so the same strings mean the same sizes."""
+    m = _SIZE_RE.fullmatch(text)
+    if not m:
+        raise argparse.ArgumentTypeError(f"cannot parse {text!r} as a size (e.g. 4096, 64KiB, 1MiB)")
+    n = float(m.group(1)) * (1 << _SHIFT[m.group(2).lower()])
+    if n < 1 or n != int(n):
+        raise argparse.ArgumentTypeError(f"size {text!r} must be a whole number of bytes >= 1")
+    return int(n)
+
+
+def _positive(kind: type) -> Callable[[str], float]:
+    def parse(text: str):
+        try:
+            v = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"invalid {kind.__name__} value: {text!r}") from None
+        if not (v > 0 and math.isfinite(v)):
+            raise argparse.ArgumentTypeError(f"must be a positive number, got {text!r}")
+        return v
+    parse.__name__ = kind.__name__  # argparse names the type in its error messages
+    return parse
+
+
+def _address(text: str) -> str:
+    host, sep, port = text.rpartition(":")
+    if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+    return text
+
+
+def table(header: Sequence[str], rows: Sequence[Sequence], right: Sequence[int] = ()) -> str:
+    """Columns padded to their widest cell; numeric columns (``right``) right-aligned."""
+    cells = [[str(c) for c in header]] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for r in cells:
+        line = "  ".join(c.rjust(w) if i in right else c.ljust(w)
+                         for i, (c, w) in enumerate(zip(r, widths)))
+        lines.append(line.rstrip())
+    return "\n".join(lines)
+
+
+def fields(pairs: Sequence[tuple[str, object]]) -> str:
+    """``label  value`` lines with the values lined up."""
+    w = max(len(k) for k, _ in pairs)
+    return "\n".join(f"{k:<{w}}  {v}" for k, v in pairs)
+
+
+def emit_json(doc) -> None:
+    json.dump(doc, sys.stdout, indent=2, sort_keys=False)
+    sys.stdout.write("\n")
+
+
+# ---------------------------------------------------------------- keys
+
+def parse_key(text: str, hex_mode: bool) -> bytes:
+    """A key from the command line, validated here so a bad one never reaches the daemon."""
+    if hex_mode:
+        try:
+            k = bytes.fromhex(text)
+        except ValueError as e:
+            raise errors.InvalidArgument(f"invalid hex key {text[:80]!r}: {e}") from None
+    else:
+        # surrogateescape: argv bytes that were not UTF-8 come back exactly as typed
+        k = text.encode("utf-8", "surrogateescape")
+    try:
+        return key_bytes(k)
+    except errors.InvalidArgument as e:
+        shown = text if len(text) <= 40 else text[:37] + "..."
+        raise errors.InvalidArgument(f"key {shown!r}: {e.message}") from None
+
+
+def show_key(k: bytes, hex_mode: bool) -> str:
+    """Text when the key is printable UTF-8 (the common case), else ``0x``-prefixed hex."""
+    if hex_mode:
+        return k.hex()
+    try:
+        s = k.decode("utf-8")
+    except UnicodeDecodeError:
+        return "0x" + k.hex()
+    return s if s.isprintable() else "0x" + k.hex()
+
+
+def key_doc(k: bytes) -> dict:
+    """JSON form of a key: the exact bytes as hex, plus text when it decodes."""
+    try:
+        text = k.decode("utf-8")
+    except UnicodeDecodeError:
+        text = None
+    return {"key": text, "key_hex": k.hex()}
+
+
+def _keys(args) -> list[bytes]:
+    return [parse_key(k, args.hex) for k in args.keys]
+
+
+# ---------------------------------------------------------------- commands
+
+def cmd_status(c: Client, args) -> int:
+    info = c.info(refresh=True)
+    h = c.health()
+    doc = {
+        "node_id": info.node_id, "version": info.version,
+        "control_address": args.address, "data_address": f"{info.data_host}:{info.data_port}",
+        "live": h.live, "ready": h.ready, "status": h.status, "uptime_seconds": h.uptime_seconds,
+        "wire_version": info.wire_version, "checksum_algorithm": info.checksum_algorithm,
+        "limits": {"max_value_size": info.max_value_size,
+                   "max_control_value_size": info.max_control_value_size,
+                   "max_key_length": info.max_key_length, "max_batch_keys": info.max_batch_keys},
+    }
+    if args.json:
+        emit_json(doc)
+        return EXIT_OK
+    state = ", ".join(("live" if h.live else "not live", "ready" if h.ready else "not ready"))
+    print(fields([
+        ("node", info.node_id),
+        ("version", info.version),
+        ("control", args.address),
+        ("data", f"{info.data_host}:{info.data_port} (wire v{info.wire_version}, "
+                 f"{info.checksum_algorithm} checksums)"),
+        ("health", f"{h.status} ({state})"),
+        ("uptime", human_age(h.uptime_seconds)),
+        ("max value", f"{human_size(info.max_value_size)} data path, "
+                      f"{human_size(info.max_control_value_size)} control path"),
+        ("max key", f"{info.max_key_length} bytes"),
+        ("max batch", f"{info.max_batch_keys} keys"),
+    ]))
+    return EXIT_OK
+
+
+def _is_bytes_counter(name: str) -> bool:
+    return name.endswith("_bytes") or name in ("dram_capacity", "dram_used", "slab_size")
+
+
+def cmd_stats(c: Client, args) -> int:
+    s = c.stats()
+    tiers = [{"name": t.name, "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
+              "objects": t.objects, "counters": dict(sorted(t.counters.items()))} for t in s.tiers]
+    doc = {"uptime_seconds": s.uptime_seconds, "connections": s.connections,
+           "counters": dict(sorted(s.counters.items())),
+           "namespaces": dict(sorted(s.namespaces.items())), "tiers": tiers}
+    if args.json:
+        emit_json(doc)
+        return EXIT_OK
+    print(fields([("uptime", human_age(s.uptime_seconds)), ("connections", s.connections)]))
+    print()
+    rows = []
+    for t in tiers:
+        tc = t["counters"]
+        pct = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
+        rows.append([t["name"], human_size(t["capacity_bytes"]), human_size(t["used_bytes"]),
+                     f"{pct:.1f}%", t["objects"], tc.get("hits", 0), tc.get("misses", 0),
+                     tc.get("evictions", 0)])
+    print(table(["TIER", "CAPACITY", "USED", "USED%", "OBJECTS", "HITS", "MISSES", "EVICTIONS"],
+                rows, right=range(1, 8)))
+    print()
+    if doc["namespaces"]:
+        print(table(["NAMESPACE", "OBJECTS"], list(doc["namespaces"].items()), right=[1]))
+    else:
+        print("no namespaces (the store is empty)")
+    print()
+    print(table(["COUNTER", "VALUE"],
+                [[k, human_size(v) if _is_bytes_counter(k) else v] for k, v in doc["counters"].items()],
+                right=[1]))
+    return EXIT_OK
+
+
+def cmd_put(c: Client, args, parser: argparse.ArgumentParser) -> int:
+    if args.file == "-":
+        if args.key is None:
+            parser.error("put: --key is required when FILE is - (stdin)")
+        data = sys.stdin.buffer.read()
+        key = parse_key(args.key, args.hex)
+    else:
+        # the default key is the file's name as text, even with --hex: a hex file name is rare
+        key = parse_key(args.key, args.hex) if args.key is not None else parse_key(
+            os.path.basename(args.file), False)
+        with open(args.file, "rb") as f:
+            # refuse before reading: a multi-GiB file should not be slurped just to be rejected
+            size, limit = os.fstat(f.fileno()).st_size, c.info().max_value_size
+            if size > limit:
+                raise errors.InvalidArgument(
+                    f"{args.file} is {human_size(size)} ({size} bytes); the daemon's "
+                    f"max_value_size is {human_size(limit)}")
+            data = f.read()
+    shown = show_key(key, args.hex)
+    t0 = time.perf_counter()
+    try:
+        stored = c.put(key, data, overwrite=args.overwrite)
+    except errors.Conflict as e:
+        raise errors.Conflict(f"{shown!r}: {e.message} (pass --overwrite to replace it)") from None
+    elapsed = time.perf_counter() - t0
+    if args.json:
+        emit_json({**key_doc(key), "namespace": c.namespace, "size": len(data), "stored": stored,
+                   "deduplicated": not stored, "elapsed_seconds": elapsed})
+    elif stored:
+        print(f"stored {shown!r} ({human_size(len(data))}) in namespace {c.namespace!r}, "
+              f"{human_duration(elapsed)}")
+    else:
+        print(f"already stored {shown!r} ({human_size(len(data))}, identical bytes) in namespace "
+              f"{c.namespace!r}, {human_duration(elapsed)}")
+    return EXIT_OK
+
+
+def cmd_get(c: Client, args, parser: argparse.ArgumentParser) -> int:
+    if args.output == "-" and args.json:
+        parser.error("get: --json cannot share stdout with -o - (the object's bytes)")
+    key = parse_key(args.key, args.hex)
+    shown = show_key(key, args.hex)
+    t0 = time.perf_counter()
+    try:
+        data = c.get(key)
+    except errors.NotFound as e:
+        # the daemon's "no such key" does not say which key; the user may have asked for several
+        raise errors.NotFound(f"{e.message}: {shown!r} in namespace {c.namespace!r}") from None
+    elapsed = time.perf_counter() - t0
+    if args.output == "-":
+        sys.stdout.flush()
+        sys.stdout.buffer.write(data)
+        sys.stdout.buffer.flush()
+        return EXIT_OK
+    # written only after the whole object arrived: a failed get never leaves a partial file
+    with open(args.output, "wb") as f:
+        f.write(data)
+    if args.json:
+        emit_json({**key_doc(key), "namespace": c.namespace, "size": len(data), "file": args.output,
+                   "elapsed_seconds": elapsed})
+    else:
+        print(f"wrote {shown!r} ({human_size(len(data))}) to {args.output} in {human_duration(elapsed)}")
+    return EXIT_OK
+
+
+def cmd_exists(c: Client, args) -> int:
+    keys = _keys(args)
+    found = c.exists(keys)
+    if args.json:
+        emit_json({"namespace": c.namespace, "found": sum(found), "total": len(keys),
+                   "results": [{**key_doc(k), "exists": e} for k, e in zip(keys, found)]})
+    else:
+        print(table(["EXISTS", "KEY"], [["yes" if e else "no", show_key(k, args.hex)]
+                                         for k, e in zip(keys, found)]))
+        print(f"{sum(found)}/{len(keys)} exist in namespace {c.namespace!r}")
+    return EXIT_OK
+
+
+def cmd_lookup(c: Client, args) -> int:
+    keys = _keys(args)
+    hit = c.lookup(keys)
+    missing = keys[hit] if hit < len(keys) else None
+    if args.json:
+        emit_json({"namespace": c.namespace, "hit": hit, "total": len(keys),
+                   "first_missing": key_doc(missing) if missing is not None else None})
+    else:
+        tail = f"; first missing: {show_key(missing, args.hex)!r}" if missing is not None else ""
+        print(f"prefix hit {hit}/{len(keys)} in namespace {c.namespace!r}{tail}")
+    return EXIT_OK
+
+
+def _count_cmd(verb: str, call: Callable[[Client, list[bytes], argparse.Namespace], int]):
+    """pin / unpin / rm: a count of the keys affected; keys that are absent are not an error,
+    because the end state the user asked for (not pinned, not stored...) already holds."""
+    def run(c: Client, args) -> int:
+        keys = _keys(args)
+        n = call(c, keys, args)
+        if args.json:
+            doc = {"namespace": c.namespace, verb: n, "total": len(keys)}
+            if verb == "pinned":
+                doc["ttl_seconds"] = args.ttl
+            emit_json(doc)
+        else:
+            extra = f" for {args.ttl:g}s" if verb == "pinned" else ""
+            print(f"{verb} {n}/{len(keys)} keys in namespace {c.namespace!r}{extra}")
+        return EXIT_OK
+    return run
+
+
+cmd_pin = _count_cmd("pinned", lambda c, keys, args: c.pin(keys, ttl=args.ttl))
+cmd_unpin = _count_cmd("unpinned", lambda c, keys, args: c.unpin(keys))
+cmd_rm = _count_cmd("deleted", lambda c, keys, args: c.delete(keys))
+
+
+def cmd_ls(c: Client, args) -> int:
+    # Client.list: "" means every namespace; pass ours explicitly otherwise
+    r = c.list(namespace="" if args.all_namespaces else c.namespace, limit=args.limit)
+    where = "all namespaces" if args.all_namespaces else f"namespace {c.namespace!r}"
+    if args.json:
+        emit_json({"namespace": None if args.all_namespaces else c.namespace, "total": r.total,
+                   "entries": [{"namespace": e.namespace, **key_doc(e.key), "size": e.size,
+                                "checksum": e.checksum, "pinned": e.pinned,
+                                "age_seconds": e.age_seconds} for e in r.entries]})
+        return EXIT_OK
+    if not r.entries:
+        print(f"no objects in {where}")
+        return EXIT_OK
+    header = ["KEY", "SIZE", "PINNED", "AGE"]
+    rows = [[show_key(e.key, args.hex), human_size(e.size), "yes" if e.pinned else "no",
+             human_age(e.age_seconds)] for e in r.entries]
+    right = [1, 3]
+    if args.all_namespaces:
+        header = ["NAMESPACE"] + header
+        rows = [[e.namespace] + row for e, row in zip(r.entries, rows)]
+        right = [2, 4]
+    print(table(header, rows, right=right))
+    # the daemon samples: say so, so nobody mistakes this for a complete listing
+    print(f"{len(r.entries)} shown of {r.total} objects in {where} (a sample, not a snapshot)")
+    return EXIT_OK
+
+
+def _percentile(sorted_values: list[float], p: float) -> float:
+    """Nearest-rank percentile: an observed latency, never an interpolation."""
+    if not sorted_values:
+        return 0.0
+    return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
+
+
+def _timed(op: Callable[[int, bytes], None], keys: list[bytes], duration: float | None) -> list[float]:
+    """Latencies of op over the key set: one pass, or passes until ``duration`` elapses."""
+    lat: list[float] = []
+    clock = time.perf_counter
+    deadline = clock() + duration if duration else None
+    for rnd in range(sys.maxsize):
+        for k in keys:
+            t = clock()
+            op(rnd, k)
+            lat.append(clock() - t)
+            if deadline is not None and clock() >= deadline:
+                return lat
+        if deadline is None:
+            return lat
+    return lat
+
+
+def _phase_doc(lat: list[float], size: int) -> dict:
+    total = sum(lat)
+    s = sorted(lat)
+    return {"ops": len(lat), "bytes": len(lat) * size, "seconds": total,
+            "ops_per_second": len(lat) / total if total else 0.0,
+            "bytes_per_second": len(lat) * size / total if total else 0.0,
+            "p50_seconds": _percentile(s, 50), "p99_seconds": _percentile(s, 99),
+            "max_seconds": s[-1] if s else 0.0}
+
+
+def cmd_bench(c: Client, args) -> int:
+    size, count = args.size, args.count
+    info = c.info(refresh=True)
+    if size > info.max_value_size:
+        raise errors.InvalidArgument(f"--size {human_size(size)} is over the daemon's max_value_size "
+                                     f"{human_size(info.max_value_size)}")
+    if args.op != "put":
+        # reads of objects the same run evicted would fail with NotFound: keep the set well
+        # inside the store (half its capacity leaves room for the daemon's other data)
+        capacity = sum(t.capacity_bytes for t in c.stats().tiers)
+        if capacity and size * count > capacity // 2:
+            raise errors.InvalidArgument(
+                f"{count} x {human_size(size)} = {human_size(size * count)} would not stay resident "
+                f"in the daemon's {human_size(capacity)}; use a smaller --count or --size "
+                "(at most half the capacity) or --op put")
+    prefix = f"{BENCH_PREFIX}/{secrets.token_hex(4)}/"
+    keys = [f"{prefix}{i}".encode() for i in range(count)]
+    # random bytes: a real KV block does not compress or dedup, so neither should the payload
+    payload = bytearray(os.urandom(size))
+    stamp = min(8, size)
+    results: dict[str, dict] = {}
+
+    def put(rnd: int, k: bytes) -> None:
+        # each pass after the first writes new bytes (overwrite), so every put really stores
+        if rnd and k == keys[0]:
+            payload[:stamp] = rnd.to_bytes(8, "little")[:stamp]
+        c.put(k, payload, overwrite=rnd > 0)
+
+    buf = bytearray(size)
+
+    def get(rnd: int, k: bytes) -> None:
+        c.get_into(k, buf)  # into one reused buffer: time the transfer, not the allocator
+
+    deleted = 0
+    try:
+        c.ping()  # connect the data path first, so the first timed op is not a TCP handshake
+        if args.op in ("put", "both"):
+            results["put"] = _phase_doc(_timed(put, keys, args.duration), size)
+        else:
+            c.batch_put([(k, payload) for k in keys])
+        if args.op in ("get", "both"):
+            results["get"] = _phase_doc(_timed(get, keys, args.duration), size)
+    finally:
+        # clean up even after an error or ^C; a clean-up failure must not hide the first error
+        try:
+            for i in range(0, len(keys), max(1, info.max_batch_keys)):
+                deleted += c.delete(keys[i:i + info.max_batch_keys])
+        except errors.KVStoreError as e:
+            print(f"{PROG}: warning: could not delete the bench keys under {prefix!r}: {e.message}",
+                  file=sys.stderr)
+    if args.json:
+        emit_json({"namespace": c.namespace, "size": size, "count": count, "prefix": prefix,
+                   "duration": args.duration, "results": results, "deleted": deleted})
+        return EXIT_OK
+    print(f"bench: {count} x {human_size(size)} objects in namespace {c.namespace!r}, "
+          f"keys under {prefix!r}")
+    rows = [[op, r["ops"], human_size(r["bytes"]), human_duration(r["seconds"]),
+             f"{r['ops_per_second']:.0f}", human_size(r["bytes_per_second"]) + "/s",
+             human_duration(r["p50_seconds"]), human_duration(r["p99_seconds"]),
+             human_duration(r["max_seconds"])] for op, r in results.items()]
+    print(table(["OP", "OPS", "BYTES", "TIME", "OPS/S", "THROUGHPUT", "P50", "P99", "MAX"], rows,
+                right=range(1, 9)))
+    gone = f" (the other {count - deleted} were already evicted)" if deleted < count else ""
+    print(f"deleted {deleted} bench keys{gone}")
+    return EXIT_OK
+
+
+# ---------------------------------------------------------------- parser
+
+def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+    """The global options, on the main parser (with defaults) and again on every
+    subcommand (default SUPPRESS, so they only override when given): both
+    ``kvstore-cli --json stats`` and ``kvstore-cli stats --json`` work."""
+    env = os.environ
+
+    def d(value):
+        return value if defaults else argparse.SUPPRESS
+
+    p.add_argument("-a", "--address", type=_address,
+                   default=d(env.get("KVSTORE_ADDRESS") or DEFAULT_ADDRESS),
+                   help="control (gRPC) address HOST:PORT (env KVSTORE_ADDRESS; default %s)"
+                        % DEFAULT_ADDRESS)
+    p.add_argument("-n", "--namespace", default=d(env.get("KVSTORE_NAMESPACE") or DEFAULT_NAMESPACE),
+                   help="namespace (env KVSTORE_NAMESPACE; default %s)" % DEFAULT_NAMESPACE)
+    p.add_argument("--timeout", type=_positive(float), default=d(10.0), metavar="SECONDS",
+                   help="give up on an unreachable or silent daemon after this long (default 10)")
+    p.add_argument("--data-address", default=d(None), type=_address, metavar="HOST:PORT",
+                   help="data-path address, when the one the daemon advertises is not reachable "
+                        "from here (e.g. it listens on 0.0.0.0)")
+    p.add_argument("--json", action="store_true", default=d(False),
+                   help="print one JSON document on stdout")
+    p.add_argument("--hex", action="store_true", default=d(False),
+                   help="keys are given and shown as hex instead of UTF-8 text")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="Inspect and use a kvstored KV-block store.",
+        epilog="exit codes: 0 ok, 1 error reported by the store, 2 usage, 3 daemon unreachable")
+    _add_global_options(parser, defaults=True)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    common = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common, defaults=False)
+
+    def command(name: str, fn, help: str, needs_parser: bool = False) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p.set_defaults(func=(lambda c, a: fn(c, a, parser)) if needs_parser else fn)
+        return p
+
+    command("status", cmd_status, "node identity, addresses, health, uptime and limits")
+    command("stats", cmd_stats, "counters, per-tier usage and per-namespace object counts")
+
+    p = command("put", cmd_put, "store a file (or stdin) under a key", needs_parser=True)
+    p.add_argument("file", metavar="FILE", help="file to store; - reads stdin (then --key is required)")
+    p.add_argument("--key", "-k", help="key (default: the file's base name)")
+    p.add_argument("--overwrite", action="store_true",
+                   help="replace the object if the key holds different bytes (else: Conflict)")
+
+    p = command("get", cmd_get, "fetch an object into a file (or stdout)", needs_parser=True)
+    p.add_argument("key", metavar="KEY")
+    p.add_argument("-o", "--output", required=True, metavar="FILE",
+                   help="where to write the bytes; - writes them to stdout")
+
+    for name, fn, help in (
+            ("exists", cmd_exists, "which of the keys are stored (exit 0 either way)"),
+            ("lookup", cmd_lookup, "how many leading keys are stored: the prefix hit N/M"),
+            ("pin", cmd_pin, "protect objects from eviction for --ttl seconds"),
+            ("unpin", cmd_unpin, "release pins"),
+            ("rm", cmd_rm, "delete objects (absent keys are not an error)")):
+        p = command(name, fn, help)
+        p.add_argument("keys", nargs="+", metavar="KEY")
+        if name == "pin":
+            p.add_argument("--ttl", type=_positive(float), default=60.0, metavar="SECONDS",
+                           help="pin lease in seconds (default 60; the daemon caps it)")
+
+    p = command("ls", cmd_ls, "a sample of stored objects and the total count")
+    p.add_argument("--limit", type=_positive(int), default=50, metavar="N",
+                   help="at most N entries (default 50; the daemon caps at 10000)")
+    p.add_argument("--all-namespaces", "-A", action="store_true", help="list every namespace")
+
+    p = command("bench", cmd_bench, "throughput and latency of data-path put/get; "
+                                    "deletes its keys afterwards")
+    p.add_argument("--size", type=parse_size, default=1 << 20, metavar="SIZE",
+                   help="object size, e.g. 64KiB, 1MiB (default 1MiB)")
+    p.add_argument("--count", type=_positive(int), default=32, metavar="N",
+                   help="distinct objects (default 32)")
+    p.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
+                   help="repeat passes over the objects for this long per op (default: one pass)")
+    p.add_argument("--op", choices=("put", "get", "both"), default="both")
+    return parser
+
+
+# ---------------------------------------------------------------- entry point
+
+def _one_line(text: str) -> str:
+    return " ".join(str(text).split())  # gRPC details can span lines; the contract is one line
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as e:  # usage error (2) or --help/--version (0): return it, don't exit
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    try:
+        with Client(args.address, namespace=args.namespace, timeout=args.timeout,
+                    data_address=args.data_address) as c:
+            return args.func(c, args)
+    except SystemExit as e:  # parser.error() from inside a command
+        return e.code if isinstance(e.code, int) else EXIT_USAGE
+    except errors.KVStoreError as e:
+        print(f"{PROG}: {e.name}: {_one_line(e.message)}", file=sys.stderr)
+        # Timeout is a subclass of Unavailable: both mean "no daemon to talk to"
+        return EXIT_UNAVAILABLE if isinstance(e, errors.Unavailable) else EXIT_ERROR
+    except BrokenPipeError:
+        # `kvstore-cli get k -o - | head`: the reader left; stay quiet like other tools do,
+        # and point stdout at /dev/null so the interpreter's final flush does not complain
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
+        return EXIT_ERROR
+    except OSError as e:  # local files: put FILE, get -o FILE
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"{PROG}: {type(e).__name__}: {where}{_one_line(e.strerror or e)}", file=sys.stderr)
+        return EXIT_ERROR
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+
+
+if __name__ == "__main__":
+    sys.exit(main())
