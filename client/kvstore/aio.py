@@ -26,12 +26,24 @@ _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 
 
 class _Waiter:
-    __slots__ = ("fut", "dest", "abandoned")
+    __slots__ = ("fut", "dest", "rid", "abandoned")
 
-    def __init__(self, fut: asyncio.Future, dest: memoryview | None):
+    def __init__(self, fut: asyncio.Future, dest: memoryview | None, rid: int):
         self.fut = fut
         self.dest = dest
+        self.rid = rid
         self.abandoned = False  # caller gave up (timeout/cancel): its buffer must not be touched
+
+
+class _Sink:
+    """Receive target for the rest of a payload nobody waits for any more."""
+
+    def __init__(self, left: int):
+        self.scratch = memoryview(bytearray(min(left, 1 << 20)))
+        self.left = left
+
+    def __getitem__(self, s: slice) -> memoryview:
+        return self.scratch[:min(self.left - (s.start or 0), len(self.scratch))]
 
 
 class _DataProtocol(asyncio.BufferedProtocol):
@@ -44,6 +56,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.target: memoryview | None = None
         self.got = self.want = 0
         self.finish = None  # callable run when the current payload is complete
+        self.owner: _Waiter | None = None  # whose buffer ``target`` is, if a caller's
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.can_write = asyncio.Event()
@@ -69,6 +82,9 @@ class _DataProtocol(asyncio.BufferedProtocol):
 
     def get_buffer(self, sizehint):
         if self.target is not None:
+            if self.owner is not None and self.owner.abandoned:
+                # the caller timed out or was cancelled: never write into its buffer again
+                self.target, self.owner = _Sink(self.want), None
             return self.target[self.got:]
         if self.hend > _BUFFER - 65536:
             n = self.hend - self.hstart
@@ -80,7 +96,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
         if self.target is not None:
             self.got += nbytes
             if self.got == self.want:
-                self.target = None
+                self.target = self.owner = None
                 self.finish()
                 self._parse()
         else:
@@ -95,7 +111,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.waiters.clear()
         self.transport.abort()
 
-    def _receive(self, dest: memoryview, n: int, finish) -> None:
+    def _receive(self, dest: memoryview, n: int, finish, owner: "_Waiter | None" = None) -> None:
         take = min(self.hend - self.hstart, n)
         if take:
             dest[:take] = self.hview[self.hstart:self.hstart + take]
@@ -103,7 +119,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
         if take == n:
             finish()
         else:
-            self.target, self.got, self.want, self.finish = dest, take, n, finish
+            self.target, self.got, self.want, self.finish, self.owner = dest, take, n, finish, owner
 
     def _parse(self) -> None:
         while self.target is None and self.hend - self.hstart >= HEADER_SIZE:
@@ -126,7 +142,8 @@ class _DataProtocol(asyncio.BufferedProtocol):
                             f"object of {plen} bytes does not fit the {len(w.dest)}-byte buffer"))
                         w = None
                 buf = dest if dest is not None else memoryview(bytearray(plen))
-                self._receive(buf, plen, lambda w=w, b=buf, c=csum, d=dest is not None: self._got(w, b, c, d))
+                self._receive(buf, plen, lambda w=w, b=buf, c=csum, d=dest is not None: self._got(w, b, c, d),
+                              w if dest is not None else None)
             elif op == OP_PUT:
                 self._resolve(w, aux != 1)  # aux=1: deduplicated
             else:
@@ -285,6 +302,7 @@ class AsyncClient(Namespaced):
                 finally:
                     timer.cancel()
                     for w in waiters:
+                        p.waiters.pop(w.rid, None)  # a late answer is then simply dropped
                         w.abandoned = True
                         if not w.fut.done():
                             w.fut.cancel()
@@ -318,7 +336,7 @@ class AsyncClient(Namespaced):
             bufs, waiters = [], []
             for k, mv, cs in prepared:
                 rid = next(p.rid)
-                w = _Waiter(loop.create_future(), None)
+                w = _Waiter(loop.create_future(), None, rid)
                 p.waiters[rid] = w
                 waiters.append(w)
                 bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), cs, flags))
@@ -350,7 +368,7 @@ class AsyncClient(Namespaced):
             frames, waiters = [], []
             for k, d in zip(keys, dests):
                 rid = next(p.rid)
-                w = _Waiter(loop.create_future(), d)
+                w = _Waiter(loop.create_future(), d, rid)
                 p.waiters[rid] = w
                 waiters.append(w)
                 frames.append(encode_request(OP_GET, rid, ns, k))
@@ -364,7 +382,7 @@ class AsyncClient(Namespaced):
 
         def build(p: _DataProtocol):
             rid = next(p.rid)
-            w = _Waiter(loop.create_future(), None)
+            w = _Waiter(loop.create_future(), None, rid)
             p.waiters[rid] = w
             return [encode_request(OP_PING, rid, b"", b"")], [w]
 

@@ -200,7 +200,7 @@ class Client(Namespaced):
                 if conn is not None:
                     self._drop(conn)
                 raise errors.Timeout(f"no answer from kvstored within {self.timeout}s") from None
-            except errors.ProtocolError:
+            except (errors.ProtocolError, errors.Timeout):
                 if conn is not None:
                     self._drop(conn)
                 raise
@@ -319,7 +319,7 @@ class Client(Namespaced):
             r = conn.read_response()
             i = order.pop(r.rid, None)
             if i is None:
-                if r.status == errors.ProtocolError.code:
+                if r.status:  # connection-level error (id 0): e.g. too many connections
                     raise conn.read_error(r)
                 raise errors.ProtocolError(f"response for unknown request id {r.rid}")
             if r.status:

@@ -1,6 +1,6 @@
 """Chained block keys, the way inference engines name KV-cache blocks.
 
-``key_i = H(key_{i-1} || tokens_i || extra)`` with ``key_{-1} = H(namespace)``, so a
+``key_i = H(key_{i-1} || len_i || tokens_i || extra)`` with ``key_{-1} = H(namespace)``, so a
 block's key names the whole prefix before it: equal keys mean an equal prefix.
 Tokens are hashed as little-endian uint32. Never Python's ``hash()``: it is salted
 per process and keys must agree across hosts.
@@ -36,6 +36,8 @@ def chain(tokens: Sequence[int], block_size: int, *, namespace: str = "default",
     if block_size <= 0:
         raise InvalidArgument(f"block_size must be positive, got {block_size}")
     h = _hasher(algo)
+    if not isinstance(extra, (bytes, bytearray, memoryview)):
+        raise InvalidArgument(f"extra must be bytes, not {type(extra).__name__}")
     extra = bytes(extra)
     prev = h(b"kvstore-chain-v1\0" + namespace.encode())
     out = []
@@ -47,6 +49,8 @@ def chain(tokens: Sequence[int], block_size: int, *, namespace: str = "default",
             packed = struct.pack(f"<{len(block)}I", *block)
         except struct.error as e:
             raise InvalidArgument(f"tokens must be integers in [0, 2**32): {e}") from None
-        prev = h(prev + packed + extra)
+        # prev has a fixed length and the block length is explicit, so the input is
+        # unambiguous: no (block, extra) pair can collide with another
+        prev = h(prev + struct.pack("<I", len(block)) + packed + extra)
         out.append(prev)
     return out
