@@ -8,14 +8,19 @@ very same pages.
 from __future__ import annotations
 
 import bisect
+import ctypes
 import logging
 import mmap
 import os
+import threading
+import time
 
 log = logging.getLogger("kvstored.arena")
 
 SLOT_ALIGN = 4096
 MIN_SLOT = 4096
+MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
+PREFAULT_CHUNK = 64 << 20
 
 
 def size_classes(max_slot: int) -> list[int]:
@@ -82,6 +87,9 @@ class Arena:
         self.classes = [SizeClass(i, s, slab_size) for i, s in enumerate(size_classes(slab_size))]
         self._class_sizes = [c.slot_size for c in self.classes]
         self.used_bytes = 0  # bytes of slots handed out
+        self.prefaulted = 0  # bytes faulted in by prefault_in_background
+        self._prefault_stop = threading.Event()
+        self._prefault_thread: threading.Thread | None = None
 
     # -- classes -----------------------------------------------------------
     def class_for(self, size: int) -> SizeClass:
@@ -136,7 +144,43 @@ class Arena:
     def free_bytes(self) -> int:
         return self.size - self.used_bytes
 
+    # -- prefault -------------------------------------------------------------
+    def prefault_in_background(self) -> None:
+        """Fault every page of the arena in from a helper thread.
+
+        A first write to a memfd page costs a fault plus zeroing: measured 808 us
+        per MiB against 57 us warm on the project's VM, so a fresh daemon would run
+        its first pass of puts 14x slower. MADV_POPULATE_WRITE does it ahead of
+        need; called through ctypes so the GIL is released and the event loop keeps
+        serving meanwhile (populating never changes page contents, so it is safe
+        under concurrent puts).
+        """
+        c = ctypes.c_char.from_buffer(self.mmap)
+        addr = ctypes.addressof(c)
+        del c  # drop the buffer export at once: only the address is needed
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+
+        def run():
+            t = time.monotonic()
+            for off in range(0, self.size, PREFAULT_CHUNK):
+                if self._prefault_stop.is_set():
+                    return
+                n = min(PREFAULT_CHUNK, self.size - off)
+                if libc.madvise(addr + off, n, MADV_POPULATE_WRITE) != 0:
+                    log.info("arena prefault unavailable (%s); pages fault in on first use",
+                             os.strerror(ctypes.get_errno()))
+                    return
+                self.prefaulted += n
+            log.info("arena prefaulted: %d MiB in %.1fs", self.size >> 20, time.monotonic() - t)
+
+        self._prefault_thread = threading.Thread(target=run, name="arena-prefault", daemon=True)
+        self._prefault_thread.start()
+
     def close(self) -> None:
+        self._prefault_stop.set()
+        if self._prefault_thread is not None:
+            self._prefault_thread.join()
         try:
             self.view.release()
             self.mmap.close()

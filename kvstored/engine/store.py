@@ -40,6 +40,7 @@ class StoreLimits:
     put_wait_timeout: float = 2.0
     max_pin_ttl: float = 24 * 3600.0
     hugepages: bool = True
+    prefault: bool = True
 
 
 class Entry:
@@ -154,6 +155,8 @@ class Store:
         self.limits = limits
         self.clock = clock
         self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages)
+        if limits.prefault:
+            self.arena.prefault_in_background()
         self.index: dict[tuple[bytes, bytes], Entry] = {}
         self._sieves = [_Sieve() for _ in self.arena.classes]
         self._by_offset: dict[int, Entry] = {}
@@ -483,6 +486,7 @@ class Store:
             "slabs_total": len(a.slabs),
             "slabs_free": len(a.free_slabs),
             "hugepages": a.hugepages,
+            "dram_prefaulted": a.prefaulted,
             "namespaces": namespaces,
             **self.counters,
         }
