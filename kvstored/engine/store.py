@@ -9,6 +9,13 @@ Invariants kept here (see docs/architecture.md):
     and its slot is only freed once the last reference is released;
   * a second put of the same key and checksum is a no-op; a different checksum
     is a Conflict unless overwrite is asked.
+
+With an NVMe tier, an entry lives in DRAM (``offset >= 0``), on NVMe
+(``nvme`` is a Location) or both. DRAM eviction demotes an entry (writes it
+to NVMe, holding a reference so the slot cannot be reused meanwhile) and only
+then drops the DRAM copy; a get of an NVMe-only entry promotes it back into a
+DRAM slot, verifying its checksum. Deleting or overwriting an entry that has
+an NVMe copy appends a tombstone so a restart does not bring it back.
 """
 from __future__ import annotations
 
@@ -16,12 +23,15 @@ import asyncio
 import logging
 import time
 from dataclasses import dataclass
-from typing import Callable, Iterable
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
 from kvstore.wire import checksum as payload_checksum
 
 from .arena import Arena, SizeClass
+
+if TYPE_CHECKING:
+    from .nvme import Location, NvmeTier
 
 log = logging.getLogger("kvstored.store")
 
@@ -43,11 +53,19 @@ class StoreLimits:
     prefault: bool = True
 
 
+class NotResident(Exception):
+    """The object is stored but not in DRAM: ``await Store.load(entry)`` first."""
+
+    def __init__(self, entry: "Entry"):
+        super().__init__("object is on NVMe")
+        self.entry = entry
+
+
 class Entry:
-    """One committed object. Linked into its size class's SIEVE queue."""
+    """One committed object. While in DRAM, linked into its size class's SIEVE queue."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
-                 "pins", "pin_until", "visited", "newer", "older", "committed_at")
+                 "pins", "pin_until", "visited", "newer", "older", "committed_at", "nvme", "reads")
 
     def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: SizeClass):
         self.ns = ns
@@ -64,6 +82,8 @@ class Entry:
         self.newer: Entry | None = None
         self.older: Entry | None = None
         self.committed_at = time.time()
+        self.nvme: Location | None = None  # the copy on the NVMe tier, if any
+        self.reads = 0
 
     def pinned(self, now: float) -> bool:
         return self.pins > 0 and self.pin_until > now
@@ -147,7 +167,8 @@ class _Sieve:
 
 
 class Store:
-    def __init__(self, limits: StoreLimits, clock: Callable[[], float] = time.monotonic):
+    def __init__(self, limits: StoreLimits, clock: Callable[[], float] = time.monotonic,
+                 nvme: "NvmeTier | None" = None):
         if limits.max_value_size > limits.slab_size:
             raise ValueError("max_value_size must not exceed slab_size")
         if not 0 < limits.low_watermark <= limits.high_watermark <= 1:
@@ -169,6 +190,15 @@ class Store:
              "deletes", "no_space", "pins", "unpins"), 0)
         self.objects_bytes = 0
         self.reserved_bytes = 0
+        self.dram_objects = 0
+        self.demoting_bytes = 0
+        self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
+        self._tasks: set[asyncio.Task] = set()
+        self.nvme = nvme
+        if nvme is not None:
+            nvme.can_reclaim = self._can_reclaim_region
+            nvme.on_reclaim = self._drop_region
+            self._recover()
 
     # ------------------------------------------------------------------ put
     def reserve(self, ns: bytes, key: bytes, size: int, checksum: int,
@@ -239,11 +269,12 @@ class Store:
                 self._free_slot(res.offset)
                 self.counters["conflicts"] += 1
                 raise Conflict("key was committed meanwhile with a different checksum")
-            self._unlink(old)
+            self._unlink(old, tombstone=True)
         e = Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
         self.index[k] = e
         self._by_offset[res.offset] = e
         self._sieves[res.sc.index].push(e)
+        self.dram_objects += 1
         self.objects_bytes += res.size
         self.counters["puts"] += 1
         self.counters["put_bytes"] += res.size
@@ -284,22 +315,92 @@ class Store:
         if e is None:
             self.counters["misses"] += 1
             raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
+        if e.offset < 0:
+            self.counters["gets"] -= 1  # counted again when the loaded entry is acquired
+            raise NotResident(e)
         self.counters["hits"] += 1
         self.counters["get_bytes"] += e.size
         e.visited = True
+        e.reads += 1
         e.refs += 1
         return e
+
+    async def acquire_async(self, ns: bytes, key: bytes) -> Entry:
+        """``acquire``, promoting the object from NVMe into DRAM when needed."""
+        try:
+            return self.acquire(ns, key)
+        except NotResident as nr:
+            await self.load(nr.entry)
+            return self.acquire(ns, key)
+
+    async def load(self, e: Entry) -> None:
+        """Promote an NVMe-only entry into DRAM (verified), or raise NotFound if its copy is bad."""
+        pending = self._loading.get(id(e))
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[id(e)] = fut
+        e.refs += 1  # keeps its region from being reclaimed while we read
+        off = None
+        try:
+            off = await self._alloc_wait(e.sc)
+            loc = e.nvme
+            ok = loc is not None and await self.nvme.read(loc, self.arena.view[off:off + _align(e.size)])
+            if e.state == DEAD or e.nvme is not loc:
+                self._free_slot(off)
+                off = None
+                raise NotFound("object was deleted while being read")
+            if not ok:
+                self._free_slot(off)
+                off = None
+                self.nvme.counters["misses"] += 1
+                self._unlink(e, tombstone=True)
+                raise NotFound("object failed its checksum on NVMe and was dropped")
+            self.nvme.counters["hits"] += 1
+            self.nvme.counters["promotions"] += 1
+            e.offset = off
+            self._by_offset[off] = e
+            self._sieves[e.sc.index].push(e)
+            self.dram_objects += 1
+            off = None
+            fut.set_result(None)
+        except BaseException as exc:
+            if off is not None:
+                self._free_slot(off)
+            fut.set_exception(exc if isinstance(exc, Exception) else NotFound("load cancelled"))
+            fut.exception()  # retrieved here; waiters re-raise their own
+            raise
+        finally:
+            del self._loading[id(e)]
+            self.release(e)
+
+    async def _alloc_wait(self, sc: SizeClass) -> int:
+        deadline = self.clock() + self.limits.put_wait_timeout
+        while True:
+            off = self._alloc(sc)
+            if off is not None:
+                return off
+            left = deadline - self.clock()
+            if left <= 0:
+                self.counters["no_space"] += 1
+                raise NoSpace("no DRAM space to load the object from NVMe")
+            self._space_freed.clear()
+            try:
+                await asyncio.wait_for(self._space_freed.wait(), min(left, 0.05))
+            except asyncio.TimeoutError:
+                pass
 
     def view(self, e: Entry) -> memoryview:
         return self.arena.view[e.offset:e.offset + e.size]
 
     def release(self, e: Entry) -> None:
         e.refs -= 1
-        if e.refs == 0 and e.state == DEAD:
+        if e.refs == 0 and e.state == DEAD and e.offset >= 0:
             self._free_slot(e.offset)
 
-    def get_bytes(self, ns: bytes, key: bytes) -> tuple[bytes, int]:
-        e = self.acquire(ns, key)
+    async def get_bytes(self, ns: bytes, key: bytes) -> tuple[bytes, int]:
+        e = await self.acquire_async(ns, key)
         try:
             return bytes(self.arena.view[e.offset:e.offset + e.size]), e.checksum
         finally:
@@ -358,7 +459,7 @@ class Store:
         for k in keys:
             e = self.index.get((ns, k))
             if e is not None:
-                self._unlink(e)
+                self._unlink(e, tombstone=True)
                 n += 1
         self.counters["deletes"] += n
         return n
@@ -380,12 +481,14 @@ class Store:
             return off
         # class full and no free slab: evict in this class, else free a whole slab elsewhere
         now = self.clock()
-        victim = self._sieves[sc.index].victim(now)
-        if victim is not None:
-            self._evict(victim)
-            off = self.arena.alloc(sc)
-            if off is not None:
-                return off
+        for _ in range(8):  # demotions free their slot later; a drop frees it now
+            victim = self._sieves[sc.index].victim(now)
+            if victim is None:
+                break
+            if self._evict(victim):
+                off = self.arena.alloc(sc)
+                if off is not None:
+                    return off
         if self._reclaim_slab(sc, now):
             return self.arena.alloc(sc)
         return None
@@ -404,6 +507,8 @@ class Store:
                     continue
                 if any(e.refs or e.pinned(now) for e in used):
                     continue
+                if self.nvme is not None and any(e.nvme is None for e in used):
+                    continue  # would lose objects that a demotion could keep
                 for e in used:
                     self._evict(e)
                 return True
@@ -418,7 +523,7 @@ class Store:
         now = self.clock()
         n = 0
         stuck: set[int] = set()
-        while a.used_bytes > target and len(stuck) < len(self._sieves):
+        while a.used_bytes - self.demoting_bytes > target and len(stuck) < len(self._sieves):
             # the class holding the most bytes gives up the next victim
             sc = max((c for c in a.classes if c.index not in stuck),
                      key=lambda c: self._sieves[c.index].count * c.slot_size)
@@ -430,20 +535,163 @@ class Store:
             n += 1
         return n
 
-    def _evict(self, e: Entry) -> None:
+    def _evict(self, e: Entry) -> bool:
+        """Make ``e`` leave DRAM. True if its slot is free now (False: a demotion started)."""
         self.counters["evictions"] += 1
         self.counters["evicted_bytes"] += e.size
+        if self.nvme is None:
+            self._unlink(e)
+            return True
+        if e.nvme is not None:  # a clean copy is on NVMe already
+            self._drop_dram(e)
+            return True
+        if self.nvme.admit(e.size, e.reads):
+            self._start_demotion(e)
+            return False
         self._unlink(e)
+        return True
 
-    def _unlink(self, e: Entry) -> None:
-        """Remove from the index; free the slot now or when the last reader releases."""
-        del self.index[(e.ns, e.key)]
+    def _drop_dram(self, e: Entry) -> None:
         self._sieves[e.sc.index].remove(e)
         self._by_offset.pop(e.offset, None)
+        self.dram_objects -= 1
+        off, e.offset = e.offset, -1
+        self._free_slot(off)
+
+    def _start_demotion(self, e: Entry) -> None:
+        e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
+        self.demoting_bytes += e.size
+        t = asyncio.get_running_loop().create_task(self._demote(e))
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _demote(self, e: Entry) -> None:
+        try:
+            loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
+                                         e.size, e.checksum, e.sc.slot_size, e.committed_at)
+        except OSError as err:
+            loc = None
+            log.warning("demotion failed (%s); object dropped from DRAM instead", err)
+        finally:
+            self.demoting_bytes -= e.size
+        e.refs -= 1
+        if e.state == DEAD:  # deleted or overwritten meanwhile
+            if loc is not None:
+                self.nvme.forget(loc, e.ns, e.key)
+                self._spawn(self._tombstone(e))
+            if e.refs == 0:
+                self._free_slot(e.offset)
+            return
+        if loc is None:
+            if e.refs == 0:
+                self._unlink(e)
+            return
+        e.nvme = loc
+        if e.refs == 0 and e.offset >= 0:
+            self._drop_dram(e)
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    async def _tombstone(self, e: Entry) -> None:
+        try:
+            await self.nvme.append(e.ns, e.key, None, 0, 0, 0, time.time(), tombstone=True)
+        except OSError as err:
+            log.error("could not persist the deletion of an NVMe object (%s); it may reappear "
+                      "after a restart", err)
+
+    def _unlink(self, e: Entry, tombstone: bool = False) -> None:
+        """Remove from the index; free the slot now or when the last reader releases.
+
+        ``tombstone``: the removal is a user's delete/overwrite, so an NVMe copy must
+        not come back at restart.
+        """
+        del self.index[(e.ns, e.key)]
         self.objects_bytes -= e.size
         e.state = DEAD
-        if e.refs == 0:
-            self._free_slot(e.offset)
+        if e.nvme is not None:
+            self.nvme.forget(e.nvme, e.ns, e.key)
+            if tombstone:
+                self._spawn(self._tombstone(e))
+            e.nvme = None
+        if e.offset >= 0:
+            self._sieves[e.sc.index].remove(e)
+            self._by_offset.pop(e.offset, None)
+            self.dram_objects -= 1
+            if e.refs == 0:
+                self._free_slot(e.offset)
+
+    # --------------------------------------------------------------- NVMe tier
+    def _recover(self) -> None:
+        """Index the objects found on NVMe at start (they stay there until read)."""
+        skipped = 0
+        for rec in self.nvme.recovered_objects():
+            if rec.loc.length > self.limits.max_value_size:
+                skipped += 1
+                self.nvme.forget(rec.loc, rec.ns, rec.key)
+                continue
+            e = Entry(rec.ns, rec.key, -1, rec.loc.length, rec.loc.checksum,
+                      self.arena.class_for(rec.loc.length))
+            e.committed_at = rec.committed_at
+            e.nvme = rec.loc
+            self.index[(rec.ns, rec.key)] = e
+            self.objects_bytes += e.size
+        if skipped:
+            log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
+        log.info("NVMe tier: %d objects recovered", len(self.index))
+
+    def _can_reclaim_region(self, region) -> bool:
+        now = self.clock()
+        for k in region.live:
+            e = self.index.get(k)
+            if e is None or e.nvme is None or e.nvme.region != region.index:
+                continue
+            if e.offset < 0 and (e.refs or e.pinned(now)):
+                return False  # pinned objects keep their only copy; reads in flight finish
+        return True
+
+    def _drop_region(self, region) -> None:
+        for k in list(region.live):
+            e = self.index.get(k)
+            if e is None or e.nvme is None or e.nvme.region != region.index:
+                continue
+            e.nvme = None
+            if e.offset < 0:
+                self._unlink(e)
+
+    async def flush_to_nvme(self, timeout: float) -> int:
+        """Demote every DRAM-only object (shutdown); returns how many were written."""
+        if self.nvme is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        todo = [e for e in self.index.values() if e.nvme is None and e.offset >= 0]
+        written = 0
+        for e in todo:
+            if loop.time() >= deadline:
+                log.warning("shutdown flush stopped at its deadline: %d objects stay DRAM-only",
+                            len(todo) - written)
+                break
+            if e.state == DEAD or e.nvme is not None:
+                continue
+            e.refs += 1
+            try:
+                e.nvme = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
+                                                e.size, e.checksum, e.sc.slot_size, e.committed_at)
+                written += 1
+            except OSError as err:
+                log.error("shutdown flush failed: %s", err)
+                break
+            finally:
+                e.refs -= 1
+        return written
+
+    async def drain_tasks(self, timeout: float) -> None:
+        """Let demotions and tombstones in flight finish (bounded)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
 
     def _free_slot(self, offset: int) -> None:
         self.arena.free(offset)
@@ -465,6 +713,17 @@ class Store:
             log.warning("reclaimed an abandoned reservation: ns=%s key=%s size=%d",
                         r.ns.decode(errors="replace"), r.key.hex()[:32], r.size)
         return len(expired)
+
+    def tier_stats(self) -> list[dict]:
+        a = self.arena
+        dram = {"name": "dram", "capacity": a.size, "used": a.used_bytes, "objects": self.dram_objects,
+                "hits": self.counters["hits"], "misses": self.counters["misses"],
+                "evictions": self.counters["evictions"], "evicted_bytes": self.counters["evicted_bytes"],
+                "checksum_failures": self.counters["checksum_failures"]}
+        tiers = [dram]
+        if self.nvme is not None:
+            tiers.append({"name": "nvme", "io_backend": self.nvme.io_backend, **self.nvme.stats()})
+        return tiers
 
     def stats(self) -> dict:
         a = self.arena
@@ -492,8 +751,14 @@ class Store:
         }
 
     def close(self) -> None:
+        if self.nvme is not None:
+            self.nvme.close()
         self.arena.close()
 
+
+
+def _align(n: int, a: int = 4096) -> int:
+    return (n + a - 1) // a * a
 
 
 def _show(key: bytes) -> str:

@@ -184,20 +184,22 @@ class ListRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., limit: _Optional[int] = ...) -> None: ...
 
 class ListEntry(_message.Message):
-    __slots__ = ("namespace", "key", "size", "checksum", "pinned", "age_seconds")
+    __slots__ = ("namespace", "key", "size", "checksum", "pinned", "age_seconds", "tier")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEY_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     PINNED_FIELD_NUMBER: _ClassVar[int]
     AGE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    TIER_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     key: bytes
     size: int
     checksum: int
     pinned: bool
     age_seconds: float
-    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., pinned: _Optional[bool] = ..., age_seconds: _Optional[float] = ...) -> None: ...
+    tier: str
+    def __init__(self, namespace: _Optional[str] = ..., key: _Optional[bytes] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., pinned: _Optional[bool] = ..., age_seconds: _Optional[float] = ..., tier: _Optional[str] = ...) -> None: ...
 
 class ListResponse(_message.Message):
     __slots__ = ("entries", "total")

@@ -1,0 +1,544 @@
+"""The NVMe tier: a file or block device carved into regions written as logs.
+
+Layout (all 4 KiB aligned, O_DIRECT)::
+
+    [superblock 4 KiB][pad to 1 MiB][region 0][region 1]...
+    region = [region header 4 KiB][record][record]...   (appended in order)
+    record = [record header 4 KiB][payload, padded to 4 KiB]
+
+Every block is self-describing and checksummed (xxh3-64): the superblock
+(geometry), each region header (index, generation, size class) and each
+record header (magic, generation, sequence, namespace, key, key digest,
+length, payload checksum, tombstone flag). A region is reclaimed whole (the
+unit of eviction is the unit of allocation): its generation goes up, so
+records left from before no longer match and are ignored.
+
+Durability: a record counts as on NVMe once it and every record before it in
+its region are written (the region's "durable frontier"); only then may the
+DRAM copy go. A restart scans each region's chain of records from the
+start and stops at the first header that does not verify, so a torn write
+from a kill ends the chain there, and nothing after it was ever acknowledged
+as durable. Payloads are verified on every read.
+"""
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import mmap
+import os
+import stat
+import struct
+import time
+import uuid
+from dataclasses import dataclass, field
+
+import xxhash
+
+from .nvmeio import open_backend
+
+log = logging.getLogger("kvstored.nvme")
+
+BLOCK = 4096
+DATA_START = 1 << 20
+MIN_REGION = 16 << 20
+MAX_REGION = 256 << 20
+
+SUPER = struct.Struct("<8sIIQQQ16s")  # magic, version, block, size, region_size, nregions, uuid
+SUPER_MAGIC = b"KVSDNVM1"
+REGION = struct.Struct("<8sIIQQd")  # magic, version, index, generation, slot_size, created
+REGION_MAGIC = b"KVSDRGN1"
+RECORD = struct.Struct("<4sHBBQQQQQd")  # magic, flags, ns_len, key_len, generation, seq, length, checksum, key_digest, committed_at
+RECORD_MAGIC = b"KVSR"
+FLAG_TOMBSTONE = 1
+VERSION = 1
+_CSUM = struct.Struct("<Q")
+
+
+class NvmeError(Exception):
+    """A configuration or device problem found at start (the daemon exits 2)."""
+
+
+def align_up(n: int, a: int = BLOCK) -> int:
+    return (n + a - 1) // a * a
+
+
+def key_digest(ns: bytes, key: bytes) -> int:
+    return xxhash.xxh3_64_intdigest(ns + b"\0" + key)
+
+
+def _sealed(struct_bytes: bytes) -> bytes:
+    return struct_bytes + _CSUM.pack(xxhash.xxh3_64_intdigest(struct_bytes))
+
+
+def _verify(block, size: int) -> bool:
+    return _CSUM.unpack_from(block, size)[0] == xxhash.xxh3_64_intdigest(bytes(block[:size]))
+
+
+@dataclass
+class Location:
+    region: int
+    offset: int  # absolute offset of the record header
+    length: int
+    checksum: int
+    generation: int
+
+
+@dataclass
+class Region:
+    index: int
+    base: int
+    size: int
+    generation: int = 0
+    slot_size: int = 0
+    state: str = "free"  # free | open | full
+    write_ptr: int = 0  # next record offset, relative to base
+    live: set = field(default_factory=set)  # (ns, key) with their newest record here
+    pending: dict = field(default_factory=dict)  # record offset -> completed? (writes in flight)
+    frontier: int = 0  # every record below this relative offset is on disk
+
+    @property
+    def used(self) -> int:
+        return self.write_ptr
+
+
+@dataclass
+class RecoveredRecord:
+    ns: bytes
+    key: bytes
+    loc: Location
+    seq: int
+    tombstone: bool
+    committed_at: float
+
+
+class HeaderPool:
+    """4 KiB aligned header blocks for O_DIRECT writes (anonymous mmap is page aligned)."""
+
+    def __init__(self, count: int):
+        self.mm = mmap.mmap(-1, count * BLOCK)
+        self.view = memoryview(self.mm)
+        self.free = list(range(count))
+
+    def take(self) -> tuple[int, memoryview] | None:
+        if not self.free:
+            return None
+        i = self.free.pop()
+        return i, self.view[i * BLOCK:(i + 1) * BLOCK]
+
+    def give(self, i: int) -> None:
+        self.free.append(i)
+
+
+class NvmeDevice:
+    """Geometry, locking, formatting and the I/O backend of one device or file."""
+
+    def __init__(self, path: str, size: int, region_size: int, io_backend: str = "auto",
+                 queue_depth: int = 32):
+        self.path = path
+        if region_size % BLOCK or not MIN_REGION <= region_size <= MAX_REGION:
+            raise NvmeError(f"nvme.region_size {region_size} must be a multiple of 4 KiB "
+                            f"between {MIN_REGION >> 20} MiB and {MAX_REGION >> 20} MiB")
+        if size % BLOCK:
+            raise NvmeError(f"nvme.size {size} is not a multiple of 4 KiB")
+        if size < DATA_START + region_size:
+            raise NvmeError(f"nvme.size {size} is below one region ({region_size} bytes) plus the "
+                            f"{DATA_START >> 20} MiB header area")
+        self.size = size
+        self.region_size = region_size
+        self.nregions = (size - DATA_START) // region_size
+        self.fd = self._open(path, size)
+        self.uuid = b""
+        try:
+            self.fresh = self._superblock()
+            self._reserve()
+        except BaseException:
+            os.close(self.fd)
+            raise
+        self.io = open_backend(self.fd, io_backend, queue_depth)
+        self.io_backend = self.io.name
+
+    def _open(self, path: str, size: int) -> int:
+        flags = os.O_RDWR | os.O_CLOEXEC
+        exists = os.path.exists(path)
+        if not exists:
+            parent = os.path.dirname(os.path.abspath(path))
+            if not os.path.isdir(parent):
+                raise NvmeError(f"nvme.path {path}: directory {parent} does not exist")
+            flags |= os.O_CREAT
+        try:
+            fd = os.open(path, flags | os.O_DIRECT, 0o600)
+        except OSError as e:
+            if e.errno == errno.EINVAL:  # file system without O_DIRECT (tmpfs): buffered I/O
+                fd = os.open(path, flags, 0o600)
+                log.warning("nvme.path %s does not support O_DIRECT; using buffered I/O", path)
+            else:
+                raise NvmeError(f"nvme.path {path}: cannot open for writing: {e.strerror}") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise NvmeError(f"nvme.path {path} is in use by another kvstored (it holds the lock)") from None
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode):
+            pass  # space is reserved after the superblock check (never touch foreign data)
+        elif stat.S_ISBLK(st.st_mode):
+            dev_size = os.lseek(fd, 0, os.SEEK_END)
+            if dev_size < size:
+                os.close(fd)
+                raise NvmeError(f"nvme.path {path}: device has {dev_size} bytes, nvme.size asks {size}")
+        else:
+            os.close(fd)
+            raise NvmeError(f"nvme.path {path} is neither a regular file nor a block device")
+        return fd
+
+    def _reserve(self) -> None:
+        """Allocate the whole file now: a full disk is an error at start, not mid-write."""
+        st = os.fstat(self.fd)
+        if stat.S_ISREG(st.st_mode) and st.st_size < self.size:
+            try:
+                os.posix_fallocate(self.fd, 0, self.size)
+            except OSError as e:
+                raise NvmeError(f"nvme.path {self.path}: cannot reserve {self.size} bytes: "
+                                f"{e.strerror}") from None
+
+    def _superblock(self) -> bool:
+        """Check or write the superblock; True if the device was formatted now."""
+        buf = mmap.mmap(-1, BLOCK)
+        try:
+            n = os.preadv(self.fd, [memoryview(buf)], 0)
+        except OSError:
+            n = 0
+        head = bytes(buf[:SUPER.size + 8])
+        if n == BLOCK and head[:8] == SUPER_MAGIC:
+            if not _verify(head, SUPER.size):
+                raise NvmeError(f"nvme.path {self.path}: superblock checksum mismatch; refusing to use it")
+            _m, ver, block, size, region_size, nregions, uid = SUPER.unpack_from(head)
+            if ver != VERSION or block != BLOCK:
+                raise NvmeError(f"nvme.path {self.path}: formatted by an incompatible version ({ver})")
+            if region_size != self.region_size:
+                raise NvmeError(f"nvme.path {self.path} was formatted with region_size {region_size}; "
+                                f"nvme.region_size is {self.region_size} (use the old value or a new file)")
+            if size > self.size:
+                raise NvmeError(f"nvme.path {self.path} was formatted with size {size}; nvme.size "
+                                f"{self.size} would cut off regions")
+            st = os.fstat(self.fd)
+            if stat.S_ISREG(st.st_mode) and st.st_size < size:
+                raise NvmeError(f"nvme.path {self.path} shrank to {st.st_size} bytes (formatted for {size})")
+            self.size, self.nregions, self.uuid = size, nregions, uid
+            return False
+        if n == BLOCK and any(buf[:4096]) and head[:8] != SUPER_MAGIC:
+            raise NvmeError(f"nvme.path {self.path} holds data that is not a kvstored tier; "
+                            "refusing to overwrite it (use an empty file or device)")
+        self.uuid = uuid.uuid4().bytes
+        buf[:SUPER.size + 8] = _sealed(SUPER.pack(SUPER_MAGIC, VERSION, BLOCK, self.size,
+                                                  self.region_size, self.nregions, self.uuid))
+        os.pwritev(self.fd, [memoryview(buf)], 0)
+        os.fsync(self.fd)
+        return True
+
+    def region_base(self, i: int) -> int:
+        return DATA_START + i * self.region_size
+
+    # -- recovery -----------------------------------------------------------
+    def scan(self) -> tuple[list[Region], list[RecoveredRecord]]:
+        """Read every region header and its chain of record headers."""
+        regions = [Region(i, self.region_base(i), self.region_size) for i in range(self.nregions)]
+        records: list[RecoveredRecord] = []
+        if self.fresh:
+            return regions, records
+        buf = mmap.mmap(-1, BLOCK)
+        view = memoryview(buf)
+        for r in regions:
+            if not self._read_block(view, r.base):
+                continue
+            if bytes(view[:8]) != REGION_MAGIC or not _verify(view, REGION.size):
+                continue
+            _m, _v, index, gen, slot_size, _created = REGION.unpack_from(view)
+            if index != r.index:
+                continue
+            r.generation, r.slot_size, r.state = gen, slot_size, "full"
+            ptr = BLOCK
+            while ptr + BLOCK <= r.size:
+                if not self._read_block(view, r.base + ptr) or bytes(view[:4]) != RECORD_MAGIC:
+                    break
+                (_m, flags, ns_len, key_len, rgen, seq, length, csum, digest,
+                 committed_at) = RECORD.unpack_from(view)
+                hsize = RECORD.size + ns_len + key_len
+                if rgen != gen or hsize + 8 > BLOCK or not _verify(view, hsize):
+                    break
+                ns = bytes(view[RECORD.size:RECORD.size + ns_len])
+                key = bytes(view[RECORD.size + ns_len:hsize])
+                if key_digest(ns, key) != digest:
+                    break
+                rec_len = BLOCK + (0 if flags & FLAG_TOMBSTONE else align_up(length))
+                if ptr + rec_len > r.size:
+                    break
+                records.append(RecoveredRecord(ns, key, Location(r.index, r.base + ptr, length, csum, gen),
+                                               seq, bool(flags & FLAG_TOMBSTONE), committed_at))
+                ptr += rec_len
+            r.write_ptr = r.frontier = ptr
+        return regions, records
+
+    def _read_block(self, view: memoryview, offset: int) -> bool:
+        try:
+            return os.preadv(self.fd, [view], offset) == BLOCK
+        except OSError:
+            return False
+
+    def close(self) -> None:
+        self.io.close()
+        try:
+            os.fsync(self.fd)
+        except OSError:
+            pass
+        os.close(self.fd)  # also drops the flock
+
+
+def region_header(index: int, generation: int, slot_size: int) -> bytes:
+    return _sealed(REGION.pack(REGION_MAGIC, VERSION, index, generation, slot_size, time.time()))
+
+
+def record_header(ns: bytes, key: bytes, generation: int, seq: int, length: int, checksum: int,
+                  tombstone: bool, committed_at: float) -> bytes:
+    return _sealed(RECORD.pack(RECORD_MAGIC, FLAG_TOMBSTONE if tombstone else 0, len(ns), len(key),
+                               generation, seq, length, checksum, key_digest(ns, key), committed_at)
+                   + ns + key)
+
+
+class _Pending:
+    __slots__ = ("length", "done", "waiter")
+
+    def __init__(self, length: int, waiter):
+        self.length = length
+        self.done = False
+        self.waiter = waiter
+
+
+class NvmeTier:
+    """Region allocation, appends, reads and reclaim over an NvmeDevice.
+
+    The Store owns the index; this class owns regions and I/O. ``can_reclaim``
+    and ``on_reclaim`` are Store callbacks: a region holding a pinned or
+    being-read object is not reclaimed; reclaiming drops the Store's entries
+    whose only copy was there.
+    """
+
+    def __init__(self, device: NvmeDevice, *, admission: str = "all", write_budget_per_hour: int = 0,
+                 queue_depth: int = 32, clock=time.monotonic):
+        if admission not in ("all", "read"):
+            raise NvmeError(f"nvme.admission must be 'all' or 'read', not {admission!r}")
+        self.dev = device
+        self.admission = admission
+        self.budget = write_budget_per_hour
+        self.clock = clock
+        self.regions, self.recovered = device.scan()
+        self.generation = max((r.generation for r in self.regions), default=0) + 1
+        self.seq = max((rec.seq for rec in self.recovered), default=0) + 1
+        self.open: dict[int, Region] = {}
+        self.headers = HeaderPool(max(queue_depth * 4, 64))
+        self.can_reclaim = lambda region: True
+        self.on_reclaim = lambda region: None
+        self._budget_window = (clock(), 0)  # (window start, bytes written in it)
+        self.counters = dict.fromkeys(
+            ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
+             "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
+             "write_errors", "read_errors", "tombstones", "not_admitted"), 0)
+        self.counters["io_backend_fallback"] = int(device.io_backend != "io_uring")
+
+    # -- recovery -------------------------------------------------------------
+    def recovered_objects(self) -> list[RecoveredRecord]:
+        """The newest record of every key that was not deleted afterwards."""
+        newest: dict[tuple[bytes, bytes], RecoveredRecord] = {}
+        for rec in self.recovered:
+            k = (rec.ns, rec.key)
+            old = newest.get(k)
+            if old is None or rec.seq > old.seq:
+                newest[k] = rec
+        self.recovered = []
+        live = [rec for rec in newest.values() if not rec.tombstone]
+        for rec in live:
+            self.regions[rec.loc.region].live.add((rec.ns, rec.key))
+        return live
+
+    # -- admission --------------------------------------------------------------
+    def admit(self, size: int, read_count: int) -> bool:
+        if self.admission == "read" and read_count == 0:
+            self.counters["not_admitted"] += 1
+            return False
+        if self.budget:
+            start, used = self._budget_window
+            now = self.clock()
+            if now - start >= 3600:
+                start, used = now, 0
+            if used + size > self.budget:
+                self._budget_window = (start, used)
+                self.counters["not_admitted"] += 1
+                return False
+            self._budget_window = (start, used + size)
+        return True
+
+    # -- writes ---------------------------------------------------------------
+    def _region_for(self, slot_size: int, rec_len: int) -> Region | None:
+        r = self.open.get(slot_size)
+        if r is not None and r.write_ptr + rec_len <= r.size:
+            return r
+        if r is not None:
+            r.state = "full"
+            del self.open[slot_size]
+        r = self._take_region()
+        if r is None:
+            return None
+        r.generation = self.generation
+        self.generation += 1
+        r.slot_size, r.state, r.write_ptr, r.frontier = slot_size, "open", 0, 0
+        r.pending.clear()
+        self.open[slot_size] = r
+        # the region header is the first "record": the frontier passes it like any other
+        hdr = self.headers.take()
+        block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
+        data = region_header(r.index, r.generation, slot_size)
+        block[:len(data)] = data
+        block[len(data):] = bytes(BLOCK - len(data))
+        self._write(r, [block], BLOCK, hdr[0] if hdr else None, None)
+        return r
+
+    def _take_region(self) -> Region | None:
+        for r in self.regions:
+            if r.state == "free":
+                return r
+        # reclaim whole: the oldest full region that holds nothing pinned or being read
+        for r in sorted((r for r in self.regions if r.state == "full" and not r.pending),
+                        key=lambda r: r.generation):
+            if self.can_reclaim(r):
+                self.on_reclaim(r)
+                self.counters["regions_reclaimed"] += 1
+                self.counters["objects_dropped"] += len(r.live)
+                r.live.clear()
+                r.state = "free"
+                return r
+        return None
+
+    def _write(self, r: Region, bufs: list, rec_len: int, header_index: int | None, fut) -> None:
+        rel = r.write_ptr
+        r.write_ptr += rec_len
+        r.pending[rel] = _Pending(rec_len, fut)
+        asyncio.get_running_loop().create_task(self._do_write(r, rel, bufs, rec_len, header_index))
+
+    async def _do_write(self, r: Region, rel: int, bufs: list, rec_len: int, header_index) -> None:
+        gen = r.generation
+        err = None
+        try:
+            n = await self.dev.io.writev(r.base + rel, bufs)
+            if n != rec_len:
+                err = OSError(errno.EIO, f"short write ({n} of {rec_len} bytes)")
+        except OSError as e:
+            err = e
+        finally:
+            if header_index is not None:
+                self.headers.give(header_index)
+        if r.generation != gen:  # cannot happen (pending regions are not reclaimed); be safe
+            return
+        p = r.pending.get(rel)
+        if err is not None:
+            self.counters["write_errors"] += 1
+            log.error("nvme write failed at offset %d: %s; sealing region %d", r.base + rel, err, r.index)
+            # nothing after a failed record is reachable at restart: seal the region here
+            if self.open.get(r.slot_size) is r:
+                del self.open[r.slot_size]
+            r.state = "full"
+            for q_rel, q in list(r.pending.items()):
+                if q_rel >= rel:
+                    del r.pending[q_rel]
+                    if q.waiter is not None and not q.waiter.done():
+                        q.waiter.set_exception(OSError(errno.EIO, "nvme region write failed"))
+            r.write_ptr = rel
+            return
+        self.counters["bytes_written"] += rec_len
+        p.done = True
+        # advance the durable frontier over every contiguous finished record
+        while True:
+            q = r.pending.get(r.frontier)
+            if q is None or not q.done:
+                break
+            del r.pending[r.frontier]
+            r.frontier += q.length
+            if q.waiter is not None and not q.waiter.done():
+                q.waiter.set_result(None)
+
+    async def append(self, ns: bytes, key: bytes, payload: memoryview | None, length: int,
+                     checksum: int, slot_size: int, committed_at: float,
+                     tombstone: bool = False) -> Location:
+        """Write a record; returns once it and everything before it in its region are on disk.
+
+        ``payload`` is a 4 KiB aligned view of ``align_up(length)`` bytes (an arena slot).
+        """
+        rec_len = BLOCK + (0 if tombstone else align_up(length))
+        r = self._region_for(slot_size if not tombstone else 0, rec_len)
+        if r is None:
+            raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
+        hdr = self.headers.take()
+        block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
+        seq = self.seq
+        self.seq += 1
+        data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at)
+        block[:len(data)] = data
+        block[len(data):] = bytes(BLOCK - len(data))
+        bufs = [block] if tombstone else [block, payload]
+        loc = Location(r.index, r.base + r.write_ptr, length, checksum, r.generation)
+        fut = asyncio.get_running_loop().create_future()
+        self._write(r, bufs, rec_len, hdr[0] if hdr else None, fut)
+        await fut
+        if tombstone:
+            self.counters["tombstones"] += 1
+        else:
+            self.counters["demotions"] += 1
+            self.counters["demoted_bytes"] += length
+            r.live.add((ns, key))
+        return loc
+
+    # -- reads ----------------------------------------------------------------
+    async def read(self, loc: Location, dest: memoryview) -> bool:
+        """Read a record's payload into ``dest`` (aligned, ``align_up(length)`` bytes); verify it."""
+        r = self.regions[loc.region]
+        if r.generation != loc.generation:
+            return False
+        try:
+            n = await self.dev.io.readv(loc.offset + BLOCK, [dest])
+        except OSError as e:
+            self.counters["read_errors"] += 1
+            log.error("nvme read failed at offset %d: %s", loc.offset, e)
+            return False
+        self.counters["bytes_read"] += n
+        if n < loc.length or xxhash.xxh3_64_intdigest(dest[:loc.length]) != loc.checksum:
+            self.counters["checksum_failures"] += 1
+            log.error("nvme record at offset %d failed its checksum (read %d of %d bytes); dropped",
+                      loc.offset, n, loc.length)
+            return False
+        return True
+
+    def forget(self, loc: Location, ns: bytes, key: bytes) -> None:
+        r = self.regions[loc.region]
+        if r.generation == loc.generation:
+            r.live.discard((ns, key))
+
+    # -- stats ----------------------------------------------------------------
+    def stats(self) -> dict:
+        used = sum(r.write_ptr for r in self.regions if r.state != "free")
+        return {
+            "capacity": self.dev.nregions * self.dev.region_size,
+            "used": used,
+            "objects": sum(len(r.live) for r in self.regions),
+            "regions_total": self.dev.nregions,
+            "regions_free": sum(1 for r in self.regions if r.state == "free"),
+            "region_size": self.dev.region_size,
+            **self.counters,
+        }
+
+    @property
+    def io_backend(self) -> str:
+        return self.dev.io_backend
+
+    def close(self) -> None:
+        self.dev.close()
