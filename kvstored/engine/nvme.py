@@ -467,9 +467,16 @@ class NvmeTier:
             if q.waiter is not None and not q.waiter.done():
                 q.waiter.set_result(None)
 
+    def next_seq(self) -> int:
+        """A sequence number: at restart the highest one per key wins, so callers take it
+        at the moment of the event (delete, demotion), not when the write is issued."""
+        seq = self.seq
+        self.seq += 1
+        return seq
+
     async def append(self, ns: bytes, key: bytes, payload: memoryview | None, length: int,
                      checksum: int, slot_size: int, committed_at: float,
-                     tombstone: bool = False) -> Location:
+                     tombstone: bool = False, seq: int | None = None) -> Location:
         """Write a record; returns once it and everything before it in its region are on disk.
 
         ``payload`` is a 4 KiB aligned view of ``align_up(length)`` bytes (an arena slot).
@@ -480,8 +487,8 @@ class NvmeTier:
             raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
         hdr = self.headers.take()
         block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
-        seq = self.seq
-        self.seq += 1
+        if seq is None:
+            seq = self.next_seq()
         data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at)
         block[:len(data)] = data
         block[len(data):] = bytes(BLOCK - len(data))

@@ -561,14 +561,14 @@ class Store:
     def _start_demotion(self, e: Entry) -> None:
         e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
         self.demoting_bytes += e.size
-        t = asyncio.get_running_loop().create_task(self._demote(e))
+        t = asyncio.get_running_loop().create_task(self._demote(e, self.nvme.next_seq()))
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    async def _demote(self, e: Entry) -> None:
+    async def _demote(self, e: Entry, seq: int) -> None:
         try:
             loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
-                                         e.size, e.checksum, e.sc.slot_size, e.committed_at)
+                                         e.size, e.checksum, e.sc.slot_size, e.committed_at, seq=seq)
         except OSError as err:
             loc = None
             log.warning("demotion failed (%s); object dropped from DRAM instead", err)
@@ -576,9 +576,8 @@ class Store:
             self.demoting_bytes -= e.size
         e.refs -= 1
         if e.state == DEAD:  # deleted or overwritten meanwhile
-            if loc is not None:
+            if loc is not None:  # the delete's tombstone has a higher seq already
                 self.nvme.forget(loc, e.ns, e.key)
-                self._spawn(self._tombstone(e))
             if e.refs == 0:
                 self._free_slot(e.offset)
             return
@@ -595,9 +594,9 @@ class Store:
         self._tasks.add(t)
         t.add_done_callback(self._tasks.discard)
 
-    async def _tombstone(self, e: Entry) -> None:
+    async def _tombstone(self, e: Entry, seq: int) -> None:
         try:
-            await self.nvme.append(e.ns, e.key, None, 0, 0, 0, time.time(), tombstone=True)
+            await self.nvme.append(e.ns, e.key, None, 0, 0, 0, time.time(), tombstone=True, seq=seq)
         except OSError as err:
             log.error("could not persist the deletion of an NVMe object (%s); it may reappear "
                       "after a restart", err)
@@ -611,10 +610,11 @@ class Store:
         del self.index[(e.ns, e.key)]
         self.objects_bytes -= e.size
         e.state = DEAD
+        if self.nvme is not None and tombstone and (e.nvme is not None or e.refs):
+            # also when a demotion is in flight (refs): its record must not outlive the delete
+            self._spawn(self._tombstone(e, self.nvme.next_seq()))
         if e.nvme is not None:
             self.nvme.forget(e.nvme, e.ns, e.key)
-            if tombstone:
-                self._spawn(self._tombstone(e))
             e.nvme = None
         if e.offset >= 0:
             self._sieves[e.sc.index].remove(e)
@@ -678,8 +678,12 @@ class Store:
                 continue
             e.refs += 1
             try:
-                e.nvme = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
-                                                e.size, e.checksum, e.sc.slot_size, e.committed_at)
+                loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
+                                             e.size, e.checksum, e.sc.slot_size, e.committed_at)
+                if e.state == DEAD:  # deleted meanwhile: its tombstone came later
+                    self.nvme.forget(loc, e.ns, e.key)
+                else:
+                    e.nvme = loc
                 written += 1
             except OSError as err:
                 log.error("shutdown flush failed: %s", err)

@@ -1,0 +1,199 @@
+"""NVMe tier benchmark: demotion and NVMe-served gets beside fio on the same file system.
+
+    python benchmarks/bench_nvme.py [--dir DIR] [--total 3GiB] [--value 1MiB] [--markdown F] [--json F]
+
+1. fio (ioengine=io_uring, direct=1, bs=1M, iodepth=32) sequential write and
+   read of a file in DIR: the disk's limit for this access pattern.
+2. kvstored with a small DRAM tier (512 MiB) and an NVMe tier file in DIR.
+   Demotion: 8 pipelined writers put ``total`` bytes of ``value``-sized
+   objects; once DRAM is full every put forces a demotion, so the sustained
+   rate is the demotion rate. Figure: NVMe bytes written per second between
+   10 % and 90 % of the demoted bytes (from Stats, sampled every 0.2 s).
+3. NVMe gets: gets of the objects that now live only on NVMe, 32 in flight
+   (queue depth 32 as fio), each promoted into DRAM with its checksum verified
+   by the daemon and again by the client.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+sys.path[:0] = [HERE, REPO, os.path.join(REPO, "client")]
+
+from bench_tcp import KvstoredDaemon  # noqa: E402
+from peers import human_size, machine_facts, parse_size  # noqa: E402
+
+MiB = 1 << 20
+
+
+def fio(path: str, rw: str, size: int, runtime: int = 15) -> dict:
+    if shutil.which("fio") is None:
+        raise SystemExit("fio is not installed (make bench-deps installs it)")
+    cmd = ["fio", "--name=kvstored-peer", f"--filename={path}", f"--size={size}", "--bs=1M",
+           "--iodepth=32", "--ioengine=io_uring", "--direct=1", f"--rw={rw}", "--numjobs=1",
+           f"--runtime={runtime}", "--output-format=json"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=runtime + 120)
+    if out.returncode != 0:
+        raise SystemExit(f"fio failed: {out.stderr.strip()[-500:]}")
+    job = json.loads(out.stdout)["jobs"][0][rw]
+    return {"bytes_s": job["bw_bytes"], "iops": job["iops"], "cmd": " ".join(cmd)}
+
+
+def nvme_counters(client) -> dict:
+    t = next(t for t in client.stats().tiers if t.name == "nvme")
+    return dict(t.counters)
+
+
+def demotion_phase(kvstore, address: str, keys: list[bytes], value: bytes, concurrency: int = 8) -> dict:
+    samples: list[tuple[float, int]] = []
+    stop = threading.Event()
+
+    def sampler():
+        with kvstore.Client(address, namespace="bench", timeout=30) as c:
+            while not stop.is_set():
+                samples.append((time.perf_counter(), nvme_counters(c)["bytes_written"]))
+                time.sleep(0.2)
+
+    async def writers():
+        async with kvstore.AsyncClient(address, namespace="bench", timeout=60) as ac:
+            it = iter(keys)
+
+            async def w():
+                for k in it:
+                    await ac.put(k, value)
+            await asyncio.gather(*(w() for _ in range(concurrency)))
+
+    th = threading.Thread(target=sampler, daemon=True)
+    th.start()
+    t0 = time.perf_counter()
+    asyncio.run(writers())
+    put_s = time.perf_counter() - t0
+    time.sleep(1.0)  # let the last demotions land in the samples
+    stop.set()
+    th.join(10)
+    total = samples[-1][1]
+    lo = next(s for s in samples if s[1] >= 0.1 * total)
+    hi = next(s for s in samples if s[1] >= 0.9 * total)
+    rate = (hi[1] - lo[1]) / (hi[0] - lo[0]) if hi[0] > lo[0] else 0.0
+    return {"demotion_bytes_s": rate, "put_bytes_s": len(keys) * len(value) / put_s,
+            "nvme_bytes_written": total}
+
+
+def get_phase(kvstore, address: str, keys: list[bytes], size: int, concurrency: int = 32) -> dict:
+    async def run():
+        async with kvstore.AsyncClient(address, namespace="bench", timeout=60) as ac:
+            it = iter(keys)
+            lat: list[float] = []
+
+            async def r():
+                buf = bytearray(size)
+                for k in it:
+                    t = time.perf_counter()
+                    n = await ac.get_into(k, buf)
+                    lat.append(time.perf_counter() - t)
+                    assert n == size
+            t0 = time.perf_counter()
+            await asyncio.gather(*(r() for _ in range(concurrency)))
+            return time.perf_counter() - t0, sorted(lat)
+
+    dt, lat = asyncio.run(run())
+    return {"get_bytes_s": len(keys) * size / dt, "p50_us": lat[len(lat) // 2] * 1e6,
+            "p99_us": lat[int(len(lat) * 0.99)] * 1e6, "gets": len(keys)}
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--dir", default=os.path.join(HERE, "out"), help="where the fio and tier files go")
+    ap.add_argument("--total", default="3GiB", help="bytes demoted (default 3GiB)")
+    ap.add_argument("--value", default="1MiB", help="object size (default 1MiB)")
+    ap.add_argument("--markdown")
+    ap.add_argument("--json")
+    args = ap.parse_args(argv)
+    import kvstore
+
+    os.makedirs(args.dir, exist_ok=True)
+    total, size = parse_size(args.total), parse_size(args.value)
+    work = tempfile.mkdtemp(prefix="bench-nvme-", dir=args.dir)
+    try:
+        peer = os.path.join(work, "fio.dat")
+        print("fio write ...", flush=True)
+        fw = fio(peer, "write", min(total, 2 << 30))
+        print("fio read ...", flush=True)
+        fr = fio(peer, "read", min(total, 2 << 30))
+        os.unlink(peer)
+        tier = os.path.join(work, "tier.dat")
+        n = total // size
+        keys = [b"obj-%08d" % i for i in range(n)]
+        value = os.urandom(size)
+        nvme_size = align(int(total * 1.5) + 256 * MiB)
+        extra = ["--nvme-path", tier, "--nvme-size", str(nvme_size), "--nvme-region-size", "64MiB"]
+        print(f"kvstored: demoting {human_size(total)} of {human_size(size)} objects ...", flush=True)
+        with KvstoredDaemon("", dram_size="512MiB", max_value_size=max(size, 4 * MiB),
+                            slab_size=max(size, 4 * MiB), extra_args=extra) as d:
+            dem = demotion_phase(kvstore, d.address, keys, value)
+            with kvstore.Client(d.address, namespace="bench") as c:
+                on_nvme = [e.key for e in c.list(limit=len(keys)).entries if e.tier == "nvme"]
+                before = nvme_counters(c)
+            print(f"kvstored: getting {len(on_nvme)} NVMe-only objects ...", flush=True)
+            got = get_phase(kvstore, d.address, on_nvme, size)
+            with kvstore.Client(d.address, namespace="bench") as c:
+                after = nvme_counters(c)
+                backend = next(t for t in c.stats().tiers if t.name == "nvme")
+        promotions = after["promotions"] - before["promotions"]
+        result = {
+            "fio_write_bytes_s": fw["bytes_s"], "fio_read_bytes_s": fr["bytes_s"],
+            **dem, **got, "promotions": promotions,
+            "checksum_failures": after["checksum_failures"],
+            "io_backend": "threads" if backend.counters.get("io_backend_fallback") else "io_uring",
+            "value": size, "total": total, "fio_cmd_write": fw["cmd"], "fio_cmd_read": fr["cmd"],
+            "machine": machine_facts(),
+        }
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    report = render(result)
+    print(report)
+    if args.markdown:
+        with open(args.markdown, "w") as f:
+            f.write(report + "\n")
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=2)
+    return 0
+
+
+def align(n: int, a: int = 4096) -> int:
+    return (n + a - 1) // a * a
+
+
+def render(r: dict) -> str:
+    gb = lambda x: f"{x / 1e9:.2f}"  # noqa: E731
+    return "\n".join([
+        f"NVMe tier, {human_size(r['value'])} objects, {human_size(r['total'])} demoted, "
+        f"io backend {r['io_backend']}",
+        "",
+        "| what | kvstored GB/s | fio GB/s | ratio | target |",
+        "|---|---:|---:|---:|---:|",
+        f"| demotion (sequential writes of evicted objects) | {gb(r['demotion_bytes_s'])} | "
+        f"{gb(r['fio_write_bytes_s'])} | {r['demotion_bytes_s'] / r['fio_write_bytes_s']:.2f} | 0.70 |",
+        f"| gets served from NVMe (32 in flight) | {gb(r['get_bytes_s'])} | {gb(r['fio_read_bytes_s'])} | "
+        f"{r['get_bytes_s'] / r['fio_read_bytes_s']:.2f} | 0.60 |",
+        "",
+        f"put rate while demoting: {gb(r['put_bytes_s'])} GB/s; NVMe get p50 {r['p50_us']:.0f} us, "
+        f"p99 {r['p99_us']:.0f} us; promotions {r['promotions']} for {r['gets']} gets; "
+        f"checksum failures {r['checksum_failures']}",
+        f"fio: `{r['fio_cmd_write']}` (and --rw=read)",
+    ])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
