@@ -235,11 +235,15 @@ def cmd_stats(c: Client, args) -> int:
     for t in tiers:
         tc = t["counters"]
         pct = 100.0 * t["used_bytes"] / t["capacity_bytes"] if t["capacity_bytes"] else 0.0
+        # demotions/promotions/bytes written exist for lower tiers; "-" where a tier has none
         rows.append([t["name"], human_size(t["capacity_bytes"]), human_size(t["used_bytes"]),
                      f"{pct:.1f}%", t["objects"], tc.get("hits", 0), tc.get("misses", 0),
-                     tc.get("evictions", 0)])
-    print(table(["TIER", "CAPACITY", "USED", "USED%", "OBJECTS", "HITS", "MISSES", "EVICTIONS"],
-                rows, right=range(1, 8)))
+                     tc.get("evictions", tc.get("regions_reclaimed", 0)),
+                     tc.get("demotions", "-"), tc.get("promotions", "-"),
+                     human_size(tc["bytes_written"]) if "bytes_written" in tc else "-",
+                     tc.get("checksum_failures", 0)])
+    print(table(["TIER", "CAPACITY", "USED", "USED%", "OBJECTS", "HITS", "MISSES", "EVICTIONS",
+                 "DEMOTED", "PROMOTED", "WRITTEN", "CSUM_FAIL"], rows, right=range(1, 12)))
     print()
     if doc["namespaces"]:
         print(table(["NAMESPACE", "OBJECTS"], list(doc["namespaces"].items()), right=[1]))
@@ -373,20 +377,20 @@ def cmd_ls(c: Client, args) -> int:
     if args.json:
         emit_json({"namespace": None if args.all_namespaces else c.namespace, "total": r.total,
                    "entries": [{"namespace": e.namespace, **key_doc(e.key), "size": e.size,
-                                "checksum": e.checksum, "pinned": e.pinned,
+                                "checksum": e.checksum, "pinned": e.pinned, "tier": e.tier,
                                 "age_seconds": e.age_seconds} for e in r.entries]})
         return EXIT_OK
     if not r.entries:
         print(f"no objects in {where}")
         return EXIT_OK
-    header = ["KEY", "SIZE", "PINNED", "AGE"]
+    header = ["KEY", "SIZE", "PINNED", "TIER", "AGE"]
     rows = [[show_key(e.key, args.hex), human_size(e.size), "yes" if e.pinned else "no",
-             human_age(e.age_seconds)] for e in r.entries]
-    right = [1, 3]
+             e.tier, human_age(e.age_seconds)] for e in r.entries]
+    right = [1, 4]
     if args.all_namespaces:
         header = ["NAMESPACE"] + header
         rows = [[e.namespace] + row for e, row in zip(r.entries, rows)]
-        right = [2, 4]
+        right = [2, 5]
     print(table(header, rows, right=right))
     # the daemon samples: say so, so nobody mistakes this for a complete listing
     print(f"{len(r.entries)} shown of {r.total} objects in {where} (a sample, not a snapshot)")

@@ -190,7 +190,7 @@ def test_ls_shows_keys_and_total(cli, client, daemon):
     rc, out, _ = cli("ls")
     assert rc == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["KEY", "SIZE", "PINNED", "AGE"]
+    assert lines[0].split() == ["KEY", "SIZE", "PINNED", "TIER", "AGE"]
     for i in range(5):
         assert any(line.startswith(f"key-{i} ") for line in lines)
     assert any(line.startswith("0x00ff62696e ") for line in lines)  # not printable: shown as hex
