@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 ARGS   ?=
 
-.PHONY: run install install-test test bench bench-deps proto clean
+.PHONY: run install install-test test bench bench-nvme bench-deps proto clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -28,16 +28,24 @@ install-test: $(VENV)/.installed-test
 
 ## make test: install what the tests need and run them
 test: install-test
+	@# tests/ops: systemd-analyze verifies the unit file, curl scrapes /metrics (skipped if absent)
+	@command -v systemd-analyze >/dev/null && command -v curl >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd curl >/dev/null) || \
+	  echo "make test: could not install systemd/curl; their checks will be skipped"
 	$(PY) -m pytest $(ARGS)
 
 bench-deps: install
 	$(PIP) install -e '.[server,bench]'
-	command -v redis-server >/dev/null && command -v iperf3 >/dev/null || \
-	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iperf3 >/dev/null)
+	command -v redis-server >/dev/null && command -v iperf3 >/dev/null && command -v fio >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq redis-server iperf3 fio >/dev/null)
 
 ## make bench: TCP put/get beside iperf3 and Redis (writes benchmarks/out/)
 bench: bench-deps
 	$(PY) benchmarks/bench_tcp.py $(ARGS)
+
+## make bench-nvme: NVMe tier demotion and gets beside fio (files under benchmarks/out/)
+bench-nvme: bench-deps
+	$(PY) benchmarks/bench_nvme.py $(ARGS)
 
 ## make proto: regenerate client/kvstore/v1 from proto/
 proto: install

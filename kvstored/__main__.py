@@ -1,7 +1,6 @@
 """``kvstored`` / ``python -m kvstored``: the daemon's entry point."""
 from __future__ import annotations
 
-import logging
 import sys
 
 
@@ -15,14 +14,19 @@ def main(argv: list[str] | None = None) -> int:
     if args.print_config:
         sys.stdout.write(config.to_toml())
         return 0
-    logging.basicConfig(
-        level=config.log_level.upper(), stream=sys.stderr,
-        format="%(asctime)s level=%(levelname)s logger=%(name)s msg=\"%(message)s\"")
+    from kvstored import logs
+    logs.setup(config.log_level, config.log_format)  # key=value or JSON lines on stderr
     import uvloop
 
+    from kvstored.engine.nvme import NvmeError
     from kvstored.node import serve
     try:
-        return uvloop.run(serve(config, args.ready_file))
+        from kvstored.config import flag_overrides
+        from kvstored.node import ConfigSource
+        source = ConfigSource(args.config, flag_overrides(args))  # re-read on SIGHUP
+        return uvloop.run(serve(config, args.ready_file, source=source))
+    except NvmeError as e:  # device problems found at start: one clear line, exit 2
+        fail(str(e))
     except OSError as e:  # e.g. port in use: one clear line, not a traceback
         fail(f"cannot start: {e}")
 

@@ -32,6 +32,7 @@ GiB = 1 << 30
 TiB = 1 << 40
 
 LOG_LEVELS = ("debug", "info", "warning", "error")
+LOG_FORMATS = ("kv", "json")  # key=value (logfmt) or one JSON object per line
 SLAB_ALIGN = 4096  # the arena's slot alignment; slabs must be cut into whole pages
 
 # Auto-sized arena: a quarter of available memory, within these bounds.
@@ -126,6 +127,9 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "max_inflight_bytes", "max_inflight_bytes", "size"),
     Setting("server", "max_batch_keys", "max_batch_keys", "int"),
     Setting("server", "max_control_value_size", "max_control_value_size", "size"),
+    Setting("server", "drain_timeout", "drain_timeout", "float"),
+    Setting("server", "max_connections_per_client", "max_connections_per_client", "int"),
+    Setting("server", "max_pipelined_requests", "max_pipelined_requests", "int"),
     Setting("dram", "size", "dram_size", "auto_size"),
     Setting("dram", "slab_size", "slab_size", "size"),
     Setting("dram", "max_value_size", "max_value_size", "size"),
@@ -133,10 +137,28 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("dram", "low_watermark", "low_watermark", "float"),
     Setting("dram", "hugepages", "hugepages", "bool"),
     Setting("dram", "prefault", "prefault", "bool"),
+    Setting("nvme", "path", "nvme_path", "str"),
+    Setting("nvme", "size", "nvme_size", "size"),
+    Setting("nvme", "region_size", "nvme_region_size", "size"),
+    Setting("nvme", "admission", "nvme_admission", "str"),
+    Setting("nvme", "write_budget_per_hour", "nvme_write_budget_per_hour", "size"),
+    Setting("nvme", "io_backend", "nvme_io_backend", "str"),
+    Setting("nvme", "queue_depth", "nvme_queue_depth", "int"),
+    Setting("nvme", "flush_on_shutdown", "nvme_flush_on_shutdown", "bool"),
     Setting("engine", "reservation_timeout", "reservation_timeout", "float"),
     Setting("engine", "put_wait_timeout", "put_wait_timeout", "float"),
     Setting("engine", "max_pin_ttl", "max_pin_ttl", "float"),
     Setting("log", "level", "log_level", "log_level"),
+    Setting("log", "format", "log_format", "str"),
+    Setting("metrics", "enabled", "metrics_enabled", "bool"),
+    Setting("metrics", "host", "metrics_host", "str"),
+    Setting("metrics", "port", "metrics_port", "int"),
+    Setting("tls", "cert_file", "tls_cert_file", "str"),
+    Setting("tls", "key_file", "tls_key_file", "str"),
+    Setting("tls", "client_ca_file", "tls_client_ca_file", "str"),
+    Setting("tls", "min_version", "tls_min_version", "str"),
+    Setting("auth", "enabled", "auth_enabled", "bool"),
+    Setting("auth", "tokens_file", "auth_tokens_file", "str"),
     Setting("node", "id", "node_id", "str"),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
@@ -233,6 +255,9 @@ class Config:
     max_inflight_bytes: int = 256 * MiB  # per connection
     max_batch_keys: int = 65536
     max_control_value_size: int = 4 * MiB
+    drain_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests before closing
+    max_connections_per_client: int = 256  # data connections from one peer IP address
+    max_pipelined_requests: int = 1024  # unanswered requests per data connection before it stops reading
     # [dram]
     dram_size: int | None = None  # None = auto (see auto_dram_size); concrete after validate()
     slab_size: int = 64 * MiB
@@ -240,6 +265,15 @@ class Config:
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     hugepages: bool = True
+    # NVMe tier (off while nvme_path is empty)
+    nvme_path: str = ""
+    nvme_size: int = 0
+    nvme_region_size: int = 128 * MiB  # must hold the largest object plus 8 KiB
+    nvme_admission: str = "all"  # all | read (only objects read at least once)
+    nvme_write_budget_per_hour: int = 0  # bytes demoted per hour; 0 = unlimited
+    nvme_io_backend: str = "auto"  # auto | io_uring | threads
+    nvme_queue_depth: int = 32
+    nvme_flush_on_shutdown: bool = True  # SIGTERM writes DRAM-only objects to NVMe
     prefault: bool = True  # fault the arena in at start (background) so first puts are not 14x slower
     # [engine] (seconds)
     reservation_timeout: float = 30.0
@@ -247,6 +281,19 @@ class Config:
     max_pin_ttl: float = 86400.0
     # [log]
     log_level: str = "info"
+    log_format: str = "kv"  # kv (key=value) | json
+    # [metrics] Prometheus endpoint (/metrics, /healthz, /readyz)
+    metrics_enabled: bool = True
+    metrics_host: str = "127.0.0.1"
+    metrics_port: int = 9090  # 0 = any free port
+    # [tls] both planes; empty cert_file = plaintext. client_ca_file set = mutual TLS required
+    tls_cert_file: str = ""
+    tls_key_file: str = ""
+    tls_client_ca_file: str = ""
+    tls_min_version: str = "1.2"  # 1.2 | 1.3 (data path; gRPC accepts 1.2 and 1.3)
+    # [auth] per-namespace tokens (see kvstored/auth.py for the file format)
+    auth_enabled: bool = False
+    auth_tokens_file: str = ""
     # [node]
     node_id: str = ""  # empty = "<hostname>:<control_port>", filled by validate()
 
@@ -273,7 +320,8 @@ class Config:
                                   f"available on this host (available: {', '.join(known)})")
 
         for f in ("max_connections", "max_inflight_bytes", "max_batch_keys",
-                  "max_control_value_size", "slab_size", "max_value_size"):
+                  "max_control_value_size", "slab_size", "max_value_size",
+                  "max_connections_per_client", "max_pipelined_requests"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"{_BY_FIELD[f].name}: must be positive, got {getattr(self, f)}")
         if self.slab_size % SLAB_ALIGN:
@@ -292,11 +340,13 @@ class Config:
             raise ConfigError(f"dram.size ({format_size(self.dram_size)}) must hold at least "
                               f"one slab (dram.slab_size = {format_size(self.slab_size)})")
 
+        self._validate_nvme()
+        self._validate_security()
         low, high = self.low_watermark, self.high_watermark
         if not 0 < low <= high <= 1:  # also false for NaN
             raise ConfigError(f"dram.low_watermark ({low}) and dram.high_watermark ({high}) "
                               "must satisfy 0 < low_watermark <= high_watermark <= 1")
-        for f in ("reservation_timeout", "put_wait_timeout", "max_pin_ttl"):
+        for f in ("reservation_timeout", "put_wait_timeout", "max_pin_ttl", "drain_timeout"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{_BY_FIELD[f].name}: must be a positive number of "
@@ -304,9 +354,83 @@ class Config:
         if self.log_level not in LOG_LEVELS:
             raise ConfigError(f"log.level: {self.log_level!r} is not one of "
                               f"{', '.join(LOG_LEVELS)}")
+        self.log_format = self.log_format.lower()
+        if self.log_format not in LOG_FORMATS:
+            raise ConfigError(f"log.format: {self.log_format!r} is not one of "
+                              f"{', '.join(LOG_FORMATS)}")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics.port: {self.metrics_port} is out of range "
+                              "(allowed 0..65535; 0 picks a free port)")
+        if self.metrics_enabled and not self.metrics_host.strip():
+            raise ConfigError("metrics.host: must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
+        if self.metrics_enabled and self.metrics_port and self.metrics_port in (
+                self.control_port, self.data_port):
+            raise ConfigError(f"metrics.port: {self.metrics_port} is also the control or data "
+                              "port; pick another (or 0 for any free port)")
         if not self.node_id:
             self.node_id = f"{socket.gethostname()}:{self.control_port}"
         return self
+
+    def _validate_security(self) -> None:
+        """[tls] and [auth]: files exist and parse, so a bad one fails at start (exit 2)."""
+        if self.tls_min_version not in ("1.2", "1.3"):
+            raise ConfigError(f"tls.min_version: {self.tls_min_version!r} is not '1.2' or '1.3'")
+        if bool(self.tls_cert_file) != bool(self.tls_key_file):
+            raise ConfigError("tls.cert_file and tls.key_file: set both (TLS on) or neither")
+        if self.tls_client_ca_file and not self.tls_cert_file:
+            raise ConfigError("tls.client_ca_file: mutual TLS needs tls.cert_file and tls.key_file too")
+        if self.tls_cert_file:
+            for f in ("tls_cert_file", "tls_key_file", "tls_client_ca_file"):
+                path = getattr(self, f)
+                if path and not os.access(path, os.R_OK):
+                    raise ConfigError(f"{_BY_FIELD[f].name}: cannot read {path!r}")
+            import ssl
+
+            from kvstored.tls import ServerTLS  # lazy: keep config importable alone
+            try:
+                ServerTLS(self.tls_cert_file, self.tls_key_file, self.tls_client_ca_file,
+                          self.tls_min_version)
+            except (OSError, ssl.SSLError, ValueError) as e:
+                raise ConfigError(f"tls: cannot load certificate {self.tls_cert_file!r}, key "
+                                  f"{self.tls_key_file!r} or CA {self.tls_client_ca_file!r}: {e}") from None
+        if self.auth_enabled:
+            if not self.auth_tokens_file:
+                raise ConfigError("auth.tokens_file: set it when auth.enabled = true")
+            from kvstored.auth import TokensError, load_tokens  # lazy
+            try:
+                load_tokens(self.auth_tokens_file, warn=False)
+            except TokensError as e:
+                raise ConfigError(f"auth.tokens_file: {e}") from None
+
+    def _validate_nvme(self) -> None:
+        if not self.nvme_path:
+            return
+        if self.nvme_size <= 0:
+            raise ConfigError("nvme.size: set a size for the NVMe tier (e.g. 64GiB) when nvme.path is set")
+        if self.nvme_size % 4096:
+            raise ConfigError(f"nvme.size: {self.nvme_size} is not a multiple of 4096 (O_DIRECT alignment)")
+        if self.nvme_region_size % 4096 or not 16 * MiB <= self.nvme_region_size <= 256 * MiB:
+            raise ConfigError(f"nvme.region_size: {format_size(self.nvme_region_size)} must be a "
+                              "multiple of 4KiB between 16MiB and 256MiB")
+        if self.nvme_size < self.nvme_region_size + MiB:
+            raise ConfigError(f"nvme.size ({format_size(self.nvme_size)}) is below one region "
+                              f"({format_size(self.nvme_region_size)}) plus the 1MiB header area")
+        if self.nvme_region_size < self.max_value_size + 8 * KiB:
+            raise ConfigError(f"nvme.region_size ({format_size(self.nvme_region_size)}) must hold "
+                              f"the largest object (dram.max_value_size = {format_size(self.max_value_size)}) "
+                              "plus 8KiB of headers")
+        if self.nvme_admission not in ("all", "read"):
+            raise ConfigError(f"nvme.admission: {self.nvme_admission!r} is not 'all' or 'read'")
+        if self.nvme_io_backend not in ("auto", "io_uring", "threads"):
+            raise ConfigError(f"nvme.io_backend: {self.nvme_io_backend!r} is not auto, io_uring or threads")
+        if not 1 <= self.nvme_queue_depth <= 4096:
+            raise ConfigError(f"nvme.queue_depth: {self.nvme_queue_depth} is outside 1..4096")
+        parent = os.path.dirname(os.path.abspath(self.nvme_path))
+        target = self.nvme_path if os.path.exists(self.nvme_path) else parent
+        if not os.path.exists(target):
+            raise ConfigError(f"nvme.path: directory {parent} does not exist")
+        if not os.access(target, os.W_OK):
+            raise ConfigError(f"nvme.path: {target} is not writable by this user")
 
     def to_toml(self) -> str:
         """The config as TOML, in the file layout; ``load_config`` reads it back equal."""
@@ -417,7 +541,9 @@ def load_config(path: str | os.PathLike | None = None,
 _FLAG_FIELDS = {"host": "host", "port": "control_port", "data_port": "data_port",
                 "dram_size": "dram_size", "slab_size": "slab_size",
                 "max_value_size": "max_value_size", "tcp_congestion": "tcp_congestion",
-                "log_level": "log_level"}
+                "log_level": "log_level", "nvme_path": "nvme_path", "nvme_size": "nvme_size",
+                "nvme_region_size": "nvme_region_size"}
+_FLAG_FIELDS.update({"log_format": "log_format", "metrics_port": "metrics_port"})
 
 
 def _size_arg(text: str) -> int:
@@ -447,8 +573,16 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="largest value accepted (default 64MiB; <= slab size)")
     p.add_argument("--tcp-congestion", metavar="NAME",
                    help="TCP congestion control for data connections, e.g. cubic or bbr")
+    p.add_argument("--nvme-path", metavar="PATH", help="file or block device of the NVMe tier")
+    p.add_argument("--nvme-size", metavar="SIZE", type=_size_arg, help="size of the NVMe tier")
+    p.add_argument("--nvme-region-size", metavar="SIZE", type=_size_arg,
+                   help="NVMe region size, 16MiB-256MiB (default 64MiB)")
     p.add_argument("--log-level", metavar="L", type=str.lower, choices=LOG_LEVELS,
                    help=f"one of {', '.join(LOG_LEVELS)} (default info)")
+    p.add_argument("--log-format", metavar="F", type=str.lower, choices=LOG_FORMATS,
+                   help="kv (key=value, default) or json")
+    p.add_argument("--metrics-port", metavar="P", type=int,
+                   help="Prometheus /metrics port (default 9090; 0 = any free)")
     p.add_argument("--ready-file", metavar="PATH",
                    help="file written once the daemon is listening (for supervisors and tests)")
     p.add_argument("--print-config", action="store_true",
@@ -464,8 +598,18 @@ def config_from_args(argv: list[str] | None = None) -> tuple[Config, argparse.Na
     caller to pass to :func:`fail`.
     """
     args = build_arg_parser().parse_args(argv)
-    overrides = {field: getattr(args, dest) for dest, field in _FLAG_FIELDS.items()}
-    return load_config(args.config, overrides), args
+    return load_config(args.config, flag_overrides(args)), args
+
+
+def flag_overrides(args: argparse.Namespace) -> dict[str, Any]:
+    """``{field: value}`` of the flags given (None for those not given), for load_config."""
+    return {field: getattr(args, dest, None) for dest, field in _FLAG_FIELDS.items()}
+
+
+def explicit_fields(path: str | os.PathLike | None, overrides: dict[str, Any] | None) -> set[str]:
+    """Fields the file or the flags set (the rest are defaults or auto-sized)."""
+    fields = set(_file_values(_read_toml(path))) if path else set()
+    return fields | {f for f, v in (overrides or {}).items() if v is not None}
 
 
 def fail(msg: str) -> NoReturn:
@@ -475,4 +619,4 @@ def fail(msg: str) -> NoReturn:
 
 
 __all__ = ["Config", "ConfigError", "SETTINGS", "build_arg_parser", "config_from_args",
-           "fail", "format_size", "load_config", "parse_size"]
+           "explicit_fields", "fail", "flag_overrides", "format_size", "load_config", "parse_size"]

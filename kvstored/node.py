@@ -7,34 +7,157 @@ import logging
 import os
 import signal
 import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
 
 import grpc
 
 from kvstore.errors import KVStoreError
-from kvstored.config import Config
+from kvstored import logs, sdnotify
+from kvstored.auth import Auth, TokensError
+from kvstored.config import SETTINGS, Config, ConfigError, explicit_fields, load_config
 from kvstored.control.service import add_to_server
 from kvstored.dataplane.tcp import DataServer
 from kvstored.engine import Store
+from kvstored.metrics import Metrics
+from kvstored.tls import ServerTLS
 
 log = logging.getLogger("kvstored")
 
 MAINTENANCE_INTERVAL = 0.5  # seconds between reaping abandoned reservations
+SHUTDOWN_FLUSH_TIMEOUT = 60.0  # seconds SIGTERM may spend writing DRAM-only objects to NVMe
+
+
+def _open_nvme(config: Config):
+    """The NVMe tier the config asks for, or None. Raises NvmeError (exit 2) on a bad device."""
+    if not config.nvme_path:
+        return None
+    from kvstored.engine.nvme import NvmeDevice, NvmeTier
+
+    dev = NvmeDevice(config.nvme_path, config.nvme_size, config.nvme_region_size,
+                     config.nvme_io_backend, config.nvme_queue_depth)
+    try:
+        return NvmeTier(dev, admission=config.nvme_admission,
+                        write_budget_per_hour=config.nvme_write_budget_per_hour,
+                        queue_depth=config.nvme_queue_depth)
+    except BaseException:
+        dev.close()
+        raise
+
+
+@dataclass
+class ConfigSource:
+    """Where the running config came from, so SIGHUP can read it again (file < flags)."""
+
+    path: str | None = None
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Config:
+        return load_config(self.path, self.overrides)
+
+    def explicit(self) -> set[str]:
+        return explicit_fields(self.path, self.overrides)
+
+
+def _set_store_limit(name: str) -> Callable[["Node", Any], None]:
+    return lambda node, v: setattr(node.store.limits, name, v)
+
+
+def _set_inflight(node: "Node", v: int) -> None:
+    from kvstored.dataplane.tcp import TLS_MAX_INFLIGHT
+
+    node.data_server.max_inflight_bytes = v
+    burst = min(v, TLS_MAX_INFLIGHT) if node.data_server.tls is not None else v
+    for c in list(node.data_server.connections):  # existing connections too
+        if c.transport is not None and not c.closed:
+            c.burst = burst
+            c.transport.set_write_buffer_limits(high=burst, low=burst // 2)
+
+
+def _set_pipelined(node: "Node", v: int) -> None:
+    node.data_server.max_pipelined = v
+    for c in list(node.data_server.connections):
+        c.max_pipelined = v
+
+
+def _set_tokens_file(node: "Node", v: str) -> None:
+    if node.auth is not None:  # turning auth on or off needs a restart
+        node.auth.path = v  # read by reload_security(), which runs after the settings
+
+
+def _set_tls_file(attr: str) -> Callable[["Node", Any], None]:
+    def apply(node: "Node", v: str) -> None:
+        if node.tls is not None and v:  # turning TLS on or off needs a restart
+            setattr(node.tls, attr, v)
+    return apply
+
+
+def _read_live(node: "Node", v: Any) -> None:
+    """For settings the servers read from node.config on every use: setting it is enough."""
+
+
+# Settings SIGHUP applies to the running daemon: config field -> how to apply it (the new
+# value is also stored on node.config). Everything else is reported as "needs a restart".
+# Add a row here to make another setting live.
+RELOADABLE: dict[str, Callable[["Node", Any], None]] = {
+    "log_level": lambda node, v: logs.set_level(v),
+    "log_format": lambda node, v: logs.set_format(v),
+    "max_connections": lambda node, v: setattr(node.data_server, "max_connections", v),
+    "max_inflight_bytes": _set_inflight,
+    "max_connections_per_client": lambda node, v: setattr(node.data_server, "max_per_client", v),
+    "max_pipelined_requests": _set_pipelined,
+    "auth_tokens_file": _set_tokens_file,
+    "tls_cert_file": _set_tls_file("cert_file"),
+    "tls_key_file": _set_tls_file("key_file"),
+    "tls_client_ca_file": _set_tls_file("client_ca_file"),
+    "max_batch_keys": _read_live,
+    "drain_timeout": _read_live,
+    "put_wait_timeout": _set_store_limit("put_wait_timeout"),
+    "reservation_timeout": _set_store_limit("reservation_timeout"),  # new reservations
+    "max_pin_ttl": _set_store_limit("max_pin_ttl"),
+    "high_watermark": _set_store_limit("high_watermark"),
+    "low_watermark": _set_store_limit("low_watermark"),
+}
+# Fields whose value is derived when not set (auto-sized arena, "<host>:<port>" id): a
+# difference is only real when the file or a flag names them.
+_DERIVED = ("dram_size", "node_id")
+_SETTING_NAME = {s.field: s.name for s in SETTINGS}
+
+
+def _shown(field: str, value: Any) -> str:
+    name = _SETTING_NAME.get(field, field)
+    return f"{name}={logs.REDACTED if logs.is_sensitive(name) else value}"
 
 
 class Node:
     def __init__(self, config: Config):
         self.config = config
-        self.store = Store(config.engine_limits())
+        self.store = Store(config.engine_limits(), nvme=_open_nvme(config))
         self.node_id = config.node_id
+        # security: None = plaintext / no tokens (config.validate already checked the files)
+        self.auth = Auth(config.auth_tokens_file) if config.auth_enabled else None
+        self.tls = (ServerTLS(config.tls_cert_file, config.tls_key_file,
+                              config.tls_client_ca_file, config.tls_min_version)
+                    if config.tls_cert_file else None)
         self.data_server = DataServer(self.store, max_connections=config.max_connections,
                                       max_inflight_bytes=config.max_inflight_bytes,
-                                      tcp_congestion=config.tcp_congestion)
+                                      tcp_congestion=config.tcp_congestion,
+                                      max_connections_per_client=config.max_connections_per_client,
+                                      max_pipelined_requests=config.max_pipelined_requests,
+                                      auth=self.auth, tls=self.tls)
         self.grpc_server: grpc.aio.Server | None = None
         self.control_port = 0
         self.data_port = 0
         self.ready = False
+        self.state = "starting"  # starting -> serving -> draining -> stopped (Health, /readyz)
         self.started = time.monotonic()
         self._maintenance: asyncio.Task | None = None
+        self.metrics = Metrics(self)
+        self.metrics_port: int | None = None
+        self.source: ConfigSource | None = None  # set by serve(); SIGHUP re-reads it
+        self._explicit: set[str] = set()
+        self._watchdog = sdnotify.watchdog_interval()
+        self._watchdog_sent = 0.0
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
@@ -53,17 +176,32 @@ class Node:
             ("grpc.so_reuseport", 0),
         ])
         add_to_server(self.grpc_server, self)
-        self.control_port = self.grpc_server.add_insecure_port(f"{c.host}:{c.control_port}")
+        if self.tls is not None:
+            self.control_port = self.grpc_server.add_secure_port(
+                f"{c.host}:{c.control_port}", self.tls.grpc_credentials())
+        else:
+            self.control_port = self.grpc_server.add_insecure_port(f"{c.host}:{c.control_port}")
+        if self.auth is not None and self.tls is None:
+            log.warning("auth is on without TLS: tokens cross the network in clear text")
         if self.control_port == 0:
             raise OSError(f"cannot listen on {c.host}:{c.control_port} for the control plane")
         await self.grpc_server.start()
         if c.control_port == 0 and self.node_id.endswith(":0"):  # default id names the real port
             self.node_id = f"{self.node_id[:-2]}:{self.control_port}"
+        if c.metrics_enabled:
+            try:
+                self.metrics_port = await self.metrics.start(c.metrics_host, c.metrics_port)
+            except OSError as e:
+                raise OSError(f"cannot listen on {c.metrics_host}:{c.metrics_port} for metrics "
+                              f"({e.strerror or e}); set metrics.port or metrics.enabled") from None
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
         self.ready = True
-        log.info("kvstored ready node=%s control=%s:%d data=%s:%d dram=%d hugepages=%s",
-                 self.node_id, c.host, self.control_port, c.host, self.data_port,
-                 self.store.arena.size, self.store.arena.hugepages)
+        self.state = "serving"
+        log.info("kvstored ready", extra={
+            "node": self.node_id, "control": f"{c.host}:{self.control_port}",
+            "data": f"{c.host}:{self.data_port}",
+            "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
+            "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages})
 
     async def _maintain(self) -> None:
         while True:
@@ -73,34 +211,151 @@ class Node:
                 self.store.maybe_evict()
             except Exception:  # keep maintaining; a bug here must not stop the daemon
                 log.exception("maintenance pass failed")
+            if self._watchdog and time.monotonic() - self._watchdog_sent >= self._watchdog:
+                # the loop is turning: tell systemd (WatchdogSec=) we are not wedged
+                sdnotify.notify("WATCHDOG=1")
+                self._watchdog_sent = time.monotonic()
 
-    async def stop(self, grace: float = 5.0) -> None:
-        """Stop accepting, let in-flight requests finish (bounded), then close."""
+    async def stop(self, grace: float | None = None) -> None:
+        """Stop accepting, let in-flight requests finish (bounded), then close.
+
+        Both planes drain at once under one deadline (``server.drain_timeout``): gRPC
+        refuses new calls and waits for running ones; each data connection finishes the
+        request it is receiving and the responses it has queued, answers nothing more
+        and is closed (see DataServer.drain).
+        """
+        grace = self.config.drain_timeout if grace is None else grace
         self.ready = False
+        self.state = "draining"
         self.data_server.stop_accepting()
+        waits = [self.data_server.drain(grace)]
         if self.grpc_server is not None:
-            await self.grpc_server.stop(grace)
-        await self.data_server.drain(grace)
+            waits.append(self.grpc_server.stop(grace))
+        await asyncio.gather(*waits)
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.store.nvme is not None:
+            if self.config.nvme_flush_on_shutdown:
+                n = await self.store.flush_to_nvme(SHUTDOWN_FLUSH_TIMEOUT)
+                log.info("shutdown: wrote %d DRAM-only objects to NVMe", n)
+            await self.store.drain_tasks(grace)
         self.store.close()
+        self.state = "stopped"
+        await self.metrics.close()
+
+    def reload(self) -> tuple[list[str], list[str]]:
+        """SIGHUP: re-read the config; apply what can change live, report the rest.
+
+        Returns (applied, needs_restart) as ``setting=value`` strings (credentials
+        shown as [REDACTED]). A config that does not load changes nothing.
+        """
+        if self.source is None:
+            log.warning("reload: no config source; nothing to reload")
+            return [], []
+        try:
+            new = self.source.load()
+            explicit = self.source.explicit()
+        except ConfigError as e:
+            self.metrics.reloads["failed"] += 1
+            log.error("reload failed, keeping the running configuration: %s", e,
+                      extra={"config": self.source.path})
+            return [], []
+        applied, restart = [], []
+        for s in SETTINGS:
+            f = s.field
+            old, value = getattr(self.config, f), getattr(new, f)
+            if old == value or (f in _DERIVED and f not in explicit and f not in self._explicit):
+                continue
+            apply = RELOADABLE.get(f)
+            if apply is None:
+                restart.append(_shown(f, value))
+                continue
+            apply(self, value)
+            setattr(self.config, f, value)
+            applied.append(_shown(f, value))
+        self._explicit = explicit
+        applied += self.reload_security()
+        self.metrics.reloads["ok"] += 1
+        pinned = sorted(_SETTING_NAME[f] for f, v in self.source.overrides.items()
+                        if v is not None and f in _SETTING_NAME)
+        log.info("reloaded %s", self.source.path or "(no config file: flags and defaults only)",
+                 extra={"applied": ",".join(applied) or "none",
+                        "needs_restart": ",".join(restart) or "none",
+                        "set_by_flags": ",".join(pinned) or "none"})
+        return applied, restart
 
 
-async def serve(config: Config, ready_file: str | None = None) -> int:
+    def reload_security(self) -> list[str]:
+        """Re-read the tokens file and the TLS certificate files (SIGHUP, Reload RPC).
+
+        Returns what changed, as lines like ``tokens: added ci-bot``. A file that does
+        not load leaves the running tokens or certificates in place (logged, counted).
+        """
+        changed: list[str] = []
+        if self.auth is not None:
+            try:
+                r = self.auth.reload()
+            except TokensError as e:
+                self.metrics.reloads["failed"] += 1
+                log.error("tokens reload failed, keeping the loaded tokens: %s", e)
+                changed.append(f"tokens: reload failed ({e})")
+            else:
+                changed += [f"tokens: {what} {', '.join(r[what])}"
+                            for what in ("added", "removed", "changed") if r[what]]
+        if self.tls is not None:
+            try:
+                if self.tls.reload():
+                    changed.append("tls: certificates reloaded")
+            except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+                self.metrics.reloads["failed"] += 1
+                log.error("TLS reload failed, keeping the loaded certificates: %s", e)
+                changed.append(f"tls: reload failed ({e})")
+        return changed
+
+
+async def serve(config: Config, ready_file: str | None = None,
+                source: ConfigSource | None = None) -> int:
     node = Node(config)
+    node.source = source
+    if source is not None:
+        node._explicit = source.explicit()
     await node.start()
     if ready_file:
         tmp = ready_file + ".tmp"
         with open(tmp, "w") as f:
             json.dump({"pid": os.getpid(), "node_id": node.node_id, "host": config.host,
-                       "control_port": node.control_port, "data_port": node.data_port}, f)
+                       "control_port": node.control_port, "data_port": node.data_port,
+                       "metrics_port": node.metrics_port}, f)
         os.replace(tmp, ready_file)  # atomic: readers never see half a file
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+
+    def on_hup() -> None:
+        usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
+        sdnotify.notify("RELOADING=1", f"MONOTONIC_USEC={usec}")
+        try:
+            node.reload()
+        except Exception:  # a reload bug must not take the daemon down
+            node.metrics.reloads["failed"] += 1
+            log.exception("reload failed")
+        sdnotify.notify("READY=1", "STATUS=serving")
+
+    loop.add_signal_handler(signal.SIGHUP, on_hup)
+    sdnotify.notify("READY=1", f"STATUS=serving control={config.host}:{node.control_port} "
+                    f"data={config.host}:{node.data_port} metrics="
+                    f"{f'{config.metrics_host}:{node.metrics_port}' if node.metrics_port else 'off'}",
+                    f"MAINPID={os.getpid()}")
     await stop.wait()
-    log.info("shutting down: draining in-flight requests")
+    loop.remove_signal_handler(signal.SIGHUP)
+    sdnotify.notify("STOPPING=1", "STATUS=draining in-flight requests")
+    log.info("shutting down: draining in-flight requests",
+             extra={"connections": len(node.data_server.connections),
+                    "deadline_s": config.drain_timeout})
+    t0 = time.monotonic()
     await node.stop()
-    log.info("stopped")
+    s = node.store.counters
+    log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3), "puts": s["puts"],
+                               "gets": s["gets"], "objects": len(node.store.index)})
     return 0

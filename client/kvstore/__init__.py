@@ -7,6 +7,7 @@
         blocks = c.batch_get(keys[:hit])
 """
 from . import errors, keys
+from ._common import TLSConfig
 from .aio import AsyncClient
 from .client import Client
 from .errors import (ChecksumMismatch, Conflict, InvalidArgument, KVStoreError, NoSpace, NotFound,
@@ -15,5 +16,5 @@ from .errors import (ChecksumMismatch, Conflict, InvalidArgument, KVStoreError, 
 __version__ = "0.1.0"
 
 __all__ = ["AsyncClient", "ChecksumMismatch", "Client", "Conflict", "InvalidArgument", "KVStoreError",
-           "NoSpace", "NotFound", "PermissionDenied", "ProtocolError", "Timeout", "Unavailable",
-           "errors", "keys"]
+           "NoSpace", "NotFound", "PermissionDenied", "ProtocolError", "TLSConfig", "Timeout",
+           "Unavailable", "errors", "keys"]

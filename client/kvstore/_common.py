@@ -1,6 +1,8 @@
-"""Pieces shared by Client and AsyncClient: argument checks, gRPC error mapping."""
+"""Pieces shared by Client and AsyncClient: argument checks, gRPC error mapping, TLS."""
 from __future__ import annotations
 
+import socket
+import ssl
 from dataclasses import dataclass
 
 import grpc
@@ -109,5 +111,144 @@ class Namespaced:
         return [key_bytes(k) for k in keys]
 
 
-__all__ = ["DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "as_bytes_view",
-           "data_endpoint", "grpc_error", "writable_view"]
+@dataclass(frozen=True)
+class TLSConfig:
+    """How a client talks TLS to kvstored (both the control and the data plane).
+
+    ``ca_file``: the CA certificate(s) that signed kvstored's certificate (None: the
+    system's trust store). ``cert_file`` / ``key_file``: this client's certificate and
+    key, for a daemon that requires mutual TLS. ``server_name``: the name to check in
+    kvstored's certificate when it is not the host of the address dialled.
+    """
+
+    ca_file: str | None = None
+    cert_file: str | None = None
+    key_file: str | None = None
+    server_name: str | None = None
+
+    def ssl_context(self) -> ssl.SSLContext:
+        try:
+            ctx = ssl.create_default_context(cafile=self.ca_file)  # verifies cert and name
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+            if self.cert_file:
+                ctx.load_cert_chain(self.cert_file, self.key_file)
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            raise errors.InvalidArgument(f"TLS settings: cannot load {self._files()}: {e}") from None
+        return ctx
+
+    def grpc_credentials(self) -> grpc.ChannelCredentials:
+        try:
+            root = _read(self.ca_file) if self.ca_file else None
+            chain = _read(self.cert_file) if self.cert_file else None
+            key = _read(self.key_file or self.cert_file) if self.cert_file else None
+        except OSError as e:
+            raise errors.InvalidArgument(f"TLS settings: cannot read {e.filename}: {e.strerror}") from None
+        return grpc.ssl_channel_credentials(root, key, chain)
+
+    def grpc_options(self) -> list:
+        return [("grpc.ssl_target_name_override", self.server_name)] if self.server_name else []
+
+    def _files(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in (("ca_file", self.ca_file), ("cert_file", self.cert_file),
+                                                   ("key_file", self.key_file)) if v) or "the system CAs"
+
+
+def _read(path: str) -> bytes:
+    with open(path, "rb") as f:
+        return f.read()
+
+
+def control_channel(address: str, tls: TLSConfig | None, aio: bool = False):
+    """The gRPC channel to kvstored's control address, plaintext or TLS."""
+    mod = grpc.aio if aio else grpc
+    if tls is None:
+        return mod.insecure_channel(address, options=GRPC_OPTIONS)
+    return mod.secure_channel(address, tls.grpc_credentials(), options=GRPC_OPTIONS + tls.grpc_options())
+
+
+def auth_metadata(token: str | None) -> tuple | None:
+    """gRPC metadata carrying ``token`` (None when there is none)."""
+    if not token:
+        return None
+    if any(c.isspace() for c in token):
+        raise errors.InvalidArgument("token must not contain white space")
+    return (("authorization", f"Bearer {token}"),)
+
+
+def split_address(address: str) -> tuple[str, int]:
+    host, _, port = address.rpartition(":")
+    return host.strip("[]") or "127.0.0.1", int(port)
+
+
+# OpenSSL reasons that mean "the other side did not answer in TLS"
+_NOT_TLS = ("WRONG_VERSION_NUMBER", "RECORD_LAYER_FAILURE", "PACKET_LENGTH_TOO_LONG",
+            "UNEXPECTED_RECORD", "HTTP_REQUEST", "UNKNOWN_PROTOCOL", "RECORD_TOO_LARGE")
+DIAGNOSIS_TIMEOUT = 3.0
+
+
+def tls_diagnosis(host: str, port: int, tls: TLSConfig | None,
+                  timeout: float = DIAGNOSIS_TIMEOUT) -> errors.KVStoreError | None:
+    """Why connections to ``host:port`` fail, when the reason is TLS: a PermissionDenied
+    with a message that says what to change, else None (unreachable, or TLS is fine).
+
+    Called only after a connection or a call has failed: it opens one more connection
+    (bounded by ``timeout``) and looks at how the TLS handshake goes.
+    """
+    where = f"{host}:{port}"
+    try:
+        raw = socket.create_connection((host, port), timeout=timeout)
+    except OSError:
+        return None  # not reachable at all: not a TLS problem
+    try:
+        if tls is None:
+            probe = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+            probe.check_hostname = False
+            probe.verify_mode = ssl.CERT_NONE
+            try:
+                probe.wrap_socket(raw).close()
+            except OSError:
+                return None  # no TLS there either: something else is wrong
+            return errors.PermissionDenied(
+                f"kvstored at {where} expects TLS and this client connects in plaintext: pass "
+                "tls=kvstore.TLSConfig(ca_file=...) (kvstore-cli --tls-ca FILE)")
+        try:
+            s = tls.ssl_context().wrap_socket(raw, server_hostname=tls.server_name or host)
+        except ssl.SSLCertVerificationError as e:
+            return errors.PermissionDenied(
+                f"TLS: cannot verify kvstored's certificate at {where}: {e.verify_message} "
+                "(is TLSConfig.ca_file / --tls-ca the CA that signed it?)")
+        except ssl.SSLError as e:
+            reason = e.reason or str(e)
+            if reason in _NOT_TLS:
+                return errors.PermissionDenied(
+                    f"kvstored at {where} does not speak TLS ({reason}): connect without TLS, "
+                    "or enable [tls] on the daemon")
+            return errors.PermissionDenied(f"kvstored at {where} refused the TLS handshake: {reason}")
+        except OSError:
+            return None
+        # TLS 1.3 reports a rejected client certificate only after the handshake
+        try:
+            s.settimeout(min(timeout, 0.5))
+            data = s.recv(1)
+        except ssl.SSLError as e:
+            return errors.PermissionDenied(
+                f"kvstored at {where} rejected this client's certificate: {e.reason or e}")
+        except (socket.timeout, TimeoutError):
+            return None  # it waits for us to speak: the handshake was fine
+        except OSError:
+            data = b""
+        finally:
+            s.close()
+        if not data:
+            return errors.PermissionDenied(
+                f"kvstored at {where} closed the connection right after the TLS handshake: it "
+                "rejected this client's certificate (missing, expired, or not signed by the CA "
+                "it trusts); check TLSConfig.cert_file / --tls-cert")
+        return None
+    finally:
+        raw.close()
+
+
+__all__ = ["DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "TLSConfig",
+           "as_bytes_view", "auth_metadata", "control_channel", "data_endpoint", "grpc_error",
+           "split_address", "tls_diagnosis", "writable_view"]

@@ -14,12 +14,13 @@ from typing import Sequence
 import grpc
 
 from . import errors
-from ._common import (DEFAULT_NAMESPACE, GRPC_OPTIONS, Namespaced, ServerInfo, as_bytes_view,
-                      data_endpoint, grpc_error, writable_view)
+from ._common import (DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig, as_bytes_view,
+                      auth_metadata, control_channel, data_endpoint, grpc_error, split_address,
+                      tls_diagnosis, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
-                   OP_PUT, checksum, encode_request, key_bytes)
+                   OP_PUT, checksum, encode_auth, encode_request, key_bytes)
 
 _BUFFER = 256 << 10
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -103,8 +104,8 @@ class _DataProtocol(asyncio.BufferedProtocol):
             self.hend += nbytes
             self._parse()
 
-    def _fail(self, message: str) -> None:
-        err = errors.ProtocolError(message)
+    def _fail(self, message: str | errors.KVStoreError) -> None:
+        err = errors.ProtocolError(message) if isinstance(message, str) else message
         for w in self.waiters.values():
             if not w.fut.done():
                 w.fut.set_exception(err)
@@ -162,8 +163,8 @@ class _DataProtocol(asyncio.BufferedProtocol):
     def _error(self, w: _Waiter | None, status: int, msg: bytearray, rid: int) -> None:
         err = errors.error_for_code(status, msg.decode("utf-8", "replace"), rid)
         if w is None:
-            if isinstance(err, errors.ProtocolError):  # connection-level: fail everything
-                return self._fail(err.message)
+            if rid == 0 or isinstance(err, errors.ProtocolError):  # connection-level: fail everything
+                return self._fail(err)
             return
         self._resolve_exc(w, err)
 
@@ -191,12 +192,17 @@ class AsyncClient(Namespaced):
 
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
-                 tcp_congestion: str = ""):
+                 tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None):
         super().__init__(namespace)
         self.address = address
         self.timeout = timeout
         self.verify_checksums = verify_checksums
         self.tcp_congestion = tcp_congestion
+        self.tls = tls
+        self._token = token or None
+        self._metadata = auth_metadata(self._token)
+        self._ssl = tls.ssl_context() if tls is not None else None
+        self._reached = False  # a control call has succeeded (then: wait_for_ready always)
         self._data_address = data_address
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
@@ -225,16 +231,34 @@ class AsyncClient(Namespaced):
     # ------------------------------------------------------------ plumbing
     def _control(self):
         if self._channel is None:
-            self._channel = grpc.aio.insecure_channel(self.address, options=GRPC_OPTIONS)
+            self._channel = control_channel(self.address, self.tls, aio=True)
             self._stub = pb_grpc.KVStoreStub(self._channel)
         return self._stub
 
     async def _call(self, method: str, request, timeout: float | None = None):
-        try:
-            return await getattr(self._control(), method)(request, timeout=timeout or self.timeout,
-                                                          wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise grpc_error(e, self.address) from None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (timeout or self.timeout)
+        fail_fast = not self._reached  # see Client._call
+        while True:
+            try:
+                r = await getattr(self._control(), method)(
+                    request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=not fail_fast,
+                    metadata=self._metadata)
+                self._reached = True
+                return r
+            except grpc.RpcError as e:
+                err = grpc_error(e, self.address)
+            if isinstance(err, errors.Unavailable):
+                diag = await self._diagnose(*split_address(self.address))
+                if diag is not None:
+                    raise diag from None
+                if fail_fast and loop.time() < deadline:
+                    fail_fast = False
+                    continue
+            raise err from None
+
+    async def _diagnose(self, host: str, port: int) -> errors.KVStoreError | None:
+        return await asyncio.to_thread(tls_diagnosis, host, port, self.tls, min(self.timeout, 3.0))
 
     async def info(self, refresh: bool = False) -> ServerInfo:
         if self._info is None or refresh:
@@ -260,19 +284,47 @@ class AsyncClient(Namespaced):
                 info = await self.info(refresh=True)
                 host, port = data_endpoint(info, self.address)
             loop = asyncio.get_running_loop()
+            tls = {} if self._ssl is None else {
+                "ssl": self._ssl, "server_hostname": self.tls.server_name or host}
             try:
                 _, p = await asyncio.wait_for(
-                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums), host, int(port)),
+                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums), host, int(port),
+                                           **tls),
                     self.timeout)
             except (OSError, asyncio.TimeoutError) as e:
+                diag = await self._diagnose(host, int(port))
+                if diag is not None:
+                    raise diag from None
                 raise errors.Unavailable(f"cannot connect to kvstored data path {host}:{port}: {e}") from None
             sock = p.transport.get_extra_info("socket")
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if self.tcp_congestion:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, self.tcp_congestion.encode())
             p.transport.set_write_buffer_limits(high=64 << 20)
+            await self._setup(p, host, int(port))
             self._proto = p
             return p
+
+    async def _setup(self, p: _DataProtocol, host: str, port: int) -> None:
+        """First exchange: AUTH with the token, or a PING (see DataConnection.setup)."""
+        loop = asyncio.get_running_loop()
+        rid = next(p.rid)
+        w = _Waiter(loop.create_future(), None, rid)
+        p.waiters[rid] = w
+        p.transport.write(encode_auth(rid, self._token) if self._token
+                          else encode_request(OP_PING, rid, b"", b""))
+        try:
+            await asyncio.wait_for(w.fut, self.timeout)
+        except errors.KVStoreError as e:
+            p.transport.close()
+            if isinstance(e, errors.Unavailable) and p.lost is not None:
+                diag = await self._diagnose(host, port)  # closed during set-up: TLS refusal?
+                if diag is not None:
+                    raise diag from None
+            raise
+        except asyncio.TimeoutError:
+            p.transport.close()
+            raise errors.Timeout(f"no answer from kvstored within {self.timeout}s") from None
 
     async def _requests(self, build) -> list:
         """Send frames made by ``build(proto) -> (buffers, waiters)``, await every answer.
@@ -415,3 +467,12 @@ class AsyncClient(Namespaced):
 
     async def health(self, timeout: float | None = None) -> pb.HealthResponse:
         return await self._call("Health", pb.HealthRequest(), timeout)
+
+    async def delete_all(self, *, namespace: str | None = None) -> int:
+        """Admin: delete every object of the namespace ("" = of every namespace)."""
+        ns = "" if namespace == "" else self._nss(namespace)
+        return (await self._call("DeleteAll", pb.DeleteAllRequest(namespace=ns))).count
+
+    async def reload(self) -> list[str]:
+        """Admin: make the daemon re-read its config, tokens and certificates (like SIGHUP)."""
+        return list((await self._call("Reload", pb.ReloadRequest())).changed)

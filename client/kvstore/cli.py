@@ -26,6 +26,7 @@ import time
 from typing import Callable, Sequence
 
 from . import __version__, errors
+from ._common import TLSConfig
 from .client import Client
 from .wire import key_bytes
 
@@ -370,6 +371,28 @@ cmd_unpin = _count_cmd("unpinned", lambda c, keys, args: c.unpin(keys))
 cmd_rm = _count_cmd("deleted", lambda c, keys, args: c.delete(keys))
 
 
+def cmd_delete_all(c: Client, args, parser: argparse.ArgumentParser) -> int:
+    if not args.yes:
+        parser.error("delete-all deletes every object of the namespace: add --yes")
+    ns = "" if args.all_namespaces else c.namespace
+    n = c.delete_all(namespace=ns)
+    where = "all namespaces" if args.all_namespaces else f"namespace {c.namespace!r}"
+    if args.json:
+        emit_json({"namespace": None if args.all_namespaces else c.namespace, "deleted": n})
+    else:
+        print(f"deleted {n} objects in {where}")
+    return EXIT_OK
+
+
+def cmd_reload(c: Client, args) -> int:
+    changed = c.reload()
+    if args.json:
+        emit_json({"changed": changed})
+    else:
+        print("\n".join(changed) if changed else "reloaded: nothing changed")
+    return EXIT_OK
+
+
 def cmd_ls(c: Client, args) -> int:
     # Client.list: "" means every namespace; pass ours explicitly otherwise
     r = c.list(namespace="" if args.all_namespaces else c.namespace, limit=args.limit)
@@ -524,6 +547,18 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                    help="print one JSON document on stdout")
     p.add_argument("--hex", action="store_true", default=d(False),
                    help="keys are given and shown as hex instead of UTF-8 text")
+    p.add_argument("--token", default=d(env.get("KVSTORE_TOKEN") or None), metavar="TOKEN",
+                   help="auth token (env KVSTORE_TOKEN, which keeps it out of the process list)")
+    p.add_argument("--tls", action="store_true", default=d(False),
+                   help="talk TLS, trusting the system CAs (implied by --tls-ca/--tls-cert)")
+    p.add_argument("--tls-ca", default=d(env.get("KVSTORE_TLS_CA") or None), metavar="FILE",
+                   help="CA certificate that signed kvstored's certificate (env KVSTORE_TLS_CA)")
+    p.add_argument("--tls-cert", default=d(env.get("KVSTORE_TLS_CERT") or None), metavar="FILE",
+                   help="client certificate, for mutual TLS (env KVSTORE_TLS_CERT)")
+    p.add_argument("--tls-key", default=d(env.get("KVSTORE_TLS_KEY") or None), metavar="FILE",
+                   help="client private key (env KVSTORE_TLS_KEY; default: in --tls-cert)")
+    p.add_argument("--tls-server-name", default=d(None), metavar="NAME",
+                   help="name to verify in kvstored's certificate, when not the address's host")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -572,6 +607,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="at most N entries (default 50; the daemon caps at 10000)")
     p.add_argument("--all-namespaces", "-A", action="store_true", help="list every namespace")
 
+    p = command("delete-all", cmd_delete_all, "admin: delete every object of the namespace",
+                needs_parser=True)
+    p.add_argument("--all-namespaces", "-A", action="store_true", help="of every namespace")
+    p.add_argument("--yes", action="store_true", help="really delete (required)")
+    command("reload", cmd_reload, "admin: re-read config, tokens and certificates (like SIGHUP)")
+
     p = command("bench", cmd_bench, "throughput and latency of data-path put/get; "
                                     "deletes its keys afterwards")
     p.add_argument("--size", type=parse_size, default=1 << 20, metavar="SIZE",
@@ -597,8 +638,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage error (2) or --help/--version (0): return it, don't exit
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
+        tls = None
+        if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+            tls = TLSConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                            server_name=args.tls_server_name)
         with Client(args.address, namespace=args.namespace, timeout=args.timeout,
-                    data_address=args.data_address) as c:
+                    data_address=args.data_address, tls=tls, token=args.token) as c:
             return args.func(c, args)
     except SystemExit as e:  # parser.error() from inside a command
         return e.code if isinstance(e.code, int) else EXIT_USAGE

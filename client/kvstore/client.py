@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import itertools
 import socket
+import ssl
 import struct
 import threading
 import time
@@ -17,18 +18,20 @@ from typing import Iterable, Sequence
 import grpc
 
 from . import errors
-from ._common import (DEFAULT_NAMESPACE, GRPC_OPTIONS, Namespaced, ServerInfo, as_bytes_view,
-                      data_endpoint, grpc_error, writable_view)
+from ._common import (DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig, as_bytes_view,
+                      auth_metadata, control_channel, data_endpoint, grpc_error, split_address,
+                      tls_diagnosis, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
-                   OP_PUT, checksum, encode_request, key_bytes)
+                   OP_PUT, checksum, encode_auth, encode_request, key_bytes)
 
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 # Requests per pipelined round: bounds the response bytes queued in the daemon, so a
 # huge batch can never fill both directions of the socket and stall.
 WINDOW = 32
 _IOV_MAX = 512  # buffers per sendmsg (the kernel's limit is 1024)
+_TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one write
 
 
 class _Response:
@@ -41,18 +44,30 @@ class _Response:
 class DataConnection:
     """One blocking TCP connection to the data port (not thread-safe; one per thread)."""
 
-    def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = ""):
+    def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = "",
+                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None):
         self.address = (host, port)
         self.sock = socket.create_connection((host, port), timeout=timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tcp_congestion:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, tcp_congestion.encode())
-        # Blocking socket with kernel-side timeouts: CPython's own timeout mode polls
-        # before every recv/send, one extra syscall per chunk on the hot path.
-        self.sock.settimeout(None)
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+        if ssl_context is not None:
+            # TLS: sendmsg and MSG_WAITALL do not exist on an SSLSocket; Python's own
+            # timeouts are used (an SSL read cannot resume after SO_RCVTIMEO's EAGAIN)
+            try:
+                self.sock = ssl_context.wrap_socket(self.sock, server_hostname=server_name or host)
+            except BaseException:
+                self.sock.close()
+                raise
+            self.send = self._send_tls
+            self.recv_into = self._recv_into_tls
+        else:
+            # Blocking socket with kernel-side timeouts: CPython's own timeout mode polls
+            # before every recv/send, one extra syscall per chunk on the hot path.
+            self.sock.settimeout(None)
+            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
         self._rid = itertools.count(1)
         self._hdr = bytearray(HEADER_SIZE)
         self._hview = memoryview(self._hdr)
@@ -80,6 +95,40 @@ class DataConnection:
                     n = 0
             if views and not len(views[0]):
                 views.pop(0)
+
+    def setup(self, token: str | None) -> None:
+        """First exchange: AUTH with the token, or a PING. Any refusal (wrong token, too
+        many connections, a TLS port reached in plaintext) surfaces here as a typed error,
+        before a batch is sent."""
+        rid = self.next_id()
+        self.send([encode_auth(rid, token) if token else encode_request(OP_PING, rid, b"", b"")])
+        r = self.read_response()
+        if r.status:
+            raise self.read_error(r)
+        if r.rid != rid:
+            raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+
+    def _send_tls(self, buffers: list) -> None:
+        small: list = []
+        for b in buffers:
+            if len(b) < _TLS_COALESCE:
+                small.append(b)
+                continue
+            if small:
+                self.sock.sendall(b"".join(small))
+                small = []
+            self.sock.sendall(b)
+        if small:
+            self.sock.sendall(b"".join(small))
+
+    def _recv_into_tls(self, view: memoryview) -> None:
+        got, want = 0, len(view)
+        recv = self.sock.recv_into
+        while got < want:
+            n = recv(view[got:])
+            if n == 0:
+                raise ConnectionResetError("kvstored closed the data connection")
+            got += n
 
     def recv_into(self, view: memoryview) -> None:
         got, want = 0, len(view)
@@ -120,15 +169,20 @@ class Client(Namespaced):
 
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
-                 tcp_congestion: str = ""):
+                 tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None):
         super().__init__(namespace)
         self.address = address
         self.timeout = timeout
         self.verify_checksums = verify_checksums
         self.tcp_congestion = tcp_congestion
+        self.tls = tls
+        self._token = token or None
+        self._metadata = auth_metadata(self._token)
+        self._ssl = tls.ssl_context() if tls is not None else None
         self._data_address = data_address
-        self._channel = grpc.insecure_channel(address, options=GRPC_OPTIONS)
+        self._channel = control_channel(address, tls)
         self._stub = pb_grpc.KVStoreStub(self._channel)
+        self._reached = False  # a control call has succeeded (then: wait_for_ready always)
         self._info: ServerInfo | None = None
         self._local = threading.local()
         self._conns: set[DataConnection] = set()
@@ -151,11 +205,29 @@ class Client(Namespaced):
         self._channel.close()
 
     def _call(self, method: str, request, timeout: float | None = None):
-        try:
-            # wait_for_ready: ride out a daemon restart within the timeout instead of failing fast
-            return getattr(self._stub, method)(request, timeout=timeout or self.timeout, wait_for_ready=True)
-        except grpc.RpcError as e:
-            raise grpc_error(e, self.address) from None
+        timeout = timeout or self.timeout
+        deadline = time.monotonic() + timeout
+        # wait_for_ready: ride out a daemon restart within the timeout instead of failing
+        # fast. Until a first call has worked, try once failing fast, so that a TLS
+        # mismatch is reported at once rather than after the whole timeout.
+        fail_fast = not self._reached
+        while True:
+            try:
+                r = getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
+                                                wait_for_ready=not fail_fast, metadata=self._metadata)
+                self._reached = True
+                return r
+            except grpc.RpcError as e:
+                err = grpc_error(e, self.address)
+            if isinstance(err, errors.Unavailable):
+                diag = tls_diagnosis(*split_address(self.address), self.tls,
+                                     min(self.timeout, 3.0))
+                if diag is not None:
+                    raise diag from None
+                if fail_fast and time.monotonic() < deadline:
+                    fail_fast = False
+                    continue
+            raise err from None
 
     def info(self, refresh: bool = False) -> ServerInfo:
         if self._info is None or refresh:
@@ -170,7 +242,25 @@ class Client(Namespaced):
         else:
             info = self.info(refresh=True)
             host, port = data_endpoint(info, self.address)
-        conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion)
+        try:
+            conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion,
+                                  self._ssl, self.tls.server_name if self.tls else None)
+        except OSError:
+            diag = tls_diagnosis(host, int(port), self.tls, min(self.timeout, 3.0))
+            if diag is not None:
+                raise diag from None
+            raise
+        try:
+            conn.setup(self._token)
+        except OSError:
+            conn.close()
+            diag = tls_diagnosis(host, int(port), self.tls, min(self.timeout, 3.0))
+            if diag is not None:
+                raise diag from None
+            raise
+        except BaseException:
+            conn.close()
+            raise
         with self._lock:
             self._conns.add(conn)
         self._local.conn = conn
@@ -378,6 +468,16 @@ class Client(Namespaced):
 
     def stats(self) -> pb.StatsResponse:
         return self._call("Stats", pb.StatsRequest())
+
+    def delete_all(self, *, namespace: str | None = None) -> int:
+        """Admin: delete every object of the namespace ("" = of every namespace)."""
+        ns = "" if namespace == "" else self._nss(namespace)
+        return self._call("DeleteAll", pb.DeleteAllRequest(namespace=ns)).count
+
+    def reload(self) -> list[str]:
+        """Admin: make the daemon re-read its config, tokens and certificates (like SIGHUP);
+        returns what changed."""
+        return list(self._call("Reload", pb.ReloadRequest()).changed)
 
     def health(self, timeout: float | None = None) -> pb.HealthResponse:
         return self._call("Health", pb.HealthRequest(), timeout)

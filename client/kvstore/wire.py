@@ -5,7 +5,7 @@ then the key bytes, then ``payload_len`` bytes of payload::
 
     magic    4s  b"KVSD"
     version  u8  1
-    op       u8  PUT / GET / PING
+    op       u8  PUT / GET / PING / AUTH
     flags    u16 FLAG_OVERWRITE on requests, FLAG_RESPONSE on responses
     req_id   u64 chosen by the client; responses echo it (completion may be out of order)
     status   u16 0 on requests; a kvstore.errors code on responses
@@ -35,7 +35,12 @@ HEADER_SIZE = HEADER.size  # 40
 OP_PUT = 1
 OP_GET = 2
 OP_PING = 3
-OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping"}
+# AUTH: the payload is a token (UTF-8, at most MAX_TOKEN_LEN bytes; namespace and key
+# empty). When the daemon has auth enabled it is the first frame on a connection;
+# the connection is then bound to that token's namespaces and scopes.
+OP_AUTH = 4
+OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping", OP_AUTH: "auth"}
+MAX_TOKEN_LEN = 4096
 
 FLAG_OVERWRITE = 0x0001
 FLAG_RESPONSE = 0x8000
@@ -87,3 +92,11 @@ def encode_error(op: int, request_id: int, status: int, message: str) -> bytes:
     """A whole error response: header plus the UTF-8 message as payload."""
     body = message.encode("utf-8", "replace")[:MAX_ERROR_MESSAGE]
     return encode_response(op, request_id, status, len(body), 0) + body
+
+
+def encode_auth(request_id: int, token: str | bytes) -> bytes:
+    """An AUTH request frame carrying ``token``."""
+    tok = token.encode() if isinstance(token, str) else bytes(token)
+    if not 1 <= len(tok) <= MAX_TOKEN_LEN:
+        raise InvalidArgument(f"token length {len(tok)} outside 1-{MAX_TOKEN_LEN} bytes")
+    return HEADER.pack(MAGIC, VERSION, OP_AUTH, 0, request_id, 0, 0, 0, 0, len(tok), 0) + tok

@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import functools
+import inspect
+import itertools
+import logging
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -12,9 +15,14 @@ from kvstore import errors
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
 from kvstore.wire import MAX_KEY_LEN, VERSION, checksum, key_bytes, namespace_bytes
+from kvstored.auth import ADMIN, READ, WRITE, Unauthenticated, denial
+from kvstored.config import ConfigError
 
 if TYPE_CHECKING:
     from kvstored.node import Node
+
+log = logging.getLogger("kvstored.control")
+_request_ids = itertools.count(1)  # for log lines when the caller sent no x-request-id
 
 GRPC_CODE = {
     errors.NotFound: grpc.StatusCode.NOT_FOUND,
@@ -24,6 +32,7 @@ GRPC_CODE = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
     errors.ProtocolError: grpc.StatusCode.INVALID_ARGUMENT,
     errors.PermissionDenied: grpc.StatusCode.PERMISSION_DENIED,
+    Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Timeout: grpc.StatusCode.DEADLINE_EXCEEDED,
 }
@@ -32,16 +41,59 @@ GRPC_CODE = {
 def _typed_errors(fn: Callable) -> Callable:
     """Turn kvstore errors into gRPC status + the exact code in trailing metadata."""
 
+    method = fn.__name__
+
     @functools.wraps(fn)
     async def wrapper(self, request, context):
+        t0 = time.perf_counter()
         try:
-            return fn(self, request, context)
+            result = fn(self, request, context)
+            if inspect.isawaitable(result):
+                result = await result
+            return result
         except errors.KVStoreError as e:
             self.node.count_error(e)
+            _log_error(method, context, e)
             context.set_trailing_metadata((("kvstore-code", str(e.code)),))
             await context.abort(GRPC_CODE.get(type(e), grpc.StatusCode.INTERNAL), e.message)
+        finally:
+            self.node.metrics.observe_control(method, time.perf_counter() - t0)
 
     return wrapper
+
+
+ANY_TOKEN = 0  # _guard: any valid token will do (no namespace involved)
+OPEN = -1  # _guard: no token needed
+
+
+def _guard(need: int, all_namespaces_if_empty: bool = False) -> Callable:
+    """Check the caller's token (metadata ``authorization: Bearer <token>``) for scope
+    ``need`` on the request's namespace, when auth is on. With ``all_namespaces_if_empty``
+    an empty namespace means every namespace, which needs a token for "*". Apply under
+    _typed_errors, so a refusal becomes a typed error."""
+
+    def deco(fn: Callable) -> Callable:
+        @functools.wraps(fn)
+        def wrapper(self, request, context):
+            if self.tls is not None:
+                self.tls.note_peer(context.peer())
+            if self.auth is not None and need != OPEN:
+                ns = getattr(request, "namespace", None) if need != ANY_TOKEN else None
+                if ns == "" and all_namespaces_if_empty:
+                    ns = None
+                self._authorize(context, need, ns)
+            return fn(self, request, context)
+        return wrapper
+    return deco
+
+
+def _log_error(method: str, context, e: errors.KVStoreError) -> None:
+    """A typed error answered to a caller: debug, with a request id and the peer."""
+    if not log.isEnabledFor(logging.DEBUG):
+        return
+    rid = next((v for k, v in context.invocation_metadata() or () if k == "x-request-id"), None)
+    log.debug("%s failed: %s", method, e.message, extra={
+        "req_id": rid or f"c{next(_request_ids)}", "peer": context.peer(), "error": e.name})
 
 
 class ControlService(pb_grpc.KVStoreServicer):
@@ -49,6 +101,39 @@ class ControlService(pb_grpc.KVStoreServicer):
         self.node = node
         self.store = node.store
         self.config = node.config
+        self.auth = getattr(node, "auth", None)
+        self.tls = getattr(node, "tls", None)
+
+    def _authorize(self, context, need: int, ns: str | None) -> None:
+        """Raise Unauthenticated / PermissionDenied unless the call's token may ``need``
+        in namespace ``ns`` (None: every namespace; need ANY_TOKEN: just a valid token)."""
+        counters = self.node.data_server.counters
+        header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"),
+                      None)
+        try:
+            if header is None:
+                _, grant = self.auth.authenticate(None)
+            else:
+                scheme, _, token = header.partition(" ")
+                if scheme.lower() != "bearer" or not token.strip():
+                    raise Unauthenticated("malformed authorization metadata: expected "
+                                          "'Bearer <token>'")
+                _, grant = self.auth.authenticate(token.strip())
+        except Unauthenticated:
+            counters["control_auth_rejected_" + ("no_token" if header is None else "bad_token")] += 1
+            raise
+        if need == ANY_TOKEN:
+            return
+        if ns is None:
+            mask = grant.scopes if grant.namespaces is None else 0
+            nsb = b"*"
+        else:
+            nsb = ns.encode("utf-8", "replace")
+            mask = grant.mask(nsb)
+        if not mask & need:
+            reason, err = denial(grant, nsb, need, mask)
+            counters["control_auth_rejected_" + reason] += 1
+            raise err
 
     def _keys(self, request) -> tuple[bytes, list[bytes]]:
         ns = namespace_bytes(request.namespace)
@@ -58,6 +143,7 @@ class ControlService(pb_grpc.KVStoreServicer):
         return ns, [key_bytes(k) for k in request.keys]
 
     @_typed_errors
+    @_guard(OPEN)
     def Info(self, request, context):
         c = self.config
         return pb.InfoResponse(
@@ -67,51 +153,63 @@ class ControlService(pb_grpc.KVStoreServicer):
             max_key_length=MAX_KEY_LEN, max_batch_keys=c.max_batch_keys)
 
     @_typed_errors
+    @_guard(OPEN)
     def Health(self, request, context):
-        ready = self.node.ready
-        return pb.HealthResponse(live=True, ready=ready, status="serving" if ready else "starting",
+        # live: the process answers; ready: started and not draining (state says which)
+        return pb.HealthResponse(live=True, ready=self.node.ready, status=self.node.state,
                                  uptime_seconds=self.node.uptime())
 
     @_typed_errors
+    @_guard(ANY_TOKEN)
     def Stats(self, request, context):
         s = self.store.stats()
         namespaces = s.pop("namespaces")
         counters = {k: int(v) for k, v in s.items()}
         counters.update(self.node.data_server.counters)
-        dram = pb.TierStats(name="dram", capacity_bytes=s["dram_capacity"], used_bytes=s["dram_used"],
-                            objects=s["objects"],
-                            counters={k: s[k] for k in ("hits", "misses", "evictions", "evicted_bytes",
-                                                        "checksum_failures", "object_bytes")})
-        return pb.StatsResponse(counters=counters, namespaces=namespaces, tiers=[dram],
+        if self.tls is not None:
+            counters.update(self.tls.counters())
+        tiers = [pb.TierStats(name=t["name"], capacity_bytes=t["capacity"], used_bytes=t["used"],
+                              objects=t["objects"],
+                              counters={k: int(v) for k, v in t.items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)
+                                        and k not in ("capacity", "used", "objects")})
+                 for t in self.store.tier_stats()]
+        return pb.StatsResponse(counters=counters, namespaces=namespaces, tiers=tiers,
                                 connections=len(self.node.data_server.connections),
                                 uptime_seconds=self.node.uptime())
 
     @_typed_errors
+    @_guard(READ)
     def Lookup(self, request, context):
         ns, keys = self._keys(request)
         return pb.LookupResponse(count=self.store.lookup(ns, keys))
 
     @_typed_errors
+    @_guard(READ)
     def Exists(self, request, context):
         ns, keys = self._keys(request)
         return pb.ExistsResponse(exists=self.store.exists(ns, keys))
 
     @_typed_errors
+    @_guard(WRITE)
     def Pin(self, request, context):
         ns, keys = self._keys(request)
         return pb.CountResponse(count=self.store.pin(ns, keys, request.ttl_seconds))
 
     @_typed_errors
+    @_guard(WRITE)
     def Unpin(self, request, context):
         ns, keys = self._keys(request)
         return pb.CountResponse(count=self.store.unpin(ns, keys))
 
     @_typed_errors
+    @_guard(WRITE)
     def Delete(self, request, context):
         ns, keys = self._keys(request)
         return pb.CountResponse(count=self.store.delete(ns, keys))
 
     @_typed_errors
+    @_guard(WRITE)
     def Put(self, request, context):
         ns, key = namespace_bytes(request.namespace), key_bytes(request.key)
         limit = self.config.max_control_value_size
@@ -124,9 +222,10 @@ class ControlService(pb_grpc.KVStoreServicer):
         return pb.PutResponse(stored=stored)
 
     @_typed_errors
-    def Get(self, request, context):
+    @_guard(READ)
+    async def Get(self, request, context):
         ns, key = namespace_bytes(request.namespace), key_bytes(request.key)
-        e = self.store.acquire(ns, key)
+        e = await self.store.acquire_async(ns, key)
         try:
             if e.size > self.config.max_control_value_size:
                 raise errors.InvalidArgument(
@@ -136,17 +235,50 @@ class ControlService(pb_grpc.KVStoreServicer):
             self.store.release(e)
 
     @_typed_errors
+    @_guard(READ, all_namespaces_if_empty=True)
     def List(self, request, context):
         ns = namespace_bytes(request.namespace) if request.namespace else None
         limit = min(request.limit or 100, 10000)
         now = time.time()
         mono = self.store.clock()
         entries = [pb.ListEntry(namespace=e.ns.decode(), key=e.key, size=e.size, checksum=e.checksum,
-                                pinned=e.pinned(mono), age_seconds=max(0.0, now - e.committed_at))
+                                pinned=e.pinned(mono), age_seconds=max(0.0, now - e.committed_at),
+                                tier="+".join(t for t, present in (("dram", e.offset >= 0),
+                                                                   ("nvme", e.nvme is not None)) if present))
                    for e in self.store.sample(ns, limit)]
         total = len(self.store.index) if ns is None else self.store.stats()["namespaces"].get(
             ns.decode(), 0)
         return pb.ListResponse(entries=entries, total=total)
+
+    @_typed_errors
+    @_guard(ADMIN, all_namespaces_if_empty=True)
+    def DeleteAll(self, request, context):
+        """Admin: every object of a namespace ("" = every namespace), pinned ones too."""
+        only = namespace_bytes(request.namespace) if request.namespace else None
+        by_ns: dict[bytes, list[bytes]] = {}
+        for ns, key in list(self.store.index):
+            if only is None or ns == only:
+                by_ns.setdefault(ns, []).append(key)
+        n = sum(self.store.delete(ns, keys) for ns, keys in by_ns.items())
+        log.warning("DeleteAll: deleted %d objects", n,
+                    extra={"namespace": request.namespace or "*", "peer": context.peer()})
+        return pb.CountResponse(count=n)
+
+    @_typed_errors
+    @_guard(ADMIN)
+    def Reload(self, request, context):
+        """Admin: what SIGHUP does (config file, tokens file, TLS certificates)."""
+        node = self.node
+        if getattr(node, "source", None) is not None:
+            try:
+                node.source.load()  # node.reload() only logs a bad file: tell the caller
+            except ConfigError as e:
+                raise errors.InvalidArgument(f"reload failed, nothing changed: {e}") from None
+            applied, restart = node.reload()
+            lines = list(applied) + [f"needs restart: {r}" for r in restart]
+        else:  # no config file to re-read (embedded use): tokens and certificates only
+            lines = node.reload_security()
+        return pb.ReloadResponse(changed=lines)
 
 
 def add_to_server(server: grpc.aio.Server, node: "Node") -> None:

@@ -15,39 +15,83 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import fcntl
 import logging
 import socket
+import termios
+from time import perf_counter as _now
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC, MAX_KEY_LEN, OP_GET,
-                          OP_PING, OP_PUT, VERSION, encode_error, encode_response, namespace_bytes)
+from kvstore.wire import (FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC, MAX_KEY_LEN, MAX_TOKEN_LEN,
+                          OP_AUTH, OP_GET, OP_PING, OP_PUT, OPS, VERSION, encode_error,
+                          encode_response, namespace_bytes)
+
+from kvstored.auth import READ, TOKEN_REQUIRED, WRITE, Unauthenticated, denial
+
+from kvstored.engine.store import NotResident
+from kvstored.metrics import LatencyHistogram
 
 if TYPE_CHECKING:
+    from kvstored.auth import Auth, Grant
     from kvstored.engine import Entry, Reservation, Store
+    from kvstored.tls import ServerTLS, TLSListener
 
 log = logging.getLogger("kvstored.tcp")
 
 HEADER_BUFFER = 256 << 10  # per-connection buffer for headers (and small payload tails)
 DISCARD_LIMIT = 1 << 30  # payloads of rejected puts up to this size are skipped, not fatal
 _PRUNE_INTERVAL = 0.002  # how often to release references while sends are queued
+LINGER = 2.0  # seconds a draining connection swallows input after its last response
+# TLS responses are encrypted copies, not arena views: queue at most this much per connection
+TLS_MAX_INFLIGHT = 8 << 20
+_MASK_CACHE = 1024  # namespaces whose permission a connection remembers
 
 
 class DataServer:
     """Owns the listening socket and per-server state shared by connections."""
 
     def __init__(self, store: "Store", *, max_connections: int, max_inflight_bytes: int,
-                 tcp_congestion: str = ""):
+                 tcp_congestion: str = "", max_connections_per_client: int = 1 << 30,
+                 max_pipelined_requests: int = 1 << 30, auth: "Auth | None" = None,
+                 tls: "ServerTLS | None" = None):
         self.store = store
         self.max_connections = max_connections
         self.max_inflight_bytes = max_inflight_bytes
         self.tcp_congestion = tcp_congestion
+        self.max_per_client = max_connections_per_client
+        self.max_pipelined = max_pipelined_requests
+        self.per_client: dict[str, int] = {}  # open data connections per peer IP
+        self.auth = auth  # None: auth off
+        self.tls = tls  # None: plaintext
+        self.listener: TLSListener | None = None
         self.connections: set[DataConnection] = set()
         self.scratch = memoryview(bytearray(1 << 20))  # sink for skipped payloads
         self.server: asyncio.base_events.Server | None = None
         self.counters = collections.Counter()
+        self.draining = False
+        # Per-op service time, recorded on the hot path (~0.3 us a request, see
+        # kvstored/metrics.py); the operation counters are these histograms' counts.
+        self.latency = {op: LatencyHistogram() for op in OPS}  # every op the wire knows
+        self.latency_other = LatencyHistogram()  # unknown ops (answered with an error)
+        self.rx_closed = 0  # bytes received / queued by connections already closed
+        self.tx_closed = 0
+
+    def latency_by_name(self) -> dict[str, LatencyHistogram]:
+        return {**{OPS[op]: h for op, h in self.latency.items()}, "other": self.latency_other}
+
+    def traffic(self) -> tuple[int, int]:
+        """(bytes received, bytes queued for sending) over all data connections ever."""
+        conns = list(self.connections)
+        return (self.rx_closed + sum(c.rx for c in conns),
+                self.tx_closed + sum(c.sent for c in conns))
 
     async def start(self, host: str, port: int) -> int:
+        if self.tls is not None:
+            from kvstored.tls import TLSListener
+            self.listener = TLSListener(self.tls, lambda: DataConnection(self), self.counters,
+                                        max_handshakes=self.max_connections)
+            return await self.listener.start(host, port)
         loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: DataConnection(self), host, port,
                                                reuse_address=True, backlog=1024)
@@ -56,15 +100,32 @@ class DataServer:
     def stop_accepting(self) -> None:
         if self.server is not None:
             self.server.close()
+        if self.listener is not None:
+            self.listener.close()
 
     async def drain(self, timeout: float) -> None:
-        """Wait (bounded) for queued responses to leave, then close every connection."""
+        """Finish in-flight requests (bounded by ``timeout``), then close every connection.
+
+        From now on no connection starts a new request. Each one finishes what it is
+        doing (a payload being received and committed, a put waiting for space, a get
+        loading from NVMe), sends its queued responses, then half-closes (FIN after the
+        last response, so a client reads every answer it was given) and is closed.
+        Requests it had not started get no answer: the client sees the connection end,
+        which is never an acknowledgement. At the deadline the rest are aborted (their
+        reservations are dropped: nothing partial becomes visible).
+        """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        while loop.time() < deadline and any(c.busy() for c in self.connections):
-            await asyncio.sleep(0.01)
+        self.draining = True
+        while self.connections and loop.time() < deadline:
+            for c in list(self.connections):
+                if not c.closed and not c.lingering and c.idle():
+                    c.close_drained()
+            await asyncio.sleep(0.005)
         for c in list(self.connections):
-            c.close()
+            if c.transport is not None:
+                c.transport.abort()
+            c.closed = True
 
 
 class DataConnection(asyncio.BufferedProtocol):
@@ -92,13 +153,36 @@ class DataConnection(asyncio.BufferedProtocol):
         self.prune_timer: asyncio.TimerHandle | None = None
         self.transport: asyncio.Transport | None = None
         self.closed = False
+        self.loads = 0  # gets waiting for a promotion from NVMe
         self.reading_paused = False
         self.write_paused = False
+        self.t_in = 0.0  # when the bytes being parsed arrived (latency start)
+        self.put_t0 = 0.0  # when the current put's header arrived
+        self.rx = 0  # bytes received
+        self.peer = ""  # "host:port", for log lines
+        self.lingering = False  # draining: answered all it will, swallowing input until EOF
+        self.in_parse = False
+        self.max_pipelined = server.max_pipelined  # unanswered requests before reading stops
+        self.burst = server.max_inflight_bytes  # response bytes queued before a mid-parse flush
+        self.flushed_at = 0  # self.sent at the last flush
+        self.peer_ip: str | None = None
+        # auth: the connection's token (by digest) and its permission per namespace
+        self.auth = server.auth
+        self.grant: Grant | None = None
+        self.digest = b""
+        self.auth_gen = 0
+        self.masks: dict[bytes, int] = {}
 
     # ------------------------------------------------------------ lifecycle
     def connection_made(self, transport):
         self.transport = transport
         srv = self.server
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "")
+        if srv.draining:  # accepted just before the listener closed
+            transport.close()
+            self.closed = True
+            return
         if len(srv.connections) >= srv.max_connections:
             srv.counters["rejected_connections"] += 1
             transport.write(encode_error(OP_PING, 0, errors.Unavailable.code,
@@ -106,6 +190,19 @@ class DataConnection(asyncio.BufferedProtocol):
             transport.close()
             self.closed = True
             return
+        ip = peer[0] if isinstance(peer, tuple) and peer else None
+        if ip is not None:
+            n = srv.per_client.get(ip, 0)
+            if n >= srv.max_per_client:
+                srv.counters["rejected_connections_per_client"] += 1
+                transport.write(encode_error(OP_PING, 0, errors.Unavailable.code,
+                                             f"too many connections from {ip} "
+                                             f"(max {srv.max_per_client} per client)"))
+                transport.close()
+                self.closed = True
+                return
+            srv.per_client[ip] = n + 1
+            self.peer_ip = ip
         srv.connections.add(self)
         srv.counters["connections_total"] += 1
         sock = transport.get_extra_info("socket")
@@ -114,11 +211,23 @@ class DataConnection(asyncio.BufferedProtocol):
             if srv.tcp_congestion:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, srv.tcp_congestion.encode())
         # pause reading once this many response bytes are queued (per-connection back-pressure)
-        transport.set_write_buffer_limits(high=srv.max_inflight_bytes, low=srv.max_inflight_bytes // 2)
+        if srv.tls is not None:
+            self.burst = min(self.burst, TLS_MAX_INFLIGHT)
+        transport.set_write_buffer_limits(high=self.burst, low=self.burst // 2)
 
     def connection_lost(self, exc):
         self.closed = True
-        self.server.connections.discard(self)
+        if self.peer_ip is not None:
+            left = self.server.per_client.get(self.peer_ip, 1) - 1
+            if left > 0:
+                self.server.per_client[self.peer_ip] = left
+            else:
+                self.server.per_client.pop(self.peer_ip, None)
+            self.peer_ip = None
+        if self in self.server.connections:
+            self.server.connections.discard(self)
+            self.server.rx_closed += self.rx
+            self.server.tx_closed += self.sent
         if self.waiting is not None:
             self.waiting.cancel()
         if self.res is not None:
@@ -136,7 +245,37 @@ class DataConnection(asyncio.BufferedProtocol):
         self.closed = True
 
     def busy(self) -> bool:
-        return bool(self.pending or self.res is not None or self.waiting is not None)
+        return bool(self.pending or self.res is not None or self.waiting is not None or self.loads)
+
+    def idle(self) -> bool:
+        """No request half done: nothing being received, waited for or loaded."""
+        return self.target is None and self.res is None and self.waiting is None and not self.loads
+
+    def close_drained(self) -> None:
+        """Drain: send what is queued, then FIN; swallow further input until the client closes."""
+        self._flush()
+        if self.transport is None or self.closed:
+            return
+        if not self._unread():
+            self.close()
+            return
+        # Closing a socket with unread input sends a RST, which can destroy responses
+        # still on their way. Half-close instead and discard input for a while.
+        self.lingering = True
+        if self.transport.can_write_eof():
+            self.transport.write_eof()
+        self._resume_reading()
+        asyncio.get_running_loop().call_later(LINGER, self.close)
+
+    def _unread(self) -> bool:
+        if self.hend > self.hstart:
+            return True
+        sock = self.transport.get_extra_info("socket")
+        try:
+            return sock is not None and int.from_bytes(
+                fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0"), "little") > 0
+        except OSError:
+            return True
 
     def pause_writing(self):
         self.write_paused = True
@@ -145,8 +284,20 @@ class DataConnection(asyncio.BufferedProtocol):
     def resume_writing(self):
         self.write_paused = False
         self._prune()
-        if self.waiting is None:
-            self._resume_reading()
+        self._unblock()
+
+    def _unblock(self) -> None:
+        """Resume reading, and parse frames already received, once nothing holds the
+        connection back (queued responses, a put waiting for space, too many requests)."""
+        if (self.closed or self.in_parse or self.lingering or self.write_paused
+                or self.waiting is not None or self.server.draining
+                or len(self.pending) + self.loads >= self.max_pipelined):
+            return
+        self._resume_reading()
+        if self.target is None and self.hend - self.hstart >= HEADER_SIZE:
+            self._parse()
+            if self.out:
+                self._flush()
 
     def _pause_reading(self):
         if not self.reading_paused and not self.closed:
@@ -162,6 +313,8 @@ class DataConnection(asyncio.BufferedProtocol):
     def get_buffer(self, sizehint):
         if self.target is not None:
             return self.target[self.got:]
+        if self.lingering:
+            return self.server.scratch
         if self.hend > HEADER_BUFFER - 65536:
             # only an incomplete header (< 232 bytes) is ever left here: cheap to move
             n = self.hend - self.hstart
@@ -170,6 +323,9 @@ class DataConnection(asyncio.BufferedProtocol):
         return self.hview[self.hend:]
 
     def buffer_updated(self, nbytes):
+        self.rx += nbytes
+        if self.lingering:  # draining: input after our last response is discarded
+            return
         if self.target is not None:
             self.got += nbytes
             if self.got == self.want:
@@ -186,7 +342,15 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def _parse(self) -> None:
         hb = self.hbuf
-        while not self.closed and self.target is None and self.waiting is None:
+        self.t_in = _now()
+        self.in_parse = True
+        # stop at a payload, a put waiting for space, a full write buffer, or
+        # max_pipelined unanswered requests; _unblock() picks up from there
+        while (not self.closed and self.target is None and self.waiting is None
+               and not self.write_paused and len(self.pending) + self.loads < self.max_pipelined):
+            if self.server.draining:  # start nothing new; DataServer.drain closes us
+                self._pause_reading()
+                break
             avail = self.hend - self.hstart
             if avail < HEADER_SIZE:
                 break
@@ -199,25 +363,103 @@ class DataConnection(asyncio.BufferedProtocol):
             head = HEADER_SIZE + ns_len + key_len
             if avail < head:
                 break
+            if op == OP_AUTH and avail < head + plen <= head + MAX_TOKEN_LEN:
+                break  # wait for the whole token
             p = self.hstart + HEADER_SIZE
             ns = bytes(hb[p:p + ns_len])
             key = bytes(hb[p + ns_len:p + head - HEADER_SIZE])
             self.hstart += head
             self.req_id = rid
             if op == OP_PUT:
+                self.put_t0 = self.t_in
+                if self.auth is not None and not self._allowed(ns, WRITE, op, rid, plen):
+                    continue
                 self._begin_put(rid, ns, key, plen, csum, bool(flags & FLAG_OVERWRITE))
             elif op == OP_GET:
                 if plen:
                     return self._fatal(rid, "a get request carries no payload")
+                if self.auth is not None and not self._allowed(ns, READ, op, rid, 0):
+                    continue
                 self._get(rid, ns, key)
             elif op == OP_PING:
                 if plen:
                     return self._fatal(rid, "a ping request carries no payload")
+                if self.auth is not None and self.grant is None:
+                    self._unauthenticated(op, rid, 0)
+                    continue
                 self._send(encode_response(OP_PING, rid))
+            elif op == OP_AUTH:
+                if ns_len or key_len or not 1 <= plen <= MAX_TOKEN_LEN:
+                    self._reject(op, rid, plen, errors.InvalidArgument(
+                        f"an auth frame carries a token of 1-{MAX_TOKEN_LEN} bytes and no "
+                        "namespace or key"))
+                    continue
+                token = bytes(hb[self.hstart:self.hstart + plen])
+                self.hstart += plen
+                self._authenticate(rid, token)
             else:
                 self._reject(op, rid, plen, errors.InvalidArgument(f"unknown op {op}"))
+        self.in_parse = False
         if self.hstart == self.hend:
             self.hstart = self.hend = 0
+        elif len(self.pending) + self.loads >= self.max_pipelined and not self.reading_paused:
+            self.server.counters["pipeline_limit_pauses"] += 1
+            self._pause_reading()  # too many unanswered requests: _prune/_flush resume
+
+    # ----------------------------------------------------------------- auth
+    def _authenticate(self, rid: int, token: bytes) -> None:
+        auth = self.auth
+        if auth is None:  # auth off: a token is accepted and ignored
+            self._send(encode_response(OP_AUTH, rid))
+            return
+        try:
+            self.digest, self.grant = auth.authenticate(token)
+        except errors.PermissionDenied as e:
+            self.grant = None
+            self.server.counters["auth_rejected_bad_token"] += 1
+            self.server.counters["errors_PermissionDenied"] += 1
+            log.info("closing data connection: %s", e.message, extra={"req_id": rid, "peer": self.peer})
+            self._send(encode_error(OP_AUTH, rid, e.code, e.message))
+            self._flush()
+            self.close()
+            return
+        self.auth_gen = auth.generation
+        self.masks.clear()
+        self.server.counters["auth_ok"] += 1
+        self._send(encode_response(OP_AUTH, rid))
+
+    def _unauthenticated(self, op: int, rid: int, plen: int, reason: str = "no_token",
+                         message: str = "") -> None:
+        # the request is refused (its payload skipped); the connection stays open for an AUTH
+        self.server.counters["auth_rejected_" + reason] += 1
+        self._reject(op, rid, plen, Unauthenticated(message or TOKEN_REQUIRED))
+
+    def _allowed(self, ns: bytes, need: int, op: int, rid: int, plen: int) -> bool:
+        """Whether this connection's token may ``need`` (READ/WRITE) in ``ns``; if not,
+        the request is answered with PermissionDenied (and its payload skipped)."""
+        grant = self.grant
+        if grant is None:
+            self._unauthenticated(op, rid, plen)
+            return False
+        if self.auth_gen != self.auth.generation:  # tokens reloaded: look ours up again
+            self.auth_gen = self.auth.generation
+            self.masks.clear()
+            grant = self.grant = self.auth.tokens.get(self.digest)
+            if grant is None:
+                self._unauthenticated(op, rid, plen, "revoked",
+                                      "this connection's token was revoked: authenticate again")
+                return False
+        mask = self.masks.get(ns)
+        if mask is None:
+            mask = grant.mask(ns)
+            if len(self.masks) < _MASK_CACHE:
+                self.masks[ns] = mask
+        if mask & need:
+            return True
+        reason, err = denial(grant, ns, need, mask)
+        self.server.counters["auth_rejected_" + reason] += 1
+        self._reject(op, rid, plen, err)
+        return False
 
     # ------------------------------------------------------------------ put
     def _begin_put(self, rid: int, ns: bytes, key: bytes, plen: int, csum: int, overwrite: bool) -> None:
@@ -290,7 +532,8 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def _reservation_expired(self, res: "Reservation") -> None:
         # the writer stalled past reservation_timeout: stop writing into the slot now
-        log.warning("closing a data connection whose put stalled past the reservation timeout")
+        log.warning("closing a data connection whose put stalled past the reservation timeout",
+                    extra={"req_id": self.req_id, "peer": self.peer, "size": res.size})
         self.server.counters["stalled_puts"] += 1
         self.res = None
         self.target = None
@@ -318,6 +561,7 @@ class DataConnection(asyncio.BufferedProtocol):
     def _reject(self, op: int, rid: int, plen: int, err: errors.KVStoreError) -> None:
         """Answer with a typed error once the request's payload has been skipped."""
         self.server.counters["errors_" + err.name] += 1
+        _log_error(op, rid, self.peer, err)
         frame = encode_error(op, rid, err.code, err.message)
         if plen == 0:
             self._send(frame)
@@ -327,11 +571,13 @@ class DataConnection(asyncio.BufferedProtocol):
 
     def _error(self, op: int, rid: int, err: errors.KVStoreError) -> None:
         self.server.counters["errors_" + err.name] += 1
+        _log_error(op, rid, self.peer, err)
         self._send(encode_error(op, rid, err.code, err.message))
 
     def _fatal(self, rid: int, message: str) -> None:
+        self.in_parse = False
         self.server.counters["errors_ProtocolError"] += 1
-        log.info("closing data connection: %s", message)
+        log.info("closing data connection: %s", message, extra={"req_id": rid, "peer": self.peer})
         self._send(encode_error(0, rid, errors.ProtocolError.code, message))
         self._flush()
         self.close()
@@ -341,24 +587,60 @@ class DataConnection(asyncio.BufferedProtocol):
         try:
             _check_names(ns, key)
             e = self.store.acquire(ns, key)
+        except NotResident:
+            # on NVMe: promote in the background; later requests go on meanwhile and this
+            # response may overtake or follow them (responses carry the request id)
+            self.loads += 1
+            asyncio.get_running_loop().create_task(self._get_later(rid, ns, key, self.t_in))
+            return
         except errors.KVStoreError as err:
             return self._error(OP_GET, rid, err)
+        self._send_object(rid, e)
+
+    async def _get_later(self, rid: int, ns: bytes, key: bytes, t0: float = 0.0) -> None:
+        try:
+            e = await self.store.acquire_async(ns, key)
+        except errors.KVStoreError as err:
+            self.loads -= 1
+            if not self.closed:
+                self._error(OP_GET, rid, err)
+                self._flush()
+            return
+        self.loads -= 1
+        if self.closed:
+            self.store.release(e)
+            return
+        self._send_object(rid, e, t0)
+        self._flush()
+
+    def _send_object(self, rid: int, e: "Entry", t0: float = 0.0) -> None:
         self.out.append(encode_response(OP_GET, rid, 0, e.size, e.checksum))
         self.out.append(self.store.view(e))
         self.sent += HEADER_SIZE + e.size
-        self.pending.append((self.sent, e))
+        # the get's latency is observed when its bytes have left for the kernel (_prune)
+        self.pending.append((self.sent, e, t0 or self.t_in))
+        if self.sent - self.flushed_at >= self.burst:
+            self._flush()  # bound what one pipelined burst queues (pause_writing may follow)
 
     def _send(self, frame: bytes) -> None:
         if not self.closed:
             self.out.append(frame)
             self.sent += len(frame)
+            op = frame[5]  # every response but a get's object passes here: time it by its op
+            if op == OP_PUT:
+                self.server.latency[OP_PUT].observe(_now() - self.put_t0)
+            elif op:  # 0: a connection-level error, not an answer to a request
+                self.server.latency.get(op, self.server.latency_other).observe(_now() - self.t_in)
 
     def _flush(self) -> None:
         out, self.out = self.out, []
+        self.flushed_at = self.sent
         if not self.closed:
             self.transport.writelines(out)
             if self.pending:
                 self._prune()
+            elif self.reading_paused:
+                self._unblock()
 
     def _prune(self) -> None:
         """Release read references whose bytes have left uvloop's buffer."""
@@ -369,10 +651,16 @@ class DataConnection(asyncio.BufferedProtocol):
             return
         drained = self.sent - self.transport.get_write_buffer_size()
         pending = self.pending
-        while pending and pending[0][0] <= drained:
-            self.store.release(pending.popleft()[1])
+        if pending and pending[0][0] <= drained:
+            hist, now = self.server.latency[OP_GET], _now()
+            while pending and pending[0][0] <= drained:
+                _, e, t0 = pending.popleft()
+                self.store.release(e)
+                hist.observe(now - t0)
         if pending:
             self.prune_timer = asyncio.get_running_loop().call_later(_PRUNE_INTERVAL, self._prune)
+        if self.reading_paused:
+            self._unblock()
 
 
 class _Sink:
@@ -387,6 +675,13 @@ class _Sink:
     def __getitem__(self, s: slice) -> memoryview:
         left = self.size - (s.start or 0)
         return self.scratch[:min(left, len(self.scratch))]
+
+
+def _log_error(op: int, rid: int, peer: str, err: errors.KVStoreError) -> None:
+    """A typed error answered to a client: debug (the client has it; the metric counts it)."""
+    if log.isEnabledFor(logging.DEBUG):
+        log.debug("request failed: %s", err.message, extra={
+            "req_id": rid, "peer": peer, "op": OPS.get(op, op), "error": err.name})
 
 
 def _dedup_response(rid: int) -> bytes:

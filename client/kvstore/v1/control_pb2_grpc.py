@@ -89,6 +89,16 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_control__pb2.ListRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_control__pb2.ListResponse.FromString,
                 _registered_method=True)
+        self.DeleteAll = channel.unary_unary(
+                '/kvstore.v1.KVStore/DeleteAll',
+                request_serializer=kvstore_dot_v1_dot_control__pb2.DeleteAllRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.CountResponse.FromString,
+                _registered_method=True)
+        self.Reload = channel.unary_unary(
+                '/kvstore.v1.KVStore/Reload',
+                request_serializer=kvstore_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.ReloadResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -163,6 +173,22 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def DeleteAll(self, request, context):
+        """Admin: delete every object of a namespace ("" = of every namespace). With auth on,
+        needs a token with the admin scope on that namespace ("*" for "").
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Reload(self, request, context):
+        """Admin: what SIGHUP does (re-read the tokens file and the TLS certificates).
+        With auth on, needs an admin token for "*".
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -220,6 +246,16 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.List,
                     request_deserializer=kvstore_dot_v1_dot_control__pb2.ListRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_control__pb2.ListResponse.SerializeToString,
+            ),
+            'DeleteAll': grpc.unary_unary_rpc_method_handler(
+                    servicer.DeleteAll,
+                    request_deserializer=kvstore_dot_v1_dot_control__pb2.DeleteAllRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.CountResponse.SerializeToString,
+            ),
+            'Reload': grpc.unary_unary_rpc_method_handler(
+                    servicer.Reload,
+                    request_deserializer=kvstore_dot_v1_dot_control__pb2.ReloadRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.ReloadResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -519,6 +555,60 @@ class KVStore:
             '/kvstore.v1.KVStore/List',
             kvstore_dot_v1_dot_control__pb2.ListRequest.SerializeToString,
             kvstore_dot_v1_dot_control__pb2.ListResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def DeleteAll(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/DeleteAll',
+            kvstore_dot_v1_dot_control__pb2.DeleteAllRequest.SerializeToString,
+            kvstore_dot_v1_dot_control__pb2.CountResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Reload(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Reload',
+            kvstore_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
+            kvstore_dot_v1_dot_control__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,454 @@
+"""Prometheus metrics: every family the daemon exports, on a private registry.
+
+Two kinds of numbers, two mechanisms:
+
+* **State and engine counters** (capacity, use, objects, pins, hits, misses,
+  evictions, connections, errors...) already live in ``Store.stats()`` and the
+  data server's counters. :class:`NodeCollector` reads them *at scrape time*,
+  so they cost nothing per request.
+* **Per-op latency** is recorded on the hot path by :class:`LatencyHistogram`,
+  a plain list of bucket counts (the event loop is single-threaded, so no
+  lock), exported as a Prometheus histogram at scrape time. Measured on the
+  project's 2-core machine, 100k calls each: ``prometheus_client``
+  ``Histogram.observe`` 0.85-0.95 us (``.labels(op).observe`` 1.9 us),
+  ``Counter.inc`` 0.42 us, this class's ``observe`` 0.16 us, plus 0.07 us per
+  ``time.perf_counter()``. A 64 KiB put over loopback TCP takes tens of
+  microseconds, so a ~0.3 us timing per request (<1 %) needs neither sampling
+  nor batching; the operation counters are the histograms' counts.
+
+Per-tier families iterate over ``Store.tier_stats()`` (one dict per tier:
+name, capacity, used, objects, hits, misses, evictions, evicted_bytes,
+bytes_read, bytes_written, checksum_failures; a missing key leaves that
+tier's series out), so a new tier shows up by reporting itself there.
+
+The endpoint is a small asyncio HTTP server on the daemon's event loop
+(:class:`MetricsServer`): the Store has no locks and must only be read from that
+loop, which rules out prometheus_client's thread-per-request server. It serves
+``/metrics`` (text or OpenMetrics by ``Accept``, gzip when asked), ``/healthz``
+(200 while the process is alive) and ``/readyz`` (200 when serving, 503 while
+starting or draining).
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import time
+from bisect import bisect_left
+from typing import TYPE_CHECKING, Any, Iterable
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry, ProcessCollector
+from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
+                                    HistogramMetricFamily)
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+from prometheus_client.registry import Collector
+
+import kvstored
+from kvstore import errors
+
+if TYPE_CHECKING:
+    from kvstored.node import Node
+
+log = logging.getLogger("kvstored.metrics")
+
+# Upper bounds (seconds) of the latency buckets: 25 us (a ping, a cache-hot get)
+# to 5 s (a put that waited put_wait_timeout for space, a slow reader).
+BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
+           0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
+_LE = tuple(repr(b) for b in BUCKETS) + ("+Inf",)
+
+# every error type, so the series exist (at 0) before the first error
+ERROR_TYPES = tuple(sorted({c.name for c in (errors.NotFound, errors.NoSpace, errors.Conflict,
+                                             errors.ChecksumMismatch, errors.InvalidArgument,
+                                             errors.PermissionDenied, errors.Unavailable,
+                                             errors.ProtocolError, errors.Timeout,
+                                             errors.KVStoreError)}))
+
+
+class LatencyHistogram:
+    """Bucket counts and a sum; ``observe`` is ~0.16 us (see the module docstring)."""
+
+    __slots__ = ("counts", "sum")
+
+    def __init__(self):
+        self.counts = [0] * (len(BUCKETS) + 1)
+        self.sum = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bucket (Prometheus "le")
+        self.counts[bisect_left(BUCKETS, seconds)] += 1
+        self.sum += seconds
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+    def buckets(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for le, n in zip(_LE, self.counts):
+            total += n
+            out.append((le, total))
+        return out
+
+
+# names the engine's tier dicts use -> the names the families below read
+_TIER_ALIASES = {"capacity": "capacity_bytes", "used": "used_bytes",
+                 "bytes_read": "read_bytes", "bytes_written": "written_bytes"}
+
+
+def tier_stats(store: Any, stats: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    """``{tier: {capacity_bytes, used_bytes, objects, hits, ...}}`` for every tier.
+
+    Reads ``store.tier_stats()`` (a list of ``{"name": ..., "capacity": ..., "used": ...,
+    counters...}``) when the engine has it, else the DRAM-only keys of ``stats``. The DRAM
+    tier's read/written bytes are the store's get/put bytes (every get is served from, and
+    every put lands in, DRAM).
+    """
+    raw = store.tier_stats() if hasattr(store, "tier_stats") else None
+    tiers: dict[str, dict[str, Any]] = {}
+    for t in raw or ():
+        if isinstance(t, dict) and "name" in t:
+            tiers[str(t["name"])] = {_TIER_ALIASES.get(k, k): v for k, v in t.items()}
+    dram = tiers.setdefault("dram", {})
+    for key, value in (("capacity_bytes", stats.get("dram_capacity", 0)),
+                       ("used_bytes", stats.get("dram_used", 0)),
+                       ("objects", stats.get("objects", 0)),
+                       ("hits", stats.get("hits", 0)), ("misses", stats.get("misses", 0)),
+                       ("evictions", stats.get("evictions", 0)),
+                       ("evicted_bytes", stats.get("evicted_bytes", 0)),
+                       ("read_bytes", stats.get("get_bytes", 0)),
+                       ("written_bytes", stats.get("put_bytes", 0)),
+                       ("checksum_failures", stats.get("checksum_failures", 0))):
+        dram.setdefault(key, value)
+    for t in tiers.values():  # NVMe drops whole regions: its evictions are the objects dropped
+        if "evictions" not in t and "objects_dropped" in t:
+            t["evictions"] = t["objects_dropped"]
+        if "read_errors" in t or "write_errors" in t:
+            t["io_errors"] = t.get("read_errors", 0) + t.get("write_errors", 0)
+    return tiers
+
+
+# (family, help, key in the tier dict, type)
+_TIER_FAMILIES = (
+    ("kvstored_tier_capacity_bytes", "Capacity of the tier in bytes.", "capacity_bytes", "gauge"),
+    ("kvstored_tier_used_bytes", "Bytes of the tier in use (allocated slots or regions).",
+     "used_bytes", "gauge"),
+    ("kvstored_tier_objects", "Objects held by the tier.", "objects", "gauge"),
+    ("kvstored_tier_hits", "Gets answered from the tier.", "hits", "counter"),
+    ("kvstored_tier_misses", "Gets that found nothing in the tier.", "misses", "counter"),
+    ("kvstored_tier_evictions", "Objects evicted from the tier.", "evictions", "counter"),
+    ("kvstored_tier_evicted_bytes", "Bytes evicted from the tier.", "evicted_bytes", "counter"),
+    ("kvstored_tier_read_bytes", "Object bytes read from the tier (served gets).",
+     "read_bytes", "counter"),
+    ("kvstored_tier_written_bytes", "Object bytes written to the tier (committed puts).",
+     "written_bytes", "counter"),
+    ("kvstored_checksum_failures", "Payloads whose checksum did not match, by tier; the bad "
+     "copy is dropped, never served.", "checksum_failures", "counter"),
+    # lower tiers only (the NVMe tier): absent keys export no series for DRAM
+    ("kvstored_tier_demotions", "Objects written to the tier when evicted from DRAM.",
+     "demotions", "counter"),
+    ("kvstored_tier_promotions", "Objects read from the tier back into DRAM for a get.",
+     "promotions", "counter"),
+    ("kvstored_tier_io_errors", "Failed reads and writes on the tier's device.", "io_errors",
+     "counter"),
+    ("kvstored_tier_not_admitted", "Evicted objects not demoted (admission policy or write "
+     "budget).", "not_admitted", "counter"),
+    ("kvstored_tier_regions_free", "Regions of the tier not holding data.", "regions_free", "gauge"),
+    ("kvstored_tier_io_backend_fallback", "1 when the tier runs on pread/pwrite threads because "
+     "io_uring was refused.", "io_backend_fallback", "gauge"),
+)
+
+# Store counters exported one-to-one: (family, help, counter)
+_STORE_COUNTERS = (
+    ("kvstored_pins", "Pin leases taken (one per key pinned).", "pins"),
+    ("kvstored_unpins", "Pins released by unpin.", "unpins"),
+    ("kvstored_dedups", "Puts of an object already stored (no-ops).", "dedups"),
+    ("kvstored_conflicts", "Puts refused because the key holds different bytes.", "conflicts"),
+    ("kvstored_no_space", "Reservations that found no evictable space (a put may then wait).",
+     "no_space"),
+    ("kvstored_reservations_expired", "Reservations reclaimed after reservation_timeout.",
+     "reservations_expired"),
+    ("kvstored_deletes", "Objects deleted.", "deletes"),
+)
+
+
+def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None):
+    f = CounterMetricFamily(name, doc, labels=list(labels or ()))
+    f.add_metric(list((labels or {}).values()), value)
+    return f
+
+
+def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = None):
+    f = GaugeMetricFamily(name, doc, labels=list(labels or ()))
+    f.add_metric(list((labels or {}).values()), value)
+    return f
+
+
+class NodeCollector(Collector):
+    """Reads the node's state at scrape time. Runs on the event loop (see MetricsServer)."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+
+    def collect(self) -> Iterable:
+        node = self.node
+        stats = node.store.stats()
+        srv = node.data_server
+        counters = srv.counters
+
+        info = GaugeMetricFamily("kvstored_build_info", "Always 1; labels name the build and node.",
+                                 labels=["version", "node_id"])
+        info.add_metric([kvstored.__version__, node.node_id], 1)
+        yield info
+        yield _gauge("kvstored_ready", "1 while serving; 0 while starting or draining "
+                     "(liveness is the endpoint answering at all).", 1 if node.ready else 0)
+        yield _gauge("kvstored_uptime_seconds", "Seconds since the daemon started.", node.uptime())
+
+        # ---- operations and latency
+        ops = CounterMetricFamily("kvstored_operations", "Requests answered, by plane and op "
+                                  "(errors included; see kvstored_errors_total).",
+                                  labels=["plane", "op"])
+        lat = HistogramMetricFamily(
+            "kvstored_request_duration_seconds",
+            "Server-side time per request. data/put: header parsed to response queued (the "
+            "payload's arrival included); data/get: header parsed to the payload handed to the "
+            "kernel; control: the gRPC handler.", labels=["plane", "op"])
+        for plane, hists in (("data", srv.latency_by_name()), ("control", node.metrics.control)):
+            for op, h in sorted(hists.items()):
+                ops.add_metric([plane, op], h.count)
+                lat.add_metric([plane, op], h.buckets(), h.sum)
+        yield ops
+        yield lat
+
+        errs = CounterMetricFamily("kvstored_errors", "Typed errors answered, by plane and type.",
+                                   labels=["plane", "type"])
+        for plane, prefix in (("data", "errors_"), ("control", "control_errors_")):
+            names = set(ERROR_TYPES) | {k[len(prefix):] for k in counters if k.startswith(prefix)}
+            for name in sorted(names):
+                errs.add_metric([plane, name], counters.get(prefix + name, 0))
+        yield errs
+
+        net = CounterMetricFamily("kvstored_network_bytes", "Bytes received from and queued to "
+                                  "data-path sockets (headers and payloads).",
+                                  labels=["plane", "direction"])
+        rx, tx = srv.traffic()
+        net.add_metric(["data", "received"], rx)
+        net.add_metric(["data", "sent"], tx)
+        yield net
+
+        # ---- tiers
+        tiers = tier_stats(node.store, stats)
+        for name, doc, key, kind in _TIER_FAMILIES:
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, doc, labels=["tier"])
+            for tier, t in tiers.items():
+                if key in t:
+                    fam.add_metric([tier], float(t[key]))
+            yield fam
+
+        # ---- objects, reservations, pins
+        yield _gauge("kvstored_objects", "Committed objects (all tiers).", stats["objects"])
+        yield _gauge("kvstored_object_bytes", "Bytes of committed objects.", stats["object_bytes"])
+        yield _gauge("kvstored_reservations", "Puts reserved and not yet committed.",
+                     stats["reservations"])
+        yield _gauge("kvstored_reserved_bytes", "Bytes held by uncommitted reservations.",
+                     stats["reserved_bytes"])
+        yield _gauge("kvstored_pinned_objects", "Objects under a live pin lease.", stats["pinned"])
+        for name, doc, key in _STORE_COUNTERS:
+            yield _counter(name, doc, stats.get(key, 0))
+        yield _counter("kvstored_stalled_puts", "Data connections closed because a put stalled "
+                       "past reservation_timeout.", counters.get("stalled_puts", 0))
+
+        # ---- connections
+        yield _gauge("kvstored_connections", "Open connections.", len(srv.connections),
+                     {"plane": "data"})
+        yield _counter("kvstored_connections_accepted", "Connections accepted.",
+                       counters.get("connections_total", 0), {"plane": "data"})
+        yield _counter("kvstored_connections_rejected", "Connections refused at "
+                       "server.max_connections.", counters.get("rejected_connections", 0),
+                       {"plane": "data"})
+
+        # ---- security (kvstored/auth.py, kvstored/tls.py): counters kept by the servers
+        yield from _security_families(node, counters)
+
+        # ---- lifecycle
+        reloads = CounterMetricFamily("kvstored_config_reloads", "SIGHUP reloads, by result.",
+                                      labels=["result"])
+        for result in ("ok", "failed"):
+            reloads.add_metric([result], node.metrics.reloads[result])
+        yield reloads
+
+        # ---- cluster repair: the cluster layer is not built yet (one node, no redundancy),
+        # so no repair ever runs. The families exist so dashboards and alerts can be written
+        # against them now; the values are true (nothing to repair), not placeholders.
+        yield _gauge("kvstored_repair_pending_objects", "Objects waiting to be rebuilt after a "
+                     "node loss. Always 0 until the cluster layer exists (single node: nothing "
+                     "to repair).", 0)
+        yield _counter("kvstored_repair_objects", "Objects rebuilt by repair. Always 0 until the "
+                       "cluster layer exists (single node: nothing to repair).", 0)
+
+
+AUTH_REASONS = ("no_token", "bad_token", "namespace", "scope", "revoked")
+
+
+def _security_families(node: "Node", counters) -> Iterable:
+    auth = CounterMetricFamily(
+        "kvstored_auth_rejected", "Requests refused for their token, by plane and reason "
+        "(no_token, bad_token, namespace, scope, revoked).", labels=["plane", "reason"])
+    for plane, prefix in (("data", "auth_rejected_"), ("control", "control_auth_rejected_")):
+        reasons = set(AUTH_REASONS) | {k[len(prefix):] for k in counters if k.startswith(prefix)}
+        for reason in sorted(reasons):
+            auth.add_metric([plane, reason], counters.get(prefix + reason, 0))
+    yield auth
+    prefix = "tls_handshake_failed_"
+    tls = CounterMetricFamily(
+        "kvstored_tls_handshake_failures", "Failed TLS handshakes on the data port, by reason "
+        "(plaintext, cert_expired, cert_untrusted, cert_invalid, no_cert, protocol, timeout, "
+        "other).", labels=["plane", "reason"])
+    for k in sorted(counters):
+        if k.startswith(prefix):
+            tls.add_metric(["data", k[len(prefix):]], counters[k])
+    yield tls
+    tls_ctl = getattr(node, "tls", None)
+    if tls_ctl is not None:
+        c = tls_ctl.counters()
+        yield _counter("kvstored_tls_handshakes", "TLS handshakes started on the control port "
+                       "(gRPC reports no outcome; compare kvstored_tls_sessions).",
+                       c["control_tls_handshakes"], {"plane": "control"})
+        yield _counter("kvstored_tls_sessions", "Control-port TLS connections that made a call "
+                       "(their handshake worked).", c["control_tls_connections"],
+                       {"plane": "control"})
+    yield _counter("kvstored_connections_rejected_per_client", "Data connections refused at "
+                   "server.max_connections_per_client.",
+                   counters.get("rejected_connections_per_client", 0), {"plane": "data"})
+    yield _counter("kvstored_pipeline_limit_pauses", "Times a data connection stopped being "
+                   "read at server.max_pipelined_requests.",
+                   counters.get("pipeline_limit_pauses", 0), {"plane": "data"})
+
+
+class Metrics:
+    """The node's private registry, its hot-path histograms and the HTTP endpoint."""
+
+    def __init__(self, node: "Node"):
+        self.registry = CollectorRegistry(auto_describe=False)
+        self.control: dict[str, LatencyHistogram] = {}
+        self.reloads = {"ok": 0, "failed": 0}
+        self.registry.register(NodeCollector(node))
+        ProcessCollector(registry=self.registry)  # process_* (rss, cpu, open fds...)
+        self.server: MetricsServer | None = None
+        self.node = node
+
+    def observe_control(self, method: str, seconds: float) -> None:
+        h = self.control.get(method)
+        if h is None:
+            h = self.control[method] = LatencyHistogram()
+        h.observe(seconds)
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = MetricsServer(self.registry, self.node)
+        return await self.server.start(host, port)
+
+    async def close(self) -> None:
+        if self.server is not None:
+            await self.server.close()
+
+
+HEAD_LIMIT = 16 << 10  # request line + headers
+REQUEST_TIMEOUT = 10.0
+
+
+class MetricsServer:
+    """HTTP/1.1 (one request per connection) on the daemon's loop: /metrics /healthz /readyz."""
+
+    def __init__(self, registry: CollectorRegistry, node: "Node"):
+        self.registry = registry
+        self.node = node
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port, limit=HEAD_LIMIT,
+                                                 reuse_address=True)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def _respond(self, method: str, path: str, query: str, headers: dict[str, str]):
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"live\n", []
+        if path == "/readyz":
+            ok = self.node.ready
+            return (200 if ok else 503), "text/plain; charset=utf-8", \
+                f"{'ready' if ok else 'not ready'}: {self.node.state}\n".encode(), []
+        if path in ("/metrics", "/"):
+            encoder, ctype = choose_encoder(headers.get("accept", ""))
+            registry = self.registry
+            params = parse_qs(query)
+            if "name[]" in params:
+                registry = registry.restricted_registry(params["name[]"])
+            body = encoder(registry)
+            extra = []
+            if gzip_accepted(headers.get("accept-encoding", "")):
+                body = gzip.compress(body, compresslevel=1)
+                extra.append(("Content-Encoding", "gzip"))
+            return 200, ctype, body, extra
+        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n", []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                    ConnectionError):
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split()
+            if len(parts) != 3:
+                status, ctype, body, extra = 400, "text/plain", b"bad request\n", []
+                method = "GET"
+            else:
+                method, target, _version = parts
+                headers = {}
+                for line in lines[1:]:
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        headers[name.strip().lower()] = value.strip()
+                if method not in ("GET", "HEAD"):
+                    status, ctype, body, extra = (405, "text/plain", b"use GET\n",
+                                                  [("Allow", "GET, HEAD")])
+                else:
+                    url = urlsplit(target)
+                    t0 = time.perf_counter()
+                    try:
+                        status, ctype, body, extra = self._respond(method, url.path, url.query,
+                                                                   headers)
+                    except Exception:
+                        log.exception("metrics scrape failed")
+                        status, ctype, body, extra = 500, "text/plain", b"internal error\n", []
+                    if time.perf_counter() - t0 > 0.1:
+                        log.info("slow metrics scrape", extra={
+                            "seconds": round(time.perf_counter() - t0, 3)})
+            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                      405: "Method Not Allowed", 500: "Internal Server Error",
+                      503: "Service Unavailable"}[status]
+            out = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}",
+                   f"Content-Length: {len(body)}", "Connection: close",
+                   *(f"{k}: {v}" for k, v in extra)]
+            writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
+            if method != "HEAD":
+                writer.write(body)
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
+
+
+__all__ = ["BUCKETS", "LatencyHistogram", "Metrics", "MetricsServer", "NodeCollector",
+           "tier_stats"]

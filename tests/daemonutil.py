@@ -1,0 +1,83 @@
+"""A real kvstored process for tests (imported by conftest.py and by tests that need the class)."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+class Daemon:
+    """A kvstored subprocess started with --port 0 --data-port 0 and a ready file."""
+
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
+        self.tmp = tmp
+        self.ready_file = tmp / f"ready-{time.monotonic_ns()}.json"
+        self.log_path = tmp / f"kvstored-{time.monotonic_ns()}.log"
+        self.args = ["--host", "127.0.0.1", "--port", "0", "--data-port", "0",
+                     "--dram-size", "64MiB", "--slab-size", "4MiB", "--max-value-size", "4MiB",
+                     "--metrics-port", "0",  # never the shared default 9090 (tests run side by side)
+                     "--ready-file", str(self.ready_file), *args]
+        self.env = env
+        self.proc: subprocess.Popen | None = None
+        self.info: dict = {}
+
+    def start(self, timeout: float = 20.0) -> "Daemon":
+        env = dict(os.environ)
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
+        env.update(self.env or {})
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen([sys.executable, "-m", "kvstored", *self.args],
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.ready_file.exists():
+                self.info = json.loads(self.ready_file.read_text())
+                return self
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"kvstored exited with {self.proc.returncode}:\n{self.log()}")
+            time.sleep(0.02)
+        self.stop()
+        raise RuntimeError(f"kvstored not ready within {timeout}s:\n{self.log()}")
+
+    @property
+    def control(self) -> str:
+        return f"127.0.0.1:{self.info['control_port']}"
+
+    @property
+    def data_port(self) -> int:
+        return self.info["data_port"]
+
+    @property
+    def metrics_url(self) -> str:
+        """``http://127.0.0.1:<port>`` of the /metrics, /healthz, /readyz endpoint."""
+        return f"http://127.0.0.1:{self.info['metrics_port']}"
+
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-4000:]
+        except OSError:
+            return ""
+
+    def stop(self, sig: int = signal.SIGTERM, timeout: float = 10.0) -> int | None:
+        if self.proc is None:
+            return None
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            try:
+                self.proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(5)
+        self._log.close()
+        if self.ready_file.exists():
+            self.ready_file.unlink()
+        return self.proc.returncode
