@@ -25,6 +25,7 @@ from kvstored.tls import ServerTLS
 log = logging.getLogger("kvstored")
 
 MAINTENANCE_INTERVAL = 0.5  # seconds between reaping abandoned reservations
+TIER_LOG_INTERVAL = 60.0  # seconds between per-tier stats lines in the log
 SHUTDOWN_FLUSH_TIMEOUT = 60.0  # seconds SIGTERM may spend writing DRAM-only objects to NVMe
 
 
@@ -204,17 +205,30 @@ class Node:
             "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages})
 
     async def _maintain(self) -> None:
+        last_tier_log = time.monotonic()
         while True:
             await asyncio.sleep(MAINTENANCE_INTERVAL)
             try:
                 self.store.reap()
                 self.store.maybe_evict()
+                if time.monotonic() - last_tier_log >= TIER_LOG_INTERVAL:
+                    last_tier_log = time.monotonic()
+                    self._log_tiers()
             except Exception:  # keep maintaining; a bug here must not stop the daemon
                 log.exception("maintenance pass failed")
             if self._watchdog and time.monotonic() - self._watchdog_sent >= self._watchdog:
                 # the loop is turning: tell systemd (WatchdogSec=) we are not wedged
                 sdnotify.notify("WATCHDOG=1")
                 self._watchdog_sent = time.monotonic()
+
+    def _log_tiers(self) -> None:
+        """One line per tier: capacity, use and the counters an operator watches."""
+        keys = ("objects", "hits", "misses", "evictions", "demotions", "promotions",
+                "bytes_written", "checksum_failures", "write_errors", "read_errors")
+        for t in self.store.tier_stats():
+            log.info("tier stats", extra={"tier": t["name"], "capacity": t["capacity"],
+                                          "used": t["used"],
+                                          **{k: t[k] for k in keys if k in t}})
 
     async def stop(self, grace: float | None = None) -> None:
         """Stop accepting, let in-flight requests finish (bounded), then close.
