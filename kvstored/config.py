@@ -145,6 +145,10 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme", "io_backend", "nvme_io_backend", "str"),
     Setting("nvme", "queue_depth", "nvme_queue_depth", "int"),
     Setting("nvme", "flush_on_shutdown", "nvme_flush_on_shutdown", "bool"),
+    Setting("shm", "enabled", "shm_enabled", "bool"),
+    Setting("shm", "socket_path", "shm_socket_path", "str"),
+    Setting("shm", "allowed_uids", "shm_allowed_uids", "str"),
+    Setting("shm", "lease_ttl", "shm_lease_ttl", "float"),
     Setting("engine", "reservation_timeout", "reservation_timeout", "float"),
     Setting("engine", "put_wait_timeout", "put_wait_timeout", "float"),
     Setting("engine", "max_pin_ttl", "max_pin_ttl", "float"),
@@ -265,6 +269,11 @@ class Config:
     high_watermark: float = 0.95
     low_watermark: float = 0.90
     hugepages: bool = True
+    # same-host shared-memory channel (a Unix socket)
+    shm_enabled: bool = True
+    shm_socket_path: str = ""  # empty: <tmpdir>/kvstored-<control port>.sock
+    shm_allowed_uids: str = ""  # comma-separated uids besides the daemon's own and root
+    shm_lease_ttl: float = 30.0  # seconds a get's view stays protected unless released
     # NVMe tier (off while nvme_path is empty)
     nvme_path: str = ""
     nvme_size: int = 0
@@ -341,6 +350,9 @@ class Config:
                               f"one slab (dram.slab_size = {format_size(self.slab_size)})")
 
         self._validate_nvme()
+        self.shm_allowed_uid_set()
+        if not (math.isfinite(self.shm_lease_ttl) and self.shm_lease_ttl > 0):
+            raise ConfigError(f"shm.lease_ttl: must be a positive number of seconds, got {self.shm_lease_ttl}")
         self._validate_security()
         low, high = self.low_watermark, self.high_watermark
         if not 0 < low <= high <= 1:  # also false for NaN
@@ -401,6 +413,13 @@ class Config:
                 load_tokens(self.auth_tokens_file, warn=False)
             except TokensError as e:
                 raise ConfigError(f"auth.tokens_file: {e}") from None
+
+    def shm_allowed_uid_set(self) -> set[int]:
+        try:
+            return {int(u) for u in self.shm_allowed_uids.replace(" ", "").split(",") if u}
+        except ValueError:
+            raise ConfigError(f"shm.allowed_uids: {self.shm_allowed_uids!r} is not a comma-separated "
+                              "list of numeric uids (e.g. \"1000,1001\")") from None
 
     def _validate_nvme(self) -> None:
         if not self.nvme_path:

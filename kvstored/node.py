@@ -6,6 +6,7 @@ import json
 import logging
 import os
 import signal
+import tempfile
 import time
 from dataclasses import dataclass, field
 from typing import Any, Callable
@@ -153,6 +154,8 @@ class Node:
         self.state = "starting"  # starting -> serving -> draining -> stopped (Health, /readyz)
         self.started = time.monotonic()
         self._maintenance: asyncio.Task | None = None
+        self.shm = None  # ShmServer when shm.enabled
+        self.shm_path = ""
         self.metrics = Metrics(self)
         self.metrics_port: int | None = None
         self.source: ConfigSource | None = None  # set by serve(); SIGHUP re-reads it
@@ -189,6 +192,13 @@ class Node:
         await self.grpc_server.start()
         if c.control_port == 0 and self.node_id.endswith(":0"):  # default id names the real port
             self.node_id = f"{self.node_id[:-2]}:{self.control_port}"
+        if c.shm_enabled:
+            from kvstored.dataplane.shm import ShmServer
+            path = c.shm_socket_path or os.path.join(tempfile.gettempdir(),
+                                                     f"kvstored-{self.control_port}.sock")
+            self.shm = ShmServer(self.data_server, path, allowed_uids=c.shm_allowed_uid_set(),
+                                 lease_ttl=c.shm_lease_ttl)
+            self.shm_path = await self.shm.start()
         if c.metrics_enabled:
             try:
                 self.metrics_port = await self.metrics.start(c.metrics_host, c.metrics_port)
@@ -200,7 +210,7 @@ class Node:
         self.state = "serving"
         log.info("kvstored ready", extra={
             "node": self.node_id, "control": f"{c.host}:{self.control_port}",
-            "data": f"{c.host}:{self.data_port}",
+            "data": f"{c.host}:{self.data_port}", "shm": self.shm_path or "off",
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
             "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages})
 
@@ -211,6 +221,8 @@ class Node:
             try:
                 self.store.reap()
                 self.store.maybe_evict()
+                if self.shm is not None:
+                    self.shm.expire_leases()
                 if time.monotonic() - last_tier_log >= TIER_LOG_INTERVAL:
                     last_tier_log = time.monotonic()
                     self._log_tiers()
@@ -242,6 +254,8 @@ class Node:
         self.ready = False
         self.state = "draining"
         self.data_server.stop_accepting()
+        if self.shm is not None:
+            self.shm.close()
         waits = [self.data_server.drain(grace)]
         if self.grpc_server is not None:
             waits.append(self.grpc_server.stop(grace))

@@ -53,12 +53,13 @@ class ServerInfo:
     max_batch_keys: int
     checksum_algorithm: str
     wire_version: int
+    shm_socket: str = ""
 
     @classmethod
     def from_pb(cls, r) -> "ServerInfo":
         return cls(r.node_id, r.version, r.data_host, r.data_port, r.max_value_size,
                    r.max_control_value_size, r.max_key_length, r.max_batch_keys,
-                   r.checksum_algorithm, r.wire_version)
+                   r.checksum_algorithm, r.wire_version, r.shm_socket)
 
 
 _WILDCARD_HOSTS = ("", "0.0.0.0", "::", "[::]")

@@ -8,6 +8,8 @@ collect the responses in whatever order the daemon completes them.
 from __future__ import annotations
 
 import itertools
+import logging
+import os
 import socket
 import ssl
 import struct
@@ -21,10 +23,13 @@ from . import errors
 from ._common import (DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig, as_bytes_view,
                       auth_metadata, control_channel, data_endpoint, grpc_error, split_address,
                       tls_diagnosis, writable_view)
+from .shm import ShmView as ShmViewType
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
                    OP_PUT, checksum, encode_auth, encode_request, key_bytes)
+
+log = logging.getLogger("kvstore")
 
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 # Requests per pipelined round: bounds the response bytes queued in the daemon, so a
@@ -169,9 +174,13 @@ class Client(Namespaced):
 
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
-                 tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None):
+                 tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
+                 shm: bool | None = None):
+        """``shm``: None = use the same-host shared-memory path when the daemon offers one
+        and its socket is reachable here, else TCP; True = require it; False = TCP only."""
         super().__init__(namespace)
         self.address = address
+        self.shm = shm
         self.timeout = timeout
         self.verify_checksums = verify_checksums
         self.tcp_congestion = tcp_congestion
@@ -237,6 +246,10 @@ class Client(Namespaced):
     def _connect(self) -> DataConnection:
         if self._closed:
             raise errors.Unavailable("client is closed")
+        if self.shm is not False and self.tls is None:
+            conn = self._connect_shm()
+            if conn is not None:
+                return conn
         if self._data_address:
             host, _, port = self._data_address.rpartition(":")
         else:
@@ -265,6 +278,57 @@ class Client(Namespaced):
             self._conns.add(conn)
         self._local.conn = conn
         return conn
+
+    def _connect_shm(self):
+        """A shared-memory connection, or None to use TCP (when shm is not required)."""
+        from .shm import ShmConnection
+
+        info = self.info(refresh=True)
+        path = info.shm_socket
+        if not path or not os.path.exists(path):
+            if self.shm:
+                raise errors.Unavailable("shm=True but kvstored offers no shared-memory socket on "
+                                         f"this host ({path or 'shm disabled'})")
+            return None
+        try:
+            conn = ShmConnection(path, self.timeout)
+            conn.setup(self._token)
+        except (OSError, errors.KVStoreError) as e:
+            if self.shm:
+                raise e if isinstance(e, errors.KVStoreError) else errors.Unavailable(
+                    f"cannot use the shm socket {path}: {e}") from None
+            if not getattr(self, "_shm_warned", False):
+                self._shm_warned = True
+                log.warning("kvstore: shared-memory path %s not usable (%s); using TCP", path, e)
+            return None
+        with self._lock:
+            self._conns.add(conn)
+        self._local.conn = conn
+        return conn
+
+    @property
+    def transport(self) -> str:
+        """"shm" or "tcp": the data path this thread's connection uses (connects if needed)."""
+        conn = self._run(lambda c: c)
+        return "shm" if getattr(conn, "shm", False) else "tcp"
+
+    def get_view(self, key, *, namespace: str | None = None):
+        """A leased, read-only view of the object in the daemon's arena (shm path only).
+
+        Zero copies: ``with client.get_view(k) as view: ...`` and release promptly.
+        """
+        ns = self._nsb(namespace)
+        k = key_bytes(key)
+
+        def run(conn):
+            if not getattr(conn, "shm", False):
+                raise errors.Unavailable("get_view needs the same-host shm path (this client uses TCP)")
+            r = conn.get_views(ns, [k], self.verify_checksums)[0]
+            if isinstance(r, errors.KVStoreError):
+                raise r
+            return r
+
+        return self._run(run)
 
     def _drop(self, conn: DataConnection) -> None:
         conn.close()
@@ -324,18 +388,21 @@ class Client(Namespaced):
         for k, v in items:
             mv = as_bytes_view(v)
             self._check_size(len(mv))
-            prepared.append((key_bytes(k), mv, checksum(mv)))
+            prepared.append((key_bytes(k), mv))
         flags = FLAG_OVERWRITE if overwrite else 0
 
         def run(conn: DataConnection) -> list[bool]:
             out: list[bool] = []
             for w in range(0, len(prepared), WINDOW):
+                if getattr(conn, "shm", False):  # the daemon checksums the slot it was written in
+                    out += _raise_first(conn.put(ns, prepared[w:w + WINDOW], overwrite))
+                    continue
                 order = {}
                 bufs = []
-                for i, (k, mv, cs) in enumerate(prepared[w:w + WINDOW]):
+                for i, (k, mv) in enumerate(prepared[w:w + WINDOW]):
                     rid = conn.next_id()
                     order[rid] = i
-                    bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), cs, flags))
+                    bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), checksum(mv), flags))
                     bufs.append(mv)
                 conn.send(bufs)
                 out += self._collect(conn, order, None)
@@ -358,6 +425,9 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
+                if getattr(conn, "shm", False):
+                    out += _shm_copy(conn, ns, ks[w:w + WINDOW], None, self.verify_checksums)
+                    continue
                 order = self._send_gets(conn, ns, ks[w:w + WINDOW])
                 out += self._collect(conn, order, None)
             return out
@@ -374,6 +444,10 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
+                if getattr(conn, "shm", False):
+                    out += _shm_copy(conn, ns, ks[w:w + WINDOW], views[w:w + WINDOW],
+                                     self.verify_checksums)
+                    continue
                 order = self._send_gets(conn, ns, ks[w:w + WINDOW])
                 out += self._collect(conn, order, views[w:w + WINDOW])
             return out
@@ -386,7 +460,10 @@ class Client(Namespaced):
             t = time.perf_counter()
             rid = conn.next_id()
             conn.send([encode_request(OP_PING, rid, b"", b"")])
-            self._collect(conn, {rid: 0}, None)
+            if getattr(conn, "shm", False):
+                _raise_first(list(conn._responses({rid: 0}).values()))
+            else:
+                self._collect(conn, {rid: 0}, None)
             return time.perf_counter() - t
         return self._run(run)
 
@@ -499,3 +576,52 @@ class Client(Namespaced):
         if self.verify_checksums and checksum(r.value) != r.checksum:
             raise errors.ChecksumMismatch("object bytes do not match their checksum after transfer")
         return r.value
+
+
+def _raise_first(results: list) -> list:
+    """Batch semantics shared with TCP: every request is answered, then the first error raises."""
+    for r in results:
+        if isinstance(r, errors.KVStoreError):
+            raise r
+    return results
+
+
+def _shm_copy(conn, ns: bytes, keys: list[bytes], dests: list | None, verify: bool) -> list:
+    """Gets over shm with one copy each (into ``dests`` or new bytearrays), leases released."""
+    # verified after the copy, on the destination: cache-hot there, and it checks the bytes
+    # the caller actually got
+    views = conn.get_views(ns, keys, False)
+    out: list = []
+    first: errors.KVStoreError | None = None
+    try:
+        for i, v in enumerate(views):
+            if isinstance(v, errors.KVStoreError):
+                first = first or v
+                out.append(None)
+                continue
+            if dests is None:
+                dest = bytearray(v.view)
+                out.append(dest)
+            elif len(v.view) > len(dests[i]):
+                first = first or errors.InvalidArgument(
+                    f"object of {len(v.view)} bytes does not fit the {len(dests[i])}-byte buffer")
+                out.append(None)
+                continue
+            else:
+                dest = dests[i][:len(v.view)]
+                dest[:] = v.view
+                out.append(len(v.view))
+            if verify and checksum(dest) != v.checksum:
+                first = first or errors.ChecksumMismatch("object bytes in the arena do not match "
+                                                         "their checksum")
+    finally:
+        leases = [v._lease for v in views if isinstance(v, ShmViewType) and v._lease]
+        for v in views:
+            if isinstance(v, ShmViewType):
+                v._lease = 0
+                v.view.release()
+        if leases and not conn.closed:
+            conn.release(leases)
+    if first is not None:
+        raise first
+    return out

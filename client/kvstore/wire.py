@@ -39,7 +39,26 @@ OP_PING = 3
 # empty). When the daemon has auth enabled it is the first frame on a connection;
 # the connection is then bound to that token's namespaces and scopes.
 OP_AUTH = 4
-OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping", OP_AUTH: "auth"}
+# Same-host shared-memory channel (a Unix socket; see kvstored/dataplane/shm.py). Only
+# offsets and ids travel; the bytes are in the daemon's arena, which the client maps.
+#   SHM_GET     ns, key -> OK, checksum field = the object's checksum, 24-byte payload
+#               SHM_IDS: offset, size, lease id
+#   SHM_RELEASE checksum field = lease id -> no answer (an unknown lease closes the connection)
+#   SHM_RESERVE ns, key, length = object size (no payload follows), flags: overwrite,
+#               0x0002 = the daemon computes the checksum at commit (else checksum field)
+#               -> OK with SHM_IDS: offset, size, reservation id; or aux=1: already stored
+#   SHM_COMMIT  checksum field = reservation id -> OK (aux=1: deduplicated) or an error
+OP_SHM_GET = 17
+OP_SHM_RELEASE = 18
+OP_SHM_RESERVE = 19
+OP_SHM_COMMIT = 20
+SHM_IDS = struct.Struct("<QQQ")  # offset, size, lease or reservation id
+FLAG_CHECKSUM_UNKNOWN = 0x0002
+SHM_HELLO = struct.Struct("<4sIQ")  # b"KVSM", version, arena size: sent with the memfd
+SHM_MAGIC = b"KVSM"
+OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping", OP_AUTH: "auth",
+       OP_SHM_GET: "shm_get", OP_SHM_RELEASE: "shm_release", OP_SHM_RESERVE: "shm_reserve",
+       OP_SHM_COMMIT: "shm_commit"}
 MAX_TOKEN_LEN = 4096
 
 FLAG_OVERWRITE = 0x0001
@@ -83,8 +102,8 @@ def encode_request(op: int, request_id: int, ns: bytes, key: bytes,
 
 
 def encode_response(op: int, request_id: int, status: int = STATUS_OK,
-                    payload_len: int = 0, payload_checksum: int = 0) -> bytes:
-    return HEADER.pack(MAGIC, VERSION, op, FLAG_RESPONSE, request_id, status, 0, 0, 0,
+                    payload_len: int = 0, payload_checksum: int = 0, aux: int = 0) -> bytes:
+    return HEADER.pack(MAGIC, VERSION, op, FLAG_RESPONSE, request_id, status, 0, 0, aux,
                        payload_len, payload_checksum)
 
 

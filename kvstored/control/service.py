@@ -150,7 +150,8 @@ class ControlService(pb_grpc.KVStoreServicer):
             version=kvstored.__version__, node_id=self.node.node_id, data_host=c.host,
             data_port=self.node.data_port, wire_version=VERSION, checksum_algorithm="xxh3-64",
             max_value_size=c.max_value_size, max_control_value_size=c.max_control_value_size,
-            max_key_length=MAX_KEY_LEN, max_batch_keys=c.max_batch_keys)
+            max_key_length=MAX_KEY_LEN, max_batch_keys=c.max_batch_keys,
+            shm_socket=self.node.shm_path)
 
     @_typed_errors
     @_guard(OPEN)

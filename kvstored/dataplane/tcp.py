@@ -206,7 +206,7 @@ class DataConnection(asyncio.BufferedProtocol):
         srv.connections.add(self)
         srv.counters["connections_total"] += 1
         sock = transport.get_extra_info("socket")
-        if sock is not None:
+        if sock is not None and sock.family != socket.AF_UNIX:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
             if srv.tcp_congestion:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, srv.tcp_congestion.encode())
@@ -397,7 +397,7 @@ class DataConnection(asyncio.BufferedProtocol):
                 token = bytes(hb[self.hstart:self.hstart + plen])
                 self.hstart += plen
                 self._authenticate(rid, token)
-            else:
+            elif not self._other_op(op, flags, rid, ns, key, plen, csum):
                 self._reject(op, rid, plen, errors.InvalidArgument(f"unknown op {op}"))
         self.in_parse = False
         if self.hstart == self.hend:
@@ -405,6 +405,11 @@ class DataConnection(asyncio.BufferedProtocol):
         elif len(self.pending) + self.loads >= self.max_pipelined and not self.reading_paused:
             self.server.counters["pipeline_limit_pauses"] += 1
             self._pause_reading()  # too many unanswered requests: _prune/_flush resume
+
+    def _other_op(self, op: int, flags: int, rid: int, ns: bytes, key: bytes, plen: int,
+                  csum: int) -> bool:
+        """Ops of a derived transport (the shm channel); False: unknown here."""
+        return False
 
     # ----------------------------------------------------------------- auth
     def _authenticate(self, rid: int, token: bytes) -> None:

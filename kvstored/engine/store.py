@@ -201,18 +201,20 @@ class Store:
             self._recover()
 
     # ------------------------------------------------------------------ put
-    def reserve(self, ns: bytes, key: bytes, size: int, checksum: int,
+    def reserve(self, ns: bytes, key: bytes, size: int, checksum: int | None,
                 overwrite: bool = False) -> Reservation | None:
         """Reserve a slot for ``size`` bytes, or None when the same object is already stored.
 
         Raises Conflict (different checksum, no overwrite), InvalidArgument (too
         large) or NoSpace (nothing evictable right now; see ``reserve_wait``).
+        ``checksum=None``: the writer fills the slot in place (shm) and ``commit``
+        computes the checksum; dedup and conflicts are then decided at commit.
         """
         if size > self.limits.max_value_size:
             raise InvalidArgument(
                 f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
         old = self.index.get((ns, key))
-        if old is not None and not overwrite:
+        if old is not None and not overwrite and checksum is not None:
             if old.checksum == checksum and old.size == size:
                 self.counters["dedups"] += 1
                 return None
@@ -251,7 +253,10 @@ class Store:
 
     def commit(self, res: Reservation) -> bool:
         """Verify the checksum and publish. True if stored, False if it deduplicated."""
-        ok = payload_checksum(res.view) == res.checksum
+        actual = payload_checksum(res.view)
+        if res.checksum is None:
+            res.checksum = actual
+        ok = actual == res.checksum
         self._finish(res)
         if not ok:
             self.counters["checksum_failures"] += 1
@@ -268,7 +273,8 @@ class Store:
             if not res.overwrite:
                 self._free_slot(res.offset)
                 self.counters["conflicts"] += 1
-                raise Conflict("key was committed meanwhile with a different checksum")
+                raise Conflict("key exists with different bytes; objects are immutable unless "
+                               "overwrite is asked")
             self._unlink(old, tombstone=True)
         e = Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
         self.index[k] = e

@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/control.proto\x12\nkvstore.v1\"%\n\x10\x44\x65leteAllRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\x0f\n\rReloadRequest\"!\n\x0eReloadResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x03(\t\".\n\x0bKeysRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"\x1f\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\" \n\x0e\x45xistsResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"B\n\nPinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"r\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x42\x0b\n\t_checksum\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\".\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x04\"\r\n\x0bInfoRequest\"\xf0\x01\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tdata_host\x18\x03 \x01(\t\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x14\n\x0cwire_version\x18\x05 \x01(\r\x12\x1a\n\x12\x63hecksum_algorithm\x18\x06 \x01(\t\x12\x16\n\x0emax_value_size\x18\x07 \x01(\x04\x12\x1e\n\x16max_control_value_size\x18\x08 \x01(\x04\x12\x16\n\x0emax_key_length\x18\t \x01(\r\x12\x16\n\x0emax_batch_keys\x18\n \x01(\r\"\x0f\n\rHealthRequest\"U\n\x0eHealthResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\"\x0e\n\x0cStatsRequest\"\xbe\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07objects\x18\x04 \x01(\x04\x12\x35\n\x08\x63ounters\x18\x05 \x03(\x0b\x32#.kvstore.v1.TierStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xc0\x02\n\rStatsResponse\x12\x39\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\'.kvstore.v1.StatsResponse.CountersEntry\x12=\n\nnamespaces\x18\x02 \x03(\x0b\x32).kvstore.v1.StatsResponse.NamespacesEntry\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x13\n\x0b\x63onnections\x18\x04 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0fNamespacesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"/\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"~\n\tListEntry\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04tier\x18\x07 \x01(\t\"E\n\x0cListResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.ListEntry\x12\r\n\x05total\x18\x02 \x01(\x04\x32\xa8\x06\n\x07KVStore\x12\x39\n\x04Info\x12\x17.kvstore.v1.InfoRequest\x1a\x18.kvstore.v1.InfoResponse\x12?\n\x06Health\x12\x19.kvstore.v1.HealthRequest\x1a\x1a.kvstore.v1.HealthResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12=\n\x06Lookup\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.LookupResponse\x12=\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.ExistsResponse\x12\x38\n\x03Pin\x12\x16.kvstore.v1.PinRequest\x1a\x19.kvstore.v1.CountResponse\x12;\n\x05Unpin\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse\x12\x39\n\x04List\x12\x17.kvstore.v1.ListRequest\x1a\x18.kvstore.v1.ListResponse\x12\x44\n\tDeleteAll\x12\x1c.kvstore.v1.DeleteAllRequest\x1a\x19.kvstore.v1.CountResponse\x12?\n\x06Reload\x12\x19.kvstore.v1.ReloadRequest\x1a\x1a.kvstore.v1.ReloadResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x18kvstore/v1/control.proto\x12\nkvstore.v1\"%\n\x10\x44\x65leteAllRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\"\x0f\n\rReloadRequest\"!\n\x0eReloadResponse\x12\x0f\n\x07\x63hanged\x18\x01 \x03(\t\".\n\x0bKeysRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\"\x1f\n\x0eLookupResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\" \n\x0e\x45xistsResponse\x12\x0e\n\x06\x65xists\x18\x01 \x03(\x08\"B\n\nPinRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0c\n\x04keys\x18\x02 \x03(\x0c\x12\x13\n\x0bttl_seconds\x18\x03 \x01(\x01\"\x1e\n\rCountResponse\x12\r\n\x05\x63ount\x18\x01 \x01(\r\"r\n\nPutRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\r\n\x05value\x18\x03 \x01(\x0c\x12\x15\n\x08\x63hecksum\x18\x04 \x01(\x04H\x00\x88\x01\x01\x12\x11\n\toverwrite\x18\x05 \x01(\x08\x42\x0b\n\t_checksum\"\x1d\n\x0bPutResponse\x12\x0e\n\x06stored\x18\x01 \x01(\x08\",\n\nGetRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\".\n\x0bGetResponse\x12\r\n\x05value\x18\x01 \x01(\x0c\x12\x10\n\x08\x63hecksum\x18\x02 \x01(\x04\"\r\n\x0bInfoRequest\"\x84\x02\n\x0cInfoResponse\x12\x0f\n\x07version\x18\x01 \x01(\t\x12\x0f\n\x07node_id\x18\x02 \x01(\t\x12\x11\n\tdata_host\x18\x03 \x01(\t\x12\x11\n\tdata_port\x18\x04 \x01(\r\x12\x14\n\x0cwire_version\x18\x05 \x01(\r\x12\x1a\n\x12\x63hecksum_algorithm\x18\x06 \x01(\t\x12\x16\n\x0emax_value_size\x18\x07 \x01(\x04\x12\x1e\n\x16max_control_value_size\x18\x08 \x01(\x04\x12\x16\n\x0emax_key_length\x18\t \x01(\r\x12\x16\n\x0emax_batch_keys\x18\n \x01(\r\x12\x12\n\nshm_socket\x18\x0b \x01(\t\"\x0f\n\rHealthRequest\"U\n\x0eHealthResponse\x12\x0c\n\x04live\x18\x01 \x01(\x08\x12\r\n\x05ready\x18\x02 \x01(\x08\x12\x0e\n\x06status\x18\x03 \x01(\t\x12\x16\n\x0euptime_seconds\x18\x04 \x01(\x01\"\x0e\n\x0cStatsRequest\"\xbe\x01\n\tTierStats\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x16\n\x0e\x63\x61pacity_bytes\x18\x02 \x01(\x04\x12\x12\n\nused_bytes\x18\x03 \x01(\x04\x12\x0f\n\x07objects\x18\x04 \x01(\x04\x12\x35\n\x08\x63ounters\x18\x05 \x03(\x0b\x32#.kvstore.v1.TierStats.CountersEntry\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\"\xc0\x02\n\rStatsResponse\x12\x39\n\x08\x63ounters\x18\x01 \x03(\x0b\x32\'.kvstore.v1.StatsResponse.CountersEntry\x12=\n\nnamespaces\x18\x02 \x03(\x0b\x32).kvstore.v1.StatsResponse.NamespacesEntry\x12$\n\x05tiers\x18\x03 \x03(\x0b\x32\x15.kvstore.v1.TierStats\x12\x13\n\x0b\x63onnections\x18\x04 \x01(\r\x12\x16\n\x0euptime_seconds\x18\x05 \x01(\x01\x1a/\n\rCountersEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x03:\x02\x38\x01\x1a\x31\n\x0fNamespacesEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01\"/\n\x0bListRequest\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\r\n\x05limit\x18\x02 \x01(\r\"~\n\tListEntry\x12\x11\n\tnamespace\x18\x01 \x01(\t\x12\x0b\n\x03key\x18\x02 \x01(\x0c\x12\x0c\n\x04size\x18\x03 \x01(\x04\x12\x10\n\x08\x63hecksum\x18\x04 \x01(\x04\x12\x0e\n\x06pinned\x18\x05 \x01(\x08\x12\x13\n\x0b\x61ge_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04tier\x18\x07 \x01(\t\"E\n\x0cListResponse\x12&\n\x07\x65ntries\x18\x01 \x03(\x0b\x32\x15.kvstore.v1.ListEntry\x12\r\n\x05total\x18\x02 \x01(\x04\x32\xa8\x06\n\x07KVStore\x12\x39\n\x04Info\x12\x17.kvstore.v1.InfoRequest\x1a\x18.kvstore.v1.InfoResponse\x12?\n\x06Health\x12\x19.kvstore.v1.HealthRequest\x1a\x1a.kvstore.v1.HealthResponse\x12<\n\x05Stats\x12\x18.kvstore.v1.StatsRequest\x1a\x19.kvstore.v1.StatsResponse\x12=\n\x06Lookup\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.LookupResponse\x12=\n\x06\x45xists\x12\x17.kvstore.v1.KeysRequest\x1a\x1a.kvstore.v1.ExistsResponse\x12\x38\n\x03Pin\x12\x16.kvstore.v1.PinRequest\x1a\x19.kvstore.v1.CountResponse\x12;\n\x05Unpin\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12<\n\x06\x44\x65lete\x12\x17.kvstore.v1.KeysRequest\x1a\x19.kvstore.v1.CountResponse\x12\x36\n\x03Put\x12\x16.kvstore.v1.PutRequest\x1a\x17.kvstore.v1.PutResponse\x12\x36\n\x03Get\x12\x16.kvstore.v1.GetRequest\x1a\x17.kvstore.v1.GetResponse\x12\x39\n\x04List\x12\x17.kvstore.v1.ListRequest\x1a\x18.kvstore.v1.ListResponse\x12\x44\n\tDeleteAll\x12\x1c.kvstore.v1.DeleteAllRequest\x1a\x19.kvstore.v1.CountResponse\x12?\n\x06Reload\x12\x19.kvstore.v1.ReloadRequest\x1a\x1a.kvstore.v1.ReloadResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -64,29 +64,29 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INFOREQUEST']._serialized_start=587
   _globals['_INFOREQUEST']._serialized_end=600
   _globals['_INFORESPONSE']._serialized_start=603
-  _globals['_INFORESPONSE']._serialized_end=843
-  _globals['_HEALTHREQUEST']._serialized_start=845
-  _globals['_HEALTHREQUEST']._serialized_end=860
-  _globals['_HEALTHRESPONSE']._serialized_start=862
-  _globals['_HEALTHRESPONSE']._serialized_end=947
-  _globals['_STATSREQUEST']._serialized_start=949
-  _globals['_STATSREQUEST']._serialized_end=963
-  _globals['_TIERSTATS']._serialized_start=966
-  _globals['_TIERSTATS']._serialized_end=1156
-  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_start=1109
-  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_end=1156
-  _globals['_STATSRESPONSE']._serialized_start=1159
-  _globals['_STATSRESPONSE']._serialized_end=1479
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1109
-  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1156
-  _globals['_STATSRESPONSE_NAMESPACESENTRY']._serialized_start=1430
-  _globals['_STATSRESPONSE_NAMESPACESENTRY']._serialized_end=1479
-  _globals['_LISTREQUEST']._serialized_start=1481
-  _globals['_LISTREQUEST']._serialized_end=1528
-  _globals['_LISTENTRY']._serialized_start=1530
-  _globals['_LISTENTRY']._serialized_end=1656
-  _globals['_LISTRESPONSE']._serialized_start=1658
-  _globals['_LISTRESPONSE']._serialized_end=1727
-  _globals['_KVSTORE']._serialized_start=1730
-  _globals['_KVSTORE']._serialized_end=2538
+  _globals['_INFORESPONSE']._serialized_end=863
+  _globals['_HEALTHREQUEST']._serialized_start=865
+  _globals['_HEALTHREQUEST']._serialized_end=880
+  _globals['_HEALTHRESPONSE']._serialized_start=882
+  _globals['_HEALTHRESPONSE']._serialized_end=967
+  _globals['_STATSREQUEST']._serialized_start=969
+  _globals['_STATSREQUEST']._serialized_end=983
+  _globals['_TIERSTATS']._serialized_start=986
+  _globals['_TIERSTATS']._serialized_end=1176
+  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_start=1129
+  _globals['_TIERSTATS_COUNTERSENTRY']._serialized_end=1176
+  _globals['_STATSRESPONSE']._serialized_start=1179
+  _globals['_STATSRESPONSE']._serialized_end=1499
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_start=1129
+  _globals['_STATSRESPONSE_COUNTERSENTRY']._serialized_end=1176
+  _globals['_STATSRESPONSE_NAMESPACESENTRY']._serialized_start=1450
+  _globals['_STATSRESPONSE_NAMESPACESENTRY']._serialized_end=1499
+  _globals['_LISTREQUEST']._serialized_start=1501
+  _globals['_LISTREQUEST']._serialized_end=1548
+  _globals['_LISTENTRY']._serialized_start=1550
+  _globals['_LISTENTRY']._serialized_end=1676
+  _globals['_LISTRESPONSE']._serialized_start=1678
+  _globals['_LISTRESPONSE']._serialized_end=1747
+  _globals['_KVSTORE']._serialized_start=1750
+  _globals['_KVSTORE']._serialized_end=2558
 # @@protoc_insertion_point(module_scope)

@@ -99,7 +99,7 @@ class InfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class InfoResponse(_message.Message):
-    __slots__ = ("version", "node_id", "data_host", "data_port", "wire_version", "checksum_algorithm", "max_value_size", "max_control_value_size", "max_key_length", "max_batch_keys")
+    __slots__ = ("version", "node_id", "data_host", "data_port", "wire_version", "checksum_algorithm", "max_value_size", "max_control_value_size", "max_key_length", "max_batch_keys", "shm_socket")
     VERSION_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DATA_HOST_FIELD_NUMBER: _ClassVar[int]
@@ -110,6 +110,7 @@ class InfoResponse(_message.Message):
     MAX_CONTROL_VALUE_SIZE_FIELD_NUMBER: _ClassVar[int]
     MAX_KEY_LENGTH_FIELD_NUMBER: _ClassVar[int]
     MAX_BATCH_KEYS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
     version: str
     node_id: str
     data_host: str
@@ -120,7 +121,8 @@ class InfoResponse(_message.Message):
     max_control_value_size: int
     max_key_length: int
     max_batch_keys: int
-    def __init__(self, version: _Optional[str] = ..., node_id: _Optional[str] = ..., data_host: _Optional[str] = ..., data_port: _Optional[int] = ..., wire_version: _Optional[int] = ..., checksum_algorithm: _Optional[str] = ..., max_value_size: _Optional[int] = ..., max_control_value_size: _Optional[int] = ..., max_key_length: _Optional[int] = ..., max_batch_keys: _Optional[int] = ...) -> None: ...
+    shm_socket: str
+    def __init__(self, version: _Optional[str] = ..., node_id: _Optional[str] = ..., data_host: _Optional[str] = ..., data_port: _Optional[int] = ..., wire_version: _Optional[int] = ..., checksum_algorithm: _Optional[str] = ..., max_value_size: _Optional[int] = ..., max_control_value_size: _Optional[int] = ..., max_key_length: _Optional[int] = ..., max_batch_keys: _Optional[int] = ..., shm_socket: _Optional[str] = ...) -> None: ...
 
 class HealthRequest(_message.Message):
     __slots__ = ()

@@ -1,0 +1,234 @@
+"""Same-host shared-memory path against real kvstored processes."""
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import textwrap
+import time
+
+import pytest
+
+import kvstore
+from daemonutil import ROOT
+from kvstore import wire
+
+MiB = 1 << 20
+SMALL = ("--dram-size", "8MiB", "--slab-size", "1MiB", "--max-value-size", "1MiB")
+
+
+def config(tmp_path, text: str) -> str:
+    p = tmp_path / f"cfg-{time.monotonic_ns()}.toml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def counters(c) -> dict:
+    return dict(c.stats().counters)
+
+
+def wait_for(pred, timeout=10.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()
+
+
+def test_round_trips_over_shm_and_tcp_see_the_same_objects(daemon):
+    with kvstore.Client(daemon.control, namespace="s") as c, \
+            kvstore.Client(daemon.control, namespace="s", shm=False) as t:
+        assert c.transport == "shm" and t.transport == "tcp"
+        v = os.urandom(MiB + 123)
+        assert c.put(b"a", v) is True
+        assert c.put(b"a", v) is False  # identical bytes: a no-op
+        assert t.get(b"a") == v and c.get(b"a") == v
+        buf = bytearray(2 * MiB)
+        assert c.get_into(b"a", buf) == len(v) and buf[:len(v)] == v
+        with c.get_view(b"a") as view:
+            assert view.readonly and view == v
+        with pytest.raises(kvstore.Conflict):
+            c.put(b"a", b"other bytes")
+        assert c.put(b"a", b"other bytes", overwrite=True) is True
+        assert t.get(b"a") == b"other bytes"
+        with pytest.raises(kvstore.NotFound):
+            c.get(b"missing")
+        with pytest.raises(kvstore.InvalidArgument):
+            c.get_into(b"a", bytearray(3))
+        items = [(b"k%d" % i, os.urandom(64 << 10)) for i in range(50)]
+        assert c.batch_put(items) == [True] * 50
+        assert c.batch_get([k for k, _ in items]) == [v for _, v in items]
+        t.put(b"from-tcp", b"x" * 5000)
+        assert c.get(b"from-tcp") == b"x" * 5000
+        assert counters(c)["shm_connections_total"] >= 1
+
+
+def test_shm_required_but_disabled_is_unavailable_and_auto_falls_back(start_daemon, tmp_path):
+    d = start_daemon("--config", config(tmp_path, "[shm]\nenabled = false\n"))
+    with kvstore.Client(d.control, namespace="s", shm=True, timeout=3) as c:
+        with pytest.raises(kvstore.Unavailable, match="shared-memory"):
+            c.put(b"k", b"v")
+    with kvstore.Client(d.control, namespace="s") as c:
+        assert c.transport == "tcp" and c.put(b"k", b"v") is True
+
+
+def _run_client(code: str, control: str) -> subprocess.Popen:
+    env = dict(os.environ, PYTHONPATH=f"{ROOT / 'client'}{os.pathsep}{ROOT}")
+    return subprocess.Popen([sys.executable, "-c", code, control], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+
+
+def test_client_dying_with_leases_gives_the_space_back(start_daemon, tmp_path):
+    # watermarks at 1.0: all 8 slots can be full, so 8 leased objects leave no room
+    d = start_daemon(*SMALL, "--config", config(
+        tmp_path, "[dram]\nhigh_watermark = 1.0\nlow_watermark = 1.0\n"))
+    with kvstore.Client(d.control, namespace="s") as c:
+        keys = [b"k%d" % i for i in range(8)]
+        c.batch_put([(k, os.urandom(MiB)) for k in keys])
+        holder = _run_client(textwrap.dedent(f"""
+            import sys, time, kvstore
+            c = kvstore.Client(sys.argv[1], namespace="s", shm=True)
+            views = [c.get_view(k) for k in {keys!r}]   # leased: none of them may be evicted
+            print("held", flush=True)
+            time.sleep(60)
+        """), d.control)
+        try:
+            assert holder.stdout.readline().strip() == "held"
+            with pytest.raises(kvstore.NoSpace):  # every slot is leased: bounded wait, then NoSpace
+                c.put(b"new", os.urandom(MiB))
+            holder.kill()  # dies without releasing
+            holder.wait(10)
+            assert c.put(b"new", os.urandom(MiB)) is True
+        finally:
+            holder.kill()
+            holder.wait(10)
+
+
+def test_leases_expire(start_daemon, tmp_path):
+    d = start_daemon(*SMALL, "--config", config(tmp_path, "[shm]\nlease_ttl = 1.0\n"))
+    with kvstore.Client(d.control, namespace="s") as c:
+        c.put(b"a", b"x" * 1000)
+        view = c.get_view(b"a")  # never released by us
+        assert wait_for(lambda: counters(c).get("shm_leases_expired", 0) >= 1, 10)
+        view._lease = 0  # the daemon took it back: releasing again would be a forged id
+        c.put(b"b", b"y")
+        assert c.get(b"b") == b"y"  # the connection is still in good standing
+
+
+def _raw(path: str) -> tuple[socket.socket, int]:
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    s.settimeout(5)
+    s.connect(path)
+    msg, fds, _, _ = socket.recv_fds(s, 4096, 1)
+    for fd in fds:
+        os.close(fd)
+    assert msg[:4] == wire.SHM_MAGIC
+    return s, wire.SHM_HELLO.unpack_from(msg)[2]
+
+
+def _read_frame(s: socket.socket) -> tuple:
+    hdr = b""
+    while len(hdr) < wire.HEADER_SIZE:
+        chunk = s.recv(wire.HEADER_SIZE - len(hdr))
+        if not chunk:
+            return None
+        hdr += chunk
+    f = wire.HEADER.unpack(hdr)
+    body = b""
+    while len(body) < f[9]:
+        body += s.recv(f[9] - len(body))
+    return f, body
+
+
+def test_forged_ids_are_rejected(daemon):
+    with kvstore.Client(daemon.control, namespace="s") as c:
+        c.put(b"a", b"v" * 4096)
+        path = c.info().shm_socket
+        s, _ = _raw(path)
+        # a commit of a reservation this connection never made: typed error, connection lives
+        s.sendall(wire.encode_request(wire.OP_SHM_COMMIT, 7, b"", b"", 0, 123456))
+        (f, body) = _read_frame(s)
+        assert f[4] == 7 and f[5] == kvstore.InvalidArgument.code and b"unknown reservation" in body
+        s.sendall(wire.encode_request(wire.OP_PING, 8, b"", b""))
+        assert _read_frame(s)[0][4] == 8
+        # releasing a lease it does not hold: ProtocolError, then the daemon hangs up
+        s.sendall(wire.encode_request(wire.OP_SHM_RELEASE, 9, b"", b"", 0, 999))
+        f, body = _read_frame(s)
+        assert f[5] == kvstore.ProtocolError.code and b"unknown lease" in body
+        assert _read_frame(s) is None
+        s.close()
+        # shm ops on the TCP data port are unknown ops there
+        t = socket.create_connection(("127.0.0.1", daemon.data_port), timeout=5)
+        t.sendall(wire.encode_request(wire.OP_SHM_GET, 3, b"s", b"a"))
+        f, body = _read_frame(t)
+        assert f[5] == kvstore.InvalidArgument.code and b"unknown op" in body
+        t.close()
+        assert counters(c)["shm_forged_ids"] >= 2
+        assert c.get(b"a") == b"v" * 4096  # nothing else was disturbed
+
+
+def test_client_dying_mid_put_leaves_nothing(daemon):
+    with kvstore.Client(daemon.control, namespace="s") as c:
+        s, _ = _raw(c.info().shm_socket)
+        s.sendall(wire.encode_request(wire.OP_SHM_RESERVE, 1, b"s", b"half", 4096, 0,
+                                      wire.FLAG_CHECKSUM_UNKNOWN))
+        f, body = _read_frame(s)
+        assert f[5] == 0 and len(body) == wire.SHM_IDS.size
+        assert counters(c)["reservations"] == 1
+        s.close()  # gone before commit
+        assert wait_for(lambda: counters(c)["reservations"] == 0)
+        assert c.exists([b"half"]) == [False]
+
+
+def _connect_as(uid: int, path: str) -> bytes:
+    """Connect to the shm socket from a forked child running as ``uid``; what it received."""
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: drop privileges, connect, report, exit without cleanup
+        try:
+            os.setgid(uid)
+            os.setuid(uid)
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.settimeout(5)
+            s.connect(path)
+            msg, fds, _, _ = socket.recv_fds(s, 4096, 1)
+            os.write(w, (b"FD" if fds else b"--") + msg[:1000])
+        except BaseException as e:  # noqa: BLE001 - reported to the parent
+            os.write(w, b"EX" + repr(e).encode()[:1000])
+        os._exit(0)
+    os.close(w)
+    os.waitpid(pid, 0)
+    out = os.read(r, 4096)
+    os.close(r)
+    return out
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
+def test_other_users_are_refused_unless_allowed(start_daemon, tmp_path):
+    d = start_daemon()
+    with kvstore.Client(d.control, namespace="s") as c:
+        path = c.info().shm_socket
+        os.chmod(path, 0o666)  # the socket file lets anyone in: SO_PEERCRED decides
+        got = _connect_as(65534, path)
+        assert got[:2] == b"--", got  # no arena fd handed over
+        f = wire.HEADER.unpack_from(got, 2)
+        assert f[5] == kvstore.PermissionDenied.code and b"uid 65534" in got
+        assert counters(c)["shm_rejected_peer"] >= 1
+    d2 = start_daemon("--config", config(tmp_path, '[shm]\nallowed_uids = "65534"\n'))
+    with kvstore.Client(d2.control, namespace="s") as c:
+        path = c.info().shm_socket
+        os.chmod(path, 0o666)
+        got = _connect_as(65534, path)
+        assert got[:2] == b"FD" and got[2:6] == wire.SHM_MAGIC, got
+
+
+def test_stale_socket_file_is_replaced(start_daemon, tmp_path):
+    path = tmp_path / "kvs.sock"
+    stale = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    stale.bind(str(path))
+    stale.close()  # a socket file nobody listens on, as a crashed daemon leaves it
+    d = start_daemon("--config", config(tmp_path, f'[shm]\nsocket_path = "{path}"\n'))
+    with kvstore.Client(d.control, namespace="s") as c:
+        assert c.transport == "shm" and c.info().shm_socket == str(path)
