@@ -23,7 +23,6 @@ from . import errors
 from ._common import (DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig, as_bytes_view,
                       auth_metadata, control_channel, data_endpoint, grpc_error, split_address,
                       tls_diagnosis, writable_view)
-from .shm import ShmView as ShmViewType
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
@@ -246,7 +245,8 @@ class Client(Namespaced):
     def _connect(self) -> DataConnection:
         if self._closed:
             raise errors.Unavailable("client is closed")
-        if self.shm is not False and self.tls is None:
+        # an explicit data address or TLS means the caller wants that TCP endpoint
+        if self.shm is not False and self.tls is None and not self._data_address:
             conn = self._connect_shm()
             if conn is not None:
                 return conn
@@ -587,41 +587,5 @@ def _raise_first(results: list) -> list:
 
 
 def _shm_copy(conn, ns: bytes, keys: list[bytes], dests: list | None, verify: bool) -> list:
-    """Gets over shm with one copy each (into ``dests`` or new bytearrays), leases released."""
-    # verified after the copy, on the destination: cache-hot there, and it checks the bytes
-    # the caller actually got
-    views = conn.get_views(ns, keys, False)
-    out: list = []
-    first: errors.KVStoreError | None = None
-    try:
-        for i, v in enumerate(views):
-            if isinstance(v, errors.KVStoreError):
-                first = first or v
-                out.append(None)
-                continue
-            if dests is None:
-                dest = bytearray(v.view)
-                out.append(dest)
-            elif len(v.view) > len(dests[i]):
-                first = first or errors.InvalidArgument(
-                    f"object of {len(v.view)} bytes does not fit the {len(dests[i])}-byte buffer")
-                out.append(None)
-                continue
-            else:
-                dest = dests[i][:len(v.view)]
-                dest[:] = v.view
-                out.append(len(v.view))
-            if verify and checksum(dest) != v.checksum:
-                first = first or errors.ChecksumMismatch("object bytes in the arena do not match "
-                                                         "their checksum")
-    finally:
-        leases = [v._lease for v in views if isinstance(v, ShmViewType) and v._lease]
-        for v in views:
-            if isinstance(v, ShmViewType):
-                v._lease = 0
-                v.view.release()
-        if leases and not conn.closed:
-            conn.release(leases)
-    if first is not None:
-        raise first
-    return out
+    """Gets over shm with one copy each (into ``dests`` or new bytearrays)."""
+    return _raise_first(conn.copy_out(ns, keys, dests, verify))

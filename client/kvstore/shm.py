@@ -207,6 +207,57 @@ class ShmConnection:
             out.append(sv)
         return out
 
+    def copy_out(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool) -> list:
+        """Gets with one copy each: every object is copied (into ``dests[i]`` or a new
+        bytearray) and its lease released the moment its answer arrives, so a batch never
+        holds more than one lease. Results: size / bytearray / typed error, per key."""
+        order, frames = {}, []
+        for i, k in enumerate(keys):
+            rid = self.next_id()
+            order[rid] = i
+            frames.append(encode_request(OP_SHM_GET, rid, ns, k))
+        self.send([b"".join(frames)])
+        out: list = [None] * len(keys)
+        for _ in range(len(keys)):
+            self.recv_into(memoryview(self._hdr))
+            magic, _v, _op, _f, rid, status, _nl, _kl, _aux, plen, csum = HEADER.unpack_from(self._hdr)
+            if magic != MAGIC:
+                raise errors.ProtocolError("malformed response on the shm socket")
+            body = bytearray(plen)
+            if plen:
+                self.recv_into(memoryview(body))
+            i = order.pop(rid, None)
+            if status:
+                err = errors.error_for_code(status, body.decode("utf-8", "replace"), rid)
+                if i is None:
+                    raise err
+                out[i] = err
+                continue
+            if i is None or plen < SHM_IDS.size:
+                raise errors.ProtocolError(f"unexpected response {rid} on the shm socket")
+            offset, size, lease = SHM_IDS.unpack_from(body)
+            if offset + size > len(self.view):
+                raise errors.ProtocolError("kvstored sent an offset outside its arena")
+            try:
+                src = self.view[offset:offset + size]
+                if dests is None:
+                    dest = bytearray(src)
+                    out[i] = dest
+                elif size > len(dests[i]):
+                    out[i] = errors.InvalidArgument(
+                        f"object of {size} bytes does not fit the {len(dests[i])}-byte buffer")
+                    continue
+                else:
+                    dest = dests[i][:size]
+                    dest[:] = src
+                    out[i] = size
+            finally:
+                self.release([lease])
+            # verified on the destination: cache-hot, and it checks the bytes the caller got
+            if verify and checksum(dest) != csum:
+                out[i] = errors.ChecksumMismatch("object bytes in the arena do not match their checksum")
+        return out
+
     def put(self, ns: bytes, items: list[tuple[bytes, memoryview]], overwrite: bool) -> list:
         """Reserve, copy into the arena, commit; True stored / False already there / error."""
         flags = FLAG_CHECKSUM_UNKNOWN | (FLAG_OVERWRITE if overwrite else 0)

@@ -111,7 +111,8 @@ class ShmServer:
         socket.send_fds(conn, [hello], [self.ds.store.arena.fd])  # tiny: never blocks
         counters["shm_connections_total"] += 1
         loop = asyncio.get_running_loop()
-        await loop.create_unix_connection(lambda: ShmConnection(self.ds, self), sock=conn)
+        await loop.create_unix_connection(
+            lambda: ShmConnection(self.ds, self, f"shm:pid={pid},uid={uid}"), sock=conn)
 
     def expire_leases(self) -> int:
         """Release leases past their TTL (a client that forgot, or hangs)."""
@@ -136,15 +137,17 @@ class ShmServer:
 
 
 class ShmConnection(DataConnection):
-    def __init__(self, server: "DataServer", shm: ShmServer):
+    def __init__(self, server: "DataServer", shm: ShmServer, peer: str = "shm"):
         super().__init__(server)
         self.shm = shm
+        self.shm_peer = peer
         self.leases: dict[int, tuple["Entry", float]] = {}
         self.shm_reservations: dict[int, "Reservation"] = {}
         self.ids = itertools.count(1)
 
     def connection_made(self, transport):
         super().connection_made(transport)
+        self.peer = self.shm_peer  # log lines name the process, not an empty socket address
         if not self.closed:
             self.shm.connections.add(self)
 
@@ -247,11 +250,39 @@ class ShmConnection(DataConnection):
     def _shm_reserve(self, rid, ns, key, size, csum, flags) -> None:
         try:
             _check_names(ns, key)
-            res = self.store.reserve(ns, key, size,
-                                     None if flags & FLAG_CHECKSUM_UNKNOWN else csum,
-                                     bool(flags & FLAG_OVERWRITE))
+            cs = None if flags & FLAG_CHECKSUM_UNKNOWN else csum
+            res = self.store.reserve(ns, key, size, cs, bool(flags & FLAG_OVERWRITE))
+        except errors.NoSpace:
+            # like a TCP put: wait (bounded) for eviction/demotion, reading nothing else meanwhile
+            self._pause_reading()
+            self.waiting = asyncio.get_running_loop().create_task(
+                self._shm_reserve_later(rid, ns, key, size, cs, bool(flags & FLAG_OVERWRITE)))
+            return
         except errors.KVStoreError as err:
             return self._shm_error(OP_SHM_RESERVE, rid, err)
+        self._reserved(rid, res)
+
+    async def _shm_reserve_later(self, rid, ns, key, size, cs, overwrite) -> None:
+        try:
+            res = await self.store.reserve_wait(ns, key, size, cs, overwrite)
+        except errors.KVStoreError as err:
+            self.waiting = None
+            self._shm_error(OP_SHM_RESERVE, rid, err)
+        else:
+            self.waiting = None
+            if self.closed:
+                if res is not None:
+                    self.store.abort(res)
+                return
+            self._reserved(rid, res)
+        if not self.closed:
+            if not self.write_paused:
+                self._resume_reading()
+            self._parse()
+        if self.out:
+            self._flush()
+
+    def _reserved(self, rid: int, res: "Reservation | None") -> None:
         if res is None:  # the same object is stored already
             self._send(encode_response(OP_SHM_RESERVE, rid, 0, 0, 0, aux=1))
             return

@@ -110,7 +110,7 @@ def test_secret_fields_and_messages_never_reach_the_log(capture):
 def test_daemon_json_logs_carry_request_id_and_peer(start_daemon):
     d = start_daemon("--log-format", "json", "--log-level", "debug")
     wait_for_log(d, '"msg": "kvstored ready"')
-    with kvstore.Client(d.control, namespace="t") as c:
+    with kvstore.Client(d.control, namespace="t", shm=False) as c:
         with pytest.raises(errors.NotFound):
             c.get("nope")
     # a frame with a bad magic: the connection is closed, logged at info with its request id

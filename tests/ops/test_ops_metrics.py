@@ -50,7 +50,8 @@ def worked(tmp_path_factory):
     d = Daemon(tmp_path_factory.mktemp("metrics")).start()
     done = {}
     try:
-        with kvstore.Client(d.control, namespace="t", timeout=10.0) as c:
+        # TCP: these tests count data-plane bytes and ops on the TCP port
+        with kvstore.Client(d.control, namespace="t", timeout=10.0, shm=False) as c:
             small = [os.urandom(64 * KiB) for _ in range(40)]
             for i, v in enumerate(small):
                 assert c.put(f"a{i}", v)
@@ -221,7 +222,7 @@ def test_metrics_can_be_disabled(start_daemon, tmp_path):
     cfg.write_text("[metrics]\nenabled = false\n")
     d = start_daemon("--config", str(cfg))
     assert d.info["metrics_port"] is None
-    with kvstore.Client(d.control, namespace="t") as c:
+    with kvstore.Client(d.control, namespace="t", shm=False) as c:
         assert c.health().ready
 
 
