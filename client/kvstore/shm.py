@@ -12,6 +12,7 @@ import mmap
 import os
 import socket
 import struct
+import sys
 
 from . import errors
 from .wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC,
@@ -108,6 +109,12 @@ class ShmConnection:
             self.sock.close()
         except OSError:
             pass
+        kt = sys.modules.get("kvstore.torch")  # loaded only by GPU users: never import torch here
+        if kt is not None:
+            try:
+                kt.unregister_host_memory(self.arena)  # a CUDA-pinned mapping must not outlive munmap
+            except Exception:  # noqa: BLE001 - best effort at close
+                pass
         try:
             self.view.release()
             self.arena.close()
