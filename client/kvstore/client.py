@@ -68,13 +68,23 @@ class DataConnection:
         else:
             # Blocking socket with kernel-side timeouts: CPython's own timeout mode polls
             # before every recv/send, one extra syscall per chunk on the hot path.
-            self.sock.settimeout(None)
-            tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+            self._kernel_timeouts(timeout)
         self._rid = itertools.count(1)
         self._hdr = bytearray(HEADER_SIZE)
         self._hview = memoryview(self._hdr)
+
+    def _init_framing(self, timeout: float) -> None:
+        """For subclasses that bring their own connected socket (the shm channel)."""
+        self._kernel_timeouts(timeout)
+        self._rid = itertools.count(1)
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hview = memoryview(self._hdr)
+
+    def _kernel_timeouts(self, timeout: float) -> None:
+        self.sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
 
     def close(self) -> None:
         try:
@@ -460,10 +470,7 @@ class Client(Namespaced):
             t = time.perf_counter()
             rid = conn.next_id()
             conn.send([encode_request(OP_PING, rid, b"", b"")])
-            if getattr(conn, "shm", False):
-                _raise_first(list(conn._responses({rid: 0}).values()))
-            else:
-                self._collect(conn, {rid: 0}, None)
+            self._collect(conn, {rid: 0}, None)
             return time.perf_counter() - t
         return self._run(run)
 

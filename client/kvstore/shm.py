@@ -11,15 +11,13 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import struct
 import sys
 
 from . import errors
+from .client import DataConnection
 from .wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC,
                    OP_SHM_COMMIT, OP_SHM_GET, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO,
                    SHM_IDS, SHM_MAGIC, checksum, encode_request)
-
-_IOV = 512
 
 
 class ShmView:
@@ -56,8 +54,12 @@ class ShmView:
                 self._conn.release([lease])
 
 
-class ShmConnection:
-    """One blocking Unix-socket connection to the daemon plus its arena mapping."""
+class ShmConnection(DataConnection):
+    """One blocking Unix-socket connection to the daemon plus its arena mapping.
+
+    Framing (send, recv_into, read_response, setup/AUTH) is DataConnection's; only
+    the socket and the SHM_* operations differ.
+    """
 
     shm = True
 
@@ -93,13 +95,7 @@ class ShmConnection:
         finally:
             for fd in fds:
                 os.close(fd)
-        self.sock.settimeout(None)
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-        self._rid = 0
-        self._hdr = bytearray(HEADER_SIZE)
-        self._ids = bytearray(SHM_IDS.size)
+        self._init_framing(timeout)
 
     def close(self) -> None:
         if self.closed:
@@ -121,65 +117,31 @@ class ShmConnection:
         except (BufferError, ValueError):  # a view handed out is still alive: the GC unmaps
             pass
 
-    # -- framing ---------------------------------------------------------------
-    def next_id(self) -> int:
-        self._rid += 1
-        return self._rid
-
-    def send(self, buffers: list) -> None:
-        views = [memoryview(b) for b in buffers]
-        while views:
-            n = self.sock.sendmsg(views[:_IOV])
-            while n:
-                if n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-
-    def recv_into(self, view) -> None:
-        got, want = 0, len(view)
-        while got < want:
-            n = self.sock.recv_into(view[got:], 0, socket.MSG_WAITALL)
-            if n == 0:
-                raise ConnectionResetError("kvstored closed the shm connection")
-            got += n
+    def _read(self) -> tuple:
+        """The next response and its payload."""
+        r = self.read_response()
+        body = bytearray(r.length)
+        if r.length:
+            self.recv_into(memoryview(body))
+        return r, body
 
     def _responses(self, order: dict[int, int]) -> dict:
         """One response per request id in ``order`` (any arrival order), keyed by its index:
         a typed error, or (aux, checksum field, SHM_IDS tuple or None)."""
         out: dict = {}
         for _ in range(len(order)):
-            self.recv_into(memoryview(self._hdr))
-            magic, _v, _op, _f, rid, status, _nl, _kl, aux, plen, csum = HEADER.unpack_from(self._hdr)
-            if magic != MAGIC:
-                raise errors.ProtocolError("malformed response on the shm socket")
-            body = bytearray(plen)
-            if plen:
-                self.recv_into(memoryview(body))
-            i = order.pop(rid, None)
-            if status:
-                err = errors.error_for_code(status, body.decode("utf-8", "replace"), rid)
+            r, body = self._read()
+            i = order.pop(r.rid, None)
+            if r.status:
+                err = errors.error_for_code(r.status, body.decode("utf-8", "replace"), r.rid)
                 if i is None:
                     raise err  # connection-level (e.g. refused while draining)
                 out[i] = err
                 continue
             if i is None:
-                raise errors.ProtocolError(f"response for unknown request id {rid}")
-            ids = SHM_IDS.unpack_from(body) if plen >= SHM_IDS.size else None
-            out[i] = (aux, csum, ids)
+                raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+            out[i] = (r.aux, r.checksum, SHM_IDS.unpack_from(body) if r.length >= SHM_IDS.size else None)
         return out
-
-    def setup(self, token: str | None) -> None:
-        if token:
-            from .wire import OP_AUTH
-            rid = self.next_id()
-            tok = token.encode()
-            self.send([HEADER.pack(MAGIC, 1, OP_AUTH, 0, rid, 0, 0, 0, 0, len(tok), 0), tok])
-            r = self._responses({rid: 0})[0]
-            if isinstance(r, errors.KVStoreError):
-                raise r
 
     # -- operations --------------------------------------------------------------
     def release(self, leases: list[int]) -> None:
@@ -226,21 +188,16 @@ class ShmConnection:
         self.send([b"".join(frames)])
         out: list = [None] * len(keys)
         for _ in range(len(keys)):
-            self.recv_into(memoryview(self._hdr))
-            magic, _v, _op, _f, rid, status, _nl, _kl, _aux, plen, csum = HEADER.unpack_from(self._hdr)
-            if magic != MAGIC:
-                raise errors.ProtocolError("malformed response on the shm socket")
-            body = bytearray(plen)
-            if plen:
-                self.recv_into(memoryview(body))
+            r, body = self._read()
+            rid, csum = r.rid, r.checksum
             i = order.pop(rid, None)
-            if status:
-                err = errors.error_for_code(status, body.decode("utf-8", "replace"), rid)
+            if r.status:
+                err = errors.error_for_code(r.status, body.decode("utf-8", "replace"), rid)
                 if i is None:
                     raise err
                 out[i] = err
                 continue
-            if i is None or plen < SHM_IDS.size:
+            if i is None or r.length < SHM_IDS.size:
                 raise errors.ProtocolError(f"unexpected response {rid} on the shm socket")
             offset, size, lease = SHM_IDS.unpack_from(body)
             if offset + size > len(self.view):

@@ -177,7 +177,7 @@ class ShmConnection(DataConnection):
         if op == OP_SHM_GET:
             if self.auth is not None and not self._allowed(ns, READ, op, rid, 0):
                 return True
-            self._shm_get(rid, ns, key)
+            self._get(rid, ns, key, OP_SHM_GET, self._lease)  # NVMe promotion included
         elif op == OP_SHM_RELEASE:
             # no answer on success (saves a round trip per get); a lease this connection
             # never held is a forged id: answered with ProtocolError and the connection closed
@@ -211,37 +211,7 @@ class ShmConnection(DataConnection):
             self.server.counters["shm_forged_ids"] += 1
         self._error(op, rid, err)
 
-    def _shm_get(self, rid: int, ns: bytes, key: bytes) -> None:
-        try:
-            _check_names(ns, key)
-            e = self.store.acquire(ns, key)
-        except errors.KVStoreError as err:
-            return self._shm_error(OP_SHM_GET, rid, err)
-        except Exception as nr:  # NotResident: promote from NVMe first
-            if type(nr).__name__ != "NotResident":
-                raise
-            self.loads += 1
-            asyncio.get_running_loop().create_task(self._shm_get_later(rid, ns, key))
-            return
-        self._lease(rid, e)
-
-    async def _shm_get_later(self, rid: int, ns: bytes, key: bytes) -> None:
-        try:
-            e = await self.store.acquire_async(ns, key)
-        except errors.KVStoreError as err:
-            self.loads -= 1
-            if not self.closed:
-                self._shm_error(OP_SHM_GET, rid, err)
-                self._flush()
-            return
-        self.loads -= 1
-        if self.closed:
-            self.store.release(e)
-            return
-        self._lease(rid, e)
-        self._flush()
-
-    def _lease(self, rid: int, e: "Entry") -> None:
+    def _lease(self, rid: int, e: "Entry", t0: float = 0.0) -> None:
         lid = next(self.ids)
         self.leases[lid] = (e, time.monotonic() + self.shm.lease_ttl)
         self._send(encode_response(OP_SHM_GET, rid, 0, SHM_IDS.size, e.checksum)

@@ -588,7 +588,9 @@ class DataConnection(asyncio.BufferedProtocol):
         self.close()
 
     # ------------------------------------------------------------------ get
-    def _get(self, rid: int, ns: bytes, key: bytes) -> None:
+    def _get(self, rid: int, ns: bytes, key: bytes, op: int = OP_GET, deliver=None) -> None:
+        """Answer a get with ``deliver(rid, entry, t0)`` (default: send the bytes)."""
+        deliver = deliver or self._send_object
         try:
             _check_names(ns, key)
             e = self.store.acquire(ns, key)
@@ -596,26 +598,26 @@ class DataConnection(asyncio.BufferedProtocol):
             # on NVMe: promote in the background; later requests go on meanwhile and this
             # response may overtake or follow them (responses carry the request id)
             self.loads += 1
-            asyncio.get_running_loop().create_task(self._get_later(rid, ns, key, self.t_in))
+            asyncio.get_running_loop().create_task(self._get_later(rid, ns, key, op, deliver, self.t_in))
             return
         except errors.KVStoreError as err:
-            return self._error(OP_GET, rid, err)
-        self._send_object(rid, e)
+            return self._error(op, rid, err)
+        deliver(rid, e, 0.0)
 
-    async def _get_later(self, rid: int, ns: bytes, key: bytes, t0: float = 0.0) -> None:
+    async def _get_later(self, rid: int, ns: bytes, key: bytes, op: int, deliver, t0: float) -> None:
         try:
             e = await self.store.acquire_async(ns, key)
         except errors.KVStoreError as err:
             self.loads -= 1
             if not self.closed:
-                self._error(OP_GET, rid, err)
+                self._error(op, rid, err)
                 self._flush()
             return
         self.loads -= 1
         if self.closed:
             self.store.release(e)
             return
-        self._send_object(rid, e, t0)
+        deliver(rid, e, t0)
         self._flush()
 
     def _send_object(self, rid: int, e: "Entry", t0: float = 0.0) -> None:

@@ -4,7 +4,6 @@ from __future__ import annotations
 import array
 import asyncio
 import concurrent.futures
-import os
 import random
 import signal
 import socket

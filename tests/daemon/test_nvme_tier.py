@@ -12,7 +12,7 @@ import time
 import pytest
 
 import kvstore
-from daemonutil import ROOT, Daemon
+from daemonutil import ROOT
 
 BLOCK = 4096
 MiB = 1 << 20

@@ -20,7 +20,7 @@ from kvstore import errors
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
 from kvstore.wire import (FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PUT,
-                          VERSION, checksum, encode_auth, encode_request)
+                          checksum, encode_auth, encode_request)
 
 from secutil import TOKENS, counters, token, write_tokens
 
