@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 ARGS   ?=
 
-.PHONY: run install install-test test bench bench-nvme bench-deps proto clean
+.PHONY: run install install-test test engines-env bench bench-nvme bench-deps proto clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,13 +26,43 @@ run: install
 
 install-test: $(VENV)/.installed-test
 
+# The engines the adapters plug into, for tests/integrations (docs/integrations.md), in
+# their own venv on CPU torch: LMCache 0.5.6 (its pins clash with the daemon's; torch first,
+# then its runtime needs, then lmcache --no-deps), and SGLang's / vLLM's interface modules
+# (--no-deps, each in a directory the tests put on PYTHONPATH; they pull CUDA torch otherwise).
+ENGINES     = $(VENV)/engines
+ENGINES_PIP = $(ENGINES)/bin/python -m pip --disable-pip-version-check -q
+
+$(ENGINES)/bin/python:
+	$(PYTHON) -m venv $(ENGINES)
+
+$(ENGINES)/.torch: | $(ENGINES)/bin/python
+	$(ENGINES_PIP) install 'torch==2.13.0'
+	touch $@
+
+$(ENGINES)/.lmcache: pyproject.toml $(ENGINES)/.torch
+	$(ENGINES_PIP) install -e '.[lmcache]'
+	$(ENGINES_PIP) install --no-deps 'lmcache==0.5.6'
+	PYTHONPATH=client $(ENGINES)/bin/python -c 'import lmcache.v1.cache_engine, kvstore.integrations.lmcache'
+	touch $@
+
+$(ENGINES)/.%: tests/integrations/requirements-%.txt $(ENGINES)/.torch
+	rm -rf $(ENGINES)/$*
+	$(ENGINES_PIP) install --no-deps --target $(ENGINES)/$* -r $<
+	touch $@
+
+## make engines-env: LMCache, SGLang's and vLLM's interfaces for tests/integrations
+engines-env: $(ENGINES)/.lmcache $(ENGINES)/.sglang $(ENGINES)/.vllm
+
 ## make test: install what the tests need and run them
 test: install-test
 	@# tests/ops: systemd-analyze verifies the unit file, curl scrapes /metrics (skipped if absent)
 	@command -v systemd-analyze >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd curl >/dev/null) || \
 	  echo "make test: could not install systemd/curl; their checks will be skipped"
-	$(PY) -m pytest $(ARGS)
+	@$(MAKE) --no-print-directory -k engines-env || \
+	  echo "make test: could not install every engine into $(ENGINES); tests/integrations says which tests skip and why"
+	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest $(ARGS)
 
 bench-deps: install
 	$(PIP) install -e '.[server,bench]'

@@ -1,0 +1,344 @@
+"""Focused checks of the LMCache plugin through LMCache's own RemoteBackend.
+
+Run by tests/integrations/test_lmcache.py with the LMCache environment's Python:
+
+    lmcache_connector_check.py --address HOST:PORT [--dead-address HOST:PORT]
+
+Each check runs against the real daemon at --address (its own namespace) and
+the last stdout line is a JSON object {check name: "ok" or the failure}.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import time
+import traceback
+
+import torch
+from lmcache.utils import CacheEngineKey
+from lmcache.v1.check.utils import EventLoopManager
+from lmcache.v1.config import LMCacheEngineConfig
+from lmcache.v1.metadata import LMCacheMetadata
+from lmcache.v1.storage_backend.local_cpu_backend import LocalCPUBackend
+from lmcache.v1.storage_backend.remote_backend import RemoteBackend
+
+import kvstore
+from kvstore.integrations import lmcache as plugin
+
+CHUNK = 16
+MODEL = "kvstore-test/connector"
+METADATA = LMCacheMetadata(model_name=MODEL, world_size=1, local_world_size=1, worker_id=0,
+                           local_worker_id=0, kv_dtype=torch.bfloat16,
+                           kv_shape=(2, 2, CHUNK, 2, 8), chunk_size=CHUNK)
+CHECKS = {}
+
+
+def check(fn):
+    CHECKS[fn.__name__] = fn
+    return fn
+
+
+class Env:
+    def __init__(self, address: str, dead: str):
+        self.address, self.dead = address, dead
+        self.loops = EventLoopManager()
+        self.loops.start()
+        self.loop = self.loops.get_loop()
+        self.cpu = LocalCPUBackend(config=self.config("unused"), metadata=METADATA, dst_device="cpu")
+        self.backends = []
+        self.owned = []  # test objects, released after each check
+
+    def config(self, namespace: str, *, address=None, remote_url=None, class_name="KVStoreConnectorAdapter",
+               plugin_name="kvstore", **extra):
+        pfx = f"remote_storage_plugin.{plugin_name}."
+        ec = {pfx + "module_path": "kvstore.integrations.lmcache", pfx + "class_name": class_name,
+              pfx + "namespace": namespace, pfx + "timeout": 5}
+        if address is not False:
+            ec[pfx + "address"] = address or self.address
+        ec.update(extra)
+        d = {"chunk_size": CHUNK, "local_cpu": False, "max_local_cpu_size": 0.02, "remote_serde": "naive",
+             "remote_storage_plugins": [plugin_name], "extra_config": ec}
+        if remote_url:
+            d["remote_url"] = remote_url
+        return LMCacheEngineConfig.from_dict(d)
+
+    def backend(self, namespace: str, *, legacy=False, plugin_name="kvstore", **kw) -> RemoteBackend:
+        cfg = self.config(namespace, plugin_name=plugin_name, **kw)
+        b = RemoteBackend(cfg, METADATA, self.loop, self.cpu, dst_device="cpu",
+                          plugin_name=None if legacy else plugin_name)
+        assert b.connection is not None, "LMCache could not create the kvstore connector"
+        self.backends.append(b)
+        return b
+
+    def connector(self, b: RemoteBackend) -> "plugin.KVStoreConnector":
+        c = b.connection.getWrappedConnector()
+        assert isinstance(c, plugin.KVStoreConnector), type(c)
+        return c
+
+    def run(self, coro, timeout=20):
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def obj(self, tokens=CHUNK, seed=0):
+        o = self.cpu.allocate(METADATA.get_shapes(tokens), METADATA.get_dtypes(), None)
+        assert o is not None, "no local CPU memory"
+        g = torch.Generator().manual_seed(seed)
+        o.tensor.copy_(torch.randn(o.tensor.shape, generator=g).to(o.tensor.dtype))
+        self.owned.append(o)
+        return o
+
+    def release(self):
+        for o in self.owned:
+            o.ref_count_down()
+        self.owned = []
+
+    def allocated(self) -> int:
+        return self.cpu.memory_allocator.pin_allocator.total_allocated_size
+
+    def put(self, b: RemoteBackend, keys, objs, namespace: str):
+        b.batched_submit_put_task(keys, objs)
+        okeys = [plugin.object_key(k) for k in keys]
+        with kvstore.Client(self.address, namespace=namespace, timeout=5) as c:
+            deadline = time.monotonic() + 10
+            while not all(c.exists(okeys)):
+                assert time.monotonic() < deadline, "puts did not reach kvstored"
+                time.sleep(0.01)
+
+    def close(self):
+        for b in self.backends:
+            b.close()
+        self.loops.stop()
+
+
+def key(i: int, tag: str = "k") -> CacheEngineKey:
+    return CacheEngineKey(model_name=MODEL, world_size=1, worker_id=0,
+                          chunk_hash=hash((tag, i)) & ((1 << 63) - 1), dtype=torch.bfloat16)
+
+
+def same(a, b) -> bool:
+    return a is not None and b is not None and torch.equal(a.tensor, b.tensor)
+
+
+@check
+def batched_roundtrip(env: Env):
+    b = env.backend("rt")
+    keys = [key(i, "rt") for i in range(6)]
+    objs = [env.obj(seed=i) for i in range(6)]
+    env.put(b, keys, objs, "rt")
+    got = b.batched_get_blocking(keys)
+    assert all(same(g, o) for g, o in zip(got, objs)), "batched get returned other bytes"
+    assert all(b.contains(k) for k in keys)
+    with kvstore.Client(env.address, namespace="rt") as c:
+        sizes = [len(x) for x in c.batch_get([plugin.object_key(k) for k in keys])]
+    assert sizes == [objs[0].get_size()] * 6, f"raw objects expected, sizes {sizes}"
+    for g in got:
+        g.ref_count_down()
+
+
+@check
+def prefix_lookup_and_pin(env: Env):
+    b = env.backend("px", **{"remote_storage_plugin.kvstore.pin_ttl": 30})
+    keys = [key(i, "px") for i in range(4)]
+    env.put(b, [keys[0], keys[1], keys[3]], [env.obj(seed=i) for i in (0, 1, 3)], "px")
+    assert b.batched_contains(keys) == 2, "sync prefix lookup"
+    assert env.run(b.batched_async_contains("lookup-1", keys)) == 2, "async prefix lookup"
+    assert env.run(b.batched_async_contains("lookup-2", keys[2:])) == 0
+    with kvstore.Client(env.address, namespace="px") as c:
+        before = c.stats().counters["pinned"]
+        assert env.run(b.batched_async_contains("lookup-3", keys, pin=True)) == 2
+        pinned = c.stats().counters["pinned"] - before
+    assert pinned == 2, f"pin=True should pin the 2 hit chunks, pinned {pinned}"
+
+
+@check
+def misses_are_none_and_released(env: Env):
+    b = env.backend("miss")
+    k0, k1, absent = key(0, "miss"), key(1, "miss"), key(2, "miss")
+    o0, o1 = env.obj(seed=10), env.obj(seed=11)
+    env.put(b, [k0, k1], [o0, o1], "miss")
+    base = env.allocated()
+    got = b.batched_get_blocking([k0, absent, k1])
+    assert got[1] is None, "an absent chunk must be a miss"
+    assert same(got[0], o0) and same(got[2], o1), "present chunks around a miss"
+    for g in (got[0], got[2]):
+        g.ref_count_down()
+    assert env.allocated() == base, f"buffers leaked: {env.allocated() - base} bytes"
+    assert b.get_blocking(absent) is None and env.allocated() == base
+    assert b.contains(absent) is False
+
+
+@check
+def non_blocking_get_returns_the_prefix(env: Env):
+    b = env.backend("nb")
+    keys = [key(i, "nb") for i in range(4)]
+    objs = [env.obj(seed=80 + i) for i in range(4)]
+    env.put(b, [keys[0], keys[1], keys[3]], [objs[0], objs[1], objs[3]], "nb")
+    base = env.allocated()
+    got = env.run(b.batched_get_non_blocking("lookup-nb", keys))
+    assert len(got) == 2 and same(got[0], objs[0]) and same(got[1], objs[1]), len(got)
+    for g in got:
+        g.ref_count_down()
+    assert env.allocated() == base, "chunks after the first miss were not released"
+
+
+@check
+def partial_chunk(env: Env):
+    b = env.backend("part")
+    k = key(0, "part")
+    o = env.obj(tokens=CHUNK // 2 + 1, seed=20)
+    env.put(b, [k], [o], "part")
+    g = b.get_blocking(k)
+    assert g is not None and g.tensor.shape == o.tensor.shape, (g and g.tensor.shape, o.tensor.shape)
+    assert torch.equal(g.tensor, o.tensor)
+    g.ref_count_down()
+
+
+@check
+def conflict_keeps_first(env: Env):
+    b = env.backend("cf")
+    conn = env.connector(b)
+    k = key(0, "cf")
+    first, second = env.obj(seed=30), env.obj(seed=31)
+    env.run(conn.batched_put([k], [first]))
+    env.run(conn.batched_put([k], [second]))  # must not raise
+    g = b.get_blocking(k)
+    assert same(g, first), "a conflicting put replaced the stored chunk"
+    g.ref_count_down()
+
+
+@check
+def self_describing_objects(env: Env):
+    b = env.backend("meta", **{"remote_storage_plugin.kvstore.save_chunk_meta": "true"})
+    conn = env.connector(b)
+    assert conn.save_chunk_meta
+    k_full, k_part = key(0, "meta"), key(1, "meta")
+    full, part = env.obj(seed=40), env.obj(tokens=5, seed=41)
+    env.put(b, [k_full, k_part], [full, part], "meta")
+    got = b.batched_get_blocking([k_full, k_part])
+    assert same(got[0], full) and same(got[1], part), "self-describing round trip"
+    assert got[1].tensor.shape == part.tensor.shape
+    with kvstore.Client(env.address, namespace="meta") as c:
+        n = len(c.get(plugin.object_key(k_full)))
+    assert n == full.get_size() + conn.remote_metadata_bytes, n
+    # a raw object read by a self-describing connector is a miss, never garbage
+    raw = env.backend("raw-for-meta")
+    env.put(raw, [key(2, "meta")], [env.obj(seed=42)], "raw-for-meta")
+    meta2 = env.backend("raw-for-meta", plugin_name="kvstore.meta",
+                        **{"remote_storage_plugin.kvstore.meta.save_chunk_meta": True})
+    base = env.allocated()
+    assert meta2.get_blocking(key(2, "meta")) is None
+    assert env.allocated() == base
+    for g in got:
+        g.ref_count_down()
+
+
+@check
+def legacy_remote_url(env: Env):
+    # remote_url: kvstore://host:port (no address in extra_config)
+    b = env.backend("legacy", legacy=True, address=False, remote_url=f"kvstore://{env.address}")
+    k = key(0, "legacy")
+    o = env.obj(seed=50)
+    env.put(b, [k], [o], "legacy")
+    g = b.get_blocking(k)
+    assert same(g, o)
+    g.ref_count_down()
+
+
+@check
+def placeholder_url_uses_extra_config(env: Env):
+    # what basic_check does: remote_url is LMCache's placeholder, the endpoint is in extra_config
+    b = env.backend("placeholder", legacy=True, remote_url="plugin://kvstore")
+    conn = env.connector(b)
+    assert conn.options.address == env.address, conn.options.address
+    assert conn.options.namespace == "placeholder"
+
+
+@check
+def generic_loader_with_connector_class(env: Env):
+    # class_name may name the RemoteConnector itself: LMCache's DynamicConnectorAdapter
+    b = env.backend("dyn", class_name="KVStoreConnector")
+    conn = env.connector(b)
+    assert conn.plugin_name == "kvstore"
+    k = key(0, "dyn")
+    o = env.obj(seed=60)
+    env.put(b, [k], [o], "dyn")
+    g = b.get_blocking(k)
+    assert same(g, o)
+    g.ref_count_down()
+
+
+@check
+def remove_and_ping(env: Env):
+    b = env.backend("rm")
+    k = key(0, "rm")
+    env.put(b, [k], [env.obj(seed=70)], "rm")
+    assert b.remove(k) is True and b.contains(k) is False
+    conn = env.connector(b)
+    assert env.run(conn.ping()) == 0
+
+
+@check
+def unreachable_daemon(env: Env):
+    b = env.backend("dead", address=env.dead, **{"remote_storage_plugin.kvstore.timeout": 1})
+    conn = env.connector(b)
+    t = time.monotonic()
+    assert env.run(conn.ping()) != 0
+    base = env.allocated()
+    assert b.batched_get_blocking([key(0, "dead")]) == [None]
+    assert env.allocated() == base, "buffers leaked on an unreachable daemon"
+    assert b.batched_contains([key(0, "dead")]) == 0
+    assert time.monotonic() - t < 15, "an unreachable daemon must fail within the timeout"
+
+
+@check
+def options_are_checked(env: Env):
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, r):
+            records.append(r.getMessage())
+
+    h = Grab()
+    logging.getLogger("kvstore.integrations.lmcache").addHandler(h)
+    try:
+        env.backend("opts", **{"remote_storage_plugin.kvstore.adress": "typo:1"})
+    finally:
+        logging.getLogger("kvstore.integrations.lmcache").removeHandler(h)
+    assert any("adress" in m and "not a kvstore setting" in m for m in records), records
+    try:
+        plugin.ClientOptions.from_mapping({"p.timeout": "-1"}, prefix="p.")
+    except kvstore.InvalidArgument:
+        pass
+    else:
+        raise AssertionError("a negative timeout was accepted")
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--address", required=True)
+    ap.add_argument("--dead-address", default="127.0.0.1:1")
+    ap.add_argument("--only", action="append")
+    a = ap.parse_args()
+    env = Env(a.address, a.dead_address)
+    results = {}
+    try:
+        for name, fn in CHECKS.items():
+            if a.only and name not in a.only:
+                continue
+            try:
+                fn(env)
+                results[name] = "ok"
+            except Exception as e:  # report every check, not just the first failure
+                traceback.print_exc()
+                results[name] = f"{type(e).__name__}: {e}"
+            env.release()
+    finally:
+        env.close()
+    print(json.dumps(results), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,127 @@
+"""LMCache (0.5.6, CPU torch) against a real kvstored through our remote storage plugin.
+
+LMCache lives in the engines environment (``make engines-env``: ``.venv/engines``)
+because its pins collide with the daemon's (prometheus-client<=0.24.1 against the
+daemon's 0.26.0) and it must be installed ``--no-deps`` (its declared requirements
+pull CUDA packages). The daemon runs from this test's interpreter; the LMCache side
+runs as subprocesses of the engines environment (see enginesutil.py).
+
+Without that environment every test here is skipped with the reason and the fix.
+"""
+from __future__ import annotations
+
+import re
+import subprocess
+
+import pytest
+
+from enginesutil import engine_python, last_json
+from enginesutil import run as engine_run
+
+
+# an engine's first import in a fresh environment can take tens of seconds on 2 cores
+pytestmark = pytest.mark.timeout(600)
+
+@pytest.fixture(scope="module")
+def lmcache_python() -> str:
+    py, why = engine_python("lmcache")
+    if py is None:
+        pytest.skip(why)
+    return py
+
+
+def run(py: str, args: list[str], **env) -> subprocess.CompletedProcess:
+    return engine_run("lmcache", py, args, **env)
+
+
+BASIC_CHECK_CONFIG = """\
+chunk_size: 256
+local_cpu: true
+max_local_cpu_size: 1
+remote_serde: naive
+# LMCache's checker builds its RemoteBackend from remote_url: the placeholder names the
+# plugin, the endpoint comes from extra_config
+remote_url: "plugin://kvstore"
+remote_storage_plugins: ["kvstore"]
+extra_config:
+  remote_storage_plugin.kvstore.module_path: kvstore.integrations.lmcache
+  remote_storage_plugin.kvstore.class_name: KVStoreConnectorAdapter
+  remote_storage_plugin.kvstore.address: "{address}"
+  remote_storage_plugin.kvstore.namespace: lmcache-check
+"""
+
+
+def test_lmcache_basic_check_test_remote_passes(lmcache_python, daemon, client, tmp_path):
+    """`python -m lmcache.v1.basic_check --mode test_remote`, LMCache's own checker."""
+    cfg = tmp_path / "lmcache.yaml"
+    cfg.write_text(BASIC_CHECK_CONFIG.format(address=daemon.control))
+    r = run(lmcache_python, ["-m", "lmcache.v1.basic_check", "--mode", "test_remote"],
+            LMCACHE_CONFIG_FILE=str(cfg))
+    out = r.stdout + r.stderr
+    detail = f"exit {r.returncode}\n{out[-6000:]}"
+    assert r.returncode == 0 and "Test Failed" not in out, detail
+    phases = re.findall(r"Validation: (\d+)/(\d+) passed", out)
+    content = re.findall(r"Validation \(content correct\): (\d+)/(\d+) passed", out)
+    # phase 1 exists (absent), 2 put, 3 exists (present); phase 4 get with content compare
+    assert len(phases) == 3 and all(a == b == "5" for a, b in phases), detail
+    assert content == [("5", "5")], detail
+    assert "Performance Results" in out, detail
+    # the five chunks really are in kvstored, in the namespace from extra_config
+    assert client.stats().namespaces["lmcache-check"] == 5
+
+
+def test_lmcache_engine_stores_then_retrieves_from_kvstored(lmcache_python, daemon, client, tmp_path):
+    """LMCacheEngine stores a prompt (3.5 chunks), its local copy is dropped, and the
+    prompt comes back from kvstored, in the same process and in a fresh one."""
+    cfg = str(tmp_path / "engine.yaml")
+    args = ["lmcache_engine_check.py", "--address", daemon.control, "--namespace", "engine", "--config", cfg]
+    first = last_json(run(lmcache_python, [args[0], "store", *args[1:]]))
+    assert first["stored_before"] == 0
+    assert first["stored_after"] == first["chunks"] == 4, first
+    assert first["object_sizes"][-1] * 2 == first["object_sizes"][0], "last chunk is half a chunk"
+    assert first["local_cleared"] > 0 and first["local_has_first_chunk"] is False, first
+    assert first["after_drop_lookup_tokens"] == first["tokens"], first
+    assert first["after_drop_retrieved_tokens"] == first["tokens"], first
+    assert first["after_drop_equal"] is True, "retrieved KV differs from what was stored"
+    assert first["daemon_get_hits"] >= 4, "the chunks did not come from kvstored"
+
+    second = last_json(run(lmcache_python, [args[0], "retrieve", *args[1:]]))
+    assert second["stored_before"] == 4
+    assert second["fresh_lookup_tokens"] == second["fresh_retrieved_tokens"] == second["tokens"], second
+    assert second["fresh_equal"] is True
+    assert second["daemon_get_hits"] >= 4
+    assert client.stats().namespaces["engine"] == 4
+
+
+CONNECTOR_CHECKS = [
+    "batched_roundtrip", "prefix_lookup_and_pin", "misses_are_none_and_released",
+    "non_blocking_get_returns_the_prefix", "partial_chunk",
+    "conflict_keeps_first", "self_describing_objects", "legacy_remote_url",
+    "placeholder_url_uses_extra_config", "generic_loader_with_connector_class", "remove_and_ping",
+    "unreachable_daemon", "options_are_checked",
+]
+
+
+@pytest.fixture(scope="module")
+def connector_results(lmcache_python, tmp_path_factory):
+    """All connector checks in one LMCache process (importing LMCache takes seconds)."""
+    from daemonutil import Daemon
+
+    d = Daemon(tmp_path_factory.mktemp("lmcache-connector")).start()
+    try:
+        r = run(lmcache_python, ["lmcache_connector_check.py", "--address", d.control])
+        return last_json(r), r.stdout[-4000:] + r.stderr[-8000:]
+    finally:
+        d.stop()
+
+
+@pytest.mark.parametrize("name", CONNECTOR_CHECKS)
+def test_lmcache_connector(connector_results, name):
+    results, log = connector_results
+    assert name in results, f"check {name} did not run\n{log}"
+    assert results[name] == "ok", f"{results[name]}\n{log}"
+
+
+def test_lmcache_connector_checks_listed(connector_results):
+    results, _ = connector_results
+    assert sorted(results) == sorted(CONNECTOR_CHECKS), "a check was added or removed: update the list"
