@@ -192,6 +192,9 @@ class Store:
         self.reserved_bytes = 0
         self.dram_objects = 0
         self.demoting_bytes = 0
+        # kept as we go so Stats and metric scrapes never walk the whole index
+        self._ns_objects: dict[bytes, int] = {}
+        self._pinned: set[Entry] = set()  # entries with a pin count (leases may have lapsed)
         self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
         self._tasks: set[asyncio.Task] = set()
         self.nvme = nvme
@@ -278,6 +281,7 @@ class Store:
             self._unlink(old, tombstone=True)
         e = Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
         self.index[k] = e
+        self._ns_objects[res.ns] = self._ns_objects.get(res.ns, 0) + 1
         self._by_offset[res.offset] = e
         self._sieves[res.sc.index].push(e)
         self.dram_objects += 1
@@ -441,6 +445,7 @@ class Store:
                 e.pins = 0  # the old lease lapsed: start afresh
             e.pins += 1
             e.pin_until = max(e.pin_until, until)
+            self._pinned.add(e)
             n += 1
         self.counters["pins"] += n
         return n
@@ -454,6 +459,7 @@ class Store:
             e.pins -= 1
             if e.pins == 0:
                 e.pin_until = 0.0
+                self._pinned.discard(e)
             n += 1
         self.counters["unpins"] += n
         if n:
@@ -614,6 +620,12 @@ class Store:
         not come back at restart.
         """
         del self.index[(e.ns, e.key)]
+        left = self._ns_objects[e.ns] - 1
+        if left:
+            self._ns_objects[e.ns] = left
+        else:
+            del self._ns_objects[e.ns]
+        self._pinned.discard(e)
         self.objects_bytes -= e.size
         e.state = DEAD
         if self.nvme is not None and tombstone and (e.nvme is not None or e.refs):
@@ -643,6 +655,7 @@ class Store:
             e.committed_at = rec.committed_at
             e.nvme = rec.loc
             self.index[(rec.ns, rec.key)] = e
+            self._ns_objects[rec.ns] = self._ns_objects.get(rec.ns, 0) + 1
             self.objects_bytes += e.size
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
@@ -738,11 +751,10 @@ class Store:
     def stats(self) -> dict:
         a = self.arena
         now = self.clock()
-        pinned = sum(1 for e in self.index.values() if e.pins and e.pin_until > now)
-        namespaces: dict[str, int] = {}
-        for (ns, _k) in self.index:
-            n = ns.decode(errors="replace")
-            namespaces[n] = namespaces.get(n, 0) + 1
+        lapsed = [e for e in self._pinned if e.pin_until <= now]
+        self._pinned.difference_update(lapsed)  # O(pinned), not O(objects)
+        pinned = len(self._pinned)
+        namespaces = {ns.decode(errors="replace"): n for ns, n in self._ns_objects.items()}
         return {
             "dram_capacity": a.size,
             "dram_used": a.used_bytes,

@@ -83,6 +83,14 @@ def check_accounting(store: Store) -> None:
     assert store.objects_bytes == sum(e.size for e in store.index.values())
     assert store.reserved_bytes == sum(r.size for r in store.reservations)
     assert len(a.free_slabs) + sum(len(c.slabs) for c in a.classes) == len(a.slabs)
+    # Stats keeps namespace and pin counts incrementally: they match a full recount
+    st = store.stats()
+    by_ns: dict[str, int] = {}
+    for ns, _k in store.index:
+        by_ns[ns.decode()] = by_ns.get(ns.decode(), 0) + 1
+    assert st["namespaces"] == by_ns
+    now = store.clock()
+    assert st["pinned"] == sum(1 for e in store.index.values() if e.pins and e.pin_until > now)
 
 
 # ------------------------------------------------------------------ two-phase put
