@@ -60,6 +60,10 @@ test: install-test
 	@command -v systemd-analyze >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd curl >/dev/null) || \
 	  echo "make test: could not install systemd/curl; their checks will be skipped"
+	@# tests/cluster: a real etcd (Debian's etcd-server); the tests skip when it is missing
+	@command -v etcd >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null) || \
+	  echo "make test: could not install etcd-server; tests/cluster membership tests will be skipped"
 	@$(MAKE) --no-print-directory -k engines-env || \
 	  echo "make test: could not install every engine into $(ENGINES); tests/integrations says which tests skip and why"
 	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest $(ARGS)

@@ -164,6 +164,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("auth", "enabled", "auth_enabled", "bool"),
     Setting("auth", "tokens_file", "auth_tokens_file", "str"),
     Setting("node", "id", "node_id", "str"),
+    Setting("cluster", "enabled", "cluster_enabled", "bool"),
+    Setting("cluster", "name", "cluster_name", "str"),
+    Setting("cluster", "etcd_endpoints", "cluster_etcd_endpoints", "str"),
+    Setting("cluster", "lease_ttl", "cluster_lease_ttl", "int"),
+    Setting("cluster", "failure_domain", "cluster_failure_domain", "str"),
+    Setting("cluster", "static_peers", "cluster_static_peers", "str"),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -305,6 +311,13 @@ class Config:
     auth_tokens_file: str = ""
     # [node]
     node_id: str = ""  # empty = "<hostname>:<control_port>", filled by validate()
+    # [cluster] membership (kvstored/cluster/membership.py); off = standalone node
+    cluster_enabled: bool = False
+    cluster_name: str = "default"  # etcd keys live under /kvstored/<name>/members/
+    cluster_etcd_endpoints: str = "127.0.0.1:2379"  # comma-separated host:port, tried in turn
+    cluster_lease_ttl: int = 5  # seconds a dead node stays listed (etcd lease TTL)
+    cluster_failure_domain: str = ""  # e.g. a rack or zone name; "" = none
+    cluster_static_peers: str = ""  # comma-separated control host:port; set = no etcd
 
     def validate(self) -> Config:
         """Normalise field types, fill auto values, then check ranges; returns self.
@@ -381,7 +394,43 @@ class Config:
                               "port; pick another (or 0 for any free port)")
         if not self.node_id:
             self.node_id = f"{socket.gethostname()}:{self.control_port}"
+        self._validate_cluster()
         return self
+
+    def _validate_cluster(self) -> None:
+        """[cluster]: names and address lists parse; etcd mode has its client library."""
+        if not _CLUSTER_NAME_RE.fullmatch(self.cluster_name):
+            raise ConfigError(f"cluster.name: {self.cluster_name!r} must be 1-64 characters of "
+                              "letters, digits, '.', '_' or '-'")
+        if not 2 <= self.cluster_lease_ttl <= 3600:
+            raise ConfigError(f"cluster.lease_ttl: {self.cluster_lease_ttl} is outside 2..3600 "
+                              "seconds (etcd's minimum lease is about 2s)")
+        if len(self.cluster_failure_domain) > 128 or any(
+                ord(ch) < 0x20 for ch in self.cluster_failure_domain):
+            raise ConfigError(f"cluster.failure_domain: {self.cluster_failure_domain!r} must be "
+                              "at most 128 printable characters")
+        self.cluster_endpoints()
+        self.cluster_peers()
+        if self.cluster_enabled:
+            if "/" in self.node_id:
+                raise ConfigError(f"node.id: {self.node_id!r} must not contain '/' when "
+                                  "cluster.enabled = true (it is an etcd key part)")
+            if not self.cluster_static_peers:
+                import importlib.util
+                if importlib.util.find_spec("aetcd") is None:
+                    raise ConfigError("cluster.etcd_endpoints: etcd membership needs the 'aetcd' "
+                                      "package (pip install 'kvstored[server]'), or set "
+                                      "cluster.static_peers")
+
+    def cluster_endpoints(self) -> list[tuple[str, int]]:
+        """``cluster.etcd_endpoints`` as (host, port) pairs; ConfigError when malformed."""
+        return _host_ports("cluster.etcd_endpoints", self.cluster_etcd_endpoints,
+                           allow_empty=not self.cluster_enabled or bool(self.cluster_static_peers),
+                           schemes=("http://",))
+
+    def cluster_peers(self) -> list[tuple[str, int]]:
+        """``cluster.static_peers`` as (host, port) pairs; ConfigError when malformed."""
+        return _host_ports("cluster.static_peers", self.cluster_static_peers, allow_empty=True)
 
     def _validate_security(self) -> None:
         """[tls] and [auth]: files exist and parse, so a bad one fails at start (exit 2)."""
@@ -472,6 +521,33 @@ class Config:
             reservation_timeout=self.reservation_timeout,
             put_wait_timeout=self.put_wait_timeout, max_pin_ttl=self.max_pin_ttl,
             hugepages=self.hugepages, prefault=self.prefault)
+
+
+_CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
+def _host_ports(name: str, text: str, allow_empty: bool,
+                schemes: tuple[str, ...] = ()) -> list[tuple[str, int]]:
+    """``"a:2379, b:2379"`` -> [("a", 2379), ("b", 2379)]; one-line ConfigError otherwise."""
+    out = []
+    for item in (p.strip() for p in text.split(",")):
+        if not item:
+            continue
+        for scheme in schemes:
+            if item.lower().startswith(scheme):
+                item = item[len(scheme):].rstrip("/")
+        if "://" in item:
+            raise ConfigError(f"{name}: {item!r}: only plain host:port is supported "
+                              "(no TLS to etcd yet)")
+        host, sep, port = item.rpartition(":")
+        host = host.strip("[]")
+        if not sep or not host or not port.isdigit() or not 1 <= int(port) <= 65535:
+            raise ConfigError(f"{name}: {item!r} is not host:port (e.g. 10.0.0.5:2379; "
+                              "separate several with commas)")
+        out.append((host, int(port)))
+    if not out and not allow_empty:
+        raise ConfigError(f"{name}: empty; list at least one host:port")
+    return out
 
 
 def _toml_str(text: str) -> str:

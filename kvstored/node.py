@@ -162,6 +162,14 @@ class Node:
         self._explicit: set[str] = set()
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_sent = 0.0
+        self.membership = None  # kvstored.cluster.Membership when cluster.enabled
+
+    def health_status(self) -> str:
+        """Health/readyz status: the state, or "degraded" while serving without cluster
+        membership (etcd unreachable; local data is still served, ready stays true)."""
+        if self.state == "serving" and self.membership is not None and self.membership.degraded:
+            return "degraded"
+        return self.state
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
@@ -206,6 +214,10 @@ class Node:
                 raise OSError(f"cannot listen on {c.metrics_host}:{c.metrics_port} for metrics "
                               f"({e.strerror or e}); set metrics.port or metrics.enabled") from None
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+        if c.cluster_enabled:  # registers in the background; etcd down never blocks start
+            from kvstored.cluster import Membership
+            self.membership = Membership(self)
+            self.membership.start()
         self.ready = True
         self.state = "serving"
         log.info("kvstored ready", extra={
@@ -257,6 +269,8 @@ class Node:
         if self.shm is not None:
             self.shm.close()
         waits = [self.data_server.drain(grace)]
+        if self.membership is not None:  # leave first: peers stop counting on us
+            waits.append(self.membership.stop())
         if self.grpc_server is not None:
             waits.append(self.grpc_server.stop(grace))
         await asyncio.gather(*waits)

@@ -468,6 +468,10 @@ class AsyncClient(Namespaced):
     async def health(self, timeout: float | None = None) -> pb.HealthResponse:
         return await self._call("Health", pb.HealthRequest(), timeout)
 
+    async def members(self) -> pb.MembersResponse:
+        """Cluster members as the daemon sees them (see Client.members)."""
+        return await self._call("Members", pb.MembersRequest())
+
     async def delete_all(self, *, namespace: str | None = None) -> int:
         """Admin: delete every object of the namespace ("" = of every namespace)."""
         ns = "" if namespace == "" else self._nss(namespace)

@@ -384,6 +384,34 @@ def cmd_delete_all(c: Client, args, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+def cmd_nodes(c: Client, args) -> int:
+    r = c.members()
+    nodes = [{"node_id": m.node_id, "self": m.self, "control_address": m.control_address,
+              "data_address": m.data_address, "shm_socket": m.shm_socket,
+              "dram_capacity_bytes": m.dram_capacity_bytes,
+              "nvme_capacity_bytes": m.nvme_capacity_bytes, "failure_domain": m.failure_domain,
+              "version": m.version, "started_at": m.started_at, "health": m.health,
+              "last_seen_seconds_ago": m.last_seen_seconds_ago} for m in r.members]
+    doc = {"source": r.source, "cluster": r.cluster, "node_id": r.node_id,
+           "degraded": r.degraded, "detail": r.detail, "nodes": nodes}
+    if args.json:
+        emit_json(doc)
+        return EXIT_OK
+    view = f"{r.source} membership" + (f", cluster {r.cluster!r}" if r.cluster else "")
+    if r.degraded:
+        view += f", DEGRADED ({r.detail or 'not registered'})"
+    print(f"{len(nodes)} node(s) as seen by {r.node_id} ({view})")
+    rows = [[("* " if n["self"] else "  ") + n["node_id"], n["control_address"],
+             n["data_address"] or "-", n["failure_domain"] or "-",
+             human_size(n["dram_capacity_bytes"]) if n["dram_capacity_bytes"] else "-",
+             human_size(n["nvme_capacity_bytes"]) if n["nvme_capacity_bytes"] else "-",
+             n["health"], "-" if n["self"] else human_age(n["last_seen_seconds_ago"])]
+            for n in nodes]
+    print(table(["NODE", "CONTROL", "DATA", "DOMAIN", "DRAM", "NVME", "HEALTH", "SEEN"], rows,
+                right=[4, 5]))
+    return EXIT_OK
+
+
 def cmd_reload(c: Client, args) -> int:
     changed = c.reload()
     if args.json:
@@ -578,6 +606,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     command("status", cmd_status, "node identity, addresses, health, uptime and limits")
     command("stats", cmd_stats, "counters, per-tier usage and per-namespace object counts")
+    command("nodes", cmd_nodes, "cluster members as this daemon sees them (etcd, static or standalone)")
 
     p = command("put", cmd_put, "store a file (or stdin) under a key", needs_parser=True)
     p.add_argument("file", metavar="FILE", help="file to store; - reads stdin (then --key is required)")

@@ -566,6 +566,11 @@ class Client(Namespaced):
     def health(self, timeout: float | None = None) -> pb.HealthResponse:
         return self._call("Health", pb.HealthRequest(), timeout)
 
+    def members(self) -> pb.MembersResponse:
+        """Cluster members as the daemon sees them (``.members``, ``.source`` = etcd |
+        static | standalone, ``.degraded``)."""
+        return self._call("Members", pb.MembersRequest())
+
     def list(self, *, namespace: str | None = None, limit: int = 100) -> pb.ListResponse:
         """A sample of stored objects (None = this client's namespace, "" = all namespaces)."""
         ns = "" if namespace == "" else self._nss(namespace)

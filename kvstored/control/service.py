@@ -157,7 +157,8 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_guard(OPEN)
     def Health(self, request, context):
         # live: the process answers; ready: started and not draining (state says which)
-        return pb.HealthResponse(live=True, ready=self.node.ready, status=self.node.state,
+        status = self.node.health_status() if hasattr(self.node, "health_status") else self.node.state
+        return pb.HealthResponse(live=True, ready=self.node.ready, status=status,
                                  uptime_seconds=self.node.uptime())
 
     @_typed_errors
@@ -280,6 +281,36 @@ class ControlService(pb_grpc.KVStoreServicer):
         else:  # no config file to re-read (embedded use): tokens and certificates only
             lines = node.reload_security()
         return pb.ReloadResponse(changed=lines)
+
+    @_typed_errors
+    @_guard(ANY_TOKEN)
+    def Members(self, request, context):
+        """The member list as this node sees it (itself included)."""
+        node = self.node
+        m = getattr(node, "membership", None)
+        if m is None:  # standalone: just this node
+            from kvstored.cluster.membership import Membership
+            rows = [(Membership.self_info(_Standalone(node)), "alive", 0.0, True)]
+            source, degraded, detail = "standalone", False, ""
+        else:
+            rows, source, degraded, detail = m.view(), m.source, m.degraded, m.detail
+        members = [pb.Member(
+            node_id=i.node_id, control_address=i.control_address, data_address=i.data_address,
+            shm_socket=i.shm_socket, dram_capacity_bytes=i.dram_capacity_bytes,
+            nvme_capacity_bytes=i.nvme_capacity_bytes, failure_domain=i.failure_domain,
+            version=i.version, started_at=i.started_at, health=health,
+            last_seen_seconds_ago=max(ago, 0.0), self=me) for i, health, ago, me in rows]
+        return pb.MembersResponse(members=members, source=source, degraded=degraded,
+                                  cluster=self.config.cluster_name if m is not None else "",
+                                  node_id=node.node_id, detail=detail)
+
+
+class _Standalone:
+    """Enough of a Membership for self_info() on a node without cluster.enabled."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        self.started_at = time.time() - node.uptime()
 
 
 def add_to_server(server: grpc.aio.Server, node: "Node") -> None:

@@ -6,6 +6,54 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class MembersRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class Member(_message.Message):
+    __slots__ = ("node_id", "control_address", "data_address", "shm_socket", "dram_capacity_bytes", "nvme_capacity_bytes", "failure_domain", "version", "started_at", "health", "last_seen_seconds_ago", "self")
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
+    SHM_SOCKET_FIELD_NUMBER: _ClassVar[int]
+    DRAM_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    NVME_CAPACITY_BYTES_FIELD_NUMBER: _ClassVar[int]
+    FAILURE_DOMAIN_FIELD_NUMBER: _ClassVar[int]
+    VERSION_FIELD_NUMBER: _ClassVar[int]
+    STARTED_AT_FIELD_NUMBER: _ClassVar[int]
+    HEALTH_FIELD_NUMBER: _ClassVar[int]
+    LAST_SEEN_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
+    SELF_FIELD_NUMBER: _ClassVar[int]
+    node_id: str
+    control_address: str
+    data_address: str
+    shm_socket: str
+    dram_capacity_bytes: int
+    nvme_capacity_bytes: int
+    failure_domain: str
+    version: str
+    started_at: float
+    health: str
+    last_seen_seconds_ago: float
+    self: bool
+    def __init__(self_, node_id: _Optional[str] = ..., control_address: _Optional[str] = ..., data_address: _Optional[str] = ..., shm_socket: _Optional[str] = ..., dram_capacity_bytes: _Optional[int] = ..., nvme_capacity_bytes: _Optional[int] = ..., failure_domain: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., health: _Optional[str] = ..., last_seen_seconds_ago: _Optional[float] = ..., self: _Optional[bool] = ...) -> None: ...
+
+class MembersResponse(_message.Message):
+    __slots__ = ("members", "source", "degraded", "cluster", "node_id", "detail")
+    MEMBERS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DEGRADED_FIELD_NUMBER: _ClassVar[int]
+    CLUSTER_FIELD_NUMBER: _ClassVar[int]
+    NODE_ID_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    members: _containers.RepeatedCompositeFieldContainer[Member]
+    source: str
+    degraded: bool
+    cluster: str
+    node_id: str
+    detail: str
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., source: _Optional[str] = ..., degraded: _Optional[bool] = ..., cluster: _Optional[str] = ..., node_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+
 class DeleteAllRequest(_message.Message):
     __slots__ = ("namespace",)
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -99,6 +99,11 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_control__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.Members = channel.unary_unary(
+                '/kvstore.v1.KVStore/Members',
+                request_serializer=kvstore_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.MembersResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -189,6 +194,13 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Members(self, request, context):
+        """Cluster membership as this node sees it (etcd, static_peers, or standalone).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -256,6 +268,11 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=kvstore_dot_v1_dot_control__pb2.ReloadRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_control__pb2.ReloadResponse.SerializeToString,
+            ),
+            'Members': grpc.unary_unary_rpc_method_handler(
+                    servicer.Members,
+                    request_deserializer=kvstore_dot_v1_dot_control__pb2.MembersRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.MembersResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -609,6 +626,33 @@ class KVStore:
             '/kvstore.v1.KVStore/Reload',
             kvstore_dot_v1_dot_control__pb2.ReloadRequest.SerializeToString,
             kvstore_dot_v1_dot_control__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Members(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Members',
+            kvstore_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
+            kvstore_dot_v1_dot_control__pb2.MembersResponse.FromString,
             options,
             channel_credentials,
             insecure,

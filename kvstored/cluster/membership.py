@@ -1,0 +1,333 @@
+"""Cluster membership: etcd leases (or a static peer list), watched into a local member list.
+
+etcd mode: the node puts ``/kvstored/<cluster>/members/<node_id>`` (a JSON document, see
+:meth:`Membership.self_info`) under a lease of ``cluster.lease_ttl`` seconds that it keeps
+alive, and watches the prefix. A node that dies stops renewing; etcd deletes its key when
+the lease runs out and every watcher drops it. No consensus of our own: etcd is the truth.
+
+etcd down (at start or later) never stops the node: it keeps serving its local data,
+reports ``degraded`` (Health status, Members), keeps the last member list it saw (health
+"stale") and retries with exponential back-off (BACKOFF_MIN .. BACKOFF_MAX seconds),
+trying the configured endpoints in turn. When etcd answers again it registers under a
+fresh lease, re-reads the list and watches again.
+
+static mode (``cluster.static_peers``): no etcd; the peers are probed with Info/Health
+every lease_ttl seconds so their ids, data addresses and liveness are known.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import socket
+import time
+from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
+
+import kvstored
+
+if TYPE_CHECKING:
+    from kvstored.node import Node
+
+log = logging.getLogger("kvstored.cluster")
+
+KEY_ROOT = "/kvstored"
+BACKOFF_MIN = 0.25  # seconds before the first retry after etcd fails
+BACKOFF_MAX = 5.0  # the back-off doubles up to this
+ETCD_CALL_TIMEOUT = 2.0  # seconds for one etcd call (grant, put, get, keep-alive)
+
+
+@dataclass
+class MemberInfo:
+    """What a node registers about itself (the JSON value of its etcd key)."""
+
+    node_id: str
+    control_address: str
+    data_address: str
+    shm_socket: str = ""
+    dram_capacity_bytes: int = 0
+    nvme_capacity_bytes: int = 0
+    failure_domain: str = ""
+    version: str = ""
+    started_at: float = 0.0
+
+    def to_json(self) -> bytes:
+        return json.dumps(asdict(self), sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, raw: bytes) -> "MemberInfo":
+        doc = json.loads(raw)
+        known = {k: doc[k] for k in cls.__dataclass_fields__ if k in doc}  # newer nodes may add keys
+        return cls(**known)
+
+
+@dataclass
+class _Entry:
+    info: MemberInfo
+    health: str  # alive | stale | unreachable | unknown
+    seen: float  # time.monotonic() of the last confirmation (0 = never)
+
+
+def _advertised_host(host: str) -> str:
+    return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
+
+
+class Membership:
+    """One node's view of the cluster; runs on the daemon's event loop."""
+
+    def __init__(self, node: "Node"):
+        self.node = node
+        c = node.config
+        self.cluster = c.cluster_name
+        self.prefix = f"{KEY_ROOT}/{self.cluster}/members/"
+        self.ttl = c.cluster_lease_ttl
+        self.endpoints = c.cluster_endpoints()
+        self.static_peers = c.cluster_peers()
+        self.source = "static" if self.static_peers else "etcd"
+        self.members: dict[str, _Entry] = {}  # node_id -> entry, other nodes only
+        self.registered = False
+        self.detail = "not registered yet" if self.source == "etcd" else ""
+        self.started_at = time.time()
+        self.registrations = 0  # how many times this node (re-)registered
+        self._task: asyncio.Task | None = None
+        self._etcd = None
+        self._lease = None
+        self._stopping = False
+
+    # ------------------------------------------------------------ view
+
+    @property
+    def degraded(self) -> bool:
+        return self.source == "etcd" and not self.registered
+
+    def self_info(self) -> MemberInfo:
+        n, c = self.node, self.node.config
+        host = _advertised_host(c.host)
+        return MemberInfo(
+            node_id=n.node_id, control_address=f"{host}:{n.control_port}",
+            data_address=f"{host}:{n.data_port}", shm_socket=n.shm_path,
+            dram_capacity_bytes=n.store.arena.size,
+            nvme_capacity_bytes=c.nvme_size if c.nvme_path else 0,
+            failure_domain=c.cluster_failure_domain, version=kvstored.__version__,
+            started_at=self.started_at)
+
+    def view(self) -> list[tuple[MemberInfo, str, float, bool]]:
+        """[(info, health, seconds since last confirmed, is self)], sorted by node_id."""
+        now = time.monotonic()
+        rows = [(self.self_info(), "alive", 0.0, True)]
+        for node_id, e in self.members.items():
+            if node_id == self.node.node_id:
+                continue
+            health = "stale" if self.degraded and e.health == "alive" else e.health
+            rows.append((e.info, health, now - e.seen if e.seen else -1.0, False))
+        return sorted(rows, key=lambda r: r[0].node_id)
+
+    # ------------------------------------------------------------ life cycle
+
+    def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        run = self._run_static if self.source == "static" else self._run_etcd
+        self._task = loop.create_task(run(), name="cluster-membership")
+        log.info("cluster membership starting", extra={
+            "cluster": self.cluster, "source": self.source, "lease_ttl": self.ttl,
+            "etcd": ",".join(f"{h}:{p}" for h, p in self.endpoints) if self.source == "etcd" else "-",
+            "peers": ",".join(f"{h}:{p}" for h, p in self.static_peers) or "-"})
+
+    async def stop(self) -> None:
+        """Leave: revoke the lease (others drop us at once) and close the etcd client."""
+        self._stopping = True
+        if self._task is not None:
+            self._task.cancel()
+            try:
+                await self._task
+            except (asyncio.CancelledError, Exception):
+                pass
+        if self._lease is not None and self._etcd is not None:
+            try:
+                await asyncio.wait_for(self._etcd.revoke_lease(self._lease.id), ETCD_CALL_TIMEOUT)
+                log.info("left the cluster (lease revoked)", extra={"cluster": self.cluster})
+            except Exception as e:  # etcd gone: the lease runs out by itself
+                log.info("could not revoke the cluster lease (%s); it expires in %ss", e, self.ttl)
+        await self._close_etcd()
+
+    async def _close_etcd(self) -> None:
+        if self._etcd is not None:
+            try:
+                await asyncio.wait_for(self._etcd.close(), ETCD_CALL_TIMEOUT)
+            except Exception:
+                pass
+        self._etcd = None
+
+    # ------------------------------------------------------------ etcd mode
+
+    async def _run_etcd(self) -> None:
+        backoff = BACKOFF_MIN
+        attempt = 0
+        while not self._stopping:
+            host, port = self.endpoints[attempt % len(self.endpoints)]
+            attempt += 1
+            try:
+                await self._session(host, port)  # returns only by raising
+            except asyncio.CancelledError:
+                raise
+            except Exception as e:
+                was = self.registered
+                self.registered = False
+                self.detail = f"etcd {host}:{port}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                if was:
+                    backoff = BACKOFF_MIN
+                    log.warning("lost etcd; serving local data, membership degraded, retrying",
+                                extra={"cluster": self.cluster, "etcd": f"{host}:{port}",
+                                       "error": self.detail})
+                else:
+                    log.warning("etcd unreachable; serving local data, membership degraded, "
+                                "retrying in %.2fs", backoff,
+                                extra={"cluster": self.cluster, "etcd": f"{host}:{port}",
+                                       "attempt": attempt, "error": self.detail})
+                await self._close_etcd()
+                await asyncio.sleep(backoff)
+                backoff = min(backoff * 2, BACKOFF_MAX)
+            else:  # pragma: no cover - _session never returns normally
+                backoff = BACKOFF_MIN
+
+    async def _session(self, host: str, port: int) -> None:
+        import aetcd  # lazy: only etcd mode needs it (config checked it is installed)
+
+        self._etcd = etcd = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT)
+        key = (self.prefix + self.node.node_id).encode()
+        old = self._lease
+        self._lease = lease = await etcd.lease(self.ttl)
+        await etcd.put(key, self.self_info().to_json(), lease=lease)
+        if old is not None:  # our key moved to the new lease; the old one can go
+            try:
+                await etcd.revoke_lease(old.id)
+            except Exception:
+                pass
+        revision = await self._resync(etcd)
+        watch = await etcd.watch_prefix(self.prefix.encode(), start_revision=revision + 1)
+        self.registered = True
+        self.detail = ""
+        self.registrations += 1
+        log.info("registered in cluster", extra={
+            "cluster": self.cluster, "etcd": f"{host}:{port}", "key": key.decode(),
+            "lease_ttl": self.ttl, "members": len(self.members) + 1})
+        watcher = asyncio.get_running_loop().create_task(self._watch(watch))
+        try:
+            await self._keepalive(etcd, lease, key, watcher)
+        finally:
+            watcher.cancel()
+            try:
+                await watch.cancel()
+            except Exception:
+                pass
+
+    async def _resync(self, etcd) -> int:
+        """Re-read the whole member list; returns the etcd revision it reflects."""
+        got = await etcd.get_prefix(self.prefix.encode())
+        now = time.monotonic()
+        fresh: dict[str, _Entry] = {}
+        for kv in got:
+            e = self._entry(kv.key, kv.value, now)
+            if e is not None:
+                fresh[e.info.node_id] = e
+        gone = set(self.members) - set(fresh)
+        added = set(fresh) - set(self.members)
+        self.members = fresh
+        for nid in sorted(added - {self.node.node_id}):
+            log.info("member joined", extra={"member": nid, "cluster": self.cluster})
+        for nid in sorted(gone - {self.node.node_id}):
+            log.info("member left", extra={"member": nid, "cluster": self.cluster})
+        return got.header.revision if getattr(got, "header", None) is not None else 0
+
+    def _entry(self, key: bytes, value: bytes, now: float) -> _Entry | None:
+        try:
+            info = MemberInfo.from_json(value)
+        except (ValueError, TypeError) as e:
+            log.warning("ignoring a malformed member entry", extra={"key": key.decode(errors="replace"),
+                                                                    "error": str(e)})
+            return None
+        return _Entry(info, "alive", now)
+
+    async def _watch(self, watch) -> None:
+        try:
+            async for ev in watch:
+                nid = ev.kv.key.decode(errors="replace")[len(self.prefix):]
+                if ev.kind == "PUT":
+                    e = self._entry(ev.kv.key, ev.kv.value, time.monotonic())
+                    if e is not None:
+                        if e.info.node_id not in self.members and e.info.node_id != self.node.node_id:
+                            log.info("member joined", extra={"member": e.info.node_id,
+                                                             "cluster": self.cluster})
+                        self.members[e.info.node_id] = e
+                elif ev.kind == "DELETE":
+                    if self.members.pop(nid, None) is not None and nid != self.node.node_id:
+                        log.info("member left", extra={"member": nid, "cluster": self.cluster})
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # the keep-alive loop notices etcd is gone and reconnects
+            log.debug("member watch ended: %s", e)
+
+    async def _keepalive(self, etcd, lease, key: bytes, watcher: asyncio.Task) -> None:
+        """Renew the lease every ttl/3 and re-read the list every ttl (belt and braces to
+        the watch). Raises when etcd fails or the lease is gone."""
+        interval = max(0.5, self.ttl / 3)
+        last_sync = time.monotonic()
+        while True:
+            await asyncio.sleep(interval)
+            reply = await asyncio.wait_for(etcd.refresh_lease(lease.id), ETCD_CALL_TIMEOUT)
+            if reply is None or reply.TTL <= 0:
+                raise ConnectionError(f"lease {lease.id:x} expired")
+            if watcher.done() or time.monotonic() - last_sync >= self.ttl:
+                await asyncio.wait_for(self._resync(etcd), ETCD_CALL_TIMEOUT)
+                last_sync = time.monotonic()
+                if self.node.node_id not in self.members:  # someone deleted our key
+                    await etcd.put(key, self.self_info().to_json(), lease=lease)
+                if watcher.done():
+                    raise ConnectionError("member watch ended")
+
+    # ------------------------------------------------------------ static mode
+
+    async def _run_static(self) -> None:
+        import grpc
+
+        from kvstore.v1 import control_pb2 as pb
+        from kvstore.v1 import control_pb2_grpc as pb_grpc
+
+        mine = {f"127.0.0.1:{self.node.control_port}",
+                f"{_advertised_host(self.node.config.host)}:{self.node.control_port}"}
+        for host, port in self.static_peers:
+            addr = f"{host}:{port}"
+            if addr not in mine:
+                self.members[addr] = _Entry(MemberInfo(node_id=addr, control_address=addr,
+                                                       data_address=""), "unknown", 0.0)
+        channels: dict[str, grpc.aio.Channel] = {}
+        try:
+            while True:
+                for addr in list(self.members):
+                    e = self.members[addr]
+                    ch = channels.get(addr)
+                    if ch is None:
+                        # plaintext probe; with TLS on the peers stay "unknown"
+                        if self.node.tls is not None:
+                            continue
+                        ch = channels[addr] = grpc.aio.insecure_channel(e.info.control_address)
+                    stub = pb_grpc.KVStoreStub(ch)
+                    try:
+                        info = await stub.Info(pb.InfoRequest(), timeout=ETCD_CALL_TIMEOUT)
+                        host = e.info.control_address.rpartition(":")[0]
+                        e.info = MemberInfo(
+                            node_id=info.node_id, control_address=e.info.control_address,
+                            data_address=f"{host}:{info.data_port}", shm_socket=info.shm_socket,
+                            version=info.version)
+                        if e.health != "alive":
+                            log.info("static peer answers", extra={"peer": addr, "member": info.node_id})
+                        e.health, e.seen = "alive", time.monotonic()
+                    except grpc.aio.AioRpcError as err:
+                        if e.health == "alive":
+                            log.warning("static peer unreachable", extra={"peer": addr,
+                                                                          "error": err.code().name})
+                        e.health = "unreachable"
+                await asyncio.sleep(self.ttl)
+        finally:
+            for ch in channels.values():
+                await ch.close()

@@ -1,0 +1,305 @@
+"""Cluster membership against a real etcd and real kvstored processes (no mocks).
+
+Needs the ``etcd`` binary (``make test`` installs Debian's etcd-server) and the ``aetcd``
+package; each is skipped with a reason when missing.
+"""
+from __future__ import annotations
+
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+
+import kvstore
+
+pytestmark = pytest.mark.timeout(120)
+
+ETCD = shutil.which("etcd")
+try:
+    import aetcd  # noqa: F401
+    HAVE_AETCD = True
+except ImportError:
+    HAVE_AETCD = False
+
+needs_etcd = pytest.mark.skipif(
+    ETCD is None or not HAVE_AETCD,
+    reason="etcd binary not on PATH (apt-get install etcd-server; `make test` tries) "
+           "or the aetcd package is missing (pip install 'kvstored[server]')")
+
+TTL = 2  # cluster.lease_ttl in these tests (etcd's minimum lease)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Etcd:
+    """A single-member etcd on 127.0.0.1 with free ports and its own data dir."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.client_port = _free_port()
+        self.peer_port = _free_port()
+        self.data_dir = tmp / "etcd-data"
+        self.log_path = tmp / "etcd.log"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def endpoint(self) -> str:
+        return f"127.0.0.1:{self.client_port}"
+
+    def start(self, timeout: float = 20.0) -> "Etcd":
+        url_c = f"http://127.0.0.1:{self.client_port}"
+        url_p = f"http://127.0.0.1:{self.peer_port}"
+        self._log = open(self.log_path, "ab")
+        self.proc = subprocess.Popen(
+            [ETCD, "--name", "t", "--data-dir", str(self.data_dir),
+             "--listen-client-urls", url_c, "--advertise-client-urls", url_c,
+             "--listen-peer-urls", url_p, "--initial-advertise-peer-urls", url_p,
+             "--initial-cluster", f"t={url_p}", "--log-level", "error"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"etcd exited with {self.proc.returncode}: {self.log()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.client_port), 0.2):
+                    pass
+                if self._healthy():
+                    return self
+            except OSError:
+                pass
+            time.sleep(0.1)
+        self.stop()
+        raise RuntimeError(f"etcd not up within {timeout}s: {self.log()}")
+
+    def _healthy(self) -> bool:
+        import urllib.request
+        try:
+            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+                return b"true" in r.read()
+        except OSError:
+            return False
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-2000:] if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        if self.proc is not None:
+            self._log.close()
+        self.proc = None
+
+
+@pytest.fixture
+def etcd(tmp_path):
+    e = Etcd(tmp_path).start()
+    yield e
+    e.stop()
+
+
+def _config(tmp: Path, fname: str, **cluster) -> str:
+    lines = ["[cluster]", "enabled = true", f"lease_ttl = {TTL}"]
+    for k, v in cluster.items():
+        lines.append(f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {v}")
+    path = tmp / f"{fname}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _members(d):
+    with kvstore.Client(d.control, timeout=5.0) as c:
+        return c.members()
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.1):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        last = pred()
+        if last:
+            return last
+        time.sleep(step)
+    raise AssertionError(f"{what} not within {timeout}s (last: {last!r})")
+
+
+def _ids(d) -> set[str]:
+    return {m.node_id for m in _members(d).members}
+
+
+def _health(d):
+    with kvstore.Client(d.control, timeout=5.0) as c:
+        return c.health()
+
+
+@needs_etcd
+def test_three_nodes_see_each_other_and_a_dead_one_leaves(etcd, start_daemon, tmp_path):
+    ds = [start_daemon("--config", _config(tmp_path, f"n{i}", etcd_endpoints=etcd.endpoint,
+                                           failure_domain=f"rack{i}", name="t3"))
+          for i in range(3)]
+    ids = {d.info["node_id"] for d in ds}
+    t0 = time.monotonic()
+    for d in ds:
+        _wait(lambda d=d: _ids(d) == ids, 10, f"{d.info['node_id']} seeing all three")
+    print(f"all three registered and seen in {time.monotonic() - t0:.2f}s")
+
+    r = _members(ds[0])
+    assert r.source == "etcd" and not r.degraded and r.cluster == "t3"
+    by_id = {m.node_id: m for m in r.members}
+    for i, d in enumerate(ds):
+        m = by_id[d.info["node_id"]]
+        assert m.control_address == d.control
+        assert m.data_address == f"127.0.0.1:{d.data_port}"
+        assert m.failure_domain == f"rack{i}"
+        assert m.dram_capacity_bytes == 64 << 20
+        assert m.health == "alive" and m.version
+    assert [m.self for m in r.members].count(True) == 1
+    assert _health(ds[0]).status == "serving"
+
+    victim = ds[2]
+    victim.proc.send_signal(signal.SIGKILL)
+    victim.proc.wait(5)
+    gone = victim.info["node_id"]
+    t0 = time.monotonic()
+    for d in ds[:2]:
+        _wait(lambda d=d: gone not in _ids(d), TTL + 4, f"{gone} leaving {d.info['node_id']}'s view")
+    took = time.monotonic() - t0
+    print(f"killed node dropped after {took:.2f}s (lease_ttl {TTL}s)")
+    assert took <= TTL + 4
+
+    # a clean stop revokes the lease: the node leaves at once, no TTL wait
+    ds[1].stop()
+    _wait(lambda: ds[1].info["node_id"] not in _ids(ds[0]), 1.5, "SIGTERM'd node leaving")
+
+
+@needs_etcd
+def test_etcd_lost_and_back(etcd, start_daemon, tmp_path):
+    ds = [start_daemon("--config", _config(tmp_path, f"n{i}", etcd_endpoints=etcd.endpoint))
+          for i in range(2)]
+    ids = {d.info["node_id"] for d in ds}
+    for d in ds:
+        _wait(lambda d=d: _ids(d) == ids, 10, "both registered")
+
+    etcd.stop()
+    for d in ds:
+        _wait(lambda d=d: _members(d).degraded, TTL + 6, "degraded after etcd loss")
+    h = _health(ds[0])
+    assert h.ready and h.status == "degraded"
+    r = _members(ds[0])
+    assert {m.node_id for m in r.members} == ids  # last known list, kept
+    assert {m.health for m in r.members if not m.self} == {"stale"}
+    assert "etcd" in r.detail
+    with kvstore.Client(ds[0].control, namespace="t", timeout=5.0) as c:  # still serving
+        c.put(b"k", b"v" * 1000)
+        assert bytes(c.get(b"k")) == b"v" * 1000
+
+    etcd.start()  # same data dir and ports
+    t0 = time.monotonic()
+    for d in ds:
+        _wait(lambda d=d: not _members(d).degraded and _ids(d) == ids, 20, "re-registered")
+    print(f"re-registered {time.monotonic() - t0:.2f}s after etcd came back")
+    assert _health(ds[1]).status == "serving"
+    for d in ds:
+        assert "registered in cluster" in d.log()
+
+
+@needs_etcd
+def test_etcd_unreachable_at_start(start_daemon, tmp_path):
+    port = _free_port()  # nothing listens here
+    d = start_daemon("--config", _config(tmp_path, "n", etcd_endpoints=f"127.0.0.1:{port}"))
+    with kvstore.Client(d.control, namespace="t", timeout=5.0) as c:
+        c.put(b"a", b"x" * 100)
+        assert bytes(c.get(b"a")) == b"x" * 100
+        h = c.health()
+        assert h.ready and h.status == "degraded"
+        r = c.members()
+        assert r.degraded and r.source == "etcd"
+        assert [m.node_id for m in r.members] == [d.info["node_id"]]
+    _wait(lambda: "etcd unreachable" in d.log() and "retrying" in d.log(), 5, "retry log line")
+
+
+@needs_etcd
+def test_etcd_comes_up_after_the_daemon(tmp_path, start_daemon):
+    e = Etcd(tmp_path)
+    d = start_daemon("--config", _config(tmp_path, "n", etcd_endpoints=e.endpoint))
+    assert _members(d).degraded
+    e.start()
+    try:
+        _wait(lambda: not _members(d).degraded, 15, "registration once etcd is up")
+        assert _health(d).status == "serving"
+    finally:
+        e.stop()
+
+
+def test_static_peers(start_daemon, tmp_path):
+    a = start_daemon()  # a standalone peer
+    dead = f"127.0.0.1:{_free_port()}"
+    d = start_daemon("--config", _config(tmp_path, "s", static_peers=f"{a.control}, {dead}"))
+    r = _wait(lambda: (lambda r: r if any(m.health == "alive" and not m.self for m in r.members)
+                       and any(m.health == "unreachable" for m in r.members) else None)(_members(d)),
+              10, "static peers probed")
+    assert r.source == "static" and not r.degraded
+    by_addr = {m.control_address: m for m in r.members}
+    assert by_addr[a.control].node_id == a.info["node_id"]
+    assert by_addr[a.control].data_address == f"127.0.0.1:{a.data_port}"
+    assert by_addr[dead].health == "unreachable"
+    assert by_addr[d.control].self
+    assert _health(d).status == "serving"
+    assert _members(a).source == "standalone"
+
+
+@pytest.mark.parametrize("toml, message", [
+    ("[cluster]\nlease_ttl = 1\n", "cluster.lease_ttl: 1 is outside 2..3600"),
+    ("[cluster]\nenabled = true\netcd_endpoints = \"nohost\"\n", "cluster.etcd_endpoints: 'nohost' is not host:port"),
+    ("[cluster]\nenabled = true\netcd_endpoints = \"\"\n", "cluster.etcd_endpoints: empty"),
+    ("[cluster]\nname = \"a/b\"\n", "cluster.name: 'a/b' must be"),
+    ("[cluster]\nstatic_peers = \"h:0\"\n", "cluster.static_peers: 'h:0' is not host:port"),
+    ("[cluster]\nenabled = \"yes\"\n", "cluster.enabled: expected true or false"),
+    ("[cluster]\nlease = 5\n", "unknown setting 'cluster.lease' (did you mean 'cluster.lease_ttl'?)"),
+])
+def test_invalid_cluster_config_exits_2(tmp_path, toml, message):
+    import os
+    import sys
+
+    from daemonutil import ROOT
+    path = tmp_path / "bad.toml"
+    path.write_text(toml)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "client"), str(ROOT)]))
+    p = subprocess.run([sys.executable, "-m", "kvstored", "--config", str(path)],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 2
+    lines = p.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvstored: error: "), p.stderr
+    assert message in lines[0]
+
+
+def test_cli_nodes_and_async_members(start_daemon, capsys):
+    import asyncio
+    import json
+
+    from kvstore.aio import AsyncClient
+    from kvstore.cli import main
+    d = start_daemon()
+    assert main(["-a", d.control, "nodes"]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert "standalone membership" in out[0]
+    assert out[1].split()[:3] == ["NODE", "CONTROL", "DATA"]
+    assert out[2].startswith("* " + d.info["node_id"]) and d.control in out[2]
+    assert main(["-a", d.control, "nodes", "--json"]) == 0
+    doc = json.loads(capsys.readouterr().out)
+    assert doc["source"] == "standalone" and not doc["degraded"]
+    assert [n["node_id"] for n in doc["nodes"]] == [d.info["node_id"]]
+
+    async def amembers():
+        async with AsyncClient(d.control) as c:
+            return await c.members()
+    r = asyncio.run(amembers())
+    assert r.source == "standalone" and r.members[0].self
