@@ -233,24 +233,9 @@ class ShmConnection(DataConnection):
         self._reserved(rid, res)
 
     async def _shm_reserve_later(self, rid, ns, key, size, cs, overwrite) -> None:
-        try:
-            res = await self.store.reserve_wait(ns, key, size, cs, overwrite)
-        except errors.KVStoreError as err:
-            self.waiting = None
-            self._shm_error(OP_SHM_RESERVE, rid, err)
-        else:
-            self.waiting = None
-            if self.closed:
-                if res is not None:
-                    self.store.abort(res)
-                return
-            self._reserved(rid, res)
-        if not self.closed:
-            if not self.write_paused:
-                self._resume_reading()
-            self._parse()
-        if self.out:
-            self._flush()
+        await self._wait_for_space(ns, key, size, cs, overwrite,
+                                   lambda res: self._reserved(rid, res),
+                                   lambda e: self._shm_error(OP_SHM_RESERVE, rid, e))
 
     def _reserved(self, rid: int, res: "Reservation | None") -> None:
         if res is None:  # the same object is stored already

@@ -482,18 +482,27 @@ class DataConnection(asyncio.BufferedProtocol):
         self._start_payload(rid, res, plen)
 
     async def _reserve_later(self, rid, ns, key, plen, csum, overwrite) -> None:
+        await self._wait_for_space(ns, key, plen, csum, overwrite,
+                                   lambda res: self._start_payload(rid, res, plen),
+                                   lambda e: self._reject(OP_PUT, rid, plen, e))
+
+    async def _wait_for_space(self, ns, key, size, csum, overwrite, reserved, failed) -> None:
+        """A put that found no space: wait (bounded) for it, then go on reading frames.
+
+        While ``self.waiting`` is set nothing else on this connection is parsed, so
+        answers keep the order of the requests."""
         try:
-            res = await self.store.reserve_wait(ns, key, plen, csum, overwrite)
+            res = await self.store.reserve_wait(ns, key, size, csum, overwrite)
         except errors.KVStoreError as e:
             self.waiting = None
-            self._reject(OP_PUT, rid, plen, e)
+            failed(e)
         else:
             self.waiting = None
             if self.closed:
                 if res is not None:
                     self.store.abort(res)
                 return
-            self._start_payload(rid, res, plen)
+            reserved(res)
         if not self.closed:
             if not self.write_paused:
                 self._resume_reading()
