@@ -206,6 +206,7 @@ class Client(Namespaced):
         self._conns: set[DataConnection] = set()
         self._lock = threading.Lock()
         self._closed = False
+        self._shm_warned = False  # say once that the shm path could not be used
 
     # ------------------------------------------------------------ plumbing
     def __enter__(self):
@@ -307,7 +308,7 @@ class Client(Namespaced):
             if self.shm:
                 raise e if isinstance(e, errors.KVStoreError) else errors.Unavailable(
                     f"cannot use the shm socket {path}: {e}") from None
-            if not getattr(self, "_shm_warned", False):
+            if not self._shm_warned:
                 self._shm_warned = True
                 log.warning("kvstore: shared-memory path %s not usable (%s); using TCP", path, e)
             return None
@@ -333,10 +334,7 @@ class Client(Namespaced):
         def run(conn):
             if not getattr(conn, "shm", False):
                 raise errors.Unavailable("get_view needs the same-host shm path (this client uses TCP)")
-            r = conn.get_views(ns, [k], self.verify_checksums)[0]
-            if isinstance(r, errors.KVStoreError):
-                raise r
-            return r
+            return conn.get_view(ns, k, self.verify_checksums)
 
         return self._run(run)
 

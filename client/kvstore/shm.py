@@ -149,43 +149,38 @@ class ShmConnection(DataConnection):
         self.send([b"".join(encode_request(OP_SHM_RELEASE, self.next_id(), b"", b"", 0, lease)
                             for lease in leases)])
 
-    def get_views(self, ns: bytes, keys: list[bytes], verify: bool) -> list:
-        """Leased views (ShmView) or typed errors, one per key."""
+    def _send_gets(self, ns: bytes, keys: list[bytes]) -> dict[int, int]:
+        """Send one SHM_GET per key in one write; request id -> index."""
         order, frames = {}, []
         for i, k in enumerate(keys):
             rid = self.next_id()
             order[rid] = i
             frames.append(encode_request(OP_SHM_GET, rid, ns, k))
         self.send([b"".join(frames)])
-        out = []
-        got = self._responses(order)
-        for r in (got[i] for i in range(len(keys))):
-            if isinstance(r, errors.KVStoreError):
-                out.append(r)
-                continue
-            _aux, csum, (offset, size, lease) = r
-            if offset + size > len(self.view):
-                raise errors.ProtocolError("kvstored sent an offset outside its arena")
-            v = self.view[offset:offset + size].toreadonly()
-            sv = ShmView(v, csum, self, lease)
-            if verify and checksum(v) != csum:
-                sv.release()
-                out.append(errors.ChecksumMismatch("object bytes in the arena do not match "
-                                                   "their checksum"))
-                continue
-            out.append(sv)
-        return out
+        return order
+
+    def _arena_slice(self, offset: int, size: int) -> memoryview:
+        if offset + size > len(self.view):
+            raise errors.ProtocolError("kvstored sent an offset outside its arena")
+        return self.view[offset:offset + size]
+
+    def get_view(self, ns: bytes, key: bytes, verify: bool) -> ShmView:
+        """A leased read-only view of one object (raises its typed error)."""
+        r = self._responses(self._send_gets(ns, [key]))[0]
+        if isinstance(r, errors.KVStoreError):
+            raise r
+        _aux, csum, (offset, size, lease) = r
+        sv = ShmView(self._arena_slice(offset, size).toreadonly(), csum, self, lease)
+        if verify and checksum(sv.view) != csum:
+            sv.release()
+            raise errors.ChecksumMismatch("object bytes in the arena do not match their checksum")
+        return sv
 
     def copy_out(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool) -> list:
         """Gets with one copy each: every object is copied (into ``dests[i]`` or a new
         bytearray) and its lease released the moment its answer arrives, so a batch never
         holds more than one lease. Results: size / bytearray / typed error, per key."""
-        order, frames = {}, []
-        for i, k in enumerate(keys):
-            rid = self.next_id()
-            order[rid] = i
-            frames.append(encode_request(OP_SHM_GET, rid, ns, k))
-        self.send([b"".join(frames)])
+        order = self._send_gets(ns, keys)
         out: list = [None] * len(keys)
         for _ in range(len(keys)):
             r, body = self._read()
@@ -200,10 +195,8 @@ class ShmConnection(DataConnection):
             if i is None or r.length < SHM_IDS.size:
                 raise errors.ProtocolError(f"unexpected response {rid} on the shm socket")
             offset, size, lease = SHM_IDS.unpack_from(body)
-            if offset + size > len(self.view):
-                raise errors.ProtocolError("kvstored sent an offset outside its arena")
+            src = self._arena_slice(offset, size)
             try:
-                src = self.view[offset:offset + size]
                 if dests is None:
                     dest = bytearray(src)
                     out[i] = dest

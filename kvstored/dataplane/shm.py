@@ -194,22 +194,18 @@ class ShmConnection(DataConnection):
         elif op == OP_SHM_COMMIT:
             res = self.shm_reservations.pop(csum, None)
             if res is None:
-                self._shm_error(op, rid, errors.InvalidArgument(f"unknown reservation {csum}"))
+                self.server.counters["shm_forged_ids"] += 1
+                self._error(op, rid, errors.InvalidArgument(f"unknown reservation {csum}"))
                 return True
             try:
                 stored = self.store.commit(res)
             except errors.KVStoreError as e:
-                self._shm_error(op, rid, e)
+                self._error(op, rid, e)
                 return True
             self._send(encode_response(op, rid, aux=0 if stored else 1))
         else:
             return False
         return True
-
-    def _shm_error(self, op: int, rid: int, err: errors.KVStoreError) -> None:
-        if isinstance(err, errors.InvalidArgument) and "unknown" in err.message:
-            self.server.counters["shm_forged_ids"] += 1
-        self._error(op, rid, err)
 
     def _lease(self, rid: int, e: "Entry", t0: float = 0.0) -> None:
         lid = next(self.ids)
@@ -229,13 +225,13 @@ class ShmConnection(DataConnection):
                 self._shm_reserve_later(rid, ns, key, size, cs, bool(flags & FLAG_OVERWRITE)))
             return
         except errors.KVStoreError as err:
-            return self._shm_error(OP_SHM_RESERVE, rid, err)
+            return self._error(OP_SHM_RESERVE, rid, err)
         self._reserved(rid, res)
 
     async def _shm_reserve_later(self, rid, ns, key, size, cs, overwrite) -> None:
         await self._wait_for_space(ns, key, size, cs, overwrite,
                                    lambda res: self._reserved(rid, res),
-                                   lambda e: self._shm_error(OP_SHM_RESERVE, rid, e))
+                                   lambda e: self._error(OP_SHM_RESERVE, rid, e))
 
     def _reserved(self, rid: int, res: "Reservation | None") -> None:
         if res is None:  # the same object is stored already

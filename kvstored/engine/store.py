@@ -321,13 +321,13 @@ class Store:
     def acquire(self, ns: bytes, key: bytes) -> Entry:
         """Take a read reference on a committed object (release it when done)."""
         e = self.index.get((ns, key))
-        self.counters["gets"] += 1
         if e is None:
+            self.counters["gets"] += 1
             self.counters["misses"] += 1
             raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
         if e.offset < 0:
-            self.counters["gets"] -= 1  # counted again when the loaded entry is acquired
-            raise NotResident(e)
+            raise NotResident(e)  # the get is counted when the loaded entry is acquired
+        self.counters["gets"] += 1
         self.counters["hits"] += 1
         self.counters["get_bytes"] += e.size
         e.visited = True
@@ -408,13 +408,6 @@ class Store:
         e.refs -= 1
         if e.refs == 0 and e.state == DEAD and e.offset >= 0:
             self._free_slot(e.offset)
-
-    async def get_bytes(self, ns: bytes, key: bytes) -> tuple[bytes, int]:
-        e = await self.acquire_async(ns, key)
-        try:
-            return bytes(self.arena.view[e.offset:e.offset + e.size]), e.checksum
-        finally:
-            self.release(e)
 
     # ------------------------------------------------------- batch queries
     def exists(self, ns: bytes, keys: Iterable[bytes]) -> list[bool]:
@@ -776,7 +769,6 @@ class Store:
         if self.nvme is not None:
             self.nvme.close()
         self.arena.close()
-
 
 
 def _align(n: int, a: int = 4096) -> int:
