@@ -48,6 +48,8 @@ class _Response:
 class DataConnection:
     """One blocking TCP connection to the data port (not thread-safe; one per thread)."""
 
+    epoch = 0  # cluster member-list epoch sent with puts and gets (Client.epoch)
+
     def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = "",
                  ssl_context: ssl.SSLContext | None = None, server_name: str | None = None):
         self.address = (host, port)
@@ -207,6 +209,9 @@ class Client(Namespaced):
         self._lock = threading.Lock()
         self._closed = False
         self._shm_warned = False  # say once that the shm path could not be used
+        # Cluster member-list epoch sent with every put/get (0 = none). ClusterClient sets
+        # it; a node whose member list has another epoch answers Redirect.
+        self.epoch = 0
 
     # ------------------------------------------------------------ plumbing
     def __enter__(self):
@@ -357,6 +362,7 @@ class Client(Namespaced):
             try:
                 if conn is None:
                     conn = self._connect()
+                conn.epoch = self.epoch
                 return fn(conn)
             except (socket.timeout, BlockingIOError):  # SO_RCVTIMEO/SO_SNDTIMEO expired
                 if conn is not None:
@@ -365,6 +371,8 @@ class Client(Namespaced):
             except (errors.ProtocolError, errors.Timeout):
                 if conn is not None:
                     self._drop(conn)
+                raise
+            except errors.Redirect:  # an answer, not a broken connection: the caller re-routes
                 raise
             except (OSError, errors.Unavailable) as e:
                 if conn is not None:
@@ -410,7 +418,7 @@ class Client(Namespaced):
                 for i, (k, mv) in enumerate(prepared[w:w + WINDOW]):
                     rid = conn.next_id()
                     order[rid] = i
-                    bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), checksum(mv), flags))
+                    bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), checksum(mv), flags, conn.epoch))
                     bufs.append(mv)
                 conn.send(bufs)
                 out += self._collect(conn, order, None)
@@ -479,7 +487,7 @@ class Client(Namespaced):
         for i, k in enumerate(keys):
             rid = conn.next_id()
             order[rid] = i
-            bufs.append(encode_request(OP_GET, rid, ns, k))
+            bufs.append(encode_request(OP_GET, rid, ns, k, epoch=conn.epoch))
         conn.send([b"".join(bufs)])
         return order
 

@@ -1,27 +1,33 @@
 """ClusterClient: one logical store over many kvstored nodes, placement done client-side.
 
-No master on the data path: every object's nodes come from rendezvous hashing over
-the member list (``kvstore.placement``), and this client talks to those nodes directly
-(one ``kvstore.Client`` per node, created lazily).
+No master on the data path: every object's homes come from rendezvous hashing over the
+member list (see ``kvstore.layout``), and this client talks to those nodes directly (one
+``kvstore.Client`` per node, created lazily), fanning batches out per node in parallel.
+
+Member list: a static list, a callable, or the cluster itself (``ClusterClient.from_cluster``
+reads the Members RPC of any node, which watches etcd, together with the cluster's
+namespace policies). Every put and get carries the list's epoch; a node with another
+list answers Redirect and this client refreshes its list and re-sends (bounded), so a
+client with an old list is redirected, not failed.
 
 Redundancy is a per-namespace policy:
 
 * ``none``: one copy, on the object's first node.
 * ``replicas:N``: N copies on N nodes (distinct failure domains first). A put is
-  acknowledged only when all N are stored (W = N); a get reads the first healthy
-  replica and falls back to the next on NotFound / Unavailable / ChecksumMismatch.
-* ``ec:K+M``: Reed-Solomon through pyeclib (ISA-L ``isa_l_rs_vand``, or
-  ``isa_l_rs_cauchy`` when M > 4). Fragment i is written to the object's node i under
-  ``fragment_key(key)`` (the index is in the record's header, not in the key, so a
-  record still counts when a membership change shifts the placement). A put is acknowledged only when all K+M fragments are
-  stored. Healthy gets fetch the K data fragments in parallel and concatenate (no
-  decode); a missing, slow (``fragment_timeout``) or corrupt fragment turns the read
-  into a degraded one that fetches parity and decodes. Objects smaller than
-  ``min_ec_size`` are stored whole, M+1 ways, under the keys of fragments 0..M.
+  acknowledged only when all copies are stored; a get reads the first healthy replica
+  and falls back to the next on NotFound / Unavailable / ChecksumMismatch.
+* ``ec:K+M``: Reed-Solomon through pyeclib (ISA-L). A put is acknowledged only when all
+  K+M records are stored. Healthy gets fetch the first K slots in parallel (concatenated
+  when they hold data fragments 0..K-1, decoded otherwise); a missing, slow
+  (``fragment_timeout``) or corrupt record turns the read into a degraded one that
+  fetches the other slots too and decodes. Objects smaller than ``min_ec_size`` are
+  stored whole on the first M+1 slots.
 
-Every stored EC record (fragment or small-object replica) starts with ``FRAG_HEADER``:
-magic, version, kind, index, K, M, EC type, original length, xxh3-64 of the whole
-object, xxh3-64 of the record's payload; a read verifies both.
+Fewer live nodes than the policy spreads over: writes go on (EC slots wrap around, replicas
+are written to every live node) while the loss of one more node would still leave the
+object readable (``Policy.min_live``), and the nodes' repair loop restores full
+redundancy when nodes come back or join. A policy larger than the biggest cluster seen is
+refused (InvalidArgument).
 
 Partial failure of a put: the records this call newly stored are deleted best effort
 and the error is raised; objects are immutable and a repeated put of the same bytes is
@@ -29,130 +35,32 @@ a no-op, so retrying is idempotent.
 """
 from __future__ import annotations
 
-import hashlib
-import struct
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from . import errors
 from ._common import DEFAULT_NAMESPACE, as_bytes_view
 from .client import Client
+from .layout import (DEFAULT_MIN_EC_SIZE, FRAG_HEADER, Policy, assemble, codec, encode_records,
+                     fragment_key, lap_key, member_epoch, placement_key, slots)
 from .placement import Member, place
-from .wire import MAX_KEY_LEN, checksum, key_bytes, namespace_bytes
+from .wire import key_bytes, namespace_bytes
 
-DEFAULT_MIN_EC_SIZE = 256 << 10
-
-# magic, version, kind, index, K, M, ec type, reserved, original length, object xxh3-64,
-# payload xxh3-64
-FRAG_HEADER = struct.Struct("<4sBBBBBBHQQQ")
-FRAG_MAGIC = b"KVEC"
-FRAG_VERSION = 1
-KIND_FRAGMENT = 0
-KIND_REPLICA = 1  # a small object stored whole
-EC_TYPES = ("isa_l_rs_vand", "isa_l_rs_cauchy")
-_EC_SUFFIX = b"#ec"
+REDIRECT_RETRIES = 4  # re-sends after a Redirect (the member list is re-read before each)
+_REDIRECT_BACKOFF = (0.0, 0.05, 0.1, 0.25)
 
 
-def fragment_key(key: bytes) -> bytes:
-    """The key under which each node stores its record of an EC object: key + b"#ec", or,
-    when that would exceed the 128-byte key limit, sha256(key) + b"#ech". One record per
-    node per object (placement picks distinct nodes); the record's index is in its header."""
-    if len(key) + len(_EC_SUFFIX) <= MAX_KEY_LEN:
-        return key + _EC_SUFFIX
-    return hashlib.sha256(key).digest() + b"#ech"
+@dataclass
+class ClusterView:
+    """What a member-list source returns: the placement members (live, not draining), the
+    cluster's namespace policies and the list's epoch (0: computed from the members)."""
 
-
-@dataclass(frozen=True)
-class Policy:
-    kind: str  # "none" | "replicas" | "ec"
-    n: int = 1  # replicas (none: 1)
-    k: int = 0
-    m: int = 0
-
-    @classmethod
-    def parse(cls, text: str | Policy) -> Policy:
-        if isinstance(text, Policy):
-            return text
-        t = str(text).strip().lower()
-        try:
-            if t == "none":
-                return cls("none", 1)
-            if t.startswith("replicas:"):
-                n = int(t.split(":", 1)[1])
-                if n >= 1:
-                    return cls("replicas", n)
-            elif t.startswith("ec:"):
-                k, m = (int(x) for x in t.split(":", 1)[1].split("+"))
-                if k >= 1 and m >= 1 and k + m <= 32:
-                    return cls("ec", k + m, k, m)
-        except ValueError:
-            pass
-        raise errors.InvalidArgument(
-            f"invalid redundancy policy {text!r}: use none, replicas:N (N >= 1) or ec:K+M "
-            "(K, M >= 1, K+M <= 32)")
-
-    @property
-    def nodes(self) -> int:
-        """How many distinct nodes the policy needs."""
-        return self.n
-
-    @property
-    def ec_type(self) -> str:
-        return "isa_l_rs_cauchy" if self.m > 4 else "isa_l_rs_vand"
-
-    def __str__(self) -> str:
-        if self.kind == "ec":
-            return f"ec:{self.k}+{self.m}"
-        return "none" if self.kind == "none" else f"replicas:{self.n}"
-
-
-class _Codec:
-    """A pyeclib driver plus whether its data fragments are the object's bytes after a
-    fixed-size liberasurecode header (checked once), which allows decode-free reads."""
-
-    def __init__(self, k: int, m: int, ec_type: str):
-        try:
-            from pyeclib.ec_iface import ECDriver
-        except ImportError as e:
-            raise errors.InvalidArgument(
-                "ec policies need pyeclib (pip install 'kvstored[cluster]' or pyeclib==1.8.0)") from e
-        self.k, self.m, self.ec_type = k, m, ec_type
-        from pyeclib.ec_iface import ECDriverError
-        self.errors = ECDriverError
-        self.driver = ECDriver(k=k, m=m, ec_type=ec_type)
-        self.lock = threading.Lock()
-        probe = bytes((i * 7 + 3) & 0xFF for i in range(k * 1000 + 17))
-        frags = self.driver.encode(probe)
-        self.offset = None
-        for off in (80,):  # liberasurecode's fragment header
-            if b"".join(f[off:] for f in frags[:k])[:len(probe)] == probe:
-                self.offset = off
-
-    def encode(self, data: bytes) -> list[bytes]:
-        return self.driver.encode(data)
-
-    def decode(self, fragments: list[bytes]) -> bytes:
-        # pyeclib needs bytes (a bytearray aborts the process inside liberasurecode)
-        return self.driver.decode([bytes(f) for f in fragments])
-
-
-def _parse_record(buf) -> tuple | None:
-    """(header tuple, payload view) of a stored EC record, or None if it is not a valid one."""
-    if buf is None or len(buf) < FRAG_HEADER.size:
-        return None
-    h = FRAG_HEADER.unpack_from(buf)
-    magic, ver, kind, _index, _k, _m, _t, _r, olen, ocsum, pcsum = h
-    if magic != FRAG_MAGIC or ver != FRAG_VERSION or kind not in (KIND_FRAGMENT, KIND_REPLICA):
-        return None
-    payload = memoryview(buf)[FRAG_HEADER.size:]
-    if checksum(payload) != pcsum:
-        return None
-    if kind == KIND_REPLICA and (len(payload) != olen or pcsum != ocsum):
-        return None
-    return h, payload
+    members: list
+    policies: dict = field(default_factory=dict)
+    epoch: int = 0
 
 
 def _as_member(m) -> Member:
@@ -167,18 +75,25 @@ def _as_member(m) -> Member:
     return Member(m.node_id, addr, getattr(m, "failure_domain", ""))
 
 
+def view_from_members_response(r) -> ClusterView:
+    """A ClusterView from a Members RPC answer: members in the placement set only."""
+    ms = [Member(m.node_id, m.control_address, m.failure_domain) for m in r.members
+          if m.placement]
+    return ClusterView(ms, dict(r.policies), r.epoch)
+
+
 class ClusterClient:
     """A blocking client over many kvstored nodes (thread-safe).
 
     ``members``: control addresses (``"host:port"``, each its own node and failure
     domain), ``Member`` objects / objects with ``node_id``, ``address``,
-    ``failure_domain``, or a callable returning such a list (re-read every
-    ``refresh_s`` seconds; e.g. a view of the etcd membership).
+    ``failure_domain``, or a callable returning such a list or a ``ClusterView``
+    (re-read every ``refresh_s`` seconds and on Redirect).
     ``policy``: one policy for every namespace, or ``{namespace: policy}`` with an
-    optional ``"*"`` default (else ``none``).
+    optional ``"*"`` default; None = the cluster's policies (from a ClusterView), else none.
     """
 
-    def __init__(self, members: Sequence | Callable[[], Sequence], policy="none", *,
+    def __init__(self, members: Sequence | Callable[[], object], policy=None, *,
                  namespace: str = DEFAULT_NAMESPACE, min_ec_size: int = DEFAULT_MIN_EC_SIZE,
                  node_timeout: float = 10.0, fragment_timeout: float = 2.0, down_s: float = 5.0,
                  refresh_s: float = 5.0, max_workers: int = 16, **client_kwargs):
@@ -190,21 +105,58 @@ class ClusterClient:
         self.refresh_s = refresh_s
         self._client_kwargs = client_kwargs
         self._source = members if callable(members) else None
-        self._members: list[Member] = [] if callable(members) else self._check_members(members)
+        self._members: list[Member] = []
+        self._cluster_policies: dict[str, Policy] = {}
+        self._epoch = 0
+        self._largest = 0  # the most members ever seen: a policy beyond it is impossible
         self._members_at = 0.0
-        if isinstance(policy, dict):
-            self._policies = {k: Policy.parse(v) for k, v in policy.items()}
-        else:
-            self._policies = {"*": Policy.parse(policy)}
         self._clients: dict[str, Client] = {}
         self._down: dict[str, float] = {}
         self._lock = threading.Lock()
-        self._codecs: dict[tuple, _Codec] = {}
+        if self._source is None:
+            self._adopt(ClusterView(self._check_members(members)))
+        if policy is None:
+            self._policies: dict[str, Policy] = {}
+        elif isinstance(policy, dict):
+            self._policies = {k: Policy.parse(v) for k, v in policy.items()}
+        else:
+            self._policies = {"*": Policy.parse(policy)}
         self._pool = ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="kvstore-cluster")
         self._closed = False
+        self.redirects = 0  # how many Redirect answers this client followed
         if self._source is None:
             for p in self._policies.values():
-                self._check_policy(p, len(self._members))
+                p.check_cluster(len(self._members))
+
+    @classmethod
+    def from_cluster(cls, addresses: str | Sequence[str], **kw) -> "ClusterClient":
+        """A client that reads the member list and namespace policies from the cluster:
+        ``addresses`` are control addresses of any nodes (seeds); later refreshes ask
+        the known members first, then the seeds."""
+        seeds = [addresses] if isinstance(addresses, str) else list(addresses)
+        if not seeds:
+            raise errors.InvalidArgument("from_cluster needs at least one node address")
+        holder: list[ClusterClient] = []
+
+        def source() -> ClusterView:
+            cc = holder[0]
+            tried = []
+            for addr in [m.address for m in cc._members] + seeds:
+                if addr in tried:
+                    continue
+                tried.append(addr)
+                try:
+                    r = cc._seed_client(addr).members()
+                except errors.KVStoreError as e:
+                    last = e
+                    continue
+                return view_from_members_response(r)
+            raise errors.Unavailable(f"no node answered the member list ({', '.join(tried)}): {last}")
+
+        cc = cls(source, **kw)
+        holder.append(cc)
+        cc.members()
+        return cc
 
     # ------------------------------------------------------------ plumbing
     def __enter__(self):
@@ -228,30 +180,55 @@ class ClusterClient:
             raise errors.InvalidArgument("duplicate node_id in the member list")
         return out
 
-    @staticmethod
-    def _check_policy(p: Policy, n: int) -> None:
-        if p.nodes > n:
-            raise errors.InvalidArgument(
-                f"policy {p} needs {p.nodes} nodes but the cluster has {n}")
+    def _adopt(self, view: ClusterView) -> None:
+        ms = self._check_members(view.members)
+        # a fixed list sends no epoch (nodes do not redirect it); a source's list does
+        epoch = view.epoch or (member_epoch(m.node_id for m in ms) if self._source else 0)
+        pols = {k: Policy.parse(v) for k, v in view.policies.items()}
+        with self._lock:
+            self._members, self._epoch, self._cluster_policies = ms, epoch, pols
+            self._largest = max(self._largest, len(ms))
+            self._members_at = time.monotonic()
+            for c in self._clients.values():
+                c.epoch = epoch
+
+    def _refresh(self) -> None:
+        v = self._source()
+        self._adopt(v if isinstance(v, ClusterView) else ClusterView(list(v)))
 
     def members(self) -> list[Member]:
+        """The placement members (refreshed from the source every ``refresh_s``)."""
         if self._source is not None and time.monotonic() - self._members_at >= self.refresh_s:
-            ms = self._check_members(self._source())
-            with self._lock:
-                self._members, self._members_at = ms, time.monotonic()
+            self._refresh()
         return self._members
 
+    @property
+    def epoch(self) -> int:
+        return self._epoch
+
     def set_policy(self, namespace: str, policy) -> None:
-        """Set the policy of ``namespace`` ("*" = the default)."""
+        """Set this client's policy of ``namespace`` ("*" = the default). The cluster's
+        own policies (``kvstore-cli policy set``) are what the nodes repair by."""
         self._policies[namespace if namespace == "*" else namespace_bytes(namespace).decode()] = \
             Policy.parse(policy)
 
     def policy(self, namespace: str | None = None) -> Policy:
         ns = self._ns(namespace)
-        return self._policies.get(ns) or self._policies.get("*") or Policy("none", 1)
+        for table in (self._policies, self._cluster_policies):
+            p = table.get(ns) or table.get("*")
+            if p is not None:
+                return p
+        return Policy("none", 1)
 
     def _ns(self, namespace: str | None) -> str:
         return self.namespace if namespace is None else namespace_bytes(namespace).decode()
+
+    def _new_client(self, address: str) -> Client:
+        kw = dict(self._client_kwargs)
+        kw.setdefault("timeout", self.node_timeout)
+        c = Client(address, namespace=self.namespace, **kw)
+        c.epoch = self._epoch
+        return c
 
     def client(self, member: Member) -> Client:
         """The plain Client of one node (created on first use)."""
@@ -260,9 +237,17 @@ class ClusterClient:
             with self._lock:
                 c = self._clients.get(member.node_id)
                 if c is None:
-                    kw = dict(self._client_kwargs)
-                    kw.setdefault("timeout", self.node_timeout)
-                    c = self._clients[member.node_id] = Client(member.address, namespace=self.namespace, **kw)
+                    c = self._clients[member.node_id] = self._new_client(member.address)
+        return c
+
+    def _seed_client(self, address: str) -> Client:
+        key = "seed:" + address
+        c = self._clients.get(key)
+        if c is None:
+            with self._lock:
+                c = self._clients.get(key)
+                if c is None:
+                    c = self._clients[key] = self._new_client(address)
         return c
 
     def _node(self, member: Member, op: str, *args, **kw):
@@ -275,6 +260,8 @@ class ClusterClient:
             self._down.pop(member.node_id, None)
         try:
             return getattr(self.client(member), op)(*args, **kw)
+        except errors.Redirect:
+            raise
         except errors.Unavailable:
             self._down[member.node_id] = time.monotonic() + self.down_s
             raise
@@ -285,46 +272,56 @@ class ClusterClient:
     def _submit(self, member: Member, op: str, *args, **kw):
         return self._pool.submit(self._node, member, op, *args, **kw)
 
-    def _placed(self, key: bytes, ns: str, p: Policy, extra: int = 0, read: bool = False) -> list[Member]:
-        """The policy's nodes for ``key``, then up to ``extra`` next ones in preference order
-        (the same prefix whatever ``extra`` is). Writes need all the policy's nodes; reads
-        only enough to succeed (K for EC, 1 otherwise), so a cluster that lost nodes from
-        its member list still serves what it holds."""
+    def _redirected(self, fn, *args, **kw):
+        """Run ``fn``; on Redirect re-read the member list and run it again (bounded)."""
+        for attempt in range(REDIRECT_RETRIES + 1):
+            try:
+                return fn(*args, **kw)
+            except errors.Redirect as e:
+                if self._source is None or attempt == REDIRECT_RETRIES:
+                    raise errors.Redirect(
+                        f"{e} (the member list stayed out of date after {attempt} refresh(es))") from None
+                self.redirects += 1
+                time.sleep(_REDIRECT_BACKOFF[min(attempt, len(_REDIRECT_BACKOFF) - 1)])
+                before = self._epoch
+                self._refresh()
+                self._down.clear()  # a node marked down may be the new home
+                if self._epoch == before:  # the node knows more than the source yet
+                    time.sleep(0.1)
+
+    def _slots(self, key: bytes, ns: str, p: Policy, write: bool) -> list[tuple[Member, int]]:
+        """The object's slots under the current member list. Writes need ``p.min_live()``
+        live members (Unavailable) and a policy the cluster can hold (InvalidArgument);
+        reads only some member."""
         ms = self.members()
-        if not read:
-            self._check_policy(p, len(ms))
-        elif len(ms) < (p.k if p.kind == "ec" else 1):
-            raise errors.Unavailable(f"policy {p} cannot read with {len(ms)} member(s)")
-        return place(key, ms, min(p.nodes + extra, len(ms)), ns)
+        if write:
+            if p.nodes > self._largest:
+                p.check_cluster(self._largest)
+            if len(ms) < p.min_live():
+                raise errors.Unavailable(
+                    f"policy {p} takes writes with at least {p.min_live()} live node(s); "
+                    f"{len(ms)} are live")
+        elif not ms:
+            raise errors.Unavailable("the member list is empty")
+        return slots(placement_key(key, p), ms, p, ns)
 
-    def _codec(self, p: Policy) -> _Codec:
-        c = self._codecs.get((p.k, p.m))
-        if c is None:
-            c = self._codecs[(p.k, p.m)] = _Codec(p.k, p.m, p.ec_type)
-        return c
+    def _extra(self, key: bytes, ns: str, p: Policy, have: list[tuple[Member, int]],
+               n: int) -> list[tuple[Member, int]]:
+        """Up to ``n`` lap-0 positions after the slots in preference order: where records
+        may still sit after a membership change that repair has not caught up with."""
+        ms = self.members()
+        taken = {m.node_id for m, _ in have}
+        rest = [m for m in place(placement_key(key, p), ms, len(ms), ns) if m.node_id not in taken]
+        return [(m, 0) for m in rest[:n]]
 
-    # ------------------------------------------------------------ records
-    def _records(self, p: Policy, value: memoryview) -> list[tuple[int, bytes]]:
-        """(index, stored bytes) of every record of an object under an EC policy."""
-        n = len(value)
-        ocsum = checksum(value)
-        if n < self.min_ec_size:
-            return [(i, b"".join((FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, KIND_REPLICA, i, p.k, p.m,
-                                                   EC_TYPES.index(p.ec_type), 0, n, ocsum, ocsum), value)))
-                    for i in range(p.m + 1)]
-        frags = self._codec(p).encode(bytes(value))
-        out = []
-        for i, f in enumerate(frags):
-            hdr = FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, p.k, p.m,
-                                   EC_TYPES.index(p.ec_type), 0, n, ocsum, checksum(f))
-            out.append((i, hdr + f))
-        return out
-
+    # ------------------------------------------------------------ writes
     def _writes(self, key: bytes, value: memoryview, ns: str, p: Policy) -> list[tuple[Member, bytes, object]]:
-        placed = self._placed(key, ns, p)
+        sl = self._slots(key, ns, p, write=True)
         if p.kind != "ec":
-            return [(m, key, value) for m in placed]
-        return [(placed[i], fragment_key(key), rec) for i, rec in self._records(p, value)]
+            return [(m, key, value) for m, _ in sl]
+        fk = fragment_key(key)
+        return [(m, lap_key(fk, lap), rec)
+                for (m, lap), rec in zip(sl, encode_records(p, value, self.min_ec_size))]
 
     def _write_all(self, writes: list[tuple[Member, list[tuple[bytes, object]]]], ns: str,
                    overwrite: bool) -> list[list[bool]]:
@@ -337,7 +334,8 @@ class ClusterClient:
         for (m, items), f in zip(writes, futs):
             e = f.exception()
             if e is not None:
-                first = first or (e, m)
+                if first is None or (isinstance(e, errors.Redirect) and not isinstance(first[0], errors.Redirect)):
+                    first = (e, m)
                 results.append(None)
             else:
                 results.append(f.result())
@@ -354,7 +352,6 @@ class ClusterClient:
         e, m = first
         raise type(e)(f"put not acknowledged: node {m.node_id} ({m.address}) failed: {e}") from e
 
-    # ------------------------------------------------------------ data path
     def put(self, key, value, *, namespace: str | None = None, overwrite: bool = False) -> bool:
         """Store ``value`` under the namespace's policy; acknowledged when every replica or
         fragment is stored. Returns False if it was all there already."""
@@ -363,14 +360,16 @@ class ClusterClient:
     def batch_put(self, items: Iterable[tuple[object, object]], *, namespace: str | None = None,
                   overwrite: bool = False) -> list[bool]:
         """Put many objects, one pipelined batch per node, all nodes in parallel."""
-        ns = self._ns(namespace)
+        items = [(key_bytes(k), as_bytes_view(v)) for k, v in items]
+        return self._redirected(self._batch_put, items, self._ns(namespace), overwrite)
+
+    def _batch_put(self, items, ns: str, overwrite: bool) -> list[bool]:
         p = self.policy(ns)
         per_node: dict[str, tuple[Member, list]] = {}
         owners: list[list[tuple[str, int]]] = []
-        for k, v in items:
-            kb = key_bytes(k)
+        for kb, v in items:
             where = []
-            for m, sk, rec in self._writes(kb, as_bytes_view(v), ns, p):
+            for m, sk, rec in self._writes(kb, v, ns, p):
                 slot = per_node.setdefault(m.node_id, (m, []))
                 where.append((m.node_id, len(slot[1])))
                 slot[1].append((sk, rec))
@@ -380,64 +379,68 @@ class ClusterClient:
         by_id = {m.node_id: r for (m, _), r in zip(order, res)}
         return [any(by_id[nid][i] for nid, i in where) for where in owners]
 
+    # ------------------------------------------------------------ reads
     def get(self, key, *, namespace: str | None = None) -> bytearray:
         """The object's bytes (a new bytearray). Raises NotFound, or Unavailable when too
         few nodes answer."""
-        ns = self._ns(namespace)
-        p = self.policy(ns)
-        kb = key_bytes(key)
-        if p.kind == "ec":
-            return self._get_ec(kb, ns, p, self._placed(kb, ns, p, extra=p.m, read=True))
-        return self._get_replica(kb, ns, self._placed(kb, ns, p, read=True))
+        return self._redirected(self._get_one, key_bytes(key), self._ns(namespace))
 
-    def _get_replica(self, key: bytes, ns: str, placed: list[Member]) -> bytearray:
+    def _get_one(self, kb: bytes, ns: str) -> bytearray:
+        p = self.policy(ns)
+        if p.kind == "ec":
+            return self._get_ec(kb, ns, p)
+        return self._get_replica(kb, ns, self._slots(kb, ns, p, write=False))
+
+    def _get_replica(self, key: bytes, ns: str, sl: list[tuple[Member, int]]) -> bytearray:
         now = time.monotonic()
-        order = sorted(placed, key=lambda m: self._down.get(m.node_id, 0) > now)  # down nodes last
+        order = sorted((m for m, _ in sl), key=lambda m: self._down.get(m.node_id, 0) > now)
         errs = []
         for m in order:
             try:
                 return self._node(m, "get", key, namespace=ns)
+            except errors.Redirect:
+                raise
             except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
                 errs.append(e)
         if all(isinstance(e, errors.NotFound) for e in errs):
-            raise errors.NotFound(f"{key[:64]!r} not found on its {len(placed)} node(s)")
+            raise errors.NotFound(f"{key[:64]!r} not found on its {len(sl)} node(s)")
         raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: "
                                  + "; ".join(f"{type(e).__name__}: {e}" for e in errs))
 
-    def _get_ec(self, key: bytes, ns: str, p: Policy, placed: list[Member]) -> bytearray:
-        """Healthy path: the records of nodes 0..K-1 in parallel, concatenated. Otherwise
-        degraded: the records of nodes K..K+M-1 too (then up to M further nodes in
-        preference order, where records land after a membership change), decoded from any
-        K valid fragments."""
+    def _get_ec(self, key: bytes, ns: str, p: Policy, got: dict | None = None) -> bytearray:
+        """Healthy path: the first K slots in parallel, assembled. Otherwise degraded: the
+        other slots too, then up to M further nodes' lap-0 records (where records sit
+        after a membership change repair has not caught up with), decoded from any K
+        valid fragments. ``got``: records already fetched, by (node_id, lap)."""
+        sl = self._slots(key, ns, p, write=False)
         fk = fragment_key(key)
+        got = dict(got or {})
         futs = {}
-        got: dict[int, object] = {}  # position in ``placed`` -> buffer or exception
-        for i in range(p.k):
-            futs[self._submit(placed[i], "get", fk, namespace=ns)] = i
+        for m, lap in sl[:p.k]:
+            if (m.node_id, lap) not in got:
+                futs[self._submit(m, "get", lap_key(fk, lap), namespace=ns)] = (m.node_id, lap)
         self._gather(futs, got, time.monotonic() + self.fragment_timeout)
-        data = [got.get(i) for i in range(min(p.k, len(placed)))]
-        if all(isinstance(d, errors.NotFound) for d in data):
-            raise errors.NotFound(f"{key[:64]!r} not found")
-        out = self._assemble(p, got, fast=True)
+        out = assemble(p, list(got.values()))
         if out is not None:
             return out
-        # degraded: fetch the other records too (pending fetches stay in play)
-        for extra in (range(p.k, min(p.k + p.m, len(placed))), range(p.k + p.m, len(placed))):
-            for i in extra:
-                futs[self._submit(placed[i], "get", fk, namespace=ns)] = i
+        for extra in (sl[p.k:], self._extra(key, ns, p, sl, p.m)):
+            for m, lap in extra:
+                if (m.node_id, lap) not in got and (m.node_id, lap) not in futs.values():
+                    futs[self._submit(m, "get", lap_key(fk, lap), namespace=ns)] = (m.node_id, lap)
             deadline = time.monotonic() + self.node_timeout + self.fragment_timeout
             while futs and time.monotonic() < deadline:
                 self._gather(futs, got, deadline, until_one=True)
-                out = self._assemble(p, got, fast=False)
+                out = assemble(p, list(got.values()))
                 if out is not None:
                     return out
-            out = self._assemble(p, got, fast=False)
-            if out is not None:
-                return out
-        if all(isinstance(d, errors.NotFound) for d in got.values()):
+        vals = list(got.values())
+        if any(isinstance(d, errors.Redirect) for d in vals):
+            raise next(d for d in vals if isinstance(d, errors.Redirect))
+        if vals and all(isinstance(d, errors.NotFound) for d in vals):
             raise errors.NotFound(f"{key[:64]!r} not found")
-        valid = len(self._valid(p, got))
-        raise errors.Unavailable(f"{key[:64]!r}: only {valid} valid record(s) of {p}, need {p.k}")
+        found = sum(1 for d in vals if not isinstance(d, Exception))
+        raise errors.Unavailable(f"{key[:64]!r}: {found} record(s) of {p} fetched and no K={p.k} "
+                                 "consistent valid fragments among them")
 
     @staticmethod
     def _gather(futs: dict, got: dict, deadline: float, until_one: bool = False) -> None:
@@ -454,97 +457,56 @@ class ClusterClient:
             if until_one and done:
                 return
 
-    @staticmethod
-    def _valid(p: Policy, got: dict) -> dict:
-        """index (from the header) -> parsed record, for every valid record fetched."""
-        out = {}
-        for d in got.values():
-            r = _parse_record(d) if isinstance(d, (bytes, bytearray)) else None
-            if r is not None and r[0][4] == p.k and r[0][5] == p.m:
-                out.setdefault((r[0][2], r[0][3]), r)
-        return out
-
-    def _assemble(self, p: Policy, got: dict, fast: bool) -> bytearray | None:
-        recs = self._valid(p, got)
-        # a whole-object copy (small objects) wins at once
-        for (kind, _i), r in sorted(recs.items()):
-            if kind == KIND_REPLICA:
-                return bytearray(r[1])
-        frags = {i: r for (kind, i), r in recs.items() if kind == KIND_FRAGMENT and i < p.k + p.m}
-        if not frags:
-            return None
-        # the object the majority of valid fragments describe (length, checksum)
-        groups: dict[tuple, list[int]] = {}
-        for i, r in frags.items():
-            groups.setdefault((r[0][8], r[0][9]), []).append(i)
-        (olen, ocsum), idx = max(groups.items(), key=lambda kv: len(kv[1]))
-        codec = self._codec(p)
-        if fast:
-            if codec.offset is None or any(i not in idx for i in range(p.k)):
-                return None
-            out = bytearray(olen)
-            pos = 0
-            for i in range(p.k):
-                part = frags[i][1][codec.offset:]
-                take = min(len(part), olen - pos)
-                out[pos:pos + take] = part[:take]
-                pos += take
-            if pos == olen and checksum(out) == ocsum:
-                return out
-            return None
-        if len(idx) < p.k:
-            return None
-        try:
-            data = codec.decode([frags[i][1] for i in sorted(idx)])
-        except codec.errors:  # pyeclib's own errors: not enough consistent fragments
-            return None
-        if len(data) != olen or checksum(data) != ocsum:
-            return None
-        return bytearray(data)
-
     def batch_get(self, keys: Sequence, *, namespace: str | None = None) -> list[bytearray]:
         """Get many objects: one batch per node, all nodes in parallel; a key whose node
         batch fails is retried alone (with the single-key fallbacks)."""
-        ns = self._ns(namespace)
+        return self._redirected(self._batch_get, [key_bytes(k) for k in keys], self._ns(namespace))
+
+    def _batch_get(self, ks: list[bytes], ns: str) -> list[bytearray]:
         p = self.policy(ns)
-        ks = [key_bytes(k) for k in keys]
-        placed = [self._placed(k, ns, p, extra=p.m if p.kind == "ec" else 0, read=True) for k in ks]
+        sls = [self._slots(k, ns, p, write=False) for k in ks]
         per_node: dict[str, tuple[Member, list]] = {}
-        for j, (k, pl) in enumerate(zip(ks, placed)):
+        now = time.monotonic()
+        for j, (k, sl) in enumerate(zip(ks, sls)):
             if p.kind == "ec":
-                for i in range(p.k):
-                    per_node.setdefault(pl[i].node_id, (pl[i], []))[1].append((j, i, fragment_key(k)))
+                fk = fragment_key(k)
+                for m, lap in sl[:p.k]:
+                    per_node.setdefault(m.node_id, (m, []))[1].append((j, (m.node_id, lap), lap_key(fk, lap)))
             else:
-                now = time.monotonic()
-                m = min(pl, key=lambda m: self._down.get(m.node_id, 0) > now)
-                per_node.setdefault(m.node_id, (m, []))[1].append((j, 0, k))
-        futs = [(items, self._submit(m, "batch_get", [sk for _j, _i, sk in items], namespace=ns))
+                m = min((m for m, _ in sl), key=lambda m: self._down.get(m.node_id, 0) > now)
+                per_node.setdefault(m.node_id, (m, []))[1].append((j, (m.node_id, 0), k))
+        futs = [(items, self._submit(m, "batch_get", [sk for _j, _w, sk in items], namespace=ns))
                 for m, items in per_node.values()]
         wait([f for _, f in futs])
         got: list[dict] = [{} for _ in ks]
         for items, f in futs:
-            if f.exception() is None:
-                for (j, i, _sk), buf in zip(items, f.result()):
-                    got[j][i] = buf
+            e = f.exception()
+            if isinstance(e, errors.Redirect):
+                raise e
+            if e is None:
+                for (j, where, _sk), buf in zip(items, f.result()):
+                    got[j][where] = buf
         out = []
         for j, k in enumerate(ks):
             if p.kind != "ec":
-                out.append(got[j][0] if 0 in got[j] else self._get_replica(k, ns, placed[j]))
+                out.append(got[j][next(iter(got[j]))] if got[j] else self._get_replica(k, ns, sls[j]))
                 continue
-            r = self._assemble(p, got[j], fast=True) if len(got[j]) == p.k else None
-            out.append(r if r is not None else self._get_ec(k, ns, p, placed[j]))
+            r = assemble(p, list(got[j].values())) if got[j] else None
+            out.append(r if r is not None else self._get_ec(k, ns, p, got[j]))
         return out
 
     # ------------------------------------------------------------ control
     def _candidates(self, key: bytes, ns: str, p: Policy) -> list[tuple[Member, bytes]]:
-        """Where to ask whether ``key`` is stored, best first."""
-        placed = self._placed(key, ns, p, read=True)
+        """Where to ask whether ``key`` is stored, best first: with K of K+M records
+        present, at least one of any M+1 slots holds one."""
+        sl = self._slots(key, ns, p, write=False)
         if p.kind == "ec":
-            return [(m, fragment_key(key)) for m in placed[:p.m + 1]]
-        return [(m, key) for m in placed]
+            fk = fragment_key(key)
+            return [(m, lap_key(fk, lap)) for m, lap in sl[:p.m + 1]]
+        return [(m, key) for m, _ in sl]
 
     def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
-        """Whether each key is stored: asked of its first node (then the next ones when a
+        """Whether each key is stored: asked of its first slot (then the next ones when a
         node does not answer), grouped per node, all nodes in parallel."""
         ns = self._ns(namespace)
         p = self.policy(ns)
@@ -581,26 +543,37 @@ class ClusterClient:
         return n
 
     def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        """Delete every copy / record of ``keys`` (best effort on unreachable nodes); returns
-        how many keys had something deleted."""
+        """Delete every copy / record of ``keys`` on its slots and the next M nodes (best
+        effort on unreachable nodes); returns how many keys had something deleted."""
         ns = self._ns(namespace)
         p = self.policy(ns)
         hit = [False] * len(keys)
         per_node: dict[str, tuple[Member, list]] = {}
         for j, k in enumerate(keys):
             kb = key_bytes(k)
-            placed = self._placed(kb, ns, p, extra=p.m if p.kind == "ec" else 0, read=True)
-            sks = [fragment_key(kb)] * len(placed) if p.kind == "ec" else [kb] * len(placed)
-            for m, sk in zip(placed, sks):
+            sl = self._slots(kb, ns, p, write=False)
+            if p.kind == "ec":
+                fk = fragment_key(kb)
+                where = sl + self._extra(kb, ns, p, sl, p.m)
+                pairs = [(m, lap_key(fk, lap)) for m, lap in where]
+            else:
+                pairs = [(m, kb) for m, _ in sl]
+            for m, sk in pairs:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
-        for m, items in per_node.values():
-            for j, sk in items:
-                try:
-                    if self._node(m, "delete", [sk], namespace=ns):
-                        hit[j] = True
-                except errors.KVStoreError:
-                    pass
+        def each(m: Member, items: list) -> list[bool]:
+            return [bool(self._node(m, "delete", [sk], namespace=ns)) for _, sk in items]
+
+        futs = [(items, self._pool.submit(each, m, items)) for m, items in per_node.values()]
+        wait([f for _, f in futs])
+        for items, f in futs:
+            if f.exception() is None:
+                for (j, _), gone in zip(items, f.result()):
+                    hit[j] = hit[j] or gone
         return sum(hit)
 
+    def _codec(self, p: Policy):
+        return codec(p)
 
-__all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "ClusterClient", "Member", "Policy", "fragment_key"]
+
+__all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "ClusterClient", "ClusterView", "Member", "Policy",
+           "fragment_key"]

@@ -65,12 +65,21 @@ class Timeout(Unavailable):
     name = "Timeout"
 
 
+class Redirect(Unavailable):
+    """The request was sent with an old cluster member list (its epoch differs from the
+    node's): refresh the member list and send it to the object's current nodes. A plain
+    Client never sees it (it sends no epoch); ClusterClient handles it by itself."""
+
+    code = 11
+    name = "Redirect"
+
+
 Internal = KVStoreError
 
 _BY_CODE: dict[int, type[KVStoreError]] = {
     cls.code: cls
     for cls in (NotFound, NoSpace, Conflict, ChecksumMismatch, InvalidArgument,
-                PermissionDenied, Unavailable, ProtocolError, KVStoreError, Timeout)
+                PermissionDenied, Unavailable, ProtocolError, KVStoreError, Timeout, Redirect)
 }
 
 

@@ -155,7 +155,7 @@ class ShmConnection(DataConnection):
         for i, k in enumerate(keys):
             rid = self.next_id()
             order[rid] = i
-            frames.append(encode_request(OP_SHM_GET, rid, ns, k))
+            frames.append(encode_request(OP_SHM_GET, rid, ns, k, epoch=self.epoch))
         self.send([b"".join(frames)])
         return order
 
@@ -222,7 +222,7 @@ class ShmConnection(DataConnection):
         for i, (k, mv) in enumerate(items):
             rid = self.next_id()
             order[rid] = i
-            frames.append(encode_request(OP_SHM_RESERVE, rid, ns, k, len(mv), 0, flags))
+            frames.append(encode_request(OP_SHM_RESERVE, rid, ns, k, len(mv), 0, flags, self.epoch))
         self.send([b"".join(frames)])
         reserved = self._responses(order)
         results: list = [None] * len(items)

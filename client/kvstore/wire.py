@@ -11,7 +11,9 @@ then the key bytes, then ``payload_len`` bytes of payload::
     status   u16 0 on requests; a kvstore.errors code on responses
     ns_len   u8  namespace length (responses: 0)
     key_len  u8  key length (responses: 0)
-    aux      u32 reserved, 0
+    aux      u32 requests: the sender's cluster member-list epoch (0 = none; PUT, GET,
+                 SHM_GET, SHM_RESERVE), a node with another epoch answers Redirect;
+                 responses: op-specific (a put's aux=1: deduplicated)
     length   u64 payload length
     checksum u64 xxh3-64 of the payload (0 for error payloads, which are UTF-8 text)
 
@@ -61,6 +63,8 @@ OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping", OP_AUTH: "auth",
        OP_SHM_COMMIT: "shm_commit"}
 MAX_TOKEN_LEN = 4096
 
+EPOCH_OPS = frozenset((OP_PUT, OP_GET, OP_SHM_GET, OP_SHM_RESERVE))  # ops a node redirects
+
 FLAG_OVERWRITE = 0x0001
 FLAG_RESPONSE = 0x8000
 
@@ -95,9 +99,10 @@ def key_bytes(key: str | bytes | bytearray | memoryview) -> bytes:
 
 
 def encode_request(op: int, request_id: int, ns: bytes, key: bytes,
-                   payload_len: int = 0, payload_checksum: int = 0, flags: int = 0) -> bytes:
+                   payload_len: int = 0, payload_checksum: int = 0, flags: int = 0,
+                   epoch: int = 0) -> bytes:
     """Header + namespace + key of a request (ns and key already validated)."""
-    return HEADER.pack(MAGIC, VERSION, op, flags, request_id, 0, len(ns), len(key), 0,
+    return HEADER.pack(MAGIC, VERSION, op, flags, request_id, 0, len(ns), len(key), epoch,
                        payload_len, payload_checksum) + ns + key
 
 

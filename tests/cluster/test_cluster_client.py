@@ -60,11 +60,11 @@ def test_round_trips_every_policy(nodes):
             k = b"obj-5"
             holders = [a for a, c in plain.items() if c.exists([k])[0]]
             assert sorted(holders) == sorted(m.address for m in place(k, members, 2, "rep"))
-            ec_nodes = place(k, members, 5, "ec")
+            ec_nodes = place(fragment_key(k), members, 5, "ec")  # EC places by the record key
             for i, m in enumerate(ec_nodes):
                 assert plain[m.address].exists([fragment_key(k)], namespace="ec")[0]
             small = b"obj-2"  # below min_ec_size: whole copies under records 0..M
-            sn = place(small, members, 5, "ec")
+            sn = place(fragment_key(small), members, 5, "ec")
             assert [plain[m.address].exists([fragment_key(small)], namespace="ec")[0]
                     for m in sn] == [True, True, True, False, False]
         finally:
@@ -73,7 +73,7 @@ def test_round_trips_every_policy(nodes):
 
 
 def test_impossible_policy_rejected(nodes):
-    with pytest.raises(InvalidArgument, match="needs 7 nodes but the cluster has 5"):
+    with pytest.raises(InvalidArgument, match=r"needs 7 nodes for its 5\+2 fragments but the cluster has 5"):
         ClusterClient([d.control for d in nodes], policy="ec:5+2")
     with pytest.raises(InvalidArgument, match="invalid redundancy policy"):
         ClusterClient([d.control for d in nodes], policy="ec:3")
@@ -103,7 +103,7 @@ def test_node_failures_degraded_reads(nodes):
             for ns in ("rep", "ec"):
                 assert [bytes(x) for x in shifted.batch_get(list(objs), namespace=ns)] == list(objs.values())
             assert shifted.lookup(chain, namespace="rep") == 12
-            with pytest.raises(InvalidArgument, match="needs 5 nodes but the cluster has 4"):
+            with pytest.raises(InvalidArgument, match=r"needs 5 nodes for its 3\+2 fragments but the cluster has 4"):
                 shifted.put(b"new", b"v", namespace="ec")
         nodes[3].stop(signal.SIGKILL)
         codec = cc._codec(cc.policy("ec"))
@@ -126,7 +126,7 @@ def test_corrupt_fragment_is_detected_and_decoded(nodes):
         k = b"victim"
         cc.put(k, v, namespace="ec")
         members = cc.members()
-        placed = place(k, members, 5, "ec")
+        placed = place(fragment_key(k), members, 5, "ec")
         p = cc.policy("ec")
         codec = cc._codec(p)
         real = codec.decode

@@ -6,12 +6,111 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class HeadsRequest(_message.Message):
+    __slots__ = ("namespace", "keys", "head_bytes")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    KEYS_FIELD_NUMBER: _ClassVar[int]
+    HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    keys: _containers.RepeatedScalarFieldContainer[bytes]
+    head_bytes: int
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., head_bytes: _Optional[int] = ...) -> None: ...
+
+class Head(_message.Message):
+    __slots__ = ("present", "unverified", "size", "checksum", "head")
+    PRESENT_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
+    SIZE_FIELD_NUMBER: _ClassVar[int]
+    CHECKSUM_FIELD_NUMBER: _ClassVar[int]
+    HEAD_FIELD_NUMBER: _ClassVar[int]
+    present: bool
+    unverified: bool
+    size: int
+    checksum: int
+    head: bytes
+    def __init__(self, present: _Optional[bool] = ..., unverified: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., head: _Optional[bytes] = ...) -> None: ...
+
+class HeadsResponse(_message.Message):
+    __slots__ = ("heads", "unverified_objects", "epoch")
+    HEADS_FIELD_NUMBER: _ClassVar[int]
+    UNVERIFIED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    heads: _containers.RepeatedCompositeFieldContainer[Head]
+    unverified_objects: int
+    epoch: int
+    def __init__(self, heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ..., unverified_objects: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+
+class DrainRequest(_message.Message):
+    __slots__ = ("cancel",)
+    CANCEL_FIELD_NUMBER: _ClassVar[int]
+    cancel: bool
+    def __init__(self, cancel: _Optional[bool] = ...) -> None: ...
+
+class DrainResponse(_message.Message):
+    __slots__ = ("draining", "objects_left", "detail")
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    OBJECTS_LEFT_FIELD_NUMBER: _ClassVar[int]
+    DETAIL_FIELD_NUMBER: _ClassVar[int]
+    draining: bool
+    objects_left: int
+    detail: str
+    def __init__(self, draining: _Optional[bool] = ..., objects_left: _Optional[int] = ..., detail: _Optional[str] = ...) -> None: ...
+
+class SetPolicyRequest(_message.Message):
+    __slots__ = ("namespace", "policy")
+    NAMESPACE_FIELD_NUMBER: _ClassVar[int]
+    POLICY_FIELD_NUMBER: _ClassVar[int]
+    namespace: str
+    policy: str
+    def __init__(self, namespace: _Optional[str] = ..., policy: _Optional[str] = ...) -> None: ...
+
+class SetPolicyResponse(_message.Message):
+    __slots__ = ("policies",)
+    class PoliciesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    policies: _containers.ScalarMap[str, str]
+    def __init__(self, policies: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class RepairStatus(_message.Message):
+    __slots__ = ("state", "passes", "scanned", "total", "records_written", "bytes_written", "verified", "dropped", "removed", "failures", "last_pass_seconds", "pending")
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    PASSES_FIELD_NUMBER: _ClassVar[int]
+    SCANNED_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    BYTES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FIELD_NUMBER: _ClassVar[int]
+    REMOVED_FIELD_NUMBER: _ClassVar[int]
+    FAILURES_FIELD_NUMBER: _ClassVar[int]
+    LAST_PASS_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PENDING_FIELD_NUMBER: _ClassVar[int]
+    state: str
+    passes: int
+    scanned: int
+    total: int
+    records_written: int
+    bytes_written: int
+    verified: int
+    dropped: int
+    removed: int
+    failures: int
+    last_pass_seconds: float
+    pending: int
+    def __init__(self, state: _Optional[str] = ..., passes: _Optional[int] = ..., scanned: _Optional[int] = ..., total: _Optional[int] = ..., records_written: _Optional[int] = ..., bytes_written: _Optional[int] = ..., verified: _Optional[int] = ..., dropped: _Optional[int] = ..., removed: _Optional[int] = ..., failures: _Optional[int] = ..., last_pass_seconds: _Optional[float] = ..., pending: _Optional[int] = ...) -> None: ...
+
 class MembersRequest(_message.Message):
     __slots__ = ()
     def __init__(self) -> None: ...
 
 class Member(_message.Message):
-    __slots__ = ("node_id", "control_address", "data_address", "shm_socket", "dram_capacity_bytes", "nvme_capacity_bytes", "failure_domain", "version", "started_at", "health", "last_seen_seconds_ago", "self")
+    __slots__ = ("node_id", "control_address", "data_address", "shm_socket", "dram_capacity_bytes", "nvme_capacity_bytes", "failure_domain", "version", "started_at", "health", "last_seen_seconds_ago", "self", "draining", "placement")
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     CONTROL_ADDRESS_FIELD_NUMBER: _ClassVar[int]
     DATA_ADDRESS_FIELD_NUMBER: _ClassVar[int]
@@ -24,6 +123,8 @@ class Member(_message.Message):
     HEALTH_FIELD_NUMBER: _ClassVar[int]
     LAST_SEEN_SECONDS_AGO_FIELD_NUMBER: _ClassVar[int]
     SELF_FIELD_NUMBER: _ClassVar[int]
+    DRAINING_FIELD_NUMBER: _ClassVar[int]
+    PLACEMENT_FIELD_NUMBER: _ClassVar[int]
     node_id: str
     control_address: str
     data_address: str
@@ -36,23 +137,38 @@ class Member(_message.Message):
     health: str
     last_seen_seconds_ago: float
     self: bool
-    def __init__(self_, node_id: _Optional[str] = ..., control_address: _Optional[str] = ..., data_address: _Optional[str] = ..., shm_socket: _Optional[str] = ..., dram_capacity_bytes: _Optional[int] = ..., nvme_capacity_bytes: _Optional[int] = ..., failure_domain: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., health: _Optional[str] = ..., last_seen_seconds_ago: _Optional[float] = ..., self: _Optional[bool] = ...) -> None: ...
+    draining: bool
+    placement: bool
+    def __init__(self_, node_id: _Optional[str] = ..., control_address: _Optional[str] = ..., data_address: _Optional[str] = ..., shm_socket: _Optional[str] = ..., dram_capacity_bytes: _Optional[int] = ..., nvme_capacity_bytes: _Optional[int] = ..., failure_domain: _Optional[str] = ..., version: _Optional[str] = ..., started_at: _Optional[float] = ..., health: _Optional[str] = ..., last_seen_seconds_ago: _Optional[float] = ..., self: _Optional[bool] = ..., draining: _Optional[bool] = ..., placement: _Optional[bool] = ...) -> None: ...
 
 class MembersResponse(_message.Message):
-    __slots__ = ("members", "source", "degraded", "cluster", "node_id", "detail")
+    __slots__ = ("members", "source", "degraded", "cluster", "node_id", "detail", "epoch", "policies", "repair")
+    class PoliciesEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     MEMBERS_FIELD_NUMBER: _ClassVar[int]
     SOURCE_FIELD_NUMBER: _ClassVar[int]
     DEGRADED_FIELD_NUMBER: _ClassVar[int]
     CLUSTER_FIELD_NUMBER: _ClassVar[int]
     NODE_ID_FIELD_NUMBER: _ClassVar[int]
     DETAIL_FIELD_NUMBER: _ClassVar[int]
+    EPOCH_FIELD_NUMBER: _ClassVar[int]
+    POLICIES_FIELD_NUMBER: _ClassVar[int]
+    REPAIR_FIELD_NUMBER: _ClassVar[int]
     members: _containers.RepeatedCompositeFieldContainer[Member]
     source: str
     degraded: bool
     cluster: str
     node_id: str
     detail: str
-    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., source: _Optional[str] = ..., degraded: _Optional[bool] = ..., cluster: _Optional[str] = ..., node_id: _Optional[str] = ..., detail: _Optional[str] = ...) -> None: ...
+    epoch: int
+    policies: _containers.ScalarMap[str, str]
+    repair: RepairStatus
+    def __init__(self, members: _Optional[_Iterable[_Union[Member, _Mapping]]] = ..., source: _Optional[str] = ..., degraded: _Optional[bool] = ..., cluster: _Optional[str] = ..., node_id: _Optional[str] = ..., detail: _Optional[str] = ..., epoch: _Optional[int] = ..., policies: _Optional[_Mapping[str, str]] = ..., repair: _Optional[_Union[RepairStatus, _Mapping]] = ...) -> None: ...
 
 class DeleteAllRequest(_message.Message):
     __slots__ = ("namespace",)

@@ -104,6 +104,21 @@ class KVStoreStub:
                 request_serializer=kvstore_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
                 response_deserializer=kvstore_dot_v1_dot_control__pb2.MembersResponse.FromString,
                 _registered_method=True)
+        self.Heads = channel.unary_unary(
+                '/kvstore.v1.KVStore/Heads',
+                request_serializer=kvstore_dot_v1_dot_control__pb2.HeadsRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.HeadsResponse.FromString,
+                _registered_method=True)
+        self.Drain = channel.unary_unary(
+                '/kvstore.v1.KVStore/Drain',
+                request_serializer=kvstore_dot_v1_dot_control__pb2.DrainRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.DrainResponse.FromString,
+                _registered_method=True)
+        self.SetPolicy = channel.unary_unary(
+                '/kvstore.v1.KVStore/SetPolicy',
+                request_serializer=kvstore_dot_v1_dot_control__pb2.SetPolicyRequest.SerializeToString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.SetPolicyResponse.FromString,
+                _registered_method=True)
 
 
 class KVStoreServicer:
@@ -201,6 +216,30 @@ class KVStoreServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heads(self, request, context):
+        """Cluster (node to node): for each key, whether this node holds it (also records not
+        yet verified after a restart), its size, checksum and first bytes. Admin scope.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Drain(self, request, context):
+        """Admin: take this node out of placement and move its records to their new homes
+        (cancel = true puts it back). Needs etcd membership.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def SetPolicy(self, request, context):
+        """Admin: set (or with policy "" remove) a namespace's redundancy policy cluster-wide;
+        refused when the cluster has fewer members than the policy needs.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_KVStoreServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -273,6 +312,21 @@ def add_KVStoreServicer_to_server(servicer, server):
                     servicer.Members,
                     request_deserializer=kvstore_dot_v1_dot_control__pb2.MembersRequest.FromString,
                     response_serializer=kvstore_dot_v1_dot_control__pb2.MembersResponse.SerializeToString,
+            ),
+            'Heads': grpc.unary_unary_rpc_method_handler(
+                    servicer.Heads,
+                    request_deserializer=kvstore_dot_v1_dot_control__pb2.HeadsRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.HeadsResponse.SerializeToString,
+            ),
+            'Drain': grpc.unary_unary_rpc_method_handler(
+                    servicer.Drain,
+                    request_deserializer=kvstore_dot_v1_dot_control__pb2.DrainRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.DrainResponse.SerializeToString,
+            ),
+            'SetPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPolicy,
+                    request_deserializer=kvstore_dot_v1_dot_control__pb2.SetPolicyRequest.FromString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.SetPolicyResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -653,6 +707,87 @@ class KVStore:
             '/kvstore.v1.KVStore/Members',
             kvstore_dot_v1_dot_control__pb2.MembersRequest.SerializeToString,
             kvstore_dot_v1_dot_control__pb2.MembersResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heads(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Heads',
+            kvstore_dot_v1_dot_control__pb2.HeadsRequest.SerializeToString,
+            kvstore_dot_v1_dot_control__pb2.HeadsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Drain(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/Drain',
+            kvstore_dot_v1_dot_control__pb2.DrainRequest.SerializeToString,
+            kvstore_dot_v1_dot_control__pb2.DrainResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/kvstore.v1.KVStore/SetPolicy',
+            kvstore_dot_v1_dot_control__pb2.SetPolicyRequest.SerializeToString,
+            kvstore_dot_v1_dot_control__pb2.SetPolicyResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -1,0 +1,303 @@
+"""Where the records of a clustered object live and what they look like.
+
+Shared by the SDK's ClusterClient (which writes and reads them) and the daemon's repair
+agent (which rebuilds, moves and verifies them), so both compute the same homes.
+
+Policies (per namespace): ``none``, ``replicas:N``, ``ec:K+M``.
+
+Slots. An object's records go to *slots*: ``(member, lap)`` pairs computed from the
+member list by rendezvous hashing (``kvstore.placement``):
+
+* ``none`` / ``replicas:N``: the first min(N, live) members of the preference list,
+  lap 0, each storing the object's bytes under its own key.
+* ``ec:K+M``: K+M slots over the first min(K+M, live) members; when fewer than K+M
+  members are live the slots wrap around (slot j -> member j mod n, lap j // n), so a
+  cluster that lost nodes still stores every fragment. The record of lap L is stored
+  under ``lap_key(fragment_key(key), L)``; placement hashes ``fragment_key(key)`` so
+  that a node can compute an object's homes from what it stores alone.
+
+A fragment's *index* is in its record header, not in its slot: after a node is lost,
+repair rebuilds only the lost index on the slot that lacks a record, and nothing else
+moves. Readers fetch the first K slots and concatenate when those hold data fragments
+0..K-1, or decode from any K distinct fragments otherwise.
+
+Every EC record starts with ``FRAG_HEADER``: magic, version, kind, index, K, M, EC type,
+original length, xxh3-64 of the whole object and of the record's payload. Objects
+smaller than ``min_ec_size`` are stored whole (kind REPLICA) on the first M+1 slots.
+
+The member-list *epoch* is a 32-bit digest of the placement members (sorted node ids of
+live, non-draining nodes). Clients send it with every put and get; a node whose list
+differs answers Redirect, so a client with an old list refreshes instead of writing to
+the wrong homes.
+"""
+from __future__ import annotations
+
+import hashlib
+import struct
+import threading
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import xxhash
+
+from . import errors
+from .placement import Member, place
+from .wire import MAX_KEY_LEN, checksum
+
+DEFAULT_MIN_EC_SIZE = 256 << 10
+
+# magic, version, kind, index, K, M, ec type, reserved, original length, object xxh3-64,
+# payload xxh3-64
+FRAG_HEADER = struct.Struct("<4sBBBBBBHQQQ")
+FRAG_MAGIC = b"KVEC"
+FRAG_VERSION = 1
+KIND_FRAGMENT = 0
+KIND_REPLICA = 1  # a small object stored whole
+EC_TYPES = ("isa_l_rs_vand", "isa_l_rs_cauchy")
+_EC_SUFFIX = b"#ec"
+_EC_HASHED_SUFFIX = b"#ech"
+MAX_LAPS = 32  # K+M <= 32, so a lap number fits one byte 1..31
+
+
+def fragment_key(key: bytes) -> bytes:
+    """The lap-0 key of an EC object's records: key + b"#ec", or sha256(key) + b"#ech"
+    when that would leave no room for a lap byte under the 128-byte key limit."""
+    if len(key) + len(_EC_SUFFIX) + 1 <= MAX_KEY_LEN:
+        return key + _EC_SUFFIX
+    return hashlib.sha256(key).digest() + _EC_HASHED_SUFFIX
+
+
+def lap_key(fkey: bytes, lap: int) -> bytes:
+    """The key of the record in lap ``lap`` (0: ``fkey`` itself, else fkey + one byte)."""
+    return fkey if lap == 0 else fkey + bytes((lap,))
+
+
+def split_lap(stored: bytes) -> tuple[bytes, int] | None:
+    """(lap-0 key, lap) of a stored EC record key, or None if it is not one."""
+    if stored.endswith(_EC_SUFFIX) or stored.endswith(_EC_HASHED_SUFFIX):
+        return stored, 0
+    if len(stored) > 4 and 0 < stored[-1] < MAX_LAPS and (
+            stored[:-1].endswith(_EC_SUFFIX) or stored[:-1].endswith(_EC_HASHED_SUFFIX)):
+        return stored[:-1], stored[-1]
+    return None
+
+
+@dataclass(frozen=True)
+class Policy:
+    kind: str  # "none" | "replicas" | "ec"
+    n: int = 1  # copies (none: 1), or K+M
+    k: int = 0
+    m: int = 0
+
+    @classmethod
+    def parse(cls, text: "str | Policy") -> "Policy":
+        if isinstance(text, Policy):
+            return text
+        t = str(text).strip().lower()
+        try:
+            if t == "none":
+                return cls("none", 1)
+            if t.startswith("replicas:"):
+                n = int(t.split(":", 1)[1])
+                if 1 <= n <= MAX_LAPS:
+                    return cls("replicas", n)
+            elif t.startswith("ec:"):
+                k, m = (int(x) for x in t.split(":", 1)[1].split("+"))
+                if k >= 1 and m >= 1 and k + m <= MAX_LAPS:
+                    return cls("ec", k + m, k, m)
+        except ValueError:
+            pass
+        raise errors.InvalidArgument(
+            f"invalid redundancy policy {text!r}: use none, replicas:N (1 <= N <= 32) or ec:K+M "
+            "(K, M >= 1, K+M <= 32)")
+
+    @property
+    def nodes(self) -> int:
+        """How many distinct nodes the policy spreads over when the cluster is whole."""
+        return self.n
+
+    @property
+    def ec_type(self) -> str:
+        return "isa_l_rs_cauchy" if self.m > 4 else "isa_l_rs_vand"
+
+    def check_cluster(self, members: int) -> None:
+        """A policy is set only on a cluster that can hold it whole (InvalidArgument)."""
+        if self.nodes > members:
+            what = f"{self.k}+{self.m} fragments" if self.kind == "ec" else f"{self.n} copies"
+            raise errors.InvalidArgument(
+                f"policy {self} needs {self.nodes} nodes for its {what} but the cluster has "
+                f"{members} member(s)")
+
+    def min_live(self) -> int:
+        """The fewest live nodes that still take writes: enough that the loss of one more
+        node leaves the object readable (EC: no node holds more than M fragments)."""
+        if self.kind == "ec":
+            n = 1
+            while -(-self.n // n) > self.m:
+                n += 1
+            return n
+        return min(self.n, 2)
+
+    def __str__(self) -> str:
+        if self.kind == "ec":
+            return f"ec:{self.k}+{self.m}"
+        return "none" if self.kind == "none" else f"replicas:{self.n}"
+
+
+def placement_key(key: bytes, p: Policy) -> bytes:
+    """The key that placement hashes and that lap 0 is stored under."""
+    return fragment_key(key) if p.kind == "ec" else key
+
+
+def slots(pkey: bytes, members: Sequence[Member], p: Policy, ns) -> list[tuple[Member, int]]:
+    """The object's slots, in order (see the module doc). ``pkey``: placement_key()."""
+    if not members:
+        return []
+    if p.kind == "ec":
+        placed = place(pkey, members, min(p.n, len(members)), ns)
+        n = len(placed)
+        return [(placed[j % n], j // n) for j in range(p.n)]
+    return [(m, 0) for m in place(pkey, members, min(p.n, len(members)), ns)]
+
+
+def member_epoch(node_ids) -> int:
+    """The 32-bit epoch of a placement member set (never 0, which means "none")."""
+    e = xxhash.xxh32_intdigest("\n".join(sorted(node_ids)).encode())
+    return e or 1
+
+
+def parse_record(buf) -> tuple | None:
+    """(header tuple, payload view) of a whole stored EC record, or None if invalid."""
+    if buf is None or len(buf) < FRAG_HEADER.size:
+        return None
+    h = FRAG_HEADER.unpack_from(buf)
+    magic, ver, kind, _index, _k, _m, _t, _r, olen, ocsum, pcsum = h
+    if magic != FRAG_MAGIC or ver != FRAG_VERSION or kind not in (KIND_FRAGMENT, KIND_REPLICA):
+        return None
+    payload = memoryview(buf)[FRAG_HEADER.size:]
+    if checksum(payload) != pcsum:
+        return None
+    if kind == KIND_REPLICA and (len(payload) != olen or pcsum != ocsum):
+        return None
+    return h, payload
+
+
+def parse_head(head: bytes) -> tuple | None:
+    """The header tuple from a record's first bytes (payload not checked), or None."""
+    if head is None or len(head) < FRAG_HEADER.size:
+        return None
+    h = FRAG_HEADER.unpack_from(head)
+    if h[0] != FRAG_MAGIC or h[1] != FRAG_VERSION or h[2] not in (KIND_FRAGMENT, KIND_REPLICA):
+        return None
+    return h
+
+
+class Codec:
+    """A pyeclib driver plus whether its data fragments are the object's bytes after a
+    fixed-size liberasurecode header (checked once), which allows decode-free reads."""
+
+    def __init__(self, k: int, m: int, ec_type: str):
+        try:
+            from pyeclib.ec_iface import ECDriver, ECDriverError
+        except ImportError as e:
+            raise errors.InvalidArgument(
+                "ec policies need pyeclib (pip install 'kvstored[cluster]' or pyeclib==1.8.0)") from e
+        self.k, self.m, self.ec_type = k, m, ec_type
+        self.errors = ECDriverError
+        self.driver = ECDriver(k=k, m=m, ec_type=ec_type)
+        self.lock = threading.Lock()
+        probe = bytes((i * 7 + 3) & 0xFF for i in range(k * 1000 + 17))
+        frags = self.driver.encode(probe)
+        self.offset = None
+        for off in (80,):  # liberasurecode's fragment header
+            if b"".join(f[off:] for f in frags[:k])[:len(probe)] == probe:
+                self.offset = off
+
+    def encode(self, data: bytes) -> list[bytes]:
+        return self.driver.encode(data)
+
+    def decode(self, fragments: list) -> bytes:
+        # pyeclib needs bytes (a bytearray aborts the process inside liberasurecode)
+        return self.driver.decode([bytes(f) for f in fragments])
+
+    def reconstruct(self, fragments: list, indexes: list[int]) -> list[bytes]:
+        """The fragments of ``indexes`` rebuilt from any K others."""
+        return self.driver.reconstruct([bytes(f) for f in fragments], indexes)
+
+
+_CODECS: dict[tuple[int, int], Codec] = {}
+_CODECS_LOCK = threading.Lock()
+
+
+def codec(p: Policy) -> Codec:
+    """The (shared, thread-safe to call) codec of an EC policy."""
+    c = _CODECS.get((p.k, p.m))
+    if c is None:
+        with _CODECS_LOCK:
+            c = _CODECS.get((p.k, p.m))
+            if c is None:
+                c = _CODECS[(p.k, p.m)] = Codec(p.k, p.m, p.ec_type)
+    return c
+
+
+def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
+    """Every record of an object under EC policy ``p``, in index order: K+M fragments, or
+    M+1 whole copies when the object is smaller than ``min_ec_size``."""
+    n = len(value)
+    ocsum = checksum(value)
+    if n < min_ec_size:
+        return [b"".join((FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, KIND_REPLICA, i, p.k, p.m,
+                                           EC_TYPES.index(p.ec_type), 0, n, ocsum, ocsum), value))
+                for i in range(p.m + 1)]
+    return [fragment_record(p, i, f, n, ocsum) for i, f in enumerate(codec(p).encode(bytes(value)))]
+
+
+def fragment_record(p: Policy, index: int, frag: bytes, olen: int, ocsum: int) -> bytes:
+    return FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, index, p.k, p.m,
+                            EC_TYPES.index(p.ec_type), 0, olen, ocsum, checksum(frag)) + frag
+
+
+def assemble(p: Policy, records: list) -> bytearray | None:
+    """The object from valid records of one EC object (any order; invalid ones, other
+    policies' and minority versions ignored), or None when fewer than K distinct
+    fragments agree. Concatenates when data fragments 0..K-1 are all there."""
+    valid: dict[tuple[int, int], tuple] = {}
+    for buf in records:
+        r = parse_record(buf) if isinstance(buf, (bytes, bytearray, memoryview)) else None
+        if r is not None and r[0][4] == p.k and r[0][5] == p.m:
+            valid.setdefault((r[0][2], r[0][3]), r)
+    for (kind, _i), r in sorted(valid.items()):
+        if kind == KIND_REPLICA:  # a whole-object copy wins at once
+            return bytearray(r[1])
+    frags = {i: r for (kind, i), r in valid.items() if kind == KIND_FRAGMENT and i < p.n}
+    groups: dict[tuple, list[int]] = {}
+    for i, r in frags.items():
+        groups.setdefault((r[0][8], r[0][9]), []).append(i)
+    if not groups:
+        return None
+    (olen, ocsum), idx = max(groups.items(), key=lambda kv: len(kv[1]))
+    if len(idx) < p.k:
+        return None
+    c = codec(p)
+    if c.offset is not None and all(i in idx for i in range(p.k)):
+        out = bytearray(olen)
+        pos = 0
+        for i in range(p.k):
+            part = frags[i][1][c.offset:]
+            take = min(len(part), olen - pos)
+            out[pos:pos + take] = part[:take]
+            pos += take
+        if pos == olen and checksum(out) == ocsum:
+            return out
+    try:
+        data = c.decode([frags[i][1] for i in sorted(idx)[:p.k + p.m]])
+    except c.errors:  # pyeclib's own errors: not enough consistent fragments
+        return None
+    if len(data) != olen or checksum(data) != ocsum:
+        return None
+    return bytearray(data)
+
+
+__all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "Codec", "Member", "Policy", "assemble", "codec",
+           "encode_records", "fragment_key", "fragment_record", "lap_key", "member_epoch",
+           "parse_head", "parse_record", "placement_key", "slots", "split_lap"]
