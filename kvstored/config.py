@@ -170,6 +170,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "lease_ttl", "cluster_lease_ttl", "int"),
     Setting("cluster", "failure_domain", "cluster_failure_domain", "str"),
     Setting("cluster", "static_peers", "cluster_static_peers", "str"),
+    Setting("cluster", "policies", "cluster_policies", "str"),
+    Setting("cluster", "repair", "cluster_repair", "bool"),
+    Setting("cluster", "repair_delay", "cluster_repair_delay", "float"),
+    Setting("cluster", "repair_interval", "cluster_repair_interval", "float"),
+    Setting("cluster", "repair_rate", "cluster_repair_rate", "size"),
+    Setting("cluster", "token", "cluster_token", "str"),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -318,6 +324,14 @@ class Config:
     cluster_lease_ttl: int = 5  # seconds a dead node stays listed (etcd lease TTL)
     cluster_failure_domain: str = ""  # e.g. a rack or zone name; "" = none
     cluster_static_peers: str = ""  # comma-separated control host:port; set = no etcd
+    # namespace=policy pairs ("*" = default), e.g. "*=none, llama=ec:4+2"; etcd entries
+    # set with `kvstore-cli policy set` override them
+    cluster_policies: str = ""
+    cluster_repair: bool = True  # run the repair agent (rebuild, move, verify records)
+    cluster_repair_delay: float = 10.0  # seconds a membership change settles before repair
+    cluster_repair_interval: float = 300.0  # a full pass at least this often (seconds)
+    cluster_repair_rate: int = 256 << 20  # bytes/s of records repair may write (throttle)
+    cluster_token: str = ""  # token the repair agent presents to peers when auth is on
 
     def validate(self) -> Config:
         """Normalise field types, fill auto values, then check ranges; returns self.
@@ -411,6 +425,15 @@ class Config:
                               "at most 128 printable characters")
         self.cluster_endpoints()
         self.cluster_peers()
+        self.cluster_policy_table()
+        if not 0 <= self.cluster_repair_delay <= 86400:
+            raise ConfigError(f"cluster.repair_delay: {self.cluster_repair_delay} is outside 0..86400 seconds")
+        if not 1 <= self.cluster_repair_interval <= 86400:
+            raise ConfigError(f"cluster.repair_interval: {self.cluster_repair_interval} is outside "
+                              "1..86400 seconds")
+        if self.cluster_repair_rate < 1 << 20:
+            raise ConfigError(f"cluster.repair_rate: {self.cluster_repair_rate} bytes/s is below 1MiB/s "
+                              "(repair would never finish)")
         if self.cluster_enabled:
             if "/" in self.node_id:
                 raise ConfigError(f"node.id: {self.node_id!r} must not contain '/' when "
@@ -427,6 +450,27 @@ class Config:
         return _host_ports("cluster.etcd_endpoints", self.cluster_etcd_endpoints,
                            allow_empty=not self.cluster_enabled or bool(self.cluster_static_peers),
                            schemes=("http://",))
+
+    def cluster_policy_table(self) -> dict[str, str]:
+        """``cluster.policies`` as {namespace: policy}; ConfigError when malformed."""
+        from kvstore.errors import InvalidArgument
+        from kvstore.layout import Policy
+        from kvstore.wire import namespace_bytes
+        out: dict[str, str] = {}
+        for part in (p.strip() for p in self.cluster_policies.split(",")):
+            if not part:
+                continue
+            ns, eq, pol = part.partition("=")
+            ns = ns.strip()
+            try:
+                if not eq:
+                    raise InvalidArgument("expected namespace=policy")
+                if ns != "*":
+                    namespace_bytes(ns)
+                out[ns] = str(Policy.parse(pol))
+            except InvalidArgument as e:
+                raise ConfigError(f"cluster.policies: {part!r}: {e.message}") from None
+        return out
 
     def cluster_peers(self) -> list[tuple[str, int]]:
         """``cluster.static_peers`` as (host, port) pairs; ConfigError when malformed."""

@@ -62,7 +62,7 @@ _LE = tuple(repr(b) for b in BUCKETS) + ("+Inf",)
 ERROR_TYPES = tuple(sorted({c.name for c in (errors.NotFound, errors.NoSpace, errors.Conflict,
                                              errors.ChecksumMismatch, errors.InvalidArgument,
                                              errors.PermissionDenied, errors.Unavailable,
-                                             errors.ProtocolError, errors.Timeout,
+                                             errors.ProtocolError, errors.Timeout, errors.Redirect,
                                              errors.KVStoreError)}))
 
 
@@ -279,14 +279,23 @@ class NodeCollector(Collector):
             reloads.add_metric([result], node.metrics.reloads[result])
         yield reloads
 
-        # ---- cluster repair: the cluster layer is not built yet (one node, no redundancy),
-        # so no repair ever runs. The families exist so dashboards and alerts can be written
-        # against them now; the values are true (nothing to repair), not placeholders.
-        yield _gauge("kvstored_repair_pending_objects", "Objects waiting to be rebuilt after a "
-                     "node loss. Always 0 until the cluster layer exists (single node: nothing "
-                     "to repair).", 0)
-        yield _counter("kvstored_repair_objects", "Objects rebuilt by repair. Always 0 until the "
-                       "cluster layer exists (single node: nothing to repair).", 0)
+        # ---- cluster repair (kvstored/cluster/repair.py); zeros on a standalone node
+        rep = node.repair.status() if getattr(node, "repair", None) is not None else {}
+        yield _gauge("kvstored_repair_pending_objects", "Objects the last repair pass could not "
+                     "bring to full redundancy (peers down, too few fragments); retried soon.",
+                     rep.get("pending", 0))
+        yield _gauge("kvstored_repair_unverified_objects", "Records recovered at restart that "
+                     "clients do not see until peers confirm them.", node.store.unverified)
+        yield _counter("kvstored_repair_objects", "Records written by repair (rebuilt or moved).",
+                       rep.get("records_written", 0))
+        yield _counter("kvstored_repair_bytes", "Bytes written by repair.", rep.get("bytes_written", 0))
+        yield _counter("kvstored_repair_passes", "Completed repair passes.", rep.get("passes", 0))
+        yield _counter("kvstored_repair_failures", "Repair writes or passes that failed.",
+                       rep.get("failures", 0))
+        yield _counter("kvstored_repair_dropped_stale", "Recovered records dropped as stale "
+                       "(deleted or replaced while this node was away).", rep.get("dropped", 0))
+        yield _counter("kvstored_repair_removed", "Surplus records deleted after their homes "
+                       "held them (drain, placement change).", rep.get("removed", 0))
 
 
 AUTH_REASONS = ("no_token", "bad_token", "namespace", "scope", "revoked")

@@ -134,7 +134,9 @@ def _shown(field: str, value: Any) -> str:
 class Node:
     def __init__(self, config: Config):
         self.config = config
-        self.store = Store(config.engine_limits(), nvme=_open_nvme(config))
+        # a cluster node holds what it recovers at restart until peers confirm it is current
+        self.store = Store(config.engine_limits(), nvme=_open_nvme(config),
+                           hold_recovered=config.cluster_enabled)
         self.node_id = config.node_id
         # security: None = plaintext / no tokens (config.validate already checked the files)
         self.auth = Auth(config.auth_tokens_file) if config.auth_enabled else None
@@ -163,6 +165,7 @@ class Node:
         self._watchdog = sdnotify.watchdog_interval()
         self._watchdog_sent = 0.0
         self.membership = None  # kvstored.cluster.Membership when cluster.enabled
+        self.repair = None  # kvstored.cluster.repair.RepairAgent when cluster.repair
 
     def health_status(self) -> str:
         """Health/readyz status: the state, or "degraded" while serving without cluster
@@ -217,6 +220,11 @@ class Node:
         if c.cluster_enabled:  # registers in the background; etcd down never blocks start
             from kvstored.cluster import Membership
             self.membership = Membership(self)
+            if c.cluster_repair:
+                from kvstored.cluster.repair import RepairAgent
+                self.repair = RepairAgent(self, asyncio.get_running_loop())
+                self.membership.on_change.append(self.repair.wake)
+                self.repair.start()
             self.membership.start()
         self.ready = True
         self.state = "serving"
@@ -269,6 +277,8 @@ class Node:
         if self.shm is not None:
             self.shm.close()
         waits = [self.data_server.drain(grace)]
+        if self.repair is not None:
+            self.repair.stop()
         if self.membership is not None:  # leave first: peers stop counting on us
             waits.append(self.membership.stop())
         if self.grpc_server is not None:

@@ -577,6 +577,21 @@ class Client(Namespaced):
         static | standalone, ``.degraded``)."""
         return self._call("Members", pb.MembersRequest())
 
+    def heads(self, keys: Sequence, *, head_bytes: int = 0, namespace: str | None = None) -> pb.HeadsResponse:
+        """Cluster internals (admin): presence, checksum and first ``head_bytes`` (<= 64)
+        of each key, records not yet verified after a restart included."""
+        return self._call("Heads", pb.HeadsRequest(namespace=self._nss(namespace), keys=self._keys(keys),
+                                                   head_bytes=head_bytes))
+
+    def drain(self, cancel: bool = False) -> pb.DrainResponse:
+        """Admin: take this node out of placement and move its records away (or cancel)."""
+        return self._call("Drain", pb.DrainRequest(cancel=cancel))
+
+    def set_policy(self, namespace: str, policy: str) -> dict[str, str]:
+        """Admin: a namespace's cluster-wide redundancy policy ("*" = default; "" removes it)."""
+        ns = namespace if namespace == "*" else self._nss(namespace)
+        return dict(self._call("SetPolicy", pb.SetPolicyRequest(namespace=ns, policy=policy)).policies)
+
     def list(self, *, namespace: str | None = None, limit: int = 100) -> pb.ListResponse:
         """A sample of stored objects (None = this client's namespace, "" = all namespaces)."""
         ns = "" if namespace == "" else self._nss(namespace)

@@ -13,6 +13,12 @@ fresh lease, re-reads the list and watches again.
 
 static mode (``cluster.static_peers``): no etcd; the peers are probed with Info/Health
 every lease_ttl seconds so their ids, data addresses and liveness are known.
+
+Placement set: the members that take new records (etcd mode: registered and not
+draining; static mode: every configured peer). Its epoch (``kvstore.layout.member_epoch``)
+is given to the data servers, which redirect puts and gets sent with another epoch, and
+every change wakes the repair agent. Namespace policies live under
+``/kvstored/<cluster>/policies/<namespace>`` (etcd) over ``cluster.policies`` (config).
 """
 from __future__ import annotations
 
@@ -50,6 +56,7 @@ class MemberInfo:
     failure_domain: str = ""
     version: str = ""
     started_at: float = 0.0
+    draining: bool = False
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), sort_keys=True).encode()
@@ -79,7 +86,14 @@ class Membership:
         self.node = node
         c = node.config
         self.cluster = c.cluster_name
-        self.prefix = f"{KEY_ROOT}/{self.cluster}/members/"
+        self.root = f"{KEY_ROOT}/{self.cluster}/"
+        self.prefix = self.root + "members/"
+        self.policy_prefix = self.root + "policies/"
+        self.config_policies = c.cluster_policy_table()  # defaults; etcd entries override
+        self.etcd_policies: dict[str, str] = {}
+        self.draining = False
+        self.epoch = 0
+        self.on_change: list = []  # callables run (on the loop) when placement or policies change
         self.ttl = c.cluster_lease_ttl
         self.endpoints = c.cluster_endpoints()
         self.static_peers = c.cluster_peers()
@@ -100,6 +114,73 @@ class Membership:
     def degraded(self) -> bool:
         return self.source == "etcd" and not self.registered
 
+    @property
+    def policies(self) -> dict[str, str]:
+        return {**self.config_policies, **self.etcd_policies}
+
+    def placement_rows(self) -> list[tuple[MemberInfo, str, float, bool]]:
+        """view() rows of the members placement counts (see the module doc)."""
+        return [r for r in self.view() if not r[0].draining
+                and (self.source == "static" or r[1] in ("alive", "stale"))]
+
+    def placement_members(self):
+        from kvstore.placement import Member
+        return [Member(i.node_id, i.control_address, i.failure_domain)
+                for i, _h, _a, _me in self.placement_rows()]
+
+    def _changed(self) -> None:
+        """Recompute the epoch; tell the data servers and the listeners."""
+        from kvstore.layout import member_epoch
+        epoch = member_epoch(i.node_id for i, _h, _a, _me in self.placement_rows())
+        if epoch != self.epoch:
+            log.info("placement members changed", extra={
+                "epoch": f"{epoch:08x}", "members": len(self.placement_rows())})
+        self.epoch = epoch
+        self.node.data_server.epoch = epoch
+        for fn in self.on_change:
+            try:
+                fn()
+            except Exception:  # a listener's bug must not stop membership
+                log.exception("membership change listener failed")
+
+    async def set_policy(self, namespace: str, policy: str) -> dict[str, str]:
+        """Set (or with "" remove) a namespace's policy in etcd; checked against the
+        current placement members. Returns the policies now in force."""
+        from kvstore import errors
+        from kvstore.layout import Policy
+        if self.source != "etcd":
+            raise errors.InvalidArgument("static_peers mode: policies come from cluster.policies "
+                                         "in the config file")
+        if self._etcd is None or not self.registered:
+            raise errors.Unavailable(f"etcd is unreachable ({self.detail}); policy not changed")
+        key = (self.policy_prefix + namespace).encode()
+        if policy:
+            p = Policy.parse(policy)
+            p.check_cluster(len(self.placement_rows()))
+            await asyncio.wait_for(self._etcd.put(key, str(p).encode()), ETCD_CALL_TIMEOUT)
+            self.etcd_policies[namespace] = str(p)
+        else:
+            await asyncio.wait_for(self._etcd.delete(key), ETCD_CALL_TIMEOUT)
+            self.etcd_policies.pop(namespace, None)
+        log.info("namespace policy set", extra={"namespace": namespace, "policy": policy or "(removed)"})
+        self._changed()
+        return self.policies
+
+    async def set_draining(self, draining: bool) -> None:
+        """Leave (or rejoin) placement while staying a member: others stop placing new
+        records here and the repair agents move this node's records to their homes."""
+        from kvstore import errors
+        if self.source != "etcd":
+            raise errors.InvalidArgument("drain needs etcd membership (static_peers lists are fixed)")
+        if self._etcd is None or not self.registered or self._lease is None:
+            raise errors.Unavailable(f"etcd is unreachable ({self.detail}); drain not changed")
+        self.draining = draining
+        key = (self.prefix + self.node.node_id).encode()
+        await asyncio.wait_for(self._etcd.put(key, self.self_info().to_json(), lease=self._lease),
+                               ETCD_CALL_TIMEOUT)
+        log.warning("drain %s", "started" if draining else "cancelled", extra={"node": self.node.node_id})
+        self._changed()
+
     def self_info(self) -> MemberInfo:
         n, c = self.node, self.node.config
         host = _advertised_host(c.host)
@@ -109,7 +190,7 @@ class Membership:
             dram_capacity_bytes=n.store.arena.size,
             nvme_capacity_bytes=c.nvme_size if c.nvme_path else 0,
             failure_domain=c.cluster_failure_domain, version=kvstored.__version__,
-            started_at=self.started_at)
+            started_at=self.started_at, draining=getattr(self, "draining", False))
 
     def view(self) -> list[tuple[MemberInfo, str, float, bool]]:
         """[(info, health, seconds since last confirmed, is self)], sorted by node_id."""
@@ -204,7 +285,7 @@ class Membership:
             except Exception:
                 pass
         revision = await self._resync(etcd)
-        watch = await etcd.watch_prefix(self.prefix.encode(), start_revision=revision + 1)
+        watch = await etcd.watch_prefix(self.root.encode(), start_revision=revision + 1)
         self.registered = True
         self.detail = ""
         self.registrations += 1
@@ -222,14 +303,22 @@ class Membership:
                 pass
 
     async def _resync(self, etcd) -> int:
-        """Re-read the whole member list; returns the etcd revision it reflects."""
-        got = await etcd.get_prefix(self.prefix.encode())
+        """Re-read the whole member list and the policies; returns the etcd revision."""
+        got = await etcd.get_prefix(self.root.encode())
         now = time.monotonic()
         fresh: dict[str, _Entry] = {}
+        policies: dict[str, str] = {}
         for kv in got:
+            k = kv.key.decode(errors="replace")
+            if k.startswith(self.policy_prefix):
+                policies[k[len(self.policy_prefix):]] = kv.value.decode(errors="replace")
+                continue
+            if not k.startswith(self.prefix):
+                continue
             e = self._entry(kv.key, kv.value, now)
             if e is not None:
                 fresh[e.info.node_id] = e
+        self.etcd_policies = policies
         gone = set(self.members) - set(fresh)
         added = set(fresh) - set(self.members)
         self.members = fresh
@@ -237,6 +326,7 @@ class Membership:
             log.info("member joined", extra={"member": nid, "cluster": self.cluster})
         for nid in sorted(gone - {self.node.node_id}):
             log.info("member left", extra={"member": nid, "cluster": self.cluster})
+        self._changed()
         return got.header.revision if getattr(got, "header", None) is not None else 0
 
     def _entry(self, key: bytes, value: bytes, now: float) -> _Entry | None:
@@ -251,7 +341,18 @@ class Membership:
     async def _watch(self, watch) -> None:
         try:
             async for ev in watch:
-                nid = ev.kv.key.decode(errors="replace")[len(self.prefix):]
+                k = ev.kv.key.decode(errors="replace")
+                if k.startswith(self.policy_prefix):
+                    ns = k[len(self.policy_prefix):]
+                    if ev.kind == "PUT":
+                        self.etcd_policies[ns] = ev.kv.value.decode(errors="replace")
+                    else:
+                        self.etcd_policies.pop(ns, None)
+                    self._changed()
+                    continue
+                if not k.startswith(self.prefix):
+                    continue
+                nid = k[len(self.prefix):]
                 if ev.kind == "PUT":
                     e = self._entry(ev.kv.key, ev.kv.value, time.monotonic())
                     if e is not None:
@@ -262,6 +363,7 @@ class Membership:
                 elif ev.kind == "DELETE":
                     if self.members.pop(nid, None) is not None and nid != self.node.node_id:
                         log.info("member left", extra={"member": nid, "cluster": self.cluster})
+                self._changed()
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the keep-alive loop notices etcd is gone and reconnects
@@ -301,6 +403,7 @@ class Membership:
                 self.members[addr] = _Entry(MemberInfo(node_id=addr, control_address=addr,
                                                        data_address=""), "unknown", 0.0)
         channels: dict[str, grpc.aio.Channel] = {}
+        self._changed()
         try:
             while True:
                 for addr in list(self.members):
@@ -322,6 +425,7 @@ class Membership:
                         if e.health != "alive":
                             log.info("static peer answers", extra={"peer": addr, "member": info.node_id})
                         e.health, e.seen = "alive", time.monotonic()
+                        self._changed()
                     except grpc.aio.AioRpcError as err:
                         if e.health == "alive":
                             log.warning("static peer unreachable", extra={"peer": addr,

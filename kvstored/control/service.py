@@ -35,6 +35,7 @@ GRPC_CODE = {
     Unauthenticated: grpc.StatusCode.UNAUTHENTICATED,
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Timeout: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Redirect: grpc.StatusCode.UNAVAILABLE,
 }
 
 
@@ -294,15 +295,79 @@ class ControlService(pb_grpc.KVStoreServicer):
             source, degraded, detail = "standalone", False, ""
         else:
             rows, source, degraded, detail = m.view(), m.source, m.degraded, m.detail
+        placed = {r[0].node_id for r in m.placement_rows()} if m is not None else {node.node_id}
         members = [pb.Member(
             node_id=i.node_id, control_address=i.control_address, data_address=i.data_address,
             shm_socket=i.shm_socket, dram_capacity_bytes=i.dram_capacity_bytes,
             nvme_capacity_bytes=i.nvme_capacity_bytes, failure_domain=i.failure_domain,
             version=i.version, started_at=i.started_at, health=health,
-            last_seen_seconds_ago=max(ago, 0.0), self=me) for i, health, ago, me in rows]
+            last_seen_seconds_ago=max(ago, 0.0), self=me, draining=i.draining,
+            placement=i.node_id in placed) for i, health, ago, me in rows]
+        repair = getattr(node, "repair", None)
         return pb.MembersResponse(members=members, source=source, degraded=degraded,
                                   cluster=self.config.cluster_name if m is not None else "",
-                                  node_id=node.node_id, detail=detail)
+                                  node_id=node.node_id, detail=detail,
+                                  epoch=m.epoch if m is not None else 0,
+                                  policies=m.policies if m is not None else {},
+                                  repair=pb.RepairStatus(**repair.status()) if repair is not None
+                                  else pb.RepairStatus(state="off"))
+
+    @_typed_errors
+    @_guard(ADMIN, all_namespaces_if_empty=True)
+    async def Heads(self, request, context):
+        """Cluster: presence, checksum and first bytes of keys, unverified records too."""
+        ns, keys = self._keys(request)
+        if request.head_bytes > 64:
+            raise errors.InvalidArgument(f"head_bytes {request.head_bytes} is over 64")
+        out = []
+        for k in keys:
+            e = self.store.index.get((ns, k))
+            if e is None:
+                out.append(pb.Head(present=False))
+                continue
+            head = b""
+            if request.head_bytes:
+                try:
+                    got = await self.store.read_head(ns, k, request.head_bytes)
+                except errors.NotFound:
+                    got = None
+                if got is None:
+                    out.append(pb.Head(present=False))
+                    continue
+                e, head = got
+            out.append(pb.Head(present=True, unverified=e.unverified, size=e.size,
+                               checksum=e.checksum, head=head))
+        m = getattr(self.node, "membership", None)
+        return pb.HeadsResponse(heads=out, unverified_objects=self.store.unverified,
+                                epoch=m.epoch if m is not None else 0)
+
+    @_typed_errors
+    @_guard(ADMIN, all_namespaces_if_empty=True)
+    async def Drain(self, request, context):
+        """Admin: leave placement and move this node's records to their homes."""
+        m = getattr(self.node, "membership", None)
+        if m is None:
+            raise errors.InvalidArgument("this node is not in a cluster (cluster.enabled = false)")
+        await m.set_draining(not request.cancel)
+        repair = getattr(self.node, "repair", None)
+        if repair is not None:
+            repair.wake(now=True)
+        left = len(self.store.index)
+        return pb.DrainResponse(draining=m.draining, objects_left=left,
+                                detail="draining: records move to their new homes; stop the node "
+                                       "when objects_left is 0" if m.draining else "not draining")
+
+    @_typed_errors
+    @_guard(ADMIN, all_namespaces_if_empty=True)
+    async def SetPolicy(self, request, context):
+        """Admin: a namespace's redundancy policy, cluster-wide (etcd)."""
+        m = getattr(self.node, "membership", None)
+        if m is None:
+            raise errors.InvalidArgument("this node is not in a cluster (cluster.enabled = false)")
+        ns = request.namespace
+        if ns != "*":
+            ns = namespace_bytes(ns).decode()
+        return pb.SetPolicyResponse(policies=await m.set_policy(ns, request.policy.strip()))
 
 
 class _Standalone:

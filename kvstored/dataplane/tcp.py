@@ -23,7 +23,7 @@ from time import perf_counter as _now
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC, MAX_KEY_LEN, MAX_TOKEN_LEN,
+from kvstore.wire import (EPOCH_OPS, FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC, MAX_KEY_LEN, MAX_TOKEN_LEN,
                           OP_AUTH, OP_GET, OP_PING, OP_PUT, OPS, VERSION, encode_error,
                           encode_response, namespace_bytes)
 
@@ -70,6 +70,9 @@ class DataServer:
         self.server: asyncio.base_events.Server | None = None
         self.counters = collections.Counter()
         self.draining = False
+        # Cluster member-list epoch (kvstore.layout.member_epoch; 0 = not in a cluster).
+        # A put/get sent with another non-zero epoch is answered Redirect.
+        self.epoch = 0
         # Per-op service time, recorded on the hot path (~0.3 us a request, see
         # kvstored/metrics.py); the operation counters are these histograms' counts.
         self.latency = {op: LatencyHistogram() for op in OPS}  # every op the wire knows
@@ -354,7 +357,7 @@ class DataConnection(asyncio.BufferedProtocol):
             avail = self.hend - self.hstart
             if avail < HEADER_SIZE:
                 break
-            (magic, version, op, flags, rid, _status, ns_len, key_len, _aux, plen,
+            (magic, version, op, flags, rid, _status, ns_len, key_len, epoch, plen,
              csum) = HEADER.unpack_from(hb, self.hstart)
             if magic != MAGIC:
                 return self._fatal(rid if version == VERSION else 0, "bad frame magic")
@@ -370,6 +373,11 @@ class DataConnection(asyncio.BufferedProtocol):
             key = bytes(hb[p + ns_len:p + head - HEADER_SIZE])
             self.hstart += head
             self.req_id = rid
+            if epoch and epoch != self.server.epoch and self.server.epoch and op in EPOCH_OPS:
+                self._reject(op, rid, plen if op == OP_PUT else 0, errors.Redirect(
+                    f"member list epoch {epoch:08x} is not this node's {self.server.epoch:08x}: "
+                    "refresh the member list"))
+                continue
             if op == OP_PUT:
                 self.put_t0 = self.t_in
                 if self.auth is not None and not self._allowed(ns, WRITE, op, rid, plen):

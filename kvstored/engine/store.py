@@ -65,7 +65,8 @@ class Entry:
     """One committed object. While in DRAM, linked into its size class's SIEVE queue."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
-                 "pins", "pin_until", "visited", "newer", "older", "committed_at", "nvme", "reads")
+                 "pins", "pin_until", "visited", "newer", "older", "committed_at", "nvme", "reads",
+                 "unverified")
 
     def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: SizeClass):
         self.ns = ns
@@ -84,6 +85,10 @@ class Entry:
         self.committed_at = time.time()
         self.nvme: Location | None = None  # the copy on the NVMe tier, if any
         self.reads = 0
+        # Recovered at restart by a cluster node: it may have been deleted or replaced
+        # while the node was away, so clients do not see it until the repair agent has
+        # checked it against its peers (Store.verify / drop_unverified).
+        self.unverified = False
 
     def pinned(self, now: float) -> bool:
         return self.pins > 0 and self.pin_until > now
@@ -168,7 +173,7 @@ class _Sieve:
 
 class Store:
     def __init__(self, limits: StoreLimits, clock: Callable[[], float] = time.monotonic,
-                 nvme: "NvmeTier | None" = None):
+                 nvme: "NvmeTier | None" = None, hold_recovered: bool = False):
         if limits.max_value_size > limits.slab_size:
             raise ValueError("max_value_size must not exceed slab_size")
         if not 0 < limits.low_watermark <= limits.high_watermark <= 1:
@@ -198,6 +203,8 @@ class Store:
         self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
         self._tasks: set[asyncio.Task] = set()
         self.nvme = nvme
+        self.unverified = 0  # entries hidden from clients until verified (hold_recovered)
+        self._hold_recovered = hold_recovered
         if nvme is not None:
             nvme.can_reclaim = self._can_reclaim_region
             nvme.on_reclaim = self._drop_region
@@ -217,6 +224,12 @@ class Store:
             raise InvalidArgument(
                 f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
         old = self.index.get((ns, key))
+        if old is not None and old.unverified:
+            if checksum is not None and old.checksum == checksum and old.size == size:
+                self.verify(old)  # a writer vouches for exactly these bytes
+                self.counters["dedups"] += 1
+                return None
+            overwrite = True  # a fresh write beats a record not yet verified
         if old is not None and not overwrite and checksum is not None:
             if old.checksum == checksum and old.size == size:
                 self.counters["dedups"] += 1
@@ -268,6 +281,9 @@ class Store:
                                    "nothing was stored")
         k = (res.ns, res.key)
         old = self.index.get(k)
+        if old is not None and old.unverified:
+            self._unlink(old, tombstone=True)
+            old = None
         if old is not None:
             if old.checksum == res.checksum and old.size == res.size:
                 self._free_slot(res.offset)  # a concurrent identical put won the race
@@ -321,7 +337,7 @@ class Store:
     def acquire(self, ns: bytes, key: bytes) -> Entry:
         """Take a read reference on a committed object (release it when done)."""
         e = self.index.get((ns, key))
-        if e is None:
+        if e is None or e.unverified:
             self.counters["gets"] += 1
             self.counters["misses"] += 1
             raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
@@ -412,14 +428,15 @@ class Store:
     # ------------------------------------------------------- batch queries
     def exists(self, ns: bytes, keys: Iterable[bytes]) -> list[bool]:
         idx = self.index
-        return [(ns, k) in idx for k in keys]
+        if not self.unverified:
+            return [(ns, k) in idx for k in keys]
+        return [(e := idx.get((ns, k))) is not None and not e.unverified for k in keys]
 
     def lookup(self, ns: bytes, keys: Iterable[bytes]) -> int:
         """How many of ``keys`` exist, counting from the first (a prefix hit length)."""
         n = 0
-        idx = self.index
-        for k in keys:
-            if (ns, k) not in idx:
+        for present in self.exists(ns, keys):
+            if not present:
                 break
             n += 1
         return n
@@ -432,7 +449,7 @@ class Store:
         n = 0
         for k in keys:
             e = self.index.get((ns, k))
-            if e is None:
+            if e is None or e.unverified:
                 continue
             if e.pin_until <= self.clock():
                 e.pins = 0  # the old lease lapsed: start afresh
@@ -473,7 +490,7 @@ class Store:
         """Up to ``limit`` committed entries (dict order), optionally of one namespace."""
         out = []
         for (ens, _), e in self.index.items():
-            if ns is None or ens == ns:
+            if (ns is None or ens == ns) and not e.unverified:
                 out.append(e)
                 if len(out) >= limit:
                     break
@@ -613,6 +630,9 @@ class Store:
         not come back at restart.
         """
         del self.index[(e.ns, e.key)]
+        if e.unverified:
+            e.unverified = False
+            self.unverified -= 1
         left = self._ns_objects[e.ns] - 1
         if left:
             self._ns_objects[e.ns] = left
@@ -647,12 +667,56 @@ class Store:
                       self.arena.class_for(rec.loc.length))
             e.committed_at = rec.committed_at
             e.nvme = rec.loc
+            if self._hold_recovered:
+                e.unverified = True
+                self.unverified += 1
             self.index[(rec.ns, rec.key)] = e
             self._ns_objects[rec.ns] = self._ns_objects.get(rec.ns, 0) + 1
             self.objects_bytes += e.size
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
-        log.info("NVMe tier: %d objects recovered", len(self.index))
+        log.info("NVMe tier: %d objects recovered%s", len(self.index),
+                 " (held from clients until verified by the cluster)" if self.unverified else "")
+
+    # --------------------------------------------------------- cluster repair
+    def verify(self, e: Entry) -> None:
+        """A recovered record was found current: serve it."""
+        if e.unverified:
+            e.unverified = False
+            self.unverified -= 1
+
+    def drop_unverified(self, ns: bytes, key: bytes, checksum: int) -> bool:
+        """Delete a recovered record found stale (deleted or replaced meanwhile), if it is
+        still that record."""
+        e = self.index.get((ns, key))
+        if e is None or not e.unverified or e.checksum != checksum:
+            return False
+        self._unlink(e, tombstone=True)
+        self.counters["deletes"] += 1
+        return True
+
+    def repair_snapshot(self) -> list[tuple]:
+        """(ns, key, size, checksum, unverified, pinned, visited, reads) of every object,
+        in repair order: unverified first (the node serves them once checked), then
+        pinned, then recently read (SIEVE bit), then most read."""
+        now = self.clock()
+        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.visited, e.reads)
+                for e in self.index.values()]
+        rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
+        return rows
+
+    async def read_head(self, ns: bytes, key: bytes, n: int) -> tuple[Entry, bytes] | None:
+        """The entry and first ``n`` bytes of an object, unverified ones included (repair
+        only); None when absent."""
+        e = self.index.get((ns, key))
+        if e is None:
+            return None
+        if e.offset < 0:
+            await self.load(e)
+            e = self.index.get((ns, key))
+            if e is None or e.offset < 0:
+                return None
+        return e, bytes(self.arena.view[e.offset:e.offset + min(n, e.size)])
 
     def _can_reclaim_region(self, region) -> bool:
         now = self.clock()
@@ -752,6 +816,7 @@ class Store:
             "dram_capacity": a.size,
             "dram_used": a.used_bytes,
             "objects": len(self.index),
+            "unverified": self.unverified,
             "object_bytes": self.objects_bytes,
             "reservations": len(self.reservations),
             "reserved_bytes": self.reserved_bytes,

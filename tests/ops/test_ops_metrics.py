@@ -185,7 +185,8 @@ def test_lifecycle_repair_and_process_families(worked):
     assert value(m, "kvstored_config_reloads", result="ok") == 0
     assert value(m, "kvstored_repair_pending_objects") == 0
     assert value(m, "kvstored_repair_objects") == 0
-    assert "cluster" in m["kvstored_repair_pending_objects"]["help"]
+    assert value(m, "kvstored_repair_unverified_objects") == 0  # standalone: nothing held back
+    assert "repair" in m["kvstored_repair_pending_objects"]["help"]
     info = m["kvstored_build_info"]["samples"]
     assert len(info) == 1 and list(info.values()) == [1.0]
     assert value(m, "process_resident_memory_bytes") > 10 * MiB

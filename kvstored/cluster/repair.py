@@ -1,0 +1,596 @@
+"""The repair agent: brings every record this node holds to where the layout wants it.
+
+Runs in its own thread (it makes blocking SDK calls to peers) and touches the store only
+through the daemon's event loop. A pass starts ``cluster.repair_delay`` seconds after a
+placement or policy change (so a flapping node is not rebuilt at once), after a drain
+starts, and every ``cluster.repair_interval`` seconds; it skips while etcd is unreachable
+(the member list may be stale). It walks this node's objects in repair order (records
+not yet verified first, then pinned, then recently read, then most read) in batches,
+asks the nodes of each object's slots what they hold (one Heads call per peer per batch)
+and then, per object:
+
+* **verify** a record recovered at restart (it may have been deleted or replaced while
+  the node was away): kept when a verified peer holds the same version, dropped when
+  verified peers hold another version or none and a settled peer (no unverified records
+  of its own) answered; left for the next pass when no peer answered. When every peer
+  is itself still unverified (the whole cluster restarted) it is kept.
+* **rebuild** (the *leader*, the first slot holding a verified current record): slots that
+  lack a record get one: replicas are copied; missing EC fragments are reconstructed
+  from K others (pyeclib) and written; whole-object EC records are re-indexed copies.
+  Indices a draining node still holds are left to it.
+* **move** (this node is not a slot: it is draining or placement moved away): the record
+  is written to a slot that lacks its index (or copy), then deleted here; a record whose
+  index a slot already holds is surplus and deleted.
+
+Namespaces repair by the cluster's policy (``kvstore-cli policy set`` / cluster.policies).
+EC records are self-describing, so they are repaired in namespaces without a policy too;
+replicated records in such namespaces are left alone (their copy count is not known).
+
+Writes are throttled to ``cluster.repair_rate`` bytes/s. Writes and deletes are
+idempotent (immutable objects, deterministic reconstruction), so two nodes acting on the
+same object at once, or a pass interrupted by a crash, cannot corrupt anything.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import TYPE_CHECKING
+
+from kvstore import errors
+from kvstore.layout import (FRAG_HEADER, KIND_FRAGMENT, KIND_REPLICA, Policy, codec, fragment_record,
+                            lap_key, parse_head, parse_record, slots, split_lap)
+
+if TYPE_CHECKING:
+    from kvstored.node import Node
+
+log = logging.getLogger("kvstored.repair")
+
+BATCH = 64  # objects per batch (one Heads call per peer per batch)
+HEAD = FRAG_HEADER.size
+CALL_TIMEOUT = 10.0
+
+
+class _Obj:
+    """One object this node holds a record (or records) of."""
+
+    __slots__ = ("ns", "base", "policy", "mine", "slots", "ec")
+
+    def __init__(self, ns: bytes, base: bytes, policy: Policy | None, ec: bool):
+        self.ns, self.base, self.policy, self.ec = ns, base, policy, ec
+        self.mine: dict[int, tuple] = {}  # lap -> (key, size, checksum, unverified, head)
+        self.slots: list = []
+
+
+class RepairAgent:
+    def __init__(self, node: "Node", loop: asyncio.AbstractEventLoop):
+        self.node = node
+        self.loop = loop
+        c = node.config
+        self.delay = c.cluster_repair_delay
+        self.interval = c.cluster_repair_interval
+        self.rate = c.cluster_repair_rate
+        self.token = c.cluster_token or None
+        self._wake = threading.Event()
+        self._now = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._clients: dict[str, object] = {}
+        self._budget_t = time.monotonic()
+        self._budget = 0.0
+        self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
+                   "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
+                   "last_pass_seconds": 0.0, "pending": 0}
+
+    # ------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kvstored-repair", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        for c in list(self._clients.values()):
+            try:
+                c.close()
+            except Exception:
+                pass
+
+    def wake(self, now: bool = False) -> None:
+        """A placement/policy change (after repair_delay) or ``now`` (drain)."""
+        self._now = self._now or now
+        self._wake.set()
+
+    def status(self) -> dict:
+        return dict(self.st)
+
+    # ------------------------------------------------------------ loop plumbing
+    def _on_loop(self, fn, *args):
+        """Run ``fn(*args)`` (or await it, for a coroutine function) on the event loop."""
+        async def call():
+            r = fn(*args)
+            if asyncio.iscoroutine(r):
+                r = await r
+            return r
+        return asyncio.run_coroutine_threadsafe(call(), self.loop).result(CALL_TIMEOUT)
+
+    def _client(self, member):
+        c = self._clients.get(member.node_id)
+        if c is None:
+            from kvstore.client import Client
+            tls = None
+            cfg = self.node.config
+            if cfg.tls_cert_file:
+                from kvstore import TLSConfig
+                tls = TLSConfig(ca_file=cfg.tls_client_ca_file or None, cert_file=cfg.tls_cert_file,
+                                key_file=cfg.tls_key_file)
+            c = self._clients[member.node_id] = Client(member.address, timeout=CALL_TIMEOUT, shm=False,
+                                                       token=self.token, tls=tls)
+        return c
+
+    def _throttle(self, nbytes: int) -> None:
+        """Token bucket over written bytes (burst: one second's worth)."""
+        now = time.monotonic()
+        self._budget = min(self.rate, self._budget + (now - self._budget_t) * self.rate) - nbytes
+        self._budget_t = now
+        if self._budget < 0:
+            time.sleep(min(-self._budget / self.rate, 5.0))
+
+    # ------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        m = self.node.membership
+        due = time.monotonic() + self.delay
+        while not self._stop:
+            timeout = max(0.0, due - time.monotonic())
+            if self._wake.wait(timeout):
+                self._wake.clear()
+                if self._stop:
+                    return
+                # settle: further changes within the delay start the same pass
+                due = time.monotonic() + (0.0 if self._now else self.delay)
+                self._now = False
+                self.st["state"] = "waiting"
+                continue
+            if m.degraded:
+                self.st["state"] = "waiting"
+                due = time.monotonic() + 1.0
+                continue
+            t0 = time.monotonic()
+            try:
+                pending = self._pass()
+            except Exception:
+                log.exception("repair pass failed")
+                self.st["failures"] += 1
+                pending = 1
+            self.st["last_pass_seconds"] = round(time.monotonic() - t0, 3)
+            self.st["passes"] += 1
+            self.st["pending"] = pending
+            self.st["state"] = "idle"
+            # unfinished work (peers down, fragments missing): try again soon
+            due = time.monotonic() + (max(self.delay, 1.0) if pending else self.interval)
+
+    def _pass(self) -> int:
+        m = self.node.membership
+        me = self.node.node_id
+        members, policies, draining_ids = self._on_loop(self._view)
+        if not members:
+            return 0
+        rows = self._on_loop(self.node.store.repair_snapshot)
+        objs = self._group(rows, policies)
+        self.st.update(state="scanning", scanned=0, total=len(objs))
+        if objs:
+            log.info("repair pass", extra={"objects": len(objs), "members": len(members),
+                                           "epoch": f"{m.epoch:08x}"})
+        by_id = {x.node_id: x for x in members}
+        draining = [x for x in self._on_loop(self._all_members) if x.node_id in draining_ids]
+        pending = 0
+        for i in range(0, len(objs), BATCH):
+            if self._stop:
+                break
+            batch = objs[i:i + BATCH]
+            self._read_my_heads(batch)
+            for o in batch:
+                if o.ec:
+                    h = next((parse_head(v[4]) for v in o.mine.values() if parse_head(v[4])), None)
+                    if h is None:
+                        o.ec = False  # not an EC record after all (no valid header)
+                        if o.policy is None or o.policy.kind == "ec":
+                            o.slots = []
+                            continue
+                    else:
+                        o.policy = Policy("ec", h[4] + h[5], h[4], h[5])
+                pkey = o.base
+                o.slots = slots(pkey, members, o.policy, o.ns) if o.policy else []
+            heads, settled = self._ask(batch, me, draining)
+            for o in batch:
+                if not o.slots:
+                    continue
+                try:
+                    if not self._object(o, me, heads, settled, by_id, draining):
+                        pending += 1
+                except errors.KVStoreError as e:
+                    pending += 1
+                    self.st["failures"] += 1
+                    log.info("repair of one object failed: %s", e, extra={
+                        "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+            self.st["scanned"] += len(batch)
+        return pending
+
+    def _view(self):
+        m = self.node.membership
+        from kvstore.layout import Policy as P
+        pols = {}
+        for ns, text in m.policies.items():
+            try:
+                pols[ns] = P.parse(text)
+            except errors.InvalidArgument:
+                log.warning("ignoring a malformed policy", extra={"namespace": ns, "policy": text})
+        draining = {i.node_id for i, _h, _a, _me in m.view() if i.draining}
+        return m.placement_members(), pols, draining
+
+    def _all_members(self):
+        from kvstore.placement import Member
+        return [Member(i.node_id, i.control_address, i.failure_domain)
+                for i, h, _a, _me in self.node.membership.view() if h in ("alive", "stale")]
+
+    def _group(self, rows, policies: dict) -> list[_Obj]:
+        objs: dict[tuple[bytes, bytes], _Obj] = {}
+        for ns, key, size, csum, unverified, _pinned, _visited, _reads in rows:
+            p = policies.get(ns.decode(errors="replace")) or policies.get("*")
+            split = split_lap(key)
+            if split is not None and (p is None or p.kind == "ec"):
+                base, lap = split
+                o = objs.get((ns, base))
+                if o is None:
+                    o = objs[(ns, base)] = _Obj(ns, base, p, True)
+                o.mine[lap] = (key, size, csum, unverified, b"")
+            elif p is not None and p.kind != "ec":
+                o = objs[(ns, key)] = _Obj(ns, key, p, False)
+                o.mine[0] = (key, size, csum, unverified, b"")
+        return list(objs.values())  # dict order keeps the snapshot's repair order
+
+    def _read_my_heads(self, batch: list[_Obj]) -> None:
+        async def read():
+            for o in batch:
+                if not o.ec:
+                    continue
+                for lap, v in list(o.mine.items()):
+                    try:
+                        got = await self.node.store.read_head(o.ns, v[0], HEAD)
+                    except errors.NotFound:
+                        got = None
+                    if got is None:
+                        del o.mine[lap]
+                    else:
+                        o.mine[lap] = v[:4] + (got[1],)
+        asyncio.run_coroutine_threadsafe(read(), self.loop).result(CALL_TIMEOUT * 3)
+
+    def _ask(self, batch: list[_Obj], me: str, draining: list) -> tuple[dict, dict]:
+        """Heads of every slot (and draining node) of the batch's objects, one call per
+        peer: {(node_id, lap): Head or None (no answer)}, {node_id: settled}."""
+        per_peer: dict[str, tuple[object, list]] = {}
+        for o in batch:
+            if not o.slots:
+                continue
+            wanted = list(o.slots) + [(d, 0) for d in draining]
+            for member, lap in wanted:
+                if member.node_id == me:
+                    continue
+                key = lap_key(o.base, lap) if o.ec else o.base
+                per_peer.setdefault(member.node_id, (member, []))[1].append((o, lap, key))
+        heads: dict[tuple, dict] = {}
+        settled: dict[str, bool] = {}
+        for nid, (member, items) in per_peer.items():
+            by_ns: dict[bytes, list] = {}
+            for o, lap, key in items:
+                by_ns.setdefault(o.ns, []).append((o, lap, key))
+            for ns, its in by_ns.items():
+                try:
+                    r = self._client(member).heads([k for _o, _l, k in its], head_bytes=HEAD,
+                                                   namespace=ns.decode())
+                except errors.KVStoreError as e:
+                    log.debug("repair: %s did not answer Heads: %s", nid, e)
+                    for o, lap, _k in its:
+                        heads.setdefault(id(o), {})[(nid, lap)] = None
+                    continue
+                settled[nid] = r.unverified_objects == 0
+                for (o, lap, _k), h in zip(its, r.heads):
+                    heads.setdefault(id(o), {})[(nid, lap)] = h
+        return heads, settled
+
+    # ------------------------------------------------------------ one object
+    def _object(self, o: _Obj, me: str, heads: dict, settled: dict, by_id: dict, draining: list) -> bool:
+        """Act on one object; True when it needs nothing more from this node."""
+        got = heads.get(id(o), {})
+        if o.ec:
+            return self._ec(o, me, got, settled, draining)
+        return self._replicated(o, me, got, settled)
+
+    def _version(self, o: _Obj, head_or_mine) -> tuple | None:
+        """The version a record holds: (olen, ocsum, K, M) for EC, the checksum otherwise."""
+        if o.ec:
+            h = parse_head(head_or_mine)
+            return None if h is None else (h[8], h[9], h[4], h[5])
+        return head_or_mine
+
+    def _verify_mine(self, o: _Obj, me: str, got: dict, settled: dict) -> bool | None:
+        """Settle this node's unverified records of ``o``. True: kept (or nothing to do),
+        False: dropped, None: undecided (no peer answered)."""
+        unverified = {lap: v for lap, v in o.mine.items() if v[3]}
+        if not unverified:
+            return True
+        mine_v = {lap: self._version(o, v[4] if o.ec else v[2]) for lap, v in unverified.items()}
+        verified_versions, unverified_versions, answered, settled_lacking = set(), set(), False, False
+        for (nid, _lap), h in got.items():
+            if h is None:
+                continue
+            answered = True
+            if not h.present:
+                settled_lacking = settled_lacking or settled.get(nid, False)
+                continue
+            v = self._version(o, h.head if o.ec else h.checksum)
+            (unverified_versions if h.unverified else verified_versions).add(v)
+        for lap, v in o.mine.items():  # this node's own verified records count too
+            if not v[3]:
+                verified_versions.add(self._version(o, v[4] if o.ec else v[2]))
+        peers = {m.node_id for m, _ in o.slots} - {me}
+        for lap, (key, _size, csum, _u, _h) in unverified.items():
+            if verified_versions:
+                keep = mine_v[lap] in verified_versions
+            elif settled_lacking:
+                keep = False  # deleted while this node was away
+            elif not peers:
+                keep = True  # the only home: nothing to compare with
+            elif not answered:
+                return None
+            else:
+                keep = True  # every peer restarted too: nothing says it is stale
+            if keep:
+                self._on_loop(self._verify_entry, o.ns, key)
+                self.st["verified"] += 1
+                o.mine[lap] = o.mine[lap][:3] + (False,) + o.mine[lap][4:]
+            else:
+                if self._on_loop(self.node.store.drop_unverified, o.ns, key, csum):
+                    self.st["dropped"] += 1
+                    log.info("dropped a stale record recovered at restart", extra={
+                        "namespace": o.ns.decode(errors="replace"), "key": key[:48].hex()})
+                del o.mine[lap]
+        return bool(o.mine) or False
+
+    def _verify_entry(self, ns: bytes, key: bytes) -> None:
+        e = self.node.store.index.get((ns, key))
+        if e is not None:
+            self.node.store.verify(e)
+
+    # ---- replicas / none
+    def _replicated(self, o: _Obj, me: str, got: dict, settled: dict) -> bool:
+        v = self._verify_mine(o, me, got, settled)
+        if v is None:
+            return False
+        if not o.mine:
+            return True
+        key, size, csum, _u, _h = o.mine[0]
+        slot_ids = [m.node_id for m, _ in o.slots]
+        have = {}  # node_id -> holds the current version (verified)
+        for nid in slot_ids:
+            if nid == me:
+                have[nid] = True
+                continue
+            h = got.get((nid, 0))
+            have[nid] = None if h is None else (h.present and not h.unverified and h.checksum == csum)
+        if me in slot_ids:
+            leader = next((nid for nid in slot_ids if have[nid]), None)
+            if leader != me:
+                return True
+            targets = [nid for nid in slot_ids if have[nid] is False]
+            if not targets:
+                return all(have[n] for n in slot_ids)
+            data = self._read_local(o.ns, key)
+            if data is None:
+                return False
+            ok = True
+            for nid in targets:
+                ok = self._push(next(m for m, _ in o.slots if m.node_id == nid), o.ns, key, data) and ok
+            return ok and all(have[n] is not None for n in slot_ids)
+        # not a home of this object any more: hand it over, then let go
+        missing = [nid for nid in slot_ids if have[nid] is False]
+        if any(have[n] is None for n in slot_ids):
+            return False
+        if missing:
+            data = self._read_local(o.ns, key)
+            if data is None:
+                return False
+            for nid in missing:
+                if not self._push(next(m for m, _ in o.slots if m.node_id == nid), o.ns, key, data):
+                    return False
+        self._delete_local(o.ns, key)
+        return True
+
+    # ---- erasure coding
+    def _ec(self, o: _Obj, me: str, got: dict, settled: dict, draining: list) -> bool:
+        v = self._verify_mine(o, me, got, settled)
+        if v is None:
+            return False
+        if not o.mine:
+            return True
+        p = o.policy
+        # what every slot holds: (index, kind, version) of a verified record, False, None
+        held: list = []
+        for member, lap in o.slots:
+            if member.node_id == me:
+                mv = o.mine.get(lap)
+                h = parse_head(mv[4]) if mv is not None and not mv[3] else None
+                held.append((h[3], h[2], self._version(o, mv[4])) if h else False)
+                continue
+            h = got.get((member.node_id, lap))
+            if h is None:
+                held.append(None)
+            elif not h.present or h.unverified or parse_head(h.head) is None:
+                held.append(False)
+            else:
+                hh = parse_head(h.head)
+                held.append((hh[3], hh[2], self._version(o, h.head)))
+        versions: dict = {}
+        for x in held:
+            if x:
+                versions[x[2]] = versions.get(x[2], 0) + 1
+        my_versions = {self._version(o, mv[4]) for mv in o.mine.values() if not mv[3]}
+        if not versions and not my_versions:
+            return False
+        current = max(versions.items(), key=lambda kv: kv[1])[0] if versions else next(iter(my_versions))
+        kind = next((x[1] for x in held if x and x[2] == current), None)
+        if kind is None:
+            kind = next(parse_head(mv[4])[2] for mv in o.mine.values() if not mv[3])
+        want = list(range(p.n)) if kind == KIND_FRAGMENT else list(range(p.m + 1))
+        nslots = len(want)
+        # slot j is right when it holds a current record with an index nobody before it holds
+        seen: set[int] = set()
+        right = []
+        for x in held[:nslots]:
+            ok = bool(x) and x[2] == current and x[0] in want and x[0] not in seen
+            if ok:
+                seen.add(x[0])
+            right.append(ok if x is not None else None)
+        missing = [i for i in want if i not in seen]
+        my_laps = {lap for member, lap in o.slots[:nslots] if member.node_id == me}
+        # draining nodes hand over their own records: leave their indices to them
+        drained = set()
+        for d in draining:
+            if d.node_id == me:
+                continue
+            h = got.get((d.node_id, 0))
+            if h is not None and h.present and not h.unverified:
+                hh = parse_head(h.head)
+                if hh is not None and self._version(o, h.head) == current:
+                    drained.add(hh[3])
+        done = self._hand_over(o, me, my_laps, current, held, right, seen)
+        if not my_laps:
+            return done
+        leader = next((j for j, ok in enumerate(right) if ok), None)
+        if leader is None or o.slots[leader][0].node_id != me:
+            return done
+        missing = [i for i in want if i not in seen]
+        # slots lacking a right record; a draining holder fills the first ones, so the
+        # leader rebuilds into the last ones
+        targets = [j for j, ok in enumerate(right) if ok is False]
+        todo = [i for i in missing if i not in drained]
+        keep_free = len([i for i in missing if i in drained])
+        targets = targets[keep_free:]
+        if not todo:
+            return done and not missing and None not in right
+        if not targets:
+            return False
+        records = self._rebuild(o, kind, current, todo[:len(targets)], held, me)
+        if records is None:
+            return False
+        ok = True
+        for j, (_idx, rec) in zip(targets, records.items()):
+            member, lap = o.slots[j]
+            ok = self._push(member, o.ns, lap_key(o.base, lap), rec,
+                            overwrite=held[j] not in (False, None)) and ok
+        return done and ok and len(targets) >= len(todo) and None not in right
+
+    def _hand_over(self, o: _Obj, me: str, my_laps: set, current, held: list, right: list,
+                   seen: set) -> bool:
+        """Records of mine outside my slots (draining, placement moved, an old lap): write
+        each to the first slot lacking its index and delete it here, or delete it when a
+        slot holds its index already. True when none is left."""
+        extra = {lap: mv for lap, mv in o.mine.items() if lap not in my_laps and not mv[3]}
+        if not extra:
+            return True
+        if None in right:
+            return False  # a slot did not answer: its state is unknown
+        done = True
+        for lap, mv in extra.items():
+            h = parse_head(mv[4])
+            if h is None or self._version(o, mv[4]) != current:
+                continue
+            idx = h[3]
+            if idx in seen:
+                self._delete_local(o.ns, mv[0])
+                continue
+            targets = [j for j, ok in enumerate(right) if ok is False]
+            data = self._read_local(o.ns, mv[0]) if targets else None
+            if data is None:
+                done = False
+                continue
+            j = targets[0]
+            member, tlap = o.slots[j]
+            if self._push(member, o.ns, lap_key(o.base, tlap), data, overwrite=held[j] not in (False, None)):
+                right[j] = True
+                seen.add(idx)
+                self._delete_local(o.ns, mv[0])
+            else:
+                done = False
+        return done
+
+    def _rebuild(self, o: _Obj, kind: int, current, todo: list[int], held: list,
+                 me: str) -> dict[int, bytes] | None:
+        """Records for indices ``todo``: re-indexed copies of a whole-object record, or
+        fragments reconstructed from K current ones."""
+        p = o.policy
+        sources = [(j, x) for j, x in enumerate(held) if x and x[2] == current]
+        sources.sort(key=lambda jx: (o.slots[jx[0]][0].node_id != me, jx[1][0]))  # local first
+        recs = []
+        for j, _x in sources:
+            member, lap = o.slots[j]
+            key = lap_key(o.base, lap)
+            buf = self._read_local(o.ns, key) if member.node_id == me else self._read_peer(member, o.ns, key)
+            r = parse_record(buf) if buf is not None else None
+            if r is None:
+                continue
+            recs.append(r)
+            if kind == KIND_REPLICA or len(recs) >= p.k:
+                break
+        if not recs:
+            return None
+        h, payload = recs[0]
+        if kind == KIND_REPLICA:
+            return {i: FRAG_HEADER.pack(*h[:3], i, *h[4:]) + bytes(payload) for i in todo}
+        if len(recs) < p.k:
+            log.warning("repair: only %d of the %d fragments needed to rebuild", len(recs), p.k,
+                        extra={"namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+            return None
+        c = codec(p)
+        frags = c.reconstruct([r[1] for r in recs], todo)
+        olen, ocsum = h[8], h[9]
+        return {i: fragment_record(p, i, f, olen, ocsum) for i, f in zip(todo, frags)}
+
+    # ------------------------------------------------------------ I/O
+    def _read_local(self, ns: bytes, key: bytes) -> bytes | None:
+        async def read():
+            try:
+                e = await self.node.store.acquire_async(ns, key)
+            except errors.NotFound:
+                return None
+            try:
+                return bytes(self.node.store.view(e))
+            finally:
+                self.node.store.release(e)
+        return asyncio.run_coroutine_threadsafe(read(), self.loop).result(CALL_TIMEOUT)
+
+    def _read_peer(self, member, ns: bytes, key: bytes) -> bytes | None:
+        try:
+            return bytes(self._client(member).get(key, namespace=ns.decode()))
+        except errors.KVStoreError:
+            return None
+
+    def _push(self, member, ns: bytes, key: bytes, data: bytes, overwrite: bool = False) -> bool:
+        self._throttle(len(data))
+        try:
+            stored = self._client(member).put(key, data, namespace=ns.decode(), overwrite=overwrite)
+        except errors.Conflict:
+            return False  # something else is there now; the next pass looks again
+        except errors.KVStoreError as e:
+            self.st["failures"] += 1
+            log.info("repair: could not write to %s: %s", member.node_id, e)
+            return False
+        if stored:
+            self.st["records_written"] += 1
+            self.st["bytes_written"] += len(data)
+        return True
+
+    def _delete_local(self, ns: bytes, key: bytes) -> None:
+        if self._on_loop(self.node.store.delete, ns, [key]):
+            self.st["removed"] += 1
