@@ -1,14 +1,34 @@
-"""ClusterClient throughput: 1 MiB objects across 5 local kvstored nodes, per policy.
+"""ClusterClient throughput across 3 and 5 local kvstored nodes, per policy and object size,
+plus the EC encode / decode cost inside the client path against pyeclib's raw speed.
 
-Starts 5 kvstored processes (tests/daemonutil.Daemon), then for none, replicas:2 and
-ec:3+2 measures aggregate batch_put / batch_get / sequential get of 1 MiB objects
-(bytes of user data per second), plus pyeclib's raw encode / decode of 1 MiB in the
-same run. Runs with MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ set (re-executes
-itself if needed): glibc otherwise grows and trims the heap on every 1 MiB
-allocation (docs: DESIGN.md pitfalls). All on one host: the nodes share the client's
-cores, so this measures the client and the codec, not a network.
+Starts the kvstored processes once (tests/daemonutil.Daemon, standalone, no etcd) and
+gives each ClusterClient the first N of them as its member list. For every object size
+(default 1 MiB and 4 MiB), node count (default 3, 5) and policy (default none,
+replicas:2, ec:4+2) it measures aggregate batch_put and batch_get (parallel fan-out, one
+pipelined batch per node) in GB/s of user data, best of ``--rounds``; every batch holds
+the same number of bytes (``--objects`` x 1 MiB) whatever the object size.
 
-    PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--shm]
+ec:4+2 spreads over 6 nodes. The client refuses a policy larger than the biggest member
+list it has seen (``ClusterClient._slots``: ``p.nodes > self._largest``), so on a 3 or
+5-node member list it is printed as n/a with the client's reason, and measured instead
+(a) on 6 nodes and (b) on N live nodes after the client has seen all 6 (a callable
+member source that first lists 6 nodes, then N: the documented "cluster that lost nodes"
+case, where EC slots wrap around and a node holds up to 2 fragments).
+
+The second table is the codec: pyeclib ``ECDriver(k, m, "isa_l_rs_vand")`` raw encode
+and decode (all data fragments / one data fragment lost) against the client path,
+``kvstore.layout.encode_records`` (called with a memoryview, as batch_put does) and
+``kvstore.layout.assemble`` (fast path: data fragments 0..K-1 concatenated; decode path:
+data fragment 0 missing).
+
+Runs with MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ set (re-executes itself if
+needed): glibc otherwise grows and trims the heap on every 1 MiB allocation (docs:
+DESIGN.md pitfalls). All on one host: the nodes share the client's cores, so this
+measures the client and the codec, not a network.
+
+    PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
+        [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
+        [--json out.json]
 """
 from __future__ import annotations
 
@@ -22,6 +42,7 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
+KIB = 1 << 10
 
 
 def _reexec_with_malloc_env() -> None:
@@ -34,79 +55,239 @@ def rate(nbytes: int, seconds: float) -> float:
     return nbytes / seconds / 1e9
 
 
-def bench_codec(k: int, m: int, ec_type: str, rounds: int) -> dict:
+def parse_size(text: str) -> int:
+    t = text.strip()
+    for suffix, mult in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", KIB), ("B", 1)):
+        if t.endswith(suffix):
+            return int(float(t[:-len(suffix)]) * mult)
+    return int(t)
+
+
+def size_name(n: int) -> str:
+    if n % MIB == 0:
+        return f"{n // MIB}MiB"
+    if n % KIB == 0:
+        return f"{n // KIB}KiB"
+    return f"{n}B"
+
+
+def timed(fn, budget_s: float, min_iters: int = 3) -> float:
+    """Seconds per call of ``fn`` (best of a few batches run for about ``budget_s``)."""
+    fn()  # warm up
+    per, iters, best = 0.0, 1, float("inf")
+    t0 = time.perf_counter()
+    fn()
+    per = max(time.perf_counter() - t0, 1e-6)
+    iters = max(1, int(budget_s / 3 / per))
+    for _ in range(3):
+        t = time.perf_counter()
+        for _ in range(max(iters, min_iters)):
+            fn()
+        best = min(best, (time.perf_counter() - t) / max(iters, min_iters))
+    return best
+
+
+# ------------------------------------------------------------------ codec table
+def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
     from pyeclib.ec_iface import ECDriver
+
+    from kvstore import layout
+    ec_type = "isa_l_rs_vand"
     d = ECDriver(k=k, m=m, ec_type=ec_type)
-    data = os.urandom(MIB)
+    data = os.urandom(size)
     frags = d.encode(data)
-    for _ in range(5):
-        d.encode(data)
-    t = time.perf_counter()
-    for _ in range(rounds):
-        d.encode(data)
-    enc = time.perf_counter() - t
-    subset = frags[m:m + k]  # lose the first m data fragments: a real reconstruction
-    assert d.decode(subset) == data
-    t = time.perf_counter()
-    for _ in range(rounds):
-        d.decode(subset)
-    dec = time.perf_counter() - t
-    return {"codec": f"{ec_type} {k}+{m}", "encode_GBps": round(rate(rounds * MIB, enc), 2),
-            f"decode_GBps (lost {m} data)": round(rate(rounds * MIB, dec), 2)}
+    one_lost = frags[1:k + 1]  # data fragment 0 lost, parity fragment K used instead
+    assert d.decode(frags[:k]) == data and d.decode(one_lost) == data
+
+    p = layout.Policy.parse(f"ec:{k}+{m}")
+    assert p.ec_type == ec_type
+    view = memoryview(data)  # batch_put hands encode_records a memoryview
+    records = layout.encode_records(p, view, layout.DEFAULT_MIN_EC_SIZE)
+    assert len(records) == k + m
+    fast = records[:k]
+    slow = records[1:k + 1]
+    assert layout.codec(p).offset is not None, "no fast concatenate path for this codec"
+    assert bytes(layout.assemble(p, fast)) == data and bytes(layout.assemble(p, slow)) == data
+
+    cases = [
+        ("encode", lambda: d.encode(data), lambda: layout.encode_records(p, view, layout.DEFAULT_MIN_EC_SIZE),
+         "encode_records"),
+        ("decode, data fragments 0..K-1", lambda: d.decode(frags[:k]), lambda: layout.assemble(p, fast),
+         "assemble (concatenate path)"),
+        ("decode, data fragment 0 lost", lambda: d.decode(one_lost), lambda: layout.assemble(p, slow),
+         "assemble (decode path)"),
+    ]
+    rows = []
+    for op, raw_fn, client_fn, client_name in cases:
+        raw_s = timed(raw_fn, budget_s)
+        cl_s = timed(client_fn, budget_s)
+        rows.append({"codec": f"{ec_type} {k}+{m}", "size": size_name(size), "op": op,
+                     "raw_GBps": round(rate(size, raw_s), 2), "raw_us": round(raw_s * 1e6),
+                     "client_path": client_name,
+                     "client_GBps": round(rate(size, cl_s), 2), "client_us": round(cl_s * 1e6),
+                     "client_over_raw": round(cl_s / raw_s, 2)})
+    return rows
+
+
+# ------------------------------------------------------------------ cluster table
+class ShrinkingSource:
+    """A member source that answers ``first`` once, then ``then`` (a cluster that had
+    len(first) nodes and now has len(then) live)."""
+
+    def __init__(self, first: list[str], then: list[str]):
+        self.first, self.then, self.calls = first, then, 0
+
+    def __call__(self):
+        self.calls += 1
+        return self.first if self.calls == 1 else self.then
+
+
+def measure(cc, size: int, count: int, rounds: int, ns: str) -> dict:
+    payloads = [os.urandom(size) for _ in range(min(count, 8))]
+    warm = [(f"s{size}-warm-{i}".encode(), payloads[0]) for i in range(min(count, 8))]
+    cc.batch_put(warm, namespace=ns)  # connections to every node, first-use allocations
+    cc.batch_get([k for k, _ in warm], namespace=ns)
+    cc.delete([k for k, _ in warm], namespace=ns)
+    puts, gets = [], []
+    for r in range(rounds):
+        items = [(f"s{size}-r{r}-o{i}".encode(), payloads[i % len(payloads)]) for i in range(count)]
+        # distinct bytes per key would not change the cost; 8 distinct payloads keep the
+        # client's memory small. Puts are fresh keys (no dedup no-ops).
+        t = time.perf_counter()
+        stored = cc.batch_put(items, namespace=ns)
+        puts.append(time.perf_counter() - t)
+        assert all(stored), "a put was a no-op (key already stored)"
+        keys = [k for k, _ in items]
+        t = time.perf_counter()
+        got = cc.batch_get(keys, namespace=ns)
+        gets.append(time.perf_counter() - t)
+        assert all(g == payloads[i % len(payloads)] for i, g in enumerate(got)), "get returned wrong bytes"
+        del got
+        cc.delete(keys, namespace=ns)
+    n = count * size
+    return {"put_GBps": round(rate(n, min(puts)), 2), "get_GBps": round(rate(n, min(gets)), 2)}
+
+
+def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
+    from kvstore import errors
+    try:
+        with make_client() as cc:
+            return measure(cc, size, count, rounds, ns)
+    except (errors.InvalidArgument, errors.Unavailable) as e:
+        return {"put_GBps": None, "get_GBps": None, "note": f"n/a: {type(e).__name__}: {e}"}
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--objects", type=int, default=64, help="1 MiB objects per round")
-    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--objects", "--count", dest="objects", type=int, default=64,
+                    help="1 MiB objects per batch; other sizes get the same bytes per batch")
+    ap.add_argument("--rounds", type=int, default=3, help="batches per row (best is reported)")
+    ap.add_argument("--nodes", default="3,5", help="node counts, comma separated")
+    ap.add_argument("--sizes", default="1MiB,4MiB", help="object sizes, comma separated")
+    ap.add_argument("--policies", default="none,replicas:2,ec:4+2", help="policies, comma separated")
+    ap.add_argument("--codec-seconds", type=float, default=0.4,
+                    help="time budget of each codec measurement")
+    ap.add_argument("--no-ec-fallback", action="store_true",
+                    help="do not measure a refused EC policy on enough nodes / after seeing them")
     ap.add_argument("--shm", action="store_true", help="let clients use the same-host shm path")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
     _reexec_with_malloc_env()
     sys.path[:0] = [str(REPO / "client"), str(REPO / "tests")]
     from daemonutil import Daemon
+
     from kvstore.cluster import ClusterClient
+    from kvstore.layout import Policy
+
+    node_counts = [int(x) for x in args.nodes.split(",") if x.strip()]
+    sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
+    policies = [Policy.parse(x) for x in args.policies.split(",") if x.strip()]
+    need = max(node_counts)
+    if not args.no_ec_fallback:
+        need = max([need] + [p.nodes for p in policies if p.kind == "ec"])
+    max_size = max(sizes)
+    # 2 fragments or copies of a batch on one node at worst, plus headroom for deletes
+    dram = max(256 * MIB, 4 * args.objects * MIB)
+    slab = max(4 * MIB, 1 << (max_size - 1).bit_length())  # a whole object fits one slab
 
     cc_algo = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     results = {"congestion_control": cc_algo, "transport": "shm" if args.shm else "tcp",
-               "object": "1 MiB", "objects_per_batch": args.objects, "rows": []}
+               "batch_bytes": args.objects * MIB, "rounds": args.rounds, "cpus": os.cpu_count(),
+               "rows": [], "codec": []}
+    shm = None if args.shm else False
+    t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
-        nodes = [Daemon(Path(tmp), "--dram-size", "256MiB", "--max-value-size", "4MiB").start()
-                 for _ in range(5)]
+        daemons = []
         try:
-            policies = {"none": "none", "rep2": "replicas:2", "ec32": "ec:3+2"}
-            with ClusterClient([d.control for d in nodes], policy=policies, namespace="none",
-                               shm=None if args.shm else False) as cc:
-                payloads = [os.urandom(MIB) for _ in range(args.objects)]
-                for ns, pol in policies.items():
-                    puts, gets, seq = [], [], []
-                    for r in range(args.rounds):
-                        items = [(f"r{r}-o{i}".encode(), payloads[i]) for i in range(args.objects)]
-                        t = time.perf_counter()
-                        cc.batch_put(items, namespace=ns)
-                        puts.append(time.perf_counter() - t)
-                        keys = [k for k, _ in items]
-                        t = time.perf_counter()
-                        got = cc.batch_get(keys, namespace=ns)
-                        gets.append(time.perf_counter() - t)
-                        assert all(g == payloads[i] for i, g in enumerate(got))
-                        del got
-                        t = time.perf_counter()
-                        for k in keys[:16]:
-                            cc.get(k, namespace=ns)
-                        seq.append(time.perf_counter() - t)
-                        cc.delete(keys, namespace=ns)
-                    n = args.objects * MIB
-                    results["rows"].append({
-                        "policy": pol,
-                        "batch_put_GBps": round(rate(n, min(puts)), 2),
-                        "batch_get_GBps": round(rate(n, min(gets)), 2),
-                        "sequential_get_ms": round(min(seq) / 16 * 1e3, 2),
-                    })
+            for _ in range(need):
+                daemons.append(Daemon(Path(tmp), "--dram-size", f"{dram // MIB}MiB",
+                                      "--slab-size", f"{slab // MIB}MiB",
+                                      "--max-value-size", f"{slab // MIB}MiB").start())
+            addrs = [d.control for d in daemons]
+            for size in sizes:
+                count = max(2, args.objects * MIB // size)
+                for n in node_counts:
+                    for p in policies:
+                        ns = f"b{n}"
+                        row = {"nodes": str(n), "policy": str(p), "size": size_name(size), "objects": count}
+                        row.update(run_row(lambda: ClusterClient(addrs[:n], policy=p, shm=shm),
+                                           size, count, args.rounds, ns))
+                        results["rows"].append(row)
+                        print(json.dumps(row), file=sys.stderr, flush=True)
+                        if row["put_GBps"] is None and p.kind == "ec" and not args.no_ec_fallback \
+                                and n < p.nodes <= len(addrs) and n >= p.min_live():
+                            def shrunk(n=n, p=p):
+                                cc = ClusterClient(ShrinkingSource(addrs[:p.nodes], addrs[:n]), policy=p,
+                                                   refresh_s=0, shm=shm)
+                                cc.members()  # sees all p.nodes nodes ...
+                                cc.members()  # ... then only n live
+                                cc.refresh_s = float("inf")
+                                assert len(cc.members()) == n
+                                return cc
+                            row = {"nodes": f"{n} live (of {p.nodes} seen)", "policy": str(p),
+                                   "size": size_name(size), "objects": count}
+                            row.update(run_row(shrunk, size, count, args.rounds, ns))
+                            results["rows"].append(row)
+                            print(json.dumps(row), file=sys.stderr, flush=True)
+                if not args.no_ec_fallback:
+                    for p in policies:
+                        if p.kind == "ec" and p.nodes not in node_counts and p.nodes <= len(addrs):
+                            row = {"nodes": f"{p.nodes} (ec fallback)", "policy": str(p),
+                                   "size": size_name(size), "objects": count}
+                            row.update(run_row(lambda: ClusterClient(addrs[:p.nodes], policy=p, shm=shm),
+                                               size, count, args.rounds, f"b{p.nodes}"))
+                            results["rows"].append(row)
+                            print(json.dumps(row), file=sys.stderr, flush=True)
         finally:
-            for d in nodes:
+            for d in daemons:
                 d.stop()
-    results["codec"] = [bench_codec(3, 2, "isa_l_rs_vand", 300), bench_codec(4, 2, "isa_l_rs_vand", 300)]
-    print(json.dumps(results, indent=2))
+        still = [d.proc.pid for d in daemons if d.alive()]
+        assert not still, f"kvstored processes still running: {still}"
+    t_cluster = time.perf_counter() - t_start
+
+    for p in policies:
+        if p.kind == "ec":
+            for size in sizes:
+                results["codec"].extend(bench_codec(p.k, p.m, size, args.codec_seconds))
+
+    print(f"# ClusterClient, {results['transport']}, {cc_algo}, {os.cpu_count()} cpus, batches of "
+          f"{size_name(args.objects * MIB)} (objects x size), best of {args.rounds}; "
+          f"cluster part {t_cluster:.0f} s\n")
+    print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | note |")
+    print("|---|---|---|---:|---:|---:|---|")
+    for r in results["rows"]:
+        fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
+        print(f"| {r['nodes']} | {r['policy']} | {r['size']} | {r['objects']} | {fmt(r['put_GBps'])} | "
+              f"{fmt(r['get_GBps'])} | {r.get('note', '')} |")
+    if results["codec"]:
+        print("\n# EC codec per object: pyeclib raw vs the client path (one thread)\n")
+        print("| codec | size | op | raw GB/s | raw us | client path | client GB/s | client us | client / raw time |")
+        print("|---|---|---|---:|---:|---|---:|---:|---:|")
+        for r in results["codec"]:
+            print(f"| {r['codec']} | {r['size']} | {r['op']} | {r['raw_GBps']:.2f} | {r['raw_us']} | "
+                  f"{r['client_path']} | {r['client_GBps']:.2f} | {r['client_us']} | {r['client_over_raw']:.2f}x |")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
 
 

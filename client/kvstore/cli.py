@@ -4,6 +4,9 @@
     kvstore-cli put ./block.bin --key blk0
     kvstore-cli get blk0 -o - | xxd | head
     kvstore-cli bench --size 1MiB --count 64 --op both
+    kvstore-cli nodes                      # members, flags, per-node repair, policies, epoch
+    kvstore-cli drain node-b --wait        # empty node-b, then say it is safe to stop
+    kvstore-cli policy set llama ec:4+2    # also: policy ls, policy rm NAMESPACE
 
 Every command is a thin wrapper over the blocking :class:`kvstore.Client`, so what
 the CLI sees is what an application sees. Output is aligned text for people, or
@@ -23,6 +26,7 @@ import re
 import secrets
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable, Sequence
 
 from . import __version__, errors
@@ -43,6 +47,13 @@ EXIT_INTERRUPTED = 130
 # Prefix of the keys `bench` writes; a random run id below it keeps concurrent runs
 # (and real data) apart, so the clean-up deletes only what this run wrote.
 BENCH_PREFIX = "kvstore-cli-bench"
+
+# `nodes` asks every member for its own repair progress: an unreachable member costs at
+# most this long (the members are asked in parallel)
+PROBE_TIMEOUT = 3.0
+# `drain --wait`: how often the draining node is polled, and how long by default
+DRAIN_POLL_SECONDS = 0.5
+DRAIN_WAIT_TIMEOUT = 600.0
 
 
 # ---------------------------------------------------------------- formatting
@@ -384,16 +395,85 @@ def cmd_delete_all(c: Client, args, parser: argparse.ArgumentParser) -> int:
     return EXIT_OK
 
 
+def _member_client(args, address: str, timeout: float) -> Client:
+    """A client for another member's control address, with this invocation's token and TLS."""
+    return Client(address, namespace=args.namespace, timeout=timeout, tls=_tls_config(args),
+                  token=args.token)
+
+
+def _repair_doc(r) -> dict:
+    return {"state": r.state, "passes": r.passes, "scanned": r.scanned, "total": r.total,
+            "records_written": r.records_written, "bytes_written": r.bytes_written,
+            "verified": r.verified, "dropped": r.dropped, "removed": r.removed,
+            "failures": r.failures, "last_pass_seconds": r.last_pass_seconds,
+            "pending": r.pending}
+
+
+def _probe_member(c: Client, args, member) -> dict:
+    """Repair progress and unverified count from the member itself (its own Members and
+    Stats), or {"reachable": False, "error": ...}."""
+    own = None
+    try:
+        if member.self:
+            own = c  # the address the user gave: the advertised one may not be reachable here
+        else:
+            own = _member_client(args, member.control_address, min(args.timeout, PROBE_TIMEOUT))
+        r = own.members()
+        counters = own.stats().counters
+        return {"reachable": True, "error": None, "repair": _repair_doc(r.repair),
+                "unverified": counters.get("unverified", 0), "objects": counters.get("objects")}
+    except errors.Unavailable as e:
+        return {"reachable": False, "error": f"unreachable ({_one_line(e.message)})",
+                "repair": None, "unverified": None, "objects": None}
+    except errors.KVStoreError as e:
+        return {"reachable": False, "error": f"{e.name}: {_one_line(e.message)}",
+                "repair": None, "unverified": None, "objects": None}
+    finally:
+        if own is not None and own is not c:
+            own.close()
+
+
+def repair_line(rep: dict, unverified: int | None = None) -> str:
+    """``idle, pass 3, 120/500 scanned, 12 written (48.0 MiB), 0 pending, 2 dropped stale,
+    0 failures``; just ``off`` on a node without a repair loop."""
+    if rep["state"] == "off":
+        text = "off"
+    else:
+        text = (f"{rep['state']}, pass {rep['passes']}, {rep['scanned']}/{rep['total']} scanned, "
+                f"{rep['records_written']} written ({human_size(rep['bytes_written'])}), "
+                f"{rep['pending']} pending, {rep['dropped']} dropped stale, "
+                f"{rep['failures']} failures")
+    if unverified:
+        text += f", {unverified} unverified"
+    return text
+
+
+def _policies_text(policies: dict) -> str:
+    if not policies:
+        return "none set"
+    items = sorted(policies.items(), key=lambda kv: (kv[0] != "*", kv[0]))
+    return ", ".join(f"{'* (default)' if ns == '*' else ns}={p}" for ns, p in items)
+
+
 def cmd_nodes(c: Client, args) -> int:
     r = c.members()
+    # each member's repair loop is its own: ask every member, in parallel, briefly
+    with ThreadPoolExecutor(max_workers=max(1, min(16, len(r.members)))) as pool:
+        probes = list(pool.map(lambda m: _probe_member(c, args, m), r.members))
     nodes = [{"node_id": m.node_id, "self": m.self, "control_address": m.control_address,
               "data_address": m.data_address, "shm_socket": m.shm_socket,
               "dram_capacity_bytes": m.dram_capacity_bytes,
               "nvme_capacity_bytes": m.nvme_capacity_bytes, "failure_domain": m.failure_domain,
               "version": m.version, "started_at": m.started_at, "health": m.health,
-              "last_seen_seconds_ago": m.last_seen_seconds_ago} for m in r.members]
+              "last_seen_seconds_ago": m.last_seen_seconds_ago,
+              "draining": m.draining, "placement": m.placement,
+              "reachable": p["reachable"], "probe_error": p["error"], "repair": p["repair"],
+              "unverified": p["unverified"], "objects": p["objects"]}
+             for m, p in zip(r.members, probes)]
     doc = {"source": r.source, "cluster": r.cluster, "node_id": r.node_id,
-           "degraded": r.degraded, "detail": r.detail, "nodes": nodes}
+           "degraded": r.degraded, "detail": r.detail, "epoch": r.epoch,
+           "epoch_hex": f"0x{r.epoch:08x}", "policies": dict(sorted(r.policies.items())),
+           "nodes": nodes}
     if args.json:
         emit_json(doc)
         return EXIT_OK
@@ -405,10 +485,130 @@ def cmd_nodes(c: Client, args) -> int:
              n["data_address"] or "-", n["failure_domain"] or "-",
              human_size(n["dram_capacity_bytes"]) if n["dram_capacity_bytes"] else "-",
              human_size(n["nvme_capacity_bytes"]) if n["nvme_capacity_bytes"] else "-",
-             n["health"], "-" if n["self"] else human_age(n["last_seen_seconds_ago"])]
+             n["health"], "-" if n["self"] else human_age(n["last_seen_seconds_ago"]),
+             ",".join(f for f, on in (("draining", n["draining"]), ("placement", n["placement"]))
+                      if on) or "-"]
             for n in nodes]
-    print(table(["NODE", "CONTROL", "DATA", "DOMAIN", "DRAM", "NVME", "HEALTH", "SEEN"], rows,
-                right=[4, 5]))
+    print(table(["NODE", "CONTROL", "DATA", "DOMAIN", "DRAM", "NVME", "HEALTH", "SEEN", "FLAGS"],
+                rows, right=[4, 5]))
+    print()
+    print(fields([("epoch", doc["epoch_hex"]), ("policies", _policies_text(doc["policies"]))]))
+    if nodes:
+        print()
+        w = max(len(n["node_id"]) for n in nodes)
+        for n in nodes:
+            state = repair_line(n["repair"], n["unverified"]) if n["reachable"] else n["probe_error"]
+            print(f"{n['node_id']:<{w}}  repair: {state}")
+    return EXIT_OK
+
+
+def _find_member(c: Client, name: str, parser: argparse.ArgumentParser):
+    """NODE (a node id or control address, as `nodes` lists them) in the member list of the
+    node we are connected to; a usage error naming the known ids when there is none."""
+    r = c.members()
+    for m in r.members:
+        if name in (m.node_id, m.control_address):
+            return m
+    known = ", ".join(m.node_id for m in r.members) or "(none)"
+    parser.error(f"drain: unknown node {name!r}; known nodes (as seen by {r.node_id}): {known}")
+
+
+def cmd_drain(c: Client, args, parser: argparse.ArgumentParser) -> int:
+    if args.cancel and args.wait:
+        parser.error("drain: --wait waits for a drain to finish; it makes no sense with --cancel")
+    m = _find_member(c, args.node, parser)
+    target = c if m.self else _member_client(args, m.control_address, args.timeout)
+    log = sys.stderr if args.json else sys.stdout  # --json: stdout carries one document only
+    try:
+        r = target.drain(cancel=args.cancel)
+        doc = {"node_id": m.node_id, "control_address": m.control_address,
+               "draining": r.draining, "objects_left": r.objects_left, "detail": r.detail,
+               "waited": False, "objects": r.objects_left, "safe_to_stop": False}
+        if args.cancel:
+            if args.json:
+                emit_json(doc)
+            else:
+                print(f"{m.node_id}: drain cancelled; the node takes new placements again "
+                      f"({r.objects_left} objects on it)")
+            return EXIT_OK
+        print(f"{m.node_id}: draining, {r.objects_left} objects left; its records move to their "
+              "new homes", file=log)
+        objects = r.objects_left
+        if args.wait and objects:
+            doc["waited"] = True
+            deadline = time.monotonic() + args.wait_timeout
+            last, last_print = None, 0.0
+            while True:
+                counters = target.stats().counters
+                objects = counters.get("objects", 0)
+                if objects == 0:
+                    break
+                rep = repair_line(_repair_doc(target.members().repair), counters.get("unverified"))
+                line = f"{m.node_id}: {objects} objects left; repair: {rep}"
+                now = time.monotonic()
+                if line != last or now - last_print >= 10:
+                    print(line, file=log, flush=True)
+                    last, last_print = line, now
+                if now >= deadline:
+                    doc["objects"] = objects
+                    if args.json:
+                        emit_json(doc)
+                    print(f"{PROG}: drain: {m.node_id} still holds {objects} objects after "
+                          f"{args.wait_timeout:g}s; the drain goes on (re-run with --wait to "
+                          "keep waiting); do not stop the node yet", file=sys.stderr)
+                    return EXIT_ERROR
+                time.sleep(DRAIN_POLL_SECONDS)
+        doc["objects"] = objects
+        doc["safe_to_stop"] = objects == 0
+        if args.json:
+            emit_json(doc)
+        elif objects == 0:
+            print(f"{m.node_id} holds no objects: it is safe to stop the node now")
+        else:
+            print(f"not safe to stop {m.node_id} yet: wait until it holds no objects "
+                  f"(kvstore-cli drain {m.node_id} --wait)")
+        return EXIT_OK
+    finally:
+        if target is not c:
+            target.close()
+
+
+def cmd_policy_set(c: Client, args) -> int:
+    from .layout import Policy
+    policy = str(Policy.parse(args.policy))  # a malformed policy never reaches the daemon
+    return _policy_change(c, args, policy, f"{_ns_shown(args.policy_namespace)}: {policy}")
+
+
+def cmd_policy_rm(c: Client, args) -> int:
+    return _policy_change(c, args, "", f"{_ns_shown(args.policy_namespace)}: policy removed")
+
+
+def _ns_shown(ns: str) -> str:
+    return "* (default)" if ns == "*" else repr(ns)
+
+
+def _policy_change(c: Client, args, policy: str, what: str) -> int:
+    policies = c.set_policy(args.policy_namespace, policy)
+    if args.json:
+        emit_json({"namespace": args.policy_namespace, "policy": policy or None,
+                   "policies": dict(sorted(policies.items()))})
+    else:
+        print(what)
+        print(f"policies in force: {_policies_text(policies)}")
+    return EXIT_OK
+
+
+def cmd_policy_ls(c: Client, args) -> int:
+    r = c.members()
+    policies = dict(sorted(r.policies.items(), key=lambda kv: (kv[0] != "*", kv[0])))
+    if args.json:
+        emit_json({"cluster": r.cluster, "source": r.source, "policies": policies})
+        return EXIT_OK
+    if not policies:
+        where = "this node is not in a cluster" if r.source == "standalone" else f"cluster {r.cluster!r}"
+        print(f"no redundancy policies set ({where})")
+        return EXIT_OK
+    print(table(["NAMESPACE", "POLICY"], [[_ns_shown(ns).strip("'"), p] for ns, p in policies.items()]))
     return EXIT_OK
 
 
@@ -551,7 +751,7 @@ def cmd_bench(c: Client, args) -> int:
 
 # ---------------------------------------------------------------- parser
 
-def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
+def _add_global_options(p: argparse.ArgumentParser, defaults: bool, timeout: bool = True) -> None:
     """The global options, on the main parser (with defaults) and again on every
     subcommand (default SUPPRESS, so they only override when given): both
     ``kvstore-cli --json stats`` and ``kvstore-cli stats --json`` work."""
@@ -566,8 +766,10 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: bool) -> None:
                         % DEFAULT_ADDRESS)
     p.add_argument("-n", "--namespace", default=d(env.get("KVSTORE_NAMESPACE") or DEFAULT_NAMESPACE),
                    help="namespace (env KVSTORE_NAMESPACE; default %s)" % DEFAULT_NAMESPACE)
-    p.add_argument("--timeout", type=_positive(float), default=d(10.0), metavar="SECONDS",
-                   help="give up on an unreachable or silent daemon after this long (default 10)")
+    if timeout:
+        p.add_argument("--timeout", type=_positive(float), default=d(10.0), metavar="SECONDS",
+                       help="give up on an unreachable or silent daemon after this long "
+                            "(default 10)")
     p.add_argument("--data-address", default=d(None), type=_address, metavar="HOST:PORT",
                    help="data-path address, when the one the daemon advertises is not reachable "
                         "from here (e.g. it listens on 0.0.0.0)")
@@ -598,15 +800,61 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     common = argparse.ArgumentParser(add_help=False)
     _add_global_options(common, defaults=False)
+    # drain has a --timeout of its own (how long --wait waits); the global one still works
+    # before the command: kvstore-cli --timeout 5 drain NODE --wait --timeout 900
+    common_no_timeout = argparse.ArgumentParser(add_help=False)
+    _add_global_options(common_no_timeout, defaults=False, timeout=False)
 
     def command(name: str, fn, help: str, needs_parser: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common], help=help, description=help)
+        p = sub.add_parser(name, parents=[common_no_timeout if name == "drain" else common],
+                           help=help, description=help)
         p.set_defaults(func=(lambda c, a: fn(c, a, parser)) if needs_parser else fn)
         return p
 
     command("status", cmd_status, "node identity, addresses, health, uptime and limits")
     command("stats", cmd_stats, "counters, per-tier usage and per-namespace object counts")
-    command("nodes", cmd_nodes, "cluster members as this daemon sees them (etcd, static or standalone)")
+    command("nodes", cmd_nodes, "cluster members as this daemon sees them (etcd, static or "
+                                "standalone): draining/placement flags, each member's own repair "
+                                "progress (asked of it, %gs timeout), the policies and the epoch"
+                                % PROBE_TIMEOUT)
+
+    p = command("drain", cmd_drain, "admin: take a node out of placement and move its records "
+                                    "to the other members (or --cancel); --wait until it is "
+                                    "empty and safe to stop", needs_parser=True)
+    p.add_argument("node", metavar="NODE",
+                   help="node id or control address, as `nodes` lists them (looked up in the "
+                        "member list of the node at --address)")
+    p.add_argument("--cancel", action="store_true",
+                   help="stop draining: the node takes new placements again")
+    p.add_argument("--wait", action="store_true",
+                   help="poll the node every %gs, printing progress, until it holds no objects"
+                        % DRAIN_POLL_SECONDS)
+    p.add_argument("--timeout", dest="wait_timeout", type=_positive(float),
+                   default=DRAIN_WAIT_TIMEOUT, metavar="SECONDS",
+                   help="with --wait: give up (exit 1) when the node still holds objects after "
+                        "this long (default %g; the drain itself goes on)" % DRAIN_WAIT_TIMEOUT)
+
+    pol = sub.add_parser("policy", help="admin: cluster-wide redundancy policies per namespace "
+                                        "(ls, set, rm)",
+                         description="Cluster-wide redundancy policies per namespace, kept in "
+                                     "etcd. POLICY is none, replicas:N (N copies) or ec:K+M "
+                                     "(erasure coding: K data + M parity fragments); NAMESPACE * "
+                                     "is the default for namespaces without their own policy.")
+    polsub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
+
+    def policy_action(name: str, fn, help: str) -> argparse.ArgumentParser:
+        q = polsub.add_parser(name, parents=[common], help=help, description=help)
+        q.set_defaults(func=fn)
+        return q
+
+    policy_action("ls", cmd_policy_ls, "the policies in force (namespace -> policy)")
+    q = policy_action("set", cmd_policy_set, "set a namespace's policy; the daemon refuses one "
+                                             "the cluster has too few members for")
+    q.add_argument("policy_namespace", metavar="NAMESPACE", help='namespace; "*" = the default')
+    q.add_argument("policy", metavar="POLICY", help="none | replicas:N | ec:K+M")
+    q = policy_action("rm", cmd_policy_rm, "remove a namespace's own policy (it falls back to "
+                                           "the default, \"*\")")
+    q.add_argument("policy_namespace", metavar="NAMESPACE", help='namespace; "*" = the default')
 
     p = command("put", cmd_put, "store a file (or stdin) under a key", needs_parser=True)
     p.add_argument("file", metavar="FILE", help="file to store; - reads stdin (then --key is required)")
@@ -656,6 +904,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 # ---------------------------------------------------------------- entry point
 
+def _tls_config(args) -> TLSConfig | None:
+    if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
+        return TLSConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
+                         server_name=args.tls_server_name)
+    return None
+
+
 def _one_line(text: str) -> str:
     return " ".join(str(text).split())  # gRPC details can span lines; the contract is one line
 
@@ -667,12 +922,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage error (2) or --help/--version (0): return it, don't exit
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        tls = None
-        if args.tls or args.tls_ca or args.tls_cert or args.tls_key or args.tls_server_name:
-            tls = TLSConfig(ca_file=args.tls_ca, cert_file=args.tls_cert, key_file=args.tls_key,
-                            server_name=args.tls_server_name)
         with Client(args.address, namespace=args.namespace, timeout=args.timeout,
-                    data_address=args.data_address, tls=tls, token=args.token) as c:
+                    data_address=args.data_address, tls=_tls_config(args), token=args.token) as c:
             return args.func(c, args)
     except SystemExit as e:  # parser.error() from inside a command
         return e.code if isinstance(e.code, int) else EXIT_USAGE

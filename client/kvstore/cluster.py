@@ -27,7 +27,8 @@ Fewer live nodes than the policy spreads over: writes go on (EC slots wrap aroun
 are written to every live node) while the loss of one more node would still leave the
 object readable (``Policy.min_live``), and the nodes' repair loop restores full
 redundancy when nodes come back or join. A policy larger than the biggest cluster seen is
-refused (InvalidArgument).
+refused (InvalidArgument) when it is this client's own; the cluster's policies were
+checked against the member count when they were set.
 
 Partial failure of a put: the records this call newly stored are deleted best effort
 and the error is raised; objects are immutable and a repeated put of the same bytes is
@@ -109,7 +110,7 @@ class ClusterClient:
         self._cluster_policies: dict[str, Policy] = {}
         self._epoch = 0
         self._largest = 0  # the most members ever seen: a policy beyond it is impossible
-        self._members_at = 0.0
+        self._members_at = float("-inf")  # a source is read on first use
         self._clients: dict[str, Client] = {}
         self._down: dict[str, float] = {}
         self._lock = threading.Lock()
@@ -185,12 +186,20 @@ class ClusterClient:
         # a fixed list sends no epoch (nodes do not redirect it); a source's list does
         epoch = view.epoch or (member_epoch(m.node_id for m in ms) if self._source else 0)
         pols = {k: Policy.parse(v) for k, v in view.policies.items()}
+        stale = []
         with self._lock:
             self._members, self._epoch, self._cluster_policies = ms, epoch, pols
             self._largest = max(self._largest, len(ms))
             self._members_at = time.monotonic()
+            for m in ms:  # a node that came back on another address: a new client
+                c = self._clients.get(m.node_id)
+                if c is not None and c.address != m.address:
+                    stale.append(self._clients.pop(m.node_id))
+                    self._down.pop(m.node_id, None)
             for c in self._clients.values():
                 c.epoch = epoch
+        for c in stale:
+            c.close()
 
     def _refresh(self) -> None:
         v = self._source()
@@ -295,7 +304,9 @@ class ClusterClient:
         reads only some member."""
         ms = self.members()
         if write:
-            if p.nodes > self._largest:
+            # a policy this client was given must fit the biggest cluster it has seen; the
+            # cluster's own policies were checked when set (kvstore-cli policy set)
+            if p.nodes > self._largest and (ns in self._policies or "*" in self._policies):
                 p.check_cluster(self._largest)
             if len(ms) < p.min_live():
                 raise errors.Unavailable(

@@ -137,6 +137,10 @@ class Membership:
                 "epoch": f"{epoch:08x}", "members": len(self.placement_rows())})
         self.epoch = epoch
         self.node.data_server.epoch = epoch
+        seen = (epoch, tuple(sorted(self.policies.items())))
+        if seen == getattr(self, "_last_seen", None):
+            return  # a resync that changed nothing wakes nobody
+        self._last_seen = seen
         for fn in self.on_change:
             try:
                 fn()

@@ -50,6 +50,7 @@ log = logging.getLogger("kvstored.repair")
 BATCH = 64  # objects per batch (one Heads call per peer per batch)
 HEAD = FRAG_HEADER.size
 CALL_TIMEOUT = 10.0
+YOUNG_S = 2.0  # records younger than this (or repair_delay) wait for a later pass
 
 
 class _Obj:
@@ -147,8 +148,12 @@ class RepairAgent:
                 self._wake.clear()
                 if self._stop:
                     return
-                # settle: further changes within the delay start the same pass
-                due = time.monotonic() + (0.0 if self._now else self.delay)
+                # settle: a change starts a pass repair_delay later; further changes
+                # within that time join the same pass (never postpone it)
+                if self._now:
+                    due = time.monotonic()
+                elif self.st["state"] != "waiting":
+                    due = min(due, time.monotonic() + self.delay)
                 self._now = False
                 self.st["state"] = "waiting"
                 continue
@@ -160,6 +165,8 @@ class RepairAgent:
             try:
                 pending = self._pass()
             except Exception:
+                if self._stop:
+                    return  # shutting down: clients closed under the pass
                 log.exception("repair pass failed")
                 self.st["failures"] += 1
                 pending = 1
@@ -177,6 +184,12 @@ class RepairAgent:
         if not members:
             return 0
         rows = self._on_loop(self.node.store.repair_snapshot)
+        # a record younger than this may belong to a put still in flight (its other
+        # records not written yet): leave it to a later pass
+        young = time.time() - max(YOUNG_S, self.delay)
+        n = len(rows)
+        rows = [r for r in rows if r[8] <= young]
+        pending_young = n - len(rows)
         objs = self._group(rows, policies)
         self.st.update(state="scanning", scanned=0, total=len(objs))
         if objs:
@@ -215,7 +228,7 @@ class RepairAgent:
                     log.info("repair of one object failed: %s", e, extra={
                         "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
             self.st["scanned"] += len(batch)
-        return pending
+        return pending + pending_young
 
     def _view(self):
         m = self.node.membership
@@ -236,7 +249,7 @@ class RepairAgent:
 
     def _group(self, rows, policies: dict) -> list[_Obj]:
         objs: dict[tuple[bytes, bytes], _Obj] = {}
-        for ns, key, size, csum, unverified, _pinned, _visited, _reads in rows:
+        for ns, key, size, csum, unverified, _pinned, _visited, _reads, _at in rows:
             p = policies.get(ns.decode(errors="replace")) or policies.get("*")
             split = split_lap(key)
             if split is not None and (p is None or p.kind == "ec"):

@@ -696,12 +696,12 @@ class Store:
         return True
 
     def repair_snapshot(self) -> list[tuple]:
-        """(ns, key, size, checksum, unverified, pinned, visited, reads) of every object,
+        """(ns, key, size, checksum, unverified, pinned, visited, reads, committed_at) of every object,
         in repair order: unverified first (the node serves them once checked), then
         pinned, then recently read (SIEVE bit), then most read."""
         now = self.clock()
-        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.visited, e.reads)
-                for e in self.index.values()]
+        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.visited, e.reads,
+                 e.committed_at) for e in self.index.values()]
         rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
         return rows
 

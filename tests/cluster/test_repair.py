@@ -1,0 +1,319 @@
+"""Repair, drain, stale rejoin and redirects: five real kvstored processes and a real etcd.
+
+Every node runs its repair agent (kvstored/cluster/repair.py) with a short settle delay;
+clients are ClusterClient.from_cluster (member list and policies from the nodes).
+"""
+from __future__ import annotations
+
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+from etcdutil import TTL, needs_etcd
+
+pytest.importorskip("pyeclib")
+
+import kvstore
+from kvstore import errors
+from kvstore.cluster import ClusterClient
+from kvstore.layout import Policy, lap_key, parse_record, placement_key, slots
+from kvstore.placement import Member
+
+pytestmark = [needs_etcd, pytest.mark.timeout(240)]
+
+MIB = 1 << 20
+EC = "ec:3+2"
+
+
+def _config(tmp: Path, name: str, etcd, **extra) -> str:
+    lines = ["[node]", f'id = "{name}"',
+             "[cluster]", "enabled = true", f"lease_ttl = {TTL}", 'name = "rt"',
+             f'etcd_endpoints = "{etcd.endpoint}"', "repair_delay = 0.5", "repair_interval = 3",
+             f'policies = "ec={EC}, rep=replicas:2"']
+    for section, kv in extra.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {v!r}".replace("'", '"') if isinstance(v, str) else f"{k} = {str(v).lower()}"
+                  for k, v in kv.items()]
+    path = tmp / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def _start(start_daemon, tmp, etcd, name, **extra):
+    return start_daemon("--config", _config(tmp, name, etcd, **extra), "--dram-size", "256MiB")
+
+
+def _wait(pred, timeout: float, what: str, step: float = 0.2):
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except errors.KVStoreError as e:
+            last = e
+        if last is True or (last and not isinstance(last, Exception)):
+            return last
+        time.sleep(step)
+    raise AssertionError(f"{what} not within {timeout}s (last: {last!r})")
+
+
+def _placement(d) -> set[str]:
+    with kvstore.Client(d.control, timeout=5) as c:
+        return {m.node_id for m in c.members().members if m.placement}
+
+
+def _members(d) -> list[Member]:
+    with kvstore.Client(d.control, timeout=5) as c:
+        return [Member(m.node_id, m.control_address, m.failure_domain)
+                for m in c.members().members if m.placement]
+
+
+def _blob(n: int, seed: int) -> bytes:
+    return seed.to_bytes(4, "little") + os.urandom(n - 4)
+
+
+def _full_redundancy(members: list[Member], ns: str, p: Policy, objs: dict) -> list:
+    """Objects whose slots (over ``members``) do not hold a complete, valid set of records:
+    [] when repair is done."""
+    clients = {m.node_id: kvstore.Client(m.address, namespace=ns, timeout=5, shm=False) for m in members}
+    bad = []
+    try:
+        for k, v in objs.items():
+            pk = placement_key(k, p)
+            sl = slots(pk, members, p, ns)
+            if p.kind != "ec":
+                for m, _ in sl:
+                    try:
+                        ok = clients[m.node_id].get(k) == v
+                    except errors.KVStoreError:
+                        ok = False
+                    if not ok:
+                        bad.append((k, m.node_id))
+                continue
+            idx = set()
+            small = len(v) < (256 << 10)
+            need = p.m + 1 if small else p.n
+            for m, lap in sl[:need]:
+                try:
+                    r = parse_record(clients[m.node_id].get(lap_key(pk, lap)))
+                except errors.KVStoreError:
+                    r = None
+                if r is not None and r[0][8] == len(v):
+                    idx.add(r[0][3])
+            if len(idx) != need:
+                bad.append((k, sorted(idx)))
+    finally:
+        for c in clients.values():
+            c.close()
+    return bad
+
+
+@pytest.fixture
+def five(etcd, start_daemon, tmp_path):
+    ds = [_start(start_daemon, tmp_path, etcd, f"n{i}") for i in range(5)]
+    ids = {f"n{i}" for i in range(5)}
+    for d in ds:
+        _wait(lambda d=d: _placement(d) == ids, 15, "five nodes registered")
+    return ds
+
+
+def test_kill_two_under_load_then_repair_restores_redundancy(five):
+    ds = five
+    p = Policy.parse(EC)
+    cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, fragment_timeout=0.5,
+                                    down_s=1.0, refresh_s=0.5)
+    assert str(cc.policy("ec")) == EC and str(cc.policy("rep")) == "replicas:2"  # from the cluster
+    acked: dict[bytes, bytes] = {}
+    failed: list[str] = []
+    stop = threading.Event()
+    sizes = [100_000, MIB, 2 * MIB + 5]
+
+    def writer():
+        i = 0
+        t_end = time.monotonic() + 60
+        while not stop.is_set() and i < 400 and time.monotonic() < t_end:
+            k, v = f"obj-{i}".encode(), _blob(sizes[i % 3], i)
+            try:
+                cc.put(k, v, namespace="ec")
+                acked[k] = v
+            except errors.KVStoreError as e:  # a put during a kill may fail: it is not acked
+                failed.append(f"{type(e).__name__}: {e}")
+            i += 1
+            time.sleep(0.02)
+
+    t = threading.Thread(target=writer)
+    t.start()
+    try:
+        _wait(lambda: len(acked) >= 30, 30, "30 objects written")
+        ds[1].stop(signal.SIGKILL)
+        _wait(lambda: len(acked) >= 60, 30, "writes go on after the first kill")
+        _wait(lambda: "n1" not in _placement(ds[0]), TTL + 5, "n1 leaving")
+        ds[3].stop(signal.SIGKILL)
+        n_before = len(acked)
+        _wait(lambda: len(acked) >= n_before + 20, 30, "writes go on after the second kill")
+    finally:
+        stop.set()
+        t.join(30)
+    print(f"{len(acked)} puts acknowledged, {len(failed)} failed during the kills: {failed[:3]}")
+    live = [d for d in ds if d.alive()]
+    _wait(lambda: _placement(live[0]) == {"n0", "n2", "n4"}, TTL + 5, "n3 leaving")
+    # every acknowledged object is readable and byte-identical, straight away
+    for k, v in acked.items():
+        assert cc.get(k, namespace="ec") == v, k
+    # repair puts all five records of every object back onto the three live nodes
+    members = _members(live[0])
+    t0 = time.monotonic()
+    _wait(lambda: not _full_redundancy(members, "ec", p, acked), 90, "full redundancy")
+    print(f"full redundancy of {len(acked)} objects restored {time.monotonic() - t0:.1f}s after the check began")
+    written = 0
+    for d in live:
+        with kvstore.Client(d.control, timeout=5) as c:
+            r = c.members().repair
+            written += r.records_written
+            assert r.passes >= 1
+    assert written > 0
+    # redundancy is real: a third node can go and everything still reads
+    live[0].stop(signal.SIGKILL)
+    for k, v in acked.items():
+        assert cc.get(k, namespace="ec") == v, k
+    cc.close()
+
+
+def test_drain_moves_everything_away(five, tmp_path):
+    ds = five
+    cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.5)
+    objs = {f"d-{i}".encode(): _blob((MIB if i % 2 else 50_000) + i, i) for i in range(24)}
+    reps = {f"r-{i}".encode(): _blob(30_000 + i, i) for i in range(24)}
+    cc.batch_put(list(objs.items()), namespace="ec")
+    cc.batch_put(list(reps.items()), namespace="rep")
+    victim = ds[2]
+    with kvstore.Client(victim.control, timeout=5) as c:
+        before = c.stats().counters["objects"]
+        assert before > 0
+        r = c.drain()
+        assert r.draining and "objects_left" in str(r) or r.objects_left >= 0
+        _wait(lambda: c.stats().counters["objects"] == 0, 60, "the drained node empty")
+        assert c.members().repair.removed >= before
+    _wait(lambda: _placement(ds[0]) == {"n0", "n1", "n3", "n4"}, 5, "n2 out of placement")
+    victim.stop()
+    members = _members(ds[0])
+    _wait(lambda: not _full_redundancy(members, "ec", Policy.parse(EC), objs), 60, "ec redundancy")
+    _wait(lambda: not _full_redundancy(members, "rep", Policy.parse("replicas:2"), reps), 60,
+          "replica redundancy")
+    for k, v in objs.items():
+        assert cc.get(k, namespace="ec") == v
+    for k, v in reps.items():
+        assert cc.get(k, namespace="rep") == v
+    cc.close()
+
+
+def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_path):
+    nvme = {"nvme": {"path": str(tmp_path / "n0.nvme"), "size": "256MiB", "region_size": "16MiB"}}
+    ds = [_start(start_daemon, tmp_path, etcd, "n0", **nvme)]
+    ds += [_start(start_daemon, tmp_path, etcd, f"n{i}") for i in range(1, 5)]
+    for d in ds:
+        _wait(lambda d=d: len(_placement(d)) == 5, 15, "five nodes")
+    cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.2)
+    objs = {f"s-{i}".encode(): _blob(MIB + i, i) for i in range(30)}
+    reps = {f"r-{i}".encode(): _blob(20_000 + i, i) for i in range(30)}
+    cc.batch_put(list(objs.items()), namespace="ec")
+    cc.batch_put(list(reps.items()), namespace="rep")
+    stale = ds[0]
+    stale.stop()  # SIGTERM: its DRAM objects are flushed to NVMe, its lease revoked
+    _wait(lambda: "n0" not in _placement(ds[1]), 5, "n0 leaving")
+    # while it is away: deletes and overwrites it does not hear about
+    gone = [k for k in list(objs)[:8]] + [k for k in list(reps)[:8]]
+    assert cc.delete(gone[:8], namespace="ec") == 8
+    assert cc.delete(gone[8:], namespace="rep") == 8
+    for k in gone[:8]:
+        del objs[k]
+    for k in gone[8:]:
+        del reps[k]
+    for k in list(objs)[:6]:
+        objs[k] = _blob(MIB + 77, 999)
+        cc.put(k, objs[k], namespace="ec", overwrite=True)
+    for k in list(reps)[:6]:
+        reps[k] = _blob(20_077, 999)
+        cc.put(k, reps[k], namespace="rep", overwrite=True)
+    # it comes back with its old records, a slow settle so we can look before repair runs
+    stale.args = [a if "n0.toml" not in a else _config(tmp_path, "n0", etcd, **nvme) for a in stale.args]
+    cfg = Path(next(a for a in stale.args if a.endswith("n0.toml")))
+    cfg.write_text(cfg.read_text().replace("repair_delay = 0.5", "repair_delay = 4"))
+    stale.start()
+    _wait(lambda: "n0" in _placement(ds[1]), 10, "n0 back")
+    with kvstore.Client(stale.control, timeout=5, shm=False) as c:
+        held = c.stats().counters["unverified"]
+        assert held > 0  # recovered from NVMe and held back
+        assert c.list(namespace="", limit=1000).entries == []  # nothing visible to clients yet
+        for k in gone[8:] + list(reps)[:6]:
+            with pytest.raises(errors.NotFound):
+                c.get(k, namespace="rep")
+        # reads through the cluster are right even now (the stale records are not served)
+        for k, v in objs.items():
+            assert cc.get(k, namespace="ec") == v
+        for k in gone[:8]:
+            with pytest.raises(errors.NotFound):
+                cc.get(k, namespace="ec")
+        _wait(lambda: c.stats().counters["unverified"] == 0, 30, "the rejoined node verified")
+        rs = c.members().repair
+        # stale ones dropped by its own agent; current ones confirmed by it, or by a peer's
+        # repair writing the identical record (a put of the same bytes verifies it)
+        assert rs.dropped >= 1 and c.stats().counters["objects"] > 0
+        heads = c.heads(gone[8:], namespace="rep").heads
+        assert not any(h.present for h in heads)  # deleted while away: dropped, not served
+        for k in list(reps)[:6]:
+            h = c.heads([k], namespace="rep").heads[0]
+            assert not h.present or h.checksum == kvstore.wire.checksum(reps[k])
+    for k, v in objs.items():
+        assert cc.get(k, namespace="ec") == v
+    for k, v in reps.items():
+        assert cc.get(k, namespace="rep") == v
+    for k in gone[:8]:
+        with pytest.raises(errors.NotFound):
+            cc.get(k, namespace="ec")
+    for k in gone[8:]:
+        with pytest.raises(errors.NotFound):
+            cc.get(k, namespace="rep")
+    members = _members(ds[1])
+    _wait(lambda: not _full_redundancy(members, "ec", Policy.parse(EC), objs), 60, "ec redundancy")
+    cc.close()
+
+
+def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
+    ds = [_start(start_daemon, tmp_path, etcd, f"n{i}") for i in range(4)]
+    for d in ds:
+        _wait(lambda d=d: len(_placement(d)) == 4, 15, "four nodes")
+    cc = ClusterClient.from_cluster(ds[0].control, refresh_s=3600)  # never refreshes on its own
+    old_epoch = cc.epoch
+    cc.put(b"before", b"x" * 1000, namespace="ec")
+    ds.append(_start(start_daemon, tmp_path, etcd, "n4"))
+    _wait(lambda: len(_placement(ds[0])) == 5, 10, "n4 joined")
+    # the client still has four members: its first put is answered Redirect, it re-reads
+    # the list and re-sends to the object's current nodes
+    objs = {f"after-{i}".encode(): _blob(MIB, i) for i in range(6)}
+    cc.batch_put(list(objs.items()), namespace="ec")
+    assert cc.redirects >= 1 and cc.epoch != old_epoch and len(cc.members()) == 5
+    for k, v in objs.items():
+        assert cc.get(k, namespace="ec") == v
+    assert not _full_redundancy(_members(ds[0]), "ec", Policy.parse(EC), objs)
+    # a plain client sends no epoch and is never redirected
+    with kvstore.Client(ds[4].control, namespace="x", timeout=5) as c:
+        c.put(b"k", b"v")
+        assert c.get(b"k") == b"v"
+    # an impossible policy is refused with a clear error; a possible one is taken
+    with kvstore.Client(ds[0].control, timeout=5) as c:
+        with pytest.raises(errors.InvalidArgument, match="needs 7 nodes .* cluster has 5"):
+            c.set_policy("big", "ec:5+2")
+        with pytest.raises(errors.InvalidArgument, match="invalid redundancy policy"):
+            c.set_policy("big", "ec:5")
+        assert c.set_policy("big", "ec:3+1")["big"] == "ec:3+1"
+    _wait(lambda: _members_policies(ds[3]).get("big") == "ec:3+1", 5, "policy seen by every node")
+    cc.close()
+
+
+def _members_policies(d) -> dict:
+    with kvstore.Client(d.control, timeout=5) as c:
+        return dict(c.members().policies)
