@@ -410,6 +410,11 @@ class RepairAgent:
         missing = [nid for nid in slot_ids if have[nid] is False]
         if any(have[n] is None for n in slot_ids):
             return False
+        others = [got.get((nid, 0)) for nid in slot_ids]
+        if not any(have.values()) and any(h is not None and h.present and not h.unverified
+                                           for h in others):
+            self._delete_local(o.ns, key)  # the homes hold a newer version: this one is stale
+            return True
         if missing:
             data = self._read_local(o.ns, key)
             if data is None:
@@ -515,9 +520,14 @@ class RepairAgent:
         if None in right:
             return False  # a slot did not answer: its state is unknown
         done = True
+        readable = sum(1 for ok in right if ok) >= (o.policy.k if o.policy else 1)
         for lap, mv in extra.items():
             h = parse_head(mv[4])
-            if h is None or self._version(o, mv[4]) != current:
+            if h is None:
+                continue
+            if self._version(o, mv[4]) != current:
+                if readable:  # an older version, replaced while this record sat here
+                    self._delete_local(o.ns, mv[0])
                 continue
             idx = h[3]
             if idx in seen:

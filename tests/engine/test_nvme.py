@@ -156,3 +156,59 @@ def test_pinned_nvme_only_object_blocks_reclaim_of_its_region(tmp_path):
             await settle(s)
             s.close()
     asyncio.run(run())
+
+
+def test_held_recovered_records_are_invisible_until_verified(tmp_path):
+    """A cluster node (hold_recovered) serves nothing it recovered until repair vouches
+    for it: a stale record must not be served after a restart."""
+    async def fill():
+        s = make_store(tmp_path / "t.dat")
+        try:
+            for i in range(4):
+                await put(s, b"k%d" % i, val(i))
+            await s.flush_to_nvme(10)
+            await settle(s)
+        finally:
+            s.close()
+
+    async def restart():
+        dev = NvmeDevice(str(tmp_path / "t.dat"), 49 * MiB, 16 * MiB, "auto", 32)
+        limits = StoreLimits(dram_size=8 * MiB, slab_size=MiB, max_value_size=MiB, prefault=False,
+                             put_wait_timeout=1.0)
+        s = Store(limits, nvme=NvmeTier(dev), hold_recovered=True)
+        try:
+            assert s.unverified == 4 and s.stats()["unverified"] == 4
+            keys = [b"k%d" % i for i in range(4)]
+            assert s.exists(NS, keys) == [False] * 4 and s.lookup(NS, keys) == 0
+            assert s.sample(None, 10) == [] and s.pin(NS, keys, 5.0) == 0
+            with pytest.raises(NotFound):
+                await read(s, b"k0")
+            # repair reads them (heads) and snapshots them first
+            e, head = await s.read_head(NS, b"k0", 8)
+            assert head == val(0)[:8] and e.unverified
+            assert [r[4] for r in s.repair_snapshot()] == [True] * 4
+            # verified: served
+            s.verify(s.index[(NS, b"k0")])
+            assert await read(s, b"k0") == val(0) and s.unverified == 3
+            # a client's put of the same bytes vouches for it; other bytes replace it
+            await put(s, b"k1", val(1))
+            assert await read(s, b"k1") == val(1)
+            await put(s, b"k2", val(99))  # no overwrite flag needed over a held record
+            assert await read(s, b"k2") == val(99)
+            # stale: dropped only if it is still the same record
+            from kvstore.wire import checksum
+            assert not s.drop_unverified(NS, b"k3", checksum(val(0)))
+            assert s.drop_unverified(NS, b"k3", checksum(val(3)))
+            assert s.unverified == 0 and (NS, b"k3") not in s.index
+            await settle(s)
+        finally:
+            s.close()
+        # the drop wrote a tombstone: it stays gone after another restart
+        s = make_store(tmp_path / "t.dat")
+        try:
+            assert s.exists(NS, [b"k3"]) == [False] and s.exists(NS, [b"k0"]) == [True]
+        finally:
+            s.close()
+
+    asyncio.run(fill())
+    asyncio.run(restart())
