@@ -10,10 +10,11 @@ asks the nodes of each object's slots what they hold (one Heads call per peer pe
 and then, per object:
 
 * **verify** a record recovered at restart (it may have been deleted or replaced while
-  the node was away): kept when a verified peer holds the same version, dropped when
-  verified peers hold another version or none and a settled peer (no unverified records
-  of its own) answered; left for the next pass when no peer answered. When every peer
-  is itself still unverified (the whole cluster restarted) it is kept.
+  the node was away): kept when a verified peer holds the same version; dropped when
+  verified peers hold only another version, or when none holds it and a settled peer (no
+  records held back itself) that was already running when the record was written says
+  it is not there; left for the next pass when no peer answered. Otherwise (every peer
+  restarted too, or only peers that joined later answered) it is kept.
 * **rebuild** (the *leader*, the first slot holding a verified current record): slots that
   lack a record get one: replicas are copied; missing EC fragments are reconstructed
   from K others (pyeclib) and written; whole-object EC records are re-indexed copies.
@@ -60,7 +61,8 @@ class _Obj:
 
     def __init__(self, ns: bytes, base: bytes, policy: Policy | None, ec: bool):
         self.ns, self.base, self.policy, self.ec = ns, base, policy, ec
-        self.mine: dict[int, tuple] = {}  # lap -> (key, size, checksum, unverified, head)
+        # lap -> (key, size, checksum, unverified, head, committed_at)
+        self.mine: dict[int, tuple] = {}
         self.slots: list = []
 
 
@@ -80,6 +82,7 @@ class RepairAgent:
         self._clients: dict[str, object] = {}
         self._budget_t = time.monotonic()
         self._budget = 0.0
+        self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
                    "last_pass_seconds": 0.0, "pending": 0}
@@ -180,7 +183,7 @@ class RepairAgent:
     def _pass(self) -> int:
         m = self.node.membership
         me = self.node.node_id
-        members, policies, draining_ids = self._on_loop(self._view)
+        members, policies, draining_ids, self._started = self._on_loop(self._view)
         if not members:
             return 0
         rows = self._on_loop(self.node.store.repair_snapshot)
@@ -190,7 +193,7 @@ class RepairAgent:
         n = len(rows)
         rows = [r for r in rows if r[8] <= young]
         pending_young = n - len(rows)
-        objs = self._group(rows, policies)
+        objs = self._group(rows, policies, m.draining)
         self.st.update(state="scanning", scanned=0, total=len(objs))
         if objs:
             log.info("repair pass", extra={"objects": len(objs), "members": len(members),
@@ -239,17 +242,19 @@ class RepairAgent:
                 pols[ns] = P.parse(text)
             except errors.InvalidArgument:
                 log.warning("ignoring a malformed policy", extra={"namespace": ns, "policy": text})
-        draining = {i.node_id for i, _h, _a, _me in m.view() if i.draining}
-        return m.placement_members(), pols, draining
+        rows = m.view()
+        draining = {i.node_id for i, _h, _a, _me in rows if i.draining}
+        started = {i.node_id: i.started_at for i, _h, _a, _me in rows}
+        return m.placement_members(), pols, draining, started
 
     def _all_members(self):
         from kvstore.placement import Member
         return [Member(i.node_id, i.control_address, i.failure_domain)
                 for i, h, _a, _me in self.node.membership.view() if h in ("alive", "stale")]
 
-    def _group(self, rows, policies: dict) -> list[_Obj]:
+    def _group(self, rows, policies: dict, draining: bool) -> list[_Obj]:
         objs: dict[tuple[bytes, bytes], _Obj] = {}
-        for ns, key, size, csum, unverified, _pinned, _visited, _reads, _at in rows:
+        for ns, key, size, csum, unverified, _pinned, _visited, _reads, at in rows:
             p = policies.get(ns.decode(errors="replace")) or policies.get("*")
             split = split_lap(key)
             if split is not None and (p is None or p.kind == "ec"):
@@ -257,10 +262,11 @@ class RepairAgent:
                 o = objs.get((ns, base))
                 if o is None:
                     o = objs[(ns, base)] = _Obj(ns, base, p, True)
-                o.mine[lap] = (key, size, csum, unverified, b"")
-            elif p is not None and p.kind != "ec":
-                o = objs[(ns, key)] = _Obj(ns, key, p, False)
-                o.mine[0] = (key, size, csum, unverified, b"")
+                o.mine[lap] = (key, size, csum, unverified, b"", at)
+            elif p is not None and p.kind != "ec" or (p is None and draining):
+                # draining: objects of namespaces without a policy go to their "none" home
+                o = objs[(ns, key)] = _Obj(ns, key, p or Policy("none", 1), False)
+                o.mine[0] = (key, size, csum, unverified, b"", at)
         return list(objs.values())  # dict order keeps the snapshot's repair order
 
     def _read_my_heads(self, batch: list[_Obj]) -> None:
@@ -276,7 +282,7 @@ class RepairAgent:
                     if got is None:
                         del o.mine[lap]
                     else:
-                        o.mine[lap] = v[:4] + (got[1],)
+                        o.mine[lap] = v[:4] + (got[1],) + v[5:]
         asyncio.run_coroutine_threadsafe(read(), self.loop).result(CALL_TIMEOUT * 3)
 
     def _ask(self, batch: list[_Obj], me: str, draining: list) -> tuple[dict, dict]:
@@ -334,13 +340,14 @@ class RepairAgent:
         if not unverified:
             return True
         mine_v = {lap: self._version(o, v[4] if o.ec else v[2]) for lap, v in unverified.items()}
-        verified_versions, unverified_versions, answered, settled_lacking = set(), set(), False, False
+        verified_versions, unverified_versions, answered, lacking_since = set(), set(), False, []
         for (nid, _lap), h in got.items():
             if h is None:
                 continue
             answered = True
             if not h.present:
-                settled_lacking = settled_lacking or settled.get(nid, False)
+                if settled.get(nid, False):  # a peer with nothing held back says "not here"
+                    lacking_since.append(self._started.get(nid, float("inf")))
                 continue
             v = self._version(o, h.head if o.ec else h.checksum)
             (unverified_versions if h.unverified else verified_versions).add(v)
@@ -348,11 +355,14 @@ class RepairAgent:
             if not v[3]:
                 verified_versions.add(self._version(o, v[4] if o.ec else v[2]))
         peers = {m.node_id for m, _ in o.slots} - {me}
-        for lap, (key, _size, csum, _u, _h) in unverified.items():
+        for lap, (key, _size, csum, _u, _h, at) in unverified.items():
             if verified_versions:
                 keep = mine_v[lap] in verified_versions
-            elif settled_lacking:
-                keep = False  # deleted while this node was away
+            elif any(started < at for started in lacking_since):
+                # a peer that was running when this record was written does not hold it:
+                # deleted while this node was away (a peer that restarted empty since, or
+                # joined later, proves nothing)
+                keep = False
             elif not peers:
                 keep = True  # the only home: nothing to compare with
             elif not answered:
@@ -383,7 +393,7 @@ class RepairAgent:
             return False
         if not o.mine:
             return True
-        key, size, csum, _u, _h = o.mine[0]
+        key, size, csum = o.mine[0][:3]
         slot_ids = [m.node_id for m, _ in o.slots]
         have = {}  # node_id -> holds the current version (verified)
         for nid in slot_ids:
