@@ -23,7 +23,10 @@ Redundancy is a per-namespace policy:
   fetches the other slots too and decodes. Objects smaller than ``min_ec_size`` are
   stored whole on the first M+1 slots.
 
-Fewer live nodes than the policy spreads over: writes go on (EC slots wrap around, replicas
+A node that does not answer a put is marked down for ``down_s`` and the put is written
+again over the other nodes: its records land on the slots the layout gives without that
+node, which is where they belong once etcd drops it (and where repair moves them back
+from, should it return). Fewer live nodes than the policy spreads over: writes go on (EC slots wrap around, replicas
 are written to every live node) while the loss of one more node would still leave the
 object readable (``Policy.min_live``), and the nodes' repair loop restores full
 redundancy when nodes come back or join. A policy larger than the biggest cluster seen is
@@ -304,6 +307,11 @@ class ClusterClient:
         reads only some member."""
         ms = self.members()
         if write:
+            # a node this client just failed to reach is skipped: its records go to the
+            # slots the layout gives without it, which is where they belong once it leaves
+            # the member list (and where repair moves them from, if it comes back)
+            now = time.monotonic()
+            ms = [m for m in ms if self._down.get(m.node_id, 0.0) <= now]
             # a policy this client was given must fit the biggest cluster it has seen; the
             # cluster's own policies were checked when set (kvstore-cli policy set)
             if p.nodes > self._largest and (ns in self._policies or "*" in self._policies):
@@ -375,6 +383,18 @@ class ClusterClient:
         return self._redirected(self._batch_put, items, self._ns(namespace), overwrite)
 
     def _batch_put(self, items, ns: str, overwrite: bool) -> list[bool]:
+        down = set(self._down)
+        try:
+            return self._batch_put_once(items, ns, overwrite)
+        except errors.Redirect:
+            raise
+        except errors.Unavailable:
+            if set(self._down) <= down:
+                raise
+            # a node failed under this put and is marked down now: write again without it
+            return self._batch_put_once(items, ns, overwrite)
+
+    def _batch_put_once(self, items, ns: str, overwrite: bool) -> list[bool]:
         p = self.policy(ns)
         per_node: dict[str, tuple[Member, list]] = {}
         owners: list[list[tuple[str, int]]] = []

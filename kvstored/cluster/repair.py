@@ -50,7 +50,8 @@ log = logging.getLogger("kvstored.repair")
 
 BATCH = 64  # objects per batch (one Heads call per peer per batch)
 HEAD = FRAG_HEADER.size
-CALL_TIMEOUT = 10.0
+CALL_TIMEOUT = 10.0  # waiting on the event loop
+PEER_TIMEOUT = 3.0  # one call to a peer: a dead one (still listed) must not stall the pass
 YOUNG_S = 2.0  # records younger than this (or repair_delay) wait for a later pass
 
 
@@ -83,6 +84,7 @@ class RepairAgent:
         self._budget_t = time.monotonic()
         self._budget = 0.0
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
+        self._unreachable: set[str] = set()
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
                    "last_pass_seconds": 0.0, "pending": 0}
@@ -129,7 +131,7 @@ class RepairAgent:
                 from kvstore import TLSConfig
                 tls = TLSConfig(ca_file=cfg.tls_client_ca_file or None, cert_file=cfg.tls_cert_file,
                                 key_file=cfg.tls_key_file)
-            c = self._clients[member.node_id] = Client(member.address, timeout=CALL_TIMEOUT, shm=False,
+            c = self._clients[member.node_id] = Client(member.address, timeout=PEER_TIMEOUT, shm=False,
                                                        token=self.token, tls=tls)
         return c
 
@@ -201,8 +203,13 @@ class RepairAgent:
         by_id = {x.node_id: x for x in members}
         draining = [x for x in self._on_loop(self._all_members) if x.node_id in draining_ids]
         pending = 0
+        epoch = m.epoch
+        self._unreachable = set()  # peers that did not answer: not asked again this pass
         for i in range(0, len(objs), BATCH):
             if self._stop:
+                break
+            if m.epoch != epoch:  # the member list changed under us: start over soon
+                pending += len(objs) - i
                 break
             batch = objs[i:i + BATCH]
             self._read_my_heads(batch)
@@ -306,10 +313,14 @@ class RepairAgent:
                 by_ns.setdefault(o.ns, []).append((o, lap, key))
             for ns, its in by_ns.items():
                 try:
+                    if nid in self._unreachable:
+                        raise errors.Unavailable("did not answer earlier in this pass")
                     r = self._client(member).heads([k for _o, _l, k in its], head_bytes=HEAD,
                                                    namespace=ns.decode())
                 except errors.KVStoreError as e:
                     log.debug("repair: %s did not answer Heads: %s", nid, e)
+                    if isinstance(e, errors.Unavailable):
+                        self._unreachable.add(nid)
                     for o, lap, _k in its:
                         heads.setdefault(id(o), {})[(nid, lap)] = None
                     continue
@@ -604,12 +615,19 @@ class RepairAgent:
         return asyncio.run_coroutine_threadsafe(read(), self.loop).result(CALL_TIMEOUT)
 
     def _read_peer(self, member, ns: bytes, key: bytes) -> bytes | None:
+        if member.node_id in self._unreachable:
+            return None
         try:
             return bytes(self._client(member).get(key, namespace=ns.decode()))
+        except errors.Unavailable:
+            self._unreachable.add(member.node_id)
+            return None
         except errors.KVStoreError:
             return None
 
     def _push(self, member, ns: bytes, key: bytes, data: bytes, overwrite: bool = False) -> bool:
+        if member.node_id in self._unreachable:
+            return False
         self._throttle(len(data))
         try:
             stored = self._client(member).put(key, data, namespace=ns.decode(), overwrite=overwrite)
@@ -617,6 +635,8 @@ class RepairAgent:
             return False  # something else is there now; the next pass looks again
         except errors.KVStoreError as e:
             self.st["failures"] += 1
+            if isinstance(e, errors.Unavailable):
+                self._unreachable.add(member.node_id)
             log.info("repair: could not write to %s: %s", member.node_id, e)
             return False
         if stored:
