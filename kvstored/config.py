@@ -176,6 +176,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "repair_interval", "cluster_repair_interval", "float"),
     Setting("cluster", "repair_rate", "cluster_repair_rate", "size"),
     Setting("cluster", "token", "cluster_token", "str"),
+    Setting("cluster", "etcd_username", "cluster_etcd_username", "str"),
+    Setting("cluster", "etcd_password_file", "cluster_etcd_password_file", "str"),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -332,6 +334,10 @@ class Config:
     cluster_repair_interval: float = 300.0  # a full pass at least this often (seconds)
     cluster_repair_rate: int = 256 << 20  # bytes/s of records repair may write (throttle)
     cluster_token: str = ""  # token the repair agent presents to peers when auth is on
+    # etcd with authentication on: a user with read/write on /kvstored/<name>/, and a file
+    # holding its password (not the password itself: config files get shared)
+    cluster_etcd_username: str = ""
+    cluster_etcd_password_file: str = ""
 
     def validate(self) -> Config:
         """Normalise field types, fill auto values, then check ranges; returns self.
@@ -431,6 +437,11 @@ class Config:
         if not 1 <= self.cluster_repair_interval <= 86400:
             raise ConfigError(f"cluster.repair_interval: {self.cluster_repair_interval} is outside "
                               "1..86400 seconds")
+        if bool(self.cluster_etcd_username) != bool(self.cluster_etcd_password_file):
+            raise ConfigError("cluster.etcd_username and cluster.etcd_password_file: set both "
+                              "(etcd authentication) or neither")
+        if self.cluster_etcd_password_file:
+            self.cluster_etcd_password()
         if self.cluster_repair_rate < 1 << 20:
             raise ConfigError(f"cluster.repair_rate: {self.cluster_repair_rate} bytes/s is below 1MiB/s "
                               "(repair would never finish)")
@@ -450,6 +461,19 @@ class Config:
         return _host_ports("cluster.etcd_endpoints", self.cluster_etcd_endpoints,
                            allow_empty=not self.cluster_enabled or bool(self.cluster_static_peers),
                            schemes=("http://",))
+
+    def cluster_etcd_password(self) -> str:
+        """The etcd password from ``cluster.etcd_password_file`` (first line, stripped)."""
+        path = self.cluster_etcd_password_file
+        try:
+            with open(path, encoding="utf-8") as f:
+                pw = f.readline().strip()
+        except (OSError, UnicodeDecodeError) as e:
+            raise ConfigError(f"cluster.etcd_password_file: cannot read {path!r}: "
+                              f"{getattr(e, 'strerror', None) or e}") from None
+        if not pw:
+            raise ConfigError(f"cluster.etcd_password_file: {path!r} is empty")
+        return pw
 
     def cluster_policy_table(self) -> dict[str, str]:
         """``cluster.policies`` as {namespace: policy}; ConfigError when malformed."""

@@ -278,7 +278,11 @@ class Membership:
     async def _session(self, host: str, port: int) -> None:
         import aetcd  # lazy: only etcd mode needs it (config checked it is installed)
 
-        self._etcd = etcd = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT)
+        c = self.node.config
+        creds = {}
+        if c.cluster_etcd_username:  # re-read each session: a rotated password file is picked up
+            creds = {"username": c.cluster_etcd_username, "password": c.cluster_etcd_password()}
+        self._etcd = etcd = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT, **creds)
         key = (self.prefix + self.node.node_id).encode()
         old = self._lease
         self._lease = lease = await etcd.lease(self.ttl)

@@ -215,3 +215,38 @@ def test_cli_nodes_and_async_members(start_daemon, capsys):
             return await c.members()
     r = asyncio.run(amembers())
     assert r.source == "standalone" and r.members[0].self
+
+
+@needs_etcd
+def test_etcd_with_authentication(etcd, start_daemon, tmp_path):
+    from etcdutil import enable_auth
+    enable_auth(etcd, "root", "s3cret")
+    good = tmp_path / "pw"
+    good.write_text("s3cret\n")
+    bad = tmp_path / "bad"
+    bad.write_text("wrong\n")
+    a = start_daemon("--config", _config(tmp_path, "a", etcd_endpoints=etcd.endpoint,
+                                         etcd_username="root", etcd_password_file=str(good)))
+    _wait(lambda: not _members(a).degraded, 10, "registered with credentials")
+    b = start_daemon("--config", _config(tmp_path, "b", etcd_endpoints=etcd.endpoint,
+                                         etcd_username="root", etcd_password_file=str(bad)))
+    c = start_daemon("--config", _config(tmp_path, "c", etcd_endpoints=etcd.endpoint))
+    for d, why in ((b, "authentication failed"), (c, "user name is empty")):
+        r = _wait(lambda d=d: (lambda r: r if r.detail else None)(_members(d)), 10, "a reason")
+        assert r.degraded and why in r.detail, r.detail
+        assert _health(d).status == "degraded"
+    assert {m.node_id for m in _members(a).members} == {a.info["node_id"]}  # only a got in
+    # the password is never echoed: not in the log, not in --print-config
+    assert "s3cret" not in a.log() and "wrong" not in b.log()
+    # a password file that cannot be read is a config error at start (exit 2, one line)
+    import os
+    import sys
+
+    from daemonutil import ROOT
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT / "client"), str(ROOT)]))
+    p = subprocess.run([sys.executable, "-m", "kvstored", "--config",
+                        _config(tmp_path, "d", etcd_endpoints=etcd.endpoint, etcd_username="root",
+                                etcd_password_file=str(tmp_path / "missing"))],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert p.returncode == 2 and "cluster.etcd_password_file" in p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
