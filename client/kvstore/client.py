@@ -237,13 +237,16 @@ class Client(Namespaced):
         fail_fast = not self._reached
         while True:
             try:
+                md = self._metadata
+                if self.epoch:  # the control plane redirects keyed calls like the data path
+                    md = tuple(md or ()) + (("kvstore-epoch", str(self.epoch)),)
                 r = getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                                wait_for_ready=not fail_fast, metadata=self._metadata)
+                                                wait_for_ready=not fail_fast, metadata=md)
                 self._reached = True
                 return r
             except grpc.RpcError as e:
                 err = grpc_error(e, self.address)
-            if isinstance(err, errors.Unavailable):
+            if isinstance(err, errors.Unavailable) and not isinstance(err, errors.Redirect):
                 diag = tls_diagnosis(*split_address(self.address), self.tls,
                                      min(self.timeout, 3.0))
                 if diag is not None:

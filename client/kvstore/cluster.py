@@ -539,6 +539,9 @@ class ClusterClient:
     def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
         """Whether each key is stored: asked of its first slot (then the next ones when a
         node does not answer), grouped per node, all nodes in parallel."""
+        return self._redirected(self._exists, keys, namespace)
+
+    def _exists(self, keys: Sequence, namespace: str | None) -> list[bool]:
         ns = self._ns(namespace)
         p = self.policy(ns)
         ks = [key_bytes(k) for k in keys]
@@ -559,6 +562,8 @@ class ClusterClient:
                     futs.append((chunk, self._submit(m, "exists", [sk for _, sk in chunk], namespace=ns)))
             wait([f for _, f in futs])
             for chunk, f in futs:
+                if isinstance(f.exception(), errors.Redirect):
+                    raise f.exception()
                 if f.exception() is None:
                     for (j, _), e in zip(chunk, f.result()):
                         answer[j] = bool(e)
@@ -576,6 +581,9 @@ class ClusterClient:
     def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
         """Delete every copy / record of ``keys`` on its slots and the next M nodes (best
         effort on unreachable nodes); returns how many keys had something deleted."""
+        return self._redirected(self._delete, keys, namespace)
+
+    def _delete(self, keys: Sequence, namespace: str | None) -> int:
         ns = self._ns(namespace)
         p = self.policy(ns)
         hit = [False] * len(keys)
@@ -597,6 +605,8 @@ class ClusterClient:
         futs = [(items, self._pool.submit(each, m, items)) for m, items in per_node.values()]
         wait([f for _, f in futs])
         for items, f in futs:
+            if isinstance(f.exception(), errors.Redirect):
+                raise f.exception()  # re-run over the current homes (deletes are idempotent)
             if f.exception() is None:
                 for (j, _), gone in zip(items, f.result()):
                     hit[j] = hit[j] or gone

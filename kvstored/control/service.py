@@ -136,7 +136,26 @@ class ControlService(pb_grpc.KVStoreServicer):
             counters["control_auth_rejected_" + reason] += 1
             raise err
 
-    def _keys(self, request) -> tuple[bytes, list[bytes]]:
+    def _check_epoch(self, context) -> None:
+        """Keyed calls from a cluster client with an old member list are redirected, as on
+        the data path (metadata ``kvstore-epoch``; absent or 0 = not checked)."""
+        m = getattr(self.node, "membership", None)
+        if m is None or not m.epoch:
+            return
+        for k, v in context.invocation_metadata() or ():
+            if k == "kvstore-epoch":
+                try:
+                    epoch = int(v)
+                except ValueError:
+                    raise errors.InvalidArgument(f"kvstore-epoch metadata {v[:20]!r} is not a number") from None
+                if epoch and epoch != m.epoch:
+                    raise errors.Redirect(f"member list epoch {epoch:08x} is not this node's "
+                                          f"{m.epoch:08x}: refresh the member list")
+                return
+
+    def _keys(self, request, context=None) -> tuple[bytes, list[bytes]]:
+        if context is not None:
+            self._check_epoch(context)
         ns = namespace_bytes(request.namespace)
         if len(request.keys) > self.config.max_batch_keys:
             raise errors.InvalidArgument(
@@ -184,31 +203,31 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_typed_errors
     @_guard(READ)
     def Lookup(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.LookupResponse(count=self.store.lookup(ns, keys))
 
     @_typed_errors
     @_guard(READ)
     def Exists(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.ExistsResponse(exists=self.store.exists(ns, keys))
 
     @_typed_errors
     @_guard(WRITE)
     def Pin(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.CountResponse(count=self.store.pin(ns, keys, request.ttl_seconds))
 
     @_typed_errors
     @_guard(WRITE)
     def Unpin(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.CountResponse(count=self.store.unpin(ns, keys))
 
     @_typed_errors
     @_guard(WRITE)
     def Delete(self, request, context):
-        ns, keys = self._keys(request)
+        ns, keys = self._keys(request, context)
         return pb.CountResponse(count=self.store.delete(ns, keys))
 
     @_typed_errors

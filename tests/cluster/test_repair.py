@@ -305,16 +305,30 @@ def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
     for k, v in objs.items():
         assert cc.get(k, namespace="ec") == v
     assert not _full_redundancy(_members(ds[0]), "ec", Policy.parse(EC), objs)
+    # keyed control calls (exists, delete) are redirected the same way
+    cc2 = ClusterClient.from_cluster(ds[0].control, refresh_s=3600)
+    ds.append(_start(start_daemon, tmp_path, etcd, "n5"))
+    _wait(lambda: len(_placement(ds[0])) == 6, 10, "n5 joined")
+    before = cc2.redirects
+    assert cc2.exists(list(objs), namespace="ec") == [True] * len(objs)
+    assert cc2.redirects > before and len(cc2.members()) == 6
+    ds.append(_start(start_daemon, tmp_path, etcd, "n6"))
+    _wait(lambda: len(_placement(ds[0])) == 7, 10, "n6 joined")
+    before = cc2.redirects
+    assert cc2.delete([b"before"], namespace="ec") == 1 and cc2.redirects > before
+    with pytest.raises(errors.NotFound):
+        cc.get(b"before", namespace="ec")
+    cc2.close()
     # a plain client sends no epoch and is never redirected
     with kvstore.Client(ds[4].control, namespace="x", timeout=5) as c:
         c.put(b"k", b"v")
         assert c.get(b"k") == b"v"
     # an impossible policy is refused with a clear error; a possible one is taken
     with kvstore.Client(ds[0].control, timeout=5) as c:
-        with pytest.raises(errors.InvalidArgument, match="needs 7 nodes .* cluster has 5"):
-            c.set_policy("big", "ec:5+2")
+        with pytest.raises(errors.InvalidArgument, match="needs 8 nodes .* cluster has 7"):
+            c.set_policy("big", "ec:6+2")
         with pytest.raises(errors.InvalidArgument, match="invalid redundancy policy"):
-            c.set_policy("big", "ec:5")
+            c.set_policy("big", "ec:6")
         assert c.set_policy("big", "ec:3+1")["big"] == "ec:3+1"
     _wait(lambda: _members_policies(ds[3]).get("big") == "ec:3+1", 5, "policy seen by every node")
     cc.close()

@@ -1,0 +1,329 @@
+"""Cluster repair after a node loss: how fast do the survivors restore full redundancy?
+
+Starts a real etcd (tests/cluster/etcdutil.Etcd) and 5 kvstored nodes (tests/daemonutil.
+Daemon) with the cluster enabled (lease_ttl 2, repair_delay 0.5, repair_interval 30,
+cluster.repair_rate from ``--repair-rate``, default 1GiB so the throttle is not the
+limit) and the policy ``ec:3+2`` on namespace "ec". It writes ``--objects`` objects of
+``--size`` bytes through ``ClusterClient.from_cluster(...).batch_put``, SIGKILLs one
+node, waits until every survivor has dropped it from placement (Members RPC,
+``m.placement``), then polls every survivor's own repair status (Members().repair) until
+each has completed a pass since it saw the drop and is idle with pending 0. The time from
+"drop seen by all survivors" to that point is the rebuild time; it is then checked once in
+full (every object's slots over the 4 live nodes hold all K+M distinct records, each
+read back and checksum-verified), and every object is read back through the
+ClusterClient and compared byte for byte (exit status 1 when anything differs).
+
+Lost data is what the survivors' repair counters say they wrote (records_written /
+bytes_written deltas, record = 64-byte header + fragment), shown beside what the victim
+held (its Stats counters before the kill). Beside the rebuild throughput stands pyeclib's
+raw reconstruct speed for one fragment of the same object size
+(``ECDriver(k=3, m=2, ec_type="isa_l_rs_vand").reconstruct(K fragments, [missing])``),
+measured in the same run.
+
+All processes share one host (and its cores) and talk over loopback: this measures the
+repair agent's software path, not a network.
+
+    PYTHONPATH=client:. python benchmarks/bench_repair.py [--objects 256] [--size 1MiB]
+        [--repair-rate 1GiB] [--dram 512MiB] [--victim 2] [--codec-iters 300]
+        [--timeout 120] [--keep]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "client"), str(REPO), str(REPO / "tests"), str(REPO / "tests" / "cluster")]
+
+MIB = 1 << 20
+N_NODES = 5
+EC = "ec:3+2"
+NS = "ec"
+
+
+def parse_size(text: str) -> int:
+    t = text.strip()
+    for suffix, mult in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10), ("B", 1)):
+        if t.endswith(suffix):
+            return int(float(t[: -len(suffix)]) * mult)
+    return int(t)
+
+
+def fmt_size(n: float) -> str:
+    for unit, mult in (("GiB", 1 << 30), ("MiB", MIB), ("KiB", 1 << 10)):
+        if n >= mult:
+            return f"{n / mult:.4g} {unit}"
+    return f"{int(n)} B"
+
+
+def config(tmp: Path, name: str, etcd_endpoint: str, repair_rate: int) -> str:
+    lines = ["[node]", f'id = "{name}"',
+             "[cluster]", "enabled = true", "lease_ttl = 2", 'name = "bench-repair"',
+             f'etcd_endpoints = "{etcd_endpoint}"', "repair_delay = 0.5", "repair_interval = 30",
+             f"repair_rate = {repair_rate}", f'policies = "{NS}={EC}"']
+    path = tmp / f"{name}.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return str(path)
+
+
+def wait(pred, timeout: float, what: str, step: float = 0.1):
+    from kvstore import errors
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except errors.KVStoreError as e:
+            last = e
+        if last is True or (last and not isinstance(last, Exception)):
+            return last
+        time.sleep(step)
+    raise TimeoutError(f"{what} not within {timeout}s (last: {last!r})")
+
+
+def members_of(d):
+    import kvstore
+    with kvstore.Client(d.control, timeout=5, shm=False) as c:
+        return c.members()
+
+
+def placement(d) -> set[str]:
+    return {m.node_id for m in members_of(d).members if m.placement}
+
+
+def full_check(members, objs: dict, p) -> list:
+    """Objects whose slots over ``members`` lack a complete set of valid records ([] = ok).
+    Every record is read and checksum-verified (parse_record)."""
+    import kvstore
+    from kvstore import errors
+    from kvstore.layout import lap_key, parse_record, placement_key, slots
+    clients = {m.node_id: kvstore.Client(m.address, namespace=NS, timeout=5, shm=False) for m in members}
+    bad = []
+    try:
+        for k, v in objs.items():
+            pk = placement_key(k, p)
+            sl = slots(pk, members, p, NS)
+            need = p.m + 1 if len(v) < (256 << 10) else p.n  # whole copies below min_ec_size
+            idx = set()
+            for m, lap in sl[:need]:
+                try:
+                    r = parse_record(clients[m.node_id].get(lap_key(pk, lap)))
+                except errors.KVStoreError:
+                    r = None
+                if r is not None and r[0][8] == len(v):
+                    idx.add(r[0][3])
+            if len(idx) != need:
+                bad.append((k, sorted(idx)))
+    finally:
+        for c in clients.values():
+            c.close()
+    return bad
+
+
+def codec_speed(size: int, iters: int) -> dict:
+    """pyeclib's raw reconstruct of one fragment of a ``size``-byte object from K others."""
+    from pyeclib.ec_iface import ECDriver
+    d = ECDriver(k=3, m=2, ec_type="isa_l_rs_vand")
+    frags = d.encode(os.urandom(size))
+    out = {}
+    for missing in (0, 3):  # a data fragment, a parity fragment
+        src = [f for i, f in enumerate(frags) if i != missing][:3]
+        got = d.reconstruct(src, [missing])
+        assert got[0] == frags[missing], "pyeclib reconstruct mismatch"
+        for _ in range(10):
+            d.reconstruct(src, [missing])
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            d.reconstruct(src, [missing])
+        dt = (time.perf_counter() - t0) / iters
+        out[missing] = (len(frags[missing]), dt)
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--objects", type=int, default=256)
+    ap.add_argument("--size", type=parse_size, default=MIB)
+    ap.add_argument("--repair-rate", type=parse_size, default=1 << 30)
+    ap.add_argument("--dram", type=parse_size, default=512 * MIB)
+    ap.add_argument("--victim", type=int, default=2, help="index of the node to SIGKILL (0..4)")
+    ap.add_argument("--codec-iters", type=int, default=300)
+    ap.add_argument("--timeout", type=float, default=120.0, help="limit on the rebuild wait (s)")
+    ap.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    args = ap.parse_args(argv)
+
+    import kvstore
+    from kvstore import errors
+    from kvstore.cluster import ClusterClient
+    from kvstore.layout import Policy
+    from kvstore.placement import Member
+    from daemonutil import Daemon
+    from etcdutil import Etcd
+
+    if shutil.which("etcd") is None:
+        print("etcd binary not on PATH", file=sys.stderr)
+        return 2
+
+    def on_term(signum, frame):  # SIGTERM cleans up like Ctrl-C
+        raise KeyboardInterrupt
+    signal.signal(signal.SIGTERM, on_term)
+
+    p = Policy.parse(EC)
+    tmp = Path(tempfile.mkdtemp(prefix="bench-repair-"))
+    etcd = None
+    daemons: list = []
+    cc = None
+    rc = 0
+    t_start = time.monotonic()
+    try:
+        etcd = Etcd(tmp).start()
+        for i in range(N_NODES):
+            daemons.append(Daemon(tmp, "--config", config(tmp, f"n{i}", etcd.endpoint, args.repair_rate),
+                                  "--dram-size", f"{args.dram // MIB}MiB").start())
+        ids = {f"n{i}" for i in range(N_NODES)}
+        for d in daemons:
+            wait(lambda d=d: placement(d) == ids, 20, "five nodes registered")
+        cc = ClusterClient.from_cluster([d.control for d in daemons], node_timeout=5.0, fragment_timeout=1.0,
+                                        down_s=1.0, refresh_s=0.5)
+        assert str(cc.policy(NS)) == EC, cc.policy(NS)
+
+        # ---- write
+        objs: dict[bytes, bytes] = {}
+        for i in range(args.objects):
+            objs[f"obj-{i:06d}".encode()] = i.to_bytes(4, "little") + os.urandom(args.size - 4)
+        items = list(objs.items())
+        t0 = time.monotonic()
+        for i in range(0, len(items), 32):
+            cc.batch_put(items[i:i + 32], namespace=NS)
+        t_put = time.monotonic() - t0
+
+        # ---- kill one node
+        victim = daemons[args.victim]
+        vid = f"n{args.victim}"
+        survivors = [d for d in daemons if d is not victim]
+        with kvstore.Client(victim.control, timeout=5, shm=False) as c:
+            vc = dict(c.stats().counters)
+        victim_records = int(vc.get("objects", 0))
+        victim_bytes = next((int(vc[k]) for k in ("bytes", "dram_used_bytes", "bytes_stored") if k in vc), None)
+        base = {}
+        for d in survivors:
+            r = members_of(d).repair
+            base[d.control] = (r.passes, r.records_written, r.bytes_written, r.failures)
+        # records younger than max(2 s, repair_delay) are left to a later pass: the drop
+        # below (lease_ttl 2) takes longer than that anyway
+        victim.stop(signal.SIGKILL)
+        t_kill = time.monotonic()
+        passes_at_drop = {}
+        pending_drop = set(d.control for d in survivors)
+        deadline = t_kill + 30
+        while pending_drop:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{vid} not dropped from placement within 30s")
+            for d in survivors:
+                if d.control in pending_drop:
+                    r = members_of(d)
+                    if vid not in {m.node_id for m in r.members if m.placement}:
+                        passes_at_drop[d.control] = r.repair.passes
+                        pending_drop.discard(d.control)
+            time.sleep(0.05)
+        t_drop = time.monotonic()
+
+        # ---- wait for every survivor: a pass done since the drop, idle, pending 0
+        polls = 0
+        while True:
+            if time.monotonic() - t_drop > args.timeout:
+                raise TimeoutError(f"repair not done within {args.timeout}s")
+            sts = [members_of(d).repair for d in survivors]
+            polls += 1
+            if all(r.passes > passes_at_drop[d.control] and r.state == "idle" and r.pending == 0
+                   for d, r in zip(survivors, sts)):
+                break
+            time.sleep(0.05)
+        t_done = time.monotonic()
+        rebuild_s = t_done - t_drop
+        records = sum(r.records_written - base[d.control][1] for d, r in zip(survivors, sts))
+        nbytes = sum(r.bytes_written - base[d.control][2] for d, r in zip(survivors, sts))
+        failures = sum(r.failures - base[d.control][3] for d, r in zip(survivors, sts))
+        passes = sum(r.passes - passes_at_drop[d.control] for d, r in zip(survivors, sts))
+        last_pass = max(r.last_pass_seconds for r in sts)
+
+        # ---- one full check, then read everything back
+        live = members_of(survivors[0])
+        members = [Member(m.node_id, m.control_address, m.failure_domain) for m in live.members if m.placement]
+        assert {m.node_id for m in members} == ids - {vid}, members
+        t0 = time.monotonic()
+        bad = full_check(members, objs, p)
+        t_check = time.monotonic() - t0
+        mismatched = 0
+        keys = list(objs)
+        for i in range(0, len(keys), 32):
+            got = cc.batch_get(keys[i:i + 32], namespace=NS)
+            mismatched += sum(1 for k, g in zip(keys[i:i + 32], got) if bytes(g) != objs[k])
+        codec = codec_speed(args.size, args.codec_iters)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    finally:
+        if cc is not None:
+            cc.close()
+        for d in daemons:
+            try:
+                d.stop(signal.SIGKILL, timeout=5)
+            except Exception as e:  # keep cleaning up
+                print(f"stopping a node: {e}", file=sys.stderr)
+        if etcd is not None:
+            etcd.stop()
+        if args.keep:
+            print(f"kept {tmp}", file=sys.stderr)
+        else:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    frag_len, frag_dt = codec[0]
+    _, par_dt = codec[3]
+    total = args.objects * args.size
+    print(f"{args.objects} x {fmt_size(args.size)} objects ({fmt_size(total)}), {EC}, {N_NODES} nodes, "
+          f"{os.cpu_count()} cores; puts took {t_put:.2f}s ({total / t_put / 1e9:.2f} GB/s)")
+    print(f"victim {vid}: {victim_records} records"
+          + (f", {fmt_size(victim_bytes)}" if victim_bytes is not None else "")
+          + f" before the kill; dropped from placement by all survivors {t_drop - t_kill:.2f}s after SIGKILL")
+    print(f"survivors: {passes} passes since the drop, longest last pass {last_pass:.2f}s, "
+          f"{failures} failures, {polls} status polls; full check {t_check:.2f}s")
+    print()
+    rows = [
+        ("objects lost with the node (records rebuilt)", f"{records}", ""),
+        ("bytes rebuilt (records, header + fragment)", fmt_size(nbytes), ""),
+        ("rebuild time (drop seen -> redundancy)", f"{rebuild_s:.2f} s", ""),
+        ("rebuild time (SIGKILL -> redundancy)", f"{t_done - t_kill:.2f} s", ""),
+        ("rebuild throughput", f"{nbytes / rebuild_s / 1e6:.1f} MB/s",
+         f"{records / rebuild_s:.0f} records/s"),
+        ("pyeclib reconstruct, 1 data fragment", f"{frag_len / frag_dt / 1e6:.0f} MB/s",
+         f"{frag_dt * 1e6:.0f} us per {fmt_size(frag_len)} fragment"),
+        ("pyeclib reconstruct, 1 parity fragment", f"{frag_len / par_dt / 1e6:.0f} MB/s",
+         f"{par_dt * 1e6:.0f} us"),
+        ("configured cluster.repair_rate (per node)", f"{args.repair_rate / 1e6:.0f} MB/s",
+         fmt_size(args.repair_rate) + "/s"),
+    ]
+    w = max(len(r[0]) for r in rows)
+    print(f"| {'metric':<{w}} | value | note |")
+    print(f"|{'-' * (w + 2)}|---:|---|")
+    for name, val, note in rows:
+        print(f"| {name:<{w}} | {val} | {note} |")
+    print()
+    print(f"full redundancy check: {'OK' if not bad else f'{len(bad)} objects incomplete, e.g. {bad[:3]}'}")
+    print(f"read-back through the ClusterClient: {len(objs) - mismatched}/{len(objs)} objects byte-identical")
+    if bad or mismatched:
+        rc = 1
+    if records != victim_records:
+        print(f"note: records rebuilt ({records}) != records the victim held ({victim_records})")
+    print(f"total runtime {time.monotonic() - t_start:.1f}s")
+    return rc
+
+
+if __name__ == "__main__":
+    sys.exit(main())
