@@ -85,6 +85,7 @@ class RepairAgent:
         self._budget = 0.0
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._unreachable: set[str] = set()
+        self._skipped_young = 0
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
                    "last_pass_seconds": 0.0, "pending": 0}
@@ -147,6 +148,7 @@ class RepairAgent:
     def _run(self) -> None:
         m = self.node.membership
         due = time.monotonic() + self.delay
+        retry = 0.0  # the current back-off after passes that left work pending
         while not self._stop:
             timeout = max(0.0, due - time.monotonic())
             if self._wake.wait(timeout):
@@ -155,6 +157,7 @@ class RepairAgent:
                     return
                 # settle: a change starts a pass repair_delay later; further changes
                 # within that time join the same pass (never postpone it)
+                retry = 0.0  # something changed: unfinished work may be doable now
                 if self._now:
                     due = time.monotonic()
                 elif self.st["state"] != "waiting":
@@ -179,8 +182,17 @@ class RepairAgent:
             self.st["passes"] += 1
             self.st["pending"] = pending
             self.st["state"] = "idle"
-            # unfinished work (peers down, fragments missing): try again soon
-            due = time.monotonic() + (max(self.delay, 1.0) if pending else self.interval)
+            # unfinished work (peers down, fragments missing): try again soon, backing off
+            # while it stays unfinished (an object that lost more than M fragments never
+            # will be) up to the interval
+            if pending:
+                retry = min(retry * 2, self.interval) if retry else max(self.delay, 1.0)
+                due = time.monotonic() + retry
+            else:
+                retry = 0.0
+                due = time.monotonic() + self.interval
+                if m.draining and self._skipped_young:  # a drain waits for nothing
+                    due = time.monotonic() + max(YOUNG_S, self.delay)
 
     def _pass(self) -> int:
         m = self.node.membership
@@ -190,11 +202,12 @@ class RepairAgent:
             return 0
         rows = self._on_loop(self.node.store.repair_snapshot)
         # a record younger than this may belong to a put still in flight (its other
-        # records not written yet): leave it to a later pass
+        # records not written yet): leave it to a later pass. Not counted as pending: a
+        # node taking writes always has young records, and a finished put is complete.
         young = time.time() - max(YOUNG_S, self.delay)
         n = len(rows)
         rows = [r for r in rows if r[8] <= young]
-        pending_young = n - len(rows)
+        self._skipped_young = n - len(rows)
         objs = self._group(rows, policies, m.draining)
         self.st.update(state="scanning", scanned=0, total=len(objs))
         if objs:
@@ -238,7 +251,7 @@ class RepairAgent:
                     log.info("repair of one object failed: %s", e, extra={
                         "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
             self.st["scanned"] += len(batch)
-        return pending + pending_young
+        return pending
 
     def _view(self):
         m = self.node.membership
