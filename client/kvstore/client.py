@@ -228,7 +228,7 @@ class Client(Namespaced):
             self._conns.clear()
         self._channel.close()
 
-    def _call(self, method: str, request, timeout: float | None = None):
+    def _call(self, method: str, request, timeout: float | None = None, epoch: int | None = None):
         timeout = timeout or self.timeout
         deadline = time.monotonic() + timeout
         # wait_for_ready: ride out a daemon restart within the timeout instead of failing
@@ -238,8 +238,9 @@ class Client(Namespaced):
         while True:
             try:
                 md = self._metadata
-                if self.epoch:  # the control plane redirects keyed calls like the data path
-                    md = tuple(md or ()) + (("kvstore-epoch", str(self.epoch)),)
+                ep = self.epoch if epoch is None else epoch
+                if ep:  # the control plane redirects keyed calls like the data path
+                    md = tuple(md or ()) + (("kvstore-epoch", str(ep)),)
                 r = getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
                                                 wait_for_ready=not fail_fast, metadata=md)
                 self._reached = True
@@ -555,8 +556,11 @@ class Client(Namespaced):
         r = self._call("Unpin", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
         return r.count
 
-    def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        r = self._call("Delete", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
+    def delete(self, keys: Sequence, *, namespace: str | None = None, check_epoch: bool = True) -> int:
+        """Delete ``keys``; returns how many existed. ``check_epoch=False``: never
+        redirected (ClusterClient undoing exactly the records it has just written)."""
+        r = self._call("Delete", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)),
+                       epoch=None if check_epoch else 0)
         return r.count
 
     def stats(self) -> pb.StatsResponse:

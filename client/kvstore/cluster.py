@@ -49,7 +49,7 @@ from . import errors
 from ._common import DEFAULT_NAMESPACE, as_bytes_view
 from .client import Client
 from .layout import (DEFAULT_MIN_EC_SIZE, FRAG_HEADER, Policy, assemble, codec, encode_records,
-                     fragment_key, lap_key, member_epoch, placement_key, slots)
+                     fragment_key, lap_key, member_epoch, parse_head, placement_key, slots)
 from .placement import Member, place
 from .wire import key_bytes, namespace_bytes
 
@@ -346,8 +346,7 @@ class ClusterClient:
                    overwrite: bool) -> list[list[bool]]:
         """batch_put every node's items in parallel; all must succeed (W = all). On a
         failure the items newly stored by this call are deleted best effort."""
-        futs = [self._submit(m, "batch_put", items, namespace=ns, overwrite=overwrite)
-                for m, items in writes]
+        futs = [self._pool.submit(self._put_records, m, items, ns, overwrite) for m, items in writes]
         wait(futs)
         results, first = [], None
         for (m, items), f in zip(writes, futs):
@@ -364,12 +363,38 @@ class ClusterClient:
             if r is not None:
                 fresh = [k for (k, _v), stored in zip(items, r) if stored]
                 if fresh:
-                    try:
-                        self._node(m, "delete", fresh, namespace=ns)
+                    try:  # exactly what this call wrote, where it wrote it: no redirect
+                        self._node(m, "delete", fresh, namespace=ns, check_epoch=False)
                     except errors.KVStoreError:
                         pass
         e, m = first
         raise type(e)(f"put not acknowledged: node {m.node_id} ({m.address}) failed: {e}") from e
+
+    def _put_records(self, m: Member, items: list, ns: str, overwrite: bool) -> list[bool]:
+        """batch_put on one node. A Conflict on an EC record whose stored record belongs to
+        the same object (same length, checksum, K and M: another fragment index left by an
+        earlier attempt whose undo did not reach this node) is resolved by overwriting it;
+        any other Conflict stands."""
+        try:
+            return self._node(m, "batch_put", items, namespace=ns, overwrite=overwrite)
+        except errors.Conflict:
+            if overwrite or not all(isinstance(v, bytes) and parse_head(v) for _k, v in items):
+                raise
+        out = []
+        for k, v in items:
+            try:
+                out.append(self._node(m, "put", k, v, namespace=ns))
+                continue
+            except errors.Conflict as conflict:
+                try:  # rare path: read the stored record (read scope, not admin)
+                    theirs = parse_head(bytes(self._node(m, "get", k, namespace=ns)[:FRAG_HEADER.size]))
+                except errors.KVStoreError:
+                    raise conflict from None
+                mine = parse_head(v)
+                if theirs is None or theirs[4:6] != mine[4:6] or theirs[8:10] != mine[8:10]:
+                    raise
+            out.append(self._node(m, "put", k, v, namespace=ns, overwrite=True))
+        return out
 
     def put(self, key, value, *, namespace: str | None = None, overwrite: bool = False) -> bool:
         """Store ``value`` under the namespace's policy; acknowledged when every replica or

@@ -157,3 +157,29 @@ def test_lookup_prefix_across_nodes(nodes):
         assert len(primaries) > 1  # the prefix really spans nodes
         assert cc.delete(keys[:3], namespace="ec") == 3
         assert cc.lookup(keys, namespace="ec") == 0
+
+
+def test_put_over_a_leftover_fragment_of_the_same_object(nodes):
+    """An earlier attempt's record (another fragment index of the same object) left on a
+    node where the undo did not reach: a new put of that object replaces it; a different
+    object under the key is still a Conflict."""
+    from kvstore.errors import Conflict
+    from kvstore.layout import parse_record
+    with cluster(nodes) as cc:
+        k, v = b"leftover", blob(MIB, 5)
+        cc.put(k, v, namespace="ec")
+        placed = place(fragment_key(k), cc.members(), 5, "ec")
+        c0 = kvstore.Client(placed[0].address, namespace="ec", timeout=5)
+        c1 = kvstore.Client(placed[1].address, namespace="ec", timeout=5)
+        try:
+            rec1 = bytes(c1.get(fragment_key(k)))
+            c0.put(fragment_key(k), rec1, overwrite=True)  # node 0 now holds index 1 too
+            c1.delete([fragment_key(k)])
+            assert cc.put(k, v, namespace="ec") is True  # records restored, leftover replaced
+            assert parse_record(c0.get(fragment_key(k)))[0][3] == 0
+            assert cc.get(k, namespace="ec") == v
+            with pytest.raises(Conflict):
+                cc.put(k, blob(MIB, 6), namespace="ec")
+        finally:
+            c0.close()
+            c1.close()
