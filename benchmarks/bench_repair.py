@@ -72,21 +72,6 @@ def config(tmp: Path, name: str, etcd_endpoint: str, repair_rate: int) -> str:
     return str(path)
 
 
-def wait(pred, timeout: float, what: str, step: float = 0.1):
-    from kvstore import errors
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except errors.KVStoreError as e:
-            last = e
-        if last is True or (last and not isinstance(last, Exception)):
-            return last
-        time.sleep(step)
-    raise TimeoutError(f"{what} not within {timeout}s (last: {last!r})")
-
-
 def members_of(d):
     import kvstore
     with kvstore.Client(d.control, timeout=5, shm=False) as c:
@@ -159,12 +144,12 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
 
     import kvstore
-    from kvstore import errors
     from kvstore.cluster import ClusterClient
     from kvstore.layout import Policy
     from kvstore.placement import Member
     from daemonutil import Daemon
     from etcdutil import Etcd
+    from etcdutil import wait_for as wait
 
     if shutil.which("etcd") is None:
         print("etcd binary not on PATH", file=sys.stderr)

@@ -136,6 +136,12 @@ class ControlService(pb_grpc.KVStoreServicer):
             counters["control_auth_rejected_" + reason] += 1
             raise err
 
+    def _membership(self):
+        m = getattr(self.node, "membership", None)
+        if m is None:
+            raise errors.InvalidArgument("this node is not in a cluster (cluster.enabled = false)")
+        return m
+
     def _check_epoch(self, context) -> None:
         """Keyed calls from a cluster client with an old member list are redirected, as on
         the data path (metadata ``kvstore-epoch``; absent or 0 = not checked)."""
@@ -364,9 +370,7 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_guard(ADMIN, all_namespaces_if_empty=True)
     async def Drain(self, request, context):
         """Admin: leave placement and move this node's records to their homes."""
-        m = getattr(self.node, "membership", None)
-        if m is None:
-            raise errors.InvalidArgument("this node is not in a cluster (cluster.enabled = false)")
+        m = self._membership()
         await m.set_draining(not request.cancel)
         repair = getattr(self.node, "repair", None)
         if repair is not None:
@@ -380,9 +384,7 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_guard(ADMIN, all_namespaces_if_empty=True)
     async def SetPolicy(self, request, context):
         """Admin: a namespace's redundancy policy, cluster-wide (etcd)."""
-        m = getattr(self.node, "membership", None)
-        if m is None:
-            raise errors.InvalidArgument("this node is not in a cluster (cluster.enabled = false)")
+        m = self._membership()
         ns = request.namespace
         if ns != "*":
             ns = namespace_bytes(ns).decode()

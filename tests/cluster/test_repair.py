@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 from etcdutil import TTL, needs_etcd
+from etcdutil import wait_for as _wait
 
 pytest.importorskip("pyeclib")
 
@@ -44,20 +45,6 @@ def _config(tmp: Path, name: str, etcd, **extra) -> str:
 
 def _start(start_daemon, tmp, etcd, name, **extra):
     return start_daemon("--config", _config(tmp, name, etcd, **extra), "--dram-size", "256MiB")
-
-
-def _wait(pred, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except errors.KVStoreError as e:
-            last = e
-        if last is True or (last and not isinstance(last, Exception)):
-            return last
-        time.sleep(step)
-    raise AssertionError(f"{what} not within {timeout}s (last: {last!r})")
 
 
 def _placement(d) -> set[str]:
