@@ -37,6 +37,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from kvstore import errors
@@ -49,6 +50,7 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstored.repair")
 
 BATCH = 64  # objects per batch (one Heads call per peer per batch)
+WORKERS = 4  # objects of a batch repaired at once
 HEAD = FRAG_HEADER.size
 CALL_TIMEOUT = 10.0  # waiting on the event loop
 PEER_TIMEOUT = 3.0  # one call to a peer: a dead one (still listed) must not stall the pass
@@ -83,6 +85,8 @@ class RepairAgent:
         self._clients: dict[str, object] = {}
         self._budget_t = time.monotonic()
         self._budget = 0.0
+        self._lock = threading.Lock()
+        self._pool: ThreadPoolExecutor | None = None
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._unreachable: set[str] = set()
         self._skipped_young = 0
@@ -98,6 +102,8 @@ class RepairAgent:
     def stop(self) -> None:
         self._stop = True
         self._wake.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
         for c in list(self._clients.values()):
             try:
                 c.close()
@@ -111,6 +117,10 @@ class RepairAgent:
 
     def status(self) -> dict:
         return dict(self.st)
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:  # objects are repaired by several worker threads at once
+            self.st[name] += n
 
     # ------------------------------------------------------------ loop plumbing
     def _on_loop(self, fn, *args):
@@ -137,12 +147,14 @@ class RepairAgent:
         return c
 
     def _throttle(self, nbytes: int) -> None:
-        """Token bucket over written bytes (burst: one second's worth)."""
-        now = time.monotonic()
-        self._budget = min(self.rate, self._budget + (now - self._budget_t) * self.rate) - nbytes
-        self._budget_t = now
-        if self._budget < 0:
-            time.sleep(min(-self._budget / self.rate, 5.0))
+        """Token bucket over written bytes (burst: one second's worth), shared by the workers."""
+        with self._lock:
+            now = time.monotonic()
+            self._budget = min(self.rate, self._budget + (now - self._budget_t) * self.rate) - nbytes
+            self._budget_t = now
+            wait = -self._budget / self.rate if self._budget < 0 else 0.0
+        if wait:
+            time.sleep(min(wait, 5.0))
 
     # ------------------------------------------------------------ the loop
     def _run(self) -> None:
@@ -176,7 +188,7 @@ class RepairAgent:
                 if self._stop:
                     return  # shutting down: clients closed under the pass
                 log.exception("repair pass failed")
-                self.st["failures"] += 1
+                self._count("failures")
                 pending = 1
             self.st["last_pass_seconds"] = round(time.monotonic() - t0, 3)
             self.st["passes"] += 1
@@ -239,19 +251,26 @@ class RepairAgent:
                 pkey = o.base
                 o.slots = slots(pkey, members, o.policy, o.ns) if o.policy else []
             heads, settled = self._ask(batch, me, draining)
-            for o in batch:
-                if not o.slots:
-                    continue
+
+            def one(o: _Obj) -> bool:
                 try:
-                    if not self._object(o, me, heads, settled, by_id, draining):
-                        pending += 1
+                    return self._object(o, me, heads, settled, by_id, draining)
                 except errors.KVStoreError as e:
-                    pending += 1
-                    self.st["failures"] += 1
+                    self._count("failures")
                     log.info("repair of one object failed: %s", e, extra={
                         "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+                    return False
+
+            # objects are independent: a few at once hide the per-object round trips
+            todo = [o for o in batch if o.slots]
+            pending += sum(1 for ok in self._workers().map(one, todo) if not ok)
             self.st["scanned"] += len(batch)
         return pending
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(WORKERS, thread_name_prefix="kvstored-repair")
+        return self._pool
 
     def _view(self):
         m = self.node.membership
@@ -395,11 +414,11 @@ class RepairAgent:
                 keep = True  # every peer restarted too: nothing says it is stale
             if keep:
                 self._on_loop(self._verify_entry, o.ns, key)
-                self.st["verified"] += 1
+                self._count("verified")
                 o.mine[lap] = o.mine[lap][:3] + (False,) + o.mine[lap][4:]
             else:
                 if self._on_loop(self.node.store.drop_unverified, o.ns, key, csum):
-                    self.st["dropped"] += 1
+                    self._count("dropped")
                     log.info("dropped a stale record recovered at restart", extra={
                         "namespace": o.ns.decode(errors="replace"), "key": key[:48].hex()})
                 del o.mine[lap]
@@ -647,16 +666,16 @@ class RepairAgent:
         except errors.Conflict:
             return False  # something else is there now; the next pass looks again
         except errors.KVStoreError as e:
-            self.st["failures"] += 1
+            self._count("failures")
             if isinstance(e, errors.Unavailable):
                 self._unreachable.add(member.node_id)
             log.info("repair: could not write to %s: %s", member.node_id, e)
             return False
         if stored:
-            self.st["records_written"] += 1
-            self.st["bytes_written"] += len(data)
+            self._count("records_written")
+            self._count("bytes_written", len(data))
         return True
 
     def _delete_local(self, ns: bytes, key: bytes) -> None:
         if self._on_loop(self.node.store.delete, ns, [key]):
-            self.st["removed"] += 1
+            self._count("removed")
