@@ -46,7 +46,7 @@ from concurrent.futures import FIRST_COMPLETED, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 
 from . import errors
-from ._common import DEFAULT_NAMESPACE, as_bytes_view
+from ._common import DEFAULT_NAMESPACE, as_bytes_view, writable_view
 from .client import Client
 from .layout import (DEFAULT_MIN_EC_SIZE, FRAG_HEADER, Policy, assemble, codec, encode_records,
                      fragment_key, lap_key, member_epoch, parse_head, placement_key, slots)
@@ -636,6 +636,75 @@ class ClusterClient:
                 for (j, _), gone in zip(items, f.result()):
                     hit[j] = hit[j] or gone
         return sum(hit)
+
+    # ------------------------------------------------------------ Client-compatible extras
+    # (so the engine adapters and kvstore.torch take a ClusterClient where they take a Client)
+    def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
+        """The object copied into ``buffer``; returns its size."""
+        return self.batch_get_into([key], [buffer], namespace=namespace)[0]
+
+    def batch_get_into(self, keys: Sequence, buffers: Sequence, *,
+                       namespace: str | None = None) -> list[int]:
+        """``batch_get`` copied into caller buffers (one copy more than a plain Client's
+        receive-into: the records are assembled first)."""
+        if len(keys) != len(buffers):
+            raise errors.InvalidArgument(f"{len(keys)} keys but {len(buffers)} buffers")
+        views = [writable_view(b) for b in buffers]
+        out = []
+        for data, view in zip(self.batch_get(keys, namespace=namespace), views):
+            if len(data) > len(view):
+                raise errors.InvalidArgument(
+                    f"object of {len(data)} bytes does not fit the {len(view)}-byte buffer")
+            view[:len(data)] = data
+            out.append(len(data))
+        return out
+
+    def _records_per_node(self, keys: Sequence, ns: str) -> dict[str, tuple[Member, list]]:
+        """Every record key of ``keys`` on its slots, grouped per node."""
+        p = self.policy(ns)
+        per_node: dict[str, tuple[Member, list]] = {}
+        for k in keys:
+            kb = key_bytes(k)
+            for m, lap in self._slots(kb, ns, p, write=False):
+                sk = lap_key(fragment_key(kb), lap) if p.kind == "ec" else kb
+                per_node.setdefault(m.node_id, (m, []))[1].append(sk)
+        return per_node
+
+    def pin(self, keys: Sequence, ttl: float = 60.0, *, namespace: str | None = None) -> int:
+        """Pin every record of ``keys`` on its node for ``ttl`` seconds; returns how many
+        records were pinned (a key has one per copy or fragment)."""
+        ns = self._ns(namespace)
+        futs = [self._submit(m, "pin", sks, ttl, namespace=ns)
+                for m, sks in self._records_per_node(keys, ns).values()]
+        wait(futs)
+        return sum(f.result() for f in futs if f.exception() is None)
+
+    def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        ns = self._ns(namespace)
+        futs = [self._submit(m, "unpin", sks, namespace=ns)
+                for m, sks in self._records_per_node(keys, ns).values()]
+        wait(futs)
+        return sum(f.result() for f in futs if f.exception() is None)
+
+    def ping(self) -> float:
+        """The slowest data-path round trip over the members, in seconds; Unavailable
+        when none answers."""
+        futs = [self._submit(m, "ping") for m in self.members()]
+        wait(futs)
+        rtts = [f.result() for f in futs if f.exception() is None]
+        if not rtts:
+            raise errors.Unavailable(f"none of the {len(futs)} member(s) answered a ping")
+        return max(rtts)
+
+    def delete_all(self, *, namespace: str | None = None) -> int:
+        """Admin: every object of the namespace on every member; returns records deleted."""
+        ns = self._ns(namespace) if namespace != "" else ""
+        futs = [self._submit(m, "delete_all", namespace=ns) for m in self.members()]
+        wait(futs)
+        for f in futs:
+            if f.exception() is not None:
+                raise f.exception()
+        return sum(f.result() for f in futs)
 
     def _codec(self, p: Policy):
         return codec(p)

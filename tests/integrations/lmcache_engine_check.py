@@ -121,16 +121,24 @@ def main() -> int:
     ap.add_argument("--address", required=True)
     ap.add_argument("--namespace", required=True)
     ap.add_argument("--config", required=True)
+    ap.add_argument("--cluster", action="store_true",
+                    help="--address lists seeds of a kvstored cluster (comma-separated)")
     a = ap.parse_args()
     if a.mode == "store":
+        address = f"kvstore+cluster://{a.address}" if a.cluster else a.address
         with open(a.config, "w") as f:
-            f.write(CONFIG.format(chunk=CHUNK, address=a.address, namespace=a.namespace))
+            f.write(CONFIG.format(chunk=CHUNK, address=address, namespace=a.namespace))
     report: dict = {"mode": a.mode, "tokens": TOKENS, "pythonhashseed": os.environ.get("PYTHONHASHSEED")}
     engine = build_engine(a.config)
     tokens, kv = prompt()
     keys = chunk_keys(engine, tokens)
     report["chunks"] = len(keys)
-    with kvstore.Client(a.address, namespace=a.namespace, timeout=10) as c:
+    if a.cluster:
+        from kvstore.cluster import ClusterClient
+        c = ClusterClient.from_cluster(a.address.split(","), namespace=a.namespace, node_timeout=10)
+    else:
+        c = kvstore.Client(a.address, namespace=a.namespace, timeout=10)
+    with c:
         if a.mode == "store":
             report["stored_before"] = c.lookup(keys)
             engine.store(torch.tensor(tokens), kvcaches=kv.clone())
@@ -146,21 +154,25 @@ def main() -> int:
             local = sm.storage_backends["LocalCPUBackend"]
             _s, _e, first = next(iter(engine.token_database.process_tokens(tokens=tokens)))
             report["local_has_first_chunk"] = bool(local.contains(first))
-            hits0 = c.stats()
+            hits0 = _hits(c)
             retrieve_all(engine, tokens, report, "after_drop")
         else:
             report["stored_before"] = c.lookup(keys)
-            hits0 = c.stats()
+            hits0 = _hits(c)
             retrieve_all(engine, tokens, report, "fresh")
-        hits1 = c.stats()
-    report["daemon_get_hits"] = _hits(hits1) - _hits(hits0)
+        hits1 = _hits(c)
+    report["daemon_get_hits"] = hits1 - hits0
     LMCacheEngineBuilder.destroy("kvstore-check")
     print(json.dumps(report), flush=True)
     return 0
 
 
-def _hits(stats) -> int:
-    return int(stats.counters.get("hits", 0))
+def _hits(c) -> int:
+    """Get hits of the daemon, or summed over a cluster's members."""
+    from kvstore.cluster import ClusterClient
+    if isinstance(c, ClusterClient):
+        return sum(int(c.client(m).stats().counters.get("hits", 0)) for m in c.members())
+    return int(c.stats().counters.get("hits", 0))
 
 
 if __name__ == "__main__":

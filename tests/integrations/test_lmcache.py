@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+from pathlib import Path
 
 import pytest
 
@@ -125,3 +126,42 @@ def test_lmcache_connector(connector_results, name):
 def test_lmcache_connector_checks_listed(connector_results):
     results, _ = connector_results
     assert sorted(results) == sorted(CONNECTOR_CHECKS), "a check was added or removed: update the list"
+
+
+def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
+    """The same engine round trip with the adapter pointed at a three-node cluster
+    (``kvstore+cluster://`` seeds; ec:2+1 from the cluster's policy, real etcd)."""
+    import sys
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
+    from etcdutil import ETCD, HAVE_AETCD, Etcd, wait_for
+    if ETCD is None or not HAVE_AETCD:
+        pytest.skip("needs the etcd binary and aetcd (make test installs both)")
+    etcd = Etcd(tmp_path).start()
+    try:
+        ds = []
+        for i in range(3):
+            cfg = tmp_path / f"c{i}.toml"
+            cfg.write_text(f'[node]\nid = "c{i}"\n[cluster]\nenabled = true\nlease_ttl = 2\n'
+                           f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "engine=ec:2+1"\n')
+            ds.append(start_daemon("--config", str(cfg)))
+        import kvstore
+        with kvstore.Client(ds[0].control, timeout=5) as c:
+            wait_for(lambda: sum(m.placement for m in c.members().members) == 3, 10, "three members")
+        seeds = f"{ds[0].control},{ds[1].control}"
+        cfg = str(tmp_path / "engine.yaml")
+        args = ["lmcache_engine_check.py", "--address", seeds, "--namespace", "engine", "--config", cfg,
+                "--cluster"]
+        first = last_json(run(lmcache_python, [args[0], "store", *args[1:]]))
+        assert first["stored_after"] == first["chunks"] == 4, first
+        assert first["after_drop_retrieved_tokens"] == first["tokens"] and first["after_drop_equal"], first
+        second = last_json(run(lmcache_python, [args[0], "retrieve", *args[1:]]))
+        assert second["fresh_retrieved_tokens"] == second["tokens"] and second["fresh_equal"], second
+        assert second["daemon_get_hits"] >= 4
+        # the chunks are spread over the nodes, not all on one
+        held = []
+        for d in ds:
+            with kvstore.Client(d.control, timeout=5) as c:
+                held.append(c.stats().namespaces.get("engine", 0))
+        assert sum(1 for h in held if h) >= 2, held
+    finally:
+        etcd.stop()

@@ -38,7 +38,8 @@ class ClientOptions:
     """How an adapter reaches kvstored.
 
     ``address`` is the control (gRPC) address ``host:port``; a ``kvstore://host:port``
-    URL is accepted too. ``token`` may also come from ``token_file`` or the
+    URL is accepted too. ``cluster`` (or a ``kvstore+cluster://a:7070,b:7070`` URL): the
+    addresses are seeds of a kvstored cluster and the adapter gets a ClusterClient. ``token`` may also come from ``token_file`` or the
     ``KVSTORE_TOKEN`` environment variable (so that it need not sit in an engine's
     config). ``tls_*`` turn TLS on (``tls_ca_file`` alone: server authentication;
     with ``tls_cert_file``/``tls_key_file``: mutual TLS).
@@ -57,6 +58,9 @@ class ClientOptions:
     tls_server_name: str | None = None
     tcp_congestion: str = ""
     verify_checksums: bool = True
+    # a cluster: ``address`` is then one or more comma-separated node addresses (seeds);
+    # members and namespace policies come from the nodes (ClusterClient.from_cluster)
+    cluster: bool = False
 
     @classmethod
     def from_mapping(cls, values: Mapping[str, Any] | None, *, prefix: str = "",
@@ -98,8 +102,10 @@ class ClientOptions:
             except (TypeError, ValueError) as e:
                 raise errors.InvalidArgument(f"kvstore option {prefix}{name}: {e}") from None
         opts = cls(**out)
-        if opts.address.startswith("kvstore://"):
-            opts.address = opts.address[len("kvstore://"):].split("/", 1)[0]
+        for scheme, cluster in (("kvstore://", False), ("kvstore+cluster://", True)):
+            if opts.address.startswith(scheme):
+                opts.address = opts.address[len(scheme):].split("/", 1)[0]
+                opts.cluster = opts.cluster or cluster
         if opts.timeout <= 0:
             raise errors.InvalidArgument(f"kvstore option {prefix}timeout must be positive")
         return opts, rest
@@ -125,12 +131,24 @@ class ClientOptions:
         """One line for logs (never the token)."""
         tls = "tls" if self.tls_config() else "plaintext"
         auth = "token" if self.resolved_token() else "no token"
-        return f"kvstored {self.address} namespace={self.namespace} ({tls}, {auth})"
+        what = "kvstored cluster via" if self.cluster else "kvstored"
+        return f"{what} {self.address} namespace={self.namespace} ({tls}, {auth})"
 
 
-def client_from_options(opts: ClientOptions) -> Client:
+def client_from_options(opts: ClientOptions):
     """A blocking :class:`kvstore.Client` for ``opts`` (thread-safe; one data
-    connection per calling thread, opened on first use)."""
+    connection per calling thread, opened on first use), or with ``cluster`` a
+    :class:`kvstore.cluster.ClusterClient` over the nodes ``address`` lists."""
+    if opts.cluster:
+        from ..cluster import ClusterClient
+        if opts.data_address:
+            raise errors.InvalidArgument("kvstore option data_address does not apply to a cluster "
+                                         "(each node's data address comes from the member list)")
+        seeds = [a.strip() for a in opts.address.split(",") if a.strip()]
+        return ClusterClient.from_cluster(
+            seeds, namespace=opts.namespace, node_timeout=opts.timeout,
+            verify_checksums=opts.verify_checksums, tcp_congestion=opts.tcp_congestion,
+            tls=opts.tls_config(), token=opts.resolved_token())
     return Client(opts.address, namespace=opts.namespace, timeout=opts.timeout,
                   verify_checksums=opts.verify_checksums, data_address=opts.data_address,
                   tcp_congestion=opts.tcp_congestion, tls=opts.tls_config(),
