@@ -30,6 +30,7 @@ class Certs:
     untrusted_client: Pair  # signed by a CA nobody trusts
     untrusted_ca: str
     untrusted_server: Pair  # a server certificate signed by the untrusted CA
+    node: Pair  # a cluster node's: server and client auth (it calls its peers), signed by ca
 
 
 def _key():
@@ -56,7 +57,7 @@ def _ca(cn: str):
     return cert, key
 
 
-def _leaf(cn: str, ca, ca_key, *, server: bool, expired: bool = False):
+def _leaf(cn: str, ca, ca_key, *, server: bool, expired: bool = False, client: bool = False):
     key = _key()
     now = datetime.datetime.now(datetime.timezone.utc)
     before, after = (now - 10 * _DAY, now - _DAY) if expired else (now - _DAY, now + 30 * _DAY)
@@ -64,8 +65,10 @@ def _leaf(cn: str, ca, ca_key, *, server: bool, expired: bool = False):
          .public_key(key.public_key()).serial_number(x509.random_serial_number())
          .not_valid_before(before).not_valid_after(after)
          .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
-         .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH if server
-                                               else ExtendedKeyUsageOID.CLIENT_AUTH]), critical=False)
+         .add_extension(x509.ExtendedKeyUsage(
+             [ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH] if server and client
+             else [ExtendedKeyUsageOID.SERVER_AUTH if server else ExtendedKeyUsageOID.CLIENT_AUTH]),
+             critical=False)
          .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()),
                         critical=False))
     if server:
@@ -102,4 +105,5 @@ def make_certs(directory: Path) -> Certs:
         untrusted_ca=_write(directory, "untrusted-ca", bad_ca),
         untrusted_server=_write(directory, "untrusted-server",
                                 *_leaf("impostor", bad_ca, bad_ca_key, server=True)),
+        node=_write(directory, "node", *_leaf("kvstored-node", ca, ca_key, server=True, client=True)),
     )
