@@ -324,3 +324,46 @@ def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
 def _members_policies(d) -> dict:
     with kvstore.Client(d.control, timeout=5) as c:
         return dict(c.members().policies)
+
+
+def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
+    import grpc
+
+    from kvstore.v1 import control_pb2 as pb
+    from kvstore.v1 import control_pb2_grpc as pb_grpc
+    ds = [_start(start_daemon, tmp_path, etcd, f"b{i}") for i in range(2)]
+    _wait(lambda: len(_placement(ds[0])) == 2, 10, "two members")
+    with kvstore.Client(ds[0].control, timeout=5) as c:
+        with pytest.raises(errors.InvalidArgument, match="head_bytes 65 is over 64"):
+            c.heads([b"k"], head_bytes=65)
+        with pytest.raises(errors.InvalidArgument, match="keys in one call"):
+            c.heads([b"k%d" % i for i in range(70_000)])
+        with pytest.raises(errors.InvalidArgument):
+            c.heads([b"x" * 129])  # key over 128 bytes
+        with pytest.raises(errors.InvalidArgument):
+            c.set_policy("bad namespace!", "none")
+        with pytest.raises(errors.InvalidArgument, match="needs 3 nodes"):
+            c.set_policy("x", "replicas:3")
+        assert c.set_policy("x", "replicas:2")["x"] == "replicas:2"
+        assert "x" not in c.set_policy("x", "")  # removed
+        assert c.heads([b"absent"]).heads[0].present is False
+        # drain twice is harmless, cancel puts the node back
+        assert c.drain().draining and c.drain().draining
+        _wait(lambda: len(_placement(ds[1])) == 1, 5, "b0 out of placement")
+        assert not c.drain(cancel=True).draining
+        _wait(lambda: len(_placement(ds[1])) == 2, 5, "b0 back in placement")
+    # a malformed epoch in the metadata of a keyed call is a clear error
+    ch = grpc.insecure_channel(ds[0].control)
+    try:
+        stub = pb_grpc.KVStoreStub(ch)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Exists(pb.KeysRequest(namespace="ec", keys=[b"k"]), timeout=5,
+                        metadata=(("kvstore-epoch", "soon"),))
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "not a number" in ei.value.details()
+        # a stale epoch is a Redirect (UNAVAILABLE with kvstore-code 11)
+        with pytest.raises(grpc.RpcError) as ei:
+            stub.Delete(pb.KeysRequest(namespace="ec", keys=[b"k"]), timeout=5,
+                        metadata=(("kvstore-epoch", "12345"),))
+        assert dict(ei.value.trailing_metadata())["kvstore-code"] == "11"
+    finally:
+        ch.close()
