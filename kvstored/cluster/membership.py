@@ -137,7 +137,10 @@ class Membership:
                 "epoch": f"{epoch:08x}", "members": len(self.placement_rows())})
         self.epoch = epoch
         self.node.data_server.epoch = epoch
-        seen = (epoch, tuple(sorted(self.policies.items())))
+        # a member that restarted (new started_at) keeps the epoch but may have lost its
+        # records: that wakes the listeners (repair) too
+        seen = (epoch, tuple(sorted(self.policies.items())),
+                tuple(sorted((i.node_id, i.started_at) for i, _h, _a, _me in self.placement_rows())))
         if seen == getattr(self, "_last_seen", None):
             return  # a resync that changed nothing wakes nobody
         self._last_seen = seen

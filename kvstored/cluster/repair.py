@@ -51,6 +51,7 @@ log = logging.getLogger("kvstored.repair")
 
 BATCH = 64  # objects per batch (one Heads call per peer per batch)
 WORKERS = 4  # objects of a batch repaired at once
+MAX_PENDING_KEYS = 100_000  # unfinished objects remembered for the next pass
 HEAD = FRAG_HEADER.size
 CALL_TIMEOUT = 10.0  # waiting on the event loop
 PEER_TIMEOUT = 3.0  # one call to a peer: a dead one (still listed) must not stall the pass
@@ -90,6 +91,14 @@ class RepairAgent:
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._unreachable: set[str] = set()
         self._skipped_young = 0
+        # what the last pass saw, so that a pass after a membership change looks only at
+        # the objects the change can have touched (a full pass every repair_interval)
+        self._prev_members: list | None = None
+        self._prev_started: dict[str, float] = {}
+        self._last_full = 0.0
+        self._force_full = False
+        self._recheck_young = False
+        self._pending_keys: set | None = set()  # None: too many to track, next pass is full
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
                    "last_pass_seconds": 0.0, "pending": 0}
@@ -133,18 +142,27 @@ class RepairAgent:
         return asyncio.run_coroutine_threadsafe(call(), self.loop).result(CALL_TIMEOUT)
 
     def _client(self, member):
-        c = self._clients.get(member.node_id)
-        if c is None:
-            from kvstore.client import Client
-            tls = None
-            cfg = self.node.config
-            if cfg.tls_cert_file:
-                from kvstore import TLSConfig
-                tls = TLSConfig(ca_file=cfg.tls_client_ca_file or None, cert_file=cfg.tls_cert_file,
-                                key_file=cfg.tls_key_file)
-            c = self._clients[member.node_id] = Client(member.address, timeout=PEER_TIMEOUT, shm=False,
-                                                       token=self.token, tls=tls)
+        """The cached Client of a peer (workers share it; it is thread-safe), replaced when
+        the peer comes back on another address."""
+        with self._lock:
+            c = self._clients.get(member.node_id)
+            if c is not None and c.address == member.address:
+                return c
+            old, c = c, self._new_client(member.address)
+            self._clients[member.node_id] = c
+        if old is not None:
+            old.close()
         return c
+
+    def _new_client(self, address: str):
+        from kvstore.client import Client
+        cfg = self.node.config
+        tls = None
+        if cfg.tls_cert_file:  # the node's own certificate, checked against its CA
+            from kvstore import TLSConfig
+            tls = TLSConfig(ca_file=cfg.tls_client_ca_file or None, cert_file=cfg.tls_cert_file,
+                            key_file=cfg.tls_key_file)
+        return Client(address, timeout=PEER_TIMEOUT, shm=False, token=self.token, tls=tls)
 
     def _throttle(self, nbytes: int) -> None:
         """Token bucket over written bytes (burst: one second's worth), shared by the workers."""
@@ -203,7 +221,10 @@ class RepairAgent:
             else:
                 retry = 0.0
                 due = time.monotonic() + self.interval
-                if m.draining and self._skipped_young:  # a drain waits for nothing
+                if (m.draining and self._skipped_young) or self._recheck_young:
+                    # a drain waits for nothing; records written around a membership
+                    # change are looked at as soon as they are old enough
+                    self._recheck_young = False
                     due = time.monotonic() + max(YOUNG_S, self.delay)
 
     def _pass(self) -> int:
@@ -217,17 +238,22 @@ class RepairAgent:
         # records not written yet): leave it to a later pass. Not counted as pending: a
         # node taking writes always has young records, and a finished put is complete.
         young = time.time() - max(YOUNG_S, self.delay)
-        n = len(rows)
+        fresh = [r for r in rows if r[8] > young]
         rows = [r for r in rows if r[8] <= young]
-        self._skipped_young = n - len(rows)
+        self._skipped_young = len(fresh)
         objs = self._group(rows, policies, m.draining)
-        self.st.update(state="scanning", scanned=0, total=len(objs))
+        total = len(objs)
+        full = self._full_due(m)
+        if not full:
+            objs = self._affected(objs, members)
+        self.st.update(state="scanning", scanned=0, total=total)
         if objs:
             log.info("repair pass", extra={"objects": len(objs), "members": len(members),
                                            "epoch": f"{m.epoch:08x}"})
         by_id = {x.node_id: x for x in members}
         draining = [x for x in self._on_loop(self._all_members) if x.node_id in draining_ids]
         pending = 0
+        unfinished: set[tuple[bytes, bytes]] = set()
         epoch = m.epoch
         self._unreachable = set()  # peers that did not answer: not asked again this pass
         for i in range(0, len(objs), BATCH):
@@ -235,6 +261,7 @@ class RepairAgent:
                 break
             if m.epoch != epoch:  # the member list changed under us: start over soon
                 pending += len(objs) - i
+                self._force_full = True
                 break
             batch = objs[i:i + BATCH]
             self._read_my_heads(batch)
@@ -263,9 +290,50 @@ class RepairAgent:
 
             # objects are independent: a few at once hide the per-object round trips
             todo = [o for o in batch if o.slots]
-            pending += sum(1 for ok in self._workers().map(one, todo) if not ok)
+            for o, ok in zip(todo, self._workers().map(one, todo)):
+                if not ok:
+                    pending += 1
+                    unfinished.add((o.ns, o.base))
             self.st["scanned"] += len(batch)
+        changed = self._prev_members is not None and (
+            [x.node_id for x in self._prev_members] != [x.node_id for x in members])
+        if changed and fresh:
+            # written around the change: look at them once they are old enough
+            for r in fresh:
+                split = split_lap(r[1])
+                unfinished.add((r[0], split[0] if split else r[1]))
+            self._recheck_young = True
+        self._prev_members, self._prev_started = members, dict(self._started)
+        if full:
+            self._last_full = time.monotonic()
+        self._pending_keys = unfinished if len(unfinished) <= MAX_PENDING_KEYS else None
         return pending
+
+    def _full_due(self, m) -> bool:
+        """A full pass looks at every object; otherwise only at those a membership change
+        can have touched (see _affected)."""
+        force, self._force_full = self._force_full, False
+        return (force or self._prev_members is None or self._pending_keys is None or m.draining
+                or self.node.store.unverified > 0
+                or time.monotonic() - self._last_full >= self.interval)
+
+    def _affected(self, objs: list[_Obj], members: list) -> list[_Obj]:
+        """The objects whose slots differ between the previous pass's member list and this
+        one, or sit on a node that restarted since (its records may be gone), or that the
+        last pass left unfinished. Objects of unknown policy are always looked at."""
+        prev = self._prev_members
+        restarted = {nid for nid, at in self._started.items()
+                     if nid in self._prev_started and self._prev_started[nid] != at}
+        out = []
+        for o in objs:
+            if o.policy is None or (o.ns, o.base) in self._pending_keys:
+                out.append(o)
+                continue
+            now_slots = [(x.node_id, lap) for x, lap in slots(o.base, members, o.policy, o.ns)]
+            if (now_slots != [(x.node_id, lap) for x, lap in slots(o.base, prev, o.policy, o.ns)]
+                    or any(nid in restarted for nid, _ in now_slots)):
+                out.append(o)
+        return out
 
     def _workers(self) -> ThreadPoolExecutor:
         if self._pool is None:

@@ -367,3 +367,34 @@ def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
         assert dict(ei.value.trailing_metadata())["kvstore-code"] == "11"
     finally:
         ch.close()
+
+
+def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, start_daemon, tmp_path):
+    """A node killed and restarted at once (no NVMe: it comes back empty, possibly without
+    ever leaving the member list) is refilled by the change pass its new start time
+    triggers, not by the next full pass (repair_interval is an hour here)."""
+    ds = []
+    for i in range(4):
+        cfg = tmp_path / f"r{i}.toml"
+        cfg.write_text(f'[node]\nid = "r{i}"\n[cluster]\nenabled = true\nlease_ttl = {TTL}\nname = "rr"\n'
+                       f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\n'
+                       f'repair_interval = 3600\npolicies = "ec=ec:2+1"\n')
+        ds.append(start_daemon("--config", str(cfg), "--dram-size", "256MiB"))
+    for d in ds:
+        _wait(lambda d=d: len(_placement(d)) == 4, 15, "four nodes")
+    cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.5)
+    objs = {f"e-{i}".encode(): _blob(300_000 + i, i) for i in range(24)}
+    cc.batch_put(list(objs.items()), namespace="ec")
+    time.sleep(2.5)  # older than the young-record guard
+    victim = ds[1]
+    with kvstore.Client(victim.control, timeout=5) as c:
+        held = c.stats().counters["objects"]
+    assert held > 0
+    victim.stop(signal.SIGKILL)
+    victim.start()
+    with kvstore.Client(victim.control, timeout=5) as c:
+        _wait(lambda: c.stats().counters["objects"] >= held, 30, "the restarted node refilled")
+    members = _members(ds[0])
+    assert len(members) == 4
+    assert not _full_redundancy(members, "ec", Policy.parse("ec:2+1"), objs)
+    cc.close()
