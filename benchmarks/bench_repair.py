@@ -83,32 +83,10 @@ def placement(d) -> set[str]:
 
 
 def full_check(members, objs: dict, p) -> list:
-    """Objects whose slots over ``members`` lack a complete set of valid records ([] = ok).
-    Every record is read and checksum-verified (parse_record)."""
-    import kvstore
-    from kvstore import errors
-    from kvstore.layout import lap_key, parse_record, placement_key, slots
-    clients = {m.node_id: kvstore.Client(m.address, namespace=NS, timeout=5, shm=False) for m in members}
-    bad = []
-    try:
-        for k, v in objs.items():
-            pk = placement_key(k, p)
-            sl = slots(pk, members, p, NS)
-            need = p.m + 1 if len(v) < (256 << 10) else p.n  # whole copies below min_ec_size
-            idx = set()
-            for m, lap in sl[:need]:
-                try:
-                    r = parse_record(clients[m.node_id].get(lap_key(pk, lap)))
-                except errors.KVStoreError:
-                    r = None
-                if r is not None and r[0][8] == len(v):
-                    idx.add(r[0][3])
-            if len(idx) != need:
-                bad.append((k, sorted(idx)))
-    finally:
-        for c in clients.values():
-            c.close()
-    return bad
+    """Objects not at full redundancy over ``members`` (every record read and
+    checksum-verified): [] when repair is done."""
+    from clusterutil import missing_redundancy
+    return missing_redundancy(members, NS, p, objs)
 
 
 def codec_speed(size: int, iters: int) -> dict:
@@ -149,7 +127,7 @@ def main(argv=None) -> int:
     from kvstore.placement import Member
     from daemonutil import Daemon
     from etcdutil import Etcd
-    from etcdutil import wait_for as wait
+    from clusterutil import wait_for as wait
 
     if shutil.which("etcd") is None:
         print("etcd binary not on PATH", file=sys.stderr)

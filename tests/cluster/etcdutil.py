@@ -109,19 +109,3 @@ def enable_auth(etcd: Etcd, user: str, password: str) -> None:
     post("user/grant", {"user": user, "role": "root"})
     post("enable", {})
 
-
-def wait_for(pred, timeout: float, what: str, step: float = 0.2):
-    """Poll ``pred`` until it returns something truthy (a kvstore error counts as "not
-    yet"); TimeoutError naming ``what`` and the last value otherwise."""
-    from kvstore import errors
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        try:
-            last = pred()
-        except errors.KVStoreError as e:
-            last = e
-        if last is True or (last and not isinstance(last, Exception)):
-            return last
-        time.sleep(step)
-    raise TimeoutError(f"{what} not within {timeout}s (last: {last!r})")

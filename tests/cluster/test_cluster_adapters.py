@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 
 import pytest
-from etcdutil import TTL, needs_etcd, wait_for
+from clusterutil import wait_for
+from etcdutil import TTL, needs_etcd
 
 pytest.importorskip("pyeclib")
 

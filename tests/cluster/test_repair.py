@@ -13,14 +13,15 @@ from pathlib import Path
 
 import pytest
 from etcdutil import TTL, needs_etcd
-from etcdutil import wait_for as _wait
+from clusterutil import missing_redundancy as _full_redundancy
+from clusterutil import wait_for as _wait
 
 pytest.importorskip("pyeclib")
 
 import kvstore
 from kvstore import errors
 from kvstore.cluster import ClusterClient
-from kvstore.layout import Policy, lap_key, parse_record, placement_key, slots
+from kvstore.layout import Policy
 from kvstore.placement import Member
 
 pytestmark = [needs_etcd, pytest.mark.timeout(240)]
@@ -60,42 +61,6 @@ def _members(d) -> list[Member]:
 
 def _blob(n: int, seed: int) -> bytes:
     return seed.to_bytes(4, "little") + os.urandom(n - 4)
-
-
-def _full_redundancy(members: list[Member], ns: str, p: Policy, objs: dict) -> list:
-    """Objects whose slots (over ``members``) do not hold a complete, valid set of records:
-    [] when repair is done."""
-    clients = {m.node_id: kvstore.Client(m.address, namespace=ns, timeout=5, shm=False) for m in members}
-    bad = []
-    try:
-        for k, v in objs.items():
-            pk = placement_key(k, p)
-            sl = slots(pk, members, p, ns)
-            if p.kind != "ec":
-                for m, _ in sl:
-                    try:
-                        ok = clients[m.node_id].get(k) == v
-                    except errors.KVStoreError:
-                        ok = False
-                    if not ok:
-                        bad.append((k, m.node_id))
-                continue
-            idx = set()
-            small = len(v) < (256 << 10)
-            need = p.m + 1 if small else p.n
-            for m, lap in sl[:need]:
-                try:
-                    r = parse_record(clients[m.node_id].get(lap_key(pk, lap)))
-                except errors.KVStoreError:
-                    r = None
-                if r is not None and r[0][8] == len(v):
-                    idx.add(r[0][3])
-            if len(idx) != need:
-                bad.append((k, sorted(idx)))
-    finally:
-        for c in clients.values():
-            c.close()
-    return bad
 
 
 @pytest.fixture

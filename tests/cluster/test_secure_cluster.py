@@ -9,7 +9,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from etcdutil import TTL, needs_etcd, wait_for
+from clusterutil import wait_for
+from etcdutil import TTL, needs_etcd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
 pytest.importorskip("pyeclib")

@@ -133,7 +133,8 @@ def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
     (``kvstore+cluster://`` seeds; ec:2+1 from the cluster's policy, real etcd)."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
-    from etcdutil import ETCD, HAVE_AETCD, Etcd, wait_for
+    from clusterutil import wait_for
+    from etcdutil import ETCD, HAVE_AETCD, Etcd
     if ETCD is None or not HAVE_AETCD:
         pytest.skip("needs the etcd binary and aetcd (make test installs both)")
     etcd = Etcd(tmp_path).start()

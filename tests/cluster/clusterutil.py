@@ -1,0 +1,61 @@
+"""Helpers of the cluster tests and benchmarks: waiting, and checking an object's records."""
+from __future__ import annotations
+
+import time
+
+import kvstore
+from kvstore import errors
+from kvstore.layout import Policy, lap_key, parse_record, placement_key, slots
+
+
+def wait_for(pred, timeout: float, what: str, step: float = 0.2):
+    """Poll ``pred`` until it returns something truthy (a kvstore error counts as "not
+    yet"); TimeoutError naming ``what`` and the last value otherwise."""
+    from kvstore import errors
+    deadline = time.monotonic() + timeout
+    last = None
+    while time.monotonic() < deadline:
+        try:
+            last = pred()
+        except errors.KVStoreError as e:
+            last = e
+        if last is True or (last and not isinstance(last, Exception)):
+            return last
+        time.sleep(step)
+    raise TimeoutError(f"{what} not within {timeout}s (last: {last!r})")
+
+
+def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_size: int = 256 << 10) -> list:
+    """Objects whose slots over ``members`` do not hold a complete, valid set of records
+    (every copy; every EC index, or M+1 whole copies below ``min_ec_size``): [] when the
+    cluster is at full redundancy."""
+    clients = {m.node_id: kvstore.Client(m.address, namespace=ns, timeout=5, shm=False) for m in members}
+    bad = []
+    try:
+        for k, v in objs.items():
+            pk = placement_key(k, p)
+            sl = slots(pk, members, p, ns)
+            if p.kind != "ec":
+                for m, _ in sl:
+                    try:
+                        ok = clients[m.node_id].get(k) == v
+                    except errors.KVStoreError:
+                        ok = False
+                    if not ok:
+                        bad.append((k, m.node_id))
+                continue
+            need = p.m + 1 if len(v) < min_ec_size else p.n
+            idx = set()
+            for m, lap in sl[:need]:
+                try:
+                    r = parse_record(clients[m.node_id].get(lap_key(pk, lap)))
+                except errors.KVStoreError:
+                    r = None
+                if r is not None and r[0][8] == len(v):
+                    idx.add(r[0][3])
+            if len(idx) != need:
+                bad.append((k, sorted(idx)))
+    finally:
+        for c in clients.values():
+            c.close()
+    return bad
