@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import time
+from pathlib import Path
 
 import kvstore
 from kvstore import errors
@@ -59,3 +60,18 @@ def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_siz
         for c in clients.values():
             c.close()
     return bad
+
+
+def start_nodes(start_daemon, tmp: Path, etcd, prefix: str, n: int, policies: str,
+                lease_ttl: int = 2) -> list:
+    """``n`` cluster nodes (ids prefix0..) on ``etcd`` with ``cluster.policies``, returned
+    once the first sees all of them in placement."""
+    ds = []
+    for i in range(n):
+        cfg = tmp / f"{prefix}{i}.toml"
+        cfg.write_text(f'[node]\nid = "{prefix}{i}"\n[cluster]\nenabled = true\nlease_ttl = {lease_ttl}\n'
+                       f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "{policies}"\n')
+        ds.append(start_daemon("--config", str(cfg)))
+    with kvstore.Client(ds[0].control, timeout=5) as c:
+        wait_for(lambda: sum(m.placement for m in c.members().members) == n, 10, f"{n} members")
+    return ds

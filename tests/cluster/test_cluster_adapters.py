@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
-from clusterutil import wait_for
+from clusterutil import start_nodes
 from etcdutil import TTL, needs_etcd
 
 pytest.importorskip("pyeclib")
@@ -18,14 +18,7 @@ pytestmark = [needs_etcd, pytest.mark.timeout(120)]
 
 
 def test_adapter_options_give_a_cluster_client(etcd, start_daemon, tmp_path):
-    ds = []
-    for i in range(3):
-        cfg = tmp_path / f"a{i}.toml"
-        cfg.write_text(f'[node]\nid = "a{i}"\n[cluster]\nenabled = true\nlease_ttl = {TTL}\n'
-                       f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "ad=ec:2+1"\n')
-        ds.append(start_daemon("--config", str(cfg)))
-    with kvstore.Client(ds[0].control, timeout=5) as c:
-        wait_for(lambda: sum(m.placement for m in c.members().members) == 3, 10, "three members")
+    ds = start_nodes(start_daemon, tmp_path, etcd, "a", 3, "ad=ec:2+1", lease_ttl=TTL)
     opts, rest = ClientOptions.from_mapping(
         {"address": f"kvstore+cluster://{ds[0].control},{ds[1].control}", "namespace": "ad"})
     assert opts.cluster and rest == {} and "cluster" in opts.describe()

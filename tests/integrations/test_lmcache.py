@@ -133,21 +133,13 @@ def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
     (``kvstore+cluster://`` seeds; ec:2+1 from the cluster's policy, real etcd)."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
-    from clusterutil import wait_for
+    from clusterutil import start_nodes
     from etcdutil import ETCD, HAVE_AETCD, Etcd
     if ETCD is None or not HAVE_AETCD:
         pytest.skip("needs the etcd binary and aetcd (make test installs both)")
     etcd = Etcd(tmp_path).start()
     try:
-        ds = []
-        for i in range(3):
-            cfg = tmp_path / f"c{i}.toml"
-            cfg.write_text(f'[node]\nid = "c{i}"\n[cluster]\nenabled = true\nlease_ttl = 2\n'
-                           f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "engine=ec:2+1"\n')
-            ds.append(start_daemon("--config", str(cfg)))
-        import kvstore
-        with kvstore.Client(ds[0].control, timeout=5) as c:
-            wait_for(lambda: sum(m.placement for m in c.members().members) == 3, 10, "three members")
+        ds = start_nodes(start_daemon, tmp_path, etcd, "c", 3, "engine=ec:2+1")
         seeds = f"{ds[0].control},{ds[1].control}"
         cfg = str(tmp_path / "engine.yaml")
         args = ["lmcache_engine_check.py", "--address", seeds, "--namespace", "engine", "--config", cfg,
@@ -158,6 +150,7 @@ def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
         second = last_json(run(lmcache_python, [args[0], "retrieve", *args[1:]]))
         assert second["fresh_retrieved_tokens"] == second["tokens"] and second["fresh_equal"], second
         assert second["daemon_get_hits"] >= 4
+        import kvstore
         # the chunks are spread over the nodes, not all on one
         held = []
         for d in ds:
