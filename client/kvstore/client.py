@@ -186,9 +186,12 @@ class Client(Namespaced):
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
                  tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
-                 shm: bool | None = None):
+                 shm: bool | None = None, ride_out_restarts: bool = True):
         """``shm``: None = use the same-host shared-memory path when the daemon offers one
-        and its socket is reachable here, else TCP; True = require it; False = TCP only."""
+        and its socket is reachable here, else TCP; True = require it; False = TCP only.
+        ``ride_out_restarts``: retry an unreachable daemon until ``timeout`` (a restart
+        passes unnoticed); False fails at once (a cluster's repair agent, which has other
+        peers to turn to)."""
         super().__init__(namespace)
         self.address = address
         self.shm = shm
@@ -212,6 +215,7 @@ class Client(Namespaced):
         # Cluster member-list epoch sent with every put/get (0 = none). ClusterClient sets
         # it; a node whose member list has another epoch answers Redirect.
         self.epoch = 0
+        self.ride_out_restarts = ride_out_restarts
 
     # ------------------------------------------------------------ plumbing
     def __enter__(self):
@@ -234,7 +238,7 @@ class Client(Namespaced):
         # wait_for_ready: ride out a daemon restart within the timeout instead of failing
         # fast. Until a first call has worked, try once failing fast, so that a TLS
         # mismatch is reported at once rather than after the whole timeout.
-        fail_fast = not self._reached
+        fail_fast = not self._reached or not self.ride_out_restarts
         while True:
             try:
                 md = self._metadata
@@ -252,7 +256,7 @@ class Client(Namespaced):
                                      min(self.timeout, 3.0))
                 if diag is not None:
                     raise diag from None
-                if fail_fast and time.monotonic() < deadline:
+                if fail_fast and self.ride_out_restarts and time.monotonic() < deadline:
                     fail_fast = False
                     continue
             raise err from None
@@ -381,7 +385,8 @@ class Client(Namespaced):
             except (OSError, errors.Unavailable) as e:
                 if conn is not None:
                     self._drop(conn)
-                left = deadline - time.monotonic()
+                # without ride_out_restarts: one fresh connection (the cached one may be stale)
+                left = deadline - time.monotonic() if self.ride_out_restarts or attempt == 0 else 0
                 if left <= 0 or self._closed:
                     raise errors.Unavailable(f"kvstored data path unreachable: {e}") from None
                 time.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))

@@ -53,6 +53,7 @@ from .layout import (DEFAULT_MIN_EC_SIZE, FRAG_HEADER, Policy, assemble, codec, 
 from .placement import Member, place
 from .wire import key_bytes, namespace_bytes
 
+SLOT_CACHE = 1 << 16  # keys whose slots are remembered (KV blocks are read again and again)
 REDIRECT_RETRIES = 4  # re-sends after a Redirect (the member list is re-read before each)
 _REDIRECT_BACKOFF = (0.0, 0.05, 0.1, 0.25)
 
@@ -117,6 +118,9 @@ class ClusterClient:
         self._clients: dict[str, Client] = {}
         self._down: dict[str, float] = {}
         self._lock = threading.Lock()
+        # slots of recent keys under the current member list (dropped when it changes)
+        self._slot_cache: dict[tuple, list] = {}
+        self._slot_cache_of: list | None = None
         if self._source is None:
             self._adopt(ClusterView(self._check_members(members)))
         if policy is None:
@@ -190,6 +194,8 @@ class ClusterClient:
         epoch = view.epoch or (member_epoch(m.node_id for m in ms) if self._source else 0)
         pols = {k: Policy.parse(v) for k, v in view.policies.items()}
         stale = []
+        if ms == self._members:
+            ms = self._members  # unchanged: keep the object (the slot cache is tied to it)
         with self._lock:
             self._members, self._epoch, self._cluster_policies = ms, epoch, pols
             self._largest = max(self._largest, len(ms))
@@ -322,7 +328,19 @@ class ClusterClient:
                     f"{len(ms)} are live")
         elif not ms:
             raise errors.Unavailable("the member list is empty")
-        return slots(placement_key(key, p), ms, p, ns)
+        full = len(ms) == len(self._members)
+        ck = (ns, key, p)
+        if full:  # the common case: every member up; placement costs tens of microseconds
+            sl = self._slot_cache.get(ck)
+            if sl is not None and self._slot_cache_of is self._members:
+                return sl
+        sl = slots(placement_key(key, p), ms, p, ns)
+        if full:
+            with self._lock:
+                if self._slot_cache_of is not self._members or len(self._slot_cache) >= SLOT_CACHE:
+                    self._slot_cache, self._slot_cache_of = {}, self._members
+                self._slot_cache[ck] = sl
+        return sl
 
     def _extra(self, key: bytes, ns: str, p: Policy, have: list[tuple[Member, int]],
                n: int) -> list[tuple[Member, int]]:
@@ -562,8 +580,9 @@ class ClusterClient:
         return [(m, key) for m, _ in sl]
 
     def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
-        """Whether each key is stored: asked of its first slot (then the next ones when a
-        node does not answer), grouped per node, all nodes in parallel."""
+        """Whether each key is stored: asked of its first slot, a "no" checked on the
+        second, the next slots when a node does not answer; grouped per node, all nodes
+        in parallel (a miss costs two rounds)."""
         return self._redirected(self._exists, keys, namespace)
 
     def _exists(self, keys: Sequence, namespace: str | None) -> list[bool]:
@@ -575,7 +594,10 @@ class ClusterClient:
         for rnd in range(max((len(c) for c in cands), default=0)):
             per_node: dict[str, tuple[Member, list]] = {}
             for j, c in enumerate(cands):
-                if answer[j] is None and rnd < len(c):
+                # unanswered keys go on to the next slot; a "no" from the first slot is
+                # checked once on the second (a node that just joined, or replaced a lost
+                # one, takes over a slot before repair has filled it)
+                if rnd < len(c) and (answer[j] is None or (rnd == 1 and answer[j] is False)):
                     m, sk = c[rnd]
                     per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
             if not per_node:
@@ -591,7 +613,7 @@ class ClusterClient:
                     raise f.exception()
                 if f.exception() is None:
                     for (j, _), e in zip(chunk, f.result()):
-                        answer[j] = bool(e)
+                        answer[j] = bool(e) or bool(answer[j])
         return [bool(a) for a in answer]
 
     def lookup(self, keys: Sequence, *, namespace: str | None = None) -> int:

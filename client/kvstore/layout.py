@@ -16,10 +16,12 @@ member list by rendezvous hashing (``kvstore.placement``):
   under ``lap_key(fragment_key(key), L)``; placement hashes ``fragment_key(key)`` so
   that a node can compute an object's homes from what it stores alone.
 
-A fragment's *index* is in its record header, not in its slot: after a node is lost,
-repair rebuilds only the lost index on the slot that lacks a record, and nothing else
-moves. Readers fetch the first K slots and concatenate when those hold data fragments
-0..K-1, or decode from any K distinct fragments otherwise.
+EC slots are chosen position by position (``placement.place_positions``): losing a member
+moves only the position it held, so after repair slot j still holds fragment j and
+healthy reads of the first K slots concatenate. A fragment's *index* is in its record
+header, not in its key: readers decode from any K distinct fragments when the first K
+slots do not hold data fragments 0..K-1 (wrap-around, a record not yet repaired), and
+repair rebuilds only the lost index on the slot that lacks a record.
 
 Every EC record starts with ``FRAG_HEADER``: magic, version, kind, index, K, M, EC type,
 original length, xxh3-64 of the whole object and of the record's payload. Objects
@@ -41,7 +43,7 @@ from dataclasses import dataclass
 import xxhash
 
 from . import errors
-from .placement import Member, place
+from .placement import Member, place, place_positions
 from .wire import MAX_KEY_LEN, checksum
 
 DEFAULT_MIN_EC_SIZE = 256 << 10
@@ -154,7 +156,7 @@ def slots(pkey: bytes, members: Sequence[Member], p: Policy, ns) -> list[tuple[M
     if not members:
         return []
     if p.kind == "ec":
-        placed = place(pkey, members, min(p.n, len(members)), ns)
+        placed = place_positions(pkey, members, min(p.n, len(members)), ns)
         n = len(placed)
         return [(placed[j % n], j // n) for j in range(p.n)]
     return [(m, 0) for m in place(pkey, members, min(p.n, len(members)), ns)]

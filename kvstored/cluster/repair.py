@@ -162,7 +162,8 @@ class RepairAgent:
             from kvstore import TLSConfig
             tls = TLSConfig(ca_file=cfg.tls_client_ca_file or None, cert_file=cfg.tls_cert_file,
                             key_file=cfg.tls_key_file)
-        return Client(address, timeout=PEER_TIMEOUT, shm=False, token=self.token, tls=tls)
+        return Client(address, timeout=PEER_TIMEOUT, shm=False, token=self.token, tls=tls,
+                      ride_out_restarts=False)
 
     def _throttle(self, nbytes: int) -> None:
         """Token bucket over written bytes (burst: one second's worth), shared by the workers."""
@@ -287,6 +288,13 @@ class RepairAgent:
                     log.info("repair of one object failed: %s", e, extra={
                         "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
                     return False
+                except Exception:  # a bug on one object must not stop the pass for all others
+                    if self._stop:
+                        raise
+                    self._count("failures")
+                    log.exception("repair of one object failed", extra={
+                        "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+                    return False
 
             # objects are independent: a few at once hide the per-object round trips
             todo = [o for o in batch if o.slots]
@@ -297,12 +305,15 @@ class RepairAgent:
             self.st["scanned"] += len(batch)
         changed = self._prev_members is not None and (
             [x.node_id for x in self._prev_members] != [x.node_id for x in members])
-        if changed and fresh:
-            # written around the change: look at them once they are old enough
-            for r in fresh:
-                split = split_lap(r[1])
-                unfinished.add((r[0], split[0] if split else r[1]))
-            self._recheck_young = True
+        carried = self._pending_keys or set()
+        for r in fresh:
+            # written around the change (or carried over as such): look at them again
+            # once they are old enough
+            split = split_lap(r[1])
+            key = (r[0], split[0] if split else r[1])
+            if changed or key in carried:
+                unfinished.add(key)
+                self._recheck_young = True
         self._prev_members, self._prev_started = members, dict(self._started)
         if full:
             self._last_full = time.monotonic()
@@ -610,31 +621,32 @@ class RepairAgent:
         if leader is None or o.slots[leader][0].node_id != me:
             return done
         missing = [i for i in want if i not in seen]
-        # slots lacking a right record; a draining holder fills the first ones, so the
-        # leader rebuilds into the last ones
-        targets = [j for j, ok in enumerate(right) if ok is False]
+        # indices a draining holder still has are left to it (it writes them itself)
         todo = [i for i in missing if i not in drained]
-        keep_free = len([i for i in missing if i in drained])
-        targets = targets[keep_free:]
         if not todo:
             return done and not missing and None not in right
-        if not targets:
+        free = [j for j, ok in enumerate(right) if ok is False]
+        for i in missing:  # keep the drained indices' own slots for them
+            if i in drained and i in free:
+                free.remove(i)
+        plan = _assign(todo, free)
+        if not plan:
             return False
-        records = self._rebuild(o, kind, current, todo[:len(targets)], held, me)
+        records = self._rebuild(o, kind, current, [i for i, _j in plan], held, me)
         if records is None:
             return False
         ok = True
-        for j, (_idx, rec) in zip(targets, records.items()):
+        for i, j in plan:
             member, lap = o.slots[j]
-            ok = self._push(member, o.ns, lap_key(o.base, lap), rec,
+            ok = self._push(member, o.ns, lap_key(o.base, lap), records[i],
                             overwrite=held[j] not in (False, None)) and ok
-        return done and ok and len(targets) >= len(todo) and None not in right
+        return done and ok and len(plan) == len(todo) and None not in right
 
     def _hand_over(self, o: _Obj, me: str, my_laps: set, current, held: list, right: list,
                    seen: set) -> bool:
         """Records of mine outside my slots (draining, placement moved, an old lap): write
-        each to the first slot lacking its index and delete it here, or delete it when a
-        slot holds its index already. True when none is left."""
+        each to a slot lacking a record (its own position first) and delete it here, or
+        delete it when a slot holds its index already. True when none is left."""
         extra = {lap: mv for lap, mv in o.mine.items() if lap not in my_laps and not mv[3]}
         if not extra:
             return True
@@ -654,12 +666,12 @@ class RepairAgent:
             if idx in seen:
                 self._delete_local(o.ns, mv[0])
                 continue
-            targets = [j for j, ok in enumerate(right) if ok is False]
-            data = self._read_local(o.ns, mv[0]) if targets else None
+            plan = _assign([idx], [j for j, ok in enumerate(right) if ok is False])
+            data = self._read_local(o.ns, mv[0]) if plan else None
             if data is None:
                 done = False
                 continue
-            j = targets[0]
+            j = plan[0][1]
             member, tlap = o.slots[j]
             if self._push(member, o.ns, lap_key(o.base, tlap), data, overwrite=held[j] not in (False, None)):
                 right[j] = True
@@ -677,13 +689,17 @@ class RepairAgent:
         sources = [(j, x) for j, x in enumerate(held) if x and x[2] == current]
         sources.sort(key=lambda jx: (o.slots[jx[0]][0].node_id != me, jx[1][0]))  # local first
         recs = []
-        for j, _x in sources:
+        have: set[int] = set()
+        for j, x in sources:
+            if x[0] in have:  # the same index on two slots: one is enough (K distinct needed)
+                continue
             member, lap = o.slots[j]
             key = lap_key(o.base, lap)
             buf = self._read_local(o.ns, key) if member.node_id == me else self._read_peer(member, o.ns, key)
             r = parse_record(buf) if buf is not None else None
-            if r is None:
+            if r is None or r[0][3] in have or self._version(o, bytes(buf[:HEAD])) != current:
                 continue
+            have.add(r[0][3])
             recs.append(r)
             if kind == KIND_REPLICA or len(recs) >= p.k:
                 break
@@ -697,9 +713,15 @@ class RepairAgent:
                         extra={"namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
             return None
         c = codec(p)
-        frags = c.reconstruct([r[1] for r in recs], todo)
+        want = sorted(todo)
+        try:
+            frags = c.reconstruct([r[1] for r in recs], want)
+        except c.errors as e:  # inconsistent sources: leave it pending, do not stop the pass
+            log.warning("repair: reconstruct failed: %s", e, extra={
+                "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+            return None
         olen, ocsum = h[8], h[9]
-        return {i: fragment_record(p, i, f, olen, ocsum) for i, f in zip(todo, frags)}
+        return {i: fragment_record(p, i, f, olen, ocsum) for i, f in zip(want, frags)}
 
     # ------------------------------------------------------------ I/O
     def _read_local(self, ns: bytes, key: bytes) -> bytes | None:
@@ -747,3 +769,20 @@ class RepairAgent:
     def _delete_local(self, ns: bytes, key: bytes) -> None:
         if self._on_loop(self.node.store.delete, ns, [key]):
             self._count("removed")
+
+
+def _assign(indices: list[int], free: list[int]) -> list[tuple[int, int]]:
+    """(index, slot) pairs: each index on its own position when that slot is free (so
+    slot j holds fragment j and reads concatenate), the rest on the remaining free slots
+    in order."""
+    free = list(free)
+    plan, rest = [], []
+    for i in indices:
+        if i in free:
+            free.remove(i)
+            plan.append((i, i))
+        else:
+            rest.append(i)
+    plan += list(zip(rest, free))
+    return plan
+

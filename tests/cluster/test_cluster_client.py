@@ -11,7 +11,7 @@ pytest.importorskip("pyeclib")
 import kvstore
 from kvstore.cluster import DEFAULT_MIN_EC_SIZE, ClusterClient, fragment_key
 from kvstore.errors import InvalidArgument, NotFound
-from kvstore.placement import place
+from kvstore.placement import place, place_positions
 
 MIB = 1 << 20
 T = DEFAULT_MIN_EC_SIZE
@@ -60,11 +60,11 @@ def test_round_trips_every_policy(nodes):
             k = b"obj-5"
             holders = [a for a, c in plain.items() if c.exists([k])[0]]
             assert sorted(holders) == sorted(m.address for m in place(k, members, 2, "rep"))
-            ec_nodes = place(fragment_key(k), members, 5, "ec")  # EC places by the record key
+            ec_nodes = place_positions(fragment_key(k), members, 5, "ec")  # EC: by the record key, per position
             for i, m in enumerate(ec_nodes):
                 assert plain[m.address].exists([fragment_key(k)], namespace="ec")[0]
             small = b"obj-2"  # below min_ec_size: whole copies under records 0..M
-            sn = place(fragment_key(small), members, 5, "ec")
+            sn = place_positions(fragment_key(small), members, 5, "ec")
             assert [plain[m.address].exists([fragment_key(small)], namespace="ec")[0]
                     for m in sn] == [True, True, True, False, False]
         finally:
@@ -126,7 +126,7 @@ def test_corrupt_fragment_is_detected_and_decoded(nodes):
         k = b"victim"
         cc.put(k, v, namespace="ec")
         members = cc.members()
-        placed = place(fragment_key(k), members, 5, "ec")
+        placed = place_positions(fragment_key(k), members, 5, "ec")
         p = cc.policy("ec")
         codec = cc._codec(p)
         real = codec.decode
@@ -168,7 +168,7 @@ def test_put_over_a_leftover_fragment_of_the_same_object(nodes):
     with cluster(nodes) as cc:
         k, v = b"leftover", blob(MIB, 5)
         cc.put(k, v, namespace="ec")
-        placed = place(fragment_key(k), cc.members(), 5, "ec")
+        placed = place_positions(fragment_key(k), cc.members(), 5, "ec")
         c0 = kvstore.Client(placed[0].address, namespace="ec", timeout=5)
         c1 = kvstore.Client(placed[1].address, namespace="ec", timeout=5)
         try:

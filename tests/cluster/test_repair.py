@@ -119,7 +119,15 @@ def test_kill_two_under_load_then_repair_restores_redundancy(five):
     # repair puts all five records of every object back onto the three live nodes
     members = _members(live[0])
     t0 = time.monotonic()
-    _wait(lambda: not _full_redundancy(members, "ec", p, acked), 90, "full redundancy")
+    last: list = []
+
+    def redundant() -> bool:
+        last[:] = _full_redundancy(members, "ec", p, acked)
+        return not last
+    try:
+        _wait(redundant, 90, "full redundancy")
+    except TimeoutError:
+        raise AssertionError(f"not at full redundancy: {last[:5]}") from None
     print(f"full redundancy of {len(acked)} objects restored {time.monotonic() - t0:.1f}s after the check began")
     written = 0
     for d in live:
