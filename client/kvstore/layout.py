@@ -207,7 +207,6 @@ class Codec:
         self.k, self.m, self.ec_type = k, m, ec_type
         self.errors = ECDriverError
         self.driver = ECDriver(k=k, m=m, ec_type=ec_type)
-        self.lock = threading.Lock()
         probe = bytes((i * 7 + 3) & 0xFF for i in range(k * 1000 + 17))
         frags = self.driver.encode(probe)
         self.offset = None

@@ -251,7 +251,6 @@ class RepairAgent:
         if objs:
             log.info("repair pass", extra={"objects": len(objs), "members": len(members),
                                            "epoch": f"{m.epoch:08x}"})
-        by_id = {x.node_id: x for x in members}
         draining = [x for x in self._on_loop(self._all_members) if x.node_id in draining_ids]
         pending = 0
         unfinished: set[tuple[bytes, bytes]] = set()
@@ -282,7 +281,7 @@ class RepairAgent:
 
             def one(o: _Obj) -> bool:
                 try:
-                    return self._object(o, me, heads, settled, by_id, draining)
+                    return self._object(o, me, heads, settled, draining)
                 except errors.KVStoreError as e:
                     self._count("failures")
                     log.info("repair of one object failed: %s", e, extra={
@@ -441,7 +440,7 @@ class RepairAgent:
         return heads, settled
 
     # ------------------------------------------------------------ one object
-    def _object(self, o: _Obj, me: str, heads: dict, settled: dict, by_id: dict, draining: list) -> bool:
+    def _object(self, o: _Obj, me: str, heads: dict, settled: dict, draining: list) -> bool:
         """Act on one object; True when it needs nothing more from this node."""
         got = heads.get(id(o), {})
         if o.ec:
