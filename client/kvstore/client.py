@@ -97,6 +97,17 @@ class DataConnection:
     def next_id(self) -> int:
         return next(self._rid)
 
+    def send_keyed(self, op: int, ns: bytes, keys: list[bytes]) -> dict[int, int]:
+        """One payload-less request per key (GET, SHM_GET) in one write, with this
+        connection's epoch; returns request id -> index."""
+        order, frames = {}, []
+        for i, k in enumerate(keys):
+            rid = self.next_id()
+            order[rid] = i
+            frames.append(encode_request(op, rid, ns, k, epoch=self.epoch))
+        self.send([b"".join(frames)])
+        return order
+
     def send(self, buffers: list) -> None:
         """sendmsg all buffers (gathered, no copy), handling partial sends."""
         views = [memoryview(b) for b in buffers]
@@ -453,7 +464,7 @@ class Client(Namespaced):
                 if getattr(conn, "shm", False):
                     out += _shm_copy(conn, ns, ks[w:w + WINDOW], None, self.verify_checksums)
                     continue
-                order = self._send_gets(conn, ns, ks[w:w + WINDOW])
+                order = conn.send_keyed(OP_GET, ns, ks[w:w + WINDOW])
                 out += self._collect(conn, order, None)
             return out
 
@@ -473,7 +484,7 @@ class Client(Namespaced):
                     out += _shm_copy(conn, ns, ks[w:w + WINDOW], views[w:w + WINDOW],
                                      self.verify_checksums)
                     continue
-                order = self._send_gets(conn, ns, ks[w:w + WINDOW])
+                order = conn.send_keyed(OP_GET, ns, ks[w:w + WINDOW])
                 out += self._collect(conn, order, views[w:w + WINDOW])
             return out
 
@@ -488,17 +499,6 @@ class Client(Namespaced):
             self._collect(conn, {rid: 0}, None)
             return time.perf_counter() - t
         return self._run(run)
-
-    @staticmethod
-    def _send_gets(conn: DataConnection, ns: bytes, keys: list[bytes]) -> dict[int, int]:
-        order = {}
-        bufs = []
-        for i, k in enumerate(keys):
-            rid = conn.next_id()
-            order[rid] = i
-            bufs.append(encode_request(OP_GET, rid, ns, k, epoch=conn.epoch))
-        conn.send([b"".join(bufs)])
-        return order
 
     def _collect(self, conn: DataConnection, order: dict[int, int], views: list | None) -> list:
         """Read one response per request id (any order); raise the first error after all arrive."""

@@ -149,16 +149,6 @@ class ShmConnection(DataConnection):
         self.send([b"".join(encode_request(OP_SHM_RELEASE, self.next_id(), b"", b"", 0, lease)
                             for lease in leases)])
 
-    def _send_gets(self, ns: bytes, keys: list[bytes]) -> dict[int, int]:
-        """Send one SHM_GET per key in one write; request id -> index."""
-        order, frames = {}, []
-        for i, k in enumerate(keys):
-            rid = self.next_id()
-            order[rid] = i
-            frames.append(encode_request(OP_SHM_GET, rid, ns, k, epoch=self.epoch))
-        self.send([b"".join(frames)])
-        return order
-
     def _arena_slice(self, offset: int, size: int) -> memoryview:
         if offset + size > len(self.view):
             raise errors.ProtocolError("kvstored sent an offset outside its arena")
@@ -166,7 +156,7 @@ class ShmConnection(DataConnection):
 
     def get_view(self, ns: bytes, key: bytes, verify: bool) -> ShmView:
         """A leased read-only view of one object (raises its typed error)."""
-        r = self._responses(self._send_gets(ns, [key]))[0]
+        r = self._responses(self.send_keyed(OP_SHM_GET, ns, [key]))[0]
         if isinstance(r, errors.KVStoreError):
             raise r
         _aux, csum, (offset, size, lease) = r
@@ -180,7 +170,7 @@ class ShmConnection(DataConnection):
         """Gets with one copy each: every object is copied (into ``dests[i]`` or a new
         bytearray) and its lease released the moment its answer arrives, so a batch never
         holds more than one lease. Results: size / bytearray / typed error, per key."""
-        order = self._send_gets(ns, keys)
+        order = self.send_keyed(OP_SHM_GET, ns, keys)
         out: list = [None] * len(keys)
         for _ in range(len(keys)):
             r, body = self._read()

@@ -43,6 +43,7 @@ from typing import TYPE_CHECKING
 from kvstore import errors
 from kvstore.layout import (FRAG_HEADER, KIND_FRAGMENT, KIND_REPLICA, Policy, codec, fragment_record,
                             lap_key, parse_head, parse_record, slots, split_lap)
+from kvstore.placement import Member
 
 if TYPE_CHECKING:
     from kvstored.node import Node
@@ -231,7 +232,7 @@ class RepairAgent:
     def _pass(self) -> int:
         m = self.node.membership
         me = self.node.node_id
-        members, policies, draining_ids, self._started = self._on_loop(self._view)
+        members, policies, draining, self._started = self._on_loop(self._view)
         if not members:
             return 0
         rows = self._on_loop(self.node.store.repair_snapshot)
@@ -251,7 +252,6 @@ class RepairAgent:
         if objs:
             log.info("repair pass", extra={"objects": len(objs), "members": len(members),
                                            "epoch": f"{m.epoch:08x}"})
-        draining = [x for x in self._on_loop(self._all_members) if x.node_id in draining_ids]
         pending = 0
         unfinished: set[tuple[bytes, bytes]] = set()
         epoch = m.epoch
@@ -352,22 +352,18 @@ class RepairAgent:
 
     def _view(self):
         m = self.node.membership
-        from kvstore.layout import Policy as P
         pols = {}
         for ns, text in m.policies.items():
             try:
-                pols[ns] = P.parse(text)
+                pols[ns] = Policy.parse(text)
             except errors.InvalidArgument:
                 log.warning("ignoring a malformed policy", extra={"namespace": ns, "policy": text})
         rows = m.view()
-        draining = {i.node_id for i, _h, _a, _me in rows if i.draining}
+        # draining members still answer (they hand their records over): asked beside the slots
+        draining = [Member(i.node_id, i.control_address, i.failure_domain)
+                    for i, h, _a, _me in rows if i.draining and h in ("alive", "stale")]
         started = {i.node_id: i.started_at for i, _h, _a, _me in rows}
         return m.placement_members(), pols, draining, started
-
-    def _all_members(self):
-        from kvstore.placement import Member
-        return [Member(i.node_id, i.control_address, i.failure_domain)
-                for i, h, _a, _me in self.node.membership.view() if h in ("alive", "stale")]
 
     def _group(self, rows, policies: dict, draining: bool) -> list[_Obj]:
         objs: dict[tuple[bytes, bytes], _Obj] = {}
@@ -455,8 +451,9 @@ class RepairAgent:
         return head_or_mine
 
     def _verify_mine(self, o: _Obj, me: str, got: dict, settled: dict) -> bool | None:
-        """Settle this node's unverified records of ``o``. True: kept (or nothing to do),
-        False: dropped, None: undecided (no peer answered)."""
+        """Settle this node's unverified records of ``o`` (kept ones are verified, stale
+        ones dropped from the store and from ``o.mine``). None: undecided (no peer
+        answered), else True."""
         unverified = {lap: v for lap, v in o.mine.items() if v[3]}
         if not unverified:
             return True
@@ -500,7 +497,7 @@ class RepairAgent:
                     log.info("dropped a stale record recovered at restart", extra={
                         "namespace": o.ns.decode(errors="replace"), "key": key[:48].hex()})
                 del o.mine[lap]
-        return bool(o.mine) or False
+        return True
 
     def _verify_entry(self, ns: bytes, key: bytes) -> None:
         e = self.node.store.index.get((ns, key))

@@ -435,8 +435,11 @@ class Store:
     def lookup(self, ns: bytes, keys: Iterable[bytes]) -> int:
         """How many of ``keys`` exist, counting from the first (a prefix hit length)."""
         n = 0
-        for present in self.exists(ns, keys):
-            if not present:
+        idx = self.index
+        held = self.unverified  # records held back after a restart count as absent
+        for k in keys:
+            e = idx.get((ns, k))
+            if e is None or (held and e.unverified):
                 break
             n += 1
         return n

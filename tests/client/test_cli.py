@@ -10,6 +10,7 @@ import sys
 import time
 
 import pytest
+from cliutil import one_error_line
 
 from kvstore.cli import human_size, main, parse_size
 
@@ -24,13 +25,6 @@ def cli(daemon, capsys):
         out, err = capsys.readouterr()
         return rc, out, err
     return run
-
-
-def one_error_line(err: str, name: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"kvstore-cli: {name}: "), err
-    return lines[0]
 
 
 def closed_port() -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from cliutil import one_error_line
 
 from kvstore.cli import main, repair_line
 
@@ -27,13 +28,6 @@ def cli(standalone, capsys):
         out, err = capsys.readouterr()
         return rc, out, err
     return run
-
-
-def one_error_line(err: str, name: str) -> str:
-    lines = err.strip().splitlines()
-    assert len(lines) == 1, err
-    assert lines[0].startswith(f"kvstore-cli: {name}: "), err
-    return lines[0]
 
 
 # ---------------------------------------------------------------- nodes
