@@ -1,0 +1,50 @@
+"""Build glue that pyproject.toml cannot express: package discovery over two roots, and the
+optional native io_uring binding (native/uring.c -> kvstored._uring).
+
+The binding links the system liburing (Debian: liburing-dev). It is compiled for the build
+machine's baseline ISA (no -march=native), so a wheel runs on any x86-64 CPU CPython runs on.
+When liburing's headers are absent the build goes on without it and the NVMe tier uses its
+thread backend (kvstored/engine/nvmeio.py logs and reports that loudly).
+"""
+import os
+import sys
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+
+class OptionalBuildExt(build_ext):
+    """Build native extensions when possible; never fail the install because of them."""
+
+    def run(self):
+        try:
+            super().run()
+        except Exception as e:  # no compiler
+            self._skip(e)
+
+    def build_extension(self, ext):
+        try:
+            super().build_extension(ext)
+        except Exception as e:  # no liburing headers / library
+            self._skip(e, ext.name)
+
+    @staticmethod
+    def _skip(e, name="native extensions"):
+        if os.environ.get("KVSTORE_REQUIRE_NATIVE") == "1":
+            raise
+        print(f"kvstored: not building {name} ({e}); the NVMe tier will use threads",
+              file=sys.stderr)
+
+
+packages = find_packages("client", include=["kvstore", "kvstore.*"]) + \
+    find_packages(".", include=["kvstored", "kvstored.*"])
+
+setup(
+    packages=packages,
+    package_dir={"kvstore": "client/kvstore", "kvstored": "kvstored"},
+    ext_modules=[Extension(
+        "kvstored._uring", sources=["native/uring.c"], libraries=["uring"],
+        extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"],
+    )],
+    cmdclass={"build_ext": OptionalBuildExt},
+)
