@@ -177,6 +177,11 @@ class Arena:
         self._prefault_thread = threading.Thread(target=run, name="arena-prefault", daemon=True)
         self._prefault_thread.start()
 
+    @property
+    def prefaulting(self) -> bool:
+        """True while the prefault thread still runs (the node reports "warming")."""
+        return self._prefault_thread is not None and self._prefault_thread.is_alive()
+
     def close(self) -> None:
         self._prefault_stop.set()
         if self._prefault_thread is not None:
