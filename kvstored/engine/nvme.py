@@ -156,8 +156,10 @@ class NvmeDevice:
         except BaseException:
             os.close(self.fd)
             raise
-        self.io = open_backend(self.fd, io_backend, queue_depth)
+        self.io = open_backend(self.fd, io_backend, queue_depth,
+                               os.path.dirname(os.path.abspath(path)))
         self.io_backend = self.io.name
+        self.io_backend_reason = self.io.reason  # why not io_uring ("" when it is, or not wanted)
 
     def _open(self, path: str, size: int) -> int:
         flags = os.O_RDWR | os.O_CLOEXEC
@@ -546,6 +548,10 @@ class NvmeTier:
     @property
     def io_backend(self) -> str:
         return self.dev.io_backend
+
+    @property
+    def io_backend_reason(self) -> str:
+        return self.dev.io_backend_reason
 
     def close(self) -> None:
         self.dev.close()

@@ -4,12 +4,16 @@ Both backends take lists of buffers (memoryviews) and complete asyncio
 futures. Buffers must stay alive and unchanged until the future is done; with
 O_DIRECT they must be 4 KiB aligned (arena slots and the header pool are).
 
-io_uring (PyPI ``liburing``): completions are signalled on an eventfd the
-event loop watches; reaping uses ``io_uring_cqe_iter_*`` (the plain
-``cqe[i]`` indexing does not mask the ring index and breaks after wrap-around).
-When the kernel refuses io_uring (seccomp, old kernel), ``open_backend`` falls
-back to ``os.pwritev`` / ``os.preadv`` in worker threads, logs a warning and the
-tier reports ``io_backend="threads"``.
+io_uring goes through our own binding, ``kvstored._uring`` (native/uring.c over the
+system liburing, compiled for the build machine's baseline ISA). The PyPI ``liburing``
+wheel it replaces executed AVX-512 instructions and killed the daemon with SIGILL on CPUs
+without them. Before the first ring is made, a child process opens a ring and does one
+read and one write (``probe_uring``): whatever the kernel, seccomp or the CPU does to
+it, the daemon survives and falls back. Completions are signalled on an eventfd the event
+loop watches. When io_uring cannot be used, ``open_backend`` falls back to
+``os.pwritev`` / ``os.preadv`` in worker threads, logs a warning with the reason, and
+the tier reports ``io_backend="threads"`` with ``io_backend_reason`` (metrics
+``kvstored_tier_io_backend_fallback``, ``kvstore-cli status``).
 """
 from __future__ import annotations
 
@@ -19,12 +23,16 @@ import concurrent.futures
 import itertools
 import logging
 import os
+import signal
+import subprocess
+import sys
 
 log = logging.getLogger("kvstored.nvme")
 
 
 class ThreadBackend:
     name = "threads"
+    reason = ""  # why io_uring is not used, when it was wanted
 
     def __init__(self, fd: int, queue_depth: int):
         self.fd = fd
@@ -52,19 +60,22 @@ def _pwritev_all(fd: int, bufs: list, offset: int) -> int:
 
 class UringBackend:
     name = "io_uring"
+    reason = ""
 
     def __init__(self, fd: int, queue_depth: int):
-        import liburing as L  # imported here: the SDK never needs it
+        from kvstored import _uring  # the native binding; ImportError -> threads
 
-        self.L = L
         self.fd = fd
-        self.depth = queue_depth
-        self.ring = L.Ring()
-        L.io_uring_queue_init(max(queue_depth, 8), self.ring)
+        self.depth = max(queue_depth, 8)
+        self.ring = _uring.Ring(self.depth)
         self.efd = os.eventfd(0, os.EFD_NONBLOCK | os.EFD_CLOEXEC)
-        L.io_uring_register_eventfd(self.ring, self.efd)
-        self.cqe = L.Cqe()
-        self.inflight: dict[int, tuple[asyncio.Future, object]] = {}
+        try:
+            self.ring.register_eventfd(self.efd)
+        except BaseException:
+            self.ring.close()
+            os.close(self.efd)
+            raise
+        self.futures: dict[int, asyncio.Future] = {}
         self.waiting: collections.deque = collections.deque()  # ops beyond the queue depth
         self.ids = itertools.count(1)
         self.loop: asyncio.AbstractEventLoop | None = None
@@ -82,95 +93,154 @@ class UringBackend:
         return await self._submit(False, offset, bufs)
 
     def _submit(self, write: bool, offset: int, bufs: list) -> asyncio.Future:
+        if self.closed:
+            raise OSError("io_uring backend is closed")
         self._attach()
         fut = self.loop.create_future()
-        if len(self.inflight) >= self.depth:
+        if len(self.futures) >= self.depth:
             self.waiting.append((write, offset, bufs, fut))
         else:
             self._prep(write, offset, bufs, fut)
-            self.L.io_uring_submit(self.ring)
+            self.ring.submit()
         return fut
 
     def _prep(self, write: bool, offset: int, bufs: list, fut: asyncio.Future) -> None:
-        L = self.L
-        sqe = L.io_uring_get_sqe(self.ring)
-        iov = L.Iovec(bufs)  # holds the buffers; kept alive in self.inflight
-        if write:
-            L.io_uring_prep_writev(sqe, self.fd, iov, offset)
-        else:
-            L.io_uring_prep_readv(sqe, self.fd, iov, offset)
         uid = next(self.ids)
-        L.io_uring_sqe_set_data64(sqe, uid)
-        self.inflight[uid] = (fut, iov, bufs)
+        # the ring holds buffer views until the completion is reaped (native/uring.c)
+        if not self.ring.prep(write, self.fd, offset, bufs, uid):
+            self.ring.submit()  # queue full (should not happen below depth): flush and retry
+            if not self.ring.prep(write, self.fd, offset, bufs, uid):
+                fut.set_exception(OSError("io_uring submission queue full"))
+                return
+        self.futures[uid] = fut
 
     def _reap(self) -> None:
-        L = self.L
         try:
             os.eventfd_read(self.efd)
         except BlockingIOError:
             pass
-        it = L.io_uring_cqe_iter_init(self.ring)
-        n = 0
-        done = []
-        while L.io_uring_cqe_iter_next(it, self.cqe):
-            c = self.cqe[0]
-            done.append((c.user_data, c.res))
-            n += 1
-        if n:
-            L.io_uring_cq_advance(self.ring, n)
+        self._complete(self.ring.reap())
+        submitted = False
+        while self.waiting and len(self.futures) < self.depth:
+            write, offset, bufs, fut = self.waiting.popleft()
+            self._prep(write, offset, bufs, fut)
+            submitted = True
+        if submitted:
+            self.ring.submit()
+
+    def _complete(self, done: list) -> None:
         for uid, res in done:
-            fut, _iov, _bufs = self.inflight.pop(uid, (None, None, None))
+            fut = self.futures.pop(uid, None)
             if fut is None or fut.done():
                 continue
             if res < 0:
                 fut.set_exception(OSError(-res, os.strerror(-res)))
             else:
                 fut.set_result(res)
-        submitted = False
-        while self.waiting and len(self.inflight) < self.depth:
-            write, offset, bufs, fut = self.waiting.popleft()
-            self._prep(write, offset, bufs, fut)
-            submitted = True
-        if submitted:
-            L.io_uring_submit(self.ring)
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        # wait (bounded) for the kernel to finish with our buffers before they go away
-        L = self.L
-        for _ in range(1000):
-            if not self.inflight:
-                break
-            try:
-                L.io_uring_wait_cqe(self.ring, self.cqe)
-            except OSError:
-                break
-            self._reap_blocking()
         if self.loop is not None:
             self.loop.remove_reader(self.efd)
-        L.io_uring_queue_exit(self.ring)
+        for _w, _o, _b, fut in self.waiting:
+            if not fut.done():
+                fut.set_exception(OSError("NVMe tier closed"))
+        self.waiting.clear()
+        # the kernel must finish with our buffers before they go away: close() waits for
+        # what is in flight (GIL released) and only then tears the ring down
+        self.ring.close()
+        for fut in self.futures.values():
+            if not fut.done():
+                fut.set_exception(OSError("NVMe tier closed"))
+        self.futures.clear()
         os.close(self.efd)
 
-    def _reap_blocking(self) -> None:
-        L = self.L
-        it = L.io_uring_cqe_iter_init(self.ring)
-        n = 0
-        while L.io_uring_cqe_iter_next(it, self.cqe):
-            self.inflight.pop(self.cqe[0].user_data, None)
-            n += 1
-        if n:
-            L.io_uring_cq_advance(self.ring, n)
+
+_PROBE = r"""
+import mmap, os, sys, tempfile
+from kvstored import _uring
+r = _uring.Ring(8)
+d = sys.argv[1]
+fd, path = tempfile.mkstemp(prefix=".kvstored-uring-probe-", dir=d)
+try:
+    os.unlink(path)
+    w = bytearray(b"k" * 4096)
+    r.prep(True, fd, 0, [w], 1); r.submit()
+    (uid, res), = r.wait(1)
+    assert (uid, res) == (1, 4096), (uid, res)
+    b = bytearray(4096)
+    r.prep(False, fd, 0, [memoryview(b)], 2); r.submit()
+    (uid, res), = r.wait(1)
+    assert (uid, res) == (2, 4096) and b == w, (uid, res)
+finally:
+    os.close(fd)
+    r.close()
+print("ok")
+"""
+
+_probe_result: dict[str, str] = {}
 
 
-def open_backend(fd: int, preference: str, queue_depth: int):
-    """The I/O backend for ``fd``: io_uring unless refused or not wanted."""
+def probe_uring(directory: str, timeout: float = 20.0) -> str:
+    """"" when io_uring works here, else why not. Runs in a child process, so an illegal
+    instruction, a seccomp kill or a hang costs the child, never the daemon. One probe
+    per process and directory."""
+    if directory in _probe_result:
+        return _probe_result[directory]
+    try:
+        import importlib.util
+        if importlib.util.find_spec("kvstored._uring") is None:
+            reason = ("kvstored was installed without its native io_uring binding "
+                      "(build needs liburing's headers: apt-get install liburing-dev, then reinstall)")
+            _probe_result[directory] = reason
+            return reason
+    except (ImportError, ValueError) as e:
+        _probe_result[directory] = f"cannot look for kvstored._uring: {e}"
+        return _probe_result[directory]
+    env = dict(os.environ)
+    # the child must import the same kvstored as this process, installed or from a checkout
+    pkg_parent = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    env["PYTHONPATH"] = pkg_parent + (os.pathsep + env["PYTHONPATH"] if env.get("PYTHONPATH") else "")
+    try:
+        p = subprocess.run([sys.executable, "-c", _PROBE, directory], capture_output=True,
+                           timeout=timeout, env=env, text=True)
+    except subprocess.TimeoutExpired:
+        reason = f"io_uring probe did not finish in {timeout:.0f} s"
+    except OSError as e:
+        reason = f"io_uring probe could not start: {e}"
+    else:
+        if p.returncode == 0 and p.stdout.strip().endswith("ok"):
+            reason = ""
+        elif p.returncode < 0:
+            try:
+                sig = signal.Signals(-p.returncode).name
+            except ValueError:
+                sig = f"signal {-p.returncode}"
+            reason = f"io_uring probe died with {sig}" + (
+                " (a CPU instruction this machine lacks)" if sig == "SIGILL" else "")
+        else:
+            last = (p.stderr.strip().splitlines() or [f"exit {p.returncode}"])[-1]
+            reason = f"io_uring probe failed: {last[:300]}"
+    _probe_result[directory] = reason
+    return reason
+
+
+def open_backend(fd: int, preference: str, queue_depth: int, directory: str | None = None):
+    """The I/O backend for ``fd``: io_uring unless it cannot run here or is not wanted.
+    ``directory``: where the probe may create a scratch file (the tier's file system)."""
     if preference in ("auto", "io_uring"):
-        try:
-            return UringBackend(fd, queue_depth)
-        except (ImportError, OSError) as e:
-            if preference == "io_uring":
-                raise OSError(f"io_uring requested but unavailable: {e}") from e
-            log.warning("io_uring unavailable (%s); NVMe tier falls back to pread/pwrite threads", e)
+        reason = probe_uring(directory or os.getcwd())
+        if not reason:
+            try:
+                return UringBackend(fd, queue_depth)
+            except (ImportError, OSError) as e:
+                reason = f"io_uring unavailable: {e}"
+        if preference == "io_uring":
+            raise OSError(f"nvme.io_backend = io_uring, but it cannot run here: {reason}")
+        log.warning("NVMe tier falls back to pread/pwrite threads: %s", reason)
+        backend = ThreadBackend(fd, queue_depth)
+        backend.reason = reason
+        return backend
     return ThreadBackend(fd, queue_depth)

@@ -1,0 +1,324 @@
+/*
+ * kvstored._uring: a small io_uring binding for the NVMe tier (kvstored/engine/nvmeio.py).
+ *
+ * Why our own: the PyPI `liburing` wheel (2026.3.30) executes AVX-512 instructions and dies
+ * with SIGILL on CPUs without them (AMD EPYC Milan and most x86-64-v3 machines). This file
+ * links the system liburing (Debian: liburing-dev) and is compiled for the build machine's
+ * baseline ISA, so it runs wherever CPython does. It exposes only what the tier needs:
+ * vectored positional reads and writes, an eventfd for completions, and reaping.
+ *
+ * Lifetime rule: every submitted op holds Py_buffer views of its buffers (and so a
+ * reference to their owners) until its completion is reaped, so the kernel never writes
+ * into memory Python has freed. A ring with ops in flight waits for them before it is
+ * torn down (close() or dealloc), with the GIL released.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <errno.h>
+#include <liburing.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/uio.h>
+
+typedef struct {
+    unsigned long long user_data; /* the caller's id, returned by reap() */
+    Py_ssize_t nbufs;
+    struct iovec *iov;
+    Py_buffer *views;
+} uring_op;
+
+typedef struct {
+    PyObject_HEAD
+    struct io_uring ring;
+    int open;
+    Py_ssize_t inflight;
+    unsigned entries;
+} RingObject;
+
+static void op_free(uring_op *op) {
+    for (Py_ssize_t i = 0; i < op->nbufs; i++)
+        PyBuffer_Release(&op->views[i]);
+    PyMem_Free(op->views);
+    PyMem_Free(op->iov);
+    PyMem_Free(op);
+}
+
+static PyObject *raise_errno(int err, const char *what) {
+    errno = err;
+    return PyErr_SetFromErrnoWithFilename(PyExc_OSError, what);
+}
+
+static int Ring_init(RingObject *self, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"entries", NULL};
+    unsigned entries = 64;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|I", kwlist, &entries))
+        return -1;
+    if (entries < 1 || entries > 32768) {
+        PyErr_SetString(PyExc_ValueError, "entries must be 1..32768");
+        return -1;
+    }
+    if (self->open) {
+        PyErr_SetString(PyExc_RuntimeError, "ring already initialised");
+        return -1;
+    }
+    int rc = io_uring_queue_init(entries, &self->ring, 0);
+    if (rc < 0) {
+        raise_errno(-rc, "io_uring_queue_init");
+        return -1;
+    }
+    self->open = 1;
+    self->inflight = 0;
+    self->entries = entries;
+    return 0;
+}
+
+static int check_open(RingObject *self) {
+    if (!self->open) {
+        PyErr_SetString(PyExc_ValueError, "ring is closed");
+        return 0;
+    }
+    return 1;
+}
+
+/* Turn completed CQEs into a list of (user_data, res), releasing each op's buffers. */
+static PyObject *reap_ready(RingObject *self) {
+    PyObject *out = PyList_New(0);
+    if (out == NULL)
+        return NULL;
+    struct io_uring_cqe *cqe;
+    unsigned head, seen = 0;
+    io_uring_for_each_cqe(&self->ring, head, cqe) {
+        uring_op *op = (uring_op *)io_uring_cqe_get_data(cqe);
+        seen++;
+        if (op == NULL)
+            continue;
+        PyObject *t = Py_BuildValue("(Ki)", op->user_data, cqe->res);
+        op_free(op);
+        self->inflight--;
+        if (t == NULL || PyList_Append(out, t) < 0) {
+            Py_XDECREF(t);
+            io_uring_cq_advance(&self->ring, seen);
+            Py_DECREF(out);
+            return NULL;
+        }
+        Py_DECREF(t);
+    }
+    io_uring_cq_advance(&self->ring, seen);
+    return out;
+}
+
+/* Block (GIL released) until every op in flight has completed; drop their results. */
+static void drain_all(RingObject *self) {
+    while (self->open && self->inflight > 0) {
+        struct io_uring_cqe *cqe = NULL;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = io_uring_wait_cqe(&self->ring, &cqe);
+        Py_END_ALLOW_THREADS
+        if (rc < 0 && rc != -EINTR && rc != -EAGAIN)
+            break; /* ring unusable: leak the views rather than free memory under the kernel */
+        PyObject *done = reap_ready(self);
+        if (done == NULL)
+            PyErr_Clear();
+        Py_XDECREF(done);
+    }
+}
+
+static PyObject *Ring_prep(RingObject *self, PyObject *args) {
+    int write, fd;
+    long long offset;
+    unsigned long long user_data;
+    PyObject *bufs;
+    if (!PyArg_ParseTuple(args, "piLOK", &write, &fd, &offset, &bufs, &user_data))
+        return NULL;
+    if (!check_open(self))
+        return NULL;
+    if (offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "offset must be >= 0");
+        return NULL;
+    }
+    PyObject *seq = PySequence_Fast(bufs, "bufs must be a sequence of buffers");
+    if (seq == NULL)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > IOV_MAX) {
+        Py_DECREF(seq);
+        PyErr_Format(PyExc_ValueError, "bufs must hold 1..%d buffers", IOV_MAX);
+        return NULL;
+    }
+    struct io_uring_sqe *sqe = io_uring_get_sqe(&self->ring);
+    if (sqe == NULL) { /* submission queue full: the caller submits and retries later */
+        Py_DECREF(seq);
+        Py_RETURN_FALSE;
+    }
+    uring_op *op = PyMem_Calloc(1, sizeof(uring_op));
+    if (op == NULL) {
+        Py_DECREF(seq);
+        io_uring_prep_nop(sqe); /* the sqe is taken: complete it as a no-op */
+        io_uring_sqe_set_data(sqe, NULL);
+        return PyErr_NoMemory();
+    }
+    op->user_data = user_data;
+    op->iov = PyMem_Calloc((size_t)n, sizeof(struct iovec));
+    op->views = PyMem_Calloc((size_t)n, sizeof(Py_buffer));
+    if (op->iov == NULL || op->views == NULL) {
+        op_free(op);
+        Py_DECREF(seq);
+        io_uring_prep_nop(sqe);
+        io_uring_sqe_set_data(sqe, NULL);
+        return PyErr_NoMemory();
+    }
+    int flags = write ? PyBUF_SIMPLE : PyBUF_WRITABLE;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        if (PyObject_GetBuffer(PySequence_Fast_GET_ITEM(seq, i), &op->views[i],
+                               flags | PyBUF_C_CONTIGUOUS) < 0) {
+            op_free(op);
+            Py_DECREF(seq);
+            io_uring_prep_nop(sqe);
+            io_uring_sqe_set_data(sqe, NULL);
+            return NULL;
+        }
+        op->nbufs = i + 1;
+        op->iov[i].iov_base = op->views[i].buf;
+        op->iov[i].iov_len = (size_t)op->views[i].len;
+    }
+    Py_DECREF(seq);
+    if (write)
+        io_uring_prep_writev(sqe, fd, op->iov, (unsigned)n, (__u64)offset);
+    else
+        io_uring_prep_readv(sqe, fd, op->iov, (unsigned)n, (__u64)offset);
+    io_uring_sqe_set_data(sqe, op);
+    self->inflight++;
+    Py_RETURN_TRUE;
+}
+
+static PyObject *Ring_submit(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!check_open(self))
+        return NULL;
+    int rc = io_uring_submit(&self->ring);
+    if (rc < 0)
+        return raise_errno(-rc, "io_uring_submit");
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *Ring_reap(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (!check_open(self))
+        return NULL;
+    return reap_ready(self);
+}
+
+static PyObject *Ring_wait(RingObject *self, PyObject *args) {
+    unsigned want = 1;
+    if (!PyArg_ParseTuple(args, "|I", &want))
+        return NULL;
+    if (!check_open(self))
+        return NULL;
+    if (want > (unsigned)self->inflight)
+        want = (unsigned)self->inflight;
+    if (want > 0) {
+        struct io_uring_cqe *cqe = NULL;
+        int rc;
+        Py_BEGIN_ALLOW_THREADS
+        rc = io_uring_wait_cqe_nr(&self->ring, &cqe, want);
+        Py_END_ALLOW_THREADS
+        if (rc < 0 && rc != -EINTR)
+            return raise_errno(-rc, "io_uring_wait_cqe");
+    }
+    return reap_ready(self);
+}
+
+static PyObject *Ring_register_eventfd(RingObject *self, PyObject *args) {
+    int efd;
+    if (!PyArg_ParseTuple(args, "i", &efd))
+        return NULL;
+    if (!check_open(self))
+        return NULL;
+    int rc = io_uring_register_eventfd(&self->ring, efd);
+    if (rc < 0)
+        return raise_errno(-rc, "io_uring_register_eventfd");
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored)) {
+    if (self->open) {
+        drain_all(self);
+        io_uring_queue_exit(&self->ring);
+        self->open = 0;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ring_get_inflight(RingObject *self, void *closure) {
+    return PyLong_FromSsize_t(self->inflight);
+}
+
+static PyObject *Ring_get_entries(RingObject *self, void *closure) {
+    return PyLong_FromUnsignedLong(self->entries);
+}
+
+static void Ring_dealloc(RingObject *self) {
+    if (self->open) {
+        drain_all(self);
+        io_uring_queue_exit(&self->ring);
+        self->open = 0;
+    }
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyMethodDef Ring_methods[] = {
+    {"prep", (PyCFunction)Ring_prep, METH_VARARGS,
+     "prep(write, fd, offset, bufs, user_data) -> bool: queue a readv/writev of bufs at offset; "
+     "False when the submission queue is full (submit, then retry)."},
+    {"submit", (PyCFunction)Ring_submit, METH_NOARGS, "submit() -> int: hand queued ops to the kernel."},
+    {"reap", (PyCFunction)Ring_reap, METH_NOARGS,
+     "reap() -> [(user_data, res)]: completions ready now (res < 0 is -errno)."},
+    {"wait", (PyCFunction)Ring_wait, METH_VARARGS,
+     "wait(n=1) -> [(user_data, res)]: block (GIL released) for n completions, then reap."},
+    {"register_eventfd", (PyCFunction)Ring_register_eventfd, METH_VARARGS,
+     "register_eventfd(fd): the kernel signals fd on every completion."},
+    {"close", (PyCFunction)Ring_close, METH_NOARGS,
+     "close(): wait for ops in flight, then tear the ring down."},
+    {NULL, NULL, 0, NULL},
+};
+
+static PyGetSetDef Ring_getset[] = {
+    {"inflight", (getter)Ring_get_inflight, NULL, "ops submitted and not yet reaped", NULL},
+    {"entries", (getter)Ring_get_entries, NULL, "submission queue size", NULL},
+    {NULL, NULL, NULL, NULL, NULL},
+};
+
+static PyTypeObject RingType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvstored._uring.Ring",
+    .tp_basicsize = sizeof(RingObject),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_doc = "Ring(entries=64): an io_uring instance for vectored positional I/O.",
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Ring_init,
+    .tp_dealloc = (destructor)Ring_dealloc,
+    .tp_methods = Ring_methods,
+    .tp_getset = Ring_getset,
+};
+
+static struct PyModuleDef uring_module = {
+    PyModuleDef_HEAD_INIT, "kvstored._uring",
+    "io_uring through the system liburing, built for any x86-64 CPU (see native/uring.c).",
+    -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__uring(void) {
+    if (PyType_Ready(&RingType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&uring_module);
+    if (m == NULL)
+        return NULL;
+    Py_INCREF(&RingType);
+    if (PyModule_AddObject(m, "Ring", (PyObject *)&RingType) < 0) {
+        Py_DECREF(&RingType);
+        Py_DECREF(m);
+        return NULL;
+    }
+    PyModule_AddStringConstant(m, "LIBURING", "system");
+    return m;
+}
