@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent
 class Daemon:
     """A kvstored subprocess started with --port 0 --data-port 0 and a ready file."""
 
-    def __init__(self, tmp: Path, *args: str, env: dict | None = None):
+    def __init__(self, tmp: Path, *args: str, env: dict | None = None, wrapper: list[str] | None = None):
+        """``wrapper``: a command to run the interpreter under (e.g. qemu-x86_64 -cpu ...)."""
         self.tmp = tmp
         self.ready_file = tmp / f"ready-{time.monotonic_ns()}.json"
         self.log_path = tmp / f"kvstored-{time.monotonic_ns()}.log"
@@ -24,6 +25,7 @@ class Daemon:
                      "--metrics-port", "0",  # never the shared default 9090 (tests run side by side)
                      "--ready-file", str(self.ready_file), *args]
         self.env = env
+        self.wrapper = list(wrapper or [])
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
@@ -32,7 +34,7 @@ class Daemon:
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
         env.update(self.env or {})
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "kvstored", *self.args],
+        self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "kvstored", *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -200,7 +200,9 @@ class ControlService(pb_grpc.KVStoreServicer):
                               objects=t["objects"],
                               counters={k: int(v) for k, v in t.items()
                                         if isinstance(v, (int, float)) and not isinstance(v, bool)
-                                        and k not in ("capacity", "used", "objects")})
+                                        and k not in ("capacity", "used", "objects")},
+                              io_backend=t.get("io_backend", ""),
+                              io_backend_reason=t.get("io_backend_reason", ""))
                  for t in self.store.tier_stats()]
         return pb.StatsResponse(counters=counters, namespaces=namespaces, tiers=tiers,
                                 connections=len(self.node.data_server.connections),

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import concurrent.futures
+import errno
 import itertools
 import logging
 import os
@@ -107,11 +108,17 @@ class UringBackend:
     def _prep(self, write: bool, offset: int, bufs: list, fut: asyncio.Future) -> None:
         uid = next(self.ids)
         # the ring holds buffer views until the completion is reaped (native/uring.c)
-        if not self.ring.prep(write, self.fd, offset, bufs, uid):
-            self.ring.submit()  # queue full (should not happen below depth): flush and retry
-            if not self.ring.prep(write, self.fd, offset, bufs, uid):
-                fut.set_exception(OSError("io_uring submission queue full"))
-                return
+        try:
+            queued = self.ring.prep(write, self.fd, offset, bufs, uid)
+            if not queued:
+                self.ring.submit()  # queue full (should not happen below depth): flush and retry
+                queued = self.ring.prep(write, self.fd, offset, bufs, uid)
+        except (ValueError, TypeError, BufferError) as e:  # bad offset or buffer: this op only
+            fut.set_exception(OSError(errno.EINVAL, f"bad NVMe I/O request: {e}"))
+            return
+        if not queued:
+            fut.set_exception(OSError(errno.EAGAIN, "io_uring submission queue full"))
+            return
         self.futures[uid] = fut
 
     def _reap(self) -> None:

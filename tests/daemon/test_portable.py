@@ -1,0 +1,56 @@
+"""The daemon with an NVMe tier on a CPU without AVX-512 (AMD EPYC Milan: x86-64-v3), emulated
+with qemu-user: it must start, demote to NVMe and serve, never die with SIGILL. qemu-user has
+no io_uring, so this also shows the loud fallback to threads on a real daemon (log line, the
+tier's io_backend_fallback counter, the reason in Stats)."""
+from __future__ import annotations
+
+import hashlib
+import shutil
+import time
+
+import pytest
+
+import kvstore
+
+QEMU = shutil.which("qemu-x86_64")
+pytestmark = pytest.mark.skipif(QEMU is None, reason="qemu-x86_64 not installed (Debian qemu-user; make test installs it)")
+
+
+def value(i: int, size: int) -> bytes:
+    seed = hashlib.sha256(b"p%d" % i).digest()
+    return (seed * (size // len(seed) + 1))[:size]
+
+
+@pytest.mark.timeout(240)
+def test_nvme_daemon_on_epyc_milan(tmp_path):
+    from daemonutil import Daemon
+
+    d = Daemon(tmp_path, "--dram-size", "8MiB", "--slab-size", "1MiB", "--max-value-size", "1MiB",
+               "--nvme-path", str(tmp_path / "tier.dat"), "--nvme-size", "64MiB",
+               "--nvme-region-size", "16MiB",
+               wrapper=[QEMU, "-cpu", "EPYC-Milan"])
+    d.start(timeout=150)
+    try:
+        size = 256 * 1024
+        with kvstore.Client(d.control, namespace="q", timeout=60, shm=False) as c:
+            for i in range(60):  # 15 MiB into 8 MiB of DRAM: demotes to NVMe
+                c.put(b"k%d" % i, value(i, size))
+            deadline = time.monotonic() + 60
+            nv = None
+            while time.monotonic() < deadline:
+                nv = next(t for t in c.stats().tiers if t.name == "nvme")
+                if nv.counters["demotions"] > 0:
+                    break
+                time.sleep(0.2)
+            assert nv is not None and nv.counters["demotions"] > 0
+            for i in range(60):
+                assert c.get(b"k%d" % i) == value(i, size)
+            assert nv.io_backend in ("io_uring", "threads")
+            if nv.io_backend == "threads":  # qemu-user 7.2 has no io_uring syscalls
+                assert nv.counters["io_backend_fallback"] == 1
+                assert nv.io_backend_reason
+                assert "falls back to pread/pwrite threads" in d.log_path.read_text(errors="replace")
+        assert d.alive()
+    finally:
+        rc = d.stop(timeout=60)
+    assert rc == 0, d.log()

@@ -1,0 +1,221 @@
+"""The native io_uring binding (native/uring.c -> kvstored._uring) and the NVMe tier's choice
+of backend: round trips, ring wrap-around, errors, bad arguments, buffers kept alive while the
+kernel uses them, and the loud fallback when io_uring cannot run (probe killed by a signal,
+binding missing, io_uring refused)."""
+from __future__ import annotations
+
+import asyncio
+import gc
+import logging
+import mmap
+import os
+import shutil
+import subprocess
+
+import pytest
+
+from kvstored.engine import nvmeio
+
+_uring = pytest.importorskip(
+    "kvstored._uring", reason="native binding not built (needs liburing-dev at install: make install)")
+
+BLOCK = 4096
+
+
+def _ring_or_skip(entries=8):
+    try:
+        return _uring.Ring(entries)
+    except OSError as e:  # e.g. seccomp in a container, or an emulator without io_uring
+        pytest.skip(f"io_uring refused by this kernel: {e}")
+
+
+@pytest.fixture
+def fd(tmp_path):
+    fd = os.open(tmp_path / "f.dat", os.O_RDWR | os.O_CREAT, 0o600)
+    yield fd
+    os.close(fd)
+
+
+def test_write_then_read_vectored(fd):
+    r = _ring_or_skip()
+    a, b = bytearray(b"a" * BLOCK), bytearray(b"b" * 100)
+    assert r.prep(True, fd, 8192, [a, memoryview(b)], 7) is True
+    assert r.inflight == 1
+    r.submit()
+    assert r.wait(1) == [(7, BLOCK + 100)]
+    assert r.inflight == 0
+    out1, out2 = bytearray(BLOCK), bytearray(100)
+    r.prep(False, fd, 8192, [out1, memoryview(out2)], 8)
+    r.submit()
+    assert r.wait(1) == [(8, BLOCK + 100)]
+    assert out1 == a and out2 == b
+    assert os.pread(fd, 3, 8192) == b"aaa"
+    r.close()
+    r.close()  # idempotent
+
+
+def test_many_ops_wrap_the_completion_ring(fd):
+    """Far more completions than the ring has entries: results stay right after the rings wrap
+    (the PyPI wheel's documented cqe[i] indexing returned garbage here)."""
+    r = _ring_or_skip(4)
+    n = 200
+    bufs = [bytearray(bytes([i % 251]) * 512) for i in range(n)]
+    got = {}
+    for i in range(n):
+        while not r.prep(True, fd, i * 512, [bufs[i]], i):  # SQ full: submit and reap
+            r.submit()
+            got.update(r.wait(1))
+        if r.inflight >= 4:
+            r.submit()
+            got.update(r.wait(1))
+    r.submit()
+    while r.inflight:
+        got.update(r.wait(1))
+    assert got == {i: 512 for i in range(n)}
+    data = os.pread(fd, n * 512, 0)
+    assert all(data[i * 512:(i + 1) * 512] == bufs[i] for i in range(n))
+    r.close()
+
+
+def test_errors_come_back_as_negative_errno(tmp_path):
+    r = _ring_or_skip()
+    ro = os.open(tmp_path / "ro.dat", os.O_RDONLY | os.O_CREAT, 0o600)
+    try:
+        r.prep(True, ro, 0, [bytearray(10)], 1)  # write to a read-only fd
+        r.prep(False, 987654, 0, [bytearray(10)], 2)  # not an fd
+        r.submit()
+        res = dict(r.wait(2))
+        assert res == {1: -9, 2: -9}  # EBADF
+    finally:
+        os.close(ro)
+        r.close()
+
+
+def test_bad_arguments_are_typed_errors(fd):
+    r = _ring_or_skip()
+    with pytest.raises(ValueError):
+        r.prep(False, fd, -1, [bytearray(1)], 1)
+    with pytest.raises(ValueError):
+        r.prep(False, fd, 0, [], 1)
+    with pytest.raises(TypeError):
+        r.prep(False, fd, 0, [object()], 1)
+    with pytest.raises(BufferError):  # a read needs writable memory
+        r.prep(False, fd, 0, [b"immutable"], 1)
+    with pytest.raises(TypeError):
+        r.prep(False, fd, 0, 5, 1)
+    with pytest.raises(ValueError):
+        _uring.Ring(0)
+    # the rejected preps took no slot that stays in flight
+    r.submit()
+    assert r.inflight == 0 and r.wait(1) == []
+    r.close()
+    with pytest.raises(ValueError, match="closed"):
+        r.submit()
+
+
+def test_buffers_stay_alive_until_reaped(fd):
+    """The ring holds its own reference to every buffer until the completion is reaped, so a
+    caller dropping its reference cannot make the kernel write into freed memory."""
+    r = _ring_or_skip()
+    os.pwrite(fd, b"z" * BLOCK, 0)
+    mm = mmap.mmap(-1, BLOCK)
+    r.prep(False, fd, 0, [mm], 1)
+    with pytest.raises(BufferError):  # exported to the ring: cannot be closed under it
+        mm.close()
+    r.submit()
+    r.wait(1)
+    assert mm[:1] == b"z"
+    mm.close()  # released once reaped
+    r.close()
+
+
+def test_close_waits_for_ops_in_flight(fd):
+    r = _ring_or_skip()
+    bufs = [bytearray(BLOCK) for _ in range(6)]
+    for i, b in enumerate(bufs):
+        r.prep(False, fd, 0, [b], i)
+    r.submit()
+    r.close()  # must not free what the kernel may still write into
+    assert r.inflight == 0
+    del r
+    gc.collect()
+
+
+def test_backend_through_asyncio(tmp_path):
+    fd = os.open(tmp_path / "b.dat", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _ring_or_skip().close()
+        be = nvmeio.open_backend(fd, "io_uring", 4, str(tmp_path))
+        assert be.name == "io_uring" and be.reason == ""
+
+        async def run():
+            bufs = [bytearray(bytes([i]) * BLOCK) for i in range(40)]  # 10x the queue depth
+            ns = await asyncio.gather(*(be.writev(i * BLOCK, [bufs[i]]) for i in range(40)))
+            assert ns == [BLOCK] * 40
+            outs = [bytearray(BLOCK) for _ in range(40)]
+            ns = await asyncio.gather(*(be.readv(i * BLOCK, [outs[i]]) for i in range(40)))
+            assert ns == [BLOCK] * 40 and outs == bufs
+            with pytest.raises(OSError):
+                await be.readv(-5, [bytearray(1)])  # negative offset: a typed error, loop alive
+            be.close()
+            with pytest.raises(OSError, match="closed"):
+                await be.readv(0, [bytearray(1)])
+
+        asyncio.run(run())
+    finally:
+        os.close(fd)
+
+
+def test_fallback_when_the_probe_dies_is_loud(tmp_path, monkeypatch, caplog):
+    """A native backend that cannot run here (illegal instruction, seccomp kill) costs the probe
+    child, never the daemon: the tier runs on threads and says why."""
+    monkeypatch.setattr(nvmeio, "_PROBE", "import os, signal; os.kill(os.getpid(), signal.SIGILL)")
+    monkeypatch.setattr(nvmeio, "_probe_result", {})
+    fd = os.open(tmp_path / "c.dat", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        with caplog.at_level(logging.WARNING, logger="kvstored.nvme"):
+            be = nvmeio.open_backend(fd, "auto", 8, str(tmp_path))
+        assert be.name == "threads"
+        assert "SIGILL" in be.reason and "instruction" in be.reason
+        assert any("falls back" in r.message and "SIGILL" in r.message for r in caplog.records)
+        be.close()
+        with pytest.raises(OSError, match="cannot run here: io_uring probe died with SIGILL"):
+            nvmeio.open_backend(fd, "io_uring", 8, str(tmp_path))
+        # asked for threads: no probe, no reason
+        be = nvmeio.open_backend(fd, "threads", 8, str(tmp_path))
+        assert be.name == "threads" and be.reason == ""
+        be.close()
+    finally:
+        os.close(fd)
+
+
+def test_fallback_when_the_binding_is_missing(tmp_path, monkeypatch):
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec",
+                        lambda name, *a: None if name == "kvstored._uring" else real(name, *a))
+    monkeypatch.setattr(nvmeio, "_probe_result", {})
+    fd = os.open(tmp_path / "d.dat", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        be = nvmeio.open_backend(fd, "auto", 8, str(tmp_path))
+        assert be.name == "threads" and "liburing-dev" in be.reason
+        be.close()
+    finally:
+        os.close(fd)
+
+
+def test_the_binding_has_no_avx512():
+    """Built for the baseline ISA: no zmm registers (AVX-512) anywhere in the binding or the
+    liburing it links. (PyPI liburing 2026.3.30 had them and died with SIGILL.)"""
+    objdump = shutil.which("objdump")
+    if objdump is None:
+        pytest.skip("objdump not installed (binutils)")
+    paths = [_uring.__file__]
+    ldd = subprocess.run(["ldd", _uring.__file__], capture_output=True, text=True).stdout
+    paths += [line.split("=>")[1].split()[0] for line in ldd.splitlines()
+              if "liburing" in line and "=>" in line]
+    for p in paths:
+        dis = subprocess.run([objdump, "-d", p], capture_output=True, text=True, timeout=60).stdout
+        assert dis, p
+        assert "%zmm" not in dis, f"{p} uses AVX-512 registers"
