@@ -1,7 +1,26 @@
-"""``kvstored`` / ``python -m kvstored``: the daemon's entry point."""
+"""``kvstored`` / ``python -m kvstored``: the daemon's entry point.
+
+Every way a start can fail ends the same: one line, ``kvstored: error: ...``, on
+stderr and exit status 2 (systemd's RestartPreventExitStatus=2: restarting will not
+fix it). A bug's traceback goes to the log at debug level only.
+"""
 from __future__ import annotations
 
 import sys
+
+# What `pip install 'kvstored[server]'` adds to the SDK's own dependencies: an install
+# without the extra has the `kvstored` command but not these.
+SERVER_EXTRA_MODULES = ("uvloop", "prometheus_client", "aetcd", "pyeclib")
+SERVER_EXTRA_HINT = "pip install 'kvstored[server]'"
+
+
+def _missing_extra(e: ModuleNotFoundError) -> str | None:
+    """The one-line error for a module of the server extra that is not installed, else None."""
+    top = (e.name or "").split(".")[0]
+    if top not in SERVER_EXTRA_MODULES:
+        return None
+    return (f"the daemon needs the '{top}' package, which is not installed: "
+            f"{SERVER_EXTRA_HINT} (the plain package is the SDK and kvstore-cli only)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -16,19 +35,40 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from kvstored import logs
     logs.setup(config.log_level, config.log_format)  # key=value or JSON lines on stderr
-    import uvloop
-
-    from kvstored.engine.nvme import NvmeError
-    from kvstored.node import serve
     try:
+        import uvloop
+
+        from kvstored.auth import TokensError
         from kvstored.config import flag_overrides
-        from kvstored.node import ConfigSource
+        from kvstored.engine.nvme import NvmeError
+        from kvstored.node import ConfigSource, serve
+    except ModuleNotFoundError as e:
+        fail(_missing_extra(e) or f"cannot start: {e}")
+    started = []  # set once ready: a later failure is a crash (traceback, exit 1, restart)
+    try:
         source = ConfigSource(args.config, flag_overrides(args))  # re-read on SIGHUP
-        return uvloop.run(serve(config, args.ready_file, source=source))
-    except NvmeError as e:  # device problems found at start: one clear line, exit 2
-        fail(str(e))
-    except OSError as e:  # e.g. port in use: one clear line, not a traceback
-        fail(f"cannot start: {e}")
+        return uvloop.run(serve(config, args.ready_file, source=source,
+                                on_ready=lambda: started.append(True)))
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C before the signal handlers were set
+        raise
+    except Exception as e:
+        if started:
+            raise
+        fail(_start_error(e, (ConfigError, NvmeError, TokensError)))
+
+
+def _start_error(e: Exception, one_liners: tuple[type, ...]) -> str:
+    """The line to print for an error before the daemon was ready."""
+    if isinstance(e, one_liners):  # config, tokens, certificates, the NVMe device
+        return str(e)
+    if isinstance(e, OSError):  # e.g. a port in use
+        return f"cannot start: {e}"
+    if isinstance(e, ModuleNotFoundError):  # cluster.enabled without aetcd, ...
+        return _missing_extra(e) or f"cannot start: {e}"
+    # a bug: still one line on stderr; the traceback goes to the log at debug level
+    import logging
+    logging.getLogger("kvstored").debug("start failed", exc_info=e)
+    return f"cannot start: {type(e).__name__}: {e} (--log-level debug logs the traceback)"
 
 
 if __name__ == "__main__":

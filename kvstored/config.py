@@ -285,7 +285,7 @@ class Config:
     hugepages: bool = True
     # same-host shared-memory channel (a Unix socket)
     shm_enabled: bool = True
-    shm_socket_path: str = ""  # empty: <tmpdir>/kvstored-<control port>.sock
+    shm_socket_path: str = ""  # empty: $RUNTIME_DIRECTORY or <tmpdir>, kvstored-<control port>.sock
     shm_allowed_uids: str = ""  # comma-separated uids besides the daemon's own and root
     shm_lease_ttl: float = 30.0  # seconds a get's view stays protected unless released
     # NVMe tier (off while nvme_path is empty)

@@ -26,7 +26,7 @@ The endpoint is a small asyncio HTTP server on the daemon's event loop
 loop, which rules out prometheus_client's thread-per-request server. It serves
 ``/metrics`` (text or OpenMetrics by ``Accept``, gzip when asked), ``/healthz``
 (200 while the process is alive) and ``/readyz`` (200 when serving, 503 while
-starting or draining).
+starting, warming (the arena is still being prefaulted) or draining).
 """
 from __future__ import annotations
 
@@ -201,7 +201,7 @@ class NodeCollector(Collector):
                                  labels=["version", "node_id"])
         info.add_metric([kvstored.__version__, node.node_id], 1)
         yield info
-        yield _gauge("kvstored_ready", "1 while serving; 0 while starting or draining "
+        yield _gauge("kvstored_ready", "1 while serving; 0 while starting, warming or draining "
                      "(liveness is the endpoint answering at all).", 1 if node.ready else 0)
         yield _gauge("kvstored_uptime_seconds", "Seconds since the daemon started.", node.uptime())
 
@@ -394,7 +394,7 @@ class MetricsServer:
         if path == "/readyz":
             ok = self.node.ready
             return (200 if ok else 503), "text/plain; charset=utf-8", \
-                f"{'ready' if ok else 'not ready'}: {self.node.state}\n".encode(), []
+                f"{'ready' if ok else 'not ready'}: {self.node.readiness()}\n".encode(), []
         if path in ("/metrics", "/"):
             encoder, ctype = choose_encoder(headers.get("accept", ""))
             registry = self.registry

@@ -26,6 +26,11 @@ from kvstored.tls import ServerTLS
 log = logging.getLogger("kvstored")
 
 MAINTENANCE_INTERVAL = 0.5  # seconds between reaping abandoned reservations
+WARM_POLL = 0.05  # seconds between checks of the arena prefault while warming
+WARM_REPORT = 1.0  # seconds between warming progress reports to systemd
+# A prefault that makes no progress this long (an overcommitted host, a hung madvise) stops
+# holding readiness back: the node says so and reports ready; pages then fault in on use.
+WARM_STALL_TIMEOUT = 60.0
 TIER_LOG_INTERVAL = 60.0  # seconds between per-tier stats lines in the log
 SHUTDOWN_FLUSH_TIMEOUT = 60.0  # seconds SIGTERM may spend writing DRAM-only objects to NVMe
 
@@ -45,6 +50,14 @@ def _open_nvme(config: Config):
     except BaseException:
         dev.close()
         raise
+
+
+def default_shm_path(control_port: int) -> str:
+    """Where the shm socket goes when shm.socket_path is empty: systemd's RuntimeDirectory=
+    ($RUNTIME_DIRECTORY, visible to local clients; PrivateTmp hides /tmp), else the tmpdir."""
+    runtime = os.environ.get("RUNTIME_DIRECTORY", "").split(":")[0]
+    base = runtime if runtime and os.path.isdir(runtime) else tempfile.gettempdir()
+    return os.path.join(base, f"kvstored-{control_port}.sock")
 
 
 @dataclass
@@ -153,7 +166,9 @@ class Node:
         self.control_port = 0
         self.data_port = 0
         self.ready = False
-        self.state = "starting"  # starting -> serving -> draining -> stopped (Health, /readyz)
+        # starting -> warming (listening, arena still prefaulting) -> serving -> draining ->
+        # stopped (Health, /readyz); ready only in serving
+        self.state = "starting"
         self.started = time.monotonic()
         self._maintenance: asyncio.Task | None = None
         self.shm = None  # ShmServer when shm.enabled
@@ -174,6 +189,45 @@ class Node:
             return "degraded"
         return self.state
 
+    def readiness(self) -> str:
+        """The state, with the prefault's progress while warming (for /readyz and logs)."""
+        if self.state != "warming":
+            return self.state
+        a = self.store.arena
+        return f"warming (arena prefaulted {a.prefaulted >> 20} of {a.size >> 20} MiB)"
+
+    async def warm(self, stop: asyncio.Event | None = None) -> None:
+        """Wait until the arena is prefaulted, then report ready ("serving").
+
+        The planes already serve meanwhile (first writes to a page are just slower);
+        this only holds back what promises full speed: /readyz, Health.ready, sd_notify
+        READY=1 and the ready file. Progress goes to systemd, which also gets its start
+        timeout extended, so a large arena never trips TimeoutStartSec=.
+        """
+        a = self.store.arena
+        t0 = last_report = last_move = time.monotonic()
+        seen = a.prefaulted
+        while self.state == "warming" and a.prefaulting and not (stop and stop.is_set()):
+            now = time.monotonic()
+            if a.prefaulted != seen:
+                seen, last_move = a.prefaulted, now
+            elif now - last_move > WARM_STALL_TIMEOUT:
+                log.warning("arena prefault made no progress for %.0fs; reporting ready "
+                            "anyway (pages fault in on first use)", WARM_STALL_TIMEOUT,
+                            extra={"prefaulted": a.prefaulted, "dram": a.size})
+                break
+            if now - last_report >= WARM_REPORT:
+                last_report = now
+                sdnotify.notify(f"STATUS={self.readiness()}",
+                                f"EXTEND_TIMEOUT_USEC={int(3 * WARM_REPORT * 1e6)}")
+            await asyncio.sleep(WARM_POLL)
+        if self.state == "warming" and not (stop and stop.is_set()):
+            self.state = "serving"
+            self.ready = True
+            log.info("kvstored ready", extra={
+                "node": self.node_id, "warm_s": round(time.monotonic() - t0, 3),
+                "prefaulted": a.prefaulted, "dram": a.size, "hugepages": a.hugepages})
+
     def uptime(self) -> float:
         return time.monotonic() - self.started
 
@@ -181,6 +235,33 @@ class Node:
         self.data_server.counters["control_errors_" + e.name] += 1
 
     async def start(self) -> None:
+        """Listen on every plane; on failure, close what was opened (sockets, socket files)."""
+        try:
+            await self._start()
+        except BaseException:
+            await self._abort_start()
+            raise
+
+    async def _abort_start(self) -> None:
+        """Undo a partial start, so a failed start leaves no socket file and no gRPC server
+        for the garbage collector to stop after the event loop is gone (a traceback)."""
+        self.state = "stopped"
+        if self.repair is not None:
+            self.repair.stop()
+        if self.membership is not None:
+            await self.membership.stop()
+        if self.shm is not None:
+            self.shm.close()  # unlinks its socket file
+        self.data_server.stop_accepting()
+        if self.grpc_server is not None:
+            await self.grpc_server.stop(0)
+            self.grpc_server = None
+        if self._maintenance is not None:
+            self._maintenance.cancel()
+        await self.metrics.close()
+        self.store.close()
+
+    async def _start(self) -> None:
         c = self.config
         self.data_port = await self.data_server.start(c.host, c.data_port)
         # room for the largest control-plane value plus the message around it
@@ -205,11 +286,21 @@ class Node:
             self.node_id = f"{self.node_id[:-2]}:{self.control_port}"
         if c.shm_enabled:
             from kvstored.dataplane.shm import ShmServer
-            path = c.shm_socket_path or os.path.join(tempfile.gettempdir(),
-                                                     f"kvstored-{self.control_port}.sock")
-            self.shm = ShmServer(self.data_server, path, allowed_uids=c.shm_allowed_uid_set(),
-                                 lease_ttl=c.shm_lease_ttl)
-            self.shm_path = await self.shm.start()
+            path = c.shm_socket_path or default_shm_path(self.control_port)
+            shm = ShmServer(self.data_server, path, allowed_uids=c.shm_allowed_uid_set(),
+                            lease_ttl=c.shm_lease_ttl)
+            try:
+                self.shm_path = await shm.start()
+            except OSError as e:
+                raise OSError(f"cannot listen on the shm socket {path} ({e.strerror or e}); "
+                              "set shm.socket_path to a writable directory or shm.enabled = "
+                              "false") from None
+            self.shm = shm
+            if c.shm_allowed_uid_set():
+                # the listed uids must be able to connect() at all (a DynamicUser daemon
+                # shares no group with them); who is served is still decided per peer
+                # (SO_PEERCRED), so others are refused with PermissionDenied
+                os.chmod(self.shm_path, 0o666)
         if c.metrics_enabled:
             try:
                 self.metrics_port = await self.metrics.start(c.metrics_host, c.metrics_port)
@@ -226,9 +317,9 @@ class Node:
                 self.membership.on_change.append(self.repair.wake)
                 self.repair.start()
             self.membership.start()
-        self.ready = True
-        self.state = "serving"
-        log.info("kvstored ready", extra={
+        self.state = "warming" if self.store.arena.prefaulting else "serving"
+        self.ready = self.state == "serving"
+        log.info("kvstored listening" if self.state == "warming" else "kvstored ready", extra={
             "node": self.node_id, "control": f"{c.host}:{self.control_port}",
             "data": f"{c.host}:{self.data_port}", "shm": self.shm_path or "off",
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
@@ -366,23 +457,32 @@ class Node:
 
 
 async def serve(config: Config, ready_file: str | None = None,
-                source: ConfigSource | None = None) -> int:
+                source: ConfigSource | None = None,
+                on_ready: Callable[[], None] | None = None) -> int:
+    """Run one node until SIGTERM/SIGINT. ``on_ready`` is called once it is ready (after
+    the ready file and READY=1): errors before that are start-up errors (exit 2)."""
     node = Node(config)
     node.source = source
     if source is not None:
         node._explicit = source.explicit()
     await node.start()
-    if ready_file:
-        tmp = ready_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump({"pid": os.getpid(), "node_id": node.node_id, "host": config.host,
-                       "control_port": node.control_port, "data_port": node.data_port,
-                       "metrics_port": node.metrics_port}, f)
-        os.replace(tmp, ready_file)  # atomic: readers never see half a file
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    # ready = the arena is prefaulted too: the ready file and READY=1 wait for it
+    await node.warm(stop)
+    if ready_file and not stop.is_set():
+        try:
+            tmp = ready_file + ".tmp"
+            with open(tmp, "w") as f:
+                json.dump({"pid": os.getpid(), "node_id": node.node_id, "host": config.host,
+                           "control_port": node.control_port, "data_port": node.data_port,
+                           "metrics_port": node.metrics_port}, f)
+            os.replace(tmp, ready_file)  # atomic: readers never see half a file
+        except OSError as e:
+            await node.stop(0)
+            raise OSError(f"cannot write the ready file {ready_file} ({e.strerror or e})") from None
 
     def on_hup() -> None:
         usec = time.clock_gettime_ns(time.CLOCK_MONOTONIC) // 1000
@@ -395,10 +495,13 @@ async def serve(config: Config, ready_file: str | None = None,
         sdnotify.notify("READY=1", "STATUS=serving")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
-    sdnotify.notify("READY=1", f"STATUS=serving control={config.host}:{node.control_port} "
-                    f"data={config.host}:{node.data_port} metrics="
-                    f"{f'{config.metrics_host}:{node.metrics_port}' if node.metrics_port else 'off'}",
-                    f"MAINPID={os.getpid()}")
+    if not stop.is_set():  # a SIGTERM while warming: never ready, straight to STOPPING
+        sdnotify.notify("READY=1", f"STATUS=serving control={config.host}:{node.control_port} "
+                        f"data={config.host}:{node.data_port} metrics="
+                        f"{f'{config.metrics_host}:{node.metrics_port}' if node.metrics_port else 'off'}",
+                        f"MAINPID={os.getpid()}")
+    if on_ready is not None:
+        on_ready()
     await stop.wait()
     loop.remove_signal_handler(signal.SIGHUP)
     sdnotify.notify("STOPPING=1", "STATUS=draining in-flight requests")
