@@ -10,8 +10,16 @@ ARGS   ?=
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-$(VENV)/.installed: pyproject.toml | $(VENV)/bin/python
-	$(PIP) install -e '.[server]'
+# The NVMe tier's io_uring binding (native/uring.c) builds against the system liburing:
+# Debian's liburing-dev. Without it the install still works and the tier uses threads (loudly).
+NATIVE_DEPS = /usr/include/liburing.h
+
+$(NATIVE_DEPS):
+	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev >/dev/null) || \
+	  echo "make: could not install liburing-dev; the NVMe tier will use pread/pwrite threads"
+
+$(VENV)/.installed: pyproject.toml setup.py native/uring.c | $(VENV)/bin/python $(NATIVE_DEPS)
+	KVSTORE_REQUIRE_NATIVE=$$(test -f $(NATIVE_DEPS) && echo 1) $(PIP) install -e '.[server]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
@@ -60,6 +68,10 @@ test: install-test
 	@command -v systemd-analyze >/dev/null && command -v curl >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq systemd curl >/dev/null) || \
 	  echo "make test: could not install systemd/curl; their checks will be skipped"
+	@# tests/daemon/test_portable.py: the daemon on a CPU without AVX-512 (qemu-user, EPYC-Milan)
+	@command -v qemu-x86_64 >/dev/null || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null) || \
+	  echo "make test: could not install qemu-user; the portability test will be skipped"
 	@# tests/cluster: a real etcd (Debian's etcd-server); the tests skip when it is missing
 	@command -v etcd >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null) || \
