@@ -97,6 +97,10 @@ class Region:
     live: set = field(default_factory=set)  # (ns, key) with their newest record here
     pending: dict = field(default_factory=dict)  # record offset -> completed? (writes in flight)
     frontier: int = 0  # every record below this relative offset is on disk
+    # (ns, key) with a deleted or superseded record here: until this region is reclaimed,
+    # some tombstone of that key must survive, or a restart would serve the record again
+    stale: set = field(default_factory=set)
+    tombs: dict = field(default_factory=dict)  # (ns, key) -> seq of the tombstones here
 
     @property
     def used(self) -> int:
@@ -318,6 +322,9 @@ class _Pending:
         self.waiter = waiter
 
 
+SYNC_MODES = ("none", "interval", "always")
+
+
 class NvmeTier:
     """Region allocation, appends, reads and reclaim over an NvmeDevice.
 
@@ -325,15 +332,29 @@ class NvmeTier:
     and ``on_reclaim`` are Store callbacks: a region holding a pinned or
     being-read object is not reclaimed; reclaiming drops the Store's entries
     whose only copy was there.
+
+    ``sync`` says when written records are made durable against power loss
+    (O_DIRECT alone survives a process kill, not the device's write cache nor the
+    file system's unwritten-extent metadata): ``none`` never calls fdatasync,
+    ``interval`` calls it every ``sync_interval`` seconds while there were writes,
+    ``always`` makes every append wait for an fdatasync issued after its write
+    completed (one fdatasync covers every write finished before it: group commit).
     """
 
     def __init__(self, device: NvmeDevice, *, admission: str = "all", write_budget_per_hour: int = 0,
-                 queue_depth: int = 32, clock=time.monotonic):
+                 queue_depth: int = 32, sync: str = "interval", sync_interval: float = 1.0,
+                 clock=time.monotonic):
         if admission not in ("all", "read"):
             raise NvmeError(f"nvme.admission must be 'all' or 'read', not {admission!r}")
+        if sync not in SYNC_MODES:
+            raise NvmeError(f"nvme.sync must be none, interval or always, not {sync!r}")
+        if not 0.001 <= sync_interval <= 3600:
+            raise NvmeError(f"nvme.sync_interval {sync_interval} is outside 0.001..3600 seconds")
         self.dev = device
         self.admission = admission
         self.budget = write_budget_per_hour
+        self.sync = sync
+        self.sync_interval = sync_interval
         self.clock = clock
         self.regions, self.recovered = device.scan()
         self.generation = max((r.generation for r in self.regions), default=0) + 1
@@ -342,27 +363,53 @@ class NvmeTier:
         self.headers = HeaderPool(max(queue_depth * 4, 64))
         self.can_reclaim = lambda region: True
         self.on_reclaim = lambda region: None
+        # set by the shutdown flush: reclaim only regions holding no live object, so
+        # writing DRAM-only objects never destroys the only copy of another one
+        self.keep_live = False
+        self.stale_count: dict[tuple[bytes, bytes], int] = {}  # key -> regions with a stale record of it
         self._budget_window = (clock(), 0)  # (window start, bytes written in it)
+        self._syncs_started = 0
+        self._syncs_done = 0
+        self._sync_task: asyncio.Task | None = None  # the fdatasync running now
+        self._interval_task: asyncio.Task | None = None
+        self._dirty = False  # written since the last fdatasync began
         self.counters = dict.fromkeys(
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
-             "write_errors", "read_errors", "tombstones", "not_admitted"), 0)
+             "write_errors", "read_errors", "tombstones", "tombstones_carried", "not_admitted",
+             "syncs", "sync_errors"), 0)
         self.counters["io_backend_fallback"] = int(device.io_backend != "io_uring")
 
     # -- recovery -------------------------------------------------------------
     def recovered_objects(self) -> list[RecoveredRecord]:
-        """The newest record of every key that was not deleted afterwards."""
+        """The newest record of every key that was not deleted afterwards.
+
+        Also rebuilds which regions hold stale records (older versions, deleted
+        objects) and which hold tombstones, so reclaim keeps deletes deleted.
+        """
         newest: dict[tuple[bytes, bytes], RecoveredRecord] = {}
         for rec in self.recovered:
             k = (rec.ns, rec.key)
             old = newest.get(k)
             if old is None or rec.seq > old.seq:
                 newest[k] = rec
+        for rec in self.recovered:
+            k = (rec.ns, rec.key)
+            r = self.regions[rec.loc.region]
+            if rec.tombstone:
+                r.tombs[k] = max(rec.seq, r.tombs.get(k, 0))
+            elif newest[k] is not rec:
+                self._mark_stale(r, k)
         self.recovered = []
         live = [rec for rec in newest.values() if not rec.tombstone]
         for rec in live:
             self.regions[rec.loc.region].live.add((rec.ns, rec.key))
         return live
+
+    def _mark_stale(self, r: Region, k: tuple[bytes, bytes]) -> None:
+        if k not in r.stale:
+            r.stale.add(k)
+            self.stale_count[k] = self.stale_count.get(k, 0) + 1
 
     # -- admission --------------------------------------------------------------
     def admit(self, size: int, read_count: int) -> bool:
@@ -382,16 +429,21 @@ class NvmeTier:
         return True
 
     # -- writes ---------------------------------------------------------------
-    def _region_for(self, slot_size: int, rec_len: int) -> Region | None:
+    async def _region_for(self, slot_size: int, rec_len: int) -> Region | None:
         r = self.open.get(slot_size)
         if r is not None and r.write_ptr + rec_len <= r.size:
             return r
         if r is not None:
-            r.state = "full"
-            del self.open[slot_size]
-        r = self._take_region()
+            self._seal(r)
+        r = await self._take_region()
         if r is None:
             return None
+        cur = self.open.get(slot_size)
+        if cur is not None:  # another append opened one while this one waited (carrying tombstones)
+            if cur.write_ptr + rec_len <= cur.size:
+                r.state = "free"
+                return cur
+            self._seal(cur)
         r.generation = self.generation
         self.generation += 1
         r.slot_size, r.state, r.write_ptr, r.frontier = slot_size, "open", 0, 0
@@ -406,27 +458,82 @@ class NvmeTier:
         self._write(r, [block], BLOCK, hdr[0] if hdr else None, None)
         return r
 
-    def _take_region(self) -> Region | None:
+    def _seal(self, r: Region) -> None:
+        """The region takes no more records (full, or a write failed in it)."""
+        if self.open.get(r.slot_size) is r:
+            del self.open[r.slot_size]
+        r.state = "full"
+
+    async def _take_region(self) -> Region | None:
         for r in self.regions:
             if r.state == "free":
                 return r
         # reclaim whole: the oldest full region that holds nothing pinned or being read
         for r in sorted((r for r in self.regions if r.state == "full" and not r.pending),
                         key=lambda r: r.generation):
-            if self.can_reclaim(r):
-                self.on_reclaim(r)
-                self.counters["regions_reclaimed"] += 1
-                self.counters["objects_dropped"] += len(r.live)
-                r.live.clear()
-                r.state = "free"
-                return r
+            if r.state != "full" or r.pending:  # changed while an earlier candidate carried
+                continue
+            if self.keep_live and r.live:
+                continue
+            if not self.can_reclaim(r):
+                continue
+            needed = self._needed_tombstones(r)
+            if needed:
+                if not await self._carry(r, needed):
+                    continue
+                if r.state != "full" or r.pending or r.live or self._needed_tombstones(r):
+                    continue
+            self._reclaim(r)
+            return r
         return None
+
+    def _needed_tombstones(self, r: Region) -> list[tuple[tuple[bytes, bytes], int]]:
+        """Tombstones in ``r`` whose key still has a stale record in another live region."""
+        return [(k, seq) for k, seq in r.tombs.items() if self.stale_count.get(k)]
+
+    async def _carry(self, r: Region, needed: list) -> bool:
+        """Rewrite tombstones that must outlive ``r`` into the open tombstone region, with
+        their original sequence numbers (a newer record of the key still wins)."""
+        r.state = "carrying"  # no other append picks it meanwhile
+        try:
+            results = await asyncio.gather(
+                *(self.append(k[0], k[1], None, 0, 0, 0, time.time(), tombstone=True, seq=seq)
+                  for k, seq in needed), return_exceptions=True)
+        finally:
+            r.state = "full"
+        failed = [e for e in results if isinstance(e, BaseException)]
+        self.counters["tombstones_carried"] += len(needed) - len(failed)
+        if failed:
+            log.warning("could not carry %d tombstones out of region %d (%s); it is not reclaimed",
+                        len(failed), r.index, failed[0])
+            return False
+        for k, _seq in needed:
+            r.tombs.pop(k, None)  # the carried copies stand for them now
+        return True
+
+    def _reclaim(self, r: Region) -> None:
+        self.on_reclaim(r)
+        self.counters["regions_reclaimed"] += 1
+        self.counters["objects_dropped"] += len(r.live)
+        r.live.clear()
+        for k in r.stale:
+            n = self.stale_count.get(k, 0) - 1
+            if n > 0:
+                self.stale_count[k] = n
+            else:
+                self.stale_count.pop(k, None)
+        r.stale.clear()
+        r.tombs.clear()
+        r.state = "free"
 
     def _write(self, r: Region, bufs: list, rec_len: int, header_index: int | None, fut) -> None:
         rel = r.write_ptr
         r.write_ptr += rec_len
         r.pending[rel] = _Pending(rec_len, fut)
-        asyncio.get_running_loop().create_task(self._do_write(r, rel, bufs, rec_len, header_index))
+        loop = asyncio.get_running_loop()
+        if self.sync == "interval" and self._interval_task is None:
+            self._interval_task = loop.create_task(self._sync_every_interval())
+        loop.create_task(self._do_write(r, rel, bufs, rec_len, header_index))
 
     async def _do_write(self, r: Region, rel: int, bufs: list, rec_len: int, header_index) -> None:
         gen = r.generation
@@ -435,6 +542,10 @@ class NvmeTier:
             n = await self.dev.io.writev(r.base + rel, bufs)
             if n != rec_len:
                 err = OSError(errno.EIO, f"short write ({n} of {rec_len} bytes)")
+            else:
+                self._dirty = True
+                if self.sync == "always":
+                    await self._synced()
         except OSError as e:
             err = e
         finally:
@@ -443,13 +554,13 @@ class NvmeTier:
         if r.generation != gen:  # cannot happen (pending regions are not reclaimed); be safe
             return
         p = r.pending.get(rel)
+        if p is None:  # dropped by an earlier failure in this region
+            return
         if err is not None:
             self.counters["write_errors"] += 1
             log.error("nvme write failed at offset %d: %s; sealing region %d", r.base + rel, err, r.index)
             # nothing after a failed record is reachable at restart: seal the region here
-            if self.open.get(r.slot_size) is r:
-                del self.open[r.slot_size]
-            r.state = "full"
+            self._seal(r)
             for q_rel, q in list(r.pending.items()):
                 if q_rel >= rel:
                     del r.pending[q_rel]
@@ -469,6 +580,39 @@ class NvmeTier:
             if q.waiter is not None and not q.waiter.done():
                 q.waiter.set_result(None)
 
+    # -- fdatasync --------------------------------------------------------------
+    async def _synced(self) -> None:
+        """Return once an fdatasync that began after this call has finished."""
+        want = self._syncs_started + 1
+        while self._syncs_done < want:
+            if self._sync_task is None:
+                self._sync_task = asyncio.get_running_loop().create_task(self._fdatasync())
+            await asyncio.shield(self._sync_task)
+
+    async def _fdatasync(self) -> None:
+        self._syncs_started += 1
+        n = self._syncs_started
+        self._dirty = False
+        try:
+            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.dev.fd)
+        except OSError as e:
+            self.counters["sync_errors"] += 1
+            log.error("nvme fdatasync failed: %s", e)
+            raise
+        finally:
+            self._sync_task = None
+        self.counters["syncs"] += 1
+        self._syncs_done = n
+
+    async def _sync_every_interval(self) -> None:
+        while True:
+            await asyncio.sleep(self.sync_interval)
+            if self._dirty:
+                try:
+                    await self._synced()
+                except OSError:
+                    pass  # counted and logged; the next interval tries again
+
     def next_seq(self) -> int:
         """A sequence number: at restart the highest one per key wins, so callers take it
         at the moment of the event (delete, demotion), not when the write is issued."""
@@ -479,32 +623,38 @@ class NvmeTier:
     async def append(self, ns: bytes, key: bytes, payload: memoryview | None, length: int,
                      checksum: int, slot_size: int, committed_at: float,
                      tombstone: bool = False, seq: int | None = None) -> Location:
-        """Write a record; returns once it and everything before it in its region are on disk.
+        """Write a record; returns once it and everything before it in its region are on disk
+        (and, with ``sync = always``, covered by an fdatasync).
 
         ``payload`` is a 4 KiB aligned view of ``align_up(length)`` bytes (an arena slot).
         """
         rec_len = BLOCK + (0 if tombstone else align_up(length))
-        r = self._region_for(slot_size if not tombstone else 0, rec_len)
+        if seq is None:
+            seq = self.next_seq()
+        r = await self._region_for(slot_size if not tombstone else 0, rec_len)
         if r is None:
             raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
         hdr = self.headers.take()
         block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
-        if seq is None:
-            seq = self.next_seq()
         data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at)
         block[:len(data)] = data
         block[len(data):] = bytes(BLOCK - len(data))
         bufs = [block] if tombstone else [block, payload]
-        loc = Location(r.index, r.base + r.write_ptr, length, checksum, r.generation)
+        gen = r.generation
+        loc = Location(r.index, r.base + r.write_ptr, length, checksum, gen)
         fut = asyncio.get_running_loop().create_future()
         self._write(r, bufs, rec_len, hdr[0] if hdr else None, fut)
         await fut
+        k = (ns, key)
         if tombstone:
             self.counters["tombstones"] += 1
+            if r.generation == gen:
+                r.tombs[k] = max(seq, r.tombs.get(k, 0))
         else:
             self.counters["demotions"] += 1
             self.counters["demoted_bytes"] += length
-            r.live.add((ns, key))
+            if r.generation == gen:
+                r.live.add(k)
         return loc
 
     # -- reads ----------------------------------------------------------------
@@ -528,9 +678,14 @@ class NvmeTier:
         return True
 
     def forget(self, loc: Location, ns: bytes, key: bytes) -> None:
+        """The record at ``loc`` no longer holds the key's current value (deleted,
+        overwritten or ignored): it stays on disk until its region is reclaimed, so
+        it counts as stale until then (its tombstones must outlive it)."""
         r = self.regions[loc.region]
         if r.generation == loc.generation:
-            r.live.discard((ns, key))
+            k = (ns, key)
+            r.live.discard(k)
+            self._mark_stale(r, k)
 
     # -- stats ----------------------------------------------------------------
     def stats(self) -> dict:
@@ -551,7 +706,13 @@ class NvmeTier:
 
     @property
     def io_backend_reason(self) -> str:
-        return self.dev.io_backend_reason
+        return getattr(self.dev.io, "reason", "")
 
     def close(self) -> None:
+        for t in (self._interval_task, self._sync_task):
+            if t is not None and not t.done():
+                try:
+                    t.cancel()
+                except RuntimeError:  # its event loop is closed already
+                    pass
         self.dev.close()
