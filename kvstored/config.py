@@ -145,6 +145,8 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("nvme", "io_backend", "nvme_io_backend", "str"),
     Setting("nvme", "queue_depth", "nvme_queue_depth", "int"),
     Setting("nvme", "flush_on_shutdown", "nvme_flush_on_shutdown", "bool"),
+    Setting("nvme", "sync", "nvme_sync", "str"),
+    Setting("nvme", "sync_interval", "nvme_sync_interval", "float"),
     Setting("shm", "enabled", "shm_enabled", "bool"),
     Setting("shm", "socket_path", "shm_socket_path", "str"),
     Setting("shm", "allowed_uids", "shm_allowed_uids", "str"),
@@ -297,6 +299,8 @@ class Config:
     nvme_io_backend: str = "auto"  # auto | io_uring | threads
     nvme_queue_depth: int = 32
     nvme_flush_on_shutdown: bool = True  # SIGTERM writes DRAM-only objects to NVMe
+    nvme_sync: str = "interval"  # none | interval | always: fdatasync for power-loss durability
+    nvme_sync_interval: float = 1.0  # seconds between fdatasyncs with nvme.sync = interval
     prefault: bool = True  # fault the arena in at start (background) so first puts are not 14x slower
     # [engine] (seconds)
     reservation_timeout: float = 30.0
@@ -561,6 +565,11 @@ class Config:
             raise ConfigError(f"nvme.io_backend: {self.nvme_io_backend!r} is not auto, io_uring or threads")
         if not 1 <= self.nvme_queue_depth <= 4096:
             raise ConfigError(f"nvme.queue_depth: {self.nvme_queue_depth} is outside 1..4096")
+        if self.nvme_sync not in ("none", "interval", "always"):
+            raise ConfigError(f"nvme.sync: {self.nvme_sync!r} is not none, interval or always")
+        if not 0.001 <= self.nvme_sync_interval <= 3600:
+            raise ConfigError(f"nvme.sync_interval: {self.nvme_sync_interval} is outside "
+                              "0.001..3600 seconds")
         parent = os.path.dirname(os.path.abspath(self.nvme_path))
         target = self.nvme_path if os.path.exists(self.nvme_path) else parent
         if not os.path.exists(target):

@@ -46,7 +46,8 @@ def _open_nvme(config: Config):
     try:
         return NvmeTier(dev, admission=config.nvme_admission,
                         write_budget_per_hour=config.nvme_write_budget_per_hour,
-                        queue_depth=config.nvme_queue_depth)
+                        queue_depth=config.nvme_queue_depth, sync=config.nvme_sync,
+                        sync_interval=config.nvme_sync_interval)
     except BaseException:
         dev.close()
         raise
@@ -380,7 +381,8 @@ class Node:
         if self.store.nvme is not None:
             if self.config.nvme_flush_on_shutdown:
                 n = await self.store.flush_to_nvme(SHUTDOWN_FLUSH_TIMEOUT)
-                log.info("shutdown: wrote %d DRAM-only objects to NVMe", n)
+                log.info("shutdown: wrote %d DRAM-only objects to NVMe; %d could not be kept",
+                         n, self.store.flush_not_kept)
             await self.store.drain_tasks(grace)
         self.store.close()
         self.state = "stopped"
@@ -512,5 +514,6 @@ async def serve(config: Config, ready_file: str | None = None,
     await node.stop()
     s = node.store.counters
     log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3), "puts": s["puts"],
-                               "gets": s["gets"], "objects": len(node.store.index)})
+                               "gets": s["gets"], "objects": len(node.store.index),
+                               "not_kept": node.store.flush_not_kept})
     return 0

@@ -3,11 +3,13 @@ from __future__ import annotations
 
 import hashlib
 import os
+import re
 import signal
 import subprocess
 import sys
 import threading
 import time
+import urllib.request
 
 import pytest
 
@@ -80,6 +82,37 @@ def test_restart_after_sigterm_keeps_everything(start_daemon, tmp_path):
         assert c.exists([b"k0"]) == [False], "a deleted object came back after restart"
         for i in range(1, 30):
             assert c.get(b"k%d" % i) == value(i)
+
+
+def test_sigterm_with_a_full_tier_keeps_what_is_on_nvme_and_reports_the_rest(start_daemon, tmp_path):
+    """The shutdown flush never reclaims a region holding the only copy of an object; the
+    DRAM-only objects it has no room for are counted in its log line and the exit summary."""
+    path = tmp_path / "tier.dat"
+    args = nvme_args(path, size="49MiB")  # 3 regions of 16 MiB: 45 records of 1 MiB
+    d = start_daemon(*args)
+    keys = [b"k%d" % i for i in range(80)]  # more than DRAM and NVMe together
+    with kvstore.Client(d.control, namespace="nv", timeout=20) as c:
+        for i, k in enumerate(keys):
+            c.put(k, value(i))
+        assert wait_for(lambda: tier(c, "nvme").counters["regions_reclaimed"] > 0, 20)
+        time.sleep(0.5)  # demotions in flight land
+        where = {e.key: e.tier for e in c.list(limit=1000).entries}
+    on_nvme = [k for k, t in where.items() if "nvme" in t]
+    assert len(where) > len(on_nvme) > 0  # some objects only in DRAM, some on NVMe
+    assert d.stop(signal.SIGTERM) == 0
+    log = d.log()
+    m = re.search(r"wrote (\d+) DRAM-only objects to NVMe; (\d+) could not be kept", log)
+    assert m, log
+    written, not_kept = int(m.group(1)), int(m.group(2))
+    assert not_kept > 0 and written + not_kept == len(where) - len(on_nvme)
+    assert re.search(r"\bstopped\b.*not_kept=%d" % not_kept, log), log
+    d2 = start_daemon(*args)
+    with kvstore.Client(d2.control, namespace="nv", timeout=20) as c:
+        kept = [k for k, ok in zip(where, c.exists(list(where))) if ok]
+        assert set(on_nvme) <= set(kept), "the shutdown flush destroyed objects that were on NVMe"
+        assert len(kept) == len(where) - not_kept
+        for k in on_nvme:
+            assert c.get(k) == value(int(k[1:]))
 
 
 def test_sigkill_under_write_load_loses_nothing_committed(start_daemon, tmp_path):
@@ -162,6 +195,10 @@ def test_flipped_bit_is_detected_dropped_and_reported(start_daemon, tmp_path):
             c.get(b"k3")
         assert c.exists([b"k3"]) == [False]  # dropped, never served
         assert tier(c, "nvme").counters["checksum_failures"] == 1
+        # every tier's failures reach the top-level counter and the metrics
+        assert c.stats().counters["checksum_failures"] == 1
+        body = urllib.request.urlopen(d.metrics_url + "/metrics", timeout=10).read().decode()
+        assert re.search(r'^kvstored_checksum_failures_total\{tier="nvme"\} 1\.0$', body, re.M), body
         for i in (0, 1, 2, 4, 5, 6, 7):
             assert c.get(b"k%d" % i) == value(i)
     assert "checksum" in d.log()

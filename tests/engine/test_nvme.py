@@ -218,8 +218,10 @@ def test_held_recovered_records_are_invisible_until_verified(tmp_path):
 async def spill(store: Store, key: bytes, i: int) -> None:
     """Put an object and leave it on NVMe only (written, DRAM copy dropped)."""
     await put(store, key, val(i))
-    await store.flush_to_nvme(10)
-    store._drop_dram(store.index[(NS, key)])
+    e = store.index[(NS, key)]
+    store._evict(e)  # demotes it; the DRAM copy goes once the record is on NVMe
+    await settle(store)
+    assert e.offset < 0 and e.nvme is not None
 
 
 def test_deletes_stay_deleted_when_the_tombstone_region_is_reclaimed_first(tmp_path):
@@ -275,3 +277,107 @@ def test_deletes_stay_deleted_when_the_tombstone_region_is_reclaimed_first(tmp_p
             s.close()
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_shutdown_flush_into_a_full_tier_keeps_nvme_copies_and_counts_the_rest(tmp_path):
+    """SIGTERM's flush must not reclaim a region holding the only copy of an object."""
+    async def run():
+        s = make_store(tmp_path / "t.dat", regions=3)  # 45 records of 1 MiB
+        try:
+            for i in range(45):
+                await spill(s, b"n%d" % i, i)
+            nvme_only = {k for (_ns, k), e in s.index.items() if e.offset < 0}
+            for i in range(5):  # DRAM-only: no room left for them without dropping others
+                await put(s, b"d%d" % i, val(100 + i))
+            flushed = await s.flush_to_nvme(10)
+            await settle(s)
+            assert s.flush_not_kept == 5 - flushed and s.flush_not_kept > 0
+            assert s.nvme.keep_live is False
+            left = {k for (_ns, k), e in s.index.items() if e.offset < 0}
+            assert nvme_only <= left, "the flush reclaimed a region holding the only copy"
+            assert s.nvme.counters["objects_dropped"] == 0
+        finally:
+            s.close()
+    asyncio.run(run())
+
+
+def _config_text(tmp_path, nvme_lines: str) -> str:
+    return ('[dram]\nsize = "8MiB"\nslab_size = "1MiB"\nmax_value_size = "1MiB"\n'
+            f'[nvme]\npath = "{tmp_path / "c.dat"}"\nsize = "64MiB"\nregion_size = "16MiB"\n'
+            f"{nvme_lines}\n")
+
+
+@pytest.mark.parametrize("mode", ["none", "interval", "always"])
+def test_each_sync_mode_validates_and_syncs_as_documented(tmp_path, mode):
+    from kvstored.config import load_config
+    toml = tmp_path / "k.toml"
+    toml.write_text(_config_text(tmp_path, f'sync = "{mode}"\nsync_interval = 0.05'))
+    cfg = load_config(toml)
+    assert cfg.nvme_sync == mode and cfg.nvme_sync_interval == 0.05
+
+    async def run():
+        dev = NvmeDevice(str(tmp_path / "t.dat"), 33 * MiB, 16 * MiB, "auto", 32)
+        tier = NvmeTier(dev, sync=mode, sync_interval=0.05)
+        limits = StoreLimits(dram_size=8 * MiB, slab_size=MiB, max_value_size=MiB, prefault=False,
+                             put_wait_timeout=1.0)
+        s = Store(limits, nvme=tier)
+        try:
+            for i in range(3):
+                await spill(s, b"k%d" % i, i)
+            if mode == "always":  # every append waited for an fdatasync after its write
+                assert tier.counters["syncs"] >= 1 and tier._syncs_done == tier._syncs_started
+            await asyncio.sleep(0.3)
+            if mode == "none":
+                assert tier.counters["syncs"] == 0
+            else:
+                assert tier.counters["syncs"] >= 1 and not tier._dirty
+            assert tier.counters["sync_errors"] == 0
+        finally:
+            await settle(s)
+            s.close()
+    asyncio.run(run())
+
+
+def test_concurrent_appends_with_sync_always_share_fdatasyncs(tmp_path):
+    async def run():
+        dev = NvmeDevice(str(tmp_path / "t.dat"), 33 * MiB, 16 * MiB, "auto", 32)
+        tier = NvmeTier(dev, sync="always")
+        try:
+            buf = memoryview(__import__("mmap").mmap(-1, 4096))
+            locs = await asyncio.gather(*(tier.append(NS, b"k%d" % i, buf, 4096, 0, 4096, 0.0)
+                                          for i in range(64)))
+            assert len({loc.offset for loc in locs}) == 64
+            # group commit: far fewer fdatasyncs than records, and every record covered
+            assert 1 <= tier.counters["syncs"] < 64
+        finally:
+            tier.close()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('sync = "sometimes"', "nvme.sync: 'sometimes' is not none, interval or always"),
+    ('sync = ""', "nvme.sync: '' is not none"),
+    ('sync = 1', "nvme.sync"),
+    ("sync_interval = 0", "nvme.sync_interval: 0"),
+    ("sync_interval = -1.0", "nvme.sync_interval"),
+    ("sync_interval = nan", "nvme.sync_interval"),
+    ("sync_interval = 1e9", "nvme.sync_interval"),
+])
+def test_bad_sync_settings_are_clear_errors(tmp_path, toml, message):
+    from kvstored.config import ConfigError, load_config
+    path = tmp_path / "k.toml"
+    path.write_text(_config_text(tmp_path, toml))
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        load_config(path)
+
+
+def test_bad_sync_mode_is_refused_by_the_tier(tmp_path):
+    from kvstored.engine.nvme import NvmeError
+    dev = NvmeDevice(str(tmp_path / "t.dat"), 33 * MiB, 16 * MiB, "threads", 32)
+    try:
+        with pytest.raises(NvmeError, match="nvme.sync must be"):
+            NvmeTier(dev, sync="fsync")
+        with pytest.raises(NvmeError, match="nvme.sync_interval"):
+            NvmeTier(dev, sync_interval=0)
+    finally:
+        dev.close()
