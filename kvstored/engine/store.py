@@ -203,6 +203,7 @@ class Store:
         self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
         self._tasks: set[asyncio.Task] = set()
         self.nvme = nvme
+        self.flush_not_kept = 0  # DRAM-only objects the last shutdown flush could not write
         self.unverified = 0  # entries hidden from clients until verified (hold_recovered)
         self._hold_recovered = hold_recovered
         if nvme is not None:
@@ -741,34 +742,52 @@ class Store:
                 self._unlink(e)
 
     async def flush_to_nvme(self, timeout: float) -> int:
-        """Demote every DRAM-only object (shutdown); returns how many were written."""
+        """Demote every DRAM-only object (shutdown); returns how many were written.
+
+        Never at the cost of what is on NVMe already: meanwhile the tier reclaims only
+        regions holding no live object. Objects that do not fit (or miss the deadline)
+        stay DRAM-only and are lost at exit: ``flush_not_kept`` counts them, and a
+        warning says so. Most-read objects go first.
+        """
+        self.flush_not_kept = 0
         if self.nvme is None:
             return 0
         loop = asyncio.get_running_loop()
         deadline = loop.time() + timeout
-        todo = [e for e in self.index.values() if e.nvme is None and e.offset >= 0]
+        todo = sorted((e for e in self.index.values() if e.nvme is None and e.offset >= 0),
+                      key=lambda e: -e.reads)
         written = 0
-        for e in todo:
-            if loop.time() >= deadline:
-                log.warning("shutdown flush stopped at its deadline: %d objects stay DRAM-only",
-                            len(todo) - written)
-                break
-            if e.state == DEAD or e.nvme is not None:
-                continue
-            e.refs += 1
-            try:
-                loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
-                                             e.size, e.checksum, e.sc.slot_size, e.committed_at)
-                if e.state == DEAD:  # deleted meanwhile: its tombstone came later
-                    self.nvme.forget(loc, e.ns, e.key)
-                else:
-                    e.nvme = loc
-                written += 1
-            except OSError as err:
-                log.error("shutdown flush failed: %s", err)
-                break
-            finally:
-                e.refs -= 1
+        why = ""
+        self.nvme.keep_live = True
+        try:
+            for i, e in enumerate(todo):
+                if loop.time() >= deadline:
+                    why = "the flush reached its deadline"
+                elif e.state == DEAD or e.nvme is not None:
+                    continue
+                if why:
+                    self.flush_not_kept = sum(1 for x in todo[i:] if x.state != DEAD and x.nvme is None)
+                    break
+                e.refs += 1
+                try:
+                    loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
+                                                 e.size, e.checksum, e.sc.slot_size, e.committed_at)
+                    if e.state == DEAD:  # deleted meanwhile: its tombstone came later
+                        self.nvme.forget(loc, e.ns, e.key)
+                    else:
+                        e.nvme = loc
+                    written += 1
+                except OSError as err:
+                    why = f"NVMe tier full or failing ({err.strerror or err})"
+                    self.flush_not_kept = sum(1 for x in todo[i:] if x.state != DEAD and x.nvme is None)
+                    break
+                finally:
+                    e.refs -= 1
+        finally:
+            self.nvme.keep_live = False
+        if self.flush_not_kept:
+            log.warning("shutdown flush: %s; %d DRAM-only objects could not be kept and are lost "
+                        "at exit (%d written)", why, self.flush_not_kept, written)
         return written
 
     async def drain_tasks(self, timeout: float) -> None:
@@ -831,6 +850,9 @@ class Store:
             "dram_prefaulted": a.prefaulted,
             "namespaces": namespaces,
             **self.counters,
+            # every tier's failures (the DRAM tier's own are self.counters'; see tier_stats)
+            "checksum_failures": self.counters["checksum_failures"]
+            + (self.nvme.counters["checksum_failures"] if self.nvme is not None else 0),
         }
 
     def close(self) -> None:
