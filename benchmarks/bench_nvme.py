@@ -12,6 +12,15 @@
 3. NVMe gets: gets of the objects that now live only on NVMe, 32 in flight
    (queue depth 32 as fio), each promoted into DRAM with its checksum verified
    by the daemon and again by the client.
+
+    python benchmarks/bench_nvme.py --sync-modes [--dir DIR] [--total 512MiB] [--value 256KiB]
+
+What each ``nvme.sync`` mode costs, on the engine alone (no daemon, no fio): for
+none, interval (1 s) and always, 32 appends in flight write ``total`` bytes of
+``value``-sized records into a fresh tier file (first fill: the file system
+converts its unwritten extents), then the same amount again over reclaimed
+regions (rewrite: the steady state). Figures: MB/s, records/s, append latency
+p50/p99 and the number of fdatasyncs.
 """
 from __future__ import annotations
 
@@ -111,18 +120,99 @@ def get_phase(kvstore, address: str, keys: list[bytes], size: int, concurrency: 
             "p99_us": lat[int(len(lat) * 0.99)] * 1e6, "gets": len(keys)}
 
 
+def sync_phase(directory: str, total: int, size: int, depth: int = 32) -> list[dict]:
+    """Append throughput and latency of the NVMe tier under each nvme.sync mode."""
+    import mmap
+
+    from kvstored.engine.nvme import DATA_START, NvmeDevice, NvmeTier, align_up
+    from kvstore.wire import checksum
+
+    region = max(16 * MiB, align(2 * (size + 8192)))
+    nregions = max(2, -(-total // region))
+    buf = mmap.mmap(-1, align_up(size))
+    buf[:] = os.urandom(len(buf))
+    view = memoryview(buf)
+    csum = checksum(view[:size])
+    rows = []
+    for mode in ("none", "interval", "always"):
+        path = os.path.join(directory, f"sync-{mode}.dat")
+        dev = NvmeDevice(path, DATA_START + nregions * region, region, "auto", depth)
+
+        async def run() -> list[dict]:
+            tier = NvmeTier(dev, sync=mode, sync_interval=1.0, queue_depth=depth)
+            out = []
+            try:
+                n = total // size
+                for phase in ("first fill", "rewrite"):
+                    keys = iter(range(n))
+                    lat: list[float] = []
+                    syncs0 = tier.counters["syncs"]
+
+                    async def writer():
+                        for i in keys:
+                            t = time.perf_counter()
+                            await tier.append(b"bench", b"k%d" % i, view, size, csum, align_up(size), 0.0)
+                            lat.append(time.perf_counter() - t)
+                    t0 = time.perf_counter()
+                    await asyncio.gather(*(writer() for _ in range(depth)))
+                    dt = time.perf_counter() - t0
+                    lat.sort()
+                    out.append({"mode": mode, "phase": phase, "bytes_s": n * size / dt,
+                                "records_s": n / dt, "p50_us": lat[len(lat) // 2] * 1e6,
+                                "p99_us": lat[int(len(lat) * 0.99)] * 1e6,
+                                "fdatasyncs": tier.counters["syncs"] - syncs0,
+                                "io_backend": tier.io_backend})
+            finally:
+                tier.close()
+            return out
+        try:
+            rows += asyncio.run(run())
+        finally:
+            os.unlink(path)
+    return rows
+
+
+def render_sync(rows: list[dict], size: int, total: int) -> str:
+    lines = [f"nvme.sync cost: {human_size(total)} of {human_size(size)} records per phase, 32 appends "
+             f"in flight, io backend {rows[0]['io_backend']}", "",
+             "| nvme.sync | phase | MB/s | records/s | append p50 us | append p99 us | fdatasyncs |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        lines.append(f"| {r['mode']} | {r['phase']} | {r['bytes_s'] / 1e6:.0f} | {r['records_s']:.0f} | "
+                     f"{r['p50_us']:.0f} | {r['p99_us']:.0f} | {r['fdatasyncs']} |")
+    return "\n".join(lines)
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=os.path.join(HERE, "out"), help="where the fio and tier files go")
-    ap.add_argument("--total", default="3GiB", help="bytes demoted (default 3GiB)")
-    ap.add_argument("--value", default="1MiB", help="object size (default 1MiB)")
+    ap.add_argument("--total", help="bytes demoted (default 3GiB; --sync-modes: 512MiB per phase)")
+    ap.add_argument("--value", help="object size (default 1MiB; --sync-modes: 256KiB)")
+    ap.add_argument("--sync-modes", action="store_true",
+                    help="only measure what each nvme.sync mode costs (engine, no daemon, no fio)")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import kvstore
 
     os.makedirs(args.dir, exist_ok=True)
-    total, size = parse_size(args.total), parse_size(args.value)
+    if args.sync_modes:
+        total, size = parse_size(args.total or "512MiB"), parse_size(args.value or "256KiB")
+        work = tempfile.mkdtemp(prefix="bench-nvme-sync-", dir=args.dir)
+        try:
+            rows = sync_phase(work, total, size)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report = render_sync(rows, size, total)
+        print(report)
+        if args.markdown:
+            with open(args.markdown, "w") as f:
+                f.write(report + "\n")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"sync_modes": rows, "machine": machine_facts()}, f, indent=2)
+        return 0
+    total, size = parse_size(args.total or "3GiB"), parse_size(args.value or "1MiB")
     work = tempfile.mkdtemp(prefix="bench-nvme-", dir=args.dir)
     try:
         peer = os.path.join(work, "fio.dat")
