@@ -22,10 +22,29 @@ _GRPC_TO_ERROR = {
     grpc.StatusCode.DEADLINE_EXCEEDED: errors.Timeout,
 }
 
+# How long a client tries to open a connection (gRPC or data path) before it calls the
+# daemon unreachable. A refused connection fails at once; this bounds a host that drops
+# packets. gRPC's own default is 20 s.
+CONNECT_TIMEOUT = 2.0
+# gRPC re-dials a failed channel with exponential back-off (default: 1 s growing to
+# 120 s), and calls made during a back-off fail without dialling: a node that came back
+# after a minute would stay unreachable for up to two more. Capped at 1 s, a returning
+# node is reached within a second of answering; dialling a refused port once a second
+# costs nothing.
+RECONNECT_BACKOFF_MS = (100, 1000)
+
 GRPC_OPTIONS = [
     ("grpc.max_receive_message_length", 64 << 20),
     ("grpc.max_send_message_length", 64 << 20),
+    ("grpc.initial_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[0]),
+    ("grpc.max_reconnect_backoff_ms", RECONNECT_BACKOFF_MS[1]),
 ]
+
+
+def grpc_options(connect_timeout: float = CONNECT_TIMEOUT) -> list:
+    """Channel options; ``grpc.min_reconnect_backoff_ms`` is gRPC's minimum connect
+    timeout (how long one dial may take), not a back-off."""
+    return GRPC_OPTIONS + [("grpc.min_reconnect_backoff_ms", max(100, int(connect_timeout * 1000)))]
 
 
 def grpc_error(e: grpc.RpcError, address: str) -> errors.KVStoreError:
@@ -159,12 +178,34 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
-def control_channel(address: str, tls: TLSConfig | None, aio: bool = False):
+def control_channel(address: str, tls: TLSConfig | None, aio: bool = False,
+                    connect_timeout: float = CONNECT_TIMEOUT):
     """The gRPC channel to kvstored's control address, plaintext or TLS."""
     mod = grpc.aio if aio else grpc
+    options = grpc_options(connect_timeout)
     if tls is None:
-        return mod.insecure_channel(address, options=GRPC_OPTIONS)
-    return mod.secure_channel(address, tls.grpc_credentials(), options=GRPC_OPTIONS + tls.grpc_options())
+        return mod.insecure_channel(address, options=options)
+    return mod.secure_channel(address, tls.grpc_credentials(), options=options + tls.grpc_options())
+
+
+def ride_out_seconds(ride_out_restarts, timeout: float) -> float:
+    """How long a client keeps retrying an unreachable daemon: False/0 = not at all (fail
+    fast), True = up to ``timeout``, a number = that many seconds (at most ``timeout``)."""
+    if ride_out_restarts is True:
+        return float(timeout)
+    try:
+        s = float(ride_out_restarts or 0)
+    except (TypeError, ValueError):
+        raise errors.InvalidArgument(f"ride_out_restarts must be a bool or seconds, not {ride_out_restarts!r}")
+    if s < 0:
+        raise errors.InvalidArgument("ride_out_restarts must not be negative")
+    return min(s, float(timeout))
+
+
+def is_unreachable(err: errors.KVStoreError) -> bool:
+    """An error that means "nobody answered" (worth a retry while riding out a restart):
+    Unavailable, but not a Timeout (the time is spent) nor a Redirect (an answer)."""
+    return isinstance(err, errors.Unavailable) and not isinstance(err, (errors.Timeout, errors.Redirect))
 
 
 def auth_metadata(token: str | None) -> tuple | None:
@@ -250,6 +291,6 @@ def tls_diagnosis(host: str, port: int, tls: TLSConfig | None,
         raw.close()
 
 
-__all__ = ["DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "TLSConfig",
+__all__ = ["CONNECT_TIMEOUT", "DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "TLSConfig",
            "as_bytes_view", "auth_metadata", "control_channel", "data_endpoint", "grpc_error",
-           "split_address", "tls_diagnosis", "writable_view"]
+           "grpc_options", "is_unreachable", "ride_out_seconds", "split_address", "tls_diagnosis", "writable_view"]

@@ -14,9 +14,9 @@ from typing import Sequence
 import grpc
 
 from . import errors
-from ._common import (DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig, as_bytes_view,
-                      auth_metadata, control_channel, data_endpoint, grpc_error, split_address,
-                      tls_diagnosis, writable_view)
+from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
+                      as_bytes_view, auth_metadata, control_channel, data_endpoint, grpc_error,
+                      is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
@@ -192,7 +192,10 @@ class AsyncClient(Namespaced):
 
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
-                 tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None):
+                 tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
+                 ride_out_restarts: bool | float = False, connect_timeout: float = CONNECT_TIMEOUT):
+        """Arguments as for :class:`kvstore.Client` (``ride_out_restarts``: an unreachable
+        daemon fails at once by default; True or seconds keep retrying it)."""
         super().__init__(namespace)
         self.address = address
         self.timeout = timeout
@@ -202,7 +205,9 @@ class AsyncClient(Namespaced):
         self._token = token or None
         self._metadata = auth_metadata(self._token)
         self._ssl = tls.ssl_context() if tls is not None else None
-        self._reached = False  # a control call has succeeded (then: wait_for_ready always)
+        self.connect_timeout = connect_timeout
+        self.ride_out_restarts = ride_out_restarts
+        self._ride_out = ride_out_seconds(ride_out_restarts, timeout)
         self._data_address = data_address
         self._channel: grpc.aio.Channel | None = None
         self._stub = None
@@ -231,31 +236,37 @@ class AsyncClient(Namespaced):
     # ------------------------------------------------------------ plumbing
     def _control(self):
         if self._channel is None:
-            self._channel = control_channel(self.address, self.tls, aio=True)
+            self._channel = control_channel(self.address, self.tls, aio=True,
+                                            connect_timeout=self.connect_timeout)
             self._stub = pb_grpc.KVStoreStub(self._channel)
         return self._stub
 
     async def _call(self, method: str, request, timeout: float | None = None):
+        """One control call, failing fast; riding out a restart as ``ride_out_restarts``
+        allows (see Client._call)."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + (timeout or self.timeout)
-        fail_fast = not self._reached  # see Client._call
-        while True:
+        timeout = timeout or self.timeout
+        deadline = loop.time() + timeout
+        ride_until = loop.time() + min(self._ride_out, timeout)
+        diagnosed = False
+        for attempt in itertools.count():
             try:
-                r = await getattr(self._control(), method)(
-                    request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=not fail_fast,
+                return await getattr(self._control(), method)(
+                    request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=False,
                     metadata=self._metadata)
-                self._reached = True
-                return r
             except grpc.RpcError as e:
                 err = grpc_error(e, self.address)
-            if isinstance(err, errors.Unavailable):
+            if not is_unreachable(err):
+                raise err from None
+            if not diagnosed:
+                diagnosed = True
                 diag = await self._diagnose(*split_address(self.address))
                 if diag is not None:
                     raise diag from None
-                if fail_fast and loop.time() < deadline:
-                    fail_fast = False
-                    continue
-            raise err from None
+            left = ride_until - loop.time()
+            if left <= 0 or self._closed:
+                raise err from None
+            await asyncio.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
 
     async def _diagnose(self, host: str, port: int) -> errors.KVStoreError | None:
         return await asyncio.to_thread(tls_diagnosis, host, port, self.tls, min(self.timeout, 3.0))
@@ -290,7 +301,7 @@ class AsyncClient(Namespaced):
                 _, p = await asyncio.wait_for(
                     loop.create_connection(lambda: _DataProtocol(self.verify_checksums), host, int(port),
                                            **tls),
-                    self.timeout)
+                    self.timeout if tls else min(self.timeout, self.connect_timeout))  # TLS: + handshake
             except (OSError, asyncio.TimeoutError) as e:
                 diag = await self._diagnose(host, int(port))
                 if diag is not None:
@@ -329,14 +340,16 @@ class AsyncClient(Namespaced):
     async def _requests(self, build) -> list:
         """Send frames made by ``build(proto) -> (buffers, waiters)``, await every answer.
 
-        Reconnects and retries on a lost connection until the timeout: every
-        data-path request is idempotent.
+        On a lost connection reconnects once, and with ``ride_out_restarts`` keeps
+        retrying for that long: every data-path request is idempotent.
         """
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
+        ride_until = loop.time() + self._ride_out
         for attempt in itertools.count():
+            p = self._proto
+            cached = p is not None and p.lost is None
             try:
-                p = self._proto
                 if p is None or p.lost is not None:
                     p = await self._data()
                 if not p.can_write.is_set():
@@ -363,8 +376,12 @@ class AsyncClient(Namespaced):
             except errors.Timeout:
                 raise
             except errors.Unavailable as e:
-                left = deadline - loop.time()
-                if left <= 0 or self._closed:
+                if self._closed or loop.time() >= deadline:
+                    raise errors.Unavailable(f"kvstored data path unreachable: {e.message}") from None
+                if cached and attempt == 0:
+                    continue  # the kept connection may predate a restart: one fresh one, now
+                left = ride_until - loop.time()
+                if left <= 0:
                     raise errors.Unavailable(f"kvstored data path unreachable: {e.message}") from None
                 await asyncio.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
 

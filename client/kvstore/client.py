@@ -20,9 +20,9 @@ from typing import Iterable, Sequence
 import grpc
 
 from . import errors
-from ._common import (DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig, as_bytes_view,
-                      auth_metadata, control_channel, data_endpoint, grpc_error, split_address,
-                      tls_diagnosis, writable_view)
+from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
+                      as_bytes_view, auth_metadata, control_channel, data_endpoint, grpc_error,
+                      is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
@@ -51,9 +51,11 @@ class DataConnection:
     epoch = 0  # cluster member-list epoch sent with puts and gets (Client.epoch)
 
     def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = "",
-                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None):
+                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
         self.address = (host, port)
-        self.sock = socket.create_connection((host, port), timeout=timeout)
+        self.sock = socket.create_connection((host, port), timeout=min(timeout, connect_timeout))
+        self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if tcp_congestion:
             self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, tcp_congestion.encode())
@@ -197,12 +199,15 @@ class Client(Namespaced):
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
                  tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
-                 shm: bool | None = None, ride_out_restarts: bool = True):
+                 shm: bool | None = None, ride_out_restarts: bool | float = False,
+                 connect_timeout: float = CONNECT_TIMEOUT):
         """``shm``: None = use the same-host shared-memory path when the daemon offers one
         and its socket is reachable here, else TCP; True = require it; False = TCP only.
-        ``ride_out_restarts``: retry an unreachable daemon until ``timeout`` (a restart
-        passes unnoticed); False fails at once (a cluster's repair agent, which has other
-        peers to turn to)."""
+        ``ride_out_restarts``: False (default) = an unreachable daemon (connection refused,
+        nothing listening) is reported at once as Unavailable; True = keep retrying it for
+        up to ``timeout`` so that a restart passes unnoticed; a number = for up to that
+        many seconds. ``connect_timeout``: how long one connection attempt may take (a
+        host that drops packets)."""
         super().__init__(namespace)
         self.address = address
         self.shm = shm
@@ -214,9 +219,10 @@ class Client(Namespaced):
         self._metadata = auth_metadata(self._token)
         self._ssl = tls.ssl_context() if tls is not None else None
         self._data_address = data_address
-        self._channel = control_channel(address, tls)
+        self.connect_timeout = connect_timeout
+        self._ride_out = ride_out_seconds(ride_out_restarts, timeout)
+        self._channel = control_channel(address, tls, connect_timeout=connect_timeout)
         self._stub = pb_grpc.KVStoreStub(self._channel)
-        self._reached = False  # a control call has succeeded (then: wait_for_ready always)
         self._info: ServerInfo | None = None
         self._local = threading.local()
         self._conns: set[DataConnection] = set()
@@ -245,32 +251,37 @@ class Client(Namespaced):
 
     def _call(self, method: str, request, timeout: float | None = None, epoch: int | None = None):
         timeout = timeout or self.timeout
-        deadline = time.monotonic() + timeout
-        # wait_for_ready: ride out a daemon restart within the timeout instead of failing
-        # fast. Until a first call has worked, try once failing fast, so that a TLS
-        # mismatch is reported at once rather than after the whole timeout.
-        fail_fast = not self._reached or not self.ride_out_restarts
-        while True:
+        start = time.monotonic()
+        deadline = start + timeout
+        # Calls fail fast (no wait_for_ready): a refused connection is an Unavailable in
+        # milliseconds, not a wait for the whole timeout. Riding out a restart is a loop
+        # of such calls for the time the caller allowed; the channel's reconnect back-off
+        # is capped at 1 s (_common.RECONNECT_BACKOFF_MS), so a daemon that is back is
+        # reached on the next try.
+        ride_until = start + min(self._ride_out, timeout)
+        diagnosed = False
+        for attempt in itertools.count():
             try:
                 md = self._metadata
                 ep = self.epoch if epoch is None else epoch
                 if ep:  # the control plane redirects keyed calls like the data path
                     md = tuple(md or ()) + (("kvstore-epoch", str(ep)),)
-                r = getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
-                                                wait_for_ready=not fail_fast, metadata=md)
-                self._reached = True
-                return r
+                return getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
+                                                   wait_for_ready=False, metadata=md)
             except grpc.RpcError as e:
                 err = grpc_error(e, self.address)
-            if isinstance(err, errors.Unavailable) and not isinstance(err, errors.Redirect):
+            if not is_unreachable(err):
+                raise err from None
+            if not diagnosed:  # once per call: is TLS the reason? (milliseconds when refused)
+                diagnosed = True
                 diag = tls_diagnosis(*split_address(self.address), self.tls,
                                      min(self.timeout, 3.0))
                 if diag is not None:
                     raise diag from None
-                if fail_fast and self.ride_out_restarts and time.monotonic() < deadline:
-                    fail_fast = False
-                    continue
-            raise err from None
+            left = ride_until - time.monotonic()
+            if left <= 0 or self._closed:
+                raise err from None
+            time.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
 
     def info(self, refresh: bool = False) -> ServerInfo:
         if self._info is None or refresh:
@@ -292,7 +303,8 @@ class Client(Namespaced):
             host, port = data_endpoint(info, self.address)
         try:
             conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion,
-                                  self._ssl, self.tls.server_name if self.tls else None)
+                                  self._ssl, self.tls.server_name if self.tls else None,
+                                  self.connect_timeout)
         except OSError:
             diag = tls_diagnosis(host, int(port), self.tls, min(self.timeout, 3.0))
             if diag is not None:
@@ -370,14 +382,16 @@ class Client(Namespaced):
             self._local.conn = None
 
     def _run(self, fn):
-        """Run ``fn(conn)``; on a broken connection reconnect and retry until the timeout.
+        """Run ``fn(conn)``; on a broken connection reconnect once, and with
+        ``ride_out_restarts`` keep retrying for that long.
 
         Every data-path request is idempotent (objects are immutable and a repeated put
         of the same bytes is a no-op), so retrying after a reconnect is safe.
         """
-        deadline = time.monotonic() + self.timeout
+        ride_until = time.monotonic() + self._ride_out
         for attempt in itertools.count():
             conn = getattr(self._local, "conn", None)
+            cached = conn is not None
             try:
                 if conn is None:
                     conn = self._connect()
@@ -396,9 +410,12 @@ class Client(Namespaced):
             except (OSError, errors.Unavailable) as e:
                 if conn is not None:
                     self._drop(conn)
-                # without ride_out_restarts: one fresh connection (the cached one may be stale)
-                left = deadline - time.monotonic() if self.ride_out_restarts or attempt == 0 else 0
-                if left <= 0 or self._closed:
+                if self._closed:
+                    raise errors.Unavailable(f"kvstored data path unreachable: {e}") from None
+                if cached and attempt == 0:
+                    continue  # the kept connection may predate a restart: one fresh one, now
+                left = ride_until - time.monotonic()
+                if left <= 0:
                     raise errors.Unavailable(f"kvstored data path unreachable: {e}") from None
                 time.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
 

@@ -382,10 +382,11 @@ def test_reconnect_after_daemon_restart(start_daemon):
 
 
 def test_call_rides_out_a_restart(start_daemon):
-    """A call made while the daemon is down completes once it is back (within the timeout)."""
+    """A client that asked for it (ride_out_restarts) completes a call made while the
+    daemon is down once it is back."""
     d1 = start_daemon()
     cport, dport = d1.info["control_port"], d1.data_port
-    with kvstore.Client(d1.control, namespace="test", timeout=20.0) as c:
+    with kvstore.Client(d1.control, namespace="test", timeout=20.0, ride_out_restarts=True) as c:
         c.put(b"x", b"1")
         d1.stop()
         started: list = []
@@ -403,6 +404,93 @@ def test_call_rides_out_a_restart(start_daemon):
         finally:
             t.join(30)
         assert started and c.get(b"y") == b"2"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_refused_connection_fails_fast():
+    """Nothing listening: every call is an Unavailable within a second, whatever the
+    timeout (it used to wait the whole timeout)."""
+    address = f"127.0.0.1:{free_port()}"
+    with kvstore.Client(address, namespace="test", timeout=30.0) as c:
+        for call in (c.health, c.stats, c.ping, lambda: c.get(b"k"), lambda: c.put(b"k", b"v"),
+                     lambda: c.exists([b"k"]), lambda: c.lookup([b"k"])):
+            t0 = time.monotonic()
+            with pytest.raises(errors.Unavailable) as ei:
+                call()
+            assert time.monotonic() - t0 < 1.0, f"{ei.value} after {time.monotonic() - t0:.2f}s"
+            assert not isinstance(ei.value, errors.Timeout)
+
+    async def main():
+        async with kvstore.AsyncClient(address, namespace="test", timeout=30.0) as ac:
+            pass
+
+    t0 = time.monotonic()
+    with pytest.raises(errors.Unavailable):
+        arun(main())
+    assert time.monotonic() - t0 < 1.0
+
+    async def calls():
+        ac = kvstore.AsyncClient(address, namespace="test", timeout=30.0)
+        try:
+            for call in (ac.health, ac.ping, lambda: ac.get(b"k"), lambda: ac.exists([b"k"])):
+                t0 = time.monotonic()
+                with pytest.raises(errors.Unavailable):
+                    await call()
+                assert time.monotonic() - t0 < 1.0
+        finally:
+            await ac.close()
+
+    arun(calls())
+
+
+def test_ride_out_is_bounded():
+    address = f"127.0.0.1:{free_port()}"
+    with kvstore.Client(address, namespace="test", timeout=30.0, ride_out_restarts=1.5) as c:
+        t0 = time.monotonic()
+        with pytest.raises(errors.Unavailable):
+            c.health()
+        assert 1.4 < time.monotonic() - t0 < 3.0
+    for bad in (-1, "soon"):
+        with pytest.raises(errors.InvalidArgument):
+            kvstore.Client(address, ride_out_restarts=bad)
+
+
+def test_killed_daemon_fails_fast_and_is_reached_again(start_daemon):
+    """A client that used a daemon which then died: its next calls fail within a
+    second (no ride-out by default), and once a daemon answers there again the client
+    reaches it within a second or two, however long it was away (gRPC's reconnect
+    back-off is capped)."""
+    import signal as sig
+
+    d1 = start_daemon()
+    cport, dport = d1.info["control_port"], d1.data_port
+    with kvstore.Client(d1.control, namespace="test", timeout=30.0) as c:
+        c.put(b"a", b"1")
+        d1.stop(sig.SIGKILL)
+        # keep using it while it is away (what grows a default back-off to ~10 s)
+        away = time.monotonic() + 8.0
+        while time.monotonic() < away:
+            for call in (c.health, lambda: c.get(b"a")):
+                t0 = time.monotonic()
+                with pytest.raises(errors.Unavailable):
+                    call()
+                assert time.monotonic() - t0 < 1.0
+            time.sleep(0.2)
+        start_daemon("--port", str(cport), "--data-port", str(dport))
+        back = time.monotonic()
+        while True:
+            try:
+                c.health()
+                break
+            except errors.Unavailable:
+                assert time.monotonic() - back < 2.0, "the daemon is back but not reached"
+                time.sleep(0.05)
+        assert c.put(b"b", b"2") is True and c.get(b"b") == b"2"
 
 
 def test_daemon_at_connection_limit_is_unavailable(start_daemon, tmp_path):
