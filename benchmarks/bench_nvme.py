@@ -21,6 +21,12 @@ none, interval (1 s) and always, 32 appends in flight write ``total`` bytes of
 converts its unwritten extents), then the same amount again over reclaimed
 regions (rewrite: the steady state). Figures: MB/s, records/s, append latency
 p50/p99 and the number of fdatasyncs.
+
+    python benchmarks/bench_nvme.py --restart 100000 [--dir DIR] [--value 4KiB]
+
+Restart cost: write that many records (64 MiB regions), close the tier, and time
+opening it again until the index of recovered objects is built (median of three
+opens; O_DIRECT, so the page cache does not help). Figure: seconds and per record.
 """
 from __future__ import annotations
 
@@ -172,6 +178,57 @@ def sync_phase(directory: str, total: int, size: int, depth: int = 32) -> list[d
     return rows
 
 
+def restart_phase(directory: str, records: int, size: int, depth: int = 32) -> dict:
+    """Seconds to reopen a tier holding ``records`` records and rebuild its index."""
+    import mmap
+    import statistics
+
+    from kvstored.engine.nvme import BLOCK, DATA_START, NvmeDevice, NvmeTier, align_up
+    from kvstore.wire import checksum
+
+    region = 64 * MiB
+    per_region = (region - 2 * BLOCK) // (BLOCK + align_up(size)) - 8  # room for a summary
+    nregions = -(-records // per_region) + 2
+    path = os.path.join(directory, "restart.dat")
+    fsize = DATA_START + nregions * region
+    buf = mmap.mmap(-1, align_up(size))
+    buf[:] = os.urandom(len(buf))
+    view = memoryview(buf)
+    csum = checksum(view[:size])
+
+    async def fill() -> float:
+        tier = NvmeTier(NvmeDevice(path, fsize, region, "auto", depth), sync="none", queue_depth=depth)
+        keys = iter(range(records))
+
+        async def writer():
+            for i in keys:
+                await tier.append(b"bench", b"key-%09d" % i, view, size, csum, align_up(size), 0.0)
+        t0 = time.perf_counter()
+        try:
+            await asyncio.gather(*(writer() for _ in range(depth)))
+        finally:
+            tier.close()
+        return time.perf_counter() - t0
+
+    def reopen() -> tuple[float, int]:
+        t0 = time.perf_counter()
+        tier = NvmeTier(NvmeDevice(path, fsize, region, "auto", depth))
+        n = len(tier.recovered_objects())
+        dt = time.perf_counter() - t0
+        tier.close()
+        return dt, n
+
+    try:
+        fill_s = asyncio.run(fill())
+        opens = [reopen() for _ in range(3)]
+    finally:
+        os.unlink(path)
+    assert all(n == records for _dt, n in opens), opens
+    dt = statistics.median(t for t, _n in opens)
+    return {"records": records, "value": size, "fill_s": fill_s, "restart_s": dt,
+            "per_record_us": dt / records * 1e6, "regions": nregions}
+
+
 def render_sync(rows: list[dict], size: int, total: int) -> str:
     lines = [f"nvme.sync cost: {human_size(total)} of {human_size(size)} records per phase, 32 appends "
              f"in flight, io backend {rows[0]['io_backend']}", "",
@@ -190,12 +247,28 @@ def main(argv=None) -> int:
     ap.add_argument("--value", help="object size (default 1MiB; --sync-modes: 256KiB)")
     ap.add_argument("--sync-modes", action="store_true",
                     help="only measure what each nvme.sync mode costs (engine, no daemon, no fio)")
+    ap.add_argument("--restart", type=int, metavar="N",
+                    help="only measure how long a restart with N records takes (engine)")
     ap.add_argument("--markdown")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     import kvstore
 
     os.makedirs(args.dir, exist_ok=True)
+    if args.restart:
+        work = tempfile.mkdtemp(prefix="bench-nvme-restart-", dir=args.dir)
+        try:
+            r = restart_phase(work, args.restart, parse_size(args.value or "4KiB"))
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        report = (f"restart with {r['records']} records of {human_size(r['value'])} "
+                  f"({r['regions']} regions of 64 MiB): {r['restart_s']:.2f} s to an index, "
+                  f"{r['per_record_us']:.1f} us per record (median of 3; filled in {r['fill_s']:.1f} s)")
+        print(report)
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"restart": r, "machine": machine_facts()}, f, indent=2)
+        return 0
     if args.sync_modes:
         total, size = parse_size(args.total or "512MiB"), parse_size(args.value or "256KiB")
         work = tempfile.mkdtemp(prefix="bench-nvme-sync-", dir=args.dir)
