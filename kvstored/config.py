@@ -180,6 +180,12 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("cluster", "token", "cluster_token", "str"),
     Setting("cluster", "etcd_username", "cluster_etcd_username", "str"),
     Setting("cluster", "etcd_password_file", "cluster_etcd_password_file", "str"),
+    Setting("events", "endpoint", "events_endpoint", "str"),
+    Setting("events", "replay_endpoint", "events_replay_endpoint", "str"),
+    Setting("events", "replay_buffer", "events_replay_buffer", "int"),
+    Setting("events", "topic", "events_topic", "str"),
+    Setting("events", "medium", "events_medium", "str"),
+    Setting("events", "block_size", "events_block_size", "int"),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}
@@ -342,6 +348,13 @@ class Config:
     # holding its password (not the password itself: config files get shared)
     cluster_etcd_username: str = ""
     cluster_etcd_password_file: str = ""
+    # [events] KV events for routers in vLLM's format (kvstored/events.py); "" = off
+    events_endpoint: str = ""  # ZMQ PUB address the node binds, e.g. tcp://127.0.0.1:5557
+    events_replay_endpoint: str = ""  # ROUTER for late subscribers; "" = endpoint port + 1, "off"
+    events_replay_buffer: int = 10000  # batches kept for replay
+    events_topic: str = ""  # first frame of every message (vLLM's default: empty)
+    events_medium: str = "EXTERNAL"  # BlockStored/BlockRemoved medium ("" = None)
+    events_block_size: int = 0  # tokens per block announced in BlockStored (0 = unknown)
 
     def validate(self) -> Config:
         """Normalise field types, fill auto values, then check ranges; returns self.
@@ -419,7 +432,44 @@ class Config:
         if not self.node_id:
             self.node_id = f"{socket.gethostname()}:{self.control_port}"
         self._validate_cluster()
+        self._validate_events()
         return self
+
+    def _validate_events(self) -> None:
+        hint = "use e.g. tcp://127.0.0.1:5557, tcp://*:5557 or ipc:///run/kvstored/events"
+        for f in ("events_endpoint", "events_replay_endpoint"):
+            v = getattr(self, f)
+            if f == "events_replay_endpoint" and v in ("", "off"):
+                continue
+            if v and (not v.startswith(("tcp://", "ipc://")) or len(v) > 256
+                      or any(ord(ch) <= 0x20 for ch in v)):
+                raise ConfigError(f"{_BY_FIELD[f].name}: {v!r} is not a tcp:// or ipc:// "
+                                  f"endpoint ({hint})")
+            if v.startswith("tcp://"):
+                host, sep, port = v[6:].rpartition(":")
+                if not (sep and host and (port == "*" or port.isdigit() and 1 <= int(port) <= 65535)):
+                    raise ConfigError(f"{_BY_FIELD[f].name}: {v!r} needs host:port with a port "
+                                      f"in 1..65535 ({hint})")
+        if self.events_endpoint and self.events_endpoint == self.events_replay_endpoint:
+            raise ConfigError("events.replay_endpoint: must differ from events.endpoint")
+        if not 1 <= self.events_replay_buffer <= 1_000_000:
+            raise ConfigError(f"events.replay_buffer: {self.events_replay_buffer} is outside "
+                              "1..1000000 batches")
+        if not 0 <= self.events_block_size <= 1 << 20:
+            raise ConfigError(f"events.block_size: {self.events_block_size} is outside 0..1048576 "
+                              "tokens")
+        for f, limit in (("events_topic", 256), ("events_medium", 32)):
+            if len(getattr(self, f)) > limit:
+                raise ConfigError(f"{_BY_FIELD[f].name}: longer than {limit} characters")
+
+    def events_replay(self) -> str:
+        """The replay endpoint in effect ("" = none)."""
+        if self.events_replay_endpoint == "off" or not self.events_endpoint:
+            return ""
+        if self.events_replay_endpoint:
+            return self.events_replay_endpoint
+        from kvstored.events import default_replay_endpoint  # lazy: keep config importable alone
+        return default_replay_endpoint(self.events_endpoint)
 
     def _validate_cluster(self) -> None:
         """[cluster]: names and address lists parse; etcd mode has its client library."""
@@ -715,7 +765,8 @@ _FLAG_FIELDS = {"host": "host", "port": "control_port", "data_port": "data_port"
                 "max_value_size": "max_value_size", "tcp_congestion": "tcp_congestion",
                 "log_level": "log_level", "nvme_path": "nvme_path", "nvme_size": "nvme_size",
                 "nvme_region_size": "nvme_region_size"}
-_FLAG_FIELDS.update({"log_format": "log_format", "metrics_port": "metrics_port"})
+_FLAG_FIELDS.update({"log_format": "log_format", "metrics_port": "metrics_port",
+                     "kv_events": "events_endpoint"})
 
 
 def _size_arg(text: str) -> int:
@@ -755,6 +806,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
                    help="kv (key=value, default) or json")
     p.add_argument("--metrics-port", metavar="P", type=int,
                    help="Prometheus /metrics port (default 9090; 0 = any free)")
+    p.add_argument("--kv-events", metavar="ENDPOINT",
+                   help="publish KV events for routers (vLLM's format) on this ZMQ endpoint, "
+                        "e.g. tcp://127.0.0.1:5557 (default off)")
     p.add_argument("--ready-file", metavar="PATH",
                    help="file written once the daemon is listening (for supervisors and tests)")
     p.add_argument("--print-config", action="store_true",

@@ -344,6 +344,9 @@ class Metrics:
         self.control: dict[str, LatencyHistogram] = {}
         self.reloads = {"ok": 0, "failed": 0}
         self.registry.register(NodeCollector(node))
+        # the store's observer (set by Node): per-namespace use, lookups, sizes; KV events
+        self.usage = StoreUsage(node.store)
+        self.registry.register(UsageCollector(node, self.usage))
         ProcessCollector(registry=self.registry)  # process_* (rss, cpu, open fds...)
         self.server: MetricsServer | None = None
         self.node = node
@@ -361,6 +364,136 @@ class Metrics:
     async def close(self) -> None:
         if self.server is not None:
             await self.server.close()
+
+
+# ---------------------------------------------------------------- what operators read
+# Per-namespace series stop at this many namespaces; later ones are summed under "other",
+# so a tenant inventing namespaces cannot blow up the scrape (bounded cardinality).
+MAX_NAMESPACE_LABELS = 64
+OTHER_NAMESPACE = "other"
+# Object sizes (bytes) of the size histogram: 4 KiB to 64 MiB (max_value_size's default)
+SIZE_BUCKETS = tuple(4096 << (2 * i) for i in range(9))
+_SIZE_LE = tuple(repr(float(b)) for b in SIZE_BUCKETS) + ("+Inf",)
+_NS_FIELDS = ("objects", "bytes", "lookups", "lookup_blocks", "hit_blocks", "hit_bytes")
+
+
+class StoreUsage:
+    """The Store's observer: per-namespace objects, bytes, lookups and prefix hits, and
+    the size histogram of committed objects; forwards index changes to the KV events
+    publisher (``events``) when there is one. Called on the event loop, about 0.5 us a call.
+    """
+
+    def __init__(self, store: Any = None):
+        self.ns: dict[bytes, list] = {}  # namespace -> [objects, bytes, lookups, ...]
+        self.labels: dict[bytes, str] = {}  # namespace -> its label (itself or "other")
+        self.sizes = [0] * (len(SIZE_BUCKETS) + 1)
+        self.sizes_sum = 0
+        self.events = None  # kvstored.events.EventPublisher, set by the node
+        for e in (store.index.values() if store is not None else ()):  # recovered from NVMe
+            r = self._row(e.ns)
+            r[0] += 1
+            r[1] += e.size
+
+    def _row(self, ns: bytes) -> list:
+        label = self.labels.get(ns)
+        if label is None:
+            if len(self.labels) >= MAX_NAMESPACE_LABELS:
+                label = OTHER_NAMESPACE  # not remembered: memory stays bounded too
+            else:
+                label = self.labels[ns] = ns.decode(errors="replace")
+        r = self.ns.get(label)  # keyed by label: "other" is one row (a namespace named
+        if r is None:           # "other" shares it)
+            r = self.ns[label] = [0] * len(_NS_FIELDS)
+        return r
+
+    def stored(self, e: Any) -> None:
+        r = self._row(e.ns)
+        r[0] += 1
+        r[1] += e.size
+        self.sizes[bisect_left(SIZE_BUCKETS, e.size)] += 1
+        self.sizes_sum += e.size
+        if self.events is not None:
+            self.events.stored(e)
+
+    def removed(self, e: Any) -> None:
+        r = self._row(e.ns)
+        r[0] -= 1
+        r[1] -= e.size
+        if self.events is not None:
+            self.events.removed(e)
+
+    def looked_up(self, ns: bytes, asked: int, hits: int, hit_bytes: int) -> None:
+        r = self._row(ns)
+        r[2] += 1
+        r[3] += asked
+        r[4] += hits
+        r[5] += hit_bytes
+
+    def size_buckets(self) -> list[tuple[str, int]]:
+        out, total = [], 0
+        for le, n in zip(_SIZE_LE, self.sizes):
+            total += n
+            out.append((le, total))
+        return out
+
+
+# (family, help, index in a StoreUsage row, kind)
+_NS_FAMILIES = (
+    ("kvstored_lookups", "Prefix lookups (Lookup calls), by namespace.", 2, "counter"),
+    ("kvstored_lookup_blocks", "Blocks (keys) asked about by prefix lookups, by namespace.", 3,
+     "counter"),
+    ("kvstored_prefix_hit_blocks", "Blocks found by prefix lookups (the leading run that is "
+     "stored), by namespace; divided by kvstored_lookup_blocks_total it is the prefix hit "
+     "ratio.", 4, "counter"),
+    ("kvstored_prefix_hit_bytes", "Bytes of the blocks found by prefix lookups, by namespace.",
+     5, "counter"),
+    ("kvstored_namespace_objects", "Committed objects, by namespace (all tiers).", 0, "gauge"),
+    ("kvstored_namespace_bytes", "Bytes of committed objects, by namespace (all tiers).", 1,
+     "gauge"),
+)
+
+
+class UsageCollector(Collector):
+    """Families for operators: per-namespace use and prefix hits (at most
+    MAX_NAMESPACE_LABELS namespaces, the rest as "other"), object sizes, pinned bytes,
+    data-plane ops by transport, KV events."""
+
+    def __init__(self, node: "Node", usage: StoreUsage):
+        self.node = node
+        self.usage = usage
+
+    def collect(self) -> Iterable:
+        node, usage = self.node, self.usage
+        for name, doc, i, kind in _NS_FAMILIES:
+            fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
+                name, doc, labels=["namespace"])
+            for label, row in sorted(usage.ns.items()):
+                fam.add_metric([label], row[i])
+            yield fam
+        sizes = HistogramMetricFamily("kvstored_object_size_bytes", "Sizes of committed objects "
+                                      "(each put that stored an object).")
+        sizes.add_metric([], usage.size_buckets(), usage.sizes_sum)
+        yield sizes
+        store = node.store
+        now = store.clock()
+        # Store._pinned holds every entry with a pin count; Store.stats() prunes lapsed ones
+        yield _gauge("kvstored_pinned_bytes", "Bytes of objects under a live pin lease.",
+                     sum(e.size for e in list(store._pinned) if e.pinned(now)))
+        ops = CounterMetricFamily(
+            "kvstored_data_operations", "Data-plane requests by transport (tcp, tls, shm) and "
+            "op; shm is the shm_* ops, the other ops count under the TCP port's transport.",
+            labels=["transport", "op"])
+        tcp = "tls" if getattr(node, "tls", None) is not None else "tcp"
+        for op, h in sorted(node.data_server.latency_by_name().items()):
+            ops.add_metric(["shm" if op.startswith("shm_") else tcp, op], h.count)
+        yield ops
+        ev = node.events.counters if getattr(node, "events", None) is not None else {}
+        yield _counter("kvstored_kv_events_published", "KV events published for routers "
+                       "(BlockStored, BlockRemoved, AllBlocksCleared).", ev.get("events", 0))
+        yield _counter("kvstored_kv_events_dropped", "KV events dropped before publishing (queue "
+                       "full); routers are then sent AllBlocksCleared.", ev.get("dropped", 0))
+        yield _counter("kvstored_kv_event_replays", "Replay requests served to late or lagging "
+                       "subscribers.", ev.get("replays", 0))
 
 
 HEAD_LIMIT = 16 << 10  # request line + headers
@@ -460,4 +593,4 @@ class MetricsServer:
 
 
 __all__ = ["BUCKETS", "LatencyHistogram", "Metrics", "MetricsServer", "NodeCollector",
-           "tier_stats"]
+           "StoreUsage", "UsageCollector", "tier_stats"]

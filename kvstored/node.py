@@ -176,6 +176,9 @@ class Node:
         self.shm_path = ""
         self.metrics = Metrics(self)
         self.metrics_port: int | None = None
+        # per-namespace metrics and (once started) KV events see every index change
+        self.store.observer = self.metrics.usage
+        self.events = None  # kvstored.events.EventPublisher when events.endpoint is set
         self.source: ConfigSource | None = None  # set by serve(); SIGHUP re-reads it
         self._explicit: set[str] = set()
         self._watchdog = sdnotify.watchdog_interval()
@@ -247,6 +250,8 @@ class Node:
         """Undo a partial start, so a failed start leaves no socket file and no gRPC server
         for the garbage collector to stop after the event loop is gone (a traceback)."""
         self.state = "stopped"
+        if self.events is not None:
+            self.events.close()
         if self.repair is not None:
             self.repair.stop()
         if self.membership is not None:
@@ -264,6 +269,13 @@ class Node:
 
     async def _start(self) -> None:
         c = self.config
+        if c.events_endpoint:  # first: a bad endpoint fails the start before anything listens
+            from kvstored.events import EventPublisher
+            self.events = EventPublisher(c.events_endpoint, replay_endpoint=c.events_replay(),
+                                         replay_buffer=c.events_replay_buffer, topic=c.events_topic,
+                                         medium=c.events_medium, block_size=c.events_block_size)
+            self.events.start()
+            self.metrics.usage.events = self.events
         self.data_port = await self.data_server.start(c.host, c.data_port)
         # room for the largest control-plane value plus the message around it
         msg_limit = c.max_control_value_size + (1 << 20)
@@ -324,6 +336,7 @@ class Node:
             "node": self.node_id, "control": f"{c.host}:{self.control_port}",
             "data": f"{c.host}:{self.data_port}", "shm": self.shm_path or "off",
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
+            "kv_events": c.events_endpoint or "off",
             "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages})
 
     async def _maintain(self) -> None:
@@ -378,6 +391,8 @@ class Node:
         await asyncio.gather(*waits)
         if self._maintenance is not None:
             self._maintenance.cancel()
+        if self.events is not None:  # nothing changes the index any more: publish the rest
+            self.events.close()
         if self.store.nvme is not None:
             if self.config.nvme_flush_on_shutdown:
                 n = await self.store.flush_to_nvme(SHUTDOWN_FLUSH_TIMEOUT)

@@ -1,0 +1,341 @@
+"""KV events of a real kvstored (--kv-events), read with a plain ZMQ SUB socket and msgpack.
+
+The stream must be vLLM's (topic, 8-byte big-endian sequence number, msgpack
+``[ts, [events], dp_rank]`` with tagged-array events), complete and in order for a
+subscriber that joined before, replayable for one that joins late, and never a brake
+on the data path.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import time
+
+import pytest
+
+zmq = pytest.importorskip("zmq")
+msgpack = pytest.importorskip("msgpack")
+
+import kvstore  # noqa: E402
+from daemonutil import ROOT  # noqa: E402
+
+KiB, MiB = 1 << 10, 1 << 20
+END = (-1).to_bytes(8, "big", signed=True)
+
+
+def scrape(d) -> dict[str, float]:
+    """Unlabelled samples of /metrics: ``{sample name: value}``."""
+    import urllib.request
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    return {s.name: s.value for f in text_string_to_metric_families(text) for s in f.samples
+            if not s.labels}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def bhash(ns: str, key: str) -> int:
+    """The documented block hash: BLAKE2b-64 of the key, keyed by the namespace."""
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, key=ns.encode()).digest(),
+                          "big")
+
+
+@pytest.fixture
+def events_daemon(start_daemon, tmp_path):
+    """A daemon publishing on a free port, replay on another; returns (daemon, pub, replay)."""
+    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    cfg = tmp_path / "events.toml"
+    cfg.write_text(f'[events]\nreplay_endpoint = "{rep}"\nblock_size = 16\n')
+    return start_daemon("--config", str(cfg), "--kv-events", pub), pub, rep
+
+
+class Sub:
+    """A SUB socket that collects (seq, decoded batch) in order."""
+
+    def __init__(self, ctx, endpoint: str, opts: dict | None = None):
+        self.s = ctx.socket(zmq.SUB)
+        for k, v in (opts or {}).items():
+            self.s.setsockopt(k, v)
+        self.s.setsockopt(zmq.LINGER, 0)
+        self.s.connect(endpoint)
+        self.s.setsockopt(zmq.SUBSCRIBE, b"")
+        self.got: list[tuple[int, list]] = []
+        self.raw: list[bytes] = []
+
+    def drain(self, timeout: float = 0.5) -> None:
+        while self.s.poll(int(timeout * 1000)):
+            topic, seq, payload = self.s.recv_multipart()
+            assert topic == b"" and len(seq) == 8
+            self.got.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)))
+            self.raw.append(payload)
+
+    def events(self) -> list:
+        return [ev for _, batch in self.got for ev in batch[1]]
+
+
+def join(sub: Sub, client, ns: str, deadline_s: float = 10.0) -> None:
+    """Put probe objects until the subscription is live (ZMQ's slow joiner), then drain."""
+    t_end = time.monotonic() + deadline_s
+    i = 0
+    while not sub.got:
+        assert time.monotonic() < t_end, "no event reached the subscriber"
+        client.put(f"probe{i}", b"p", namespace=ns)
+        i += 1
+        sub.drain(0.05)
+    sub.drain(0.2)
+    sub.got.clear()
+    sub.raw.clear()
+
+
+def test_every_block_once_in_order(events_daemon):
+    d, pub, _ = events_daemon
+    ctx = zmq.Context()
+    try:
+        sub = Sub(ctx, pub)
+        with kvstore.Client(d.control, namespace="ev", timeout=10.0) as c:
+            join(sub, c, "ev")
+            keys = [f"k{i}" for i in range(120)]
+            big = os.urandom(1 * MiB)
+            for i, k in enumerate(keys):  # 120 MiB into a 64 MiB arena: evictions
+                assert c.put(k, big[i:] + big[:i])
+            gone = [k for k in keys[-10:] if c.exists([k])[0]][:3]
+            assert c.delete(gone) == len(gone)
+            for i in range(10):  # a second namespace: its hashes differ
+                c.put(f"k{i}", b"other", namespace="ev2")
+            held = [k for k, e in zip(keys, c.exists(keys)) if e]
+            sub.drain(1.0)
+        seqs = [s for s, _ in sub.got]
+        assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "sequence numbers not consecutive"
+        for ts, evs, rank in (b for _, b in sub.got):
+            assert isinstance(ts, float) and abs(ts - time.time()) < 300 and rank == 0
+            assert evs
+        stored = [e for e in sub.events() if e[0] == "BlockStored"]
+        removed = [e for e in sub.events() if e[0] == "BlockRemoved"]
+        assert all(len(e) == 7 and e[2] is None and e[3] == [] and e[4] == 16 and e[5] is None
+                   and e[6] == "EXTERNAL" and len(e[1]) == 1 for e in stored)
+        assert all(len(e) == 3 and e[2] == "EXTERNAL" and len(e[1]) == 1 for e in removed)
+        want = [bhash("ev", k) for k in keys] + [bhash("ev2", f"k{i}") for i in range(10)]
+        assert [e[1][0] for e in stored] == want  # every put, once, in put order
+        # replaying the stream gives exactly what the node holds; each removal follows its store
+        live: set[int] = set()
+        for e in sub.events():
+            h = e[1][0]
+            if e[0] == "BlockStored":
+                assert h not in live
+                live.add(h)
+            else:
+                assert e[0] == "BlockRemoved" and h in live, e
+                live.discard(h)
+        assert live == {bhash("ev", k) for k in held} | {bhash("ev2", f"k{i}") for i in range(10)}
+        evicted = set(keys) - set(held)
+        assert len(evicted) >= 40 and len(removed) == len(evicted)  # evictions and deletes
+        assert {bhash("ev", k) for k in gone} <= {e[1][0] for e in removed}
+    finally:
+        ctx.destroy(0)
+
+
+try:  # the structs a vLLM-side consumer declares (msgspec, array_like, tag=True)
+    import msgspec
+except ImportError:
+    msgspec = None
+else:
+    class Event(msgspec.Struct, array_like=True, omit_defaults=True, tag=True):
+        pass
+
+    class BlockStored(Event):
+        block_hashes: list[int]
+        parent_block_hash: int | None
+        token_ids: list[int]
+        block_size: int
+        lora_id: int | None
+        medium: str | None
+
+    class BlockRemoved(Event):
+        block_hashes: list[int]
+        medium: str | None
+
+    class AllBlocksCleared(Event):
+        pass
+
+    class Batch(msgspec.Struct, array_like=True, omit_defaults=True):
+        ts: float
+        events: list[BlockStored | BlockRemoved | AllBlocksCleared]
+        data_parallel_rank: int | None = None
+
+
+@pytest.mark.skipif(msgspec is None, reason="msgspec is not installed")
+def test_events_decode_as_vllm_structs(events_daemon):
+    """The payload decodes with msgspec structs declared like vLLM's (array_like, tag=True)."""
+    d, pub, rep = events_daemon
+    ctx = zmq.Context()
+    try:
+        sub = Sub(ctx, pub)
+        with kvstore.Client(d.control, namespace="v", timeout=10.0) as c:
+            join(sub, c, "v")
+            c.put("a", b"x" * 100)
+            c.delete(["a"])
+            sub.drain(0.5)
+        dec = msgspec.msgpack.Decoder(Batch)
+        evs = [ev for raw in sub.raw for ev in dec.decode(raw).events]
+        assert [type(e).__name__ for e in evs] == ["BlockStored", "BlockRemoved"]
+        assert evs[0].block_hashes == evs[1].block_hashes == [bhash("v", "a")]
+        assert evs[0].block_size == 16 and evs[0].medium == "EXTERNAL"
+        # the replay's first batch is the start's AllBlocksCleared, in vLLM's encoding too
+        first = replay(ctx, rep, 0)[0]
+        assert first[0] == 0 and isinstance(dec.decode(first[1]).events[0], AllBlocksCleared)
+    finally:
+        ctx.destroy(0)
+
+
+def replay(ctx, endpoint: str, start: int, *, raw_request: list[bytes] | None = None,
+           timeout: float = 5.0) -> list[tuple[int, bytes]]:
+    """Ask the replay socket from ``start`` (a DEALER with REQ's empty delimiter)."""
+    s = ctx.socket(zmq.DEALER)
+    s.setsockopt(zmq.LINGER, 0)
+    s.connect(endpoint)
+    try:
+        s.send_multipart(raw_request or [b"", start.to_bytes(8, "big")])
+        out = []
+        t_end = time.monotonic() + timeout
+        while True:
+            assert s.poll(int(max(0.0, t_end - time.monotonic()) * 1000)), "replay did not end"
+            frames = s.recv_multipart()
+            assert frames[0] == b"" and len(frames) == 3, frames
+            if frames[1] == END:
+                assert frames[2] == b""
+                return out
+            out.append((int.from_bytes(frames[1], "big"), frames[2]))
+    finally:
+        s.close(0)
+
+
+def test_late_subscriber_replays(events_daemon):
+    d, pub, rep = events_daemon
+    ctx = zmq.Context()
+    try:
+        with kvstore.Client(d.control, namespace="late", timeout=10.0) as c:
+            for i in range(50):
+                c.put(f"r{i}", b"v" * 512)
+            c.delete(["r3"])
+            time.sleep(0.2)  # let the loop publish
+            got = replay(ctx, rep, 0)
+            seqs = [s for s, _ in got]
+            assert seqs == list(range(len(got))) and len(got) >= 2
+            evs = [ev for _, p in got for ev in msgpack.unpackb(p)[1]]
+            assert evs[0] == ["AllBlocksCleared"]  # every start begins with it
+            assert [e[1][0] for e in evs if e[0] == "BlockStored"] == [bhash("late", f"r{i}")
+                                                                       for i in range(50)]
+            assert [e[1][0] for e in evs if e[0] == "BlockRemoved"] == [bhash("late", "r3")]
+            # from the middle: only that batch on; past the end: only the end marker
+            mid = seqs[len(seqs) // 2]
+            assert [s for s, _ in replay(ctx, rep, mid)] == seqs[seqs.index(mid):]
+            assert replay(ctx, rep, 10**9) == []
+            # a live subscriber that joins now, then catches up by replay, misses nothing
+            sub = Sub(ctx, pub)
+            join(sub, c, "late")
+            c.put("after", b"z")
+            sub.drain(0.5)
+            first_live = sub.got[0][0]
+            caught = [s for s, _ in replay(ctx, rep, 0) if s < first_live]
+            assert caught + [s for s, _ in sub.got] == list(range(sub.got[-1][0] + 1))
+            # malformed requests (a 3-byte start, extra frames): the end marker, daemon fine
+            for bad in ([b"", b"abc"], [b"", b"\0" * 8, b"extra"]):
+                assert replay(ctx, rep, 0, raw_request=bad) == []
+            assert c.put("still", b"ok") and c.get("still") == b"ok"
+    finally:
+        ctx.destroy(0)
+
+
+def _timed_puts(c, prefix: str, n: int, value: bytes) -> float:
+    t0 = time.perf_counter()
+    for i in range(n):
+        c.put(f"{prefix}{i}", value)
+    return time.perf_counter() - t0
+
+
+def test_subscriber_that_never_reads_does_not_slow_puts(events_daemon):
+    d, pub, _ = events_daemon
+    ctx = zmq.Context()
+    try:
+        with kvstore.Client(d.control, namespace="slow", timeout=10.0) as c:
+            value = b"s" * KiB
+            _timed_puts(c, "warm", 300, value)
+            # a subscriber that never reads, with the smallest buffers ZMQ allows
+            stalled = Sub(ctx, pub, {zmq.RCVHWM: 1, zmq.RCVBUF: 4096})
+            time.sleep(0.3)  # its subscription reaches the publisher
+            slowed = [_timed_puts(c, f"s{r}-", 3000, value) for r in range(3)]
+            # compare with no subscriber at all: same node, same puts
+            stalled.s.close(0)
+            time.sleep(0.2)
+            none = [_timed_puts(c, f"n{r}-", 3000, value) for r in range(2)]
+            print(f"3000 puts of 1 KiB: stalled subscriber {slowed} s, none {none} s")
+            assert statistics.median(slowed) < 2.0 * statistics.median(none), (slowed, none)
+            assert c.put("alive", b"1") and c.get("alive") == b"1"
+        m = scrape(d)
+        assert m["kvstored_kv_events_published_total"] >= 300 + 5 * 3000  # every put
+        assert m["kvstored_kv_events_dropped_total"] == 0  # the queue never overflowed
+    finally:
+        ctx.destroy(0)
+
+
+def _start(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
+    return subprocess.run([sys.executable, "-m", "kvstored", "--port", "0", "--data-port", "0",
+                           "--metrics-port", "0", "--dram-size", "64MiB", "--slab-size", "4MiB",
+                           "--max-value-size", "4MiB", "--log-level", "error", *args],
+                          capture_output=True, text=True, timeout=timeout, env=env)
+
+
+@pytest.mark.parametrize("endpoint, says", [
+    ("bogus://x", "events.endpoint: 'bogus://x' is not a tcp:// or ipc:// endpoint"),
+    ("tcp://192.0.2.1:5557", "events.endpoint: cannot bind 'tcp://192.0.2.1:5557'"),
+    ("tcp://127.0.0.1:99999", "events.endpoint: 'tcp://127.0.0.1:99999' needs host:port"),
+    ("tcp://127.0.0.1", "needs host:port"),
+])
+def test_bad_endpoint_is_one_line_exit_2(endpoint, says):
+    r = _start("--kv-events", endpoint)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("kvstored: error: ") and says in lines[0], r.stderr
+
+
+def test_endpoint_in_use_is_one_line_exit_2():
+    ctx = zmq.Context()
+    try:
+        held = ctx.socket(zmq.PUB)
+        port = held.bind_to_random_port("tcp://127.0.0.1")
+        r = _start("--kv-events", f"tcp://127.0.0.1:{port}")
+        assert r.returncode == 2 and "cannot bind" in r.stderr
+        assert len(r.stderr.strip().splitlines()) == 1, r.stderr
+    finally:
+        ctx.destroy(0)
+
+
+@pytest.mark.parametrize("text, says", [
+    ('[events]\nendpoint = "tcp://127.0.0.1:5557"\nreplay_buffer = 0\n', "events.replay_buffer"),
+    ('[events]\nendpoint = "tcp://127.0.0.1:5557"\nreplay_endpoint = "tcp://127.0.0.1:5557"\n',
+     "must differ"),
+    ('[events]\nblock_size = -1\n', "events.block_size"),
+    ('[events]\nmedium = "' + "M" * 40 + '"\n', "events.medium"),
+    ('[events]\nendpont = "tcp://x:1"\n', "did you mean 'events.endpoint'"),
+])
+def test_bad_events_settings(tmp_path, text, says):
+    from kvstored.config import ConfigError, load_config
+
+    p = tmp_path / "c.toml"
+    p.write_text(text)
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    assert says in str(e.value) and "\n" not in str(e.value)
