@@ -10,11 +10,18 @@
 
 Every command is a thin wrapper over the blocking :class:`kvstore.Client`, so what
 the CLI sees is what an application sees. Output is aligned text for people, or
-one JSON document on stdout with ``--json`` for scripts.
+one JSON document on stdout with ``--json`` for scripts. Long commands (bench,
+drain --wait) show a progress line on stderr when it is a terminal (``--progress``
+forces it, ``--no-progress`` drops it); stdout only ever carries the result.
+
+Data commands use TCP unless ``--shm`` is given: the same-host shared-memory path
+maps and prefaults the daemon's whole arena when it connects (~0.2 s per GiB), which
+a one-shot command never wins back. put, get and bench say which one they used.
 
 Exit codes: 0 ok; 1 the store (or a local file) reported an error; 2 usage error;
-3 the daemon is unreachable or did not answer in time. ``exists`` and ``lookup``
-exit 0 whatever they find: their answer is data, not success or failure.
+3 the daemon is unreachable (connection refused is reported at once, not after
+--timeout), did not answer in time, or offers no shm path to ``--shm``. ``exists``
+and ``lookup`` exit 0 whatever they find: their answer is data, not success or failure.
 """
 from __future__ import annotations
 
@@ -24,6 +31,8 @@ import math
 import os
 import re
 import secrets
+import shutil
+import struct
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -150,6 +159,64 @@ def emit_json(doc) -> None:
     sys.stdout.write("\n")
 
 
+def _isatty(stream) -> bool:
+    try:
+        return stream.isatty()
+    except (AttributeError, ValueError):  # replaced or closed streams (tests, daemons)
+        return False
+
+
+class Progress:
+    """The progress line of a long command (bench, drain --wait), always on stderr so
+    that stdout keeps only the result (--json: one document).
+
+    On a terminal the line is rewritten in place, at most every TTY_INTERVAL seconds,
+    and erased by ``done()``. Forced on elsewhere (--progress into a pipe or a log) it
+    prints whole lines instead: a changed text at most every LINE_INTERVAL seconds, an
+    unchanged one every LINE_REPEAT seconds, so a log stays short but shows it is alive.
+    """
+
+    TTY_INTERVAL = 0.1
+    LINE_INTERVAL = 1.0
+    LINE_REPEAT = 10.0
+
+    def __init__(self, mode: bool | None, stream=None):
+        self.stream = stream if stream is not None else sys.stderr
+        self.tty = _isatty(self.stream)
+        self.enabled = self.tty if mode is None else mode
+        self._last_time = -math.inf
+        self._last_text = ""
+        self._width = 0  # characters on the terminal line now (to erase)
+
+    def update(self, text: str) -> None:
+        if not self.enabled:
+            return
+        now = time.monotonic()
+        if self.tty:
+            if now - self._last_time < self.TTY_INTERVAL:
+                return
+            # one terminal line: a wrapped line could not be rewritten by "\r"
+            cols = shutil.get_terminal_size((80, 24)).columns
+            text = text[:max(10, cols - 1)]
+            pad = " " * max(0, self._width - len(text))
+            self.stream.write(f"\r{text}{pad}")
+            self._width = len(text)
+        else:
+            since = now - self._last_time
+            if since < (self.LINE_INTERVAL if text != self._last_text else self.LINE_REPEAT):
+                return
+            self.stream.write(text + "\n")
+        self.stream.flush()
+        self._last_time, self._last_text = now, text
+
+    def done(self) -> None:
+        """Erase the terminal line (the result follows on stdout)."""
+        if self.enabled and self.tty and self._width:
+            self.stream.write("\r" + " " * self._width + "\r")
+            self.stream.flush()
+            self._width = 0
+
+
 # ---------------------------------------------------------------- keys
 
 def parse_key(text: str, hex_mode: bool) -> bytes:
@@ -203,6 +270,8 @@ def cmd_status(c: Client, args) -> int:
         "control_address": args.address, "data_address": f"{info.data_host}:{info.data_port}",
         "live": h.live, "ready": h.ready, "status": h.status, "uptime_seconds": h.uptime_seconds,
         "wire_version": info.wire_version, "checksum_algorithm": info.checksum_algorithm,
+        "shm_socket": info.shm_socket or None, "shm_reachable": _shm_reachable(info.shm_socket),
+        "cli_transport": "shm" if args.shm else "tcp",
         "limits": {"max_value_size": info.max_value_size,
                    "max_control_value_size": info.max_control_value_size,
                    "max_key_length": info.max_key_length, "max_batch_keys": info.max_batch_keys},
@@ -217,6 +286,7 @@ def cmd_status(c: Client, args) -> int:
         ("control", args.address),
         ("data", f"{info.data_host}:{info.data_port} (wire v{info.wire_version}, "
                  f"{info.checksum_algorithm} checksums)"),
+        ("shm", _shm_text(info.shm_socket, args.shm)),
         ("health", f"{h.status} ({state})"),
         ("uptime", human_age(h.uptime_seconds)),
         ("max value", f"{human_size(info.max_value_size)} data path, "
@@ -225,6 +295,19 @@ def cmd_status(c: Client, args) -> int:
         ("max batch", f"{info.max_batch_keys} keys"),
     ]))
     return EXIT_OK
+
+
+def _shm_reachable(path: str) -> bool:
+    return bool(path) and os.path.exists(path)
+
+
+def _shm_text(path: str, used: bool) -> str:
+    """What `status` says of the same-host shared-memory path and which one the CLI takes."""
+    if not path:
+        return "not offered by the daemon (data commands use TCP)"
+    if not _shm_reachable(path):
+        return f"{path} (not reachable from here; data commands use TCP)"
+    return f"{path} (reachable; data commands use {'it: --shm' if used else 'TCP unless --shm'})"
 
 
 def _is_bytes_counter(name: str) -> bool:
@@ -293,15 +376,16 @@ def cmd_put(c: Client, args, parser: argparse.ArgumentParser) -> int:
     except errors.Conflict as e:
         raise errors.Conflict(f"{shown!r}: {e.message} (pass --overwrite to replace it)") from None
     elapsed = time.perf_counter() - t0
+    transport = c.transport  # the connection the put used: no new connection here
     if args.json:
         emit_json({**key_doc(key), "namespace": c.namespace, "size": len(data), "stored": stored,
-                   "deduplicated": not stored, "elapsed_seconds": elapsed})
+                   "deduplicated": not stored, "elapsed_seconds": elapsed, "transport": transport})
     elif stored:
-        print(f"stored {shown!r} ({human_size(len(data))}) in namespace {c.namespace!r}, "
-              f"{human_duration(elapsed)}")
+        print(f"stored {shown!r} ({human_size(len(data))}) in namespace {c.namespace!r} over "
+              f"{transport}, {human_duration(elapsed)}")
     else:
         print(f"already stored {shown!r} ({human_size(len(data))}, identical bytes) in namespace "
-              f"{c.namespace!r}, {human_duration(elapsed)}")
+              f"{c.namespace!r} over {transport}, {human_duration(elapsed)}")
     return EXIT_OK
 
 
@@ -325,11 +409,13 @@ def cmd_get(c: Client, args, parser: argparse.ArgumentParser) -> int:
     # written only after the whole object arrived: a failed get never leaves a partial file
     with open(args.output, "wb") as f:
         f.write(data)
+    transport = c.transport
     if args.json:
         emit_json({**key_doc(key), "namespace": c.namespace, "size": len(data), "file": args.output,
-                   "elapsed_seconds": elapsed})
+                   "elapsed_seconds": elapsed, "transport": transport})
     else:
-        print(f"wrote {shown!r} ({human_size(len(data))}) to {args.output} in {human_duration(elapsed)}")
+        print(f"wrote {shown!r} ({human_size(len(data))}) to {args.output} over {transport} in "
+              f"{human_duration(elapsed)}")
     return EXIT_OK
 
 
@@ -536,28 +622,32 @@ def cmd_drain(c: Client, args, parser: argparse.ArgumentParser) -> int:
         objects = r.objects_left
         if args.wait and objects:
             doc["waited"] = True
-            deadline = time.monotonic() + args.wait_timeout
-            last, last_print = None, 0.0
-            while True:
-                counters = target.stats().counters
-                objects = counters.get("objects", 0)
-                if objects == 0:
-                    break
-                rep = repair_line(_repair_doc(target.members().repair), counters.get("unverified"))
-                line = f"{m.node_id}: {objects} objects left; repair: {rep}"
-                now = time.monotonic()
-                if line != last or now - last_print >= 10:
-                    print(line, file=log, flush=True)
-                    last, last_print = line, now
-                if now >= deadline:
-                    doc["objects"] = objects
-                    if args.json:
-                        emit_json(doc)
-                    print(f"{PROG}: drain: {m.node_id} still holds {objects} objects after "
-                          f"{args.wait_timeout:g}s; the drain goes on (re-run with --wait to "
-                          "keep waiting); do not stop the node yet", file=sys.stderr)
-                    return EXIT_ERROR
-                time.sleep(DRAIN_POLL_SECONDS)
+            start = time.monotonic()
+            deadline = start + args.wait_timeout
+            progress = Progress(args.progress)
+            try:
+                while True:
+                    counters = target.stats().counters
+                    objects = counters.get("objects", 0)
+                    if objects == 0:
+                        break
+                    rep = repair_line(_repair_doc(target.members().repair),
+                                      counters.get("unverified"))
+                    now = time.monotonic()
+                    progress.update(f"{m.node_id}: {objects} objects left after "
+                                    f"{now - start:.0f}s; repair: {rep}")
+                    if now >= deadline:
+                        progress.done()
+                        doc["objects"] = objects
+                        if args.json:
+                            emit_json(doc)
+                        print(f"{PROG}: drain: {m.node_id} still holds {objects} objects after "
+                              f"{args.wait_timeout:g}s; the drain goes on (re-run with --wait to "
+                              "keep waiting); do not stop the node yet", file=sys.stderr)
+                        return EXIT_ERROR
+                    time.sleep(DRAIN_POLL_SECONDS)
+            finally:
+                progress.done()
         doc["objects"] = objects
         doc["safe_to_stop"] = objects == 0
         if args.json:
@@ -655,31 +745,47 @@ def _percentile(sorted_values: list[float], p: float) -> float:
     return sorted_values[max(0, math.ceil(p / 100 * len(sorted_values)) - 1)]
 
 
-def _timed(op: Callable[[int, bytes], None], keys: list[bytes], duration: float | None) -> list[float]:
-    """Latencies of op over the key set: one pass, or passes until ``duration`` elapses."""
+def _timed(op: Callable[[int, int], None], count: int, duration: float | None,
+           before: Callable[[int, int], None] | None = None,
+           tick: Callable[[int, float], None] | None = None) -> list[float]:
+    """Latencies of ``op(round, index)`` over the key set: one pass, or passes until
+    ``duration`` elapses. ``before`` runs untimed ahead of each op (the payload stamp);
+    ``tick(ops done, seconds)`` after each (the progress line)."""
     lat: list[float] = []
     clock = time.perf_counter
-    deadline = clock() + duration if duration else None
+    start = clock()
+    deadline = start + duration if duration else None
     for rnd in range(sys.maxsize):
-        for k in keys:
+        for i in range(count):
+            if before is not None:
+                before(rnd, i)
             t = clock()
-            op(rnd, k)
-            lat.append(clock() - t)
-            if deadline is not None and clock() >= deadline:
+            op(rnd, i)
+            end = clock()
+            lat.append(end - t)
+            if tick is not None:
+                tick(len(lat), end - start)
+            if deadline is not None and end >= deadline:
                 return lat
         if deadline is None:
             return lat
     return lat
 
 
-def _phase_doc(lat: list[float], size: int) -> dict:
+def _phase_doc(lat: list[float], size: int, transport: str) -> dict:
     total = sum(lat)
     s = sorted(lat)
-    return {"ops": len(lat), "bytes": len(lat) * size, "seconds": total,
+    return {"transport": transport, "size": size, "ops": len(lat), "bytes": len(lat) * size,
+            "seconds": total,
             "ops_per_second": len(lat) / total if total else 0.0,
             "bytes_per_second": len(lat) * size / total if total else 0.0,
             "p50_seconds": _percentile(s, 50), "p99_seconds": _percentile(s, 99),
             "max_seconds": s[-1] if s else 0.0}
+
+
+# Each put's payload starts with (round, index): every put stores bytes the daemon has not
+# seen under that key, so no put is a dedup no-op and no pass re-sends the previous one.
+_STAMP = struct.Struct("<QQ")
 
 
 def cmd_bench(c: Client, args) -> int:
@@ -699,32 +805,52 @@ def cmd_bench(c: Client, args) -> int:
                 "(at most half the capacity) or --op put")
     prefix = f"{BENCH_PREFIX}/{secrets.token_hex(4)}/"
     keys = [f"{prefix}{i}".encode() for i in range(count)]
-    # random bytes: a real KV block does not compress or dedup, so neither should the payload
+    # random bytes: a real KV block does not compress, so neither should the payload
     payload = bytearray(os.urandom(size))
-    stamp = min(8, size)
+    stamp_len = min(_STAMP.size, size)
+    dedups = 0  # puts the daemon answered "already stored" (possible only below 16 bytes)
     results: dict[str, dict] = {}
+    progress = Progress(args.progress)
 
-    def put(rnd: int, k: bytes) -> None:
-        # each pass after the first writes new bytes (overwrite), so every put really stores
-        if rnd and k == keys[0]:
-            payload[:stamp] = rnd.to_bytes(8, "little")[:stamp]
-        c.put(k, payload, overwrite=rnd > 0)
+    def stamp(rnd: int, i: int) -> None:
+        payload[:stamp_len] = _STAMP.pack(rnd, i)[:stamp_len]
+
+    def put(rnd: int, i: int) -> None:
+        nonlocal dedups
+        # overwrite after the first pass: the key holds the previous pass's bytes
+        if not c.put(keys[i], payload, overwrite=rnd > 0):
+            dedups += 1
 
     buf = bytearray(size)
 
-    def get(rnd: int, k: bytes) -> None:
-        c.get_into(k, buf)  # into one reused buffer: time the transfer, not the allocator
+    def get(rnd: int, i: int) -> None:
+        c.get_into(keys[i], buf)  # into one reused buffer: time the transfer, not the allocator
+
+    def ticker(op: str) -> Callable[[int, float], None] | None:
+        if not progress.enabled:
+            return None  # no per-op call at all when nobody sees the line
+        goal = f"{args.duration:g}s" if args.duration else f"{count} ops"
+        return lambda n, t: progress.update(f"bench {op} over {transport}: {n} ops in {t:.1f}s "
+                                            f"(of {goal})")
 
     deleted = 0
     try:
         c.ping()  # connect the data path first, so the first timed op is not a TCP handshake
+        transport = c.transport
         if args.op in ("put", "both"):
-            results["put"] = _phase_doc(_timed(put, keys, args.duration), size)
+            lat = _timed(put, count, args.duration, before=stamp, tick=ticker("put"))
+            results["put"] = {**_phase_doc(lat, size, transport), "dedups": dedups}
         else:
-            c.batch_put([(k, payload) for k in keys])
+            for i in range(count):  # untimed fill for --op get, each object its own bytes
+                stamp(0, i)
+                c.put(keys[i], payload, overwrite=True)
+                progress.update(f"bench: storing {i + 1}/{count} objects to read back")
         if args.op in ("get", "both"):
-            results["get"] = _phase_doc(_timed(get, keys, args.duration), size)
+            results["get"] = _phase_doc(_timed(get, count, args.duration, tick=ticker("get")),
+                                        size, transport)
     finally:
+        progress.update("bench: deleting the bench keys")
+        progress.done()
         # clean up even after an error or ^C; a clean-up failure must not hide the first error
         try:
             for i in range(0, len(keys), max(1, info.max_batch_keys)):
@@ -733,17 +859,22 @@ def cmd_bench(c: Client, args) -> int:
             print(f"{PROG}: warning: could not delete the bench keys under {prefix!r}: {e.message}",
                   file=sys.stderr)
     if args.json:
-        emit_json({"namespace": c.namespace, "size": size, "count": count, "prefix": prefix,
-                   "duration": args.duration, "results": results, "deleted": deleted})
+        emit_json({"namespace": c.namespace, "transport": transport, "size": size, "count": count,
+                   "prefix": prefix, "duration": args.duration, "results": results,
+                   "deleted": deleted})
         return EXIT_OK
-    print(f"bench: {count} x {human_size(size)} objects in namespace {c.namespace!r}, "
-          f"keys under {prefix!r}")
-    rows = [[op, r["ops"], human_size(r["bytes"]), human_duration(r["seconds"]),
-             f"{r['ops_per_second']:.0f}", human_size(r["bytes_per_second"]) + "/s",
-             human_duration(r["p50_seconds"]), human_duration(r["p99_seconds"]),
-             human_duration(r["max_seconds"])] for op, r in results.items()]
-    print(table(["OP", "OPS", "BYTES", "TIME", "OPS/S", "THROUGHPUT", "P50", "P99", "MAX"], rows,
-                right=range(1, 9)))
+    print(f"bench: {count} x {human_size(size)} objects over {transport} in namespace "
+          f"{c.namespace!r}, keys under {prefix!r}")
+    if "put" in results:
+        print("every put stored new bytes" if not dedups else
+              f"{dedups} puts were dedups: the daemon already held those bytes under the key")
+    rows = [[op, r["transport"], human_size(r["size"]), r["ops"], human_size(r["bytes"]),
+             human_duration(r["seconds"]), f"{r['ops_per_second']:.0f}",
+             human_size(r["bytes_per_second"]) + "/s", human_duration(r["p50_seconds"]),
+             human_duration(r["p99_seconds"]), human_duration(r["max_seconds"]),
+             r.get("dedups", "-")] for op, r in results.items()]
+    print(table(["OP", "TRANSPORT", "SIZE", "OPS", "BYTES", "TIME", "OPS/S", "THROUGHPUT", "P50",
+                 "P99", "MAX", "DEDUP"], rows, right=range(2, 12)))
     gone = f" (the other {count - deleted} were already evicted)" if deleted < count else ""
     print(f"deleted {deleted} bench keys{gone}")
     return EXIT_OK
@@ -751,10 +882,14 @@ def cmd_bench(c: Client, args) -> int:
 
 # ---------------------------------------------------------------- parser
 
-def _add_global_options(p: argparse.ArgumentParser, defaults: bool, timeout: bool = True) -> None:
+GLOBAL_GROUP = "global options (also accepted before the command)"
+
+
+def _add_global_options(p, defaults: bool, timeout: bool = True) -> None:
     """The global options, on the main parser (with defaults) and again on every
     subcommand (default SUPPRESS, so they only override when given): both
-    ``kvstore-cli --json stats`` and ``kvstore-cli stats --json`` work."""
+    ``kvstore-cli --json stats`` and ``kvstore-cli stats --json`` work. ``p`` is a parser
+    or an argument group (a subcommand's own group, listed after its own options)."""
     env = os.environ
 
     def d(value):
@@ -777,6 +912,19 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: bool, timeout: boo
                    help="print one JSON document on stdout")
     p.add_argument("--hex", action="store_true", default=d(False),
                    help="keys are given and shown as hex instead of UTF-8 text")
+    # TCP by default: the shm path maps and prefaults the daemon's whole arena at connect
+    # (~0.2 s per GiB), far more than one short command gains from it
+    p.add_argument("--shm", action="store_true", default=d(False),
+                   help="data commands use the same-host shared-memory path (required: exit 3 "
+                        "if the daemon offers none here); it maps the daemon's whole arena at "
+                        "connect, so it pays off only for large transfers (default: TCP)")
+    p.add_argument("--no-shm", dest="shm", action="store_false", default=d(False),
+                   help="data commands use TCP (the default)")
+    p.add_argument("--progress", action="store_true", default=d(None),
+                   help="progress line on stderr for long commands (bench, drain --wait) "
+                        "even when stderr is not a terminal (default: only on a terminal)")
+    p.add_argument("--no-progress", dest="progress", action="store_false", default=d(None),
+                   help="no progress line, even on a terminal")
     p.add_argument("--token", default=d(env.get("KVSTORE_TOKEN") or None), metavar="TOKEN",
                    help="auth token (env KVSTORE_TOKEN, which keeps it out of the process list)")
     p.add_argument("--tls", action="store_true", default=d(False),
@@ -794,21 +942,19 @@ def _add_global_options(p: argparse.ArgumentParser, defaults: bool, timeout: boo
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect and use a kvstored KV-block store.",
-        epilog="exit codes: 0 ok, 1 error reported by the store, 2 usage, 3 daemon unreachable")
+        epilog="data commands use TCP unless --shm is given. exit codes: 0 ok, 1 error "
+               "reported by the store, 2 usage, 3 daemon unreachable (or no shm path for --shm)")
     _add_global_options(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    common = argparse.ArgumentParser(add_help=False)
-    _add_global_options(common, defaults=False)
-    # drain has a --timeout of its own (how long --wait waits); the global one still works
-    # before the command: kvstore-cli --timeout 5 drain NODE --wait --timeout 900
-    common_no_timeout = argparse.ArgumentParser(add_help=False)
-    _add_global_options(common_no_timeout, defaults=False, timeout=False)
+    # every subcommand gets the global options too, added last (below) so that its help
+    # and usage show the command's own options first
+    commands: list[argparse.ArgumentParser] = []
 
     def command(name: str, fn, help: str, needs_parser: bool = False) -> argparse.ArgumentParser:
-        p = sub.add_parser(name, parents=[common_no_timeout if name == "drain" else common],
-                           help=help, description=help)
+        p = sub.add_parser(name, help=help, description=help)
         p.set_defaults(func=(lambda c, a: fn(c, a, parser)) if needs_parser else fn)
+        commands.append(p)
         return p
 
     command("status", cmd_status, "node identity, addresses, health, uptime and limits")
@@ -843,8 +989,9 @@ def build_parser() -> argparse.ArgumentParser:
     polsub = pol.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
 
     def policy_action(name: str, fn, help: str) -> argparse.ArgumentParser:
-        q = polsub.add_parser(name, parents=[common], help=help, description=help)
+        q = polsub.add_parser(name, help=help, description=help)
         q.set_defaults(func=fn)
+        commands.append(q)
         return q
 
     policy_action("ls", cmd_policy_ls, "the policies in force (namespace -> policy)")
@@ -899,7 +1046,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--duration", type=_positive(float), default=None, metavar="SECONDS",
                    help="repeat passes over the objects for this long per op (default: one pass)")
     p.add_argument("--op", choices=("put", "get", "both"), default="both")
+
+    for p in commands:
+        _add_globals_last(p)
+        p.set_defaults(command_parser=p)
     return parser
+
+
+def _add_globals_last(p: argparse.ArgumentParser) -> None:
+    """Give a subcommand the global options in a group of their own after its own options;
+    its usage line names only its own options, then ``[global options]``."""
+    own = p.format_usage().strip()
+    if own.startswith("usage: "):
+        own = own[len("usage: "):]
+    p.usage = own.replace("%", "%%") + " [global options]"
+    # drain has a --timeout of its own (how long --wait waits); the global one still works
+    # before the command: kvstore-cli --timeout 5 drain NODE --wait --timeout 900
+    has_timeout = any("--timeout" in a.option_strings for a in p._actions)
+    _add_global_options(p.add_argument_group(GLOBAL_GROUP), defaults=False, timeout=not has_timeout)
 
 
 # ---------------------------------------------------------------- entry point
@@ -915,20 +1079,51 @@ def _one_line(text: str) -> str:
     return " ".join(str(text).split())  # gRPC details can span lines; the contract is one line
 
 
+_REFUSED = re.compile(r"connection refused|errno 111|econnrefused", re.IGNORECASE)
+
+
+def _error_text(e: errors.KVStoreError, args) -> str:
+    """The one line for a typed error; a refused connection says where and what to check
+    instead of gRPC's or the socket's wording."""
+    text = _one_line(e.message)
+    if isinstance(e, errors.Unavailable) and _REFUSED.search(text):
+        if args.address in text:
+            return (f"cannot connect to kvstored at {args.address}: connection refused "
+                    "(is kvstored running?)")
+        # the control address answered, so the daemon runs: its data port is what is missing
+        where = args.data_address or f"the address kvstored at {args.address} advertises"
+        return (f"cannot connect to the kvstored data path at {where}: connection refused "
+                "(is that port reachable from here? --data-address overrides it)")
+    # the SDK's wording for what the user asked as --shm
+    return text.replace("shm=True but", "--shm given but")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
-        args = parser.parse_args(argv)
+        args, unknown = parser.parse_known_args(argv)
+        if unknown:
+            # refused by the command's own parser, so the usage shown is that command's
+            getattr(args, "command_parser", parser).error(
+                "unrecognized arguments: " + " ".join(unknown))
+        tls = _tls_config(args)
+        if args.shm and (tls is not None or args.data_address):
+            # the shm path is a local socket: neither TLS nor a TCP data address applies to it
+            getattr(args, "command_parser", parser).error(
+                "--shm cannot be combined with --data-address or TLS options")
     except SystemExit as e:  # usage error (2) or --help/--version (0): return it, don't exit
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
+        # shm=False unless asked (see --shm); ride_out_restarts=False: a one-shot command
+        # has no restart to wait out, so a refused connection is reported at once
         with Client(args.address, namespace=args.namespace, timeout=args.timeout,
-                    data_address=args.data_address, tls=_tls_config(args), token=args.token) as c:
+                    data_address=args.data_address, tls=tls, token=args.token,
+                    shm=True if args.shm else False, ride_out_restarts=False) as c:
             return args.func(c, args)
     except SystemExit as e:  # parser.error() from inside a command
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except errors.KVStoreError as e:
-        print(f"{PROG}: {e.name}: {_one_line(e.message)}", file=sys.stderr)
+        print(f"{PROG}: {e.name}: {_error_text(e, args)}", file=sys.stderr)
         # Timeout is a subclass of Unavailable: both mean "no daemon to talk to"
         return EXIT_UNAVAILABLE if isinstance(e, errors.Unavailable) else EXIT_ERROR
     except BrokenPipeError:

@@ -241,11 +241,23 @@ def test_stats_human_and_json(cli, client):
     assert doc["counters"]["hits"] >= 1 and doc["counters"]["object_bytes"] == 5000
 
 
+def bench_rows(out: str) -> dict[str, list[str]]:
+    """The OP rows of bench's table, split into words (sizes like "64.0 KiB" are two)."""
+    return {line.split()[0]: line.split() for line in out.splitlines()
+            if line.split() and line.split()[0] in ("put", "get")}
+
+
 def test_bench_small_cleans_up(cli, client):
     rc, out, err = cli("bench", "--count", "20", "--size", "64KiB")
     assert rc == 0, err
-    rows = {line.split()[0]: line.split() for line in out.splitlines()}
-    assert rows["put"][1] == "20" and rows["get"][1] == "20"
+    header = [line for line in out.splitlines() if line.startswith("OP ")]
+    assert header and header[0].split()[:4] == ["OP", "TRANSPORT", "SIZE", "OPS"]
+    rows = bench_rows(out)
+    # every result line names its transport and payload size
+    assert rows["put"][1:5] == ["tcp", "64.0", "KiB", "20"]
+    assert rows["get"][1:5] == ["tcp", "64.0", "KiB", "20"]
+    assert rows["put"][-1] == "0" and rows["get"][-1] == "-"  # DEDUP: puts only
+    assert "20 x 64.0 KiB objects over tcp" in out and "every put stored new bytes" in out
     assert "deleted 20 bench keys" in out
     assert client.list(namespace="test").total == 0
 
@@ -258,30 +270,174 @@ def test_bench_small_cleans_up(cli, client):
     assert doc["deleted"] == 5 and client.list(namespace="test").total == 0
 
 
+def test_bench_every_put_stores_new_bytes(cli, client):
+    before = client.stats().counters
+    rc, out, err = cli("--json", "bench", "--count", "4", "--size", "4KiB", "--op", "put",
+                       "--duration", "0.3")  # several passes over the same 4 keys
+    assert rc == 0, err
+    put = json.loads(out)["results"]["put"]
+    after = client.stats().counters
+    assert put["ops"] > 4 and put["dedups"] == 0
+    # the daemon's own counters agree: every put stored, none was an identical-bytes no-op
+    assert after["dedups"] == before["dedups"]
+    assert after["puts"] - before["puts"] >= put["ops"]
+
+
+def test_bench_get_only_and_json_name_transport_and_size(cli):
+    rc, out, err = cli("--json", "bench", "--count", "3", "--size", "1000", "--op", "get")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["transport"] == "tcp" and doc["size"] == 1000
+    assert doc["results"]["get"]["transport"] == "tcp" and doc["results"]["get"]["size"] == 1000
+    assert err == ""  # stderr is not a terminal here and --progress was not given
+
+
 def test_bench_set_that_would_be_evicted_is_refused(cli):
     rc, _, err = cli("bench", "--count", "40", "--size", "1MiB")  # 40 MiB of a 64 MiB store
     assert rc == 1 and "--count" in one_error_line(err, "InvalidArgument")
 
 
+# ---------------------------------------------------------------- transport
+
+def test_data_commands_use_tcp_unless_shm_is_asked(cli, daemon, tmp_path):
+    rc, out, err = cli("--json", "status")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["cli_transport"] == "tcp"
+    assert doc["shm_reachable"], doc  # the test daemon offers shm here: TCP is a choice
+    rc, out, _ = cli("status")
+    assert "data commands use TCP unless --shm" in out
+
+    src = tmp_path / "f"
+    src.write_bytes(b"x" * 100)
+    rc, out, err = cli("put", str(src), "--key", "t")
+    assert rc == 0 and " over tcp, " in out, err
+    rc, out, err = cli("--json", "put", str(src), "--key", "t2")
+    assert rc == 0 and json.loads(out)["transport"] == "tcp", err
+    rc, out, err = cli("--json", "bench", "--count", "3", "--size", "4KiB")
+    assert rc == 0, err
+    assert {r["transport"] for r in json.loads(out)["results"].values()} == {"tcp"}
+
+    # --shm opts in, on the same commands (before or after the command name)
+    rc, out, err = cli("--shm", "--json", "bench", "--count", "3", "--size", "4KiB")
+    assert rc == 0, err
+    doc = json.loads(out)
+    assert doc["transport"] == "shm" and {r["transport"] for r in doc["results"].values()} == {"shm"}
+    rc, out, err = cli("get", "t", "-o", str(tmp_path / "g"), "--shm")
+    assert rc == 0 and " over shm " in out, err
+    assert (tmp_path / "g").read_bytes() == b"x" * 100
+    rc, out, _ = cli("status", "--shm")
+    assert "data commands use it: --shm" in out
+    rc, out, err = cli("--shm", "--no-shm", "put", str(src), "--key", "t3")  # the last one wins
+    assert rc == 0 and " over tcp, " in out, err
+
+
+def test_shm_asked_but_not_offered_exit_3(start_daemon, tmp_path, capsys):
+    conf = tmp_path / "noshm.toml"
+    conf.write_text("[shm]\nenabled = false\n")
+    d = start_daemon("--config", str(conf))
+    rc = main(["-a", d.control, "--shm", "bench", "--count", "1", "--size", "1KiB"])
+    out, err = capsys.readouterr()
+    assert rc == 3 and out == ""
+    assert "--shm" in one_error_line(err, "Unavailable")
+    rc = main(["-a", d.control, "status"])  # without --shm: fine, and it says why TCP
+    out, _ = capsys.readouterr()
+    assert rc == 0 and "not offered by the daemon" in out
+
+
+def test_shm_with_data_address_or_tls_is_a_usage_error(daemon, capsys):
+    for extra in (["--data-address", f"127.0.0.1:{daemon.data_port}"], ["--tls"]):
+        rc = main(["-a", daemon.control, "--shm", *extra, "exists", "k"])
+        _, err = capsys.readouterr()
+        assert rc == 2 and "--shm cannot be combined" in err, extra
+
+
+# ---------------------------------------------------------------- progress
+
+def test_progress_goes_to_stderr_only_when_asked_and_json_stays_clean(cli):
+    rc, out, err = cli("--json", "bench", "--count", "5", "--size", "4KiB", "--duration", "1.2",
+                       "--progress")
+    assert rc == 0
+    doc = json.loads(out)  # stdout is exactly one JSON document, no progress mixed in
+    assert doc["results"]["put"]["ops"] >= 5
+    lines = err.splitlines()
+    assert lines and all(line.startswith("bench") for line in lines), err
+    assert any(line.startswith("bench put over tcp: ") and "(of 1.2s)" in line for line in lines)
+    assert any(line.startswith("bench get over tcp: ") for line in lines)
+    # a line per second at most (plus the first of each phase): a log stays short
+    assert len(lines) <= 8, err
+
+    rc, out, err = cli("bench", "--count", "5", "--size", "4KiB", "--no-progress")
+    assert rc == 0 and err == ""
+
+
+def test_progress_line_on_a_terminal_is_rewritten_in_place(daemon):
+    import pty
+    import select
+    master, slave = pty.openpty()
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "client"), ROOT]))
+    p = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "-a", daemon.control, "-n", "test",
+                          "bench", "--count", "4", "--size", "4KiB", "--duration", "0.6"],
+                         stdout=subprocess.PIPE, stderr=slave, env=env)
+    os.close(slave)
+    tty = b""
+    deadline = time.monotonic() + 60
+    try:
+        while time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: the child closed its end
+                    break
+                if not chunk:
+                    break
+                tty += chunk
+            elif p.poll() is not None:
+                break
+        out, _ = p.communicate(timeout=30)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 0, tty
+    # one line, rewritten with "\r" and never ended with a newline, erased at the end
+    assert tty.startswith(b"\rbench put over tcp: ") and b"\n" not in tty, tty
+    assert tty.count(b"\r") >= 3 and tty.endswith(b"\r"), tty
+    assert out.startswith(b"bench: 4 x 4.0 KiB objects over tcp") and b"\r" not in out
+
+
 # ---------------------------------------------------------------- errors and options
 
-def test_unreachable_daemon_exit_3_within_timeout(capsys):
-    t0 = time.monotonic()
-    rc = main(["-a", f"127.0.0.1:{closed_port()}", "--timeout", "1", "status"])
-    elapsed = time.monotonic() - t0
+def test_refused_connection_is_one_clear_line_exit_3_at_once(capsys):
+    port = closed_port()
+    for cmd in (["status"], ["exists", "k"], ["get", "k", "-o", "-"], ["bench"], ["nodes"]):
+        t0 = time.monotonic()
+        rc = main(["-a", f"127.0.0.1:{port}", *cmd])  # the default --timeout (10 s)
+        elapsed = time.monotonic() - t0
+        out, err = capsys.readouterr()
+        assert rc == 3 and out == "", cmd
+        line = one_error_line(err, "Unavailable")
+        assert line == (f"kvstore-cli: Unavailable: cannot connect to kvstored at 127.0.0.1:{port}: "
+                        "connection refused (is kvstored running?)"), cmd
+        assert elapsed < 3, (cmd, elapsed)  # refused is known at once: no waiting out --timeout
+
+
+def test_unresolvable_host_exit_3_one_line(capsys):
+    rc = main(["-a", "no-such-host.invalid:7070", "--timeout", "2", "status"])
     _, err = capsys.readouterr()
-    assert rc == 3
-    assert elapsed < 5
-    line = err.strip()
-    assert line.startswith(("kvstore-cli: Timeout: ", "kvstore-cli: Unavailable: ")) and "\n" not in line
+    assert rc == 3 and "no-such-host.invalid:7070" in one_error_line(err, "Unavailable")
 
 
 def test_unreachable_data_path_exit_3(daemon, capsys):
-    # control reachable, data path not: the retry loop must still give up within --timeout
-    rc = main(["-a", daemon.control, "--data-address", f"127.0.0.1:{closed_port()}",
+    # control reachable, data path not: the daemon runs, so the line points at the data port
+    port = closed_port()
+    rc = main(["-a", daemon.control, "--data-address", f"127.0.0.1:{port}",
                "--timeout", "1", "get", "k", "-o", "-"])
     _, err = capsys.readouterr()
-    assert rc == 3 and err.startswith("kvstore-cli: Unavailable: ")
+    assert rc == 3
+    line = one_error_line(err, "Unavailable")
+    assert f"data path at 127.0.0.1:{port}: connection refused" in line and "--data-address" in line
 
 
 @pytest.mark.parametrize("key", ["", "k" * 129, "é" * 65])  # 130 bytes of UTF-8
@@ -339,6 +495,111 @@ def test_usage_errors_exit_2(capsys):
     assert main(["--help"]) == 0
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["put", "f", "--bogus"], ["unrecognized arguments: --bogus"]),
+    (["status", "extra"], ["unrecognized arguments: extra"]),
+    (["bench", "--op", "delete"], ["invalid choice: 'delete'"]),
+    (["bench", "--size", "0"], ["whole number of bytes >= 1"]),
+    (["bench", "--size", "1.5"], ["whole number of bytes >= 1"]),
+    (["bench", "--size=-4KiB"], ["cannot parse '-4KiB'"]),
+    (["bench", "--size", "4XB"], ["cannot parse '4XB'"]),
+    (["bench", "--size", "1e3"], ["cannot parse '1e3'"]),
+    (["bench", "--count", "0"], ["positive"]),
+    (["bench", "--count", "2.5"], ["invalid int value"]),
+    (["bench", "--duration", "nan"], ["positive"]),
+    (["--timeout", "-1", "status"], ["positive"]),
+    (["--timeout", "inf", "status"], ["positive"]),
+    (["-a", "host:99999", "status"], ["expected HOST:PORT"]),
+    (["get", "k"], ["-o/--output"]),
+    (["exists"], ["KEY"]),
+])
+def test_bad_flags_are_usage_errors_naming_the_command(capsys, argv, words):
+    assert main(argv) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and "Traceback" not in err
+    assert err.startswith("usage: kvstore-cli"), err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("kvstore-cli") and ": error: " in last, err
+    for w in words:
+        assert w in last, err
+    if argv[0] in ("put", "bench", "get", "exists", "status"):  # the command's own usage,
+        # unknown options included
+        assert err.startswith(f"usage: kvstore-cli {argv[0]} "), err
+
+
+@pytest.mark.parametrize("key, why", [
+    ("abc", "hex"),         # odd length
+    ("zz", "hex"),          # not hex digits
+    ("", "outside 1-128 bytes"),
+    ("00" * 129, "outside 1-128 bytes"),
+])
+def test_malformed_hex_keys_are_one_typed_line(cli, key, why):
+    rc, out, err = cli("--hex", "exists", key)
+    assert rc == 1 and out == ""
+    assert why in one_error_line(err, "InvalidArgument")
+
+
+def test_malformed_keys_in_put_and_get_never_reach_the_daemon(cli, client, tmp_path):
+    src = tmp_path / "f"
+    src.write_bytes(b"v")
+    for args in (["--hex", "put", str(src), "--key", "0g"], ["put", str(src), "--key", "k" * 200],
+                 ["--hex", "get", "xyz", "-o", str(tmp_path / "o")], ["get", "", "-o", "-"]):
+        rc, out, err = cli(*args)
+        assert rc == 1 and out == "", args
+        one_error_line(err, "InvalidArgument")
+    assert client.list(namespace="test").total == 0
+    assert not (tmp_path / "o").exists()
+
+
+def _help(*argv: str) -> str:
+    import contextlib
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        assert main([*argv, "--help"]) == 0
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("argv, own", [
+    (["put"], ["--key", "--overwrite"]),
+    (["get"], ["-o"]),
+    (["bench"], ["--size", "--count", "--duration", "--op"]),
+    (["drain"], ["--cancel", "--wait", "--timeout"]),
+    (["pin"], ["--ttl"]),
+    (["ls"], ["--limit", "--all-namespaces"]),
+    (["delete-all"], ["--yes"]),
+    (["policy", "set"], []),
+    (["status"], []),
+])
+def test_subcommand_help_lists_its_own_options_first(argv, own):
+    text = _help(*argv)
+    lines = text.splitlines()
+    # usage: own options, then one [global options] instead of the fourteen shared ones
+    usage = text.split("\n\n", 1)[0]
+    assert usage.startswith(f"usage: kvstore-cli {' '.join(argv)} ") and "[global options]" in usage
+    assert "--address" not in usage and "--tls" not in usage
+    for opt in own:
+        assert opt in usage
+    g = lines.index("global options (also accepted before the command):")
+    for opt in own:  # the line that lists the option (not one that mentions it in a help text)
+        first = next(i for i, line in enumerate(lines)
+                     if line.strip().startswith("-") and opt in line.replace(",", " ").split())
+        assert first < g, (opt, text)
+    body = "\n".join(lines[g:])
+    for opt in ("--address", "--namespace", "--json", "--shm", "--progress", "--tls-ca"):
+        assert opt in body
+    # drain keeps its own --timeout (how long --wait waits); the global one is not repeated
+    if argv == ["drain"]:
+        assert "--timeout" not in body
+    else:
+        assert "--timeout" in body
+
+
+def test_global_options_work_after_the_command(cli, client):
+    client.put("k", b"1")
+    rc, out, _ = cli("exists", "k", "--json", "--no-shm")
+    assert rc == 0 and json.loads(out)["found"] == 1
+
+
 def test_parse_and_format_sizes():
     assert parse_size("64KiB") == parse_size("64k") == 65536
     assert parse_size("1MiB") == parse_size("1 mb") == 1 << 20
@@ -371,3 +632,25 @@ def test_python_m_entry_point(daemon, tmp_path):
     assert p.returncode == 1 and p.stderr.decode().startswith("kvstore-cli: NotFound: ")
     p = run("-a", f"127.0.0.1:{closed_port()}", "--timeout", "1", "stats")
     assert p.returncode == 3 and p.stderr.count(b"\n") == 1
+    assert b"connection refused (is kvstored running?)" in p.stderr and b"Traceback" not in p.stderr
+    p = run("put", "--bogus")
+    assert p.returncode == 2 and b"Traceback" not in p.stderr
+
+
+def test_concurrent_bench_runs_keep_apart(daemon, client):
+    # two operators benchmarking one daemon at once: separate key prefixes, both clean up
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "client"), ROOT]))
+    cmd = [sys.executable, "-m", "kvstore.cli", "-a", daemon.control, "-n", "test", "--json",
+           "bench", "--count", "8", "--size", "16KiB", "--duration", "0.5"]
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+             for _ in range(2)]
+    docs = []
+    for p in procs:
+        out, err = p.communicate(timeout=60)
+        assert p.returncode == 0, err
+        docs.append(json.loads(out))
+    assert docs[0]["prefix"] != docs[1]["prefix"]
+    for d in docs:
+        assert d["deleted"] == 8 and d["results"]["put"]["dedups"] == 0
+        assert d["results"]["get"]["ops"] >= 8
+    assert client.list(namespace="test").total == 0

@@ -124,3 +124,45 @@ def test_policy_ls_is_empty_on_standalone(cli):
 def test_policy_needs_an_action(cli):
     rc, _, err = cli("policy")
     assert rc == 2 and "ACTION" in err
+
+
+# ---------------------------------------------------------------- drain --wait (real etcd)
+
+def test_drain_wait_progress_on_stderr_json_alone_on_stdout(start_daemon, tmp_path, capsys):
+    """drain --wait --progress on a two-node etcd cluster: stdout carries the one JSON
+    document, every progress line goes to stderr; without --progress (stderr not a
+    terminal) no progress line at all."""
+    import sys
+    from pathlib import Path
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
+    from clusterutil import start_nodes
+    from etcdutil import ETCD, HAVE_AETCD, Etcd
+
+    from kvstore.cluster import ClusterClient
+    if ETCD is None or not HAVE_AETCD:
+        pytest.skip("needs the etcd binary and aetcd (make test installs both)")
+    etcd = Etcd(tmp_path).start()
+    try:
+        ds = start_nodes(start_daemon, tmp_path, etcd, "dp", 2, "*=none")
+        cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0)
+        try:
+            cc.batch_put([(f"k{i}".encode(), bytes([i]) * 20_000) for i in range(40)])
+        finally:
+            cc.close()
+        rc = main(["-a", ds[0].control, "--json", "drain", "dp1", "--wait", "--timeout", "60",
+                   "--progress"])
+        out, err = capsys.readouterr()
+        assert rc == 0, err
+        doc = json.loads(out)
+        assert doc["node_id"] == "dp1" and doc["safe_to_stop"] and doc["objects"] == 0
+        lines = err.splitlines()
+        assert lines and lines[0].startswith("dp1: draining, "), err
+        for line in lines[1:]:  # progress lines, if the drain took long enough to show any
+            assert line.startswith("dp1: ") and " objects left after " in line, err
+
+        rc = main(["-a", ds[0].control, "--json", "drain", "dp1", "--wait"])  # already empty
+        out, err = capsys.readouterr()
+        assert rc == 0 and json.loads(out)["safe_to_stop"]
+        assert len(err.splitlines()) == 1 and "objects left after" not in err
+    finally:
+        etcd.stop()
