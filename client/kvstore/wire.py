@@ -18,16 +18,20 @@ then the key bytes, then ``payload_len`` bytes of payload::
     checksum u64 xxh3-64 of the payload (0 for error payloads, which are UTF-8 text)
 
 Bulk bytes never go through this module: callers send and receive payloads
-straight from / into their own buffers.
+straight from / into their own buffers. ``FrameReader`` is the one incremental
+reader of a frame stream, used by the daemon's data session and the SDK alike:
+it collects headers in a small buffer and hands large payloads to the caller's
+own view (zero copy) or skips them.
 """
 from __future__ import annotations
 
 import re
 import struct
+from typing import NamedTuple
 
 import xxhash
 
-from .errors import InvalidArgument
+from .errors import InvalidArgument, ProtocolError
 
 MAGIC = b"KVSD"
 VERSION = 1
@@ -124,3 +128,222 @@ def encode_auth(request_id: int, token: str | bytes) -> bytes:
     if not 1 <= len(tok) <= MAX_TOKEN_LEN:
         raise InvalidArgument(f"token length {len(tok)} outside 1-{MAX_TOKEN_LEN} bytes")
     return HEADER.pack(MAGIC, VERSION, OP_AUTH, 0, request_id, 0, 0, 0, 0, len(tok), 0) + tok
+
+
+# ------------------------------------------------------------------ decoding
+
+class Header(NamedTuple):
+    """A decoded header (magic and version are checked by ``decode``, not kept)."""
+
+    op: int
+    flags: int
+    req_id: int
+    status: int
+    ns_len: int
+    key_len: int
+    aux: int
+    length: int
+    checksum: int
+
+    def encode(self, ns: bytes = b"", key: bytes = b"") -> bytes:
+        """The header's wire bytes, followed by ``ns`` and ``key`` (their lengths win)."""
+        return HEADER.pack(MAGIC, VERSION, self.op, self.flags, self.req_id, self.status,
+                           len(ns), len(key), self.aux, self.length, self.checksum) + ns + key
+
+
+class FrameError(ProtocolError):
+    """The byte stream cannot be parsed any further (bad magic or version, truncated).
+
+    ``request_id`` is the frame's id when it can be trusted (the version matched), else 0.
+    """
+
+
+_new_header = tuple.__new__
+
+
+def decode(buf, offset: int = 0) -> Header:
+    """Decode the 40-byte header at ``offset`` of ``buf``; raises FrameError."""
+    if len(buf) - offset < HEADER_SIZE:
+        raise FrameError(f"truncated header: {max(len(buf) - offset, 0)} of {HEADER_SIZE} bytes")
+    t = HEADER.unpack_from(buf, offset)
+    if t[0] != MAGIC or t[1] != VERSION:
+        raise _bad_frame(t)
+    return _new_header(Header, t[2:])
+
+
+def _bad_frame(t: tuple) -> FrameError:
+    if t[0] != MAGIC:  # the id of a frame whose version is wrong too is noise
+        return FrameError("bad frame magic", request_id=t[4] if t[1] == VERSION else 0)
+    return FrameError(f"unsupported wire version {t[1]} (expected {VERSION})",
+                      request_id=t[4])
+
+
+def request_problem(h: Header, max_length: int) -> str:
+    """Why a request header is out of bounds ("" if it is not): unknown op, a namespace
+    or key length over the limits, a payload over ``max_length``. The daemon answers
+    these with a typed error and keeps the connection (the payload is skipped)."""
+    if h.op not in OPS:
+        return f"unknown op {h.op}"
+    if h.ns_len > MAX_NAMESPACE_LEN:
+        return f"namespace length {h.ns_len} over {MAX_NAMESPACE_LEN} bytes"
+    if h.key_len > MAX_KEY_LEN:
+        return f"key length {h.key_len} outside 1-{MAX_KEY_LEN} bytes"
+    if h.length > max_length:
+        return f"payload of {h.length} bytes over the limit of {max_length}"
+    return ""
+
+
+# Payloads skipped by any reader land here; their content is never read, so one buffer
+# serves every reader (and thread) of the process.
+_SCRATCH = memoryview(bytearray(1 << 20))
+
+
+class _Sink:
+    """A receive target that swallows ``size`` bytes into the shared scratch buffer."""
+
+    __slots__ = ("size",)
+
+    def __init__(self, size: int):
+        self.size = size
+
+    def __getitem__(self, s: slice) -> memoryview:
+        return _SCRATCH[:min(self.size - (s.start or 0), len(_SCRATCH))]
+
+
+class FrameReader:
+    """Incremental reader of one frame stream; it does no I/O itself.
+
+    The owner receives into ``buffer()`` (a ``BufferedProtocol.get_buffer`` or a
+    ``recv_into``) and reports the count with ``filled(n)``. ``next()`` returns the
+    next ``(header, ns, key)`` once all of it is here. The payload that follows is
+    then the owner's to place: ``receive_into(view, n)`` (later bytes go straight into
+    ``view``; whatever came with the header is copied), ``skip(n)``, or read from the
+    buffer for small inline payloads. ``need()`` says how many bytes the next step
+    waits for.
+    """
+
+    __slots__ = ("buf", "view", "start", "end", "target", "got", "want", "_compact_at")
+
+    def __init__(self, size: int = 256 << 10):
+        if size < 2 * (HEADER_SIZE + MAX_NAMESPACE_LEN + 255):
+            raise ValueError(f"frame reader buffer of {size} bytes is too small")
+        self.buf = bytearray(size)
+        self.view = memoryview(self.buf)
+        self.start = 0  # first unparsed byte
+        self.end = 0  # end of received bytes
+        self.target = None  # payload destination: a memoryview or a _Sink
+        self.got = 0
+        self.want = 0
+        # moving the tail to the front is cheap while it is small: do it only when the
+        # buffer's free end gets short (a quarter of the buffer, at most 64 KiB)
+        self._compact_at = size - min(size // 4, 65536)
+
+    # ---- receiving
+    def buffer(self) -> memoryview:
+        """Where the next received bytes go: the payload target, else the header buffer."""
+        if self.target is not None:
+            return self.target[self.got:]
+        if self.end > self._compact_at:
+            n = self.end - self.start
+            self.buf[:n] = self.buf[self.start:self.end]
+            self.start, self.end = 0, n
+        return self.view[self.end:]
+
+    def filled(self, n: int) -> bool:
+        """``n`` bytes were written into ``buffer()``. True: the payload target is complete."""
+        if self.target is None:
+            self.end += n
+            return False
+        self.got += n
+        if self.got < self.want:
+            return False
+        self.target = None
+        return True
+
+    def feed(self, data) -> int:
+        """Copy bytes in (for callers that get bytes, not buffers). Returns how many were
+        taken: it stops at the end of a payload target (``receiving`` turns False) so the
+        caller can act on the payload, and when the header buffer is full."""
+        dst = self.buffer()
+        n = min(len(dst), len(data))
+        dst[:n] = data[:n]
+        self.filled(n)
+        return n
+
+    # ---- parsing
+    @property
+    def receiving(self) -> bool:
+        """A payload is being received into a target (no frame can be parsed now)."""
+        return self.target is not None
+
+    def buffered(self) -> int:
+        """Bytes received and not yet parsed or placed."""
+        return self.end - self.start
+
+    def need(self) -> int:
+        """Bytes still missing for the next step (a payload, a header, its ns and key)."""
+        if self.target is not None:
+            return self.want - self.got
+        avail = self.end - self.start
+        if avail < HEADER_SIZE:
+            return HEADER_SIZE - avail
+        t = HEADER.unpack_from(self.buf, self.start)
+        return max(HEADER_SIZE + t[6] + t[7] - avail, 0)
+
+    def next(self):
+        """``(Header, ns, key)`` of the next frame, or None while incomplete (or while a
+        payload is being received). Raises FrameError on a stream that cannot be parsed."""
+        avail = self.end - self.start
+        if self.target is not None or avail < HEADER_SIZE:
+            return None
+        t = HEADER.unpack_from(self.buf, self.start)
+        if t[0] != MAGIC or t[1] != VERSION:
+            raise _bad_frame(t)
+        p = self.start + HEADER_SIZE
+        k = p + t[6]
+        e = k + t[7]
+        if e > self.end:
+            return None
+        buf = self.buf
+        self.start = e
+        if e == self.end:
+            self.start = self.end = 0
+        return _new_header(Header, t[2:]), bytes(buf[p:k]), bytes(buf[k:e])
+
+    def take(self, n: int) -> bytes | None:
+        """The next ``n`` bytes if they are all buffered (small inline payloads), else None."""
+        if self.target is not None or self.end - self.start < n:
+            return None
+        b = bytes(self.buf[self.start:self.start + n])
+        self.start += n
+        if self.start == self.end:
+            self.start = self.end = 0
+        return b
+
+    def receive_into(self, view: memoryview, n: int) -> bool:
+        """Place the next ``n`` payload bytes into ``view``. True: all were already here."""
+        take = min(self.end - self.start, n)
+        if take:
+            view[:take] = self.view[self.start:self.start + take]
+            self.start += take
+            if self.start == self.end:
+                self.start = self.end = 0
+        if take == n:
+            return True
+        self.target, self.got, self.want = view, take, n
+        return False
+
+    def skip(self, n: int) -> bool:
+        """Drop the next ``n`` payload bytes. True: all were already here."""
+        take = min(self.end - self.start, n)
+        self.start += take
+        if self.start == self.end:
+            self.start = self.end = 0
+        if take == n:
+            return True
+        self.target, self.got, self.want = _Sink(n - take), 0, n - take
+        return False
+
+    def abandon(self) -> None:
+        """Forget a payload target (the connection is gone; its bytes will never come)."""
+        self.target = None

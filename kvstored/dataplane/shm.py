@@ -13,6 +13,10 @@ the SHM_* ops of ``kvstore.wire``:
 * a put reserves a slot (offset + reservation id), the client copies into it,
   and commit checksums the slot and publishes it; nothing is visible before.
 
+The socket is driven by the TCP driver (``tcp.DataConnection``) with this
+module's op table (``SHM_OPS``: the core ops plus the SHM_* ops) and a
+per-connection ``ShmState`` holding the leases and reservations.
+
 The client never names an offset: it sends lease and reservation ids, which are
 looked up in this connection's own tables, so a forged id is rejected and the
 daemon never reads or writes outside a slot it handed out. The mapping itself
@@ -34,16 +38,21 @@ from kvstore.wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, OP_SHM_COMMIT, 
                           OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC, encode_error,
                           encode_response)
 
-from .tcp import DataConnection, _check_names
+from kvstored.auth import READ, WRITE
+
+from .ops import CORE_OPS
+from .session import SIZE, DataSession
+from .tcp import DataConnection
 
 if TYPE_CHECKING:
+    from kvstore.wire import Header
+
     from kvstored.engine import Entry, Reservation
 
     from .tcp import DataServer
 
 log = logging.getLogger("kvstored.shm")
 
-READ, WRITE = 1, 2  # the scopes tcp.DataConnection._allowed checks
 SHM_VERSION = 1
 _UCRED = struct.Struct("3i")
 
@@ -57,7 +66,7 @@ class ShmServer:
         self.lease_ttl = lease_ttl
         self.sock: socket.socket | None = None
         self.task: asyncio.Task | None = None
-        self.connections: set[ShmConnection] = set()
+        self.connections: set[ShmState] = set()
 
     async def start(self) -> str:
         if os.path.exists(self.path):
@@ -112,7 +121,8 @@ class ShmServer:
         counters["shm_connections_total"] += 1
         loop = asyncio.get_running_loop()
         await loop.create_unix_connection(
-            lambda: ShmConnection(self.ds, self, f"shm:pid={pid},uid={uid}"), sock=conn)
+            lambda: DataConnection(self.ds, ops=SHM_OPS, ext=ShmState(self),
+                                   peer=f"shm:pid={pid},uid={uid}"), sock=conn)
 
     def expire_leases(self) -> int:
         """Release leases past their TTL (a client that forgot, or hangs)."""
@@ -136,34 +146,29 @@ class ShmServer:
                 pass
 
 
-class ShmConnection(DataConnection):
-    def __init__(self, server: "DataServer", shm: ShmServer, peer: str = "shm"):
-        super().__init__(server)
+class ShmState:
+    """One shm connection's leases and reservations (the session's ``ext``): they live
+    and die with the connection."""
+
+    def __init__(self, shm: ShmServer):
         self.shm = shm
-        self.shm_peer = peer
         self.leases: dict[int, tuple["Entry", float]] = {}
-        self.shm_reservations: dict[int, "Reservation"] = {}
+        self.reservations: dict[int, "Reservation"] = {}
         self.ids = itertools.count(1)
+        self.store = shm.ds.store
 
-    def connection_made(self, transport):
-        super().connection_made(transport)
-        self.peer = self.shm_peer  # log lines name the process, not an empty socket address
-        if not self.closed:
-            self.shm.connections.add(self)
+    def made(self, session: DataSession) -> None:
+        self.shm.connections.add(self)
 
-    def connection_lost(self, exc):
+    def lost(self, session: DataSession) -> None:
         # a client that dies holding leases or reservations gives them back at once
         self.shm.connections.discard(self)
         for e, _ in self.leases.values():
             self.store.release(e)
         self.leases.clear()
-        for res in self.shm_reservations.values():
-            self.store.abort(res)
-        self.shm_reservations.clear()
-        super().connection_lost(exc)
-
-    def busy(self) -> bool:
-        return super().busy() or bool(self.shm_reservations)
+        for res in self.reservations.values():
+            session._drop_reservation(res)
+        self.reservations.clear()
 
     def expire(self, now: float) -> int:
         dead = [lid for lid, (_, until) in self.leases.items() if until <= now]
@@ -171,83 +176,79 @@ class ShmConnection(DataConnection):
             self.store.release(self.leases.pop(lid)[0])
         return len(dead)
 
-    def _other_op(self, op, flags, rid, ns, key, plen, csum) -> bool:
-        # SHM_RESERVE's length is the object size, not a payload on the socket: no op
-        # here ever skips payload bytes, so errors pass plen=0
-        if op == OP_SHM_GET:
-            if self.auth is not None and not self._allowed(ns, READ, op, rid, 0):
-                return True
-            self._get(rid, ns, key, OP_SHM_GET, self._lease)  # NVMe promotion included
-        elif op == OP_SHM_RELEASE:
-            # no answer on success (saves a round trip per get); a lease this connection
-            # never held is a forged id: answered with ProtocolError and the connection closed
-            held = self.leases.pop(csum, None)
-            if held is None:
-                self.server.counters["shm_forged_ids"] += 1
-                self._fatal(rid, f"unknown lease {csum}")
-            else:
-                self.store.release(held[0])
-        elif op == OP_SHM_RESERVE:
-            if self.auth is not None and not self._allowed(ns, WRITE, op, rid, 0):
-                return True
-            self._shm_reserve(rid, ns, key, plen, csum, flags)
-        elif op == OP_SHM_COMMIT:
-            res = self.shm_reservations.pop(csum, None)
-            if res is None:
-                self.server.counters["shm_forged_ids"] += 1
-                self._error(op, rid, errors.InvalidArgument(f"unknown reservation {csum}"))
-                return True
-            try:
-                stored = self.store.commit(res)
-            except errors.KVStoreError as e:
-                self._error(op, rid, e)
-                return True
-            self._send(encode_response(op, rid, aux=0 if stored else 1))
-        else:
-            return False
-        return True
 
-    def _lease(self, rid: int, e: "Entry", t0: float = 0.0) -> None:
-        lid = next(self.ids)
-        self.leases[lid] = (e, time.monotonic() + self.shm.lease_ttl)
-        self._send(encode_response(OP_SHM_GET, rid, 0, SHM_IDS.size, e.checksum)
-                   + SHM_IDS.pack(e.offset, e.size, lid))
+# SHM_RESERVE's length is the object size, not a payload on the socket: no op here ever
+# skips payload bytes (length=SIZE), so their errors skip nothing.
 
-    def _shm_reserve(self, rid, ns, key, size, csum, flags) -> None:
-        try:
-            _check_names(ns, key)
-            cs = None if flags & FLAG_CHECKSUM_UNKNOWN else csum
-            res = self.store.reserve(ns, key, size, cs, bool(flags & FLAG_OVERWRITE))
-        except errors.NoSpace:
-            # like a TCP put: wait (bounded) for eviction/demotion, reading nothing else meanwhile
-            self._pause_reading()
-            self.waiting = asyncio.get_running_loop().create_task(
-                self._shm_reserve_later(rid, ns, key, size, cs, bool(flags & FLAG_OVERWRITE)))
-            return
-        except errors.KVStoreError as err:
-            return self._error(OP_SHM_RESERVE, rid, err)
-        self._reserved(rid, res)
+def _shm_get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    s.acquire(h.req_id, ns, key, OP_SHM_GET, _lease)  # NVMe promotion included
 
-    async def _shm_reserve_later(self, rid, ns, key, size, cs, overwrite) -> None:
-        await self._wait_for_space(ns, key, size, cs, overwrite,
-                                   lambda res: self._reserved(rid, res),
-                                   lambda e: self._error(OP_SHM_RESERVE, rid, e))
 
-    def _reserved(self, rid: int, res: "Reservation | None") -> None:
-        if res is None:  # the same object is stored already
-            self._send(encode_response(OP_SHM_RESERVE, rid, 0, 0, 0, aux=1))
-            return
-        rid_res = next(self.ids)
-        self.shm_reservations[rid_res] = res
-        res.on_expire = self._shm_reservation_expired
-        self._send(encode_response(OP_SHM_RESERVE, rid, 0, SHM_IDS.size, 0)
-                   + SHM_IDS.pack(res.offset, res.size, rid_res))
+def _lease(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:
+    st: ShmState = s.ext
+    lid = next(st.ids)
+    st.leases[lid] = (e, time.monotonic() + st.shm.lease_ttl)
+    s.send(encode_response(OP_SHM_GET, rid, 0, SHM_IDS.size, e.checksum)
+           + SHM_IDS.pack(e.offset, e.size, lid))
 
-    def _shm_reservation_expired(self, res: "Reservation") -> None:
-        for k, r in list(self.shm_reservations.items()):
-            if r is res:
-                del self.shm_reservations[k]
-        self._reservation_expired(res)
+
+def _shm_release(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    # no answer on success (saves a round trip per get); a lease this connection never
+    # held is a forged id: answered with ProtocolError and the connection closed
+    held = s.ext.leases.pop(h.checksum, None)
+    if held is None:
+        s.counters["shm_forged_ids"] += 1
+        s.fatal(h.req_id, f"unknown lease {h.checksum}")
+    else:
+        s.store.release(held[0])
+
+
+def _shm_reserve(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    cs = None if h.flags & FLAG_CHECKSUM_UNKNOWN else h.checksum
+    # like a TCP put: no space -> wait (bounded) for eviction/demotion, reading nothing else
+    s.reserve(OP_SHM_RESERVE, h.req_id, ns, key, h.length, cs, bool(h.flags & FLAG_OVERWRITE),
+              _reserved)
+
+
+def _reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:
+    if res is None:  # the same object is stored already
+        s.send(encode_response(OP_SHM_RESERVE, rid, 0, 0, 0, aux=1))
+        return
+    st: ShmState = s.ext
+    rid_res = next(st.ids)
+    st.reservations[rid_res] = res
+    res.on_expire = lambda r: _reservation_expired(s, r)
+    s.send(encode_response(OP_SHM_RESERVE, rid, 0, SHM_IDS.size, 0)
+           + SHM_IDS.pack(res.offset, res.size, rid_res))
+
+
+def _reservation_expired(s: DataSession, res: "Reservation") -> None:
+    table = s.ext.reservations
+    for k, r in list(table.items()):
+        if r is res:
+            del table[k]
+    s.reservation_expired(res)
+
+
+def _shm_commit(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    res = s.ext.reservations.pop(h.checksum, None)
+    if res is None:
+        s.counters["shm_forged_ids"] += 1
+        s.error(OP_SHM_COMMIT, h.req_id, errors.InvalidArgument(f"unknown reservation {h.checksum}"))
+        return
+    try:
+        stored = s.commit(res)
+    except errors.KVStoreError as e:
+        s.error(OP_SHM_COMMIT, h.req_id, e)
+        return
+    s.send(encode_response(OP_SHM_COMMIT, h.req_id, aux=0 if stored else 1))
+
+
+SHM_OPS = CORE_OPS.extended()
+SHM_OPS.register(OP_SHM_GET, _shm_get, scope=READ, epoch=True, length=SIZE)
+SHM_OPS.register(OP_SHM_RELEASE, _shm_release, scope=None, length=SIZE)  # ids are per connection
+SHM_OPS.register(OP_SHM_RESERVE, _shm_reserve, scope=WRITE, epoch=True, length=SIZE)
+SHM_OPS.register(OP_SHM_COMMIT, _shm_commit, scope=None, length=SIZE)
 
 
 def _in_use(path: str) -> bool:

@@ -1,0 +1,107 @@
+"""The core ops every data transport serves: PUT, GET, PING, AUTH.
+
+Each handler gets the session, the decoded header, the namespace and the key,
+after the session has applied the op's epoch gate and auth scope (see
+``session.OpTable``); it answers through the session's helpers. A transport
+with more ops (shm.py) registers them on ``CORE_OPS.extended()``.
+"""
+from __future__ import annotations
+
+import logging
+from typing import TYPE_CHECKING
+
+from kvstore import errors
+from kvstore.wire import (FLAG_OVERWRITE, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, OP_GET, OP_PING,
+                          OP_PUT, encode_error, encode_response)
+
+from kvstored.auth import READ, WRITE
+
+from .policy import LOGIN
+from .session import BODY, EMPTY, DataSession, OpTable
+
+if TYPE_CHECKING:
+    from kvstore.wire import Header
+
+    from kvstored.engine import Entry, Reservation
+
+log = logging.getLogger("kvstored.tcp")
+
+
+def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    s.put_t0 = s.t_in
+    s.reserve(OP_PUT, h.req_id, ns, key, h.length, h.checksum, bool(h.flags & FLAG_OVERWRITE),
+              _put_reserved, skip=h.length)
+
+
+def _put_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:
+    if res is None:  # same object already stored: skip the payload, answer "deduplicated"
+        s.skip_then_send(rid, size, _dedup_response(rid))
+        return
+    s.res, s.put_rid = res, rid
+    res.on_expire = s.reservation_expired
+    s.receive_payload(res.view, size, lambda: _put_received(s))  # zero copy: the kernel fills the slot
+
+
+def _dedup_response(rid: int) -> bytes:
+    return encode_response(OP_PUT, rid, aux=1)  # aux=1: the object was already stored
+
+
+def _get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    s.acquire(h.req_id, ns, key, OP_GET, _send_object)
+
+
+def _send_object(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:
+    s.out.append(encode_response(OP_GET, rid, 0, e.size, e.checksum))
+    s.out.append(s.store.view(e))  # the arena itself: the transport sends it without a copy
+    s.sent += HEADER_SIZE + e.size
+    s.pending.append((s.sent, e, t0 or s.t_in))  # released once its bytes left (written())
+
+
+def _ping(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    s.send(encode_response(OP_PING, h.req_id))
+
+
+def _auth(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    rid, n = h.req_id, h.length
+    if h.ns_len or h.key_len or not 1 <= n <= MAX_TOKEN_LEN:
+        s.reject(OP_AUTH, rid, n, errors.InvalidArgument(
+            f"an auth frame carries a token of 1-{MAX_TOKEN_LEN} bytes and no namespace or key"))
+        return
+    token = bytearray(n)
+    s.receive_payload(memoryview(token), n, lambda: _authenticate(s, rid, bytes(token)))
+
+
+def _authenticate(s: DataSession, rid: int, token: bytes) -> None:
+    if s.guard is None:  # auth off: a token is accepted and ignored
+        s.send(encode_response(OP_AUTH, rid))
+        return
+    try:
+        s.guard.login(token)
+    except errors.PermissionDenied as e:
+        s.counters["auth_rejected_bad_token"] += 1
+        s.counters["errors_PermissionDenied"] += 1
+        log.info("closing data connection: %s", e.message, extra={"req_id": rid, "peer": s.peer})
+        s.send(encode_error(OP_AUTH, rid, e.code, e.message))
+        s.close()
+        return
+    s.counters["auth_ok"] += 1
+    s.send(encode_response(OP_AUTH, rid))
+
+
+CORE_OPS = OpTable()
+CORE_OPS.register(OP_PUT, _put, scope=WRITE, epoch=True, length=BODY)
+CORE_OPS.register(OP_GET, _get, scope=READ, epoch=True, length=EMPTY)
+CORE_OPS.register(OP_PING, _ping, scope=LOGIN, length=EMPTY)
+CORE_OPS.register(OP_AUTH, _auth, scope=None, length=BODY)
+
+
+def _put_received(s: DataSession) -> None:
+    """A put's payload is all in its slot: publish it and answer."""
+    res, s.res = s.res, None
+    rid = s.put_rid
+    try:
+        stored = s.commit(res)
+    except errors.KVStoreError as e:
+        s.error(OP_PUT, rid, e)
+        return
+    s.send(encode_response(OP_PUT, rid) if stored else _dedup_response(rid))

@@ -1,0 +1,499 @@
+"""The data session: the data-plane protocol of one connection, with no I/O.
+
+A transport driver (tcp.py for TCP and TLS, shm.py for the Unix socket; RDMA
+next) feeds it events and carries out what it asks for:
+
+events (driver -> session)            actions (session -> driver)
+-----------------------------------   ------------------------------------------
+``receive_buffer()`` / ``received(n)``  ``receive_buffer()`` is the "receive N bytes
+  (or ``feed(data)``): bytes arrived    into this view" action: a header buffer,
+                                        or the reserved arena slot (zero copy)
+``written(unsent)``: the transport     ``out``: buffers to send in order (arena
+  took ``out``; ``unsent`` bytes of it   views for gets: no copy); taken with
+  still wait in its buffer              ``take_output()``
+``write_blocked()`` / ``write_unblocked(unsent)``: the transport's buffer is
+  over / back under its limit
+``call_done(call, result, error)``:    ``calls``: store coroutines to run (a put
+  a store coroutine finished            waiting for space, a get loading from NVMe);
+                                        taken with ``take_calls()``
+``connection_lost()``: returns the     ``reading``: whether the driver should read
+  calls to cancel                      ``finish``: "close" (after sending ``out``) or
+reservation expiry (from the store's     "abort"; ``wake()`` is called when this
+  reaper): via ``wake()``                changes outside a driver event
+
+Requests are dispatched through an ``OpTable`` (op -> handler, the scope auth
+requires, whether the epoch gate applies, what the length field means); the
+core ops are in ops.py (``CORE_OPS``), and a transport with more ops registers
+them on a copy. Auth and the
+epoch are consulted through ``AuthGuard`` and ``EpochGate`` (policy.py).
+
+The Store is called directly for what is synchronous and in memory (reserve,
+commit, acquire, release); what awaits (``reserve_wait``, ``acquire_async``)
+goes out as a ``Call``.
+"""
+from __future__ import annotations
+
+import collections
+import logging
+from time import perf_counter as _now
+from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+
+from kvstore import errors
+from kvstore.wire import (HEADER_SIZE, MAX_KEY_LEN, OP_GET, OP_PUT, OPS, FrameError, FrameReader,
+                          Header, encode_error, namespace_bytes)
+
+from kvstored.engine.store import NotResident
+from kvstored.metrics import LatencyHistogram
+
+from .policy import AuthGuard, ConnectionBudget, EpochGate
+
+if TYPE_CHECKING:
+    from kvstored.auth import Auth
+    from kvstored.engine import Entry, Reservation, Store
+
+log = logging.getLogger("kvstored.tcp")
+
+HEADER_BUFFER = 256 << 10  # per-connection buffer for headers (and small payload tails)
+DISCARD_LIMIT = 1 << 30  # payloads of rejected puts up to this size are skipped, not fatal
+
+# what a request's length field means, per op
+BODY = 0  # that many payload bytes follow the key
+EMPTY = 1  # nothing follows; a non-zero length is a protocol error (the stream is lost)
+SIZE = 2  # a size (e.g. of a shm reservation); nothing follows on this stream
+
+Handler = Callable[["DataSession", Header, bytes, bytes], None]
+Deliver = Callable[["DataSession", int, "Entry", float], None]
+
+
+class Op(NamedTuple):
+    handler: Handler
+    scope: int | None  # READ / WRITE / LOGIN; None: no auth check (ids are per connection)
+    epoch: bool  # gated by the member-list epoch (cluster placement decides these keys)
+    length: int  # BODY / EMPTY / SIZE
+
+
+class OpTable(dict):
+    """op -> Op. Transports copy ``CORE_OPS`` and register their own ops on the copy."""
+
+    def register(self, op: int, handler: Handler, *, scope: int | None, epoch: bool = False,
+                 length: int = BODY) -> None:
+        if op in self:
+            raise ValueError(f"op {op} is registered already")
+        if op not in OPS:
+            raise ValueError(f"op {op} is not in kvstore.wire.OPS")
+        self[op] = Op(handler, scope, epoch, length)
+
+    def extended(self) -> "OpTable":
+        return OpTable(self)
+
+
+class Call:
+    """Action: the driver awaits ``fn(*args)`` and reports with ``session.call_done``."""
+
+    __slots__ = ("fn", "args", "then", "ctx", "task")
+
+    def __init__(self, fn, args: tuple, then, ctx: Any):
+        self.fn, self.args, self.then, self.ctx = fn, args, then, ctx
+        self.task: Any = None  # the driver's handle (an asyncio task), to cancel on loss
+
+
+class Plane:
+    """What every session of one server shares: store, op table, policy objects, counters."""
+
+    def __init__(self, store: "Store", ops: OpTable, *, gate: EpochGate | None = None,
+                 auth: "Auth | None" = None, max_pipelined: int = 1 << 30,
+                 burst: int = 64 << 20):
+        self.store = store
+        self.ops = ops
+        self.gate = gate or EpochGate()
+        self.auth = auth  # None: auth off
+        self.max_pipelined = max_pipelined
+        self.burst = burst
+        self.draining = False  # start no new request (the server is shutting down)
+        self.counters: collections.Counter = collections.Counter()
+        # Per-op service time, recorded on the hot path (~0.3 us a request, see
+        # kvstored/metrics.py); the operation counters are these histograms' counts.
+        self.latency = {op: LatencyHistogram() for op in OPS}  # every op the wire knows
+        self.latency_other = LatencyHistogram()  # unknown ops (answered with an error)
+
+    def latency_by_name(self) -> dict[str, LatencyHistogram]:
+        return {**{OPS[op]: h for op, h in self.latency.items()}, "other": self.latency_other}
+
+    def session(self, peer: str = "", *, ops: OpTable | None = None, burst: int | None = None,
+                wake: Callable[[], None] | None = None) -> "DataSession":
+        budget = ConnectionBudget(self.max_pipelined, self.burst if burst is None else burst)
+        return DataSession(self, peer, ops=ops, budget=budget, wake=wake)
+
+
+class DataSession:
+    def __init__(self, plane: Plane, peer: str = "", *, ops: OpTable | None = None,
+                 budget: ConnectionBudget | None = None, wake: Callable[[], None] | None = None):
+        self.plane = plane
+        self.store = plane.store
+        self.ops = plane.ops if ops is None else ops
+        self.gate = plane.gate
+        self.guard = AuthGuard(plane.auth) if plane.auth is not None else None
+        self.counters = plane.counters
+        self.budget = budget or ConnectionBudget(plane.max_pipelined, plane.burst)
+        self.wake = wake or (lambda: None)
+        self.peer = peer  # for log lines
+        self.reader = FrameReader(HEADER_BUFFER)
+        self.ext: Any = None  # a transport's per-connection state (shm: leases, reservations)
+        # actions
+        self.out: list = []
+        self.calls: list[Call] = []
+        self.reading = True
+        self.finish: str | None = None
+        # state
+        self.closed = False  # no new work: finished, or the connection is gone
+        self.lingering = False  # draining: answered all it will, swallowing input
+        self.write_paused = False
+        self.burst_stop = False  # parsing stopped to let a burst of responses be flushed
+        self.in_advance = False
+        self.sent = 0  # bytes queued for the transport
+        self.flushed_at = 0  # self.sent at the last take_output
+        self.rx = 0  # bytes received
+        self.pending: collections.deque = collections.deque()  # (sent end, entry, t0) of gets
+        self.loads = 0  # gets waiting for a promotion from NVMe
+        self.waiting: Call | None = None  # a reservation waiting for space: nothing is parsed
+        self.res: Reservation | None = None  # the put whose payload is being received
+        self.put_rid = 0
+        self.on_payload: Callable[[], None] | None = None  # run when the payload target is full
+        self.reserved = 0  # bytes of this connection's unfinished reservations
+        self.req_id = 0
+        self.t_in = 0.0  # when the bytes being parsed arrived (latency start)
+        self.put_t0 = 0.0
+
+    # ================================================================ events
+    def receive_buffer(self) -> memoryview:
+        if self.lingering:
+            return _swallow
+        return self.reader.buffer()
+
+    def received(self, n: int) -> None:
+        self.rx += n
+        if self.lingering:  # draining: input after our last response is discarded
+            return
+        reader = self.reader
+        if reader.target is not None:
+            if not reader.filled(n):
+                return
+            self._payload_done()
+        else:
+            reader.filled(n)
+        self.advance()
+
+    def feed(self, data) -> int:
+        """Bytes in, for drivers (and tests) that get bytes rather than lend buffers.
+        Returns how many were taken: it stops while the session does not want input."""
+        mv = memoryview(data).cast("B")
+        done = 0
+        for _ in range(len(mv) + 1):  # each round takes at least one byte or stops
+            if done == len(mv) or self.closed or not self.reading:
+                break
+            dst = self.receive_buffer()
+            n = min(len(dst), len(mv) - done)
+            if n == 0:
+                break
+            dst[:n] = mv[done:done + n]
+            done += n
+            self.received(n)
+        return done
+
+    def written(self, unsent: int) -> None:
+        """The transport holds ``unsent`` bytes not yet given to the kernel: release the read
+        references of gets whose bytes have left, and read again if nothing holds us back."""
+        drained = self.sent - unsent
+        pending = self.pending
+        if pending and pending[0][0] <= drained:
+            hist, now, release = self.plane.latency[OP_GET], _now(), self.store.release
+            while pending and pending[0][0] <= drained:
+                _, e, t0 = pending.popleft()
+                release(e)
+                hist.observe(now - t0)  # a get's latency ends when its bytes left for the kernel
+        if not self.reading:
+            self._unblock()
+
+    def write_blocked(self) -> None:
+        self.write_paused = True
+        self.reading = False
+
+    def write_unblocked(self, unsent: int) -> None:
+        self.write_paused = False
+        self.written(unsent)
+
+    def call_done(self, call: Call, result: Any, error: errors.KVStoreError | None) -> None:
+        call.then(self, call, result, error)
+
+    def connection_lost(self) -> list[Call]:
+        """Give everything back; returns the calls whose tasks the driver should cancel."""
+        self.closed = True
+        self.reading = False
+        cancel = [self.waiting] if self.waiting is not None else []
+        if self.res is not None:
+            self._drop_reservation(self.res)  # mid-payload disconnect: nothing becomes visible
+            self.res = None
+        self.reader.abandon()
+        self.on_payload = None
+        release = self.store.release
+        while self.pending:
+            release(self.pending.popleft()[1])
+        if self.ext is not None:
+            self.ext.lost(self)
+        return cancel
+
+    # ===================================================== driver's queries
+    def take_output(self) -> list:
+        out, self.out = self.out, []
+        self.flushed_at = self.sent
+        return out
+
+    def take_calls(self) -> list[Call]:
+        calls, self.calls = self.calls, []
+        return calls
+
+    def idle(self) -> bool:
+        """No request half done: nothing being received, waited for or loaded."""
+        return (not self.reader.receiving and self.res is None and self.waiting is None
+                and not self.loads)
+
+    def linger(self) -> None:
+        """Draining: every answer is queued; swallow further input until the peer closes."""
+        self.lingering = True
+        self.reading = True
+
+    def close(self, how: str = "close") -> None:
+        """Stop: ``close`` after sending what is queued, ``abort`` at once."""
+        if self.finish is None:
+            self.finish = how
+        self.closed = True
+        self.reading = False
+
+    # ============================================================== parsing
+    def advance(self) -> None:
+        """Handle buffered frames until one blocks: a payload, a put waiting for space, a
+        full write buffer, max_pipelined unanswered requests, or a burst to flush."""
+        self.burst_stop = False
+        if self.closed or self.lingering or self.in_advance:
+            return
+        self.in_advance = True
+        reader, ops, budget, pending = self.reader, self.ops, self.budget, self.pending
+        self.t_in = _now()
+        while (not self.closed and reader.target is None and self.waiting is None
+               and not self.write_paused and len(pending) + self.loads < budget.max_pipelined):
+            if self.sent - self.flushed_at >= budget.burst:
+                self.burst_stop = True  # the driver flushes, then calls advance() again
+                break
+            if self.plane.draining:  # start nothing new; the server closes us
+                self.reading = False
+                break
+            try:
+                frame = reader.next()
+            except FrameError as e:
+                self.fatal(e.request_id or 0, e.message)
+                break
+            if frame is None:
+                break
+            h, ns, key = frame
+            self.req_id = rid = h.req_id
+            op = ops.get(h.op)
+            if op is None:
+                self.reject(h.op, rid, h.length, errors.InvalidArgument(f"unknown op {h.op}"))
+                continue
+            if op.epoch and h.aux:
+                err = self.gate.check(h.aux)
+                if err is not None:
+                    self.reject(h.op, rid, h.length if op.length == BODY else 0, err)
+                    continue
+            if op.length == EMPTY and h.length:
+                self.fatal(rid, f"a {OPS[h.op]} request carries no payload")
+                break
+            if op.scope is not None and self.guard is not None:
+                refused = self.guard.check(ns, op.scope)
+                if refused is not None:
+                    self.counters["auth_rejected_" + refused[0]] += 1
+                    self.reject(h.op, rid, h.length if op.length == BODY else 0, refused[1])
+                    continue
+            op.handler(self, h, ns, key)
+        self.in_advance = False
+        if (not self.closed and self.reading and reader.buffered()
+                and len(pending) + self.loads >= budget.max_pipelined):
+            self.counters["pipeline_limit_pauses"] += 1
+            self.reading = False  # too many unanswered requests: written() resumes
+
+    def _unblock(self) -> None:
+        """Read again, and handle frames already received, once nothing holds us back."""
+        if (self.closed or self.in_advance or self.lingering or self.write_paused
+                or self.waiting is not None or self.plane.draining
+                or len(self.pending) + self.loads >= self.budget.max_pipelined):
+            return
+        self.reading = True
+        if self.reader.target is None and self.reader.buffered() >= HEADER_SIZE:
+            self.advance()
+
+    # ================================================ helpers for op handlers
+    def send(self, frame: bytes) -> None:
+        if not self.closed:
+            self.out.append(frame)
+            self.sent += len(frame)
+            op = frame[5]  # every response but a get's object passes here: time it by its op
+            if op == OP_PUT:
+                self.plane.latency[OP_PUT].observe(_now() - self.put_t0)
+            elif op:  # 0: a connection-level error, not an answer to a request
+                self.plane.latency.get(op, self.plane.latency_other).observe(_now() - self.t_in)
+
+    def error(self, op: int, rid: int, err: errors.KVStoreError) -> None:
+        self.reject(op, rid, 0, err)
+
+    def reject(self, op: int, rid: int, plen: int, err: errors.KVStoreError) -> None:
+        """Answer with a typed error once the request's ``plen`` payload bytes are skipped."""
+        self.counters["errors_" + err.name] += 1
+        if log.isEnabledFor(logging.DEBUG):  # the client has it; the metric counts it
+            log.debug("request failed: %s", err.message, extra={
+                "req_id": rid, "peer": self.peer, "op": OPS.get(op, op), "error": err.name})
+        self.skip_then_send(rid, plen, encode_error(op, rid, err.code, err.message))
+
+    def skip_then_send(self, rid: int, plen: int, frame: bytes) -> None:
+        """Skip the request's ``plen`` payload bytes, then answer with ``frame``."""
+        if plen == 0:
+            self.send(frame)
+        elif plen > DISCARD_LIMIT:
+            self.fatal(rid, f"payload of {plen} bytes is too large to skip")
+        elif self.reader.skip(plen):
+            self.send(frame)
+        else:
+            self.on_payload = lambda: self.send(frame)
+
+    def fatal(self, rid: int, message: str) -> None:
+        """The stream cannot go on: one ProtocolError frame, then close."""
+        self.counters["errors_ProtocolError"] += 1
+        log.info("closing data connection: %s", message, extra={"req_id": rid, "peer": self.peer})
+        self.send(encode_error(0, rid, errors.ProtocolError.code, message))
+        self.close()
+
+    def receive_payload(self, view: memoryview, n: int, done: Callable[[], None]) -> None:
+        """Receive the request's ``n`` payload bytes into ``view``, then run ``done``."""
+        if self.reader.receive_into(view, n):
+            done()
+        else:
+            self.on_payload = done
+
+    def _payload_done(self) -> None:
+        done, self.on_payload = self.on_payload, None
+        if done is not None:
+            done()
+
+    def acquire(self, rid: int, ns: bytes, key: bytes, op: int, deliver: Deliver) -> None:
+        """Look an object up and answer with ``deliver(session, rid, entry, t0)`` (which
+        owns the read reference); one on NVMe is promoted by a Call meanwhile, and its
+        answer may overtake or follow later requests (responses carry the request id)."""
+        try:
+            _check_names(ns, key)
+            e = self.store.acquire(ns, key)
+        except NotResident:
+            self.loads += 1
+            self.calls.append(Call(self.store.acquire_async, (ns, key), _loaded,
+                                   (rid, op, deliver, self.t_in)))
+            return
+        except errors.KVStoreError as err:
+            return self.error(op, rid, err)
+        deliver(self, rid, e, 0.0)
+
+    def reserve(self, op: int, rid: int, ns: bytes, key: bytes, size: int, csum: int | None,
+                overwrite: bool, reserved: Callable, skip: int = 0) -> None:
+        """Reserve a slot and run ``reserved(session, rid, reservation or None, size)`` (None:
+        the object is stored already). Without space, a Call waits (bounded) for it and nothing
+        else on this connection is parsed meanwhile, so answers keep the requests' order.
+        A failure is answered here, after skipping ``skip`` payload bytes."""
+        try:
+            _check_names(ns, key)
+            err = self.budget.admit_reservation(self.reserved, size)
+            if err is not None:
+                raise err
+            res = self.store.reserve(ns, key, size, csum, overwrite)
+        except errors.NoSpace:
+            self.reading = False
+            self.waiting = Call(self.store.reserve_wait, (ns, key, size, csum, overwrite),
+                                _reserved_later, (op, rid, size, reserved, skip))
+            self.calls.append(self.waiting)
+            return
+        except errors.KVStoreError as e:
+            return self.reject(op, rid, skip, e)
+        self._hold(res)
+        reserved(self, rid, res, size)
+
+    def _hold(self, res: "Reservation | None") -> None:
+        if res is not None:
+            self.reserved += res.size
+
+    def commit(self, res: "Reservation") -> bool:
+        """Publish a reservation this connection holds; raises the store's typed errors."""
+        self.reserved -= res.size
+        return self.store.commit(res)
+
+    def _drop_reservation(self, res: "Reservation") -> None:
+        self.reserved -= res.size
+        self.store.abort(res)
+
+    def reservation_expired(self, res: "Reservation") -> None:
+        """The writer stalled past reservation_timeout (the store's reaper dropped ``res``):
+        stop writing into the slot now, and abort the connection."""
+        log.warning("closing a data connection whose put stalled past the reservation timeout",
+                    extra={"req_id": self.req_id, "peer": self.peer, "size": res.size})
+        self.counters["stalled_puts"] += 1
+        self.reserved -= res.size
+        if self.res is res:
+            self.res = None
+            self.reader.abandon()
+            self.on_payload = None
+        self.close("abort")
+        self.wake()
+
+
+# ====================================================== store call completions
+
+def _loaded(s: DataSession, call: Call, e: "Entry | None", err) -> None:
+    rid, op, deliver, t0 = call.ctx
+    s.loads -= 1
+    if err is not None:
+        if not s.closed:
+            s.error(op, rid, err)
+    elif s.closed:
+        s.store.release(e)
+    else:
+        deliver(s, rid, e, t0)
+    if not s.reading:
+        s._unblock()
+
+
+def _reserved_later(s: DataSession, call: Call, res: "Reservation | None", err) -> None:
+    op, rid, size, reserved, skip = call.ctx
+    s.waiting = None
+    if err is not None:
+        s.reject(op, rid, skip, err)
+    elif s.closed:
+        if res is not None:
+            s.store.abort(res)
+        return
+    else:
+        s._hold(res)
+        reserved(s, rid, res, size)
+    if not s.closed:
+        if not s.write_paused:
+            s.reading = True
+        s.advance()
+
+
+_swallow = memoryview(bytearray(64 << 10))  # draining connections' input lands here, unread
+
+
+_VALID_NAMESPACES: set[bytes] = set()
+
+
+def _check_names(ns: bytes, key: bytes) -> None:
+    if ns not in _VALID_NAMESPACES:
+        namespace_bytes(ns)
+        if len(_VALID_NAMESPACES) < 4096:  # a cache, bounded against namespace spraying
+            _VALID_NAMESPACES.add(ns)
+    if not 1 <= len(key) <= MAX_KEY_LEN:
+        raise errors.InvalidArgument(f"key length {len(key)} outside 1-{MAX_KEY_LEN} bytes")
