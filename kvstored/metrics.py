@@ -299,6 +299,9 @@ class NodeCollector(Collector):
 
 
 AUTH_REASONS = ("no_token", "bad_token", "namespace", "scope", "revoked")
+# the data port's TLS handshake failure reasons (kvstored/tls.py), exported at 0 from the start
+TLS_REASONS = ("plaintext", "cert_expired", "cert_untrusted", "cert_invalid", "no_cert",
+               "protocol", "timeout", "other")
 
 
 def _security_families(node: "Node", counters) -> Iterable:
@@ -315,9 +318,9 @@ def _security_families(node: "Node", counters) -> Iterable:
         "kvstored_tls_handshake_failures", "Failed TLS handshakes on the data port, by reason "
         "(plaintext, cert_expired, cert_untrusted, cert_invalid, no_cert, protocol, timeout, "
         "other).", labels=["plane", "reason"])
-    for k in sorted(counters):
-        if k.startswith(prefix):
-            tls.add_metric(["data", k[len(prefix):]], counters[k])
+    for reason in sorted(set(TLS_REASONS) | {k[len(prefix):] for k in counters
+                                             if k.startswith(prefix)}):
+        tls.add_metric(["data", reason], counters.get(prefix + reason, 0))
     yield tls
     tls_ctl = getattr(node, "tls", None)
     if tls_ctl is not None:
@@ -384,7 +387,9 @@ class StoreUsage:
     """
 
     def __init__(self, store: Any = None):
-        self.ns: dict[bytes, list] = {}  # namespace -> [objects, bytes, lookups, ...]
+        # label -> [objects, bytes, lookups, ...]; "other" always there, so dashboards and
+        # rate() have a series before the first namespace overflows
+        self.ns: dict[str, list] = {OTHER_NAMESPACE: [0] * len(_NS_FIELDS)}
         self.labels: dict[bytes, str] = {}  # namespace -> its label (itself or "other")
         self.sizes = [0] * (len(SIZE_BUCKETS) + 1)
         self.sizes_sum = 0

@@ -116,3 +116,27 @@ def test_events_counted(worked):
     # AllBlocksCleared at start, every stored object, the delete; nobody subscribed
     assert value(m, "kvstored_kv_events_published") == 1 + 11 + MAX_NAMESPACE_LABELS + 6 + 1
     assert value(m, "kvstored_kv_events_dropped") == 0
+
+
+def test_dashboard_nvme_and_prefix_panels_find_their_series(worked, start_daemon, tmp_path):
+    """The dashboard's tier="nvme" queries name series an NVMe node exports, and its
+    per-namespace queries series a node with lookups exports."""
+    import json
+
+    dash = json.loads((ROOT / "docker" / "grafana-dashboard.json").read_text())
+    exprs = [t["expr"] for p in dash["panels"] for t in p.get("targets", [])]
+    titles = {p["title"] for p in dash["panels"]}
+    assert {"Prefix hit ratio", "NVMe used / capacity", "Auth rejections/s by reason",
+            "TLS handshake failures/s by reason"} <= titles
+    d = start_daemon("--nvme-path", str(tmp_path / "nvme"), "--nvme-size", "64MiB",
+                     "--nvme-region-size", "16MiB")
+    nvme = scrape(d)
+    wanted = {n for e in exprs for n in re.findall(r'\b(kvstored_[a-z_]+)\{[^}]*tier="nvme"', e)}
+    assert wanted
+    for sample in wanted:
+        fam = nvme[max((name for name in nvme if sample.startswith(name)), key=len)]
+        assert (sample, "nvme") in {(n, dict(lab).get("tier")) for n, lab in fam["samples"]}, sample
+    _, m = worked
+    have = {n for fam in m.values() for (n, _) in fam["samples"]}
+    used = {n for e in exprs for n in re.findall(r"\b(kvstored_[a-z_]+)\b", e)}
+    assert not used - have, sorted(used - have)
