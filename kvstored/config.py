@@ -299,7 +299,7 @@ class Config:
     # NVMe tier (off while nvme_path is empty)
     nvme_path: str = ""
     nvme_size: int = 0
-    nvme_region_size: int = 128 * MiB  # must hold the largest object plus 8 KiB
+    nvme_region_size: int = 128 * MiB  # must hold the largest object plus 20 KiB
     nvme_admission: str = "all"  # all | read (only objects read at least once)
     nvme_write_budget_per_hour: int = 0  # bytes demoted per hour; 0 = unlimited
     nvme_io_backend: str = "auto"  # auto | io_uring | threads
@@ -605,10 +605,10 @@ class Config:
         if self.nvme_size < self.nvme_region_size + MiB:
             raise ConfigError(f"nvme.size ({format_size(self.nvme_size)}) is below one region "
                               f"({format_size(self.nvme_region_size)}) plus the 1MiB header area")
-        if self.nvme_region_size < self.max_value_size + 8 * KiB:
+        if self.nvme_region_size < self.max_value_size + 20 * KiB:  # engine.nvme.REGION_OVERHEAD
             raise ConfigError(f"nvme.region_size ({format_size(self.nvme_region_size)}) must hold "
                               f"the largest object (dram.max_value_size = {format_size(self.max_value_size)}) "
-                              "plus 8KiB of headers")
+                              "plus 20KiB of headers and summary")
         if self.nvme_admission not in ("all", "read"):
             raise ConfigError(f"nvme.admission: {self.nvme_admission!r} is not 'all' or 'read'")
         if self.nvme_io_backend not in ("auto", "io_uring", "threads"):

@@ -3,22 +3,31 @@
 Layout (all 4 KiB aligned, O_DIRECT)::
 
     [superblock 4 KiB][pad to 1 MiB][region 0][region 1]...
-    region = [region header 4 KiB][record][record]...   (appended in order)
+    region = [region header 4 KiB][its copy 4 KiB][record][record]... (appended in order)
+             ... free ...[summary, padded to 4 KiB][summary trailer 4 KiB]   (once sealed)
     record = [record header 4 KiB][payload, padded to 4 KiB]
 
 Every block is self-describing and checksummed (xxh3-64): the superblock
-(geometry), each region header (index, generation, size class) and each
-record header (magic, generation, sequence, namespace, key, key digest,
-length, payload checksum, tombstone flag). A region is reclaimed whole (the
-unit of eviction is the unit of allocation): its generation goes up, so
-records left from before no longer match and are ignored.
+(geometry, a random uuid), each region header (index, generation, size class)
+and each record header (magic, generation, sequence, namespace, key, key
+digest, length, payload checksum, tombstone flag). Headers, summaries and
+trailers are checksummed with a seed derived from the uuid, which only the
+daemon reads: a client's payload cannot pass for a header. A region is
+reclaimed whole (the unit of eviction is the unit of allocation): its
+generation goes up, so records left from before no longer match and are ignored.
 
 Durability: a record counts as on NVMe once it and every record before it in
 its region are written (the region's "durable frontier"); only then may the
-DRAM copy go. A restart scans each region's chain of records from the
-start and stops at the first header that does not verify, so a torn write
-from a kill ends the chain there, and nothing after it was ever acknowledged
-as durable. Payloads are verified on every read.
+DRAM copy go. Payloads are verified on every read.
+
+Restart: a region sealed (full) once all its records were written gets a
+summary at its end (every record's key, sequence number, offset, length,
+checksum), so a restart reads the header, the trailer and the summary of a
+sealed region and scans only the others (open at shutdown, or whose summary
+does not verify). A scan follows the chain of record headers; at a header
+that does not verify it resynchronises on the next 4 KiB block holding a
+record header of the region's generation, so a corrupt header costs that
+record only. The region header is written twice; one good copy is enough.
 """
 from __future__ import annotations
 
@@ -49,10 +58,18 @@ SUPER = struct.Struct("<8sIIQQQ16s")  # magic, version, block, size, region_size
 SUPER_MAGIC = b"KVSDNVM1"
 REGION = struct.Struct("<8sIIQQd")  # magic, version, index, generation, slot_size, created
 REGION_MAGIC = b"KVSDRGN1"
+REGION_HEADER = 2 * BLOCK  # the region header and its copy
 RECORD = struct.Struct("<4sHBBQQQQQd")  # magic, flags, ns_len, key_len, generation, seq, length, checksum, key_digest, committed_at
 RECORD_MAGIC = b"KVSR"
+TRAILER = struct.Struct("<8sIIQQQQQ")  # magic, version, index, generation, slot_size, count, body_len, body_checksum
+TRAILER_MAGIC = b"KVSDSUM1"
+SUMMARY_ENTRY = struct.Struct("<QIQQdBBB")  # seq, offset in region, length, checksum, committed_at, flags, ns_len, key_len
 FLAG_TOMBSTONE = 1
-VERSION = 1
+VERSION = 2  # 2: seeded header checksums, doubled region header, region summaries
+# what a region needs besides one record's payload: its two headers, a record header,
+# a summary block and the trailer (config checks region_size >= max_value_size + this)
+REGION_OVERHEAD = REGION_HEADER + 3 * BLOCK
+SCAN_CHUNK = 8 << 20  # bytes read at a time when a region is scanned
 _CSUM = struct.Struct("<Q")
 
 
@@ -68,12 +85,17 @@ def key_digest(ns: bytes, key: bytes) -> int:
     return xxhash.xxh3_64_intdigest(ns + b"\0" + key)
 
 
-def _sealed(struct_bytes: bytes) -> bytes:
-    return struct_bytes + _CSUM.pack(xxhash.xxh3_64_intdigest(struct_bytes))
+def _sealed(struct_bytes: bytes, seed: int = 0) -> bytes:
+    return struct_bytes + _CSUM.pack(xxhash.xxh3_64_intdigest(struct_bytes, seed))
 
 
-def _verify(block, size: int) -> bool:
-    return _CSUM.unpack_from(block, size)[0] == xxhash.xxh3_64_intdigest(bytes(block[:size]))
+def _verify(block, size: int, seed: int = 0) -> bool:
+    return _CSUM.unpack_from(block, size)[0] == xxhash.xxh3_64_intdigest(bytes(block[:size]), seed)
+
+
+def _tail(summary_len: int) -> int:
+    """Bytes a region keeps free at its end for a summary of ``summary_len`` bytes."""
+    return align_up(max(summary_len, 1)) + BLOCK
 
 
 @dataclass
@@ -97,6 +119,8 @@ class Region:
     live: set = field(default_factory=set)  # (ns, key) with their newest record here
     pending: dict = field(default_factory=dict)  # record offset -> completed? (writes in flight)
     frontier: int = 0  # every record below this relative offset is on disk
+    summary: bytearray | None = None  # entries of the records appended (None: no summary)
+    sum_state: str = ""  # "" | writing | written | failed
     # (ns, key) with a deleted or superseded record here: until this region is reclaimed,
     # some tombstone of that key must survive, or a restart would serve the record again
     stale: set = field(default_factory=set)
@@ -160,6 +184,11 @@ class NvmeDevice:
         except BaseException:
             os.close(self.fd)
             raise
+        # headers are checksummed with this seed: only this daemon knows it (0600 file)
+        self.seed = xxhash.xxh3_64_intdigest(self.uuid)
+        self.scan_stats = dict.fromkeys(
+            ("restart_summaries", "restart_scanned_regions", "restart_resyncs", "summaries_corrupt",
+             "region_headers_repaired", "regions_unreadable"), 0)
         self.io = open_backend(self.fd, io_backend, queue_depth,
                                os.path.dirname(os.path.abspath(path)))
         self.io_backend = self.io.name
@@ -221,6 +250,10 @@ class NvmeDevice:
             if not _verify(head, SUPER.size):
                 raise NvmeError(f"nvme.path {self.path}: superblock checksum mismatch; refusing to use it")
             _m, ver, block, size, region_size, nregions, uid = SUPER.unpack_from(head)
+            if ver == 1:
+                raise NvmeError(f"nvme.path {self.path} holds tier format 1 (an older kvstored); this "
+                                f"one writes format {VERSION} (region summaries): move the file aside "
+                                "or point nvme.path at a new one (its objects are not read)")
             if ver != VERSION or block != BLOCK:
                 raise NvmeError(f"nvme.path {self.path}: formatted by an incompatible version ({ver})")
             if region_size != self.region_size:
@@ -249,49 +282,150 @@ class NvmeDevice:
 
     # -- recovery -----------------------------------------------------------
     def scan(self) -> tuple[list[Region], list[RecoveredRecord]]:
-        """Read every region header and its chain of record headers."""
+        """Every region's header, then its summary when it has a good one, else a scan."""
         regions = [Region(i, self.region_base(i), self.region_size) for i in range(self.nregions)]
         records: list[RecoveredRecord] = []
         if self.fresh:
             return regions, records
-        buf = mmap.mmap(-1, BLOCK)
-        view = memoryview(buf)
+        hbuf = mmap.mmap(-1, REGION_HEADER)
+        tbuf = mmap.mmap(-1, BLOCK)
+        chunk = mmap.mmap(-1, SCAN_CHUNK)
+        st = self.scan_stats
         for r in regions:
-            if not self._read_block(view, r.base):
+            head = self._region_generation(r, hbuf)
+            if head is None:
                 continue
-            if bytes(view[:8]) != REGION_MAGIC or not _verify(view, REGION.size):
-                continue
-            _m, _v, index, gen, slot_size, _created = REGION.unpack_from(view)
-            if index != r.index:
-                continue
-            r.generation, r.slot_size, r.state = gen, slot_size, "full"
-            ptr = BLOCK
-            while ptr + BLOCK <= r.size:
-                if not self._read_block(view, r.base + ptr) or bytes(view[:4]) != RECORD_MAGIC:
-                    break
-                (_m, flags, ns_len, key_len, rgen, seq, length, csum, digest,
-                 committed_at) = RECORD.unpack_from(view)
-                hsize = RECORD.size + ns_len + key_len
-                if rgen != gen or hsize + 8 > BLOCK or not _verify(view, hsize):
-                    break
-                ns = bytes(view[RECORD.size:RECORD.size + ns_len])
-                key = bytes(view[RECORD.size + ns_len:hsize])
-                if key_digest(ns, key) != digest:
-                    break
-                rec_len = BLOCK + (0 if flags & FLAG_TOMBSTONE else align_up(length))
-                if ptr + rec_len > r.size:
-                    break
-                records.append(RecoveredRecord(ns, key, Location(r.index, r.base + ptr, length, csum, gen),
-                                               seq, bool(flags & FLAG_TOMBSTONE), committed_at))
-                ptr += rec_len
-            r.write_ptr = r.frontier = ptr
+            r.generation, r.slot_size = head
+            r.state = "full"  # never appended to again: a restart opens new regions
+            if self._read_summary(r, tbuf, records):
+                st["restart_summaries"] += 1
+                r.sum_state = "written"
+            else:
+                st["restart_scanned_regions"] += 1
+                self._scan_region(r, chunk, records)
         return regions, records
 
-    def _read_block(self, view: memoryview, offset: int) -> bool:
+    def _region_generation(self, r: Region, buf) -> tuple[int, int] | None:
+        """(generation, slot_size) from the better of the region header's two copies."""
+        if not self._read_into(buf, r.base):
+            return None
+        good, seen = [], 0
+        for off in (0, BLOCK):
+            blk = memoryview(buf)[off:off + BLOCK]
+            if bytes(blk[:8]) != REGION_MAGIC:
+                continue
+            seen += 1
+            if not _verify(blk, REGION.size, self.seed):
+                continue
+            _m, _v, index, gen, slot_size, _created = REGION.unpack_from(blk)
+            if index == r.index:
+                good.append((gen, slot_size))
+        if not good:
+            if seen:
+                self.scan_stats["regions_unreadable"] += 1
+                log.error("nvme region %d: both copies of its header are corrupt; its records "
+                          "are not recovered", r.index)
+            return None
+        if len(good) < 2 and seen:
+            self.scan_stats["region_headers_repaired"] += 1
+            log.warning("nvme region %d: one copy of its header is corrupt; using the other", r.index)
+        # a torn reopen may leave one copy from the region's previous use: the newer wins
+        return max(good)
+
+    def _read_summary(self, r: Region, tbuf, records: list) -> bool:
+        """Add the records of ``r``'s summary; False (nothing added) when it has none that
+        belongs to its current generation and verifies."""
+        if not self._read_into(tbuf, r.base + r.size - BLOCK):
+            return False
+        t = memoryview(tbuf)
+        if bytes(t[:8]) != TRAILER_MAGIC:
+            return False
+        if not _verify(t, TRAILER.size, self.seed):
+            self.scan_stats["summaries_corrupt"] += 1
+            log.warning("nvme region %d: summary trailer is corrupt; scanning the region", r.index)
+            return False
+        _m, _v, index, gen, _slot, count, body_len, body_csum = TRAILER.unpack_from(t)
+        if index != r.index or gen != r.generation:
+            return False  # left from the region's previous use
+        if body_len + BLOCK > r.size - REGION_HEADER:
+            self.scan_stats["summaries_corrupt"] += 1
+            return False
+        body = mmap.mmap(-1, align_up(max(body_len, 1)))
+        start = r.base + r.size - BLOCK - len(body)
+        if not self._read_into(body, start):
+            return False
+        view = memoryview(body)[:body_len]
+        if xxhash.xxh3_64_intdigest(view, self.seed) != body_csum:
+            self.scan_stats["summaries_corrupt"] += 1
+            log.warning("nvme region %d: summary does not match its checksum; scanning the region",
+                        r.index)
+            return False
+        out, pos, end = [], 0, REGION_HEADER
+        unpack, esize = SUMMARY_ENTRY.unpack_from, SUMMARY_ENTRY.size
+        for _ in range(count):
+            seq, rel, length, csum, committed_at, flags, ns_len, key_len = unpack(view, pos)
+            pos += esize
+            ns = bytes(view[pos:pos + ns_len])
+            key = bytes(view[pos + ns_len:pos + ns_len + key_len])
+            pos += ns_len + key_len
+            tomb = bool(flags & FLAG_TOMBSTONE)
+            out.append(RecoveredRecord(ns, key, Location(r.index, r.base + rel, length, csum, gen),
+                                       seq, tomb, committed_at))
+            end = max(end, rel + BLOCK + (0 if tomb else align_up(length)))
+        if pos != body_len:
+            self.scan_stats["summaries_corrupt"] += 1
+            return False
+        records.extend(out)
+        r.write_ptr = r.frontier = end
+        return True
+
+    def _scan_region(self, r: Region, chunk, records: list) -> None:
+        """Follow the chain of record headers; past one that does not verify, look at every
+        following 4 KiB block for the next header of this generation (resync)."""
+        gen, seed = r.generation, self.seed
+        cstart, clen = -1, 0
+        ptr = end = REGION_HEADER
+        gap = False
+        while ptr + BLOCK <= r.size:
+            if not cstart <= ptr or ptr + BLOCK > cstart + clen:
+                cstart = ptr
+                clen = self._read_upto(chunk, r.base + ptr, min(SCAN_CHUNK, r.size - ptr))
+                if clen < BLOCK:
+                    break
+            view = memoryview(chunk)[ptr - cstart:ptr - cstart + BLOCK]
+            rec = _parse_record(view, gen, seed) if bytes(view[:4]) == RECORD_MAGIC else None
+            if rec is None:
+                ptr += BLOCK
+                gap = True
+                continue
+            ns, key, flags, seq, length, csum, committed_at = rec
+            rec_len = BLOCK + (0 if flags & FLAG_TOMBSTONE else align_up(length))
+            if ptr + rec_len > r.size:
+                ptr += BLOCK
+                gap = True
+                continue
+            if gap:
+                self.scan_stats["restart_resyncs"] += 1
+                log.warning("nvme region %d: unreadable record header(s) before offset %d; "
+                            "resumed at the next good one", r.index, ptr)
+                gap = False
+            records.append(RecoveredRecord(ns, key, Location(r.index, r.base + ptr, length, csum, gen),
+                                           seq, bool(flags & FLAG_TOMBSTONE), committed_at))
+            ptr += rec_len
+            end = ptr
+        r.write_ptr = r.frontier = end
+
+    def _read_into(self, buf, offset: int) -> bool:
         try:
-            return os.preadv(self.fd, [view], offset) == BLOCK
+            return os.preadv(self.fd, [memoryview(buf)], offset) == len(buf)
         except OSError:
             return False
+
+    def _read_upto(self, buf, offset: int, n: int) -> int:
+        try:
+            return os.preadv(self.fd, [memoryview(buf)[:align_up(n)]], offset)
+        except OSError:
+            return 0
 
     def close(self) -> None:
         self.io.close()
@@ -302,15 +436,48 @@ class NvmeDevice:
         os.close(self.fd)  # also drops the flock
 
 
-def region_header(index: int, generation: int, slot_size: int) -> bytes:
-    return _sealed(REGION.pack(REGION_MAGIC, VERSION, index, generation, slot_size, time.time()))
+def region_header(index: int, generation: int, slot_size: int, seed: int) -> bytes:
+    return _sealed(REGION.pack(REGION_MAGIC, VERSION, index, generation, slot_size, time.time()), seed)
 
 
 def record_header(ns: bytes, key: bytes, generation: int, seq: int, length: int, checksum: int,
-                  tombstone: bool, committed_at: float) -> bytes:
+                  tombstone: bool, committed_at: float, seed: int) -> bytes:
     return _sealed(RECORD.pack(RECORD_MAGIC, FLAG_TOMBSTONE if tombstone else 0, len(ns), len(key),
                                generation, seq, length, checksum, key_digest(ns, key), committed_at)
-                   + ns + key)
+                   + ns + key, seed)
+
+
+def _parse_record(view, gen: int, seed: int):
+    """(ns, key, flags, seq, length, checksum, committed_at) of a record header block of
+    generation ``gen``, or None when it is not one."""
+    (_m, flags, ns_len, key_len, rgen, seq, length, csum, digest,
+     committed_at) = RECORD.unpack_from(view)
+    hsize = RECORD.size + ns_len + key_len
+    if rgen != gen or hsize + 8 > BLOCK or not _verify(view, hsize, seed):
+        return None
+    ns = bytes(view[RECORD.size:RECORD.size + ns_len])
+    key = bytes(view[RECORD.size + ns_len:hsize])
+    if key_digest(ns, key) != digest:
+        return None
+    return ns, key, flags, seq, length, csum, committed_at
+
+
+def summary_block(r: Region, seed: int) -> mmap.mmap:
+    """The summary of region ``r`` and its trailer, as one aligned buffer for its tail."""
+    body = bytes(r.summary)
+    count = 0
+    pos = 0
+    while pos < len(body):  # entries are variable-length: count them
+        ns_len, key_len = body[pos + SUMMARY_ENTRY.size - 2], body[pos + SUMMARY_ENTRY.size - 1]
+        pos += SUMMARY_ENTRY.size + ns_len + key_len
+        count += 1
+    blen = align_up(max(len(body), 1))
+    buf = mmap.mmap(-1, blen + BLOCK)
+    buf[:len(body)] = body
+    buf[blen:blen + TRAILER.size + 8] = _sealed(TRAILER.pack(
+        TRAILER_MAGIC, VERSION, r.index, r.generation, r.slot_size, count, len(body),
+        xxhash.xxh3_64_intdigest(body, seed)), seed)
+    return buf
 
 
 class _Pending:
@@ -377,7 +544,8 @@ class NvmeTier:
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
              "write_errors", "read_errors", "tombstones", "tombstones_carried", "not_admitted",
-             "syncs", "sync_errors"), 0)
+             "syncs", "sync_errors", "summaries_written", "summary_errors"), 0)
+        self.counters.update(device.scan_stats)
         self.counters["io_backend_fallback"] = int(device.io_backend != "io_uring")
 
     # -- recovery -------------------------------------------------------------
@@ -429,9 +597,16 @@ class NvmeTier:
         return True
 
     # -- writes ---------------------------------------------------------------
-    async def _region_for(self, slot_size: int, rec_len: int) -> Region | None:
+    @staticmethod
+    def _fits(r: Region, rec_len: int, entry_len: int) -> bool:
+        """Room for the record, and for the summary once this record's entry is in it."""
+        return r.write_ptr + rec_len + _tail(len(r.summary) + entry_len) <= r.size
+
+    async def _region_for(self, slot_size: int, rec_len: int, entry_len: int) -> Region | None:
+        if REGION_HEADER + rec_len + _tail(entry_len) > self.dev.region_size:
+            raise OSError(errno.EFBIG, f"a {rec_len}-byte record does not fit in a region")
         r = self.open.get(slot_size)
-        if r is not None and r.write_ptr + rec_len <= r.size:
+        if r is not None and self._fits(r, rec_len, entry_len):
             return r
         if r is not None:
             self._seal(r)
@@ -440,22 +615,22 @@ class NvmeTier:
             return None
         cur = self.open.get(slot_size)
         if cur is not None:  # another append opened one while this one waited (carrying tombstones)
-            if cur.write_ptr + rec_len <= cur.size:
+            if self._fits(cur, rec_len, entry_len):
                 r.state = "free"
                 return cur
             self._seal(cur)
         r.generation = self.generation
         self.generation += 1
         r.slot_size, r.state, r.write_ptr, r.frontier = slot_size, "open", 0, 0
+        r.summary, r.sum_state = bytearray(), ""
         r.pending.clear()
         self.open[slot_size] = r
-        # the region header is the first "record": the frontier passes it like any other
-        hdr = self.headers.take()
-        block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
-        data = region_header(r.index, r.generation, slot_size)
+        # the region header (twice) is the first "record": the frontier passes it like any other
+        block = memoryview(mmap.mmap(-1, REGION_HEADER))
+        data = region_header(r.index, r.generation, slot_size, self.dev.seed)
         block[:len(data)] = data
-        block[len(data):] = bytes(BLOCK - len(data))
-        self._write(r, [block], BLOCK, hdr[0] if hdr else None, None)
+        block[BLOCK:BLOCK + len(data)] = data
+        self._write(r, [block], REGION_HEADER, None, None)
         return r
 
     def _seal(self, r: Region) -> None:
@@ -463,6 +638,31 @@ class NvmeTier:
         if self.open.get(r.slot_size) is r:
             del self.open[r.slot_size]
         r.state = "full"
+        self._maybe_summarize(r)
+
+    def _maybe_summarize(self, r: Region) -> None:
+        """Write a sealed region's summary once every record in it is on disk (a summary
+        must never name a record that a crash could still tear)."""
+        if (r.state != "full" or r.summary is None or r.sum_state or r.pending
+                or r.frontier != r.write_ptr):
+            return
+        buf = summary_block(r, self.dev.seed)
+        r.sum_state = "writing"
+        asyncio.get_running_loop().create_task(
+            self._write_summary(r, r.generation, buf, r.base + r.size - len(buf)))
+
+    async def _write_summary(self, r: Region, gen: int, buf, offset: int) -> None:
+        try:
+            n = await self.dev.io.writev(offset, [memoryview(buf)])
+            ok = n == len(buf)
+        except OSError as e:
+            ok = False
+            log.warning("nvme region %d: summary write failed (%s); a restart scans it", r.index, e)
+        if r.generation != gen:
+            return
+        r.sum_state = "written" if ok else "failed"
+        r.summary = None  # on disk now (or never): free the memory
+        self.counters["summaries_written" if ok else "summary_errors"] += 1
 
     async def _take_region(self) -> Region | None:
         for r in self.regions:
@@ -471,7 +671,8 @@ class NvmeTier:
         # reclaim whole: the oldest full region that holds nothing pinned or being read
         for r in sorted((r for r in self.regions if r.state == "full" and not r.pending),
                         key=lambda r: r.generation):
-            if r.state != "full" or r.pending:  # changed while an earlier candidate carried
+            # changed while an earlier candidate carried; or its summary is being written
+            if r.state != "full" or r.pending or r.sum_state == "writing":
                 continue
             if self.keep_live and r.live:
                 continue
@@ -559,7 +760,9 @@ class NvmeTier:
         if err is not None:
             self.counters["write_errors"] += 1
             log.error("nvme write failed at offset %d: %s; sealing region %d", r.base + rel, err, r.index)
-            # nothing after a failed record is reachable at restart: seal the region here
+            # nothing after a failed record is reachable at restart: seal the region here;
+            # no summary (it would list records that failed): a restart scans it
+            r.summary = None
             self._seal(r)
             for q_rel, q in list(r.pending.items()):
                 if q_rel >= rel:
@@ -579,6 +782,8 @@ class NvmeTier:
             r.frontier += q.length
             if q.waiter is not None and not q.waiter.done():
                 q.waiter.set_result(None)
+        if r.state == "full":
+            self._maybe_summarize(r)
 
     # -- fdatasync --------------------------------------------------------------
     async def _synced(self) -> None:
@@ -631,16 +836,21 @@ class NvmeTier:
         rec_len = BLOCK + (0 if tombstone else align_up(length))
         if seq is None:
             seq = self.next_seq()
-        r = await self._region_for(slot_size if not tombstone else 0, rec_len)
+        entry_len = SUMMARY_ENTRY.size + len(ns) + len(key)
+        r = await self._region_for(slot_size if not tombstone else 0, rec_len, entry_len)
         if r is None:
             raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
         hdr = self.headers.take()
         block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
-        data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at)
+        data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at,
+                             self.dev.seed)
         block[:len(data)] = data
         block[len(data):] = bytes(BLOCK - len(data))
         bufs = [block] if tombstone else [block, payload]
         gen = r.generation
+        flags = FLAG_TOMBSTONE if tombstone else 0
+        r.summary += SUMMARY_ENTRY.pack(seq, r.write_ptr, length, checksum, committed_at, flags,
+                                        len(ns), len(key)) + ns + key
         loc = Location(r.index, r.base + r.write_ptr, length, checksum, gen)
         fut = asyncio.get_running_loop().create_future()
         self._write(r, bufs, rec_len, hdr[0] if hdr else None, fut)
@@ -709,6 +919,16 @@ class NvmeTier:
         return getattr(self.dev.io, "reason", "")
 
     def close(self) -> None:
+        # seal the open regions with a summary, so the next start reads instead of scanning
+        for r in list(self.open.values()):
+            if r.pending or r.summary is None or r.frontier != r.write_ptr:
+                continue
+            buf = summary_block(r, self.dev.seed)
+            try:
+                if os.pwritev(self.dev.fd, [memoryview(buf)], r.base + r.size - len(buf)) == len(buf):
+                    self.counters["summaries_written"] += 1
+            except OSError as e:
+                log.warning("nvme region %d: summary write at close failed: %s", r.index, e)
         for t in (self._interval_task, self._sync_task):
             if t is not None and not t.done():
                 try:

@@ -204,21 +204,32 @@ def test_flipped_bit_is_detected_dropped_and_reported(start_daemon, tmp_path):
     assert "checksum" in d.log()
 
 
-def test_torn_record_ends_its_region_chain(start_daemon, tmp_path):
+def test_corrupt_record_headers_cost_those_records_only(start_daemon, tmp_path):
+    """A torn (zeroed) header and a flipped bit in another: after a kill there is no summary
+    for the open region, so the restart scans it and resumes past each bad header."""
     path = tmp_path / "tier.dat"
     _all_on_nvme(start_daemon, path, 8)
-    off = _record_offset(path, b"nv", b"k5")
-    with open(path, "r+b") as f:  # a header that never made it to disk
-        f.seek(off)
+    # regions of 16 MiB start at 1 MiB: the one holding k0..k7
+    region_base = MiB + (_record_offset(path, b"nv", b"k0") - MiB) // (16 * MiB) * 16 * MiB
+    with open(path, "r+b") as f:
+        f.seek(region_base + 16 * MiB - BLOCK)  # the summary trailer written at SIGTERM: gone
         f.write(b"\0" * BLOCK)
+        f.seek(_record_offset(path, b"nv", b"k5"))  # a header that never made it to disk
+        f.write(b"\0" * BLOCK)
+        off = _record_offset(path, b"nv", b"k2") + 20
+        f.seek(off)
+        b = f.read(1)
+        f.seek(off)
+        f.write(bytes([b[0] ^ 0x04]))  # one flipped bit in k2's header
     d = start_daemon(*nvme_args(path))
     with kvstore.Client(d.control, namespace="nv", timeout=20) as c:
-        assert c.exists([b"k5"]) == [False]
-        for i in range(8):
-            try:
-                assert c.get(b"k%d" % i) == value(i)
-            except kvstore.NotFound:
-                assert i >= 5  # only records at or after the torn one may be gone
+        assert c.exists([b"k2", b"k5"]) == [False, False]
+        for i in (0, 1, 3, 4, 6, 7):
+            assert c.get(b"k%d" % i) == value(i), f"k{i} lost behind a corrupt header"
+        nv = tier(c, "nvme").counters
+        assert nv["restart_resyncs"] == 2 and nv["restart_scanned_regions"] == 1
+        assert nv["checksum_failures"] == 0
+    assert "resumed at the next good one" in d.log()
 
 
 def test_second_daemon_on_the_same_file_refuses(start_daemon, tmp_path):
