@@ -541,3 +541,18 @@ def test_a_payload_cannot_pass_for_a_record_header(tmp_path):
         assert s.nvme.counters["restart_resyncs"] == 1
     finally:
         s.close()
+
+
+def test_format_1_file_is_refused_with_a_clear_message(tmp_path):
+    import struct
+
+    import xxhash
+
+    from kvstored.engine import nvme as nv
+    path = tmp_path / "old.dat"
+    sb = nv.SUPER.pack(nv.SUPER_MAGIC, 1, 4096, 33 * MiB, 16 * MiB, 2, b"u" * 16)
+    path.write_bytes(sb + struct.pack("<Q", xxhash.xxh3_64_intdigest(sb)) + bytes(4096 - len(sb) - 8))
+    os_size = path.stat().st_size
+    with pytest.raises(nv.NvmeError, match="tier format 1 .*move the file aside"):
+        NvmeDevice(str(path), 33 * MiB, 16 * MiB, "threads", 32)
+    assert path.stat().st_size == os_size  # untouched
