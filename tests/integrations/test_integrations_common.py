@@ -10,7 +10,9 @@ import pytest
 
 import kvstore
 from daemonutil import ROOT
+from kvstore import errors
 from kvstore.integrations import ClientOptions, client_from_options, lookup_prefix
+from kvstore.integrations._breaker import Breaker, is_outage
 
 
 def test_options_from_prefixed_strings():
@@ -25,7 +27,7 @@ def test_options_from_prefixed_strings():
 
 def test_options_defaults_and_errors():
     opts, rest = ClientOptions.from_mapping(None, defaults={"namespace": "sglang"})
-    assert (opts.address, opts.namespace, opts.timeout, rest) == ("127.0.0.1:7070", "sglang", 30.0, {})
+    assert (opts.address, opts.namespace, opts.timeout, rest) == ("127.0.0.1:7070", "sglang", 5.0, {})
     assert opts.tls_config() is None
     for bad in ({"timeout": "0"}, {"timeout": "soon"}, {"verify_checksums": "maybe"}):
         with pytest.raises(kvstore.InvalidArgument):
@@ -78,3 +80,92 @@ def test_missing_engine_is_a_clear_import_error(module, engine, words):
     r = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYTHONPATH": str(ROOT / "client")},
                        capture_output=True, text=True, timeout=120)
     assert "IMPORTERROR" in r.stdout and words in r.stdout, r.stdout + r.stderr
+
+
+class FakeClock:
+    def __init__(self):
+        self.t = 100.0
+
+    def __call__(self):
+        return self.t
+
+
+def test_breaker_opens_on_outage_backs_off_and_probes():
+    clock = FakeClock()
+    b = Breaker("t", backoff=1.0, max_backoff=4.0, clock=clock)
+    calls = []
+
+    def down():
+        calls.append(clock.t)
+        raise errors.Unavailable("refused")
+
+    assert b.call(down, default="miss") == "miss" and not b.closed and b.trips == 1
+    assert b.call(down, default="miss") == "miss" and len(calls) == 1, "asked while open"
+    clock.t += 1.0
+    assert b.call(down, default="miss") == "miss" and len(calls) == 2  # the probe
+    clock.t += 1.5  # back-off doubled to 2 s: still open
+    assert b.call(down, default="miss") == "miss" and len(calls) == 2
+    for _ in range(5):  # doubling stops at max_backoff
+        clock.t += 4.0
+        b.call(down, default="miss")
+    assert b._wait == 4.0 and b.skipped >= 2
+    clock.t += 4.0
+    assert b.call(lambda: "hit", default="miss") == "hit" and b.closed
+    assert b.call(lambda: "hit", default="miss") == "hit"
+
+
+def test_breaker_passes_answers_through():
+    b = Breaker("t")
+    with pytest.raises(errors.NotFound):  # an answer, not an outage: the caller decides
+        b.call(lambda: (_ for _ in ()).throw(errors.NotFound("no")))
+    assert b.closed
+    assert is_outage(errors.Timeout("t")) and is_outage(ConnectionRefusedError())
+    assert not is_outage(errors.Redirect("r")) and not is_outage(errors.Conflict("c"))
+    with pytest.raises(errors.InvalidArgument):
+        Breaker("t", backoff=0)
+
+
+def test_breaker_one_probe_at_a_time():
+    """While a probe is in flight, concurrent callers are answered without asking."""
+    import threading
+
+    clock = FakeClock()
+    b = Breaker("t", backoff=1.0, clock=clock)
+    b.failure(errors.Unavailable("down"))
+    clock.t += 2.0
+    entered, release, asked = threading.Event(), threading.Event(), []
+
+    def slow():
+        asked.append(1)
+        entered.set()
+        release.wait(5)
+        return "ok"
+
+    t = threading.Thread(target=lambda: b.call(slow))
+    t.start()
+    assert entered.wait(5)
+    others = [b.call(slow, default="skipped") for _ in range(20)]
+    release.set()
+    t.join(5)
+    assert others == ["skipped"] * 20 and len(asked) == 1 and b.closed
+
+
+def test_dead_daemon_costs_adapters_milliseconds(start_daemon):
+    """The shared client factory against a daemon that was killed: each call fails
+    within a second, and through the breaker later calls are not even made."""
+    import signal
+    import time
+
+    d = start_daemon()
+    opts, _ = ClientOptions.from_mapping({"address": d.control, "namespace": "dead"})
+    with client_from_options(opts) as c:
+        c.put(b"k", b"v")
+        d.stop(signal.SIGKILL)
+        b = Breaker("t")
+        t0 = time.monotonic()
+        assert b.call(lookup_prefix, c, [b"k"], default=0) == 0
+        assert time.monotonic() - t0 < 1.0 and not b.closed
+        t0 = time.monotonic()
+        for _ in range(100):
+            assert b.call(c.get, b"k", default=None) is None
+        assert time.monotonic() - t0 < 0.05 and b.skipped >= 99

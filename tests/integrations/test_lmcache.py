@@ -99,7 +99,7 @@ CONNECTOR_CHECKS = [
     "non_blocking_get_returns_the_prefix", "partial_chunk",
     "conflict_keeps_first", "self_describing_objects", "legacy_remote_url",
     "placeholder_url_uses_extra_config", "generic_loader_with_connector_class", "remove_and_ping",
-    "unreachable_daemon", "options_are_checked",
+    "unreachable_daemon", "options_are_checked", "dead_daemon_costs_a_step_milliseconds",
 ]
 
 
@@ -109,10 +109,16 @@ def connector_results(lmcache_python, tmp_path_factory):
     from daemonutil import Daemon
 
     d = Daemon(tmp_path_factory.mktemp("lmcache-connector")).start()
+    victim = Daemon(tmp_path_factory.mktemp("lmcache-victim")).start()  # killed by a check
     try:
-        r = run(lmcache_python, ["lmcache_connector_check.py", "--address", d.control])
+        r = run(lmcache_python, ["lmcache_connector_check.py", "--address", d.control,
+                                 "--victim-address", victim.control, "--victim-pid", str(victim.proc.pid)])
+        for line in r.stdout.splitlines():
+            if "steps, mean" in line:
+                print(line)  # the step figures, for the test log (pytest -s)
         return last_json(r), r.stdout[-4000:] + r.stderr[-8000:]
     finally:
+        victim.stop()
         d.stop()
 
 

@@ -18,7 +18,8 @@ CHECKS = [
     "factory_loads_dynamic_backend", "v1_roundtrip_page_first", "v1_roundtrip_layer_first",
     "exists_is_a_prefix_of_whole_pages", "get_v1_reports_each_page", "set_v1_skips_stored_pages",
     "shards_and_models_are_separate", "mla_pages_are_shared_and_written_once", "per_key_interface",
-    "unreachable_daemon", "clear_empties_the_namespace",
+    "unreachable_daemon", "clear_empties_the_namespace", "tensor_views_keep_their_tensor",
+    "dead_daemon_costs_a_step_milliseconds",
 ]
 
 
@@ -31,10 +32,16 @@ def sglang_results(tmp_path_factory):
     if py is None:
         pytest.skip(why)
     d = Daemon(tmp_path_factory.mktemp("sglang")).start()
+    victim = Daemon(tmp_path_factory.mktemp("sglang-victim")).start()  # killed by a check
     try:
-        r = run("sglang", py, ["sglang_check.py", "--address", d.control])
+        r = run("sglang", py, ["sglang_check.py", "--address", d.control, "--victim-address", victim.control,
+                              "--victim-pid", str(victim.proc.pid)])
+        for line in r.stdout.splitlines():
+            if "steps, mean" in line:
+                print(line)  # the step figures, for the test log (pytest -s)
         return last_json(r), r.stdout[-3000:] + r.stderr[-8000:]
     finally:
+        victim.stop()
         d.stop()
 
 

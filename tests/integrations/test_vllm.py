@@ -19,7 +19,7 @@ CHECKS = [
     "factory_builds_both_roles", "chunked_prefill_saves_complete_blocks", "another_instance_loads_the_prefix",
     "local_prefix_hit_is_not_loaded_again", "missing_block_is_a_load_error",
     "keys_depend_on_model_geometry_and_request", "finished_requests_are_forgotten",
-    "unreachable_daemon_is_a_miss",
+    "unreachable_daemon_is_a_miss", "lookup_leases_the_hit_until_loaded", "dead_daemon_costs_a_step_milliseconds",
 ]
 
 
@@ -32,10 +32,16 @@ def vllm_results(tmp_path_factory):
     if py is None:
         pytest.skip(why)
     d = Daemon(tmp_path_factory.mktemp("vllm")).start()
+    victim = Daemon(tmp_path_factory.mktemp("vllm-victim")).start()  # killed by a check
     try:
-        r = run("vllm", py, ["vllm_check.py", "--address", d.control])
+        r = run("vllm", py, ["vllm_check.py", "--address", d.control, "--victim-address", victim.control,
+                              "--victim-pid", str(victim.proc.pid)])
+        for line in r.stdout.splitlines():
+            if "steps, mean" in line:
+                print(line)  # the step figures, for the test log (pytest -s)
         return last_json(r), r.stdout[-3000:] + r.stderr[-8000:]
     finally:
+        victim.stop()
         d.stop()
 
 

@@ -49,7 +49,9 @@ class ClientOptions:
     namespace: str = "default"
     token: str | None = None
     token_file: str | None = None
-    timeout: float = 30.0
+    # seconds for one call; short, since an engine waits on it (a refused connection
+    # fails at once whatever this is; it bounds a daemon that accepts and hangs)
+    timeout: float = 5.0
     data_address: str | None = None
     tls: bool = False
     tls_ca_file: str | None = None

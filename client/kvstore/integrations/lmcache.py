@@ -40,8 +40,10 @@ Mapping onto kvstored:
 Errors: a missing or corrupt object is a miss (``None``), never an exception;
 a put that finds a different object under the same key (``Conflict``: the same
 prefix computed again, bit-for-bit different) keeps the stored one. A daemon that
-cannot be reached raises, and LMCache logs it and carries on without the remote
-tier.
+cannot be reached is a miss too (lookups find nothing, gets return ``None``, puts
+are dropped with one warning): after such a failure a circuit breaker
+(``_breaker.Breaker``) stops asking it, and probes it again after a short back-off.
+``ping`` always asks, so LMCache's health monitor sees the truth.
 """
 from __future__ import annotations
 
@@ -64,6 +66,7 @@ except ImportError as e:  # pragma: no cover - exercised only without lmcache
         f"kvstore.integrations.lmcache needs LMCache 0.5.x (pip install lmcache): {e}") from e
 
 from .. import errors
+from ._breaker import Breaker, is_outage
 from ._config import ClientOptions, client_from_options, lookup_prefix
 
 log = logging.getLogger("kvstore.integrations.lmcache")
@@ -128,6 +131,7 @@ class KVStoreConnector(RemoteConnector):
         self.save_chunk_meta = bool(scm or config.use_layerwise
                                     or (config.remote_serde or "naive") != "naive")
         self.client = client_from_options(self.options)
+        self.breaker = Breaker(f"LMCache {self.plugin_name}")
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kvstore-lmcache")
         self._closed = False
         self._lock = threading.Lock()
@@ -148,7 +152,16 @@ class KVStoreConnector(RemoteConnector):
         return await self._run(self.exists_sync, key)
 
     def exists_sync(self, key: CacheEngineKey) -> bool:
-        return self.client.exists([object_key(key)])[0]
+        return bool(self._ask("exists", self.client.exists, [object_key(key)], default=[False])[0])
+
+    def _ask(self, what: str, fn, *args, default=None):
+        """``fn(*args)`` through the breaker: ``default`` when the store is down or does
+        not answer (a miss, not an exception in LMCache's threads)."""
+        try:
+            return self.breaker.call(fn, *args, default=default)
+        except errors.KVStoreError as e:
+            log.warning("kvstore: %s failed: %s", what, e)
+            return default
 
     def support_batched_contains(self) -> bool:
         return True
@@ -164,10 +177,11 @@ class KVStoreConnector(RemoteConnector):
         return await self._run(self._contains, [object_key(k) for k in keys], pin)
 
     def _contains(self, okeys: list[bytes], pin: bool) -> int:
-        hit = lookup_prefix(self.client, okeys)
+        hit = self._ask("lookup", lookup_prefix, self.client, okeys, default=0)
         if pin and hit and self.pin_ttl > 0:
             # a lease, not a hold: lapses by itself if LMCache never retrieves
-            self.client.pin(okeys[:hit], ttl=self.pin_ttl)
+            if self._ask("pin", self.client.pin, okeys[:hit], self.pin_ttl) is None and not self.breaker.closed:
+                return 0  # went down between the two calls
         return hit
 
     # ------------------------------------------------------------ put
@@ -194,13 +208,22 @@ class KVStoreConnector(RemoteConnector):
 
     def _put(self, keys: Sequence[CacheEngineKey], objs: Sequence[MemoryObj]) -> None:
         items = [(object_key(k), self._payload(o)) for k, o in zip(keys, objs, strict=True)]
+        if not self.breaker.allow():
+            return  # the store is down: the chunks are not stored (a future miss)
         try:
             self.client.batch_put(items)
+            self.breaker.success()
         except errors.Conflict as e:
+            self.breaker.success()
             # the batch ran to the end; only the conflicting key(s) kept their bytes
             log.debug("kvstore: a chunk was already stored with other bytes (kept): %s", e)
         except errors.NoSpace as e:
+            self.breaker.success()
             log.warning("kvstore: store full, %d chunk(s) not stored: %s", len(items), e)
+        except errors.KVStoreError as e:
+            self.breaker.failure(e)
+            if not is_outage(e):
+                log.warning("kvstore: %d chunk(s) not stored: %s", len(items), e)
 
     # ------------------------------------------------------------ get
     async def get(self, key: CacheEngineKey) -> Optional[MemoryObj]:
@@ -244,9 +267,7 @@ class KVStoreConnector(RemoteConnector):
         okeys = [object_key(keys[i]) for i in live]
         bufs = [objs[i].byte_array for i in live]
         try:
-            sizes: list[Optional[int]] = list(self.client.batch_get_into(okeys, bufs))
-        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
-            sizes = self._get_each(okeys, bufs)  # rare: a miss or a bad object in the batch
+            sizes: list[Optional[int]] = self._receive(okeys, bufs)
         except BaseException:
             for i in live:
                 objs[i].ref_count_down()
@@ -264,9 +285,26 @@ class KVStoreConnector(RemoteConnector):
                 obj.ref_count_down()
         return out
 
+    def _receive(self, okeys: list[bytes], bufs: list) -> list[Optional[int]]:
+        """Each object's size received into its buffer, None for a miss (every one when
+        the store does not answer)."""
+        if not self.breaker.allow():
+            return [None] * len(okeys)
+        try:
+            sizes = list(self.client.batch_get_into(okeys, bufs))
+            self.breaker.success()
+            return sizes
+        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+            self.breaker.success()  # rare: a miss or a bad object in the batch
+        except errors.KVStoreError as e:
+            self.breaker.failure(e)
+            log.warning("kvstore: %d chunk(s) not retrieved: %s", len(okeys), e)
+            return [None] * len(okeys)
+        return self._get_each(okeys, bufs)
+
     def _get_each(self, okeys: list[bytes], bufs: list) -> list[Optional[int]]:
         sizes: list[Optional[int]] = []
-        for k, b in zip(okeys, bufs, strict=True):
+        for i, (k, b) in enumerate(zip(okeys, bufs, strict=True)):
             try:
                 sizes.append(self.client.get_into(k, b))
             except errors.NotFound:
@@ -274,19 +312,31 @@ class KVStoreConnector(RemoteConnector):
             except (errors.ChecksumMismatch, errors.InvalidArgument) as e:
                 log.warning("kvstore: unusable object, treated as a miss: %s", e)
                 sizes.append(None)
+            except errors.KVStoreError as e:
+                self.breaker.failure(e)
+                return sizes + [None] * (len(okeys) - i)
         return sizes
 
     def _get_meta(self, keys: list[CacheEngineKey]) -> list[Optional[MemoryObj]]:
         okeys = [object_key(k) for k in keys]
-        try:
-            blobs: list[Optional[bytearray]] = list(self.client.batch_get(okeys))
-        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
-            blobs = []
-            for k in okeys:
-                try:
-                    blobs.append(self.client.get(k))
-                except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
-                    blobs.append(None)
+        blobs: list[Optional[bytearray]] = [None] * len(okeys)
+        if self.breaker.allow():
+            try:
+                blobs = list(self.client.batch_get(okeys))
+                self.breaker.success()
+            except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+                self.breaker.success()
+                for i, k in enumerate(okeys):
+                    try:
+                        blobs[i] = self.client.get(k)
+                    except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+                        pass
+                    except errors.KVStoreError as e:
+                        self.breaker.failure(e)
+                        break
+            except errors.KVStoreError as e:
+                self.breaker.failure(e)
+                log.warning("kvstore: %d chunk(s) not retrieved: %s", len(okeys), e)
         out: list[Optional[MemoryObj]] = []
         hdr = self.remote_metadata_bytes
         for key, blob in zip(keys, blobs, strict=True):
@@ -315,19 +365,24 @@ class KVStoreConnector(RemoteConnector):
 
     # ------------------------------------------------------------ misc
     def remove_sync(self, key: CacheEngineKey) -> bool:
-        return self.client.delete([object_key(key)]) > 0
+        return (self._ask("remove", self.client.delete, [object_key(key)], default=0) or 0) > 0
 
     def support_ping(self) -> bool:
         return True
 
     async def ping(self) -> int:
+        """Always asks the store (LMCache's health monitor polls it); an answer closes
+        the breaker at once."""
         try:
             await self._run(self.client.ping)
-            return 0
         except errors.KVStoreError as e:
+            self.breaker.failure(e)
             return e.code
-        except OSError:
+        except OSError as e:
+            self.breaker.failure(e)
             return errors.Unavailable.code
+        self.breaker.success()
+        return 0
 
     async def list(self) -> List[str]:
         # keys are digests of LMCache's key strings and cannot be listed back

@@ -24,6 +24,13 @@ so two models or two shardings never read each other's bytes, and
 for the ``layer_first`` layout). ``batch_exists`` is one ``Lookup`` call over
 those keys: the prefix of pages whose every component is stored.
 
+Failures: SGLang calls the backend from its prefetch and backup threads, and an
+exception there ends the thread for the life of the server. So no call here raises
+for a store problem: a page that cannot be read is a miss (``None`` / ``False``), one
+that cannot be written reports ``False``. After a call finds the store unreachable, a
+circuit breaker (``_breaker.Breaker``) answers misses without asking it, probing it
+again after a short back-off, so a dead store costs a step milliseconds.
+
 The hybrid-model ``*_v2`` calls (Mamba / SWA side pools) are not implemented:
 SGLang then reports NotImplementedError for such models, as for other backends
 without them.
@@ -44,6 +51,7 @@ except ImportError as e:  # pragma: no cover - exercised only without sglang
         f"kvstore.integrations.sglang needs SGLang with HiCache (sglang.srt.mem_cache): {e}") from e
 
 from .. import errors
+from ._breaker import Breaker, is_outage
 from ._config import ClientOptions, client_from_options, lookup_prefix
 
 log = logging.getLogger("kvstore.integrations.sglang")
@@ -53,17 +61,25 @@ _SGLANG_KEYS = ("backend_name", "module_path", "class_name", "interface_v1", "tp
 _SETTINGS = {"skip_existing": True}
 
 
-def _view(ptr: int, size: int) -> memoryview:
-    """A writable byte view of ``size`` bytes of host memory at ``ptr`` (no copy)."""
-    return memoryview((ctypes.c_char * size).from_address(ptr)).cast("B")
+def _view(ptr: int, size: int, owner: Any = None) -> memoryview:
+    """A writable byte view of ``size`` bytes of host memory at ``ptr`` (no copy).
+
+    ``owner``: the object that owns that memory (a tensor); the view keeps it alive, so
+    the memory cannot be freed while the view is in use. Without one (the host pool's
+    buffers, which live as long as the pool) the caller guarantees that."""
+    arr = (ctypes.c_char * size).from_address(ptr)
+    if owner is not None:
+        arr._owner = owner  # ctypes instances take attributes; the memoryview holds arr
+    return memoryview(arr).cast("B")
 
 
 def _tensor_view(t: "torch.Tensor") -> memoryview:
+    """A byte view of a contiguous CPU tensor that keeps the tensor alive (a temporary
+    such as ``v.contiguous()`` would otherwise be freed under the view)."""
     if t.device.type != "cpu" or not t.is_contiguous():
         raise errors.InvalidArgument("HiCache pages must be contiguous CPU tensors")
     n = t.numel() * t.element_size()
-    v = _view(t.data_ptr(), n) if n else memoryview(bytearray())
-    return v
+    return _view(t.data_ptr(), n, t) if n else memoryview(bytearray())
 
 
 class KVStoreHiCacheStorage(HiCacheStorage):
@@ -98,7 +114,17 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self._ident_v1: Optional[str] = None
         self._ident = self._digest("flat")
         self.client = client_from_options(self.options)
+        self.breaker = Breaker("SGLang HiCache")
         log.info("SGLang HiCache -> %s (shard %s)", self.options.describe(), self._shard)
+
+    def _store(self, what: str, fn, *args, default=None, **kw):
+        """``fn(*args)`` through the breaker; ``default`` when the store is down or the
+        call fails (logged): never an exception into SGLang's threads."""
+        try:
+            return self.breaker.call(fn, *args, default=default, **kw)
+        except errors.KVStoreError as e:
+            log.warning("kvstore: %s failed: %s", what, e)
+            return default
 
     # ------------------------------------------------------------ keys
     def _digest(self, geometry: str) -> str:
@@ -147,34 +173,44 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                 return 0
             self._learn_geometry(torch.arange(self.mem_pool_host.page_size, dtype=torch.int64))
         n = len(self._sizes)
-        try:
-            return lookup_prefix(self.client, self._page_keys(keys)) // n
-        except errors.KVStoreError as e:
-            log.warning("kvstore: lookup failed, reporting no hit: %s", e)
-            return 0
+        return self._store("lookup", lookup_prefix, self.client, self._page_keys(keys), default=0) // n
 
     def batch_get_v1(self, keys: List[str], host_indices: "torch.Tensor",
                      extra_info: "Optional[HiCacheStorageExtraInfo]" = None) -> List[bool]:
         if not keys:
             return []
-        okeys, views, n = self._buffers(keys, host_indices)
         try:
-            sizes = self.client.batch_get_into(okeys, views)
-            ok = [s == len(v) for s, v in zip(sizes, views)]
-        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
-            ok = self._get_each(okeys, views)
-        except errors.KVStoreError as e:
+            okeys, views, n = self._buffers(keys, host_indices)
+        except errors.InvalidArgument as e:
             log.warning("kvstore: %d page(s) not loaded: %s", len(keys), e)
             return [False] * len(keys)
+        ok = self._get_into(okeys, views)
         return [all(ok[i * n:(i + 1) * n]) for i in range(len(keys))]
 
-    def _get_each(self, okeys, views) -> list[bool]:
+    def _get_into(self, okeys: list[bytes], views: list) -> list[bool]:
+        """Receive each object into its view: one batch, or key by key when the batch
+        has a miss or a bad object; all False when the store does not answer."""
+        if not self.breaker.allow():
+            return [False] * len(okeys)
+        try:
+            sizes = self.client.batch_get_into(okeys, views)
+            self.breaker.success()
+            return [s == len(v) for s, v in zip(sizes, views)]
+        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+            self.breaker.success()
+        except errors.KVStoreError as e:
+            self.breaker.failure(e)
+            log.warning("kvstore: %d object(s) not loaded: %s", len(okeys), e)
+            return [False] * len(okeys)
         ok = []
-        for k, v in zip(okeys, views):
+        for i, (k, v) in enumerate(zip(okeys, views)):
             try:
                 ok.append(self.client.get_into(k, v) == len(v))
             except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
                 ok.append(False)
+            except errors.KVStoreError as e:
+                self.breaker.failure(e)
+                return ok + [False] * (len(okeys) - i)
         return ok
 
     def batch_set_v1(self, keys: List[str], host_indices: "torch.Tensor",
@@ -183,28 +219,41 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             return []
         if not self.is_writer:
             return [True] * len(keys)  # MLA: another rank writes the identical pages
-        okeys, views, n = self._buffers(keys, host_indices)
+        try:
+            okeys, views, n = self._buffers(keys, host_indices)
+        except errors.InvalidArgument as e:
+            log.warning("kvstore: %d page(s) not stored: %s", len(keys), e)
+            return [False] * len(keys)
+        done = self._put(okeys, views)
+        return [all(done[i * n:(i + 1) * n]) for i in range(len(keys))]
+
+    def _put(self, okeys: list[bytes], views: list) -> list[bool]:
+        """Store each object (skipping those stored already); which ones are stored."""
+        if not self.breaker.allow():
+            return [False] * len(okeys)
         try:
             present = self.client.exists(okeys) if self.skip_existing else [False] * len(okeys)
             todo = [(k, v) for k, v, p in zip(okeys, views, present) if not p]
             if todo:
                 self.client.batch_put(todo)
-            done = [True] * len(okeys)
+            self.breaker.success()
+            return [True] * len(okeys)
         except errors.Conflict:
-            done = [True] * len(okeys)  # the page is stored (with other bytes): keep it
+            self.breaker.success()
+            return [True] * len(okeys)  # the page is stored (with other bytes): keep it
         except errors.KVStoreError as e:
-            log.warning("kvstore: %d page(s) not stored: %s", len(keys), e)
-            try:
-                done = self.client.exists(okeys)
-            except errors.KVStoreError:
-                done = [False] * len(okeys)
-        return [all(done[i * n:(i + 1) * n]) for i in range(len(keys))]
+            self.breaker.failure(e)
+            log.warning("kvstore: %d object(s) not stored: %s", len(okeys), e)
+            if is_outage(e):
+                return [False] * len(okeys)
+        done = self._store("exists", self.client.exists, okeys, default=None)
+        return list(done) if done is not None else [False] * len(okeys)
 
     # ------------------------------------------------------------ per-key interface (one flat page per key)
     def exists(self, key: str) -> bool:
         if self._sizes is not None:
             return self.batch_exists([key]) == 1
-        return self.client.exists([self._flat_key(key)])[0]
+        return bool(self._store("exists", self.client.exists, [self._flat_key(key)], default=[False])[0])
 
     def get(self, key: str, target_location: Optional[Any] = None,
             target_sizes: Optional[Any] = None) -> "torch.Tensor | None":
@@ -214,19 +263,26 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                   target_sizes: Optional[Any] = None) -> "List[torch.Tensor | None]":
         okeys = [self._flat_key(k) for k in keys]
         if target_locations is None:
-            out = []
-            for k in okeys:
+            out: list = []
+            for i, k in enumerate(okeys):
+                if not self.breaker.allow():
+                    return out + [None] * (len(okeys) - i)
                 try:
                     out.append(torch.frombuffer(self.client.get(k), dtype=torch.uint8))
+                    self.breaker.success()
                 except (errors.NotFound, errors.ChecksumMismatch):
                     out.append(None)
+                except errors.KVStoreError as e:
+                    self.breaker.failure(e)
+                    log.warning("kvstore: %d page(s) not loaded: %s", len(okeys) - i, e)
+                    return out + [None] * (len(okeys) - i)
             return out
-        views = [_tensor_view(t) for t in target_locations]
         try:
-            sizes = self.client.batch_get_into(okeys, views)
-            ok = [s == len(v) for s, v in zip(sizes, views)]
-        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
-            ok = self._get_each(okeys, views)
+            views = [_tensor_view(t) for t in target_locations]
+        except errors.InvalidArgument as e:
+            log.warning("kvstore: %s", e)
+            return [None] * len(keys)
+        ok = self._get_into(okeys, views)
         return [t if good else None for t, good in zip(target_locations, ok)]
 
     def set(self, key: str, value: Optional[Any] = None, target_location: Optional[Any] = None,
@@ -239,13 +295,19 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             return True
         if not self.is_writer:
             return True
+        if not self.breaker.allow():
+            return False
         try:
+            # each view holds its tensor (v.contiguous() may be a temporary copy)
             self.client.batch_put([(self._flat_key(k), _tensor_view(v.contiguous()))
                                    for k, v in zip(keys, values)])
+            self.breaker.success()
             return True
         except errors.Conflict:
+            self.breaker.success()
             return True
         except errors.KVStoreError as e:
+            self.breaker.failure(e)
             log.warning("kvstore: %d page(s) not stored: %s", len(keys), e)
             return False
 
@@ -256,7 +318,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         try:
             n = self.client.delete_all()
             log.info("kvstore: cleared %d object(s) of namespace %s", n, self.options.namespace)
-        except errors.KVStoreError as e:
+        except (errors.KVStoreError, OSError) as e:
             log.warning("kvstore: clear failed: %s", e)
 
     def get_stats(self):

@@ -15,15 +15,23 @@ What it does:
   the KV dtype and geometry, TP/PP sizes, and the request's LoRA, cache salt and
   multimodal hashes) and asks kvstored with one ``Lookup`` how many leading blocks
   are stored; the hit (beyond vLLM's own prefix cache, and always leaving the last
-  prompt token to compute) is loaded before the forward pass. As prefill proceeds,
-  each newly complete prompt block is scheduled for saving.
+  prompt token to compute) is loaded before the forward pass. The hit blocks are
+  leased (a kvstored pin with a TTL, ``lease_ttl``) so they are not evicted before
+  the worker has loaded them; the worker (or the scheduler, for blocks it does not
+  hand over) unpins them, and an abandoned lease lapses by itself. As prefill
+  proceeds, each newly complete prompt block is scheduled for saving.
 * Worker side: ``register_kv_caches`` describes the paged cache with
   ``kvstore.torch.KVLayout.vllm``; ``start_load_kv`` scatters the hit blocks into
   their block ids with ``kvstore.torch.get_blocks``, and ``wait_for_save`` gathers
   the new blocks (every layer's K and V of one block is one object) and stores
   those kvstored does not have yet with ``put_blocks``. A block that cannot be
-  loaded is reported through ``get_block_ids_with_load_errors`` and vLLM
-  recomputes it; a failed save is logged (the cache is best-effort).
+  loaded is reported through ``get_block_ids_with_load_errors`` (vLLM recomputes
+  it when ``kv_load_failure_policy`` is ``"recompute"``; see docs/integrations.md);
+  a failed save is logged (the cache is best-effort).
+* A store that does not answer never stalls a step: the SDK fails fast on a refused
+  connection, and after one such failure a circuit breaker (``_breaker.Breaker``)
+  answers lookups with no hit, loads with load errors and skips saves, probing the
+  store again after a short back-off.
 * Each tensor-parallel rank stores its own heads under its own keys; the
   scheduler's lookup asks for rank 0's, and a rank that misses reports a load
   error for the block.
@@ -50,6 +58,7 @@ except ImportError as e:  # pragma: no cover - exercised only without vllm
 
 from .. import errors
 from .. import keys as kvkeys
+from ._breaker import Breaker, is_outage
 from ._config import ClientOptions, client_from_options, lookup_prefix
 
 if TYPE_CHECKING:
@@ -62,6 +71,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("kvstore.integrations.vllm")
 
+# kv_connector_extra_config keys of this connector besides the client options
+_SETTINGS = {"lease_ttl": 60.0}
+
 
 @dataclasses.dataclass
 class BlockTransfer:
@@ -71,6 +83,7 @@ class BlockTransfer:
     req_id: str
     keys: list[bytes]
     block_ids: list[int]
+    leased: bool = False  # the scheduler pinned these blocks: the worker unpins them after loading
 
 
 @dataclasses.dataclass
@@ -99,20 +112,40 @@ class KVStoreConnector(KVConnectorBase_V1):
         super().__init__(vllm_config=vllm_config, role=role, kv_cache_config=kv_cache_config)
         extra = dict(self._kv_transfer_config.kv_connector_extra_config or {})
         self.options, rest = ClientOptions.from_mapping(extra, defaults={"namespace": "vllm"})
-        for k in rest:
-            log.warning("kv_connector_extra_config %r is not a kvstore setting (ignored)", k)
+        settings = dict(_SETTINGS)
+        for k, v in rest.items():
+            if k in settings:
+                settings[k] = v
+            else:
+                log.warning("kv_connector_extra_config %r is not a kvstore setting (ignored)", k)
+        try:
+            self.lease_ttl = float(settings["lease_ttl"])
+        except (TypeError, ValueError):
+            raise errors.InvalidArgument(f"kvstore option lease_ttl: not a number: {settings['lease_ttl']!r}") from None
         self.block_size = int(vllm_config.cache_config.block_size)
         self._extra = self._model_identity(vllm_config, kv_cache_config)
+        pc = vllm_config.parallel_config
+        self._rank_grid = [(tp, pp) for tp in range(int(pc.tensor_parallel_size))
+                           for pp in range(int(pc.pipeline_parallel_size))]
         self.client = client_from_options(self.options)
+        self.breaker = Breaker(f"vLLM {getattr(role, 'name', role)}")
         # scheduler side
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[list[bytes], int, int]] = {}
+        self._leases: dict[str, list[bytes]] = {}  # request -> base keys pinned for it
         self._loads: list[BlockTransfer] = []
         # worker side
         self.layout = None
         self.tp_rank, self.pp_rank = self._ranks()
         self._load_errors: set[int] = set()
         log.info("vLLM KV connector (%s) -> %s", getattr(role, "name", role), self.options.describe())
+        policy = getattr(self._kv_transfer_config, "kv_load_failure_policy", None)
+        if policy == "fail" and role == KVConnectorRole.SCHEDULER:
+            # vLLM's default: a block that cannot be loaded (store down, object corrupt)
+            # fails the whole request instead of recomputing it
+            log.warning("kv_load_failure_policy is 'fail': a block kvstored cannot deliver fails its "
+                        "request; set \"kv_load_failure_policy\": \"recompute\" in --kv-transfer-config "
+                        "to recompute it instead (docs/integrations.md)")
 
     # ------------------------------------------------------------ identity
     @staticmethod
@@ -156,15 +189,48 @@ class KVStoreConnector(KVConnectorBase_V1):
                             extra=b"\0".join(extra))
 
     # ------------------------------------------------------------ scheduler side
+    def _store(self, what: str, fn, *args, default=None, **kw):
+        """``fn(*args)`` through the breaker: ``default`` when the store is down or any
+        call fails (logged); never an exception into vLLM's scheduler or worker."""
+        try:
+            return self.breaker.call(fn, *args, default=default, **kw)
+        except errors.KVStoreError as e:
+            log.warning("kvstore: %s failed: %s", what, e)
+            return default
+
+    def _all_ranks(self, base_keys: list[bytes]) -> list[bytes]:
+        return [rank_key(k, tp, pp) for k in base_keys for tp, pp in self._rank_grid]
+
+    def _release(self, base_keys: list[bytes]) -> None:
+        if base_keys:
+            self._store("unpin", self.client.unpin, self._all_ranks(base_keys), default=0)
+
+    def _lookup(self, req_id: str, lookable: list[bytes]) -> int:
+        """The stored prefix of ``lookable``, leased for ``lease_ttl`` seconds."""
+        hit = self._store("lookup", lookup_prefix, self.client, [rank_key(k, 0, 0) for k in lookable],
+                          default=0)
+        held = self._leases.get(req_id, [])
+        if not hit or self.lease_ttl <= 0 or held[:hit] == lookable[:hit]:
+            return hit  # asked again (the request waited a step): the lease still holds
+        self._release(self._leases.pop(req_id, []))
+        want = lookable[:hit]
+        keys = self._all_ranks(want)
+        pinned = self._store("lease", self.client.pin, keys, self.lease_ttl, default=None)
+        if pinned is None:
+            return 0 if not self.breaker.closed else hit
+        self._leases[req_id] = want
+        if pinned < len(keys):  # something went between lookup and pin: what is held now
+            hit = self._store("lookup", lookup_prefix, self.client, [rank_key(k, 0, 0) for k in want],
+                              default=0)
+            self._release(want[hit:])
+            self._leases[req_id] = want[:hit]
+        return hit
+
     def get_num_new_matched_tokens(self, request: "Request", num_computed_tokens: int) -> tuple[Optional[int], bool]:
         keys = self._request_keys(request)
         n_prompt = len(request.prompt_token_ids or [])
         lookable = keys[:max(0, (n_prompt - 1) // self.block_size)]  # the last token is computed
-        try:
-            hit = lookup_prefix(self.client, [rank_key(k, 0, 0) for k in lookable]) if lookable else 0
-        except errors.KVStoreError as e:
-            log.warning("kvstore: lookup failed, no external hit: %s", e)
-            hit = 0
+        hit = self._lookup(request.request_id, lookable) if lookable else 0
         self._lookups[request.request_id] = (keys, num_computed_tokens, hit)
         return max(0, hit * self.block_size - num_computed_tokens), False
 
@@ -174,7 +240,9 @@ class KVStoreConnector(KVConnectorBase_V1):
             keys = self._request_keys(request)
         state = self._reqs.setdefault(request.request_id, _Request(keys))
         state.saved = max(state.saved, hit)  # stored already: never saved again
+        leased = self._leases.pop(request.request_id, [])
         if num_external_tokens <= 0:
+            self._release(leased)
             return
         ids = list(blocks.get_block_ids()[0])
         start = computed // self.block_size
@@ -182,7 +250,10 @@ class KVStoreConnector(KVConnectorBase_V1):
         if len(ids) >= end:
             ids = ids[start:end]
         ids = ids[:end - start]
-        self._loads.append(BlockTransfer(request.request_id, keys[start:end], ids))
+        # the worker unpins what it loads; the blocks vLLM has itself are released here
+        handed = end <= len(leased)
+        self._release(leased[:start] + leased[end:] if handed else leased)
+        self._loads.append(BlockTransfer(request.request_id, keys[start:end], ids, handed))
 
     def build_connector_meta(self, scheduler_output: "SchedulerOutput") -> KVConnectorMetadata:
         meta = KVStoreConnectorMetadata(loads=self._loads)
@@ -220,6 +291,7 @@ class KVStoreConnector(KVConnectorBase_V1):
     def request_finished(self, request: "Request", block_ids: list[int]) -> tuple[bool, Optional[dict[str, Any]]]:
         self._reqs.pop(request.request_id, None)
         self._lookups.pop(request.request_id, None)
+        self._release(self._leases.pop(request.request_id, []))  # looked up, never loaded
         return False, None  # saves finish within the step: blocks can be freed now
 
     @property
@@ -252,15 +324,40 @@ class KVStoreConnector(KVConnectorBase_V1):
         for t in meta.loads:
             keys = self._keys(t)
             try:
-                get_blocks(self.client, self.layout, keys, t.block_ids)
+                self._load(t, keys)
+            except Exception as e:  # noqa: BLE001 - never into vLLM's worker: recompute instead
+                log.warning("kvstore: loading %d block(s) of %s failed: %s", len(keys), t.req_id, e)
+                self._load_errors.update(t.block_ids)
+            if t.leased:
+                self._store("unpin", self.client.unpin, keys, default=0)
+
+    def _load(self, t: BlockTransfer, keys: list[bytes]) -> None:
+        from ..torch import get_blocks
+
+        if not self.breaker.allow():
+            self._load_errors.update(t.block_ids)  # the store is down: recompute, do not wait
+            return
+        try:
+            get_blocks(self.client, self.layout, keys, t.block_ids)
+            self.breaker.success()
+            return
+        except errors.KVStoreError as e:
+            self.breaker.failure(e)
+            if is_outage(e):
+                log.warning("kvstore: %d block(s) of %s not loaded: %s", len(keys), t.req_id, e)
+                self._load_errors.update(t.block_ids)
+                return
+            log.warning("kvstore: loading %d block(s) of %s failed (%s); finding which",
+                        len(keys), t.req_id, e)
+        for i, (k, b) in enumerate(zip(keys, t.block_ids)):
+            try:
+                get_blocks(self.client, self.layout, [k], [b])
             except errors.KVStoreError as e:
-                log.warning("kvstore: loading %d block(s) of %s failed (%s); finding which",
-                            len(keys), t.req_id, e)
-                for k, b in zip(keys, t.block_ids):
-                    try:
-                        get_blocks(self.client, self.layout, [k], [b])
-                    except errors.KVStoreError:
-                        self._load_errors.add(b)
+                self._load_errors.add(b)
+                if is_outage(e):  # went down meanwhile: the rest fail too
+                    self.breaker.failure(e)
+                    self._load_errors.update(t.block_ids[i:])
+                    return
 
     def wait_for_layer_load(self, layer_name: str) -> None:
         return  # start_load_kv loaded every layer
@@ -269,22 +366,26 @@ class KVStoreConnector(KVConnectorBase_V1):
         return  # whole blocks (every layer) are saved in wait_for_save
 
     def wait_for_save(self):
-        from ..torch import put_blocks
-
         meta = self._get_connector_metadata()
         if not isinstance(meta, KVStoreConnectorMetadata) or not meta.saves:
             return
         for t in meta.saves:
             keys = self._keys(t)
             try:
-                have = self.client.exists(keys)
-                todo = [(k, b) for k, b, h in zip(keys, t.block_ids, have) if not h]
-                if todo:
-                    put_blocks(self.client, self.layout, [k for k, _ in todo], [b for _, b in todo])
+                self._store(f"saving {len(keys)} block(s) of {t.req_id}", self._save, t, keys)
+            except Exception as e:  # noqa: BLE001 - a cache: a lost save is a future miss
+                log.warning("kvstore: %d block(s) of %s not saved: %s", len(keys), t.req_id, e)
+
+    def _save(self, t: BlockTransfer, keys: list[bytes]) -> None:
+        from ..torch import put_blocks
+
+        have = self.client.exists(keys)
+        todo = [(k, b) for k, b, h in zip(keys, t.block_ids, have) if not h]
+        if todo:
+            try:
+                put_blocks(self.client, self.layout, [k for k, _ in todo], [b for _, b in todo])
             except errors.Conflict:
                 pass  # the block is stored (bit-for-bit different, same prefix): keep it
-            except errors.KVStoreError as e:
-                log.warning("kvstore: %d block(s) of %s not saved: %s", len(keys), t.req_id, e)
 
     def get_block_ids_with_load_errors(self) -> set[int]:
         failed, self._load_errors = self._load_errors, set()
