@@ -98,7 +98,7 @@ def _tail(summary_len: int) -> int:
     return align_up(max(summary_len, 1)) + BLOCK
 
 
-@dataclass
+@dataclass(slots=True)
 class Location:
     region: int
     offset: int  # absolute offset of the record header
@@ -131,7 +131,7 @@ class Region:
         return self.write_ptr
 
 
-@dataclass
+@dataclass(slots=True)
 class RecoveredRecord:
     ns: bytes
     key: bytes
@@ -360,18 +360,22 @@ class NvmeDevice:
             log.warning("nvme region %d: summary does not match its checksum; scanning the region",
                         r.index)
             return False
+        # the hot loop of a restart (one pass per record): locals only
         out, pos, end = [], 0, REGION_HEADER
-        unpack, esize = SUMMARY_ENTRY.unpack_from, SUMMARY_ENTRY.size
+        unpack, esize, data = SUMMARY_ENTRY.unpack_from, SUMMARY_ENTRY.size, bytes(view)
+        index, base, append = r.index, r.base, out.append
         for _ in range(count):
-            seq, rel, length, csum, committed_at, flags, ns_len, key_len = unpack(view, pos)
+            seq, rel, length, csum, committed_at, flags, ns_len, key_len = unpack(data, pos)
             pos += esize
-            ns = bytes(view[pos:pos + ns_len])
-            key = bytes(view[pos + ns_len:pos + ns_len + key_len])
-            pos += ns_len + key_len
-            tomb = bool(flags & FLAG_TOMBSTONE)
-            out.append(RecoveredRecord(ns, key, Location(r.index, r.base + rel, length, csum, gen),
-                                       seq, tomb, committed_at))
-            end = max(end, rel + BLOCK + (0 if tomb else align_up(length)))
+            ns = data[pos:pos + ns_len]
+            pos += ns_len
+            key = data[pos:pos + key_len]
+            pos += key_len
+            tomb = flags & FLAG_TOMBSTONE == FLAG_TOMBSTONE
+            append(RecoveredRecord(ns, key, Location(index, base + rel, length, csum, gen),
+                                   seq, tomb, committed_at))
+            # entries are in offset order: the last one ends the region's records
+            end = rel + BLOCK + (0 if tomb else (length + BLOCK - 1) // BLOCK * BLOCK)
         if pos != body_len:
             self.scan_stats["summaries_corrupt"] += 1
             return False
@@ -556,22 +560,27 @@ class NvmeTier:
         objects) and which hold tombstones, so reclaim keeps deletes deleted.
         """
         newest: dict[tuple[bytes, bytes], RecoveredRecord] = {}
+        get = newest.get
+        tombstones = False
         for rec in self.recovered:
             k = (rec.ns, rec.key)
-            old = newest.get(k)
+            old = get(k)
             if old is None or rec.seq > old.seq:
                 newest[k] = rec
-        for rec in self.recovered:
-            k = (rec.ns, rec.key)
-            r = self.regions[rec.loc.region]
-            if rec.tombstone:
-                r.tombs[k] = max(rec.seq, r.tombs.get(k, 0))
-            elif newest[k] is not rec:
-                self._mark_stale(r, k)
+            tombstones = tombstones or rec.tombstone
+        if tombstones or len(newest) != len(self.recovered):  # else nothing is stale
+            for rec in self.recovered:
+                k = (rec.ns, rec.key)
+                r = self.regions[rec.loc.region]
+                if rec.tombstone:
+                    r.tombs[k] = max(rec.seq, r.tombs.get(k, 0))
+                elif newest[k] is not rec:
+                    self._mark_stale(r, k)
         self.recovered = []
         live = [rec for rec in newest.values() if not rec.tombstone]
+        regions = self.regions
         for rec in live:
-            self.regions[rec.loc.region].live.add((rec.ns, rec.key))
+            regions[rec.loc.region].live.add((rec.ns, rec.key))
         return live
 
     def _mark_stale(self, r: Region, k: tuple[bytes, bytes]) -> None:
