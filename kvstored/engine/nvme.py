@@ -188,7 +188,7 @@ class NvmeDevice:
         self.seed = xxhash.xxh3_64_intdigest(self.uuid)
         self.scan_stats = dict.fromkeys(
             ("restart_summaries", "restart_scanned_regions", "restart_resyncs", "summaries_corrupt",
-             "region_headers_repaired", "regions_unreadable"), 0)
+             "region_headers_repaired", "regions_unreadable", "restart_summaries_written"), 0)
         self.io = open_backend(self.fd, io_backend, queue_depth,
                                os.path.dirname(os.path.abspath(path)))
         self.io_backend = self.io.name
@@ -302,8 +302,35 @@ class NvmeDevice:
                 r.sum_state = "written"
             else:
                 st["restart_scanned_regions"] += 1
-                self._scan_region(r, chunk, records)
+                found: list[RecoveredRecord] = []
+                self._scan_region(r, chunk, found)
+                records.extend(found)
+                self._summarize_scanned(r, found)
         return regions, records
+
+    def _summarize_scanned(self, r: Region, found: list) -> None:
+        """Give a scanned region the summary it lacked, so the next start reads it. Its
+        records end before the tail the writer had reserved for a summary of at least
+        these entries, so the summary overwrites none of them."""
+        if not found:
+            return
+        body = bytearray()
+        for rec in found:
+            body += SUMMARY_ENTRY.pack(rec.seq, rec.loc.offset - r.base, rec.loc.length,
+                                       rec.loc.checksum, rec.committed_at,
+                                       FLAG_TOMBSTONE if rec.tombstone else 0,
+                                       len(rec.ns), len(rec.key)) + rec.ns + rec.key
+        if r.write_ptr + _tail(len(body)) > r.size:
+            return
+        r.summary = body
+        buf = summary_block(r, self.seed)
+        r.summary = None
+        try:
+            if os.pwritev(self.fd, [memoryview(buf)], r.base + r.size - len(buf)) == len(buf):
+                r.sum_state = "written"
+                self.scan_stats["restart_summaries_written"] += 1
+        except OSError as e:
+            log.warning("nvme region %d: could not write its summary after the scan: %s", r.index, e)
 
     def _region_generation(self, r: Region, buf) -> tuple[int, int] | None:
         """(generation, slot_size) from the better of the region header's two copies."""

@@ -440,7 +440,12 @@ def test_corrupt_summary_falls_back_to_scanning_its_region(tmp_path):
         assert keys == set(where), "a corrupt summary lost records"
         c = s.nvme.counters
         assert c["summaries_corrupt"] == 1 and c["restart_scanned_regions"] == 1
-        assert c["restart_summaries"] == 1
+        assert c["restart_summaries"] == 1 and c["restart_summaries_written"] == 1
+    finally:
+        s.close()
+    s, keys = _reopen(path)  # the scan wrote a new summary: nothing is scanned now
+    try:
+        assert keys == set(where) and s.nvme.counters["restart_scanned_regions"] == 0
     finally:
         s.close()
     # a corrupt trailer: the same
@@ -496,6 +501,8 @@ def test_corrupt_record_header_costs_that_record_only(tmp_path):
     _, off5, _ = where[b"k5"]
     with open(path, "r+b") as f:
         f.seek(off5)
+        f.write(b"\0" * 4096)
+        f.seek(base + 16 * MiB - 4096)  # the summary the last start wrote after its scan
         f.write(b"\0" * 4096)
     s, keys = _reopen(path)
     try:
