@@ -24,6 +24,10 @@ def _missing_extra(e: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    import os
+    # gRPC's C core prints its own lines on stderr (a failed bind: "E1130 ... add_port.cc");
+    # the daemon reports those errors itself. GRPC_VERBOSITY=debug brings them back.
+    os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     from kvstored.config import ConfigError, config_from_args, fail
 
     try:

@@ -276,7 +276,11 @@ class Node:
                                          medium=c.events_medium, block_size=c.events_block_size)
             self.events.start()
             self.metrics.usage.events = self.events
-        self.data_port = await self.data_server.start(c.host, c.data_port)
+        try:
+            self.data_port = await self.data_server.start(c.host, c.data_port)
+        except OSError as e:
+            raise OSError(f"cannot listen on {c.host}:{c.data_port} for the data plane "
+                          f"({e.strerror or e}); set server.data_port / --data-port") from None
         # room for the largest control-plane value plus the message around it
         msg_limit = c.max_control_value_size + (1 << 20)
         self.grpc_server = grpc.aio.server(options=[
@@ -285,15 +289,21 @@ class Node:
             ("grpc.so_reuseport", 0),
         ])
         add_to_server(self.grpc_server, self)
-        if self.tls is not None:
-            self.control_port = self.grpc_server.add_secure_port(
-                f"{c.host}:{c.control_port}", self.tls.grpc_credentials())
-        else:
-            self.control_port = self.grpc_server.add_insecure_port(f"{c.host}:{c.control_port}")
+        try:  # a bind failure: 0 from older gRPC versions, RuntimeError from newer ones
+            if self.tls is not None:
+                self.control_port = self.grpc_server.add_secure_port(
+                    f"{c.host}:{c.control_port}", self.tls.grpc_credentials())
+            else:
+                self.control_port = self.grpc_server.add_insecure_port(
+                    f"{c.host}:{c.control_port}")
+        except RuntimeError:
+            self.control_port = 0
+        if self.control_port == 0:
+            raise OSError(f"cannot listen on {c.host}:{c.control_port} for the control plane "
+                          "(address already in use, or not an address of this host); "
+                          "set server.control_port / --port")
         if self.auth is not None and self.tls is None:
             log.warning("auth is on without TLS: tokens cross the network in clear text")
-        if self.control_port == 0:
-            raise OSError(f"cannot listen on {c.host}:{c.control_port} for the control plane")
         await self.grpc_server.start()
         if c.control_port == 0 and self.node_id.endswith(":0"):  # default id names the real port
             self.node_id = f"{self.node_id[:-2]}:{self.control_port}"

@@ -27,9 +27,12 @@ def notify(*states: str) -> bool:
         return False
     payload = "\n".join(s.replace("\n", " ") for s in states).encode()
     try:
-        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as s:
+        # non-blocking: a notify socket whose queue is full (a reader that does not read)
+        # must never stall the event loop; the message is dropped and logged instead
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC
+                           | socket.SOCK_NONBLOCK) as s:
             s.connect(addr)
-            s.sendall(payload)
+            s.send(payload)
     except OSError as e:
         log.warning("sd_notify failed: %s", e, extra={"notify_socket": addr.replace("\0", "@")})
         return False
