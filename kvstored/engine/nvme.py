@@ -70,6 +70,7 @@ VERSION = 2  # 2: seeded header checksums, doubled region header, region summari
 # a summary block and the trailer (config checks region_size >= max_value_size + this)
 REGION_OVERHEAD = REGION_HEADER + 3 * BLOCK
 SCAN_CHUNK = 8 << 20  # bytes read at a time when a region is scanned
+REGION_WAIT = 5.0  # seconds an append may wait for a busy region to become reclaimable
 _CSUM = struct.Struct("<Q")
 
 
@@ -701,6 +702,22 @@ class NvmeTier:
         self.counters["summaries_written" if ok else "summary_errors"] += 1
 
     async def _take_region(self) -> Region | None:
+        """A free region, else the oldest reclaimable one; waits (bounded) while the only
+        candidates are busy for a moment (writes or a summary in flight, tombstones being
+        carried) rather than failing the append."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + REGION_WAIT
+        while True:
+            r = await self._take_region_now()
+            if r is not None or loop.time() >= deadline:
+                return r
+            if not any(x.state == "carrying" or (x.state == "full" and (x.pending or x.sum_state == "writing")
+                                                 and not (self.keep_live and x.live))
+                       for x in self.regions):
+                return None
+            await asyncio.sleep(0.002)
+
+    async def _take_region_now(self) -> Region | None:
         for r in self.regions:
             if r.state == "free":
                 return r
@@ -955,9 +972,11 @@ class NvmeTier:
         return getattr(self.dev.io, "reason", "")
 
     def close(self) -> None:
-        # seal the open regions with a summary, so the next start reads instead of scanning
-        for r in list(self.open.values()):
-            if r.pending or r.summary is None or r.frontier != r.write_ptr:
+        # summaries of the open regions, and of sealed ones whose write had no time to
+        # run, so the next start reads instead of scanning (same bytes if both land)
+        for r in self.regions:
+            if (r.state not in ("open", "full") or r.sum_state == "written" or r.pending
+                    or r.summary is None or r.frontier != r.write_ptr):
                 continue
             buf = summary_block(r, self.dev.seed)
             try:
