@@ -437,7 +437,17 @@ def run_replay(model, client, paged: PagedKV, args, extra: bytes) -> dict:
         if not agree:
             problems.append(f"turn {t}: predicted {predicted}, lookup/loaded {r.hit_blocks}, stored {stored}, "
                             f"Stats during the load {d_get}, after the store {d_all}")
-        rows.append({"turn": t, "trace_index": req["trace_index"], "conversation": req["conversation"],
+        extra_cols = {}
+        if args.replay_recompute:  # the same turn without the store; leaves the store untouched
+            t0 = time.perf_counter()
+            ref_logits, _ = prefill(model, tokens)
+            extra_cols["recompute_s"] = time.perf_counter() - t0
+            cmp = compare_logits(r.logits, ref_logits, args.dtype)
+            extra_cols["max_abs_diff"] = cmp["max_abs_diff"]
+            if not cmp["logits_ok"]:
+                problems.append(f"turn {t}: logits differ beyond {TOLERANCE[args.dtype]} "
+                                f"(max abs {cmp['max_abs_diff']:.3g}, argmax equal {cmp['argmax_equal']})")
+        rows.append({**extra_cols, "turn": t, "trace_index": req["trace_index"], "conversation": req["conversation"],
                      "tokens": len(tokens), "predicted_hit_blocks": predicted, "hit_blocks": r.hit_blocks,
                      "computed_tokens": len(tokens) - r.hit_blocks * bs, "ttft_s": r.ttft,
                      "load_s": r.load_s, "stored_blocks": stored, "stats_hits": d_get["hits"],
@@ -445,6 +455,8 @@ def run_replay(model, client, paged: PagedKV, args, extra: bytes) -> dict:
     total_usable = sum((row["tokens"] - 1) // bs for row in rows)
     total_hits = sum(row["hit_blocks"] for row in rows)
     return {"turns": rows, "problems": problems, "namespace": ns, "transport": client.transport,
+            "ttft_total_s": sum(row["ttft_s"] for row in rows),
+            "recompute_total_s": sum(row["recompute_s"] for row in rows) if args.replay_recompute else None,
             "hit_ratio": total_hits / total_usable if total_usable else 0.0,
             "conversations": len({row["conversation"] for row in rows})}
 
@@ -487,15 +499,19 @@ def render(result: dict) -> str:
     if rep:
         lines += ["", f"Chat replay: {len(rep['turns'])} turns of {rep['conversations']} conversations "
                   f"(trace {os.path.basename(a['trace'])}, {a['tokens_per_trace_block']} tokens per 512-token "
-                  f"trace block), {rep['transport']}; block hit ratio {rep['hit_ratio']:.2f}.", "",
+                  f"trace block), {rep['transport']}; block hit ratio {rep['hit_ratio']:.2f}; TTFT summed over "
+                  f"the turns {rep['ttft_total_s']:.2f} s with the store"
+                  + (f", {rep['recompute_total_s']:.2f} s recomputing every prompt" if rep["recompute_total_s"] else "")
+                  + ".", "",
                   "| turn | trace req | conv | tokens | predicted hits | lookup = loaded | Stats hits / misses "
-                  "| computed tokens | TTFT ms | stored blocks | Stats puts | agree |",
-                  "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---|"]
+                  "| computed tokens | TTFT ms | recompute TTFT ms | stored blocks | Stats puts | agree |",
+                  "|---:|---:|---:|---:|---:|---:|---|---:|---:|---:|---:|---:|---|"]
         for t in rep["turns"]:
+            rc = _ms(t["recompute_s"]) if "recompute_s" in t else "-"
             lines.append(f"| {t['turn']} | {t['trace_index']} | {t['conversation']} | {t['tokens']} | "
                          f"{t['predicted_hit_blocks']} | {t['hit_blocks']} | {t['stats_hits']} / {t['stats_misses']} | "
-                         f"{t['computed_tokens']} | {_ms(t['ttft_s'])} | {t['stored_blocks']} | {t['stats_puts']} | "
-                         f"{'yes' if t['agree'] else 'NO'} |")
+                         f"{t['computed_tokens']} | {_ms(t['ttft_s'])} | {rc} | {t['stored_blocks']} | "
+                         f"{t['stats_puts']} | {'yes' if t['agree'] else 'NO'} |")
     if result["target"]:
         lines += ["", result["target"]]
     probs = result["problems"]
@@ -590,6 +606,8 @@ def parse_args(argv=None):
     ap.add_argument("--max-trace-blocks", type=int, default=64,
                     help="only conversations whose requests have at most this many trace blocks")
     ap.add_argument("--replay-transport", default="shm")
+    ap.add_argument("--no-replay-recompute", dest="replay_recompute", action="store_false",
+                    help="do not also time each turn recomputed from scratch (nor compare its logits)")
     ap.add_argument("--address", help="a running kvstored's control address (default: start one)")
     ap.add_argument("--daemon-python", default=None,
                     help="interpreter for the daemon (default: the repo's .venv, else this one)")
