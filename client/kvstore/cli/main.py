@@ -251,13 +251,13 @@ def _error_text(e: errors.KVStoreError, args) -> str:
     instead of gRPC's or the socket's wording."""
     text = one_line(e.message)
     if isinstance(e, errors.Unavailable) and _REFUSED.search(text):
-        if args.address in text:
-            return (f"cannot connect to kvstored at {args.address}: connection refused "
-                    "(is kvstored running?)")
-        # the control address answered, so the daemon runs: its data port is what is missing
-        where = args.data_address or f"the address kvstored at {args.address} advertises"
-        return (f"cannot connect to the kvstored data path at {where}: connection refused "
-                "(is that port reachable from here? --data-address overrides it)")
+        if "data path" in text and args.address not in text:
+            # the control address answered, so the daemon runs: its data port is what is missing
+            where = args.data_address or f"the address kvstored at {args.address} advertises"
+            return (f"cannot connect to the kvstored data path at {where}: connection refused "
+                    "(is that port reachable from here? --data-address overrides it)")
+        return (f"cannot connect to kvstored at {args.address}: connection refused "
+                "(is kvstored running?)")
     # the SDK's wording for what the user asked as --shm
     return text.replace("shm=True but", "--shm given but")
 
