@@ -178,21 +178,6 @@ def _bad_frame(t: tuple) -> FrameError:
                       request_id=t[4])
 
 
-def request_problem(h: Header, max_length: int) -> str:
-    """Why a request header is out of bounds ("" if it is not): unknown op, a namespace
-    or key length over the limits, a payload over ``max_length``. The daemon answers
-    these with a typed error and keeps the connection (the payload is skipped)."""
-    if h.op not in OPS:
-        return f"unknown op {h.op}"
-    if h.ns_len > MAX_NAMESPACE_LEN:
-        return f"namespace length {h.ns_len} over {MAX_NAMESPACE_LEN} bytes"
-    if h.key_len > MAX_KEY_LEN:
-        return f"key length {h.key_len} outside 1-{MAX_KEY_LEN} bytes"
-    if h.length > max_length:
-        return f"payload of {h.length} bytes over the limit of {max_length}"
-    return ""
-
-
 # Payloads skipped by any reader land here; their content is never read, so one buffer
 # serves every reader (and thread) of the process.
 _SCRATCH = memoryview(bytearray(1 << 20))
@@ -343,6 +328,13 @@ class FrameReader:
             return True
         self.target, self.got, self.want = _Sink(n - take), 0, n - take
         return False
+
+    def divert(self) -> None:
+        """Receive the rest of the current payload into scratch: its owner gave up on it
+        (a caller that timed out must never have its buffer written again)."""
+        if self.target is not None and not isinstance(self.target, _Sink):
+            left = self.want - self.got
+            self.target, self.got, self.want = _Sink(left), 0, left
 
     def abandon(self) -> None:
         """Forget a payload target (the connection is gone; its bytes will never come)."""

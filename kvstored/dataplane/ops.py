@@ -24,7 +24,7 @@ if TYPE_CHECKING:
 
     from kvstored.engine import Entry, Reservation
 
-log = logging.getLogger("kvstored.tcp")
+log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their logger name
 
 
 def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:

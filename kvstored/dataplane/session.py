@@ -51,7 +51,7 @@ if TYPE_CHECKING:
     from kvstored.auth import Auth
     from kvstored.engine import Entry, Reservation, Store
 
-log = logging.getLogger("kvstored.tcp")
+log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their logger name
 
 HEADER_BUFFER = 256 << 10  # per-connection buffer for headers (and small payload tails)
 DISCARD_LIMIT = 1 << 30  # payloads of rejected puts up to this size are skipped, not fatal
@@ -134,6 +134,7 @@ class DataSession:
         self.gate = plane.gate
         self.guard = AuthGuard(plane.auth) if plane.auth is not None else None
         self.counters = plane.counters
+        self.latency, self.latency_other = plane.latency, plane.latency_other
         self.budget = budget or ConnectionBudget(plane.max_pipelined, plane.burst)
         self.wake = wake or (lambda: None)
         self.peer = peer  # for log lines
@@ -165,7 +166,8 @@ class DataSession:
         self.put_t0 = 0.0
 
     # ================================================================ events
-    def receive_buffer(self) -> memoryview:
+    def receive_buffer(self, sizehint: int = -1) -> memoryview:
+        """Where the next received bytes go (a BufferedProtocol's get_buffer)."""
         if self.lingering:
             return _swallow
         return self.reader.buffer()
@@ -180,7 +182,7 @@ class DataSession:
                 return
             self._payload_done()
         else:
-            reader.filled(n)
+            reader.end += n  # FrameReader.filled without a payload target, inlined (hot path)
         self.advance()
 
     def feed(self, data) -> int:
@@ -206,7 +208,7 @@ class DataSession:
         drained = self.sent - unsent
         pending = self.pending
         if pending and pending[0][0] <= drained:
-            hist, now, release = self.plane.latency[OP_GET], _now(), self.store.release
+            hist, now, release = self.latency[OP_GET], _now(), self.store.release
             while pending and pending[0][0] <= drained:
                 _, e, t0 = pending.popleft()
                 release(e)
@@ -278,13 +280,16 @@ class DataSession:
             return
         self.in_advance = True
         reader, ops, budget, pending = self.reader, self.ops, self.budget, self.pending
+        guard, plane = self.guard, self.plane
         self.t_in = _now()
         while (not self.closed and reader.target is None and self.waiting is None
                and not self.write_paused and len(pending) + self.loads < budget.max_pipelined):
+            if reader.end - reader.start < HEADER_SIZE:  # (inlined: the usual way out)
+                break
             if self.sent - self.flushed_at >= budget.burst:
                 self.burst_stop = True  # the driver flushes, then calls advance() again
                 break
-            if self.plane.draining:  # start nothing new; the server closes us
+            if plane.draining:  # start nothing new; the server closes us
                 self.reading = False
                 break
             try:
@@ -300,23 +305,24 @@ class DataSession:
             if op is None:
                 self.reject(h.op, rid, h.length, errors.InvalidArgument(f"unknown op {h.op}"))
                 continue
-            if op.epoch and h.aux:
+            handler, scope, gated, length = op
+            if gated and h.aux:
                 err = self.gate.check(h.aux)
                 if err is not None:
-                    self.reject(h.op, rid, h.length if op.length == BODY else 0, err)
+                    self.reject(h.op, rid, h.length if length == BODY else 0, err)
                     continue
-            if op.length == EMPTY and h.length:
+            if length == EMPTY and h.length:
                 self.fatal(rid, f"a {OPS[h.op]} request carries no payload")
                 break
-            if op.scope is not None and self.guard is not None:
-                refused = self.guard.check(ns, op.scope)
+            if guard is not None and scope is not None:
+                refused = guard.check(ns, scope)
                 if refused is not None:
                     self.counters["auth_rejected_" + refused[0]] += 1
-                    self.reject(h.op, rid, h.length if op.length == BODY else 0, refused[1])
+                    self.reject(h.op, rid, h.length if length == BODY else 0, refused[1])
                     continue
-            op.handler(self, h, ns, key)
+            handler(self, h, ns, key)
         self.in_advance = False
-        if (not self.closed and self.reading and reader.buffered()
+        if (self.reading and reader.end != reader.start and not self.closed
                 and len(pending) + self.loads >= budget.max_pipelined):
             self.counters["pipeline_limit_pauses"] += 1
             self.reading = False  # too many unanswered requests: written() resumes
@@ -338,9 +344,9 @@ class DataSession:
             self.sent += len(frame)
             op = frame[5]  # every response but a get's object passes here: time it by its op
             if op == OP_PUT:
-                self.plane.latency[OP_PUT].observe(_now() - self.put_t0)
+                self.latency[OP_PUT].observe(_now() - self.put_t0)
             elif op:  # 0: a connection-level error, not an answer to a request
-                self.plane.latency.get(op, self.plane.latency_other).observe(_now() - self.t_in)
+                self.latency.get(op, self.latency_other).observe(_now() - self.t_in)
 
     def error(self, op: int, rid: int, err: errors.KVStoreError) -> None:
         self.reject(op, rid, 0, err)

@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
-import logging
 import socket
 import termios
 from typing import TYPE_CHECKING
@@ -28,8 +27,8 @@ from typing import TYPE_CHECKING
 from kvstore import errors
 from kvstore.wire import OP_PING, encode_error
 
-from .policy import EpochGate
 from .ops import CORE_OPS
+from .policy import EpochGate
 from .session import DataSession, OpTable, Plane
 
 if TYPE_CHECKING:
@@ -38,8 +37,6 @@ if TYPE_CHECKING:
     from kvstored.tls import ServerTLS, TLSListener
 
     from .session import Call
-
-log = logging.getLogger("kvstored.tcp")
 
 _PRUNE_INTERVAL = 0.002  # how often to release references while sends are queued
 LINGER = 2.0  # seconds a draining connection swallows input after its last response
@@ -101,6 +98,21 @@ class DataServer:
     def max_pipelined(self, v: int) -> None:
         self.plane.max_pipelined = v
 
+    def set_max_inflight_bytes(self, v: int) -> None:
+        """Reload: new and existing connections queue at most ``v`` response bytes."""
+        self.plane.burst = v
+        burst = min(v, TLS_MAX_INFLIGHT) if self.tls is not None else v
+        for c in list(self.connections):
+            if c.transport is not None and not c.closed:
+                c.burst = burst
+                c.transport.set_write_buffer_limits(high=burst, low=burst // 2)
+
+    def set_max_pipelined(self, v: int) -> None:
+        """Reload: new and existing connections stop reading at ``v`` unanswered requests."""
+        self.plane.max_pipelined = v
+        for c in list(self.connections):
+            c.max_pipelined = v
+
     def latency_by_name(self):
         return self.plane.latency_by_name()
 
@@ -161,6 +173,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.server = server
         self.session: DataSession = server.plane.session(ops=ops, wake=self._act)
         self.session.ext = ext
+        self.get_buffer = self.session.receive_buffer  # one call less per read (hot path)
         self.fixed_peer = peer
         self.transport: asyncio.Transport | None = None
         self.done = False  # the transport is closed (or was never ours)
@@ -297,8 +310,7 @@ class DataConnection(asyncio.BufferedProtocol):
             return True
 
     # -------------------------------------------------------------- events
-    def get_buffer(self, sizehint):
-        return self.session.receive_buffer()
+    # get_buffer is the session's receive_buffer, bound in __init__
 
     def buffer_updated(self, nbytes):
         self.session.received(nbytes)
@@ -327,6 +339,8 @@ class DataConnection(asyncio.BufferedProtocol):
             s.written(self.transport.get_write_buffer_size())
             if s.burst_stop:  # parsing stopped to flush a burst: go on
                 s.advance()
+        if not (s.calls or s.finish is not None or s.reading != self.reading or s.pending):
+            return  # the usual case: nothing more to do
         if s.calls:
             loop = asyncio.get_running_loop()
             for call in s.take_calls():

@@ -1,0 +1,183 @@
+"""The asyncio driver (kvstored/dataplane/tcp.py) over an in-memory transport.
+
+The transport here is a stand-in for uvloop's (it records writes and
+pause/resume calls); the daemon's own code runs unchanged. The real sockets
+are in tests/daemon/ and tests/security/.
+"""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvstore import errors
+from kvstore.wire import HEADER_SIZE, OP_GET, OP_PING, OP_PUT, checksum, decode, encode_request
+from kvstored.dataplane.tcp import TLS_MAX_INFLIGHT, DataConnection, DataServer
+from kvstored.engine import Store, StoreLimits
+
+MiB = 1 << 20
+
+
+class Transport:
+    def __init__(self, peer=("127.0.0.1", 5555)):
+        self.peer = peer
+        self.data = bytearray()
+        self.buffered = 0  # what a real transport would still hold
+        self.paused = False
+        self.closed = self.aborted = False
+        self.limits = None
+
+    def writelines(self, bufs):
+        for b in bufs:
+            self.data += bytes(b)
+
+    def write(self, b):
+        self.data += bytes(b)
+
+    def get_write_buffer_size(self):
+        return self.buffered
+
+    def set_write_buffer_limits(self, high, low):
+        self.limits = (high, low)
+
+    def pause_reading(self):
+        self.paused = True
+
+    def resume_reading(self):
+        self.paused = False
+
+    def close(self):
+        self.closed = True
+
+    def abort(self):
+        self.aborted = True
+
+    def can_write_eof(self):
+        return True
+
+    def write_eof(self):
+        pass
+
+    def get_extra_info(self, name):
+        return self.peer if name == "peername" else None
+
+
+def frames(t: Transport) -> list:
+    out, w, pos = [], bytes(t.data), 0
+    t.data.clear()
+    while pos < len(w):
+        h = decode(w, pos)
+        out.append((h, w[pos + HEADER_SIZE:pos + HEADER_SIZE + h.length]))
+        pos += HEADER_SIZE + h.length
+    return out
+
+
+def feed(c: DataConnection, data: bytes) -> None:
+    mv = memoryview(data)
+    while mv:
+        b = c.get_buffer(len(mv))
+        n = min(len(b), len(mv))
+        b[:n] = mv[:n]
+        c.buffer_updated(n)
+        mv = mv[n:]
+
+
+@pytest.fixture
+def server():
+    store = Store(StoreLimits(dram_size=8 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
+                              hugepages=False, prefault=False))
+    srv = DataServer(store, max_connections=2, max_inflight_bytes=4 * MiB,
+                     max_connections_per_client=1 << 30, max_pipelined_requests=8)
+    yield srv
+    store.close()
+
+
+def connect(srv, peer=("127.0.0.1", 5555)):
+    c = DataConnection(srv)
+    t = Transport(peer)
+    c.connection_made(t)
+    return c, t
+
+
+def test_requests_answers_and_lifecycle(server):
+    async def run():
+        c, t = connect(server)
+        assert t.limits == (4 * MiB, 2 * MiB) and c in server.connections
+        data = b"x" * 100_000
+        feed(c, encode_request(OP_PUT, 1, b"ns", b"k", len(data), checksum(data)) + data
+             + encode_request(OP_GET, 2, b"ns", b"k") + encode_request(OP_PING, 3, b"", b""))
+        rs = frames(t)
+        assert [(h.req_id, h.status) for h, _ in rs] == [(1, 0), (2, 0), (3, 0)]
+        assert rs[1][1] == data
+        assert server.traffic()[0] > len(data)
+        c.connection_lost(None)
+        assert c not in server.connections and server.store.index[(b"ns", b"k")].refs == 0
+    asyncio.run(run())
+
+
+def test_connection_limit_refuses_with_a_frame(server):
+    async def run():
+        a, _ = connect(server)
+        b, _ = connect(server)
+        c, t = connect(server)
+        (h, msg), = frames(t)
+        assert h.status == errors.Unavailable.code and b"too many connections" in msg
+        assert t.closed and c.closed and server.counters["rejected_connections"] == 1
+    asyncio.run(run())
+
+
+def test_pipeline_limit_pauses_the_transport_until_drained(server):
+    async def run():
+        c, t = connect(server)
+        data = b"v" * 1000
+        feed(c, encode_request(OP_PUT, 1, b"ns", b"k", len(data), checksum(data)) + data)
+        frames(t)
+        t.buffered = 10 ** 9  # nothing leaves: get references stay held
+        feed(c, b"".join(encode_request(OP_GET, 10 + i, b"ns", b"k") for i in range(20)))
+        assert len(frames(t)) == 8 and t.paused
+        t.buffered = 0
+        for _ in range(100):  # the prune timer (2 ms) sees the buffer drained
+            await asyncio.sleep(0.01)
+            if not t.paused:
+                break
+        # parsing resumed from what was buffered, and the transport reads again
+        assert [h.req_id for h, _ in frames(t)] == list(range(18, 30)) and not t.paused
+        assert server.store.index[(b"ns", b"k")].refs == 0
+        c.connection_lost(None)
+    asyncio.run(run())
+
+
+def test_write_buffer_back_pressure(server):
+    async def run():
+        c, t = connect(server)
+        c.pause_writing()
+        assert t.paused
+        feed(c, encode_request(OP_PING, 1, b"", b""))  # bytes already read are kept, not parsed
+        assert frames(t) == []
+        c.resume_writing()
+        assert not t.paused and [h.req_id for h, _ in frames(t)] == [1]
+        c.connection_lost(None)
+    asyncio.run(run())
+
+
+def test_reload_hooks_reach_live_connections(server):
+    async def run():
+        c, t = connect(server)
+        server.set_max_inflight_bytes(1 * MiB)
+        server.set_max_pipelined(3)
+        assert t.limits == (1 * MiB, MiB // 2) and c.burst == 1 * MiB and c.max_pipelined == 3
+        server.tls = object()  # with TLS the write-buffer bound is capped
+        server.set_max_inflight_bytes(64 * MiB)
+        assert c.burst == TLS_MAX_INFLIGHT and server.max_inflight_bytes == 64 * MiB
+        c.connection_lost(None)
+    asyncio.run(run())
+
+
+def test_drain_closes_idle_connections(server):
+    async def run():
+        c, t = connect(server)
+        await server.drain(1.0)
+        assert t.closed and c.closed
+        d, t2 = connect(server)  # accepted just before the listener closed
+        assert t2.closed and d not in server.connections
+    asyncio.run(run())
