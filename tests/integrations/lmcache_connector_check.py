@@ -249,6 +249,41 @@ def legacy_remote_url(env: Env):
 
 
 @check
+def kvstore_url_alone_is_reported_with_the_fix(env: Env):
+    """``remote_url: kvstore://...`` without the plugin entries: LMCache finds no adapter
+    (it logs one line and stores nothing). check_config says so and prints the lines
+    to add; with those lines the plugin loads and stores."""
+    url = f"kvstore://{env.address}"
+    cfg = LMCacheEngineConfig.from_dict({"chunk_size": CHUNK, "max_local_cpu_size": 0.02,
+                                        "remote_serde": "naive", "remote_url": url})
+    b = RemoteBackend(cfg, METADATA, env.loop, env.cpu, dst_device="cpu")
+    env.backends.append(b)
+    assert b.connection is None, "LMCache found an adapter for kvstore:// by itself"
+    problems = plugin.check_config(cfg)
+    assert len(problems) == 1 and "No adapter found" in problems[0], problems
+    fix = problems[0].split("remote_url:\n", 1)[1]
+    import yaml
+    fixed = yaml.safe_load(fix)
+    fixed["extra_config"]["remote_storage_plugin.kvstore.namespace"] = "url-fix"
+    cfg2 = LMCacheEngineConfig.from_dict({"chunk_size": CHUNK, "max_local_cpu_size": 0.02,
+                                         "remote_serde": "naive", **fixed})
+    assert plugin.check_config(cfg2) == []
+    b2 = RemoteBackend(cfg2, METADATA, env.loop, env.cpu, dst_device="cpu", plugin_name="kvstore")
+    env.backends.append(b2)
+    assert env.connector(b2).options.address == env.address
+    k, o = key(0, "url-fix"), env.obj(seed=55)
+    env.put(b2, [k], [o], "url-fix")
+    g = b2.get_blocking(k)
+    assert same(g, o)
+    g.ref_count_down()
+    # the other mistakes it reports
+    half = LMCacheEngineConfig.from_dict({"chunk_size": CHUNK, "max_local_cpu_size": 0,
+                                         "remote_storage_plugins": ["kvstore"], "remote_url": "plugin://kvstore"})
+    text = "\n".join(plugin.check_config(half))
+    assert "module_path" in text and "two remote backends" in text and "max_local_cpu_size" in text, text
+
+
+@check
 def placeholder_url_uses_extra_config(env: Env):
     # what basic_check does: remote_url is LMCache's placeholder, the endpoint is in extra_config
     b = env.backend("placeholder", legacy=True, remote_url="plugin://kvstore")

@@ -5,6 +5,7 @@ Run by tests/integrations/test_lmcache.py with the LMCache environment's Python
 
     lmcache_engine_check.py store    --address HOST:PORT --namespace NS --config OUT.yaml
     lmcache_engine_check.py retrieve --address HOST:PORT --namespace NS --config OUT.yaml
+    (--cluster: the address lists seeds of a cluster; --heads/--head-size: bigger chunks)
 
 ``store`` writes the LMCache YAML a user would write (the documented plugin
 configuration), builds an engine from it, stores a prompt's KV cache (3.5
@@ -116,6 +117,7 @@ def retrieve_all(engine, tokens, report: dict, tag: str) -> None:
 
 
 def main() -> int:
+    global HEADS, HEAD_SIZE
     ap = argparse.ArgumentParser()
     ap.add_argument("mode", choices=("store", "retrieve"))
     ap.add_argument("--address", required=True)
@@ -123,7 +125,10 @@ def main() -> int:
     ap.add_argument("--config", required=True)
     ap.add_argument("--cluster", action="store_true",
                     help="--address lists seeds of a kvstored cluster (comma-separated)")
+    ap.add_argument("--heads", type=int, default=2, help="KV heads (the chunk size scales with them)")
+    ap.add_argument("--head-size", type=int, default=16)
     a = ap.parse_args()
+    HEADS, HEAD_SIZE = a.heads, a.head_size
     if a.mode == "store":
         address = f"kvstore+cluster://{a.address}" if a.cluster else a.address
         with open(a.config, "w") as f:
@@ -133,6 +138,7 @@ def main() -> int:
     tokens, kv = prompt()
     keys = chunk_keys(engine, tokens)
     report["chunks"] = len(keys)
+    report["chunk_bytes"] = LAYERS * 2 * CHUNK * HEADS * HEAD_SIZE * torch.finfo(DTYPE).bits // 8
     if a.cluster:
         from kvstore.cluster import ClusterClient
         c = ClusterClient.from_cluster(a.address.split(","), namespace=a.namespace, node_timeout=10)

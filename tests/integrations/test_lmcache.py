@@ -100,6 +100,7 @@ CONNECTOR_CHECKS = [
     "conflict_keeps_first", "self_describing_objects", "legacy_remote_url",
     "placeholder_url_uses_extra_config", "generic_loader_with_connector_class", "remove_and_ping",
     "unreachable_daemon", "options_are_checked", "dead_daemon_costs_a_step_milliseconds",
+    "kvstore_url_alone_is_reported_with_the_fix",
 ]
 
 
@@ -136,7 +137,11 @@ def test_lmcache_connector_checks_listed(connector_results):
 
 def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
     """The same engine round trip with the adapter pointed at a three-node cluster
-    (``kvstore+cluster://`` seeds; ec:2+1 from the cluster's policy, real etcd)."""
+    (``kvstore+cluster://`` seeds; ec:2+1 from the cluster's policy, real etcd), from
+    the engines environment as `make engines-env` installs it (pyeclib from the
+    ``lmcache`` extra). Chunks of 640 KiB (the last one 320 KiB) are above the EC
+    minimum (256 KiB), so every chunk is really erasure coded: three records of about
+    half its size, on three nodes."""
     import sys
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "cluster"))
     from clusterutil import start_nodes
@@ -149,19 +154,42 @@ def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
         seeds = f"{ds[0].control},{ds[1].control}"
         cfg = str(tmp_path / "engine.yaml")
         args = ["lmcache_engine_check.py", "--address", seeds, "--namespace", "engine", "--config", cfg,
-                "--cluster"]
+                "--cluster", "--heads", "10", "--head-size", "64"]
         first = last_json(run(lmcache_python, [args[0], "store", *args[1:]]))
         assert first["stored_after"] == first["chunks"] == 4, first
+        chunk = first["chunk_bytes"]
+        assert chunk == 640 << 10 and first["object_sizes"] == [chunk] * 3 + [chunk // 2], first
         assert first["after_drop_retrieved_tokens"] == first["tokens"] and first["after_drop_equal"], first
         second = last_json(run(lmcache_python, [args[0], "retrieve", *args[1:]]))
         assert second["fresh_retrieved_tokens"] == second["tokens"] and second["fresh_equal"], second
         assert second["daemon_get_hits"] >= 4
         import kvstore
-        # the chunks are spread over the nodes, not all on one
-        held = []
+        # erasure coded: every chunk is 2 data + 1 parity records, one per node, each
+        # about half the chunk (objects under the EC minimum would be 2 whole copies)
+        held, sizes = [], []
         for d in ds:
             with kvstore.Client(d.control, timeout=5) as c:
                 held.append(c.stats().namespaces.get("engine", 0))
-        assert sum(1 for h in held if h) >= 2, held
+                sizes += [e.size for e in c.list(namespace="engine", limit=100).entries]
+        assert held == [4, 4, 4], held
+        assert all(chunk // 4 < s < chunk * 0.6 for s in sizes), sizes
     finally:
         etcd.stop()
+
+
+def test_config_checker_command(lmcache_python, tmp_path):
+    """``python -m kvstore.integrations.lmcache FILE`` exits 2 and prints what to add
+    for a bare ``remote_url: kvstore://``, and 0 for the documented configuration."""
+    bare = tmp_path / "bare.yaml"
+    bare.write_text('chunk_size: 256\nmax_local_cpu_size: 1\nremote_url: "kvstore://10.0.0.5:7070"\n')
+    r = run(lmcache_python, ["-m", "kvstore.integrations.lmcache", str(bare)])
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert 'remote_storage_plugins: ["kvstore"]' in r.stderr and "class_name: KVStoreConnectorAdapter" in r.stderr
+    assert "address: kvstore://10.0.0.5:7070" in r.stderr
+    good = tmp_path / "good.yaml"
+    good.write_text(BASIC_CHECK_CONFIG.format(address="10.0.0.5:7070").replace('remote_url: "plugin://kvstore"\n', ""))
+    r = run(lmcache_python, ["-m", "kvstore.integrations.lmcache", str(good)])
+    assert r.returncode == 0 and "configured" in r.stdout, r.stdout + r.stderr
+    missing = tmp_path / "missing.yaml"
+    r = run(lmcache_python, ["-m", "kvstore.integrations.lmcache", str(missing)])
+    assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr

@@ -18,6 +18,12 @@ endpoint always comes from ``extra_config`` (or, for the legacy ``remote_url``
 form, from ``remote_url: kvstore://host:port``). The plugin name must be
 ``kvstore`` or ``kvstore.<instance>`` (several daemons: one instance each).
 
+LMCache finds this module only through ``remote_storage_plugins`` and the two
+``module_path`` / ``class_name`` keys: a ``remote_url: kvstore://...`` alone makes it
+log "No adapter found for URL" once and store nothing. ``python -m
+kvstore.integrations.lmcache lmcache.yaml`` checks a configuration and prints the
+lines to add (exit status 2 when something is missing).
+
 Mapping onto kvstored:
 
 * a chunk (``CacheEngineKey``) is one object; its kvstored key is the sha256 of
@@ -72,6 +78,7 @@ from ._config import ClientOptions, client_from_options, lookup_prefix
 log = logging.getLogger("kvstore.integrations.lmcache")
 
 PLUGIN_TYPE = "kvstore"
+MODULE = "kvstore.integrations.lmcache"  # what module_path names (also when run as __main__)
 _PLUGIN_KEYS = ("module_path", "class_name")
 # settings of this connector besides the client options (see ClientOptions)
 _SETTINGS = {"workers": 4, "pin_ttl": 60.0, "save_chunk_meta": None}
@@ -135,6 +142,8 @@ class KVStoreConnector(RemoteConnector):
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kvstore-lmcache")
         self._closed = False
         self._lock = threading.Lock()
+        for problem in check_config(config):
+            log.warning("LMCache configuration: %s", problem)
         log.info("LMCache plugin %s -> %s (%s objects, %d workers)", self.plugin_name,
                  self.options.describe(), "self-describing" if self.save_chunk_meta else "raw",
                  self.workers)
@@ -400,6 +409,53 @@ class KVStoreConnector(RemoteConnector):
         return f"<KVStoreConnector {self.options.address} ns={self.options.namespace}>"
 
 
+def _plugin_url(url: str | None) -> bool:
+    return bool(url) and (url.startswith(("kvstore://", "kvstore+cluster://"))
+                          or extract_plugin_type(_plugin_name_from_url(url) or "") == PLUGIN_TYPE)
+
+
+def check_config(config) -> list[str]:
+    """What keeps an LMCache configuration (``LMCacheEngineConfig``) from using kvstored
+    as its documented: a list of problems, each saying what to add or change (empty:
+    fine). LMCache itself only logs such mistakes and runs without the remote tier."""
+    extra = dict(getattr(config, "extra_config", None) or {})
+    plugins = list(getattr(config, "remote_storage_plugins", None) or [])
+    url = getattr(config, "remote_url", None)
+    ours = [p for p in plugins if extract_plugin_type(p) == PLUGIN_TYPE]
+    problems = []
+    for p in ours:
+        pfx = f"remote_storage_plugin.{p}."
+        missing = [k for k in _PLUGIN_KEYS if not extra.get(pfx + k)]
+        if missing:
+            problems.append(
+                f"plugin {p!r} is listed but extra_config lacks {', '.join(pfx + k for k in missing)}: "
+                f"LMCache cannot load it. Add to extra_config:\n  {pfx}module_path: {MODULE}\n"
+                f"  {pfx}class_name: KVStoreConnectorAdapter")
+        elif extra.get(pfx + "module_path") != MODULE:
+            problems.append(f"plugin {p!r}: {pfx}module_path is {extra.get(pfx + 'module_path')!r}, "
+                            f"not {MODULE!r}")
+    if url and url.startswith(("kvstore://", "kvstore+cluster://")) and not ours:
+        scheme, rest = url.split("://", 1)
+        problems.append(
+            f"remote_url {url!r} needs the kvstore plugin: LMCache has no adapter for that scheme "
+            "by itself (it logs \"No adapter found for URL\" and stores nothing). Write instead "
+            "of remote_url:\n"
+            "remote_storage_plugins: [\"kvstore\"]\n"
+            "extra_config:\n"
+            f"  remote_storage_plugin.kvstore.module_path: {MODULE}\n"
+            "  remote_storage_plugin.kvstore.class_name: KVStoreConnectorAdapter\n"
+            f"  remote_storage_plugin.kvstore.address: {scheme}://{rest.split('/', 1)[0]}")
+    elif _plugin_url(url) and ours:
+        problems.append(
+            f"remote_url {url!r} and remote_storage_plugins {ours} both name kvstored: LMCache "
+            "then runs two remote backends against it (every chunk is looked up and sent twice). "
+            "Drop remote_url (keep it only for lmcache.v1.basic_check, which requires it).")
+    if (ours or _plugin_url(url)) and not (getattr(config, "max_local_cpu_size", 0) or 0) > 0:
+        problems.append("LMCache's remote backends receive into its local CPU buffer: set "
+                        "max_local_cpu_size > 0 (GB)")
+    return problems
+
+
 class KVStoreConnectorAdapter(ConnectorAdapter):
     """What ``remote_storage_plugin.<name>.class_name`` names: builds a
     :class:`KVStoreConnector` for ``plugin://kvstore[.<instance>]`` and for the legacy
@@ -420,4 +476,32 @@ class KVStoreConnectorAdapter(ConnectorAdapter):
                                 metadata=context.metadata)
 
 
-__all__ = ["KVStoreConnector", "KVStoreConnectorAdapter", "object_key"]
+def main(argv: list[str] | None = None) -> int:
+    """``python -m kvstore.integrations.lmcache CONFIG.yaml``: check an LMCache
+    configuration for the kvstore plugin (exit 0: fine, 2: something to fix)."""
+    import argparse
+    import sys
+
+    from lmcache.v1.config import LMCacheEngineConfig
+
+    ap = argparse.ArgumentParser(prog="python -m kvstore.integrations.lmcache",
+                                 description="Check an LMCache YAML configuration for the kvstore plugin.")
+    ap.add_argument("config", help="the file LMCACHE_CONFIG_FILE names")
+    a = ap.parse_args(argv)
+    try:
+        config = LMCacheEngineConfig.from_file(a.config)
+    except Exception as e:  # noqa: BLE001 - LMCache raises many kinds for a bad file
+        print(f"{a.config}: LMCache cannot read it: {type(e).__name__}: {e}", file=sys.stderr)
+        return 2
+    problems = check_config(config)
+    for p in problems:
+        print(f"{a.config}: {p}", file=sys.stderr)
+    if not problems:
+        print(f"{a.config}: the kvstore plugin is configured")
+    return 2 if problems else 0
+
+
+__all__ = ["KVStoreConnector", "KVStoreConnectorAdapter", "check_config", "object_key"]
+
+if __name__ == "__main__":
+    raise SystemExit(main())
