@@ -374,7 +374,12 @@ def test_progress_goes_to_stderr_only_when_asked_and_json_stays_clean(cli):
 def test_progress_line_on_a_terminal_is_rewritten_in_place(daemon):
     import pty
     import select
+    import fcntl
+    import struct
+    import termios
     master, slave = pty.openpty()
+    # a narrow terminal: the line is cut to fit (a wrapped line could not be rewritten)
+    fcntl.ioctl(slave, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 30, 0, 0))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join([os.path.join(ROOT, "client"), ROOT]))
     p = subprocess.Popen([sys.executable, "-m", "kvstore.cli", "-a", daemon.control, "-n", "test",
                           "bench", "--count", "4", "--size", "4KiB", "--duration", "0.6"],
@@ -404,6 +409,7 @@ def test_progress_line_on_a_terminal_is_rewritten_in_place(daemon):
     # one line, rewritten with "\r" and never ended with a newline, erased at the end
     assert tty.startswith(b"\rbench put over tcp: ") and b"\n" not in tty, tty
     assert tty.count(b"\r") >= 3 and tty.endswith(b"\r"), tty
+    assert max(len(part) for part in tty.split(b"\r")) == 29, tty  # cut, not wrapped
     assert out.startswith(b"bench: 4 x 4.0 KiB objects over tcp") and b"\r" not in out
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import sys
 import time
@@ -84,6 +85,16 @@ def _isatty(stream) -> bool:
         return False
 
 
+def _columns(stream) -> int:
+    """Width of the terminal ``stream`` is on (stdout may be a pipe meanwhile)."""
+    try:
+        cols = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, ValueError, OSError):
+        cols = 0
+    # 0: a terminal that never set its size (a fresh pty): $COLUMNS or 80
+    return cols or shutil.get_terminal_size((80, 24)).columns
+
+
 class Progress:
     """The progress line of a long command (bench, drain --wait), always on stderr so
     that stdout keeps only the result (--json: one document).
@@ -114,7 +125,7 @@ class Progress:
             if now - self._last_time < self.TTY_INTERVAL:
                 return
             # one terminal line: a wrapped line could not be rewritten by "\r"
-            cols = shutil.get_terminal_size((80, 24)).columns
+            cols = _columns(self.stream)
             text = text[:max(10, cols - 1)]
             pad = " " * max(0, self._width - len(text))
             self.stream.write(f"\r{text}{pad}")
