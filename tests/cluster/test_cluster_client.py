@@ -183,3 +183,40 @@ def test_put_over_a_leftover_fragment_of_the_same_object(nodes):
         finally:
             c0.close()
             c1.close()
+
+
+def test_killed_node_costs_under_a_second_and_is_used_again(nodes, start_daemon):
+    """A node killed under the client: every call still answers within a second even
+    with a 30 s node timeout (a refused connection fails fast; the node is skipped for
+    ``down_s``), and once a node answers there again it gets its writes back."""
+    import time
+
+    with cluster(nodes, node_timeout=30.0, down_s=1.0) as cc:
+        objs = {f"k-{i}".encode(): blob(300_000 + i, i) for i in range(10)}
+        for ns in ("rep", "ec"):
+            cc.batch_put(list(objs.items()), namespace=ns)
+        victim = nodes[2]
+        cport, dport = victim.info["control_port"], victim.data_port
+        victim.stop(signal.SIGKILL)
+        for ns in ("rep", "ec"):
+            for call in (lambda: cc.get(b"k-3", namespace=ns),
+                         lambda: cc.batch_get(list(objs), namespace=ns),
+                         lambda: cc.exists(list(objs), namespace=ns),
+                         lambda: cc.put(f"new-{ns}".encode(), blob(300_000, 7), namespace=ns)):
+                t0 = time.monotonic()
+                call()
+                assert time.monotonic() - t0 < 1.0, f"{ns}: {time.monotonic() - t0:.2f}s with a dead node"
+        start_daemon("--port", str(cport), "--data-port", str(dport))
+        time.sleep(1.0)  # down_s
+        members = cc.members()
+        back = next(m for m in members if m.address == victim.control)
+        k = next(f"again-{i}".encode() for i in range(1000)
+                 if back in place(f"again-{i}".encode(), members, 2, "rep"))
+        t0 = time.monotonic()
+        while True:
+            cc.put(k, b"v", namespace="rep", overwrite=True)
+            with kvstore.Client(victim.control, namespace="rep", timeout=5) as c:
+                if c.exists([k])[0]:
+                    break
+            assert time.monotonic() - t0 < 3.0, "the node that came back gets no writes"
+            time.sleep(0.1)
