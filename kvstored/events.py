@@ -24,8 +24,10 @@ What they mean here: BlockStored when an object is committed (enters the
 index), BlockRemoved when it leaves the index (evicted without an NVMe copy,
 deleted, overwritten, dropped as corrupt). Objects move between DRAM and NVMe
 without events: a router asks "does this node hold it", not "in which tier".
-One event per object; ``block_hashes`` holds one 64-bit hash of
-(namespace, key) (see :func:`block_hash`), ``parent_block_hash`` is None and
+A BlockStored per object, its ``block_hashes`` one 64-bit hash of (namespace,
+key) (see :func:`block_hash`): several would claim a chain of blocks; a run
+of removals (an eviction pass, a delete-all) shares one BlockRemoved.
+``parent_block_hash`` is None and
 ``token_ids`` is empty (the data path carries neither yet), ``block_size`` is
 ``events.block_size`` (tokens per block; 0 = unknown), ``lora_id`` is None and
 ``medium`` is ``events.medium`` (default ``EXTERNAL``: a store outside the
@@ -42,11 +44,11 @@ batch from that number on, each as ``[seq, payload]``, then ``[-1, b""]``
 
 The data path never waits for this: the store's commit and removal only append
 a tuple to a bounded queue; batches are encoded and handed to ZMQ (non-blocking;
-its own I/O thread does the sending) once per event-loop turn. A subscriber
+its own I/O thread does the sending) every ``FLUSH_DELAY`` (2 ms) at most. A subscriber
 that does not read costs at most ``SNDHWM`` queued messages, after which ZMQ
 drops its messages (it sees a gap in the sequence and can replay). Should the
-queue itself overflow (a burst of more than ``MAX_PENDING`` events in one loop
-turn, e.g. a delete-all of a huge namespace), the queued events are dropped
+queue itself overflow (a burst of more than ``MAX_PENDING`` events between two
+flushes, e.g. a delete-all of a huge namespace), the queued events are dropped
 and counted (``kvstored_kv_events_dropped_total``), and the next batch starts
 with AllBlocksCleared: a router then under-estimates this node, never trusts a
 block that is gone.
@@ -55,15 +57,20 @@ from __future__ import annotations
 
 import asyncio
 import collections
-import hashlib
+import functools
 import logging
 import os
 import time
 from typing import Any
 
+from xxhash import xxh3_64_intdigest
+
 log = logging.getLogger("kvstored.events")
 
 MAX_PENDING = 65536  # events queued between two flushes before they are dropped
+# Events wait this long to share a batch: a batch costs a ZMQ send (several us) on the
+# loop, so at most ~500 batches/s whatever the put rate; routers do not notice 2 ms.
+FLUSH_DELAY = 0.002
 MAX_BATCH = 256  # events per published batch (a burst is split over loop turns)
 SNDHWM = 10000  # messages ZMQ queues per subscriber before dropping that subscriber's
 REPLAY_MAX_BYTES = 32 << 20  # payload bytes the replay buffer keeps at most
@@ -75,14 +82,20 @@ END_SEQ = (-1).to_bytes(8, "big", signed=True)
 _STORED, _REMOVED = 0, 1
 
 
+@functools.lru_cache(maxsize=1024)
+def _ns_seed(ns: bytes) -> int:
+    return xxh3_64_intdigest(ns)
+
+
 def block_hash(ns: bytes, key: bytes) -> int:
     """The 64-bit block hash events carry for object ``key`` of namespace ``ns``:
-    BLAKE2b with an 8-byte digest, keyed by the namespace, read big-endian (unsigned).
+    ``xxh3_64(key, seed=xxh3_64(ns))`` (unsigned).
 
-    Keyed by namespace so equal keys in two namespaces never collide; any client can
-    compute it to match events to its own keys.
+    Seeded by the namespace so equal keys in two namespaces do not collide; any client
+    can compute it (xxhash is an SDK dependency) to match events to its own keys.
+    xxh3 rather than a keyed BLAKE2b: ~0.15 us instead of ~1 us per event.
     """
-    return int.from_bytes(hashlib.blake2b(key, digest_size=8, key=ns).digest(), "big")
+    return xxh3_64_intdigest(key, _ns_seed(ns))
 
 
 class EventsError(OSError):
@@ -118,7 +131,7 @@ class EventPublisher:
         self._scheduled = False
         self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=replay_buffer)
         self._buffer_bytes = 0
-        self._replays: collections.deque = collections.deque()  # [ident, delim, next index]
+        self._replays: collections.deque = collections.deque()  # [ident, delim, next seq]
         self._replay_scheduled = False
         self.seq = 0
         self.counters = dict.fromkeys(("events", "batches", "dropped", "send_errors", "replays",
@@ -126,6 +139,7 @@ class EventPublisher:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx = self._pub = self._router = None
         self._packb = None
+        self._z: Any = None  # the zmq module, once started
         self._reader_fd: int | None = None
         self.closed = False
 
@@ -133,6 +147,7 @@ class EventPublisher:
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Bind the sockets and announce AllBlocksCleared. Raises EventsError (one line)."""
         zmq, msgpack = _zmq()
+        self._z = zmq
         self._packb = msgpack.Packer(use_bin_type=True).pack
         self._loop = loop or asyncio.get_running_loop()
         self._ctx = zmq.Context(io_threads=1)
@@ -150,7 +165,7 @@ class EventPublisher:
         self._schedule()
 
     def _bind(self, kind: int, endpoint: str, setting: str):
-        zmq = _zmq()[0]
+        zmq = self._z
         s = self._ctx.socket(kind)
         s.setsockopt(zmq.LINGER, 0)
         s.setsockopt(zmq.SNDHWM, SNDHWM)
@@ -203,10 +218,10 @@ class EventPublisher:
         self._pending.append(ev)
         self._schedule()
 
-    def _schedule(self) -> None:
+    def _schedule(self, delay: float | None = None) -> None:
         if not self._scheduled and self._loop is not None:
             self._scheduled = True
-            self._loop.call_soon(self._flush)
+            self._loop.call_later(FLUSH_DELAY if delay is None else delay, self._flush)
 
     # ------------------------------------------------------------ publishing
     def _flush(self) -> None:
@@ -215,7 +230,7 @@ class EventPublisher:
             return
         self._flush_some()
         if self._pending:
-            self._schedule()  # the rest next turn: the data path runs in between
+            self._schedule(0)  # the rest of a burst next turn: the data path runs in between
 
     def _flush_some(self) -> None:
         events: list = []
@@ -223,18 +238,26 @@ class EventPublisher:
             self._lost = False
             events.append(["AllBlocksCleared"])
         pending, medium = self._pending, self.medium
-        while pending and len(events) < MAX_BATCH:
+        removed = None  # the hash list of the last event when it is a BlockRemoved
+        n = 0
+        while pending and n < MAX_BATCH:
             kind, ns, key = pending.popleft()
             h = block_hash(ns, key)
+            n += 1
             if kind == _STORED:
+                # one per object: several hashes in one BlockStored would claim a chain
                 events.append(["BlockStored", [h], None, [], self.block_size, None, medium])
+                removed = None
+            elif removed is not None:  # a run of removals (an eviction pass, a delete-all)
+                removed.append(h)
             else:
-                events.append(["BlockRemoved", [h], medium])
+                removed = [h]
+                events.append(["BlockRemoved", removed, medium])
         if events:
             self._publish(self._packb([time.time(), events, 0]), len(events))
 
     def _publish(self, payload: bytes, n: int) -> None:
-        zmq = _zmq()[0]
+        zmq = self._z
         seq = self.seq
         self.seq += 1
         try:
@@ -261,7 +284,7 @@ class EventPublisher:
         """Read replay requests (the ROUTER's fd is edge-triggered: read until empty)."""
         if self._router is None:
             return
-        zmq = _zmq()[0]
+        zmq = self._z
         for _ in range(MAX_REQUESTS_PER_TURN):
             try:
                 if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
@@ -331,7 +354,7 @@ class EventPublisher:
         self._loop.call_soon(self._service_replay)
 
     def _send_reply(self, frames: list[bytes]) -> None:
-        zmq = _zmq()[0]
+        zmq = self._z
         try:  # ROUTER drops (never blocks) for a peer past its HWM or gone
             self._router.send_multipart(frames, flags=zmq.NOBLOCK)
         except zmq.ZMQError:

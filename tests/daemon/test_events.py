@@ -7,7 +7,6 @@ on the data path.
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import socket
 import statistics
@@ -16,6 +15,7 @@ import sys
 import time
 
 import pytest
+import xxhash
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -46,9 +46,8 @@ def free_port() -> int:
 
 
 def bhash(ns: str, key: str) -> int:
-    """The documented block hash: BLAKE2b-64 of the key, keyed by the namespace."""
-    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8, key=ns.encode()).digest(),
-                          "big")
+    """The documented block hash: xxh3-64 of the key, seeded with xxh3-64 of the namespace."""
+    return xxhash.xxh3_64_intdigest(key.encode(), xxhash.xxh3_64_intdigest(ns.encode()))
 
 
 @pytest.fixture
@@ -124,23 +123,24 @@ def test_every_block_once_in_order(events_daemon):
         removed = [e for e in sub.events() if e[0] == "BlockRemoved"]
         assert all(len(e) == 7 and e[2] is None and e[3] == [] and e[4] == 16 and e[5] is None
                    and e[6] == "EXTERNAL" and len(e[1]) == 1 for e in stored)
-        assert all(len(e) == 3 and e[2] == "EXTERNAL" and len(e[1]) == 1 for e in removed)
+        assert all(len(e) == 3 and e[2] == "EXTERNAL" and e[1] for e in removed)
         want = [bhash("ev", k) for k in keys] + [bhash("ev2", f"k{i}") for i in range(10)]
         assert [e[1][0] for e in stored] == want  # every put, once, in put order
         # replaying the stream gives exactly what the node holds; each removal follows its store
         live: set[int] = set()
         for e in sub.events():
-            h = e[1][0]
             if e[0] == "BlockStored":
-                assert h not in live
-                live.add(h)
-            else:
-                assert e[0] == "BlockRemoved" and h in live, e
-                live.discard(h)
+                assert e[1][0] not in live
+                live.add(e[1][0])
+            else:  # a run of removals shares one BlockRemoved
+                assert e[0] == "BlockRemoved" and set(e[1]) <= live and len(set(e[1])) == len(e[1])
+                live.difference_update(e[1])
         assert live == {bhash("ev", k) for k in held} | {bhash("ev2", f"k{i}") for i in range(10)}
         evicted = set(keys) - set(held)
-        assert len(evicted) >= 40 and len(removed) == len(evicted)  # evictions and deletes
-        assert {bhash("ev", k) for k in gone} <= {e[1][0] for e in removed}
+        removed_hashes = [h for e in removed for h in e[1]]
+        assert len(evicted) >= 40 and len(removed_hashes) == len(evicted)  # evictions, deletes
+        assert set(removed_hashes) == {bhash("ev", k) for k in evicted}
+        assert {bhash("ev", k) for k in gone} <= set(removed_hashes)
     finally:
         ctx.destroy(0)
 
@@ -236,7 +236,7 @@ def test_late_subscriber_replays(events_daemon):
             assert evs[0] == ["AllBlocksCleared"]  # every start begins with it
             assert [e[1][0] for e in evs if e[0] == "BlockStored"] == [bhash("late", f"r{i}")
                                                                        for i in range(50)]
-            assert [e[1][0] for e in evs if e[0] == "BlockRemoved"] == [bhash("late", "r3")]
+            assert [e[1] for e in evs if e[0] == "BlockRemoved"] == [[bhash("late", "r3")]]
             # from the middle: only that batch on; past the end: only the end marker
             mid = seqs[len(seqs) // 2]
             assert [s for s, _ in replay(ctx, rep, mid)] == seqs[seqs.index(mid):]
@@ -295,7 +295,7 @@ def test_subscriber_that_never_reads_does_not_slow_puts(events_daemon):
         ctx.destroy(0)
 
 
-def test_publisher_never_blocks_past_the_high_water_mark(tmp_path):
+def test_publisher_never_blocks_past_the_high_water_mark(tmp_path, monkeypatch):
     """The real publisher in this process: 30000 batches to a subscriber that never reads
     (far past SNDHWM) all return at once, and ZMQ dropped that subscriber's surplus (it
     sees gaps) instead of holding the loop."""
@@ -305,6 +305,7 @@ def test_publisher_never_blocks_past_the_high_water_mark(tmp_path):
     from kvstored import events
 
     endpoint = f"ipc://{tmp_path}/hwm"
+    monkeypatch.setattr(events, "FLUSH_DELAY", 0)  # one batch per loop turn: many messages
 
     async def run() -> tuple[float, list[int], int]:
         pub = events.EventPublisher(endpoint)
@@ -314,9 +315,10 @@ def test_publisher_never_blocks_past_the_high_water_mark(tmp_path):
         try:
             await asyncio.sleep(0.3)
             t0 = time.perf_counter()
-            for i in range(30000):  # one batch per loop turn
+            for i in range(30000):  # about one batch per event
                 pub.stored(SimpleNamespace(ns=b"h", key=b"%d" % i))
                 await asyncio.sleep(0)
+                await asyncio.sleep(0)  # the flush timer (delay 0) runs on the next pass
             elapsed = time.perf_counter() - t0
             await asyncio.sleep(0.3)
             stalled.drain(0.5)  # it reads at last: what ZMQ had queued for it
@@ -329,8 +331,8 @@ def test_publisher_never_blocks_past_the_high_water_mark(tmp_path):
             ctx.destroy(0)
 
     elapsed, seqs, sent = asyncio.run(run())
-    print(f"30000 batches past the HWM in {elapsed:.2f} s; the stalled subscriber got {len(seqs)}")
-    assert sent == 30002 and elapsed < 30  # bounded: nothing waited for the subscriber
+    print(f"{sent} batches past the HWM in {elapsed:.2f} s; the stalled subscriber got {len(seqs)}")
+    assert sent > 20000 and elapsed < 30  # bounded: nothing waited for the subscriber
     assert seqs and len(seqs) < events.SNDHWM + 5000 < sent  # the surplus was dropped
     # in order, with a gap where the drops were (the subscriber can replay it), then live
     assert seqs == sorted(seqs) and seqs[-1] == sent - 1 and seqs[-1] - seqs[0] + 1 > len(seqs)
@@ -498,5 +500,5 @@ def test_queue_overflow_drops_counts_and_clears(tmp_path, monkeypatch):
         if e[0] == "BlockStored":
             live.add(e[1][0])
         else:
-            live.discard(e[1][0])
+            live.difference_update(e[1])
     assert live <= held and {block_hash(b"o", b"a%d" % i) for i in range(5)} <= live
