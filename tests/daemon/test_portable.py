@@ -5,6 +5,7 @@ tier's io_backend_fallback counter, the reason in Stats)."""
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import time
 
@@ -50,6 +51,21 @@ def test_nvme_daemon_on_epyc_milan(tmp_path):
                 assert nv.counters["io_backend_fallback"] == 1
                 assert nv.io_backend_reason
                 assert "falls back to pread/pwrite threads" in d.log_path.read_text(errors="replace")
+                # ... and kvstore-cli status says so
+                import json
+                import subprocess
+                import sys
+
+                from daemonutil import ROOT
+                env = {**os.environ, "PYTHONPATH": f"{ROOT / 'client'}{os.pathsep}{ROOT}"}
+                out = subprocess.run([sys.executable, "-m", "kvstore.cli", "-a", d.control, "status"],
+                                     capture_output=True, text=True, timeout=60, env=env)
+                assert out.returncode == 0, out.stderr
+                assert "nvme io" in out.stdout and "threads (FALLBACK: " in out.stdout, out.stdout
+                js = subprocess.run([sys.executable, "-m", "kvstore.cli", "-a", d.control, "status",
+                                     "--json"], capture_output=True, text=True, timeout=60, env=env)
+                doc = json.loads(js.stdout)
+                assert doc["nvme_io_backend"] == "threads" and doc["nvme_io_backend_reason"]
         assert d.alive()
     finally:
         rc = d.stop(timeout=60)

@@ -23,6 +23,7 @@ DRAIN_WAIT_TIMEOUT = 600.0
 def cmd_status(c: Client, args) -> int:
     info = c.info(refresh=True)
     h = c.health()
+    nvme = next((t for t in c.stats().tiers if t.name == "nvme"), None)
     doc = {
         "node_id": info.node_id, "version": info.version,
         "control_address": args.address, "data_address": f"{info.data_host}:{info.data_port}",
@@ -30,6 +31,9 @@ def cmd_status(c: Client, args) -> int:
         "wire_version": info.wire_version, "checksum_algorithm": info.checksum_algorithm,
         "shm_socket": info.shm_socket or None, "shm_reachable": _shm_reachable(info.shm_socket),
         "cli_transport": "shm" if args.shm else "tcp",
+        # the NVMe tier's I/O backend and, after a fallback, why io_uring is not used
+        "nvme_io_backend": nvme.io_backend if nvme is not None else None,
+        "nvme_io_backend_reason": (nvme.io_backend_reason or None) if nvme is not None else None,
         "limits": {"max_value_size": info.max_value_size,
                    "max_control_value_size": info.max_control_value_size,
                    "max_key_length": info.max_key_length, "max_batch_keys": info.max_batch_keys},
@@ -46,6 +50,7 @@ def cmd_status(c: Client, args) -> int:
                  f"{info.checksum_algorithm} checksums)"),
         ("shm", _shm_text(info.shm_socket, args.shm)),
         ("health", f"{h.status} ({state})"),
+        ("nvme io", _nvme_io_text(nvme)),
         ("uptime", human_age(h.uptime_seconds)),
         ("max value", f"{human_size(info.max_value_size)} data path, "
                       f"{human_size(info.max_control_value_size)} control path"),
@@ -53,6 +58,14 @@ def cmd_status(c: Client, args) -> int:
         ("max batch", f"{info.max_batch_keys} keys"),
     ]))
     return EXIT_OK
+
+
+def _nvme_io_text(nvme) -> str:
+    if nvme is None:
+        return "no NVMe tier"
+    if nvme.io_backend_reason:
+        return f"{nvme.io_backend} (FALLBACK: {nvme.io_backend_reason})"
+    return nvme.io_backend or "unknown"
 
 
 def _shm_reachable(path: str) -> bool:
@@ -75,7 +88,9 @@ def _is_bytes_counter(name: str) -> bool:
 def cmd_stats(c: Client, args) -> int:
     s = c.stats()
     tiers = [{"name": t.name, "capacity_bytes": t.capacity_bytes, "used_bytes": t.used_bytes,
-              "objects": t.objects, "counters": dict(sorted(t.counters.items()))} for t in s.tiers]
+              "objects": t.objects, "counters": dict(sorted(t.counters.items())),
+              **({"io_backend": t.io_backend, "io_backend_reason": t.io_backend_reason}
+                 if t.io_backend else {})} for t in s.tiers]
     doc = {"uptime_seconds": s.uptime_seconds, "connections": s.connections,
            "counters": dict(sorted(s.counters.items())),
            "namespaces": dict(sorted(s.namespaces.items())), "tiers": tiers}
