@@ -411,11 +411,11 @@ class DataSession:
         the object is stored already). Without space, a Call waits (bounded) for it and nothing
         else on this connection is parsed meanwhile, so answers keep the requests' order.
         A failure is answered here, after skipping ``skip`` payload bytes."""
+        refused = self.budget.admit_reservation(self.reserved, size)
+        if refused is not None:  # this connection's own bound: waiting would not help
+            return self.reject(op, rid, skip, refused)
         try:
             _check_names(ns, key)
-            err = self.budget.admit_reservation(self.reserved, size)
-            if err is not None:
-                raise err
             res = self.store.reserve(ns, key, size, csum, overwrite)
         except errors.NoSpace:
             self.reading = False

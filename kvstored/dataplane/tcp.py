@@ -336,7 +336,8 @@ class DataConnection(asyncio.BufferedProtocol):
             if self.done or s.finish == "abort":
                 break
             self.transport.writelines(out)  # one syscall for a whole pipelined burst
-            s.written(self.transport.get_write_buffer_size())
+            if s.pending or not s.reading:  # written() has nothing to do otherwise (hot path)
+                s.written(self.transport.get_write_buffer_size())
             if s.burst_stop:  # parsing stopped to flush a burst: go on
                 s.advance()
         if not (s.calls or s.finish is not None or s.reading != self.reading or s.pending):

@@ -446,6 +446,17 @@ def test_reservation_budget_hook(store):
     rs = p.responses()
     assert [(h.req_id, h.status) for h, _ in rs] == [(1, 0), (2, 0)]  # one at a time: fine
     assert p.s.reserved == 0
+    # a second session holds 60 KB; past its bound a put is refused at once (no wait for
+    # space, which would not help), its payload skipped, and the stream goes on
+    q = Peer(store)
+    q.s.budget = ConnectionBudget(1 << 30, 64 << 20, max_reserved_bytes=100_000)
+    q.send(put_frame(1, b"c", b"c" * 60_000)[:HEADER_SIZE + 3 + 10])
+    q.s.budget.max_reserved_bytes = 50_000
+    q.send(b"c" * (60_000 - 10) + put_frame(2, b"d", b"d" * 60_000)
+           + encode_request(OP_PING, 3, b"", b""))
+    rs = q.responses()
+    assert [(h.req_id, h.status) for h, _ in rs] == [(1, 0), (2, errors.NoSpace.code), (3, 0)]
+    assert b"limit 50000 per connection" in rs[1][1] and q.s.waiting is None
 
 
 def test_draining_starts_nothing_new(store):
