@@ -1,31 +1,28 @@
 """The data session: the data-plane protocol of one connection, with no I/O.
 
-A transport driver (tcp.py for TCP and TLS, shm.py for the Unix socket; RDMA
-next) feeds it events and carries out what it asks for:
+A transport driver (tcp.py drives TCP, TLS and the shm Unix socket; RDMA will
+be another) feeds it events and carries out the actions it asks for.
 
-events (driver -> session)            actions (session -> driver)
------------------------------------   ------------------------------------------
-``receive_buffer()`` / ``received(n)``  ``receive_buffer()`` is the "receive N bytes
-  (or ``feed(data)``): bytes arrived    into this view" action: a header buffer,
-                                        or the reserved arena slot (zero copy)
-``written(unsent)``: the transport     ``out``: buffers to send in order (arena
-  took ``out``; ``unsent`` bytes of it   views for gets: no copy); taken with
-  still wait in its buffer              ``take_output()``
-``write_blocked()`` / ``write_unblocked(unsent)``: the transport's buffer is
-  over / back under its limit
-``call_done(call, result, error)``:    ``calls``: store coroutines to run (a put
-  a store coroutine finished            waiting for space, a get loading from NVMe);
-                                        taken with ``take_calls()``
-``connection_lost()``: returns the     ``reading``: whether the driver should read
-  calls to cancel                      ``finish``: "close" (after sending ``out``) or
-reservation expiry (from the store's     "abort"; ``wake()`` is called when this
-  reaper): via ``wake()``                changes outside a driver event
+Events (driver -> session): ``received(n)`` after receiving into
+``receive_buffer()`` (or ``feed(data)``: bytes, for tests); ``written(unsent)``
+(the transport took ``out``, ``unsent`` bytes still wait in its buffer);
+``write_blocked()`` / ``write_unblocked(unsent)``; ``call_done(call, result,
+error)``; ``connection_lost()`` (returns the calls to cancel); and a stalled
+put's reservation expiring (the store's reaper; ``wake()`` tells the driver).
+
+Actions (session -> driver): receive into ``receive_buffer()`` (while a put's
+payload arrives, the reserved arena slot itself: zero copy); send
+``take_output()`` in order (a get's payload is an arena view, its read
+reference held until ``written`` says the bytes left); run ``take_calls()``
+(a put waiting for space, a get loading from NVMe); read or not (``reading``,
+back-pressure); ``finish``: "close" after sending, or "abort".
 
 Requests are dispatched through an ``OpTable`` (op -> handler, the scope auth
 requires, whether the epoch gate applies, what the length field means); the
 core ops are in ops.py (``CORE_OPS``), and a transport with more ops registers
-them on a copy. Auth and the
-epoch are consulted through ``AuthGuard`` and ``EpochGate`` (policy.py).
+them on a copy. Auth and the epoch are checked here, for every op, through
+``AuthGuard`` and ``EpochGate`` (policy.py); per-connection bounds are the
+session's ``ConnectionBudget``.
 
 The Store is called directly for what is synchronous and in memory (reserve,
 commit, acquire, release); what awaits (``reserve_wait``, ``acquire_async``)
