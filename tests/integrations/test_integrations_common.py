@@ -169,3 +169,12 @@ def test_dead_daemon_costs_adapters_milliseconds(start_daemon):
         for _ in range(100):
             assert b.call(c.get, b"k", default=None) is None
         assert time.monotonic() - t0 < 0.05 and b.skipped >= 99
+        # back on the same ports: the next probe (after at most max_backoff) finds it
+        d2 = start_daemon("--port", str(d.info["control_port"]), "--data-port", str(d.data_port))
+        c2_put = None
+        t0 = time.monotonic()
+        while c2_put is None:
+            assert time.monotonic() - t0 < b.max_backoff + 2, "the store is back but never probed"
+            c2_put = b.call(c.put, b"k2", b"v2", default=None)
+            time.sleep(0.05)
+        assert b.closed and c.get(b"k2") == b"v2" and d2.alive()

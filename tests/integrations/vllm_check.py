@@ -316,6 +316,12 @@ def lookup_leases_the_hit_until_loaded(a):
     assert pinned(a.address, "vl-lease") == 0
     for inst in (src, dst, nolease):
         inst.close()
+    try:
+        Instance(a.address, "vl-lease", lease_ttl="soon")
+    except kvstore.InvalidArgument:
+        pass
+    else:
+        raise AssertionError("lease_ttl 'soon' was accepted")
 
 
 @check
