@@ -418,10 +418,12 @@ class NvmeDevice:
         cstart, clen = -1, 0
         ptr = end = REGION_HEADER
         gap = False
+        big = False  # the last record was large: read just the next header, not 8 MiB of payloads
         while ptr + BLOCK <= r.size:
             if not cstart <= ptr or ptr + BLOCK > cstart + clen:
                 cstart = ptr
-                clen = self._read_upto(chunk, r.base + ptr, min(SCAN_CHUNK, r.size - ptr))
+                want = BLOCK if big and not gap else SCAN_CHUNK
+                clen = self._read_upto(chunk, r.base + ptr, min(want, r.size - ptr))
                 if clen < BLOCK:
                     break
             view = memoryview(chunk)[ptr - cstart:ptr - cstart + BLOCK]
@@ -445,6 +447,7 @@ class NvmeDevice:
                                            seq, bool(flags & FLAG_TOMBSTONE), committed_at))
             ptr += rec_len
             end = ptr
+            big = rec_len > SCAN_CHUNK // 32
         r.write_ptr = r.frontier = end
 
     def _read_into(self, buf, offset: int) -> bool:
