@@ -799,7 +799,7 @@ def build_arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--nvme-path", metavar="PATH", help="file or block device of the NVMe tier")
     p.add_argument("--nvme-size", metavar="SIZE", type=_size_arg, help="size of the NVMe tier")
     p.add_argument("--nvme-region-size", metavar="SIZE", type=_size_arg,
-                   help="NVMe region size, 16MiB-256MiB (default 64MiB)")
+                   help="NVMe region size, 16MiB-256MiB (default 128MiB)")
     p.add_argument("--log-level", metavar="L", type=str.lower, choices=LOG_LEVELS,
                    help=f"one of {', '.join(LOG_LEVELS)} (default info)")
     p.add_argument("--log-format", metavar="F", type=str.lower, choices=LOG_FORMATS,
