@@ -502,3 +502,30 @@ def test_queue_overflow_drops_counts_and_clears(tmp_path, monkeypatch):
         else:
             live.difference_update(e[1])
     assert live <= held and {block_hash(b"o", b"a%d" % i) for i in range(5)} <= live
+
+
+def test_tier_moves_publish_nothing(start_daemon, tmp_path):
+    """With an NVMe tier, DRAM evictions demote and gets promote: the node still holds
+    every object, so no BlockRemoved; a delete still publishes one."""
+    pub = f"tcp://127.0.0.1:{free_port()}"
+    d = start_daemon("--kv-events", pub, "--nvme-path", str(tmp_path / "nvme"),
+                     "--nvme-size", "256MiB", "--nvme-region-size", "16MiB")
+    ctx = zmq.Context()
+    try:
+        sub = Sub(ctx, pub)
+        with kvstore.Client(d.control, namespace="t", timeout=30.0) as c:
+            join(sub, c, "t")
+            big = os.urandom(MiB)
+            for i in range(100):  # 100 MiB into 64 MiB of DRAM: demotions
+                assert c.put(f"d{i}", big[i:] + big[:i])
+            assert c.get("d0") == big  # promoted back from NVMe
+            assert all(c.exists([f"d{i}" for i in range(100)]))
+            stats = c.stats()
+            assert stats.tiers[1].objects > 0  # the NVMe tier took some
+            c.delete(["d5"])
+            sub.drain(1.0)
+        kinds = [e[0] for e in sub.events()]
+        assert kinds.count("BlockStored") == 100
+        assert [e[1] for e in sub.events() if e[0] == "BlockRemoved"] == [[bhash("t", "d5")]]
+    finally:
+        ctx.destroy(0)
