@@ -72,7 +72,9 @@ MAX_PENDING = 65536  # events queued between two flushes before they are dropped
 # loop, so at most ~500 batches/s whatever the put rate; routers do not notice 2 ms.
 FLUSH_DELAY = 0.002
 MAX_BATCH = 256  # events per published batch (a burst is split over loop turns)
-SNDHWM = 10000  # messages ZMQ queues per subscriber before dropping that subscriber's
+# Messages ZMQ queues per subscriber before dropping that subscriber's: 8 s at the most
+# batches a second; memory at most SNDHWM x ~10 KiB (a full batch) per stalled subscriber
+SNDHWM = 4000
 REPLAY_MAX_BYTES = 32 << 20  # payload bytes the replay buffer keeps at most
 REPLAY_CHUNK = 256  # batches a replay sends per loop turn (others are served meanwhile)
 MAX_REPLAYS = 16  # replays in progress at once; more requests get only the end marker
