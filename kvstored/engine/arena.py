@@ -2,8 +2,15 @@
 
 A slab is given to one size class on demand and cut into equal slots; a slab
 whose slots are all free goes back to the shared pool so another class can
-take it. memfd (not anonymous memory) so a same-host client can later map the
-very same pages.
+take it, and the store can *drain* a slab (evict or demote what it holds, hand
+out none of its slots meanwhile) so that no class is ever stuck without one.
+memfd (not anonymous memory) so a same-host client can later map the very same
+pages.
+
+Slots of 4 KiB and more are 4 KiB aligned (the NVMe tier writes them with
+O_DIRECT); smaller objects get sub-page classes from 256 bytes up, 64-byte
+aligned, so a 1 KiB object costs 1 KiB instead of a page (the store copies
+those through an aligned bounce page when they go to NVMe).
 """
 from __future__ import annotations
 
@@ -17,23 +24,26 @@ import time
 
 log = logging.getLogger("kvstored.arena")
 
-SLOT_ALIGN = 4096
-MIN_SLOT = 4096
+SLOT_ALIGN = 4096  # slots of this size and above are page aligned
+MIN_SLOT = 256
+SMALL_ALIGN = 64  # sub-page slots: cache-line aligned
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 PREFAULT_CHUNK = 64 << 20
 
 
 def size_classes(max_slot: int) -> list[int]:
-    """Slot sizes: four steps per power of two (<= 25% waste), 4 KiB aligned.
+    """Slot sizes: four steps per power of two (<= 25% waste); 4 KiB aligned from
+    4 KiB up, 64-byte aligned below.
 
     Powers of two are classes themselves, so the usual KV block sizes fit exactly.
     """
     out = set()
     p = MIN_SLOT
     while p <= max_slot:
+        align = SLOT_ALIGN if p >= SLOT_ALIGN else SMALL_ALIGN
         for step in (4, 5, 6, 7):
             s = p * step // 4
-            s = (s + SLOT_ALIGN - 1) // SLOT_ALIGN * SLOT_ALIGN
+            s = (s + align - 1) // align * align
             if s <= max_slot:
                 out.add(s)
         p *= 2
@@ -42,14 +52,18 @@ def size_classes(max_slot: int) -> list[int]:
 
 
 class Slab:
-    __slots__ = ("index", "base", "size_class", "free", "used")
+    __slots__ = ("index", "base", "size_class", "free", "used", "bump", "draining")
 
     def __init__(self, index: int, base: int):
         self.index = index
         self.base = base
         self.size_class: SizeClass | None = None
-        self.free: list[int] = []  # free slot offsets (absolute in the arena)
+        # Freed slot offsets (absolute in the arena); slots never handed out yet are
+        # taken from ``bump`` upwards, so taking a slab costs O(1), not O(slots).
+        self.free: list[int] = []
+        self.bump = base
         self.used = 0
+        self.draining = False  # being emptied for another class: hands out no slot
 
 
 class SizeClass:
@@ -110,15 +124,18 @@ class Arena:
             slab = self.free_slabs.pop()
             slab.size_class = sc
             slab.used = 0
-            # highest offset first so pop() hands out ascending addresses
-            slab.free = list(range(slab.base + (sc.slots_per_slab - 1) * sc.slot_size,
-                                   slab.base - 1, -sc.slot_size))
+            slab.free = []
+            slab.bump = slab.base
             sc.slabs.add(slab)
             sc.partial.add(slab)
         slab = next(iter(sc.partial))
-        off = slab.free.pop()
+        if slab.free:
+            off = slab.free.pop()
+        else:
+            off = slab.bump
+            slab.bump += sc.slot_size
         slab.used += 1
-        if not slab.free:
+        if slab.used == sc.slots_per_slab:
             sc.partial.discard(slab)
         self.used_bytes += sc.slot_size
         return off
@@ -127,7 +144,6 @@ class Arena:
         slab = self.slab_of(offset)
         sc = slab.size_class
         assert sc is not None, "free of a slot in an unassigned slab"
-        slab.free.append(offset)
         slab.used -= 1
         self.used_bytes -= sc.slot_size
         if slab.used == 0:
@@ -136,9 +152,31 @@ class Arena:
             sc.partial.discard(slab)
             slab.size_class = None
             slab.free = []
+            slab.bump = slab.base
+            slab.draining = False
             self.free_slabs.append(slab)
         else:
+            slab.free.append(offset)
+            if not slab.draining:
+                sc.partial.add(slab)
+
+    def drain(self, slab: Slab) -> None:
+        """Hand out no more slots of ``slab``: it returns to the pool once its objects are gone."""
+        slab.draining = True
+        if slab.size_class is not None:
+            slab.size_class.partial.discard(slab)
+
+    def undrain(self, slab: Slab) -> None:
+        slab.draining = False
+        sc = slab.size_class
+        if sc is not None and slab.used < sc.slots_per_slab:
             sc.partial.add(slab)
+
+    def slots(self, slab: Slab) -> range:
+        """Offsets of the slots of ``slab`` that were ever handed out (used or freed)."""
+        sc = slab.size_class
+        return range(slab.base, slab.bump, sc.slot_size) if sc is not None else range(0)
+
 
     @property
     def free_bytes(self) -> int:

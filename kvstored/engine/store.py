@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import mmap
 import time
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
@@ -28,7 +29,8 @@ from typing import TYPE_CHECKING, Callable, Iterable
 from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
 from kvstore.wire import checksum as payload_checksum
 
-from .arena import Arena, SizeClass
+from .arena import SLOT_ALIGN, Arena, SizeClass
+from .eviction import NONE, PROTECTED, Policy
 
 if TYPE_CHECKING:
     from .nvme import Location, NvmeTier
@@ -62,11 +64,12 @@ class NotResident(Exception):
 
 
 class Entry:
-    """One committed object. While in DRAM, linked into its size class's SIEVE queue."""
+    """One committed object. While in DRAM, linked into its size class's eviction lists
+    (``seg``, ``stamp``, ``newer``, ``older`` belong to eviction.Policy)."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
-                 "pins", "pin_until", "visited", "newer", "older", "committed_at", "nvme", "reads",
-                 "unverified")
+                 "pins", "pin_until", "seg", "stamp", "newer", "older", "committed_at", "nvme",
+                 "reads", "unverified")
 
     def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: SizeClass):
         self.ns = ns
@@ -79,7 +82,8 @@ class Entry:
         self.refs = 0
         self.pins = 0
         self.pin_until = 0.0
-        self.visited = False
+        self.seg = NONE
+        self.stamp = 0
         self.newer: Entry | None = None
         self.older: Entry | None = None
         self.committed_at = time.time()
@@ -116,61 +120,6 @@ class Reservation:
         self.done = False
 
 
-class _Sieve:
-    """SIEVE eviction queue of one size class (a doubly linked list plus a hand)."""
-
-    __slots__ = ("head", "tail", "hand", "count")
-
-    def __init__(self):
-        self.head: Entry | None = None  # newest
-        self.tail: Entry | None = None  # oldest
-        self.hand: Entry | None = None
-        self.count = 0
-
-    def push(self, e: Entry) -> None:
-        e.older = self.head
-        e.newer = None
-        if self.head is not None:
-            self.head.newer = e
-        self.head = e
-        if self.tail is None:
-            self.tail = e
-        self.count += 1
-
-    def remove(self, e: Entry) -> None:
-        if self.hand is e:
-            self.hand = e.newer
-        if e.newer is not None:
-            e.newer.older = e.older
-        else:
-            self.head = e.older
-        if e.older is not None:
-            e.older.newer = e.newer
-        else:
-            self.tail = e.newer
-        e.newer = e.older = None
-        self.count -= 1
-
-    def victim(self, now: float) -> Entry | None:
-        """The next evictable entry, or None after one full sweep found none.
-
-        Referenced and pinned entries are skipped without losing their visited bit.
-        """
-        e = self.hand or self.tail
-        for _ in range(2 * self.count + 1):
-            if e is None:
-                e = self.tail
-                if e is None:
-                    return None
-            if e.refs == 0 and not e.pinned(now):
-                if not e.visited:
-                    self.hand = e.newer
-                    return e
-                e.visited = False
-            e = e.newer
-        return None
-
-
 class Store:
     def __init__(self, limits: StoreLimits, clock: Callable[[], float] = time.monotonic,
                  nvme: "NvmeTier | None" = None, hold_recovered: bool = False):
@@ -184,8 +133,9 @@ class Store:
         if limits.prefault:
             self.arena.prefault_in_background()
         self.index: dict[tuple[bytes, bytes], Entry] = {}
-        self._sieves = [_Sieve() for _ in self.arena.classes]
+        self.policy = Policy(len(self.arena.classes))
         self._by_offset: dict[int, Entry] = {}
+        self._draining = None  # the slab being emptied for another class, if any
         self.reservations: set[Reservation] = set()
         # binds lazily to the running loop on first wait, so safe to create outside one
         self._space_freed = asyncio.Event()
@@ -205,6 +155,9 @@ class Store:
         self.nvme = nvme
         self.flush_not_kept = 0  # DRAM-only objects the last shutdown flush could not write
         self.unverified = 0  # entries hidden from clients until verified (hold_recovered)
+        # Told of index changes and lookups (KV events, per-namespace metrics): an object
+        # with stored(entry), removed(entry), looked_up(ns, asked, hits, hit_bytes); None = off.
+        self.observer = None
         self._hold_recovered = hold_recovered
         if nvme is not None:
             nvme.can_reclaim = self._can_reclaim_region
@@ -228,11 +181,13 @@ class Store:
         if old is not None and old.unverified:
             if checksum is not None and old.checksum == checksum and old.size == size:
                 self.verify(old)  # a writer vouches for exactly these bytes
+                self.policy.touch(old)
                 self.counters["dedups"] += 1
                 return None
             overwrite = True  # a fresh write beats a record not yet verified
         if old is not None and not overwrite and checksum is not None:
             if old.checksum == checksum and old.size == size:
+                self.policy.touch(old)  # a put of what is stored is an access
                 self.counters["dedups"] += 1
                 return None
             self.counters["conflicts"] += 1
@@ -300,11 +255,13 @@ class Store:
         self.index[k] = e
         self._ns_objects[res.ns] = self._ns_objects.get(res.ns, 0) + 1
         self._by_offset[res.offset] = e
-        self._sieves[res.sc.index].push(e)
+        self.policy.insert(e)
         self.dram_objects += 1
         self.objects_bytes += res.size
         self.counters["puts"] += 1
         self.counters["put_bytes"] += res.size
+        if self.observer is not None:
+            self.observer.stored(e)
         self.maybe_evict()
         return True
 
@@ -347,7 +304,7 @@ class Store:
         self.counters["gets"] += 1
         self.counters["hits"] += 1
         self.counters["get_bytes"] += e.size
-        e.visited = True
+        self.policy.touch(e)
         e.reads += 1
         e.refs += 1
         return e
@@ -373,7 +330,12 @@ class Store:
         try:
             off = await self._alloc_wait(e.sc)
             loc = e.nvme
-            ok = loc is not None and await self.nvme.read(loc, self.arena.view[off:off + _align(e.size)])
+            small = e.sc.slot_size < SLOT_ALIGN  # not page aligned: read through a bounce page
+            dest = memoryview(mmap.mmap(-1, _align(e.size))) if small else \
+                self.arena.view[off:off + _align(e.size)]
+            ok = loc is not None and await self.nvme.read(loc, dest)
+            if ok and small:
+                self.arena.view[off:off + e.size] = dest[:e.size]
             if e.state == DEAD or e.nvme is not loc:
                 self._free_slot(off)
                 off = None
@@ -388,7 +350,7 @@ class Store:
             self.nvme.counters["promotions"] += 1
             e.offset = off
             self._by_offset[off] = e
-            self._sieves[e.sc.index].push(e)
+            self.policy.insert_loaded(e)
             self.dram_objects += 1
             off = None
             fut.set_result(None)
@@ -428,21 +390,41 @@ class Store:
 
     # ------------------------------------------------------- batch queries
     def exists(self, ns: bytes, keys: Iterable[bytes]) -> list[bool]:
+        """Which of ``keys`` are stored. Counts as an access of those found (prefix
+        lookups are made with it too), the first key most recent."""
         idx = self.index
-        if not self.unverified:
-            return [(ns, k) in idx for k in keys]
-        return [(e := idx.get((ns, k))) is not None and not e.unverified for k in keys]
+        out = []
+        found = []
+        for k in keys:
+            e = idx.get((ns, k))
+            ok = e is not None and not e.unverified
+            out.append(ok)
+            if ok:
+                found.append(e)
+        self.policy.touch_chain(found)
+        return out
 
     def lookup(self, ns: bytes, keys: Iterable[bytes]) -> int:
-        """How many of ``keys`` exist, counting from the first (a prefix hit length)."""
-        n = 0
+        """How many of ``keys`` exist, counting from the first (a prefix hit length).
+
+        The hits count as accesses, and a missing last key is noted as a chain tail
+        (eviction.Policy.note_chain)."""
+        keys = keys if isinstance(keys, list) else list(keys)
+        hits = []
+        hit_bytes = 0
         idx = self.index
         held = self.unverified  # records held back after a restart count as absent
         for k in keys:
             e = idx.get((ns, k))
             if e is None or (held and e.unverified):
                 break
-            n += 1
+            hits.append(e)
+            hit_bytes += e.size
+        self.policy.touch_chain(hits)
+        self.policy.note_chain(ns, keys, len(hits))
+        n = len(hits)
+        if self.observer is not None:
+            self.observer.looked_up(ns, len(keys), n, hit_bytes)
         return n
 
     def pin(self, ns: bytes, keys: Iterable[bytes], ttl: float) -> int:
@@ -505,10 +487,14 @@ class Store:
         off = self.arena.alloc(sc)
         if off is not None:
             return off
-        # class full and no free slab: evict in this class, else free a whole slab elsewhere
+        # class full and no free slab: evict in this class, else empty a slab elsewhere
         now = self.clock()
+
+        def evictable(e: Entry) -> bool:
+            return e.refs == 0 and not e.pinned(now)
+
         for _ in range(8):  # demotions free their slot later; a drop frees it now
-            victim = self._sieves[sc.index].victim(now)
+            victim = self.policy.victim(sc.index, evictable)
             if victim is None:
                 break
             if self._evict(victim):
@@ -520,40 +506,76 @@ class Store:
         return None
 
     def _reclaim_slab(self, wanted: SizeClass, now: float) -> bool:
-        """Empty one slab of another class whose objects can all be evicted."""
+        """Empty a slab of another class for ``wanted``. True if a slab is free now.
+
+        A slab qualifies when every used slot holds a committed object that is
+        neither referenced nor pinned. Its objects are evicted like any victim:
+        dropped, or demoted first when an NVMe tier is configured, in which case the
+        slab is *drained* (hands out no slot) until the writes finish and it returns
+        to the pool; the caller waits for it (``reserve_wait``). One slab drains at
+        a time, so concurrent waiters do not empty several.
+        """
+        if self.arena.free_slabs:
+            return True
+        d = self._draining
+        if d is not None:
+            if not d.draining:  # emptied since: it went back to the pool
+                self._draining = None
+            else:
+                left = [e for e in (self._by_offset.get(o) for o in self.arena.slots(d))
+                        if e is not None]
+                if any(e.pinned(now) for e in left):
+                    # pinned after the drain began: give up on this slab, try another
+                    self.arena.undrain(d)
+                    self._draining = None
+                else:
+                    for e in left:  # a reader that held one back has let go now
+                        if e.refs == 0:
+                            self._evict(e)
+                    return bool(self.arena.free_slabs)
         for sc in sorted(self.arena.classes, key=lambda c: len(c.slabs), reverse=True):
             if sc is wanted or not sc.slabs:
                 continue
             for slab in sc.slabs:
-                entries = [self._by_offset.get(off) for off in
-                           range(slab.base, slab.base + sc.slots_per_slab * sc.slot_size, sc.slot_size)]
-                used = [e for e in entries if e is not None]
-                # every used slot must be a committed, evictable object (no reservation)
-                if len(used) != slab.used:
+                used = [e for e in (self._by_offset.get(o) for o in self.arena.slots(slab))
+                        if e is not None]
+                # every used slot must be a committed, evictable object (no reservation,
+                # no dead object still being read)
+                if len(used) != slab.used or any(e.refs or e.pinned(now) for e in used):
                     continue
-                if any(e.refs or e.pinned(now) for e in used):
-                    continue
-                if self.nvme is not None and any(e.nvme is None for e in used):
-                    continue  # would lose objects that a demotion could keep
+                self.arena.drain(slab)
                 for e in used:
                     self._evict(e)
+                if slab.draining:  # demotions in flight: it frees when they are written
+                    self._draining = slab
+                    return False
                 return True
         return False
 
     def maybe_evict(self) -> int:
-        """Evict down to the low watermark once use passes the high one."""
+        """With an NVMe tier, demote down to the low watermark once use passes the high one.
+
+        Demotion is asynchronous, so the headroom lets puts go on while NVMe writes.
+        Without a tier an eviction is an O(1) unlink done by the allocation that needs
+        the slot, so no headroom is kept and all of the DRAM holds objects.
+        """
         a = self.arena
-        if a.used_bytes <= self.limits.high_watermark * a.size:
+        if self.nvme is None or a.used_bytes <= self.limits.high_watermark * a.size:
             return 0
         target = self.limits.low_watermark * a.size
         now = self.clock()
+
+        def evictable(e: Entry) -> bool:
+            return e.refs == 0 and not e.pinned(now)
+
         n = 0
         stuck: set[int] = set()
-        while a.used_bytes - self.demoting_bytes > target and len(stuck) < len(self._sieves):
+        pol = self.policy
+        while a.used_bytes - self.demoting_bytes > target and len(stuck) < len(a.classes):
             # the class holding the most bytes gives up the next victim
             sc = max((c for c in a.classes if c.index not in stuck),
-                     key=lambda c: self._sieves[c.index].count * c.slot_size)
-            v = self._sieves[sc.index].victim(now)
+                     key=lambda c: pol.count(c.index) * c.slot_size)
+            v = pol.victim(sc.index, evictable)
             if v is None:
                 stuck.add(sc.index)
                 continue
@@ -566,7 +588,7 @@ class Store:
         self.counters["evictions"] += 1
         self.counters["evicted_bytes"] += e.size
         if self.nvme is None:
-            self._unlink(e)
+            self._unlink(e, evicted=True)
             return True
         if e.nvme is not None:  # a clean copy is on NVMe already
             self._drop_dram(e)
@@ -574,11 +596,11 @@ class Store:
         if self.nvme.admit(e.size, e.reads):
             self._start_demotion(e)
             return False
-        self._unlink(e)
+        self._unlink(e, evicted=True)
         return True
 
     def _drop_dram(self, e: Entry) -> None:
-        self._sieves[e.sc.index].remove(e)
+        self.policy.remove(e)
         self._by_offset.pop(e.offset, None)
         self.dram_objects -= 1
         off, e.offset = e.offset, -1
@@ -593,8 +615,8 @@ class Store:
 
     async def _demote(self, e: Entry, seq: int) -> None:
         try:
-            loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
-                                         e.size, e.checksum, e.sc.slot_size, e.committed_at, seq=seq)
+            loc = await self.nvme.append(e.ns, e.key, self._nvme_payload(e), e.size, e.checksum,
+                                         _nvme_slot(e), e.committed_at, seq=seq)
         except OSError as err:
             loc = None
             log.warning("demotion failed (%s); object dropped from DRAM instead", err)
@@ -615,6 +637,15 @@ class Store:
         if e.refs == 0 and e.offset >= 0:
             self._drop_dram(e)
 
+    def _nvme_payload(self, e: Entry) -> memoryview:
+        """The object's bytes as the NVMe tier writes them (O_DIRECT): page aligned, whole
+        pages. Sub-page slots are not page aligned, so they are copied to a bounce page."""
+        if e.sc.slot_size >= SLOT_ALIGN:
+            return self.arena.view[e.offset:e.offset + _align(e.size)]
+        page = memoryview(mmap.mmap(-1, _align(e.size)))
+        page[:e.size] = self.arena.view[e.offset:e.offset + e.size]
+        return page
+
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
         self._tasks.add(t)
@@ -627,13 +658,16 @@ class Store:
             log.error("could not persist the deletion of an NVMe object (%s); it may reappear "
                       "after a restart", err)
 
-    def _unlink(self, e: Entry, tombstone: bool = False) -> None:
+    def _unlink(self, e: Entry, tombstone: bool = False, evicted: bool = False) -> None:
         """Remove from the index; free the slot now or when the last reader releases.
 
         ``tombstone``: the removal is a user's delete/overwrite, so an NVMe copy must
-        not come back at restart.
+        not come back at restart. ``evicted``: the store dropped it for space (its key
+        goes to the eviction ghost).
         """
         del self.index[(e.ns, e.key)]
+        if self.observer is not None:
+            self.observer.removed(e)
         if e.unverified:
             e.unverified = False
             self.unverified -= 1
@@ -652,7 +686,7 @@ class Store:
             self.nvme.forget(e.nvme, e.ns, e.key)
             e.nvme = None
         if e.offset >= 0:
-            self._sieves[e.sc.index].remove(e)
+            self.policy.remove(e, evicted)
             self._by_offset.pop(e.offset, None)
             self.dram_objects -= 1
             if e.refs == 0:
@@ -700,11 +734,11 @@ class Store:
         return True
 
     def repair_snapshot(self) -> list[tuple]:
-        """(ns, key, size, checksum, unverified, pinned, visited, reads, committed_at) of every object,
+        """(ns, key, size, checksum, unverified, pinned, protected, reads, committed_at) of every object,
         in repair order: unverified first (the node serves them once checked), then
-        pinned, then recently read (SIEVE bit), then most read."""
+        pinned, then read since put (protected segment), then most read."""
         now = self.clock()
-        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.visited, e.reads,
+        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.seg == PROTECTED, e.reads,
                  e.committed_at) for e in self.index.values()]
         rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
         return rows
@@ -770,8 +804,8 @@ class Store:
                     break
                 e.refs += 1
                 try:
-                    loc = await self.nvme.append(e.ns, e.key, self.arena.view[e.offset:e.offset + _align(e.size)],
-                                                 e.size, e.checksum, e.sc.slot_size, e.committed_at)
+                    loc = await self.nvme.append(e.ns, e.key, self._nvme_payload(e), e.size,
+                                                 e.checksum, _nvme_slot(e), e.committed_at)
                     if e.state == DEAD:  # deleted meanwhile: its tombstone came later
                         self.nvme.forget(loc, e.ns, e.key)
                     else:
@@ -824,7 +858,8 @@ class Store:
                 "checksum_failures": self.counters["checksum_failures"]}
         tiers = [dram]
         if self.nvme is not None:
-            tiers.append({"name": "nvme", "io_backend": self.nvme.io_backend, **self.nvme.stats()})
+            tiers.append({"name": "nvme", "io_backend": self.nvme.io_backend,
+                          "io_backend_reason": self.nvme.io_backend_reason, **self.nvme.stats()})
         return tiers
 
     def stats(self) -> dict:
@@ -863,6 +898,11 @@ class Store:
 
 def _align(n: int, a: int = 4096) -> int:
     return (n + a - 1) // a * a
+
+
+def _nvme_slot(e: Entry) -> int:
+    """The slot size the NVMe tier groups records by: NVMe records stay 4 KiB aligned."""
+    return max(e.sc.slot_size, SLOT_ALIGN)
 
 
 def _show(key: bytes) -> str:

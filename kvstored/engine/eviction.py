@@ -1,0 +1,215 @@
+"""DRAM eviction and admission: a segmented LRU per size class with a ghost of evicted keys.
+
+Chosen by replaying the Mooncake conversation trace offline (benchmarks/trace_sim.py,
+numbers in benchmarks/RESULTS.md). What the trace taught:
+
+  * a new block is usually read again only at the next turn of its conversation,
+    tens of seconds later: it must survive as long as plain LRU keeps it (SIEVE's
+    hand, which drops unread new blocks first, lost a third of LRU's hits);
+  * a block read once is read again far more often than a new one (42 % vs 24 %):
+    read blocks go to a *protected* segment, evicted only once they are older
+    than the oldest unread block by ``age_bonus`` x the resident count, so a
+    protected block that stopped being read still ages out (the plain segmented
+    LRU kept stale ones and lost to LRU at large capacities);
+  * a key put again soon after it was evicted (found in the *ghost*) was evicted
+    too early: it comes back protected;
+  * the last block of a looked-up chain is almost never reused (it is the partial
+    block, which the next turn extends under a new key): when a lookup names a
+    missing last key, its put enters a *cold* FIFO that is evicted first.
+
+Every operation is O(1) (amortised where unevictable entries are skipped). Entries
+are linked through their own ``newer``/``older`` fields; ``seg`` says which list.
+Pinned, referenced and reserved slots are never chosen: the caller's ``evictable``
+test decides, and a skipped entry moves to the head of its list so the next search
+does not meet it again.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+PROBATION, PROTECTED, COLD = 0, 1, 2
+NONE = -1  # not in any list (NVMe-only, or not committed)
+
+
+class _List:
+    """Doubly linked list through the entries' ``newer``/``older`` fields; head = newest."""
+
+    __slots__ = ("head", "tail", "count")
+
+    def __init__(self):
+        self.head = None
+        self.tail = None
+        self.count = 0
+
+    def push_head(self, e) -> None:
+        e.older = self.head
+        e.newer = None
+        if self.head is not None:
+            self.head.newer = e
+        self.head = e
+        if self.tail is None:
+            self.tail = e
+        self.count += 1
+
+    def remove(self, e) -> None:
+        if e.newer is not None:
+            e.newer.older = e.older
+        else:
+            self.head = e.older
+        if e.older is not None:
+            e.older.newer = e.newer
+        else:
+            self.tail = e.newer
+        e.newer = e.older = None
+        self.count -= 1
+
+
+class ClassQueues:
+    """The three lists of one size class."""
+
+    __slots__ = ("lists",)
+
+    def __init__(self):
+        self.lists = (_List(), _List(), _List())  # PROBATION, PROTECTED, COLD
+
+    @property
+    def count(self) -> int:
+        return sum(lst.count for lst in self.lists)
+
+
+class Policy:
+    """Per size class queues plus the store-wide ghost, stamps and chain hints.
+
+    ``protected_share``: at most this share of a class's entries is protected;
+    beyond it the least recent protected entry goes back to probation.
+    ``age_bonus``: a protected entry is evicted before the oldest probation one
+    only when its last access is older by more than ``age_bonus`` x (resident
+    entries) accesses. Both were picked on the trace's first half and checked on
+    its second half (RESULTS.md).
+    """
+
+    def __init__(self, nclasses: int, *, protected_share: float = 0.5, age_bonus: float = 1.0,
+                 ghost_min: int = 4096, hint_limit: int = 4096):
+        if not 0 < protected_share < 1:
+            raise ValueError("protected_share must be in (0, 1)")
+        self.queues = [ClassQueues() for _ in range(nclasses)]
+        self.protected_share = protected_share
+        self.age_bonus = age_bonus
+        self.ghost_min = ghost_min
+        self.hint_limit = hint_limit
+        self.clock = 0  # one tick per access or insertion
+        self.resident = 0
+        self.ghost: dict = {}  # (ns, key) of evicted entries, oldest first
+        self.tail_hints: dict = {}  # (ns, key) of missing chain tails named by a lookup
+        self.counters = {"ghost_hits": 0, "cold_inserts": 0}
+
+    # ------------------------------------------------------------ membership
+    def insert(self, e) -> None:
+        """A newly committed entry."""
+        k = (e.ns, e.key)
+        if self.ghost.pop(k, 0) is None:
+            self.counters["ghost_hits"] += 1
+            self._push(e, PROTECTED)
+            self._balance(e.sc.index)
+        elif self.tail_hints.pop(k, 0) is None:
+            self.counters["cold_inserts"] += 1
+            self._push(e, COLD)
+        else:
+            self._push(e, PROBATION)
+
+    def insert_loaded(self, e) -> None:
+        """An entry promoted from NVMe: it was read, so it is protected."""
+        self._push(e, PROTECTED)
+        self._balance(e.sc.index)
+
+    def touch(self, e) -> None:
+        """An access (get, lookup, exists, dedup put): move to the protected head."""
+        if e.seg == NONE:
+            return
+        lst = self.queues[e.sc.index].lists
+        lst[e.seg].remove(e)
+        self.clock += 1
+        e.stamp = self.clock
+        e.seg = PROTECTED
+        lst[PROTECTED].push_head(e)
+        self._balance(e.sc.index)
+
+    def touch_chain(self, entries: list) -> None:
+        """A prefix lookup's hits: deepest first, so the chain's head ends most recent and
+        a chain is evicted from its tail (a prefix hit needs every earlier block)."""
+        for e in reversed(entries):
+            self.touch(e)
+
+    def remove(self, e, evicted: bool = False) -> None:
+        """Unlink ``e`` (it leaves DRAM); ``evicted``: it also left the store by eviction,
+        so remember its key in the ghost."""
+        if e.seg != NONE:
+            self.queues[e.sc.index].lists[e.seg].remove(e)
+            e.seg = NONE
+            self.resident -= 1
+        if evicted:
+            g = self.ghost
+            g[(e.ns, e.key)] = None
+            limit = max(self.ghost_min, self.resident)
+            while len(g) > limit:
+                del g[next(iter(g))]
+
+    def note_chain(self, ns: bytes, keys: list, hit: int) -> None:
+        """A prefix lookup found ``hit`` of ``keys``: a missing last key is a chain tail."""
+        if hit < len(keys) and len(keys) > 1:
+            h = self.tail_hints
+            h[(ns, keys[-1])] = None
+            while len(h) > self.hint_limit:
+                del h[next(iter(h))]
+
+    # --------------------------------------------------------------- victims
+    def victim(self, sc_index: int, evictable: Callable[[object], bool]):
+        """The next entry of class ``sc_index`` to evict, or None if none is evictable."""
+        lists = self.queues[sc_index].lists
+        cold = self._tail(lists[COLD], evictable)
+        if cold is not None:
+            return cold
+        prob = self._tail(lists[PROBATION], evictable)
+        prot = self._tail(lists[PROTECTED], evictable)
+        if prob is None:
+            return prot
+        if prot is None:
+            return prob
+        if prot.stamp + self.age_bonus * max(self.resident, 1) < prob.stamp:
+            return prot
+        return prob
+
+    def count(self, sc_index: int) -> int:
+        return self.queues[sc_index].count
+
+    # --------------------------------------------------------------- helpers
+    def _push(self, e, seg: int) -> None:
+        self.clock += 1
+        e.stamp = self.clock
+        e.seg = seg
+        self.queues[e.sc.index].lists[seg].push_head(e)
+        self.resident += 1
+
+    def _balance(self, sc_index: int) -> None:
+        lists = self.queues[sc_index].lists
+        prot = lists[PROTECTED]
+        total = prot.count + lists[PROBATION].count + lists[COLD].count
+        if prot.count > 1 and prot.count > self.protected_share * total:
+            e = prot.tail
+            prot.remove(e)
+            e.seg = PROBATION  # keeps its stamp: it is as old as its last access
+            lists[PROBATION].push_head(e)
+
+    @staticmethod
+    def _tail(lst: _List, evictable):
+        """The oldest evictable entry of ``lst``; unevictable ones met on the way move to
+        the head (bounded: each entry is looked at once per call)."""
+        for _ in range(lst.count):
+            e = lst.tail
+            if evictable(e):
+                return e
+            if lst.count == 1:
+                return None
+            lst.remove(e)
+            lst.push_head(e)
+        return None
