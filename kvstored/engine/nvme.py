@@ -569,6 +569,9 @@ class NvmeTier:
         # writing DRAM-only objects never destroys the only copy of another one
         self.keep_live = False
         self.stale_count: dict[tuple[bytes, bytes], int] = {}  # key -> regions with a stale record of it
+        # key -> sequence numbers of its records being written: a delete may come first, and
+        # its tombstone must not be reclaimed before the record lands (then forget marks it)
+        self.writing: dict[tuple[bytes, bytes], list[int]] = {}
         self._budget_window = (clock(), 0)  # (window start, bytes written in it)
         self._syncs_started = 0
         self._syncs_done = 0
@@ -714,6 +717,8 @@ class NvmeTier:
             r = await self._take_region_now()
             if r is not None or loop.time() >= deadline:
                 return r
+            if any(x.state == "free" for x in self.regions):
+                continue  # one was handed back while this append waited on a carry
             if not any(x.state == "carrying" or (x.state == "full" and (x.pending or x.sum_state == "writing")
                                                  and not (self.keep_live and x.live))
                        for x in self.regions):
@@ -746,7 +751,8 @@ class NvmeTier:
 
     def _needed_tombstones(self, r: Region) -> list[tuple[tuple[bytes, bytes], int]]:
         """Tombstones in ``r`` whose key still has a stale record in another live region."""
-        return [(k, seq) for k, seq in r.tombs.items() if self.stale_count.get(k)]
+        return [(k, seq) for k, seq in r.tombs.items()
+                if self.stale_count.get(k) or any(w < seq for w in self.writing.get(k, ()))]
 
     async def _carry(self, r: Region, needed: list) -> bool:
         """Rewrite tombstones that must outlive ``r`` into the open tombstone region, with
@@ -910,8 +916,18 @@ class NvmeTier:
         loc = Location(r.index, r.base + r.write_ptr, length, checksum, gen)
         fut = asyncio.get_running_loop().create_future()
         self._write(r, bufs, rec_len, hdr[0] if hdr else None, fut)
-        await fut
         k = (ns, key)
+        if not tombstone:
+            self.writing.setdefault(k, []).append(seq)
+        try:
+            await fut
+        finally:
+            # the caller's forget (if the key was deleted meanwhile) follows without a pause
+            if not tombstone:
+                seqs = self.writing[k]
+                seqs.remove(seq)
+                if not seqs:
+                    del self.writing[k]
         if tombstone:
             self.counters["tombstones"] += 1
             if r.generation == gen:
