@@ -228,9 +228,9 @@ class Node:
         if self.state == "warming" and not (stop and stop.is_set()):
             self.state = "serving"
             self.ready = True
-            log.info("kvstored ready", extra={
-                "node": self.node_id, "warm_s": round(time.monotonic() - t0, 3),
-                "prefaulted": a.prefaulted, "dram": a.size, "hugepages": a.hugepages})
+            log.info("kvstored ready", extra={**self.listen_fields(),
+                                              "warm_s": round(time.monotonic() - t0, 3),
+                                              "prefaulted": a.prefaulted})
 
     def uptime(self) -> float:
         return time.monotonic() - self.started
@@ -342,12 +342,18 @@ class Node:
             self.membership.start()
         self.state = "warming" if self.store.arena.prefaulting else "serving"
         self.ready = self.state == "serving"
-        log.info("kvstored listening" if self.state == "warming" else "kvstored ready", extra={
+        log.info("kvstored listening" if self.state == "warming" else "kvstored ready",
+                 extra=self.listen_fields())
+
+    def listen_fields(self) -> dict[str, Any]:
+        """Where the node listens, for its "listening" and "ready" log lines."""
+        c = self.config
+        return {
             "node": self.node_id, "control": f"{c.host}:{self.control_port}",
             "data": f"{c.host}:{self.data_port}", "shm": self.shm_path or "off",
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
             "kv_events": c.events_endpoint or "off",
-            "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages})
+            "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages}
 
     async def _maintain(self) -> None:
         last_tier_log = time.monotonic()
