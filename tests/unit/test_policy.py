@@ -1,0 +1,96 @@
+"""The data plane's policy objects alone: epoch gate, auth guard, connection budget."""
+from __future__ import annotations
+
+import pytest
+
+from kvstore import errors
+from kvstored.auth import READ, WRITE, Auth, Unauthenticated
+from kvstored.dataplane.policy import LOGIN, AuthGuard, ConnectionBudget, EpochGate
+
+TOKENS = '''
+[[token]]
+name = "rw"
+token = "read-write-token-0001"
+namespaces = ["a", "b"]
+scopes = ["read", "write"]
+
+[[token]]
+name = "ro"
+token = "read-only-token-00002"
+namespaces = ["*"]
+scopes = ["read"]
+'''
+
+
+@pytest.fixture
+def auth(tmp_path):
+    f = tmp_path / "tokens.toml"
+    f.write_text(TOKENS)
+    return Auth(str(f))
+
+
+@pytest.mark.parametrize("mine, theirs, redirect", [
+    (0, 0, False), (0, 7, False), (7, 0, False), (7, 7, False), (7, 8, True)])
+def test_epoch_gate(mine, theirs, redirect):
+    err = EpochGate(mine).check(theirs)
+    assert (err is not None) == redirect
+    if redirect:
+        assert isinstance(err, errors.Redirect) and "00000008" in err.message
+
+
+def test_guard_before_login(auth):
+    g = AuthGuard(auth)
+    for need in (LOGIN, READ, WRITE):
+        reason, err = g.check(b"a", need)
+        assert reason == "no_token" and isinstance(err, Unauthenticated)
+
+
+def test_guard_bad_token_forgets_the_old_one(auth):
+    g = AuthGuard(auth)
+    g.login(b"read-write-token-0001")
+    assert g.check(b"a", WRITE) is None
+    with pytest.raises(errors.PermissionDenied):
+        g.login(b"not-a-known-token-xyz")
+    assert g.check(b"a", READ)[0] == "no_token"
+
+
+def test_guard_namespaces_and_scopes(auth):
+    g = AuthGuard(auth)
+    g.login(b"read-write-token-0001")
+    assert g.check(b"a", READ) is None and g.check(b"b", WRITE) is None
+    assert g.check(b"c", READ)[0] == "namespace"
+    g.login(b"read-only-token-00002")  # a new token replaces the cached permissions
+    assert g.check(b"c", READ) is None
+    reason, err = g.check(b"a", WRITE)
+    assert reason == "scope" and "write" in err.message and g.check(b"a", LOGIN) is None
+
+
+def test_guard_sees_reloads_and_revocations(auth, tmp_path):
+    g = AuthGuard(auth)
+    g.login(b"read-write-token-0001")
+    assert g.check(b"a", WRITE) is None
+    (tmp_path / "tokens.toml").write_text(TOKENS.replace('scopes = ["read", "write"]',
+                                                         'scopes = ["read"]'))
+    auth.reload()
+    assert g.check(b"a", WRITE)[0] == "scope"  # the cached mask was dropped
+    (tmp_path / "tokens.toml").write_text(TOKENS.split("[[token]]")[0] + "[[token]]"
+                                          + TOKENS.split("[[token]]")[2])
+    auth.reload()
+    reason, err = g.check(b"a", READ)
+    assert reason == "revoked" and "authenticate again" in err.message
+
+
+def test_guard_mask_cache_is_bounded(auth):
+    g = AuthGuard(auth)
+    g.login(b"read-only-token-00002")
+    for i in range(5000):  # namespace spraying must not grow memory without bound
+        assert g.check(b"ns%d" % i, READ) is None
+    assert len(g.masks) <= 1024
+
+
+def test_budget():
+    assert ConnectionBudget(8, 1 << 20).admit_reservation(10 ** 12, 10 ** 12) is None  # 0: no bound
+    b = ConnectionBudget(8, 1 << 20, max_reserved_bytes=1000)
+    assert b.admit_reservation(0, 1000) is None
+    err = b.admit_reservation(600, 500)
+    assert isinstance(err, errors.NoSpace) and "limit 1000" in err.message
