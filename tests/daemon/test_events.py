@@ -532,3 +532,23 @@ def test_tier_moves_publish_nothing(start_daemon, tmp_path):
         assert [e[1] for e in sub.events() if e[0] == "BlockRemoved"] == [[bhash("t", "d5")]]
     finally:
         ctx.destroy(0)
+
+
+def test_missing_pyzmq_is_one_line_exit_2(tmp_path):
+    """Without pyzmq installed, --kv-events is refused at start with the install hint."""
+    shadow = tmp_path / "shadow" / "zmq"
+    shadow.mkdir(parents=True)
+    (shadow / "__init__.py").write_text(
+        "raise ModuleNotFoundError(\"No module named 'zmq'\", name='zmq')\n")
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(tmp_path / "shadow"), str(ROOT / "client"),
+                                         str(ROOT), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-m", "kvstored", "--port", "0", "--data-port", "0",
+                        "--metrics-port", "0", "--dram-size", "64MiB", "--slab-size", "4MiB",
+                        "--max-value-size", "4MiB", "--log-level", "error",
+                        "--kv-events", "tcp://127.0.0.1:5557"],
+                       capture_output=True, text=True, timeout=30, env=env)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "'zmq' package is not installed" in lines[0] \
+        and "pip install 'kvstored[server]'" in lines[0], r.stderr
