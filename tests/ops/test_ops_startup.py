@@ -244,3 +244,33 @@ def test_missing_server_extra_names_the_install_command(tmp_path, module):
     """(A real install without the extra, aetcd included: tests/ops/test_wheel_install.py.)"""
     line = _fails_in_one_line(_argv(tmp_path), env=_env(_shadow(tmp_path, module)))
     assert f"'{module}'" in line and "pip install 'kvstored[server]'" in line, line
+
+
+# ---------------------------------------------------------------- the shm socket
+
+def test_shm_socket_defaults_to_the_runtime_directory(start_daemon, tmp_path):
+    """Under systemd ($RUNTIME_DIRECTORY from RuntimeDirectory=) the default socket goes
+    there, not into the unit's private /tmp; its mode lets only the owner's group in."""
+    runtime = tmp_path / "run" / "kvstored"
+    runtime.mkdir(parents=True)
+    d = start_daemon(env={"RUNTIME_DIRECTORY": str(runtime)})
+    with kvstore.Client(d.control, namespace="t", shm=True) as c:
+        path = Path(c.info().shm_socket)
+        assert path == runtime / f"kvstored-{d.info['control_port']}.sock"
+        assert c.transport == "shm"
+    assert path.stat().st_mode & 0o777 == 0o660
+    d.stop()
+    assert not path.exists()
+
+
+def test_allowed_uids_can_reach_the_socket(start_daemon, tmp_path):
+    """Listed uids share no group with a DynamicUser daemon: the socket is then
+    connectable by all, and the per-peer uid check refuses the unlisted."""
+    cfg = tmp_path / "kvstored.toml"
+    sock = tmp_path / "shm.sock"
+    cfg.write_text(f'[shm]\nsocket_path = "{sock}"\nallowed_uids = "4242"\n')
+    d = start_daemon("--config", str(cfg))
+    assert sock.stat().st_mode & 0o777 == 0o666
+    with kvstore.Client(d.control, namespace="t", shm=True) as c:  # our own uid: allowed
+        c.put("k", b"v")
+        assert c.transport == "shm" and c.get("k") == b"v"
