@@ -84,6 +84,13 @@ def test_ready_only_once_the_arena_is_prefaulted(tmp_path):
                     assert body.startswith(b"not ready: warming (arena prefaulted "), body
                     assert h.status == "warming" and h.live and not h.ready
                     c.put(f"early-{len(seen_warming)}", b"x" * 4096)  # served meanwhile
+                    if not seen_warming:  # the CLI shows it too (unless it ended meanwhile)
+                        r = subprocess.run([sys.executable, "-m", "kvstore.cli", "-a", control,
+                                            "status"], capture_output=True, text=True,
+                                           timeout=60, env=_env())
+                        assert r.returncode == 0, r.stderr
+                        assert ("warming (live, not ready)" in r.stdout
+                                or http_get(f"http://{metrics}/readyz")[0] == 200), r.stdout
                     seen_warming.append(body)
                 drain_notify()
                 time.sleep(0.02)
