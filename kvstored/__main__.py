@@ -6,6 +6,7 @@ fix it). A bug's traceback goes to the log at debug level only.
 """
 from __future__ import annotations
 
+import os
 import sys
 
 # What `pip install 'kvstored[server]'` adds to the SDK's own dependencies: an install
@@ -24,7 +25,6 @@ def _missing_extra(e: ModuleNotFoundError) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    import os
     # gRPC's C core prints its own lines on stderr (a failed bind: "E1130 ... add_port.cc");
     # the daemon reports those errors itself. GRPC_VERBOSITY=debug brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
