@@ -215,13 +215,14 @@ def test_held_recovered_records_are_invisible_until_verified(tmp_path):
     asyncio.run(restart())
 
 
-async def spill(store: Store, key: bytes, i: int) -> None:
+async def spill(store: Store, key: bytes, i: int, check: bool = True) -> None:
     """Put an object and leave it on NVMe only (written, DRAM copy dropped)."""
     await put(store, key, val(i))
     e = store.index[(NS, key)]
     store._evict(e)  # demotes it; the DRAM copy goes once the record is on NVMe
     await settle(store)
-    assert e.offset < 0 and e.nvme is not None
+    if check:
+        assert e.offset < 0 and e.nvme is not None
 
 
 def test_deletes_stay_deleted_when_the_tombstone_region_is_reclaimed_first(tmp_path):
@@ -606,8 +607,11 @@ def test_concurrent_puts_overwrites_and_deletes_under_reclaim_never_resurrect(tm
                     vals[k] = n
                     if (NS, k) in s.index:
                         s.delete(NS, [k])
-                await asyncio.gather(*(spill(s, k, vals[k]) for k in batch))
+                await asyncio.gather(*(spill(s, k, vals[k], check=False) for k in batch))
                 latest.update(vals)
+                for k in batch:  # a reclaim for a neighbour's demotion may have dropped it
+                    if (NS, k) not in s.index:
+                        latest[k] = None
                 for k in rnd.sample(sorted(latest), 3):
                     if s.delete(NS, [k]):
                         latest[k] = None
