@@ -1,0 +1,323 @@
+"""Eviction policy (kvstored/engine/eviction.py) and slab rebalancing in the Store (issue 12)."""
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from kvstore.errors import NoSpace
+from kvstore.wire import checksum
+from kvstored.engine import Store, StoreLimits
+from kvstored.engine.eviction import COLD, NONE, PROBATION, PROTECTED, Policy
+from kvstored.engine.nvme import NvmeDevice, NvmeTier
+
+KiB = 1 << 10
+MiB = 1 << 20
+NS = b"ns"
+
+
+class _SC:
+    def __init__(self, index):
+        self.index = index
+
+
+class E:
+    """The fields Policy uses on a store Entry."""
+
+    def __init__(self, key, sc=0):
+        self.ns, self.key, self.sc = NS, key, _SC(sc)
+        self.seg, self.stamp, self.newer, self.older = NONE, 0, None, None
+        self.busy = False
+
+
+def evictable(e):
+    return not e.busy
+
+
+def drain_all(p: Policy, n: int) -> list[bytes]:
+    out = []
+    for _ in range(n):
+        v = p.victim(0, evictable)
+        if v is None:
+            break
+        p.remove(v, evicted=True)
+        out.append(v.key)
+    return out
+
+
+# ------------------------------------------------------------------ policy
+def test_new_entries_leave_in_insertion_order():
+    p = Policy(1)
+    es = [E(b"k%d" % i) for i in range(5)]
+    for e in es:
+        p.insert(e)
+    assert drain_all(p, 5) == [b"k0", b"k1", b"k2", b"k3", b"k4"]
+    assert p.resident == 0
+
+
+def test_an_access_protects_until_it_ages_out():
+    p = Policy(1, protected_share=0.5, age_bonus=1.0)
+    es = [E(b"k%d" % i) for i in range(4)]
+    for e in es:
+        p.insert(e)
+    p.touch(es[0])  # read once: protected
+    assert es[0].seg == PROTECTED
+    assert p.victim(0, evictable) is es[1]
+    # many newer insertions: k0's last access is now older than the oldest probation
+    # entry by more than age_bonus x resident accesses, so it goes before them
+    for i in range(4, 40):
+        p.insert(E(b"k%d" % i))
+        v = p.victim(0, evictable)
+        p.remove(v, evicted=True)
+    assert es[0].seg == NONE  # aged out, it did not stay forever
+
+
+def test_protected_share_is_bounded():
+    p = Policy(1, protected_share=0.5)
+    es = [E(b"k%d" % i) for i in range(10)]
+    for e in es:
+        p.insert(e)
+    for e in es:
+        p.touch(e)
+    lists = p.queues[0].lists
+    assert lists[PROTECTED].count <= 5 and lists[PROBATION].count >= 5
+    assert lists[PROTECTED].count + lists[PROBATION].count == 10
+
+
+def test_ghost_hit_comes_back_protected():
+    p = Policy(1)
+    a = E(b"a")
+    p.insert(a)
+    p.remove(a, evicted=True)
+    assert (NS, b"a") in p.ghost
+    a2 = E(b"a")
+    p.insert(a2)
+    assert a2.seg == PROTECTED and p.counters["ghost_hits"] == 1
+    b = E(b"b")
+    p.insert(b)
+    p.remove(b)  # a delete, not an eviction: no ghost
+    assert (NS, b"b") not in p.ghost
+
+
+def test_ghost_is_bounded():
+    p = Policy(1, ghost_min=100)
+    for i in range(1000):
+        e = E(b"k%d" % i)
+        p.insert(e)
+        p.remove(e, evicted=True)
+    assert len(p.ghost) == 100
+    assert (NS, b"k999") in p.ghost and (NS, b"k0") not in p.ghost
+
+
+def test_chain_tail_goes_cold_and_first():
+    p = Policy(1, hint_limit=8)
+    head = [E(b"c0"), E(b"c1")]
+    for e in head:
+        p.insert(e)
+    p.note_chain(NS, [b"c0", b"c1", b"c2", b"c3"], 2)
+    c2, c3 = E(b"c2"), E(b"c3")
+    p.insert(c2)
+    p.insert(c3)
+    assert c2.seg == PROBATION and c3.seg == COLD
+    assert p.victim(0, evictable) is c3  # before older probation entries
+    # a full hit or a one-key chain names no tail
+    p.note_chain(NS, [b"x"], 0)
+    p.note_chain(NS, [b"c0", b"c1"], 2)
+    assert (NS, b"x") not in p.tail_hints and (NS, b"c1") not in p.tail_hints
+    for i in range(50):  # bounded
+        p.note_chain(NS, [b"a", b"t%d" % i], 0)
+    assert len(p.tail_hints) == 8
+
+
+def test_touch_chain_leaves_the_head_most_recent():
+    p = Policy(1, protected_share=0.9)
+    es = [E(b"k%d" % i) for i in range(4)]
+    for e in es:
+        p.insert(e)
+    p.touch_chain(es)
+    prot = p.queues[0].lists[PROTECTED]
+    assert prot.head is es[0] and es[0].older is es[1] and es[1].older is es[2]
+    # the deepest one is the first to leave the protected segment
+    assert es[3].seg == PROBATION
+
+
+def test_unevictable_entries_are_skipped_not_lost():
+    p = Policy(1)
+    es = [E(b"k%d" % i) for i in range(4)]
+    for e in es:
+        p.insert(e)
+    es[0].busy = es[1].busy = True
+    assert p.victim(0, evictable) is es[2]
+    for e in es:
+        e.busy = True
+    assert p.victim(0, evictable) is None  # one bounded pass, then None
+    assert p.queues[0].count == 4
+
+
+def test_policy_rejects_bad_share():
+    with pytest.raises(ValueError):
+        Policy(1, protected_share=1.0)
+
+
+# ------------------------------------------------------------ store level
+def limits(**kw) -> StoreLimits:
+    args = dict(dram_size=8 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB, hugepages=False,
+                prefault=False, put_wait_timeout=5.0, high_watermark=1.0, low_watermark=1.0)
+    args.update(kw)
+    return StoreLimits(**args)
+
+
+def make_store(**kw) -> Store:
+    return Store(limits(**kw))
+
+
+def fill_one_class(s: Store, n: int, size: int) -> list[bytes]:
+    keys = []
+    for i in range(n):
+        k = b"f%d" % i
+        s.put_bytes(NS, k, bytes([i % 251]) * size)
+        keys.append(k)
+    return keys
+
+
+def test_lookup_counts_as_an_access():
+    s = make_store()
+    try:
+        keys = fill_one_class(s, 8 * 4, 256 * KiB)  # the arena is full (32 slots)
+        assert s.lookup(NS, [keys[0], keys[1], b"missing"]) == 2
+        s.put_bytes(NS, b"new", bytes(256 * KiB))
+        assert s.exists(NS, keys[:3]) == [True, True, False]  # keys[2] was the oldest unread
+    finally:
+        s.close()
+
+
+def test_a_class_takes_a_slab_from_another_without_a_tier():
+    s = make_store()
+    try:
+        keys = fill_one_class(s, 8 * 4, 256 * KiB)
+        assert not s.arena.free_slabs
+        for size in (1 * KiB, 4 * KiB, 1 * MiB, 100 * KiB):
+            assert s.put_bytes(NS, b"other%d" % size, bytes(size)) is True
+        assert sum(s.exists(NS, keys)) < len(keys)
+    finally:
+        s.close()
+
+
+def test_pinned_slabs_are_not_taken():
+    s = make_store()
+    try:
+        keys = fill_one_class(s, 8 * 4, 256 * KiB)
+        s.pin(NS, keys, ttl=60)
+        with pytest.raises(NoSpace):
+            s.put_bytes(NS, b"x", bytes(4 * KiB))
+        s.unpin(NS, keys[:4])  # one whole slab's worth (4 per 1 MiB slab)
+        assert s.put_bytes(NS, b"x", bytes(4 * KiB)) is True
+        assert s.exists(NS, keys[4:]) == [True] * 28
+    finally:
+        s.close()
+
+
+def make_tier_store(path, **kw) -> Store:
+    # room for every object written here: one open region per slot size, so several
+    dev = NvmeDevice(str(path), MiB + 12 * 16 * MiB, 16 * MiB, "threads", 32)
+    return Store(limits(**kw), nvme=NvmeTier(dev))
+
+
+async def aput(s: Store, key: bytes, data: bytes) -> None:
+    res = await s.reserve_wait(NS, key, len(data), checksum(data))
+    if res is not None:
+        res.view[:] = data
+        s.commit(res)
+
+
+async def aread(s: Store, key: bytes) -> bytes:
+    e = await s.acquire_async(NS, key)
+    try:
+        return bytes(s.view(e))
+    finally:
+        s.release(e)
+
+
+def test_with_a_tier_a_full_class_gives_a_slab_after_demoting(tmp_path):
+    """Every slab full of DRAM-only objects of one class (no watermark headroom): other
+    sizes used to fail NoSpace for good; now a slab drains through demotion."""
+    async def run():
+        s = make_tier_store(tmp_path / "t.dat")
+        try:
+            for i in range(32):
+                await aput(s, b"f%d" % i, bytes([i]) * (256 * KiB))
+            assert not s.arena.free_slabs
+            assert all(e.nvme is None for e in s.index.values())
+            sizes = [1 * KiB, 4 * KiB, 1 * MiB, 100 * KiB, 3 * KiB]
+            for j, size in enumerate(sizes):
+                await asyncio.wait_for(aput(s, b"o%d" % j, bytes([j + 1]) * size), 10)
+            for j, size in enumerate(sizes):
+                assert await aread(s, b"o%d" % j) == bytes([j + 1]) * size
+            for i in range(32):  # demoted, not lost
+                assert await aread(s, b"f%d" % i) == bytes([i]) * (256 * KiB)
+            await s.drain_tasks(10)
+        finally:
+            s.close()
+    asyncio.run(run())
+
+
+def test_with_a_tier_concurrent_mixed_sizes_never_no_space(tmp_path):
+    async def run():
+        s = make_tier_store(tmp_path / "t.dat")
+        sizes = [700, 4 * KiB, 20 * KiB, 256 * KiB, 1 * MiB]
+
+        async def writer(w):
+            for i in range(40):
+                size = sizes[(w + i) % len(sizes)]
+                await aput(s, b"w%d-%d" % (w, i), bytes([(w * 40 + i) % 251]) * size)
+
+        try:
+            await asyncio.wait_for(asyncio.gather(*(writer(w) for w in range(4))), 60)
+            for w in range(4):
+                for i in (0, 39):
+                    size = sizes[(w + i) % len(sizes)]
+                    assert await aread(s, b"w%d-%d" % (w, i)) == bytes([(w * 40 + i) % 251]) * size
+            await s.drain_tasks(10)
+        finally:
+            s.close()
+    asyncio.run(run())
+
+
+def test_watermarks_pace_demotion_with_a_tier(tmp_path):
+    async def run():
+        s = make_tier_store(tmp_path / "t.dat", high_watermark=0.75, low_watermark=0.5)
+        try:
+            for i in range(20):
+                await aput(s, b"k%d" % i, bytes([i]) * (512 * KiB))
+                await asyncio.sleep(0)
+            await s.drain_tasks(10)
+            assert s.nvme.counters["demotions"] > 0
+            assert s.arena.used_bytes <= 0.75 * s.arena.size
+            assert await aread(s, b"k0") == bytes([0]) * (512 * KiB)
+        finally:
+            s.close()
+    asyncio.run(run())
+
+
+def test_small_object_slots_are_packed():
+    s = make_store()
+    try:
+        for i in range(1000):
+            s.put_bytes(NS, b"s%d" % i, bytes([i % 251]) * KiB)
+        assert s.arena.used_bytes == 1000 * KiB
+        e = s.acquire(NS, b"s999")
+        assert bytes(s.view(e)) == bytes([999 % 251]) * KiB
+        s.release(e)
+    finally:
+        s.close()
+
+
+def test_taking_a_slab_does_not_build_a_free_list():
+    """Issue 11: a reservation in a fresh slab cost O(slots) (the free list was rebuilt)."""
+    s = make_store(slab_size=1 * MiB)
+    try:
+        s.put_bytes(NS, b"a", bytes(300))
+        slab = s.arena.slab_of(s.index[(NS, b"a")].offset)
+        assert slab.free == [] and slab.bump == slab.base + 320
+    finally:
+        s.close()
