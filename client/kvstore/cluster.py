@@ -23,8 +23,9 @@ Redundancy is a per-namespace policy:
   fetches the other slots too and decodes. Objects smaller than ``min_ec_size`` are
   stored whole on the first M+1 slots.
 
-A node that does not answer a put is marked down for ``down_s`` and the put is written
-again over the other nodes: its records land on the slots the layout gives without that
+A node that does not answer a put is marked down for ``down_s`` (1 s: a dead node
+refuses connections, so finding out again costs milliseconds, and a node that is back
+gets its writes within a second) and the put is written again over the other nodes: its records land on the slots the layout gives without that
 node, which is where they belong once etcd drops it (and where repair moves them back
 from, should it return). Fewer live nodes than the policy spreads over: writes go on (EC slots wrap around, replicas
 are written to every live node) while the loss of one more node would still leave the
@@ -100,7 +101,7 @@ class ClusterClient:
 
     def __init__(self, members: Sequence | Callable[[], object], policy=None, *,
                  namespace: str = DEFAULT_NAMESPACE, min_ec_size: int = DEFAULT_MIN_EC_SIZE,
-                 node_timeout: float = 10.0, fragment_timeout: float = 2.0, down_s: float = 5.0,
+                 node_timeout: float = 10.0, fragment_timeout: float = 2.0, down_s: float = 1.0,
                  refresh_s: float = 5.0, max_workers: int = 16, **client_kwargs):
         self.namespace = namespace_bytes(namespace).decode()
         self.min_ec_size = int(min_ec_size)
@@ -425,14 +426,19 @@ class ClusterClient:
         items = [(key_bytes(k), as_bytes_view(v)) for k, v in items]
         return self._redirected(self._batch_put, items, self._ns(namespace), overwrite)
 
+    def _down_now(self) -> set:
+        """Nodes skipped now (an expired mark stays in ``_down`` until the node is asked)."""
+        now = time.monotonic()
+        return {n for n, until in list(self._down.items()) if until > now}
+
     def _batch_put(self, items, ns: str, overwrite: bool) -> list[bool]:
-        down = set(self._down)
+        down = self._down_now()
         try:
             return self._batch_put_once(items, ns, overwrite)
         except errors.Redirect:
             raise
         except errors.Unavailable:
-            if set(self._down) <= down:
+            if self._down_now() <= down:
                 raise
             # a node failed under this put and is marked down now: write again without it
             return self._batch_put_once(items, ns, overwrite)
