@@ -2,7 +2,7 @@
 """Time to first token with a real transformer: recompute the prompt's prefix, or load its KV from kvstored.
 
     python benchmarks/bench_ttft.py [--lengths 1024,4096,8192] [--dtype fp32|bf16]
-                                    [--turns 30] [--repeats 2] [--json out.json] [--markdown out.md]
+                                    [--turns 30] [--repeats 2] [--load-repeats 5] [--json out.json] [--markdown out.md]
                                     [--address HOST:PORT]   # an already running daemon
 
 Needs torch and transformers (``.venv/engines/bin/python`` has both; see benchmarks/README.md).
@@ -97,10 +97,6 @@ TOLERANCE = {"fp32": dict(rtol=1e-4, atol=1e-4), "bf16": dict(rtol=5e-2, atol=5e
 COUNTERS = ("hits", "misses", "get_bytes", "puts", "put_bytes")
 DEFAULT_TRACE = os.environ.get("KVSTORE_TRACE", "/work/shared/traces/mooncake_conversation_trace.jsonl")
 TRACE_BLOCK_TOKENS = 512  # the trace's block size
-
-
-class CheckFailed(Exception):
-    """A correctness check failed (logits, KV bytes, counters); the message says which."""
 
 
 # =========================================================================== model
@@ -337,7 +333,7 @@ def run_length(model, clients: dict, paged: PagedKV, length: int, args, extra: b
 
     for transport, client in clients.items():
         times, loads = [], []
-        for _ in range(args.repeats):
+        for _ in range(args.load_repeats):
             before = counters(client)
             r = ttft_from_store(model, client, paged, tokens, keys, args.namespace)
             d = delta(counters(client), before)
@@ -472,7 +468,8 @@ def render(result: dict) -> str:
     lines = [f"Model: LlamaForCausalLM preset `{a['preset']}` ({result['model']}), {a['dtype']}, "
              f"random weights seed {a['seed']}; torch {result['torch']}, transformers "
              f"{result['transformers']}, {result['threads']} threads; block {a['block_size']} tokens = "
-             f"{result['block_nbytes'] // 1024} KiB; median of {a['repeats']}; load average before "
+             f"{result['block_nbytes'] // 1024} KiB; median of {a['repeats']} recomputes and "
+             f"{a['load_repeats']} loads; load average before "
              f"{result['loadavg_before']}, after {result['loadavg_after']}.", "",
              "| prompt tokens | stored prefix | KV MiB | recompute TTFT ms | shm TTFT ms (load ms) "
              "| tcp TTFT ms (load ms) | recompute / shm | recompute / tcp | max abs logit diff "
@@ -592,7 +589,9 @@ def parse_args(argv=None):
     ap.add_argument("--dtype", choices=sorted(DTYPES), default="fp32")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--block-size", type=int, default=16, help="tokens per paged KV block (vLLM's default)")
-    ap.add_argument("--repeats", type=int, default=2, help="timed runs per path (median reported)")
+    ap.add_argument("--repeats", type=int, default=2, help="timed full prefills per length (median reported)")
+    ap.add_argument("--load-repeats", type=int, default=5,
+                    help="timed runs of each loaded path per length (median reported; they are cheap)")
     ap.add_argument("--threads", type=int, default=1,
                     help="torch intra-op threads (0 = torch's default). 1 by default: on a busy "
                          "2-core host every parallel region waits for a descheduled sibling thread "
@@ -614,7 +613,7 @@ def parse_args(argv=None):
     ap.add_argument("--json", help="write the full result here ('-' = a JSON line on stdout)")
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
-    if args.block_size < 1 or args.repeats < 1 or args.tokens_per_trace_block % args.block_size:
+    if args.block_size < 1 or args.repeats < 1 or args.load_repeats < 1 or args.tokens_per_trace_block % args.block_size:
         ap.error("--block-size and --repeats must be positive; --tokens-per-trace-block a multiple of --block-size")
     if args.lengths and any(int(x) <= args.block_size for x in args.lengths.split(",")):
         ap.error("every length must exceed --block-size (a prefix block plus one computed token)")

@@ -77,7 +77,7 @@ def test_ttft_core_tiny(daemon, tmp_path):
     _trace(trace)
     out = tmp_path / "ttft.json"
     before = _counters(daemon.control)
-    r = _run(py, "--address", daemon.control, "--preset", "tiny", "--lengths", "128", "--repeats", "1",
+    r = _run(py, "--address", daemon.control, "--preset", "tiny", "--lengths", "128", "--repeats", "1", "--load-repeats", "1",
              "--turns", "6", "--trace", str(trace), "--tokens-per-trace-block", "16",
              "--max-trace-blocks", "8", "--json", str(out))
     if r.returncode and "bench_ttft needs transformers" in r.stderr:
@@ -110,7 +110,7 @@ def test_ttft_core_tiny(daemon, tmp_path):
 
     # the daemon's own counters, read by this test, against everything the benchmark loaded and stored
     nbytes = res["block_nbytes"]
-    loaded = len(transports) * row["blocks"] + sum(t["hit_blocks"] for t in turns)
+    loaded = len(transports) * res["args"]["load_repeats"] * row["blocks"] + sum(t["hit_blocks"] for t in turns)
     stored = row["blocks"] + sum(t["stored_blocks"] for t in turns)
     got = {k: after[k] - before[k] for k in COUNTERS}
     raw_reads = 2  # the layout check reads the first and the last prefix block raw
