@@ -95,7 +95,8 @@ class KvstoredDaemon:
                    "--data-port", "0", "--dram-size", self.dram_size,
                    "--max-value-size", human_size(self.max_value_size),
                    "--slab-size", human_size(self.slab_size),
-                   "--tcp-congestion", self.cc, "--ready-file", ready, *self.extra_args]
+                   "--tcp-congestion", self.cc, "--metrics-port", "0",  # never clash with a running node
+                   "--ready-file", ready, *self.extra_args]
             env = dict(os.environ)
             for name in filter(None, env.pop(ADDED_ENV, "").split(",")):
                 env.pop(name, None)  # the daemon runs with the environment it was given
