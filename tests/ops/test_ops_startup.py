@@ -82,7 +82,9 @@ def test_ready_only_once_the_arena_is_prefaulted(tmp_path):
                 h = c.health()
                 if status == 503:
                     assert body.startswith(b"not ready: warming (arena prefaulted "), body
-                    assert h.status == "warming" and h.live and not h.ready
+                    # (asked just after /readyz: the prefault may have ended in between)
+                    assert h.live and ((h.status == "warming" and not h.ready)
+                                       or (h.status == "serving" and h.ready)), h
                     c.put(f"early-{len(seen_warming)}", b"x" * 4096)  # served meanwhile
                     if not seen_warming:  # the CLI shows it too (unless it ended meanwhile)
                         r = subprocess.run([sys.executable, "-m", "kvstore.cli", "-a", control,
