@@ -105,7 +105,10 @@ def test_ready_only_once_the_arena_is_prefaulted(tmp_path):
             assert h.ready and h.status == "serving"
             for i in range(len(seen_warming)):
                 assert c.get(f"early-{i}") == b"x" * 4096
-        drain_notify()
+        until = time.monotonic() + 10  # READY=1 follows the ready file
+        while time.monotonic() < until and not any("READY=1" in m.split("\n") for m in messages):
+            drain_notify()
+            time.sleep(0.02)
         ready_at = [i for i, m in enumerate(messages) if "READY=1" in m.split("\n")]
         assert len(ready_at) == 1, messages
         warming = [m for m in messages[:ready_at[0]] if "STATUS=warming" in m]
