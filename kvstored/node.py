@@ -335,8 +335,8 @@ class Node:
             from kvstored.cluster import Membership
             self.membership = Membership(self)
             if c.cluster_repair:
-                from kvstored.cluster.repair import RepairAgent
-                self.repair = RepairAgent(self, asyncio.get_running_loop())
+                from kvstored.cluster.repair import from_node as repair_agent
+                self.repair = repair_agent(self, asyncio.get_running_loop())
                 self.membership.on_change.append(self.repair.wake)
                 self.repair.start()
             self.membership.start()

@@ -1,0 +1,31 @@
+"""The repair agent: brings every record this node holds to where the layout wants it.
+
+One job per module:
+
+* ``agent.py``: the loop (when a pass runs, which objects it looks at) and the bulk
+  execution of decisions (reads, rebuilds and writes batched per peer, peers at once);
+* ``decide.py``: what to do with one object, a pure function (verify, rebuild, move);
+* ``peers.py``: calls to other nodes (Heads, batch_get, batch_put), one client per peer;
+* ``local.py``: the store calls repair makes, run on the daemon's event loop;
+* ``rebuild.py``: records rebuilt from sources (pyeclib reconstruct, re-indexed copies);
+* ``throttle.py``: the token bucket of ``cluster.repair_rate``.
+
+Namespaces repair by the cluster's policy (``kvstore-cli policy set`` / cluster.policies).
+EC records are self-describing, so they are repaired in namespaces without a policy too;
+replicated records in such namespaces are left alone (their copy count is not known).
+"""
+from __future__ import annotations
+
+import asyncio
+
+from .agent import RepairAgent, RepairSettings
+from .local import LocalStore
+
+__all__ = ["LocalStore", "RepairAgent", "RepairSettings", "from_node"]
+
+
+def from_node(node, loop: asyncio.AbstractEventLoop) -> RepairAgent:
+    """The agent of a Node: given only the narrow things it uses (node id, the store
+    calls, the membership view, config values)."""
+    return RepairAgent(node.node_id, LocalStore(node.store, loop), node.membership,
+                       RepairSettings.from_config(node.config))

@@ -1,0 +1,588 @@
+"""The repair loop: when to run a pass, which objects it looks at, and executing the
+actions decide.py returns, in bulk.
+
+Runs in its own thread (it makes blocking SDK calls to peers) and touches the store only
+through LocalStore (local.py), which hops onto the daemon's event loop. A pass starts
+``cluster.repair_delay`` seconds after a placement or policy change (so a flapping node is
+not rebuilt at once), after a drain starts, and every ``cluster.repair_interval``
+seconds; it skips while etcd is unreachable (the member list may be stale). It walks this
+node's objects in repair order (records not yet verified first, then pinned, then
+recently read, then most read) in batches of BATCH objects. Per batch:
+
+1. one Heads call per peer (and per namespace), all peers at once;
+2. ``decide()`` per object (pure, no I/O);
+3. recovered records verified or dropped, one loop hop;
+4. the records to copy read locally (one loop hop) and the rebuild sources read from
+   peers with one batch_get per peer, all peers at once (a second round for objects
+   whose first sources were missing or stale);
+5. missing records rebuilt (pyeclib) and written with one batch_put per peer, all peers
+   at once, throttled to ``cluster.repair_rate`` bytes/s;
+6. surplus records deleted (handed-over ones only once every copy was written).
+
+Writes and deletes are idempotent (immutable objects, deterministic reconstruction), so
+two nodes acting on the same object at once, or a pass interrupted by a crash, cannot
+corrupt anything.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+from kvstore import errors
+from kvstore.layout import FRAG_HEADER, Policy, lap_key, parse_head, slots, split_lap
+from kvstore.placement import Member
+
+from . import rebuild as rb
+from .decide import (Copy, DeleteLocal, Drop, HandOver, Local, Obj, Peers, Pending, Reconstruct,
+                     Verify, decide)
+from .local import LocalStore
+from .peers import PeerIO
+from .throttle import Throttle
+
+log = logging.getLogger("kvstored.repair")
+
+BATCH = 128  # objects per batch (one Heads call per peer per batch)
+MAX_BATCH_BYTES = 128 << 20  # records held in memory at once while a batch is executed
+HEADS_PER_CALL = 4096  # keys per Heads call (the server's max_batch_keys is larger)
+PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
+PEER_THREADS = 8  # peers talked to at once
+MAX_PENDING_KEYS = 100_000  # unfinished objects remembered for the next pass
+HEAD = FRAG_HEADER.size
+YOUNG_S = 2.0  # records younger than this (or repair_delay) wait for a later pass
+RATE_WINDOW_S = 10.0  # the write rate (for the ETA) is measured over this long
+
+
+class RepairSettings:
+    """The config values the agent uses."""
+
+    def __init__(self, delay: float, interval: float, rate: int, token: str | None = None,
+                 tls=None):
+        self.delay, self.interval, self.rate, self.token, self.tls = delay, interval, rate, token, tls
+
+    @classmethod
+    def from_config(cls, c) -> "RepairSettings":
+        tls = None
+        if c.tls_cert_file:  # the node's own certificate, checked against its CA
+            from kvstore import TLSConfig
+            tls = TLSConfig(ca_file=c.tls_client_ca_file or None, cert_file=c.tls_cert_file,
+                            key_file=c.tls_key_file)
+        return cls(c.cluster_repair_delay, c.cluster_repair_interval, c.cluster_repair_rate,
+                   c.cluster_token or None, tls)
+
+
+class RepairAgent:
+    def __init__(self, node_id: str, store: LocalStore, membership, settings: RepairSettings):
+        """``membership``: the node's Membership (epoch, degraded, draining, policies,
+        view(), placement_members()); ``store``: LocalStore."""
+        self.node_id = node_id
+        self.store = store
+        self.membership = membership
+        self.delay, self.interval = settings.delay, settings.interval
+        self._wake = threading.Event()
+        self._now = False
+        self._stop = False
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.throttle = Throttle(settings.rate)
+        self.peers = PeerIO(settings.token, settings.tls, self._count)
+        self._pool: ThreadPoolExecutor | None = None
+        self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
+        self._skipped_young = 0
+        # what the last pass saw, so that a pass after a membership change looks only at
+        # the objects the change can have touched (a full pass every repair_interval)
+        self._prev_members: list | None = None
+        self._prev_started: dict[str, float] = {}
+        self._last_full = 0.0
+        self._force_full = False
+        self._recheck_young = False
+        self._pending_keys: set | None = set()  # None: too many to track, next pass is full
+        self._pass_t0 = 0.0
+        self._rate_marks: list[tuple[float, int]] = []  # (t, bytes_written) for the rate
+        self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
+                   "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
+                   "last_pass_seconds": 0.0, "pending": 0}
+
+    # ------------------------------------------------------------ life cycle
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="kvstored-repair", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop = True
+        self._wake.set()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+        self.peers.close()
+
+    def wake(self, now: bool = False) -> None:
+        """A placement/policy change (after repair_delay) or ``now`` (drain)."""
+        self._now = self._now or now
+        self._wake.set()
+
+    def status(self) -> dict:
+        """The counters of Members().repair (see RepairStatus in control.proto)."""
+        return dict(self.st)
+
+    def progress(self) -> dict:
+        """The current pass: seconds running, write rate (bytes/s over the last
+        RATE_WINDOW_S) and an ETA from the share of objects scanned (0 when idle)."""
+        with self._lock:
+            st = dict(self.st)
+            marks = list(self._rate_marks)
+        if st["state"] != "scanning":
+            return {"elapsed": 0.0, "rate": 0.0, "eta": 0.0}
+        now = time.monotonic()
+        elapsed = now - self._pass_t0
+        rate = 0.0
+        if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
+            rate = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
+        eta = 0.0
+        if st["scanned"] and st["total"] > st["scanned"]:
+            eta = elapsed * (st["total"] - st["scanned"]) / st["scanned"]
+        return {"elapsed": round(elapsed, 3), "rate": round(rate, 1), "eta": round(eta, 3)}
+
+    def _count(self, name: str, n: int = 1) -> None:
+        with self._lock:  # peer threads count too
+            self.st[name] += n
+
+    def _mark_rate(self) -> None:
+        with self._lock:
+            now = time.monotonic()
+            self._rate_marks.append((now, self.st["bytes_written"]))
+            while len(self._rate_marks) > 2 and now - self._rate_marks[0][0] > RATE_WINDOW_S:
+                self._rate_marks.pop(0)
+
+    def _workers(self) -> ThreadPoolExecutor:
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(PEER_THREADS, thread_name_prefix="kvstored-repair")
+        return self._pool
+
+    def _per_peer(self, fn, jobs: dict) -> dict:
+        """``fn(job)`` for every job (one per peer) at once; {name: result}."""
+        if len(jobs) <= 1:
+            return {name: fn(job) for name, job in jobs.items()}
+        futs = {name: self._workers().submit(fn, job) for name, job in jobs.items()}
+        return {name: f.result() for name, f in futs.items()}
+
+    # ------------------------------------------------------------ the loop
+    def _run(self) -> None:
+        m = self.membership
+        due = time.monotonic() + self.delay
+        retry = 0.0  # the current back-off after passes that left work pending
+        while not self._stop:
+            timeout = max(0.0, due - time.monotonic())
+            if self._wake.wait(timeout):
+                self._wake.clear()
+                if self._stop:
+                    return
+                # settle: a change starts a pass repair_delay later; further changes
+                # within that time join the same pass (never postpone it)
+                retry = 0.0  # something changed: unfinished work may be doable now
+                if self._now:
+                    due = time.monotonic()
+                elif self.st["state"] != "waiting":
+                    due = min(due, time.monotonic() + self.delay)
+                self._now = False
+                self.st["state"] = "waiting"
+                continue
+            if m.degraded:
+                self.st["state"] = "waiting"
+                due = time.monotonic() + 1.0
+                continue
+            t0 = time.monotonic()
+            try:
+                pending = self._pass()
+            except Exception:
+                if self._stop:
+                    return  # shutting down: clients closed under the pass
+                log.exception("repair pass failed")
+                self._count("failures")
+                pending = 1
+            self.st["last_pass_seconds"] = round(time.monotonic() - t0, 3)
+            self.st["passes"] += 1
+            self.st["pending"] = pending
+            self.st["state"] = "idle"
+            # unfinished work (peers down, fragments missing): try again soon, backing off
+            # while it stays unfinished (an object that lost more than M fragments never
+            # will be) up to the interval
+            if pending:
+                retry = min(retry * 2, self.interval) if retry else max(self.delay, 1.0)
+                due = time.monotonic() + retry
+            else:
+                retry = 0.0
+                due = time.monotonic() + self.interval
+                if (m.draining and self._skipped_young) or self._recheck_young:
+                    # a drain waits for nothing; records written around a membership
+                    # change are looked at as soon as they are old enough
+                    self._recheck_young = False
+                    due = time.monotonic() + max(YOUNG_S, self.delay)
+
+    def _pass(self) -> int:
+        m = self.membership
+        me = self.node_id
+        members, policies, draining, self._started = self._view()
+        if not members:
+            return 0
+        rows = self.store.snapshot()
+        # a record younger than this may belong to a put still in flight (its other
+        # records not written yet): leave it to a later pass. Not counted as pending: a
+        # node taking writes always has young records, and a finished put is complete.
+        young = time.time() - max(YOUNG_S, self.delay)
+        fresh = [r for r in rows if r[8] > young]
+        rows = [r for r in rows if r[8] <= young]
+        self._skipped_young = len(fresh)
+        objs = group(rows, policies, m.draining)
+        total = len(objs)
+        full = self._full_due(m)
+        if not full:
+            objs = self._affected(objs, members)
+        self._pass_t0 = time.monotonic()
+        with self._lock:
+            self._rate_marks = [(self._pass_t0, self.st["bytes_written"])]
+        self.st.update(state="scanning", scanned=0, total=total)
+        if objs:
+            log.info("repair pass", extra={"objects": len(objs), "members": len(members),
+                                           "epoch": f"{m.epoch:08x}"})
+        pending = 0
+        unfinished: set[tuple[bytes, bytes]] = set()
+        epoch = m.epoch
+        self.peers.new_pass()  # peers that do not answer are not asked again this pass
+        for i in range(0, len(objs), BATCH):
+            if self._stop:
+                break
+            if m.epoch != epoch:  # the member list changed under us: start over soon
+                pending += len(objs) - i
+                self._force_full = True
+                break
+            batch = objs[i:i + BATCH]
+            self._read_my_heads(batch)
+            for o in batch:
+                o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
+            todo = [o for o in batch if o.slots]
+            heads, settled = self._ask(todo, me, draining)
+            view = Peers(me, settled, self._started, draining)
+            for o, ok in zip(todo, self._execute(todo, heads, view)):
+                if not ok:
+                    pending += 1
+                    unfinished.add((o.ns, o.base))
+            self.st["scanned"] += len(batch)
+            self._mark_rate()
+        changed = self._prev_members is not None and (
+            [x.node_id for x in self._prev_members] != [x.node_id for x in members])
+        carried = self._pending_keys or set()
+        for r in fresh:
+            # written around the change (or carried over as such): look at them again
+            # once they are old enough
+            split = split_lap(r[1])
+            key = (r[0], split[0] if split else r[1])
+            if changed or key in carried:
+                unfinished.add(key)
+                self._recheck_young = True
+        self._prev_members, self._prev_started = members, dict(self._started)
+        if full:
+            self._last_full = time.monotonic()
+        self._pending_keys = unfinished if len(unfinished) <= MAX_PENDING_KEYS else None
+        return pending
+
+    def _full_due(self, m) -> bool:
+        """A full pass looks at every object; otherwise only at those a membership change
+        can have touched (see _affected)."""
+        force, self._force_full = self._force_full, False
+        return (force or self._prev_members is None or self._pending_keys is None or m.draining
+                or self.store.unverified > 0
+                or time.monotonic() - self._last_full >= self.interval)
+
+    def _affected(self, objs: list[Obj], members: list) -> list[Obj]:
+        """The objects whose slots differ between the previous pass's member list and this
+        one, or sit on a node that restarted since (its records may be gone), or that the
+        last pass left unfinished. Objects of unknown policy are always looked at."""
+        prev = self._prev_members
+        restarted = {nid for nid, at in self._started.items()
+                     if nid in self._prev_started and self._prev_started[nid] != at}
+        out = []
+        for o in objs:
+            if o.policy is None or (o.ns, o.base) in self._pending_keys:
+                out.append(o)
+                continue
+            now_slots = [(x.node_id, lap) for x, lap in slots(o.base, members, o.policy, o.ns)]
+            if (now_slots != [(x.node_id, lap) for x, lap in slots(o.base, prev, o.policy, o.ns)]
+                    or any(nid in restarted for nid, _ in now_slots)):
+                out.append(o)
+        return out
+
+    def _view(self):
+        m = self.membership
+        pols = {}
+        for ns, text in m.policies.items():
+            try:
+                pols[ns] = Policy.parse(text)
+            except errors.InvalidArgument:
+                log.warning("ignoring a malformed policy", extra={"namespace": ns, "policy": text})
+        rows = m.view()
+        # draining members still answer (they hand their records over): asked beside the slots
+        draining = [Member(i.node_id, i.control_address, i.failure_domain)
+                    for i, h, _a, _me in rows if i.draining and h in ("alive", "stale")]
+        started = {i.node_id: i.started_at for i, _h, _a, _me in rows}
+        return m.placement_members(), pols, draining, started
+
+    def _read_my_heads(self, batch: list[Obj]) -> None:
+        """Fill in the EC header of this node's records of the batch (one loop hop); an
+        object none of whose records has a valid header is not an EC object after all."""
+        want = [(o, lap) for o in batch if o.ec for lap in o.mine]
+        got = self.store.read_heads([(o.ns, o.mine[lap].key) for o, lap in want], HEAD)
+        for (o, lap), head in zip(want, got):
+            if head is None:
+                del o.mine[lap]
+            else:
+                o.mine[lap] = o.mine[lap]._replace(head=head)
+        for o in batch:
+            if not o.ec:
+                continue
+            h = next((parse_head(v.head) for v in o.mine.values() if parse_head(v.head)), None)
+            if h is None:
+                o.ec = False  # not an EC record after all (no valid header)
+                if o.policy is None or o.policy.kind == "ec":
+                    o.policy = None  # no slots: left alone
+            else:
+                o.policy = Policy("ec", h[4] + h[5], h[4], h[5])
+
+    def _ask(self, batch: list[Obj], me: str, draining: list) -> tuple[dict, dict]:
+        """Heads of every slot (and draining node) of the batch's objects, one call per
+        peer and namespace, all peers at once: ({id(obj): {(node_id, lap): Head or None
+        (no answer)}}, {node_id: settled})."""
+        per_peer: dict[str, tuple[object, dict]] = {}
+        for o in batch:
+            for member, lap in list(o.slots) + [(d, 0) for d in draining]:
+                if member.node_id == me:
+                    continue
+                key = lap_key(o.base, lap) if o.ec else o.base
+                per_peer.setdefault(member.node_id, (member, {}))[1].setdefault(o.ns, []).append(
+                    (o, lap, key))
+
+        def ask(job):
+            member, by_ns = job
+            out, settled = [], None
+            for ns, its in by_ns.items():
+                for c in range(0, len(its), HEADS_PER_CALL):
+                    chunk = its[c:c + HEADS_PER_CALL]
+                    r = self.peers.heads(member, ns, [k for _o, _l, k in chunk], HEAD)
+                    if r is None:
+                        out += [(o, lap, None) for o, lap, _k in chunk]
+                        continue
+                    settled = r.unverified_objects == 0
+                    out += [(o, lap, h) for (o, lap, _k), h in zip(chunk, r.heads)]
+            return out, settled
+
+        heads: dict[int, dict] = {}
+        settled: dict[str, bool] = {}
+        for nid, (got, s) in self._per_peer(ask, per_peer).items():
+            if s is not None:
+                settled[nid] = s
+            for o, lap, h in got:
+                heads.setdefault(id(o), {})[(nid, lap)] = h
+        return heads, settled
+
+    # ------------------------------------------------------------ executing decisions
+    def _execute(self, objs: list[Obj], heads: dict, view: Peers) -> list[bool]:
+        """Decide for every object and carry the actions out in bulk; per object, True
+        when it needs nothing more from this node."""
+        plans = []
+        for o in objs:
+            try:
+                plans.append(decide(o, heads.get(id(o), {}), view))
+            except Exception:  # a bug on one object must not stop the pass for all others
+                self._count("failures")
+                log.exception("repair decision failed", extra={
+                    "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+                plans.append([Pending("decision failed")])
+        ok = [not any(isinstance(a, Pending) for a in acts) for acts in plans]
+        self._settle(objs, plans, ok)
+        # execute in chunks whose records fit MAX_BATCH_BYTES
+        start, size = 0, 0
+        for i, o in enumerate(objs):
+            est = sum(v.size for v in o.mine.values()) * ((o.policy.k if o.policy and o.ec else 1) + 2)
+            if i > start and size + est > MAX_BATCH_BYTES:
+                self._move(objs[start:i], plans[start:i], ok, start, view.me)
+                start, size = i, 0
+            size += est
+        if start < len(objs):
+            self._move(objs[start:], plans[start:], ok, start, view.me)
+        return ok
+
+    def _settle(self, objs: list[Obj], plans: list, ok: list) -> None:
+        """Verify / Drop actions: one loop hop for the batch."""
+        verify, drop = [], []
+        for o, acts in zip(objs, plans):
+            for a in acts:
+                if isinstance(a, Verify):
+                    verify.append((o.ns, a.key))
+                elif isinstance(a, Drop):
+                    drop.append((o.ns, a.key, a.checksum))
+        if not verify and not drop:
+            return
+        n, dropped = self.store.settle(verify, drop)
+        self._count("verified", n)
+        self._count("dropped", len(dropped))
+        for ns, key in dropped:
+            log.info("dropped a stale record recovered at restart", extra={
+                "namespace": ns.decode(errors="replace"), "key": key[:48].hex()})
+
+    def _move(self, objs: list[Obj], plans: list, ok: list, base: int, me: str) -> None:
+        """Copy, HandOver, Reconstruct and DeleteLocal actions of ``objs`` (ok[base + i]
+        is object i's outcome, cleared on any failure)."""
+        # 1. local records to send
+        local_keys: dict[tuple[bytes, bytes], bytes | None] = {}
+        for o, acts in zip(objs, plans):
+            for a in acts:
+                if isinstance(a, (Copy, HandOver)):
+                    local_keys[(o.ns, a.src)] = None
+        # 2. rebuild sources, read local first, then one batch_get per peer
+        recs: dict[int, list] = {}  # i -> usable source records
+        have: dict[int, set] = {}
+        tried: dict[int, int] = {}  # i -> sources consumed
+        rebuilds = [(i, o, a) for i, (o, acts) in enumerate(zip(objs, plans))
+                    for a in acts if isinstance(a, Reconstruct)]
+        for i, _o, _a in rebuilds:
+            recs[i], have[i], tried[i] = [], set(), 0
+        if local_keys:  # the records to copy, in one loop hop
+            self._read([], me, local_keys)
+        for _round in range(8):  # bounded: each round consumes at least one source per object
+            wants = []  # (i, o, a, member, key)
+            for i, o, a in rebuilds:
+                need = rb.needed(o.policy, a.kind) - len(recs[i])
+                if need <= 0 or tried[i] >= len(a.sources):
+                    continue
+                for j in a.sources[tried[i]:tried[i] + need]:
+                    member, lap = o.slots[j]
+                    wants.append((i, o, a, member, lap_key(o.base, lap)))
+                tried[i] += need
+            if not wants:
+                break
+            got = self._read(wants, me, {})
+            for (i, o, a, _m, _k), buf in zip(wants, got):
+                recs[i] += rb.usable([buf], a.version, have[i])
+        # 3. records to write, per peer
+        writes: dict[str, tuple] = {}  # node_id -> (member, [(ns, overwrite, key, data, tag)])
+        tags: dict[tuple, list] = {}  # (i, action index) -> results of its writes
+
+        def write(member, ns, overwrite, key, data, tag):
+            writes.setdefault(member.node_id, (member, []))[1].append((ns, overwrite, key, data, tag))
+            tags.setdefault(tag, [])
+
+        for i, (o, acts) in enumerate(zip(objs, plans)):
+            for n, a in enumerate(acts):
+                if isinstance(a, (Copy, HandOver)):
+                    data = local_keys.get((o.ns, a.src))
+                    if data is None:
+                        ok[base + i] = False
+                        tags[(i, n)] = [None]
+                        continue
+                    for j in ((a.slot,) if isinstance(a, Copy) else a.slots):
+                        write(o.slots[j][0], o.ns, a.overwrite, a.dst, data, (i, n))
+                elif isinstance(a, Reconstruct):
+                    what = f"{o.ns.decode(errors='replace')}/{o.base[:48].hex()}"
+                    built = rb.rebuild(o.policy, a.kind, recs.get(i, []), [t[0] for t in a.targets], what)
+                    if built is None:
+                        ok[base + i] = False
+                        continue
+                    for idx, j, overwrite in a.targets:
+                        member, lap = o.slots[j]
+                        write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
+        results = self._write(writes)
+        for tag, r in results.items():
+            tags[tag] += r
+        # 4. deletes: handed-over records once every copy was written
+        deletes = []
+        for i, (o, acts) in enumerate(zip(objs, plans)):
+            for n, a in enumerate(acts):
+                written = tags.get((i, n), [])
+                if any(r is None for r in written):
+                    ok[base + i] = False
+                if isinstance(a, DeleteLocal) or (
+                        isinstance(a, HandOver) and written and all(r is not None for r in written)):
+                    deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
+        if deletes:
+            self._count("removed", self.store.delete(deletes))
+
+    def _read(self, wants: list, me: str, local_keys: dict) -> list:
+        """The records of ``wants`` ((i, o, a, member, key)) and of ``local_keys`` (filled
+        in place): this node's in one loop hop, each peer's with one batch_get, at once."""
+        local = [(o.ns, key) for _i, o, _a, member, key in wants if member.node_id == me]
+        lk = list(local_keys)
+        got_local = self.store.read_many(local + lk) if local or lk else []
+        for k, buf in zip(lk, got_local[len(local):]):
+            local_keys[k] = buf
+        per_peer: dict[str, tuple] = {}
+        for n, (_i, o, _a, member, key) in enumerate(wants):
+            if member.node_id != me:
+                per_peer.setdefault(member.node_id, (member, {}))[1].setdefault(o.ns, []).append((n, key))
+
+        def read(job):
+            member, by_ns = job
+            out = []
+            for ns, its in by_ns.items():
+                bufs = self.peers.get_many(member, ns, [k for _n, k in its])
+                out += [(n, b) for (n, _k), b in zip(its, bufs)]
+            return out
+
+        result: list = [None] * len(wants)
+        li = iter(got_local[:len(local)])
+        for n, (_i, _o, _a, member, _k) in enumerate(wants):
+            if member.node_id == me:
+                result[n] = next(li)
+        for got in self._per_peer(read, per_peer).values():
+            for n, b in got:
+                result[n] = b
+        return result
+
+    def _write(self, writes: dict) -> dict:
+        """batch_put per peer (grouped by namespace and overwrite flag), all peers at once,
+        throttled; {tag: [True stored | False identical | None failed, ...]}."""
+        def put(job):
+            member, items = job
+            groups: dict[tuple, list] = {}
+            for ns, overwrite, key, data, tag in items:
+                groups.setdefault((ns, overwrite), []).append((key, data, tag))
+            out = []
+            for (ns, overwrite), its in groups.items():
+                for c in range(0, len(its), PUT_CHUNK):
+                    if self._stop:
+                        out += [(tag, None) for _k, _d, tag in its[c:]]
+                        break
+                    chunk = its[c:c + PUT_CHUNK]
+                    self.throttle.take(sum(len(d) for _k, d, _t in chunk))
+                    rs = self.peers.put_many(member, ns, [(k, d) for k, d, _t in chunk], overwrite)
+                    for (_k, d, tag), r in zip(chunk, rs):
+                        if r:
+                            self._count("records_written")
+                            self._count("bytes_written", len(d))
+                        out.append((tag, r))
+            return out
+
+        results: dict = {}
+        for got in self._per_peer(put, writes).values():
+            for tag, r in got:
+                results.setdefault(tag, []).append(r)
+        return results
+
+
+def group(rows, policies: dict, draining: bool) -> list[Obj]:
+    """The objects of store.repair_snapshot() rows, in their order: EC records grouped
+    by their lap-0 key; replicated records of namespaces with a policy (or, on a draining
+    node, of any namespace: they go to their "none" home)."""
+    objs: dict[tuple[bytes, bytes], Obj] = {}
+    for ns, key, size, csum, unverified, _pinned, _visited, _reads, at in rows:
+        p = policies.get(ns.decode(errors="replace")) or policies.get("*")
+        split = split_lap(key)
+        if split is not None and (p is None or p.kind == "ec"):
+            base, lap = split
+            o = objs.get((ns, base))
+            if o is None:
+                o = objs[(ns, base)] = Obj(ns, base, p, True)
+            o.mine[lap] = Local(key, size, csum, unverified, b"", at)
+        elif p is not None and p.kind != "ec" or (p is None and draining):
+            o = objs[(ns, key)] = Obj(ns, key, p or Policy("none", 1), False)
+            o.mine[0] = Local(key, size, csum, unverified, b"", at)
+    return list(objs.values())  # dict order keeps the snapshot's repair order

@@ -1,0 +1,334 @@
+"""What repair does with one object: a pure function of what its slots hold.
+
+``decide(obj, got, peers)`` takes the object (its policy, slots and the records this node
+holds of it), the heads its peers reported and what the pass knows about those peers
+(settled, start times, draining), and returns a list of actions. It performs no I/O, so
+every rule below is unit-tested without a socket (tests/unit/test_repair_decide.py); the
+agent (agent.py) executes the actions in bulk.
+
+* **verify** a record recovered at restart: kept (``Verify``) when a verified peer holds
+  the same version; dropped (``Drop``) when verified peers hold only another version, or
+  when none holds it and a settled peer (no records held back itself) that was already
+  running when the record was written says it is not there; left pending when no peer
+  answered. Otherwise (every peer restarted too, or only later joiners answered) kept.
+* **rebuild** (the *leader*: the first slot holding a verified current record): slots that
+  lack a record get one: replicas are copied (``Copy``); missing EC indices are rebuilt
+  (``Reconstruct``: from K fragments, or re-indexed copies of a whole-object record).
+  Indices a draining node still holds are left to it.
+* **move** (this node is not a slot, or holds a lap outside its slots): the record is
+  written to a slot lacking its index, then deleted here (``HandOver``); a record whose
+  index a slot already holds, or an older version, is deleted (``DeleteLocal``).
+* ``Pending``: something is unknown or failed; the object is looked at again next pass.
+
+An object is finished when its actions hold no ``Pending`` and all of them succeed.
+Decisions assume the actions they emit succeed (a hand-over fills its slot); when one
+fails, the object stays pending and the next pass decides again from fresh heads.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Mapping, NamedTuple, Sequence
+
+from kvstore.layout import KIND_FRAGMENT, Policy, lap_key, parse_head
+
+
+class Local(NamedTuple):
+    """One record of the object held by this node."""
+    key: bytes
+    size: int
+    checksum: int
+    unverified: bool
+    head: bytes  # the record's first bytes (EC header); b"" for replicated records
+    committed_at: float
+
+
+@dataclass
+class Obj:
+    """One object this node holds a record (or records) of."""
+    ns: bytes
+    base: bytes  # the placement key (lap-0 key of EC records)
+    policy: Policy | None
+    ec: bool
+    mine: dict[int, Local] = field(default_factory=dict)  # lap -> record
+    slots: list = field(default_factory=list)  # [(Member, lap)], layout.slots()
+
+
+class Peers(NamedTuple):
+    """What the pass knows about the other nodes."""
+    me: str
+    settled: Mapping[str, bool]  # node_id -> answered Heads holding no unverified records
+    started: Mapping[str, float]  # node_id -> process start (unix s)
+    draining: Sequence  # draining Members (asked beside the slots, lap 0)
+
+
+# ---- actions (executed in bulk by the agent)
+class Verify(NamedTuple):
+    key: bytes  # serve this recovered record
+
+
+class Drop(NamedTuple):
+    key: bytes  # delete this recovered record, if it is still the one with this checksum
+    checksum: int
+
+
+class Copy(NamedTuple):
+    src: bytes  # local key
+    slot: int  # position in obj.slots
+    dst: bytes
+    overwrite: bool
+
+
+class HandOver(NamedTuple):
+    src: bytes  # local key: written to every slot, then deleted here
+    slots: tuple
+    dst: bytes
+    overwrite: bool
+
+
+class Reconstruct(NamedTuple):
+    kind: int  # KIND_FRAGMENT: decode from K sources; else re-index one whole copy
+    version: tuple  # (olen, ocsum, K, M) the sources must hold
+    targets: tuple  # ((index, slot, overwrite), ...)
+    sources: tuple  # slot positions holding current records, in the order to read them
+
+
+class DeleteLocal(NamedTuple):
+    key: bytes
+
+
+class Pending(NamedTuple):
+    reason: str
+
+
+def version(ec: bool, head_or_checksum) -> tuple | int | None:
+    """The version a record holds: (olen, ocsum, K, M) for EC, the checksum otherwise."""
+    if ec:
+        h = parse_head(head_or_checksum)
+        return None if h is None else (h[8], h[9], h[4], h[5])
+    return head_or_checksum
+
+
+def assign(indices: list[int], free: list[int]) -> list[tuple[int, int]]:
+    """(index, slot) pairs: each index on its own position when that slot is free (so
+    slot j holds fragment j and reads concatenate), the rest on the remaining free slots
+    in order."""
+    free = list(free)
+    plan, rest = [], []
+    for i in indices:
+        if i in free:
+            free.remove(i)
+            plan.append((i, i))
+        else:
+            rest.append(i)
+    plan += list(zip(rest, free))
+    return plan
+
+
+def decide(o: Obj, got: Mapping, peers: Peers) -> list:
+    """The actions that bring ``o`` where the layout wants it, as far as this node is
+    concerned. ``got``: {(node_id, lap): Head (present, unverified, checksum, head) or
+    None when the peer did not answer}."""
+    acts: list = []
+    mine = dict(o.mine)
+    if not _verify_mine(o, mine, got, peers, acts):
+        acts.append(Pending("no peer answered about a recovered record"))
+        return acts
+    if not mine:
+        return acts
+    done = _ec(o, mine, got, peers, acts) if o.ec else _replicated(o, mine, got, peers, acts)
+    if not done and not any(isinstance(a, Pending) for a in acts):
+        acts.append(Pending("not at full redundancy yet"))
+    return acts
+
+
+def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
+    """Settle this node's unverified records (``mine`` updated as if done). False:
+    undecided (no peer answered)."""
+    unverified = {lap: v for lap, v in mine.items() if v.unverified}
+    if not unverified:
+        return True
+    ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
+    verified_versions, answered, lacking_since = set(), False, []
+    for (nid, _lap), h in got.items():
+        if h is None:
+            continue
+        answered = True
+        if not h.present:
+            if peers.settled.get(nid, False):  # a peer with nothing held back says "not here"
+                lacking_since.append(peers.started.get(nid, float("inf")))
+            continue
+        if not h.unverified:
+            verified_versions.add(version(o.ec, h.head if o.ec else h.checksum))
+    for v in mine.values():  # this node's own verified records count too
+        if not v.unverified:
+            verified_versions.add(ver(v))
+    others = {m.node_id for m, _ in o.slots} - {peers.me}
+    for lap, v in unverified.items():
+        if verified_versions:
+            keep = ver(v) in verified_versions
+        elif any(started < v.committed_at for started in lacking_since):
+            # a peer that was running when this record was written does not hold it:
+            # deleted while this node was away (a peer that restarted empty since, or
+            # joined later, proves nothing)
+            keep = False
+        elif not others:
+            keep = True  # the only home: nothing to compare with
+        elif not answered:
+            return False
+        else:
+            keep = True  # every peer restarted too: nothing says it is stale
+        if keep:
+            acts.append(Verify(v.key))
+            mine[lap] = v._replace(unverified=False)
+        else:
+            acts.append(Drop(v.key, v.checksum))
+            del mine[lap]
+    return True
+
+
+def _replicated(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
+    me = peers.me
+    key, csum = mine[0].key, mine[0].checksum
+    # per slot: holds the current version (verified) True, lacks it False, no answer None
+    have = []
+    for member, _lap in o.slots:
+        if member.node_id == me:
+            have.append(True)
+            continue
+        h = got.get((member.node_id, 0))
+        have.append(None if h is None else (h.present and not h.unverified and h.checksum == csum))
+    if any(m.node_id == me for m, _ in o.slots):
+        leader = next((j for j, x in enumerate(have) if x), None)
+        if leader is None or o.slots[leader][0].node_id != me:
+            return True  # another home leads
+        targets = [j for j, x in enumerate(have) if x is False]
+        for j in targets:
+            acts.append(Copy(key, j, key, False))
+        return all(x is not None for x in have) if targets else all(have)
+    # not a home of this object any more: hand it over, then let go
+    if any(x is None for x in have):
+        return False
+    heads = [got.get((m.node_id, 0)) for m, _ in o.slots]
+    if not any(have) and any(h is not None and h.present and not h.unverified for h in heads):
+        acts.append(DeleteLocal(key))  # the homes hold a newer version: this one is stale
+        return True
+    missing = tuple(j for j, x in enumerate(have) if x is False)
+    acts.append(HandOver(key, missing, key, False) if missing else DeleteLocal(key))
+    return True
+
+
+def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
+    me, p = peers.me, o.policy
+    # what every slot holds: (index, kind, version) of a verified record, False, None
+    held: list = []
+    for member, lap in o.slots:
+        if member.node_id == me:
+            mv = mine.get(lap)
+            h = parse_head(mv.head) if mv is not None and not mv.unverified else None
+            held.append((h[3], h[2], version(True, mv.head)) if h else False)
+            continue
+        h = got.get((member.node_id, lap))
+        if h is None:
+            held.append(None)
+        elif not h.present or h.unverified or parse_head(h.head) is None:
+            held.append(False)
+        else:
+            hh = parse_head(h.head)
+            held.append((hh[3], hh[2], version(True, h.head)))
+    counts: dict = {}
+    for x in held:
+        if x:
+            counts[x[2]] = counts.get(x[2], 0) + 1
+    mine_ok = [mv for mv in mine.values() if not mv.unverified and parse_head(mv.head)]
+    if not counts and not mine_ok:
+        return False
+    current = max(counts.items(), key=lambda kv: kv[1])[0] if counts else version(True, mine_ok[0].head)
+    kind = next((x[1] for x in held if x and x[2] == current), None)
+    if kind is None:
+        kind = parse_head(mine_ok[0].head)[2]
+    want = list(range(p.n)) if kind == KIND_FRAGMENT else list(range(p.m + 1))
+    nslots = len(want)
+    # slot j is right when it holds a current record with an index nobody before it holds
+    seen: set[int] = set()
+    right = []
+    for x in held[:nslots]:
+        ok = bool(x) and x[2] == current and x[0] in want and x[0] not in seen
+        if ok:
+            seen.add(x[0])
+        right.append(ok if x is not None else None)
+    my_laps = {lap for member, lap in o.slots[:nslots] if member.node_id == me}
+    # draining nodes hand over their own records: leave their indices to them
+    drained = set()
+    for d in peers.draining:
+        if d.node_id == me:
+            continue
+        h = got.get((d.node_id, 0))
+        if h is not None and h.present and not h.unverified:
+            hh = parse_head(h.head)
+            if hh is not None and version(True, h.head) == current:
+                drained.add(hh[3])
+    done = _hand_over(o, mine, my_laps, current, held, right, seen, acts)
+    if not my_laps:
+        return done
+    leader = next((j for j, ok in enumerate(right) if ok), None)
+    if leader is None or o.slots[leader][0].node_id != me:
+        return done
+    missing = [i for i in want if i not in seen]
+    # indices a draining holder still has are left to it (it writes them itself)
+    todo = [i for i in missing if i not in drained]
+    if not todo:
+        return done and not missing and None not in right
+    free = [j for j, ok in enumerate(right) if ok is False]
+    for i in missing:  # keep the drained indices' own slots for them
+        if i in drained and i in free:
+            free.remove(i)
+    plan = assign(todo, free)
+    if not plan:
+        return False
+    sources = [(j, x) for j, x in enumerate(held) if x and x[2] == current]
+    sources.sort(key=lambda jx: (o.slots[jx[0]][0].node_id != me, jx[1][0]))  # local first
+    acts.append(Reconstruct(kind, current,
+                            tuple((i, j, held[j] not in (False, None)) for i, j in plan),
+                            tuple(j for j, _x in sources)))
+    return done and len(plan) == len(todo) and None not in right
+
+
+def _hand_over(o: Obj, mine: dict, my_laps: set, current, held: list, right: list, seen: set,
+               acts: list) -> bool:
+    """Records of mine outside my slots (draining, placement moved, an old lap): each goes
+    to a slot lacking a record (its own position first) and is deleted here, or is
+    deleted when a slot holds its index already. True when none is left."""
+    extra = {lap: mv for lap, mv in mine.items() if lap not in my_laps and not mv.unverified}
+    if not extra:
+        return True
+    if None in right:
+        return False  # a slot did not answer: its state is unknown
+    done = True
+    readable = sum(1 for ok in right if ok) >= (o.policy.k if o.policy else 1)
+    for lap, mv in extra.items():
+        h = parse_head(mv.head)
+        if h is None:
+            continue
+        if version(True, mv.head) != current:
+            if readable:  # an older version, replaced while this record sat here
+                acts.append(DeleteLocal(mv.key))
+            continue
+        idx = h[3]
+        if idx in seen:
+            acts.append(DeleteLocal(mv.key))
+            continue
+        plan = assign([idx], [j for j, ok in enumerate(right) if ok is False])
+        if not plan:
+            done = False
+            continue
+        j = plan[0][1]
+        _member, tlap = o.slots[j]
+        acts.append(HandOver(mv.key, (j,), lap_key(o.base, tlap), held[j] not in (False, None)))
+        right[j] = True  # as if it succeeded: a failure leaves the object pending
+        seen.add(idx)
+    return done
+
+
+def finished(actions: list) -> bool:
+    """True when the object needs nothing more once ``actions`` succeed."""
+    return not any(isinstance(a, Pending) for a in actions)

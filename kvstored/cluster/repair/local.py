@@ -1,0 +1,89 @@
+"""This node's store as repair sees it: the few store calls it makes, each run on the
+daemon's event loop (the store is not thread-safe) and batched, one loop hop per batch."""
+from __future__ import annotations
+
+import asyncio
+
+from kvstore import errors
+
+CALL_TIMEOUT = 10.0  # one hop onto the event loop (a batch gets this per object, bounded)
+
+
+class LocalStore:
+    def __init__(self, store, loop: asyncio.AbstractEventLoop):
+        self._store = store
+        self._loop = loop
+
+    def _run(self, fn, timeout: float = CALL_TIMEOUT):
+        """Run coroutine function ``fn()`` on the loop and wait for it."""
+        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
+
+    @property
+    def unverified(self) -> int:
+        return self._store.unverified
+
+    def snapshot(self) -> list[tuple]:
+        """store.repair_snapshot(): (ns, key, size, checksum, unverified, pinned,
+        protected, reads, committed_at) rows in repair order."""
+        async def call():
+            return self._store.repair_snapshot()
+        return self._run(call)
+
+    def read_heads(self, items: list[tuple[bytes, bytes]], n: int) -> list[bytes | None]:
+        """The first ``n`` bytes of each (ns, key), unverified records included."""
+        async def call():
+            out = []
+            for ns, key in items:
+                try:
+                    got = await self._store.read_head(ns, key, n)
+                except errors.NotFound:
+                    got = None
+                out.append(None if got is None else got[1])
+            return out
+        return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
+
+    def read_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes | None]:
+        """The bytes of each (ns, key) (None when absent); one loop hop for all."""
+        s = self._store
+
+        async def call():
+            out = []
+            for ns, key in items:
+                try:
+                    e = await s.acquire_async(ns, key)
+                except errors.NotFound:
+                    out.append(None)
+                    continue
+                try:
+                    out.append(bytes(s.view(e)))
+                finally:
+                    s.release(e)
+            return out
+        return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
+
+    def settle(self, verify: list[tuple[bytes, bytes]],
+               drop: list[tuple[bytes, bytes, int]]) -> tuple[int, list[tuple[bytes, bytes]]]:
+        """Serve the recovered records of ``verify``; delete those of ``drop`` (ns, key,
+        checksum) if still unverified with that checksum. (verified, dropped keys)."""
+        s = self._store
+
+        async def call():
+            n = 0
+            for ns, key in verify:
+                e = s.index.get((ns, key))
+                if e is not None:
+                    s.verify(e)
+                    n += 1
+            dropped = [(ns, key) for ns, key, csum in drop if s.drop_unverified(ns, key, csum)]
+            return n, dropped
+        return self._run(call)
+
+    def delete(self, items: list[tuple[bytes, bytes]]) -> int:
+        """Delete each (ns, key); how many were there."""
+        by_ns: dict[bytes, list[bytes]] = {}
+        for ns, key in items:
+            by_ns.setdefault(ns, []).append(key)
+
+        async def call():
+            return sum(self._store.delete(ns, keys) for ns, keys in by_ns.items())
+        return self._run(call)

@@ -1,0 +1,132 @@
+"""Repair's calls to other nodes: Heads, reads and writes, many objects per call.
+
+One SDK Client per peer (cached; replaced when the peer comes back on another address).
+A peer that fails with Unavailable is not asked again in the same pass (a dead node that
+is still listed must not stall it). Batched calls raise the first error of the batch, so
+a batch that fails is retried one object at a time to learn which objects failed.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+
+from kvstore import errors
+
+log = logging.getLogger("kvstored.repair")
+
+PEER_TIMEOUT = 3.0  # one call to a peer
+
+
+class PeerIO:
+    def __init__(self, token: str | None = None, tls=None, count=None):
+        """``tls``: a kvstore.TLSConfig (the node's own certificate) or None; ``count``:
+        ``count(name, n)`` for the agent's failure counter."""
+        self.token = token or None
+        self.tls = tls
+        self._count = count or (lambda name, n=1: None)
+        self._clients: dict[str, object] = {}
+        self._lock = threading.Lock()
+        self.unreachable: set[str] = set()
+
+    def new_pass(self) -> None:
+        self.unreachable = set()
+
+    def close(self) -> None:
+        with self._lock:
+            clients, self._clients = list(self._clients.values()), {}
+        for c in clients:
+            try:
+                c.close()
+            except Exception:
+                pass
+
+    def client(self, member):
+        with self._lock:
+            c = self._clients.get(member.node_id)
+            if c is not None and c.address == member.address:
+                return c
+            old, c = c, self._new_client(member.address)
+            self._clients[member.node_id] = c
+        if old is not None:
+            old.close()
+        return c
+
+    def _new_client(self, address: str):
+        from kvstore.client import Client
+        return Client(address, timeout=PEER_TIMEOUT, shm=False, token=self.token, tls=self.tls,
+                      ride_out_restarts=False)
+
+    def _down(self, member, e: Exception) -> None:
+        if isinstance(e, errors.Unavailable):
+            self.unreachable.add(member.node_id)
+
+    def heads(self, member, ns: bytes, keys: list[bytes], head_bytes: int):
+        """The HeadsResponse of ``keys`` on ``member``, or None when it did not answer."""
+        if member.node_id in self.unreachable:
+            return None
+        try:
+            return self.client(member).heads(keys, head_bytes=head_bytes, namespace=ns.decode())
+        except errors.KVStoreError as e:
+            log.debug("repair: %s did not answer Heads: %s", member.node_id, e)
+            self._down(member, e)
+            return None
+
+    def get_many(self, member, ns: bytes, keys: list[bytes]) -> list[bytearray | None]:
+        """The bytes of each key on ``member`` (None where it failed or is absent)."""
+        if not keys or member.node_id in self.unreachable:
+            return [None] * len(keys)
+        c = self.client(member)
+        try:
+            return list(c.batch_get(keys, namespace=ns.decode()))
+        except errors.Unavailable as e:
+            self._down(member, e)
+            return [None] * len(keys)
+        except errors.KVStoreError:
+            pass  # one key absent (or bad): ask one at a time
+        out: list = []
+        for k in keys:
+            if member.node_id in self.unreachable:
+                out.append(None)
+                continue
+            try:
+                out.append(c.get(k, namespace=ns.decode()))
+            except errors.KVStoreError as e:
+                self._down(member, e)
+                out.append(None)
+        return out
+
+    def put_many(self, member, ns: bytes, items: list[tuple[bytes, bytes]],
+                 overwrite: bool) -> list[bool | None]:
+        """Write each (key, record) to ``member``: True stored, False already there
+        (identical), None failed (a Conflict: something else is there now; the next
+        pass looks again)."""
+        if not items:
+            return []
+        if member.node_id in self.unreachable:
+            return [None] * len(items)
+        c = self.client(member)
+        try:
+            return list(c.batch_put(items, namespace=ns.decode(), overwrite=overwrite))
+        except errors.Unavailable as e:
+            self._failed(member, e, len(items))
+            return [None] * len(items)
+        except errors.KVStoreError:
+            pass  # one object refused: write one at a time to learn which
+        out: list = []
+        for k, v in items:
+            if member.node_id in self.unreachable:
+                out.append(None)
+                continue
+            try:
+                out.append(c.put(k, v, namespace=ns.decode(), overwrite=overwrite))
+            except errors.Conflict:
+                out.append(None)
+            except errors.KVStoreError as e:
+                self._failed(member, e, 1)
+                out.append(None)
+        return out
+
+    def _failed(self, member, e: Exception, n: int) -> None:
+        self._count("failures", n)
+        self._down(member, e)
+        log.info("repair: could not write to %s: %s", member.node_id, e)

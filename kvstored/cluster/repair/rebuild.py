@@ -1,0 +1,52 @@
+"""Records rebuilt for a Reconstruct action from the source records read for it."""
+from __future__ import annotations
+
+import logging
+
+from kvstore.layout import FRAG_HEADER, KIND_REPLICA, Policy, codec, fragment_record, parse_record
+
+from .decide import version
+
+log = logging.getLogger("kvstored.repair")
+
+
+def needed(p: Policy, kind: int) -> int:
+    """How many distinct current sources a rebuild needs."""
+    return 1 if kind == KIND_REPLICA else p.k
+
+
+def usable(bufs: list, current, have: set[int] | None = None) -> list[tuple]:
+    """The (header, payload) of the valid records of version ``current`` among ``bufs``,
+    one per index (an index in ``have`` is skipped and added)."""
+    have = set() if have is None else have
+    out = []
+    for buf in bufs:
+        r = parse_record(buf) if buf is not None else None
+        if r is None or r[0][3] in have or version(True, bytes(buf[:FRAG_HEADER.size])) != current:
+            continue
+        have.add(r[0][3])
+        out.append(r)
+    return out
+
+
+def rebuild(p: Policy, kind: int, recs: list[tuple], indices: list[int], what: str = ""
+            ) -> dict[int, bytes] | None:
+    """Records for ``indices``: re-indexed copies of a whole-object record, or fragments
+    reconstructed from K current ones (``recs``: usable() output). None: not possible."""
+    if not recs:
+        return None
+    h, payload = recs[0]
+    if kind == KIND_REPLICA:
+        return {i: FRAG_HEADER.pack(*h[:3], i, *h[4:]) + bytes(payload) for i in indices}
+    if len(recs) < p.k:
+        log.warning("repair: only %d of the %d fragments needed to rebuild %s", len(recs), p.k, what)
+        return None
+    c = codec(p)
+    want = sorted(indices)
+    try:
+        frags = c.reconstruct([r[1] for r in recs[:p.k]], want)
+    except c.errors as e:  # inconsistent sources: leave it pending, do not stop the pass
+        log.warning("repair: reconstruct of %s failed: %s", what, e)
+        return None
+    olen, ocsum = h[8], h[9]
+    return {i: fragment_record(p, i, f, olen, ocsum) for i, f in zip(want, frags)}

@@ -1,0 +1,396 @@
+"""Repair decisions (kvstored/cluster/repair/decide.py) without sockets: every branch of
+verify / rebuild / move, and the small pure helpers around it (assign, throttle, group,
+rebuild)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import pytest
+
+from kvstore.layout import (FRAG_HEADER, FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, KIND_REPLICA,
+                            Policy, lap_key)
+from kvstore.placement import Member
+from kvstored.cluster.repair import decide as d
+from kvstored.cluster.repair.agent import group
+from kvstored.cluster.repair.throttle import Throttle
+
+ME = "me"
+T_WRITE = 1000.0  # when this node's records were written (unix s)
+
+
+class H(NamedTuple):
+    """A peer's answer to Heads for one key (the fields repair reads of pb.Head)."""
+    present: bool
+    unverified: bool = False
+    checksum: int = 0
+    head: bytes = b""
+
+
+def mem(name: str) -> Member:
+    return Member(name, f"127.0.0.1:{1000 + len(name)}")
+
+
+def ec_head(index: int, k: int = 3, m: int = 2, olen: int = 900, ocsum: int = 7,
+            kind: int = KIND_FRAGMENT) -> bytes:
+    return FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, kind, index, k, m, 0, 0, olen, ocsum, 99)
+
+
+def kinds(acts) -> list[str]:
+    return [type(a).__name__ for a in acts]
+
+
+def peers(settled=None, started=None, draining=()) -> d.Peers:
+    return d.Peers(ME, settled or {}, started or {}, list(draining))
+
+
+# ------------------------------------------------------------------ replicated objects
+def rep_obj(slot_names, csum=5, unverified=False, at=T_WRITE) -> d.Obj:
+    o = d.Obj(b"ns", b"key", Policy.parse("replicas:%d" % len(slot_names)), False)
+    o.mine[0] = d.Local(b"key", 10, csum, unverified, b"", at)
+    o.slots = [(mem(n), 0) for n in slot_names]
+    return o
+
+
+def test_replicated_leader_copies_to_the_slot_that_lacks_it():
+    o = rep_obj([ME, "a", "b"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=5), ("b", 0): H(False)}, peers())
+    assert acts == [d.Copy(b"key", 2, b"key", False)]
+    assert d.finished(acts)
+
+
+def test_replicated_copy_of_an_older_version_counts_as_lacking():
+    o = rep_obj([ME, "a"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=6)}, peers())
+    assert acts == [d.Copy(b"key", 1, b"key", False)]
+
+
+def test_replicated_not_leader_does_nothing():
+    o = rep_obj(["a", ME, "b"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=5), ("b", 0): H(False)}, peers())
+    assert acts == [] and d.finished(acts)
+
+
+def test_replicated_whole_is_finished():
+    o = rep_obj([ME, "a"])
+    assert d.decide(o, {("a", 0): H(True, checksum=5)}, peers()) == []
+
+
+def test_replicated_unanswered_slot_stays_pending():
+    o = rep_obj([ME, "a", "b"])
+    acts = d.decide(o, {("a", 0): None, ("b", 0): H(False)}, peers())
+    assert kinds(acts) == ["Copy", "Pending"]  # writes what it can, looks again later
+    acts = d.decide(o, {("a", 0): None, ("b", 0): H(True, checksum=5)}, peers())
+    assert kinds(acts) == ["Pending"]
+
+
+def test_replicated_unverified_peer_copy_is_not_a_copy():
+    o = rep_obj([ME, "a"])
+    acts = d.decide(o, {("a", 0): H(True, unverified=True, checksum=5)}, peers())
+    assert acts == [d.Copy(b"key", 1, b"key", False)]
+
+
+def test_replicated_moved_away_hands_over_to_missing_homes():
+    o = rep_obj(["a", "b"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=5), ("b", 0): H(False)}, peers())
+    assert acts == [d.HandOver(b"key", (1,), b"key", False)]
+
+
+def test_replicated_moved_away_deletes_when_homes_hold_it():
+    o = rep_obj(["a", "b"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=5), ("b", 0): H(True, checksum=5)}, peers())
+    assert acts == [d.DeleteLocal(b"key")]
+
+
+def test_replicated_moved_away_stale_copy_is_deleted_not_handed_over():
+    o = rep_obj(["a", "b"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=9), ("b", 0): H(False)}, peers())
+    assert acts == [d.DeleteLocal(b"key")]
+
+
+def test_replicated_moved_away_waits_for_every_home_to_answer():
+    o = rep_obj(["a", "b"])
+    acts = d.decide(o, {("a", 0): H(True, checksum=5), ("b", 0): None}, peers())
+    assert kinds(acts) == ["Pending"]
+
+
+# ------------------------------------------------------------------ held (recovered) records
+def test_held_record_kept_when_a_verified_peer_has_the_same_version():
+    o = rep_obj(["a", ME], unverified=True)
+    acts = d.decide(o, {("a", 0): H(True, checksum=5)}, peers())
+    assert acts == [d.Verify(b"key")]
+
+
+def test_held_record_dropped_when_verified_peers_hold_another_version():
+    o = rep_obj([ME, "a"], unverified=True)
+    acts = d.decide(o, {("a", 0): H(True, checksum=6)}, peers(settled={"a": True}))
+    assert acts == [d.Drop(b"key", 5)]
+
+
+def test_held_record_dropped_when_a_settled_peer_running_at_write_time_lacks_it():
+    o = rep_obj([ME, "a"], unverified=True)
+    acts = d.decide(o, {("a", 0): H(False)}, peers(settled={"a": True}, started={"a": T_WRITE - 50}))
+    assert acts == [d.Drop(b"key", 5)]  # deleted while this node was away
+
+
+def test_held_record_kept_when_the_lacking_peer_restarted_since():
+    o = rep_obj([ME, "a"], unverified=True)
+    acts = d.decide(o, {("a", 0): H(False)}, peers(settled={"a": True}, started={"a": T_WRITE + 50}))
+    assert acts[0] == d.Verify(b"key")
+    assert acts[1:] == [d.Copy(b"key", 1, b"key", False)]  # and, verified, it leads the copy
+
+
+def test_held_record_kept_when_the_lacking_peer_is_not_settled():
+    o = rep_obj([ME, "a"], unverified=True)
+    acts = d.decide(o, {("a", 0): H(False)}, peers(settled={"a": False}, started={"a": 0.0}))
+    assert acts[0] == d.Verify(b"key")
+
+
+def test_held_record_undecided_when_no_peer_answered():
+    o = rep_obj([ME, "a"], unverified=True)
+    acts = d.decide(o, {("a", 0): None}, peers())
+    assert kinds(acts) == ["Pending"]
+
+
+def test_held_record_on_its_only_home_is_kept():
+    o = rep_obj([ME], unverified=True)
+    assert d.decide(o, {}, peers()) == [d.Verify(b"key")]
+
+
+def test_unverified_peer_answers_do_not_verify():
+    o = rep_obj([ME, "a"], unverified=True)
+    acts = d.decide(o, {("a", 0): H(True, unverified=True, checksum=5)}, peers())
+    assert acts[0] == d.Verify(b"key")  # every peer restarted too: nothing says it is stale
+
+
+# ------------------------------------------------------------------ erasure coding
+def ec_obj(slot_names, mine: dict, k=3, m=2, unverified=False) -> d.Obj:
+    """``slot_names``: one name per slot (repeats wrap to laps 1, 2...); ``mine``: lap ->
+    head of this node's record."""
+    o = d.Obj(b"ns", b"obj#ec", Policy.parse(f"ec:{k}+{m}"), True)
+    laps: dict[str, int] = {}
+    for n in slot_names:
+        o.slots.append((mem(n), laps.get(n, 0)))
+        laps[n] = laps.get(n, 0) + 1
+    for lap, head in mine.items():
+        o.mine[lap] = d.Local(lap_key(o.base, lap), 100, 1, unverified, head, T_WRITE)
+    return o
+
+
+def ec_got(o: d.Obj, held: dict) -> dict:
+    """Heads for every peer slot: ``held``: slot -> head bytes, None (no answer) or absent."""
+    got = {}
+    for j, (member, lap) in enumerate(o.slots):
+        if member.node_id == ME:
+            continue
+        x = held.get(j, b"")
+        got[(member.node_id, lap)] = None if x is None else (H(True, head=x) if x else H(False))
+    return got
+
+
+def test_ec_leader_reconstructs_the_missing_index_on_its_own_slot():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(2), 4: ec_head(4)})  # slot 3 lost
+    acts = d.decide(o, got, peers())
+    assert acts == [d.Reconstruct(KIND_FRAGMENT, (900, 7, 3, 2), ((3, 3, False),), (0, 1, 2, 4))]
+    assert d.finished(acts)
+
+
+def test_ec_sources_local_first_then_by_index():
+    o = ec_obj(["a", "b", ME, "c", "e"], {0: ec_head(2)})
+    got = ec_got(o, {0: ec_head(0), 1: ec_head(1), 3: ec_head(3)})
+    acts = d.decide(o, got, peers())
+    assert acts == []  # the leader is slot 0 ("a"), not this node
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {2: ec_head(2), 3: ec_head(3), 4: ec_head(4)})
+    (r,) = d.decide(o, got, peers())
+    assert r.sources == (0, 2, 3, 4) and r.targets == ((1, 1, False),)
+
+
+def test_ec_wrong_version_on_a_slot_is_overwritten():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(2), 3: ec_head(3), 4: ec_head(4, ocsum=8)})
+    (r,) = d.decide(o, got, peers())
+    assert r.targets == ((4, 4, True),)  # replaced version: overwrite
+
+
+def test_ec_duplicate_index_counts_once():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(1), 3: ec_head(3), 4: ec_head(4)})
+    (r,) = d.decide(o, got, peers())
+    assert r.targets == ((2, 2, True),)
+
+
+def test_ec_wrap_laps_leader_fills_its_second_lap():
+    # ec:3+2 on 3 members: slots 0..4 on me, a, b, me (lap 1), a (lap 1)
+    o = ec_obj([ME, "a", "b", ME, "a"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(2), 4: ec_head(4)})
+    (r,) = d.decide(o, got, peers())
+    assert r.targets == ((3, 3, False),)
+    assert o.slots[3] == (mem(ME), 1)
+
+
+def test_ec_unanswered_slot_rebuilds_the_rest_and_stays_pending():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(2), 3: None})  # slot 4 lost, 3 silent
+    acts = d.decide(o, got, peers())
+    assert kinds(acts) == ["Reconstruct", "Pending"]
+    assert acts[0].targets == ((4, 4, False),)  # index 3 waits: its slot did not answer
+
+
+def test_ec_index_held_by_a_draining_node_is_left_to_it():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(2), 4: ec_head(4)})
+    got[("old", 0)] = H(True, head=ec_head(3))
+    acts = d.decide(o, got, peers(draining=[mem("old")]))
+    assert kinds(acts) == ["Pending"]  # not rebuilt: "old" writes index 3 itself
+
+
+def test_ec_draining_index_keeps_its_slot_free():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)})
+    got = ec_got(o, {1: ec_head(1), 4: ec_head(4)})  # slots 2 and 3 empty
+    got[("old", 0)] = H(True, head=ec_head(3))
+    (r,) = d.decide(o, got, peers(draining=[mem("old")]))
+    assert r.targets == ((2, 2, False),)  # slot 3 stays free for index 3; done here
+
+
+def test_ec_not_leader_does_nothing():
+    o = ec_obj(["a", ME, "b", "c", "e"], {0: ec_head(1)})
+    got = ec_got(o, {0: ec_head(0), 2: ec_head(2), 4: ec_head(4)})
+    assert d.decide(o, got, peers()) == []
+
+
+def test_ec_small_object_copies_are_reindexed():
+    head = lambda i: ec_head(i, kind=KIND_REPLICA)  # noqa: E731
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: head(0)})
+    got = ec_got(o, {1: head(1)})  # M+1 = 3 copies wanted on slots 0..2
+    (r,) = d.decide(o, got, peers())
+    assert r.kind == KIND_REPLICA and r.targets == ((2, 2, False),)
+
+
+def test_ec_nothing_current_anywhere_is_pending():
+    o = ec_obj([ME, "a"], {0: b"garbage" * 10}, k=1, m=1)
+    acts = d.decide(o, ec_got(o, {}), peers())
+    assert kinds(acts) == ["Pending"]
+
+
+def test_ec_hand_over_to_the_slot_of_its_index():
+    o = ec_obj(["a", "b", "c", "e", "f"], {0: ec_head(2)})  # this node is no slot
+    got = ec_got(o, {0: ec_head(0), 1: ec_head(1), 3: ec_head(3), 4: ec_head(4)})
+    acts = d.decide(o, got, peers())
+    assert acts == [d.HandOver(b"obj#ec", (2,), lap_key(b"obj#ec", 0), False)]
+    assert d.finished(acts)
+
+
+def test_ec_hand_over_to_a_wrapped_lap_key():
+    o = ec_obj(["a", "b", "a", "b", "c"], {0: ec_head(2)})
+    got = ec_got(o, {0: ec_head(0), 1: ec_head(1), 3: ec_head(3), 4: ec_head(4)})
+    (a,) = d.decide(o, got, peers())
+    assert a.slots == (2,) and a.dst == lap_key(b"obj#ec", 1)
+
+
+def test_ec_hand_over_surplus_index_is_deleted():
+    o = ec_obj(["a", "b", "c", "e", "f"], {0: ec_head(2)})
+    got = ec_got(o, {j: ec_head(j) for j in range(5)})
+    assert d.decide(o, got, peers()) == [d.DeleteLocal(b"obj#ec")]
+
+
+def test_ec_hand_over_of_a_replaced_version_is_deleted_when_readable():
+    o = ec_obj(["a", "b", "c", "e", "f"], {0: ec_head(2, ocsum=1)})
+    got = ec_got(o, {j: ec_head(j) for j in (0, 1, 3)})
+    assert d.decide(o, got, peers()) == [d.DeleteLocal(b"obj#ec")]
+
+
+def test_ec_hand_over_of_a_replaced_version_is_kept_while_unreadable():
+    o = ec_obj(["a", "b", "c", "e", "f"], {0: ec_head(2, ocsum=1)})
+    got = ec_got(o, {0: ec_head(0), 1: ec_head(1)})  # 2 < K current: keep the old one
+    assert d.decide(o, got, peers()) == []
+
+
+def test_ec_hand_over_waits_for_every_slot():
+    o = ec_obj(["a", "b", "c", "e", "f"], {0: ec_head(2)})
+    got = ec_got(o, {0: ec_head(0), 1: None})
+    assert kinds(d.decide(o, got, peers())) == ["Pending"]
+
+
+def test_ec_hand_over_overwrites_a_slot_holding_another_version():
+    o = ec_obj(["a", "b", "c", "e", "f"], {0: ec_head(2)})
+    got = ec_got(o, {0: ec_head(0), 1: ec_head(1), 2: ec_head(2, ocsum=3), 3: ec_head(3),
+                     4: ec_head(4)})
+    assert d.decide(o, got, peers()) == [d.HandOver(b"obj#ec", (2,), b"obj#ec", True)]
+
+
+def test_ec_leader_with_an_extra_lap_hands_it_over_then_rebuilds_the_rest():
+    # this node holds lap 0 (slot 0) and an old lap 1 record outside its slots
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0), 1: ec_head(3)})
+    got = ec_got(o, {1: ec_head(1), 2: ec_head(2)})  # slots 3, 4 empty
+    acts = d.decide(o, got, peers())
+    assert acts[0] == d.HandOver(lap_key(b"obj#ec", 1), (3,), lap_key(b"obj#ec", 0), False)
+    assert acts[1].targets == ((4, 4, False),)  # index 3 counted as handed over
+    assert d.finished(acts)
+
+
+def test_ec_held_records_verified_by_peer_versions():
+    o = ec_obj([ME, "a", "b", "c", "e"], {0: ec_head(0)}, unverified=True)
+    got = ec_got(o, {j: ec_head(j) for j in range(1, 5)})
+    assert d.decide(o, got, peers()) == [d.Verify(b"obj#ec")]
+    got = ec_got(o, {j: ec_head(j, ocsum=3) for j in range(1, 5)})
+    acts = d.decide(o, got, peers())
+    assert acts[0] == d.Drop(b"obj#ec", 1)
+    assert len(acts) == 1
+
+
+# ------------------------------------------------------------------ helpers
+def test_assign_keeps_indices_on_their_own_positions():
+    assert d.assign([3], [1, 3]) == [(3, 3)]
+    assert d.assign([4, 0], [1, 0]) == [(0, 0), (4, 1)]
+    assert d.assign([1, 2], [0]) == [(1, 0)]
+    assert d.assign([], [1]) == []
+
+
+def test_version_of_a_bad_head_is_none():
+    assert d.version(True, b"short") is None
+    assert d.version(True, ec_head(1)) == (900, 7, 3, 2)
+    assert d.version(False, 42) == 42
+
+
+def test_throttle_waits_for_debt_and_bounds_the_wait():
+    now = [0.0]
+    slept = []
+    t = Throttle(100.0, clock=lambda: now[0], sleep=slept.append)
+    assert t.take(50) == pytest.approx(0.5)
+    now[0] = 10.0  # refilled to the burst (one second's worth) only
+    assert t.take(100) == 0.0
+    assert t.take(10_000) == 5.0  # bounded
+    with pytest.raises(ValueError):
+        Throttle(0)
+
+
+def test_group_builds_objects_by_lap_zero_key():
+    pol = {"ns": Policy.parse("ec:2+1"), "r": Policy.parse("replicas:2")}
+    rows = [(b"ns", b"x#ec", 5, 1, False, False, False, 0, 1.0),
+            (b"ns", b"x#ec\x01", 5, 2, False, False, False, 0, 1.0),
+            (b"r", b"y", 5, 3, True, False, False, 0, 1.0),
+            (b"free", b"z", 5, 4, False, False, False, 0, 1.0)]
+    objs = group(rows, pol, draining=False)
+    assert [(o.ns, o.base, sorted(o.mine)) for o in objs] == [(b"ns", b"x#ec", [0, 1]),
+                                                              (b"r", b"y", [0])]
+    assert objs[1].mine[0].unverified
+    drained = group(rows, pol, draining=True)  # no policy: goes to its "none" home
+    assert drained[-1].base == b"z" and drained[-1].policy == Policy("none", 1)
+
+
+def test_rebuild_from_sources():
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    from kvstored.cluster.repair import rebuild as rb
+    p = Policy.parse("ec:3+2")
+    value = bytes(range(256)) * 4000
+    recs = encode_records(p, value, 1)
+    ver = d.version(True, recs[0][:FRAG_HEADER.size])
+    usable = rb.usable([None, b"junk", recs[1], recs[1], recs[2], recs[4]], ver)
+    assert [r[0][3] for r in usable] == [1, 2, 4]  # invalid and duplicate sources skipped
+    built = rb.rebuild(p, KIND_FRAGMENT, usable, [0, 3])
+    assert built == {0: recs[0], 3: recs[3]}
+    assert rb.rebuild(p, KIND_FRAGMENT, usable[:2], [0]) is None  # fewer than K
+    assert rb.rebuild(p, KIND_FRAGMENT, [], [0]) is None
+    assert rb.usable([recs[0]], (1, 2, 3, 2)) == []  # another version
