@@ -19,8 +19,8 @@ from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo
                       is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
-                   OP_PUT, checksum, encode_auth, encode_request, key_bytes)
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, OP_GET, OP_PING, OP_PUT, FrameError, FrameReader,
+                   checksum, encode_auth, encode_request, key_bytes)
 
 _BUFFER = 256 << 10
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -36,28 +36,13 @@ class _Waiter:
         self.abandoned = False  # caller gave up (timeout/cancel): its buffer must not be touched
 
 
-class _Sink:
-    """Receive target for the rest of a payload nobody waits for any more."""
-
-    def __init__(self, left: int):
-        self.scratch = memoryview(bytearray(min(left, 1 << 20)))
-        self.left = left
-
-    def __getitem__(self, s: slice) -> memoryview:
-        return self.scratch[:min(self.left - (s.start or 0), len(self.scratch))]
-
-
 class _DataProtocol(asyncio.BufferedProtocol):
     def __init__(self, verify: bool):
         self.verify = verify
-        self.hbuf = bytearray(_BUFFER)
-        self.hview = memoryview(self.hbuf)
-        self.hstart = self.hend = 0
+        self.reader = FrameReader(_BUFFER)  # the same frame reader as the daemon's
         self.waiters: dict[int, _Waiter] = {}
-        self.target: memoryview | None = None
-        self.got = self.want = 0
         self.finish = None  # callable run when the current payload is complete
-        self.owner: _Waiter | None = None  # whose buffer ``target`` is, if a caller's
+        self.owner: _Waiter | None = None  # whose buffer the payload goes into, if a caller's
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
         self.can_write = asyncio.Event()
@@ -82,27 +67,22 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.can_write.set()
 
     def get_buffer(self, sizehint):
-        if self.target is not None:
-            if self.owner is not None and self.owner.abandoned:
-                # the caller timed out or was cancelled: never write into its buffer again
-                self.target, self.owner = _Sink(self.want), None
-            return self.target[self.got:]
-        if self.hend > _BUFFER - 65536:
-            n = self.hend - self.hstart
-            self.hbuf[:n] = self.hbuf[self.hstart:self.hend]
-            self.hstart, self.hend = 0, n
-        return self.hview[self.hend:]
+        if self.owner is not None and self.owner.abandoned:
+            # the caller timed out or was cancelled: never write into its buffer again
+            self.reader.divert()
+            self.owner = None
+        return self.reader.buffer()
 
     def buffer_updated(self, nbytes):
-        if self.target is not None:
-            self.got += nbytes
-            if self.got == self.want:
-                self.target = self.owner = None
-                self.finish()
-                self._parse()
+        reader = self.reader
+        if reader.target is None:
+            reader.filled(nbytes)
+        elif reader.filled(nbytes):
+            finish, self.finish, self.owner = self.finish, None, None
+            finish()
         else:
-            self.hend += nbytes
-            self._parse()
+            return  # the payload is still arriving
+        self._parse()
 
     def _fail(self, message: str | errors.KVStoreError) -> None:
         err = errors.ProtocolError(message) if isinstance(message, str) else message
@@ -113,22 +93,24 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.transport.abort()
 
     def _receive(self, dest: memoryview, n: int, finish, owner: "_Waiter | None" = None) -> None:
-        take = min(self.hend - self.hstart, n)
-        if take:
-            dest[:take] = self.hview[self.hstart:self.hstart + take]
-            self.hstart += take
-        if take == n:
+        if self.reader.receive_into(dest, n):
             finish()
         else:
-            self.target, self.got, self.want, self.finish, self.owner = dest, take, n, finish, owner
+            self.finish, self.owner = finish, owner
 
     def _parse(self) -> None:
-        while self.target is None and self.hend - self.hstart >= HEADER_SIZE:
-            magic, _v, op, flags, rid, status, _nl, _kl, aux, plen, csum = HEADER.unpack_from(
-                self.hbuf, self.hstart)
-            if magic != MAGIC or not flags & FLAG_RESPONSE:
+        reader = self.reader
+        while reader.target is None:
+            try:
+                frame = reader.next()
+            except FrameError:
                 return self._fail("malformed response frame from kvstored")
-            self.hstart += HEADER_SIZE
+            if frame is None:
+                break
+            h = frame[0]
+            if not h.flags & FLAG_RESPONSE:
+                return self._fail("malformed response frame from kvstored")
+            op, rid, status, aux, plen, csum = h.op, h.req_id, h.status, h.aux, h.length, h.checksum
             w = self.waiters.pop(rid, None)
             if status:
                 msg = bytearray(plen)
@@ -149,8 +131,6 @@ class _DataProtocol(asyncio.BufferedProtocol):
                 self._resolve(w, aux != 1)  # aux=1: deduplicated
             else:
                 self._resolve(w, True)
-        if self.hstart == self.hend:
-            self.hstart = self.hend = 0
 
     def _got(self, w: _Waiter | None, buf: memoryview, csum: int, into: bool) -> None:
         if w is None or w.abandoned:

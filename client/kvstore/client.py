@@ -25,8 +25,8 @@ from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo
                       is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
-                   OP_PUT, checksum, encode_auth, encode_request, key_bytes)
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PING, OP_PUT, FrameError,
+                   checksum, decode, encode_auth, encode_request, key_bytes)
 
 log = logging.getLogger("kvstore")
 
@@ -171,10 +171,13 @@ class DataConnection:
 
     def read_response(self) -> _Response:
         self.recv_into(self._hview)
-        magic, _v, op, flags, rid, status, _nl, _kl, aux, plen, csum = HEADER.unpack_from(self._hdr)
-        if magic != MAGIC or not flags & FLAG_RESPONSE:
+        try:
+            h = decode(self._hdr)
+        except FrameError:
+            h = None
+        if h is None or not h.flags & FLAG_RESPONSE:
             raise errors.ProtocolError("malformed response frame from kvstored")
-        return _Response(op, rid, status, aux, plen, csum)
+        return _Response(h.op, h.req_id, h.status, h.aux, h.length, h.checksum)
 
     def read_error(self, r: _Response) -> errors.KVStoreError:
         msg = bytearray(r.length)

@@ -15,9 +15,9 @@ import sys
 
 from . import errors
 from .client import DataConnection
-from .wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, HEADER, HEADER_SIZE, MAGIC,
+from .wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, HEADER_SIZE, MAGIC,
                    OP_SHM_COMMIT, OP_SHM_GET, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO,
-                   SHM_IDS, SHM_MAGIC, checksum, encode_request)
+                   SHM_IDS, SHM_MAGIC, checksum, decode, encode_request)
 
 
 class ShmView:
@@ -75,9 +75,9 @@ class ShmConnection(DataConnection):
             raise
         try:
             if msg[:4] == MAGIC:  # an error frame instead of the arena: refused
-                _m, _v, _op, _f, rid, status, _nl, _kl, _aux, plen, _cs = HEADER.unpack_from(msg)
-                text = msg[HEADER_SIZE:HEADER_SIZE + plen].decode("utf-8", "replace")
-                raise errors.error_for_code(status, text)
+                h = decode(msg)
+                text = msg[HEADER_SIZE:HEADER_SIZE + h.length].decode("utf-8", "replace")
+                raise errors.error_for_code(h.status, text)
             if len(msg) < SHM_HELLO.size or not fds:
                 raise errors.ProtocolError("kvstored did not send its arena over the shm socket")
             magic, _version, size = SHM_HELLO.unpack_from(msg)
