@@ -336,25 +336,30 @@ def test_stalled_put_is_reaped_and_aborted():
         store.close()
 
 
-def _fill_pinned(p: Peer, store: Store) -> tuple[list[bytes], Peer]:
-    """Fill DRAM with pinned ~1 MiB objects and hold the last free slot with a stalled put
-    on another session, so that the next put on ``p`` has to wait; returns the pinned keys
-    and that other session."""
+def _fill_pinned(p: Peer, store: Store) -> tuple[list[bytes], int, Peer | None]:
+    """Fill DRAM with pinned ~1 MiB objects until a put on ``p`` has to wait for space.
+    Returns the pinned keys, the waiting put's request id (its header is sent, its payload
+    not) and, where needed, another session whose stalled put holds the last free slot."""
     obj = b"f" * (1 * MiB - 4096)
-    keys = []
+    keys: list[bytes] = []
     for i in range(64):
         k = b"fill%d" % i
-        p.send(put_frame(i, k, obj))
+        frame = put_frame(i, k, obj)
+        p.send(frame[:-len(obj)])
+        if p.s.waiting is not None:  # the store refuses what it could not keep
+            return keys, i, None
+        p.send(frame[-len(obj):])
         assert p.one()[0].status == 0
-        if store.pin(NS, [k], 60.0) == 0:  # evicted at once: every other slot is pinned
+        if store.pin(NS, [k], 60.0) == 0:  # a store that evicts it at once instead
             break
         keys.append(k)
     other = Peer(store)
     other.send(put_frame(0, b"stalled", obj)[:HEADER_SIZE + 9])
     assert store.reserved_bytes == len(obj)
-    p.send(put_frame(len(keys), b"new", obj)[:HEADER_SIZE + 5])
+    rid = len(keys) + 1
+    p.send(put_frame(rid, b"new", obj)[:HEADER_SIZE + 5])
     assert p.s.waiting is not None
-    return keys, other
+    return keys, rid, other
 
 
 @pytest.fixture
@@ -368,8 +373,7 @@ def test_put_waits_for_space_then_completes(real_time_store):
     """NoSpace: a Call waits for space; nothing else is parsed meanwhile (order kept)."""
     store = real_time_store
     p = Peer(store)
-    keys, other = _fill_pinned(p, store)
-    waiting_rid = len(keys)
+    keys, waiting_rid, other = _fill_pinned(p, store)
     assert p.s.feed(encode_request(OP_PING, 901, b"", b"")) == 0  # not reading meanwhile
     assert p.responses() == []
     assert p.s.waiting is not None and not p.s.reading
@@ -384,16 +388,17 @@ def test_put_waits_for_space_then_completes(real_time_store):
 def test_put_wait_times_out_with_nospace(real_time_store):
     store = real_time_store
     p = Peer(store)
-    keys, other = _fill_pinned(p, store)
+    keys, waiting_rid, other = _fill_pinned(p, store)
     t0 = time.monotonic()
     p.run_calls()
     assert 0.2 < time.monotonic() - t0 < 5.0  # put_wait_timeout is 0.3 s
     assert p.responses() == []  # the answer waits for the payload to be skipped
     p.send(b"f" * (1 * MiB - 4096) + encode_request(OP_PING, 901, b"", b""))
     (h, msg), (ping, _) = p.responses()
-    assert (h.req_id, h.status) == (len(keys), errors.NoSpace.code)
+    assert (h.req_id, h.status) == (waiting_rid, errors.NoSpace.code)
     assert ping.req_id == 901  # the stream goes on after the payload skip
-    other.s.connection_lost()
+    if other is not None:
+        other.s.connection_lost()
     assert store.reserved_bytes == 0
 
 
