@@ -259,6 +259,16 @@ class NodeCollector(Collector):
             yield _counter(name, doc, stats.get(key, 0))
         yield _counter("kvstored_stalled_puts", "Data connections closed because a put stalled "
                        "past reservation_timeout.", counters.get("stalled_puts", 0))
+        # ---- RDMA (kvstored/dataplane/rdma.py keeps these in the data server's counters)
+        rdma = CounterMetricFamily("kvstored_rdma_events", "RDMA data path events by kind: "
+                                   "connections, puts, gets, bytes, doorbells, work requests, "
+                                   "completion errors, failures.", labels=["event"])
+        for k, v in sorted(list(counters.items())):
+            if k.startswith("rdma_") and k not in ("rdma_registered_bytes", "rdma_unavailable"):
+                rdma.add_metric([k[5:]], v)
+        yield rdma
+        yield _gauge("kvstored_rdma_registered_bytes", "Arena bytes registered with the RDMA "
+                     "device (0: RDMA off).", counters.get("rdma_registered_bytes", 0))
 
         # ---- connections
         yield _gauge("kvstored_connections", "Open connections.", len(srv.connections),

@@ -173,6 +173,8 @@ class Node:
         self.started = time.monotonic()
         self._maintenance: asyncio.Task | None = None
         self.shm = None  # ShmServer when shm.enabled
+        self.rdma = None  # dataplane.rdma.RdmaServer when a device is usable
+        self.rdma_status = "off"
         self.shm_path = ""
         self.metrics = Metrics(self)
         self.metrics_port: int | None = None
@@ -265,6 +267,9 @@ class Node:
         if self._maintenance is not None:
             self._maintenance.cancel()
         await self.metrics.close()
+        if self.rdma is not None:
+            self.rdma.close()
+            self.rdma = None
         self.store.close()
 
     async def _start(self) -> None:
@@ -276,6 +281,8 @@ class Node:
                                          medium=c.events_medium, block_size=c.events_block_size)
             self.events.start()
             self.metrics.usage.events = self.events
+        from kvstored.dataplane.rdma import enable as enable_rdma  # before any connection
+        self.rdma, self.rdma_status = enable_rdma(self.data_server, tls=self.tls is not None)
         try:
             self.data_port = await self.data_server.start(c.host, c.data_port)
         except OSError as e:
@@ -351,6 +358,7 @@ class Node:
         return {
             "node": self.node_id, "control": f"{c.host}:{self.control_port}",
             "data": f"{c.host}:{self.data_port}", "shm": self.shm_path or "off",
+            "rdma": self.rdma_status,
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
             "kv_events": c.events_endpoint or "off",
             "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages}
@@ -415,6 +423,9 @@ class Node:
                 log.info("shutdown: wrote %d DRAM-only objects to NVMe; %d could not be kept",
                          n, self.store.flush_not_kept)
             await self.store.drain_tasks(grace)
+        if self.rdma is not None:
+            self.rdma.close()
+            self.rdma = None
         self.store.close()
         self.state = "stopped"
         await self.metrics.close()

@@ -203,15 +203,23 @@ class Client(Namespaced):
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
                  tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
                  shm: bool | None = None, ride_out_restarts: bool | float = False,
-                 connect_timeout: float = CONNECT_TIMEOUT):
+                 connect_timeout: float = CONNECT_TIMEOUT, transport: str = "auto"):
         """``shm``: None = use the same-host shared-memory path when the daemon offers one
         and its socket is reachable here, else TCP; True = require it; False = TCP only.
         ``ride_out_restarts``: False (default) = an unreachable daemon (connection refused,
         nothing listening) is reported at once as Unavailable; True = keep retrying it for
         up to ``timeout`` so that a restart passes unnoticed; a number = for up to that
         many seconds. ``connect_timeout``: how long one connection attempt may take (a
-        host that drops packets)."""
+        host that drops packets). ``transport``: "auto" (default) = shm on the same host,
+        then RDMA, then TCP (a fallback is logged once and counted, see kvstore.rdma);
+        "shm" / "rdma" / "tcp" = that one or a typed Unavailable saying why."""
         super().__init__(namespace)
+        if transport not in ("auto", "shm", "rdma", "tcp"):
+            raise errors.InvalidArgument(f"transport {transport!r}: one of auto, shm, rdma, tcp")
+        if transport != "auto":
+            shm = transport == "shm"
+        self.transport_choice = transport
+        self.transport_reason = ""  # why the data path is not the first choice (set on fallback)
         self.address = address
         self.shm = shm
         self.timeout = timeout
@@ -299,6 +307,10 @@ class Client(Namespaced):
             conn = self._connect_shm()
             if conn is not None:
                 return conn
+        if self.transport_choice in ("auto", "rdma"):
+            conn = self._connect_rdma()
+            if conn is not None:
+                return conn
         if self._data_address:
             host, _, port = self._data_address.rpartition(":")
         else:
@@ -356,11 +368,35 @@ class Client(Namespaced):
         self._local.conn = conn
         return conn
 
+    def _connect_rdma(self):
+        """An RDMA connection (kvstore.rdma.channel), or None to use TCP (noted once)."""
+        from .rdma import channel
+        if self.tls is not None:
+            if self.transport_choice == "rdma":
+                raise errors.Unavailable("transport='rdma' cannot be combined with TLS")
+            return None
+        if self.transport_reason and self.transport_choice == "auto":
+            return None  # found unusable once: later connections go straight to TCP
+        if self._data_address:
+            host, _, port = self._data_address.rpartition(":")
+        else:
+            host, port = data_endpoint(self.info(refresh=True), self.address)
+        conn, reason = channel.connect(host, int(port), self.timeout, self._token,
+                                       explicit=self.transport_choice == "rdma",
+                                       connect_timeout=self.connect_timeout)
+        if conn is None:
+            self.transport_reason = reason
+            return None
+        with self._lock:
+            self._conns.add(conn)
+        self._local.conn = conn
+        return conn
+
     @property
     def transport(self) -> str:
         """"shm" or "tcp": the data path this thread's connection uses (connects if needed)."""
         conn = self._run(lambda c: c)
-        return "shm" if getattr(conn, "shm", False) else "tcp"
+        return "shm" if getattr(conn, "shm", False) else "rdma" if getattr(conn, "rdma", False) else "tcp"
 
     def get_view(self, key, *, namespace: str | None = None):
         """A leased, read-only view of the object in the daemon's arena (shm path only).
@@ -450,7 +486,8 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list[bool]:
             out: list[bool] = []
             for w in range(0, len(prepared), WINDOW):
-                if getattr(conn, "shm", False):  # the daemon checksums the slot it was written in
+                # shm and RDMA: the daemon checksums the slot the bytes were written in
+                if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
                     out += _raise_first(conn.put(ns, prepared[w:w + WINDOW], overwrite))
                     continue
                 order = {}
@@ -481,7 +518,7 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
-                if getattr(conn, "shm", False):
+                if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
                     out += _shm_copy(conn, ns, ks[w:w + WINDOW], None, self.verify_checksums)
                     continue
                 order = conn.send_keyed(OP_GET, ns, ks[w:w + WINDOW])
@@ -500,7 +537,7 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
-                if getattr(conn, "shm", False):
+                if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
                     out += _shm_copy(conn, ns, ks[w:w + WINDOW], views[w:w + WINDOW],
                                      self.verify_checksums)
                     continue

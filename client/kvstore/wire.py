@@ -62,12 +62,25 @@ SHM_IDS = struct.Struct("<QQQ")  # offset, size, lease or reservation id
 FLAG_CHECKSUM_UNKNOWN = 0x0002
 SHM_HELLO = struct.Struct("<4sIQ")  # b"KVSM", version, arena size: sent with the memfd
 SHM_MAGIC = b"KVSM"
+# RDMA, on a TCP data connection (see kvstored/dataplane/rdma.py); the bytes move by RDMA
+#   RDMA_CONNECT payload = the client's kvstore.rdma.verbs.Endpoint -> OK with the daemon's
+#   RDMA_PUT     ns, key, checksum = the object's, payload = RDMA_DESC of the client's
+#                registered buffer (the daemon RDMA-READs it) -> OK (aux=1: deduplicated)
+#   RDMA_GET     ns, key, payload = RDMA_DESC of the client's buffer (capacity) -> the daemon
+#                RDMA-WRITEs the object, then OK, checksum = the object's, 8-byte payload: size
+OP_RDMA_CONNECT = 21
+OP_RDMA_PUT = 22
+OP_RDMA_GET = 23
+RDMA_DESC = struct.Struct("<QQI4x")  # address, length, rkey
+RDMA_SIZE = struct.Struct("<Q")
 OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping", OP_AUTH: "auth",
        OP_SHM_GET: "shm_get", OP_SHM_RELEASE: "shm_release", OP_SHM_RESERVE: "shm_reserve",
-       OP_SHM_COMMIT: "shm_commit"}
+       OP_SHM_COMMIT: "shm_commit", OP_RDMA_CONNECT: "rdma_connect", OP_RDMA_PUT: "rdma_put",
+       OP_RDMA_GET: "rdma_get"}
 MAX_TOKEN_LEN = 4096
 
-EPOCH_OPS = frozenset((OP_PUT, OP_GET, OP_SHM_GET, OP_SHM_RESERVE))  # ops a node redirects
+EPOCH_OPS = frozenset((OP_PUT, OP_GET, OP_SHM_GET, OP_SHM_RESERVE, OP_RDMA_PUT,
+                       OP_RDMA_GET))  # ops a node redirects
 
 FLAG_OVERWRITE = 0x0001
 FLAG_RESPONSE = 0x8000

@@ -66,7 +66,8 @@ def note_fallback(reason: str, frm: str = "rdma", to: str = "tcp", quiet: bool =
         _logged.add(key)
     _prom_inc(frm, to, reason)
     if first:
-        (log.info if quiet else log.warning)("kvstore: %s not usable (%s); using %s", frm.upper(), reason, to.upper())
+        (log.info if quiet else log.warning)("kvstore: %s not usable (%s); using %s",
+                                             frm.upper(), reason, to.upper())
 
 
 def _prom_inc(frm: str, to: str, reason: str) -> None:

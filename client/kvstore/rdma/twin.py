@@ -466,4 +466,7 @@ def _port_name(gid: bytes) -> str:
 
 
 def open_device(name: str | None = None) -> TwinDevice:
-    return TwinDevice(name or "twin0")
+    """``KVSTORE_TWIN_MAX_MR_SIZE`` (bytes) lowers max_mr_size, e.g. to make the daemon split
+    its arena into several registrations as on a device with a smaller limit."""
+    limit = int(os.environ.get("KVSTORE_TWIN_MAX_MR_SIZE", "0") or 0)
+    return TwinDevice(name or "twin0", **({"max_mr_size": limit} if limit > 0 else {}))
