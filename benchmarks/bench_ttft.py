@@ -20,7 +20,8 @@ Part 1, per prompt length (random token ids, one seed per length):
 
 * recompute: one full prefill (``logits_to_keep=1``): TTFT, next-token logits, and the KV
   cache, whose full blocks (all but at least the last token) are then stored in kvstored;
-* loaded, over shm and over TCP (``kvstore.Client(..., shm=False)``): lookup the block
+* loaded, over shm and over TCP (``kvstore.Client(..., transport="tcp")``, or ``shm=False``
+  with an SDK that has no ``transport``): lookup the block
   chain, ``get_blocks`` into the paged cache, build a ``DynamicCache`` from the blocks,
   prefill only the tokens after the stored prefix: TTFT and next-token logits. The
   client is connected beforehand (an engine keeps its connection).
@@ -49,6 +50,7 @@ predicts, the lookup result, the blocks loaded and the daemon's counters must ag
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -93,6 +95,7 @@ PRESETS = {
                  num_attention_heads=4, num_key_value_heads=2),
 }
 DTYPES = {"fp32": "float32", "bf16": "bfloat16"}  # torch dtype names
+ITEMSIZE = {"fp32": 4, "bf16": 2}
 # Loaded vs recomputed next-token logits: |a - b| <= atol + rtol * |b| elementwise.
 # fp32: the same math over other matrix shapes (blocked reductions in another order), ~1e-6
 # relative in practice; bf16 rounds every activation to 8 bits of mantissa, so the suffix-only
@@ -272,8 +275,11 @@ def ttft_from_store(model, client, paged: PagedKV, tokens: list[int], keys: list
 
 def connect(address: str, namespace: str, transport: str):
     """A connected client on ``transport`` ("shm" or "tcp"), or (None, why not)."""
+    # transport= where the SDK has it: there shm=False alone means "anything but shm" (RDMA first)
+    choice = {"transport": transport} if "transport" in inspect.signature(kvstore.Client).parameters \
+        else {"shm": transport == "shm"}
     try:
-        c = kvstore.Client(address, namespace=namespace, shm=(transport == "shm"))
+        c = kvstore.Client(address, namespace=namespace, **choice)
         c.ping()
     except kvstore.KVStoreError as e:
         return None, f"{transport} unavailable: {e}"
@@ -534,7 +540,8 @@ def run(args) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
-    max_tokens = max(lengths + [args.max_trace_blocks * args.tokens_per_trace_block + args.block_size])
+    replay_tokens = args.max_trace_blocks * args.tokens_per_trace_block if args.turns > 0 else 0
+    max_tokens = max(lengths + [replay_tokens]) + args.block_size
     model = build_model(args.preset, dtype, args.seed, max_positions=max_tokens + 64)
     layers, kv_heads, head_dim = model_geometry(model)
     paged = PagedKV(layers, max_tokens // args.block_size + 8, args.block_size, kv_heads, head_dim, dtype,
@@ -611,14 +618,17 @@ def parse_args(argv=None):
     ap.add_argument("--replay-transport", default="shm")
     ap.add_argument("--no-replay-recompute", dest="replay_recompute", action="store_false",
                     help="do not also time each turn recomputed from scratch (nor compare its logits)")
-    ap.add_argument("--address", help="a running kvstored's control address (default: start one)")
+    ap.add_argument("--address", help="a running kvstored's control address (default: start one); "
+                    "nothing else may use it during the run, since its Stats counters are checked")
     ap.add_argument("--daemon-python", default=None,
                     help="interpreter for the daemon (default: the repo's .venv, else this one)")
     ap.add_argument("--json", help="write the full result here ('-' = a JSON line on stdout)")
     ap.add_argument("--markdown")
     args = ap.parse_args(argv)
-    if args.block_size < 1 or args.repeats < 1 or args.load_repeats < 1 or args.tokens_per_trace_block % args.block_size:
-        ap.error("--block-size and --repeats must be positive; --tokens-per-trace-block a multiple of --block-size")
+    if args.block_size < 1 or args.repeats < 1 or args.load_repeats < 1:
+        ap.error("--block-size, --repeats and --load-repeats must be positive")
+    if args.turns > 0 and (args.tokens_per_trace_block < 1 or args.tokens_per_trace_block % args.block_size):
+        ap.error("--tokens-per-trace-block must be a positive multiple of --block-size")
     if args.lengths and any(int(x) <= args.block_size for x in args.lengths.split(",")):
         ap.error("every length must exceed --block-size (a prefix block plus one computed token)")
     if args.turns > 0 and not os.path.exists(args.trace):
@@ -626,16 +636,44 @@ def parse_args(argv=None):
     return args
 
 
+def block_nbytes(args) -> int:
+    """One paged block's object size, from the preset (no torch needed)."""
+    p = PRESETS[args.preset]
+    head_dim = p["hidden_size"] // p["num_attention_heads"]
+    return p["num_hidden_layers"] * 2 * args.block_size * p["num_key_value_heads"] * head_dim * ITEMSIZE[args.dtype]
+
+
+def preflight(args) -> None:
+    """Refuse a block the daemon at --address cannot hold, before importing torch and
+    building the model (exit 2, like an argument error)."""
+    import kvstore as sdk  # the SDK alone: no torch
+
+    need = block_nbytes(args)
+    try:
+        with sdk.Client(args.address, namespace=args.namespace, timeout=10.0) as c:
+            limit = c.info().max_value_size
+    except sdk.KVStoreError as e:
+        raise SystemExit(f"bench_ttft: kvstored at {args.address} unreachable: {e}") from None
+    if need > limit:
+        print(f"bench_ttft: one KV block is {need} bytes ({args.preset}, {args.dtype}, --block-size "
+              f"{args.block_size}) but the daemon at {args.address} takes at most {limit} "
+              f"(--max-value-size): use a smaller --block-size", file=sys.stderr)
+        raise SystemExit(2)
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    _load_modules()
     if args.address:
+        preflight(args)
+        _load_modules()
         result = run(args)
     else:
+        _load_modules()
         from bench_tcp import KvstoredDaemon
         py = args.daemon_python or next(
             (p for p in (os.path.join(REPO, ".venv", "bin", "python"),) if os.path.exists(p)), sys.executable)
-        with KvstoredDaemon("", dram_size="1GiB", max_value_size=8 << 20, slab_size=8 << 20, python=py) as d:
+        limit = max(8 << 20, -(-block_nbytes(args) // (1 << 20)) << 20)  # whole MiB, room for one block
+        with KvstoredDaemon("", dram_size="1GiB", max_value_size=limit, slab_size=limit, python=py) as d:
             args.address = d.address
             result = run(args)
     report = render(result)

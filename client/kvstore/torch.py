@@ -137,16 +137,24 @@ class _PyBuffer(ctypes.Structure):
                 ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
+# Our own prototypes of the two C-API calls: the function objects of ctypes.pythonapi are
+# shared by the whole process, and a module that sets their argtypes to its own Py_buffer
+# structure (kvstore.rdma.verbs does) would make every call here fail with ArgumentError.
+_get_buffer = ctypes.PYFUNCTYPE(ctypes.c_int, ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int)(
+    ("PyObject_GetBuffer", ctypes.pythonapi))
+_release_buffer = ctypes.PYFUNCTYPE(None, ctypes.POINTER(_PyBuffer))(("PyBuffer_Release", ctypes.pythonapi))
+
+
 def _buffer_address(mv: memoryview) -> int:
     """Address of a contiguous buffer, read-only ones included (ctypes.from_buffer needs a
     writable one)."""
     pb = _PyBuffer()
-    if ctypes.pythonapi.PyObject_GetBuffer(ctypes.py_object(mv), ctypes.byref(pb), 0) != 0:
+    if _get_buffer(mv, ctypes.byref(pb), 0) != 0:
         raise errors.InvalidArgument("cannot take the address of this buffer")
     try:
         return pb.buf or 0
     finally:
-        ctypes.pythonapi.PyBuffer_Release(ctypes.byref(pb))
+        _release_buffer(ctypes.byref(pb))
 
 
 def _read_tensor(mv: memoryview) -> torch.Tensor:

@@ -118,6 +118,17 @@ def test_ttft_core_tiny(daemon, tmp_path):
                    "puts": stored, "put_bytes": stored * nbytes}
 
 
+def test_ttft_block_over_max_value_size(daemon):
+    """A block the daemon cannot hold (tiny preset, 16384-token blocks: 8 MiB; the test
+    daemon takes 4 MiB) is refused with the reason before torch is imported or a byte is sent."""
+    r = subprocess.run([sys.executable, str(BENCH), "--address", daemon.control, "--preset", "tiny",
+                        "--block-size", "16384", "--lengths", "16400", "--turns", "0"], capture_output=True,
+                       text=True, timeout=60, cwd=str(ROOT))
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "one KV block is 8388608 bytes" in r.stderr and "takes at most 4194304" in r.stderr, r.stderr[-2000:]
+    assert _counters(daemon.control)["puts"] == 0
+
+
 @pytest.mark.parametrize("args, message", [
     (["--tokens-per-trace-block", "10"], "multiple of --block-size"),
     (["--lengths", "1024,16", "--turns", "0"], "every length must exceed --block-size"),
@@ -131,3 +142,38 @@ def test_ttft_bad_arguments(args, message):
                        text=True, timeout=60, cwd=str(ROOT))
     assert r.returncode == 2 and message in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr
+
+
+def test_torch_blocks_survive_foreign_pythonapi_argtypes(daemon):
+    """kvstore.torch reads shm views through PyObject_GetBuffer. ctypes.pythonapi's function
+    objects are process-wide, and a module that sets their argtypes to its own Py_buffer
+    structure (kvstore.rdma.verbs does) broke every get_blocks over shm with ctypes'
+    ArgumentError, which is how the TTFT benchmark met it; kvstore.torch now uses its own
+    prototypes. (Here rather than in test_torch.py: found and fixed with this benchmark.)"""
+    import ctypes
+
+    torch = pytest.importorskip("torch")
+    import kvstore.torch as kt
+
+    class ForeignPyBuffer(ctypes.Structure):
+        _fields_ = [("f%d" % i, ctypes.c_void_p) for i in range(11)]
+
+    get_buf, release = ctypes.pythonapi.PyObject_GetBuffer, ctypes.pythonapi.PyBuffer_Release
+    saved = get_buf.argtypes, release.argtypes
+    get_buf.argtypes = [ctypes.py_object, ctypes.POINTER(ForeignPyBuffer), ctypes.c_int]
+    release.argtypes = [ctypes.POINTER(ForeignPyBuffer)]
+    try:
+        src = [torch.randn(2, 6, 4, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+        dst = [torch.zeros_like(t) for t in src]
+        keys = [b"foreign-argtypes-%d" % i for i in range(6)]
+        with kvstore.Client(daemon.control, namespace="ttft", timeout=10.0) as c:
+            if c.transport != "shm":
+                pytest.skip(f"the test daemon offers no shm path here (transport {c.transport})")
+            kt.put_blocks(c, kt.KVLayout.vllm(src), keys, list(range(6)))
+            kt.get_blocks(c, kt.KVLayout.vllm(dst), keys, [5, 4, 3, 2, 1, 0])
+        for s, d in zip(src, dst):
+            assert torch.equal(d[:, [5, 4, 3, 2, 1, 0]], s)
+        ro = memoryview(b"read-only bytes")
+        assert kt._buffer_address(ro) == ctypes.cast(ctypes.c_char_p(ro.obj), ctypes.c_void_p).value
+    finally:
+        get_buf.argtypes, release.argtypes = saved
