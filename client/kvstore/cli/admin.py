@@ -24,13 +24,14 @@ def cmd_status(c: Client, args) -> int:
     info = c.info(refresh=True)
     h = c.health()
     nvme = next((t for t in c.stats().tiers if t.name == "nvme"), None)
+    transport, why = _data_transport(c)
     doc = {
         "node_id": info.node_id, "version": info.version,
         "control_address": args.address, "data_address": f"{info.data_host}:{info.data_port}",
         "live": h.live, "ready": h.ready, "status": h.status, "uptime_seconds": h.uptime_seconds,
         "wire_version": info.wire_version, "checksum_algorithm": info.checksum_algorithm,
         "shm_socket": info.shm_socket or None, "shm_reachable": _shm_reachable(info.shm_socket),
-        "cli_transport": "shm" if args.shm else "tcp",
+        "cli_transport": transport, "cli_transport_reason": why or None,
         # the NVMe tier's I/O backend and, after a fallback, why io_uring is not used
         "nvme_io_backend": nvme.io_backend if nvme is not None else None,
         "nvme_io_backend_reason": (nvme.io_backend_reason or None) if nvme is not None else None,
@@ -49,6 +50,7 @@ def cmd_status(c: Client, args) -> int:
         ("data", f"{info.data_host}:{info.data_port} (wire v{info.wire_version}, "
                  f"{info.checksum_algorithm} checksums)"),
         ("shm", _shm_text(info.shm_socket, args.shm)),
+        ("transport", f"{transport} (RDMA not used: {why})" if why else transport),
         ("health", f"{h.status} ({state})"),
         ("nvme io", _nvme_io_text(nvme)),
         ("uptime", human_age(h.uptime_seconds)),
@@ -58,6 +60,15 @@ def cmd_status(c: Client, args) -> int:
         ("max batch", f"{info.max_batch_keys} keys"),
     ]))
     return EXIT_OK
+
+
+def _data_transport(c: Client) -> tuple[str, str]:
+    """The data path this CLI's commands use, and why RDMA is not (kvstore.rdma)."""
+    try:
+        t = c.transport
+    except errors.KVStoreError as e:
+        return "unreachable", e.message
+    return t, "" if t in ("rdma", "shm") else c.transport_reason
 
 
 def _nvme_io_text(nvme) -> str:
