@@ -89,6 +89,12 @@ def full_check(members, objs: dict, p) -> list:
     return missing_redundancy(members, NS, p, objs)
 
 
+def cpu_seconds(d) -> float:
+    """User + system CPU seconds a daemon process has used (Linux /proc)."""
+    fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def codec_speed(size: int, iters: int) -> dict:
     """pyeclib's raw reconstruct of one fragment of a ``size``-byte object from K others."""
     from pyeclib.ec_iface import ECDriver
@@ -144,6 +150,7 @@ def main(argv=None) -> int:
     cc = None
     rc = 0
     t_start = time.monotonic()
+    load = os.getloadavg()[0]
     try:
         etcd = Etcd(tmp).start()
         for i in range(N_NODES):
@@ -195,6 +202,7 @@ def main(argv=None) -> int:
                         pending_drop.discard(d.control)
             time.sleep(0.05)
         t_drop = time.monotonic()
+        cpu_drop = sum(cpu_seconds(d) for d in survivors)
 
         # ---- wait for every survivor: a pass done since the drop, idle, pending 0
         polls = 0
@@ -208,6 +216,7 @@ def main(argv=None) -> int:
                 break
             time.sleep(0.05)
         t_done = time.monotonic()
+        cpu_rebuild = sum(cpu_seconds(d) for d in survivors) - cpu_drop
         rebuild_s = t_done - t_drop
         records = sum(r.records_written - base[d.control][1] for d, r in zip(survivors, sts))
         nbytes = sum(r.bytes_written - base[d.control][2] for d, r in zip(survivors, sts))
@@ -250,7 +259,7 @@ def main(argv=None) -> int:
     _, par_dt = codec[3]
     total = args.objects * args.size
     print(f"{args.objects} x {fmt_size(args.size)} objects ({fmt_size(total)}), {EC}, {N_NODES} nodes, "
-          f"{os.cpu_count()} cores; puts took {t_put:.2f}s ({total / t_put / 1e9:.2f} GB/s)")
+          f"{os.cpu_count()} cores (load average {load:.1f} at start); puts took {t_put:.2f}s ({total / t_put / 1e9:.2f} GB/s)")
     print(f"victim {vid}: {victim_records} records before the kill; dropped from placement by all survivors {t_drop - t_kill:.2f}s after SIGKILL")
     print(f"survivors: {passes} passes since the drop, longest last pass {last_pass:.2f}s, "
           f"{failures} failures, {polls} status polls; full check {t_check:.2f}s")
@@ -264,6 +273,8 @@ def main(argv=None) -> int:
          f"{records / rebuild_s:.0f} records/s"),
         ("  same, less the 0.5 s repair_delay", f"{nbytes / (rebuild_s - 0.5) / 1e6:.1f} MB/s",
          f"{rebuild_s - 0.5:.2f} s of passes"),
+        ("survivors' CPU time during the rebuild", f"{cpu_rebuild:.2f} s",
+         f"all 4 processes; {nbytes / max(cpu_rebuild, 1e-9) / 1e6:.0f} MB rebuilt per CPU-second"),
         ("pyeclib reconstruct, 1 data fragment", f"{frag_len / frag_dt / 1e6:.0f} MB/s",
          f"{frag_dt * 1e6:.0f} us per {fmt_size(frag_len)} fragment"),
         ("pyeclib reconstruct, 1 parity fragment", f"{frag_len / par_dt / 1e6:.0f} MB/s",

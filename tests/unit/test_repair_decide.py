@@ -394,3 +394,26 @@ def test_rebuild_from_sources():
     assert rb.rebuild(p, KIND_FRAGMENT, usable[:2], [0]) is None  # fewer than K
     assert rb.rebuild(p, KIND_FRAGMENT, [], [0]) is None
     assert rb.usable([recs[0]], (1, 2, 3, 2)) == []  # another version
+
+
+# ------------------------------------------------------------------ progress
+def test_status_reports_rate_and_eta_of_the_pass_in_progress():
+    import time
+
+    from kvstore.cli import repair_line
+    from kvstored.cluster.repair.agent import RepairAgent, RepairSettings
+    a = RepairAgent("me", None, None, RepairSettings(1.0, 60.0, 1 << 20))
+    idle = a.status()
+    assert idle["state"] == "idle" and idle["eta_seconds"] == idle["rate"] == 0.0
+    now = time.monotonic()
+    a.st.update(state="scanning", scanned=25, total=400, bytes_written=30 << 20)
+    a._pass_t0, a._pass_objects = now - 2.0, 100
+    a._rate_marks = [(now - 2.0, 10 << 20)]
+    st = a.status()
+    assert st["pass_seconds"] == pytest.approx(2.0, abs=0.5)
+    assert st["eta_seconds"] == pytest.approx(6.0, abs=1.5)  # 75 objects left at 12.5/s
+    assert st["rate"] == pytest.approx((20 << 20) / 2.0, rel=0.25)
+    line = repair_line(st)
+    assert "MiB/s for 2s" in line and ", ETA 6s" in line
+    a.st.update(scanned=100)
+    assert a.status()["eta_seconds"] == 0.0  # nothing left to estimate

@@ -146,7 +146,8 @@ def _repair_doc(r) -> dict:
             "records_written": r.records_written, "bytes_written": r.bytes_written,
             "verified": r.verified, "dropped": r.dropped, "removed": r.removed,
             "failures": r.failures, "last_pass_seconds": r.last_pass_seconds,
-            "pending": r.pending}
+            "pending": r.pending, "pass_seconds": r.pass_seconds, "rate": r.rate,
+            "eta_seconds": r.eta_seconds}
 
 
 def _probe_member(c: Client, args, member) -> dict:
@@ -183,6 +184,9 @@ def repair_line(rep: dict, unverified: int | None = None) -> str:
                 f"{rep['records_written']} written ({human_size(rep['bytes_written'])}), "
                 f"{rep['pending']} pending, {rep['dropped']} dropped stale, "
                 f"{rep['failures']} failures")
+        if rep["state"] == "scanning" and rep.get("pass_seconds"):  # progress of this pass
+            text += (f", {human_size(rep.get('rate', 0))}/s for {rep['pass_seconds']:.0f}s"
+                     + (f", ETA {rep['eta_seconds']:.0f}s" if rep.get("eta_seconds") else ""))
     if unverified:
         text += f", {unverified} unverified"
     return text

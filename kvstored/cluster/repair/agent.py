@@ -99,6 +99,7 @@ class RepairAgent:
         self._recheck_young = False
         self._pending_keys: set | None = set()  # None: too many to track, next pass is full
         self._pass_t0 = 0.0
+        self._pass_objects = 0  # objects the current pass looks at
         self._rate_marks: list[tuple[float, int]] = []  # (t, bytes_written) for the rate
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
@@ -122,26 +123,25 @@ class RepairAgent:
         self._wake.set()
 
     def status(self) -> dict:
-        """The counters of Members().repair (see RepairStatus in control.proto)."""
-        return dict(self.st)
-
-    def progress(self) -> dict:
-        """The current pass: seconds running, write rate (bytes/s over the last
-        RATE_WINDOW_S) and an ETA from the share of objects scanned (0 when idle)."""
+        """Members().repair (RepairStatus in control.proto): the counters, and for the
+        pass in progress how long it has run, the write rate (bytes/s over the last
+        RATE_WINDOW_S) and an ETA from the share of its objects scanned (0 when idle)."""
         with self._lock:
             st = dict(self.st)
             marks = list(self._rate_marks)
+        st.update(pass_seconds=0.0, rate=0.0, eta_seconds=0.0)
         if st["state"] != "scanning":
-            return {"elapsed": 0.0, "rate": 0.0, "eta": 0.0}
+            return st
         now = time.monotonic()
         elapsed = now - self._pass_t0
-        rate = 0.0
-        if len(marks) >= 2 and marks[-1][0] > marks[0][0]:
-            rate = (marks[-1][1] - marks[0][1]) / (marks[-1][0] - marks[0][0])
-        eta = 0.0
-        if st["scanned"] and st["total"] > st["scanned"]:
-            eta = elapsed * (st["total"] - st["scanned"]) / st["scanned"]
-        return {"elapsed": round(elapsed, 3), "rate": round(rate, 1), "eta": round(eta, 3)}
+        marks.append((now, st["bytes_written"]))
+        if now > marks[0][0]:
+            st["rate"] = round((marks[-1][1] - marks[0][1]) / (now - marks[0][0]), 1)
+        todo = self._pass_objects  # a pass after a membership change looks at fewer than total
+        if st["scanned"] and todo > st["scanned"]:
+            st["eta_seconds"] = round(elapsed * (todo - st["scanned"]) / st["scanned"], 3)
+        st["pass_seconds"] = round(elapsed, 3)
+        return st
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:  # peer threads count too
@@ -239,6 +239,7 @@ class RepairAgent:
         if not full:
             objs = self._affected(objs, members)
         self._pass_t0 = time.monotonic()
+        self._pass_objects = len(objs)
         with self._lock:
             self._rate_marks = [(self._pass_t0, self.st["bytes_written"])]
         self.st.update(state="scanning", scanned=0, total=total)
