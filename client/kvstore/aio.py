@@ -185,6 +185,8 @@ class AsyncClient(Namespaced):
         self._token = token or None
         self._metadata = auth_metadata(self._token)
         self._ssl = tls.ssl_context() if tls is not None else None
+        if not connect_timeout > 0:
+            raise errors.InvalidArgument(f"connect_timeout must be positive, not {connect_timeout!r}")
         self.connect_timeout = connect_timeout
         self.ride_out_restarts = ride_out_restarts
         self._ride_out = ride_out_seconds(ride_out_restarts, timeout)

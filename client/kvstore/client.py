@@ -230,6 +230,8 @@ class Client(Namespaced):
         self._metadata = auth_metadata(self._token)
         self._ssl = tls.ssl_context() if tls is not None else None
         self._data_address = data_address
+        if not connect_timeout > 0:
+            raise errors.InvalidArgument(f"connect_timeout must be positive, not {connect_timeout!r}")
         self.connect_timeout = connect_timeout
         self._ride_out = ride_out_seconds(ride_out_restarts, timeout)
         self._channel = control_channel(address, tls, connect_timeout=connect_timeout)

@@ -458,6 +458,54 @@ def test_ride_out_is_bounded():
     for bad in (-1, "soon"):
         with pytest.raises(errors.InvalidArgument):
             kvstore.Client(address, ride_out_restarts=bad)
+        with pytest.raises(errors.InvalidArgument):
+            kvstore.AsyncClient(address, ride_out_restarts=bad)
+    for bad in (0, -2.0):
+        with pytest.raises(errors.InvalidArgument):
+            kvstore.Client(address, connect_timeout=bad)
+        with pytest.raises(errors.InvalidArgument):
+            kvstore.AsyncClient(address, connect_timeout=bad)
+
+
+def test_refused_connection_fails_fast_under_concurrency():
+    """32 threads sharing one client against a refused port: every call fails within a
+    second (no thread waits for another's retry)."""
+    address = f"127.0.0.1:{free_port()}"
+    with kvstore.Client(address, namespace="test", timeout=30.0) as c:
+        def one(i):
+            t0 = time.monotonic()
+            try:
+                (c.get(b"k") if i % 2 else c.exists([b"k"]))
+            except errors.Unavailable:
+                return time.monotonic() - t0
+            return None
+
+        t0 = time.monotonic()
+        with concurrent.futures.ThreadPoolExecutor(32) as pool:
+            took = list(pool.map(one, range(64)))
+        assert None not in took, "a call against a refused port succeeded?"
+        assert max(took) < 1.0 and time.monotonic() - t0 < 2.0, max(took)
+
+
+def test_async_call_rides_out_a_restart_when_asked(start_daemon):
+    d1 = start_daemon()
+    cport, dport = d1.info["control_port"], d1.data_port
+
+    async def main():
+        async with kvstore.AsyncClient(d1.control, namespace="test", timeout=20.0,
+                                       ride_out_restarts=15) as c:
+            await c.put(b"x", b"1")
+            d1.stop()
+            loop = asyncio.get_running_loop()
+            restart = loop.run_in_executor(None, lambda: (time.sleep(1.0), start_daemon(
+                "--port", str(cport), "--data-port", str(dport))))
+            t0 = time.monotonic()
+            assert await c.put(b"y", b"2") is True  # made while the daemon is down
+            assert time.monotonic() - t0 < 15
+            await restart
+            assert await c.get(b"y") == b"2"
+
+    arun(main())
 
 
 def test_killed_daemon_fails_fast_and_is_reached_again(start_daemon):
