@@ -136,6 +136,7 @@ class Store:
         self.policy = Policy(len(self.arena.classes))
         self._by_offset: dict[int, Entry] = {}
         self._draining = None  # the slab being emptied for another class, if any
+        self._drain_since = 0.0
         self.reservations: set[Reservation] = set()
         # binds lazily to the running loop on first wait, so safe to create outside one
         self._space_freed = asyncio.Event()
@@ -524,8 +525,10 @@ class Store:
             else:
                 left = [e for e in (self._by_offset.get(o) for o in self.arena.slots(d))
                         if e is not None]
-                if any(e.pinned(now) for e in left):
-                    # pinned after the drain began: give up on this slab, try another
+                if any(e.pinned(now) for e in left) or \
+                        now - self._drain_since > self.limits.put_wait_timeout:
+                    # pinned after the drain began, or no slot freed for a while (a long
+                    # reader): give up on this slab (it serves its class again), try another
                     self.arena.undrain(d)
                     self._draining = None
                 else:
@@ -548,6 +551,7 @@ class Store:
                     self._evict(e)
                 if slab.draining:  # demotions in flight: it frees when they are written
                     self._draining = slab
+                    self._drain_since = now
                     return False
                 return True
         return False
@@ -830,6 +834,8 @@ class Store:
             await asyncio.wait(list(self._tasks), timeout=timeout)
 
     def _free_slot(self, offset: int) -> None:
+        if self._draining is not None and self.arena.slab_of(offset) is self._draining:
+            self._drain_since = self.clock()  # the drain progresses: its timeout restarts
         self.arena.free(offset)
         self._signal_space()
 
