@@ -19,6 +19,7 @@ def main(checks: dict) -> int:
     ap.add_argument("--dead-address", default="127.0.0.1:1")
     ap.add_argument("--victim-address", default=None)
     ap.add_argument("--victim-pid", type=int, default=None)
+    ap.add_argument("--auth-address", default=None, help="a kvstored with auth on (tokens: $KVSTORE_TEST_TOKENS)")
     a = ap.parse_args()
     results = {}
     for name, fn in checks.items():

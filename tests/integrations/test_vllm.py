@@ -20,7 +20,9 @@ CHECKS = [
     "local_prefix_hit_is_not_loaded_again", "missing_block_is_a_load_error",
     "keys_depend_on_model_geometry_and_request", "finished_requests_are_forgotten",
     "unreachable_daemon_is_a_miss", "lookup_leases_the_hit_until_loaded", "dead_daemon_costs_a_step_milliseconds",
+    "read_only_token_looks_up_without_a_lease",
 ]
+RW, RO = "rw-token-0123456789abcdef", "ro-token-0123456789abcdef"
 
 
 # an engine's first import in a fresh environment can take tens of seconds on 2 cores
@@ -33,14 +35,24 @@ def vllm_results(tmp_path_factory):
         pytest.skip(why)
     d = Daemon(tmp_path_factory.mktemp("vllm")).start()
     victim = Daemon(tmp_path_factory.mktemp("vllm-victim")).start()  # killed by a check
+    # a daemon with auth: a read-only token may look up but not pin (lease)
+    tmp = tmp_path_factory.mktemp("vllm-auth")
+    (tmp / "tokens.toml").write_text(
+        f'[[token]]\nname = "rw"\ntoken = "{RW}"\nnamespaces = ["vl-ro"]\nscopes = ["read", "write"]\n\n'
+        f'[[token]]\nname = "ro"\ntoken = "{RO}"\nnamespaces = ["vl-ro"]\nscopes = ["read"]\n')
+    (tmp / "tokens.toml").chmod(0o600)
+    (tmp / "auth.toml").write_text(f'[auth]\nenabled = true\ntokens_file = "{tmp / "tokens.toml"}"\n')
+    secured = Daemon(tmp, "--config", str(tmp / "auth.toml")).start()
     try:
         r = run("vllm", py, ["vllm_check.py", "--address", d.control, "--victim-address", victim.control,
-                              "--victim-pid", str(victim.proc.pid)])
+                              "--victim-pid", str(victim.proc.pid), "--auth-address", secured.control],
+                KVSTORE_TEST_TOKENS=f"{RW},{RO}")
         for line in r.stdout.splitlines():
             if "steps, mean" in line:
                 print(line)  # the step figures, for the test log (pytest -s)
         return last_json(r), r.stdout[-3000:] + r.stderr[-8000:]
     finally:
+        secured.stop()
         victim.stop()
         d.stop()
 

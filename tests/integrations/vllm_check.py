@@ -325,6 +325,43 @@ def lookup_leases_the_hit_until_loaded(a):
 
 
 @check
+def read_only_token_looks_up_without_a_lease(a):
+    """A token that may read but not write (pin needs write) still gets its hits: the
+    first lease is refused, said once, and later lookups do not try again."""
+    import logging
+    import os
+
+    rw, ro = os.environ["KVSTORE_TEST_TOKENS"].split(",")
+    src = Instance(a.auth_address, "vl-ro", seed=10, token=rw)
+    tokens = prompt(18, seed=10)
+    store_prompt(src, tokens, [1, 2, 3, 4, 5])
+    records = []
+
+    class Grab(logging.Handler):
+        def emit(self, r):
+            records.append(r.getMessage())
+
+    h = Grab()
+    logging.getLogger("kvstore.integrations.vllm").addHandler(h)
+    try:
+        dst = Instance(a.auth_address, "vl-ro", token=ro)
+        for i in range(3):
+            assert dst.sched.get_num_new_matched_tokens(request(f"ro{i}", tokens), 0) == (16, False)
+    finally:
+        logging.getLogger("kvstore.integrations.vllm").removeHandler(h)
+    said = [m for m in records if "may not pin" in m]
+    assert len(said) == 1 and dst.sched.lease_ttl == 0, records
+    req = request("ro-load", tokens)
+    assert dst.sched.get_num_new_matched_tokens(req, 0) == (16, False)
+    dst.sched.update_state_after_alloc(req, blocks([10, 11, 12, 13, 14]), 16)
+    dst.step(new_step(req, [10, 11, 12, 13, 14], 16, 2))
+    assert dst.worker.get_block_ids_with_load_errors() == set()
+    assert torch.equal(src.block(1), dst.block(10))
+    src.close()
+    dst.close()
+
+
+@check
 def dead_daemon_costs_a_step_milliseconds(a):
     """A real kvstored, killed under a running instance: the load scheduled before the
     death turns into load errors (vLLM recomputes those blocks), no call raises, and

@@ -189,8 +189,14 @@ class KVStoreConnector(RemoteConnector):
         hit = self._ask("lookup", lookup_prefix, self.client, okeys, default=0)
         if pin and hit and self.pin_ttl > 0:
             # a lease, not a hold: lapses by itself if LMCache never retrieves
-            if self._ask("pin", self.client.pin, okeys[:hit], self.pin_ttl) is None and not self.breaker.closed:
-                return 0  # went down between the two calls
+            try:
+                if self.breaker.call(self.client.pin, okeys[:hit], self.pin_ttl) is None:
+                    return 0  # went down between the two calls
+            except errors.PermissionDenied as e:  # a read-only token: warn once, then no pins
+                log.warning("kvstore: this token may not pin (%s); lookups are not pinned", e)
+                self.pin_ttl = 0.0
+            except errors.KVStoreError as e:
+                log.warning("kvstore: pin failed: %s", e)
         return hit
 
     # ------------------------------------------------------------ put

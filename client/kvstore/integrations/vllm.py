@@ -215,9 +215,17 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._release(self._leases.pop(req_id, []))
         want = lookable[:hit]
         keys = self._all_ranks(want)
-        pinned = self._store("lease", self.client.pin, keys, self.lease_ttl, default=None)
+        try:
+            pinned = self.breaker.call(self.client.pin, keys, self.lease_ttl, default=None)
+        except errors.PermissionDenied as e:  # a read-only token: warn once, then no leases
+            log.warning("kvstore: this token may not pin (%s); lookups are not leased", e)
+            self.lease_ttl = 0
+            return hit
+        except errors.KVStoreError as e:
+            log.warning("kvstore: lease failed: %s", e)
+            return hit
         if pinned is None:
-            return 0 if not self.breaker.closed else hit
+            return 0  # the store went down between the lookup and the lease
         self._leases[req_id] = want
         if pinned < len(keys):  # something went between lookup and pin: what is held now
             hit = self._store("lookup", lookup_prefix, self.client, [rank_key(k, 0, 0) for k in want],
