@@ -316,3 +316,34 @@ def test_no_pyverbs_is_reported_with_the_reason(daemon, monkeypatch):
         c.put("k", b"v")
         assert c.transport == "tcp" and "pyverbs" in c.transport_reason
     assert any("pyverbs" in k for k in fallbacks)
+
+
+def test_more_requests_than_the_send_queue_wait_in_the_backlog(rdma_daemon):
+    """300 puts in one write: at most 256 work requests are posted at once (the QP's send
+    queue), the rest wait and go out as completions free room; every put is answered."""
+    conn = raw_conn(rdma_daemon)
+    try:
+        vals = [os.urandom(4096) for _ in range(300)]
+        frames, rids = [], []
+        for i, v in enumerate(vals):
+            mr = conn.cache.get(v, REMOTE_READ)
+            rid = conn.next_id()
+            rids.append(rid)
+            frames.append(encode_request(OP_RDMA_PUT, rid, b"r", f"q{i}".encode(), RDMA_DESC.size,
+                                         checksum(v)) + RDMA_DESC.pack(buffer_address(v)[0], 4096,
+                                                                       mr.rkey))
+        conn.send([b"".join(frames)])
+        got = sorted(answer_any(conn) for _ in rids)
+        assert got == sorted(rids)
+    finally:
+        conn.close()
+    assert rdma_event(rdma_daemon, "work_requests") == 300
+    assert rdma_event(rdma_daemon, "doorbells") >= 2  # the backlog needed a second post
+    with kvstore.Client(rdma_daemon.control, namespace="r", transport="tcp") as c:
+        assert c.batch_get([f"q{i}" for i in (0, 150, 299)]) == [vals[0], vals[150], vals[299]]
+
+
+def answer_any(conn) -> int:
+    r = conn.read_response()
+    assert r.status == 0, conn.read_error(r)
+    return r.rid
