@@ -28,6 +28,7 @@ measures the client and the codec, not a network.
 
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
         [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
+        [--codec-only]
         [--json out.json]
 """
 from __future__ import annotations
@@ -108,14 +109,20 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
     slow = records[1:k + 1]
     assert layout.codec(p).offset is not None, "no fast concatenate path for this codec"
     assert bytes(layout.assemble(p, fast)) == data and bytes(layout.assemble(p, slow)) == data
+    into = bytearray(size)  # get_into's destination: decoded in place, no intermediate object
+    assert layout.assemble(p, fast, into) == size and into == data
 
     cases = [
         ("encode", lambda: d.encode(data), lambda: layout.encode_records(p, view, layout.DEFAULT_MIN_EC_SIZE),
          "encode_records"),
         ("decode, data fragments 0..K-1", lambda: d.decode(frags[:k]), lambda: layout.assemble(p, fast),
          "assemble (concatenate path)"),
+        ("decode, data fragments 0..K-1", lambda: d.decode(frags[:k]),
+         lambda: layout.assemble(p, fast, into), "assemble into the caller's buffer (concatenate)"),
         ("decode, data fragment 0 lost", lambda: d.decode(one_lost), lambda: layout.assemble(p, slow),
          "assemble (decode path)"),
+        ("decode, data fragment 0 lost", lambda: d.decode(one_lost),
+         lambda: layout.assemble(p, slow, into), "assemble into the caller's buffer (decode)"),
     ]
     rows = []
     for op, raw_fn, client_fn, client_name in cases:
@@ -191,6 +198,7 @@ def main(argv=None) -> int:
                     help="do not measure a refused EC policy on enough nodes / after seeing them")
     ap.add_argument("--shm", action="store_true", help="let clients use the same-host shm path")
     ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument("--codec-only", action="store_true", help="only the codec table (no daemons)")
     args = ap.parse_args(argv)
     _reexec_with_malloc_env()
     sys.path[:0] = [str(REPO / "client"), str(REPO / "tests")]
@@ -199,11 +207,11 @@ def main(argv=None) -> int:
     from kvstore.cluster import ClusterClient
     from kvstore.layout import Policy
 
-    node_counts = [int(x) for x in args.nodes.split(",") if x.strip()]
+    node_counts = [] if args.codec_only else [int(x) for x in args.nodes.split(",") if x.strip()]
     sizes = [parse_size(x) for x in args.sizes.split(",") if x.strip()]
     policies = [Policy.parse(x) for x in args.policies.split(",") if x.strip()]
-    need = max(node_counts)
-    if not args.no_ec_fallback:
+    need = max(node_counts, default=0)
+    if not args.no_ec_fallback and node_counts:
         need = max([need] + [p.nodes for p in policies if p.kind == "ec"])
     max_size = max(sizes)
     # 2 fragments or copies of a batch on one node at worst, plus headroom for deletes

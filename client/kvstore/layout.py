@@ -241,27 +241,53 @@ def codec(p: Policy) -> Codec:
     return c
 
 
+def _as_bytes(value) -> bytes:
+    """``value`` as bytes for pyeclib (which refuses other buffers), without a copy when
+    it is (a whole view of) a bytes object already."""
+    if isinstance(value, bytes):
+        return value
+    mv = value if isinstance(value, memoryview) else memoryview(value)
+    if isinstance(mv.obj, bytes) and mv.c_contiguous and mv.nbytes == len(mv.obj):
+        return mv.obj
+    return mv.tobytes()
+
+
 def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
     """Every record of an object under EC policy ``p``, in index order: K+M fragments, or
-    M+1 whole copies when the object is smaller than ``min_ec_size``."""
+    M+1 whole copies when the object is smaller than ``min_ec_size``.
+
+    Each record is one buffer of its final size, header in front, that the payload is
+    copied into once (pyeclib returns each fragment in a buffer of its own, so this copy
+    is the only one left); the SDK sends it as it is. The object is handed to pyeclib
+    without a copy when it is a bytes object (or a whole view of one)."""
     n = len(value)
     ocsum = checksum(value)
     if n < min_ec_size:
-        return [b"".join((FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, KIND_REPLICA, i, p.k, p.m,
-                                           EC_TYPES.index(p.ec_type), 0, n, ocsum, ocsum), value))
-                for i in range(p.m + 1)]
-    return [fragment_record(p, i, f, n, ocsum) for i, f in enumerate(codec(p).encode(bytes(value)))]
+        return [_record(p, KIND_REPLICA, i, value, n, ocsum, ocsum) for i in range(p.m + 1)]
+    return [_record(p, KIND_FRAGMENT, i, f, n, ocsum, checksum(f))
+            for i, f in enumerate(codec(p).encode(_as_bytes(value)))]
 
 
-def fragment_record(p: Policy, index: int, frag: bytes, olen: int, ocsum: int) -> bytes:
-    return FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, index, p.k, p.m,
-                            EC_TYPES.index(p.ec_type), 0, olen, ocsum, checksum(frag)) + frag
+def _record(p: Policy, kind: int, index: int, payload, olen: int, ocsum: int, pcsum: int) -> bytes:
+    # header + payload: one allocation of the final size (not zero-filled, unlike a
+    # bytearray(n) filled afterwards, which costs twice as much) and one copy
+    return FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, kind, index, p.k, p.m,
+                            EC_TYPES.index(p.ec_type), 0, olen, ocsum, pcsum) + payload
 
 
-def assemble(p: Policy, records: list) -> bytearray | None:
+def fragment_record(p: Policy, index: int, frag, olen: int, ocsum: int) -> bytes:
+    """The record of fragment ``index`` (repair writes the ones it rebuilt)."""
+    return _record(p, KIND_FRAGMENT, index, frag, olen, ocsum, checksum(frag))
+
+
+def assemble(p: Policy, records: list, out=None):
     """The object from valid records of one EC object (any order; invalid ones, other
     policies' and minority versions ignored), or None when fewer than K distinct
-    fragments agree. Concatenates when data fragments 0..K-1 are all there."""
+    fragments agree. Concatenates when data fragments 0..K-1 are all there.
+
+    ``out``: a writable buffer the object is decoded into (no intermediate copy on the
+    concatenate path); then the object's size is returned instead of a bytearray.
+    InvalidArgument when the object does not fit it."""
     valid: dict[tuple[int, int], tuple] = {}
     for buf in records:
         r = parse_record(buf) if isinstance(buf, (bytes, bytearray, memoryview)) else None
@@ -269,7 +295,7 @@ def assemble(p: Policy, records: list) -> bytearray | None:
             valid.setdefault((r[0][2], r[0][3]), r)
     for (kind, _i), r in sorted(valid.items()):
         if kind == KIND_REPLICA:  # a whole-object copy wins at once
-            return bytearray(r[1])
+            return bytearray(r[1]) if out is None else _place(out, r[1], len(r[1]))
     frags = {i: r for (kind, i), r in valid.items() if kind == KIND_FRAGMENT and i < p.n}
     groups: dict[tuple, list[int]] = {}
     for i, r in frags.items():
@@ -280,23 +306,43 @@ def assemble(p: Policy, records: list) -> bytearray | None:
     if len(idx) < p.k:
         return None
     c = codec(p)
+    dest = None
+    if out is not None:
+        dest = memoryview(out).cast("B")
+        if dest.readonly:
+            raise errors.InvalidArgument("the buffer to decode into is read-only")
+        if olen > len(dest):
+            raise errors.InvalidArgument(f"object of {olen} bytes does not fit the {len(dest)}-byte buffer")
+        dest = dest[:olen]
     if c.offset is not None and all(i in idx for i in range(p.k)):
-        out = bytearray(olen)
+        whole = bytearray(olen) if dest is None else None
+        target = memoryview(whole) if dest is None else dest
         pos = 0
         for i in range(p.k):
             part = frags[i][1][c.offset:]
             take = min(len(part), olen - pos)
-            out[pos:pos + take] = part[:take]
+            target[pos:pos + take] = part[:take]
             pos += take
-        if pos == olen and checksum(out) == ocsum:
-            return out
+        if pos == olen and checksum(target) == ocsum:
+            return whole if dest is None else olen
     try:
         data = c.decode([frags[i][1] for i in sorted(idx)[:p.k + p.m]])
     except c.errors:  # pyeclib's own errors: not enough consistent fragments
         return None
     if len(data) != olen or checksum(data) != ocsum:
         return None
-    return bytearray(data)
+    return bytearray(data) if dest is None else _place(dest, data, olen)
+
+
+def _place(out, data, n: int) -> int:
+    """Copy ``data`` (``n`` bytes) into the caller's buffer ``out``; returns n."""
+    dest = memoryview(out).cast("B")
+    if dest.readonly:
+        raise errors.InvalidArgument("the buffer to decode into is read-only")
+    if n > len(dest):
+        raise errors.InvalidArgument(f"object of {n} bytes does not fit the {len(dest)}-byte buffer")
+    dest[:n] = data
+    return n
 
 
 __all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "Codec", "Member", "Policy", "assemble", "codec",

@@ -86,3 +86,36 @@ def test_assemble_from_any_k_fragments_and_rejects_mixed_versions():
     assert assemble(p, [bytes(bad), recs[1], recs[2], recs[4]]) == v  # corrupt one skipped
     small = encode_records(p, b"tiny", 256 << 10)
     assert len(small) == 3 and assemble(p, small[2:]) == b"tiny"
+
+
+def test_encode_takes_bytes_without_a_copy_and_other_buffers_alike():
+    p = Policy.parse("ec:3+2")
+    v = os.urandom((1 << 20) + 5)
+    recs = encode_records(p, memoryview(v), 256 << 10)
+    assert encode_records(p, v, 256 << 10) == recs
+    assert encode_records(p, bytearray(v), 256 << 10) == recs
+    assert encode_records(p, memoryview(bytearray(v))[:], 256 << 10) == recs
+    part = memoryview(b"x" + v)[1:]  # a view of part of a bytes object: copied, same records
+    assert encode_records(p, part, 256 << 10) == recs
+    small = encode_records(p, memoryview(b"tiny"), 256 << 10)
+    assert all(isinstance(r, bytes) for r in small) and assemble(p, small[:1]) == b"tiny"
+
+
+def test_assemble_into_the_callers_buffer():
+    p = Policy.parse("ec:3+2")
+    v = os.urandom((1 << 20) + 17)
+    recs = encode_records(p, v, 256 << 10)
+    out = bytearray(len(v) + 100)
+    assert assemble(p, recs[:3], out) == len(v) and out[:len(v)] == v  # concatenated in place
+    out2 = bytearray(len(v))
+    assert assemble(p, [recs[4], recs[1], recs[3]], memoryview(out2)) == len(v) and out2 == v
+    small = encode_records(p, b"tiny", 256 << 10)
+    out3 = bytearray(8)
+    assert assemble(p, small[1:], out3) == 4 and out3[:4] == b"tiny"
+    with pytest.raises(errors.InvalidArgument, match="does not fit"):
+        assemble(p, recs[:3], bytearray(len(v) - 1))  # too small: a clear error, nothing written
+    with pytest.raises(errors.InvalidArgument, match="does not fit"):
+        assemble(p, small[1:], bytearray(3))
+    with pytest.raises(errors.InvalidArgument, match="read-only"):
+        assemble(p, recs[:3], bytes(len(v)))
+    assert assemble(p, recs[3:], bytearray(len(v))) is None  # not enough fragments
