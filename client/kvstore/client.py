@@ -379,11 +379,13 @@ class Client(Namespaced):
             return None
         if self.transport_reason and self.transport_choice == "auto":
             return None  # found unusable once: later connections go straight to TCP
-        if self._data_address:
-            host, _, port = self._data_address.rpartition(":")
-        else:
-            host, port = data_endpoint(self.info(refresh=True), self.address)
-        conn, reason = channel.connect(host, int(port), self.timeout, self._token,
+        def where() -> tuple[str, int]:  # asked only once this host has a usable device
+            if self._data_address:
+                host, _, port = self._data_address.rpartition(":")
+                return host, int(port)
+            return data_endpoint(self.info(refresh=True), self.address)
+
+        conn, reason = channel.connect(where, self.timeout, self._token,
                                        explicit=self.transport_choice == "rdma",
                                        connect_timeout=self.connect_timeout)
         if conn is None:
