@@ -71,6 +71,30 @@ def load_trace(path: str, limit: int | None = None) -> list[list[int]]:
     return out
 
 
+def synthetic_trace(n: int = 12000, seed: int = 7) -> list[list[int]]:
+    """A tool-agent-shaped trace, to check a policy off the conversation trace: 300
+    shared prompts of 4-40 blocks (Zipf popularity); 60 % of requests continue one of
+    the 200 latest sessions with 1-6 new blocks, the others open a session on a
+    prompt with 1-10 blocks of their own; each ends with a never-reused partial block."""
+    import random
+
+    rnd = random.Random(seed)
+    ids = iter(range(1, 1 << 62))
+    prompts = [[next(ids) for _ in range(rnd.randint(4, 40))] for _ in range(300)]
+    weights = [1 / (i + 1) ** 0.9 for i in range(300)]
+    sessions: list[list[int]] = []
+    out = []
+    for _ in range(n):
+        if sessions and rnd.random() < 0.6:
+            s = rnd.choice(sessions[-200:])
+            s.extend(next(ids) for _ in range(rnd.randint(1, 6)))
+        else:
+            s = list(rnd.choices(prompts, weights)[0]) + [next(ids) for _ in range(rnd.randint(1, 10))]
+            sessions.append(s)
+        out.append(list(s) + [next(ids)])
+    return out
+
+
 def unique_blocks(reqs: list[list[int]]) -> int:
     return len({b for r in reqs for b in r})
 
@@ -643,6 +667,8 @@ def main(argv=None) -> int:
     ap.add_argument("--caps", default="2,5,10,20", help="capacities, %% of unique blocks")
     ap.add_argument("--policies", default=DEFAULT_POLICIES, help="comma list, or 'all'")
     ap.add_argument("--split", action="store_true", help="also each half of the trace")
+    ap.add_argument("--synthetic", action="store_true",
+                    help="replay synthetic_trace() instead of --trace (a tool-agent shape)")
     ap.add_argument("--markdown", action="store_true")
     a = ap.parse_args(argv)
     caps = [float(x) for x in a.caps.split(",") if x]
@@ -650,7 +676,7 @@ def main(argv=None) -> int:
     for p in pols:
         if p not in POLICIES:
             ap.error(f"unknown policy {p!r}")
-    reqs = load_trace(a.trace)
+    reqs = synthetic_trace() if a.synthetic else load_trace(a.trace)
     t = time.perf_counter()
     parts = [("whole trace", reqs)]
     if a.split:
