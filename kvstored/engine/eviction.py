@@ -107,11 +107,14 @@ class Policy:
     def insert(self, e) -> None:
         """A newly committed entry."""
         k = (e.ns, e.key)
-        if self.ghost.pop(k, 0) is None:
+        if k in self.ghost:
+            del self.ghost[k]
+            self.tail_hints.pop(k, None)
             self.counters["ghost_hits"] += 1
             self._push(e, PROTECTED)
             self._balance(e.sc.index)
-        elif self.tail_hints.pop(k, 0) is None:
+        elif k in self.tail_hints:
+            del self.tail_hints[k]
             self.counters["cold_inserts"] += 1
             self._push(e, COLD)
         else:

@@ -321,3 +321,25 @@ def test_taking_a_slab_does_not_build_a_free_list():
         assert slab.free == [] and slab.bump == slab.base + 320
     finally:
         s.close()
+
+
+# ------------------------------------------------------------ trace input
+def test_trace_loader_rejects_malformed_lines(tmp_path):
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "benchmarks"))
+    import trace_sim
+
+    good = tmp_path / "ok.jsonl"
+    good.write_text('{"timestamp": 0, "hash_ids": [0, 1, 2]}\n\n{"hash_ids": [0, 3]}\n')
+    assert trace_sim.load_trace(str(good)) == [[0, 1, 2], [0, 3]]
+    assert trace_sim.load_trace(str(good), limit=1) == [[0, 1, 2]]
+    for bad in ('{"timestamp": 0}', "not json", '{"hash_ids": "x"}', '{"hash_ids": [1, "a"]}', "[1, 2]"):
+        f = tmp_path / "bad.jsonl"
+        f.write_text('{"hash_ids": [0]}\n' + bad + "\n")
+        with pytest.raises(ValueError, match=r"bad.jsonl:2"):
+            trace_sim.load_trace(str(f))
+    # the simulator's model of the engine policy and the references agree on a tiny case
+    reqs = [[0, 1, 2], [0, 1, 2, 3], [0, 4], [0, 1, 2, 3, 5]]
+    assert trace_sim.run("lru", 100, reqs) == trace_sim.run("kvstored", 100, reqs) == 8 / 14
