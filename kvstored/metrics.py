@@ -3,9 +3,12 @@
 Two kinds of numbers, two mechanisms:
 
 * **State and engine counters** (capacity, use, objects, pins, hits, misses,
-  evictions, connections, errors...) already live in ``Store.stats()`` and the
-  data server's counters. :class:`NodeCollector` reads them *at scrape time*,
-  so they cost nothing per request.
+  evictions, connections, errors...) already live in ``Store.stats()``, the
+  data server's counters and the control plane's (``ControlStats``).
+  :class:`NodeCollector` reads them *at scrape time*, so they cost nothing per
+  request. :class:`Metrics` is given those owners (store, data server, control
+  stats, node status, TLS), not the node; the repair agent and the KV events
+  publisher, which start later, are set on it when they exist.
 * **Per-op latency** is recorded on the hot path by :class:`LatencyHistogram`,
   a plain list of bucket counts (the event loop is single-threaded, so no
   lock), exported as a Prometheus histogram at scrape time. Measured on the
@@ -48,7 +51,11 @@ import kvstored
 from kvstore import errors
 
 if TYPE_CHECKING:
-    from kvstored.node import Node
+    from kvstored.control.stats import ControlStats
+    from kvstored.dataplane.tcp import DataServer
+    from kvstored.engine import Store
+    from kvstored.status import NodeStatus
+    from kvstored.tls import ServerTLS
 
 log = logging.getLogger("kvstored.metrics")
 
@@ -188,22 +195,24 @@ def _gauge(name: str, doc: str, value: float, labels: dict[str, str] | None = No
 class NodeCollector(Collector):
     """Reads the node's state at scrape time. Runs on the event loop (see MetricsServer)."""
 
-    def __init__(self, node: "Node"):
-        self.node = node
+    def __init__(self, m: "Metrics"):
+        self.m = m
 
     def collect(self) -> Iterable:
-        node = self.node
-        stats = node.store.stats()
-        srv = node.data_server
+        m = self.m
+        status = m.status
+        stats = m.store.stats()
+        srv = m.data
         counters = srv.counters
+        control = m.control.counters
 
         info = GaugeMetricFamily("kvstored_build_info", "Always 1; labels name the build and node.",
                                  labels=["version", "node_id"])
-        info.add_metric([kvstored.__version__, node.node_id], 1)
+        info.add_metric([kvstored.__version__, status.node_id], 1)
         yield info
         yield _gauge("kvstored_ready", "1 while serving; 0 while starting, warming or draining "
-                     "(liveness is the endpoint answering at all).", 1 if node.ready else 0)
-        yield _gauge("kvstored_uptime_seconds", "Seconds since the daemon started.", node.uptime())
+                     "(liveness is the endpoint answering at all).", 1 if status.ready else 0)
+        yield _gauge("kvstored_uptime_seconds", "Seconds since the daemon started.", status.uptime())
 
         # ---- operations and latency
         ops = CounterMetricFamily("kvstored_operations", "Requests answered, by plane and op "
@@ -214,7 +223,7 @@ class NodeCollector(Collector):
             "Server-side time per request. data/put: header parsed to response queued (the "
             "payload's arrival included); data/get: header parsed to the payload handed to the "
             "kernel; control: the gRPC handler.", labels=["plane", "op"])
-        for plane, hists in (("data", srv.latency_by_name()), ("control", node.metrics.control)):
+        for plane, hists in (("data", srv.latency_by_name()), ("control", m.control.latency)):
             for op, h in sorted(hists.items()):
                 ops.add_metric([plane, op], h.count)
                 lat.add_metric([plane, op], h.buckets(), h.sum)
@@ -223,10 +232,11 @@ class NodeCollector(Collector):
 
         errs = CounterMetricFamily("kvstored_errors", "Typed errors answered, by plane and type.",
                                    labels=["plane", "type"])
-        for plane, prefix in (("data", "errors_"), ("control", "control_errors_")):
-            names = set(ERROR_TYPES) | {k[len(prefix):] for k in counters if k.startswith(prefix)}
+        for plane, prefix, cs in (("data", "errors_", counters),
+                                  ("control", "control_errors_", control)):
+            names = set(ERROR_TYPES) | {k[len(prefix):] for k in cs if k.startswith(prefix)}
             for name in sorted(names):
-                errs.add_metric([plane, name], counters.get(prefix + name, 0))
+                errs.add_metric([plane, name], cs.get(prefix + name, 0))
         yield errs
 
         net = CounterMetricFamily("kvstored_network_bytes", "Bytes received from and queued to "
@@ -238,7 +248,7 @@ class NodeCollector(Collector):
         yield net
 
         # ---- tiers
-        tiers = tier_stats(node.store, stats)
+        tiers = tier_stats(m.store, stats)
         for name, doc, key, kind in _TIER_FAMILIES:
             fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
                 name, doc, labels=["tier"])
@@ -280,22 +290,22 @@ class NodeCollector(Collector):
                        {"plane": "data"})
 
         # ---- security (kvstored/auth.py, kvstored/tls.py): counters kept by the servers
-        yield from _security_families(node, counters)
+        yield from _security_families(m.tls, counters, control)
 
         # ---- lifecycle
         reloads = CounterMetricFamily("kvstored_config_reloads", "SIGHUP reloads, by result.",
                                       labels=["result"])
         for result in ("ok", "failed"):
-            reloads.add_metric([result], node.metrics.reloads[result])
+            reloads.add_metric([result], m.reloads[result])
         yield reloads
 
         # ---- cluster repair (kvstored/cluster/repair.py); zeros on a standalone node
-        rep = node.repair.status() if getattr(node, "repair", None) is not None else {}
+        rep = m.repair.status() if m.repair is not None else {}
         yield _gauge("kvstored_repair_pending_objects", "Objects the last repair pass could not "
                      "bring to full redundancy (peers down, too few fragments); retried soon.",
                      rep.get("pending", 0))
         yield _gauge("kvstored_repair_unverified_objects", "Records recovered at restart that "
-                     "clients do not see until peers confirm them.", node.store.unverified)
+                     "clients do not see until peers confirm them.", m.store.unverified)
         yield _counter("kvstored_repair_objects", "Records written by repair (rebuilt or moved).",
                        rep.get("records_written", 0))
         yield _counter("kvstored_repair_bytes", "Bytes written by repair.", rep.get("bytes_written", 0))
@@ -314,14 +324,15 @@ TLS_REASONS = ("plaintext", "cert_expired", "cert_untrusted", "cert_invalid", "n
                "protocol", "timeout", "other")
 
 
-def _security_families(node: "Node", counters) -> Iterable:
+def _security_families(tls_ctl: "ServerTLS | None", counters, control) -> Iterable:
     auth = CounterMetricFamily(
         "kvstored_auth_rejected", "Requests refused for their token, by plane and reason "
         "(no_token, bad_token, namespace, scope, revoked).", labels=["plane", "reason"])
-    for plane, prefix in (("data", "auth_rejected_"), ("control", "control_auth_rejected_")):
-        reasons = set(AUTH_REASONS) | {k[len(prefix):] for k in counters if k.startswith(prefix)}
+    for plane, prefix, cs in (("data", "auth_rejected_", counters),
+                              ("control", "control_auth_rejected_", control)):
+        reasons = set(AUTH_REASONS) | {k[len(prefix):] for k in cs if k.startswith(prefix)}
         for reason in sorted(reasons):
-            auth.add_metric([plane, reason], counters.get(prefix + reason, 0))
+            auth.add_metric([plane, reason], cs.get(prefix + reason, 0))
     yield auth
     prefix = "tls_handshake_failed_"
     tls = CounterMetricFamily(
@@ -332,7 +343,6 @@ def _security_families(node: "Node", counters) -> Iterable:
                                              if k.startswith(prefix)}):
         tls.add_metric(["data", reason], counters.get(prefix + reason, 0))
     yield tls
-    tls_ctl = getattr(node, "tls", None)
     if tls_ctl is not None:
         c = tls_ctl.counters()
         yield _counter("kvstored_tls_handshakes", "TLS handshakes started on the control port "
@@ -350,28 +360,29 @@ def _security_families(node: "Node", counters) -> Iterable:
 
 
 class Metrics:
-    """The node's private registry, its hot-path histograms and the HTTP endpoint."""
+    """The node's private registry, the reload counts and the HTTP endpoint, over the
+    owners of the numbers (see the module docstring)."""
 
-    def __init__(self, node: "Node"):
+    def __init__(self, store: "Store", data: "DataServer", control: "ControlStats",
+                 status: "NodeStatus", *, tls: "ServerTLS | None" = None):
+        self.store = store
+        self.data = data
+        self.control = control
+        self.status = status
+        self.tls = tls
+        self.repair = None  # kvstored.cluster.repair.RepairAgent, set once it runs
+        self.events = None  # kvstored.events.EventPublisher, likewise
         self.registry = CollectorRegistry(auto_describe=False)
-        self.control: dict[str, LatencyHistogram] = {}
         self.reloads = {"ok": 0, "failed": 0}
-        self.registry.register(NodeCollector(node))
-        # the store's observer (set by Node): per-namespace use, lookups, sizes; KV events
-        self.usage = StoreUsage(node.store)
-        self.registry.register(UsageCollector(node, self.usage))
+        self.registry.register(NodeCollector(self))
+        # the store's observer (set by the node): per-namespace use, lookups, sizes; KV events
+        self.usage = StoreUsage(store)
+        self.registry.register(UsageCollector(self, self.usage))
         ProcessCollector(registry=self.registry)  # process_* (rss, cpu, open fds...)
         self.server: MetricsServer | None = None
-        self.node = node
-
-    def observe_control(self, method: str, seconds: float) -> None:
-        h = self.control.get(method)
-        if h is None:
-            h = self.control[method] = LatencyHistogram()
-        h.observe(seconds)
 
     async def start(self, host: str, port: int) -> int:
-        self.server = MetricsServer(self.registry, self.node)
+        self.server = MetricsServer(self.registry, self.status)
         return await self.server.start(host, port)
 
     async def close(self) -> None:
@@ -473,12 +484,12 @@ class UsageCollector(Collector):
     MAX_NAMESPACE_LABELS namespaces, the rest as "other"), object sizes, pinned bytes,
     data-plane ops by transport, KV events."""
 
-    def __init__(self, node: "Node", usage: StoreUsage):
-        self.node = node
+    def __init__(self, m: Metrics, usage: StoreUsage):
+        self.m = m
         self.usage = usage
 
     def collect(self) -> Iterable:
-        node, usage = self.node, self.usage
+        m, usage = self.m, self.usage
         for name, doc, i, kind in _NS_FAMILIES:
             fam = (GaugeMetricFamily if kind == "gauge" else CounterMetricFamily)(
                 name, doc, labels=["namespace"])
@@ -489,7 +500,7 @@ class UsageCollector(Collector):
                                       "(each put that stored an object).")
         sizes.add_metric([], usage.size_buckets(), usage.sizes_sum)
         yield sizes
-        store = node.store
+        store = m.store
         now = store.clock()
         # Store._pinned holds every entry with a pin count; Store.stats() prunes lapsed ones
         yield _gauge("kvstored_pinned_bytes", "Bytes of objects under a live pin lease.",
@@ -498,11 +509,11 @@ class UsageCollector(Collector):
             "kvstored_data_operations", "Data-plane requests by transport (tcp, tls, shm) and "
             "op; shm is the shm_* ops, the other ops count under the TCP port's transport.",
             labels=["transport", "op"])
-        tcp = "tls" if getattr(node, "tls", None) is not None else "tcp"
-        for op, h in sorted(node.data_server.latency_by_name().items()):
+        tcp = "tls" if m.tls is not None else "tcp"
+        for op, h in sorted(m.data.latency_by_name().items()):
             ops.add_metric(["shm" if op.startswith("shm_") else tcp, op], h.count)
         yield ops
-        ev = node.events.counters if getattr(node, "events", None) is not None else {}
+        ev = m.events.counters if m.events is not None else {}
         yield _counter("kvstored_kv_events_published", "KV events published for routers "
                        "(BlockStored, BlockRemoved, AllBlocksCleared).", ev.get("events", 0))
         yield _counter("kvstored_kv_events_dropped", "KV events dropped before publishing (queue "
@@ -518,9 +529,9 @@ REQUEST_TIMEOUT = 10.0
 class MetricsServer:
     """HTTP/1.1 (one request per connection) on the daemon's loop: /metrics /healthz /readyz."""
 
-    def __init__(self, registry: CollectorRegistry, node: "Node"):
+    def __init__(self, registry: CollectorRegistry, status: "NodeStatus"):
         self.registry = registry
-        self.node = node
+        self.status = status
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -540,9 +551,9 @@ class MetricsServer:
         if path == "/healthz":
             return 200, "text/plain; charset=utf-8", b"live\n", []
         if path == "/readyz":
-            ok = self.node.ready
+            ok = self.status.ready
             return (200 if ok else 503), "text/plain; charset=utf-8", \
-                f"{'ready' if ok else 'not ready'}: {self.node.readiness()}\n".encode(), []
+                f"{'ready' if ok else 'not ready'}: {self.status.readiness()}\n".encode(), []
         if path in ("/metrics", "/"):
             encoder, ctype = choose_encoder(headers.get("accept", ""))
             registry = self.registry

@@ -1,4 +1,10 @@
-"""One kvstored node: wires the Store to the data and control servers and runs them."""
+"""One kvstored node: wires the Store to the data and control servers and runs them.
+
+Only the entry point (``kvstored/__main__.py``) imports this module. Each component is
+given the narrow things it uses: the ``NodeStatus`` (id, ports, state), the ``EpochGate``
+(written by membership, read by both planes), the ``ControlStats`` (the control plane's
+counters), the store and the config values; none of them gets the node.
+"""
 from __future__ import annotations
 
 import asyncio
@@ -13,14 +19,16 @@ from typing import Any, Callable
 
 import grpc
 
-from kvstore.errors import KVStoreError
 from kvstored import logs, sdnotify
 from kvstored.auth import Auth, TokensError
 from kvstored.config import SETTINGS, Config, ConfigError, explicit_fields, load_config
-from kvstored.control.service import add_to_server
+from kvstored.control.service import ControlService, add_to_server
+from kvstored.control.stats import ControlStats
+from kvstored.dataplane.policy import EpochGate
 from kvstored.dataplane.tcp import DataServer
 from kvstored.engine import Store
 from kvstored.metrics import Metrics
+from kvstored.status import NodeStatus
 from kvstored.tls import ServerTLS
 
 log = logging.getLogger("kvstored")
@@ -151,32 +159,29 @@ class Node:
         # a cluster node holds what it recovers at restart until peers confirm it is current
         self.store = Store(config.engine_limits(), nvme=_open_nvme(config),
                            hold_recovered=config.cluster_enabled)
-        self.node_id = config.node_id
+        # id, ports and life-cycle state: read by the control plane, membership, /readyz
+        self.status = NodeStatus(config.node_id, config.host, arena=self.store.arena)
+        self.gate = EpochGate()  # membership writes the epoch; both planes check requests
         # security: None = plaintext / no tokens (config.validate already checked the files)
         self.auth = Auth(config.auth_tokens_file) if config.auth_enabled else None
         self.tls = (ServerTLS(config.tls_cert_file, config.tls_key_file,
                               config.tls_client_ca_file, config.tls_min_version)
                     if config.tls_cert_file else None)
-        self.data_server = DataServer(self.store, max_connections=config.max_connections,
+        self.data_server = DataServer(self.store, max_connections=config.max_connections, config=config,
                                       max_inflight_bytes=config.max_inflight_bytes,
                                       tcp_congestion=config.tcp_congestion,
                                       max_connections_per_client=config.max_connections_per_client,
                                       max_pipelined_requests=config.max_pipelined_requests,
-                                      auth=self.auth, tls=self.tls)
+                                      auth=self.auth, tls=self.tls, gate=self.gate)
+        self.control_stats = ControlStats()
+        self.control: ControlService | None = None
         self.grpc_server: grpc.aio.Server | None = None
-        self.control_port = 0
-        self.data_port = 0
-        self.ready = False
-        # starting -> warming (listening, arena still prefaulting) -> serving -> draining ->
-        # stopped (Health, /readyz); ready only in serving
-        self.state = "starting"
-        self.started = time.monotonic()
         self._maintenance: asyncio.Task | None = None
         self.shm = None  # ShmServer when shm.enabled
         self.rdma = None  # dataplane.rdma.RdmaServer when a device is usable
         self.rdma_status = "off"
-        self.shm_path = ""
-        self.metrics = Metrics(self)
+        self.metrics = Metrics(self.store, self.data_server, self.control_stats, self.status,
+                               tls=self.tls)
         self.metrics_port: int | None = None
         # per-namespace metrics and (once started) KV events see every index change
         self.store.observer = self.metrics.usage
@@ -188,20 +193,6 @@ class Node:
         self.membership = None  # kvstored.cluster.Membership when cluster.enabled
         self.repair = None  # kvstored.cluster.repair.RepairAgent when cluster.repair
 
-    def health_status(self) -> str:
-        """Health/readyz status: the state, or "degraded" while serving without cluster
-        membership (etcd unreachable; local data is still served, ready stays true)."""
-        if self.state == "serving" and self.membership is not None and self.membership.degraded:
-            return "degraded"
-        return self.state
-
-    def readiness(self) -> str:
-        """The state, with the prefault's progress while warming (for /readyz and logs)."""
-        if self.state != "warming":
-            return self.state
-        a = self.store.arena
-        return f"warming (arena prefaulted {a.prefaulted >> 20} of {a.size >> 20} MiB)"
-
     async def warm(self, stop: asyncio.Event | None = None) -> None:
         """Wait until the arena is prefaulted, then report ready ("serving").
 
@@ -210,10 +201,10 @@ class Node:
         READY=1 and the ready file. Progress goes to systemd, which also gets its start
         timeout extended, so a large arena never trips TimeoutStartSec=.
         """
-        a = self.store.arena
+        a, st = self.store.arena, self.status
         t0 = last_report = last_move = time.monotonic()
         seen = a.prefaulted
-        while self.state == "warming" and a.prefaulting and not (stop and stop.is_set()):
+        while st.state == "warming" and a.prefaulting and not (stop and stop.is_set()):
             now = time.monotonic()
             if a.prefaulted != seen:
                 seen, last_move = a.prefaulted, now
@@ -224,21 +215,15 @@ class Node:
                 break
             if now - last_report >= WARM_REPORT:
                 last_report = now
-                sdnotify.notify(f"STATUS={self.readiness()}",
+                sdnotify.notify(f"STATUS={st.readiness()}",
                                 f"EXTEND_TIMEOUT_USEC={int(3 * WARM_REPORT * 1e6)}")
             await asyncio.sleep(WARM_POLL)
-        if self.state == "warming" and not (stop and stop.is_set()):
-            self.state = "serving"
-            self.ready = True
+        if st.state == "warming" and not (stop and stop.is_set()):
+            st.state = "serving"
+            st.ready = True
             log.info("kvstored ready", extra={**self.listen_fields(),
                                               "warm_s": round(time.monotonic() - t0, 3),
                                               "prefaulted": a.prefaulted})
-
-    def uptime(self) -> float:
-        return time.monotonic() - self.started
-
-    def count_error(self, e: KVStoreError) -> None:
-        self.data_server.counters["control_errors_" + e.name] += 1
 
     async def start(self) -> None:
         """Listen on every plane; on failure, close what was opened (sockets, socket files)."""
@@ -251,7 +236,7 @@ class Node:
     async def _abort_start(self) -> None:
         """Undo a partial start, so a failed start leaves no socket file and no gRPC server
         for the garbage collector to stop after the event loop is gone (a traceback)."""
-        self.state = "stopped"
+        self.status.state = "stopped"
         if self.events is not None:
             self.events.close()
         if self.repair is not None:
@@ -273,18 +258,18 @@ class Node:
         self.store.close()
 
     async def _start(self) -> None:
-        c = self.config
+        c, st = self.config, self.status
         if c.events_endpoint:  # first: a bad endpoint fails the start before anything listens
             from kvstored.events import EventPublisher
             self.events = EventPublisher(c.events_endpoint, replay_endpoint=c.events_replay(),
                                          replay_buffer=c.events_replay_buffer, topic=c.events_topic,
                                          medium=c.events_medium, block_size=c.events_block_size)
             self.events.start()
-            self.metrics.usage.events = self.events
+            self.metrics.usage.events = self.metrics.events = self.events
         from kvstored.dataplane.rdma import enable as enable_rdma  # before any connection
         self.rdma, self.rdma_status = enable_rdma(self.data_server, tls=self.tls is not None)
         try:
-            self.data_port = await self.data_server.start(c.host, c.data_port)
+            st.data_port = await self.data_server.start(c.host, c.data_port)
         except OSError as e:
             raise OSError(f"cannot listen on {c.host}:{c.data_port} for the data plane "
                           f"({e.strerror or e}); set server.data_port / --data-port") from None
@@ -295,32 +280,36 @@ class Node:
             ("grpc.max_send_message_length", msg_limit),
             ("grpc.so_reuseport", 0),
         ])
-        add_to_server(self.grpc_server, self)
+        self.control = ControlService(
+            self.store, c, st, data=self.data_server, stats=self.control_stats, gate=self.gate,
+            auth=self.auth, tls=self.tls, reload_security=self.reload_security,
+            reload=self._reload_checked if self.source is not None else None)
+        add_to_server(self.grpc_server, self.control)
         try:  # a bind failure: 0 from older gRPC versions, RuntimeError from newer ones
             if self.tls is not None:
-                self.control_port = self.grpc_server.add_secure_port(
+                st.control_port = self.grpc_server.add_secure_port(
                     f"{c.host}:{c.control_port}", self.tls.grpc_credentials())
             else:
-                self.control_port = self.grpc_server.add_insecure_port(
+                st.control_port = self.grpc_server.add_insecure_port(
                     f"{c.host}:{c.control_port}")
         except RuntimeError:
-            self.control_port = 0
-        if self.control_port == 0:
+            st.control_port = 0
+        if st.control_port == 0:
             raise OSError(f"cannot listen on {c.host}:{c.control_port} for the control plane "
                           "(address already in use, or not an address of this host); "
                           "set server.control_port / --port")
         if self.auth is not None and self.tls is None:
             log.warning("auth is on without TLS: tokens cross the network in clear text")
         await self.grpc_server.start()
-        if c.control_port == 0 and self.node_id.endswith(":0"):  # default id names the real port
-            self.node_id = f"{self.node_id[:-2]}:{self.control_port}"
+        if c.control_port == 0 and st.node_id.endswith(":0"):  # default id names the real port
+            st.node_id = f"{st.node_id[:-2]}:{st.control_port}"
         if c.shm_enabled:
             from kvstored.dataplane.shm import ShmServer
-            path = c.shm_socket_path or default_shm_path(self.control_port)
+            path = c.shm_socket_path or default_shm_path(st.control_port)
             shm = ShmServer(self.data_server, path, allowed_uids=c.shm_allowed_uid_set(),
                             lease_ttl=c.shm_lease_ttl)
             try:
-                self.shm_path = await shm.start()
+                st.shm_path = await shm.start()
             except OSError as e:
                 raise OSError(f"cannot listen on the shm socket {path} ({e.strerror or e}); "
                               "set shm.socket_path to a writable directory or shm.enabled = "
@@ -330,7 +319,7 @@ class Node:
                 # the listed uids must be able to connect() at all (a DynamicUser daemon
                 # shares no group with them); who is served is still decided per peer
                 # (SO_PEERCRED), so others are refused with PermissionDenied
-                os.chmod(self.shm_path, 0o666)
+                os.chmod(st.shm_path, 0o666)
         if c.metrics_enabled:
             try:
                 self.metrics_port = await self.metrics.start(c.metrics_host, c.metrics_port)
@@ -340,24 +329,30 @@ class Node:
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
         if c.cluster_enabled:  # registers in the background; etcd down never blocks start
             from kvstored.cluster import Membership
-            self.membership = Membership(self)
+            m = self.membership = Membership(c, st, self.gate, dram_capacity=self.store.arena.size,
+                                             tls=self.tls is not None)
+            st.degraded = lambda: m.degraded
+            self.control.membership = m
             if c.cluster_repair:
-                from kvstored.cluster.repair import from_node as repair_agent
-                self.repair = repair_agent(self, asyncio.get_running_loop())
-                self.membership.on_change.append(self.repair.wake)
+                from kvstored.cluster.repair import LocalStore, RepairAgent, RepairSettings
+                self.repair = RepairAgent(st.node_id,
+                                          LocalStore(self.store, asyncio.get_running_loop()), m,
+                                          RepairSettings.from_config(c))
+                self.control.repair = self.metrics.repair = self.repair
+                m.on_change.append(self.repair.wake)
                 self.repair.start()
-            self.membership.start()
-        self.state = "warming" if self.store.arena.prefaulting else "serving"
-        self.ready = self.state == "serving"
-        log.info("kvstored listening" if self.state == "warming" else "kvstored ready",
+            m.start()
+        st.state = "warming" if self.store.arena.prefaulting else "serving"
+        st.ready = st.state == "serving"
+        log.info("kvstored listening" if st.state == "warming" else "kvstored ready",
                  extra=self.listen_fields())
 
     def listen_fields(self) -> dict[str, Any]:
         """Where the node listens, for its "listening" and "ready" log lines."""
-        c = self.config
+        c, st = self.config, self.status
         return {
-            "node": self.node_id, "control": f"{c.host}:{self.control_port}",
-            "data": f"{c.host}:{self.data_port}", "shm": self.shm_path or "off",
+            "node": st.node_id, "control": f"{c.host}:{st.control_port}",
+            "data": f"{c.host}:{st.data_port}", "shm": st.shm_path or "off",
             "rdma": self.rdma_status,
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
             "kv_events": c.events_endpoint or "off",
@@ -400,8 +395,8 @@ class Node:
         and is closed (see DataServer.drain).
         """
         grace = self.config.drain_timeout if grace is None else grace
-        self.ready = False
-        self.state = "draining"
+        self.status.ready = False
+        self.status.state = "draining"
         self.data_server.stop_accepting()
         if self.shm is not None:
             self.shm.close()
@@ -427,8 +422,14 @@ class Node:
             self.rdma.close()
             self.rdma = None
         self.store.close()
-        self.state = "stopped"
+        self.status.state = "stopped"
         await self.metrics.close()
+
+    def _reload_checked(self) -> tuple[list[str], list[str]]:
+        """The Reload call: like SIGHUP, but a config file that does not load is raised
+        (ConfigError) to tell the caller, instead of only logged."""
+        self.source.load()
+        return self.reload()
 
     def reload(self) -> tuple[list[str], list[str]]:
         """SIGHUP: re-read the config; apply what can change live, report the rest.
@@ -519,9 +520,10 @@ async def serve(config: Config, ready_file: str | None = None,
     if ready_file and not stop.is_set():
         try:
             tmp = ready_file + ".tmp"
+            st = node.status
             with open(tmp, "w") as f:
-                json.dump({"pid": os.getpid(), "node_id": node.node_id, "host": config.host,
-                           "control_port": node.control_port, "data_port": node.data_port,
+                json.dump({"pid": os.getpid(), "node_id": st.node_id, "host": config.host,
+                           "control_port": st.control_port, "data_port": st.data_port,
                            "metrics_port": node.metrics_port}, f)
             os.replace(tmp, ready_file)  # atomic: readers never see half a file
         except OSError as e:
@@ -540,8 +542,8 @@ async def serve(config: Config, ready_file: str | None = None,
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
     if not stop.is_set():  # a SIGTERM while warming: never ready, straight to STOPPING
-        sdnotify.notify("READY=1", f"STATUS=serving control={config.host}:{node.control_port} "
-                        f"data={config.host}:{node.data_port} metrics="
+        sdnotify.notify("READY=1", f"STATUS=serving control={config.host}:{node.status.control_port} "
+                        f"data={config.host}:{node.status.data_port} metrics="
                         f"{f'{config.metrics_host}:{node.metrics_port}' if node.metrics_port else 'off'}",
                         f"MAINPID={os.getpid()}")
     if on_ready is not None:

@@ -16,8 +16,9 @@ every lease_ttl seconds so their ids, data addresses and liveness are known.
 
 Placement set: the members that take new records (etcd mode: registered and not
 draining; static mode: every configured peer). Its epoch (``kvstore.layout.member_epoch``)
-is given to the data servers, which redirect puts and gets sent with another epoch, and
-every change wakes the repair agent. Namespace policies live under
+is written to the node's ``EpochGate``, which both planes consult (a keyed request sent
+with another epoch is redirected); membership is the gate's only writer. Every change
+wakes the repair agent. Namespace policies live under
 ``/kvstored/<cluster>/policies/<namespace>`` (etcd) over ``cluster.policies`` (config).
 """
 from __future__ import annotations
@@ -33,7 +34,9 @@ from typing import TYPE_CHECKING
 import kvstored
 
 if TYPE_CHECKING:
-    from kvstored.node import Node
+    from kvstored.config import Config
+    from kvstored.dataplane.policy import EpochGate
+    from kvstored.status import NodeStatus
 
 log = logging.getLogger("kvstored.cluster")
 
@@ -79,12 +82,32 @@ def _advertised_host(host: str) -> str:
     return socket.gethostname() if host in ("0.0.0.0", "::", "") else host
 
 
+def member_info(config: "Config", status: "NodeStatus", dram_capacity: int,
+                started_at: float, draining: bool = False) -> MemberInfo:
+    """What this node registers about itself (also a standalone node's Members row)."""
+    host = _advertised_host(config.host)
+    return MemberInfo(
+        node_id=status.node_id, control_address=f"{host}:{status.control_port}",
+        data_address=f"{host}:{status.data_port}", shm_socket=status.shm_path,
+        dram_capacity_bytes=dram_capacity,
+        nvme_capacity_bytes=config.nvme_size if config.nvme_path else 0,
+        failure_domain=config.cluster_failure_domain, version=kvstored.__version__,
+        started_at=started_at, draining=draining)
+
+
 class Membership:
     """One node's view of the cluster; runs on the daemon's event loop."""
 
-    def __init__(self, node: "Node"):
-        self.node = node
-        c = node.config
+    def __init__(self, config: "Config", status: "NodeStatus", gate: "EpochGate", *,
+                 dram_capacity: int, tls: bool):
+        """``status``: this node's id and ports (read when registering); ``gate``: the
+        epoch gate both planes consult, written here; ``tls``: the node runs TLS (static
+        peers are then not probed: the probe is plaintext)."""
+        self.config = c = config
+        self.status = status
+        self.gate = gate
+        self.dram_capacity = dram_capacity
+        self.tls = tls
         self.cluster = c.cluster_name
         self.root = f"{KEY_ROOT}/{self.cluster}/"
         self.prefix = self.root + "members/"
@@ -129,14 +152,14 @@ class Membership:
                 for i, _h, _a, _me in self.placement_rows()]
 
     def _changed(self) -> None:
-        """Recompute the epoch; tell the data servers and the listeners."""
+        """Recompute the epoch; set it on the gate and tell the listeners."""
         from kvstore.layout import member_epoch
         epoch = member_epoch(i.node_id for i, _h, _a, _me in self.placement_rows())
         if epoch != self.epoch:
             log.info("placement members changed", extra={
                 "epoch": f"{epoch:08x}", "members": len(self.placement_rows())})
         self.epoch = epoch
-        self.node.data_server.epoch = epoch
+        self.gate.epoch = epoch
         # a member that restarted (new started_at) keeps the epoch but may have lost its
         # records: that wakes the listeners (repair) too
         seen = (epoch, tuple(sorted(self.policies.items())),
@@ -182,29 +205,22 @@ class Membership:
         if self._etcd is None or not self.registered or self._lease is None:
             raise errors.Unavailable(f"etcd is unreachable ({self.detail}); drain not changed")
         self.draining = draining
-        key = (self.prefix + self.node.node_id).encode()
+        key = (self.prefix + self.status.node_id).encode()
         await asyncio.wait_for(self._etcd.put(key, self.self_info().to_json(), lease=self._lease),
                                ETCD_CALL_TIMEOUT)
-        log.warning("drain %s", "started" if draining else "cancelled", extra={"node": self.node.node_id})
+        log.warning("drain %s", "started" if draining else "cancelled", extra={"node": self.status.node_id})
         self._changed()
 
     def self_info(self) -> MemberInfo:
-        n, c = self.node, self.node.config
-        host = _advertised_host(c.host)
-        return MemberInfo(
-            node_id=n.node_id, control_address=f"{host}:{n.control_port}",
-            data_address=f"{host}:{n.data_port}", shm_socket=n.shm_path,
-            dram_capacity_bytes=n.store.arena.size,
-            nvme_capacity_bytes=c.nvme_size if c.nvme_path else 0,
-            failure_domain=c.cluster_failure_domain, version=kvstored.__version__,
-            started_at=self.started_at, draining=getattr(self, "draining", False))
+        return member_info(self.config, self.status, self.dram_capacity, self.started_at,
+                           self.draining)
 
     def view(self) -> list[tuple[MemberInfo, str, float, bool]]:
         """[(info, health, seconds since last confirmed, is self)], sorted by node_id."""
         now = time.monotonic()
         rows = [(self.self_info(), "alive", 0.0, True)]
         for node_id, e in self.members.items():
-            if node_id == self.node.node_id:
+            if node_id == self.status.node_id:
                 continue
             health = "stale" if self.degraded and e.health == "alive" else e.health
             rows.append((e.info, health, now - e.seen if e.seen else -1.0, False))
@@ -281,12 +297,12 @@ class Membership:
     async def _session(self, host: str, port: int) -> None:
         import aetcd  # lazy: only etcd mode needs it (config checked it is installed)
 
-        c = self.node.config
+        c = self.config
         creds = {}
         if c.cluster_etcd_username:  # re-read each session: a rotated password file is picked up
             creds = {"username": c.cluster_etcd_username, "password": c.cluster_etcd_password()}
         self._etcd = etcd = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT, **creds)
-        key = (self.prefix + self.node.node_id).encode()
+        key = (self.prefix + self.status.node_id).encode()
         old = self._lease
         self._lease = lease = await etcd.lease(self.ttl)
         await etcd.put(key, self.self_info().to_json(), lease=lease)
@@ -333,9 +349,9 @@ class Membership:
         gone = set(self.members) - set(fresh)
         added = set(fresh) - set(self.members)
         self.members = fresh
-        for nid in sorted(added - {self.node.node_id}):
+        for nid in sorted(added - {self.status.node_id}):
             log.info("member joined", extra={"member": nid, "cluster": self.cluster})
-        for nid in sorted(gone - {self.node.node_id}):
+        for nid in sorted(gone - {self.status.node_id}):
             log.info("member left", extra={"member": nid, "cluster": self.cluster})
         self._changed()
         return got.header.revision if getattr(got, "header", None) is not None else 0
@@ -367,12 +383,12 @@ class Membership:
                 if ev.kind == "PUT":
                     e = self._entry(ev.kv.key, ev.kv.value, time.monotonic())
                     if e is not None:
-                        if e.info.node_id not in self.members and e.info.node_id != self.node.node_id:
+                        if e.info.node_id not in self.members and e.info.node_id != self.status.node_id:
                             log.info("member joined", extra={"member": e.info.node_id,
                                                              "cluster": self.cluster})
                         self.members[e.info.node_id] = e
                 elif ev.kind == "DELETE":
-                    if self.members.pop(nid, None) is not None and nid != self.node.node_id:
+                    if self.members.pop(nid, None) is not None and nid != self.status.node_id:
                         log.info("member left", extra={"member": nid, "cluster": self.cluster})
                 self._changed()
         except asyncio.CancelledError:
@@ -393,7 +409,7 @@ class Membership:
             if watcher.done() or time.monotonic() - last_sync >= self.ttl:
                 await asyncio.wait_for(self._resync(etcd), ETCD_CALL_TIMEOUT)
                 last_sync = time.monotonic()
-                if self.node.node_id not in self.members:  # someone deleted our key
+                if self.status.node_id not in self.members:  # someone deleted our key
                     await etcd.put(key, self.self_info().to_json(), lease=lease)
                 if watcher.done():
                     raise ConnectionError("member watch ended")
@@ -406,8 +422,8 @@ class Membership:
         from kvstore.v1 import control_pb2 as pb
         from kvstore.v1 import control_pb2_grpc as pb_grpc
 
-        mine = {f"127.0.0.1:{self.node.control_port}",
-                f"{_advertised_host(self.node.config.host)}:{self.node.control_port}"}
+        port = self.status.control_port
+        mine = {f"127.0.0.1:{port}", f"{_advertised_host(self.config.host)}:{port}"}
         for host, port in self.static_peers:
             addr = f"{host}:{port}"
             if addr not in mine:
@@ -422,7 +438,7 @@ class Membership:
                     ch = channels.get(addr)
                     if ch is None:
                         # plaintext probe; with TLS on the peers stay "unknown"
-                        if self.node.tls is not None:
+                        if self.tls:
                             continue
                         ch = channels[addr] = grpc.aio.insecure_channel(e.info.control_address)
                     stub = pb_grpc.KVStoreStub(ch)

@@ -1,4 +1,11 @@
-"""gRPC control plane: a thin servicer over the Store (same event loop, no locks)."""
+"""gRPC control plane: a thin servicer over the Store (same event loop, no locks).
+
+It is given the narrow things it uses, not the node: the store, the config, the node's
+status (id, ports, state), the data server (its counters and connections for Stats),
+its own counters (``ControlStats``), the epoch gate membership writes (the same object
+the data plane consults), and the node's reload entry points. Membership and the
+repair agent, which start later, are set on it by the node when they exist.
+"""
 from __future__ import annotations
 
 import functools
@@ -15,11 +22,19 @@ from kvstore import errors
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
 from kvstore.wire import MAX_KEY_LEN, VERSION, checksum, key_bytes, namespace_bytes
-from kvstored.auth import ADMIN, READ, WRITE, Unauthenticated, denial
+from kvstored.auth import ADMIN, READ, WRITE, Unauthenticated
 from kvstored.config import ConfigError
+from kvstored.dataplane.policy import AuthGuard, EpochGate
 
 if TYPE_CHECKING:
-    from kvstored.node import Node
+    from kvstored.auth import Auth
+    from kvstored.config import Config
+    from kvstored.dataplane.tcp import DataServer
+    from kvstored.engine import Store
+    from kvstored.status import NodeStatus
+    from kvstored.tls import ServerTLS
+
+    from .stats import ControlStats
 
 log = logging.getLogger("kvstored.control")
 _request_ids = itertools.count(1)  # for log lines when the caller sent no x-request-id
@@ -53,12 +68,12 @@ def _typed_errors(fn: Callable) -> Callable:
                 result = await result
             return result
         except errors.KVStoreError as e:
-            self.node.count_error(e)
+            self.stats.count_error(e)
             _log_error(method, context, e)
             context.set_trailing_metadata((("kvstore-code", str(e.code)),))
             await context.abort(GRPC_CODE.get(type(e), grpc.StatusCode.INTERNAL), e.message)
         finally:
-            self.node.metrics.observe_control(method, time.perf_counter() - t0)
+            self.stats.observe(method, time.perf_counter() - t0)
 
     return wrapper
 
@@ -98,55 +113,64 @@ def _log_error(method: str, context, e: errors.KVStoreError) -> None:
 
 
 class ControlService(pb_grpc.KVStoreServicer):
-    def __init__(self, node: "Node"):
-        self.node = node
-        self.store = node.store
-        self.config = node.config
-        self.auth = getattr(node, "auth", None)
-        self.tls = getattr(node, "tls", None)
+    def __init__(self, store: "Store", config: "Config", status: "NodeStatus", *,
+                 data: "DataServer", stats: "ControlStats", gate: EpochGate,
+                 auth: "Auth | None" = None, tls: "ServerTLS | None" = None,
+                 reload: Callable[[], tuple[list[str], list[str]]] | None = None,
+                 reload_security: Callable[[], list[str]] = list):
+        """``reload``: re-read the config file (raises ConfigError for a file that does
+        not load, changing nothing); None where there is no file (embedded use), and
+        Reload then re-reads tokens and certificates alone (``reload_security``)."""
+        self.store = store
+        self.config = config
+        self.status = status
+        self.data = data
+        self.stats = stats
+        self.gate = gate
+        self.auth = auth
+        self.tls = tls
+        self.reload = reload
+        self.reload_security = reload_security
+        self.membership = None  # kvstored.cluster.Membership, set by the node in a cluster
+        self.repair = None  # kvstored.cluster.repair.RepairAgent, likewise
 
     def _authorize(self, context, need: int, ns: str | None) -> None:
         """Raise Unauthenticated / PermissionDenied unless the call's token may ``need``
-        in namespace ``ns`` (None: every namespace; need ANY_TOKEN: just a valid token)."""
-        counters = self.node.data_server.counters
+        in namespace ``ns`` (None: every namespace; need ANY_TOKEN: just a valid token).
+        The check itself is the data plane's (``AuthGuard``): one rule for both planes."""
         header = next((v for k, v in context.invocation_metadata() or () if k == "authorization"),
                       None)
+        guard = AuthGuard(self.auth)
         try:
             if header is None:
-                _, grant = self.auth.authenticate(None)
+                guard.login(None)
             else:
                 scheme, _, token = header.partition(" ")
                 if scheme.lower() != "bearer" or not token.strip():
                     raise Unauthenticated("malformed authorization metadata: expected "
                                           "'Bearer <token>'")
-                _, grant = self.auth.authenticate(token.strip())
+                guard.login(token.strip())
         except Unauthenticated:
-            counters["control_auth_rejected_" + ("no_token" if header is None else "bad_token")] += 1
+            self.stats.count_auth_rejected("no_token" if header is None else "bad_token")
             raise
-        if need == ANY_TOKEN:
-            return
-        if ns is None:
-            mask = grant.scopes if grant.namespaces is None else 0
-            nsb = b"*"
-        else:
-            nsb = ns.encode("utf-8", "replace")
-            mask = grant.mask(nsb)
-        if not mask & need:
-            reason, err = denial(grant, nsb, need, mask)
-            counters["control_auth_rejected_" + reason] += 1
+        # ns None = every namespace: only a token for "*" has scopes there
+        refused = guard.check(b"*" if ns is None else ns.encode("utf-8", "replace"), need)
+        if refused is not None:
+            reason, err = refused
+            self.stats.count_auth_rejected(reason)
             raise err
 
     def _membership(self):
-        m = getattr(self.node, "membership", None)
+        m = self.membership
         if m is None:
             raise errors.InvalidArgument("this node is not in a cluster (cluster.enabled = false)")
         return m
 
     def _check_epoch(self, context) -> None:
-        """Keyed calls from a cluster client with an old member list are redirected, as on
-        the data path (metadata ``kvstore-epoch``; absent or 0 = not checked)."""
-        m = getattr(self.node, "membership", None)
-        if m is None or not m.epoch:
+        """Keyed calls from a cluster client with an old member list are redirected by
+        the same gate as the data path (metadata ``kvstore-epoch``; absent or 0 = not
+        checked)."""
+        if not self.gate.epoch:
             return
         for k, v in context.invocation_metadata() or ():
             if k == "kvstore-epoch":
@@ -154,9 +178,9 @@ class ControlService(pb_grpc.KVStoreServicer):
                     epoch = int(v)
                 except ValueError:
                     raise errors.InvalidArgument(f"kvstore-epoch metadata {v[:20]!r} is not a number") from None
-                if epoch and epoch != m.epoch:
-                    raise errors.Redirect(f"member list epoch {epoch:08x} is not this node's "
-                                          f"{m.epoch:08x}: refresh the member list")
+                redirect = self.gate.check(epoch)
+                if redirect is not None:
+                    raise redirect
                 return
 
     def _keys(self, request, context=None) -> tuple[bytes, list[bytes]]:
@@ -173,19 +197,19 @@ class ControlService(pb_grpc.KVStoreServicer):
     def Info(self, request, context):
         c = self.config
         return pb.InfoResponse(
-            version=kvstored.__version__, node_id=self.node.node_id, data_host=c.host,
-            data_port=self.node.data_port, wire_version=VERSION, checksum_algorithm="xxh3-64",
+            version=kvstored.__version__, node_id=self.status.node_id, data_host=c.host,
+            data_port=self.status.data_port, wire_version=VERSION, checksum_algorithm="xxh3-64",
             max_value_size=c.max_value_size, max_control_value_size=c.max_control_value_size,
             max_key_length=MAX_KEY_LEN, max_batch_keys=c.max_batch_keys,
-            shm_socket=self.node.shm_path)
+            shm_socket=self.status.shm_path)
 
     @_typed_errors
     @_guard(OPEN)
     def Health(self, request, context):
         # live: the process answers; ready: started and not draining (state says which)
-        status = self.node.health_status() if hasattr(self.node, "health_status") else self.node.state
-        return pb.HealthResponse(live=True, ready=self.node.ready, status=status,
-                                 uptime_seconds=self.node.uptime())
+        st = self.status
+        return pb.HealthResponse(live=True, ready=st.ready, status=st.health_status(),
+                                 uptime_seconds=st.uptime())
 
     @_typed_errors
     @_guard(ANY_TOKEN)
@@ -193,7 +217,8 @@ class ControlService(pb_grpc.KVStoreServicer):
         s = self.store.stats()
         namespaces = s.pop("namespaces")
         counters = {k: int(v) for k, v in s.items()}
-        counters.update(self.node.data_server.counters)
+        counters.update(self.data.counters)
+        counters.update(self.stats.counters)
         if self.tls is not None:
             counters.update(self.tls.counters())
         tiers = [pb.TierStats(name=t["name"], capacity_bytes=t["capacity"], used_bytes=t["used"],
@@ -205,8 +230,8 @@ class ControlService(pb_grpc.KVStoreServicer):
                               io_backend_reason=t.get("io_backend_reason", ""))
                  for t in self.store.tier_stats()]
         return pb.StatsResponse(counters=counters, namespaces=namespaces, tiers=tiers,
-                                connections=len(self.node.data_server.connections),
-                                uptime_seconds=self.node.uptime())
+                                connections=len(self.data.connections),
+                                uptime_seconds=self.status.uptime())
 
     @_typed_errors
     @_guard(READ)
@@ -298,31 +323,30 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_guard(ADMIN)
     def Reload(self, request, context):
         """Admin: what SIGHUP does (config file, tokens file, TLS certificates)."""
-        node = self.node
-        if getattr(node, "source", None) is not None:
+        if self.reload is not None:
             try:
-                node.source.load()  # node.reload() only logs a bad file: tell the caller
+                applied, restart = self.reload()
             except ConfigError as e:
                 raise errors.InvalidArgument(f"reload failed, nothing changed: {e}") from None
-            applied, restart = node.reload()
             lines = list(applied) + [f"needs restart: {r}" for r in restart]
         else:  # no config file to re-read (embedded use): tokens and certificates only
-            lines = node.reload_security()
+            lines = self.reload_security()
         return pb.ReloadResponse(changed=lines)
 
     @_typed_errors
     @_guard(ANY_TOKEN)
     def Members(self, request, context):
         """The member list as this node sees it (itself included)."""
-        node = self.node
-        m = getattr(node, "membership", None)
+        st = self.status
+        m = self.membership
         if m is None:  # standalone: just this node
-            from kvstored.cluster.membership import Membership
-            rows = [(Membership.self_info(_Standalone(node)), "alive", 0.0, True)]
+            from kvstored.cluster.membership import member_info
+            me = member_info(self.config, st, self.store.arena.size, time.time() - st.uptime())
+            rows = [(me, "alive", 0.0, True)]
             source, degraded, detail = "standalone", False, ""
         else:
             rows, source, degraded, detail = m.view(), m.source, m.degraded, m.detail
-        placed = {r[0].node_id for r in m.placement_rows()} if m is not None else {node.node_id}
+        placed = {r[0].node_id for r in m.placement_rows()} if m is not None else {st.node_id}
         members = [pb.Member(
             node_id=i.node_id, control_address=i.control_address, data_address=i.data_address,
             shm_socket=i.shm_socket, dram_capacity_bytes=i.dram_capacity_bytes,
@@ -330,10 +354,10 @@ class ControlService(pb_grpc.KVStoreServicer):
             version=i.version, started_at=i.started_at, health=health,
             last_seen_seconds_ago=max(ago, 0.0), self=me, draining=i.draining,
             placement=i.node_id in placed) for i, health, ago, me in rows]
-        repair = getattr(node, "repair", None)
+        repair = self.repair
         return pb.MembersResponse(members=members, source=source, degraded=degraded,
                                   cluster=self.config.cluster_name if m is not None else "",
-                                  node_id=node.node_id, detail=detail,
+                                  node_id=st.node_id, detail=detail,
                                   epoch=m.epoch if m is not None else 0,
                                   policies=m.policies if m is not None else {},
                                   repair=pb.RepairStatus(**repair.status()) if repair is not None
@@ -364,9 +388,8 @@ class ControlService(pb_grpc.KVStoreServicer):
                 e, head = got
             out.append(pb.Head(present=True, unverified=e.unverified, size=e.size,
                                checksum=e.checksum, head=head))
-        m = getattr(self.node, "membership", None)
         return pb.HeadsResponse(heads=out, unverified_objects=self.store.unverified,
-                                epoch=m.epoch if m is not None else 0)
+                                epoch=self.gate.epoch)
 
     @_typed_errors
     @_guard(ADMIN, all_namespaces_if_empty=True)
@@ -374,9 +397,8 @@ class ControlService(pb_grpc.KVStoreServicer):
         """Admin: leave placement and move this node's records to their homes."""
         m = self._membership()
         await m.set_draining(not request.cancel)
-        repair = getattr(self.node, "repair", None)
-        if repair is not None:
-            repair.wake(now=True)
+        if self.repair is not None:
+            self.repair.wake(now=True)
         left = len(self.store.index)
         return pb.DrainResponse(draining=m.draining, objects_left=left,
                                 detail="draining: records move to their new homes; stop the node "
@@ -393,13 +415,7 @@ class ControlService(pb_grpc.KVStoreServicer):
         return pb.SetPolicyResponse(policies=await m.set_policy(ns, request.policy.strip()))
 
 
-class _Standalone:
-    """Enough of a Membership for self_info() on a node without cluster.enabled."""
-
-    def __init__(self, node: "Node"):
-        self.node = node
-        self.started_at = time.time() - node.uptime()
-
-
-def add_to_server(server: grpc.aio.Server, node: "Node") -> None:
-    pb_grpc.add_KVStoreServicer_to_server(ControlService(node), server)
+def add_to_server(server: grpc.aio.Server, service: ControlService) -> None:
+    # the generated handlers, plus INVALID_ARGUMENT for a body that does not decode
+    from kvstored.control.errors import register
+    register(server, service, service.stats.count_error)
