@@ -38,7 +38,7 @@ import gzip
 import logging
 import time
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Iterable
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry, ProcessCollector
@@ -50,20 +50,15 @@ from prometheus_client.registry import Collector
 import kvstored
 from kvstore import errors
 
+from kvstored.latency import BUCKETS, LatencyHistogram
+
 if TYPE_CHECKING:
     from kvstored.control.stats import ControlStats
-    from kvstored.dataplane.tcp import DataServer
     from kvstored.engine import Store
     from kvstored.status import NodeStatus
     from kvstored.tls import ServerTLS
 
 log = logging.getLogger("kvstored.metrics")
-
-# Upper bounds (seconds) of the latency buckets: 25 us (a ping, a cache-hot get)
-# to 5 s (a put that waited put_wait_timeout for space, a slow reader).
-BUCKETS = (25e-6, 50e-6, 100e-6, 250e-6, 500e-6, 1e-3, 2.5e-3, 5e-3, 10e-3, 25e-3, 50e-3,
-           0.1, 0.25, 0.5, 1.0, 2.5, 5.0)
-_LE = tuple(repr(b) for b in BUCKETS) + ("+Inf",)
 
 # every error type, so the series exist (at 0) before the first error
 ERROR_TYPES = tuple(sorted({c.name for c in (errors.NotFound, errors.NoSpace, errors.Conflict,
@@ -71,32 +66,6 @@ ERROR_TYPES = tuple(sorted({c.name for c in (errors.NotFound, errors.NoSpace, er
                                              errors.PermissionDenied, errors.Unavailable,
                                              errors.ProtocolError, errors.Timeout, errors.Redirect,
                                              errors.KVStoreError)}))
-
-
-class LatencyHistogram:
-    """Bucket counts and a sum; ``observe`` is ~0.16 us (see the module docstring)."""
-
-    __slots__ = ("counts", "sum")
-
-    def __init__(self):
-        self.counts = [0] * (len(BUCKETS) + 1)
-        self.sum = 0.0
-
-    def observe(self, seconds: float) -> None:
-        # bisect_left: a value equal to a bound falls in that bucket (Prometheus "le")
-        self.counts[bisect_left(BUCKETS, seconds)] += 1
-        self.sum += seconds
-
-    @property
-    def count(self) -> int:
-        return sum(self.counts)
-
-    def buckets(self) -> list[tuple[str, int]]:
-        out, total = [], 0
-        for le, n in zip(_LE, self.counts):
-            total += n
-            out.append((le, total))
-        return out
 
 
 # names the engine's tier dicts use -> the names the families below read
@@ -359,11 +328,23 @@ def _security_families(tls_ctl: "ServerTLS | None", counters, control) -> Iterab
                    counters.get("pipeline_limit_pauses", 0), {"plane": "data"})
 
 
+class DataPlaneStats(Protocol):
+    """What the collectors read of the data plane (``dataplane.tcp.DataServer``): named
+    here so this module needs nothing from the data plane, which records into it."""
+
+    counters: Any
+    connections: Any
+
+    def latency_by_name(self) -> dict[str, LatencyHistogram]: ...
+
+    def traffic(self) -> tuple[int, int]: ...
+
+
 class Metrics:
     """The node's private registry, the reload counts and the HTTP endpoint, over the
     owners of the numbers (see the module docstring)."""
 
-    def __init__(self, store: "Store", data: "DataServer", control: "ControlStats",
+    def __init__(self, store: "Store", data: DataPlaneStats, control: "ControlStats",
                  status: "NodeStatus", *, tls: "ServerTLS | None" = None):
         self.store = store
         self.data = data
@@ -618,5 +599,5 @@ class MetricsServer:
             writer.close()
 
 
-__all__ = ["BUCKETS", "LatencyHistogram", "Metrics", "MetricsServer", "NodeCollector",
+__all__ = ["BUCKETS", "DataPlaneStats", "LatencyHistogram", "Metrics", "MetricsServer", "NodeCollector",
            "StoreUsage", "UsageCollector", "tier_stats"]

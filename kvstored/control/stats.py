@@ -7,7 +7,7 @@ import collections
 
 from kvstore.errors import KVStoreError
 
-from kvstored.metrics import LatencyHistogram
+from kvstored.latency import LatencyHistogram
 
 
 class ControlStats:
