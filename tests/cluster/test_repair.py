@@ -1,6 +1,6 @@
 """Repair, drain, stale rejoin and redirects: five real kvstored processes and a real etcd.
 
-Every node runs its repair agent (kvstored/cluster/repair.py) with a short settle delay;
+Every node runs its repair agent (kvstored/cluster/repair/) with a short settle delay;
 clients are ClusterClient.from_cluster (member list and policies from the nodes).
 """
 from __future__ import annotations
