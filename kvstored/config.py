@@ -130,6 +130,16 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("server", "drain_timeout", "drain_timeout", "float"),
     Setting("server", "max_connections_per_client", "max_connections_per_client", "int"),
     Setting("server", "max_pipelined_requests", "max_pipelined_requests", "int"),
+    Setting("server", "max_queued_response_bytes", "max_queued_response_bytes", "size"),
+    Setting("server", "max_queued_responses", "max_queued_responses", "int"),
+    Setting("server", "write_stall_timeout", "write_stall_timeout", "float"),
+    Setting("server", "idle_timeout", "idle_timeout", "float"),
+    Setting("server", "max_reserved_bytes_per_connection", "max_reserved_bytes_per_connection", "size"),
+    Setting("server", "max_reserved_bytes_per_client", "max_reserved_bytes_per_client", "size"),
+    Setting("server", "put_stall_timeout", "put_stall_timeout", "float"),
+    Setting("server", "min_put_rate", "min_put_rate", "size"),
+    Setting("server", "handshake_timeout", "handshake_timeout", "float"),
+    Setting("server", "max_handshakes_per_client", "max_handshakes_per_client", "int"),
     Setting("dram", "size", "dram_size", "auto_size"),
     Setting("dram", "slab_size", "slab_size", "size"),
     Setting("dram", "max_value_size", "max_value_size", "size"),
@@ -284,6 +294,17 @@ class Config:
     drain_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests before closing
     max_connections_per_client: int = 256  # data connections from one peer IP address
     max_pipelined_requests: int = 1024  # unanswered requests per data connection before it stops reading
+    # Hostile and careless clients (issue 17): what one connection or one client may hold.
+    max_queued_response_bytes: int = 1 * MiB  # copied (non-arena) response bytes unsent per connection
+    max_queued_responses: int = 16384  # response frames unsent per connection
+    write_stall_timeout: float = 30.0  # a connection that takes none of its responses this long is closed
+    idle_timeout: float = 600.0  # a data connection with no traffic this long is closed
+    max_reserved_bytes_per_connection: int = 1 * GiB  # unfinished puts of one connection
+    max_reserved_bytes_per_client: int = 4 * GiB  # of one client (peer IP, or uid on shm); <= dram.size / 2
+    put_stall_timeout: float = 2.0  # a put's payload may pause this long (and no byte arrived yet)
+    min_put_rate: int = 1 * MiB  # bytes/s: a put must finish within put_stall_timeout + size / rate
+    handshake_timeout: float = 3.0  # TLS data port: seconds to complete the handshake
+    max_handshakes_per_client: int = 32  # TLS data port: handshakes in progress per peer IP
     # [dram]
     dram_size: int | None = None  # None = auto (see auto_dram_size); concrete after validate()
     slab_size: int = 64 * MiB
@@ -380,7 +401,10 @@ class Config:
 
         for f in ("max_connections", "max_inflight_bytes", "max_batch_keys",
                   "max_control_value_size", "slab_size", "max_value_size",
-                  "max_connections_per_client", "max_pipelined_requests"):
+                  "max_connections_per_client", "max_pipelined_requests",
+                  "max_queued_response_bytes", "max_queued_responses",
+                  "max_reserved_bytes_per_connection", "max_reserved_bytes_per_client",
+                  "min_put_rate", "max_handshakes_per_client"):
             if getattr(self, f) <= 0:
                 raise ConfigError(f"{_BY_FIELD[f].name}: must be positive, got {getattr(self, f)}")
         if self.slab_size % SLAB_ALIGN:
@@ -408,7 +432,8 @@ class Config:
         if not 0 < low <= high <= 1:  # also false for NaN
             raise ConfigError(f"dram.low_watermark ({low}) and dram.high_watermark ({high}) "
                               "must satisfy 0 < low_watermark <= high_watermark <= 1")
-        for f in ("reservation_timeout", "put_wait_timeout", "max_pin_ttl", "drain_timeout"):
+        for f in ("reservation_timeout", "put_wait_timeout", "max_pin_ttl", "drain_timeout",
+                  "write_stall_timeout", "idle_timeout", "put_stall_timeout", "handshake_timeout"):
             v = getattr(self, f)
             if not (math.isfinite(v) and v > 0):
                 raise ConfigError(f"{_BY_FIELD[f].name}: must be a positive number of "

@@ -144,11 +144,16 @@ class TLSListener:
     """The data port with TLS: accept, sniff, hand over to uvloop's TLS transport."""
 
     def __init__(self, tls: ServerTLS, factory: Callable, counters: collections.Counter,
-                 max_handshakes: int):
+                 max_handshakes: int, max_per_client: int = 1 << 30,
+                 timeout: float = HANDSHAKE_TIMEOUT):
         self.tls = tls
         self.factory = factory
         self.counters = counters
         self.max_handshakes = max_handshakes
+        # a client's silent connections (no ClientHello) must not hold every handshake slot
+        self.max_per_client = max_per_client
+        self.timeout = timeout
+        self.per_client: collections.Counter = collections.Counter()
         self.sock: socket.socket | None = None
         self.task: asyncio.Task | None = None
         self.handshakes: set[asyncio.Task] = set()
@@ -188,13 +193,25 @@ class TLSListener:
                 log.warning("data port accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue
+            ip = addr[0] if isinstance(addr, tuple) and addr else ""
+            if self.per_client[ip] >= self.max_per_client:
+                self.counters["rejected_handshakes_per_client"] += 1
+                sock.close()
+                continue
             if len(self.handshakes) >= self.max_handshakes:
                 self.counters["rejected_connections"] += 1
                 sock.close()
                 continue
+            self.per_client[ip] += 1
             t = loop.create_task(self._handshake(sock, addr))
             self.handshakes.add(t)
-            t.add_done_callback(self.handshakes.discard)
+            t.add_done_callback(lambda t, ip=ip: self._done(t, ip))
+
+    def _done(self, t: asyncio.Task, ip: str) -> None:
+        self.handshakes.discard(t)
+        self.per_client[ip] -= 1
+        if self.per_client[ip] <= 0:
+            del self.per_client[ip]
 
     def _failed(self, reason: str, addr, detail) -> None:
         self.counters["tls_handshake_failed"] += 1
@@ -210,7 +227,7 @@ class TLSListener:
             sock.close()
             return
         if first is None:
-            self._failed("timeout", addr, f"no handshake within {HANDSHAKE_TIMEOUT:g}s")
+            self._failed("timeout", addr, f"no handshake within {self.timeout:g}s")
             sock.close()
             return
         if not first:  # connected and left (port probe)
@@ -222,21 +239,20 @@ class TLSListener:
             return
         try:
             await loop.connect_accepted_socket(self.factory, sock, ssl=self.tls.context,
-                                               ssl_handshake_timeout=HANDSHAKE_TIMEOUT)
+                                               ssl_handshake_timeout=self.timeout)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the transport closes the socket itself
             self._failed(classify(e), addr, e)
 
-    @staticmethod
-    async def _peek(sock: socket.socket) -> bytes | None:
+    async def _peek(self, sock: socket.socket) -> bytes | None:
         """The first bytes the client sent, left in the socket; b"" on EOF, None on timeout."""
         loop = asyncio.get_running_loop()
         ready = loop.create_future()
         fd = sock.fileno()
         loop.add_reader(fd, lambda: ready.done() or ready.set_result(None))
         try:
-            await asyncio.wait_for(ready, HANDSHAKE_TIMEOUT)
+            await asyncio.wait_for(ready, self.timeout)
         except asyncio.TimeoutError:
             return None
         finally:

@@ -4,9 +4,11 @@
   request stamped with another epoch is answered Redirect.
 * ``AuthGuard``: one connection's identity under token auth: the token it
   showed (kept as a digest) and what it may do in which namespace.
-* ``ConnectionBudget``: per-connection bounds. Today: unanswered requests and
-  the response bytes one pipelined burst may queue; the reservation bound is
-  the hook where issue 17's per-connection limits go (off by default).
+* ``ConnectionBudget``: per-connection bounds: unanswered requests, the
+  response bytes one pipelined burst may queue, copied response bytes and
+  frames queued unsent, and reserved bytes.
+* ``ClientSpace``: reserved bytes per client (peer IP / shm uid).
+* ``DataLimits``: the configured bounds (timeouts, rates, caps) in one object.
 """
 from __future__ import annotations
 
@@ -93,14 +95,22 @@ class ConnectionBudget:
     """What one connection may hold. ``max_pipelined``: unanswered requests before it
     stops being read; ``burst``: response bytes queued by one burst of frames before
     they are flushed (and the transport's write-buffer limit, so back-pressure starts
-    there); ``max_reserved_bytes``: space its unfinished puts may hold (0 = no bound)."""
+    there); ``max_queued_bytes`` / ``max_queued_frames``: copied response bytes (every
+    response but a get's arena view) and frames queued since the transport's buffer was
+    last empty, before the connection stops being read until it is (a client that
+    pipelines small requests and never reads costs at most this much memory);
+    ``max_reserved_bytes``: space its unfinished puts may hold (0 = no bound)."""
 
-    __slots__ = ("max_pipelined", "burst", "max_reserved_bytes")
+    __slots__ = ("max_pipelined", "burst", "max_reserved_bytes", "max_queued_bytes",
+                 "max_queued_frames")
 
-    def __init__(self, max_pipelined: int, burst: int, max_reserved_bytes: int = 0):
+    def __init__(self, max_pipelined: int, burst: int, max_reserved_bytes: int = 0,
+                 max_queued_bytes: int = 1 << 62, max_queued_frames: int = 1 << 62):
         self.max_pipelined = max_pipelined
         self.burst = burst
         self.max_reserved_bytes = max_reserved_bytes
+        self.max_queued_bytes = max_queued_bytes
+        self.max_queued_frames = max_queued_frames
 
     def admit_reservation(self, held: int, size: int) -> errors.KVStoreError | None:
         """None if a connection holding ``held`` reserved bytes may reserve ``size`` more."""
@@ -109,3 +119,60 @@ class ConnectionBudget:
             return errors.NoSpace(f"this connection already holds {held} bytes of unfinished "
                                   f"puts (limit {cap} per connection)")
         return None
+
+
+class ClientSpace:
+    """Reserved bytes per client (peer IP on TCP, uid on shm), so one client's stalled
+    or hoarded puts cannot take the whole arena from the others."""
+
+    __slots__ = ("cap", "held")
+
+    def __init__(self, cap: int = 0):
+        self.cap = cap  # 0: no bound
+        self.held: dict[str, int] = {}
+
+    def admit(self, client: str, size: int) -> errors.KVStoreError | None:
+        cap = self.cap
+        if cap and client:
+            held = self.held.get(client, 0)
+            if held + size > cap:
+                return errors.NoSpace(f"client {client} already holds {held} bytes of "
+                                      f"unfinished puts (limit {cap} per client)")
+        return None
+
+    def add(self, client: str, n: int) -> None:
+        if client:
+            left = self.held.get(client, 0) + n
+            if left > 0:
+                self.held[client] = left
+            else:
+                self.held.pop(client, None)
+
+
+class DataLimits:
+    """The data plane's bounds against hostile and careless clients, from the config
+    (issue 17); the defaults are what a DataServer built without a config gets."""
+
+    def __init__(self, config=None, *, dram_size: int = 0):
+        get = (lambda name, default: getattr(config, name, default)) if config is not None \
+            else (lambda name, default: default)
+        self.max_queued_bytes = get("max_queued_response_bytes", 1 << 20)
+        self.max_queued_frames = get("max_queued_responses", 16384)
+        self.write_stall_timeout = get("write_stall_timeout", 30.0)
+        self.idle_timeout = get("idle_timeout", 600.0)
+        self.put_stall_timeout = get("put_stall_timeout", 2.0)
+        self.min_put_rate = get("min_put_rate", 1 << 20)
+        self.handshake_timeout = get("handshake_timeout", 3.0)
+        self.max_handshakes_per_client = get("max_handshakes_per_client", 32)
+        per_client = get("max_reserved_bytes_per_client", 4 << 30)
+        per_conn = get("max_reserved_bytes_per_connection", 1 << 30)
+        dram = dram_size or get("dram_size", 0) or 0
+        largest = get("max_value_size", 0) or 0
+        if dram:  # at most half the arena (a small arena: 64 MiB, so batches still fit)
+            per_client = min(per_client, max(dram // 2, 64 << 20, largest))
+        self.max_reserved_per_client = per_client
+        self.max_reserved_per_connection = min(per_conn, per_client)
+
+    def put_deadline(self, now: float, size: int) -> float:
+        """The latest a put of ``size`` bytes reserved at ``now`` may commit."""
+        return now + self.put_stall_timeout + size / self.min_put_rate

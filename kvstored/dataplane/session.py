@@ -42,7 +42,7 @@ from kvstore.wire import (HEADER_SIZE, MAX_KEY_LEN, OP_GET, OP_PUT, OPS, FrameEr
 from kvstored.engine.store import NotResident
 from kvstored.metrics import LatencyHistogram
 
-from .policy import AuthGuard, ConnectionBudget, EpochGate
+from .policy import AuthGuard, ClientSpace, ConnectionBudget, DataLimits, EpochGate
 
 if TYPE_CHECKING:
     from kvstored.auth import Auth
@@ -99,8 +99,10 @@ class Plane:
 
     def __init__(self, store: "Store", ops: OpTable, *, gate: EpochGate | None = None,
                  auth: "Auth | None" = None, max_pipelined: int = 1 << 30,
-                 burst: int = 64 << 20):
+                 burst: int = 64 << 20, limits: DataLimits | None = None):
         self.store = store
+        self.limits = limits or DataLimits(dram_size=store.arena.size)
+        self.clients = ClientSpace(self.limits.max_reserved_per_client)
         self.ops = ops
         self.gate = gate or EpochGate()
         self.auth = auth  # None: auth off
@@ -117,9 +119,14 @@ class Plane:
         return {**{OPS[op]: h for op, h in self.latency.items()}, "other": self.latency_other}
 
     def session(self, peer: str = "", *, ops: OpTable | None = None, burst: int | None = None,
-                wake: Callable[[], None] | None = None) -> "DataSession":
-        budget = ConnectionBudget(self.max_pipelined, self.burst if burst is None else burst)
-        return DataSession(self, peer, ops=ops, budget=budget, wake=wake)
+                wake: Callable[[], None] | None = None, client: str = "") -> "DataSession":
+        lim = self.limits
+        budget = ConnectionBudget(self.max_pipelined, self.burst if burst is None else burst,
+                                  lim.max_reserved_per_connection, lim.max_queued_bytes,
+                                  lim.max_queued_frames)
+        s = DataSession(self, peer, ops=ops, budget=budget, wake=wake)
+        s.client = client
+        return s
 
 
 class DataSession:
@@ -135,6 +142,7 @@ class DataSession:
         self.budget = budget or ConnectionBudget(plane.max_pipelined, plane.burst)
         self.wake = wake or (lambda: None)
         self.peer = peer  # for log lines
+        self.client = ""  # whose reservations these are (peer IP, shm uid): ClientSpace key
         self.reader = FrameReader(HEADER_BUFFER)
         self.ext: Any = None  # a transport's per-connection state (shm: leases, reservations)
         # actions
@@ -149,6 +157,12 @@ class DataSession:
         self.burst_stop = False  # parsing stopped to let a burst of responses be flushed
         self.in_advance = False
         self.sent = 0  # bytes queued for the transport
+        # copied response bytes / frames queued since the transport's buffer was last empty
+        # (an upper bound of what they cost); over the budget: stop reading until it empties
+        self.queued = 0
+        self.queued_frames = 0
+        self.queue_full = False
+        self.put_cap = 0.0  # the store clock's latest commit time for the put being received
         self.flushed_at = 0  # self.sent at the last take_output
         self.rx = 0  # bytes received
         self.pending: collections.deque = collections.deque()  # (sent end, entry, t0) of gets
@@ -175,6 +189,10 @@ class DataSession:
             return
         reader = self.reader
         if reader.target is not None:
+            res = self.res
+            if res is not None:  # a put progresses: it may pause put_stall_timeout again
+                res.deadline = min(self.store.clock() + self.plane.limits.put_stall_timeout,
+                                   self.put_cap)
             if not reader.filled(n):
                 return
             self._payload_done()
@@ -203,6 +221,9 @@ class DataSession:
         """The transport holds ``unsent`` bytes not yet given to the kernel: release the read
         references of gets whose bytes have left, and read again if nothing holds us back."""
         drained = self.sent - unsent
+        if not unsent:
+            self.queued = self.queued_frames = 0
+            self.queue_full = False
         pending = self.pending
         if pending and pending[0][0] <= drained:
             hist, now, release = self.latency[OP_GET], _now(), self.store.release
@@ -280,7 +301,9 @@ class DataSession:
         guard, plane = self.guard, self.plane
         self.t_in = _now()
         while (not self.closed and reader.target is None and self.waiting is None
-               and not self.write_paused and len(pending) + self.loads < budget.max_pipelined):
+               and not self.write_paused and len(pending) + self.loads < budget.max_pipelined
+               and self.queued < budget.max_queued_bytes
+               and self.queued_frames < budget.max_queued_frames):
             if reader.end - reader.start < HEADER_SIZE:  # (inlined: the usual way out)
                 break
             if self.sent - self.flushed_at >= budget.burst:
@@ -323,11 +346,19 @@ class DataSession:
                 and len(pending) + self.loads >= budget.max_pipelined):
             self.counters["pipeline_limit_pauses"] += 1
             self.reading = False  # too many unanswered requests: written() resumes
+        if (not self.closed and reader.target is None and (self.queued >= budget.max_queued_bytes
+                                                            or self.queued_frames >= budget.max_queued_frames)):
+            # responses pile up unread: read nothing more until the transport's buffer is
+            # empty (the driver asks to be told: write_unblocked)
+            if not self.queue_full:
+                self.counters["queue_limit_pauses"] += 1
+            self.queue_full = True
+            self.reading = False
 
     def _unblock(self) -> None:
         """Read again, and handle frames already received, once nothing holds us back."""
         if (self.closed or self.in_advance or self.lingering or self.write_paused
-                or self.waiting is not None or self.plane.draining
+                or self.queue_full or self.waiting is not None or self.plane.draining
                 or len(self.pending) + self.loads >= self.budget.max_pipelined):
             return
         self.reading = True
@@ -339,6 +370,8 @@ class DataSession:
         if not self.closed:
             self.out.append(frame)
             self.sent += len(frame)
+            self.queued += len(frame)
+            self.queued_frames += 1
             op = frame[5]  # every response but a get's object passes here: time it by its op
             if op == OP_PUT:
                 self.latency[OP_PUT].observe(_now() - self.put_t0)
@@ -408,8 +441,10 @@ class DataSession:
         the object is stored already). Without space, a Call waits (bounded) for it and nothing
         else on this connection is parsed meanwhile, so answers keep the requests' order.
         A failure is answered here, after skipping ``skip`` payload bytes."""
-        refused = self.budget.admit_reservation(self.reserved, size)
-        if refused is not None:  # this connection's own bound: waiting would not help
+        refused = (self.budget.admit_reservation(self.reserved, size)
+                   or self.plane.clients.admit(self.client, size))
+        if refused is not None:  # this connection's (client's) own bound: waiting would not help
+            self.counters["reservations_refused_over_limit"] += 1
             return self.reject(op, rid, skip, refused)
         try:
             _check_names(ns, key)
@@ -428,14 +463,26 @@ class DataSession:
     def _hold(self, res: "Reservation | None") -> None:
         if res is not None:
             self.reserved += res.size
+            self.plane.clients.add(self.client, res.size)
+            # a stalled put is reclaimed soon: put_stall_timeout without a byte (TCP), and
+            # put_stall_timeout + size / min_put_rate in all (never later than the store's
+            # reservation_timeout), so a slow writer that progresses keeps its slot
+            now = self.store.clock()
+            lim = self.plane.limits
+            self.put_cap = min(res.deadline, lim.put_deadline(now, res.size))
+            res.deadline = min(self.put_cap, now + lim.put_stall_timeout)
+
+    def _unhold(self, res: "Reservation") -> None:
+        self.reserved -= res.size
+        self.plane.clients.add(self.client, -res.size)
 
     def commit(self, res: "Reservation") -> bool:
         """Publish a reservation this connection holds; raises the store's typed errors."""
-        self.reserved -= res.size
+        self._unhold(res)
         return self.store.commit(res)
 
     def _drop_reservation(self, res: "Reservation") -> None:
-        self.reserved -= res.size
+        self._unhold(res)
         self.store.abort(res)
 
     def reservation_expired(self, res: "Reservation") -> None:
@@ -444,7 +491,7 @@ class DataSession:
         log.warning("closing a data connection whose put stalled past the reservation timeout",
                     extra={"req_id": self.req_id, "peer": self.peer, "size": res.size})
         self.counters["stalled_puts"] += 1
-        self.reserved -= res.size
+        self._unhold(res)
         if self.res is res:
             self.res = None
             self.reader.abandon()

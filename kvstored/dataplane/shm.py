@@ -122,7 +122,8 @@ class ShmServer:
         loop = asyncio.get_running_loop()
         await loop.create_unix_connection(
             lambda: DataConnection(self.ds, ops=SHM_OPS, ext=ShmState(self),
-                                   peer=f"shm:pid={pid},uid={uid}"), sock=conn)
+                                   peer=f"shm:pid={pid},uid={uid}", client=f"uid:{uid}"),
+            sock=conn)
 
     def expire_leases(self) -> int:
         """Release leases past their TTL (a client that forgot, or hangs)."""
@@ -217,6 +218,9 @@ def _reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) ->
     st: ShmState = s.ext
     rid_res = next(st.ids)
     st.reservations[rid_res] = res
+    # the client copies from its own memory: nothing to watch progress by, so the slot is
+    # reclaimed at put_stall_timeout + size / min_put_rate (set by the session's _hold)
+    res.deadline = s.put_cap
     res.on_expire = lambda r: _reservation_expired(s, r)
     s.send(encode_response(OP_SHM_RESERVE, rid, 0, SHM_IDS.size, 0)
            + SHM_IDS.pack(res.offset, res.size, rid_res))

@@ -20,6 +20,8 @@ from __future__ import annotations
 
 import asyncio
 import fcntl
+import logging
+import resource
 import socket
 import termios
 from typing import TYPE_CHECKING
@@ -28,7 +30,7 @@ from kvstore import errors
 from kvstore.wire import OP_PING, encode_error
 
 from .ops import CORE_OPS
-from .policy import EpochGate
+from .policy import DataLimits, EpochGate
 from .session import DataSession, OpTable, Plane
 
 if TYPE_CHECKING:
@@ -42,6 +44,37 @@ _PRUNE_INTERVAL = 0.002  # how often to release references while sends are queue
 LINGER = 2.0  # seconds a draining connection swallows input after its last response
 # TLS responses are encrypted copies, not arena views: queue at most this much per connection
 TLS_MAX_INFLIGHT = 8 << 20
+# descriptors kept free beyond max_connections: control plane (gRPC), metrics, shm socket,
+# NVMe files, TLS handshakes in progress, logs
+FD_HEADROOM = 256
+
+log = logging.getLogger("kvstored.tcp")
+
+
+def raise_nofile_limit(max_connections: int) -> int:
+    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return how many data connections
+    fit with ``FD_HEADROOM`` descriptors kept for everything else (at most ``max_connections``),
+    so a flood of data connections never takes the control plane's descriptors."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if hard == resource.RLIM_INFINITY or hard > soft:
+            want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
+            try:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+                soft = want
+            except (ValueError, OSError):
+                pass
+    except (ValueError, OSError):
+        return max_connections
+    fit = soft - FD_HEADROOM
+    if fit < max_connections:
+        fit = max(fit, 16)
+        log.warning("RLIMIT_NOFILE is %d: serving at most %d data connections (server."
+                    "max_connections = %d, %d descriptors kept for the control plane, metrics "
+                    "and the shm socket); raise the hard limit (LimitNOFILE=) for more",
+                    soft, fit, max_connections, FD_HEADROOM)
+        return fit
+    return max_connections
 
 
 class DataServer:
@@ -50,10 +83,13 @@ class DataServer:
     def __init__(self, store: "Store", *, max_connections: int, max_inflight_bytes: int,
                  tcp_congestion: str = "", max_connections_per_client: int = 1 << 30,
                  max_pipelined_requests: int = 1 << 30, auth: "Auth | None" = None,
-                 tls: "ServerTLS | None" = None, gate: EpochGate | None = None):
+                 tls: "ServerTLS | None" = None, gate: EpochGate | None = None, config=None):
+        """``config``: the daemon's Config, for the bounds of ``DataLimits`` (issue 17)."""
         self.store = store
+        self.limits = DataLimits(config, dram_size=store.arena.size)
         self.plane = Plane(store, CORE_OPS, gate=gate, auth=auth,
-                           max_pipelined=max_pipelined_requests, burst=max_inflight_bytes)
+                           max_pipelined=max_pipelined_requests, burst=max_inflight_bytes,
+                           limits=self.limits)
         self.max_connections = max_connections
         self.tcp_congestion = tcp_congestion
         self.max_per_client = max_connections_per_client
@@ -67,6 +103,7 @@ class DataServer:
         self.latency = self.plane.latency
         self.rx_closed = 0  # bytes received / queued by connections already closed
         self.tx_closed = 0
+        self.sweeper: asyncio.Task | None = None
 
     # Cluster member-list epoch (kvstore.layout.member_epoch; 0 = not in a cluster), kept
     # by the plane's EpochGate: a put/get sent with another non-zero epoch gets Redirect.
@@ -123,12 +160,18 @@ class DataServer:
                 self.tx_closed + sum(c.session.sent for c in conns))
 
     async def start(self, host: str, port: int) -> int:
+        self.max_connections = raise_nofile_limit(self.max_connections)
+        loop = asyncio.get_running_loop()
+        if self.sweeper is None:
+            self.sweeper = loop.create_task(self._sweep())
         if self.tls is not None:
             from kvstored.tls import TLSListener
+            lim = self.limits
             self.listener = TLSListener(self.tls, lambda: DataConnection(self), self.counters,
-                                        max_handshakes=self.max_connections)
+                                        max_handshakes=min(self.max_connections, FD_HEADROOM // 2),
+                                        max_per_client=lim.max_handshakes_per_client,
+                                        timeout=lim.handshake_timeout)
             return await self.listener.start(host, port)
-        loop = asyncio.get_running_loop()
         self.server = await loop.create_server(lambda: DataConnection(self), host, port,
                                                reuse_address=True, backlog=1024)
         return self.server.sockets[0].getsockname()[1]
@@ -138,6 +181,49 @@ class DataServer:
             self.server.close()
         if self.listener is not None:
             self.listener.close()
+        if self.sweeper is not None:
+            self.sweeper.cancel()
+            self.sweeper = None
+
+    async def _sweep(self) -> None:
+        """Close connections that hold a slot without using it: idle past ``idle_timeout``
+        (nothing received, nothing sent, nothing in progress), or with responses queued
+        that the client has not taken for ``write_stall_timeout``."""
+        lim = self.limits
+        period = max(0.05, min(1.0, lim.idle_timeout / 4, lim.write_stall_timeout / 4))
+        loop = asyncio.get_running_loop()
+        while True:
+            await asyncio.sleep(period)
+            now = loop.time()
+            for c in list(self.connections):
+                try:
+                    c.check(now, lim)
+                except Exception:  # one connection's bug must not stop the sweep
+                    log.exception("data connection check failed")
+
+    def make_room(self, ip: str | None) -> bool:
+        """At max_connections: close the longest-idle connection of the client holding the
+        most connections, if that is more than ``ip`` would hold with one more, so clients
+        with few connections are never starved by one with many. True if room was made."""
+        per = self.per_client
+        mine = per.get(ip, 0) + 1 if ip is not None else 1
+        if not per:
+            return False
+        top = max(per, key=per.get)
+        if per[top] <= mine:
+            return False
+        victims = [c for c in self.connections
+                   if c.peer_ip == top and not c.closed and c.session.idle()
+                   and not c.session.pending and not c.session.reserved]
+        if not victims:
+            return False
+        v = min(victims, key=lambda c: c.active_at)
+        self.counters["connections_evicted_for_fairness"] += 1
+        log.info("closing an idle data connection of %s (%d connections) to admit %s",
+                 top, per[top], ip, extra={"peer": v.peer})
+        v.abort()
+        v.connection_lost(None)  # free its slot now; the transport's callback is then a no-op
+        return True
 
     async def drain(self, timeout: float) -> None:
         """Finish in-flight requests (bounded by ``timeout``), then close every connection.
@@ -166,10 +252,11 @@ class DataConnection(asyncio.BufferedProtocol):
     """One connection: moves bytes and events between its transport and its session."""
 
     def __init__(self, server: DataServer, *, ops: OpTable | None = None, ext=None,
-                 peer: str = ""):
+                 peer: str = "", client: str = ""):
         """``ops``: the op table (None: the plane's core ops; the shm channel passes its own);
         ``ext``: the transport's per-connection state, given to the session (``made`` and
-        ``lost`` hooks); ``peer``: the name for log lines (default: the socket's peer)."""
+        ``lost`` hooks); ``peer``: the name for log lines (default: the socket's peer);
+        ``client``: whose space its reservations count against (default: the peer IP)."""
         self.server = server
         self.session: DataSession = server.plane.session(ops=ops, wake=self._act)
         self.session.ext = ext
@@ -181,6 +268,13 @@ class DataConnection(asyncio.BufferedProtocol):
         self.prune_timer: asyncio.TimerHandle | None = None
         self.tasks: set[asyncio.Task] = set()
         self.peer_ip: str | None = None
+        self.client = client  # ClientSpace key (default: the peer IP)
+        self.tight = False  # write-buffer limits lowered until the queue drains (queue_full)
+        # activity as the sweep last saw it (idle and write-stall timeouts)
+        self.active_at = 0.0
+        self.seen_rx = 0
+        self.seen_drained = -1
+        self.drained_at = 0.0
 
     @property
     def closed(self) -> bool:
@@ -216,10 +310,10 @@ class DataConnection(asyncio.BufferedProtocol):
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or ""))
         if srv.draining:  # accepted just before the listener closed
             return self._refuse(None)
-        if len(srv.connections) >= srv.max_connections:
+        ip = peer[0] if isinstance(peer, tuple) and peer else None
+        if len(srv.connections) >= srv.max_connections and not srv.make_room(ip):
             srv.counters["rejected_connections"] += 1
             return self._refuse(f"too many connections (max {srv.max_connections})")
-        ip = peer[0] if isinstance(peer, tuple) and peer else None
         if ip is not None:
             n = srv.per_client.get(ip, 0)
             if n >= srv.max_per_client:
@@ -228,6 +322,8 @@ class DataConnection(asyncio.BufferedProtocol):
                                     f"(max {srv.max_per_client} per client)")
             srv.per_client[ip] = n + 1
             self.peer_ip = ip
+        self.session.client = self.client or ip or ""
+        self.active_at = self.drained_at = asyncio.get_running_loop().time()
         srv.connections.add(self)
         srv.counters["connections_total"] += 1
         if self.session.ext is not None:
@@ -324,8 +420,35 @@ class DataConnection(asyncio.BufferedProtocol):
         self._set_reading(False)
 
     def resume_writing(self):
+        if self.tight:  # the queue drained: back to the usual limits
+            self.tight = False
+            self.transport.set_write_buffer_limits(high=self.burst, low=self.burst // 2)
         self.session.write_unblocked(self.transport.get_write_buffer_size())
         self._act()
+
+    def check(self, now: float, lim: DataLimits) -> None:
+        """The sweep's look at this connection (see ``DataServer._sweep``)."""
+        if self.done or self.transport is None:
+            return
+        s = self.session
+        unsent = self.transport.get_write_buffer_size()
+        drained = s.sent - unsent
+        if s.rx != self.seen_rx or drained != self.seen_drained:
+            self.seen_rx, self.active_at = s.rx, now
+        if drained != self.seen_drained:
+            self.seen_drained, self.drained_at = drained, now
+        if unsent and now - self.drained_at >= lim.write_stall_timeout:
+            self.server.counters["closed_write_stalled"] += 1
+            log.info("closing a data connection that took none of its responses for %gs "
+                     "(%d bytes queued)", lim.write_stall_timeout, unsent,
+                     extra={"peer": self.peer})
+            self.abort()
+        elif (not unsent and not s.pending and not s.reserved and s.idle()
+              and now - self.active_at >= lim.idle_timeout):
+            self.server.counters["closed_idle"] += 1
+            log.info("closing a data connection idle for %gs", lim.idle_timeout,
+                     extra={"peer": self.peer})
+            self.close()
 
     # ------------------------------------------------------------- actions
     def _act(self) -> None:
@@ -335,8 +458,10 @@ class DataConnection(asyncio.BufferedProtocol):
             out = s.take_output()
             if self.done or s.finish == "abort":
                 break
+            if len(out) > 2:
+                out = _coalesce(out)
             self.transport.writelines(out)  # one syscall for a whole pipelined burst
-            if s.pending or not s.reading:  # written() has nothing to do otherwise (hot path)
+            if s.pending or not s.reading or s.queued:  # else written() has nothing to do
                 s.written(self.transport.get_write_buffer_size())
             if s.burst_stop:  # parsing stopped to flush a burst: go on
                 s.advance()
@@ -354,6 +479,10 @@ class DataConnection(asyncio.BufferedProtocol):
             return
         if s.reading != self.reading:
             self._set_reading(s.reading)
+        if s.queue_full and not self.tight and not self.done:
+            # have the transport say when its buffer is empty (resume_writing), then read on
+            self.tight = True
+            self.transport.set_write_buffer_limits(high=0, low=0)
         if s.pending and self.prune_timer is None and not self.done:
             self.prune_timer = asyncio.get_running_loop().call_later(_PRUNE_INTERVAL, self._prune)
 
@@ -380,3 +509,23 @@ class DataConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         else:
             self.transport.pause_reading()
+
+
+def _coalesce(out: list) -> list:
+    """Join runs of small response frames into one bytes object each: queued in the
+    transport, thousands of 32-byte objects cost several times their size (a client that
+    pipelines PINGs and never reads grew the daemon by ~458 MiB per connection). Arena
+    views (get payloads) stay as they are: no copy."""
+    res: list = []
+    run: list = []
+    for b in out:
+        if type(b) is bytes and len(b) < 4096:
+            run.append(b)
+            continue
+        if run:
+            res.append(run[0] if len(run) == 1 else b"".join(run))
+            run = []
+        res.append(b)
+    if run:
+        res.append(run[0] if len(run) == 1 else b"".join(run))
+    return res
