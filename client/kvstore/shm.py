@@ -15,7 +15,7 @@ import sys
 
 from . import errors
 from .client import DataConnection
-from .wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, HEADER_SIZE, MAGIC,
+from .wire import (FLAG_OVERWRITE, HEADER_SIZE, MAGIC,
                    OP_SHM_COMMIT, OP_SHM_GET, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO,
                    SHM_IDS, SHM_MAGIC, checksum, decode, encode_request)
 
@@ -207,12 +207,16 @@ class ShmConnection(DataConnection):
 
     def put(self, ns: bytes, items: list[tuple[bytes, memoryview]], overwrite: bool) -> list:
         """Reserve, copy into the arena, commit; True stored / False already there / error."""
-        flags = FLAG_CHECKSUM_UNKNOWN | (FLAG_OVERWRITE if overwrite else 0)
+        # end to end: the checksum of the caller's bytes goes with the reservation and the
+        # daemon verifies the slot against it at commit, so bytes changed in the shared
+        # slot before commit are refused (ChecksumMismatch), never stored
+        flags = FLAG_OVERWRITE if overwrite else 0
         order, frames = {}, []
         for i, (k, mv) in enumerate(items):
             rid = self.next_id()
             order[rid] = i
-            frames.append(encode_request(OP_SHM_RESERVE, rid, ns, k, len(mv), 0, flags, self.epoch))
+            frames.append(encode_request(OP_SHM_RESERVE, rid, ns, k, len(mv), checksum(mv), flags,
+                                         self.epoch))
         self.send([b"".join(frames)])
         reserved = self._responses(order)
         results: list = [None] * len(items)
