@@ -177,6 +177,10 @@ class RdmaConn:
         self.broken: str | None = None  # why the QP is unusable
         self.gone = False  # the TCP connection is lost
         self.max_msg = min(remote.max_msg, server.dev.max_msg)
+        # puts waiting for this connection's reservation bound: a batch of RDMA puts holds
+        # every slot while its reads are in flight, so the next waits for one to finish
+        self.deferred: collections.deque = collections.deque()
+        self.puts = 0  # RDMA puts holding a reservation
 
     # session ext hooks
     def made(self, session) -> None:
@@ -249,8 +253,12 @@ class RdmaConn:
         if self.backlog:
             self.flush()
         s = self.session
+        for _ in range(len(self.deferred)):
+            if self.broken is not None or s.closed or not _admitted(s, self, self.deferred[0][4]):
+                break
+            _reserve_put(self, s, *self.deferred.popleft())
         if (not s.reading and not s.closed and len(self.ops) < MAX_OPS // 2
-                and self.broken is None):
+                and self.broken is None and not self.deferred):
             s._unblock()
         if self.broken is not None and not self.ops and not self.gone:
             s.close()  # answers are queued; the connection ends after they are sent
@@ -261,6 +269,7 @@ class RdmaConn:
         s, srv = self.session, self.server
         ok = op.status == WC_SUCCESS
         if op.kind == OP_RDMA_PUT:
+            self.puts -= 1
             res = op.res
             if op.expired:
                 return  # the session aborted the connection and accounted for the slot
@@ -413,8 +422,24 @@ def _with_desc(server, s: "DataSession", h: "Header", ns: bytes, key: bytes, the
     s.receive_payload(memoryview(buf), n, got)
 
 
+def _admitted(s: "DataSession", conn: RdmaConn, length: int) -> bool:
+    """Whether a put may reserve now: within the connection's bound, or nothing of ours is in
+    flight (then the session's own answer, NoSpace, is the right one)."""
+    return conn.puts == 0 or s.budget.admit_reservation(s.reserved, length) is None
+
+
 def _put(conn: RdmaConn, s: "DataSession", h: "Header", ns: bytes, key: bytes, addr: int,
          length: int, rkey: int) -> None:
+    if conn.deferred or not _admitted(s, conn, length):
+        conn.deferred.append((h, ns, key, addr, length, rkey))
+        conn.server.counters["rdma_deferred_puts"] += 1
+        s.reading = False  # bounded: only frames already received are parsed meanwhile
+        return
+    _reserve_put(conn, s, h, ns, key, addr, length, rkey)
+
+
+def _reserve_put(conn: RdmaConn, s: "DataSession", h: "Header", ns: bytes, key: bytes,
+                 addr: int, length: int, rkey: int) -> None:
     s.put_t0 = s.t_in
 
     def reserved(s, rid, res: "Reservation | None", size: int) -> None:
@@ -431,6 +456,7 @@ def _put(conn: RdmaConn, s: "DataSession", h: "Header", ns: bytes, key: bytes, a
             s.reservation_expired(r)
 
         res.on_expire = expired
+        conn.puts += 1
         conn.start(op, conn.wrs_for(WR_RDMA_READ, res.offset, size, addr, rkey))
 
     s.reserve(OP_RDMA_PUT, h.req_id, ns, key, length, h.checksum,

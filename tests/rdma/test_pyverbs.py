@@ -22,6 +22,35 @@ def _device_or_skip():
         pytest.skip(f"no usable RDMA device here: {e}")
 
 
+def test_constants_and_objects_match_pyverbs():
+    """Without a device: our constants are libibverbs' values, and the pyverbs objects the
+    layer builds (QP attributes, routes, work requests) accept what we pass them."""
+    e = pytest.importorskip("pyverbs.enums", reason="pyverbs is not installed")
+    from pyverbs import addr, qp, wr
+    pairs = {verbs.WR_RDMA_READ: e.IBV_WR_RDMA_READ, verbs.WR_RDMA_WRITE: e.IBV_WR_RDMA_WRITE,
+             verbs.WR_SEND_WITH_IMM: e.IBV_WR_SEND_WITH_IMM,
+             verbs.REMOTE_READ: e.IBV_ACCESS_REMOTE_READ,
+             verbs.REMOTE_WRITE: e.IBV_ACCESS_REMOTE_WRITE,
+             verbs.LOCAL_WRITE: e.IBV_ACCESS_LOCAL_WRITE,
+             verbs.WC_REM_ACCESS_ERR: e.IBV_WC_REM_ACCESS_ERR,
+             verbs.WC_WR_FLUSH_ERR: e.IBV_WC_WR_FLUSH_ERR,
+             verbs.WC_RETRY_EXC_ERR: e.IBV_WC_RETRY_EXC_ERR, verbs.QPS_ERR: e.IBV_QPS_ERR,
+             verbs.QPS_RTS: e.IBV_QPS_RTS}
+    assert all(ours == theirs for ours, theirs in pairs.items()), pairs
+    qp.QPInitAttr(qp_type=e.IBV_QPT_RC, scq=None, rcq=None, sq_sig_all=1,
+                  cap=qp.QPCap(max_send_wr=256, max_recv_wr=1, max_send_sge=1, max_recv_sge=1))
+    attr = qp.QPAttr(port_num=1, path_mtu=verbs.MTU_ENUM[4096])
+    attr.qp_access_flags = verbs.LOCAL_WRITE | verbs.REMOTE_WRITE | verbs.REMOTE_READ
+    gid = addr.GID("fe80:0000:0000:0000:0202:c9ff:fe00:0001")
+    attr.ah_attr = addr.AHAttr(port_num=1, is_global=1, gr=addr.GlobalRoute(dgid=gid), dlid=0)
+    sge = wr.SGE(0x1000, 10, 5)
+    w = wr.SendWR(wr_id=1, opcode=e.IBV_WR_RDMA_READ, num_sge=1, sg=[sge], imm_data=0)
+    w.set_wr_rdma(7, 0x2000)
+    w.next_wr = wr.SendWR(wr_id=2, opcode=e.IBV_WR_RDMA_WRITE, num_sge=1, sg=[sge])
+    from kvstore.rdma import probe
+    assert probe().startswith(("pyverbs ", "unavailable: ")), probe()  # never an exception
+
+
 @pytest.fixture
 def dev():
     d = _device_or_skip()

@@ -347,3 +347,23 @@ def answer_any(conn) -> int:
     r = conn.read_response()
     assert r.status == 0, conn.read_error(r)
     return r.rid
+
+
+def test_batch_above_the_connection_reservation_bound_waits_not_fails(start_daemon, twin_env,
+                                                                      tmp_path):
+    """A batch of RDMA puts holds every slot while its reads are in flight; puts past the
+    connection's reservation bound wait for earlier ones to finish instead of failing."""
+    from kvstored.config import SETTINGS
+    if "server.max_reserved_bytes_per_connection" not in {s.name for s in SETTINGS}:
+        pytest.skip("this daemon has no per-connection reservation bound")
+    cfg = tmp_path / "bound.toml"
+    cfg.write_text('[server]\nmax_reserved_bytes_per_connection = "8MiB"\n')
+    d = start_daemon("--config", str(cfg), env={"KVSTORE_RDMA_VERBS": "twin"})
+    vals = [os.urandom(3 * MiB) for _ in range(10)]  # 30 MiB in one window
+    with kvstore.Client(d.control, namespace="r", transport="rdma", timeout=20) as c:
+        assert c.batch_put([(f"w{i}", v) for i, v in enumerate(vals)]) == [True] * 10
+        bufs = [bytearray(3 * MiB) for _ in vals]
+        c.batch_get_into([f"w{i}" for i in range(10)], bufs)
+        assert [bytes(b) for b in bufs] == vals
+    assert rdma_event(d, "deferred_puts") >= 1
+    assert metric(d, "kvstored_reserved_bytes") == 0
