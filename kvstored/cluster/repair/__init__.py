@@ -16,16 +16,9 @@ replicated records in such namespaces are left alone (their copy count is not kn
 """
 from __future__ import annotations
 
-import asyncio
-
 from .agent import RepairAgent, RepairSettings
 from .local import LocalStore
 
-__all__ = ["LocalStore", "RepairAgent", "RepairSettings", "from_node"]
-
-
-def from_node(node, loop: asyncio.AbstractEventLoop) -> RepairAgent:
-    """The agent of a Node: given only the narrow things it uses (node id, the store
-    calls, the membership view, config values)."""
-    return RepairAgent(node.node_id, LocalStore(node.store, loop), node.membership,
-                       RepairSettings.from_config(node.config))
+# The daemon builds the agent from the narrow things it uses (kvstored/node.py):
+#   RepairAgent(node_id, LocalStore(store, loop), membership, RepairSettings.from_config(c))
+__all__ = ["LocalStore", "RepairAgent", "RepairSettings"]

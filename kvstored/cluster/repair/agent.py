@@ -28,7 +28,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER, Policy, lap_key, parse_head, slots, split_lap
@@ -164,7 +164,10 @@ class RepairAgent:
         if len(jobs) <= 1:
             return {name: fn(job) for name, job in jobs.items()}
         futs = {name: self._workers().submit(fn, job) for name, job in jobs.items()}
-        return {name: f.result() for name, f in futs.items()}
+        try:
+            return {name: f.result() for name, f in futs.items()}
+        except CancelledError:  # stop() cancelled the pool's work: end the pass like any error
+            raise RuntimeError("repair stopped") from None
 
     # ------------------------------------------------------------ the loop
     def _run(self) -> None:
