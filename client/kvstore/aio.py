@@ -232,6 +232,7 @@ class AsyncClient(Namespaced):
         ride_until = loop.time() + min(self._ride_out, timeout)
         diagnosed = False
         for attempt in itertools.count():
+            tried = loop.time()
             try:
                 return await getattr(self._control(), method)(
                     request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=False,
@@ -240,7 +241,7 @@ class AsyncClient(Namespaced):
                 err = grpc_error(e, self.address)
             if not is_unreachable(err):
                 raise err from None
-            if not diagnosed:
+            if not diagnosed and loop.time() - tried < 0.9 * self.connect_timeout:  # see Client._call
                 diagnosed = True
                 diag = await self._diagnose(*split_address(self.address))
                 if diag is not None:
@@ -251,7 +252,8 @@ class AsyncClient(Namespaced):
             await asyncio.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
 
     async def _diagnose(self, host: str, port: int) -> errors.KVStoreError | None:
-        return await asyncio.to_thread(tls_diagnosis, host, port, self.tls, min(self.timeout, 3.0))
+        return await asyncio.to_thread(tls_diagnosis, host, port, self.tls,
+                                       min(self.timeout, self.connect_timeout, 3.0))
 
     async def info(self, refresh: bool = False) -> ServerInfo:
         if self._info is None or refresh:
@@ -285,7 +287,8 @@ class AsyncClient(Namespaced):
                                            **tls),
                     self.timeout if tls else min(self.timeout, self.connect_timeout))  # TLS: + handshake
             except (OSError, asyncio.TimeoutError) as e:
-                diag = await self._diagnose(host, int(port))
+                # a dial that timed out made no connection: nothing for a TLS diagnosis to see
+                diag = None if isinstance(e, TimeoutError) else await self._diagnose(host, int(port))
                 if diag is not None:
                     raise diag from None
                 raise errors.Unavailable(f"cannot connect to kvstored data path {host}:{port}: {e}") from None

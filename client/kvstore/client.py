@@ -274,6 +274,7 @@ class Client(Namespaced):
         ride_until = start + min(self._ride_out, timeout)
         diagnosed = False
         for attempt in itertools.count():
+            tried = time.monotonic()
             try:
                 md = self._metadata
                 ep = self.epoch if epoch is None else epoch
@@ -285,16 +286,22 @@ class Client(Namespaced):
                 err = grpc_error(e, self.address)
             if not is_unreachable(err):
                 raise err from None
-            if not diagnosed:  # once per call: is TLS the reason? (milliseconds when refused)
+            # once per call: is TLS the reason? (milliseconds when refused; not asked after a
+            # dial that timed out: no handshake can be seen where no connection is made)
+            if not diagnosed and time.monotonic() - tried < 0.9 * self.connect_timeout:
                 diagnosed = True
-                diag = tls_diagnosis(*split_address(self.address), self.tls,
-                                     min(self.timeout, 3.0))
+                diag = tls_diagnosis(*split_address(self.address), self.tls, self._diag_timeout())
                 if diag is not None:
                     raise diag from None
             left = ride_until - time.monotonic()
             if left <= 0 or self._closed:
                 raise err from None
             time.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
+
+    def _diag_timeout(self) -> float:
+        # the probe dials again: bounded like a connection (a host that drops packets
+        # must not cost a second connect timeout of 3 s)
+        return min(self.timeout, self.connect_timeout, 3.0)
 
     def info(self, refresh: bool = False) -> ServerInfo:
         if self._info is None or refresh:
@@ -322,8 +329,10 @@ class Client(Namespaced):
             conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion,
                                   self._ssl, self.tls.server_name if self.tls else None,
                                   self.connect_timeout)
+        except TimeoutError:
+            raise  # no connection: nothing for a TLS diagnosis to see
         except OSError:
-            diag = tls_diagnosis(host, int(port), self.tls, min(self.timeout, 3.0))
+            diag = tls_diagnosis(host, int(port), self.tls, self._diag_timeout())
             if diag is not None:
                 raise diag from None
             raise
@@ -331,7 +340,7 @@ class Client(Namespaced):
             conn.setup(self._token)
         except OSError:
             conn.close()
-            diag = tls_diagnosis(host, int(port), self.tls, min(self.timeout, 3.0))
+            diag = tls_diagnosis(host, int(port), self.tls, self._diag_timeout())
             if diag is not None:
                 raise diag from None
             raise
@@ -398,7 +407,8 @@ class Client(Namespaced):
 
     @property
     def transport(self) -> str:
-        """"shm" or "tcp": the data path this thread's connection uses (connects if needed)."""
+        """"shm", "rdma" or "tcp": the data path this thread's connection uses (connects if
+        needed); ``transport_reason`` says why RDMA is not used after a fallback."""
         conn = self._run(lambda c: c)
         return "shm" if getattr(conn, "shm", False) else "rdma" if getattr(conn, "rdma", False) else "tcp"
 

@@ -467,6 +467,47 @@ def test_ride_out_is_bounded():
             kvstore.AsyncClient(address, connect_timeout=bad)
 
 
+def test_host_that_drops_connections_costs_connect_timeout():
+    """A listener whose accept queue is full drops new SYNs, as a dead host behind a
+    firewall does: a call fails after connect_timeout, not after the call's timeout
+    (and no second dial for a TLS diagnosis)."""
+    with socket.socket() as lsock:
+        lsock.bind(("127.0.0.1", 0))
+        lsock.listen(1)
+        port = lsock.getsockname()[1]
+        fillers = []
+        try:
+            for _ in range(4):  # fill the accept queue: later SYNs are dropped
+                f = socket.socket()
+                f.setblocking(False)
+                try:
+                    f.connect(("127.0.0.1", port))
+                except BlockingIOError:
+                    pass
+                fillers.append(f)
+            time.sleep(0.2)
+            with kvstore.Client(f"127.0.0.1:{port}", timeout=10.0, connect_timeout=0.5) as c:
+                t0 = time.monotonic()
+                with pytest.raises(errors.Unavailable):
+                    c.health()
+                assert 0.4 < time.monotonic() - t0 < 1.5, time.monotonic() - t0
+
+            async def main():
+                ac = kvstore.AsyncClient(f"127.0.0.1:{port}", timeout=10.0, connect_timeout=0.5)
+                try:
+                    t0 = time.monotonic()
+                    with pytest.raises(errors.Unavailable):
+                        await ac.health()
+                    assert 0.4 < time.monotonic() - t0 < 1.5, time.monotonic() - t0
+                finally:
+                    await ac.close()
+
+            arun(main())
+        finally:
+            for f in fillers:
+                f.close()
+
+
 def test_refused_connection_fails_fast_under_concurrency():
     """32 threads sharing one client against a refused port: every call fails within a
     second (no thread waits for another's retry)."""
