@@ -29,6 +29,10 @@ registered for that access; retry exceeded: the client is gone) puts the QP in
 the error state: that request is answered with the reason, the rest with
 Unavailable, and the connection closes once their completions (flushed) are in
 — never earlier, since the NIC may still be writing into a slot until then.
+
+(Just over 500 lines, on purpose: the server, the per-connection work-request
+bookkeeping and the three op handlers share one lifecycle; the verbs themselves
+live in kvstore.rdma.)
 """
 from __future__ import annotations
 
