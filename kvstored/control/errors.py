@@ -1,0 +1,100 @@
+"""Typed errors for requests gRPC cannot even decode (issue 17).
+
+With the generated ``add_KVStoreServicer_to_server`` a request body that is not
+the method's protobuf message fails in grpc's own deserializer and the caller
+gets ``UNKNOWN`` with a Python exception text. Here every method of the
+``kvstore.v1.KVStore`` service is registered with a deserializer that never
+raises: a body that does not decode becomes a ``Malformed`` marker, and the
+handler answers it with ``INVALID_ARGUMENT`` and the ``kvstore-code`` trailing
+metadata, like every other typed error of the control plane, before the
+servicer sees it.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from typing import Any, Callable
+
+import grpc
+from google.protobuf.message import DecodeError
+
+from kvstore import errors
+from kvstore.v1 import control_pb2 as pb
+
+log = logging.getLogger("kvstored.control")
+
+SERVICE = "KVStore"
+
+
+class Malformed:
+    """A request body that is not a valid ``message`` (what the handler gets instead)."""
+
+    __slots__ = ("message", "size")
+
+    def __init__(self, message: str, size: int):
+        self.message = message
+        self.size = size
+
+
+def _deserializer(cls) -> Callable[[bytes], Any]:
+    name = cls.DESCRIPTOR.full_name
+
+    def decode(data: bytes):
+        try:
+            return cls.FromString(data)
+        except (DecodeError, ValueError, TypeError):  # what the protobuf runtimes raise
+            return Malformed(name, len(data))
+
+    return decode
+
+
+def _handler(fn: Callable, method: str, on_error: Callable[[errors.KVStoreError], None] | None):
+    async def handle(request, context):
+        if type(request) is Malformed:
+            err = errors.InvalidArgument(
+                f"{method}: the request body ({request.size} bytes) is not a valid "
+                f"{request.message} message")
+            if on_error is not None:
+                on_error(err)
+            log.info("malformed control request", extra={
+                "method": method, "peer": context.peer(), "error": err.name})
+            context.set_trailing_metadata((("kvstore-code", str(err.code)),))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+        result = fn(request, context)
+        if inspect.isawaitable(result):
+            result = await result
+        return result
+
+    handle.__name__ = method
+    return handle
+
+
+def register(server: grpc.aio.Server, servicer,
+             on_error: Callable[[errors.KVStoreError], None] | None = None) -> None:
+    """Serve the KVStore service from ``servicer`` on ``server`` (in place of the generated
+    ``add_KVStoreServicer_to_server``), malformed requests answered INVALID_ARGUMENT;
+    ``on_error`` counts them."""
+    handlers = method_handlers(servicer, on_error)
+    name = pb.DESCRIPTOR.services_by_name[SERVICE].full_name
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
+    if hasattr(server, "add_registered_method_handlers"):  # grpc >= 1.62: the fast path
+        server.add_registered_method_handlers(name, handlers)
+
+
+def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | None = None
+                    ) -> dict[str, grpc.RpcMethodHandler]:
+    """The KVStore service's handlers for ``servicer`` (unary methods, as the service has)."""
+    svc = pb.DESCRIPTOR.services_by_name[SERVICE]
+    handlers = {}
+    for m in svc.methods:
+        if m.client_streaming or m.server_streaming:
+            raise TypeError(f"{m.full_name} streams: typed_handler handles unary methods only")
+        fn = getattr(servicer, m.name, None)
+        if fn is None:
+            continue
+        req = getattr(pb, m.input_type.name)
+        resp = getattr(pb, m.output_type.name)
+        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
+            _handler(fn, m.name, on_error), request_deserializer=_deserializer(req),
+            response_serializer=resp.SerializeToString)
+    return handlers
