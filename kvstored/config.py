@@ -1,8 +1,10 @@
 """Daemon configuration: defaults < TOML file < command-line flags.
 
-Every setting has one TOML name (``section.key``) and one flat field on
-:class:`Config`; the table ``SETTINGS`` below ties the two together and drives
-loading, type checking, error messages and ``to_toml``. All problems surface
+Every setting is declared once, as a row of the table ``SETTINGS`` below: its
+TOML name (``section.key``), its flat field on :class:`Config`, type, default,
+help, the check of its value, whether SIGHUP applies it and its flag. The
+Config dataclass, loading, type checking, ``to_toml`` (``--print-config``), the
+command-line flags and reloadability are derived from the table. All problems surface
 as a :class:`ConfigError` whose message is a single line naming the setting,
 the bad value and what is allowed, so the daemon can print it and exit 2.
 
@@ -20,9 +22,10 @@ import re
 import socket
 import sys
 import tomllib
-from dataclasses import dataclass
+from dataclasses import dataclass, make_dataclass
+from dataclasses import field as dataclass_field
 from decimal import Decimal
-from typing import Any, NoReturn
+from typing import Any, Callable, NoReturn
 
 from kvstored import __version__
 
@@ -105,101 +108,294 @@ def format_size(n: int) -> str | int:
 
 
 # ---------------------------------------------------------------- settings table
+#
+# ONE row per setting, the only place it is declared: its TOML name, the Config field,
+# the type, the default, a one-line help, the check of its value alone, how SIGHUP
+# applies it (None: needs a restart) and its command-line flag, if any. The Config
+# dataclass, TOML parsing, to_toml (--print-config), the flags and reloadability are
+# all derived from it. Checks that relate several settings stay in Config.validate.
+
+STR, INT, FLOAT, BOOL, SIZE, AUTO_SIZE, CHOICE = (
+    "str", "int", "float", "bool", "size", "auto_size", "choice")
+_PY_TYPE = {STR: str, INT: int, FLOAT: float, BOOL: bool, SIZE: int, AUTO_SIZE: int | None,
+            CHOICE: str}
+# Sections whose fields are the bare key (server.host -> host); the others are
+# <section>_<key> (nvme.path -> nvme_path).
+_BARE_SECTIONS = ("server", "dram", "engine")
+
+
+@dataclass(frozen=True)
+class Flag:
+    """A setting's command-line flag. ``help`` may name ``{default}`` (the row's)."""
+
+    option: str
+    metavar: str
+    help: str
+
 
 @dataclass(frozen=True)
 class Setting:
     section: str
     key: str
     field: str
-    kind: str  # str | int | size | auto_size | float | bool | log_level
+    kind: str  # STR | INT | FLOAT | BOOL | SIZE | AUTO_SIZE (None = auto) | CHOICE
+    default: Any
+    help: str
+    # the value alone -> None if fine, else the problem (after "<section.key>: ")
+    check: Callable[[Any], str | None] | None = None
+    choices: tuple[str, ...] = ()  # CHOICE: the allowed values (lower case)
+    # how SIGHUP applies a new value (a hook of kvstored/node.py's RELOAD_HOOKS:
+    # "live" = read from the config at each use); None = needs a restart
+    reload: str | None = None
+    flag: Flag | None = None
 
     @property
     def name(self) -> str:
         return f"{self.section}.{self.key}"
 
 
+def _s(section: str, key: str, kind: str, default: Any, help: str, **kw) -> Setting:
+    field = kw.pop("field", None) or (key if section in _BARE_SECTIONS else f"{section}_{key}")
+    return Setting(section, key, field, kind, default, help, **kw)
+
+
+# ---- checks of one value (the messages are the daemon's exit-2 lines)
+
+def _positive(v) -> str | None:
+    return None if v > 0 else f"must be positive, got {v}"
+
+
+def _seconds(v) -> str | None:  # also refuses NaN and inf
+    return None if math.isfinite(v) and v > 0 else f"must be a positive number of seconds, got {v}"
+
+
+def _port(v) -> str | None:
+    return None if 0 <= v <= 65535 else f"{v} is out of range (allowed 0..65535; 0 picks a free port)"
+
+
+def _not_blank(v) -> str | None:
+    return None if v.strip() else "must not be empty (e.g. 127.0.0.1 or 0.0.0.0)"
+
+
+def _within(lo, hi, unit: str, note: str = "") -> Callable[[Any], str | None]:
+    return lambda v: None if lo <= v <= hi else f"{v} is outside {lo}..{hi} {unit}{note}"
+
+
+def _one_of(*allowed: str) -> Callable[[Any], str | None]:
+    return lambda v: None if v in allowed else f"{v!r} is not one of {', '.join(allowed)}"
+
+
+def _at_most_chars(n: int) -> Callable[[Any], str | None]:
+    return lambda v: None if len(v) <= n else f"longer than {n} characters"
+
+
+_CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+_EVENTS_HINT = "use e.g. tcp://127.0.0.1:5557, tcp://*:5557 or ipc:///run/kvstored/events"
+
+
+def _cluster_name(v) -> str | None:
+    if _CLUSTER_NAME_RE.fullmatch(v):
+        return None
+    return f"{v!r} must be 1-64 characters of letters, digits, '.', '_' or '-'"
+
+
+def _failure_domain(v) -> str | None:
+    if len(v) <= 128 and not any(ord(ch) < 0x20 for ch in v):
+        return None
+    return f"{v!r} must be at most 128 printable characters"
+
+
+def _repair_rate(v) -> str | None:
+    return None if v >= 1 << 20 else f"{v} bytes/s is below 1MiB/s (repair would never finish)"
+
+
+def _tls_version(v) -> str | None:
+    return None if v in ("1.2", "1.3") else f"{v!r} is not '1.2' or '1.3'"
+
+
+def _zmq_endpoint(v) -> str | None:
+    """"" (off), or a tcp:// (host:port) or ipc:// endpoint."""
+    if not v:
+        return None
+    if not v.startswith(("tcp://", "ipc://")) or len(v) > 256 or any(ord(ch) <= 0x20 for ch in v):
+        return f"{v!r} is not a tcp:// or ipc:// endpoint ({_EVENTS_HINT})"
+    if v.startswith("tcp://"):
+        host, sep, port = v[6:].rpartition(":")
+        if not (sep and host and (port == "*" or port.isdigit() and 1 <= int(port) <= 65535)):
+            return f"{v!r} needs host:port with a port in 1..65535 ({_EVENTS_HINT})"
+    return None
+
+
 SETTINGS: tuple[Setting, ...] = (
-    Setting("server", "host", "host", "str"),
-    Setting("server", "control_port", "control_port", "int"),
-    Setting("server", "data_port", "data_port", "int"),
-    Setting("server", "tcp_congestion", "tcp_congestion", "str"),
-    Setting("server", "max_connections", "max_connections", "int"),
-    Setting("server", "max_inflight_bytes", "max_inflight_bytes", "size"),
-    Setting("server", "max_batch_keys", "max_batch_keys", "int"),
-    Setting("server", "max_control_value_size", "max_control_value_size", "size"),
-    Setting("server", "drain_timeout", "drain_timeout", "float"),
-    Setting("server", "max_connections_per_client", "max_connections_per_client", "int"),
-    Setting("server", "max_pipelined_requests", "max_pipelined_requests", "int"),
-    Setting("server", "max_queued_response_bytes", "max_queued_response_bytes", "size"),
-    Setting("server", "max_queued_responses", "max_queued_responses", "int"),
-    Setting("server", "write_stall_timeout", "write_stall_timeout", "float"),
-    Setting("server", "idle_timeout", "idle_timeout", "float"),
-    Setting("server", "max_reserved_bytes_per_connection", "max_reserved_bytes_per_connection", "size"),
-    Setting("server", "max_reserved_bytes_per_client", "max_reserved_bytes_per_client", "size"),
-    Setting("server", "put_stall_timeout", "put_stall_timeout", "float"),
-    Setting("server", "min_put_rate", "min_put_rate", "size"),
-    Setting("server", "handshake_timeout", "handshake_timeout", "float"),
-    Setting("server", "max_handshakes_per_client", "max_handshakes_per_client", "int"),
-    Setting("dram", "size", "dram_size", "auto_size"),
-    Setting("dram", "slab_size", "slab_size", "size"),
-    Setting("dram", "max_value_size", "max_value_size", "size"),
-    Setting("dram", "high_watermark", "high_watermark", "float"),
-    Setting("dram", "low_watermark", "low_watermark", "float"),
-    Setting("dram", "hugepages", "hugepages", "bool"),
-    Setting("dram", "prefault", "prefault", "bool"),
-    Setting("nvme", "path", "nvme_path", "str"),
-    Setting("nvme", "size", "nvme_size", "size"),
-    Setting("nvme", "region_size", "nvme_region_size", "size"),
-    Setting("nvme", "admission", "nvme_admission", "str"),
-    Setting("nvme", "write_budget_per_hour", "nvme_write_budget_per_hour", "size"),
-    Setting("nvme", "io_backend", "nvme_io_backend", "str"),
-    Setting("nvme", "queue_depth", "nvme_queue_depth", "int"),
-    Setting("nvme", "flush_on_shutdown", "nvme_flush_on_shutdown", "bool"),
-    Setting("nvme", "sync", "nvme_sync", "str"),
-    Setting("nvme", "sync_interval", "nvme_sync_interval", "float"),
-    Setting("shm", "enabled", "shm_enabled", "bool"),
-    Setting("shm", "socket_path", "shm_socket_path", "str"),
-    Setting("shm", "allowed_uids", "shm_allowed_uids", "str"),
-    Setting("shm", "lease_ttl", "shm_lease_ttl", "float"),
-    Setting("engine", "reservation_timeout", "reservation_timeout", "float"),
-    Setting("engine", "put_wait_timeout", "put_wait_timeout", "float"),
-    Setting("engine", "max_pin_ttl", "max_pin_ttl", "float"),
-    Setting("log", "level", "log_level", "log_level"),
-    Setting("log", "format", "log_format", "str"),
-    Setting("metrics", "enabled", "metrics_enabled", "bool"),
-    Setting("metrics", "host", "metrics_host", "str"),
-    Setting("metrics", "port", "metrics_port", "int"),
-    Setting("tls", "cert_file", "tls_cert_file", "str"),
-    Setting("tls", "key_file", "tls_key_file", "str"),
-    Setting("tls", "client_ca_file", "tls_client_ca_file", "str"),
-    Setting("tls", "min_version", "tls_min_version", "str"),
-    Setting("auth", "enabled", "auth_enabled", "bool"),
-    Setting("auth", "tokens_file", "auth_tokens_file", "str"),
-    Setting("node", "id", "node_id", "str"),
-    Setting("cluster", "enabled", "cluster_enabled", "bool"),
-    Setting("cluster", "name", "cluster_name", "str"),
-    Setting("cluster", "etcd_endpoints", "cluster_etcd_endpoints", "str"),
-    Setting("cluster", "lease_ttl", "cluster_lease_ttl", "int"),
-    Setting("cluster", "failure_domain", "cluster_failure_domain", "str"),
-    Setting("cluster", "static_peers", "cluster_static_peers", "str"),
-    Setting("cluster", "policies", "cluster_policies", "str"),
-    Setting("cluster", "repair", "cluster_repair", "bool"),
-    Setting("cluster", "repair_delay", "cluster_repair_delay", "float"),
-    Setting("cluster", "repair_interval", "cluster_repair_interval", "float"),
-    Setting("cluster", "repair_rate", "cluster_repair_rate", "size"),
-    Setting("cluster", "token", "cluster_token", "str"),
-    Setting("cluster", "etcd_username", "cluster_etcd_username", "str"),
-    Setting("cluster", "etcd_password_file", "cluster_etcd_password_file", "str"),
-    Setting("events", "endpoint", "events_endpoint", "str"),
-    Setting("events", "replay_endpoint", "events_replay_endpoint", "str"),
-    Setting("events", "replay_buffer", "events_replay_buffer", "int"),
-    Setting("events", "topic", "events_topic", "str"),
-    Setting("events", "medium", "events_medium", "str"),
-    Setting("events", "block_size", "events_block_size", "int"),
+    # [server]
+    _s("server", "host", STR, "127.0.0.1", "listen address of both planes", check=_not_blank,
+       flag=Flag("--host", "H", "listen address (default {default})")),
+    _s("server", "control_port", INT, 7070, "gRPC control port (0 = any free port)",
+       check=_port, flag=Flag("--port", "P", "control port (default {default}; 0 = any free)")),
+    _s("server", "data_port", INT, 7071, "TCP data port (0 = any free port)", check=_port,
+       flag=Flag("--data-port", "D", "data port (default {default}; 0 = any free)")),
+    _s("server", "tcp_congestion", STR, "", "congestion control of data sockets ('' = kernel's)",
+       flag=Flag("--tcp-congestion", "NAME",
+                 "TCP congestion control for data connections, e.g. cubic or bbr")),
+    _s("server", "max_connections", INT, 1024, "data connections; the next one gets Unavailable",
+       check=_positive, reload="data.max_connections"),
+    _s("server", "max_inflight_bytes", SIZE, 256 * MiB,
+       "queued response bytes per connection before it stops reading", check=_positive,
+       reload="inflight"),
+    _s("server", "max_batch_keys", INT, 65536, "keys in one control call", check=_positive,
+       reload="live"),
+    _s("server", "max_control_value_size", SIZE, 4 * MiB, "largest value over gRPC Put/Get",
+       check=_positive),
+    _s("server", "drain_timeout", FLOAT, 10.0,
+       "seconds SIGTERM waits for in-flight requests before closing", check=_seconds,
+       reload="live"),
+    _s("server", "max_connections_per_client", INT, 256, "data connections from one peer IP",
+       check=_positive, reload="data.max_per_client"),
+    _s("server", "max_pipelined_requests", INT, 1024,
+       "unanswered requests per data connection before it stops being read", check=_positive,
+       reload="pipelined"),
+    # hostile and careless clients (issue 17): what one connection or one client may hold
+    _s("server", "max_queued_response_bytes", SIZE, 1 * MiB,
+       "copied (non-arena) response bytes unsent per connection", check=_positive),
+    _s("server", "max_queued_responses", INT, 16384, "response frames unsent per connection",
+       check=_positive),
+    _s("server", "write_stall_timeout", FLOAT, 30.0,
+       "a connection that takes none of its responses this long is closed", check=_seconds),
+    _s("server", "idle_timeout", FLOAT, 600.0,
+       "a data connection with no traffic this long is closed", check=_seconds),
+    _s("server", "max_reserved_bytes_per_connection", SIZE, 1 * GiB,
+       "unfinished puts of one connection", check=_positive),
+    _s("server", "max_reserved_bytes_per_client", SIZE, 4 * GiB,
+       "unfinished puts of one client (peer IP, or uid on shm); <= dram.size / 2",
+       check=_positive),
+    _s("server", "put_stall_timeout", FLOAT, 2.0,
+       "a put's payload may pause this long (and no byte arrived yet)", check=_seconds),
+    _s("server", "min_put_rate", SIZE, 1 * MiB,
+       "bytes/s: a put must finish within put_stall_timeout + size / rate", check=_positive),
+    _s("server", "handshake_timeout", FLOAT, 3.0,
+       "TLS data port: seconds to complete the handshake", check=_seconds),
+    _s("server", "max_handshakes_per_client", INT, 32,
+       "TLS data port: handshakes in progress per peer IP", check=_positive),
+    # [dram]
+    _s("dram", "size", AUTO_SIZE, None,
+       "arena size; auto = 25 % of available memory, 64 MiB - 4 GiB", field="dram_size",
+       flag=Flag("--dram-size", "SIZE",
+                 "DRAM arena size, or 'auto' (25%% of available memory, at most 4GiB)")),
+    _s("dram", "slab_size", SIZE, 64 * MiB, "allocation unit of a size class; >= max_value_size",
+       check=_positive, flag=Flag("--slab-size", "SIZE", "slab size (default {default})")),
+    _s("dram", "max_value_size", SIZE, 64 * MiB, "largest object", check=_positive,
+       flag=Flag("--max-value-size", "SIZE",
+                 "largest value accepted (default {default}; <= slab size)")),
+    _s("dram", "high_watermark", FLOAT, 0.95,
+       "with an NVMe tier, demotion starts above this fraction of the arena",
+       reload="store"),
+    _s("dram", "low_watermark", FLOAT, 0.90, "... and demotes down to this one", reload="store"),
+    _s("dram", "hugepages", BOOL, True, "use reserved hugetlb pages when enough are free"),
+    _s("dram", "prefault", BOOL, True,
+       "fault the arena in at start (background) so first puts are not 14x slower"),
+    # [nvme] (off while nvme.path is empty; its values are checked only when it is on)
+    _s("nvme", "path", STR, "", "file or block device of the NVMe tier",
+       flag=Flag("--nvme-path", "PATH", "file or block device of the NVMe tier")),
+    _s("nvme", "size", SIZE, 0, "bytes of it to use; a multiple of 4 KiB",
+       flag=Flag("--nvme-size", "SIZE", "size of the NVMe tier")),
+    _s("nvme", "region_size", SIZE, 128 * MiB,
+       "unit of allocation and reclaim, 16-256 MiB; holds the largest object plus 20 KiB",
+       flag=Flag("--nvme-region-size", "SIZE",
+                 "NVMe region size, 16MiB-256MiB (default {default})")),
+    _s("nvme", "admission", STR, "all", "which evicted objects are demoted: all | read"),
+    _s("nvme", "write_budget_per_hour", SIZE, 0, "bytes demoted per hour; 0 = unlimited"),
+    _s("nvme", "io_backend", STR, "auto", "auto | io_uring | threads"),
+    _s("nvme", "queue_depth", INT, 32, "I/Os in flight on the device"),
+    _s("nvme", "flush_on_shutdown", BOOL, True, "SIGTERM writes DRAM-only objects to NVMe"),
+    _s("nvme", "sync", STR, "interval",
+       "none | interval | always: fdatasync for power-loss durability"),
+    _s("nvme", "sync_interval", FLOAT, 1.0, "seconds between fdatasyncs with sync = interval"),
+    # [shm] same-host shared-memory channel (a Unix socket)
+    _s("shm", "enabled", BOOL, True, "offer the same-host shared-memory path"),
+    _s("shm", "socket_path", STR, "",
+       "its Unix socket; '' = $RUNTIME_DIRECTORY or <tmpdir>, kvstored-<control port>.sock"),
+    _s("shm", "allowed_uids", STR, "",
+       "comma-separated uids allowed besides the daemon's own and root"),
+    _s("shm", "lease_ttl", FLOAT, 30.0, "seconds a get's view stays protected unless released",
+       check=_seconds),
+    # [engine] (seconds)
+    _s("engine", "reservation_timeout", FLOAT, 30.0,
+       "seconds a put may take to deliver its payload", check=_seconds, reload="store"),
+    _s("engine", "put_wait_timeout", FLOAT, 2.0, "seconds a put waits for space before NoSpace",
+       check=_seconds, reload="store"),
+    _s("engine", "max_pin_ttl", FLOAT, 86400.0, "longest pin lease, seconds", check=_seconds,
+       reload="store"),
+    # [log]
+    _s("log", "level", CHOICE, "info", "debug | info | warning | error",
+       choices=LOG_LEVELS, check=_one_of(*LOG_LEVELS), reload="log_level",
+       flag=Flag("--log-level", "L", f"one of {', '.join(LOG_LEVELS)} (default {{default}})")),
+    _s("log", "format", CHOICE, "kv", "kv (key=value, logfmt) or json (one object per line)",
+       choices=LOG_FORMATS, check=_one_of(*LOG_FORMATS), reload="log_format",
+       flag=Flag("--log-format", "F", "kv (key=value, default) or json")),
+    # [metrics] Prometheus endpoint (/metrics, /healthz, /readyz)
+    _s("metrics", "enabled", BOOL, True, "serve /metrics, /healthz, /readyz over HTTP"),
+    _s("metrics", "host", STR, "127.0.0.1", "listen address of the metrics endpoint"),
+    _s("metrics", "port", INT, 9090, "its port (0 = any free port)", check=_port,
+       flag=Flag("--metrics-port", "P",
+                 "Prometheus /metrics port (default {default}; 0 = any free)")),
+    # [tls] both planes; empty cert_file = plaintext
+    _s("tls", "cert_file", STR, "", "PEM certificate (chain) of both planes; TLS on when set",
+       reload="tls_file"),
+    _s("tls", "key_file", STR, "", "its private key", reload="tls_file"),
+    _s("tls", "client_ca_file", STR, "", "CA of client certificates; set = mutual TLS",
+       reload="tls_file"),
+    _s("tls", "min_version", STR, "1.2", "1.2 or 1.3 (data path; gRPC accepts both)",
+       check=_tls_version),
+    # [auth] per-namespace tokens (kvstored/auth.py has the file format)
+    _s("auth", "enabled", BOOL, False, "require a token on both planes"),
+    _s("auth", "tokens_file", STR, "", "TOML file of [[token]] entries", reload="tokens_file"),
+    # [node]
+    _s("node", "id", STR, "", "node name; '' = <hostname>:<control_port>"),
+    # [cluster] membership (kvstored/cluster/membership.py); off = standalone node
+    _s("cluster", "enabled", BOOL, False, "join a cluster; off = standalone"),
+    _s("cluster", "name", STR, "default", "etcd keys live under /kvstored/<name>/",
+       check=_cluster_name),
+    _s("cluster", "etcd_endpoints", STR, "127.0.0.1:2379",
+       "comma-separated etcd host:port list, tried in turn"),
+    _s("cluster", "lease_ttl", INT, 5, "seconds a dead node stays listed (etcd lease TTL)",
+       check=_within(2, 3600, "seconds", " (etcd's minimum lease is about 2s)")),
+    _s("cluster", "failure_domain", STR, "", "rack or zone label; '' = none",
+       check=_failure_domain),
+    _s("cluster", "static_peers", STR, "", "comma-separated control host:port; set = no etcd"),
+    _s("cluster", "policies", STR, "",
+       "namespace=policy pairs ('*' = default), e.g. '*=none, llama=ec:4+2'"),
+    _s("cluster", "repair", BOOL, True, "run the repair agent (verify, rebuild, move records)"),
+    _s("cluster", "repair_delay", FLOAT, 10.0, "seconds a membership change settles before repair",
+       check=_within(0, 86400, "seconds")),
+    _s("cluster", "repair_interval", FLOAT, 300.0, "a full pass at least this often (seconds)",
+       check=_within(1, 86400, "seconds")),
+    _s("cluster", "repair_rate", SIZE, 256 << 20, "bytes/s of records repair may write",
+       check=_repair_rate),
+    _s("cluster", "token", STR, "", "token the repair agent presents to peers when auth is on"),
+    _s("cluster", "etcd_username", STR, "", "etcd user when etcd authentication is on"),
+    _s("cluster", "etcd_password_file", STR, "",
+       "file holding its password (not the password: config files get shared)"),
+    # [events] KV events for routers in vLLM's format (kvstored/events.py); "" = off
+    _s("events", "endpoint", STR, "", "ZMQ PUB address the node binds, e.g. tcp://127.0.0.1:5557",
+       check=_zmq_endpoint,
+       flag=Flag("--kv-events", "ENDPOINT", "publish KV events for routers (vLLM's format) on "
+                 "this ZMQ endpoint, e.g. tcp://127.0.0.1:5557 (default off)")),
+    _s("events", "replay_endpoint", STR, "",
+       "ROUTER for late subscribers; '' = endpoint port + 1, 'off' = none",
+       check=lambda v: None if v == "off" else _zmq_endpoint(v)),
+    _s("events", "replay_buffer", INT, 10000, "batches kept for replay",
+       check=_within(1, 1_000_000, "batches")),
+    _s("events", "topic", STR, "", "first frame of every message (vLLM's default: empty)",
+       check=_at_most_chars(256)),
+    _s("events", "medium", STR, "EXTERNAL", "BlockStored/BlockRemoved medium ('' = None)",
+       check=_at_most_chars(32)),
+    _s("events", "block_size", INT, 0, "tokens per block announced in BlockStored (0 = unknown)",
+       check=_within(0, 1 << 20, "tokens")),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}
 _BY_FIELD = {s.field: s for s in SETTINGS}
+RELOADABLE = {s.field: s.reload for s in SETTINGS if s.reload is not None}
 
 
 def _type_name(v: Any) -> str:
@@ -215,11 +411,11 @@ def _coerce(s: Setting, v: Any) -> Any:
     def wrong(expected: str) -> ConfigError:
         return ConfigError(f"{s.name}: expected {expected}, got {v!r} ({_type_name(v)})")
 
-    if s.kind in ("str", "log_level"):
+    if s.kind in (STR, CHOICE):
         if not isinstance(v, str):
             raise wrong("a string")
-        # log levels are case-insensitive because Python's logging names are upper case
-        return v.lower() if s.kind == "log_level" else v
+        # choices are case-insensitive (Python's logging names its levels in upper case)
+        return v.lower() if s.kind == CHOICE else v
     if s.kind == "int":
         if isinstance(v, bool) or not isinstance(v, int):
             raise wrong("an integer")
@@ -280,102 +476,9 @@ def auto_dram_size(slab_size: int) -> int:
 
 # ---------------------------------------------------------------- Config
 
-@dataclass
-class Config:
-    # [server]
-    host: str = "127.0.0.1"
-    control_port: int = 7070
-    data_port: int = 7071
-    tcp_congestion: str = ""  # empty = kernel default
-    max_connections: int = 1024
-    max_inflight_bytes: int = 256 * MiB  # per connection
-    max_batch_keys: int = 65536
-    max_control_value_size: int = 4 * MiB
-    drain_timeout: float = 10.0  # seconds SIGTERM waits for in-flight requests before closing
-    max_connections_per_client: int = 256  # data connections from one peer IP address
-    max_pipelined_requests: int = 1024  # unanswered requests per data connection before it stops reading
-    # Hostile and careless clients (issue 17): what one connection or one client may hold.
-    max_queued_response_bytes: int = 1 * MiB  # copied (non-arena) response bytes unsent per connection
-    max_queued_responses: int = 16384  # response frames unsent per connection
-    write_stall_timeout: float = 30.0  # a connection that takes none of its responses this long is closed
-    idle_timeout: float = 600.0  # a data connection with no traffic this long is closed
-    max_reserved_bytes_per_connection: int = 1 * GiB  # unfinished puts of one connection
-    max_reserved_bytes_per_client: int = 4 * GiB  # of one client (peer IP, or uid on shm); <= dram.size / 2
-    put_stall_timeout: float = 2.0  # a put's payload may pause this long (and no byte arrived yet)
-    min_put_rate: int = 1 * MiB  # bytes/s: a put must finish within put_stall_timeout + size / rate
-    handshake_timeout: float = 3.0  # TLS data port: seconds to complete the handshake
-    max_handshakes_per_client: int = 32  # TLS data port: handshakes in progress per peer IP
-    # [dram]
-    dram_size: int | None = None  # None = auto (see auto_dram_size); concrete after validate()
-    slab_size: int = 64 * MiB
-    max_value_size: int = 64 * MiB
-    high_watermark: float = 0.95
-    low_watermark: float = 0.90
-    hugepages: bool = True
-    # same-host shared-memory channel (a Unix socket)
-    shm_enabled: bool = True
-    shm_socket_path: str = ""  # empty: $RUNTIME_DIRECTORY or <tmpdir>, kvstored-<control port>.sock
-    shm_allowed_uids: str = ""  # comma-separated uids besides the daemon's own and root
-    shm_lease_ttl: float = 30.0  # seconds a get's view stays protected unless released
-    # NVMe tier (off while nvme_path is empty)
-    nvme_path: str = ""
-    nvme_size: int = 0
-    nvme_region_size: int = 128 * MiB  # must hold the largest object plus 20 KiB
-    nvme_admission: str = "all"  # all | read (only objects read at least once)
-    nvme_write_budget_per_hour: int = 0  # bytes demoted per hour; 0 = unlimited
-    nvme_io_backend: str = "auto"  # auto | io_uring | threads
-    nvme_queue_depth: int = 32
-    nvme_flush_on_shutdown: bool = True  # SIGTERM writes DRAM-only objects to NVMe
-    nvme_sync: str = "interval"  # none | interval | always: fdatasync for power-loss durability
-    nvme_sync_interval: float = 1.0  # seconds between fdatasyncs with nvme.sync = interval
-    prefault: bool = True  # fault the arena in at start (background) so first puts are not 14x slower
-    # [engine] (seconds)
-    reservation_timeout: float = 30.0
-    put_wait_timeout: float = 2.0
-    max_pin_ttl: float = 86400.0
-    # [log]
-    log_level: str = "info"
-    log_format: str = "kv"  # kv (key=value) | json
-    # [metrics] Prometheus endpoint (/metrics, /healthz, /readyz)
-    metrics_enabled: bool = True
-    metrics_host: str = "127.0.0.1"
-    metrics_port: int = 9090  # 0 = any free port
-    # [tls] both planes; empty cert_file = plaintext. client_ca_file set = mutual TLS required
-    tls_cert_file: str = ""
-    tls_key_file: str = ""
-    tls_client_ca_file: str = ""
-    tls_min_version: str = "1.2"  # 1.2 | 1.3 (data path; gRPC accepts 1.2 and 1.3)
-    # [auth] per-namespace tokens (see kvstored/auth.py for the file format)
-    auth_enabled: bool = False
-    auth_tokens_file: str = ""
-    # [node]
-    node_id: str = ""  # empty = "<hostname>:<control_port>", filled by validate()
-    # [cluster] membership (kvstored/cluster/membership.py); off = standalone node
-    cluster_enabled: bool = False
-    cluster_name: str = "default"  # etcd keys live under /kvstored/<name>/members/
-    cluster_etcd_endpoints: str = "127.0.0.1:2379"  # comma-separated host:port, tried in turn
-    cluster_lease_ttl: int = 5  # seconds a dead node stays listed (etcd lease TTL)
-    cluster_failure_domain: str = ""  # e.g. a rack or zone name; "" = none
-    cluster_static_peers: str = ""  # comma-separated control host:port; set = no etcd
-    # namespace=policy pairs ("*" = default), e.g. "*=none, llama=ec:4+2"; etcd entries
-    # set with `kvstore-cli policy set` override them
-    cluster_policies: str = ""
-    cluster_repair: bool = True  # run the repair agent (rebuild, move, verify records)
-    cluster_repair_delay: float = 10.0  # seconds a membership change settles before repair
-    cluster_repair_interval: float = 300.0  # a full pass at least this often (seconds)
-    cluster_repair_rate: int = 256 << 20  # bytes/s of records repair may write (throttle)
-    cluster_token: str = ""  # token the repair agent presents to peers when auth is on
-    # etcd with authentication on: a user with read/write on /kvstored/<name>/, and a file
-    # holding its password (not the password itself: config files get shared)
-    cluster_etcd_username: str = ""
-    cluster_etcd_password_file: str = ""
-    # [events] KV events for routers in vLLM's format (kvstored/events.py); "" = off
-    events_endpoint: str = ""  # ZMQ PUB address the node binds, e.g. tcp://127.0.0.1:5557
-    events_replay_endpoint: str = ""  # ROUTER for late subscribers; "" = endpoint port + 1, "off"
-    events_replay_buffer: int = 10000  # batches kept for replay
-    events_topic: str = ""  # first frame of every message (vLLM's default: empty)
-    events_medium: str = "EXTERNAL"  # BlockStored/BlockRemoved medium ("" = None)
-    events_block_size: int = 0  # tokens per block announced in BlockStored (0 = unknown)
+class _ConfigRules:
+    """What a Config does beyond holding values (the fields come from SETTINGS): the
+    checks that relate several settings, derived values, TOML output."""
 
     def validate(self) -> Config:
         """Normalise field types, fill auto values, then check ranges; returns self.
@@ -384,14 +487,12 @@ class Config:
         """
         for s in SETTINGS:
             setattr(self, s.field, _coerce(s, getattr(self, s.field)))
+        for s in SETTINGS:  # each value alone (the row's check); then what relates them
+            v = getattr(self, s.field)
+            problem = s.check(v) if s.check is not None and v is not None else None
+            if problem:
+                raise ConfigError(f"{s.name}: {problem}")
 
-        for s in (_BY_FIELD["control_port"], _BY_FIELD["data_port"]):
-            port = getattr(self, s.field)
-            if not 0 <= port <= 65535:
-                raise ConfigError(f"{s.name}: {port} is out of range "
-                                  "(allowed 0..65535; 0 picks a free port)")
-        if not self.host.strip():
-            raise ConfigError("server.host: must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
         if self.tcp_congestion:
             known = available_congestion_controls()
             # unreadable list (not Linux, no /proc): let the socket option report it later
@@ -399,14 +500,6 @@ class Config:
                 raise ConfigError(f"server.tcp_congestion: {self.tcp_congestion!r} is not "
                                   f"available on this host (available: {', '.join(known)})")
 
-        for f in ("max_connections", "max_inflight_bytes", "max_batch_keys",
-                  "max_control_value_size", "slab_size", "max_value_size",
-                  "max_connections_per_client", "max_pipelined_requests",
-                  "max_queued_response_bytes", "max_queued_responses",
-                  "max_reserved_bytes_per_connection", "max_reserved_bytes_per_client",
-                  "min_put_rate", "max_handshakes_per_client"):
-            if getattr(self, f) <= 0:
-                raise ConfigError(f"{_BY_FIELD[f].name}: must be positive, got {getattr(self, f)}")
         if self.slab_size % SLAB_ALIGN:
             raise ConfigError(f"dram.slab_size: {self.slab_size} is not a multiple of "
                               f"{SLAB_ALIGN} (use e.g. 64MiB)")
@@ -425,29 +518,11 @@ class Config:
 
         self._validate_nvme()
         self.shm_allowed_uid_set()
-        if not (math.isfinite(self.shm_lease_ttl) and self.shm_lease_ttl > 0):
-            raise ConfigError(f"shm.lease_ttl: must be a positive number of seconds, got {self.shm_lease_ttl}")
         self._validate_security()
         low, high = self.low_watermark, self.high_watermark
         if not 0 < low <= high <= 1:  # also false for NaN
             raise ConfigError(f"dram.low_watermark ({low}) and dram.high_watermark ({high}) "
                               "must satisfy 0 < low_watermark <= high_watermark <= 1")
-        for f in ("reservation_timeout", "put_wait_timeout", "max_pin_ttl", "drain_timeout",
-                  "write_stall_timeout", "idle_timeout", "put_stall_timeout", "handshake_timeout"):
-            v = getattr(self, f)
-            if not (math.isfinite(v) and v > 0):
-                raise ConfigError(f"{_BY_FIELD[f].name}: must be a positive number of "
-                                  f"seconds, got {v}")
-        if self.log_level not in LOG_LEVELS:
-            raise ConfigError(f"log.level: {self.log_level!r} is not one of "
-                              f"{', '.join(LOG_LEVELS)}")
-        self.log_format = self.log_format.lower()
-        if self.log_format not in LOG_FORMATS:
-            raise ConfigError(f"log.format: {self.log_format!r} is not one of "
-                              f"{', '.join(LOG_FORMATS)}")
-        if not 0 <= self.metrics_port <= 65535:
-            raise ConfigError(f"metrics.port: {self.metrics_port} is out of range "
-                              "(allowed 0..65535; 0 picks a free port)")
         if self.metrics_enabled and not self.metrics_host.strip():
             raise ConfigError("metrics.host: must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
         if self.metrics_enabled and self.metrics_port and self.metrics_port in (
@@ -461,31 +536,9 @@ class Config:
         return self
 
     def _validate_events(self) -> None:
-        hint = "use e.g. tcp://127.0.0.1:5557, tcp://*:5557 or ipc:///run/kvstored/events"
-        for f in ("events_endpoint", "events_replay_endpoint"):
-            v = getattr(self, f)
-            if f == "events_replay_endpoint" and v in ("", "off"):
-                continue
-            if v and (not v.startswith(("tcp://", "ipc://")) or len(v) > 256
-                      or any(ord(ch) <= 0x20 for ch in v)):
-                raise ConfigError(f"{_BY_FIELD[f].name}: {v!r} is not a tcp:// or ipc:// "
-                                  f"endpoint ({hint})")
-            if v.startswith("tcp://"):
-                host, sep, port = v[6:].rpartition(":")
-                if not (sep and host and (port == "*" or port.isdigit() and 1 <= int(port) <= 65535)):
-                    raise ConfigError(f"{_BY_FIELD[f].name}: {v!r} needs host:port with a port "
-                                      f"in 1..65535 ({hint})")
+        """[events] beyond each value's own check."""
         if self.events_endpoint and self.events_endpoint == self.events_replay_endpoint:
             raise ConfigError("events.replay_endpoint: must differ from events.endpoint")
-        if not 1 <= self.events_replay_buffer <= 1_000_000:
-            raise ConfigError(f"events.replay_buffer: {self.events_replay_buffer} is outside "
-                              "1..1000000 batches")
-        if not 0 <= self.events_block_size <= 1 << 20:
-            raise ConfigError(f"events.block_size: {self.events_block_size} is outside 0..1048576 "
-                              "tokens")
-        for f, limit in (("events_topic", 256), ("events_medium", 32)):
-            if len(getattr(self, f)) > limit:
-                raise ConfigError(f"{_BY_FIELD[f].name}: longer than {limit} characters")
 
     def events_replay(self) -> str:
         """The replay endpoint in effect ("" = none)."""
@@ -497,33 +550,15 @@ class Config:
         return default_replay_endpoint(self.events_endpoint)
 
     def _validate_cluster(self) -> None:
-        """[cluster]: names and address lists parse; etcd mode has its client library."""
-        if not _CLUSTER_NAME_RE.fullmatch(self.cluster_name):
-            raise ConfigError(f"cluster.name: {self.cluster_name!r} must be 1-64 characters of "
-                              "letters, digits, '.', '_' or '-'")
-        if not 2 <= self.cluster_lease_ttl <= 3600:
-            raise ConfigError(f"cluster.lease_ttl: {self.cluster_lease_ttl} is outside 2..3600 "
-                              "seconds (etcd's minimum lease is about 2s)")
-        if len(self.cluster_failure_domain) > 128 or any(
-                ord(ch) < 0x20 for ch in self.cluster_failure_domain):
-            raise ConfigError(f"cluster.failure_domain: {self.cluster_failure_domain!r} must be "
-                              "at most 128 printable characters")
+        """[cluster]: address lists and policies parse; etcd mode has its client library."""
         self.cluster_endpoints()
         self.cluster_peers()
         self.cluster_policy_table()
-        if not 0 <= self.cluster_repair_delay <= 86400:
-            raise ConfigError(f"cluster.repair_delay: {self.cluster_repair_delay} is outside 0..86400 seconds")
-        if not 1 <= self.cluster_repair_interval <= 86400:
-            raise ConfigError(f"cluster.repair_interval: {self.cluster_repair_interval} is outside "
-                              "1..86400 seconds")
         if bool(self.cluster_etcd_username) != bool(self.cluster_etcd_password_file):
             raise ConfigError("cluster.etcd_username and cluster.etcd_password_file: set both "
                               "(etcd authentication) or neither")
         if self.cluster_etcd_password_file:
             self.cluster_etcd_password()
-        if self.cluster_repair_rate < 1 << 20:
-            raise ConfigError(f"cluster.repair_rate: {self.cluster_repair_rate} bytes/s is below 1MiB/s "
-                              "(repair would never finish)")
         if self.cluster_enabled:
             if "/" in self.node_id:
                 raise ConfigError(f"node.id: {self.node_id!r} must not contain '/' when "
@@ -581,8 +616,6 @@ class Config:
 
     def _validate_security(self) -> None:
         """[tls] and [auth]: files exist and parse, so a bad one fails at start (exit 2)."""
-        if self.tls_min_version not in ("1.2", "1.3"):
-            raise ConfigError(f"tls.min_version: {self.tls_min_version!r} is not '1.2' or '1.3'")
         if bool(self.tls_cert_file) != bool(self.tls_key_file):
             raise ConfigError("tls.cert_file and tls.key_file: set both (TLS on) or neither")
         if self.tls_client_ca_file and not self.tls_cert_file:
@@ -675,7 +708,11 @@ class Config:
             hugepages=self.hugepages, prefault=self.prefault)
 
 
-_CLUSTER_NAME_RE = re.compile(r"[A-Za-z0-9._-]{1,64}")
+# The dataclass itself: one field per row of SETTINGS, with the row's default.
+Config = make_dataclass(
+    "Config", [(s.field, _PY_TYPE[s.kind], dataclass_field(default=s.default)) for s in SETTINGS],
+    bases=(_ConfigRules,), namespace={"__module__": __name__, "__doc__": (
+        "The daemon's settings as flat fields (see SETTINGS); validate() checks them.")})
 
 
 def _host_ports(name: str, text: str, allow_empty: bool,
@@ -718,7 +755,7 @@ def _toml_str(text: str) -> str:
 
 
 def _toml_value(s: Setting, v: Any) -> str:
-    if s.kind in ("size", "auto_size"):
+    if s.kind in (SIZE, AUTO_SIZE):
         if v is None:
             return '"auto"'
         human = format_size(v)
@@ -784,14 +821,8 @@ def load_config(path: str | os.PathLike | None = None,
 
 # ---------------------------------------------------------------- command line
 
-# flag dest -> Config field
-_FLAG_FIELDS = {"host": "host", "port": "control_port", "data_port": "data_port",
-                "dram_size": "dram_size", "slab_size": "slab_size",
-                "max_value_size": "max_value_size", "tcp_congestion": "tcp_congestion",
-                "log_level": "log_level", "nvme_path": "nvme_path", "nvme_size": "nvme_size",
-                "nvme_region_size": "nvme_region_size"}
-_FLAG_FIELDS.update({"log_format": "log_format", "metrics_port": "metrics_port",
-                     "kv_events": "events_endpoint"})
+# flag dest -> Config field, from the rows that have a flag
+_FLAG_FIELDS = {s.flag.option[2:].replace("-", "_"): s.field for s in SETTINGS if s.flag}
 
 
 def _size_arg(text: str) -> int:
@@ -805,35 +836,29 @@ def _dram_size_arg(text: str) -> str | int:
     return "auto" if text.strip().lower() == "auto" else _size_arg(text)
 
 
+_FLAG_TYPE = {INT: {"type": int}, SIZE: {"type": _size_arg}, AUTO_SIZE: {"type": _dram_size_arg},
+              CHOICE: {"type": str.lower}}
+
+
+def _flag_help(s: Setting) -> str:
+    shown = format_size(s.default) if s.kind == SIZE else s.default
+    return s.flag.help.format(default=shown)
+
+
+def _flag_choices(s: Setting) -> dict[str, Any]:
+    return {"choices": s.choices} if s.choices else {}
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="kvstored", description="KV-block storage daemon.",
         epilog="Flags override the config file, which overrides built-in defaults. "
                "Sizes take binary units: 64KiB, 512MiB, 2GiB (K/KB/M/MB/G/GB are 1024-based too).")
     p.add_argument("--config", metavar="FILE", help="TOML config file")
-    p.add_argument("--host", metavar="H", help="listen address (default 127.0.0.1)")
-    p.add_argument("--port", metavar="P", type=int, help="control port (default 7070; 0 = any free)")
-    p.add_argument("--data-port", metavar="D", type=int, help="data port (default 7071; 0 = any free)")
-    p.add_argument("--dram-size", metavar="SIZE", type=_dram_size_arg,
-                   help="DRAM arena size, or 'auto' (25%% of available memory, at most 4GiB)")
-    p.add_argument("--slab-size", metavar="SIZE", type=_size_arg, help="slab size (default 64MiB)")
-    p.add_argument("--max-value-size", metavar="SIZE", type=_size_arg,
-                   help="largest value accepted (default 64MiB; <= slab size)")
-    p.add_argument("--tcp-congestion", metavar="NAME",
-                   help="TCP congestion control for data connections, e.g. cubic or bbr")
-    p.add_argument("--nvme-path", metavar="PATH", help="file or block device of the NVMe tier")
-    p.add_argument("--nvme-size", metavar="SIZE", type=_size_arg, help="size of the NVMe tier")
-    p.add_argument("--nvme-region-size", metavar="SIZE", type=_size_arg,
-                   help="NVMe region size, 16MiB-256MiB (default 128MiB)")
-    p.add_argument("--log-level", metavar="L", type=str.lower, choices=LOG_LEVELS,
-                   help=f"one of {', '.join(LOG_LEVELS)} (default info)")
-    p.add_argument("--log-format", metavar="F", type=str.lower, choices=LOG_FORMATS,
-                   help="kv (key=value, default) or json")
-    p.add_argument("--metrics-port", metavar="P", type=int,
-                   help="Prometheus /metrics port (default 9090; 0 = any free)")
-    p.add_argument("--kv-events", metavar="ENDPOINT",
-                   help="publish KV events for routers (vLLM's format) on this ZMQ endpoint, "
-                        "e.g. tcp://127.0.0.1:5557 (default off)")
+    for s in SETTINGS:  # one flag per row that has one
+        if s.flag is not None:
+            p.add_argument(s.flag.option, metavar=s.flag.metavar, help=_flag_help(s),
+                           **_FLAG_TYPE.get(s.kind, {}), **_flag_choices(s))
     p.add_argument("--ready-file", metavar="PATH",
                    help="file written once the daemon is listening (for supervisors and tests)")
     p.add_argument("--print-config", action="store_true",
@@ -869,5 +894,5 @@ def fail(msg: str) -> NoReturn:
     sys.exit(2)
 
 
-__all__ = ["Config", "ConfigError", "SETTINGS", "build_arg_parser", "config_from_args",
+__all__ = ["Config", "ConfigError", "RELOADABLE", "SETTINGS", "Setting", "build_arg_parser", "config_from_args",
            "explicit_fields", "fail", "flag_overrides", "format_size", "load_config", "parse_size"]

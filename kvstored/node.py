@@ -21,7 +21,8 @@ import grpc
 
 from kvstored import logs, sdnotify
 from kvstored.auth import Auth, TokensError
-from kvstored.config import SETTINGS, Config, ConfigError, explicit_fields, load_config
+from kvstored.config import (RELOADABLE, SETTINGS, Config, ConfigError, explicit_fields,
+                             load_config)
 from kvstored.control.service import ControlService, add_to_server
 from kvstored.control.stats import ControlStats
 from kvstored.dataplane.policy import EpochGate
@@ -83,10 +84,6 @@ class ConfigSource:
         return explicit_fields(self.path, self.overrides)
 
 
-def _set_store_limit(name: str) -> Callable[["Node", Any], None]:
-    return lambda node, v: setattr(node.store.limits, name, v)
-
-
 def _set_inflight(node: "Node", v: int) -> None:
     from kvstored.dataplane.tcp import TLS_MAX_INFLIGHT
 
@@ -109,39 +106,27 @@ def _set_tokens_file(node: "Node", v: str) -> None:
         node.auth.path = v  # read by reload_security(), which runs after the settings
 
 
-def _set_tls_file(attr: str) -> Callable[["Node", Any], None]:
-    def apply(node: "Node", v: str) -> None:
-        if node.tls is not None and v:  # turning TLS on or off needs a restart
-            setattr(node.tls, attr, v)
-    return apply
+def _set_tls_file(node: "Node", field: str, v: str) -> None:
+    if node.tls is not None and v:  # turning TLS on or off needs a restart
+        setattr(node.tls, field[len("tls_"):], v)
 
 
-def _read_live(node: "Node", v: Any) -> None:
-    """For settings the servers read from node.config on every use: setting it is enough."""
-
-
-# Settings SIGHUP applies to the running daemon: config field -> how to apply it (the new
-# value is also stored on node.config). Everything else is reported as "needs a restart".
-# Add a row here to make another setting live.
-RELOADABLE: dict[str, Callable[["Node", Any], None]] = {
-    "log_level": lambda node, v: logs.set_level(v),
-    "log_format": lambda node, v: logs.set_format(v),
-    "max_connections": lambda node, v: setattr(node.data_server, "max_connections", v),
-    "max_inflight_bytes": _set_inflight,
-    "max_connections_per_client": lambda node, v: setattr(node.data_server, "max_per_client", v),
-    "max_pipelined_requests": _set_pipelined,
-    "auth_tokens_file": _set_tokens_file,
-    "tls_cert_file": _set_tls_file("cert_file"),
-    "tls_key_file": _set_tls_file("key_file"),
-    "tls_client_ca_file": _set_tls_file("client_ca_file"),
-    "max_batch_keys": _read_live,
-    "drain_timeout": _read_live,
-    "put_wait_timeout": _set_store_limit("put_wait_timeout"),
-    "reservation_timeout": _set_store_limit("reservation_timeout"),  # new reservations
-    "max_pin_ttl": _set_store_limit("max_pin_ttl"),
-    "high_watermark": _set_store_limit("high_watermark"),
-    "low_watermark": _set_store_limit("low_watermark"),
+# How SIGHUP applies a setting: the row's ``reload`` (kvstored/config.py SETTINGS) names
+# one of these, called with (node, config field, new value); the new value is also
+# stored on node.config. A row without one is reported as "needs a restart".
+RELOAD_HOOKS: dict[str, Callable[["Node", str, Any], None]] = {
+    "live": lambda node, f, v: None,  # the servers read node.config on every use
+    "store": lambda node, f, v: setattr(node.store.limits, f, v),  # new reservations on
+    "log_level": lambda node, f, v: logs.set_level(v),
+    "log_format": lambda node, f, v: logs.set_format(v),
+    "data.max_connections": lambda node, f, v: setattr(node.data_server, "max_connections", v),
+    "data.max_per_client": lambda node, f, v: setattr(node.data_server, "max_per_client", v),
+    "inflight": lambda node, f, v: _set_inflight(node, v),
+    "pipelined": lambda node, f, v: _set_pipelined(node, v),
+    "tokens_file": lambda node, f, v: _set_tokens_file(node, v),
+    "tls_file": _set_tls_file,
 }
+assert set(RELOADABLE.values()) <= set(RELOAD_HOOKS), "a setting names an unknown reload hook"
 # Fields whose value is derived when not set (auto-sized arena, "<host>:<port>" id): a
 # difference is only real when the file or a flag names them.
 _DERIVED = ("dram_size", "node_id")
@@ -454,11 +439,11 @@ class Node:
             old, value = getattr(self.config, f), getattr(new, f)
             if old == value or (f in _DERIVED and f not in explicit and f not in self._explicit):
                 continue
-            apply = RELOADABLE.get(f)
-            if apply is None:
+            hook = RELOADABLE.get(f)
+            if hook is None:
                 restart.append(_shown(f, value))
                 continue
-            apply(self, value)
+            RELOAD_HOOKS[hook](self, f, value)
             setattr(self.config, f, value)
             applied.append(_shown(f, value))
         self._explicit = explicit
