@@ -21,14 +21,14 @@ import grpc
 
 from kvstored import logs, sdnotify
 from kvstored.auth import Auth, TokensError
-from kvstored.config import (RELOADABLE, SETTINGS, Config, ConfigError, explicit_fields,
-                             load_config)
+from kvstored.config import Config, ConfigError, explicit_fields, load_config
 from kvstored.control.service import ControlService, add_to_server
 from kvstored.control.stats import ControlStats
 from kvstored.dataplane.policy import EpochGate
 from kvstored.dataplane.tcp import DataServer
 from kvstored.engine import Store
 from kvstored.metrics import Metrics
+from kvstored.settings import RELOADABLE, SETTINGS
 from kvstored.status import NodeStatus
 from kvstored.tls import ServerTLS
 
@@ -111,7 +111,7 @@ def _set_tls_file(node: "Node", field: str, v: str) -> None:
         setattr(node.tls, field[len("tls_"):], v)
 
 
-# How SIGHUP applies a setting: the row's ``reload`` (kvstored/config.py SETTINGS) names
+# How SIGHUP applies a setting: the row's ``reload`` (kvstored/settings.py SETTINGS) names
 # one of these, called with (node, config field, new value); the new value is also
 # stored on node.config. A row without one is reported as "needs a restart".
 RELOAD_HOOKS: dict[str, Callable[["Node", str, Any], None]] = {
