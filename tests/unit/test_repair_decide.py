@@ -3,6 +3,7 @@ verify / rebuild / move, and the small pure helpers around it (assign, throttle,
 rebuild)."""
 from __future__ import annotations
 
+import os
 from typing import NamedTuple
 
 import pytest
@@ -417,3 +418,127 @@ def test_status_reports_rate_and_eta_of_the_pass_in_progress():
     assert "MiB/s for 2s" in line and ", ETA 6s" in line
     a.st.update(scanned=100)
     assert a.status()["eta_seconds"] == 0.0  # nothing left to estimate
+
+
+# ------------------------------------------------------------------ bulk execution (fakes, no sockets)
+class FakeStore:
+    """LocalStore's calls over a dict {(ns, key): bytes}."""
+
+    def __init__(self, data):
+        self.data = dict(data)
+        self.hops = 0
+
+    def read_many(self, items):
+        self.hops += 1
+        return [self.data.get(k) for k in items]
+
+    def settle(self, verify, drop):
+        self.hops += 1
+        for ns, key, _c in drop:
+            self.data.pop((ns, key), None)
+        return len(verify), [(ns, key) for ns, key, _c in drop]
+
+    def delete(self, items):
+        self.hops += 1
+        return sum(self.data.pop(k, None) is not None for k in items)
+
+
+class FakePeers:
+    """PeerIO's calls over {node_id: {(ns, key): bytes}}; ``refuse``: node ids whose
+    writes fail."""
+
+    def __init__(self, data, refuse=()):
+        self.data, self.refuse = data, set(refuse)
+        self.calls = []
+
+    def get_many(self, member, ns, keys):
+        self.calls.append(("get", member.node_id, len(keys)))
+        return [self.data.get(member.node_id, {}).get((ns, k)) for k in keys]
+
+    def put_many(self, member, ns, items, overwrite):
+        self.calls.append(("put", member.node_id, len(items)))
+        if member.node_id in self.refuse:
+            return [None] * len(items)
+        for k, v in items:
+            self.data.setdefault(member.node_id, {})[(ns, k)] = bytes(v)
+        return [True] * len(items)
+
+
+def executor(store, peers):
+    from kvstored.cluster.repair.execute import Executor
+    counts = {}
+
+    def count(name, n=1):
+        counts[name] = counts.get(name, 0) + n
+    ex = Executor(store, peers, Throttle(1 << 40), count,
+                  lambda fn, jobs: {n: fn(j) for n, j in jobs.items()}, lambda: False)
+    return ex, counts
+
+
+def test_executor_rebuilds_many_objects_with_one_read_and_one_write_call_per_peer():
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    p = Policy.parse("ec:3+2")
+    names = [ME, "a", "b", "c", "e"]
+    objs, local, remote, want = [], {}, {}, {}
+    for n in range(10):
+        base = b"obj%d#ec" % n
+        recs = encode_records(p, os.urandom(300_000), 1)
+        o = ec_obj(names, {0: recs[0][:FRAG_HEADER.size]})
+        o.base, o.mine[0] = base, o.mine[0]._replace(key=base)
+        objs.append(o)
+        local[(b"ns", base)] = recs[0]
+        for j in (1, 2, 4):  # slot 3 ("c") lost everything
+            remote.setdefault(names[j], {})[(b"ns", base)] = recs[j]
+        want[(b"ns", base)] = recs[3]
+    heads = {id(o): {(names[j], 0): H(True, head=remote[names[j]][(b"ns", o.base)][:FRAG_HEADER.size])
+                     for j in (1, 2, 4)} | {("c", 0): H(False)} for o in objs}
+    store, peers = FakeStore(local), FakePeers(remote)
+    ex, counts = executor(store, peers)
+    assert ex.run(objs, heads, peers_for_exec()) == [True] * 10
+    assert peers.data["c"] == want  # index 3 rebuilt on its own slot, byte-identical
+    assert sorted(c for c in peers.calls if c[0] == "get") == [("get", "a", 10), ("get", "b", 10)]
+    assert [c for c in peers.calls if c[0] == "put"] == [("put", "c", 10)]
+    assert counts["records_written"] == 10 and store.hops == 1  # one local read for all
+
+
+def peers_for_exec():
+    return d.Peers(ME, {}, {}, [])
+
+
+def test_executor_hand_over_deletes_only_after_every_copy_is_written():
+    o = rep_obj(["a", "b"])
+    store = FakeStore({(b"ns", b"key"): b"v" * 10})
+    got = {("a", 0): H(False), ("b", 0): H(False)}
+    peers = FakePeers({}, refuse={"b"})
+    ex, counts = executor(store, peers)
+    assert ex.run([o], {id(o): got}, peers_for_exec()) == [False]  # b refused: pending
+    assert (b"ns", b"key") in store.data and peers.data["a"] == {(b"ns", b"key"): b"v" * 10}
+    peers.refuse.clear()
+    assert ex.run([o], {id(o): got}, peers_for_exec()) == [True]
+    assert store.data == {} and counts["removed"] == 1
+
+
+def test_executor_missing_local_record_leaves_the_object_pending():
+    o = rep_obj([ME, "a"])
+    ex, counts = executor(FakeStore({}), FakePeers({}))
+    assert ex.run([o], {id(o): {("a", 0): H(False)}}, peers_for_exec()) == [False]
+    assert "records_written" not in counts
+
+
+def test_executor_reads_further_sources_when_the_first_are_stale():
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    p = Policy.parse("ec:2+2")
+    recs = encode_records(p, os.urandom(300_000), 1)
+    stale = encode_records(p, os.urandom(300_000), 1)
+    names = [ME, "a", "b", "c"]
+    o = ec_obj(names, {0: recs[0][:FRAG_HEADER.size]}, k=2, m=2)
+    remote = {"a": {(b"ns", o.base): stale[1]}, "b": {(b"ns", o.base): recs[2]}}
+    heads = {("a", 0): H(True, head=recs[1][:FRAG_HEADER.size]),  # says current, holds stale
+             ("b", 0): H(True, head=recs[2][:FRAG_HEADER.size]), ("c", 0): H(False)}
+    peers = FakePeers(remote)
+    ex, _ = executor(FakeStore({(b"ns", o.base): recs[0]}), peers)
+    assert ex.run([o], {id(o): heads}, peers_for_exec()) == [True]
+    assert peers.data["c"][(b"ns", o.base)] == recs[3]
+    assert [c[1] for c in peers.calls if c[0] == "get"] == ["a", "b"]  # a second round

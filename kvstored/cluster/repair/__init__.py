@@ -2,9 +2,11 @@
 
 One job per module:
 
-* ``agent.py``: the loop (when a pass runs, which objects it looks at) and the bulk
-  execution of decisions (reads, rebuilds and writes batched per peer, peers at once);
+* ``agent.py``: the loop (when a pass runs, which objects it looks at, Heads of their
+  slots) and the progress it reports;
 * ``decide.py``: what to do with one object, a pure function (verify, rebuild, move);
+* ``execute.py``: the actions of a batch carried out in bulk (reads, rebuilds and
+  writes batched per peer, every peer at once);
 * ``peers.py``: calls to other nodes (Heads, batch_get, batch_put), one client per peer;
 * ``local.py``: the store calls repair makes, run on the daemon's event loop;
 * ``rebuild.py``: records rebuilt from sources (pyeclib reconstruct, re-indexed copies);

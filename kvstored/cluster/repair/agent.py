@@ -1,5 +1,5 @@
-"""The repair loop: when to run a pass, which objects it looks at, and executing the
-actions decide.py returns, in bulk.
+"""The repair loop: when to run a pass, which objects it looks at, and what their slots
+hold (execute.py carries out what decide.py makes of it).
 
 Runs in its own thread (it makes blocking SDK calls to peers) and touches the store only
 through LocalStore (local.py), which hops onto the daemon's event loop. A pass starts
@@ -9,15 +9,9 @@ seconds; it skips while etcd is unreachable (the member list may be stale). It w
 node's objects in repair order (records not yet verified first, then pinned, then
 recently read, then most read) in batches of BATCH objects. Per batch:
 
-1. one Heads call per peer (and per namespace), all peers at once;
-2. ``decide()`` per object (pure, no I/O);
-3. recovered records verified or dropped, one loop hop;
-4. the records to copy read locally (one loop hop) and the rebuild sources read from
-   peers with one batch_get per peer, all peers at once (a second round for objects
-   whose first sources were missing or stale);
-5. missing records rebuilt (pyeclib) and written with one batch_put per peer, all peers
-   at once, throttled to ``cluster.repair_rate`` bytes/s;
-6. surplus records deleted (handed-over ones only once every copy was written).
+one Heads call per peer (and per namespace), all peers at once, then ``decide()`` per
+object (pure, no I/O) and the actions carried out in bulk (execute.py), throttled to
+``cluster.repair_rate`` bytes/s.
 
 Writes and deletes are idempotent (immutable objects, deterministic reconstruction), so
 two nodes acting on the same object at once, or a pass interrupted by a crash, cannot
@@ -34,9 +28,8 @@ from kvstore import errors
 from kvstore.layout import FRAG_HEADER, Policy, lap_key, parse_head, slots, split_lap
 from kvstore.placement import Member
 
-from . import rebuild as rb
-from .decide import (Copy, DeleteLocal, Drop, HandOver, Local, Obj, Peers, Pending, Reconstruct,
-                     Verify, decide)
+from .decide import Local, Obj, Peers
+from .execute import Executor
 from .local import LocalStore
 from .peers import PeerIO
 from .throttle import Throttle
@@ -44,9 +37,7 @@ from .throttle import Throttle
 log = logging.getLogger("kvstored.repair")
 
 BATCH = 128  # objects per batch (one Heads call per peer per batch)
-MAX_BATCH_BYTES = 128 << 20  # records held in memory at once while a batch is executed
 HEADS_PER_CALL = 4096  # keys per Heads call (the server's max_batch_keys is larger)
-PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
 PEER_THREADS = 8  # peers talked to at once
 MAX_PENDING_KEYS = 100_000  # unfinished objects remembered for the next pass
 HEAD = FRAG_HEADER.size
@@ -87,6 +78,8 @@ class RepairAgent:
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.rate)
         self.peers = PeerIO(settings.token, settings.tls, self._count)
+        self.executor = Executor(store, self.peers, self.throttle, self._count, self._per_peer,
+                                 lambda: self._stop)
         self._pool: ThreadPoolExecutor | None = None
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._skipped_young = 0
@@ -267,7 +260,7 @@ class RepairAgent:
             todo = [o for o in batch if o.slots]
             heads, settled = self._ask(todo, me, draining)
             view = Peers(me, settled, self._started, draining)
-            for o, ok in zip(todo, self._execute(todo, heads, view)):
+            for o, ok in zip(todo, self.executor.run(todo, heads, view)):
                 if not ok:
                     pending += 1
                     unfinished.add((o.ns, o.base))
@@ -387,190 +380,6 @@ class RepairAgent:
             for o, lap, h in got:
                 heads.setdefault(id(o), {})[(nid, lap)] = h
         return heads, settled
-
-    # ------------------------------------------------------------ executing decisions
-    def _execute(self, objs: list[Obj], heads: dict, view: Peers) -> list[bool]:
-        """Decide for every object and carry the actions out in bulk; per object, True
-        when it needs nothing more from this node."""
-        plans = []
-        for o in objs:
-            try:
-                plans.append(decide(o, heads.get(id(o), {}), view))
-            except Exception:  # a bug on one object must not stop the pass for all others
-                self._count("failures")
-                log.exception("repair decision failed", extra={
-                    "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
-                plans.append([Pending("decision failed")])
-        ok = [not any(isinstance(a, Pending) for a in acts) for acts in plans]
-        self._settle(objs, plans, ok)
-        # execute in chunks whose records fit MAX_BATCH_BYTES
-        start, size = 0, 0
-        for i, o in enumerate(objs):
-            est = sum(v.size for v in o.mine.values()) * ((o.policy.k if o.policy and o.ec else 1) + 2)
-            if i > start and size + est > MAX_BATCH_BYTES:
-                self._move(objs[start:i], plans[start:i], ok, start, view.me)
-                start, size = i, 0
-            size += est
-        if start < len(objs):
-            self._move(objs[start:], plans[start:], ok, start, view.me)
-        return ok
-
-    def _settle(self, objs: list[Obj], plans: list, ok: list) -> None:
-        """Verify / Drop actions: one loop hop for the batch."""
-        verify, drop = [], []
-        for o, acts in zip(objs, plans):
-            for a in acts:
-                if isinstance(a, Verify):
-                    verify.append((o.ns, a.key))
-                elif isinstance(a, Drop):
-                    drop.append((o.ns, a.key, a.checksum))
-        if not verify and not drop:
-            return
-        n, dropped = self.store.settle(verify, drop)
-        self._count("verified", n)
-        self._count("dropped", len(dropped))
-        for ns, key in dropped:
-            log.info("dropped a stale record recovered at restart", extra={
-                "namespace": ns.decode(errors="replace"), "key": key[:48].hex()})
-
-    def _move(self, objs: list[Obj], plans: list, ok: list, base: int, me: str) -> None:
-        """Copy, HandOver, Reconstruct and DeleteLocal actions of ``objs`` (ok[base + i]
-        is object i's outcome, cleared on any failure)."""
-        # 1. local records to send
-        local_keys: dict[tuple[bytes, bytes], bytes | None] = {}
-        for o, acts in zip(objs, plans):
-            for a in acts:
-                if isinstance(a, (Copy, HandOver)):
-                    local_keys[(o.ns, a.src)] = None
-        # 2. rebuild sources, read local first, then one batch_get per peer
-        recs: dict[int, list] = {}  # i -> usable source records
-        have: dict[int, set] = {}
-        tried: dict[int, int] = {}  # i -> sources consumed
-        rebuilds = [(i, o, a) for i, (o, acts) in enumerate(zip(objs, plans))
-                    for a in acts if isinstance(a, Reconstruct)]
-        for i, _o, _a in rebuilds:
-            recs[i], have[i], tried[i] = [], set(), 0
-        if local_keys:  # the records to copy, in one loop hop
-            self._read([], me, local_keys)
-        for _round in range(8):  # bounded: each round consumes at least one source per object
-            wants = []  # (i, o, a, member, key)
-            for i, o, a in rebuilds:
-                need = rb.needed(o.policy, a.kind) - len(recs[i])
-                if need <= 0 or tried[i] >= len(a.sources):
-                    continue
-                for j in a.sources[tried[i]:tried[i] + need]:
-                    member, lap = o.slots[j]
-                    wants.append((i, o, a, member, lap_key(o.base, lap)))
-                tried[i] += need
-            if not wants:
-                break
-            got = self._read(wants, me, {})
-            for (i, o, a, _m, _k), buf in zip(wants, got):
-                recs[i] += rb.usable([buf], a.version, have[i])
-        # 3. records to write, per peer
-        writes: dict[str, tuple] = {}  # node_id -> (member, [(ns, overwrite, key, data, tag)])
-        tags: dict[tuple, list] = {}  # (i, action index) -> results of its writes
-
-        def write(member, ns, overwrite, key, data, tag):
-            writes.setdefault(member.node_id, (member, []))[1].append((ns, overwrite, key, data, tag))
-            tags.setdefault(tag, [])
-
-        for i, (o, acts) in enumerate(zip(objs, plans)):
-            for n, a in enumerate(acts):
-                if isinstance(a, (Copy, HandOver)):
-                    data = local_keys.get((o.ns, a.src))
-                    if data is None:
-                        ok[base + i] = False
-                        tags[(i, n)] = [None]
-                        continue
-                    for j in ((a.slot,) if isinstance(a, Copy) else a.slots):
-                        write(o.slots[j][0], o.ns, a.overwrite, a.dst, data, (i, n))
-                elif isinstance(a, Reconstruct):
-                    what = f"{o.ns.decode(errors='replace')}/{o.base[:48].hex()}"
-                    built = rb.rebuild(o.policy, a.kind, recs.get(i, []), [t[0] for t in a.targets], what)
-                    if built is None:
-                        ok[base + i] = False
-                        continue
-                    for idx, j, overwrite in a.targets:
-                        member, lap = o.slots[j]
-                        write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
-        results = self._write(writes)
-        for tag, r in results.items():
-            tags[tag] += r
-        # 4. deletes: handed-over records once every copy was written
-        deletes = []
-        for i, (o, acts) in enumerate(zip(objs, plans)):
-            for n, a in enumerate(acts):
-                written = tags.get((i, n), [])
-                if any(r is None for r in written):
-                    ok[base + i] = False
-                if isinstance(a, DeleteLocal) or (
-                        isinstance(a, HandOver) and written and all(r is not None for r in written)):
-                    deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
-        if deletes:
-            self._count("removed", self.store.delete(deletes))
-
-    def _read(self, wants: list, me: str, local_keys: dict) -> list:
-        """The records of ``wants`` ((i, o, a, member, key)) and of ``local_keys`` (filled
-        in place): this node's in one loop hop, each peer's with one batch_get, at once."""
-        local = [(o.ns, key) for _i, o, _a, member, key in wants if member.node_id == me]
-        lk = list(local_keys)
-        got_local = self.store.read_many(local + lk) if local or lk else []
-        for k, buf in zip(lk, got_local[len(local):]):
-            local_keys[k] = buf
-        per_peer: dict[str, tuple] = {}
-        for n, (_i, o, _a, member, key) in enumerate(wants):
-            if member.node_id != me:
-                per_peer.setdefault(member.node_id, (member, {}))[1].setdefault(o.ns, []).append((n, key))
-
-        def read(job):
-            member, by_ns = job
-            out = []
-            for ns, its in by_ns.items():
-                bufs = self.peers.get_many(member, ns, [k for _n, k in its])
-                out += [(n, b) for (n, _k), b in zip(its, bufs)]
-            return out
-
-        result: list = [None] * len(wants)
-        li = iter(got_local[:len(local)])
-        for n, (_i, _o, _a, member, _k) in enumerate(wants):
-            if member.node_id == me:
-                result[n] = next(li)
-        for got in self._per_peer(read, per_peer).values():
-            for n, b in got:
-                result[n] = b
-        return result
-
-    def _write(self, writes: dict) -> dict:
-        """batch_put per peer (grouped by namespace and overwrite flag), all peers at once,
-        throttled; {tag: [True stored | False identical | None failed, ...]}."""
-        def put(job):
-            member, items = job
-            groups: dict[tuple, list] = {}
-            for ns, overwrite, key, data, tag in items:
-                groups.setdefault((ns, overwrite), []).append((key, data, tag))
-            out = []
-            for (ns, overwrite), its in groups.items():
-                for c in range(0, len(its), PUT_CHUNK):
-                    if self._stop:
-                        out += [(tag, None) for _k, _d, tag in its[c:]]
-                        break
-                    chunk = its[c:c + PUT_CHUNK]
-                    self.throttle.take(sum(len(d) for _k, d, _t in chunk))
-                    rs = self.peers.put_many(member, ns, [(k, d) for k, d, _t in chunk], overwrite)
-                    for (_k, d, tag), r in zip(chunk, rs):
-                        if r:
-                            self._count("records_written")
-                            self._count("bytes_written", len(d))
-                        out.append((tag, r))
-            return out
-
-        results: dict = {}
-        for got in self._per_peer(put, writes).values():
-            for tag, r in got:
-                results.setdefault(tag, []).append(r)
-        return results
-
 
 def group(rows, policies: dict, draining: bool) -> list[Obj]:
     """The objects of store.repair_snapshot() rows, in their order: EC records grouped
