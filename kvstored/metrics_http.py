@@ -1,0 +1,118 @@
+"""The metrics HTTP endpoint on the daemon's event loop: ``/metrics`` (text or
+OpenMetrics by ``Accept``, gzip when asked), ``/healthz`` (200 while the process is
+alive) and ``/readyz`` (200 when serving, 503 while starting, warming or draining).
+
+One request per connection, on the loop the Store lives on: the collectors read the
+Store, which has no locks (prometheus_client's thread-per-request server is ruled out).
+"""
+from __future__ import annotations
+
+import asyncio
+import gzip
+import logging
+import time
+from typing import TYPE_CHECKING
+from urllib.parse import parse_qs, urlsplit
+
+from prometheus_client import CollectorRegistry
+from prometheus_client.exposition import choose_encoder, gzip_accepted
+
+if TYPE_CHECKING:
+    from kvstored.status import NodeStatus
+
+log = logging.getLogger("kvstored.metrics")
+
+HEAD_LIMIT = 16 << 10  # request line + headers
+REQUEST_TIMEOUT = 10.0
+
+
+class MetricsServer:
+    """HTTP/1.1 (one request per connection) on the daemon's loop: /metrics /healthz /readyz."""
+
+    def __init__(self, registry: CollectorRegistry, status: "NodeStatus"):
+        self.registry = registry
+        self.status = status
+        self.server: asyncio.base_events.Server | None = None
+
+    async def start(self, host: str, port: int) -> int:
+        self.server = await asyncio.start_server(self._handle, host, port, limit=HEAD_LIMIT,
+                                                 reuse_address=True)
+        return self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            try:
+                await asyncio.wait_for(self.server.wait_closed(), 1.0)
+            except asyncio.TimeoutError:
+                pass
+
+    def _respond(self, method: str, path: str, query: str, headers: dict[str, str]):
+        if path == "/healthz":
+            return 200, "text/plain; charset=utf-8", b"live\n", []
+        if path == "/readyz":
+            ok = self.status.ready
+            return (200 if ok else 503), "text/plain; charset=utf-8", \
+                f"{'ready' if ok else 'not ready'}: {self.status.readiness()}\n".encode(), []
+        if path in ("/metrics", "/"):
+            encoder, ctype = choose_encoder(headers.get("accept", ""))
+            registry = self.registry
+            params = parse_qs(query)
+            if "name[]" in params:
+                registry = registry.restricted_registry(params["name[]"])
+            body = encoder(registry)
+            extra = []
+            if gzip_accepted(headers.get("accept-encoding", "")):
+                body = gzip.compress(body, compresslevel=1)
+                extra.append(("Content-Encoding", "gzip"))
+            return 200, ctype, body, extra
+        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n", []
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            try:
+                head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), REQUEST_TIMEOUT)
+            except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, asyncio.TimeoutError,
+                    ConnectionError):
+                return
+            lines = head.decode("latin-1").split("\r\n")
+            parts = lines[0].split()
+            if len(parts) != 3:
+                status, ctype, body, extra = 400, "text/plain", b"bad request\n", []
+                method = "GET"
+            else:
+                method, target, _version = parts
+                headers = {}
+                for line in lines[1:]:
+                    name, sep, value = line.partition(":")
+                    if sep:
+                        headers[name.strip().lower()] = value.strip()
+                if method not in ("GET", "HEAD"):
+                    status, ctype, body, extra = (405, "text/plain", b"use GET\n",
+                                                  [("Allow", "GET, HEAD")])
+                else:
+                    url = urlsplit(target)
+                    t0 = time.perf_counter()
+                    try:
+                        status, ctype, body, extra = self._respond(method, url.path, url.query,
+                                                                   headers)
+                    except Exception:
+                        log.exception("metrics scrape failed")
+                        status, ctype, body, extra = 500, "text/plain", b"internal error\n", []
+                    if time.perf_counter() - t0 > 0.1:
+                        log.info("slow metrics scrape", extra={
+                            "seconds": round(time.perf_counter() - t0, 3)})
+            reason = {200: "OK", 400: "Bad Request", 404: "Not Found",
+                      405: "Method Not Allowed", 500: "Internal Server Error",
+                      503: "Service Unavailable"}[status]
+            out = [f"HTTP/1.1 {status} {reason}", f"Content-Type: {ctype}",
+                   f"Content-Length: {len(body)}", "Connection: close",
+                   *(f"{k}: {v}" for k, v in extra)]
+            writer.write(("\r\n".join(out) + "\r\n\r\n").encode("latin-1"))
+            if method != "HEAD":
+                writer.write(body)
+            await asyncio.wait_for(writer.drain(), REQUEST_TIMEOUT)
+        except (ConnectionError, asyncio.TimeoutError):
+            pass
+        finally:
+            writer.close()
