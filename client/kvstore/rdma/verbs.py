@@ -189,9 +189,12 @@ class _PyBuffer(ctypes.Structure):
                 ("suboffsets", ctypes.c_void_p), ("internal", ctypes.c_void_p)]
 
 
-_get_buffer = ctypes.pythonapi.PyObject_GetBuffer
+# Our own handle on the interpreter: ctypes.pythonapi's function objects are shared by the
+# whole process, and setting argtypes on them would change them for every other user.
+_api = ctypes.PyDLL(None, handle=ctypes.pythonapi._handle)
+_get_buffer = _api.PyObject_GetBuffer
 _get_buffer.argtypes = [ctypes.py_object, ctypes.POINTER(_PyBuffer), ctypes.c_int]
-_release_buffer = ctypes.pythonapi.PyBuffer_Release
+_release_buffer = _api.PyBuffer_Release
 _release_buffer.argtypes = [ctypes.POINTER(_PyBuffer)]
 _PyBUF_SIMPLE = 0
 
