@@ -51,7 +51,11 @@ if TYPE_CHECKING:
 log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their logger name
 
 HEADER_BUFFER = 256 << 10  # per-connection buffer for headers (and small payload tails)
-DISCARD_LIMIT = 1 << 30  # payloads of rejected puts up to this size are skipped, not fatal
+DISCARD_LIMIT = 1 << 30
+# requests parsed in one go before the driver lets other connections be served
+# (``yield_stop``): a flood of small requests (8192 PINGs per 256 KiB read, and libuv
+# reads a ready socket up to 32 times per loop iteration) kept a good client waiting ~1 s
+FAIR_FRAMES = 1024  # payloads of rejected puts up to this size are skipped, not fatal
 
 # what a request's length field means, per op
 BODY = 0  # that many payload bytes follow the key
@@ -155,6 +159,7 @@ class DataSession:
         self.lingering = False  # draining: answered all it will, swallowing input
         self.write_paused = False
         self.burst_stop = False  # parsing stopped to let a burst of responses be flushed
+        self.yield_stop = False  # parsing stopped after FAIR_FRAMES: the driver yields, then advance()
         self.in_advance = False
         self.sent = 0  # bytes queued for the transport
         # copied response bytes / frames queued since the transport's buffer was last empty
@@ -173,6 +178,7 @@ class DataSession:
         self.on_payload: Callable[[], None] | None = None  # run when the payload target is full
         self.reserved = 0  # bytes of this connection's unfinished reservations
         self.req_id = 0
+        self.frames = 0  # requests parsed (the driver yields to other connections by it)
         self.t_in = 0.0  # when the bytes being parsed arrived (latency start)
         self.put_t0 = 0.0
 
@@ -294,12 +300,13 @@ class DataSession:
         """Handle buffered frames until one blocks: a payload, a put waiting for space, a
         full write buffer, max_pipelined unanswered requests, or a burst to flush."""
         self.burst_stop = False
-        if self.closed or self.lingering or self.in_advance:
+        if self.closed or self.lingering or self.in_advance or self.yield_stop:
             return
         self.in_advance = True
         reader, ops, budget, pending = self.reader, self.ops, self.budget, self.pending
         guard, plane = self.guard, self.plane
         self.t_in = _now()
+        n = 0
         while (not self.closed and reader.target is None and self.waiting is None
                and not self.write_paused and len(pending) + self.loads < budget.max_pipelined
                and self.queued < budget.max_queued_bytes
@@ -309,6 +316,10 @@ class DataSession:
             if self.sent - self.flushed_at >= budget.burst:
                 self.burst_stop = True  # the driver flushes, then calls advance() again
                 break
+            if n >= FAIR_FRAMES:
+                self.yield_stop = True
+                break
+            n += 1
             if plane.draining:  # start nothing new; the server closes us
                 self.reading = False
                 break
@@ -320,6 +331,7 @@ class DataSession:
             if frame is None:
                 break
             h, ns, key = frame
+            self.frames += 1
             self.req_id = rid = h.req_id
             op = ops.get(h.op)
             if op is None:
@@ -358,7 +370,7 @@ class DataSession:
     def _unblock(self) -> None:
         """Read again, and handle frames already received, once nothing holds us back."""
         if (self.closed or self.in_advance or self.lingering or self.write_paused
-                or self.queue_full or self.waiting is not None or self.plane.draining
+                or self.yield_stop or self.queue_full or self.waiting is not None or self.plane.draining
                 or len(self.pending) + self.loads >= self.budget.max_pipelined):
             return
         self.reading = True

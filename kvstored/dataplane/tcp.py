@@ -275,6 +275,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.seen_rx = 0
         self.seen_drained = -1
         self.drained_at = 0.0
+        self.yielding = False  # reading paused until the loop has served the others
 
     @property
     def closed(self) -> bool:
@@ -311,16 +312,17 @@ class DataConnection(asyncio.BufferedProtocol):
         if srv.draining:  # accepted just before the listener closed
             return self._refuse(None)
         ip = peer[0] if isinstance(peer, tuple) and peer else None
+        # the client's own limit first: refused early, naming it, and never evicting others
+        n = srv.per_client.get(ip, 0) if ip is not None else 0
+        if n >= srv.max_per_client:
+            srv.counters["rejected_connections_per_client"] += 1
+            return self._refuse(f"too many connections from {ip} "
+                                f"(max {srv.max_per_client} per client)")
         if len(srv.connections) >= srv.max_connections and not srv.make_room(ip):
             srv.counters["rejected_connections"] += 1
             return self._refuse(f"too many connections (max {srv.max_connections})")
         if ip is not None:
-            n = srv.per_client.get(ip, 0)
-            if n >= srv.max_per_client:
-                srv.counters["rejected_connections_per_client"] += 1
-                return self._refuse(f"too many connections from {ip} "
-                                    f"(max {srv.max_per_client} per client)")
-            srv.per_client[ip] = n + 1
+            srv.per_client[ip] = srv.per_client.get(ip, 0) + 1
             self.peer_ip = ip
         self.session.client = self.client or ip or ""
         self.active_at = self.drained_at = asyncio.get_running_loop().time()
@@ -412,6 +414,24 @@ class DataConnection(asyncio.BufferedProtocol):
         self.session.received(nbytes)
         self._act()
 
+    def _yield(self) -> None:
+        """The session parsed FAIR_FRAMES requests: read nothing until the loop has served
+        the other connections, then parse on."""
+        self.yielding = True
+        if self.reading and not self.done:
+            self.transport.pause_reading()
+        asyncio.get_running_loop().call_soon(self._end_yield)
+
+    def _end_yield(self) -> None:
+        self.yielding = False
+        s = self.session
+        s.yield_stop = False
+        if not self.done:
+            s.advance()
+            self._act()
+        if self.reading and not self.done and not self.yielding:
+            self.transport.resume_reading()
+
     def eof_received(self):
         return False  # close our side too; connection_lost cleans up
 
@@ -465,7 +485,8 @@ class DataConnection(asyncio.BufferedProtocol):
                 s.written(self.transport.get_write_buffer_size())
             if s.burst_stop:  # parsing stopped to flush a burst: go on
                 s.advance()
-        if not (s.calls or s.finish is not None or s.reading != self.reading or s.pending):
+        if not (s.calls or s.finish is not None or s.reading != self.reading or s.pending
+                or s.yield_stop or s.queue_full):
             return  # the usual case: nothing more to do
         if s.calls:
             loop = asyncio.get_running_loop()
@@ -479,6 +500,8 @@ class DataConnection(asyncio.BufferedProtocol):
             return
         if s.reading != self.reading:
             self._set_reading(s.reading)
+        if s.yield_stop and not self.yielding and not self.done:
+            self._yield()
         if s.queue_full and not self.tight and not self.done:
             # have the transport say when its buffer is empty (resume_writing), then read on
             self.tight = True
@@ -505,6 +528,8 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.done or on == self.reading:
             return
         self.reading = on
+        if self.yielding:
+            return  # paused already; _end_yield resumes if we still read then
         if on:
             self.transport.resume_reading()
         else:
