@@ -12,6 +12,12 @@ with ``shm=False`` (TCP, the machine's congestion control). Rows:
 * get_into c=1 / batch=32: one copy out of the arena, checksum verified;
 * get_view: a leased zero-copy view, released at once (no bytes copied; the
   client's checksum pass is on by default and shown separately with it off).
+
+An shm put carries the checksum of the caller's bytes, computed by the SDK, and
+the daemon verifies the slot against it at commit (end to end, issue 17; the
+daemon checksummed the slot at commit before too). What that adds is one xxh3
+pass over the value in the client: the "SDK checksum" rows give its rate and its
+share of a c=1 shm put's time (size / xxh3 rate over size / put rate).
 """
 from __future__ import annotations
 
@@ -54,6 +60,8 @@ def measure(kvstore, address: str, size: int, duration: float) -> dict:
         return i[0]
 
     out = {"size": size, "memcpy": rate(lambda: dsts[step()].__setitem__(slice(None), src), size, duration)}
+    from kvstore.wire import checksum
+    out["checksum"] = rate(lambda: checksum(src), size, duration)
     for transport, shm in (("shm", None), ("tcp", False)):
         with kvstore.Client(address, namespace="bench", shm=shm) as c:
             assert c.transport == transport, f"wanted {transport}, got {c.transport}"
@@ -91,6 +99,9 @@ def render(rows: list[dict], cc: str) -> str:
                           ("shm_get_view_noverify", "get_view (zero copy, no checksum pass)")):
             v = r[op]
             lines.append(f"| {human_size(r['size'])} | {label} | {gb(m)} | {gb(v)} | {v / m:.2f} | - | - |")
+        cs = r["checksum"]
+        lines.append(f"| {human_size(r['size'])} | SDK checksum of a put (xxh3; {r['shm_put'] / cs:.0%} "
+                     f"of a c=1 shm put's time) | {gb(m)} | {gb(cs)} | {cs / m:.2f} | - | - |")
     return "\n".join(lines)
 
 
