@@ -72,6 +72,13 @@ test: install-test
 	@command -v qemu-x86_64 >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq qemu-user >/dev/null) || \
 	  echo "make test: could not install qemu-user; the portability test will be skipped"
+	@# tests/rdma: rdma-core's user space and pyverbs (Debian's build, linked into the venv so the
+	@# pyverbs layer is checked against the real module; without a device those tests skip)
+	@test -d /usr/lib/python3/dist-packages/pyverbs || \
+	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq rdma-core ibverbs-providers ibverbs-utils python3-pyverbs perftest >/dev/null) || \
+	  echo "make test: could not install rdma-core/python3-pyverbs; the pyverbs checks will be skipped"
+	@test ! -d /usr/lib/python3/dist-packages/pyverbs || \
+	  ln -sfn /usr/lib/python3/dist-packages/pyverbs $$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')/pyverbs
 	@# tests/cluster: a real etcd (Debian's etcd-server); the tests skip when it is missing
 	@command -v etcd >/dev/null || \
 	  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq etcd-server >/dev/null) || \
