@@ -265,7 +265,7 @@ class ControlService(pb_grpc.KVStoreServicer):
 
     @_typed_errors
     @_guard(WRITE)
-    def Put(self, request, context):
+    async def Put(self, request, context):
         ns, key = namespace_bytes(request.namespace), key_bytes(request.key)
         limit = self.config.max_control_value_size
         if len(request.value) > limit:
@@ -273,8 +273,12 @@ class ControlService(pb_grpc.KVStoreServicer):
                 f"value of {len(request.value)} bytes is over the control-plane limit {limit}; "
                 "use the data path (kvstore.Client.put does)")
         cs = request.checksum if request.HasField("checksum") else checksum(request.value)
-        stored = self.store.put_bytes(ns, key, request.value, cs, request.overwrite)
-        return pb.PutResponse(stored=stored)
+        # like the data path: without space, wait (bounded by put_wait_timeout), then NoSpace
+        res = await self.store.reserve_wait(ns, key, len(request.value), cs, request.overwrite)
+        if res is None:
+            return pb.PutResponse(stored=False)
+        res.view[:] = request.value
+        return pb.PutResponse(stored=self.store.commit(res))
 
     @_typed_errors
     @_guard(READ)

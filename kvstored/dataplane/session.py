@@ -168,6 +168,9 @@ class DataSession:
         self.queued_frames = 0
         self.queue_full = False
         self.put_cap = 0.0  # the store clock's latest commit time for the put being received
+        # until then (store clock) a put finding no space is refused at once: this connection
+        # just waited put_wait_timeout in vain, so a batch waits once, not once per object
+        self.no_wait_until = 0.0
         self.flushed_at = 0  # self.sent at the last take_output
         self.rx = 0  # bytes received
         self.pending: collections.deque = collections.deque()  # (sent end, entry, t0) of gets
@@ -461,7 +464,9 @@ class DataSession:
         try:
             _check_names(ns, key)
             res = self.store.reserve(ns, key, size, csum, overwrite)
-        except errors.NoSpace:
+        except errors.NoSpace as e:
+            if self.no_wait_until and self.store.clock() < self.no_wait_until:
+                return self.reject(op, rid, skip, e)
             self.reading = False
             self.waiting = Call(self.store.reserve_wait, (ns, key, size, csum, overwrite),
                                 _reserved_later, (op, rid, size, reserved, skip))
@@ -473,6 +478,7 @@ class DataSession:
         reserved(self, rid, res, size)
 
     def _hold(self, res: "Reservation | None") -> None:
+        self.no_wait_until = 0.0  # space again: the next put may wait
         if res is not None:
             self.reserved += res.size
             self.plane.clients.add(self.client, res.size)
@@ -532,6 +538,8 @@ def _reserved_later(s: DataSession, call: Call, res: "Reservation | None", err) 
     op, rid, size, reserved, skip = call.ctx
     s.waiting = None
     if err is not None:
+        if isinstance(err, errors.NoSpace):
+            s.no_wait_until = s.store.clock() + s.store.limits.put_wait_timeout
         s.reject(op, rid, skip, err)
     elif s.closed:
         if res is not None:
