@@ -157,6 +157,76 @@ def test_unevictable_entries_are_skipped_not_lost():
 def test_policy_rejects_bad_share():
     with pytest.raises(ValueError):
         Policy(1, protected_share=1.0)
+    with pytest.raises(ValueError):
+        Policy(1, age_bonus=-1.0)
+    with pytest.raises(ValueError):
+        Policy(1, age_bonus=9.0, bonus_max=8.0)
+    with pytest.raises(ValueError):
+        Policy(1, adapt_rate=-0.5)
+
+
+def _evict_from(p: Policy, key: bytes, protect: bool) -> None:
+    """Insert ``key``, read it if ``protect``, then evict it (the ghost learns its list)."""
+    e = E(key)
+    p.insert(e)
+    if protect:
+        p.touch(e)
+    p.remove(e, evicted=True)
+
+
+def test_age_bonus_adapts_to_where_ghost_hits_come_from():
+    p = Policy(1, age_bonus=1.0, adapt_rate=8.0, bonus_max=4.0)
+    resident = [E(b"r%d" % i) for i in range(16)]
+    for e in resident:
+        p.insert(e)
+    # keys evicted from protected come back: protected entries aged out too early
+    for i in range(200):
+        _evict_from(p, b"p%d" % i, protect=True)
+    assert p.ghost_n[PROTECTED] == 200
+    for i in range(200):
+        p.insert(E(b"p%d" % i))
+        p.remove(p.queues[0].lists[PROTECTED].head)  # keep the resident count steady
+    assert p.age_bonus == 4.0  # raised, and held at bonus_max
+    assert p.ghost_n[PROTECTED] == 0
+    # keys evicted from probation come back: lower it again, never below 0
+    for i in range(400):
+        _evict_from(p, b"q%d" % i, protect=False)
+    for i in range(400):
+        p.insert(E(b"q%d" % i))
+        p.remove(p.queues[0].lists[PROTECTED].head)
+    assert p.age_bonus == 0.0
+    assert p.counters["ghost_hits"] == 600
+
+
+def test_age_bonus_is_fixed_without_adaptation_and_cold_hits_do_not_move_it():
+    p = Policy(1, age_bonus=1.5, adapt_rate=0.0)
+    for i in range(50):
+        _evict_from(p, b"k%d" % i, protect=i % 2 == 0)
+    for i in range(50):
+        p.insert(E(b"k%d" % i))
+    assert p.age_bonus == 1.5 and p.counters["ghost_hits"] == 50
+    q = Policy(1, age_bonus=1.5)
+    q.note_chain(NS, [b"a", b"t"], 0)
+    t = E(b"t")
+    q.insert(t)
+    assert t.seg == COLD
+    q.remove(t, evicted=True)
+    assert q.ghost[(NS, b"t")] == COLD
+    q.insert(E(b"t"))  # back protected, but a cold hit says nothing about the bonus
+    assert q.age_bonus == 1.5
+
+
+def test_ghost_counts_match_the_ghost_under_churn():
+    p = Policy(1, ghost_min=64)
+    for i in range(3000):  # keys recur, are evicted again, and fall off the bounded ghost
+        e = E(b"k%d" % (i % 97))
+        if (NS, e.key) in p.ghost or i % 3:
+            p.insert(e)
+            if i % 5 == 0:
+                p.touch(e)
+            p.remove(e, evicted=True)
+        assert sum(p.ghost_n) == len(p.ghost) <= 64
+        assert 0.0 <= p.age_bonus <= p.bonus_max
 
 
 # ------------------------------------------------------------ store level
