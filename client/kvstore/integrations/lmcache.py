@@ -138,7 +138,7 @@ class KVStoreConnector(RemoteConnector):
         self.save_chunk_meta = bool(scm or config.use_layerwise
                                     or (config.remote_serde or "naive") != "naive")
         self.client = client_from_options(self.options)
-        self.breaker = Breaker(f"LMCache {self.plugin_name}")
+        self.breaker = Breaker(f"LMCache {self.plugin_name}", probe=self.client.ping)
         self._pool = ThreadPoolExecutor(self.workers, thread_name_prefix="kvstore-lmcache")
         self._closed = False
         self._lock = threading.Lock()
@@ -408,6 +408,7 @@ class KVStoreConnector(RemoteConnector):
             if self._closed:
                 return
             self._closed = True
+        self.breaker.close()
         self._pool.shutdown(wait=True)
         self.client.close()
 

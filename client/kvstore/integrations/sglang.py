@@ -114,7 +114,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         self._ident_v1: Optional[str] = None
         self._ident = self._digest("flat")
         self.client = client_from_options(self.options)
-        self.breaker = Breaker("SGLang HiCache")
+        self.breaker = Breaker("SGLang HiCache", probe=self.client.ping)
         log.info("SGLang HiCache -> %s (shard %s)", self.options.describe(), self._shard)
 
     def _store(self, what: str, fn, *args, default=None, **kw):
@@ -325,6 +325,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         return None
 
     def close(self) -> None:
+        self.breaker.close()
         self.client.close()
 
 

@@ -128,7 +128,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         self._rank_grid = [(tp, pp) for tp in range(int(pc.tensor_parallel_size))
                            for pp in range(int(pc.pipeline_parallel_size))]
         self.client = client_from_options(self.options)
-        self.breaker = Breaker(f"vLLM {getattr(role, 'name', role)}")
+        self.breaker = Breaker(f"vLLM {getattr(role, 'name', role)}", probe=self.client.ping)
         # scheduler side
         self._reqs: dict[str, _Request] = {}
         self._lookups: dict[str, tuple[list[bytes], int, int]] = {}
@@ -400,6 +400,7 @@ class KVStoreConnector(KVConnectorBase_V1):
         return failed
 
     def shutdown(self):
+        self.breaker.close()
         self.client.close()
 
 
