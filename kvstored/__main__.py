@@ -24,7 +24,37 @@ def _missing_extra(e: ModuleNotFoundError) -> str | None:
             f"{SERVER_EXTRA_HINT} (the plain package is the SDK and kvstore-cli only)")
 
 
+# glibc's malloc hands ~1 MiB buffers (EC fragments, repair batches, gRPC messages) back to
+# the kernel on every free and page-faults them in again on the next allocation: a 1 MiB
+# ec:4+2 encode measured 736 minor faults and 1.8 ms of system time per call, 0 and ~0.4 ms
+# with these thresholds. Same effect as MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_, which
+# win when the operator sets them. 32 MiB is glibc's largest mmap threshold on 64-bit.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 256 << 20
+
+
+def _tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process; False where not glibc."""
+    import ctypes
+    import platform
+
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    ok = True
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        ok &= mallopt(-3, MALLOC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        ok &= mallopt(-1, MALLOC_TRIM_THRESHOLD) == 1  # M_TRIM_THRESHOLD
+    return ok
+
+
 def main(argv: list[str] | None = None) -> int:
+    _tune_malloc()
     # gRPC's C core prints its own lines on stderr (a failed bind: "E1130 ... add_port.cc");
     # the daemon reports those errors itself. GRPC_VERBOSITY=debug brings them back.
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
