@@ -29,6 +29,11 @@ log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their
 
 def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     s.put_t0 = s.t_in
+    # the header carries the checksum: bytes already stored are answered from the index,
+    # before any budget, slot or allocator is touched; the payload is read into scratch
+    if s.store.dedup(ns, key, h.length, h.checksum):
+        s.skip_then_send(h.req_id, h.length, _dedup_response(h.req_id))
+        return
     s.reserve(OP_PUT, h.req_id, ns, key, h.length, h.checksum, bool(h.flags & FLAG_OVERWRITE),
               _put_reserved, skip=h.length)
 

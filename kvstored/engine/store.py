@@ -178,19 +178,12 @@ class Store:
         if size > self.limits.max_value_size:
             raise InvalidArgument(
                 f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
+        if self.dedup(ns, key, size, checksum):
+            return None
         old = self.index.get((ns, key))
         if old is not None and old.unverified:
-            if checksum is not None and old.checksum == checksum and old.size == size:
-                self.verify(old)  # a writer vouches for exactly these bytes
-                self.policy.touch(old)
-                self.counters["dedups"] += 1
-                return None
             overwrite = True  # a fresh write beats a record not yet verified
         if old is not None and not overwrite and checksum is not None:
-            if old.checksum == checksum and old.size == size:
-                self.policy.touch(old)  # a put of what is stored is an access
-                self.counters["dedups"] += 1
-                return None
             self.counters["conflicts"] += 1
             raise Conflict(f"key exists with a different checksum (size {old.size}); "
                            "objects are immutable unless overwrite is asked")
@@ -206,6 +199,19 @@ class Store:
         self.reservations.add(res)
         self.reserved_bytes += size
         return res
+
+    def dedup(self, ns: bytes, key: bytes, size: int, checksum: int | None) -> bool:
+        """True when exactly these bytes (size and checksum) are stored under the key: the
+        put is answered from the index alone, overwrite or not, before any slot is taken
+        (re-puts, e.g. a cluster client's, otherwise reserve, copy and free a slot)."""
+        old = self.index.get((ns, key))
+        if old is None or checksum is None or old.checksum != checksum or old.size != size:
+            return False
+        if old.unverified:
+            self.verify(old)  # a writer vouches for exactly these bytes
+        self.policy.touch(old)  # a put of what is stored is an access
+        self.counters["dedups"] += 1
+        return True
 
     async def reserve_wait(self, ns: bytes, key: bytes, size: int, checksum: int,
                            overwrite: bool = False, timeout: float | None = None) -> Reservation | None:
