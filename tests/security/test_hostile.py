@@ -86,7 +86,7 @@ class GoodClient:
     def __init__(self, d, size: int = 64 * KiB, tls=None, name: str = "good"):
         self.c = kvstore.Client(d.control, namespace="good", timeout=10, shm=False,
                                 transport="tcp", tls=tls)
-        self.size, self.name = size, name
+        self.size, self.name, self.tls = size, name, tls
         self.acked: dict[bytes, bytes] = {}
         self.lat: list[float] = []
         self.when: list[float] = []
@@ -172,11 +172,16 @@ def stats(d, tls=None) -> dict[str, int]:
 # ------------------------------------------------------------ the attacks
 
 FLOODER = """
-import socket, sys, time
+import socket, ssl, sys, time
 from kvstore.wire import OP_PING, encode_request
 port, src, n, seconds = int(sys.argv[1]), sys.argv[2], int(sys.argv[3]), float(sys.argv[4])
+ca = sys.argv[5] if len(sys.argv) > 5 else ""
 burst = b"".join(encode_request(OP_PING, i + 1, b"", b"") for i in range(4096))  # 128 KiB
 socks = [socket.create_connection(("127.0.0.1", port), source_address=(src, 0)) for _ in range(n)]
+if ca:
+    ctx = ssl.create_default_context(cafile=ca)
+    ctx.check_hostname = False
+    socks = [ctx.wrap_socket(s) for s in socks]
 for s in socks:
     s.setblocking(False)
 left = [memoryview(burst) for _ in socks]  # whole frames only: a torn one is fatal
@@ -186,7 +191,7 @@ while time.monotonic() < end:
     for i, s in enumerate(socks):
         try:
             k = s.send(left[i])
-        except BlockingIOError:
+        except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
             continue
         sent += k
         left[i] = left[i][k:] if k < len(left[i]) else memoryview(burst)
@@ -196,17 +201,21 @@ sys.stdin.read()  # hold the connections (never reading them) until told
 """
 
 
-def test_pipelined_flood_without_reading_is_bounded(hostile_daemon):
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_pipelined_flood_without_reading_is_bounded(hostile_daemon, certs, tls):
     # 4 connections (another process) pipeline PINGs and never read: each may queue 1 MiB
     # of responses, then is not read from; 2 s without taking a response and it is closed
-    d = hostile_daemon({"server": {"max_queued_response_bytes": '"1MiB"',
-                                   "write_stall_timeout": 2}})
+    sections = {"server": {"max_queued_response_bytes": '"1MiB"', "write_stall_timeout": 2}}
+    if tls:
+        sections["tls"] = {"cert_file": f'"{certs.server.cert}"', "key_file": f'"{certs.server.key}"'}
+    d = hostile_daemon(sections)
     pid = d.info["pid"]
-    good = GoodClient(d)
+    good = GoodClient(d, tls=kvstore.TLSConfig(ca_file=certs.ca) if tls else None)
     base = good.baseline()
     rss0 = rss(pid)
     flooder = subprocess.Popen([sys.executable, "-c", FLOODER, str(d.data_port), "127.0.0.2",
-                                "4", "4"], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                "4", "4", *([certs.ca] if tls else [])],
+                               stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
     peak = rss0
     try:
@@ -218,7 +227,7 @@ def test_pipelined_flood_without_reading_is_bounded(hostile_daemon):
             time.sleep(0.02)
         sent = int(flooder.stdout.readline())
         # the daemon closes them once they took nothing for write_stall_timeout
-        wait_for(lambda: stats(d).get("closed_write_stalled", 0) >= 4, 12,
+        wait_for(lambda: stats(d, tls=good.tls).get("closed_write_stalled", 0) >= 4, 12,
                  "the flooding connections were closed")
     finally:
         good.stop()
@@ -228,15 +237,17 @@ def test_pipelined_flood_without_reading_is_bounded(hostile_daemon):
     good.check(base)
     good.readable()
     # per flooding connection: 1 MiB of queued responses + the 256 KiB header buffer
-    bound = 4 * (MiB + 256 * KiB) + 24 * MiB  # + allocator and good-client noise
+    # (+ with TLS the SSL buffers: encrypted copies up to 8 MiB)
+    per_conn = MiB + 256 * KiB + (8 * MiB if tls else 0)
+    bound = 4 * per_conn + 24 * MiB  # + allocator and good-client noise
     grew = peak - rss0
-    print(f"\npipelined PING flood: {sent / MiB:.0f} MiB of requests from 4 connections, daemon RSS "
+    print(f"\npipelined PING flood{' over TLS' if tls else ''}: {sent / MiB:.0f} MiB of requests from 4 connections, daemon RSS "
           f"{rss0 / MiB:.0f} -> peak {peak / MiB:.0f} MiB (+{grew / MiB:.1f} MiB; bound "
           f"{bound / MiB:.0f} MiB); good client worst {max(good.lat) * 1e3:.1f} ms (usual "
           f"{base * 1e3:.1f} ms)")
     assert sent > 8 * MiB, "the attack did not get going"
     assert grew < bound, f"daemon grew by {grew / MiB:.0f} MiB under the flood"
-    assert stats(d).get("queue_limit_pauses", 0) >= 4
+    assert stats(d, tls=good.tls).get("queue_limit_pauses", 0) >= 4
     good.close()
 
 
