@@ -246,6 +246,8 @@ class DataSession:
     def write_blocked(self) -> None:
         self.write_paused = True
         self.reading = False
+        if self.res is not None:  # we stop reading its payload: only the put's cap applies
+            self.res.deadline = self.put_cap
 
     def write_unblocked(self, unsent: int) -> None:
         self.write_paused = False

@@ -153,3 +153,21 @@ def test_nothing_reserved_before_auth(tmp_path):
     (h, msg), = drain(s)
     assert h.status == Unauthenticated.code
     assert p.store.reserved_bytes == 0 and not p.store.reservations and s.reserved == 0
+
+
+def test_a_put_paused_by_the_daemon_is_not_cut_as_stalled():
+    # the daemon stops reading (the client's responses are unread) in the middle of a put's
+    # payload: put_stall_timeout does not apply meanwhile, only the put's overall cap
+    p = plane(put_stall_timeout=1.0, min_put_rate=1 * MiB)
+    store, clock = p.store, p.store.clock
+    s = p.session("t")
+    value = bytes(2 * MiB)
+    s.feed(encode_request(OP_PUT, 1, b"ns", b"k", len(value), checksum(value)) + value[:KiB])
+    s.write_blocked()
+    clock.t += 2.0  # over put_stall_timeout, under 1 s + 2 MiB / (1 MiB/s)
+    store.reap()
+    assert s.finish is None and s.reserved == 2 * MiB
+    s.write_unblocked(0)
+    s.feed(value[KiB:])
+    (h, _), = drain(s)
+    assert (h.req_id, h.status) == (1, 0)
