@@ -17,6 +17,7 @@ from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
                       as_bytes_view, auth_metadata, control_channel, data_endpoint, grpc_error,
                       is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
+from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, OP_GET, OP_PING, OP_PUT, FrameError, FrameReader,
@@ -37,8 +38,9 @@ class _Waiter:
 
 
 class _DataProtocol(asyncio.BufferedProtocol):
-    def __init__(self, verify: bool):
+    def __init__(self, verify: bool, pool: ReceivePool):
         self.verify = verify
+        self.pool = pool  # get()'s receive buffers (kvstore.recvpool)
         self.reader = FrameReader(_BUFFER)  # the same frame reader as the daemon's
         self.waiters: dict[int, _Waiter] = {}
         self.finish = None  # callable run when the current payload is complete
@@ -124,7 +126,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
                         self._resolve_exc(w, errors.InvalidArgument(
                             f"object of {plen} bytes does not fit the {len(w.dest)}-byte buffer"))
                         w = None
-                buf = dest if dest is not None else memoryview(bytearray(plen))
+                buf = dest if dest is not None else memoryview(self.pool.take(plen))
                 self._receive(buf, plen, lambda w=w, b=buf, c=csum, d=dest is not None: self._got(w, b, c, d),
                               w if dest is not None else None)
             elif op == OP_PUT:
@@ -173,10 +175,13 @@ class AsyncClient(Namespaced):
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
                  tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
-                 ride_out_restarts: bool | float = False, connect_timeout: float = CONNECT_TIMEOUT):
+                 ride_out_restarts: bool | float = False, connect_timeout: float = CONNECT_TIMEOUT,
+                 get_pool_bytes: int = DEFAULT_POOL_BYTES):
         """Arguments as for :class:`kvstore.Client` (``ride_out_restarts``: an unreachable
-        daemon fails at once by default; True or seconds keep retrying it)."""
+        daemon fails at once by default; True or seconds keep retrying it; ``get_pool_bytes``:
+        the receive pool behind ``get()``, whose results follow kvstore.recvpool's rule)."""
         super().__init__(namespace)
+        self._pool = ReceivePool(get_pool_bytes)
         self.address = address
         self.timeout = timeout
         self.verify_checksums = verify_checksums
@@ -283,7 +288,7 @@ class AsyncClient(Namespaced):
                 "ssl": self._ssl, "server_hostname": self.tls.server_name or host}
             try:
                 _, p = await asyncio.wait_for(
-                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums), host, int(port),
+                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums, self._pool), host, int(port),
                                            **tls),
                     self.timeout if tls else min(self.timeout, self.connect_timeout))  # TLS: + handshake
             except (OSError, asyncio.TimeoutError) as e:

@@ -23,6 +23,7 @@ from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
                       as_bytes_view, auth_metadata, control_channel, data_endpoint, grpc_error,
                       is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
+from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PING, OP_PUT, FrameError,
@@ -203,7 +204,8 @@ class Client(Namespaced):
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
                  tcp_congestion: str = "", tls: TLSConfig | None = None, token: str | None = None,
                  shm: bool | None = None, ride_out_restarts: bool | float = False,
-                 connect_timeout: float = CONNECT_TIMEOUT, transport: str = "auto"):
+                 connect_timeout: float = CONNECT_TIMEOUT, transport: str = "auto",
+                 get_pool_bytes: int = DEFAULT_POOL_BYTES):
         """``shm``: None = use the same-host shared-memory path when the daemon offers one
         and its socket is reachable here, else TCP; True = require it; False = TCP only.
         ``ride_out_restarts``: False (default) = an unreachable daemon (connection refused,
@@ -212,8 +214,11 @@ class Client(Namespaced):
         many seconds. ``connect_timeout``: how long one connection attempt may take (a
         host that drops packets). ``transport``: "auto" (default) = shm on the same host,
         then RDMA, then TCP (a fallback is logged once and counted, see kvstore.rdma);
-        "shm" / "rdma" / "tcp" = that one or a typed Unavailable saying why."""
+        "shm" / "rdma" / "tcp" = that one or a typed Unavailable saying why.
+        ``get_pool_bytes``: how much the receive pool behind ``get()`` / ``batch_get()`` may
+        keep (see kvstore.recvpool; 0 = a new bytearray per object)."""
         super().__init__(namespace)
+        self._pool = ReceivePool(get_pool_bytes)
         if transport not in ("auto", "shm", "rdma", "tcp"):
             raise errors.InvalidArgument(f"transport {transport!r}: one of auto, shm, rdma, tcp")
         if transport != "auto":
@@ -518,7 +523,12 @@ class Client(Namespaced):
         return self._run(run)
 
     def get(self, key, *, namespace: str | None = None) -> bytearray:
-        """The object's bytes (a new bytearray). Raises NotFound."""
+        """The object's bytes, as a bytearray. Raises NotFound.
+
+        Objects of 64 KiB and more are received into the client's receive pool: the
+        bytearray is yours while you hold any reference to it (or a view of it), and is
+        refilled by a later get of the same size only after the last one is dropped (see
+        kvstore.recvpool). ``get_into`` / ``batch_get_into`` receive into your buffers."""
         return self.batch_get([key], namespace=namespace)[0]
 
     def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
@@ -533,7 +543,8 @@ class Client(Namespaced):
             out: list = []
             for w in range(0, len(ks), WINDOW):
                 if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
-                    out += _shm_copy(conn, ns, ks[w:w + WINDOW], None, self.verify_checksums)
+                    out += _shm_copy(conn, ns, ks[w:w + WINDOW], None, self.verify_checksums,
+                                     self._pool.take)
                     continue
                 order = conn.send_keyed(OP_GET, ns, ks[w:w + WINDOW])
                 out += self._collect(conn, order, None)
@@ -600,7 +611,7 @@ class Client(Namespaced):
                     conn.recv_into(dest)
                     results[i] = r.length
                 else:
-                    dest = bytearray(r.length)
+                    dest = self._pool.take(r.length)
                     conn.recv_into(memoryview(dest))
                     results[i] = dest
                 if self.verify_checksums and checksum(dest) != r.checksum:
@@ -702,6 +713,9 @@ def _raise_first(results: list) -> list:
     return results
 
 
-def _shm_copy(conn, ns: bytes, keys: list[bytes], dests: list | None, verify: bool) -> list:
-    """Gets over shm with one copy each (into ``dests`` or new bytearrays)."""
+def _shm_copy(conn, ns: bytes, keys: list[bytes], dests: list | None, verify: bool,
+              alloc=None) -> list:
+    """Gets over shm with one copy each (into ``dests``, else into ``alloc(size)`` buffers)."""
+    if alloc is not None and getattr(conn, "shm", False):
+        return _raise_first(conn.copy_out(ns, keys, dests, verify, alloc=alloc))
     return _raise_first(conn.copy_out(ns, keys, dests, verify))

@@ -166,9 +166,10 @@ class ShmConnection(DataConnection):
             raise errors.ChecksumMismatch("object bytes in the arena do not match their checksum")
         return sv
 
-    def copy_out(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool) -> list:
+    def copy_out(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool,
+                 alloc=bytearray) -> list:
         """Gets with one copy each: every object is copied (into ``dests[i]`` or a new
-        bytearray) and its lease released the moment its answer arrives, so a batch never
+        ``alloc(size)`` buffer, by default a bytearray) and its lease released the moment its answer arrives, so a batch never
         holds more than one lease. Results: size / bytearray / typed error, per key."""
         order = self.send_keyed(OP_SHM_GET, ns, keys)
         out: list = [None] * len(keys)
@@ -188,7 +189,8 @@ class ShmConnection(DataConnection):
             src = self._arena_slice(offset, size)
             try:
                 if dests is None:
-                    dest = bytearray(src)
+                    dest = alloc(size)
+                    dest[:] = src
                     out[i] = dest
                 elif size > len(dests[i]):
                     out[i] = errors.InvalidArgument(
