@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""TCP data-path benchmark: kvstored vs Redis vs the iperf3 loopback ceiling.
+"""TCP data-path benchmark: kvstored vs Redis vs LMCache's server vs the iperf3 ceiling.
 
     python benchmarks/bench_tcp.py [--cc cubic|bbr|system] [--sizes 64KiB,256KiB,1MiB,4MiB]
                                    [--concurrency 1,8] [--duration 2]
@@ -10,23 +10,38 @@ afterwards), under which it measures, in this order:
 
 1. iperf3, one stream over 127.0.0.1 (the kernel's ceiling for one connection);
 2. Redis (redis-server + redis-py/hiredis): SET and GET per size x concurrency;
-3. kvstored (python -m kvstored + the kvstore SDK): put, get (returns bytes)
-   and get_into (into a preallocated buffer) per size x concurrency.
+3. LMCache's own server (``lmcache_server``) through LMCache's own client
+   (``LMCServerConnector``), put and get at concurrency 1, in a subprocess of the
+   engines venv (benchmarks/lmcache_peer.py; skipped with a note if it is absent);
+4. kvstored (python -m kvstored + the kvstore SDK, ``transport="tcp"``: every kvstored
+   row here is TCP, never the same-host shm path): per size x concurrency
+   * put (new bytes): every put carries a per-put stamp in its first 16 bytes, so it
+     stores bytes not stored before (overwriting a key of a bounded working set);
+   * put (dedup): a put of the exact bytes a key holds (answered without storing),
+     beside the get of the same objects;
+   * get (16 kept): ``get()`` with the last 16 results held, as a retrieval holds its
+     blocks until copied out (a result dropped at once flatters any allocator);
+   * get_into: into a preallocated buffer.
 
-Both stores are timed by the same code (peers.measure): concurrency 1 is a
-plain loop on the sync client, concurrency c > 1 is c asyncio tasks in this
-one process sharing one async client. If kvstored cannot be started (e.g. the
-SDK is not there yet), its part fails with a clear message and the rest is
-still reported.
+Every system is timed by the same code (peers.measure): concurrency 1 is a plain
+loop on the sync client, concurrency c > 1 is c asyncio tasks in this one process
+sharing one async client. The client process runs as a user's would: no malloc
+environment tuning (MALLOC_* variables in the environment are reported in the
+header). If kvstored cannot be started, its part fails with a clear message and
+the rest is still reported.
 """
 from __future__ import annotations
 
 import argparse
+import collections
 import contextlib
 import inspect
+import itertools
 import json
 import os
 import signal
+import socket
+import struct
 import subprocess
 import sys
 import tempfile
@@ -44,8 +59,7 @@ from peers import (BenchError, MiB, error_row, human_size, kill_process,  # noqa
                    new_event_loop, run_measurement, tail, working_set_keys)
 
 DEFAULT_SIZES = "64KiB,256KiB,1MiB,4MiB"
-MALLOC_ENV = {"MALLOC_TRIM_THRESHOLD_": str(256 * MiB), "MALLOC_MMAP_THRESHOLD_": str(64 * MiB)}
-ADDED_ENV = "_BENCH_TCP_ADDED_ENV"  # names this script added on re-exec; never passed to the daemon
+KEEP_GETS = 16  # get() results held at once (a retrieval keeps its blocks until copied out)
 
 
 class KvstoredUnavailable(BenchError):
@@ -98,8 +112,6 @@ class KvstoredDaemon:
                    "--tcp-congestion", self.cc, "--metrics-port", "0",  # never clash with a running node
                    "--ready-file", ready, *self.extra_args]
             env = dict(os.environ)
-            for name in filter(None, env.pop(ADDED_ENV, "").split(",")):
-                env.pop(name, None)  # the daemon runs with the environment it was given
             env["PYTHONPATH"] = os.pathsep.join(
                 [REPO, os.path.join(REPO, "client")] +
                 ([env["PYTHONPATH"]] if env.get("PYTHONPATH") else []))
@@ -162,12 +174,18 @@ def _accepts(method, name: str) -> bool:
         return False
 
 
+OPS = ["put", "put_dedup", "get", "get_into"]
+OP_LABELS = {"put": "put (new bytes)", "put_dedup": "put (dedup)",
+             "get": f"get ({KEEP_GETS} kept)", "get_into": "get_into"}
+
+
 def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *,
                   cc: str, max_ops: int = 200_000, warmup: float = 0.2, loop_kind: str = "auto",
                   namespace: str = "bench", dram_size: str = "2GiB",
                   daemon_args: list[str] | None = None,
                   log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
-    """put / get / get_into rows for every size x concurrency, and facts about the daemon.
+    """put (new bytes) / put (dedup) / get / get_into rows for every size x concurrency,
+    all over TCP, and facts about the daemon.
 
     Raises KvstoredUnavailable when the SDK or the daemon is missing or does
     not start; errors of single measurements become error rows.
@@ -184,46 +202,39 @@ def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *
         log(f"kvstored up: pid {daemon.info.get('pid')}, control :{daemon.control_port}, "
             f"data :{daemon.info.get('data_port')} ({facts['kvstored']})")
         loop, loop_name = new_event_loop(loop_kind)
-        client = kvstore.Client(daemon.address, **client_kwargs(kvstore.Client, cc))
+        client = kvstore.Client(daemon.address, transport="tcp", **client_kwargs(kvstore.Client, cc))
         try:
-            overwrite = _accepts(client.put, "overwrite")
-            put_mode = "overwrite" if overwrite else "new-keys"
-            if not overwrite:
-                log("note: Client.put has no 'overwrite' parameter; put rows write fresh keys "
-                    "(a same-key same-value put would be a dedup no-op)")
-            facts["kvstored_put_mode"] = put_mode
-            has_get_into = hasattr(client, "get_into")
-            if not has_get_into:
-                log("note: the SDK has no get_into yet; get_into rows are skipped")
+            client.ping()
+            if client.transport != "tcp":
+                raise KvstoredUnavailable(f"asked for TCP, the client uses {client.transport}")
+            facts["kvstored_transport"] = "tcp (Client(transport='tcp'); AsyncClient is TCP only)"
             for run_id, size in enumerate(sizes):
                 if not daemon.alive():
                     raise KvstoredUnavailable(f"kvstored died (rc={daemon.proc.returncode if daemon.proc else '?'})"
                                               f"\n--- log tail ---\n{daemon.log_tail()}")
                 value = os.urandom(size)
                 keys = working_set_keys("kv", size)
-                ops = ["put", "get"] + (["get_into"] if has_get_into else [])
                 try:
                     with peers.time_limit(120):
                         _preload(client, keys, value, namespace)
                 except Exception as e:
                     for conc in concurrencies:
-                        for op in ops:
+                        for op in OPS:
                             rows.append(error_row("kvstored", op, size, conc, f"preload failed: {e}"))
                             log(peers._progress(rows[-1]))
                     continue
                 for conc in concurrencies:
-                    for op in ops:
+                    for op in OPS:
                         if not daemon.alive():
                             row = error_row("kvstored", op, size, conc, "daemon is not running")
                         else:
                             try:
-                                st = _kv_measure(kvstore, client, daemon.address, loop, op, size,
-                                                 conc, keys, value, namespace, overwrite,
+                                st = _kv_measure(kvstore, daemon.address, loop, op, size,
+                                                 conc, keys, value, namespace,
                                                  f"r{run_id}c{conc}", duration, max_ops, warmup, cc)
-                                row = st.row("kvstored", op, size,
+                                row = st.row("kvstored", op, size, transport="tcp",
                                              loop=loop_name if conc > 1 else "sync",
-                                             working_set_keys=len(keys),
-                                             **({"put_mode": put_mode} if op == "put" else {}))
+                                             working_set_keys=len(keys))
                             except Exception as e:
                                 row = error_row("kvstored", op, size, conc, e)
                         rows.append(row)
@@ -245,21 +256,17 @@ def _preload(client, keys: list[bytes], value: bytes, ns: str) -> None:
     if bytes(got) != value:
         raise BenchError(f"kvstored returned a different value than was stored "
                          f"({len(got)} bytes vs {len(value)})")
-    if hasattr(client, "get_into"):
-        buf = bytearray(len(value))
-        n = client.get_into(keys[0], buf, namespace=ns)
-        if n != len(value) or buf != value:
-            raise BenchError(f"kvstored get_into returned {n} bytes / different content")
+    buf = bytearray(len(value))
+    n = client.get_into(keys[0], buf, namespace=ns)
+    if n != len(value) or buf != value:
+        raise BenchError(f"kvstored get_into returned {n} bytes / different content")
 
 
 def _cleanup(client, keys: list[bytes], ns: str) -> None:
     """Best effort: drop the working set so sizes do not compete for DRAM (eviction would anyway)."""
-    delete = getattr(client, "delete", None)
-    if delete is None:
-        return
     with contextlib.suppress(Exception), peers.time_limit(30):
         for start in range(0, len(keys), 256):
-            delete(keys[start:start + 256], namespace=ns)
+            client.delete(keys[start:start + 256], namespace=ns)
 
 
 def client_kwargs(cls, cc: str) -> dict:
@@ -267,35 +274,65 @@ def client_kwargs(cls, cc: str) -> dict:
     return {"tcp_congestion": cc} if _accepts(cls, "tcp_congestion") else {}
 
 
-def _kv_measure(kvstore, client, address, loop, op, size, conc, keys, value, ns, overwrite,
+_NONCE = int.from_bytes(os.urandom(8), "little")
+_STAMPS = itertools.count(1)
+
+
+def _stamper(value: bytes, n: int):
+    """``n`` private copies of ``value`` and ``stamp(w)``: new bytes in copy ``w`` for the
+    next put (a per-process nonce and a counter in its first 16 bytes). One copy per
+    in-flight put: a buffer is never changed while a put may still be sending it."""
+    bufs = [bytearray(value) for _ in range(n)]
+    heads = [memoryview(b)[:min(16, len(b))] for b in bufs]
+
+    def stamp(w: int) -> bytearray:
+        h = heads[w]
+        h[:] = struct.pack("<QQ", _NONCE, next(_STAMPS))[:len(h)]
+        return bufs[w]
+    return stamp
+
+
+def _kv_measure(kvstore, address, loop, op, size, conc, keys, value, ns,
                 tag, duration, max_ops, warmup, cc) -> peers.Stats:
     nkeys = len(keys)
-    put_kw = {"namespace": ns, **({"overwrite": True} if overwrite else {})}
-
-    def put_key(i: int) -> bytes:
-        # overwrite: cycle over the working set; else every put is a new key (never a dedup)
-        return keys[i % nkeys] if overwrite else f"put-{tag}-{size}-{i}".encode()
-
+    # new-bytes puts go to their own keys (cycling, overwrite): the read keys keep `value`
+    put_keys = [f"put-{tag}-{size}-{j}".encode() for j in range(nkeys)]
+    stamp = _stamper(value, conc)
+    held: collections.deque = collections.deque(maxlen=KEEP_GETS)
     if conc == 1:
-        if op == "put":
-            put = client.put
+        client = kvstore.Client(address, transport="tcp", **client_kwargs(kvstore.Client, cc))
+        try:
+            if op == "put":
+                put = client.put
 
-            def fn(w, i):
-                put(put_key(i), value, **put_kw)
-        elif op == "get":
-            get = client.get
+                def fn(w, i):
+                    put(put_keys[i % nkeys], stamp(0), namespace=ns, overwrite=True)
+            elif op == "put_dedup":
+                put = client.put
 
-            def fn(w, i):
-                get(keys[i % nkeys], namespace=ns)
-        else:
-            get_into = client.get_into
-            buf = bytearray(size)
+                def fn(w, i):
+                    if put(keys[i % nkeys], value, namespace=ns, overwrite=True):
+                        raise BenchError("a dedup put stored bytes (they were not there)")
+            elif op == "get":
+                get = client.get
 
-            def fn(w, i):
-                n = get_into(keys[i % nkeys], buf, namespace=ns)
-                if n != size:
-                    raise BenchError(f"get_into returned {n} bytes, expected {size}")
-        return run_measurement(fn, duration, max_ops, 1, warmup=warmup)
+                def fn(w, i):
+                    held.append(get(keys[i % nkeys], namespace=ns))
+            else:
+                get_into = client.get_into
+                buf = bytearray(size)
+
+                def fn(w, i):
+                    n = get_into(keys[i % nkeys], buf, namespace=ns)
+                    if n != size:
+                        raise BenchError(f"get_into returned {n} bytes, expected {size}")
+            st = run_measurement(fn, duration, max_ops, 1, warmup=warmup)
+            if client.transport != "tcp":
+                raise BenchError(f"the client used {client.transport}, not tcp")
+            return st
+        finally:
+            held.clear()
+            client.close()
 
     async def open_client():
         c = kvstore.AsyncClient(address, **client_kwargs(kvstore.AsyncClient, cc))
@@ -306,10 +343,14 @@ def _kv_measure(kvstore, client, address, loop, op, size, conc, keys, value, ns,
     try:
         if op == "put":
             async def fn(w, i):
-                await ac.put(put_key(i), value, **put_kw)
+                await ac.put(put_keys[i % nkeys], stamp(w), namespace=ns, overwrite=True)
+        elif op == "put_dedup":
+            async def fn(w, i):
+                if await ac.put(keys[i % nkeys], value, namespace=ns, overwrite=True):
+                    raise BenchError("a dedup put stored bytes (they were not there)")
         elif op == "get":
             async def fn(w, i):
-                await ac.get(keys[i % nkeys], namespace=ns)
+                held.append(await ac.get(keys[i % nkeys], namespace=ns))
         else:
             bufs = [bytearray(size) for _ in range(conc)]
 
@@ -319,8 +360,57 @@ def _kv_measure(kvstore, client, address, loop, op, size, conc, keys, value, ns,
                     raise BenchError(f"get_into returned {n} bytes, expected {size}")
         return run_measurement(fn, duration, max_ops, conc, warmup=warmup, loop=loop)
     finally:
+        held.clear()
         with contextlib.suppress(Exception):
             loop.run_until_complete(asyncio_wait_for(ac.close(), 10))
+
+
+# --------------------------------------------------------------------------- LMCache
+
+def lmcache_rows(sizes: list[int], duration: float, *, max_ops: int, cc: str,
+                 log: Callable[[str], None] = print) -> tuple[list[dict], dict]:
+    """put / get rows of ``lmcache_server`` through LMCache's client (concurrency 1), run
+    with the engines venv's Python (benchmarks/lmcache_peer.py). BenchError if absent."""
+    py = os.path.join(REPO, ".venv", "engines", "bin", "python")
+    server = os.path.join(REPO, ".venv", "engines", "bin", "lmcache_server")
+    if not (os.path.exists(py) and os.path.exists(server)):
+        raise BenchError("no LMCache here: `make engines-env` installs it into .venv/engines")
+    port = peers.free_port()
+    with tempfile.TemporaryFile() as logf:
+        proc = subprocess.Popen([server, "127.0.0.1", str(port)], stdout=logf,
+                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 60  # it imports torch: slow on a loaded machine
+            while True:
+                if proc.poll() is not None:
+                    logf.seek(0)
+                    raise BenchError(f"lmcache_server exited (rc={proc.returncode}): "
+                                     f"{logf.read()[-800:].decode(errors='replace')}")
+                with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 1):
+                    break
+                if time.monotonic() > deadline:
+                    raise BenchError("lmcache_server did not listen within 60 s")
+                time.sleep(0.2)
+            cmd = [py, os.path.join(HERE, "lmcache_peer.py"), "--port", str(port),
+                   "--sizes", ",".join(str(s) for s in sizes), "--duration", str(duration),
+                   "--keep", str(KEEP_GETS), "--max-ops", str(max_ops)]
+            out = subprocess.run(cmd, capture_output=True, text=True,
+                                 timeout=120 + 4 * duration * len(sizes))
+            if out.returncode != 0:
+                raise BenchError(f"lmcache_peer.py failed (rc={out.returncode}): {out.stderr[-800:]}")
+            res = json.loads(out.stdout.strip().splitlines()[-1])
+        finally:
+            kill_process(proc)
+    rows = []
+    for r in res["rows"]:
+        ops_s = r["ops"] / r["seconds"]
+        row = {"system": "lmcache", "op": r["op"], "size": r["size"], "concurrency": 1,
+               "ops_s": ops_s, "bytes_s": r["bytes_s"], "p50_us": r["p50_us"],
+               "p99_us": r["p99_us"], "ops": r["ops"], "seconds": r["seconds"], "transport": "tcp"}
+        rows.append(row)
+        log(peers._progress(row))
+    return rows, {"lmcache": f"lmcache_server {res.get('lmcache', '?')} (LMCServerConnector, "
+                             f"get keeps {KEEP_GETS})"}
 
 
 def asyncio_wait_for(coro, seconds: float):
@@ -354,12 +444,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--skip-iperf3", action="store_true")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--skip-kvstored", action="store_true")
-    ap.add_argument("--no-tune-malloc", dest="tune_malloc", action="store_false",
-                    help="do not re-exec this client process with MALLOC_TRIM_THRESHOLD_ / "
-                         "MALLOC_MMAP_THRESHOLD_ set. By default they are set (in the benchmark "
-                         "client only, never passed to the kvstored daemon): without them glibc "
-                         "trims the heap after every ~1 MiB buffer and redis-py's 1 MiB SET runs "
-                         "~3x slower, which would flatter kvstored")
+    ap.add_argument("--skip-lmcache", action="store_true")
     ap.add_argument("--markdown", metavar="FILE", help="also write the table as markdown")
     ap.add_argument("--json", metavar="FILE", help="also write meta + rows as JSON")
     args = ap.parse_args(argv)
@@ -381,19 +466,14 @@ def _on_sigterm(signum, frame):
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    if args.tune_malloc and not os.environ.get(ADDED_ENV):
-        added = [k for k in MALLOC_ENV if k not in os.environ]
-        if added:
-            env = {**os.environ, **{k: MALLOC_ENV[k] for k in added}, ADDED_ENV: ",".join(added)}
-            os.execve(sys.executable, [sys.executable, os.path.abspath(__file__),
-                                       *(sys.argv[1:] if argv is None else argv)], env)
     signal.signal(signal.SIGTERM, _on_sigterm)
 
     meta = peers.machine_facts()
     meta.update(duration_s=args.duration, max_ops=args.max_ops,
                 sizes=[human_size(s) for s in args.size_list], concurrency=args.conc_list,
-                client_malloc_env=" ".join(f"{k}={os.environ[k]}" for k in MALLOC_ENV
-                                           if k in os.environ) or "glibc default")
+                client_env=" ".join(f"{k}={v}" for k, v in sorted(os.environ.items())
+                                    if k.startswith("MALLOC_")) or "untuned (glibc default)",
+                load=_loadavg())
     rows: list[dict] = []
     iperf3_bps = None
     kv_error = None
@@ -418,6 +498,14 @@ def main(argv=None) -> int:
                                                  log=_log)
                 except BenchError as e:
                     print(f"redis: FAILED: {e}", flush=True)
+            if not args.skip_lmcache:
+                try:
+                    lm, facts = lmcache_rows(args.size_list, args.duration, max_ops=args.max_ops,
+                                             cc=cc, log=_log)
+                    rows += lm
+                    meta.update(facts)
+                except (BenchError, subprocess.TimeoutExpired, ValueError) as e:
+                    print(f"lmcache: SKIPPED: {e}", flush=True)
             if not args.skip_kvstored:
                 try:
                     kv, facts = kvstored_rows(args.size_list, args.conc_list, args.duration, cc=cc,
@@ -432,6 +520,7 @@ def main(argv=None) -> int:
                     print(f"kvstored: SKIPPED: {kv_error}", flush=True)
             if not args.skip_iperf3:
                 _iperf3(args, cc, "after", iperf3_runs)
+            meta["load_after"] = _loadavg()
             if iperf3_runs:
                 # the ceiling drifts on a shared 2-core VM: measure it on both sides, use the mean
                 iperf3_bps = sum(r["bytes_s"] for r in iperf3_runs) / len(iperf3_runs)
@@ -482,6 +571,13 @@ def _loop_name(kind: str):
     loop, name = new_event_loop(kind)
     loop.close()
     return None, name
+
+
+def _loadavg() -> str:
+    with contextlib.suppress(OSError):
+        with open("/proc/loadavg") as f:
+            return " ".join(f.read().split()[:3])
+    return "?"
 
 
 def _log(msg: str) -> None:

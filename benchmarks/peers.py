@@ -604,9 +604,13 @@ def _progress(row: dict) -> str:
 
 # --------------------------------------------------------------------------- tables
 
-OP_ORDER = {"put": 0, "get": 1, "get_into": 2}
-HEADERS = ["size", "conc", "op", "kvstored GB/s", "p50 us", "p99 us",
-           "redis GB/s", "p50 us", "p99 us", "ratio vs redis", "ratio vs iperf3"]
+OP_ORDER = {"put": 0, "put_dedup": 1, "get": 2, "get_into": 3}
+OP_LABELS = {"put": "put (new bytes)", "put_dedup": "put (dedup)", "get": "get (16 kept)",
+             "get_into": "get_into"}
+HEADERS = ["size", "conc", "op", "transport", "kvstored GB/s", "p50 us", "p99 us",
+           "redis GB/s", "lmcache GB/s", "vs redis", "vs lmcache", "vs iperf3"]
+# the peer row a kvstored row is compared with (None: no comparable peer operation)
+PEER_OP = {"put": "put", "put_dedup": None, "get": "get", "get_into": "get"}
 
 
 def _fmt(v: float | None, spec: str) -> str:
@@ -615,36 +619,37 @@ def _fmt(v: float | None, spec: str) -> str:
     return format(v, spec)
 
 
+def _ok(r: dict | None) -> bool:
+    return r is not None and not r.get("error") and bool(r.get("bytes_s"))
+
+
 def table_cells(rows: list[dict], iperf3_bytes_s: float | None) -> list[list[str]]:
-    """One line per (size, concurrency, op); kvstored's get_into is compared with Redis GET."""
+    """One line per (size, concurrency, op) of kvstored; Redis and LMCache's server beside it
+    (their GET for get and get_into; no peer for dedup, whose ratio column is its time over
+    get_into's for the same objects)."""
     by = {(r["system"], r["op"], r["size"], r["concurrency"]): r for r in rows}
-    keys = sorted({(r["size"], r["concurrency"], r["op"]) for r in rows},
+    keys = sorted({(r["size"], r["concurrency"], r["op"]) for r in rows if r["system"] == "kvstored"},
                   key=lambda k: (k[0], k[1], OP_ORDER.get(k[2], 9), k[2]))
     out = []
     for size, conc, op in keys:
         kv = by.get(("kvstored", op, size, conc))
-        rd = by.get(("redis", op, size, conc))
-        redis_op = op
-        if rd is None and op == "get_into":
-            rd = by.get(("redis", "get", size, conc))
-            redis_op = "get"
-        if kv is None and op == "get_into":
-            continue
-
-        def cols(r):
-            if r is None:
-                return ["—", "—", "—"]
-            if r.get("error"):
-                return ["ERR", "—", "—"]
-            return [_fmt(r["bytes_s"] / 1e9, ".2f"), _fmt(r["p50_us"], ".0f"), _fmt(r["p99_us"], ".0f")]
-
-        kvc, rdc = cols(kv), cols(rd)
-        ok_kv = kv is not None and not kv.get("error") and kv.get("bytes_s")
-        ok_rd = rd is not None and not rd.get("error") and rd.get("bytes_s")
-        r_redis = _fmt(kv["bytes_s"] / rd["bytes_s"], ".2f") + "x" if ok_kv and ok_rd else "—"
-        r_iperf = (_fmt(kv["bytes_s"] / iperf3_bytes_s, ".2f") if ok_kv and iperf3_bytes_s else "—")
-        op_label = op if redis_op == op or rd is None else f"{op} (redis: {redis_op})"
-        out.append([human_size(size), str(conc), op_label, *kvc, *rdc, r_redis, r_iperf])
+        peer_op = PEER_OP.get(op, op)
+        rd = by.get(("redis", peer_op, size, conc)) if peer_op else None
+        lm = by.get(("lmcache", peer_op, size, conc)) if peer_op else None
+        if kv is None or kv.get("error"):
+            kvc = ["ERR" if kv else "—", "—", "—"]
+        else:
+            kvc = [_fmt(kv["bytes_s"] / 1e9, ".2f"), _fmt(kv["p50_us"], ".0f"), _fmt(kv["p99_us"], ".0f")]
+        gb = lambda r: _fmt(r["bytes_s"] / 1e9, ".2f") if _ok(r) else ("ERR" if r else "—")  # noqa: E731
+        ratio = lambda r: _fmt(kv["bytes_s"] / r["bytes_s"], ".2f") + "x" if _ok(kv) and _ok(r) else "—"  # noqa: E731
+        r_iperf = _fmt(kv["bytes_s"] / iperf3_bytes_s, ".2f") if _ok(kv) and iperf3_bytes_s else "—"
+        vs_lm = ratio(lm)
+        if op == "put_dedup":
+            gi = by.get(("kvstored", "get_into", size, conc))
+            vs_lm = (f"time {gi['bytes_s'] / kv['bytes_s']:.2f}x get_into's"
+                     if _ok(kv) and _ok(gi) else "—")
+        out.append([human_size(size), str(conc), OP_LABELS.get(op, op),
+                    (kv or {}).get("transport", "?"), *kvc, gb(rd), gb(lm), ratio(rd), vs_lm, r_iperf])
     return out
 
 
@@ -690,21 +695,24 @@ def render_markdown(rows: list[dict], iperf3_bytes_s: float | None, meta: dict |
         if len(runs) > 1:
             ip += " (mean of " + ", ".join(f"{r['when']} {r['bytes_s'] / 1e9:.2f}" for r in runs) + ")"
     facts = [("iperf3, 1 stream", ip), ("congestion control", cc)]
-    for k in ("duration_s", "max_ops", "event_loop", "client_malloc_env", "kvstored_put_mode", "machine", "kernel", "python",
-              "redis_server", "redis_py", "hiredis", "kvstored", "date"):
+    for k in ("duration_s", "max_ops", "event_loop", "client_env", "kvstored_transport", "machine",
+              "kernel", "python", "redis_server", "redis_py", "hiredis", "lmcache", "kvstored",
+              "date", "load", "load_after"):
         if k in meta and meta[k] not in (None, ""):
             facts.append((k.replace("_", " "), str(meta[k])))
     md.append(" · ".join(f"{k}: {v}" for k, v in facts))
     md.append("")
     md.append("| " + " | ".join(HEADERS) + " |")
-    md.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(HEADERS) - 3)) + "|")
+    md.append("|" + "|".join(["---"] * 4 + ["---:"] * (len(HEADERS) - 4)) + "|")
     for line in table_cells(rows, iperf3_bytes_s):
         md.append("| " + " | ".join(line) + " |")
     md.append("")
     md.append("GB/s = 10^9 bytes/s of payload; p50/p99 = per-operation latency in µs "
               "(at concurrency > 1 it includes time queued behind the other in-flight requests); "
-              "ratio vs iperf3 = kvstored throughput / iperf3 single-stream loopback throughput "
-              "under the same congestion control.")
+              "vs iperf3 = kvstored throughput / iperf3 single-stream loopback throughput "
+              "under the same congestion control; vs redis / vs lmcache = kvstored throughput / "
+              "the peer's for the same operation (get_into against the peer's get). LMCache's "
+              "server is measured at concurrency 1 only.")
     errs = [r for r in rows if r.get("error")]
     if errs:
         md.append("")
