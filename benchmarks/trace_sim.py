@@ -24,8 +24,25 @@ Capacity is in blocks (a share of the trace's unique blocks). Policies:
                       needs every earlier block
   kvstored            the engine's policy itself (kvstored.engine.eviction.Policy)
                       driven the way the daemon drives it: segmented LRU with a
-                      ghost, aging of protected entries, lookups as accesses and
-                      chain tails named by a lookup entering a cold FIFO
+                      ghost, aging of protected entries (age bonus adapted on
+                      ghost hits), lookups as accesses and chain tails named by a
+                      lookup entering a cold FIFO
+  kvstored-fixed      the same with the age bonus fixed at 1 (no adaptation)
+  wtinylfu            W-TinyLFU: 1 % window LRU, main SLRU (80 % protected); a block
+                      leaving the window enters main only if it was seen more often
+                      than main's victim. Counts are exact and halved every 10 x
+                      capacity accesses (an upper bound on what a count-min sketch
+                      with a doorkeeper would estimate)
+  classes-*           online-learned reuse classes: each block has a class from what
+                      the store sees when it is put or read (-hits: read blocks by
+                      hit count 1/2/3+, all new blocks one class; -np: new blocks
+                      also by log2 of the request's new-block count and of their
+                      position among them; -gap: new blocks of a request that hit
+                      its history, by log2 of that history's age / resident); each
+                      class learns its reuse rate online (reused / left, ghost hits
+                      count as late reuses, halved every capacity evictions) and
+                      keeps its blocks for a lifetime proportional to that rate:
+                      the victim is the class tail furthest past its lifetime
 
     python benchmarks/trace_sim.py [--trace F] [--caps 2,5,10,20] [--policies ...|all]
                                    [--split] [--markdown]
@@ -552,6 +569,169 @@ class Kvstored(Policy):
         return len(hits)
 
 
+class KvstoredFixed(Kvstored):
+    """The engine policy with adaptation off (the issue-12 first version)."""
+
+    def __init__(self, cap):
+        super().__init__(cap)
+        from kvstored.engine.eviction import Policy as EnginePolicy
+        self.p = EnginePolicy(1, adapt_rate=0.0)
+
+
+class WTinyLFU(Policy):
+    def __init__(self, cap, window=0.01, sample=10):
+        super().__init__(cap)
+        self.wcap = max(1, int(cap * window))
+        self.mcap = max(1, self.cap - self.wcap)
+        self.pcap = int(self.mcap * 0.8)
+        self.w: dict = {}
+        self.pr: dict = {}
+        self.pt: dict = {}
+        self.f: dict = {}
+        self.n = 0
+        self.reset_at = sample * cap
+
+    def contains(self, k):
+        return k in self.w or k in self.pr or k in self.pt
+
+    def _count(self, k):
+        self.f[k] = self.f.get(k, 0) + 1
+        self.n += 1
+        if self.n >= self.reset_at:  # aging: halve every count
+            self.n //= 2
+            self.f = {a: c // 2 for a, c in self.f.items() if c > 1}
+
+    def touch(self, k):
+        self._count(k)
+        if k in self.w:
+            self.w[k] = self.w.pop(k)
+        elif k in self.pt:
+            self.pt[k] = self.pt.pop(k)
+        else:
+            del self.pr[k]
+            self.pt[k] = None
+            if len(self.pt) > self.pcap:
+                v = next(iter(self.pt))
+                del self.pt[v]
+                self.pr[v] = None
+
+    def insert(self, k):
+        self._count(k)
+        self.w[k] = None
+        if len(self.w) <= self.wcap:
+            return
+        c = next(iter(self.w))
+        del self.w[c]
+        if len(self.pr) + len(self.pt) < self.mcap:
+            self.pr[c] = None
+            return
+        d = self.pr if self.pr else self.pt
+        v = next(iter(d))
+        if self.f.get(c, 0) > self.f.get(v, 0):
+            del d[v]
+            self.pr[c] = None
+
+
+class LearnedClasses(Policy):
+    """See the module docstring (classes-*). One LRU-ordered dict per class."""
+
+    def __init__(self, cap, feat="hits"):
+        super().__init__(cap)
+        self.feat = feat
+        self.lists: dict = {}  # class -> {key: stamp}, oldest first
+        self.where: dict = {}  # key -> (class, hits)
+        self.stat: dict = {}  # class -> [reused, left] (decayed)
+        self.ghost: dict = {}  # key -> class it was evicted from
+        self.clock = self.evictions = 0
+        self.mult: dict = {}
+
+    def contains(self, k):
+        return k in self.where
+
+    def _st(self, c):
+        s = self.stat.get(c)
+        if s is None:
+            s = self.stat[c] = [1.0, 4.0]  # a weak prior: 25 %
+        return s
+
+    def _push(self, k, c, hits):
+        self.clock += 1
+        self.lists.setdefault(c, {})[k] = self.clock
+        self.where[k] = (c, hits)
+
+    def touch(self, k):
+        c, hits = self.where[k]
+        del self.lists[c][k]
+        s = self._st(c)
+        s[0] += 1
+        s[1] += 1
+        self._push(k, ("read", min(hits + 1, 3)), hits + 1)
+
+    def _evict(self):
+        if self.evictions % 256 == 0:  # lifetimes relative to a new block's
+            new = [s for c, s in self.stat.items() if c[0] == "new"] or [self._st(("new",))]
+            base = sum(s[0] for s in new) / sum(s[1] for s in new)  # all new blocks
+            self.mult = {c: min(max((s[0] / s[1]) / base, 0.125), 8.0) for c, s in self.stat.items()}
+        best = None
+        for c, d in self.lists.items():
+            if d:
+                k = next(iter(d))
+                score = (self.clock - d[k]) / self.mult.get(c, 1.0)
+                if best is None or score > best[0]:
+                    best = (score, c, k)
+        _, c, k = best
+        del self.lists[c][k]
+        del self.where[k]
+        self._st(c)[1] += 1
+        self.ghost[k] = c
+        while len(self.ghost) > max(len(self.where), 4096):
+            del self.ghost[next(iter(self.ghost))]
+        self.evictions += 1
+        if self.evictions % self.cap == 0:
+            for s in self.stat.values():
+                s[0] *= 0.5
+                s[1] *= 0.5
+
+    def request(self, chain):
+        where = self.where
+        h = 0
+        for k in chain:
+            if k not in where:
+                break
+            h += 1
+        gap = 0
+        if h:
+            c0 = where[chain[h - 1]][0]
+            gap = self.clock - self.lists[c0][chain[h - 1]]
+        for k in reversed(chain[:h]):  # lookup (deepest first), then the gets
+            self.touch(k)
+        for k in chain[:h]:
+            self.touch(k)
+        n = len(chain)
+        for j in range(h, n):
+            k = chain[j]
+            if k in where:
+                self.touch(k)
+                continue
+            while len(where) >= self.cap:
+                self._evict()
+            g = self.ghost.pop(k, None)
+            if g is not None:  # evicted too early: a late reuse of its class
+                self._st(g)[0] += 1
+                self._push(k, ("read", 1), 1)
+                continue
+            if j == n - 1 and n > 1:
+                c = ("tail",)
+            elif self.feat == "np":
+                c = ("new", min((n - h).bit_length(), 5), min((j - h).bit_length(), 4))
+            elif self.feat == "gap" and h > 1:
+                c = ("new", min((4 * gap // max(len(where), 1)).bit_length(), 4))
+            else:
+                c = ("new",)
+            self._push(k, c, 0)
+        return h
+
+
 class Belady(Policy):
     """Offline optimum per block, with bypass; needs the whole sequence up front."""
 
@@ -616,6 +796,11 @@ POLICIES = {
     "slru": SLRU,
     "lru-chain": LRUChain,
     "kvstored": Kvstored,
+    "kvstored-fixed": KvstoredFixed,
+    "wtinylfu": WTinyLFU,
+    "classes-hits": LearnedClasses,
+    "classes-np": lambda c: LearnedClasses(c, "np"),
+    "classes-gap": lambda c: LearnedClasses(c, "gap"),
 }
 DEFAULT_POLICIES = "lru,fifo,belady,kvstored"
 
