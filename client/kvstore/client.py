@@ -39,6 +39,13 @@ _IOV_MAX = 512  # buffers per sendmsg (the kernel's limit is 1024)
 _TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one write
 
 
+# On the shm socket, objects up to this size travel inside the frames (OP_PUT / OP_GET, as
+# on TCP but over the Unix socket): one round trip, no reserve/commit pair and no lease to
+# release, which at 64 KiB cost more than the copy through the socket saves. Applies to
+# batch_get_into and to single puts (batch_put keeps reserve-all / copy / commit-all).
+SHM_INLINE_MAX = 128 << 10
+
+
 class _Response:
     __slots__ = ("op", "rid", "status", "aux", "length", "checksum")
 
@@ -505,8 +512,11 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list[bool]:
             out: list[bool] = []
             for w in range(0, len(prepared), WINDOW):
-                # shm and RDMA: the daemon checksums the slot the bytes were written in
-                if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
+                # RDMA, and shm but for one small object (SHM_INLINE_MAX; a batch of them is
+                # faster as reserve-all / copy / commit-all): the daemon checksums the slot
+                # the bytes were written in
+                if getattr(conn, "rdma", False) or (getattr(conn, "shm", False) and (
+                        len(prepared) - w > 1 or len(prepared[w][1]) > SHM_INLINE_MAX)):
                     out += _raise_first(conn.put(ns, prepared[w:w + WINDOW], overwrite))
                     continue
                 order = {}
@@ -562,7 +572,8 @@ class Client(Namespaced):
         def run(conn: DataConnection) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
-                if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
+                if getattr(conn, "rdma", False) or (getattr(conn, "shm", False) and max(
+                        len(v) for v in views[w:w + WINDOW]) > SHM_INLINE_MAX):
                     out += _shm_copy(conn, ns, ks[w:w + WINDOW], views[w:w + WINDOW],
                                      self.verify_checksums)
                     continue
