@@ -97,6 +97,9 @@ def _add_global_options(p, defaults: bool, timeout: bool = True) -> None:
                         "connect, so it pays off only for large transfers (default: TCP)")
     p.add_argument("--no-shm", dest="shm", action="store_false", default=d(False),
                    help="data commands use TCP (the default)")
+    p.add_argument("--rdma", action="store_true", default=d(False),
+                   help="data commands use RDMA when this host and the daemon can (else TCP, "
+                        "and `status` says why)")
     p.add_argument("--progress", action="store_true", default=d(None),
                    help="progress line on stderr for long commands (bench, drain --wait) "
                         "even when stderr is not a terminal (default: only on a terminal)")
@@ -262,6 +265,16 @@ def _error_text(e: errors.KVStoreError, args) -> str:
     return text.replace("shm=True but", "--shm given but")
 
 
+def _transport(args) -> dict:
+    """The Client arguments for the data path this invocation asked for: TCP by default,
+    --shm requires shared memory, --rdma tries RDMA and falls back to TCP (with the reason)."""
+    if args.shm:
+        return {"transport": "shm"}
+    if getattr(args, "rdma", False):
+        return {"transport": "auto", "shm": False}  # auto without shm: RDMA, then TCP
+    return {"transport": "tcp"}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     try:
@@ -278,11 +291,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # usage error (2) or --help/--version (0): return it, don't exit
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     try:
-        # shm=False unless asked (see --shm); ride_out_restarts=False: a one-shot command
-        # has no restart to wait out, so a refused connection is reported at once
+        # TCP unless --shm (a one-shot command gains nothing from mapping the arena or
+        # registering RDMA memory); ride_out_restarts=False: a one-shot command has no
+        # restart to wait out, so a refused connection is reported at once
         with Client(args.address, namespace=args.namespace, timeout=args.timeout,
                     data_address=args.data_address, tls=tls, token=args.token,
-                    shm=True if args.shm else False, ride_out_restarts=False) as c:
+                    ride_out_restarts=False, **_transport(args)) as c:
             return args.func(c, args)
     except SystemExit as e:  # parser.error() from inside a command
         return e.code if isinstance(e.code, int) else EXIT_USAGE
