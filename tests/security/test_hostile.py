@@ -187,11 +187,17 @@ for s in socks:
 left = [memoryview(burst) for _ in socks]  # whole frames only: a torn one is fatal
 sent, end = 0, time.monotonic() + seconds
 print("connected", flush=True)
-while time.monotonic() < end:
+closed = set()
+while time.monotonic() < end and len(closed) < len(socks):
     for i, s in enumerate(socks):
+        if i in closed:
+            continue
         try:
             k = s.send(left[i])
         except (BlockingIOError, ssl.SSLWantWriteError, ssl.SSLWantReadError):
+            continue
+        except OSError:  # the daemon closed it (write_stall_timeout): that is the defence
+            closed.add(i)
             continue
         sent += k
         left[i] = left[i][k:] if k < len(left[i]) else memoryview(burst)
