@@ -547,6 +547,6 @@ async def serve(config: Config, ready_file: str | None = None,
     await node.stop()
     s = node.store.counters
     log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3), "puts": s["puts"],
-                               "gets": s["gets"], "objects": len(node.store.index),
+                               "gets": s["gets"], "objects": node.store.object_count(),
                                "not_kept": node.store.flush_not_kept})
     return 0

@@ -305,7 +305,7 @@ class ControlService(pb_grpc.KVStoreServicer):
                                 tier="+".join(t for t, present in (("dram", e.offset >= 0),
                                                                    ("nvme", e.nvme is not None)) if present))
                    for e in self.store.sample(ns, limit)]
-        total = len(self.store.index) if ns is None else self.store.stats()["namespaces"].get(
+        total = self.store.object_count() if ns is None else self.store.stats()["namespaces"].get(
             ns.decode(), 0)
         return pb.ListResponse(entries=entries, total=total)
 
@@ -315,9 +315,8 @@ class ControlService(pb_grpc.KVStoreServicer):
         """Admin: every object of a namespace ("" = every namespace), pinned ones too."""
         only = namespace_bytes(request.namespace) if request.namespace else None
         by_ns: dict[bytes, list[bytes]] = {}
-        for ns, key in list(self.store.index):
-            if only is None or ns == only:
-                by_ns.setdefault(ns, []).append(key)
+        for ns, key in self.store.keys(only):
+            by_ns.setdefault(ns, []).append(key)
         n = sum(self.store.delete(ns, keys) for ns, keys in by_ns.items())
         log.warning("DeleteAll: deleted %d objects", n,
                     extra={"namespace": request.namespace or "*", "peer": context.peer()})
@@ -376,7 +375,7 @@ class ControlService(pb_grpc.KVStoreServicer):
             raise errors.InvalidArgument(f"head_bytes {request.head_bytes} is over 64")
         out = []
         for k in keys:
-            e = self.store.index.get((ns, k))
+            e = self.store.peek(ns, k)
             if e is None:
                 out.append(pb.Head(present=False))
                 continue
@@ -403,7 +402,7 @@ class ControlService(pb_grpc.KVStoreServicer):
         await m.set_draining(not request.cancel)
         if self.repair is not None:
             self.repair.wake(now=True)
-        left = len(self.store.index)
+        left = self.store.object_count()
         return pb.DrainResponse(draining=m.draining, objects_left=left,
                                 detail="draining: records move to their new homes; stop the node "
                                        "when objects_left is 0" if m.draining else "not draining")

@@ -489,6 +489,19 @@ class Store:
                     break
         return out
 
+    # The index as the control plane's admin calls see it (they never read self.index):
+    def object_count(self) -> int:
+        """Objects in the index, held (unverified) records included."""
+        return len(self.index)
+
+    def keys(self, ns: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """A snapshot of (namespace, key) of every object, optionally of one namespace."""
+        return [k for k in self.index if ns is None or k[0] == ns]
+
+    def peek(self, ns: bytes, key: bytes) -> Entry | None:
+        """The entry of (ns, key) without counting an access (cluster Heads), or None."""
+        return self.index.get((ns, key))
+
     # ------------------------------------------------------------ eviction
     def _alloc(self, sc: SizeClass) -> int | None:
         off = self.arena.alloc(sc)
