@@ -175,8 +175,6 @@ def _accepts(method, name: str) -> bool:
 
 
 OPS = ["put", "put_dedup", "get", "get_into"]
-OP_LABELS = {"put": "put (new bytes)", "put_dedup": "put (dedup)",
-             "get": f"get ({KEEP_GETS} kept)", "get_into": "get_into"}
 
 
 def kvstored_rows(sizes: list[int], concurrencies: list[int], duration: float, *,

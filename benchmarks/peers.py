@@ -605,6 +605,7 @@ def _progress(row: dict) -> str:
 # --------------------------------------------------------------------------- tables
 
 OP_ORDER = {"put": 0, "put_dedup": 1, "get": 2, "get_into": 3}
+# row labels; bench_tcp.py holds the last KEEP_GETS (16) get() results
 OP_LABELS = {"put": "put (new bytes)", "put_dedup": "put (dedup)", "get": "get (16 kept)",
              "get_into": "get_into"}
 HEADERS = ["size", "conc", "op", "transport", "kvstored GB/s", "p50 us", "p99 us",
