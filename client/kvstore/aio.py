@@ -50,6 +50,24 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.can_write = asyncio.Event()
         self.can_write.set()
         self.rid = itertools.count(1)
+        self._out: list = []  # frames of this loop iteration's requests, sent by _flush
+
+    def send(self, bufs: list, busy: bool) -> None:
+        """Write ``bufs`` now when nothing else is in flight (a lone request waits for
+        nothing); else send them with every other request made in this loop iteration:
+        one ``writev`` for the gets of 8 tasks instead of 8 syscalls (each of which also
+        runs the loopback receive path in this process)."""
+        if not busy and not self._out:
+            self.transport.writelines(bufs)
+            return
+        if not self._out:
+            asyncio.get_running_loop().call_soon(self._flush)
+        self._out.extend(bufs)
+
+    def _flush(self) -> None:
+        out, self._out = self._out, []
+        if out and self.lost is None and self.transport is not None and not self.transport.is_closing():
+            self.transport.writelines(out)
 
     def connection_made(self, transport):
         self.transport = transport
@@ -346,8 +364,9 @@ class AsyncClient(Namespaced):
                     await p.can_write.wait()
                     if p.lost is not None:
                         raise p.lost
+                busy = bool(p.waiters)
                 bufs, waiters = build(p)
-                p.transport.writelines(bufs)
+                p.send(bufs, busy)
                 # one timer for the whole call (cheaper than wait_for, which wraps a task)
                 timer = loop.call_at(deadline, _expire, waiters, self.timeout)
                 try:
