@@ -80,22 +80,25 @@ def main(argv=None) -> int:
             for backend, target in (("kvstore", d.address), ("lm", str(port))):
                 print(f"round {r + 1}: {backend} ...", flush=True)
                 res[backend].append(run_one(args, backend, target))
-    med = lambda xs: sorted(xs)[len(xs) // 2]  # noqa: E731
+    med = lambda xs: sorted(xs)[(len(xs) - 1) // 2]  # noqa: E731 (lower median)
     rows = []
     for b, label in (("kvstore", "kvstore plugin (kvstored, shm)"), ("lm", "lmcache_server (lm://)")):
         st = [x["store_ms_per_1k_tokens"] for x in res[b]]
         rt = [x["retrieve_ms_per_1k_tokens"] for x in res[b]]
-        rows.append((label, med(st), st, med(rt), rt))
+        got = sum(x["retrieved_tokens"] for x in res[b])
+        want = sum(x["stored_tokens"] for x in res[b])
+        rows.append((label, med(st), st, med(rt), rt, f"{got}/{want}"))
     kv, lm = rows[0], rows[1]
     bpt = res["kvstore"][0]["bytes_per_token"]
     lines = [f"LMCache engine, {args.prompts} prompts x {args.tokens} tokens per run, "
              f"{bpt} bytes per token (Qwen2-0.5B KV shape), chunk 256, local_cpu off; "
              f"median of {args.rounds} runs each, in turns.", "",
-             "| backend | store ms / 1k tokens | runs | retrieve ms / 1k tokens | runs |",
-             "|---|---:|---|---:|---|"]
-    for label, s, ss, r, rr in rows:
+             "| backend | store ms / 1k tokens | runs | retrieve ms / 1k tokens | runs "
+             "| tokens retrieved / stored |",
+             "|---|---:|---|---:|---|---:|"]
+    for label, s, ss, r, rr, hits in rows:
         lines.append(f"| {label} | {s:.1f} | {', '.join(f'{x:.1f}' for x in ss)} | {r:.1f} | "
-                     f"{', '.join(f'{x:.1f}' for x in rr)} |")
+                     f"{', '.join(f'{x:.1f}' for x in rr)} | {hits} |")
     lines.append("")
     lines.append(f"store: kvstore / lmcache_server = {kv[1] / lm[1]:.2f}x the time; "
                  f"retrieve: {kv[3] / lm[3]:.2f}x")
