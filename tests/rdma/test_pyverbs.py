@@ -125,3 +125,22 @@ def test_daemon_over_pyverbs(start_daemon, monkeypatch):
             total = size * len(vals)
             print(f"RDMA {size // MiB} MiB x{len(vals)}: put {total / put_s / 1e9:.2f} GB/s, "
                   f"get {total / get_s / 1e9:.2f} GB/s")
+
+
+def test_loading_pyverbs_leaves_the_host_process_logging_alone():
+    """rdma-core's pyverbs calls logging.basicConfig(level=INFO) when imported; the SDK runs in
+    inference engines' processes, so loading it through kvstore.rdma must not change their
+    root logger (a CLI printed '[INFO] ... RDMA not usable' on a terminal before this)."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("pyverbs", reason="pyverbs is not installed")
+    code = ("import logging\n"
+            "from kvstore.rdma import ibverbs\n"
+            "try:\n    ibverbs.probe()\nexcept Exception:\n    pass\n"
+            "r = logging.getLogger()\n"
+            "print(len(r.handlers), r.level)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                         env={**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)})
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["0", "30"], out.stdout  # no handler, WARNING: as it was

@@ -17,12 +17,24 @@ _PORT_ACTIVE = 4  # IBV_PORT_ACTIVE
 
 
 def _pyverbs():
+    # importing pyverbs (rdma-core 44) calls logging.basicConfig(level=INFO) on the root
+    # logger: every INFO line of the host process would start appearing on its stderr. The
+    # SDK lives in other people's processes, so put the root logger back as it was.
+    import logging
+
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
     try:
         import pyverbs.device as d
         import pyverbs.enums as e
         from pyverbs import addr, cq, mr, pd, qp, wr
     except ImportError as err:
         raise Unsupported(f"pyverbs is not installed ({err}); install rdma-core's python3-pyverbs") from None
+    finally:
+        for h in root.handlers[:]:
+            if h not in handlers:
+                root.removeHandler(h)
+        root.setLevel(level)
     return d, e, addr, cq, mr, pd, qp, wr
 
 
