@@ -2,11 +2,13 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 import time
 import urllib.error
 import urllib.request
+from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -99,3 +101,14 @@ def kv_fields(line: str) -> dict[str, str]:
             v = v[1:-1].replace('\\"', '"').replace("\\n", "\n").replace("\\\\", "\\")
         out[k] = v
     return out
+
+
+def index_reachable() -> bool:
+    """Whether pip's package index answers (the install tests skip when it does not)."""
+    u = urlsplit(os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple"))
+    try:
+        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
+                                 timeout=3).close()
+        return True
+    except OSError:
+        return False

@@ -12,12 +12,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 import kvstore
 from kvstored.config import load_config
+from opsutil import index_reachable
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "kvstored.service"
@@ -213,23 +213,12 @@ def test_compose_file_has_etcd_and_three_nodes():
     assert "stop_grace_period" in text
 
 
-def _index_reachable() -> bool:
-    url = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
-    u = urlsplit(url)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
-                                 timeout=3).close()
-        return True
-    except OSError:
-        return False
-
-
 def test_check_build_replays_the_dockerfile():
     """docker/check-build.sh: the image's RUN steps in a clean venv, then start a standalone
     and a cluster node from it (~30-75 s, most of it pip)."""
     if os.environ.get("KVSTORED_SKIP_BUILD_CHECK"):
         pytest.skip("KVSTORED_SKIP_BUILD_CHECK is set")
-    if not _index_reachable():
+    if not index_reachable():
         pytest.skip("the package index is not reachable: cannot pip install in a clean venv")
     t0 = time.monotonic()
     r = subprocess.run([str(DOCKER / "check-build.sh")], capture_output=True, text=True,

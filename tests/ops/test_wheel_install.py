@@ -13,19 +13,18 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
 import zipfile
 from pathlib import Path
-from urllib.parse import urlsplit
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 from etcdutil import Etcd, needs_etcd  # noqa: E402
+from opsutil import index_reachable  # noqa: E402
 
 pytestmark = pytest.mark.skipif(bool(os.environ.get("KVSTORED_SKIP_BUILD_CHECK")),
                                 reason="KVSTORED_SKIP_BUILD_CHECK is set")
@@ -33,17 +32,6 @@ pytestmark = pytest.mark.skipif(bool(os.environ.get("KVSTORED_SKIP_BUILD_CHECK")
 SMALL = ["--host", "127.0.0.1", "--port", "0", "--data-port", "0", "--metrics-port", "0",
          "--dram-size", "64MiB", "--slab-size", "4MiB", "--max-value-size", "4MiB"]
 PIP_TIMEOUT = 600
-
-
-def _index_reachable() -> bool:
-    url = os.environ.get("PIP_INDEX_URL", "https://pypi.org/simple")
-    u = urlsplit(url)
-    try:
-        socket.create_connection((u.hostname, u.port or (443 if u.scheme == "https" else 80)),
-                                 timeout=3).close()
-        return True
-    except OSError:
-        return False
 
 
 def _run(argv: list, **kw) -> subprocess.CompletedProcess:
@@ -107,7 +95,7 @@ def _make_venv(base: Path, name: str, wheel: Path, extra: str) -> Path:
     r = _run([venv / "bin" / "python", "-m", "pip", "install", "--disable-pip-version-check",
               "-q", target], timeout=PIP_TIMEOUT, cwd=base, env=_clean_env(venv, base))
     if r.returncode != 0:
-        if not _index_reachable():
+        if not index_reachable():
             pytest.skip(f"pip cannot fetch the dependencies (index unreachable): {r.stderr[-300:]}")
         raise AssertionError(f"pip install {target} failed:\n{r.stdout[-2000:]}{r.stderr[-3000:]}")
     return venv

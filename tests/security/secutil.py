@@ -2,9 +2,11 @@
 from __future__ import annotations
 
 import hashlib
+import socket
 from pathlib import Path
 
 import kvstore
+from kvstore.wire import FLAG_RESPONSE, HEADER_SIZE, decode
 from seccerts import Certs, Pair
 
 # name -> (token, namespaces, scopes). "ro" is stored as a digest, the rest in clear.
@@ -49,3 +51,21 @@ def counters(d, certs: Certs | None = None, tls: bool = True) -> dict[str, int]:
     with kvstore.Client(d.control, token=token("admin"), timeout=10,
                         tls=client_tls(certs) if tls else None) as c:
         return dict(c.stats().counters)
+
+
+def recv_exact(s: socket.socket, n: int) -> bytes:
+    """Exactly ``n`` bytes from a raw data-port socket (EOFError if it closes first)."""
+    buf = bytearray()
+    while len(buf) < n:
+        chunk = s.recv(min(n - len(buf), 1 << 20))
+        if not chunk:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += chunk
+    return bytes(buf)
+
+
+def response(s: socket.socket) -> tuple[int, int, bytes]:
+    """The next response frame on a raw socket: (request id, status, payload)."""
+    h = decode(recv_exact(s, HEADER_SIZE))  # checks magic and version
+    assert h.flags & FLAG_RESPONSE
+    return h.req_id, h.status, recv_exact(s, h.length)

@@ -23,8 +23,10 @@ import kvstore
 from kvstore import errors
 from kvstore.shm import ShmConnection
 from kvstore.v1 import control_pb2 as pb
-from kvstore.wire import (FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_PING, OP_PUT,
-                          OP_SHM_COMMIT, OP_SHM_RESERVE, checksum, encode_request)
+from kvstore.wire import (OP_PING, OP_PUT, OP_SHM_COMMIT, OP_SHM_RESERVE, checksum,
+                          encode_request)
+
+from secutil import response
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -57,22 +59,6 @@ def rss(pid: int) -> int:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) * KiB
     raise AssertionError("no VmRSS")
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(n - len(buf))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def response(s: socket.socket) -> tuple[int, int, bytes]:
-    magic, _v, _op, flags, rid, status, _n, _k, _a, plen, _c = HEADER.unpack(recv_exact(s, HEADER_SIZE))
-    assert magic == MAGIC and flags & FLAG_RESPONSE
-    return rid, status, recv_exact(s, plen)
 
 
 def connect_from(src: str, port: int, timeout: float = 5.0) -> socket.socket:

@@ -9,28 +9,11 @@ import time
 
 import kvstore
 from kvstore import errors
-from kvstore.wire import (FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING,
-                          encode_request)
+from kvstore.wire import OP_GET, OP_PING, encode_request
 
-from secutil import client_tls, counters, token
+from secutil import client_tls, counters, response, token
 
 KiB, MiB = 1 << 10, 1 << 20
-
-
-def recv_exact(s: socket.socket, n: int) -> bytes:
-    buf = bytearray()
-    while len(buf) < n:
-        chunk = s.recv(min(n - len(buf), 1 << 20))
-        if not chunk:
-            raise EOFError(f"closed after {len(buf)} of {n} bytes")
-        buf += chunk
-    return bytes(buf)
-
-
-def response(s: socket.socket) -> tuple[int, int, bytes]:
-    magic, _v, _op, flags, rid, status, _n, _k, _a, plen, _c = HEADER.unpack(recv_exact(s, HEADER_SIZE))
-    assert magic == MAGIC and flags & FLAG_RESPONSE
-    return rid, status, recv_exact(s, plen)
 
 
 def test_connections_per_client(secure_daemon):

@@ -324,8 +324,6 @@ class KVStoreConnector(KVConnectorBase_V1):
         return [rank_key(k, self.tp_rank, self.pp_rank) for k in t.keys]
 
     def start_load_kv(self, forward_context: "ForwardContext", **kwargs: Any) -> None:
-        from ..torch import get_blocks
-
         meta = self._get_connector_metadata()
         if not isinstance(meta, KVStoreConnectorMetadata) or not meta.loads:
             return
