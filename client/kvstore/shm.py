@@ -14,7 +14,7 @@ import socket
 import sys
 
 from . import errors
-from .client import DataConnection
+from .channel import SHM_INLINE_MAX, DataConnection
 from .wire import (FLAG_OVERWRITE, HEADER_SIZE, MAGIC,
                    OP_SHM_COMMIT, OP_SHM_GET, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO,
                    SHM_IDS, SHM_MAGIC, checksum, decode, encode_request)
@@ -61,6 +61,10 @@ class ShmConnection(DataConnection):
     the socket and the SHM_* operations differ.
     """
 
+    transport = "shm"  # the DataChannel capabilities Client decides with (kvstore.channel)
+    zero_copy_get = True
+    inline_max = SHM_INLINE_MAX
+    inline_batch_put = False
     shm = True
 
     def __init__(self, path: str, timeout: float):

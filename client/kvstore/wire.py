@@ -98,6 +98,17 @@ checksum = xxhash.xxh3_64_intdigest
 """Checksum of a payload (any buffer): xxh3-64 as an int."""
 
 
+def checksum_parts(parts) -> int:
+    """``checksum`` of the concatenation of ``parts`` (buffers), computed incrementally:
+    a value given as (header, fragment) is checksummed without joining it."""
+    if len(parts) == 1:
+        return checksum(parts[0])
+    h = xxhash.xxh3_64()
+    for p in parts:
+        h.update(p)
+    return h.intdigest()
+
+
 def namespace_bytes(namespace: str | bytes) -> bytes:
     """Validate a namespace and return its wire bytes."""
     ns = namespace.encode() if isinstance(namespace, str) else bytes(namespace)

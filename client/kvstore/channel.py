@@ -1,0 +1,368 @@
+"""The SDK's data channels: one interface, one implementation per transport.
+
+``DataChannel`` is what ``Client`` sees of a data connection: a ``transport`` name
+and declared capabilities (no probing of attributes), and four operations (a
+window of puts, a window of gets, a ping, a leased view where the transport has
+one). ``TcpChannel`` is the TCP implementation and the framing every channel
+shares: shm (``kvstore.shm``, frames over a Unix socket) and RDMA
+(``kvstore.rdma.channel``, frames over TCP) derive from it and replace only what
+moves the bytes of objects above their ``inline_max``.
+
+``transport_plan`` is the one place that decides which transports a client tries,
+in which order.
+
+Blocking sockets are the fastest way for Python to move megabyte payloads: a put is
+one ``sendmsg`` of header + the caller's buffers (a value may be several buffers,
+sent gathered and stored as their concatenation), a get is ``recv_into`` the
+destination buffer.
+"""
+from __future__ import annotations
+
+import abc
+import itertools
+import socket
+import ssl
+import struct
+from typing import ClassVar
+
+from . import errors
+from ._common import CONNECT_TIMEOUT
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PING, OP_PUT, FrameError,
+                   checksum, checksum_parts, decode, encode_auth, encode_request)
+
+TRANSPORTS = ("shm", "rdma", "tcp")
+INLINE_ANY = 1 << 62  # inline_max of a channel that moves every object inside frames
+# On the shm socket, objects up to this size travel inside the frames (OP_PUT / OP_GET, as
+# on TCP but over the Unix socket): one round trip, no reserve/commit pair and no lease to
+# release, which at 64 KiB cost more than the copy through the socket saves. Applies to
+# batch_get_into and to single puts (batch_put keeps reserve-all / copy / commit-all).
+SHM_INLINE_MAX = 128 << 10
+_IOV_MAX = 512  # buffers per sendmsg (the kernel's limit is 1024)
+_TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one write
+
+
+def transport_plan(choice: str, shm: bool | None, tls: bool, data_address: bool,
+                   rdma_unusable: bool) -> list[str]:
+    """The transports a client tries for a new data connection, in order.
+
+    ``choice``: Client's ``transport``; ``shm``: its ``shm`` (None = if offered, True =
+    required); ``tls`` / ``data_address``: set by the caller (either means "that TCP
+    endpoint": no shm); ``rdma_unusable``: RDMA already fell back once (auto skips it).
+    A required transport that cannot be used raises in its connector; an optional
+    one returns nothing and the next is tried. TCP is always last.
+    """
+    if choice not in ("auto",) + TRANSPORTS:
+        raise errors.InvalidArgument(f"transport {choice!r}: one of auto, shm, rdma, tcp")
+    out = []
+    if shm is not False and not tls and not data_address:
+        out.append("shm")
+    if choice in ("auto", "rdma"):
+        if tls:
+            if choice == "rdma":
+                raise errors.Unavailable("transport='rdma' cannot be combined with TLS")
+        elif not (rdma_unusable and choice == "auto"):
+            out.append("rdma")
+    out.append("tcp")
+    return out
+
+
+def raise_first(results: list) -> list:
+    """Batch semantics shared by every channel: every request is answered, then the
+    first error (by position) raises."""
+    for r in results:
+        if isinstance(r, errors.KVStoreError):
+            raise r
+    return results
+
+
+def joined(parts: list) -> memoryview:
+    """One buffer for a value given as several (channels that copy the value anyway)."""
+    return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
+
+
+class Response:
+    __slots__ = ("op", "rid", "status", "aux", "length", "checksum")
+
+    def __init__(self, op, rid, status, aux, length, csum):
+        self.op, self.rid, self.status, self.aux, self.length, self.checksum = op, rid, status, aux, length, csum
+
+
+class DataChannel(abc.ABC):
+    """One blocking data connection as Client uses it (not thread-safe; one per thread).
+
+    Capabilities are declared by each implementation, and ``Client`` decides with them
+    (``frames_put`` / ``frames_get``) instead of asking what a connection is.
+    """
+
+    transport: ClassVar[str]  # "tcp" | "shm" | "rdma"
+    zero_copy_get: ClassVar[bool] = False  # get_view: a leased view of the daemon's memory
+    # Largest object that moves inside the frames (OP_PUT / OP_GET payloads); larger ones
+    # use the transport's own path (put / copy_out). -1: none does.
+    inline_max: ClassVar[int] = INLINE_ANY
+    inline_batch_put: ClassVar[bool] = True  # several puts of one window may move inline
+    epoch = 0  # cluster member-list epoch sent with puts and gets (Client.epoch)
+
+    def frames_put(self, sizes: list[int]) -> bool:
+        """Whether a window of puts of these sizes moves inside frames."""
+        return max(sizes, default=0) <= self.inline_max and (len(sizes) <= 1 or self.inline_batch_put)
+
+    def frames_get(self, sizes: list[int] | None) -> bool:
+        """Whether gets into buffers of these sizes (None: new buffers, sizes unknown)
+        move inside frames."""
+        if sizes is None:
+            return self.inline_max >= INLINE_ANY
+        return max(sizes, default=0) <= self.inline_max
+
+    @abc.abstractmethod
+    def setup(self, token: str | None) -> None:
+        """First exchange (AUTH or PING); a refusal raises its typed error."""
+
+    @abc.abstractmethod
+    def close(self) -> None: ...
+
+    @abc.abstractmethod
+    def put_batch(self, ns: bytes, items: list, overwrite: bool) -> list[bool]:
+        """``items``: (key, parts, size), parts being the value's buffers (stored as their
+        concatenation). True stored / False identical already there; raises the first error."""
+
+    @abc.abstractmethod
+    def get_batch(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool, alloc) -> list:
+        """Sizes (into ``dests``) or buffers from ``alloc(size)``; raises the first error."""
+
+    @abc.abstractmethod
+    def ping(self) -> None: ...
+
+    def get_view(self, ns: bytes, key: bytes, verify: bool):
+        raise errors.Unavailable(f"get_view needs the same-host shm path (this client uses {self.transport})")
+
+
+class TcpChannel(DataChannel):
+    """One blocking TCP connection to the data port, and the framing all channels share.
+
+    A subclass that lowers ``inline_max`` provides ``put(ns, [(key, view)], overwrite)``
+    and ``copy_out(ns, keys, dests, verify, alloc)``, each returning one result or typed
+    error per item.
+    """
+
+    transport = "tcp"
+
+    def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = "",
+                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
+                 connect_timeout: float = CONNECT_TIMEOUT):
+        self.address = (host, port)
+        self.sock = socket.create_connection((host, port), timeout=min(timeout, connect_timeout))
+        self.sock.settimeout(timeout)
+        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if tcp_congestion:
+            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, tcp_congestion.encode())
+        if ssl_context is not None:
+            # TLS: sendmsg and MSG_WAITALL do not exist on an SSLSocket; Python's own
+            # timeouts are used (an SSL read cannot resume after SO_RCVTIMEO's EAGAIN)
+            try:
+                self.sock = ssl_context.wrap_socket(self.sock, server_hostname=server_name or host)
+            except BaseException:
+                self.sock.close()
+                raise
+            self.send = self._send_tls
+            self.recv_into = self._recv_into_tls
+        else:
+            # Blocking socket with kernel-side timeouts: CPython's own timeout mode polls
+            # before every recv/send, one extra syscall per chunk on the hot path.
+            self._kernel_timeouts(timeout)
+        self._rid = itertools.count(1)
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hview = memoryview(self._hdr)
+
+    def _init_framing(self, timeout: float) -> None:
+        """For subclasses that bring their own connected socket (the shm channel)."""
+        self._kernel_timeouts(timeout)
+        self._rid = itertools.count(1)
+        self._hdr = bytearray(HEADER_SIZE)
+        self._hview = memoryview(self._hdr)
+
+    def _kernel_timeouts(self, timeout: float) -> None:
+        self.sock.settimeout(None)
+        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
+        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+    # ---- operations (DataChannel)
+    def put_batch(self, ns: bytes, items: list, overwrite: bool) -> list[bool]:
+        if not self.frames_put([n for _k, _p, n in items]):
+            return raise_first(self.put(ns, [(k, joined(p)) for k, p, _n in items], overwrite))
+        flags = FLAG_OVERWRITE if overwrite else 0
+        order = {}
+        bufs = []
+        for i, (k, parts, n) in enumerate(items):
+            rid = self.next_id()
+            order[rid] = i
+            bufs.append(encode_request(OP_PUT, rid, ns, k, n, checksum_parts(parts), flags, self.epoch))
+            bufs += parts  # gathered by sendmsg: a value in several buffers is never joined
+        self.send(bufs)
+        return self._collect(order, None, False, None)
+
+    def get_batch(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool, alloc) -> list:
+        if not self.frames_get(None if dests is None else [len(d) for d in dests]):
+            return raise_first(self.copy_out(ns, keys, dests, verify, alloc))
+        return self._collect(self.send_keyed(OP_GET, ns, keys), dests, verify, alloc)
+
+    def ping(self) -> None:
+        rid = self.next_id()
+        self.send([encode_request(OP_PING, rid, b"", b"")])
+        self._collect({rid: 0}, None, False, None)
+
+    def put(self, ns: bytes, items: list, overwrite: bool) -> list:
+        raise NotImplementedError("TCP moves every object inside frames")
+
+    def copy_out(self, ns: bytes, keys: list, dests: list | None, verify: bool, alloc=bytearray) -> list:
+        raise NotImplementedError("TCP moves every object inside frames")
+
+    # ---- framing
+    def next_id(self) -> int:
+        return next(self._rid)
+
+    def send_keyed(self, op: int, ns: bytes, keys: list[bytes]) -> dict[int, int]:
+        """One payload-less request per key (GET, SHM_GET) in one write, with this
+        connection's epoch; returns request id -> index."""
+        order, frames = {}, []
+        for i, k in enumerate(keys):
+            rid = self.next_id()
+            order[rid] = i
+            frames.append(encode_request(op, rid, ns, k, epoch=self.epoch))
+        self.send([b"".join(frames)])
+        return order
+
+    def send(self, buffers: list) -> None:
+        """sendmsg all buffers (gathered, no copy), handling partial sends."""
+        views = [memoryview(b) for b in buffers]
+        while views:
+            n = self.sock.sendmsg(views[:_IOV_MAX])
+            while n:
+                if n >= len(views[0]):
+                    n -= len(views[0])
+                    views.pop(0)
+                else:
+                    views[0] = views[0][n:]
+                    n = 0
+            while views and not len(views[0]):  # empty parts (an empty value, a 0-byte fragment)
+                views.pop(0)
+
+    def setup(self, token: str | None) -> None:
+        """First exchange: AUTH with the token, or a PING. Any refusal (wrong token, too
+        many connections, a TLS port reached in plaintext) surfaces here as a typed error,
+        before a batch is sent."""
+        rid = self.next_id()
+        self.send([encode_auth(rid, token) if token else encode_request(OP_PING, rid, b"", b"")])
+        r = self.read_response()
+        if r.status:
+            raise self.read_error(r)
+        if r.rid != rid:
+            raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+
+    def _send_tls(self, buffers: list) -> None:
+        small: list = []
+        for b in buffers:
+            if len(b) < _TLS_COALESCE:
+                small.append(b)
+                continue
+            if small:
+                self.sock.sendall(b"".join(small))
+                small = []
+            self.sock.sendall(b)
+        if small:
+            self.sock.sendall(b"".join(small))
+
+    def _recv_into_tls(self, view: memoryview) -> None:
+        got, want = 0, len(view)
+        recv = self.sock.recv_into
+        while got < want:
+            n = recv(view[got:])
+            if n == 0:
+                raise ConnectionResetError("kvstored closed the data connection")
+            got += n
+
+    def recv_into(self, view: memoryview) -> None:
+        got, want = 0, len(view)
+        recv = self.sock.recv_into
+        while got < want:
+            # MSG_WAITALL: one syscall and one wake-up for the whole payload, not one per segment
+            n = recv(view[got:], 0, socket.MSG_WAITALL)
+            if n == 0:
+                raise ConnectionResetError("kvstored closed the data connection")
+            got += n
+
+    def read_response(self) -> Response:
+        self.recv_into(self._hview)
+        try:
+            h = decode(self._hdr)
+        except FrameError:
+            h = None
+        if h is None or not h.flags & FLAG_RESPONSE:
+            raise errors.ProtocolError("malformed response frame from kvstored")
+        return Response(h.op, h.req_id, h.status, h.aux, h.length, h.checksum)
+
+    def read_error(self, r: Response) -> errors.KVStoreError:
+        msg = bytearray(r.length)
+        self.recv_into(memoryview(msg))
+        return errors.error_for_code(r.status, msg.decode("utf-8", "replace"), r.rid)
+
+    def discard(self, n: int) -> None:
+        buf = memoryview(bytearray(min(n, 1 << 20)))
+        while n:
+            take = min(n, len(buf))
+            self.recv_into(buf[:take])
+            n -= take
+
+    def _collect(self, order: dict[int, int], views: list | None, verify: bool, alloc) -> list:
+        """Read one response per request id (any order); raise the first error (by
+        arrival) after all arrive. Gets go into ``views`` or ``alloc(size)`` buffers."""
+        results: list = [None] * len(order)
+        first_error: errors.KVStoreError | None = None
+        for _ in range(len(order)):
+            r = self.read_response()
+            i = order.pop(r.rid, None)
+            if i is None:
+                if r.status:  # connection-level error (id 0): e.g. too many connections
+                    raise self.read_error(r)
+                raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+            if r.status:
+                err = self.read_error(r)
+                first_error = first_error or err
+                continue
+            if r.op == OP_PUT:
+                results[i] = r.aux != 1  # aux=1: deduplicated
+            elif r.op == OP_GET:
+                if views is not None:
+                    dest = views[i]
+                    if r.length > len(dest):
+                        self.discard(r.length)
+                        first_error = first_error or errors.InvalidArgument(
+                            f"object of {r.length} bytes does not fit the {len(dest)}-byte buffer")
+                        continue
+                    dest = dest[:r.length]
+                    self.recv_into(dest)
+                    results[i] = r.length
+                else:
+                    dest = alloc(r.length)
+                    self.recv_into(memoryview(dest))
+                    results[i] = dest
+                if verify and checksum(dest) != r.checksum:
+                    first_error = first_error or errors.ChecksumMismatch(
+                        "object bytes do not match their checksum after transfer")
+            else:
+                results[i] = True
+        if first_error is not None:
+            raise first_error
+        return results
+
+
+DataConnection = TcpChannel  # the name kvstore.shm and older callers import
+
+__all__ = ["DataChannel", "DataConnection", "INLINE_ANY", "SHM_INLINE_MAX", "TRANSPORTS", "TcpChannel",
+           "raise_first", "transport_plan"]
