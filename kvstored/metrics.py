@@ -385,10 +385,11 @@ class StoreUsage:
         self.sizes = [0] * (len(SIZE_BUCKETS) + 1)
         self.sizes_sum = 0
         self.events = None  # kvstored.events.EventPublisher, set by the node
-        for e in (store.index.values() if store is not None else ()):  # recovered from NVMe
-            r = self._row(e.ns)
-            r[0] += 1
-            r[1] += e.size
+        usage = store.namespace_usage() if store is not None else {}
+        for ns, (objects, nbytes) in usage.items():  # recovered from NVMe
+            r = self._row(ns)
+            r[0] += objects
+            r[1] += nbytes
 
     def _row(self, ns: bytes) -> list:
         label = self.labels.get(ns)
@@ -471,10 +472,8 @@ class UsageCollector(Collector):
         sizes.add_metric([], usage.size_buckets(), usage.sizes_sum)
         yield sizes
         store = m.store
-        now = store.clock()
-        # Store._pinned holds every entry with a pin count; Store.stats() prunes lapsed ones
         yield _gauge("kvstored_pinned_bytes", "Bytes of objects under a live pin lease.",
-                     sum(e.size for e in list(store._pinned) if e.pinned(now)))
+                     sum(e.size for e in store.pinned_entries()))
         ops = CounterMetricFamily(
             "kvstored_data_operations", "Data-plane requests by transport (tcp, tls, shm) and "
             "op; shm is the shm_* ops, the other ops count under the TCP port's transport.",

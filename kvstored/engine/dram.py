@@ -1,0 +1,226 @@
+"""The DRAM tier: the arena's slots, who gets evicted for a new one, and when.
+
+It owns the arena (size classes, slabs), the eviction policy's lists and the
+watermarks. What leaving DRAM means (dropped, or demoted to NVMe first) is not
+its business: ``evict`` is the tiering's callback, True when the slot is free now,
+False when it frees later (a demotion in flight). Runs on the event loop thread;
+the coroutines only wait (bounded) for space.
+"""
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Callable
+
+from kvstore.errors import NoSpace
+
+from .arena import Arena, SizeClass
+from .eviction import Policy
+
+if TYPE_CHECKING:
+    from .entries import Entry, Index
+    from .store import StoreLimits
+
+
+class DramTier:
+    def __init__(self, limits: "StoreLimits", clock: Callable[[], float], index: "Index",
+                 counters: dict):
+        self.limits = limits  # shared with the Store: a reload changes it in place
+        self.clock = clock
+        self.index = index
+        self.counters = counters  # the Store's; this tier counts no_space
+        self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages)
+        if limits.prefault:
+            self.arena.prefault_in_background()
+        self.policy = Policy(len(self.arena.classes))
+        self.objects = 0  # committed entries holding a slot
+        self.demoting_bytes = 0  # bytes being written to NVMe (their slots free afterwards)
+        self._draining = None  # the slab being emptied for another class, if any
+        self._drain_since = 0.0
+        # binds lazily to the running loop on first wait, so safe to create outside one
+        self._space_freed = asyncio.Event()
+        # set by the Store: make an entry leave DRAM (see the module docstring)
+        self.evict: Callable[["Entry"], bool] = _no_evict
+
+    # ------------------------------------------------------------ entries
+    def link(self, e: "Entry") -> None:
+        """A committed entry now holds its slot: it becomes evictable (policy insert)."""
+        self.index.place(e)
+        self.policy.insert(e)
+        self.objects += 1
+
+    def link_loaded(self, e: "Entry", offset: int) -> None:
+        """An NVMe-only entry was promoted into the slot at ``offset``."""
+        e.offset = offset
+        self.index.place(e)
+        self.policy.insert_loaded(e)
+        self.objects += 1
+
+    def unlink(self, e: "Entry", evicted: bool = False) -> None:
+        """A removed entry leaves the policy; its slot is freed now, or by the last
+        ``release`` while readers hold it. ``evicted``: its key goes to the ghost."""
+        self.policy.remove(e, evicted)
+        self.index.displace(e)
+        self.objects -= 1
+        if e.refs == 0:
+            self.free_slot(e.offset)
+
+    def drop_copy(self, e: "Entry") -> None:
+        """Free the DRAM copy of an entry that stays in the index (its copy is on NVMe)."""
+        self.policy.remove(e)
+        self.index.displace(e)
+        self.objects -= 1
+        off, e.offset = e.offset, -1
+        self.free_slot(off)
+
+    def view(self, e: "Entry") -> memoryview:
+        return self.arena.view[e.offset:e.offset + e.size]
+
+    # ---------------------------------------------------------- allocation
+    def alloc(self, sc: SizeClass) -> int | None:
+        """A free slot of class ``sc``, evicting for it when the class is full; None when
+        nothing can go now (everything pinned, referenced or being written)."""
+        off = self.arena.alloc(sc)
+        if off is not None:
+            return off
+        # class full and no free slab: evict in this class, else empty a slab elsewhere
+        now = self.clock()
+
+        def evictable(e: Entry) -> bool:
+            return e.refs == 0 and not e.pinned(now)
+
+        for _ in range(8):  # demotions free their slot later; a drop frees it now
+            victim = self.policy.victim(sc.index, evictable)
+            if victim is None:
+                break
+            if self.evict(victim):
+                off = self.arena.alloc(sc)
+                if off is not None:
+                    return off
+        if self.reclaim_slab(sc, now):
+            return self.arena.alloc(sc)
+        return None
+
+    async def alloc_wait(self, sc: SizeClass) -> int:
+        """``alloc``, waiting up to ``put_wait_timeout`` for a slot (a promotion's)."""
+        deadline = self.clock() + self.limits.put_wait_timeout
+        while True:
+            off = self.alloc(sc)
+            if off is not None:
+                return off
+            left = deadline - self.clock()
+            if left <= 0:
+                self.counters["no_space"] += 1
+                raise NoSpace("no DRAM space to load the object from NVMe")
+            await self.wait_for_space(left)
+
+    async def wait_for_space(self, left: float) -> None:
+        """Until a slot is freed or an unpin happens, at most ``left`` and 50 ms: pin
+        leases lapse without an event, so the caller re-checks that often."""
+        self._space_freed.clear()
+        try:
+            await asyncio.wait_for(self._space_freed.wait(), min(left, 0.05))
+        except asyncio.TimeoutError:
+            pass
+
+    def free_slot(self, offset: int) -> None:
+        if self._draining is not None and self.arena.slab_of(offset) is self._draining:
+            self._drain_since = self.clock()  # the drain progresses: its timeout restarts
+        self.arena.free(offset)
+        self._space_freed.set()
+
+    def signal_space(self) -> None:
+        self._space_freed.set()
+
+    def reclaim_slab(self, wanted: SizeClass, now: float) -> bool:
+        """Empty a slab of another class for ``wanted``. True if a slab is free now.
+
+        A slab qualifies when every used slot holds a committed object that is
+        neither referenced nor pinned. Its objects are evicted like any victim:
+        dropped, or demoted first when an NVMe tier is configured, in which case the
+        slab is *drained* (hands out no slot) until the writes finish and it returns
+        to the pool; the caller waits for it (``reserve_wait``). One slab drains at
+        a time, so concurrent waiters do not empty several.
+        """
+        if self.arena.free_slabs:
+            return True
+        at = self.index.at
+        d = self._draining
+        if d is not None:
+            if not d.draining:  # emptied since: it went back to the pool
+                self._draining = None
+            else:
+                left = [e for e in (at(o) for o in self.arena.slots(d)) if e is not None]
+                if any(e.pinned(now) for e in left) or \
+                        now - self._drain_since > self.limits.put_wait_timeout:
+                    # pinned after the drain began, or no slot freed for a while (a long
+                    # reader): give up on this slab (it serves its class again), try another
+                    self.arena.undrain(d)
+                    self._draining = None
+                else:
+                    for e in left:  # a reader that held one back has let go now
+                        if e.refs == 0:
+                            self.evict(e)
+                    return bool(self.arena.free_slabs)
+        for sc in sorted(self.arena.classes, key=lambda c: len(c.slabs), reverse=True):
+            if sc is wanted or not sc.slabs:
+                continue
+            for slab in sc.slabs:
+                used = [e for e in (at(o) for o in self.arena.slots(slab)) if e is not None]
+                # every used slot must be a committed, evictable object (no reservation,
+                # no dead object still being read)
+                if len(used) != slab.used or any(e.refs or e.pinned(now) for e in used):
+                    continue
+                self.arena.drain(slab)
+                for e in used:
+                    self.evict(e)
+                if slab.draining:  # demotions in flight: it frees when they are written
+                    self._draining = slab
+                    self._drain_since = now
+                    return False
+                return True
+        return False
+
+    def evict_down(self) -> int:
+        """Past the high watermark, evict down to the low one; how many were evicted.
+
+        The Store calls it only with an NVMe tier: demotion is asynchronous, so the
+        headroom lets puts go on while NVMe writes. Without a tier an eviction is an
+        O(1) unlink done by the allocation that needs the slot, so no headroom is kept
+        and all of the DRAM holds objects.
+        """
+        a = self.arena
+        if a.used_bytes <= self.limits.high_watermark * a.size:
+            return 0
+        target = self.limits.low_watermark * a.size
+        now = self.clock()
+
+        def evictable(e: Entry) -> bool:
+            return e.refs == 0 and not e.pinned(now)
+
+        n = 0
+        stuck: set[int] = set()
+        pol = self.policy
+        while a.used_bytes - self.demoting_bytes > target and len(stuck) < len(a.classes):
+            # the class holding the most bytes gives up the next victim
+            sc = max((c for c in a.classes if c.index not in stuck),
+                     key=lambda c: pol.count(c.index) * c.slot_size)
+            v = pol.victim(sc.index, evictable)
+            if v is None:
+                stuck.add(sc.index)
+                continue
+            self.evict(v)
+            n += 1
+        return n
+
+    def stats(self) -> dict:
+        a = self.arena
+        return {"dram_capacity": a.size, "dram_used": a.used_bytes, "slab_size": a.slab_size,
+                "slabs_total": len(a.slabs), "slabs_free": len(a.free_slabs),
+                "hugepages": a.hugepages, "dram_prefaulted": a.prefaulted}
+
+    def close(self) -> None:
+        self.arena.close()
+
+
+def _no_evict(e) -> bool:
+    raise RuntimeError("DramTier.evict is not set (the Store wires it to its tiering)")

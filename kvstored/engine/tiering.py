@@ -1,0 +1,297 @@
+"""Moving objects between the DRAM tier and the NVMe tier.
+
+With an NVMe tier, an entry lives in DRAM (``offset >= 0``), on NVMe (``nvme``
+is a Location) or both. DRAM eviction demotes an entry (writes it to NVMe,
+holding a reference so the slot cannot be reused meanwhile) and only then drops
+the DRAM copy; a get of an NVMe-only entry promotes it back into a DRAM slot,
+verifying its checksum. Deleting or overwriting an entry that has an NVMe copy
+appends a tombstone so a restart does not bring it back. At start, the objects
+found on NVMe are indexed (``recover``); at shutdown, DRAM-only objects may be
+written out (``flush_to_nvme``).
+
+Without an NVMe tier, an eviction is a removal from the index.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import mmap
+import time
+from typing import TYPE_CHECKING, Callable
+
+from kvstore.errors import NotFound
+
+from .arena import SLOT_ALIGN
+from .entries import DEAD, Entry
+
+if TYPE_CHECKING:
+    from .dram import DramTier
+    from .entries import Index
+    from .nvme import NvmeTier
+    from .store import StoreLimits
+
+log = logging.getLogger("kvstored.store")
+
+
+class Tiering:
+    def __init__(self, nvme: "NvmeTier | None", index: "Index", dram: "DramTier",
+                 limits: "StoreLimits", clock: Callable[[], float],
+                 unlink: Callable[..., None], release: Callable[[Entry], None]):
+        self.nvme = nvme
+        self.index = index
+        self.dram = dram
+        self.limits = limits
+        self.clock = clock
+        # the Store's removal from the index (observer, tombstone, slot: Store._unlink)
+        # and its reference release (frees a dead entry's slot)
+        self._unlink = unlink
+        self._release = release
+        self.flush_not_kept = 0  # DRAM-only objects the last shutdown flush could not write
+        self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
+        self._tasks: set[asyncio.Task] = set()
+        if nvme is not None:
+            nvme.can_reclaim = self._can_reclaim_region
+            nvme.on_reclaim = self._drop_region
+
+    # ------------------------------------------------------------ demotion
+    def evict(self, e: Entry) -> bool:
+        """Make ``e`` leave DRAM. True if its slot is free now (False: a demotion started)."""
+        counters = self.dram.counters
+        counters["evictions"] += 1
+        counters["evicted_bytes"] += e.size
+        if self.nvme is None:
+            self._unlink(e, evicted=True)
+            return True
+        if e.nvme is not None:  # a clean copy is on NVMe already
+            self.dram.drop_copy(e)
+            return True
+        if self.nvme.admit(e.size, e.reads):
+            self._start_demotion(e)
+            return False
+        self._unlink(e, evicted=True)
+        return True
+
+    def _start_demotion(self, e: Entry) -> None:
+        e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
+        self.dram.demoting_bytes += e.size
+        self._spawn(self._demote(e, self.nvme.next_seq()))
+
+    async def _demote(self, e: Entry, seq: int) -> None:
+        try:
+            loc = await self.nvme.append(e.ns, e.key, self._nvme_payload(e), e.size, e.checksum,
+                                         _nvme_slot(e), e.committed_at, seq=seq)
+        except OSError as err:
+            loc = None
+            log.warning("demotion failed (%s); object dropped from DRAM instead", err)
+        finally:
+            self.dram.demoting_bytes -= e.size
+        e.refs -= 1
+        if e.state == DEAD:  # deleted or overwritten meanwhile
+            if loc is not None:  # the delete's tombstone has a higher seq already
+                self.nvme.forget(loc, e.ns, e.key)
+            if e.refs == 0:
+                self.dram.free_slot(e.offset)
+            return
+        if loc is None:
+            if e.refs == 0:
+                self._unlink(e)
+            return
+        e.nvme = loc
+        if e.refs == 0 and e.offset >= 0:
+            self.dram.drop_copy(e)
+
+    def _nvme_payload(self, e: Entry) -> memoryview:
+        """The object's bytes as the NVMe tier writes them (O_DIRECT): page aligned, whole
+        pages. Sub-page slots are not page aligned, so they are copied to a bounce page."""
+        view = self.dram.arena.view
+        if e.sc.slot_size >= SLOT_ALIGN:
+            return view[e.offset:e.offset + _align(e.size)]
+        page = memoryview(mmap.mmap(-1, _align(e.size)))
+        page[:e.size] = view[e.offset:e.offset + e.size]
+        return page
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self._tasks.add(t)
+        t.add_done_callback(self._tasks.discard)
+
+    # ------------------------------------------------------------- removal
+    def removed(self, e: Entry, tombstone: bool) -> None:
+        """``e`` left the index: its NVMe copy is forgotten, and with ``tombstone`` (a
+        user's delete/overwrite) a tombstone keeps it from coming back at restart."""
+        if self.nvme is None:
+            return
+        if tombstone and (e.nvme is not None or e.refs):
+            # also when a demotion is in flight (refs): its record must not outlive the delete
+            self._spawn(self._tombstone(e, self.nvme.next_seq()))
+        if e.nvme is not None:
+            self.nvme.forget(e.nvme, e.ns, e.key)
+            e.nvme = None
+
+    async def _tombstone(self, e: Entry, seq: int) -> None:
+        try:
+            await self.nvme.append(e.ns, e.key, None, 0, 0, 0, time.time(), tombstone=True, seq=seq)
+        except OSError as err:
+            log.error("could not persist the deletion of an NVMe object (%s); it may reappear "
+                      "after a restart", err)
+
+    # ----------------------------------------------------------- promotion
+    async def load(self, e: Entry) -> None:
+        """Promote an NVMe-only entry into DRAM (verified), or raise NotFound if its copy is bad."""
+        pending = self._loading.get(id(e))
+        if pending is not None:
+            await asyncio.shield(pending)
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._loading[id(e)] = fut
+        e.refs += 1  # keeps its region from being reclaimed while we read
+        dram = self.dram
+        off = None
+        try:
+            off = await dram.alloc_wait(e.sc)
+            loc = e.nvme
+            small = e.sc.slot_size < SLOT_ALIGN  # not page aligned: read through a bounce page
+            dest = memoryview(mmap.mmap(-1, _align(e.size))) if small else \
+                dram.arena.view[off:off + _align(e.size)]
+            ok = loc is not None and await self.nvme.read(loc, dest)
+            if ok and small:
+                dram.arena.view[off:off + e.size] = dest[:e.size]
+            if e.state == DEAD or e.nvme is not loc:
+                dram.free_slot(off)
+                off = None
+                raise NotFound("object was deleted while being read")
+            if not ok:
+                dram.free_slot(off)
+                off = None
+                self.nvme.counters["misses"] += 1
+                self._unlink(e, tombstone=True)
+                raise NotFound("object failed its checksum on NVMe and was dropped")
+            self.nvme.counters["hits"] += 1
+            self.nvme.counters["promotions"] += 1
+            dram.link_loaded(e, off)
+            off = None
+            fut.set_result(None)
+        except BaseException as exc:
+            if off is not None:
+                dram.free_slot(off)
+            fut.set_exception(exc if isinstance(exc, Exception) else NotFound("load cancelled"))
+            fut.exception()  # retrieved here; waiters re-raise their own
+            raise
+        finally:
+            del self._loading[id(e)]
+            self._release(e)
+
+    # ------------------------------------------------------------ recovery
+    def recover(self, hold: bool) -> None:
+        """Index the objects found on NVMe at start (they stay there until read).
+        ``hold``: a cluster node's records stay hidden until the repair agent checks them."""
+        skipped = 0
+        index = self.index
+        class_for = self.dram.arena.class_for
+        for rec in self.nvme.recovered_objects():
+            if rec.loc.length > self.limits.max_value_size:
+                skipped += 1
+                self.nvme.forget(rec.loc, rec.ns, rec.key)
+                continue
+            e = Entry(rec.ns, rec.key, -1, rec.loc.length, rec.loc.checksum,
+                      class_for(rec.loc.length))
+            e.committed_at = rec.committed_at
+            e.nvme = rec.loc
+            e.unverified = hold  # counted by the index as it goes in
+            index.insert(e)
+        if skipped:
+            log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
+        log.info("NVMe tier: %d objects recovered%s", len(index),
+                 " (held from clients until verified by the cluster)" if index.unverified else "")
+
+    # -------------------------------------------------------- region reclaim
+    def _can_reclaim_region(self, region) -> bool:
+        now = self.clock()
+        get = self.index.get
+        for ns, key in region.live:
+            e = get(ns, key)
+            if e is None or e.nvme is None or e.nvme.region != region.index:
+                continue
+            if e.offset < 0 and (e.refs or e.pinned(now)):
+                return False  # pinned objects keep their only copy; reads in flight finish
+        return True
+
+    def _drop_region(self, region) -> None:
+        get = self.index.get
+        for ns, key in list(region.live):
+            e = get(ns, key)
+            if e is None or e.nvme is None or e.nvme.region != region.index:
+                continue
+            e.nvme = None
+            if e.offset < 0:
+                self._unlink(e)
+
+    # ------------------------------------------------------------ shutdown
+    async def flush_to_nvme(self, timeout: float) -> int:
+        """Demote every DRAM-only object (shutdown); returns how many were written.
+
+        Never at the cost of what is on NVMe already: meanwhile the tier reclaims only
+        regions holding no live object. Objects that do not fit (or miss the deadline)
+        stay DRAM-only and are lost at exit: ``flush_not_kept`` counts them, and a
+        warning says so. Most-read objects go first.
+        """
+        self.flush_not_kept = 0
+        if self.nvme is None:
+            return 0
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        todo = sorted((e for e in self.index.iterate() if e.nvme is None and e.offset >= 0),
+                      key=lambda e: -e.reads)
+        written = 0
+        why = ""
+        self.nvme.keep_live = True
+        try:
+            for i, e in enumerate(todo):
+                if loop.time() >= deadline:
+                    why = "the flush reached its deadline"
+                elif e.state == DEAD or e.nvme is not None:
+                    continue
+                if why:
+                    self.flush_not_kept = sum(1 for x in todo[i:] if x.state != DEAD and x.nvme is None)
+                    break
+                e.refs += 1
+                try:
+                    loc = await self.nvme.append(e.ns, e.key, self._nvme_payload(e), e.size,
+                                                 e.checksum, _nvme_slot(e), e.committed_at)
+                    if e.state == DEAD:  # deleted meanwhile: its tombstone came later
+                        self.nvme.forget(loc, e.ns, e.key)
+                    else:
+                        e.nvme = loc
+                    written += 1
+                except OSError as err:
+                    why = f"NVMe tier full or failing ({err.strerror or err})"
+                    self.flush_not_kept = sum(1 for x in todo[i:] if x.state != DEAD and x.nvme is None)
+                    break
+                finally:
+                    e.refs -= 1
+        finally:
+            self.nvme.keep_live = False
+        if self.flush_not_kept:
+            log.warning("shutdown flush: %s; %d DRAM-only objects could not be kept and are lost "
+                        "at exit (%d written)", why, self.flush_not_kept, written)
+        return written
+
+    async def drain_tasks(self, timeout: float) -> None:
+        """Let demotions and tombstones in flight finish (bounded)."""
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=timeout)
+
+    def stats(self) -> dict | None:
+        if self.nvme is None:
+            return None
+        return {"name": "nvme", "io_backend": self.nvme.io_backend,
+                "io_backend_reason": self.nvme.io_backend_reason, **self.nvme.stats()}
+
+
+def _align(n: int, a: int = 4096) -> int:
+    return (n + a - 1) // a * a
+
+
+def _nvme_slot(e: Entry) -> int:
+    """The slot size the NVMe tier groups records by: NVMe records stay 4 KiB aligned."""
+    return max(e.sc.slot_size, SLOT_ALIGN)
