@@ -381,6 +381,17 @@ _BY_FIELD = {s.field: s for s in SETTINGS}
 RELOADABLE = {s.field: s.reload for s in SETTINGS if s.reload is not None}
 
 
+def default(field: str) -> Any:
+    """The default of the setting whose Config field is ``field``: what the engine's
+    StoreLimits and the data plane's DataLimits fall back to without a config, so each
+    default is declared once, in its row. This module imports nothing of kvstored, so
+    any layer may read it."""
+    try:
+        return _BY_FIELD[field].default
+    except KeyError:
+        raise KeyError(f"no setting has the field {field!r}") from None
+
+
 def _type_name(v: Any) -> str:
     for t, name in ((bool, "boolean"), (int, "integer"), (float, "float"), (str, "string"),
                     (dict, "table"), (list, "array")):

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 from kvstore import errors
 
 from kvstored.auth import TOKEN_REQUIRED, Unauthenticated, denial
+from kvstored.settings import default as setting_default
 
 if TYPE_CHECKING:
     from kvstored.auth import Auth, Grant
@@ -154,20 +155,23 @@ class DataLimits:
     (issue 17); the defaults are what a DataServer built without a config gets."""
 
     def __init__(self, config=None, *, dram_size: int = 0):
-        get = (lambda name, default: getattr(config, name, default)) if config is not None \
-            else (lambda name, default: default)
-        self.max_queued_bytes = get("max_queued_response_bytes", 1 << 20)
-        self.max_queued_frames = get("max_queued_responses", 16384)
-        self.write_stall_timeout = get("write_stall_timeout", 30.0)
-        self.idle_timeout = get("idle_timeout", 600.0)
-        self.put_stall_timeout = get("put_stall_timeout", 2.0)
-        self.min_put_rate = get("min_put_rate", 1 << 20)
-        self.handshake_timeout = get("handshake_timeout", 3.0)
-        self.max_handshakes_per_client = get("max_handshakes_per_client", 32)
-        per_client = get("max_reserved_bytes_per_client", 4 << 30)
-        per_conn = get("max_reserved_bytes_per_connection", 1 << 30)
-        dram = dram_size or get("dram_size", 0) or 0
-        largest = get("max_value_size", 0) or 0
+        # without a config (or a field it lacks): the setting's default, from its row
+        def get(name):
+            return getattr(config, name) if hasattr(config, name) else setting_default(name)
+
+        self.max_queued_bytes = get("max_queued_response_bytes")
+        self.max_queued_frames = get("max_queued_responses")
+        self.write_stall_timeout = get("write_stall_timeout")
+        self.idle_timeout = get("idle_timeout")
+        self.put_stall_timeout = get("put_stall_timeout")
+        self.min_put_rate = get("min_put_rate")
+        self.handshake_timeout = get("handshake_timeout")
+        self.max_handshakes_per_client = get("max_handshakes_per_client")
+        per_client = get("max_reserved_bytes_per_client")
+        per_conn = get("max_reserved_bytes_per_connection")
+        # only a config's sizes bound the per-client cap (a bare DataLimits() has no arena)
+        dram = dram_size or getattr(config, "dram_size", 0) or 0
+        largest = getattr(config, "max_value_size", 0) or 0
         if dram:  # at most half the arena (a small arena: 64 MiB, so batches still fit)
             per_client = min(per_client, max(dram // 2, 64 << 20, largest))
         self.max_reserved_per_client = per_client

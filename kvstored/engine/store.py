@@ -28,6 +28,7 @@ from typing import TYPE_CHECKING, Callable, Iterable
 
 from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
 from kvstore.wire import checksum as payload_checksum
+from kvstored.settings import default
 
 from .dram import DramTier
 from .entries import COMMITTED, DEAD, Entry, Index, Reservation
@@ -45,16 +46,18 @@ log = logging.getLogger("kvstored.store")
 
 @dataclass
 class StoreLimits:
+    """The engine's bounds; each default is its setting's row (kvstored/settings.py)."""
+
     dram_size: int
-    slab_size: int = 64 << 20
-    max_value_size: int = 64 << 20
-    high_watermark: float = 0.95
-    low_watermark: float = 0.90
-    reservation_timeout: float = 30.0
-    put_wait_timeout: float = 2.0
-    max_pin_ttl: float = 24 * 3600.0
-    hugepages: bool = True
-    prefault: bool = True
+    slab_size: int = default("slab_size")
+    max_value_size: int = default("max_value_size")
+    high_watermark: float = default("high_watermark")
+    low_watermark: float = default("low_watermark")
+    reservation_timeout: float = default("reservation_timeout")
+    put_wait_timeout: float = default("put_wait_timeout")
+    max_pin_ttl: float = default("max_pin_ttl")
+    hugepages: bool = default("hugepages")
+    prefault: bool = default("prefault")
 
 
 class NotResident(Exception):
