@@ -252,32 +252,41 @@ def _as_bytes(value) -> bytes:
     return mv.tobytes()
 
 
-def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
-    """Every record of an object under EC policy ``p``, in index order: K+M fragments, or
-    M+1 whole copies when the object is smaller than ``min_ec_size``.
-
-    Each record is one buffer of its final size, header in front, that the payload is
-    copied into once (pyeclib returns each fragment in a buffer of its own, so this copy
-    is the only one left); the SDK sends it as it is. The object is handed to pyeclib
-    without a copy when it is a bytes object (or a whole view of one)."""
+def encode_parts(p: Policy, value, min_ec_size: int) -> list[tuple[bytes, object]]:
+    """Every record of an object under EC policy ``p``, in index order, as (header,
+    payload) pairs: K+M fragments, or M+1 whole copies when the object is smaller than
+    ``min_ec_size``. A record is its header followed by its payload; the SDK sends the two
+    buffers gathered, so no payload is copied: a fragment is the buffer pyeclib returned,
+    a whole copy is ``value`` itself. The object is handed to pyeclib without a copy when
+    it is a bytes object (or a whole view of one)."""
     n = len(value)
     ocsum = checksum(value)
     if n < min_ec_size:
-        return [_record(p, KIND_REPLICA, i, value, n, ocsum, ocsum) for i in range(p.m + 1)]
-    return [_record(p, KIND_FRAGMENT, i, f, n, ocsum, checksum(f))
+        return [(_header(p, KIND_REPLICA, i, n, ocsum, ocsum), value) for i in range(p.m + 1)]
+    return [(_header(p, KIND_FRAGMENT, i, n, ocsum, checksum(f)), f)
             for i, f in enumerate(codec(p).encode(_as_bytes(value)))]
 
 
-def _record(p: Policy, kind: int, index: int, payload, olen: int, ocsum: int, pcsum: int) -> bytes:
-    # header + payload: one allocation of the final size (not zero-filled, unlike a
-    # bytearray(n) filled afterwards, which costs twice as much) and one copy
+def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
+    """``encode_parts`` joined: each record as one bytes object (one copy of its payload)."""
+    return [h + payload for h, payload in encode_parts(p, value, min_ec_size)]
+
+
+def _header(p: Policy, kind: int, index: int, olen: int, ocsum: int, pcsum: int) -> bytes:
     return FRAG_HEADER.pack(FRAG_MAGIC, FRAG_VERSION, kind, index, p.k, p.m,
-                            EC_TYPES.index(p.ec_type), 0, olen, ocsum, pcsum) + payload
+                            EC_TYPES.index(p.ec_type), 0, olen, ocsum, pcsum)
+
+
+def fragment_parts(p: Policy, index: int, frag, olen: int, ocsum: int) -> tuple[bytes, object]:
+    """(header, payload) of the record of fragment ``index`` (repair writes the ones it
+    rebuilt, the two buffers gathered)."""
+    return _header(p, KIND_FRAGMENT, index, olen, ocsum, checksum(frag)), frag
 
 
 def fragment_record(p: Policy, index: int, frag, olen: int, ocsum: int) -> bytes:
-    """The record of fragment ``index`` (repair writes the ones it rebuilt)."""
-    return _record(p, KIND_FRAGMENT, index, frag, olen, ocsum, checksum(frag))
+    """The record of fragment ``index`` as one bytes object."""
+    h, f = fragment_parts(p, index, frag, olen, ocsum)
+    return h + f
 
 
 def assemble(p: Policy, records: list, out=None):
@@ -346,5 +355,5 @@ def _place(out, data, n: int) -> int:
 
 
 __all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "Codec", "Member", "Policy", "assemble", "codec",
-           "encode_records", "fragment_key", "fragment_record", "lap_key", "member_epoch",
+           "encode_parts", "encode_records", "fragment_key", "fragment_parts", "fragment_record", "lap_key", "member_epoch",
            "parse_head", "parse_record", "placement_key", "slots", "split_lap"]

@@ -1,0 +1,155 @@
+"""ClusterClient's control calls: exists / lookup, delete, pin / unpin, ping, delete_all,
+each asked of the nodes that hold the keys' records, grouped per node, all at once."""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from concurrent.futures import wait
+
+from .. import errors
+from ..layout import Policy, codec, fragment_key, lap_key
+from ..placement import Member
+from ..wire import key_bytes
+
+
+class Control:
+    """Control calls (a ClusterClient mixin)."""
+
+    def _candidates(self, key: bytes, ns: str, p: Policy) -> list[tuple[Member, bytes]]:
+        """Where to ask whether ``key`` is stored, best first: with K of K+M records
+        present, at least one of any M+1 slots holds one."""
+        sl = self._slots(key, ns, p, write=False)
+        if p.kind == "ec":
+            fk = fragment_key(key)
+            return [(m, lap_key(fk, lap)) for m, lap in sl[:p.m + 1]]
+        return [(m, key) for m, _ in sl]
+
+    def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
+        """Whether each key is stored: asked of its first slot, a "no" checked on the
+        second, the next slots when a node does not answer; grouped per node, all nodes
+        in parallel (a miss costs two rounds)."""
+        return self._redirected(self._exists, keys, namespace)
+
+    def _exists(self, keys: Sequence, namespace: str | None) -> list[bool]:
+        ns = self._ns(namespace)
+        p = self.policy(ns)
+        ks = [key_bytes(k) for k in keys]
+        cands = [self._candidates(k, ns, p) for k in ks]
+        answer: list[bool | None] = [None] * len(ks)
+        for rnd in range(max((len(c) for c in cands), default=0)):
+            per_node: dict[str, tuple[Member, list]] = {}
+            for j, c in enumerate(cands):
+                # unanswered keys go on to the next slot; a "no" from the first slot is
+                # checked once on the second (a node that just joined, or replaced a lost
+                # one, takes over a slot before repair has filled it)
+                if rnd < len(c) and (answer[j] is None or (rnd == 1 and answer[j] is False)):
+                    m, sk = c[rnd]
+                    per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
+            if not per_node:
+                break
+            futs = []
+            for m, items in per_node.values():
+                for s in range(0, len(items), 512):
+                    chunk = items[s:s + 512]
+                    futs.append((chunk, self._submit(m, "exists", [sk for _, sk in chunk], namespace=ns)))
+            wait([f for _, f in futs])
+            for chunk, f in futs:
+                if isinstance(f.exception(), errors.Redirect):
+                    raise f.exception()
+                if f.exception() is None:
+                    for (j, _), e in zip(chunk, f.result()):
+                        answer[j] = bool(e) or bool(answer[j])
+        return [bool(a) for a in answer]
+
+    def lookup(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        """How many of ``keys`` are stored, counting from the first (the prefix hit length)."""
+        n = 0
+        for e in self.exists(keys, namespace=namespace):
+            if not e:
+                break
+            n += 1
+        return n
+
+    def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        """Delete every copy / record of ``keys`` on its slots and the next M nodes (best
+        effort on unreachable nodes); returns how many keys had something deleted."""
+        return self._redirected(self._delete, keys, namespace)
+
+    def _delete(self, keys: Sequence, namespace: str | None) -> int:
+        ns = self._ns(namespace)
+        p = self.policy(ns)
+        hit = [False] * len(keys)
+        per_node: dict[str, tuple[Member, list]] = {}
+        for j, k in enumerate(keys):
+            kb = key_bytes(k)
+            sl = self._slots(kb, ns, p, write=False)
+            if p.kind == "ec":
+                fk = fragment_key(kb)
+                where = sl + self._extra(kb, ns, p, sl, p.m)
+                pairs = [(m, lap_key(fk, lap)) for m, lap in where]
+            else:
+                pairs = [(m, kb) for m, _ in sl]
+            for m, sk in pairs:
+                per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
+        def each(m: Member, items: list) -> list[bool]:
+            return [bool(self._node(m, "delete", [sk], namespace=ns)) for _, sk in items]
+
+        futs = [(items, self._pool.submit(each, m, items)) for m, items in per_node.values()]
+        wait([f for _, f in futs])
+        for items, f in futs:
+            if isinstance(f.exception(), errors.Redirect):
+                raise f.exception()  # re-run over the current homes (deletes are idempotent)
+            if f.exception() is None:
+                for (j, _), gone in zip(items, f.result()):
+                    hit[j] = hit[j] or gone
+        return sum(hit)
+
+    def _records_per_node(self, keys: Sequence, ns: str) -> dict[str, tuple[Member, list]]:
+        """Every record key of ``keys`` on its slots, grouped per node."""
+        p = self.policy(ns)
+        per_node: dict[str, tuple[Member, list]] = {}
+        for k in keys:
+            kb = key_bytes(k)
+            for m, lap in self._slots(kb, ns, p, write=False):
+                sk = lap_key(fragment_key(kb), lap) if p.kind == "ec" else kb
+                per_node.setdefault(m.node_id, (m, []))[1].append(sk)
+        return per_node
+
+    def pin(self, keys: Sequence, ttl: float = 60.0, *, namespace: str | None = None) -> int:
+        """Pin every record of ``keys`` on its node for ``ttl`` seconds; returns how many
+        records were pinned (a key has one per copy or fragment)."""
+        ns = self._ns(namespace)
+        futs = [self._submit(m, "pin", sks, ttl, namespace=ns)
+                for m, sks in self._records_per_node(keys, ns).values()]
+        wait(futs)
+        return sum(f.result() for f in futs if f.exception() is None)
+
+    def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
+        ns = self._ns(namespace)
+        futs = [self._submit(m, "unpin", sks, namespace=ns)
+                for m, sks in self._records_per_node(keys, ns).values()]
+        wait(futs)
+        return sum(f.result() for f in futs if f.exception() is None)
+
+    def ping(self) -> float:
+        """The slowest data-path round trip over the members, in seconds; Unavailable
+        when none answers."""
+        futs = [self._submit(m, "ping") for m in self.members()]
+        wait(futs)
+        rtts = [f.result() for f in futs if f.exception() is None]
+        if not rtts:
+            raise errors.Unavailable(f"none of the {len(futs)} member(s) answered a ping")
+        return max(rtts)
+
+    def delete_all(self, *, namespace: str | None = None) -> int:
+        """Admin: every object of the namespace on every member; returns records deleted."""
+        ns = self._ns(namespace) if namespace != "" else ""
+        futs = [self._submit(m, "delete_all", namespace=ns) for m in self.members()]
+        wait(futs)
+        for f in futs:
+            if f.exception() is not None:
+                raise f.exception()
+        return sum(f.result() for f in futs)
+
+    def _codec(self, p: Policy):
+        return codec(p)
+
