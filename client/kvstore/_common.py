@@ -104,6 +104,16 @@ def as_bytes_view(value) -> memoryview:
     return mv.cast("B") if (mv.format != "B" or mv.ndim != 1) else mv
 
 
+def value_parts(value) -> tuple[list[memoryview], int]:
+    """A put's value as (byte views, total size): one buffer, or a tuple/list of buffers
+    that is stored as their concatenation (sent gathered, e.g. a header and a fragment)."""
+    if isinstance(value, (tuple, list)):
+        parts = [as_bytes_view(p) for p in value]
+        return parts, sum(map(len, parts))
+    mv = as_bytes_view(value)
+    return [mv], len(mv)
+
+
 def writable_view(buffer) -> memoryview:
     mv = as_bytes_view(buffer)
     if mv.readonly:
@@ -293,4 +303,5 @@ def tls_diagnosis(host: str, port: int, tls: TLSConfig | None,
 
 __all__ = ["CONNECT_TIMEOUT", "DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "TLSConfig",
            "as_bytes_view", "auth_metadata", "control_channel", "data_endpoint", "grpc_error",
-           "grpc_options", "is_unreachable", "ride_out_seconds", "split_address", "tls_diagnosis", "writable_view"]
+           "grpc_options", "is_unreachable", "ride_out_seconds", "split_address", "tls_diagnosis", "value_parts",
+           "writable_view"]

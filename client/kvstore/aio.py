@@ -15,13 +15,13 @@ import grpc
 
 from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
-                      as_bytes_view, auth_metadata, control_channel, data_endpoint, grpc_error,
-                      is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
+                      auth_metadata, control_channel, data_endpoint, grpc_error,
+                      is_unreachable, ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
 from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, OP_GET, OP_PING, OP_PUT, FrameError, FrameReader,
-                   checksum, encode_auth, encode_request, key_bytes)
+                   checksum, checksum_parts, encode_auth, encode_request, key_bytes)
 
 _BUFFER = 256 << 10
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -402,23 +402,23 @@ class AsyncClient(Namespaced):
         ns = self._nsb(namespace)
         limit = (self._info or await self.info()).max_value_size
         prepared = []
-        for k, v in items:
-            mv = as_bytes_view(v)
-            if len(mv) > limit:
-                raise errors.InvalidArgument(f"value of {len(mv)} bytes exceeds the daemon's max_value_size {limit}")
-            prepared.append((key_bytes(k), mv, checksum(mv)))
+        for k, v in items:  # a value: one buffer, or several stored as their concatenation
+            parts, n = value_parts(v)
+            if n > limit:
+                raise errors.InvalidArgument(f"value of {n} bytes exceeds the daemon's max_value_size {limit}")
+            prepared.append((key_bytes(k), parts, n, checksum_parts(parts)))
         flags = FLAG_OVERWRITE if overwrite else 0
 
         def build(p: _DataProtocol):
             loop = asyncio.get_running_loop()
             bufs, waiters = [], []
-            for k, mv, cs in prepared:
+            for k, parts, n, cs in prepared:
                 rid = next(p.rid)
                 w = _Waiter(loop.create_future(), None, rid)
                 p.waiters[rid] = w
                 waiters.append(w)
-                bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), cs, flags))
-                bufs.append(mv)
+                bufs.append(encode_request(OP_PUT, rid, ns, k, n, cs, flags))
+                bufs += parts
             return bufs, waiters
 
         return await self._requests(build)

@@ -1,9 +1,10 @@
-"""Blocking client: gRPC for control, a pipelined TCP connection per thread for data.
+"""Blocking client: gRPC for control, a pipelined data channel per thread for data.
 
-Blocking sockets are the fastest way for Python to move megabyte payloads: a
-put is one ``sendmsg`` of header + the caller's buffer, a get is ``recv_into``
-the destination buffer. Batch calls write every request frame first and then
-collect the responses in whatever order the daemon completes them.
+The data channel (kvstore.channel: TCP, same-host shm, or RDMA) is chosen once per
+connection by ``transport_plan`` and used through the ``DataChannel`` interface.
+Batch calls write every request frame of a window first and then collect the
+responses in whatever order the daemon completes them. Control calls are the
+table in kvstore.control, shared with AsyncClient.
 """
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ import itertools
 import logging
 import os
 import socket
-import ssl
-import struct
 import threading
 import time
 from typing import Iterable, Sequence
@@ -21,13 +20,15 @@ import grpc
 
 from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
-                      as_bytes_view, auth_metadata, control_channel, data_endpoint, grpc_error,
-                      is_unreachable, ride_out_seconds, split_address, tls_diagnosis, writable_view)
+                      auth_metadata, control_channel, data_endpoint, grpc_error, is_unreachable,
+                      ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
+from .channel import DataChannel, TcpChannel, transport_plan
+# names older callers import from here
+from .channel import SHM_INLINE_MAX, DataConnection  # noqa: F401
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PING, OP_PUT, FrameError,
-                   checksum, decode, encode_auth, encode_request, key_bytes)
+from .wire import checksum, key_bytes
 
 log = logging.getLogger("kvstore")
 
@@ -35,169 +36,6 @@ _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 # Requests per pipelined round: bounds the response bytes queued in the daemon, so a
 # huge batch can never fill both directions of the socket and stall.
 WINDOW = 32
-_IOV_MAX = 512  # buffers per sendmsg (the kernel's limit is 1024)
-_TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one write
-
-
-# On the shm socket, objects up to this size travel inside the frames (OP_PUT / OP_GET, as
-# on TCP but over the Unix socket): one round trip, no reserve/commit pair and no lease to
-# release, which at 64 KiB cost more than the copy through the socket saves. Applies to
-# batch_get_into and to single puts (batch_put keeps reserve-all / copy / commit-all).
-SHM_INLINE_MAX = 128 << 10
-
-
-class _Response:
-    __slots__ = ("op", "rid", "status", "aux", "length", "checksum")
-
-    def __init__(self, op, rid, status, aux, length, csum):
-        self.op, self.rid, self.status, self.aux, self.length, self.checksum = op, rid, status, aux, length, csum
-
-
-class DataConnection:
-    """One blocking TCP connection to the data port (not thread-safe; one per thread)."""
-
-    epoch = 0  # cluster member-list epoch sent with puts and gets (Client.epoch)
-
-    def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = "",
-                 ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT):
-        self.address = (host, port)
-        self.sock = socket.create_connection((host, port), timeout=min(timeout, connect_timeout))
-        self.sock.settimeout(timeout)
-        self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if tcp_congestion:
-            self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CONGESTION, tcp_congestion.encode())
-        if ssl_context is not None:
-            # TLS: sendmsg and MSG_WAITALL do not exist on an SSLSocket; Python's own
-            # timeouts are used (an SSL read cannot resume after SO_RCVTIMEO's EAGAIN)
-            try:
-                self.sock = ssl_context.wrap_socket(self.sock, server_hostname=server_name or host)
-            except BaseException:
-                self.sock.close()
-                raise
-            self.send = self._send_tls
-            self.recv_into = self._recv_into_tls
-        else:
-            # Blocking socket with kernel-side timeouts: CPython's own timeout mode polls
-            # before every recv/send, one extra syscall per chunk on the hot path.
-            self._kernel_timeouts(timeout)
-        self._rid = itertools.count(1)
-        self._hdr = bytearray(HEADER_SIZE)
-        self._hview = memoryview(self._hdr)
-
-    def _init_framing(self, timeout: float) -> None:
-        """For subclasses that bring their own connected socket (the shm channel)."""
-        self._kernel_timeouts(timeout)
-        self._rid = itertools.count(1)
-        self._hdr = bytearray(HEADER_SIZE)
-        self._hview = memoryview(self._hdr)
-
-    def _kernel_timeouts(self, timeout: float) -> None:
-        self.sock.settimeout(None)
-        tv = struct.pack("ll", int(timeout), int((timeout % 1) * 1e6))
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, tv)
-        self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, tv)
-
-    def close(self) -> None:
-        try:
-            self.sock.close()
-        except OSError:
-            pass
-
-    def next_id(self) -> int:
-        return next(self._rid)
-
-    def send_keyed(self, op: int, ns: bytes, keys: list[bytes]) -> dict[int, int]:
-        """One payload-less request per key (GET, SHM_GET) in one write, with this
-        connection's epoch; returns request id -> index."""
-        order, frames = {}, []
-        for i, k in enumerate(keys):
-            rid = self.next_id()
-            order[rid] = i
-            frames.append(encode_request(op, rid, ns, k, epoch=self.epoch))
-        self.send([b"".join(frames)])
-        return order
-
-    def send(self, buffers: list) -> None:
-        """sendmsg all buffers (gathered, no copy), handling partial sends."""
-        views = [memoryview(b) for b in buffers]
-        while views:
-            n = self.sock.sendmsg(views[:_IOV_MAX])
-            while n:
-                if n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-            if views and not len(views[0]):
-                views.pop(0)
-
-    def setup(self, token: str | None) -> None:
-        """First exchange: AUTH with the token, or a PING. Any refusal (wrong token, too
-        many connections, a TLS port reached in plaintext) surfaces here as a typed error,
-        before a batch is sent."""
-        rid = self.next_id()
-        self.send([encode_auth(rid, token) if token else encode_request(OP_PING, rid, b"", b"")])
-        r = self.read_response()
-        if r.status:
-            raise self.read_error(r)
-        if r.rid != rid:
-            raise errors.ProtocolError(f"response for unknown request id {r.rid}")
-
-    def _send_tls(self, buffers: list) -> None:
-        small: list = []
-        for b in buffers:
-            if len(b) < _TLS_COALESCE:
-                small.append(b)
-                continue
-            if small:
-                self.sock.sendall(b"".join(small))
-                small = []
-            self.sock.sendall(b)
-        if small:
-            self.sock.sendall(b"".join(small))
-
-    def _recv_into_tls(self, view: memoryview) -> None:
-        got, want = 0, len(view)
-        recv = self.sock.recv_into
-        while got < want:
-            n = recv(view[got:])
-            if n == 0:
-                raise ConnectionResetError("kvstored closed the data connection")
-            got += n
-
-    def recv_into(self, view: memoryview) -> None:
-        got, want = 0, len(view)
-        recv = self.sock.recv_into
-        while got < want:
-            # MSG_WAITALL: one syscall and one wake-up for the whole payload, not one per segment
-            n = recv(view[got:], 0, socket.MSG_WAITALL)
-            if n == 0:
-                raise ConnectionResetError("kvstored closed the data connection")
-            got += n
-
-    def read_response(self) -> _Response:
-        self.recv_into(self._hview)
-        try:
-            h = decode(self._hdr)
-        except FrameError:
-            h = None
-        if h is None or not h.flags & FLAG_RESPONSE:
-            raise errors.ProtocolError("malformed response frame from kvstored")
-        return _Response(h.op, h.req_id, h.status, h.aux, h.length, h.checksum)
-
-    def read_error(self, r: _Response) -> errors.KVStoreError:
-        msg = bytearray(r.length)
-        self.recv_into(memoryview(msg))
-        return errors.error_for_code(r.status, msg.decode("utf-8", "replace"), r.rid)
-
-    def discard(self, n: int) -> None:
-        buf = memoryview(bytearray(min(n, 1 << 20)))
-        while n:
-            take = min(n, len(buf))
-            self.recv_into(buf[:take])
-            n -= take
 
 
 class Client(Namespaced):
@@ -250,7 +88,7 @@ class Client(Namespaced):
         self._stub = pb_grpc.KVStoreStub(self._channel)
         self._info: ServerInfo | None = None
         self._local = threading.local()
-        self._conns: set[DataConnection] = set()
+        self._conns: set[DataChannel] = set()
         self._lock = threading.Lock()
         self._closed = False
         self._shm_warned = False  # say once that the shm path could not be used
@@ -320,27 +158,31 @@ class Client(Namespaced):
             self._info = ServerInfo.from_pb(self._call("Info", pb.InfoRequest()))
         return self._info
 
-    def _connect(self) -> DataConnection:
+    def _connect(self) -> DataChannel:
+        """A new data channel for this thread: the first usable of ``transport_plan``."""
         if self._closed:
             raise errors.Unavailable("client is closed")
-        # an explicit data address or TLS means the caller wants that TCP endpoint
-        if self.shm is not False and self.tls is None and not self._data_address:
-            conn = self._connect_shm()
+        plan = transport_plan(self.transport_choice, self.shm, self.tls is not None,
+                              bool(self._data_address), bool(self.transport_reason))
+        for name in plan:
+            conn = self._CONNECT[name](self)
             if conn is not None:
+                with self._lock:
+                    self._conns.add(conn)
+                self._local.conn = conn
                 return conn
-        if self.transport_choice in ("auto", "rdma"):
-            conn = self._connect_rdma()
-            if conn is not None:
-                return conn
+        raise AssertionError("transport_plan ends with tcp, which never returns None")
+
+    def _connect_tcp(self) -> TcpChannel:
         if self._data_address:
             host, _, port = self._data_address.rpartition(":")
         else:
             info = self.info(refresh=True)
             host, port = data_endpoint(info, self.address)
         try:
-            conn = DataConnection(host, int(port), self.timeout, self.tcp_congestion,
-                                  self._ssl, self.tls.server_name if self.tls else None,
-                                  self.connect_timeout)
+            conn = TcpChannel(host, int(port), self.timeout, self.tcp_congestion,
+                              self._ssl, self.tls.server_name if self.tls else None,
+                              self.connect_timeout)
         except TimeoutError:
             raise  # no connection: nothing for a TLS diagnosis to see
         except OSError:
@@ -359,14 +201,11 @@ class Client(Namespaced):
         except BaseException:
             conn.close()
             raise
-        with self._lock:
-            self._conns.add(conn)
-        self._local.conn = conn
         return conn
 
-    def _connect_shm(self):
-        """A shared-memory connection, or None to use TCP (when shm is not required)."""
-        from .shm import ShmConnection
+    def _connect_shm(self) -> DataChannel | None:
+        """A shared-memory channel, or None to use the next transport (when shm is not required)."""
+        from .shm import ShmConnection  # on first use: TCP-only clients never map an arena
 
         info = self.info(refresh=True)
         path = info.shm_socket
@@ -386,20 +225,12 @@ class Client(Namespaced):
                 self._shm_warned = True
                 log.warning("kvstore: shared-memory path %s not usable (%s); using TCP", path, e)
             return None
-        with self._lock:
-            self._conns.add(conn)
-        self._local.conn = conn
         return conn
 
-    def _connect_rdma(self):
-        """An RDMA connection (kvstore.rdma.channel), or None to use TCP (noted once)."""
+    def _connect_rdma(self) -> DataChannel | None:
+        """An RDMA channel (kvstore.rdma.channel), or None to use TCP (noted once)."""
         from .rdma import channel
-        if self.tls is not None:
-            if self.transport_choice == "rdma":
-                raise errors.Unavailable("transport='rdma' cannot be combined with TLS")
-            return None
-        if self.transport_reason and self.transport_choice == "auto":
-            return None  # found unusable once: later connections go straight to TCP
+
         def where() -> tuple[str, int]:  # asked only once this host has a usable device
             if self._data_address:
                 host, _, port = self._data_address.rpartition(":")
@@ -411,18 +242,24 @@ class Client(Namespaced):
                                        connect_timeout=self.connect_timeout)
         if conn is None:
             self.transport_reason = reason
-            return None
-        with self._lock:
-            self._conns.add(conn)
-        self._local.conn = conn
         return conn
+
+    _CONNECT = {"shm": _connect_shm, "rdma": _connect_rdma, "tcp": _connect_tcp}
+
+    def _channel_here(self) -> DataChannel:
+        """This thread's channel (connecting if needed)."""
+        return self._run(lambda c: c)
 
     @property
     def transport(self) -> str:
         """"shm", "rdma" or "tcp": the data path this thread's connection uses (connects if
         needed); ``transport_reason`` says why RDMA is not used after a fallback."""
-        conn = self._run(lambda c: c)
-        return "shm" if getattr(conn, "shm", False) else "rdma" if getattr(conn, "rdma", False) else "tcp"
+        return self._channel_here().transport
+
+    @property
+    def zero_copy_get(self) -> bool:
+        """Whether ``get_view`` works here (this thread's channel maps the daemon's memory)."""
+        return self._channel_here().zero_copy_get
 
     def get_view(self, key, *, namespace: str | None = None):
         """A leased, read-only view of the object in the daemon's arena (shm path only).
@@ -431,15 +268,9 @@ class Client(Namespaced):
         """
         ns = self._nsb(namespace)
         k = key_bytes(key)
+        return self._run(lambda conn: conn.get_view(ns, k, self.verify_checksums))
 
-        def run(conn):
-            if not getattr(conn, "shm", False):
-                raise errors.Unavailable("get_view needs the same-host shm path (this client uses TCP)")
-            return conn.get_view(ns, k, self.verify_checksums)
-
-        return self._run(run)
-
-    def _drop(self, conn: DataConnection) -> None:
+    def _drop(self, conn: DataChannel) -> None:
         conn.close()
         with self._lock:
             self._conns.discard(conn)
@@ -491,7 +322,8 @@ class Client(Namespaced):
 
     # ------------------------------------------------------------ data path
     def put(self, key, value, *, namespace: str | None = None, overwrite: bool = False) -> bool:
-        """Store ``value`` (any contiguous buffer) under ``key``.
+        """Store ``value`` under ``key``: any contiguous buffer, or a tuple/list of them
+        stored as their concatenation (sent gathered, never joined on TCP).
 
         Returns True if stored, False if the identical object was already there.
         Raises Conflict if the key holds different bytes (unless ``overwrite``).
@@ -500,34 +332,19 @@ class Client(Namespaced):
 
     def batch_put(self, items: Iterable[tuple[object, object]], *, namespace: str | None = None,
                   overwrite: bool = False) -> list[bool]:
-        """Put many objects in one pipelined round; raises the first error (others may be stored)."""
+        """Put many objects in one pipelined round (values as for ``put``); raises the
+        first error (others may be stored)."""
         ns = self._nsb(namespace)
         prepared = []
         for k, v in items:
-            mv = as_bytes_view(v)
-            self._check_size(len(mv))
-            prepared.append((key_bytes(k), mv))
-        flags = FLAG_OVERWRITE if overwrite else 0
+            parts, n = value_parts(v)
+            self._check_size(n)
+            prepared.append((key_bytes(k), parts, n))
 
-        def run(conn: DataConnection) -> list[bool]:
+        def run(conn: DataChannel) -> list[bool]:
             out: list[bool] = []
             for w in range(0, len(prepared), WINDOW):
-                # RDMA, and shm but for one small object (SHM_INLINE_MAX; a batch of them is
-                # faster as reserve-all / copy / commit-all): the daemon checksums the slot
-                # the bytes were written in
-                if getattr(conn, "rdma", False) or (getattr(conn, "shm", False) and (
-                        len(prepared) - w > 1 or len(prepared[w][1]) > SHM_INLINE_MAX)):
-                    out += _raise_first(conn.put(ns, prepared[w:w + WINDOW], overwrite))
-                    continue
-                order = {}
-                bufs = []
-                for i, (k, mv) in enumerate(prepared[w:w + WINDOW]):
-                    rid = conn.next_id()
-                    order[rid] = i
-                    bufs.append(encode_request(OP_PUT, rid, ns, k, len(mv), checksum(mv), flags, conn.epoch))
-                    bufs.append(mv)
-                conn.send(bufs)
-                out += self._collect(conn, order, None)
+                out += conn.put_batch(ns, prepared[w:w + WINDOW], overwrite)
             return out
 
         return self._run(run)
@@ -549,15 +366,10 @@ class Client(Namespaced):
         ns = self._nsb(namespace)
         ks = self._keys(keys)
 
-        def run(conn: DataConnection) -> list:
+        def run(conn: DataChannel) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
-                if getattr(conn, "shm", False) or getattr(conn, "rdma", False):
-                    out += _shm_copy(conn, ns, ks[w:w + WINDOW], None, self.verify_checksums,
-                                     self._pool.take)
-                    continue
-                order = conn.send_keyed(OP_GET, ns, ks[w:w + WINDOW])
-                out += self._collect(conn, order, None)
+                out += conn.get_batch(ns, ks[w:w + WINDOW], None, self.verify_checksums, self._pool.take)
             return out
 
         return self._run(run)
@@ -569,70 +381,22 @@ class Client(Namespaced):
             raise errors.InvalidArgument(f"{len(ks)} keys but {len(buffers)} buffers")
         views = [writable_view(b) for b in buffers]
 
-        def run(conn: DataConnection) -> list:
+        def run(conn: DataChannel) -> list:
             out: list = []
             for w in range(0, len(ks), WINDOW):
-                if getattr(conn, "rdma", False) or (getattr(conn, "shm", False) and max(
-                        len(v) for v in views[w:w + WINDOW]) > SHM_INLINE_MAX):
-                    out += _shm_copy(conn, ns, ks[w:w + WINDOW], views[w:w + WINDOW],
-                                     self.verify_checksums)
-                    continue
-                order = conn.send_keyed(OP_GET, ns, ks[w:w + WINDOW])
-                out += self._collect(conn, order, views[w:w + WINDOW])
+                out += conn.get_batch(ns, ks[w:w + WINDOW], views[w:w + WINDOW], self.verify_checksums,
+                                      self._pool.take)
             return out
 
         return self._run(run)
 
     def ping(self) -> float:
         """Round trip over the data path, in seconds."""
-        def run(conn: DataConnection) -> float:
+        def run(conn: DataChannel) -> float:
             t = time.perf_counter()
-            rid = conn.next_id()
-            conn.send([encode_request(OP_PING, rid, b"", b"")])
-            self._collect(conn, {rid: 0}, None)
+            conn.ping()
             return time.perf_counter() - t
         return self._run(run)
-
-    def _collect(self, conn: DataConnection, order: dict[int, int], views: list | None) -> list:
-        """Read one response per request id (any order); raise the first error after all arrive."""
-        results: list = [None] * len(order)
-        first_error: errors.KVStoreError | None = None
-        for _ in range(len(order)):
-            r = conn.read_response()
-            i = order.pop(r.rid, None)
-            if i is None:
-                if r.status:  # connection-level error (id 0): e.g. too many connections
-                    raise conn.read_error(r)
-                raise errors.ProtocolError(f"response for unknown request id {r.rid}")
-            if r.status:
-                err = conn.read_error(r)
-                first_error = first_error or err
-                continue
-            if r.op == OP_PUT:
-                results[i] = r.aux != 1  # aux=1: deduplicated
-            elif r.op == OP_GET:
-                if views is not None:
-                    dest = views[i]
-                    if r.length > len(dest):
-                        conn.discard(r.length)
-                        first_error = first_error or errors.InvalidArgument(
-                            f"object of {r.length} bytes does not fit the {len(dest)}-byte buffer")
-                        continue
-                    dest = dest[:r.length]
-                    conn.recv_into(dest)
-                    results[i] = r.length
-                else:
-                    dest = self._pool.take(r.length)
-                    conn.recv_into(memoryview(dest))
-                    results[i] = dest
-                if self.verify_checksums and checksum(dest) != r.checksum:
-                    first_error = first_error or errors.ChecksumMismatch(
-                        "object bytes do not match their checksum after transfer")
-            else:
-                results[i] = True
-        if first_error is not None:
-            raise first_error
-        return results
 
     # ------------------------------------------------------------ control
     def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
@@ -715,18 +479,3 @@ class Client(Namespaced):
             raise errors.ChecksumMismatch("object bytes do not match their checksum after transfer")
         return r.value
 
-
-def _raise_first(results: list) -> list:
-    """Batch semantics shared with TCP: every request is answered, then the first error raises."""
-    for r in results:
-        if isinstance(r, errors.KVStoreError):
-            raise r
-    return results
-
-
-def _shm_copy(conn, ns: bytes, keys: list[bytes], dests: list | None, verify: bool,
-              alloc=None) -> list:
-    """Gets over shm with one copy each (into ``dests``, else into ``alloc(size)`` buffers)."""
-    if alloc is not None and getattr(conn, "shm", False):
-        return _raise_first(conn.copy_out(ns, keys, dests, verify, alloc=alloc))
-    return _raise_first(conn.copy_out(ns, keys, dests, verify))

@@ -19,7 +19,7 @@ import collections
 import threading
 
 from .. import errors
-from ..client import DataConnection
+from ..channel import TcpChannel
 from ..wire import (FLAG_OVERWRITE, OP_GET, OP_PUT, OP_RDMA_CONNECT, OP_RDMA_GET, OP_RDMA_PUT,
                     RDMA_DESC, RDMA_SIZE, checksum, encode_request)
 from . import note_fallback, open_device
@@ -83,11 +83,11 @@ class RegistrationCache:
                 self._evict_oldest()
 
 
-class RdmaConnection(DataConnection):
+class RdmaConnection(TcpChannel):
     """A blocking TCP data connection whose puts and gets move their bytes by RDMA."""
 
-    rdma = True
-    shm = False
+    transport = "rdma"
+    inline_max = -1  # every object moves by RDMA (put / copy_out); frames carry descriptors
 
     def __init__(self, host: str, port: int, timeout: float, device, *,
                  cache_bytes: int = DEFAULT_CACHE_BYTES, connect_timeout: float = 3.0):
@@ -139,7 +139,8 @@ class RdmaConnection(DataConnection):
         except Exception:
             pass
 
-    # ---- data ops (same shapes as ShmConnection's: one result or error per item)
+    # ---- the transport's own path (TcpChannel.put_batch / get_batch call it: one result
+    # or typed error per item, like ShmConnection's)
     def put(self, ns: bytes, items: list, overwrite: bool) -> list:
         flags = FLAG_OVERWRITE if overwrite else 0
         order, frames = {}, []
@@ -154,10 +155,11 @@ class RdmaConnection(DataConnection):
             frames.append(encode_request(OP_RDMA_PUT, rid, ns, k, RDMA_DESC.size, checksum(mv),
                                          flags, self.epoch) + RDMA_DESC.pack(addr, len(mv), mr.rkey))
         self.send([b"".join(frames)])
-        return self._collect(order, None, False)
+        return self._results(order, None, False)
 
-    def copy_out(self, ns: bytes, keys: list, dests: list | None, verify: bool) -> list:
-        """Gets into ``dests`` by RDMA; without destinations (sizes unknown) over TCP."""
+    def copy_out(self, ns: bytes, keys: list, dests: list | None, verify: bool, alloc=bytearray) -> list:
+        """Gets into ``dests`` by RDMA; without destinations (sizes unknown) over TCP,
+        into ``alloc(size)`` buffers."""
         order, frames = {}, []
         for i, k in enumerate(keys):
             rid = self.next_id()
@@ -171,9 +173,10 @@ class RdmaConnection(DataConnection):
             frames.append(encode_request(OP_RDMA_GET, rid, ns, k, RDMA_DESC.size, 0, 0, self.epoch)
                           + RDMA_DESC.pack(addr, len(d), mr.rkey))
         self.send([b"".join(frames)])
-        return self._collect(order, dests, verify)
+        return self._results(order, dests, verify, alloc)
 
-    def _collect(self, order: dict, dests: list | None, verify: bool) -> list:
+    def _results(self, order: dict, dests: list | None, verify: bool, alloc=bytearray) -> list:
+        """One result or typed error per request (TcpChannel._collect raises instead)."""
         results: list = [None] * len(order)
         for _ in range(len(order)):
             r = self.read_response()
@@ -187,7 +190,7 @@ class RdmaConnection(DataConnection):
             elif r.op in (OP_PUT, OP_RDMA_PUT):
                 results[i] = r.aux != 1
             elif r.op == OP_GET:
-                buf = bytearray(r.length)
+                buf = alloc(r.length)
                 self.recv_into(memoryview(buf))
                 results[i] = buf
                 if verify and checksum(buf) != r.checksum:

@@ -239,10 +239,10 @@ def _check_limit(sizes: Iterable[int], limit: int) -> None:
 
 
 def _use_views(client) -> bool:
-    """The client reads objects in place in the daemon's arena (same-host shm path)."""
-    if not callable(getattr(client, "get_view", None)):
-        return False
+    """The client reads objects in place in the daemon's memory: its data channel
+    declares zero-copy gets (kvstore.channel; the same-host shm path). A client without
+    that property (ClusterClient) copies."""
     try:
-        return getattr(client, "transport", "tcp") == "shm"
+        return bool(getattr(client, "zero_copy_get", False))
     except errors.KVStoreError:
         return False
