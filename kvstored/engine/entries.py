@@ -124,9 +124,8 @@ class Index:
     def insert(self, e: Entry) -> None:
         """Add ``e`` under its key, which must be free (remove the old entry first)."""
         k = (e.ns, e.key)
-        if k in self._map:
+        if self._map.setdefault(k, e) is not e:  # one dict operation on the put path
             raise KeyError(f"index already holds {k!r}; remove the old entry first")
-        self._map[k] = e
         row = self._ns.get(e.ns)
         if row is None:
             self._ns[e.ns] = [1, e.size]
