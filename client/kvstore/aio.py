@@ -17,6 +17,7 @@ from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
                       auth_metadata, control_channel, data_endpoint, grpc_error,
                       is_unreachable, ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
+from .control import AsyncControl, epoch_metadata
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
@@ -187,8 +188,10 @@ def _expire(waiters: list[_Waiter], timeout: float) -> None:
             w.fut.set_exception(err)
 
 
-class AsyncClient(Namespaced):
-    """An asyncio kvstored client; safe to share between tasks of one event loop."""
+class AsyncClient(AsyncControl, Namespaced):
+    """An asyncio kvstored client; safe to share between tasks of one event loop.
+
+    Control calls are kvstore.control's table, the same as Client's (awaited here)."""
 
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
                  timeout: float = 30.0, verify_checksums: bool = True, data_address: str | None = None,
@@ -220,6 +223,7 @@ class AsyncClient(Namespaced):
         self._proto: _DataProtocol | None = None
         self._connecting: asyncio.Lock | None = None
         self._closed = False
+        self.epoch = 0  # cluster member-list epoch of control calls (as Client's; 0 = none)
 
     async def __aenter__(self):
         await self.connect()
@@ -246,7 +250,7 @@ class AsyncClient(Namespaced):
             self._stub = pb_grpc.KVStoreStub(self._channel)
         return self._stub
 
-    async def _call(self, method: str, request, timeout: float | None = None):
+    async def _call(self, method: str, request, timeout: float | None = None, epoch: int | None = None):
         """One control call, failing fast; riding out a restart as ``ride_out_restarts``
         allows (see Client._call)."""
         loop = asyncio.get_running_loop()
@@ -259,7 +263,7 @@ class AsyncClient(Namespaced):
             try:
                 return await getattr(self._control(), method)(
                     request, timeout=max(deadline - loop.time(), 0.001), wait_for_ready=False,
-                    metadata=self._metadata)
+                    metadata=epoch_metadata(self._metadata, self.epoch if epoch is None else epoch))
             except grpc.RpcError as e:
                 err = grpc_error(e, self.address)
             if not is_unreachable(err):
@@ -466,43 +470,3 @@ class AsyncClient(Namespaced):
 
         await self._requests(build)
         return loop.time() - t
-
-    # ------------------------------------------------------------ control
-    def _keys_req(self, keys, namespace):
-        return pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys))
-
-    async def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
-        return list((await self._call("Exists", self._keys_req(keys, namespace))).exists)
-
-    async def lookup(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        return (await self._call("Lookup", self._keys_req(keys, namespace))).count
-
-    async def pin(self, keys: Sequence, ttl: float = 60.0, *, namespace: str | None = None) -> int:
-        r = await self._call("Pin", pb.PinRequest(namespace=self._nss(namespace), keys=self._keys(keys),
-                                                  ttl_seconds=ttl))
-        return r.count
-
-    async def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        return (await self._call("Unpin", self._keys_req(keys, namespace))).count
-
-    async def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        return (await self._call("Delete", self._keys_req(keys, namespace))).count
-
-    async def stats(self) -> pb.StatsResponse:
-        return await self._call("Stats", pb.StatsRequest())
-
-    async def health(self, timeout: float | None = None) -> pb.HealthResponse:
-        return await self._call("Health", pb.HealthRequest(), timeout)
-
-    async def members(self) -> pb.MembersResponse:
-        """Cluster members as the daemon sees them (see Client.members)."""
-        return await self._call("Members", pb.MembersRequest())
-
-    async def delete_all(self, *, namespace: str | None = None) -> int:
-        """Admin: delete every object of the namespace ("" = of every namespace)."""
-        ns = "" if namespace == "" else self._nss(namespace)
-        return (await self._call("DeleteAll", pb.DeleteAllRequest(namespace=ns))).count
-
-    async def reload(self) -> list[str]:
-        """Admin: make the daemon re-read its config, tokens and certificates (like SIGHUP)."""
-        return list((await self._call("Reload", pb.ReloadRequest())).changed)

@@ -22,13 +22,14 @@ from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
                       auth_metadata, control_channel, data_endpoint, grpc_error, is_unreachable,
                       ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
-from .channel import DataChannel, TcpChannel, transport_plan
+from .channel import TRANSPORTS, DataChannel, TcpChannel, transport_plan
+from .control import SyncControl, epoch_metadata
 # names older callers import from here
 from .channel import SHM_INLINE_MAX, DataConnection  # noqa: F401
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import checksum, key_bytes
+from .wire import key_bytes
 
 log = logging.getLogger("kvstore")
 
@@ -38,11 +39,12 @@ _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
 WINDOW = 32
 
 
-class Client(Namespaced):
+class Client(SyncControl, Namespaced):
     """A blocking kvstored client. Thread-safe: each thread gets its own data connection.
 
     ``address`` is the control (gRPC) address ``host:port``; the data address is
-    learned from the daemon (``Info``) unless ``data_address`` is given.
+    learned from the daemon (``Info``) unless ``data_address`` is given. Control calls
+    (stats, pin, lookup, delete, members...) are kvstore.control's table.
     """
 
     def __init__(self, address: str = "127.0.0.1:7070", *, namespace: str = DEFAULT_NAMESPACE,
@@ -64,7 +66,7 @@ class Client(Namespaced):
         keep (see kvstore.recvpool; 0 = a new bytearray per object)."""
         super().__init__(namespace)
         self._pool = ReceivePool(get_pool_bytes)
-        if transport not in ("auto", "shm", "rdma", "tcp"):
+        if transport not in ("auto",) + TRANSPORTS:
             raise errors.InvalidArgument(f"transport {transport!r}: one of auto, shm, rdma, tcp")
         if transport != "auto":
             shm = transport == "shm"
@@ -126,10 +128,7 @@ class Client(Namespaced):
         for attempt in itertools.count():
             tried = time.monotonic()
             try:
-                md = self._metadata
-                ep = self.epoch if epoch is None else epoch
-                if ep:  # the control plane redirects keyed calls like the data path
-                    md = tuple(md or ()) + (("kvstore-epoch", str(ep)),)
+                md = epoch_metadata(self._metadata, self.epoch if epoch is None else epoch)
                 return getattr(self._stub, method)(request, timeout=max(deadline - time.monotonic(), 0.001),
                                                    wait_for_ready=False, metadata=md)
             except grpc.RpcError as e:
@@ -397,85 +396,3 @@ class Client(Namespaced):
             conn.ping()
             return time.perf_counter() - t
         return self._run(run)
-
-    # ------------------------------------------------------------ control
-    def exists(self, keys: Sequence, *, namespace: str | None = None) -> list[bool]:
-        r = self._call("Exists", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
-        return list(r.exists)
-
-    def lookup(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        """How many of ``keys`` are stored, counting from the first (the prefix hit length)."""
-        r = self._call("Lookup", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
-        return r.count
-
-    def pin(self, keys: Sequence, ttl: float = 60.0, *, namespace: str | None = None) -> int:
-        """Protect objects from eviction for ``ttl`` seconds; returns how many were pinned."""
-        r = self._call("Pin", pb.PinRequest(namespace=self._nss(namespace), keys=self._keys(keys),
-                                            ttl_seconds=ttl))
-        return r.count
-
-    def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        r = self._call("Unpin", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)))
-        return r.count
-
-    def delete(self, keys: Sequence, *, namespace: str | None = None, check_epoch: bool = True) -> int:
-        """Delete ``keys``; returns how many existed. ``check_epoch=False``: never
-        redirected (ClusterClient undoing exactly the records it has just written)."""
-        r = self._call("Delete", pb.KeysRequest(namespace=self._nss(namespace), keys=self._keys(keys)),
-                       epoch=None if check_epoch else 0)
-        return r.count
-
-    def stats(self) -> pb.StatsResponse:
-        return self._call("Stats", pb.StatsRequest())
-
-    def delete_all(self, *, namespace: str | None = None) -> int:
-        """Admin: delete every object of the namespace ("" = of every namespace)."""
-        ns = "" if namespace == "" else self._nss(namespace)
-        return self._call("DeleteAll", pb.DeleteAllRequest(namespace=ns)).count
-
-    def reload(self) -> list[str]:
-        """Admin: make the daemon re-read its config, tokens and certificates (like SIGHUP);
-        returns what changed."""
-        return list(self._call("Reload", pb.ReloadRequest()).changed)
-
-    def health(self, timeout: float | None = None) -> pb.HealthResponse:
-        return self._call("Health", pb.HealthRequest(), timeout)
-
-    def members(self) -> pb.MembersResponse:
-        """Cluster members as the daemon sees them (``.members``, ``.source`` = etcd |
-        static | standalone, ``.degraded``)."""
-        return self._call("Members", pb.MembersRequest())
-
-    def heads(self, keys: Sequence, *, head_bytes: int = 0, namespace: str | None = None) -> pb.HeadsResponse:
-        """Cluster internals (admin): presence, checksum and first ``head_bytes`` (<= 64)
-        of each key, records not yet verified after a restart included."""
-        return self._call("Heads", pb.HeadsRequest(namespace=self._nss(namespace), keys=self._keys(keys),
-                                                   head_bytes=head_bytes))
-
-    def drain(self, cancel: bool = False) -> pb.DrainResponse:
-        """Admin: take this node out of placement and move its records away (or cancel)."""
-        return self._call("Drain", pb.DrainRequest(cancel=cancel))
-
-    def set_policy(self, namespace: str, policy: str) -> dict[str, str]:
-        """Admin: a namespace's cluster-wide redundancy policy ("*" = default; "" removes it)."""
-        ns = namespace if namespace == "*" else self._nss(namespace)
-        return dict(self._call("SetPolicy", pb.SetPolicyRequest(namespace=ns, policy=policy)).policies)
-
-    def list(self, *, namespace: str | None = None, limit: int = 100) -> pb.ListResponse:
-        """A sample of stored objects (None = this client's namespace, "" = all namespaces)."""
-        ns = "" if namespace == "" else self._nss(namespace)
-        return self._call("List", pb.ListRequest(namespace=ns, limit=limit))
-
-    def control_put(self, key, value: bytes, *, namespace: str | None = None, overwrite: bool = False) -> bool:
-        """Put a small object over gRPC (no data connection needed)."""
-        r = self._call("Put", pb.PutRequest(namespace=self._nss(namespace), key=key_bytes(key),
-                                            value=bytes(value), checksum=checksum(value),
-                                            overwrite=overwrite))
-        return r.stored
-
-    def control_get(self, key, *, namespace: str | None = None) -> bytes:
-        r = self._call("Get", pb.GetRequest(namespace=self._nss(namespace), key=key_bytes(key)))
-        if self.verify_checksums and checksum(r.value) != r.checksum:
-            raise errors.ChecksumMismatch("object bytes do not match their checksum after transfer")
-        return r.value
-
