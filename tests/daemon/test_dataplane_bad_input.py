@@ -18,7 +18,7 @@ import pytest
 import kvstore
 from kvstore import errors
 from kvstore.wire import (FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING, OP_PUT,
-                          VERSION, checksum)
+                          VERSION, checksum, decode)
 
 MiB = 1 << 20
 KiB = 1 << 10
@@ -82,15 +82,13 @@ class Raw:
         return bytes(buf)
 
     def read(self) -> Resp:
-        magic, version, op, flags, rid, status, nl, kl, aux, plen, csum = HEADER.unpack(
-            self.recv_exact(HEADER_SIZE))
-        assert magic == MAGIC and version == VERSION, (magic, version)
-        assert flags & FLAG_RESPONSE
-        assert nl == 0 and kl == 0
-        payload = self.recv_exact(plen) if plen else b""
-        if status:
-            assert csum == 0
-        return Resp(op, flags, rid, status, aux, plen, csum, payload)
+        h = decode(self.recv_exact(HEADER_SIZE))  # checks magic and version
+        assert h.flags & FLAG_RESPONSE
+        assert h.ns_len == 0 and h.key_len == 0
+        payload = self.recv_exact(h.length) if h.length else b""
+        if h.status:
+            assert h.checksum == 0
+        return Resp(h.op, h.flags, h.req_id, h.status, h.aux, h.length, h.checksum, payload)
 
     def read_error(self, expected: type[errors.KVStoreError], rid: int | None = None) -> Resp:
         r = self.read()

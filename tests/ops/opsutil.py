@@ -12,7 +12,7 @@ from urllib.parse import urlsplit
 
 from prometheus_client.parser import text_string_to_metric_families
 
-from kvstore.wire import HEADER, MAGIC, VERSION, checksum
+from kvstore.wire import HEADER, MAGIC, VERSION, checksum, decode
 
 
 def http_get(url: str, timeout: float = 5.0, headers: dict | None = None) -> tuple[int, dict, bytes]:
@@ -75,9 +75,9 @@ def put_frame(rid: int, key: bytes, data: bytes, ns: bytes = b"t", csum: int | N
 def read_frame(sock: socket.socket) -> tuple[int, int, int, bytes]:
     """(op, rid, status, payload) of one response."""
     head = _recv(sock, HEADER.size)
-    _m, _v, op, _f, rid, status, ns_len, key_len, _aux, plen, _cs = HEADER.unpack(head)
-    _recv(sock, ns_len + key_len)
-    return op, rid, status, _recv(sock, plen)
+    h = decode(head)  # checks magic and version
+    _recv(sock, h.ns_len + h.key_len)
+    return h.op, h.req_id, h.status, _recv(sock, h.length)
 
 
 def _recv(sock: socket.socket, n: int) -> bytes:

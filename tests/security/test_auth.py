@@ -19,7 +19,7 @@ import kvstore
 from kvstore import errors
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
-from kvstore.wire import (FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PUT,
+from kvstore.wire import (FLAG_RESPONSE, HEADER_SIZE, OP_AUTH, OP_GET, OP_PUT, decode,
                           checksum, encode_auth, encode_request)
 
 from secutil import TOKENS, counters, token, write_tokens
@@ -60,10 +60,9 @@ class Raw:
 
     def response(self) -> tuple[int, int, int, bytes]:
         """(op, request id, status, payload)."""
-        magic, _v, op, flags, rid, status, _n, _k, _a, plen, _c = HEADER.unpack(
-            self.recv_exact(HEADER_SIZE))
-        assert magic == MAGIC and flags & FLAG_RESPONSE
-        return op, rid, status, self.recv_exact(plen)
+        h = decode(self.recv_exact(HEADER_SIZE))  # checks magic and version
+        assert h.flags & FLAG_RESPONSE
+        return h.op, h.req_id, h.status, self.recv_exact(h.length)
 
     def close(self) -> None:
         self.sock.close()

@@ -18,10 +18,10 @@ import pytest
 import kvstore
 from kvstore import errors
 from kvstore.cli import main as cli_main
-from kvstore.wire import FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_PING, encode_request
+from kvstore.wire import FLAG_RESPONSE, HEADER_SIZE, OP_PING, decode, encode_request
 
 from seccerts import Pair
-from secutil import client_tls, counters, token
+from secutil import client_tls, counters, recv_exact, token
 
 KiB, MiB = 1 << 10, 1 << 20
 SIZES = (1, 4 * KiB + 3, 256 * KiB, MiB, 4 * MiB)
@@ -171,20 +171,10 @@ def test_plaintext_client_against_tls_ports(secure_daemon, certs):
     # data port, raw bytes: a plaintext frame is answered by a plaintext error frame
     with socket.create_connection(("127.0.0.1", d.data_port), timeout=10) as s:
         s.sendall(encode_request(OP_PING, 1, b"", b""))
-        hdr = b""
-        while len(hdr) < HEADER_SIZE:
-            chunk = s.recv(HEADER_SIZE - len(hdr))
-            assert chunk, "closed without an answer"
-            hdr += chunk
-        magic, _v, _op, flags, rid, status, _n, _k, _a, plen, _c = HEADER.unpack(hdr)
-        assert magic == MAGIC and flags & FLAG_RESPONSE and rid == 0
-        assert status == errors.PermissionDenied.code
-        msg = b""
-        while len(msg) < plen:
-            chunk = s.recv(plen - len(msg))
-            assert chunk
-            msg += chunk
-        assert b"requires TLS" in msg
+        h = decode(recv_exact(s, HEADER_SIZE))  # checks magic and version
+        assert h.flags & FLAG_RESPONSE and h.req_id == 0
+        assert h.status == errors.PermissionDenied.code
+        assert b"requires TLS" in recv_exact(s, h.length)
     cnt = counters(d, certs)
     assert cnt["tls_handshake_failed_plaintext"] >= 3
     assert cnt["control_tls_handshakes"] > cnt["control_tls_connections"]
