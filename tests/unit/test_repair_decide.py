@@ -391,7 +391,7 @@ def test_rebuild_from_sources():
     usable = rb.usable([None, b"junk", recs[1], recs[1], recs[2], recs[4]], ver)
     assert [r[0][3] for r in usable] == [1, 2, 4]  # invalid and duplicate sources skipped
     built = rb.rebuild(p, KIND_FRAGMENT, usable, [0, 3])
-    assert built == {0: recs[0], 3: recs[3]}
+    assert {i: h + bytes(f) for i, (h, f) in built.items()} == {0: recs[0], 3: recs[3]}
     assert rb.rebuild(p, KIND_FRAGMENT, usable[:2], [0]) is None  # fewer than K
     assert rb.rebuild(p, KIND_FRAGMENT, [], [0]) is None
     assert rb.usable([recs[0]], (1, 2, 3, 2)) == []  # another version
@@ -459,8 +459,9 @@ class FakePeers:
         self.calls.append(("put", member.node_id, len(items)))
         if member.node_id in self.refuse:
             return [None] * len(items)
-        for k, v in items:
-            self.data.setdefault(member.node_id, {})[(ns, k)] = bytes(v)
+        for k, v in items:  # a record: one buffer, or (header, payload) sent gathered
+            self.data.setdefault(member.node_id, {})[(ns, k)] = (
+                bytes(v[0]) + bytes(v[1]) if isinstance(v, tuple) else bytes(v))
         return [True] * len(items)
 
 

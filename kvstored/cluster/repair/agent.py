@@ -36,7 +36,7 @@ from .throttle import Throttle
 
 log = logging.getLogger("kvstored.repair")
 
-BATCH = 128  # objects per batch (one Heads call per peer per batch)
+BATCH = 256  # objects per batch (one Heads call per peer per batch)
 HEADS_PER_CALL = 4096  # keys per Heads call (the server's max_batch_keys is larger)
 PEER_THREADS = 8  # peers talked to at once
 MAX_PENDING_KEYS = 100_000  # unfinished objects remembered for the next pass
@@ -108,6 +108,7 @@ class RepairAgent:
         self._wake.set()
         if self._pool is not None:
             self._pool.shutdown(wait=False, cancel_futures=True)
+        self.executor.close()
         self.peers.close()
 
     def wake(self, now: bool = False) -> None:
@@ -246,26 +247,46 @@ class RepairAgent:
         unfinished: set[tuple[bytes, bytes]] = set()
         epoch = m.epoch
         self.peers.new_pass()  # peers that do not answer are not asked again this pass
-        for i in range(0, len(objs), BATCH):
-            if self._stop:
-                break
-            if m.epoch != epoch:  # the member list changed under us: start over soon
-                pending += len(objs) - i
-                self._force_full = True
-                break
-            batch = objs[i:i + BATCH]
-            self._read_my_heads(batch)
-            for o in batch:
-                o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
-            todo = [o for o in batch if o.slots]
-            heads, settled = self._ask(todo, me, draining)
-            view = Peers(me, settled, self._started, draining)
-            for o, ok in zip(todo, self.executor.run(todo, heads, view)):
+        inflight = None  # (batch, todo, outcome future) of the batch being written
+
+        def account(batch, todo, outcome) -> None:
+            nonlocal pending
+            for o, ok in zip(todo, outcome.result()):
                 if not ok:
                     pending += 1
                     unfinished.add((o.ns, o.base))
             self.st["scanned"] += len(batch)
             self._mark_rate()
+
+        try:
+            for i in range(0, len(objs), BATCH):
+                if self._stop:
+                    break
+                if m.epoch != epoch:  # the member list changed under us: start over soon
+                    pending += len(objs) - i
+                    self._force_full = True
+                    break
+                batch = objs[i:i + BATCH]
+                self._read_my_heads(batch)
+                for o in batch:
+                    o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
+                todo = [o for o in batch if o.slots]
+                heads, settled = self._ask(todo, me, draining)
+                view = Peers(me, settled, self._started, draining)
+                # pipelined: this batch is read and rebuilt while the previous one is written
+                started = (batch, todo, self.executor.start(todo, heads, view))
+                if inflight is not None:
+                    account(*inflight)
+                inflight = started
+        except BaseException:
+            if inflight is not None:  # let the batch being written finish (its errors: this one's)
+                try:
+                    inflight[2].result()
+                except Exception:
+                    pass
+            raise
+        if inflight is not None:
+            account(*inflight)
         changed = self._prev_members is not None and (
             [x.node_id for x in self._prev_members] != [x.node_id for x in members])
         carried = self._pending_keys or set()

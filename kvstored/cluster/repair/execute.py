@@ -5,12 +5,19 @@ to copy read locally in one hop; rebuild sources read with one batch_get per pee
 peer at once (another round for objects whose first sources were missing or stale); the
 missing records rebuilt; written with one batch_put per peer (PUT_CHUNK records a call),
 every peer at once, through the throttle; then surplus records deleted (a handed-over
-record only once every copy of it was written). At most MAX_BATCH_BYTES of records are
-held at once: a batch is carried out in chunks.
+record only once every copy of it was written). A batch is carried out in chunks of at
+most MAX_BATCH_BYTES of records.
+
+Pipelined: a chunk's writes and deletes run on the writer thread while the next chunk
+(of this batch or the next one, see ``start``) is read and rebuilt, so reading, rebuilding
+and writing overlap; at most one chunk is being written while one more is built, so at
+most two chunks' records are held. Rebuilt records are (header, fragment) pairs, sent
+gathered: the fragment pyeclib returned is not copied behind its header.
 """
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvstore.layout import lap_key
 
@@ -19,9 +26,14 @@ from .decide import Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reco
 
 log = logging.getLogger("kvstored.repair")
 
-MAX_BATCH_BYTES = 128 << 20  # records held in memory at once while a batch is executed
+MAX_BATCH_BYTES = 64 << 20  # records of one chunk (two chunks are held at once: pipelined)
 PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
 MAX_SOURCE_ROUNDS = 8  # bounded: each round consumes at least one source per object
+
+
+def size(data) -> int:
+    """The size of a record to write: one buffer or a (header, payload) pair."""
+    return len(data[0]) + len(data[1]) if isinstance(data, tuple) else len(data)
 
 
 class Executor:
@@ -31,10 +43,23 @@ class Executor:
         ``stopping()``: True once the agent is stopping."""
         self.store, self.peers, self.throttle = store, peers, throttle
         self.count, self.per_peer, self.stopping = count, per_peer, stopping
+        self._writer: ThreadPoolExecutor | None = None
+        self._inflight: Future | None = None  # the chunk being written
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.shutdown(wait=False, cancel_futures=True)
 
     def run(self, objs: list[Obj], heads: dict, view: Peers) -> list[bool]:
-        """Decide for every object and carry the actions out in bulk; per object, True
-        when it needs nothing more from this node."""
+        """``start`` and wait for the outcome."""
+        return self.start(objs, heads, view).result()
+
+    def start(self, objs: list[Obj], heads: dict, view: Peers) -> Future:
+        """Decide for every object and carry the actions out in bulk. Returns when the
+        last chunk's records are rebuilt and handed to the writer thread: a Future of the
+        outcome (per object, True when it needs nothing more from this node), done once
+        those are written. Call ``start`` again meanwhile: the next batch is read and
+        rebuilt while this one is written (writes stay in order)."""
         plans = []
         for o in objs:
             try:
@@ -56,7 +81,35 @@ class Executor:
             size += est
         if start < len(objs):
             self._move(objs[start:], plans[start:], ok, start, view.me)
-        return ok
+        last = self._inflight
+        done: Future = Future()
+        if last is None:
+            done.set_result(ok)
+            return done
+
+        def finished(f: Future) -> None:
+            # the writer runs chunks in order: once this batch's last chunk is written,
+            # all of the batch is
+            if f.cancelled():  # close(): the agent is stopping
+                done.set_exception(RuntimeError("repair stopped"))
+                return
+            e = f.exception()
+            if e is not None:
+                done.set_exception(e)
+            else:
+                done.set_result(ok)
+        last.add_done_callback(finished)
+        return done
+
+    def _submit_write(self, fn) -> None:
+        """Run ``fn`` on the writer thread once the chunk in flight is written (so at most
+        one chunk waits while another is written)."""
+        prev, self._inflight = self._inflight, None
+        if prev is not None:
+            prev.result()  # a failed write ends the pass like any error (and is forgotten)
+        if self._writer is None:
+            self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstored-repair-write")
+        self._inflight = self._writer.submit(fn)
 
     def _settle(self, objs: list[Obj], plans: list, ok: list) -> None:
         """Verify / Drop actions: one loop hop for the batch."""
@@ -137,21 +190,23 @@ class Executor:
                     for idx, j, overwrite in a.targets:
                         member, lap = o.slots[j]
                         write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
-        results = self._write(writes)
-        for tag, r in results.items():
-            tags[tag] += r
-        # 4. deletes: handed-over records once every copy was written
-        deletes = []
-        for i, (o, acts) in enumerate(zip(objs, plans)):
-            for n, a in enumerate(acts):
-                written = tags.get((i, n), [])
-                if any(r is None for r in written):
-                    ok[base + i] = False
-                if isinstance(a, DeleteLocal) or (
-                        isinstance(a, HandOver) and written and all(r is not None for r in written)):
-                    deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
-        if deletes:
-            self.count("removed", self.store.delete(deletes))
+        def finish() -> None:
+            results = self._write(writes)
+            for tag, r in results.items():
+                tags[tag] += r
+            # 4. deletes: handed-over records once every copy was written
+            deletes = []
+            for i, (o, acts) in enumerate(zip(objs, plans)):
+                for n, a in enumerate(acts):
+                    written = tags.get((i, n), [])
+                    if any(r is None for r in written):
+                        ok[base + i] = False
+                    if isinstance(a, DeleteLocal) or (
+                            isinstance(a, HandOver) and written and all(r is not None for r in written)):
+                        deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
+            if deletes:
+                self.count("removed", self.store.delete(deletes))
+        self._submit_write(finish)
 
     def _read(self, wants: list, me: str, local_keys: dict) -> list:
         """The records of ``wants`` ((i, o, a, member, key)) and of ``local_keys`` (filled
@@ -199,12 +254,12 @@ class Executor:
                         out += [(tag, None) for _k, _d, tag in its[c:]]
                         break
                     chunk = its[c:c + PUT_CHUNK]
-                    self.throttle.take(sum(len(d) for _k, d, _t in chunk))
+                    self.throttle.take(sum(size(d) for _k, d, _t in chunk))
                     rs = self.peers.put_many(member, ns, [(k, d) for k, d, _t in chunk], overwrite)
                     for (_k, d, tag), r in zip(chunk, rs):
                         if r:
                             self.count("records_written")
-                            self.count("bytes_written", len(d))
+                            self.count("bytes_written", size(d))
                         out.append((tag, r))
             return out
 

@@ -11,6 +11,7 @@ import logging
 import threading
 
 from kvstore import errors
+from kvstore.cluster.writes import GATHERED
 
 log = logging.getLogger("kvstored.repair")
 
@@ -95,13 +96,15 @@ class PeerIO:
                 out.append(None)
         return out
 
-    def put_many(self, member, ns: bytes, items: list[tuple[bytes, bytes]],
+    def put_many(self, member, ns: bytes, items: list[tuple[bytes, object]],
                  overwrite: bool) -> list[bool | None]:
-        """Write each (key, record) to ``member``: True stored, False already there
-        (identical), None failed (a Conflict: something else is there now; the next
-        pass looks again)."""
+        """Write each (key, record) to ``member`` (a record: bytes, or a (header, payload)
+        pair sent gathered): True stored, False already there (identical), None failed (a
+        Conflict: something else is there now; the next pass looks again)."""
         if not items:
             return []
+        if not GATHERED:  # a Client without gathered puts: one buffer per record
+            items = [(k, v[0] + v[1] if isinstance(v, tuple) else v) for k, v in items]
         if member.node_id in self.unreachable:
             return [None] * len(items)
         c = self.client(member)

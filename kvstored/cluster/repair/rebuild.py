@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 
-from kvstore.layout import FRAG_HEADER, KIND_REPLICA, Policy, codec, fragment_record, parse_record
+from kvstore.layout import FRAG_HEADER, KIND_REPLICA, Policy, codec, fragment_parts, parse_record
 
 from .decide import version
 
@@ -30,14 +30,15 @@ def usable(bufs: list, current, have: set[int] | None = None) -> list[tuple]:
 
 
 def rebuild(p: Policy, kind: int, recs: list[tuple], indices: list[int], what: str = ""
-            ) -> dict[int, bytes] | None:
-    """Records for ``indices``: re-indexed copies of a whole-object record, or fragments
-    reconstructed from K current ones (``recs``: usable() output). None: not possible."""
+            ) -> dict[int, tuple[bytes, object]] | None:
+    """Records for ``indices`` as (header, payload) pairs (written gathered, no copy of
+    the payload): re-indexed copies of a whole-object record, or fragments reconstructed
+    from K current ones (``recs``: usable() output). None: not possible."""
     if not recs:
         return None
     h, payload = recs[0]
     if kind == KIND_REPLICA:
-        return {i: FRAG_HEADER.pack(*h[:3], i, *h[4:]) + bytes(payload) for i in indices}
+        return {i: (FRAG_HEADER.pack(*h[:3], i, *h[4:]), payload) for i in indices}
     if len(recs) < p.k:
         log.warning("repair: only %d of the %d fragments needed to rebuild %s", len(recs), p.k, what)
         return None
@@ -49,4 +50,4 @@ def rebuild(p: Policy, kind: int, recs: list[tuple], indices: list[int], what: s
         log.warning("repair: reconstruct of %s failed: %s", what, e)
         return None
     olen, ocsum = h[8], h[9]
-    return {i: fragment_record(p, i, f, olen, ocsum) for i, f in zip(want, frags)}
+    return {i: fragment_parts(p, i, f, olen, ocsum) for i, f in zip(want, frags)}
