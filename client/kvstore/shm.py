@@ -2,9 +2,14 @@
 
 The daemon hands over its arena's memfd when we connect to its Unix socket;
 we map it once per connection. A get is then an offset into that mapping plus
-a lease (``ShmView``: zero copies; or one memcpy into the caller's buffer); a
-put reserves a slot, copies the caller's bytes straight into the arena, and
-commits. Requests are the ordinary frames, pipelined like on TCP.
+a lease (``ShmView``: zero copies; or one memcpy into the caller's buffer). A
+put copies the caller's bytes straight into the arena: into a *credit* (a slot
+of that size the daemon reserved ahead, handed back with the previous put's
+answer) and one SHM_PUT, one round trip; without a credit (the first put of a
+size on this connection, or when the daemon grants none) it reserves a slot,
+copies and commits, and the commit's answer brings a credit for the next put.
+Requests are the ordinary frames, pipelined like on TCP. Released leases ride
+on the connection's next request instead of costing a send of their own.
 """
 from __future__ import annotations
 
@@ -12,12 +17,25 @@ import mmap
 import os
 import socket
 import sys
+import time
 
 from . import errors
 from .channel import SHM_INLINE_MAX, DataConnection
-from .wire import (FLAG_OVERWRITE, HEADER_SIZE, MAGIC,
-                   OP_SHM_COMMIT, OP_SHM_GET, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO,
-                   SHM_IDS, SHM_MAGIC, checksum, decode, encode_request)
+from .wire import (FLAG_OVERWRITE, FLAG_REFILL, HEADER, HEADER_SIZE, MAGIC, OP_SHM_COMMIT, OP_SHM_GET,
+                   OP_SHM_PUT, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC, VERSION,
+                   checksum, decode, encode_request)
+
+# Released leases wait for the connection's next request (no send and no wake-up of
+# the daemon of their own: on a loaded host each wake-up can cost milliseconds) while
+# fewer than this many, and of fewer bytes, wait; beyond, they are sent at once. An idle
+# client so keeps at most that much leased (not evictable) until it sends again or
+# shm.lease_ttl passes.
+DEFERRED_RELEASES = 32
+DEFERRED_RELEASE_BYTES = 64 << 20
+# Copies into credits are announced to the daemon in sends of about this many bytes
+# of objects, so it checksums and commits one group while we copy the next.
+PUT_FLUSH_BYTES = 1 << 20
+_CREDIT_MARGIN = 0.5  # a credit is used only in the first half of its life
 
 
 class ShmView:
@@ -49,9 +67,10 @@ class ShmView:
     def release(self) -> None:
         if self._lease:
             lease, self._lease = self._lease, 0
+            n = len(self.view)
             self.view.release()
             if not self._conn.closed:
-                self._conn.release([lease])
+                self._conn.release([lease], n)
 
 
 class ShmConnection(DataConnection):
@@ -100,6 +119,9 @@ class ShmConnection(DataConnection):
             for fd in fds:
                 os.close(fd)
         self._init_framing(timeout)
+        self._credits: dict[int, list] = {}  # object size -> [(offset, credit id, use by)]
+        self._releases: list[bytes] = []  # RELEASE frames waiting for the next request
+        self._release_bytes = 0
 
     def close(self) -> None:
         if self.closed:
@@ -120,6 +142,13 @@ class ShmConnection(DataConnection):
             self.arena.close()
         except (BufferError, ValueError):  # a view handed out is still alive: the GC unmaps
             pass
+
+    def send(self, buffers: list) -> None:
+        if self._releases:  # deferred releases go first, in the same sendmsg
+            buffers = [b"".join(self._releases), *buffers]
+            self._releases = []
+            self._release_bytes = 0
+        super().send(buffers)
 
     def _read(self) -> tuple:
         """The next response and its payload."""
@@ -148,10 +177,15 @@ class ShmConnection(DataConnection):
         return out
 
     # -- operations --------------------------------------------------------------
-    def release(self, leases: list[int]) -> None:
-        """Give leases back. Not answered by the daemon: no round trip."""
-        self.send([b"".join(encode_request(OP_SHM_RELEASE, self.next_id(), b"", b"", 0, lease)
-                            for lease in leases)])
+    def release(self, leases: list[int], nbytes: int = 0) -> None:
+        """Give leases back. Not answered by the daemon; the frames go with the next
+        request unless too many (or too many bytes) wait already."""
+        rel = self._releases
+        for lease in leases:
+            rel.append(HEADER.pack(MAGIC, VERSION, OP_SHM_RELEASE, 0, self.next_id(), 0, 0, 0, 0, 0, lease))
+        self._release_bytes += nbytes
+        if len(rel) >= DEFERRED_RELEASES or self._release_bytes >= DEFERRED_RELEASE_BYTES:
+            self.send([])
 
     def _arena_slice(self, offset: int, size: int) -> memoryview:
         if offset + size > len(self.view):
@@ -170,11 +204,17 @@ class ShmConnection(DataConnection):
             raise errors.ChecksumMismatch("object bytes in the arena do not match their checksum")
         return sv
 
+    def frames_get(self, sizes: list[int] | None) -> bool:
+        # a batch of small gets is one round trip here too, and copies from the arena
+        # instead of through the socket (Unix socket buffers are small: a frame per copy)
+        return sizes is not None and len(sizes) <= 1 and super().frames_get(sizes)
+
     def copy_out(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool,
                  alloc=bytearray) -> list:
         """Gets with one copy each: every object is copied (into ``dests[i]`` or a new
-        ``alloc(size)`` buffer, by default a bytearray) and its lease released the moment its answer arrives, so a batch never
-        holds more than one lease. Results: size / bytearray / typed error, per key."""
+        ``alloc(size)`` buffer, by default a bytearray) as its answer arrives, and its
+        lease is given back with the connection's next request (or at once past the
+        deferral bounds). Results: size / bytearray / typed error, per key."""
         order = self.send_keyed(OP_SHM_GET, ns, keys)
         out: list = [None] * len(keys)
         for _ in range(len(keys)):
@@ -191,28 +231,100 @@ class ShmConnection(DataConnection):
                 raise errors.ProtocolError(f"unexpected response {rid} on the shm socket")
             offset, size, lease = SHM_IDS.unpack_from(body)
             src = self._arena_slice(offset, size)
-            try:
-                if dests is None:
-                    dest = alloc(size)
-                    dest[:] = src
-                    out[i] = dest
-                elif size > len(dests[i]):
-                    out[i] = errors.InvalidArgument(
-                        f"object of {size} bytes does not fit the {len(dests[i])}-byte buffer")
-                    continue
-                else:
-                    dest = dests[i][:size]
-                    dest[:] = src
-                    out[i] = size
-            finally:
+            if dests is None:
+                dest = alloc(size)
+                dest[:] = src
+                out[i] = dest
+            elif size > len(dests[i]):
                 self.release([lease])
+                out[i] = errors.InvalidArgument(
+                    f"object of {size} bytes does not fit the {len(dests[i])}-byte buffer")
+                continue
+            else:
+                dest = dests[i][:size]
+                dest[:] = src
+                out[i] = size
+            # copied: the lease goes back with a later send (one past the deferral
+            # bounds goes mid-batch, while we copy the rest)
+            self.release([lease], size)
             # verified on the destination: cache-hot, and it checks the bytes the caller got
             if verify and checksum(dest) != csum:
                 out[i] = errors.ChecksumMismatch("object bytes in the arena do not match their checksum")
         return out
 
+    # -- puts --------------------------------------------------------------------
+    def _take_credit(self, size: int, now: float):
+        slots = self._credits.get(size)
+        while slots:
+            offset, cid, use_by = slots.pop()
+            if now < use_by:
+                return offset, cid
+        return None
+
+    def _keep_credit(self, ids: tuple, life_ms: int, now: float) -> None:
+        """A credit from an answer (its life in ms rides in the checksum field)."""
+        offset, size, cid = ids
+        if offset + size > len(self.view):
+            raise errors.ProtocolError("kvstored granted a slot outside its arena")
+        self._credits.setdefault(size, []).append((offset, cid, now + life_ms / 1000 * _CREDIT_MARGIN))
+
     def put(self, ns: bytes, items: list[tuple[bytes, memoryview]], overwrite: bool) -> list:
-        """Reserve, copy into the arena, commit; True stored / False already there / error."""
+        """Store each value with one copy into the arena: True stored / False already
+        there / typed error, per item. Values with a credit: copy + SHM_PUT, one round
+        trip for the lot; the others reserve / copy / commit (two)."""
+        now = time.monotonic()
+        with_credit, rest = [], []
+        for i, (_k, mv) in enumerate(items):
+            c = self._take_credit(len(mv), now)
+            if c is None:
+                rest.append(i)
+            else:
+                with_credit.append((i, c))
+        results: list = [None] * len(items)
+        retry: list[int] = []
+        if with_credit:
+            self._put_credited(ns, items, with_credit, overwrite, results, retry)
+        rest += retry  # a credit the daemon no longer knew (it expired while we copied)
+        if rest:
+            for i, r in zip(rest, self._put_reserved(ns, [items[i] for i in rest], overwrite)):
+                results[i] = r
+        return results
+
+    def _put_credited(self, ns: bytes, items: list, with_credit: list, overwrite: bool,
+                      results: list, retry: list) -> None:
+        flags = (FLAG_OVERWRITE if overwrite else 0) | FLAG_REFILL
+        view, order, frames, pending = self.view, {}, [], 0
+        for i, (offset, cid) in with_credit:
+            k, mv = items[i]
+            size = len(mv)
+            # end to end: the checksum of the caller's bytes goes with the put and the
+            # daemon verifies the slot against it before anything is visible
+            csum = checksum(mv)
+            view[offset:offset + size] = mv  # the one copy: caller's buffer -> arena
+            rid = self.next_id()
+            order[rid] = i
+            frames.append(encode_request(OP_SHM_PUT, rid, ns, k, cid, csum, flags, self.epoch))
+            pending += size
+            if pending >= PUT_FLUSH_BYTES:
+                self.send([b"".join(frames)])
+                frames, pending = [], 0
+        if frames:
+            self.send([b"".join(frames)])
+        now = time.monotonic()
+        for i, r in self._responses(order).items():
+            if isinstance(r, errors.KVStoreError):
+                if isinstance(r, errors.InvalidArgument) and r.message.startswith("unknown credit"):
+                    retry.append(i)
+                else:
+                    results[i] = r
+                continue
+            aux, life_ms, ids = r
+            results[i] = aux != 1
+            if ids is not None:
+                self._keep_credit(ids, life_ms, now)
+
+    def _put_reserved(self, ns: bytes, items: list[tuple[bytes, memoryview]], overwrite: bool) -> list:
+        """Reserve, copy into the arena, commit (asking for a credit for the next put)."""
         # end to end: the checksum of the caller's bytes goes with the reservation and the
         # daemon verifies the slot against it at commit, so bytes changed in the shared
         # slot before commit are refused (ChecksumMismatch), never stored
@@ -244,8 +356,15 @@ class ShmConnection(DataConnection):
             rid = self.next_id()
             order[rid] = i
             # commit at once: the daemon checksums this slot while we copy the next one
-            self.send([encode_request(OP_SHM_COMMIT, rid, b"", b"", 0, res)])
+            self.send([encode_request(OP_SHM_COMMIT, rid, b"", b"", 0, res, FLAG_REFILL)])
         if order:
+            now = time.monotonic()
             for i, r in self._responses(order).items():
-                results[i] = r if isinstance(r, errors.KVStoreError) else r[0] != 1
+                if isinstance(r, errors.KVStoreError):
+                    results[i] = r
+                    continue
+                aux, life_ms, ids = r
+                results[i] = aux != 1
+                if ids is not None:
+                    self._keep_credit(ids, life_ms, now)
         return results

@@ -53,13 +53,21 @@ OP_AUTH = 4
 #   SHM_RESERVE ns, key, length = object size (no payload follows), flags: overwrite,
 #               0x0002 = the daemon computes the checksum at commit (else checksum field)
 #               -> OK with SHM_IDS: offset, size, reservation id; or aux=1: already stored
-#   SHM_COMMIT  checksum field = reservation id -> OK (aux=1: deduplicated) or an error
+#   SHM_COMMIT  checksum field = reservation id -> OK (aux=1: deduplicated) or an error;
+#               flags 0x0004 (FLAG_REFILL): the answer may carry a *credit* (SHM_IDS: offset,
+#               size, credit id), a slot of the same size reserved ahead for the next put
+#   SHM_PUT     ns, key, checksum = the object's, length = credit id (no payload follows:
+#               the object is already in the credit's slot, its size is the credit's),
+#               flags: overwrite, FLAG_REFILL -> like SHM_COMMIT (aux=1: deduplicated, and
+#               the same credit comes back); one round trip per put
 OP_SHM_GET = 17
 OP_SHM_RELEASE = 18
 OP_SHM_RESERVE = 19
 OP_SHM_COMMIT = 20
 SHM_IDS = struct.Struct("<QQQ")  # offset, size, lease or reservation id
 FLAG_CHECKSUM_UNKNOWN = 0x0002
+FLAG_REFILL = 0x0004
+OP_SHM_PUT = 24
 SHM_HELLO = struct.Struct("<4sIQ")  # b"KVSM", version, arena size: sent with the memfd
 SHM_MAGIC = b"KVSM"
 # RDMA, on a TCP data connection (see kvstored/dataplane/rdma.py); the bytes move by RDMA
@@ -76,11 +84,11 @@ RDMA_SIZE = struct.Struct("<Q")
 OPS = {OP_PUT: "put", OP_GET: "get", OP_PING: "ping", OP_AUTH: "auth",
        OP_SHM_GET: "shm_get", OP_SHM_RELEASE: "shm_release", OP_SHM_RESERVE: "shm_reserve",
        OP_SHM_COMMIT: "shm_commit", OP_RDMA_CONNECT: "rdma_connect", OP_RDMA_PUT: "rdma_put",
-       OP_RDMA_GET: "rdma_get"}
+       OP_RDMA_GET: "rdma_get", OP_SHM_PUT: "shm_put"}
 MAX_TOKEN_LEN = 4096
 
 EPOCH_OPS = frozenset((OP_PUT, OP_GET, OP_SHM_GET, OP_SHM_RESERVE, OP_RDMA_PUT,
-                       OP_RDMA_GET))  # ops a node redirects
+                       OP_RDMA_GET, OP_SHM_PUT))  # ops a node redirects
 
 FLAG_OVERWRITE = 0x0001
 FLAG_RESPONSE = 0x8000

@@ -11,7 +11,21 @@ the SHM_* ops of ``kvstore.wire``:
   lease expires (``shm.lease_ttl``), so the bytes under a view cannot be
   evicted or reused while the lease lives;
 * a put reserves a slot (offset + reservation id), the client copies into it,
-  and commit checksums the slot and publishes it; nothing is visible before.
+  and commit checksums the slot and publishes it; nothing is visible before;
+* credits make a put one round trip: a commit (or SHM_PUT) asking for a refill is
+  answered with a *credit*, a slot of the same size reserved ahead and not yet bound
+  to a key. The client copies its next object of that size into it and sends
+  SHM_PUT (namespace, key, checksum, credit id); the daemon binds the slot to the key,
+  verifies the checksum and publishes, exactly as a commit does. Credits are ordinary
+  reservations: they count against the connection's and the uid's reserved-bytes
+  bounds, at most ``MAX_CREDITS`` per connection and ``credit_bytes`` of slots, and
+  expire like a put's reservation (``put_stall_timeout + size / min_put_rate``), so a
+  client that takes them and never puts holds nothing for long; they are never waited
+  for (no space: no credit) and die with the connection.
+
+Released leases may arrive late (a client sends them with its next request): a
+release of an id this connection was given that is no longer held (expired, or
+released twice) is ignored; an id it was never given is a forged id.
 
 The socket is driven by the TCP driver (``tcp.DataConnection``) with this
 module's op table (``SHM_OPS``: the core ops plus the SHM_* ops) and a
@@ -25,7 +39,6 @@ is read-write, so the channel is for trusted local processes (see README).
 from __future__ import annotations
 
 import asyncio
-import itertools
 import logging
 import os
 import socket
@@ -34,14 +47,14 @@ import time
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, OP_SHM_COMMIT, OP_SHM_GET, OP_SHM_RELEASE,
-                          OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC, encode_error,
-                          encode_response)
+from kvstore.wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, FLAG_REFILL, OP_SHM_COMMIT, OP_SHM_GET,
+                          OP_SHM_PUT, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC,
+                          encode_error, encode_response)
 
 from kvstored.auth import READ, WRITE
 
 from .ops import CORE_OPS
-from .session import SIZE, DataSession
+from .session import SIZE, DataSession, _check_names
 from .tcp import DataConnection
 
 if TYPE_CHECKING:
@@ -55,6 +68,11 @@ log = logging.getLogger("kvstored.shm")
 
 SHM_VERSION = 1
 _UCRED = struct.Struct("3i")
+# Bounds per shm connection: leases held at once (a client that takes views and never
+# releases them is refused more, NoSpace, until it does or they expire), and credits
+# (slots reserved ahead; the bytes they may hold are ShmServer.credit_bytes).
+MAX_LEASES = 4096
+MAX_CREDITS = 64
 
 
 class ShmServer:
@@ -64,6 +82,9 @@ class ShmServer:
         self.path = path
         self.allowed_uids = allowed_uids | {os.getuid(), 0}
         self.lease_ttl = lease_ttl
+        # credits of one connection hold at most 1/8 of the arena (64 MiB at most): a
+        # batch's worth of slots for the next batch, never enough to starve other writers
+        self.credit_bytes = min(64 << 20, data_server.store.arena.size // 8)
         self.sock: socket.socket | None = None
         self.task: asyncio.Task | None = None
         self.connections: set[ShmState] = set()
@@ -148,15 +169,20 @@ class ShmServer:
 
 
 class ShmState:
-    """One shm connection's leases and reservations (the session's ``ext``): they live
-    and die with the connection."""
+    """One shm connection's leases, reservations and credits (the session's ``ext``):
+    they live and die with the connection."""
 
     def __init__(self, shm: ShmServer):
         self.shm = shm
         self.leases: dict[int, tuple["Entry", float]] = {}
         self.reservations: dict[int, "Reservation"] = {}
-        self.ids = itertools.count(1)
+        self.credits: dict[int, "Reservation"] = {}
+        self.last_id = 0  # ids handed out are 1..last_id: anything above is forged
         self.store = shm.ds.store
+
+    def new_id(self) -> int:
+        self.last_id += 1
+        return self.last_id
 
     def made(self, session: DataSession) -> None:
         self.shm.connections.add(self)
@@ -170,6 +196,9 @@ class ShmState:
         for res in self.reservations.values():
             session._drop_reservation(res)
         self.reservations.clear()
+        for res in self.credits.values():
+            session._drop_reservation(res)
+        self.credits.clear()
 
     def expire(self, now: float) -> int:
         dead = [lid for lid, (_, until) in self.leases.items() if until <= now]
@@ -187,21 +216,32 @@ def _shm_get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
 
 def _lease(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:
     st: ShmState = s.ext
-    lid = next(st.ids)
+    if len(st.leases) >= MAX_LEASES:
+        s.store.release(e)
+        s.counters["shm_leases_refused"] += 1
+        s.error(OP_SHM_GET, rid, errors.NoSpace(
+            f"this connection holds {len(st.leases)} leases (limit {MAX_LEASES}): release views"))
+        return
+    lid = st.new_id()
     st.leases[lid] = (e, time.monotonic() + st.shm.lease_ttl)
     s.send(encode_response(OP_SHM_GET, rid, 0, SHM_IDS.size, e.checksum)
            + SHM_IDS.pack(e.offset, e.size, lid))
 
 
 def _shm_release(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
-    # no answer on success (saves a round trip per get); a lease this connection never
-    # held is a forged id: answered with ProtocolError and the connection closed
-    held = s.ext.leases.pop(h.checksum, None)
-    if held is None:
+    # no answer (saves a round trip per get). A lease this connection was given but no
+    # longer holds (expired, released twice) is ignored: releases ride on the client's
+    # next request and may come late. An id it was never given is forged: answered with
+    # ProtocolError and the connection closed.
+    st: ShmState = s.ext
+    held = st.leases.pop(h.checksum, None)
+    if held is not None:
+        s.store.release(held[0])
+    elif 0 < h.checksum <= st.last_id:
+        s.counters["shm_stale_releases"] += 1
+    else:
         s.counters["shm_forged_ids"] += 1
         s.fatal(h.req_id, f"unknown lease {h.checksum}")
-    else:
-        s.store.release(held[0])
 
 
 def _shm_reserve(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
@@ -216,7 +256,7 @@ def _reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) ->
         s.send(encode_response(OP_SHM_RESERVE, rid, 0, 0, 0, aux=1))
         return
     st: ShmState = s.ext
-    rid_res = next(st.ids)
+    rid_res = st.new_id()
     st.reservations[rid_res] = res
     # the client copies from its own memory: nothing to watch progress by, so the slot is
     # reclaimed at put_stall_timeout + size / min_put_rate (set by the session's _hold)
@@ -240,12 +280,102 @@ def _shm_commit(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
         s.counters["shm_forged_ids"] += 1
         s.error(OP_SHM_COMMIT, h.req_id, errors.InvalidArgument(f"unknown reservation {h.checksum}"))
         return
+    size = res.size
     try:
         stored = s.commit(res)
     except errors.KVStoreError as e:
         s.error(OP_SHM_COMMIT, h.req_id, e)
         return
-    s.send(encode_response(OP_SHM_COMMIT, h.req_id, aux=0 if stored else 1))
+    _answer(s, OP_SHM_COMMIT, h.req_id, stored, _grant(s, size) if h.flags & FLAG_REFILL else ())
+
+
+def _answer(s: DataSession, op: int, rid: int, stored: bool, credit: tuple) -> None:
+    """A put's answer; with a credit, SHM_IDS and (checksum field) its life in ms."""
+    aux = 0 if stored else 1
+    if not credit:
+        s.send(encode_response(op, rid, aux=aux))
+        return
+    res, cid = credit
+    life_ms = max(int((res.deadline - s.store.clock()) * 1000), 0)
+    s.send(encode_response(op, rid, 0, SHM_IDS.size, life_ms, aux) + SHM_IDS.pack(res.offset, res.size, cid))
+
+
+def _grant(s: DataSession, size: int) -> tuple:
+    """A credit for the connection's next put of ``size`` bytes, (reservation, id), or ()
+    when a bound says no or there is no free slot right now (a credit is never waited for)."""
+    st: ShmState = s.ext
+    if len(st.credits) >= MAX_CREDITS or \
+            sum(r.size for r in st.credits.values()) + size > st.shm.credit_bytes:
+        return ()
+    if s.budget.admit_reservation(s.reserved, size) or s.plane.clients.admit(s.client, size):
+        return ()
+    # free space only: a slot ahead of a put that may never come must not evict (or
+    # push the arena over its high watermark, which evicts at the next put)
+    store = s.store
+    arena = store.arena
+    sc = arena.class_for(size)
+    if (not sc.partial and not arena.free_slabs) or \
+            arena.used_bytes + sc.slot_size > store.limits.high_watermark * arena.size:
+        return ()
+    try:
+        # not bound to any key yet (no object has an empty key): SHM_PUT binds it
+        res = store.reserve(b"", b"", size, None)
+    except errors.KVStoreError:
+        return ()
+    s._hold(res)
+    # expires like a put's reservation: put_stall_timeout + size / min_put_rate
+    res.deadline = s.put_cap
+    res.on_expire = lambda r: _credit_expired(s, r)
+    cid = st.new_id()
+    st.credits[cid] = res
+    s.counters["shm_credits_granted"] += 1
+    return res, cid
+
+
+def _credit_expired(s: DataSession, res: "Reservation") -> None:
+    # unused past its deadline: the store's reaper frees the slot right after this. The
+    # connection stays open (an idle client did nothing wrong); a late SHM_PUT naming the
+    # credit is answered "unknown credit" and the client puts through reserve/commit.
+    table = s.ext.credits
+    for k, r in list(table.items()):
+        if r is res:
+            del table[k]
+            s._unhold(res)
+            s.counters["shm_credits_expired"] += 1
+
+
+def _shm_put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    st: ShmState = s.ext
+    cid, rid = h.length, h.req_id
+    res = st.credits.pop(cid, None)
+    if res is None:
+        if not 0 < cid <= st.last_id:
+            s.counters["shm_forged_ids"] += 1
+        s.error(OP_SHM_PUT, rid, errors.InvalidArgument(f"unknown credit {cid} (expired or never given)"))
+        return
+    try:
+        _check_names(ns, key)
+    except errors.KVStoreError as e:
+        st.credits[cid] = res  # nothing was bound: the client may still use it
+        s.error(OP_SHM_PUT, rid, e)
+        return
+    csum = h.checksum
+    if s.store.dedup(ns, key, res.size, csum):  # stored already: the slot stays a credit
+        st.credits[cid] = res
+        _answer(s, OP_SHM_PUT, rid, False, (res, cid))
+        return
+    # bind the slot to the key; commit then checks it exactly as after a reservation:
+    # checksum of the slot against the client's, then conflict / dedup / overwrite
+    res.ns, res.key, res.checksum = ns, key, csum
+    res.overwrite = bool(h.flags & FLAG_OVERWRITE)
+    res.on_expire = None
+    size = res.size
+    try:
+        stored = s.commit(res)
+    except errors.KVStoreError as e:  # the slot is freed: the credit is gone
+        s.error(OP_SHM_PUT, rid, e)
+        return
+    _answer(s, OP_SHM_PUT, rid, stored, _grant(s, size) if h.flags & FLAG_REFILL else ())
 
 
 SHM_OPS = CORE_OPS.extended()
@@ -253,6 +383,7 @@ SHM_OPS.register(OP_SHM_GET, _shm_get, scope=READ, epoch=True, length=SIZE)
 SHM_OPS.register(OP_SHM_RELEASE, _shm_release, scope=None, length=SIZE)  # ids are per connection
 SHM_OPS.register(OP_SHM_RESERVE, _shm_reserve, scope=WRITE, epoch=True, length=SIZE)
 SHM_OPS.register(OP_SHM_COMMIT, _shm_commit, scope=None, length=SIZE)
+SHM_OPS.register(OP_SHM_PUT, _shm_put, scope=WRITE, epoch=True, length=SIZE)  # length: credit id
 
 
 def _in_use(path: str) -> bool:
