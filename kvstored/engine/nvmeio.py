@@ -46,8 +46,21 @@ class ThreadBackend:
     async def readv(self, offset: int, bufs: list) -> int:
         return await asyncio.get_running_loop().run_in_executor(self.pool, os.preadv, self.fd, bufs, offset)
 
+    def read_many(self, reqs: list) -> list[int]:
+        """Blocking: read every ``(offset, buf)`` in ``reqs``, up to the pool's width at once
+        (for the restart, before any asynchronous I/O). Bytes read per request, or -errno."""
+        return list(self.pool.map(lambda req: _pread_or_errno(self.fd, req), reqs))
+
     def close(self) -> None:
         self.pool.shutdown(wait=True)
+
+
+def _pread_or_errno(fd: int, req) -> int:
+    offset, buf = req
+    try:
+        return os.preadv(fd, [buf], offset)
+    except OSError as e:
+        return -(e.errno or errno.EIO)
 
 
 def _pwritev_all(fd: int, bufs: list, offset: int) -> int:
@@ -104,6 +117,34 @@ class UringBackend:
             self._prep(write, offset, bufs, fut)
             self.ring.submit()
         return fut
+
+    def read_many(self, reqs: list) -> list[int]:
+        """Blocking: read every ``(offset, buf)`` in ``reqs`` with up to the queue depth in
+        flight (one submit per batch, not one syscall per read). For the restart, before
+        any asynchronous I/O: the ring must be idle. Bytes read per request, or -errno."""
+        if self.closed:
+            raise OSError("io_uring backend is closed")
+        if self.futures or self.waiting or self.ring.inflight:
+            raise RuntimeError("read_many needs an idle ring (asynchronous I/O is in flight)")
+        results = [0] * len(reqs)
+        nxt = 0
+        while nxt < len(reqs) or self.ring.inflight:
+            while nxt < len(reqs) and self.ring.inflight < self.depth:
+                offset, buf = reqs[nxt]
+                try:
+                    # user_data = index + 1 (0 is never handed out by _prep's ids either way)
+                    queued = self.ring.prep(False, self.fd, offset, [buf], nxt + 1)
+                except (ValueError, TypeError, BufferError):
+                    results[nxt] = -errno.EINVAL
+                    nxt += 1
+                    continue
+                if not queued:
+                    break
+                nxt += 1
+            self.ring.submit()
+            for uid, res in self.ring.wait(1):
+                results[uid - 1] = res
+        return results
 
     def _prep(self, write: bool, offset: int, bufs: list, fut: asyncio.Future) -> None:
         uid = next(self.ids)

@@ -23,6 +23,7 @@ from kvstore.errors import NotFound
 
 from .arena import SLOT_ALIGN
 from .entries import DEAD, Entry
+from .nvmescan import gc_paused
 
 if TYPE_CHECKING:
     from .dram import DramTier
@@ -188,17 +189,21 @@ class Tiering:
         skipped = 0
         index = self.index
         class_for = self.dram.arena.class_for
-        for rec in self.nvme.recovered_objects():
-            if rec.loc.length > self.limits.max_value_size:
-                skipped += 1
-                self.nvme.forget(rec.loc, rec.ns, rec.key)
-                continue
-            e = Entry(rec.ns, rec.key, -1, rec.loc.length, rec.loc.checksum,
-                      class_for(rec.loc.length))
-            e.committed_at = rec.committed_at
-            e.nvme = rec.loc
-            e.unverified = hold  # counted by the index as it goes in
-            index.insert(e)
+        classes: dict = {}  # length -> size class: a restart sees few distinct lengths
+        with gc_paused():  # millions of long-lived entries: no collection per 700 of them
+            for ns, key, loc, committed_at in self.nvme.recovered_objects():
+                if loc.length > self.limits.max_value_size:
+                    skipped += 1
+                    self.nvme.forget(loc, ns, key)
+                    continue
+                sc = classes.get(loc.length)
+                if sc is None:
+                    sc = classes[loc.length] = class_for(loc.length)
+                e = Entry(ns, key, -1, loc.length, loc.checksum, sc)
+                e.committed_at = committed_at
+                e.nvme = loc
+                e.unverified = hold  # counted by the index as it goes in
+                index.insert(e)
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
         log.info("NVMe tier: %d objects recovered%s", len(index),

@@ -7,7 +7,7 @@ import pytest
 
 from kvstore.errors import NotFound
 from kvstored.engine import Store, StoreLimits
-from kvstored.engine.nvme import NvmeDevice, NvmeTier
+from kvstored.engine.nvme import NvmeDevice, NvmeError, NvmeTier
 
 MiB = 1 << 20
 NS = b"ns"
@@ -373,7 +373,6 @@ def test_bad_sync_settings_are_clear_errors(tmp_path, toml, message):
 
 
 def test_bad_sync_mode_is_refused_by_the_tier(tmp_path):
-    from kvstored.engine.nvme import NvmeError
     dev = NvmeDevice(str(tmp_path / "t.dat"), 33 * MiB, 16 * MiB, "threads", 32)
     try:
         with pytest.raises(NvmeError, match="nvme.sync must be"):
@@ -518,7 +517,7 @@ def test_a_payload_cannot_pass_for_a_record_header(tmp_path):
     not taken for a record."""
     import xxhash
 
-    from kvstored.engine import nvme as nv
+    from kvstored.engine import nvmeformat as nv
     path = tmp_path / "t.dat"
     carrier_at = []
 
@@ -556,12 +555,12 @@ def test_format_1_file_is_refused_with_a_clear_message(tmp_path):
 
     import xxhash
 
-    from kvstored.engine import nvme as nv
+    from kvstored.engine import nvmeformat as nv
     path = tmp_path / "old.dat"
     sb = nv.SUPER.pack(nv.SUPER_MAGIC, 1, 4096, 33 * MiB, 16 * MiB, 2, b"u" * 16)
     path.write_bytes(sb + struct.pack("<Q", xxhash.xxh3_64_intdigest(sb)) + bytes(4096 - len(sb) - 8))
     os_size = path.stat().st_size
-    with pytest.raises(nv.NvmeError, match="tier format 1 .*move the file aside"):
+    with pytest.raises(NvmeError, match="tier format 1 .*move the file aside"):
         NvmeDevice(str(path), 33 * MiB, 16 * MiB, "threads", 32)
     assert path.stat().st_size == os_size  # untouched
 
