@@ -7,7 +7,9 @@ It keeps the operations' rules and counters and delegates each job to one module
   * kvstored/engine/dram.py: the DRAM tier (arena, eviction policy, slot allocation,
     slab reclaim, watermarks);
   * kvstored/engine/tiering.py: movement between DRAM and NVMe (demotion, promotion,
-    tombstones, recovery at start, the shutdown flush, region reclaim hooks).
+    tombstones, recovery at start, the shutdown flush, region reclaim hooks);
+  * kvstored/engine/repairhooks.py: what the cluster repair agent calls (held records,
+    the repair snapshot, reading an object's head), inherited by Store.
 
 Everything here runs on the daemon's event loop thread, so there are no locks;
 the only coroutines wait (bounded) for space or for an NVMe read.
@@ -32,7 +34,7 @@ from kvstored.settings import default
 
 from .dram import DramTier
 from .entries import COMMITTED, DEAD, Entry, Index, Reservation
-from .eviction import PROTECTED
+from .repairhooks import RepairHooks
 from .tiering import Tiering
 
 if TYPE_CHECKING:
@@ -68,7 +70,7 @@ class NotResident(Exception):
         self.entry = entry
 
 
-class Store:
+class Store(RepairHooks):
     def __init__(self, limits: StoreLimits, clock: Callable[[], float] = time.monotonic,
                  nvme: "NvmeTier | None" = None, hold_recovered: bool = False):
         if limits.max_value_size > limits.slab_size:
@@ -444,44 +446,6 @@ class Store:
     async def drain_tasks(self, timeout: float) -> None:
         """Let demotions and tombstones in flight finish (bounded)."""
         await self.tiering.drain_tasks(timeout)
-
-    # --------------------------------------------------------- cluster repair
-    def verify(self, e: Entry) -> None:
-        """A recovered record was found current: serve it."""
-        self.index.verify(e)
-
-    def drop_unverified(self, ns: bytes, key: bytes, checksum: int) -> bool:
-        """Delete a recovered record found stale (deleted or replaced meanwhile), if it is
-        still that record."""
-        e = self.index.get(ns, key)
-        if e is None or not e.unverified or e.checksum != checksum:
-            return False
-        self._unlink(e, tombstone=True)
-        self.counters["deletes"] += 1
-        return True
-
-    def repair_snapshot(self) -> list[tuple]:
-        """(ns, key, size, checksum, unverified, pinned, protected, reads, committed_at) of every object,
-        in repair order: unverified first (the node serves them once checked), then
-        pinned, then read since put (protected segment), then most read."""
-        now = self.clock()
-        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.seg == PROTECTED, e.reads,
-                 e.committed_at) for e in self.index.iterate()]
-        rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
-        return rows
-
-    async def read_head(self, ns: bytes, key: bytes, n: int) -> tuple[Entry, bytes] | None:
-        """The entry and first ``n`` bytes of an object, unverified ones included (repair
-        only); None when absent."""
-        e = self.index.get(ns, key)
-        if e is None:
-            return None
-        if e.offset < 0:
-            await self.load(e)
-            e = self.index.get(ns, key)
-            if e is None or e.offset < 0:
-                return None
-        return e, bytes(self.arena.view[e.offset:e.offset + min(n, e.size)])
 
     # --------------------------------------------------------- maintenance
     def reap(self) -> int:

@@ -119,3 +119,43 @@ def test_without_nvme_an_eviction_removes_the_object_and_tells_the_observer(stor
     assert store.counters["evictions"] == 1 and store.counters["evicted_bytes"] == big
     assert store.object_count() == 16 and store.dram_objects == 16
     assert store.objects_bytes == 16 * big
+
+
+def test_held_records_are_verified_or_dropped_by_key(store):
+    for k in (b"a", b"b", b"c"):
+        store.put_bytes(NS, k, k * 100)
+        store.index.mark_unverified(store.peek(NS, k))  # as recovery holds them
+    assert store.unverified == 3 and store.exists(NS, [b"a", b"b", b"c"]) == [False] * 3
+    assert store.verify_key(NS, b"a") is True and store.verify_key(NS, b"absent") is False
+    csum = store.peek(NS, b"b").checksum
+    assert store.drop_unverified(NS, b"b", csum + 1) is False  # not that record
+    assert store.drop_unverified(NS, b"b", csum) is True
+    assert store.drop_unverified(NS, b"a", store.peek(NS, b"a").checksum) is False  # served now
+    assert store.exists(NS, [b"a", b"b", b"c"]) == [True, False, False]
+    assert store.unverified == 1
+    rows = store.repair_snapshot()
+    assert [r[1] for r in rows][0] == b"c"  # held records first
+
+
+def test_the_repair_agents_settle_call_goes_through_store_methods(store):
+    import asyncio
+    import threading
+
+    from kvstored.cluster.repair.local import LocalStore
+
+    for k in (b"a", b"b"):
+        store.put_bytes(NS, k, k * 100)
+        store.index.mark_unverified(store.peek(NS, k))
+    loop = asyncio.new_event_loop()
+    th = threading.Thread(target=loop.run_forever, daemon=True)
+    th.start()
+    try:
+        local = LocalStore(store, loop)
+        csum = store.peek(NS, b"b").checksum
+        n, dropped = local.settle([(NS, b"a"), (NS, b"gone")], [(NS, b"b", csum)])
+        assert n == 1 and dropped == [(NS, b"b")]
+        assert store.unverified == 0 and store.keys() == [(NS, b"a")]
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        th.join(5)
+        loop.close()

@@ -70,9 +70,7 @@ class LocalStore:
         async def call():
             n = 0
             for ns, key in verify:
-                e = s.index.get((ns, key))
-                if e is not None:
-                    s.verify(e)
+                if s.verify_key(ns, key):
                     n += 1
             dropped = [(ns, key) for ns, key, csum in drop if s.drop_unverified(ns, key, csum)]
             return n, dropped

@@ -1,0 +1,63 @@
+"""The cluster repair agent's calls on the Store: held records and repair reads.
+
+On a cluster node the objects recovered from NVMe at start are held (``unverified``)
+until the repair agent has checked them against the peers; these are the calls it
+makes (through the event loop: kvstored/cluster/repair/local.py), plus the snapshot
+and head reads it plans with. A mixin of Store: it uses the Store's ``index``,
+``clock``, ``counters``, ``arena``, ``load`` and ``_unlink``.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from .eviction import PROTECTED
+
+if TYPE_CHECKING:
+    from .entries import Entry
+
+
+class RepairHooks:
+    def verify(self, e: "Entry") -> None:
+        """A recovered record was found current: serve it."""
+        self.index.verify(e)
+
+    def verify_key(self, ns: bytes, key: bytes) -> bool:
+        """``verify`` the record of (ns, key); False when there is none."""
+        e = self.index.get(ns, key)
+        if e is None:
+            return False
+        self.index.verify(e)
+        return True
+
+    def drop_unverified(self, ns: bytes, key: bytes, checksum: int) -> bool:
+        """Delete a recovered record found stale (deleted or replaced meanwhile), if it is
+        still that record."""
+        e = self.index.get(ns, key)
+        if e is None or not e.unverified or e.checksum != checksum:
+            return False
+        self._unlink(e, tombstone=True)
+        self.counters["deletes"] += 1
+        return True
+
+    def repair_snapshot(self) -> list[tuple]:
+        """(ns, key, size, checksum, unverified, pinned, protected, reads, committed_at) of every object,
+        in repair order: unverified first (the node serves them once checked), then
+        pinned, then read since put (protected segment), then most read."""
+        now = self.clock()
+        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.seg == PROTECTED, e.reads,
+                 e.committed_at) for e in self.index.iterate()]
+        rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
+        return rows
+
+    async def read_head(self, ns: bytes, key: bytes, n: int) -> tuple[Entry, bytes] | None:
+        """The entry and first ``n`` bytes of an object, unverified ones included (repair
+        only); None when absent."""
+        e = self.index.get(ns, key)
+        if e is None:
+            return None
+        if e.offset < 0:
+            await self.load(e)
+            e = self.index.get(ns, key)
+            if e is None or e.offset < 0:
+                return None
+        return e, bytes(self.arena.view[e.offset:e.offset + min(n, e.size)])
