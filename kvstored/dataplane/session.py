@@ -1,7 +1,7 @@
 """The data session: the data-plane protocol of one connection, with no I/O.
 
-A transport driver (tcp.py drives TCP, TLS and the shm Unix socket; RDMA will
-be another) feeds it events and carries out the actions it asks for.
+A transport driver (connection.py drives TCP, TLS and the shm Unix socket)
+feeds it events and carries out the actions it asks for.
 
 Events (driver -> session): ``received(n)`` after receiving into
 ``receive_buffer()`` (or ``feed(data)``: bytes, for tests); ``written(unsent)``
@@ -17,9 +17,9 @@ reference held until ``written`` says the bytes left); run ``take_calls()``
 (a put waiting for space, a get loading from NVMe); read or not (``reading``,
 back-pressure); ``finish``: "close" after sending, or "abort".
 
-Requests are dispatched through an ``OpTable`` (op -> handler, the scope auth
-requires, whether the epoch gate applies, what the length field means); the
-core ops are in ops.py (``CORE_OPS``), and a transport with more ops registers
+Requests are dispatched through an ``OpTable`` (plane.py: op -> handler, the
+scope auth requires, whether the epoch gate applies, what the length field
+means); the core ops are in ops.py (``CORE_OPS``), and a transport with more ops registers
 them on a copy. Auth and the epoch are checked here, for every op, through
 ``AuthGuard`` and ``EpochGate`` (policy.py); per-connection bounds are the
 session's ``ConnectionBudget``.
@@ -33,105 +33,33 @@ from __future__ import annotations
 import collections
 import logging
 from time import perf_counter as _now
-from typing import TYPE_CHECKING, Any, Callable, NamedTuple
+from typing import TYPE_CHECKING, Any, Callable
 
 from kvstore import errors
-from kvstore.wire import (HEADER_SIZE, MAX_KEY_LEN, OP_GET, OP_PUT, OPS, FrameError, FrameReader,
-                          Header, encode_error, namespace_bytes)
+from kvstore.wire import (HEADER_SIZE, OP_GET, OP_PUT, OPS, FrameError, FrameReader,
+                          encode_error)
 
 from kvstored.engine.store import NotResident
-from kvstored.metrics import LatencyHistogram
 
-from .policy import AuthGuard, ClientSpace, ConnectionBudget, DataLimits, EpochGate
+# the op table and what sessions share live in plane.py (split for issue 14); they are
+# re-exported here, where transports and tests have always imported them from
+from .plane import BODY, EMPTY, SIZE, Call, Deliver, Handler, Op, OpTable, Plane, _check_names
+from .policy import AuthGuard, ConnectionBudget
+
+__all__ = ["DataSession", "Plane", "OpTable", "Op", "Call", "Handler", "Deliver", "BODY", "EMPTY",
+           "SIZE", "HEADER_BUFFER", "DISCARD_LIMIT", "FAIR_FRAMES", "_check_names"]
 
 if TYPE_CHECKING:
-    from kvstored.auth import Auth
-    from kvstored.engine import Entry, Reservation, Store
+    from kvstored.engine import Entry, Reservation
 
 log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their logger name
 
 HEADER_BUFFER = 256 << 10  # per-connection buffer for headers (and small payload tails)
-DISCARD_LIMIT = 1 << 30
+DISCARD_LIMIT = 1 << 30  # payloads of rejected puts up to this size are skipped, not fatal
 # requests parsed in one go before the driver lets other connections be served
 # (``yield_stop``): a flood of small requests (8192 PINGs per 256 KiB read, and libuv
 # reads a ready socket up to 32 times per loop iteration) kept a good client waiting ~1 s
-FAIR_FRAMES = 1024  # payloads of rejected puts up to this size are skipped, not fatal
-
-# what a request's length field means, per op
-BODY = 0  # that many payload bytes follow the key
-EMPTY = 1  # nothing follows; a non-zero length is a protocol error (the stream is lost)
-SIZE = 2  # a size (e.g. of a shm reservation); nothing follows on this stream
-
-Handler = Callable[["DataSession", Header, bytes, bytes], None]
-Deliver = Callable[["DataSession", int, "Entry", float], None]
-
-
-class Op(NamedTuple):
-    handler: Handler
-    scope: int | None  # READ / WRITE / LOGIN; None: no auth check (ids are per connection)
-    epoch: bool  # gated by the member-list epoch (cluster placement decides these keys)
-    length: int  # BODY / EMPTY / SIZE
-
-
-class OpTable(dict):
-    """op -> Op. Transports copy ``CORE_OPS`` and register their own ops on the copy."""
-
-    def register(self, op: int, handler: Handler, *, scope: int | None, epoch: bool = False,
-                 length: int = BODY) -> None:
-        if op in self:
-            raise ValueError(f"op {op} is registered already")
-        if op not in OPS:
-            raise ValueError(f"op {op} is not in kvstore.wire.OPS")
-        self[op] = Op(handler, scope, epoch, length)
-
-    def extended(self) -> "OpTable":
-        return OpTable(self)
-
-
-class Call:
-    """Action: the driver awaits ``fn(*args)`` and reports with ``session.call_done``."""
-
-    __slots__ = ("fn", "args", "then", "ctx", "task")
-
-    def __init__(self, fn, args: tuple, then, ctx: Any):
-        self.fn, self.args, self.then, self.ctx = fn, args, then, ctx
-        self.task: Any = None  # the driver's handle (an asyncio task), to cancel on loss
-
-
-class Plane:
-    """What every session of one server shares: store, op table, policy objects, counters."""
-
-    def __init__(self, store: "Store", ops: OpTable, *, gate: EpochGate | None = None,
-                 auth: "Auth | None" = None, max_pipelined: int = 1 << 30,
-                 burst: int = 64 << 20, limits: DataLimits | None = None):
-        self.store = store
-        self.limits = limits or DataLimits(dram_size=store.arena.size)
-        self.clients = ClientSpace(self.limits.max_reserved_per_client)
-        self.ops = ops
-        self.gate = gate or EpochGate()
-        self.auth = auth  # None: auth off
-        self.max_pipelined = max_pipelined
-        self.burst = burst
-        self.draining = False  # start no new request (the server is shutting down)
-        self.counters: collections.Counter = collections.Counter()
-        # Per-op service time, recorded on the hot path (~0.3 us a request, see
-        # kvstored/metrics.py); the operation counters are these histograms' counts.
-        self.latency = {op: LatencyHistogram() for op in OPS}  # every op the wire knows
-        self.latency_other = LatencyHistogram()  # unknown ops (answered with an error)
-
-    def latency_by_name(self) -> dict[str, LatencyHistogram]:
-        return {**{OPS[op]: h for op, h in self.latency.items()}, "other": self.latency_other}
-
-    def session(self, peer: str = "", *, ops: OpTable | None = None, burst: int | None = None,
-                wake: Callable[[], None] | None = None, client: str = "") -> "DataSession":
-        lim = self.limits
-        budget = ConnectionBudget(self.max_pipelined, self.burst if burst is None else burst,
-                                  lim.max_reserved_per_connection, lim.max_queued_bytes,
-                                  lim.max_queued_frames)
-        s = DataSession(self, peer, ops=ops, budget=budget, wake=wake)
-        s.client = client
-        return s
-
+FAIR_FRAMES = 1024
 
 class DataSession:
     def __init__(self, plane: Plane, peer: str = "", *, ops: OpTable | None = None,
@@ -557,15 +485,3 @@ def _reserved_later(s: DataSession, call: Call, res: "Reservation | None", err) 
 
 
 _swallow = memoryview(bytearray(64 << 10))  # draining connections' input lands here, unread
-
-
-_VALID_NAMESPACES: set[bytes] = set()
-
-
-def _check_names(ns: bytes, key: bytes) -> None:
-    if ns not in _VALID_NAMESPACES:
-        namespace_bytes(ns)
-        if len(_VALID_NAMESPACES) < 4096:  # a cache, bounded against namespace spraying
-            _VALID_NAMESPACES.add(ns)
-    if not 1 <= len(key) <= MAX_KEY_LEN:
-        raise errors.InvalidArgument(f"key length {len(key)} outside 1-{MAX_KEY_LEN} bytes")

@@ -12,6 +12,7 @@ import pytest
 
 from kvstore import errors
 from kvstore.wire import HEADER_SIZE, OP_GET, OP_PING, OP_PUT, checksum, decode, encode_request
+from kvstored.dataplane.connection import rcvlowat_cap
 from kvstored.dataplane.tcp import TLS_MAX_INFLIGHT, DataConnection, DataServer
 from kvstored.engine import Store, StoreLimits
 
@@ -181,3 +182,97 @@ def test_drain_closes_idle_connections(server):
         d, t2 = connect(server)  # accepted just before the listener closed
         assert t2.closed and d not in server.connections
     asyncio.run(run())
+
+
+class Sock:
+    """The transport's socket, as far as the driver uses it: options set, in order."""
+
+    def __init__(self, fail: bool = False):
+        import socket
+        self.family, self.type = socket.AF_INET, socket.SOCK_STREAM
+        self.opts: list = []
+        self.fail = fail
+
+    def setsockopt(self, level, name, value):
+        import socket
+        if self.fail and name == socket.SO_RCVLOWAT:
+            raise OSError(92, "Protocol not available")
+        self.opts.append((level, name, value))
+
+    def lowats(self) -> list[int]:
+        import socket
+        return [v for _, n, v in self.opts if n == socket.SO_RCVLOWAT]
+
+
+def connect_sock(srv, sock: Sock):
+    c = DataConnection(srv)
+    t = Transport()
+    t.get_extra_info = lambda name: {"peername": t.peer, "socket": sock}.get(name)
+    c.connection_made(t)
+    return c, t
+
+
+@pytest.fixture
+def big_server():
+    store = Store(StoreLimits(dram_size=32 * MiB, slab_size=4 * MiB, max_value_size=4 * MiB,
+                              hugepages=False, prefault=False))
+    srv = DataServer(store, max_connections=4, max_inflight_bytes=4 * MiB)
+    yield srv
+    store.close()
+
+
+def test_rcvlowat_follows_a_large_payload(big_server):
+    # defaults: min_put_rate 1 MiB/s, put_stall_timeout 2 s -> at most 512 KiB held back
+    cap = rcvlowat_cap(big_server.limits)
+    assert cap == 512 * 1024
+
+    async def run():
+        sock = Sock()
+        c, t = connect_sock(big_server, sock)
+        data = bytes(range(256)) * (3 * MiB // 256)
+        head = encode_request(OP_PUT, 1, b"ns", b"big", len(data), checksum(data))
+        feed(c, head + data[:100_000])
+        assert sock.lowats() == [cap]  # the header was parsed: wake when 512 KiB wait
+        feed(c, data[100_000:len(data) - 300_000])
+        assert sock.lowats() == [cap, 300_000]  # fewer left than the cap: exactly those
+        feed(c, data[len(data) - 300_000:])
+        assert sock.lowats() == [cap, 300_000, 1]  # payload done: headers wake us again
+        assert [(h.req_id, h.status) for h, _ in frames(t)] == [(1, 0)]
+        # small payloads and requests without one never touch the option
+        small = b"s" * 100_000
+        feed(c, encode_request(OP_PUT, 2, b"ns", b"small", len(small), checksum(small)) + small[:10])
+        feed(c, small[10:] + encode_request(OP_GET, 3, b"ns", b"big"))
+        assert sock.lowats() == [cap, 300_000, 1]
+        rs = frames(t)
+        assert [(h.req_id, h.status) for h, _ in rs] == [(2, 0), (3, 0)] and rs[1][1] == data
+        c.connection_lost(None)
+    asyncio.run(run())
+
+
+def test_rcvlowat_off_for_tls_slow_rates_and_unsupported_sockets(big_server):
+    async def run():
+        data = b"z" * (2 * MiB)
+        req = encode_request(OP_PUT, 1, b"ns", b"k", len(data), checksum(data))
+        # the kernel refuses the option: the connection reads as before, once
+        sock = Sock(fail=True)
+        c, t = connect_sock(big_server, sock)
+        feed(c, req + data[:1000])
+        assert c.lowat_sock is None
+        feed(c, data[1000:])
+        assert [(h.req_id, h.status) for h, _ in frames(t)] == [(1, 0)]
+        c.connection_lost(None)
+        # TLS: the socket carries ciphertext, the session's counts are plaintext
+        big_server.tls = object()
+        sock = Sock()
+        c, t = connect_sock(big_server, sock)
+        feed(c, encode_request(OP_PUT, 2, b"ns", b"j", len(data), checksum(data)) + data[:1000])
+        assert c.lowat_sock is None and sock.lowats() == []
+        feed(c, data[1000:])
+        assert [(h.req_id, h.status) for h, _ in frames(t)] == [(2, 0)]
+        c.connection_lost(None)
+        big_server.tls = None
+    asyncio.run(run())
+    # a writer allowed to be slow (64 KiB/s for 2 s: 32 KiB) is never held back
+    lim = big_server.limits
+    lim.min_put_rate = 64 * 1024
+    assert rcvlowat_cap(lim) == 0
