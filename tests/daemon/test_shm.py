@@ -128,18 +128,19 @@ def _raw(path: str) -> tuple[socket.socket, int]:
     return s, wire.SHM_HELLO.unpack_from(msg)[2]
 
 
-def _read_frame(s: socket.socket) -> tuple:
+def _read_frame(s: socket.socket) -> tuple | None:
+    """(wire.Header, payload) of the next frame, or None when the peer hung up."""
     hdr = b""
     while len(hdr) < wire.HEADER_SIZE:
         chunk = s.recv(wire.HEADER_SIZE - len(hdr))
         if not chunk:
             return None
         hdr += chunk
-    f = wire.HEADER.unpack(hdr)
+    h = wire.decode(hdr)
     body = b""
-    while len(body) < f[9]:
-        body += s.recv(f[9] - len(body))
-    return f, body
+    while len(body) < h.length:
+        body += s.recv(h.length - len(body))
+    return h, body
 
 
 def test_forged_ids_are_rejected(daemon):
@@ -149,21 +150,21 @@ def test_forged_ids_are_rejected(daemon):
         s, _ = _raw(path)
         # a commit of a reservation this connection never made: typed error, connection lives
         s.sendall(wire.encode_request(wire.OP_SHM_COMMIT, 7, b"", b"", 0, 123456))
-        (f, body) = _read_frame(s)
-        assert f[4] == 7 and f[5] == kvstore.InvalidArgument.code and b"unknown reservation" in body
+        h, body = _read_frame(s)
+        assert h.req_id == 7 and h.status == kvstore.InvalidArgument.code and b"unknown reservation" in body
         s.sendall(wire.encode_request(wire.OP_PING, 8, b"", b""))
-        assert _read_frame(s)[0][4] == 8
+        assert _read_frame(s)[0].req_id == 8
         # releasing a lease it does not hold: ProtocolError, then the daemon hangs up
         s.sendall(wire.encode_request(wire.OP_SHM_RELEASE, 9, b"", b"", 0, 999))
-        f, body = _read_frame(s)
-        assert f[5] == kvstore.ProtocolError.code and b"unknown lease" in body
+        h, body = _read_frame(s)
+        assert h.status == kvstore.ProtocolError.code and b"unknown lease" in body
         assert _read_frame(s) is None
         s.close()
         # shm ops on the TCP data port are unknown ops there
         t = socket.create_connection(("127.0.0.1", daemon.data_port), timeout=5)
         t.sendall(wire.encode_request(wire.OP_SHM_GET, 3, b"s", b"a"))
-        f, body = _read_frame(t)
-        assert f[5] == kvstore.InvalidArgument.code and b"unknown op" in body
+        h, body = _read_frame(t)
+        assert h.status == kvstore.InvalidArgument.code and b"unknown op" in body
         t.close()
         assert counters(c)["shm_forged_ids"] >= 2
         assert c.get(b"a") == b"v" * 4096  # nothing else was disturbed
@@ -174,8 +175,8 @@ def test_client_dying_mid_put_leaves_nothing(daemon):
         s, _ = _raw(c.info().shm_socket)
         s.sendall(wire.encode_request(wire.OP_SHM_RESERVE, 1, b"s", b"half", 4096, 0,
                                       wire.FLAG_CHECKSUM_UNKNOWN))
-        f, body = _read_frame(s)
-        assert f[5] == 0 and len(body) == wire.SHM_IDS.size
+        h, body = _read_frame(s)
+        assert h.status == 0 and len(body) == wire.SHM_IDS.size
         assert counters(c)["reservations"] == 1
         s.close()  # gone before commit
         assert wait_for(lambda: counters(c)["reservations"] == 0)
@@ -213,8 +214,7 @@ def test_other_users_are_refused_unless_allowed(start_daemon, tmp_path):
         os.chmod(path, 0o666)  # the socket file lets anyone in: SO_PEERCRED decides
         got = _connect_as(65534, path)
         assert got[:2] == b"--", got  # no arena fd handed over
-        f = wire.HEADER.unpack_from(got, 2)
-        assert f[5] == kvstore.PermissionDenied.code and b"uid 65534" in got
+        assert wire.decode(got, 2).status == kvstore.PermissionDenied.code and b"uid 65534" in got
         assert counters(c)["shm_rejected_peer"] >= 1
     d2 = start_daemon("--config", config(tmp_path, '[shm]\nallowed_uids = "65534"\n'))
     with kvstore.Client(d2.control, namespace="s") as c:

@@ -1,6 +1,7 @@
-"""Small objects on the shm socket travel inside the frames (issue 11: shm never slower
-than TCP at 64 KiB): single puts and batch_get_into of objects up to SHM_INLINE_MAX use
-OP_PUT / OP_GET over the Unix socket; larger ones and put batches use the arena."""
+"""Small gets on the shm socket travel inside the frames (issue 11: shm never slower
+than TCP at 64 KiB): get_into / batch_get_into of objects up to SHM_INLINE_MAX use
+OP_GET over the Unix socket; larger ones use the arena, and puts of every size go
+through the arena (one SHM_PUT per put once the connection holds a credit)."""
 from __future__ import annotations
 
 import threading
