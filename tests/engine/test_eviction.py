@@ -141,6 +141,68 @@ def test_touch_chain_leaves_the_head_most_recent():
     assert es[3].seg == PROBATION
 
 
+def test_gets_after_a_lookup_keep_the_chain_order():
+    p = Policy(1, protected_share=0.9)
+    es = [E(b"k%d" % i) for i in range(4)]
+    for e in es:
+        p.insert(e)
+    p.touch_chain(es)  # the lookup
+    for e in es:  # the batch get of the hit prefix, head first as a client sends it
+        p.touch(e)
+    prot = p.queues[0].lists[PROTECTED]
+    assert prot.head is es[0] and es[0].older is es[1] and es[1].older is es[2]
+    # a later lookup ends that window: a touch moves an entry to the head again
+    p.touch_chain([])
+    p.touch(es[2])
+    assert prot.head is es[2]
+
+
+def test_a_chains_new_blocks_leave_from_its_tail():
+    p = Policy(1)
+    old = E(b"old")
+    p.insert(old)
+    p.note_chain(NS, [b"c0", b"c1", b"c2", b"c3", b"t"], 0)
+    chain = [E(b"c%d" % i) for i in range(4)]
+    for e in chain:  # the batch put of the missing blocks, in chain order
+        p.insert(e)
+    assert all(e.seg == PROBATION for e in chain)
+    # deepest first, the chain's first block last; all after the older entry
+    assert drain_all(p, 5) == [b"old", b"c3", b"c2", b"c1", b"c0"]
+    assert list(p.parents) == [(NS, b"t")]  # used hints are dropped; the tail's waits
+
+
+def test_a_block_not_after_its_parent_goes_to_the_head():
+    p = Policy(1)
+    p.note_chain(NS, [b"a0", b"a1", b"a2"], 0)
+    a0, x, a1 = E(b"a0"), E(b"x"), E(b"a1")
+    p.insert(a0)
+    p.insert(x)  # another client's put in between: a1's parent is not the last insertion
+    p.insert(a1)
+    assert drain_all(p, 3) == [b"a0", b"x", b"a1"]
+
+
+def test_parent_hints_are_bounded():
+    p = Policy(1, parent_limit=10)
+    for i in range(100):
+        p.note_chain(NS, [b"h%d" % i] + [b"k%d-%d" % (i, j) for j in range(5)], 0)
+    assert len(p.parents) == 10
+    q = Policy(1, parent_limit=0)  # off
+    q.note_chain(NS, [b"a", b"b", b"c"], 0)
+    assert q.parents == {}
+
+
+def test_ghost_holds_as_many_keys_as_the_cache():
+    p = Policy(1, ghost_min=4)
+    resident = [E(b"r%d" % i) for i in range(20)]
+    for e in resident:
+        p.insert(e)
+    for i in range(100):
+        e = E(b"k%d" % i)
+        p.insert(e)
+        p.remove(e, evicted=True)
+    assert len(p.ghost) == 20  # max(ghost_min, resident)
+
+
 def test_unevictable_entries_are_skipped_not_lost():
     p = Policy(1)
     es = [E(b"k%d" % i) for i in range(4)]
@@ -175,7 +237,7 @@ def _evict_from(p: Policy, key: bytes, protect: bool) -> None:
 
 
 def test_age_bonus_adapts_to_where_ghost_hits_come_from():
-    p = Policy(1, age_bonus=1.0, adapt_rate=8.0, bonus_max=4.0)
+    p = Policy(1, age_bonus=1.0, adapt_rate=8.0, bonus_max=4.0, ghost_min=1024)
     resident = [E(b"r%d" % i) for i in range(16)]
     for e in resident:
         p.insert(e)
