@@ -3,8 +3,9 @@
 Its modules, one job each: nvmeformat (the on-disk layout and its codec: blocks,
 headers, summaries), nvmedevice (opening, locking and formatting the device;
 Region and Location), nvmescan (recovery at start: summaries read in batches,
-regions without one scanned) and this one: the tier's appends, reads, region
-allocation and reclaim, tombstones and fdatasync.
+regions without one scanned), nvmesync (fdatasync per ``nvme.sync``), nvmeio
+(io_uring or threads) and this one: the tier's appends, reads, region allocation
+and reclaim, and tombstones.
 
 A region is reclaimed whole (the unit of eviction is the unit of allocation):
 its generation goes up, so records left from before no longer match and are
@@ -32,7 +33,9 @@ from .nvmeformat import (BLOCK, COMMITTED, CSUM, DATA_START, FLAG_TOMBSTONE, FLA
                          NS, REGION_HEADER, REGION_OVERHEAD, REL, SEQ, SUMMARY_ENTRY, align_up,
                          key_digest, record_header, region_header, summary_block, summary_entry,
                          tail_size)
+from .nvmeio import HeaderPool
 from .nvmescan import gc_paused, scan
+from .nvmesync import SYNC_MODES, Syncer
 
 # the names callers (node, config, benchmarks, tests) import from here
 __all__ = ["BLOCK", "DATA_START", "REGION_OVERHEAD", "Location", "NvmeDevice", "NvmeError",
@@ -45,25 +48,6 @@ _key_of = itemgetter(NS, KEY)
 _flags_of = itemgetter(FLAGS)
 
 
-class HeaderPool:
-    """4 KiB aligned header blocks for O_DIRECT writes (anonymous mmap is page aligned)."""
-
-    def __init__(self, count: int):
-        self.mm = mmap.mmap(-1, count * BLOCK)
-        self.view = memoryview(self.mm)
-        self.free = list(range(count))
-
-    def take(self) -> tuple[int, memoryview] | None:
-        if not self.free:
-            return None
-        i = self.free.pop()
-        return i, self.view[i * BLOCK:(i + 1) * BLOCK]
-
-    def give(self, i: int) -> None:
-        self.free.append(i)
-
-
-
 class _Pending:
     __slots__ = ("length", "done", "waiter")
 
@@ -71,9 +55,6 @@ class _Pending:
         self.length = length
         self.done = False
         self.waiter = waiter
-
-
-SYNC_MODES = ("none", "interval", "always")
 
 
 class NvmeTier:
@@ -85,11 +66,7 @@ class NvmeTier:
     whose only copy was there.
 
     ``sync`` says when written records are made durable against power loss
-    (O_DIRECT alone survives a process kill, not the device's write cache nor the
-    file system's unwritten-extent metadata): ``none`` never calls fdatasync,
-    ``interval`` calls it every ``sync_interval`` seconds while there were writes,
-    ``always`` makes every append wait for an fdatasync issued after its write
-    completed (one fdatasync covers every write finished before it: group commit).
+    (none | interval | always: nvmesync.Syncer).
     """
 
     def __init__(self, device: NvmeDevice, *, admission: str = "all", write_budget_per_hour: int = 0,
@@ -123,17 +100,13 @@ class NvmeTier:
         # its tombstone must not be reclaimed before the record lands (then forget marks it)
         self.writing: dict[tuple[bytes, bytes], list[int]] = {}
         self._budget_window = (clock(), 0)  # (window start, bytes written in it)
-        self._syncs_started = 0
-        self._syncs_done = 0
-        self._sync_task: asyncio.Task | None = None  # the fdatasync running now
-        self._interval_task: asyncio.Task | None = None
-        self._dirty = False  # written since the last fdatasync began
         self.counters = dict.fromkeys(
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
              "write_errors", "read_errors", "tombstones", "tombstones_carried", "not_admitted",
              "syncs", "sync_errors", "summaries_written", "summary_errors"), 0)
         self.counters.update(found.stats)
+        self.syncer = Syncer(device.fd, sync, sync_interval, self.counters)
         self.counters["io_backend_fallback"] = int(device.io_backend != "io_uring")
 
     # -- recovery -------------------------------------------------------------
@@ -378,10 +351,8 @@ class NvmeTier:
         rel = r.write_ptr
         r.write_ptr += rec_len
         r.pending[rel] = _Pending(rec_len, fut)
-        loop = asyncio.get_running_loop()
-        if self.sync == "interval" and self._interval_task is None:
-            self._interval_task = loop.create_task(self._sync_every_interval())
-        loop.create_task(self._do_write(r, rel, bufs, rec_len, header_index))
+        self.syncer.writing()
+        asyncio.get_running_loop().create_task(self._do_write(r, rel, bufs, rec_len, header_index))
 
     async def _do_write(self, r: Region, rel: int, bufs: list, rec_len: int, header_index) -> None:
         gen = r.generation
@@ -391,9 +362,7 @@ class NvmeTier:
             if n != rec_len:
                 err = OSError(errno.EIO, f"short write ({n} of {rec_len} bytes)")
             else:
-                self._dirty = True
-                if self.sync == "always":
-                    await self._synced()
+                await self.syncer.written()
         except OSError as e:
             err = e
         finally:
@@ -431,39 +400,6 @@ class NvmeTier:
                 q.waiter.set_result(None)
         if r.state == "full":
             self._maybe_summarize(r)
-
-    # -- fdatasync --------------------------------------------------------------
-    async def _synced(self) -> None:
-        """Return once an fdatasync that began after this call has finished."""
-        want = self._syncs_started + 1
-        while self._syncs_done < want:
-            if self._sync_task is None:
-                self._sync_task = asyncio.get_running_loop().create_task(self._fdatasync())
-            await asyncio.shield(self._sync_task)
-
-    async def _fdatasync(self) -> None:
-        self._syncs_started += 1
-        n = self._syncs_started
-        self._dirty = False
-        try:
-            await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, self.dev.fd)
-        except OSError as e:
-            self.counters["sync_errors"] += 1
-            log.error("nvme fdatasync failed: %s", e)
-            raise
-        finally:
-            self._sync_task = None
-        self.counters["syncs"] += 1
-        self._syncs_done = n
-
-    async def _sync_every_interval(self) -> None:
-        while True:
-            await asyncio.sleep(self.sync_interval)
-            if self._dirty:
-                try:
-                    await self._synced()
-                except OSError:
-                    pass  # counted and logged; the next interval tries again
 
     def next_seq(self) -> int:
         """A sequence number: at restart the highest one per key wins, so callers take it
@@ -586,10 +522,5 @@ class NvmeTier:
                     self.counters["summaries_written"] += 1
             except OSError as e:
                 log.warning("nvme region %d: summary write at close failed: %s", r.index, e)
-        for t in (self._interval_task, self._sync_task):
-            if t is not None and not t.done():
-                try:
-                    t.cancel()
-                except RuntimeError:  # its event loop is closed already
-                    pass
+        self.syncer.close()
         self.dev.close()

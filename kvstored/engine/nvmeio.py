@@ -23,12 +23,33 @@ import concurrent.futures
 import errno
 import itertools
 import logging
+import mmap
 import os
 import signal
 import subprocess
 import sys
 
 log = logging.getLogger("kvstored.nvme")
+
+BLOCK = 4096
+
+
+class HeaderPool:
+    """4 KiB aligned header blocks for O_DIRECT writes (anonymous mmap is page aligned)."""
+
+    def __init__(self, count: int):
+        self.mm = mmap.mmap(-1, count * BLOCK)
+        self.view = memoryview(self.mm)
+        self.free = list(range(count))
+
+    def take(self) -> tuple[int, memoryview] | None:
+        if not self.free:
+            return None
+        i = self.free.pop()
+        return i, self.view[i * BLOCK:(i + 1) * BLOCK]
+
+    def give(self, i: int) -> None:
+        self.free.append(i)
 
 
 class ThreadBackend:

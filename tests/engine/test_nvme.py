@@ -326,12 +326,12 @@ def test_each_sync_mode_validates_and_syncs_as_documented(tmp_path, mode):
             for i in range(3):
                 await spill(s, b"k%d" % i, i)
             if mode == "always":  # every append waited for an fdatasync after its write
-                assert tier.counters["syncs"] >= 1 and tier._syncs_done == tier._syncs_started
+                assert tier.counters["syncs"] >= 1 and tier.syncer.done == tier.syncer.started
             await asyncio.sleep(0.3)
             if mode == "none":
                 assert tier.counters["syncs"] == 0
             else:
-                assert tier.counters["syncs"] >= 1 and not tier._dirty
+                assert tier.counters["syncs"] >= 1 and not tier.syncer.dirty
             assert tier.counters["sync_errors"] == 0
         finally:
             await settle(s)
