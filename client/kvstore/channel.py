@@ -133,7 +133,7 @@ class DataChannel(abc.ABC):
     def ping(self) -> None: ...
 
     def get_view(self, ns: bytes, key: bytes, verify: bool):
-        raise errors.Unavailable(f"get_view needs the same-host shm path (this client uses {self.transport})")
+        raise errors.Unavailable(f"get_view needs the same-host shm path (this client uses {self.transport.upper()})")
 
 
 class TcpChannel(DataChannel):
