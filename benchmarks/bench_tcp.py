@@ -2,11 +2,13 @@
 """TCP data-path benchmark: kvstored vs Redis vs LMCache's server vs the iperf3 ceiling.
 
     python benchmarks/bench_tcp.py [--cc cubic|bbr|system] [--sizes 64KiB,256KiB,1MiB,4MiB]
-                                   [--concurrency 1,8] [--duration 2]
+                                   [--concurrency 1,8] [--duration 2] [--repeat 1]
                                    [--markdown out.md] [--json out.json]
 
 One run = one TCP congestion control (set machine-wide for the run, restored
-afterwards), under which it measures, in this order:
+afterwards), under which it measures, in this order (``--repeat N``: N rounds,
+the order of 2-4 reversed in every second round, each row reporting its median
+round):
 
 1. iperf3, one stream over 127.0.0.1 (the kernel's ceiling for one connection);
 2. Redis (redis-server + redis-py/hiredis): SET and GET per size x concurrency;
@@ -43,6 +45,7 @@ import signal
 import socket
 import struct
 import subprocess
+import statistics
 import sys
 import tempfile
 import time
@@ -431,6 +434,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--warmup", type=float, default=0.2, help="untimed seconds before each (default 0.2)")
     ap.add_argument("--max-ops", type=int, default=200_000,
                     help="operation cap per measurement (default 200000)")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds of the whole sequence (iperf3, Redis, LMCache, kvstored, iperf3); "
+                         "each row reports its median round, iperf3 the median of all its runs "
+                         "(default 1). On a shared machine the load drifts within a run: rounds "
+                         "spread each system's measurements over the same span")
     ap.add_argument("--iperf-seconds", type=float, default=3.0, help="iperf3 run length (default 3)")
     ap.add_argument("--loop", choices=["auto", "uvloop", "asyncio"], default="auto",
                     help="event loop for concurrency > 1, same for every system (default: uvloop "
@@ -453,6 +461,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(str(e))
     if not args.size_list or not args.conc_list or min(args.conc_list) < 1 or min(args.size_list) < 1:
         ap.error("need at least one size >= 1 byte and one concurrency >= 1")
+    if args.repeat < 1:
+        ap.error("--repeat must be >= 1")
     if args.duration <= 0 or args.max_ops < 1:
         ap.error("--duration must be > 0 and --max-ops >= 1")
     return args
@@ -483,46 +493,33 @@ def main(argv=None) -> int:
             print(f"congestion control: {cc}" + (" (system setting)" if want is None else
                                                  " (set for this run)"), flush=True)
             iperf3_runs: list[dict] = []
-            if not args.skip_iperf3:
-                _iperf3(args, cc, "before", iperf3_runs)
-            if not args.skip_redis:
-                try:
-                    with peers.RedisServer() as rs:
-                        meta["redis_server"] = rs.version
-                        print(f"redis-server {rs.version} on port {rs.port}", flush=True)
-                        rows += peers.redis_rows(rs.port, args.size_list, args.conc_list,
-                                                 args.duration, max_ops=args.max_ops,
-                                                 warmup=args.warmup, loop_kind=args.loop,
-                                                 log=_log)
-                except BenchError as e:
-                    print(f"redis: FAILED: {e}", flush=True)
-            if not args.skip_lmcache:
-                try:
-                    lm, facts = lmcache_rows(args.size_list, args.duration, max_ops=args.max_ops,
-                                             cc=cc, log=_log)
-                    rows += lm
-                    meta.update(facts)
-                except (BenchError, subprocess.TimeoutExpired, ValueError) as e:
-                    print(f"lmcache: SKIPPED: {e}", flush=True)
-            if not args.skip_kvstored:
-                try:
-                    kv, facts = kvstored_rows(args.size_list, args.conc_list, args.duration, cc=cc,
-                                              max_ops=args.max_ops, warmup=args.warmup,
-                                              loop_kind=args.loop, namespace=args.namespace,
-                                              dram_size=args.dram_size,
-                                              daemon_args=args.daemon_arg, log=_log)
-                    rows += kv
-                    meta.update(facts)
-                except BenchError as e:
-                    kv_error = str(e)
-                    print(f"kvstored: SKIPPED: {kv_error}", flush=True)
-            if not args.skip_iperf3:
-                _iperf3(args, cc, "after", iperf3_runs)
+            loads: list[str] = []
+            for rnd in range(args.repeat):
+                if args.repeat > 1:
+                    loads.append(_loadavg())
+                    print(f"--- round {rnd + 1} of {args.repeat} (load {loads[-1]})", flush=True)
+                if not args.skip_iperf3:
+                    _iperf3(args, cc, f"before{_rnd(rnd, args)}", iperf3_runs)
+                # odd rounds run the peers first, even rounds kvstored first: a load that
+                # drifts during a round then favours neither side
+                phases = ["redis", "lmcache", "kvstored"]
+                for phase in (phases if rnd % 2 == 0 else phases[::-1]):
+                    got, err = _phase(phase, args, cc, meta)
+                    rows += _tag(rnd, got)
+                    kv_error = err or kv_error
+                if not args.skip_iperf3:
+                    _iperf3(args, cc, f"after{_rnd(rnd, args)}", iperf3_runs)
             meta["load_after"] = _loadavg()
+            if loads:
+                meta["load_per_round"] = loads
             if iperf3_runs:
-                # the ceiling drifts on a shared 2-core VM: measure it on both sides, use the mean
-                iperf3_bps = sum(r["bytes_s"] for r in iperf3_runs) / len(iperf3_runs)
+                # the ceiling drifts on a shared 2-core VM: measure it on both sides (of every
+                # round), use the median
+                iperf3_bps = statistics.median(r["bytes_s"] for r in iperf3_runs)
                 meta["iperf3_runs"] = iperf3_runs
+            if args.repeat > 1:
+                meta["rounds"] = args.repeat
+                rows = median_rows(rows)
     except BenchError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -547,6 +544,73 @@ def main(argv=None) -> int:
             f.write("\n")
         print(f"wrote {args.json}")
     return 0
+
+
+def _phase(name: str, args, cc: str, meta: dict) -> tuple[list[dict], str | None]:
+    """One system's rows for every size x concurrency (and kvstored's error, if it could not
+    run); a peer that cannot run is reported and skipped."""
+    if name == "redis" and not args.skip_redis:
+        try:
+            with peers.RedisServer() as rs:
+                meta["redis_server"] = rs.version
+                print(f"redis-server {rs.version} on port {rs.port}", flush=True)
+                return peers.redis_rows(rs.port, args.size_list, args.conc_list, args.duration,
+                                        max_ops=args.max_ops, warmup=args.warmup,
+                                        loop_kind=args.loop, log=_log), None
+        except BenchError as e:
+            print(f"redis: FAILED: {e}", flush=True)
+    elif name == "lmcache" and not args.skip_lmcache:
+        try:
+            lm, facts = lmcache_rows(args.size_list, args.duration, max_ops=args.max_ops, cc=cc,
+                                     log=_log)
+            meta.update(facts)
+            return lm, None
+        except (BenchError, subprocess.TimeoutExpired, ValueError) as e:
+            print(f"lmcache: SKIPPED: {e}", flush=True)
+    elif name == "kvstored" and not args.skip_kvstored:
+        try:
+            kv, facts = kvstored_rows(args.size_list, args.conc_list, args.duration, cc=cc,
+                                      max_ops=args.max_ops, warmup=args.warmup,
+                                      loop_kind=args.loop, namespace=args.namespace,
+                                      dram_size=args.dram_size, daemon_args=args.daemon_arg,
+                                      log=_log)
+            meta.update(facts)
+            return kv, None
+        except BenchError as e:
+            print(f"kvstored: SKIPPED: {e}", flush=True)
+            return [], str(e)
+    return [], None
+
+
+def _rnd(rnd: int, args) -> str:
+    return f" {rnd + 1}" if args.repeat > 1 else ""
+
+
+def _tag(rnd: int, rows: list[dict]) -> list[dict]:
+    for r in rows:
+        r["round"] = rnd + 1
+    return rows
+
+
+def median_rows(rows: list[dict]) -> list[dict]:
+    """One row per (system, op, size, concurrency): the round with the median rate (the
+    lower of the two middle ones for an even count), its figures kept together; the
+    rates of every round are in ``rounds_bytes_s``. Errors count only if every round
+    failed."""
+    groups: dict = collections.defaultdict(list)
+    for r in rows:
+        groups[(r["system"], r["op"], r["size"], r["concurrency"])].append(r)
+    out = []
+    for g in groups.values():
+        ok = [r for r in g if not r.get("error") and r.get("bytes_s")]
+        if not ok:
+            out.append(g[0])
+            continue
+        ok.sort(key=lambda r: r["bytes_s"])
+        pick = dict(ok[(len(ok) - 1) // 2])
+        pick["rounds_bytes_s"] = [r["bytes_s"] for r in sorted(ok, key=lambda r: r["round"])]
+        out.append(pick)
+    return out
 
 
 def _iperf3(args, cc: str, when: str, runs: list[dict]) -> None:
