@@ -177,6 +177,7 @@ class ShmState:
         self.leases: dict[int, tuple["Entry", float]] = {}
         self.reservations: dict[int, "Reservation"] = {}
         self.credits: dict[int, "Reservation"] = {}
+        self.credit_bytes = 0  # bytes of the slots in ``credits``
         self.last_id = 0  # ids handed out are 1..last_id: anything above is forged
         self.store = shm.ds.store
 
@@ -199,6 +200,17 @@ class ShmState:
         for res in self.credits.values():
             session._drop_reservation(res)
         self.credits.clear()
+        self.credit_bytes = 0
+
+    def take_credit(self, cid: int) -> "Reservation | None":
+        res = self.credits.pop(cid, None)
+        if res is not None:
+            self.credit_bytes -= res.size
+        return res
+
+    def keep_credit(self, cid: int, res: "Reservation") -> None:
+        self.credits[cid] = res
+        self.credit_bytes += res.size
 
     def expire(self, now: float) -> int:
         dead = [lid for lid, (_, until) in self.leases.items() if until <= now]
@@ -304,8 +316,7 @@ def _grant(s: DataSession, size: int) -> tuple:
     """A credit for the connection's next put of ``size`` bytes, (reservation, id), or ()
     when a bound says no or there is no free slot right now (a credit is never waited for)."""
     st: ShmState = s.ext
-    if len(st.credits) >= MAX_CREDITS or \
-            sum(r.size for r in st.credits.values()) + size > st.shm.credit_bytes:
+    if len(st.credits) >= MAX_CREDITS or st.credit_bytes + size > st.shm.credit_bytes:
         return ()
     if s.budget.admit_reservation(s.reserved, size) or s.plane.clients.admit(s.client, size):
         return ()
@@ -327,7 +338,7 @@ def _grant(s: DataSession, size: int) -> tuple:
     res.deadline = s.put_cap
     res.on_expire = lambda r: _credit_expired(s, r)
     cid = st.new_id()
-    st.credits[cid] = res
+    st.keep_credit(cid, res)
     s.counters["shm_credits_granted"] += 1
     return res, cid
 
@@ -336,10 +347,10 @@ def _credit_expired(s: DataSession, res: "Reservation") -> None:
     # unused past its deadline: the store's reaper frees the slot right after this. The
     # connection stays open (an idle client did nothing wrong); a late SHM_PUT naming the
     # credit is answered "unknown credit" and the client puts through reserve/commit.
-    table = s.ext.credits
-    for k, r in list(table.items()):
+    st: ShmState = s.ext
+    for k, r in list(st.credits.items()):
         if r is res:
-            del table[k]
+            st.take_credit(k)
             s._unhold(res)
             s.counters["shm_credits_expired"] += 1
 
@@ -347,7 +358,7 @@ def _credit_expired(s: DataSession, res: "Reservation") -> None:
 def _shm_put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     st: ShmState = s.ext
     cid, rid = h.length, h.req_id
-    res = st.credits.pop(cid, None)
+    res = st.take_credit(cid)
     if res is None:
         if not 0 < cid <= st.last_id:
             s.counters["shm_forged_ids"] += 1
@@ -356,12 +367,12 @@ def _shm_put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     try:
         _check_names(ns, key)
     except errors.KVStoreError as e:
-        st.credits[cid] = res  # nothing was bound: the client may still use it
+        st.keep_credit(cid, res)  # nothing was bound: the client may still use it
         s.error(OP_SHM_PUT, rid, e)
         return
     csum = h.checksum
     if s.store.dedup(ns, key, res.size, csum):  # stored already: the slot stays a credit
-        st.credits[cid] = res
+        st.keep_credit(cid, res)
         _answer(s, OP_SHM_PUT, rid, False, (res, cid))
         return
     # bind the slot to the key; commit then checks it exactly as after a reservation:
