@@ -694,7 +694,7 @@ def render_markdown(rows: list[dict], iperf3_bytes_s: float | None, meta: dict |
         ip = f"{iperf3_bytes_s / 1e9:.2f} GB/s"
         runs = meta.get("iperf3_runs") or []
         if len(runs) > 1:
-            ip += " (mean of " + ", ".join(f"{r['when']} {r['bytes_s'] / 1e9:.2f}" for r in runs) + ")"
+            ip += " (median of " + ", ".join(f"{r['when']} {r['bytes_s'] / 1e9:.2f}" for r in runs) + ")"
     facts = [("iperf3, 1 stream", ip), ("congestion control", cc)]
     for k in ("duration_s", "max_ops", "event_loop", "client_env", "kvstored_transport", "machine",
               "kernel", "python", "redis_server", "redis_py", "hiredis", "lmcache", "kvstored",
