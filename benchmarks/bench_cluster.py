@@ -4,7 +4,8 @@ plus the EC encode / decode cost inside the client path against pyeclib's raw sp
 Starts the kvstored processes once (tests/daemonutil.Daemon, standalone, no etcd) and
 gives each ClusterClient the first N of them as its member list. For every object size
 (default 1 MiB and 4 MiB), node count (default 3, 5) and policy (default none,
-replicas:2, ec:4+2) it measures aggregate batch_put and batch_get (parallel fan-out, one
+replicas:2, ec:4+2) it measures aggregate batch_put, batch_get and batch_get_into (into
+buffers allocated once; parallel fan-out, one
 pipelined batch per node) in GB/s of user data, best of ``--rounds``; every batch holds
 the same number of bytes (``--objects`` x 1 MiB) whatever the object size.
 
@@ -17,8 +18,9 @@ case, where EC slots wrap around and a node holds up to 2 fragments).
 
 The second table is the codec: pyeclib ``ECDriver(k, m, "isa_l_rs_vand")`` raw encode
 and decode (all data fragments / one data fragment lost) against the client path,
-``kvstore.layout.encode_records`` (called with a memoryview, as batch_put does) and
-``kvstore.layout.assemble`` (fast path: data fragments 0..K-1 concatenated; decode path:
+``kvstore.layout.encode_parts`` (called with a memoryview, as batch_put does: header and
+fragment of each record, sent gathered), ``encode_records`` (the same records joined, one
+copy of each fragment: what batch_put sent before) and ``kvstore.layout.assemble`` (fast path: data fragments 0..K-1 concatenated; decode path:
 data fragment 0 missing).
 
 Runs with MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ set (re-executes itself if
@@ -112,9 +114,13 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
     into = bytearray(size)  # get_into's destination: decoded in place, no intermediate object
     assert layout.assemble(p, fast, into) == size and into == data
 
+    parts = layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE)
+    assert [h + bytes(f) for h, f in parts] == records
     cases = [
+        ("encode", lambda: d.encode(data), lambda: layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE),
+         "encode_parts (sent gathered)"),
         ("encode", lambda: d.encode(data), lambda: layout.encode_records(p, view, layout.DEFAULT_MIN_EC_SIZE),
-         "encode_records"),
+         "encode_records (joined)"),
         ("decode, data fragments 0..K-1", lambda: d.decode(frags[:k]), lambda: layout.assemble(p, fast),
          "assemble (concatenate path)"),
         ("decode, data fragments 0..K-1", lambda: d.decode(frags[:k]),
@@ -126,14 +132,33 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
     ]
     rows = []
     for op, raw_fn, client_fn, client_name in cases:
-        raw_s = timed(raw_fn, budget_s)
-        cl_s = timed(client_fn, budget_s)
+        raw_s, cl_s, ratio = paired(raw_fn, client_fn, budget_s)
         rows.append({"codec": f"{ec_type} {k}+{m}", "size": size_name(size), "op": op,
                      "raw_GBps": round(rate(size, raw_s), 2), "raw_us": round(raw_s * 1e6),
                      "client_path": client_name,
                      "client_GBps": round(rate(size, cl_s), 2), "client_us": round(cl_s * 1e6),
-                     "client_over_raw": round(cl_s / raw_s, 2)})
+                     "client_over_raw": round(ratio, 2)})
     return rows
+
+
+def paired(raw_fn, client_fn, budget_s: float, rounds: int = 9) -> tuple[float, float, float]:
+    """CPU seconds per call of ``raw_fn`` and ``client_fn`` (this thread's CPU time, which
+    other processes on shared cores inflate far less than wall time), measured in
+    alternating rounds; medians, and the median of the per-round ratios client / raw."""
+    import statistics
+    raw_fn(), client_fn()  # warm up
+    t = time.thread_time()
+    client_fn()
+    iters = max(3, int(budget_s / rounds / 2 / max(time.thread_time() - t, 1e-6)))
+    raws, cls = [], []
+    for _ in range(rounds):
+        for fn, out in ((raw_fn, raws), (client_fn, cls)):
+            t = time.thread_time()
+            for _ in range(iters):
+                fn()
+            out.append((time.thread_time() - t) / iters)
+    return (statistics.median(raws), statistics.median(cls),
+            statistics.median(c / r for c, r in zip(cls, raws)))
 
 
 # ------------------------------------------------------------------ cluster table
@@ -155,7 +180,8 @@ def measure(cc, size: int, count: int, rounds: int, ns: str) -> dict:
     cc.batch_put(warm, namespace=ns)  # connections to every node, first-use allocations
     cc.batch_get([k for k, _ in warm], namespace=ns)
     cc.delete([k for k, _ in warm], namespace=ns)
-    puts, gets = [], []
+    puts, gets, intos = [], [], []
+    bufs = [bytearray(size) for _ in range(count)]  # batch_get_into's destinations, reused
     for r in range(rounds):
         items = [(f"s{size}-r{r}-o{i}".encode(), payloads[i % len(payloads)]) for i in range(count)]
         # distinct bytes per key would not change the cost; 8 distinct payloads keep the
@@ -170,9 +196,14 @@ def measure(cc, size: int, count: int, rounds: int, ns: str) -> dict:
         gets.append(time.perf_counter() - t)
         assert all(g == payloads[i % len(payloads)] for i, g in enumerate(got)), "get returned wrong bytes"
         del got
+        t = time.perf_counter()
+        sizes = cc.batch_get_into(keys, bufs, namespace=ns)
+        intos.append(time.perf_counter() - t)
+        assert sizes == [size] * count and bufs[-1] == payloads[(count - 1) % len(payloads)]
         cc.delete(keys, namespace=ns)
     n = count * size
-    return {"put_GBps": round(rate(n, min(puts)), 2), "get_GBps": round(rate(n, min(gets)), 2)}
+    return {"put_GBps": round(rate(n, min(puts)), 2), "get_GBps": round(rate(n, min(gets)), 2),
+            "get_into_GBps": round(rate(n, min(intos)), 2)}
 
 
 def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
@@ -181,7 +212,8 @@ def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
         with make_client() as cc:
             return measure(cc, size, count, rounds, ns)
     except (errors.InvalidArgument, errors.Unavailable) as e:
-        return {"put_GBps": None, "get_GBps": None, "note": f"n/a: {type(e).__name__}: {e}"}
+        return {"put_GBps": None, "get_GBps": None, "get_into_GBps": None,
+                "note": f"n/a: {type(e).__name__}: {e}"}
 
 
 def main(argv=None) -> int:
@@ -281,14 +313,23 @@ def main(argv=None) -> int:
     print(f"# ClusterClient, {results['transport']}, {cc_algo}, {os.cpu_count()} cpus, batches of "
           f"{size_name(args.objects * MIB)} (objects x size), best of {args.rounds}; "
           f"cluster part {t_cluster:.0f} s\n")
-    print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | note |")
-    print("|---|---|---|---:|---:|---:|---|")
+    print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | get_into GB/s | note |")
+    print("|---|---|---|---:|---:|---:|---:|---|")
     for r in results["rows"]:
         fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
         print(f"| {r['nodes']} | {r['policy']} | {r['size']} | {r['objects']} | {fmt(r['put_GBps'])} | "
-              f"{fmt(r['get_GBps'])} | {r.get('note', '')} |")
+              f"{fmt(r['get_GBps'])} | {fmt(r['get_into_GBps'])} | {r.get('note', '')} |")
+    # each EC row against `none` on the same node list (the issue's ec:4+2 put >= 0.5x none)
+    plain = {(r["nodes"], r["size"]): r for r in results["rows"] if r["policy"] == "none"}
+    for r in results["rows"]:
+        base = plain.get((r["nodes"], r["size"]))
+        if r["policy"].startswith("ec:") and base and r["put_GBps"] and base["put_GBps"]:
+            print(f"{r['policy']} / none on {r['nodes']} nodes, {r['size']}: put "
+                  f"{r['put_GBps'] / base['put_GBps']:.2f}x, get {r['get_GBps'] / base['get_GBps']:.2f}x, "
+                  f"get_into {r['get_into_GBps'] / base['get_into_GBps']:.2f}x")
     if results["codec"]:
-        print("\n# EC codec per object: pyeclib raw vs the client path (one thread)\n")
+        print("\n# EC codec per object: pyeclib raw vs the client path (one thread, CPU time, "
+              "9 alternating rounds: medians)\n")
         print("| codec | size | op | raw GB/s | raw us | client path | client GB/s | client us | client / raw time |")
         print("|---|---|---|---:|---:|---|---:|---:|---:|")
         for r in results["codec"]:

@@ -335,7 +335,9 @@ def assemble(p: Policy, records: list, out=None):
         if pos == olen and checksum(target) == ocsum:
             return whole if dest is None else olen
     try:
-        data = c.decode([frags[i][1] for i in sorted(idx)[:p.k + p.m]])
+        # K fragments are enough (data fragments first: less to compute); each one more is
+        # one more copy into the bytes pyeclib needs
+        data = c.decode([frags[i][1] for i in sorted(idx)[:p.k]])
     except c.errors:  # pyeclib's own errors: not enough consistent fragments
         return None
     if len(data) != olen or checksum(data) != ocsum:

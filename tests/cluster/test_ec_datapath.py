@@ -47,7 +47,6 @@ def stored_records(cc, key: bytes, p: Policy, n: int) -> list[bytes]:
 
 
 def test_gathered_records_are_byte_identical_to_joined_ones(nodes, monkeypatch):
-    assert cluster_writes.GATHERED, "the SDK's Client takes (header, fragment) puts"
     # rounds of 2 objects: a batch of 5 is encoded and sent in 3 rounds
     monkeypatch.setattr(cluster_writes, "ENCODE_ROUND_BYTES", 2 * MIB)
     sizes = [100, DEFAULT_MIN_EC_SIZE - 1, DEFAULT_MIN_EC_SIZE, MIB + 3, 3 * MIB - 5]

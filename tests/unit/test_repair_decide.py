@@ -503,6 +503,48 @@ def test_executor_rebuilds_many_objects_with_one_read_and_one_write_call_per_pee
     assert counts["records_written"] == 10 and store.hops == 1  # one local read for all
 
 
+def test_executor_pipelined_writes_chunks_on_the_writer_thread(monkeypatch):
+    """PIPELINED: a batch of 10 objects in 10 chunks; each chunk's writes run on the writer
+    thread while the next is built; the outcome and the bytes written are the same."""
+    pytest.importorskip("pyeclib")
+    import threading
+    from kvstore.layout import encode_records
+    from kvstored.cluster.repair import execute
+    monkeypatch.setattr(execute, "PIPELINED", True)
+    monkeypatch.setattr(execute, "MAX_BATCH_BYTES", 1)  # one object per chunk
+    p = Policy.parse("ec:3+2")
+    names = [ME, "a", "b", "c", "e"]
+    objs, local, remote, want = [], {}, {}, {}
+    for n in range(10):
+        base = b"pobj%d#ec" % n
+        recs = encode_records(p, os.urandom(300_000), 1)
+        o = ec_obj(names, {0: recs[0][:FRAG_HEADER.size]})
+        o.base, o.mine[0] = base, o.mine[0]._replace(key=base)
+        objs.append(o)
+        local[(b"ns", base)] = recs[0]
+        for j in (1, 2, 4):
+            remote.setdefault(names[j], {})[(b"ns", base)] = recs[j]
+        want[(b"ns", base)] = recs[3]
+    heads = {id(o): {(names[j], 0): H(True, head=remote[names[j]][(b"ns", o.base)][:FRAG_HEADER.size])
+                     for j in (1, 2, 4)} | {("c", 0): H(False)} for o in objs}
+    peers = FakePeers(remote)
+    writers = set()
+    put = peers.put_many
+
+    def put_many(member, ns, items, overwrite):
+        writers.add(threading.current_thread().name)
+        return put(member, ns, items, overwrite)
+    peers.put_many = put_many
+    ex, counts = executor(FakeStore(local), peers)
+    try:
+        assert ex.start(objs, heads, peers_for_exec()).result(30) == [True] * 10
+    finally:
+        ex.close()
+    assert peers.data["c"] == want and counts["records_written"] == 10
+    assert len([c for c in peers.calls if c[0] == "put"]) == 10  # one per chunk
+    assert writers and all(n.startswith("kvstored-repair-write") for n in writers)
+
+
 def peers_for_exec():
     return d.Peers(ME, {}, {}, [])
 

@@ -1,11 +1,11 @@
 """ClusterClient's put path: every copy or EC record of a batch written to its slot, one
 pipelined batch_put per node, all nodes in parallel, acknowledged when all are stored.
 
-EC records go out as two buffers, header and fragment (``layout.encode_parts``), sent
-gathered by the node's Client: the fragment pyeclib returned is never copied behind a
-header. A batch of EC objects is encoded in rounds of about ``ENCODE_ROUND_BYTES``, each
-round's records sent while the next round is encoded (pyeclib holds the GIL; sending does
-not).
+EC records go out as two buffers, header and fragment (``layout.encode_parts``), a value
+the node's Client sends gathered and the node stores as their concatenation: the fragment
+pyeclib returned is never copied behind a header. A batch of EC objects is encoded in
+rounds of about ``ENCODE_ROUND_BYTES``, each round's records sent while the next round is
+encoded (pyeclib holds the GIL; sending does not).
 
 Partial failure: the records this call newly stored are deleted best effort and the
 error is raised; objects are immutable and a repeated put of the same bytes is a no-op,
@@ -16,22 +16,13 @@ from __future__ import annotations
 from collections.abc import Iterable
 from concurrent.futures import wait
 
-from .. import _common, errors
+from .. import errors
 from .._common import as_bytes_view
 from ..layout import FRAG_HEADER, Policy, encode_parts, fragment_key, lap_key, parse_head
 from ..placement import Member
 from ..wire import key_bytes
 
 ENCODE_ROUND_BYTES = 8 << 20  # user bytes encoded before their records are sent
-# whether Client.batch_put takes a value given as a tuple of buffers (sent gathered, stored
-# as their concatenation: kvstore._common.value_parts); else each record is joined first
-GATHERED = hasattr(_common, "value_parts")
-
-
-def _joined(items: list) -> list:
-    """Items whose two-buffer records are joined into one (for a Client without gathered
-    puts)."""
-    return [(k, v[0] + v[1] if isinstance(v, tuple) else v) for k, v in items]
 
 
 def _head(value) -> bytes | None:
@@ -142,8 +133,6 @@ class Writes:
         the same object (same length, checksum, K and M: another fragment index left by an
         earlier attempt whose undo did not reach this node) is resolved by overwriting it;
         any other Conflict stands."""
-        if not GATHERED:
-            items = _joined(items)
         try:
             return self._node(m, "batch_put", items, namespace=ns, overwrite=overwrite)
         except errors.Conflict:

@@ -273,7 +273,8 @@ class RepairAgent:
                 todo = [o for o in batch if o.slots]
                 heads, settled = self._ask(todo, me, draining)
                 view = Peers(me, settled, self._started, draining)
-                # pipelined: this batch is read and rebuilt while the previous one is written
+                # with execute.PIPELINED this batch is read and rebuilt while the previous
+                # one is written; otherwise it is all done when start() returns
                 started = (batch, todo, self.executor.start(todo, heads, view))
                 if inflight is not None:
                     account(*inflight)

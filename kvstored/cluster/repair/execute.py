@@ -8,11 +8,14 @@ every peer at once, through the throttle; then surplus records deleted (a handed
 record only once every copy of it was written). A batch is carried out in chunks of at
 most MAX_BATCH_BYTES of records.
 
-Pipelined: a chunk's writes and deletes run on the writer thread while the next chunk
-(of this batch or the next one, see ``start``) is read and rebuilt, so reading, rebuilding
-and writing overlap; at most one chunk is being written while one more is built, so at
-most two chunks' records are held. Rebuilt records are (header, fragment) pairs, sent
-gathered: the fragment pyeclib returned is not copied behind its header.
+With ``PIPELINED``, a chunk's writes and deletes run on a writer thread while the next
+chunk (of this batch or the next one, see ``start``) is read and rebuilt, so reading,
+rebuilding and writing overlap; at most one chunk is being written while one more is
+built, so at most two chunks' records are held. Off by default: on 2 shared cores with
+every node on them it made passes ~20 % slower (the threads contend for the GIL and the
+cores; nothing waits on a network), see RESULTS.md, issue 13 session 4; where peers are
+other hosts the overlap hides their round trips. Rebuilt records are (header, fragment)
+pairs, sent gathered: the fragment pyeclib returned is not copied behind its header.
 """
 from __future__ import annotations
 
@@ -26,8 +29,9 @@ from .decide import Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reco
 
 log = logging.getLogger("kvstored.repair")
 
-MAX_BATCH_BYTES = 64 << 20  # records of one chunk (two chunks are held at once: pipelined)
+MAX_BATCH_BYTES = 64 << 20  # records of one chunk (two are held at once when PIPELINED)
 PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
+PIPELINED = False  # write a chunk on a writer thread while the next is built (see above)
 MAX_SOURCE_ROUNDS = 8  # bounded: each round consumes at least one source per object
 
 
@@ -102,11 +106,14 @@ class Executor:
         return done
 
     def _submit_write(self, fn) -> None:
-        """Run ``fn`` on the writer thread once the chunk in flight is written (so at most
-        one chunk waits while another is written)."""
+        """Run ``fn``: now, or with PIPELINED on the writer thread once the chunk in
+        flight is written (so at most one chunk waits while another is written)."""
         prev, self._inflight = self._inflight, None
         if prev is not None:
             prev.result()  # a failed write ends the pass like any error (and is forgotten)
+        if not PIPELINED:
+            fn()
+            return
         if self._writer is None:
             self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstored-repair-write")
         self._inflight = self._writer.submit(fn)

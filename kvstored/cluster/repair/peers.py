@@ -11,7 +11,6 @@ import logging
 import threading
 
 from kvstore import errors
-from kvstore.cluster.writes import GATHERED
 
 log = logging.getLogger("kvstored.repair")
 
@@ -103,8 +102,6 @@ class PeerIO:
         Conflict: something else is there now; the next pass looks again)."""
         if not items:
             return []
-        if not GATHERED:  # a Client without gathered puts: one buffer per record
-            items = [(k, v[0] + v[1] if isinstance(v, tuple) else v) for k, v in items]
         if member.node_id in self.unreachable:
             return [None] * len(items)
         c = self.client(member)
