@@ -24,6 +24,7 @@ import logging
 import mmap
 import os
 import time
+from collections import Counter
 from operator import itemgetter
 
 import xxhash
@@ -123,41 +124,61 @@ class NvmeTier:
 
     def _recovered_objects(self) -> list[tuple[bytes, bytes, Location, float]]:
         found, self.recovered = self.recovered, []
-        # the usual case, checked in C (itemgetter, set): every key has one record and
-        # none is a tombstone, so every record is live and nothing is stale
-        keys, seen, simple = [], set(), True
-        for _r, rows in found:
+        # Most keys have one record and no tombstone: their record is live and nothing
+        # of theirs is stale. Finding the others ("special": several records, or a
+        # tombstone) is done in C (itemgetter, set, Counter) so that only their records
+        # go through the per-record rules.
+        keys, seen, tomb_regions = [], set(), []
+        for i, (_r, rows) in enumerate(found):
             ks = list(map(_key_of, rows))
             keys.append(ks)
             seen.update(ks)
-            simple = simple and not any(map(_flags_of, rows))
-        total = sum(len(ks) for ks in keys)
-        if not (simple and len(seen) == total):
-            del keys, seen
-            return self._recover_general(found)
+            if any(map(_flags_of, rows)):
+                tomb_regions.append(i)
+        special: set = set()
+        if len(seen) != sum(map(len, keys)):
+            counts: Counter = Counter()
+            for ks in keys:
+                counts.update(ks)
+            special.update(k for k, n in counts.items() if n > 1)
+            del counts
         del seen
+        for i in tomb_regions:
+            special.update(k for k, row in zip(keys[i], found[i][1]) if row[FLAGS] & FLAG_TOMBSTONE)
         out: list[tuple[bytes, bytes, Location, float]] = []
+        subset = []  # (region, [(key, row)]) of the special keys' records
         for i, (r, rows) in enumerate(found):
-            r.live.update(keys[i])
+            ks = keys[i]
             index, base, gen = r.index, r.base, r.generation
-            out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM], gen),
-                     row[COMMITTED]) for row in rows]
+            if not special or special.isdisjoint(ks):
+                r.live.update(ks)
+                out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM],
+                                                     gen), row[COMMITTED]) for row in rows]
+            else:
+                pairs = list(zip(ks, rows))
+                r.live.update(k for k, _row in pairs if k not in special)
+                out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM],
+                                                     gen), row[COMMITTED])
+                        for k, row in pairs if k not in special]
+                subset.append((r, [(k, row) for k, row in pairs if k in special]))
             found[i] = keys[i] = None  # let the rows go as they are turned into locations
+        if subset:
+            out += self._recover_special(subset)
         return out
 
-    def _recover_general(self, found: list) -> list[tuple[bytes, bytes, Location, float]]:
-        """recovered_objects when some key has several records or a tombstone."""
+    def _recover_special(self, found: list) -> list[tuple[bytes, bytes, Location, float]]:
+        """The live records among ``found`` ([(region, [(key, row)])], every record of each
+        key in it): per key the highest sequence number wins, a tombstone deletes, older
+        records are stale (their region must not outlive the tombstones)."""
         newest: dict[tuple[bytes, bytes], tuple] = {}
         get = newest.get
-        for r, rows in found:
-            for row in rows:
-                k = (row[NS], row[KEY])
+        for r, pairs in found:
+            for k, row in pairs:
                 old = get(k)
                 if old is None or row[SEQ] > old[1][SEQ]:
                     newest[k] = (r, row)
-        for r, rows in found:
-            for row in rows:
-                k = (row[NS], row[KEY])
+        for r, pairs in found:
+            for k, row in pairs:
                 if row[FLAGS] & FLAG_TOMBSTONE:
                     r.tombs[k] = max(row[SEQ], r.tombs.get(k, 0))
                 elif newest[k][1] is not row:

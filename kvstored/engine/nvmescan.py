@@ -79,10 +79,6 @@ class Recovery:
             self.found.append((r, rows))
             self.max_seq = max(self.max_seq, max(map(_max_seq, rows)))
 
-    @property
-    def records(self) -> int:
-        return sum(len(rows) for _r, rows in self.found)
-
 
 def scan(dev: NvmeDevice) -> Recovery:
     """Every region's header, then its summary when it has a good one, else a scan."""
@@ -189,10 +185,11 @@ def _read_summaries(dev: NvmeDevice, summarized: list, rec: Recovery, to_scan: l
     their rows; a region whose summary cannot be read or does not verify goes to ``to_scan``."""
     i = 0
     while i < len(summarized):
-        batch, total = [], 0
-        while i < len(summarized) and (not batch or total + align_up(max(summarized[i][1][1], 1))
-                                       <= BODY_WINDOW):
-            size = align_up(max(summarized[i][1][1], 1))
+        batch, total = [], 0  # [(region and trailer, offset in buf, aligned size)]
+        while i < len(summarized):
+            size = align_up(max(summarized[i][1][1], 1))  # body_len, read in whole blocks
+            if batch and total + size > BODY_WINDOW:
+                break  # (a first summary larger than the window is read alone)
             batch.append((summarized[i], total, size))
             total += size
             i += 1
