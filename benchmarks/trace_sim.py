@@ -24,9 +24,11 @@ Capacity is in blocks (a share of the trace's unique blocks). Policies:
                       needs every earlier block
   kvstored            the engine's policy itself (kvstored.engine.eviction.Policy)
                       driven the way the daemon drives it: segmented LRU with a
-                      ghost, aging of protected entries (age bonus adapted on
-                      ghost hits), lookups as accesses and chain tails named by a
-                      lookup entering a cold FIFO
+                      ghost of the cache's size, aging of protected entries (age
+                      bonus adapted on ghost hits), lookups as accesses, chain tails
+                      named by a lookup entering a cold FIFO, chains leaving from
+                      their tail (gets keep a lookup's order, new blocks linked
+                      behind their parent)
   kvstored-fixed      the same with the age bonus fixed at 1 (no adaptation)
   wtinylfu            W-TinyLFU: 1 % window LRU, main SLRU (80 % protected); a block
                       leaving the window enters main only if it was seen more often
