@@ -33,6 +33,10 @@ Unavailable, and the connection closes once their completions (flushed) are in
 (Just over 500 lines, on purpose: the server, the per-connection work-request
 bookkeeping and the three op handlers share one lifecycle; the verbs themselves
 live in kvstore.rdma.)
+
+About 530 lines on purpose: a connection's queue pair, its posting of work requests and
+its completions are one state machine with the ops that drive it (splitting them would
+pass RdmaConn's internals between modules), and a sixth of the file is this description.
 """
 from __future__ import annotations
 

@@ -50,6 +50,10 @@ cannot be reached is a miss too (lookups find nothing, gets return ``None``, put
 are dropped with one warning): after such a failure a circuit breaker
 (``_breaker.Breaker``) stops asking it, and probes it again after a short back-off.
 ``ping`` always asks, so LMCache's health monitor sees the truth.
+
+About 510 lines on purpose: most of it is one class, the connector, whose methods are
+LMCache's RemoteConnector interface; the configuration check beside it is that class's
+command line.
 """
 from __future__ import annotations
 
