@@ -18,7 +18,7 @@ from .eviction import Policy
 
 if TYPE_CHECKING:
     from .entries import Entry, Index
-    from .store import StoreLimits
+    from .limits import StoreLimits
 
 
 class DramTier:

@@ -25,15 +25,14 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable, Iterable
 
 from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
 from kvstore.wire import checksum as payload_checksum
-from kvstored.settings import default
 
 from .dram import DramTier
 from .entries import COMMITTED, DEAD, Entry, Index, Reservation
+from .limits import StoreLimits
 from .repairhooks import RepairHooks
 from .tiering import Tiering
 
@@ -44,22 +43,6 @@ __all__ = ["COMMITTED", "DEAD", "Entry", "Index", "NotResident", "Reservation", 
            "StoreLimits"]
 
 log = logging.getLogger("kvstored.store")
-
-
-@dataclass
-class StoreLimits:
-    """The engine's bounds; each default is its setting's row (kvstored/settings.py)."""
-
-    dram_size: int
-    slab_size: int = default("slab_size")
-    max_value_size: int = default("max_value_size")
-    high_watermark: float = default("high_watermark")
-    low_watermark: float = default("low_watermark")
-    reservation_timeout: float = default("reservation_timeout")
-    put_wait_timeout: float = default("put_wait_timeout")
-    max_pin_ttl: float = default("max_pin_ttl")
-    hugepages: bool = default("hugepages")
-    prefault: bool = default("prefault")
 
 
 class NotResident(Exception):

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
     from .dram import DramTier
     from .entries import Index
     from .nvme import NvmeTier
-    from .store import StoreLimits
+    from .limits import StoreLimits
 
 log = logging.getLogger("kvstored.store")
 
