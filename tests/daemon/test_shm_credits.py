@@ -304,3 +304,28 @@ def test_concurrent_clients_in_a_small_arena(start_daemon):
         t.join(120)
     assert not any(t.is_alive() for t in threads)
     assert errors == [] and reads[0] > 0
+
+
+def test_get_into_reports_bytes_changed_in_the_arena(daemon):
+    # copy and checksum go chunk by chunk: a byte changed anywhere is still caught
+    with kvstore.Client(daemon.control, namespace="s") as c:
+        v = os.urandom(MiB + 5)
+        c.put(b"big", v)
+        raw = Raw(c.info().shm_socket)
+        try:
+            raw.send(wire.OP_SHM_GET, b"s", b"big")
+            h, body = raw.frame()
+            off, size, lease = wire.SHM_IDS.unpack(body)
+            assert size == len(v) and h.checksum == wire.checksum(v)
+            buf = bytearray(2 * MiB)
+            assert c.get_into(b"big", buf) == size and buf[:size] == v
+            at = off + size - 3  # in the last, partial chunk
+            raw.arena[at] ^= 0xFF
+            with pytest.raises(kvstore.ChecksumMismatch):
+                c.get_into(b"big", buf)
+            with pytest.raises(kvstore.ChecksumMismatch):
+                c.batch_get_into([b"big", b"big"], [buf, bytearray(2 * MiB)])
+            raw.arena[at] ^= 0xFF
+            assert c.get_into(b"big", buf) == size and buf[:size] == v
+        finally:
+            raw.close()
