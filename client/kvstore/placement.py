@@ -114,6 +114,8 @@ def place_positions(key, members: Sequence, n: int, ns="default") -> list:
     chosen: list = [None] * n
     used: set[str] = set()
     for spread in (True, False):  # distinct failure domains first, then any member
+        if None not in chosen:
+            break  # every position placed in the first round (the common case)
         domains = {_domain(m) for m in chosen if m is not None}
         for _s, nid, neg_j, m in pairs:
             j = -neg_j

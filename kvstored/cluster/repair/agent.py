@@ -233,6 +233,7 @@ class RepairAgent:
         objs = group(rows, policies, m.draining)
         total = len(objs)
         full = self._full_due(m)
+        self._slots_of: dict[int, Policy] = {}  # id(obj) -> the policy its slots were computed for
         if not full:
             objs = self._affected(objs, members)
         self._pass_t0 = time.monotonic()
@@ -269,7 +270,8 @@ class RepairAgent:
                 batch = objs[i:i + BATCH]
                 self._read_my_heads(batch)
                 for o in batch:
-                    o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
+                    if self._slots_of.get(id(o)) != o.policy or not o.policy:
+                        o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
                 todo = [o for o in batch if o.slots]
                 heads, settled = self._ask(todo, me, draining)
                 view = Peers(me, settled, self._started, draining)
@@ -325,9 +327,12 @@ class RepairAgent:
             if o.policy is None or (o.ns, o.base) in self._pending_keys:
                 out.append(o)
                 continue
-            now_slots = [(x.node_id, lap) for x, lap in slots(o.base, members, o.policy, o.ns)]
+            sl = slots(o.base, members, o.policy, o.ns)
+            now_slots = [(x.node_id, lap) for x, lap in sl]
             if (now_slots != [(x.node_id, lap) for x, lap in slots(o.base, prev, o.policy, o.ns)]
                     or any(nid in restarted for nid, _ in now_slots)):
+                o.slots = sl  # reused by the batch loop unless the policy changes there
+                self._slots_of[id(o)] = o.policy
                 out.append(o)
         return out
 
