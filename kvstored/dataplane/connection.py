@@ -68,7 +68,7 @@ class DataConnection(asyncio.BufferedProtocol):
         ``lost`` hooks); ``peer``: the name for log lines (default: the socket's peer);
         ``client``: whose space its reservations count against (default: the peer IP)."""
         self.server = server
-        self.session: DataSession = server.plane.session(ops=ops, wake=self._act)
+        self.session: DataSession = DataSession(server.plane, ops=ops, wake=self._act)
         self.session.ext = ext
         self.get_buffer = self.session.receive_buffer  # one call less per read (hot path)
         self.fixed_peer = peer

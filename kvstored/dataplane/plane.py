@@ -4,7 +4,7 @@
   member-list epoch gates it, what its length field means). The core ops are
   ops.py's ``CORE_OPS``; a transport with more ops registers them on a copy.
 * ``Plane``: the store, the op table, the policy objects, counters and latency
-  histograms every session of one server uses; ``Plane.session()`` makes one.
+  histograms every session of one server uses; ``DataSession(plane, peer)`` opens one.
 * ``Call``: a store call that awaits, handed by a session to its driver.
 
 Split from session.py (issue 14), which re-exports these names.
@@ -25,7 +25,7 @@ if TYPE_CHECKING:
     from kvstored.auth import Auth
     from kvstored.engine import Entry, Store
 
-    from .session import DataSession
+    from .session import DataSession  # noqa: F401 (annotations only; session.py imports this)
 
 # what a request's length field means, per op
 BODY = 0  # that many payload bytes follow the key
@@ -92,16 +92,13 @@ class Plane:
     def latency_by_name(self) -> dict[str, LatencyHistogram]:
         return {**{OPS[op]: h for op, h in self.latency.items()}, "other": self.latency_other}
 
-    def session(self, peer: str = "", *, ops: OpTable | None = None, burst: int | None = None,
-                wake: Callable[[], None] | None = None, client: str = "") -> "DataSession":
+    def budget(self, burst: int | None = None) -> ConnectionBudget:
+        """A new connection's bounds (DataSession takes one; the shm driver gives its
+        connections a larger burst)."""
         lim = self.limits
-        budget = ConnectionBudget(self.max_pipelined, self.burst if burst is None else burst,
-                                  lim.max_reserved_per_connection, lim.max_queued_bytes,
-                                  lim.max_queued_frames)
-        from .session import DataSession  # session.py imports this module
-        s = DataSession(self, peer, ops=ops, budget=budget, wake=wake)
-        s.client = client
-        return s
+        return ConnectionBudget(self.max_pipelined, self.burst if burst is None else burst,
+                                lim.max_reserved_per_connection, lim.max_queued_bytes,
+                                lim.max_queued_frames)
 
 
 _VALID_NAMESPACES: set[bytes] = set()

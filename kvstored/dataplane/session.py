@@ -63,7 +63,8 @@ FAIR_FRAMES = 1024
 
 class DataSession:
     def __init__(self, plane: Plane, peer: str = "", *, ops: OpTable | None = None,
-                 budget: ConnectionBudget | None = None, wake: Callable[[], None] | None = None):
+                 budget: ConnectionBudget | None = None, burst: int | None = None,
+                 wake: Callable[[], None] | None = None, client: str = ""):
         self.plane = plane
         self.store = plane.store
         self.ops = plane.ops if ops is None else ops
@@ -71,10 +72,10 @@ class DataSession:
         self.guard = AuthGuard(plane.auth) if plane.auth is not None else None
         self.counters = plane.counters
         self.latency, self.latency_other = plane.latency, plane.latency_other
-        self.budget = budget or ConnectionBudget(plane.max_pipelined, plane.burst)
+        self.budget = budget or plane.budget(burst)
         self.wake = wake or (lambda: None)
         self.peer = peer  # for log lines
-        self.client = ""  # whose reservations these are (peer IP, shm uid): ClientSpace key
+        self.client = client  # whose reservations these are (peer IP, shm uid): ClientSpace key
         self.reader = FrameReader(HEADER_BUFFER)
         self.ext: Any = None  # a transport's per-connection state (shm: leases, reservations)
         # actions

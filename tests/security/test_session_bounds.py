@@ -10,7 +10,7 @@ from kvstore.wire import FLAG_RESPONSE, HEADER_SIZE, OP_PING, OP_PUT, checksum, 
 from kvstored.auth import Auth, Unauthenticated
 from kvstored.dataplane.ops import CORE_OPS
 from kvstored.dataplane.policy import DataLimits
-from kvstored.dataplane.session import FAIR_FRAMES, Plane
+from kvstored.dataplane.session import FAIR_FRAMES, DataSession, Plane
 from kvstored.engine import Store, StoreLimits
 
 from secutil import TOKENS, write_tokens
@@ -49,7 +49,7 @@ def drain(s) -> list:
 
 def test_unread_responses_stop_reading_at_the_bound():
     p = plane(max_queued_response_bytes=64 * KiB, max_queued_responses=1 << 20)
-    s = p.session("t")
+    s = DataSession(p, "t")
     flood = PING * 10000  # 320 KiB of requests, 320 KiB of answers
     taken = 0
     for _ in range(100):  # the transport never drains: unsent stays > 0
@@ -70,7 +70,7 @@ def test_unread_responses_stop_reading_at_the_bound():
 
 def test_frames_bound_too():
     p = plane(max_queued_response_bytes=1 << 30, max_queued_responses=100)
-    s = p.session("t")
+    s = DataSession(p, "t")
     s.feed(PING * 500)
     s.written(1)
     assert s.queue_full and s.queued_frames == 100
@@ -78,7 +78,7 @@ def test_frames_bound_too():
 
 def test_a_connection_yields_after_fair_frames():
     p = plane()
-    s = p.session("t")
+    s = DataSession(p, "t")
     s.feed(PING * (FAIR_FRAMES + 10))
     assert s.yield_stop and len(drain(s)) == FAIR_FRAMES
     s.yield_stop = False
@@ -92,12 +92,12 @@ def _put_header(rid: int, key: bytes, size: int) -> bytes:
 
 def test_reserved_bytes_per_connection_and_per_client():
     p = plane(max_reserved_bytes_per_connection=8 * MiB, max_reserved_bytes_per_client=10 * MiB)
-    a, b, other = p.session("a"), p.session("b"), p.session("c")
+    a, b, other = DataSession(p, "a"), DataSession(p, "b"), DataSession(p, "c")
     a.client = b.client = "10.0.0.1"
     other.client = "10.0.0.2"
     a.feed(_put_header(1, b"a1", 4 * MiB) + b"x" * KiB)  # held, mid-payload
     assert a.reserved == 4 * MiB
-    a2 = p.session("a2")
+    a2 = DataSession(p, "a2")
     a2.client = "10.0.0.1"
     a2.feed(_put_header(1, b"a2", 4 * MiB) + b"x")
     b.feed(_put_header(2, b"b1", 4 * MiB))  # 12 MiB for the client: over 10, refused, payload skipped
@@ -116,7 +116,7 @@ def test_reserved_bytes_per_connection_and_per_client():
 def test_stalled_put_is_reclaimed_a_slow_one_is_not():
     p = plane(put_stall_timeout=1.0, min_put_rate=1 * MiB)
     store, clock = p.store, p.store.clock
-    slow, staller = p.session("slow"), p.session("staller")
+    slow, staller = DataSession(p, "slow"), DataSession(p, "staller")
     value = bytes(range(256)) * (2 * MiB // 256)
     slow.feed(encode_request(OP_PUT, 1, b"ns", b"slow", len(value), checksum(value)))
     staller.feed(_put_header(1, b"stall", 2 * MiB) + b"x" * KiB)
@@ -133,7 +133,7 @@ def test_stalled_put_is_reclaimed_a_slow_one_is_not():
     assert staller.finish == "abort" and staller.reserved == 0  # cut 1 s after its last byte
     assert p.counters["stalled_puts"] == 1 and p.clients.held == {}
     # a trickle that never pauses 1 s is still cut at 1 s + size / min_put_rate
-    trickle = p.session("trickle")
+    trickle = DataSession(p, "trickle")
     t0 = clock.t
     trickle.feed(_put_header(2, b"trickle", 2 * MiB))
     for _ in range(40):
@@ -148,7 +148,7 @@ def test_stalled_put_is_reclaimed_a_slow_one_is_not():
 def test_nothing_reserved_before_auth(tmp_path):
     auth = Auth(str(write_tokens(tmp_path / "tokens.toml", TOKENS)))
     p = plane(auth=auth)
-    s = p.session("t")
+    s = DataSession(p, "t")
     s.feed(_put_header(1, b"k", 4 * MiB) + bytes(4 * MiB))
     (h, msg), = drain(s)
     assert h.status == Unauthenticated.code
@@ -160,7 +160,7 @@ def test_a_put_paused_by_the_daemon_is_not_cut_as_stalled():
     # payload: put_stall_timeout does not apply meanwhile, only the put's overall cap
     p = plane(put_stall_timeout=1.0, min_put_rate=1 * MiB)
     store, clock = p.store, p.store.clock
-    s = p.session("t")
+    s = DataSession(p, "t")
     value = bytes(2 * MiB)
     s.feed(encode_request(OP_PUT, 1, b"ns", b"k", len(value), checksum(value)) + value[:KiB])
     s.write_blocked()

@@ -49,7 +49,7 @@ class Peer:
         self.plane = Plane(store, ops, gate=EpochGate(epoch), auth=auth,
                            max_pipelined=max_pipelined, burst=burst)
         self.woken = 0
-        self.s: DataSession = self.plane.session("unit-test", wake=self._wake)
+        self.s: DataSession = DataSession(self.plane, "unit-test", wake=self._wake)
         self.wire = bytearray()  # everything the session sent
         self.unsent = 0  # bytes the "transport" still holds (get views not yet released)
 
