@@ -204,6 +204,12 @@ class ShmConnection(DataConnection):
             raise errors.ChecksumMismatch("object bytes in the arena do not match their checksum")
         return sv
 
+    def frames_get(self, sizes: list[int] | None) -> bool:
+        # only a single small get moves inside the frames: a batch is one round trip and
+        # one copy per object out of the arena either way, and through the small Unix
+        # socket buffer its payloads cost ~10 wake-ups per 32 x 64 KiB (measured 2x slower)
+        return sizes is not None and len(sizes) <= 1 and super().frames_get(sizes)
+
     def frames_put(self, sizes: list[int]) -> bool:
         # with a credit a put is one copy and one round trip at any size: cheaper than
         # the frames (two copies through the socket, and the daemon reads the payload)

@@ -1,6 +1,6 @@
 """Small gets on the shm socket travel inside the frames (issue 11: shm never slower
-than TCP at 64 KiB): get_into / batch_get_into of objects up to SHM_INLINE_MAX use
-OP_GET over the Unix socket; larger ones use the arena, and puts of every size go
+than TCP at 64 KiB): a get_into of one object up to SHM_INLINE_MAX uses OP_GET over
+the Unix socket; larger ones and batches use the arena, and puts of every size go
 through the arena (one SHM_PUT per put once the connection holds a credit)."""
 from __future__ import annotations
 
