@@ -82,9 +82,12 @@ class ShmServer:
         self.path = path
         self.allowed_uids = allowed_uids | {os.getuid(), 0}
         self.lease_ttl = lease_ttl
-        # credits of one connection hold at most 1/8 of the arena (64 MiB at most): a
-        # batch's worth of slots for the next batch, never enough to starve other writers
-        self.credit_bytes = min(64 << 20, data_server.store.arena.size // 8)
+        # credits hold at most 1/8 of the arena, all connections together, and 64 MiB
+        # per connection: a batch's worth of slots for the next batch, never enough to
+        # starve other writers (idle credits are only taken back at their deadline)
+        self.credit_total = data_server.store.arena.size // 8
+        self.credit_bytes = min(64 << 20, self.credit_total)
+        self.credit_held = 0  # bytes of credits of all connections
         self.sock: socket.socket | None = None
         self.task: asyncio.Task | None = None
         self.connections: set[ShmState] = set()
@@ -200,17 +203,20 @@ class ShmState:
         for res in self.credits.values():
             session._drop_reservation(res)
         self.credits.clear()
+        self.shm.credit_held -= self.credit_bytes
         self.credit_bytes = 0
 
     def take_credit(self, cid: int) -> "Reservation | None":
         res = self.credits.pop(cid, None)
         if res is not None:
             self.credit_bytes -= res.size
+            self.shm.credit_held -= res.size
         return res
 
     def keep_credit(self, cid: int, res: "Reservation") -> None:
         self.credits[cid] = res
         self.credit_bytes += res.size
+        self.shm.credit_held += res.size
 
     def expire(self, now: float) -> int:
         dead = [lid for lid, (_, until) in self.leases.items() if until <= now]
@@ -316,7 +322,9 @@ def _grant(s: DataSession, size: int) -> tuple:
     """A credit for the connection's next put of ``size`` bytes, (reservation, id), or ()
     when a bound says no or there is no free slot right now (a credit is never waited for)."""
     st: ShmState = s.ext
-    if len(st.credits) >= MAX_CREDITS or st.credit_bytes + size > st.shm.credit_bytes:
+    shm = st.shm
+    if len(st.credits) >= MAX_CREDITS or st.credit_bytes + size > shm.credit_bytes or \
+            shm.credit_held + size > shm.credit_total:
         return ()
     if s.budget.admit_reservation(s.reserved, size) or s.plane.clients.admit(s.client, size):
         return ()

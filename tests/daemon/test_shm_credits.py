@@ -153,6 +153,11 @@ def test_credits_are_bounded_and_expire_when_never_used(start_daemon, tmp_path):
         try:
             granted = [raw.credit(b"s", b"k%d" % i, os.urandom(64 * KiB)) for i in range(40)]
             assert sum(g is not None for g in granted) == 16  # 16 x 64 KiB = 1 MiB
+            other = Raw(c.info().shm_socket)  # all connections' credits together: 1/8 too
+            try:
+                assert other.credit(b"s", b"other", os.urandom(64 * KiB)) is None
+            finally:
+                other.close()
             got = counters(c)
             assert got["shm_credits_granted"] == 16 and got["reserved_bytes"] <= MiB
             assert wait_for(lambda: counters(c).get("reservations", 1) == 0, 10)
