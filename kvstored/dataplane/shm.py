@@ -203,8 +203,9 @@ class ShmState:
         for res in self.credits.values():
             session._drop_reservation(res)
         self.credits.clear()
-        self.shm.credit_held -= self.credit_bytes
-        self.credit_bytes = 0
+        if self.credit_bytes:
+            self.shm.credit_held -= self.credit_bytes
+            self.credit_bytes = 0
 
     def take_credit(self, cid: int) -> "Reservation | None":
         res = self.credits.pop(cid, None)
