@@ -32,6 +32,10 @@ from .wire import (FLAG_OVERWRITE, FLAG_REFILL, HEADER, HEADER_SIZE, MAGIC, OP_S
 # shm.lease_ttl passes.
 DEFERRED_RELEASES = 32
 DEFERRED_RELEASE_BYTES = 64 << 20
+# ... and never more than this share of the arena: the daemon may be waiting for DRAM
+# (promoting a batch's NVMe objects) that only these releases would give back, and a
+# small arena (16 MiB of 1 MiB objects) would otherwise stall that batch until NoSpace.
+DEFERRED_RELEASE_ARENA_SHARE = 1 / 16
 # Copies into credits are announced to the daemon in sends of about this many bytes
 # of objects, so it checksums and commits one group while we copy the next.
 PUT_FLUSH_BYTES = 1 << 20
@@ -122,6 +126,7 @@ class ShmConnection(DataConnection):
         self._credits: dict[int, list] = {}  # object size -> [(offset, credit id, use by)]
         self._releases: list[bytes] = []  # RELEASE frames waiting for the next request
         self._release_bytes = 0
+        self._release_limit = min(DEFERRED_RELEASE_BYTES, int(size * DEFERRED_RELEASE_ARENA_SHARE))
 
     def close(self) -> None:
         if self.closed:
@@ -184,7 +189,7 @@ class ShmConnection(DataConnection):
         for lease in leases:
             rel.append(HEADER.pack(MAGIC, VERSION, OP_SHM_RELEASE, 0, self.next_id(), 0, 0, 0, 0, 0, lease))
         self._release_bytes += nbytes
-        if len(rel) >= DEFERRED_RELEASES or self._release_bytes >= DEFERRED_RELEASE_BYTES:
+        if len(rel) >= DEFERRED_RELEASES or self._release_bytes >= self._release_limit:
             self.send([])
 
     def _arena_slice(self, offset: int, size: int) -> memoryview:
