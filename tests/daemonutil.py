@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import textwrap
 import time
 from pathlib import Path
 
@@ -83,3 +84,25 @@ class Daemon:
         if self.ready_file.exists():
             self.ready_file.unlink()
         return self.proc.returncode
+
+
+def config(tmp_path: Path, text: str) -> str:
+    """A TOML config file with ``text`` (dedented) for a daemon's --config."""
+    p = tmp_path / f"cfg-{time.monotonic_ns()}.toml"
+    p.write_text(textwrap.dedent(text))
+    return str(p)
+
+
+def counters(c) -> dict:
+    """A client's view of the daemon's Stats counters."""
+    return dict(c.stats().counters)
+
+
+def wait_for(pred, timeout: float = 10.0) -> bool:
+    """Poll ``pred`` every 50 ms for up to ``timeout`` seconds; its last answer."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(0.05)
+    return pred()

@@ -322,18 +322,7 @@ class ShmConnection(DataConnection):
                 frames, pending = [], 0
         if frames:
             self.send([b"".join(frames)])
-        now = time.monotonic()
-        for i, r in self._responses(order).items():
-            if isinstance(r, errors.KVStoreError):
-                if isinstance(r, errors.InvalidArgument) and r.message.startswith("unknown credit"):
-                    retry.append(i)
-                else:
-                    results[i] = r
-                continue
-            aux, life_ms, ids = r
-            results[i] = aux != 1
-            if ids is not None:
-                self._keep_credit(ids, life_ms, now)
+        self._put_answers(order, results, retry)
 
     def _put_reserved(self, ns: bytes, items: list[tuple[bytes, memoryview]], overwrite: bool) -> list:
         """Reserve, copy into the arena, commit (asking for a credit for the next put)."""
@@ -370,13 +359,23 @@ class ShmConnection(DataConnection):
             # commit at once: the daemon checksums this slot while we copy the next one
             self.send([encode_request(OP_SHM_COMMIT, rid, b"", b"", 0, res, FLAG_REFILL)])
         if order:
-            now = time.monotonic()
-            for i, r in self._responses(order).items():
-                if isinstance(r, errors.KVStoreError):
-                    results[i] = r
-                    continue
-                aux, life_ms, ids = r
-                results[i] = aux != 1
-                if ids is not None:
-                    self._keep_credit(ids, life_ms, now)
+            self._put_answers(order, results)
         return results
+
+    def _put_answers(self, order: dict, results: list, retry: list | None = None) -> None:
+        """Collect the answers of SHM_PUT / SHM_COMMIT frames: stored (True) / already
+        there (False) / typed error per item, keeping any credit an answer carries. With
+        ``retry``: a credit the daemon no longer knew (it expired) puts the item there."""
+        now = time.monotonic()
+        for i, r in self._responses(order).items():
+            if isinstance(r, errors.KVStoreError):
+                if (retry is not None and isinstance(r, errors.InvalidArgument)
+                        and r.message.startswith("unknown credit")):
+                    retry.append(i)
+                else:
+                    results[i] = r
+                continue
+            aux, life_ms, ids = r
+            results[i] = aux != 1
+            if ids is not None:
+                self._keep_credit(ids, life_ms, now)

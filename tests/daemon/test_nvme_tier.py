@@ -14,7 +14,7 @@ import urllib.request
 import pytest
 
 import kvstore
-from daemonutil import ROOT
+from daemonutil import ROOT, wait_for
 
 BLOCK = 4096
 MiB = 1 << 20
@@ -33,15 +33,6 @@ def nvme_args(path, size="128MiB", region="16MiB"):
 
 def tier(client, name):
     return next(t for t in client.stats().tiers if t.name == name)
-
-
-def wait_for(pred, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def run_daemon_expect_exit(args, timeout=30):

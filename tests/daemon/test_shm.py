@@ -6,35 +6,15 @@ import socket
 import subprocess
 import sys
 import textwrap
-import time
 
 import pytest
 
 import kvstore
-from daemonutil import ROOT
+from daemonutil import ROOT, config, counters, wait_for
 from kvstore import wire
 
 MiB = 1 << 20
 SMALL = ("--dram-size", "8MiB", "--slab-size", "1MiB", "--max-value-size", "1MiB")
-
-
-def config(tmp_path, text: str) -> str:
-    p = tmp_path / f"cfg-{time.monotonic_ns()}.toml"
-    p.write_text(textwrap.dedent(text))
-    return str(p)
-
-
-def counters(c) -> dict:
-    return dict(c.stats().counters)
-
-
-def wait_for(pred, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 def test_round_trips_over_shm_and_tcp_see_the_same_objects(daemon):

@@ -5,36 +5,16 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import textwrap
 import threading
-import time
 
 import pytest
 
 import kvstore
+from daemonutil import config, counters, wait_for
 from kvstore import wire
 
 KiB, MiB = 1 << 10, 1 << 20
 SMALL = ("--dram-size", "8MiB", "--slab-size", "1MiB", "--max-value-size", "1MiB")
-
-
-def config(tmp_path, text: str) -> str:
-    p = tmp_path / f"cfg-{time.monotonic_ns()}.toml"
-    p.write_text(textwrap.dedent(text))
-    return str(p)
-
-
-def counters(c) -> dict:
-    return dict(c.stats().counters)
-
-
-def wait_for(pred, timeout=10.0) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if pred():
-            return True
-        time.sleep(0.05)
-    return pred()
 
 
 class Raw:
