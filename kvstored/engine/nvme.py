@@ -15,6 +15,10 @@ end, so a restart reads it instead of every record header (nvmescan).
 Durability: a record counts as on NVMe once it and every record before it in
 its region are written (the region's "durable frontier"); only then may the
 DRAM copy go. Payloads are verified on every read.
+
+About 550 lines on purpose: appends, the durable frontier, reclaim and tombstones
+share the regions' state and its ordering rules; what could leave without that
+state (format, device, scan, sync, I/O) already has.
 """
 from __future__ import annotations
 
