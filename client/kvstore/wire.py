@@ -106,12 +106,18 @@ checksum = xxhash.xxh3_64_intdigest
 """Checksum of a payload (any buffer): xxh3-64 as an int."""
 
 
+checksum_stream = xxhash.xxh3_64
+"""A new incremental hasher (``update(buf)`` per piece, ``intdigest()`` at the end) whose
+result equals ``checksum`` of the pieces' concatenation: a receiver hashes each chunk of a
+large payload right after it lands, while it is still in cache."""
+
+
 def checksum_parts(parts) -> int:
     """``checksum`` of the concatenation of ``parts`` (buffers), computed incrementally:
     a value given as (header, fragment) is checksummed without joining it."""
     if len(parts) == 1:
         return checksum(parts[0])
-    h = xxhash.xxh3_64()
+    h = checksum_stream()
     for p in parts:
         h.update(p)
     return h.intdigest()
