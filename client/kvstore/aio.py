@@ -39,7 +39,10 @@ class _Waiter:
 
 
 class _DataProtocol(asyncio.BufferedProtocol):
-    def __init__(self, verify: bool, pool: ReceivePool):
+    def __init__(self, verify: bool, pool: ReceivePool, loop: asyncio.AbstractEventLoop):
+        # the connection's loop, kept: asyncio.get_running_loop() costs a getpid() syscall
+        # per call (its fork check), three per request on the hot path
+        self.loop = loop
         self.verify = verify
         self.pool = pool  # get()'s receive buffers (kvstore.recvpool)
         self.reader = FrameReader(_BUFFER)  # the same frame reader as the daemon's
@@ -62,7 +65,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
             self.transport.writelines(bufs)
             return
         if not self._out:
-            asyncio.get_running_loop().call_soon(self._flush)
+            self.loop.call_soon(self._flush)
         self._out.extend(bufs)
 
     def _flush(self) -> None:
@@ -310,8 +313,8 @@ class AsyncClient(AsyncControl, Namespaced):
                 "ssl": self._ssl, "server_hostname": self.tls.server_name or host}
             try:
                 _, p = await asyncio.wait_for(
-                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums, self._pool), host, int(port),
-                                           **tls),
+                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums, self._pool, loop),
+                                           host, int(port), **tls),
                     self.timeout if tls else min(self.timeout, self.connect_timeout))  # TLS: + handshake
             except (OSError, asyncio.TimeoutError) as e:
                 # a dial that timed out made no connection: nothing for a TLS diagnosis to see
@@ -355,7 +358,8 @@ class AsyncClient(AsyncControl, Namespaced):
         On a lost connection reconnects once, and with ``ride_out_restarts`` keeps
         retrying for that long: every data-path request is idempotent.
         """
-        loop = asyncio.get_running_loop()
+        p = self._proto
+        loop = p.loop if p is not None and p.lost is None else asyncio.get_running_loop()
         deadline = loop.time() + self.timeout
         ride_until = loop.time() + self._ride_out
         for attempt in itertools.count():
@@ -414,7 +418,7 @@ class AsyncClient(AsyncControl, Namespaced):
         flags = FLAG_OVERWRITE if overwrite else 0
 
         def build(p: _DataProtocol):
-            loop = asyncio.get_running_loop()
+            loop = p.loop
             bufs, waiters = [], []
             for k, parts, n, cs in prepared:
                 rid = next(p.rid)
@@ -427,11 +431,13 @@ class AsyncClient(AsyncControl, Namespaced):
 
         return await self._requests(build)
 
+    # get / get_into call _gets directly (no batch list checks): they are the hot path of
+    # many small concurrent requests, where every microsecond of Python is per op
     async def get(self, key, *, namespace: str | None = None) -> bytearray:
-        return (await self.batch_get([key], namespace=namespace))[0]
+        return (await self._gets(self._nsb(namespace), [key_bytes(key)], [None]))[0]
 
     async def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
-        return (await self.batch_get_into([key], [buffer], namespace=namespace))[0]
+        return (await self._gets(self._nsb(namespace), [key_bytes(key)], [writable_view(buffer)]))[0]
 
     async def batch_get(self, keys: Sequence, *, namespace: str | None = None) -> list[bytearray]:
         ks = self._keys(keys)
@@ -446,7 +452,7 @@ class AsyncClient(AsyncControl, Namespaced):
 
     async def _gets(self, ns: bytes, keys: list[bytes], dests: list) -> list:
         def build(p: _DataProtocol):
-            loop = asyncio.get_running_loop()
+            loop = p.loop
             frames, waiters = [], []
             for k, d in zip(keys, dests):
                 rid = next(p.rid)
