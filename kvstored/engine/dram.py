@@ -29,6 +29,7 @@ class DramTier:
         self.index = index
         self.counters = counters  # the Store's; this tier counts no_space
         self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages)
+        index.use_slab_size(self.arena.slab_size)  # its slot map is laid out per slab
         if limits.prefault:
             self.arena.prefault_in_background()
         self.policy = Policy(len(self.arena.classes))

@@ -9,7 +9,10 @@ thread: no locks.
 from __future__ import annotations
 
 import time
+from itertools import chain
 from typing import TYPE_CHECKING, Callable, Iterator
+
+from kvstored.settings import default
 
 from .eviction import NONE
 
@@ -21,12 +24,19 @@ COMMITTED = 1
 DEAD = 2  # removed from the index (deleted / overwritten / evicted) while still referenced
 
 
+# Pin counts and lease ends of the (few) pinned entries: entry -> [pins, pin_until].
+# Kept beside the entries rather than in two slots of every one (16 B per object,
+# issue 13); a record goes when both are back to zero or the entry leaves the index.
+_PINS: dict["Entry", list] = {}
+
+
 class Entry:
     """One committed object. While in DRAM, linked into its size class's eviction lists
-    (``seg``, ``stamp``, ``newer``, ``older`` belong to eviction.Policy)."""
+    (``seg``, ``stamp``, ``newer``, ``older`` belong to eviction.Policy). ``pins`` and
+    ``pin_until`` read and write like fields; they live in a side table (``_PINS``)."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
-                 "pins", "pin_until", "seg", "stamp", "newer", "older", "committed_at", "nvme",
+                 "seg", "stamp", "newer", "older", "committed_at", "nvme",
                  "reads", "unverified")
 
     def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int,
@@ -39,8 +49,6 @@ class Entry:
         self.sc = sc
         self.state = COMMITTED
         self.refs = 0
-        self.pins = 0
-        self.pin_until = 0.0
         self.seg = NONE
         self.stamp = 0
         self.newer: Entry | None = None
@@ -54,7 +62,41 @@ class Entry:
         self.unverified = False
 
     def pinned(self, now: float) -> bool:
-        return self.pins > 0 and self.pin_until > now
+        r = _PINS.get(self)
+        return r is not None and r[0] > 0 and r[1] > now
+
+    @property
+    def pins(self) -> int:
+        r = _PINS.get(self)
+        return 0 if r is None else r[0]
+
+    @pins.setter
+    def pins(self, n: int) -> None:
+        self._set_pin(0, n)
+
+    @property
+    def pin_until(self) -> float:
+        r = _PINS.get(self)
+        return 0.0 if r is None else r[1]
+
+    @pin_until.setter
+    def pin_until(self, t: float) -> None:
+        self._set_pin(1, t)
+
+    def _set_pin(self, i: int, v) -> None:
+        r = _PINS.get(self)
+        if r is None:
+            if v:
+                r = _PINS[self] = [0, 0.0]
+                r[i] = v
+            return
+        r[i] = v
+        if not r[0] and not r[1]:
+            del _PINS[self]
+
+    def forget_pin(self) -> None:
+        """Drop the pin record (the entry left the index: nothing asks it again)."""
+        _PINS.pop(self, None)
 
 
 class Reservation:
@@ -79,6 +121,19 @@ class Reservation:
         self.done = False
 
 
+class _Space:
+    """One namespace: its keys, counts, and the one bytes object its entries share as
+    ``ns`` (a put decodes a fresh one per request; keeping it per entry cost 48 B)."""
+
+    __slots__ = ("name", "keys", "objects", "bytes")
+
+    def __init__(self, name: bytes):
+        self.name = name
+        self.keys: dict[bytes, Entry] = {}
+        self.objects = 0
+        self.bytes = 0
+
+
 class Index:
     """(namespace, key) -> Entry, with the counts kept as it changes.
 
@@ -98,40 +153,54 @@ class Index:
 
     ``__getitem__``, ``items`` and ``values`` exist for tests and tools that read
     the index like the dict it was; the daemon's code does not use them.
+
+    Layout, chosen for bytes per object (benchmarks/bench_index.py, docs/scale.md):
+    one dict per namespace keyed by the key bytes (no (ns, key) tuple per entry),
+    the namespace's bytes shared by its entries (``insert`` swaps ``e.ns`` for it),
+    and the slot map a list per slab indexed by slot number (8 B per slot, where a
+    dict cost ~40 B per object).
     """
 
-    __slots__ = ("_map", "_ns", "_by_offset", "_pinned", "object_bytes", "unverified")
+    __slots__ = ("_spaces", "_n", "_slab_size", "_slabs", "_pinned", "object_bytes",
+                 "unverified")
 
-    def __init__(self):
-        self._map: dict[tuple[bytes, bytes], Entry] = {}
-        self._ns: dict[bytes, list[int]] = {}  # namespace -> [objects, bytes]
-        self._by_offset: dict[int, Entry] = {}  # DRAM slot -> the entry stored in it
+    def __init__(self, slab_size: int = default("slab_size")):
+        if slab_size <= 0:
+            raise ValueError(f"slab_size must be positive, not {slab_size}")
+        self._spaces: dict[bytes, _Space] = {}
+        self._n = 0
+        self._slab_size = slab_size  # the arena's: a DRAM offset's slab is offset // it
+        # slab number -> [slot size, entry or None per slot]; a slab that changed class
+        # since (it was emptied first, so every slot is None) gets a fresh list
+        self._slabs: dict[int, list] = {}
         self._pinned: set[Entry] = set()  # entries with a pin count (leases may have lapsed)
         self.object_bytes = 0
         self.unverified = 0  # entries hidden from clients until verified
 
     # ---------------------------------------------------------------- lookup
     def get(self, ns: bytes, key: bytes) -> Entry | None:
-        return self._map.get((ns, key))
+        sp = self._spaces.get(ns)
+        return None if sp is None else sp.keys.get(key)
 
     def __contains__(self, k: tuple[bytes, bytes]) -> bool:
-        return k in self._map
+        return self.get(k[0], k[1]) is not None
 
     def __len__(self) -> int:
-        return len(self._map)
+        return self._n
 
     # ---------------------------------------------------------------- change
     def insert(self, e: Entry) -> None:
-        """Add ``e`` under its key, which must be free (remove the old entry first)."""
-        k = (e.ns, e.key)
-        if self._map.setdefault(k, e) is not e:  # one dict operation on the put path
-            raise KeyError(f"index already holds {k!r}; remove the old entry first")
-        row = self._ns.get(e.ns)
-        if row is None:
-            self._ns[e.ns] = [1, e.size]
-        else:
-            row[0] += 1
-            row[1] += e.size
+        """Add ``e`` under its key, which must be free (remove the old entry first).
+        ``e.ns`` becomes the namespace's shared bytes object (equal, maybe not the same)."""
+        sp = self._spaces.get(e.ns)
+        if sp is None:
+            sp = self._spaces[e.ns] = _Space(e.ns)
+        if sp.keys.setdefault(e.key, e) is not e:  # one dict operation on the put path
+            raise KeyError(f"index already holds {(e.ns, e.key)!r}; remove the old entry first")
+        e.ns = sp.name
+        sp.objects += 1
+        sp.bytes += e.size
+        self._n += 1
         self.object_bytes += e.size
         if e.unverified:
             self.unverified += 1
@@ -139,63 +208,94 @@ class Index:
     def remove(self, e: Entry) -> None:
         """Drop ``e`` (which must be the entry under its key) and its pin; a held-back
         record stops being counted as one."""
-        del self._map[(e.ns, e.key)]
-        row = self._ns[e.ns]
-        if row[0] == 1:
-            del self._ns[e.ns]
+        sp = self._spaces.get(e.ns)
+        if sp is None:
+            raise KeyError((e.ns, e.key))
+        del sp.keys[e.key]
+        if sp.objects == 1:
+            del self._spaces[e.ns]
         else:
-            row[0] -= 1
-            row[1] -= e.size
+            sp.objects -= 1
+            sp.bytes -= e.size
+        self._n -= 1
         self.object_bytes -= e.size
         if e.unverified:
             e.unverified = False
             self.unverified -= 1
         self._pinned.discard(e)
+        e.forget_pin()
 
     def mark_unverified(self, e: Entry) -> None:
         if not e.unverified:
             e.unverified = True
-            if (e.ns, e.key) in self._map:
+            if self.get(e.ns, e.key) is not None:
                 self.unverified += 1
 
     def verify(self, e: Entry) -> None:
         if e.unverified:
             e.unverified = False
-            if (e.ns, e.key) in self._map:
+            if self.get(e.ns, e.key) is not None:
                 self.unverified -= 1
 
     # ------------------------------------------------------------------ walk
     def iterate(self, ns: bytes | None = None) -> Iterator[Entry]:
-        """Every entry (dict order), optionally of one namespace. Do not change the
-        index while walking it: snapshot (``list(...)``) first."""
+        """Every entry, namespace by namespace (each in insertion order), or those of
+        one namespace. Do not change the index while walking it: snapshot
+        (``list(...)``) first."""
         if ns is None:
-            return iter(self._map.values())
-        return (e for e in self._map.values() if e.ns == ns)
+            return chain.from_iterable(sp.keys.values() for sp in self._spaces.values())
+        sp = self._spaces.get(ns)
+        return iter(()) if sp is None else iter(sp.keys.values())
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
-        return iter(self._map)
+        return ((sp.name, k) for sp in self._spaces.values() for k in sp.keys)
 
     # ----------------------------------------------------------------- count
     def count(self, ns: bytes) -> int:
-        row = self._ns.get(ns)
-        return row[0] if row else 0
+        sp = self._spaces.get(ns)
+        return sp.objects if sp else 0
 
     def namespaces(self) -> dict[bytes, tuple[int, int]]:
         """namespace -> (objects, bytes), held-back records included."""
-        return {ns: (r[0], r[1]) for ns, r in self._ns.items()}
+        return {ns: (sp.objects, sp.bytes) for ns, sp in self._spaces.items()}
 
     # ------------------------------------------------------------- DRAM slots
+    def use_slab_size(self, slab_size: int) -> None:
+        """The arena's slab size (the DRAM tier tells it when it makes the arena)."""
+        if slab_size <= 0:
+            raise ValueError(f"slab_size must be positive, not {slab_size}")
+        if self._slabs and slab_size != self._slab_size:
+            raise ValueError("slots are placed already: the slab size cannot change")
+        self._slab_size = slab_size
+
     def place(self, e: Entry) -> None:
         """``e`` now holds DRAM slot ``e.offset``."""
-        self._by_offset[e.offset] = e
+        slab, rel = divmod(e.offset, self._slab_size)
+        size = e.sc.slot_size
+        row = self._slabs.get(slab)
+        if row is None or row[0] != size:
+            # one spare slot at the end: an offset past a slab's last whole slot reads None
+            row = self._slabs[slab] = [size] + [None] * (self._slab_size // size + 1)
+        i, off = divmod(rel, size)
+        if off:
+            raise ValueError(f"offset {e.offset} is not a slot of {size} bytes in a slab of "
+                             f"{self._slab_size} (use_slab_size not called with the arena's?)")
+        row[1 + i] = e
 
     def displace(self, e: Entry) -> None:
         """``e`` gave up its DRAM slot (call before ``e.offset`` changes)."""
-        self._by_offset.pop(e.offset, None)
+        slab, rel = divmod(e.offset, self._slab_size)
+        row = self._slabs.get(slab)
+        if row is not None and rel % row[0] == 0 and row[1 + rel // row[0]] is e:
+            row[1 + rel // row[0]] = None
 
     def at(self, offset: int) -> Entry | None:
         """The committed entry in the DRAM slot at ``offset``, if any."""
-        return self._by_offset.get(offset)
+        slab, rel = divmod(offset, self._slab_size)
+        row = self._slabs.get(slab)
+        if row is None or rel % row[0]:
+            return None  # no entry ever placed there, or the slab is of another class now
+        return row[1 + rel // row[0]]
 
     # ------------------------------------------------------------------ pins
     def note_pin(self, e: Entry) -> None:
@@ -213,10 +313,13 @@ class Index:
 
     # -------------------------------------------- dict-like reads (tests, tools)
     def __getitem__(self, k: tuple[bytes, bytes]) -> Entry:
-        return self._map[k]
+        e = self.get(k[0], k[1])
+        if e is None:
+            raise KeyError(k)
+        return e
 
-    def items(self):
-        return self._map.items()
+    def items(self) -> Iterator[tuple[tuple[bytes, bytes], Entry]]:
+        return (((e.ns, e.key), e) for e in self.iterate())
 
-    def values(self):
-        return self._map.values()
+    def values(self) -> Iterator[Entry]:
+        return self.iterate()

@@ -1,0 +1,110 @@
+"""Bytes of daemon RAM per object held by the Store's index (issue 13).
+
+Builds an in-process Store with a DRAM arena large enough for every object (no
+eviction, so the ghost stays empty), puts N small objects through the public API
+(``put_bytes``: reserve -> fill -> commit) and reports the growth of the process's
+RssAnon per object. The arena is a memfd (shared memory: RssShmem), so RssAnon is
+the Python heap: entries, keys, the index's dicts, the eviction links.
+
+Each put gets its own namespace bytes object, as a request decoded off the wire
+does, so the figure includes whatever the Store does (or does not) to share them.
+
+    .venv/bin/python benchmarks/bench_index.py --objects 1000000
+    .venv/bin/python benchmarks/bench_index.py --objects 1000000 --breakdown
+
+``--breakdown`` also prints sys.getsizeof of one entry's parts (what the RssAnon
+slope is made of). Memory: about (bytes/object + object size) x N, e.g. ~0.6 GB
+for 1 M x 256 B objects today.
+"""
+from __future__ import annotations
+
+import argparse
+import gc
+import os
+import sys
+import time
+
+from kvstored.engine.store import Store, StoreLimits
+from kvstored.settings import default
+
+
+def rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+def key_of(i: int) -> bytes:
+    # a 32-byte key, like a chunk hash (LMCache / SGLang keys are hashes of this size)
+    return i.to_bytes(8, "little") * 4
+
+
+def _block(n: int) -> int:
+    return (n + 15) // 16 * 16  # pymalloc hands out 16-byte multiples (64-bit CPython 3.11)
+
+
+def breakdown(store: Store, ns: bytes, key: bytes, n: int) -> list[tuple[str, float]]:
+    """Bytes per object by part: one entry's own objects (sys.getsizeof rounded to
+    pymalloc's blocks) and the shared structures divided by ``n``."""
+    e = store.index.get(ns, key)
+    rows: list[tuple[str, float]] = [("Entry object (slots + GC header)", _block(sys.getsizeof(e))),
+                                     ("key bytes", _block(sys.getsizeof(e.key)))]
+    for name in getattr(type(e), "__slots__", ()):
+        v = getattr(e, name, None)
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and not -5 <= v <= 256:
+            rows.append((f"{name} ({type(v).__name__} object)", _block(sys.getsizeof(v))))
+    ix = store.index
+    if hasattr(ix, "_map"):  # the layout before issue 13's first cuts
+        rows.append(("ns bytes (one per entry)", _block(sys.getsizeof(e.ns))))
+        rows.append(("(ns, key) tuple", _block(sys.getsizeof((e.ns, e.key)))))
+        rows.append(("index dict, per object", sys.getsizeof(ix._map) / n))
+        rows.append(("slot -> entry dict, per object", sys.getsizeof(ix._by_offset) / n))
+    else:
+        rows.append(("namespace dicts, per object",
+                     sum(sys.getsizeof(sp.keys) for sp in ix._spaces.values()) / n))
+        rows.append(("slot -> entry lists, per object",
+                     sum(sys.getsizeof(r) for r in ix._slabs.values()) / n))
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--objects", type=int, default=1_000_000)
+    ap.add_argument("--size", type=int, default=256, help="object size in bytes (default 256)")
+    ap.add_argument("--namespaces", type=int, default=1)
+    ap.add_argument("--breakdown", action="store_true")
+    a = ap.parse_args()
+    if a.objects < 1 or a.size < 1 or a.namespaces < 1:
+        ap.error("--objects, --size and --namespaces must be positive")
+    slab = default("slab_size")  # the daemon's (64 MiB): the slot map is laid out per slab
+    slot = max(256, 1 << (a.size - 1).bit_length())
+    dram = (a.objects * slot // slab + 2) * slab  # memfd: only the pages written count
+    store = Store(StoreLimits(dram_size=dram, slab_size=slab, hugepages=False, prefault=False))
+    data = os.urandom(a.size)
+    names = [f"model-{j}|".encode() for j in range(a.namespaces)]
+    gc.collect()
+    base = rss_anon()
+    t0 = time.perf_counter()
+    for i in range(a.objects):
+        ns = names[i % a.namespaces][:-1]  # a fresh bytes object, as off the wire
+        store.put_bytes(ns, key_of(i), data)
+    dt = time.perf_counter() - t0
+    gc.collect()
+    grown = rss_anon() - base
+    assert len(store.index) == a.objects, "every put must be stored (no eviction)"
+    print(f"objects {a.objects}  size {a.size} B  namespaces {a.namespaces}  "
+          f"put {dt / a.objects * 1e6:.2f} us/object")
+    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / a.objects:.1f} bytes/object")
+    if a.breakdown:
+        rows = breakdown(store, names[(a.objects - 1) % a.namespaces][:-1], key_of(a.objects - 1),
+                         a.objects)
+        for name, n in rows:
+            print(f"  {name:40s} {n:6.1f} B")
+        print(f"  {'sum':40s} {sum(n for _, n in rows):6.1f} B")
+    store.close()
+
+
+if __name__ == "__main__":
+    main()
