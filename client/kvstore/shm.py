@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import mmap
 import os
+import select
 import socket
 import sys
 import time
@@ -123,6 +124,9 @@ class ShmConnection(DataConnection):
             for fd in fds:
                 os.close(fd)
         self._init_framing(timeout)
+        self._poller = select.poll()
+        self._poller.register(self.sock, select.POLLIN)
+        self._poll_ms = max(int(timeout * 1000), 1)
         self._credits: dict[int, list] = {}  # object size -> [(offset, credit id, use by)]
         self._releases: list[bytes] = []  # RELEASE frames waiting for the next request
         self._release_bytes = 0
@@ -154,6 +158,16 @@ class ShmConnection(DataConnection):
             self._releases = []
             self._release_bytes = 0
         super().send(buffers)
+
+    def read_response(self):
+        # Wait for an answer in poll(POLLIN), never asleep in recv: a reader asleep in a
+        # Unix socket's recv is also woken each time the daemon reads what we sent (the
+        # kernel's write-space wake-up shares the reader's wait queue; poll filters it
+        # out), so every round trip cost this thread two wake-ups instead of one
+        # (measured 1.9 vs 1.0 per put, client and daemon on separate cores)
+        if not self._poller.poll(self._poll_ms):
+            raise socket.timeout(f"no answer from kvstored within {self._poll_ms / 1000}s")
+        return super().read_response()
 
     def _read(self) -> tuple:
         """The next response and its payload."""
