@@ -11,6 +11,11 @@ does, so the figure includes whatever the Store does (or does not) to share them
 
     .venv/bin/python benchmarks/bench_index.py --objects 1000000
     .venv/bin/python benchmarks/bench_index.py --objects 1000000 --breakdown
+    .venv/bin/python benchmarks/bench_index.py --objects 1000000 --resident 500000
+
+``--resident`` makes the arena hold fewer objects than are put: the rest go through
+eviction and the policy's ghost (one (ns, key) tuple per evicted key, as many as are
+resident) shows in the figure.
 
 ``--breakdown`` also prints sys.getsizeof of one entry's parts (what the RssAnon
 slope is made of). Memory: about (bytes/object + object size) x N, e.g. ~0.6 GB
@@ -75,12 +80,18 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=256, help="object size in bytes (default 256)")
     ap.add_argument("--namespaces", type=int, default=1)
     ap.add_argument("--breakdown", action="store_true")
+    ap.add_argument("--resident", type=int, default=0,
+                    help="size the arena for this many objects (default: all); fewer puts the "
+                         "rest through eviction, so the policy's ghost of evicted keys fills")
     a = ap.parse_args()
-    if a.objects < 1 or a.size < 1 or a.namespaces < 1:
+    if a.objects < 1 or a.size < 1 or a.namespaces < 1 or a.resident < 0:
         ap.error("--objects, --size and --namespaces must be positive")
+    fit = a.resident or a.objects
     slab = default("slab_size")  # the daemon's (64 MiB): the slot map is laid out per slab
     slot = max(256, 1 << (a.size - 1).bit_length())
-    dram = (a.objects * slot // slab + 2) * slab  # memfd: only the pages written count
+    dram = (fit * slot // slab + (2 if fit == a.objects else 0)) * slab  # memfd: pages written count
+    if dram < slab:
+        ap.error(f"--resident {fit} x {slot} B is less than one slab of {slab} B")
     store = Store(StoreLimits(dram_size=dram, slab_size=slab, hugepages=False, prefault=False))
     data = os.urandom(a.size)
     names = [f"model-{j}|".encode() for j in range(a.namespaces)]
@@ -93,13 +104,15 @@ def main() -> None:
     dt = time.perf_counter() - t0
     gc.collect()
     grown = rss_anon() - base
-    assert len(store.index) == a.objects, "every put must be stored (no eviction)"
-    print(f"objects {a.objects}  size {a.size} B  namespaces {a.namespaces}  "
+    held = len(store.index)
+    assert fit < a.objects or held == a.objects, "every put must be stored (no eviction)"
+    print(f"objects put {a.objects}  held {held}  size {a.size} B  namespaces {a.namespaces}  "
           f"put {dt / a.objects * 1e6:.2f} us/object")
-    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / a.objects:.1f} bytes/object")
+    print(f"ghost keys {len(store.policy.ghost)}  RssAnon grew {grown / 2**20:.1f} MiB: "
+          f"{grown / held:.1f} bytes/object held")
     if a.breakdown:
         rows = breakdown(store, names[(a.objects - 1) % a.namespaces][:-1], key_of(a.objects - 1),
-                         a.objects)
+                         held)
         for name, n in rows:
             print(f"  {name:40s} {n:6.1f} B")
         print(f"  {'sum':40s} {sum(n for _, n in rows):6.1f} B")
