@@ -136,8 +136,10 @@ class Policy:
         self.resident = 0
         self.adapt_rate = adapt_rate
         self.bonus_max = bonus_max
-        # (ns, key) of evicted entries, oldest first -> the list it left (COLD also
-        # stands for "no list": such a ghost hit protects but does not adapt)
+        # hash((ns, key)) of evicted entries, oldest first -> the list it left (COLD also
+        # stands for "no list": such a ghost hit protects but does not adapt). A digest,
+        # not the key: ~70 B per ghost key instead of ~186 B (the key bytes and the tuple),
+        # and a rare collision only admits one object as protected.
         self.ghost: dict = {}
         self.ghost_n = [0, 0, 0]  # ghost keys by the list they left
         self.tail_hints: dict = {}  # (ns, key) of missing chain tails named by a lookup
@@ -152,8 +154,9 @@ class Policy:
     def insert(self, e) -> None:
         """A newly committed entry."""
         k = (e.ns, e.key)
-        if k in self.ghost:
-            self._ghost_hit(self.ghost.pop(k))
+        h = hash(k)
+        if h in self.ghost:
+            self._ghost_hit(self.ghost.pop(h))
             self.tail_hints.pop(k, None)
             self.counters["ghost_hits"] += 1
             self._push(e, PROTECTED)
@@ -205,7 +208,7 @@ class Policy:
             self.resident -= 1
         if evicted:
             g, n = self.ghost, self.ghost_n
-            k = (e.ns, e.key)
+            k = hash((e.ns, e.key))
             origin = COLD if seg == NONE else seg
             old = g.pop(k, None)
             if old is not None:
@@ -215,6 +218,10 @@ class Policy:
             limit = max(self.ghost_min, self.resident)
             while len(g) > limit:
                 n[g.pop(next(iter(g)))] -= 1
+
+    def in_ghost(self, ns: bytes, key: bytes) -> int | None:
+        """The list an evicted key left (PROBATION, PROTECTED or COLD), or None."""
+        return self.ghost.get(hash((ns, key)))
 
     def note_chain(self, ns: bytes, keys: list, hit: int) -> None:
         """A prefix lookup found ``hit`` of ``keys``: a missing last key is a chain tail."""

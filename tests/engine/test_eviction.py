@@ -89,14 +89,14 @@ def test_ghost_hit_comes_back_protected():
     a = E(b"a")
     p.insert(a)
     p.remove(a, evicted=True)
-    assert (NS, b"a") in p.ghost
+    assert p.in_ghost(NS, b"a") == PROBATION
     a2 = E(b"a")
     p.insert(a2)
     assert a2.seg == PROTECTED and p.counters["ghost_hits"] == 1
     b = E(b"b")
     p.insert(b)
     p.remove(b)  # a delete, not an eviction: no ghost
-    assert (NS, b"b") not in p.ghost
+    assert p.in_ghost(NS, b"b") is None
 
 
 def test_ghost_is_bounded():
@@ -106,7 +106,7 @@ def test_ghost_is_bounded():
         p.insert(e)
         p.remove(e, evicted=True)
     assert len(p.ghost) == 100
-    assert (NS, b"k999") in p.ghost and (NS, b"k0") not in p.ghost
+    assert p.in_ghost(NS, b"k999") is not None and p.in_ghost(NS, b"k0") is None
 
 
 def test_chain_tail_goes_cold_and_first():
@@ -273,7 +273,7 @@ def test_age_bonus_is_fixed_without_adaptation_and_cold_hits_do_not_move_it():
     q.insert(t)
     assert t.seg == COLD
     q.remove(t, evicted=True)
-    assert q.ghost[(NS, b"t")] == COLD
+    assert q.in_ghost(NS, b"t") == COLD
     q.insert(E(b"t"))  # back protected, but a cold hit says nothing about the bonus
     assert q.age_bonus == 1.5
 
