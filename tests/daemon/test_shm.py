@@ -278,3 +278,29 @@ def test_a_daemon_that_stops_answering_times_out(start_daemon):
         finally:
             os.kill(d.proc.pid, signal.SIGCONT)
         assert c.get_into(b"k", buf) == len(buf)  # a fresh connection after the dropped one
+
+
+@pytest.mark.parametrize("rbuf", [57, 4096])
+def test_answers_of_mixed_lengths_stay_framed(daemon, monkeypatch, rbuf):
+    # the SDK reads answers through a buffer (kvstore.shm.RECV_BUFFER): a batch's answers
+    # (64-byte leases, error frames with text, objects inside the frames) split across
+    # reads at any offset, headers too (a 57-byte buffer splits nearly every answer)
+    from kvstore import shm
+    monkeypatch.setattr(shm, "RECV_BUFFER", rbuf)
+    with kvstore.Client(daemon.control, namespace="f") as c:
+        assert c.transport == "shm"
+        vals = {b"v%03d" % i + b"x" * (i % 7): os.urandom(1000 + i) for i in range(0, 300, 3)}
+        c.batch_put(list(vals.items()))
+        keys = [b"v%03d" % i + b"x" * (i % 5) for i in range(300)]  # most are missing
+        for _ in range(3):
+            with pytest.raises(kvstore.NotFound):
+                c.batch_get(keys)
+            assert c.batch_get(list(vals)) == list(vals.values())  # the connection is in step
+        bufs = [bytearray(2000) for _ in vals]
+        assert c.batch_get_into(list(vals), bufs) == [len(v) for v in vals.values()]
+        assert all(b[:len(v)] == v for b, v in zip(bufs, vals.values()))
+        one = next(iter(vals))
+        assert c.get(one) == vals[one]  # a single small get: the object inside the frames
+        big = os.urandom(200 << 10)
+        c.put(b"big", big)
+        assert c.get(b"big") == big
