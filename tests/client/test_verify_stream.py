@@ -192,3 +192,41 @@ def test_payload_cut_short_is_a_typed_error(daemon, relay, cut_in):
         assert relay.accepted == 1  # a connection broken on its first use is not retried (no ride-out)
         relay.cut = None
         assert c.get(b"big") == val
+
+
+# ---------------------------------------------------------------- AsyncClient, same relay
+
+def test_async_get_damaged_and_bad_arguments(daemon, relay):
+    """AsyncClient's get / get_into (which skip the batch calls' list handling): a damaged
+    payload is ChecksumMismatch and the connection stays in step; bad keys and buffers raise
+    InvalidArgument before anything is sent; eight concurrent gets each get their object."""
+    import asyncio
+
+    vals = {f"a{i}": _val(i, (64 << 10) + i) for i in range(8)}
+    with kvstore.Client(daemon.control, namespace="vs", timeout=10.0, transport="tcp") as direct:
+        direct.batch_put(list(vals.items()))
+    relay.flip = {PAYLOAD_AT + 5}
+
+    async def main():
+        async with kvstore.AsyncClient(daemon.control, namespace="vs", timeout=10.0,
+                                       data_address=f"127.0.0.1:{relay.port}") as ac:
+            with pytest.raises(kvstore.ChecksumMismatch):
+                await ac.get("a0")
+            assert await ac.get("a0") == vals["a0"]
+            for bad in (b"", b"k" * 129):
+                with pytest.raises(kvstore.InvalidArgument):
+                    await ac.get(bad)
+                with pytest.raises(kvstore.InvalidArgument):
+                    await ac.get_into(bad, bytearray(10))
+            with pytest.raises(kvstore.InvalidArgument):
+                await ac.get_into("a1", b"read-only bytes")
+            with pytest.raises(kvstore.InvalidArgument):  # does not fit
+                await ac.get_into("a1", bytearray(10))
+            bufs = [bytearray((64 << 10) + 8) for _ in range(8)]
+            sizes = await asyncio.wait_for(asyncio.gather(
+                *(ac.get_into(f"a{i}", bufs[i]) for i in range(8))), 20)
+            assert all(bytes(bufs[i][:n]) == vals[f"a{i}"] for i, n in enumerate(sizes))
+            got = await asyncio.wait_for(asyncio.gather(*(ac.get(k) for k in vals)), 20)
+            assert got == list(vals.values())
+
+    asyncio.run(main())
