@@ -106,3 +106,23 @@ def wait_for(pred, timeout: float = 10.0) -> bool:
             return True
         time.sleep(0.05)
     return pred()
+
+
+def read_frame(s) -> tuple | None:
+    """(kvstore.wire.Header, payload) of the next frame on a raw socket, or None when the
+    peer hung up (tests that play a hand-driven client)."""
+    from kvstore import wire
+    hdr = b""
+    while len(hdr) < wire.HEADER_SIZE:
+        chunk = s.recv(wire.HEADER_SIZE - len(hdr))
+        if not chunk:
+            return None
+        hdr += chunk
+    h = wire.decode(hdr)
+    body = b""
+    while len(body) < h.length:
+        chunk = s.recv(h.length - len(body))
+        if not chunk:
+            return None
+        body += chunk
+    return h, body

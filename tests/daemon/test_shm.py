@@ -10,7 +10,7 @@ import textwrap
 import pytest
 
 import kvstore
-from daemonutil import ROOT, config, counters, wait_for
+from daemonutil import ROOT, config, counters, read_frame, wait_for
 from kvstore import wire
 
 MiB = 1 << 20
@@ -108,21 +108,6 @@ def _raw(path: str) -> tuple[socket.socket, int]:
     return s, wire.SHM_HELLO.unpack_from(msg)[2]
 
 
-def _read_frame(s: socket.socket) -> tuple | None:
-    """(wire.Header, payload) of the next frame, or None when the peer hung up."""
-    hdr = b""
-    while len(hdr) < wire.HEADER_SIZE:
-        chunk = s.recv(wire.HEADER_SIZE - len(hdr))
-        if not chunk:
-            return None
-        hdr += chunk
-    h = wire.decode(hdr)
-    body = b""
-    while len(body) < h.length:
-        body += s.recv(h.length - len(body))
-    return h, body
-
-
 def test_forged_ids_are_rejected(daemon):
     with kvstore.Client(daemon.control, namespace="s") as c:
         c.put(b"a", b"v" * 4096)
@@ -130,20 +115,20 @@ def test_forged_ids_are_rejected(daemon):
         s, _ = _raw(path)
         # a commit of a reservation this connection never made: typed error, connection lives
         s.sendall(wire.encode_request(wire.OP_SHM_COMMIT, 7, b"", b"", 0, 123456))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         assert h.req_id == 7 and h.status == kvstore.InvalidArgument.code and b"unknown reservation" in body
         s.sendall(wire.encode_request(wire.OP_PING, 8, b"", b""))
-        assert _read_frame(s)[0].req_id == 8
+        assert read_frame(s)[0].req_id == 8
         # releasing a lease it does not hold: ProtocolError, then the daemon hangs up
         s.sendall(wire.encode_request(wire.OP_SHM_RELEASE, 9, b"", b"", 0, 999))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         assert h.status == kvstore.ProtocolError.code and b"unknown lease" in body
-        assert _read_frame(s) is None
+        assert read_frame(s) is None
         s.close()
         # shm ops on the TCP data port are unknown ops there
         t = socket.create_connection(("127.0.0.1", daemon.data_port), timeout=5)
         t.sendall(wire.encode_request(wire.OP_SHM_GET, 3, b"s", b"a"))
-        h, body = _read_frame(t)
+        h, body = read_frame(t)
         assert h.status == kvstore.InvalidArgument.code and b"unknown op" in body
         t.close()
         assert counters(c)["shm_forged_ids"] >= 2
@@ -155,7 +140,7 @@ def test_client_dying_mid_put_leaves_nothing(daemon):
         s, _ = _raw(c.info().shm_socket)
         s.sendall(wire.encode_request(wire.OP_SHM_RESERVE, 1, b"s", b"half", 4096, 0,
                                       wire.FLAG_CHECKSUM_UNKNOWN))
-        h, body = _read_frame(s)
+        h, body = read_frame(s)
         assert h.status == 0 and len(body) == wire.SHM_IDS.size
         assert counters(c)["reservations"] == 1
         s.close()  # gone before commit

@@ -10,7 +10,7 @@ import threading
 import pytest
 
 import kvstore
-from daemonutil import config, counters, wait_for
+from daemonutil import config, counters, read_frame, wait_for
 from kvstore import wire
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -39,17 +39,7 @@ class Raw:
 
     def frame(self):
         """(Header, body) of the next response, or None when the daemon hung up."""
-        hdr = b""
-        while len(hdr) < wire.HEADER_SIZE:
-            chunk = self.s.recv(wire.HEADER_SIZE - len(hdr))
-            if not chunk:
-                return None
-            hdr += chunk
-        h = wire.decode(hdr)
-        body = b""
-        while len(body) < h.length:
-            body += self.s.recv(h.length - len(body))
-        return h, body
+        return read_frame(self.s)
 
     def credit(self, ns: bytes, key: bytes, value: bytes) -> tuple[int, int, int] | None:
         """Put ``value`` by reserve / copy / commit asking for a refill: the credit granted."""
