@@ -88,6 +88,10 @@ class Relay:
     def close(self) -> None:
         self._stop.set()
         for s in self._socks:
+            try:  # wakes a pump blocked in recv (close alone does not)
+                s.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
             s.close()
         self.lsock.close()
         for t in self._threads:
