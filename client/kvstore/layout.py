@@ -283,12 +283,6 @@ def fragment_parts(p: Policy, index: int, frag, olen: int, ocsum: int) -> tuple[
     return _header(p, KIND_FRAGMENT, index, olen, ocsum, checksum(frag)), frag
 
 
-def fragment_record(p: Policy, index: int, frag, olen: int, ocsum: int) -> bytes:
-    """The record of fragment ``index`` as one bytes object."""
-    h, f = fragment_parts(p, index, frag, olen, ocsum)
-    return h + f
-
-
 def assemble(p: Policy, records: list, out=None):
     """The object from valid records of one EC object (any order; invalid ones, other
     policies' and minority versions ignored), or None when fewer than K distinct
@@ -357,5 +351,5 @@ def _place(out, data, n: int) -> int:
 
 
 __all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "Codec", "Member", "Policy", "assemble", "codec",
-           "encode_parts", "encode_records", "fragment_key", "fragment_parts", "fragment_record", "lap_key", "member_epoch",
+           "encode_parts", "encode_records", "fragment_key", "fragment_parts", "lap_key", "member_epoch",
            "parse_head", "parse_record", "placement_key", "slots", "split_lap"]

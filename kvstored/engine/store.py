@@ -394,17 +394,6 @@ class Store(RepairHooks):
             return 0
         return self.dram.evict_down()
 
-    def _evict(self, e: Entry) -> bool:
-        """Make ``e`` leave DRAM. True if its slot is free now (False: a demotion started)."""
-        return self.tiering.evict(e)
-
-    # the parts' steps under the names the engine tests call them by
-    def _drop_dram(self, e: Entry) -> None:
-        self.dram.drop_copy(e)
-
-    def _can_reclaim_region(self, region) -> bool:
-        return self.tiering._can_reclaim_region(region)
-
     def _unlink(self, e: Entry, tombstone: bool = False, evicted: bool = False) -> None:
         """Remove from the index; free the slot now or when the last reader releases.
 

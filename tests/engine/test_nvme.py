@@ -147,12 +147,12 @@ def test_pinned_nvme_only_object_blocks_reclaim_of_its_region(tmp_path):
             s.put_bytes(NS, b"p", val(9))
             await s.flush_to_nvme(10)
             e = s.index[(NS, b"p")]
-            s._drop_dram(e)
+            s.dram.drop_copy(e)
             assert s.pin(NS, [b"p"], 600) == 1
             region = s.nvme.regions[e.nvme.region]
-            assert s._can_reclaim_region(region) is False
+            assert s.tiering._can_reclaim_region(region) is False
             s.unpin(NS, [b"p"])
-            assert s._can_reclaim_region(region) is True
+            assert s.tiering._can_reclaim_region(region) is True
         finally:
             await settle(s)
             s.close()
@@ -219,7 +219,7 @@ async def spill(store: Store, key: bytes, i: int, check: bool = True) -> None:
     """Put an object and leave it on NVMe only (written, DRAM copy dropped)."""
     await put(store, key, val(i))
     e = store.index[(NS, key)]
-    store._evict(e)  # demotes it; the DRAM copy goes once the record is on NVMe
+    store.tiering.evict(e)  # demotes it; the DRAM copy goes once the record is on NVMe
     await settle(store)
     if check:
         assert e.offset < 0 and e.nvme is not None
@@ -531,7 +531,7 @@ def test_a_payload_cannot_pass_for_a_record_header(tmp_path):
             fake = hdr + nv._CSUM.pack(xxhash.xxh3_64_intdigest(hdr))  # unseeded checksum
             await put(s, b"carrier", (fake + bytes(4096 - len(fake))) * (MiB // 4096))
             e = s.index[(NS, b"carrier")]
-            s._evict(e)
+            s.tiering.evict(e)
             await settle(s)
             carrier_at.append(e.nvme.offset)
             await spill(s, b"after", 2)
