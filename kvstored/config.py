@@ -16,7 +16,7 @@ import socket
 import sys
 import tomllib
 from dataclasses import field as dataclass_field
-from dataclasses import make_dataclass
+from dataclasses import fields, make_dataclass
 from typing import Any, NoReturn
 
 from kvstored import __version__
@@ -292,13 +292,11 @@ class _ConfigRules:
         """The engine's StoreLimits for this config (auto dram size resolved if still unset)."""
         from kvstored.engine.store import StoreLimits  # lazy: keep config importable alone
 
+        # Every StoreLimits field is a setting of the same name: a field added there is
+        # passed through here without another list to keep in step.
+        values = {f.name: getattr(self, f.name) for f in fields(StoreLimits) if f.name != "dram_size"}
         dram = self.dram_size if self.dram_size is not None else auto_dram_size(self.slab_size)
-        return StoreLimits(
-            dram_size=dram, slab_size=self.slab_size, max_value_size=self.max_value_size,
-            high_watermark=self.high_watermark, low_watermark=self.low_watermark,
-            reservation_timeout=self.reservation_timeout,
-            put_wait_timeout=self.put_wait_timeout, max_pin_ttl=self.max_pin_ttl,
-            hugepages=self.hugepages, prefault=self.prefault)
+        return StoreLimits(dram_size=dram, **values)
 
 
 # The dataclass itself: one field per row of SETTINGS, with the row's default.
