@@ -1,10 +1,13 @@
 """Build glue that pyproject.toml cannot express: package discovery over two roots, and the
-optional native io_uring binding (native/uring.c -> kvstored._uring).
+optional native extensions: the io_uring binding (native/uring.c -> kvstored._uring) and the
+packed index (native/index.c -> kvstored._index; without it the Store uses its dict index).
 
 The binding links the system liburing (Debian: liburing-dev). It is compiled for the build
 machine's baseline ISA (no -march=native), so a wheel runs on any x86-64 CPU CPython runs on.
 When liburing's headers are absent the build goes on without it and the NVMe tier uses its
-thread backend (kvstored/engine/nvmeio.py logs and reports that loudly).
+thread backend (kvstored/engine/nvmeio.py logs and reports that loudly). The packed index
+needs only CPython's headers; it too is built for the baseline ISA, and a failed build
+leaves the Store on the dict index (settings: dram.index = auto).
 """
 import os
 import sys
@@ -32,8 +35,8 @@ class OptionalBuildExt(build_ext):
     def _skip(e, name="native extensions"):
         if os.environ.get("KVSTORE_REQUIRE_NATIVE") == "1":
             raise
-        print(f"kvstored: not building {name} ({e}); the NVMe tier will use threads",
-              file=sys.stderr)
+        print(f"kvstored: not building {name} ({e}); the NVMe tier uses threads without "
+              "_uring, the Store its dict index without _index", file=sys.stderr)
 
 
 packages = find_packages("client", include=["kvstore", "kvstore.*"]) + \
@@ -42,9 +45,11 @@ packages = find_packages("client", include=["kvstore", "kvstore.*"]) + \
 setup(
     packages=packages,
     package_dir={"kvstore": "client/kvstore", "kvstored": "kvstored"},
-    ext_modules=[Extension(
-        "kvstored._uring", sources=["native/uring.c"], libraries=["uring"],
-        extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"],
-    )],
+    ext_modules=[
+        Extension("kvstored._uring", sources=["native/uring.c"], libraries=["uring"],
+                  extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"]),
+        Extension("kvstored._index", sources=["native/index.c"],
+                  extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"]),
+    ],
     cmdclass={"build_ext": OptionalBuildExt},
 )

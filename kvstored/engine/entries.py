@@ -8,6 +8,7 @@ thread: no locks.
 """
 from __future__ import annotations
 
+import os
 import time
 from itertools import chain
 from typing import TYPE_CHECKING, Callable, Iterator
@@ -163,6 +164,8 @@ class Index:
 
     __slots__ = ("_spaces", "_n", "_slab_size", "_slabs", "_pinned", "object_bytes",
                  "unverified")
+    Entry = Entry  # the entries this index takes (the Store and recovery build them)
+    kind = "dict"
 
     def __init__(self, slab_size: int = default("slab_size")):
         if slab_size <= 0:
@@ -323,3 +326,27 @@ class Index:
 
     def values(self) -> Iterator[Entry]:
         return self.iterate()
+
+
+# Set by tests to run the engine against one index whatever the config says
+# (tests/conftest.py, tests/engine): auto | packed | dict.
+INDEX_ENV = "KVSTORED_INDEX"
+
+
+def make_index(kind: str = "auto", slab_size: int = default("slab_size")):
+    """The Store's index: ``packed`` (kvstored._index, native records; docs/scale.md),
+    ``dict`` (this module's Index) or ``auto`` (packed when the extension is built, else
+    dict). ``KVSTORED_INDEX`` in the environment overrides ``kind``."""
+    kind = os.environ.get(INDEX_ENV) or kind
+    if kind not in ("auto", "packed", "dict"):
+        raise ValueError(f"index must be auto, packed or dict, not {kind!r}")
+    if kind != "dict":
+        try:
+            from .packedindex import PackedIndex
+        except ImportError:
+            if kind == "packed":
+                raise ImportError("index = packed, but kvstored._index is not built (no C "
+                                  "compiler at install?); use auto or dict") from None
+        else:
+            return PackedIndex(slab_size)
+    return Index(slab_size)

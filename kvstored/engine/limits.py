@@ -21,3 +21,4 @@ class StoreLimits:
     max_pin_ttl: float = default("max_pin_ttl")
     hugepages: bool = default("hugepages")
     prefault: bool = default("prefault")
+    index: str = default("index")  # auto | packed | dict (entries.make_index)

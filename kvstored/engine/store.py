@@ -31,7 +31,7 @@ from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace,
 from kvstore.wire import checksum as payload_checksum
 
 from .dram import DramTier
-from .entries import COMMITTED, DEAD, Entry, Index, Reservation
+from .entries import COMMITTED, DEAD, Entry, Index, Reservation, make_index
 from .limits import StoreLimits
 from .repairhooks import RepairHooks
 from .tiering import Tiering
@@ -66,7 +66,7 @@ class Store(RepairHooks):
             ("puts", "put_bytes", "dedups", "conflicts", "gets", "get_bytes", "hits", "misses",
              "evictions", "evicted_bytes", "checksum_failures", "reservations_expired",
              "deletes", "no_space", "pins", "unpins"), 0)
-        self.index = Index()
+        self.index = make_index(limits.index, limits.slab_size)
         self.dram = DramTier(limits, clock, self.index, self.counters)
         self.tiering = Tiering(nvme, self.index, self.dram, limits, clock, self._unlink,
                                self.release)
@@ -194,7 +194,7 @@ class Store(RepairHooks):
                 raise Conflict("key exists with different bytes; objects are immutable unless "
                                "overwrite is asked")
             self._unlink(old, tombstone=True)
-        e = Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
+        e = self.index.Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
         self.index.insert(e)
         self.dram.link(e)
         self.counters["puts"] += 1

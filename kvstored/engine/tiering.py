@@ -157,7 +157,7 @@ class Tiering:
             ok = loc is not None and await self.nvme.read(loc, dest)
             if ok and small:
                 dram.arena.view[off:off + e.size] = dest[:e.size]
-            if e.state == DEAD or e.nvme is not loc:
+            if e.state == DEAD or e.nvme != loc:  # != : a packed index rebuilds Locations
                 dram.free_slot(off)
                 off = None
                 raise NotFound("object was deleted while being read")
@@ -199,7 +199,7 @@ class Tiering:
                 sc = classes.get(loc.length)
                 if sc is None:
                     sc = classes[loc.length] = class_for(loc.length)
-                e = Entry(ns, key, -1, loc.length, loc.checksum, sc)
+                e = index.Entry(ns, key, -1, loc.length, loc.checksum, sc)
                 e.committed_at = committed_at
                 e.nvme = loc
                 e.unverified = hold  # counted by the index as it goes in

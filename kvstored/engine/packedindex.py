@@ -1,0 +1,75 @@
+"""The packed index: the Index's seam (kvstored/engine/entries.py) over native records.
+
+``kvstored._index`` (native/index.c) keeps one fixed-width record per object, the
+keys in per-length pools, an open-addressing table of record numbers and the DRAM
+slot map as u32 arrays per slab; an ``Entry`` is a view of one record, built on
+lookup and shared by every lookup while anyone holds it (the Store and the eviction
+policy compare entries with ``is``). Bytes per object: docs/scale.md, "The packed
+index"; benchmarks/bench_index.py measures both indexes.
+
+Differences from the dict index a caller can see, all within its documented
+contract: walks go in record order (record numbers are reused), not namespace by
+namespace in insertion order; keys are at most 255 bytes (the wire allows 128);
+``Entry.size`` and ``Entry.checksum`` are read-only once inserted (nothing changes
+them); ``Entry.reads`` saturates at 2**32-1.
+"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from kvstored import _index
+from kvstored.settings import default
+
+from .nvmedevice import Location
+
+Entry = _index.Entry
+RECORD_SIZE = _index.RECORD_SIZE
+
+
+class PackedIndex(_index.Table):
+    """(namespace, key) -> Entry over native records; the same calls as entries.Index."""
+
+    __slots__ = ("_pinned",)
+    Entry = _index.Entry  # the entries this index takes (Store and recovery build them)
+    kind = "packed"
+
+    def __init__(self, slab_size: int = default("slab_size")):
+        super().__init__(slab_size, Location)
+        self._pinned: set = set()  # entries with a pin count (holds their views alive)
+
+    def __contains__(self, k: tuple[bytes, bytes]) -> bool:
+        return self.get(k[0], k[1]) is not None
+
+    def remove(self, e) -> None:
+        """Drop ``e`` (the entry under its key) and its pin; the record lives on while
+        ``e`` (or another reference to its view) does."""
+        super().remove(e)
+        self._pinned.discard(e)
+
+    def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
+        return ((e.ns, e.key) for e in self.iterate())
+
+    # ------------------------------------------------------------------ pins
+    def note_pin(self, e) -> None:
+        self._pinned.add(e)
+
+    def drop_pin(self, e) -> None:
+        self._pinned.discard(e)
+
+    def live_pins(self, now: float) -> list:
+        lapsed = [e for e in self._pinned if e.pin_until <= now]
+        self._pinned.difference_update(lapsed)
+        return list(self._pinned)
+
+    # -------------------------------------------- dict-like reads (tests, tools)
+    def __getitem__(self, k: tuple[bytes, bytes]):
+        e = self.get(k[0], k[1])
+        if e is None:
+            raise KeyError(k)
+        return e
+
+    def items(self):
+        return (((e.ns, e.key), e) for e in self.iterate())
+
+    def values(self):
+        return self.iterate()

@@ -1,0 +1,1425 @@
+/* kvstored._index: the Store's packed index (issue 13; docs/scale.md, "The packed index").
+ *
+ * One fixed-width record per object in a dense array addressed by a u32 record number
+ * (a free list keeps numbers stable while a record lives), an open-addressing table of
+ * (record number, hash) pairs probed by a seeded 64-bit hash of (namespace id, key),
+ * keys in per-length pools (no Python object per key), a namespace table, and the
+ * DRAM slot map (slot -> record) as u32 arrays per slab.
+ *
+ * Python objects exist only for what is in flight: ``Entry`` is a view of one record.
+ * A view built by ``Entry(...)`` is detached (holds its own fields) until
+ * ``Table.insert`` copies them into a record; after that its attributes read and write
+ * the record. The table maps record number -> live view (borrowed pointers, removed
+ * by the view's dealloc), so every lookup of a record returns the same object while
+ * anyone holds it: the Store and the eviction policy compare entries with ``is``.
+ * A record leaves the hash table on ``remove``; it is freed when it is out of the
+ * table and no view of it is left (a removed entry is still read by its holders).
+ *
+ * Everything runs on the daemon's event loop thread under the GIL: no locks.
+ * Compiled for the baseline ISA (setup.py): no intrinsics, no -march.
+ */
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+#include <stdint.h>
+#include <string.h>
+#include <sys/random.h>
+
+#define NOREC 0xFFFFFFFFu
+#define MAX_RECS 0xFFFFFFF0u
+#define MAX_KEY 255
+#define MAX_SPACES 65535
+#define MAX_CLASSES 255
+#define NVME_BLOCK 4096
+
+enum {
+    F_USED = 1,        /* the record holds an object (else it is on the free list) */
+    F_INTABLE = 2,     /* reachable by get (else removed, kept for its views) */
+    F_DEAD = 4,        /* state DEAD */
+    F_UNVERIFIED = 8,
+    F_VIEW = 16,       /* a live Entry view exists (in the views map) */
+    F_PIN = 32,        /* a pin record exists in the pins dict */
+    F_NVME = 64,       /* has an NVMe location */
+    F_NVSIDE = 128,    /* ... kept whole in the side dict (it did not pack) */
+};
+
+/* 72 bytes. */
+typedef struct {
+    uint64_t checksum;
+    double committed_at;
+    uint64_t stamp;
+    int64_t offset;       /* DRAM offset, -1 when NVMe only */
+    uint32_t size;
+    uint32_t newer, older; /* eviction links (record numbers); free list: newer = next */
+    uint32_t refs;
+    uint32_t reads;       /* saturating */
+    uint32_t key_ref;     /* chunk in the key pool of its length */
+    uint32_t nvme_blk;    /* NVMe record offset / 4096 */
+    uint32_t nvme_gen;
+    uint16_t nvme_region;
+    uint16_t ns;
+    uint8_t key_len;
+    uint8_t sc;
+    int8_t seg;
+    uint8_t flags;
+} Rec;
+
+typedef struct { uint32_t rec; uint32_t hash; } Slot;          /* rec + 1; 0 = empty */
+typedef struct { uint32_t rec; void *view; } VSlot;            /* rec + 1; 0 = empty */
+typedef struct { char *buf; uint32_t n, cap, free; } KeyPool;  /* chunks of 8 * class bytes */
+typedef struct { PyObject *name; uint64_t objects, bytes; uint32_t nrec; } Space;
+typedef struct { uint32_t slot_size, nslots; uint32_t *recs; } Row; /* recs: rec + 1 */
+
+typedef struct {
+    PyObject_HEAD
+    int ready;
+    uint64_t seed;
+    Rec *recs;
+    uint32_t nrecs, caprecs, freehead;
+    Slot *slots;
+    uint64_t mask;          /* slots - 1 */
+    uint64_t count;         /* records in the table */
+    uint64_t object_bytes, unverified;
+    KeyPool pools[MAX_KEY / 8 + 2];
+    Space *spaces;
+    uint32_t nspaces, capspaces;
+    uint32_t *freespaces;
+    uint32_t nfreespaces;
+    PyObject *space_ids;    /* name -> id */
+    PyObject *classes;      /* list of size class objects */
+    uint32_t slot_sizes[MAX_CLASSES + 1];
+    int64_t slab_size;
+    Row *rows;
+    uint64_t nrows;
+    VSlot *views;
+    uint64_t vmask, vcount;
+    PyObject *pins;         /* rec -> [pins, pin_until] */
+    PyObject *nvside;       /* rec -> Location that did not pack */
+    PyObject *loctype;      /* builds Locations from packed fields */
+} Table;
+
+typedef struct {
+    Rec r;
+    PyObject *ns, *key, *sc, *nvme;
+    long pins;
+    double pin_until;
+} Detached;
+
+typedef struct {
+    PyObject_HEAD
+    Table *ix;       /* NULL while detached */
+    uint32_t rec;
+    Detached *det;   /* non-NULL while detached */
+} Entry;
+
+static PyTypeObject TableType, EntryType, IterType;
+static PyObject *time_time;  /* time.time: an entry's commit time, as the dict index's */
+
+/* ------------------------------------------------------------------ helpers */
+
+static uint64_t mix(uint64_t h) {
+    h ^= h >> 33; h *= 0xff51afd7ed558ccdULL; h ^= h >> 33; h *= 0xc4ceb9fe1a85ec53ULL;
+    h ^= h >> 33;
+    return h;
+}
+
+static uint32_t hash_key(Table *t, uint16_t ns, const char *k, size_t n) {
+    uint64_t h = t->seed ^ ((uint64_t)ns << 48) ^ (n * 0x9E3779B97F4A7C15ULL);
+    size_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        uint64_t w;
+        memcpy(&w, k + i, 8);
+        h = mix(h ^ w) + 0x9E3779B97F4A7C15ULL;
+    }
+    if (i < n) {
+        uint64_t w = 0;
+        memcpy(&w, k + i, n - i);
+        h = mix(h ^ w ^ 0xA5A5A5A5ULL);
+    }
+    h = mix(h);
+    return (uint32_t)(h ^ (h >> 32));
+}
+
+static int grow(void **p, size_t elem, uint64_t *cap, uint64_t want) {
+    if (want <= *cap) return 0;
+    uint64_t nc = *cap ? *cap : 16;
+    while (nc < want) nc = nc + nc / 2 + 16;
+    void *q = PyMem_RawRealloc(*p, nc * elem);
+    if (!q) { PyErr_NoMemory(); return -1; }
+    *p = q;
+    *cap = nc;
+    return 0;
+}
+
+static inline char *key_ptr(Table *t, Rec *r) {
+    unsigned c = (r->key_len + 7) / 8;
+    return t->pools[c].buf + (size_t)r->key_ref * 8 * c;
+}
+
+static int key_store(Table *t, Rec *r, const char *k, size_t n) {
+    unsigned c = (unsigned)(n + 7) / 8;
+    r->key_len = (uint8_t)n;
+    r->key_ref = 0;
+    if (c == 0) return 0;
+    KeyPool *p = &t->pools[c];
+    uint32_t i;
+    if (p->free != NOREC) {
+        i = p->free;
+        memcpy(&p->free, p->buf + (size_t)i * 8 * c, 4);
+    } else {
+        if (p->n == NOREC - 1) { PyErr_SetString(PyExc_MemoryError, "key pool full"); return -1; }
+        uint64_t cap = p->cap;
+        if (grow((void **)&p->buf, 8 * c, &cap, (uint64_t)p->n + 1) < 0) return -1;
+        p->cap = cap > NOREC - 1 ? NOREC - 1 : (uint32_t)cap;
+        i = p->n++;
+    }
+    char *dst = p->buf + (size_t)i * 8 * c;
+    memset(dst, 0, 8 * c);
+    memcpy(dst, k, n);
+    r->key_ref = i;
+    return 0;
+}
+
+static void key_free(Table *t, Rec *r) {
+    unsigned c = (r->key_len + 7) / 8;
+    if (c == 0) return;
+    KeyPool *p = &t->pools[c];
+    memcpy(p->buf + (size_t)r->key_ref * 8 * c, &p->free, 4);
+    p->free = r->key_ref;
+}
+
+/* ---------------------------------------------------------------- views map */
+
+static inline uint64_t vhash(uint32_t rec) { return (uint64_t)rec * 0x9E3779B97F4A7C15ULL >> 20; }
+
+static Entry *view_get(Table *t, uint32_t rec) {
+    if (!t->views) return NULL;
+    for (uint64_t i = vhash(rec) & t->vmask;; i = (i + 1) & t->vmask) {
+        if (t->views[i].rec == 0) return NULL;
+        if (t->views[i].rec == rec + 1) return (Entry *)t->views[i].view;
+    }
+}
+
+static int view_put(Table *t, uint32_t rec, Entry *v) {
+    if (!t->views || (t->vcount + 1) * 2 > t->vmask + 1) {
+        uint64_t ncap = t->views ? (t->vmask + 1) * 2 : 64;
+        VSlot *nv = PyMem_RawCalloc(ncap, sizeof(VSlot));
+        if (!nv) { PyErr_NoMemory(); return -1; }
+        if (t->views) {
+            for (uint64_t i = 0; i <= t->vmask; i++) {
+                if (!t->views[i].rec) continue;
+                uint64_t j = vhash(t->views[i].rec - 1) & (ncap - 1);
+                while (nv[j].rec) j = (j + 1) & (ncap - 1);
+                nv[j] = t->views[i];
+            }
+            PyMem_RawFree(t->views);
+        }
+        t->views = nv;
+        t->vmask = ncap - 1;
+    }
+    uint64_t i = vhash(rec) & t->vmask;
+    while (t->views[i].rec) i = (i + 1) & t->vmask;
+    t->views[i].rec = rec + 1;
+    t->views[i].view = v;
+    t->vcount++;
+    return 0;
+}
+
+static void view_del(Table *t, uint32_t rec) {
+    uint64_t m = t->vmask, i = vhash(rec) & m;
+    while (t->views[i].rec != rec + 1) {
+        if (!t->views[i].rec) return;
+        i = (i + 1) & m;
+    }
+    /* backward shift: no tombstones */
+    uint64_t j = i;
+    for (;;) {
+        j = (j + 1) & m;
+        if (!t->views[j].rec) break;
+        uint64_t k = vhash(t->views[j].rec - 1) & m;
+        if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
+            t->views[i] = t->views[j];
+            i = j;
+        }
+    }
+    t->views[i].rec = 0;
+    t->vcount--;
+}
+
+/* ---------------------------------------------------------------- hash table */
+
+static int table_grow(Table *t) {
+    uint64_t ncap = t->slots ? (t->mask + 1) * 2 : 1024;
+    Slot *ns = PyMem_RawCalloc(ncap, sizeof(Slot));
+    if (!ns) { PyErr_NoMemory(); return -1; }
+    if (t->slots) {
+        for (uint64_t i = 0; i <= t->mask; i++) {
+            if (!t->slots[i].rec) continue;
+            uint64_t j = t->slots[i].hash & (ncap - 1);
+            while (ns[j].rec) j = (j + 1) & (ncap - 1);
+            ns[j] = t->slots[i];
+        }
+        PyMem_RawFree(t->slots);
+    }
+    t->slots = ns;
+    t->mask = ncap - 1;
+    return 0;
+}
+
+/* Slot index of (ns, key), or -1. */
+static int64_t find(Table *t, uint16_t ns, const char *k, size_t n, uint32_t h) {
+    if (!t->slots) return -1;
+    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
+        Slot s = t->slots[i];
+        if (!s.rec) return -1;
+        if (s.hash == h) {
+            Rec *r = &t->recs[s.rec - 1];
+            if (r->ns == ns && r->key_len == n && memcmp(key_ptr(t, r), k, n) == 0)
+                return (int64_t)i;
+        }
+    }
+}
+
+static void slot_del(Table *t, uint64_t i) {
+    uint64_t m = t->mask, j = i;
+    for (;;) {
+        j = (j + 1) & m;
+        if (!t->slots[j].rec) break;
+        uint64_t k = t->slots[j].hash & m;
+        if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
+            t->slots[i] = t->slots[j];
+            i = j;
+        }
+    }
+    t->slots[i].rec = 0;
+    t->slots[i].hash = 0;
+}
+
+/* ---------------------------------------------------------------- namespaces */
+
+static int space_id(Table *t, PyObject *name, int create) {
+    PyObject *v = PyDict_GetItemWithError(t->space_ids, name);
+    if (v) return (int)PyLong_AsLong(v);
+    if (PyErr_Occurred() || !create) return -1;
+    uint32_t id;
+    if (t->nfreespaces) {
+        id = t->freespaces[--t->nfreespaces];
+    } else {
+        if (t->nspaces >= MAX_SPACES) {
+            PyErr_SetString(PyExc_OverflowError, "more than 65535 namespaces in the index");
+            return -1;
+        }
+        uint64_t cap = t->capspaces;
+        if (grow((void **)&t->spaces, sizeof(Space), &cap, (uint64_t)t->nspaces + 1) < 0) return -1;
+        t->capspaces = (uint32_t)cap;
+        id = t->nspaces++;
+    }
+    /* keep a bytes object of our own: the caller's may be a subclass or be mutated */
+    PyObject *own = PyBytes_FromStringAndSize(PyBytes_AS_STRING(name), PyBytes_GET_SIZE(name));
+    PyObject *idv = PyLong_FromUnsignedLong(id);
+    if (!own || !idv || PyDict_SetItem(t->space_ids, own, idv) < 0) {
+        Py_XDECREF(own); Py_XDECREF(idv);
+        t->freespaces[t->nfreespaces++] = id;
+        return -1;
+    }
+    Py_DECREF(idv);
+    Space *s = &t->spaces[id];
+    s->name = own;
+    s->objects = s->bytes = 0;
+    s->nrec = 0;
+    return (int)id;
+}
+
+static void space_release(Table *t, uint16_t id) {
+    Space *s = &t->spaces[id];
+    if (--s->nrec) return;
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    if (PyDict_DelItem(t->space_ids, s->name) < 0) PyErr_Clear();
+    PyErr_Restore(et, ev, tb);
+    Py_CLEAR(s->name);
+    t->freespaces[t->nfreespaces++] = id;
+}
+
+/* ------------------------------------------------------------------- classes */
+
+static int class_id(Table *t, PyObject *sc) {
+    Py_ssize_t n = PyList_GET_SIZE(t->classes);
+    for (Py_ssize_t i = 0; i < n; i++)
+        if (PyList_GET_ITEM(t->classes, i) == sc) return (int)i;
+    if (n >= MAX_CLASSES) {
+        PyErr_SetString(PyExc_OverflowError, "more than 255 size classes in the index");
+        return -1;
+    }
+    PyObject *ss = PyObject_GetAttrString(sc, "slot_size");
+    if (!ss) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "sc must be a size class (with slot_size), not %.80s",
+                     Py_TYPE(sc)->tp_name);
+        return -1;
+    }
+    long v = PyLong_Check(ss) ? PyLong_AsLong(ss) : -1;
+    Py_DECREF(ss);
+    if (v <= 0 || v > 0x7FFFFFFFL) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "sc.slot_size must be a positive int below 2**31");
+        return -1;
+    }
+    if (PyList_Append(t->classes, sc) < 0) return -1;
+    t->slot_sizes[n] = (uint32_t)v;
+    return (int)n;
+}
+
+/* ------------------------------------------------------------------- records */
+
+static int64_t rec_alloc(Table *t) {
+    uint32_t i;
+    if (t->freehead != NOREC) {
+        i = t->freehead;
+        t->freehead = t->recs[i].newer;
+    } else {
+        if (t->nrecs >= MAX_RECS) {
+            PyErr_SetString(PyExc_OverflowError, "index full (2**32 records)");
+            return -1;
+        }
+        uint64_t cap = t->caprecs;
+        if (grow((void **)&t->recs, sizeof(Rec), &cap, (uint64_t)t->nrecs + 1) < 0) return -1;
+        t->caprecs = cap > MAX_RECS ? MAX_RECS : (uint32_t)cap;
+        i = t->nrecs++;
+    }
+    memset(&t->recs[i], 0, sizeof(Rec));
+    return i;
+}
+
+static Row *row_of(Table *t, int64_t off, uint64_t *slab, int64_t *rel) {
+    *slab = (uint64_t)(off / t->slab_size);
+    *rel = off % t->slab_size;
+    return *slab < t->nrows && t->rows[*slab].recs ? &t->rows[*slab] : NULL;
+}
+
+static void slot_clear(Table *t, uint32_t rec) {
+    Rec *r = &t->recs[rec];
+    if (r->offset < 0) return;
+    uint64_t slab; int64_t rel;
+    Row *row = row_of(t, r->offset, &slab, &rel);
+    if (row && rel % row->slot_size == 0 && (uint64_t)(rel / row->slot_size) < row->nslots &&
+        row->recs[rel / row->slot_size] == rec + 1)
+        row->recs[rel / row->slot_size] = 0;
+}
+
+static void dict_pop_rec(PyObject *d, uint32_t rec) {
+    PyObject *k = PyLong_FromUnsignedLong(rec);
+    if (!k || PyDict_DelItem(d, k) < 0) PyErr_Clear();
+    Py_XDECREF(k);
+}
+
+/* Free a record that left the table and has no view. */
+static void rec_free(Table *t, uint32_t rec) {
+    Rec *r = &t->recs[rec];
+    PyObject *et, *ev, *tb;
+    PyErr_Fetch(&et, &ev, &tb);
+    slot_clear(t, rec);
+    if (r->flags & F_PIN) dict_pop_rec(t->pins, rec);
+    if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
+    key_free(t, r);
+    space_release(t, r->ns);
+    r->flags = 0;
+    r->newer = t->freehead;
+    t->freehead = rec;
+    PyErr_Restore(et, ev, tb);
+}
+
+/* The view of record ``rec`` (new reference): the live one, or a new one. */
+static PyObject *view_of(Table *t, uint32_t rec) {
+    if (rec >= t->nrecs || !(t->recs[rec].flags & F_USED)) {
+        PyErr_Format(PyExc_RuntimeError, "record %u is not in the index (a stale link)", rec);
+        return NULL;
+    }
+    Rec *r = &t->recs[rec];
+    if (r->flags & F_VIEW) {
+        Entry *v = view_get(t, rec);
+        if (v) { Py_INCREF(v); return (PyObject *)v; }
+    }
+    Entry *v = PyObject_GC_New(Entry, &EntryType);
+    if (!v) return NULL;
+    v->ix = NULL; v->det = NULL; v->rec = rec;
+    if (view_put(t, rec, v) < 0) { v->ix = NULL; PyObject_GC_Del(v); return NULL; }
+    Py_INCREF(t);
+    v->ix = t;
+    r->flags |= F_VIEW;
+    PyObject_GC_Track(v);
+    return (PyObject *)v;
+}
+
+/* ------------------------------------------------------------------- Entry */
+
+static Rec *R(Entry *e) { return e->ix ? &e->ix->recs[e->rec] : &e->det->r; }
+
+static int check_attached(Entry *e, Table *t) {
+    if (e->ix != t) {
+        PyErr_SetString(PyExc_KeyError, e->ix ? "entry belongs to another index"
+                                              : "entry is not in this index (never inserted)");
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ns", "key", "offset", "size", "checksum", "sc", NULL};
+    PyObject *ns, *key, *sc, *csum;
+    long long offset;
+    unsigned long long size;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLKOO:Entry", kwlist, &ns, &key, &offset, &size,
+                                     &csum, &sc))
+        return NULL;
+    if (PyBytes_GET_SIZE(key) > MAX_KEY) {
+        PyErr_Format(PyExc_ValueError, "key of %zd bytes: the packed index holds keys of at most %d",
+                     PyBytes_GET_SIZE(key), MAX_KEY);
+        return NULL;
+    }
+    if (size > 0xFFFFFFFFULL) {
+        PyErr_SetString(PyExc_ValueError, "size must be below 2**32");
+        return NULL;
+    }
+    if (!PyLong_Check(csum)) {
+        PyErr_SetString(PyExc_TypeError, "checksum must be an int");
+        return NULL;
+    }
+    unsigned long long cs = PyLong_AsUnsignedLongLong(csum);
+    if (cs == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "checksum must be an int in [0, 2**64)");
+        return NULL;
+    }
+    Entry *e = PyObject_GC_New(Entry, type);
+    if (!e) return NULL;
+    e->ix = NULL; e->rec = NOREC;
+    e->det = PyMem_Calloc(1, sizeof(Detached));
+    if (!e->det) { PyObject_GC_Del(e); return PyErr_NoMemory(); }
+    Detached *d = e->det;
+    Py_INCREF(ns); d->ns = ns;
+    Py_INCREF(key); d->key = key;
+    Py_INCREF(sc); d->sc = sc;
+    d->nvme = NULL;
+    d->r.offset = offset;
+    d->r.size = (uint32_t)size;
+    d->r.checksum = cs;
+    d->r.newer = d->r.older = NOREC;
+    d->r.seg = -1;
+    d->r.flags = F_USED;
+    PyObject *now = PyObject_CallNoArgs(time_time);
+    if (!now) { Py_DECREF(e); return NULL; }
+    d->r.committed_at = PyFloat_AsDouble(now);
+    Py_DECREF(now);
+    PyObject_GC_Track(e);
+    return (PyObject *)e;
+}
+
+static int Entry_traverse(Entry *e, visitproc visit, void *arg) {
+    Py_VISIT(e->ix);
+    if (e->det) {
+        Py_VISIT(e->det->ns); Py_VISIT(e->det->key); Py_VISIT(e->det->sc); Py_VISIT(e->det->nvme);
+    }
+    return 0;
+}
+
+static void det_free(Entry *e) {
+    if (!e->det) return;
+    Detached *d = e->det;
+    e->det = NULL;
+    Py_XDECREF(d->ns); Py_XDECREF(d->key); Py_XDECREF(d->sc); Py_XDECREF(d->nvme);
+    PyMem_Free(d);
+}
+
+static void detach_view(Entry *e) {
+    Table *t = e->ix;
+    if (!t) return;
+    e->ix = NULL;
+    if (e->rec < t->nrecs) {
+        Rec *r = &t->recs[e->rec];
+        view_del(t, e->rec);
+        r->flags &= ~F_VIEW;
+        if ((r->flags & F_USED) && !(r->flags & F_INTABLE)) rec_free(t, e->rec);
+    }
+    Py_DECREF(t);
+}
+
+static int Entry_clear(Entry *e) {
+    /* a cycle through a view (e.g. the index's pinned set): keep it a view of its record
+       until dealloc, but drop the detached objects */
+    det_free(e);
+    return 0;
+}
+
+static void Entry_dealloc(Entry *e) {
+    PyObject_GC_UnTrack(e);
+    det_free(e);
+    detach_view(e);
+    PyObject_GC_Del(e);
+}
+
+/* --- field access */
+
+static PyObject *bad_set(const char *name) {
+    PyErr_Format(PyExc_AttributeError, "cannot delete Entry.%s", name);
+    return NULL;
+}
+
+#define INT_FIELD(fname, ctype, lo, hi)                                                   \
+    static PyObject *get_##fname(Entry *e, void *c) {                                    \
+        return PyLong_FromLongLong((long long)R(e)->fname);                              \
+    }                                                                                     \
+    static int set_##fname(Entry *e, PyObject *v, void *c) {                             \
+        if (!v) { bad_set(#fname); return -1; }                                           \
+        if (!PyLong_Check(v)) {                                                           \
+            PyErr_Format(PyExc_TypeError, "Entry." #fname " must be an int, not %.80s",   \
+                         Py_TYPE(v)->tp_name);                                            \
+            return -1;                                                                    \
+        }                                                                                 \
+        int of = 0;                                                                       \
+        long long x = PyLong_AsLongLongAndOverflow(v, &of);                               \
+        if (x == -1 && PyErr_Occurred()) return -1;                                       \
+        if (of || x < (lo) || x > (hi)) {                                                 \
+            PyErr_Format(PyExc_ValueError, "Entry." #fname " out of range [%lld, %lld]",  \
+                         (long long)(lo), (long long)(hi));                               \
+            return -1;                                                                    \
+        }                                                                                 \
+        R(e)->fname = (ctype)x;                                                           \
+        return 0;                                                                         \
+    }
+
+INT_FIELD(offset, int64_t, -1LL, 0x7FFFFFFFFFFFFFFFLL)
+INT_FIELD(refs, uint32_t, 0, 0xFFFFFFFFLL)
+INT_FIELD(seg, int8_t, -1, 2)
+INT_FIELD(stamp, uint64_t, 0, 0x7FFFFFFFFFFFFFFFLL)
+
+static PyObject *get_size(Entry *e, void *c) { return PyLong_FromUnsignedLong(R(e)->size); }
+static PyObject *get_checksum(Entry *e, void *c) {
+    return PyLong_FromUnsignedLongLong(R(e)->checksum);
+}
+
+static PyObject *get_reads(Entry *e, void *c) { return PyLong_FromUnsignedLong(R(e)->reads); }
+static int set_reads(Entry *e, PyObject *v, void *c) {
+    if (!v || !PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "Entry.reads must be an int");
+        return -1;
+    }
+    int of = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &of);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (of < 0 || (!of && x < 0)) {
+        PyErr_SetString(PyExc_ValueError, "Entry.reads must not be negative");
+        return -1;
+    }
+    R(e)->reads = (of || x > 0xFFFFFFFFLL) ? 0xFFFFFFFFu : (uint32_t)x; /* saturating count */
+    return 0;
+}
+
+static PyObject *get_committed_at(Entry *e, void *c) { return PyFloat_FromDouble(R(e)->committed_at); }
+static int set_committed_at(Entry *e, PyObject *v, void *c) {
+    if (!v) { bad_set("committed_at"); return -1; }
+    double d = PyFloat_AsDouble(v);
+    if (d == -1.0 && PyErr_Occurred()) return -1;
+    R(e)->committed_at = d;
+    return 0;
+}
+
+static PyObject *get_state(Entry *e, void *c) { return PyLong_FromLong(R(e)->flags & F_DEAD ? 2 : 1); }
+static int set_state(Entry *e, PyObject *v, void *c) {
+    long s = v && PyLong_Check(v) ? PyLong_AsLong(v) : 0;
+    if (s != 1 && s != 2) {
+        PyErr_Clear();
+        PyErr_SetString(PyExc_ValueError, "Entry.state must be COMMITTED (1) or DEAD (2)");
+        return -1;
+    }
+    if (s == 2) R(e)->flags |= F_DEAD; else R(e)->flags &= ~F_DEAD;
+    return 0;
+}
+
+static PyObject *get_unverified(Entry *e, void *c) { return PyBool_FromLong(R(e)->flags & F_UNVERIFIED); }
+static int set_unverified(Entry *e, PyObject *v, void *c) {
+    if (!v) { bad_set("unverified"); return -1; }
+    int b = PyObject_IsTrue(v);
+    if (b < 0) return -1;
+    if (b) R(e)->flags |= F_UNVERIFIED; else R(e)->flags &= ~F_UNVERIFIED;
+    return 0;
+}
+
+static PyObject *get_ns(Entry *e, void *c) {
+    PyObject *o = e->ix ? e->ix->spaces[R(e)->ns].name : e->det->ns;
+    Py_INCREF(o);
+    return o;
+}
+static PyObject *get_key(Entry *e, void *c) {
+    if (!e->ix) { Py_INCREF(e->det->key); return e->det->key; }
+    Rec *r = R(e);
+    return PyBytes_FromStringAndSize(r->key_len ? key_ptr(e->ix, r) : "", r->key_len);
+}
+static PyObject *get_sc(Entry *e, void *c) {
+    PyObject *o = e->ix ? PyList_GET_ITEM(e->ix->classes, R(e)->sc) : e->det->sc;
+    Py_INCREF(o);
+    return o;
+}
+
+static PyObject *link_get(Entry *e, uint32_t l) {
+    if (l == NOREC) Py_RETURN_NONE;
+    return view_of(e->ix, l);
+}
+static int link_set(Entry *e, PyObject *v, uint32_t *dst, const char *name) {
+    if (!v) { bad_set(name); return -1; }
+    if (v == Py_None) { *dst = NOREC; return 0; }
+    if (!PyObject_TypeCheck(v, &EntryType) || !e->ix || ((Entry *)v)->ix != e->ix) {
+        PyErr_Format(PyExc_TypeError, "Entry.%s must be None or an entry of the same index "
+                     "(link entries only after Index.insert)", name);
+        return -1;
+    }
+    *dst = ((Entry *)v)->rec;
+    return 0;
+}
+static PyObject *get_newer(Entry *e, void *c) { return link_get(e, R(e)->newer); }
+static PyObject *get_older(Entry *e, void *c) { return link_get(e, R(e)->older); }
+static int set_newer(Entry *e, PyObject *v, void *c) { return link_set(e, v, &R(e)->newer, "newer"); }
+static int set_older(Entry *e, PyObject *v, void *c) { return link_set(e, v, &R(e)->older, "older"); }
+
+/* NVMe location: packed when it is (region < 0xFFFF, 4 KiB aligned offset, the entry's
+   length and checksum, a 32-bit generation), else kept whole in a side dict. */
+static PyObject *get_nvme(Entry *e, void *c) {
+    if (!e->ix) {
+        PyObject *o = e->det->nvme ? e->det->nvme : Py_None;
+        Py_INCREF(o);
+        return o;
+    }
+    Table *t = e->ix;
+    Rec *r = R(e);
+    if (!(r->flags & F_NVME)) Py_RETURN_NONE;
+    if (r->flags & F_NVSIDE) {
+        PyObject *k = PyLong_FromUnsignedLong(e->rec);
+        if (!k) return NULL;
+        PyObject *o = PyDict_GetItemWithError(t->nvside, k);
+        Py_DECREF(k);
+        if (!o) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "NVMe location lost");
+            return NULL;
+        }
+        Py_INCREF(o);
+        return o;
+    }
+    return PyObject_CallFunction(t->loctype, "kKkKk", (unsigned long)r->nvme_region,
+                                 (unsigned long long)r->nvme_blk * NVME_BLOCK,
+                                 (unsigned long)r->size, (unsigned long long)r->checksum,
+                                 (unsigned long)r->nvme_gen);
+}
+
+static int attr_ull(PyObject *o, const char *name, unsigned long long *out) {
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (!v) return -1;
+    if (!PyLong_Check(v)) { Py_DECREF(v); *out = ~0ULL; return 0; }
+    *out = PyLong_AsUnsignedLongLong(v);
+    Py_DECREF(v);
+    if (PyErr_Occurred()) { PyErr_Clear(); *out = ~0ULL; }
+    return 0;
+}
+
+static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
+    Rec *r = &t->recs[rec];
+    if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
+    r->flags &= ~(F_NVME | F_NVSIDE);
+    if (v == Py_None) return 0;
+    unsigned long long reg, off, len, cs, gen;
+    if (attr_ull(v, "region", &reg) < 0 || attr_ull(v, "offset", &off) < 0 ||
+        attr_ull(v, "length", &len) < 0 || attr_ull(v, "checksum", &cs) < 0 ||
+        attr_ull(v, "generation", &gen) < 0) {
+        PyErr_Clear();
+        PyErr_Format(PyExc_TypeError, "Entry.nvme must be None or a Location, not %.80s",
+                     Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    if (t->loctype != Py_None && Py_IS_TYPE(v, (PyTypeObject *)t->loctype) && reg < 0xFFFF &&
+        off % NVME_BLOCK == 0 && off / NVME_BLOCK < 0xFFFFFFFFULL && len == r->size &&
+        cs == r->checksum && gen <= 0xFFFFFFFFULL) {
+        r->nvme_region = (uint16_t)reg;
+        r->nvme_blk = (uint32_t)(off / NVME_BLOCK);
+        r->nvme_gen = (uint32_t)gen;
+        r->flags |= F_NVME;
+        return 0;
+    }
+    PyObject *k = PyLong_FromUnsignedLong(rec);
+    if (!k || PyDict_SetItem(t->nvside, k, v) < 0) { Py_XDECREF(k); return -1; }
+    Py_DECREF(k);
+    r->flags |= F_NVME | F_NVSIDE;
+    return 0;
+}
+
+static int set_nvme(Entry *e, PyObject *v, void *c) {
+    if (!v) { bad_set("nvme"); return -1; }
+    if (!e->ix) {
+        PyObject *old = e->det->nvme;
+        e->det->nvme = NULL;
+        if (v != Py_None) { Py_INCREF(v); e->det->nvme = v; }
+        Py_XDECREF(old);
+        return 0;
+    }
+    return nvme_store(e->ix, e->rec, v);
+}
+
+/* --- pins: a side dict keyed by record number, for the few pinned entries */
+
+static PyObject *pin_rec(Entry *e) {  /* borrowed [pins, until] or NULL (no error) */
+    if (!e->ix || !(R(e)->flags & F_PIN)) return NULL;
+    PyObject *k = PyLong_FromUnsignedLong(e->rec);
+    if (!k) { PyErr_Clear(); return NULL; }
+    PyObject *v = PyDict_GetItemWithError(e->ix->pins, k);
+    Py_DECREF(k);
+    if (!v) PyErr_Clear();
+    return v;
+}
+
+static PyObject *get_pins(Entry *e, void *c) {
+    if (!e->ix) return PyLong_FromLong(e->det->pins);
+    PyObject *p = pin_rec(e);
+    if (!p) return PyLong_FromLong(0);
+    PyObject *o = PyList_GET_ITEM(p, 0);
+    Py_INCREF(o);
+    return o;
+}
+static PyObject *get_pin_until(Entry *e, void *c) {
+    if (!e->ix) return PyFloat_FromDouble(e->det->pin_until);
+    PyObject *p = pin_rec(e);
+    if (!p) return PyFloat_FromDouble(0.0);
+    PyObject *o = PyList_GET_ITEM(p, 1);
+    Py_INCREF(o);
+    return o;
+}
+
+static int set_pin(Entry *e, int i, PyObject *v) {
+    if (!v) { bad_set(i ? "pin_until" : "pins"); return -1; }
+    if (i == 0 && !PyLong_Check(v)) { PyErr_SetString(PyExc_TypeError, "Entry.pins must be an int"); return -1; }
+    if (i == 1 && !PyFloat_Check(v) && !PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "Entry.pin_until must be a number");
+        return -1;
+    }
+    int truth = PyObject_IsTrue(v);
+    if (!e->ix) {
+        if (i == 0) {
+            long n = PyLong_AsLong(v);
+            if (n == -1 && PyErr_Occurred()) return -1;
+            e->det->pins = n;
+        } else {
+            e->det->pin_until = PyFloat_AsDouble(v);
+        }
+        return 0;
+    }
+    Table *t = e->ix;
+    Rec *r = R(e);
+    PyObject *p = pin_rec(e);
+    if (!p) {
+        if (!truth) return 0;
+        p = Py_BuildValue("[if]", 0, 0.0);
+        if (!p) return -1;
+        PyObject *k = PyLong_FromUnsignedLong(e->rec);
+        if (!k || PyDict_SetItem(t->pins, k, p) < 0) { Py_XDECREF(k); Py_DECREF(p); return -1; }
+        Py_DECREF(k);
+        Py_DECREF(p);
+        r->flags |= F_PIN;
+    }
+    Py_INCREF(v);
+    PyList_SetItem(p, i, v);
+    if (!PyObject_IsTrue(PyList_GET_ITEM(p, 0)) && !PyObject_IsTrue(PyList_GET_ITEM(p, 1))) {
+        dict_pop_rec(t->pins, e->rec);
+        r->flags &= ~F_PIN;
+    }
+    return 0;
+}
+static int set_pins(Entry *e, PyObject *v, void *c) { return set_pin(e, 0, v); }
+static int set_pin_until(Entry *e, PyObject *v, void *c) { return set_pin(e, 1, v); }
+
+static PyObject *Entry_pinned(Entry *e, PyObject *now) {
+    double t = PyFloat_AsDouble(now);
+    if (t == -1.0 && PyErr_Occurred()) return NULL;
+    long pins;
+    double until;
+    if (!e->ix) {
+        pins = e->det->pins;
+        until = e->det->pin_until;
+    } else {
+        PyObject *p = pin_rec(e);
+        if (!p) Py_RETURN_FALSE;
+        pins = PyLong_AsLong(PyList_GET_ITEM(p, 0));
+        until = PyFloat_AsDouble(PyList_GET_ITEM(p, 1));
+        if (PyErr_Occurred()) return NULL;
+    }
+    return PyBool_FromLong(pins > 0 && until > t);
+}
+
+static PyObject *Entry_forget_pin(Entry *e, PyObject *unused) {
+    if (!e->ix) {
+        e->det->pins = 0;
+        e->det->pin_until = 0.0;
+    } else if (R(e)->flags & F_PIN) {
+        dict_pop_rec(e->ix->pins, e->rec);
+        R(e)->flags &= ~F_PIN;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Entry_record(Entry *e, void *c) {
+    if (!e->ix) Py_RETURN_NONE;
+    return PyLong_FromUnsignedLong(e->rec);
+}
+
+static PyObject *Entry_repr(Entry *e) {
+    PyObject *ns = get_ns(e, NULL), *key = get_key(e, NULL);
+    PyObject *s = NULL;
+    if (ns && key)
+        s = PyUnicode_FromFormat("<Entry %R %R size=%u offset=%lld%s>", ns, key, R(e)->size,
+                                 (long long)R(e)->offset, e->ix ? "" : " detached");
+    Py_XDECREF(ns); Py_XDECREF(key);
+    return s;
+}
+
+static PyGetSetDef Entry_getset[] = {
+    {"ns", (getter)get_ns, NULL, "namespace (the index's shared bytes object)", NULL},
+    {"key", (getter)get_key, NULL, "key bytes (a new bytes object per read)", NULL},
+    {"sc", (getter)get_sc, NULL, "size class", NULL},
+    {"offset", (getter)get_offset, (setter)set_offset, "DRAM offset, -1 when on NVMe only", NULL},
+    {"size", (getter)get_size, NULL, "object size", NULL},
+    {"checksum", (getter)get_checksum, NULL, "payload checksum", NULL},
+    {"state", (getter)get_state, (setter)set_state, "COMMITTED (1) or DEAD (2)", NULL},
+    {"refs", (getter)get_refs, (setter)set_refs, "reader references", NULL},
+    {"seg", (getter)get_seg, (setter)set_seg, "eviction list (-1: none)", NULL},
+    {"stamp", (getter)get_stamp, (setter)set_stamp, "eviction clock of the last access", NULL},
+    {"newer", (getter)get_newer, (setter)set_newer, "eviction link", NULL},
+    {"older", (getter)get_older, (setter)set_older, "eviction link", NULL},
+    {"committed_at", (getter)get_committed_at, (setter)set_committed_at, "time.time() of commit", NULL},
+    {"nvme", (getter)get_nvme, (setter)set_nvme, "Location of the NVMe copy, or None", NULL},
+    {"reads", (getter)get_reads, (setter)set_reads, "gets served (saturating at 2**32-1)", NULL},
+    {"unverified", (getter)get_unverified, (setter)set_unverified, "held back until verified", NULL},
+    {"pins", (getter)get_pins, (setter)set_pins, "pin count (side table)", NULL},
+    {"pin_until", (getter)get_pin_until, (setter)set_pin_until, "pin lease end (side table)", NULL},
+    {"record", (getter)Entry_record, NULL, "record number, None while detached", NULL},
+    {NULL}
+};
+
+static PyMethodDef Entry_methods[] = {
+    {"pinned", (PyCFunction)Entry_pinned, METH_O, "pinned(now): a pin lease is live"},
+    {"forget_pin", (PyCFunction)Entry_forget_pin, METH_NOARGS, "drop the pin record"},
+    {NULL}
+};
+
+static PyTypeObject EntryType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvstored._index.Entry",
+    .tp_doc = "One object of the packed index: a view of its record (detached until inserted).",
+    .tp_basicsize = sizeof(Entry),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Entry_new,
+    .tp_dealloc = (destructor)Entry_dealloc,
+    .tp_traverse = (traverseproc)Entry_traverse,
+    .tp_clear = (inquiry)Entry_clear,
+    .tp_getset = Entry_getset,
+    .tp_methods = Entry_methods,
+    .tp_repr = (reprfunc)Entry_repr,
+};
+
+/* ------------------------------------------------------------------- Table */
+
+static int Table_init(Table *t, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"slab_size", "location_type", NULL};
+    long long slab;
+    PyObject *loctype = Py_None;
+    if (t->ready) {
+        PyErr_SetString(PyExc_RuntimeError, "Table.__init__ called twice");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "L|O:Table", kwlist, &slab, &loctype)) return -1;
+    if (slab <= 0) {
+        PyErr_Format(PyExc_ValueError, "slab_size must be positive, not %lld", slab);
+        return -1;
+    }
+    if (loctype != Py_None && !PyType_Check(loctype)) {
+        PyErr_SetString(PyExc_TypeError, "location_type must be a type or None");
+        return -1;
+    }
+    t->slab_size = slab;
+    t->freehead = NOREC;
+    for (size_t i = 0; i < sizeof t->pools / sizeof t->pools[0]; i++) t->pools[i].free = NOREC;
+    if (getrandom(&t->seed, sizeof t->seed, GRND_NONBLOCK) != sizeof t->seed)
+        t->seed = (uint64_t)(uintptr_t)t ^ 0x243F6A8885A308D3ULL;  /* no entropy yet: still per table */
+    t->freespaces = PyMem_RawMalloc((MAX_SPACES + 1) * sizeof(uint32_t));
+    t->space_ids = PyDict_New();
+    t->classes = PyList_New(0);
+    t->pins = PyDict_New();
+    t->nvside = PyDict_New();
+    if (!t->freespaces || !t->space_ids || !t->classes || !t->pins || !t->nvside) {
+        PyErr_NoMemory();
+        return -1;
+    }
+    Py_INCREF(loctype);
+    t->loctype = loctype;
+    t->ready = 1;
+    return 0;
+}
+
+static void Table_dealloc(Table *t) {
+    /* views hold a reference to the table: none is left here */
+    PyMem_RawFree(t->recs);
+    PyMem_RawFree(t->slots);
+    PyMem_RawFree(t->views);
+    for (size_t i = 0; i < sizeof t->pools / sizeof t->pools[0]; i++) PyMem_RawFree(t->pools[i].buf);
+    for (uint32_t i = 0; i < t->nspaces; i++) Py_XDECREF(t->spaces[i].name);
+    PyMem_RawFree(t->spaces);
+    PyMem_RawFree(t->freespaces);
+    for (uint64_t i = 0; i < t->nrows; i++) PyMem_RawFree(t->rows[i].recs);
+    PyMem_RawFree(t->rows);
+    Py_XDECREF(t->space_ids);
+    Py_XDECREF(t->classes);
+    Py_XDECREF(t->pins);
+    Py_XDECREF(t->nvside);
+    Py_XDECREF(t->loctype);
+    Py_TYPE(t)->tp_free((PyObject *)t);
+}
+
+#define READY(t, ret)                                                              \
+    if (!(t)->ready) {                                                              \
+        PyErr_SetString(PyExc_RuntimeError, "Table.__init__ was not called");       \
+        return ret;                                                                 \
+    }
+
+static int entry_arg(PyObject *o, Entry **e) {
+    if (!PyObject_TypeCheck(o, &EntryType)) {
+        PyErr_Format(PyExc_TypeError, "expected a kvstored._index.Entry, not %.80s",
+                     Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *e = (Entry *)o;
+    return 0;
+}
+
+static PyObject *Table_get(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "get(ns: bytes, key: bytes)");
+        return NULL;
+    }
+    Py_ssize_t kl = PyBytes_GET_SIZE(args[1]);
+    if (kl > MAX_KEY) Py_RETURN_NONE;
+    int ns = space_id(t, args[0], 0);
+    if (ns < 0) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    const char *k = PyBytes_AS_STRING(args[1]);
+    int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, hash_key(t, (uint16_t)ns, k, (size_t)kl));
+    if (i < 0) Py_RETURN_NONE;
+    return view_of(t, t->slots[i].rec - 1);
+}
+
+static PyObject *Table_insert(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0) return NULL;
+    if (e->ix && e->ix != t) {
+        PyErr_SetString(PyExc_ValueError, "entry belongs to another index");
+        return NULL;
+    }
+    if (e->ix) {  /* re-insert of a removed entry */
+        Rec *r = R(e);
+        if (r->flags & F_INTABLE) {
+            PyErr_SetString(PyExc_KeyError, "index already holds this entry");
+            return NULL;
+        }
+        const char *k = key_ptr(t, r);
+        uint32_t h = hash_key(t, r->ns, k, r->key_len);
+        if (find(t, r->ns, k, r->key_len, h) >= 0) {
+            PyErr_SetString(PyExc_KeyError, "index already holds this key; remove the old entry first");
+            return NULL;
+        }
+        if ((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0) return NULL;
+        uint64_t i = h & t->mask;
+        while (t->slots[i].rec) i = (i + 1) & t->mask;
+        t->slots[i].rec = e->rec + 1;
+        t->slots[i].hash = h;
+        r->flags |= F_INTABLE;
+        Space *s = &t->spaces[r->ns];
+        s->objects++; s->bytes += r->size;
+        t->count++; t->object_bytes += r->size;
+        if (r->flags & F_UNVERIFIED) t->unverified++;
+        Py_RETURN_NONE;
+    }
+    Detached *d = e->det;
+    int ns = space_id(t, d->ns, 1);
+    if (ns < 0) return NULL;
+    const char *k = PyBytes_AS_STRING(d->key);
+    size_t kl = (size_t)PyBytes_GET_SIZE(d->key);
+    uint32_t h = hash_key(t, (uint16_t)ns, k, kl);
+    if (find(t, (uint16_t)ns, k, kl, h) >= 0) {
+        PyObject *key = PyTuple_Pack(2, d->ns, d->key);
+        if (key)
+            PyErr_Format(PyExc_KeyError, "index already holds %R; remove the old entry first", key);
+        Py_XDECREF(key);
+        if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
+        return NULL;
+    }
+    int sc = class_id(t, d->sc);
+    if (sc < 0 || ((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0)) {
+        if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
+        return NULL;
+    }
+    int64_t rec = rec_alloc(t);
+    if (rec < 0) return NULL;
+    Rec *r = &t->recs[rec];
+    *r = d->r;
+    if (key_store(t, r, k, kl) < 0) {
+        r->flags = 0; r->newer = t->freehead; t->freehead = (uint32_t)rec;
+        return NULL;
+    }
+    r->ns = (uint16_t)ns;
+    r->sc = (uint8_t)sc;
+    r->flags = (d->r.flags & (F_DEAD | F_UNVERIFIED)) | F_USED | F_INTABLE;
+    r->newer = r->older = NOREC;  /* links are made after insert */
+    t->spaces[ns].nrec++;
+    /* attach: the view now reads the record */
+    if (view_put(t, (uint32_t)rec, e) < 0) {
+        r->flags &= ~F_INTABLE;
+        rec_free(t, (uint32_t)rec);
+        return NULL;
+    }
+    r->flags |= F_VIEW;
+    Py_INCREF(t);
+    e->ix = t;
+    e->rec = (uint32_t)rec;
+    if (d->nvme && nvme_store(t, (uint32_t)rec, d->nvme) < 0) PyErr_Clear();
+    if (d->pins || d->pin_until) {
+        PyObject *p = Py_BuildValue("[ld]", d->pins, d->pin_until);
+        PyObject *kk = PyLong_FromLongLong(rec);
+        if (p && kk && PyDict_SetItem(t->pins, kk, p) == 0) r->flags |= F_PIN;
+        else PyErr_Clear();
+        Py_XDECREF(p); Py_XDECREF(kk);
+    }
+    det_free(e);
+    uint64_t i = h & t->mask;
+    while (t->slots[i].rec) i = (i + 1) & t->mask;
+    t->slots[i].rec = (uint32_t)rec + 1;
+    t->slots[i].hash = h;
+    Space *s = &t->spaces[ns];
+    s->objects++; s->bytes += r->size;
+    t->count++; t->object_bytes += r->size;
+    if (r->flags & F_UNVERIFIED) t->unverified++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_remove(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0) return NULL;
+    if (check_attached(e, t) < 0) return NULL;
+    Rec *r = R(e);
+    if (!(r->flags & F_INTABLE)) {
+        PyErr_SetString(PyExc_KeyError, "entry is not in the index (removed already)");
+        return NULL;
+    }
+    const char *k = key_ptr(t, r);
+    int64_t i = find(t, r->ns, k, r->key_len, hash_key(t, r->ns, k, r->key_len));
+    if (i < 0 || t->slots[i].rec != e->rec + 1) {
+        PyErr_SetString(PyExc_RuntimeError, "packed index inconsistent: entry not at its key");
+        return NULL;
+    }
+    slot_del(t, (uint64_t)i);
+    r->flags &= ~F_INTABLE;
+    Space *s = &t->spaces[r->ns];
+    s->objects--;
+    s->bytes -= r->size;
+    if (!s->objects) s->bytes = 0;
+    t->count--;
+    t->object_bytes -= r->size;
+    if (r->flags & F_UNVERIFIED) {
+        r->flags &= ~F_UNVERIFIED;
+        t->unverified--;
+    }
+    if (r->flags & F_PIN) {
+        dict_pop_rec(t->pins, e->rec);
+        r->flags &= ~F_PIN;
+    }
+    /* the record lives on while its view does (freed by the view's dealloc) */
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_mark_unverified(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0) return NULL;
+    Rec *r = R(e);
+    if (!(r->flags & F_UNVERIFIED)) {
+        r->flags |= F_UNVERIFIED;
+        if (e->ix == t && (r->flags & F_INTABLE)) t->unverified++;
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_verify(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0) return NULL;
+    Rec *r = R(e);
+    if (r->flags & F_UNVERIFIED) {
+        r->flags &= ~F_UNVERIFIED;
+        if (e->ix == t && (r->flags & F_INTABLE)) t->unverified--;
+    }
+    Py_RETURN_NONE;
+}
+
+static Py_ssize_t Table_len(Table *t) { return (Py_ssize_t)t->count; }
+
+static PyObject *Table_count(Table *t, PyObject *ns) {
+    READY(t, NULL);
+    if (!PyBytes_Check(ns)) { PyErr_SetString(PyExc_TypeError, "count(ns: bytes)"); return NULL; }
+    int id = space_id(t, ns, 0);
+    if (id < 0) {
+        if (PyErr_Occurred()) return NULL;
+        return PyLong_FromLong(0);
+    }
+    return PyLong_FromUnsignedLongLong(t->spaces[id].objects);
+}
+
+static PyObject *Table_namespaces(Table *t, PyObject *unused) {
+    READY(t, NULL);
+    PyObject *d = PyDict_New();
+    if (!d) return NULL;
+    for (uint32_t i = 0; i < t->nspaces; i++) {
+        Space *s = &t->spaces[i];
+        if (!s->name || !s->objects) continue;
+        PyObject *v = Py_BuildValue("(KK)", (unsigned long long)s->objects,
+                                    (unsigned long long)s->bytes);
+        if (!v || PyDict_SetItem(d, s->name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return NULL; }
+        Py_DECREF(v);
+    }
+    return d;
+}
+
+/* --- slot map */
+
+static PyObject *Table_use_slab_size(Table *t, PyObject *v) {
+    READY(t, NULL);
+    long long s = PyLong_AsLongLong(v);
+    if (s == -1 && PyErr_Occurred()) return NULL;
+    if (s <= 0) return PyErr_Format(PyExc_ValueError, "slab_size must be positive, not %lld", s);
+    for (uint64_t i = 0; i < t->nrows; i++)
+        if (t->rows[i].recs && s != t->slab_size) {
+            PyErr_SetString(PyExc_ValueError, "slots are placed already: the slab size cannot change");
+            return NULL;
+        }
+    t->slab_size = s;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_place(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0 || check_attached(e, t) < 0) return NULL;
+    Rec *r = R(e);
+    if (r->offset < 0) {
+        PyErr_SetString(PyExc_ValueError, "entry has no DRAM slot (offset -1)");
+        return NULL;
+    }
+    uint32_t size = t->slot_sizes[r->sc];
+    uint64_t slab = (uint64_t)(r->offset / t->slab_size);
+    int64_t rel = r->offset % t->slab_size;
+    if (slab >= (1ULL << 24)) {
+        PyErr_Format(PyExc_ValueError, "offset %lld is past 2**24 slabs", (long long)r->offset);
+        return NULL;
+    }
+    if (slab >= t->nrows) {
+        uint64_t cap = t->nrows;
+        Row *nr = PyMem_RawRealloc(t->rows, (slab + 1) * sizeof(Row));
+        if (!nr) return PyErr_NoMemory();
+        memset(nr + cap, 0, (slab + 1 - cap) * sizeof(Row));
+        t->rows = nr;
+        t->nrows = slab + 1;
+    }
+    Row *row = &t->rows[slab];
+    if (!row->recs || row->slot_size != size) {
+        /* a slab that changed class was emptied first: a fresh row. One spare slot at the
+           end, as the dict index's: an offset past a slab's last whole slot reads None. */
+        uint64_t ns = (uint64_t)t->slab_size / size + 1;
+        uint32_t *nrecs = PyMem_RawCalloc(ns, sizeof(uint32_t));
+        if (!nrecs) return PyErr_NoMemory();
+        PyMem_RawFree(row->recs);
+        row->recs = nrecs;
+        row->slot_size = size;
+        row->nslots = (uint32_t)ns;
+    }
+    if (rel % size) {
+        PyErr_Format(PyExc_ValueError, "offset %lld is not a slot of %u bytes in a slab of %lld "
+                     "(use_slab_size not called with the arena's?)", (long long)r->offset, size,
+                     (long long)t->slab_size);
+        return NULL;
+    }
+    row->recs[rel / size] = e->rec + 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_displace(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0 || check_attached(e, t) < 0) return NULL;
+    slot_clear(t, e->rec);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_at(Table *t, PyObject *v) {
+    READY(t, NULL);
+    long long off = PyLong_AsLongLong(v);
+    if (off == -1 && PyErr_Occurred()) return NULL;
+    if (off < 0) Py_RETURN_NONE;
+    uint64_t slab; int64_t rel;
+    Row *row = row_of(t, off, &slab, &rel);
+    if (!row || rel % row->slot_size || (uint64_t)(rel / row->slot_size) >= row->nslots)
+        Py_RETURN_NONE;
+    uint32_t r = row->recs[rel / row->slot_size];
+    if (!r) Py_RETURN_NONE;
+    return view_of(t, r - 1);
+}
+
+/* --- walks */
+
+typedef struct {
+    PyObject_HEAD
+    Table *t;
+    uint32_t pos;
+    int ns;  /* -1: all */
+} Iter;
+
+static PyObject *Table_iterate(Table *t, PyObject *args) {
+    READY(t, NULL);
+    PyObject *ns = Py_None;
+    if (!PyArg_ParseTuple(args, "|O:iterate", &ns)) return NULL;
+    int id = -1;
+    if (ns != Py_None) {
+        if (!PyBytes_Check(ns)) { PyErr_SetString(PyExc_TypeError, "iterate(ns: bytes | None)"); return NULL; }
+        id = space_id(t, ns, 0);
+        if (id < 0 && PyErr_Occurred()) return NULL;
+        if (id < 0) id = -2;  /* no such namespace: an empty walk */
+    }
+    Iter *it = PyObject_New(Iter, &IterType);
+    if (!it) return NULL;
+    Py_INCREF(t);
+    it->t = t;
+    it->pos = 0;
+    it->ns = id;
+    return (PyObject *)it;
+}
+
+static void Iter_dealloc(Iter *it) { Py_DECREF(it->t); PyObject_Free(it); }
+
+static PyObject *Iter_next(Iter *it) {
+    Table *t = it->t;
+    if (it->ns == -2) return NULL;
+    /* bounded by the record count read each step: a change while walking never reads
+       outside the array (the caller is told to snapshot first) */
+    while (it->pos < t->nrecs) {
+        uint32_t i = it->pos++;
+        Rec *r = &t->recs[i];
+        if ((r->flags & (F_USED | F_INTABLE)) != (F_USED | F_INTABLE)) continue;
+        if (it->ns >= 0 && r->ns != it->ns) continue;
+        return view_of(t, i);
+    }
+    return NULL;
+}
+
+static PyTypeObject IterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvstored._index.Iter",
+    .tp_basicsize = sizeof(Iter),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_dealloc = (destructor)Iter_dealloc,
+    .tp_iter = PyObject_SelfIter,
+    .tp_iternext = (iternextfunc)Iter_next,
+};
+
+static PyObject *Table_footprint(Table *t, PyObject *unused) {
+    READY(t, NULL);
+    uint64_t keys = 0, keycap = 0, rows = 0;
+    for (size_t c = 1; c < sizeof t->pools / sizeof t->pools[0]; c++) {
+        keys += (uint64_t)t->pools[c].n * 8 * c;
+        keycap += (uint64_t)t->pools[c].cap * 8 * c;
+    }
+    for (uint64_t i = 0; i < t->nrows; i++)
+        if (t->rows[i].recs) rows += (uint64_t)t->rows[i].nslots * 4;
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}",
+                         "record_size", (unsigned long long)sizeof(Rec),
+                         "records", (unsigned long long)t->nrecs * sizeof(Rec),
+                         "records_capacity", (unsigned long long)t->caprecs * sizeof(Rec),
+                         "table", (unsigned long long)(t->slots ? (t->mask + 1) * sizeof(Slot) : 0),
+                         "keys", (unsigned long long)keys,
+                         "keys_capacity", (unsigned long long)keycap,
+                         "slot_map", (unsigned long long)rows,
+                         "views", (unsigned long long)t->vcount,
+                         "namespaces", (unsigned long long)(t->nspaces - t->nfreespaces));
+}
+
+static PyObject *Table_get_object_bytes(Table *t, void *c) { return PyLong_FromUnsignedLongLong(t->object_bytes); }
+static PyObject *Table_get_unverified(Table *t, void *c) { return PyLong_FromUnsignedLongLong(t->unverified); }
+
+static PyGetSetDef Table_getset[] = {
+    {"object_bytes", (getter)Table_get_object_bytes, NULL, "bytes of the objects in the index", NULL},
+    {"unverified", (getter)Table_get_unverified, NULL, "entries held back until verified", NULL},
+    {NULL}
+};
+
+static PyMethodDef Table_methods[] = {
+    {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(ns, key) -> Entry | None"},
+    {"insert", (PyCFunction)Table_insert, METH_O, "insert(entry): add under its (free) key"},
+    {"remove", (PyCFunction)Table_remove, METH_O, "remove(entry)"},
+    {"mark_unverified", (PyCFunction)Table_mark_unverified, METH_O, NULL},
+    {"verify", (PyCFunction)Table_verify, METH_O, NULL},
+    {"count", (PyCFunction)Table_count, METH_O, "objects in a namespace"},
+    {"namespaces", (PyCFunction)Table_namespaces, METH_NOARGS, "ns -> (objects, bytes)"},
+    {"use_slab_size", (PyCFunction)Table_use_slab_size, METH_O, NULL},
+    {"place", (PyCFunction)Table_place, METH_O, "entry now holds DRAM slot entry.offset"},
+    {"displace", (PyCFunction)Table_displace, METH_O, "entry gave up its DRAM slot"},
+    {"at", (PyCFunction)Table_at, METH_O, "the entry in the DRAM slot at offset, or None"},
+    {"iterate", (PyCFunction)Table_iterate, METH_VARARGS, "iterate(ns=None): entries, record order"},
+    {"footprint", (PyCFunction)Table_footprint, METH_NOARGS, "bytes used by part"},
+    {NULL}
+};
+
+static PySequenceMethods Table_seq = {.sq_length = (lenfunc)Table_len};
+
+static PyTypeObject TableType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvstored._index.Table",
+    .tp_doc = "Table(slab_size, location_type=None): the packed index's records and lookups.",
+    .tp_basicsize = sizeof(Table),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_new = PyType_GenericNew,
+    .tp_init = (initproc)Table_init,
+    .tp_dealloc = (destructor)Table_dealloc,
+    .tp_methods = Table_methods,
+    .tp_getset = Table_getset,
+    .tp_as_sequence = &Table_seq,
+};
+
+static struct PyModuleDef moddef = {
+    PyModuleDef_HEAD_INIT, "kvstored._index",
+    "The Store's packed index (native/index.c; kvstored/engine/packedindex.py).", -1, NULL,
+};
+
+PyMODINIT_FUNC PyInit__index(void) {
+    if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&IterType) < 0)
+        return NULL;
+    PyObject *tm = PyImport_ImportModule("time");
+    if (!tm) return NULL;
+    time_time = PyObject_GetAttrString(tm, "time");
+    Py_DECREF(tm);
+    if (!time_time) return NULL;
+    PyObject *m = PyModule_Create(&moddef);
+    if (!m) return NULL;
+    Py_INCREF(&EntryType);
+    Py_INCREF(&TableType);
+    if (PyModule_AddObject(m, "Entry", (PyObject *)&EntryType) < 0 ||
+        PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
+        PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(Rec)) < 0 ||
+        PyModule_AddIntConstant(m, "MAX_KEY", MAX_KEY) < 0) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}

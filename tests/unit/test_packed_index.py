@@ -1,0 +1,369 @@
+"""The packed index (native/index.c -> kvstored._index, kvstored/engine/packedindex.py).
+
+Three kinds of check: the dict index's own tests (tests/unit/test_store_entries.py)
+run again against the packed one; a seeded random sequence of operations applied to
+both indexes must read the same; and what is new with views (identity, records kept
+for their holders, packed NVMe locations) plus bad input, which must raise a clear
+Python exception and never crash the interpreter.
+"""
+from __future__ import annotations
+
+import gc
+import inspect
+import random
+
+import pytest
+
+_index = pytest.importorskip("kvstored._index")
+
+import test_store_entries as dict_tests  # noqa: E402  (tests/unit is on sys.path)
+
+from kvstored.engine.arena import SizeClass  # noqa: E402
+from kvstored.engine.entries import Entry as DictEntry, Index as DictIndex, make_index  # noqa: E402
+from kvstored.engine.nvmedevice import Location  # noqa: E402
+from kvstored.engine.packedindex import Entry, PackedIndex  # noqa: E402
+
+SC = SizeClass(0, 4096, 1 << 20)
+
+# Dict-index tests that read what the packed index does differently on purpose (its
+# docstring): the walk order, and the dict index's own pin table (entries._PINS).
+DIFFERENT = {"test_iterate_walks_all_or_one_namespace_and_keys_iterate_as_tuples",
+             "test_pin_fields_read_and_write_like_fields_and_leave_with_the_entry"}
+SHARED = [name for name, f in inspect.getmembers(dict_tests, inspect.isfunction)
+          if name.startswith("test_") and name not in DIFFERENT]
+
+
+@pytest.mark.parametrize("name", SHARED)
+def test_the_dict_index_tests_pass_on_the_packed_index(name, monkeypatch):
+    monkeypatch.setattr(dict_tests, "Index", PackedIndex)
+    monkeypatch.setattr(dict_tests, "Entry", Entry)
+    getattr(dict_tests, name)()
+
+
+def entry(ns: bytes, key: bytes, size: int = 100, offset: int = -1, cls=Entry):
+    return cls(ns, key, offset, size, 0x1234, SC)
+
+
+def test_walks_cover_every_entry_once_and_one_namespace_alone():
+    ix = PackedIndex()
+    es = [entry(b"n%d" % (i % 3), b"k%d" % i) for i in range(30)]
+    for e in es:
+        ix.insert(e)
+    for e in es[::4]:
+        ix.remove(e)
+    kept = [e for i, e in enumerate(es) if i % 4]
+    walked = list(ix.iterate())
+    assert len(walked) == len(kept) and set(map(id, walked)) == set(map(id, kept))
+    assert sorted(e.key for e in ix.iterate(b"n1")) == sorted(e.key for e in kept if e.ns == b"n1")
+    assert list(ix.iterate(b"absent")) == []
+    assert sorted(ix) == sorted((e.ns, e.key) for e in kept)
+    assert dict(ix.items())[(b"n2", b"k2")] is es[2]
+
+
+def test_pins_live_in_a_side_table_and_leave_with_the_entry():
+    ix = PackedIndex()
+    e = entry(b"n", b"p")
+    ix.insert(e)
+    assert e.pins == 0 and e.pin_until == 0.0 and not e.pinned(0.0)
+    e.pins += 1
+    e.pin_until = max(e.pin_until, 50.0)
+    assert e.pinned(10.0) and not e.pinned(50.0) and e.pins == 1
+    rec = e.record
+    del e
+    gc.collect()
+    e = ix.get(b"n", b"p")  # a new view of the same record: the pin is the record's
+    assert e.record == rec and e.pins == 1 and e.pin_until == 50.0
+    e.pins, e.pin_until = 0, 0.0
+    assert not e.pinned(0.0)
+    e.pins, e.pin_until = 2, 99.0
+    ix.note_pin(e)
+    ix.remove(e)
+    assert e.pins == 0 and not e.pinned(0.0) and ix.live_pins(0.0) == []
+    # pins set while detached travel into the record
+    d = entry(b"n", b"q")
+    d.pins, d.pin_until = 3, 7.0
+    ix.insert(d)
+    assert d.pins == 3 and d.pinned(1.0)
+
+
+def test_a_lookup_returns_the_same_view_while_anyone_holds_it():
+    ix = PackedIndex()
+    a = entry(b"n", b"a", offset=4096)
+    ix.insert(a)
+    assert ix.get(b"n", b"a") is a and ix[(b"n", b"a")] is a
+    a.refs, a.seg, a.stamp, a.reads, a.offset = 2, 1, 12345678901, 7, 8192
+    a.committed_at = 1.5
+    a.unverified = True
+    a.state = 2
+    rec = a.record
+    del a
+    gc.collect()
+    b = ix.get(b"n", b"a")  # every field was the record's, not the old view's
+    assert b.record == rec
+    assert (b.refs, b.seg, b.stamp, b.reads, b.offset, b.committed_at, b.unverified, b.state) == \
+        (2, 1, 12345678901, 7, 8192, 1.5, True, 2)
+    assert b.ns == b"n" and b.key == b"a" and b.sc is SC and b.size == 100 and b.checksum == 0x1234
+
+
+def test_eviction_links_are_views_of_the_linked_records():
+    ix = PackedIndex()
+    a, b, c = (entry(b"n", k) for k in (b"a", b"b", b"c"))
+    for e in (a, b, c):
+        ix.insert(e)
+    a.older, b.newer, b.older, c.newer = b, a, c, b
+    assert a.older is b and b.newer is a and b.older is c and c.newer is b and c.older is None
+    rec_c = c.record
+    del c
+    gc.collect()
+    c2 = b.older  # a fresh view of the same record, then the same object again
+    assert c2.record == rec_c and b.older is c2 and c2.newer is b
+    b.older = None
+    assert b.older is None
+    other = PackedIndex()
+    x = entry(b"n", b"x")
+    other.insert(x)
+    with pytest.raises(TypeError, match="same index"):
+        a.older = x
+    with pytest.raises(TypeError, match="same index"):
+        a.older = entry(b"n", b"detached")
+    with pytest.raises(TypeError, match="same index"):
+        a.newer = "not an entry"
+
+
+def test_a_removed_entry_is_read_by_its_holders_then_its_record_is_reused():
+    ix = PackedIndex()
+    e = entry(b"n", b"gone", size=77)
+    ix.insert(e)
+    ix.remove(e)
+    assert ix.get(b"n", b"gone") is None and len(ix) == 0 and ix.namespaces() == {}
+    # a reader holding it still reads every field (the Store frees its slot on release)
+    assert e.ns == b"n" and e.key == b"gone" and e.size == 77
+    e.refs += 1
+    e.state = 2
+    rec = e.record
+    assert ix.footprint()["namespaces"] == 1  # its namespace name is kept for it
+    del e
+    gc.collect()
+    assert ix.footprint()["namespaces"] == 0 and ix.footprint()["views"] == 0
+    f = entry(b"m", b"new")
+    ix.insert(f)
+    assert f.record == rec and f.ns == b"m" and f.key == b"new" and f.refs == 0
+    # a removed entry may go back in (nothing else took its key)
+    ix.remove(f)
+    ix.insert(f)
+    assert ix.get(b"m", b"new") is f and len(ix) == 1
+    with pytest.raises(KeyError):
+        ix.insert(f)  # already in
+
+
+def test_nvme_locations_pack_when_they_can_and_are_kept_whole_otherwise():
+    ix = PackedIndex()
+    e = entry(b"n", b"k", size=100)
+    ix.insert(e)
+    assert e.nvme is None
+    packed = Location(3, 40 * 4096, 100, 0x1234, 9)
+    e.nvme = packed
+    assert e.nvme == packed and e.nvme is not packed  # rebuilt from the record
+    odd = Location(3, 40 * 4096 + 512, 100, 0x1234, 9)  # not 4 KiB aligned: kept whole
+    e.nvme = odd
+    assert e.nvme is odd
+    big = Location(70000, 4096, 100, 0x1234, 2**40)  # region and generation too wide
+    e.nvme = big
+    assert e.nvme is big
+    e.nvme = None
+    assert e.nvme is None
+    with pytest.raises(TypeError, match="Location"):
+        e.nvme = 12
+    d = entry(b"n", b"detached")
+    d.nvme = packed
+    ix.insert(d)
+    assert d.nvme == packed
+
+
+def test_bad_input_raises_clear_errors():
+    ix = PackedIndex()
+    e = entry(b"n", b"k", offset=4096)
+    ix.insert(e)
+    with pytest.raises(ValueError, match="at most 255"):
+        entry(b"n", b"x" * 256)
+    with pytest.raises(TypeError):
+        Entry("n", b"k", 0, 1, 0, SC)  # str namespace
+    with pytest.raises(TypeError):
+        Entry(b"n", bytearray(b"k"), 0, 1, 0, SC)
+    with pytest.raises((ValueError, OverflowError)):
+        Entry(b"n", b"k", 0, 2**32, 0, SC)
+    with pytest.raises((ValueError, OverflowError)):
+        Entry(b"n", b"k", 0, -1, 0, SC)
+    for cs in (-1, 2**64):
+        with pytest.raises(ValueError, match="checksum"):
+            Entry(b"n", b"k", 0, 1, cs, SC)
+    with pytest.raises(TypeError, match="size class"):
+        ix.insert(Entry(b"n", b"nosc", 0, 1, 0, object()))
+    assert len(ix) == 1 and ix.namespaces() == {b"n": (1, 100)}  # refused inserts change nothing
+    for bad in (None, 5, b"k", DictEntry(b"n", b"k", 0, 1, 0, SC)):
+        with pytest.raises(TypeError, match="kvstored._index.Entry"):
+            ix.insert(bad)
+        with pytest.raises(TypeError):
+            ix.remove(bad)
+        with pytest.raises(TypeError):
+            ix.place(bad)
+    with pytest.raises(TypeError):
+        ix.get("n", "k")
+    with pytest.raises(TypeError):
+        ix.get(b"n")
+    assert ix.get(b"n", b"x" * 1000) is None
+    with pytest.raises(TypeError):
+        ix.at("4096")
+    assert ix.at(-1) is None and ix.at(2**62) is None
+    with pytest.raises(OverflowError):
+        ix.at(2**70)
+    with pytest.raises(KeyError, match="never inserted"):
+        ix.remove(entry(b"n", b"k"))
+    with pytest.raises(KeyError, match="another index"):
+        PackedIndex().remove(e)
+    with pytest.raises(ValueError, match="another index"):
+        PackedIndex().insert(e)
+    with pytest.raises(ValueError, match="out of range"):
+        e.refs = -1
+    with pytest.raises(ValueError, match="out of range"):
+        e.seg = 3
+    with pytest.raises(TypeError, match="int"):
+        e.offset = 1.5
+    with pytest.raises(ValueError, match="COMMITTED"):
+        e.state = 0
+    with pytest.raises(AttributeError):
+        e.size = 5  # fixed once inserted (the counts are made of it)
+    with pytest.raises(AttributeError):
+        del e.refs
+    with pytest.raises(ValueError, match="negative"):
+        e.reads = -1
+    e.reads = 2**40
+    assert e.reads == 2**32 - 1  # saturates
+    nd = entry(b"n", b"nd")
+    ix.insert(nd)
+    with pytest.raises(ValueError, match="no DRAM slot"):
+        ix.place(nd)
+    with pytest.raises(ValueError, match="positive"):
+        PackedIndex(0)
+    raw = _index.Table.__new__(_index.Table)  # never initialised
+    with pytest.raises(RuntimeError, match="__init__"):
+        raw.get(b"n", b"k")
+    assert len(raw) == 0
+    with pytest.raises(RuntimeError, match="twice"):
+        ix.__init__(1 << 20)
+
+
+def test_too_many_namespaces_is_refused_and_emptied_ones_are_reused():
+    ix = PackedIndex()
+    es = [entry(b"ns%d" % i, b"k") for i in range(65535)]
+    for e in es:
+        ix.insert(e)
+    with pytest.raises(OverflowError, match="65535 namespaces"):
+        ix.insert(entry(b"one-more", b"k"))
+    ix.remove(es[5])
+    del es[5]
+    gc.collect()
+    ix.insert(entry(b"one-more", b"k"))  # the emptied namespace's id went back
+    assert ix.count(b"one-more") == 1 and ix.count(b"ns5") == 0 and len(ix) == 65535
+
+
+def test_keys_of_every_length_and_binary_content_round_trip():
+    ix = PackedIndex()
+    keys = [bytes(range(n)) for n in range(256)] + [b"\x00" * 8, b"\x00" * 9, b"\xff" * 255]
+    for k in keys:
+        ix.insert(entry(b"n", k))
+    assert len(ix) == len(keys)
+    for k in keys:
+        e = ix.get(b"n", k)
+        assert e is not None and e.key == k
+    assert ix.get(b"n", b"\x00" * 10) is None and ix.get(b"m", b"") is None
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_random_operations_read_the_same_on_both_indexes(seed):
+    """Inserts, removals (some while held), slots, pins and held records, interleaved
+    the way a busy event loop does: every read agrees with the dict index."""
+    rng = random.Random(seed)
+    slab = 1 << 16
+    sc = SizeClass(0, 256, slab)
+    both = (DictIndex(slab), PackedIndex(slab))
+    cls = (DictEntry, Entry)
+    held: list[dict] = [{}, {}]  # (ns, key) -> entry, as a caller holding them
+    free_slots = list(range(0, 8 * slab, 256))
+    rng.shuffle(free_slots)
+    for step in range(6000):
+        ns = b"ns%d" % rng.randrange(5)
+        key = b"%d" % rng.randrange(400)
+        op = rng.random()
+        cur = [ix.get(ns, key) for ix in both]
+        assert (cur[0] is None) == (cur[1] is None)
+        if cur[0] is None and op < 0.5:
+            off = free_slots.pop() if free_slots and rng.random() < 0.7 else -1
+            size, cs = rng.randrange(1, 256), rng.randrange(2**64)
+            for i, ix in enumerate(both):
+                e = cls[i](ns, key, off, size, cs, sc)
+                e.unverified = op < 0.05
+                ix.insert(e)
+                if off >= 0:
+                    ix.place(e)
+                held[i][(ns, key)] = e
+        elif cur[0] is not None and op < 0.8:
+            off = cur[0].offset
+            for i, ix in enumerate(both):
+                e = cur[i]
+                if off >= 0:
+                    ix.displace(e)
+                ix.remove(e)
+                held[i].pop((ns, key), None)
+            if off >= 0:
+                free_slots.append(off)
+        elif cur[0] is not None and op < 0.9:
+            flip = rng.random() < 0.5
+            for ix, e in zip(both, cur):
+                (ix.verify if flip else ix.mark_unverified)(e)
+        elif cur[0] is not None:
+            until = rng.choice([0.0, 5.0, 50.0])
+            for ix, e in zip(both, cur):
+                e.pins, e.pin_until = (1, until) if until else (0, 0.0)
+                (ix.note_pin if until else ix.drop_pin)(e)
+        if rng.random() < 0.02:
+            held = [{}, {}]  # the holders let go: views are rebuilt on the next lookup
+        if step % 1500 == 0 or step == 5999:
+            a, b = both
+            assert len(a) == len(b) and a.object_bytes == b.object_bytes
+            assert a.unverified == b.unverified and a.namespaces() == b.namespaces()
+            rows = lambda ix: sorted((e.ns, e.key, e.size, e.checksum, e.offset, e.unverified,
+                                      e.pinned(10.0)) for e in ix.iterate())
+            assert rows(a) == rows(b)
+            for off in range(0, 8 * slab, 256 * 7):
+                x, y = a.at(off), b.at(off)
+                assert (x is None) == (y is None) and (x is None or x.key == y.key)
+            assert sorted(e.key for e in a.live_pins(10.0)) == sorted(e.key for e in b.live_pins(10.0))
+
+
+def test_make_index_follows_the_setting_and_the_environment(monkeypatch):
+    monkeypatch.delenv("KVSTORED_INDEX", raising=False)
+    assert type(make_index("dict")) is DictIndex
+    assert type(make_index("packed")) is PackedIndex
+    assert type(make_index("auto")) is PackedIndex  # the extension is built here
+    monkeypatch.setenv("KVSTORED_INDEX", "dict")
+    assert type(make_index("packed")) is DictIndex
+    monkeypatch.setenv("KVSTORED_INDEX", "bogus")
+    with pytest.raises(ValueError, match="auto, packed or dict"):
+        make_index("auto")
+
+
+def test_many_objects_grow_the_table_and_keep_exact_counts():
+    ix = PackedIndex()
+    n = 200_000
+    for i in range(n):
+        ix.insert(Entry(b"n", i.to_bytes(8, "little") * 4, -1, 256, i, SC))
+    for i in range(0, n, 2):
+        ix.remove(ix.get(b"n", i.to_bytes(8, "little") * 4))
+    assert len(ix) == n // 2 and ix.object_bytes == 256 * (n // 2)
+    assert all(ix.get(b"n", i.to_bytes(8, "little") * 4).checksum == i for i in range(1, n, 2002))  # odd: kept
+    fp = ix.footprint()
+    assert fp["views"] == 0 and fp["records"] == n * fp["record_size"]
+    for i in range(0, n, 2):  # the freed records are reused, not appended
+        ix.insert(Entry(b"n", i.to_bytes(8, "little") * 4, -1, 256, i, SC))
+    assert ix.footprint()["records"] == fp["records"] and len(ix) == n
