@@ -23,10 +23,14 @@ fragment of each record, sent gathered), ``encode_records`` (the same records jo
 copy of each fragment: what batch_put sent before) and ``kvstore.layout.assemble`` (fast path: data fragments 0..K-1 concatenated; decode path:
 data fragment 0 missing).
 
-Runs with MALLOC_TRIM_THRESHOLD_ / MALLOC_MMAP_THRESHOLD_ set (re-executes itself if
-needed): glibc otherwise grows and trims the heap on every 1 MiB allocation (docs:
-DESIGN.md pitfalls). All on one host: the nodes share the client's cores, so this
-measures the client and the codec, not a network.
+The client process runs untuned, as a user's would: no MALLOC_* variables are set by the
+benchmark. The SDK itself raises glibc's thresholds on the first EC put or get
+(``kvstore.layout.tune_malloc``: pyeclib allocates every fragment afresh, and glibc would
+grow and trim the heap on each; DESIGN.md pitfalls); ``KVSTORE_TUNE_MALLOC=0`` measures
+without that. The header line says which. The codec table also gives ``encode_parts``
+plus the wire checksum of each record (what a put hashes before its records leave), the
+whole of the client's per-object CPU before sending. All on one host: the nodes share the
+client's cores, so this measures the client and the codec, not a network.
 
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
         [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
@@ -46,12 +50,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 MIB = 1 << 20
 KIB = 1 << 10
-
-
-def _reexec_with_malloc_env() -> None:
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        env = dict(os.environ, MALLOC_TRIM_THRESHOLD_=str(256 * MIB), MALLOC_MMAP_THRESHOLD_=str(64 * MIB))
-        os.execve(sys.executable, [sys.executable, *sys.argv], env)
 
 
 def rate(nbytes: int, seconds: float) -> float:
@@ -95,6 +93,7 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
     from pyeclib.ec_iface import ECDriver
 
     from kvstore import layout
+    from kvstore.wire import checksum_parts
     ec_type = "isa_l_rs_vand"
     d = ECDriver(k=k, m=m, ec_type=ec_type)
     data = os.urandom(size)
@@ -116,9 +115,17 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
 
     parts = layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE)
     assert [h + bytes(f) for h, f in parts] == records
+
+    def encode_and_wire_checksums():
+        # what batch_put computes per object before sending: the records, then the
+        # channel's wire checksum of each (header + fragment, kvstore.wire.checksum_parts)
+        for h, f in layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE):
+            checksum_parts((h, f))
     cases = [
         ("encode", lambda: d.encode(data), lambda: layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE),
          "encode_parts (sent gathered)"),
+        ("encode", lambda: d.encode(data), encode_and_wire_checksums,
+         "encode_parts + wire checksum of each record"),
         ("encode", lambda: d.encode(data), lambda: layout.encode_records(p, view, layout.DEFAULT_MIN_EC_SIZE),
          "encode_records (joined)"),
         ("decode, data fragments 0..K-1", lambda: d.decode(frags[:k]), lambda: layout.assemble(p, fast),
@@ -232,7 +239,6 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--codec-only", action="store_true", help="only the codec table (no daemons)")
     args = ap.parse_args(argv)
-    _reexec_with_malloc_env()
     sys.path[:0] = [str(REPO / "client"), str(REPO / "tests")]
     from daemonutil import Daemon
 
@@ -305,6 +311,11 @@ def main(argv=None) -> int:
         assert not still, f"kvstored processes still running: {still}"
     t_cluster = time.perf_counter() - t_start
 
+    from kvstore import layout
+    # what ClusterClient's first EC put did (again here for --codec-only); True if it set any
+    tuned = any(p.kind == "ec" for p in policies) and layout.tune_malloc()
+    results["malloc"] = ("set in the environment" if "MALLOC_MMAP_THRESHOLD_" in os.environ
+                         else "tuned by the SDK" if tuned else "glibc defaults")
     for p in policies:
         if p.kind == "ec":
             for size in sizes:
@@ -312,7 +323,7 @@ def main(argv=None) -> int:
 
     print(f"# ClusterClient, {results['transport']}, {cc_algo}, {os.cpu_count()} cpus, batches of "
           f"{size_name(args.objects * MIB)} (objects x size), best of {args.rounds}; "
-          f"cluster part {t_cluster:.0f} s\n")
+          f"malloc thresholds: {results['malloc']}; cluster part {t_cluster:.0f} s\n")
     print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | get_into GB/s | note |")
     print("|---|---|---|---:|---:|---:|---:|---|")
     for r in results["rows"]:

@@ -35,6 +35,7 @@ the wrong homes.
 from __future__ import annotations
 
 import hashlib
+import os
 import struct
 import threading
 from collections.abc import Sequence
@@ -229,6 +230,46 @@ class Codec:
 _CODECS: dict[tuple[int, int], Codec] = {}
 _CODECS_LOCK = threading.Lock()
 
+# pyeclib allocates every fragment afresh inside liberasurecode and copies it into a new
+# bytes object, out of reach of any SDK buffer pool. Under glibc's dynamic thresholds each
+# encode of a 1 MiB object then grows the heap by a few MiB and trims it back, page faults
+# included (DESIGN.md pitfalls): measured, an untuned client spent ~1.9x the CPU per
+# ec:4+2 batch_put. So ClusterClient's first EC put or get raises them, as kvstored does
+# for itself (the daemon's repair agent, which uses this module too, does not call this);
+# MALLOC_MMAP_THRESHOLD_ / MALLOC_TRIM_THRESHOLD_ in the environment win, and
+# KVSTORE_TUNE_MALLOC=0 leaves malloc alone. 32 MiB is glibc's own largest dynamic mmap
+# threshold on 64-bit; the trim threshold bounds what freed heap the process keeps.
+MALLOC_MMAP_THRESHOLD = 32 << 20
+MALLOC_TRIM_THRESHOLD = 64 << 20
+_malloc_tuned: bool | None = None
+
+
+def tune_malloc() -> bool:
+    """Raise glibc's mmap and trim thresholds for this process, once (see above). False
+    where not glibc, opted out, or the environment set both."""
+    global _malloc_tuned
+    if _malloc_tuned is not None:
+        return _malloc_tuned
+    _malloc_tuned = False
+    if os.environ.get("KVSTORE_TUNE_MALLOC", "1").strip().lower() in ("0", "no", "false", "off"):
+        return False
+    import ctypes
+    import platform
+    if platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    done = False
+    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
+        done |= mallopt(-3, MALLOC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
+    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
+        done |= mallopt(-1, MALLOC_TRIM_THRESHOLD) == 1  # M_TRIM_THRESHOLD
+    _malloc_tuned = done
+    return done
+
 
 def codec(p: Policy) -> Codec:
     """The (shared, thread-safe to call) codec of an EC policy."""
@@ -290,7 +331,16 @@ def assemble(p: Policy, records: list, out=None):
 
     ``out``: a writable buffer the object is decoded into (no intermediate copy on the
     concatenate path); then the object's size is returned instead of a bytearray.
-    InvalidArgument when the object does not fit it."""
+    InvalidArgument when the object does not fit it.
+
+    Healthy reads concatenate data fragments 0..K-1 without checking each record's
+    payload checksum first: the object checksum over the result covers every byte taken
+    (the records' bytes were also checked against the node's checksum on the wire), so
+    hashing each record as well would read the object twice. Only when that check fails,
+    or the fragments must be decoded, is every record verified before use."""
+    fast = _concat_unverified(p, records, out)
+    if fast is not None:
+        return fast
     valid: dict[tuple[int, int], tuple] = {}
     for buf in records:
         r = parse_record(buf) if isinstance(buf, (bytes, bytearray, memoryview)) else None
@@ -337,6 +387,51 @@ def assemble(p: Policy, records: list, out=None):
     if len(data) != olen or checksum(data) != ocsum:
         return None
     return bytearray(data) if dest is None else _place(dest, data, olen)
+
+
+def _concat_unverified(p: Policy, records: list, out):
+    """The object concatenated from data fragments 0..K-1 of one version (headers parsed,
+    payloads not hashed) when its object checksum matches; else None (the caller then
+    verifies every record). Raises InvalidArgument for a buffer the object cannot fit."""
+    c = codec(p)
+    if c.offset is None:
+        return None
+    data: list = [None] * p.k
+    version = None
+    for buf in records:
+        if not isinstance(buf, (bytes, bytearray, memoryview)):
+            continue
+        h = parse_head(buf)
+        if h is None or h[4] != p.k or h[5] != p.m:
+            continue
+        if h[2] != KIND_FRAGMENT:
+            return None  # a whole copy: the verified path takes it
+        if h[3] < p.k and data[h[3]] is None:
+            if version is not None and (h[8], h[9]) != version:
+                return None  # records of two versions: let the verified path vote
+            version = (h[8], h[9])
+            data[h[3]] = memoryview(buf)[FRAG_HEADER.size + c.offset:]
+    if version is None or any(d is None for d in data):
+        return None
+    olen, ocsum = version
+    if out is None:
+        whole = bytearray(olen)
+        target = memoryview(whole)
+    else:
+        target = memoryview(out).cast("B")
+        if target.readonly:
+            raise errors.InvalidArgument("the buffer to decode into is read-only")
+        if olen > len(target):
+            raise errors.InvalidArgument(f"object of {olen} bytes does not fit the {len(target)}-byte buffer")
+        target = target[:olen]
+    pos = 0
+    for part in data:
+        take = min(len(part), olen - pos)
+        target[pos:pos + take] = part[:take]
+        pos += take
+    if pos != olen or checksum(target) != ocsum:
+        return None
+    return whole if out is None else olen
 
 
 def _place(out, data, n: int) -> int:

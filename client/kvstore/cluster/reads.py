@@ -20,7 +20,7 @@ from concurrent.futures import FIRST_COMPLETED, wait
 
 from .. import errors
 from .._common import writable_view
-from ..layout import Policy, assemble, fragment_key, lap_key
+from ..layout import Policy, assemble, fragment_key, lap_key, tune_malloc
 from ..placement import Member
 from ..wire import key_bytes
 
@@ -57,6 +57,7 @@ class Reads:
     def _get_one(self, kb: bytes, ns: str) -> bytearray:
         p = self.policy(ns)
         if p.kind == "ec":
+            tune_malloc()  # once per process (layout.tune_malloc)
             return self._get_ec(kb, ns, p)
         return self._get_replica(kb, ns, self._slots(kb, ns, p, write=False))
 
@@ -134,6 +135,8 @@ class Reads:
     def _batch_get(self, ks: list[bytes], ns: str, outs: list | None = None) -> list:
         """Objects (bytearrays), or with ``outs`` their sizes, put into those buffers."""
         p = self.policy(ns)
+        if p.kind == "ec":
+            tune_malloc()
         sls = [self._slots(k, ns, p, write=False) for k in ks]
         per_node: dict[str, tuple[Member, list]] = {}
         now = time.monotonic()

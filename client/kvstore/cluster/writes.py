@@ -18,7 +18,7 @@ from concurrent.futures import wait
 
 from .. import errors
 from .._common import as_bytes_view
-from ..layout import FRAG_HEADER, Policy, encode_parts, fragment_key, lap_key, parse_head
+from ..layout import FRAG_HEADER, Policy, encode_parts, fragment_key, lap_key, parse_head, tune_malloc
 from ..placement import Member
 from ..wire import key_bytes
 
@@ -74,6 +74,7 @@ class Writes:
         owners: list[list[tuple[int, int]]] = []  # per object: (job, item) of each record
         per_round = len(items)
         if p.kind == "ec" and items:
+            tune_malloc()  # once per process: pyeclib's fragments (layout.tune_malloc)
             per_round = max(1, ENCODE_ROUND_BYTES // max(1, len(items[0][1])))
         try:
             for s in range(0, len(items), per_round):
