@@ -21,21 +21,26 @@ from .control import AsyncControl, epoch_metadata
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, OP_GET, OP_PING, OP_PUT, FrameError, FrameReader,
-                   checksum, checksum_parts, encode_auth, encode_request, key_bytes)
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING, OP_PUT,
+                   VERSION, FrameReader, checksum, checksum_parts, encode_auth, encode_request,
+                   key_bytes)
 
 _BUFFER = 256 << 10
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
+_NEVER = float("inf")
+_unpack_header = HEADER.unpack_from
 
 
 class _Waiter:
-    __slots__ = ("fut", "dest", "rid", "abandoned")
+    __slots__ = ("fut", "dest", "rid", "abandoned", "deadline", "timeout")
 
     def __init__(self, fut: asyncio.Future, dest: memoryview | None, rid: int):
         self.fut = fut
         self.dest = dest
         self.rid = rid
         self.abandoned = False  # caller gave up (timeout/cancel): its buffer must not be touched
+        self.deadline = _NEVER  # loop time at which the call times out (see _DataProtocol.track)
+        self.timeout = 0.0
 
 
 class _DataProtocol(asyncio.BufferedProtocol):
@@ -47,7 +52,10 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.pool = pool  # get()'s receive buffers (kvstore.recvpool)
         self.reader = FrameReader(_BUFFER)  # the same frame reader as the daemon's
         self.waiters: dict[int, _Waiter] = {}
-        self.finish = None  # callable run when the current payload is complete
+        # the answer whose payload is arriving: finish(*fargs) runs once it is complete
+        # (fargs[0] is its waiter, already out of ``waiters``)
+        self.finish = None
+        self.fargs: tuple = ()
         self.owner: _Waiter | None = None  # whose buffer the payload goes into, if a caller's
         self.transport: asyncio.Transport | None = None
         self.lost: Exception | None = None
@@ -55,6 +63,10 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.can_write.set()
         self.rid = itertools.count(1)
         self._out: list = []  # frames of this loop iteration's requests, sent by _flush
+        # one timer for the connection, at the earliest deadline of the calls in flight (a
+        # timer per call cost ~3 us of call_at + cancel per request at concurrency 8)
+        self.expiry: asyncio.TimerHandle | None = None
+        self.expiry_at = _NEVER
 
     def send(self, bufs: list, busy: bool) -> None:
         """Write ``bufs`` now when nothing else is in flight (a lone request waits for
@@ -73,6 +85,67 @@ class _DataProtocol(asyncio.BufferedProtocol):
         if out and self.lost is None and self.transport is not None and not self.transport.is_closing():
             self.transport.writelines(out)
 
+    def call(self, op: int, ns: bytes, key: bytes, dest: memoryview | None, deadline: float,
+             timeout: float, n: int = 0, csum: int = 0, flags: int = 0, parts: Sequence = ()) -> _Waiter:
+        """Send one request (``parts``: a put's payload) and return its waiter, timed out at
+        ``deadline``: AsyncClient._one's hot path, one call where _requests takes several."""
+        rid = next(self.rid)
+        w = _Waiter(self.loop.create_future(), dest, rid)
+        busy = bool(self.waiters)
+        self.waiters[rid] = w
+        frame = encode_request(op, rid, ns, key, n, csum, flags)
+        self.send([frame, *parts] if parts else [frame], busy)
+        w.deadline, w.timeout = deadline, timeout
+        if deadline < self.expiry_at:
+            self._arm(deadline)
+        return w
+
+    def end(self, w: _Waiter) -> None:
+        """The caller is done with ``w`` (answered, failed, timed out or cancelled): a late
+        answer is then simply dropped, and never written into its buffer."""
+        self.waiters.pop(w.rid, None)
+        w.abandoned = True
+        f = w.fut
+        if not f.done():
+            f.cancel()
+        elif not f.cancelled():
+            f.exception()  # retrieved: no "never retrieved" warnings
+
+    def track(self, waiters: list[_Waiter], deadline: float, timeout: float) -> None:
+        """Time the call of ``waiters`` out at ``deadline`` (loop time)."""
+        for w in waiters:
+            w.deadline = deadline
+            w.timeout = timeout
+        if deadline < self.expiry_at:
+            self._arm(deadline)
+
+    def _arm(self, when: float) -> None:
+        if self.expiry is not None:
+            self.expiry.cancel()
+        self.expiry_at = when
+        self.expiry = self.loop.call_at(when, self._expire_due)
+
+    def _expire_due(self) -> None:
+        """Fail the calls past their deadline; arm the timer for the next deadline."""
+        self.expiry, self.expiry_at = None, _NEVER
+        # the loop's timers have millisecond resolution and may fire that much early
+        now = self.loop.time() + 0.001
+        due, nxt = [], _NEVER
+        ws = list(self.waiters.values())
+        if self.finish is not None:
+            ws.append(self.fargs[0])  # its payload is still arriving: it may time out too
+        for w in ws:
+            if w is None or w.abandoned or w.fut.done():
+                continue
+            if w.deadline <= now:
+                due.append(w)
+            elif w.deadline < nxt:
+                nxt = w.deadline
+        for w in due:
+            _expire(w)
+        if nxt < _NEVER:
+            self._arm(nxt)
+
     def connection_made(self, transport):
         self.transport = transport
 
@@ -82,6 +155,14 @@ class _DataProtocol(asyncio.BufferedProtocol):
             if not w.fut.done():
                 w.fut.set_exception(self.lost)
         self.waiters.clear()
+        if self.finish is not None:  # an answer cut off in its payload
+            w = self.fargs[0]
+            self.finish, self.fargs = None, ()
+            if w is not None and not w.fut.done():
+                w.fut.set_exception(self.lost)
+        if self.expiry is not None:
+            self.expiry.cancel()
+            self.expiry, self.expiry_at = None, _NEVER
         self.can_write.set()
 
     def pause_writing(self):
@@ -100,10 +181,11 @@ class _DataProtocol(asyncio.BufferedProtocol):
     def buffer_updated(self, nbytes):
         reader = self.reader
         if reader.target is None:
-            reader.filled(nbytes)
+            reader.end += nbytes  # FrameReader.filled without a payload target, inlined
         elif reader.filled(nbytes):
-            finish, self.finish, self.owner = self.finish, None, None
-            finish()
+            finish, args = self.finish, self.fargs
+            self.finish, self.fargs, self.owner = None, (), None
+            finish(*args)
         else:
             return  # the payload is still arriving
         self._parse()
@@ -116,29 +198,38 @@ class _DataProtocol(asyncio.BufferedProtocol):
         self.waiters.clear()
         self.transport.abort()
 
-    def _receive(self, dest: memoryview, n: int, finish, owner: "_Waiter | None" = None) -> None:
+    def _receive(self, dest: memoryview, n: int, finish, args: tuple, owner: "_Waiter | None" = None) -> None:
         if self.reader.receive_into(dest, n):
-            finish()
+            finish(*args)
         else:
-            self.finish, self.owner = finish, owner
+            self.finish, self.fargs, self.owner = finish, args, owner
 
     def _parse(self) -> None:
+        # FrameReader.next inlined, without its Header, namespace and key objects: a few
+        # microseconds per answer on the path of many small concurrent requests
         reader = self.reader
+        buf = reader.buf
+        waiters = self.waiters
         while reader.target is None:
-            try:
-                frame = reader.next()
-            except FrameError:
-                return self._fail("malformed response frame from kvstored")
-            if frame is None:
+            start, end = reader.start, reader.end
+            if end - start < HEADER_SIZE:
                 break
-            h = frame[0]
-            if not h.flags & FLAG_RESPONSE:
+            t = _unpack_header(buf, start)
+            if t[0] != MAGIC or t[1] != VERSION or not t[3] & FLAG_RESPONSE:
                 return self._fail("malformed response frame from kvstored")
-            op, rid, status, aux, plen, csum = h.op, h.req_id, h.status, h.aux, h.length, h.checksum
-            w = self.waiters.pop(rid, None)
+            e = start + HEADER_SIZE + t[6] + t[7]  # an answer names no key; skip one if sent
+            if e > end:
+                break
+            if e == end:
+                reader.start = reader.end = 0
+            else:
+                reader.start = e
+            # magic, version, op, flags, req_id, status, ns_len, key_len, aux, length, checksum
+            op, rid, status, plen = t[2], t[4], t[5], t[9]
+            w = waiters.pop(rid, None)
             if status:
                 msg = bytearray(plen)
-                self._receive(memoryview(msg), plen, lambda w=w, m=msg, s=status, r=rid: self._error(w, s, m, r))
+                self._receive(memoryview(msg), plen, self._error, (w, status, msg, rid))
             elif op == OP_GET:
                 dest = None
                 if w is not None and not w.abandoned and w.dest is not None:
@@ -148,11 +239,13 @@ class _DataProtocol(asyncio.BufferedProtocol):
                         self._resolve_exc(w, errors.InvalidArgument(
                             f"object of {plen} bytes does not fit the {len(w.dest)}-byte buffer"))
                         w = None
-                buf = dest if dest is not None else memoryview(self.pool.take(plen))
-                self._receive(buf, plen, lambda w=w, b=buf, c=csum, d=dest is not None: self._got(w, b, c, d),
-                              w if dest is not None else None)
+                if dest is not None:
+                    self._receive(dest, plen, self._got, (w, dest, t[10], True), w)
+                else:
+                    buf_ = memoryview(self.pool.take(plen))
+                    self._receive(buf_, plen, self._got, (w, buf_, t[10], False))
             elif op == OP_PUT:
-                self._resolve(w, aux != 1)  # aux=1: deduplicated
+                self._resolve(w, t[8] != 1)  # aux=1: deduplicated
             else:
                 self._resolve(w, True)
 
@@ -183,12 +276,19 @@ class _DataProtocol(asyncio.BufferedProtocol):
             w.fut.set_exception(exc)
 
 
-def _expire(waiters: list[_Waiter], timeout: float) -> None:
-    err = errors.Timeout(f"no answer from kvstored within {timeout}s")
-    for w in waiters:
-        w.abandoned = True
-        if not w.fut.done():
-            w.fut.set_exception(err)
+def _prepare_put(key, value, limit: int) -> tuple:
+    """(key bytes, value parts, size, checksum) of one put; a value over ``limit`` (the
+    daemon's max_value_size) is refused here."""
+    parts, n = value_parts(value)
+    if n > limit:
+        raise errors.InvalidArgument(f"value of {n} bytes exceeds the daemon's max_value_size {limit}")
+    return key_bytes(key), parts, n, checksum_parts(parts)
+
+
+def _expire(w: _Waiter) -> None:
+    w.abandoned = True
+    if not w.fut.done():
+        w.fut.set_exception(errors.Timeout(f"no answer from kvstored within {w.timeout}s"))
 
 
 class AsyncClient(AsyncControl, Namespaced):
@@ -352,16 +452,18 @@ class AsyncClient(AsyncControl, Namespaced):
             p.transport.close()
             raise errors.Timeout(f"no answer from kvstored within {self.timeout}s") from None
 
-    async def _requests(self, build) -> list:
+    async def _requests(self, build, deadline: float | None = None) -> list:
         """Send frames made by ``build(proto) -> (buffers, waiters)``, await every answer.
 
         On a lost connection reconnects once, and with ``ride_out_restarts`` keeps
-        retrying for that long: every data-path request is idempotent.
+        retrying for that long: every data-path request is idempotent. ``deadline``: the
+        call's, when _one began it on a connection that was then lost.
         """
         p = self._proto
         loop = p.loop if p is not None and p.lost is None else asyncio.get_running_loop()
-        deadline = loop.time() + self.timeout
-        ride_until = loop.time() + self._ride_out
+        if deadline is None:
+            deadline = loop.time() + self.timeout
+        ride_until = deadline - self.timeout + self._ride_out
         for attempt in itertools.count():
             p = self._proto
             cached = p is not None and p.lost is None
@@ -375,21 +477,14 @@ class AsyncClient(AsyncControl, Namespaced):
                 busy = bool(p.waiters)
                 bufs, waiters = build(p)
                 p.send(bufs, busy)
-                # one timer for the whole call (cheaper than wait_for, which wraps a task)
-                timer = loop.call_at(deadline, _expire, waiters, self.timeout)
+                p.track(waiters, deadline, self.timeout)  # the connection's timer expires them
                 try:
                     if len(waiters) == 1:
                         return [await waiters[0].fut]
                     return await asyncio.gather(*(w.fut for w in waiters))
                 finally:
-                    timer.cancel()
                     for w in waiters:
-                        p.waiters.pop(w.rid, None)  # a late answer is then simply dropped
-                        w.abandoned = True
-                        if not w.fut.done():
-                            w.fut.cancel()
-                        elif not w.fut.cancelled():
-                            w.fut.exception()  # retrieved: no "never retrieved" warnings
+                        p.end(w)
             except errors.Timeout:
                 raise
             except errors.Unavailable as e:
@@ -403,20 +498,25 @@ class AsyncClient(AsyncControl, Namespaced):
                 await asyncio.sleep(min(_RETRY_BACKOFF[min(attempt, len(_RETRY_BACKOFF) - 1)], left))
 
     # ------------------------------------------------------------ data path
+    # put / get / get_into are the hot path of many small concurrent requests (every
+    # microsecond of Python is per op): they go through _one, which sends on the kept
+    # connection directly; batches, the first call and reconnects take _requests
     async def put(self, key, value, *, namespace: str | None = None, overwrite: bool = False) -> bool:
-        return (await self.batch_put([(key, value)], namespace=namespace, overwrite=overwrite))[0]
+        info = self._info
+        if info is None:
+            return (await self.batch_put([(key, value)], namespace=namespace, overwrite=overwrite))[0]
+        ns = self._nsb(namespace)
+        k, parts, n, cs = _prepare_put(key, value, info.max_value_size)
+        return await self._one(OP_PUT, ns, k, None, n, cs, FLAG_OVERWRITE if overwrite else 0, parts)
 
     async def batch_put(self, items, *, namespace: str | None = None, overwrite: bool = False) -> list[bool]:
         ns = self._nsb(namespace)
         limit = (self._info or await self.info()).max_value_size
-        prepared = []
-        for k, v in items:  # a value: one buffer, or several stored as their concatenation
-            parts, n = value_parts(v)
-            if n > limit:
-                raise errors.InvalidArgument(f"value of {n} bytes exceeds the daemon's max_value_size {limit}")
-            prepared.append((key_bytes(k), parts, n, checksum_parts(parts)))
-        flags = FLAG_OVERWRITE if overwrite else 0
+        # a value: one buffer, or several stored as their concatenation
+        prepared = [_prepare_put(k, v, limit) for k, v in items]
+        return await self._puts(ns, prepared, FLAG_OVERWRITE if overwrite else 0)
 
+    async def _puts(self, ns: bytes, prepared: list, flags: int, deadline: float | None = None) -> list[bool]:
         def build(p: _DataProtocol):
             loop = p.loop
             bufs, waiters = [], []
@@ -429,15 +529,32 @@ class AsyncClient(AsyncControl, Namespaced):
                 bufs += parts
             return bufs, waiters
 
-        return await self._requests(build)
+        return await self._requests(build, deadline)
 
-    # get / get_into call _gets directly (no batch list checks): they are the hot path of
-    # many small concurrent requests, where every microsecond of Python is per op
     async def get(self, key, *, namespace: str | None = None) -> bytearray:
-        return (await self._gets(self._nsb(namespace), [key_bytes(key)], [None]))[0]
+        return await self._one(OP_GET, self._nsb(namespace), key_bytes(key), None)
 
     async def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
-        return (await self._gets(self._nsb(namespace), [key_bytes(key)], [writable_view(buffer)]))[0]
+        return await self._one(OP_GET, self._nsb(namespace), key_bytes(key), writable_view(buffer))
+
+    async def _one(self, op: int, ns: bytes, key: bytes, dest: memoryview | None, n: int = 0,
+                   csum: int = 0, flags: int = 0, parts: Sequence = ()):
+        """One get (into ``dest`` if given) or put (``parts``) on the kept connection; with
+        none yet, one lost or one pushing back, the way of batches (_requests)."""
+        p = self._proto
+        deadline = None
+        if p is not None and p.lost is None and p.can_write.is_set():
+            deadline = p.loop.time() + self.timeout
+            w = p.call(op, ns, key, dest, deadline, self.timeout, n, csum, flags, parts)
+            try:
+                return await w.fut
+            except errors.Unavailable:
+                pass  # the kept connection is gone (a restart?): on with a fresh one
+            finally:
+                p.end(w)
+        if op == OP_PUT:
+            return (await self._puts(ns, [(key, parts, n, csum)], flags, deadline))[0]
+        return (await self._gets(ns, [key], [dest], deadline))[0]
 
     async def batch_get(self, keys: Sequence, *, namespace: str | None = None) -> list[bytearray]:
         ks = self._keys(keys)
@@ -450,7 +567,7 @@ class AsyncClient(AsyncControl, Namespaced):
             raise errors.InvalidArgument(f"{len(ks)} keys but {len(buffers)} buffers")
         return await self._gets(self._nsb(namespace), ks, [writable_view(b) for b in buffers])
 
-    async def _gets(self, ns: bytes, keys: list[bytes], dests: list) -> list:
+    async def _gets(self, ns: bytes, keys: list[bytes], dests: list, deadline: float | None = None) -> list:
         def build(p: _DataProtocol):
             loop = p.loop
             frames, waiters = [], []
@@ -462,7 +579,7 @@ class AsyncClient(AsyncControl, Namespaced):
                 frames.append(encode_request(OP_GET, rid, ns, k))
             return [b"".join(frames)], waiters
 
-        return await self._requests(build)
+        return await self._requests(build, deadline)
 
     async def ping(self) -> float:
         loop = asyncio.get_running_loop()
