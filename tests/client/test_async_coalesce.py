@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 import kvstore
 
 KiB = 1 << 10
@@ -12,6 +14,12 @@ KiB = 1 << 10
 
 def _val(i: int, n: int) -> bytes:
     return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
+
+
+@pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon)."""
+    return shared_daemon
 
 
 def test_concurrent_mixed_requests_each_get_their_answer(daemon):

@@ -30,13 +30,15 @@ def test_checksum_parts_equals_checksum_of_concatenation():
 
 
 @pytest.fixture(params=["tcp", "shm", "rdma"])
-def any_client(request, start_daemon, monkeypatch):
+def any_client(request, module_daemons, monkeypatch):
+    """A client on each transport, beside a plain TCP one; the daemons are the module's
+    (emptied before each test: conftest.module_daemons)."""
     if request.param == "rdma":
         monkeypatch.setenv("KVSTORE_RDMA_VERBS", "twin")
         monkeypatch.delenv("KVSTORE_TWIN_LINK_BPS", raising=False)
-        d = start_daemon(env={"KVSTORE_RDMA_VERBS": "twin"})
+        d = module_daemons("twin", env={"KVSTORE_RDMA_VERBS": "twin"})
     else:
-        d = start_daemon()
+        d = module_daemons()
     with kvstore.Client(d.control, namespace="gather", timeout=10.0, transport=request.param) as c:
         assert c.transport == request.param
         with kvstore.Client(d.control, namespace="gather", timeout=10.0, transport="tcp") as plain:
@@ -77,8 +79,8 @@ def test_batch_put_mixes_single_buffers_and_parts(any_client):
     assert plain.batch_get(keys) == [expect[k] for k in keys]
 
 
-def test_parts_are_not_joined_or_changed(start_daemon):
-    d = start_daemon()
+def test_parts_are_not_joined_or_changed(module_daemons):
+    d = module_daemons()
     with kvstore.Client(d.control, namespace="gather", timeout=10.0, transport="tcp") as c:
         head = bytearray(b"H" * 48)
         frag = memoryview(bytearray(os.urandom(2 * MiB)))
@@ -90,8 +92,8 @@ def test_parts_are_not_joined_or_changed(start_daemon):
         assert out == b"H" * 48 + before
 
 
-def test_bad_parts_are_typed_errors(start_daemon):
-    d = start_daemon()
+def test_bad_parts_are_typed_errors(module_daemons):
+    d = module_daemons()
     with kvstore.Client(d.control, namespace="gather", timeout=10.0, transport="tcp") as c:
         with pytest.raises(errors.InvalidArgument, match="buffer protocol"):
             c.put("k", (b"ok", 12))
@@ -104,8 +106,8 @@ def test_bad_parts_are_typed_errors(start_daemon):
             c.get("k")
 
 
-def test_concurrent_gathered_puts_from_threads(start_daemon):
-    d = start_daemon()
+def test_concurrent_gathered_puts_from_threads(module_daemons):
+    d = module_daemons()
     with kvstore.Client(d.control, namespace="gather", timeout=10.0, transport="tcp") as c:
         errs: list = []
 
@@ -126,8 +128,8 @@ def test_concurrent_gathered_puts_from_threads(start_daemon):
         assert not errs and not any(t.is_alive() for t in threads)
 
 
-def test_async_client_puts_parts(start_daemon):
-    d = start_daemon()
+def test_async_client_puts_parts(module_daemons):
+    d = module_daemons()
 
     async def main():
         async with kvstore.AsyncClient(d.control, namespace="gather", timeout=10.0) as ac:

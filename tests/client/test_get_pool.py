@@ -95,6 +95,12 @@ def test_concurrent_takes_never_share_a_buffer():
 
 # ---------------------------------------------------------------- through a real daemon
 
+@pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon)."""
+    return shared_daemon
+
+
 @pytest.mark.parametrize("transport", ["tcp", "shm"])
 def test_get_results_kept_and_dropped(daemon, transport):
     with kvstore.Client(daemon.control, namespace="pool", timeout=10.0, transport=transport) as c:

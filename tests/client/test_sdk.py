@@ -29,6 +29,13 @@ def write_config(tmp_path, text: str) -> str:
     return str(p)
 
 
+@pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon);
+    those that need other flags or a process of their own use start_daemon."""
+    return shared_daemon
+
+
 # ================================================================ blocking Client
 
 def test_info_and_ping(daemon, client):
@@ -669,7 +676,9 @@ def test_async_basics(daemon):
     arun(main())
 
 
-def test_async_64_concurrent_tasks_one_client(daemon):
+def test_async_64_concurrent_tasks_one_client(start_daemon):
+    daemon = start_daemon()  # its own: the test counts the daemon's data connections
+
     async def main():
         async with kvstore.AsyncClient(daemon.control, namespace="test", timeout=20) as c:
             rng = random.Random(5)

@@ -47,6 +47,12 @@ def _has_shm_param() -> bool:
     return "shm" in inspect.signature(kvstore.Client.__init__).parameters
 
 
+@pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon)."""
+    return shared_daemon
+
+
 @pytest.fixture(params=["tcp", "shm"])
 def tclient(request, daemon):
     """A Client on each data path: TCP, and the same-host shared-memory path."""

@@ -99,6 +99,12 @@ class Relay:
 
 
 @pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon)."""
+    return shared_daemon
+
+
+@pytest.fixture
 def relay(daemon):
     r = Relay(("127.0.0.1", daemon.data_port))
     yield r

@@ -12,6 +12,7 @@ import time
 import urllib.request
 
 import pytest
+from daemonutil import Daemon
 
 import kvstore
 from kvstore.errors import NoSpace
@@ -31,25 +32,39 @@ def _val(i: int, n: int) -> bytes:
     return (i.to_bytes(4, "little") * (n // 4 + 1))[:n]
 
 
+@pytest.fixture(scope="module")
+def _filled(tmp_path_factory):
+    """A daemon whose DRAM holds only pinned 1 MiB objects: no put of new bytes fits. Filled
+    once for the module: no test here stores, frees or unpins anything."""
+    d = Daemon(tmp_path_factory.mktemp("dedup")).start()  # put_wait_timeout: the default 2 s
+    try:
+        stored = []
+        with kvstore.Client(d.control, namespace="t", timeout=10.0, transport="tcp") as c:
+            for i in range(200):  # bounded: 64 MiB of DRAM holds far fewer than 200 x 1 MiB
+                k = f"k{i}".encode()
+                try:
+                    c.put(k, _val(i, MiB))
+                except NoSpace:
+                    break
+                c.pin([k], ttl=600)
+                stored.append(k)
+            else:
+                pytest.fail("DRAM never filled")
+        assert len(stored) >= 8
+        yield d, stored
+    finally:
+        d.stop()
+
+
 @pytest.fixture
-def full(start_daemon):
-    """A daemon whose DRAM holds only pinned 1 MiB objects: no put of new bytes fits."""
-    d = start_daemon()  # put_wait_timeout: the default 2 s
-    c = kvstore.Client(d.control, namespace="t", timeout=10.0, transport="tcp")
-    stored = []
-    for i in range(200):  # bounded: 64 MiB of DRAM holds far fewer than 200 x 1 MiB
-        k = f"k{i}".encode()
-        try:
-            c.put(k, _val(i, MiB))
-        except NoSpace:
-            break
-        c.pin([k], ttl=600)
-        stored.append(k)
-    else:
-        pytest.fail("DRAM never filled")
-    assert len(stored) >= 8
-    yield d, c, stored
-    c.close()
+def full(_filled):
+    """The filled daemon, and a connection of the test's own (a refused put changes how
+    its connection answers the next ones)."""
+    d, stored = _filled
+    assert d.alive(), d.log()
+    with kvstore.Client(d.control, namespace="t", timeout=10.0, transport="tcp") as c:
+        assert c.exists(stored) == [True] * len(stored)
+        yield d, c, stored
 
 
 @pytest.mark.parametrize("overwrite", [False, True])

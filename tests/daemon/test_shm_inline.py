@@ -18,6 +18,12 @@ def _val(i: int, n: int) -> bytes:
 
 
 @pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon)."""
+    return shared_daemon
+
+
+@pytest.fixture
 def pair(daemon):
     shm = kvstore.Client(daemon.control, namespace="inl", timeout=10.0, transport="shm")
     tcp = kvstore.Client(daemon.control, namespace="inl", timeout=10.0, transport="tcp")
