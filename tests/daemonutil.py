@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+SOCKET_DIR_MAX = 80  # + "/kvstored-<port>.sock" stays within a Unix socket path's 107 bytes
 
 
 class Daemon:
@@ -33,6 +34,11 @@ class Daemon:
     def start(self, timeout: float = 20.0) -> "Daemon":
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
+        # the default shm socket (<tmpdir>/kvstored-<port>.sock) goes into the test's own
+        # directory: a daemon a test kills leaves its socket there, not in the shared /tmp
+        # (sun_path holds 107 bytes; a deeper directory keeps the system's tmpdir)
+        if len(str(self.tmp)) <= SOCKET_DIR_MAX:
+            env["TMPDIR"] = str(self.tmp)
         env.update(self.env or {})
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "kvstored", *self.args],

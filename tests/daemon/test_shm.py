@@ -17,7 +17,17 @@ MiB = 1 << 20
 SMALL = ("--dram-size", "8MiB", "--slab-size", "1MiB", "--max-value-size", "1MiB")
 
 
+@pytest.fixture
+def daemon(shared_daemon):
+    """The module's tests share one kvstored, emptied before each (conftest.shared_daemon):
+    counters are read as differences; a test that needs other flags, or damages its
+    daemon, uses start_daemon."""
+    return shared_daemon
+
+
 def test_round_trips_over_shm_and_tcp_see_the_same_objects(daemon):
+    with kvstore.Client(daemon.control, namespace="s", shm=False) as t:
+        shm_connections = counters(t).get("shm_connections_total", 0)
     with kvstore.Client(daemon.control, namespace="s") as c, \
             kvstore.Client(daemon.control, namespace="s", shm=False) as t:
         assert c.transport == "shm" and t.transport == "tcp"
@@ -42,7 +52,7 @@ def test_round_trips_over_shm_and_tcp_see_the_same_objects(daemon):
         assert c.batch_get([k for k, _ in items]) == [v for _, v in items]
         t.put(b"from-tcp", b"x" * 5000)
         assert c.get(b"from-tcp") == b"x" * 5000
-        assert counters(c)["shm_connections_total"] >= 1
+        assert counters(c)["shm_connections_total"] >= shm_connections + 1
 
 
 def test_shm_required_but_disabled_is_unavailable_and_auto_falls_back(start_daemon, tmp_path):
@@ -110,6 +120,7 @@ def _raw(path: str) -> tuple[socket.socket, int]:
 
 def test_forged_ids_are_rejected(daemon):
     with kvstore.Client(daemon.control, namespace="s") as c:
+        forged = counters(c).get("shm_forged_ids", 0)
         c.put(b"a", b"v" * 4096)
         path = c.info().shm_socket
         s, _ = _raw(path)
@@ -131,7 +142,7 @@ def test_forged_ids_are_rejected(daemon):
         h, body = read_frame(t)
         assert h.status == kvstore.InvalidArgument.code and b"unknown op" in body
         t.close()
-        assert counters(c)["shm_forged_ids"] >= 2
+        assert counters(c)["shm_forged_ids"] >= forged + 2
         assert c.get(b"a") == b"v" * 4096  # nothing else was disturbed
 
 
@@ -197,6 +208,51 @@ def test_stale_socket_file_is_replaced(start_daemon, tmp_path):
     d = start_daemon("--config", config(tmp_path, f'[shm]\nsocket_path = "{path}"\n'))
     with kvstore.Client(d.control, namespace="s") as c:
         assert c.transport == "shm" and c.info().shm_socket == str(path)
+
+
+@pytest.fixture
+def short_tmpdir():
+    """A directory short enough for a Unix socket path whatever pytest's basetemp is."""
+    import shutil
+    import tempfile
+    d = tempfile.mkdtemp(prefix="kvs-")
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("sig", ["SIGTERM", "SIGINT"])
+def test_clean_stop_removes_the_default_socket_file(start_daemon, short_tmpdir, sig):
+    """The default socket is <tmpdir>/kvstored-<control port>.sock; a daemon that stops
+    cleanly removes it (stale files in /tmp came from daemons that were killed)."""
+    import signal
+    d = start_daemon(env={"TMPDIR": short_tmpdir})
+    path = os.path.join(short_tmpdir, f"kvstored-{d.info['control_port']}.sock")
+    with kvstore.Client(d.control, namespace="s", shm=True) as c:
+        assert c.transport == "shm" and c.info().shm_socket == path
+        c.put(b"k", b"v" * 1000)
+        assert c.get(b"k") == b"v" * 1000
+    assert os.path.exists(path)
+    assert d.stop(getattr(signal, sig)) == 0, d.log()
+    assert not os.path.exists(path)
+    assert [n for n in os.listdir(short_tmpdir) if n.endswith(".sock")] == []
+
+
+def test_socket_left_by_a_killed_daemon_is_taken_over_and_then_removed(start_daemon, short_tmpdir):
+    """SIGKILL leaves the socket file (nothing can remove it); the next daemon on that
+    control port replaces it, serves on it, and removes it when it stops."""
+    import signal
+    d = start_daemon(env={"TMPDIR": short_tmpdir})
+    port = d.info["control_port"]
+    path = os.path.join(short_tmpdir, f"kvstored-{port}.sock")
+    d.stop(signal.SIGKILL)
+    assert os.path.exists(path)
+    d2 = start_daemon("--port", str(port), env={"TMPDIR": short_tmpdir})
+    with kvstore.Client(d2.control, namespace="s", shm=True) as c:
+        assert c.transport == "shm" and c.info().shm_socket == path
+        c.put(b"k", b"after")
+        assert c.get(b"k") == b"after"
+    assert d2.stop() == 0, d2.log()
+    assert not os.path.exists(path)
 
 
 def _pin(pid: int, cpu: int) -> dict:
