@@ -34,12 +34,13 @@ client's cores, so this measures the client and the codec, not a network.
 
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
         [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
-        [--codec-only]
+        [--codec-only] [--paired TURNS]
         [--json out.json]
 """
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import sys
@@ -213,6 +214,54 @@ def measure(cc, size: int, count: int, rounds: int, ns: str) -> dict:
             "get_into_GBps": round(rate(n, min(intos)), 2)}
 
 
+def client_cpu_s() -> float:
+    """User + system CPU seconds of this process, all threads."""
+    import resource
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+
+
+def nodes_cpu_s(pids: list[int]) -> float:
+    """User + system CPU seconds of the processes ``pids`` (clock ticks: 10 ms steps)."""
+    tick, t = os.sysconf("SC_CLK_TCK"), 0.0
+    for pid in pids:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        t += (int(fields[11]) + int(fields[12])) / tick
+    return t
+
+
+def paired_puts(clients: dict, size: int, count: int, rounds: int, ns: str, node_pids: list[int]) -> list[dict]:
+    """batch_put of every policy in turn, ``rounds`` times (after one warm-up turn), on the
+    same nodes in one process: load that drifts during a run hits every policy alike.
+    Per policy: median and best GB/s, the median of the per-turn put-time ratios against
+    the first policy, and the CPU seconds per batch of this process (the client) and of
+    the nodes (clock ticks: 10 ms steps)."""
+    import statistics
+    payloads = [os.urandom(size) for _ in range(min(count, 8))]
+    got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in clients}
+    for r in range(rounds + 1):
+        for name, cc in clients.items():
+            items = [(f"p{size}-r{r}-{name}-o{i}".encode(), payloads[i % len(payloads)]) for i in range(count)]
+            c0, d0, t0 = client_cpu_s(), nodes_cpu_s(node_pids), time.perf_counter()
+            stored = cc.batch_put(items, namespace=ns)
+            t1, c1, d1 = time.perf_counter(), client_cpu_s(), nodes_cpu_s(node_pids)
+            assert all(stored), "a put was a no-op (key already stored)"
+            cc.delete([k for k, _ in items], namespace=ns)
+            if r:
+                got[name].append((t1 - t0, c1 - c0, d1 - d0))
+    base = next(iter(got.values()))
+    n = count * size
+    out = []
+    for name, v in got.items():
+        out.append({"policy": name, "size": size_name(size), "objects": count, "turns": rounds,
+                    "put_GBps_median": round(rate(n, statistics.median(x[0] for x in v)), 2),
+                    "put_GBps_best": round(rate(n, min(x[0] for x in v)), 2),
+                    "speed_vs_first": round(statistics.median(b[0] / x[0] for b, x in zip(base, v)), 2),
+                    "client_cpu_ms": round(statistics.median(x[1] for x in v) * 1e3, 1),
+                    "nodes_cpu_ms": round(statistics.median(x[2] for x in v) * 1e3)})
+    return out
+
+
 def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
     from kvstore import errors
     try:
@@ -238,6 +287,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shm", action="store_true", help="let clients use the same-host shm path")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--codec-only", action="store_true", help="only the codec table (no daemons)")
+    ap.add_argument("--paired", type=int, default=0, metavar="TURNS",
+                    help="also put-only turns of every policy in alternation on the largest node "
+                         "count (ratios to the first policy from the same turns; CPU per batch)")
     args = ap.parse_args(argv)
     sys.path[:0] = [str(REPO / "client"), str(REPO / "tests")]
     from daemonutil import Daemon
@@ -259,7 +311,8 @@ def main(argv=None) -> int:
     cc_algo = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     results = {"congestion_control": cc_algo, "transport": "shm" if args.shm else "tcp",
                "batch_bytes": args.objects * MIB, "rounds": args.rounds, "cpus": os.cpu_count(),
-               "rows": [], "codec": []}
+               "rows": [], "codec": [], "paired": []}
+    n_paired = max(node_counts, default=0)
     shm = None if args.shm else False
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory() as tmp:
@@ -295,6 +348,15 @@ def main(argv=None) -> int:
                             row.update(run_row(shrunk, size, count, args.rounds, ns))
                             results["rows"].append(row)
                             print(json.dumps(row), file=sys.stderr, flush=True)
+                if args.paired and n_paired <= len(addrs):
+                    with contextlib.ExitStack() as stack:
+                        clients = {str(p): stack.enter_context(ClusterClient(addrs[:n_paired], policy=p, shm=shm))
+                                   for p in policies}
+                        for row in paired_puts(clients, size, count, args.paired, f"pp{n_paired}",
+                                               [d.proc.pid for d in daemons[:n_paired]]):
+                            row["nodes"] = n_paired
+                            results["paired"].append(row)
+                            print(json.dumps(row), file=sys.stderr, flush=True)
                 if not args.no_ec_fallback:
                     for p in policies:
                         if p.kind == "ec" and p.nodes not in node_counts and p.nodes <= len(addrs):
@@ -313,7 +375,8 @@ def main(argv=None) -> int:
 
     from kvstore import layout
     # what ClusterClient's first EC put did (again here for --codec-only); True if it set any
-    tuned = any(p.kind == "ec" for p in policies) and layout.tune_malloc()
+    tune = getattr(layout, "tune_malloc", lambda: False)  # absent from trees before it (A/B runs)
+    tuned = any(p.kind == "ec" for p in policies) and tune()
     results["malloc"] = ("set in the environment" if "MALLOC_MMAP_THRESHOLD_" in os.environ
                          else "tuned by the SDK" if tuned else "glibc defaults")
     for p in policies:
@@ -338,6 +401,15 @@ def main(argv=None) -> int:
             print(f"{r['policy']} / none on {r['nodes']} nodes, {r['size']}: put "
                   f"{r['put_GBps'] / base['put_GBps']:.2f}x, get {r['get_GBps'] / base['get_GBps']:.2f}x, "
                   f"get_into {r['get_into_GBps'] / base['get_into_GBps']:.2f}x")
+    if results["paired"]:
+        first = results["paired"][0]["policy"]
+        print(f"\n# batch_put only, policies in alternation on the same {n_paired} nodes, {args.paired} turns "
+              f"(medians; speed vs {first}: median of the per-turn time ratios)\n")
+        print(f"| size | policy | put GB/s median | best | speed vs {first} | client CPU ms/batch | nodes CPU ms/batch |")
+        print("|---|---|---:|---:|---:|---:|---:|")
+        for r in results["paired"]:
+            print(f"| {r['size']} | {r['policy']} | {r['put_GBps_median']:.2f} | {r['put_GBps_best']:.2f} | "
+                  f"{r['speed_vs_first']:.2f}x | {r['client_cpu_ms']} | {r['nodes_cpu_ms']} |")
     if results["codec"]:
         print("\n# EC codec per object: pyeclib raw vs the client path (one thread, CPU time, "
               "9 alternating rounds: medians)\n")
