@@ -12,6 +12,11 @@ does, so the figure includes whatever the Store does (or does not) to share them
     .venv/bin/python benchmarks/bench_index.py --objects 1000000
     .venv/bin/python benchmarks/bench_index.py --objects 1000000 --breakdown
     .venv/bin/python benchmarks/bench_index.py --objects 1000000 --resident 500000
+    .venv/bin/python benchmarks/bench_index.py --objects 1000000 --index packed --breakdown
+
+``--index`` picks the Store's index (dram.index: dict, packed or auto); with
+``packed`` the breakdown is the native index's own accounting (records, hash
+table, key pools, slot map) beside the RssAnon slope.
 
 ``--resident`` makes the arena hold fewer objects than are put: the rest go through
 eviction and the policy's ghost (one (ns, key) tuple per evicted key, as many as are
@@ -50,9 +55,21 @@ def _block(n: int) -> int:
     return (n + 15) // 16 * 16  # pymalloc hands out 16-byte multiples (64-bit CPython 3.11)
 
 
+def packed_breakdown(store: Store, n: int) -> list[tuple[str, float]]:
+    """Bytes per object of the packed index by part (its own accounting: what it
+    allocated and wrote; the capacity beyond that is virtual until touched)."""
+    fp = store.index.footprint()
+    return [(f"records ({fp['record_size']} B each)", fp["records"] / n),
+            ("hash table (8 B slots, grown at 7/8)", fp["table"] / n),
+            ("key pools (keys rounded to 8 B)", fp["keys"] / n),
+            ("slot map (u32 per DRAM slot)", fp["slot_map"] / n)]
+
+
 def breakdown(store: Store, ns: bytes, key: bytes, n: int) -> list[tuple[str, float]]:
     """Bytes per object by part: one entry's own objects (sys.getsizeof rounded to
     pymalloc's blocks) and the shared structures divided by ``n``."""
+    if getattr(store.index, "kind", "dict") == "packed":
+        return packed_breakdown(store, n)
     e = store.index.get(ns, key)
     rows: list[tuple[str, float]] = [("Entry object (slots + GC header)", _block(sys.getsizeof(e))),
                                      ("key bytes", _block(sys.getsizeof(e.key)))]
@@ -83,6 +100,11 @@ def main() -> None:
     ap.add_argument("--resident", type=int, default=0,
                     help="size the arena for this many objects (default: all); fewer puts the "
                          "rest through eviction, so the policy's ghost of evicted keys fills")
+    ap.add_argument("--index", choices=("dict", "packed", "auto"), default="dict",
+                    help="the Store's index (dram.index; default dict)")
+    ap.add_argument("--gets", type=int, default=0,
+                    help="then time this many gets (acquire + release, the Store's read path) "
+                         "of keys put, spread over them")
     a = ap.parse_args()
     if a.objects < 1 or a.size < 1 or a.namespaces < 1 or a.resident < 0:
         ap.error("--objects, --size and --namespaces must be positive")
@@ -92,24 +114,43 @@ def main() -> None:
     dram = (fit * slot // slab + (2 if fit == a.objects else 0)) * slab  # memfd: pages written count
     if dram < slab:
         ap.error(f"--resident {fit} x {slot} B is less than one slab of {slab} B")
-    store = Store(StoreLimits(dram_size=dram, slab_size=slab, hugepages=False, prefault=False))
+    store = Store(StoreLimits(dram_size=dram, slab_size=slab, hugepages=False, prefault=False,
+                              index=a.index))
     data = os.urandom(a.size)
     names = [f"model-{j}|".encode() for j in range(a.namespaces)]
     gc.collect()
     base = rss_anon()
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     for i in range(a.objects):
         ns = names[i % a.namespaces][:-1]  # a fresh bytes object, as off the wire
         store.put_bytes(ns, key_of(i), data)
-    dt = time.perf_counter() - t0
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
     gc.collect()
     grown = rss_anon() - base
     held = len(store.index)
     assert fit < a.objects or held == a.objects, "every put must be stored (no eviction)"
-    print(f"objects put {a.objects}  held {held}  size {a.size} B  namespaces {a.namespaces}  "
-          f"put {dt / a.objects * 1e6:.2f} us/object")
+    print(f"index {getattr(store.index, 'kind', 'dict')}  objects put {a.objects}  held {held}  "
+          f"size {a.size} B  namespaces {a.namespaces}  put {dt / a.objects * 1e6:.2f} us/object "
+          f"(CPU {cpu / a.objects * 1e6:.2f} us)")
     print(f"ghost keys {len(store.policy.ghost)}  RssAnon grew {grown / 2**20:.1f} MiB: "
           f"{grown / held:.1f} bytes/object held")
+    if a.gets:
+        ns0 = names[0][:-1]
+        step = max(1, a.objects // a.gets) | 1  # odd: spreads over the namespaces too
+        keys = [key_of((i * step) % a.objects) for i in range(a.gets)]
+        nss = [names[((i * step) % a.objects) % a.namespaces][:-1] for i in range(a.gets)]
+        hit = 0
+        t0, c0 = time.perf_counter(), time.process_time()
+        for ns0, k in zip(nss, keys):
+            try:
+                e = store.acquire(ns0, k)
+            except Exception:  # evicted (--resident): a miss
+                continue
+            store.release(e)
+            hit += 1
+        dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+        print(f"gets {a.gets}  hits {hit}  get {dt / a.gets * 1e6:.2f} us/op "
+              f"(CPU {cpu / a.gets * 1e6:.2f} us)")
     if a.breakdown:
         rows = breakdown(store, names[(a.objects - 1) % a.namespaces][:-1], key_of(a.objects - 1),
                          held)

@@ -67,26 +67,29 @@ class _List:
             self.tail = e
         self.count += 1
 
+    # Each link is read once: with the packed index a read builds a view of the record.
     def insert_behind(self, ref, e) -> None:
         """Link ``e`` just older than ``ref`` (which is in this list)."""
+        older = ref.older
         e.newer = ref
-        e.older = ref.older
-        if ref.older is not None:
-            ref.older.newer = e
+        e.older = older
+        if older is not None:
+            older.newer = e
         else:
             self.tail = e
         ref.older = e
         self.count += 1
 
     def remove(self, e) -> None:
-        if e.newer is not None:
-            e.newer.older = e.older
+        newer, older = e.newer, e.older
+        if newer is not None:
+            newer.older = older
         else:
-            self.head = e.older
-        if e.older is not None:
-            e.older.newer = e.newer
+            self.head = older
+        if older is not None:
+            older.newer = newer
         else:
-            self.tail = e.newer
+            self.tail = newer
         e.newer = e.older = None
         self.count -= 1
 
