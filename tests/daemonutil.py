@@ -32,6 +32,10 @@ class Daemon:
         self.info: dict = {}
 
     def start(self, timeout: float = 20.0) -> "Daemon":
+        return self.launch().wait_ready(timeout)
+
+    def launch(self) -> "Daemon":
+        """Start the process without waiting for it (start_all: several start at once)."""
         env = dict(os.environ)
         env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
         # the default shm socket (<tmpdir>/kvstored-<port>.sock) goes into the test's own
@@ -43,6 +47,9 @@ class Daemon:
         self._log = open(self.log_path, "ab")
         self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "kvstored", *self.args],
                                      stdout=self._log, stderr=subprocess.STDOUT, env=env)
+        return self
+
+    def wait_ready(self, timeout: float = 20.0) -> "Daemon":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready_file.exists():
@@ -90,6 +97,19 @@ class Daemon:
         if self.ready_file.exists():
             self.ready_file.unlink()
         return self.proc.returncode
+
+
+def start_all(*daemons: Daemon, timeout: float = 30.0) -> list[Daemon]:
+    """Start several daemons at once (their imports overlap), each ready on return; all
+    stopped again if one fails."""
+    try:
+        for d in daemons:
+            d.launch()
+        return [d.wait_ready(timeout) for d in daemons]
+    except BaseException:
+        for d in daemons:
+            d.stop()
+        raise
 
 
 def config(tmp_path: Path, text: str) -> str:

@@ -16,6 +16,7 @@ import os
 import subprocess
 from pathlib import Path
 
+import pytest
 from daemonutil import ROOT
 
 HERE = Path(__file__).resolve().parent
@@ -51,25 +52,45 @@ def engine_env(engine: str, **extra) -> dict:
     return env
 
 
+def engine_installed(engine: str) -> tuple[str | None, str]:
+    """(python, "") when the engines environment holds ``engine``'s files, else (None, why
+    it is skipped). Imports nothing: a check that imports the engine anyway calls
+    skip_unless_importable on its result instead of paying for the import twice (vLLM's
+    takes 10-40 s on 2 cores)."""
+    py = engines_dir() / "bin" / "python"
+    if not py.exists():
+        return None, f"no engines environment at {engines_dir()}: {FIX}"
+    if engine in ("sglang", "vllm") and not (engines_dir() / engine).is_dir():
+        return None, f"{engine} is not installed in {engines_dir()}: {FIX}"
+    return str(py), ""
+
+
 def engine_python(engine: str) -> tuple[str | None, str]:
     """(python, "") when ``engine`` imports there, else (None, why it is skipped)."""
     if engine in _found:
         return _found[engine]
-    py = engines_dir() / "bin" / "python"
-    if not py.exists():
-        _found[engine] = (None, f"no engines environment at {engines_dir()}: {FIX}")
+    py, why = engine_installed(engine)
+    if py is None:
+        _found[engine] = (None, why)
         return _found[engine]
-    if engine in ("sglang", "vllm") and not (engines_dir() / engine).is_dir():
-        _found[engine] = (None, f"{engine} is not installed in {engines_dir()}: {FIX}")
-        return _found[engine]
-    r = subprocess.run([str(py), "-c", PROBES[engine]], env=engine_env(engine),
+    r = subprocess.run([py, "-c", PROBES[engine]], env=engine_env(engine),
                        capture_output=True, text=True, timeout=180)
     if r.returncode:
         why = (r.stderr.strip().splitlines() or ["(no output)"])[-1]
         _found[engine] = (None, f"{engine} does not import in {engines_dir()} ({why}): {FIX}")
     else:
-        _found[engine] = (str(py), "")
+        _found[engine] = (py, "")
     return _found[engine]
+
+
+def skip_unless_importable(engine: str, r: subprocess.CompletedProcess) -> None:
+    """After a check run in the engine's environment: when it failed, skip (with
+    engine_python's reason) if the engine does not even import there; a run that failed
+    for any other reason is left to the test to report."""
+    if r.returncode != 0:
+        py, why = engine_python(engine)
+        if py is None:
+            pytest.skip(why)
 
 
 def run(engine: str, python: str, args: list[str], *, timeout: float = 240, **env) -> subprocess.CompletedProcess:

@@ -107,10 +107,10 @@ CONNECTOR_CHECKS = [
 @pytest.fixture(scope="module")
 def connector_results(lmcache_python, tmp_path_factory):
     """All connector checks in one LMCache process (importing LMCache takes seconds)."""
-    from daemonutil import Daemon
+    from daemonutil import Daemon, start_all
 
-    d = Daemon(tmp_path_factory.mktemp("lmcache-connector")).start()
-    victim = Daemon(tmp_path_factory.mktemp("lmcache-victim")).start()  # killed by a check
+    d, victim = start_all(Daemon(tmp_path_factory.mktemp("lmcache-connector")),
+                          Daemon(tmp_path_factory.mktemp("lmcache-victim")))  # victim: killed by a check
     try:
         r = run(lmcache_python, ["lmcache_connector_check.py", "--address", d.control,
                                  "--victim-address", victim.control, "--victim-pid", str(victim.proc.pid)])

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import pytest
 
-from daemonutil import Daemon
-from enginesutil import engine_python, last_json, run
+from daemonutil import Daemon, start_all
+from enginesutil import engine_installed, last_json, run, skip_unless_importable
 
 CHECKS = [
     "factory_loads_dynamic_backend", "v1_roundtrip_page_first", "v1_roundtrip_layer_first",
@@ -28,14 +28,15 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def sglang_results(tmp_path_factory):
-    py, why = engine_python("sglang")
+    py, why = engine_installed("sglang")  # the check's own imports tell whether it imports
     if py is None:
         pytest.skip(why)
-    d = Daemon(tmp_path_factory.mktemp("sglang")).start()
-    victim = Daemon(tmp_path_factory.mktemp("sglang-victim")).start()  # killed by a check
+    d, victim = start_all(Daemon(tmp_path_factory.mktemp("sglang")),
+                          Daemon(tmp_path_factory.mktemp("sglang-victim")))  # victim: killed by a check
     try:
         r = run("sglang", py, ["sglang_check.py", "--address", d.control, "--victim-address", victim.control,
                               "--victim-pid", str(victim.proc.pid)])
+        skip_unless_importable("sglang", r)
         for line in r.stdout.splitlines():
             if "steps, mean" in line:
                 print(line)  # the step figures, for the test log (pytest -s)
