@@ -13,5 +13,7 @@ def twin_env(monkeypatch):
 
 
 @pytest.fixture
-def rdma_daemon(start_daemon, twin_env):
-    return start_daemon(env=TWIN)
+def rdma_daemon(module_daemons, twin_env):
+    """The module's daemon on the twin, shared by its tests and emptied before each
+    (conftest.module_daemons): tests read its event counters as differences."""
+    return module_daemons("twin", env=TWIN)
