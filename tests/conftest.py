@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemonutil import ROOT, Daemon  # noqa: F401  (ROOT re-exported for older imports)
+from daemonutil import ROOT, Daemon, start_all  # noqa: F401  (ROOT re-exported for older imports)
 
 
 @pytest.fixture
@@ -27,32 +27,57 @@ def daemon(start_daemon) -> Daemon:
     return start_daemon()
 
 
+class ModuleDaemons:
+    """Daemons shared by one module's tests, by name: see the module_daemons fixture."""
+
+    def __init__(self, tmp_path_factory):
+        self.tmp = tmp_path_factory
+        self.held: dict[str, Daemon] = {}
+
+    def __call__(self, name: str = "default", *args: str, env: dict | None = None) -> Daemon:
+        return self.group([name], *args, env=env)[0]
+
+    def group(self, names, *args: str, env: dict | None = None) -> list[Daemon]:
+        """The daemons called ``names`` (same flags), those not running started together."""
+        import kvstore
+
+        fresh = []
+        for name in names:
+            d = self.held.get(name)
+            if d is not None and not d.alive():
+                d.stop()
+                d = None
+            if d is None:
+                d = self.held[name] = Daemon(self.tmp.mktemp(f"shared-{name}"), *args, env=env)
+                fresh.append(d)
+            else:
+                with kvstore.Client(d.control, timeout=10.0, shm=False) as c:
+                    c.delete_all(namespace="")
+                    assert c.list(namespace="").total == 0
+        try:
+            start_all(*fresh)
+        except BaseException:
+            for name in names:
+                if self.held.get(name) in fresh:
+                    del self.held[name]
+            raise
+        return [self.held[name] for name in names]
+
+    def stop(self) -> None:
+        for d in self.held.values():
+            d.stop()
+
+
 @pytest.fixture(scope="module")
 def module_daemons(tmp_path_factory):
     """Factory: module_daemons(name="default", *args, env=None) -> a kvstored shared by a
     module's tests (a start costs ~1 s, a few seconds on a loaded machine), emptied (admin
     DeleteAll, every namespace) on each call after the first, and started again when a
-    test stopped or killed it. Its counters are not reset: tests read them as differences."""
-    import kvstore
-
-    held: dict[str, Daemon] = {}
-
-    def get(name: str = "default", *args: str, env: dict | None = None) -> Daemon:
-        d = held.get(name)
-        if d is not None and not d.alive():
-            d.stop()
-            d = None
-        if d is None:
-            d = held[name] = Daemon(tmp_path_factory.mktemp(f"shared-{name}"), *args, env=env).start()
-            return d
-        with kvstore.Client(d.control, timeout=10.0, shm=False) as c:
-            c.delete_all(namespace="")
-            assert c.list(namespace="").total == 0
-        return d
-
-    yield get
-    for d in held.values():
-        d.stop()
+    test stopped or killed it; .group(names, ...) -> several (a cluster). Counters are not
+    reset: tests read them as differences."""
+    held = ModuleDaemons(tmp_path_factory)
+    yield held
+    held.stop()
 
 
 @pytest.fixture

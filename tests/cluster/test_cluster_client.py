@@ -20,8 +20,10 @@ POLICIES = {"plain": "none", "rep": "replicas:2", "ec": "ec:3+2"}
 
 
 @pytest.fixture
-def nodes(start_daemon):
-    return [start_daemon() for _ in range(5)]
+def nodes(module_daemons):
+    """Five standalone daemons shared by the module's tests, emptied before each; a node a
+    test killed is replaced (on new ports: every test places by the addresses it gets)."""
+    return module_daemons.group([f"n{i}" for i in range(5)])
 
 
 def cluster(nodes, members=None, **kw):
