@@ -89,6 +89,11 @@ class DataConnection(asyncio.BufferedProtocol):
         self.lowat_sock = None  # plain TCP socket whose SO_RCVLOWAT follows the payload
         self.lowat_cap = 0
         self.lowat = 1  # the socket's SO_RCVLOWAT now (1: the kernel's default)
+        # plain TCP: the answers of every read in one loop iteration go out in one write at
+        # its end (``flush_due``: that write is scheduled), not one write per read
+        self.coalesce = False
+        self.flush_due = False
+        self.loop: asyncio.AbstractEventLoop | None = None
 
     @property
     def closed(self) -> bool:
@@ -152,6 +157,8 @@ class DataConnection(asyncio.BufferedProtocol):
                 self.lowat_cap = rcvlowat_cap(srv.limits)
                 if self.lowat_cap:
                     self.lowat_sock = sock
+                self.coalesce = True
+                self.loop = asyncio.get_running_loop()
         # pause reading once this many response bytes are queued (per-connection back-pressure)
         if srv.tls is not None:
             self.burst = min(self.burst, TLS_MAX_INFLIGHT)
@@ -239,7 +246,23 @@ class DataConnection(asyncio.BufferedProtocol):
                     want = min(left, self.lowat_cap)
             if want != self.lowat:
                 self._set_lowat(want)
+        if self.coalesce and s.out and not (s.calls or s.finish is not None or s.burst_stop
+                                            or s.reading != self.reading or s.yield_stop or s.queue_full):
+            # only answers to send: libuv may read this socket again in this iteration (up
+            # to 32 times while reads fill their buffer: a put's payload, then the next
+            # header), and other connections are served too; one write at the iteration's
+            # end carries all their answers. Anything else (a call to start, reading to
+            # pause, a burst to flush, a close) is acted on at once, as before.
+            if not self.flush_due:
+                self.flush_due = True
+                self.loop.call_soon(self._flush)
+            return
         self._act()
+
+    def _flush(self) -> None:
+        self.flush_due = False
+        if not self.done:
+            self._act()
 
     def _set_lowat(self, n: int) -> None:
         self.lowat = n

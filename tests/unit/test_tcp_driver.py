@@ -27,12 +27,15 @@ class Transport:
         self.paused = False
         self.closed = self.aborted = False
         self.limits = None
+        self.writes = 0  # writelines / write calls (each one a syscall on a real socket)
 
     def writelines(self, bufs):
+        self.writes += 1
         for b in bufs:
             self.data += bytes(b)
 
     def write(self, b):
+        self.writes += 1
         self.data += bytes(b)
 
     def get_write_buffer_size(self):
@@ -71,6 +74,13 @@ def frames(t: Transport) -> list:
         out.append((h, w[pos + HEADER_SIZE:pos + HEADER_SIZE + h.length]))
         pos += HEADER_SIZE + h.length
     return out
+
+
+async def sent(t: Transport) -> list:
+    """The frames written once the loop has come round: over a TCP socket the driver sends
+    the answers of one loop iteration's reads together, at its end."""
+    await asyncio.sleep(0)
+    return frames(t)
 
 
 def feed(c: DataConnection, data: bytes) -> None:
@@ -237,13 +247,13 @@ def test_rcvlowat_follows_a_large_payload(big_server):
         assert sock.lowats() == [cap, 300_000]  # fewer left than the cap: exactly those
         feed(c, data[len(data) - 300_000:])
         assert sock.lowats() == [cap, 300_000, 1]  # payload done: headers wake us again
-        assert [(h.req_id, h.status) for h, _ in frames(t)] == [(1, 0)]
+        assert [(h.req_id, h.status) for h, _ in await sent(t)] == [(1, 0)]
         # small payloads and requests without one never touch the option
         small = b"s" * 100_000
         feed(c, encode_request(OP_PUT, 2, b"ns", b"small", len(small), checksum(small)) + small[:10])
         feed(c, small[10:] + encode_request(OP_GET, 3, b"ns", b"big"))
         assert sock.lowats() == [cap, 300_000, 1]
-        rs = frames(t)
+        rs = await sent(t)
         assert [(h.req_id, h.status) for h, _ in rs] == [(2, 0), (3, 0)] and rs[1][1] == data
         c.connection_lost(None)
     asyncio.run(run())
@@ -259,7 +269,7 @@ def test_rcvlowat_off_for_tls_slow_rates_and_unsupported_sockets(big_server):
         feed(c, req + data[:1000])
         assert c.lowat_sock is None
         feed(c, data[1000:])
-        assert [(h.req_id, h.status) for h, _ in frames(t)] == [(1, 0)]
+        assert [(h.req_id, h.status) for h, _ in await sent(t)] == [(1, 0)]
         c.connection_lost(None)
         # TLS: the socket carries ciphertext, the session's counts are plaintext
         big_server.tls = object()
@@ -276,3 +286,56 @@ def test_rcvlowat_off_for_tls_slow_rates_and_unsupported_sockets(big_server):
     lim = big_server.limits
     lim.min_put_rate = 64 * 1024
     assert rcvlowat_cap(lim) == 0
+
+
+def test_answers_of_one_loop_iteration_go_out_in_one_write(big_server):
+    """Over TCP, the answers to every read of one loop iteration leave in one write at its
+    end (issue 11, H4: a put whose payload completes in a read used to cost a write of its
+    own); what is more than answers to send (a close, reading to pause) is done at once."""
+    async def run():
+        c, t = connect_sock(big_server, Sock())
+        v = bytes(range(256)) * 256  # 64 KiB
+        for i in range(4):  # four reads, each completing a put
+            feed(c, encode_request(OP_PUT, i + 1, b"ns", b"k%d" % i, len(v), checksum(v)) + v)
+        feed(c, encode_request(OP_GET, 9, b"ns", b"k0"))
+        assert t.writes == 0 and not t.data  # the loop has not come round yet
+        rs = await sent(t)
+        assert t.writes == 1
+        assert [(h.req_id, h.status) for h, _ in rs] == [(1, 0), (2, 0), (3, 0), (4, 0), (9, 0)]
+        assert rs[4][1] == v
+        assert big_server.store.index[(b"ns", b"k0")].refs == 0  # the get's bytes left: released
+        # a stream that cannot be parsed: its error frame is written and the connection
+        # closed in the same call, nothing waits for the loop
+        feed(c, encode_request(OP_PING, 10, b"", b"") + b"X" * 64)
+        assert t.writes == 2 and t.closed
+        rs = frames(t)
+        assert rs[0][0].req_id == 10 and rs[-1][0].status == errors.ProtocolError.code
+        c.connection_lost(None)
+        await asyncio.sleep(0)  # the flush scheduled before is a no-op on a closed connection
+        assert t.writes == 2
+    asyncio.run(run())
+
+
+def test_answers_held_for_the_loop_stay_within_the_burst(big_server):
+    """Answers wait for the iteration's end only while they are less than a burst
+    (max_inflight_bytes): a read carrying 64 pipelined 64 KiB gets is written out burst by
+    burst at once, as before, and never held whole."""
+    async def run():
+        big_server.plane.burst = 256 * 1024
+        try:
+            c, t = connect_sock(big_server, Sock())
+            v = bytes(range(256)) * 256
+            feed(c, encode_request(OP_PUT, 1, b"ns", b"q", len(v), checksum(v)) + v)
+            await sent(t)
+            t.writes = 0
+            feed(c, b"".join(encode_request(OP_GET, 100 + i, b"ns", b"q") for i in range(64)))
+            # 64 x 64 KiB in bursts of 256 KiB: at least 15 writes before the loop comes round
+            assert t.writes >= 15 and len(t.data) >= 15 * 4 * len(v)
+            rs = await sent(t)
+            assert [h.req_id for h, _ in rs] == [100 + i for i in range(64)]
+            assert all(p == v for _, p in rs)
+            assert big_server.store.index[(b"ns", b"q")].refs == 0
+            c.connection_lost(None)
+        finally:
+            big_server.plane.burst = 4 * MiB
+    asyncio.run(run())
