@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import pytest
 
-from daemonutil import ROOT, Daemon, start_all  # noqa: F401  (ROOT re-exported for older imports)
+from daemonutil import ROOT, Daemon, start_all, stop_all  # noqa: F401  (ROOT re-exported for older imports)
 
 
 @pytest.fixture
@@ -17,8 +17,7 @@ def start_daemon(tmp_path):
         return d
 
     yield factory
-    for d in started:
-        d.stop()
+    stop_all(started)
 
 
 @pytest.fixture
@@ -64,8 +63,7 @@ class ModuleDaemons:
         return [self.held[name] for name in names]
 
     def stop(self) -> None:
-        for d in self.held.values():
-            d.stop()
+        stop_all(list(self.held.values()))
 
 
 @pytest.fixture(scope="module")

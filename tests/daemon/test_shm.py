@@ -183,8 +183,9 @@ def _connect_as(uid: int, path: str) -> bytes:
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another uid")
-def test_other_users_are_refused_unless_allowed(start_daemon, tmp_path):
-    d = start_daemon()
+def test_other_users_are_refused_unless_allowed(start_daemon, tmp_path, short_tmpdir):
+    os.chmod(short_tmpdir, 0o755)  # the other uid must reach the socket: not in pytest's 0700 dirs
+    d = start_daemon(env={"TMPDIR": short_tmpdir})
     with kvstore.Client(d.control, namespace="s") as c:
         path = c.info().shm_socket
         os.chmod(path, 0o666)  # the socket file lets anyone in: SO_PEERCRED decides
@@ -192,7 +193,8 @@ def test_other_users_are_refused_unless_allowed(start_daemon, tmp_path):
         assert got[:2] == b"--", got  # no arena fd handed over
         assert wire.decode(got, 2).status == kvstore.PermissionDenied.code and b"uid 65534" in got
         assert counters(c)["shm_rejected_peer"] >= 1
-    d2 = start_daemon("--config", config(tmp_path, '[shm]\nallowed_uids = "65534"\n'))
+    d2 = start_daemon("--config", config(tmp_path, '[shm]\nallowed_uids = "65534"\n'),
+                      env={"TMPDIR": short_tmpdir})
     with kvstore.Client(d2.control, namespace="s") as c:
         path = c.info().shm_socket
         os.chmod(path, 0o666)
