@@ -387,8 +387,9 @@ def main(argv=None) -> int:
     print(f"# ClusterClient, {results['transport']}, {cc_algo}, {os.cpu_count()} cpus, batches of "
           f"{size_name(args.objects * MIB)} (objects x size), best of {args.rounds}; "
           f"malloc thresholds: {results['malloc']}; cluster part {t_cluster:.0f} s\n")
-    print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | get_into GB/s | note |")
-    print("|---|---|---|---:|---:|---:|---:|---|")
+    if results["rows"]:
+        print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | get_into GB/s | note |")
+        print("|---|---|---|---:|---:|---:|---:|---|")
     for r in results["rows"]:
         fmt = (lambda v: "n/a" if v is None else f"{v:.2f}")
         print(f"| {r['nodes']} | {r['policy']} | {r['size']} | {r['objects']} | {fmt(r['put_GBps'])} | "
