@@ -414,24 +414,27 @@ def _concat_unverified(p: Policy, records: list, out):
     if version is None or any(d is None for d in data):
         return None
     olen, ocsum = version
-    if out is None:
-        whole = bytearray(olen)
-        target = memoryview(whole)
-    else:
+    if out is not None:
         target = memoryview(out).cast("B")
         if target.readonly:
             raise errors.InvalidArgument("the buffer to decode into is read-only")
         if olen > len(target):
             raise errors.InvalidArgument(f"object of {olen} bytes does not fit the {len(target)}-byte buffer")
-        target = target[:olen]
-    pos = 0
+    pieces, pos = [], 0
     for part in data:
         take = min(len(part), olen - pos)
-        target[pos:pos + take] = part[:take]
+        pieces.append(part[:take])
         pos += take
-    if pos != olen or checksum(target) != ocsum:
-        return None
-    return whole if out is None else olen
+    if pos != olen:
+        return None  # a truncated record
+    if out is None:
+        whole = bytearray().join(pieces)  # one copy, no zero-fill before it
+        return whole if checksum(whole) == ocsum else None
+    pos = 0
+    for piece in pieces:
+        target[pos:pos + len(piece)] = piece
+        pos += len(piece)
+    return olen if checksum(target[:olen]) == ocsum else None
 
 
 def _place(out, data, n: int) -> int:
