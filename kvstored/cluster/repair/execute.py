@@ -198,7 +198,7 @@ class Executor:
                         member, lap = o.slots[j]
                         write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
         def finish() -> None:
-            results = self._write(writes)
+            results = self._write(writes, me)
             for tag, r in results.items():
                 tags[tag] += r
             # 4. deletes: handed-over records once every copy was written
@@ -246,11 +246,15 @@ class Executor:
                 result[n] = b
         return result
 
-    def _write(self, writes: dict) -> dict:
+    def _write(self, writes: dict, me: str) -> dict:
         """batch_put per peer (grouped by namespace and overwrite flag), all peers at once,
-        throttled; {tag: [True stored | False identical | None failed, ...]}."""
+        throttled; this node's own records straight into its store (LocalStore.put_many:
+        no loopback round trip, no serving on the other end);
+        {tag: [True stored | False identical | None failed, ...]}."""
         def put(job):
             member, items = job
+            put_many = (self.store.put_many if member.node_id == me
+                        else lambda ns, its, overwrite: self.peers.put_many(member, ns, its, overwrite))
             groups: dict[tuple, list] = {}
             for ns, overwrite, key, data, tag in items:
                 groups.setdefault((ns, overwrite), []).append((key, data, tag))
@@ -262,7 +266,7 @@ class Executor:
                         break
                     chunk = its[c:c + PUT_CHUNK]
                     self.throttle.take(sum(size(d) for _k, d, _t in chunk))
-                    rs = self.peers.put_many(member, ns, [(k, d) for k, d, _t in chunk], overwrite)
+                    rs = put_many(ns, [(k, d) for k, d, _t in chunk], overwrite)
                     for (_k, d, tag), r in zip(chunk, rs):
                         if r:
                             self.count("records_written")
