@@ -8,6 +8,7 @@ thread: no locks.
 """
 from __future__ import annotations
 
+import logging
 import os
 import time
 from itertools import chain
@@ -347,6 +348,9 @@ def make_index(kind: str = "auto", slab_size: int = default("slab_size")):
             if kind == "packed":
                 raise ImportError("index = packed, but kvstored._index is not built (no C "
                                   "compiler at install?); use auto or dict") from None
+            logging.getLogger("kvstored.store").info(
+                "kvstored._index is not built: the Store uses its dict index (~3.5x the "
+                "RAM per object of the packed one)")
         else:
             return PackedIndex(slab_size)
     return Index(slab_size)

@@ -67,6 +67,7 @@ class Store(RepairHooks):
              "evictions", "evicted_bytes", "checksum_failures", "reservations_expired",
              "deletes", "no_space", "pins", "unpins"), 0)
         self.index = make_index(limits.index, limits.slab_size)
+        log.debug("index: %s (dram.index = %s)", self.index.kind, limits.index)
         self.dram = DramTier(limits, clock, self.index, self.counters)
         self.tiering = Tiering(nvme, self.index, self.dram, limits, clock, self._unlink,
                                self.release)
