@@ -9,6 +9,7 @@ tmp dir. KVSTORED_SKIP_BUILD_CHECK=1 skips this file like docker/check-build.sh'
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -157,6 +158,9 @@ def test_wheel_holds_every_package_of_the_tree(wheel):
     assert not any(n.startswith(("tests/", "benchmarks/")) for n in names)
     # generated gRPC code and the typing marker travel too
     assert any(n.startswith("kvstore/v1/") and n.endswith("_pb2.py") for n in names)
+    # the packed index's extension, wherever this machine builds it (the editable install)
+    if importlib.util.find_spec("kvstored._index") is not None:
+        assert any(n.startswith("kvstored/_index") and n.endswith(".so") for n in names)
 
 
 def _start(inst: Install, *args: str, name: str = "node") -> tuple[subprocess.Popen, dict, Path]:
