@@ -250,7 +250,13 @@ def tune_malloc() -> bool:
     global _malloc_tuned
     if _malloc_tuned is not None:
         return _malloc_tuned
-    _malloc_tuned = False
+    with _CODECS_LOCK:  # several threads' first EC calls: mallopt once
+        if _malloc_tuned is None:
+            _malloc_tuned = _set_malloc_thresholds()
+    return _malloc_tuned
+
+
+def _set_malloc_thresholds() -> bool:
     if os.environ.get("KVSTORE_TUNE_MALLOC", "1").strip().lower() in ("0", "no", "false", "off"):
         return False
     import ctypes
@@ -267,7 +273,6 @@ def tune_malloc() -> bool:
         done |= mallopt(-3, MALLOC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
     if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
         done |= mallopt(-1, MALLOC_TRIM_THRESHOLD) == 1  # M_TRIM_THRESHOLD
-    _malloc_tuned = done
     return done
 
 
@@ -450,4 +455,4 @@ def _place(out, data, n: int) -> int:
 
 __all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "Codec", "Member", "Policy", "assemble", "codec",
            "encode_parts", "encode_records", "fragment_key", "fragment_parts", "lap_key", "member_epoch",
-           "parse_head", "parse_record", "placement_key", "slots", "split_lap"]
+           "parse_head", "parse_record", "placement_key", "slots", "split_lap", "tune_malloc"]

@@ -16,10 +16,17 @@ pytest.importorskip("pyeclib")
 from daemonutil import ROOT
 
 PROBE = r"""
-import json, os, resource, sys
+import json, os, resource, sys, threading
 from kvstore import layout
 p = layout.Policy.parse("ec:4+2")
-tuned = layout.tune_malloc()
+seen = []  # eight threads' first EC calls at once: one answer for all
+threads = [threading.Thread(target=lambda: seen.append(layout.tune_malloc())) for _ in range(8)]
+for t in threads:
+    t.start()
+for t in threads:
+    t.join(30)
+assert len(seen) == 8 and len(set(seen)) == 1, seen
+tuned = seen[0]
 again = layout.tune_malloc()
 v = os.urandom(1 << 20)
 layout.encode_parts(p, v, 1)  # first-use allocations
