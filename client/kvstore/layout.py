@@ -364,14 +364,7 @@ def assemble(p: Policy, records: list, out=None):
     if len(idx) < p.k:
         return None
     c = codec(p)
-    dest = None
-    if out is not None:
-        dest = memoryview(out).cast("B")
-        if dest.readonly:
-            raise errors.InvalidArgument("the buffer to decode into is read-only")
-        if olen > len(dest):
-            raise errors.InvalidArgument(f"object of {olen} bytes does not fit the {len(dest)}-byte buffer")
-        dest = dest[:olen]
+    dest = None if out is None else _dest(out, olen)
     if c.offset is not None and all(i in idx for i in range(p.k)):
         whole = bytearray(olen) if dest is None else None
         target = memoryview(whole) if dest is None else dest
@@ -419,12 +412,7 @@ def _concat_unverified(p: Policy, records: list, out):
     if version is None or any(d is None for d in data):
         return None
     olen, ocsum = version
-    if out is not None:
-        target = memoryview(out).cast("B")
-        if target.readonly:
-            raise errors.InvalidArgument("the buffer to decode into is read-only")
-        if olen > len(target):
-            raise errors.InvalidArgument(f"object of {olen} bytes does not fit the {len(target)}-byte buffer")
+    target = None if out is None else _dest(out, olen)
     pieces, pos = [], 0
     for part in data:
         take = min(len(part), olen - pos)
@@ -439,17 +427,23 @@ def _concat_unverified(p: Policy, records: list, out):
     for piece in pieces:
         target[pos:pos + len(piece)] = piece
         pos += len(piece)
-    return olen if checksum(target[:olen]) == ocsum else None
+    return olen if checksum(target) == ocsum else None
 
 
-def _place(out, data, n: int) -> int:
-    """Copy ``data`` (``n`` bytes) into the caller's buffer ``out``; returns n."""
+def _dest(out, n: int) -> memoryview:
+    """The first ``n`` bytes of the caller's buffer ``out``, as a writable byte view
+    (InvalidArgument when it is read-only or too small)."""
     dest = memoryview(out).cast("B")
     if dest.readonly:
         raise errors.InvalidArgument("the buffer to decode into is read-only")
     if n > len(dest):
         raise errors.InvalidArgument(f"object of {n} bytes does not fit the {len(dest)}-byte buffer")
-    dest[:n] = data
+    return dest[:n]
+
+
+def _place(out, data, n: int) -> int:
+    """Copy ``data`` (``n`` bytes) into the caller's buffer ``out``; returns n."""
+    _dest(out, n)[:] = data
     return n
 
 
