@@ -463,6 +463,30 @@ static int check_attached(Entry *e, Table *t) {
     return 0;
 }
 
+/* The checks an entry's fields get however they come in (Entry(...), Table.add). */
+static int fields_check(PyObject *key, unsigned long long size, PyObject *csum,
+                        unsigned long long *cs) {
+    if (PyBytes_GET_SIZE(key) > MAX_KEY) {
+        PyErr_Format(PyExc_ValueError, "key of %zd bytes: the packed index holds keys of at most %d",
+                     PyBytes_GET_SIZE(key), MAX_KEY);
+        return -1;
+    }
+    if (size > 0xFFFFFFFFULL) {
+        PyErr_SetString(PyExc_ValueError, "size must be below 2**32");
+        return -1;
+    }
+    if (!PyLong_Check(csum)) {
+        PyErr_SetString(PyExc_TypeError, "checksum must be an int");
+        return -1;
+    }
+    *cs = PyLong_AsUnsignedLongLong(csum);
+    if (*cs == (unsigned long long)-1 && PyErr_Occurred()) {
+        PyErr_SetString(PyExc_ValueError, "checksum must be an int in [0, 2**64)");
+        return -1;
+    }
+    return 0;
+}
+
 static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"ns", "key", "offset", "size", "checksum", "sc", NULL};
     PyObject *ns, *key, *sc, *csum;
@@ -471,24 +495,8 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLKOO:Entry", kwlist, &ns, &key, &offset, &size,
                                      &csum, &sc))
         return NULL;
-    if (PyBytes_GET_SIZE(key) > MAX_KEY) {
-        PyErr_Format(PyExc_ValueError, "key of %zd bytes: the packed index holds keys of at most %d",
-                     PyBytes_GET_SIZE(key), MAX_KEY);
-        return NULL;
-    }
-    if (size > 0xFFFFFFFFULL) {
-        PyErr_SetString(PyExc_ValueError, "size must be below 2**32");
-        return NULL;
-    }
-    if (!PyLong_Check(csum)) {
-        PyErr_SetString(PyExc_TypeError, "checksum must be an int");
-        return NULL;
-    }
-    unsigned long long cs = PyLong_AsUnsignedLongLong(csum);
-    if (cs == (unsigned long long)-1 && PyErr_Occurred()) {
-        PyErr_SetString(PyExc_ValueError, "checksum must be an int in [0, 2**64)");
-        return NULL;
-    }
+    unsigned long long cs;
+    if (fields_check(key, size, csum, &cs) < 0) return NULL;
     Entry *e = PyObject_GC_New(Entry, type);
     if (!e) return NULL;
     e->ix = NULL; e->rec = NOREC;
@@ -1012,6 +1020,80 @@ static PyObject *Table_get(Table *t, PyObject *const *args, Py_ssize_t n) {
     return view_of(t, t->slots[i].rec - 1);
 }
 
+static void space_drop_if_unused(Table *t, int ns) {
+    if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
+}
+
+/* A new record from fields, put in the table; ``view`` (may be NULL) is attached to it.
+   Returns the record number, or -1 with an exception and nothing changed. */
+static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec *src,
+                          PyObject *scobj, PyObject *nvme, long pins, double pin_until,
+                          Entry *view) {
+    int ns = space_id(t, nsobj, 1);
+    if (ns < 0) return -1;
+    const char *k = PyBytes_AS_STRING(keyobj);
+    size_t kl = (size_t)PyBytes_GET_SIZE(keyobj);
+    uint32_t h = hash_key(t, (uint16_t)ns, k, kl);
+    if (find(t, (uint16_t)ns, k, kl, h) >= 0) {
+        PyObject *key = PyTuple_Pack(2, nsobj, keyobj);
+        if (key)
+            PyErr_Format(PyExc_KeyError, "index already holds %R; remove the old entry first", key);
+        Py_XDECREF(key);
+        space_drop_if_unused(t, ns);
+        return -1;
+    }
+    int sc = class_id(t, scobj);
+    int64_t rec = -1;
+    if (sc < 0 || ((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0) ||
+        (rec = rec_alloc(t)) < 0) {
+        space_drop_if_unused(t, ns);
+        return -1;
+    }
+    Rec *r = &t->recs[rec];
+    *r = *src;
+    if (key_store(t, r, k, kl) < 0) {
+        r->flags = 0; r->newer = t->freehead; t->freehead = (uint32_t)rec;
+        space_drop_if_unused(t, ns);
+        return -1;
+    }
+    r->ns = (uint16_t)ns;
+    r->sc = (uint8_t)sc;
+    r->flags = (src->flags & (F_DEAD | F_UNVERIFIED)) | F_USED;
+    r->newer = r->older = NOREC;  /* links are made after insert */
+    t->spaces[ns].nrec++;
+    /* from here a failure frees the record (rec_free: key, namespace, side tables) */
+    if (nvme && nvme != Py_None && nvme_store(t, (uint32_t)rec, nvme) < 0) {
+        rec_free(t, (uint32_t)rec);
+        return -1;
+    }
+    if (pins || pin_until) {
+        PyObject *p = Py_BuildValue("[ld]", pins, pin_until);
+        PyObject *kk = PyLong_FromLongLong(rec);
+        int ok = p && kk && PyDict_SetItem(t->pins, kk, p) == 0;
+        Py_XDECREF(p); Py_XDECREF(kk);
+        if (!ok) { rec_free(t, (uint32_t)rec); return -1; }
+        t->recs[rec].flags |= F_PIN;
+    }
+    if (view) {
+        if (view_put(t, (uint32_t)rec, view) < 0) { rec_free(t, (uint32_t)rec); return -1; }
+        t->recs[rec].flags |= F_VIEW;
+        Py_INCREF(t);
+        view->ix = t;
+        view->rec = (uint32_t)rec;
+    }
+    r = &t->recs[rec];
+    uint64_t i = h & t->mask;
+    while (t->slots[i].rec) i = (i + 1) & t->mask;
+    t->slots[i].rec = (uint32_t)rec + 1;
+    t->slots[i].hash = h;
+    r->flags |= F_INTABLE;
+    Space *s = &t->spaces[ns];
+    s->objects++; s->bytes += r->size;
+    t->count++; t->object_bytes += r->size;
+    if (r->flags & F_UNVERIFIED) t->unverified++;
+    return rec;
+}
+
 static PyObject *Table_insert(Table *t, PyObject *o) {
     READY(t, NULL);
     Entry *e;
@@ -1045,64 +1127,37 @@ static PyObject *Table_insert(Table *t, PyObject *o) {
         Py_RETURN_NONE;
     }
     Detached *d = e->det;
-    int ns = space_id(t, d->ns, 1);
-    if (ns < 0) return NULL;
-    const char *k = PyBytes_AS_STRING(d->key);
-    size_t kl = (size_t)PyBytes_GET_SIZE(d->key);
-    uint32_t h = hash_key(t, (uint16_t)ns, k, kl);
-    if (find(t, (uint16_t)ns, k, kl, h) >= 0) {
-        PyObject *key = PyTuple_Pack(2, d->ns, d->key);
-        if (key)
-            PyErr_Format(PyExc_KeyError, "index already holds %R; remove the old entry first", key);
-        Py_XDECREF(key);
-        if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
+    if (insert_new(t, d->ns, d->key, &d->r, d->sc, d->nvme, d->pins, d->pin_until, e) < 0)
         return NULL;
-    }
-    int sc = class_id(t, d->sc);
-    if (sc < 0 || ((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0)) {
-        if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
+    det_free(e);  /* the view reads the record now */
+    Py_RETURN_NONE;
+}
+
+/* add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False):
+   index an object without building a Python object for it (recovery at start). */
+static PyObject *Table_add(Table *t, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"ns", "key", "offset", "size", "checksum", "sc", "committed_at",
+                             "nvme", "unverified", NULL};
+    READY(t, NULL);
+    PyObject *ns, *key, *sc, *csum, *nvme = Py_None;
+    long long offset;
+    unsigned long long size;
+    double committed_at;
+    int unverified = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLKOOd|Op:add", kwlist, &ns, &key, &offset,
+                                     &size, &csum, &sc, &committed_at, &nvme, &unverified))
         return NULL;
-    }
-    int64_t rec = rec_alloc(t);
-    if (rec < 0) return NULL;
-    Rec *r = &t->recs[rec];
-    *r = d->r;
-    if (key_store(t, r, k, kl) < 0) {
-        r->flags = 0; r->newer = t->freehead; t->freehead = (uint32_t)rec;
-        return NULL;
-    }
-    r->ns = (uint16_t)ns;
-    r->sc = (uint8_t)sc;
-    r->flags = (d->r.flags & (F_DEAD | F_UNVERIFIED)) | F_USED | F_INTABLE;
-    r->newer = r->older = NOREC;  /* links are made after insert */
-    t->spaces[ns].nrec++;
-    /* attach: the view now reads the record */
-    if (view_put(t, (uint32_t)rec, e) < 0) {
-        r->flags &= ~F_INTABLE;
-        rec_free(t, (uint32_t)rec);
-        return NULL;
-    }
-    r->flags |= F_VIEW;
-    Py_INCREF(t);
-    e->ix = t;
-    e->rec = (uint32_t)rec;
-    if (d->nvme && nvme_store(t, (uint32_t)rec, d->nvme) < 0) PyErr_Clear();
-    if (d->pins || d->pin_until) {
-        PyObject *p = Py_BuildValue("[ld]", d->pins, d->pin_until);
-        PyObject *kk = PyLong_FromLongLong(rec);
-        if (p && kk && PyDict_SetItem(t->pins, kk, p) == 0) r->flags |= F_PIN;
-        else PyErr_Clear();
-        Py_XDECREF(p); Py_XDECREF(kk);
-    }
-    det_free(e);
-    uint64_t i = h & t->mask;
-    while (t->slots[i].rec) i = (i + 1) & t->mask;
-    t->slots[i].rec = (uint32_t)rec + 1;
-    t->slots[i].hash = h;
-    Space *s = &t->spaces[ns];
-    s->objects++; s->bytes += r->size;
-    t->count++; t->object_bytes += r->size;
-    if (r->flags & F_UNVERIFIED) t->unverified++;
+    Rec src;
+    memset(&src, 0, sizeof src);
+    unsigned long long cs;
+    if (fields_check(key, size, csum, &cs) < 0) return NULL;
+    src.checksum = cs;
+    src.offset = offset;
+    src.size = (uint32_t)size;
+    src.committed_at = committed_at;
+    src.seg = -1;
+    src.flags = unverified ? F_UNVERIFIED : 0;
+    if (insert_new(t, ns, key, &src, sc, nvme, 0, 0.0, NULL) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1367,6 +1422,8 @@ static PyGetSetDef Table_getset[] = {
 static PyMethodDef Table_methods[] = {
     {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(ns, key) -> Entry | None"},
     {"insert", (PyCFunction)Table_insert, METH_O, "insert(entry): add under its (free) key"},
+    {"add", (PyCFunction)(void (*)(void))Table_add, METH_VARARGS | METH_KEYWORDS,
+     "add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False)"},
     {"remove", (PyCFunction)Table_remove, METH_O, "remove(entry)"},
     {"mark_unverified", (PyCFunction)Table_mark_unverified, METH_O, NULL},
     {"verify", (PyCFunction)Table_verify, METH_O, NULL},

@@ -144,8 +144,8 @@ class Index:
     replaces the dict. Callers only ever
 
       * look up: ``get(ns, key)`` (and ``(ns, key) in index``);
-      * change: ``insert(e)`` (a new key: the caller removed any old entry first)
-        and ``remove(e)``; ``mark_unverified`` / ``verify`` flip a held-back record;
+      * change: ``insert(e)`` (a new key: the caller removed any old entry first),
+        ``add(fields)`` (the same from fields, for recovery) and ``remove(e)``; ``mark_unverified`` / ``verify`` flip a held-back record;
       * walk: ``iterate(ns)`` (entries, optionally of one namespace) and ``__iter__``
         (keys); walks are for admin calls, repair and shutdown, never per request;
       * count: ``len()``, ``count(ns)``, ``namespaces()``, ``object_bytes``,
@@ -208,6 +208,16 @@ class Index:
         self.object_bytes += e.size
         if e.unverified:
             self.unverified += 1
+
+    def add(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: "SizeClass",
+            committed_at: float, nvme: "Location | None" = None, unverified: bool = False) -> None:
+        """``insert`` of an entry made from these fields (recovery at start: the packed
+        index then builds no Python object per record)."""
+        e = Entry(ns, key, offset, size, checksum, sc)
+        e.committed_at = committed_at
+        e.nvme = nvme
+        e.unverified = unverified
+        self.insert(e)
 
     def remove(self, e: Entry) -> None:
         """Drop ``e`` (which must be the entry under its key) and its pin; a held-back

@@ -199,11 +199,9 @@ class Tiering:
                 sc = classes.get(loc.length)
                 if sc is None:
                     sc = classes[loc.length] = class_for(loc.length)
-                e = index.Entry(ns, key, -1, loc.length, loc.checksum, sc)
-                e.committed_at = committed_at
-                e.nvme = loc
-                e.unverified = hold  # counted by the index as it goes in
-                index.insert(e)
+                # no Entry object kept (none at all with the packed index); a held record
+                # is counted by the index as it goes in
+                index.add(ns, key, -1, loc.length, loc.checksum, sc, committed_at, loc, hold)
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
         log.info("NVMe tier: %d objects recovered%s", len(index),

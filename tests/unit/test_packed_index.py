@@ -367,3 +367,36 @@ def test_many_objects_grow_the_table_and_keep_exact_counts():
     for i in range(0, n, 2):  # the freed records are reused, not appended
         ix.insert(Entry(b"n", i.to_bytes(8, "little") * 4, -1, 256, i, SC))
     assert ix.footprint()["records"] == fp["records"] and len(ix) == n
+
+
+@pytest.mark.parametrize("make", [DictIndex, PackedIndex])
+def test_add_indexes_a_recovered_record_like_insert(make):
+    ix = make()
+    loc = Location(2, 8 * 4096, 100, 0xABC, 4)
+    ix.add(b"n", b"k", -1, 100, 0xABC, SC, 12.5, loc, True)
+    ix.add(b"n", b"k2", -1, 50, 1, SC, 13.0)
+    e = ix.get(b"n", b"k")
+    assert (e.size, e.checksum, e.offset, e.committed_at, e.unverified, e.nvme) == \
+        (100, 0xABC, -1, 12.5, True, loc)
+    assert ix.get(b"n", b"k2").nvme is None and not ix.get(b"n", b"k2").unverified
+    assert len(ix) == 2 and ix.unverified == 1 and ix.namespaces() == {b"n": (2, 150)}
+    with pytest.raises(KeyError, match="remove the old entry first"):
+        ix.add(b"n", b"k", -1, 1, 1, SC, 0.0)
+    assert len(ix) == 2 and ix.object_bytes == 150
+
+
+def test_add_refuses_bad_fields_and_changes_nothing():
+    ix = PackedIndex()
+    with pytest.raises(ValueError, match="at most 255"):
+        ix.add(b"n", b"x" * 256, -1, 1, 1, SC, 0.0)
+    with pytest.raises(ValueError, match="checksum"):
+        ix.add(b"n", b"k", -1, 1, -5, SC, 0.0)
+    with pytest.raises(TypeError, match="Location"):
+        ix.add(b"n", b"k", -1, 1, 1, SC, 0.0, "not a location")
+    with pytest.raises(TypeError):
+        ix.add(b"n", b"k", -1, 1, 1, SC, "noon")
+    with pytest.raises(TypeError, match="size class"):
+        ix.add(b"n", b"k", -1, 1, 1, None, 0.0)
+    assert len(ix) == 0 and ix.namespaces() == {} and ix.footprint()["namespaces"] == 0
+    ix.add(b"n", b"k", -1, 1, 1, SC, 0.0)  # the refused ones left no trace of the key
+    assert len(ix) == 1 and ix.footprint()["records"] == ix.footprint()["record_size"]
