@@ -273,7 +273,7 @@ static int64_t find(Table *t, uint16_t ns, const char *k, size_t n, uint32_t h) 
         if (!s.rec) return -1;
         if (s.hash == h) {
             Rec *r = &t->recs[s.rec - 1];
-            if (r->ns == ns && r->key_len == n && memcmp(key_ptr(t, r), k, n) == 0)
+            if (r->ns == ns && r->key_len == n && (n == 0 || memcmp(key_ptr(t, r), k, n) == 0))
                 return (int64_t)i;
         }
     }
