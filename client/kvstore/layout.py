@@ -214,9 +214,15 @@ class Codec:
         for off in (80,):  # liberasurecode's fragment header
             if b"".join(f[off:] for f in frags[:k])[:len(probe)] == probe:
                 self.offset = off
+        self.native = _NativeEncoder.attach(self.driver, k, m, probe, frags)
 
-    def encode(self, data: bytes) -> list[bytes]:
-        return self.driver.encode(data)
+    def encode(self, data) -> list:
+        """The K+M fragments of ``data`` (a contiguous buffer; pyeclib itself takes only
+        bytes). Through liberasurecode directly where that was checked to give pyeclib's
+        bytes (``_NativeEncoder``): read-only views, without the GIL and without a copy."""
+        if self.native is not None:
+            return self.native.encode(data)
+        return self.driver.encode(_as_bytes(data))
 
     def decode(self, fragments: list) -> bytes:
         # pyeclib needs bytes (a bytearray aborts the process inside liberasurecode)
@@ -225,6 +231,107 @@ class Codec:
     def reconstruct(self, fragments: list, indexes: list[int]) -> list[bytes]:
         """The fragments of ``indexes`` rebuilt from any K others."""
         return self.driver.reconstruct([bytes(f) for f in fragments], indexes)
+
+
+class _Fragments:
+    """One encode's fragments in liberasurecode's memory, freed with its cleanup call when
+    the last view of them is gone (each view's ctypes array holds this object)."""
+
+    def __init__(self, free, desc: int, data_p, parity_p):
+        self.free, self.desc, self.data_p, self.parity_p = free, desc, data_p, parity_p
+
+    def __del__(self):
+        try:
+            self.free(self.desc, self.data_p, self.parity_p)
+        except Exception:  # noqa: BLE001 (interpreter shutdown: nothing left to free into)
+            pass
+
+
+class _NativeEncoder:
+    """liberasurecode_encode called through ctypes on pyeclib's own instance: ctypes lets
+    go of the GIL for the call, so the batch's senders run while a round is encoded
+    (pyeclib's encode holds the GIL throughout), and the fragments are used where
+    liberasurecode wrote them instead of being copied into bytes objects. Used only when
+    a probe object encodes to exactly pyeclib's fragments (``attach``); otherwise Codec
+    keeps pyeclib's encode. Calls are serialised per codec, as pyeclib's were by the GIL."""
+
+    def __init__(self, lib, desc: int, k: int, m: int):
+        import ctypes
+        self.ct, self.desc, self.k, self.m = ctypes, desc, k, m
+        pp = ctypes.POINTER(ctypes.c_void_p)
+        self.enc = lib.liberasurecode_encode
+        self.enc.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint64, ctypes.POINTER(pp),
+                             ctypes.POINTER(pp), ctypes.POINTER(ctypes.c_uint64)]
+        self.enc.restype = ctypes.c_int
+        self.free = lib.liberasurecode_encode_cleanup
+        self.free.argtypes = [ctypes.c_int, pp, pp]
+        self.free.restype = ctypes.c_int
+        self.lock = threading.Lock()
+
+    @classmethod
+    def attach(cls, driver, k: int, m: int, probe: bytes, want: list) -> "_NativeEncoder | None":
+        if os.environ.get("KVSTORE_NATIVE_EC", "1").strip().lower() in ("0", "no", "false", "off"):
+            return None
+        try:
+            import ctypes
+            handle = driver.ec_lib_reference._handle  # pyeclib_c's capsule: a pyeclib_t *
+            get_name = ctypes.pythonapi.PyCapsule_GetName
+            get_name.restype, get_name.argtypes = ctypes.c_char_p, [ctypes.py_object]
+            get_ptr = ctypes.pythonapi.PyCapsule_GetPointer
+            get_ptr.restype, get_ptr.argtypes = ctypes.c_void_p, [ctypes.py_object, ctypes.c_char_p]
+            ptr = get_ptr(handle, get_name(handle))
+            desc = ctypes.c_int.from_address(ptr).value  # pyeclib_t's first field: the instance
+            path = _loaded_library("liberasurecode")
+            if not ptr or path is None:
+                return None
+            native = cls(ctypes.CDLL(path), desc, k, m)
+            if [bytes(f) for f in native.encode(probe)] != want:
+                return None
+        except Exception:  # noqa: BLE001 (any surprise: pyeclib's own encode is used)
+            return None
+        return native
+
+    def encode(self, data) -> list[memoryview]:
+        ct = self.ct
+        if isinstance(data, bytes):
+            src, n = data, len(data)
+        else:
+            mv = memoryview(data).cast("B")
+            n = mv.nbytes
+            # a caller's writable buffer (bytearray, numpy, a tensor) is read in place
+            src = _as_bytes(mv) if mv.readonly else (ct.c_char * n).from_buffer(mv)
+        addr = src if isinstance(src, bytes) else ct.addressof(src)
+        data_p = ct.POINTER(ct.c_void_p)()
+        parity_p = ct.POINTER(ct.c_void_p)()
+        flen = ct.c_uint64()
+        with self.lock:
+            rc = self.enc(self.desc, addr, n, ct.byref(data_p), ct.byref(parity_p), ct.byref(flen))
+        if rc < 0:
+            from pyeclib.ec_iface import ECDriverError
+            raise ECDriverError(f"liberasurecode_encode failed: {rc}")
+        owner = _Fragments(self.free, self.desc, data_p, parity_p)
+        arr = ct.c_char * flen.value
+        out = []
+        for ptrs, count in ((data_p, self.k), (parity_p, self.m)):
+            for i in range(count):
+                a = arr.from_address(ptrs[i])
+                a.owner = owner  # the memory lives as long as any view of any fragment
+                out.append(memoryview(a).cast("B").toreadonly())
+        return out
+
+
+def _loaded_library(name: str) -> str | None:
+    """The path of the shared library ``name`` this process has loaded (Linux), so ctypes
+    opens the very instance pyeclib_c uses (its encoder descriptors are per instance)."""
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                path = line.rsplit(" ", 1)[-1].strip()
+                if os.path.basename(path).startswith(name + "-") or os.path.basename(path).startswith(name + ".so"):
+                    return path
+    except OSError:
+        return None
+    return None
 
 
 _CODECS: dict[tuple[int, int], Codec] = {}
@@ -310,7 +417,7 @@ def encode_parts(p: Policy, value, min_ec_size: int) -> list[tuple[bytes, object
     if n < min_ec_size:
         return [(_header(p, KIND_REPLICA, i, n, ocsum, ocsum), value) for i in range(p.m + 1)]
     return [(_header(p, KIND_FRAGMENT, i, n, ocsum, checksum(f)), f)
-            for i, f in enumerate(codec(p).encode(_as_bytes(value)))]
+            for i, f in enumerate(codec(p).encode(value))]
 
 
 def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
