@@ -106,3 +106,37 @@ def test_answer_cut_in_its_payload_fails_at_once(daemon):
         asyncio.run(main())
     finally:
         relay.close()
+
+
+def test_answers_of_mixed_sizes_after_large_ones_stay_in_step(daemon):
+    """After a large answer the client reads headers a few KiB at a time (aio._WINDOW):
+    answers of every size around that window and the large-payload threshold, errors and
+    put acknowledgements, interleaved at concurrency, still reach the right callers whole."""
+    from kvstore import aio
+
+    sizes = [1, 39, 40, 41, aio._WINDOW - 40, aio._WINDOW, aio._WINDOW + 1, aio._LARGE - 1,
+             aio._LARGE, 64 * KiB, 1 * MiB + 3]
+
+    async def main():
+        async with kvstore.AsyncClient(daemon.control, namespace="pw", timeout=20.0) as c:
+            vals = {f"s{n}": _val(n, n) for n in sizes}
+            assert await asyncio.gather(*(c.put(k, v) for k, v in vals.items())) == [True] * len(vals)
+            for rnd in range(3):
+                order = list(vals.items())[rnd::1] + list(vals.items())[:rnd]
+                bufs = {k: bytearray(len(v)) for k, v in order}
+                coros = []
+                for k, v in order:
+                    coros += [c.get(k), c.get_into(k, bufs[k]), c.get("missing-" + k), c.put(k, v)]
+                got = await asyncio.gather(*coros, return_exceptions=True)
+                for j, (k, v) in enumerate(order):
+                    g, n, miss, dup = got[4 * j:4 * j + 4]
+                    assert g == v and n == len(v) and bufs[k] == v, k
+                    assert isinstance(miss, errors.NotFound), miss
+                    assert dup is False  # stored already: deduplicated
+            # many small answers in one batch right after a large one
+            big = await c.get(f"s{1 * MiB + 3}")
+            assert big == vals[f"s{1 * MiB + 3}"]
+            small = await c.batch_get(["s1", "s39", "s40", "s41"] * 50)
+            assert small == [vals[k] for k in ["s1", "s39", "s40", "s41"] * 50]
+
+    asyncio.run(main())
