@@ -3,9 +3,10 @@ pipelined batch_put per node, all nodes in parallel, acknowledged when all are s
 
 EC records go out as two buffers, header and fragment (``layout.encode_parts``), a value
 the node's Client sends gathered and the node stores as their concatenation: the fragment
-pyeclib returned is never copied behind a header. A batch of EC objects is encoded in
+the encoder returned is never copied behind a header. A batch of EC objects is encoded in
 rounds of about ``ENCODE_ROUND_BYTES``, each round's records sent while the next round is
-encoded (pyeclib holds the GIL; sending does not).
+encoded (layout's encoder lets go of the GIL where liberasurecode is reachable through
+ctypes; pyeclib's own encode holds it).
 
 Partial failure: the records this call newly stored are deleted best effort and the
 error is raised; objects are immutable and a repeated put of the same bytes is a no-op,
