@@ -22,8 +22,8 @@ measured in the same run.
 
 All processes share one host (and its cores) and talk over loopback: this measures the
 repair agent's software path, not a network. So it also reports the CPU seconds the
-survivors used during the rebuild (/proc), which shared cores do not inflate as much as
-wall time. ``--malloc-env`` starts the nodes with glibc's mmap/trim thresholds raised
+survivors used during the rebuild (/proc; user and system, and per record rebuilt),
+which shared cores do not inflate as much as wall time. ``--malloc-env`` starts the nodes with glibc's mmap/trim thresholds raised
 (fragment-sized buffers reused instead of mapped and faulted in afresh).
 
     PYTHONPATH=client:. python benchmarks/bench_repair.py [--objects 256] [--size 1MiB]
@@ -93,10 +93,17 @@ def full_check(members, objs: dict, p) -> list:
     return missing_redundancy(members, NS, p, objs)
 
 
-def cpu_seconds(d) -> float:
-    """User + system CPU seconds a daemon process has used (Linux /proc)."""
+def cpu_seconds(d) -> tuple[float, float]:
+    """(user, system) CPU seconds a daemon process has used (Linux /proc)."""
     fields = Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    tck = os.sysconf("SC_CLK_TCK")
+    return int(fields[11]) / tck, int(fields[12]) / tck
+
+
+def cpu_of(daemons) -> tuple[float, float]:
+    """(user, system) CPU seconds of ``daemons`` together."""
+    got = [cpu_seconds(d) for d in daemons]
+    return sum(u for u, _s in got), sum(s for _u, s in got)
 
 
 def codec_speed(size: int, iters: int) -> dict:
@@ -211,7 +218,7 @@ def main(argv=None) -> int:
                         pending_drop.discard(d.control)
             time.sleep(0.05)
         t_drop = time.monotonic()
-        cpu_drop = sum(cpu_seconds(d) for d in survivors)
+        cpu_drop = cpu_of(survivors)
 
         # ---- wait for every survivor: a pass done since the drop, idle, pending 0
         polls = 0
@@ -225,7 +232,9 @@ def main(argv=None) -> int:
                 break
             time.sleep(0.05)
         t_done = time.monotonic()
-        cpu_rebuild = sum(cpu_seconds(d) for d in survivors) - cpu_drop
+        cpu_now = cpu_of(survivors)
+        cpu_user, cpu_sys = cpu_now[0] - cpu_drop[0], cpu_now[1] - cpu_drop[1]
+        cpu_rebuild = cpu_user + cpu_sys
         rebuild_s = t_done - t_drop
         records = sum(r.records_written - base[d.control][1] for d, r in zip(survivors, sts))
         nbytes = sum(r.bytes_written - base[d.control][2] for d, r in zip(survivors, sts))
@@ -284,6 +293,8 @@ def main(argv=None) -> int:
          f"{rebuild_s - 0.5:.2f} s of passes"),
         ("survivors' CPU time during the rebuild", f"{cpu_rebuild:.2f} s",
          f"all 4 processes; {nbytes / max(cpu_rebuild, 1e-9) / 1e6:.0f} MB rebuilt per CPU-second"),
+        ("  of which user / system", f"{cpu_user:.2f} / {cpu_sys:.2f} s",
+         f"{cpu_rebuild * 1e6 / max(records, 1):.0f} us of CPU per record rebuilt"),
         ("pyeclib reconstruct, 1 data fragment", f"{frag_len / frag_dt / 1e6:.0f} MB/s",
          f"{frag_dt * 1e6:.0f} us per {fmt_size(frag_len)} fragment"),
         ("pyeclib reconstruct, 1 parity fragment", f"{frag_len / par_dt / 1e6:.0f} MB/s",
