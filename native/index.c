@@ -42,16 +42,16 @@ enum {
     F_NVSIDE = 128,    /* ... kept whole in the side dict (it did not pack) */
 };
 
-/* 72 bytes. */
+/* 64 bytes: one cache line. */
 typedef struct {
     uint64_t checksum;
-    double committed_at;
-    uint64_t stamp;
-    int64_t offset;       /* DRAM offset, -1 when NVMe only */
+    double committed_at;  /* as written to NVMe and compared by repair: kept exact */
+    uint64_t stamp : 48;  /* eviction clock: 2**48 ticks is years at millions per second */
+    uint64_t reads : 16;  /* saturating */
     uint32_t size;
     uint32_t newer, older; /* eviction links (record numbers); free list: newer = next */
     uint32_t refs;
-    uint32_t reads;       /* saturating */
+    uint32_t off;         /* DRAM offset / 64 (slots are 64-byte aligned); OFF_NONE, OFF_WIDE */
     uint32_t key_ref;     /* chunk in the key pool of its length */
     uint32_t nvme_blk;    /* NVMe record offset / 4096 */
     uint32_t nvme_gen;
@@ -62,6 +62,14 @@ typedef struct {
     int8_t seg;
     uint8_t flags;
 } Rec;
+
+_Static_assert(sizeof(Rec) == 64, "a record is one cache line");
+
+#define OFF_UNIT 64
+#define OFF_NONE 0xFFFFFFFFu  /* offset -1: NVMe only */
+#define OFF_WIDE 0xFFFFFFFEu  /* not 64-byte aligned or past 256 GiB: kept in a side dict */
+#define STAMP_MAX 0xFFFFFFFFFFFFLL
+#define READS_MAX 0xFFFFu
 
 typedef struct { uint32_t rec; uint32_t hash; } Slot;          /* rec + 1; 0 = empty */
 typedef struct { uint32_t rec; void *view; } VSlot;            /* rec + 1; 0 = empty */
@@ -94,11 +102,13 @@ typedef struct {
     uint64_t vmask, vcount;
     PyObject *pins;         /* rec -> [pins, pin_until] */
     PyObject *nvside;       /* rec -> Location that did not pack */
+    PyObject *wide;         /* rec -> DRAM offset that did not pack (OFF_WIDE) */
     PyObject *loctype;      /* builds Locations from packed fields */
 } Table;
 
 typedef struct {
     Rec r;
+    int64_t offset;
     PyObject *ns, *key, *sc, *nvme;
     long pins;
     double pin_until;
@@ -390,6 +400,37 @@ static int64_t rec_alloc(Table *t) {
     return i;
 }
 
+static void dict_pop_rec(PyObject *d, uint32_t rec);
+
+static int64_t rec_offset(Table *t, uint32_t rec) {
+    uint32_t o = t->recs[rec].off;
+    if (o == OFF_NONE) return -1;
+    if (o != OFF_WIDE) return (int64_t)o * OFF_UNIT;
+    PyObject *k = PyLong_FromUnsignedLong(rec);
+    PyObject *v = k ? PyDict_GetItemWithError(t->wide, k) : NULL;
+    Py_XDECREF(k);
+    long long x = v ? PyLong_AsLongLong(v) : -1;
+    if (PyErr_Occurred()) PyErr_Clear();
+    return x;
+}
+
+static int rec_set_offset(Table *t, uint32_t rec, int64_t off) {
+    Rec *r = &t->recs[rec];
+    if (r->off == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    r->off = OFF_NONE;
+    if (off < 0) return 0;
+    if (off % OFF_UNIT == 0 && off / OFF_UNIT < (int64_t)OFF_WIDE) {
+        r->off = (uint32_t)(off / OFF_UNIT);
+        return 0;
+    }
+    PyObject *k = PyLong_FromUnsignedLong(rec), *v = PyLong_FromLongLong(off);
+    int bad = !k || !v || PyDict_SetItem(t->wide, k, v) < 0;
+    Py_XDECREF(k); Py_XDECREF(v);
+    if (bad) return -1;
+    r->off = OFF_WIDE;
+    return 0;
+}
+
 static Row *row_of(Table *t, int64_t off, uint64_t *slab, int64_t *rel) {
     *slab = (uint64_t)(off / t->slab_size);
     *rel = off % t->slab_size;
@@ -397,10 +438,10 @@ static Row *row_of(Table *t, int64_t off, uint64_t *slab, int64_t *rel) {
 }
 
 static void slot_clear(Table *t, uint32_t rec) {
-    Rec *r = &t->recs[rec];
-    if (r->offset < 0) return;
+    int64_t off = rec_offset(t, rec);
+    if (off < 0) return;
     uint64_t slab; int64_t rel;
-    Row *row = row_of(t, r->offset, &slab, &rel);
+    Row *row = row_of(t, off, &slab, &rel);
     if (row && rel % row->slot_size == 0 && (uint64_t)(rel / row->slot_size) < row->nslots &&
         row->recs[rel / row->slot_size] == rec + 1)
         row->recs[rel / row->slot_size] = 0;
@@ -420,6 +461,7 @@ static void rec_free(Table *t, uint32_t rec) {
     slot_clear(t, rec);
     if (r->flags & F_PIN) dict_pop_rec(t->pins, rec);
     if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
+    if (r->off == OFF_WIDE) dict_pop_rec(t->wide, rec);
     key_free(t, r);
     space_release(t, r->ns);
     r->flags = 0;
@@ -463,6 +505,14 @@ static int check_attached(Entry *e, Table *t) {
     return 0;
 }
 
+static int offset_check(long long offset) {
+    if (offset < -1) {
+        PyErr_Format(PyExc_ValueError, "offset must be a DRAM offset or -1, not %lld", offset);
+        return -1;
+    }
+    return 0;
+}
+
 /* The checks an entry's fields get however they come in (Entry(...), Table.add). */
 static int fields_check(PyObject *key, unsigned long long size, PyObject *csum,
                         unsigned long long *cs) {
@@ -496,7 +546,7 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                                      &csum, &sc))
         return NULL;
     unsigned long long cs;
-    if (fields_check(key, size, csum, &cs) < 0) return NULL;
+    if (fields_check(key, size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
     Entry *e = PyObject_GC_New(Entry, type);
     if (!e) return NULL;
     e->ix = NULL; e->rec = NOREC;
@@ -507,7 +557,7 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Py_INCREF(key); d->key = key;
     Py_INCREF(sc); d->sc = sc;
     d->nvme = NULL;
-    d->r.offset = offset;
+    d->offset = offset;
     d->r.size = (uint32_t)size;
     d->r.checksum = cs;
     d->r.newer = d->r.older = NOREC;
@@ -594,10 +644,29 @@ static PyObject *bad_set(const char *name) {
         return 0;                                                                         \
     }
 
-INT_FIELD(offset, int64_t, -1LL, 0x7FFFFFFFFFFFFFFFLL)
 INT_FIELD(refs, uint32_t, 0, 0xFFFFFFFFLL)
 INT_FIELD(seg, int8_t, -1, 2)
-INT_FIELD(stamp, uint64_t, 0, 0x7FFFFFFFFFFFFFFFLL)
+INT_FIELD(stamp, uint64_t, 0, STAMP_MAX)
+
+static int64_t entry_offset(Entry *e) { return e->ix ? rec_offset(e->ix, e->rec) : e->det->offset; }
+
+static PyObject *get_offset(Entry *e, void *c) { return PyLong_FromLongLong(entry_offset(e)); }
+static int set_offset(Entry *e, PyObject *v, void *c) {
+    if (!v) { bad_set("offset"); return -1; }
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "Entry.offset must be an int, not %.80s", Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int of = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &of);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (of || x < -1) {
+        PyErr_SetString(PyExc_ValueError, "Entry.offset out of range [-1, 2**63)");
+        return -1;
+    }
+    if (!e->ix) { e->det->offset = x; return 0; }
+    return rec_set_offset(e->ix, e->rec, x);
+}
 
 static PyObject *get_size(Entry *e, void *c) { return PyLong_FromUnsignedLong(R(e)->size); }
 static PyObject *get_checksum(Entry *e, void *c) {
@@ -617,7 +686,7 @@ static int set_reads(Entry *e, PyObject *v, void *c) {
         PyErr_SetString(PyExc_ValueError, "Entry.reads must not be negative");
         return -1;
     }
-    R(e)->reads = (of || x > 0xFFFFFFFFLL) ? 0xFFFFFFFFu : (uint32_t)x; /* saturating count */
+    R(e)->reads = (of || x > (long long)READS_MAX) ? READS_MAX : (uint32_t)x; /* saturating */
     return 0;
 }
 
@@ -878,7 +947,7 @@ static PyObject *Entry_repr(Entry *e) {
     PyObject *s = NULL;
     if (ns && key)
         s = PyUnicode_FromFormat("<Entry %R %R size=%u offset=%lld%s>", ns, key, R(e)->size,
-                                 (long long)R(e)->offset, e->ix ? "" : " detached");
+                                 (long long)entry_offset(e), e->ix ? "" : " detached");
     Py_XDECREF(ns); Py_XDECREF(key);
     return s;
 }
@@ -898,7 +967,7 @@ static PyGetSetDef Entry_getset[] = {
     {"older", (getter)get_older, (setter)set_older, "eviction link", NULL},
     {"committed_at", (getter)get_committed_at, (setter)set_committed_at, "time.time() of commit", NULL},
     {"nvme", (getter)get_nvme, (setter)set_nvme, "Location of the NVMe copy, or None", NULL},
-    {"reads", (getter)get_reads, (setter)set_reads, "gets served (saturating at 2**32-1)", NULL},
+    {"reads", (getter)get_reads, (setter)set_reads, "gets served (saturating at 65535)", NULL},
     {"unverified", (getter)get_unverified, (setter)set_unverified, "held back until verified", NULL},
     {"pins", (getter)get_pins, (setter)set_pins, "pin count (side table)", NULL},
     {"pin_until", (getter)get_pin_until, (setter)set_pin_until, "pin lease end (side table)", NULL},
@@ -956,7 +1025,8 @@ static int Table_init(Table *t, PyObject *args, PyObject *kw) {
     t->classes = PyList_New(0);
     t->pins = PyDict_New();
     t->nvside = PyDict_New();
-    if (!t->freespaces || !t->space_ids || !t->classes || !t->pins || !t->nvside) {
+    t->wide = PyDict_New();
+    if (!t->freespaces || !t->space_ids || !t->classes || !t->pins || !t->nvside || !t->wide) {
         PyErr_NoMemory();
         return -1;
     }
@@ -981,6 +1051,7 @@ static void Table_dealloc(Table *t) {
     Py_XDECREF(t->classes);
     Py_XDECREF(t->pins);
     Py_XDECREF(t->nvside);
+    Py_XDECREF(t->wide);
     Py_XDECREF(t->loctype);
     Py_TYPE(t)->tp_free((PyObject *)t);
 }
@@ -1027,8 +1098,8 @@ static void space_drop_if_unused(Table *t, int ns) {
 /* A new record from fields, put in the table; ``view`` (may be NULL) is attached to it.
    Returns the record number, or -1 with an exception and nothing changed. */
 static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec *src,
-                          PyObject *scobj, PyObject *nvme, long pins, double pin_until,
-                          Entry *view) {
+                          int64_t offset, PyObject *scobj, PyObject *nvme, long pins,
+                          double pin_until, Entry *view) {
     int ns = space_id(t, nsobj, 1);
     if (ns < 0) return -1;
     const char *k = PyBytes_AS_STRING(keyobj);
@@ -1051,6 +1122,7 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     }
     Rec *r = &t->recs[rec];
     *r = *src;
+    r->off = OFF_NONE;
     if (key_store(t, r, k, kl) < 0) {
         r->flags = 0; r->newer = t->freehead; t->freehead = (uint32_t)rec;
         space_drop_if_unused(t, ns);
@@ -1062,7 +1134,8 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     r->newer = r->older = NOREC;  /* links are made after insert */
     t->spaces[ns].nrec++;
     /* from here a failure frees the record (rec_free: key, namespace, side tables) */
-    if (nvme && nvme != Py_None && nvme_store(t, (uint32_t)rec, nvme) < 0) {
+    if (rec_set_offset(t, (uint32_t)rec, offset) < 0 ||
+        (nvme && nvme != Py_None && nvme_store(t, (uint32_t)rec, nvme) < 0)) {
         rec_free(t, (uint32_t)rec);
         return -1;
     }
@@ -1127,7 +1200,8 @@ static PyObject *Table_insert(Table *t, PyObject *o) {
         Py_RETURN_NONE;
     }
     Detached *d = e->det;
-    if (insert_new(t, d->ns, d->key, &d->r, d->sc, d->nvme, d->pins, d->pin_until, e) < 0)
+    if (insert_new(t, d->ns, d->key, &d->r, d->offset, d->sc, d->nvme, d->pins, d->pin_until,
+                   e) < 0)
         return NULL;
     det_free(e);  /* the view reads the record now */
     Py_RETURN_NONE;
@@ -1150,14 +1224,13 @@ static PyObject *Table_add(Table *t, PyObject *args, PyObject *kw) {
     Rec src;
     memset(&src, 0, sizeof src);
     unsigned long long cs;
-    if (fields_check(key, size, csum, &cs) < 0) return NULL;
+    if (fields_check(key, size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
     src.checksum = cs;
-    src.offset = offset;
     src.size = (uint32_t)size;
     src.committed_at = committed_at;
     src.seg = -1;
     src.flags = unverified ? F_UNVERIFIED : 0;
-    if (insert_new(t, ns, key, &src, sc, nvme, 0, 0.0, NULL) < 0) return NULL;
+    if (insert_new(t, ns, key, &src, offset, sc, nvme, 0, 0.0, NULL) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1270,15 +1343,16 @@ static PyObject *Table_place(Table *t, PyObject *o) {
     Entry *e;
     if (entry_arg(o, &e) < 0 || check_attached(e, t) < 0) return NULL;
     Rec *r = R(e);
-    if (r->offset < 0) {
+    int64_t off = rec_offset(t, e->rec);
+    if (off < 0) {
         PyErr_SetString(PyExc_ValueError, "entry has no DRAM slot (offset -1)");
         return NULL;
     }
     uint32_t size = t->slot_sizes[r->sc];
-    uint64_t slab = (uint64_t)(r->offset / t->slab_size);
-    int64_t rel = r->offset % t->slab_size;
+    uint64_t slab = (uint64_t)(off / t->slab_size);
+    int64_t rel = off % t->slab_size;
     if (slab >= (1ULL << 24)) {
-        PyErr_Format(PyExc_ValueError, "offset %lld is past 2**24 slabs", (long long)r->offset);
+        PyErr_Format(PyExc_ValueError, "offset %lld is past 2**24 slabs", (long long)off);
         return NULL;
     }
     if (slab >= t->nrows) {
@@ -1303,7 +1377,7 @@ static PyObject *Table_place(Table *t, PyObject *o) {
     }
     if (rel % size) {
         PyErr_Format(PyExc_ValueError, "offset %lld is not a slot of %u bytes in a slab of %lld "
-                     "(use_slab_size not called with the arena's?)", (long long)r->offset, size,
+                     "(use_slab_size not called with the arena's?)", (long long)off, size,
                      (long long)t->slab_size);
         return NULL;
     }

@@ -11,7 +11,8 @@ Differences from the dict index a caller can see, all within its documented
 contract: walks go in record order (record numbers are reused), not namespace by
 namespace in insertion order; keys are at most 255 bytes (the wire allows 128);
 ``Entry.size`` and ``Entry.checksum`` are read-only once inserted (nothing changes
-them); ``Entry.reads`` saturates at 2**32-1.
+them); ``Entry.reads`` saturates at 65535 and ``Entry.stamp`` holds 48 bits (the
+eviction clock: years of accesses); offsets below -1 are refused.
 """
 from __future__ import annotations
 

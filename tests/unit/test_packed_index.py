@@ -238,7 +238,15 @@ def test_bad_input_raises_clear_errors():
     with pytest.raises(ValueError, match="negative"):
         e.reads = -1
     e.reads = 2**40
-    assert e.reads == 2**32 - 1  # saturates
+    assert e.reads == 65535  # saturates
+    with pytest.raises(ValueError, match="out of range"):
+        e.stamp = 2**48  # the record keeps 48 bits of the eviction clock
+    with pytest.raises(ValueError, match="out of range"):
+        e.offset = -2
+    with pytest.raises(ValueError, match="DRAM offset or -1"):
+        Entry(b"n", b"k", -2, 1, 0, SC)
+    with pytest.raises(ValueError, match="DRAM offset or -1"):
+        ix.add(b"n", b"k", -7, 1, 0, SC, 0.0)
     nd = entry(b"n", b"nd")
     ix.insert(nd)
     with pytest.raises(ValueError, match="no DRAM slot"):
@@ -400,3 +408,31 @@ def test_add_refuses_bad_fields_and_changes_nothing():
     assert len(ix) == 0 and ix.namespaces() == {} and ix.footprint()["namespaces"] == 0
     ix.add(b"n", b"k", -1, 1, 1, SC, 0.0)  # the refused ones left no trace of the key
     assert len(ix) == 1 and ix.footprint()["records"] == ix.footprint()["record_size"]
+
+
+def test_dram_offsets_that_do_not_pack_are_kept_exactly():
+    """A record keeps a DRAM offset as a u32 count of 64-byte units (slots are 64-byte
+    aligned, up to 256 GiB); any other offset goes to a side table, read back the same."""
+    ix = PackedIndex(1 << 30)
+    e = entry(b"n", b"k", offset=4096)
+    ix.insert(e)
+    for off in (0, 64, 4096 + 8, 2**38 - 64, 2**38, 2**45 + 64, 2**62, -1, 128):
+        e.offset = off
+        assert e.offset == off
+    e.offset = 4096 + 8
+    rec = e.record
+    del e
+    e = ix.get(b"n", b"k")
+    assert e.record == rec and e.offset == 4096 + 8
+    with pytest.raises(ValueError, match="not a slot of 4096 bytes"):
+        ix.place(e)
+    big = entry(b"n", b"big", offset=300 * 2**30)  # past 256 GiB: 300 slabs of 1 GiB
+    ix.insert(big)
+    ix.place(big)
+    assert ix.at(300 * 2**30) is big and big.offset == 300 * 2**30
+    ix.displace(big)
+    assert ix.at(300 * 2**30) is None
+    ix.add(b"n", b"added", 2**40 + 8, 1, 0, SC, 0.0)
+    assert ix.get(b"n", b"added").offset == 2**40 + 8
+    ix.remove(ix.get(b"n", b"added"))
+    assert _index.RECORD_SIZE == 64
