@@ -278,7 +278,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("dram", "prefault", BOOL, True,
        "fault the arena in at start (background) so first puts are not 14x slower"),
     _s("dram", "index", CHOICE, "auto",
-       "auto | packed | dict: the Store's index (packed: native records, ~3.5x fewer bytes "
+       "auto | packed | dict: the Store's index (packed: native records, ~3.7x fewer bytes "
        "per object; auto = packed when kvstored._index is built)",
        choices=INDEX_KINDS, check=_one_of(*INDEX_KINDS)),
     # [nvme] (off while nvme.path is empty; its values are checked only when it is on)

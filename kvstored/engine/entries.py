@@ -359,7 +359,7 @@ def make_index(kind: str = "auto", slab_size: int = default("slab_size")):
                 raise ImportError("index = packed, but kvstored._index is not built (no C "
                                   "compiler at install?); use auto or dict") from None
             logging.getLogger("kvstored.store").info(
-                "kvstored._index is not built: the Store uses its dict index (~3.5x the "
+                "kvstored._index is not built: the Store uses its dict index (~3.7x the "
                 "RAM per object of the packed one)")
         else:
             return PackedIndex(slab_size)
