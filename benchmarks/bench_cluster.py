@@ -107,8 +107,9 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
     view = memoryview(data)  # batch_put hands encode_records a memoryview
     records = layout.encode_records(p, view, layout.DEFAULT_MIN_EC_SIZE)
     assert len(records) == k + m
-    fast = records[:k]
-    slow = records[1:k + 1]
+    # records as a get receives them: bytearrays (the SDK's receive pool), not bytes
+    fast = [bytearray(r) for r in records[:k]]
+    slow = [bytearray(r) for r in records[1:k + 1]]
     assert layout.codec(p).offset is not None, "no fast concatenate path for this codec"
     assert bytes(layout.assemble(p, fast)) == data and bytes(layout.assemble(p, slow)) == data
     into = bytearray(size)  # get_into's destination: decoded in place, no intermediate object

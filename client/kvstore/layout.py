@@ -224,7 +224,12 @@ class Codec:
             return self.native.encode(data)
         return self.driver.encode(_as_bytes(data))
 
-    def decode(self, fragments: list) -> bytes:
+    def decode(self, fragments: list):
+        """The object from K or more fragments (any buffers): bytes, or a read-only view
+        of liberasurecode's memory through ``_NativeEncoder`` (fragments received into
+        writable buffers are read in place, without the GIL)."""
+        if self.native is not None and _same_length(fragments):
+            return self.native.decode(fragments)
         # pyeclib needs bytes (a bytearray aborts the process inside liberasurecode)
         return self.driver.decode([bytes(f) for f in fragments])
 
@@ -248,12 +253,14 @@ class _Fragments:
 
 
 class _NativeEncoder:
-    """liberasurecode_encode called through ctypes on pyeclib's own instance: ctypes lets
-    go of the GIL for the call, so the batch's senders run while a round is encoded
-    (pyeclib's encode holds the GIL throughout), and the fragments are used where
-    liberasurecode wrote them instead of being copied into bytes objects. Used only when
-    a probe object encodes to exactly pyeclib's fragments (``attach``); otherwise Codec
-    keeps pyeclib's encode. Calls are serialised per codec, as pyeclib's were by the GIL."""
+    """liberasurecode_encode and _decode called through ctypes on pyeclib's own instance:
+    ctypes lets go of the GIL for the call, so the batch's senders run while a round is
+    encoded (pyeclib's encode holds the GIL throughout), and the fragments are used where
+    liberasurecode wrote them instead of being copied into bytes objects (a decode reads
+    received records in place, where pyeclib needs a bytes copy of each). Used only when
+    a probe object encodes to exactly pyeclib's fragments and decodes back (``attach``);
+    otherwise Codec keeps pyeclib's. Calls are serialised per codec, as pyeclib's were
+    by the GIL."""
 
     def __init__(self, lib, desc: int, k: int, m: int):
         import ctypes
@@ -266,6 +273,13 @@ class _NativeEncoder:
         self.free = lib.liberasurecode_encode_cleanup
         self.free.argtypes = [ctypes.c_int, pp, pp]
         self.free.restype = ctypes.c_int
+        self.dec = lib.liberasurecode_decode
+        self.dec.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
+                             ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.POINTER(ctypes.c_uint64)]
+        self.dec.restype = ctypes.c_int
+        self.dec_free = lib.liberasurecode_decode_cleanup
+        self.dec_free.argtypes = [ctypes.c_int, ctypes.c_void_p]
+        self.dec_free.restype = ctypes.c_int
         self.lock = threading.Lock()
 
     @classmethod
@@ -286,6 +300,8 @@ class _NativeEncoder:
                 return None
             native = cls(ctypes.CDLL(path), desc, k, m)
             if [bytes(f) for f in native.encode(probe)] != want:
+                return None
+            if bytes(native.decode([bytearray(f) for f in want[1:k + 1]])) != probe:
                 return None
         except Exception:  # noqa: BLE001 (any surprise: pyeclib's own encode is used)
             return None
@@ -318,6 +334,55 @@ class _NativeEncoder:
                 a.owner = owner  # the memory lives as long as any view of any fragment
                 out.append(memoryview(a).cast("B").toreadonly())
         return out
+
+
+    def decode(self, fragments: list) -> memoryview:
+        """liberasurecode_decode on fragments of one length (Codec checks), read where
+        they lie when writable; the object as a read-only view of liberasurecode's
+        memory, freed with the last view."""
+        ct = self.ct
+        keep, addrs = [], []
+        for f in fragments:
+            mv = memoryview(f).cast("B")
+            if mv.readonly:
+                b = _as_bytes(mv)
+                keep.append(b)
+                addrs.append(ct.cast(ct.c_char_p(b), ct.c_void_p).value)
+            else:
+                a = (ct.c_char * mv.nbytes).from_buffer(mv)
+                keep.append(a)
+                addrs.append(ct.addressof(a))
+        out, olen = ct.c_void_p(), ct.c_uint64()
+        with self.lock:
+            rc = self.dec(self.desc, (ct.c_void_p * len(addrs))(*addrs), len(addrs), len(fragments[0]), 0,
+                          ct.byref(out), ct.byref(olen))
+        if rc < 0 or not out.value:
+            from pyeclib.ec_iface import ECDriverError
+            raise ECDriverError(f"liberasurecode_decode failed: {rc}")
+        owner = _Decoded(self.dec_free, self.desc, out.value)
+        a = (ct.c_char * olen.value).from_address(out.value)
+        a.owner = owner
+        return memoryview(a).cast("B").toreadonly()
+
+
+class _Decoded:
+    """One decode's output in liberasurecode's memory, freed when its last view goes."""
+
+    def __init__(self, free, desc: int, ptr: int):
+        self.free, self.desc, self.ptr = free, desc, ptr
+
+    def __del__(self):
+        try:
+            self.free(self.desc, self.ptr)
+        except Exception:  # noqa: BLE001 (interpreter shutdown)
+            pass
+
+
+def _same_length(fragments: list) -> bool:
+    """Whether every fragment has the first one's length (liberasurecode reads that many
+    bytes of each: a short one would be read past its end)."""
+    n = len(fragments[0]) if fragments else 0
+    return n > 0 and all(len(f) == n for f in fragments)
 
 
 def _loaded_library(name: str) -> str | None:
