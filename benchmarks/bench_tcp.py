@@ -338,6 +338,12 @@ def _kv_measure(kvstore, address, loop, op, size, conc, keys, value, ns,
     async def open_client():
         c = kvstore.AsyncClient(address, **client_kwargs(kvstore.AsyncClient, cc))
         await c.connect()
+        # these rows are TCP's: should AsyncClient ever take the same-host shm path, say so
+        proto = getattr(c, "_proto", None)
+        sock = proto.transport.get_extra_info("socket") if proto is not None else None
+        if sock is not None and sock.family not in (socket.AF_INET, socket.AF_INET6):
+            await c.close()
+            raise BenchError(f"AsyncClient's data connection is not TCP ({sock.family!r})")
         return c
 
     ac = loop.run_until_complete(asyncio_wait_for(open_client(), 20))
