@@ -514,17 +514,25 @@ static int offset_check(long long offset) {
 }
 
 /* The checks an entry's fields get however they come in (Entry(...), Table.add). */
-static int fields_check(PyObject *key, unsigned long long size, PyObject *csum,
+static int fields_check(PyObject *key, PyObject *sizeobj, uint32_t *size, PyObject *csum,
                         unsigned long long *cs) {
     if (PyBytes_GET_SIZE(key) > MAX_KEY) {
         PyErr_Format(PyExc_ValueError, "key of %zd bytes: the packed index holds keys of at most %d",
                      PyBytes_GET_SIZE(key), MAX_KEY);
         return -1;
     }
-    if (size > 0xFFFFFFFFULL) {
-        PyErr_SetString(PyExc_ValueError, "size must be below 2**32");
+    if (!PyLong_Check(sizeobj)) {
+        PyErr_SetString(PyExc_TypeError, "size must be an int");
         return -1;
     }
+    int of = 0;
+    long long sz = PyLong_AsLongLongAndOverflow(sizeobj, &of);
+    if (sz == -1 && PyErr_Occurred()) return -1;
+    if (of || sz < 0 || sz > 0xFFFFFFFFLL) {
+        PyErr_SetString(PyExc_ValueError, "size must be in [0, 2**32)");
+        return -1;
+    }
+    *size = (uint32_t)sz;
     if (!PyLong_Check(csum)) {
         PyErr_SetString(PyExc_TypeError, "checksum must be an int");
         return -1;
@@ -539,14 +547,14 @@ static int fields_check(PyObject *key, unsigned long long size, PyObject *csum,
 
 static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"ns", "key", "offset", "size", "checksum", "sc", NULL};
-    PyObject *ns, *key, *sc, *csum;
+    PyObject *ns, *key, *sc, *csum, *sizeobj;
     long long offset;
-    unsigned long long size;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLKOO:Entry", kwlist, &ns, &key, &offset, &size,
-                                     &csum, &sc))
+    uint32_t size;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLOOO:Entry", kwlist, &ns, &key, &offset,
+                                     &sizeobj, &csum, &sc))
         return NULL;
     unsigned long long cs;
-    if (fields_check(key, size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
+    if (fields_check(key, sizeobj, &size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
     Entry *e = PyObject_GC_New(Entry, type);
     if (!e) return NULL;
     e->ix = NULL; e->rec = NOREC;
@@ -558,7 +566,7 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     Py_INCREF(sc); d->sc = sc;
     d->nvme = NULL;
     d->offset = offset;
-    d->r.size = (uint32_t)size;
+    d->r.size = size;
     d->r.checksum = cs;
     d->r.newer = d->r.older = NOREC;
     d->r.seg = -1;
@@ -1213,20 +1221,20 @@ static PyObject *Table_add(Table *t, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"ns", "key", "offset", "size", "checksum", "sc", "committed_at",
                              "nvme", "unverified", NULL};
     READY(t, NULL);
-    PyObject *ns, *key, *sc, *csum, *nvme = Py_None;
+    PyObject *ns, *key, *sc, *csum, *sizeobj, *nvme = Py_None;
     long long offset;
-    unsigned long long size;
+    uint32_t size;
     double committed_at;
     int unverified = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLKOOd|Op:add", kwlist, &ns, &key, &offset,
-                                     &size, &csum, &sc, &committed_at, &nvme, &unverified))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLOOOd|Op:add", kwlist, &ns, &key, &offset,
+                                     &sizeobj, &csum, &sc, &committed_at, &nvme, &unverified))
         return NULL;
     Rec src;
     memset(&src, 0, sizeof src);
     unsigned long long cs;
-    if (fields_check(key, size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
+    if (fields_check(key, sizeobj, &size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
     src.checksum = cs;
-    src.size = (uint32_t)size;
+    src.size = size;
     src.committed_at = committed_at;
     src.seg = -1;
     src.flags = unverified ? F_UNVERIFIED : 0;

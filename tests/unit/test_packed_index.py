@@ -194,6 +194,10 @@ def test_bad_input_raises_clear_errors():
         Entry(b"n", b"k", 0, 2**32, 0, SC)
     with pytest.raises((ValueError, OverflowError)):
         Entry(b"n", b"k", 0, -1, 0, SC)
+    with pytest.raises(ValueError, match="size"):
+        Entry(b"n", b"k", 0, 2**64 + 5, 0, SC)  # no silent wrap to 5
+    with pytest.raises(TypeError, match="size"):
+        Entry(b"n", b"k", 0, 1.5, 0, SC)
     for cs in (-1, 2**64):
         with pytest.raises(ValueError, match="checksum"):
             Entry(b"n", b"k", 0, 1, cs, SC)
@@ -399,6 +403,8 @@ def test_add_refuses_bad_fields_and_changes_nothing():
         ix.add(b"n", b"x" * 256, -1, 1, 1, SC, 0.0)
     with pytest.raises(ValueError, match="checksum"):
         ix.add(b"n", b"k", -1, 1, -5, SC, 0.0)
+    with pytest.raises(ValueError, match="size"):
+        ix.add(b"n", b"k", -1, 2**70, 1, SC, 0.0)
     with pytest.raises(TypeError, match="Location"):
         ix.add(b"n", b"k", -1, 1, 1, SC, 0.0, "not a location")
     with pytest.raises(TypeError):
@@ -436,3 +442,41 @@ def test_dram_offsets_that_do_not_pack_are_kept_exactly():
     assert ix.get(b"n", b"added").offset == 2**40 + 8
     ix.remove(ix.get(b"n", b"added"))
     assert _index.RECORD_SIZE == 64
+
+
+def test_garbage_into_every_call_raises_a_typed_error_and_leaves_the_index_whole():
+    ix = PackedIndex()
+    e = entry(b"n", b"k", offset=4096)
+    ix.insert(e)
+    junk = [None, -1, 2**64, 2**200, -2**70, 1.5, float("nan"), "s", b"", b"x" * 300,
+            bytearray(b"k"), (), [], {}, object()]  # entries: the tests above
+    allowed = (TypeError, ValueError, KeyError, OverflowError, AttributeError)
+    calls = 0
+    for name in ("get", "insert", "remove", "place", "displace", "at", "count", "iterate",
+                 "mark_unverified", "verify", "use_slab_size"):
+        f = getattr(ix, name)
+        for a in junk:
+            for args in ((a,), (a, a), (b"n", a)):
+                calls += 1
+                try:
+                    r = f(*args)
+                    if name == "iterate":
+                        list(r)
+                except allowed:
+                    pass
+    for attr in ("offset", "refs", "seg", "stamp", "reads", "committed_at", "state", "unverified",
+                 "newer", "older", "nvme", "pins", "pin_until", "size", "ns", "key", "sc"):
+        before = getattr(e, attr)
+        for a in junk:
+            calls += 1
+            try:
+                setattr(e, attr, a)
+            except allowed:
+                pass
+        try:
+            setattr(e, attr, before)
+        except AttributeError:
+            pass  # read-only
+    e.newer = e.older = None
+    assert calls > 500
+    assert ix.get(b"n", b"k") is e and len(ix) == 1 and e.key == b"k" and e.size == 100
