@@ -84,10 +84,10 @@ def engine_python(engine: str) -> tuple[str | None, str]:
 
 
 def skip_unless_importable(engine: str, r: subprocess.CompletedProcess) -> None:
-    """After a check run in the engine's environment: when it failed, skip (with
+    """After a run in the engine's environment: when it failed on an import, skip (with
     engine_python's reason) if the engine does not even import there; a run that failed
     for any other reason is left to the test to report."""
-    if r.returncode != 0:
+    if r.returncode != 0 and ("ImportError" in r.stderr or "ModuleNotFoundError" in r.stderr):
         py, why = engine_python(engine)
         if py is None:
             pytest.skip(why)

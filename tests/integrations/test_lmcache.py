@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from enginesutil import engine_python, last_json
+from enginesutil import engine_installed, last_json, skip_unless_importable
 from enginesutil import run as engine_run
 
 
@@ -25,14 +25,16 @@ pytestmark = pytest.mark.timeout(600)
 
 @pytest.fixture(scope="module")
 def lmcache_python() -> str:
-    py, why = engine_python("lmcache")
+    py, why = engine_installed("lmcache")  # whether LMCache imports: the runs tell (run below)
     if py is None:
         pytest.skip(why)
     return py
 
 
 def run(py: str, args: list[str], **env) -> subprocess.CompletedProcess:
-    return engine_run("lmcache", py, args, **env)
+    r = engine_run("lmcache", py, args, **env)
+    skip_unless_importable("lmcache", r)
+    return r
 
 
 BASIC_CHECK_CONFIG = """\
