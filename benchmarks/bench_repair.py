@@ -23,8 +23,9 @@ measured in the same run.
 All processes share one host (and its cores) and talk over loopback: this measures the
 repair agent's software path, not a network. So it also reports the CPU seconds the
 survivors used during the rebuild (/proc; user and system, and per record rebuilt),
-which shared cores do not inflate as much as wall time. ``--malloc-env`` starts the nodes with glibc's mmap/trim thresholds raised
-(fragment-sized buffers reused instead of mapped and faulted in afresh).
+which shared cores do not inflate as much as wall time. ``--malloc-env`` starts the
+nodes with glibc's mmap/trim thresholds raised (fragment-sized buffers reused instead
+of mapped and faulted in afresh).
 
     PYTHONPATH=client:. python benchmarks/bench_repair.py [--objects 256] [--size 1MiB]
         [--repair-rate 1GiB] [--dram 512MiB] [--victim 2] [--codec-iters 300]

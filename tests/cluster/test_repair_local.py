@@ -166,3 +166,50 @@ def test_rebuilt_records_for_my_own_slots_go_into_my_store(local):
     peers.calls.clear()
     assert ex.run(o2, heads2, d.Peers(ME, {}, {}, [])) == [True] * 12
     assert peers.calls == []
+
+
+def test_affected_objects_match_placing_on_both_member_lists():
+    """A pass after a membership change looks at the objects whose slots moved; when the
+    member count crosses K+M (or the copy count) it skips placing on the old list, since
+    the slots differ anyway. Same answer as comparing both placements, object by object."""
+    from kvstore.layout import slots
+    from kvstored.cluster.repair.agent import RepairAgent, RepairSettings
+    six = [Member(f"n{i}", f"127.0.0.1:{2000 + i}") for i in range(6)]
+    pols = [Policy.parse("ec:3+2"), Policy.parse("replicas:3"), Policy.parse("ec:2+1")]
+    for prev, now in ((six[:5], six[:2] + six[3:5]),  # 5 -> 4: below K+M of ec:3+2
+                      (six, six[:2] + six[3:]),  # 6 -> 5: every policy still fits
+                      (six[:4], six[:5])):  # 4 -> 5: a node joins
+        a = RepairAgent("n0", None, None, RepairSettings(1.0, 60.0, 1 << 20))
+        a._prev_members, a._pending_keys, a._slots_of = prev, set(), {}
+        a._started = a._prev_started = {m.node_id: 1.0 for m in six}
+        objs = [d.Obj(NS, b"k%d" % i, pols[i % 3], pols[i % 3].kind == "ec") for i in range(300)]
+        got = a._affected(objs, now)
+        want = [o for o in objs if [(x.node_id, lap) for x, lap in slots(o.base, prev, o.policy, NS)]
+                != [(x.node_id, lap) for x, lap in slots(o.base, now, o.policy, NS)]]
+        assert [id(o) for o in got] == [id(o) for o in want] and want
+        for o in got:
+            assert o.slots == slots(o.base, now, o.policy, NS)
+
+
+@pytest.mark.parametrize("parallel", [False, True])
+def test_peer_calls_one_after_another_or_at_once(monkeypatch, parallel):
+    """PARALLEL_PEERS off (a node with < 4 cores): every peer's job runs on the calling
+    thread, in order; on: each on a worker thread. Same results either way."""
+    from kvstored.cluster.repair import agent as ag
+    monkeypatch.setattr(ag, "PARALLEL_PEERS", parallel)
+    a = ag.RepairAgent("n0", None, None, ag.RepairSettings(1.0, 60.0, 1 << 20))
+    seen = []
+
+    def job(x):
+        seen.append((x, threading.current_thread().name))
+        return x * 2
+    try:
+        assert a._per_peer(job, {"a": 1, "b": 2, "c": 3}) == {"a": 2, "b": 4, "c": 6}
+    finally:
+        a.stop()
+    names = {name for _x, name in seen}
+    if parallel:
+        assert all(n.startswith("kvstored-repair") for n in names)
+    else:
+        assert seen == [(1, threading.current_thread().name), (2, threading.current_thread().name),
+                        (3, threading.current_thread().name)]

@@ -20,6 +20,7 @@ corrupt anything.
 from __future__ import annotations
 
 import logging
+import os
 import threading
 import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
@@ -38,11 +39,26 @@ log = logging.getLogger("kvstored.repair")
 
 BATCH = 256  # objects per batch (one Heads call per peer per batch)
 HEADS_PER_CALL = 4096  # keys per Heads call (the server's max_batch_keys is larger)
-PEER_THREADS = 8  # peers talked to at once
+PEER_THREADS = 8  # peers talked to at once (PARALLEL_PEERS)
 MAX_PENDING_KEYS = 100_000  # unfinished objects remembered for the next pass
 HEAD = FRAG_HEADER.size
 YOUNG_S = 2.0  # records younger than this (or repair_delay) wait for a later pass
 RATE_WINDOW_S = 10.0  # the write rate (for the ETA) is measured over this long
+
+
+def _cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        return os.cpu_count() or 1
+
+
+# Peers are called at once (one thread each) only where the node has the cores to run
+# them: on 2 shared cores the threads only contend for the GIL and the cores; one call
+# after another (each batched and pipelined) took 2-21 % less CPU per rebuilt byte there,
+# wall time within the noise (RESULTS.md, issue 13 H3 session 5). With more cores the
+# overlap hides the peers' round trips.
+PARALLEL_PEERS = _cores() >= 4
 
 
 class RepairSettings:
@@ -154,8 +170,9 @@ class RepairAgent:
         return self._pool
 
     def _per_peer(self, fn, jobs: dict) -> dict:
-        """``fn(job)`` for every job (one per peer) at once; {name: result}."""
-        if len(jobs) <= 1:
+        """``fn(job)`` for every job (one per peer), at once with PARALLEL_PEERS;
+        {name: result}."""
+        if len(jobs) <= 1 or not PARALLEL_PEERS:
             return {name: fn(job) for name, job in jobs.items()}
         futs = {name: self._workers().submit(fn, job) for name, job in jobs.items()}
         try:
@@ -329,7 +346,10 @@ class RepairAgent:
                 continue
             sl = slots(o.base, members, o.policy, o.ns)
             now_slots = [(x.node_id, lap) for x, lap in sl]
-            if (now_slots != [(x.node_id, lap) for x, lap in slots(o.base, prev, o.policy, o.ns)]
+            # placed on fewer (or more) positions than before (members below K+M or the
+            # copy count): the slots differ, no need to place it on the old list too
+            if (min(o.policy.n, len(prev)) != min(o.policy.n, len(members))
+                    or now_slots != [(x.node_id, lap) for x, lap in slots(o.base, prev, o.policy, o.ns)]
                     or any(nid in restarted for nid, _ in now_slots)):
                 o.slots = sl  # reused by the batch loop unless the policy changes there
                 self._slots_of[id(o)] = o.policy
