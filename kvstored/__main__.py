@@ -34,23 +34,11 @@ MALLOC_TRIM_THRESHOLD = 256 << 20
 
 
 def _tune_malloc() -> bool:
-    """Raise glibc's mmap and trim thresholds for this process; False where not glibc."""
-    import ctypes
-    import platform
+    """Raise glibc's mmap and trim thresholds for this process (the environment's win);
+    False where not glibc or glibc refused."""
+    from kvstore.malloc import raise_thresholds
 
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    ok = True
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        ok &= mallopt(-3, MALLOC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        ok &= mallopt(-1, MALLOC_TRIM_THRESHOLD) == 1  # M_TRIM_THRESHOLD
-    return ok
+    return raise_thresholds(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD) is not False
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -44,6 +44,7 @@ from dataclasses import dataclass
 import xxhash
 
 from . import errors
+from .malloc import raise_thresholds
 from .placement import Member, place, place_positions
 from .wire import MAX_KEY_LEN, checksum
 
@@ -431,21 +432,7 @@ def tune_malloc() -> bool:
 def _set_malloc_thresholds() -> bool:
     if os.environ.get("KVSTORE_TUNE_MALLOC", "1").strip().lower() in ("0", "no", "false", "off"):
         return False
-    import ctypes
-    import platform
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
-    done = False
-    if "MALLOC_MMAP_THRESHOLD_" not in os.environ:
-        done |= mallopt(-3, MALLOC_MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD
-    if "MALLOC_TRIM_THRESHOLD_" not in os.environ:
-        done |= mallopt(-1, MALLOC_TRIM_THRESHOLD) == 1  # M_TRIM_THRESHOLD
-    return done
+    return raise_thresholds(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD) is True
 
 
 def codec(p: Policy) -> Codec:
