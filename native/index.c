@@ -209,22 +209,28 @@ static Entry *view_get(Table *t, uint32_t rec) {
     }
 }
 
-static int view_put(Table *t, uint32_t rec, Entry *v) {
-    if (!t->views || (t->vcount + 1) * 2 > t->vmask + 1) {
-        uint64_t ncap = t->views ? (t->vmask + 1) * 2 : 64;
-        VSlot *nv = PyMem_RawCalloc(ncap, sizeof(VSlot));
-        if (!nv) { PyErr_NoMemory(); return -1; }
-        if (t->views) {
-            for (uint64_t i = 0; i <= t->vmask; i++) {
-                if (!t->views[i].rec) continue;
-                uint64_t j = vhash(t->views[i].rec - 1) & (ncap - 1);
-                while (nv[j].rec) j = (j + 1) & (ncap - 1);
-                nv[j] = t->views[i];
-            }
-            PyMem_RawFree(t->views);
+static int views_resize(Table *t, uint64_t ncap) {
+    VSlot *nv = PyMem_RawCalloc(ncap, sizeof(VSlot));
+    if (!nv) return -1;
+    if (t->views) {
+        for (uint64_t i = 0; i <= t->vmask; i++) {
+            if (!t->views[i].rec) continue;
+            uint64_t j = vhash(t->views[i].rec - 1) & (ncap - 1);
+            while (nv[j].rec) j = (j + 1) & (ncap - 1);
+            nv[j] = t->views[i];
         }
-        t->views = nv;
-        t->vmask = ncap - 1;
+        PyMem_RawFree(t->views);
+    }
+    t->views = nv;
+    t->vmask = ncap - 1;
+    return 0;
+}
+
+static int view_put(Table *t, uint32_t rec, Entry *v) {
+    if ((!t->views || (t->vcount + 1) * 2 > t->vmask + 1) &&
+        views_resize(t, t->views ? (t->vmask + 1) * 2 : 64) < 0) {
+        PyErr_NoMemory();
+        return -1;
     }
     uint64_t i = vhash(rec) & t->vmask;
     while (t->views[i].rec) i = (i + 1) & t->vmask;
@@ -253,6 +259,9 @@ static void view_del(Table *t, uint32_t rec) {
     }
     t->views[i].rec = 0;
     t->vcount--;
+    /* a walk that held every view (the shutdown flush sorts them) leaves a big map:
+       give it back once it is mostly empty (a failed allocation keeps the old one) */
+    if (t->vmask + 1 > 1024 && t->vcount * 8 < t->vmask + 1) views_resize(t, (t->vmask + 1) / 2);
 }
 
 /* ---------------------------------------------------------------- hash table */
@@ -1480,7 +1489,8 @@ static PyObject *Table_footprint(Table *t, PyObject *unused) {
     }
     for (uint64_t i = 0; i < t->nrows; i++)
         if (t->rows[i].recs) rows += (uint64_t)t->rows[i].nslots * 4;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsK}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}",
+                         "view_slots", (unsigned long long)(t->views ? t->vmask + 1 : 0),
                          "record_size", (unsigned long long)sizeof(Rec),
                          "records", (unsigned long long)t->nrecs * sizeof(Rec),
                          "records_capacity", (unsigned long long)t->caprecs * sizeof(Rec),

@@ -480,3 +480,18 @@ def test_garbage_into_every_call_raises_a_typed_error_and_leaves_the_index_whole
     e.newer = e.older = None
     assert calls > 500
     assert ix.get(b"n", b"k") is e and len(ix) == 1 and e.key == b"k" and e.size == 100
+
+
+def test_holding_every_view_at_once_then_letting_go_shrinks_the_view_map():
+    ix = PackedIndex()
+    for i in range(50_000):
+        ix.insert(Entry(b"n", b"%d" % i, -1, 1, i, SC))
+    held = list(ix.iterate())  # as the shutdown flush does
+    assert ix.footprint()["views"] == 50_000 and len({id(e) for e in held}) == 50_000
+    assert [e.checksum for e in held[:3]] == [0, 1, 2]
+    big = ix.footprint()["view_slots"]
+    assert big >= 100_000
+    del held
+    assert ix.footprint()["views"] == 0 and ix.footprint()["view_slots"] <= 2048
+    again = list(ix.iterate())  # the shrunk map still finds and files every view
+    assert len(again) == 50_000 and all(ix.get(b"n", e.key) is e for e in again[::997])
