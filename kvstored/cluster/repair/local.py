@@ -3,8 +3,11 @@ daemon's event loop (the store is not thread-safe) and batched, one loop hop per
 from __future__ import annotations
 
 import asyncio
+import logging
 
 from kvstore import errors
+
+log = logging.getLogger("kvstored.repair")
 
 CALL_TIMEOUT = 10.0  # one hop onto the event loop (a batch gets this per object, bounded)
 
@@ -80,7 +83,8 @@ class LocalStore:
                     # checksum None: commit computes it once over the slot, and decides
                     # dedup and conflicts then (what a shm put does)
                     res = await s.reserve_wait(ns, key, n, None, overwrite)
-                except errors.KVStoreError:
+                except errors.KVStoreError as e:  # too large, no space in time
+                    log.info("repair: could not store a record here: %s", e)
                     out.append(None)
                     continue
                 if res is None:  # not reached with checksum None; kept for the contract
