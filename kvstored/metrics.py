@@ -381,7 +381,9 @@ class StoreUsage:
         # label -> [objects, bytes, lookups, ...]; "other" always there, so dashboards and
         # rate() have a series before the first namespace overflows
         self.ns: dict[str, list] = {OTHER_NAMESPACE: [0] * len(_NS_FIELDS)}
-        self.labels: dict[bytes, str] = {}  # namespace -> its label (itself or "other")
+        # namespace -> its row (the row of its label: itself, or "other"), so a put's
+        # stored/removed is one dict lookup rather than two
+        self.rows: dict[bytes, list] = {}
         self.sizes = [0] * (len(SIZE_BUCKETS) + 1)
         self.sizes_sum = 0
         self.events = None  # kvstored.events.EventPublisher, set by the node
@@ -392,19 +394,22 @@ class StoreUsage:
             r[1] += nbytes
 
     def _row(self, ns: bytes) -> list:
-        label = self.labels.get(ns)
-        if label is None:
-            if len(self.labels) >= MAX_NAMESPACE_LABELS:
-                label = OTHER_NAMESPACE  # not remembered: memory stays bounded too
-            else:
-                label = self.labels[ns] = ns.decode(errors="replace")
+        r = self.rows.get(ns)
+        if r is not None:
+            return r
+        if len(self.rows) >= MAX_NAMESPACE_LABELS:
+            label = OTHER_NAMESPACE  # not remembered: memory stays bounded too
+        else:
+            label = ns.decode(errors="replace")
         r = self.ns.get(label)  # keyed by label: "other" is one row (a namespace named
         if r is None:           # "other" shares it)
             r = self.ns[label] = [0] * len(_NS_FIELDS)
+        if label is not OTHER_NAMESPACE:
+            self.rows[ns] = r
         return r
 
     def stored(self, e: Any) -> None:
-        r = self._row(e.ns)
+        r = self.rows.get(e.ns) or self._row(e.ns)  # (the usual hit inlined: a call a put)
         r[0] += 1
         r[1] += e.size
         self.sizes[bisect_left(SIZE_BUCKETS, e.size)] += 1
@@ -413,7 +418,7 @@ class StoreUsage:
             self.events.stored(e)
 
     def removed(self, e: Any) -> None:
-        r = self._row(e.ns)
+        r = self.rows.get(e.ns) or self._row(e.ns)
         r[0] -= 1
         r[1] -= e.size
         if self.events is not None:

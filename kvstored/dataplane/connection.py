@@ -257,6 +257,9 @@ class DataConnection(asyncio.BufferedProtocol):
                 self.flush_due = True
                 self.loop.call_soon(self._flush)
             return
+        if not (s.out or s.calls or s.finish is not None or s.reading != self.reading
+                or s.pending or s.yield_stop or s.queue_full):
+            return  # _act would find nothing to do (the usual read of a payload's middle)
         self._act()
 
     def _flush(self) -> None:

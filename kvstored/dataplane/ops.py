@@ -8,6 +8,7 @@ with more ops (shm.py) registers them on ``CORE_OPS.extended()``.
 from __future__ import annotations
 
 import logging
+from functools import partial
 from typing import TYPE_CHECKING
 
 from kvstore import errors
@@ -17,7 +18,7 @@ from kvstore.wire import (FLAG_OVERWRITE, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, O
 from kvstored.auth import READ, WRITE
 
 from .policy import LOGIN
-from .session import BODY, EMPTY, DataSession, OpTable
+from .session import BODY, EMPTY, HEADER_WINDOW, LARGE_PAYLOAD, DataSession, OpTable
 
 if TYPE_CHECKING:
     from kvstore.wire import Header
@@ -29,6 +30,7 @@ log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their
 
 def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     s.put_t0 = s.t_in
+    s.window = HEADER_WINDOW if h.length >= LARGE_PAYLOAD else 0  # (the next header's read)
     # the header carries the checksum: bytes already stored are answered from the index,
     # before any budget, slot or allocator is touched; the payload is read into scratch
     if s.store.dedup(ns, key, h.length, h.checksum):
@@ -43,8 +45,11 @@ def _put_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int
         s.skip_then_send(rid, size, _dedup_response(rid))
         return
     s.res, s.put_rid = res, rid
-    res.on_expire = s.reservation_expired
-    s.receive_payload(res.view, size, lambda: _put_received(s))  # zero copy: the kernel fills the slot
+    res.on_expire = s.expired
+    done = s.put_done
+    if done is None:  # one closure per connection, not one per put
+        done = s.put_done = partial(_put_received, s)
+    s.receive_payload(res.view, size, done)  # zero copy: the kernel fills the slot
 
 
 def _dedup_response(rid: int) -> bytes:

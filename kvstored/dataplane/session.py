@@ -60,6 +60,15 @@ DISCARD_LIMIT = 1 << 30  # payloads of rejected puts up to this size are skipped
 # (``yield_stop``): a flood of small requests (8192 PINGs per 256 KiB read, and libuv
 # reads a ready socket up to 32 times per loop iteration) kept a good client waiting ~1 s
 FAIR_FRAMES = 1024
+# After a put of LARGE_PAYLOAD bytes or more, a read that is not into a payload takes at
+# most HEADER_WINDOW bytes: enough for the next header, its names and a little more, so the
+# next large payload lands in its slot from the socket rather than in the header buffer
+# first (that copy into the slot was 25 % of the daemon's CPU for 256 KiB puts at c=8; the
+# kernel's copy then writes the cold slot instead: -9 % daemon CPU per 1 MiB put, see
+# benchmarks/RESULTS.md, H6). Below it reads stay whole: a 64 KiB put pays less for the
+# copy than for a second read (measured in the H4 section).
+LARGE_PAYLOAD = 128 << 10
+HEADER_WINDOW = 4 << 10
 
 class DataSession:
     def __init__(self, plane: Plane, peer: str = "", *, ops: OpTable | None = None,
@@ -67,6 +76,10 @@ class DataSession:
                  wake: Callable[[], None] | None = None, client: str = ""):
         self.plane = plane
         self.store = plane.store
+        # hot-path shortcuts, taken once per connection rather than looked up per request
+        self.clock = plane.store.clock
+        self.stall = plane.limits.put_stall_timeout
+        self.clients = plane.clients
         self.ops = plane.ops if ops is None else ops
         self.gate = plane.gate
         self.guard = AuthGuard(plane.auth) if plane.auth is not None else None
@@ -113,12 +126,17 @@ class DataSession:
         self.frames = 0  # requests parsed (the driver yields to other connections by it)
         self.t_in = 0.0  # when the bytes being parsed arrived (latency start)
         self.put_t0 = 0.0
+        self.window = 0  # HEADER_WINDOW after a large put (see there), else 0: no bound
+        self.put_done: Callable[[], None] | None = None  # ops.py's put completion, bound once
+        self.expired = self.reservation_expired  # a put's on_expire (bound once, not per put)
 
     # ================================================================ events
     def receive_buffer(self, sizehint: int = -1) -> memoryview:
         """Where the next received bytes go (a BufferedProtocol's get_buffer)."""
         if self.lingering:
             return _swallow
+        if self.window and self.reader.target is None:
+            return self.reader.buffer()[:self.window]
         return self.reader.buffer()
 
     def received(self, n: int) -> None:
@@ -129,11 +147,15 @@ class DataSession:
         if reader.target is not None:
             res = self.res
             if res is not None:  # a put progresses: it may pause put_stall_timeout again
-                res.deadline = min(self.store.clock() + self.plane.limits.put_stall_timeout,
-                                   self.put_cap)
-            if not reader.filled(n):
+                d = self.clock() + self.stall
+                res.deadline = d if d < self.put_cap else self.put_cap
+            got = reader.got = reader.got + n  # FrameReader.filled, inlined (a call per read)
+            if got < reader.want:
                 return
-            self._payload_done()
+            reader.target = None
+            done, self.on_payload = self.on_payload, None
+            if done is not None:
+                done()
         else:
             reader.end += n  # FrameReader.filled without a payload target, inlined (hot path)
         self.advance()
@@ -239,15 +261,17 @@ class DataSession:
         self.in_advance = True
         reader, ops, budget, pending = self.reader, self.ops, self.budget, self.pending
         guard, plane = self.guard, self.plane
+        # the bounds cannot change while this loop runs (a reload sets them between events)
+        max_pipelined, max_qbytes = budget.max_pipelined, budget.max_queued_bytes
+        max_qframes, burst = budget.max_queued_frames, budget.burst
         self.t_in = _now()
         n = 0
         while (not self.closed and reader.target is None and self.waiting is None
-               and not self.write_paused and len(pending) + self.loads < budget.max_pipelined
-               and self.queued < budget.max_queued_bytes
-               and self.queued_frames < budget.max_queued_frames):
+               and not self.write_paused and len(pending) + self.loads < max_pipelined
+               and self.queued < max_qbytes and self.queued_frames < max_qframes):
             if reader.end - reader.start < HEADER_SIZE:  # (inlined: the usual way out)
                 break
-            if self.sent - self.flushed_at >= budget.burst:
+            if self.sent - self.flushed_at >= burst:
                 self.burst_stop = True  # the driver flushes, then calls advance() again
                 break
             if n >= FAIR_FRAMES:
@@ -360,11 +384,6 @@ class DataSession:
         else:
             self.on_payload = done
 
-    def _payload_done(self) -> None:
-        done, self.on_payload = self.on_payload, None
-        if done is not None:
-            done()
-
     def acquire(self, rid: int, ns: bytes, key: bytes, op: int, deliver: Deliver) -> None:
         """Look an object up and answer with ``deliver(session, rid, entry, t0)`` (which
         owns the read reference); one on NVMe is promoted by a Call meanwhile, and its
@@ -388,7 +407,7 @@ class DataSession:
         else on this connection is parsed meanwhile, so answers keep the requests' order.
         A failure is answered here, after skipping ``skip`` payload bytes."""
         refused = (self.budget.admit_reservation(self.reserved, size)
-                   or self.plane.clients.admit(self.client, size))
+                   or self.clients.admit(self.client, size))
         if refused is not None:  # this connection's (client's) own bound: waiting would not help
             self.counters["reservations_refused_over_limit"] += 1
             return self.reject(op, rid, skip, refused)
@@ -411,19 +430,23 @@ class DataSession:
     def _hold(self, res: "Reservation | None") -> None:
         self.no_wait_until = 0.0  # space again: the next put may wait
         if res is not None:
-            self.reserved += res.size
-            self.plane.clients.add(self.client, res.size)
+            size = res.size
+            self.reserved += size
+            self.clients.add(self.client, size)
             # a stalled put is reclaimed soon: put_stall_timeout without a byte (TCP), and
             # put_stall_timeout + size / min_put_rate in all (never later than the store's
             # reservation_timeout), so a slow writer that progresses keeps its slot
-            now = self.store.clock()
-            lim = self.plane.limits
-            self.put_cap = min(res.deadline, lim.put_deadline(now, res.size))
-            res.deadline = min(self.put_cap, now + lim.put_stall_timeout)
+            now = self.clock()
+            cap = self.plane.limits.put_deadline(now, size)
+            if res.deadline < cap:
+                cap = res.deadline
+            self.put_cap = cap
+            d = now + self.stall
+            res.deadline = d if d < cap else cap
 
     def _unhold(self, res: "Reservation") -> None:
         self.reserved -= res.size
-        self.plane.clients.add(self.client, -res.size)
+        self.clients.add(self.client, -res.size)
 
     def commit(self, res: "Reservation") -> bool:
         """Publish a reservation this connection holds; raises the store's typed errors."""

@@ -19,7 +19,8 @@ from kvstore.wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, HEADER_SIZE, OP
 from kvstored.auth import Auth
 from kvstored.dataplane.policy import ConnectionBudget, EpochGate
 from kvstored.dataplane.ops import CORE_OPS
-from kvstored.dataplane.session import DISCARD_LIMIT, DataSession, OpTable, Plane
+from kvstored.dataplane.session import (DISCARD_LIMIT, HEADER_WINDOW, LARGE_PAYLOAD, DataSession,
+                                        OpTable, Plane)
 from kvstored.engine import Store, StoreLimits
 
 MiB = 1 << 20
@@ -160,6 +161,43 @@ def test_payload_lands_in_the_slot_without_a_staging_copy(store):
     assert p.responses() == []
     p.send(data)
     assert p.one()[0].status == 0
+
+
+def test_header_reads_after_a_large_put_take_a_window():
+    """After a put of LARGE_PAYLOAD bytes or more, reads between payloads offer at most
+    HEADER_WINDOW bytes (the next large payload then goes from the socket into its slot);
+    a smaller put lifts the bound. A pipelined stream of large and small puts, fed in
+    random chunks, still stores every object and answers every request in order."""
+    store = make_store(dram_size=16 * MiB, max_value_size=1 * MiB)
+    try:
+        p = Peer(store)
+        big = random.Random(2).randbytes(LARGE_PAYLOAD)
+        assert len(p.s.receive_buffer()) > HEADER_WINDOW  # no bound before any put
+        p.send(put_frame(1, b"big", big))
+        assert p.one()[0].status == 0
+        assert len(p.s.receive_buffer()) == HEADER_WINDOW
+        p.send(put_frame(2, b"small", b"x" * 100))
+        assert p.one()[0].status == 0
+        assert len(p.s.receive_buffer()) > HEADER_WINDOW
+        rng = random.Random(3)
+        blobs = {i: rng.randbytes(LARGE_PAYLOAD + i * 4099 if i % 3 else 1000 + i)
+                 for i in range(12)}
+        stream = b"".join(put_frame(10 + i, b"w%d" % i, b) for i, b in blobs.items())
+        stream += b"".join(get_frame(40 + i, b"w%d" % i) for i in blobs)
+        pos = 0
+        for _ in range(len(stream)):  # each round takes >= 1 byte
+            if pos == len(stream):
+                break
+            n = rng.choice((1, 37, HEADER_WINDOW + 1, 70_000, 300_000))
+            took = p.send(stream[pos:pos + n])
+            assert took == min(n, len(stream) - pos)
+            pos += took
+        assert pos == len(stream)
+        rs = p.responses()
+        assert [(h.req_id, h.status) for h, _ in rs[:12]] == [(10 + i, 0) for i in range(12)]
+        assert {h.req_id: bytes(b) for h, b in rs[12:]} == {40 + i: b for i, b in blobs.items()}
+    finally:
+        store.close()
 
 
 def test_pipelined_byte_at_a_time_and_out_of_order(store):
