@@ -50,12 +50,13 @@ typedef struct {
     uint64_t reads : 16;  /* saturating */
     uint32_t size;
     uint32_t newer, older; /* eviction links (record numbers); free list: newer = next */
-    uint32_t refs;
-    uint32_t off;         /* DRAM offset / 64 (slots are 64-byte aligned); OFF_NONE, OFF_WIDE */
+    uint32_t refs : 24;   /* readers in flight: 16 M on one object is refused, not wrapped */
+    uint32_t off_hi : 8;  /* DRAM offset / 64 is 40 bits (64 PiB): off_hi, off */
+    uint32_t off;
     uint32_t key_ref;     /* chunk in the key pool of its length */
-    uint32_t nvme_blk;    /* NVMe record offset / 4096 */
+    uint32_t nvme_blk;    /* NVMe record offset / 4096; with the geometry: the region */
     uint32_t nvme_gen;
-    uint16_t nvme_region;
+    uint16_t nvme_region; /* the region; with the geometry: the block in the region */
     uint16_t ns;
     uint8_t key_len;
     uint8_t sc;
@@ -65,9 +66,13 @@ typedef struct {
 
 _Static_assert(sizeof(Rec) == 64, "a record is one cache line");
 
+/* A DRAM offset is kept as a 40-bit count of 64-byte units: every arena offset packs
+   (slot sizes are multiples of 64, slabs of 4096: arena.py), whatever the arena's size
+   up to 64 PiB. Only an unaligned offset (none from the arena) goes to a side dict. */
 #define OFF_UNIT 64
-#define OFF_NONE 0xFFFFFFFFu  /* offset -1: NVMe only */
-#define OFF_WIDE 0xFFFFFFFEu  /* not 64-byte aligned or past 256 GiB: kept in a side dict */
+#define OFF_NONE 0xFFFFFFFFFFULL  /* offset -1: NVMe only */
+#define OFF_WIDE 0xFFFFFFFFFEULL  /* not 64-byte aligned (or past 64 PiB): kept in a side dict */
+#define REFS_MAX 0xFFFFFFLL
 #define STAMP_MAX 0xFFFFFFFFFFFFLL
 #define READS_MAX 0xFFFFu
 
@@ -102,6 +107,7 @@ typedef struct {
     uint64_t vmask, vcount;
     PyObject *pins;         /* rec -> [pins, pin_until] */
     PyObject *nvside;       /* rec -> Location that did not pack */
+    int64_t nv_start, nv_region;  /* NVMe geometry (use_nvme_geometry); nv_region 0: unknown */
     PyObject *wide;         /* rec -> DRAM offset that did not pack (OFF_WIDE) */
     PyObject *loctype;      /* builds Locations from packed fields */
 } Table;
@@ -123,6 +129,9 @@ typedef struct {
 
 static PyTypeObject TableType, EntryType, IterType;
 static PyObject *time_time;  /* time.time: an entry's commit time, as the dict index's */
+/* raised when a fixed-width field runs out (namespaces, records, a key pool):
+   packedindex.py sets an OverflowError that is also the wire's NoSpace */
+static PyObject *full_error;
 
 /* ------------------------------------------------------------------ helpers */
 
@@ -176,7 +185,7 @@ static int key_store(Table *t, Rec *r, const char *k, size_t n) {
         i = p->free;
         memcpy(&p->free, p->buf + (size_t)i * 8 * c, 4);
     } else {
-        if (p->n == NOREC - 1) { PyErr_SetString(PyExc_MemoryError, "key pool full"); return -1; }
+        if (p->n == NOREC - 1) { PyErr_SetString(full_error, "index full (2**32 keys of one length class)"); return -1; }
         uint64_t cap = p->cap;
         if (grow((void **)&p->buf, 8 * c, &cap, (uint64_t)p->n + 1) < 0) return -1;
         p->cap = cap > NOREC - 1 ? NOREC - 1 : (uint32_t)cap;
@@ -324,7 +333,7 @@ static int space_id(Table *t, PyObject *name, int create) {
         id = t->freespaces[--t->nfreespaces];
     } else {
         if (t->nspaces >= MAX_SPACES) {
-            PyErr_SetString(PyExc_OverflowError, "more than 65535 namespaces in the index");
+            PyErr_SetString(full_error, "index full: more than 65535 namespaces hold objects");
             return -1;
         }
         uint64_t cap = t->capspaces;
@@ -397,7 +406,7 @@ static int64_t rec_alloc(Table *t) {
         t->freehead = t->recs[i].newer;
     } else {
         if (t->nrecs >= MAX_RECS) {
-            PyErr_SetString(PyExc_OverflowError, "index full (2**32 records)");
+            PyErr_SetString(full_error, "index full (2**32 records)");
             return -1;
         }
         uint64_t cap = t->caprecs;
@@ -411,8 +420,16 @@ static int64_t rec_alloc(Table *t) {
 
 static void dict_pop_rec(PyObject *d, uint32_t rec);
 
+static inline uint64_t off_units(const Rec *r) { return (uint64_t)r->off_hi << 32 | r->off; }
+static inline void set_off_units(Rec *r, uint64_t u) {
+    r->off_hi = (uint32_t)(u >> 32) & 0xFF;
+    r->off = (uint32_t)u;
+}
+
+static void slot_clear(Table *t, uint32_t rec);
+
 static int64_t rec_offset(Table *t, uint32_t rec) {
-    uint32_t o = t->recs[rec].off;
+    uint64_t o = off_units(&t->recs[rec]);
     if (o == OFF_NONE) return -1;
     if (o != OFF_WIDE) return (int64_t)o * OFF_UNIT;
     PyObject *k = PyLong_FromUnsignedLong(rec);
@@ -425,18 +442,22 @@ static int64_t rec_offset(Table *t, uint32_t rec) {
 
 static int rec_set_offset(Table *t, uint32_t rec, int64_t off) {
     Rec *r = &t->recs[rec];
-    if (r->off == OFF_WIDE) dict_pop_rec(t->wide, rec);
-    r->off = OFF_NONE;
+    /* the slot it leaves must not keep pointing at it: once the record is freed and its
+       number reused, at(old offset) would return another object (callers displace first;
+       this makes a missed displace harmless) */
+    if (rec_offset(t, rec) != off) slot_clear(t, rec);
+    if (off_units(r) == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    set_off_units(r, OFF_NONE);
     if (off < 0) return 0;
-    if (off % OFF_UNIT == 0 && off / OFF_UNIT < (int64_t)OFF_WIDE) {
-        r->off = (uint32_t)(off / OFF_UNIT);
+    if (off % OFF_UNIT == 0 && (uint64_t)(off / OFF_UNIT) < OFF_WIDE) {
+        set_off_units(r, (uint64_t)(off / OFF_UNIT));
         return 0;
     }
     PyObject *k = PyLong_FromUnsignedLong(rec), *v = PyLong_FromLongLong(off);
     int bad = !k || !v || PyDict_SetItem(t->wide, k, v) < 0;
     Py_XDECREF(k); Py_XDECREF(v);
     if (bad) return -1;
-    r->off = OFF_WIDE;
+    set_off_units(&t->recs[rec], OFF_WIDE);
     return 0;
 }
 
@@ -470,7 +491,7 @@ static void rec_free(Table *t, uint32_t rec) {
     slot_clear(t, rec);
     if (r->flags & F_PIN) dict_pop_rec(t->pins, rec);
     if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
-    if (r->off == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    if (off_units(r) == OFF_WIDE) dict_pop_rec(t->wide, rec);
     key_free(t, r);
     space_release(t, r->ns);
     r->flags = 0;
@@ -661,7 +682,7 @@ static PyObject *bad_set(const char *name) {
         return 0;                                                                         \
     }
 
-INT_FIELD(refs, uint32_t, 0, 0xFFFFFFFFLL)
+INT_FIELD(refs, uint32_t, 0, REFS_MAX)
 INT_FIELD(seg, int8_t, -1, 2)
 INT_FIELD(stamp, uint64_t, 0, STAMP_MAX)
 
@@ -796,8 +817,13 @@ static PyObject *get_nvme(Entry *e, void *c) {
         Py_INCREF(o);
         return o;
     }
-    return PyObject_CallFunction(t->loctype, "kKkKk", (unsigned long)r->nvme_region,
-                                 (unsigned long long)r->nvme_blk * NVME_BLOCK,
+    unsigned long long reg = r->nvme_region, off = (unsigned long long)r->nvme_blk * NVME_BLOCK;
+    if (t->nv_region) {
+        reg = r->nvme_blk;
+        off = (unsigned long long)t->nv_start + reg * (unsigned long long)t->nv_region +
+              (unsigned long long)r->nvme_region * NVME_BLOCK;
+    }
+    return PyObject_CallFunction(t->loctype, "KKkKk", reg, off,
                                  (unsigned long)r->size, (unsigned long long)r->checksum,
                                  (unsigned long)r->nvme_gen);
 }
@@ -813,22 +839,38 @@ static int attr_ull(PyObject *o, const char *name, unsigned long long *out) {
 }
 
 static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
-    Rec *r = &t->recs[rec];
-    if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
-    r->flags &= ~(F_NVME | F_NVSIDE);
-    if (v == Py_None) return 0;
-    unsigned long long reg, off, len, cs, gen;
-    if (attr_ull(v, "region", &reg) < 0 || attr_ull(v, "offset", &off) < 0 ||
-        attr_ull(v, "length", &len) < 0 || attr_ull(v, "checksum", &cs) < 0 ||
-        attr_ull(v, "generation", &gen) < 0) {
+    unsigned long long reg = 0, off = 0, len = 0, cs = 0, gen = 0;
+    /* the attributes first: getattr may run Python code (which may grow the record
+       array), so no pointer into it is held across them */
+    if (v != Py_None &&
+        (attr_ull(v, "region", &reg) < 0 || attr_ull(v, "offset", &off) < 0 ||
+         attr_ull(v, "length", &len) < 0 || attr_ull(v, "checksum", &cs) < 0 ||
+         attr_ull(v, "generation", &gen) < 0)) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "Entry.nvme must be None or a Location, not %.80s",
                      Py_TYPE(v)->tp_name);
         return -1;
     }
-    if (t->loctype != Py_None && Py_IS_TYPE(v, (PyTypeObject *)t->loctype) && reg < 0xFFFF &&
-        off % NVME_BLOCK == 0 && off / NVME_BLOCK < 0xFFFFFFFFULL && len == r->size &&
-        cs == r->checksum && gen <= 0xFFFFFFFFULL) {
+    Rec *r = &t->recs[rec];
+    if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
+    r = &t->recs[rec];
+    r->flags &= ~(F_NVME | F_NVSIDE);
+    if (v == Py_None) return 0;
+    int ok = t->loctype != Py_None && Py_IS_TYPE(v, (PyTypeObject *)t->loctype) &&
+             off % NVME_BLOCK == 0 && len == r->size && cs == r->checksum && gen <= 0xFFFFFFFFULL;
+    if (ok && t->nv_region) {
+        /* the device's geometry is known: (region: 32 bits, block in it: 16 bits), so a
+           drive of any size packs (before it, past 65535 regions or 16 TiB did not) */
+        unsigned long long base = (unsigned long long)t->nv_start + reg * (unsigned long long)t->nv_region;
+        if (reg < 0xFFFFFFFFULL && reg <= (~0ULL - (unsigned long long)t->nv_start) / (unsigned long long)t->nv_region &&
+            off >= base && off - base < (unsigned long long)t->nv_region) {
+            r->nvme_blk = (uint32_t)reg;
+            r->nvme_region = (uint16_t)((off - base) / NVME_BLOCK);
+            r->nvme_gen = (uint32_t)gen;
+            r->flags |= F_NVME;
+            return 0;
+        }
+    } else if (ok && reg < 0xFFFF && off / NVME_BLOCK < 0xFFFFFFFFULL) {
         r->nvme_region = (uint16_t)reg;
         r->nvme_blk = (uint32_t)(off / NVME_BLOCK);
         r->nvme_gen = (uint32_t)gen;
@@ -838,7 +880,7 @@ static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
     PyObject *k = PyLong_FromUnsignedLong(rec);
     if (!k || PyDict_SetItem(t->nvside, k, v) < 0) { Py_XDECREF(k); return -1; }
     Py_DECREF(k);
-    r->flags |= F_NVME | F_NVSIDE;
+    t->recs[rec].flags |= F_NVME | F_NVSIDE;
     return 0;
 }
 
@@ -1117,6 +1159,11 @@ static void space_drop_if_unused(Table *t, int ns) {
 static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec *src,
                           int64_t offset, PyObject *scobj, PyObject *nvme, long pins,
                           double pin_until, Entry *view) {
+    /* the size class first: its slot_size is read by getattr, which may run Python code
+       and a garbage collection that frees the last record of the namespace looked up
+       below (its id would be recycled under this record) */
+    int sc = class_id(t, scobj);
+    if (sc < 0) return -1;
     int ns = space_id(t, nsobj, 1);
     if (ns < 0) return -1;
     const char *k = PyBytes_AS_STRING(keyobj);
@@ -1130,16 +1177,15 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
         space_drop_if_unused(t, ns);
         return -1;
     }
-    int sc = class_id(t, scobj);
     int64_t rec = -1;
-    if (sc < 0 || ((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0) ||
+    if (((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0) ||
         (rec = rec_alloc(t)) < 0) {
         space_drop_if_unused(t, ns);
         return -1;
     }
     Rec *r = &t->recs[rec];
     *r = *src;
-    r->off = OFF_NONE;
+    set_off_units(r, OFF_NONE);
     if (key_store(t, r, k, kl) < 0) {
         r->flags = 0; r->newer = t->freehead; t->freehead = (uint32_t)rec;
         space_drop_if_unused(t, ns);
@@ -1291,10 +1337,14 @@ static PyObject *Table_mark_unverified(Table *t, PyObject *o) {
     READY(t, NULL);
     Entry *e;
     if (entry_arg(o, &e) < 0) return NULL;
+    if (e->ix && e->ix != t) {  /* its flag would change another index's count */
+        PyErr_SetString(PyExc_ValueError, "entry belongs to another index");
+        return NULL;
+    }
     Rec *r = R(e);
     if (!(r->flags & F_UNVERIFIED)) {
         r->flags |= F_UNVERIFIED;
-        if (e->ix == t && (r->flags & F_INTABLE)) t->unverified++;
+        if (e->ix && (r->flags & F_INTABLE)) t->unverified++;
     }
     Py_RETURN_NONE;
 }
@@ -1303,10 +1353,14 @@ static PyObject *Table_verify(Table *t, PyObject *o) {
     READY(t, NULL);
     Entry *e;
     if (entry_arg(o, &e) < 0) return NULL;
+    if (e->ix && e->ix != t) {  /* its flag would change another index's count */
+        PyErr_SetString(PyExc_ValueError, "entry belongs to another index");
+        return NULL;
+    }
     Rec *r = R(e);
     if (r->flags & F_UNVERIFIED) {
         r->flags &= ~F_UNVERIFIED;
-        if (e->ix == t && (r->flags & F_INTABLE)) t->unverified--;
+        if (e->ix && (r->flags & F_INTABLE)) t->unverified--;
     }
     Py_RETURN_NONE;
 }
@@ -1355,6 +1409,29 @@ static PyObject *Table_use_slab_size(Table *t, PyObject *v) {
     Py_RETURN_NONE;
 }
 
+/* use_nvme_geometry(data_start, region_size): where the NVMe tier's regions lie, so a
+   Location packs as (region, block in region) on a drive of any size. Before the first
+   record only (records packed the other way would read wrong). */
+static PyObject *Table_use_nvme_geometry(Table *t, PyObject *args) {
+    READY(t, NULL);
+    long long start, size;
+    if (!PyArg_ParseTuple(args, "LL:use_nvme_geometry", &start, &size)) return NULL;
+    if (start < 0 || start % NVME_BLOCK || size <= 0 || size % NVME_BLOCK ||
+        size / NVME_BLOCK > 0x10000) {
+        PyErr_Format(PyExc_ValueError, "NVMe geometry: data_start %lld and region_size %lld must "
+                     "be 4 KiB multiples, the region at most 256 MiB", start, size);
+        return NULL;
+    }
+    if (t->nv_start == start && t->nv_region == size) Py_RETURN_NONE;
+    if (t->nrecs) {
+        PyErr_SetString(PyExc_ValueError, "records exist already: the NVMe geometry cannot change");
+        return NULL;
+    }
+    t->nv_start = start;
+    t->nv_region = size;
+    Py_RETURN_NONE;
+}
+
 static PyObject *Table_place(Table *t, PyObject *o) {
     READY(t, NULL);
     Entry *e;
@@ -1368,35 +1445,42 @@ static PyObject *Table_place(Table *t, PyObject *o) {
     uint32_t size = t->slot_sizes[r->sc];
     uint64_t slab = (uint64_t)(off / t->slab_size);
     int64_t rel = off % t->slab_size;
-    if (slab >= (1ULL << 24)) {
-        PyErr_Format(PyExc_ValueError, "offset %lld is past 2**24 slabs", (long long)off);
+    /* checked before any row changes: a refused place leaves the slab's map as it was */
+    if (rel % size) {
+        PyErr_Format(PyExc_ValueError, "offset %lld is not a slot of %u bytes in a slab of %lld "
+                     "(use_slab_size not called with the arena's?)", (long long)off, size,
+                     (long long)t->slab_size);
+        return NULL;
+    }
+    uint64_t ns = (uint64_t)t->slab_size / size + 1;
+    if (slab >= 0xFFFFFFFFULL || ns > 0xFFFFFFFFULL) {
+        PyErr_Format(PyExc_ValueError, "offset %lld: slab %llu of %lld bytes is past the slot "
+                     "map (2**32 slabs of 2**32 slots)", (long long)off,
+                     (unsigned long long)slab, (long long)t->slab_size);
         return NULL;
     }
     if (slab >= t->nrows) {
-        uint64_t cap = t->nrows;
-        Row *nr = PyMem_RawRealloc(t->rows, (slab + 1) * sizeof(Row));
+        /* a fresh zeroed array (calloc: untouched pages for a far slab), grown by half
+           at least so that slabs placed in order do not copy the map each time */
+        uint64_t cap = t->nrows + t->nrows / 2 + 16;
+        if (cap < slab + 1) cap = slab + 1;
+        Row *nr = PyMem_RawCalloc(cap, sizeof(Row));
         if (!nr) return PyErr_NoMemory();
-        memset(nr + cap, 0, (slab + 1 - cap) * sizeof(Row));
+        if (t->nrows) memcpy(nr, t->rows, t->nrows * sizeof(Row));
+        PyMem_RawFree(t->rows);
         t->rows = nr;
-        t->nrows = slab + 1;
+        t->nrows = cap;
     }
     Row *row = &t->rows[slab];
     if (!row->recs || row->slot_size != size) {
         /* a slab that changed class was emptied first: a fresh row. One spare slot at the
            end, as the dict index's: an offset past a slab's last whole slot reads None. */
-        uint64_t ns = (uint64_t)t->slab_size / size + 1;
         uint32_t *nrecs = PyMem_RawCalloc(ns, sizeof(uint32_t));
         if (!nrecs) return PyErr_NoMemory();
         PyMem_RawFree(row->recs);
         row->recs = nrecs;
         row->slot_size = size;
         row->nslots = (uint32_t)ns;
-    }
-    if (rel % size) {
-        PyErr_Format(PyExc_ValueError, "offset %lld is not a slot of %u bytes in a slab of %lld "
-                     "(use_slab_size not called with the arena's?)", (long long)off, size,
-                     (long long)t->slab_size);
-        return NULL;
     }
     row->recs[rel / size] = e->rec + 1;
     Py_RETURN_NONE;
@@ -1487,9 +1571,10 @@ static PyObject *Table_footprint(Table *t, PyObject *unused) {
         keys += (uint64_t)t->pools[c].n * 8 * c;
         keycap += (uint64_t)t->pools[c].cap * 8 * c;
     }
+    rows = t->nrows * sizeof(Row);
     for (uint64_t i = 0; i < t->nrows; i++)
         if (t->rows[i].recs) rows += (uint64_t)t->rows[i].nslots * 4;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsK}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsnsn}",
                          "view_slots", (unsigned long long)(t->views ? t->vmask + 1 : 0),
                          "record_size", (unsigned long long)sizeof(Rec),
                          "records", (unsigned long long)t->nrecs * sizeof(Rec),
@@ -1499,7 +1584,53 @@ static PyObject *Table_footprint(Table *t, PyObject *unused) {
                          "keys_capacity", (unsigned long long)keycap,
                          "slot_map", (unsigned long long)rows,
                          "views", (unsigned long long)t->vcount,
-                         "namespaces", (unsigned long long)(t->nspaces - t->nfreespaces));
+                         "namespaces", (unsigned long long)(t->nspaces - t->nfreespaces),
+                         "wide_offsets", PyDict_GET_SIZE(t->wide),
+                         "nvme_side", PyDict_GET_SIZE(t->nvside));
+}
+
+/* probes() -> (longest, mean hit, mean miss): slots a lookup reads, over the keys present
+   (hit) and over every home slot a missing key may hash to (miss: to the next empty
+   slot). A check that keys spread (tests, bench_index); walks the whole table. */
+static PyObject *Table_probes(Table *t, PyObject *unused) {
+    READY(t, NULL);
+    uint64_t longest = 0, total = 0, miss = 0, run = 0;
+    if (t->slots) {
+        uint64_t cap = t->mask + 1, start = 0;
+        while (t->slots[start].rec) start++;  /* a run may wrap: begin at an empty slot */
+        for (uint64_t n = 1; n <= cap; n++) {
+            uint64_t i = (start + n) & t->mask;
+            if (!t->slots[i].rec) {
+                miss += (run + 1) * (run + 2) / 2;  /* homes in the run, and this empty one */
+                run = 0;
+                continue;
+            }
+            run++;
+            uint64_t d = (i - (t->slots[i].hash & t->mask)) & t->mask;
+            total += d + 1;
+            if (d + 1 > longest) longest = d + 1;
+        }
+    }
+    return Py_BuildValue("(Kdd)", (unsigned long long)longest,
+                         t->count ? (double)total / (double)t->count : 0.0,
+                         t->slots ? (double)miss / (double)(t->mask + 1) : 0.0);
+}
+
+/* key_hash(ns, key) -> the table's 32-bit hash of the key (None: no such namespace);
+   for tests that check the per-table seed is mixed in */
+static PyObject *Table_key_hash(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "key_hash(ns: bytes, key: bytes)");
+        return NULL;
+    }
+    int ns = space_id(t, args[0], 0);
+    if (ns < 0) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    return PyLong_FromUnsignedLong(hash_key(t, (uint16_t)ns, PyBytes_AS_STRING(args[1]),
+                                            (size_t)PyBytes_GET_SIZE(args[1])));
 }
 
 static PyObject *Table_get_object_bytes(Table *t, void *c) { return PyLong_FromUnsignedLongLong(t->object_bytes); }
@@ -1522,11 +1653,16 @@ static PyMethodDef Table_methods[] = {
     {"count", (PyCFunction)Table_count, METH_O, "objects in a namespace"},
     {"namespaces", (PyCFunction)Table_namespaces, METH_NOARGS, "ns -> (objects, bytes)"},
     {"use_slab_size", (PyCFunction)Table_use_slab_size, METH_O, NULL},
+    {"use_nvme_geometry", (PyCFunction)Table_use_nvme_geometry, METH_VARARGS,
+     "use_nvme_geometry(data_start, region_size): NVMe Locations pack on any drive size"},
     {"place", (PyCFunction)Table_place, METH_O, "entry now holds DRAM slot entry.offset"},
     {"displace", (PyCFunction)Table_displace, METH_O, "entry gave up its DRAM slot"},
     {"at", (PyCFunction)Table_at, METH_O, "the entry in the DRAM slot at offset, or None"},
     {"iterate", (PyCFunction)Table_iterate, METH_VARARGS, "iterate(ns=None): entries, record order"},
     {"footprint", (PyCFunction)Table_footprint, METH_NOARGS, "bytes used by part"},
+    {"probes", (PyCFunction)Table_probes, METH_NOARGS, "(longest, mean hit, mean miss) slots read per lookup"},
+    {"key_hash", (PyCFunction)(void (*)(void))Table_key_hash, METH_FASTCALL,
+     "key_hash(ns, key): the seeded hash (None: no such namespace)"},
     {NULL}
 };
 
@@ -1546,9 +1682,25 @@ static PyTypeObject TableType = {
     .tp_as_sequence = &Table_seq,
 };
 
+static PyObject *mod_set_full_error(PyObject *m, PyObject *cls) {
+    if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_OverflowError)) {
+        PyErr_SetString(PyExc_TypeError, "set_full_error(cls): cls must subclass OverflowError");
+        return NULL;
+    }
+    Py_INCREF(cls);
+    Py_SETREF(full_error, cls);
+    Py_RETURN_NONE;
+}
+
+static PyMethodDef mod_methods[] = {
+    {"set_full_error", (PyCFunction)mod_set_full_error, METH_O,
+     "set_full_error(cls): the OverflowError subclass raised when the index is full"},
+    {NULL}
+};
+
 static struct PyModuleDef moddef = {
     PyModuleDef_HEAD_INIT, "kvstored._index",
-    "The Store's packed index (native/index.c; kvstored/engine/packedindex.py).", -1, NULL,
+    "The Store's packed index (native/index.c; kvstored/engine/packedindex.py).", -1, mod_methods,
 };
 
 PyMODINIT_FUNC PyInit__index(void) {
@@ -1559,6 +1711,7 @@ PyMODINIT_FUNC PyInit__index(void) {
     time_time = PyObject_GetAttrString(tm, "time");
     Py_DECREF(tm);
     if (!time_time) return NULL;
+    if (!full_error) { Py_INCREF(PyExc_OverflowError); full_error = PyExc_OverflowError; }
     PyObject *m = PyModule_Create(&moddef);
     if (!m) return NULL;
     Py_INCREF(&EntryType);

@@ -151,6 +151,7 @@ class Index:
       * count: ``len()``, ``count(ns)``, ``namespaces()``, ``object_bytes``,
         ``unverified``;
       * map a DRAM slot back to its entry: ``place`` / ``displace`` / ``at(offset)``;
+      * learn the arena's and the NVMe tier's layout: ``use_slab_size``, ``use_nvme_geometry``;
       * track pins: ``note_pin`` / ``drop_pin`` / ``live_pins(now)``.
 
     ``__getitem__``, ``items`` and ``values`` exist for tests and tools that read
@@ -282,18 +283,22 @@ class Index:
             raise ValueError("slots are placed already: the slab size cannot change")
         self._slab_size = slab_size
 
+    def use_nvme_geometry(self, data_start: int, region_size: int) -> None:
+        """Where the NVMe tier's regions lie (the packed index packs Locations by it; this
+        one keeps each Location object as it is)."""
+
     def place(self, e: Entry) -> None:
         """``e`` now holds DRAM slot ``e.offset``."""
         slab, rel = divmod(e.offset, self._slab_size)
         size = e.sc.slot_size
+        i, off = divmod(rel, size)
+        if off:  # checked first: a refused place leaves the slab's map as it was
+            raise ValueError(f"offset {e.offset} is not a slot of {size} bytes in a slab of "
+                             f"{self._slab_size} (use_slab_size not called with the arena's?)")
         row = self._slabs.get(slab)
         if row is None or row[0] != size:
             # one spare slot at the end: an offset past a slab's last whole slot reads None
             row = self._slabs[slab] = [size] + [None] * (self._slab_size // size + 1)
-        i, off = divmod(rel, size)
-        if off:
-            raise ValueError(f"offset {e.offset} is not a slot of {size} bytes in a slab of "
-                             f"{self._slab_size} (use_slab_size not called with the arena's?)")
         row[1 + i] = e
 
     def displace(self, e: Entry) -> None:

@@ -11,13 +11,16 @@ Differences from the dict index a caller can see, all within its documented
 contract: walks go in record order (record numbers are reused), not namespace by
 namespace in insertion order; keys are at most 255 bytes (the wire allows 128);
 ``Entry.size`` and ``Entry.checksum`` are read-only once inserted (nothing changes
-them); ``Entry.reads`` saturates at 65535 and ``Entry.stamp`` holds 48 bits (the
-eviction clock: years of accesses); offsets below -1 are refused.
+them); ``Entry.reads`` saturates at 65535, ``Entry.stamp`` holds 48 bits (the
+eviction clock: years of accesses) and ``Entry.refs`` 24 (16 M readers of one object
+are refused with ValueError); offsets below -1 are refused; at most 65535 namespaces
+hold objects at once (``IndexFull``, a NoSpace).
 """
 from __future__ import annotations
 
 from typing import Iterator
 
+from kvstore.errors import NoSpace
 from kvstored import _index
 from kvstored.settings import default
 
@@ -25,6 +28,15 @@ from .nvmedevice import Location
 
 Entry = _index.Entry
 RECORD_SIZE = _index.RECORD_SIZE
+
+
+class IndexFull(NoSpace, OverflowError):
+    """A fixed-width field of the packed index ran out: 65535 namespaces holding objects
+    at once (a record's namespace id is 16 bits), or 2**32 records. A put that meets it
+    fails as NoSpace (the client sees a typed error; the dict index has no such bound)."""
+
+
+_index.set_full_error(IndexFull)
 
 
 class PackedIndex(_index.Table):

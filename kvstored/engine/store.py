@@ -196,7 +196,11 @@ class Store(RepairHooks):
                                "overwrite is asked")
             self._unlink(old, tombstone=True)
         e = self.index.Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
-        self.index.insert(e)
+        try:
+            self.index.insert(e)
+        except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no slot leaks
+            free_slot(res.offset)
+            raise
         self.dram.link(e)
         self.counters["puts"] += 1
         self.counters["put_bytes"] += res.size

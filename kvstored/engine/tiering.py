@@ -23,6 +23,7 @@ from kvstore.errors import NotFound
 
 from .arena import SLOT_ALIGN
 from .entries import DEAD, Entry
+from .nvmeformat import DATA_START
 from .nvmescan import gc_paused
 
 if TYPE_CHECKING:
@@ -51,6 +52,8 @@ class Tiering:
         self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
         self._tasks: set[asyncio.Task] = set()
         if nvme is not None:
+            # before any record (recovery adds them later): Locations pack on any drive size
+            index.use_nvme_geometry(DATA_START, nvme.dev.region_size)
             nvme.can_reclaim = self._can_reclaim_region
             nvme.on_reclaim = self._drop_region
 
