@@ -42,9 +42,13 @@ TLS_MAX_INFLIGHT = 8 << 20
 # While a put's payload arrives, epoll reports the socket readable only once this many
 # bytes wait (SO_RCVLOWAT; fewer when fewer are left, and always at EOF or an error): a
 # 4 MiB put then wakes the loop ~3 times instead of ~6 (each wake-up is an epoll_wait, a
-# read and the session's Python). Payloads below RCVLOWAT_MIN are read as they come.
+# read and the session's Python). Payloads below RCVLOWAT_PAYLOAD are read as they come:
+# for them the two setsockopt calls a put (raise, then back to 1) cost more than the
+# wake-ups they save (256 KiB puts at c=8: -7 % daemon CPU without them; benchmarks/
+# RESULTS.md, H6); nor is the option raised for fewer than RCVLOWAT_MIN bytes left.
 RCVLOWAT_MAX = 1 << 20
 RCVLOWAT_MIN = 128 << 10
+RCVLOWAT_PAYLOAD = 512 << 10
 
 log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their logger name
 
@@ -240,7 +244,8 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.lowat_sock is not None:
             r = s.reader
             want = 1
-            if r.target is not None:  # a payload is arriving: wake when much of it is here
+            if r.target is not None and r.want >= RCVLOWAT_PAYLOAD:
+                # a large payload is arriving: wake when much of it is here
                 left = r.want - r.got
                 if left >= RCVLOWAT_MIN:
                     want = min(left, self.lowat_cap)

@@ -12,7 +12,7 @@ import pytest
 
 from kvstore import errors
 from kvstore.wire import HEADER_SIZE, OP_GET, OP_PING, OP_PUT, checksum, decode, encode_request
-from kvstored.dataplane.connection import rcvlowat_cap
+from kvstored.dataplane.connection import RCVLOWAT_PAYLOAD, rcvlowat_cap
 from kvstored.dataplane.tcp import TLS_MAX_INFLIGHT, DataConnection, DataServer
 from kvstored.engine import Store, StoreLimits
 
@@ -248,8 +248,8 @@ def test_rcvlowat_follows_a_large_payload(big_server):
         feed(c, data[len(data) - 300_000:])
         assert sock.lowats() == [cap, 300_000, 1]  # payload done: headers wake us again
         assert [(h.req_id, h.status) for h, _ in await sent(t)] == [(1, 0)]
-        # small payloads and requests without one never touch the option
-        small = b"s" * 100_000
+        # payloads under RCVLOWAT_PAYLOAD and requests without one never touch the option
+        small = b"s" * (RCVLOWAT_PAYLOAD - 1)
         feed(c, encode_request(OP_PUT, 2, b"ns", b"small", len(small), checksum(small)) + small[:10])
         feed(c, small[10:] + encode_request(OP_GET, 3, b"ns", b"big"))
         assert sock.lowats() == [cap, 300_000, 1]
