@@ -14,7 +14,9 @@ namespace in insertion order; keys are at most 255 bytes (the wire allows 128);
 them); ``Entry.reads`` saturates at 65535, ``Entry.stamp`` holds 48 bits (the
 eviction clock: years of accesses) and ``Entry.refs`` 24 (16 M readers of one object
 are refused with ValueError); offsets below -1 are refused; at most 65535 namespaces
-hold objects at once (``IndexFull``, a NoSpace).
+hold objects at once (``IndexFull``, a NoSpace); a slot left by an offset change
+without ``displace`` reads None from ``at`` (the dict index keeps the old entry there:
+a freed record's number is reused, so the packed one must not point at it).
 """
 from __future__ import annotations
 
