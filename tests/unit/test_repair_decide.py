@@ -395,6 +395,16 @@ def test_rebuild_from_sources():
     assert rb.rebuild(p, KIND_FRAGMENT, usable[:2], [0]) is None  # fewer than K
     assert rb.rebuild(p, KIND_FRAGMENT, [], [0]) is None
     assert rb.usable([recs[0]], (1, 2, 3, 2)) == []  # another version
+    # repair reads sources without the wire checksum: a header whose index is not the
+    # fragment's own (liberasurecode's, under the payload checksum) is not a source
+    relabelled = bytearray(recs[1])
+    relabelled[6] = 0  # FRAG_HEADER's index byte (after magic, version, kind): claims fragment 0
+    assert [r[0][3] for r in rb.usable([relabelled], ver)] == [0]  # no policy: not checked
+    assert rb.usable([relabelled], ver, None, p) == []
+    assert [r[0][3] for r in rb.usable([bytearray(r) for r in recs[1:4]], ver, None, p)] == [1, 2, 3]
+    flipped = bytearray(recs[2])
+    flipped[-100] ^= 0x40  # payload corrupt: the payload checksum refuses it
+    assert rb.usable([flipped], ver, None, p) == []
 
 
 # ------------------------------------------------------------------ progress

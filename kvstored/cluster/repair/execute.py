@@ -169,7 +169,7 @@ class Executor:
                 break
             got = self._read(wants, me, {})
             for (i, o, a, _m, _k), buf in zip(wants, got):
-                recs[i] += rb.usable([buf], a.version, have[i])
+                recs[i] += rb.usable([buf], a.version, have[i], o.policy)
         # 3. records to write, per peer
         writes: dict[str, tuple] = {}  # node_id -> (member, [(ns, overwrite, key, data, tag)])
         tags: dict[tuple, list] = {}  # (i, action index) -> results of its writes

@@ -45,8 +45,10 @@ class LocalStore:
             return out
         return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
 
-    def read_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes | None]:
-        """The bytes of each (ns, key) (None when absent); one loop hop for all."""
+    def read_many(self, items: list[tuple[bytes, bytes]]) -> list[bytearray | None]:
+        """The bytes of each (ns, key) (None when absent); one loop hop for all. A
+        bytearray, like a peer's batch_get: the native reconstruct reads a writable
+        buffer in place where a read-only slice of bytes would be copied once more."""
         s = self._store
 
         async def call():
@@ -58,7 +60,7 @@ class LocalStore:
                     out.append(None)
                     continue
                 try:
-                    out.append(bytes(s.view(e)))
+                    out.append(bytearray(s.view(e)))
                 finally:
                     s.release(e)
             return out

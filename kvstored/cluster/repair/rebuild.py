@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import logging
 
-from kvstore.layout import FRAG_HEADER, KIND_REPLICA, Policy, codec, fragment_parts, parse_record
+from kvstore.layout import (FRAG_HEADER, KIND_FRAGMENT, KIND_REPLICA, Policy, codec, fragment_parts,
+                            inner_index, parse_record)
 
 from .decide import version
 
@@ -15,14 +16,26 @@ def needed(p: Policy, kind: int) -> int:
     return 1 if kind == KIND_REPLICA else p.k
 
 
-def usable(bufs: list, current, have: set[int] | None = None) -> list[tuple]:
+def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None = None) -> list[tuple]:
     """The (header, payload) of the valid records of version ``current`` among ``bufs``,
-    one per index (an index in ``have`` is skipped and added)."""
+    one per index (an index in ``have`` is skipped and added).
+
+    Valid: the payload matches the header's payload checksum (the end-to-end check: a
+    record stored corrupt under its own store checksum passes the wire check and fails
+    this one). So repair reads its sources without the wire checksum (PeerIO), and the
+    header fields a rebuild uses are covered otherwise: magic / kind by parse_record,
+    (olen, ocsum, K, M) by the version, and a fragment's index, given ``p`` whose codec
+    knows where liberasurecode keeps it, against that inner index (under the payload
+    checksum)."""
     have = set() if have is None else have
+    check_index = p is not None and codec(p).indexed
     out = []
     for buf in bufs:
         r = parse_record(buf) if buf is not None else None
         if r is None or r[0][3] in have or version(True, bytes(buf[:FRAG_HEADER.size])) != current:
+            continue
+        if check_index and r[0][2] == KIND_FRAGMENT and inner_index(r[1]) != r[0][3]:
+            log.warning("repair: a source fragment's header index %d is not its own", r[0][3])
             continue
         have.add(r[0][3])
         out.append(r)
@@ -33,7 +46,8 @@ def rebuild(p: Policy, kind: int, recs: list[tuple], indices: list[int], what: s
             ) -> dict[int, tuple[bytes, object]] | None:
     """Records for ``indices`` as (header, payload) pairs (written gathered, no copy of
     the payload): re-indexed copies of a whole-object record, or fragments reconstructed
-    from K current ones (``recs``: usable() output). None: not possible."""
+    from K current ones (``recs``: usable() output; their payloads are read in place by
+    the native reconstruct, see layout.Codec.reconstruct). None: not possible."""
     if not recs:
         return None
     h, payload = recs[0]
