@@ -36,6 +36,10 @@ log = logging.getLogger("kvstored.tls")
 
 HANDSHAKE_TIMEOUT = 10.0  # seconds from accept to a finished TLS handshake
 REFUSE_LINGER = 2.0  # seconds to wait for a refused plaintext client to read our error
+# Seconds a closing TLS connection waits for the peer's close_notify. asyncio's default is
+# 30 s: one idle client that never answers it held a SIGTERM'd daemon for the whole drain
+# deadline (10 s), and any closed connection's descriptor for 30 s.
+SHUTDOWN_TIMEOUT = 2.0
 REFUSE_DRAIN = 1 << 20  # bytes of a refused plaintext client's request we read and drop
 MIN_VERSIONS = {"1.2": ssl.TLSVersion.TLSv1_2, "1.3": ssl.TLSVersion.TLSv1_3}
 _TLS_HANDSHAKE_RECORD = 0x16
@@ -239,7 +243,8 @@ class TLSListener:
             return
         try:
             await loop.connect_accepted_socket(self.factory, sock, ssl=self.tls.context,
-                                               ssl_handshake_timeout=self.timeout)
+                                               ssl_handshake_timeout=self.timeout,
+                                               ssl_shutdown_timeout=SHUTDOWN_TIMEOUT)
         except asyncio.CancelledError:
             raise
         except Exception as e:  # the transport closes the socket itself
