@@ -43,9 +43,10 @@ import logging
 from typing import Any, List, Optional
 
 try:
-    import torch
+    # the engine first: without it this fails at once, before torch's seconds-long import
     from sglang.srt.mem_cache.hicache_storage import (HiCacheStorage, HiCacheStorageConfig,
                                                       HiCacheStorageExtraInfo)
+    import torch
 except ImportError as e:  # pragma: no cover - exercised only without sglang
     raise ImportError(
         f"kvstore.integrations.sglang needs SGLang with HiCache (sglang.srt.mem_cache): {e}") from e

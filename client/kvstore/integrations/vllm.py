@@ -49,10 +49,11 @@ import logging
 from typing import TYPE_CHECKING, Any, Optional
 
 try:
-    import torch
+    # the engine first: without it this fails at once, before torch's seconds-long import
     from vllm.distributed.kv_transfer.kv_connector.v1.base import (KVConnectorBase_V1,
                                                                    KVConnectorMetadata,
                                                                    KVConnectorRole)
+    import torch
 except ImportError as e:  # pragma: no cover - exercised only without vllm
     raise ImportError(f"kvstore.integrations.vllm needs vLLM with the V1 KV connector API: {e}") from e
 
