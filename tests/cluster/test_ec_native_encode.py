@@ -96,7 +96,9 @@ def test_a_probe_that_differs_keeps_pyeclib(codec):
 def test_opt_out_uses_pyeclib():
     code = ("import os; from kvstore import layout; p = layout.Policy.parse('ec:4+2'); "
             "c = layout.codec(p); v = os.urandom(300000); "
-            "assert c.native is None and [bytes(f) for f in c.encode(v)] == c.driver.encode(v); print('ok')")
+            "assert c.native is None and [bytes(f) for f in c.encode(v)] == c.driver.encode(v); "
+            "fr = c.driver.encode(v); "  # reconstruct falls back to pyeclib, bytearrays copied for it
+            "assert c.reconstruct([memoryview(bytearray(f)) for f in fr[2:]], [1, 0]) == fr[:2]; print('ok')")
     env = dict(os.environ, KVSTORE_NATIVE_EC="0",
                PYTHONPATH=os.pathsep.join([str(ROOT / "client"), os.environ.get("PYTHONPATH", "")]))
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=60)
