@@ -64,9 +64,9 @@ FAIR_FRAMES = 1024
 # most HEADER_WINDOW bytes: enough for the next header, its names and a little more, so the
 # next large payload lands in its slot from the socket rather than in the header buffer
 # first (that copy into the slot was 25 % of the daemon's CPU for 256 KiB puts at c=8; the
-# kernel's copy then writes the cold slot instead: -9 % daemon CPU per 1 MiB put, see
+# kernel's copy then writes the cold slot instead: 4-9 % less daemon CPU per 1 MiB put,
 # benchmarks/RESULTS.md, H6). Below it reads stay whole: a 64 KiB put pays less for the
-# copy than for a second read (measured in the H4 section).
+# copy than for a second read (H4's section and H6's).
 LARGE_PAYLOAD = 128 << 10
 HEADER_WINDOW = 4 << 10
 
