@@ -119,9 +119,9 @@ class Store(RepairHooks):
         if size > self.limits.max_value_size:
             raise InvalidArgument(
                 f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
-        if self.dedup(ns, key, size, checksum):
+        old = self.index.get(ns, key)  # one lookup serves dedup and the conflict check
+        if old is not None and self._same(old, size, checksum):
             return None
-        old = self.index.get(ns, key)
         if old is not None and old.unverified:
             overwrite = True  # a fresh write beats a record not yet verified
         if old is not None and not overwrite and checksum is not None:
@@ -146,7 +146,11 @@ class Store(RepairHooks):
         put is answered from the index alone, overwrite or not, before any slot is taken
         (re-puts, e.g. a cluster client's, otherwise reserve, copy and free a slot)."""
         old = self.index.get(ns, key)
-        if old is None or checksum is None or old.checksum != checksum or old.size != size:
+        return old is not None and self._same(old, size, checksum)
+
+    def _same(self, old: Entry, size: int, checksum: int | None) -> bool:
+        """``dedup`` for the entry found under the key."""
+        if checksum is None or old.checksum != checksum or old.size != size:
             return False
         if old.unverified:
             self.verify(old)  # a writer vouches for exactly these bytes
@@ -180,6 +184,32 @@ class Store(RepairHooks):
             free_slot(res.offset)
             raise ChecksumMismatch("payload checksum does not match the declared checksum; "
                                    "nothing was stored")
+        e = self.index.Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
+        # A new key (the common case) needs no lookup: insert refuses (KeyError, nothing
+        # changed) a key that is taken, and only then is the stored entry looked up --
+        # it may have been committed, deleted or evicted since reserve looked.
+        taken = False
+        try:
+            self.index.insert(e)
+        except KeyError:
+            taken = True
+        except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no slot leaks
+            free_slot(res.offset)
+            raise
+        if taken and not self._replace(res, e):
+            return False
+        self.dram.link(e)
+        self.counters["puts"] += 1
+        self.counters["put_bytes"] += res.size
+        if self.observer is not None:
+            self.observer.stored(e)
+        self.maybe_evict()
+        return True
+
+    def _replace(self, res: Reservation, e: Entry) -> bool:
+        """``commit`` for a key that is taken: False (slot freed) when the stored object
+        is these bytes, Conflict unless overwrite, else the old entry is replaced by ``e``."""
+        free_slot = self.dram.free_slot
         old = self.index.get(res.ns, res.key)
         if old is not None and old.unverified:
             self._unlink(old, tombstone=True)
@@ -195,18 +225,11 @@ class Store(RepairHooks):
                 raise Conflict("key exists with different bytes; objects are immutable unless "
                                "overwrite is asked")
             self._unlink(old, tombstone=True)
-        e = self.index.Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
         try:
             self.index.insert(e)
-        except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no slot leaks
+        except BaseException:
             free_slot(res.offset)
             raise
-        self.dram.link(e)
-        self.counters["puts"] += 1
-        self.counters["put_bytes"] += res.size
-        if self.observer is not None:
-            self.observer.stored(e)
-        self.maybe_evict()
         return True
 
     def abort(self, res: Reservation) -> None:
