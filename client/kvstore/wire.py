@@ -233,6 +233,19 @@ class _Sink:
         return _SCRATCH[:min(self.size - (s.start or 0), len(_SCRATCH))]
 
 
+# Whole-frame structs (header, namespace, key) by name lengths, made on first use;
+# names are at most 255 bytes each, and only this many shapes are kept.
+_FRAMES: dict[int, struct.Struct] = {}
+_MAX_FRAMES = 512
+
+
+def _frame_struct(ns_len: int, key_len: int) -> struct.Struct:
+    frame = struct.Struct(f"{HEADER.format}{ns_len}s{key_len}s")
+    if len(_FRAMES) < _MAX_FRAMES:
+        _FRAMES[ns_len << 8 | key_len] = frame
+    return frame
+
+
 class FrameReader:
     """Incremental reader of one frame stream; it does no I/O itself.
 
@@ -322,16 +335,22 @@ class FrameReader:
         t = HEADER.unpack_from(self.buf, self.start)
         if t[0] != MAGIC or t[1] != VERSION:
             raise _bad_frame(t)
-        p = self.start + HEADER_SIZE
-        k = p + t[6]
-        e = k + t[7]
+        start = self.start
+        nl = t[6]
+        kl = t[7]
+        e = start + HEADER_SIZE + nl + kl
         if e > self.end:
             return None
-        buf = self.buf
+        # one unpack of a struct made for these name lengths gives the namespace and key
+        # as immutable bytes, without the slice-then-copy of bytes(buf[a:b])
+        frame = _FRAMES.get(nl << 8 | kl)
+        if frame is None:
+            frame = _frame_struct(nl, kl)
+        t = frame.unpack_from(self.buf, start)
         self.start = e
         if e == self.end:
             self.start = self.end = 0
-        return _new_header(Header, t[2:]), bytes(buf[p:k]), bytes(buf[k:e])
+        return _new_header(Header, t[2:11]), t[11], t[12]
 
     def take(self, n: int) -> bytes | None:
         """The next ``n`` bytes if they are all buffered (small inline payloads), else None."""
