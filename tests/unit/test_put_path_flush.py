@@ -54,3 +54,44 @@ def test_flush_writes_all_most_read_first_in_bounded_chunks(tmp_path, monkeypatc
         finally:
             s.close()
     asyncio.run(run())
+
+
+def test_flush_past_its_deadline_walks_no_more_and_counts_what_is_lost(tmp_path, monkeypatch):
+    monkeypatch.setattr(tiering, "_FLUSH_CHUNK", 8)
+    monkeypatch.setattr(tiering, "_FLUSH_PASSES", 4)
+
+    async def run():
+        dev = NvmeDevice(str(tmp_path / "d.dat"), MiB + 3 * 16 * MiB, 16 * MiB, "auto", 32)
+        s = Store(StoreLimits(dram_size=8 * MiB, slab_size=MiB, max_value_size=MiB,
+                              prefault=False), nvme=NvmeTier(dev, admission="read"))
+        try:
+            for i in range(40):
+                s.put_bytes(NS, b"k%02d" % i, bytes([i]) * 4096)
+                s.index.get(NS, b"k%02d" % i).reads = i
+            walks = []
+            real = s.tiering._flush_chunk
+
+            async def chunk(todo, deadline):
+                walks.append(len(todo))
+                if len(walks) == 1:  # the deadline passes while the first chunk is written
+                    deadline = asyncio.get_running_loop().time() + 60
+                    out = await real(todo, deadline)
+                    s.tiering.flush_deadline_passed = True
+                    return out
+                return await real(todo, deadline)
+            s.tiering._flush_chunk = chunk
+            real_time = asyncio.get_running_loop().time
+            t0 = real_time()
+            # the loop's clock jumps past the deadline once the first chunk is written
+            asyncio.get_running_loop().time = lambda: real_time() + (
+                1000 if getattr(s.tiering, "flush_deadline_passed", False) else 0)
+            try:
+                written = await s.flush_to_nvme(30)
+            finally:
+                del asyncio.get_running_loop().time
+            assert written == walks[0] == 10 and walks[1:] == [0]  # no further walk
+            assert s.flush_not_kept == 40 - written
+            assert real_time() - t0 < 30
+        finally:
+            s.close()
+    asyncio.run(run())
