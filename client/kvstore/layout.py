@@ -244,12 +244,12 @@ class Codec:
         # pyeclib needs bytes (a bytearray aborts the process inside liberasurecode)
         return self.driver.decode([bytes(f) for f in fragments])
 
-    def reconstruct(self, fragments: list, indexes: list[int]) -> list:
-        """The fragments of ``indexes`` rebuilt from any K others (any buffers): bytes, or
-        bytearrays through ``_NativeEncoder`` (which reads writable fragments in place,
-        without the GIL, where pyeclib needs a bytes copy of each and copies its output)."""
-        if self.native is not None and self.native.can_reconstruct and _same_length(fragments):
-            return self.native.reconstruct(fragments, indexes)
+    def reconstruct(self, fragments: list, indexes: list[int]) -> list[bytes]:
+        """The fragments of ``indexes`` rebuilt from any K others. Through pyeclib, with a
+        bytes copy of each: liberasurecode called on repair's records in place was
+        measured 10-15 % slower per call (a payload sits 36 bytes into its record, only
+        4-byte aligned, and a fresh output buffer cost more than pyeclib's copy out;
+        RESULTS.md, issue 13 H8)."""
         return self.driver.reconstruct([bytes(f) for f in fragments], indexes)
 
 
@@ -295,11 +295,6 @@ class _NativeEncoder:
         self.dec_free = lib.liberasurecode_decode_cleanup
         self.dec_free.argtypes = [ctypes.c_int, ctypes.c_void_p]
         self.dec_free.restype = ctypes.c_int
-        self.rec = lib.liberasurecode_reconstruct_fragment
-        self.rec.argtypes = [ctypes.c_int, ctypes.POINTER(ctypes.c_void_p), ctypes.c_int, ctypes.c_uint64,
-                             ctypes.c_int, ctypes.c_void_p]
-        self.rec.restype = ctypes.c_int
-        self.can_reconstruct = False  # set by attach once a probe rebuilds pyeclib's bytes
         self.lock = threading.Lock()
 
     @classmethod
@@ -323,12 +318,6 @@ class _NativeEncoder:
                 return None
             if bytes(native.decode([bytearray(f) for f in want[1:k + 1]])) != probe:
                 return None
-            # reconstruct is probed on its own: a mismatch leaves pyeclib's in place
-            lost = [0, k] if m > 1 else [0]
-            have = [bytearray(f) for i, f in enumerate(want) if i not in lost][:k]
-            native.can_reconstruct = (
-                [bytes(f) for f in native.reconstruct(have, list(lost))] == [want[i] for i in lost]
-                == driver.reconstruct([bytes(f) for f in have], list(lost)))
         except Exception:  # noqa: BLE001 (any surprise: pyeclib's own encode is used)
             return None
         return native
@@ -389,42 +378,6 @@ class _NativeEncoder:
         a = (ct.c_char * olen.value).from_address(out.value)
         a.owner = owner
         return memoryview(a).cast("B").toreadonly()
-
-
-    def reconstruct(self, fragments: list, indexes: list[int]) -> list[bytearray]:
-        """liberasurecode_reconstruct_fragment on fragments of one length (Codec checks),
-        read where they lie when writable, once per index in ascending order, each
-        rebuilt fragment joining the sources of the next (what pyeclib does)."""
-        ct = self.ct
-        n = len(fragments[0])
-        keep, addrs = [], []
-
-        def add(f):
-            mv = memoryview(f).cast("B")
-            if mv.readonly:
-                b = _as_bytes(mv)
-                keep.append(b)
-                addrs.append(ct.cast(ct.c_char_p(b), ct.c_void_p).value)
-            else:
-                a = (ct.c_char * mv.nbytes).from_buffer(mv)
-                keep.append(a)
-                addrs.append(ct.addressof(a))
-        for f in fragments:
-            add(f)
-        out = []
-        for idx in sorted(indexes):
-            dst = bytearray(n)
-            d = (ct.c_char * n).from_buffer(dst)
-            with self.lock:
-                rc = self.rec(self.desc, (ct.c_void_p * len(addrs))(*addrs), len(addrs), n, idx,
-                              ct.addressof(d))
-            del d  # dst stays resizable for its users
-            if rc < 0:
-                from pyeclib.ec_iface import ECDriverError
-                raise ECDriverError(f"liberasurecode_reconstruct_fragment failed: {rc}")
-            out.append(dst)
-            add(dst)
-        return out
 
 
 class _Decoded:

@@ -45,10 +45,8 @@ class LocalStore:
             return out
         return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
 
-    def read_many(self, items: list[tuple[bytes, bytes]]) -> list[bytearray | None]:
-        """The bytes of each (ns, key) (None when absent); one loop hop for all. A
-        bytearray, like a peer's batch_get: the native reconstruct reads a writable
-        buffer in place where a read-only slice of bytes would be copied once more."""
+    def read_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes | None]:
+        """The bytes of each (ns, key) (None when absent); one loop hop for all."""
         s = self._store
 
         async def call():
@@ -60,7 +58,7 @@ class LocalStore:
                     out.append(None)
                     continue
                 try:
-                    out.append(bytearray(s.view(e)))
+                    out.append(bytes(s.view(e)))
                 finally:
                     s.release(e)
             return out

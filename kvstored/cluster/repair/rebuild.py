@@ -46,8 +46,7 @@ def rebuild(p: Policy, kind: int, recs: list[tuple], indices: list[int], what: s
             ) -> dict[int, tuple[bytes, object]] | None:
     """Records for ``indices`` as (header, payload) pairs (written gathered, no copy of
     the payload): re-indexed copies of a whole-object record, or fragments reconstructed
-    from K current ones (``recs``: usable() output; their payloads are read in place by
-    the native reconstruct, see layout.Codec.reconstruct). None: not possible."""
+    from K current ones (``recs``: usable() output). None: not possible."""
     if not recs:
         return None
     h, payload = recs[0]
