@@ -185,17 +185,19 @@ class Store(RepairHooks):
             raise ChecksumMismatch("payload checksum does not match the declared checksum; "
                                    "nothing was stored")
         e = self.index.Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
-        # A new key (the common case) needs no lookup: insert refuses (KeyError, nothing
-        # changed) a key that is taken, and only then is the stored entry looked up --
-        # it may have been committed, deleted or evicted since reserve looked.
-        taken = False
-        try:
-            self.index.insert(e)
-        except KeyError:
-            taken = True
-        except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no slot leaks
-            free_slot(res.offset)
-            raise
+        # A put without overwrite is almost always of a new key, which needs no lookup:
+        # insert refuses (KeyError, nothing changed) a key that is taken, and only then is
+        # the stored entry looked up -- it may have been committed, deleted or evicted
+        # since reserve looked. An overwrite usually finds its key taken: look first.
+        taken = res.overwrite
+        if not taken:
+            try:
+                self.index.insert(e)
+            except KeyError:
+                taken = True
+            except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no leak
+                free_slot(res.offset)
+                raise
         if taken and not self._replace(res, e):
             return False
         self.dram.link(e)
@@ -207,8 +209,9 @@ class Store(RepairHooks):
         return True
 
     def _replace(self, res: Reservation, e: Entry) -> bool:
-        """``commit`` for a key that is taken: False (slot freed) when the stored object
-        is these bytes, Conflict unless overwrite, else the old entry is replaced by ``e``."""
+        """``commit`` for a key found taken (or an overwrite): False (slot freed) when the
+        stored object is these bytes, Conflict unless overwrite, else ``e`` replaces the
+        old entry (or is inserted, the key being free)."""
         free_slot = self.dram.free_slot
         old = self.index.get(res.ns, res.key)
         if old is not None and old.unverified:

@@ -55,6 +55,18 @@ def test_new_key_put_is_one_lookup(store):
     assert bytes(store.arena.view[e.offset:e.offset + e.size]) == data
 
 
+def test_overwrite_looks_up_once_in_commit_and_inserts_a_free_key(store):
+    gets = store.index.gets
+    assert store.put_bytes(NS, b"o", b"1" * 100, overwrite=True) is True  # key was free
+    assert store.index.gets - gets == 2  # reserve's and commit's (an overwrite looks first)
+    gets = store.index.gets
+    assert store.put_bytes(NS, b"o", b"2" * 100, overwrite=True) is True
+    assert store.index.gets - gets == 2
+    e = store.index.get(NS, b"o")
+    assert e.checksum == checksum(b"2" * 100) and len(store.index) == 1
+    assert store.dram.objects == 1 and store.counters["puts"] == 2
+
+
 def _race(store, first: bytes, second: bytes, overwrite=False):
     """Reserve ``second`` under a free key, commit ``first`` there meanwhile, then commit."""
     res = store.reserve(NS, b"r", len(second), checksum(second), overwrite)
