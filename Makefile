@@ -18,7 +18,7 @@ $(NATIVE_DEPS):
 	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev >/dev/null) || \
 	  echo "make: could not install liburing-dev; the NVMe tier will use pread/pwrite threads"
 
-$(VENV)/.installed: pyproject.toml setup.py native/uring.c | $(VENV)/bin/python $(NATIVE_DEPS)
+$(VENV)/.installed: pyproject.toml setup.py $(wildcard native/*.c) | $(VENV)/bin/python $(NATIVE_DEPS)
 	KVSTORE_REQUIRE_NATIVE=$$(test -f $(NATIVE_DEPS) && echo 1) $(PIP) install -e '.[server]'
 	touch $@
 

@@ -1333,7 +1333,9 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
     Py_RETURN_NONE;
 }
 
-static PyObject *Table_mark_unverified(Table *t, PyObject *o) {
+/* mark_unverified (on) / verify (off): flip the flag; the count follows for a record in
+   the table. */
+static PyObject *table_flag_unverified(Table *t, PyObject *o, int on) {
     READY(t, NULL);
     Entry *e;
     if (entry_arg(o, &e) < 0) return NULL;
@@ -1342,28 +1344,18 @@ static PyObject *Table_mark_unverified(Table *t, PyObject *o) {
         return NULL;
     }
     Rec *r = R(e);
-    if (!(r->flags & F_UNVERIFIED)) {
-        r->flags |= F_UNVERIFIED;
-        if (e->ix && (r->flags & F_INTABLE)) t->unverified++;
+    if (!(r->flags & F_UNVERIFIED) == !on) Py_RETURN_NONE;  /* already so */
+    r->flags ^= F_UNVERIFIED;
+    if (e->ix && (r->flags & F_INTABLE)) {
+        if (on) t->unverified++;
+        else t->unverified--;
     }
     Py_RETURN_NONE;
 }
 
-static PyObject *Table_verify(Table *t, PyObject *o) {
-    READY(t, NULL);
-    Entry *e;
-    if (entry_arg(o, &e) < 0) return NULL;
-    if (e->ix && e->ix != t) {  /* its flag would change another index's count */
-        PyErr_SetString(PyExc_ValueError, "entry belongs to another index");
-        return NULL;
-    }
-    Rec *r = R(e);
-    if (r->flags & F_UNVERIFIED) {
-        r->flags &= ~F_UNVERIFIED;
-        if (e->ix && (r->flags & F_INTABLE)) t->unverified--;
-    }
-    Py_RETURN_NONE;
-}
+static PyObject *Table_mark_unverified(Table *t, PyObject *o) { return table_flag_unverified(t, o, 1); }
+
+static PyObject *Table_verify(Table *t, PyObject *o) { return table_flag_unverified(t, o, 0); }
 
 static Py_ssize_t Table_len(Table *t) { return (Py_ssize_t)t->count; }
 
