@@ -42,10 +42,11 @@ def _tune_malloc() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    _tune_malloc()
     # gRPC's C core prints its own lines on stderr (a failed bind: "E1130 ... add_port.cc");
-    # the daemon reports those errors itself. GRPC_VERBOSITY=debug brings them back.
+    # the daemon reports those errors itself. GRPC_VERBOSITY=debug brings them back. Set
+    # before anything imports grpc (the kvstore package does, _tune_malloc included).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
+    _tune_malloc()
     from kvstored.config import ConfigError, config_from_args, fail
 
     try:
