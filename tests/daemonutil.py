@@ -144,21 +144,24 @@ def wait_for(pred, timeout: float = 10.0) -> bool:
     return pred()
 
 
+def _recv_exact(s, n: int) -> bytes | None:
+    """``n`` bytes from a raw socket, or None when the peer hung up first."""
+    buf = b""
+    while len(buf) < n:
+        chunk = s.recv(n - len(buf))
+        if not chunk:
+            return None
+        buf += chunk
+    return buf
+
+
 def read_frame(s) -> tuple | None:
     """(kvstore.wire.Header, payload) of the next frame on a raw socket, or None when the
     peer hung up (tests that play a hand-driven client)."""
     from kvstore import wire
-    hdr = b""
-    while len(hdr) < wire.HEADER_SIZE:
-        chunk = s.recv(wire.HEADER_SIZE - len(hdr))
-        if not chunk:
-            return None
-        hdr += chunk
+    hdr = _recv_exact(s, wire.HEADER_SIZE)
+    if hdr is None:
+        return None
     h = wire.decode(hdr)
-    body = b""
-    while len(body) < h.length:
-        chunk = s.recv(h.length - len(body))
-        if not chunk:
-            return None
-        body += chunk
-    return h, body
+    body = _recv_exact(s, h.length)
+    return None if body is None else (h, body)
