@@ -223,7 +223,7 @@ class Codec:
                 self.offset = off
         # liberasurecode's own header starts each fragment with its index (little-endian
         # uint32), inside the payload checksum: repair checks a source record's outer
-        # index against it (``inner_index``) where the wire checksum is not verified
+        # index against it (``inner_index``), a header field no payload checksum covers
         self.indexed = all(inner_index(f) == i for i, f in enumerate(frags))
         self.native = _NativeEncoder.attach(self.driver, k, m, probe, frags)
 

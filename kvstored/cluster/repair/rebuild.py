@@ -21,9 +21,8 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
     one per index (an index in ``have`` is skipped and added).
 
     Valid: the payload matches the header's payload checksum (the end-to-end check: a
-    record stored corrupt under its own store checksum passes the wire check and fails
-    this one). So repair reads its sources without the wire checksum (PeerIO), and the
-    header fields a rebuild uses are covered otherwise: magic / kind by parse_record,
+    record stored corrupt under its own store checksum passes the wire check, which
+    PeerIO's reads also make, and fails this one); magic / kind by parse_record,
     (olen, ocsum, K, M) by the version, and a fragment's index, given ``p`` whose codec
     knows where liberasurecode keeps it, against that inner index (under the payload
     checksum)."""
