@@ -38,6 +38,7 @@ import hashlib
 import os
 import struct
 import threading
+import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -46,7 +47,7 @@ import xxhash
 from . import errors
 from .malloc import raise_thresholds
 from .placement import Member, place, place_positions
-from .wire import MAX_KEY_LEN, checksum
+from .wire import MAX_KEY_LEN, checksum, checksum_stream
 
 DEFAULT_MIN_EC_SIZE = 256 << 10
 
@@ -226,6 +227,9 @@ class Codec:
         # index against it (``inner_index``), a header field no payload checksum covers
         self.indexed = all(inner_index(f) == i for i, f in enumerate(frags))
         self.native = _NativeEncoder.attach(self.driver, k, m, probe, frags)
+        # ISA-L called directly (no fragment copies) where a probe proves it gives
+        # pyeclib's records; else encode_parts uses ``encode`` above
+        self.isal = _IsalCodec.attach(self.driver, k, m, ec_type) if self.offset == LIBEC_HEADER else None
 
     def encode(self, data) -> list:
         """The K+M fragments of ``data`` (a contiguous buffer; pyeclib itself takes only
@@ -299,7 +303,7 @@ class _NativeEncoder:
 
     @classmethod
     def attach(cls, driver, k: int, m: int, probe: bytes, want: list) -> "_NativeEncoder | None":
-        if os.environ.get("KVSTORE_NATIVE_EC", "1").strip().lower() in ("0", "no", "false", "off"):
+        if not _native_allowed():
             return None
         try:
             import ctypes
@@ -393,6 +397,185 @@ class _Decoded:
             pass
 
 
+# liberasurecode's fragment_header_t (include/erasurecode/erasurecode.h), little-endian and
+# packed: the metadata (index, payload size, backend metadata size, original size, checksum
+# type, 32 bytes of checksums, checksum-mismatch flag, backend id, backend version), then
+# magic, library version, zlib crc32 of the metadata, and padding to 80 bytes
+_LIBEC_META = struct.Struct("<IIIQB32xBBI")
+_LIBEC_TAIL = struct.Struct("<III9x")
+LIBEC_HEADER = _LIBEC_META.size + _LIBEC_TAIL.size  # 80
+_CHKSUM_NONE = 1  # liberasurecode's CHKSUM_NONE: pyeclib's default, no per-fragment CRC
+
+
+def _native_allowed() -> bool:
+    """KVSTORE_NATIVE_EC=0 keeps pyeclib's own encode and decode (no ctypes path at all)."""
+    return os.environ.get("KVSTORE_NATIVE_EC", "1").strip().lower() not in ("0", "no", "false", "off")
+
+
+
+
+class _IsalCodec:
+    """An EC code computed by ISA-L directly (``kvstore.isal``), records framed by us:
+
+    * encode: the data fragments are views of the caller's object (only a zero-padded tail
+      is copied), the parity is written by ec_encode_data into one fresh buffer that the
+      records are sent from, and each fragment's 80-byte liberasurecode header is built
+      here, so a record is the same bytes pyeclib's fragment would give;
+    * decode: the missing data fragments are computed from K surviving ones straight into
+      the caller's buffer (the inverse of the surviving rows of the generator matrix).
+
+    Used only when ``attach`` proved both on probe objects of several sizes against
+    pyeclib (byte-identical fragments; every single and a double erasure decoded back)."""
+
+    _TABLES_KEPT = 256  # decode tables cached per (surviving, missing) set
+
+    def __init__(self, rs, k: int, m: int, template: tuple):
+        from . import isal
+        self.rs, self.k, self.m = rs, k, m
+        self.isal = isal  # held here: a ``from . import`` per call costs a Python-level lookup
+        # from pyeclib's own probe fragment: what no object changes
+        self.bmeta, self.ctype, self.backend_id, self.backend_version, self.magic, self.libec_version = template
+        self._decode_tables: dict[tuple, object] = {}
+
+    @classmethod
+    def attach(cls, driver, k: int, m: int, ec_type: str) -> "_IsalCodec | None":
+        if not _native_allowed():
+            return None
+        try:
+            from . import isal
+            path = isal.find_library(_loaded_library)
+            if path is None:
+                return None
+            rs = isal.RS(isal.Library(path), k, m, ec_type)
+            head = driver.encode(os.urandom(k * 64))[0][:LIBEC_HEADER]
+            idx, _sz, bmeta, _olen, ctype, _mm, bid, bver = _LIBEC_META.unpack_from(head)
+            magic, libver, _crc = _LIBEC_TAIL.unpack_from(head, _LIBEC_META.size)
+            if idx != 0 or ctype != _CHKSUM_NONE or bmeta != 0 or head[21:53] != bytes(32):
+                return None  # per-fragment checksums or backend metadata: not built here
+            self = cls(rs, k, m, (bmeta, ctype, bid, bver, magic, libver))
+            # exact multiples, padded tails, tiny objects (whole fragments of padding)
+            sizes = sorted({1, k, k + 1, 2 * k - 1, k * 64, k * 4096, k * 4096 + 1, k * 4096 + 2 * k + 3,
+                            k * 65536 + k - 1})
+            for n in sizes:
+                v = os.urandom(n)  # random: no pattern a wrong matrix could still get right
+                want = driver.encode(v)
+                got = self.fragments(memoryview(v))
+                if [self.libec_header(i, n, len(b)) + bytes(b) for i, b in enumerate(got)] != want:
+                    return None
+                for lost in ({0}, {k - 1}, set(range(min(k, m))), set(range(k - min(k, m), k))):
+                    have = {i: memoryview(f) for i, f in enumerate(want) if i not in lost}
+                    out = bytearray(n)
+                    if not self.decode_into(have, n, memoryview(out)) or out != v:
+                        return None
+        except Exception:  # noqa: BLE001 (any surprise: liberasurecode / pyeclib are used)
+            return None
+        return self
+
+    def libec_header(self, index: int, olen: int, size: int) -> bytes:
+        """The 80-byte liberasurecode header of fragment ``index`` (payload ``size``
+        bytes) of an object of ``olen`` bytes."""
+        meta = _LIBEC_META.pack(index, size, self.bmeta, olen, self.ctype, 0, self.backend_id,
+                                self.backend_version)
+        return meta + _LIBEC_TAIL.pack(self.magic, self.libec_version, zlib.crc32(meta))
+
+    def fragments(self, mv: memoryview) -> list:
+        """The K+M fragment payloads (without their liberasurecode headers) of the object
+        ``mv`` (a contiguous byte view, at least one byte): data fragments are views of
+        ``mv`` (a padded tail is copied), parity views of one fresh buffer."""
+        isal = self.isal
+        k, m, n = self.k, self.m, len(mv)
+        bs = -(-n // k)  # liberasurecode aligns an isa-l object to K bytes (w = 8)
+        full = n // bs  # data fragments that lie wholly inside the object
+        base = isal.address(mv)
+        bodies = [mv[i * bs:(i + 1) * bs] for i in range(full)]
+        addrs = [base + i * bs for i in range(full)]
+        if full < k:
+            tail = bytearray((k - full) * bs)  # zeros: the padding liberasurecode writes
+            tail[:n - full * bs] = mv[full * bs:]
+            tv = memoryview(tail).toreadonly()
+            t0 = isal.address(tv)
+            bodies += [tv[j * bs:(j + 1) * bs] for j in range(k - full)]
+            addrs += [t0 + j * bs for j in range(k - full)]
+        parity = memoryview(isal.uninitialized(m * bs))  # written whole by ec_encode_data
+        p0 = isal.address(parity)
+        self.rs.encode(bs, addrs, [p0 + j * bs for j in range(m)])
+        parity = parity.toreadonly()
+        return bodies + [parity[j * bs:(j + 1) * bs] for j in range(m)]
+
+    def parts(self, p: Policy, value, ocsum: int) -> list[tuple[bytes, object]]:
+        """encode_parts' records: (our header + the liberasurecode header, payload view);
+        the payload checksum covers the liberasurecode header and the payload, as it
+        covered pyeclib's fragment."""
+        mv = value if isinstance(value, memoryview) else memoryview(value)
+        if mv.format != "B" or mv.ndim != 1:
+            mv = mv.cast("B")
+        n = len(mv)
+        out = []
+        for i, body in enumerate(self.fragments(mv)):
+            lh = self.libec_header(i, n, len(body))
+            h = checksum_stream()
+            h.update(lh)
+            h.update(body)
+            out.append((_header(p, KIND_FRAGMENT, i, n, ocsum, h.intdigest()) + lh, body))
+        return out
+
+    def decode_into(self, payloads: dict, olen: int, target: memoryview) -> bool:
+        """Write the object (``olen`` bytes) into ``target`` from K or more verified
+        fragment payloads ``{index: liberasurecode fragment}``: the data fragments there
+        are copied, the missing ones computed in place (a padded last one through a
+        scratch block). False, with nothing computed, when the fragments do not describe
+        this object (length, header fields) or are fewer than K; the caller checks the
+        object checksum over ``target`` in any case."""
+        isal = self.isal
+        k = self.k
+        if olen <= 0 or len(target) != olen:
+            return False
+        bs = -(-olen // k)
+        have = sorted(payloads)[:k]  # data fragments first: fewer to compute
+        if len(have) < k:
+            return False
+        for i in have:
+            f = payloads[i]
+            if len(f) != LIBEC_HEADER + bs:
+                return False
+            idx, size, _b, flen, *_ = _LIBEC_META.unpack_from(f)
+            magic = _LIBEC_TAIL.unpack_from(f, _LIBEC_META.size)[0]
+            if idx != i or size != bs or flen != olen or magic != self.magic:
+                return False
+        missing = [i for i in range(k) if i not in have and i * bs < olen]  # not all padding
+        for i in have:
+            if i < k and i * bs < olen:
+                take = min(bs, olen - i * bs)
+                target[i * bs:i * bs + take] = payloads[i][LIBEC_HEADER:LIBEC_HEADER + take]
+        if not missing:
+            return True
+        key = (tuple(have), tuple(missing))
+        tables = self._decode_tables.get(key)
+        if tables is None:
+            try:
+                tables = self.rs.decode_tables(have, missing)
+            except isal.IsalError:
+                return False
+            if len(self._decode_tables) >= self._TABLES_KEPT:
+                self._decode_tables.clear()
+            self._decode_tables[key] = tables
+        views = [memoryview(payloads[i]) for i in have]  # kept alive through the call
+        srcs = [isal.address(v) + LIBEC_HEADER for v in views]
+        t0 = isal.address(target)
+        outs, scratch = [], []
+        for i in missing:
+            if (i + 1) * bs <= olen:
+                outs.append(t0 + i * bs)  # straight into the caller's buffer
+            else:  # the padded last fragment: computed whole, its object bytes copied
+                s = memoryview(isal.uninitialized(bs))
+                scratch.append((i, s))
+                outs.append(isal.address(s))
+        self.rs.run(tables, bs, srcs, outs)
+        for i, s in scratch:
+            target[i * bs:olen] = s[:olen - i * bs]
+        return True
+
+
 def _same_length(fragments: list) -> bool:
     """Whether every fragment has the first one's length (liberasurecode reads that many
     bytes of each: a short one would be read past its end)."""
@@ -482,8 +665,11 @@ def encode_parts(p: Policy, value, min_ec_size: int) -> list[tuple[bytes, object
     ocsum = checksum(value)
     if n < min_ec_size:
         return [(_header(p, KIND_REPLICA, i, n, ocsum, ocsum), value) for i in range(p.m + 1)]
+    c = codec(p)
+    if c.isal is not None and n > 0:
+        return c.isal.parts(p, value, ocsum)
     return [(_header(p, KIND_FRAGMENT, i, n, ocsum, checksum(f)), f)
-            for i, f in enumerate(codec(p).encode(value))]
+            for i, f in enumerate(c.encode(value))]
 
 
 def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
@@ -548,6 +734,13 @@ def assemble(p: Policy, records: list, out=None):
             target[pos:pos + take] = part[:take]
             pos += take
         if pos == olen and checksum(target) == ocsum:
+            return whole if dest is None else olen
+    if c.isal is not None:
+        # missing data fragments computed by ISA-L straight into the caller's buffer (or
+        # one fresh one); the object checksum still decides, pyeclib's decode if it fails
+        whole = None if dest is not None else c.isal.isal.uninitialized(olen)
+        target = dest if dest is not None else memoryview(whole)
+        if c.isal.decode_into({i: frags[i][1] for i in idx}, olen, target) and checksum(target) == ocsum:
             return whole if dest is None else olen
     try:
         # K fragments are enough (data fragments first: less to compute); each one more is
