@@ -19,7 +19,8 @@ case, where EC slots wrap around and a node holds up to 2 fragments).
 The second table is the codec: pyeclib ``ECDriver(k, m, "isa_l_rs_vand")`` raw encode
 and decode (all data fragments / one data fragment lost) against the client path,
 ``kvstore.layout.encode_parts`` (called with a memoryview, as batch_put does: header and
-fragment of each record, sent gathered), ``encode_records`` (the same records joined, one
+fragment of each record, sent gathered; through ISA-L directly where layout attached it,
+with two more rows that detach it for the liberasurecode-through-ctypes path before it), ``encode_records`` (the same records joined, one
 copy of each fragment: what batch_put sent before) and ``kvstore.layout.assemble`` (fast path: data fragments 0..K-1 concatenated; decode path:
 data fragment 0 missing).
 
@@ -123,6 +124,19 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
         # channel's wire checksum of each (header + fragment, kvstore.wire.checksum_parts)
         for h, f in layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE):
             checksum_parts((h, f))
+    c = layout.codec(p)
+    direct = getattr(c, "isal", None) is not None  # absent from trees before it (A/B runs)
+
+    def isal_off(fn):
+        # the same call with layout's ISA-L path detached: liberasurecode through ctypes
+        # (or pyeclib), as the client encoded and decoded before it
+        def run():
+            saved, c.isal = c.isal, None
+            try:
+                fn()
+            finally:
+                c.isal = saved
+        return run
     cases = [
         ("encode", lambda: d.encode(data), lambda: layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE),
          "encode_parts (sent gathered)"),
@@ -139,6 +153,17 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
         ("decode, data fragment 0 lost", lambda: d.decode(one_lost),
          lambda: layout.assemble(p, slow, into), "assemble into the caller's buffer (decode)"),
     ]
+    if direct:
+        cases += [
+            ("encode", lambda: d.encode(data),
+             isal_off(lambda: layout.encode_parts(p, view, layout.DEFAULT_MIN_EC_SIZE)),
+             "encode_parts, ISA-L path off (liberasurecode via ctypes)"),
+            ("decode, data fragment 0 lost", lambda: d.decode(one_lost),
+             isal_off(lambda: layout.assemble(p, slow, into)),
+             "assemble into the caller's buffer (decode), ISA-L path off"),
+        ]
+    engine = ("ISA-L called directly" if direct else "liberasurecode via ctypes"
+              if getattr(c, "native", None) is not None else "pyeclib")
     rows = []
     for op, raw_fn, client_fn, client_name in cases:
         raw_s, cl_s, ratio = paired(raw_fn, client_fn, budget_s)
@@ -146,7 +171,7 @@ def bench_codec(k: int, m: int, size: int, budget_s: float) -> list[dict]:
                      "raw_GBps": round(rate(size, raw_s), 2), "raw_us": round(raw_s * 1e6),
                      "client_path": client_name,
                      "client_GBps": round(rate(size, cl_s), 2), "client_us": round(cl_s * 1e6),
-                     "client_over_raw": round(ratio, 2)})
+                     "client_over_raw": round(ratio, 2), "engine": engine})
     return rows
 
 
@@ -414,7 +439,7 @@ def main(argv=None) -> int:
                   f"{r['speed_vs_first']:.2f}x | {r['client_cpu_ms']} | {r['nodes_cpu_ms']} |")
     if results["codec"]:
         print("\n# EC codec per object: pyeclib raw vs the client path (one thread, CPU time, "
-              "9 alternating rounds: medians)\n")
+              f"9 alternating rounds: medians); client encoder: {results['codec'][0]['engine']}\n")
         print("| codec | size | op | raw GB/s | raw us | client path | client GB/s | client us | client / raw time |")
         print("|---|---|---|---:|---:|---|---:|---:|---:|")
         for r in results["codec"]:
