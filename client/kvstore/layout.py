@@ -405,6 +405,7 @@ _LIBEC_META = struct.Struct("<IIIQB32xBBI")
 _LIBEC_TAIL = struct.Struct("<III9x")
 LIBEC_HEADER = _LIBEC_META.size + _LIBEC_TAIL.size  # 80
 _CHKSUM_NONE = 1  # liberasurecode's CHKSUM_NONE: pyeclib's default, no per-fragment CRC
+_ISAL_MAX_BLOCK = 1 << 31  # ec_encode_data takes a fragment's length as a C int
 
 
 def _native_allowed() -> bool:
@@ -539,7 +540,7 @@ class _IsalCodec:
         object checksum over ``target`` in any case."""
         isal = self.isal
         k = self.k
-        if olen <= 0 or len(target) != olen:
+        if olen <= 0 or len(target) != olen or -(-olen // k) >= _ISAL_MAX_BLOCK:
             return False
         bs = -(-olen // k)
         have = sorted(payloads)[:k]  # data fragments first: fewer to compute
@@ -674,7 +675,7 @@ def encode_parts(p: Policy, value, min_ec_size: int) -> list[tuple[bytes, object
     it is a bytes object (or a whole view of one)."""
     n = len(value)
     c = codec(p) if n >= min_ec_size else None
-    if c is not None and c.isal is not None and n > 0:
+    if c is not None and c.isal is not None and 0 < n and -(-n // p.k) < _ISAL_MAX_BLOCK:
         return c.isal.parts(p, value)  # the object checksum too, fragment by fragment
     ocsum = checksum(value)
     if n < min_ec_size:
