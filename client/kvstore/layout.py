@@ -205,7 +205,9 @@ def parse_head(head: bytes) -> tuple | None:
 
 class Codec:
     """A pyeclib driver plus whether its data fragments are the object's bytes after a
-    fixed-size liberasurecode header (checked once), which allows decode-free reads."""
+    fixed-size liberasurecode header (checked once), which allows decode-free reads, and
+    the probed fast paths: ``isal`` (ISA-L called directly, used by encode_parts and
+    assemble) and ``native`` (liberasurecode through ctypes, behind encode / decode)."""
 
     def __init__(self, k: int, m: int, ec_type: str):
         try:

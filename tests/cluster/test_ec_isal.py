@@ -247,8 +247,8 @@ print("ok")
 
 
 def test_opt_out_uses_no_native_path():
-    out = run_fresh(CHECK.replace("{want}", "False") + "assert layout.codec(layout.Policy.parse('ec:4+2')).native is None",
-                    {"KVSTORE_NATIVE_EC": "0"})
+    code = CHECK.replace("{want}", "False") + "assert layout.codec(layout.Policy.parse('ec:4+2')).native is None"
+    out = run_fresh(code, {"KVSTORE_NATIVE_EC": "0"})
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr
 
 
