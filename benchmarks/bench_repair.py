@@ -5,13 +5,26 @@ Daemon) with the cluster enabled (lease_ttl 2, repair_delay 0.5, repair_interval
 cluster.repair_rate from ``--repair-rate``, default 1GiB so the throttle is not the
 limit) and the policy ``ec:3+2`` on namespace "ec". It writes ``--objects`` objects of
 ``--size`` bytes through ``ClusterClient.from_cluster(...).batch_put``, SIGKILLs one
-node, waits until every survivor has dropped it from placement (Members RPC,
+node (2.5 s after the last put: a pass leaves records younger than 2 s to a later
+pass), waits until every survivor has dropped it from placement (Members RPC,
 ``m.placement``), then polls every survivor's own repair status (Members().repair) until
-each has completed a pass since it saw the drop and is idle with pending 0. The time from
-"drop seen by all survivors" to that point is the rebuild time; it is then checked once in
-full (every object's slots over the 4 live nodes hold all K+M distinct records, each
-read back and checksum-verified), and every object is read back through the
+each has completed a pass since it saw the drop and is idle with pending 0. It is then
+checked once in full (every object's slots over the 4 live nodes hold all K+M distinct
+records, each read back and checksum-verified), and every object is read back through the
 ClusterClient and compared byte for byte (exit status 1 when anything differs).
+
+Three times are reported, each labelled:
+
+* SIGKILL -> redundancy: what an operator waits (includes etcd's lease expiry, ~2 s);
+* drop seen -> redundancy: from the moment every survivor has dropped the victim from
+  placement; includes the configured ``repair_delay`` (0.5 s) a pass waits after a
+  membership change, so with few objects that fixed wait is a large share;
+* the passes: from the earliest start of a survivor's pass since the drop to the latest end
+  (each survivor's pass end seen by the 50 ms status polls, its start = end - its
+  ``last_pass_seconds``; both are late by at most one poll). This excludes the configured
+  delay; its rate is the repair agent's own speed. Use ``--objects 3072`` or more to make
+  the delay a small share of drop -> redundancy too (``--dram`` defaults to a size that
+  holds a node's records after the rebuild).
 
 Lost data is what the survivors' repair counters say they wrote (records_written /
 bytes_written deltas, record = 64-byte header + fragment), shown beside what the victim
@@ -22,14 +35,23 @@ measured in the same run.
 
 All processes share one host (and its cores) and talk over loopback: this measures the
 repair agent's software path, not a network. So it also reports the CPU seconds the
-survivors used during the rebuild (/proc; user and system, and per record rebuilt),
-which shared cores do not inflate as much as wall time. ``--malloc-env`` starts the
-nodes with glibc's mmap/trim thresholds raised (fragment-sized buffers reused instead
-of mapped and faulted in afresh).
+survivors used from the drop to redundancy (/proc; user and system, and per record
+rebuilt), and how many cores that is over the passes. ``--malloc-env`` starts the nodes
+with glibc's mmap/trim thresholds raised. Object bytes are slices of one random pool at a
+distinct offset per object (no two objects or fragments alike), made again for the
+read-back, so the benchmark holds no copy of all objects.
+
+``--profile py-spy|py-spy-py|perf|strace`` records the survivors from the kill to
+redundancy into ``--profile-dir`` (py-spy --native per survivor, raw collapsed stacks, or
+py-spy-py: Python frames only, --nonblocking, lighter; perf record --call-graph dwarf
+of all four; strace -c -f per survivor: syscall counts). Profilers slow the survivors: figures of
+a profiled run are not comparable. ``--daemon-root DIR`` runs the nodes from another
+checkout (its client/ and its root on PYTHONPATH), for A/B runs of frozen trees.
 
     PYTHONPATH=client:. python benchmarks/bench_repair.py [--objects 256] [--size 1MiB]
-        [--repair-rate 1GiB] [--dram 512MiB] [--victim 2] [--codec-iters 300]
-        [--timeout 120] [--keep] [--malloc-env]
+        [--repair-rate 1GiB] [--dram auto] [--victim 2] [--codec-iters 300]
+        [--timeout 120] [--keep] [--malloc-env] [--daemon-root DIR]
+        [--profile py-spy|perf|strace --profile-dir DIR]
 """
 from __future__ import annotations
 
@@ -37,6 +59,7 @@ import argparse
 import os
 import shutil
 import signal
+import subprocess
 import sys
 import tempfile
 import time
@@ -48,6 +71,9 @@ sys.path[:0] = [str(REPO / "client"), str(REPO), str(REPO / "tests"), str(REPO /
 MIB = 1 << 20
 MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(64 * MIB), "MALLOC_TRIM_THRESHOLD_": str(256 * MIB)}
 N_NODES = 5
+REPAIR_DELAY_S = 0.5  # cluster.repair_delay of the nodes
+POLL_S = 0.05  # status polls while waiting for the drop and for redundancy
+YOUNG_WAIT_S = 2.5  # from the last put to the SIGKILL (repair's YOUNG_S is 2 s)
 EC = "ec:3+2"
 NS = "ec"
 
@@ -70,7 +96,7 @@ def fmt_size(n: float) -> str:
 def config(tmp: Path, name: str, etcd_endpoint: str, repair_rate: int) -> str:
     lines = ["[node]", f'id = "{name}"',
              "[cluster]", "enabled = true", "lease_ttl = 2", 'name = "bench-repair"',
-             f'etcd_endpoints = "{etcd_endpoint}"', "repair_delay = 0.5", "repair_interval = 30",
+             f'etcd_endpoints = "{etcd_endpoint}"', f"repair_delay = {REPAIR_DELAY_S}", "repair_interval = 30",
              f"repair_rate = {repair_rate}", f'policies = "{NS}={EC}"']
     path = tmp / f"{name}.toml"
     path.write_text("\n".join(lines) + "\n")
@@ -92,6 +118,71 @@ def full_check(members, objs: dict, p) -> list:
     checksum-verified): [] when repair is done."""
     from clusterutil import missing_redundancy
     return missing_redundancy(members, NS, p, objs)
+
+
+class Objects:
+    """Object i: its index (8 bytes) and a slice of one random pool at offset i * 4099
+    mod ``size`` (4099 is odd, so no two of a million objects share an offset, and no two
+    objects or fragments are alike); made on demand, so nothing holds them all."""
+
+    def __init__(self, n: int, size: int):
+        self.n, self.size = n, size
+        self.pool = os.urandom(2 * size)
+        self.keys = [f"obj-{i:06d}".encode() for i in range(n)]
+
+    def value(self, i: int) -> bytes:
+        off = i * 4099 % self.size
+        return i.to_bytes(8, "little") + self.pool[off:off + self.size - 8]
+
+    def sizes(self) -> dict:
+        """{key: a buffer of the object's length}: what the full check reads of them (len)."""
+        z = memoryview(bytes(self.size))
+        return {k: z for k in self.keys}
+
+
+def auto_dram(objects: int, size: int, p) -> int:
+    """A DRAM tier that holds a node's records once the fifth record of every object has
+    been rebuilt over the 4 survivors (K+M records of size/K each, over N_NODES - 1
+    nodes), with a quarter to spare, rounded up to 64 MiB; never below 512 MiB."""
+    rec = size // p.k + 4096
+    need = objects * p.n * rec / (N_NODES - 1) * 1.25
+    return max(512 * MIB, -(-int(need) // (64 * MIB)) * 64 * MIB)
+
+
+def start_profilers(kind: str, out: Path, survivors) -> list:
+    """One profiler per survivor (py-spy, strace) or one for all (perf), attached now."""
+    out.mkdir(parents=True, exist_ok=True)
+    procs = []
+    if kind == "perf":
+        pids = ",".join(str(d.proc.pid) for d in survivors)
+        procs.append(subprocess.Popen(["perf", "record", "-F", "499", "--call-graph", "dwarf,16384", "-p", pids, "-o",
+                                       str(out / "perf.data")], stdout=subprocess.DEVNULL,
+                                      stderr=subprocess.DEVNULL))
+        return procs
+    for d in survivors:
+        name = d.proc.pid
+        if kind in ("py-spy", "py-spy-py"):
+            # py-spy is a dev dependency of the venv: next to its interpreter, if not on PATH
+            spy = shutil.which("py-spy") or str(Path(sys.executable).parent / "py-spy")
+            cmd = [spy, "record", *(["--native"] if kind == "py-spy" else ["--nonblocking"]),
+                   "--rate", "200" if kind == "py-spy" else "500", "--format", "raw", "--pid",
+                   str(d.proc.pid), "--output", str(out / f"pyspy-{name}.txt")]
+        else:
+            cmd = ["strace", "-c", "-f", "-p", str(d.proc.pid), "-o", str(out / f"strace-{name}.txt")]
+        procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+    return procs
+
+
+def stop_profilers(procs: list) -> None:
+    for pr in procs:
+        if pr.poll() is None:
+            pr.send_signal(signal.SIGINT)
+    for pr in procs:
+        try:
+            pr.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            pr.kill()
+            pr.wait()
 
 
 def cpu_seconds(d) -> tuple[float, float]:
@@ -132,7 +223,8 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", type=int, default=256)
     ap.add_argument("--size", type=parse_size, default=MIB)
     ap.add_argument("--repair-rate", type=parse_size, default=1 << 30)
-    ap.add_argument("--dram", type=parse_size, default=512 * MIB)
+    ap.add_argument("--dram", default="auto",
+                    help="DRAM tier per node (auto: a node's records after the rebuild, +25 %%)")
     ap.add_argument("--victim", type=int, default=2, help="index of the node to SIGKILL (0..4)")
     ap.add_argument("--codec-iters", type=int, default=300)
     ap.add_argument("--timeout", type=float, default=120.0, help="limit on the rebuild wait (s)")
@@ -141,6 +233,11 @@ def main(argv=None) -> int:
                     help="start the nodes with MALLOC_MMAP_THRESHOLD_=64MiB / MALLOC_TRIM_THRESHOLD_="
                          "256MiB (glibc keeps freed fragment-sized buffers instead of a fresh mmap, "
                          "and page faults, per allocation)")
+    ap.add_argument("--daemon-root", type=Path, default=None,
+                    help="run the nodes from this checkout (its client/ and root on PYTHONPATH)")
+    ap.add_argument("--profile", choices=("py-spy", "py-spy-py", "perf", "strace"), default=None,
+                    help="record the survivors from the kill to redundancy (slows them)")
+    ap.add_argument("--profile-dir", type=Path, default=Path("repair-profile"))
     args = ap.parse_args(argv)
 
     import kvstore
@@ -160,6 +257,12 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_term)
 
     p = Policy.parse(EC)
+    dram = auto_dram(args.objects, args.size, p) if args.dram == "auto" else parse_size(args.dram)
+    env = dict(MALLOC_ENV) if args.malloc_env else {}
+    if args.daemon_root is not None:
+        root = args.daemon_root.resolve()
+        env["PYTHONPATH"] = os.pathsep.join([str(root / "client"), str(root)])
+    profilers: list = []
     tmp = Path(tempfile.mkdtemp(prefix="bench-repair-"))
     etcd = None
     daemons: list = []
@@ -171,8 +274,7 @@ def main(argv=None) -> int:
         etcd = Etcd(tmp).start()
         for i in range(N_NODES):
             daemons.append(Daemon(tmp, "--config", config(tmp, f"n{i}", etcd.endpoint, args.repair_rate),
-                                  "--dram-size", f"{args.dram // MIB}MiB",
-                                  env=MALLOC_ENV if args.malloc_env else None).start())
+                                  "--dram-size", f"{dram // MIB}MiB", env=env or None).start())
         ids = {f"n{i}" for i in range(N_NODES)}
         for d in daemons:
             wait(lambda d=d: placement(d) == ids, 20, "five nodes registered")
@@ -181,14 +283,13 @@ def main(argv=None) -> int:
         assert str(cc.policy(NS)) == EC, cc.policy(NS)
 
         # ---- write
-        objs: dict[bytes, bytes] = {}
-        for i in range(args.objects):
-            objs[f"obj-{i:06d}".encode()] = i.to_bytes(4, "little") + os.urandom(args.size - 4)
-        items = list(objs.items())
+        gen = Objects(args.objects, args.size)
         t0 = time.monotonic()
-        for i in range(0, len(items), 32):
-            cc.batch_put(items[i:i + 32], namespace=NS)
+        for i in range(0, args.objects, 32):
+            cc.batch_put([(gen.keys[j], gen.value(j)) for j in range(i, min(i + 32, args.objects))],
+                         namespace=NS)
         t_put = time.monotonic() - t0
+        t_last_put = time.monotonic()
 
         # ---- kill one node
         victim = daemons[args.victim]
@@ -201,8 +302,13 @@ def main(argv=None) -> int:
         for d in survivors:
             r = members_of(d).repair
             base[d.control] = (r.passes, r.records_written, r.bytes_written, r.failures)
-        # records younger than max(2 s, repair_delay) are left to a later pass: the drop
-        # below (lease_ttl 2) takes longer than that anyway
+        # a pass leaves records younger than max(2 s, repair_delay) (agent.YOUNG_S) to a
+        # later pass, 2 s on (a put may still be in flight): wait until the last put is
+        # older than that, so that what is measured is one rebuild of settled data
+        time.sleep(max(0.0, t_last_put + YOUNG_WAIT_S - time.monotonic()))
+        if args.profile:
+            profilers = start_profilers(args.profile, args.profile_dir, survivors)
+            time.sleep(1.0)  # attached before the drop (lease_ttl 2)
         victim.stop(signal.SIGKILL)
         t_kill = time.monotonic()
         passes_at_drop = {}
@@ -217,23 +323,34 @@ def main(argv=None) -> int:
                     if vid not in {m.node_id for m in r.members if m.placement}:
                         passes_at_drop[d.control] = r.repair.passes
                         pending_drop.discard(d.control)
-            time.sleep(0.05)
+            time.sleep(POLL_S)
         t_drop = time.monotonic()
         cpu_drop = cpu_of(survivors)
 
-        # ---- wait for every survivor: a pass done since the drop, idle, pending 0
+        # ---- wait for every survivor: a pass done since the drop, idle, pending 0;
+        # each pass that ends is seen here (its end, and its start = end - its length)
         polls = 0
+        seen = dict(passes_at_drop)
+        pass_spans = []  # (start, end) of the survivors' passes since the drop
         while True:
             if time.monotonic() - t_drop > args.timeout:
                 raise TimeoutError(f"repair not done within {args.timeout}s")
             sts = [members_of(d).repair for d in survivors]
+            now = time.monotonic()
             polls += 1
+            for d, r in zip(survivors, sts):
+                if r.passes > seen[d.control]:
+                    seen[d.control] = r.passes
+                    pass_spans.append((now - r.last_pass_seconds, now))
             if all(r.passes > passes_at_drop[d.control] and r.state == "idle" and r.pending == 0
                    for d, r in zip(survivors, sts)):
                 break
-            time.sleep(0.05)
+            time.sleep(POLL_S)
         t_done = time.monotonic()
         cpu_now = cpu_of(survivors)
+        stop_profilers(profilers)
+        profilers = []
+        passes_s = max(e for _s, e in pass_spans) - min(s for s, _e in pass_spans)
         cpu_user, cpu_sys = cpu_now[0] - cpu_drop[0], cpu_now[1] - cpu_drop[1]
         cpu_rebuild = cpu_user + cpu_sys
         rebuild_s = t_done - t_drop
@@ -248,18 +365,19 @@ def main(argv=None) -> int:
         members = [Member(m.node_id, m.control_address, m.failure_domain) for m in live.members if m.placement]
         assert {m.node_id for m in members} == ids - {vid}, members
         t0 = time.monotonic()
-        bad = full_check(members, objs, p)
+        bad = full_check(members, gen.sizes(), p)
         t_check = time.monotonic() - t0
         mismatched = 0
-        keys = list(objs)
+        keys = gen.keys
         for i in range(0, len(keys), 32):
             got = cc.batch_get(keys[i:i + 32], namespace=NS)
-            mismatched += sum(1 for k, g in zip(keys[i:i + 32], got) if bytes(g) != objs[k])
+            mismatched += sum(1 for j, g in enumerate(got, i) if bytes(g) != gen.value(j))
         codec = codec_speed(args.size, args.codec_iters)
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
+        stop_profilers(profilers)
         if cc is not None:
             cc.close()
         for d in daemons:
@@ -278,22 +396,29 @@ def main(argv=None) -> int:
     _, par_dt = codec[3]
     total = args.objects * args.size
     print(f"{args.objects} x {fmt_size(args.size)} objects ({fmt_size(total)}), {EC}, {N_NODES} nodes, "
+          f"DRAM tier {fmt_size(dram)} each, "
           f"{os.cpu_count()} cores (load average {load:.1f} at start); puts took {t_put:.2f}s ({total / t_put / 1e9:.2f} GB/s)")
-    print(f"victim {vid}: {victim_records} records before the kill; dropped from placement by all survivors {t_drop - t_kill:.2f}s after SIGKILL")
+    print(f"victim {vid}: {victim_records} records before the kill, SIGKILLed {t_kill - t_last_put:.2f}s after the "
+          f"last put; dropped from placement by all survivors {t_drop - t_kill:.2f}s after SIGKILL")
     print(f"survivors: {passes} passes since the drop, longest last pass {last_pass:.2f}s, "
           f"{failures} failures, {polls} status polls; full check {t_check:.2f}s")
     print()
     rows = [
         ("objects lost with the node (records rebuilt)", f"{records}", ""),
         ("bytes rebuilt (records, header + fragment)", fmt_size(nbytes), ""),
-        ("rebuild time (drop seen -> redundancy)", f"{rebuild_s:.2f} s", ""),
-        ("rebuild time (SIGKILL -> redundancy)", f"{t_done - t_kill:.2f} s", ""),
-        ("rebuild throughput", f"{nbytes / rebuild_s / 1e6:.1f} MB/s",
-         f"{records / rebuild_s:.0f} records/s"),
-        ("  same, less the 0.5 s repair_delay", f"{nbytes / (rebuild_s - 0.5) / 1e6:.1f} MB/s",
-         f"{rebuild_s - 0.5:.2f} s of passes"),
-        ("survivors' CPU time during the rebuild", f"{cpu_rebuild:.2f} s",
-         f"all 4 processes; {nbytes / max(cpu_rebuild, 1e-9) / 1e6:.0f} MB rebuilt per CPU-second"),
+        ("time SIGKILL -> redundancy", f"{t_done - t_kill:.2f} s",
+         f"incl. {t_drop - t_kill:.2f} s until all survivors dropped the node (etcd lease)"),
+        ("time drop seen -> redundancy", f"{rebuild_s:.2f} s",
+         f"incl. the configured repair_delay ({REPAIR_DELAY_S} s)"),
+        ("time of the passes (first start -> last end)", f"{passes_s:.2f} s",
+         "excl. the configured repair_delay; +-1 status poll"),
+        ("rebuild rate over the passes", f"{nbytes / passes_s / 1e6:.1f} MB/s",
+         f"{records / passes_s:.0f} records/s; excl. the configured repair_delay"),
+        ("rebuild rate over drop seen -> redundancy", f"{nbytes / rebuild_s / 1e6:.1f} MB/s",
+         f"{records / rebuild_s:.0f} records/s; incl. the configured repair_delay"),
+        ("survivors' CPU, drop seen -> redundancy", f"{cpu_rebuild:.2f} s",
+         f"all 4 processes; {nbytes / max(cpu_rebuild, 1e-9) / 1e6:.0f} MB rebuilt per CPU-second; "
+         f"{cpu_rebuild / passes_s:.2f} cores busy over the passes"),
         ("  of which user / system", f"{cpu_user:.2f} / {cpu_sys:.2f} s",
          f"{cpu_rebuild * 1e6 / max(records, 1):.0f} us of CPU per record rebuilt"),
         ("pyeclib reconstruct, 1 data fragment", f"{frag_len / frag_dt / 1e6:.0f} MB/s",
@@ -310,7 +435,10 @@ def main(argv=None) -> int:
         print(f"| {name:<{w}} | {val} | {note} |")
     print()
     print(f"full redundancy check: {'OK' if not bad else f'{len(bad)} objects incomplete, e.g. {bad[:3]}'}")
-    print(f"read-back through the ClusterClient: {len(objs) - mismatched}/{len(objs)} objects byte-identical")
+    print(f"read-back through the ClusterClient: {args.objects - mismatched}/{args.objects} objects byte-identical")
+    print(f"load average at the end {os.getloadavg()[0]:.1f}")
+    if args.profile:
+        print(f"profile ({args.profile}) in {args.profile_dir}: figures above are slowed by it")
     if bad or mismatched:
         rc = 1
     if records != victim_records:
