@@ -438,9 +438,12 @@ class FakeStore:
         self.data = dict(data)
         self.hops = 0
 
-    def read_many(self, items):
+    def read_many(self, items, split=0):
         self.hops += 1
-        return [self.data.get(k) for k in items]
+        got = [self.data.get(k) for k in items]
+        n = FRAG_HEADER.size  # the first ``split`` as (header, payload), as LocalStore does
+        return [(bytes(b[:n]), bytes(b[n:])) if i < split and b is not None else b
+                for i, b in enumerate(got)]
 
     def settle(self, verify, drop):
         self.hops += 1

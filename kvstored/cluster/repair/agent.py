@@ -29,10 +29,11 @@ from kvstore import errors
 from kvstore.layout import FRAG_HEADER, Policy, lap_key, parse_head, slots, split_lap
 from kvstore.placement import Member
 
-from .decide import Local, Obj, Peers
+from .decide import Local, Obj, Peers, follower, led_by_first
 from .execute import Executor
 from .local import LocalStore
 from .peers import PeerIO
+from .steps import Steps, thread_clock
 from .throttle import Throttle
 
 log = logging.getLogger("kvstored.repair")
@@ -94,8 +95,10 @@ class RepairAgent:
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.rate)
         self.peers = PeerIO(settings.token, settings.tls, self._count)
+        self.steps = Steps()  # where the current (or last) pass spends its time
+        self._loop_cpu = None  # the event loop thread's CPU clock (once known)
         self.executor = Executor(store, self.peers, self.throttle, self._count, self._per_peer,
-                                 lambda: self._stop)
+                                 lambda: self._stop, self.steps)
         self._pool: ThreadPoolExecutor | None = None
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._skipped_young = 0
@@ -113,6 +116,7 @@ class RepairAgent:
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
                    "last_pass_seconds": 0.0, "pending": 0}
+        self._led_elsewhere = 0  # objects of the current pass settled by their first slot's Head
 
     # ------------------------------------------------------------ life cycle
     def start(self) -> None:
@@ -234,16 +238,42 @@ class RepairAgent:
                     due = time.monotonic() + max(YOUNG_S, self.delay)
 
     def _pass(self) -> int:
+        """One pass; logs where it spent its time when it did anything."""
+        steps = self.steps
+        steps.reset()
+        if self._loop_cpu is None:
+            self._loop_cpu = thread_clock(self.store.loop_thread()) or (lambda: 0.0)
+        c0, l0, w0 = time.thread_time(), self._loop_cpu(), time.monotonic()
+        written0 = self.st["records_written"]
+        self._led_elsewhere = 0
+        objects = 0
+        try:
+            pending, objects = self._pass_body(steps)
+            return pending
+        finally:
+            written = self.st["records_written"] - written0
+            if written or objects:
+                log.info("repair pass done", extra={
+                    "objects": objects, "young": self._skipped_young, "led_elsewhere": self._led_elsewhere,
+                    "records_written": written,
+                    "seconds": round(time.monotonic() - w0, 3),
+                    "cpu_ms": round((time.thread_time() - c0) * 1e3),
+                    "loop_cpu_ms": round((self._loop_cpu() - l0) * 1e3),
+                    "steps_cpu_wall_ms": steps.summary()})
+
+    def _pass_body(self, steps: Steps) -> tuple[int, int]:
+        """(objects left pending, objects looked at)."""
         m = self.membership
         me = self.node_id
         members, policies, draining, self._started = self._view()
         if not members:
-            return 0
-        rows = self.store.snapshot()
+            return 0, 0
+        rows = steps.timed("snapshot", self.store.snapshot)
         # a record younger than this may belong to a put still in flight (its other
         # records not written yet): leave it to a later pass. Not counted as pending: a
         # node taking writes always has young records, and a finished put is complete.
         young = time.time() - max(YOUNG_S, self.delay)
+        c0, w0 = time.thread_time(), time.perf_counter()
         fresh = [r for r in rows if r[8] > young]
         rows = [r for r in rows if r[8] <= young]
         self._skipped_young = len(fresh)
@@ -253,6 +283,7 @@ class RepairAgent:
         self._slots_of: dict[int, Policy] = {}  # id(obj) -> the policy its slots were computed for
         if not full:
             objs = self._affected(objs, members)
+        steps.add("select", time.thread_time() - c0, time.perf_counter() - w0)
         self._pass_t0 = time.monotonic()
         self._pass_objects = len(objs)
         with self._lock:
@@ -285,12 +316,16 @@ class RepairAgent:
                     self._force_full = True
                     break
                 batch = objs[i:i + BATCH]
-                self._read_my_heads(batch)
+                steps.timed("own_heads", self._read_my_heads, batch)
+                c0, w0 = time.thread_time(), time.perf_counter()
                 for o in batch:
                     if self._slots_of.get(id(o)) != o.policy or not o.policy:
                         o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
                 todo = [o for o in batch if o.slots]
-                heads, settled = self._ask(todo, me, draining)
+                steps.add("slots", time.thread_time() - c0, time.perf_counter() - w0)
+                heads, settled, led = steps.timed("heads", self._ask, todo, me, draining)
+                if led:  # finished as far as this node is concerned
+                    todo = [o for o in todo if id(o) not in led]
                 view = Peers(me, settled, self._started, draining)
                 # with execute.PIPELINED this batch is read and rebuilt while the previous
                 # one is written; otherwise it is all done when start() returns
@@ -322,7 +357,7 @@ class RepairAgent:
         if full:
             self._last_full = time.monotonic()
         self._pending_keys = unfinished if len(unfinished) <= MAX_PENDING_KEYS else None
-        return pending
+        return pending, len(objs)
 
     def _full_due(self, m) -> bool:
         """A full pass looks at every object; otherwise only at those a membership change
@@ -392,15 +427,56 @@ class RepairAgent:
             else:
                 o.policy = Policy("ec", h[4] + h[5], h[4], h[5])
 
-    def _ask(self, batch: list[Obj], me: str, draining: list) -> tuple[dict, dict]:
+    def _ask(self, batch: list[Obj], me: str, draining: list) -> tuple[dict, dict, set]:
         """Heads of every slot (and draining node) of the batch's objects, one call per
         peer and namespace, all peers at once: ({id(obj): {(node_id, lap): Head or None
-        (no answer)}}, {node_id: settled})."""
-        per_peer: dict[str, tuple[object, dict]] = {}
+        (no answer)}}, {node_id: settled}, {id(obj) of objects left to their leader}).
+
+        An object this node only follows (decide.follower: another node is its first
+        slot, this node's records verified and on its own slots) is first asked of its
+        first slot alone; when that Head shows the same version (decide.led_by_first),
+        another node leads it and decide() would give this node nothing to do, so it is
+        left out. The others are asked of the remaining slots in a second round. While a
+        node drains, every object is asked of every slot (its records are handed over)."""
+        first: dict[int, tuple] = {}  # id(obj) -> (version, kind) of this node's records
+        if not draining:
+            for o in batch:
+                f = follower(o, me)
+                if f is not None:
+                    first[id(o)] = f
+        wants = []
         for o in batch:
-            for member, lap in list(o.slots) + [(d, 0) for d in draining]:
-                if member.node_id == me:
-                    continue
+            if id(o) in first:
+                wants.append((o, [o.slots[0]]))
+            else:
+                wants.append((o, [(m, lap) for m, lap in list(o.slots) + [(d, 0) for d in draining]
+                                  if m.node_id != me]))
+        heads, settled = self._heads(wants)
+        led, again = set(), []
+        for o in batch:
+            if id(o) not in first:
+                continue
+            m0, lap0 = o.slots[0]
+            if led_by_first(first[id(o)], heads.get(id(o), {}).get((m0.node_id, lap0))):
+                led.add(id(o))
+            else:
+                again.append((o, [(m, lap) for m, lap in o.slots[1:] if m.node_id != me]))
+        if again:
+            more, s2 = self._heads(again)
+            for k, v in more.items():
+                heads.setdefault(k, {}).update(v)
+            for nid, s in s2.items():
+                settled[nid] = settled.get(nid, True) and s
+        self._led_elsewhere += len(led)
+        return heads, settled, led
+
+    def _heads(self, wants: list) -> tuple[dict, dict]:
+        """Heads of ``wants`` ([(obj, [(member, lap)])]), one call per peer and namespace
+        (HEADS_PER_CALL keys at most), all peers at once: ({id(obj): {(node_id, lap): Head
+        or None}}, {node_id: settled})."""
+        per_peer: dict[str, tuple[object, dict]] = {}
+        for o, targets in wants:
+            for member, lap in targets:
                 key = lap_key(o.base, lap) if o.ec else o.base
                 per_peer.setdefault(member.node_id, (member, {}))[1].setdefault(o.ns, []).append(
                     (o, lap, key))

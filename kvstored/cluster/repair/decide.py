@@ -329,6 +329,48 @@ def _hand_over(o: Obj, mine: dict, my_laps: set, current, held: list, right: lis
     return done
 
 
+def follower(o: Obj, me: str) -> tuple | None:
+    """(version, kind) of this node's records of ``o`` when the Head of the object's first
+    slot alone may show that ``decide`` has nothing for this node (``led_by_first``), else
+    None. Holds for an EC object whose first slot is another node, every record of
+    this node verified, of one version and kind, each on a lap of this node's own slots
+    (so nothing to hand over). Saves a full pass asking every slot about every object:
+    with K+M slots each object is looked at by every holder, and only one leads."""
+    if not o.ec or o.policy is None or not o.mine or not o.slots or o.slots[0][0].node_id == me:
+        return None
+    got = None
+    for mv in o.mine.values():
+        h = parse_head(mv.head) if not mv.unverified else None
+        if h is None:
+            return None
+        v = (h[8], h[9], h[4], h[5], h[2])
+        if got is not None and v != got:
+            return None
+        got = v
+    p = o.policy
+    nslots = p.n if got[4] == KIND_FRAGMENT else p.m + 1
+    if not set(o.mine) <= {lap for m, lap in o.slots[:nslots] if m.node_id == me}:
+        return None
+    return got[:4], got[4]
+
+
+def led_by_first(mine: tuple, first) -> bool:
+    """True when the first slot's Head ``first`` (None: no answer) shows that another node
+    leads ``follower``'s object and this node has nothing to do: a verified record of the
+    same version and kind as this node's. Then the first slot holds the current version
+    (it is right, so it leads), or a majority holds another version (this node's records
+    are not current: whoever leads rewrites them); this node's records sit on its own
+    slots either way. (One exception converges a pass later: when that majority's records
+    are of the other kind, a record of this node past that kind's slots is deleted only
+    once the leader has rewritten the first slot.)"""
+    if first is None or not first.present or first.unverified:
+        return False
+    h = parse_head(first.head)
+    # an index outside its kind's range (K+M fragments, M+1 whole copies) is never right
+    return (h is not None and ((h[8], h[9], h[4], h[5]), h[2]) == mine
+            and h[3] < (h[4] + h[5] if h[2] == KIND_FRAGMENT else h[5] + 1))
+
+
 def finished(actions: list) -> bool:
     """True when the object needs nothing more once ``actions`` succeed."""
     return not any(isinstance(a, Pending) for a in actions)

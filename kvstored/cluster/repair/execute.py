@@ -20,17 +20,20 @@ pairs, sent gathered: the fragment pyeclib returned is not copied behind its hea
 from __future__ import annotations
 
 import logging
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvstore.layout import lap_key
 
 from . import rebuild as rb
 from .decide import Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reconstruct, Verify, decide
+from .steps import Steps
 
 log = logging.getLogger("kvstored.repair")
 
 MAX_BATCH_BYTES = 64 << 20  # records of one chunk (two are held at once when PIPELINED)
 PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
+WRITE_S = 0.25  # one write call carries at most this long of cluster.repair_rate's bytes
 PIPELINED = False  # write a chunk on a writer thread while the next is built (see above)
 MAX_SOURCE_ROUNDS = 8  # bounded: each round consumes at least one source per object
 
@@ -40,13 +43,43 @@ def size(data) -> int:
     return len(data[0]) + len(data[1]) if isinstance(data, tuple) else len(data)
 
 
+def _chunks(sizes: list[int], most: int, cap: float):
+    """(start, end) of consecutive runs of at most ``most`` items and ``cap`` bytes (at
+    least one item each): a throttled repair writes (and shows progress) in steps of a
+    fraction of a second, not in one 11 MiB call that waits for seconds first."""
+    start, n = 0, 0
+    for i, b in enumerate(sizes):
+        if i > start and (i - start >= most or n + b > cap):
+            yield start, i
+            start, n = i, 0
+        n += b
+    if start < len(sizes):
+        yield start, len(sizes)
+
+
+def _held(o: Obj, acts: list) -> int:
+    """Bytes of records carrying out ``acts`` holds at once: a rebuild's sources and the
+    records it builds, a copy's record and what is written of it; nothing for an object
+    with nothing to move."""
+    size = max((v.size for v in o.mine.values()), default=0)
+    n = 0
+    for a in acts:
+        if isinstance(a, Reconstruct):
+            n += (rb.needed(o.policy, a.kind) + len(a.targets)) * size
+        elif isinstance(a, (Copy, HandOver)):
+            n += 2 * size
+    return n
+
+
 class Executor:
-    def __init__(self, store, peers, throttle, count, per_peer, stopping):
+    def __init__(self, store, peers, throttle, count, per_peer, stopping, steps=None):
         """``store``: LocalStore; ``peers``: PeerIO; ``throttle``: Throttle; ``count(name,
         n)``: the agent's counters; ``per_peer(fn, jobs)``: run one job per peer at once;
-        ``stopping()``: True once the agent is stopping."""
+        ``stopping()``: True once the agent is stopping; ``steps``: steps.Steps (where
+        the time goes)."""
         self.store, self.peers, self.throttle = store, peers, throttle
         self.count, self.per_peer, self.stopping = count, per_peer, stopping
+        self.steps = steps if steps is not None else Steps()
         self._writer: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None  # the chunk being written
 
@@ -64,6 +97,7 @@ class Executor:
         outcome (per object, True when it needs nothing more from this node), done once
         those are written. Call ``start`` again meanwhile: the next batch is read and
         rebuilt while this one is written (writes stay in order)."""
+        c0, w0 = time.thread_time(), time.perf_counter()
         plans = []
         for o in objs:
             try:
@@ -74,11 +108,12 @@ class Executor:
                     "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
                 plans.append([Pending("decision failed")])
         ok = [not any(isinstance(a, Pending) for a in acts) for acts in plans]
-        self._settle(objs, plans, ok)
+        self.steps.add("decide", time.thread_time() - c0, time.perf_counter() - w0)
+        self.steps.timed("settle", self._settle, objs, plans, ok)
         # execute in chunks whose records fit MAX_BATCH_BYTES
         start, size = 0, 0
-        for i, o in enumerate(objs):
-            est = sum(v.size for v in o.mine.values()) * ((o.policy.k if o.policy and o.ec else 1) + 2)
+        for i, (o, acts) in enumerate(zip(objs, plans)):
+            est = _held(o, acts)
             if i > start and size + est > MAX_BATCH_BYTES:
                 self._move(objs[start:i], plans[start:i], ok, start, view.me)
                 start, size = i, 0
@@ -153,8 +188,9 @@ class Executor:
                     for a in acts if isinstance(a, Reconstruct)]
         for i, _o, _a in rebuilds:
             recs[i], have[i], tried[i] = [], set(), 0
+        steps = self.steps
         if local_keys:  # the records to copy, in one loop hop
-            self._read([], me, local_keys)
+            steps.timed("read", self._read, [], me, local_keys)
         for _round in range(MAX_SOURCE_ROUNDS):
             wants = []  # (i, o, a, member, key)
             for i, o, a in rebuilds:
@@ -167,9 +203,11 @@ class Executor:
                 tried[i] += need
             if not wants:
                 break
-            got = self._read(wants, me, {})
+            got = steps.timed("read", self._read, wants, me, {})
+            c0, w0 = time.thread_time(), time.perf_counter()
             for (i, o, a, _m, _k), buf in zip(wants, got):
                 recs[i] += rb.usable([buf], a.version, have[i], o.policy)
+            steps.add("check", time.thread_time() - c0, time.perf_counter() - w0)
         # 3. records to write, per peer
         writes: dict[str, tuple] = {}  # node_id -> (member, [(ns, overwrite, key, data, tag)])
         tags: dict[tuple, list] = {}  # (i, action index) -> results of its writes
@@ -178,6 +216,7 @@ class Executor:
             writes.setdefault(member.node_id, (member, []))[1].append((ns, overwrite, key, data, tag))
             tags.setdefault(tag, [])
 
+        c0, w0 = time.thread_time(), time.perf_counter()
         for i, (o, acts) in enumerate(zip(objs, plans)):
             for n, a in enumerate(acts):
                 if isinstance(a, (Copy, HandOver)):
@@ -197,8 +236,10 @@ class Executor:
                     for idx, j, overwrite in a.targets:
                         member, lap = o.slots[j]
                         write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
+        steps.add("rebuild", time.thread_time() - c0, time.perf_counter() - w0)
+
         def finish() -> None:
-            results = self._write(writes, me)
+            results = steps.timed("write", self._write, writes, me)
             for tag, r in results.items():
                 tags[tag] += r
             # 4. deletes: handed-over records once every copy was written
@@ -212,7 +253,7 @@ class Executor:
                             isinstance(a, HandOver) and written and all(r is not None for r in written)):
                         deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
             if deletes:
-                self.count("removed", self.store.delete(deletes))
+                self.count("removed", steps.timed("delete", self.store.delete, deletes))
         self._submit_write(finish)
 
     def _read(self, wants: list, me: str, local_keys: dict) -> list:
@@ -220,7 +261,8 @@ class Executor:
         in place): this node's in one loop hop, each peer's with one batch_get, at once."""
         local = [(o.ns, key) for _i, o, _a, member, key in wants if member.node_id == me]
         lk = list(local_keys)
-        got_local = self.store.read_many(local + lk) if local or lk else []
+        # rebuild sources split into (header, payload): see LocalStore.read_many
+        got_local = self.store.read_many(local + lk, len(local)) if local or lk else []
         for k, buf in zip(lk, got_local[len(local):]):
             local_keys[k] = buf
         per_peer: dict[str, tuple] = {}
@@ -260,11 +302,12 @@ class Executor:
                 groups.setdefault((ns, overwrite), []).append((key, data, tag))
             out = []
             for (ns, overwrite), its in groups.items():
-                for c in range(0, len(its), PUT_CHUNK):
+                for c, e in _chunks([size(d) for _k, d, _t in its], PUT_CHUNK,
+                                    self.throttle.rate * WRITE_S):
                     if self.stopping():
                         out += [(tag, None) for _k, _d, tag in its[c:]]
                         break
-                    chunk = its[c:c + PUT_CHUNK]
+                    chunk = its[c:e]
                     self.throttle.take(sum(size(d) for _k, d, _t in chunk))
                     rs = put_many(ns, [(k, d) for k, d, _t in chunk], overwrite)
                     for (_k, d, tag), r in zip(chunk, rs):

@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 
 from kvstore import errors
+from kvstore.layout import FRAG_HEADER
 
 log = logging.getLogger("kvstored.repair")
 
+HEAD = FRAG_HEADER.size  # an EC record's header
 CALL_TIMEOUT = 10.0  # one hop onto the event loop (a batch gets this per object, bounded)
 
 
@@ -20,6 +23,12 @@ class LocalStore:
     def _run(self, fn, timeout: float = CALL_TIMEOUT):
         """Run coroutine function ``fn()`` on the loop and wait for it."""
         return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
+
+    def loop_thread(self) -> int:
+        """The thread id of the event loop (for its CPU clock, steps.thread_clock)."""
+        async def call():
+            return threading.get_ident()
+        return self._run(call)
 
     @property
     def unverified(self) -> int:
@@ -45,20 +54,24 @@ class LocalStore:
             return out
         return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
 
-    def read_many(self, items: list[tuple[bytes, bytes]]) -> list[bytes | None]:
-        """The bytes of each (ns, key) (None when absent); one loop hop for all."""
+    def read_many(self, items: list[tuple[bytes, bytes]], split: int = 0) -> list:
+        """The bytes of each (ns, key) (None when absent); one loop hop for all. The first
+        ``split`` items come as (first HEAD bytes, the rest) pairs, each its own bytes: a
+        rebuild source's payload then goes to pyeclib (which takes only bytes) without a
+        second copy."""
         s = self._store
 
         async def call():
             out = []
-            for ns, key in items:
+            for n, (ns, key) in enumerate(items):
                 try:
                     e = await s.acquire_async(ns, key)
                 except errors.NotFound:
                     out.append(None)
                     continue
                 try:
-                    out.append(bytes(s.view(e)))
+                    v = s.view(e)
+                    out.append((bytes(v[:HEAD]), bytes(v[HEAD:])) if n < split else bytes(v))
                 finally:
                     s.release(e)
             return out

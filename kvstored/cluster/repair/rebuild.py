@@ -3,10 +3,9 @@ from __future__ import annotations
 
 import logging
 
-from kvstore.layout import (FRAG_HEADER, KIND_FRAGMENT, KIND_REPLICA, Policy, codec, fragment_parts,
-                            inner_index, parse_record)
+from kvstore.layout import (FRAG_HEADER, KIND_FRAGMENT, KIND_REPLICA, Policy, checksum, codec,
+                            fragment_parts, inner_index, parse_head, parse_record)
 
-from .decide import version
 
 log = logging.getLogger("kvstored.repair")
 
@@ -30,8 +29,9 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
     check_index = p is not None and codec(p).indexed
     out = []
     for buf in bufs:
-        r = parse_record(buf) if buf is not None else None
-        if r is None or r[0][3] in have or version(True, bytes(buf[:FRAG_HEADER.size])) != current:
+        r = _parse(buf)
+        # the version as decide.version reads it: (olen, ocsum, K, M)
+        if r is None or r[0][3] in have or (r[0][8], r[0][9], r[0][4], r[0][5]) != current:
             continue
         if check_index and r[0][2] == KIND_FRAGMENT and inner_index(r[1]) != r[0][3]:
             log.warning("repair: a source fragment's header index %d is not its own", r[0][3])
@@ -39,6 +39,20 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
         have.add(r[0][3])
         out.append(r)
     return out
+
+
+def _parse(buf) -> tuple | None:
+    """parse_record of a record, or of a (header, payload) pair (LocalStore.read_many's
+    split sources): the same checks, the payload left where it is."""
+    if not isinstance(buf, tuple):
+        return parse_record(buf) if buf is not None else None
+    head, payload = buf
+    h = parse_head(head)
+    if h is None or len(head) != FRAG_HEADER.size or checksum(payload) != h[10]:
+        return None
+    if h[2] == KIND_REPLICA and (len(payload) != h[8] or h[10] != h[9]):
+        return None
+    return h, payload
 
 
 def rebuild(p: Policy, kind: int, recs: list[tuple], indices: list[int], what: str = ""
