@@ -31,7 +31,12 @@ from .steps import Steps
 
 log = logging.getLogger("kvstored.repair")
 
-MAX_BATCH_BYTES = 64 << 20  # records of one chunk (two are held at once when PIPELINED)
+# records one chunk holds (two chunks when PIPELINED): 16 MiB (~12 rebuilds of 341 KiB
+# records) took less CPU than 64 MiB in paired runs (4.02-4.35 against 4.26-4.48 CPU-s for
+# 3072 records, system time 1.26-1.43 against 1.88-1.90 s: sources and rebuilt fragments
+# are reused while cached, fewer fresh pages), more write hops notwithstanding (RESULTS.md,
+# issue 13 H3 session 6)
+MAX_BATCH_BYTES = 16 << 20
 PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
 WRITE_S = 0.25  # one write call carries at most this long of cluster.repair_rate's bytes
 PIPELINED = False  # write a chunk on a writer thread while the next is built (see above)
