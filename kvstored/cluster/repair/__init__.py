@@ -10,7 +10,8 @@ One job per module:
 * ``peers.py``: calls to other nodes (Heads, batch_get, batch_put), one client per peer;
 * ``local.py``: the store calls repair makes, run on the daemon's event loop;
 * ``rebuild.py``: records rebuilt from sources (pyeclib reconstruct, re-indexed copies);
-* ``throttle.py``: the token bucket of ``cluster.repair_rate``.
+* ``throttle.py``: the token bucket of ``cluster.repair_rate``;
+* ``steps.py``: CPU and wall time per step of a pass (logged when a pass ends).
 
 Namespaces repair by the cluster's policy (``kvstore-cli policy set`` / cluster.policies).
 EC records are self-describing, so they are repaired in namespaces without a policy too;

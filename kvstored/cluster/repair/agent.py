@@ -9,8 +9,9 @@ seconds; it skips while etcd is unreachable (the member list may be stale). It w
 node's objects in repair order (records not yet verified first, then pinned, then
 recently read, then most read) in batches of BATCH objects. Per batch:
 
-one Heads call per peer (and per namespace), all peers at once, then ``decide()`` per
-object (pure, no I/O) and the actions carried out in bulk (execute.py), throttled to
+one Heads call per peer (and per namespace), all peers at once (an object another node
+leads is asked of its first slot only, see ``_ask``), then ``decide()`` per object (pure,
+no I/O) and the actions carried out in bulk (execute.py), throttled to
 ``cluster.repair_rate`` bytes/s.
 
 Writes and deletes are idempotent (immutable objects, deterministic reconstruction), so
