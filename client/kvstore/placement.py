@@ -49,16 +49,75 @@ def score(node_id: str, ns, key) -> int:
     """The rendezvous weight of ``node_id`` for (ns, key); fields are length-prefixed, so
     no two (node, ns, key) triples hash the same input."""
     n, s, k = _b(node_id), _b(ns), _b(key)
-    return xxhash.xxh3_64_intdigest(b"".join((_LEN.pack(len(n)), n, _LEN.pack(len(s)), s, k)))
+    return _h(b"".join((_LEN.pack(len(n)), n, _LEN.pack(len(s)), s, k)))
 
 
 def preference(key, members: Iterable, ns="default") -> list:
     """Every member, by descending weight for (ns, key) (ties broken by node_id)."""
+    ms = members if isinstance(members, (list, tuple)) else list(members)
+    e = _entry(ms, ns)
+    if e is None or e.dup:  # odd member lists (see _entry): the plain form
+        return _preference_any(key, ms, ns)
+    return [ms[i] for i in _order(e, _b(key))]
+
+
+def _preference_any(key, members: Iterable, ns) -> list:
     return sorted(members, key=lambda m: (score(m.node_id, ns, key), m.node_id), reverse=True)
 
 
 def _domain(m) -> str:
     return getattr(m, "failure_domain", "") or m.node_id
+
+
+class _Entry:
+    """What placement needs of one (members, ns), kept between calls: each member's
+    hash prefix ``len(node) node len(ns) ns``, its rank by node_id (ties in a sort
+    key made of one int) and its failure domain as a small int."""
+
+    __slots__ = ("heads", "ranked", "by_rank", "dom", "dup")
+
+    def __init__(self, ids, fds, ns_part):
+        self.heads = [_LEN.pack(len(nb)) + nb + ns_part for nb in (i.encode() for i in ids)]
+        order = sorted(range(len(ids)), key=ids.__getitem__)
+        rank = [0] * len(ids)
+        for r, i in enumerate(order):
+            rank[i] = r
+        self.by_rank = order
+        self.dup = len(set(ids)) != len(ids)
+        doms: dict = {}
+        self.dom = [doms.setdefault(fd or i, len(doms)) for i, fd in zip(ids, fds)]
+        self.ranked = list(zip(self.heads, rank))  # (prefix, rank) in member order
+
+
+_CACHE: dict = {}
+_CACHE_MAX = 256  # distinct (members, ns) kept; the whole cache is dropped when full
+_RB = 16  # bits of a rank / of a position in a sort key: lists over 2**16 take the plain form
+
+
+def _entry(members, ns):
+    """The cached _Entry for (members, ns), or None for lists the fast form does not
+    cover (node ids that are not str, 2**16 members or more)."""
+    ids = tuple([m.node_id for m in members])
+    fds = tuple([getattr(m, "failure_domain", "") for m in members])
+    s = _b(ns)
+    ck = (s, ids, fds)  # every input of the entry, so a reused key is always right
+    e = _CACHE.get(ck)
+    if e is None:
+        if len(ids) >= 1 << _RB or not all(type(i) is str for i in ids):
+            return None
+        if len(_CACHE) >= _CACHE_MAX:
+            _CACHE.clear()
+        e = _CACHE[ck] = _Entry(ids, fds, _LEN.pack(len(s)) + s)
+    return e
+
+
+def _order(e, k: bytes) -> list:
+    """Member indexes by descending (score, node_id): one int per member, score above rank."""
+    h = _h
+    vals = [h(hd + k) << _RB | r for hd, r in e.ranked]
+    vals.sort(reverse=True)
+    by_rank = e.by_rank
+    return [by_rank[v & _MASK] for v in vals]
 
 
 def place(key, members: Sequence, n: int, ns="default") -> list:
@@ -67,12 +126,34 @@ def place(key, members: Sequence, n: int, ns="default") -> list:
     fewer than ``n`` members."""
     if n < 1:
         raise InvalidArgument(f"cannot place on {n} nodes")
+    e = _entry(members, ns)
+    if e is None:
+        return _place_any(key, members, n, ns)
+    if e.dup:
+        raise InvalidArgument("duplicate node_id in the member list")
+    if n > len(members):
+        raise InvalidArgument(f"placement needs {n} nodes but the cluster has {len(members)}")
+    dom = e.dom
+    chosen, seen, rest = [], set(), []
+    for i in _order(e, _b(key)):
+        d = dom[i]
+        if d in seen:
+            rest.append(i)
+        else:
+            seen.add(d)
+            chosen.append(i)
+            if len(chosen) == n:
+                break  # the rest can only come after these
+    return [members[i] for i in (chosen + rest)[:n]]
+
+
+def _place_any(key, members: Sequence, n: int, ns) -> list:
     ids = [m.node_id for m in members]
     if len(set(ids)) != len(ids):
         raise InvalidArgument("duplicate node_id in the member list")
     if n > len(members):
         raise InvalidArgument(f"placement needs {n} nodes but the cluster has {len(members)}")
-    pref = preference(key, members, ns)
+    pref = _preference_any(key, members, ns)
     chosen, seen, rest = [], set(), []
     for m in pref:
         d = _domain(m)
@@ -96,13 +177,67 @@ def place_positions(key, members: Sequence, n: int, ns="default") -> list:
         raise InvalidArgument(f"cannot place on {n} nodes")
     if n > len(members):
         raise InvalidArgument(f"placement needs {n} nodes but the cluster has {len(members)}")
+    e = _entry(members, ns)
+    if e is None:
+        return _place_positions_any(key, members, n, ns)
+    if e.dup:
+        raise InvalidArgument("duplicate node_id in the member list")
+    k = _b(key)
+    h = _h
+    heads, dom = e.heads, e.dom
+    flat: list = []  # score of (position j, member i) at j * len(members) + i
+    best = []  # each position's best member
+    tied = False
+    for j in range(n):
+        tail = b"".join((k, _POS, _LEN.pack(j)))
+        row = [h(hd + tail) for hd in heads]
+        flat += row
+        top = max(row)
+        tied = tied or row.count(top) != 1
+        best.append(row.index(top))
+    # Each position's best pair in distinct domains: the greedy takes exactly these
+    # (nothing ranked above a position's best can block it), so no sort is needed.
+    if not tied and len({dom[i] for i in best}) == n:
+        return [members[i] for i in best]
+    if tied or len(set(flat)) != len(flat):
+        # equal scores: the order needs the node_id and position tie-breaks
+        return _place_positions_any(key, members, n, ns)
+    nm = len(members)
+    order = sorted(range(len(flat)), key=flat.__getitem__, reverse=True)
+    chosen: list = [None] * n
+    used: set = set()
+    domains: set = set()
+    left = n
+    for spread in (True, False):  # distinct failure domains first, then any member
+        for x in order:
+            if left == 1:
+                break
+            j, i = divmod(x, nm)
+            if chosen[j] is not None or i in used or (spread and dom[i] in domains):
+                continue
+            chosen[j] = i
+            used.add(i)
+            domains.add(dom[i])
+            left -= 1
+    # The last free position: the scan would take its best member in a new domain, else
+    # its best unused one (a pair eligible now was eligible all along, so once the first
+    # round has ended there are none in a new domain).
+    j = chosen.index(None)
+    row = flat[j * nm:(j + 1) * nm]
+    free = [i for i in range(nm) if i not in used]
+    spread_ok = [i for i in free if dom[i] not in domains]
+    chosen[j] = max(spread_ok or free, key=row.__getitem__)
+    return [members[i] for i in chosen]
+
+
+def _place_positions_any(key, members: Sequence, n: int, ns) -> list:
     ids = [m.node_id for m in members]
     if len(set(ids)) != len(ids):
         raise InvalidArgument("duplicate node_id in the member list")
     k = _b(key)
     s = _b(ns)
     ns_part = _LEN.pack(len(s)) + s
-    h = xxhash.xxh3_64_intdigest
+    h = _h
     # score(node, ns, key || _POS || j), with each node's prefix built once
     heads = [(_LEN.pack(len(nb)) + nb + ns_part, m)
              for m in members for nb in (m.node_id.encode(),)]
@@ -128,6 +263,9 @@ def place_positions(key, members: Sequence, n: int, ns="default") -> list:
 
 
 _POS = b"\x00pos"  # keeps per-position keys apart from plain keys
+_h = xxhash.xxh3_64_intdigest  # a module global: tests swap in a coarse hash to force ties
+_MASK = (1 << _RB) - 1
+_SH = 2 * _RB
 
 
 __all__ = ["Member", "place", "place_positions", "preference", "score"]
