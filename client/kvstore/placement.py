@@ -12,6 +12,11 @@ preference order, then fills from any domain when there are fewer domains than `
 (replicas: copies are interchangeable). ``place_positions`` picks per position, so a
 member's loss moves only its own position (erasure-coded fragments keep their index on
 their position).
+
+Speed (the answers are those of the plain forms kept below as ``_*_any``, which odd
+member lists still take; tests/cluster/test_placement_equivalence.py compares them with a
+frozen copy): what depends only on (members, ns) is cached, scores stay plain ints with
+ties sent to the plain forms, and the matching takes maxima over a masked score list.
 """
 from __future__ import annotations
 
@@ -95,7 +100,7 @@ class _Entry:
 
 _CACHE: dict = {}
 _CACHE_MAX = 256  # distinct (members, ns) kept; the whole cache is dropped when full
-_RB = 16  # bits of a rank / of a position in a sort key: lists over 2**16 take the plain form
+_RB = 16  # bits of a node_id rank in a sort key: lists of 2**16 members or more take the plain form
 
 
 def _entry(members, ns):
