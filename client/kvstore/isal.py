@@ -140,6 +140,45 @@ class RS:
         rows = bytes(inv)
         return self._tables(b"".join(rows[i * k:(i + 1) * k] for i in want), len(want))
 
+    def rebuild_tables(self, have: list[int], want: list[int]):
+        """Tables that compute any fragments ``want`` (data or parity indexes) from the K
+        fragments ``have``: a data index's row of the inverse of the ``have`` rows, or a
+        parity index's generator row times that inverse, so one ec_encode_data call makes
+        them all. IsalError when ``have`` does not determine the data."""
+        k = self.k
+        g = bytes(self.matrix)
+        sub = (ctypes.c_ubyte * (k * k)).from_buffer_copy(b"".join(g[i * k:(i + 1) * k] for i in have))
+        inv = (ctypes.c_ubyte * (k * k))()
+        if self.lib.invert(ctypes.addressof(sub), ctypes.addressof(inv), k) != 0:
+            raise IsalError(f"fragments {have} do not determine the data")
+        rows = bytes(inv)
+        out = bytearray()
+        for i in want:
+            if i < k:
+                out += rows[i * k:(i + 1) * k]
+                continue
+            gi = g[i * k:(i + 1) * k]
+            for col in range(k):
+                acc = 0
+                for j in range(k):
+                    acc ^= gf_mul(gi[j], rows[j * k + col])
+                out.append(acc)
+        return self._tables(bytes(out), len(want))
+
+
+def gf_mul(a: int, b: int) -> int:
+    """a * b in GF(2^8) modulo x^8+x^4+x^3+x^2+1 (0x11d, ISA-L's field). Only for the few
+    coefficients of a rebuild's tables, which are cached."""
+    r = 0
+    while b:
+        if b & 1:
+            r ^= a
+        a <<= 1
+        if a & 0x100:
+            a ^= 0x11D
+        b >>= 1
+    return r
+
 
 def find_library(loaded) -> str | None:
     """The path of the libisal this process loaded (``loaded``: layout's map reader), else

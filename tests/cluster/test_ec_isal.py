@@ -261,3 +261,95 @@ def test_on_a_cpu_without_avx512():
         pytest.skip("ISA-L not reachable here")
     out = run_fresh(CHECK.replace("{want}", "True"), {}, ["qemu-x86_64", "-cpu", "EPYC-Milan"])
     assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+# --- reconstruct (repair's rebuild): any missing index, data or parity, through ISA-L ---
+
+def unaligned_views(frags: list[bytes], shift: int) -> list[memoryview]:
+    """Read-only views ``shift`` bytes into fresh buffers, as repair hands sources over
+    (a payload 36 bytes into its record)."""
+    return [memoryview(bytearray(shift) + f)[shift:].toreadonly() for f in frags]
+
+
+@pytest.mark.parametrize("policy", ["ec:1+1", "ec:2+1", "ec:3+2", "ec:4+2", "ec:8+4", "ec:2+5", "ec:10+6"])
+def test_reconstruct_every_index_and_double_erasures_like_pyeclib(policy, monkeypatch):
+    p = Policy.parse(policy)
+    c = isal_codec(p)
+    n = p.k + p.m
+    for size in (1, 3 * p.k + 2, 300_001):
+        frags = c.driver.encode(os.urandom(size))
+        lost_sets = [[i] for i in range(n)] + list(map(list, itertools.combinations(range(n), 2)))[:40]
+        for lost in lost_sets:
+            if n - len(lost) < p.k:
+                continue
+            src = [f for i, f in enumerate(frags) if i not in lost][-p.k:]  # parity first where it can
+            for shift in (36, 1, 0):
+                got = c.isal.reconstruct(unaligned_views(src, shift), lost)
+                assert got is not None and [bytes(g) for g in got] == [frags[i] for i in lost], (size, lost)
+    # Codec.reconstruct takes that path: pyeclib is not called at all
+    monkeypatch.setattr(c.driver, "reconstruct", lambda *a: pytest.fail("pyeclib used"))
+    frags = c.driver.encode(os.urandom(4096))
+    assert [bytes(g) for g in c.reconstruct(unaligned_views(frags[1:p.k + 1], 36), [0])] == [frags[0]]
+
+
+def test_reconstruct_declines_inconsistent_sources_and_pyeclib_decides():
+    p = Policy.parse("ec:3+2")
+    c = isal_codec(p)
+    frags = c.driver.encode(os.urandom(30_000))
+    other = c.driver.encode(os.urandom(30_003))  # another object's length in its header
+    assert c.isal.reconstruct([frags[1], frags[2], other[3]], [0]) is None
+    assert c.isal.reconstruct([frags[1], frags[1], frags[3]], [0]) is None  # an index twice
+    assert c.isal.reconstruct(frags[1:4], [1]) is None  # asks for a source's own index
+    assert c.isal.reconstruct(frags[1:4], [9]) is None  # out of range
+    assert c.isal.reconstruct(frags[1:3], [0]) is None  # fewer than K
+    assert c.isal.reconstruct([frags[1][:-1]] + frags[2:4], [0]) is None  # a short one
+    # the codec falls back to pyeclib for them: its own answer or its typed error
+    try:
+        out = c.reconstruct([frags[1], frags[1], frags[3]], [0])
+    except c.errors:
+        out = None
+    assert out is None or isinstance(out, list)
+
+
+def test_rebuild_never_uses_a_corrupt_source():
+    from kvstored.cluster.repair import rebuild
+    p = Policy.parse("ec:3+2")
+    isal_codec(p)
+    v = os.urandom(341 * 1024 * 3)
+    recs = encode_records(p, v, 1)
+    h = FRAG_HEADER.unpack_from(recs[0])
+    current = (h[8], h[9], h[4], h[5])
+    bad = bytearray(recs[1])
+    bad[FRAG_HEADER.size + LIBEC_HEADER + 1000] ^= 0x01  # one payload bit
+    ok = rebuild.usable([recs[0], bytes(bad), recs[2], recs[3], recs[4]], current, p=p)
+    assert sorted(r[0][3] for r in ok) == [0, 2, 3, 4]  # the corrupt one is dropped
+    out = rebuild.rebuild(p, layout.KIND_FRAGMENT, ok, [1])
+    head, payload = out[1]
+    assert bytes(head) + bytes(payload) == recs[1]  # rebuilt from the good three only
+    # with the corrupt one among K sources, it is never usable: nothing rebuilt from it
+    assert rebuild.rebuild(p, layout.KIND_FRAGMENT,
+                           rebuild.usable([bytes(bad), recs[2], recs[3]], current, p=p), [0]) is None
+
+
+def test_concurrent_reconstructs():
+    p = Policy.parse("ec:4+2")
+    c = isal_codec(p)
+    frags = c.driver.encode(os.urandom(1 << 20))
+    errs = []
+
+    def work(t):
+        try:
+            for r in range(20):
+                lost = [(t + r) % 6]
+                src = [f for i, f in enumerate(frags) if i not in lost][:4]
+                got = c.reconstruct(unaligned_views(src, 36), lost)
+                assert [bytes(g) for g in got] == [frags[lost[0]]]
+        except Exception as e:  # noqa: BLE001
+            errs.append(e)
+
+    ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+    for t in ts:
+        t.start()
+    for t in ts:
+        t.join(60)
+    assert not errs and not any(t.is_alive() for t in ts)
