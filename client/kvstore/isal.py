@@ -127,24 +127,13 @@ class RS:
         """The M parity blocks of the K data blocks (addresses), each ``size`` bytes."""
         self.run(self.tables, size, data, parity)
 
-    def decode_tables(self, have: list[int], want: list[int]):
-        """Tables that compute data blocks ``want`` from the K fragments ``have`` (their
-        indexes, in the order their addresses will be given): the rows of the inverse of
-        the generator's ``have`` rows. IsalError when they are not independent."""
-        k = self.k
-        g = bytes(self.matrix)
-        sub = (ctypes.c_ubyte * (k * k)).from_buffer_copy(b"".join(g[i * k:(i + 1) * k] for i in have))
-        inv = (ctypes.c_ubyte * (k * k))()
-        if self.lib.invert(ctypes.addressof(sub), ctypes.addressof(inv), k) != 0:
-            raise IsalError(f"fragments {have} do not determine the data")
-        rows = bytes(inv)
-        return self._tables(b"".join(rows[i * k:(i + 1) * k] for i in want), len(want))
-
     def rebuild_tables(self, have: list[int], want: list[int]):
         """Tables that compute any fragments ``want`` (data or parity indexes) from the K
-        fragments ``have``: a data index's row of the inverse of the ``have`` rows, or a
-        parity index's generator row times that inverse, so one ec_encode_data call makes
-        them all. IsalError when ``have`` does not determine the data."""
+        fragments ``have`` (their indexes, in the order their addresses will be given): a
+        data index's row of the inverse of the ``have`` rows, or a parity index's
+        generator row times that inverse, so one ec_encode_data call makes them all (a
+        degraded read asks for data indexes only, repair for either). IsalError when
+        ``have`` does not determine the data."""
         k = self.k
         g = bytes(self.matrix)
         sub = (ctypes.c_ubyte * (k * k)).from_buffer_copy(b"".join(g[i * k:(i + 1) * k] for i in have))

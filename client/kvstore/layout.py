@@ -547,6 +547,21 @@ class _IsalCodec:
         return [(_header(p, KIND_FRAGMENT, i, n, ocsum, sums[i]) + heads[i], body)
                 for i, body in enumerate(bodies)]
 
+    def _tables(self, have: list[int], want: list[int]):
+        """The (cached) tables that compute fragments ``want`` from ``have``, or None when
+        ``have`` does not determine the data."""
+        key = (tuple(have), tuple(want))
+        tables = self._decode_tables.get(key)
+        if tables is None:
+            try:
+                tables = self.rs.rebuild_tables(have, want)
+            except self.isal.IsalError:
+                return None
+            if len(self._decode_tables) >= self._TABLES_KEPT:
+                self._decode_tables.clear()
+            self._decode_tables[key] = tables
+        return tables
+
     def decode_into(self, payloads: dict, olen: int, target: memoryview) -> bool:
         """Write the object (``olen`` bytes) into ``target`` from K or more verified
         fragment payloads ``{index: liberasurecode fragment}``: the data fragments there
@@ -577,16 +592,9 @@ class _IsalCodec:
                 target[i * bs:i * bs + take] = payloads[i][LIBEC_HEADER:LIBEC_HEADER + take]
         if not missing:
             return True
-        key = (tuple(have), tuple(missing))
-        tables = self._decode_tables.get(key)
+        tables = self._tables(have, missing)
         if tables is None:
-            try:
-                tables = self.rs.decode_tables(have, missing)
-            except isal.IsalError:
-                return False
-            if len(self._decode_tables) >= self._TABLES_KEPT:
-                self._decode_tables.clear()
-            self._decode_tables[key] = tables
+            return False
         views = [memoryview(payloads[i]) for i in have]  # kept alive through the call
         srcs = [isal.address(v) + LIBEC_HEADER for v in views]
         t0 = isal.address(target)
@@ -634,16 +642,9 @@ class _IsalCodec:
         want = list(indexes)
         if len(set(want)) != len(want) or any(not 0 <= i < k + m or i in have for i in want):
             return None
-        key = (tuple(have), tuple(want))
-        tables = self._decode_tables.get(key)
+        tables = self._tables(have, want)
         if tables is None:
-            try:
-                tables = self.rs.rebuild_tables(have, want)
-            except isal.IsalError:
-                return None
-            if len(self._decode_tables) >= self._TABLES_KEPT:
-                self._decode_tables.clear()
-            self._decode_tables[key] = tables
+            return None
         srcs = [isal.address(v) + LIBEC_HEADER for v in views]
         outs = [isal.uninitialized(flen) for _ in want]  # payload written whole below
         addrs = []

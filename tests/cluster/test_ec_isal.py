@@ -218,7 +218,7 @@ def test_probe_failure_falls_back(monkeypatch):
 def test_singular_decode_matrix_is_refused():
     c = isal_codec(Policy.parse("ec:4+2"))
     with pytest.raises(isal.IsalError):
-        c.isal.rs.decode_tables([0, 0, 1, 2], [3])  # one row twice: not invertible
+        c.isal.rs.rebuild_tables([0, 0, 1, 2], [3])  # one row twice: not invertible
 
 
 def run_fresh(code: str, env_over: dict, prefix: list[str] | None = None) -> subprocess.CompletedProcess:
