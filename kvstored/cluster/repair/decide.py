@@ -104,8 +104,13 @@ def version(ec: bool, head_or_checksum) -> tuple | int | None:
     """The version a record holds: (olen, ocsum, K, M) for EC, the checksum otherwise."""
     if ec:
         h = parse_head(head_or_checksum)
-        return None if h is None else (h[8], h[9], h[4], h[5])
+        return None if h is None else head_version(h)
     return head_or_checksum
+
+
+def head_version(h: tuple) -> tuple:
+    """(olen, ocsum, K, M) of a parsed EC record header: the version it belongs to."""
+    return h[8], h[9], h[4], h[5]
 
 
 def assign(indices: list[int], free: list[int]) -> list[tuple[int, int]]:
@@ -343,7 +348,7 @@ def follower(o: Obj, me: str) -> tuple | None:
         h = parse_head(mv.head) if not mv.unverified else None
         if h is None:
             return None
-        v = (h[8], h[9], h[4], h[5], h[2])
+        v = (*head_version(h), h[2])
         if got is not None and v != got:
             return None
         got = v
@@ -367,7 +372,7 @@ def led_by_first(mine: tuple, first) -> bool:
         return False
     h = parse_head(first.head)
     # an index outside its kind's range (K+M fragments, M+1 whole copies) is never right
-    return (h is not None and ((h[8], h[9], h[4], h[5]), h[2]) == mine
+    return (h is not None and (head_version(h), h[2]) == mine
             and h[3] < (h[4] + h[5] if h[2] == KIND_FRAGMENT else h[5] + 1))
 
 

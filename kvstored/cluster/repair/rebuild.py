@@ -6,6 +6,7 @@ import logging
 from kvstore.layout import (FRAG_HEADER, KIND_FRAGMENT, KIND_REPLICA, Policy, checksum, codec,
                             fragment_parts, inner_index, parse_head, parse_record)
 
+from .decide import head_version
 
 log = logging.getLogger("kvstored.repair")
 
@@ -30,8 +31,7 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
     out = []
     for buf in bufs:
         r = _parse(buf)
-        # the version as decide.version reads it: (olen, ocsum, K, M)
-        if r is None or r[0][3] in have or (r[0][8], r[0][9], r[0][4], r[0][5]) != current:
+        if r is None or r[0][3] in have or head_version(r[0]) != current:
             continue
         if check_index and r[0][2] == KIND_FRAGMENT and inner_index(r[1]) != r[0][3]:
             log.warning("repair: a source fragment's header index %d is not its own", r[0][3])
