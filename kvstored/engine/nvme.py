@@ -12,6 +12,13 @@ its generation goes up, so records left from before no longer match and are
 ignored. A region sealed once all its records were written gets a summary at its
 end, so a restart reads it instead of every record header (nvmescan).
 
+No key per object is held in RAM here: a region counts its live records (and
+marks forgotten ones in a bitmap, one bit per 4 KiB block), and the keys are read
+back from disk when needed: ``region_rows`` (the in-memory summary of an open
+region, the summary on disk of a sealed one, else a scan of its headers) for
+reclaim and bulk walks (``keys_at``), one record header for ``key_at`` and for
+``read(..., expect=(ns, key))``, which refuses a record holding another key.
+
 Durability: a record counts as on NVMe once it and every record before it in
 its region are written (the region's "durable frontier"); only then may the
 DRAM copy go. Payloads are verified on every read.
@@ -23,6 +30,7 @@ state (format, device, scan, sync, I/O) already has.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import errno
 import logging
 import mmap
@@ -36,10 +44,10 @@ import xxhash
 from .nvmedevice import Location, NvmeDevice, NvmeError, Region
 from .nvmeformat import (BLOCK, COMMITTED, CSUM, DATA_START, FLAG_TOMBSTONE, FLAGS, KEY, LENGTH,
                          NS, REGION_HEADER, REGION_OVERHEAD, REL, SEQ, SUMMARY_ENTRY, align_up,
-                         key_digest, record_header, region_header, summary_block, summary_entry,
-                         tail_size)
+                         count_entries, key_digest, parse_record, parse_summary, parse_trailer,
+                         record_header, region_header, summary_block, summary_entry, tail_size)
 from .nvmeio import HeaderPool
-from .nvmescan import gc_paused, scan
+from .nvmescan import SCAN_CHUNK, gc_paused, scan, scan_rows
 from .nvmesync import SYNC_MODES, Syncer
 
 # the names callers (node, config, benchmarks, tests) import from here
@@ -49,7 +57,13 @@ __all__ = ["BLOCK", "DATA_START", "REGION_OVERHEAD", "Location", "NvmeDevice", "
 log = logging.getLogger("kvstored.nvme")
 
 REGION_WAIT = 5.0  # seconds an append may wait for a busy region to become reclaimable
+# keys_at: up to this many wanted records of one region are read by their headers (4 KiB
+# each); more, and the region's summary is read once instead
+KEYS_AT_HEADERS = 8
 _key_of = itemgetter(NS, KEY)
+# set while a reclaim carries tombstones: their appends do not wait for the size class's
+# region taker (it may be the very append carrying them)
+_CARRYING: contextvars.ContextVar[bool] = contextvars.ContextVar("nvme_carrying", default=False)
 _flags_of = itemgetter(FLAGS)
 
 
@@ -65,10 +79,14 @@ class _Pending:
 class NvmeTier:
     """Region allocation, appends, reads and reclaim over an NvmeDevice.
 
-    The Store owns the index; this class owns regions and I/O. ``can_reclaim``
-    and ``on_reclaim`` are Store callbacks: a region holding a pinned or
-    being-read object is not reclaimed; reclaiming drops the Store's entries
-    whose only copy was there.
+    The Store owns the index; this class owns regions and I/O, and keeps no key
+    per live record in memory (a count per region): the keys are on disk, in the
+    record headers and the region summaries (``region_rows``, ``key_at``,
+    ``keys_at``, ``read(..., expect=)``). ``can_reclaim`` and ``on_reclaim`` are
+    Store callbacks, called with a region and its rows: a region holding a
+    pinned or being-read object is not reclaimed; reclaiming drops the Store's
+    entries whose only copy was there (an entry whose ``nvme`` Location is one
+    of the rows' records).
 
     ``sync`` says when written records are made durable against power loss
     (none | interval | always: nvmesync.Syncer).
@@ -94,9 +112,11 @@ class NvmeTier:
         self.generation = max((r.generation for r in self.regions), default=0) + 1
         self.seq = found.max_seq + 1
         self.open: dict[int, Region] = {}
+        self._taking: dict[int, asyncio.Future] = {}  # slot size -> its region taking (done: found one)
         self.headers = HeaderPool(max(queue_depth * 4, 64))
-        self.can_reclaim = lambda region: True
-        self.on_reclaim = lambda region: None
+        # both get the region and its rows (region_rows; [] when it holds no live record)
+        self.can_reclaim = lambda region, rows: True
+        self.on_reclaim = lambda region, rows: None
         # set by the shutdown flush: reclaim only regions holding no live object, so
         # writing DRAM-only objects never destroys the only copy of another one
         self.keep_live = False
@@ -105,11 +125,16 @@ class NvmeTier:
         # its tombstone must not be reclaimed before the record lands (then forget marks it)
         self.writing: dict[tuple[bytes, bytes], list[int]] = {}
         self._budget_window = (clock(), 0)  # (window start, bytes written in it)
+        self._key_buf: mmap.mmap | None = None  # key_at's aligned header block
+        self._mismatch_logged = False
         self.counters = dict.fromkeys(
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
              "write_errors", "read_errors", "tombstones", "tombstones_carried", "not_admitted",
-             "syncs", "sync_errors", "summaries_written", "summary_errors"), 0)
+             "syncs", "sync_errors", "summaries_written", "summary_errors",
+             # reads whose record header named another key than expected; regions whose
+             # records had to be found by a header scan outside a restart, and its resyncs
+             "key_mismatches", "region_scans", "scan_resyncs"), 0)
         self.counters.update(found.stats)
         self.syncer = Syncer(device.fd, sync, sync_interval, self.counters)
         self.counters["io_backend_fallback"] = int(device.io_backend != "io_uring")
@@ -119,9 +144,9 @@ class NvmeTier:
         """The newest record of every key that was not deleted afterwards, as
         ``(ns, key, location, committed_at)``. Hands over what the scan found (once).
 
-        Also rebuilds which regions hold live records, which hold stale ones (older
-        versions, deleted objects) and which hold tombstones, so reclaim keeps deletes
-        deleted.
+        Also rebuilds how many live records each region holds (a count: the keys stay
+        on disk), which keys have stale records where (older versions, deleted objects)
+        and which regions hold tombstones, so reclaim keeps deletes deleted.
         """
         with gc_paused():
             return self._recovered_objects()
@@ -155,15 +180,16 @@ class NvmeTier:
             ks = keys[i]
             index, base, gen = r.index, r.base, r.generation
             if not special or special.isdisjoint(ks):
-                r.live.update(ks)
+                r.live_count += len(rows)
                 out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM],
                                                      gen), row[COMMITTED]) for row in rows]
             else:
                 pairs = list(zip(ks, rows))
-                r.live.update(k for k, _row in pairs if k not in special)
+                n = len(out)
                 out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM],
                                                      gen), row[COMMITTED])
                         for k, row in pairs if k not in special]
+                r.live_count += len(out) - n
                 subset.append((r, [(k, row) for k, row in pairs if k in special]))
             found[i] = keys[i] = None  # let the rows go as they are turned into locations
         if subset:
@@ -192,7 +218,7 @@ class NvmeTier:
         for k, (r, row) in newest.items():
             if row[FLAGS] & FLAG_TOMBSTONE:
                 continue
-            r.live.add(k)
+            r.live_count += 1
             out.append((k[0], k[1], Location(r.index, r.base + row[REL], row[LENGTH], row[CSUM],
                                              r.generation), row[COMMITTED]))
         return out
@@ -228,24 +254,45 @@ class NvmeTier:
     async def _region_for(self, slot_size: int, rec_len: int, entry_len: int) -> Region | None:
         if REGION_HEADER + rec_len + tail_size(entry_len) > self.dev.region_size:
             raise OSError(errno.EFBIG, f"a {rec_len}-byte record does not fit in a region")
-        r = self.open.get(slot_size)
-        if r is not None and self._fits(r, rec_len, entry_len):
-            return r
+        # one append per size class takes a region at a time: taking one awaits (its rows
+        # are read, tombstones carried), and appends arriving meanwhile would each reclaim
+        # another region, dropping its objects for nothing. The tombstones a carry writes
+        # do not wait (their own taker may be the one carrying).
+        for _ in range(64):  # bounded: each pass waits for another append's taking
+            r = self.open.get(slot_size)
+            if r is not None and self._fits(r, rec_len, entry_len):
+                return r
+            taking = self._taking.get(slot_size)
+            if taking is None or _CARRYING.get():
+                break
+            if not await asyncio.shield(taking):
+                return None  # it found no region either
         if r is not None:
             self._seal(r)
-        r = await self._take_region()
+        done = asyncio.get_running_loop().create_future()
+        mine = slot_size not in self._taking
+        if mine:
+            self._taking[slot_size] = done
+        r = None
+        try:
+            r = await self._take_region()
+        finally:
+            if mine:
+                del self._taking[slot_size]
+                done.set_result(r is not None)
         if r is None:
             return None
         cur = self.open.get(slot_size)
-        if cur is not None:  # another append opened one while this one waited (carrying tombstones)
+        if cur is not None:  # a carry opened one while this append carried (tombstones)
             if self._fits(cur, rec_len, entry_len):
-                r.state = "free"
+                self._retire(r)
                 return cur
             self._seal(cur)
         r.generation = self.generation
         self.generation += 1
         r.slot_size, r.state, r.write_ptr, r.frontier = slot_size, "open", 0, 0
         r.summary, r.sum_state = bytearray(), ""
+        r.live_count, r.dead = 0, None
         r.pending.clear()
         self.open[slot_size] = r
         # the region header (twice) is the first "record": the frontier passes it like any other
@@ -255,6 +302,23 @@ class NvmeTier:
         block[BLOCK:BLOCK + len(data)] = data
         self._write(r, [block], REGION_HEADER, None, None)
         return r
+
+    def _retire(self, r: Region) -> None:
+        """``r`` was reclaimed (its objects left the index) but is not opened now: give it a
+        new generation on disk too, so that a restart before its next use does not bring
+        its old records back (synchronous: two 4 KiB blocks, on a rare path)."""
+        r.generation = self.generation
+        self.generation += 1
+        block = mmap.mmap(-1, REGION_HEADER)
+        data = region_header(r.index, r.generation, 0, self.dev.seed)
+        block[:len(data)] = data
+        block[BLOCK:BLOCK + len(data)] = data
+        try:
+            os.pwritev(self.dev.fd, [memoryview(block)], r.base)
+        except OSError as e:
+            log.warning("nvme region %d: could not retire its header (%s); a restart may see "
+                        "objects it dropped", r.index, e)
+        r.state = "free"
 
     def _seal(self, r: Region) -> None:
         """The region takes no more records (full, or a write failed in it)."""
@@ -302,8 +366,8 @@ class NvmeTier:
                 return r
             if any(x.state == "free" for x in self.regions):
                 continue  # one was handed back while this append waited on a carry
-            if not any(x.state == "carrying" or (x.state == "full" and (x.pending or x.sum_state == "writing")
-                                                 and not (self.keep_live and x.live))
+            if not any(x.state in ("carrying", "reclaiming") or (x.state == "full" and (x.pending or x.sum_state == "writing")
+                                                 and not (self.keep_live and x.live_count))
                        for x in self.regions):
                 return None
             await asyncio.sleep(0.002)
@@ -318,19 +382,41 @@ class NvmeTier:
             # changed while an earlier candidate carried; or its summary is being written
             if r.state != "full" or r.pending or r.sum_state == "writing":
                 continue
-            if self.keep_live and r.live:
+            if self.keep_live and r.live_count:
                 continue
-            if not self.can_reclaim(r):
+            rows = await self._rows_to_reclaim(r)
+            if rows is None or not self.can_reclaim(r, rows):
                 continue
             needed = self._needed_tombstones(r)
             if needed:
                 if not await self._carry(r, needed):
                     continue
-                if r.state != "full" or r.pending or r.live or self._needed_tombstones(r):
+                if r.state != "full" or r.pending or r.live_count or self._needed_tombstones(r):
                     continue
-            self._reclaim(r)
+            self._reclaim(r, rows)
             return r
         return None
+
+    async def _rows_to_reclaim(self, r: Region) -> list[tuple] | None:
+        """The rows the Store's callbacks look up before ``r`` is reclaimed (none when it
+        holds no live record), or None when ``r`` changed meanwhile. While they are read the
+        region is "reclaiming": no other append takes it as a candidate too."""
+        if not r.live_count:
+            return []
+        gen = r.generation
+        r.state = "reclaiming"
+        try:
+            rows = await self.region_rows(r)
+        except OSError as e:
+            log.warning("nvme region %d: cannot read which records it holds (%s); not reclaimed",
+                        r.index, e)
+            return None
+        finally:
+            if r.generation == gen:
+                r.state = "full"
+        if r.generation != gen or r.pending or r.sum_state == "writing":
+            return None
+        return rows
 
     def _needed_tombstones(self, r: Region) -> list[tuple[tuple[bytes, bytes], int]]:
         """Tombstones in ``r`` whose key still has a stale record in another live region."""
@@ -341,11 +427,13 @@ class NvmeTier:
         """Rewrite tombstones that must outlive ``r`` into the open tombstone region, with
         their original sequence numbers (a newer record of the key still wins)."""
         r.state = "carrying"  # no other append picks it meanwhile
+        token = _CARRYING.set(True)  # the appends' tasks copy this context
         try:
             results = await asyncio.gather(
                 *(self.append(k[0], k[1], None, 0, 0, 0, time.time(), tombstone=True, seq=seq)
                   for k, seq in needed), return_exceptions=True)
         finally:
+            _CARRYING.reset(token)
             r.state = "full"
         failed = [e for e in results if isinstance(e, BaseException)]
         self.counters["tombstones_carried"] += len(needed) - len(failed)
@@ -357,11 +445,12 @@ class NvmeTier:
             r.tombs.pop(k, None)  # the carried copies stand for them now
         return True
 
-    def _reclaim(self, r: Region) -> None:
-        self.on_reclaim(r)
+    def _reclaim(self, r: Region, rows: list[tuple]) -> None:
+        self.on_reclaim(r, rows)
         self.counters["regions_reclaimed"] += 1
-        self.counters["objects_dropped"] += len(r.live)
-        r.live.clear()
+        self.counters["objects_dropped"] += r.live_count
+        r.live_count = 0
+        r.dead = None
         for k in r.stale:
             n = self.stale_count.get(k, 0) - 1
             if n > 0:
@@ -480,21 +569,41 @@ class NvmeTier:
             self.counters["demotions"] += 1
             self.counters["demoted_bytes"] += length
             if r.generation == gen:
-                r.live.add(k)
+                r.live_count += 1
         return loc
 
     # -- reads ----------------------------------------------------------------
-    async def read(self, loc: Location, dest: memoryview) -> bool:
-        """Read a record's payload into ``dest`` (aligned, ``align_up(length)`` bytes); verify it."""
+    async def read(self, loc: Location, dest: memoryview,
+                   expect: tuple[bytes, bytes] | None = None) -> bool:
+        """Read a record's payload into ``dest`` (aligned, ``align_up(length)`` bytes); verify it.
+
+        With ``expect=(ns, key)`` the record header is read too (one readv: header, then
+        payload), its own checksum verified and its namespace and key compared with
+        ``expect`` (an index that keeps a fingerprint, not the key, must not serve another
+        key's record): False on a mismatch, counted in ``key_mismatches``."""
         r = self.regions[loc.region]
         if r.generation != loc.generation:
             return False
+        hdr = None
+        if expect is not None:
+            hdr = self.headers.take()
+            block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
+            bufs = [block, dest]
+        else:
+            bufs = [dest]
         try:
-            n = await self.dev.io.readv(loc.offset + BLOCK, [dest])
+            n = await self.dev.io.readv(loc.offset if expect is not None else loc.offset + BLOCK, bufs)
+            if expect is not None:
+                n -= BLOCK
+                if n < 0 or not self._header_is(block, loc, expect):
+                    return False
         except OSError as e:
             self.counters["read_errors"] += 1
             log.error("nvme read failed at offset %d: %s", loc.offset, e)
             return False
+        finally:
+            if hdr is not None:
+                self.headers.give(hdr[0])
         self.counters["bytes_read"] += n
         if n < loc.length or xxhash.xxh3_64_intdigest(dest[:loc.length]) != loc.checksum:
             self.counters["checksum_failures"] += 1
@@ -503,15 +612,197 @@ class NvmeTier:
             return False
         return True
 
+    def _header_is(self, block, loc: Location, expect: tuple[bytes, bytes]) -> bool:
+        """Whether ``block`` is the header of the record at ``loc`` holding ``expect``."""
+        row = self._row_at(block, loc)
+        if row is None:
+            self.counters["checksum_failures"] += 1
+            log.error("nvme record header at offset %d does not verify; dropped", loc.offset)
+            return False
+        if (row[NS], row[KEY]) != tuple(expect):
+            self.counters["key_mismatches"] += 1
+            if not self._mismatch_logged:  # once: a flood of these would say the same
+                self._mismatch_logged = True
+                log.warning("nvme record at offset %d holds another key than the index says "
+                            "(counted in key_mismatches; logged once)", loc.offset)
+            return False
+        return True
+
+    def _row_at(self, block, loc: Location) -> tuple | None:
+        """The row of the header ``block`` read at ``loc`` when it verifies and describes the
+        record ``loc`` names (generation, length, payload checksum; not a tombstone)."""
+        r = self.regions[loc.region]
+        row = parse_record(block, loc.generation, self.dev.seed, loc.offset - r.base)
+        if (row is None or row[FLAGS] & FLAG_TOMBSTONE or row[LENGTH] != loc.length
+                or row[CSUM] != loc.checksum):
+            return None
+        return row
+
+    def key_at(self, loc: Location) -> tuple[bytes, bytes] | None:
+        """``(ns, key)`` of the record at ``loc``, read from its header (synchronous: one 4 KiB
+        read; for the rare caller, a delete or an admin walk of a keyless entry). None when
+        ``loc`` is of an older generation of its region or its header does not verify."""
+        r = self._region_of(loc)
+        if r.generation != loc.generation:
+            return None
+        if self._key_buf is None:
+            self._key_buf = mmap.mmap(-1, BLOCK)  # aligned: the device may be O_DIRECT
+        buf = self._key_buf
+        if not self.dev.read_into(buf, loc.offset):
+            self.counters["read_errors"] += 1
+            return None
+        row = self._row_at(memoryview(buf), loc)
+        return None if row is None else (row[NS], row[KEY])
+
+    async def keys_at(self, locs: list[Location]) -> list[tuple[bytes, bytes] | None]:
+        """``key_at`` of every Location in ``locs``, in the same order, for walks over many
+        NVMe-only objects: per region, the few wanted records' headers are read, or, when
+        many are wanted, the region's summary once (``region_rows``). One region's rows at a
+        time are held."""
+        out: list[tuple[bytes, bytes] | None] = [None] * len(locs)
+        by_region: dict[int, list[int]] = {}
+        for i, loc in enumerate(locs):
+            r = self._region_of(loc)
+            if r.generation == loc.generation:
+                by_region.setdefault(loc.region, []).append(i)
+        for ri, idxs in by_region.items():
+            r = self.regions[ri]
+            gen = r.generation
+            if len(idxs) <= KEYS_AT_HEADERS:
+                await self._keys_from_headers(locs, idxs, out)
+                continue
+            try:
+                rows = await self.region_rows(r)
+            except OSError as e:
+                self.counters["read_errors"] += 1
+                log.warning("nvme region %d: cannot read its records' keys: %s", ri, e)
+                continue
+            if r.generation != gen:  # reclaimed while read: its records are gone
+                continue
+            want = {locs[i].offset - r.base: i for i in idxs}
+            for row in rows:
+                i = want.get(row[REL])
+                if i is None or row[FLAGS] & FLAG_TOMBSTONE:
+                    continue
+                loc = locs[i]
+                if row[LENGTH] == loc.length and row[CSUM] == loc.checksum:
+                    out[i] = (row[NS], row[KEY])
+            if len(want) < len(idxs):  # one record asked for twice: answer every copy
+                for i in idxs:
+                    if out[i] is None:
+                        j = want.get(locs[i].offset - r.base)
+                        out[i] = out[j] if j is not None else None
+            del rows, want
+        return out
+
+    async def _keys_from_headers(self, locs: list, idxs: list[int], out: list) -> None:
+        buf = mmap.mmap(-1, BLOCK * len(idxs))
+        mv = memoryview(buf)
+        try:
+            ns = await asyncio.gather(*(self.dev.io.readv(locs[i].offset, [mv[j * BLOCK:(j + 1) * BLOCK]])
+                                        for j, i in enumerate(idxs)), return_exceptions=True)
+            for j, (i, n) in enumerate(zip(idxs, ns)):
+                loc = locs[i]
+                if isinstance(n, BaseException) or n != BLOCK:
+                    self.counters["read_errors"] += 1
+                    continue
+                if self._region_of(loc).generation != loc.generation:
+                    continue
+                row = self._row_at(mv[j * BLOCK:(j + 1) * BLOCK], loc)
+                if row is not None:
+                    out[i] = (row[NS], row[KEY])
+        finally:
+            del mv, buf  # (not closed: a backend may still hold a view until it lets go)
+
+    def _region_of(self, loc: Location) -> Region:
+        if not 0 <= loc.region < len(self.regions):
+            raise ValueError(f"NVMe location names region {loc.region}; the tier has "
+                             f"{len(self.regions)}")
+        r = self.regions[loc.region]
+        rel = loc.offset - r.base
+        if rel % BLOCK or not REGION_HEADER <= rel <= r.size - BLOCK:
+            raise ValueError(f"NVMe location offset {loc.offset} is not a record offset of "
+                             f"region {loc.region}")
+        return r
+
+    async def region_rows(self, r: Region) -> list[tuple]:
+        """The rows (nvmeformat: seq, rel, length, checksum, committed_at, flags, ns_len,
+        key_len, ns, key) of every record in ``r``, tombstones included, in offset order:
+        from the summary in memory while the region has one (open, or sealed and not yet
+        written), else from its summary on disk (trailer of this generation, checksum
+        verified), else from a scan of its record headers up to its write pointer (no
+        summary, or one that does not verify). Raises OSError when the device fails."""
+        if r.state == "free":
+            return []
+        gen = r.generation
+        if r.summary is not None:
+            body = bytes(r.summary)  # a snapshot: appends go on meanwhile
+            rows = parse_summary(body, count_entries(body) or 0)
+            if rows is not None:
+                return rows
+        if r.sum_state == "written":
+            rows = await self._rows_from_summary(r, gen)
+            if rows is not None:
+                return rows
+        if r.generation != gen:
+            return []
+        self.counters["region_scans"] += 1
+        loop = asyncio.get_running_loop()
+        rows, _end = await loop.run_in_executor(None, self._scan_rows, r, r.write_ptr)
+        return rows if r.generation == gen else []
+
+    def _scan_rows(self, r: Region, limit: int):
+        return scan_rows(self.dev, r, mmap.mmap(-1, SCAN_CHUNK), self.counters, limit, "scan_resyncs")
+
+    async def _rows_from_summary(self, r: Region, gen: int) -> list[tuple] | None:
+        """The rows of ``r``'s summary on disk, or None when it is not this generation's or
+        does not verify (then the caller scans)."""
+        tail = mmap.mmap(-1, BLOCK)
+        n = await self.dev.io.readv(r.base + r.size - BLOCK, [memoryview(tail)])
+        t = parse_trailer(tail, self.dev.seed) if n == BLOCK else None
+        del tail
+        if not t:
+            return self._summary_bad(r, "trailer unreadable")
+        index, tgen, count, body_len, body_csum = t
+        if index != r.index or tgen != gen or body_len + BLOCK > r.size - REGION_HEADER:
+            return self._summary_bad(r, "trailer of another region or generation")
+        size = align_up(max(body_len, 1))
+        buf = mmap.mmap(-1, size)
+        mv = memoryview(buf)
+        try:
+            n = await self.dev.io.readv(r.base + r.size - BLOCK - size, [mv])
+            rows = None
+            if n == size and xxhash.xxh3_64_intdigest(mv[:body_len], self.dev.seed) == body_csum:
+                rows = parse_summary(mv[:body_len], count)
+        finally:
+            del mv, buf
+        if rows is None:
+            return self._summary_bad(r, "summary does not match its checksum")
+        return rows
+
+    def _summary_bad(self, r: Region, why: str) -> None:
+        self.counters["summaries_corrupt"] += 1
+        log.warning("nvme region %d: %s; scanning its record headers", r.index, why)
+        return None
+
     def forget(self, loc: Location, ns: bytes, key: bytes) -> None:
         """The record at ``loc`` no longer holds the key's current value (deleted,
         overwritten or ignored): it stays on disk until its region is reclaimed, so
-        it counts as stale until then (its tombstones must outlive it)."""
-        r = self.regions[loc.region]
-        if r.generation == loc.generation:
-            k = (ns, key)
-            r.live.discard(k)
-            self._mark_stale(r, k)
+        it counts as stale until then (its tombstones must outlive it). Forgetting a
+        record twice (or one of a reclaimed generation) changes nothing. ``loc`` must be
+        a location ``append`` or ``recovered_objects`` returned (ValueError otherwise)."""
+        r = self._region_of(loc)
+        if r.generation != loc.generation:
+            return
+        i = (loc.offset - r.base) // BLOCK
+        if r.dead is None:
+            r.dead = bytearray((r.size // BLOCK + 7) // 8)
+        bit = 1 << (i & 7)
+        if not r.dead[i >> 3] & bit:
+            r.dead[i >> 3] |= bit
+            if r.live_count > 0:
+                r.live_count -= 1
+        self._mark_stale(r, (ns, key))
 
     # -- stats ----------------------------------------------------------------
     def stats(self) -> dict:
@@ -519,7 +810,7 @@ class NvmeTier:
         return {
             "capacity": self.dev.nregions * self.dev.region_size,
             "used": used,
-            "objects": sum(len(r.live) for r in self.regions),
+            "objects": sum(r.live_count for r in self.regions),
             "regions_total": self.dev.nregions,
             "regions_free": sum(1 for r in self.regions if r.state == "free"),
             "region_size": self.dev.region_size,
@@ -538,7 +829,7 @@ class NvmeTier:
         # summaries of the open regions, and of sealed ones whose write had no time to
         # run, so the next start reads instead of scanning (same bytes if both land)
         for r in self.regions:
-            if (r.state not in ("open", "full") or r.sum_state == "written" or r.pending
+            if (r.state not in ("open", "full", "carrying", "reclaiming") or r.sum_state == "written" or r.pending
                     or r.summary is None or r.frontier != r.write_ptr):
                 continue
             buf = self._summary_block(r)

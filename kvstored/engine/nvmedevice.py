@@ -45,9 +45,14 @@ class Region:
     size: int
     generation: int = 0
     slot_size: int = 0
-    state: str = "free"  # free | open | full
+    state: str = "free"  # free | open | full | carrying | reclaiming (full, being reclaimed)
     write_ptr: int = 0  # next record offset, relative to base
-    live: set = field(default_factory=set)  # (ns, key) with their newest record here
+    # live records here (each the newest of its key), counted, never listed: the keys stay
+    # on disk (record headers, the summary; NvmeTier.region_rows reads them back)
+    live_count: int = 0
+    # one bit per 4 KiB block: the record starting there was forgotten since the region
+    # was opened (or recovered), so a second forget of it changes nothing (None: none yet)
+    dead: bytearray | None = None
     pending: dict = field(default_factory=dict)  # record offset -> completed? (writes in flight)
     frontier: int = 0  # every record below this relative offset is on disk
     summary: bytearray | None = None  # entries of the records appended (None: no summary)

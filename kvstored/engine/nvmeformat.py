@@ -1,7 +1,8 @@
 """The NVMe tier's on-disk format (version 2): block layouts and their codec.
 
 Pure functions over bytes: no file, no region state. The tier (nvme.py) writes
-with them, the recovery scan (nvmescan.py) reads with them.
+with them, the recovery scan (nvmescan.py) reads with them, and so does the tier
+when it reads keys back (it keeps none per object in RAM: region_rows, key_at).
 
 Layout (all 4 KiB aligned)::
 

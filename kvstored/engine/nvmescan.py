@@ -224,18 +224,29 @@ def _read_summaries(dev: NvmeDevice, summarized: list, rec: Recovery, to_scan: l
 
 def scan_region(dev: NvmeDevice, r: Region, chunk, stats: dict) -> list[tuple]:
     """Follow the chain of record headers; past one that does not verify, look at every
-    following 4 KiB block for the next header of this generation (resync)."""
+    following 4 KiB block for the next header of this generation (resync). Sets the
+    region's write pointer past the last record found (at start only)."""
+    rows, end = scan_rows(dev, r, chunk, stats, r.size)
+    r.write_ptr = r.frontier = end
+    return rows
+
+
+def scan_rows(dev: NvmeDevice, r: Region, chunk, stats: dict, limit: int,
+              resync_stat: str = "restart_resyncs") -> tuple[list[tuple], int]:
+    """The rows of the records of ``r``'s generation below ``limit`` (relative), and where
+    the last one ends; ``r`` is not changed (NvmeTier.region_rows scans live regions)."""
     gen, seed = r.generation, dev.seed
     rows: list[tuple] = []
     cstart, clen = -1, 0
     ptr = end = REGION_HEADER
     gap = False
     big = False  # the last record was large: read just the next header, not 8 MiB of payloads
-    while ptr + BLOCK <= r.size:
+    limit = min(limit, r.size)
+    while ptr + BLOCK <= limit:
         if not cstart <= ptr or ptr + BLOCK > cstart + clen:
             cstart = ptr
             want = BLOCK if big and not gap else SCAN_CHUNK
-            clen = dev.read_upto(chunk, r.base + ptr, min(want, r.size - ptr))
+            clen = dev.read_upto(chunk, r.base + ptr, min(want, limit - ptr))
             if clen < BLOCK:
                 break
         row = parse_record(memoryview(chunk)[ptr - cstart:ptr - cstart + BLOCK], gen, seed, ptr)
@@ -244,12 +255,12 @@ def scan_region(dev: NvmeDevice, r: Region, chunk, stats: dict) -> list[tuple]:
             gap = True
             continue
         rec_len = record_len(row[FLAGS], row[LENGTH])
-        if ptr + rec_len > r.size:
+        if ptr + rec_len > limit:
             ptr += BLOCK
             gap = True
             continue
         if gap:
-            stats["restart_resyncs"] += 1
+            stats[resync_stat] = stats.get(resync_stat, 0) + 1
             log.warning("nvme region %d: unreadable record header(s) before offset %d; "
                         "resumed at the next good one", r.index, ptr)
             gap = False
@@ -257,8 +268,7 @@ def scan_region(dev: NvmeDevice, r: Region, chunk, stats: dict) -> list[tuple]:
         ptr += rec_len
         end = ptr
         big = rec_len > SCAN_CHUNK // 32
-    r.write_ptr = r.frontier = end
-    return rows
+    return rows, end
 
 
 def _summarize_scanned(dev: NvmeDevice, r: Region, rows: list[tuple], stats: dict) -> None:

@@ -23,7 +23,7 @@ from kvstore.errors import NotFound
 
 from .arena import SLOT_ALIGN
 from .entries import DEAD, Entry
-from .nvmeformat import DATA_START
+from .nvmeformat import DATA_START, FLAG_TOMBSTONE, FLAGS as _FLAGS, KEY as _KEY, NS as _NS, REL as _REL
 from .nvmescan import gc_paused
 
 if TYPE_CHECKING:
@@ -211,26 +211,39 @@ class Tiering:
                  " (held from clients until verified by the cluster)" if index.unverified else "")
 
     # -------------------------------------------------------- region reclaim
-    def _can_reclaim_region(self, region) -> bool:
+    def _can_reclaim_region(self, region, rows) -> bool:
+        """Whether ``region`` may be reclaimed: no NVMe-only object whose record is one of
+        ``rows`` (NvmeTier.region_rows) is pinned or being read."""
         now = self.clock()
-        get = self.index.get
-        for ns, key in region.live:
-            e = get(ns, key)
-            if e is None or e.nvme is None or e.nvme.region != region.index:
-                continue
+        for e in self._entries_of(region, rows):
             if e.offset < 0 and (e.refs or e.pinned(now)):
                 return False  # pinned objects keep their only copy; reads in flight finish
         return True
 
-    def _drop_region(self, region) -> None:
-        get = self.index.get
-        for ns, key in list(region.live):
-            e = get(ns, key)
-            if e is None or e.nvme is None or e.nvme.region != region.index:
-                continue
+    def _drop_region(self, region, rows) -> None:
+        """``region`` is reclaimed: entries whose NVMe copy was one of ``rows`` lose it, and
+        leave the index when it was their only copy."""
+        for e in self._entries_of(region, rows):  # (each row looked up after the last unlink)
             e.nvme = None
             if e.offset < 0:
                 self._unlink(e)
+
+    def _entries_of(self, region, rows):
+        """The index entries whose ``nvme`` Location is the very record of a row of
+        ``region`` (same region, generation and offset): an entry of the same key whose
+        copy is elsewhere, or a newer one, is not touched."""
+        get = self.index.get
+        index, gen, base = region.index, region.generation, region.base
+        for row in rows:
+            if row[_FLAGS] & FLAG_TOMBSTONE:  # no entry points at a tombstone
+                continue
+            e = get(row[_NS], row[_KEY])
+            if e is None:
+                continue
+            loc = e.nvme
+            if (loc is not None and loc.region == index and loc.generation == gen
+                    and loc.offset == base + row[_REL]):
+                yield e
 
     # ------------------------------------------------------------ shutdown
     async def flush_to_nvme(self, timeout: float) -> int:

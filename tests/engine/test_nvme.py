@@ -150,9 +150,10 @@ def test_pinned_nvme_only_object_blocks_reclaim_of_its_region(tmp_path):
             s.dram.drop_copy(e)
             assert s.pin(NS, [b"p"], 600) == 1
             region = s.nvme.regions[e.nvme.region]
-            assert s.tiering._can_reclaim_region(region) is False
+            rows = await s.nvme.region_rows(region)
+            assert s.tiering._can_reclaim_region(region, rows) is False
             s.unpin(NS, [b"p"])
-            assert s.tiering._can_reclaim_region(region) is True
+            assert s.tiering._can_reclaim_region(region, rows) is True
         finally:
             await settle(s)
             s.close()
@@ -252,7 +253,7 @@ def test_deletes_stay_deleted_when_the_tombstone_region_is_reclaimed_first(tmp_p
             tier._seal(t_region)  # a tombstone region fills after ~4,000 deletes; seal it early
             # B holds the deleted records and may not be reclaimed (as if pinned): T goes first
             allow = tier.can_reclaim
-            tier.can_reclaim = lambda r: r is not b_region and allow(r)
+            tier.can_reclaim = lambda r, rows: r is not b_region and allow(r, rows)
             t_gen, b_gen = t_region.generation, b_region.generation
             for i in range(100, 200):
                 if t_region.generation != t_gen:

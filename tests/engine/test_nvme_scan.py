@@ -262,7 +262,7 @@ def test_region_state_after_restart_matches_the_per_record_rules(tmp_path, seed)
         assert {(ns, key) for ns, key, _l, _a in objs} == set(model)
         assert len(objs) == len(model)  # one entry per key
         for r in tier.regions:
-            assert r.live == live.get(r.index, set()), r.index
+            assert r.live_count == len(live.get(r.index, ())), r.index
             assert r.stale == stale.get(r.index, set()), r.index
             assert r.tombs == tombs.get(r.index, {}), r.index
         assert sum(tier.stale_count.values()) == sum(len(v) for v in stale.values())
