@@ -1,0 +1,107 @@
+"""RAM the NVMe tier (and the daemon's Store) holds per NVMe-only object (issue 13).
+
+    python benchmarks/bench_nvme_keys_ram.py write PATH N     # N records of 4 KiB (8 KiB on disk)
+    python benchmarks/bench_nvme_keys_ram.py tier PATH N      # tracemalloc: what the tier keeps
+    python benchmarks/bench_nvme_keys_ram.py store PATH N     # RssAnon: Store restart over PATH
+
+``write`` also reports what the tier kept after its own appends (tracemalloc).
+``tier`` reopens PATH and reports the bytes the tier still holds once
+``recovered_objects()`` was handed over and dropped (the per-region state: before
+issue 13 a set of (ns, key) per region). ``store`` reopens PATH under a Store
+(small DRAM arena, default index) and reports the RssAnon growth of the restart
+(index entries + tier state) per object. Run it with PYTHONPATH at a checkout to
+compare two versions over the same file (the on-disk format is the same).
+"""
+from __future__ import annotations
+
+import asyncio
+import gc
+import mmap
+import sys
+import time
+import tracemalloc
+
+import xxhash
+
+from kvstored.engine import Store, StoreLimits
+from kvstored.engine.nvme import DATA_START, NvmeDevice, NvmeTier
+
+MiB = 1 << 20
+REGION = 256 * MiB
+SIZE = 4096
+
+
+def _rss_anon() -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("RssAnon:"):
+                return int(line.split()[1]) * 1024
+    return 0
+
+
+def _tier(path: str, n: int) -> NvmeTier:
+    regions = -(-n * 2 * 4096 * 105 // 100 // REGION) + 2
+    return NvmeTier(NvmeDevice(path, DATA_START + regions * REGION, REGION, "auto", 64), sync="none")
+
+
+def write(path: str, n: int) -> None:
+    tracemalloc.start()
+    tier = _tier(path, n)
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    view = memoryview(mmap.mmap(-1, SIZE))
+    view[:] = b"x" * SIZE
+    csum = xxhash.xxh3_64_intdigest(view)
+    t0 = time.perf_counter()
+
+    async def run():
+        for b in range(0, n, 512):
+            await asyncio.gather(*(tier.append(b"ns", b"key-%010d" % i, view, SIZE, csum, SIZE, 1.0)
+                                   for i in range(b, min(b + 512, n))))
+        for r in list(tier.open.values()):
+            tier._seal(r)
+        for _ in range(1000):  # bounded: let the last summaries land
+            if all(r.sum_state != "writing" for r in tier.regions):
+                break
+            await asyncio.sleep(0.01)
+    asyncio.run(run())
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0] - base
+    print(f"write: {n} records in {time.perf_counter() - t0:.1f} s; tier keeps {kept} B "
+          f"= {kept / n:.1f} B/object; objects={tier.stats()['objects']}")
+    tier.close()
+
+
+def tier_mode(path: str, n: int) -> None:
+    tracemalloc.start()
+    gc.collect()
+    base = tracemalloc.get_traced_memory()[0]
+    tier = _tier(path, n)
+    objs = tier.recovered_objects()
+    count = len(objs)
+    del objs
+    gc.collect()
+    kept = tracemalloc.get_traced_memory()[0] - base
+    print(f"tier restart: {count} objects; tier keeps {kept} B = {kept / max(count, 1):.1f} B/object")
+    tier.close()
+
+
+def store_mode(path: str, n: int) -> None:
+    gc.collect()
+    before = _rss_anon()
+    t0 = time.perf_counter()
+    tier = _tier(path, n)
+    limits = StoreLimits(dram_size=64 * MiB, slab_size=MiB, max_value_size=MiB, prefault=False)
+    store = Store(limits, nvme=tier)
+    gc.collect()
+    grew = _rss_anon() - before  # (prefault off: the arena is mapped, not touched)
+    count = len(store.index)
+    print(f"store restart: {count} NVMe-only objects in {time.perf_counter() - t0:.1f} s; RssAnon "
+          f"+{grew / MiB:.1f} MiB = {grew / max(count, 1):.1f} B/object "
+          f"(index {type(store.index).__name__})")
+    store.close()
+
+
+if __name__ == "__main__":
+    mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
+    {"write": write, "tier": tier_mode, "store": store_mode}[mode](path, n)
