@@ -36,35 +36,47 @@ enum {
     F_INTABLE = 2,     /* reachable by get (else removed, kept for its views) */
     F_DEAD = 4,        /* state DEAD */
     F_UNVERIFIED = 8,
-    F_VIEW = 16,       /* a live Entry view exists (in the views map) */
+    F_KEYLESS = 16,    /* its key is not in RAM (NVMe-only object: the key is on the NVMe header) */
     F_PIN = 32,        /* a pin record exists in the pins dict */
     F_NVME = 64,       /* has an NVMe location */
     F_NVSIDE = 128,    /* ... kept whole in the side dict (it did not pack) */
 };
 
-/* 64 bytes: one cache line. */
+/* The base record, 48 bytes: what every object needs, NVMe-only ones included. The
+   fields an object needs only while it has a DRAM copy (or its key in RAM) are in its
+   DRAM part (Aux, below), allocated only then, so an NVMe-only object whose key was
+   shed costs 48 B + its table slot. */
 typedef struct {
+    uint64_t fp;          /* seeded 64-bit fingerprint of (namespace id, key): probe start, first compare */
     uint64_t checksum;
     double committed_at;  /* as written to NVMe and compared by repair: kept exact */
-    uint64_t stamp : 48;  /* eviction clock: 2**48 ticks is years at millions per second */
-    uint64_t reads : 16;  /* saturating */
     uint32_t size;
-    uint32_t newer, older; /* eviction links (record numbers); free list: newer = next */
-    uint32_t refs : 24;   /* readers in flight: 16 M on one object is refused, not wrapped */
-    uint32_t off_hi : 8;  /* DRAM offset / 64 is 40 bits (64 PiB): off_hi, off */
-    uint32_t off;
-    uint32_t key_ref;     /* chunk in the key pool of its length */
     uint32_t nvme_blk;    /* NVMe record offset / 4096; with the geometry: the region */
     uint32_t nvme_gen;
+    uint32_t dram;        /* its DRAM part: chunk in pool rec_pool(); NOREC: none. Free list: next */
     uint16_t nvme_region; /* the region; with the geometry: the block in the region */
     uint16_t ns;
     uint8_t key_len;
     uint8_t sc;
-    int8_t seg;
+    int8_t seg;           /* eviction list (-1: none) */
     uint8_t flags;
 } Rec;
 
-_Static_assert(sizeof(Rec) == 64, "a record is one cache line");
+_Static_assert(sizeof(Rec) == 48, "a base record is 48 bytes");
+
+/* The DRAM part, 24 bytes, followed in its pool chunk by the key (length rounded up
+   to 8): a keyed record's part is in the pool of its key's length class, a keyless
+   record's (only while it has a DRAM field set: an offset during promotion, readers,
+   links) in pool 0. */
+typedef struct {
+    uint64_t off : 40;    /* DRAM offset / 64 (64 PiB), OFF_NONE: on NVMe only */
+    uint64_t refs : 24;   /* readers in flight: 16 M on one object is refused, not wrapped */
+    uint64_t stamp : 48;  /* eviction clock: 2**48 ticks is years at millions per second */
+    uint64_t reads : 16;  /* saturating */
+    uint32_t newer, older; /* eviction links (record numbers) */
+} Aux;
+
+_Static_assert(sizeof(Aux) == 24, "a DRAM part is 24 bytes");
 
 /* A DRAM offset is kept as a 40-bit count of 64-byte units: every arena offset packs
    (slot sizes are multiples of 64, slabs of 4096: arena.py), whatever the arena's size
@@ -76,9 +88,10 @@ _Static_assert(sizeof(Rec) == 64, "a record is one cache line");
 #define STAMP_MAX 0xFFFFFFFFFFFFLL
 #define READS_MAX 0xFFFFu
 
-typedef struct { uint32_t rec; uint32_t hash; } Slot;          /* rec + 1; 0 = empty */
+static const Aux AUX0 = {OFF_NONE, 0, 0, 0, NOREC, NOREC};
+
 typedef struct { uint32_t rec; void *view; } VSlot;            /* rec + 1; 0 = empty */
-typedef struct { char *buf; uint32_t n, cap, free; } KeyPool;  /* chunks of 8 * class bytes */
+typedef struct { char *buf; uint32_t n, cap, free; } Pool;     /* chunks of 24 + 8 * class bytes */
 typedef struct { PyObject *name; uint64_t objects, bytes; uint32_t nrec; } Space;
 typedef struct { uint32_t slot_size, nslots; uint32_t *recs; } Row; /* recs: rec + 1 */
 
@@ -88,11 +101,13 @@ typedef struct {
     uint64_t seed;
     Rec *recs;
     uint32_t nrecs, caprecs, freehead;
-    Slot *slots;
+    uint32_t *slots;        /* record + 1 (0: empty); the probe start is the record's fp */
     uint64_t mask;          /* slots - 1 */
+    uint64_t fp_mask;       /* ~0; fewer bits only in tests (set_fingerprint_bits) */
+    uint64_t nkeyless;      /* records whose key is not in RAM */
     uint64_t count;         /* records in the table */
     uint64_t object_bytes, unverified;
-    KeyPool pools[MAX_KEY / 8 + 2];
+    Pool pools[MAX_KEY / 8 + 2];  /* DRAM parts (+ keys) by key length class */
     Space *spaces;
     uint32_t nspaces, capspaces;
     uint32_t *freespaces;
@@ -110,10 +125,12 @@ typedef struct {
     int64_t nv_start, nv_region;  /* NVMe geometry (use_nvme_geometry); nv_region 0: unknown */
     PyObject *wide;         /* rec -> DRAM offset that did not pack (OFF_WIDE) */
     PyObject *loctype;      /* builds Locations from packed fields */
+    PyObject *key_loader;   /* fn(entry) -> bytes | None: the key of a keyless entry */
 } Table;
 
 typedef struct {
     Rec r;
+    Aux a;           /* its off is unused: offset below */
     int64_t offset;
     PyObject *ns, *key, *sc, *nvme;
     long pins;
@@ -141,7 +158,10 @@ static uint64_t mix(uint64_t h) {
     return h;
 }
 
-static uint32_t hash_key(Table *t, uint16_t ns, const char *k, size_t n) {
+/* The fingerprint: a seeded mix of (namespace id, key), every word of the key through a
+   multiply-xorshift with the per-table seed (clients choose keys: none can aim them at
+   one probe run without the seed). */
+static uint64_t fp_of(Table *t, uint16_t ns, const char *k, size_t n) {
     uint64_t h = t->seed ^ ((uint64_t)ns << 48) ^ (n * 0x9E3779B97F4A7C15ULL);
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
@@ -154,8 +174,7 @@ static uint32_t hash_key(Table *t, uint16_t ns, const char *k, size_t n) {
         memcpy(&w, k + i, n - i);
         h = mix(h ^ w ^ 0xA5A5A5A5ULL);
     }
-    h = mix(h);
-    return (uint32_t)(h ^ (h >> 32));
+    return mix(h) & t->fp_mask;
 }
 
 static int grow(void **p, size_t elem, uint64_t *cap, uint64_t want) {
@@ -169,41 +188,68 @@ static int grow(void **p, size_t elem, uint64_t *cap, uint64_t want) {
     return 0;
 }
 
-static inline char *key_ptr(Table *t, Rec *r) {
-    unsigned c = (r->key_len + 7) / 8;
-    return t->pools[c].buf + (size_t)r->key_ref * 8 * c;
+static inline size_t chunk_size(unsigned c) { return sizeof(Aux) + 8 * (size_t)c; }
+static inline unsigned key_class(size_t n) { return (unsigned)(n + 7) / 8; }
+/* the pool of a record's DRAM part: its key's class, pool 0 when keyless */
+static inline unsigned rec_pool(const Rec *r) { return r->flags & F_KEYLESS ? 0 : key_class(r->key_len); }
+
+static inline Aux *aux_ptr(Table *t, const Rec *r) {
+    if (r->dram == NOREC) return NULL;
+    return (Aux *)(t->pools[rec_pool(r)].buf + (size_t)r->dram * chunk_size(rec_pool(r)));
 }
 
-static int key_store(Table *t, Rec *r, const char *k, size_t n) {
-    unsigned c = (unsigned)(n + 7) / 8;
-    r->key_len = (uint8_t)n;
-    r->key_ref = 0;
-    if (c == 0) return 0;
-    KeyPool *p = &t->pools[c];
+/* the key bytes of a keyed record (after its DRAM part) */
+static inline char *key_ptr(Table *t, Rec *r) { return (char *)(aux_ptr(t, r) + 1); }
+
+/* A chunk of pool c (zeroed), or -1 with an exception. May move the pool's buffer. */
+static int64_t chunk_alloc(Table *t, unsigned c) {
+    Pool *p = &t->pools[c];
+    size_t cs = chunk_size(c);
     uint32_t i;
     if (p->free != NOREC) {
         i = p->free;
-        memcpy(&p->free, p->buf + (size_t)i * 8 * c, 4);
+        memcpy(&p->free, p->buf + (size_t)i * cs, 4);
     } else {
-        if (p->n == NOREC - 1) { PyErr_SetString(full_error, "index full (2**32 keys of one length class)"); return -1; }
+        if (p->n == NOREC - 1) { PyErr_SetString(full_error, "index full (2**32 DRAM parts of one key length class)"); return -1; }
         uint64_t cap = p->cap;
-        if (grow((void **)&p->buf, 8 * c, &cap, (uint64_t)p->n + 1) < 0) return -1;
+        if (grow((void **)&p->buf, cs, &cap, (uint64_t)p->n + 1) < 0) return -1;
         p->cap = cap > NOREC - 1 ? NOREC - 1 : (uint32_t)cap;
         i = p->n++;
     }
-    char *dst = p->buf + (size_t)i * 8 * c;
-    memset(dst, 0, 8 * c);
-    memcpy(dst, k, n);
-    r->key_ref = i;
-    return 0;
+    memset(p->buf + (size_t)i * cs, 0, cs);
+    return i;
 }
 
-static void key_free(Table *t, Rec *r) {
-    unsigned c = (r->key_len + 7) / 8;
-    if (c == 0) return;
-    KeyPool *p = &t->pools[c];
-    memcpy(p->buf + (size_t)r->key_ref * 8 * c, &p->free, 4);
-    p->free = r->key_ref;
+static void chunk_free(Table *t, unsigned c, uint32_t i) {
+    Pool *p = &t->pools[c];
+    memcpy(p->buf + (size_t)i * chunk_size(c), &p->free, 4);
+    p->free = i;
+}
+
+static inline int aux_default(const Aux *a) {
+    return a->off == OFF_NONE && !a->refs && !a->stamp && !a->reads && a->newer == NOREC &&
+           a->older == NOREC;
+}
+
+/* The DRAM part of record ``rec`` to write, allocated (bare, pool 0) for a keyless record
+   that has none; NULL with an exception. */
+static Aux *aux_for_write(Table *t, uint32_t rec) {
+    Rec *r = &t->recs[rec];
+    if (r->dram != NOREC) return aux_ptr(t, r);
+    int64_t i = chunk_alloc(t, 0);
+    if (i < 0) return NULL;
+    r->dram = (uint32_t)i;
+    Aux *a = aux_ptr(t, r);
+    *a = AUX0;
+    return a;
+}
+
+/* A keyless record's DRAM part goes once every field is back to its default. */
+static void aux_settle(Table *t, uint32_t rec) {
+    Rec *r = &t->recs[rec];
+    if (!(r->flags & F_KEYLESS) || r->dram == NOREC || !aux_default(aux_ptr(t, r))) return;
+    chunk_free(t, 0, r->dram);
+    r->dram = NOREC;
 }
 
 /* ---------------------------------------------------------------- views map */
@@ -275,51 +321,71 @@ static void view_del(Table *t, uint32_t rec) {
 
 /* ---------------------------------------------------------------- hash table */
 
+/* Doubled when an insert would pass 3/4 load: with the fingerprint in the record (not in
+   the slot), every slot a probe passes is a record read, so the table is kept shorter
+   than the 7/8 of 8-byte slots (docs/scale.md has the probe lengths). Rebuilt from the
+   records in record order (sequential reads). */
 static int table_grow(Table *t) {
     uint64_t ncap = t->slots ? (t->mask + 1) * 2 : 1024;
-    Slot *ns = PyMem_RawCalloc(ncap, sizeof(Slot));
+    uint32_t *ns = PyMem_RawCalloc(ncap, sizeof(uint32_t));
     if (!ns) { PyErr_NoMemory(); return -1; }
-    if (t->slots) {
-        for (uint64_t i = 0; i <= t->mask; i++) {
-            if (!t->slots[i].rec) continue;
-            uint64_t j = t->slots[i].hash & (ncap - 1);
-            while (ns[j].rec) j = (j + 1) & (ncap - 1);
-            ns[j] = t->slots[i];
-        }
-        PyMem_RawFree(t->slots);
+    for (uint32_t r = 0; r < t->nrecs; r++) {
+        if ((t->recs[r].flags & (F_USED | F_INTABLE)) != (F_USED | F_INTABLE)) continue;
+        uint64_t j = t->recs[r].fp & (ncap - 1);
+        while (ns[j]) j = (j + 1) & (ncap - 1);
+        ns[j] = r + 1;
     }
+    PyMem_RawFree(t->slots);
     t->slots = ns;
     t->mask = ncap - 1;
     return 0;
 }
 
-/* Slot index of (ns, key), or -1. */
-static int64_t find(Table *t, uint16_t ns, const char *k, size_t n, uint32_t h) {
+static inline int table_full(Table *t) {
+    return (t->count + 1) * 4 > (t->slots ? t->mask + 1 : 0) * 3;
+}
+
+/* Slot index of (ns, key), or -1. ``k`` NULL: by namespace, length and fingerprint only
+   (a keyless record's probe); a keyless record is matched that way by any key too. */
+static int64_t find(Table *t, uint16_t ns, const char *k, size_t n, uint64_t fp) {
     if (!t->slots) return -1;
-    for (uint64_t i = h & t->mask;; i = (i + 1) & t->mask) {
-        Slot s = t->slots[i];
-        if (!s.rec) return -1;
-        if (s.hash == h) {
-            Rec *r = &t->recs[s.rec - 1];
-            if (r->ns == ns && r->key_len == n && (n == 0 || memcmp(key_ptr(t, r), k, n) == 0))
-                return (int64_t)i;
-        }
+    for (uint64_t i = fp & t->mask;; i = (i + 1) & t->mask) {
+        uint32_t s = t->slots[i];
+        if (!s) return -1;
+        Rec *r = &t->recs[s - 1];
+        if (r->fp == fp && r->ns == ns && r->key_len == n &&
+            (!k || n == 0 || (r->flags & F_KEYLESS) || memcmp(key_ptr(t, r), k, n) == 0))
+            return (int64_t)i;
     }
+}
+
+/* The slot holding record ``rec``, or -1. */
+static int64_t find_rec(Table *t, uint32_t rec) {
+    if (!t->slots) return -1;
+    for (uint64_t i = t->recs[rec].fp & t->mask;; i = (i + 1) & t->mask) {
+        if (!t->slots[i]) return -1;
+        if (t->slots[i] == rec + 1) return (int64_t)i;
+    }
+}
+
+static void slot_put(Table *t, uint32_t rec) {
+    uint64_t i = t->recs[rec].fp & t->mask;
+    while (t->slots[i]) i = (i + 1) & t->mask;
+    t->slots[i] = rec + 1;
 }
 
 static void slot_del(Table *t, uint64_t i) {
     uint64_t m = t->mask, j = i;
     for (;;) {
         j = (j + 1) & m;
-        if (!t->slots[j].rec) break;
-        uint64_t k = t->slots[j].hash & m;
+        if (!t->slots[j]) break;
+        uint64_t k = t->recs[t->slots[j] - 1].fp & m;
         if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
             t->slots[i] = t->slots[j];
             i = j;
         }
     }
-    t->slots[i].rec = 0;
-    t->slots[i].hash = 0;
+    t->slots[i] = 0;
 }
 
 /* ---------------------------------------------------------------- namespaces */
@@ -403,7 +469,7 @@ static int64_t rec_alloc(Table *t) {
     uint32_t i;
     if (t->freehead != NOREC) {
         i = t->freehead;
-        t->freehead = t->recs[i].newer;
+        t->freehead = t->recs[i].dram;
     } else {
         if (t->nrecs >= MAX_RECS) {
             PyErr_SetString(full_error, "index full (2**32 records)");
@@ -415,21 +481,21 @@ static int64_t rec_alloc(Table *t) {
         i = t->nrecs++;
     }
     memset(&t->recs[i], 0, sizeof(Rec));
+    t->recs[i].dram = NOREC;
     return i;
 }
 
 static void dict_pop_rec(PyObject *d, uint32_t rec);
 
-static inline uint64_t off_units(const Rec *r) { return (uint64_t)r->off_hi << 32 | r->off; }
-static inline void set_off_units(Rec *r, uint64_t u) {
-    r->off_hi = (uint32_t)(u >> 32) & 0xFF;
-    r->off = (uint32_t)u;
+static inline uint64_t off_units(Table *t, const Rec *r) {
+    Aux *a = aux_ptr(t, r);
+    return a ? a->off : OFF_NONE;
 }
 
 static void slot_clear(Table *t, uint32_t rec);
 
 static int64_t rec_offset(Table *t, uint32_t rec) {
-    uint64_t o = off_units(&t->recs[rec]);
+    uint64_t o = off_units(t, &t->recs[rec]);
     if (o == OFF_NONE) return -1;
     if (o != OFF_WIDE) return (int64_t)o * OFF_UNIT;
     PyObject *k = PyLong_FromUnsignedLong(rec);
@@ -441,23 +507,33 @@ static int64_t rec_offset(Table *t, uint32_t rec) {
 }
 
 static int rec_set_offset(Table *t, uint32_t rec, int64_t off) {
-    Rec *r = &t->recs[rec];
     /* the slot it leaves must not keep pointing at it: once the record is freed and its
        number reused, at(old offset) would return another object (callers displace first;
        this makes a missed displace harmless) */
     if (rec_offset(t, rec) != off) slot_clear(t, rec);
-    if (off_units(r) == OFF_WIDE) dict_pop_rec(t->wide, rec);
-    set_off_units(r, OFF_NONE);
-    if (off < 0) return 0;
-    if (off % OFF_UNIT == 0 && (uint64_t)(off / OFF_UNIT) < OFF_WIDE) {
-        set_off_units(r, (uint64_t)(off / OFF_UNIT));
+    if (off_units(t, &t->recs[rec]) == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    if (off < 0) {
+        Aux *a = aux_ptr(t, &t->recs[rec]);
+        if (a) a->off = OFF_NONE;
+        aux_settle(t, rec);
         return 0;
     }
-    PyObject *k = PyLong_FromUnsignedLong(rec), *v = PyLong_FromLongLong(off);
-    int bad = !k || !v || PyDict_SetItem(t->wide, k, v) < 0;
-    Py_XDECREF(k); Py_XDECREF(v);
-    if (bad) return -1;
-    set_off_units(&t->recs[rec], OFF_WIDE);
+    uint64_t u = OFF_WIDE;
+    if (off % OFF_UNIT == 0 && (uint64_t)(off / OFF_UNIT) < OFF_WIDE) {
+        u = (uint64_t)(off / OFF_UNIT);
+    } else {
+        PyObject *k = PyLong_FromUnsignedLong(rec), *v = PyLong_FromLongLong(off);
+        int bad = !k || !v || PyDict_SetItem(t->wide, k, v) < 0;
+        Py_XDECREF(k); Py_XDECREF(v);
+        if (bad) return -1;
+    }
+    /* a keyless record gets a DRAM part here (promotion: the key follows by restore_key) */
+    Aux *a = aux_for_write(t, rec);
+    if (!a) {
+        if (u == OFF_WIDE) dict_pop_rec(t->wide, rec);
+        return -1;
+    }
+    a->off = u;
     return 0;
 }
 
@@ -491,11 +567,12 @@ static void rec_free(Table *t, uint32_t rec) {
     slot_clear(t, rec);
     if (r->flags & F_PIN) dict_pop_rec(t->pins, rec);
     if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
-    if (off_units(r) == OFF_WIDE) dict_pop_rec(t->wide, rec);
-    key_free(t, r);
+    if (off_units(t, r) == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    if (r->dram != NOREC) chunk_free(t, rec_pool(r), r->dram);
+    if (r->flags & F_KEYLESS) t->nkeyless--;
     space_release(t, r->ns);
     r->flags = 0;
-    r->newer = t->freehead;
+    r->dram = t->freehead;
     t->freehead = rec;
     PyErr_Restore(et, ev, tb);
 }
@@ -506,18 +583,14 @@ static PyObject *view_of(Table *t, uint32_t rec) {
         PyErr_Format(PyExc_RuntimeError, "record %u is not in the index (a stale link)", rec);
         return NULL;
     }
-    Rec *r = &t->recs[rec];
-    if (r->flags & F_VIEW) {
-        Entry *v = view_get(t, rec);
-        if (v) { Py_INCREF(v); return (PyObject *)v; }
-    }
-    Entry *v = PyObject_GC_New(Entry, &EntryType);
+    Entry *v = view_get(t, rec);
+    if (v) { Py_INCREF(v); return (PyObject *)v; }
+    v = PyObject_GC_New(Entry, &EntryType);
     if (!v) return NULL;
     v->ix = NULL; v->det = NULL; v->rec = rec;
     if (view_put(t, rec, v) < 0) { v->ix = NULL; PyObject_GC_Del(v); return NULL; }
     Py_INCREF(t);
     v->ix = t;
-    r->flags |= F_VIEW;
     PyObject_GC_Track(v);
     return (PyObject *)v;
 }
@@ -525,6 +598,15 @@ static PyObject *view_of(Table *t, uint32_t rec) {
 /* ------------------------------------------------------------------- Entry */
 
 static Rec *R(Entry *e) { return e->ix ? &e->ix->recs[e->rec] : &e->det->r; }
+/* its DRAM part to read (AUX0: none, all fields at their defaults) */
+static const Aux *A(Entry *e) {
+    if (!e->ix) return &e->det->a;
+    Aux *a = aux_ptr(e->ix, R(e));
+    return a ? a : &AUX0;
+}
+/* ... to write (allocated for a keyless record: aux_settle after the write) */
+static Aux *A_w(Entry *e) { return e->ix ? aux_for_write(e->ix, e->rec) : &e->det->a; }
+static void A_settle(Entry *e) { if (e->ix) aux_settle(e->ix, e->rec); }
 
 static int check_attached(Entry *e, Table *t) {
     if (e->ix != t) {
@@ -598,7 +680,8 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     d->offset = offset;
     d->r.size = size;
     d->r.checksum = cs;
-    d->r.newer = d->r.older = NOREC;
+    d->a = AUX0;
+    d->r.dram = NOREC;
     d->r.seg = -1;
     d->r.flags = F_USED;
     PyObject *now = PyObject_CallNoArgs(time_time);
@@ -632,7 +715,6 @@ static void detach_view(Entry *e) {
     if (e->rec < t->nrecs) {
         Rec *r = &t->recs[e->rec];
         view_del(t, e->rec);
-        r->flags &= ~F_VIEW;
         if ((r->flags & F_USED) && !(r->flags & F_INTABLE)) rec_free(t, e->rec);
     }
     Py_DECREF(t);
@@ -659,32 +741,49 @@ static PyObject *bad_set(const char *name) {
     return NULL;
 }
 
-#define INT_FIELD(fname, ctype, lo, hi)                                                   \
+static int int_arg(PyObject *v, const char *name, long long lo, long long hi, long long *out) {
+    if (!v) { bad_set(name); return -1; }
+    if (!PyLong_Check(v)) {
+        PyErr_Format(PyExc_TypeError, "Entry.%s must be an int, not %.80s", name, Py_TYPE(v)->tp_name);
+        return -1;
+    }
+    int of = 0;
+    long long x = PyLong_AsLongLongAndOverflow(v, &of);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (of || x < lo || x > hi) {
+        PyErr_Format(PyExc_ValueError, "Entry.%s out of range [%lld, %lld]", name, lo, hi);
+        return -1;
+    }
+    *out = x;
+    return 0;
+}
+
+/* a field of the DRAM part: writing a default to a record without one allocates nothing */
+#define AUX_FIELD(fname, ctype, lo, hi, dflt)                                             \
     static PyObject *get_##fname(Entry *e, void *c) {                                    \
-        return PyLong_FromLongLong((long long)R(e)->fname);                              \
+        return PyLong_FromLongLong((long long)A(e)->fname);                              \
     }                                                                                     \
     static int set_##fname(Entry *e, PyObject *v, void *c) {                             \
-        if (!v) { bad_set(#fname); return -1; }                                           \
-        if (!PyLong_Check(v)) {                                                           \
-            PyErr_Format(PyExc_TypeError, "Entry." #fname " must be an int, not %.80s",   \
-                         Py_TYPE(v)->tp_name);                                            \
-            return -1;                                                                    \
-        }                                                                                 \
-        int of = 0;                                                                       \
-        long long x = PyLong_AsLongLongAndOverflow(v, &of);                               \
-        if (x == -1 && PyErr_Occurred()) return -1;                                       \
-        if (of || x < (lo) || x > (hi)) {                                                 \
-            PyErr_Format(PyExc_ValueError, "Entry." #fname " out of range [%lld, %lld]",  \
-                         (long long)(lo), (long long)(hi));                               \
-            return -1;                                                                    \
-        }                                                                                 \
-        R(e)->fname = (ctype)x;                                                           \
+        long long x;                                                                      \
+        if (int_arg(v, #fname, (lo), (hi), &x) < 0) return -1;                            \
+        if (x == (dflt) && A(e) == &AUX0) return 0;                                       \
+        Aux *a = A_w(e);                                                                  \
+        if (!a) return -1;                                                                \
+        a->fname = (ctype)x;                                                              \
+        A_settle(e);                                                                      \
         return 0;                                                                         \
     }
 
-INT_FIELD(refs, uint32_t, 0, REFS_MAX)
-INT_FIELD(seg, int8_t, -1, 2)
-INT_FIELD(stamp, uint64_t, 0, STAMP_MAX)
+AUX_FIELD(refs, uint32_t, 0, REFS_MAX, 0)
+AUX_FIELD(stamp, uint64_t, 0, STAMP_MAX, 0)
+
+static PyObject *get_seg(Entry *e, void *c) { return PyLong_FromLong(R(e)->seg); }
+static int set_seg(Entry *e, PyObject *v, void *c) {
+    long long x;
+    if (int_arg(v, "seg", -1, 2, &x) < 0) return -1;
+    R(e)->seg = (int8_t)x;
+    return 0;
+}
 
 static int64_t entry_offset(Entry *e) { return e->ix ? rec_offset(e->ix, e->rec) : e->det->offset; }
 
@@ -711,7 +810,7 @@ static PyObject *get_checksum(Entry *e, void *c) {
     return PyLong_FromUnsignedLongLong(R(e)->checksum);
 }
 
-static PyObject *get_reads(Entry *e, void *c) { return PyLong_FromUnsignedLong(R(e)->reads); }
+static PyObject *get_reads(Entry *e, void *c) { return PyLong_FromUnsignedLong(A(e)->reads); }
 static int set_reads(Entry *e, PyObject *v, void *c) {
     if (!v || !PyLong_Check(v)) {
         PyErr_SetString(PyExc_TypeError, "Entry.reads must be an int");
@@ -724,7 +823,12 @@ static int set_reads(Entry *e, PyObject *v, void *c) {
         PyErr_SetString(PyExc_ValueError, "Entry.reads must not be negative");
         return -1;
     }
-    R(e)->reads = (of || x > (long long)READS_MAX) ? READS_MAX : (uint32_t)x; /* saturating */
+    uint32_t n = (of || x > (long long)READS_MAX) ? READS_MAX : (uint32_t)x; /* saturating */
+    if (!n && A(e) == &AUX0) return 0;
+    Aux *a = A_w(e);
+    if (!a) return -1;
+    a->reads = n;
+    A_settle(e);
     return 0;
 }
 
@@ -763,10 +867,48 @@ static PyObject *get_ns(Entry *e, void *c) {
     Py_INCREF(o);
     return o;
 }
+/* A keyless record's key comes from the key loader (the Store's: a read of the NVMe
+   record header); it must have the record's length and fingerprint. */
+static PyObject *load_key(Entry *e) {
+    Table *t = e->ix;
+    if (!t->key_loader)
+        return PyErr_Format(PyExc_LookupError, "key of an NVMe-only entry is not in RAM (record %u; "
+                            "no key loader: Index.set_key_loader)", e->rec);
+    PyObject *loader = t->key_loader;
+    Py_INCREF(loader);
+    PyObject *k = PyObject_CallOneArg(loader, (PyObject *)e);
+    Py_DECREF(loader);
+    if (!k) return NULL;
+    if (k == Py_None) {
+        Py_DECREF(k);
+        return PyErr_Format(PyExc_LookupError, "key of an NVMe-only entry is not in RAM (record %u) "
+                            "and the key loader found none", e->rec);
+    }
+    if (!PyBytes_Check(k)) {
+        PyErr_Format(PyExc_TypeError, "the key loader must return bytes or None, not %.80s",
+                     Py_TYPE(k)->tp_name);
+        Py_DECREF(k);
+        return NULL;
+    }
+    Rec *r = R(e);  /* after the call: the loader may have grown the record array */
+    if ((size_t)PyBytes_GET_SIZE(k) != r->key_len ||
+        fp_of(t, r->ns, PyBytes_AS_STRING(k), r->key_len) != r->fp) {
+        Py_DECREF(k);
+        return PyErr_Format(PyExc_LookupError, "the key loader returned a key that is not record "
+                            "%u's (its length or fingerprint differs)", e->rec);
+    }
+    return k;
+}
+
 static PyObject *get_key(Entry *e, void *c) {
     if (!e->ix) { Py_INCREF(e->det->key); return e->det->key; }
     Rec *r = R(e);
+    if (r->flags & F_KEYLESS) return load_key(e);
     return PyBytes_FromStringAndSize(r->key_len ? key_ptr(e->ix, r) : "", r->key_len);
+}
+
+static PyObject *get_key_in_ram(Entry *e, void *c) {
+    return PyBool_FromLong(!e->ix || !(R(e)->flags & F_KEYLESS));
 }
 static PyObject *get_sc(Entry *e, void *c) {
     PyObject *o = e->ix ? PyList_GET_ITEM(e->ix->classes, R(e)->sc) : e->det->sc;
@@ -778,21 +920,28 @@ static PyObject *link_get(Entry *e, uint32_t l) {
     if (l == NOREC) Py_RETURN_NONE;
     return view_of(e->ix, l);
 }
-static int link_set(Entry *e, PyObject *v, uint32_t *dst, const char *name) {
+static int link_set(Entry *e, PyObject *v, int older, const char *name) {
     if (!v) { bad_set(name); return -1; }
-    if (v == Py_None) { *dst = NOREC; return 0; }
-    if (!PyObject_TypeCheck(v, &EntryType) || !e->ix || ((Entry *)v)->ix != e->ix) {
-        PyErr_Format(PyExc_TypeError, "Entry.%s must be None or an entry of the same index "
-                     "(link entries only after Index.insert)", name);
-        return -1;
+    uint32_t l = NOREC;
+    if (v != Py_None) {
+        if (!PyObject_TypeCheck(v, &EntryType) || !e->ix || ((Entry *)v)->ix != e->ix) {
+            PyErr_Format(PyExc_TypeError, "Entry.%s must be None or an entry of the same index "
+                         "(link entries only after Index.insert)", name);
+            return -1;
+        }
+        l = ((Entry *)v)->rec;
     }
-    *dst = ((Entry *)v)->rec;
+    if (l == NOREC && A(e) == &AUX0) return 0;
+    Aux *a = A_w(e);
+    if (!a) return -1;
+    if (older) a->older = l; else a->newer = l;
+    A_settle(e);
     return 0;
 }
-static PyObject *get_newer(Entry *e, void *c) { return link_get(e, R(e)->newer); }
-static PyObject *get_older(Entry *e, void *c) { return link_get(e, R(e)->older); }
-static int set_newer(Entry *e, PyObject *v, void *c) { return link_set(e, v, &R(e)->newer, "newer"); }
-static int set_older(Entry *e, PyObject *v, void *c) { return link_set(e, v, &R(e)->older, "older"); }
+static PyObject *get_newer(Entry *e, void *c) { return link_get(e, A(e)->newer); }
+static PyObject *get_older(Entry *e, void *c) { return link_get(e, A(e)->older); }
+static int set_newer(Entry *e, PyObject *v, void *c) { return link_set(e, v, 0, "newer"); }
+static int set_older(Entry *e, PyObject *v, void *c) { return link_set(e, v, 1, "older"); }
 
 /* NVMe location: packed when it is (region < 0xFFFF, 4 KiB aligned offset, the entry's
    length and checksum, a 32-bit generation), else kept whole in a side dict. */
@@ -1002,7 +1151,10 @@ static PyObject *Entry_record(Entry *e, void *c) {
 }
 
 static PyObject *Entry_repr(Entry *e) {
-    PyObject *ns = get_ns(e, NULL), *key = get_key(e, NULL);
+    /* a keyless entry's repr does not read the NVMe header */
+    PyObject *ns = get_ns(e, NULL), *key = e->ix && (R(e)->flags & F_KEYLESS)
+        ? PyUnicode_FromFormat("<key not in RAM, fp %llx>", (unsigned long long)R(e)->fp)
+        : get_key(e, NULL);
     PyObject *s = NULL;
     if (ns && key)
         s = PyUnicode_FromFormat("<Entry %R %R size=%u offset=%lld%s>", ns, key, R(e)->size,
@@ -1013,7 +1165,8 @@ static PyObject *Entry_repr(Entry *e) {
 
 static PyGetSetDef Entry_getset[] = {
     {"ns", (getter)get_ns, NULL, "namespace (the index's shared bytes object)", NULL},
-    {"key", (getter)get_key, NULL, "key bytes (a new bytes object per read)", NULL},
+    {"key", (getter)get_key, NULL, "key bytes (a new bytes object per read; keyless: the key loader's)", NULL},
+    {"key_in_ram", (getter)get_key_in_ram, NULL, "False while the key is only on NVMe (shed_key)", NULL},
     {"sc", (getter)get_sc, NULL, "size class", NULL},
     {"offset", (getter)get_offset, (setter)set_offset, "DRAM offset, -1 when on NVMe only", NULL},
     {"size", (getter)get_size, NULL, "object size", NULL},
@@ -1076,6 +1229,7 @@ static int Table_init(Table *t, PyObject *args, PyObject *kw) {
     }
     t->slab_size = slab;
     t->freehead = NOREC;
+    t->fp_mask = ~0ULL;
     for (size_t i = 0; i < sizeof t->pools / sizeof t->pools[0]; i++) t->pools[i].free = NOREC;
     if (getrandom(&t->seed, sizeof t->seed, GRND_NONBLOCK) != sizeof t->seed)
         t->seed = (uint64_t)(uintptr_t)t ^ 0x243F6A8885A308D3ULL;  /* no entropy yet: still per table */
@@ -1095,8 +1249,20 @@ static int Table_init(Table *t, PyObject *args, PyObject *kw) {
     return 0;
 }
 
+static int Table_traverse(Table *t, visitproc visit, void *arg) {
+    Py_VISIT(t->key_loader);  /* a bound method of the Store's: a cycle */
+    return 0;
+}
+
+static int Table_clear(Table *t) {
+    Py_CLEAR(t->key_loader);
+    return 0;
+}
+
 static void Table_dealloc(Table *t) {
     /* views hold a reference to the table: none is left here */
+    PyObject_GC_UnTrack(t);
+    Py_CLEAR(t->key_loader);
     PyMem_RawFree(t->recs);
     PyMem_RawFree(t->slots);
     PyMem_RawFree(t->views);
@@ -1145,20 +1311,32 @@ static PyObject *Table_get(Table *t, PyObject *const *args, Py_ssize_t n) {
         Py_RETURN_NONE;
     }
     const char *k = PyBytes_AS_STRING(args[1]);
-    int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, hash_key(t, (uint16_t)ns, k, (size_t)kl));
+    int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
     if (i < 0) Py_RETURN_NONE;
-    return view_of(t, t->slots[i].rec - 1);
+    return view_of(t, t->slots[i] - 1);
 }
 
 static void space_drop_if_unused(Table *t, int ns) {
     if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
 }
 
+/* The record goes into the table and the aggregates. */
+static void table_enter(Table *t, uint32_t rec) {
+    slot_put(t, rec);
+    Rec *r = &t->recs[rec];
+    r->flags |= F_INTABLE;
+    Space *s = &t->spaces[r->ns];
+    s->objects++; s->bytes += r->size;
+    t->count++; t->object_bytes += r->size;
+    if (r->flags & F_UNVERIFIED) t->unverified++;
+}
+
 /* A new record from fields, put in the table; ``view`` (may be NULL) is attached to it.
+   ``keyless``: the key is fingerprinted, not kept (offset must be -1, nvme a Location).
    Returns the record number, or -1 with an exception and nothing changed. */
 static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec *src,
-                          int64_t offset, PyObject *scobj, PyObject *nvme, long pins,
-                          double pin_until, Entry *view) {
+                          const Aux *srca, int64_t offset, PyObject *scobj, PyObject *nvme,
+                          long pins, double pin_until, Entry *view, int keyless) {
     /* the size class first: its slot_size is read by getattr, which may run Python code
        and a garbage collection that frees the last record of the namespace looked up
        below (its id would be recycled under this record) */
@@ -1168,37 +1346,51 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     if (ns < 0) return -1;
     const char *k = PyBytes_AS_STRING(keyobj);
     size_t kl = (size_t)PyBytes_GET_SIZE(keyobj);
-    uint32_t h = hash_key(t, (uint16_t)ns, k, kl);
-    if (find(t, (uint16_t)ns, k, kl, h) >= 0) {
+    uint64_t fp = fp_of(t, (uint16_t)ns, k, kl);
+    if (find(t, (uint16_t)ns, keyless ? NULL : k, kl, fp) >= 0) {
         PyObject *key = PyTuple_Pack(2, nsobj, keyobj);
         if (key)
-            PyErr_Format(PyExc_KeyError, "index already holds %R; remove the old entry first", key);
+            PyErr_Format(PyExc_KeyError, "index already holds %R%s; remove the old entry first", key,
+                         keyless ? " (or a key of the same fingerprint)" : "");
         Py_XDECREF(key);
         space_drop_if_unused(t, ns);
         return -1;
     }
-    int64_t rec = -1;
-    if (((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0) ||
-        (rec = rec_alloc(t)) < 0) {
+    int64_t rec = -1, ch = -1;
+    if ((table_full(t) && table_grow(t) < 0) ||
+        (!keyless && (ch = chunk_alloc(t, key_class(kl))) < 0) || (rec = rec_alloc(t)) < 0) {
+        if (ch >= 0) chunk_free(t, key_class(kl), (uint32_t)ch);
         space_drop_if_unused(t, ns);
         return -1;
     }
     Rec *r = &t->recs[rec];
     *r = *src;
-    set_off_units(r, OFF_NONE);
-    if (key_store(t, r, k, kl) < 0) {
-        r->flags = 0; r->newer = t->freehead; t->freehead = (uint32_t)rec;
-        space_drop_if_unused(t, ns);
-        return -1;
-    }
+    r->fp = fp;
+    r->key_len = (uint8_t)kl;
     r->ns = (uint16_t)ns;
     r->sc = (uint8_t)sc;
     r->flags = (src->flags & (F_DEAD | F_UNVERIFIED)) | F_USED;
-    r->newer = r->older = NOREC;  /* links are made after insert */
+    r->dram = NOREC;
+    if (keyless) {
+        r->flags |= F_KEYLESS;
+        t->nkeyless++;
+    } else {
+        r->dram = (uint32_t)ch;
+        Aux *a = aux_ptr(t, r);
+        *a = *srca;
+        a->off = OFF_NONE;
+        a->newer = a->older = NOREC;  /* links are made after insert */
+        if (kl) memcpy(a + 1, k, kl);
+    }
     t->spaces[ns].nrec++;
     /* from here a failure frees the record (rec_free: key, namespace, side tables) */
     if (rec_set_offset(t, (uint32_t)rec, offset) < 0 ||
         (nvme && nvme != Py_None && nvme_store(t, (uint32_t)rec, nvme) < 0)) {
+        rec_free(t, (uint32_t)rec);
+        return -1;
+    }
+    if (keyless && !(t->recs[rec].flags & F_NVME)) {
+        PyErr_SetString(PyExc_ValueError, "a keyless record needs its NVMe location (nvme=)");
         rec_free(t, (uint32_t)rec);
         return -1;
     }
@@ -1212,21 +1404,11 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     }
     if (view) {
         if (view_put(t, (uint32_t)rec, view) < 0) { rec_free(t, (uint32_t)rec); return -1; }
-        t->recs[rec].flags |= F_VIEW;
         Py_INCREF(t);
         view->ix = t;
         view->rec = (uint32_t)rec;
     }
-    r = &t->recs[rec];
-    uint64_t i = h & t->mask;
-    while (t->slots[i].rec) i = (i + 1) & t->mask;
-    t->slots[i].rec = (uint32_t)rec + 1;
-    t->slots[i].hash = h;
-    r->flags |= F_INTABLE;
-    Space *s = &t->spaces[ns];
-    s->objects++; s->bytes += r->size;
-    t->count++; t->object_bytes += r->size;
-    if (r->flags & F_UNVERIFIED) t->unverified++;
+    table_enter(t, (uint32_t)rec);
     return rec;
 }
 
@@ -1244,56 +1426,55 @@ static PyObject *Table_insert(Table *t, PyObject *o) {
             PyErr_SetString(PyExc_KeyError, "index already holds this entry");
             return NULL;
         }
-        const char *k = key_ptr(t, r);
-        uint32_t h = hash_key(t, r->ns, k, r->key_len);
-        if (find(t, r->ns, k, r->key_len, h) >= 0) {
+        const char *k = r->flags & F_KEYLESS ? NULL : key_ptr(t, r);
+        if (find(t, r->ns, k, r->key_len, r->fp) >= 0) {
             PyErr_SetString(PyExc_KeyError, "index already holds this key; remove the old entry first");
             return NULL;
         }
-        if ((t->count + 1) * 8 > (t->slots ? t->mask + 1 : 0) * 7 && table_grow(t) < 0) return NULL;
-        uint64_t i = h & t->mask;
-        while (t->slots[i].rec) i = (i + 1) & t->mask;
-        t->slots[i].rec = e->rec + 1;
-        t->slots[i].hash = h;
-        r->flags |= F_INTABLE;
-        Space *s = &t->spaces[r->ns];
-        s->objects++; s->bytes += r->size;
-        t->count++; t->object_bytes += r->size;
-        if (r->flags & F_UNVERIFIED) t->unverified++;
+        if (table_full(t) && table_grow(t) < 0) return NULL;
+        table_enter(t, e->rec);
         Py_RETURN_NONE;
     }
     Detached *d = e->det;
-    if (insert_new(t, d->ns, d->key, &d->r, d->offset, d->sc, d->nvme, d->pins, d->pin_until,
-                   e) < 0)
+    if (insert_new(t, d->ns, d->key, &d->r, &d->a, d->offset, d->sc, d->nvme, d->pins,
+                   d->pin_until, e, 0) < 0)
         return NULL;
     det_free(e);  /* the view reads the record now */
     Py_RETURN_NONE;
 }
 
-/* add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False):
-   index an object without building a Python object for it (recovery at start). */
+/* add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False,
+   keyless=False): index an object without building a Python object for it (recovery at
+   start); keyless: an NVMe-only object whose key stays on NVMe. */
 static PyObject *Table_add(Table *t, PyObject *args, PyObject *kw) {
     static char *kwlist[] = {"ns", "key", "offset", "size", "checksum", "sc", "committed_at",
-                             "nvme", "unverified", NULL};
+                             "nvme", "unverified", "keyless", NULL};
     READY(t, NULL);
     PyObject *ns, *key, *sc, *csum, *sizeobj, *nvme = Py_None;
     long long offset;
     uint32_t size;
     double committed_at;
-    int unverified = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLOOOd|Op:add", kwlist, &ns, &key, &offset,
-                                     &sizeobj, &csum, &sc, &committed_at, &nvme, &unverified))
+    int unverified = 0, keyless = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "SSLOOOd|Opp:add", kwlist, &ns, &key, &offset,
+                                     &sizeobj, &csum, &sc, &committed_at, &nvme, &unverified,
+                                     &keyless))
         return NULL;
     Rec src;
     memset(&src, 0, sizeof src);
     unsigned long long cs;
     if (fields_check(key, sizeobj, &size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
+    if (keyless && (offset != -1 || nvme == Py_None)) {
+        PyErr_SetString(PyExc_ValueError, "add(keyless=True) is for NVMe-only objects: offset -1 "
+                        "and an NVMe location (nvme=)");
+        return NULL;
+    }
     src.checksum = cs;
     src.size = size;
     src.committed_at = committed_at;
     src.seg = -1;
     src.flags = unverified ? F_UNVERIFIED : 0;
-    if (insert_new(t, ns, key, &src, offset, sc, nvme, 0, 0.0, NULL) < 0) return NULL;
+    if (insert_new(t, ns, key, &src, &AUX0, offset, sc, nvme, 0, 0.0, NULL, keyless) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -1307,10 +1488,9 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
         PyErr_SetString(PyExc_KeyError, "entry is not in the index (removed already)");
         return NULL;
     }
-    const char *k = key_ptr(t, r);
-    int64_t i = find(t, r->ns, k, r->key_len, hash_key(t, r->ns, k, r->key_len));
-    if (i < 0 || t->slots[i].rec != e->rec + 1) {
-        PyErr_SetString(PyExc_RuntimeError, "packed index inconsistent: entry not at its key");
+    int64_t i = find_rec(t, e->rec);
+    if (i < 0) {
+        PyErr_SetString(PyExc_RuntimeError, "packed index inconsistent: entry not at its fingerprint");
         return NULL;
     }
     slot_del(t, (uint64_t)i);
@@ -1330,6 +1510,129 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
         r->flags &= ~F_PIN;
     }
     /* the record lives on while its view does (freed by the view's dealloc) */
+    Py_RETURN_NONE;
+}
+
+/* shed_key(entry): an inserted NVMe-only entry's key leaves RAM (its DRAM part goes,
+   with its read count and eviction stamp; readers and links, if any, stay in a bare
+   part). Lookups match it by namespace, length and fingerprint from then on. */
+static PyObject *Table_shed_key(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0) return NULL;
+    if (e->ix != t || !(R(e)->flags & F_INTABLE)) {
+        PyErr_SetString(PyExc_ValueError, e->ix && e->ix != t ? "shed_key: entry belongs to another index"
+                        : "shed_key: the entry is not in the index (never inserted, or removed)");
+        return NULL;
+    }
+    uint32_t rec = e->rec;
+    if (t->recs[rec].flags & F_KEYLESS) Py_RETURN_NONE;
+    int64_t off = rec_offset(t, rec);
+    if (off >= 0) {
+        PyErr_Format(PyExc_ValueError, "shed_key: the entry has a DRAM copy (offset %lld); only "
+                     "an NVMe-only entry (offset -1) sheds its key", (long long)off);
+        return NULL;
+    }
+    if (!(t->recs[rec].flags & F_NVME)) {
+        PyErr_SetString(PyExc_ValueError, "shed_key: the entry has no NVMe location (nvme is "
+                        "None): its key would be nowhere");
+        return NULL;
+    }
+    Aux keep = *aux_ptr(t, &t->recs[rec]);
+    keep.stamp = 0;
+    keep.reads = 0;
+    int64_t bare = -1;
+    if (!aux_default(&keep) && (bare = chunk_alloc(t, 0)) < 0) return NULL;
+    Rec *r = &t->recs[rec];
+    chunk_free(t, key_class(r->key_len), r->dram);
+    r->dram = NOREC;
+    r->flags |= F_KEYLESS;
+    t->nkeyless++;
+    if (bare >= 0) {
+        r->dram = (uint32_t)bare;
+        *aux_ptr(t, r) = keep;
+    }
+    Py_RETURN_NONE;
+}
+
+/* restore_key(entry, key): a keyless entry gets its key back (promotion to DRAM, after
+   the Store compared the NVMe header's key with the one asked for). */
+static PyObject *Table_restore_key(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    Entry *e;
+    if (n != 2 || entry_arg(args[0], &e) < 0 || !PyBytes_Check(args[1])) {
+        if (!PyErr_Occurred()) PyErr_SetString(PyExc_TypeError, "restore_key(entry, key: bytes)");
+        return NULL;
+    }
+    PyObject *key = args[1];
+    const char *k = PyBytes_AS_STRING(key);
+    size_t kl = (size_t)PyBytes_GET_SIZE(key);
+    if (!e->ix) {  /* detached: holds its key */
+        if (PyBytes_GET_SIZE(e->det->key) != (Py_ssize_t)kl || memcmp(PyBytes_AS_STRING(e->det->key), k, kl)) {
+            PyErr_SetString(PyExc_ValueError, "restore_key: not the entry's key");
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    if (e->ix != t) {
+        PyErr_SetString(PyExc_ValueError, "restore_key: entry belongs to another index");
+        return NULL;
+    }
+    uint32_t rec = e->rec;
+    Rec *r = &t->recs[rec];
+    if (kl != r->key_len || fp_of(t, r->ns, k, kl) != r->fp) {
+        PyErr_Format(PyExc_ValueError, "restore_key: a key of %zu bytes that is not the entry's "
+                     "(%u bytes, fingerprint %llx)", kl, r->key_len, (unsigned long long)r->fp);
+        return NULL;
+    }
+    if (!(r->flags & F_KEYLESS)) {
+        if (kl && memcmp(key_ptr(t, r), k, kl)) {
+            PyErr_SetString(PyExc_ValueError, "restore_key: not the entry's key (it has its key in RAM)");
+            return NULL;
+        }
+        Py_RETURN_NONE;
+    }
+    unsigned c = key_class(kl);
+    int64_t ch = chunk_alloc(t, c);  /* may move pool 0, where its bare part is */
+    if (ch < 0) return NULL;
+    r = &t->recs[rec];
+    Aux *na = (Aux *)(t->pools[c].buf + (size_t)ch * chunk_size(c));
+    Aux *old = aux_ptr(t, r);
+    *na = old ? *old : AUX0;
+    if (kl) memcpy(na + 1, k, kl);
+    if (old) chunk_free(t, 0, r->dram);
+    r->dram = (uint32_t)ch;
+    r->flags &= ~F_KEYLESS;
+    t->nkeyless--;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Table_set_key_loader(Table *t, PyObject *fn) {
+    READY(t, NULL);
+    if (fn != Py_None && !PyCallable_Check(fn)) {
+        PyErr_Format(PyExc_TypeError, "set_key_loader(fn): fn must be callable or None, not %.80s",
+                     Py_TYPE(fn)->tp_name);
+        return NULL;
+    }
+    PyObject *old = t->key_loader;
+    t->key_loader = NULL;
+    if (fn != Py_None) { Py_INCREF(fn); t->key_loader = fn; }
+    Py_XDECREF(old);
+    Py_RETURN_NONE;
+}
+
+/* set_fingerprint_bits(bits): fingerprints keep only their low ``bits`` (tests: forces
+   collisions); before the first record only. */
+static PyObject *Table_set_fingerprint_bits(Table *t, PyObject *v) {
+    READY(t, NULL);
+    long b = PyLong_AsLong(v);
+    if (b == -1 && PyErr_Occurred()) return NULL;
+    if (b < 1 || b > 64) return PyErr_Format(PyExc_ValueError, "bits must be in [1, 64], not %ld", b);
+    if (t->nrecs) {
+        PyErr_SetString(PyExc_ValueError, "records exist already: the fingerprint width cannot change");
+        return NULL;
+    }
+    t->fp_mask = b == 64 ? ~0ULL : (1ULL << b) - 1;
     Py_RETURN_NONE;
 }
 
@@ -1558,20 +1861,26 @@ static PyTypeObject IterType = {
 
 static PyObject *Table_footprint(Table *t, PyObject *unused) {
     READY(t, NULL);
-    uint64_t keys = 0, keycap = 0, rows = 0;
-    for (size_t c = 1; c < sizeof t->pools / sizeof t->pools[0]; c++) {
+    uint64_t keys = 0, keycap = 0, parts = 0, partcap = 0, rows = 0;
+    for (size_t c = 0; c < sizeof t->pools / sizeof t->pools[0]; c++) {
         keys += (uint64_t)t->pools[c].n * 8 * c;
         keycap += (uint64_t)t->pools[c].cap * 8 * c;
+        parts += (uint64_t)t->pools[c].n * sizeof(Aux);
+        partcap += (uint64_t)t->pools[c].cap * sizeof(Aux);
     }
     rows = t->nrows * sizeof(Row);
     for (uint64_t i = 0; i < t->nrows; i++)
         if (t->rows[i].recs) rows += (uint64_t)t->rows[i].nslots * 4;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsnsn}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsn}",
                          "view_slots", (unsigned long long)(t->views ? t->vmask + 1 : 0),
                          "record_size", (unsigned long long)sizeof(Rec),
                          "records", (unsigned long long)t->nrecs * sizeof(Rec),
                          "records_capacity", (unsigned long long)t->caprecs * sizeof(Rec),
-                         "table", (unsigned long long)(t->slots ? (t->mask + 1) * sizeof(Slot) : 0),
+                         "dram_part_size", (unsigned long long)sizeof(Aux),
+                         "dram_parts", (unsigned long long)parts,
+                         "dram_parts_capacity", (unsigned long long)partcap,
+                         "keyless", (unsigned long long)t->nkeyless,
+                         "table", (unsigned long long)(t->slots ? (t->mask + 1) * sizeof(uint32_t) : 0),
                          "keys", (unsigned long long)keys,
                          "keys_capacity", (unsigned long long)keycap,
                          "slot_map", (unsigned long long)rows,
@@ -1583,22 +1892,23 @@ static PyObject *Table_footprint(Table *t, PyObject *unused) {
 
 /* probes() -> (longest, mean hit, mean miss): slots a lookup reads, over the keys present
    (hit) and over every home slot a missing key may hash to (miss: to the next empty
-   slot). A check that keys spread (tests, bench_index); walks the whole table. */
+   slot). Each slot read is a record read (the fingerprint is in the record). A check
+   that keys spread (tests, bench_index); walks the whole table. */
 static PyObject *Table_probes(Table *t, PyObject *unused) {
     READY(t, NULL);
     uint64_t longest = 0, total = 0, miss = 0, run = 0;
     if (t->slots) {
         uint64_t cap = t->mask + 1, start = 0;
-        while (t->slots[start].rec) start++;  /* a run may wrap: begin at an empty slot */
+        while (t->slots[start]) start++;  /* a run may wrap: begin at an empty slot */
         for (uint64_t n = 1; n <= cap; n++) {
             uint64_t i = (start + n) & t->mask;
-            if (!t->slots[i].rec) {
+            if (!t->slots[i]) {
                 miss += (run + 1) * (run + 2) / 2;  /* homes in the run, and this empty one */
                 run = 0;
                 continue;
             }
             run++;
-            uint64_t d = (i - (t->slots[i].hash & t->mask)) & t->mask;
+            uint64_t d = (i - (t->recs[t->slots[i] - 1].fp & t->mask)) & t->mask;
             total += d + 1;
             if (d + 1 > longest) longest = d + 1;
         }
@@ -1608,8 +1918,8 @@ static PyObject *Table_probes(Table *t, PyObject *unused) {
                          t->slots ? (double)miss / (double)(t->mask + 1) : 0.0);
 }
 
-/* key_hash(ns, key) -> the table's 32-bit hash of the key (None: no such namespace);
-   for tests that check the per-table seed is mixed in */
+/* key_hash(ns, key) -> the table's 64-bit fingerprint of the key (None: no such
+   namespace); for tests that check the per-table seed is mixed in */
 static PyObject *Table_key_hash(Table *t, PyObject *const *args, Py_ssize_t n) {
     READY(t, NULL);
     if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
@@ -1621,8 +1931,8 @@ static PyObject *Table_key_hash(Table *t, PyObject *const *args, Py_ssize_t n) {
         if (PyErr_Occurred()) return NULL;
         Py_RETURN_NONE;
     }
-    return PyLong_FromUnsignedLong(hash_key(t, (uint16_t)ns, PyBytes_AS_STRING(args[1]),
-                                            (size_t)PyBytes_GET_SIZE(args[1])));
+    return PyLong_FromUnsignedLongLong(fp_of(t, (uint16_t)ns, PyBytes_AS_STRING(args[1]),
+                                             (size_t)PyBytes_GET_SIZE(args[1])));
 }
 
 static PyObject *Table_get_object_bytes(Table *t, void *c) { return PyLong_FromUnsignedLongLong(t->object_bytes); }
@@ -1638,7 +1948,7 @@ static PyMethodDef Table_methods[] = {
     {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(ns, key) -> Entry | None"},
     {"insert", (PyCFunction)Table_insert, METH_O, "insert(entry): add under its (free) key"},
     {"add", (PyCFunction)(void (*)(void))Table_add, METH_VARARGS | METH_KEYWORDS,
-     "add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False)"},
+     "add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False, keyless=False)"},
     {"remove", (PyCFunction)Table_remove, METH_O, "remove(entry)"},
     {"mark_unverified", (PyCFunction)Table_mark_unverified, METH_O, NULL},
     {"verify", (PyCFunction)Table_verify, METH_O, NULL},
@@ -1654,7 +1964,15 @@ static PyMethodDef Table_methods[] = {
     {"footprint", (PyCFunction)Table_footprint, METH_NOARGS, "bytes used by part"},
     {"probes", (PyCFunction)Table_probes, METH_NOARGS, "(longest, mean hit, mean miss) slots read per lookup"},
     {"key_hash", (PyCFunction)(void (*)(void))Table_key_hash, METH_FASTCALL,
-     "key_hash(ns, key): the seeded hash (None: no such namespace)"},
+     "key_hash(ns, key): the seeded 64-bit fingerprint (None: no such namespace)"},
+    {"shed_key", (PyCFunction)Table_shed_key, METH_O,
+     "shed_key(entry): an NVMe-only entry's key leaves RAM"},
+    {"restore_key", (PyCFunction)(void (*)(void))Table_restore_key, METH_FASTCALL,
+     "restore_key(entry, key): a keyless entry gets its key back"},
+    {"set_key_loader", (PyCFunction)Table_set_key_loader, METH_O,
+     "set_key_loader(fn): fn(entry) -> bytes | None gives Entry.key of a keyless entry"},
+    {"set_fingerprint_bits", (PyCFunction)Table_set_fingerprint_bits, METH_O,
+     "set_fingerprint_bits(bits): narrower fingerprints (tests: forced collisions); empty index only"},
     {NULL}
 };
 
@@ -1665,10 +1983,12 @@ static PyTypeObject TableType = {
     .tp_name = "kvstored._index.Table",
     .tp_doc = "Table(slab_size, location_type=None): the packed index's records and lookups.",
     .tp_basicsize = sizeof(Table),
-    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
     .tp_new = PyType_GenericNew,
     .tp_init = (initproc)Table_init,
     .tp_dealloc = (destructor)Table_dealloc,
+    .tp_traverse = (traverseproc)Table_traverse,
+    .tp_clear = (inquiry)Table_clear,
     .tp_methods = Table_methods,
     .tp_getset = Table_getset,
     .tp_as_sequence = &Table_seq,

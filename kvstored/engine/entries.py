@@ -40,6 +40,7 @@ class Entry:
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
                  "seg", "stamp", "newer", "older", "committed_at", "nvme",
                  "reads", "unverified")
+    key_in_ram = True  # always here; the packed index sheds NVMe-only keys (Index.shed_key)
 
     def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int,
                  sc: "SizeClass"):
@@ -152,7 +153,10 @@ class Index:
         ``unverified``;
       * map a DRAM slot back to its entry: ``place`` / ``displace`` / ``at(offset)``;
       * learn the arena's and the NVMe tier's layout: ``use_slab_size``, ``use_nvme_geometry``;
-      * track pins: ``note_pin`` / ``drop_pin`` / ``live_pins(now)``.
+      * track pins: ``note_pin`` / ``drop_pin`` / ``live_pins(now)``;
+      * keys of NVMe-only objects out of RAM (the packed index; no-ops here, where every
+        key stays in RAM): ``shed_key(e)``, ``restore_key(e, key)``,
+        ``set_key_loader(fn)``, ``add(..., keyless=True)``, ``Entry.key_in_ram``.
 
     ``__getitem__``, ``items`` and ``values`` exist for tests and tools that read
     the index like the dict it was; the daemon's code does not use them.
@@ -211,9 +215,15 @@ class Index:
             self.unverified += 1
 
     def add(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: "SizeClass",
-            committed_at: float, nvme: "Location | None" = None, unverified: bool = False) -> None:
+            committed_at: float, nvme: "Location | None" = None, unverified: bool = False,
+            keyless: bool = False) -> None:
         """``insert`` of an entry made from these fields (recovery at start: the packed
-        index then builds no Python object per record)."""
+        index then builds no Python object per record). ``keyless``: an NVMe-only record
+        whose key the packed index does not keep; this index keeps it anyway (the same
+        checks, so a caller's mistake shows on either index)."""
+        if keyless and (offset != -1 or nvme is None):
+            raise ValueError("add(keyless=True) is for NVMe-only objects: offset -1 and an "
+                             "NVMe location (nvme=)")
         e = Entry(ns, key, offset, size, checksum, sc)
         e.committed_at = committed_at
         e.nvme = nvme
@@ -239,6 +249,17 @@ class Index:
             self.unverified -= 1
         self._pinned.discard(e)
         e.forget_pin()
+
+    # ----------------------------------------- keys out of RAM (packed index)
+    def shed_key(self, e: Entry) -> None:
+        """No-op: this index keeps every key in RAM (the packed one sheds an NVMe-only
+        entry's key)."""
+
+    def restore_key(self, e: Entry, key: bytes) -> None:
+        """No-op: the entry has its key."""
+
+    def set_key_loader(self, fn) -> None:
+        """Nothing to keep: ``Entry.key`` never needs loading here."""
 
     def mark_unverified(self, e: Entry) -> None:
         if not e.unverified:

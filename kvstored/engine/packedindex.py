@@ -1,8 +1,11 @@
 """The packed index: the Index's seam (kvstored/engine/entries.py) over native records.
 
-``kvstored._index`` (native/index.c) keeps one fixed-width record per object, the
-keys in per-length pools, an open-addressing table of record numbers and the DRAM
-slot map as u32 arrays per slab; an ``Entry`` is a view of one record, built on
+``kvstored._index`` (native/index.c) keeps one 48-byte record per object (with a
+seeded 64-bit fingerprint of its namespace and key), a 24-byte DRAM part (DRAM
+offset, readers, eviction links, stamp, read count) followed by the key in per-length
+pools while the object has a DRAM copy or its key in RAM, an open-addressing table of
+u32 record numbers (probed from the record's fingerprint) and the DRAM slot map as u32
+arrays per slab; an ``Entry`` is a view of one record, built on
 lookup and shared by every lookup while anyone holds it (the Store and the eviction
 policy compare entries with ``is``). Bytes per object: docs/scale.md, "The packed
 index"; benchmarks/bench_index.py measures both indexes.
@@ -17,6 +20,20 @@ are refused with ValueError); offsets below -1 are refused; at most 65535 namesp
 hold objects at once (``IndexFull``, a NoSpace); a slot left by an offset change
 without ``displace`` reads None from ``at`` (the dict index keeps the old entry there:
 a freed record's number is reused, so the packed one must not point at it).
+
+Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(e)``
+(``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and
+the DRAM part (read count and stamp go to 0; readers and links, if any, stay);
+``add(..., keyless=True)`` indexes such a record at recovery. A keyless record is
+found by namespace, key length and fingerprint: two keys of one namespace and length
+with equal 64-bit fingerprints (about n**2 / 2**65 over n keys of a table; the seed
+is random per table) are taken for one another, which the Store turns into a miss by
+comparing the key on the NVMe record header on every read of a keyless object.
+``Entry.key`` of a keyless entry calls the loader of ``set_key_loader(fn)``
+(``fn(entry) -> bytes | None``, checked against the length and fingerprint), else
+raises LookupError; ``Entry.key_in_ram`` says which. ``restore_key(e, key)`` gives
+the key back (ValueError if it is not the entry's); an entry may take a DRAM offset
+while keyless (promotion) and stays keyless until then.
 """
 from __future__ import annotations
 
