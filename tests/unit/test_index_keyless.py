@@ -1,0 +1,344 @@
+"""Keyless NVMe-only records in the packed index (issue 13, <= 64 B per object).
+
+An NVMe-only object's key can leave RAM (``Index.shed_key``, or ``add(..., keyless=
+True)`` at recovery): its record keeps a seeded 64-bit fingerprint, lookups match it by
+namespace, key length and fingerprint, and ``Entry.key`` goes through the key loader
+(the Store's read of the NVMe record header). The dict index takes the same calls as
+no-ops. Bad calls raise ValueError / LookupError / TypeError, never crash.
+"""
+from __future__ import annotations
+
+import gc
+import random
+
+import pytest
+
+_index = pytest.importorskip("kvstored._index")
+
+from kvstored.engine.arena import SizeClass  # noqa: E402
+from kvstored.engine.entries import Entry as DictEntry, Index as DictIndex  # noqa: E402
+from kvstored.engine.eviction import NONE  # noqa: E402
+from kvstored.engine.nvmedevice import Location  # noqa: E402
+from kvstored.engine.packedindex import Entry, PackedIndex  # noqa: E402
+
+SC = SizeClass(0, 4096, 1 << 20)
+CS = 0x1234
+
+
+def loc(i: int, size: int = 100) -> Location:
+    return Location(1 + i % 7, (10 + i) * 4096, size, CS, 3)
+
+
+def nvme_only(ix, ns: bytes, key: bytes, i: int = 0):
+    """An inserted entry that is on NVMe only (as after a demotion and drop_copy)."""
+    e = Entry(ns, key, -1, 100, CS, SC)
+    ix.insert(e)
+    e.nvme = loc(i)
+    return e
+
+
+def test_shed_and_restore_round_trip_keeps_the_view_and_every_field():
+    ix = PackedIndex()
+    e = nvme_only(ix, b"ns", b"key-1")
+    e.committed_at = 1234.5
+    e.reads = 7
+    e.stamp = 99
+    rec = e.record
+    assert e.key_in_ram
+    ix.shed_key(e)
+    assert not e.key_in_ram and e.record == rec
+    assert ix.get(b"ns", b"key-1") is e  # the same view while it is held
+    assert (b"ns", b"key-1") in ix and len(ix) == 1 and ix.count(b"ns") == 1
+    assert e.nvme == loc(0) and e.size == 100 and e.checksum == CS and e.committed_at == 1234.5
+    assert e.offset == -1 and e.reads == 0 and e.stamp == 0  # DRAM-only fields went
+    assert ix.footprint()["keyless"] == 1
+    ix.shed_key(e)  # already keyless: nothing to do
+    ix.restore_key(e, b"key-1")
+    assert e.key_in_ram and e.key == b"key-1" and ix.get(b"ns", b"key-1") is e
+    assert ix.footprint()["keyless"] == 0
+    ix.restore_key(e, b"key-1")  # has its key: a no-op
+    del e
+    gc.collect()
+    e2 = ix.get(b"ns", b"key-1")
+    assert e2.record == rec and e2.key == b"key-1" and e2.nvme == loc(0)
+
+
+def test_get_insert_remove_contains_on_keyless_entries():
+    ix = PackedIndex()
+    es = [nvme_only(ix, b"n%d" % (i % 2), b"k%04d" % i, i) for i in range(200)]
+    for e in es[::2]:
+        ix.shed_key(e)
+    recs = {e.record for e in es}
+    del es
+    gc.collect()
+    for i in range(200):
+        e = ix.get(b"n%d" % (i % 2), b"k%04d" % i)
+        assert e is not None and e.key_in_ram == bool(i % 2) and e.nvme == loc(i)
+    assert ix.get(b"n0", b"k9999") is None and (b"n1", b"k0000") not in ix  # wrong ns
+    assert ix.get(b"n0", b"k000") is None  # wrong length
+    # a second insert under a keyless key is refused like any duplicate
+    with pytest.raises(KeyError, match="already holds"):
+        ix.insert(Entry(b"n0", b"k0000", -1, 1, 0, SC))
+    with pytest.raises(KeyError, match="already holds"):
+        ix.add(b"n0", b"k0000", -1, 1, CS, SC, 0.0, loc(0, 1), keyless=True)
+    e = ix.get(b"n0", b"k0000")
+    ix.remove(e)
+    assert ix.get(b"n0", b"k0000") is None and len(ix) == 199
+    ix.insert(e)  # a removed keyless entry goes back by its fingerprint
+    assert ix.get(b"n0", b"k0000") is e and not e.key_in_ram
+    ix.remove(e)
+    del e
+    gc.collect()
+    assert len(ix) == 199 and ix.footprint()["keyless"] == 99
+    assert {x.record for x in ix.iterate()} <= recs
+    ix.add(b"n9", b"recovered", -1, 100, CS, SC, 5.0, loc(3), keyless=True)
+    r = ix.get(b"n9", b"recovered")
+    assert not r.key_in_ram and r.committed_at == 5.0 and ix.namespaces()[b"n9"] == (1, 100)
+
+
+def test_key_goes_through_the_loader_and_without_one_raises_lookup_error():
+    ix = PackedIndex()
+    e = nvme_only(ix, b"ns", b"the-key")
+    ix.shed_key(e)
+    with pytest.raises(LookupError, match="not in RAM"):
+        e.key
+    calls = []
+
+    def loader(x):
+        calls.append(x)
+        return b"the-key"
+
+    ix.set_key_loader(loader)
+    assert e.key == b"the-key" and calls == [e]
+    assert not e.key_in_ram  # a walk's read does not bring the key back
+    ix.set_key_loader(lambda x: None)
+    with pytest.raises(LookupError, match="found none"):
+        e.key
+    ix.set_key_loader(lambda x: b"the-kez")  # another key (a reused region): refused
+    with pytest.raises(LookupError, match="not record"):
+        e.key
+    ix.set_key_loader(lambda x: "the-key")
+    with pytest.raises(TypeError, match="bytes or None"):
+        e.key
+
+    def boom(x):
+        raise OSError("read failed")
+
+    ix.set_key_loader(boom)
+    with pytest.raises(OSError, match="read failed"):
+        e.key
+    with pytest.raises(TypeError, match="callable"):
+        ix.set_key_loader(3)
+    ix.set_key_loader(None)
+    with pytest.raises(LookupError):
+        e.key
+    assert "key not in RAM" in repr(e)  # repr never reads NVMe
+
+
+def test_value_errors():
+    ix = PackedIndex()
+    dram = Entry(b"ns", b"in-dram", 4096, 100, CS, SC)
+    ix.insert(dram)
+    dram.nvme = loc(0)
+    with pytest.raises(ValueError, match="DRAM copy"):
+        ix.shed_key(dram)
+    noloc = nvme_only(ix, b"ns", b"no-loc")
+    noloc.nvme = None
+    with pytest.raises(ValueError, match="no NVMe location"):
+        ix.shed_key(noloc)
+    detached = Entry(b"ns", b"detached", -1, 100, CS, SC)
+    with pytest.raises(ValueError, match="not in the index"):
+        ix.shed_key(detached)
+    gone = nvme_only(ix, b"ns", b"gone")
+    ix.remove(gone)
+    with pytest.raises(ValueError, match="not in the index"):
+        ix.shed_key(gone)
+    with pytest.raises(TypeError):
+        ix.shed_key("not an entry")
+    e = nvme_only(ix, b"ns", b"shed-me")
+    ix.shed_key(e)
+    with pytest.raises(ValueError, match="not the entry's"):
+        ix.restore_key(e, b"shed-mf")  # same length, other fingerprint
+    with pytest.raises(ValueError, match="not the entry's"):
+        ix.restore_key(e, b"shed-me-longer")
+    with pytest.raises(TypeError):
+        ix.restore_key(e, "shed-me")
+    with pytest.raises(TypeError):
+        ix.restore_key(e)
+    assert not e.key_in_ram
+    with pytest.raises(ValueError, match="not the entry's"):
+        ix.restore_key(dram, b"in-drax")  # keyed: bytes compared
+    with pytest.raises(ValueError, match="not the entry's"):
+        ix.restore_key(detached, b"other")
+    ix.restore_key(detached, b"detached")
+    with pytest.raises(ValueError, match="keyless=True"):
+        ix.add(b"ns", b"a", 4096, 1, CS, SC, 0.0, loc(0, 1), keyless=True)
+    with pytest.raises(ValueError, match="keyless=True"):
+        ix.add(b"ns", b"a", -1, 1, CS, SC, 0.0, None, keyless=True)
+    with pytest.raises(ValueError, match="bits"):
+        PackedIndex().set_fingerprint_bits(0)
+    with pytest.raises(ValueError, match="records exist"):
+        ix.set_fingerprint_bits(8)
+    # restore on a removed (held) entry works: the record lives while its view does
+    ix.remove(e)
+    ix.restore_key(e, b"shed-me")
+    assert e.key == b"shed-me"
+
+
+def test_forced_fingerprint_collision_takes_one_key_for_the_other():
+    """With 4-bit fingerprints (a test hook) collisions are common: a keyed record still
+    compares bytes; a keyless one matches any key of its namespace, length and
+    fingerprint, as documented (the Store's NVMe header check makes that a miss)."""
+    ix = PackedIndex()
+    ix.set_fingerprint_bits(4)
+    ix.add(b"ns", b"probe", -1, 1, CS, SC, 0.0)  # the namespace, so key_hash answers
+    fps: dict[int, list[bytes]] = {}
+    for i in range(200):
+        k = b"key-%04d" % i
+        fps.setdefault(ix.key_hash(b"ns", k), []).append(k)
+    a, b = next(v for v in fps.values() if len(v) >= 2)[:2]
+    assert ix.key_hash(b"ns", a) == ix.key_hash(b"ns", b) < 16
+    ea = nvme_only(ix, b"ns", a)
+    ix.add(b"ns", b, -1, 100, CS, SC, 0.0, loc(1))  # keyed: both live, told apart by bytes
+    assert ix.get(b"ns", a) is ea and ix.get(b"ns", b) is not ea
+    ix.remove(ix.get(b"ns", b))
+    ix.shed_key(ea)
+    assert ix.get(b"ns", b) is ea  # taken for a: the documented collision
+    assert ix.get(b"ns", b"x" + a) is None  # another length never matches
+    with pytest.raises(KeyError, match="already holds"):
+        ix.add(b"ns", b, -1, 100, CS, SC, 0.0, loc(1))
+    with pytest.raises(ValueError):
+        ix.restore_key(ea, b"key-zzzz")  # same length, (most likely) another fingerprint
+    ix.restore_key(ea, a)
+    ix.add(b"ns", b, -1, 100, CS, SC, 0.0, loc(1))  # keyed again: told apart
+    assert ix.get(b"ns", b).nvme == loc(1) and ix.get(b"ns", a) is ea
+
+
+def test_dram_fields_of_a_keyless_entry_promotion_readers_and_links():
+    ix = PackedIndex()
+    ix.use_slab_size(1 << 20)
+    e = nvme_only(ix, b"ns", b"promote-me")
+    other = Entry(b"ns", b"other", 8192, 100, CS, SC)
+    ix.insert(other)
+    ix.shed_key(e)
+    parts = ix.footprint()["dram_parts"]
+    e.refs += 1  # a promotion in flight holds it
+    assert e.refs == 1 and not e.key_in_ram
+    e.offset = 4096  # its slot, before the key comes back
+    ix.place(e)
+    assert ix.at(4096) is e and not e.key_in_ram
+    e.older = other
+    other.newer = e
+    e.seg = 1
+    ix.restore_key(e, b"promote-me")
+    assert e.key_in_ram and e.offset == 4096 and e.refs == 1 and e.older is other
+    assert other.newer is e and e.seg == 1 and ix.at(4096) is e
+    e.refs -= 1
+    # and back: a failed promotion leaves a keyless entry with nothing in its DRAM part
+    e.older = None
+    other.newer = None
+    e.seg = NONE
+    ix.displace(e)
+    e.offset = -1
+    ix.shed_key(e)
+    e.refs = 2
+    e.refs = 0
+    assert ix.footprint()["dram_parts"] <= parts + 24  # the bare part was given back
+    assert ix.get(b"ns", b"promote-me") is e and e.offset == -1
+
+
+def test_walk_over_mixed_keyed_and_keyless_entries():
+    ix = PackedIndex()
+    es = [nvme_only(ix, b"n%d" % (i % 3), b"key%03d" % i, i) for i in range(60)]
+    for e in es[1::3]:
+        ix.shed_key(e)
+    ix.set_key_loader(lambda x: b"key%03d" % es.index(x))
+    walked = list(ix.iterate())
+    assert set(map(id, walked)) == set(map(id, es))
+    assert sorted(ix) == sorted((e.ns, b"key%03d" % i) for i, e in enumerate(es))
+    assert sum(not e.key_in_ram for e in ix.iterate(b"n1")) == 20  # n1 holds i % 3 == 1
+    assert ix.namespaces() == {b"n%d" % j: (20, 2000) for j in range(3)}
+
+
+def test_random_operations_match_a_dict_model():
+    rng = random.Random(13)
+    ix = PackedIndex()
+    model: dict[tuple[bytes, bytes], tuple[int, bool]] = {}  # -> (size, keyless)
+    held: dict[tuple[bytes, bytes], Entry] = {}
+    keys = [(b"n%d" % rng.randrange(3), rng.randbytes(rng.choice((0, 5, 16, 32)))) for _ in range(300)]
+    for step in range(4000):
+        k = rng.choice(keys)
+        op = rng.random()
+        e = ix.get(*k)
+        assert (e is not None) == (k in model), (step, k)
+        if e is not None:
+            assert e.size == model[k][0] and e.key_in_ram == (not model[k][1])
+        if op < 0.35 and k not in model:
+            size = rng.randrange(1, 1000)
+            if rng.random() < 0.5:
+                ix.add(*k, -1, size, CS, SC, float(step), Location(1, 4096 * step, size, CS, 1),
+                       keyless=True)
+                model[k] = (size, True)
+            else:
+                ne = Entry(*k, -1, size, CS, SC)
+                ix.insert(ne)
+                ne.nvme = Location(1, 4096 * step, size, CS, 1)
+                model[k] = (size, False)
+        elif op < 0.55 and e is not None:
+            ix.remove(e)
+            del model[k]
+            held.pop(k, None)
+        elif op < 0.75 and e is not None:
+            ix.shed_key(e)
+            model[k] = (model[k][0], True)
+        elif op < 0.9 and e is not None:
+            ix.restore_key(e, k[1])
+            model[k] = (model[k][0], False)
+        elif e is not None:
+            held[k] = e  # some views live across steps
+        if step % 500 == 0:
+            gc.collect()
+            assert len(ix) == len(model)
+            assert ix.footprint()["keyless"] >= sum(v[1] for v in model.values())
+    ix.set_key_loader(lambda x: next(k[1] for k in model if ix.get(*k) is x))
+    assert sorted(ix) == sorted(model)
+    held.clear()
+    gc.collect()
+    assert ix.footprint()["keyless"] == sum(v[1] for v in model.values())
+    longest, hit, miss = ix.probes()
+    assert hit < 3 and miss < 10 and longest < 64
+
+
+def test_footprint_per_record():
+    ix = PackedIndex()
+    ix.use_nvme_geometry(1 << 20, 64 << 20)
+    n = 20_000
+    for i in range(n):
+        ix.add(b"ns", b"%032d" % i, -1, 100, CS, SC, 0.0,
+               Location(i // 16384, (1 << 20) + (i // 16384) * (64 << 20) + (i % 16384) * 4096,
+                        100, CS, 1), keyless=True)
+    fp = ix.footprint()
+    assert fp["record_size"] == 48 and fp["records"] == 48 * n
+    assert fp["keys"] == 0 and fp["dram_parts"] == 0 and fp["nvme_side"] == 0
+    assert fp["table"] / n <= 4 / 0.375  # u32 slots, at least 3/8 full after a doubling
+    assert fp["keyless"] == n
+    e = ix.get(b"ns", b"%032d" % 5)
+    ix.restore_key(e, b"%032d" % 5)
+    fp = ix.footprint()
+    assert fp["dram_parts"] == 24 and fp["keys"] == 32 and fp["dram_part_size"] == 24
+
+
+def test_the_dict_index_takes_the_same_calls_as_no_ops():
+    ix = DictIndex()
+    e = DictEntry(b"ns", b"k", -1, 100, CS, SC)
+    ix.insert(e)
+    e.nvme = loc(0)
+    assert e.key_in_ram
+    ix.set_key_loader(lambda x: None)
+    ix.shed_key(e)
+    assert e.key == b"k" and e.key_in_ram and ix.get(b"ns", b"k") is e
+    ix.restore_key(e, b"k")
+    ix.add(b"ns", b"r", -1, 100, CS, SC, 0.0, loc(1), keyless=True)
+    assert ix.get(b"ns", b"r").key_in_ram
+    with pytest.raises(ValueError, match="keyless=True"):
+        ix.add(b"ns", b"s", 4096, 100, CS, SC, 0.0, loc(1), keyless=True)
