@@ -13,10 +13,17 @@ does, so the figure includes whatever the Store does (or does not) to share them
     .venv/bin/python benchmarks/bench_index.py --objects 1000000 --breakdown
     .venv/bin/python benchmarks/bench_index.py --objects 1000000 --resident 500000
     .venv/bin/python benchmarks/bench_index.py --objects 1000000 --index packed --breakdown
+    .venv/bin/python benchmarks/bench_index.py --objects 4000000 --keyless --breakdown
 
 ``--index`` picks the Store's index (dram.index: dict, packed or auto); with
 ``packed`` the breakdown is the native index's own accounting (records, hash
 table, key pools, slot map) beside the RssAnon slope.
+
+``--keyless`` measures the packed index alone (no Store, no arena): N NVMe-only objects
+indexed as recovery does, ``add(..., keyless=True)`` with packed Locations after
+``use_nvme_geometry`` (64 MiB regions, 4 KiB records), so each costs its base record
+and its table slot: the state of an object that is on NVMe only once the Store sheds
+its key (``Index.shed_key``).
 
 ``--resident`` makes the arena hold fewer objects than are put: the rest go through
 eviction and the policy's ghost (one (ns, key) tuple per evicted key, as many as are
@@ -60,9 +67,66 @@ def packed_breakdown(store: Store, n: int) -> list[tuple[str, float]]:
     allocated and wrote; the capacity beyond that is virtual until touched)."""
     fp = store.index.footprint()
     return [(f"records ({fp['record_size']} B each)", fp["records"] / n),
-            ("hash table (8 B slots, grown at 7/8)", fp["table"] / n),
-            ("key pools (keys rounded to 8 B)", fp["keys"] / n),
+            (f"DRAM parts ({fp['dram_part_size']} B each)", fp["dram_parts"] / n),
+            ("hash table (4 B slots, grown at 3/4)", fp["table"] / n),
+            ("keys (rounded to 8 B, after their DRAM part)", fp["keys"] / n),
             ("slot map (u32 per DRAM slot)", fp["slot_map"] / n)]
+
+
+def keyless(a) -> None:
+    """--keyless: the packed index alone, N NVMe-only objects without their keys."""
+    from kvstored.engine.arena import SizeClass
+    from kvstored.engine.nvmedevice import Location
+    from kvstored.engine.packedindex import PackedIndex
+
+    region, start, rec = 64 * 2**20, 2**20, 4096
+    per_region = region // rec
+    ix = PackedIndex(default("slab_size"))
+    ix.use_nvme_geometry(start, region)
+    sc = SizeClass(0, max(256, 1 << (a.size - 1).bit_length()), default("slab_size"))
+    names = [f"model-{j}|".encode() for j in range(a.namespaces)]
+    gc.collect()
+    base = rss_anon()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(a.objects):
+        r, b = divmod(i, per_region)
+        loc = Location(r, start + r * region + b * rec, a.size, i, 1)
+        ix.add(names[i % a.namespaces][:-1], key_of(i), -1, a.size, i, sc, 1.0e9 + i, loc,
+               keyless=not a.keep_keys)
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    gc.collect()
+    grown = rss_anon() - base
+    n = len(ix)
+    assert n == a.objects
+    print(f"index packed, {'keyed' if a.keep_keys else 'keyless'} NVMe-only  objects {n}  namespaces {a.namespaces}  add "
+          f"{dt / n * 1e6:.2f} us/object (CPU {cpu / n * 1e6:.2f} us)")
+    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / n:.1f} bytes/object held")
+    longest, hit, miss = ix.probes()
+    print(f"probes: longest {longest}, mean hit {hit:.2f}, mean miss {miss:.2f} slots "
+          f"(table load {n / (ix.footprint()['table'] / 4):.2f})")
+    if a.gets:
+        step = max(1, a.objects // a.gets) | 1
+        got = 0
+        t0 = time.perf_counter()
+        for i in range(a.gets):
+            j = (i * step) % a.objects
+            got += ix.get(names[j % a.namespaces][:-1], key_of(j)) is not None
+        dt = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        for i in range(a.gets):
+            ix.get(names[0][:-1], b"absent-%027d" % i)  # 32-byte keys that are not there
+        dm = time.perf_counter() - t0
+        print(f"gets {a.gets}  found {got}  get {dt / a.gets * 1e6:.2f} us/op, "
+              f"miss {dm / a.gets * 1e6:.2f} us/op")
+    if a.breakdown:
+        fp = ix.footprint()
+        rows = [(f"records ({fp['record_size']} B each)", fp["records"] / n),
+                (f"DRAM parts ({fp['dram_part_size']} B each)", fp["dram_parts"] / n),
+                ("hash table (4 B slots, grown at 3/4)", fp["table"] / n),
+                ("keys (rounded to 8 B, after their DRAM part)", fp["keys"] / n)]
+        for name, v in rows:
+            print(f"  {name:40s} {v:6.1f} B")
+        print(f"  {'sum':40s} {sum(v for _, v in rows):6.1f} B")
 
 
 def breakdown(store: Store, ns: bytes, key: bytes, n: int) -> list[tuple[str, float]]:
@@ -105,7 +169,16 @@ def main() -> None:
     ap.add_argument("--gets", type=int, default=0,
                     help="then time this many gets (acquire + release, the Store's read path) "
                          "of keys put, spread over them")
+    ap.add_argument("--keyless", action="store_true",
+                    help="the packed index alone: NVMe-only objects without their keys in RAM")
+    ap.add_argument("--keep-keys", action="store_true",
+                    help="with --keyless: the same NVMe-only records with their keys (a peer)")
     a = ap.parse_args()
+    if a.keyless:
+        if a.objects < 1 or a.namespaces < 1:
+            ap.error("--objects and --namespaces must be positive")
+        keyless(a)
+        return
     if a.objects < 1 or a.size < 1 or a.namespaces < 1 or a.resident < 0:
         ap.error("--objects, --size and --namespaces must be positive")
     fit = a.resident or a.objects
