@@ -345,17 +345,38 @@ static inline int table_full(Table *t) {
     return (t->count + 1) * 4 > (t->slots ? t->mask + 1 : 0) * 3;
 }
 
-/* Slot index of (ns, key), or -1. ``k`` NULL: by namespace, length and fingerprint only
-   (a keyless record's probe); a keyless record is matched that way by any key too. */
+/* Slot index of (ns, key), or -1. A keyed record matches by its bytes; a keyless one by
+   namespace, length and fingerprint, and only when no keyed record of the run has the
+   bytes (so a keyed key is always found as itself, even beside a keyless record of
+   equal fingerprint). ``k`` NULL: the first record of that namespace, length and
+   fingerprint, keyed or not (duplicate checks of a keyless record). */
 static int64_t find(Table *t, uint16_t ns, const char *k, size_t n, uint64_t fp) {
     if (!t->slots) return -1;
+    int64_t keyless = -1;
     for (uint64_t i = fp & t->mask;; i = (i + 1) & t->mask) {
         uint32_t s = t->slots[i];
-        if (!s) return -1;
+        if (!s) return keyless;
         Rec *r = &t->recs[s - 1];
-        if (r->fp == fp && r->ns == ns && r->key_len == n &&
-            (!k || n == 0 || (r->flags & F_KEYLESS) || memcmp(key_ptr(t, r), k, n) == 0))
+        if (r->fp != fp || r->ns != ns || r->key_len != n) continue;
+        if (!k || n == 0) return (int64_t)i;
+        if (r->flags & F_KEYLESS) {
+            if (keyless < 0) keyless = (int64_t)i;
+        } else if (memcmp(key_ptr(t, r), k, n) == 0) {
             return (int64_t)i;
+        }
+    }
+}
+
+/* Whether a keyless record other than ``rec`` has rec's namespace, length and
+   fingerprint: two such could not be told apart, so the second keeps its key. */
+static int keyless_twin(Table *t, uint16_t ns, size_t n, uint64_t fp, uint32_t rec) {
+    if (!t->slots) return 0;
+    for (uint64_t i = fp & t->mask;; i = (i + 1) & t->mask) {
+        uint32_t s = t->slots[i];
+        if (!s) return 0;
+        Rec *r = &t->recs[s - 1];
+        if (s != rec + 1 && r->fp == fp && r->ns == ns && r->key_len == n && (r->flags & F_KEYLESS))
+            return 1;
     }
 }
 
@@ -1347,11 +1368,19 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     const char *k = PyBytes_AS_STRING(keyobj);
     size_t kl = (size_t)PyBytes_GET_SIZE(keyobj);
     uint64_t fp = fp_of(t, (uint16_t)ns, k, kl);
-    if (find(t, (uint16_t)ns, keyless ? NULL : k, kl, fp) >= 0) {
+    int64_t dup = find(t, (uint16_t)ns, k, kl, fp);
+    if (dup >= 0 && keyless && (t->recs[t->slots[dup] - 1].flags & F_KEYLESS)) {
+        /* a keyless record of equal fingerprint (recovery adds each key once: another
+           key): this one keeps its key, so both are found as themselves */
+        keyless = 0;
+        dup = -1;
+    }
+    if (dup >= 0) {
         PyObject *key = PyTuple_Pack(2, nsobj, keyobj);
         if (key)
             PyErr_Format(PyExc_KeyError, "index already holds %R%s; remove the old entry first", key,
-                         keyless ? " (or a key of the same fingerprint)" : "");
+                         t->recs[t->slots[dup] - 1].flags & F_KEYLESS
+                         ? " (a keyless record of its fingerprint: maybe this key)" : "");
         Py_XDECREF(key);
         space_drop_if_unused(t, ns);
         return -1;
@@ -1515,7 +1544,9 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
 
 /* shed_key(entry): an inserted NVMe-only entry's key leaves RAM (its DRAM part goes,
    with its read count and eviction stamp; readers and links, if any, stay in a bare
-   part). Lookups match it by namespace, length and fingerprint from then on. */
+   part). Lookups match it by namespace, length and fingerprint from then on. It keeps
+   its key when a keyless record of equal namespace, length and fingerprint exists
+   (the two could not be told apart): key_in_ram says which. */
 static PyObject *Table_shed_key(Table *t, PyObject *o) {
     READY(t, NULL);
     Entry *e;
@@ -1538,6 +1569,8 @@ static PyObject *Table_shed_key(Table *t, PyObject *o) {
                         "None): its key would be nowhere");
         return NULL;
     }
+    Rec *r0 = &t->recs[rec];
+    if (keyless_twin(t, r0->ns, r0->key_len, r0->fp, rec)) Py_RETURN_NONE;
     Aux keep = *aux_ptr(t, &t->recs[rec]);
     keep.stamp = 0;
     keep.reads = 0;

@@ -25,10 +25,13 @@ Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(
 (``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and
 the DRAM part (read count and stamp go to 0; readers and links, if any, stay);
 ``add(..., keyless=True)`` indexes such a record at recovery. A keyless record is
-found by namespace, key length and fingerprint: two keys of one namespace and length
-with equal 64-bit fingerprints (about n**2 / 2**65 over n keys of a table; the seed
-is random per table) are taken for one another, which the Store turns into a miss by
-comparing the key on the NVMe record header on every read of a keyless object.
+found by namespace, key length and fingerprint; a keyed one always by its bytes (a
+probe goes on past a keyless record of equal fingerprint). Two keyless records of one
+fingerprint could not be told apart, so the second keeps its key (``shed_key`` is then
+a no-op, ``add(keyless=True)`` indexes it keyed). A lookup of a key that is not stored
+may return a keyless record of equal 64-bit fingerprint (the seed is random per
+table), which the Store turns into a miss by comparing the key on the NVMe record
+header on every read of a keyless object.
 ``Entry.key`` of a keyless entry calls the loader of ``set_key_loader(fn)``
 (``fn(entry) -> bytes | None``, checked against the length and fingerprint), else
 raises LookupError; ``Entry.key_in_ram`` says which. ``restore_key(e, key)`` gives

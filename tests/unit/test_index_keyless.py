@@ -80,7 +80,7 @@ def test_get_insert_remove_contains_on_keyless_entries():
     with pytest.raises(KeyError, match="already holds"):
         ix.insert(Entry(b"n0", b"k0000", -1, 1, 0, SC))
     with pytest.raises(KeyError, match="already holds"):
-        ix.add(b"n0", b"k0000", -1, 1, CS, SC, 0.0, loc(0, 1), keyless=True)
+        ix.add(b"n0", b"k0000", -1, 1, 0, SC, 0.0)
     e = ix.get(b"n0", b"k0000")
     ix.remove(e)
     assert ix.get(b"n0", b"k0000") is None and len(ix) == 199
@@ -211,7 +211,31 @@ def test_forced_fingerprint_collision_takes_one_key_for_the_other():
         ix.restore_key(ea, b"key-zzzz")  # same length, (most likely) another fingerprint
     ix.restore_key(ea, a)
     ix.add(b"ns", b, -1, 100, CS, SC, 0.0, loc(1))  # keyed again: told apart
-    assert ix.get(b"ns", b).nvme == loc(1) and ix.get(b"ns", a) is ea
+    eb = ix.get(b"ns", b)
+    assert eb.nvme == loc(1) and ix.get(b"ns", a) is ea
+    # a keyed key is found as itself beside a keyless record of its fingerprint,
+    # whichever comes first in the probe run
+    ix.shed_key(ea)
+    assert not ea.key_in_ram and ix.get(b"ns", b) is eb and ix.get(b"ns", a) is ea
+    # two keyless records of one fingerprint could not be told apart: the second keeps
+    # its key (shed_key is then a no-op; add(keyless=True) indexes it keyed)
+    ix.shed_key(eb)
+    assert eb.key_in_ram and ix.get(b"ns", b) is eb and ix.get(b"ns", a) is ea
+    ix.remove(eb)
+    c = next(v for v in fps.values() if len(v) >= 3)
+    ix.restore_key(ea, a)
+    ix.remove(ea)
+    del ea, eb
+    gc.collect()
+    ix.add(b"ns", c[0], -1, 100, CS, SC, 0.0, loc(2), keyless=True)
+    ix.add(b"ns", c[1], -1, 100, CS, SC, 0.0, loc(3), keyless=True)  # recovery: another key
+    e0, e1 = ix.get(b"ns", c[0]), ix.get(b"ns", c[1])
+    assert not e0.key_in_ram and e1.key_in_ram and e1.key == c[1] and e0 is not e1
+    assert ix.get(b"ns", c[2]) is e0  # an absent key of that fingerprint: the keyless one
+    with pytest.raises(KeyError, match="already holds"):
+        ix.add(b"ns", c[1], -1, 100, CS, SC, 0.0, loc(3), keyless=True)  # keyed: a duplicate
+    with pytest.raises(KeyError, match="maybe this key"):
+        ix.add(b"ns", c[0], -1, 100, CS, SC, 0.0, loc(3))  # a keyed add meets the keyless one
 
 
 def test_dram_fields_of_a_keyless_entry_promotion_readers_and_links():
@@ -342,3 +366,50 @@ def test_the_dict_index_takes_the_same_calls_as_no_ops():
     assert ix.get(b"ns", b"r").key_in_ram
     with pytest.raises(ValueError, match="keyless=True"):
         ix.add(b"ns", b"s", 4096, 100, CS, SC, 0.0, loc(1), keyless=True)
+
+
+def test_random_operations_with_narrow_fingerprints_find_every_present_key_as_itself():
+    """6-bit fingerprints: collisions everywhere. Every stored key is found as its own
+    record; an absent key finds nothing or a keyless record of its fingerprint."""
+    rng = random.Random(21)
+    ix = PackedIndex()
+    ix.set_fingerprint_bits(6)
+    ix.add(b"n0", b"seed", -1, 1, CS, SC, 0.0)
+    ix.add(b"n1", b"seed", -1, 1, CS, SC, 0.0)
+    keys = [(b"n%d" % rng.randrange(2), b"%04d" % rng.randrange(10_000)) for _ in range(400)]
+    keys = list(dict.fromkeys(keys))
+    held: dict[tuple[bytes, bytes], Entry] = {}  # every stored key -> its entry
+    for step in range(3000):
+        k = rng.choice(keys)
+        op = rng.random()
+        if k not in held:
+            if op < 0.5:
+                e = ix.get(*k)
+                if e is not None:  # a keyless record of its fingerprint stands in: a miss
+                    assert not e.key_in_ram
+                    assert ix.key_hash(*k) == ix.key_hash(k[0], next(x for x, y in held.items() if y is e)[1])
+                    continue
+                if rng.random() < 0.5:
+                    ix.add(*k, -1, 10, CS, SC, 0.0, Location(1, 4096, 10, CS, 1), keyless=True)
+                else:
+                    ix.add(*k, -1, 10, CS, SC, 0.0, Location(1, 4096, 10, CS, 1))
+                held[k] = ix.get(*k)
+            continue
+        e = held[k]
+        assert ix.get(*k) is e, (step, k)
+        if op < 0.2:
+            ix.remove(e)
+            del held[k]
+        elif op < 0.6:
+            ix.shed_key(e)
+        else:
+            ix.restore_key(e, k[1])
+    for k, e in held.items():
+        assert ix.get(*k) is e
+    twins = {}
+    for k, e in held.items():
+        if not e.key_in_ram:
+            sig = (k[0], len(k[1]), ix.key_hash(*k))
+            assert sig not in twins, "two keyless records of one fingerprint"
+            twins[sig] = e
+    assert len(twins) > 10 and len(held) - len(twins) > 10  # both kinds were exercised
