@@ -72,6 +72,8 @@ class DramTier:
         self.objects -= 1
         off, e.offset = e.offset, -1
         self.free_slot(off)
+        # NVMe-only now: its key is on the record's header, not kept in RAM (packed index)
+        self.index.shed_key(e)
 
     def view(self, e: "Entry") -> memoryview:
         return self.arena.view[e.offset:e.offset + e.size]

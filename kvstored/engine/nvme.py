@@ -67,6 +67,12 @@ _CARRYING: contextvars.ContextVar[bool] = contextvars.ContextVar("nvme_carrying"
 _flags_of = itemgetter(FLAGS)
 
 
+class KeyMismatch(LookupError):
+    """``NvmeTier.read(..., expect=(ns, key))`` found a sound record of another key at the
+    location: the index matched the wanted key by fingerprint only (a collision, or a
+    region reused under the read). A miss for the reader; the record itself is not bad."""
+
+
 class _Pending:
     __slots__ = ("length", "done", "waiter")
 
@@ -580,7 +586,8 @@ class NvmeTier:
         With ``expect=(ns, key)`` the record header is read too (one readv: header, then
         payload), its own checksum verified and its namespace and key compared with
         ``expect`` (an index that keeps a fingerprint, not the key, must not serve another
-        key's record): False on a mismatch, counted in ``key_mismatches``."""
+        key's record): a sound header of another key raises KeyMismatch (counted in
+        ``key_mismatches``), so the caller can tell it from a bad record (False)."""
         r = self.regions[loc.region]
         if r.generation != loc.generation:
             return False
@@ -596,7 +603,7 @@ class NvmeTier:
             if expect is not None:
                 n -= BLOCK
                 if n < 0 or not self._header_is(block, loc, expect):
-                    return False
+                    return False  # (another key's header raised KeyMismatch)
         except OSError as e:
             self.counters["read_errors"] += 1
             log.error("nvme read failed at offset %d: %s", loc.offset, e)
@@ -625,7 +632,7 @@ class NvmeTier:
                 self._mismatch_logged = True
                 log.warning("nvme record at offset %d holds another key than the index says "
                             "(counted in key_mismatches; logged once)", loc.offset)
-            return False
+            raise KeyMismatch(f"the NVMe record at offset {loc.offset} holds another key")
         return True
 
     def _row_at(self, block, loc: Location) -> tuple | None:

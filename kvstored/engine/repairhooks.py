@@ -35,17 +35,33 @@ class RepairHooks:
         e = self.index.get(ns, key)
         if e is None or not e.unverified or e.checksum != checksum:
             return False
-        self._unlink(e, tombstone=True)
+        self._unlink(e, tombstone=True, key=key)
         self.counters["deletes"] += 1
         return True
 
-    def repair_snapshot(self) -> list[tuple]:
+    async def repair_snapshot(self) -> list[tuple]:
         """(ns, key, size, checksum, unverified, pinned, protected, reads, committed_at) of every object,
         in repair order: unverified first (the node serves them once checked), then
-        pinned, then read since put (protected segment), then most read."""
+        pinned, then read since put (protected segment), then most read.
+
+        The keys of NVMe-only entries are not in RAM: they are read in bulk, one region
+        summary per region (``NvmeTier.keys_at``); an entry whose key cannot be read (its
+        record reclaimed meanwhile, a bad summary and header) is left out of this pass."""
         now = self.clock()
-        rows = [(e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now), e.seg == PROTECTED, e.reads,
-                 e.committed_at) for e in self.index.iterate()]
+        rows = []
+        keyless = []
+        for e in self.index.iterate():
+            if e.key_in_ram:
+                rows.append((e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now),
+                             e.seg == PROTECTED, e.reads, e.committed_at))
+            elif e.nvme is not None:
+                keyless.append((e, e.nvme, e.ns, e.size, e.checksum, e.unverified, e.pinned(now),
+                                e.seg == PROTECTED, e.reads, e.committed_at))
+        if keyless:
+            keys = await self.nvme.keys_at([k[1] for k in keyless])
+            for k, got in zip(keyless, keys):
+                if got is not None and got[0] == k[2]:
+                    rows.append((k[2], got[1]) + k[3:])
         rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
         return rows
 
@@ -56,7 +72,7 @@ class RepairHooks:
         if e is None:
             return None
         if e.offset < 0:
-            await self.load(e)
+            await self.load(e, key)
             e = self.index.get(ns, key)
             if e is None or e.offset < 0:
                 return None

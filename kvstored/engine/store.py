@@ -44,6 +44,8 @@ __all__ = ["COMMITTED", "DEAD", "Entry", "Index", "NotResident", "Reservation", 
 
 log = logging.getLogger("kvstored.store")
 
+LOAD_ATTEMPTS = 4  # promotions of one get evicted before it read them: then NoSpace
+
 
 class NotResident(Exception):
     """The object is stored but not in DRAM: ``await Store.load(entry)`` first."""
@@ -72,6 +74,10 @@ class Store(RepairHooks):
         self.tiering = Tiering(nvme, self.index, self.dram, limits, clock, self._unlink,
                                self.release)
         self.dram.evict = self.tiering.evict
+        if nvme is not None:
+            # an NVMe-only entry keeps no key in RAM (packed index): a walk that asks for
+            # one reads it from the record's header (bulk walks read summaries instead)
+            self.index.set_key_loader(self._nvme_key)
         self.arena = self.dram.arena  # the servers map and address it directly
         self.policy = self.dram.policy
         self.nvme = nvme
@@ -215,7 +221,7 @@ class Store(RepairHooks):
         free_slot = self.dram.free_slot
         old = self.index.get(res.ns, res.key)
         if old is not None and old.unverified:
-            self._unlink(old, tombstone=True)
+            self._unlink(old, tombstone=True, key=res.key)
             old = None
         if old is not None:
             if old.checksum == res.checksum and old.size == res.size:
@@ -227,7 +233,7 @@ class Store(RepairHooks):
                 self.counters["conflicts"] += 1
                 raise Conflict("key exists with different bytes; objects are immutable unless "
                                "overwrite is asked")
-            self._unlink(old, tombstone=True)
+            self._unlink(old, tombstone=True, key=res.key)
         try:
             self.index.insert(e)
         except BaseException:
@@ -280,16 +286,37 @@ class Store(RepairHooks):
         return e
 
     async def acquire_async(self, ns: bytes, key: bytes) -> Entry:
-        """``acquire``, promoting the object from NVMe into DRAM when needed."""
+        """``acquire``, promoting the object from NVMe into DRAM when needed.
+
+        A promoted copy is not yet held when the load returns: under DRAM pressure other
+        tasks may evict it before this one runs again, so the load is retried a few
+        times, then NoSpace (the DRAM tier cannot keep a copy long enough to read it)."""
+        for _ in range(LOAD_ATTEMPTS):
+            try:
+                return self.acquire(ns, key)
+            except NotResident as nr:
+                await self.load(nr.entry, key)
         try:
             return self.acquire(ns, key)
-        except NotResident as nr:
-            await self.load(nr.entry)
-            return self.acquire(ns, key)
+        except NotResident:
+            self.counters["no_space"] += 1
+            raise NoSpace(f"object promoted from NVMe {LOAD_ATTEMPTS} times was evicted again "
+                          "before it could be read: DRAM is under pressure") from None
 
-    async def load(self, e: Entry) -> None:
-        """Promote an NVMe-only entry into DRAM (verified), or raise NotFound if its copy is bad."""
-        await self.tiering.load(e)
+    async def load(self, e: Entry, key: bytes) -> None:
+        """Promote an NVMe-only entry, asked for as ``key``, into DRAM: its record's header
+        must hold ``key`` (a keyless entry was found by fingerprint) and its payload its
+        checksum; else NotFound."""
+        await self.tiering.load(e, key)
+
+    def _nvme_key(self, e: Entry) -> bytes | None:
+        """The key of a keyless (NVMe-only) entry, read from its record's header; None
+        when the record is gone or its header does not verify."""
+        loc = e.nvme
+        got = None if loc is None or self.nvme is None else self.nvme.key_at(loc)
+        if got is None or got[0] != e.ns:
+            return None
+        return got[1]
 
     def view(self, e: Entry) -> memoryview:
         return self.arena.view[e.offset:e.offset + e.size]
@@ -378,7 +405,7 @@ class Store(RepairHooks):
         for k in keys:
             e = self.index.get(ns, k)
             if e is not None:
-                self._unlink(e, tombstone=True)
+                self._unlink(e, tombstone=True, key=k)
                 n += 1
         self.counters["deletes"] += n
         return n
@@ -425,13 +452,18 @@ class Store(RepairHooks):
             return 0
         return self.dram.evict_down()
 
-    def _unlink(self, e: Entry, tombstone: bool = False, evicted: bool = False) -> None:
+    def _unlink(self, e: Entry, tombstone: bool = False, evicted: bool = False,
+                key: bytes | None = None) -> None:
         """Remove from the index; free the slot now or when the last reader releases.
 
         ``tombstone``: the removal is a user's delete/overwrite, so an NVMe copy must
         not come back at restart. ``evicted``: the store dropped it for space (its key
-        goes to the eviction ghost).
+        goes to the eviction ghost). ``key``: the key the caller found ``e`` under; a
+        keyless entry takes it back, so that the tombstone, the NVMe tier and the KV
+        events need no read of its header.
         """
+        if key is not None and not e.key_in_ram:
+            self.index.restore_key(e, key)
         self.index.remove(e)
         if self.observer is not None:
             self.observer.removed(e)

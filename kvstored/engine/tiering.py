@@ -23,6 +23,7 @@ from kvstore.errors import NotFound
 
 from .arena import SLOT_ALIGN
 from .entries import DEAD, Entry
+from .nvme import KeyMismatch
 from .nvmeformat import DATA_START, FLAG_TOMBSTONE, FLAGS as _FLAGS, KEY as _KEY, NS as _NS, REL as _REL
 from .nvmescan import gc_paused
 
@@ -49,7 +50,10 @@ class Tiering:
         self._unlink = unlink
         self._release = release
         self.flush_not_kept = 0  # DRAM-only objects the last shutdown flush could not write
-        self._loading: dict[int, asyncio.Future] = {}  # id(entry) -> promotion in progress
+        # (id(entry), key) -> promotion in progress. The key too: a keyless entry is found
+        # by fingerprint, so two gets of it may ask for different keys, and one's miss
+        # (its header holds the other key) must not become the other's
+        self._loading: dict[tuple[int, bytes], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
         if nvme is not None:
             # before any record (recovery adds them later): Locations pack on any drive size
@@ -125,29 +129,41 @@ class Tiering:
         user's delete/overwrite) a tombstone keeps it from coming back at restart."""
         if self.nvme is None:
             return
-        if tombstone and (e.nvme is not None or e.refs):
+        stone = tombstone and (e.nvme is not None or e.refs)
+        if not (stone or e.nvme is not None):
+            return
+        try:
+            key = e.key  # a keyless entry's is read from its header (Store._unlink restores it when known)
+        except LookupError:
+            # its header no longer verifies: a restart's scan skips that record anyway
+            log.warning("NVMe record at %s: key unreadable; its deletion is not recorded on NVMe", e.nvme)
+            e.nvme = None
+            return
+        if stone:
             # also when a demotion is in flight (refs): its record must not outlive the delete
-            self._spawn(self._tombstone(e, self.nvme.next_seq()))
+            self._spawn(self._tombstone(e.ns, key, self.nvme.next_seq()))
         if e.nvme is not None:
-            self.nvme.forget(e.nvme, e.ns, e.key)
+            self.nvme.forget(e.nvme, e.ns, key)
             e.nvme = None
 
-    async def _tombstone(self, e: Entry, seq: int) -> None:
+    async def _tombstone(self, ns: bytes, key: bytes, seq: int) -> None:
         try:
-            await self.nvme.append(e.ns, e.key, None, 0, 0, 0, time.time(), tombstone=True, seq=seq)
+            await self.nvme.append(ns, key, None, 0, 0, 0, time.time(), tombstone=True, seq=seq)
         except OSError as err:
             log.error("could not persist the deletion of an NVMe object (%s); it may reappear "
                       "after a restart", err)
 
     # ----------------------------------------------------------- promotion
-    async def load(self, e: Entry) -> None:
-        """Promote an NVMe-only entry into DRAM (verified), or raise NotFound if its copy is bad."""
-        pending = self._loading.get(id(e))
+    async def load(self, e: Entry, key: bytes) -> None:
+        """Promote an NVMe-only entry, asked for as ``key``, into DRAM (verified), or raise
+        NotFound if its copy is bad or (a keyless entry, found by fingerprint) holds
+        another key."""
+        pending = self._loading.get((id(e), key))
         if pending is not None:
             await asyncio.shield(pending)
             return
         fut = asyncio.get_running_loop().create_future()
-        self._loading[id(e)] = fut
+        self._loading[(id(e), key)] = fut
         e.refs += 1  # keeps its region from being reclaimed while we read
         dram = self.dram
         off = None
@@ -157,7 +173,16 @@ class Tiering:
             small = e.sc.slot_size < SLOT_ALIGN  # not page aligned: read through a bounce page
             dest = memoryview(mmap.mmap(-1, _align(e.size))) if small else \
                 dram.arena.view[off:off + _align(e.size)]
-            ok = loc is not None and await self.nvme.read(loc, dest)
+            try:
+                # a keyless entry was matched by fingerprint: the header must hold ``key``
+                ok = loc is not None and await self.nvme.read(
+                    loc, dest, expect=None if e.key_in_ram else (e.ns, key))
+            except KeyMismatch:
+                dram.free_slot(off)
+                off = None
+                self.nvme.counters["misses"] += 1
+                raise NotFound("no such key (the record of the same fingerprint holds another)") \
+                    from None
             if ok and small:
                 dram.arena.view[off:off + e.size] = dest[:e.size]
             if e.state == DEAD or e.nvme != loc:  # != : a packed index rebuilds Locations
@@ -168,10 +193,12 @@ class Tiering:
                 dram.free_slot(off)
                 off = None
                 self.nvme.counters["misses"] += 1
-                self._unlink(e, tombstone=True)
+                self._unlink(e, tombstone=True, key=key)
                 raise NotFound("object failed its checksum on NVMe and was dropped")
             self.nvme.counters["hits"] += 1
             self.nvme.counters["promotions"] += 1
+            if not e.key_in_ram:  # its header holds ``key``: DRAM gets compare key bytes again
+                self.index.restore_key(e, key)
             dram.link_loaded(e, off)
             off = None
             fut.set_result(None)
@@ -182,7 +209,7 @@ class Tiering:
             fut.exception()  # retrieved here; waiters re-raise their own
             raise
         finally:
-            del self._loading[id(e)]
+            del self._loading[(id(e), key)]
             self._release(e)
 
     # ------------------------------------------------------------ recovery
@@ -203,8 +230,9 @@ class Tiering:
                 if sc is None:
                     sc = classes[loc.length] = class_for(loc.length)
                 # no Entry object kept (none at all with the packed index); a held record
-                # is counted by the index as it goes in
-                index.add(ns, key, -1, loc.length, loc.checksum, sc, committed_at, loc, hold)
+                # is counted by the index as it goes in; keyless: its key stays on NVMe only
+                index.add(ns, key, -1, loc.length, loc.checksum, sc, committed_at, loc, hold,
+                          keyless=True)
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
         log.info("NVMe tier: %d objects recovered%s", len(index),
@@ -215,7 +243,7 @@ class Tiering:
         """Whether ``region`` may be reclaimed: no NVMe-only object whose record is one of
         ``rows`` (NvmeTier.region_rows) is pinned or being read."""
         now = self.clock()
-        for e in self._entries_of(region, rows):
+        for e, _key in self._entries_of(region, rows):
             if e.offset < 0 and (e.refs or e.pinned(now)):
                 return False  # pinned objects keep their only copy; reads in flight finish
         return True
@@ -223,13 +251,15 @@ class Tiering:
     def _drop_region(self, region, rows) -> None:
         """``region`` is reclaimed: entries whose NVMe copy was one of ``rows`` lose it, and
         leave the index when it was their only copy."""
-        for e in self._entries_of(region, rows):  # (each row looked up after the last unlink)
+        for e, key in self._entries_of(region, rows):  # (each row looked up after the last unlink)
+            if not e.key_in_ram:  # the row has it: no header read for the KV event
+                self.index.restore_key(e, key)
             e.nvme = None
             if e.offset < 0:
                 self._unlink(e)
 
     def _entries_of(self, region, rows):
-        """The index entries whose ``nvme`` Location is the very record of a row of
+        """(entry, key) of the index entries whose ``nvme`` Location is the very record of a row of
         ``region`` (same region, generation and offset): an entry of the same key whose
         copy is elsewhere, or a newer one, is not touched."""
         get = self.index.get
@@ -243,7 +273,7 @@ class Tiering:
             loc = e.nvme
             if (loc is not None and loc.region == index and loc.generation == gen
                     and loc.offset == base + row[_REL]):
-                yield e
+                yield e, row[_KEY]
 
     # ------------------------------------------------------------ shutdown
     async def flush_to_nvme(self, timeout: float) -> int:

@@ -188,7 +188,7 @@ def test_held_recovered_records_are_invisible_until_verified(tmp_path):
             # repair reads them (heads) and snapshots them first
             e, head = await s.read_head(NS, b"k0", 8)
             assert head == val(0)[:8] and e.unverified
-            assert [r[4] for r in s.repair_snapshot()] == [True] * 4
+            assert [r[4] for r in await s.repair_snapshot()] == [True] * 4
             # verified: served
             s.verify(s.index[(NS, b"k0")])
             assert await read(s, b"k0") == val(0) and s.unverified == 3

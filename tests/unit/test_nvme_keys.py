@@ -11,7 +11,7 @@ import random
 import pytest
 import xxhash
 
-from kvstored.engine.nvme import BLOCK, DATA_START, Location, NvmeDevice, NvmeTier, Region, align_up
+from kvstored.engine.nvme import BLOCK, DATA_START, KeyMismatch, Location, NvmeDevice, NvmeTier, Region, align_up
 from kvstored.engine.nvmeformat import FLAG_TOMBSTONE, FLAGS, KEY, NS, REL, SUMMARY_ENTRY
 
 MiB = 1 << 20
@@ -143,8 +143,10 @@ def test_read_with_expect_checks_the_header_key_and_namespace(tmp_path, backend)
             assert await tier.read(loc, dest, expect=(b"n1", b"alpha"))
             assert bytes(dest[:10000]) == bytes(_payload(1, 10000)[:10000])
             assert await tier.read(loc, dest)  # no expect: as before
-            assert not await tier.read(loc, dest, expect=(b"n1", b"beta"))
-            assert not await tier.read(loc, dest, expect=(b"n2", b"alpha"))
+            with pytest.raises(KeyMismatch):  # a sound record of another key: not "bad"
+                await tier.read(loc, dest, expect=(b"n1", b"beta"))
+            with pytest.raises(KeyMismatch):
+                await tier.read(loc, dest, expect=(b"n2", b"alpha"))
             assert tier.counters["key_mismatches"] == 2
             # a location whose length/checksum name another record: not this one
             bad = dataclasses.replace(other, checksum=loc.checksum)
@@ -346,7 +348,11 @@ def test_reads_with_expect_interleaved_with_reclaim(tmp_path, backend):
                     continue
                 k = rnd.choice(list(index))
                 loc = index[k]
-                if await tier.read(loc, dest, expect=(NSP, k)):
+                try:
+                    good = await tier.read(loc, dest, expect=(NSP, k))
+                except KeyMismatch:
+                    good = False
+                if good:
                     i = int(k[1:])
                     assert bytes(dest[:16]) == b"%08d" % i * 2
                     ok += 1

@@ -1,6 +1,7 @@
 """The Store facade over its parts (index, DRAM tier, tiering without NVMe): the methods
 the metrics and admin calls use instead of the index, the limits' defaults, and bad or
 racing puts. No sockets."""
+import asyncio
 import dataclasses
 
 import pytest
@@ -133,7 +134,7 @@ def test_held_records_are_verified_or_dropped_by_key(store):
     assert store.drop_unverified(NS, b"a", store.peek(NS, b"a").checksum) is False  # served now
     assert store.exists(NS, [b"a", b"b", b"c"]) == [True, False, False]
     assert store.unverified == 1
-    rows = store.repair_snapshot()
+    rows = asyncio.run(store.repair_snapshot())
     assert [r[1] for r in rows][0] == b"c"  # held records first
 
 

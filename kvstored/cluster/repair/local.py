@@ -38,7 +38,7 @@ class LocalStore:
         """store.repair_snapshot(): (ns, key, size, checksum, unverified, pinned,
         protected, reads, committed_at) rows in repair order."""
         async def call():
-            return self._store.repair_snapshot()
+            return await self._store.repair_snapshot()
         return self._run(call)
 
     def read_heads(self, items: list[tuple[bytes, bytes]], n: int) -> list[bytes | None]:
