@@ -233,6 +233,7 @@ class Tiering:
                 # is counted by the index as it goes in; keyless: its key stays on NVMe only
                 index.add(ns, key, -1, loc.length, loc.checksum, sc, committed_at, loc, hold,
                           keyless=True)
+        self.nvme.settle_after_recovery()
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
         log.info("NVMe tier: %d objects recovered%s", len(index),
