@@ -119,6 +119,9 @@ _TIER_FAMILIES = (
      "counter"),
     ("kvstored_tier_not_admitted", "Evicted objects not demoted (admission policy or write "
      "budget).", "not_admitted", "counter"),
+    ("kvstored_tier_key_mismatches", "Reads of an NVMe-only object whose record held another "
+     "key (the index keeps only a fingerprint of such keys): a miss, never served.",
+     "key_mismatches", "counter"),
     ("kvstored_tier_regions_free", "Regions of the tier not holding data.", "regions_free", "gauge"),
     ("kvstored_tier_io_backend_fallback", "1 when the tier runs on pread/pwrite threads because "
      "io_uring was refused.", "io_backend_fallback", "gauge"),
