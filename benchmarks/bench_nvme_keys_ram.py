@@ -3,6 +3,7 @@
     python benchmarks/bench_nvme_keys_ram.py write PATH N     # N records of 4 KiB (8 KiB on disk)
     python benchmarks/bench_nvme_keys_ram.py tier PATH N      # tracemalloc: what the tier keeps
     python benchmarks/bench_nvme_keys_ram.py store PATH N     # RssAnon: Store restart over PATH
+    python benchmarks/bench_nvme_keys_ram.py live PATH N      # RssAnon: N puts demoted by a live Store
 
 ``write`` also reports what the tier kept after its own appends (tracemalloc).
 ``tier`` reopens PATH and reports the bytes the tier still holds once
@@ -11,12 +12,17 @@ issue 13 a set of (ns, key) per region). ``store`` reopens PATH under a Store
 (small DRAM arena, default index) and reports the RssAnon growth of the restart
 (index entries + tier state) per object. Run it with PYTHONPATH at a checkout to
 compare two versions over the same file (the on-disk format is the same).
+``live`` puts N objects into a Store with a 64 MiB DRAM arena and an NVMe tier at
+PATH (overwritten): all but the last few thousand are demoted and leave DRAM, so it
+reports the RssAnon growth per object of a running node's NVMe-only objects (their
+keys shed by the packed index) rather than a restarted one's.
 """
 from __future__ import annotations
 
 import asyncio
 import gc
 import mmap
+import os
 import sys
 import time
 import tracemalloc
@@ -102,6 +108,42 @@ def store_mode(path: str, n: int) -> None:
     store.close()
 
 
+def live_mode(path: str, n: int) -> None:
+    if os.path.exists(path):
+        os.unlink(path)  # a fresh tier: the mode's own puts only
+    limits = StoreLimits(dram_size=64 * MiB, slab_size=MiB, max_value_size=MiB, prefault=False,
+                         hugepages=False, put_wait_timeout=30.0)
+    data = b"x" * (SIZE - 16)
+
+    async def run() -> tuple[int, int, float]:
+        store = Store(limits, nvme=_tier(path, n))
+        try:
+            for i in range(2000):  # warm: the arena's classes, pools and tasks exist
+                store.put_bytes(b"ns", b"warm-%010d" % i, data + i.to_bytes(16, "little"))
+            await store.drain_tasks(30)
+            gc.collect()
+            before = _rss_anon()
+            t0 = time.perf_counter()
+            for i in range(n):
+                v = data + i.to_bytes(16, "little")  # new bytes: no dedup
+                res = await store.reserve_wait(b"ns", b"key-%010d" % i, len(v), None)
+                res.view[:] = v
+                store.commit(res)
+                if i % 256 == 0:
+                    await asyncio.sleep(0)  # let demotions run
+            await store.drain_tasks(60)
+            gc.collect()
+            grew = _rss_anon() - before
+            cold = sum(1 for e in store.index.iterate() if e.offset < 0)
+            return grew, cold, time.perf_counter() - t0
+        finally:
+            await store.drain_tasks(10)
+            store.close()
+    grew, cold, secs = asyncio.run(run())
+    print(f"live: {n} puts in {secs:.1f} s, {cold} NVMe-only afterwards; RssAnon +{grew / MiB:.1f} "
+          f"MiB = {grew / n:.1f} B/object put")
+
+
 if __name__ == "__main__":
     mode, path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
-    {"write": write, "tier": tier_mode, "store": store_mode}[mode](path, n)
+    {"write": write, "tier": tier_mode, "store": store_mode, "live": live_mode}[mode](path, n)
