@@ -223,7 +223,9 @@ def restart_phase(directory: str, records: int, size: int, depth: int = 32,
 
     def reopen() -> dict:
         gc.collect()  # the last open's garbage is not this one's cost
+        reset_peak_rss()
         r0 = rss_anon()
+        h0 = peak_rss()
         t0, c0 = time.perf_counter(), time.process_time()
         tier = NvmeTier(NvmeDevice(path, fsize, region, "auto", depth))
         t1, c1 = time.perf_counter(), time.process_time()
@@ -235,11 +237,12 @@ def restart_phase(directory: str, records: int, size: int, depth: int = 32,
         # what the node holds per NVMe-only object once ready: the index and the tier's
         # own bookkeeping (the 64 MiB DRAM arena is a memfd: RssShmem, not counted)
         held = (rss_anon() - r0) / max(n, 1)
+        peak = (peak_rss() - h0) / max(n, 1)  # recovery's transient: rows, tuples, Locations
         kind = store.index.kind
         store.close()
         return {"scan_s": t1 - t0, "scan_cpu_s": c1 - c0, "index_s": t2 - t1, "index_cpu_s": c2 - c1,
                 "ready_s": t2 - t0, "cpu_s": c2 - c0, "objects": n, "scanned_regions": scanned,
-                "rss_anon_per_object": held, "index_kind": kind}
+                "rss_anon_per_object": held, "peak_rss_per_object": peak, "index_kind": kind}
 
     fill_s = None
     try:
@@ -256,6 +259,7 @@ def restart_phase(directory: str, records: int, size: int, depth: int = 32,
         out[k] = statistics.median(o[k] for o in opens)
     # the first open's: later ones reuse the heap pages an earlier open freed
     out["rss_anon_per_object"] = opens[0]["rss_anon_per_object"]
+    out["peak_rss_per_object"] = opens[0]["peak_rss_per_object"]
     out["index_kind"] = opens[0].get("index_kind", "?")
     out["per_record_us"] = out["ready_s"] / records * 1e6
     out["cpu_per_record_us"] = out["cpu_s"] / records * 1e6
@@ -268,6 +272,24 @@ def rss_anon() -> int:
             if line.startswith("RssAnon:"):
                 return int(line.split()[1]) * 1024
     raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
+
+def peak_rss() -> int:
+    """VmHWM: the process's peak resident set (reset by reset_peak_rss)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak is the process's so far: an upper bound
 
 
 def render_sync(rows: list[dict], size: int, total: int) -> str:
@@ -316,10 +338,12 @@ def main(argv=None) -> int:
         for o in r["opens"]:
             print(f"  open: ready {o['ready_s']:.2f} s, CPU {o['cpu_s']:.2f} s, "
                   f"regions scanned {o['scanned_regions']}, "
-                  f"RssAnon {o['rss_anon_per_object']:.1f} B per object")
+                  f"RssAnon {o['rss_anon_per_object']:.1f} B per object, "
+                  f"peak {o['peak_rss_per_object']:.1f} B per object while recovering")
         print(report)
         print(f"held once ready: {r['rss_anon_per_object']:.1f} B of RssAnon per NVMe-only object "
-              f"(first open; {r['index_kind']} index and the tier's bookkeeping)")
+              f"(first open; {r['index_kind']} index and the tier's bookkeeping); peak while "
+              f"recovering: {r['peak_rss_per_object']:.1f} B per object")
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"restart": r, "machine": machine_facts()}, f, indent=2)
