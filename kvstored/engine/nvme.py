@@ -48,7 +48,7 @@ from .nvmeformat import (BLOCK, COMMITTED, CSUM, DATA_START, FLAG_TOMBSTONE, FLA
                          count_entries, key_digest, parse_record, parse_summary, parse_trailer,
                          record_header, region_header, summary_block, summary_entry, tail_size)
 from .nvmeio import HeaderPool
-from .nvmescan import SCAN_CHUNK, gc_paused, scan, scan_rows
+from .nvmescan import SCAN_CHUNK, Found, gc_paused, scan, scan_rows
 from .nvmesync import SYNC_MODES, Syncer
 
 # the names callers (node, config, benchmarks, tests) import from here
@@ -66,6 +66,7 @@ _key_of = itemgetter(NS, KEY)
 # region taker (it may be the very append carrying them)
 _CARRYING: contextvars.ContextVar[bool] = contextvars.ContextVar("nvme_carrying", default=False)
 _flags_of = itemgetter(FLAGS)
+_length_of = itemgetter(LENGTH)
 
 
 def _trim_heap() -> None:
@@ -126,7 +127,7 @@ class NvmeTier:
         self.sync_interval = sync_interval
         self.clock = clock
         found = scan(device)
-        self.regions, self.recovered = found.regions, found.found  # [(region, rows)]
+        self.regions, self.recovered = found.regions, found.found  # summaries, read by recover_into
         self.generation = max((r.generation for r in self.regions), default=0) + 1
         self.seq = found.max_seq + 1
         self.open: dict[int, Region] = {}
@@ -160,14 +161,27 @@ class NvmeTier:
     # -- recovery -------------------------------------------------------------
     def recovered_objects(self) -> list[tuple[bytes, bytes, Location, float]]:
         """The newest record of every key that was not deleted afterwards, as
-        ``(ns, key, location, committed_at)``. Hands over what the scan found (once).
+        ``(ns, key, location, committed_at)``: ``recover_into`` with a dict as the index
+        (tests, tools; a restart streams into the Store's index instead). Once."""
+        sink = _DictSink()
+        self.recover_into(sink.add_many, sink.add, sink.lookup, sink.remove)
+        return [(ns, key, loc, at) for (ns, key), (loc, at) in sink.d.items()]
+
+    def recover_into(self, add_many, add, lookup, remove, max_length: int | None = None) -> int:
+        """Index what the scan found (once), one region at a time: the newest record of
+        every key not deleted afterwards goes to the index these four calls stand for
+        (_DictSink says what each does), whatever order the regions are read in.
 
         Also rebuilds how many live records each region holds (a count: the keys stay
         on disk), which keys have stale records where (older versions, deleted objects)
-        and which regions hold tombstones, so reclaim keeps deletes deleted.
-        """
+        and which regions hold tombstones, so reclaim keeps deletes deleted. A newest
+        record longer than ``max_length`` is not indexed but forgotten (stale). Returns
+        how many were. Memory: the index, the undecoded summaries of the regions not yet
+        read, one region's rows, and a dict of the keys met with several records or a
+        tombstone (issue 13: the peak was ~560 B per record with every row at once)."""
         with gc_paused():
-            return self._recovered_objects()
+            sink = _Calls(add_many, add, lookup, remove)
+            return self._recover_into(sink, max_length)
 
     def settle_after_recovery(self) -> None:
         """Move what the tier keeps per region out of the memory recovery used.
@@ -192,77 +206,92 @@ class NvmeTier:
             self.counters[name] = fresh(v)
         _trim_heap()
 
-    def _recovered_objects(self) -> list[tuple[bytes, bytes, Location, float]]:
-        found, self.recovered = self.recovered, []
+    def _recover_into(self, sink, max_length: int | None) -> int:
+        found, self.recovered = self.recovered, Found()
         # Most keys have one record and no tombstone: their record is live and nothing
-        # of theirs is stale. Finding the others ("special": several records, or a
-        # tombstone) is done in C (itemgetter, set, Counter) so that only their records
-        # go through the per-record rules.
-        keys, seen, tomb_regions = [], set(), []
-        for i, (_r, rows) in enumerate(found):
-            ks = list(map(_key_of, rows))
-            keys.append(ks)
-            seen.update(ks)
-            if any(map(_flags_of, rows)):
-                tomb_regions.append(i)
-        special: set = set()
-        if len(seen) != sum(map(len, keys)):
-            counts: Counter = Counter()
-            for ks in keys:
-                counts.update(ks)
-            special.update(k for k, n in counts.items() if n > 1)
-            del counts
-        del seen
-        for i in tomb_regions:
-            special.update(k for k, row in zip(keys[i], found[i][1]) if row[FLAGS] & FLAG_TOMBSTONE)
-        out: list[tuple[bytes, bytes, Location, float]] = []
-        subset = []  # (region, [(key, row)]) of the special keys' records
-        for i, (r, rows) in enumerate(found):
-            ks = keys[i]
+        # of theirs is stale. Such records go to the sink in bulk; a key seen twice in a
+        # region, a tombstone, an over-long record, a key already met with several records
+        # (``special``) and a key the sink already holds from an earlier region go through
+        # the per-record rules (_offer), which compare sequence numbers.
+        special: dict = {}  # (ns, key) -> [seq, region | None (tombstone), loc, indexed]
+        for r, rows in found.take():
             index, base, gen = r.index, r.base, r.generation
-            if not special or special.isdisjoint(ks):
-                r.live_count += len(rows)
-                out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM],
-                                                     gen), row[COMMITTED]) for row in rows]
-            else:
-                pairs = list(zip(ks, rows))
-                n = len(out)
-                out += [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM],
-                                                     gen), row[COMMITTED])
-                        for k, row in pairs if k not in special]
-                r.live_count += len(out) - n
-                subset.append((r, [(k, row) for k, row in pairs if k in special]))
-            found[i] = keys[i] = None  # let the rows go as they are turned into locations
-        if subset:
-            out += self._recover_special(subset)
-        return out
+            ks = list(map(_key_of, rows))
+            slow = set(filter(special.__contains__, ks)) if special else set()
+            if len(set(ks)) != len(ks):
+                slow.update(k for k, n in Counter(ks).items() if n > 1)
+            if any(map(_flags_of, rows)):
+                slow.update(k for k, row in zip(ks, rows) if row[FLAGS] & FLAG_TOMBSTONE)
+            if max_length is not None and max(map(_length_of, rows)) > max_length:
+                slow.update(k for k, row in zip(ks, rows) if row[LENGTH] > max_length)
+            bulk = rows if not slow else [row for k, row in zip(ks, rows) if k not in slow]
+            items = [(row[NS], row[KEY], Location(index, base + row[REL], row[LENGTH], row[CSUM], gen),
+                      row[COMMITTED]) for row in bulk]
+            collided = sink.add_many(items)
+            r.live_count += len(items) - len(collided)
+            for i in collided:  # the sink holds a record of the key from an earlier region
+                ns, key, loc, _at = items[i]
+                self._offer(special, sink, r, bulk[i], (ns, key), loc, max_length)
+            del items, bulk
+            if slow:
+                for k, row in zip(ks, rows):
+                    if k in slow:
+                        self._offer(special, sink, r, row, k, None, max_length)
+            del ks, rows, slow
+        skipped = 0
+        for k, cur in special.items():
+            if cur[1] is not None and not cur[3]:  # the newest is too long to serve
+                self.forget(cur[2], k[0], k[1])
+                skipped += 1
+        return skipped
 
-    def _recover_special(self, found: list) -> list[tuple[bytes, bytes, Location, float]]:
-        """The live records among ``found`` ([(region, [(key, row)])], every record of each
-        key in it): per key the highest sequence number wins, a tombstone deletes, older
-        records are stale (their region must not outlive the tombstones)."""
-        newest: dict[tuple[bytes, bytes], tuple] = {}
-        get = newest.get
-        for r, pairs in found:
-            for k, row in pairs:
-                old = get(k)
-                if old is None or row[SEQ] > old[1][SEQ]:
-                    newest[k] = (r, row)
-        for r, pairs in found:
-            for k, row in pairs:
-                if row[FLAGS] & FLAG_TOMBSTONE:
-                    r.tombs[k] = max(row[SEQ], r.tombs.get(k, 0))
-                elif newest[k][1] is not row:
-                    self._mark_stale(r, k)
-        found.clear()
-        out = []
-        for k, (r, row) in newest.items():
-            if row[FLAGS] & FLAG_TOMBSTONE:
-                continue
-            r.live_count += 1
-            out.append((k[0], k[1], Location(r.index, r.base + row[REL], row[LENGTH], row[CSUM],
-                                             r.generation), row[COMMITTED]))
-        return out
+    def _offer(self, special: dict, sink, r: Region, row: tuple, k: tuple, loc, max_length) -> None:
+        """Record ``row`` of region ``r`` for key ``k`` against the newest record seen so far:
+        in ``special``, else the sink's (its sequence number read from the record header)."""
+        seq, tomb = row[SEQ], row[FLAGS] & FLAG_TOMBSTONE
+        if tomb:
+            r.tombs[k] = max(seq, r.tombs.get(k, 0))
+        cur = special.get(k)
+        if cur is None:
+            held = sink.lookup(k[0], k[1])
+            if held is not None:
+                old = self._record_row(held)
+                if old is None:  # unreadable now: the record being recovered replaces it
+                    cur = [-1, self.regions[held.region], held, True]
+                elif (old[NS], old[KEY]) == k:
+                    cur = [old[SEQ], self.regions[held.region], held, True]
+                # else another key of equal fingerprint (the packed index): not this key's
+        if cur is not None and cur[0] >= seq:  # an older record (or an older tombstone)
+            if not tomb:
+                self._mark_stale(r, k)
+            special[k] = cur
+            return
+        if cur is not None and cur[1] is not None:  # the live record it replaces is stale
+            if cur[3]:
+                sink.remove(k[0], k[1], cur[2])
+            cur[1].live_count -= 1
+            self._mark_stale(cur[1], k)
+        if tomb:
+            special[k] = [seq, None, None, False]
+            return
+        if loc is None:
+            loc = Location(r.index, r.base + row[REL], row[LENGTH], row[CSUM], r.generation)
+        indexed = max_length is None or row[LENGTH] <= max_length
+        if indexed:
+            sink.add(k[0], k[1], loc, row[COMMITTED])
+        r.live_count += 1
+        special[k] = [seq, r, loc, indexed]
+
+    def _record_row(self, loc: Location) -> tuple | None:
+        """The row of the record header at ``loc`` (recovery: the sequence number of a record
+        the sink holds), or None when it cannot be read or does not verify."""
+        if self._key_buf is None:
+            self._key_buf = mmap.mmap(-1, BLOCK)  # aligned: the device may be O_DIRECT
+        buf = self._key_buf
+        if not self.dev.read_into(buf, loc.offset):
+            self.counters["read_errors"] += 1
+            return None
+        return self._row_at(memoryview(buf), loc)
 
     def _mark_stale(self, r: Region, k: tuple[bytes, bytes]) -> None:
         if k not in r.stale:
@@ -882,3 +911,42 @@ class NvmeTier:
                 log.warning("nvme region %d: summary write at close failed: %s", r.index, e)
         self.syncer.close()
         self.dev.close()
+
+
+class _Calls:
+    __slots__ = ("add_many", "add", "lookup", "remove")
+
+    def __init__(self, add_many, add, lookup, remove):
+        self.add_many, self.add, self.lookup, self.remove = add_many, add, lookup, remove
+
+
+class _DictSink:
+    """What ``recover_into`` needs of an index, over a dict (``recovered_objects``).
+    ``add_many(items)``: index ``[(ns, key, loc, committed_at)]``, returning the positions
+    of those whose key it already holds, left out; ``add``: index one whose key it does
+    not hold; ``lookup``: the Location it holds for a key, or None; ``remove(ns, key,
+    loc)``: drop the key's entry if it is the one at ``loc``."""
+
+    def __init__(self):
+        self.d: dict = {}
+
+    def add_many(self, items: list) -> list[int]:
+        d, collided = self.d, []
+        for i, (ns, key, loc, at) in enumerate(items):
+            if (ns, key) in d:
+                collided.append(i)
+            else:
+                d[ns, key] = (loc, at)
+        return collided
+
+    def add(self, ns: bytes, key: bytes, loc: Location, committed_at: float) -> None:
+        self.d[ns, key] = (loc, committed_at)
+
+    def lookup(self, ns: bytes, key: bytes) -> Location | None:
+        v = self.d.get((ns, key))
+        return None if v is None else v[0]
+
+    def remove(self, ns: bytes, key: bytes, loc: Location) -> None:
+        v = self.d.get((ns, key))
+        if v is not None and v[0] == loc:
+            del self.d[ns, key]

@@ -17,16 +17,18 @@ start reads it. The region header is written twice; one good copy is enough.
 from __future__ import annotations
 
 import contextlib
+import functools
 import gc
 import logging
 import mmap
 import os
+import struct
 from operator import itemgetter
 
 import xxhash
 
 from .nvmedevice import NvmeDevice, Region
-from .nvmeformat import (BLOCK, FLAGS, LENGTH, REGION_HEADER, REL, SEQ, align_up,
+from .nvmeformat import (BLOCK, FLAGS, LENGTH, REGION_HEADER, REL, SEQ, SUMMARY_ENTRY, align_up,
                          parse_record, parse_region_header, parse_summary, parse_trailer, record_len,
                          summary_block, summary_of_rows, tail_size)
 
@@ -38,6 +40,7 @@ BODY_WINDOW = 64 << 20  # bytes of summaries read in one batch (bounds the buffe
 STATS = ("restart_summaries", "restart_scanned_regions", "restart_resyncs", "summaries_corrupt",
          "region_headers_repaired", "regions_unreadable", "restart_summaries_written")
 _max_seq = itemgetter(SEQ)
+_first = itemgetter(0)
 
 
 @contextlib.contextmanager
@@ -63,21 +66,80 @@ def gc_paused():
             gc.enable()
 
 
+class Found:
+    """The records each region holds, as its summary body (``[(region, body, count)]``):
+    about 60 B per record for short keys, against ~250 B as decoded rows, so a restart
+    holds the bodies and decodes one region at a time (``take``) while it indexes them.
+    Iterating gives ``(region, rows)`` without consuming (tests, tools: decoded once and
+    kept until ``take``, so the same row objects come back each time)."""
+
+    def __init__(self):
+        self.items: list = []
+        self._rows: list | None = None
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __iter__(self):
+        if self._rows is None:
+            self._rows = [(r, parse_summary(body, count)) for r, body, count in self.items]
+        return iter(self._rows)
+
+    def take(self):
+        """``(region, rows)`` of every region, once each; a region's body is let go as its
+        rows are handed out, so only one region is ever decoded at a time."""
+        items, self.items, self._rows = self.items, [], None
+        for i in range(len(items)):
+            r, body, count = items[i]
+            items[i] = None
+            rows = parse_summary(body, count)
+            del body
+            yield r, rows
+            del rows
+
+
 class Recovery:
-    """What a start found: every region (state, generation, write pointer), the rows of
-    the records of each region that holds any (``found``: [(region, rows)], rows as
-    nvmeformat decodes them), the highest sequence number seen, and counters."""
+    """What a start found: every region (state, generation, write pointer), the records of
+    each region that holds any (``found``: a Found, summary bodies decoded on demand), the
+    highest sequence number seen, and counters."""
 
     def __init__(self, regions: list[Region]):
         self.regions = regions
-        self.found: list[tuple[Region, list[tuple]]] = []
+        self.found = Found()
         self.max_seq = 0
         self.stats = dict.fromkeys(STATS, 0)
 
-    def add(self, r: Region, rows: list[tuple]) -> None:
-        if rows:
-            self.found.append((r, rows))
-            self.max_seq = max(self.max_seq, max(map(_max_seq, rows)))
+    def add(self, r: Region, body: bytes, count: int, max_seq: int) -> None:
+        if count:
+            self.found.items.append((r, body, count))
+            self.max_seq = max(self.max_seq, max_seq)
+
+
+def summary_facts(body, count: int) -> tuple[bytes, int, tuple | None] | None:
+    """(body as bytes, highest sequence number, last entry's row) of a summary body that
+    verified, or None when it does not hold exactly ``count`` whole entries (the checks
+    of nvmeformat.parse_summary). When every entry has one size (the common case) only
+    the sequence numbers are unpacked: the rows are decoded once, when indexed."""
+    data = body if isinstance(body, bytes) else bytes(body)
+    n, esize = len(data), SUMMARY_ENTRY.size
+    if count <= 0 or n < esize:
+        return (data, 0, None) if count == 0 and n == 0 else None
+    ns_len, key_len = data[esize - 2], data[esize - 1]
+    stride = esize + ns_len + key_len
+    if (stride * count == n and data[esize - 2::stride] == bytes((ns_len,)) * count
+            and data[esize - 1::stride] == bytes((key_len,)) * count):
+        top = max(map(_first, _seq_struct(stride).iter_unpack(data)))
+        last = SUMMARY_ENTRY.unpack_from(data, n - stride)
+        return data, top, last
+    rows = parse_summary(data, count)
+    if rows is None:
+        return None
+    return data, max(map(_max_seq, rows)), rows[-1]
+
+
+@functools.lru_cache(maxsize=64)
+def _seq_struct(stride: int) -> struct.Struct:
+    return struct.Struct(f"<Q{stride - 8}x")
 
 
 def scan(dev: NvmeDevice) -> Recovery:
@@ -100,8 +162,11 @@ def _scan(dev: NvmeDevice) -> Recovery:
             if chunk is None:
                 chunk = mmap.mmap(-1, SCAN_CHUNK)
             rows = scan_region(dev, r, chunk, rec.stats)
-            rec.add(r, rows)
-            _summarize_scanned(dev, r, rows, rec.stats)
+            if rows:  # kept as a summary body, like the summarized regions
+                body = summary_of_rows(rows)
+                rec.add(r, body, len(rows), max(map(_max_seq, rows)))
+                del rows
+                _summarize_scanned(dev, r, body, rec.stats)
     return rec
 
 
@@ -199,25 +264,27 @@ def _read_summaries(dev: NvmeDevice, summarized: list, rec: Recovery, to_scan: l
             res = dev.read_many([(r.base + r.size - BLOCK - size, mv[at:at + size])
                                  for (r, _t), at, size in batch])
             for ((r, (count, body_len, body_csum)), at, size), n in zip(batch, res):
-                rows = None
+                facts = None
                 if n == size:
                     body = mv[at:at + body_len]
                     if xxhash.xxh3_64_intdigest(body, dev.seed) == body_csum:
-                        rows = parse_summary(body, count)
-                    if rows is None:
+                        facts = summary_facts(body, count)
+                    del body
+                    if facts is None:
                         rec.stats["summaries_corrupt"] += 1
                         log.warning("nvme region %d: summary does not match its checksum; "
                                     "scanning the region", r.index)
-                if rows is None:
+                if facts is None:
                     to_scan.append(r)
                     continue
                 rec.stats["restart_summaries"] += 1
                 r.sum_state = "written"
-                # rows are in offset order: the last one ends the region's records
-                last = rows[-1] if rows else None
+                # entries are in offset order: the last one ends the region's records
+                data, top, last = facts
                 r.write_ptr = r.frontier = (last[REL] + record_len(last[FLAGS], last[LENGTH])
                                             if last else REGION_HEADER)
-                rec.add(r, rows)
+                rec.add(r, data, count, top)
+                del facts, data
         finally:
             del mv, buf
 
@@ -271,13 +338,10 @@ def scan_rows(dev: NvmeDevice, r: Region, chunk, stats: dict, limit: int,
     return rows, end
 
 
-def _summarize_scanned(dev: NvmeDevice, r: Region, rows: list[tuple], stats: dict) -> None:
-    """Give a scanned region the summary it lacked, so the next start reads it. Its
-    records end before the tail the writer had reserved for a summary of at least
-    these entries, so the summary overwrites none of them."""
-    if not rows:
-        return
-    body = summary_of_rows(rows)
+def _summarize_scanned(dev: NvmeDevice, r: Region, body: bytes, stats: dict) -> None:
+    """Give a scanned region the summary it lacked (``body``: its records' entries), so the
+    next start reads it. Its records end before the tail the writer had reserved for a
+    summary of at least these entries, so the summary overwrites none of them."""
     if r.write_ptr + tail_size(len(body)) > r.size:
         return
     buf = summary_block(body, r.index, r.generation, r.slot_size, dev.seed)

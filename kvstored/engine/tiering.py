@@ -214,25 +214,65 @@ class Tiering:
 
     # ------------------------------------------------------------ recovery
     def recover(self, hold: bool) -> None:
-        """Index the objects found on NVMe at start (they stay there until read).
-        ``hold``: a cluster node's records stay hidden until the repair agent checks them."""
-        skipped = 0
+        """Index the objects found on NVMe at start (they stay there until read), region by
+        region as the tier decodes them (NvmeTier.recover_into: the peak is the index and
+        one region's rows, not every row at once). ``hold``: a cluster node's records stay
+        hidden until the repair agent checks them."""
         index = self.index
         class_for = self.dram.arena.class_for
         classes: dict = {}  # length -> size class: a restart sees few distinct lengths
+        footprint = getattr(index, "footprint", None)  # the packed index's counts
+
+        def size_class(length: int):
+            sc = classes.get(length)
+            if sc is None:
+                sc = classes[length] = class_for(length)
+            return sc
+
+        def add(ns, key, loc, committed_at):
+            # no Entry object kept (none at all with the packed index); a held record is
+            # counted by the index as it goes in; keyless: its key stays on NVMe only
+            index.add(ns, key, -1, loc.length, loc.checksum, size_class(loc.length), committed_at,
+                      loc, hold, keyless=True)
+
+        def add_many(items):
+            before = footprint()["keyless"] if footprint else 0
+            collided = []
+            index_add, get_class = index.add, classes.get
+            for i, (ns, key, loc, committed_at) in enumerate(items):  # add(), inlined: hot
+                length = loc.length
+                sc = get_class(length) or size_class(length)
+                try:
+                    index_add(ns, key, -1, length, loc.checksum, sc, committed_at, loc, hold,
+                              keyless=True)
+                except KeyError:  # the dict index, or a key held keyed: indexed already
+                    collided.append(i)
+            if footprint and footprint()["keyless"] - before != len(items) - len(collided):
+                # the packed index keeps keyed a record whose fingerprint a keyless one has
+                # (maybe the same key from an earlier region): undo those, the tier decides
+                done = set(collided)
+                for i, (ns, key, loc, _at) in enumerate(items):
+                    if i in done:
+                        continue
+                    e = index.get(ns, key)
+                    if e is not None and e.key_in_ram and e.nvme == loc:
+                        index.remove(e)
+                        collided.append(i)
+                collided.sort()
+            return collided
+
+        def lookup(ns, key):
+            e = index.get(ns, key)
+            return None if e is None else e.nvme
+
+        def remove(ns, key, loc):
+            e = index.get(ns, key)
+            if e is not None and e.nvme == loc:
+                index.remove(e)
+
         with gc_paused():  # millions of long-lived entries: no collection per 700 of them
-            for ns, key, loc, committed_at in self.nvme.recovered_objects():
-                if loc.length > self.limits.max_value_size:
-                    skipped += 1
-                    self.nvme.forget(loc, ns, key)
-                    continue
-                sc = classes.get(loc.length)
-                if sc is None:
-                    sc = classes[loc.length] = class_for(loc.length)
-                # no Entry object kept (none at all with the packed index); a held record
-                # is counted by the index as it goes in; keyless: its key stays on NVMe only
-                index.add(ns, key, -1, loc.length, loc.checksum, sc, committed_at, loc, hold,
-                          keyless=True)
+            skipped = self.nvme.recover_into(add_many, add, lookup, remove,
+                                             self.limits.max_value_size)
         self.nvme.settle_after_recovery()
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
