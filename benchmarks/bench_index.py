@@ -44,13 +44,10 @@ import time
 from kvstored.engine.store import Store, StoreLimits
 from kvstored.settings import default
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import rss_anon  # noqa: E402
 
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
+
 
 
 def key_of(i: int) -> bytes:

@@ -50,7 +50,8 @@ REPO = os.path.dirname(HERE)
 sys.path[:0] = [HERE, REPO, os.path.join(REPO, "client")]
 
 from bench_tcp import KvstoredDaemon  # noqa: E402
-from peers import human_size, machine_facts, parse_size  # noqa: E402
+from peers import (human_size, machine_facts, parse_size, peak_rss, reset_peak_rss,  # noqa: E402
+                   rss_anon)
 
 MiB = 1 << 20
 
@@ -264,32 +265,6 @@ def restart_phase(directory: str, records: int, size: int, depth: int = 32,
     out["per_record_us"] = out["ready_s"] / records * 1e6
     out["cpu_per_record_us"] = out["cpu_s"] / records * 1e6
     return out
-
-
-def rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no RssAnon in /proc/self/status (Linux only)")
-
-
-def peak_rss() -> int:
-    """VmHWM: the process's peak resident set (reset by reset_peak_rss)."""
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM in /proc/self/status (Linux only)")
-
-
-def reset_peak_rss() -> None:
-    """Start VmHWM again from the current RSS (Linux >= 4.0: clear_refs 5)."""
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass  # then the peak is the process's so far: an upper bound
 
 
 def render_sync(rows: list[dict], size: int, total: int) -> str:

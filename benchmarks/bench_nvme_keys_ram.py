@@ -32,17 +32,14 @@ import xxhash
 from kvstored.engine import Store, StoreLimits
 from kvstored.engine.nvme import DATA_START, NvmeDevice, NvmeTier
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from peers import rss_anon  # noqa: E402
+
 MiB = 1 << 20
 REGION = 256 * MiB
 SIZE = 4096
 
 
-def _rss_anon() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("RssAnon:"):
-                return int(line.split()[1]) * 1024
-    return 0
 
 
 def _tier(path: str, n: int) -> NvmeTier:
@@ -94,13 +91,13 @@ def tier_mode(path: str, n: int) -> None:
 
 def store_mode(path: str, n: int) -> None:
     gc.collect()
-    before = _rss_anon()
+    before = rss_anon()
     t0 = time.perf_counter()
     tier = _tier(path, n)
     limits = StoreLimits(dram_size=64 * MiB, slab_size=MiB, max_value_size=MiB, prefault=False)
     store = Store(limits, nvme=tier)
     gc.collect()
-    grew = _rss_anon() - before  # (prefault off: the arena is mapped, not touched)
+    grew = rss_anon() - before  # (prefault off: the arena is mapped, not touched)
     count = len(store.index)
     print(f"store restart: {count} NVMe-only objects in {time.perf_counter() - t0:.1f} s; RssAnon "
           f"+{grew / MiB:.1f} MiB = {grew / max(count, 1):.1f} B/object "
@@ -122,7 +119,7 @@ def live_mode(path: str, n: int) -> None:
                 store.put_bytes(b"ns", b"warm-%010d" % i, data + i.to_bytes(16, "little"))
             await store.drain_tasks(30)
             gc.collect()
-            before = _rss_anon()
+            before = rss_anon()
             t0 = time.perf_counter()
             for i in range(n):
                 v = data + i.to_bytes(16, "little")  # new bytes: no dedup
@@ -133,7 +130,7 @@ def live_mode(path: str, n: int) -> None:
                     await asyncio.sleep(0)  # let demotions run
             await store.drain_tasks(60)
             gc.collect()
-            grew = _rss_anon() - before
+            grew = rss_anon() - before
             cold = sum(1 for e in store.index.iterate() if e.offset < 0)
             return grew, cold, time.perf_counter() - t0
         finally:

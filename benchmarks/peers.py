@@ -66,6 +66,34 @@ def parse_size(text: str) -> int:
     return int(float(m.group(1)) * _SIZE_MULT[(m.group(2) or "").lower()])
 
 
+def proc_status(field: str) -> int:
+    """A size from /proc/self/status in bytes, e.g. ``RssAnon`` (the Python heap and
+    the native index: memfd arenas are RssShmem) or ``VmHWM`` (the peak RSS)."""
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    raise RuntimeError(f"no {field} in /proc/self/status (Linux only)")
+
+
+def rss_anon() -> int:
+    return proc_status("RssAnon")
+
+
+def peak_rss() -> int:
+    """VmHWM: the process's peak resident set (reset by reset_peak_rss)."""
+    return proc_status("VmHWM")
+
+
+def reset_peak_rss() -> None:
+    """Start VmHWM again from the current RSS (Linux >= 4.0: clear_refs 5)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass  # then the peak is the process's so far: an upper bound
+
+
 def human_size(n: int) -> str:
     for unit, mult in (("GiB", GiB), ("MiB", MiB), ("KiB", KiB)):
         if n >= mult and n % mult == 0:

@@ -283,8 +283,9 @@ class NvmeTier:
         special[k] = [seq, r, loc, indexed]
 
     def _record_row(self, loc: Location) -> tuple | None:
-        """The row of the record header at ``loc`` (recovery: the sequence number of a record
-        the sink holds), or None when it cannot be read or does not verify."""
+        """The row of the record header at ``loc`` (one synchronous 4 KiB read: ``key_at``, and
+        recovery's sequence number of a record the index holds), or None when it cannot be
+        read or does not verify."""
         if self._key_buf is None:
             self._key_buf = mmap.mmap(-1, BLOCK)  # aligned: the device may be O_DIRECT
         buf = self._key_buf
@@ -716,13 +717,7 @@ class NvmeTier:
         r = self._region_of(loc)
         if r.generation != loc.generation:
             return None
-        if self._key_buf is None:
-            self._key_buf = mmap.mmap(-1, BLOCK)  # aligned: the device may be O_DIRECT
-        buf = self._key_buf
-        if not self.dev.read_into(buf, loc.offset):
-            self.counters["read_errors"] += 1
-            return None
-        row = self._row_at(memoryview(buf), loc)
+        row = self._record_row(loc)
         return None if row is None else (row[NS], row[KEY])
 
     async def keys_at(self, locs: list[Location]) -> list[tuple[bytes, bytes] | None]:
