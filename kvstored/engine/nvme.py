@@ -164,13 +164,15 @@ class NvmeTier:
         ``(ns, key, location, committed_at)``: ``recover_into`` with a dict as the index
         (tests, tools; a restart streams into the Store's index instead). Once."""
         sink = _DictSink()
-        self.recover_into(sink.add_many, sink.add, sink.lookup, sink.remove)
+        self.recover_into(sink)
         return [(ns, key, loc, at) for (ns, key), (loc, at) in sink.d.items()]
 
-    def recover_into(self, add_many, add, lookup, remove, max_length: int | None = None) -> int:
+    def recover_into(self, sink, max_length: int | None = None) -> int:
         """Index what the scan found (once), one region at a time: the newest record of
-        every key not deleted afterwards goes to the index these four calls stand for
-        (_DictSink says what each does), whatever order the regions are read in.
+        every key not deleted afterwards goes to ``sink``, an index seen through four calls
+        (``add_many``, ``add``, ``lookup``, ``remove``: _DictSink says what each does),
+        whatever order the regions are read in. Then gives recovery's memory back
+        (``settle_after_recovery``).
 
         Also rebuilds how many live records each region holds (a count: the keys stay
         on disk), which keys have stale records where (older versions, deleted objects)
@@ -180,8 +182,9 @@ class NvmeTier:
         read, one region's rows, and a dict of the keys met with several records or a
         tombstone (issue 13: the peak was ~560 B per record with every row at once)."""
         with gc_paused():
-            sink = _Calls(add_many, add, lookup, remove)
-            return self._recover_into(sink, max_length)
+            skipped = self._recover_into(sink, max_length)
+        self.settle_after_recovery()
+        return skipped
 
     def settle_after_recovery(self) -> None:
         """Move what the tier keeps per region out of the memory recovery used.
@@ -191,7 +194,8 @@ class NvmeTier:
         of CPython's small-object allocator that the freed rows cannot give back: a
         restarted node stayed at recovery's peak (~560 B per record, 1 M records). Made
         again here, after the rows are gone, they land in arenas still in use, and the
-        emptied arenas return to the OS. Call once the recovered objects are indexed."""
+        emptied arenas return to the OS. ``recover_into`` calls it once the recovered
+        objects are indexed."""
         def fresh(v):
             if type(v) is int:
                 return -(-v)  # a new int object (small ints are shared and cost nothing)
@@ -906,13 +910,6 @@ class NvmeTier:
                 log.warning("nvme region %d: summary write at close failed: %s", r.index, e)
         self.syncer.close()
         self.dev.close()
-
-
-class _Calls:
-    __slots__ = ("add_many", "add", "lookup", "remove")
-
-    def __init__(self, add_many, add, lookup, remove):
-        self.add_many, self.add, self.lookup, self.remove = add_many, add, lookup, remove
 
 
 class _DictSink:

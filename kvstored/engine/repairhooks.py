@@ -55,13 +55,13 @@ class RepairHooks:
                 rows.append((e.ns, e.key, e.size, e.checksum, e.unverified, e.pinned(now),
                              e.seg == PROTECTED, e.reads, e.committed_at))
             elif e.nvme is not None:
-                keyless.append((e, e.nvme, e.ns, e.size, e.checksum, e.unverified, e.pinned(now),
+                keyless.append((e.nvme, e.ns, e.size, e.checksum, e.unverified, e.pinned(now),
                                 e.seg == PROTECTED, e.reads, e.committed_at))
         if keyless:
-            keys = await self.nvme.keys_at([k[1] for k in keyless])
+            keys = await self.nvme.keys_at([k[0] for k in keyless])
             for k, got in zip(keyless, keys):
-                if got is not None and got[0] == k[2]:
-                    rows.append((k[2], got[1]) + k[3:])
+                if got is not None and got[0] == k[1]:
+                    rows.append((k[1], got[1]) + k[2:])
         rows.sort(key=lambda r: (not r[4], not r[5], not r[6], -r[7]))
         return rows
 

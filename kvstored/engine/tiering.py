@@ -219,61 +219,9 @@ class Tiering:
         one region's rows, not every row at once). ``hold``: a cluster node's records stay
         hidden until the repair agent checks them."""
         index = self.index
-        class_for = self.dram.arena.class_for
-        classes: dict = {}  # length -> size class: a restart sees few distinct lengths
-        footprint = getattr(index, "footprint", None)  # the packed index's counts
-
-        def size_class(length: int):
-            sc = classes.get(length)
-            if sc is None:
-                sc = classes[length] = class_for(length)
-            return sc
-
-        def add(ns, key, loc, committed_at):
-            # no Entry object kept (none at all with the packed index); a held record is
-            # counted by the index as it goes in; keyless: its key stays on NVMe only
-            index.add(ns, key, -1, loc.length, loc.checksum, size_class(loc.length), committed_at,
-                      loc, hold, keyless=True)
-
-        def add_many(items):
-            before = footprint()["keyless"] if footprint else 0
-            collided = []
-            index_add, get_class = index.add, classes.get
-            for i, (ns, key, loc, committed_at) in enumerate(items):  # add(), inlined: hot
-                length = loc.length
-                sc = get_class(length) or size_class(length)
-                try:
-                    index_add(ns, key, -1, length, loc.checksum, sc, committed_at, loc, hold,
-                              keyless=True)
-                except KeyError:  # the dict index, or a key held keyed: indexed already
-                    collided.append(i)
-            if footprint and footprint()["keyless"] - before != len(items) - len(collided):
-                # the packed index keeps keyed a record whose fingerprint a keyless one has
-                # (maybe the same key from an earlier region): undo those, the tier decides
-                done = set(collided)
-                for i, (ns, key, loc, _at) in enumerate(items):
-                    if i in done:
-                        continue
-                    e = index.get(ns, key)
-                    if e is not None and e.key_in_ram and e.nvme == loc:
-                        index.remove(e)
-                        collided.append(i)
-                collided.sort()
-            return collided
-
-        def lookup(ns, key):
-            e = index.get(ns, key)
-            return None if e is None else e.nvme
-
-        def remove(ns, key, loc):
-            e = index.get(ns, key)
-            if e is not None and e.nvme == loc:
-                index.remove(e)
-
         with gc_paused():  # millions of long-lived entries: no collection per 700 of them
-            skipped = self.nvme.recover_into(add_many, add, lookup, remove,
+            skipped = self.nvme.recover_into(_RecoverySink(index, self.dram.arena.class_for, hold),
                                              self.limits.max_value_size)
-        self.nvme.settle_after_recovery()
         if skipped:
             log.warning("%d objects on NVMe exceed max_value_size and are ignored", skipped)
         log.info("NVMe tier: %d objects recovered%s", len(index),
@@ -450,3 +398,62 @@ def _align(n: int, a: int = 4096) -> int:
 def _nvme_slot(e: Entry) -> int:
     """The slot size the NVMe tier groups records by: NVMe records stay 4 KiB aligned."""
     return max(e.sc.slot_size, SLOT_ALIGN)
+
+
+class _RecoverySink:
+    """The Store's index as NvmeTier.recover_into sees it (its four calls, as
+    nvme._DictSink describes them). Records go in keyless (the key stays on NVMe) and no
+    Entry object is kept; a held record is counted by the index as it goes in."""
+
+    __slots__ = ("index", "class_for", "classes", "hold")
+
+    def __init__(self, index: "Index", class_for, hold: bool):
+        self.index, self.class_for, self.hold = index, class_for, hold
+        self.classes: dict = {}  # length -> size class: a restart sees few distinct lengths
+
+    def _size_class(self, length: int):
+        sc = self.classes.get(length)
+        if sc is None:
+            sc = self.classes[length] = self.class_for(length)
+        return sc
+
+    def add(self, ns, key, loc, committed_at) -> None:
+        self.index.add(ns, key, -1, loc.length, loc.checksum, self._size_class(loc.length),
+                       committed_at, loc, self.hold, keyless=True)
+
+    def add_many(self, items: list) -> list[int]:
+        index, hold = self.index, self.hold
+        footprint = getattr(index, "footprint", None)  # the packed index's counts
+        before = footprint()["keyless"] if footprint else 0
+        collided = []
+        index_add, get_class = index.add, self.classes.get
+        for i, (ns, key, loc, committed_at) in enumerate(items):  # add(), inlined: hot
+            length = loc.length
+            sc = get_class(length) or self._size_class(length)
+            try:
+                index_add(ns, key, -1, length, loc.checksum, sc, committed_at, loc, hold,
+                          keyless=True)
+            except KeyError:  # the dict index, or a key held keyed: indexed already
+                collided.append(i)
+        if footprint and footprint()["keyless"] - before != len(items) - len(collided):
+            # the packed index keeps keyed a record whose fingerprint a keyless one has
+            # (maybe the same key from an earlier region): undo those, the tier decides
+            done = set(collided)
+            for i, (ns, key, loc, _at) in enumerate(items):
+                if i in done:
+                    continue
+                e = index.get(ns, key)
+                if e is not None and e.key_in_ram and e.nvme == loc:
+                    index.remove(e)
+                    collided.append(i)
+            collided.sort()
+        return collided
+
+    def lookup(self, ns, key):
+        e = self.index.get(ns, key)
+        return None if e is None else e.nvme
+
+    def remove(self, ns, key, loc) -> None:
+        e = self.index.get(ns, key)
+        if e is not None and e.nvme == loc:
+            self.index.remove(e)
