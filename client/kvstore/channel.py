@@ -45,6 +45,18 @@ _TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one w
 VERIFY_CHUNK = 1 << 20
 
 
+def _advance(views: list, n: int) -> None:
+    """Drop ``n`` sent bytes from the front of ``views``, and empty views after them (an
+    empty value, a 0-byte fragment)."""
+    i = 0
+    while i < len(views) and n >= len(views[i]):  # a batch is hundreds of views: one del
+        n -= len(views[i])
+        i += 1
+    if n:
+        views[i] = views[i][n:]
+    del views[:i]
+
+
 def transport_plan(choice: str, shm: bool | None, tls: bool, data_address: bool,
                    rdma_unusable: bool) -> list[str]:
     """The transports a client tries for a new data connection, in order.
@@ -168,6 +180,7 @@ class TcpChannel(DataChannel):
                 self.sock.close()
                 raise
             self.send = self._send_tls
+            self.nonblocking_send = False
             self.recv_into = self._recv_into_tls
         else:
             # Blocking socket with kernel-side timeouts: CPython's own timeout mode polls
@@ -200,15 +213,8 @@ class TcpChannel(DataChannel):
     def put_batch(self, ns: bytes, items: list, overwrite: bool) -> list[bool]:
         if not self.frames_put([n for _k, _p, n in items]):
             return raise_first(self.put(ns, [(k, joined(p)) for k, p, _n in items], overwrite))
-        flags = FLAG_OVERWRITE if overwrite else 0
-        order = {}
-        bufs = []
-        for i, (k, parts, n) in enumerate(items):
-            rid = self.next_id()
-            order[rid] = i
-            bufs.append(encode_request(OP_PUT, rid, ns, k, n, checksum_parts(parts), flags, self.epoch))
-            bufs += parts  # gathered by sendmsg: a value in several buffers is never joined
-        self.send(bufs)
+        order: dict[int, int] = {}
+        self.send(self.put_frames(ns, items, overwrite, order))
         return self._collect(order, None, False, None)
 
     def get_batch(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool, alloc) -> list:
@@ -242,20 +248,38 @@ class TcpChannel(DataChannel):
         self.send([b"".join(frames)])
         return order
 
+    def put_frames(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int]) -> list:
+        """The buffers of one PUT request per item ((key, parts, size)), to be sent gathered:
+        a value in several buffers is never joined. ``order`` gets request id -> the next
+        index (``len(order)`` onwards), as ``_collect`` reads it."""
+        flags = FLAG_OVERWRITE if overwrite else 0
+        bufs = []
+        for k, parts, n in items:
+            rid = self.next_id()
+            order[rid] = len(order)
+            bufs.append(encode_request(OP_PUT, rid, ns, k, n, checksum_parts(parts), flags, self.epoch))
+            bufs += parts
+        return bufs
+
     def send(self, buffers: list) -> None:
         """sendmsg all buffers (gathered, no copy), handling partial sends."""
         views = [memoryview(b) for b in buffers]
         while views:
-            n = self.sock.sendmsg(views[:_IOV_MAX])
-            while n:
-                if n >= len(views[0]):
-                    n -= len(views[0])
-                    views.pop(0)
-                else:
-                    views[0] = views[0][n:]
-                    n = 0
-            while views and not len(views[0]):  # empty parts (an empty value, a 0-byte fragment)
-                views.pop(0)
+            _advance(views, self.sock.sendmsg(views[:_IOV_MAX]))
+
+    # A channel whose socket takes MSG_DONTWAIT sends (plain TCP or a Unix socket; not TLS):
+    # ClusterClient's batch put then feeds every node's connection from one thread.
+    nonblocking_send = True
+
+    def send_some(self, views: list) -> None:
+        """Send from the front of ``views`` (memoryviews, consumed in place) until they are
+        all sent or the socket's buffer is full; never blocks."""
+        while views:
+            try:
+                n = self.sock.sendmsg(views[:_IOV_MAX], [], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            _advance(views, n)
 
     def setup(self, token: str | None) -> None:
         """First exchange: AUTH with the token, or a PING. Any refusal (wrong token, too

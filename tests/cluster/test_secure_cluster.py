@@ -54,6 +54,7 @@ def test_secure_cluster_repairs_and_refuses_non_admins(etcd, start_daemon, tmp_p
                                     node_timeout=3.0, refresh_s=0.5)
     objs = {f"s-{i}".encode(): os.urandom(300_000 + i) for i in range(16)}
     cc.batch_put(list(objs.items()))
+    assert cc.pooled_put_jobs > 0  # TLS takes no MSG_DONTWAIT sends: the thread pool's path
     # the cluster RPCs are admin-only: a read/write token and no token are refused
     with kvstore.Client(ds[1].control, token=token("rw"), tls=tls, timeout=5) as rw:
         with pytest.raises(errors.PermissionDenied):

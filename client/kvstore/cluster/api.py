@@ -32,13 +32,18 @@ class ClusterClient(MemberView, Writes, Reads, Control):
     def __init__(self, members: Sequence | Callable[[], object], policy=None, *,
                  namespace: str = DEFAULT_NAMESPACE, min_ec_size: int = DEFAULT_MIN_EC_SIZE,
                  node_timeout: float = 10.0, fragment_timeout: float = 2.0, down_s: float = 1.0,
-                 refresh_s: float = 5.0, max_workers: int = 16, **client_kwargs):
+                 refresh_s: float = 5.0, max_workers: int = 16, fanout_puts: bool = True, **client_kwargs):
         self.namespace = namespace_bytes(namespace).decode()
         self.min_ec_size = int(min_ec_size)
         self.node_timeout = node_timeout
         self.fragment_timeout = fragment_timeout
         self.down_s = down_s
         self.refresh_s = refresh_s
+        # batch puts are sent from the calling thread (writes._Fanout); a node's part that
+        # could not be (TLS, a broken connection, a Conflict to sort out) goes to the thread
+        # pool and is counted here
+        self.fanout_puts = bool(fanout_puts)
+        self.pooled_put_jobs = 0
         self._client_kwargs = client_kwargs
         self._source = members if callable(members) else None
         self._members: list[Member] = []

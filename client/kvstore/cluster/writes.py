@@ -1,12 +1,13 @@
 """ClusterClient's put path: every copy or EC record of a batch written to its slot, one
-pipelined batch_put per node, all nodes in parallel, acknowledged when all are stored.
+pipelined batch of puts per node, all nodes at once, acknowledged when all are stored.
+The calling thread writes every node's connection itself (``_Fanout``); a node whose
+channel cannot take that goes to the thread pool (``Writes._put_records``).
 
 EC records go out as two buffers, header and fragment (``layout.encode_parts``), a value
 the node's Client sends gathered and the node stores as their concatenation: the fragment
 the encoder returned is never copied behind a header. A batch of EC objects is encoded in
 rounds of about ``ENCODE_ROUND_BYTES``, each round's records sent while the next round is
-encoded (layout's encoder lets go of the GIL where liberasurecode is reachable through
-ctypes; pyeclib's own encode holds it).
+encoded (the sockets take what they can between rounds).
 
 Partial failure: the records this call newly stored are deleted best effort and the
 error is raised; objects are immutable and a repeated put of the same bytes is a no-op,
@@ -14,16 +15,22 @@ so retrying is idempotent.
 """
 from __future__ import annotations
 
+import select
+import socket
+import time
 from collections.abc import Iterable
-from concurrent.futures import wait
+from concurrent.futures import Future, wait
 
 from .. import errors
-from .._common import as_bytes_view
+from .._common import as_bytes_view, value_parts
 from ..layout import FRAG_HEADER, Policy, encode_parts, fragment_key, lap_key, parse_head, tune_malloc
 from ..placement import Member
-from ..wire import key_bytes
+from ..wire import key_bytes, namespace_bytes
 
 ENCODE_ROUND_BYTES = 8 << 20  # user bytes encoded before their records are sent
+# Unanswered puts one node's connection may hold in a fanned-out batch before its answers
+# are read (the daemon's own bound, server.max_pipelined_requests, is 1024 by default).
+FANOUT_WINDOW = 512
 
 
 def _head(value) -> bytes | None:
@@ -77,6 +84,7 @@ class Writes:
         if p.kind == "ec" and items:
             tune_malloc()  # once per process: pyeclib's fragments (layout.tune_malloc)
             per_round = max(1, ENCODE_ROUND_BYTES // max(1, len(items[0][1])))
+        fan = _Fanout(self, ns, overwrite) if self.fanout_puts and items else None
         try:
             for s in range(0, len(items), per_round):
                 first_job = len(jobs)
@@ -91,10 +99,18 @@ class Writes:
                         where.append((j, len(jobs[j][1])))
                         jobs[j][1].append((sk, rec))
                     owners.append(where)
-                futs += [self._pool.submit(self._put_records, m, its, ns, overwrite)
-                         for m, its in jobs[first_job:]]
+                if fan is None:
+                    futs += [self._pool.submit(self._put_records, m, its, ns, overwrite)
+                             for m, its in jobs[first_job:]]
+                else:
+                    futs += [fan.add(m, its) for m, its in jobs[first_job:]]
+                    fan.pump()  # what the sockets take now; the next round is encoded meanwhile
+            if fan is not None:
+                fan.finish()
         except BaseException:
             # encoding (or placement) failed mid-batch: the rounds already sent are undone
+            if fan is not None:
+                fan.finish()
             self._settle(jobs[:len(futs)], futs, ns, undo=True)
             raise
         res = self._settle(jobs, futs, ns)
@@ -155,3 +171,190 @@ class Writes:
                     raise
             out.append(self._node(m, "put", k, v, namespace=ns, overwrite=True))
         return out
+
+
+class _Fanout:
+    """One batch put's requests to every node, sent from the calling thread.
+
+    The thread-pool path gives each node's batch to a worker thread that sends it and
+    waits for the answers. On few cores its cost is the GIL passing between those threads
+    and the thread encoding the next round (a futex wake-up and a context switch each
+    time), more than the sending. Here the calling thread writes each node's requests into
+    its connection (this thread's channel of that node's Client) with non-blocking
+    ``sendmsg``: as much as each socket takes after every encoded round, the rest once the
+    last round is encoded (``poll`` for room, the node timeout as the deadline); then it
+    reads every node's answers.
+
+    A node whose channel cannot take this (TLS, a transport that moves large objects
+    outside the frames) gets its batch on the thread pool, as does a node whose
+    connection breaks here (dropped and retried there once, as ``Client`` retries a
+    broken connection) or that answers Conflict (``Writes._put_records`` sorts that out).
+    Every job gets a Future, so ``Writes._settle`` sees one kind of result.
+    """
+
+    def __init__(self, writes: Writes, ns: str, overwrite: bool):
+        self.w = writes
+        self.ns = ns
+        self.nsb = namespace_bytes(ns)
+        self.overwrite = overwrite
+        self.nodes: dict[str, _NodeSend] = {}
+
+    def add(self, m: Member, items: list) -> Future:
+        """Queue one job (a node's records of one round); returns its Future."""
+        f: Future = Future()
+        st = self.nodes.get(m.node_id)
+        if st is None:
+            st = self.nodes[m.node_id] = _NodeSend(m, self.w.client(m), self._channel(m))
+        if st.conn is None:  # no channel for this: the thread pool's path
+            self._on_pool(f, m, items)
+            return f
+        try:
+            prepared = []
+            for k, v in items:
+                parts, n = value_parts(v)
+                prepared.append((k, parts, n))
+            st.client._check_size(max(n for _k, _p, n in prepared))
+            if not st.conn.frames_put([n for _k, _p, n in prepared]):
+                self._on_pool(f, m, items)
+                return f
+        except errors.KVStoreError as e:
+            f.set_exception(e)
+            return f
+        if len(st.order) + len(prepared) > FANOUT_WINDOW and st.jobs:
+            self._drain(st)  # answers first: the daemon bounds unanswered requests too
+            if st.conn is None:
+                self._on_pool(f, m, items)
+                return f
+        first = len(st.order)
+        st.out += [memoryview(b) for b in st.conn.put_frames(self.nsb, prepared, self.overwrite, st.order)]
+        st.jobs.append((f, items, first, len(st.order)))
+        return f
+
+    def _channel(self, m: Member):
+        """This thread's channel of the node, if it can take non-blocking sends; None means
+        the thread pool's path (which also reports a node that is down or unreachable)."""
+        until = self.w._down.get(m.node_id)
+        if until is not None and time.monotonic() < until:
+            return None
+        try:
+            conn = self.w.client(m)._channel_here()
+        except (errors.KVStoreError, OSError):
+            return None  # the pool's path tries again and reports it (and marks the node down)
+        return conn if getattr(conn, "nonblocking_send", False) else None
+
+    def _on_pool(self, f: Future, m: Member, items: list) -> None:
+        self.w.pooled_put_jobs += 1
+        pf = self.w._pool.submit(self.w._put_records, m, items, self.ns, self.overwrite)
+        pf.add_done_callback(lambda pf: _copy_outcome(pf, f))
+
+    def pump(self) -> None:
+        """Send what every socket takes now, without blocking."""
+        for st in self.nodes.values():
+            if st.out and st.conn is not None:
+                try:
+                    st.conn.send_some(st.out)
+                except OSError:
+                    self._broken(st)
+
+    def finish(self) -> None:
+        """Send the rest and read every answer; every job's Future is then set (or handed
+        to the thread pool)."""
+        deadline = time.monotonic() + self.w.node_timeout
+        while True:
+            self.pump()
+            waiting = {st.conn.sock.fileno(): st for st in self.nodes.values() if st.out and st.conn is not None}
+            if not waiting:
+                break
+            left = deadline - time.monotonic()
+            if left <= 0:
+                for st in waiting.values():
+                    self._failed(st, errors.Timeout(
+                        f"node {st.m.node_id} took no data for {self.w.node_timeout}s"), drop=True)
+                break
+            p = select.poll()
+            for fd in waiting:
+                p.register(fd, select.POLLOUT)
+            for fd, ev in p.poll(left * 1000):
+                if ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._broken(waiting[fd])
+        for st in self.nodes.values():
+            if st.jobs:
+                self._drain(st)
+
+    def _drain(self, st: "_NodeSend") -> None:
+        """Send the node's queued requests (blocking) and read all their answers."""
+        conn = st.conn
+        try:
+            if st.out:
+                conn.send(st.out)
+                st.out.clear()
+            results = conn._collect(dict(st.order), None, False, None)
+        except errors.Conflict:
+            self._retry_on_pool(st)  # another fragment of the same object, or a real Conflict
+            return
+        except (socket.timeout, BlockingIOError):
+            self._failed(st, errors.Timeout(f"no answer from kvstored within {st.client.timeout}s"), drop=True)
+            return
+        except (errors.ProtocolError, errors.Timeout) as e:
+            self._failed(st, e, drop=True)
+            return
+        except OSError:
+            self._broken(st)
+            return
+        except errors.KVStoreError as e:
+            self._failed(st, e)
+            return
+        for f, _items, a, b in st.jobs:
+            f.set_result(results[a:b])
+        st.jobs.clear()
+        st.order.clear()
+
+    def _broken(self, st: "_NodeSend") -> None:
+        """The connection failed under this batch: drop it, send the node's jobs again on
+        the thread pool (a new connection; puts are idempotent)."""
+        st.client._drop(st.conn)
+        self._retry_on_pool(st)
+        st.conn = None
+
+    def _retry_on_pool(self, st: "_NodeSend") -> None:
+        for f, items, _a, _b in st.jobs:
+            self._on_pool(f, st.m, items)
+        st.jobs.clear()
+        st.order.clear()
+        st.out.clear()
+
+    def _failed(self, st: "_NodeSend", e: Exception, drop: bool = False) -> None:
+        """The node's jobs fail with ``e``; an Unavailable (a Timeout too) marks the node
+        down, as ``MemberView._node`` does, so the batch is written again without it."""
+        if isinstance(e, errors.Unavailable) and not isinstance(e, errors.Redirect):
+            self.w._down[st.m.node_id] = time.monotonic() + self.w.down_s
+        if drop and st.conn is not None:
+            st.client._drop(st.conn)
+            st.conn = None
+        for f, _items, _a, _b in st.jobs:
+            f.set_exception(e)
+        st.jobs.clear()
+        st.order.clear()
+        st.out.clear()
+
+
+class _NodeSend:
+    """One node's part of a fanned-out batch put."""
+
+    __slots__ = ("m", "conn", "client", "out", "order", "jobs")
+
+    def __init__(self, m: Member, client, conn):
+        self.m = m
+        self.client = client
+        self.conn = conn
+        self.out: list = []  # memoryviews not yet sent
+        self.order: dict[int, int] = {}  # request id -> index among the queued requests
+        self.jobs: list = []  # (Future, items, first index, end index)
+
+
+def _copy_outcome(src: Future, dst: Future) -> None:
+    e = src.exception()
+    if e is None:
+        dst.set_result(src.result())
+    else:
+        dst.set_exception(e)
