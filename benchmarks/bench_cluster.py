@@ -313,6 +313,9 @@ def main(argv=None) -> int:
     ap.add_argument("--shm", action="store_true", help="let clients use the same-host shm path")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--codec-only", action="store_true", help="only the codec table (no daemons)")
+    ap.add_argument("--pool-too", action="store_true",
+                    help="paired turns also with fanout_puts=False (each node's part on a pool "
+                         "thread, the path before the fanned-out put), rows '<policy> pool'")
     ap.add_argument("--paired", type=int, default=0, metavar="TURNS",
                     help="also put-only turns of every policy in alternation on the largest node "
                          "count (ratios to the first policy from the same turns; CPU per batch)")
@@ -378,6 +381,9 @@ def main(argv=None) -> int:
                     with contextlib.ExitStack() as stack:
                         clients = {str(p): stack.enter_context(ClusterClient(addrs[:n_paired], policy=p, shm=shm))
                                    for p in policies}
+                        if args.pool_too:
+                            clients.update({f"{p} pool": stack.enter_context(ClusterClient(
+                                addrs[:n_paired], policy=p, shm=shm, fanout_puts=False)) for p in policies})
                         for row in paired_puts(clients, size, count, args.paired, f"pp{n_paired}",
                                                [d.proc.pid for d in daemons[:n_paired]]):
                             row["nodes"] = n_paired
