@@ -295,32 +295,32 @@ class ControlService(pb_grpc.KVStoreServicer):
 
     @_typed_errors
     @_guard(READ, all_namespaces_if_empty=True)
-    def List(self, request, context):
+    async def List(self, request, context):
         ns = namespace_bytes(request.namespace) if request.namespace else None
         limit = min(request.limit or 100, 10000)
+        sample = await self.store.sample_keys(ns, limit)  # NVMe-only keys read in bulk
         now = time.time()
         mono = self.store.clock()
-        entries = [pb.ListEntry(namespace=e.ns.decode(), key=e.key, size=e.size, checksum=e.checksum,
+        entries = [pb.ListEntry(namespace=e.ns.decode(), key=key, size=e.size, checksum=e.checksum,
                                 pinned=e.pinned(mono), age_seconds=max(0.0, now - e.committed_at),
                                 tier="+".join(t for t, present in (("dram", e.offset >= 0),
                                                                    ("nvme", e.nvme is not None)) if present))
-                   for e in self.store.sample(ns, limit)]
+                   for e, key in sample]
         total = self.store.object_count() if ns is None else self.store.stats()["namespaces"].get(
             ns.decode(), 0)
         return pb.ListResponse(entries=entries, total=total)
 
     @_typed_errors
     @_guard(ADMIN, all_namespaces_if_empty=True)
-    def DeleteAll(self, request, context):
-        """Admin: every object of a namespace ("" = every namespace), pinned ones too."""
+    async def DeleteAll(self, request, context):
+        """Admin: every object of a namespace ("" = every namespace), pinned ones too; the
+        data path is served meanwhile, and objects put meanwhile are kept (Store.delete_all)."""
         only = namespace_bytes(request.namespace) if request.namespace else None
-        by_ns: dict[bytes, list[bytes]] = {}
-        for ns, key in self.store.keys(only):
-            by_ns.setdefault(ns, []).append(key)
-        n = sum(self.store.delete(ns, keys) for ns, keys in by_ns.items())
-        log.warning("DeleteAll: deleted %d objects", n,
+        r = await self.store.delete_all(only)
+        log.warning("DeleteAll: deleted %d objects (%d with an unreadable key; %d put meanwhile "
+                    "kept)", r.deleted, r.unreadable, r.kept_newer,
                     extra={"namespace": request.namespace or "*", "peer": context.peer()})
-        return pb.CountResponse(count=n)
+        return pb.CountResponse(count=r.deleted)
 
     @_typed_errors
     @_guard(ADMIN)

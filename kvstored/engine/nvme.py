@@ -728,7 +728,9 @@ class NvmeTier:
         """``key_at`` of every Location in ``locs``, in the same order, for walks over many
         NVMe-only objects: per region, the few wanted records' headers are read, or, when
         many are wanted, the region's summary once (``region_rows``). One region's rows at a
-        time are held."""
+        time are held. A record whose header does not verify is looked up in its region's
+        summary too (the summary may still name it: an admin delete then knows the key
+        its tombstone needs, as recovery, which trusts a summary, would index it)."""
         out: list[tuple[bytes, bytes] | None] = [None] * len(locs)
         by_region: dict[int, list[int]] = {}
         for i, loc in enumerate(locs):
@@ -740,7 +742,9 @@ class NvmeTier:
             gen = r.generation
             if len(idxs) <= KEYS_AT_HEADERS:
                 await self._keys_from_headers(locs, idxs, out)
-                continue
+                idxs = [i for i in idxs if out[i] is None]
+                if not idxs or r.generation != gen:
+                    continue
             try:
                 rows = await self.region_rows(r)
             except OSError as e:

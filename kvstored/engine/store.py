@@ -23,9 +23,11 @@ Invariants kept here (see docs/architecture.md):
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import time
-from typing import TYPE_CHECKING, Callable, Iterable
+from itertools import islice
+from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
 from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
 from kvstore.wire import checksum as payload_checksum
@@ -39,12 +41,24 @@ from .tiering import Tiering
 if TYPE_CHECKING:
     from .nvme import NvmeTier
 
-__all__ = ["COMMITTED", "DEAD", "Entry", "Index", "NotResident", "Reservation", "Store",
-           "StoreLimits"]
+__all__ = ["COMMITTED", "DEAD", "DeleteAllResult", "Entry", "Index", "NotResident", "Reservation",
+           "Store", "StoreLimits"]
 
 log = logging.getLogger("kvstored.store")
 
 LOAD_ATTEMPTS = 4  # promotions of one get evicted before it read them: then NoSpace
+# Admin walks (delete_all, keys_async, sample_keys) go this many entries at a time and let
+# the loop serve between steps: one step's CPU (unlinks, a region summary parsed for the
+# keyless keys) stays in the tens of ms at 2048 (benchmarks/bench_delete_all.py).
+WALK_CHUNK = 2048
+UNLINK_STEP = 256  # delete_all yields after this many unlinks (and tombstone tasks started)
+TOMBSTONE_WAIT = 30.0  # s: delete_all waits this long at most for a step's tombstones
+
+
+class DeleteAllResult(NamedTuple):
+    deleted: int  # objects removed from the index (unreadable ones included)
+    unreadable: int  # keyless objects whose key could not be read: removed, no tombstone
+    kept_newer: int  # objects committed after the walk began: kept
 
 
 class NotResident(Exception):
@@ -410,8 +424,139 @@ class Store(RepairHooks):
         self.counters["deletes"] += n
         return n
 
+    async def delete_all(self, ns: bytes | None = None) -> DeleteAllResult:
+        """Delete every object of namespace ``ns`` (None: of every namespace), pinned and
+        held (unverified) ones too, without stalling the loop: the index is walked
+        ``WALK_CHUNK`` entries at a time, the keys of a step's keyless (NVMe-only) entries
+        are read in bulk (``NvmeTier.keys_at``: a region's summary once, not one header
+        read each), and each step waits (bounded) for its tombstones to be written before
+        the next, so deletes of millions of objects queue neither tasks nor memory.
+
+        Deletes stay deleted across a restart: each one writes the usual tombstone.
+
+        Objects put while it runs: an object committed after the call began (a new key,
+        or an overwrite, which is a new entry) is kept and counted in ``kept_newer``; one
+        committed before is deleted even if read or pinned meanwhile. The cut is the
+        entry's commit time (wall clock), so a clock stepped back during the walk may
+        delete objects put meanwhile.
+
+        A keyless entry whose key cannot be read (its header and its region's summary
+        no longer verify) is still removed from the index, counted in ``unreadable`` and
+        logged once per call; it gets no tombstone (none can name it), which is safe
+        because recovery cannot index a record it cannot read either."""
+        start = time.time()
+        deleted = unreadable = newer = 0
+        for chunk in self._walk_chunks(ns):
+            todo = []
+            for e in chunk:
+                if e.committed_at > start:
+                    newer += 1
+                else:
+                    todo.append(e)
+            keys = await self._keys_of(todo)
+            tasks = self.tiering._tasks  # the tier's tasks in flight (demotions, tombstones)
+            stones: set = set()  # those this step started
+            before = set(tasks)
+            n = 0
+            for j, (e, k) in enumerate(zip(todo, keys)):
+                if j and not j % UNLINK_STEP:
+                    # each unlink starts a tombstone task, whose first step runs in the loop's
+                    # next round: a few hundred per round keep that round short
+                    stones |= tasks - before
+                    await asyncio.sleep(0)
+                    before = set(tasks)
+                if e.state == DEAD:  # deleted or replaced during an await
+                    continue
+                if k is None and e.key_in_ram:  # promoted during the await: its key is back
+                    k = e.key
+                if k is None:
+                    unreadable += 1
+                    self._unlink(e, tombstone=True)
+                elif self.index.get(e.ns, k) is e:
+                    self._unlink(e, tombstone=True, key=k)
+                else:
+                    continue
+                n += 1
+            deleted += n
+            self.counters["deletes"] += n
+            # backpressure: this step's tombstones are written before the next makes more
+            # (not demotions begun elsewhere: one waiting for space would hold every step)
+            stones |= tasks - before
+            if stones:
+                await asyncio.wait(stones, timeout=TOMBSTONE_WAIT)
+            await asyncio.sleep(0)  # and the loop serves others even when none were needed
+        if unreadable:
+            log.warning("delete_all: %d NVMe-only objects removed without a tombstone: their "
+                        "record headers and region summaries no longer verify", unreadable)
+        return DeleteAllResult(deleted, unreadable, newer)
+
+    async def keys_async(self, ns: bytes | None = None) -> list[tuple[bytes, bytes]]:
+        """``keys`` without a synchronous header read per NVMe-only object: walked in steps,
+        keyless keys read in bulk per region. Objects changed during the walk may or may not
+        be listed; unreadable ones are left out (logged)."""
+        out = []
+        unreadable = 0
+        for chunk in self._walk_chunks(ns):
+            for e, k in zip(chunk, await self._keys_of(chunk)):
+                if k is None:
+                    unreadable += 1
+                else:
+                    out.append((e.ns, k))
+            await asyncio.sleep(0)
+        if unreadable:
+            log.warning("%d NVMe-only objects left out of a key listing: their keys are no "
+                        "longer readable", unreadable)
+        return out
+
+    async def sample_keys(self, ns: bytes | None, limit: int) -> list[tuple[Entry, bytes]]:
+        """``sample`` with each entry's key: a keyless (NVMe-only) entry's is read in bulk
+        (``NvmeTier.keys_at``) rather than one synchronous header read each; one whose key
+        cannot be read, or that was deleted during the read, is left out."""
+        entries = self.sample(ns, limit)
+        keys = await self._keys_of(entries)
+        return [(e, k) for e, k in zip(entries, keys) if k is not None and e.state != DEAD]
+
+    def _walk_chunks(self, ns: bytes | None) -> Iterator[list[Entry]]:
+        """The entries of ``ns`` (None: all) in lists of ``WALK_CHUNK``; the index may change
+        between lists. The packed index's walk is a cursor over record numbers that reads
+        the record count at each step (a record removed is skipped; an entry keeps its
+        record while held, and a record reused behind the cursor is a newer object); the
+        dict index's is snapshotted first (a list of references: cheap, and every key is
+        in RAM)."""
+        it = self.index.iterate(ns)
+        if self.index.kind != "packed":
+            it = iter(list(it))
+        while True:
+            chunk = list(islice(it, WALK_CHUNK))
+            if not chunk:
+                return
+            if ns is not None:  # a namespace id freed and reused by another during the walk
+                chunk = [e for e in chunk if e.ns == ns]
+            yield chunk
+
+    async def _keys_of(self, entries: list[Entry]) -> list[bytes | None]:
+        """The key of each of ``entries``: from RAM, else (keyless) from NVMe in one bulk
+        ``keys_at``; None where it cannot be read."""
+        out: list[bytes | None] = [None] * len(entries)
+        keyless = []
+        for i, e in enumerate(entries):
+            if e.key_in_ram:
+                out[i] = e.key
+            elif e.nvme is not None:
+                keyless.append(i)
+        if keyless and self.nvme is not None:
+            got = await self.nvme.keys_at([entries[i].nvme for i in keyless])
+            for i, g in zip(keyless, got):
+                e = entries[i]
+                if g is not None and g[0] == e.ns:
+                    out[i] = g[1]
+                elif e.key_in_ram:  # promoted meanwhile
+                    out[i] = e.key
+        return out
+
     def sample(self, ns: bytes | None, limit: int) -> list[Entry]:
-        """Up to ``limit`` committed entries (dict order), optionally of one namespace."""
+        """Up to ``limit`` committed entries (dict order), optionally of one namespace
+        (reading ``key`` of a keyless one costs a header read: see ``sample_keys``)."""
         out = []
         for e in self.index.iterate(ns):
             if not e.unverified:
@@ -427,8 +572,10 @@ class Store(RepairHooks):
 
     def keys(self, ns: bytes | None = None) -> list[tuple[bytes, bytes]]:
         """A snapshot of (namespace, key) of every object, optionally of one namespace.
+        For tests and small stores: on a big NVMe tier use ``keys_async``.
 
-        An NVMe-only object's key is read from its record header (one read each); one
+        An NVMe-only object's key is read from its record header (one synchronous read
+        each); one
         whose header no longer verifies is left out and counted in the log (a restart's
         scan skips that record too)."""
         out = []
@@ -478,7 +625,11 @@ class Store(RepairHooks):
             self.index.restore_key(e, key)
         self.index.remove(e)
         if self.observer is not None:
-            self.observer.removed(e)
+            try:
+                self.observer.removed(e)
+            except LookupError:  # a keyless entry whose key is unreadable: no KV event names it
+                log.warning("removed an NVMe-only object whose key is unreadable: no KV event "
+                            "sent for it")
         e.state = DEAD
         self.tiering.removed(e, tombstone)
         if e.offset >= 0:
