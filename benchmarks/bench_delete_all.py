@@ -12,7 +12,9 @@ longest gap between its wake-ups, the mode runs:
     read per keyless object, then ``Store.delete`` per namespace), on the loop;
   * ``keys``: only the old ``Store.keys()`` walk (read-only; the old code's dominant part);
   * ``new``: ``await Store.delete_all()`` (keys read per region in bulk, steps of
-    WALK_CHUNK entries, each step's tombstones written before the next).
+    WALK_CHUNK entries, each step's tombstones written before the next);
+  * ``list-old`` / ``list-new``: the List RPC's largest page (10,000 objects) read the
+    old way (``Store.sample`` then ``.key`` of each) and the new (``Store.sample_keys``).
 
 After a deleting mode the Store is closed and reopened: the objects recovered must be 0
 (the tombstones hold). The tier file is deleted at the end of each mode.
@@ -103,6 +105,10 @@ async def timed(store, mode: str) -> dict:
             by_ns.setdefault(ns, []).append(key)
         n = sum(store.delete(ns, keys) for ns, keys in by_ns.items())
         unreadable = 0
+    elif mode == "list-old":  # what List did: sample, then .key of each (sync reads)
+        n, unreadable = len([e.key for e in store.sample(None, 10000)]), 0
+    elif mode == "list-new":
+        n, unreadable = len(await store.sample_keys(None, 10000)), 0
     else:  # keys
         n, unreadable = len(store.keys(None)), 0
     t1, c1 = time.perf_counter(), time.process_time()
@@ -134,7 +140,7 @@ def run_mode(directory: str, mode: str, records: int, size: int) -> dict:
                 store.close()
         out = asyncio.run(go())
         out.update(fill_s=fill_s, open_s=open_s, keyless=keyless, load_avg=os.getloadavg()[0])
-        if mode != "keys":
+        if mode in ("old", "new"):
             again = open_store(path, records, size)
             out["recovered_after"] = again.object_count()
             again.close()
@@ -149,7 +155,7 @@ def main(argv=None) -> int:
     ap.add_argument("--objects", type=int, default=100_000)
     ap.add_argument("--value", type=int, default=512, help="bytes per object")
     ap.add_argument("--dir", default=tempfile.gettempdir())
-    ap.add_argument("--mode", default="old,new", help="comma list of old, keys, new")
+    ap.add_argument("--mode", default="old,new", help="comma list of old, keys, new, list-old, list-new")
     ap.add_argument("--json")
     args = ap.parse_args(argv)
     work = tempfile.mkdtemp(prefix="bench-delete-all-", dir=args.dir)

@@ -51,7 +51,7 @@ LOAD_ATTEMPTS = 4  # promotions of one get evicted before it read them: then NoS
 # the loop serve between steps: one step's CPU (unlinks, a region summary parsed for the
 # keyless keys) stays in the tens of ms at 2048 (benchmarks/bench_delete_all.py).
 WALK_CHUNK = 2048
-UNLINK_STEP = 256  # delete_all yields after this many unlinks (and tombstone tasks started)
+UNLINK_STEP = 256  # delete_all unlinks this many, then waits for their tombstones
 TOMBSTONE_WAIT = 30.0  # s: delete_all waits this long at most for a step's tombstones
 
 
@@ -429,8 +429,9 @@ class Store(RepairHooks):
         held (unverified) ones too, without stalling the loop: the index is walked
         ``WALK_CHUNK`` entries at a time, the keys of a step's keyless (NVMe-only) entries
         are read in bulk (``NvmeTier.keys_at``: a region's summary once, not one header
-        read each), and each step waits (bounded) for its tombstones to be written before
-        the next, so deletes of millions of objects queue neither tasks nor memory.
+        read each), and every ``UNLINK_STEP`` unlinks wait (bounded) for their tombstones
+        to be written before the next, so deletes of millions of objects queue neither
+        tasks nor memory.
 
         Deletes stay deleted across a restart: each one writes the usual tombstone.
 
@@ -443,7 +444,9 @@ class Store(RepairHooks):
         A keyless entry whose key cannot be read (its header and its region's summary
         no longer verify) is still removed from the index, counted in ``unreadable`` and
         logged once per call; it gets no tombstone (none can name it), which is safe
-        because recovery cannot index a record it cannot read either."""
+        because recovery cannot index a record it cannot read either (a read the device
+        failed is the exception: that object may come back at a restart, as may any
+        delete whose tombstone write fails)."""
         start = time.time()
         deleted = unreadable = newer = 0
         for chunk in self._walk_chunks(ns):
@@ -454,41 +457,47 @@ class Store(RepairHooks):
                 else:
                     todo.append(e)
             keys = await self._keys_of(todo)
-            tasks = self.tiering._tasks  # the tier's tasks in flight (demotions, tombstones)
-            stones: set = set()  # those this step started
-            before = set(tasks)
-            n = 0
-            for j, (e, k) in enumerate(zip(todo, keys)):
-                if j and not j % UNLINK_STEP:
-                    # each unlink starts a tombstone task, whose first step runs in the loop's
-                    # next round: a few hundred per round keep that round short
-                    stones |= tasks - before
-                    await asyncio.sleep(0)
-                    before = set(tasks)
-                if e.state == DEAD:  # deleted or replaced during an await
-                    continue
-                if k is None and e.key_in_ram:  # promoted during the await: its key is back
-                    k = e.key
-                if k is None:
-                    unreadable += 1
-                    self._unlink(e, tombstone=True)
-                elif self.index.get(e.ns, k) is e:
-                    self._unlink(e, tombstone=True, key=k)
-                else:
-                    continue
-                n += 1
-            deleted += n
-            self.counters["deletes"] += n
-            # backpressure: this step's tombstones are written before the next makes more
-            # (not demotions begun elsewhere: one waiting for space would hold every step)
-            stones |= tasks - before
-            if stones:
-                await asyncio.wait(stones, timeout=TOMBSTONE_WAIT)
-            await asyncio.sleep(0)  # and the loop serves others even when none were needed
+            for j in range(0, len(todo), UNLINK_STEP):
+                n, bad = await self._delete_step(todo[j:j + UNLINK_STEP], keys[j:j + UNLINK_STEP])
+                deleted += n
+                unreadable += bad
         if unreadable:
             log.warning("delete_all: %d NVMe-only objects removed without a tombstone: their "
                         "record headers and region summaries no longer verify", unreadable)
         return DeleteAllResult(deleted, unreadable, newer)
+
+    async def _delete_step(self, entries: list[Entry], keys: list) -> tuple[int, int]:
+        """Unlink ``entries`` (``keys``: theirs, None where unreadable) that are still the
+        ones indexed, then wait (bounded) for the tombstones they started: (deleted,
+        unreadable)."""
+        tasks = self.tiering._tasks  # the tier's tasks in flight (demotions, tombstones)
+        before = set(tasks)
+        n = bad = 0
+        for e, k in zip(entries, keys):
+            if e.state == DEAD:  # deleted or replaced during an await
+                continue
+            if k is None and e.key_in_ram:  # promoted during the await: its key is back
+                k = e.key
+            if k is None:
+                bad += 1
+                self._unlink(e, tombstone=True)
+            elif self.index.get(e.ns, k) is e:
+                self._unlink(e, tombstone=True, key=k)
+            else:
+                continue
+            n += 1
+        self.counters["deletes"] += n
+        # Backpressure: these tombstones are written before more are made, so a few hundred
+        # at most are in flight: their tasks' steps and their writes' completions then share
+        # a loop round with few others (a round of thousands was a stall of ~0.1-0.4 s), and
+        # no more buffers are held than that. Not demotions begun elsewhere: one waiting for
+        # space would hold every step.
+        stones = tasks - before
+        if stones:
+            await asyncio.wait(stones, timeout=TOMBSTONE_WAIT)
+        else:
+            await asyncio.sleep(0)  # the loop serves others even when none were needed
+        return n, bad
 
     async def keys_async(self, ns: bytes | None = None) -> list[tuple[bytes, bytes]]:
         """``keys`` without a synchronous header read per NVMe-only object: walked in steps,
