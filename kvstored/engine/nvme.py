@@ -609,10 +609,21 @@ class NvmeTier:
         if seq is None:
             seq = self.next_seq()
         entry_len = SUMMARY_ENTRY.size + len(ns) + len(key)
-        r = await self._region_for(slot_size if not tombstone else 0, rec_len, entry_len)
+        # A header block first, waiting while all are in flight (HeaderPool: the bound on
+        # appends in flight). Not for the tombstones a region's carry writes: the appends
+        # that hold blocks may be waiting for that very carry (_region_for), so those take
+        # one if free, else map their own.
+        hdr = self.headers.take() if _CARRYING.get() else await self.headers.take_wait()
+        try:
+            r = await self._region_for(slot_size if not tombstone else 0, rec_len, entry_len)
+        except BaseException:
+            if hdr is not None:
+                self.headers.give(hdr[0])
+            raise
         if r is None:
+            if hdr is not None:
+                self.headers.give(hdr[0])
             raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
-        hdr = self.headers.take()
         block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
         data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at,
                              self.dev.seed)
@@ -662,8 +673,8 @@ class NvmeTier:
             return False
         hdr = None
         if expect is not None:
-            hdr = self.headers.take()
-            block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
+            hdr = await self.headers.take_wait()
+            block = hdr[1]
             bufs = [block, dest]
         else:
             bufs = [dest]

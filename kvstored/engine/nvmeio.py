@@ -35,12 +35,19 @@ BLOCK = 4096
 
 
 class HeaderPool:
-    """4 KiB aligned header blocks for O_DIRECT writes (anonymous mmap is page aligned)."""
+    """4 KiB aligned header blocks for O_DIRECT writes (anonymous mmap is page aligned).
+
+    ``take_wait`` also bounds the I/O in flight: a caller that finds every block in use
+    waits for one, so a burst of tens of thousands of tombstones (a large Delete, an admin
+    DeleteAll) holds ``count`` blocks, not one mapping each: a mapping per record ran into
+    the kernel's ``vm.max_map_count`` (65,530 by default) and failed with ENOMEM."""
 
     def __init__(self, count: int):
         self.mm = mmap.mmap(-1, count * BLOCK)
         self.view = memoryview(self.mm)
         self.free = list(range(count))
+        self._waiters: collections.deque[asyncio.Future] = collections.deque()
+        self.waits = 0  # takes that had to wait (tier stats: header_waits)
 
     def take(self) -> tuple[int, memoryview] | None:
         if not self.free:
@@ -48,8 +55,35 @@ class HeaderPool:
         i = self.free.pop()
         return i, self.view[i * BLOCK:(i + 1) * BLOCK]
 
+    async def take_wait(self) -> tuple[int, memoryview]:
+        """A block, waiting (first come, first served) while all are in use."""
+        hdr = self.take() if not self._waiters else None
+        if hdr is not None:
+            return hdr
+        self.waits += 1
+        while True:
+            fut = asyncio.get_running_loop().create_future()
+            self._waiters.append(fut)
+            try:
+                await fut
+            except BaseException:
+                if fut.done() and not fut.cancelled():
+                    self._wake()  # woken, then cancelled: the block goes to the next waiter
+                raise
+            hdr = self.take()
+            if hdr is not None:
+                return hdr
+
     def give(self, i: int) -> None:
         self.free.append(i)
+        self._wake()
+
+    def _wake(self) -> None:
+        while self._waiters:
+            w = self._waiters.popleft()
+            if not w.done():
+                w.set_result(None)
+                return
 
 
 class ThreadBackend:

@@ -470,8 +470,7 @@ class Store(RepairHooks):
         """Unlink ``entries`` (``keys``: theirs, None where unreadable) that are still the
         ones indexed, then wait (bounded) for the tombstones they started: (deleted,
         unreadable)."""
-        tasks = self.tiering._tasks  # the tier's tasks in flight (demotions, tombstones)
-        before = set(tasks)
+        before = self.tiering.tasks_in_flight()
         n = bad = 0
         for e, k in zip(entries, keys):
             if e.state == DEAD:  # deleted or replaced during an await
@@ -492,7 +491,7 @@ class Store(RepairHooks):
         # a loop round with few others (a round of thousands was a stall of ~0.1-0.4 s), and
         # no more buffers are held than that. Not demotions begun elsewhere: one waiting for
         # space would hold every step.
-        stones = tasks - before
+        stones = self.tiering.tasks_in_flight() - before
         if stones:
             await asyncio.wait(stones, timeout=TOMBSTONE_WAIT)
         else:

@@ -369,6 +369,11 @@ class Tiering:
                 e.refs -= 1
         return written, ""
 
+    def tasks_in_flight(self) -> set[asyncio.Task]:
+        """A snapshot of the demotions and tombstone writes in flight: a caller that starts
+        some can wait for exactly those (Store.delete_all's backpressure)."""
+        return set(self._tasks)
+
     async def drain_tasks(self, timeout: float) -> None:
         """Let demotions and tombstones in flight finish (bounded)."""
         if self._tasks:

@@ -640,3 +640,53 @@ def test_concurrent_puts_overwrites_and_deletes_under_reclaim_never_resurrect(tm
             s.close()
     asyncio.run(first())
     asyncio.run(second())
+
+
+def _mappings() -> int:
+    with open("/proc/self/maps") as f:
+        return sum(1 for _ in f)
+
+
+def test_a_burst_of_tombstones_waits_for_header_blocks_not_one_mapping_each(tmp_path):
+    """One Delete of 3,000 NVMe objects starts 3,000 tombstone writes at once: they wait for
+    the tier's header blocks (a bounded pool) instead of mapping a page each (a mapping per
+    record reached vm.max_map_count past ~65 k and failed with ENOMEM); every deletion is on
+    NVMe after it, so none of them comes back at a restart."""
+    path = tmp_path / "t.dat"
+    n = 3000
+    small = [bytes([i % 251]) * 4096 for i in range(n)]
+
+    async def first():
+        s = make_store(path, dram=32 * MiB)
+        try:
+            for i in range(n):
+                s.put_bytes(NS, b"k%d" % i, small[i])
+            await s.flush_to_nvme(30)
+            await settle(s)
+            tier = s.tiering.nvme
+            before, peak = _mappings(), 0
+            assert s.delete(NS, [b"k%d" % i for i in range(n)]) == n
+            for _ in range(2000):  # bounded: the tombstones finish in well under this
+                peak = max(peak, _mappings() - before)
+                if not s.tiering.tasks_in_flight():
+                    break
+                await asyncio.sleep(0.001)
+            await settle(s)
+            assert peak < 256, f"{peak} new mappings while the tombstones were written"
+            assert tier.headers.waits > 0  # the pool bounded them
+            assert tier.stats()["tombstones"] >= n
+        finally:
+            s.close()
+
+    async def second():
+        s = make_store(path, dram=32 * MiB)
+        try:
+            for i in range(0, n, 97):
+                with pytest.raises(NotFound):
+                    await read(s, b"k%d" % i)
+            assert s.object_count() == 0
+        finally:
+            await settle(s)
+            s.close()
+    asyncio.run(first())
+    asyncio.run(second())
