@@ -215,7 +215,7 @@ class TcpChannel(DataChannel):
             return raise_first(self.put(ns, [(k, joined(p)) for k, p, _n in items], overwrite))
         order: dict[int, int] = {}
         self.send(self.put_frames(ns, items, overwrite, order))
-        return self._collect(order, None, False, None)
+        return self.put_answers(order)
 
     def get_batch(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool, alloc) -> list:
         if not self.frames_get(None if dests is None else [len(d) for d in dests]):
@@ -260,6 +260,11 @@ class TcpChannel(DataChannel):
             bufs.append(encode_request(OP_PUT, rid, ns, k, n, checksum_parts(parts), flags, self.epoch))
             bufs += parts
         return bufs
+
+    def put_answers(self, order: dict[int, int]) -> list[bool]:
+        """The answers to the PUTs ``put_frames`` numbered in ``order`` (True stored, False
+        identical already there), read in any order; raises the first error after all."""
+        return self._collect(order, None, False, None)
 
     def send(self, buffers: list) -> None:
         """sendmsg all buffers (gathered, no copy), handling partial sends."""

@@ -269,7 +269,8 @@ class _Fanout:
             if left <= 0:
                 for st in waiting.values():
                     self._failed(st, errors.Timeout(
-                        f"node {st.m.node_id} took no data for {self.w.node_timeout}s"), drop=True)
+                        f"node {st.m.node_id} did not take the batch's requests within "
+                        f"{self.w.node_timeout}s"), drop=True)
                 break
             p = select.poll()
             for fd in waiting:
@@ -288,7 +289,7 @@ class _Fanout:
             if st.out:
                 conn.send(st.out)
                 st.out.clear()
-            results = conn._collect(dict(st.order), None, False, None)
+            results = conn.put_answers(dict(st.order))
         except errors.Conflict:
             self._retry_on_pool(st)  # another fragment of the same object, or a real Conflict
             return
