@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import mmap
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -25,6 +24,7 @@ from .arena import SLOT_ALIGN
 from .entries import DEAD, Entry
 from .nvme import KeyMismatch
 from .nvmeformat import DATA_START, FLAG_TOMBSTONE, FLAGS as _FLAGS, KEY as _KEY, NS as _NS, REL as _REL
+from .nvmeio import HeaderPool
 from .nvmescan import gc_paused
 
 if TYPE_CHECKING:
@@ -55,6 +55,11 @@ class Tiering:
         # (its header holds the other key) must not become the other's
         self._loading: dict[tuple[int, bytes], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()
+        # Aligned pages for objects under 4 KiB (their arena slots are not page aligned, and
+        # O_DIRECT wants aligned buffers): demotions and promotions of such objects share
+        # these and wait for one, so a burst of thousands holds BOUNCE_PAGES pages, not a
+        # mapping each (vm.max_map_count: see nvmeio.HeaderPool).
+        self._bounce = HeaderPool(BOUNCE_PAGES) if nvme is not None else None
         if nvme is not None:
             # before any record (recovery adds them later): Locations pack on any drive size
             index.use_nvme_geometry(DATA_START, nvme.dev.region_size)
@@ -85,13 +90,17 @@ class Tiering:
         self._spawn(self._demote(e, self.nvme.next_seq()))
 
     async def _demote(self, e: Entry, seq: int) -> None:
+        page = None
         try:
-            loc = await self.nvme.append(e.ns, e.key, self._nvme_payload(e), e.size, e.checksum,
+            payload, page = await self._nvme_payload(e)
+            loc = await self.nvme.append(e.ns, e.key, payload, e.size, e.checksum,
                                          _nvme_slot(e), e.committed_at, seq=seq)
         except OSError as err:
             loc = None
             log.warning("demotion failed (%s); object dropped from DRAM instead", err)
         finally:
+            if page is not None:
+                self._bounce.give(page)
             self.dram.demoting_bytes -= e.size
         e.refs -= 1
         if e.state == DEAD:  # deleted or overwritten meanwhile
@@ -108,15 +117,17 @@ class Tiering:
         if e.refs == 0 and e.offset >= 0:
             self.dram.drop_copy(e)
 
-    def _nvme_payload(self, e: Entry) -> memoryview:
+    async def _nvme_payload(self, e: Entry) -> tuple[memoryview, int | None]:
         """The object's bytes as the NVMe tier writes them (O_DIRECT): page aligned, whole
-        pages. Sub-page slots are not page aligned, so they are copied to a bounce page."""
+        pages, and the bounce page to give back (None: none was needed). Sub-page slots
+        are not page aligned, so they are copied to a bounce page."""
         view = self.dram.arena.view
         if e.sc.slot_size >= SLOT_ALIGN:
-            return view[e.offset:e.offset + _align(e.size)]
-        page = memoryview(mmap.mmap(-1, _align(e.size)))
+            return view[e.offset:e.offset + _align(e.size)], None
+        i, page = await self._bounce.take_wait()
         page[:e.size] = view[e.offset:e.offset + e.size]
-        return page
+        page[e.size:] = bytes(len(page) - e.size)  # a reused page: no other object's bytes on disk
+        return page[:_align(e.size)], i
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -166,13 +177,16 @@ class Tiering:
         self._loading[(id(e), key)] = fut
         e.refs += 1  # keeps its region from being reclaimed while we read
         dram = self.dram
-        off = None
+        off = page = None
         try:
             off = await dram.alloc_wait(e.sc)
             loc = e.nvme
             small = e.sc.slot_size < SLOT_ALIGN  # not page aligned: read through a bounce page
-            dest = memoryview(mmap.mmap(-1, _align(e.size))) if small else \
-                dram.arena.view[off:off + _align(e.size)]
+            if small:
+                page, dest = await self._bounce.take_wait()
+                dest = dest[:_align(e.size)]
+            else:
+                dest = dram.arena.view[off:off + _align(e.size)]
             try:
                 # a keyless entry was matched by fingerprint: the header must hold ``key``
                 ok = loc is not None and await self.nvme.read(
@@ -209,6 +223,8 @@ class Tiering:
             fut.exception()  # retrieved here; waiters re-raise their own
             raise
         finally:
+            if page is not None:
+                self._bounce.give(page)
             del self._loading[(id(e), key)]
             self._release(e)
 
@@ -355,8 +371,10 @@ class Tiering:
             if e.state == DEAD or e.nvme is not None:
                 continue
             e.refs += 1
+            page = None
             try:
-                loc = await self.nvme.append(e.ns, e.key, self._nvme_payload(e), e.size,
+                payload, page = await self._nvme_payload(e)
+                loc = await self.nvme.append(e.ns, e.key, payload, e.size,
                                              e.checksum, _nvme_slot(e), e.committed_at)
                 if e.state == DEAD:  # deleted meanwhile: its tombstone came later
                     self.nvme.forget(loc, e.ns, e.key)
@@ -366,6 +384,8 @@ class Tiering:
             except OSError as err:
                 return written, f"NVMe tier full or failing ({err.strerror or err})"
             finally:
+                if page is not None:
+                    self._bounce.give(page)
                 e.refs -= 1
         return written, ""
 
@@ -394,6 +414,9 @@ _FLUSH_PASSES = 4  # ~1 s per walk of 10 M packed entries; the flush has 60 s
 
 def _most_read(e: Entry) -> int:
     return -e.reads
+
+
+BOUNCE_PAGES = 64  # aligned pages shared by the demotions and promotions of sub-page objects
 
 
 def _align(n: int, a: int = 4096) -> int:

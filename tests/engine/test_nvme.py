@@ -690,3 +690,41 @@ def test_a_burst_of_tombstones_waits_for_header_blocks_not_one_mapping_each(tmp_
             s.close()
     asyncio.run(first())
     asyncio.run(second())
+
+
+def test_a_burst_of_small_demotions_holds_a_bounded_set_of_bounce_pages(tmp_path):
+    """Objects under 4 KiB are not page aligned in the arena, so a demotion copies one to an
+    aligned bounce page (and a promotion reads one back through a page). Thousands of
+    them at once share a bounded set of pages instead of mapping one each; every object
+    reads back."""
+    path = tmp_path / "t.dat"
+    n = 3000
+    small = {b"s%d" % i: bytes([i % 251]) * 1000 for i in range(n)}
+
+    async def run():
+        s = make_store(path, dram=2 * MiB)
+        try:
+            before, peak = _mappings(), 0
+            done = False
+
+            async def watch():
+                nonlocal peak
+                while not done:
+                    peak = max(peak, _mappings() - before)
+                    await asyncio.sleep(0.001)
+
+            w = asyncio.get_running_loop().create_task(watch())
+            items = list(small.items())
+            for i in range(0, n, 200):  # waves: each put waits (bounded) for DRAM to free up
+                await asyncio.gather(*(put(s, k, v) for k, v in items[i:i + 200]))
+            await settle(s)
+            done = True
+            await w
+            assert peak < 400, f"{peak} new mappings during {n} small demotions"
+            assert s.tiering.nvme.stats()["bytes_written"] >= 2 * 4096 * (n // 2)  # most were demoted
+            got = await asyncio.gather(*(read(s, k) for k in list(small)[:400]))
+            assert got == list(small.values())[:400]
+        finally:
+            await settle(s)
+            s.close()
+    asyncio.run(run())
