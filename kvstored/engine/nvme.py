@@ -616,14 +616,12 @@ class NvmeTier:
         hdr = self.headers.take() if _CARRYING.get() else await self.headers.take_wait()
         try:
             r = await self._region_for(slot_size if not tombstone else 0, rec_len, entry_len)
+            if r is None:
+                raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
         except BaseException:
             if hdr is not None:
                 self.headers.give(hdr[0])
             raise
-        if r is None:
-            if hdr is not None:
-                self.headers.give(hdr[0])
-            raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
         block = hdr[1] if hdr else memoryview(mmap.mmap(-1, BLOCK))
         data = record_header(ns, key, r.generation, seq, length, checksum, tombstone, committed_at,
                              self.dev.seed)

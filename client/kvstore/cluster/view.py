@@ -146,21 +146,32 @@ class MemberView:
     def _node(self, member: Member, op: str, *args, **kw):
         """One call on one node; an unreachable node is marked down for ``down_s`` and
         skipped (Unavailable at once) until then."""
-        until = self._down.get(member.node_id)
-        if until is not None:
-            if time.monotonic() < until:
-                raise errors.Unavailable(f"node {member.node_id} marked down")
-            self._down.pop(member.node_id, None)
+        if self._is_down(member):
+            raise errors.Unavailable(f"node {member.node_id} marked down")
         try:
             return getattr(self.client(member), op)(*args, **kw)
         except errors.Redirect:
             raise
         except errors.Unavailable:
-            self._down[member.node_id] = time.monotonic() + self.down_s
+            self._mark_down(member)
             raise
         except OSError as e:
-            self._down[member.node_id] = time.monotonic() + self.down_s
+            self._mark_down(member)
             raise errors.Unavailable(f"node {member.node_id}: {e}") from None
+
+    def _is_down(self, member: Member) -> bool:
+        """Whether the node is skipped now (a mark that expired is dropped)."""
+        until = self._down.get(member.node_id)
+        if until is None:
+            return False
+        if time.monotonic() < until:
+            return True
+        self._down.pop(member.node_id, None)
+        return False
+
+    def _mark_down(self, member: Member) -> None:
+        """Skip the node for ``down_s``: it failed a call (or took a batch's requests too slowly)."""
+        self._down[member.node_id] = time.monotonic() + self.down_s
 
     def _submit(self, member: Member, op: str, *args, **kw):
         return self._pool.submit(self._node, member, op, *args, **kw)

@@ -233,8 +233,7 @@ class _Fanout:
     def _channel(self, m: Member):
         """This thread's channel of the node, if it can take non-blocking sends; None means
         the thread pool's path (which also reports a node that is down or unreachable)."""
-        until = self.w._down.get(m.node_id)
-        if until is not None and time.monotonic() < until:
+        if self.w._is_down(m):
             return None
         try:
             conn = self.w.client(m)._channel_here()
@@ -328,7 +327,7 @@ class _Fanout:
         """The node's jobs fail with ``e``; an Unavailable (a Timeout too) marks the node
         down, as ``MemberView._node`` does, so the batch is written again without it."""
         if isinstance(e, errors.Unavailable) and not isinstance(e, errors.Redirect):
-            self.w._down[st.m.node_id] = time.monotonic() + self.w.down_s
+            self.w._mark_down(st.m)
         if drop and st.conn is not None:
             st.client._drop(st.conn)
             st.conn = None
