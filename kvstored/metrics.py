@@ -122,6 +122,11 @@ _TIER_FAMILIES = (
     ("kvstored_tier_key_mismatches", "Reads of an NVMe-only object whose record held another "
      "key (the index keeps only a fingerprint of such keys): a miss, never served.",
      "key_mismatches", "counter"),
+    ("kvstored_tier_header_waits", "NVMe reads and writes that waited for one of the tier's "
+     "header blocks (the bound on its I/O in flight): a burst larger than that bound.",
+     "header_waits", "counter"),
+    ("kvstored_tier_bounce_waits", "Demotions and promotions of sub-page objects that waited "
+     "for one of the shared aligned bounce pages.", "bounce_waits", "counter"),
     ("kvstored_tier_regions_free", "Regions of the tier not holding data.", "regions_free", "gauge"),
     ("kvstored_tier_io_backend_fallback", "1 when the tier runs on pread/pwrite threads because "
      "io_uring was refused.", "io_backend_fallback", "gauge"),

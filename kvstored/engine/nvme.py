@@ -897,6 +897,7 @@ class NvmeTier:
             "regions_total": self.dev.nregions,
             "regions_free": sum(1 for r in self.regions if r.state == "free"),
             "region_size": self.dev.region_size,
+            "header_waits": self.headers.waits,
             **self.counters,
         }
 

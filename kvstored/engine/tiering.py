@@ -403,7 +403,8 @@ class Tiering:
         if self.nvme is None:
             return None
         return {"name": "nvme", "io_backend": self.nvme.io_backend,
-                "io_backend_reason": self.nvme.io_backend_reason, **self.nvme.stats()}
+                "io_backend_reason": self.nvme.io_backend_reason,
+                "bounce_waits": self._bounce.waits, **self.nvme.stats()}
 
 
 # The shutdown flush holds at most about max(_FLUSH_CHUNK, objects / _FLUSH_PASSES)

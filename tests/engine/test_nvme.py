@@ -674,6 +674,8 @@ def test_a_burst_of_tombstones_waits_for_header_blocks_not_one_mapping_each(tmp_
             await settle(s)
             assert peak < 256, f"{peak} new mappings while the tombstones were written"
             assert tier.headers.waits > 0  # the pool bounded them
+            # and operators see it: the tier's stats (kvstored_tier_header_waits_total)
+            assert s.tier_stats()[1]["header_waits"] == tier.headers.waits
             assert tier.stats()["tombstones"] >= n
         finally:
             s.close()
@@ -722,6 +724,8 @@ def test_a_burst_of_small_demotions_holds_a_bounded_set_of_bounce_pages(tmp_path
             await w
             assert peak < 400, f"{peak} new mappings during {n} small demotions"
             assert s.tiering.nvme.stats()["bytes_written"] >= 2 * 4096 * (n // 2)  # most were demoted
+            # more than BOUNCE_PAGES at once waited, and the tier's stats say how many did
+            assert s.tier_stats()[1]["bounce_waits"] > 0
             got = await asyncio.gather(*(read(s, k) for k in list(small)[:400]))
             assert got == list(small.values())[:400]
         finally:
