@@ -2027,6 +2027,354 @@ static PyTypeObject TableType = {
     .tp_as_sequence = &Table_seq,
 };
 
+/* ------------------------------------------------------------------- Ghost */
+
+/* The eviction policy's ghost (kvstored/engine/eviction.py): the 64-bit digests
+   (hash((ns, key)), masked) of evicted keys, oldest first, each with the list it left
+   (0..2). A Python dict of int -> int cost ~70 B per key (the int object, the dict
+   entry and its index, over-allocated); this is 9 B of ring slot (digest + origin
+   byte) and a u32 probe slot at <= 3/4 load per key (docs/scale.md, "The ghost").
+
+   The ring is circular: appends at lo + used, trims from lo, so a ghost held at its
+   limit (one eviction in, the oldest key out) neither grows nor moves. A pop or a
+   re-add (which moves a key to the newest end, as the dict's pop + set did) leaves a
+   dead slot behind; dead slots at the oldest end are stepped over, the others go when
+   a full ring is compacted. The probe table holds ring slot + 1 (0: empty), probed
+   linearly from a seeded mix of the digest, reduced to the table's size by a multiply
+   (any size, not only powers of two: a table sized to its count, not to the next
+   power of two). Both are rebuilt smaller when the count falls to a quarter of what
+   they were sized for, so a ghost whose limit shrank gives its memory back. */
+
+#define G_DEAD 0xFF                 /* origin byte of a dead ring slot */
+#define G_MINCAP 64u                /* ring slots at least */
+#define G_MINTAB 96u                /* probe slots at least */
+#define G_MAXLIVE 0xB0000000u       /* digests at most: the table (u32 slots) stays <= 3/4 full */
+
+typedef struct {
+    PyObject_HEAD
+    uint64_t seed;
+    uint64_t *dig;       /* ring: digests */
+    uint8_t *org;        /* ring: origins, G_DEAD: popped or moved to the newest end */
+    uint32_t cap, lo, used;  /* ring slots; the oldest (always live when used > 0); slots from lo in use */
+    uint32_t *slots;     /* probe table: ring slot + 1, 0 = empty */
+    uint32_t tcap;       /* probe slots (0: none yet) */
+    uint32_t count;      /* live digests */
+    uint64_t n[3];       /* live digests by origin */
+} Ghost;
+
+static PyTypeObject GhostType;
+
+static inline uint32_t g_home(const Ghost *g, uint64_t d, uint32_t tcap) {
+    return (uint32_t)(((mix(d ^ g->seed) >> 32) * (uint64_t)tcap) >> 32);
+}
+
+static inline uint32_t g_ring(const Ghost *g, uint64_t k) {  /* ring slot k after lo */
+    uint64_t p = (uint64_t)g->lo + k;
+    return (uint32_t)(p >= g->cap ? p - g->cap : p);
+}
+
+/* Probe slot of digest d, or -1. */
+static int64_t g_find(const Ghost *g, uint64_t d) {
+    if (!g->tcap) return -1;
+    for (uint32_t i = g_home(g, d, g->tcap);; i = i + 1 == g->tcap ? 0 : i + 1) {
+        uint32_t s = g->slots[i];
+        if (!s) return -1;
+        if (g->dig[s - 1] == d) return i;
+    }
+}
+
+/* Probe slot holding ring slot p (which is live, so it is in the table). */
+static uint32_t g_find_pos(const Ghost *g, uint32_t p) {
+    uint32_t i = g_home(g, g->dig[p], g->tcap);
+    while (g->slots[i] != p + 1) i = i + 1 == g->tcap ? 0 : i + 1;
+    return i;
+}
+
+static void g_tput(uint32_t *slots, uint32_t tcap, uint32_t home, uint32_t p) {
+    uint32_t i = home;
+    while (slots[i]) i = i + 1 == tcap ? 0 : i + 1;
+    slots[i] = p + 1;
+}
+
+/* Backward-shift deletion, as slot_del (cyclic comparisons hold for any table size). */
+static void g_tdel(Ghost *g, uint32_t i) {
+    uint32_t j = i, m = g->tcap;
+    for (;;) {
+        j = j + 1 == m ? 0 : j + 1;
+        if (!g->slots[j]) break;
+        uint32_t k = g_home(g, g->dig[g->slots[j] - 1], m);
+        if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
+            g->slots[i] = g->slots[j];
+            i = j;
+        }
+    }
+    g->slots[i] = 0;
+}
+
+/* Probe slots for n digests: load 1/2 when (re)built, grown at 3/4. */
+static uint32_t g_tcap_for(uint64_t n) {
+    uint64_t t = 2 * n + 1;
+    if (t < G_MINTAB) t = G_MINTAB;
+    return t > 0xFFFFFFFFull ? 0xFFFFFFFFu : (uint32_t)t;
+}
+
+/* Ring slots for n digests: room for a quarter more before the next rebuild. */
+static uint32_t g_cap_for(uint64_t n) {
+    uint64_t c = n + n / 4 + 1;
+    if (c < G_MINCAP) c = G_MINCAP;
+    return c > 0xFFFFFFFEull ? 0xFFFFFFFEu : (uint32_t)c;
+}
+
+/* New ring of ncap slots (>= count) with the live digests first, in order, and a new
+   probe table of ntcap slots. -1 (MemoryError set) leaves the ghost as it was. */
+static int g_rebuild(Ghost *g, uint32_t ncap, uint32_t ntcap) {
+    uint64_t *nd = PyMem_RawMalloc((size_t)ncap * sizeof(uint64_t));
+    uint8_t *no = PyMem_RawMalloc(ncap);
+    uint32_t *ns = PyMem_RawCalloc(ntcap, sizeof(uint32_t));
+    if (!nd || !no || !ns) {
+        PyMem_RawFree(nd); PyMem_RawFree(no); PyMem_RawFree(ns);
+        PyErr_NoMemory();
+        return -1;
+    }
+    uint32_t w = 0;
+    for (uint32_t k = 0; k < g->used; k++) {
+        uint32_t p = g_ring(g, k);
+        if (g->org[p] == G_DEAD) continue;
+        nd[w] = g->dig[p];
+        no[w] = g->org[p];
+        g_tput(ns, ntcap, g_home(g, nd[w], ntcap), w);
+        w++;
+    }
+    PyMem_RawFree(g->dig); PyMem_RawFree(g->org); PyMem_RawFree(g->slots);
+    g->dig = nd; g->org = no; g->slots = ns;
+    g->cap = ncap; g->tcap = ntcap;
+    g->lo = 0; g->used = w;
+    return 0;
+}
+
+/* A bigger probe table, the ring as it is. */
+static int g_tgrow(Ghost *g, uint32_t ntcap) {
+    uint32_t *ns = PyMem_RawCalloc(ntcap, sizeof(uint32_t));
+    if (!ns) { PyErr_NoMemory(); return -1; }
+    for (uint32_t k = 0; k < g->used; k++) {
+        uint32_t p = g_ring(g, k);
+        if (g->org[p] != G_DEAD) g_tput(ns, ntcap, g_home(g, g->dig[p], ntcap), p);
+    }
+    PyMem_RawFree(g->slots);
+    g->slots = ns;
+    g->tcap = ntcap;
+    return 0;
+}
+
+/* Kill the live digest in ring slot p, whose probe slot is i. */
+static void g_kill(Ghost *g, uint32_t p, uint32_t i) {
+    g_tdel(g, i);
+    g->n[g->org[p]]--;
+    g->org[p] = G_DEAD;
+    g->count--;
+    while (g->used && g->org[g->lo] == G_DEAD) {  /* keep lo on a live slot */
+        g->lo = g->lo + 1 == g->cap ? 0 : g->lo + 1;
+        g->used--;
+    }
+}
+
+/* Give memory back once the count is a quarter of what the ring or table was sized
+   for (rebuilt for twice the count: a ghost going up and down does not rebuild on
+   every step). Best effort: without memory it keeps the bigger arrays. */
+static void g_maybe_shrink(Ghost *g) {
+    uint64_t c = g->count;
+    if ((g->cap > G_MINCAP && c * 4 < g->cap) || (g->tcap > G_MINTAB && c * 8 < g->tcap)) {
+        if (g_rebuild(g, g_cap_for(2 * c), g_tcap_for(c)) < 0) PyErr_Clear();
+    }
+}
+
+static int g_digest(PyObject *o, uint64_t *d) {
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "a ghost digest is an int, not %.80s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    *d = PyLong_AsUnsignedLongLongMask(o);  /* hash() is signed: its 64 bits, any int */
+    return *d == (uint64_t)-1 && PyErr_Occurred() ? -1 : 0;
+}
+
+static void g_drop_oldest(Ghost *g) {
+    uint32_t p = g->lo;
+    g_kill(g, p, g_find_pos(g, p));
+}
+
+static PyObject *Ghost_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    if (PyTuple_GET_SIZE(args) || (kw && PyDict_GET_SIZE(kw))) {
+        PyErr_SetString(PyExc_TypeError, "Ghost() takes no arguments");
+        return NULL;
+    }
+    Ghost *g = (Ghost *)type->tp_alloc(type, 0);
+    if (!g) return NULL;
+    if (getrandom(&g->seed, sizeof g->seed, GRND_NONBLOCK) != sizeof g->seed)
+        g->seed = (uint64_t)(uintptr_t)g ^ 0x13198A2E03707344ULL;
+    return (PyObject *)g;
+}
+
+static void Ghost_dealloc(Ghost *g) {
+    PyMem_RawFree(g->dig);
+    PyMem_RawFree(g->org);
+    PyMem_RawFree(g->slots);
+    Py_TYPE(g)->tp_free((PyObject *)g);
+}
+
+static PyObject *Ghost_add(Ghost *g, PyObject *const *args, Py_ssize_t n) {
+    uint64_t d;
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "add(digest, origin)");
+        return NULL;
+    }
+    if (g_digest(args[0], &d) < 0) return NULL;
+    if (!PyLong_Check(args[1])) {
+        PyErr_Format(PyExc_TypeError, "a ghost origin is an int, not %.80s", Py_TYPE(args[1])->tp_name);
+        return NULL;
+    }
+    int over = 0;
+    long o = PyLong_AsLongAndOverflow(args[1], &over);
+    if (o == -1 && PyErr_Occurred()) return NULL;
+    if (over || o < 0 || o > 2) {
+        PyErr_SetString(PyExc_ValueError, "a ghost origin is 0, 1 or 2");
+        return NULL;
+    }
+    if (g->count >= G_MAXLIVE) g_drop_oldest(g);  /* billions of keys: the oldest goes early */
+    /* room first, so a MemoryError leaves the ghost as it was */
+    if (g->used == g->cap) {
+        if (g_rebuild(g, g_cap_for((uint64_t)g->count + 1), g_tcap_for((uint64_t)g->count + 1)) < 0)
+            return NULL;
+    } else if (((uint64_t)g->count + 1) * 4 > (uint64_t)g->tcap * 3) {
+        if (g_tgrow(g, g_tcap_for((uint64_t)g->count + 1)) < 0) return NULL;
+    }
+    int64_t i = g_find(g, d);
+    if (i >= 0) g_kill(g, g->slots[i] - 1, (uint32_t)i);  /* re-added: to the newest end */
+    uint32_t p = g_ring(g, g->used);
+    g->dig[p] = d;
+    g->org[p] = (uint8_t)o;
+    g->used++;
+    g_tput(g->slots, g->tcap, g_home(g, d, g->tcap), p);
+    g->n[o]++;
+    g->count++;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Ghost_pop(Ghost *g, PyObject *o) {
+    uint64_t d;
+    if (g_digest(o, &d) < 0) return NULL;
+    int64_t i = g_find(g, d);
+    if (i < 0) Py_RETURN_NONE;
+    uint32_t p = g->slots[i] - 1;
+    long origin = g->org[p];
+    g_kill(g, p, (uint32_t)i);
+    g_maybe_shrink(g);
+    return PyLong_FromLong(origin);
+}
+
+static PyObject *Ghost_get(Ghost *g, PyObject *o) {
+    uint64_t d;
+    if (g_digest(o, &d) < 0) return NULL;
+    int64_t i = g_find(g, d);
+    if (i < 0) Py_RETURN_NONE;
+    return PyLong_FromLong(g->org[g->slots[i] - 1]);
+}
+
+static PyObject *Ghost_trim(Ghost *g, PyObject *o) {
+    int over = 0;
+    if (!PyLong_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "trim(limit): limit is an int, not %.80s", Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    long long limit = PyLong_AsLongLongAndOverflow(o, &over);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    if (over > 0) limit = LLONG_MAX;  /* past 2**63: nothing to drop */
+    if (over < 0 || limit < 0) {
+        PyErr_SetString(PyExc_ValueError, "trim(limit): limit must be >= 0");
+        return NULL;
+    }
+    uint64_t dropped = 0;
+    while ((long long)g->count > limit) {
+        g_drop_oldest(g);
+        dropped++;
+    }
+    if (dropped) g_maybe_shrink(g);
+    return PyLong_FromUnsignedLongLong(dropped);
+}
+
+static Py_ssize_t Ghost_len(Ghost *g) { return (Py_ssize_t)g->count; }
+
+static int Ghost_contains(Ghost *g, PyObject *o) {
+    uint64_t d;
+    if (g_digest(o, &d) < 0) return -1;
+    return g_find(g, d) >= 0;
+}
+
+static PyObject *Ghost_items(Ghost *g, PyObject *unused) {
+    PyObject *l = PyList_New(g->count);
+    if (!l) return NULL;
+    Py_ssize_t w = 0;
+    for (uint32_t k = 0; k < g->used; k++) {
+        uint32_t p = g_ring(g, k);
+        if (g->org[p] == G_DEAD) continue;
+        PyObject *t = Py_BuildValue("(Ki)", (unsigned long long)g->dig[p], (int)g->org[p]);
+        if (!t) { Py_DECREF(l); return NULL; }
+        PyList_SET_ITEM(l, w++, t);
+    }
+    return l;
+}
+
+static PyObject *Ghost_footprint(Ghost *g, PyObject *unused) {
+    return Py_BuildValue("{sIsIsIsIsK}", "ring_slots", g->cap, "ring_used", g->used,
+                         "table_slots", g->tcap, "digests", g->count,
+                         "bytes", (unsigned long long)(sizeof(Ghost) + (uint64_t)g->cap * 9 +
+                                                       (uint64_t)g->tcap * 4));
+}
+
+static PyObject *Ghost_get_counts(Ghost *g, void *c) {
+    return Py_BuildValue("(KKK)", (unsigned long long)g->n[0], (unsigned long long)g->n[1],
+                         (unsigned long long)g->n[2]);
+}
+
+static PyObject *Ghost_get_nbytes(Ghost *g, void *c) {
+    return PyLong_FromUnsignedLongLong(sizeof(Ghost) + (uint64_t)g->cap * 9 + (uint64_t)g->tcap * 4);
+}
+
+static PyGetSetDef Ghost_getset[] = {
+    {"counts", (getter)Ghost_get_counts, NULL, "(n0, n1, n2): live digests by origin", NULL},
+    {"nbytes", (getter)Ghost_get_nbytes, NULL, "bytes allocated (ring, probe table, object)", NULL},
+    {NULL}
+};
+
+static PyMethodDef Ghost_methods[] = {
+    {"add", (PyCFunction)(void (*)(void))Ghost_add, METH_FASTCALL,
+     "add(digest, origin): the newest digest (an existing one moves to the newest end)"},
+    {"pop", (PyCFunction)Ghost_pop, METH_O, "pop(digest) -> origin | None"},
+    {"get", (PyCFunction)Ghost_get, METH_O, "get(digest) -> origin | None"},
+    {"trim", (PyCFunction)Ghost_trim, METH_O, "trim(limit) -> dropped: oldest first down to limit"},
+    {"items", (PyCFunction)Ghost_items, METH_NOARGS, "[(digest & (2**64 - 1), origin)], oldest first"},
+    {"footprint", (PyCFunction)Ghost_footprint, METH_NOARGS, "ring and table sizes, bytes"},
+    {NULL}
+};
+
+static PySequenceMethods Ghost_seq = {
+    .sq_length = (lenfunc)Ghost_len,
+    .sq_contains = (objobjproc)Ghost_contains,
+};
+
+static PyTypeObject GhostType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvstored._index.Ghost",
+    .tp_doc = "Ghost(): 64-bit digests, oldest first, each with an origin 0..2 "
+              "(the eviction policy's ghost).",
+    .tp_basicsize = sizeof(Ghost),
+    .tp_flags = Py_TPFLAGS_DEFAULT,
+    .tp_new = Ghost_new,
+    .tp_dealloc = (destructor)Ghost_dealloc,
+    .tp_methods = Ghost_methods,
+    .tp_getset = Ghost_getset,
+    .tp_as_sequence = &Ghost_seq,
+};
+
 static PyObject *mod_set_full_error(PyObject *m, PyObject *cls) {
     if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_OverflowError)) {
         PyErr_SetString(PyExc_TypeError, "set_full_error(cls): cls must subclass OverflowError");
@@ -2049,7 +2397,8 @@ static struct PyModuleDef moddef = {
 };
 
 PyMODINIT_FUNC PyInit__index(void) {
-    if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&IterType) < 0)
+    if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&IterType) < 0 ||
+        PyType_Ready(&GhostType) < 0)
         return NULL;
     PyObject *tm = PyImport_ImportModule("time");
     if (!tm) return NULL;
@@ -2061,8 +2410,10 @@ PyMODINIT_FUNC PyInit__index(void) {
     if (!m) return NULL;
     Py_INCREF(&EntryType);
     Py_INCREF(&TableType);
+    Py_INCREF(&GhostType);
     if (PyModule_AddObject(m, "Entry", (PyObject *)&EntryType) < 0 ||
         PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
+        PyModule_AddObject(m, "Ghost", (PyObject *)&GhostType) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(Rec)) < 0 ||
         PyModule_AddIntConstant(m, "MAX_KEY", MAX_KEY) < 0) {
         Py_DECREF(m);

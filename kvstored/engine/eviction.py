@@ -31,7 +31,9 @@ numbers in benchmarks/RESULTS.md). What the trace taught:
     of a chain's missing blocks), so the chain's first new block is evicted last;
   * the ghost holds as many keys as the cache (ARC's size): a larger one (it was
     4096 keys at least; now 64) protected too much in small caches and lost to LRU at 2 %
-    on Mooncake's synthetic trace.
+    on Mooncake's synthetic trace. It keeps 64-bit digests, not keys, in native code
+    (``kvstored._index.Ghost``: ~15-19 B per evicted key instead of ~70 B in a dict;
+    docs/scale.md), or in a dict when the extension is not built (same decisions).
 
 Every operation is O(1) (amortised where unevictable entries are skipped). Entries
 are linked through their own ``newer``/``older`` fields; ``seg`` says which list.
@@ -41,10 +43,96 @@ does not meet it again.
 """
 from __future__ import annotations
 
+import os
+import sys
 from typing import Callable
 
 PROBATION, PROTECTED, COLD = 0, 1, 2
 NONE = -1  # not in any list (NVMe-only, or not committed)
+
+# entries.INDEX_ENV (entries imports this module): tests set it to "dict" to run the
+# engine without native structures, the ghost's included
+_INDEX_ENV = "KVSTORED_INDEX"
+
+
+class DictGhost:
+    """The ghost without the native extension: digest -> origin in a dict whose order
+    is the age (~70 B per key: the int, the dict entry and index). The same calls and
+    results as ``kvstored._index.Ghost``, which keeps the digests masked to 64 bits
+    (``hash()`` values fit, so both tell the same digests apart)."""
+
+    __slots__ = ("_d", "_n")
+
+    def __init__(self):
+        self._d: dict = {}
+        self._n = [0, 0, 0]
+
+    def add(self, digest: int, origin: int) -> None:
+        """The newest digest; an existing one moves to the newest end."""
+        d, n = self._d, self._n
+        old = d.pop(digest, None)
+        if old is not None:
+            n[old] -= 1
+        d[digest] = origin
+        n[origin] += 1
+
+    def pop(self, digest: int) -> int | None:
+        origin = self._d.pop(digest, None)
+        if origin is not None:
+            self._n[origin] -= 1
+        return origin
+
+    def get(self, digest: int) -> int | None:
+        return self._d.get(digest)
+
+    def trim(self, limit: int) -> int:
+        """Drop the oldest digests down to ``limit``; how many went."""
+        d, n = self._d, self._n
+        dropped = 0
+        while len(d) > limit:
+            n[d.pop(next(iter(d)))] -= 1
+            dropped += 1
+        return dropped
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    def __contains__(self, digest: int) -> bool:
+        if not isinstance(digest, int):  # as the native one: a key is not a digest
+            raise TypeError(f"a ghost digest is an int, not {type(digest).__name__}")
+        return digest in self._d
+
+    def items(self) -> list:
+        """(digest, origin), oldest first."""
+        return list(self._d.items())
+
+    @property
+    def counts(self) -> tuple:
+        return tuple(self._n)
+
+    @property
+    def nbytes(self) -> int:
+        # the dict, and one int object per digest (hash() values need 2 digits: 32 B)
+        return sys.getsizeof(self._d) + 32 * len(self._d)
+
+
+def make_ghost(kind: str = "auto"):
+    """The ghost: ``native`` (kvstored._index.Ghost), ``dict`` (DictGhost) or ``auto``
+    (native when the extension is built; ``KVSTORED_INDEX=dict`` in the environment, as
+    tests set it, makes it the dict one)."""
+    if kind not in ("auto", "native", "dict"):
+        raise ValueError(f"ghost must be auto, native or dict, not {kind!r}")
+    if kind == "auto" and os.environ.get(_INDEX_ENV) == "dict":
+        kind = "dict"
+    if kind != "dict":
+        try:
+            from kvstored._index import Ghost
+        except ImportError:
+            if kind == "native":
+                raise
+        else:
+            return Ghost()
+    return DictGhost()
 
 
 class _List:
@@ -123,13 +211,15 @@ class Policy:
     def __init__(self, nclasses: int, *, protected_share: float = 0.5, age_bonus: float = 1.0,
                  ghost_min: int = 64, hint_limit: int = 4096,
                  parent_limit: int = 16384, adapt_rate: float = 8.0,
-                 bonus_max: float = 8.0):
+                 bonus_max: float = 8.0, ghost: str = "auto"):
         if not 0 < protected_share < 1:
             raise ValueError("protected_share must be in (0, 1)")
         if not 0 <= age_bonus <= bonus_max:
             raise ValueError("age_bonus must be in [0, bonus_max]")
         if adapt_rate < 0:
             raise ValueError("adapt_rate must be >= 0")
+        if ghost_min < 0:
+            raise ValueError("ghost_min must be >= 0")
         self.queues = [ClassQueues() for _ in range(nclasses)]
         self.protected_share = protected_share
         self.age_bonus = age_bonus
@@ -141,10 +231,9 @@ class Policy:
         self.bonus_max = bonus_max
         # hash((ns, key)) of evicted entries, oldest first -> the list it left (COLD also
         # stands for "no list": such a ghost hit protects but does not adapt). A digest,
-        # not the key: ~70 B per ghost key instead of ~186 B (the key bytes and the tuple),
-        # and a rare collision only admits one object as protected.
-        self.ghost: dict = {}
-        self.ghost_n = [0, 0, 0]  # ghost keys by the list they left
+        # not the key (~186 B with the key bytes and the tuple): a rare collision only
+        # admits one object as protected. make_ghost: native, or a dict.
+        self.ghost = make_ghost(ghost)
         self.tail_hints: dict = {}  # (ns, key) of missing chain tails named by a lookup
         # (ns, key) of a missing block named by a lookup -> (ns, key) of the block before it
         self.parents: dict = {}
@@ -157,9 +246,9 @@ class Policy:
     def insert(self, e) -> None:
         """A newly committed entry."""
         k = (e.ns, e.key)
-        h = hash(k)
-        if h in self.ghost:
-            self._ghost_hit(self.ghost.pop(h))
+        origin = self.ghost.pop(hash(k))
+        if origin is not None:
+            self._ghost_hit(origin)
             self.tail_hints.pop(k, None)
             self.counters["ghost_hits"] += 1
             self._push(e, PROTECTED)
@@ -210,17 +299,9 @@ class Policy:
             e.seg = NONE
             self.resident -= 1
         if evicted:
-            g, n = self.ghost, self.ghost_n
-            k = hash((e.ns, e.key))
-            origin = COLD if seg == NONE else seg
-            old = g.pop(k, None)
-            if old is not None:
-                n[old] -= 1
-            g[k] = origin
-            n[origin] += 1
-            limit = max(self.ghost_min, self.resident)
-            while len(g) > limit:
-                n[g.pop(next(iter(g)))] -= 1
+            g = self.ghost
+            g.add(hash((e.ns, e.key)), COLD if seg == NONE else seg)
+            g.trim(max(self.ghost_min, self.resident))
 
     def in_ghost(self, ns: bytes, key: bytes) -> int | None:
         """The list an evicted key left (PROBATION, PROTECTED or COLD), or None."""
@@ -262,12 +343,17 @@ class Policy:
     def count(self, sc_index: int) -> int:
         return self.queues[sc_index].count
 
+    @property
+    def ghost_n(self) -> tuple:
+        """Ghost keys by the list they left (PROBATION, PROTECTED, COLD)."""
+        return self.ghost.counts
+
     # --------------------------------------------------------------- helpers
     def _ghost_hit(self, origin: int) -> None:
-        n = self.ghost_n
-        n[origin] -= 1
+        """``origin``: the list a key put again had left (the ghost has let it go)."""
         if not self.adapt_rate or origin == COLD:
             return
+        n = self.ghost.counts
         step = self.adapt_rate / max(self.resident, 1)
         prob, prot = n[PROBATION] + 1, n[PROTECTED] + 1
         if origin == PROTECTED:

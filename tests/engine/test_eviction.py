@@ -282,7 +282,7 @@ def test_ghost_counts_match_the_ghost_under_churn():
     p = Policy(1, ghost_min=64)
     for i in range(3000):  # keys recur, are evicted again, and fall off the bounded ghost
         e = E(b"k%d" % (i % 97))
-        if (NS, e.key) in p.ghost or i % 3:
+        if p.in_ghost(NS, e.key) is not None or i % 3:
             p.insert(e)
             if i % 5 == 0:
                 p.touch(e)
