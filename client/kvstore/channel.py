@@ -96,6 +96,16 @@ def joined(parts: list) -> memoryview:
     return parts[0] if len(parts) == 1 else memoryview(b"".join(parts))
 
 
+def too_small(length: int, room: int) -> errors.InvalidArgument:
+    """The error of a get whose object does not fit the caller's buffer."""
+    return errors.InvalidArgument(f"object of {length} bytes does not fit the {room}-byte buffer")
+
+
+def mismatch() -> errors.ChecksumMismatch:
+    """The error of a get whose bytes do not match the response's checksum."""
+    return errors.ChecksumMismatch("object bytes do not match their checksum after transfer")
+
+
 class Response:
     __slots__ = ("op", "rid", "status", "aux", "length", "checksum")
 
@@ -286,6 +296,26 @@ class TcpChannel(DataChannel):
                 return
             _advance(views, n)
 
+    def nonblocking_gets(self) -> bool:
+        """Whether GETs can go out with ``send_some`` and their answers be read with a
+        ``GetReader`` (ClusterClient's fanned-out batch get): every object inside the
+        frames and a socket that takes MSG_DONTWAIT. Not TLS, shm or RDMA."""
+        return self.nonblocking_send and self.frames_get(None)
+
+    def get_frames(self, ns: bytes, keys: list[bytes]) -> tuple[bytes, list[int]]:
+        """One payload-less GET request per key with this connection's epoch, joined into
+        one buffer to send; and the request id of each."""
+        rids, frames = [], []
+        for k in keys:
+            rid = self.next_id()
+            rids.append(rid)
+            frames.append(encode_request(OP_GET, rid, ns, k, epoch=self.epoch))
+        return b"".join(frames), rids
+
+    def get_reader(self, verify: bool, alloc) -> "GetReader":
+        """A reader of this connection's GET answers that never blocks (see GetReader)."""
+        return GetReader(self, verify, alloc)
+
     def setup(self, token: str | None) -> None:
         """First exchange: AUTH with the token, or a PING. Any refusal (wrong token, too
         many connections, a TLS port reached in plaintext) surfaces here as a typed error,
@@ -347,6 +377,10 @@ class TcpChannel(DataChannel):
 
     def read_response(self) -> Response:
         self.recv_into(self._hview)
+        return self.header_response()
+
+    def header_response(self) -> Response:
+        """The response whose header is in ``self._hdr``; ProtocolError if it is none."""
         try:
             h = decode(self._hdr)
         except FrameError:
@@ -390,8 +424,7 @@ class TcpChannel(DataChannel):
                     dest = views[i]
                     if r.length > len(dest):
                         self.discard(r.length)
-                        first_error = first_error or errors.InvalidArgument(
-                            f"object of {r.length} bytes does not fit the {len(dest)}-byte buffer")
+                        first_error = first_error or too_small(r.length, len(dest))
                         continue
                     dest = dest[:r.length]
                     results[i] = r.length
@@ -401,8 +434,7 @@ class TcpChannel(DataChannel):
                 if not verify:
                     self.recv_into(dest)
                 elif self.recv_hashed(dest) != r.checksum:
-                    first_error = first_error or errors.ChecksumMismatch(
-                        "object bytes do not match their checksum after transfer")
+                    first_error = first_error or mismatch()
             else:
                 results[i] = True
         if first_error is not None:
@@ -410,7 +442,124 @@ class TcpChannel(DataChannel):
         return results
 
 
+class GetReader:
+    """The answers to GETs sent on one plain-TCP channel (``get_frames``), read without
+    blocking as they arrive: a response's header, then its payload, each resumed where
+    the last ``read_some`` stopped. Answers come in any order (by request id).
+
+    ClusterClient's fanned-out batch get reads every node's connection this way from one
+    thread, with poll(). A payload goes straight into the buffer given to ``expect`` or
+    an ``alloc(size)`` one; with ``verify`` it is hashed as it lands (a large one piece by
+    piece while still in cache, as ``recv_hashed``) and checked against the response's
+    checksum. Per-request errors are results; a broken stream raises."""
+
+    __slots__ = ("ch", "verify", "alloc", "want", "_hgot", "_r", "_i", "_view", "_got", "_hash",
+                 "_result", "_skip", "_scratch")
+
+    def __init__(self, ch: TcpChannel, verify: bool, alloc):
+        self.ch = ch
+        self.verify = verify
+        self.alloc = alloc
+        self.want: dict[int, tuple[int, memoryview | None]] = {}  # request id -> (index, dest)
+        self._hgot = 0  # header bytes of the next response received so far
+        self._r: Response | None = None  # the response whose payload is being read
+        self._i = 0
+        self._view: memoryview | None = None  # where that payload goes
+        self._got = 0
+        self._hash = None
+        self._result = None  # what the request gets once the payload is in
+        self._skip = 0  # payload bytes still to discard (an object too big for its buffer)
+        self._scratch: memoryview | None = None
+
+    def expect(self, rid: int, index: int, dest: memoryview | None = None) -> None:
+        """Request ``rid`` (sent) answers item ``index``, into ``dest`` when given."""
+        self.want[rid] = (index, dest)
+
+    def pending(self) -> int:
+        """Requests not completely answered yet."""
+        return len(self.want) + (self._r is not None)
+
+    def read_some(self, done: list) -> int:
+        """Read what the socket holds now, never blocking; append ``(index, result)`` for
+        each answer completed: its size (into ``dest``), its buffer, or the request's
+        KVStoreError (InvalidArgument for a buffer too small, ChecksumMismatch, NotFound...).
+        Returns the bytes read. Raises when the connection is unusable: OSError
+        (ConnectionResetError when closed), ProtocolError, or a connection-level error."""
+        recv = self.ch.sock.recv_into
+        total = 0
+        while self.want or self._r is not None:
+            if self._r is None:
+                into, n_max = self.ch._hview[self._hgot:], HEADER_SIZE - self._hgot
+            elif self._skip:
+                into, n_max = self._scratch, min(self._skip, len(self._scratch))
+            else:
+                into, n_max = self._view[self._got:], 0
+            try:
+                n = recv(into, n_max, socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return total
+            if n == 0:
+                raise ConnectionResetError("kvstored closed the data connection")
+            total += n
+            if self._r is None:
+                self._hgot += n
+                if self._hgot == HEADER_SIZE:
+                    self._hgot = 0
+                    self._start(self.ch.header_response(), done)
+            elif self._skip:
+                self._skip -= n
+                if not self._skip:
+                    self._finish(done)
+            else:
+                if self._hash is not None:
+                    self._hash.update(into[:n])
+                self._got += n
+                if self._got == len(self._view):
+                    self._finish(done)
+        return total
+
+    def _start(self, r: Response, done: list) -> None:
+        item = self.want.pop(r.rid, None)
+        if item is None:
+            if r.status:  # connection-level error (id 0): e.g. too many connections
+                raise self.ch.read_error(r)
+            raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+        self._r, (self._i, dest) = r, item
+        self._got, self._hash, self._result, self._skip = 0, None, None, 0
+        if r.status:
+            self._view = memoryview(bytearray(r.length))  # the error's message
+        elif r.op != OP_GET:
+            raise errors.ProtocolError(f"op {r.op} answered a GET")
+        elif dest is not None and r.length > len(dest):
+            self._result = too_small(r.length, len(dest))  # after the payload is discarded
+            if self._scratch is None:
+                self._scratch = memoryview(bytearray(VERIFY_CHUNK))
+            self._skip = r.length
+            return
+        else:
+            if dest is not None:
+                self._view, self._result = dest[:r.length], r.length
+            else:
+                self._result = self.alloc(r.length)
+                self._view = memoryview(self._result)
+            if self.verify and r.length > VERIFY_CHUNK:
+                self._hash = checksum_stream()
+        if not r.length:
+            self._finish(done)
+
+    def _finish(self, done: list) -> None:
+        r, result = self._r, self._result
+        if r.status:
+            result = errors.error_for_code(r.status, bytes(self._view).decode("utf-8", "replace"), r.rid)
+        elif self.verify and not isinstance(result, errors.KVStoreError):
+            got = self._hash.intdigest() if self._hash is not None else checksum(self._view)
+            if got != r.checksum:
+                result = mismatch()
+        done.append((self._i, result))
+        self._r = self._view = self._hash = self._result = None
+
+
 DataConnection = TcpChannel  # the name kvstore.shm and older callers import
 
-__all__ = ["DataChannel", "DataConnection", "INLINE_ANY", "SHM_INLINE_MAX", "TRANSPORTS", "TcpChannel",
+__all__ = ["DataChannel", "DataConnection", "GetReader", "INLINE_ANY", "SHM_INLINE_MAX", "TRANSPORTS", "TcpChannel",
            "raise_first", "transport_plan"]

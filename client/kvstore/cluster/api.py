@@ -32,7 +32,8 @@ class ClusterClient(MemberView, Writes, Reads, Control):
     def __init__(self, members: Sequence | Callable[[], object], policy=None, *,
                  namespace: str = DEFAULT_NAMESPACE, min_ec_size: int = DEFAULT_MIN_EC_SIZE,
                  node_timeout: float = 10.0, fragment_timeout: float = 2.0, down_s: float = 1.0,
-                 refresh_s: float = 5.0, max_workers: int = 16, fanout_puts: bool = True, **client_kwargs):
+                 refresh_s: float = 5.0, max_workers: int = 16, fanout_puts: bool = True, fanout_gets: bool = True,
+                 **client_kwargs):
         self.namespace = namespace_bytes(namespace).decode()
         self.min_ec_size = int(min_ec_size)
         self.node_timeout = node_timeout
@@ -44,6 +45,9 @@ class ClusterClient(MemberView, Writes, Reads, Control):
         # pool and is counted here
         self.fanout_puts = bool(fanout_puts)
         self.pooled_put_jobs = 0
+        # batch gets likewise (reads._GetFanout): a node's part on the pool is counted here
+        self.fanout_gets = bool(fanout_gets)
+        self.pooled_get_jobs = 0
         self._client_kwargs = client_kwargs
         self._source = members if callable(members) else None
         self._members: list[Member] = []

@@ -14,15 +14,17 @@ message); a batch's other buffers may have been filled by then.
 """
 from __future__ import annotations
 
+import select
 import time
 from collections.abc import Sequence
-from concurrent.futures import FIRST_COMPLETED, wait
+from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from .. import errors
 from .._common import writable_view
 from ..layout import Policy, assemble, fragment_key, lap_key, tune_malloc
 from ..placement import Member
-from ..wire import key_bytes
+from ..wire import key_bytes, namespace_bytes
+from .writes import FANOUT_WINDOW
 
 
 class Reads:
@@ -148,23 +150,15 @@ class Reads:
             else:
                 m = min((m for m, _ in sl), key=lambda m: self._down.get(m.node_id, 0) > now)
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, (m.node_id, 0), k))
-        futs = []
-        for m, items in per_node.values():
-            sks = [sk for _j, _w, sk in items]
-            if outs is not None and p.kind != "ec":  # straight into the caller's buffers
-                f = self._submit(m, "batch_get_into", sks, [outs[j] for j, _w, _sk in items], namespace=ns)
-            else:
-                f = self._submit(m, "batch_get", sks, namespace=ns)
-            futs.append((items, f))
-        wait([f for _, f in futs])
         got: list[dict] = [{} for _ in ks]
-        for items, f in futs:
-            e = f.exception()
-            if isinstance(e, (errors.Redirect, errors.InvalidArgument)):
-                raise e  # re-route; or a buffer too small for its object
-            if e is None:
-                for (j, where, _sk), buf in zip(items, f.result()):
-                    got[j][where] = buf
+        into = outs if p.kind != "ec" else None  # replicas straight into the caller's buffers
+        if self.fanout_gets:
+            _GetFanout(self, ns, p.kind == "ec", into, got).run(per_node.values())
+        else:
+            futs = [(items, self._pooled_get(m, items, ns, into)) for m, items in per_node.values()]
+            wait([f for _, f in futs])
+            for items, f in futs:
+                _take_pooled(items, f, got)
         out = []
         for j, k in enumerate(ks):
             dest = None if outs is None else outs[j]
@@ -174,3 +168,225 @@ class Reads:
             r = assemble(p, list(got[j].values()), dest) if got[j] else None
             out.append(r if r is not None else self._get_ec(k, ns, p, got[j], dest))
         return out
+
+    def _pooled_get(self, m: Member, items: list, ns: str, outs: list | None) -> Future:
+        """One node's part of a batch get ((j, where, stored key) items) on the thread pool."""
+        sks = [sk for _j, _w, sk in items]
+        if outs is not None:
+            return self._submit(m, "batch_get_into", sks, [outs[j] for j, _w, _sk in items], namespace=ns)
+        return self._submit(m, "batch_get", sks, namespace=ns)
+
+
+def _take_pooled(items: list, f: Future, got: list[dict]) -> None:
+    """A pooled node part's results into ``got``; a failed part leaves its items to the
+    single-key fallbacks, except Redirect (re-route) and InvalidArgument (a buffer too
+    small for its object), raised."""
+    e = f.exception()
+    if isinstance(e, (errors.Redirect, errors.InvalidArgument)):
+        raise e
+    if e is None:
+        for (j, where, _sk), buf in zip(items, f.result()):
+            got[j][where] = buf
+
+
+class _GetFanout:
+    """One batch get's requests to every node sent, and every answer read, from the
+    calling thread (the put's ``writes._Fanout``, for gets).
+
+    The thread-pool path gives each node's part to a worker that sends its GETs and reads
+    the answers; on few cores the GIL passing between those workers costs more than the
+    receiving. Here each node's requests (payload-less frames) go out with non-blocking
+    ``sendmsg``, at most ``FANOUT_WINDOW`` unanswered per connection (more are sent as
+    answers come in), and every connection's answers are read with ``poll`` as they
+    arrive, each socket's stream parsed incrementally (``channel.GetReader``): payloads
+    straight into the caller's buffers (replicas, ``batch_get_into``) or receive-pool
+    buffers (EC fragments, new objects), checked against their checksums as they land.
+
+    Per-request outcomes are as on the pool path, item by item: a replica's failed read
+    leaves it to ``_get_replica`` (the other copies); an EC record's error (NotFound: one
+    fragment fewer) is kept like ``_gather`` keeps it and ``_get_ec`` fetches other slots;
+    Redirect and InvalidArgument are raised once every answer is in. A node whose channel
+    cannot take this (TLS, same-host shm, RDMA, marked down, unreachable) gets its part on
+    the pool (``cc.pooled_get_jobs``), as does the rest of a node whose connection broke
+    under the batch (dropped; the pool path connects afresh once). A node that sends
+    nothing for ``node_timeout`` while it owes answers (the pool path's socket timeout),
+    or answers Unavailable, is marked down and its connection dropped: its items fall back
+    as on the pool path.
+    """
+
+    def __init__(self, reads: Reads, ns: str, ec: bool, outs: list | None, got: list[dict]):
+        self.r = reads
+        self.ns = ns
+        self.nsb = namespace_bytes(ns)
+        self.ec = ec
+        self.outs = outs
+        self.got = got
+        self.raise_: errors.KVStoreError | None = None  # the first Redirect / InvalidArgument
+        self.pooled: list[tuple[list, Future]] = []
+
+    def run(self, parts) -> None:
+        nodes = []
+        for m, items in parts:
+            conn = self._channel(m)
+            if conn is None:
+                self._on_pool(m, items)
+            else:
+                c = self.r.client(m)
+                nodes.append(_NodeGet(m, c, conn, items, conn.get_reader(c.verify_checksums, c._pool.take)))
+        try:
+            self._exchange(nodes)
+        except BaseException:
+            for st in nodes:  # unanswered requests on it: never reused
+                if st.conn is not None and st.reader.pending():
+                    self._drop(st)
+            raise
+        if self.pooled:
+            wait([f for _, f in self.pooled])
+            for items, f in self.pooled:
+                try:
+                    _take_pooled(items, f, self.got)
+                except errors.KVStoreError as e:
+                    self.raise_ = self.raise_ or e
+        if self.raise_ is not None:
+            raise self.raise_
+
+    def _channel(self, m: Member):
+        """This thread's channel of the node when it takes non-blocking gets; None means
+        the pool's path (which also reports a node that is down or unreachable)."""
+        if self.r._is_down(m):
+            return None
+        try:
+            conn = self.r.client(m)._channel_here()
+        except (errors.KVStoreError, OSError):
+            return None
+        ok = getattr(conn, "nonblocking_gets", None)
+        return conn if ok is not None and ok() else None
+
+    def _on_pool(self, m: Member, items: list) -> None:
+        self.r.pooled_get_jobs += 1
+        self.pooled.append((items, self.r._pooled_get(m, items, self.ns, self.outs)))
+
+    def _exchange(self, nodes: list) -> None:
+        """Send every node's requests (window by window) and read all their answers."""
+        timeout = self.r.node_timeout
+        now = time.monotonic()
+        for st in nodes:
+            st.last = now
+        live = list(nodes)
+        done: list = []
+        poller = select.poll()
+        by_fd: dict[int, _NodeGet] = {}
+        while live:
+            for st in live:
+                self._top_up(st)
+            live = [st for st in live if st.conn is not None]
+            for st in live:
+                fd = st.conn.sock.fileno()
+                by_fd[fd] = st
+                poller.register(fd, select.POLLIN | (select.POLLOUT if st.out else 0))
+            if not live:
+                break
+            now = time.monotonic()
+            first = min(st.last for st in live) + timeout
+            events = poller.poll(max(0.0, first - now) * 1000) if first > now else []
+            for fd, ev in events:
+                st = by_fd.get(fd)
+                if st is None or st.conn is None:
+                    continue
+                if ev & select.POLLNVAL:
+                    self._broken(st)
+                    continue
+                try:
+                    if ev & select.POLLOUT and st.out:
+                        st.conn.send_some(st.out)
+                    if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
+                        if st.reader.read_some(done):
+                            st.last = time.monotonic()
+                except errors.ProtocolError as e:
+                    self._failed(st, e)
+                except errors.KVStoreError as e:  # connection-level (too many connections...)
+                    self._failed(st, e)
+                except OSError:
+                    self._broken(st)
+                self._record(st, done)
+            now = time.monotonic()
+            for st in live:
+                if st.conn is not None and now - st.last >= timeout:
+                    self._failed(st, errors.Timeout(
+                        f"node {st.m.node_id}: no answer from kvstored within {timeout}s"))
+            for fd in by_fd:
+                poller.unregister(fd)
+            by_fd.clear()
+            live = [st for st in live if st.conn is not None and (st.reader.pending() or st.next < len(st.items))]
+
+    def _top_up(self, st: "_NodeGet") -> None:
+        """Queue the node's next requests while fewer than FANOUT_WINDOW are unanswered,
+        and send what the socket takes now."""
+        room = FANOUT_WINDOW - st.reader.pending()
+        if room > 0 and st.next < len(st.items):
+            batch = st.items[st.next:st.next + room]
+            buf, rids = st.conn.get_frames(self.nsb, [sk for _j, _w, sk in batch])
+            for n, ((j, _w, _sk), rid) in enumerate(zip(batch, rids)):
+                st.reader.expect(rid, st.next + n, None if self.outs is None else self.outs[j])
+            st.next += len(batch)
+            st.out.append(memoryview(buf))
+        if st.out:
+            try:
+                st.conn.send_some(st.out)
+            except OSError:
+                self._broken(st)
+
+    def _record(self, st: "_NodeGet", done: list) -> None:
+        """Answers read into ``got`` (see the class's note on errors)."""
+        for i, res in done:
+            j, where, _sk = st.items[i]
+            st.answered[i] = True
+            if isinstance(res, errors.KVStoreError):
+                if isinstance(res, (errors.Redirect, errors.InvalidArgument)):
+                    self.raise_ = self.raise_ or res
+                elif isinstance(res, errors.Unavailable):
+                    self.r._mark_down(st.m)  # as MemberView._node does
+                if self.ec:
+                    self.got[j][where] = res
+            else:
+                self.got[j][where] = res
+        done.clear()
+
+    def _drop(self, st: "_NodeGet") -> None:
+        st.client._drop(st.conn)
+        st.conn = None
+        st.out.clear()
+
+    def _broken(self, st: "_NodeGet") -> None:
+        """The connection failed under the batch: dropped; the node's unanswered items go
+        to the pool (a new connection, as ``Client`` retries a broken one once)."""
+        self._drop(st)
+        rest = [it for it, a in zip(st.items, st.answered) if not a]
+        if rest:
+            self._on_pool(st.m, rest)
+
+    def _failed(self, st: "_NodeGet", e: errors.KVStoreError) -> None:
+        """The node's unanswered items get nothing (the fallbacks read them elsewhere); an
+        Unavailable (a Timeout too) marks it down, as ``MemberView._node`` does."""
+        if isinstance(e, errors.Redirect):
+            self.raise_ = self.raise_ or e
+        elif isinstance(e, errors.Unavailable):
+            self.r._mark_down(st.m)
+        self._drop(st)
+
+
+class _NodeGet:
+    """One node's part of a fanned-out batch get."""
+
+    __slots__ = ("m", "client", "conn", "items", "reader", "next", "out", "answered", "last")
+
+    def __init__(self, m: Member, client, conn, items: list, reader):
+        self.m = m
+        self.client = client
+        self.conn = conn
+        self.items = items  # (j, where, stored key)
+        self.reader = reader
+        self.next = 0  # items[:next] have been queued
+        self.out: list = []  # request bytes not yet sent
+        self.answered = [False] * len(items)
+        self.last = 0.0  # when bytes last came from the node

@@ -1,0 +1,289 @@
+"""ClusterClient's fanned-out batch get (reads._GetFanout: every node's GETs sent, and every
+answer read, from the calling thread) against real kvstored processes: the same results
+as the thread-pool path, more requests than the window to one node, a stalled and a
+killed node, refused tokens, buffers too small and corrupt checksums, threads sharing one
+client, and same-host shm going through the pool."""
+from __future__ import annotations
+
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("pyeclib")
+
+from kvstore import channel, errors  # noqa: E402
+from kvstore.cluster import ClusterClient, writes  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
+from secutil import token, write_tokens  # noqa: E402
+
+pytestmark = pytest.mark.timeout(120)
+
+MIB = 1 << 20
+POLICIES = {"plain": "none", "rep": "replicas:2", "ec": "ec:3+2"}
+SIZES = [1, 4096, 65_536, 300_001, MIB, 2 * MIB + 7]
+
+
+@pytest.fixture
+def nodes(module_daemons):
+    return module_daemons.group([f"g{i}" for i in range(5)])
+
+
+def cluster(nodes, **kw):
+    kw.setdefault("node_timeout", 5.0)
+    kw.setdefault("down_s", 60.0)
+    kw.setdefault("shm", False)  # TCP, as between hosts (same-host shm: see the last test)
+    return ClusterClient([d.control for d in nodes], policy=dict(POLICIES), **kw)
+
+
+def objects(prefix: str, n: int, sizes=SIZES) -> dict[bytes, bytes]:
+    return {f"{prefix}-{i}".encode(): os.urandom(sizes[i % len(sizes)]) for i in range(n)}
+
+
+def outcome(fn):
+    """What a call gives: its value, or the type of the error it raised."""
+    try:
+        return fn()
+    except errors.KVStoreError as e:
+        return type(e)
+
+
+def get_into(cc, keys, ns, room=None):
+    bufs = [bytearray(room or 3 * MIB) for _ in keys]
+    sizes = cc.batch_get_into(keys, bufs, namespace=ns)
+    return [bytes(b[:n]) for b, n in zip(bufs, sizes)]
+
+
+@pytest.mark.parametrize("ns", list(POLICIES))
+def test_fanout_reads_what_the_pool_path_reads(nodes, ns):
+    """get, get_into, batch_get and batch_get_into give the same bytes fanned out and on
+    the pool; an absent object is NotFound on both; over plain TCP nothing goes to the pool."""
+    objs = objects(ns, 18)
+    objs[f"{ns}-empty".encode()] = b""
+    keys = list(objs)
+    with cluster(nodes) as w:
+        assert all(w.batch_put(list(objs.items()), namespace=ns))
+    seen = {}
+    for fanout in (True, False):
+        with cluster(nodes, fanout_gets=fanout) as cc:
+            assert [bytes(b) for b in cc.batch_get(keys, namespace=ns)] == list(objs.values())
+            assert get_into(cc, keys, ns) == list(objs.values())
+            k = keys[4]
+            assert bytes(cc.get(k, namespace=ns)) == objs[k]
+            buf = bytearray(len(objs[k]) + 10)
+            assert cc.get_into(k, buf, namespace=ns) == len(objs[k]) and bytes(buf[:len(objs[k])]) == objs[k]
+            seen[fanout] = (
+                outcome(lambda: cc.batch_get(keys[:3] + [b"absent"] + keys[3:6], namespace=ns)),
+                outcome(lambda: get_into(cc, [b"absent", keys[0]], ns)),
+                outcome(lambda: cc.get(b"absent", namespace=ns)),
+            )
+            # a batch with an absent key still returns the present ones intact afterwards
+            assert [bytes(b) for b in cc.batch_get(keys[:6], namespace=ns)] == [objs[k] for k in keys[:6]]
+            assert cc.pooled_get_jobs == 0
+            assert not cc._down_now()
+    assert seen[True] == seen[False] == (errors.NotFound,) * 3
+
+
+def test_more_requests_than_the_window_to_one_node(nodes):
+    """One node gets more GETs in a batch than FANOUT_WINDOW: the rest are sent as answers
+    come in, and every object (get and get_into) comes back."""
+    n = writes.FANOUT_WINDOW * 2 + 37
+    objs = objects("win", n, sizes=[2048, 100, 9000, 0])
+    with ClusterClient([nodes[0].control], policy="none", node_timeout=10.0, shm=False) as cc:
+        assert all(cc.batch_put(list(objs.items())))
+        got = cc.batch_get(list(objs))
+        assert [bytes(g) for g in got] == list(objs.values())
+        bufs = [bytearray(9000) for _ in objs]
+        assert cc.batch_get_into(list(objs), bufs) == [len(v) for v in objs.values()]
+        assert all(bytes(b[:len(v)]) == v for b, v in zip(bufs, objs.values()))
+        assert cc.pooled_get_jobs == 0
+
+
+@pytest.mark.parametrize("ns", ["ec", "rep"])
+def test_stalled_node_is_read_around_within_the_node_timeout(nodes, ns):
+    """A node that stops answering (SIGSTOP) under a batch get: after about the node
+    timeout it is marked down and the batch reads around it (EC decodes from the other
+    fragments, a replica comes from the other copy), get and get_into."""
+    objs = objects(f"stall-{ns}", 20, sizes=[300_000, MIB])
+    with cluster(nodes, node_timeout=1.5, fragment_timeout=0.5, down_s=60.0) as cc:
+        assert all(cc.batch_put(list(objs.items()), namespace=ns))
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace=ns)] == list(objs.values())
+        victim = nodes[2]
+        victim.proc.send_signal(signal.SIGSTOP)
+        try:
+            t0 = time.monotonic()
+            got = cc.batch_get(list(objs), namespace=ns)
+            took = time.monotonic() - t0
+            assert [bytes(b) for b in got] == list(objs.values())
+            assert took < 1.5 + 5.0, f"a stalled node held the get for {took:.1f}s"
+            down = {m.node_id for m in cc.members() if m.address == victim.control}
+            assert down and down <= set(cc._down_now()), "the stalled node is not marked down"
+            assert get_into(cc, list(objs), ns) == list(objs.values())  # down: read around at once
+            if ns == "ec":  # its fragments' slots still name it: those parts go the pool's way
+                assert cc.pooled_get_jobs > 0
+            else:  # a copy on a node marked down is read from the other node
+                assert cc.pooled_get_jobs == 0
+        finally:
+            victim.proc.send_signal(signal.SIGCONT)
+
+
+@pytest.mark.parametrize("ns", ["ec", "rep"])
+def test_killed_node_is_read_around(nodes, ns):
+    """A node killed after the client connected: its connection breaks under the batch
+    (dropped, the pool tries it afresh and marks it down) and every object comes back."""
+    objs = objects(f"kill-{ns}", 15, sizes=[70_000, MIB])
+    with cluster(nodes, node_timeout=3.0) as cc:
+        assert all(cc.batch_put(list(objs.items()), namespace=ns))
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace=ns)] == list(objs.values())
+        victim = nodes[1]
+        victim.proc.kill()
+        victim.proc.wait(10)
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace=ns)] == list(objs.values())
+        down = {m.node_id for m in cc.members() if m.address == victim.control}
+        assert down <= set(cc._down_now())
+        assert get_into(cc, list(objs), ns) == list(objs.values())
+
+
+@pytest.mark.parametrize("ns", list(POLICIES))
+def test_buffer_too_small_is_invalid_argument_and_the_connection_stays_usable(nodes, ns):
+    """An object larger than its buffer: InvalidArgument naming its size, fanned out as on
+    the pool; the payload is discarded, so the same connections serve the next batch."""
+    objs = objects(f"small-{ns}", 6, sizes=[5000, 200_000])
+    keys = list(objs)
+    with cluster(nodes) as w:
+        assert all(w.batch_put(list(objs.items()), namespace=ns))
+    for fanout in (True, False):
+        with cluster(nodes, fanout_gets=fanout) as cc:
+            bufs = [bytearray(250_000) for _ in keys]
+            bufs[3] = bytearray(100)
+            with pytest.raises(errors.InvalidArgument, match="bytes"):
+                cc.batch_get_into(keys, bufs, namespace=ns)
+            assert get_into(cc, keys, ns, room=250_000) == list(objs.values())
+            assert not cc._down_now()
+            if fanout:
+                assert cc.pooled_get_jobs == 0
+    with cluster(nodes) as cc, pytest.raises(errors.InvalidArgument):
+        cc.batch_get_into(keys, [bytearray(10)], namespace=ns)  # malformed: counts differ
+
+
+def test_corrupt_checksum_is_caught_and_read_around(nodes, monkeypatch):
+    """Responses from one node whose checksum does not match their bytes (the header's
+    checksum altered as it is parsed, client side): ChecksumMismatch on the fanned-out
+    path as on the pool path; replicas then come from the other copy, EC objects from
+    other fragments, and a single copy cannot be read (Unavailable) on both paths."""
+    objs = {ns: objects(f"csum-{ns}", 8, sizes=[3000, 600_000, 2 * MIB]) for ns in POLICIES}
+    with cluster(nodes) as w:
+        for ns, o in objs.items():
+            assert all(w.batch_put(list(o.items()), namespace=ns))
+    bad_port = {}
+    real = channel.TcpChannel.header_response
+
+    def corrupted(self):
+        r = real(self)
+        if self.address[1] in bad_port and r.op == 2 and not r.status and r.length:
+            r.checksum ^= 1
+            bad_port[self.address[1]] += 1
+        return r
+
+    monkeypatch.setattr(channel.TcpChannel, "header_response", corrupted)
+    seen = {}
+    for fanout in (True, False):
+        with cluster(nodes, fanout_gets=fanout) as cc:
+            first = next(iter(objs["plain"]))  # its single copy's node answers corrupted
+            victim = cc.client(cc._slots(first, "plain", cc.policy("plain"), write=False)[0][0])
+            bad_port.clear()
+            bad_port[victim._channel_here().address[1]] = 0
+            for ns in ("rep", "ec"):
+                assert [bytes(b) for b in cc.batch_get(list(objs[ns]), namespace=ns)] == list(objs[ns].values())
+                assert get_into(cc, list(objs[ns]), ns) == list(objs[ns].values())
+            seen[fanout] = outcome(lambda: cc.batch_get(list(objs["plain"]), namespace="plain"))
+            assert next(iter(bad_port.values())) > 0, "no corrupted response was read"
+    assert seen[True] == seen[False] == errors.Unavailable
+
+
+def test_threads_share_one_client(nodes):
+    """Four threads read through one ClusterClient at once (each its own channels), get
+    and get_into, every policy: every object comes back."""
+    objs = {ns: objects(f"thr-{ns}", 12, sizes=[70_000, 600_000]) for ns in POLICIES}
+    errs: list = []
+    with cluster(nodes) as cc:
+        for ns, o in objs.items():
+            assert all(cc.batch_put(list(o.items()), namespace=ns))
+
+        def work(t: int) -> None:
+            try:
+                for r in range(3):
+                    for ns, o in objs.items():
+                        keys = list(o)[t:] + list(o)[:t]
+                        want = [o[k] for k in keys]
+                        if (r + t) % 2:
+                            assert [bytes(b) for b in cc.batch_get(keys, namespace=ns)] == want
+                        else:
+                            assert get_into(cc, keys, ns, room=600_000) == want
+            except BaseException as e:  # noqa: BLE001 (reported below)
+                errs.append(e)
+
+        ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(60)
+        assert not any(t.is_alive() for t in ts)
+        assert not errs, errs
+        assert cc.pooled_get_jobs == 0
+
+
+@pytest.fixture(scope="module")
+def auth_nodes(module_daemons, tmp_path_factory):
+    d = tmp_path_factory.mktemp("getfan-auth")
+    tokens = write_tokens(d / "tokens.toml")
+    cfg = d / "auth.toml"
+    cfg.write_text(f'[auth]\nenabled = true\ntokens_file = "{tokens}"\n')
+    return module_daemons.group([f"ga{i}" for i in range(3)], "--config", str(cfg))
+
+
+@pytest.mark.parametrize("policy", ["replicas:2", "ec:2+1"])
+def test_tokens(auth_nodes, policy):
+    """A read-only token reads (fanned out, nothing on the pool); a token of another
+    namespace (refused per request) and an unknown one (refused at AUTH: that node's part
+    goes the pool's way) get the same typed error on both paths, PermissionDenied for
+    replicas."""
+    objs = objects(f"auth-{policy}", 7, sizes=[5000, 400_000])
+    addrs = [d.control for d in auth_nodes]
+
+    def cc(tok, **kw):
+        return ClusterClient(addrs, policy=policy, namespace="team-a", token=tok, node_timeout=5.0,
+                             shm=False, **kw)
+
+    with cc(token("rw")) as rw:
+        assert all(rw.batch_put(list(objs.items())))
+    with cc(token("ro")) as ro:
+        assert [bytes(b) for b in ro.batch_get(list(objs))] == list(objs.values())
+        assert get_into(ro, list(objs), None) == list(objs.values())
+        assert ro.pooled_get_jobs == 0
+    for tok in (token("other"), "not-a-token"):  # (admin scope includes read)
+        seen = {}
+        for fanout in (True, False):
+            with cc(tok, fanout_gets=fanout) as c:
+                seen[fanout] = (outcome(lambda: c.batch_get(list(objs))),
+                                outcome(lambda: get_into(c, list(objs)[:2], None)))
+        assert seen[True] == seen[False], (tok, seen)
+        assert all(isinstance(x, type) and issubclass(x, errors.KVStoreError) for x in seen[True]), (tok, seen)
+        if policy.startswith("replicas"):
+            assert seen[True] == (errors.PermissionDenied,) * 2
+
+
+def test_same_host_shm_channels_get_through_the_pool(nodes):
+    """On the same host the nodes' channels are shm (large objects move outside the
+    frames): the parts go to the thread pool (counted), with the same results."""
+    objs = objects("shm", 12, sizes=[300_000, MIB])
+    with cluster(nodes, shm=None) as cc:
+        assert all(cc.batch_put(list(objs.items()), namespace="ec"))
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace="ec")] == list(objs.values())
+        assert get_into(cc, list(objs), "ec") == list(objs.values())
+        assert cc.pooled_get_jobs > 0
