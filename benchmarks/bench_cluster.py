@@ -33,9 +33,14 @@ plus the wire checksum of each record (what a put hashes before its records leav
 whole of the client's per-object CPU before sending. All on one host: the nodes share the
 client's cores, so this measures the client and the codec, not a network.
 
+``--paired TURNS`` adds put-only turns, then batch_get / batch_get_into turns, of every
+policy in alternation (CPU per batch of the client and the nodes); ``--pool-too`` adds
+clients with ``fanout_puts=False, fanout_gets=False`` (each node's part on a pool thread)
+to the same turns, and a "vs pool" column of per-turn time ratios for the gets.
+
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
         [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
-        [--codec-only] [--paired TURNS]
+        [--codec-only] [--paired TURNS [--pool-too]]
         [--json out.json]
 """
 from __future__ import annotations
@@ -288,6 +293,57 @@ def paired_puts(clients: dict, size: int, count: int, rounds: int, ns: str, node
     return out
 
 
+def paired_gets(clients: dict, size: int, count: int, rounds: int, ns: str, node_pids: list[int]) -> list[dict]:
+    """batch_get and batch_get_into of every client in turn, ``rounds`` times (after one
+    warm-up turn), each reading back the batch it stored once before the turns: as
+    ``paired_puts``, load that drifts hits every client alike. Per client and call: median
+    and best GB/s, the median of the per-turn time ratios against the first client, and
+    the CPU seconds per batch of the client and of the nodes."""
+    import statistics
+    payloads = [os.urandom(size) for _ in range(min(count, 8))]
+    keys = {}
+    for name, cc in clients.items():
+        items = [(f"g{size}-{name}-o{i}".encode(), payloads[i % len(payloads)]) for i in range(count)]
+        assert all(cc.batch_put(items, namespace=ns)), "a put was a no-op (key already stored)"
+        keys[name] = [k for k, _ in items]
+    bufs = [bytearray(size) for _ in range(count)]
+    got: dict[tuple[str, str], list[tuple[float, float, float]]] = {}
+    for r in range(rounds + 1):
+        for name, cc in clients.items():
+            for call in ("get", "get_into"):
+                c0, d0, t0 = client_cpu_s(), nodes_cpu_s(node_pids), time.perf_counter()
+                if call == "get":
+                    res = cc.batch_get(keys[name], namespace=ns)
+                else:
+                    res = cc.batch_get_into(keys[name], bufs, namespace=ns)
+                t1, c1, d1 = time.perf_counter(), client_cpu_s(), nodes_cpu_s(node_pids)
+                if call == "get":
+                    assert all(g == payloads[i % len(payloads)] for i, g in enumerate(res)), "wrong bytes"
+                else:
+                    assert res == [size] * count and bufs[-1] == payloads[(count - 1) % len(payloads)]
+                del res
+                if r:
+                    got.setdefault((name, call), []).append((t1 - t0, c1 - c0, d1 - d0))
+    for name, cc in clients.items():
+        cc.delete(keys[name], namespace=ns)
+    first = next(iter(clients))
+    n = count * size
+    out = []
+    for (name, call), v in got.items():
+        base = got[(first, call)]
+        row = {"policy": name, "call": call, "size": size_name(size), "objects": count, "turns": rounds,
+               "GBps_median": round(rate(n, statistics.median(x[0] for x in v)), 2),
+               "GBps_best": round(rate(n, min(x[0] for x in v)), 2),
+               "speed_vs_first": round(statistics.median(b[0] / x[0] for b, x in zip(base, v)), 2),
+               "client_cpu_ms": round(statistics.median(x[1] for x in v) * 1e3, 1),
+               "nodes_cpu_ms": round(statistics.median(x[2] for x in v) * 1e3)}
+        pool = got.get((f"{name} pool", call))
+        if pool:  # the same policy on the thread-pool path, turn by turn
+            row["speed_vs_pool"] = round(statistics.median(q[0] / x[0] for q, x in zip(pool, v)), 2)
+        out.append(row)
+    return out
+
+
 def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
     from kvstore import errors
     try:
@@ -314,11 +370,13 @@ def main(argv=None) -> int:
     ap.add_argument("--json", help="also write the results as JSON to this file")
     ap.add_argument("--codec-only", action="store_true", help="only the codec table (no daemons)")
     ap.add_argument("--pool-too", action="store_true",
-                    help="paired turns also with fanout_puts=False (each node's part on a pool "
-                         "thread, the path before the fanned-out put), rows '<policy> pool'")
+                    help="paired turns also with fanout_puts=False and fanout_gets=False (each "
+                         "node's part on a pool thread, the paths before the fanned-out put and "
+                         "get), rows '<policy> pool'")
     ap.add_argument("--paired", type=int, default=0, metavar="TURNS",
-                    help="also put-only turns of every policy in alternation on the largest node "
-                         "count (ratios to the first policy from the same turns; CPU per batch)")
+                    help="also put-only turns, then get and get_into turns, of every policy in "
+                         "alternation on the largest node count (ratios to the first policy from "
+                         "the same turns; CPU per batch)")
     args = ap.parse_args(argv)
     sys.path[:0] = [str(REPO / "client"), str(REPO / "tests")]
     from daemonutil import Daemon
@@ -340,7 +398,7 @@ def main(argv=None) -> int:
     cc_algo = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     results = {"congestion_control": cc_algo, "transport": "shm" if args.shm else "tcp",
                "batch_bytes": args.objects * MIB, "rounds": args.rounds, "cpus": os.cpu_count(),
-               "rows": [], "codec": [], "paired": []}
+               "rows": [], "codec": [], "paired": [], "paired_gets": []}
     n_paired = max(node_counts, default=0)
     shm = None if args.shm else False
     t_start = time.perf_counter()
@@ -383,11 +441,16 @@ def main(argv=None) -> int:
                                    for p in policies}
                         if args.pool_too:
                             clients.update({f"{p} pool": stack.enter_context(ClusterClient(
-                                addrs[:n_paired], policy=p, shm=shm, fanout_puts=False)) for p in policies})
-                        for row in paired_puts(clients, size, count, args.paired, f"pp{n_paired}",
-                                               [d.proc.pid for d in daemons[:n_paired]]):
+                                addrs[:n_paired], policy=p, shm=shm, fanout_puts=False, fanout_gets=False))
+                                for p in policies})
+                        pids = [d.proc.pid for d in daemons[:n_paired]]
+                        for row in paired_puts(clients, size, count, args.paired, f"pp{n_paired}", pids):
                             row["nodes"] = n_paired
                             results["paired"].append(row)
+                            print(json.dumps(row), file=sys.stderr, flush=True)
+                        for row in paired_gets(clients, size, count, args.paired, f"pg{n_paired}", pids):
+                            row["nodes"] = n_paired
+                            results["paired_gets"].append(row)
                             print(json.dumps(row), file=sys.stderr, flush=True)
                 if not args.no_ec_fallback:
                     for p in policies:
@@ -443,6 +506,17 @@ def main(argv=None) -> int:
         for r in results["paired"]:
             print(f"| {r['size']} | {r['policy']} | {r['put_GBps_median']:.2f} | {r['put_GBps_best']:.2f} | "
                   f"{r['speed_vs_first']:.2f}x | {r['client_cpu_ms']} | {r['nodes_cpu_ms']} |")
+    if results["paired_gets"]:
+        first = results["paired_gets"][0]["policy"]
+        print(f"\n# batch_get / batch_get_into, every client in alternation on the same {n_paired} nodes, "
+              f"{args.paired} turns (medians; speed vs {first} / vs pool: median of the per-turn time ratios)\n")
+        print(f"| size | policy | call | GB/s median | best | speed vs {first} | vs pool | client CPU ms/batch "
+              "| nodes CPU ms/batch |")
+        print("|---|---|---|---:|---:|---:|---:|---:|---:|")
+        for r in sorted(results["paired_gets"], key=lambda r: (parse_size(r["size"]), r["call"])):
+            vs_pool = f"{r['speed_vs_pool']:.2f}x" if "speed_vs_pool" in r else ""
+            print(f"| {r['size']} | {r['policy']} | {r['call']} | {r['GBps_median']:.2f} | {r['GBps_best']:.2f} | "
+                  f"{r['speed_vs_first']:.2f}x | {vs_pool} | {r['client_cpu_ms']} | {r['nodes_cpu_ms']} |")
     if results["codec"]:
         print("\n# EC codec per object: pyeclib raw vs the client path (one thread, CPU time, "
               f"9 alternating rounds: medians); client encoder: {results['codec'][0]['engine']}\n")

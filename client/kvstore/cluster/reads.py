@@ -9,6 +9,10 @@ decoded otherwise); a missing, slow (``fragment_timeout``) or corrupt record tur
 read into a degraded one that fetches the other slots too. ``*_into`` assembles into the
 caller's buffer, so no object-sized intermediate is made on the concatenate path.
 
+Batches are fanned out from the calling thread (``_GetFanout``: every node's GETs sent
+without blocking, every answer read with poll), or on the thread pool per node
+(``fanout_gets=False``, and channels that cannot do that).
+
 A buffer too small for its object is an InvalidArgument (the object's size in the
 message); a batch's other buffers may have been filled by then.
 """
