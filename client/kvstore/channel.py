@@ -451,10 +451,17 @@ class GetReader:
     thread, with poll(). A payload goes straight into the buffer given to ``expect`` or
     an ``alloc(size)`` one; with ``verify`` it is hashed as it lands (a large one piece by
     piece while still in cache, as ``recv_hashed``) and checked against the response's
-    checksum. Per-request errors are results; a broken stream raises."""
+    checksum. Per-request errors are results; a broken stream raises.
+
+    A request may instead name a placer (``expect(..., place=)``): an object with
+    ``head_len`` and ``place(index, length, head)``, asked once the first ``head_len``
+    bytes of the payload are in. It returns ``(views, result)``: the rest of the payload
+    is received into those views in order (so an EC data fragment lands at its offset in
+    the object's buffer) and ``result`` is the request's; or None, and the payload is
+    received whole into an ``alloc`` buffer, head included. The hash covers every piece."""
 
     __slots__ = ("ch", "verify", "alloc", "want", "_hgot", "_r", "_i", "_view", "_got", "_hash",
-                 "_result", "_skip", "_scratch")
+                 "_result", "_skip", "_scratch", "_place", "_rest")
 
     def __init__(self, ch: TcpChannel, verify: bool, alloc):
         self.ch = ch
@@ -470,10 +477,13 @@ class GetReader:
         self._result = None  # what the request gets once the payload is in
         self._skip = 0  # payload bytes still to discard (an object too big for its buffer)
         self._scratch: memoryview | None = None
+        self._place = None  # the placer asked once the head is in
+        self._rest: list = []  # further views of the payload (reversed)
 
-    def expect(self, rid: int, index: int, dest: memoryview | None = None) -> None:
-        """Request ``rid`` (sent) answers item ``index``, into ``dest`` when given."""
-        self.want[rid] = (index, dest)
+    def expect(self, rid: int, index: int, dest: memoryview | None = None, place=None) -> None:
+        """Request ``rid`` (sent) answers item ``index``, into ``dest`` when given (or as
+        ``place`` says)."""
+        self.want[rid] = (index, dest, place)
 
     def pending(self) -> int:
         """Requests not completely answered yet."""
@@ -515,7 +525,12 @@ class GetReader:
                     self._hash.update(into[:n])
                 self._got += n
                 if self._got == len(self._view):
-                    self._finish(done)
+                    if self._place is not None:
+                        self._placed()
+                    elif self._rest:
+                        self._view, self._got = self._rest.pop(), 0
+                    else:
+                        self._finish(done)
         return total
 
     def _start(self, r: Response, done: list) -> None:
@@ -524,7 +539,7 @@ class GetReader:
             if r.status:  # connection-level error (id 0): e.g. too many connections
                 raise self.ch.read_error(r)
             raise errors.ProtocolError(f"response for unknown request id {r.rid}")
-        self._r, (self._i, dest) = r, item
+        self._r, (self._i, dest, place) = r, item
         self._got, self._hash, self._result, self._skip = 0, None, None, 0
         if r.status:
             self._view = memoryview(bytearray(r.length))  # the error's message
@@ -536,6 +551,11 @@ class GetReader:
                 self._scratch = memoryview(bytearray(VERIFY_CHUNK))
             self._skip = r.length
             return
+        elif place is not None and r.length > place.head_len:
+            self._place = place
+            self._view = memoryview(bytearray(place.head_len))  # the head first
+            if self.verify:
+                self._hash = checksum_stream()
         else:
             if dest is not None:
                 self._view, self._result = dest[:r.length], r.length
@@ -547,6 +567,22 @@ class GetReader:
         if not r.length:
             self._finish(done)
 
+    def _placed(self) -> None:
+        """The head is in: receive the rest where the placer says, or whole."""
+        head, place, self._place = self._view.obj, self._place, None
+        rest = self._r.length - len(head)
+        plan = place.place(self._i, self._r.length, head)
+        views = [] if plan is None else [v for v in plan[0] if len(v)]
+        if plan is None or sum(len(v) for v in views) != rest:
+            buf = self.alloc(self._r.length)
+            buf[:len(head)] = head
+            self._result, self._view, self._rest = buf, memoryview(buf)[len(head):], []
+        else:
+            self._result = plan[1]
+            self._rest = views[::-1]
+            self._view = self._rest.pop()
+        self._got = 0
+
     def _finish(self, done: list) -> None:
         r, result = self._r, self._result
         if r.status:
@@ -556,7 +592,8 @@ class GetReader:
             if got != r.checksum:
                 result = mismatch()
         done.append((self._i, result))
-        self._r = self._view = self._hash = self._result = None
+        self._r = self._view = self._hash = self._result = self._place = None
+        self._rest = []
 
 
 DataConnection = TcpChannel  # the name kvstore.shm and older callers import

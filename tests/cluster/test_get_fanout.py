@@ -206,6 +206,37 @@ def test_corrupt_checksum_is_caught_and_read_around(nodes, monkeypatch):
     assert seen[True] == seen[False] == errors.Unavailable
 
 
+def test_ec_data_fragments_land_in_place_and_a_missing_one_is_decoded(nodes, monkeypatch):
+    """Healthy EC reads receive the data fragments at their offsets in the object's buffer
+    (reads._Placer: the whole object comes from there, checked by its checksum); with a
+    data fragment deleted from its node, the landed ones become records again and the
+    object is decoded with a parity fragment, get and get_into, as on the pool path."""
+    from kvstore.cluster import reads
+    from kvstore.layout import fragment_key, lap_key
+
+    objs = objects("place", 6, sizes=[300_001, MIB, 2 * MIB + 7])
+    keys = list(objs)
+    wholes: list = []
+    real = reads._Placer.whole
+    monkeypatch.setattr(reads._Placer, "whole", lambda self: wholes.append(real(self)) or wholes[-1])
+    with cluster(nodes) as cc:
+        assert all(cc.batch_put(list(objs.items()), namespace="ec"))
+        assert [bytes(b) for b in cc.batch_get(keys, namespace="ec")] == list(objs.values())
+        assert get_into(cc, keys, "ec") == list(objs.values())
+        assert len(wholes) == 2 * len(keys) and all(w is not None for w in wholes)
+        p = cc.policy("ec")
+        for k in keys[::2]:  # data fragment 0 (slot 0) gone from its node
+            m, lap = cc._slots(k, "ec", p, write=False)[0]
+            cc.client(m).delete([lap_key(fragment_key(k), lap)], namespace="ec")
+        wholes.clear()
+        for fanout in (True, False):
+            cc.fanout_gets = fanout
+            assert [bytes(b) for b in cc.batch_get(keys, namespace="ec")] == list(objs.values())
+            assert get_into(cc, keys, "ec") == list(objs.values())
+        assert sum(w is None for w in wholes) == 2 * len(keys[::2])  # fanned out: decoded
+        assert cc.pooled_get_jobs == 0
+
+
 def test_threads_share_one_client(nodes):
     """Four threads read through one ClusterClient at once (each its own channels), get
     and get_into, every policy: every object comes back."""

@@ -25,9 +25,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, wait
 
 from .. import errors
 from .._common import writable_view
-from ..layout import Policy, assemble, fragment_key, lap_key, tune_malloc
+from ..layout import FRAG_HEADER, KIND_FRAGMENT, Policy, assemble, codec, fragment_key, lap_key, parse_head, \
+    tune_malloc
 from ..placement import Member
-from ..wire import key_bytes, namespace_bytes
+from ..wire import checksum, key_bytes, namespace_bytes
 from .writes import FANOUT_WINDOW
 
 
@@ -156,8 +157,14 @@ class Reads:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, (m.node_id, 0), k))
         got: list[dict] = [{} for _ in ks]
         into = outs if p.kind != "ec" else None  # replicas straight into the caller's buffers
+        placers: dict[int, _Placer] = {}
         if self.fanout_gets:
-            _GetFanout(self, ns, p.kind == "ec", into, got).run(per_node.values())
+            if p.kind == "ec" and codec(p).offset is not None and per_node:
+                # data fragments received at their offsets in the object's buffer
+                alloc = self.client(next(iter(per_node.values()))[0])._pool.take
+                placers = {j: _Placer(p, codec(p).offset, None if outs is None else outs[j], alloc)
+                           for j in range(len(ks))}
+            _GetFanout(self, ns, p.kind == "ec", into, got, placers).run(per_node.values())
         else:
             futs = [(items, self._pooled_get(m, items, ns, into)) for m, items in per_node.values()]
             wait([f for _, f in futs])
@@ -169,6 +176,15 @@ class Reads:
             if p.kind != "ec":
                 out.append(got[j][next(iter(got[j]))] if got[j] else self._get_replica(k, ns, sls[j], dest))
                 continue
+            pl = placers.get(j)
+            if pl is not None and pl.landed:
+                r = pl.whole()
+                if r is not None:
+                    out.append(r)
+                    continue
+                for w, v in list(got[j].items()):  # as records again, for the paths below
+                    if isinstance(v, _Landed):
+                        got[j][w] = pl.record(v)
             r = assemble(p, list(got[j].values()), dest) if got[j] else None
             out.append(r if r is not None else self._get_ec(k, ns, p, got[j], dest))
         return out
@@ -218,8 +234,10 @@ class _GetFanout:
     as on the pool path.
     """
 
-    def __init__(self, reads: Reads, ns: str, ec: bool, outs: list | None, got: list[dict]):
+    def __init__(self, reads: Reads, ns: str, ec: bool, outs: list | None, got: list[dict],
+                 placers: dict | None = None):
         self.r = reads
+        self.placers = placers or {}
         self.ns = ns
         self.nsb = namespace_bytes(ns)
         self.ec = ec
@@ -331,7 +349,8 @@ class _GetFanout:
             batch = st.items[st.next:st.next + room]
             buf, rids = st.conn.get_frames(self.nsb, [sk for _j, _w, sk in batch])
             for n, ((j, _w, _sk), rid) in enumerate(zip(batch, rids)):
-                st.reader.expect(rid, st.next + n, None if self.outs is None else self.outs[j])
+                st.reader.expect(rid, st.next + n, None if self.outs is None else self.outs[j],
+                                 self.placers.get(j))
             st.next += len(batch)
             st.out.append(memoryview(buf))
         if st.out:
@@ -353,6 +372,8 @@ class _GetFanout:
                 if self.ec:
                     self.got[j][where] = res
             else:
+                if isinstance(res, _Landed):
+                    self.placers[j].land(res)
                 self.got[j][where] = res
         done.clear()
 
@@ -394,3 +415,80 @@ class _NodeGet:
         self.out: list = []  # request bytes not yet sent
         self.answered = [False] * len(items)
         self.last = 0.0  # when bytes last came from the node
+
+
+class _Landed:
+    """An EC data fragment received at its offset in the object's buffer (the record's
+    head and the zero padding past the object's end kept aside)."""
+
+    __slots__ = ("index", "head", "pad")
+
+    def __init__(self, index: int, head: bytearray, pad: bytearray):
+        self.index, self.head, self.pad = index, head, pad
+
+
+class _Placer:
+    """Where one EC object's data fragments go as they arrive (``GetReader``'s placer):
+    fragment i's bytes at ``i * fragment length`` in the object's buffer (the caller's
+    for ``batch_get_into``, else one from the receive pool, taken at the first head),
+    when its head shows a data fragment of this policy and of the same version (length
+    and object checksum) as the others placed. Anything else (a whole copy, another
+    version, a fragment index already taken, an object the buffer cannot hold) is
+    received whole, as before. The object is returned only once all K data fragments
+    landed (each checked against its wire checksum) and the object checksum matches,
+    as ``layout.assemble``'s concatenate path decides; otherwise the landed fragments
+    are made records again (``record``) for assemble and the degraded path."""
+
+    __slots__ = ("p", "head_len", "out", "alloc", "buf", "version", "flen", "taken", "landed")
+
+    def __init__(self, p: Policy, offset: int, out, alloc):
+        self.p = p
+        self.head_len = FRAG_HEADER.size + offset  # record header + liberasurecode header
+        self.out = out  # the caller's buffer (memoryview) or None
+        self.alloc = alloc
+        self.buf = None  # the object's buffer once the first fragment is placed
+        self.version: tuple | None = None  # (object length, object checksum)
+        self.flen = 0  # data bytes per fragment
+        self.taken: set[int] = set()
+        self.landed: dict[int, _Landed] = {}
+
+    def place(self, _i: int, length: int, head: bytearray):
+        h = parse_head(head)
+        p = self.p
+        if h is None or h[2] != KIND_FRAGMENT or h[4] != p.k or h[5] != p.m or h[3] >= p.k \
+                or h[3] in self.taken:
+            return None
+        olen, flen, version = h[8], length - self.head_len, (h[8], h[9])
+        if self.version is None:
+            if flen * p.k < olen or (self.out is not None and olen > len(self.out)):
+                return None  # not this layout, or a buffer too small (assemble says so)
+            self.version, self.flen = version, flen
+            self.buf = self.out if self.out is not None else self.alloc(olen)
+        elif version != self.version or flen != self.flen:
+            return None
+        i = h[3]
+        self.taken.add(i)
+        at = i * flen
+        take = max(0, min(flen, olen - at))
+        pad = bytearray(flen - take)
+        view = memoryview(self.buf)
+        return [view[at:at + take], memoryview(pad)], _Landed(i, head, pad)
+
+    def land(self, f: _Landed) -> None:
+        self.landed[f.index] = f
+
+    def whole(self):
+        """The object (its size when received into the caller's buffer) once every data
+        fragment landed and the object checksum matches; else None."""
+        if len(self.landed) < self.p.k:
+            return None
+        olen, ocsum = self.version
+        if checksum(memoryview(self.buf)[:olen]) != ocsum:
+            return None
+        return olen if self.out is not None else self.buf
+
+    def record(self, f: _Landed) -> bytes:
+        """The stored record of a landed fragment, whole again (a copy)."""
+        at = f.index * self.flen
+        take = max(0, min(self.flen, self.version[0] - at))
+        return bytes(f.head) + bytes(memoryview(self.buf)[at:at + take]) + bytes(f.pad)
