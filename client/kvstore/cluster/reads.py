@@ -10,7 +10,8 @@ read into a degraded one that fetches the other slots too. ``*_into`` assembles 
 caller's buffer, so no object-sized intermediate is made on the concatenate path.
 
 Batches are fanned out from the calling thread (``_GetFanout``: every node's GETs sent
-without blocking, every answer read with poll), or on the thread pool per node
+without blocking, every answer read with poll; EC data fragments received at their
+offsets in the object's buffer, ``_Placer``), or on the thread pool per node
 (``fanout_gets=False``, and channels that cannot do that).
 
 A buffer too small for its object is an InvalidArgument (the object's size in the
