@@ -26,8 +26,14 @@ and its table slot: the state of an object that is on NVMe only once the Store s
 its key (``Index.shed_key``).
 
 ``--resident`` makes the arena hold fewer objects than are put: the rest go through
-eviction and the policy's ghost (one (ns, key) tuple per evicted key, as many as are
-resident) shows in the figure.
+eviction and the policy's ghost (one 64-bit digest per evicted key, up to as many as
+are resident) shows in the figure. ``--ghost`` picks it: ``native``
+(kvstored._index.Ghost: a ring of digests and a u32 probe table) or ``dict`` (the
+Python dict it replaced, what a node without the extension runs); the line "ghost"
+gives its own bytes per evicted key (native: what it allocated; dict: the dict plus
+32 B per int), the RssAnon slope the whole difference.
+
+    .venv/bin/python benchmarks/bench_index.py --objects 1000000 --resident 524288 --index packed --ghost dict
 
 ``--breakdown`` also prints sys.getsizeof of one entry's parts (what the RssAnon
 slope is made of). Memory: about (bytes/object + object size) x N, e.g. ~0.6 GB
@@ -41,6 +47,7 @@ import os
 import sys
 import time
 
+from kvstored.engine.eviction import make_ghost
 from kvstored.engine.store import Store, StoreLimits
 from kvstored.settings import default
 
@@ -163,6 +170,8 @@ def main() -> None:
                          "rest through eviction, so the policy's ghost of evicted keys fills")
     ap.add_argument("--index", choices=("dict", "packed", "auto"), default="dict",
                     help="the Store's index (dram.index; default dict)")
+    ap.add_argument("--ghost", choices=("native", "dict", "auto"), default="auto",
+                    help="the eviction policy's ghost (default auto: native when built)")
     ap.add_argument("--gets", type=int, default=0,
                     help="then time this many gets (acquire + release, the Store's read path) "
                          "of keys put, spread over them")
@@ -186,6 +195,7 @@ def main() -> None:
         ap.error(f"--resident {fit} x {slot} B is less than one slab of {slab} B")
     store = Store(StoreLimits(dram_size=dram, slab_size=slab, hugepages=False, prefault=False,
                               index=a.index))
+    store.policy.ghost = make_ghost(a.ghost)  # still empty: nothing was put yet
     data = os.urandom(a.size)
     names = [f"model-{j}|".encode() for j in range(a.namespaces)]
     gc.collect()
@@ -202,8 +212,12 @@ def main() -> None:
     print(f"index {getattr(store.index, 'kind', 'dict')}  objects put {a.objects}  held {held}  "
           f"size {a.size} B  namespaces {a.namespaces}  put {dt / a.objects * 1e6:.2f} us/object "
           f"(CPU {cpu / a.objects * 1e6:.2f} us)")
-    print(f"ghost keys {len(store.policy.ghost)}  RssAnon grew {grown / 2**20:.1f} MiB: "
+    ghost = store.policy.ghost
+    print(f"ghost keys {len(ghost)}  RssAnon grew {grown / 2**20:.1f} MiB: "
           f"{grown / held:.1f} bytes/object held")
+    if len(ghost):
+        print(f"ghost {type(ghost).__name__}: {ghost.nbytes / 2**20:.1f} MiB, "
+              f"{ghost.nbytes / len(ghost):.1f} bytes/evicted key")
     if a.gets:
         ns0 = names[0][:-1]
         step = max(1, a.objects // a.gets) | 1  # odd: spreads over the namespaces too
