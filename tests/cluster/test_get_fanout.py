@@ -16,6 +16,9 @@ import pytest
 
 pytest.importorskip("pyeclib")
 
+import kvstore  # noqa: E402
+from clusterutil import wait_for  # noqa: E402
+from etcdutil import TTL, needs_etcd  # noqa: E402
 from kvstore import channel, errors  # noqa: E402
 from kvstore.cluster import ClusterClient, writes  # noqa: E402
 
@@ -266,6 +269,42 @@ def test_threads_share_one_client(nodes):
             t.join(60)
         assert not any(t.is_alive() for t in ts)
         assert not errs, errs
+        assert cc.pooled_get_jobs == 0
+
+
+@needs_etcd
+def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
+    """Nodes that joined after the client read its member list: the fanned-out gets are
+    answered Redirect (read to the end, connections kept), the client re-reads the list
+    and reads every object again from its current slots."""
+    def start(name: str):
+        cfg = tmp_path / f"{name}.toml"
+        cfg.write_text("\n".join([
+            "[node]", f'id = "{name}"', "[cluster]", "enabled = true", f"lease_ttl = {TTL}",
+            'name = "gf"', f'etcd_endpoints = "{etcd.endpoint}"', "repair_delay = 30",
+            'policies = "ec=ec:2+1, rep=replicas:2"']) + "\n")
+        return start_daemon("--config", str(cfg), "--dram-size", "128MiB")
+
+    def placement(d) -> int:
+        with kvstore.Client(d.control, timeout=5) as c:
+            return sum(1 for m in c.members().members if m.placement)
+
+    ds = [start(f"n{i}") for i in range(3)]
+    wait_for(lambda: all(placement(d) == 3 for d in ds), 15, "three nodes")
+    objs = objects("redir", 10, sizes=[5000, 300_001, MIB])
+    with ClusterClient.from_cluster(ds[0].control, refresh_s=3600, shm=False) as cc:
+        for ns in ("ec", "rep"):
+            assert all(cc.batch_put(list(objs.items()), namespace=ns))
+        ds.append(start("n3"))
+        wait_for(lambda: placement(ds[0]) == 4, 15, "n3 joined")
+        before = cc.redirects
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace="ec")] == list(objs.values())
+        assert cc.redirects > before and len(cc.members()) == 4
+        ds.append(start("n4"))
+        wait_for(lambda: placement(ds[0]) == 5, 15, "n4 joined")
+        before = cc.redirects
+        assert get_into(cc, list(objs), "rep") == list(objs.values())
+        assert cc.redirects > before and len(cc.members()) == 5
         assert cc.pooled_get_jobs == 0
 
 
