@@ -32,7 +32,7 @@ numbers in benchmarks/RESULTS.md). What the trace taught:
   * the ghost holds as many keys as the cache (ARC's size): a larger one (it was
     4096 keys at least; now 64) protected too much in small caches and lost to LRU at 2 %
     on Mooncake's synthetic trace. It keeps 64-bit digests, not keys, in native code
-    (``kvstored._index.Ghost``: ~15-19 B per evicted key instead of ~70 B in a dict;
+    (``kvstored._index.Ghost``: ~17 B per evicted key instead of 76-90 B in a dict;
     docs/scale.md), or in a dict when the extension is not built (same decisions).
 
 Every operation is O(1) (amortised where unevictable entries are skipped). Entries

@@ -237,6 +237,40 @@ def test_bad_input_gets_a_typed_error():
     assert len(g) == 1 and g.counts == (0, 0, 1)  # nothing half done by the errors
 
 
+@needs_native
+def test_threads_sharing_a_ghost_see_it_whole():
+    """The daemon uses it from its event loop only; threads (the GIL held through each
+    call) must still find it consistent: each thread's digests, in its order."""
+    import threading
+
+    g = native()
+    per, nthreads = 4000, 4
+    errors = []
+
+    def work(t):
+        try:
+            base = t << 40
+            for i in range(per):
+                g.add(base + i, t % 3)
+                if i % 2:
+                    assert g.pop(base + i - 1) == t % 3
+                assert g.get(base + i) == t % 3
+        except Exception as e:  # reported below, with the thread
+            errors.append((t, e))
+
+    threads = [threading.Thread(target=work, args=(t,)) for t in range(nthreads)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join(timeout=60)
+    assert not errors and not any(th.is_alive() for th in threads)
+    items = g.items()
+    assert len(g) == len(items) == nthreads * per // 2 and sum(g.counts) == len(g)
+    for t in range(nthreads):
+        mine = [h & ((1 << 40) - 1) for h, _ in items if h >> 40 == t]
+        assert mine == list(range(1, per, 2))
+
+
 # ------------------------------------------------------------ choosing the ghost
 def test_make_ghost_falls_back_to_the_dict(monkeypatch):
     with pytest.raises(ValueError):
