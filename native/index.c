@@ -2339,6 +2339,12 @@ static PyObject *Ghost_get_nbytes(Ghost *g, void *c) {
     return PyLong_FromUnsignedLongLong(sizeof(Ghost) + (uint64_t)g->cap * 9 + (uint64_t)g->tcap * 4);
 }
 
+/* Not copied or pickled: object's default would make an empty ghost of a full one. */
+static PyObject *Ghost_reduce(Ghost *g, PyObject *unused) {
+    PyErr_SetString(PyExc_TypeError, "a Ghost cannot be copied or pickled");
+    return NULL;
+}
+
 static PyGetSetDef Ghost_getset[] = {
     {"counts", (getter)Ghost_get_counts, NULL, "(n0, n1, n2): live digests by origin", NULL},
     {"nbytes", (getter)Ghost_get_nbytes, NULL, "bytes allocated (ring, probe table, object)", NULL},
@@ -2353,6 +2359,7 @@ static PyMethodDef Ghost_methods[] = {
     {"trim", (PyCFunction)Ghost_trim, METH_O, "trim(limit) -> dropped: oldest first down to limit"},
     {"items", (PyCFunction)Ghost_items, METH_NOARGS, "[(digest & (2**64 - 1), origin)], oldest first"},
     {"footprint", (PyCFunction)Ghost_footprint, METH_NOARGS, "ring and table sizes, bytes"},
+    {"__reduce__", (PyCFunction)Ghost_reduce, METH_NOARGS, NULL},
     {NULL}
 };
 

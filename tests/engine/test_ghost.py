@@ -234,6 +234,11 @@ def test_bad_input_gets_a_typed_error():
             g.trim(limit)
     g.add(1, COLD)
     assert g.trim(1 << 100) == 0 and len(g) == 1  # a limit past 2**63 drops nothing
+    import copy
+    import pickle
+    for clone in (copy.copy, copy.deepcopy, pickle.dumps):  # never a silently empty one
+        with pytest.raises(TypeError):
+            clone(g)
     assert len(g) == 1 and g.counts == (0, 0, 1)  # nothing half done by the errors
 
 
