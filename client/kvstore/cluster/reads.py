@@ -220,8 +220,9 @@ class _GetFanout:
     ``sendmsg``, at most ``FANOUT_WINDOW`` unanswered per connection (more are sent as
     answers come in), and every connection's answers are read with ``poll`` as they
     arrive, each socket's stream parsed incrementally (``channel.GetReader``): payloads
-    straight into the caller's buffers (replicas, ``batch_get_into``) or receive-pool
-    buffers (EC fragments, new objects), checked against their checksums as they land.
+    straight into the caller's buffers (replicas, ``batch_get_into``), EC data fragments
+    at their offsets in the object's buffer (``_Placer``), anything else into receive-pool
+    buffers, each checked against its checksum as it lands.
 
     Per-request outcomes are as on the pool path, item by item: a replica's failed read
     leaves it to ``_get_replica`` (the other copies); an EC record's error (NotFound: one
