@@ -320,19 +320,20 @@ class _GetFanout:
                 if ev & select.POLLNVAL:
                     self._broken(st)
                     continue
+                failure: Exception | None = None
                 try:
                     if ev & select.POLLOUT and st.out:
                         st.conn.send_some(st.out)
                     if ev & (select.POLLIN | select.POLLERR | select.POLLHUP):
                         if st.reader.read_some(done):
                             st.last = time.monotonic()
-                except errors.ProtocolError as e:
-                    self._failed(st, e)
-                except errors.KVStoreError as e:  # connection-level (too many connections...)
-                    self._failed(st, e)
-                except OSError:
+                except (errors.KVStoreError, OSError) as e:
+                    failure = e
+                self._record(st, done)  # answers completed before a failure count
+                if isinstance(failure, errors.KVStoreError):
+                    self._failed(st, failure)  # a bad frame, a connection-level error
+                elif failure is not None:
                     self._broken(st)
-                self._record(st, done)
             now = time.monotonic()
             for st in live:
                 if st.conn is not None and now - st.last >= timeout:
