@@ -57,7 +57,7 @@ _INDEX_ENV = "KVSTORED_INDEX"
 
 class DictGhost:
     """The ghost without the native extension: digest -> origin in a dict whose order
-    is the age (~70 B per key: the int, the dict entry and index), and the digests in
+    is the age (76-90 B per key: the int, the dict entry and index), and the digests in
     a list, oldest first, that ``trim`` walks. The same calls and results as
     ``kvstored._index.Ghost``, which keeps the digests masked to 64 bits (``hash()``
     values fit, so both tell the same digests apart).
@@ -240,6 +240,8 @@ class Policy:
     ``adapt_rate`` (0: fixed) within [0, ``bonus_max``]. Share and rate were picked
     on the trace's first half and checked on its second half and on a synthetic
     trace (RESULTS.md); rates from 2 to 32 give nearly the same hit ratios.
+    ``ghost``: ``auto``, ``native`` or ``dict`` (``make_ghost``); either makes the same
+    decisions.
     """
 
     def __init__(self, nclasses: int, *, protected_share: float = 0.5, age_bonus: float = 1.0,
