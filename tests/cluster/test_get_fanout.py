@@ -170,8 +170,35 @@ def test_buffer_too_small_is_invalid_argument_and_the_connection_stays_usable(no
             assert not cc._down_now()
             if fanout:
                 assert cc.pooled_get_jobs == 0
-    with cluster(nodes) as cc, pytest.raises(errors.InvalidArgument):
-        cc.batch_get_into(keys, [bytearray(10)], namespace=ns)  # malformed: counts differ
+    with cluster(nodes) as cc:
+        with pytest.raises(errors.InvalidArgument):
+            cc.batch_get_into(keys, [bytearray(10)], namespace=ns)  # malformed: counts differ
+        with pytest.raises(errors.InvalidArgument):
+            cc.batch_get_into(keys, [bytes(250_000)] * len(keys), namespace=ns)  # read-only
+        with pytest.raises(errors.InvalidArgument):
+            cc.batch_get([b"k" * 4096], namespace=ns)  # a key over the limit
+
+
+@pytest.mark.parametrize("ns", ["plain", "ec"])
+def test_broken_connection_is_dropped_and_its_part_read_on_the_pool(nodes, ns):
+    """This thread's connection to a node breaks (shut down under the client): the node's
+    part goes to the pool on a new connection, once; the node is not marked down and the
+    next batch is fanned out again over a fresh connection."""
+    import socket
+
+    objs = objects(f"broken-{ns}", 12, sizes=[5000, 300_001, MIB])
+    with cluster(nodes) as cc:
+        assert all(cc.batch_put(list(objs.items()), namespace=ns))
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace=ns)] == list(objs.values())
+        first = next(iter(objs))
+        m = cc._slots(first, ns, cc.policy(ns), write=False)[0][0]
+        old = cc.client(m)._channel_here()
+        old.sock.shutdown(socket.SHUT_RDWR)
+        assert get_into(cc, list(objs), ns) == list(objs.values())
+        assert cc.pooled_get_jobs == 1 and not cc._down_now()
+        assert cc.client(m)._channel_here() is not old
+        assert [bytes(b) for b in cc.batch_get(list(objs), namespace=ns)] == list(objs.values())
+        assert cc.pooled_get_jobs == 1
 
 
 def test_corrupt_checksum_is_caught_and_read_around(nodes, monkeypatch):
