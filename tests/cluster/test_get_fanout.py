@@ -179,6 +179,50 @@ def test_buffer_too_small_is_invalid_argument_and_the_connection_stays_usable(no
             cc.batch_get([b"k" * 4096], namespace=ns)  # a key over the limit
 
 
+class _Trickle:
+    """A client socket whose reads return a few bytes at a time, and now and then nothing
+    yet (EAGAIN) though bytes are waiting: every split of a header or payload (and of an
+    EC record's head) is met by the incremental parser."""
+
+    def __init__(self, sock, seed: int):
+        import random
+        self._sock, self._rnd, self.calls = sock, random.Random(seed), 0
+
+    def recv_into(self, buf, nbytes=0, flags=0):
+        import socket
+        self.calls += 1
+        if flags & socket.MSG_DONTWAIT and self._rnd.random() < 0.2:
+            raise BlockingIOError
+        cap = self._rnd.choice([1, 2, 7, 39, 40, 41, 117, 4096, 100_000])
+        return self._sock.recv_into(buf, min(nbytes or len(buf), cap), flags)
+
+    def __getattr__(self, name):
+        return getattr(self._sock, name)
+
+
+@pytest.mark.parametrize("ns", list(POLICIES))
+def test_answers_arriving_in_pieces(nodes, ns):
+    """Answers read a few bytes at a time (headers, payloads, error messages and EC heads
+    split anywhere) still give every object, NotFound for an absent one, and leave the
+    connections usable."""
+    objs = objects(f"trickle-{ns}", 8, sizes=[0, 1, 4096, 300_001, MIB])
+    keys = list(objs)
+    with cluster(nodes) as cc:
+        assert all(cc.batch_put(list(objs.items()), namespace=ns))
+        socks = []
+        for i, m in enumerate(cc.members()):
+            conn = cc.client(m)._channel_here()
+            conn.sock = _Trickle(conn.sock, i)
+            socks.append(conn.sock)
+        assert [bytes(b) for b in cc.batch_get(keys, namespace=ns)] == list(objs.values())
+        assert get_into(cc, keys, ns) == list(objs.values())
+        with pytest.raises(errors.NotFound):
+            cc.batch_get(keys[:2] + [b"absent"], namespace=ns)
+        assert [bytes(b) for b in cc.batch_get(keys[::-1], namespace=ns)] == list(objs.values())[::-1]
+        assert cc.pooled_get_jobs == 0 and not cc._down_now()
+        assert sum(s.calls for s in socks) > 500
+
+
 @pytest.mark.parametrize("ns", ["plain", "ec"])
 def test_broken_connection_is_dropped_and_its_part_read_on_the_pool(nodes, ns):
     """This thread's connection to a node breaks (shut down under the client): the node's
