@@ -92,11 +92,20 @@ def test_fanout_reads_what_the_pool_path_reads(nodes, ns):
     assert seen[True] == seen[False] == (errors.NotFound,) * 3
 
 
-def test_more_requests_than_the_window_to_one_node(nodes):
-    """One node gets more GETs in a batch than FANOUT_WINDOW: the rest are sent as answers
-    come in, and every object (get and get_into) comes back."""
+def test_more_requests_than_the_window_to_one_node(nodes, monkeypatch):
+    """One node gets more GETs in a batch than FANOUT_WINDOW: never more than that many
+    are unanswered on its connection, the rest are sent as answers come in, and every
+    object (get and get_into) comes back."""
     n = writes.FANOUT_WINDOW * 2 + 37
     objs = objects("win", n, sizes=[2048, 100, 9000, 0])
+    most = [0]
+    real = channel.GetReader.expect
+
+    def expect(self, *a, **kw):
+        real(self, *a, **kw)
+        most[0] = max(most[0], self.pending())
+
+    monkeypatch.setattr(channel.GetReader, "expect", expect)
     with ClusterClient([nodes[0].control], policy="none", node_timeout=10.0, shm=False) as cc:
         assert all(cc.batch_put(list(objs.items())))
         got = cc.batch_get(list(objs))
@@ -105,6 +114,7 @@ def test_more_requests_than_the_window_to_one_node(nodes):
         assert cc.batch_get_into(list(objs), bufs) == [len(v) for v in objs.values()]
         assert all(bytes(b[:len(v)]) == v for b, v in zip(bufs, objs.values()))
         assert cc.pooled_get_jobs == 0
+    assert most[0] == writes.FANOUT_WINDOW
 
 
 @pytest.mark.parametrize("ns", ["ec", "rep"])
