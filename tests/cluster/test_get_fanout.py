@@ -429,6 +429,34 @@ def test_tokens(auth_nodes, policy):
             assert seen[True] == (errors.PermissionDenied,) * 2
 
 
+@pytest.fixture(scope="module")
+def tls_nodes(module_daemons, tmp_path_factory):
+    pytest.importorskip("cryptography")
+    from seccerts import make_certs
+    d = tmp_path_factory.mktemp("getfan-tls")
+    certs = make_certs(d / "certs")
+    cfg = d / "tls.toml"
+    cfg.write_text(f'[tls]\ncert_file = "{certs.node.cert}"\nkey_file = "{certs.node.key}"\n')
+    return certs, module_daemons.group([f"gt{i}" for i in range(3)], "--config", str(cfg))
+
+
+@pytest.mark.parametrize("policy", ["replicas:2", "ec:2+1"])
+def test_tls_channels_get_through_the_pool(tls_nodes, policy):
+    """TLS channels take no MSG_DONTWAIT reads or sends: every node's part goes to the
+    thread pool (counted), with the same results and the same errors."""
+    from secutil import client_tls
+    certs, ds = tls_nodes
+    objs = objects(f"tls-{policy}", 8, sizes=[5000, 300_001, MIB])
+    with ClusterClient([d.control for d in ds], policy=policy, tls=client_tls(certs), node_timeout=5.0,
+                       shm=False) as cc:
+        assert all(cc.batch_put(list(objs.items())))
+        assert [bytes(b) for b in cc.batch_get(list(objs))] == list(objs.values())
+        assert get_into(cc, list(objs), None) == list(objs.values())
+        with pytest.raises(errors.NotFound):
+            cc.batch_get([b"absent"] + list(objs)[:2])
+        assert cc.pooled_get_jobs >= 3  # a part (at least) of each batch
+
+
 def test_same_host_shm_channels_get_through_the_pool(nodes):
     """On the same host the nodes' channels are shm (large objects move outside the
     frames): the parts go to the thread pool (counted), with the same results."""
