@@ -284,7 +284,7 @@ def test_walk_over_mixed_keyed_and_keyless_entries():
     assert ix.namespaces() == {b"n%d" % j: (20, 2000) for j in range(3)}
 
 
-def test_random_operations_match_a_dict_model():
+def test_random_operations_match_a_dict_model(young_heap):
     rng = random.Random(13)
     ix = PackedIndex()
     model: dict[tuple[bytes, bytes], tuple[int, bool]] = {}  # -> (size, keyless)

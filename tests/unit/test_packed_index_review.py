@@ -256,7 +256,7 @@ def test_the_hash_mixes_a_per_table_seed_and_keeps_probe_chains_short():
 
 # ------------------------------------------------------------------ equivalence
 @pytest.mark.parametrize("seed", [11, 12, 13, 14])
-def test_random_operations_with_links_offsets_and_held_records_agree(seed):
+def test_random_operations_with_links_offsets_and_held_records_agree(seed, young_heap):
     """A wider differential than test_packed_index's: eviction links (push/remove of a
     list through newer/older), offset moves (displace, change, place), promotion from
     NVMe-only, re-insert of a removed held entry, add(), pins with leases, refs, stamps
