@@ -36,11 +36,12 @@ client's cores, so this measures the client and the codec, not a network.
 ``--paired TURNS`` adds put-only turns, then batch_get / batch_get_into turns, of every
 policy in alternation (CPU per batch of the client and the nodes); ``--pool-too`` adds
 clients with ``fanout_puts=False, fanout_gets=False`` (each node's part on a pool thread)
-to the same turns, and a "vs pool" column of per-turn time ratios for the gets.
+to the same turns, and a "vs pool" column of per-turn time ratios for the gets;
+``--latency TURNS`` times get_into of a single object the same way (a block read's latency).
 
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
         [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
-        [--codec-only] [--paired TURNS [--pool-too]]
+        [--codec-only] [--paired TURNS [--pool-too] [--latency TURNS]]
         [--json out.json]
 """
 from __future__ import annotations
@@ -344,6 +345,37 @@ def paired_gets(clients: dict, size: int, count: int, rounds: int, ns: str, node
     return out
 
 
+def paired_latency(clients: dict, size: int, turns: int, ns: str) -> list[dict]:
+    """get_into of one object, every client in turn, ``turns`` times (after 10 warm-up
+    turns): the latency a single block read sees. Per client: median microseconds, and the
+    median of the per-turn ratios pool / this client where a "<policy> pool" client exists."""
+    import statistics
+    payload = os.urandom(size)
+    keys = {name: [f"lat{size}-{name}".encode()] for name in clients}
+    for name, cc in clients.items():
+        cc.batch_put([(keys[name][0], payload)], namespace=ns)
+    buf = [bytearray(size)]
+    got: dict[str, list[float]] = {name: [] for name in clients}
+    for r in range(turns + 10):
+        for name, cc in clients.items():
+            t = time.perf_counter()
+            cc.batch_get_into(keys[name], buf, namespace=ns)
+            if r >= 10:
+                got[name].append(time.perf_counter() - t)
+    assert buf[0] == payload
+    for name, cc in clients.items():
+        cc.delete(keys[name], namespace=ns)
+    out = []
+    for name, v in got.items():
+        row = {"policy": name, "size": size_name(size), "turns": turns,
+               "get_into_us_median": round(statistics.median(v) * 1e6)}
+        pool = got.get(f"{name} pool")
+        if pool:
+            row["speed_vs_pool"] = round(statistics.median(q / x for q, x in zip(pool, v)), 2)
+        out.append(row)
+    return out
+
+
 def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
     from kvstore import errors
     try:
@@ -373,6 +405,9 @@ def main(argv=None) -> int:
                     help="paired turns also with fanout_puts=False and fanout_gets=False (each "
                          "node's part on a pool thread, the paths before the fanned-out put and "
                          "get), rows '<policy> pool'")
+    ap.add_argument("--latency", type=int, default=0, metavar="TURNS",
+                    help="with --paired: also get_into of one object per call, every client in "
+                         "alternation, this many turns (median latency; vs pool with --pool-too)")
     ap.add_argument("--paired", type=int, default=0, metavar="TURNS",
                     help="also put-only turns, then get and get_into turns, of every policy in "
                          "alternation on the largest node count (ratios to the first policy from "
@@ -398,7 +433,7 @@ def main(argv=None) -> int:
     cc_algo = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     results = {"congestion_control": cc_algo, "transport": "shm" if args.shm else "tcp",
                "batch_bytes": args.objects * MIB, "rounds": args.rounds, "cpus": os.cpu_count(),
-               "rows": [], "codec": [], "paired": [], "paired_gets": []}
+               "rows": [], "codec": [], "paired": [], "paired_gets": [], "latency": []}
     n_paired = max(node_counts, default=0)
     shm = None if args.shm else False
     t_start = time.perf_counter()
@@ -452,6 +487,11 @@ def main(argv=None) -> int:
                             row["nodes"] = n_paired
                             results["paired_gets"].append(row)
                             print(json.dumps(row), file=sys.stderr, flush=True)
+                        if args.latency:
+                            for row in paired_latency(clients, size, args.latency, f"pl{n_paired}"):
+                                row["nodes"] = n_paired
+                                results["latency"].append(row)
+                                print(json.dumps(row), file=sys.stderr, flush=True)
                 if not args.no_ec_fallback:
                     for p in policies:
                         if p.kind == "ec" and p.nodes not in node_counts and p.nodes <= len(addrs):
@@ -477,7 +517,8 @@ def main(argv=None) -> int:
     for p in policies:
         if p.kind == "ec":
             for size in sizes:
-                results["codec"].extend(bench_codec(p.k, p.m, size, args.codec_seconds))
+                if size >= layout.DEFAULT_MIN_EC_SIZE:  # smaller objects are stored whole, not coded
+                    results["codec"].extend(bench_codec(p.k, p.m, size, args.codec_seconds))
 
     print(f"# ClusterClient, {results['transport']}, {cc_algo}, {os.cpu_count()} cpus, batches of "
           f"{size_name(args.objects * MIB)} (objects x size), best of {args.rounds}; "
@@ -517,6 +558,14 @@ def main(argv=None) -> int:
             vs_pool = f"{r['speed_vs_pool']:.2f}x" if "speed_vs_pool" in r else ""
             print(f"| {r['size']} | {r['policy']} | {r['call']} | {r['GBps_median']:.2f} | {r['GBps_best']:.2f} | "
                   f"{r['speed_vs_first']:.2f}x | {vs_pool} | {r['client_cpu_ms']} | {r['nodes_cpu_ms']} |")
+    if results["latency"]:
+        print(f"\n# get_into of one object, every client in alternation on the same {n_paired} nodes, "
+              f"{args.latency} turns (median; vs pool: median of the per-turn time ratios)\n")
+        print("| size | policy | get_into us | vs pool |")
+        print("|---|---|---:|---:|")
+        for r in results["latency"]:
+            vs_pool = f"{r['speed_vs_pool']:.2f}x" if "speed_vs_pool" in r else ""
+            print(f"| {r['size']} | {r['policy']} | {r['get_into_us_median']} | {vs_pool} |")
     if results["codec"]:
         print("\n# EC codec per object: pyeclib raw vs the client path (one thread, CPU time, "
               f"9 alternating rounds: medians); client encoder: {results['codec'][0]['engine']}\n")
