@@ -467,7 +467,7 @@ class GetReader:
         self.ch = ch
         self.verify = verify
         self.alloc = alloc
-        self.want: dict[int, tuple[int, memoryview | None]] = {}  # request id -> (index, dest)
+        self.want: dict[int, tuple] = {}  # request id -> (index, dest, placer)
         self._hgot = 0  # header bytes of the next response received so far
         self._r: Response | None = None  # the response whose payload is being read
         self._i = 0
