@@ -1,12 +1,32 @@
 """Helpers of the cluster tests and benchmarks: waiting, and checking an object's records."""
 from __future__ import annotations
 
+import os
 import time
 from pathlib import Path
 
 import kvstore
 from kvstore import errors
 from kvstore.layout import Policy, lap_key, parse_record, placement_key, slots
+
+MIB = 1 << 20
+# the fanned-out put and get tests' namespaces -> policies, and their object sizes (a
+# byte, a page, small, EC-sized with a ragged tail, a block, over 2 MiB)
+FANOUT_POLICIES = {"plain": "none", "rep": "replicas:2", "ec": "ec:3+2"}
+FANOUT_SIZES = [1, 4096, 65_536, 300_001, MIB, 2 * MIB + 7]
+
+
+def fanout_cluster(nodes, **kw):
+    """A ClusterClient over ``nodes`` with FANOUT_POLICIES, over TCP (as between hosts)."""
+    from kvstore.cluster import ClusterClient
+    kw.setdefault("node_timeout", 5.0)
+    kw.setdefault("down_s", 60.0)
+    kw.setdefault("shm", False)
+    return ClusterClient([d.control for d in nodes], policy=dict(FANOUT_POLICIES), **kw)
+
+
+def random_objects(prefix: str, n: int, sizes=FANOUT_SIZES) -> dict[bytes, bytes]:
+    return {f"{prefix}-{i}".encode(): os.urandom(sizes[i % len(sizes)]) for i in range(n)}
 
 
 def wait_for(pred, timeout: float, what: str, step: float = 0.2):

@@ -5,7 +5,6 @@ killed node, refused tokens, buffers too small and corrupt checksums, threads sh
 client, and same-host shm going through the pool."""
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -17,7 +16,8 @@ import pytest
 pytest.importorskip("pyeclib")
 
 import kvstore  # noqa: E402
-from clusterutil import wait_for  # noqa: E402
+from clusterutil import (FANOUT_POLICIES, FANOUT_SIZES, fanout_cluster, random_objects,  # noqa: E402
+                         wait_for)
 from etcdutil import TTL, needs_etcd  # noqa: E402
 from kvstore import channel, errors  # noqa: E402
 from kvstore.cluster import ClusterClient, writes  # noqa: E402
@@ -28,24 +28,13 @@ from secutil import token, write_tokens  # noqa: E402
 pytestmark = pytest.mark.timeout(120)
 
 MIB = 1 << 20
-POLICIES = {"plain": "none", "rep": "replicas:2", "ec": "ec:3+2"}
-SIZES = [1, 4096, 65_536, 300_001, MIB, 2 * MIB + 7]
+POLICIES, SIZES = FANOUT_POLICIES, FANOUT_SIZES
+cluster, objects = fanout_cluster, random_objects
 
 
 @pytest.fixture
 def nodes(module_daemons):
     return module_daemons.group([f"g{i}" for i in range(5)])
-
-
-def cluster(nodes, **kw):
-    kw.setdefault("node_timeout", 5.0)
-    kw.setdefault("down_s", 60.0)
-    kw.setdefault("shm", False)  # TCP, as between hosts (same-host shm: see the last test)
-    return ClusterClient([d.control for d in nodes], policy=dict(POLICIES), **kw)
-
-
-def objects(prefix: str, n: int, sizes=SIZES) -> dict[bytes, bytes]:
-    return {f"{prefix}-{i}".encode(): os.urandom(sizes[i % len(sizes)]) for i in range(n)}
 
 
 def outcome(fn):
