@@ -178,9 +178,11 @@ class NvmeTier:
         on disk), which keys have stale records where (older versions, deleted objects)
         and which regions hold tombstones, so reclaim keeps deletes deleted. A newest
         record longer than ``max_length`` is not indexed but forgotten (stale). Returns
-        how many were. Memory: the index, the undecoded summaries of the regions not yet
-        read, one region's rows, and a dict of the keys met with several records or a
-        tombstone (issue 13: the peak was ~560 B per record with every row at once)."""
+        how many were. Memory: the index, a window of summaries read again from disk
+        (nvmescan.REREAD_WINDOW; the scan kept where they are, not their bytes), one
+        region's rows, and a dict of the keys met with several records or a tombstone
+        (issue 13: the peak was ~560 B per record with every row at once, ~110 B with
+        every summary body held)."""
         with gc_paused():
             skipped = self._recover_into(sink, max_length)
         self.settle_after_recovery()
@@ -211,14 +213,14 @@ class NvmeTier:
         _trim_heap()
 
     def _recover_into(self, sink, max_length: int | None) -> int:
-        found, self.recovered = self.recovered, Found()
+        found, self.recovered = self.recovered, Found(self.dev)
         # Most keys have one record and no tombstone: their record is live and nothing
         # of theirs is stale. Such records go to the sink in bulk; a key seen twice in a
         # region, a tombstone, an over-long record, a key already met with several records
         # (``special``) and a key the sink already holds from an earlier region go through
         # the per-record rules (_offer), which compare sequence numbers.
         special: dict = {}  # (ns, key) -> [seq, region | None (tombstone), loc, indexed]
-        for r, rows in found.take():
+        for r, rows in found.take(self.counters):  # summaries read again, a window at a time
             index, base, gen = r.index, r.base, r.generation
             ks = list(map(_key_of, rows))
             slow = set(filter(special.__contains__, ks)) if special else set()
@@ -242,6 +244,9 @@ class NvmeTier:
                     if k in slow:
                         self._offer(special, sink, r, row, k, None, max_length)
             del ks, rows, slow
+        # a region scanned because its summary failed the second read holds the records
+        # the summary listed (the scan saw their sequence numbers): this only guards that
+        self.seq = max(self.seq, found.max_seq + 1)
         skipped = 0
         for k, cur in special.items():
             if cur[1] is not None and not cur[3]:  # the newest is too long to serve

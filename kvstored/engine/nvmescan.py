@@ -13,6 +13,14 @@ resynchronises on the next 4 KiB block holding a record header of the region's
 generation, so a corrupt header costs that record only. A corrupt summary costs
 a scan of its region; a scanned region gets the summary it lacked, so the next
 start reads it. The region header is written twice; one good copy is enough.
+
+The scan keeps no summary: of each region only where its summary lies and what it
+verified as (length, checksum, entry count, generation). Indexing (``Found.take``)
+reads the summaries again, a few regions per batch, checks them against what the
+scan saw and decodes one region at a time, so recovery's peak is the index plus a
+window of summaries (issue 13: holding every body was ~55 B per record). A summary
+that fails the second read (read error, short read, other checksum) costs a scan
+of its region, as at the first.
 """
 from __future__ import annotations
 
@@ -37,6 +45,9 @@ log = logging.getLogger("kvstored.nvme")
 SCAN_CHUNK = 8 << 20  # bytes read at a time when a region is scanned
 HEAD_WINDOW = 64  # regions whose two header copies and trailer are read in one batch
 BODY_WINDOW = 64 << 20  # bytes of summaries read in one batch (bounds the buffers held)
+# bytes of summaries re-read in one batch while indexing: what recovery holds of them at
+# once (a 64 MiB region of 4 KiB records has a ~0.5 MiB summary)
+REREAD_WINDOW = 4 << 20
 STATS = ("restart_summaries", "restart_scanned_regions", "restart_resyncs", "summaries_corrupt",
          "region_headers_repaired", "regions_unreadable", "restart_summaries_written")
 _max_seq = itemgetter(SEQ)
@@ -67,14 +78,24 @@ def gc_paused():
 
 
 class Found:
-    """The records each region holds, as its summary body (``[(region, body, count)]``):
-    about 60 B per record for short keys, against ~250 B as decoded rows, so a restart
-    holds the bodies and decodes one region at a time (``take``) while it indexes them.
-    Iterating gives ``(region, rows)`` without consuming (tests, tools: decoded once and
-    kept until ``take``, so the same row objects come back each time)."""
+    """The records each region holds, as ``items``: ``[(region, body, count, body_len,
+    checksum, generation)]``. ``body`` is None for a region whose summary is on disk (the
+    scan read and verified it, and kept only its length and checksum): ``take`` reads it
+    again just before the region is indexed. A scanned region whose summary could not be
+    written keeps its body (bytes) here instead.
 
-    def __init__(self):
+    ``take`` hands out ``(region, rows)`` once each, one region decoded at a time, at
+    most ``REREAD_WINDOW`` bytes of summaries read ahead; ``peak_window`` is the most it
+    held at once (the test's measure). Iterating gives the same without consuming
+    (tests, tools: decoded once and kept until ``take``, so the same row objects come
+    back each time)."""
+
+    def __init__(self, dev: NvmeDevice | None = None):
+        self.dev = dev
         self.items: list = []
+        self.stats = dict.fromkeys(STATS, 0)  # __iter__'s; take counts into the caller's
+        self.peak_window = 0
+        self.max_seq = 0  # the highest sequence number of a region scanned by take
         self._rows: list | None = None
 
     def __len__(self) -> int:
@@ -82,36 +103,107 @@ class Found:
 
     def __iter__(self):
         if self._rows is None:
-            self._rows = [(r, parse_summary(body, count)) for r, body, count in self.items]
+            self._rows = list(self._decode(list(self.items), self.stats))
         return iter(self._rows)
 
-    def take(self):
-        """``(region, rows)`` of every region, once each; a region's body is let go as its
-        rows are handed out, so only one region is ever decoded at a time."""
+    def take(self, stats: dict | None = None):
+        """``(region, rows)`` of every region, once each; a region's summary is let go as
+        its rows are handed out. ``stats``: where a second read that fails is counted."""
         items, self.items, self._rows = self.items, [], None
-        for i in range(len(items)):
-            r, body, count = items[i]
-            items[i] = None
-            rows = parse_summary(body, count)
-            del body
-            yield r, rows
-            del rows
+        return self._decode(items, self.stats if stats is None else stats)
+
+    def _decode(self, items: list, stats: dict):
+        chunk = None
+        i = 0
+        while i < len(items):
+            window, total = [], 0  # [(item, offset in buf, aligned size | 0 when held)]
+            while i < len(items):
+                item = items[i]
+                size = align_up(max(item[3], 1)) if item[1] is None else 0
+                if window and total + size > REREAD_WINDOW:
+                    break  # (a first summary larger than the window is read alone)
+                window.append((item, total, size))
+                items[i] = None
+                total += size
+                i += 1
+            self.peak_window = max(self.peak_window, total)
+            buf = mmap.mmap(-1, total) if total else None
+            mv = memoryview(buf) if buf is not None else None
+            try:
+                reqs = [(r.base + r.size - BLOCK - size, mv[at:at + size])
+                        for (r, body, *_x), at, size in window if size]
+                res = self._read(reqs)
+                del reqs
+                j = 0
+                for k in range(len(window)):
+                    (r, body, count, body_len, csum, gen), at, size = window[k]
+                    window[k] = None
+                    if r.generation != gen:
+                        continue  # reclaimed since the scan: its records are gone
+                    if size:
+                        n, j = res[j], j + 1
+                        rows = None
+                        if n == size:
+                            view = mv[at:at + body_len]
+                            if xxhash.xxh3_64_intdigest(view, self.dev.seed) == csum:
+                                rows = parse_summary(view, count)
+                            del view
+                        if rows is None:
+                            if chunk is None:
+                                chunk = mmap.mmap(-1, SCAN_CHUNK)
+                            rows = self._rescan(r, chunk, stats, n, size)
+                    else:
+                        rows = parse_summary(body, count)
+                    del body
+                    if rows:  # (none: a region whose second read and scan both failed)
+                        yield r, rows
+                    del rows
+            finally:
+                del mv, buf
+
+    def _read(self, reqs: list) -> list[int]:
+        if not reqs:
+            return []
+        try:
+            return self.dev.read_many(reqs)
+        except (OSError, RuntimeError) as e:  # the backend failed as a whole: each region is scanned
+            log.warning("nvme: reading summaries again failed (%s); scanning their regions", e)
+            return [-5] * len(reqs)
+
+    def _rescan(self, r: Region, chunk, stats: dict, n: int, size: int) -> list[tuple]:
+        """Rows of ``r`` from its record headers: its summary verified at the scan but not on
+        the second read (never indexed unverified). Its records end at ``r.write_ptr``."""
+        stats["summaries_corrupt"] = stats.get("summaries_corrupt", 0) + 1
+        stats["restart_scanned_regions"] = stats.get("restart_scanned_regions", 0) + 1
+        log.warning("nvme region %d: summary %s on the second read; scanning the region",
+                    r.index, "does not match its checksum" if n == size else f"unreadable ({n})")
+        rows, _end = scan_rows(self.dev, r, chunk, stats, r.write_ptr)
+        if rows:
+            self.max_seq = max(self.max_seq, max(map(_max_seq, rows)))
+        return rows
 
 
 class Recovery:
-    """What a start found: every region (state, generation, write pointer), the records of
-    each region that holds any (``found``: a Found, summary bodies decoded on demand), the
-    highest sequence number seen, and counters."""
+    """What a start found: every region (state, generation, write pointer), where the
+    summary of each region that holds records is (``found``: a Found, read again while
+    indexing), the highest sequence number seen, and counters."""
 
-    def __init__(self, regions: list[Region]):
+    def __init__(self, regions: list[Region], dev: NvmeDevice | None = None):
         self.regions = regions
-        self.found = Found()
+        self.found = Found(dev)
         self.max_seq = 0
         self.stats = dict.fromkeys(STATS, 0)
 
     def add(self, r: Region, body: bytes, count: int, max_seq: int) -> None:
+        """A region whose summary is kept in RAM (``body``: its summary could not be written)."""
         if count:
-            self.found.items.append((r, body, count))
+            self.found.items.append((r, body, count, len(body), 0, r.generation))
+            self.max_seq = max(self.max_seq, max_seq)
+
+    def add_ref(self, r: Region, count: int, body_len: int, body_csum: int, max_seq: int) -> None:
+        """A region whose summary of ``body_len`` bytes is on disk at its end and verified."""
+        if count:
+            self.found.items.append((r, None, count, body_len, body_csum, r.generation))
             self.max_seq = max(self.max_seq, max_seq)
 
 
@@ -149,7 +241,7 @@ def scan(dev: NvmeDevice) -> Recovery:
 
 
 def _scan(dev: NvmeDevice) -> Recovery:
-    rec = Recovery([Region(i, dev.region_base(i), dev.region_size) for i in range(dev.nregions)])
+    rec = Recovery([Region(i, dev.region_base(i), dev.region_size) for i in range(dev.nregions)], dev)
     if dev.fresh:
         return rec
     chunk = None
@@ -162,11 +254,15 @@ def _scan(dev: NvmeDevice) -> Recovery:
             if chunk is None:
                 chunk = mmap.mmap(-1, SCAN_CHUNK)
             rows = scan_region(dev, r, chunk, rec.stats)
-            if rows:  # kept as a summary body, like the summarized regions
+            if rows:
                 body = summary_of_rows(rows)
-                rec.add(r, body, len(rows), max(map(_max_seq, rows)))
+                count, top = len(rows), max(map(_max_seq, rows))
                 del rows
-                _summarize_scanned(dev, r, body, rec.stats)
+                if _summarize_scanned(dev, r, body, rec.stats):  # read again when indexed
+                    rec.add_ref(r, count, len(body), xxhash.xxh3_64_intdigest(body, dev.seed), top)
+                else:  # kept: nowhere on disk to read it from
+                    rec.add(r, body, count, top)
+                del body
     return rec
 
 
@@ -246,8 +342,9 @@ def _trailer(r: Region, block, seed: int, stats: dict):
 
 
 def _read_summaries(dev: NvmeDevice, summarized: list, rec: Recovery, to_scan: list) -> None:
-    """Read the summaries of ``summarized`` in batches of up to BODY_WINDOW bytes and add
-    their rows; a region whose summary cannot be read or does not verify goes to ``to_scan``."""
+    """Read the summaries of ``summarized`` in batches of up to BODY_WINDOW bytes, verify
+    them and note where they are (not their bytes: Found.take reads them again); a region
+    whose summary cannot be read or does not verify goes to ``to_scan``."""
     i = 0
     while i < len(summarized):
         batch, total = [], 0  # [(region and trailer, offset in buf, aligned size)]
@@ -280,11 +377,11 @@ def _read_summaries(dev: NvmeDevice, summarized: list, rec: Recovery, to_scan: l
                 rec.stats["restart_summaries"] += 1
                 r.sum_state = "written"
                 # entries are in offset order: the last one ends the region's records
-                data, top, last = facts
+                _data, top, last = facts
+                del facts, _data
                 r.write_ptr = r.frontier = (last[REL] + record_len(last[FLAGS], last[LENGTH])
                                             if last else REGION_HEADER)
-                rec.add(r, data, count, top)
-                del facts, data
+                rec.add_ref(r, count, body_len, body_csum, top)
         finally:
             del mv, buf
 
@@ -338,17 +435,20 @@ def scan_rows(dev: NvmeDevice, r: Region, chunk, stats: dict, limit: int,
     return rows, end
 
 
-def _summarize_scanned(dev: NvmeDevice, r: Region, body: bytes, stats: dict) -> None:
+def _summarize_scanned(dev: NvmeDevice, r: Region, body: bytes, stats: dict) -> bool:
     """Give a scanned region the summary it lacked (``body``: its records' entries), so the
-    next start reads it. Its records end before the tail the writer had reserved for a
-    summary of at least these entries, so the summary overwrites none of them."""
+    next start reads it (and this one's indexing: True when written). Its records end
+    before the tail the writer had reserved for a summary of at least these entries, so
+    the summary overwrites none of them."""
     if r.write_ptr + tail_size(len(body)) > r.size:
-        return
+        return False
     buf = summary_block(body, r.index, r.generation, r.slot_size, dev.seed)
     try:
         if os.pwritev(dev.fd, [memoryview(buf)], r.base + r.size - len(buf)) == len(buf):
             r.sum_state = "written"
             stats["restart_summaries_written"] += 1
+            return True
     except OSError as e:
         log.warning("nvme region %d: could not write its summary after the scan: %s", r.index, e)
+    return False
 
