@@ -10,7 +10,8 @@
 ``recovered_objects()`` was handed over and dropped (the per-region state: before
 issue 13 a set of (ns, key) per region). ``store`` reopens PATH under a Store
 (small DRAM arena, default index) and reports the RssAnon growth of the restart
-(index entries + tier state) per object. Run it with PYTHONPATH at a checkout to
+(index entries + tier state) per object, and the peak while it recovered (VmHWM,
+reset just before the open: the RAM a node needs to restart, issue 13). Run it with PYTHONPATH at a checkout to
 compare two versions over the same file (the on-disk format is the same).
 ``live`` puts N objects into a Store with a 64 MiB DRAM arena and an NVMe tier at
 PATH (overwritten): all but the last few thousand are demoted and leave DRAM, so it
@@ -33,7 +34,7 @@ from kvstored.engine import Store, StoreLimits
 from kvstored.engine.nvme import DATA_START, NvmeDevice, NvmeTier
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from peers import rss_anon  # noqa: E402
+from peers import peak_rss, reset_peak_rss, rss_anon  # noqa: E402
 
 MiB = 1 << 20
 REGION = 256 * MiB
@@ -91,16 +92,20 @@ def tier_mode(path: str, n: int) -> None:
 
 def store_mode(path: str, n: int) -> None:
     gc.collect()
-    before = rss_anon()
+    reset_peak_rss()
+    before, hwm = rss_anon(), peak_rss()
     t0 = time.perf_counter()
     tier = _tier(path, n)
     limits = StoreLimits(dram_size=64 * MiB, slab_size=MiB, max_value_size=MiB, prefault=False)
     store = Store(limits, nvme=tier)
+    secs = time.perf_counter() - t0
+    peak = peak_rss() - hwm  # all resident pages; the DRAM arena stays untouched (prefault off)
     gc.collect()
     grew = rss_anon() - before  # (prefault off: the arena is mapped, not touched)
     count = len(store.index)
-    print(f"store restart: {count} NVMe-only objects in {time.perf_counter() - t0:.1f} s; RssAnon "
-          f"+{grew / MiB:.1f} MiB = {grew / max(count, 1):.1f} B/object "
+    print(f"store restart: {count} NVMe-only objects in {secs:.1f} s; RssAnon "
+          f"+{grew / MiB:.1f} MiB = {grew / max(count, 1):.1f} B/object held, peak while "
+          f"recovering +{peak / MiB:.1f} MiB = {peak / max(count, 1):.1f} B/object "
           f"(index {type(store.index).__name__})")
     store.close()
 
