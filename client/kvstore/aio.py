@@ -21,9 +21,9 @@ from .control import AsyncControl, epoch_metadata
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING, OP_PUT,
-                   VERSION, FrameReader, checksum, checksum_parts, encode_auth, encode_request,
-                   key_bytes)
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PING,
+                   OP_PUT, VERSION, FrameReader, check_response, checksum, checksum_parts, encode_auth,
+                   encode_request, key_bytes)
 
 _BUFFER = 256 << 10
 _RETRY_BACKOFF = (0.05, 0.1, 0.2, 0.5, 1.0)
@@ -40,24 +40,26 @@ _unpack_header = HEADER.unpack_from
 
 
 class _Waiter:
-    __slots__ = ("fut", "dest", "rid", "abandoned", "deadline", "timeout")
+    __slots__ = ("fut", "dest", "rid", "op", "abandoned", "deadline", "timeout")
 
-    def __init__(self, fut: asyncio.Future, dest: memoryview | None, rid: int):
+    def __init__(self, fut: asyncio.Future, dest: memoryview | None, rid: int, op: int):
         self.fut = fut
         self.dest = dest
         self.rid = rid
+        self.op = op  # the request's: an OK answer of another op is a ProtocolError
         self.abandoned = False  # caller gave up (timeout/cancel): its buffer must not be touched
         self.deadline = _NEVER  # loop time at which the call times out (see _DataProtocol.track)
         self.timeout = 0.0
 
 
 class _DataProtocol(asyncio.BufferedProtocol):
-    def __init__(self, verify: bool, pool: ReceivePool, loop: asyncio.AbstractEventLoop):
+    def __init__(self, verify: bool, pool: ReceivePool, loop: asyncio.AbstractEventLoop, max_payload: int):
         # the connection's loop, kept: asyncio.get_running_loop() costs a getpid() syscall
         # per call (its fork check), three per request on the hot path
         self.loop = loop
         self.verify = verify
         self.pool = pool  # get()'s receive buffers (kvstore.recvpool)
+        self.max_payload = max_payload  # the daemon's max_value_size: no GET answer claims more
         self.reader = FrameReader(_BUFFER)  # the same frame reader as the daemon's
         self.waiters: dict[int, _Waiter] = {}
         # the answer whose payload is arriving: finish(*fargs) runs once it is complete
@@ -99,7 +101,7 @@ class _DataProtocol(asyncio.BufferedProtocol):
         """Send one request (``parts``: a put's payload) and return its waiter, timed out at
         ``deadline``: AsyncClient._one's hot path, one call where _requests takes several."""
         rid = next(self.rid)
-        w = _Waiter(self.loop.create_future(), dest, rid)
+        w = _Waiter(self.loop.create_future(), dest, rid, op)
         busy = bool(self.waiters)
         self.waiters[rid] = w
         frame = encode_request(op, rid, ns, key, n, csum, flags)
@@ -201,8 +203,17 @@ class _DataProtocol(asyncio.BufferedProtocol):
             return  # the payload is still arriving
         self._parse()
 
-    def _fail(self, message: str | errors.KVStoreError) -> None:
+    def _fail(self, message: str | errors.KVStoreError, spare_others: bool = False) -> None:
+        """Drop the connection: every call waiting on it fails with ``message``, or with
+        ``spare_others`` (the failing answer's own call has its error already) with
+        Unavailable, which retries them on a fresh connection (AsyncClient._requests)."""
         err = errors.ProtocolError(message) if isinstance(message, str) else message
+        # the stream is out of step: never used again, even before connection_lost runs
+        # (the callers woken below may send their next request first)
+        if self.lost is None:
+            self.lost = errors.Unavailable(f"data connection dropped: {err.message}")
+        if spare_others:
+            err = self.lost
         for w in self.waiters.values():
             if not w.fut.done():
                 w.fut.set_exception(err)
@@ -228,16 +239,22 @@ class _DataProtocol(asyncio.BufferedProtocol):
             t = _unpack_header(buf, start)
             if t[0] != MAGIC or t[1] != VERSION or not t[3] & FLAG_RESPONSE:
                 return self._fail("malformed response frame from kvstored")
-            e = start + HEADER_SIZE + t[6] + t[7]  # an answer names no key; skip one if sent
-            if e > end:
-                break
+            # magic, version, op, flags, req_id, status, ns_len, key_len, aux, length, checksum
+            op, rid, status, plen = t[2], t[4], t[5], t[9]
+            w = waiters.pop(rid, None)
+            try:  # before anything is allocated or received for it (as every SDK reader)
+                check_response(op, rid, status, t[6], t[7], plen, self.max_payload,
+                               None if w is None else w.op)
+            except errors.ProtocolError as err:
+                # the call it claims to answer gets the error; the others on this
+                # connection, innocent, are retried elsewhere (unknown id: all fail)
+                self._resolve_exc(w, err)
+                return self._fail(err, spare_others=w is not None)
+            e = start + HEADER_SIZE  # an answer names no key (checked)
             if e == end:
                 reader.start = reader.end = 0
             else:
                 reader.start = e
-            # magic, version, op, flags, req_id, status, ns_len, key_len, aux, length, checksum
-            op, rid, status, plen = t[2], t[4], t[5], t[9]
-            w = waiters.pop(rid, None)
             if status:
                 msg = bytearray(plen)
                 self._receive(memoryview(msg), plen, self._error, (w, status, msg, rid))
@@ -416,7 +433,7 @@ class AsyncClient(AsyncControl, Namespaced):
                 return p
             if self._data_address:
                 host, _, port = self._data_address.rpartition(":")
-                await self.info()
+                info = await self.info()
             else:
                 info = await self.info(refresh=True)
                 host, port = data_endpoint(info, self.address)
@@ -425,7 +442,8 @@ class AsyncClient(AsyncControl, Namespaced):
                 "ssl": self._ssl, "server_hostname": self.tls.server_name or host}
             try:
                 _, p = await asyncio.wait_for(
-                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums, self._pool, loop),
+                    loop.create_connection(lambda: _DataProtocol(self.verify_checksums, self._pool, loop,
+                                                                 info.max_value_size),
                                            host, int(port), **tls),
                     self.timeout if tls else min(self.timeout, self.connect_timeout))  # TLS: + handshake
             except (OSError, asyncio.TimeoutError) as e:
@@ -447,7 +465,7 @@ class AsyncClient(AsyncControl, Namespaced):
         """First exchange: AUTH with the token, or a PING (see DataConnection.setup)."""
         loop = asyncio.get_running_loop()
         rid = next(p.rid)
-        w = _Waiter(loop.create_future(), None, rid)
+        w = _Waiter(loop.create_future(), None, rid, OP_AUTH if self._token else OP_PING)
         p.waiters[rid] = w
         p.transport.write(encode_auth(rid, self._token) if self._token
                           else encode_request(OP_PING, rid, b"", b""))
@@ -534,7 +552,7 @@ class AsyncClient(AsyncControl, Namespaced):
             bufs, waiters = [], []
             for k, parts, n, cs in prepared:
                 rid = next(p.rid)
-                w = _Waiter(loop.create_future(), None, rid)
+                w = _Waiter(loop.create_future(), None, rid, OP_PUT)
                 p.waiters[rid] = w
                 waiters.append(w)
                 bufs.append(encode_request(OP_PUT, rid, ns, k, n, cs, flags))
@@ -585,7 +603,7 @@ class AsyncClient(AsyncControl, Namespaced):
             frames, waiters = [], []
             for k, d in zip(keys, dests):
                 rid = next(p.rid)
-                w = _Waiter(loop.create_future(), d, rid)
+                w = _Waiter(loop.create_future(), d, rid, OP_GET)
                 p.waiters[rid] = w
                 waiters.append(w)
                 frames.append(encode_request(OP_GET, rid, ns, k))
@@ -599,7 +617,7 @@ class AsyncClient(AsyncControl, Namespaced):
 
         def build(p: _DataProtocol):
             rid = next(p.rid)
-            w = _Waiter(loop.create_future(), None, rid)
+            w = _Waiter(loop.create_future(), None, rid, OP_PING)
             p.waiters[rid] = w
             return [encode_request(OP_PING, rid, b"", b"")], [w]
 

@@ -27,8 +27,9 @@ from typing import ClassVar
 
 from . import errors
 from ._common import CONNECT_TIMEOUT
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PING, OP_PUT, FrameError,
-                   checksum, checksum_parts, checksum_stream, decode, encode_auth, encode_request)
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_AUTH, OP_GET, OP_PING, OP_PUT,
+                   FrameError, check_response, checksum, checksum_parts, checksum_stream, decode,
+                   encode_auth, encode_request)
 
 TRANSPORTS = ("shm", "rdma", "tcp")
 INLINE_ANY = 1 << 62  # inline_max of a channel that moves every object inside frames
@@ -43,6 +44,10 @@ _TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one w
 # each one right after it lands, while it is still in cache: hashing a 4 MiB buffer after
 # the whole of it arrived reads it back cold from memory (~2x the CPU of hashing it hot).
 VERIFY_CHUNK = 1 << 20
+# A GET payload bound for a channel made without the daemon's max_value_size (tools and
+# tests that build channels by hand): none. Client passes the daemon's (Info) to every
+# channel it makes, and wire.check_response refuses a GET answer claiming more.
+UNBOUNDED = 1 << 63
 
 
 def _advance(views: list, n: int) -> None:
@@ -127,6 +132,9 @@ class DataChannel(abc.ABC):
     inline_max: ClassVar[int] = INLINE_ANY
     inline_batch_put: ClassVar[bool] = True  # several puts of one window may move inline
     epoch = 0  # cluster member-list epoch sent with puts and gets (Client.epoch)
+    # The largest GET payload an answer may claim (the daemon's max_value_size, given by
+    # Client when it makes the channel); see wire.check_response.
+    max_payload: int = UNBOUNDED
 
     def frames_put(self, sizes: list[int]) -> bool:
         """Whether a window of puts of these sizes moves inside frames."""
@@ -174,8 +182,9 @@ class TcpChannel(DataChannel):
 
     def __init__(self, host: str, port: int, timeout: float, tcp_congestion: str = "",
                  ssl_context: ssl.SSLContext | None = None, server_name: str | None = None,
-                 connect_timeout: float = CONNECT_TIMEOUT):
+                 connect_timeout: float = CONNECT_TIMEOUT, max_payload: int = UNBOUNDED):
         self.address = (host, port)
+        self.max_payload = max_payload
         self.sock = socket.create_connection((host, port), timeout=min(timeout, connect_timeout))
         self.sock.settimeout(timeout)
         self.sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -230,12 +239,12 @@ class TcpChannel(DataChannel):
     def get_batch(self, ns: bytes, keys: list[bytes], dests: list | None, verify: bool, alloc) -> list:
         if not self.frames_get(None if dests is None else [len(d) for d in dests]):
             return raise_first(self.copy_out(ns, keys, dests, verify, alloc))
-        return self._collect(self.send_keyed(OP_GET, ns, keys), dests, verify, alloc)
+        return self._collect(self.send_keyed(OP_GET, ns, keys), dests, verify, alloc, OP_GET)
 
     def ping(self) -> None:
         rid = self.next_id()
         self.send([encode_request(OP_PING, rid, b"", b"")])
-        self._collect({rid: 0}, None, False, None)
+        self._collect({rid: 0}, None, False, None, OP_PING)
 
     def put(self, ns: bytes, items: list, overwrite: bool) -> list:
         raise NotImplementedError("TCP moves every object inside frames")
@@ -274,7 +283,7 @@ class TcpChannel(DataChannel):
     def put_answers(self, order: dict[int, int]) -> list[bool]:
         """The answers to the PUTs ``put_frames`` numbered in ``order`` (True stored, False
         identical already there), read in any order; raises the first error after all."""
-        return self._collect(order, None, False, None)
+        return self._collect(order, None, False, None, OP_PUT)
 
     def send(self, buffers: list) -> None:
         """sendmsg all buffers (gathered, no copy), handling partial sends."""
@@ -322,7 +331,7 @@ class TcpChannel(DataChannel):
         before a batch is sent."""
         rid = self.next_id()
         self.send([encode_auth(rid, token) if token else encode_request(OP_PING, rid, b"", b"")])
-        r = self.read_response()
+        r = self.read_response(OP_AUTH if token else OP_PING)
         if r.status:
             raise self.read_error(r)
         if r.rid != rid:
@@ -375,39 +384,51 @@ class TcpChannel(DataChannel):
             update(part)
         return h.intdigest()
 
-    def read_response(self) -> Response:
+    def read_response(self, expect=None) -> Response:
+        """The next response's header, checked (see ``response``)."""
         self.recv_into(self._hview)
-        return self.header_response()
+        return self.header_response(expect)
 
-    def header_response(self) -> Response:
-        """The response whose header is in ``self._hdr``; ProtocolError if it is none."""
+    def header_response(self, expect=None) -> Response:
+        """The response whose header is in ``self._hdr`` (see ``response``)."""
+        return self.response(self._hdr, 0, expect)
+
+    def response(self, buf, offset: int, expect=None) -> Response:
+        """The response whose header is at ``offset`` of ``buf``, or ProtocolError if it is
+        none or claims what no answer to ``expect`` (an op or tuple of ops; None: any)
+        carries: checked before anything is allocated or received for it
+        (wire.check_response, with this channel's ``max_payload``). Every reader of every
+        channel comes through here."""
         try:
-            h = decode(self._hdr)
+            h = decode(buf, offset)
         except FrameError:
             h = None
         if h is None or not h.flags & FLAG_RESPONSE:
             raise errors.ProtocolError("malformed response frame from kvstored")
+        check_response(h.op, h.req_id, h.status, h.ns_len, h.key_len, h.length, self.max_payload, expect)
         return Response(h.op, h.req_id, h.status, h.aux, h.length, h.checksum)
 
     def read_error(self, r: Response) -> errors.KVStoreError:
-        msg = bytearray(r.length)
+        msg = bytearray(r.length)  # at most MAX_ERROR_MESSAGE: checked with the header
         self.recv_into(memoryview(msg))
         return errors.error_for_code(r.status, msg.decode("utf-8", "replace"), r.rid)
 
     def discard(self, n: int) -> None:
+        # n: a GET payload's length, at most max_payload (checked with the header)
         buf = memoryview(bytearray(min(n, 1 << 20)))
         while n:
             take = min(n, len(buf))
             self.recv_into(buf[:take])
             n -= take
 
-    def _collect(self, order: dict[int, int], views: list | None, verify: bool, alloc) -> list:
-        """Read one response per request id (any order); raise the first error (by
-        arrival) after all arrive. Gets go into ``views`` or ``alloc(size)`` buffers."""
+    def _collect(self, order: dict[int, int], views: list | None, verify: bool, alloc, op: int) -> list:
+        """Read one response per request id (any order) to requests of ``op``; raise the
+        first error (by arrival) after all arrive. Gets go into ``views`` or
+        ``alloc(size)`` buffers."""
         results: list = [None] * len(order)
         first_error: errors.KVStoreError | None = None
         for _ in range(len(order)):
-            r = self.read_response()
+            r = self.read_response(op)
             i = order.pop(r.rid, None)
             if i is None:
                 if r.status:  # connection-level error (id 0): e.g. too many connections
@@ -515,7 +536,7 @@ class GetReader:
                 self._hgot += n
                 if self._hgot == HEADER_SIZE:
                     self._hgot = 0
-                    self._start(self.ch.header_response(), done)
+                    self._start(self.ch.header_response(OP_GET), done)
             elif self._skip:
                 self._skip -= n
                 if not self._skip:
@@ -541,10 +562,10 @@ class GetReader:
             raise errors.ProtocolError(f"response for unknown request id {r.rid}")
         self._r, (self._i, dest, place) = r, item
         self._got, self._hash, self._result, self._skip = 0, None, None, 0
+        # r's length was checked with its header (ch.response): at most MAX_ERROR_MESSAGE
+        # for an error's message, the daemon's max_value_size for an object
         if r.status:
             self._view = memoryview(bytearray(r.length))  # the error's message
-        elif r.op != OP_GET:
-            raise errors.ProtocolError(f"op {r.op} answered a GET")
         elif dest is not None and r.length > len(dest):
             self._result = too_small(r.length, len(dest))  # after the payload is discarded
             if self._scratch is None:

@@ -173,15 +173,18 @@ class Client(SyncControl, Namespaced):
         raise AssertionError("transport_plan ends with tcp, which never returns None")
 
     def _connect_tcp(self) -> TcpChannel:
+        # every channel gets the daemon's max_value_size: no GET answer may claim more
+        # (wire.check_response; with data_address, Info is asked once per client)
         if self._data_address:
             host, _, port = self._data_address.rpartition(":")
+            info = self.info()
         else:
             info = self.info(refresh=True)
             host, port = data_endpoint(info, self.address)
         try:
             conn = TcpChannel(host, int(port), self.timeout, self.tcp_congestion,
                               self._ssl, self.tls.server_name if self.tls else None,
-                              self.connect_timeout)
+                              self.connect_timeout, info.max_value_size)
         except TimeoutError:
             raise  # no connection: nothing for a TLS diagnosis to see
         except OSError:
@@ -214,7 +217,7 @@ class Client(SyncControl, Namespaced):
                                          f"this host ({path or 'shm disabled'})")
             return None
         try:
-            conn = ShmConnection(path, self.timeout)
+            conn = ShmConnection(path, self.timeout, info.max_value_size)
             conn.setup(self._token)
         except (OSError, errors.KVStoreError) as e:
             if self.shm:
@@ -238,7 +241,8 @@ class Client(SyncControl, Namespaced):
 
         conn, reason = channel.connect(where, self.timeout, self._token,
                                        explicit=self.transport_choice == "rdma",
-                                       connect_timeout=self.connect_timeout)
+                                       connect_timeout=self.connect_timeout,
+                                       max_payload=lambda: self.info().max_value_size)
         if conn is None:
             self.transport_reason = reason
         return conn

@@ -22,9 +22,9 @@ import time
 
 from . import errors
 from .channel import SHM_INLINE_MAX, DataConnection, Response
-from .wire import (FLAG_OVERWRITE, FLAG_REFILL, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_SHM_COMMIT,
-                   OP_SHM_GET, OP_SHM_PUT, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC,
-                   VERSION, FrameError, checksum, decode, encode_request)
+from .wire import (FLAG_OVERWRITE, FLAG_REFILL, HEADER, HEADER_SIZE, MAGIC, OP_SHM_COMMIT, OP_SHM_GET,
+                   OP_SHM_PUT, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC, VERSION,
+                   checksum, decode, encode_request)
 
 # Released leases wait for the connection's next request (no send and no wake-up of
 # the daemon of their own: on a loaded host each wake-up can cost milliseconds) while
@@ -95,8 +95,10 @@ class ShmConnection(DataConnection):
     inline_batch_put = False
     shm = True
 
-    def __init__(self, path: str, timeout: float):
+    def __init__(self, path: str, timeout: float, max_payload: int | None = None):
         self.closed = False
+        if max_payload is not None:
+            self.max_payload = max_payload  # the largest inline GET answer (see DataChannel)
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -165,7 +167,7 @@ class ShmConnection(DataConnection):
             self._release_bytes = 0
         super().send(buffers)
 
-    def read_response(self) -> Response:
+    def read_response(self, expect=None) -> Response:
         pos, end = self._rpos, self._rend
         if pos == end:
             # Wait for an answer in poll(POLLIN), never asleep in recv: a reader asleep in
@@ -181,15 +183,9 @@ class ShmConnection(DataConnection):
             pos, self._rend = 0, end
         if end - pos < HEADER_SIZE:  # a header split across reads: the generic path
             self._rpos = pos
-            return super().read_response()
+            return super().read_response(expect)
         self._rpos = pos + HEADER_SIZE
-        try:
-            h = decode(self._rbuf, pos)
-        except FrameError:
-            h = None
-        if h is None or not h.flags & FLAG_RESPONSE:
-            raise errors.ProtocolError("malformed response frame from kvstored")
-        return Response(h.op, h.req_id, h.status, h.aux, h.length, h.checksum)
+        return self.response(self._rbuf, pos, expect)  # checked as on every channel
 
     def recv_into(self, view: memoryview) -> None:
         """Fill ``view`` from the socket, through the answer buffer (see RECV_BUFFER)."""
@@ -213,9 +209,10 @@ class ShmConnection(DataConnection):
             got += take
             self._rpos, self._rend = take, n
 
-    def _read(self) -> tuple:
-        """The next response and its payload."""
-        r = self.read_response()
+    def _read(self, expect) -> tuple:
+        """The next response (to requests of the op or ops ``expect``) and its payload: a
+        few bytes, as checked with the header (read_response)."""
+        r = self.read_response(expect)
         pos = self._rpos
         if r.length <= self._rend - pos:  # the usual case: it came with its header
             self._rpos = pos + r.length
@@ -225,12 +222,13 @@ class ShmConnection(DataConnection):
             self.recv_into(memoryview(body))
         return r, body
 
-    def _responses(self, order: dict[int, int]) -> dict:
-        """One response per request id in ``order`` (any arrival order), keyed by its index:
-        a typed error, or (aux, checksum field, SHM_IDS tuple or None)."""
+    def _responses(self, order: dict[int, int], expect=None) -> dict:
+        """One response per request id in ``order`` (requests of the op ``expect``; any
+        arrival order), keyed by its index: a typed error, or (aux, checksum field,
+        SHM_IDS tuple or None)."""
         out: dict = {}
         for _ in range(len(order)):
-            r, body = self._read()
+            r, body = self._read(expect)
             i = order.pop(r.rid, None)
             if r.status:
                 err = errors.error_for_code(r.status, body.decode("utf-8", "replace"), r.rid)
@@ -261,7 +259,7 @@ class ShmConnection(DataConnection):
 
     def get_view(self, ns: bytes, key: bytes, verify: bool) -> ShmView:
         """A leased read-only view of one object (raises its typed error)."""
-        r = self._responses(self.send_keyed(OP_SHM_GET, ns, [key]))[0]
+        r = self._responses(self.send_keyed(OP_SHM_GET, ns, [key]), OP_SHM_GET)[0]
         if isinstance(r, errors.KVStoreError):
             raise r
         _aux, csum, (offset, size, lease) = r
@@ -291,7 +289,7 @@ class ShmConnection(DataConnection):
         order = self.send_keyed(OP_SHM_GET, ns, keys)
         out: list = [None] * len(keys)
         for _ in range(len(keys)):
-            r, body = self._read()
+            r, body = self._read(OP_SHM_GET)
             rid, csum = r.rid, r.checksum
             i = order.pop(rid, None)
             if r.status:
@@ -384,7 +382,7 @@ class ShmConnection(DataConnection):
                 frames, pending = [], 0
         if frames:
             self.send([b"".join(frames)])
-        self._put_answers(order, results, retry)
+        self._put_answers(order, OP_SHM_PUT, results, retry)
 
     def _put_reserved(self, ns: bytes, items: list[tuple[bytes, memoryview]], overwrite: bool) -> list:
         """Reserve, copy into the arena, commit (asking for a credit for the next put)."""
@@ -399,7 +397,7 @@ class ShmConnection(DataConnection):
             frames.append(encode_request(OP_SHM_RESERVE, rid, ns, k, len(mv), checksum(mv), flags,
                                          self.epoch))
         self.send([b"".join(frames)])
-        reserved = self._responses(order)
+        reserved = self._responses(order, OP_SHM_RESERVE)
         results: list = [None] * len(items)
         order, frames = {}, []
         for i in range(len(items)):
@@ -421,15 +419,15 @@ class ShmConnection(DataConnection):
             # commit at once: the daemon checksums this slot while we copy the next one
             self.send([encode_request(OP_SHM_COMMIT, rid, b"", b"", 0, res, FLAG_REFILL)])
         if order:
-            self._put_answers(order, results)
+            self._put_answers(order, OP_SHM_COMMIT, results)
         return results
 
-    def _put_answers(self, order: dict, results: list, retry: list | None = None) -> None:
+    def _put_answers(self, order: dict, op: int, results: list, retry: list | None = None) -> None:
         """Collect the answers of SHM_PUT / SHM_COMMIT frames: stored (True) / already
         there (False) / typed error per item, keeping any credit an answer carries. With
         ``retry``: a credit the daemon no longer knew (it expired) puts the item there."""
         now = time.monotonic()
-        for i, r in self._responses(order).items():
+        for i, r in self._responses(order, op).items():
             if isinstance(r, errors.KVStoreError):
                 if (retry is not None and isinstance(r, errors.InvalidArgument)
                         and r.message.startswith("unknown credit")):

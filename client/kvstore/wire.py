@@ -160,6 +160,58 @@ def encode_error(op: int, request_id: int, status: int, message: str) -> bytes:
     return encode_response(op, request_id, status, len(body), 0) + body
 
 
+# The payload an OK response carries, by its op: none, the SHM_IDS / RDMA_SIZE record, the
+# daemon's RDMA endpoint (kvstore.rdma.verbs.ENDPOINT, 44 bytes; 256 leaves room), or for a
+# GET the object itself (None here: bounded by the daemon's max_value_size, which the
+# reader passes). An op not in this table is no answer the SDK ever asked for.
+_ANSWER_PAYLOAD = {OP_PUT: 0, OP_PING: 0, OP_AUTH: 0, OP_GET: None,
+                   OP_SHM_GET: SHM_IDS.size, OP_SHM_RESERVE: SHM_IDS.size,
+                   OP_SHM_COMMIT: SHM_IDS.size, OP_SHM_PUT: SHM_IDS.size,
+                   OP_RDMA_CONNECT: 256, OP_RDMA_PUT: 0, OP_RDMA_GET: RDMA_SIZE.size}
+
+
+def check_response(op: int, rid: int, status: int, ns_len: int, key_len: int, length: int,
+                   max_payload: int, expect=None) -> None:
+    """Refuse a response header before its reader allocates, receives or discards anything
+    for it: the one check of every SDK reader (sync channels, GetReader, AsyncClient).
+
+    A peer that is not a healthy kvstored (a corrupted stream, another service on the
+    port, a misbehaving node) could otherwise claim a 2^40-byte payload and have the
+    client zero-fill or wait for it. Refused, with a ProtocolError naming the field and
+    its value (the caller then drops the connection: the stream is out of step): names
+    on a response; an error message longer than MAX_ERROR_MESSAGE (the daemon truncates
+    to it); an OK answer whose op is unknown, or not in ``expect`` (the op, or a tuple of
+    ops, of the requests being answered; None: any); a payload longer than its op's
+    (``max_payload``, the daemon's max_value_size, for a GET)."""
+    if ns_len or key_len:
+        raise ProtocolError(f"response {rid} names a namespace or key "
+                            f"(ns_len={ns_len}, key_len={key_len}); responses carry none",
+                            request_id=rid)
+    if status:
+        if length > MAX_ERROR_MESSAGE:
+            raise ProtocolError(f"error response {rid} claims length={length}, over the "
+                                f"{MAX_ERROR_MESSAGE}-byte error message limit", request_id=rid)
+        return
+    cap = _ANSWER_PAYLOAD.get(op, -1)
+    if cap is None:
+        cap = max_payload
+    elif cap < 0:
+        raise ProtocolError(f"response {rid} has unknown op={op}", request_id=rid)
+    if expect is not None and op != expect and (type(expect) is int or op not in expect):
+        raise ProtocolError(f"response {rid} has op={op} ({OPS[op]}), which does not answer "
+                            f"the request ({_op_names(expect)})", request_id=rid)
+    if length > cap:
+        raise ProtocolError(f"{OPS[op]} response {rid} claims length={length}, over the "
+                            f"{cap}-byte limit of its payload"
+                            + (" (the daemon's max_value_size)" if op == OP_GET else ""),
+                            request_id=rid)
+
+
+def _op_names(expect) -> str:
+    ops = (expect,) if type(expect) is int else expect
+    return " or ".join(OPS.get(o, str(o)) for o in ops)
+
+
 def encode_auth(request_id: int, token: str | bytes) -> bytes:
     """An AUTH request frame carrying ``token``."""
     tok = token.encode() if isinstance(token, str) else bytes(token)

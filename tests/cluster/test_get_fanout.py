@@ -256,8 +256,8 @@ def test_corrupt_checksum_is_caught_and_read_around(nodes, monkeypatch):
     bad_port = {}
     real = channel.TcpChannel.header_response
 
-    def corrupted(self):
-        r = real(self)
+    def corrupted(self, *args):
+        r = real(self, *args)
         if self.address[1] in bad_port and r.op == 2 and not r.status and r.length:
             r.checksum ^= 1
             bad_port[self.address[1]] += 1

@@ -395,8 +395,10 @@ class _GetFanout:
 
     def _failed(self, st: "_NodeGet", e: errors.KVStoreError) -> None:
         """The node's unanswered items get nothing (the fallbacks read them elsewhere); an
-        Unavailable (a Timeout too) marks it down, as ``MemberView._node`` does."""
-        if isinstance(e, errors.Redirect):
+        Unavailable (a Timeout too) marks it down, as ``MemberView._node`` does. A
+        Redirect, or a ProtocolError (a response the SDK refused: the pool path raises it
+        from the node's batch too), is raised once every answer is in."""
+        if isinstance(e, (errors.Redirect, errors.ProtocolError)):
             self.raise_ = self.raise_ or e
         elif isinstance(e, errors.Unavailable):
             self.r._mark_down(st.m)

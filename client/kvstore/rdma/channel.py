@@ -90,8 +90,11 @@ class RdmaConnection(TcpChannel):
     inline_max = -1  # every object moves by RDMA (put / copy_out); frames carry descriptors
 
     def __init__(self, host: str, port: int, timeout: float, device, *,
-                 cache_bytes: int = DEFAULT_CACHE_BYTES, connect_timeout: float = 3.0):
+                 cache_bytes: int = DEFAULT_CACHE_BYTES, connect_timeout: float = 3.0,
+                 max_payload: int | None = None):
         super().__init__(host, port, timeout, connect_timeout=connect_timeout)
+        if max_payload is not None:
+            self.max_payload = max_payload  # the largest GET answer over TCP (see DataChannel)
         self.closed = False
         self.dev = device
         try:
@@ -108,7 +111,7 @@ class RdmaConnection(TcpChannel):
         rid = self.next_id()
         mine = self.dev.endpoint(self.qp).pack()
         self.send([encode_request(OP_RDMA_CONNECT, rid, b"", b"", len(mine)), mine])
-        r = self.read_response()
+        r = self.read_response(OP_RDMA_CONNECT)
         if r.status:
             err = self.read_error(r)
             if isinstance(err, errors.InvalidArgument) and "unknown op" in err.message:
@@ -155,7 +158,7 @@ class RdmaConnection(TcpChannel):
             frames.append(encode_request(OP_RDMA_PUT, rid, ns, k, RDMA_DESC.size, checksum(mv),
                                          flags, self.epoch) + RDMA_DESC.pack(addr, len(mv), mr.rkey))
         self.send([b"".join(frames)])
-        return self._results(order, None, False)
+        return self._results(order, (OP_PUT, OP_RDMA_PUT), None, False)
 
     def copy_out(self, ns: bytes, keys: list, dests: list | None, verify: bool, alloc=bytearray) -> list:
         """Gets into ``dests`` by RDMA; without destinations (sizes unknown) over TCP,
@@ -173,13 +176,15 @@ class RdmaConnection(TcpChannel):
             frames.append(encode_request(OP_RDMA_GET, rid, ns, k, RDMA_DESC.size, 0, 0, self.epoch)
                           + RDMA_DESC.pack(addr, len(d), mr.rkey))
         self.send([b"".join(frames)])
-        return self._results(order, dests, verify, alloc)
+        return self._results(order, (OP_GET, OP_RDMA_GET), dests, verify, alloc)
 
-    def _results(self, order: dict, dests: list | None, verify: bool, alloc=bytearray) -> list:
-        """One result or typed error per request (TcpChannel._collect raises instead)."""
+    def _results(self, order: dict, expect: tuple, dests: list | None, verify: bool, alloc=bytearray) -> list:
+        """One result or typed error per request (TcpChannel._collect raises instead);
+        ``expect``: the ops the requests were (every header is checked, see
+        TcpChannel.response, before its payload is received)."""
         results: list = [None] * len(order)
         for _ in range(len(order)):
-            r = self.read_response()
+            r = self.read_response(expect)
             i = order.pop(r.rid, None)
             if i is None:
                 if r.status:  # a connection-level error (id 0)
@@ -213,17 +218,19 @@ class RdmaConnection(TcpChannel):
 
 
 def connect(where, timeout: float, token: str | None, *, explicit: bool,
-            connect_timeout: float = 3.0, kind: str | None = None):
+            connect_timeout: float = 3.0, kind: str | None = None, max_payload=None):
     """``(RdmaConnection, "")``, or ``(None, why)`` after counting the fallback
     (``explicit``: raise Unavailable saying why instead). ``where()`` gives the data
-    address; it is asked only once a device is open (no round trip on hosts without RDMA)."""
+    address; it is asked only once a device is open (no round trip on hosts without RDMA).
+    ``max_payload()`` gives the daemon's max_value_size (asked after ``where()``)."""
     try:
         dev = open_device(kind)
     except Unsupported as e:  # this host has no RDMA: expected on most hosts, logged at INFO
         return _unusable(str(e), explicit, local=True)
     try:
         host, port = where()
-        conn = RdmaConnection(host, port, timeout, dev, connect_timeout=connect_timeout)
+        conn = RdmaConnection(host, port, timeout, dev, connect_timeout=connect_timeout,
+                              max_payload=None if max_payload is None else max_payload())
     except errors.Unavailable as e:
         dev.close()
         return _unusable(e.message, explicit)
