@@ -22,7 +22,7 @@ from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
                       auth_metadata, control_channel, data_endpoint, grpc_error, is_unreachable,
                       ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
-from .channel import TRANSPORTS, DataChannel, TcpChannel, transport_plan
+from .channel import TRANSPORTS, UNBOUNDED, DataChannel, TcpChannel, transport_plan
 from .control import SyncControl, epoch_metadata
 # names older callers import from here
 from .channel import SHM_INLINE_MAX, DataConnection  # noqa: F401
@@ -173,18 +173,19 @@ class Client(SyncControl, Namespaced):
         raise AssertionError("transport_plan ends with tcp, which never returns None")
 
     def _connect_tcp(self) -> TcpChannel:
-        # every channel gets the daemon's max_value_size: no GET answer may claim more
-        # (wire.check_response; with data_address, Info is asked once per client)
+        # every channel gets the daemon's max_value_size before its first request: no GET
+        # answer may claim more (wire.check_response)
         if self._data_address:
             host, _, port = self._data_address.rpartition(":")
-            info = self.info()
+            info = self._info  # None: asked once the data connection is set up (below)
         else:
             info = self.info(refresh=True)
             host, port = data_endpoint(info, self.address)
         try:
             conn = TcpChannel(host, int(port), self.timeout, self.tcp_congestion,
                               self._ssl, self.tls.server_name if self.tls else None,
-                              self.connect_timeout, info.max_value_size)
+                              self.connect_timeout,
+                              UNBOUNDED if info is None else info.max_value_size)
         except TimeoutError:
             raise  # no connection: nothing for a TLS diagnosis to see
         except OSError:
@@ -203,7 +204,17 @@ class Client(SyncControl, Namespaced):
         except BaseException:
             conn.close()
             raise
+        if info is None:
+            self._limit(conn)  # after set-up: a data-path refusal (TLS, token) is reported first
         return conn
+
+    def _limit(self, conn: DataChannel) -> None:
+        """Give ``conn`` the daemon's max_value_size (Info, asked once per client)."""
+        try:
+            conn.max_payload = self.info().max_value_size
+        except BaseException:
+            conn.close()
+            raise
 
     def _connect_shm(self) -> DataChannel | None:
         """A shared-memory channel, or None to use the next transport (when shm is not required)."""
@@ -241,10 +252,11 @@ class Client(SyncControl, Namespaced):
 
         conn, reason = channel.connect(where, self.timeout, self._token,
                                        explicit=self.transport_choice == "rdma",
-                                       connect_timeout=self.connect_timeout,
-                                       max_payload=lambda: self.info().max_value_size)
+                                       connect_timeout=self.connect_timeout)
         if conn is None:
             self.transport_reason = reason
+        else:
+            self._limit(conn)  # Info is cached unless data_address skipped it
         return conn
 
     _CONNECT = {"shm": _connect_shm, "rdma": _connect_rdma, "tcp": _connect_tcp}

@@ -278,6 +278,22 @@ def test_client_refuses_a_bad_header_at_once_and_reconnects(daemon, proxy, case)
         assert proxy.accepted == 2
 
 
+def test_a_get_first_client_learns_the_limit_before_its_first_get(daemon, proxy):
+    """A Client given data_address whose first call is a get (no Info asked yet): the
+    channel is set up first, then gets the daemon's max_value_size before the get."""
+    with kvstore.Client(daemon.control, namespace=NS, timeout=TIMEOUT, shm=False) as w:
+        w.put(KEY, VALUE)
+        m = w.info().max_value_size
+    with _client(daemon, proxy) as c:
+        assert c._info is None
+        proxy.arm(get_length(m + 1))
+        t0 = time.monotonic()
+        with pytest.raises(errors.ProtocolError, match=f"length={m + 1}"):
+            c.get(KEY)
+        assert time.monotonic() - t0 < FAST
+        assert c.get(KEY) == VALUE and proxy.accepted == 2
+
+
 def test_a_good_stream_through_the_proxy_is_untouched(daemon, proxy):
     """The proxy without a rule: every call as direct (the control case of the above)."""
     with _client(daemon, proxy) as c:

@@ -218,19 +218,17 @@ class RdmaConnection(TcpChannel):
 
 
 def connect(where, timeout: float, token: str | None, *, explicit: bool,
-            connect_timeout: float = 3.0, kind: str | None = None, max_payload=None):
+            connect_timeout: float = 3.0, kind: str | None = None):
     """``(RdmaConnection, "")``, or ``(None, why)`` after counting the fallback
     (``explicit``: raise Unavailable saying why instead). ``where()`` gives the data
-    address; it is asked only once a device is open (no round trip on hosts without RDMA).
-    ``max_payload()`` gives the daemon's max_value_size (asked after ``where()``)."""
+    address; it is asked only once a device is open (no round trip on hosts without RDMA)."""
     try:
         dev = open_device(kind)
     except Unsupported as e:  # this host has no RDMA: expected on most hosts, logged at INFO
         return _unusable(str(e), explicit, local=True)
     try:
         host, port = where()
-        conn = RdmaConnection(host, port, timeout, dev, connect_timeout=connect_timeout,
-                              max_payload=None if max_payload is None else max_payload())
+        conn = RdmaConnection(host, port, timeout, dev, connect_timeout=connect_timeout)
     except errors.Unavailable as e:
         dev.close()
         return _unusable(e.message, explicit)
