@@ -48,6 +48,7 @@ BODY_WINDOW = 64 << 20  # bytes of summaries read in one batch (bounds the buffe
 # bytes of summaries re-read in one batch while indexing: what recovery holds of them at
 # once (a 64 MiB region of 4 KiB records has a ~0.5 MiB summary)
 REREAD_WINDOW = 4 << 20
+ROWS_SLICE = 4096  # entries of a summary decoded at a time while indexing (~1.5 MB of rows)
 STATS = ("restart_summaries", "restart_scanned_regions", "restart_resyncs", "summaries_corrupt",
          "region_headers_repaired", "regions_unreadable", "restart_summaries_written")
 _max_seq = itemgetter(SEQ)
@@ -84,9 +85,10 @@ class Found:
     again just before the region is indexed. A scanned region whose summary could not be
     written keeps its body (bytes) here instead.
 
-    ``take`` hands out ``(region, rows)`` once each, one region decoded at a time, at
-    most ``REREAD_WINDOW`` bytes of summaries read ahead; ``peak_window`` is the most it
-    held at once (the test's measure). Iterating gives the same without consuming
+    ``take`` hands out ``(region, rows)``, one region (or a slice of ROWS_SLICE entries of
+    one: a region may come in several parts) decoded at a time, at most ``REREAD_WINDOW``
+    bytes of summaries read ahead; ``peak_window`` is the most it held at once (the
+    test's measure). Iterating gives the same without consuming
     (tests, tools: decoded once and kept until ``take``, so the same row objects come
     back each time)."""
 
@@ -140,21 +142,23 @@ class Found:
                     window[k] = None
                     if r.generation != gen:
                         continue  # reclaimed since the scan: its records are gone
+                    n = size
                     if size:
                         n, j = res[j], j + 1
-                        rows = None
-                        if n == size:
-                            view = mv[at:at + body_len]
-                            if xxhash.xxh3_64_intdigest(view, self.dev.seed) == csum:
-                                rows = parse_summary(view, count)
-                            del view
-                        if rows is None:
-                            if chunk is None:
-                                chunk = mmap.mmap(-1, SCAN_CHUNK)
-                            rows = self._rescan(r, chunk, stats, n, size)
+                        view = mv[at:at + body_len] if n == size else None
+                        if view is not None and xxhash.xxh3_64_intdigest(view, self.dev.seed) != csum:
+                            view = None
                     else:
-                        rows = parse_summary(body, count)
+                        view = memoryview(body)
                     del body
+                    if view is not None:
+                        ok = yield from _slices(r, view, count)
+                        del view
+                        if ok:
+                            continue
+                    if chunk is None:
+                        chunk = mmap.mmap(-1, SCAN_CHUNK)
+                    rows = self._rescan(r, chunk, stats, n, size)
                     if rows:  # (none: a region whose second read and scan both failed)
                         yield r, rows
                     del rows
@@ -181,6 +185,41 @@ class Found:
         if rows:
             self.max_seq = max(self.max_seq, max(map(_max_seq, rows)))
         return rows
+
+
+def _slices(r: Region, view, count: int):
+    """Yield ``(r, rows)`` of a verified summary body: in slices of up to ROWS_SLICE entries
+    when every entry has one size (a region of 256 MiB holds ~32 k records of 4 KiB: whole,
+    its rows and index items were ~16 MB at once), else whole. Returns False, having
+    yielded nothing, when the body does not hold ``count`` whole entries (then scan)."""
+    stride = _uniform_stride(view, count)
+    if stride is None or count <= ROWS_SLICE:
+        rows = parse_summary(view, count)
+        if rows is None:
+            return False
+        if rows:
+            yield r, rows
+        return True
+    for a in range(0, count, ROWS_SLICE):
+        m = min(ROWS_SLICE, count - a)
+        rows = parse_summary(view[a * stride:(a + m) * stride], m)  # of one size: cannot fail
+        yield r, rows
+        del rows
+    return True
+
+
+def _uniform_stride(data, count: int) -> int | None:
+    """The size of every entry of a summary body of ``count`` entries when they all have
+    one namespace and key length and fill the body exactly, else None (C slices only)."""
+    n, esize = len(data), SUMMARY_ENTRY.size
+    if count <= 0 or n < esize:
+        return None
+    ns_len, key_len = data[esize - 2], data[esize - 1]
+    stride = esize + ns_len + key_len
+    if (stride * count == n and data[esize - 2::stride] == bytes((ns_len,)) * count
+            and data[esize - 1::stride] == bytes((key_len,)) * count):
+        return stride
+    return None
 
 
 class Recovery:
@@ -216,10 +255,8 @@ def summary_facts(body, count: int) -> tuple[bytes, int, tuple | None] | None:
     n, esize = len(data), SUMMARY_ENTRY.size
     if count <= 0 or n < esize:
         return (data, 0, None) if count == 0 and n == 0 else None
-    ns_len, key_len = data[esize - 2], data[esize - 1]
-    stride = esize + ns_len + key_len
-    if (stride * count == n and data[esize - 2::stride] == bytes((ns_len,)) * count
-            and data[esize - 1::stride] == bytes((key_len,)) * count):
+    stride = _uniform_stride(data, count)
+    if stride is not None:
         top = max(map(_first, _seq_struct(stride).iter_unpack(data)))
         last = SUMMARY_ENTRY.unpack_from(data, n - stride)
         return data, top, last
