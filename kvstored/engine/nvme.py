@@ -168,21 +168,21 @@ class NvmeTier:
         return [(ns, key, loc, at) for (ns, key), (loc, at) in sink.d.items()]
 
     def recover_into(self, sink, max_length: int | None = None) -> int:
-        """Index what the scan found (once), one region at a time: the newest record of
-        every key not deleted afterwards goes to ``sink``, an index seen through four calls
-        (``add_many``, ``add``, ``lookup``, ``remove``: _DictSink says what each does),
-        whatever order the regions are read in. Then gives recovery's memory back
-        (``settle_after_recovery``).
+        """Index what the scan found (once), a region (or a slice of one) at a time: the
+        newest record of every key not deleted afterwards goes to ``sink``, an index seen
+        through four calls (``add_many``, ``add``, ``lookup``, ``remove``: _DictSink says
+        what each does), whatever order the regions (and slices) are read in. Then gives
+        recovery's memory back (``settle_after_recovery``).
 
         Also rebuilds how many live records each region holds (a count: the keys stay
         on disk), which keys have stale records where (older versions, deleted objects)
         and which regions hold tombstones, so reclaim keeps deletes deleted. A newest
         record longer than ``max_length`` is not indexed but forgotten (stale). Returns
         how many were. Memory: the index, a window of summaries read again from disk
-        (nvmescan.REREAD_WINDOW; the scan kept where they are, not their bytes), one
-        region's rows, and a dict of the keys met with several records or a tombstone
-        (issue 13: the peak was ~560 B per record with every row at once, ~110 B with
-        every summary body held)."""
+        (nvmescan.REREAD_WINDOW; the scan kept where they are, not their bytes), the rows
+        of one slice (nvmescan.ROWS_SLICE entries), and a dict of the keys met with
+        several records or a tombstone (issue 13: the peak was ~560 B per record with
+        every row at once, ~110 B with every summary body held)."""
         with gc_paused():
             skipped = self._recover_into(sink, max_length)
         self.settle_after_recovery()
@@ -217,7 +217,7 @@ class NvmeTier:
         # Most keys have one record and no tombstone: their record is live and nothing
         # of theirs is stale. Such records go to the sink in bulk; a key seen twice in a
         # region, a tombstone, an over-long record, a key already met with several records
-        # (``special``) and a key the sink already holds from an earlier region go through
+        # (``special``) and a key the sink already holds (an earlier region or slice) go through
         # the per-record rules (_offer), which compare sequence numbers.
         special: dict = {}  # (ns, key) -> [seq, region | None (tombstone), loc, indexed]
         for r, rows in found.take(self.counters):  # summaries read again, a window at a time
