@@ -23,7 +23,8 @@ import pytest
 import kvstore
 from kvstore import errors
 from kvstore.cluster import ClusterClient
-from kvstore.wire import HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING, OP_PUT, VERSION, decode
+from kvstore.wire import (HEADER, HEADER_SIZE, MAGIC, OP_GET, OP_PING, OP_PUT, OP_RDMA_GET, OP_RDMA_PUT,
+                          OP_SHM_GET, SHM_IDS, VERSION, check_response, decode)
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -473,3 +474,29 @@ def test_cluster_fanned_out_batch_get_refuses_a_bad_header(daemon, proxy, rule, 
         assert proxy.accepted == conns + 1
         assert cc.pooled_get_jobs == 0
 
+
+
+# ---- the check itself, at its bounds (the same function every reader calls)
+@pytest.mark.parametrize("args, ok", [
+    ((OP_GET, 0, 0, 0, 4 * MiB, 4 * MiB, OP_GET), True),  # the largest object
+    ((OP_GET, 0, 0, 0, 4 * MiB + 1, 4 * MiB, OP_GET), False),
+    ((OP_GET, 5, 0, 0, 1024, 4 * MiB, OP_GET), True),  # an error message at the cap
+    ((OP_GET, 5, 0, 0, 1025, 4 * MiB, OP_GET), False),
+    ((0, 7, 0, 0, 100, 4 * MiB, OP_GET), True),  # a connection-level error (op 0)
+    ((OP_PUT, 0, 0, 0, 0, 4 * MiB, OP_PUT), True),
+    ((OP_PUT, 0, 0, 0, 1, 4 * MiB, OP_PUT), False),
+    ((OP_SHM_GET, 0, 0, 0, SHM_IDS.size, 4 * MiB, OP_SHM_GET), True),
+    ((OP_SHM_GET, 0, 0, 0, SHM_IDS.size + 1, 4 * MiB, OP_SHM_GET), False),
+    ((OP_RDMA_GET, 0, 0, 0, 8, 4 * MiB, (OP_GET, OP_RDMA_GET)), True),
+    ((OP_RDMA_PUT, 0, 0, 0, 0, 4 * MiB, (OP_GET, OP_RDMA_GET)), False),
+    ((OP_GET, 0, 0, 1, 0, 4 * MiB, None), False),  # a key on a response
+    ((200, 0, 0, 0, 0, 4 * MiB, None), False),
+])
+def test_check_response_bounds(args, ok):
+    op, status, ns_len, key_len, length, limit, expect = args
+    if ok:
+        check_response(op, 9, status, ns_len, key_len, length, limit, expect)
+    else:
+        with pytest.raises(errors.ProtocolError) as ei:
+            check_response(op, 9, status, ns_len, key_len, length, limit, expect)
+        assert ei.value.request_id == 9 and "response 9" in ei.value.message
