@@ -253,6 +253,11 @@ class ShmConnection(DataConnection):
             self.send([])
 
     def _arena_slice(self, offset: int, size: int) -> memoryview:
+        """An object's bytes in the arena (SHM_IDS of an SHM_GET answer), checked: copy_out
+        allocates ``size`` bytes for it."""
+        if size > self.max_payload:
+            raise errors.ProtocolError(f"shm_get answer claims size={size}, over the daemon's "
+                                       f"max_value_size {self.max_payload}")
         if offset + size > len(self.view):
             raise errors.ProtocolError("kvstored sent an offset outside its arena")
         return self.view[offset:offset + size]

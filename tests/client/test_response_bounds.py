@@ -500,3 +500,40 @@ def test_check_response_bounds(args, ok):
         with pytest.raises(errors.ProtocolError) as ei:
             check_response(op, 9, status, ns_len, key_len, length, limit, expect)
         assert ei.value.request_id == 9 and "response 9" in ei.value.message
+
+
+def test_shm_get_claiming_more_than_max_value_size(daemon, monkeypatch):
+    """Same host: an SHM_GET answer's ids (read from the frame's payload; no proxy can sit
+    on the Unix socket, so they are altered as they are unpacked) claiming an object over
+    max_value_size, inside the arena: ProtocolError before copy_out allocates, and a fresh
+    connection next."""
+    from kvstore import shm
+
+    with kvstore.Client(daemon.control, namespace=NS, timeout=TIMEOUT, shm=True) as c:
+        objs = [(b"s%d" % i, os.urandom(300_000)) for i in range(3)]
+        c.batch_put(objs)
+        assert c.transport == "shm"
+        first = c._channel_here()
+        real, hit = shm.SHM_IDS, []
+
+        claim = 4 * c.info().max_value_size
+        assert claim <= len(first.view)  # inside the arena (64 MiB): only the new bound refuses it
+
+        class Claim:  # SHM_IDS whose first unpack claims 4 x max_value_size from offset 0
+            size = real.size
+
+            @staticmethod
+            def unpack_from(buf, offset=0):
+                offset_, size, lease = real.unpack_from(buf, offset)
+                if not hit:
+                    hit.append(size)
+                    offset_, size = 0, claim
+                return offset_, size, lease
+
+        monkeypatch.setattr(shm, "SHM_IDS", Claim)
+        before = rss()
+        with pytest.raises(errors.ProtocolError, match=f"size={claim}"):
+            c.batch_get([k for k, _ in objs])
+        assert rss() - before < RSS_GROWTH and hit
+        assert c.batch_get([k for k, _ in objs]) == [v for _, v in objs]
+        assert c._channel_here() is not first
