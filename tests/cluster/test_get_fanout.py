@@ -186,6 +186,7 @@ class _Trickle:
     def __init__(self, sock, seed: int):
         import random
         self._sock, self._rnd, self.calls = sock, random.Random(seed), 0
+        self.split = 0  # reads that returned less than a header (1-39 bytes)
 
     def recv_into(self, buf, nbytes=0, flags=0):
         import socket
@@ -193,7 +194,9 @@ class _Trickle:
         if flags & socket.MSG_DONTWAIT and self._rnd.random() < 0.2:
             raise BlockingIOError
         cap = self._rnd.choice([1, 2, 7, 39, 40, 41, 117, 4096, 100_000])
-        return self._sock.recv_into(buf, min(nbytes or len(buf), cap), flags)
+        n = self._sock.recv_into(buf, min(nbytes or len(buf), cap), flags)
+        self.split += 0 < n < 40
+        return n
 
     def __getattr__(self, name):
         return getattr(self._sock, name)
@@ -219,7 +222,9 @@ def test_answers_arriving_in_pieces(nodes, ns):
             cc.batch_get(keys[:2] + [b"absent"], namespace=ns)
         assert [bytes(b) for b in cc.batch_get(keys[::-1], namespace=ns)] == list(objs.values())[::-1]
         assert cc.pooled_get_jobs == 0 and not cc._down_now()
-        assert sum(s.calls for s in socks) > 500
+        # the trickle was met (how many reads in all depends on timing: ~500, and 492 was
+        # seen, so the bound is on the reads that split a header, ~1/3 of them)
+        assert sum(s.split for s in socks) >= 30
 
 
 @pytest.mark.parametrize("ns", ["plain", "ec"])
