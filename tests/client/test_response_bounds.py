@@ -19,6 +19,7 @@ import threading
 import time
 
 import pytest
+import relayutil
 
 import kvstore
 from kvstore import errors
@@ -44,26 +45,17 @@ def rss() -> int:
     raise AssertionError("no VmRSS in /proc/self/status")
 
 
-class TamperProxy:
+class TamperProxy(relayutil.Relay):
     """Relays TCP connections to ``target``. The daemon's answers are parsed frame by frame
     (header, then its payload as the daemon sent it); once ``arm(rule)`` is called, the
     first header for which ``rule(header)`` returns a new one is sent rewritten (once).
     Threads end with their sockets; ``close`` shuts every socket down and joins them."""
 
     def __init__(self, target: tuple[str, int]):
-        self.target = target
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.lsock.settimeout(0.2)
-        self.port = self.lsock.getsockname()[1]
-        self.address = f"127.0.0.1:{self.port}"
-        self.accepted = 0
         self.fired = 0
         self._rule = None
         self._lock = threading.Lock()
-        self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(target, timeout=30)
 
     def arm(self, rule) -> None:
         with self._lock:
@@ -79,33 +71,6 @@ class TamperProxy:
                 self.fired += 1
             return new
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                c, _ = self.lsock.accept()
-            except (socket.timeout, OSError):
-                continue
-            s = socket.create_connection(self.target, timeout=5)
-            for x in (c, s):
-                x.settimeout(30)
-            self._socks += [c, s]
-            self.accepted += 1
-            for fn, args in ((self._up, (c, s)), (self._down, (s, c))):
-                t = threading.Thread(target=fn, args=args, daemon=True)
-                t.start()
-                self._threads.append(t)
-
-    def _up(self, src: socket.socket, dst: socket.socket) -> None:
-        try:
-            while not self._stop.is_set():
-                data = src.recv(1 << 20)
-                if not data:
-                    break
-                dst.sendall(data)
-        except OSError:
-            pass
-        self._shut(src, dst)
-
     @staticmethod
     def _exact(sock: socket.socket, n: int) -> bytes | None:
         buf = bytearray()
@@ -116,7 +81,7 @@ class TamperProxy:
             buf += got
         return bytes(buf)
 
-    def _down(self, src: socket.socket, dst: socket.socket) -> None:
+    def down(self, src: socket.socket, dst: socket.socket) -> None:
         try:
             while not self._stop.is_set():
                 raw = self._exact(src, HEADER_SIZE)
@@ -134,25 +99,7 @@ class TamperProxy:
                     left -= len(data)
         except OSError:
             pass
-        self._shut(src, dst)
-
-    @staticmethod
-    def _shut(*socks) -> None:
-        for x in socks:
-            try:
-                x.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._stop.set()
-        for s in self._socks:
-            self._shut(s)  # wakes a pump blocked in recv
-            s.close()
-        self.lsock.close()
-        for t in self._threads:
-            t.join(5)
-        assert not any(t.is_alive() for t in self._threads)
+        self.shut(src, dst)
 
 
 @pytest.fixture

@@ -12,6 +12,7 @@ import threading
 import time
 
 import pytest
+import relayutil
 
 import kvstore
 from kvstore import channel
@@ -25,42 +26,22 @@ def _val(seed: int, n: int) -> bytes:
     return (seed.to_bytes(4, "little") * (n // 4 + 1))[:n]
 
 
-class Relay:
+class Relay(relayutil.Relay):
     """Forwards one or more TCP connections to ``target``. Bytes from the daemon pass through
     ``flip`` (stream offsets, per connection, whose byte is inverted) and ``cut`` (after that
     many bytes of a connection, both sides are closed). Threads end with the sockets."""
 
     def __init__(self, target: tuple[str, int]):
-        self.target = target
         self.flip: set[int] = set()
         self.cut: int | None = None
-        self.lsock = socket.create_server(("127.0.0.1", 0))
-        self.lsock.settimeout(0.2)
-        self.port = self.lsock.getsockname()[1]
-        self.accepted = 0
-        self._stop = threading.Event()
-        self._socks: list[socket.socket] = []
-        self._threads = [threading.Thread(target=self._accept, daemon=True)]
-        self._threads[0].start()
+        super().__init__(target)
 
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                c, _ = self.lsock.accept()
-            except (socket.timeout, OSError):
-                continue
-            s = socket.create_connection(self.target, timeout=5)
-            c.settimeout(10)
-            s.settimeout(10)
-            self._socks += [c, s]
-            self.accepted += 1
-            flip, cut = set(self.flip), self.cut
-            for args in ((c, s, set(), None), (s, c, flip, cut)):
-                t = threading.Thread(target=self._pump, args=args, daemon=True)
-                t.start()
-                self._threads.append(t)
+    def pumps(self, client, daemon) -> list:
+        # this connection keeps the flips and cut set when it was accepted
+        return [(self.pass_through, (client, daemon)),
+                (self._damage, (daemon, client, set(self.flip), self.cut))]
 
-    def _pump(self, src: socket.socket, dst: socket.socket, flip: set[int], cut: int | None) -> None:
+    def _damage(self, src: socket.socket, dst: socket.socket, flip: set[int], cut: int | None) -> None:
         off = 0
         try:
             while not self._stop.is_set():
@@ -79,23 +60,7 @@ class Relay:
                 off += len(data)
         except OSError:
             pass
-        for x in (src, dst):
-            try:
-                x.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-
-    def close(self) -> None:
-        self._stop.set()
-        for s in self._socks:
-            try:  # wakes a pump blocked in recv (close alone does not)
-                s.shutdown(socket.SHUT_RDWR)
-            except OSError:
-                pass
-            s.close()
-        self.lsock.close()
-        for t in self._threads:
-            t.join(5)
+        self.shut(src, dst)
 
 
 @pytest.fixture
