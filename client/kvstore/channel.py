@@ -259,13 +259,19 @@ class TcpChannel(DataChannel):
     def send_keyed(self, op: int, ns: bytes, keys: list[bytes]) -> dict[int, int]:
         """One payload-less request per key (GET, SHM_GET) in one write, with this
         connection's epoch; returns request id -> index."""
-        order, frames = {}, []
-        for i, k in enumerate(keys):
+        buf, rids = self.keyed_frames(op, ns, keys)
+        self.send([buf])
+        return {rid: i for i, rid in enumerate(rids)}
+
+    def keyed_frames(self, op: int, ns: bytes, keys: list[bytes]) -> tuple[bytes, list[int]]:
+        """One payload-less ``op`` request per key with this connection's epoch, joined
+        into one buffer to send; and the request id of each."""
+        rids, frames = [], []
+        for k in keys:
             rid = self.next_id()
-            order[rid] = i
+            rids.append(rid)
             frames.append(encode_request(op, rid, ns, k, epoch=self.epoch))
-        self.send([b"".join(frames)])
-        return order
+        return b"".join(frames), rids
 
     def put_frames(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int]) -> list:
         """The buffers of one PUT request per item ((key, parts, size)), to be sent gathered:
@@ -310,16 +316,6 @@ class TcpChannel(DataChannel):
         ``GetReader`` (ClusterClient's fanned-out batch get): every object inside the
         frames and a socket that takes MSG_DONTWAIT. Not TLS, shm or RDMA."""
         return self.nonblocking_send and self.frames_get(None)
-
-    def get_frames(self, ns: bytes, keys: list[bytes]) -> tuple[bytes, list[int]]:
-        """One payload-less GET request per key with this connection's epoch, joined into
-        one buffer to send; and the request id of each."""
-        rids, frames = [], []
-        for k in keys:
-            rid = self.next_id()
-            rids.append(rid)
-            frames.append(encode_request(OP_GET, rid, ns, k, epoch=self.epoch))
-        return b"".join(frames), rids
 
     def get_reader(self, verify: bool, alloc) -> "GetReader":
         """A reader of this connection's GET answers that never blocks (see GetReader)."""
@@ -464,7 +460,7 @@ class TcpChannel(DataChannel):
 
 
 class GetReader:
-    """The answers to GETs sent on one plain-TCP channel (``get_frames``), read without
+    """The answers to GETs sent on one plain-TCP channel (``keyed_frames(OP_GET, ...)``), read without
     blocking as they arrive: a response's header, then its payload, each resumed where
     the last ``read_some`` stopped. Answers come in any order (by request id).
 

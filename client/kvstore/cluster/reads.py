@@ -29,7 +29,7 @@ from .._common import writable_view
 from ..layout import FRAG_HEADER, KIND_FRAGMENT, Policy, assemble, codec, fragment_key, lap_key, parse_head, \
     tune_malloc
 from ..placement import Member
-from ..wire import checksum, key_bytes, namespace_bytes
+from ..wire import OP_GET, checksum, key_bytes, namespace_bytes
 from .writes import FANOUT_WINDOW
 
 
@@ -350,7 +350,7 @@ class _GetFanout:
         room = FANOUT_WINDOW - st.reader.pending()
         if room > 0 and st.next < len(st.items):
             batch = st.items[st.next:st.next + room]
-            buf, rids = st.conn.get_frames(self.nsb, [sk for _j, _w, sk in batch])
+            buf, rids = st.conn.keyed_frames(OP_GET, self.nsb, [sk for _j, _w, sk in batch])
             for n, ((j, _w, _sk), rid) in enumerate(zip(batch, rids)):
                 st.reader.expect(rid, st.next + n, None if self.outs is None else self.outs[j],
                                  self.placers.get(j))
