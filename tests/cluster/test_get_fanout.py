@@ -115,7 +115,9 @@ def test_stalled_node_is_read_around_within_the_node_timeout(nodes, ns):
     with cluster(nodes, node_timeout=1.5, fragment_timeout=0.5, down_s=60.0) as cc:
         assert all(cc.batch_put(list(objs.items()), namespace=ns))
         assert [bytes(b) for b in cc.batch_get(list(objs), namespace=ns)] == list(objs.values())
-        victim = nodes[2]
+        # a node the batch reads from (see test_killed_node_is_read_around)
+        m = cc._slots(next(iter(objs)), ns, cc.policy(ns), write=False)[0][0]
+        victim = next(d for d in nodes if d.control == m.address)
         victim.proc.send_signal(signal.SIGSTOP)
         try:
             t0 = time.monotonic()
