@@ -27,8 +27,8 @@ from typing import ClassVar
 
 from . import errors
 from ._common import CONNECT_TIMEOUT
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER_SIZE, OP_AUTH, OP_GET, OP_PING, OP_PUT,
-                   FrameError, check_response, checksum, checksum_parts, checksum_stream, decode,
+from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PING,
+                   OP_PUT, VERSION, FrameError, check_response, checksum, checksum_parts, checksum_stream, decode,
                    encode_auth, encode_request)
 
 TRANSPORTS = ("shm", "rdma", "tcp")
@@ -39,6 +39,7 @@ INLINE_ANY = 1 << 62  # inline_max of a channel that moves every object inside f
 # batch_get_into and to single puts (batch_put keeps reserve-all / copy / commit-all).
 SHM_INLINE_MAX = 128 << 10
 _IOV_MAX = 512  # buffers per sendmsg (the kernel's limit is 1024)
+_ANSWERS_PER_RECV = 512  # put answers one recv takes at most (TcpChannel._put_answers_bulk)
 _TLS_COALESCE = 64 << 10  # TLS: buffers smaller than this are joined into one write
 # A verified get receives a payload larger than this in chunks of this size and hashes
 # each one right after it lands, while it is still in cache: hashing a 4 MiB buffer after
@@ -48,6 +49,21 @@ VERIFY_CHUNK = 1 << 20
 # tests that build channels by hand): none. Client passes the daemon's (Info) to every
 # channel it makes, and wire.check_response refuses a GET answer claiming more.
 UNBOUNDED = 1 << 63
+
+
+# put_frames_hashed's packers by (key length, head length): (namespace length, pack) of
+# HEADER + namespace + key + head in one struct; names are at most 64 and 128 bytes and
+# EC heads one of a few sizes, so a handful of shapes are live (a new namespace length
+# replaces its shape's entry; the cache is cleared when it reaches _PUT_FRAMES_MAX).
+_PUT_FRAMES: dict[int, tuple] = {}
+_PUT_FRAMES_MAX = 256
+
+
+def _put_frame(nl: int, kl: int, hl: int) -> tuple:
+    if len(_PUT_FRAMES) >= _PUT_FRAMES_MAX:
+        _PUT_FRAMES.clear()
+    t = _PUT_FRAMES[(kl << 16) | hl] = (nl, struct.Struct(f"{HEADER.format}{nl}s{kl}s{hl}s").pack)
+    return t
 
 
 def _advance(views: list, n: int) -> None:
@@ -286,10 +302,83 @@ class TcpChannel(DataChannel):
             bufs += parts
         return bufs
 
+    def put_frames_hashed(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int]) -> list:
+        """``put_frames`` for values whose checksum is known: items (key, head, body,
+        checksum of head + body), e.g. EC records from ``layout.encode_hashed``. Nothing is
+        hashed here, and each request is two buffers: its frame header, namespace, key
+        and ``head`` packed as one bytes object (one struct call), then ``body``."""
+        flags = FLAG_OVERWRITE if overwrite else 0
+        epoch, nl, rids = self.epoch, len(ns), self._rid
+        bufs = []
+        for k, head, body, csum in items:
+            kl, hl = len(k), len(head)
+            frame = _PUT_FRAMES.get((kl << 16) | hl)
+            if frame is None or frame[0] != nl:
+                frame = _put_frame(nl, kl, hl)
+            rid = next(rids)
+            order[rid] = len(order)
+            bufs.append(frame[1](MAGIC, VERSION, OP_PUT, flags, rid, 0, nl, kl, epoch, hl + len(body), csum,
+                                 ns, k, head))
+            bufs.append(body)
+        return bufs
+
     def put_answers(self, order: dict[int, int]) -> list[bool]:
         """The answers to the PUTs ``put_frames`` numbered in ``order`` (True stored, False
         identical already there), read in any order; raises the first error after all."""
-        return self._collect(order, None, False, None, OP_PUT)
+        if (self.nonblocking_send and type(self).recv_into is TcpChannel.recv_into
+                and type(self).read_response is TcpChannel.read_response):
+            return self._put_answers_bulk(order)
+        return self._collect(order, None, False, None, OP_PUT)  # a channel that buffers its own reads
+
+    def _put_answers_bulk(self, order: dict[int, int]) -> list[bool]:
+        """put_answers on a plain socket: as many answers per recv as have arrived (a
+        batch's answers come in a burst), not a recv per 40-byte header. Each recv asks at
+        most for what the outstanding answers take at the least (a header each, plus the
+        rest of an error message being read), so no byte past the last answer is taken
+        from the stream. Every header is checked as on every reader (``response``)."""
+        results: list = [None] * len(order)
+        first_error: errors.KVStoreError | None = None
+        left = len(order)
+        buf = bytearray(HEADER_SIZE * min(left, _ANSWERS_PER_RECV))
+        view = memoryview(buf)
+        recv = self.sock.recv_into
+        pos = end = 0
+        while left:
+            if end - pos < HEADER_SIZE:
+                if pos:  # a partial header moves to the front
+                    view[:end - pos] = view[pos:end]
+                    end -= pos
+                    pos = 0
+                got = recv(view[end:min(len(buf), left * HEADER_SIZE)])
+                if got == 0:
+                    raise ConnectionResetError("kvstored closed the data connection")
+                end += got
+                continue
+            r = self.response(buf, pos, OP_PUT)
+            pos += HEADER_SIZE
+            left -= 1
+            if r.status:
+                # an error message (at most MAX_ERROR_MESSAGE, checked with the header):
+                # what came with the header, then the rest read exactly
+                msg = bytearray(r.length)
+                take = min(r.length, end - pos)
+                msg[:take] = view[pos:pos + take]
+                pos += take
+                if take < r.length:
+                    self.recv_into(memoryview(msg)[take:])
+                err = errors.error_for_code(r.status, msg.decode("utf-8", "replace"), r.rid)
+            i = order.pop(r.rid, None)
+            if i is None:
+                if r.status:  # connection-level error (id 0): e.g. too many connections
+                    raise err
+                raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+            if r.status:
+                first_error = first_error or err
+            else:
+                results[i] = r.aux != 1  # aux=1: deduplicated
+        if first_error is not None:
+            raise first_error
+        return results
 
     def send(self, buffers: list) -> None:
         """sendmsg all buffers (gathered, no copy), handling partial sends."""

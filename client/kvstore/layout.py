@@ -519,13 +519,18 @@ class _IsalCodec:
         parity = parity.toreadonly()
         return bodies + [parity[j * bs:(j + 1) * bs] for j in range(m)]
 
-    def parts(self, p: Policy, value) -> list[tuple[bytes, object]]:
-        """encode_parts' records: (our header + the liberasurecode header, payload view).
+    def parts(self, p: Policy, value, wire: bool = False) -> list[tuple]:
+        """encode_parts' records: (our header + the liberasurecode header, payload view);
+        with ``wire``, (header, payload, checksum of header + payload) (encode_hashed).
         The payload checksum covers the liberasurecode header and the payload, as it
         covered pyeclib's fragment. The arithmetic runs first; then each data fragment is
         hashed twice while it is in cache (into the object checksum, streamed, and its
         own payload checksum), which measured ~20 % less CPU per 1 MiB object than
-        hashing the whole object in one pass beforehand when the objects are not cached."""
+        hashing the whole object in one pass beforehand when the objects are not cached.
+        The record checksums (``wire``) need the object checksum in every header, so
+        they are a pass of their own, right after, while this object's fragments are
+        still in cache: hashed later, after a round of objects, they were read back from
+        memory (measured ~0.8 ms more per 32 x 1 MiB, ~3 ms more per 8 x 4 MiB)."""
         mv = value if isinstance(value, memoryview) else memoryview(value)
         if mv.format != "B" or mv.ndim != 1:
             mv = mv.cast("B")
@@ -538,14 +543,22 @@ class _IsalCodec:
             if i < self.k and i * bs < n:
                 whole.update(body if (i + 1) * bs <= n else mv[i * bs:])  # object bytes only
             lh = self.libec_header(i, n, bs)
-            h = checksum_stream()
-            h.update(lh)
+            h = checksum_stream(lh)
             h.update(body)
             heads.append(lh)
             sums.append(h.intdigest())
         ocsum = whole.intdigest()
-        return [(_header(p, KIND_FRAGMENT, i, n, ocsum, sums[i]) + heads[i], body)
-                for i, body in enumerate(bodies)]
+        pack, k, m, t = FRAG_HEADER.pack, p.k, p.m, EC_TYPES.index(p.ec_type)
+        if not wire:
+            return [(pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, k, m, t, 0, n, ocsum, sums[i]) + heads[i], body)
+                    for i, body in enumerate(bodies)]
+        out = []
+        for i, body in enumerate(bodies):
+            head = pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, k, m, t, 0, n, ocsum, sums[i]) + heads[i]
+            h = checksum_stream(head)
+            h.update(body)
+            out.append((head, body, h.intdigest()))
+        return out
 
     def _tables(self, have: list[int], want: list[int]):
         """The (cached) tables that compute fragments ``want`` from ``have``, or None when
@@ -751,6 +764,24 @@ def encode_parts(p: Policy, value, min_ec_size: int) -> list[tuple[bytes, object
             for i, f in enumerate(c.encode(value))]
 
 
+def encode_hashed(p: Policy, value, min_ec_size: int) -> list[tuple[bytes, object, int]]:
+    """``encode_parts`` with the checksum of each whole record (header + payload, what a
+    PUT frame carries as its payload checksum): (header, payload, record checksum).
+    ClusterClient's fanned-out put sends these without hashing the records again; on
+    the ISA-L path they are hashed while the object's fragments are still in cache."""
+    n = len(value)
+    if n >= min_ec_size and 0 < n and -(-n // p.k) < _ISAL_MAX_BLOCK:
+        c = codec(p)
+        if c.isal is not None:
+            return c.isal.parts(p, value, wire=True)
+    out = []
+    for h, payload in encode_parts(p, value, min_ec_size):
+        s = checksum_stream(h)
+        s.update(payload)
+        out.append((h, payload, s.intdigest()))
+    return out
+
+
 def encode_records(p: Policy, value, min_ec_size: int) -> list[bytes]:
     """``encode_parts`` joined: each record as one bytes object (one copy of its payload)."""
     return [h + payload for h, payload in encode_parts(p, value, min_ec_size)]
@@ -893,5 +924,5 @@ def _place(out, data, n: int) -> int:
 
 
 __all__ = ["DEFAULT_MIN_EC_SIZE", "FRAG_HEADER", "Codec", "Member", "Policy", "assemble", "codec",
-           "encode_parts", "encode_records", "fragment_key", "fragment_parts", "lap_key", "member_epoch",
+           "encode_hashed", "encode_parts", "encode_records", "fragment_key", "fragment_parts", "lap_key", "member_epoch",
            "parse_head", "parse_record", "placement_key", "slots", "split_lap", "tune_malloc"]

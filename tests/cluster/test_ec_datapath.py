@@ -68,7 +68,8 @@ def test_gathered_records_are_byte_identical_to_joined_ones(nodes, monkeypatch):
 
 def test_encode_failure_mid_batch_undoes_the_rounds_already_sent(nodes, monkeypatch):
     monkeypatch.setattr(cluster_writes, "ENCODE_ROUND_BYTES", MIB)  # one object per round
-    real = cluster_writes.encode_parts
+    monkeypatch.setattr(cluster_writes, "FIRST_ROUND_BYTES", MIB)
+    real = cluster_writes.encode_hashed
     calls = []
 
     def failing(p, value, min_ec_size):
@@ -76,12 +77,12 @@ def test_encode_failure_mid_batch_undoes_the_rounds_already_sent(nodes, monkeypa
         if len(calls) == 3:
             raise RuntimeError("encoder broke")
         return real(p, value, min_ec_size)
-    monkeypatch.setattr(cluster_writes, "encode_parts", failing)
+    monkeypatch.setattr(cluster_writes, "encode_hashed", failing)
     items = [(f"u-{i}".encode(), os.urandom(MIB)) for i in range(4)]
     with cluster(nodes) as cc:
         with pytest.raises(RuntimeError, match="encoder broke"):
             cc.batch_put(items, namespace="ec")
-        monkeypatch.setattr(cluster_writes, "encode_parts", real)
+        monkeypatch.setattr(cluster_writes, "encode_hashed", real)
         # the two objects sent before the failure were deleted again
         assert cc.exists([k for k, _ in items], namespace="ec") == [False] * 4
 

@@ -3,10 +3,14 @@ pipelined batch of puts per node, all nodes at once, acknowledged when all are s
 The calling thread writes every node's connection itself (``_Fanout``); a node whose
 channel cannot take that goes to the thread pool (``Writes._put_records``).
 
-EC records go out as two buffers, header and fragment (``layout.encode_parts``), a value
+EC records go out as two buffers, header and fragment (``layout.encode_hashed``), a value
 the node's Client sends gathered and the node stores as their concatenation: the fragment
-the encoder returned is never copied behind a header. A batch of EC objects is encoded in
-rounds of about ``ENCODE_ROUND_BYTES``, each round's records sent while the next round is
+the encoder returned is never copied behind a header. The encoder also gives each record's
+checksum (hashed while the object's fragments are still in cache), which the fanned-out
+path puts in the PUT frame as it is (``TcpChannel.put_frames_hashed``: frame header, names
+and record header packed as one buffer) instead of hashing every record again when it is
+queued. A batch of EC objects is encoded in rounds (``_rounds``: ``FIRST_ROUND_BYTES``,
+then ``ENCODE_ROUND_BYTES`` each), each round's records sent while the next round is
 encoded (the sockets take what they can between rounds).
 
 Partial failure: the records this call newly stored are deleted best effort and the
@@ -23,11 +27,12 @@ from concurrent.futures import Future, wait
 
 from .. import errors
 from .._common import as_bytes_view, value_parts
-from ..layout import FRAG_HEADER, Policy, encode_parts, fragment_key, lap_key, parse_head, tune_malloc
+from ..layout import FRAG_HEADER, Policy, encode_hashed, fragment_key, lap_key, parse_head, tune_malloc
 from ..placement import Member
 from ..wire import key_bytes, namespace_bytes
 
 ENCODE_ROUND_BYTES = 8 << 20  # user bytes encoded before their records are sent
+FIRST_ROUND_BYTES = 8 << 20
 # Unanswered puts one node's connection may hold in a fanned-out batch before its answers
 # are read (the daemon's own bound, server.max_pipelined_requests, is 1024 by default).
 FANOUT_WINDOW = 512
@@ -38,6 +43,14 @@ def _head(value) -> bytes | None:
     if isinstance(value, tuple):
         return parse_head(value[0])
     return parse_head(value) if isinstance(value, bytes) else None
+
+
+def _rounds(count: int, size: int) -> list[int]:
+    """Where the encoding rounds of ``count`` objects of about ``size`` bytes start (and the
+    last ends): a first round of ``FIRST_ROUND_BYTES``, then rounds of ``ENCODE_ROUND_BYTES``."""
+    first = max(1, FIRST_ROUND_BYTES // max(1, size))
+    per = max(1, ENCODE_ROUND_BYTES // max(1, size))
+    return [0, *range(min(first, count), count, per), count] if count > first else [0, count]
 
 
 class Writes:
@@ -66,44 +79,50 @@ class Writes:
             # a node failed under this put and is marked down now: write again without it
             return self._batch_put_once(items, ns, overwrite)
 
-    def _writes(self, key: bytes, value: memoryview, ns: str, p: Policy) -> list[tuple[Member, bytes, object]]:
-        """(member, stored key, value) of every record of one object."""
+    def _writes(self, key: bytes, value: memoryview, ns: str, p: Policy) -> list[tuple]:
+        """(member, stored key, value, checksum of the value or None) of every record of
+        one object. An EC record's value is (header, payload), its checksum computed by
+        the encoder (``layout.encode_hashed``) while the fragments were in cache."""
         sl = self._slots(key, ns, p, write=True)
         if p.kind != "ec":
-            return [(m, key, value) for m, _ in sl]
+            return [(m, key, value, None) for m, _ in sl]
         fk = fragment_key(key)
-        return [(m, lap_key(fk, lap), parts)
-                for (m, lap), parts in zip(sl, encode_parts(p, value, self.min_ec_size))]
+        return [(m, lap_key(fk, lap), (head, body), csum)
+                for (m, lap), (head, body, csum) in zip(sl, encode_hashed(p, value, self.min_ec_size))]
 
     def _batch_put_once(self, items, ns: str, overwrite: bool) -> list[bool]:
         p = self.policy(ns)
         jobs: list[tuple[Member, list]] = []  # one batch_put each; a node has one per round
+        sums: list[list] = []  # per job, each item's value checksum (None: hashed when sent)
         futs: list = []
         owners: list[list[tuple[int, int]]] = []  # per object: (job, item) of each record
-        per_round = len(items)
+        bounds = [0, len(items)]  # where each round of encoding starts and ends
         if p.kind == "ec" and items:
             tune_malloc()  # once per process: pyeclib's fragments (layout.tune_malloc)
-            per_round = max(1, ENCODE_ROUND_BYTES // max(1, len(items[0][1])))
+            bounds = _rounds(len(items), len(items[0][1]))
         fan = _Fanout(self, ns, overwrite) if self.fanout_puts and items else None
         try:
-            for s in range(0, len(items), per_round):
+            for s, e in zip(bounds, bounds[1:]):
                 first_job = len(jobs)
                 at: dict[str, int] = {}
-                for kb, v in items[s:s + per_round]:
+                for kb, v in items[s:e]:
                     where = []
-                    for m, sk, rec in self._writes(kb, v, ns, p):
+                    for m, sk, rec, csum in self._writes(kb, v, ns, p):
                         j = at.get(m.node_id)
                         if j is None:
                             j = at[m.node_id] = len(jobs)
                             jobs.append((m, []))
-                        where.append((j, len(jobs[j][1])))
-                        jobs[j][1].append((sk, rec))
+                            sums.append([])
+                        its = jobs[j][1]
+                        where.append((j, len(its)))
+                        its.append((sk, rec))
+                        sums[j].append(csum)
                     owners.append(where)
                 if fan is None:
                     futs += [self._pool.submit(self._put_records, m, its, ns, overwrite)
                              for m, its in jobs[first_job:]]
                 else:
-                    futs += [fan.add(m, its) for m, its in jobs[first_job:]]
+                    futs += [fan.add(m, its, sums[j]) for j, (m, its) in enumerate(jobs[first_job:], first_job)]
                     fan.pump()  # what the sockets take now; the next round is encoded meanwhile
             if fan is not None:
                 fan.finish()
@@ -199,8 +218,10 @@ class _Fanout:
         self.overwrite = overwrite
         self.nodes: dict[str, _NodeSend] = {}
 
-    def add(self, m: Member, items: list) -> Future:
-        """Queue one job (a node's records of one round); returns its Future."""
+    def add(self, m: Member, items: list, sums: list | None = None) -> Future:
+        """Queue one job (a node's records of one round); returns its Future. ``sums``:
+        each item's value checksum, known for EC records ((header, payload) values, sent
+        as they are, not hashed again); None entries are hashed here."""
         f: Future = Future()
         st = self.nodes.get(m.node_id)
         if st is None:
@@ -209,12 +230,19 @@ class _Fanout:
             self._on_pool(f, m, items)
             return f
         try:
-            prepared = []
-            for k, v in items:
-                parts, n = value_parts(v)
-                prepared.append((k, parts, n))
-            st.client._check_size(max(n for _k, _p, n in prepared))
-            if not st.conn.frames_put([n for _k, _p, n in prepared]):
+            if sums is not None and None not in sums:
+                hashed = True
+                prepared = [(k, v[0], v[1], s) for (k, v), s in zip(items, sums)]
+                sizes = [len(h) + len(b) for _k, h, b, _s in prepared]
+            else:
+                hashed = False
+                prepared = []
+                for k, v in items:
+                    parts, n = value_parts(v)
+                    prepared.append((k, parts, n))
+                sizes = [n for _k, _p, n in prepared]
+            st.client._check_size(max(sizes))
+            if not st.conn.frames_put(sizes):
                 self._on_pool(f, m, items)
                 return f
         except errors.KVStoreError as e:
@@ -226,7 +254,10 @@ class _Fanout:
                 self._on_pool(f, m, items)
                 return f
         first = len(st.order)
-        st.out += [memoryview(b) for b in st.conn.put_frames(self.nsb, prepared, self.overwrite, st.order)]
+        if hashed:  # frame headers are small bytes objects: sendmsg takes them as they are
+            st.out += st.conn.put_frames_hashed(self.nsb, prepared, self.overwrite, st.order)
+        else:
+            st.out += [memoryview(b) for b in st.conn.put_frames(self.nsb, prepared, self.overwrite, st.order)]
         st.jobs.append((f, items, first, len(st.order)))
         return f
 
