@@ -85,6 +85,7 @@ class DataSession:
         self.guard = AuthGuard(plane.auth) if plane.auth is not None else None
         self.counters = plane.counters
         self.latency, self.latency_other = plane.latency, plane.latency_other
+        self.put_latency = plane.latency[OP_PUT]
         self.budget = budget or plane.budget(burst)
         self.wake = wake or (lambda: None)
         self.peer = peer  # for log lines
@@ -115,6 +116,7 @@ class DataSession:
         self.no_wait_until = 0.0
         self.flushed_at = 0  # self.sent at the last take_output
         self.rx = 0  # bytes received
+        self.offered = 0  # size of the buffer receive_buffer handed out last
         self.pending: collections.deque = collections.deque()  # (sent end, entry, t0) of gets
         self.loads = 0  # gets waiting for a promotion from NVMe
         self.waiting: Call | None = None  # a reservation waiting for space: nothing is parsed
@@ -132,12 +134,16 @@ class DataSession:
 
     # ================================================================ events
     def receive_buffer(self, sizehint: int = -1) -> memoryview:
-        """Where the next received bytes go (a BufferedProtocol's get_buffer)."""
+        """Where the next received bytes go (a BufferedProtocol's get_buffer); its size is
+        kept in ``offered`` (a read of fewer bytes drained the socket)."""
         if self.lingering:
             return _swallow
         if self.window and self.reader.target is None:
-            return self.reader.buffer()[:self.window]
-        return self.reader.buffer()
+            b = self.reader.buffer()[:self.window]
+        else:
+            b = self.reader.buffer()
+        self.offered = len(b)
+        return b
 
     def received(self, n: int) -> None:
         self.rx += n
@@ -338,15 +344,25 @@ class DataSession:
     # ================================================ helpers for op handlers
     def send(self, frame: bytes) -> None:
         if not self.closed:
+            n = len(frame)
             self.out.append(frame)
-            self.sent += len(frame)
-            self.queued += len(frame)
+            self.sent += n
+            self.queued += n
             self.queued_frames += 1
             op = frame[5]  # every response but a get's object passes here: time it by its op
             if op == OP_PUT:
-                self.latency[OP_PUT].observe(_now() - self.put_t0)
+                self.put_latency.observe(_now() - self.put_t0)
             elif op:  # 0: a connection-level error, not an answer to a request
                 self.latency.get(op, self.latency_other).observe(_now() - self.t_in)
+
+    def send_put(self, frame: bytes) -> None:
+        """``send`` of a PUT answer (of 40 bytes), as its hot path: once per put."""
+        if not self.closed:
+            self.out.append(frame)
+            self.sent += 40
+            self.queued += 40
+            self.queued_frames += 1
+            self.put_latency.observe(_now() - self.put_t0)
 
     def error(self, op: int, rid: int, err: errors.KVStoreError) -> None:
         self.reject(op, rid, 0, err)
@@ -401,14 +417,18 @@ class DataSession:
         deliver(self, rid, e, 0.0)
 
     def reserve(self, op: int, rid: int, ns: bytes, key: bytes, size: int, csum: int | None,
-                overwrite: bool, reserved: Callable, skip: int = 0) -> None:
+                overwrite: bool, reserved: Callable, skip: int = 0, dedup: bool = False) -> None:
         """Reserve a slot and run ``reserved(session, rid, reservation or None, size)`` (None:
         the object is stored already). Without space, a Call waits (bounded) for it and nothing
         else on this connection is parsed meanwhile, so answers keep the requests' order.
-        A failure is answered here, after skipping ``skip`` payload bytes."""
+        A failure is answered here, after skipping ``skip`` payload bytes. ``dedup``: an
+        object stored already is answered so even past this connection's or client's bound
+        (the store's reserve finds it otherwise, in the lookup it makes anyway)."""
         refused = (self.budget.admit_reservation(self.reserved, size)
                    or self.clients.admit(self.client, size))
         if refused is not None:  # this connection's (client's) own bound: waiting would not help
+            if dedup and self.store.dedup(ns, key, size, csum):
+                return reserved(self, rid, None, size)
             self.counters["reservations_refused_over_limit"] += 1
             return self.reject(op, rid, skip, refused)
         try:
@@ -424,6 +444,8 @@ class DataSession:
             return
         except errors.KVStoreError as e:
             return self.reject(op, rid, skip, e)
+        if res is None:  # stored already: no slot was taken
+            return reserved(self, rid, None, size)
         self._hold(res)
         reserved(self, rid, res, size)
 
@@ -450,7 +472,9 @@ class DataSession:
 
     def commit(self, res: "Reservation") -> bool:
         """Publish a reservation this connection holds; raises the store's typed errors."""
-        self._unhold(res)
+        size = res.size  # (_unhold, inlined: once per put)
+        self.reserved -= size
+        self.clients.add(self.client, -size)
         return self.store.commit(res)
 
     def _drop_reservation(self, res: "Reservation") -> None:

@@ -29,6 +29,7 @@ MIN_SLOT = 256
 SMALL_ALIGN = 64  # sub-page slots: cache-line aligned
 MADV_POPULATE_WRITE = getattr(mmap, "MADV_POPULATE_WRITE", 23)  # Linux >= 5.14
 PREFAULT_CHUNK = 64 << 20
+CLASS_CACHE = 4096  # sizes whose class Arena.class_for remembers
 
 
 def size_classes(max_slot: int) -> list[int]:
@@ -100,6 +101,9 @@ class Arena:
         self.free_slabs: list[Slab] = list(reversed(self.slabs))
         self.classes = [SizeClass(i, s, slab_size) for i, s in enumerate(size_classes(slab_size))]
         self._class_sizes = [c.slot_size for c in self.classes]
+        # size -> class of the sizes met so far: a put's lookup is a dict hit, not a bisect
+        # (KV blocks come in a few sizes; bounded against a spray of distinct ones)
+        self._class_by_size: dict[int, SizeClass] = {}
         self.used_bytes = 0  # bytes of slots handed out
         self.prefaulted = 0  # bytes faulted in by prefault_in_background
         self._prefault_stop = threading.Event()
@@ -107,10 +111,16 @@ class Arena:
 
     # -- classes -----------------------------------------------------------
     def class_for(self, size: int) -> SizeClass:
+        sc = self._class_by_size.get(size)
+        if sc is not None:
+            return sc
         i = bisect.bisect_left(self._class_sizes, max(size, 1))
         if i == len(self.classes):
             raise ValueError(f"object of {size} bytes exceeds the slab size {self.slab_size}")
-        return self.classes[i]
+        sc = self.classes[i]
+        if len(self._class_by_size) < CLASS_CACHE:
+            self._class_by_size[size] = sc
+        return sc
 
     def slab_of(self, offset: int) -> Slab:
         return self.slabs[offset // self.slab_size]
@@ -141,7 +151,7 @@ class Arena:
         return off
 
     def free(self, offset: int) -> None:
-        slab = self.slab_of(offset)
+        slab = self.slabs[offset // self.slab_size]  # (slab_of, inlined: once per eviction)
         sc = slab.size_class
         assert sc is not None, "free of a slot in an unassigned slab"
         slab.used -= 1

@@ -363,11 +363,13 @@ class Policy:
     def victim(self, sc_index: int, evictable: Callable[[object], bool]):
         """The next entry of class ``sc_index`` to evict, or None if none is evictable."""
         lists = self.queues[sc_index].lists
-        cold = self._tail(lists[COLD], evictable)
-        if cold is not None:
-            return cold
-        prob = self._tail(lists[PROBATION], evictable)
-        prot = self._tail(lists[PROTECTED], evictable)
+        tail = self._tail
+        if lists[COLD].count:  # (an empty list is skipped without the call: once per eviction)
+            cold = tail(lists[COLD], evictable)
+            if cold is not None:
+                return cold
+        prob = tail(lists[PROBATION], evictable) if lists[PROBATION].count else None
+        prot = tail(lists[PROTECTED], evictable) if lists[PROTECTED].count else None
         if prob is None:
             return prot
         if prot is None:
@@ -401,7 +403,17 @@ class Policy:
         self.clock += 1
         e.stamp = self.clock
         e.seg = seg
-        self.queues[e.sc.index].lists[seg].push_head(e)
+        # _List.push_head, inlined: once per put
+        lst = self.queues[e.sc.index].lists[seg]
+        head = lst.head
+        e.older = head
+        e.newer = None
+        if head is not None:
+            head.newer = e
+        else:
+            lst.tail = e
+        lst.head = e
+        lst.count += 1
         self.resident += 1
 
     def _push_probation(self, e, k) -> None:

@@ -79,7 +79,8 @@ class PackedIndex(_index.Table):
         """Drop ``e`` (the entry under its key) and its pin; the record lives on while
         ``e`` (or another reference to its view) does."""
         super().remove(e)
-        self._pinned.discard(e)
+        if self._pinned:
+            self._pinned.discard(e)
 
     def __iter__(self) -> Iterator[tuple[bytes, bytes]]:
         return ((e.ns, e.key) for e in self.iterate())

@@ -136,27 +136,29 @@ class Store(RepairHooks):
         ``checksum=None``: the writer fills the slot in place (shm) and ``commit``
         computes the checksum; dedup and conflicts are then decided at commit.
         """
-        if size > self.limits.max_value_size:
+        limits = self.limits
+        if size > limits.max_value_size:
             raise InvalidArgument(
-                f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
+                f"value of {size} bytes exceeds max_value_size {limits.max_value_size}")
         old = self.index.get(ns, key)  # one lookup serves dedup and the conflict check
-        if old is not None and self._same(old, size, checksum):
-            return None
-        if old is not None and old.unverified:
-            overwrite = True  # a fresh write beats a record not yet verified
-        if old is not None and not overwrite and checksum is not None:
-            self.counters["conflicts"] += 1
-            raise Conflict(f"key exists with a different checksum (size {old.size}); "
-                           "objects are immutable unless overwrite is asked")
-        sc = self.arena.class_for(size)
+        if old is not None:
+            if self._same(old, size, checksum):
+                return None
+            if old.unverified:
+                overwrite = True  # a fresh write beats a record not yet verified
+            if not overwrite and checksum is not None:
+                self.counters["conflicts"] += 1
+                raise Conflict(f"key exists with a different checksum (size {old.size}); "
+                               "objects are immutable unless overwrite is asked")
+        arena = self.arena
+        sc = arena.class_for(size)
         off = self.dram.alloc(sc)
         if off is None:
             self.counters["no_space"] += 1
             raise NoSpace(f"no space for {size} bytes: every candidate is pinned, referenced "
                           "or being written")
-        view = self.arena.view[off:off + size]
         res = Reservation(ns, key, off, size, checksum, sc, overwrite,
-                          self.clock() + self.limits.reservation_timeout, view)
+                          self.clock() + limits.reservation_timeout, arena.view[off:off + size])
         self.reservations.add(res)
         self.reserved_bytes += size
         return res
@@ -194,17 +196,22 @@ class Store(RepairHooks):
     def commit(self, res: Reservation) -> bool:
         """Verify the checksum and publish. True if stored, False if it deduplicated."""
         actual = payload_checksum(res.view)
-        if res.checksum is None:
-            res.checksum = actual
-        ok = actual == res.checksum
-        self._finish(res)
-        free_slot = self.dram.free_slot
-        if not ok:
+        cs = res.checksum
+        if cs is None:
+            res.checksum = cs = actual
+        # (_finish, inlined: once per put)
+        res.done = True
+        res.view.release()
+        self.reservations.discard(res)
+        self.reserved_bytes -= res.size
+        dram = self.dram
+        if actual != cs:
             self.counters["checksum_failures"] += 1
-            free_slot(res.offset)
+            dram.free_slot(res.offset)
             raise ChecksumMismatch("payload checksum does not match the declared checksum; "
                                    "nothing was stored")
-        e = self.index.Entry(res.ns, res.key, res.offset, res.size, res.checksum, res.sc)
+        index = self.index
+        e = index.Entry(res.ns, res.key, res.offset, res.size, cs, res.sc)
         # A put without overwrite is almost always of a new key, which needs no lookup:
         # insert refuses (KeyError, nothing changed) a key that is taken, and only then is
         # the stored entry looked up -- it may have been committed, deleted or evicted
@@ -212,20 +219,22 @@ class Store(RepairHooks):
         taken = res.overwrite
         if not taken:
             try:
-                self.index.insert(e)
+                index.insert(e)
             except KeyError:
                 taken = True
             except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no leak
-                free_slot(res.offset)
+                dram.free_slot(res.offset)
                 raise
         if taken and not self._replace(res, e):
             return False
-        self.dram.link(e)
-        self.counters["puts"] += 1
-        self.counters["put_bytes"] += res.size
+        dram.link(e)
+        counters = self.counters
+        counters["puts"] += 1
+        counters["put_bytes"] += res.size
         if self.observer is not None:
             self.observer.stored(e)
-        self.maybe_evict()
+        if self.nvme is not None:  # maybe_evict has nothing to do without NVMe: no call
+            self.maybe_evict()
         return True
 
     def _replace(self, res: Reservation, e: Entry) -> bool:
@@ -639,7 +648,9 @@ class Store(RepairHooks):
                 log.warning("removed an NVMe-only object whose key is unreadable: no KV event "
                             "sent for it")
         e.state = DEAD
-        self.tiering.removed(e, tombstone)
+        tiering = self.tiering
+        if tiering.nvme is not None:  # (removed has nothing to do without NVMe: no call)
+            tiering.removed(e, tombstone)
         if e.offset >= 0:
             self.dram.unlink(e, evicted)
 

@@ -1,0 +1,187 @@
+#!/usr/bin/env python3
+"""Server CPU per put: kvstored (one node, TCP) beside Redis, in the same run.
+
+    python benchmarks/bench_put_cpu.py [--sizes 4KiB,64KiB,1MiB] [--concurrency 8]
+                                       [--seconds 3] [--rounds 2] [--skip-redis]
+
+What users compare is bytes stored per second per server core, so each row reports the
+server process's CPU (utime + stime of all its threads, from /proc, over the timed
+window) per put and the bytes it stored per CPU-second, beside the rate and the client's
+CPU. Both servers are driven the same way: one asyncio client on uvloop in this process
+with ``--concurrency`` tasks (kvstored: one ``AsyncClient``; Redis: redis.asyncio with as
+many pooled connections).
+
+* kvstored puts new bytes under new keys (a counter), as an inference engine stores new
+  blocks; its arena (``--dram-size``, default 256MiB) fills within the first seconds and
+  the node evicts from then on, so eviction is in the figure;
+* Redis SETs new bytes over a bounded set of keys (``--keys`` per size: it has no
+  eviction configured, and the bytes stored are the same per put).
+
+Rounds alternate the order (kvstored first, then Redis first); each row is the median
+round. Load (``/proc/loadavg``) is printed beside every round: on a shared machine CPU
+per op is steadier than the rate, which follows the scheduler.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import itertools
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+REPO = os.path.dirname(HERE)
+for _i, _p in enumerate((HERE, os.path.join(REPO, "client"), REPO)):
+    if _p not in sys.path:
+        sys.path.insert(_i, _p)
+
+import peers  # noqa: E402
+from bench_tcp import KvstoredDaemon, _stamper  # noqa: E402
+
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of process ``pid``."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK  # utime, stime (fields 14, 15)
+
+
+def loadavg() -> str:
+    with open("/proc/loadavg") as f:
+        return f.read().split()[0]
+
+
+async def _drive(put, conc: int, seconds: float, seq) -> int:
+    """Run ``put(w, next(seq))`` in ``conc`` tasks for ``seconds``; the puts done."""
+    done = 0
+    stop_at = time.monotonic() + seconds
+
+    async def worker(w: int) -> None:
+        nonlocal done
+        for _ in range(10_000_000):  # bounded: the clock ends it long before
+            if time.monotonic() >= stop_at:
+                return
+            await put(w, next(seq))
+            done += 1
+
+    await asyncio.gather(*(worker(w) for w in range(conc)))
+    return done
+
+
+def measure(loop, put, pid: int, conc: int, size: int, seconds: float, warmup: float) -> dict:
+    """A warm-up, then one timed window: the server's and this process's CPU, puts done."""
+    seq = itertools.count()  # one sequence: the timed puts never repeat a warm-up key
+    loop.run_until_complete(_drive(put, conc, warmup, seq))
+    s0, c0, t0 = proc_cpu(pid), time.process_time(), time.perf_counter()
+    n = loop.run_until_complete(_drive(put, conc, seconds, seq))
+    s1, c1, t1 = proc_cpu(pid), time.process_time(), time.perf_counter()
+    wall = t1 - t0
+    return {"ops": n, "wall": wall, "gbs": n * size / wall / 1e9,
+            "server_us": (s1 - s0) / max(n, 1) * 1e6, "client_us": (c1 - c0) / max(n, 1) * 1e6,
+            "server_cores": (s1 - s0) / wall,
+            "gbs_per_core": n * size / max(s1 - s0, 1e-9) / 1e9, "load": loadavg()}
+
+
+def kvstored_round(loop, kvstore, daemon: KvstoredDaemon, size: int, conc: int, seconds: float,
+                   warmup: float, tag: str) -> dict:
+    stamp = _stamper(os.urandom(size), conc)
+
+    async def open_client():
+        c = kvstore.AsyncClient(daemon.address)
+        await c.connect()
+        return c
+
+    ac = loop.run_until_complete(open_client())
+    try:
+        async def put(w: int, i: int) -> None:
+            await ac.put(f"{tag}-{i}".encode(), stamp(w), namespace="cpu")
+        return measure(loop, put, daemon.proc.pid, conc, size, seconds, warmup)
+    finally:
+        loop.run_until_complete(ac.close())
+
+
+def redis_round(loop, server: peers.RedisServer, size: int, conc: int, seconds: float,
+                warmup: float, keys: int) -> dict:
+    import redis.asyncio as aredis
+    stamp = _stamper(os.urandom(size), conc)
+    r = aredis.Redis(host=server.host, port=server.port, max_connections=conc)
+    try:
+        async def put(w: int, i: int) -> None:
+            await r.set(f"cpu-{size}-{i % keys}", bytes(stamp(w)))
+        return measure(loop, put, server.proc.pid, conc, size, seconds, warmup)
+    finally:
+        loop.run_until_complete(r.aclose())
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--sizes", default="4KiB,64KiB,1MiB")
+    ap.add_argument("--concurrency", type=int, default=8)
+    ap.add_argument("--seconds", type=float, default=3.0, help="timed seconds per row and round")
+    ap.add_argument("--warmup", type=float, default=0.5)
+    ap.add_argument("--rounds", type=int, default=2)
+    ap.add_argument("--keys", type=int, default=256, help="Redis keys per size (SET cycles them)")
+    ap.add_argument("--dram-size", default="256MiB", help="kvstored --dram-size")
+    ap.add_argument("--skip-redis", action="store_true")
+    a = ap.parse_args(argv)
+    sizes = [peers.parse_size(s) for s in a.sizes.split(",")]
+    if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
+        ap.error("--concurrency and --rounds must be >= 1, --seconds > 0")
+    import uvloop
+
+    import kvstore
+    loop = uvloop.new_event_loop()
+    asyncio.set_event_loop(loop)
+    with open(peers.CC_SYSCTL) as f:
+        cc = f.read().strip()
+    rows: dict[tuple[str, int], list[dict]] = {}
+    redis_ctx = peers.RedisServer() if not a.skip_redis else None
+    with KvstoredDaemon(cc, dram_size=a.dram_size, max_value_size=max(sizes + [4 << 20]),
+                        slab_size=max(sizes + [4 << 20])) as kd:
+        if redis_ctx is not None:
+            redis_ctx.__enter__()
+        try:
+            for rnd in range(a.rounds):
+                order = ["kvstored", "redis"] if rnd % 2 == 0 else ["redis", "kvstored"]
+                for size in sizes:
+                    for who in order:
+                        if who == "redis" and redis_ctx is None:
+                            continue
+                        if who == "kvstored":
+                            m = kvstored_round(loop, kvstore, kd, size, a.concurrency, a.seconds,
+                                               a.warmup, f"r{rnd}-{size}")
+                        else:
+                            m = redis_round(loop, redis_ctx, size, a.concurrency, a.seconds,
+                                            a.warmup, a.keys)
+                        rows.setdefault((who, size), []).append(m)
+                        print(f"round {rnd} {who:8} {peers.human_size(size):>6}: "
+                              f"{m['gbs']:.3f} GB/s, server {m['server_us']:.1f} us/put "
+                              f"({m['server_cores'] * 100:.0f} % of a core, "
+                              f"{m['gbs_per_core']:.2f} GB/s per core), client "
+                              f"{m['client_us']:.1f} us/put, load {m['load']}", flush=True)
+        finally:
+            if redis_ctx is not None:
+                redis_ctx.__exit__(None, None, None)
+    print(f"\nmedian of {a.rounds} rounds, c={a.concurrency}, {a.seconds:g} s each "
+          f"(server CPU = utime + stime of the server process):")
+    print("| size | server | GB/s | server us/put | server GB/s per core | client us/put |")
+    print("| --- | --- | --- | --- | --- | --- |")
+    for size in sizes:
+        for who in ("kvstored", "redis"):
+            ms = rows.get((who, size))
+            if not ms:
+                continue
+            med = {k: statistics.median(m[k] for m in ms)
+                   for k in ("gbs", "server_us", "gbs_per_core", "client_us")}
+            print(f"| {peers.human_size(size)} | {who} | {med['gbs']:.3f} | {med['server_us']:.1f} | "
+                  f"{med['gbs_per_core']:.2f} | {med['client_us']:.1f} |")
+    loop.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
