@@ -305,29 +305,38 @@ class Membership:
         key = (self.prefix + self.status.node_id).encode()
         old = self._lease
         self._lease = lease = await etcd.lease(self.ttl)
-        await etcd.put(key, self.self_info().to_json(), lease=lease)
-        if old is not None:  # our key moved to the new lease; the old one can go
-            try:
-                await etcd.revoke_lease(old.id)
-            except Exception:
-                pass
-        revision = await self._resync(etcd)
-        watch = await etcd.watch_prefix(self.root.encode(), start_revision=revision + 1)
-        self.registered = True
-        self.detail = ""
-        self.registrations += 1
-        log.info("registered in cluster", extra={
-            "cluster": self.cluster, "etcd": f"{host}:{port}", "key": key.decode(),
-            "lease_ttl": self.ttl, "members": len(self.members) + 1})
-        watcher = asyncio.get_running_loop().create_task(self._watch(watch))
+        # renewed from the grant on, in a task of its own: the writes and reads below (and
+        # the resyncs later) each wait for etcd's disk and, on a loaded etcd, could push a
+        # renewal past the TTL: the node would drop out of its own cluster and rejoin
+        loop = asyncio.get_running_loop()
+        renewer = loop.create_task(self._renew(etcd, lease), name="cluster-lease-renew")
+        watcher = watch = None
         try:
-            await self._keepalive(etcd, lease, key, watcher)
+            await etcd.put(key, self.self_info().to_json(), lease=lease)
+            if old is not None:  # our key moved to the new lease; the old one can go
+                try:
+                    await etcd.revoke_lease(old.id)
+                except Exception:
+                    pass
+            revision = await self._resync(etcd)
+            watch = await etcd.watch_prefix(self.root.encode(), start_revision=revision + 1)
+            self.registered = True
+            self.detail = ""
+            self.registrations += 1
+            log.info("registered in cluster", extra={
+                "cluster": self.cluster, "etcd": f"{host}:{port}", "key": key.decode(),
+                "lease_ttl": self.ttl, "members": len(self.members) + 1})
+            watcher = loop.create_task(self._watch(watch))
+            await self._keepalive(etcd, lease, key, watcher, renewer)
         finally:
-            watcher.cancel()
-            try:
-                await watch.cancel()
-            except Exception:
-                pass
+            renewer.cancel()
+            if watcher is not None:
+                watcher.cancel()
+            if watch is not None:
+                try:
+                    await watch.cancel()
+                except Exception:
+                    pass
 
     async def _resync(self, etcd) -> int:
         """Re-read the whole member list and the policies; returns the etcd revision."""
@@ -396,23 +405,42 @@ class Membership:
         except Exception as e:  # the keep-alive loop notices etcd is gone and reconnects
             log.debug("member watch ended: %s", e)
 
-    async def _keepalive(self, etcd, lease, key: bytes, watcher: asyncio.Task) -> None:
-        """Renew the lease every ttl/3 and re-read the list every ttl (belt and braces to
-        the watch). Raises when etcd fails or the lease is gone."""
+    async def _renew(self, etcd, lease) -> None:
+        """Renew the lease every ttl/3, counted from the start of the last renewal (a slow
+        reply does not push the next one out). Raises when etcd fails or the lease is gone."""
         interval = max(0.5, self.ttl / 3)
-        last_sync = time.monotonic()
         while True:
             await asyncio.sleep(interval)
+            started = time.monotonic()
             reply = await asyncio.wait_for(etcd.refresh_lease(lease.id), ETCD_CALL_TIMEOUT)
             if reply is None or reply.TTL <= 0:
                 raise ConnectionError(f"lease {lease.id:x} expired")
-            if watcher.done() or time.monotonic() - last_sync >= self.ttl:
+            interval = max(0.0, started + max(0.5, self.ttl / 3) - time.monotonic())
+
+    async def _keepalive(self, etcd, lease, key: bytes, watcher: asyncio.Task,
+                         renewer: asyncio.Task) -> None:
+        """Re-read the list every ttl (belt and braces to the watch) while ``renewer`` keeps
+        the lease. Raises when the renewals fail (etcd gone, lease expired) or the watch
+        ends. A resync that times out is tried again next time: etcd answering renewals
+        but slow to read (a loaded disk) is no reason to leave and rejoin."""
+        while True:
+            await asyncio.wait({renewer, watcher}, timeout=self.ttl,
+                               return_when=asyncio.FIRST_COMPLETED)
+            if renewer.done():
+                renewer.result()  # raises what ended the renewals
+                raise ConnectionError("lease renewals stopped")  # pragma: no cover
+            try:
                 await asyncio.wait_for(self._resync(etcd), ETCD_CALL_TIMEOUT)
-                last_sync = time.monotonic()
-                if self.status.node_id not in self.members:  # someone deleted our key
-                    await etcd.put(key, self.self_info().to_json(), lease=lease)
+            except asyncio.TimeoutError:
                 if watcher.done():
-                    raise ConnectionError("member watch ended")
+                    raise ConnectionError("member watch ended") from None
+                log.debug("member resync timed out; the watch still runs, retrying in %ss", self.ttl)
+                continue
+            if self.status.node_id not in self.members:  # someone deleted our key
+                await asyncio.wait_for(etcd.put(key, self.self_info().to_json(), lease=lease),
+                                       ETCD_CALL_TIMEOUT)
+            if watcher.done():
+                raise ConnectionError("member watch ended")
 
     # ------------------------------------------------------------ static mode
 

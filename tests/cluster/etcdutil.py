@@ -109,3 +109,34 @@ def enable_auth(etcd: Etcd, user: str, password: str) -> None:
     post("user/grant", {"user": user, "role": "root"})
     post("enable", {})
 
+
+
+def _gateway(etcd: Etcd, path: str, body: dict) -> dict:
+    """One call to etcd's own JSON gateway (keys and values base64)."""
+    import json
+    import urllib.request
+    req = urllib.request.Request(f"http://{etcd.endpoint}/v3/{path}",
+                                 data=json.dumps(body).encode(), method="POST")
+    with urllib.request.urlopen(req, timeout=10) as r:
+        return json.loads(r.read())
+
+
+def _b64(b: bytes) -> str:
+    import base64
+    return base64.b64encode(b).decode()
+
+
+def etcd_keys(etcd: Etcd, prefix: bytes) -> set[bytes]:
+    """The keys under ``prefix`` now, as etcd itself has them (the truth the nodes watch)."""
+    import base64
+    end = prefix[:-1] + bytes([prefix[-1] + 1])
+    doc = _gateway(etcd, "kv/range", {"key": _b64(prefix), "range_end": _b64(end), "keys_only": True})
+    return {base64.b64decode(kv["key"]) for kv in doc.get("kvs", [])}
+
+
+def etcd_put(etcd: Etcd, key: bytes, value: bytes) -> None:
+    _gateway(etcd, "kv/put", {"key": _b64(key), "value": _b64(value)})
+
+
+def etcd_delete(etcd: Etcd, key: bytes) -> None:
+    _gateway(etcd, "kv/deleterange", {"key": _b64(key)})
