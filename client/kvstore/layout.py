@@ -414,6 +414,7 @@ class _Decoded:
 _LIBEC_META = struct.Struct("<IIIQB32xBBI")
 _LIBEC_TAIL = struct.Struct("<III9x")
 LIBEC_HEADER = _LIBEC_META.size + _LIBEC_TAIL.size  # 80
+_RECORD_HEAD = struct.Struct(f"{FRAG_HEADER.format}{LIBEC_HEADER}s")  # ours, then liberasurecode's
 _CHKSUM_NONE = 1  # liberasurecode's CHKSUM_NONE: pyeclib's default, no per-fragment CRC
 _ISAL_MAX_BLOCK = 1 << 31  # ec_encode_data takes a fragment's length as a C int
 
@@ -548,13 +549,13 @@ class _IsalCodec:
             heads.append(lh)
             sums.append(h.intdigest())
         ocsum = whole.intdigest()
-        pack, k, m, t = FRAG_HEADER.pack, p.k, p.m, EC_TYPES.index(p.ec_type)
+        pack, k, m, t = _RECORD_HEAD.pack, p.k, p.m, EC_TYPES.index(p.ec_type)  # both headers, one call
         if not wire:
-            return [(pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, k, m, t, 0, n, ocsum, sums[i]) + heads[i], body)
+            return [(pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, k, m, t, 0, n, ocsum, sums[i], heads[i]), body)
                     for i, body in enumerate(bodies)]
         out = []
         for i, body in enumerate(bodies):
-            head = pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, k, m, t, 0, n, ocsum, sums[i]) + heads[i]
+            head = pack(FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, i, k, m, t, 0, n, ocsum, sums[i], heads[i])
             h = checksum_stream(head)
             h.update(body)
             out.append((head, body, h.intdigest()))

@@ -68,7 +68,6 @@ def test_gathered_records_are_byte_identical_to_joined_ones(nodes, monkeypatch):
 
 def test_encode_failure_mid_batch_undoes_the_rounds_already_sent(nodes, monkeypatch):
     monkeypatch.setattr(cluster_writes, "ENCODE_ROUND_BYTES", MIB)  # one object per round
-    monkeypatch.setattr(cluster_writes, "FIRST_ROUND_BYTES", MIB)
     real = cluster_writes.encode_hashed
     calls = []
 

@@ -202,8 +202,9 @@ class MemberView:
             # a node this client just failed to reach is skipped: its records go to the
             # slots the layout gives without it, which is where they belong once it leaves
             # the member list (and where repair moves them from, if it comes back)
-            now = time.monotonic()
-            ms = [m for m in ms if self._down.get(m.node_id, 0.0) <= now]
+            if self._down:  # none marked down (the usual case): nothing to filter
+                now = time.monotonic()
+                ms = [m for m in ms if self._down.get(m.node_id, 0.0) <= now]
             # a policy this client was given must fit the biggest cluster it has seen; the
             # cluster's own policies were checked when set (kvstore-cli policy set)
             if p.nodes > self._largest and (ns in self._policies or "*" in self._policies):
