@@ -18,6 +18,14 @@ def start_daemon(tmp_path):
         started.append(d)
         return d
 
+    def many(*arg_lists, **kw) -> list[Daemon]:
+        """start_daemon.many(args1, args2, ...): several launched at once (their imports
+        and arena prefaults overlap), each ready on return."""
+        ds = [Daemon(tmp_path, *args, **kw) for args in arg_lists]
+        started.extend(ds)
+        return start_all(*ds)
+
+    factory.many = many
     yield factory
     stop_all(started)
 

@@ -46,6 +46,29 @@ def wait_for(pred, timeout: float, what: str, step: float = 0.2):
     raise TimeoutError(f"{what} not within {timeout}s (last: {last!r})")
 
 
+# etcd drops a dead member's key once its lease runs out (TTL + up to 0.5 s of etcd's expiry
+# tick) and the revoke is on its disk: on a loaded CI disk that took several seconds more,
+# so this bound only catches "never"; what our nodes control is counted from etcd's delete
+ETCD_LEAVE_S = 25.0
+
+
+def wait_left(etcd, cluster: str, node_id: str, nodes, in_placement, within: float, what: str) -> None:
+    """Wait until etcd has dropped ``node_id``'s member key (the lease ran out or was
+    revoked: etcd's latency, bounded by ETCD_LEAVE_S), then until every node in ``nodes``
+    has it out of placement (``in_placement(node) -> set of ids``) ``within`` seconds of
+    that: the watch, or a resync every TTL, does it."""
+    from etcdutil import etcd_keys
+    key = f"/kvstored/{cluster}/members/{node_id}".encode()
+
+    def dropped() -> bool:
+        try:
+            return key not in etcd_keys(etcd, key)
+        except OSError:  # etcd slow to answer its gateway: not yet
+            return False
+    wait_for(dropped, ETCD_LEAVE_S, f"etcd dropping {what}", step=0.1)
+    wait_for(lambda: all(node_id not in in_placement(d) for d in nodes), within, what, step=0.1)
+
+
 def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_size: int = 256 << 10) -> list:
     """Objects whose slots over ``members`` do not hold a complete, valid set of records
     (every copy; every EC index, or M+1 whole copies below ``min_ec_size``): [] when the
@@ -86,12 +109,13 @@ def start_nodes(start_daemon, tmp: Path, etcd, prefix: str, n: int, policies: st
                 lease_ttl: int = 2) -> list:
     """``n`` cluster nodes (ids prefix0..) on ``etcd`` with ``cluster.policies``, returned
     once the first sees all of them in placement."""
-    ds = []
+    cfgs = []
     for i in range(n):
         cfg = tmp / f"{prefix}{i}.toml"
         cfg.write_text(f'[node]\nid = "{prefix}{i}"\n[cluster]\nenabled = true\nlease_ttl = {lease_ttl}\n'
                        f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "{policies}"\n')
-        ds.append(start_daemon("--config", str(cfg)))
+        cfgs.append(("--config", str(cfg)))
+    ds = start_daemon.many(*cfgs)  # launched at once: their imports and prefaults overlap
     with kvstore.Client(ds[0].control, timeout=5) as c:
-        wait_for(lambda: sum(m.placement for m in c.members().members) == n, 10, f"{n} members")
+        wait_for(lambda: sum(m.placement for m in c.members().members) == n, 20, f"{n} members")
     return ds

@@ -16,6 +16,7 @@ import pytest
 from etcdutil import TTL, needs_etcd
 from clusterutil import missing_redundancy as _full_redundancy
 from clusterutil import wait_for as _wait
+from clusterutil import wait_left
 
 pytest.importorskip("pyeclib")
 
@@ -46,7 +47,16 @@ def _config(tmp: Path, name: str, etcd, cluster_extra: str = "", **extra) -> str
 
 
 def _start(start_daemon, tmp, etcd, name, **extra):
-    return start_daemon("--config", _config(tmp, name, etcd, **extra), "--dram-size", "256MiB")
+    return start_daemon(*_args(tmp, etcd, name, **extra))
+
+
+def _args(tmp, etcd, name, **extra) -> tuple[str, ...]:
+    return ("--config", _config(tmp, name, etcd, **extra), "--dram-size", "256MiB")
+
+
+def _start_many(start_daemon, tmp, etcd, names, **extra):
+    """The nodes ``names`` launched at once (a serial start costs ~1 s a node, more loaded)."""
+    return start_daemon.many(*(_args(tmp, etcd, n, **extra) for n in names))
 
 
 def _placement(d) -> set[str]:
@@ -66,14 +76,14 @@ def _blob(n: int, seed: int) -> bytes:
 
 @pytest.fixture
 def five(etcd, start_daemon, tmp_path):
-    ds = [_start(start_daemon, tmp_path, etcd, f"n{i}") for i in range(5)]
+    ds = _start_many(start_daemon, tmp_path, etcd, [f"n{i}" for i in range(5)])
     ids = {f"n{i}" for i in range(5)}
     for d in ds:
         _wait(lambda d=d: _placement(d) == ids, 15, "five nodes registered")
     return ds
 
 
-def test_kill_two_under_load_then_repair_restores_redundancy(five):
+def test_kill_two_under_load_then_repair_restores_redundancy(five, etcd):
     ds = five
     p = Policy.parse(EC)
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, fragment_timeout=0.5,
@@ -103,7 +113,7 @@ def test_kill_two_under_load_then_repair_restores_redundancy(five):
         _wait(lambda: len(acked) >= 30, 30, "30 objects written")
         ds[1].stop(signal.SIGKILL)
         _wait(lambda: len(acked) >= 60, 30, "writes go on after the first kill")
-        _wait(lambda: "n1" not in _placement(ds[0]), TTL + 5, "n1 leaving")
+        wait_left(etcd, "rt", "n1", ds[:1], _placement, TTL + 5, "n1 leaving")
         ds[3].stop(signal.SIGKILL)
         n_before = len(acked)
         _wait(lambda: len(acked) >= n_before + 20, 30, "writes go on after the second kill")
@@ -113,7 +123,8 @@ def test_kill_two_under_load_then_repair_restores_redundancy(five):
     print(f"{len(acked)} puts acknowledged, {len(failed)} failed during the kills: {failed[:3]}")
     assert not failed  # a dead node is written around, not failed on
     live = [d for d in ds if d.alive()]
-    _wait(lambda: _placement(live[0]) == {"n0", "n2", "n4"}, TTL + 5, "n3 leaving")
+    wait_left(etcd, "rt", "n3", live[:1], _placement, TTL + 5, "n3 leaving")
+    _wait(lambda: _placement(live[0]) == {"n0", "n2", "n4"}, TTL + 5, "n0, n2, n4 placed")
     # every acknowledged object is readable and byte-identical, straight away
     for k, v in acked.items():
         assert cc.get(k, namespace="ec") == v, k
@@ -164,7 +175,7 @@ def test_drain_moves_everything_away(five, tmp_path, capsys):
         assert c.members().repair.removed >= before
         assert cli(["-a", ds[0].control, "nodes"]) == 0
         assert "draining" in capsys.readouterr().out
-    _wait(lambda: _placement(ds[0]) == {"n0", "n1", "n3", "n4"}, 5, "n2 out of placement")
+    _wait(lambda: _placement(ds[0]) == {"n0", "n1", "n3", "n4"}, TTL + 10, "n2 out of placement")
     victim.stop()
     members = _members(ds[0])
     _wait(lambda: not _full_redundancy(members, "ec", Policy.parse(EC), objs), 60, "ec redundancy")
@@ -183,8 +194,8 @@ def _name(key) -> str:
 
 def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_path):
     nvme = {"nvme": {"path": str(tmp_path / "n0.nvme"), "size": "256MiB", "region_size": "16MiB"}}
-    ds = [_start(start_daemon, tmp_path, etcd, "n0", **nvme)]
-    ds += [_start(start_daemon, tmp_path, etcd, f"n{i}") for i in range(1, 5)]
+    ds = start_daemon.many(_args(tmp_path, etcd, "n0", **nvme),
+                           *(_args(tmp_path, etcd, f"n{i}") for i in range(1, 5)))
     for d in ds:
         _wait(lambda d=d: len(_placement(d)) == 5, 15, "five nodes")
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.2)
@@ -194,7 +205,7 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
     cc.batch_put(list(reps.items()), namespace="rep")
     stale = ds[0]
     stale.stop()  # SIGTERM: its DRAM objects are flushed to NVMe, its lease revoked
-    _wait(lambda: "n0" not in _placement(ds[1]), 5, "n0 leaving")
+    wait_left(etcd, "rt", "n0", ds[1:2], _placement, 5, "n0 leaving")
     # while it is away: deletes and overwrites it does not hear about
     gone = [k for k in list(objs)[:8]] + [k for k in list(reps)[:8]]
     assert cc.delete(gone[:8], namespace="ec") == 8
@@ -265,7 +276,7 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
 
 
 def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
-    ds = [_start(start_daemon, tmp_path, etcd, f"n{i}") for i in range(4)]
+    ds = _start_many(start_daemon, tmp_path, etcd, [f"n{i}" for i in range(4)])
     for d in ds:
         _wait(lambda d=d: len(_placement(d)) == 4, 15, "four nodes")
     cc = ClusterClient.from_cluster(ds[0].control, refresh_s=3600)  # never refreshes on its own
@@ -306,7 +317,7 @@ def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
         with pytest.raises(errors.InvalidArgument, match="invalid redundancy policy"):
             c.set_policy("big", "ec:6")
         assert c.set_policy("big", "ec:3+1")["big"] == "ec:3+1"
-    _wait(lambda: _members_policies(ds[3]).get("big") == "ec:3+1", 5, "policy seen by every node")
+    _wait(lambda: _members_policies(ds[3]).get("big") == "ec:3+1", TTL + 10, "policy seen by every node")
     cc.close()
 
 
@@ -320,7 +331,7 @@ def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
 
     from kvstore.v1 import control_pb2 as pb
     from kvstore.v1 import control_pb2_grpc as pb_grpc
-    ds = [_start(start_daemon, tmp_path, etcd, f"b{i}") for i in range(2)]
+    ds = _start_many(start_daemon, tmp_path, etcd, ["b0", "b1"])
     _wait(lambda: len(_placement(ds[0])) == 2, 10, "two members")
     with kvstore.Client(ds[0].control, timeout=5) as c:
         with pytest.raises(errors.InvalidArgument, match="head_bytes 65 is over 64"):
@@ -338,9 +349,9 @@ def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
         assert c.heads([b"absent"]).heads[0].present is False
         # drain twice is harmless, cancel puts the node back
         assert c.drain().draining and c.drain().draining
-        _wait(lambda: len(_placement(ds[1])) == 1, 5, "b0 out of placement")
+        _wait(lambda: len(_placement(ds[1])) == 1, TTL + 10, "b0 out of placement")
         assert not c.drain(cancel=True).draining
-        _wait(lambda: len(_placement(ds[1])) == 2, 5, "b0 back in placement")
+        _wait(lambda: len(_placement(ds[1])) == 2, TTL + 10, "b0 back in placement")
     # a malformed epoch in the metadata of a keyed call is a clear error
     ch = grpc.insecure_channel(ds[0].control)
     try:
@@ -362,13 +373,14 @@ def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, 
     """A node killed and restarted at once (no NVMe: it comes back empty, possibly without
     ever leaving the member list) is refilled by the change pass its new start time
     triggers, not by the next full pass (repair_interval is an hour here)."""
-    ds = []
+    cfgs = []
     for i in range(4):
         cfg = tmp_path / f"r{i}.toml"
         cfg.write_text(f'[node]\nid = "r{i}"\n[cluster]\nenabled = true\nlease_ttl = {TTL}\nname = "rr"\n'
                        f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\n'
                        f'repair_interval = 3600\npolicies = "ec=ec:2+1"\n')
-        ds.append(start_daemon("--config", str(cfg), "--dram-size", "256MiB"))
+        cfgs.append(("--config", str(cfg), "--dram-size", "256MiB"))
+    ds = start_daemon.many(*cfgs)
     for d in ds:
         _wait(lambda d=d: len(_placement(d)) == 4, 15, "four nodes")
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.5)
@@ -411,8 +423,8 @@ def test_repair_under_a_throttle(etcd, start_daemon, tmp_path):
     """cluster.repair_rate = 1 MiB/s per node: a lost node's ~16 MiB of records are
     rebuilt no faster than the survivors' throttles allow (a second's burst each), the
     status shows the write rate while a pass runs, and full redundancy comes back."""
-    ds = [_start(start_daemon, tmp_path, etcd, f"n{i}", cluster_extra='repair_rate = "1MiB"')
-          for i in range(5)]
+    ds = _start_many(start_daemon, tmp_path, etcd, [f"n{i}" for i in range(5)],
+                     cluster_extra='repair_rate = "1MiB"')
     ids = {f"n{i}" for i in range(5)}
     for d in ds:
         _wait(lambda d=d: _placement(d) == ids, 15, "five nodes registered")
@@ -426,7 +438,7 @@ def test_repair_under_a_throttle(etcd, start_daemon, tmp_path):
         survivors = ds[:2] + ds[3:]
         base = {d.control: _repair_status(d).bytes_written for d in survivors}
         ds[2].stop(signal.SIGKILL)
-        _wait(lambda: all("n2" not in _placement(d) for d in survivors), TTL + 5, "n2 leaving")
+        wait_left(etcd, "rt", "n2", survivors, _placement, TTL + 5, "n2 leaving")
         t_drop = time.monotonic()
         members = _members(survivors[0])
         rates = []
@@ -461,7 +473,7 @@ def test_repair_under_a_throttle(etcd, start_daemon, tmp_path):
             assert cc.get(k, namespace="ec") == v
 
 
-def test_repair_never_rebuilds_from_a_corrupt_fragment(five):
+def test_repair_never_rebuilds_from_a_corrupt_fragment(five, etcd):
     """One record's payload corrupted in place (valid header, one byte flipped, stored
     under its own checksum) and another node lost: repair rebuilds the lost record
     byte-identical from valid sources only, and reads never serve the corrupt bytes."""
@@ -488,7 +500,7 @@ def test_repair_never_rebuilds_from_a_corrupt_fragment(five):
         time.sleep(2.5)  # old enough for a pass
         ds[3].stop(signal.SIGKILL)
         live = [d for d in ds if d.alive()]
-        _wait(lambda: all(victim not in _placement(d) for d in live), TTL + 5, "n3 leaving")
+        wait_left(etcd, "rt", victim, live, _placement, TTL + 5, "n3 leaving")
         members = _members(live[0])
 
         def rebuilt() -> bool:

@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clusterutil import wait_for
+from clusterutil import wait_for, wait_left
 from etcdutil import TTL, needs_etcd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
@@ -69,7 +69,8 @@ def test_secure_cluster_repairs_and_refuses_non_admins(etcd, start_daemon, tmp_p
             anon.drain()
     # a node dies: the survivors rebuild over TLS with the cluster token
     ds[3].stop(signal.SIGKILL)
-    wait_for(lambda: len(placed(ds[0])) == 3, TTL + 5, "s3 leaving")
+    wait_left(etcd, "default", "s3", ds[:1], placed, TTL + 5, "s3 leaving")
+    assert len(placed(ds[0])) == 3
 
     def repaired():
         written = 0
