@@ -179,19 +179,48 @@ def test_lmcache_engine_over_a_cluster(lmcache_python, start_daemon, tmp_path):
         etcd.stop()
 
 
+# runs the checker as ``python -m`` does (runpy, as __main__) once per file in one
+# interpreter: LMCache's import (most of a run's time) is paid once, not per file
+CHECKER_RUNS = """\
+import contextlib, io, json, runpy, sys
+out = []
+for path in sys.argv[1:]:
+    sys.argv = ["kvstore.integrations.lmcache", path]
+    so, se = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(so), contextlib.redirect_stderr(se):
+        try:
+            runpy.run_module("kvstore.integrations.lmcache", run_name="__main__", alter_sys=True)
+            code = 0
+        except SystemExit as e:
+            code = e.code
+    out.append({"code": code, "stdout": so.getvalue(), "stderr": se.getvalue()})
+print(json.dumps(out))
+"""
+
+
 def test_config_checker_command(lmcache_python, tmp_path):
     """``python -m kvstore.integrations.lmcache FILE`` exits 2 and prints what to add
-    for a bare ``remote_url: kvstore://``, and 0 for the documented configuration."""
+    for a bare ``remote_url: kvstore://``, 0 for the documented configuration, and 2 for a
+    file it cannot read."""
     bare = tmp_path / "bare.yaml"
     bare.write_text('chunk_size: 256\nmax_local_cpu_size: 1\nremote_url: "kvstore://10.0.0.5:7070"\n')
-    r = run(lmcache_python, ["-m", "kvstore.integrations.lmcache", str(bare)])
-    assert r.returncode == 2, r.stdout + r.stderr
-    assert 'remote_storage_plugins: ["kvstore"]' in r.stderr and "class_name: KVStoreConnectorAdapter" in r.stderr
-    assert "address: kvstore://10.0.0.5:7070" in r.stderr
     good = tmp_path / "good.yaml"
     good.write_text(BASIC_CHECK_CONFIG.format(address="10.0.0.5:7070").replace('remote_url: "plugin://kvstore"\n', ""))
-    r = run(lmcache_python, ["-m", "kvstore.integrations.lmcache", str(good)])
-    assert r.returncode == 0 and "configured" in r.stdout, r.stdout + r.stderr
     missing = tmp_path / "missing.yaml"
-    r = run(lmcache_python, ["-m", "kvstore.integrations.lmcache", str(missing)])
-    assert r.returncode == 2 and "cannot read" in r.stderr, r.stderr
+    runs = last_json_list(run(lmcache_python, ["-c", CHECKER_RUNS, str(bare), str(good), str(missing)]))
+    r = runs[0]
+    assert r["code"] == 2, r
+    assert 'remote_storage_plugins: ["kvstore"]' in r["stderr"] and "class_name: KVStoreConnectorAdapter" in r["stderr"]
+    assert "address: kvstore://10.0.0.5:7070" in r["stderr"]
+    r = runs[1]
+    assert r["code"] == 0 and "configured" in r["stdout"], r
+    r = runs[2]
+    assert r["code"] == 2 and "cannot read" in r["stderr"], r
+
+
+def last_json_list(r: subprocess.CompletedProcess) -> list:
+    import json
+    lines = [ln for ln in r.stdout.strip().splitlines() if ln.startswith("[")]
+    assert r.returncode == 0 and lines, (
+        f"exit {r.returncode}\n--- stdout ---\n{r.stdout[-3000:]}\n--- stderr ---\n{r.stderr[-5000:]}")
+    return json.loads(lines[-1])
