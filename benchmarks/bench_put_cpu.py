@@ -3,6 +3,7 @@
 
     python benchmarks/bench_put_cpu.py [--sizes 4KiB,64KiB,1MiB] [--concurrency 8]
                                        [--seconds 3] [--rounds 2] [--skip-redis]
+    python benchmarks/bench_put_cpu.py --nodes 6 --objects 32 [--sizes 1MiB]
 
 What users compare is bytes stored per second per server core, so each row reports the
 server process's CPU (utime + stime of all its threads, from /proc, over the timed
@@ -17,8 +18,17 @@ many pooled connections).
 * Redis SETs new bytes over a bounded set of keys (``--keys`` per size: it has no
   eviction configured, and the bytes stored are the same per put).
 
-Rounds alternate the order (kvstored first, then Redis first); each row is the median
-round. Load (``/proc/loadavg``) is printed beside every round: on a shared machine CPU
+``--nodes N`` instead: N nodes and one ClusterClient (policy ``none``, TCP, no shm)
+putting batches of ``--objects`` new keys, the nodes' CPU summed (what
+benchmarks/cluster_put_loop.py runs, measured over an exact window).
+
+* floor: the least a node can do per put, as a third peer: one process receives a
+  stream of ``size``-byte messages (a sender process writes them back to back over one
+  TCP connection) into the next slot of a memfd arena as large as kvstored's, and xxh3s
+  each (the kernel's one copy and the checksum; no protocol, no index, no answers).
+
+Rounds alternate the order (kvstored first, then the peers; then the reverse); each row
+is the median round. Load (``/proc/loadavg``) is printed beside every round: on a shared machine CPU
 per op is steadier than the rate, which follows the scheduler.
 """
 from __future__ import annotations
@@ -26,7 +36,10 @@ from __future__ import annotations
 import argparse
 import asyncio
 import itertools
+import mmap
+import multiprocessing
 import os
+import socket
 import statistics
 import sys
 import time
@@ -86,6 +99,81 @@ def measure(loop, put, pid: int, conc: int, size: int, seconds: float, warmup: f
             "gbs_per_core": n * size / max(s1 - s0, 1e-9) / 1e9, "load": loadavg()}
 
 
+def _floor_sender(port: int, size: int, seconds: float) -> None:
+    s = socket.create_connection(("127.0.0.1", port))
+    s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    buf = os.urandom(size)
+    end = time.monotonic() + seconds
+    try:
+        for _ in range(10_000_000):  # bounded: the clock ends it long before
+            if time.monotonic() >= end:
+                break
+            s.sendall(buf)
+    except OSError:
+        pass
+    s.close()
+
+
+def _floor_receiver(size: int, seconds: float, warmup: float, arena_size: int, out) -> None:
+    """The least a node can do per put: receive ``size`` bytes into the next slot of a
+    memfd arena (the kernel's one copy) and xxh3 them; no protocol, no index."""
+    import xxhash
+    ls = socket.socket()
+    ls.bind(("127.0.0.1", 0))
+    ls.listen(1)
+    sender = multiprocessing.Process(target=_floor_sender,
+                                     args=(ls.getsockname()[1], size, warmup + seconds + 1))
+    sender.start()
+    c, _ = ls.accept()
+    fd = os.memfd_create("floor-arena")
+    os.ftruncate(fd, arena_size)
+    arena = memoryview(mmap.mmap(fd, arena_size))
+    for i in range(0, arena_size, 4096):  # prefaulted, as the daemon's arena
+        arena[i] = 0
+    slots = max(arena_size // size, 1)
+    n = slot = 0
+    t_start = time.monotonic()
+    c0 = t0 = None
+    for _ in range(100_000_000):
+        if c0 is None and time.monotonic() - t_start >= warmup:
+            c0, t0, n = time.process_time(), time.perf_counter(), 0
+        if c0 is not None and time.perf_counter() - t0 >= seconds:
+            break
+        dst = arena[slot * size:(slot + 1) * size]
+        got = 0
+        while got < size:
+            k = c.recv_into(dst[got:])
+            if k == 0:
+                break
+            got += k
+        if got < size:
+            break
+        xxhash.xxh3_64_intdigest(dst)
+        n += 1
+        slot = (slot + 1) % slots
+    cpu, wall = time.process_time() - (c0 or 0), time.perf_counter() - (t0 or 0)
+    c.close()
+    sender.join(10)
+    out.send({"ops": n, "wall": wall, "gbs": n * size / wall / 1e9,
+              "server_us": cpu / max(n, 1) * 1e6, "client_us": float("nan"),
+              "server_cores": cpu / wall, "gbs_per_core": n * size / max(cpu, 1e-9) / 1e9,
+              "load": loadavg()})
+
+
+def floor_round(size: int, seconds: float, warmup: float, arena_size: int) -> dict:
+    """``_floor_receiver`` in a process of its own (its CPU is the figure)."""
+    mine, theirs = multiprocessing.Pipe()
+    p = multiprocessing.Process(target=_floor_receiver,
+                                args=(size, seconds, warmup, arena_size, theirs))
+    p.start()
+    if not mine.poll(warmup + seconds + 30):
+        p.kill()
+        raise RuntimeError("the receive-floor peer gave no result")
+    m = mine.recv()
+    p.join(10)
+    return m
+
+
 def kvstored_round(loop, kvstore, daemon: KvstoredDaemon, size: int, conc: int, seconds: float,
                    warmup: float, tag: str) -> dict:
     stamp = _stamper(os.urandom(size), conc)
@@ -117,6 +205,56 @@ def redis_round(loop, server: peers.RedisServer, size: int, conc: int, seconds: 
         loop.run_until_complete(r.aclose())
 
 
+def cluster_rounds(a, sizes: list[int], cc: str) -> dict:
+    """``--nodes N``: N kvstored nodes, one ClusterClient (policy ``none``, TCP, no shm)
+    putting batches of ``--objects`` new keys; the nodes' CPU (all of them) per put."""
+    import contextlib
+
+    from kvstore.cluster import ClusterClient
+    from kvstore.layout import Policy
+    rows: dict = {}
+    with contextlib.ExitStack() as stack:
+        ds = [stack.enter_context(KvstoredDaemon(cc, dram_size=a.dram_size,
+                                                 max_value_size=max(sizes + [4 << 20]),
+                                                 slab_size=max(sizes + [4 << 20])))
+              for _ in range(a.nodes)]
+        cc_ = ClusterClient([d.address for d in ds], policy=Policy.parse("none"), shm=False)
+        stack.callback(cc_.close)
+        pids = [d.proc.pid for d in ds]
+        seq = itertools.count()
+        for rnd in range(a.rounds):
+            for size in sizes:
+                payloads = [bytearray(os.urandom(size)) for _ in range(8)]
+
+                def batch() -> int:
+                    r = next(seq)
+                    items = [(f"c{r}-{i}".encode(), payloads[i % 8]) for i in range(a.objects)]
+                    cc_.batch_put(items, namespace="cpu")
+                    return len(items)
+
+                end = time.monotonic() + a.warmup
+                while time.monotonic() < end:
+                    batch()
+                s0, c0, t0 = sum(map(proc_cpu, pids)), time.process_time(), time.perf_counter()
+                n, end = 0, time.monotonic() + a.seconds
+                for _ in range(1_000_000):  # bounded: the clock ends it long before
+                    if time.monotonic() >= end:
+                        break
+                    n += batch()
+                s1, c1, t1 = sum(map(proc_cpu, pids)), time.process_time(), time.perf_counter()
+                wall = t1 - t0
+                m = {"ops": n, "wall": wall, "gbs": n * size / wall / 1e9,
+                     "server_us": (s1 - s0) / max(n, 1) * 1e6,
+                     "client_us": (c1 - c0) / max(n, 1) * 1e6, "server_cores": (s1 - s0) / wall,
+                     "gbs_per_core": n * size / max(s1 - s0, 1e-9) / 1e9, "load": loadavg()}
+                rows.setdefault((f"{a.nodes} nodes", size), []).append(m)
+                print(f"round {rnd} {a.nodes} nodes {peers.human_size(size):>6}: {m['gbs']:.3f} GB/s, "
+                      f"nodes {m['server_us']:.1f} us/put ({m['server_cores'] * 100:.0f} % of a "
+                      f"core, {m['gbs_per_core']:.2f} GB/s per core), client {m['client_us']:.1f} "
+                      f"us/put, load {m['load']}", flush=True)
+    return rows
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--sizes", default="4KiB,64KiB,1MiB")
@@ -127,6 +265,11 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", type=int, default=256, help="Redis keys per size (SET cycles them)")
     ap.add_argument("--dram-size", default="256MiB", help="kvstored --dram-size")
     ap.add_argument("--skip-redis", action="store_true")
+    ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--nodes", type=int, default=0,
+                    help="N > 0: a cluster of N nodes driven by one ClusterClient (policy none, "
+                         "batches of --objects), instead of one node beside Redis")
+    ap.add_argument("--objects", type=int, default=32, help="objects per batch (--nodes)")
     a = ap.parse_args(argv)
     sizes = [peers.parse_size(s) for s in a.sizes.split(",")]
     if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
@@ -138,6 +281,13 @@ def main(argv=None) -> int:
     asyncio.set_event_loop(loop)
     with open(peers.CC_SYSCTL) as f:
         cc = f.read().strip()
+    if a.nodes > 0:
+        if a.objects < 1:
+            ap.error("--objects must be >= 1")
+        rows = cluster_rounds(a, sizes, cc)
+        _table(a, sizes, rows, [f"{a.nodes} nodes"], "nodes")
+        loop.close()
+        return 0
     rows: dict[tuple[str, int], list[dict]] = {}
     redis_ctx = peers.RedisServer() if not a.skip_redis else None
     with KvstoredDaemon(cc, dram_size=a.dram_size, max_value_size=max(sizes + [4 << 20]),
@@ -146,12 +296,16 @@ def main(argv=None) -> int:
             redis_ctx.__enter__()
         try:
             for rnd in range(a.rounds):
-                order = ["kvstored", "redis"] if rnd % 2 == 0 else ["redis", "kvstored"]
+                order = ["kvstored", "redis", "floor"]
+                if rnd % 2:
+                    order.reverse()
                 for size in sizes:
                     for who in order:
-                        if who == "redis" and redis_ctx is None:
+                        if (who == "redis" and redis_ctx is None) or (who == "floor" and a.skip_floor):
                             continue
-                        if who == "kvstored":
+                        if who == "floor":
+                            m = floor_round(size, a.seconds, a.warmup, peers.parse_size(a.dram_size))
+                        elif who == "kvstored":
                             m = kvstored_round(loop, kvstore, kd, size, a.concurrency, a.seconds,
                                                a.warmup, f"r{rnd}-{size}")
                         else:
@@ -166,12 +320,19 @@ def main(argv=None) -> int:
         finally:
             if redis_ctx is not None:
                 redis_ctx.__exit__(None, None, None)
-    print(f"\nmedian of {a.rounds} rounds, c={a.concurrency}, {a.seconds:g} s each "
-          f"(server CPU = utime + stime of the server process):")
-    print("| size | server | GB/s | server us/put | server GB/s per core | client us/put |")
+    _table(a, sizes, rows, ["kvstored", "redis", "floor"], "server")
+    loop.close()
+    return 0
+
+
+def _table(a, sizes: list[int], rows: dict, names: list[str], what: str) -> None:
+    print(f"\nmedian of {a.rounds} rounds, {a.seconds:g} s each, "
+          + (f"batches of {a.objects}" if a.nodes else f"c={a.concurrency}")
+          + f" ({what} CPU = utime + stime of the {what} processes):")
+    print(f"| size | {what} | GB/s | {what} us/put | {what} GB/s per core | client us/put |")
     print("| --- | --- | --- | --- | --- | --- |")
     for size in sizes:
-        for who in ("kvstored", "redis"):
+        for who in names:
             ms = rows.get((who, size))
             if not ms:
                 continue
@@ -179,8 +340,6 @@ def main(argv=None) -> int:
                    for k in ("gbs", "server_us", "gbs_per_core", "client_us")}
             print(f"| {peers.human_size(size)} | {who} | {med['gbs']:.3f} | {med['server_us']:.1f} | "
                   f"{med['gbs_per_core']:.2f} | {med['client_us']:.1f} |")
-    loop.close()
-    return 0
 
 
 if __name__ == "__main__":

@@ -34,10 +34,10 @@ def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     n = h.length
     s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0  # (the next header's read)
     # the header carries the checksum: bytes already stored are answered from the index
-    # (reserve's one lookup, before any slot is taken; ``dedup``: before the budgets too),
-    # and the payload is read into scratch (_put_reserved with no reservation)
+    # (reserve's one lookup, before any slot is taken and past the budgets too), and the
+    # payload is read into scratch (_put_reserved with no reservation)
     s.reserve(OP_PUT, h.req_id, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
-              _put_reserved, skip=n, dedup=True)
+              _put_reserved, skip=n, stream=True)
 
 
 def _put_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:

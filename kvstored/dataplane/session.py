@@ -417,17 +417,22 @@ class DataSession:
         deliver(self, rid, e, 0.0)
 
     def reserve(self, op: int, rid: int, ns: bytes, key: bytes, size: int, csum: int | None,
-                overwrite: bool, reserved: Callable, skip: int = 0, dedup: bool = False) -> None:
+                overwrite: bool, reserved: Callable, skip: int = 0, stream: bool = False) -> None:
         """Reserve a slot and run ``reserved(session, rid, reservation or None, size)`` (None:
         the object is stored already). Without space, a Call waits (bounded) for it and nothing
         else on this connection is parsed meanwhile, so answers keep the requests' order.
-        A failure is answered here, after skipping ``skip`` payload bytes. ``dedup``: an
-        object stored already is answered so even past this connection's or client's bound
-        (the store's reserve finds it otherwise, in the lookup it makes anyway)."""
+        A failure is answered here, after skipping ``skip`` payload bytes.
+
+        ``stream``: the ``size`` payload bytes follow the request on this stream (a TCP put).
+        An object stored already is then answered so even past this connection's or client's
+        bound (the store's reserve finds it otherwise, in the lookup it makes anyway); and
+        when the whole payload is buffered already, ``reserved`` commits it before this call
+        returns, so the reservation is not counted in the connection's and client's bytes
+        (no event could see them) nor given a stall deadline."""
         refused = (self.budget.admit_reservation(self.reserved, size)
                    or self.clients.admit(self.client, size))
         if refused is not None:  # this connection's (client's) own bound: waiting would not help
-            if dedup and self.store.dedup(ns, key, size, csum):
+            if stream and self.store.dedup(ns, key, size, csum):
                 return reserved(self, rid, None, size)
             self.counters["reservations_refused_over_limit"] += 1
             return self.reject(op, rid, skip, refused)
@@ -446,13 +451,17 @@ class DataSession:
             return self.reject(op, rid, skip, e)
         if res is None:  # stored already: no slot was taken
             return reserved(self, rid, None, size)
-        self._hold(res)
+        if stream and self.reader.end - self.reader.start >= size:
+            self.no_wait_until = 0.0  # (what _hold does besides counting)
+        else:
+            self._hold(res)
         reserved(self, rid, res, size)
 
     def _hold(self, res: "Reservation | None") -> None:
         self.no_wait_until = 0.0  # space again: the next put may wait
         if res is not None:
             size = res.size
+            res.held = True
             self.reserved += size
             self.clients.add(self.client, size)
             # a stalled put is reclaimed soon: put_stall_timeout without a byte (TCP), and
@@ -467,14 +476,18 @@ class DataSession:
             res.deadline = d if d < cap else cap
 
     def _unhold(self, res: "Reservation") -> None:
-        self.reserved -= res.size
-        self.clients.add(self.client, -res.size)
+        if res.held:
+            res.held = False
+            self.reserved -= res.size
+            self.clients.add(self.client, -res.size)
 
     def commit(self, res: "Reservation") -> bool:
         """Publish a reservation this connection holds; raises the store's typed errors."""
-        size = res.size  # (_unhold, inlined: once per put)
-        self.reserved -= size
-        self.clients.add(self.client, -size)
+        if res.held:  # (_unhold, inlined: once per put)
+            res.held = False
+            size = res.size
+            self.reserved -= size
+            self.clients.add(self.client, -size)
         return self.store.commit(res)
 
     def _drop_reservation(self, res: "Reservation") -> None:

@@ -106,7 +106,7 @@ class Reservation:
     """A slot being filled by a writer; invisible to readers until commit."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "overwrite", "deadline",
-                 "view", "on_expire", "done")
+                 "view", "on_expire", "done", "held")
 
     def __init__(self, ns, key, offset, size, checksum, sc, overwrite, deadline, view):
         self.ns = ns
@@ -122,6 +122,7 @@ class Reservation:
         # writing into it (the TCP server closes the connection).
         self.on_expire: Callable[[Reservation], None] | None = None
         self.done = False
+        self.held = False  # counted in a data session's and its client's reserved bytes
 
 
 class _Space:

@@ -331,7 +331,19 @@ class Policy:
         so remember its key in the ghost."""
         seg = e.seg
         if seg != NONE:
-            self.queues[e.sc.index].lists[seg].remove(e)
+            # _List.remove, inlined: once per eviction
+            lst = self.queues[e.sc.index].lists[seg]
+            newer, older = e.newer, e.older
+            if newer is not None:
+                newer.older = older
+            else:
+                lst.head = older
+            if older is not None:
+                older.newer = newer
+            else:
+                lst.tail = newer
+            e.newer = e.older = None
+            lst.count -= 1
             e.seg = NONE
             self.resident -= 1
         if evicted:

@@ -309,6 +309,34 @@ def test_put_over_the_wire_is_one_index_lookup(kind, monkeypatch):
     store.close()
 
 
+def test_buffered_put_is_committed_uncounted_and_a_split_one_is_counted():
+    store = make_store()
+    p = Session(store)
+    data = random.Random(4).randbytes(50_000)
+    split = put_frame(2, b"b", data)
+    # the whole first put is buffered: committed within the call, never counted; the
+    # second stops mid-payload: its reservation counts against connection and client
+    p.send(put_frame(1, b"a", data) + split[:HEADER_SIZE + 1 + 100])
+    assert p.s.reserved == len(data) and p.s.clients.held == {"127.0.0.1": len(data)}
+    assert p.s.res is not None and p.s.res.held and p.s.res.deadline <= p.s.put_cap
+    p.send(split[HEADER_SIZE + 1 + 100:])
+    assert p.s.reserved == 0 and p.s.clients.held == {}
+    # a buffered put with a bad checksum: refused, nothing stored, nothing left counted
+    p.send(put_frame(3, b"c", data, csum=checksum(data) ^ 1) + put_frame(4, b"a", data))
+    rs = answers(p.wire)
+    assert [(h.req_id, h.status, h.aux) for h, _ in rs] == [
+        (1, 0, 0), (2, 0, 0), (3, errors.ChecksumMismatch.code, 0), (4, 0, 1)]
+    assert p.s.reserved == 0 and p.s.clients.held == {} and not store.reservations
+    assert store.peek(NS, b"c") is None
+    assert bytes(store.view(store.peek(NS, b"b"))) == data
+    # a buffered put larger than the connection's bound is still refused
+    q = Session(store, ConnectionBudget(1 << 30, 64 << 20, max_reserved_bytes=10_000))
+    q.send(put_frame(5, b"d", data))
+    assert [(h.req_id, h.status) for h, _ in answers(q.wire)] == [(5, errors.NoSpace.code)]
+    assert store.peek(NS, b"d") is None
+    store.close()
+
+
 # ----------------------------------------------------------------- answers and classes
 
 def test_put_answer_template_matches_the_codec():
