@@ -51,19 +51,19 @@ VERIFY_CHUNK = 1 << 20
 UNBOUNDED = 1 << 63
 
 
-# put_frames_hashed's packers by (key length, head length): (namespace length, pack) of
-# HEADER + namespace + key + head in one struct; names are at most 64 and 128 bytes and
-# EC heads one of a few sizes, so a handful of shapes are live (a new namespace length
-# replaces its shape's entry; the cache is cleared when it reaches _PUT_FRAMES_MAX).
-_PUT_FRAMES: dict[int, tuple] = {}
+# put_frames_hashed's packers of HEADER + namespace + key + head in one struct call, by
+# (namespace, key, head) lengths: the exact lengths, since a struct's "Ns" field pads or
+# truncates silently. Names are at most 64 and 128 bytes and EC heads one of two sizes, so
+# a handful of shapes are live; the cache is cleared when it reaches _PUT_FRAMES_MAX.
+_PUT_FRAMES: dict[tuple, object] = {}
 _PUT_FRAMES_MAX = 256
 
 
-def _put_frame(nl: int, kl: int, hl: int) -> tuple:
+def _put_frame(nl: int, kl: int, hl: int):
     if len(_PUT_FRAMES) >= _PUT_FRAMES_MAX:
         _PUT_FRAMES.clear()
-    t = _PUT_FRAMES[(kl << 16) | hl] = (nl, struct.Struct(f"{HEADER.format}{nl}s{kl}s{hl}s").pack)
-    return t
+    pack = _PUT_FRAMES[(nl, kl, hl)] = struct.Struct(f"{HEADER.format}{nl}s{kl}s{hl}s").pack
+    return pack
 
 
 def _advance(views: list, n: int) -> None:
@@ -312,13 +312,10 @@ class TcpChannel(DataChannel):
         bufs = []
         for k, head, body, csum in items:
             kl, hl = len(k), len(head)
-            frame = _PUT_FRAMES.get((kl << 16) | hl)
-            if frame is None or frame[0] != nl:
-                frame = _put_frame(nl, kl, hl)
+            pack = _PUT_FRAMES.get((nl, kl, hl)) or _put_frame(nl, kl, hl)
             rid = next(rids)
             order[rid] = len(order)
-            bufs.append(frame[1](MAGIC, VERSION, OP_PUT, flags, rid, 0, nl, kl, epoch, hl + len(body), csum,
-                                 ns, k, head))
+            bufs.append(pack(MAGIC, VERSION, OP_PUT, flags, rid, 0, nl, kl, epoch, hl + len(body), csum, ns, k, head))
             bufs.append(body)
         return bufs
 

@@ -296,3 +296,27 @@ def test_hashed_frames_are_the_frames_put_frames_makes(daemon):
         ch.ping()
     finally:
         ch.close()
+
+
+def test_hashed_frames_of_many_shapes(daemon):
+    """Key and head lengths of every kind, more shapes than the packer cache keeps, and
+    lengths whose packed sizes add up alike (1 + 65536 and 2 + 65535): every frame is
+    the one put_frames makes."""
+    from kvstore import channel as chmod
+    ch = channel(daemon.data_port)
+    try:
+        shapes = [(kl, hl) for kl in (1, 2, 3, 17, 64, 127, 128) for hl in (0, 1, 36, 128, 129)]
+        shapes += [(1, 65536), (2, 65535), (1, 65537), (3, 65534)]
+        shapes += [(5 + i % 100, 300 + i) for i in range(chmod._PUT_FRAMES_MAX + 20)]  # past the bound
+        for kl, hl in shapes:
+            k, head, body = b"k" * kl, os.urandom(hl), memoryview(os.urandom(7))
+            rec = (k, head, body, checksum(head + bytes(body)))
+            ch._rid, o1 = itertools.count(3), {}
+            a = ch.put_frames(NS, [(k, [head, body], hl + 7)], False, o1)
+            ch._rid, o2 = itertools.count(3), {}
+            b = ch.put_frames_hashed(NS, [rec], False, o2)
+            assert b"".join(bytes(x) for x in a) == b"".join(bytes(x) for x in b), (kl, hl)
+            assert len(chmod._PUT_FRAMES) <= chmod._PUT_FRAMES_MAX
+        ch.ping()
+    finally:
+        ch.close()
