@@ -69,11 +69,13 @@ def wait_left(etcd, cluster: str, node_id: str, nodes, in_placement, within: flo
     wait_for(lambda: all(node_id not in in_placement(d) for d in nodes), within, what, step=0.1)
 
 
-def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_size: int = 256 << 10) -> list:
+def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_size: int = 256 << 10,
+                       client_kw: dict | None = None) -> list:
     """Objects whose slots over ``members`` do not hold a complete, valid set of records
     (every copy; every EC index, or M+1 whole copies below ``min_ec_size``): [] when the
-    cluster is at full redundancy."""
-    clients = {m.node_id: kvstore.Client(m.address, namespace=ns, timeout=5, shm=False) for m in members}
+    cluster is at full redundancy. ``client_kw``: more kvstore.Client arguments (tls, token)."""
+    clients = {m.node_id: kvstore.Client(m.address, namespace=ns, timeout=5, shm=False, **(client_kw or {}))
+               for m in members}
     bad = []
     try:
         for k, v in objs.items():

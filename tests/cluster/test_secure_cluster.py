@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from clusterutil import wait_for, wait_left
+from clusterutil import missing_redundancy, wait_for, wait_left
 from etcdutil import TTL, needs_etcd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
@@ -19,6 +19,8 @@ pytest.importorskip("cryptography")
 import kvstore  # noqa: E402
 from kvstore import errors  # noqa: E402
 from kvstore.cluster import ClusterClient  # noqa: E402
+from kvstore.layout import Policy  # noqa: E402
+from kvstore.placement import Member  # noqa: E402
 from seccerts import make_certs  # noqa: E402
 from secutil import client_tls, token, write_tokens  # noqa: E402
 
@@ -80,7 +82,13 @@ def test_secure_cluster_repairs_and_refuses_non_admins(etcd, start_daemon, tmp_p
                 if r.state != "idle" or r.pending:
                     return False
                 written += r.records_written
-        return written > 0
+        # and every object's records back on its slots (a pass still to come on one node
+        # can look idle with nothing pending for a moment)
+        with admin(ds[0]) as c:
+            live = [Member(m.node_id, m.control_address, m.failure_domain)
+                    for m in c.members().members if m.placement]
+        return written > 0 and not missing_redundancy(
+            live, "team-a", Policy.parse("ec:2+1"), objs, client_kw={"token": token("admin"), "tls": tls})
     wait_for(repaired, 60, "repair over TLS")
     for k, v in objs.items():
         assert cc.get(k) == v
