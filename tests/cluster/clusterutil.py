@@ -108,14 +108,14 @@ def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_siz
 
 
 def start_nodes(start_daemon, tmp: Path, etcd, prefix: str, n: int, policies: str,
-                lease_ttl: int = 2) -> list:
-    """``n`` cluster nodes (ids prefix0..) on ``etcd`` with ``cluster.policies``, returned
-    once the first sees all of them in placement."""
+                lease_ttl: int = 2, cluster_extra: str = "") -> list:
+    """``n`` cluster nodes (ids prefix0..) on ``etcd`` with ``cluster.policies`` (and the
+    [cluster] lines ``cluster_extra``), returned once the first sees all of them in placement."""
     cfgs = []
     for i in range(n):
         cfg = tmp / f"{prefix}{i}.toml"
         cfg.write_text(f'[node]\nid = "{prefix}{i}"\n[cluster]\nenabled = true\nlease_ttl = {lease_ttl}\n'
-                       f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "{policies}"\n')
+                       f'etcd_endpoints = "{etcd.endpoint}"\npolicies = "{policies}"\n{cluster_extra}\n')
         cfgs.append(("--config", str(cfg)))
     ds = start_daemon.many(*cfgs)  # launched at once: their imports and prefaults overlap
     with kvstore.Client(ds[0].control, timeout=5) as c:

@@ -90,11 +90,14 @@ class Install:
 
 def _make_venv(base: Path, name: str, wheel: Path, extra: str) -> Path:
     venv = base / name
-    r = _run([sys.executable, "-m", "venv", venv], timeout=120)
+    # no pip of its own (ensurepip was ~5 s of CPU a venv, far more on a loaded machine):
+    # this interpreter's pip installs into it (--python), resolving exactly as the venv's would
+    r = _run([sys.executable, "-m", "venv", "--without-pip", venv], timeout=120)
     assert r.returncode == 0, r.stderr
     target = f"{wheel}[{extra}]" if extra else str(wheel)
-    r = _run([venv / "bin" / "python", "-m", "pip", "install", "--disable-pip-version-check",
-              "-q", target], timeout=PIP_TIMEOUT, cwd=base, env=_clean_env(venv, base))
+    r = _run([sys.executable, "-m", "pip", "--python", venv / "bin" / "python", "install",
+              "--disable-pip-version-check", "-q", target], timeout=PIP_TIMEOUT, cwd=base,
+             env=_clean_env(venv, base))
     if r.returncode != 0:
         if not index_reachable():
             pytest.skip(f"pip cannot fetch the dependencies (index unreachable): {r.stderr[-300:]}")
