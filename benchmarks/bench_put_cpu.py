@@ -18,7 +18,7 @@ many pooled connections).
 * Redis SETs new bytes over a bounded set of keys (``--keys`` per size: it has no
   eviction configured, and the bytes stored are the same per put).
 
-``--nodes N`` instead: N nodes and one ClusterClient (policy ``none``, TCP, no shm)
+``--nodes N`` instead: N nodes and one ClusterClient (``--policy``, default ``none``; TCP, no shm)
 putting batches of ``--objects`` new keys, the nodes' CPU summed (what
 benchmarks/cluster_put_loop.py runs, measured over an exact window).
 
@@ -206,8 +206,8 @@ def redis_round(loop, server: peers.RedisServer, size: int, conc: int, seconds: 
 
 
 def cluster_rounds(a, sizes: list[int], cc: str) -> dict:
-    """``--nodes N``: N kvstored nodes, one ClusterClient (policy ``none``, TCP, no shm)
-    putting batches of ``--objects`` new keys; the nodes' CPU (all of them) per put."""
+    """``--nodes N``: N kvstored nodes, one ClusterClient (``--policy``, TCP, no shm)
+    putting batches of ``--objects`` new keys; the nodes' CPU (all of them) per object put."""
     import contextlib
 
     from kvstore.cluster import ClusterClient
@@ -218,7 +218,7 @@ def cluster_rounds(a, sizes: list[int], cc: str) -> dict:
                                                  max_value_size=max(sizes + [4 << 20]),
                                                  slab_size=max(sizes + [4 << 20])))
               for _ in range(a.nodes)]
-        cc_ = ClusterClient([d.address for d in ds], policy=Policy.parse("none"), shm=False)
+        cc_ = ClusterClient([d.address for d in ds], policy=Policy.parse(a.policy), shm=False)
         stack.callback(cc_.close)
         pids = [d.proc.pid for d in ds]
         seq = itertools.count()
@@ -248,7 +248,7 @@ def cluster_rounds(a, sizes: list[int], cc: str) -> dict:
                      "client_us": (c1 - c0) / max(n, 1) * 1e6, "server_cores": (s1 - s0) / wall,
                      "gbs_per_core": n * size / max(s1 - s0, 1e-9) / 1e9, "load": loadavg()}
                 rows.setdefault((f"{a.nodes} nodes", size), []).append(m)
-                print(f"round {rnd} {a.nodes} nodes {peers.human_size(size):>6}: {m['gbs']:.3f} GB/s, "
+                print(f"round {rnd} {a.nodes} nodes {a.policy} {peers.human_size(size):>6}: {m['gbs']:.3f} GB/s, "
                       f"nodes {m['server_us']:.1f} us/put ({m['server_cores'] * 100:.0f} % of a "
                       f"core, {m['gbs_per_core']:.2f} GB/s per core), client {m['client_us']:.1f} "
                       f"us/put, load {m['load']}", flush=True)
@@ -270,6 +270,7 @@ def main(argv=None) -> int:
                     help="N > 0: a cluster of N nodes driven by one ClusterClient (policy none, "
                          "batches of --objects), instead of one node beside Redis")
     ap.add_argument("--objects", type=int, default=32, help="objects per batch (--nodes)")
+    ap.add_argument("--policy", default="none", help="the cluster's policy (--nodes): none, ec:4+2, ...")
     a = ap.parse_args(argv)
     sizes = [peers.parse_size(s) for s in a.sizes.split(",")]
     if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
