@@ -106,6 +106,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.drained_at = 0.0
         self.yielding = False  # reading paused until the loop has served the others
         self.lowat_sock = None  # plain TCP socket whose SO_RCVLOWAT follows the payload
+        self.lowat_own = False  # lowat_sock is ours (option_socket): detached, never closed
         self.lowat_cap = 0
         self.lowat = 1  # the socket's SO_RCVLOWAT now (1: the kernel's default)
         # plain TCP: the answers of every read in one loop iteration go out in one write at
@@ -176,6 +177,7 @@ class DataConnection(asyncio.BufferedProtocol):
                 self.lowat_cap = rcvlowat_cap(srv.limits)
                 if self.lowat_cap:
                     self.lowat_sock = option_socket(sock)
+                    self.lowat_own = self.lowat_sock is not sock
                 self.coalesce = True
                 self.loop = asyncio.get_running_loop()
         # pause reading once this many response bytes are queued (per-connection back-pressure)
@@ -309,7 +311,8 @@ class DataConnection(asyncio.BufferedProtocol):
         """No more SO_RCVLOWAT changes; a socket object of our own lets go of the fd
         (the transport owns and closes it)."""
         sock, self.lowat_sock = self.lowat_sock, None
-        if isinstance(sock, socket.socket):
+        if self.lowat_own and sock is not None:  # never the transport's own socket object
+            self.lowat_own = False
             sock.detach()
 
     def _yield(self) -> None:

@@ -253,12 +253,23 @@ def test_connection_detaches_its_option_socket_on_close_and_loss():
             c = DataConnection(srv)
             c.connection_made(Transport(Sock()))
             c.lowat_sock = Own(fileno=raw.detach())
+            c.lowat_own = True
             fd = c.lowat_sock.fileno()
             getattr(c, end)() if end != "lost" else c.connection_lost(None)
             c.connection_lost(None)  # (after close/abort the loop reports the loss too)
             assert c.lowat_sock is None
             os.close(fd)  # still open: the connection let go of it without closing it
         assert Own.detached == 3
+        # a transport that hands out its own socket object: that one is never detached
+        # (the transport would then leak its fd), only used
+        raw = Own()
+        c = DataConnection(srv)
+        c.connection_made(Transport(Sock()))
+        c.lowat_sock, c.lowat_own = raw, False
+        c.close()
+        c.connection_lost(None)
+        assert c.lowat_sock is None and Own.detached == 3 and raw.fileno() >= 0
+        raw.close()
 
     asyncio.run(run())
     store.close()
