@@ -259,10 +259,10 @@ def test_etcd_with_authentication(etcd, start_daemon, tmp_path):
 def test_slow_etcd_reads_do_not_cost_the_lease(etcd, tmp_path, monkeypatch):
     """etcd answering renewals but slow to read (a loaded disk: a linearizable read waits
     for etcd's apply): the node keeps its lease and stays registered, and the watch keeps
-    its member list current. Renewals used to wait behind each resync, so one read near the
-    call timeout let a 2 s lease expire (the node left its own cluster, rejoined, and while
-    rejoining still placed on a dead member: a CI flake of test_repair); a read over the
-    timeout ended the session."""
+    its member list current. Renewals used to start after registering and then wait behind
+    each resync, so a read of 1.7 s let a 2 s lease expire (the node left its own cluster,
+    rejoined, and while rejoining still placed on a dead member: a CI flake of
+    test_repair); a read over the call timeout ended the session."""
     import asyncio
     import json
 
@@ -278,21 +278,25 @@ def test_slow_etcd_reads_do_not_cost_the_lease(etcd, tmp_path, monkeypatch):
                              "cluster_etcd_endpoints": etcd.endpoint})
     status = NodeStatus("s0", "127.0.0.1")
     status.control_port, status.data_port = 1, 2
-    delays = [ETCD_CALL_TIMEOUT - 0.2, ETCD_CALL_TIMEOUT + 0.5]  # under, then over the timeout
-    slow_reads = []
+    # the registering read, then the first resync: under, then over the call timeout
+    delays = [TTL - 0.3, ETCD_CALL_TIMEOUT + 0.5]
+    slow_reads, ended = [], []
     real_get_prefix = aetcd.Client.get_prefix
 
     async def slow_get_prefix(self, *a, **kw):
-        if m.registrations and delays:  # the resyncs after registering
+        if delays:
             slow_reads.append(delays[0])
-            await asyncio.sleep(delays.pop(0))
+            try:
+                await asyncio.sleep(delays.pop(0))
+            finally:
+                ended.append(time.monotonic())  # answered, or given up by the caller
         return await real_get_prefix(self, *a, **kw)
 
     monkeypatch.setattr(aetcd.Client, "get_prefix", slow_get_prefix)
     m = Membership(cfg, status, EpochGate(), dram_capacity=1 << 20, tls=False)
     other = b"/kvstored/slow/members/s1"
 
-    async def run() -> list[tuple[float, bool, int]]:
+    async def run() -> list[tuple[bool, int]]:
         m.start()
         seen = []
         try:
@@ -301,28 +305,28 @@ def test_slow_etcd_reads_do_not_cost_the_lease(etcd, tmp_path, monkeypatch):
                 await asyncio.sleep(0.05)
             assert m.registered, m.detail
             lease = m._lease.id
-            t_end = time.monotonic() + 4 * TTL + 1
             joined = False
-            while (delays or time.monotonic() < t_end) and time.monotonic() < t_end + 10:
-                seen.append((time.monotonic(), m.registered, m.registrations))
-                if not joined and slow_reads:  # a member joins while a read is slow
+            # until the second slow read has been given up, and one renewal interval more
+            while (len(ended) < 2 or time.monotonic() < ended[-1] + 1.0) and time.monotonic() < t_end:
+                seen.append((m.registered, m.registrations))
+                if not joined and len(slow_reads) == 2:  # a member joins during the slow read
                     await asyncio.to_thread(etcd_put, etcd, other, json.dumps(
                         {"node_id": "s1", "control_address": "127.0.0.1:3",
                          "data_address": "127.0.0.1:4"}).encode())
                     joined = True
                 await asyncio.sleep(0.1)
-            assert "s1" in m.members  # from the watch: no resync answered since
+            assert joined and "s1" in m.members  # from the watch: that resync never answered
             await asyncio.to_thread(etcd_delete, etcd, other)
             t_gone = time.monotonic() + 5
             while "s1" in m.members and time.monotonic() < t_gone:
                 await asyncio.sleep(0.05)
             assert "s1" not in m.members
-            assert m._lease.id == lease
+            assert m._lease.id == lease and m.registered
         finally:
             await m.stop()
         return seen
 
     seen = asyncio.run(run())
-    assert slow_reads == [ETCD_CALL_TIMEOUT - 0.2, ETCD_CALL_TIMEOUT + 0.5]
-    assert all(reg and n == 1 for _t, reg, n in seen), [s for s in seen if not s[1] or s[2] != 1][:3]
+    assert slow_reads == [TTL - 0.3, ETCD_CALL_TIMEOUT + 0.5] and len(ended) == 2
+    assert seen and all(reg and n == 1 for reg, n in seen), [s for s in seen if not s[0] or s[1] != 1][:3]
     assert b"/kvstored/slow/members/s0" not in etcd_keys(etcd, b"/kvstored/slow/")  # stop revoked
