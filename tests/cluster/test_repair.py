@@ -229,7 +229,11 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
     _wait(lambda: "n0" in _placement(ds[1]), 10, "n0 back")
     with kvstore.Client(stale.control, timeout=5, shm=False) as c:
         held = c.stats().counters["unverified"]
-        assert held > 0  # recovered from NVMe and held back
+        rs = c.members().repair
+        # recovered from NVMe and held back: still held, or already settled by its own
+        # agent (the node registers before its arena is prefaulted: loaded, 7.9 s, longer
+        # than its 4 s settle, so its first pass can run before the start returns)
+        assert held > 0 or rs.verified + rs.dropped > 0, (held, rs)
         # nothing stale it recovered is visible to clients: no record of an object deleted
         # or overwritten while it was away. Records the peers' repair wrote to it since it
         # came back (0.5 s after) are new and may be listed; so may a recovered record of an
