@@ -114,7 +114,7 @@ def _put_received(s: DataSession) -> None:
     except errors.KVStoreError as e:
         s.error(OP_PUT, rid, e)
         return
-    s.send_put(_PUT_OK[0] + _RID(rid) + _PUT_OK[1] if stored else _dedup_response(rid))
+    s.send(_PUT_OK[0] + _RID(rid) + _PUT_OK[1] if stored else _dedup_response(rid))
 
 
 # A put's OK answer is the same 40 bytes but for the request id (bytes 8-16, "<Q"): two

@@ -355,15 +355,6 @@ class DataSession:
             elif op:  # 0: a connection-level error, not an answer to a request
                 self.latency.get(op, self.latency_other).observe(_now() - self.t_in)
 
-    def send_put(self, frame: bytes) -> None:
-        """``send`` of a PUT answer (of 40 bytes), as its hot path: once per put."""
-        if not self.closed:
-            self.out.append(frame)
-            self.sent += 40
-            self.queued += 40
-            self.queued_frames += 1
-            self.put_latency.observe(_now() - self.put_t0)
-
     def error(self, op: int, rid: int, err: errors.KVStoreError) -> None:
         self.reject(op, rid, 0, err)
 
@@ -483,11 +474,7 @@ class DataSession:
 
     def commit(self, res: "Reservation") -> bool:
         """Publish a reservation this connection holds; raises the store's typed errors."""
-        if res.held:  # (_unhold, inlined: once per put)
-            res.held = False
-            size = res.size
-            self.reserved -= size
-            self.clients.add(self.client, -size)
+        self._unhold(res)
         return self.store.commit(res)
 
     def _drop_reservation(self, res: "Reservation") -> None:

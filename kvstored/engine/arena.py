@@ -151,7 +151,7 @@ class Arena:
         return off
 
     def free(self, offset: int) -> None:
-        slab = self.slabs[offset // self.slab_size]  # (slab_of, inlined: once per eviction)
+        slab = self.slab_of(offset)
         sc = slab.size_class
         assert sc is not None, "free of a slot in an unassigned slab"
         slab.used -= 1

@@ -331,19 +331,7 @@ class Policy:
         so remember its key in the ghost."""
         seg = e.seg
         if seg != NONE:
-            # _List.remove, inlined: once per eviction
-            lst = self.queues[e.sc.index].lists[seg]
-            newer, older = e.newer, e.older
-            if newer is not None:
-                newer.older = older
-            else:
-                lst.head = older
-            if older is not None:
-                older.newer = newer
-            else:
-                lst.tail = newer
-            e.newer = e.older = None
-            lst.count -= 1
+            self.queues[e.sc.index].lists[seg].remove(e)
             e.seg = NONE
             self.resident -= 1
         if evicted:
@@ -415,17 +403,7 @@ class Policy:
         self.clock += 1
         e.stamp = self.clock
         e.seg = seg
-        # _List.push_head, inlined: once per put
-        lst = self.queues[e.sc.index].lists[seg]
-        head = lst.head
-        e.older = head
-        e.newer = None
-        if head is not None:
-            head.newer = e
-        else:
-            lst.tail = e
-        lst.head = e
-        lst.count += 1
+        self.queues[e.sc.index].lists[seg].push_head(e)
         self.resident += 1
 
     def _push_probation(self, e, k) -> None:

@@ -199,11 +199,7 @@ class Store(RepairHooks):
         cs = res.checksum
         if cs is None:
             res.checksum = cs = actual
-        # (_finish, inlined: once per put)
-        res.done = True
-        res.view.release()
-        self.reservations.discard(res)
-        self.reserved_bytes -= res.size
+        self._finish(res)
         dram = self.dram
         if actual != cs:
             self.counters["checksum_failures"] += 1
