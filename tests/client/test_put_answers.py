@@ -13,10 +13,10 @@ import itertools
 import os
 import socket
 import termios
-import threading
 import time
 
 import pytest
+from threadutil import run_threads
 import relayutil
 
 from kvstore import errors
@@ -239,27 +239,17 @@ def test_a_stream_cut_among_the_answers_is_an_error(daemon, relay):
 
 def test_threads_each_with_a_channel(daemon):
     """Four threads, a channel each, 50 windows of 20 puts: every answer is right."""
-    errs: list = []
 
     def run(t: int) -> None:
+        ch = channel(daemon.data_port)
         try:
-            ch = channel(daemon.data_port)
-            try:
-                for w in range(50):
-                    its = items(f"thr{t}-{w}", 20, size=1000)
-                    assert ch.put_batch(NS, its, False) == [True] * 20
-                    assert ch.put_batch(NS, its, False) == [False] * 20
-            finally:
-                ch.close()
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errs.append(e)
-    threads = [threading.Thread(target=run, args=(t,)) for t in range(4)]
-    for th in threads:
-        th.start()
-    for th in threads:
-        th.join(100)
-    assert not any(th.is_alive() for th in threads)
-    assert not errs, errs
+            for w in range(50):
+                its = items(f"thr{t}-{w}", 20, size=1000)
+                assert ch.put_batch(NS, its, False) == [True] * 20
+                assert ch.put_batch(NS, its, False) == [False] * 20
+        finally:
+            ch.close()
+    run_threads(run, range(4), timeout=100)
 
 
 def test_hashed_frames_are_the_frames_put_frames_makes(daemon):

@@ -8,9 +8,9 @@ from __future__ import annotations
 
 import array
 import os
-import threading
 
 import pytest
+from threadutil import run_threads
 
 pytest.importorskip("pyeclib")
 
@@ -80,18 +80,8 @@ def test_empty_and_tiny_objects_are_whole_copies():
 def test_threads_at_once():
     """Eight threads hashing different objects through the one shared codec."""
     p = Policy.parse("ec:4+2")
-    errs: list = []
 
     def run(seed: int) -> None:
-        try:
-            for i in range(6):
-                check(p, memoryview(os.urandom(MIN_EC + seed * 1000 + i)))
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errs.append(e)
-    ts = [threading.Thread(target=run, args=(s,)) for s in range(8)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(60)
-    assert not any(t.is_alive() for t in ts)
-    assert not errs, errs
+        for i in range(6):
+            check(p, memoryview(os.urandom(MIN_EC + seed * 1000 + i)))
+    run_threads(run, range(8))

@@ -7,11 +7,11 @@ from __future__ import annotations
 
 import signal
 import sys
-import threading
 import time
 from pathlib import Path
 
 import pytest
+from threadutil import run_threads
 
 pytest.importorskip("pyeclib")
 
@@ -325,31 +325,20 @@ def test_threads_share_one_client(nodes):
     """Four threads read through one ClusterClient at once (each its own channels), get
     and get_into, every policy: every object comes back."""
     objs = {ns: objects(f"thr-{ns}", 12, sizes=[70_000, 600_000]) for ns in POLICIES}
-    errs: list = []
     with cluster(nodes) as cc:
         for ns, o in objs.items():
             assert all(cc.batch_put(list(o.items()), namespace=ns))
 
         def work(t: int) -> None:
-            try:
-                for r in range(3):
-                    for ns, o in objs.items():
-                        keys = list(o)[t:] + list(o)[:t]
-                        want = [o[k] for k in keys]
-                        if (r + t) % 2:
-                            assert [bytes(b) for b in cc.batch_get(keys, namespace=ns)] == want
-                        else:
-                            assert get_into(cc, keys, ns, room=600_000) == want
-            except BaseException as e:  # noqa: BLE001 (reported below)
-                errs.append(e)
-
-        ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
-        assert not any(t.is_alive() for t in ts)
-        assert not errs, errs
+            for r in range(3):
+                for ns, o in objs.items():
+                    keys = list(o)[t:] + list(o)[:t]
+                    want = [o[k] for k in keys]
+                    if (r + t) % 2:
+                        assert [bytes(b) for b in cc.batch_get(keys, namespace=ns)] == want
+                    else:
+                        assert get_into(cc, keys, ns, room=600_000) == want
+        run_threads(work, range(4))
         assert cc.pooled_get_jobs == 0
 
 
