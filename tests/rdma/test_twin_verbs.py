@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import os
 import select
+import socket
+import time
 
 import pytest
 
 from kvstore.rdma import twin
-from kvstore.rdma.verbs import (LOCAL_WRITE, QPS_ERR, REMOTE_READ, REMOTE_WRITE, WC_LOC_PROT_ERR,
+from kvstore.rdma.verbs import (LOCAL_WRITE, QPS_ERR, REMOTE_READ, REMOTE_WRITE, WC_LOC_LEN_ERR,
+                                WC_LOC_PROT_ERR,
                                 WC_REM_ACCESS_ERR, WC_RETRY_EXC_ERR, WC_SUCCESS, WC_WR_FLUSH_ERR,
                                 WR, WR_RDMA_READ, WR_RDMA_WRITE, WR_SEND_WITH_IMM, Endpoint, RecvWR,
                                 VerbsError, buffer_address)
@@ -153,6 +156,46 @@ def test_send_with_immediate_needs_a_posted_receive(pair):
     assert wait_wcs(cqa, 1)[0].status == WC_SUCCESS
     r = wait_wcs(cqb, 1)[0]
     assert (r.wr_id, r.status, r.byte_len, r.imm) == (7, WC_SUCCESS, 5, 42) and inbox[:5] == b"hello"
+
+
+def test_send_longer_than_the_posted_receive_is_a_length_error(pair):
+    a, b, cqa, cqb, qa, qb = pair
+    msg = bytearray(os.urandom(100))
+    lmr = a.reg_mr(msg, 0)
+    inbox = bytearray(64)
+    imr = b.reg_mr(inbox, LOCAL_WRITE)
+    qb.post_recv([RecvWR(7, addr(inbox), 16, imr.lkey), RecvWR(8, addr(inbox), 64, imr.lkey)])
+    qa.post_send([WR(1, WR_SEND_WITH_IMM, addr(msg), 100, lmr.lkey, imm=1),
+                  WR(2, WR_SEND_WITH_IMM, addr(msg), 64, lmr.lkey, imm=2)])
+    assert [w.status for w in wait_wcs(cqa, 2)] == [WC_SUCCESS, WC_SUCCESS]
+    first, second = wait_wcs(cqb, 2)
+    assert (first.wr_id, first.status, first.byte_len) == (7, WC_LOC_LEN_ERR, 0)
+    # the 100 bytes were drained, not written: the next SEND lands whole and in order
+    assert (second.wr_id, second.status, second.byte_len) == (8, WC_SUCCESS, 64)
+    assert inbox == msg[:64]
+
+
+def test_a_peer_naming_a_huge_length_is_refused_before_anything_is_allocated(pair):
+    """A local process speaking the twin's socket protocol as a connected peer: a SEND of
+    2^62 bytes is answered INVALID at once and the QP goes to the error state; the
+    responder never sizes a buffer by the peer's word."""
+    a, b, cqa, cqb, qa, qb = pair
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    sock.settimeout(DEADLINE)
+    try:
+        sock.connect(twin._port_name(b.gid))
+        sock.sendall(twin._HELLO.pack(twin._HELLO_MAGIC, qb.qpn, qa.qpn, qa.psn))
+        assert twin._RESP.unpack(sock.recv(1)) == (twin._OK,)
+        sock.sendall(twin._REQ.pack(WR_SEND_WITH_IMM, 0, 0, 1 << 62, 0))
+        assert twin._RESP.unpack(sock.recv(1)) == (twin._INVALID,)
+        assert sock.recv(1) == b""  # the responder closed the link
+    finally:
+        sock.close()
+    for _ in range(int(DEADLINE / 0.01)):
+        if qb.state == QPS_ERR:
+            break
+        time.sleep(0.01)
+    assert qb.state == QPS_ERR
 
 
 def test_peer_gone_is_retry_exceeded(pair):

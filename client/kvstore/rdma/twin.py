@@ -403,6 +403,10 @@ class TwinDevice:
                 r = qp.remote
                 if (qp.state != QPS_RTS or r is None or r.qpn != src_qpn or r.psn != src_psn):
                     return  # not connected to that peer (or in error): its request times out
+                if length > self.max_msg:  # the peer's length is never trusted for memory
+                    conn.sendall(_RESP.pack(_INVALID))
+                    qp.to_error()
+                    return
                 if op == WR_RDMA_READ:
                     view = self._lookup(rkey, raddr, length, REMOTE_READ, local=False)
                     if view is None:
@@ -420,13 +424,12 @@ class TwinDevice:
                         return
                     _recv_into(conn, view)
                     if op == WR_RDMA_WRITE_WITH_IMM:
-                        if not self._deliver(qp, None, length, imm):
+                        if not self._deliver(qp, length, imm):
                             conn.sendall(_RESP.pack(_RNR))
                             return
                     conn.sendall(_RESP.pack(_OK))
                 elif op in (WR_SEND, WR_SEND_WITH_IMM):
-                    data = _recv_exact(conn, length)
-                    status = _OK if self._deliver(qp, data, length, imm) else _RNR
+                    status = _OK if self._receive(qp, conn, length, imm) else _RNR
                     conn.sendall(_RESP.pack(status))
                     if status != _OK:
                         return
@@ -438,17 +441,30 @@ class TwinDevice:
         finally:
             conn.close()
 
-    def _deliver(self, qp: TwinQP, data: bytes | None, length: int, imm: int) -> bool:
+    def _deliver(self, qp: TwinQP, length: int, imm: int) -> bool:
+        """A WRITE_WITH_IMM's completion on the next posted receive; False: none posted."""
         with qp.cond:
             if not qp.rq:
                 return False
             r = qp.rq.popleft()
-        if data is not None:
-            dst = self._local(r.lkey, r.addr, length, LOCAL_WRITE)
-            if dst is None or length > r.length:
-                qp.cq.push(WC(r.wr_id, WC_LOC_LEN_ERR, WC_RECV, 0, imm, qp.qpn))
-                return True
-            dst[:] = data
+        qp.cq.push(WC(r.wr_id, WC_SUCCESS, WC_RECV, length, imm, qp.qpn))
+        return True
+
+    def _receive(self, qp: TwinQP, conn: socket.socket, length: int, imm: int) -> bool:
+        """A SEND's ``length`` bytes straight into the next posted receive (as a NIC does:
+        nothing sized by the peer is allocated); one too short for them completes with
+        LOC_LEN_ERR and the bytes are drained. False: no receive posted (RNR)."""
+        with qp.cond:
+            r = qp.rq.popleft() if qp.rq else None
+        if r is None:
+            _drain(conn, length)
+            return False
+        dst = self._local(r.lkey, r.addr, length, LOCAL_WRITE) if length <= r.length else None
+        if dst is None:
+            _drain(conn, length)
+            qp.cq.push(WC(r.wr_id, WC_LOC_LEN_ERR, WC_RECV, 0, imm, qp.qpn))
+            return True
+        _recv_into(conn, dst)
         qp.cq.push(WC(r.wr_id, WC_SUCCESS, WC_RECV, length, imm, qp.qpn))
         return True
 
