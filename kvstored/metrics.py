@@ -54,7 +54,7 @@ ERROR_TYPES = tuple(sorted({c.name for c in (errors.NotFound, errors.NoSpace, er
                                              errors.ChecksumMismatch, errors.InvalidArgument,
                                              errors.PermissionDenied, errors.Unavailable,
                                              errors.ProtocolError, errors.Timeout, errors.Redirect,
-                                             errors.KVStoreError)}))
+                                             errors.Deleted, errors.KVStoreError)}))
 
 
 # names the engine's tier dicts use -> the names the families below read
@@ -282,6 +282,29 @@ class NodeCollector(Collector):
                        "(deleted or replaced while this node was away).", rep.get("dropped", 0))
         yield _counter("kvstored_repair_removed", "Surplus records deleted after their homes "
                        "held them (drain, placement change).", rep.get("removed", 0))
+        more = m.repair.more if m.repair is not None else {}
+        yield _counter("kvstored_repair_fenced", "Repair writes refused because their key was "
+                       "deleted on the target node lately (a delete raced the pass).",
+                       more.get("fenced", 0))
+        yield _counter("kvstored_repair_late_writes", "Repair writes not sent: decided longer "
+                       "ago than the nodes' delete fence covers (retried next pass).",
+                       more.get("late_writes", 0))
+        yield _counter("kvstored_repair_redecided", "Objects decided again from fresh Heads "
+                       "because their batch's had grown old (a slow, throttled batch).",
+                       more.get("redecided", 0))
+        yield _counter("kvstored_repair_unrecoverable", "EC objects found with fewer than K "
+                       "fragments left, every slot answering (each reported once).",
+                       more.get("unrecoverable", 0))
+        # ---- the delete fence (kvstored/engine/fence.py): keys deleted lately, which no
+        # repair write brings back
+        fence = m.store.fence.stats() if getattr(m.store, "fence", None) is not None else {}
+        yield _gauge("kvstored_delete_fence_keys", "Keys deleted lately that repair writes "
+                     "may not bring back (bounded in count and age).", fence.get("keys", 0))
+        yield _counter("kvstored_delete_fence_refused", "Repair writes this node refused: "
+                       "their key was deleted here lately.", fence.get("refused", 0))
+        yield _counter("kvstored_delete_fence_overflowed", "Fenced keys forgotten before "
+                       "their time (over the count bound): every repair write is refused "
+                       "until they would have expired.", fence.get("overflowed", 0))
 
 
 AUTH_REASONS = ("no_token", "bad_token", "namespace", "scope", "revoked")

@@ -33,6 +33,15 @@ class Conflict(KVStoreError):
     name = "Conflict"
 
 
+class Deleted(Conflict):
+    """A cluster repair write (wire FLAG_REPAIR) of a key the node saw deleted lately:
+    refused, so a delete racing a repair pass leaves nothing behind (kvstored/engine/fence.py).
+    Never raised to a client that does not set the flag."""
+
+    code = 12
+    name = "Deleted"
+
+
 class ChecksumMismatch(KVStoreError):
     code = 4
     name = "ChecksumMismatch"
@@ -79,7 +88,8 @@ Internal = KVStoreError
 _BY_CODE: dict[int, type[KVStoreError]] = {
     cls.code: cls
     for cls in (NotFound, NoSpace, Conflict, ChecksumMismatch, InvalidArgument,
-                PermissionDenied, Unavailable, ProtocolError, KVStoreError, Timeout, Redirect)
+                PermissionDenied, Unavailable, ProtocolError, KVStoreError, Timeout, Redirect,
+                Deleted)
 }
 
 

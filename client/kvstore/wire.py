@@ -6,7 +6,8 @@ then the key bytes, then ``payload_len`` bytes of payload::
     magic    4s  b"KVSD"
     version  u8  1
     op       u8  PUT / GET / PING / AUTH
-    flags    u16 FLAG_OVERWRITE on requests, FLAG_RESPONSE on responses
+    flags    u16 requests: FLAG_OVERWRITE, FLAG_REPAIR (PUT only; other bits on a PUT are
+                 refused); FLAG_RESPONSE on responses
     req_id   u64 chosen by the client; responses echo it (completion may be out of order)
     status   u16 0 on requests; a kvstore.errors code on responses
     ns_len   u8  namespace length (responses: 0)
@@ -91,6 +92,11 @@ EPOCH_OPS = frozenset((OP_PUT, OP_GET, OP_SHM_GET, OP_SHM_RESERVE, OP_RDMA_PUT,
                        OP_RDMA_GET, OP_SHM_PUT))  # ops a node redirects
 
 FLAG_OVERWRITE = 0x0001
+# PUT from a cluster node's repair agent: refused with errors.Deleted when the key was
+# deleted on the receiving node lately (kvstored/engine/fence.py). Needs the admin scope on
+# the namespace when auth is on (repair presents cluster.token).
+FLAG_REPAIR = 0x0008
+PUT_FLAGS = FLAG_OVERWRITE | FLAG_REPAIR  # the flags a PUT may carry
 FLAG_RESPONSE = 0x8000
 
 STATUS_OK = 0

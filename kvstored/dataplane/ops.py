@@ -13,10 +13,10 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_OVERWRITE, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, OP_GET, OP_PING,
-                          OP_PUT, encode_error, encode_response)
+from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, OP_GET,
+                          OP_PING, OP_PUT, PUT_FLAGS, encode_error, encode_response)
 
-from kvstored.auth import READ, WRITE
+from kvstored.auth import ADMIN, READ, WRITE
 
 from .policy import LOGIN
 from .session import BODY, EMPTY, HEADER_WINDOW, LARGE_PAYLOAD, DataSession, OpTable
@@ -30,6 +30,8 @@ log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their
 
 
 def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    if h.flags & ~FLAG_OVERWRITE:  # a repair write, or bits no PUT defines
+        return _put_repair(s, h, ns, key)
     s.put_t0 = s.t_in
     n = h.length
     s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0  # (the next header's read)
@@ -50,6 +52,52 @@ def _put_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int
     if done is None:  # one closure per connection, not one per put
         done = s.put_done = partial(_put_received, s)
     s.receive_payload(res.view, size, done)  # zero copy: the kernel fills the slot
+
+
+def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    """A PUT with FLAG_REPAIR: a cluster repair agent's write, refused (errors.Deleted) when
+    the key was deleted here lately (kvstored/engine/fence.py): checked before the payload
+    is taken, and again right before the commit (a delete may land while it arrives)."""
+    s.put_t0 = s.t_in
+    rid, n = h.req_id, h.length
+    if h.flags & ~PUT_FLAGS:
+        return s.reject(OP_PUT, rid, n, errors.InvalidArgument(
+            f"a PUT's flags are {FLAG_OVERWRITE:#x} (overwrite) and {FLAG_REPAIR:#x} (repair); "
+            f"got {h.flags:#x}"))
+    if s.guard is not None:  # the fence refuses puts: only nodes' repair agents (admin) may ask
+        refused = s.guard.check(ns, ADMIN)
+        if refused is not None:
+            s.counters["auth_rejected_" + refused[0]] += 1
+            return s.reject(OP_PUT, rid, n, refused[1])
+    if s.store.fence.deleted(ns, key):
+        return s.reject(OP_PUT, rid, n, _deleted(ns, key))
+    s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0
+    s.reserve(OP_PUT, rid, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
+              _repair_reserved, skip=n, stream=True)
+
+
+def _repair_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:
+    if res is None:
+        s.skip_then_send(rid, size, _dedup_response(rid))
+        return
+    s.res, s.put_rid = res, rid
+    res.on_expire = s.expired
+    s.receive_payload(res.view, size, partial(_repair_received, s))
+
+
+def _repair_received(s: DataSession) -> None:
+    res = s.res
+    if s.store.fence.deleted(res.ns, res.key):  # deleted while its payload arrived
+        s.res = None
+        s._drop_reservation(res)
+        s.error(OP_PUT, s.put_rid, _deleted(res.ns, res.key))
+        return
+    _put_received(s)
+
+
+def _deleted(ns: bytes, key: bytes) -> errors.Deleted:
+    return errors.Deleted(f"key {key[:48].hex()} of namespace {ns.decode(errors='replace')} was "
+                          "deleted here lately: a repair write does not bring it back")
 
 
 def _dedup_response(rid: int) -> bytes:

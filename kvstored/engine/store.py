@@ -34,6 +34,7 @@ from kvstore.wire import checksum as payload_checksum
 
 from .dram import DramTier
 from .entries import COMMITTED, DEAD, Entry, Index, Reservation, make_index
+from .fence import DeleteFence
 from .limits import StoreLimits
 from .repairhooks import RepairHooks
 from .tiering import Tiering
@@ -100,6 +101,8 @@ class Store(RepairHooks):
         # Told of index changes and lookups (KV events, per-namespace metrics): an object
         # with stored(entry), removed(entry), looked_up(ns, asked, hits, hit_bytes); None = off.
         self.observer = None
+        # keys clients deleted lately: a cluster repair write of one is refused (fence.py)
+        self.fence = DeleteFence()
         if nvme is not None:
             self.tiering.recover(hold_recovered)
 
@@ -419,7 +422,13 @@ class Store(RepairHooks):
             self.dram.signal_space()
         return n
 
-    def delete(self, ns: bytes, keys: Iterable[bytes]) -> int:
+    def delete(self, ns: bytes, keys: Iterable[bytes], fence: bool = True) -> int:
+        """Delete ``keys``; how many were here. ``fence``: a client's delete, so every key
+        is fenced against repair writes (fence.py), held here or not; repair's own
+        deletes (a record handed over, a surplus copy) are not."""
+        if fence:
+            keys = list(keys)
+            self.fence.record(ns, keys)
         n = 0
         for k in keys:
             e = self.index.get(ns, k)
@@ -453,6 +462,7 @@ class Store(RepairHooks):
         failed is the exception: that object may come back at a restart, as may any
         delete whose tombstone write fails)."""
         start = time.time()
+        self.fence.record_namespace(ns)
         deleted = unreadable = newer = 0
         for chunk in self._walk_chunks(ns):
             todo = []

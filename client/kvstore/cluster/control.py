@@ -70,8 +70,12 @@ class Control:
         return n
 
     def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
-        """Delete every copy / record of ``keys`` on its slots and the next M nodes (best
-        effort on unreachable nodes); returns how many keys had something deleted."""
+        """Delete every copy / record of ``keys`` on its slots and the next nodes in its
+        preference order (M for EC, one for copies: where records sit until repair moves
+        them after a membership change); best effort on unreachable nodes. Returns how
+        many keys had something deleted. Every node asked fences the keys against repair
+        writes for a while (kvstored/engine/fence.py), so a repair pass that read the
+        object before the delete cannot write it back."""
         return self._redirected(self._delete, keys, namespace)
 
     def _delete(self, keys: Sequence, namespace: str | None) -> int:
@@ -87,7 +91,9 @@ class Control:
                 where = sl + self._extra(kb, ns, p, sl, p.m)
                 pairs = [(m, lap_key(fk, lap)) for m, lap in where]
             else:
-                pairs = [(m, kb) for m, _ in sl]
+                # the next node too: after a join, the home it displaced keeps the copy
+                # until repair hands it over, which this delete's fence then refuses
+                pairs = [(m, kb) for m, _ in sl + self._extra(kb, ns, p, sl, 1)]
             for m, sk in pairs:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
         def each(m: Member, items: list) -> list[bool]:

@@ -123,6 +123,11 @@ class RepairAgent:
         self.st = {"state": "idle", "passes": 0, "scanned": 0, "total": 0, "records_written": 0,
                    "bytes_written": 0, "verified": 0, "dropped": 0, "removed": 0, "failures": 0,
                    "last_pass_seconds": 0.0, "pending": 0}
+        # counters beyond RepairStatus (metrics only): writes refused by a peer's delete
+        # fence, writes dropped as sent too late for the fences (fence.MAX_WRITE_AGE_S),
+        # objects decided again from fresh Heads (a slow batch, execute.REFRESH_S),
+        # objects found below K fragments with every slot answering (reported once each)
+        self.more = {"fenced": 0, "late_writes": 0, "redecided": 0, "unrecoverable": 0}
         self._led_elsewhere = 0  # objects of the current pass settled by their first slot's Head
 
     # ------------------------------------------------------------ life cycle
@@ -167,7 +172,10 @@ class RepairAgent:
 
     def _count(self, name: str, n: int = 1) -> None:
         with self._lock:  # peer threads count too
-            self.st[name] += n
+            if name in self.st:
+                self.st[name] += n
+            else:
+                self.more[name] += n
 
     def _mark_rate(self) -> None:
         with self._lock:
@@ -331,13 +339,15 @@ class RepairAgent:
                         o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
                 todo = [o for o in batch if o.slots]
                 steps.add("slots", time.thread_time() - c0, time.perf_counter() - w0)
+                asked = time.monotonic()  # what is written is decided from these Heads
                 heads, settled, led = steps.timed("heads", self._ask, todo, me, draining)
                 if led:  # finished as far as this node is concerned
                     todo = [o for o in todo if id(o) not in led]
                 view = Peers(me, settled, self._started, draining)
                 # with execute.PIPELINED this batch is read and rebuilt while the previous
                 # one is written; otherwise it is all done when start() returns
-                started = (batch, todo, self.executor.start(todo, heads, view))
+                started = (batch, todo, self.executor.start(
+                    todo, heads, view, lambda objs: self._heads_all(objs, me, draining), asked))
                 if inflight is not None:
                     account(*inflight)
                 inflight = started
@@ -477,6 +487,12 @@ class RepairAgent:
                 settled[nid] = settled.get(nid, True) and s
         self._led_elsewhere += len(led)
         return heads, settled, led
+
+    def _heads_all(self, objs: list[Obj], me: str, draining: list) -> dict:
+        """Heads of every slot (and draining node) of ``objs`` (as ``_ask``'s first
+        result, without its first-slot shortcut): for objects decided again."""
+        return self._heads([(o, [(m, lap) for m, lap in list(o.slots) + [(d, 0) for d in draining]
+                                 if m.node_id != me]) for o in objs])[0]
 
     def _heads(self, wants: list) -> tuple[dict, dict]:
         """Heads of ``wants`` ([(obj, [(member, lap)])]), one call per peer and namespace

@@ -19,6 +19,11 @@ agent (agent.py) executes the actions in bulk.
   written to a slot lacking its index, then deleted here (``HandOver``); a record whose
   index a slot already holds, or an older version, is deleted (``DeleteLocal``).
 * ``Pending``: something is unknown or failed; the object is looked at again next pass.
+  An EC object of which fewer than K distinct fragments are left, with every slot
+  answering, is pending as ``UNRECOVERABLE`` without reading any source: nothing can
+  rebuild it (the agent reports it once, not every pass). Its records are kept: a
+  delete and a loss look the same here (a node that died with the other fragments may
+  come back with them from NVMe), so nothing is dropped on this evidence alone.
 
 An object is finished when its actions hold no ``Pending`` and all of them succeed.
 Decisions assume the actions they emit succeed (a hand-over fills its slot); when one
@@ -98,6 +103,9 @@ class DeleteLocal(NamedTuple):
 
 class Pending(NamedTuple):
     reason: str
+
+
+UNRECOVERABLE = "unrecoverable"  # a Pending reason's start: fewer than K fragments are left
 
 
 def version(ec: bool, head_or_checksum) -> tuple | int | None:
@@ -287,6 +295,16 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
     for i in missing:  # keep the drained indices' own slots for them
         if i in drained and i in free:
             free.remove(i)
+    if kind == KIND_FRAGMENT and None not in right:
+        # every slot answered: the fragments there, this node's own (on its slots or not)
+        # and those a draining node still has are all there is
+        have = {x[0] for x in held if x and x[2] == current} | drained
+        have |= {parse_head(mv.head)[3] for mv in mine.values()
+                 if not mv.unverified and version(True, mv.head) == current}
+        if len(have) < p.k:
+            acts.append(Pending(f"{UNRECOVERABLE}: {len(have)} of the {p.k} fragments it needs "
+                                "are left, every slot answered"))
+            return False
     plan = assign(todo, free)
     if not plan:
         return False

@@ -25,8 +25,13 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from kvstore.layout import lap_key
 
+from kvstored.engine.fence import MAX_WRITE_AGE_S
+
+from . import pause
 from . import rebuild as rb
-from .decide import Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reconstruct, Verify, decide
+from .decide import (UNRECOVERABLE, Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reconstruct,
+                     Verify, decide)
+from .peers import FENCED
 from .steps import Steps
 
 log = logging.getLogger("kvstored.repair")
@@ -41,6 +46,11 @@ PUT_CHUNK = 32  # records per batch_put (the SDK's pipelining window)
 WRITE_S = 0.25  # one write call carries at most this long of cluster.repair_rate's bytes
 PIPELINED = False  # write a chunk on a writer thread while the next is built (see above)
 MAX_SOURCE_ROUNDS = 8  # bounded: each round consumes at least one source per object
+MAX_REPORTED = 10_000  # unrecoverable objects remembered as reported (then forgotten at once)
+# A batch's later chunks are decided again from fresh Heads once the batch's are this old,
+# and a chunk holds at most this long of cluster.repair_rate's bytes: so a write goes out
+# well within MAX_WRITE_AGE_S of the Heads it was decided from, even under a slow throttle
+REFRESH_S = MAX_WRITE_AGE_S / 4
 
 
 def size(data) -> int:
@@ -87,44 +97,68 @@ class Executor:
         self.steps = steps if steps is not None else Steps()
         self._writer: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None  # the chunk being written
+        self.pause = pause.point()  # a test's pause point (None outside such tests)
+        self._reported: set = set()  # (ns, base, reason) of unrecoverable objects logged
 
     def close(self) -> None:
         if self._writer is not None:
             self._writer.shutdown(wait=False, cancel_futures=True)
 
-    def run(self, objs: list[Obj], heads: dict, view: Peers) -> list[bool]:
+    def run(self, objs: list[Obj], heads: dict, view: Peers, refresh=None,
+            asked: float | None = None) -> list[bool]:
         """``start`` and wait for the outcome."""
-        return self.start(objs, heads, view).result()
+        return self.start(objs, heads, view, refresh, asked).result()
 
-    def start(self, objs: list[Obj], heads: dict, view: Peers) -> Future:
+    def _decide(self, o: Obj, heads: dict, view: Peers) -> list:
+        try:
+            return decide(o, heads.get(id(o), {}), view)
+        except Exception:  # a bug on one object must not stop the pass for all others
+            self.count("failures")
+            log.exception("repair decision failed", extra={
+                "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+            return [Pending("decision failed")]
+
+    def start(self, objs: list[Obj], heads: dict, view: Peers, refresh=None,
+              asked: float | None = None) -> Future:
         """Decide for every object and carry the actions out in bulk. Returns when the
         last chunk's records are rebuilt and handed to the writer thread: a Future of the
         outcome (per object, True when it needs nothing more from this node), done once
         those are written. Call ``start`` again meanwhile: the next batch is read and
-        rebuilt while this one is written (writes stay in order)."""
+        rebuilt while this one is written (writes stay in order).
+
+        The batch's Heads were asked at ``asked`` (time.monotonic(); None: now): what is
+        written is decided from them, and the nodes' delete fence covers a write for
+        MAX_WRITE_AGE_S after them
+        (fence.py). Once they are REFRESH_S old, the objects of the chunks still to build
+        are asked again (``refresh(objs)``: their Heads, as the agent's ``heads`` argument)
+        and decided again; a write that would still go out later than MAX_WRITE_AGE_S is
+        dropped for this pass (the object stays pending)."""
+        decided = time.monotonic() if asked is None else asked
         c0, w0 = time.thread_time(), time.perf_counter()
-        plans = []
-        for o in objs:
-            try:
-                plans.append(decide(o, heads.get(id(o), {}), view))
-            except Exception:  # a bug on one object must not stop the pass for all others
-                self.count("failures")
-                log.exception("repair decision failed", extra={
-                    "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
-                plans.append([Pending("decision failed")])
+        plans = [self._decide(o, heads, view) for o in objs]
         ok = [not any(isinstance(a, Pending) for a in acts) for acts in plans]
+        for o, acts, done in zip(objs, plans, ok):
+            if not done:
+                self._report(o, acts)
         self.steps.add("decide", time.thread_time() - c0, time.perf_counter() - w0)
         self.steps.timed("settle", self._settle, objs, plans, ok)
-        # execute in chunks whose records fit MAX_BATCH_BYTES
+        # execute in chunks whose records fit MAX_BATCH_BYTES (and REFRESH_S of the throttle)
+        cap = MAX_BATCH_BYTES
+        if self.throttle is not None:
+            cap = max(1, min(cap, int(self.throttle.rate * REFRESH_S)))
         start, size = 0, 0
-        for i, (o, acts) in enumerate(zip(objs, plans)):
-            est = _held(o, acts)
-            if i > start and size + est > MAX_BATCH_BYTES:
-                self._move(objs[start:i], plans[start:i], ok, start, view.me)
+        for i, o in enumerate(objs):
+            est = _held(o, plans[i])
+            if i > start and size + est > cap:
+                self._move(objs[start:i], plans[start:i], ok, start, view.me, decided)
                 start, size = i, 0
+                if refresh is not None and time.monotonic() - decided > REFRESH_S:
+                    decided = time.monotonic()  # (before the Heads are asked: conservative)
+                    self._redecide(objs, plans, ok, i, refresh(objs[i:]), view)
+                    est = _held(o, plans[i])
             size += est
         if start < len(objs):
-            self._move(objs[start:], plans[start:], ok, start, view.me)
+            self._move(objs[start:], plans[start:], ok, start, view.me, decided)
         last = self._inflight
         done: Future = Future()
         if last is None:
@@ -144,6 +178,35 @@ class Executor:
                 done.set_result(ok)
         last.add_done_callback(finished)
         return done
+
+    def _redecide(self, objs: list[Obj], plans: list, ok: list, i: int, heads: dict,
+                  view: Peers) -> None:
+        """Decide objs[i:] again from fresh ``heads``; their held records were settled
+        already (Verify / Drop are not carried out twice)."""
+        self.count("redecided", len(objs) - i)
+        for j in range(i, len(objs)):
+            acts = [a for a in self._decide(objs[j], heads, view) if not isinstance(a, (Verify, Drop))]
+            plans[j] = acts
+            ok[j] = not any(isinstance(a, Pending) for a in acts)
+            if not ok[j]:
+                self._report(objs[j], acts)
+
+    def _report(self, o: Obj, acts: list) -> None:
+        """An object nothing can rebuild (decide.UNRECOVERABLE) is logged once as a
+        warning, not every pass (it stays pending; passes back off to repair_interval)."""
+        for a in acts:
+            if isinstance(a, Pending) and a.reason.startswith(UNRECOVERABLE):
+                what = (o.ns, o.base, a.reason)
+                if what in self._reported:
+                    return
+                if len(self._reported) >= MAX_REPORTED:
+                    self._reported.clear()
+                self._reported.add(what)
+                self.count("unrecoverable")
+                log.warning("repair: cannot rebuild an object: %s (reported once; its records "
+                            "are kept)", a.reason, extra={
+                                "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
+                return
 
     def _submit_write(self, fn) -> None:
         """Run ``fn``: now, or with PIPELINED on the writer thread once the chunk in
@@ -176,9 +239,16 @@ class Executor:
             log.info("dropped a stale record recovered at restart", extra={
                 "namespace": ns.decode(errors="replace"), "key": key[:48].hex()})
 
-    def _move(self, objs: list[Obj], plans: list, ok: list, base: int, me: str) -> None:
+    def _move(self, objs: list[Obj], plans: list, ok: list, base: int, me: str,
+              decided: float) -> None:
         """Copy, HandOver, Reconstruct and DeleteLocal actions of ``objs`` (ok[base + i]
-        is object i's outcome, cleared on any failure)."""
+        is object i's outcome, cleared on any failure; ``decided``: when the Heads they
+        were decided from were asked, time.monotonic()).
+
+        A write refused by the fence (FENCED: the object was deleted on its target while
+        this pass looked at it) fails like any other: the object stays pending, a
+        handed-over record is kept, and the next pass decides again from fresh Heads,
+        which then show the delete."""
         # 1. local records to send
         local_keys: dict[tuple[bytes, bytes], bytes | None] = {}
         for o, acts in zip(objs, plans):
@@ -244,7 +314,10 @@ class Executor:
         steps.add("rebuild", time.thread_time() - c0, time.perf_counter() - w0)
 
         def finish() -> None:
-            results = steps.timed("write", self._write, writes, me)
+            if self.pause is not None:
+                self.pause.before_write([(ns, key) for _m, items in writes.values()
+                                         for ns, _o, key, _d, _t in items])
+            results = steps.timed("write", self._write, writes, me, decided)
             for tag, r in results.items():
                 tags[tag] += r
             # 4. deletes: handed-over records once every copy was written
@@ -252,10 +325,10 @@ class Executor:
             for i, (o, acts) in enumerate(zip(objs, plans)):
                 for n, a in enumerate(acts):
                     written = tags.get((i, n), [])
-                    if any(r is None for r in written):
+                    landed = all(r is not None and r is not FENCED for r in written)
+                    if not landed:
                         ok[base + i] = False
-                    if isinstance(a, DeleteLocal) or (
-                            isinstance(a, HandOver) and written and all(r is not None for r in written)):
+                    if isinstance(a, DeleteLocal) or (isinstance(a, HandOver) and written and landed):
                         deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
             if deletes:
                 self.count("removed", steps.timed("delete", self.store.delete, deletes))
@@ -293,11 +366,12 @@ class Executor:
                 result[n] = b
         return result
 
-    def _write(self, writes: dict, me: str) -> dict:
-        """batch_put per peer (grouped by namespace and overwrite flag), all peers at once,
-        throttled; this node's own records straight into its store (LocalStore.put_many:
-        no loopback round trip, no serving on the other end);
-        {tag: [True stored | False identical | None failed, ...]}."""
+    def _write(self, writes: dict, me: str, decided: float) -> dict:
+        """Repair writes per peer (grouped by namespace and overwrite flag), all peers at
+        once, throttled; this node's own records straight into its store
+        (LocalStore.put_many: no loopback round trip, no serving on the other end);
+        {tag: [True stored | False identical | FENCED refused | None failed, ...]}. A
+        chunk not sent within MAX_WRITE_AGE_S of ``decided`` is not sent (None)."""
         def put(job):
             member, items = job
             put_many = (self.store.put_many if member.node_id == me
@@ -314,9 +388,15 @@ class Executor:
                         break
                     chunk = its[c:e]
                     self.throttle.take(sum(size(d) for _k, d, _t in chunk))
+                    if time.monotonic() - decided > MAX_WRITE_AGE_S:  # past what fences cover
+                        self.count("late_writes", len(its) - c)
+                        out += [(tag, None) for _k, _d, tag in its[c:]]
+                        break
                     rs = put_many(ns, [(k, d) for k, d, _t in chunk], overwrite)
                     for (_k, d, tag), r in zip(chunk, rs):
-                        if r:
+                        if r is FENCED:
+                            self.count("fenced")
+                        elif r:
                             self.count("records_written")
                             self.count("bytes_written", size(d))
                         out.append((tag, r))

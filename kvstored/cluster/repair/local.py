@@ -9,6 +9,8 @@ import threading
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER
 
+from .peers import FENCED
+
 log = logging.getLogger("kvstored.repair")
 
 HEAD = FRAG_HEADER.size  # an EC record's header
@@ -81,15 +83,20 @@ class LocalStore:
                  ) -> list[bool | None]:
         """Store each (key, record) here, one loop hop for all (a record: bytes, or a
         (header, payload) pair copied into its slot back to back): True stored, False
-        already there (identical), None failed (a Conflict, or no space in time; the next
-        pass looks again). The same outcomes as a peer's batch_put, without the loopback
-        round trip: repair mostly rebuilds the records its own slots lack (with one node
-        lost, the leader of an object is the slot that gets the extra lap)."""
+        already there (identical), FENCED refused (the key was deleted here lately,
+        kvstored/engine/fence.py), None failed (a Conflict, or no space in time; the next
+        pass looks again). The same outcomes as a peer's repair write (PeerIO.put_many),
+        without the loopback round trip: repair mostly rebuilds the records its own slots
+        lack (with one node lost, the leader of an object is the slot that gets the extra
+        lap)."""
         s = self._store
 
         async def call():
-            out: list[bool | None] = []
+            out: list = []
             for key, data in items:
+                if s.fence.deleted(ns, key):  # checked where the commit follows without a wait
+                    out.append(FENCED)
+                    continue
                 parts = data if isinstance(data, tuple) else (data,)
                 n = sum(len(x) for x in parts)
                 try:
@@ -111,6 +118,10 @@ class LocalStore:
                 except BaseException:
                     s.abort(res)
                     raise
+                if s.fence.deleted(ns, key):  # deleted while reserve_wait waited for space
+                    s.abort(res)
+                    out.append(FENCED)
+                    continue
                 try:
                     out.append(s.commit(res))
                 except errors.KVStoreError:
@@ -134,11 +145,12 @@ class LocalStore:
         return self._run(call)
 
     def delete(self, items: list[tuple[bytes, bytes]]) -> int:
-        """Delete each (ns, key); how many were there."""
+        """Delete each (ns, key); how many were there. Not fenced: these are repair's own
+        deletes (a record handed over, a surplus one), not a client's."""
         by_ns: dict[bytes, list[bytes]] = {}
         for ns, key in items:
             by_ns.setdefault(ns, []).append(key)
 
         async def call():
-            return sum(self._store.delete(ns, keys) for ns, keys in by_ns.items())
+            return sum(self._store.delete(ns, keys, fence=False) for ns, keys in by_ns.items())
         return self._run(call)

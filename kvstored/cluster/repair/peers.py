@@ -2,8 +2,13 @@
 
 One SDK Client per peer (cached; replaced when the peer comes back on another address).
 A peer that fails with Unavailable is not asked again in the same pass (a dead node that
-is still listed must not stall it). Batched calls raise the first error of the batch, so
+is still listed must not stall it). Batched reads raise the first error of the batch, so
 a batch that fails is retried one object at a time to learn which objects failed.
+
+Writes carry FLAG_REPAIR: a node refuses one of a key it saw deleted lately
+(errors.Deleted, kvstored/engine/fence.py), so a delete racing a pass leaves nothing
+behind. They are sent as one pipelined round of PUT frames per call, and every answer is
+read, so each record's outcome is known without a second round.
 """
 from __future__ import annotations
 
@@ -11,10 +16,12 @@ import logging
 import threading
 
 from kvstore import errors
+from kvstore.wire import FLAG_OVERWRITE, FLAG_REPAIR, OP_PUT, checksum_parts, encode_request
 
 log = logging.getLogger("kvstored.repair")
 
 PEER_TIMEOUT = 3.0  # one call to a peer
+FENCED = "fenced"  # a write's outcome: refused, the key was deleted on that node lately
 
 
 class PeerIO:
@@ -58,7 +65,7 @@ class PeerIO:
         # that carry no inner checksum. Turning it off for EC sources saved ~1 % of the
         # survivors' CPU (within the noise; RESULTS.md, H8 session 5): not worth a weaker check.
         return Client(address, timeout=PEER_TIMEOUT, shm=False, token=self.token, tls=self.tls,
-                      ride_out_restarts=False)
+                      ride_out_restarts=False, transport="tcp")
 
     def _down(self, member, e: Exception) -> None:
         if isinstance(e, errors.Unavailable):
@@ -100,34 +107,59 @@ class PeerIO:
         return out
 
     def put_many(self, member, ns: bytes, items: list[tuple[bytes, object]],
-                 overwrite: bool) -> list[bool | None]:
-        """Write each (key, record) to ``member`` (a record: bytes, or a (header, payload)
-        pair sent gathered): True stored, False already there (identical), None failed (a
-        Conflict: something else is there now; the next pass looks again)."""
+                 overwrite: bool) -> list:
+        """Write each (key, record) to ``member`` as a repair write (a record: bytes, or a
+        (header, payload) pair sent gathered): True stored, False already there
+        (identical), FENCED refused (the key was deleted there lately), None failed (a
+        Conflict: something else is there now; or the peer failed). The next pass looks
+        again at an object with any outcome but True and False."""
         if not items:
             return []
         if member.node_id in self.unreachable:
             return [None] * len(items)
-        c = self.client(member)
+        flags = FLAG_REPAIR | (FLAG_OVERWRITE if overwrite else 0)
+        records = [(k, list(v) if isinstance(v, tuple) else [v]) for k, v in items]
+
+        def send(conn) -> list:
+            order: dict[int, int] = {}
+            bufs: list = []
+            for k, parts in records:
+                rid = conn.next_id()
+                order[rid] = len(order)
+                bufs.append(encode_request(OP_PUT, rid, ns, k, sum(len(p) for p in parts),
+                                           checksum_parts(parts), flags, conn.epoch))
+                bufs += parts
+            conn.send(bufs)
+            out: list = [None] * len(order)
+            for _ in range(len(order)):  # every answer, errors included (one per record)
+                r = conn.read_response(OP_PUT)
+                i = order.pop(r.rid, None)
+                if i is None:
+                    if r.status:  # connection-level error (id 0)
+                        raise conn.read_error(r)
+                    raise errors.ProtocolError(f"response for unknown request id {r.rid}")
+                out[i] = conn.read_error(r) if r.status else r.aux != 1  # aux=1: deduplicated
+            return out
+
         try:
-            return list(c.batch_put(items, namespace=ns.decode(), overwrite=overwrite))
-        except errors.Unavailable as e:
+            got = self.client(member)._run(send)
+        except errors.KVStoreError as e:
             self._failed(member, e, len(items))
             return [None] * len(items)
-        except errors.KVStoreError:
-            pass  # one object refused: write one at a time to learn which
+        except OSError as e:
+            self._failed(member, errors.Unavailable(str(e)), len(items))
+            return [None] * len(items)
         out: list = []
-        for k, v in items:
-            if member.node_id in self.unreachable:
+        for r in got:
+            if isinstance(r, errors.Deleted):
+                out.append(FENCED)
+            elif isinstance(r, errors.Conflict):
                 out.append(None)
-                continue
-            try:
-                out.append(c.put(k, v, namespace=ns.decode(), overwrite=overwrite))
-            except errors.Conflict:
+            elif isinstance(r, errors.KVStoreError):
+                self._failed(member, r, 1)
                 out.append(None)
-            except errors.KVStoreError as e:
-                self._failed(member, e, 1)
-                out.append(None)
+            else:
+                out.append(r)
         return out
 
     def _failed(self, member, e: Exception, n: int) -> None:
