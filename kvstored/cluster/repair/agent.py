@@ -109,6 +109,7 @@ class RepairAgent:
         self._pool: ThreadPoolExecutor | None = None
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._skipped_young = 0
+        self._young_pending = 0  # young records the last pass left for a later one
         # what the last pass saw, so that a pass after a membership change looks only at
         # the objects the change can have touched (a full pass every repair_interval)
         self._prev_members: list | None = None
@@ -128,6 +129,7 @@ class RepairAgent:
         # objects decided again from fresh Heads (a slow batch, execute.REFRESH_S),
         # objects found below K fragments with every slot answering (reported once each)
         self.more = {"fenced": 0, "late_writes": 0, "redecided": 0, "unrecoverable": 0}
+        self._settling = False  # a change woke the loop: its pass is due (repair_delay)
         self._led_elsewhere = 0  # objects of the current pass settled by their first slot's Head
 
     # ------------------------------------------------------------ life cycle
@@ -216,16 +218,19 @@ class RepairAgent:
                 retry = 0.0  # something changed: unfinished work may be doable now
                 if self._now:
                     due = time.monotonic()
-                elif self.st["state"] != "waiting":
+                elif not self._settling:
                     due = min(due, time.monotonic() + self.delay)
                 self._now = False
+                self._settling = True
                 self.st["state"] = "waiting"
                 continue
             if m.degraded:
+                self._settling = True
                 self.st["state"] = "waiting"
                 due = time.monotonic() + 1.0
                 continue
             t0 = time.monotonic()
+            self._young_pending = 0
             try:
                 pending = self._pass()
             except Exception:
@@ -234,10 +239,7 @@ class RepairAgent:
                 log.exception("repair pass failed")
                 self._count("failures")
                 pending = 1
-            self.st["last_pass_seconds"] = round(time.monotonic() - t0, 3)
-            self.st["passes"] += 1
-            self.st["pending"] = pending
-            self.st["state"] = "idle"
+            self._passed(pending, time.monotonic() - t0)
             # unfinished work (peers down, fragments missing): try again soon, backing off
             # while it stays unfinished (an object that lost more than M fragments never
             # will be) up to the interval
@@ -252,6 +254,17 @@ class RepairAgent:
                     # change are looked at as soon as they are old enough
                     self._recheck_young = False
                     due = time.monotonic() + max(YOUNG_S, self.delay)
+
+    def _passed(self, pending: int, seconds: float) -> None:
+        """The status once a pass ended with ``pending`` objects unfinished. Pending also
+        counts the records it skipped as young that a pass must look at once they are
+        old enough (written around a membership change): a pass is then due for them,
+        so the state is "waiting", not "idle"."""
+        self.st["last_pass_seconds"] = round(seconds, 3)
+        self.st["passes"] += 1
+        self.st["pending"] = pending + self._young_pending
+        self._settling = False
+        self.st["state"] = "waiting" if self._young_pending else "idle"
 
     def _pass(self) -> int:
         """One pass; logs where it spent its time when it did anything."""
@@ -270,7 +283,8 @@ class RepairAgent:
             written = self.st["records_written"] - written0
             if written or objects:
                 log.info("repair pass done", extra={
-                    "objects": objects, "young": self._skipped_young, "led_elsewhere": self._led_elsewhere,
+                    "objects": objects, "young": self._skipped_young,
+                    "young_pending": self._young_pending, "led_elsewhere": self._led_elsewhere,
                     "records_written": written,
                     "seconds": round(time.monotonic() - w0, 3),
                     "cpu_ms": round((time.thread_time() - c0) * 1e3),
@@ -363,6 +377,7 @@ class RepairAgent:
         changed = self._prev_members is not None and (
             [x.node_id for x in self._prev_members] != [x.node_id for x in members])
         carried = self._pending_keys or set()
+        young_keys = set()
         for r in fresh:
             # written around the change (or carried over as such): look at them again
             # once they are old enough
@@ -370,7 +385,9 @@ class RepairAgent:
             key = (r[0], split[0] if split else r[1])
             if changed or key in carried:
                 unfinished.add(key)
+                young_keys.add(key)
                 self._recheck_young = True
+        self._young_pending = len(young_keys)
         self._prev_members, self._prev_started = members, dict(self._started)
         if full:
             self._last_full = time.monotonic()
