@@ -6,13 +6,13 @@ from __future__ import annotations
 import asyncio
 import os
 import random
-import threading
 
 import pytest
 
 import kvstore
 from kvstore import errors
 from kvstore.wire import checksum, checksum_parts
+from threadutil import run_threads
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -109,23 +109,13 @@ def test_bad_parts_are_typed_errors(module_daemons):
 def test_concurrent_gathered_puts_from_threads(module_daemons):
     d = module_daemons()
     with kvstore.Client(d.control, namespace="gather", timeout=10.0, transport="tcp") as c:
-        errs: list = []
-
         def work(t: int) -> None:
-            try:
-                for i in range(20):
-                    ps = parts_of(t * 100 + i, 32, 20 * KiB)
-                    c.put(f"t{t}-{i}", ps)
-                    assert c.get(f"t{t}-{i}") == b"".join(ps)
-            except Exception as e:  # noqa: BLE001 - reported below
-                errs.append(e)
+            for i in range(20):
+                ps = parts_of(t * 100 + i, 32, 20 * KiB)
+                c.put(f"t{t}-{i}", ps)
+                assert c.get(f"t{t}-{i}") == b"".join(ps)
 
-        threads = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(60)
-        assert not errs and not any(t.is_alive() for t in threads)
+        run_threads(work, range(4), timeout=60)
 
 
 def test_async_client_puts_parts(module_daemons):

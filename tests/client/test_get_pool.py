@@ -12,6 +12,7 @@ import pytest
 
 import kvstore
 from kvstore.recvpool import MIN_POOLED, ReceivePool
+from threadutil import run_threads
 
 MiB = 1 << 20
 
@@ -76,7 +77,7 @@ def test_concurrent_takes_never_share_a_buffer():
     seen: list = []
     lock = threading.Lock()
 
-    def worker() -> None:
+    def worker(_: int) -> None:
         for _ in range(50):
             b = p.take(MIN_POOLED)
             with lock:
@@ -85,12 +86,7 @@ def test_concurrent_takes_never_share_a_buffer():
             with lock:
                 seen.remove(b)
 
-    ts = [threading.Thread(target=worker) for _ in range(4)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join(30)
-    assert not any(t.is_alive() for t in ts)
+    run_threads(worker, range(4), timeout=30)  # an assert inside a worker fails the test
 
 
 # ---------------------------------------------------------------- through a real daemon

@@ -20,6 +20,7 @@ import time
 
 import pytest
 import relayutil
+from threadutil import run_threads
 
 import kvstore
 from kvstore import errors
@@ -280,12 +281,7 @@ def test_threads_one_hit_the_others_unaffected(daemon, proxy):
                     results[t].append((type(e), time.monotonic() - t0))
 
         before = rss()
-        ts = [threading.Thread(target=work, args=(t,)) for t in range(n)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
-        assert not any(t.is_alive() for t in ts)
+        run_threads(work, range(n), timeout=60)
         assert rss() - before < RSS_GROWTH
         flat = [r for rs in results for r in rs]
         errs = [r for r in flat if r is not True]

@@ -5,17 +5,18 @@ buffer); a corrupt fragment is rejected, never served; concurrent puts and gets.
 from __future__ import annotations
 
 import os
-import threading
 
 import pytest
 
 pytest.importorskip("pyeclib")
 
 import kvstore
+from daemonutil import Daemon, start_all, stop_all
 from kvstore import errors
 from kvstore.cluster import DEFAULT_MIN_EC_SIZE, ClusterClient, fragment_key
 from kvstore.cluster import writes as cluster_writes
 from kvstore.layout import Policy, encode_parts, encode_records, lap_key, placement_key, slots
+from threadutil import run_threads
 
 MIB = 1 << 20
 POLICIES = {"ec": "ec:4+2", "rep": "replicas:2"}
@@ -23,12 +24,10 @@ POLICIES = {"ec": "ec:4+2", "rep": "replicas:2"}
 
 @pytest.fixture(scope="module")
 def nodes(tmp_path_factory):
-    from daemonutil import Daemon
     tmp = tmp_path_factory.mktemp("ecdp")
-    ds = [Daemon(tmp, "--dram-size", "192MiB").start() for _ in range(6)]
+    ds = start_all(*[Daemon(tmp, "--dram-size", "192MiB") for _ in range(6)])
     yield ds
-    for d in ds:
-        d.stop()
+    stop_all(ds)
 
 
 def cluster(nodes, **kw):
@@ -143,24 +142,14 @@ def test_degraded_and_corrupt_records_are_decoded_into_the_buffer(nodes):
 def test_concurrent_puts_and_gets_into(nodes):
     """4 threads, each putting and reading back its own objects (gathered puts over
     per-thread connections, assembled into per-thread buffers)."""
-    failures = []
     with cluster(nodes) as cc:
         def worker(t: int) -> None:
-            try:
-                for i in range(6):
-                    k, v = f"c{t}-{i}".encode(), os.urandom(MIB + t * 1000 + i)
-                    assert cc.put(k, v, namespace="ec") is True
-                    buf = bytearray(len(v) + 7)
-                    assert cc.get_into(k, buf, namespace="ec") == len(v) and buf[:len(v)] == v
-            except Exception as e:  # noqa: BLE001 (reported below)
-                failures.append(repr(e))
-        threads = [threading.Thread(target=worker, args=(t,)) for t in range(4)]
-        for th in threads:
-            th.start()
-        for th in threads:
-            th.join(120)
-        assert not any(th.is_alive() for th in threads)
-    assert failures == []
+            for i in range(6):
+                k, v = f"c{t}-{i}".encode(), os.urandom(MIB + t * 1000 + i)
+                assert cc.put(k, v, namespace="ec") is True
+                buf = bytearray(len(v) + 7)
+                assert cc.get_into(k, buf, namespace="ec") == len(v) and buf[:len(v)] == v
+        run_threads(worker, range(4), timeout=120)
 
 
 def test_stored_records_are_pyeclibs_and_degraded_reads_decode_into_the_buffer(nodes, monkeypatch):

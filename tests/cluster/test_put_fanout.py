@@ -22,6 +22,7 @@ from kvstore.cluster import ClusterClient, writes  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
 from secutil import token, write_tokens  # noqa: E402
+from threadutil import run_threads  # noqa: E402
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -97,26 +98,17 @@ def test_oversized_value_is_refused_and_the_rest_undone(nodes):
 def test_threads_share_one_client(nodes):
     """Four threads put through one ClusterClient at once (each its own channels): every
     object of every thread is stored and reads back."""
-    errs: list = []
     stored: dict[bytes, bytes] = {}
     lock = threading.Lock()
     with cluster(nodes) as cc:
         def work(t: int) -> None:
-            try:
-                for b in range(4):
-                    objs = objects(f"t{t}-b{b}", 8, sizes=[70_000, 600_000])
-                    assert cc.batch_put(list(objs.items()), namespace="ec") == [True] * 8
-                    with lock:
-                        stored.update(objs)
-            except BaseException as e:  # noqa: BLE001 (reported below)
-                errs.append(e)
+            for b in range(4):
+                objs = objects(f"t{t}-b{b}", 8, sizes=[70_000, 600_000])
+                assert cc.batch_put(list(objs.items()), namespace="ec") == [True] * 8
+                with lock:
+                    stored.update(objs)
 
-        ts = [threading.Thread(target=work, args=(t,)) for t in range(4)]
-        for t in ts:
-            t.start()
-        for t in ts:
-            t.join(60)
-        assert not errs, errs
+        run_threads(work, range(4), timeout=60)
         assert len(stored) == 4 * 4 * 8
         got = cc.batch_get(list(stored), namespace="ec")
         assert all(bytes(g) == v for g, v in zip(got, stored.values()))

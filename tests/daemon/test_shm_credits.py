@@ -5,13 +5,13 @@ from __future__ import annotations
 import mmap
 import os
 import socket
-import threading
 
 import pytest
 
 import kvstore
 from daemonutil import config, counters, read_frame, wait_for
 from kvstore import wire
+from threadutil import run_threads
 
 KiB, MiB = 1 << 10, 1 << 20
 SMALL = ("--dram-size", "8MiB", "--slab-size", "1MiB", "--max-value-size", "1MiB")
@@ -262,33 +262,24 @@ def test_concurrent_clients_in_a_small_arena(start_daemon):
     # Another writer may evict an object before it is read back (NotFound); what is read
     # is exactly what was put.
     d = start_daemon(*SMALL)
-    errors: list = []
     reads = [0]
 
     def worker(w: int) -> None:
-        try:
-            with kvstore.Client(d.control, namespace="cc", timeout=20) as c:
-                for i in range(24):
-                    v = os.urandom((256 + 64 * (i % 4)) * KiB)
-                    assert c.put(b"w%d-%d" % (w, i), v) is True
-                    buf = bytearray(len(v))
-                    try:
-                        assert c.get_into(b"w%d-%d" % (w, i), buf) == len(v) and buf == v
-                        reads[0] += 1
-                    except kvstore.NotFound:
-                        pass
-                items = [(b"b%d-%d" % (w, i), os.urandom(128 * KiB)) for i in range(8)]
-                assert c.batch_put(items) == [True] * 8
-        except Exception as e:  # noqa: BLE001 - reported below
-            errors.append(e)
+        with kvstore.Client(d.control, namespace="cc", timeout=20) as c:
+            for i in range(24):
+                v = os.urandom((256 + 64 * (i % 4)) * KiB)
+                assert c.put(b"w%d-%d" % (w, i), v) is True
+                buf = bytearray(len(v))
+                try:
+                    assert c.get_into(b"w%d-%d" % (w, i), buf) == len(v) and buf == v
+                    reads[0] += 1
+                except kvstore.NotFound:
+                    pass
+            items = [(b"b%d-%d" % (w, i), os.urandom(128 * KiB)) for i in range(8)]
+            assert c.batch_put(items) == [True] * 8
 
-    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(120)
-    assert not any(t.is_alive() for t in threads)
-    assert errors == [] and reads[0] > 0
+    run_threads(worker, range(4), timeout=120)
+    assert reads[0] > 0
 
 
 def test_get_into_reports_bytes_changed_in_the_arena(start_daemon):
