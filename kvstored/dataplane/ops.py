@@ -90,14 +90,14 @@ def _repair_received(s: DataSession) -> None:
     if s.store.fence.deleted(res.ns, res.key):  # deleted while its payload arrived
         s.res = None
         s._drop_reservation(res)
-        s.error(OP_PUT, s.put_rid, _deleted(res.ns, res.key))
+        s.error(OP_PUT, s.put_rid, _deleted(res.ns, res.key, "while this repair write arrived"))
         return
     _put_received(s)
 
 
-def _deleted(ns: bytes, key: bytes) -> errors.Deleted:
+def _deleted(ns: bytes, key: bytes, when: str = "lately") -> errors.Deleted:
     return errors.Deleted(f"key {key[:48].hex()} of namespace {ns.decode(errors='replace')} was "
-                          "deleted here lately: a repair write does not bring it back")
+                          f"deleted here {when}: a repair write does not bring it back")
 
 
 def _dedup_response(rid: int) -> bytes:

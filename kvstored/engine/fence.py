@@ -61,15 +61,18 @@ class DeleteFence:
         """``keys`` of ``ns`` were deleted now (whether this node held them or not)."""
         now = self.clock()
         ks = self._keys
+        pop = ks.pop
         n = 0
         for k in keys:
-            ns_key = (ns, bytes(k))
-            if ns_key in ks:
-                ks.move_to_end(ns_key)
+            ns_key = (ns, k if type(k) is bytes else bytes(k))
+            pop(ns_key, None)  # a key deleted again moves to the newest end
             ks[ns_key] = now
             n += 1
         self.counters["recorded"] += n
-        self._trim(now)
+        # (the oldest key first: most deletes find nothing to trim and stop at one look)
+        if (ks and (len(ks) > self.max_keys or next(iter(ks.values())) <= now - self.window)
+                or self._namespaces):
+            self._trim(now)
 
     def record_namespace(self, ns: bytes | None) -> None:
         """Every key of ``ns`` (None: of every namespace) was deleted now."""

@@ -90,3 +90,9 @@ def test_store_deletes_fill_the_fence_and_repair_deletes_do_not():
     res = asyncio.run(s.delete_all(b"other"))
     assert res.deleted == 0 and s.fence.deleted(b"other", b"anything")
     assert not s.fence.deleted(b"third", b"anything")
+
+
+def test_a_delete_of_no_keys_records_nothing():
+    f = DeleteFence(window=10.0, clock=Clock())
+    f.record(NS, [])
+    assert len(f) == 0 and not f.deleted(NS, b"a") and f.counters["recorded"] == 0
