@@ -19,8 +19,8 @@ agent (agent.py) executes the actions in bulk.
   written to a slot lacking its index, then deleted here (``HandOver``); a record whose
   index a slot already holds, or an older version, is deleted (``DeleteLocal``).
 * ``Pending``: something is unknown or failed; the object is looked at again next pass.
-  An EC object of which fewer than K distinct fragments are left, with every slot
-  answering, is pending as ``UNRECOVERABLE`` without reading any source: nothing can
+  An EC object of which fewer than K distinct fragments are known is pending without
+  reading any source; with every slot answering it is ``UNRECOVERABLE``: nothing can
   rebuild it (the agent reports it once, not every pass). Its records are kept: a
   delete and a loss look the same here (a node that died with the other fragments may
   come back with them from NVMe), so nothing is dropped on this evidence alone.
@@ -295,15 +295,19 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
     for i in missing:  # keep the drained indices' own slots for them
         if i in drained and i in free:
             free.remove(i)
-    if kind == KIND_FRAGMENT and None not in right:
-        # every slot answered: the fragments there, this node's own (on its slots or not)
-        # and those a draining node still has are all there is
+    if kind == KIND_FRAGMENT:
+        # the fragments the slots that answered hold, this node's own (on its slots or
+        # not) and those a draining node still has: fewer than K rebuild nothing, so no
+        # source is read (and nothing is warned about every pass)
         have = {x[0] for x in held if x and x[2] == current} | drained
         have |= {parse_head(mv.head)[3] for mv in mine.values()
                  if not mv.unverified and version(True, mv.head) == current}
         if len(have) < p.k:
-            acts.append(Pending(f"{UNRECOVERABLE}: {len(have)} of the {p.k} fragments it needs "
-                                "are left, every slot answered"))
+            if None in right:  # a silent slot may hold more: look again next pass
+                acts.append(Pending(f"{len(have)} of the {p.k} fragments needed answered"))
+            else:  # every slot answered: that is all there is
+                acts.append(Pending(f"{UNRECOVERABLE}: {len(have)} of the {p.k} fragments it "
+                                    "needs are left, every slot answered"))
             return False
     plan = assign(todo, free)
     if not plan:
