@@ -17,6 +17,7 @@ from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, HEADER_SIZE, MAX_TOKEN_LE
                           OP_PING, OP_PUT, PUT_FLAGS, encode_error, encode_response)
 
 from kvstored.auth import ADMIN, READ, WRITE
+from kvstored.engine.fence import OVERFLOW
 
 from .policy import LOGIN
 from .session import BODY, EMPTY, HEADER_WINDOW, LARGE_PAYLOAD, DataSession, OpTable
@@ -69,8 +70,9 @@ def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
         if refused is not None:
             s.counters["auth_rejected_" + refused[0]] += 1
             return s.reject(OP_PUT, rid, n, refused[1])
-    if s.store.fence.deleted(ns, key):
-        return s.reject(OP_PUT, rid, n, _deleted(ns, key))
+    why = s.store.fence.refusal(ns, key)
+    if why is not None:
+        return s.reject(OP_PUT, rid, n, _refused(ns, key, why))
     s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0
     s.reserve(OP_PUT, rid, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
               _repair_reserved, skip=n, stream=True)
@@ -87,15 +89,19 @@ def _repair_reserved(s: DataSession, rid: int, res: "Reservation | None", size: 
 
 def _repair_received(s: DataSession) -> None:
     res = s.res
-    if s.store.fence.deleted(res.ns, res.key):  # deleted while its payload arrived
+    why = s.store.fence.refusal(res.ns, res.key)
+    if why is not None:  # deleted while its payload arrived
         s.res = None
         s._drop_reservation(res)
-        s.error(OP_PUT, s.put_rid, _deleted(res.ns, res.key, "while this repair write arrived"))
+        s.error(OP_PUT, s.put_rid, _refused(res.ns, res.key, why, "while this repair write arrived"))
         return
     _put_received(s)
 
 
-def _deleted(ns: bytes, key: bytes, when: str = "lately") -> errors.Deleted:
+def _refused(ns: bytes, key: bytes, why: str, when: str = "lately") -> errors.KVStoreError:
+    if why == OVERFLOW:  # no evidence of a delete: the writer retries later
+        return errors.NoSpace("this node's delete fence is over its bound: repair writes wait "
+                              "until the keys it forgot early have expired")
     return errors.Deleted(f"key {key[:48].hex()} of namespace {ns.decode(errors='replace')} was "
                           f"deleted here {when}: a repair write does not bring it back")
 

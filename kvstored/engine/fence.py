@@ -19,8 +19,9 @@ WINDOW_S - MAX_WRITE_AGE_S after this node.
 
 Bounded: at most ``MAX_KEYS`` keys (the oldest go first) and none older than
 ``WINDOW_S``. When keys must go before their window ended, the fence stays safe by
-refusing every repair write until the newest of them would have expired (``floor``):
-repair retries later, nothing comes back. Deletes of whole namespaces (DeleteAll) are
+refusing every repair write until the newest of them would have expired (``floor``;
+answered NoSpace, not Deleted: it proves no delete of that key): repair retries
+later, nothing comes back. Deletes of whole namespaces (DeleteAll) are
 one mark per namespace. Every key a delete names is recorded, present here or not (a
 repair write may be filling exactly the record this node lacked).
 
@@ -41,6 +42,7 @@ MAX_WRITE_AGE_S = 20.0
 # and link; tracemalloc, 100k keys): 100k keys of 64 bytes ~ 23 MiB at most, enough for
 # deletes of ~1,600 keys/s sustained over the window before the floor takes over
 MAX_KEYS = 100_000
+DELETED, OVERFLOW = "deleted", "overflow"  # DeleteFence.refusal's reasons
 
 
 class DeleteFence:
@@ -78,17 +80,23 @@ class DeleteFence:
         """Every key of ``ns`` (None: of every namespace) was deleted now."""
         self._namespaces[ns] = self.clock()
 
-    def deleted(self, ns: bytes, key: bytes) -> bool:
-        """True when a repair write of (ns, key) must be refused: the key (or its
-        namespace) was deleted here within the window, or keys were forgotten early."""
+    def refusal(self, ns: bytes, key: bytes) -> str | None:
+        """Why a repair write of (ns, key) must be refused, or None: DELETED when the key
+        (or its namespace) was deleted here within the window, OVERFLOW when keys were
+        forgotten early (nothing is known of this one: the write waits, but it is no
+        evidence of a delete)."""
         now = self.clock()
         since = now - self.window
         at = self._keys.get((ns, key))
-        hit = ((at is not None and at > since) or self.floor > since
-               or self._namespaces.get(ns, since) > since or self._namespaces.get(None, since) > since)
-        if hit:
-            self.counters["refused"] += 1
-        return hit
+        if ((at is not None and at > since) or self._namespaces.get(ns, since) > since
+                or self._namespaces.get(None, since) > since):
+            why = DELETED
+        elif self.floor > since:
+            why = OVERFLOW
+        else:
+            return None
+        self.counters["refused"] += 1
+        return why
 
     def _trim(self, now: float) -> None:
         """Forget keys past the window, and the oldest over ``max_keys`` (raising floor)."""

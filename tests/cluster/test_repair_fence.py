@@ -219,6 +219,24 @@ def test_delete_between_a_passs_read_and_its_write_leaves_no_record(etcd, start_
     print(f"\nrebuilds and copies held on {[d.name for d in paused]}, hand-overs on "
           f"{[d.name for d in paused2]}; deleted meanwhile: {sorted(deleted['ec'])}, "
           f"{sorted(deleted['rep'])}, then {sorted(deleted2['ec'])}, {sorted(deleted2['rep'])}")
+    # 3. a node drains: it hands everything over, and clients no longer ask it (a delete
+    # does not reach it): a hand-over the fence refuses, of an object no slot holds any
+    # more, is dropped there too
+    drained = live[3]
+    for d in live:
+        for f in ("paused", "resumed"):
+            (pauses[d.name] / f).unlink(missing_ok=True)
+        (pauses[d.name] / "armed").touch()
+    with kvstore.Client(drained.control, timeout=5) as c:
+        assert c.drain().draining
+    deleted3, _paused3 = _race(live, pauses, cc, objs, ("ec", "rep"))
+    assert deleted3["ec"] and deleted3["rep"]
+    with kvstore.Client(drained.control, timeout=5) as c:
+        wait_for(lambda: c.stats().counters["objects"] == 0, 60, "the drained node empty")
+    _settled_without(live[:3], cc, deleted3, objs)
+    for ns, ks in deleted3.items():
+        for k in ks:
+            assert _records_left([drained], ns, k) == [], k
     # a client's re-put of a deleted key is stored at once (only repair writes are fenced)
     k = sorted(deleted2["ec"])[0]
     cc.put(k, b"again" * 100_000, namespace="ec")

@@ -178,5 +178,20 @@ def test_a_fenced_hand_over_keeps_the_record_and_leaves_the_object_pending():
     assert local.deleted == [(b"ns", b"k")] and counts["records_written"] == 1
 
 
+def test_a_fenced_hand_over_of_an_object_no_slot_holds_drops_the_record():
+    # deleted on every slot (the fence says so), and this node missed the delete (a
+    # draining node, which clients no longer ask): its record is all that is left
+    o = _rep(b"k", ["a", "b"])
+    peers, local, counts = _Peers(answer=FENCED), _Local(1000), {}
+    ex = _executor(peers, local, counts)
+    got = {("a", 0): H(False), ("b", 0): H(False)}
+    assert ex.run([o], {id(o): got}, peers_view()) == [False]
+    assert sorted(peers.writes) == [("a", b"k"), ("b", b"k")] and local.deleted == [(b"ns", b"k")]
+    # not fenced (a refusal that proves no delete, or any other failure): kept
+    local.deleted.clear()
+    peers.answer = None
+    assert ex.run([o], {id(o): got}, peers_view()) == [False] and local.deleted == []
+
+
 def peers_view() -> d.Peers:
     return d.Peers(ME, {}, {}, [])

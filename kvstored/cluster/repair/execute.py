@@ -72,6 +72,20 @@ def _chunks(sizes: list[int], most: int, cap: float):
         yield start, len(sizes)
 
 
+def _alone(o: Obj, got: dict, me: str) -> bool:
+    """True when every slot of ``o`` answered and none holds any record of it (any version,
+    verified or not), and this node holds it on none of its own slots: this node's
+    records are all that is left of it."""
+    if any(lap in o.mine for m, lap in o.slots if m.node_id == me):
+        return False
+    for m, lap in o.slots:
+        if m.node_id != me:
+            h = got.get((m.node_id, lap))
+            if h is None or h.present:
+                return False
+    return True
+
+
 def _held(o: Obj, acts: list) -> int:
     """Bytes of records carrying out ``acts`` holds at once: a rebuild's sources and the
     records it builds, a copy's record and what is written of it; nothing for an object
@@ -150,15 +164,16 @@ class Executor:
         for i, o in enumerate(objs):
             est = _held(o, plans[i])
             if i > start and size + est > cap:
-                self._move(objs[start:i], plans[start:i], ok, start, view.me, decided)
+                self._move(objs[start:i], plans[start:i], ok, start, view.me, decided, heads)
                 start, size = i, 0
                 if refresh is not None and time.monotonic() - decided > REFRESH_S:
                     decided = time.monotonic()  # (before the Heads are asked: conservative)
-                    self._redecide(objs, plans, ok, i, refresh(objs[i:]), view)
+                    heads = refresh(objs[i:])
+                    self._redecide(objs, plans, ok, i, heads, view)
                     est = _held(o, plans[i])
             size += est
         if start < len(objs):
-            self._move(objs[start:], plans[start:], ok, start, view.me, decided)
+            self._move(objs[start:], plans[start:], ok, start, view.me, decided, heads)
         last = self._inflight
         done: Future = Future()
         if last is None:
@@ -240,15 +255,17 @@ class Executor:
                 "namespace": ns.decode(errors="replace"), "key": key[:48].hex()})
 
     def _move(self, objs: list[Obj], plans: list, ok: list, base: int, me: str,
-              decided: float) -> None:
+              decided: float, heads: dict) -> None:
         """Copy, HandOver, Reconstruct and DeleteLocal actions of ``objs`` (ok[base + i]
         is object i's outcome, cleared on any failure; ``decided``: when the Heads they
         were decided from were asked, time.monotonic()).
 
         A write refused by the fence (FENCED: the object was deleted on its target while
-        this pass looked at it) fails like any other: the object stays pending, a
-        handed-over record is kept, and the next pass decides again from fresh Heads,
-        which then show the delete."""
+        this pass looked at it) fails like any other: the object stays pending, and the
+        next pass decides again from fresh Heads, which then show the delete. A
+        handed-over record is kept, unless no slot held any record of the object (``heads``:
+        the Heads it was decided from): then the delete missed only this node (a draining
+        one, which clients no longer ask), and its record goes too."""
         # 1. local records to send
         local_keys: dict[tuple[bytes, bytes], bytes | None] = {}
         for o, acts in zip(objs, plans):
@@ -330,6 +347,12 @@ class Executor:
                         ok[base + i] = False
                     if isinstance(a, DeleteLocal) or (isinstance(a, HandOver) and written and landed):
                         deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
+                    elif (isinstance(a, HandOver) and any(r is FENCED for r in written)
+                          and _alone(o, heads.get(id(o), {}), me)):
+                        deletes.append((o.ns, a.src))
+                        log.info("repair: dropped a record of an object deleted while it was "
+                                 "handed over", extra={"namespace": o.ns.decode(errors="replace"),
+                                                       "key": a.src[:48].hex()})
             if deletes:
                 self.count("removed", steps.timed("delete", self.store.delete, deletes))
         self._submit_write(finish)

@@ -9,6 +9,8 @@ import threading
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER
 
+from kvstored.engine.fence import DELETED
+
 from .peers import FENCED
 
 log = logging.getLogger("kvstored.repair")
@@ -84,8 +86,8 @@ class LocalStore:
         """Store each (key, record) here, one loop hop for all (a record: bytes, or a
         (header, payload) pair copied into its slot back to back): True stored, False
         already there (identical), FENCED refused (the key was deleted here lately,
-        kvstored/engine/fence.py), None failed (a Conflict, or no space in time; the next
-        pass looks again). The same outcomes as a peer's repair write (PeerIO.put_many),
+        kvstored/engine/fence.py), None failed (a Conflict, no space in time, or the fence
+        over its bound; the next pass looks again). The same outcomes as a peer's repair write (PeerIO.put_many),
         without the loopback round trip: repair mostly rebuilds the records its own slots
         lack (with one node lost, the leader of an object is the slot that gets the extra
         lap)."""
@@ -94,8 +96,9 @@ class LocalStore:
         async def call():
             out: list = []
             for key, data in items:
-                if s.fence.deleted(ns, key):  # checked where the commit follows without a wait
-                    out.append(FENCED)
+                why = s.fence.refusal(ns, key)  # (again below, after any wait for space)
+                if why is not None:
+                    out.append(FENCED if why == DELETED else None)
                     continue
                 parts = data if isinstance(data, tuple) else (data,)
                 n = sum(len(x) for x in parts)
@@ -118,9 +121,10 @@ class LocalStore:
                 except BaseException:
                     s.abort(res)
                     raise
-                if s.fence.deleted(ns, key):  # deleted while reserve_wait waited for space
+                why = s.fence.refusal(ns, key)  # deleted while reserve_wait waited for space?
+                if why is not None:
                     s.abort(res)
-                    out.append(FENCED)
+                    out.append(FENCED if why == DELETED else None)
                     continue
                 try:
                     out.append(s.commit(res))
