@@ -62,6 +62,12 @@ $(ENGINES)/.%: tests/integrations/requirements-%.txt $(ENGINES)/.torch
 ## make engines-env: LMCache, SGLang's and vLLM's interfaces for tests/integrations
 engines-env: $(ENGINES)/.lmcache $(ENGINES)/.sglang $(ENGINES)/.vllm
 
+# make test runs the suite in TEST_WORKERS processes (pytest-xdist), one test file per
+# worker at a time (--dist loadfile: a module's shared daemons stay in its process). Most
+# of a test's time is spent waiting on daemons, etcd and subprocesses, so two workers
+# overlap that waiting on 2 cores. TEST_WORKERS=0: one process, as plain pytest runs.
+TEST_WORKERS ?= 2
+
 ## make test: install what the tests need and run them
 test: install-test
 	@# tests/ops: systemd-analyze verifies the unit file, curl scrapes /metrics (skipped if absent)
@@ -85,7 +91,7 @@ test: install-test
 	  echo "make test: could not install etcd-server; tests/cluster membership tests will be skipped"
 	@$(MAKE) --no-print-directory -k engines-env || \
 	  echo "make test: could not install every engine into $(ENGINES); tests/integrations says which tests skip and why"
-	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest $(ARGS)
+	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
 
 bench-deps: install
 	$(PIP) install -e '.[server,bench]'
