@@ -32,14 +32,19 @@ class ClusterClient(MemberView, Writes, Reads, Control):
     def __init__(self, members: Sequence | Callable[[], object], policy=None, *,
                  namespace: str = DEFAULT_NAMESPACE, min_ec_size: int = DEFAULT_MIN_EC_SIZE,
                  node_timeout: float = 10.0, fragment_timeout: float = 2.0, down_s: float = 1.0,
-                 refresh_s: float = 5.0, max_workers: int = 16, fanout_puts: bool = True, fanout_gets: bool = True,
-                 **client_kwargs):
+                 refresh_s: float = 5.0, redirect_s: float = 5.0, max_workers: int = 16,
+                 fanout_puts: bool = True, fanout_gets: bool = True, **client_kwargs):
         self.namespace = namespace_bytes(namespace).decode()
         self.min_ec_size = int(min_ec_size)
         self.node_timeout = node_timeout
         self.fragment_timeout = fragment_timeout
         self.down_s = down_s
         self.refresh_s = refresh_s
+        if not redirect_s >= 0:
+            raise errors.InvalidArgument(f"redirect_s must be >= 0 seconds, got {redirect_s!r}")
+        # how long one call keeps following Redirects (re-reading the member list) before
+        # it raises Redirect: the spread of a membership change over the nodes
+        self.redirect_s = float(redirect_s)
         # batch puts are sent from the calling thread (writes._Fanout); a node's part that
         # could not be (TLS, a broken connection, a Conflict to sort out) goes to the thread
         # pool and is counted here

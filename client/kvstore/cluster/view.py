@@ -18,8 +18,12 @@ from ..placement import Member, place
 from ..wire import namespace_bytes
 
 SLOT_CACHE = 1 << 16  # keys whose slots are remembered (KV blocks are read again and again)
-REDIRECT_RETRIES = 4  # re-sends after a Redirect (the member list is re-read before each)
-_REDIRECT_BACKOFF = (0.0, 0.05, 0.1, 0.25)
+# A call answered Redirect re-reads the member list and is sent again, for up to the
+# client's ``redirect_s`` seconds (nodes learn a membership change from etcd one after
+# another: on a loaded host that spread took over a second, and a fixed 4 re-sends within
+# 0.65 s failed puts in the middle of a node loss) and at most this many times
+MAX_REDIRECTS = 64
+_REDIRECT_BACKOFF = (0.0, 0.05, 0.1, 0.25, 0.5)  # then 0.5 s between re-reads
 
 
 @dataclass
@@ -177,16 +181,20 @@ class MemberView:
         return self._pool.submit(self._node, member, op, *args, **kw)
 
     def _redirected(self, fn, *args, **kw):
-        """Run ``fn``; on Redirect re-read the member list and run it again (bounded)."""
-        for attempt in range(REDIRECT_RETRIES + 1):
+        """Run ``fn``; on Redirect re-read the member list and run it again, for up to
+        ``redirect_s`` seconds and MAX_REDIRECTS times."""
+        deadline = time.monotonic() + self.redirect_s
+        for attempt in range(MAX_REDIRECTS + 1):
             try:
                 return fn(*args, **kw)
             except errors.Redirect as e:
-                if self._source is None or attempt == REDIRECT_RETRIES:
+                left = deadline - time.monotonic()
+                if self._source is None or attempt == MAX_REDIRECTS or left <= 0:
                     raise errors.Redirect(
-                        f"{e} (the member list stayed out of date after {attempt} refresh(es))") from None
+                        f"{e} (the member list stayed out of date after {attempt} refresh(es) "
+                        f"in {self.redirect_s - left:.1f}s; redirect_s={self.redirect_s:g})") from None
                 self.redirects += 1
-                time.sleep(_REDIRECT_BACKOFF[min(attempt, len(_REDIRECT_BACKOFF) - 1)])
+                time.sleep(min(left, _REDIRECT_BACKOFF[min(attempt, len(_REDIRECT_BACKOFF) - 1)]))
                 before = self._epoch
                 self._refresh()
                 self._down.clear()  # a node marked down may be the new home
