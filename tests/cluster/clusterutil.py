@@ -69,6 +69,20 @@ def wait_left(etcd, cluster: str, node_id: str, nodes, in_placement, within: flo
     wait_for(lambda: all(node_id not in in_placement(d) for d in nodes), within, what, step=0.1)
 
 
+def placement(d) -> set[str]:
+    """The node ids in ``d``'s placement set (its Members RPC)."""
+    with kvstore.Client(d.control, timeout=5) as c:
+        return {m.node_id for m in c.members().members if m.placement}
+
+
+def placement_members(d) -> list:
+    """``d``'s placement members as ``kvstore.placement.Member``s."""
+    from kvstore.placement import Member
+    with kvstore.Client(d.control, timeout=5) as c:
+        return [Member(m.node_id, m.control_address, m.failure_domain)
+                for m in c.members().members if m.placement]
+
+
 def missing_redundancy(members: list, ns: str, p: Policy, objs: dict, min_ec_size: int = 256 << 10,
                        client_kw: dict | None = None) -> list:
     """Objects whose slots over ``members`` do not hold a complete, valid set of records

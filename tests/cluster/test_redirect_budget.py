@@ -16,7 +16,7 @@ import pytest
 from threadutil import run_threads
 
 import kvstore
-from clusterutil import wait_for
+from clusterutil import start_nodes
 from etcdutil import TTL, needs_etcd
 from kvstore import errors
 from kvstore.cluster import ClusterClient, ClusterView
@@ -27,21 +27,8 @@ pytestmark = [needs_etcd, pytest.mark.timeout(120)]
 
 @pytest.fixture
 def three(etcd, start_daemon, tmp_path):
-    def args(name: str) -> list[str]:
-        cfg = tmp_path / f"{name}.toml"
-        cfg.write_text("\n".join([
-            "[node]", f'id = "{name}"', "[cluster]", "enabled = true", f"lease_ttl = {TTL}",
-            'name = "rb"', f'etcd_endpoints = "{etcd.endpoint}"', "repair_delay = 30",
-            'policies = "ec=ec:2+1, rep=replicas:2"']) + "\n")
-        return ["--config", str(cfg), "--dram-size", "64MiB"]
-
-    ds = start_daemon.many(*(args(f"n{i}") for i in range(3)))
-
-    def placed(d) -> int:
-        with kvstore.Client(d.control, timeout=5) as c:
-            return sum(1 for m in c.members().members if m.placement)
-    wait_for(lambda: all(placed(d) == 3 for d in ds), 20, "three nodes placed")
-    return ds
+    return start_nodes(start_daemon, tmp_path, etcd, "n", 3, "ec=ec:2+1, rep=replicas:2",
+                       lease_ttl=TTL, cluster_extra="repair_delay = 30")
 
 
 class LaggingSource:

@@ -16,7 +16,7 @@ import pytest
 from etcdutil import TTL, needs_etcd
 from clusterutil import missing_redundancy as _full_redundancy
 from clusterutil import wait_for as _wait
-from clusterutil import wait_left
+from clusterutil import placement, placement_members, wait_left
 
 pytest.importorskip("pyeclib")
 
@@ -24,7 +24,6 @@ import kvstore
 from kvstore import errors
 from kvstore.cluster import ClusterClient
 from kvstore.layout import Policy
-from kvstore.placement import Member
 
 pytestmark = [needs_etcd, pytest.mark.timeout(240)]
 
@@ -59,17 +58,6 @@ def _start_many(start_daemon, tmp, etcd, names, **extra):
     return start_daemon.many(*(_args(tmp, etcd, n, **extra) for n in names))
 
 
-def _placement(d) -> set[str]:
-    with kvstore.Client(d.control, timeout=5) as c:
-        return {m.node_id for m in c.members().members if m.placement}
-
-
-def _members(d) -> list[Member]:
-    with kvstore.Client(d.control, timeout=5) as c:
-        return [Member(m.node_id, m.control_address, m.failure_domain)
-                for m in c.members().members if m.placement]
-
-
 def _blob(n: int, seed: int) -> bytes:
     return seed.to_bytes(4, "little") + os.urandom(n - 4)
 
@@ -79,7 +67,7 @@ def five(etcd, start_daemon, tmp_path):
     ds = _start_many(start_daemon, tmp_path, etcd, [f"n{i}" for i in range(5)])
     ids = {f"n{i}" for i in range(5)}
     for d in ds:
-        _wait(lambda d=d: _placement(d) == ids, 15, "five nodes registered")
+        _wait(lambda d=d: placement(d) == ids, 15, "five nodes registered")
     return ds
 
 
@@ -113,7 +101,7 @@ def test_kill_two_under_load_then_repair_restores_redundancy(five, etcd):
         _wait(lambda: len(acked) >= 30, 30, "30 objects written")
         ds[1].stop(signal.SIGKILL)
         _wait(lambda: len(acked) >= 60, 30, "writes go on after the first kill")
-        wait_left(etcd, "rt", "n1", ds[:1], _placement, TTL + 5, "n1 leaving")
+        wait_left(etcd, "rt", "n1", ds[:1], placement, TTL + 5, "n1 leaving")
         ds[3].stop(signal.SIGKILL)
         n_before = len(acked)
         _wait(lambda: len(acked) >= n_before + 20, 30, "writes go on after the second kill")
@@ -123,13 +111,13 @@ def test_kill_two_under_load_then_repair_restores_redundancy(five, etcd):
     print(f"{len(acked)} puts acknowledged, {len(failed)} failed during the kills: {failed[:3]}")
     assert not failed  # a dead node is written around, not failed on
     live = [d for d in ds if d.alive()]
-    wait_left(etcd, "rt", "n3", live[:1], _placement, TTL + 5, "n3 leaving")
-    _wait(lambda: _placement(live[0]) == {"n0", "n2", "n4"}, TTL + 5, "n0, n2, n4 placed")
+    wait_left(etcd, "rt", "n3", live[:1], placement, TTL + 5, "n3 leaving")
+    _wait(lambda: placement(live[0]) == {"n0", "n2", "n4"}, TTL + 5, "n0, n2, n4 placed")
     # every acknowledged object is readable and byte-identical, straight away
     for k, v in acked.items():
         assert cc.get(k, namespace="ec") == v, k
     # repair puts all five records of every object back onto the three live nodes
-    members = _members(live[0])
+    members = placement_members(live[0])
     t0 = time.monotonic()
     last: list = []
 
@@ -175,9 +163,9 @@ def test_drain_moves_everything_away(five, tmp_path, capsys):
         assert c.members().repair.removed >= before
         assert cli(["-a", ds[0].control, "nodes"]) == 0
         assert "draining" in capsys.readouterr().out
-    _wait(lambda: _placement(ds[0]) == {"n0", "n1", "n3", "n4"}, TTL + 10, "n2 out of placement")
+    _wait(lambda: placement(ds[0]) == {"n0", "n1", "n3", "n4"}, TTL + 10, "n2 out of placement")
     victim.stop()
-    members = _members(ds[0])
+    members = placement_members(ds[0])
     _wait(lambda: not _full_redundancy(members, "ec", Policy.parse(EC), objs), 60, "ec redundancy")
     _wait(lambda: not _full_redundancy(members, "rep", Policy.parse("replicas:2"), reps), 60,
           "replica redundancy")
@@ -197,7 +185,7 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
     ds = start_daemon.many(_args(tmp_path, etcd, "n0", **nvme),
                            *(_args(tmp_path, etcd, f"n{i}") for i in range(1, 5)))
     for d in ds:
-        _wait(lambda d=d: len(_placement(d)) == 5, 15, "five nodes")
+        _wait(lambda d=d: len(placement(d)) == 5, 15, "five nodes")
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.2)
     objs = {f"s-{i}".encode(): _blob(MIB + i, i) for i in range(30)}
     reps = {f"r-{i}".encode(): _blob(20_000 + i, i) for i in range(30)}
@@ -205,7 +193,7 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
     cc.batch_put(list(reps.items()), namespace="rep")
     stale = ds[0]
     stale.stop()  # SIGTERM: its DRAM objects are flushed to NVMe, its lease revoked
-    wait_left(etcd, "rt", "n0", ds[1:], _placement, 5, "n0 leaving")
+    wait_left(etcd, "rt", "n0", ds[1:], placement, 5, "n0 leaving")
     # while it is away (the survivors' repair rebuilding its records meanwhile: a delete
     # racing it is fenced, see test_repair_fence.py): deletes and overwrites it does not
     # hear about
@@ -228,7 +216,7 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
     cfg.write_text(cfg.read_text().replace("repair_delay = 0.5", "repair_delay = 4"))
     restarted = time.time()
     stale.start()
-    _wait(lambda: "n0" in _placement(ds[1]), 10, "n0 back")
+    _wait(lambda: "n0" in placement(ds[1]), 10, "n0 back")
     with kvstore.Client(stale.control, timeout=5, shm=False) as c:
         held = c.stats().counters["unverified"]
         rs = c.members().repair
@@ -281,7 +269,7 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
     for k in gone[8:]:
         with pytest.raises(errors.NotFound):
             cc.get(k, namespace="rep")
-    members = _members(ds[1])
+    members = placement_members(ds[1])
     _wait(lambda: not _full_redundancy(members, "ec", Policy.parse(EC), objs), 60, "ec redundancy")
     cc.close()
 
@@ -289,12 +277,12 @@ def test_stale_node_rejoins_without_serving_wrong_data(etcd, start_daemon, tmp_p
 def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
     ds = _start_many(start_daemon, tmp_path, etcd, [f"n{i}" for i in range(4)])
     for d in ds:
-        _wait(lambda d=d: len(_placement(d)) == 4, 15, "four nodes")
+        _wait(lambda d=d: len(placement(d)) == 4, 15, "four nodes")
     cc = ClusterClient.from_cluster(ds[0].control, refresh_s=3600)  # never refreshes on its own
     old_epoch = cc.epoch
     cc.put(b"before", b"x" * 1000, namespace="ec")
     ds.append(_start(start_daemon, tmp_path, etcd, "n4"))
-    _wait(lambda: len(_placement(ds[0])) == 5, 10, "n4 joined")
+    _wait(lambda: len(placement(ds[0])) == 5, 10, "n4 joined")
     # the client still has four members: its first put is answered Redirect, it re-reads
     # the list and re-sends to the object's current nodes
     objs = {f"after-{i}".encode(): _blob(MIB, i) for i in range(6)}
@@ -302,16 +290,16 @@ def test_old_member_list_is_redirected(etcd, start_daemon, tmp_path):
     assert cc.redirects >= 1 and cc.epoch != old_epoch and len(cc.members()) == 5
     for k, v in objs.items():
         assert cc.get(k, namespace="ec") == v
-    assert not _full_redundancy(_members(ds[0]), "ec", Policy.parse(EC), objs)
+    assert not _full_redundancy(placement_members(ds[0]), "ec", Policy.parse(EC), objs)
     # keyed control calls (exists, delete) are redirected the same way
     cc2 = ClusterClient.from_cluster(ds[0].control, refresh_s=3600)
     ds.append(_start(start_daemon, tmp_path, etcd, "n5"))
-    _wait(lambda: len(_placement(ds[0])) == 6, 10, "n5 joined")
+    _wait(lambda: len(placement(ds[0])) == 6, 10, "n5 joined")
     before = cc2.redirects
     assert cc2.exists(list(objs), namespace="ec") == [True] * len(objs)
     assert cc2.redirects > before and len(cc2.members()) == 6
     ds.append(_start(start_daemon, tmp_path, etcd, "n6"))
-    _wait(lambda: len(_placement(ds[0])) == 7, 10, "n6 joined")
+    _wait(lambda: len(placement(ds[0])) == 7, 10, "n6 joined")
     before = cc2.redirects
     assert cc2.delete([b"before"], namespace="ec") == 1 and cc2.redirects > before
     with pytest.raises(errors.NotFound):
@@ -343,7 +331,7 @@ def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
     from kvstore.v1 import control_pb2 as pb
     from kvstore.v1 import control_pb2_grpc as pb_grpc
     ds = _start_many(start_daemon, tmp_path, etcd, ["b0", "b1"])
-    _wait(lambda: len(_placement(ds[0])) == 2, 10, "two members")
+    _wait(lambda: len(placement(ds[0])) == 2, 10, "two members")
     with kvstore.Client(ds[0].control, timeout=5) as c:
         with pytest.raises(errors.InvalidArgument, match="head_bytes 65 is over 64"):
             c.heads([b"k"], head_bytes=65)
@@ -360,9 +348,9 @@ def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
         assert c.heads([b"absent"]).heads[0].present is False
         # drain twice is harmless, cancel puts the node back
         assert c.drain().draining and c.drain().draining
-        _wait(lambda: len(_placement(ds[1])) == 1, TTL + 10, "b0 out of placement")
+        _wait(lambda: len(placement(ds[1])) == 1, TTL + 10, "b0 out of placement")
         assert not c.drain(cancel=True).draining
-        _wait(lambda: len(_placement(ds[1])) == 2, TTL + 10, "b0 back in placement")
+        _wait(lambda: len(placement(ds[1])) == 2, TTL + 10, "b0 back in placement")
     # a malformed epoch in the metadata of a keyed call is a clear error
     ch = grpc.insecure_channel(ds[0].control)
     try:
@@ -393,7 +381,7 @@ def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, 
         cfgs.append(("--config", str(cfg), "--dram-size", "256MiB"))
     ds = start_daemon.many(*cfgs)
     for d in ds:
-        _wait(lambda d=d: len(_placement(d)) == 4, 15, "four nodes")
+        _wait(lambda d=d: len(placement(d)) == 4, 15, "four nodes")
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.5)
     objs = {f"e-{i}".encode(): _blob(300_000 + i, i) for i in range(24)}
     cc.batch_put(list(objs.items()), namespace="ec")
@@ -406,7 +394,7 @@ def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, 
     victim.start()
     with kvstore.Client(victim.control, timeout=5) as c:
         _wait(lambda: c.stats().counters["objects"] >= held, 30, "the restarted node refilled")
-    members = _members(ds[0])
+    members = placement_members(ds[0])
     assert len(members) == 4
     assert not _full_redundancy(members, "ec", Policy.parse("ec:2+1"), objs)
     cc.close()
@@ -438,7 +426,7 @@ def test_repair_under_a_throttle(etcd, start_daemon, tmp_path):
                      cluster_extra='repair_rate = "1MiB"')
     ids = {f"n{i}" for i in range(5)}
     for d in ds:
-        _wait(lambda d=d: _placement(d) == ids, 15, "five nodes registered")
+        _wait(lambda d=d: placement(d) == ids, 15, "five nodes registered")
     p = Policy.parse(EC)
     objs = {f"t-{i}".encode(): _blob(MIB, i) for i in range(48)}
     with ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, fragment_timeout=0.5,
@@ -449,9 +437,9 @@ def test_repair_under_a_throttle(etcd, start_daemon, tmp_path):
         survivors = ds[:2] + ds[3:]
         base = {d.control: _repair_status(d).bytes_written for d in survivors}
         ds[2].stop(signal.SIGKILL)
-        wait_left(etcd, "rt", "n2", survivors, _placement, TTL + 5, "n2 leaving")
+        wait_left(etcd, "rt", "n2", survivors, placement, TTL + 5, "n2 leaving")
         t_drop = time.monotonic()
-        members = _members(survivors[0])
+        members = placement_members(survivors[0])
         rates = []
         last: list = []
 
@@ -494,7 +482,7 @@ def test_repair_never_rebuilds_from_a_corrupt_fragment(five, etcd):
     with ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, fragment_timeout=0.5,
                                     down_s=1.0, refresh_s=0.5) as cc:
         cc.batch_put(list(objs.items()), namespace="ec")
-        members = _members(ds[0])
+        members = placement_members(ds[0])
         before = {k: _records_of(members, k, p) for k in objs}
         victim = "n3"
         by_id = {m.node_id: m for m in members}
@@ -511,8 +499,8 @@ def test_repair_never_rebuilds_from_a_corrupt_fragment(five, etcd):
         time.sleep(2.5)  # old enough for a pass
         ds[3].stop(signal.SIGKILL)
         live = [d for d in ds if d.alive()]
-        wait_left(etcd, "rt", victim, live, _placement, TTL + 5, "n3 leaving")
-        members = _members(live[0])
+        wait_left(etcd, "rt", victim, live, placement, TTL + 5, "n3 leaving")
+        members = placement_members(live[0])
 
         def rebuilt() -> bool:
             for k, old in before.items():

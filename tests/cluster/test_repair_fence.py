@@ -23,7 +23,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from clusterutil import missing_redundancy, wait_for, wait_left
+from clusterutil import missing_redundancy, placement, placement_members, wait_for, wait_left
 from etcdutil import TTL, needs_etcd
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
@@ -43,17 +43,6 @@ pytestmark = pytest.mark.timeout(240)
 
 MIB = 1 << 20
 POLICIES = {"ec": "ec:2+1", "rep": "replicas:2"}
-
-
-def _placement(d) -> set[str]:
-    with kvstore.Client(d.control, timeout=5) as c:
-        return {m.node_id for m in c.members().members if m.placement}
-
-
-def _members(d) -> list[Member]:
-    with kvstore.Client(d.control, timeout=5) as c:
-        return [Member(m.node_id, m.control_address, m.failure_domain)
-                for m in c.members().members if m.placement]
 
 
 def _record_keys(ns: str, key: bytes) -> list[bytes]:
@@ -136,7 +125,7 @@ def _settled_without(nodes, cc, deleted: dict, objs: dict) -> None:
     """Everything in ``objs`` back at full redundancy over ``nodes``, and what was deleted
     deleted for good: NotFound through the cluster, no record on any node, nothing left
     pending (no orphan looked at, and warned about, every pass)."""
-    members = _members(nodes[0])
+    members = placement_members(nodes[0])
     for ns, kv in objs.items():
         wait_for(lambda ns=ns, kv=kv: not missing_redundancy(members, ns, Policy.parse(POLICIES[ns]), kv),
                  60, f"{ns} redundancy")
@@ -181,7 +170,7 @@ def test_delete_between_a_passs_read_and_its_write_leaves_no_record(etcd, start_
             d.name = n
         return got
     ds = start(names[:4])
-    wait_for(lambda: all(len(_placement(d)) == 4 for d in ds), 20, "four members")
+    wait_for(lambda: all(len(placement(d)) == 4 for d in ds), 20, "four members")
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.2,
                                     down_s=1.0)
     objs = {"ec": {f"x-{i}".encode(): os.urandom(MIB + i) for i in range(16)},
@@ -195,7 +184,7 @@ def test_delete_between_a_passs_read_and_its_write_leaves_no_record(etcd, start_
     for d in live:
         (pauses[d.name] / "armed").touch()
     ds[0].stop(signal.SIGKILL)
-    wait_left(etcd, "default", "f0", live[:1], _placement, TTL + 5, "f0 leaving")
+    wait_left(etcd, "default", "f0", live[:1], placement, TTL + 5, "f0 leaving")
     deleted, paused = _race(live, pauses, cc, objs, ("ec", "rep"))
     assert deleted["ec"] and deleted["rep"]
     _settled_without(live, cc, deleted, objs)
@@ -211,7 +200,7 @@ def test_delete_between_a_passs_read_and_its_write_leaves_no_record(etcd, start_
     (pauses["f4"] / "armed").touch()
     fenced = sum(_metric(d, "kvstored_repair_fenced_total") for d in live)
     live += start(["f4"])
-    wait_for(lambda: all(len(_placement(d)) == 4 and "f4" in _placement(d) for d in live), 20, "f4 placed")
+    wait_for(lambda: all(len(placement(d)) == 4 and "f4" in placement(d) for d in live), 20, "f4 placed")
     deleted2, paused2 = _race(live, pauses, cc, objs, ("ec",))
     assert deleted2["ec"]
     _settled_without(live, cc, deleted2, objs)
