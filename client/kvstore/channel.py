@@ -289,11 +289,13 @@ class TcpChannel(DataChannel):
             frames.append(encode_request(op, rid, ns, k, epoch=self.epoch))
         return b"".join(frames), rids
 
-    def put_frames(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int]) -> list:
+    def put_frames(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int],
+                   flags: int = 0) -> list:
         """The buffers of one PUT request per item ((key, parts, size)), to be sent gathered:
         a value in several buffers is never joined. ``order`` gets request id -> the next
-        index (``len(order)`` onwards), as ``_collect`` reads it."""
-        flags = FLAG_OVERWRITE if overwrite else 0
+        index (``len(order)`` onwards), as ``_collect`` reads it. ``flags``: further PUT
+        flags (FLAG_REPAIR: a cluster repair agent's write)."""
+        flags |= FLAG_OVERWRITE if overwrite else 0
         bufs = []
         for k, parts, n in items:
             rid = self.next_id()
@@ -503,10 +505,11 @@ class TcpChannel(DataChannel):
             self.recv_into(buf[:take])
             n -= take
 
-    def _collect(self, order: dict[int, int], views: list | None, verify: bool, alloc, op: int) -> list:
+    def _collect(self, order: dict[int, int], views: list | None, verify: bool, alloc, op: int,
+                 keep_errors: bool = False) -> list:
         """Read one response per request id (any order) to requests of ``op``; raise the
-        first error (by arrival) after all arrive. Gets go into ``views`` or
-        ``alloc(size)`` buffers."""
+        first error (by arrival) after all arrive, or with ``keep_errors`` give each
+        request's error in its place. Gets go into ``views`` or ``alloc(size)`` buffers."""
         results: list = [None] * len(order)
         first_error: errors.KVStoreError | None = None
         for _ in range(len(order)):
@@ -518,7 +521,10 @@ class TcpChannel(DataChannel):
                 raise errors.ProtocolError(f"response for unknown request id {r.rid}")
             if r.status:
                 err = self.read_error(r)
-                first_error = first_error or err
+                if keep_errors:
+                    results[i] = err
+                else:
+                    first_error = first_error or err
                 continue
             if r.op == OP_PUT:
                 results[i] = r.aux != 1  # aux=1: deduplicated

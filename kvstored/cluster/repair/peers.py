@@ -16,7 +16,8 @@ import logging
 import threading
 
 from kvstore import errors
-from kvstore.wire import FLAG_OVERWRITE, FLAG_REPAIR, OP_PUT, checksum_parts, encode_request
+from kvstore._common import value_parts
+from kvstore.wire import FLAG_REPAIR, OP_PUT
 
 log = logging.getLogger("kvstored.repair")
 
@@ -117,29 +118,12 @@ class PeerIO:
             return []
         if member.node_id in self.unreachable:
             return [None] * len(items)
-        flags = FLAG_REPAIR | (FLAG_OVERWRITE if overwrite else 0)
-        records = [(k, list(v) if isinstance(v, tuple) else [v]) for k, v in items]
+        records = [(k, *value_parts(v)) for k, v in items]  # (key, parts, size)
 
-        def send(conn) -> list:
+        def send(conn) -> list:  # one pipelined round; every answer read, errors in place
             order: dict[int, int] = {}
-            bufs: list = []
-            for k, parts in records:
-                rid = conn.next_id()
-                order[rid] = len(order)
-                bufs.append(encode_request(OP_PUT, rid, ns, k, sum(len(p) for p in parts),
-                                           checksum_parts(parts), flags, conn.epoch))
-                bufs += parts
-            conn.send(bufs)
-            out: list = [None] * len(order)
-            for _ in range(len(order)):  # every answer, errors included (one per record)
-                r = conn.read_response(OP_PUT)
-                i = order.pop(r.rid, None)
-                if i is None:
-                    if r.status:  # connection-level error (id 0)
-                        raise conn.read_error(r)
-                    raise errors.ProtocolError(f"response for unknown request id {r.rid}")
-                out[i] = conn.read_error(r) if r.status else r.aux != 1  # aux=1: deduplicated
-            return out
+            conn.send(conn.put_frames(ns, records, overwrite, order, flags=FLAG_REPAIR))
+            return conn._collect(order, None, False, None, OP_PUT, keep_errors=True)
 
         try:
             got = self.client(member)._run(send)
