@@ -45,8 +45,12 @@ class Daemon:
             env["TMPDIR"] = str(self.tmp)
         env.update(self.env or {})
         self._log = open(self.log_path, "ab")
+        # cwd: the test's own directory. `python -m` puts the cwd first on sys.path, so a
+        # daemon started from another checkout's directory (a benchmark run from a copied
+        # tree) would import that checkout's kvstored instead of ROOT's
         self.proc = subprocess.Popen([*self.wrapper, sys.executable, "-m", "kvstored", *self.args],
-                                     stdout=self._log, stderr=subprocess.STDOUT, env=env)
+                                     stdout=self._log, stderr=subprocess.STDOUT, env=env,
+                                     cwd=self.tmp)
         return self
 
     def wait_ready(self, timeout: float = 20.0) -> "Daemon":
