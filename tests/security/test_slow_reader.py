@@ -52,6 +52,7 @@ def test_reader_that_never_drains_large_gets(start_daemon, tmp_path):
         closed = wait_for(lambda: stats(d).get("closed_write_stalled", 0) >= 4, 8,
                           "the stalled readers were closed")
         assert closed and time.monotonic() - t0 < 10
+        good.beside()
     finally:
         good.stop()
         for s in socks:
