@@ -93,6 +93,22 @@ def delete(c, keys: Sequence, *, namespace: str | None = None, check_epoch: bool
 
 
 @_call
+def delete_each(c, keys: Sequence, *, namespace: str | None = None,
+                check_epoch: bool = True) -> list[bool] | None:
+    """``delete``, answering for each key whether it existed; None from a daemon older
+    than this SDK, which answers only the count (``delete``'s)."""
+    req = _keys(c, keys, namespace)
+    n = len(req.keys)
+
+    def each(r) -> list[bool] | None:
+        if len(r.deleted) == n:
+            return list(r.deleted)
+        return [r.count > 0] if n == 1 else None
+
+    return Call("Delete", req, each, epoch=None if check_epoch else 0)
+
+
+@_call
 def stats(c) -> pb.StatsResponse:
     """The daemon's counters and tier state."""
     return Call("Stats", pb.StatsRequest(), _same)

@@ -261,7 +261,8 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_guard(WRITE)
     def Delete(self, request, context):
         ns, keys = self._keys(request, context)
-        return pb.CountResponse(count=self.store.delete(ns, keys))
+        hits = self.store.delete_each(ns, keys)
+        return pb.DeleteResponse(count=sum(hits), deleted=hits)
 
     @_typed_errors
     @_guard(WRITE)

@@ -423,20 +423,24 @@ class Store(RepairHooks):
         return n
 
     def delete(self, ns: bytes, keys: Iterable[bytes], fence: bool = True) -> int:
-        """Delete ``keys``; how many were here. ``fence``: a client's delete, so every key
-        is fenced against repair writes (fence.py), held here or not; repair's own
-        deletes (a record handed over, a surplus copy) are not."""
+        """Delete ``keys``; how many were here (``delete_each``)."""
+        return sum(self.delete_each(ns, keys, fence))
+
+    def delete_each(self, ns: bytes, keys: Iterable[bytes], fence: bool = True) -> list[bool]:
+        """Delete ``keys``; for each, whether it was here. ``fence``: a client's delete,
+        so every key is fenced against repair writes (fence.py), held here or not;
+        repair's own deletes (a record handed over, a surplus copy) are not."""
+        keys = list(keys)
         if fence:
-            keys = list(keys)
             self.fence.record(ns, keys)
-        n = 0
+        hits = []
         for k in keys:
             e = self.index.get(ns, k)
             if e is not None:
                 self._unlink(e, tombstone=True, key=k)
-                n += 1
-        self.counters["deletes"] += n
-        return n
+            hits.append(e is not None)
+        self.counters["deletes"] += sum(hits)
+        return hits
 
     async def delete_all(self, ns: bytes | None = None) -> DeleteAllResult:
         """Delete every object of namespace ``ns`` (None: of every namespace), pinned and

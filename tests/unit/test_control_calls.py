@@ -51,7 +51,7 @@ SERVICE = pb.DESCRIPTOR.services_by_name["KVStore"].methods_by_name
 def test_every_call_names_a_service_method_with_its_request_type():
     rec = Recorder()
     args = {"exists": ([b"a"],), "lookup": ([b"a"],), "pin": ([b"a"],), "unpin": ([b"a"],),
-            "delete": ([b"a"],), "heads": ([b"a"],), "set_policy": ("ns", "replica:2"),
+            "delete": ([b"a"],), "delete_each": ([b"a"],), "heads": ([b"a"],), "set_policy": ("ns", "replica:2"),
             "control_put": (b"k", b"v"), "control_get": (b"k",)}
     assert set(CALLS) >= set(args) | {"stats", "health", "members", "reload", "drain", "list", "delete_all"}
     for name, build in CALLS.items():

@@ -11,6 +11,15 @@ from ..placement import Member
 from ..wire import key_bytes
 
 
+# keys per control call to one node: well under a daemon's max_batch_keys (default
+# 65536), and the calls of a large batch overlap across the pool
+KEYS_PER_CALL = 512
+
+
+def _chunks(items: list) -> list[list]:
+    return [items[s:s + KEYS_PER_CALL] for s in range(0, len(items), KEYS_PER_CALL)]
+
+
 class Control:
     """Control calls (a ClusterClient mixin)."""
 
@@ -48,8 +57,7 @@ class Control:
                 break
             futs = []
             for m, items in per_node.values():
-                for s in range(0, len(items), 512):
-                    chunk = items[s:s + 512]
+                for chunk in _chunks(items):
                     futs.append((chunk, self._submit(m, "exists", [sk for _, sk in chunk], namespace=ns)))
             wait([f for _, f in futs])
             for chunk, f in futs:
@@ -97,9 +105,14 @@ class Control:
             for m, sk in pairs:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
         def each(m: Member, items: list) -> list[bool]:
-            return [bool(self._node(m, "delete", [sk], namespace=ns)) for _, sk in items]
+            sks = [sk for _, sk in items]
+            hits = self._node(m, "delete_each", sks, namespace=ns)
+            if hits is None:  # a node older than this SDK answers only a count: key by key
+                hits = [bool(self._node(m, "delete", [sk], namespace=ns)) for sk in sks]
+            return hits
 
-        futs = [(items, self._pool.submit(each, m, items)) for m, items in per_node.values()]
+        futs = [(chunk, self._pool.submit(each, m, chunk)) for m, items in per_node.values()
+                for chunk in _chunks(items)]
         wait([f for _, f in futs])
         for items, f in futs:
             if isinstance(f.exception(), errors.Redirect):
@@ -124,15 +137,15 @@ class Control:
         """Pin every record of ``keys`` on its node for ``ttl`` seconds; returns how many
         records were pinned (a key has one per copy or fragment)."""
         ns = self._ns(namespace)
-        futs = [self._submit(m, "pin", sks, ttl, namespace=ns)
-                for m, sks in self._records_per_node(keys, ns).values()]
+        futs = [self._submit(m, "pin", chunk, ttl, namespace=ns)
+                for m, sks in self._records_per_node(keys, ns).values() for chunk in _chunks(sks)]
         wait(futs)
         return sum(f.result() for f in futs if f.exception() is None)
 
     def unpin(self, keys: Sequence, *, namespace: str | None = None) -> int:
         ns = self._ns(namespace)
-        futs = [self._submit(m, "unpin", sks, namespace=ns)
-                for m, sks in self._records_per_node(keys, ns).values()]
+        futs = [self._submit(m, "unpin", chunk, namespace=ns)
+                for m, sks in self._records_per_node(keys, ns).values() for chunk in _chunks(sks)]
         wait(futs)
         return sum(f.result() for f in futs if f.exception() is None)
 

@@ -228,6 +228,14 @@ class CountResponse(_message.Message):
     count: int
     def __init__(self, count: _Optional[int] = ...) -> None: ...
 
+class DeleteResponse(_message.Message):
+    __slots__ = ("count", "deleted")
+    COUNT_FIELD_NUMBER: _ClassVar[int]
+    DELETED_FIELD_NUMBER: _ClassVar[int]
+    count: int
+    deleted: _containers.RepeatedScalarFieldContainer[bool]
+    def __init__(self, count: _Optional[int] = ..., deleted: _Optional[_Iterable[bool]] = ...) -> None: ...
+
 class PutRequest(_message.Message):
     __slots__ = ("namespace", "key", "value", "checksum", "overwrite")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]

@@ -72,7 +72,7 @@ class KVStoreStub:
         self.Delete = channel.unary_unary(
                 '/kvstore.v1.KVStore/Delete',
                 request_serializer=kvstore_dot_v1_dot_control__pb2.KeysRequest.SerializeToString,
-                response_deserializer=kvstore_dot_v1_dot_control__pb2.CountResponse.FromString,
+                response_deserializer=kvstore_dot_v1_dot_control__pb2.DeleteResponse.FromString,
                 _registered_method=True)
         self.Put = channel.unary_unary(
                 '/kvstore.v1.KVStore/Put',
@@ -169,7 +169,8 @@ class KVStoreServicer:
         raise NotImplementedError('Method not implemented!')
 
     def Delete(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """How many keys were stored, and which: a batch delete answers for each key.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -281,7 +282,7 @@ def add_KVStoreServicer_to_server(servicer, server):
             'Delete': grpc.unary_unary_rpc_method_handler(
                     servicer.Delete,
                     request_deserializer=kvstore_dot_v1_dot_control__pb2.KeysRequest.FromString,
-                    response_serializer=kvstore_dot_v1_dot_control__pb2.CountResponse.SerializeToString,
+                    response_serializer=kvstore_dot_v1_dot_control__pb2.DeleteResponse.SerializeToString,
             ),
             'Put': grpc.unary_unary_rpc_method_handler(
                     servicer.Put,
@@ -544,7 +545,7 @@ class KVStore:
             target,
             '/kvstore.v1.KVStore/Delete',
             kvstore_dot_v1_dot_control__pb2.KeysRequest.SerializeToString,
-            kvstore_dot_v1_dot_control__pb2.CountResponse.FromString,
+            kvstore_dot_v1_dot_control__pb2.DeleteResponse.FromString,
             options,
             channel_credentials,
             insecure,
