@@ -37,7 +37,7 @@ def main(argv=None) -> int:
 
     from kvstore.cluster import ClusterClient
 
-    print(f"| policy | keys | batched s | per-record s | batched us/key | per-record us/key | load |")
+    print("| policy | keys | batched s | per-record s | batched us/key | per-record us/key | load |")
     print("|---|---:|---:|---:|---:|---:|---|")
     with tempfile.TemporaryDirectory() as tmp:
         ds = [Daemon(Path(tmp), "--dram-size", "256MiB") for _ in range(a.nodes)]
