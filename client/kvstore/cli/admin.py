@@ -23,7 +23,12 @@ DRAIN_WAIT_TIMEOUT = 600.0
 def cmd_status(c: Client, args) -> int:
     info = c.info(refresh=True)
     h = c.health()
-    nvme = next((t for t in c.stats().tiers if t.name == "nvme"), None)
+    # Info and Health need no token (a probe without one still learns whether the node
+    # serves); only the NVMe line comes from Stats, which does
+    try:
+        nvme, denied = next((t for t in c.stats().tiers if t.name == "nvme"), None), ""
+    except errors.PermissionDenied as e:
+        nvme, denied = None, e.message
     transport, why = _data_transport(c)
     doc = {
         "node_id": info.node_id, "version": info.version,
@@ -35,6 +40,7 @@ def cmd_status(c: Client, args) -> int:
         # the NVMe tier's I/O backend and, after a fallback, why io_uring is not used
         "nvme_io_backend": nvme.io_backend if nvme is not None else None,
         "nvme_io_backend_reason": (nvme.io_backend_reason or None) if nvme is not None else None,
+        "stats_denied": denied or None,  # why the NVMe fields are unknown (no or a weak token)
         "limits": {"max_value_size": info.max_value_size,
                    "max_control_value_size": info.max_control_value_size,
                    "max_key_length": info.max_key_length, "max_batch_keys": info.max_batch_keys},
@@ -50,9 +56,10 @@ def cmd_status(c: Client, args) -> int:
         ("data", f"{info.data_host}:{info.data_port} (wire v{info.wire_version}, "
                  f"{info.checksum_algorithm} checksums)"),
         ("shm", _shm_text(info.shm_socket, args.shm)),
-        ("transport", f"{transport} (RDMA not used: {why})" if why else transport),
+        ("transport", (f"{transport}: {why}" if transport in ("refused", "unreachable")
+                       else f"{transport} (RDMA not used: {why})" if why else transport)),
         ("health", f"{h.status} ({state})"),
-        ("nvme io", _nvme_io_text(nvme)),
+        ("nvme io", f"unknown (Stats refused: {denied})" if denied else _nvme_io_text(nvme)),
         ("uptime", human_age(h.uptime_seconds)),
         ("max value", f"{human_size(info.max_value_size)} data path, "
                       f"{human_size(info.max_control_value_size)} control path"),
@@ -66,6 +73,8 @@ def _data_transport(c: Client) -> tuple[str, str]:
     """The data path this CLI's commands use, and why RDMA is not (kvstore.rdma)."""
     try:
         t = c.transport
+    except errors.PermissionDenied as e:  # reachable, but the token does not open it
+        return "refused", e.message
     except errors.KVStoreError as e:
         return "unreachable", e.message
     return t, "" if t in ("rdma", "shm") else c.transport_reason

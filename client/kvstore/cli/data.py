@@ -59,9 +59,9 @@ def cmd_get(c: Client, args, parser: argparse.ArgumentParser) -> int:
     t0 = time.perf_counter()
     try:
         data = c.get(key)
-    except errors.NotFound as e:
-        # the daemon's "no such key" does not say which key; the user may have asked for several
-        raise errors.NotFound(f"{e.message}: {shown!r} in namespace {c.namespace!r}") from None
+    except errors.NotFound:
+        # one wording whatever the daemon's (whose key text may be cut or hex)
+        raise errors.NotFound(f"no key {shown!r} in namespace {c.namespace!r}") from None
     elapsed = time.perf_counter() - t0
     if args.output == "-":
         sys.stdout.flush()
