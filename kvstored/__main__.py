@@ -7,6 +7,7 @@ fix it). A bug's traceback goes to the log at debug level only.
 from __future__ import annotations
 
 import os
+import signal
 import sys
 
 # What `pip install 'kvstored[server]'` adds to the SDK's own dependencies: an install
@@ -42,6 +43,9 @@ def _tune_malloc() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # SIGHUP's default action ends the process: ignored until serve() takes it over and
+    # applies one that arrives during start-up once the node is ready (kvstored/node.py)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     # gRPC's C core prints its own lines on stderr (a failed bind: "E1130 ... add_port.cc");
     # the daemon reports those errors itself. GRPC_VERBOSITY=debug brings them back. Set
     # before anything imports grpc (the kvstore package does, _tune_malloc included).

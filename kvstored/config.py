@@ -33,21 +33,43 @@ AUTO_DRAM_MAX = 4 * GiB
 AUTO_DRAM_MIN = 64 * MiB
 
 MEMINFO_PATH = "/proc/meminfo"
+CGROUP_MEMORY_MAX = "/sys/fs/cgroup/memory.max"  # cgroup v2: this process's memory limit
 TCP_CC_PATH = "/proc/sys/net/ipv4/tcp_available_congestion_control"
 
 
 # ---------------------------------------------------------------- host probes
 
-def mem_available() -> int | None:
-    """MemAvailable in bytes, or None where /proc/meminfo is unreadable."""
+def _meminfo(field: str) -> int | None:
+    """A /proc/meminfo field in bytes, or None where it is unreadable."""
     try:
         with open(MEMINFO_PATH) as f:
             for line in f:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(field + ":"):
                     return int(line.split()[1]) * KiB  # the kernel reports kB (= KiB)
     except (OSError, ValueError, IndexError):
         pass
     return None
+
+
+def mem_available() -> int | None:
+    """MemAvailable in bytes, or None where /proc/meminfo is unreadable."""
+    return _meminfo("MemAvailable")
+
+
+def mem_limit() -> int | None:
+    """The most memory this process can ever have: MemTotal, or the cgroup's memory.max
+    (a container's limit) when lower; None where neither can be read."""
+    limits = [n for n in (_meminfo("MemTotal"), _cgroup_memory_max()) if n]
+    return min(limits) if limits else None
+
+
+def _cgroup_memory_max() -> int | None:
+    try:
+        with open(CGROUP_MEMORY_MAX) as f:
+            text = f.read().strip()
+        return int(text) if text.isdigit() else None  # "max" = no limit
+    except OSError:
+        return None
 
 
 def available_congestion_controls() -> list[str] | None:
@@ -105,6 +127,13 @@ class _ConfigRules:
             self.dram_size = auto_dram_size(self.slab_size)
         if self.dram_size <= 0:
             raise ConfigError(f"dram.size: must be positive, got {self.dram_size}")
+        limit = mem_limit()
+        if limit is not None and self.dram_size > limit:
+            # the prefault (or the first puts) would have the kernel's OOM killer end the
+            # daemon, or another process, instead of a clear refusal now
+            raise ConfigError(f"dram.size ({format_size(self.dram_size)}) is more than this "
+                              f"host's memory ({format_size(limit)}, MemTotal or the cgroup's "
+                              "memory.max); use a smaller size or auto")
         if self.dram_size < self.slab_size:
             raise ConfigError(f"dram.size ({format_size(self.dram_size)}) must hold at least "
                               f"one slab (dram.slab_size = {format_size(self.slab_size)})")
@@ -244,6 +273,19 @@ class _ConfigRules:
                               "list of numeric uids (e.g. \"1000,1001\")") from None
 
     def _validate_nvme(self) -> None:
+        # the tier's own values are checked with the tier off too: a typo waits for the day
+        # nvme.path (or --nvme-path) turns it on otherwise
+        if self.nvme_admission not in ("all", "read"):
+            raise ConfigError(f"nvme.admission: {self.nvme_admission!r} is not 'all' or 'read'")
+        if self.nvme_io_backend not in ("auto", "io_uring", "threads"):
+            raise ConfigError(f"nvme.io_backend: {self.nvme_io_backend!r} is not auto, io_uring or threads")
+        if not 1 <= self.nvme_queue_depth <= 4096:
+            raise ConfigError(f"nvme.queue_depth: {self.nvme_queue_depth} is outside 1..4096")
+        if self.nvme_sync not in ("none", "interval", "always"):
+            raise ConfigError(f"nvme.sync: {self.nvme_sync!r} is not none, interval or always")
+        if not 0.001 <= self.nvme_sync_interval <= 3600:
+            raise ConfigError(f"nvme.sync_interval: {self.nvme_sync_interval} is outside "
+                              "0.001..3600 seconds")
         if not self.nvme_path:
             return
         if self.nvme_size <= 0:
@@ -260,17 +302,6 @@ class _ConfigRules:
             raise ConfigError(f"nvme.region_size ({format_size(self.nvme_region_size)}) must hold "
                               f"the largest object (dram.max_value_size = {format_size(self.max_value_size)}) "
                               "plus 20KiB of headers and summary")
-        if self.nvme_admission not in ("all", "read"):
-            raise ConfigError(f"nvme.admission: {self.nvme_admission!r} is not 'all' or 'read'")
-        if self.nvme_io_backend not in ("auto", "io_uring", "threads"):
-            raise ConfigError(f"nvme.io_backend: {self.nvme_io_backend!r} is not auto, io_uring or threads")
-        if not 1 <= self.nvme_queue_depth <= 4096:
-            raise ConfigError(f"nvme.queue_depth: {self.nvme_queue_depth} is outside 1..4096")
-        if self.nvme_sync not in ("none", "interval", "always"):
-            raise ConfigError(f"nvme.sync: {self.nvme_sync!r} is not none, interval or always")
-        if not 0.001 <= self.nvme_sync_interval <= 3600:
-            raise ConfigError(f"nvme.sync_interval: {self.nvme_sync_interval} is outside "
-                              "0.001..3600 seconds")
         parent = os.path.dirname(os.path.abspath(self.nvme_path))
         target = self.nvme_path if os.path.exists(self.nvme_path) else parent
         if not os.path.exists(target):

@@ -8,6 +8,12 @@ path reads::
 
 and the same event as JSON is ``{"ts": ..., "level": "info", ..., "req_id": 7, "peer": "10.0.0.5:51234"}``.
 
+No storms: a line repeated (same logger, level and message text; fields such as the
+peer may differ) is written at most ``RATE_BURST`` times per ``RATE_WINDOW`` seconds
+at info and above; the first one after a quiet spell carries ``suppressed=N``, the
+number left out (:class:`RateLimit`). Debug lines are never dropped: asking for them
+is asking for everything.
+
 No secrets: a field whose name looks like a credential (token, secret,
 password, authorization, api key, private key) is written as ``[REDACTED]``,
 and the message text is scrubbed of ``token=...``, ``Bearer ...`` and the like
@@ -20,6 +26,7 @@ import json
 import logging
 import re
 import sys
+import threading
 import time
 from typing import Any, TextIO
 
@@ -141,6 +148,58 @@ def formatter(fmt: str) -> logging.Formatter:
     raise ValueError(f"log format {fmt!r} is not one of {', '.join(FORMATS)}")
 
 
+# A client hammering the data port with broken frames, or a failure repeating every
+# maintenance pass, must not bury the log: this many lines of one kind per window.
+RATE_BURST = 10
+RATE_WINDOW = 60.0
+_RATE_KINDS = 4096  # kinds remembered at once (a bound on the filter's memory)
+
+
+class RateLimit(logging.Filter):
+    """At most ``burst`` lines of one kind (logger, level, message text) per ``window``
+    seconds at info and above. The last line let through says so (``rate_limited``);
+    the first one of the kind after its window carries ``suppressed=N``."""
+
+    def __init__(self, burst: int = RATE_BURST, window: float = RATE_WINDOW,
+                 clock=time.monotonic) -> None:
+        super().__init__()
+        self.burst, self.window, self.clock = burst, window, clock
+        self._kinds: dict[tuple, list] = {}  # kind -> [window start, lines, suppressed]
+        self._lock = threading.Lock()  # threads log too (prefault, NVMe I/O, gRPC)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno < logging.INFO:
+            return True
+        kind = (record.name, record.levelno, record.getMessage())
+        now = self.clock()
+        with self._lock:
+            st = self._kinds.get(kind)
+            if st is None or now - st[0] >= self.window:
+                if st is not None and st[2]:
+                    record.suppressed = st[2]
+                if st is None and len(self._kinds) >= _RATE_KINDS:
+                    self._forget(now)
+                self._kinds[kind] = [now, 1, 0]
+                return True
+            st[1] += 1
+            if st[1] < self.burst:
+                return True
+            if st[1] == self.burst:
+                record.rate_limited = (f"further lines like this are left out for "
+                                       f"{self.window - (now - st[0]):.0f}s (the next one "
+                                       "says how many)")
+                return True
+            st[2] += 1
+            return False
+
+    def _forget(self, now: float) -> None:
+        """Drop the kinds whose window is over (their suppressed counts with them); all
+        of them if none is, so the table stays bounded whatever the messages are."""
+        old = [k for k, st in self._kinds.items() if now - st[0] >= self.window]
+        for k in old or list(self._kinds):
+            del self._kinds[k]
+
+
 class _Handler(logging.StreamHandler):
     """Marks the handler we installed, so set-up and reload replace only ours."""
 
@@ -153,6 +212,7 @@ def setup(level: str = "info", fmt: str = "kv", stream: TextIO | None = None) ->
             root.removeHandler(h)
     h = _Handler(stream or sys.stderr)
     h.setFormatter(formatter(fmt))
+    h.addFilter(RateLimit())
     root.addHandler(h)
     set_level(level)
     logging.captureWarnings(True)
@@ -171,5 +231,5 @@ def set_format(fmt: str) -> None:
             h.setFormatter(f)
 
 
-__all__ = ["FORMATS", "JsonFormatter", "KeyValueFormatter", "REDACTED", "formatter",
+__all__ = ["FORMATS", "JsonFormatter", "KeyValueFormatter", "REDACTED", "RateLimit", "formatter",
            "is_sensitive", "redact", "redact_value", "set_format", "set_level", "setup"]

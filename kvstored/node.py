@@ -12,10 +12,12 @@ several of them; splitting it would hand the node to another module again.
 from __future__ import annotations
 
 import asyncio
+import errno
 import json
 import logging
 import os
 import signal
+import socket
 import tempfile
 import time
 from dataclasses import dataclass, field
@@ -23,7 +25,7 @@ from typing import Any, Callable
 
 import grpc
 
-from kvstored import logs, sdnotify
+from kvstored import __version__, logs, sdnotify
 from kvstored.auth import Auth, TokensError
 from kvstored.config import Config, ConfigError, explicit_fields, load_config
 from kvstored.control.service import ControlService, add_to_server
@@ -64,6 +66,14 @@ def _open_nvme(config: Config):
     except BaseException:
         dev.close()
         raise
+
+
+def _bind_hint(e: OSError, host_setting: str, port_setting: str) -> str:
+    """Which setting to change after a failed bind: the address when it does not resolve
+    or is not this host's, else the port (in use, or privileged)."""
+    if isinstance(e, socket.gaierror) or e.errno == errno.EADDRNOTAVAIL:
+        return f"set {host_setting} to an address of this host"
+    return f"set {port_setting}"
 
 
 def default_shm_path(control_port: int) -> str:
@@ -260,8 +270,9 @@ class Node:
         try:
             st.data_port = await self.data_server.start(c.host, c.data_port)
         except OSError as e:
+            hint = _bind_hint(e, "server.host / --host", "server.data_port / --data-port")
             raise OSError(f"cannot listen on {c.host}:{c.data_port} for the data plane "
-                          f"({e.strerror or e}); set server.data_port / --data-port") from None
+                          f"({e.strerror or e}); {hint}") from None
         # room for the largest control-plane value plus the message around it
         msg_limit = c.max_control_value_size + (1 << 20)
         self.grpc_server = grpc.aio.server(options=[
@@ -314,7 +325,8 @@ class Node:
                 self.metrics_port = await self.metrics.start(c.metrics_host, c.metrics_port)
             except OSError as e:
                 raise OSError(f"cannot listen on {c.metrics_host}:{c.metrics_port} for metrics "
-                              f"({e.strerror or e}); set metrics.port or metrics.enabled") from None
+                              f"({e.strerror or e}); {_bind_hint(e, 'metrics.host', 'metrics.port')}"
+                              " or metrics.enabled") from None
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
         if c.cluster_enabled:  # registers in the background; etcd down never blocks start
             from kvstored.cluster import Membership
@@ -339,13 +351,21 @@ class Node:
     def listen_fields(self) -> dict[str, Any]:
         """Where the node listens, for its "listening" and "ready" log lines."""
         c, st = self.config, self.status
+        nvme = self.store.nvme
         return {
+            "version": __version__,
             "node": st.node_id, "control": f"{c.host}:{st.control_port}",
             "data": f"{c.host}:{st.data_port}", "shm": st.shm_path or "off",
             "rdma": self.rdma_status,
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
             "kv_events": c.events_endpoint or "off",
-            "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages}
+            "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages,
+            # the tiers and what guards the planes, so one line says what is running
+            "nvme": (f"{c.nvme_path} ({nvme.dev.nregions * nvme.dev.region_size} bytes, "
+                     f"{nvme.io_backend})" if nvme is not None else "off"),
+            "tls": ("mutual" if c.tls_client_ca_file else "on") if self.tls is not None else "off",
+            "auth": "on" if self.auth is not None else "off",
+            "cluster": c.cluster_name if c.cluster_enabled else "off"}
 
     async def _maintain(self) -> None:
         last_tier_log = time.monotonic()
@@ -495,15 +515,21 @@ async def serve(config: Config, ready_file: str | None = None,
                 on_ready: Callable[[], None] | None = None) -> int:
     """Run one node until SIGTERM/SIGINT. ``on_ready`` is called once it is ready (after
     the ready file and READY=1): errors before that are start-up errors (exit 2)."""
+    loop = asyncio.get_running_loop()
+    # A SIGHUP before the node is ready (NVMe recovery, prefault: minutes on a large node)
+    # is remembered and applied once ready; its default action would end the process
+    # without draining or flushing what was already put (main() ignores it until here).
+    early_hups: list[bool] = []
+    loop.add_signal_handler(signal.SIGHUP, lambda: early_hups.append(True))
     node = Node(config)
     node.source = source
     if source is not None:
         node._explicit = source.explicit()
-    await node.start()
     stop = asyncio.Event()
-    loop = asyncio.get_running_loop()
+    # before start(): a SIGTERM once anything listens drains and cleans up (shm socket file)
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    await node.start()
     # ready = the arena is prefaulted too: the ready file and READY=1 wait for it
     await node.warm(stop)
     if ready_file and not stop.is_set():
@@ -530,6 +556,9 @@ async def serve(config: Config, ready_file: str | None = None,
         sdnotify.notify("READY=1", "STATUS=serving")
 
     loop.add_signal_handler(signal.SIGHUP, on_hup)
+    if early_hups and not stop.is_set():
+        log.info("SIGHUP arrived during start-up: reloading now")
+        on_hup()
     if not stop.is_set():  # a SIGTERM while warming: never ready, straight to STOPPING
         sdnotify.notify("READY=1", f"STATUS=serving control={config.host}:{node.status.control_port} "
                         f"data={config.host}:{node.status.data_port} metrics="

@@ -282,7 +282,7 @@ SETTINGS: tuple[Setting, ...] = (
        "per DRAM-resident object, ~7.5x per NVMe-only one, whose key stays on NVMe; "
        "auto = packed when kvstored._index is built)",
        choices=INDEX_KINDS, check=_one_of(*INDEX_KINDS)),
-    # [nvme] (off while nvme.path is empty; its values are checked only when it is on)
+    # [nvme] (off while nvme.path is empty; size and paths are checked only when it is on)
     _s("nvme", "path", STR, "", "file or block device of the NVMe tier",
        flag=Flag("--nvme-path", "PATH", "file or block device of the NVMe tier")),
     _s("nvme", "size", SIZE, 0, "bytes of it to use; a multiple of 4 KiB",

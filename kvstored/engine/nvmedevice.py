@@ -141,7 +141,8 @@ class NvmeDevice:
                 os.posix_fallocate(self.fd, 0, self.size)
             except OSError as e:
                 raise NvmeError(f"nvme.path {self.path}: cannot reserve {self.size} bytes: "
-                                f"{e.strerror}") from None
+                                f"{e.strerror} (free room on its file system, or lower "
+                                "nvme.size)") from None
 
     def _superblock(self) -> bool:
         """Check or write the superblock; True if the device was formatted now."""
@@ -175,6 +176,9 @@ class NvmeDevice:
         if n == BLOCK and any(buf[:4096]) and head[:8] != SUPER_MAGIC:
             raise NvmeError(f"nvme.path {self.path} holds data that is not a kvstored tier; "
                             "refusing to overwrite it (use an empty file or device)")
+        # reserve before formatting: a start refused for room must leave no superblock
+        # behind, or the next start (with room) would take the file for one that shrank
+        self._reserve()
         self.uuid = uuid.uuid4().bytes
         buf[:SUPER.size + 8] = superblock(self.size, self.region_size, self.nregions, self.uuid)
         os.pwritev(self.fd, [memoryview(buf)], 0)

@@ -1,0 +1,271 @@
+"""What an operator's audit of a real kvstored found (session 12), each held by a test:
+a SIGHUP during start-up, a tier refused for room, a storm of broken frames in the log,
+`kvstore-cli status` on an auth-enabled node without a token, start-up messages that
+name the setting to change, and the start-up line saying what runs."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+from daemonutil import Daemon, config
+from kvstored import logs
+from opsutil import kv_fields, scrape, value, wait_for_log
+
+MiB = 1 << 20
+CLI_TIMEOUT = 60  # seconds: a CLI run on a loaded machine (imports grpc)
+
+
+def _cli(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    e = {k: v for k, v in os.environ.items() if not k.startswith("KVSTORE_")}
+    e.update(env or {})
+    return subprocess.run([sys.executable, "-m", "kvstore.cli", *args], capture_output=True,
+                          text=True, timeout=CLI_TIMEOUT, env=e)
+
+
+def _daemon_argv(*args: str) -> list[str]:
+    return [sys.executable, "-m", "kvstored", "--host", "127.0.0.1", "--port", "0",
+            "--data-port", "0", "--metrics-port", "0", "--dram-size", "64MiB",
+            "--slab-size", "4MiB", "--max-value-size", "4MiB", *args]
+
+
+def _start_error(*args: str) -> str:
+    """The one stderr line of a start that must fail with exit status 2."""
+    r = subprocess.run(_daemon_argv(*args), capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 2, (r.returncode, r.stderr[-2000:])
+    errors = [line for line in r.stderr.splitlines() if line.startswith("kvstored: error: ")]
+    assert len(errors) == 1 and "Traceback" not in r.stderr, r.stderr[-2000:]
+    return errors[0]
+
+
+# ---------------------------------------------------------------- SIGHUP during start-up
+
+def test_sighup_during_start_up_is_applied_once_ready(tmp_path):
+    """A SIGHUP before the node is ready (a `systemctl reload` or a config tool during a
+    long NVMe recovery or prefault) used to end the process at once: no drain, no flush
+    of what was already put, the shm socket file left behind. It is now applied once
+    ready. The ready file's temporary name is a FIFO here, so the daemon holds still at
+    its last start-up step, listening and serving, until the test reads it."""
+    cfg = config(tmp_path, '[server]\nmax_batch_keys = 65536\n')
+    d = Daemon(tmp_path, "--config", cfg)
+    fifo = str(d.ready_file) + ".tmp"
+    os.mkfifo(fifo)
+    d.launch()
+    try:
+        wait_for_log(d, 'msg="kvstored ready"', timeout=60)  # the next step opens the FIFO
+        with open(cfg, "w") as f:
+            f.write('[server]\nmax_batch_keys = 1000\n')
+        d.proc.send_signal(signal.SIGHUP)
+        with pytest.raises(subprocess.TimeoutExpired):
+            d.proc.wait(1.0)  # before: killed by the signal within milliseconds
+        with open(fifo) as f:  # lets the daemon finish its start
+            d.info = json.loads(f.read())
+        line = wait_for_log(d, "msg=\"reloaded ", timeout=30)
+        assert kv_fields(line)["applied"] == "server.max_batch_keys=1000", line
+        text = d.log_path.read_text()
+        assert text.count('msg="reloaded ') == 1, text[-3000:]
+        assert d.alive()
+        import kvstore
+        with kvstore.Client(d.control, namespace="t", shm=False, timeout=10) as c:
+            c.put(b"k", b"v" * 100)
+            assert c.get(b"k") == b"v" * 100
+        assert d.stop() == 0
+    finally:
+        d.stop(signal.SIGKILL)
+
+
+# ---------------------------------------------------------------- a tier refused for room
+
+FSIZE_LIMIT = 1 * MiB
+# the interpreter under a file-size limit (RLIMIT_FSIZE stands in for a full file system;
+# CPython ignores SIGXFSZ, so the reserve fails with EFBIG instead of killing the process)
+_LIMITED = [sys.executable, "-c",
+            "import os, resource, sys; "
+            f"resource.setrlimit(resource.RLIMIT_FSIZE, ({FSIZE_LIMIT}, {FSIZE_LIMIT})); "
+            "os.execv(sys.argv[1], sys.argv[1:])"]
+
+
+def test_a_tier_refused_for_room_starts_once_there_is_room(tmp_path):
+    """The tier's file is reserved whole at start. A refusal for room used to leave the
+    4 KiB superblock behind, and every later start (with room) refused the file as one
+    that 'shrank': the operator had to find and delete it. Now the reserve comes first."""
+    tier = tmp_path / "tier.dat"
+    args = ("--nvme-path", str(tier), "--nvme-size", "48MiB", "--nvme-region-size", "16MiB")
+    first = Daemon(tmp_path, *args, wrapper=_LIMITED).launch()
+    try:
+        assert first.proc.wait(60) == 2, first.log()
+    finally:
+        first.stop(signal.SIGKILL)
+    assert "cannot reserve" in first.log() and "nvme.size" in first.log(), first.log()
+    assert tier.stat().st_size < FSIZE_LIMIT  # nothing formatted: a plain empty file
+    second = Daemon(tmp_path, *args).start(timeout=60)
+    try:
+        assert "shrank" not in second.log()
+        assert tier.stat().st_size == 48 * MiB
+        import kvstore
+        with kvstore.Client(second.control, namespace="t", shm=False, timeout=10) as c:
+            c.put(b"k", b"x" * 4096)
+    finally:
+        assert second.stop() == 0, second.log()
+    third = Daemon(tmp_path, *args).start(timeout=60)  # and the tier it formatted is reused
+    try:
+        assert "NVMe tier: 1 objects recovered" in third.log(), third.log()
+    finally:
+        assert third.stop() == 0, third.log()
+
+
+# ---------------------------------------------------------------- log storms
+
+def test_rate_limit_bounds_repeats_and_counts_what_it_left_out():
+    now = [0.0]
+    f = logs.RateLimit(burst=3, window=10.0, clock=lambda: now[0])
+
+    def rec(msg: str, level: int = logging.INFO, *args) -> logging.LogRecord:
+        return logging.LogRecord("kvstored.tcp", level, __file__, 1, msg, args, None)
+
+    passed = [r for r in (rec("closing: %s", logging.INFO, "bad magic") for _ in range(50))
+              if f.filter(r)]
+    assert len(passed) == 3 and "rate_limited" in vars(passed[-1])
+    assert f.filter(rec("closing: %s", logging.INFO, "other reason"))  # another kind
+    assert f.filter(rec("closing: %s", logging.WARNING, "bad magic"))  # another level
+    assert all(f.filter(rec("debug %d", logging.DEBUG, 1)) for _ in range(50))  # never dropped
+    now[0] = 10.0  # the window is over: the next one says how many were left out
+    r = rec("closing: %s", logging.INFO, "bad magic")
+    assert f.filter(r) and r.suppressed == 47
+    r = rec("closing: %s", logging.INFO, "bad magic")
+    assert f.filter(r) and not hasattr(r, "suppressed")
+
+
+def test_rate_limit_memory_is_bounded_and_threads_share_it():
+    f = logs.RateLimit(burst=5, window=60.0)
+    for i in range(3 * logs._RATE_KINDS):  # every message distinct (a peer in the text)
+        assert f.filter(logging.LogRecord("x", logging.INFO, "", 1, f"m{i}", (), None))
+    assert len(f._kinds) <= logs._RATE_KINDS
+    passed = []
+
+    def hammer() -> None:
+        for _ in range(500):
+            if f.filter(logging.LogRecord("y", logging.ERROR, "", 1, "same", (), None)):
+                passed.append(1)
+
+    threads = [threading.Thread(target=hammer) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(60)
+    assert len(passed) == 5
+
+
+def test_a_client_hammering_broken_frames_is_logged_a_bounded_number_of_times(start_daemon):
+    """300 connections each sending garbage (an HTTP check pointed at the data port, a
+    client of another protocol): each is closed and counted, the log gets at most the
+    burst of lines about it instead of one per connection."""
+    d = start_daemon()
+    wait_for_log(d, 'msg="kvstored ready"')
+    n, errs = 300, []
+
+    def garbage(count: int) -> None:
+        for _ in range(count):
+            try:
+                with socket.create_connection(("127.0.0.1", d.data_port), timeout=30) as s:
+                    s.sendall(b"GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n" * 4)
+                    while s.recv(4096):  # until the daemon closes it
+                        pass
+            except OSError as e:  # a reset instead of a close is fine too
+                errs.append(e)
+
+    threads = [threading.Thread(target=garbage, args=(n // 4,)) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not any(t.is_alive() for t in threads)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # every connection closed and counted
+        closed = value(scrape(d), "kvstored_errors", plane="data", type="ProtocolError")
+        if closed >= n:
+            break
+        time.sleep(0.1)
+    assert closed >= n
+    lines = [x for x in d.log_path.read_text().splitlines() if "closing data connection" in x]
+    assert 1 <= len(lines) <= logs.RATE_BURST, lines[:3]
+    assert "rate_limited=" in lines[-1]
+    assert d.alive()
+
+
+# ---------------------------------------------------------------- kvstore-cli status and auth
+
+def test_status_without_a_token_still_shows_health(start_daemon, tmp_path):
+    """Info and Health need no token: `kvstore-cli status` (a health probe) works without
+    one on an auth-enabled node and says what the token would show; Stats still refuses."""
+    tokens = tmp_path / "tokens.toml"
+    tokens.write_text('[[token]]\nname = "ro"\ntoken = "ro-token-0123456789abcdef"\n'
+                      'namespaces = ["default"]\nscopes = ["read"]\n')
+    tokens.chmod(0o600)
+    d = start_daemon("--config", config(tmp_path, f'[auth]\nenabled = true\n'
+                                                  f'tokens_file = "{tokens}"\n'))
+    for env in ({}, {"KVSTORE_TOKEN": "wrong-token-0123456789abcdef"}):
+        r = _cli("-a", d.control, "status", env=env)
+        assert r.returncode == 0, r.stderr
+        assert "health     serving (live, ready)" in r.stdout, r.stdout
+        assert "nvme io    unknown (Stats refused: " in r.stdout, r.stdout
+        assert "transport  refused: " in r.stdout, r.stdout
+        r = _cli("-a", d.control, "--json", "status", env=env)
+        doc = json.loads(r.stdout)
+        assert r.returncode == 0 and doc["ready"] and doc["stats_denied"], r.stdout
+        r = _cli("-a", d.control, "stats", env=env)
+        assert r.returncode == 1 and r.stderr.startswith("kvstore-cli: PermissionDenied: ")
+        assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    r = _cli("-a", d.control, "--json", "status", env={"KVSTORE_TOKEN": "ro-token-0123456789abcdef"})
+    doc = json.loads(r.stdout)
+    assert r.returncode == 0 and doc["stats_denied"] is None and doc["cli_transport"] == "tcp"
+
+
+# ---------------------------------------------------------------- start-up messages
+
+def test_an_address_that_is_not_this_hosts_names_the_host_setting():
+    line = _start_error("--host", "no-such-host.invalid")
+    assert "server.host" in line and "no-such-host.invalid" in line, line
+    assert "data_port" not in line  # the port was never the problem
+
+
+def test_a_dram_size_over_the_hosts_memory_is_refused_before_anything_starts():
+    """1000 TiB: the arena's mmap used to fail with a bare '[Errno 12] Cannot allocate
+    memory'; a size over the host's memory but within overcommit would have been
+    prefaulted until the OOM killer ended the daemon (or a neighbour)."""
+    line = _start_error("--dram-size", "1000TiB")
+    assert line.startswith("kvstored: error: dram.size (1000TiB) is more than this host's "
+                           "memory"), line
+    r = subprocess.run(_daemon_argv("--dram-size", "1000TiB", "--print-config"),
+                       capture_output=True, text=True, timeout=CLI_TIMEOUT)
+    assert r.returncode == 2 and "dram.size" in r.stderr and not r.stdout
+
+
+def test_the_ready_line_says_version_tiers_and_guards(start_daemon, tmp_path):
+    from kvstored import __version__
+    d = start_daemon("--nvme-path", str(tmp_path / "t.dat"), "--nvme-size", "20MiB",
+                     "--nvme-region-size", "16MiB")
+    f = kv_fields(wait_for_log(d, 'msg="kvstored ready"'))
+    assert f["version"] == __version__
+    assert f["nvme"].startswith(f"{tmp_path / 't.dat'} (16777216 bytes, "), f
+    assert (f["tls"], f["auth"], f["cluster"]) == ("off", "off", "off")
+    assert f["dram"] == str(64 * MiB) and f["data"].endswith(f":{d.data_port}")
+
+
+@pytest.mark.parametrize("toml, message", [
+    ('[nvme]\nsync = "alwyas"', "nvme.sync: 'alwyas' is not none, interval or always"),
+    ('[nvme]\nqueue_depth = 0', "nvme.queue_depth: 0 is outside 1..4096"),
+    ('[nvme]\nadmission = "reads"', "nvme.admission: 'reads' is not 'all' or 'read'"),
+])
+def test_nvme_values_are_checked_with_the_tier_off(tmp_path, toml, message):
+    """A typo in [nvme] used to wait, unnoticed, for the day nvme.path turns the tier on."""
+    line = _start_error("--config", config(tmp_path, toml))
+    assert line == f"kvstored: error: {message}", line
