@@ -52,8 +52,10 @@ def _meminfo(field: str) -> int | None:
 
 
 def mem_available() -> int | None:
-    """MemAvailable in bytes, or None where /proc/meminfo is unreadable."""
-    return _meminfo("MemAvailable")
+    """MemAvailable in bytes, or the cgroup's memory.max when lower (in a container
+    /proc/meminfo is the host's); None where neither can be read."""
+    found = [n for n in (_meminfo("MemAvailable"), _cgroup_memory_max()) if n]
+    return min(found) if found else None
 
 
 def mem_limit() -> int | None:
@@ -132,7 +134,7 @@ class _ConfigRules:
             # the prefault (or the first puts) would have the kernel's OOM killer end the
             # daemon, or another process, instead of a clear refusal now
             raise ConfigError(f"dram.size ({format_size(self.dram_size)}) is more than this "
-                              f"host's memory ({format_size(limit)}, MemTotal or the cgroup's "
+                              f"host's memory ({limit / GiB:.1f} GiB: MemTotal or the cgroup's "
                               "memory.max); use a smaller size or auto")
         if self.dram_size < self.slab_size:
             raise ConfigError(f"dram.size ({format_size(self.dram_size)}) must hold at least "

@@ -269,3 +269,24 @@ def test_nvme_values_are_checked_with_the_tier_off(tmp_path, toml, message):
     """A typo in [nvme] used to wait, unnoticed, for the day nvme.path turns the tier on."""
     line = _start_error("--config", config(tmp_path, toml))
     assert line == f"kvstored: error: {message}", line
+
+
+def test_auto_dram_size_and_the_memory_bound_follow_a_containers_limit(tmp_path, monkeypatch):
+    """In a container /proc/meminfo is the host's: auto used to size the arena from it,
+    over the container's memory.max, and the prefault ran into the OOM killer."""
+    from kvstored import config as cfgmod
+    GiB = 1 << 30
+    meminfo, cgroup = tmp_path / "meminfo", tmp_path / "memory.max"
+    meminfo.write_text(f"MemTotal: {64 * GiB // 1024} kB\nMemAvailable: {60 * GiB // 1024} kB\n")
+    monkeypatch.setattr(cfgmod, "MEMINFO_PATH", str(meminfo))
+    monkeypatch.setattr(cfgmod, "CGROUP_MEMORY_MAX", str(cgroup))
+    cgroup.write_text("max\n")  # no limit: the host's figures
+    assert cfgmod.load_config(None, {}).dram_size == 4 * GiB  # 25 % of 60 GiB, at most 4 GiB
+    cgroup.write_text(f"{2 * GiB}\n")
+    assert cfgmod.load_config(None, {}).dram_size == 512 * MiB  # 25 % of the 2 GiB limit
+    assert cfgmod.load_config(None, {"dram_size": "2GiB"}).dram_size == 2 * GiB
+    with pytest.raises(cfgmod.ConfigError, match=r"^dram\.size \(3GiB\) is more than this "
+                                                 r"host's memory \(2\.0 GiB"):
+        cfgmod.load_config(None, {"dram_size": "3GiB"})
+    cgroup.unlink()  # no cgroup v2 file: the host's figures again
+    assert cfgmod.load_config(None, {"dram_size": "3GiB"}).dram_size == 3 * GiB
