@@ -44,6 +44,7 @@ KEY_ROOT = "/kvstored"
 BACKOFF_MIN = 0.25  # seconds before the first retry after etcd fails
 BACKOFF_MAX = 5.0  # the back-off doubles up to this
 ETCD_CALL_TIMEOUT = 2.0  # seconds for one etcd call (grant, put, get, keep-alive)
+DROPPED_EPOCH = 0xFFFFFFFF  # the gate's epoch while a dropped node is not registered again
 
 
 @dataclass
@@ -117,6 +118,12 @@ class Membership:
         self.draining = False
         self.epoch = 0
         self.on_change: list = []  # callables run (on the loop) when placement or policies change
+        # callables run (on the loop) when this node finds the cluster dropped it: its lease
+        # ran out while it was registered (the process hung, or was cut off from etcd and
+        # clients). Deletes may have missed it meanwhile: repair holds its records back
+        self.on_dropped: list = []
+        self.drops = 0  # how many times the cluster dropped this node
+        self._drop_seen = False  # this drop was handled (until registered again)
         self.ttl = c.cluster_lease_ttl
         self.endpoints = c.cluster_endpoints()
         self.static_peers = c.cluster_peers()
@@ -312,7 +319,12 @@ class Membership:
         renewer = loop.create_task(self._renew(etcd, lease), name="cluster-lease-renew")
         watcher = watch = None
         try:
+            if old is not None and self.registrations and await etcd.get(key) is None:
+                # our key went with its lease while we could not renew it: the others
+                # dropped us (a renewal that found the lease gone has already said so)
+                self._dropped("its key was gone from etcd at reconnect")
             await etcd.put(key, self.self_info().to_json(), lease=lease)
+            self._drop_seen = False
             if old is not None:  # our key moved to the new lease; the old one can go
                 try:
                     await etcd.revoke_lease(old.id)
@@ -414,8 +426,33 @@ class Membership:
             started = time.monotonic()
             reply = await asyncio.wait_for(etcd.refresh_lease(lease.id), ETCD_CALL_TIMEOUT)
             if reply is None or reply.TTL <= 0:
+                self._dropped(f"lease {lease.id:x} expired")
                 raise ConnectionError(f"lease {lease.id:x} expired")
             interval = max(0.0, started + max(0.5, self.ttl / 3) - time.monotonic())
+
+    def _dropped(self, why: str) -> None:
+        """The cluster dropped this node while it was registered (a hung process, a node
+        cut off from etcd and its clients): the others re-placed its objects, and deletes
+        sent meanwhile did not reach it. Until it has registered again it redirects every
+        client that still routes to it, and it rejoins as a node whose data is not
+        continuous: a new start time (peers do not take its "not here" as proof of a
+        delete), its records held back until repair has checked them (``on_dropped``)."""
+        if self._drop_seen:
+            return  # once per drop (the renewal and the reconnect both notice)
+        self._drop_seen = True
+        self.drops += 1
+        self.started_at = time.time()
+        # an epoch no member list has (member_epoch is an xxh32, never this sentinel in
+        # practice): every keyed request that still routes here is redirected
+        self.gate.epoch = DROPPED_EPOCH
+        log.warning("this node was dropped from the cluster (%s); its records are held back "
+                    "until repair has checked them against its peers", why,
+                    extra={"cluster": self.cluster, "node": self.status.node_id})
+        for fn in self.on_dropped:
+            try:
+                fn()
+            except Exception:  # a listener's bug must not stop membership
+                log.exception("membership drop listener failed")
 
     async def _keepalive(self, etcd, lease, key: bytes, watcher: asyncio.Task,
                          renewer: asyncio.Task) -> None:

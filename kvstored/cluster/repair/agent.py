@@ -130,6 +130,8 @@ class RepairAgent:
         # objects found below K fragments with every slot answering (reported once each)
         self.more = {"fenced": 0, "late_writes": 0, "redecided": 0, "unrecoverable": 0}
         self._settling = False  # a change woke the loop: its pass is due (repair_delay)
+        if hasattr(membership, "on_dropped"):
+            membership.on_dropped.append(self.hold_back)
         self._led_elsewhere = 0  # objects of the current pass settled by their first slot's Head
 
     # ------------------------------------------------------------ life cycle
@@ -144,6 +146,15 @@ class RepairAgent:
             self._pool.shutdown(wait=False, cancel_futures=True)
         self.executor.close()
         self.peers.close()
+
+    def hold_back(self) -> None:
+        """This node was dropped from the cluster and is rejoining (membership, on the
+        loop): deletes may have missed it, so every record it holds is held back until
+        checked, as at a restart, and the next pass is a full one."""
+        n = self.store.hold_all_now()
+        log.warning("repair: holding back %d record(s) until checked against the peers", n)
+        self._force_full = True
+        self.wake()
 
     def wake(self, now: bool = False) -> None:
         """A placement/policy change (after repair_delay) or ``now`` (drain)."""

@@ -34,6 +34,10 @@ class LocalStore:
             return threading.get_ident()
         return self._run(call)
 
+    def hold_all_now(self) -> int:
+        """store.hold_all(), called on the event loop itself (membership's drop hook)."""
+        return self._store.hold_all()
+
     @property
     def unverified(self) -> int:
         return self._store.unverified

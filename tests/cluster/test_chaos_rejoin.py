@@ -1,0 +1,116 @@
+"""A node the cluster dropped while it was alive (hung past its lease: SIGSTOP, then
+SIGCONT) holds its records back when it comes back, as a restarted node does: deletes
+made while it was away do not come back through it. Found by test_chaos.py (seed
+2067173841: ``get rep/t1-27 returned the object 0.3s after its delete was acknowledged``,
+the copy on the node that had been stopped). Real etcd and real kvstored processes; plus
+``Store.hold_all`` on both index kinds."""
+from __future__ import annotations
+
+import os
+import signal
+import time
+
+import pytest
+from clusterutil import placement, placement_members, wait_for, wait_left
+from etcdutil import TTL, needs_etcd
+
+pytest.importorskip("pyeclib")
+
+import kvstore  # noqa: E402
+from kvstore import errors  # noqa: E402
+from kvstore.cluster import ClusterClient  # noqa: E402
+from kvstore.layout import Policy, placement_key, slots  # noqa: E402
+
+POLICIES = {"rep": "replicas:2", "ec": "ec:2+1"}
+
+
+@pytest.mark.parametrize("kind", ["packed", "dict"])
+def test_hold_all_holds_back_every_record(kind):
+    from kvstored.engine.entries import make_index
+    from kvstored.engine.store import Store, StoreLimits
+    try:
+        make_index(kind)
+    except ImportError:
+        pytest.skip("kvstored._index not built")
+    s = Store(StoreLimits(dram_size=4 << 20, slab_size=1 << 20, max_value_size=1 << 20,
+                          hugepages=False, prefault=False, index=kind))
+    try:
+        for k in (b"a", b"b", b"c"):
+            s.put_bytes(b"ns", k, k * 100)
+        s.index.mark_unverified(s.peek(b"ns", b"c"))  # already held: not counted twice
+        assert s.hold_all() == 2
+        assert s.unverified == 3 and s.exists(b"ns", [b"a", b"b", b"c"]) == [False] * 3
+        assert s.verify_key(b"ns", b"a") and s.exists(b"ns", [b"a"]) == [True]
+        assert s.hold_all() == 1 and s.unverified == 3
+    finally:
+        s.close()
+
+
+def _config(tmp, etcd, name: str) -> tuple[str, ...]:
+    cfg = tmp / f"{name}.toml"
+    pols = ", ".join(f"{ns}={p}" for ns, p in POLICIES.items())
+    cfg.write_text(f'[node]\nid = "{name}"\n[cluster]\nenabled = true\nlease_ttl = {TTL}\nname = "rj"\n'
+                   f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\nrepair_interval = 3\n'
+                   f'policies = "{pols}"\n')
+    return ("--config", str(cfg))
+
+
+@needs_etcd
+@pytest.mark.timeout(180)
+def test_node_dropped_while_hung_does_not_serve_what_was_deleted_meanwhile(etcd, start_daemon, tmp_path):
+    names = [f"h{i}" for i in range(4)]
+    ds = start_daemon.many(*(_config(tmp_path, etcd, n) for n in names))
+    for d in ds:
+        wait_for(lambda d=d: placement(d) == set(names), 20, "four nodes")
+    hung, rest = ds[1], ds[:1] + ds[2:]
+    members = placement_members(ds[0])
+    rep = Policy.parse(POLICIES["rep"])
+    # replicated objects whose first copy is on the node that will hang: a get asks it first
+    first = [f"r-{i}".encode() for i in range(400)
+             if slots(placement_key(f"r-{i}".encode(), rep), members, rep, "rep")[0][0].node_id == "h1"]
+    objs = {k: os.urandom(3000 + i) for i, k in enumerate(first[:24])}
+    ecs = {f"e-{i}".encode(): os.urandom(300_000 + i) for i in range(12)}
+    cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.2)
+    cc.batch_put(list(objs.items()), namespace="rep")
+    cc.batch_put(list(ecs.items()), namespace="ec")
+    time.sleep(2.5)  # older than the repair agent's young-record guard
+
+    hung.proc.send_signal(signal.SIGSTOP)
+    try:
+        wait_left(etcd, "rj", "h1", rest, placement, TTL + 10, "h1 dropped while hung")
+        # deleted while it hangs: the deletes go to the nodes that are members now
+        gone_rep, gone_ec = list(objs)[:12], list(ecs)[:6]
+        wait_for(lambda: cc.delete(gone_rep, namespace="rep") == 12, 20, "rep deletes")
+        wait_for(lambda: cc.delete(gone_ec, namespace="ec") == 6, 20, "ec deletes")
+    finally:
+        hung.proc.send_signal(signal.SIGCONT)
+    wait_for(lambda: all(placement(d) == set(names) for d in ds), 30, "h1 back in placement")
+    with kvstore.Client(hung.control, timeout=5, shm=False) as c:
+        # it had its copies all along, but holds them back from before it registered again
+        for k in gone_rep:
+            with pytest.raises(errors.NotFound):
+                c.get(k, namespace="rep")
+    # through the cluster, at once and after h1's repair has checked everything
+    for k in gone_rep:
+        with pytest.raises(errors.NotFound):
+            cc.get(k, namespace="rep")
+    with kvstore.Client(hung.control, timeout=5, shm=False) as c:
+        wait_for(lambda: c.stats().counters["unverified"] == 0, 60, "h1's records checked")
+        rs = c.members().repair
+        assert rs.dropped >= len(gone_rep), rs  # its copies of the deleted objects
+        for k in gone_rep:
+            assert not c.heads([k], namespace="rep").heads[0].present
+    assert "dropped from the cluster" in hung.log()
+    for k in gone_rep:
+        with pytest.raises(errors.NotFound):
+            cc.get(k, namespace="rep")
+    for k in gone_ec:
+        with pytest.raises(errors.NotFound):
+            cc.get(k, namespace="ec")
+    for k, v in objs.items():
+        if k not in gone_rep:
+            assert cc.get(k, namespace="rep") == v
+    for k, v in ecs.items():
+        if k not in gone_ec:
+            assert cc.get(k, namespace="ec") == v
+    cc.close()
