@@ -454,7 +454,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
             p.add_argument(s.flag.option, metavar=s.flag.metavar, help=_flag_help(s),
                            **_FLAG_TYPE.get(s.kind, {}), **_flag_choices(s))
     p.add_argument("--ready-file", metavar="PATH",
-                   help="file written once the daemon is listening (for supervisors and tests)")
+                   help="file written (atomically: pid, node id, ports) once the daemon is ready: "
+                        "listening, arena prefaulted (for supervisors and tests)")
     p.add_argument("--print-config", action="store_true",
                    help="print the effective config as TOML and exit")
     p.add_argument("--version", action="version", version=f"kvstored {__version__}")

@@ -312,8 +312,8 @@ class Node:
                 st.shm_path = await shm.start()
             except OSError as e:
                 raise OSError(f"cannot listen on the shm socket {path} ({e.strerror or e}); "
-                              "set shm.socket_path to a writable directory or shm.enabled = "
-                              "false") from None
+                              "set shm.socket_path to another path (in a directory this user "
+                              "can write) or shm.enabled = false") from None
             self.shm = shm
             if c.shm_allowed_uid_set():
                 # the listed uids must be able to connect() at all (a DynamicUser daemon

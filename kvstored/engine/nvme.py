@@ -146,6 +146,7 @@ class NvmeTier:
         self._budget_window = (clock(), 0)  # (window start, bytes written in it)
         self._key_buf: mmap.mmap | None = None  # key_at's aligned header block
         self._mismatch_logged = False
+        self.closed = False  # close() writes the summaries still in flight itself
         self.counters = dict.fromkeys(
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
@@ -426,6 +427,8 @@ class NvmeTier:
             n = await self.dev.io.writev(offset, [memoryview(buf)])
             ok = n == len(buf)
         except OSError as e:
+            if self.closed:  # the device closed under it: close() wrote this summary itself
+                return
             ok = False
             log.warning("nvme region %d: summary write failed (%s); a restart scans it", r.index, e)
         if r.generation != gen:
@@ -917,6 +920,7 @@ class NvmeTier:
     def close(self) -> None:
         # summaries of the open regions, and of sealed ones whose write had no time to
         # run, so the next start reads instead of scanning (same bytes if both land)
+        self.closed = True
         for r in self.regions:
             if (r.state not in ("open", "full", "carrying", "reclaiming") or r.sum_state == "written" or r.pending
                     or r.summary is None or r.frontier != r.write_ptr):
