@@ -205,13 +205,14 @@ def test_a_client_hammering_broken_frames_is_logged_a_bounded_number_of_times(st
 
 def test_status_without_a_token_still_shows_health(start_daemon, tmp_path):
     """Info and Health need no token: `kvstore-cli status` (a health probe) works without
-    one on an auth-enabled node and says what the token would show; Stats still refuses."""
+    one on an auth-enabled node and says what the token would show. A refusal exits 4 (a
+    credential to fix), apart from a store error (1) or an absent daemon (3)."""
     tokens = tmp_path / "tokens.toml"
     tokens.write_text('[[token]]\nname = "ro"\ntoken = "ro-token-0123456789abcdef"\n'
                       'namespaces = ["default"]\nscopes = ["read"]\n')
     tokens.chmod(0o600)
-    d = start_daemon("--config", config(tmp_path, f'[auth]\nenabled = true\n'
-                                                  f'tokens_file = "{tokens}"\n'))
+    cfg = config(tmp_path, f'[auth]\nenabled = true\ntokens_file = "{tokens}"\n')
+    d = start_daemon("--config", cfg)
     for env in ({}, {"KVSTORE_TOKEN": "wrong-token-0123456789abcdef"}):
         r = _cli("-a", d.control, "status", env=env)
         assert r.returncode == 0, r.stderr
@@ -221,12 +222,21 @@ def test_status_without_a_token_still_shows_health(start_daemon, tmp_path):
         r = _cli("-a", d.control, "--json", "status", env=env)
         doc = json.loads(r.stdout)
         assert r.returncode == 0 and doc["ready"] and doc["stats_denied"], r.stdout
-        r = _cli("-a", d.control, "stats", env=env)
-        assert r.returncode == 1 and r.stderr.startswith("kvstore-cli: PermissionDenied: ")
-        assert "Traceback" not in r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
-    r = _cli("-a", d.control, "--json", "status", env={"KVSTORE_TOKEN": "ro-token-0123456789abcdef"})
+        for args in (["stats"], ["--json", "stats"], ["put", cfg, "--key", "k"], ["ls"]):
+            r = _cli("-a", d.control, *args, env=env)  # exit 4: a credential to fix
+            assert r.returncode == 4 and r.stderr.startswith("kvstore-cli: PermissionDenied: ")
+            assert len(r.stderr.splitlines()) == 1 and r.stdout == "", (args, r.stderr)
+    ro = {"KVSTORE_TOKEN": "ro-token-0123456789abcdef"}
+    r = _cli("-a", d.control, "--json", "status", env=ro)
     doc = json.loads(r.stdout)
     assert r.returncode == 0 and doc["stats_denied"] is None and doc["cli_transport"] == "tcp"
+    # a read-only token: bench's puts are refused; nothing was stored, so no clean-up warning
+    r = _cli("-a", d.control, "bench", "--count", "2", "--size", "4KiB", env=ro)
+    assert r.returncode == 4 and len(r.stderr.splitlines()) == 1, r.stderr
+    assert "lacks the 'write' scope" in r.stderr
+    r = _cli("-a", d.control, "get", "nope", "-o", str(tmp_path / "o"), env=ro)
+    assert r.returncode == 1 and r.stderr == ("kvstore-cli: NotFound: no key 'nope' in "
+                                              "namespace 'default'\n"), r.stderr
 
 
 # ---------------------------------------------------------------- start-up messages

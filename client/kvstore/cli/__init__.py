@@ -28,10 +28,10 @@ from __future__ import annotations
 # One module per job: common (exit codes, output, progress, keys), data (put/get/...),
 # admin (status/stats/nodes/drain/policy/reload), bench, main (parser, entry point).
 from .admin import repair_line
-from .common import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE, EXIT_USAGE, PROG,
-                     Progress, human_age, human_duration, human_size, parse_key, show_key)
+from .common import (EXIT_DENIED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, EXIT_UNAVAILABLE,
+                     EXIT_USAGE, PROG, Progress, human_age, human_duration, human_size, parse_key, show_key)
 from .main import build_parser, main, parse_size
 
-__all__ = ["EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "PROG",
+__all__ = ["EXIT_DENIED", "EXIT_ERROR", "EXIT_INTERRUPTED", "EXIT_OK", "EXIT_UNAVAILABLE", "EXIT_USAGE", "PROG",
            "Progress", "build_parser", "human_age", "human_duration", "human_size", "main",
            "parse_key", "parse_size", "repair_line", "show_key"]

@@ -90,6 +90,7 @@ def cmd_bench(c: Client, args) -> int:
     payload = bytearray(os.urandom(size))
     stamp_len = min(_STAMP.size, size)
     dedups = 0  # puts the daemon answered "already stored" (possible only below 16 bytes)
+    stored = 0  # puts answered (the clean-up's business)
     results: dict[str, dict] = {}
     progress = Progress(args.progress)
 
@@ -97,10 +98,11 @@ def cmd_bench(c: Client, args) -> int:
         payload[:stamp_len] = _STAMP.pack(rnd, i)[:stamp_len]
 
     def put(rnd: int, i: int) -> None:
-        nonlocal dedups
+        nonlocal dedups, stored
         # overwrite after the first pass: the key holds the previous pass's bytes
         if not c.put(keys[i], payload, overwrite=rnd > 0):
             dedups += 1
+        stored += 1
 
     buf = bytearray(size)
 
@@ -125,6 +127,7 @@ def cmd_bench(c: Client, args) -> int:
             for i in range(count):  # untimed fill for --op get, each object its own bytes
                 stamp(0, i)
                 c.put(keys[i], payload, overwrite=True)
+                stored += 1
                 progress.update(f"bench: storing {i + 1}/{count} objects to read back")
         if args.op in ("get", "both"):
             results["get"] = _phase_doc(_timed(get, count, args.duration, tick=ticker("get")),
@@ -133,9 +136,12 @@ def cmd_bench(c: Client, args) -> int:
         progress.update("bench: deleting the bench keys")
         progress.done()
         # clean up even after an error or ^C; a clean-up failure must not hide the first error
+        # (a token refused before anything was stored leaves nothing to delete: no warning)
+        refused = isinstance(sys.exc_info()[1], errors.PermissionDenied)
+        todo = [] if refused and not stored else keys
         try:
-            for i in range(0, len(keys), max(1, info.max_batch_keys)):
-                deleted += c.delete(keys[i:i + info.max_batch_keys])
+            for i in range(0, len(todo), max(1, info.max_batch_keys)):
+                deleted += c.delete(todo[i:i + info.max_batch_keys])
         except errors.KVStoreError as e:
             print(f"{PROG}: warning: could not delete the bench keys under {prefix!r}: {e.message}",
                   file=sys.stderr)

@@ -19,6 +19,7 @@ EXIT_OK = 0
 EXIT_ERROR = 1
 EXIT_USAGE = 2  # argparse's own convention
 EXIT_UNAVAILABLE = 3
+EXIT_DENIED = 4  # PermissionDenied: a token or certificate to fix, not a store error
 EXIT_INTERRUPTED = 130
 
 

@@ -15,8 +15,8 @@ from .admin import (DRAIN_POLL_SECONDS, DRAIN_WAIT_TIMEOUT, PROBE_TIMEOUT, cmd_d
                     cmd_policy_ls, cmd_policy_rm, cmd_policy_set, cmd_reload, cmd_stats,
                     cmd_status)
 from .bench import cmd_bench
-from .common import (EXIT_ERROR, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE, PROG,
-                     one_line, tls_config)
+from .common import (EXIT_DENIED, EXIT_ERROR, EXIT_INTERRUPTED, EXIT_UNAVAILABLE, EXIT_USAGE,
+                     PROG, one_line, tls_config)
 from .data import (cmd_delete_all, cmd_exists, cmd_get, cmd_lookup, cmd_ls, cmd_pin, cmd_put,
                    cmd_rm, cmd_unpin)
 
@@ -123,7 +123,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect and use a kvstored KV-block store.",
         epilog="data commands use TCP unless --shm is given. exit codes: 0 ok, 1 error "
-               "reported by the store, 2 usage, 3 daemon unreachable (or no shm path for --shm)")
+               "reported by the store, 2 usage, 3 daemon unreachable (or no shm path for --shm), "
+               "4 permission denied (token or certificate); on an error stdout stays empty, "
+               "--json included, and stderr has one line")
     _add_global_options(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
@@ -303,7 +305,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except errors.KVStoreError as e:
         print(f"{PROG}: {e.name}: {_error_text(e, args)}", file=sys.stderr)
         # Timeout is a subclass of Unavailable: both mean "no daemon to talk to"
-        return EXIT_UNAVAILABLE if isinstance(e, errors.Unavailable) else EXIT_ERROR
+        if isinstance(e, errors.Unavailable):
+            return EXIT_UNAVAILABLE
+        return EXIT_DENIED if isinstance(e, errors.PermissionDenied) else EXIT_ERROR
     except BrokenPipeError:
         # `kvstore-cli get k -o - | head`: the reader left; stay quiet like other tools do,
         # and point stdout at /dev/null so the interpreter's final flush does not complain
