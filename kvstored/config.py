@@ -20,10 +20,10 @@ from dataclasses import fields, make_dataclass
 from typing import Any, NoReturn
 
 from kvstored import __version__
-from kvstored.settings import (_BY_FIELD, _BY_NAME, _PY_TYPE, AUTO_SIZE, CHOICE, INT,  # noqa: F401
-                               LOG_FORMATS, LOG_LEVELS, RELOADABLE, SECTIONS, SETTINGS, SIZE,
-                               ConfigError, GiB, KiB, MiB, Setting, TiB, _coerce, _toml_value,
-                               _type_name, _unknown, format_size, parse_size)
+from kvstored.settings import (_BY_FIELD, _BY_NAME, _PY_TYPE, AUTO_SIZE, CHOICE,  # noqa: F401
+                               INDEX_KINDS, INT, LOG_FORMATS, LOG_LEVELS, RELOADABLE, SECTIONS,
+                               SETTINGS, SIZE, ConfigError, GiB, KiB, MiB, Setting, TiB, _coerce,
+                               _toml_value, _type_name, _unknown, format_size, parse_size)
 
 SLAB_ALIGN = 4096  # the arena's slot alignment; slabs must be cut into whole pages
 
@@ -140,6 +140,10 @@ class _ConfigRules:
             raise ConfigError(f"dram.size ({format_size(self.dram_size)}) must hold at least "
                               f"one slab (dram.slab_size = {format_size(self.slab_size)})")
 
+        env_index = os.environ.get("KVSTORED_INDEX")  # engine/entries.py: overrides dram.index
+        if env_index and env_index not in INDEX_KINDS:
+            raise ConfigError(f"KVSTORED_INDEX (environment, overrides dram.index): {env_index!r} "
+                              f"is not one of {', '.join(INDEX_KINDS)}")
         self._validate_nvme()
         self.shm_allowed_uid_set()
         self._validate_security()

@@ -335,3 +335,15 @@ def test_a_summary_write_cut_by_close_is_no_false_alarm(tmp_path, caplog):
         assert tier.counters["restart_scanned_regions"] == 0, tier.counters
     finally:
         tier.close()
+
+
+def test_environment_overrides_name_themselves_when_wrong(tmp_path):
+    """A bad value from the environment named only the flag or a Python error."""
+    r = subprocess.run(_daemon_argv(), capture_output=True, text=True, timeout=CLI_TIMEOUT,
+                       env={**os.environ, "KVSTORED_INDEX": "bogus"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1] == (
+        "kvstored: error: KVSTORED_INDEX (environment, overrides dram.index): 'bogus' is not "
+        "one of auto, packed, dict"), r.stderr[-2000:]
+    r = _cli("status", env={"KVSTORE_ADDRESS": "no-port-here"})
+    assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
+        "expected HOST:PORT, got 'no-port-here' (from KVSTORE_ADDRESS)"), r.stderr

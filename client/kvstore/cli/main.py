@@ -55,7 +55,9 @@ def _positive(kind: type) -> Callable[[str], float]:
 def _address(text: str) -> str:
     host, sep, port = text.rpartition(":")
     if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
-        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}")
+        # argparse checks the default too: say so when the bad value came from there
+        env = " (from KVSTORE_ADDRESS)" if text == os.environ.get("KVSTORE_ADDRESS") else ""
+        raise argparse.ArgumentTypeError(f"expected HOST:PORT, got {text!r}{env}")
     return text
 
 
