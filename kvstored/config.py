@@ -313,7 +313,12 @@ class _ConfigRules:
         if not os.path.exists(target):
             raise ConfigError(f"nvme.path: directory {parent} does not exist")
         if not os.access(target, os.W_OK):
-            raise ConfigError(f"nvme.path: {target} is not writable by this user")
+            try:
+                read_only = bool(os.statvfs(target).f_flag & os.ST_RDONLY)
+            except OSError:
+                read_only = False
+            raise ConfigError(f"nvme.path: {target} is " + (
+                "on a read-only file system" if read_only else "not writable by this user"))
 
     def to_toml(self) -> str:
         """The config as TOML, in the file layout; ``load_config`` reads it back equal."""

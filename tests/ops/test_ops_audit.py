@@ -347,3 +347,23 @@ def test_environment_overrides_name_themselves_when_wrong(tmp_path):
     r = _cli("status", env={"KVSTORE_ADDRESS": "no-port-here"})
     assert r.returncode == 2 and r.stderr.strip().splitlines()[-1].endswith(
         "expected HOST:PORT, got 'no-port-here' (from KVSTORE_ADDRESS)"), r.stderr
+
+
+def test_a_read_only_tier_directory_says_read_only(tmp_path, monkeypatch):
+    """As root on a read-only mount the tier's line said 'not writable by this user'. (A
+    read-only mount needs root to make, so the file system's answers are stood in for.)"""
+    from collections import namedtuple
+
+    from kvstored import config as cfgmod
+    overrides = {"nvme_path": str(tmp_path / "t.dat"), "nvme_size": "20MiB",
+                 "nvme_region_size": "16MiB", "max_value_size": "4MiB", "slab_size": "4MiB",
+                 "dram_size": "64MiB"}
+    monkeypatch.setattr(cfgmod.os, "access", lambda path, mode: False)
+    vfs = namedtuple("vfs", "f_flag")
+    monkeypatch.setattr(cfgmod.os, "statvfs", lambda path: vfs(os.ST_RDONLY))
+    with pytest.raises(cfgmod.ConfigError, match=f"^nvme.path: {tmp_path} is on a read-only "
+                                                 "file system$"):
+        cfgmod.load_config(None, overrides)
+    monkeypatch.setattr(cfgmod.os, "statvfs", lambda path: vfs(0))
+    with pytest.raises(cfgmod.ConfigError, match="is not writable by this user$"):
+        cfgmod.load_config(None, overrides)
