@@ -151,6 +151,9 @@ class _ConfigRules:
         if not 0 < low <= high <= 1:  # also false for NaN
             raise ConfigError(f"dram.low_watermark ({low}) and dram.high_watermark ({high}) "
                               "must satisfy 0 < low_watermark <= high_watermark <= 1")
+        if self.control_port and self.control_port == self.data_port:
+            raise ConfigError(f"server.data_port: {self.data_port} is also server.control_port; "
+                              "the planes need two ports (or 0 for any free one)")
         if self.metrics_enabled and not self.metrics_host.strip():
             raise ConfigError("metrics.host: must not be empty (e.g. 127.0.0.1 or 0.0.0.0)")
         if self.metrics_enabled and self.metrics_port and self.metrics_port in (

@@ -247,6 +247,14 @@ def test_an_address_that_is_not_this_hosts_names_the_host_setting():
     assert "data_port" not in line  # the port was never the problem
 
 
+def test_one_port_for_both_planes_is_a_config_error():
+    """It failed at the second bind, blaming 'address already in use, or not an address
+    of this host' on the control port."""
+    line = _start_error("--port", "17999", "--data-port", "17999")
+    assert line == ("kvstored: error: server.data_port: 17999 is also server.control_port; the "
+                    "planes need two ports (or 0 for any free one)"), line
+
+
 def test_a_dram_size_over_the_hosts_memory_is_refused_before_anything_starts():
     """1000 TiB: the arena's mmap used to fail with a bare '[Errno 12] Cannot allocate
     memory'; a size over the host's memory but within overcommit would have been
