@@ -82,6 +82,31 @@ def test_sighup_during_start_up_is_applied_once_ready(tmp_path):
         d.stop(signal.SIGKILL)
 
 
+def test_sighup_while_warming_is_applied_once_ready(tmp_path):
+    """The same while the arena is prefaulted (the planes already serve): the signal is
+    remembered and the reload runs once the node is ready. A fast machine may finish the
+    prefault first; then it is an ordinary reload, still exactly one."""
+    cfg = config(tmp_path, '[server]\nmax_batch_keys = 65536\n')
+    d = Daemon(tmp_path, "--config", cfg, "--dram-size", "1GiB")
+    d.launch()
+    try:
+        first = wait_for_log(d, 'msg="kvstored ', timeout=60)  # listening (warming) or ready
+        with open(cfg, "w") as f:
+            f.write('[server]\nmax_batch_keys = 1000\n')
+        d.proc.send_signal(signal.SIGHUP)
+        line = wait_for_log(d, 'msg="reloaded ', timeout=120)
+        assert kv_fields(line)["applied"] == "server.max_batch_keys=1000", line
+        d.wait_ready(60)
+        text = d.log_path.read_text()
+        assert text.count('msg="reloaded ') == 1, text[-3000:]
+        if 'msg="kvstored listening"' in first and "SIGHUP arrived during start-up" in text:
+            # the early path: the reload follows the ready line
+            assert text.index('msg="kvstored ready"') < text.index('msg="reloaded '), text
+        assert d.stop() == 0
+    finally:
+        d.stop(signal.SIGKILL)
+
+
 # ---------------------------------------------------------------- a tier refused for room
 
 FSIZE_LIMIT = 1 * MiB
