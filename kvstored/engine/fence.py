@@ -98,6 +98,14 @@ class DeleteFence:
         self.counters["refused"] += 1
         return why
 
+    def deleted_lately(self, ns: bytes, key: bytes) -> bool:
+        """Whether (ns, key), or its namespace, was deleted here within the window (Heads:
+        evidence that a held record elsewhere is a leftover of a delete, not a loss)."""
+        since = self.clock() - self.window
+        at = self._keys.get((ns, key))
+        return ((at is not None and at > since) or self._namespaces.get(ns, since) > since
+                or self._namespaces.get(None, since) > since)
+
     def _trim(self, now: float) -> None:
         """Forget keys past the window, and the oldest over ``max_keys`` (raising floor)."""
         ks = self._keys

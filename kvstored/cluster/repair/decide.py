@@ -8,9 +8,10 @@ agent (agent.py) executes the actions in bulk.
 
 * **verify** a record recovered at restart: kept (``Verify``) when a verified peer holds
   the same version; dropped (``Drop``) when verified peers hold only another version, or
-  when none holds it and a settled peer (no records held back itself) that was already
-  running when the record was written says it is not there; left pending when no peer
-  answered. Otherwise (every peer restarted too, or only later joiners answered) kept.
+  when none holds it and a peer says a client deleted it there lately (its delete fence),
+  or a settled peer (no records held back itself) that was already running when the
+  record was written says it is not there; left pending when no peer answered.
+  Otherwise (every peer restarted too, or only later joiners answered) kept.
 * **rebuild** (the *leader*: the first slot holding a verified current record): slots that
   lack a record get one: replicas are copied (``Copy``); missing EC indices are rebuilt
   (``Reconstruct``: from K fragments, or re-indexed copies of a whole-object record).
@@ -161,12 +162,16 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
     if not unverified:
         return True
     ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
-    verified_versions, answered, lacking_since = set(), False, []
+    verified_versions, answered, lacking_since, deleted = set(), False, [], False
     for (nid, _lap), h in got.items():
         if h is None:
             continue
         answered = True
         if not h.present:
+            # a peer a client deleted it on lately (its delete fence): this node missed
+            # the delete while it was away (restarted, or dropped while it hung). Settled
+            # or not, restarted or not: the delete is the evidence
+            deleted = deleted or getattr(h, "deleted", False)
             if peers.settled.get(nid, False):  # a peer with nothing held back says "not here"
                 lacking_since.append(peers.started.get(nid, float("inf")))
             continue
@@ -179,6 +184,8 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
     for lap, v in unverified.items():
         if verified_versions:
             keep = ver(v) in verified_versions
+        elif deleted:
+            keep = False
         elif any(started < v.committed_at for started in lacking_since):
             # a peer that was running when this record was written does not hold it:
             # deleted while this node was away (a peer that restarted empty since, or
