@@ -264,6 +264,16 @@ def test_status_without_a_token_still_shows_health(start_daemon, tmp_path):
                                               "namespace 'default'\n"), r.stderr
 
 
+def test_cli_pointed_at_the_data_or_metrics_port_says_so(daemon):
+    """-a with the data or metrics port used to print gRPC's HTTP/2 parser error."""
+    for port in (daemon.data_port, daemon.info["metrics_port"]):
+        r = _cli("-a", f"127.0.0.1:{port}", "--timeout", "10", "status")
+        assert r.returncode == 3 and r.stdout == "", r.stderr
+        assert r.stderr == (f"kvstore-cli: Unavailable: 127.0.0.1:{port} answers, but not as "
+                            "kvstored's control (gRPC) port: is it the data or metrics port? -a "
+                            "takes the control port (127.0.0.1:7070 by default)\n"), r.stderr
+
+
 # ---------------------------------------------------------------- start-up messages
 
 def test_an_address_that_is_not_this_hosts_names_the_host_setting():

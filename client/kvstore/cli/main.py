@@ -251,6 +251,8 @@ def _add_globals_last(p: argparse.ArgumentParser) -> None:
 
 
 _REFUSED = re.compile(r"connection refused|errno 111|econnrefused", re.IGNORECASE)
+# gRPC's words for a peer that answers, but not in HTTP/2 (kvstored's data or metrics port)
+_NOT_GRPC = re.compile(r"failed parsing http/2|http1\.x server", re.IGNORECASE)
 
 
 def _error_text(e: errors.KVStoreError, args) -> str:
@@ -265,6 +267,9 @@ def _error_text(e: errors.KVStoreError, args) -> str:
                     "(is that port reachable from here? --data-address overrides it)")
         return (f"cannot connect to kvstored at {args.address}: connection refused "
                 "(is kvstored running?)")
+    if isinstance(e, errors.Unavailable) and _NOT_GRPC.search(text):
+        return (f"{args.address} answers, but not as kvstored's control (gRPC) port: is it the "
+                f"data or metrics port? -a takes the control port ({DEFAULT_ADDRESS} by default)")
     # the SDK's wording for what the user asked as --shm
     return text.replace("shm=True but", "--shm given but")
 
