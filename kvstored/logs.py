@@ -8,8 +8,9 @@ path reads::
 
 and the same event as JSON is ``{"ts": ..., "level": "info", ..., "req_id": 7, "peer": "10.0.0.5:51234"}``.
 
-No storms: a line repeated (same logger, level and message text; fields such as the
-peer may differ) is written at most ``RATE_BURST`` times per ``RATE_WINDOW`` seconds
+No storms: a line repeated (same logger, level and message template: the arguments,
+an offset, a key, a reason, and fields such as the peer may differ) is written at most
+``RATE_BURST`` times per ``RATE_WINDOW`` seconds
 at info and above; the first one after a quiet spell carries ``suppressed=N``, the
 number left out (:class:`RateLimit`). Debug lines are never dropped: asking for them
 is asking for everything.
@@ -156,9 +157,11 @@ _RATE_KINDS = 4096  # kinds remembered at once (a bound on the filter's memory)
 
 
 class RateLimit(logging.Filter):
-    """At most ``burst`` lines of one kind (logger, level, message text) per ``window``
+    """At most ``burst`` lines of one kind (logger, level, message template: a failing
+    device's errors differ in their offsets, not in kind) per ``window``
     seconds at info and above. The last line let through says so (``rate_limited``);
-    the first one of the kind after its window carries ``suppressed=N``."""
+    the first one of the kind after its window carries ``suppressed=N``, or, if none
+    comes, :meth:`report` writes one line with the count once the window is over."""
 
     def __init__(self, burst: int = RATE_BURST, window: float = RATE_WINDOW,
                  clock=time.monotonic) -> None:
@@ -166,11 +169,12 @@ class RateLimit(logging.Filter):
         self.burst, self.window, self.clock = burst, window, clock
         self._kinds: dict[tuple, list] = {}  # kind -> [window start, lines, suppressed]
         self._lock = threading.Lock()  # threads log too (prefault, NVMe I/O, gRPC)
+        self._pending = False  # some kind has lines left out (report() has work)
 
     def filter(self, record: logging.LogRecord) -> bool:
         if record.levelno < logging.INFO:
             return True
-        kind = (record.name, record.levelno, record.getMessage())
+        kind = (record.name, record.levelno, str(record.msg))
         now = self.clock()
         with self._lock:
             st = self._kinds.get(kind)
@@ -190,7 +194,24 @@ class RateLimit(logging.Filter):
                                        "says how many)")
                 return True
             st[2] += 1
+            self._pending = True
             return False
+
+    def report(self) -> None:
+        """One line per kind whose window is over with lines left out (the daemon's
+        maintenance pass calls this), so a storm that stopped still gets its count."""
+        if not self._pending:
+            return
+        now, over = self.clock(), []
+        with self._lock:
+            for kind, st in list(self._kinds.items()):
+                if st[2] and now - st[0] >= self.window:
+                    over.append((kind, st[2]))
+                    del self._kinds[kind]
+            self._pending = any(st[2] for st in self._kinds.values())
+        for (name, level, msg), n in over:
+            logging.getLogger(name).log(level, "%d more lines like this were left out in %.0fs: %s",
+                                        n, self.window, msg, extra={"suppressed": n})
 
     def _forget(self, now: float) -> None:
         """Drop the kinds whose window is over (their suppressed counts with them); all
@@ -220,6 +241,15 @@ def setup(level: str = "info", fmt: str = "kv", stream: TextIO | None = None) ->
     logging.getLogger("grpc._cython.cygrpc").setLevel(logging.INFO)
 
 
+def report_suppressed() -> None:
+    """Write the counts of lines our handlers' rate limits left out (RateLimit.report)."""
+    for h in logging.getLogger().handlers:
+        if isinstance(h, _Handler):
+            for f in h.filters:
+                if isinstance(f, RateLimit):
+                    f.report()
+
+
 def set_level(level: str) -> None:
     logging.getLogger().setLevel(level.upper())
 
@@ -232,4 +262,5 @@ def set_format(fmt: str) -> None:
 
 
 __all__ = ["FORMATS", "JsonFormatter", "KeyValueFormatter", "REDACTED", "RateLimit", "formatter",
-           "is_sensitive", "redact", "redact_value", "set_format", "set_level", "setup"]
+           "is_sensitive", "redact", "redact_value", "report_suppressed", "set_format", "set_level",
+           "setup"]

@@ -376,6 +376,7 @@ class Node:
                 self.store.maybe_evict()
                 if self.shm is not None:
                     self.shm.expire_leases()
+                logs.report_suppressed()  # the counts of storms that stopped
                 if time.monotonic() - last_tier_log >= TIER_LOG_INTERVAL:
                     last_tier_log = time.monotonic()
                     self._log_tiers()

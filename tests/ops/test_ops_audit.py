@@ -159,14 +159,35 @@ def test_rate_limit_bounds_repeats_and_counts_what_it_left_out():
     passed = [r for r in (rec("closing: %s", logging.INFO, "bad magic") for _ in range(50))
               if f.filter(r)]
     assert len(passed) == 3 and "rate_limited" in vars(passed[-1])
-    assert f.filter(rec("closing: %s", logging.INFO, "other reason"))  # another kind
+    assert not f.filter(rec("closing: %s", logging.INFO, "other reason"))  # same template
+    assert f.filter(rec("closed: %s", logging.INFO, "bad magic"))  # another kind
     assert f.filter(rec("closing: %s", logging.WARNING, "bad magic"))  # another level
     assert all(f.filter(rec("debug %d", logging.DEBUG, 1)) for _ in range(50))  # never dropped
     now[0] = 10.0  # the window is over: the next one says how many were left out
     r = rec("closing: %s", logging.INFO, "bad magic")
-    assert f.filter(r) and r.suppressed == 47
+    assert f.filter(r) and r.suppressed == 48
     r = rec("closing: %s", logging.INFO, "bad magic")
     assert f.filter(r) and not hasattr(r, "suppressed")
+
+
+def test_rate_limit_reports_a_storm_that_stopped(caplog):
+    """No later line of the kind to carry suppressed=N: the maintenance pass's report()
+    writes the count once the window is over, once."""
+    now = [0.0]
+    f = logs.RateLimit(burst=2, window=10.0, clock=lambda: now[0])
+    for i in range(30):
+        f.filter(logging.LogRecord("kvstored.nvme", logging.ERROR, "", 1,
+                                   "nvme write failed at offset %d", (i * 4096,), None))
+    with caplog.at_level(logging.INFO, logger="kvstored.nvme"):
+        f.report()  # the window is not over yet: nothing
+        assert caplog.records == []
+        now[0] = 10.0
+        f.report()
+        f.report()
+    (r,) = caplog.records
+    assert r.levelno == logging.ERROR and r.suppressed == 28
+    assert r.getMessage() == ("28 more lines like this were left out in 10s: "
+                              "nvme write failed at offset %d")
 
 
 def test_rate_limit_memory_is_bounded_and_threads_share_it():
