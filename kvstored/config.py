@@ -323,14 +323,19 @@ class _ConfigRules:
             raise ConfigError(f"nvme.path: {target} is " + (
                 "on a read-only file system" if read_only else "not writable by this user"))
 
-    def to_toml(self) -> str:
-        """The config as TOML, in the file layout; ``load_config`` reads it back equal."""
+    def to_toml(self, redact: bool = False) -> str:
+        """The config as TOML, in the file layout; ``load_config`` reads it back equal.
+        ``redact``: credentials (``cluster.token``) as ``[REDACTED]`` (the /config page)."""
+        from kvstored.logs import REDACTED, is_sensitive  # lazy: keep config importable alone
         lines = ["# kvstored configuration (sizes are binary: 1GiB = 1024MiB)"]
         for section in SECTIONS:
             lines += ["", f"[{section}]"]
             for s in SETTINGS:
                 if s.section == section:
-                    lines.append(f"{s.key} = {_toml_value(s, getattr(self, s.field))}")
+                    v = getattr(self, s.field)
+                    shown = (f'"{REDACTED}"' if redact and v and is_sensitive(s.name)
+                             else _toml_value(s, v))
+                    lines.append(f"{s.key} = {shown}")
         return "\n".join(lines) + "\n"
 
     def engine_limits(self):

@@ -30,7 +30,7 @@ a small asyncio server on the daemon's event loop.
 from __future__ import annotations
 
 from bisect import bisect_left
-from typing import TYPE_CHECKING, Any, Iterable, Protocol
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Protocol
 
 from prometheus_client import CollectorRegistry, ProcessCollector
 from prometheus_client.core import (CounterMetricFamily, GaugeMetricFamily,
@@ -381,9 +381,10 @@ class Metrics:
         self.registry.register(UsageCollector(self, self.usage))
         ProcessCollector(registry=self.registry)  # process_* (rss, cpu, open fds...)
         self.server: MetricsServer | None = None
+        self.config_text: Callable[[], str] | None = None  # /config: the running config (node)
 
     async def start(self, host: str, port: int) -> int:
-        self.server = MetricsServer(self.registry, self.status)
+        self.server = MetricsServer(self.registry, self.status, self.config_text)
         return await self.server.start(host, port)
 
     async def close(self) -> None:

@@ -1,6 +1,7 @@
 """The metrics HTTP endpoint on the daemon's event loop: ``/metrics`` (text or
 OpenMetrics by ``Accept``, gzip when asked), ``/healthz`` (200 while the process is
-alive) and ``/readyz`` (200 when serving, 503 while starting, warming or draining).
+alive), ``/readyz`` (200 when serving, 503 while starting, warming or draining) and
+``/config`` (the running configuration as TOML, credentials redacted).
 
 One request per connection, on the loop the Store lives on: the collectors read the
 Store, which has no locks (prometheus_client's thread-per-request server is ruled out).
@@ -11,7 +12,7 @@ import asyncio
 import gzip
 import logging
 import time
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 from urllib.parse import parse_qs, urlsplit
 
 from prometheus_client import CollectorRegistry
@@ -29,9 +30,11 @@ REQUEST_TIMEOUT = 10.0
 class MetricsServer:
     """HTTP/1.1 (one request per connection) on the daemon's loop: /metrics /healthz /readyz."""
 
-    def __init__(self, registry: CollectorRegistry, status: "NodeStatus"):
+    def __init__(self, registry: CollectorRegistry, status: "NodeStatus",
+                 config_text: Callable[[], str] | None = None):
         self.registry = registry
         self.status = status
+        self.config_text = config_text  # /config: the running config as TOML (redacted)
         self.server: asyncio.base_events.Server | None = None
 
     async def start(self, host: str, port: int) -> int:
@@ -54,6 +57,8 @@ class MetricsServer:
             ok = self.status.ready
             return (200 if ok else 503), "text/plain; charset=utf-8", \
                 f"{'ready' if ok else 'not ready'}: {self.status.readiness()}\n".encode(), []
+        if path == "/config" and self.config_text is not None:
+            return 200, "text/plain; charset=utf-8", self.config_text().encode(), []
         if path in ("/metrics", "/"):
             encoder, ctype = choose_encoder(headers.get("accept", ""))
             registry = self.registry
@@ -66,7 +71,8 @@ class MetricsServer:
                 body = gzip.compress(body, compresslevel=1)
                 extra.append(("Content-Encoding", "gzip"))
             return 200, ctype, body, extra
-        return 404, "text/plain; charset=utf-8", b"not found: try /metrics, /healthz, /readyz\n", []
+        return 404, "text/plain; charset=utf-8", \
+            b"not found: try /metrics, /healthz, /readyz, /config\n", []
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:

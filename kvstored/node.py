@@ -184,6 +184,9 @@ class Node:
         self.metrics_port: int | None = None
         # per-namespace metrics and (once started) KV events see every index change
         self.store.observer = self.metrics.usage
+        # /config on the metrics port: the settings in effect now (SIGHUP applies some live)
+        self.metrics.config_text = lambda: (
+            "# the running configuration (credentials redacted)\n" + self.config.to_toml(redact=True))
         self.events = None  # kvstored.events.EventPublisher when events.endpoint is set
         self.source: ConfigSource | None = None  # set by serve(); SIGHUP re-reads it
         self._explicit: set[str] = set()

@@ -431,3 +431,27 @@ def test_a_read_only_tier_directory_says_read_only(tmp_path, monkeypatch):
     monkeypatch.setattr(cfgmod.os, "statvfs", lambda path: vfs(0))
     with pytest.raises(cfgmod.ConfigError, match="is not writable by this user$"):
         cfgmod.load_config(None, overrides)
+
+
+def test_the_running_config_is_on_the_metrics_port(start_daemon, tmp_path):
+    """--print-config shows what a start with these files and flags would run; /config
+    shows what runs now, reloads included, with credentials redacted."""
+    import tomllib
+
+    from opsutil import http_get
+    cfg = config(tmp_path, '[server]\nmax_batch_keys = 4096\n[cluster]\n'
+                           'token = "repair-secret-0123456789"\n')
+    d = start_daemon("--config", cfg)
+    status, _, body = http_get(d.metrics_url + "/config")
+    assert status == 200 and b"repair-secret" not in body
+    doc = tomllib.loads(body.decode())
+    assert doc["server"]["max_batch_keys"] == 4096 and doc["cluster"]["token"] == "[REDACTED]"
+    assert doc["server"]["data_port"] == 0  # as configured; the bound port is in the ready line
+    assert doc["dram"]["size"] == "64MiB" and doc["dram"]["max_value_size"] == "4MiB"
+    with open(cfg, "w") as f:
+        f.write('[server]\nmax_batch_keys = 1000\n[cluster]\ntoken = "repair-secret-0123456789"\n')
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for_log(d, 'msg="reloaded ', timeout=30)
+    status, _, body = http_get(d.metrics_url + "/config")
+    assert status == 200 and tomllib.loads(body.decode())["server"]["max_batch_keys"] == 1000
+    assert http_get(d.metrics_url + "/nope")[2].endswith(b"/config\n")
