@@ -201,3 +201,34 @@ def test_rolling_restart_does_not_bring_back_what_was_deleted_while_a_node_was_d
         if k not in gone:
             assert cc.get(k, namespace="rep") == v
     cc.close()
+
+
+def test_replica_read_looks_past_its_slots_before_answering_not_found(start_daemon):
+    """A replicated object written while a node was away has its copies on the slots the
+    layout gave without that node. Once it is back (outranking them), the key's slots are
+    it (no copy yet) and the first old home, whose copy may be held back (a node that came
+    back from NVMe and has not checked it yet): both say NotFound, but the second old home
+    has the object. The read asks it before answering NotFound. Found by test_chaos.py
+    (seed 770307424: ``get rep/t0-5 of an acknowledged object answered NotFound`` during a
+    rolling restart, a copy held on c1, the other on c4)."""
+    nodes = start_daemon.many(*[() for _ in range(4)])
+    rep = Policy.parse("replicas:2")
+    away, rest = nodes[0].control, [d.control for d in nodes[1:]]
+    with ClusterClient(rest, policy="replicas:2", shm=False) as old, \
+            ClusterClient([away] + rest, policy="replicas:2", shm=False) as now:
+        key = next(k for k in (f"k{i}".encode() for i in range(1000))
+                   if now._slots(k, "rep", rep, write=False)[0][0].address == away)
+        v = os.urandom(5000)
+        old.put(key, v, namespace="rep")  # while `away` was away: on the first two of the rest
+        homes = [m.address for m, _ in old._slots(key, "rep", rep, write=False)]
+        assert [m.address for m, _ in now._slots(key, "rep", rep, write=False)] == [away, homes[0]]
+        with kvstore.Client(homes[0], namespace="rep", shm=False) as c:
+            c.delete([key])  # its copy held back (absent to clients) until checked
+        assert now.get(key, namespace="rep") == v
+        buf = bytearray(5000)
+        assert now.get_into(key, buf, namespace="rep") == 5000 and buf == v
+        assert now.batch_get([key], namespace="rep") == [v]
+        with kvstore.Client(homes[1], namespace="rep", shm=False) as c:
+            c.delete([key])
+        with pytest.raises(errors.NotFound):  # nowhere: NotFound, after one more node
+            now.get(key, namespace="rep")

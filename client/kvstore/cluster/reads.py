@@ -84,6 +84,22 @@ class Reads:
             except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
                 errs.append(e)
         if all(isinstance(e, errors.NotFound) for e in errs):
+            # every slot says no: the next node in the key's preference order may still
+            # hold a copy, written when a node that is a slot now was away (restarting),
+            # with the copy on the other slot held back until checked (a node that came
+            # back from NVMe): an acknowledged object must not read as NotFound
+            for m, _ in self._extra(key, ns, self.policy(ns), sl, 1):
+                try:
+                    if out is None:
+                        return self._node(m, "get", key, namespace=ns)
+                    return self._node(m, "get_into", key, out, namespace=ns)
+                except errors.Redirect:
+                    raise
+                except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
+                    if not isinstance(e, errors.NotFound):
+                        raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: its {len(sl)} "
+                                                 f"node(s) said NotFound, {m.node_id}: "
+                                                 f"{type(e).__name__}: {e}") from None
             raise errors.NotFound(f"{key[:64]!r} not found on its {len(sl)} node(s)")
         raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: "
                                  + "; ".join(f"{type(e).__name__}: {e}" for e in errs))
