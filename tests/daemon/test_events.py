@@ -71,12 +71,33 @@ class Sub:
         self.got: list[tuple[int, list]] = []
         self.raw: list[bytes] = []
 
+    def _recv(self) -> None:
+        topic, seq, payload = self.s.recv_multipart()
+        assert topic == b"" and len(seq) == 8
+        self.got.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)))
+        self.raw.append(payload)
+
     def drain(self, timeout: float = 0.5) -> None:
+        """What arrives until ``timeout`` passes without a message."""
         while self.s.poll(int(timeout * 1000)):
-            topic, seq, payload = self.s.recv_multipart()
-            assert topic == b"" and len(seq) == 8
-            self.got.append((int.from_bytes(seq, "big"), msgpack.unpackb(payload)))
-            self.raw.append(payload)
+            self._recv()
+
+    def drain_until(self, pred, timeout: float = 15.0) -> None:
+        """Until ``pred()`` holds (the event the test waits for has arrived: a loaded
+        machine may publish it well after a fixed quiet time), bounded; then whatever
+        follows within 0.2 s, so that an unexpected later event is still seen."""
+        t_end = time.monotonic() + timeout
+        while not pred():
+            left = t_end - time.monotonic()
+            assert left > 0, f"the awaited event never reached the subscriber ({len(self.got)} batches)"
+            if self.s.poll(int(min(left, 0.1) * 1000)):
+                self._recv()
+        self.drain(0.2)
+
+    def saw(self, kind: str, h: int) -> bool:
+        """Whether an event of ``kind`` naming block hash ``h`` has arrived."""
+        return any(e[0] == kind and h in (e[1] if kind == "BlockRemoved" else e[1][:1])
+                   for e in self.events())
 
     def events(self) -> list:
         return [ev for _, batch in self.got for ev in batch[1]]
@@ -114,7 +135,7 @@ def test_every_block_once_in_order(events_daemon):
             for i in range(10):  # a second namespace: its hashes differ
                 c.put(f"k{i}", b"other", namespace="ev2")
             held = [k for k, e in zip(keys, c.exists(keys)) if e]
-            sub.drain(1.0)
+            sub.drain_until(lambda: sub.saw("BlockStored", bhash("ev2", "k9")))
         seqs = [s for s, _ in sub.got]
         assert seqs == list(range(seqs[0], seqs[0] + len(seqs))), "sequence numbers not consecutive"
         for ts, evs, rank in (b for _, b in sub.got):
@@ -187,7 +208,7 @@ def test_events_decode_as_vllm_structs(events_daemon):
             join(sub, c, "v")
             c.put("a", b"x" * 100)
             c.delete(["a"])
-            sub.drain(0.5)
+            sub.drain_until(lambda: sub.saw("BlockRemoved", bhash("v", "a")))
         dec = msgspec.msgpack.Decoder(Batch)
         evs = [ev for raw in sub.raw for ev in dec.decode(raw).events]
         assert [type(e).__name__ for e in evs] == ["BlockStored", "BlockRemoved"]
@@ -230,8 +251,11 @@ def test_late_subscriber_replays(events_daemon):
             for i in range(50):
                 c.put(f"r{i}", b"v" * 512)
             c.delete(["r3"])
-            time.sleep(0.2)  # let the loop publish
-            got = replay(ctx, rep, 0)
+            t_end = time.monotonic() + 15  # until the loop has published the delete (last)
+            while not (got := replay(ctx, rep, 0)) or not any(
+                    e[0] == "BlockRemoved" for _, p in got for e in msgpack.unpackb(p)[1]):
+                assert time.monotonic() < t_end, "the delete was never published"
+                time.sleep(0.05)
             seqs = [s for s, _ in got]
             assert seqs == list(range(len(got))) and len(got) >= 2
             evs = [ev for _, p in got for ev in msgpack.unpackb(p)[1]]
@@ -247,7 +271,7 @@ def test_late_subscriber_replays(events_daemon):
             sub = Sub(ctx, pub)
             join(sub, c, "late")
             c.put("after", b"z")
-            sub.drain(0.5)
+            sub.drain_until(lambda: sub.saw("BlockStored", bhash("late", "after")))
             first_live = sub.got[0][0]
             caught = [s for s, _ in replay(ctx, rep, 0) if s < first_live]
             assert caught + [s for s, _ in sub.got] == list(range(sub.got[-1][0] + 1))
@@ -315,7 +339,13 @@ def test_publisher_never_blocks_past_the_high_water_mark(tmp_path, monkeypatch):
         ctx = zmq.Context()
         stalled = Sub(ctx, endpoint, {zmq.RCVHWM: 1, zmq.RCVBUF: 4096})
         try:
-            await asyncio.sleep(0.3)
+            t_end = time.monotonic() + 15
+            while not stalled.got:  # ZMQ's slow joiner: publish until the subscription is live
+                assert time.monotonic() < t_end, "no batch reached the subscriber"
+                pub.stored(SimpleNamespace(ns=b"h", key=b"join"))
+                await asyncio.sleep(0.01)  # the flush timer runs
+                stalled.drain(0.02)
+            stalled.got.clear()
             t0 = time.perf_counter()
             for i in range(30000):  # about one batch per event
                 pub.stored(SimpleNamespace(ns=b"h", key=b"%d" % i))
@@ -325,8 +355,8 @@ def test_publisher_never_blocks_past_the_high_water_mark(tmp_path, monkeypatch):
             await asyncio.sleep(0.3)
             stalled.drain(0.5)  # it reads at last: what ZMQ had queued for it
             pub.stored(SimpleNamespace(ns=b"h", key=b"last"))  # and then one more batch
-            await asyncio.sleep(0.1)
-            stalled.drain(0.5)
+            await asyncio.sleep(0.1)  # the flush timer runs
+            stalled.drain_until(lambda: stalled.got and stalled.got[-1][0] == pub.seq - 1)
             return elapsed, [s for s, _ in stalled.got], pub.seq
         finally:
             pub.close()
@@ -419,7 +449,8 @@ def test_concurrent_writers_and_replays(events_daemon):
         for t in threads:
             t.join(60)
         assert not errors and not any(t.is_alive() for t in threads), errors
-        sub.drain(1.0)
+        last = {bhash("cc", f"w{w}-99") for w in range(4)}  # each writer's last put
+        sub.drain_until(lambda: last <= {e[1][0] for e in sub.events() if e[0] == "BlockStored"})
         stored = [e[1][0] for e in sub.events() if e[0] == "BlockStored"]
         want = {bhash("cc", f"w{w}-{i}") for w in range(4) for i in range(100)}
         assert len(stored) == len(want) == len(set(stored)) and set(stored) == want
@@ -470,13 +501,14 @@ def test_queue_overflow_drops_counts_and_clears(tmp_path, monkeypatch):
         ctx = zmq.Context()
         sub = Sub(ctx, endpoint)
         try:
-            for j in range(100):  # until the subscription is live (first batch arrives)
+            t_end = time.monotonic() + 15
+            for j in range(100000):  # until the subscription is live (first batch arrives)
+                assert time.monotonic() < t_end, "no event reached the subscriber"
                 store.put_bytes(b"o", b"probe%d" % j, b"p")
                 await asyncio.sleep(0.02)
                 sub.drain(0.0)
                 if sub.got:
                     break
-            assert sub.got
             for i in range(25):  # one loop turn: more than the queue holds
                 store.put_bytes(b"o", b"b%d" % i, b"x" * 100)
             store.delete(b"o", [b"b24"])
@@ -484,7 +516,7 @@ def test_queue_overflow_drops_counts_and_clears(tmp_path, monkeypatch):
             for i in range(5):  # after the burst: published normally
                 store.put_bytes(b"o", b"a%d" % i, b"y" * 100)
             await asyncio.sleep(0.05)
-            sub.drain(0.3)
+            sub.drain_until(lambda: sub.saw("BlockStored", block_hash(b"o", b"a4")))
             held = {block_hash(b"o", k) for (_, k) in store.index}
             return sub.events(), dict(pub.counters), held
         finally:
@@ -527,7 +559,7 @@ def test_tier_moves_publish_nothing(start_daemon, tmp_path):
             stats = c.stats()
             assert stats.tiers[1].objects > 0  # the NVMe tier took some
             c.delete(["d5"])
-            sub.drain(1.0)
+            sub.drain_until(lambda: sub.saw("BlockRemoved", bhash("t", "d5")))
         kinds = [e[0] for e in sub.events()]
         assert kinds.count("BlockStored") == 100
         assert [e[1] for e in sub.events() if e[0] == "BlockRemoved"] == [[bhash("t", "d5")]]
