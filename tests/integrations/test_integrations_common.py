@@ -151,8 +151,8 @@ def test_breaker_one_probe_at_a_time():
 
 
 def test_dead_daemon_costs_adapters_milliseconds(start_daemon):
-    """The shared client factory against a daemon that was killed: each call fails
-    within a second, and through the breaker later calls are not even made."""
+    """The shared client factory against a daemon that was killed: a call fails well
+    within its timeout, and through the breaker later calls are not even made."""
     import signal
     import time
 
@@ -164,11 +164,14 @@ def test_dead_daemon_costs_adapters_milliseconds(start_daemon):
         b = Breaker("t")
         t0 = time.monotonic()
         assert b.call(lookup_prefix, c, [b"k"], default=0) == 0
-        assert time.monotonic() - t0 < 1.0 and not b.closed
+        # refused at once, not after the client's 5 s timeout (the margin is for CI's load)
+        assert time.monotonic() - t0 < 2.5 and not b.closed
         t0 = time.monotonic()
         for _ in range(100):
             assert b.call(c.get, b"k", default=None) is None
-        assert time.monotonic() - t0 < 0.25 and b.skipped >= 99
+        # the breaker answered: the calls were not made (skipped), and together they took
+        # less than the one timeout a call to the daemon could have cost
+        assert b.skipped >= 99 and time.monotonic() - t0 < 2.5
         # back on the same ports: the next probe (after at most max_backoff) finds it
         d2 = start_daemon("--port", str(d.info["control_port"]), "--data-port", str(d.data_port))
         c2_put = None
@@ -234,7 +237,8 @@ def test_hung_daemon_costs_one_timeout(start_daemon):
             t0 = time.monotonic()
             for _ in range(50):
                 assert b.call(c.get, b"k", default=None) is None
-            assert time.monotonic() - t0 < 0.25, "calls waited on a hung daemon"  # 50 s if they had
+            # 50 s if they had waited; under one call's 1 s timeout if none did
+            assert time.monotonic() - t0 < 0.9, "calls waited on a hung daemon"
             assert b.probes >= 1 and not b.closed
         finally:
             d.proc.send_signal(signal.SIGCONT)
