@@ -28,6 +28,7 @@ from kvstore.wire import (OP_PING, OP_PUT, OP_SHM_COMMIT, OP_SHM_RESERVE, checks
                           encode_request)
 
 from secutil import response
+from threadutil import unqueued_clock
 
 KiB, MiB = 1 << 10, 1 << 20
 
@@ -62,17 +63,6 @@ def rss(pid: int) -> int:
     raise AssertionError("no VmRSS")
 
 
-def queued_seconds(pid: int, tid: int | None = None) -> float:
-    """Seconds a thread (the daemon's event loop: its main thread) has waited on a run
-    queue so far: runnable, but the CPUs busy with other work. 0.0 where the kernel does
-    not say (no CONFIG_SCHED_INFO): there the latencies below are plain wall time."""
-    try:
-        with open(f"/proc/{pid}/task/{tid or pid}/schedstat") as f:
-            return int(f.read().split()[1]) / 1e9
-    except (OSError, IndexError, ValueError):
-        return 0.0
-
-
 def connect_from(src: str, port: int, timeout: float = 5.0) -> socket.socket:
     return socket.create_connection(("127.0.0.1", port), timeout=timeout, source_address=(src, 0))
 
@@ -99,14 +89,13 @@ class GoodClient:
         key = b"%s-%d" % (self.name.encode(), self.i)
         self.i += 1
         value = os.urandom(self.size)
-        me = threading.get_native_id()
+        # wall time, less what the daemon's loop and this thread waited for a CPU: a
+        # loaded machine (CI) stretches every op, which is not the attack's doing (an
+        # unfair daemon works, or a stalled one idles, meanwhile: that still counts)
+        clock = unqueued_clock(self.pid)
 
         def now() -> tuple[float, float]:
-            # wall time, less what the daemon's loop and this thread spent waiting for a
-            # CPU: on a loaded machine (CI) that stretches every op, and it is not the
-            # attack's doing (an unfair daemon works, or a stalled one idles, meanwhile)
-            t = time.perf_counter()
-            return t - queued_seconds(self.pid) - queued_seconds(os.getpid(), me), t
+            return clock(), time.perf_counter()
 
         a0, t0 = now()
         self.c.put(key, value)
