@@ -378,7 +378,7 @@ class ControlService(pb_grpc.KVStoreServicer):
         for k in keys:
             e = self.store.peek(ns, k)
             if e is None:
-                out.append(pb.Head(present=False, deleted=self.store.fence.deleted_lately(ns, k)))
+                out.append(pb.Head(present=False, deleted_ago=self.store.fence.deleted_ago(ns, k)))
                 continue
             head = b""
             if request.head_bytes:

@@ -98,13 +98,15 @@ class DeleteFence:
         self.counters["refused"] += 1
         return why
 
-    def deleted_lately(self, ns: bytes, key: bytes) -> bool:
-        """Whether (ns, key), or its namespace, was deleted here within the window (Heads:
-        evidence that a held record elsewhere is a leftover of a delete, not a loss)."""
-        since = self.clock() - self.window
-        at = self._keys.get((ns, key))
-        return ((at is not None and at > since) or self._namespaces.get(ns, since) > since
-                or self._namespaces.get(None, since) > since)
+    def deleted_ago(self, ns: bytes, key: bytes) -> float:
+        """How many seconds ago (ns, key), or its namespace, was last deleted here; 0.0
+        when not within the window (Heads: evidence that a record another node held back
+        and wrote before then is a leftover of a delete, not a loss)."""
+        now = self.clock()
+        since = now - self.window
+        at = max(self._keys.get((ns, key), since), self._namespaces.get(ns, since),
+                 self._namespaces.get(None, since))
+        return max(now - at, 1e-6) if at > since else 0.0
 
     def _trim(self, now: float) -> None:
         """Forget keys past the window, and the oldest over ``max_keys`` (raising floor)."""

@@ -17,20 +17,20 @@ class HeadsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., head_bytes: _Optional[int] = ...) -> None: ...
 
 class Head(_message.Message):
-    __slots__ = ("present", "unverified", "size", "checksum", "head", "deleted")
+    __slots__ = ("present", "unverified", "size", "checksum", "head", "deleted_ago")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
-    DELETED_FIELD_NUMBER: _ClassVar[int]
+    DELETED_AGO_FIELD_NUMBER: _ClassVar[int]
     present: bool
     unverified: bool
     size: int
     checksum: int
     head: bytes
-    deleted: bool
-    def __init__(self, present: _Optional[bool] = ..., unverified: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., head: _Optional[bytes] = ..., deleted: _Optional[bool] = ...) -> None: ...
+    deleted_ago: float
+    def __init__(self, present: _Optional[bool] = ..., unverified: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., head: _Optional[bytes] = ..., deleted_ago: _Optional[float] = ...) -> None: ...
 
 class HeadsResponse(_message.Message):
     __slots__ = ("heads", "unverified_objects", "epoch")

@@ -365,10 +365,11 @@ class RepairAgent:
                 todo = [o for o in batch if o.slots]
                 steps.add("slots", time.thread_time() - c0, time.perf_counter() - w0)
                 asked = time.monotonic()  # what is written is decided from these Heads
+                asked_wall = time.time()  # (held records' commit times are wall clock)
                 heads, settled, led = steps.timed("heads", self._ask, todo, me, draining)
                 if led:  # finished as far as this node is concerned
                     todo = [o for o in todo if id(o) not in led]
-                view = Peers(me, settled, self._started, draining)
+                view = Peers(me, settled, self._started, draining, asked_wall)
                 # with execute.PIPELINED this batch is read and rebuilt while the previous
                 # one is written; otherwise it is all done when start() returns
                 started = (batch, todo, self.executor.start(

@@ -6,12 +6,13 @@ holds of it), the heads its peers reported and what the pass knows about those p
 every rule below is unit-tested without a socket (tests/unit/test_repair_decide.py); the
 agent (agent.py) executes the actions in bulk.
 
-* **verify** a record recovered at restart: kept (``Verify``) when a verified peer holds
-  the same version; dropped (``Drop``) when verified peers hold only another version, or
-  when none holds it and a peer says a client deleted it there lately (its delete fence),
-  or a settled peer (no records held back itself) that was already running when the
-  record was written says it is not there; left pending when no peer answered.
-  Otherwise (every peer restarted too, or only later joiners answered) kept.
+* **verify** a record recovered at restart (or held back after the cluster dropped this
+  node): kept (``Verify``) when a verified peer holds the same version; dropped
+  (``Drop``) when verified peers hold only another version, or when none holds it and a
+  peer says a client deleted it there after the record was written (its delete fence:
+  ``Head.deleted_ago``); left pending when no peer answered. Otherwise kept: a peer that
+  merely lacks it proves nothing (it may not have been one of its homes when it was
+  written), and losing an acknowledged object is worse than keeping a deleted one.
 * **rebuild** (the *leader*: the first slot holding a verified current record): slots that
   lack a record get one: replicas are copied (``Copy``); missing EC indices are rebuilt
   (``Reconstruct``: from K fragments, or re-indexed copies of a whole-object record).
@@ -65,6 +66,7 @@ class Peers(NamedTuple):
     settled: Mapping[str, bool]  # node_id -> answered Heads holding no unverified records
     started: Mapping[str, float]  # node_id -> process start (unix s)
     draining: Sequence  # draining Members (asked beside the slots, lap 0)
+    heads_at: float = 0.0  # when the Heads were asked (unix s, this node's clock)
 
 
 # ---- actions (executed in bulk by the agent)
@@ -162,18 +164,21 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
     if not unverified:
         return True
     ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
-    verified_versions, answered, lacking_since, deleted = set(), False, [], False
+    verified_versions, answered, deleted_at = set(), False, float("-inf")
     for (nid, _lap), h in got.items():
         if h is None:
             continue
         answered = True
         if not h.present:
-            # a peer a client deleted it on lately (its delete fence): this node missed
-            # the delete while it was away (restarted, or dropped while it hung). Settled
-            # or not, restarted or not: the delete is the evidence
-            deleted = deleted or getattr(h, "deleted", False)
-            if peers.settled.get(nid, False):  # a peer with nothing held back says "not here"
-                lacking_since.append(peers.started.get(nid, float("inf")))
+            # a client deleted it on this peer lately (its delete fence says how long
+            # ago): a record written before that is a leftover this node missed the delete
+            # of while it was away (restarted, or dropped while it hung). A peer that only
+            # lacks it proves nothing: after a membership change it may never have been
+            # one of the object's homes (a node restarting in a roll is out of the list,
+            # and its place is taken by one that never held the object)
+            ago = getattr(h, "deleted_ago", 0.0)
+            if ago > 0:
+                deleted_at = max(deleted_at, peers.heads_at - ago)
             continue
         if not h.unverified:
             verified_versions.add(version(o.ec, h.head if o.ec else h.checksum))
@@ -184,13 +189,8 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
     for lap, v in unverified.items():
         if verified_versions:
             keep = ver(v) in verified_versions
-        elif deleted:
-            keep = False
-        elif any(started < v.committed_at for started in lacking_since):
-            # a peer that was running when this record was written does not hold it:
-            # deleted while this node was away (a peer that restarted empty since, or
-            # joined later, proves nothing)
-            keep = False
+        elif deleted_at > v.committed_at:
+            keep = False  # deleted after it was written (a re-put since would be verified)
         elif not others:
             keep = True  # the only home: nothing to compare with
         elif not answered:
