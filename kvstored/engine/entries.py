@@ -274,6 +274,17 @@ class Index:
             if self.get(e.ns, e.key) is not None:
                 self.unverified -= 1
 
+    def mark_all_unverified(self) -> int:
+        """Every entry held back (``mark_unverified`` of each); how many were not already.
+        A flag changes no dict, so no snapshot of the walk."""
+        n = 0
+        for e in self.iterate():
+            if not e.unverified:
+                e.unverified = True
+                n += 1
+        self.unverified += n
+        return n
+
     # ------------------------------------------------------------------ walk
     def iterate(self, ns: bytes | None = None) -> Iterator[Entry]:
         """Every entry, namespace by namespace (each in insertion order), or those of

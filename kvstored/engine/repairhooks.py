@@ -33,12 +33,8 @@ class RepairHooks:
         """Hold back every record, as if recovered at restart, until the repair agent has
         checked it: this node was dropped from its cluster (its lease ran out while it hung
         or was cut off) and may have missed deletes meanwhile. Returns how many were held."""
-        n = 0
-        for e in list(self.index.iterate()):
-            if not e.unverified:
-                self.index.mark_unverified(e)
-                n += 1
-        return n
+        # one pass inside the index (16 M records as views: ~17 s of the loop, 1.7 GB)
+        return self.index.mark_all_unverified()
 
     def drop_unverified(self, ns: bytes, key: bytes, checksum: int) -> bool:
         """Delete a recovered record found stale (deleted or replaced meanwhile), if it is
