@@ -43,6 +43,14 @@ def _tune_malloc() -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
+    try:
+        return _main(argv)
+    except KeyboardInterrupt:  # Ctrl-C before serve() took SIGINT over (imports, NVMe recovery)
+        print("kvstored: interrupted during start-up", file=sys.stderr)
+        return 130
+
+
+def _main(argv: list[str] | None) -> int:
     # SIGHUP's default action ends the process: ignored until serve() takes it over and
     # applies one that arrives during start-up once the node is ready (kvstored/node.py)
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
