@@ -514,6 +514,18 @@ class Node:
         return changed
 
 
+def _lost_at_exit(node: Node) -> int:
+    """Objects whose only copy is in DRAM as the process ends: all of them without an
+    NVMe tier (not_kept counts only what the shutdown flush tried and failed to write)."""
+    st = node.store
+    if st.nvme is None:
+        return st.object_count()
+    if node.config.nvme_flush_on_shutdown:
+        return st.flush_not_kept
+    from kvstored.engine.entries import DEAD
+    return sum(1 for x in st.index.iterate() if x.nvme is None and x.offset >= 0 and x.state != DEAD)
+
+
 async def serve(config: Config, ready_file: str | None = None,
                 source: ConfigSource | None = None,
                 on_ready: Callable[[], None] | None = None) -> int:
@@ -581,5 +593,6 @@ async def serve(config: Config, ready_file: str | None = None,
     s = node.store.counters
     log.info("stopped", extra={"drain_s": round(time.monotonic() - t0, 3), "puts": s["puts"],
                                "gets": s["gets"], "objects": node.store.object_count(),
-                               "not_kept": node.store.flush_not_kept})
+                               "not_kept": node.store.flush_not_kept,
+                               "lost_at_exit": _lost_at_exit(node)})
     return 0

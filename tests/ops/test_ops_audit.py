@@ -476,3 +476,22 @@ def test_the_running_config_is_on_the_metrics_port(start_daemon, tmp_path):
     status, _, body = http_get(d.metrics_url + "/config")
     assert status == 200 and tomllib.loads(body.decode())["server"]["max_batch_keys"] == 1000
     assert http_get(d.metrics_url + "/nope")[2].endswith(b"/config\n")
+
+
+@pytest.mark.parametrize("tier", ["none", "flush", "no-flush"])
+def test_the_exit_line_says_what_is_lost(start_daemon, tmp_path, tier):
+    """'stopped ... not_kept=0' read as 'nothing lost' on a node without an NVMe tier (or
+    with nvme.flush_on_shutdown = false), where every DRAM-only object is gone at exit."""
+    import kvstore
+    args = [] if tier == "none" else ["--nvme-path", str(tmp_path / "t.dat"), "--nvme-size",
+                                      "20MiB", "--nvme-region-size", "16MiB"]
+    if tier == "no-flush":
+        args += ["--config", config(tmp_path, "[nvme]\nflush_on_shutdown = false\n")]
+    d = start_daemon(*args)
+    with kvstore.Client(d.control, namespace="t", shm=False, timeout=10) as c:
+        for i in range(3):
+            c.put(f"k{i}", b"x" * 5000)
+    assert d.stop() == 0
+    f = kv_fields(wait_for_log(d, "msg=stopped"))
+    assert f["objects"] == "3" and f["not_kept"] == "0"
+    assert f["lost_at_exit"] == ("0" if tier == "flush" else "3"), f
