@@ -66,7 +66,12 @@ def _main(argv: list[str] | None) -> int:
     except ConfigError as e:
         fail(str(e))
     if args.print_config:
-        sys.stdout.write(config.to_toml())
+        # a starting file for any host: what this host derives (the auto-sized arena, the
+        # node id from its name) stays "auto" / "" unless the file or a flag set it; copied
+        # as resolved, every node of a fleet would have had this one's id
+        from kvstored.config import flag_overrides, unresolved_fields
+        sys.stdout.write(config.to_toml(unresolved=unresolved_fields(args.config,
+                                                                     flag_overrides(args))))
         return 0
     from kvstored import logs
     logs.setup(config.log_level, config.log_format)  # key=value or JSON lines on stderr

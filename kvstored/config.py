@@ -26,6 +26,9 @@ from kvstored.settings import (_BY_FIELD, _BY_NAME, _PY_TYPE, AUTO_SIZE, CHOICE,
                                _toml_value, _type_name, _unknown, format_size, parse_size)
 
 SLAB_ALIGN = 4096  # the arena's slot alignment; slabs must be cut into whole pages
+# Fields whose default is worked out on this host (auto-sized arena, host name): a reload
+# that only re-derives them changes nothing, and --print-config keeps them unresolved
+HOST_DERIVED = ("dram_size", "node_id")
 
 # Auto-sized arena: a quarter of available memory, within these bounds.
 AUTO_DRAM_FRACTION = 4
@@ -323,9 +326,11 @@ class _ConfigRules:
             raise ConfigError(f"nvme.path: {target} is " + (
                 "on a read-only file system" if read_only else "not writable by this user"))
 
-    def to_toml(self, redact: bool = False) -> str:
+    def to_toml(self, redact: bool = False, unresolved: set[str] = frozenset()) -> str:
         """The config as TOML, in the file layout; ``load_config`` reads it back equal.
-        ``redact``: credentials (``cluster.token``) as ``[REDACTED]`` (the /config page)."""
+        ``redact``: credentials (``cluster.token``) as ``[REDACTED]`` (the /config page).
+        ``unresolved``: fields of HOST_DERIVED written as their default ("auto", "") with
+        this host's value in a comment, so the file means the same on another host."""
         from kvstored.logs import REDACTED, is_sensitive  # lazy: keep config importable alone
         lines = ["# kvstored configuration (sizes are binary: 1GiB = 1024MiB)"]
         for section in SECTIONS:
@@ -335,6 +340,8 @@ class _ConfigRules:
                     v = getattr(self, s.field)
                     shown = (f'"{REDACTED}"' if redact and v and is_sensitive(s.name)
                              else _toml_value(s, v))
+                    if s.field in unresolved:
+                        shown = f"{_toml_value(s, s.default)}  # on this host: {shown}"
                     lines.append(f"{s.key} = {shown}")
         return "\n".join(lines) + "\n"
 
@@ -500,6 +507,15 @@ def explicit_fields(path: str | os.PathLike | None, overrides: dict[str, Any] | 
     return fields | {f for f, v in (overrides or {}).items() if v is not None}
 
 
+def unresolved_fields(path: str | os.PathLike | None, overrides: dict[str, Any] | None) -> set[str]:
+    """Fields of HOST_DERIVED that the file and the flags leave to this host (unset, or
+    set to their default: ``size = "auto"``, ``id = ""``)."""
+    values = _file_values(_read_toml(path)) if path else {}
+    values.update({f: _coerce(_BY_FIELD[f], v) for f, v in (overrides or {}).items()
+                   if v is not None and f in _BY_FIELD})
+    return {f for f in HOST_DERIVED if values.get(f, _BY_FIELD[f].default) == _BY_FIELD[f].default}
+
+
 def fail(msg: str) -> NoReturn:
     """Print ``kvstored: error: <msg>`` to stderr and exit 2, like argparse does."""
     print(f"kvstored: error: {msg}", file=sys.stderr)
@@ -510,4 +526,4 @@ def fail(msg: str) -> NoReturn:
 # kvstored/settings.py and are named here too, for the callers of this module.
 __all__ = ["Config", "ConfigError", "LOG_FORMATS", "LOG_LEVELS", "RELOADABLE", "SETTINGS", "Setting",
            "build_arg_parser", "config_from_args", "explicit_fields", "fail", "flag_overrides",
-           "format_size", "load_config", "parse_size"]
+           "format_size", "load_config", "parse_size", "unresolved_fields"]

@@ -27,7 +27,7 @@ import grpc
 
 from kvstored import __version__, logs, sdnotify
 from kvstored.auth import Auth, TokensError
-from kvstored.config import Config, ConfigError, explicit_fields, load_config
+from kvstored.config import HOST_DERIVED, Config, ConfigError, explicit_fields, load_config
 from kvstored.control.service import ControlService, add_to_server
 from kvstored.control.stats import ControlStats
 from kvstored.dataplane.policy import EpochGate
@@ -143,7 +143,7 @@ RELOAD_HOOKS: dict[str, Callable[["Node", str, Any], None]] = {
 assert set(RELOADABLE.values()) <= set(RELOAD_HOOKS), "a setting names an unknown reload hook"
 # Fields whose value is derived when not set (auto-sized arena, "<host>:<port>" id): a
 # difference is only real when the file or a flag names them.
-_DERIVED = ("dram_size", "node_id")
+_DERIVED = HOST_DERIVED
 _SETTING_NAME = {s.field: s.name for s in SETTINGS}
 
 

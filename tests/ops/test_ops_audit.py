@@ -495,3 +495,27 @@ def test_the_exit_line_says_what_is_lost(start_daemon, tmp_path, tier):
     f = kv_fields(wait_for_log(d, "msg=stopped"))
     assert f["objects"] == "3" and f["not_kept"] == "0"
     assert f["lost_at_exit"] == ("0" if tier == "flush" else "3"), f
+
+
+def test_print_config_is_a_starting_file_for_any_host(tmp_path):
+    """--print-config wrote this host's auto-sized arena and its host-name node id as
+    fixed values: the 'good starting file', copied to a fleet, gave every node one id."""
+    import socket as _socket
+    import tomllib
+
+    def printed(*args: str) -> str:
+        r = subprocess.run([sys.executable, "-m", "kvstored", "--print-config", *args],
+                           capture_output=True, text=True, timeout=CLI_TIMEOUT, cwd=tmp_path)
+        assert r.returncode == 0, r.stderr
+        return r.stdout
+
+    text = printed()
+    doc = tomllib.loads(text)
+    assert doc["dram"]["size"] == "auto" and doc["node"]["id"] == ""
+    assert f'id = ""  # on this host: "{_socket.gethostname()}:7070"' in text
+    start = tmp_path / "start.toml"
+    start.write_text(text)
+    assert printed("--config", str(start)) == text  # reads back the same, still unresolved
+    doc = tomllib.loads(printed("--config", config(tmp_path, '[node]\nid = "n1"\n'),
+                                "--dram-size", "1GiB"))
+    assert (doc["dram"]["size"], doc["node"]["id"]) == ("1GiB", "n1")  # set: kept as set
