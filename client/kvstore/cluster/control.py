@@ -80,8 +80,10 @@ class Control:
     def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
         """Delete every copy / record of ``keys`` on its slots and the next nodes in its
         preference order (M for EC, one for copies: where records sit until repair moves
-        them after a membership change); best effort on unreachable nodes. Returns how
-        many keys had something deleted. Every node asked fences the keys against repair
+        them after a membership change). Returns how many keys had something deleted. A
+        node that refuses connections is passed over; one that does not answer within
+        ``node_timeout`` (hung, cut off: it may serve its records again) makes the delete
+        Unavailable, not acknowledged (retry: deletes are idempotent). Every node asked fences the keys against repair
         writes for a while (kvstored/engine/fence.py), so a repair pass that read the
         object before the delete cannot write it back."""
         return self._redirected(self._delete, keys, namespace)
@@ -105,21 +107,41 @@ class Control:
             for m, sk in pairs:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
         def each(m: Member, items: list) -> list[bool]:
+            # asked even when marked down (a mark is a guess; a delete must know). A node
+            # that does not run (refuses connections) is passed over: if it comes back,
+            # its records are held back until checked against the peers' delete fences.
+            # One that does not answer may be alive with its records (hung, cut off) and
+            # serve them again: the delete is then not acknowledged
             sks = [sk for _, sk in items]
-            hits = self._node(m, "delete_each", sks, namespace=ns)
-            if hits is None:  # a node older than this SDK answers only a count: key by key
-                hits = [bool(self._node(m, "delete", [sk], namespace=ns)) for sk in sks]
-            return hits
+            c = self.client(m)
+            try:
+                hits = c.delete_each(sks, namespace=ns)
+                if hits is None:  # a node older than this SDK answers only a count: key by key
+                    hits = [bool(c.delete([sk], namespace=ns)) for sk in sks]
+                return hits
+            except errors.Timeout as e:
+                self._mark_down(m)
+                raise errors.Unavailable(
+                    f"delete not acknowledged: node {m.node_id} ({m.address}) did not answer "
+                    f"({e}); it may still hold records of these keys: retry") from None
+            except errors.Redirect:
+                raise
+            except (errors.Unavailable, OSError):
+                self._mark_down(m)
+                return [False] * len(sks)
 
         futs = [(chunk, self._pool.submit(each, m, chunk)) for m, items in per_node.values()
                 for chunk in _chunks(items)]
         wait([f for _, f in futs])
+        failed = [f.exception() for _, f in futs if f.exception() is not None]
+        for e in failed:
+            if isinstance(e, errors.Redirect):
+                raise e  # re-run over the current homes (deletes are idempotent)
+        if failed:
+            raise failed[0]
         for items, f in futs:
-            if isinstance(f.exception(), errors.Redirect):
-                raise f.exception()  # re-run over the current homes (deletes are idempotent)
-            if f.exception() is None:
-                for (j, _), gone in zip(items, f.result()):
-                    hit[j] = hit[j] or gone
+            for (j, _), gone in zip(items, f.result()):
+                hit[j] = hit[j] or gone
         return sum(hit)
 
     def _records_per_node(self, keys: Sequence, ns: str) -> dict[str, tuple[Member, list]]:
