@@ -340,6 +340,10 @@ def _security_families(tls_ctl: "ServerTLS | None", counters, control) -> Iterab
         yield _counter("kvstored_tls_sessions", "Control-port TLS connections that made a call "
                        "(their handshake worked).", c["control_tls_connections"],
                        {"plane": "control"})
+        if tls_ctl.not_after is not None:
+            yield _gauge("kvstored_tls_cert_expiry_timestamp_seconds", "Unix time the serving "
+                         "certificate (tls.cert_file) expires: alert on it minus time().",
+                         tls_ctl.not_after)
     yield _counter("kvstored_connections_rejected_per_client", "Data connections refused at "
                    "server.max_connections_per_client.",
                    counters.get("rejected_connections_per_client", 0), {"plane": "data"})

@@ -303,6 +303,8 @@ class Node:
                           "set server.control_port / --port")
         if self.auth is not None and self.tls is None:
             log.warning("auth is on without TLS: tokens cross the network in clear text")
+        if self.tls is not None:
+            self.tls.warn_expiry()
         await self.grpc_server.start()
         if c.control_port == 0 and st.node_id.endswith(":0"):  # default id names the real port
             st.node_id = f"{st.node_id[:-2]}:{st.control_port}"

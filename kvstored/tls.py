@@ -25,6 +25,7 @@ import logging
 import socket
 import ssl
 import threading
+import time
 from typing import Callable
 
 import grpc
@@ -76,6 +77,19 @@ def _read(path: str) -> bytes:
         return f.read()
 
 
+# a serving certificate this close to its end is warned about at start and reload
+CERT_EXPIRY_WARNING = 14 * 86400.0
+
+
+def cert_not_after(path: str) -> float | None:
+    """When the (first) certificate in ``path`` expires, as a Unix time; None where that
+    cannot be read (the stdlib's decoder is the one CPython's own tests use)."""
+    try:
+        return float(ssl.cert_time_to_seconds(ssl._ssl._test_decode_cert(path)["notAfter"]))
+    except (AttributeError, KeyError, OSError, ValueError, ssl.SSLError):
+        return None
+
+
 class ServerTLS:
     """Certificates and contexts for both planes; ``reload()`` re-reads the files."""
 
@@ -90,6 +104,7 @@ class ServerTLS:
         self._peers: collections.OrderedDict[str, None] = collections.OrderedDict()
         self.connections = 0
         self.context, self._grpc_config, self._fingerprint = self._load()
+        self.not_after = cert_not_after(self.cert_file)  # said by warn_expiry (the node's start)
 
     def _load(self):
         cert, key = _read(self.cert_file), _read(self.key_file)
@@ -114,7 +129,24 @@ class ServerTLS:
         with self._lock:
             self._grpc_update = cfg
         log.info("TLS certificates reloaded from %s", self.cert_file)
+        self.not_after = cert_not_after(self.cert_file)
+        self.warn_expiry()
         return True
+
+    def warn_expiry(self) -> None:
+        """Say an expired serving certificate, or one ending within CERT_EXPIRY_WARNING,
+        at start and reload: every TLS client refuses this node from that moment, and
+        nothing else would say why (kvstored_tls_cert_expiry_timestamp_seconds alerts)."""
+        end = self.not_after
+        if end is not None:
+            left = end - time.time()
+            when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(end))
+            if left <= 0:
+                log.error("tls.cert_file %s expired at %s: TLS clients refuse this node until "
+                          "it is renewed (then SIGHUP)", self.cert_file, when)
+            elif left < CERT_EXPIRY_WARNING:
+                log.warning("tls.cert_file %s expires at %s, in %.1f days: renew it (then "
+                            "SIGHUP)", self.cert_file, when, left / 86400)
 
     # ------------------------------------------------------------ gRPC
     def grpc_credentials(self) -> grpc.ServerCredentials:

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 
@@ -519,3 +520,58 @@ def test_print_config_is_a_starting_file_for_any_host(tmp_path):
     doc = tomllib.loads(printed("--config", config(tmp_path, '[node]\nid = "n1"\n'),
                                 "--dram-size", "1GiB"))
     assert (doc["dram"]["size"], doc["node"]["id"]) == ("1GiB", "n1")  # set: kept as set
+
+
+def _server_pair(tmp_path, *, expired: bool):
+    """A CA and a server certificate for 127.0.0.1, valid or expired (tests/security's)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "security"))
+    pytest.importorskip("cryptography")
+    import seccerts
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    ca, ca_key = seccerts._ca("audit CA")
+    return (seccerts._write(tmp_path, "ca", ca),
+            seccerts._write(tmp_path, "server", *seccerts._leaf("kvstored", ca, ca_key,
+                                                                server=True, expired=expired)))
+
+
+def test_an_expired_serving_certificate_is_said_and_exported(start_daemon, tmp_path):
+    """An expired (or soon expiring) tls.cert_file: every TLS client refuses the node and
+    nothing on the node said why. Now an error line at start and reload, and a gauge to
+    alert on before the day."""
+    import time as _time
+    ca, server = _server_pair(tmp_path / "old", expired=True)
+    cfg = config(tmp_path, f'[tls]\ncert_file = "{server.cert}"\nkey_file = "{server.key}"\n')
+    d = start_daemon("--config", cfg)
+    line = wait_for_log(d, "tls.cert_file")
+    assert "level=error" in line and "expired at" in line and server.cert in line, line
+    end = value(scrape(d), "kvstored_tls_cert_expiry_timestamp_seconds")
+    assert end < _time.time()
+    _, fresh = _server_pair(tmp_path / "new", expired=False)  # renewed in place, then SIGHUP
+    Path(server.cert).write_bytes(Path(fresh.cert).read_bytes())
+    Path(server.key).write_bytes(Path(fresh.key).read_bytes())
+    start = len(d.log_path.read_text())
+    d.proc.send_signal(signal.SIGHUP)
+    wait_for_log(d, "TLS certificates reloaded", start=start, timeout=30)
+    deadline = _time.monotonic() + 30
+    while _time.monotonic() < deadline:  # the gauge follows the reload
+        end = value(scrape(d), "kvstored_tls_cert_expiry_timestamp_seconds")
+        if end > _time.time():
+            break
+        _time.sleep(0.1)
+    assert _time.time() + 20 * 86400 < end < _time.time() + 40 * 86400  # the test CA's 30 days
+    assert "tls.cert_file" not in d.log_path.read_text()[start:]  # not near its end: no line
+
+
+def test_a_certificate_near_its_end_is_warned_about(tmp_path, caplog):
+    import time as _time
+
+    from kvstored.tls import CERT_EXPIRY_WARNING, ServerTLS
+    _, server = _server_pair(tmp_path, expired=False)
+    tls = ServerTLS(server.cert, server.key)
+    with caplog.at_level(logging.INFO, logger="kvstored.tls"):
+        tls.warn_expiry()  # 30 days left: nothing to say
+        assert caplog.records == []
+        tls.not_after = _time.time() + CERT_EXPIRY_WARNING / 2
+        tls.warn_expiry()
+    (r,) = caplog.records
+    assert r.levelno == logging.WARNING and "in 7.0 days" in r.getMessage(), r.getMessage()
