@@ -203,7 +203,9 @@ def test_alloc_wait_gives_up_after_put_wait_timeout_with_nospace():
 
 
 def test_concurrent_waiters_share_the_slots_freed_meanwhile():
-    t = Tier(put_wait_timeout=0.5)
+    # the slots are freed 0.05 s in; the 2 s wait (the third waiter's NoSpace) is what a
+    # loaded machine may stall this process for without the first two timing out first
+    t = Tier(put_wait_timeout=2.0)
     try:
         es = t.fill()
         for e in es:
