@@ -736,9 +736,12 @@ def test_slow_reader_keeps_old_bytes_under_churn(daemon, sdk, how):
     evictions = counters(sdk)["evictions"]
     sdk.put(b"hot", old)
     n = 8  # 32 MiB of responses: far more than the socket buffers hold
+    hits = counters(sdk)["hits"]
     with Raw(daemon.data_port, timeout=30.0) as slow:
         slow.send(b"".join(get_frame(100 + i, b"hot") for i in range(n)))
-        time.sleep(0.2)  # the daemon has queued the responses (references held)
+        # the daemon has taken its n read references (responses queued): only then the
+        # churn (a fixed 0.2 s was not always enough on a loaded machine)
+        assert wait_until(lambda: counters(sdk)["hits"] >= hits + n, 15.0), counters(sdk)
         if how == "overwrite":
             assert sdk.put(b"hot", os.urandom(4 * MiB), overwrite=True) is True
         else:

@@ -3,12 +3,22 @@ kvstored.tls.SHUTDOWN_TIMEOUT, not asyncio's 30 s: SIGTERM with such a client co
 exits well inside the drain deadline (it waited the whole 10 s before)."""
 from __future__ import annotations
 
+import array
+import fcntl
 import signal
 import socket
+import termios
 import ssl
 import time
 
 from kvstored.tls import SHUTDOWN_TIMEOUT
+
+
+def _unread_bytes(s: socket.socket) -> int:
+    """Bytes in the socket's receive buffer (FIONREAD): what has arrived, not yet read."""
+    n = array.array("i", [0])
+    fcntl.ioctl(s.fileno(), termios.FIONREAD, n)
+    return n[0]
 
 
 def _tls_socket(certs, port: int) -> ssl.SSLSocket:
@@ -49,7 +59,12 @@ def test_a_late_reader_still_finds_its_answer_before_the_end(secure_daemon, cert
     s = _tls_socket(certs, d.data_port)
     try:
         s.sendall(encode_request(OP_GET, 7, kvstore.wire.DEFAULT_NAMESPACE.encode(), b"k"))
-        time.sleep(0.3)  # answered by now, unread
+        # answered (its TLS records, over len(value) bytes, wait in this socket's buffer),
+        # unread; a fixed 0.3 s could send SIGTERM before a loaded daemon had read the get
+        deadline = time.monotonic() + 15
+        while _unread_bytes(s) <= len(value):
+            assert time.monotonic() < deadline, "no answer to the get within 15 s"
+            time.sleep(0.02)
         t0 = time.monotonic()
         rc = d.stop(signal.SIGTERM, timeout=30)
         assert rc == 0 and time.monotonic() - t0 < SHUTDOWN_TIMEOUT + 4.0
