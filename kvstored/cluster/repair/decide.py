@@ -149,12 +149,50 @@ def decide(o: Obj, got: Mapping, peers: Peers) -> list:
     if not _verify_mine(o, mine, got, peers, acts):
         acts.append(Pending("no peer answered about a recovered record"))
         return acts
+    _drop_leftovers(o, mine, got, peers, acts)
     if not mine:
         return acts
     done = _ec(o, mine, got, peers, acts) if o.ec else _replicated(o, mine, got, peers, acts)
     if not done and not any(isinstance(a, Pending) for a in acts):
         acts.append(Pending("not at full redundancy yet"))
     return acts
+
+
+def _delete_evidence(o: Obj, got: Mapping, peers: Peers) -> tuple[set, float]:
+    """(the versions peers hold verified records of, the latest time on this node's
+    clock a peer says a client deleted the object there: -inf when none did lately).
+    A peer that merely lacks it proves nothing: after a membership change it may never
+    have been one of its homes (a node restarting in a roll is out of the list, and its
+    place is taken by one that never held the object)."""
+    versions, deleted_at = set(), float("-inf")
+    for h in got.values():
+        if h is None:
+            continue
+        if h.present:
+            if not h.unverified:
+                versions.add(version(o.ec, h.head if o.ec else h.checksum))
+            continue
+        ago = getattr(h, "deleted_ago", 0.0)  # its delete fence: seconds since the delete
+        if ago > 0:
+            deleted_at = max(deleted_at, peers.heads_at - ago)
+    return versions, deleted_at
+
+
+def _drop_leftovers(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> None:
+    """This node's verified records of an object a client deleted after they were written,
+    which no peer holds any more: the delete missed this node (it reached the nodes of a
+    member list without it: a node rejoining while clients and peers still used the old
+    list, or one that did not answer). Deleted here too (``DeleteLocal``), instead of
+    being served, and copied back once the peers' fences expire. A re-put since would be
+    held verified by a peer."""
+    versions, deleted_at = _delete_evidence(o, got, peers)
+    if deleted_at == float("-inf"):
+        return
+    ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
+    for lap, v in list(mine.items()):
+        if not v.unverified and ver(v) not in versions and deleted_at > v.committed_at:
+            acts.append(DeleteLocal(v.key))
+            del mine[lap]
 
 
 def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
@@ -164,24 +202,10 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
     if not unverified:
         return True
     ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
-    verified_versions, answered, deleted_at = set(), False, float("-inf")
-    for (nid, _lap), h in got.items():
-        if h is None:
-            continue
-        answered = True
-        if not h.present:
-            # a client deleted it on this peer lately (its delete fence says how long
-            # ago): a record written before that is a leftover this node missed the delete
-            # of while it was away (restarted, or dropped while it hung). A peer that only
-            # lacks it proves nothing: after a membership change it may never have been
-            # one of the object's homes (a node restarting in a roll is out of the list,
-            # and its place is taken by one that never held the object)
-            ago = getattr(h, "deleted_ago", 0.0)
-            if ago > 0:
-                deleted_at = max(deleted_at, peers.heads_at - ago)
-            continue
-        if not h.unverified:
-            verified_versions.add(version(o.ec, h.head if o.ec else h.checksum))
+    # a client deleted it on a peer after this record was written: a leftover this node
+    # missed the delete of while it was away (restarted, or dropped while it hung)
+    verified_versions, deleted_at = _delete_evidence(o, got, peers)
+    answered = any(h is not None for h in got.values())
     for v in mine.values():  # this node's own verified records count too
         if not v.unverified:
             verified_versions.add(ver(v))
@@ -196,7 +220,7 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
         elif not answered:
             return False
         else:
-            keep = True  # every peer restarted too: nothing says it is stale
+            keep = True  # nothing says it is stale (every peer restarted, or only lacks it)
         if keep:
             acts.append(Verify(v.key))
             mine[lap] = v._replace(unverified=False)
