@@ -43,8 +43,10 @@ def unqueued_clock(pid: int):
     """A clock (seconds) for the latency of calls from the calling thread to the daemon
     ``pid``: wall time less what the daemon's loop and the calling thread waited for a
     CPU. A daemon that works for others, or idles on a timer, while a call waits still
-    counts in full; only the machine's load is left out. Plain wall time where the kernel
-    has no schedstat. Make one in the thread that uses it."""
+    counts in full; only the machine's load is left out. Where both wait at once that time
+    is left out twice, so a short span can read low (even below zero): bound the worst of
+    many calls, or compare sums. Plain wall time where the kernel has no schedstat. Make
+    one in the thread that uses it."""
     me, mine = threading.get_native_id(), os.getpid()
 
     def now() -> float:

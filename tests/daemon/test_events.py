@@ -21,6 +21,7 @@ msgpack = pytest.importorskip("msgpack")
 
 import kvstore  # noqa: E402
 from daemonutil import ROOT  # noqa: E402
+from threadutil import unqueued_clock  # noqa: E402
 
 KiB, MiB = 1 << 10, 1 << 20
 END = (-1).to_bytes(8, "big", signed=True)
@@ -283,11 +284,11 @@ def test_late_subscriber_replays(events_daemon):
         ctx.destroy(0)
 
 
-def _timed_puts(c, prefix: str, n: int, value: bytes) -> float:
-    t0 = time.perf_counter()
+def _timed_puts(c, prefix: str, n: int, value: bytes, clock=time.perf_counter) -> float:
+    t0 = clock()
     for i in range(n):
         c.put(f"{prefix}{i}", value)
-    return time.perf_counter() - t0
+    return clock() - t0
 
 
 def test_subscriber_that_never_reads_does_not_slow_puts(events_daemon):
@@ -296,23 +297,28 @@ def test_subscriber_that_never_reads_does_not_slow_puts(events_daemon):
     try:
         with kvstore.Client(d.control, namespace="slow", timeout=10.0) as c:
             value = b"s" * KiB
+            # timed without the run-queue waits of the daemon's loop and this thread (a
+            # publisher blocked on the subscriber still counts: its loop sleeps, not
+            # queues), and the rounds summed: at load 12-15 the same 1000 puts took
+            # 0.09-2.7 s of wall time from round to round, and the best rounds were noise
+            clock = unqueued_clock(d.info["pid"])
             _timed_puts(c, "warm", 300, value)
             # a subscriber that never reads, with the smallest buffers ZMQ allows; rounds
             # alternate between it subscribed (the node sends to it; its pipe stays full)
             # and unsubscribed (the node sends to nobody), so the machine's noise (other
-            # tests, 2 cores) hits both alike; the best round of each is compared
+            # tests, 2 cores) hits both alike
             stalled = Sub(ctx, pub, {zmq.RCVHWM: 1, zmq.RCVBUF: 4096})
             time.sleep(0.3)  # the subscription reaches the node
             slowed, none = [], []
             for r in range(4):
-                slowed.append(_timed_puts(c, f"s{r}-", 1000, value))
+                slowed.append(_timed_puts(c, f"s{r}-", 1000, value, clock))
                 stalled.s.setsockopt(zmq.UNSUBSCRIBE, b"")
                 time.sleep(0.1)
-                none.append(_timed_puts(c, f"n{r}-", 1000, value))
+                none.append(_timed_puts(c, f"n{r}-", 1000, value, clock))
                 stalled.s.setsockopt(zmq.SUBSCRIBE, b"")
                 time.sleep(0.1)
             print(f"1000 puts of 1 KiB: stalled subscriber {slowed} s, none {none} s")
-            assert min(slowed) < 2.0 * min(none), (slowed, none)
+            assert sum(slowed) < 2.0 * sum(none), (slowed, none)
             assert c.put("alive", b"1") and c.get("alive") == b"1"
         m = scrape(d)
         assert m["kvstored_kv_events_published_total"] >= 300 + 8000  # every put
