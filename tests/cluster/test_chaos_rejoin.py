@@ -159,6 +159,27 @@ def test_held_record_dropped_only_when_a_peer_deleted_it_after_it_was_written():
     assert d.decide(obj(), {("a", 0): _Head(True, checksum=5)}, peers()) == [d.Verify(b"key")]
 
 
+def test_held_record_stays_held_while_a_peer_is_on_another_member_list():
+    """Kept only once every peer that answered has this node's member list: a peer still
+    on the list without it (it was away) takes deletes that miss it. Found by
+    test_chaos.py (seed 236935): a node SIGSTOPped past its lease checked its records on
+    waking, then a delete through clients and peers on the old list missed it."""
+    from kvstore.placement import Member
+    from kvstored.cluster.repair import decide as d
+    o = d.Obj(b"ns", b"key", Policy.parse("replicas:2"), False)
+    o.mine[0] = d.Local(b"key", 10, 5, True, b"", 1000.0)
+    o.slots = [(Member("me", "127.0.0.1:1"), 0), (Member("a", "127.0.0.1:2"), 0)]
+    same = {("a", 0): _Head(True, checksum=5)}
+    behind = d.Peers("me", {"a": True}, {}, [], 1100.0, {"a": 0x1111}, 0x2222)
+    acts = d.decide(o, same, behind)
+    assert [type(a).__name__ for a in acts] == ["Pending"]
+    caught_up = d.Peers("me", {"a": True}, {}, [], 1100.0, {"a": 0x2222}, 0x2222)
+    assert d.decide(o, same, caught_up) == [d.Verify(b"key")]
+    # a delete is evidence whatever list the peer is on
+    gone = {("a", 0): _Head(False, deleted_ago=30.0)}
+    assert d.decide(o, gone, behind) == [d.Drop(b"key", 5)]
+
+
 def test_verified_leftover_of_a_delete_that_missed_this_node_is_deleted_here():
     from kvstore.placement import Member
     from kvstored.cluster.repair import decide as d

@@ -108,6 +108,7 @@ class RepairAgent:
                                  lambda: self._stop, self.steps)
         self._pool: ThreadPoolExecutor | None = None
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
+        self._peer_epochs: dict[str, int] = {}  # node_id -> epoch of its last Heads answer
         self._skipped_young = 0
         self._young_pending = 0  # young records the last pass left for a later one
         # what the last pass saw, so that a pass after a membership change looks only at
@@ -369,7 +370,8 @@ class RepairAgent:
                 heads, settled, led = steps.timed("heads", self._ask, todo, me, draining)
                 if led:  # finished as far as this node is concerned
                     todo = [o for o in todo if id(o) not in led]
-                view = Peers(me, settled, self._started, draining, asked_wall)
+                view = Peers(me, settled, self._started, draining, asked_wall,
+                             dict(self._peer_epochs), m.epoch)
                 # with execute.PIPELINED this batch is read and rebuilt while the previous
                 # one is written; otherwise it is all done when start() returns
                 started = (batch, todo, self.executor.start(
@@ -545,6 +547,7 @@ class RepairAgent:
                         out += [(o, lap, None) for o, lap, _k in chunk]
                         continue
                     settled = r.unverified_objects == 0
+                    self._peer_epochs[member.node_id] = r.epoch
                     out += [(o, lap, h) for (o, lap, _k), h in zip(chunk, r.heads)]
             return out, settled
 

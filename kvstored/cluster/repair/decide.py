@@ -67,6 +67,8 @@ class Peers(NamedTuple):
     started: Mapping[str, float]  # node_id -> process start (unix s)
     draining: Sequence  # draining Members (asked beside the slots, lap 0)
     heads_at: float = 0.0  # when the Heads were asked (unix s, this node's clock)
+    epochs: Mapping[str, int] = {}  # node_id -> the member-list epoch its last Heads answer had
+    epoch: int = 0  # this node's epoch (0: unknown, nothing compared)
 
 
 # ---- actions (executed in bulk by the agent)
@@ -147,7 +149,8 @@ def decide(o: Obj, got: Mapping, peers: Peers) -> list:
     acts: list = []
     mine = dict(o.mine)
     if not _verify_mine(o, mine, got, peers, acts):
-        acts.append(Pending("no peer answered about a recovered record"))
+        acts.append(Pending("no peer answered about a recovered record, or one is on "
+                            "another member list"))
         return acts
     _drop_leftovers(o, mine, got, peers, acts)
     if not mine:
@@ -210,6 +213,14 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
         if not v.unverified:
             verified_versions.add(ver(v))
     others = {m.node_id for m, _ in o.slots} - {peers.me}
+    # a record is served once kept: only when every peer that answered has this node's
+    # member list. A peer still on an older list (one without this node, which was away)
+    # takes deletes from clients on that list, which miss this node; once the peers are
+    # on this list they redirect such clients, whose deletes then reach this node too
+    lagging = peers.epoch != 0 and any(
+        h is not None and peers.epochs.get(nid, peers.epoch) != peers.epoch
+        for (nid, _lap), h in got.items())
+    undecided = False
     for lap, v in unverified.items():
         if verified_versions:
             keep = ver(v) in verified_versions
@@ -221,13 +232,15 @@ def _verify_mine(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> 
             return False
         else:
             keep = True  # nothing says it is stale (every peer restarted, or only lacks it)
-        if keep:
+        if keep and lagging:
+            undecided = True  # held until the peers have this node's member list
+        elif keep:
             acts.append(Verify(v.key))
             mine[lap] = v._replace(unverified=False)
         else:
             acts.append(Drop(v.key, v.checksum))
             del mine[lap]
-    return True
+    return not undecided
 
 
 def _replicated(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
