@@ -18,6 +18,10 @@ from kvstore.cluster import writes as cluster_writes
 from kvstore.layout import Policy, encode_parts, encode_records, lap_key, placement_key, slots
 from threadutil import run_threads
 
+# a fixed amount of disk and CPU work: up to 28 s a test at load 12 here, so a 3-4x slower
+# CI machine comes near the suite's 120 s hang guard; this limit still only catches a hang
+pytestmark = pytest.mark.timeout(300)
+
 MIB = 1 << 20
 POLICIES = {"ec": "ec:4+2", "rep": "replicas:2"}
 

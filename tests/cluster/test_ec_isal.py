@@ -25,6 +25,10 @@ from kvstore import errors, isal, layout
 from kvstore.layout import FRAG_HEADER, LIBEC_HEADER, Policy, assemble, encode_parts, encode_records
 
 # both matrix kinds (vand for M <= 4, cauchy above), K+M up to Policy's 32
+# a fixed amount of disk and CPU work: up to 18 s a test at load 12 here, so a 3-4x slower
+# CI machine comes near the suite's 120 s hang guard; this limit still only catches a hang
+pytestmark = pytest.mark.timeout(300)
+
 POLICIES = ["ec:1+1", "ec:2+1", "ec:3+2", "ec:4+2", "ec:8+4", "ec:28+4", "ec:2+5", "ec:10+6", "ec:16+16",
             "ec:1+31"]
 

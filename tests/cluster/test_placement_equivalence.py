@@ -15,6 +15,10 @@ from kvstore.placement import Member
 
 # ---- frozen reference: kvstore/placement.py as of commit 45d06b7 (hash looked up in
 # REF_HASH so the tie tests can swap in a coarse one) ----
+# a fixed amount of disk and CPU work: up to 21 s a test at load 12 here, so a 3-4x slower
+# CI machine comes near the suite's 120 s hang guard; this limit still only catches a hang
+pytestmark = pytest.mark.timeout(300)
+
 _LEN = struct.Struct("<H")
 _POS = b"\x00pos"
 REF_HASH = {"h": xxhash.xxh3_64_intdigest}

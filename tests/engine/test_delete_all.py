@@ -23,6 +23,10 @@ from kvstored.engine.nvme import BLOCK, NvmeDevice, NvmeTier, align_up
 from test_nvme import NS, MiB, put, read, settle, val
 from test_nvme_keyless import make_store, put_then_demote_all
 
+# a fixed amount of disk and CPU work: up to 24 s a test at load 12 here, so a 3-4x slower
+# CI machine comes near the suite's 120 s hang guard; this limit still only catches a hang
+pytestmark = pytest.mark.timeout(300)
+
 OTHER = b"other"
 
 

@@ -10,6 +10,10 @@ from kvstored.engine import Store, StoreLimits
 from kvstored.engine.nvme import NvmeDevice, NvmeError, NvmeTier
 
 MiB = 1 << 20
+# a fixed amount of disk and CPU work: up to 31 s a test at load 12 here, so a 3-4x slower
+# CI machine comes near the suite's 120 s hang guard; this limit still only catches a hang
+pytestmark = pytest.mark.timeout(300)
+
 NS = b"ns"
 
 
