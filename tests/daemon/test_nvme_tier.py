@@ -86,8 +86,19 @@ def test_sigterm_with_a_full_tier_keeps_what_is_on_nvme_and_reports_the_rest(sta
         for i, k in enumerate(keys):
             c.put(k, value(i))
         assert wait_for(lambda: tier(c, "nvme").counters["regions_reclaimed"] > 0, 20)
-        time.sleep(0.5)  # demotions in flight land
-        where = {e.key: e.tier for e in c.list(limit=1000).entries}
+
+        def snapshot():
+            return tier(c, "nvme").counters["demotions"], {e.key: e.tier for e in c.list(limit=1000).entries}
+        # the demotions in flight have landed: the same count and listing 0.5 s apart (a
+        # fixed 0.5 s could list an object as DRAM-only that was on NVMe by the SIGTERM)
+        before, deadline = snapshot(), time.monotonic() + 20
+        while True:
+            time.sleep(0.5)
+            now = snapshot()
+            if now == before or time.monotonic() > deadline:
+                break
+            before = now
+        where = now[1]
     on_nvme = [k for k, t in where.items() if "nvme" in t]
     assert len(where) > len(on_nvme) > 0  # some objects only in DRAM, some on NVMe
     assert d.stop(signal.SIGTERM) == 0
