@@ -320,9 +320,12 @@ class Membership:
         watcher = watch = None
         try:
             if old is not None and self.registrations and await etcd.get(key) is None:
-                # our key went with its lease while we could not renew it: the others
-                # dropped us (a renewal that found the lease gone has already said so)
-                self._dropped("its key was gone from etcd at reconnect")
+                # our key went with its lease while we could not reach etcd: the others
+                # dropped us for a while (a renewal that found the lease gone has already
+                # said so). This node kept running and answering meanwhile (etcd down or
+                # restarted: every node is here), so its records are not held back; a
+                # full repair pass deletes what the delete fences say it missed
+                self._dropped("its key was gone from etcd at reconnect", hold=False)
             await etcd.put(key, self.self_info().to_json(), lease=lease)
             self._drop_seen = False
             if old is not None:  # our key moved to the new lease; the old one can go
@@ -430,13 +433,15 @@ class Membership:
                 raise ConnectionError(f"lease {lease.id:x} expired")
             interval = max(0.0, started + max(0.5, self.ttl / 3) - time.monotonic())
 
-    def _dropped(self, why: str) -> None:
+    def _dropped(self, why: str, hold: bool = True) -> None:
         """The cluster dropped this node while it was registered (a hung process, a node
         cut off from etcd and its clients): the others re-placed its objects, and deletes
         sent meanwhile did not reach it. Until it has registered again it redirects every
         client that still routes to it, and it rejoins as a node whose data is not
-        continuous: a new start time (peers do not take its "not here" as proof of a
-        delete), its records held back until repair has checked them (``on_dropped``)."""
+        continuous: a new start time, and ``on_dropped(hold)``: repair holds its records
+        back until checked (``hold``: the lease ran out while etcd answered, so this
+        process stalled) or runs a full pass that deletes what it missed (etcd was out
+        of reach: down or restarted, when every node drops at once)."""
         if self._drop_seen:
             return  # once per drop (the renewal and the reconnect both notice)
         self._drop_seen = True
@@ -445,12 +450,13 @@ class Membership:
         # an epoch no member list has (member_epoch is an xxh32, never this sentinel in
         # practice): every keyed request that still routes here is redirected
         self.gate.epoch = DROPPED_EPOCH
-        log.warning("this node was dropped from the cluster (%s); its records are held back "
-                    "until repair has checked them against its peers", why,
+        log.warning("this node was dropped from the cluster (%s); %s", why,
+                    "its records are held back until repair has checked them against its peers"
+                    if hold else "repair checks its records against its peers' deletes",
                     extra={"cluster": self.cluster, "node": self.status.node_id})
         for fn in self.on_dropped:
             try:
-                fn()
+                fn(hold)
             except Exception:  # a listener's bug must not stop membership
                 log.exception("membership drop listener failed")
 

@@ -28,7 +28,7 @@ import time
 from pathlib import Path
 
 import pytest
-from clusterutil import missing_redundancy, placement, placement_members, wait_for
+from clusterutil import ETCD_LEAVE_S, missing_redundancy, placement, placement_members, wait_for
 from etcdutil import TTL, needs_etcd
 
 pytest.importorskip("pyeclib")
@@ -42,7 +42,8 @@ SOAK_S = float(os.environ.get("KVSTORED_CHAOS_SECONDS", "0") or 0)
 pytestmark = [needs_etcd, pytest.mark.timeout(240 + int(SOAK_S) * 2)]
 
 MIB = 1 << 20
-POLICIES = {"ec": "ec:3+2", "rep": "replicas:2"}
+POLICIES = {"ec": "ec:3+2", "rep": "replicas:2"}  # one node lost at a time
+POLICIES_TWO = {"ec": "ec:3+2", "rep": "replicas:3"}  # two nodes lost at once
 SIZES = [1, 3000, 70_000, 300_001, MIB, 2 * MIB + 7, 3 * MIB + 1, 4 * MIB]
 NODE_TIMEOUT = 3.0
 REDIRECT_S = 5.0
@@ -60,8 +61,9 @@ class Ledger:
     """What the clients were told: per (namespace, key) the digest of the one value ever
     put under it, and whether the put (and a delete) was acknowledged."""
 
-    def __init__(self, t0: float, holders=None):
+    def __init__(self, t0: float, policies: dict, holders=None):
         self.t0 = t0
+        self.policies = policies
         self.holders = holders  # (ns, key) -> where its records are (for a violation's message)
         self.lock = threading.Lock()
         self.value: dict[tuple, tuple[bytes, int]] = {}  # every key a put was tried for
@@ -128,7 +130,7 @@ class Writer:
     def run(self) -> None:
         while not self.stop.is_set():
             r = self.rng.random()
-            ns = self.rng.choice(list(POLICIES))
+            ns = self.rng.choice(sorted(self.led.policies))
             if r < 0.45 and self.led.live_bytes < LIVE_BYTES:
                 self.put(ns)
             elif r < 0.85:
@@ -216,8 +218,9 @@ class Writer:
 class Cluster:
     """The nodes of one chaos run: their configs (NVMe tier files) and start / stop."""
 
-    def __init__(self, start_daemon, tmp: Path, etcd, n: int):
+    def __init__(self, start_daemon, tmp: Path, etcd, n: int, policies: dict):
         self.start_daemon, self.tmp, self.etcd = start_daemon, tmp, etcd
+        self.policies = policies
         self.nodes: dict[str, object] = {}
         names = [f"c{i}" for i in range(n)]
         for name, d in zip(names, start_daemon.many(*(self.args(name) for name in names))):
@@ -226,7 +229,7 @@ class Cluster:
 
     def args(self, name: str) -> tuple[str, ...]:
         cfg = self.tmp / f"{name}.toml"
-        pols = ", ".join(f"{ns}={p}" for ns, p in POLICIES.items())
+        pols = ", ".join(f"{ns}={p}" for ns, p in self.policies.items())
         cfg.write_text(
             f'[node]\nid = "{name}"\n[cluster]\nenabled = true\nlease_ttl = {TTL}\nname = "chaos"\n'
             f'etcd_endpoints = "{self.etcd.endpoint}"\nrepair_delay = 0.5\nrepair_interval = 3\n'
@@ -267,9 +270,9 @@ def _repair(d):
         return c.members().repair
 
 
-def _chaos_actions(rng: random.Random, soak: bool) -> list[str]:
+def _chaos_actions(rng: random.Random, kinds: list[str], soak: bool) -> list[str]:
     """The driver's actions: each kind once in a seeded order (a soak: drawn at random)."""
-    kinds = ["kill9", "sigstop", "rolling", "add"]
+    kinds = list(kinds)
     if soak:
         return [rng.choice(kinds) for _ in range(1000)]
     rng.shuffle(kinds)
@@ -277,10 +280,23 @@ def _chaos_actions(rng: random.Random, soak: bool) -> list[str]:
 
 
 def test_chaos_under_load(etcd, start_daemon, tmp_path):
+    """One node at a time: kill -9 and restart, SIGSTOP past the lease, a rolling
+    restart, a node added."""
+    _chaos(etcd, start_daemon, tmp_path, POLICIES, ["kill9", "sigstop", "rolling", "add"])
+
+
+def test_chaos_two_lost_and_etcd_restarted(etcd, start_daemon, tmp_path):
+    """Wider: two nodes killed at once (within ec:3+2 and replicas:3), while large
+    batches are in flight, down past their leases, then restarted; and etcd killed and
+    restarted on its data dir (the nodes serve meanwhile, degraded, and register again)."""
+    _chaos(etcd, start_daemon, tmp_path, POLICIES_TWO, ["kill_two", "etcd"])
+
+
+def _chaos(etcd, start_daemon, tmp_path, policies: dict, kinds: list[str]) -> None:
     seed = int(os.environ.get("KVSTORED_CHAOS_SEED") or random.randrange(1 << 31))
     rng = random.Random(seed)
     print(f"chaos seed {seed} (KVSTORED_CHAOS_SEED={seed} repeats it)")
-    cl = Cluster(start_daemon, tmp_path, etcd, 5)
+    cl = Cluster(start_daemon, tmp_path, etcd, 5, policies)
     cc = ClusterClient.from_cluster([d.control for d in cl.nodes.values()], node_timeout=NODE_TIMEOUT,
                                     fragment_timeout=1.0, down_s=1.0, refresh_s=0.5,
                                     redirect_s=REDIRECT_S)
@@ -288,7 +304,7 @@ def test_chaos_under_load(etcd, start_daemon, tmp_path):
     def holders(ns: str, key: bytes) -> dict:
         """{node: (present, unverified)} of the key's records (lap 0 under EC) on every live node."""
         from kvstore.layout import fragment_key, lap_key
-        sk = lap_key(fragment_key(key), 0) if POLICIES[ns].startswith("ec") else key
+        sk = lap_key(fragment_key(key), 0) if policies[ns].startswith("ec") else key
         out = {}
         for name, d in cl.nodes.items():
             if not d.alive():
@@ -300,7 +316,7 @@ def test_chaos_under_load(etcd, start_daemon, tmp_path):
             except errors.KVStoreError as e:
                 out[name] = type(e).__name__
         return out
-    led = Ledger(time.monotonic(), holders)
+    led = Ledger(time.monotonic(), policies, holders)
     stop = threading.Event()
     writers = [Writer(cc, led, seed, t, stop) for t in range(3)]
     threads = [threading.Thread(target=w.run, name=f"chaos-writer-{w.tid}") for w in writers]
@@ -310,13 +326,14 @@ def test_chaos_under_load(etcd, start_daemon, tmp_path):
 
     def note(what: str) -> None:
         log.append(f"{time.monotonic() - t_start:6.1f}s {what}")
+        print(log[-1], flush=True)  # shown (captured) when a wait in the driver times out
 
     try:
         for t in threads:
             t.start()
         wait_for(lambda: len(led.acked) >= 10, 30, "10 objects acknowledged before the chaos")
         end = time.monotonic() + SOAK_S
-        for act in _chaos_actions(rng, SOAK_S > 0):
+        for act in _chaos_actions(rng, kinds, SOAK_S > 0):
             if SOAK_S and time.monotonic() > end:
                 break
             name = rng.choice(sorted(n for n, d in cl.nodes.items() if d.alive()))
@@ -342,6 +359,26 @@ def test_chaos_under_load(etcd, start_daemon, tmp_path):
                     cl.nodes[name].stop()
                     note(f"rolling: restart {name}")
                     cl.restart(name)
+            elif act == "kill_two":
+                two = rng.sample(sorted(n for n, x in cl.nodes.items() if x.alive()), 2)
+                note(f"kill -9 {two[0]} and {two[1]}")
+                for n in two:
+                    cl.nodes[n].stop(signal.SIGKILL)
+                rest = set(cl.nodes) - set(two)
+                cl.wait_placed(rest, ETCD_LEAVE_S + 10)  # their leases run out: repair
+                time.sleep(rng.uniform(0.5, 2.0))
+                note(f"restart {two[0]} and {two[1]}")
+                for n in two:
+                    cl.nodes[n].start(30)
+                for n in two:
+                    cl.wait_healthy(n)
+            elif act == "etcd":
+                note("kill -9 etcd")
+                etcd.stop()
+                time.sleep(rng.uniform(1.0, 3.0))
+                note("restart etcd")
+                etcd.start()
+                cl.wait_placed(set(cl.nodes), 30)
             elif act == "add":
                 if len(cl.nodes) >= 6 + 2 * bool(SOAK_S):
                     continue
@@ -368,8 +405,8 @@ def test_chaos_under_load(etcd, start_daemon, tmp_path):
     # deleted key is NotFound, and repair reaches full redundancy on every node
     live = cl.live()
     assert len(live) == len(cl.nodes)
-    keep = {ns: {} for ns in POLICIES}
-    gone = {ns: [] for ns in POLICIES}
+    keep = {ns: {} for ns in policies}
+    gone = {ns: [] for ns in policies}
     for (ns, k) in led.acked:
         if (ns, k) in led.deleted:
             gone[ns].append(k)
@@ -406,14 +443,14 @@ def test_chaos_under_load(etcd, start_daemon, tmp_path):
 
     if not problems:
         members = placement_members(live[0])
-        values = {ns: {} for ns in POLICIES}  # missing_redundancy wants the bytes: read them once
+        values = {ns: {} for ns in policies}  # missing_redundancy wants the bytes: read them once
         for ns, kv in keep.items():
             for k in kv:
                 values[ns][k] = bytes(cc.get(k, namespace=ns))
 
         def redundant() -> bool:
-            last[:] = [(ns, b) for ns in POLICIES
-                       for b in missing_redundancy(members, ns, Policy.parse(POLICIES[ns]), values[ns])]
+            last[:] = [(ns, b) for ns in policies
+                       for b in missing_redundancy(members, ns, Policy.parse(policies[ns]), values[ns])]
             return not last
         try:
             wait_for(redundant, 90, "full redundancy", step=1.0)

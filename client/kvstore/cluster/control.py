@@ -101,9 +101,10 @@ class Control:
                 where = sl + self._extra(kb, ns, p, sl, p.m)
                 pairs = [(m, lap_key(fk, lap)) for m, lap in where]
             else:
-                # the next node too: after a join, the home it displaced keeps the copy
-                # until repair hands it over, which this delete's fence then refuses
-                pairs = [(m, kb) for m, _ in sl + self._extra(kb, ns, p, sl, 1)]
+                # the next nodes too: after a join, the home it displaced keeps the copy
+                # until repair hands it over, which this delete's fence then refuses; a
+                # put written around dead nodes left copies up to N-1 places further
+                pairs = [(m, kb) for m, _ in sl + self._extra(kb, ns, p, sl, max(1, p.n - 1))]
             for m, sk in pairs:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
         def each(m: Member, items: list) -> list[bool]:

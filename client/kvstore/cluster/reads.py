@@ -88,7 +88,8 @@ class Reads:
             # hold a copy, written when a node that is a slot now was away (restarting),
             # with the copy on the other slot held back until checked (a node that came
             # back from NVMe): an acknowledged object must not read as NotFound
-            for m, _ in self._extra(key, ns, self.policy(ns), sl, 1):
+            p = self.policy(ns)  # (a put written around dead nodes: up to N-1 places further)
+            for m, _ in self._extra(key, ns, p, sl, max(1, p.n - 1)):
                 try:
                     if out is None:
                         return self._node(m, "get", key, namespace=ns)

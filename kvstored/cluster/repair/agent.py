@@ -148,12 +148,14 @@ class RepairAgent:
         self.executor.close()
         self.peers.close()
 
-    def hold_back(self) -> None:
+    def hold_back(self, hold: bool = True) -> None:
         """This node was dropped from the cluster and is rejoining (membership, on the
-        loop): deletes may have missed it, so every record it holds is held back until
-        checked, as at a restart, and the next pass is a full one."""
-        n = self.store.hold_all_now()
-        log.warning("repair: holding back %d record(s) until checked against the peers", n)
+        loop): deletes may have missed it, so the next pass is a full one (its leftovers
+        of deletes are deleted, decide._drop_leftovers), and with ``hold`` every record
+        it holds is held back until checked, as at a restart."""
+        if hold:
+            n = self.store.hold_all_now()
+            log.warning("repair: holding back %d record(s) until checked against the peers", n)
         self._force_full = True
         self.wake()
 
