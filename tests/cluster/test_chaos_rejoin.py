@@ -415,3 +415,28 @@ def test_etcd_restart_drops_every_node_but_holds_nothing_back(etcd, start_daemon
     for k, v in objs.items():
         assert cc.get(k, namespace="rep") == v
     cc.close()
+
+
+def test_delete_reaches_copies_written_around_two_dead_nodes(start_daemon):
+    """replicas:3 tolerates two dead nodes: a put while the key's first two homes are down
+    is written to the next three nodes in its preference order. A delete then (both still
+    dead, passed over) must reach all three, not the one slot left and one node more."""
+    nodes = start_daemon.many(*[() for _ in range(5)])
+    rep = Policy.parse("replicas:3")
+    addrs = [d.control for d in nodes]
+    with ClusterClient(addrs, policy="replicas:3", shm=False, node_timeout=2.0) as cc:
+        key = b"w-0"
+        from kvstore.placement import place
+        order = [m.address for m in place(placement_key(key, rep), cc.members(), 5, "rep")]
+        dead = [d for d in nodes if d.control in order[:2]]
+        v = os.urandom(4000)
+        for d in dead:
+            d.stop(signal.SIGKILL)
+        cc.put(key, v, namespace="rep")  # written around both: on order[2:5]
+        for a in order[2:]:
+            with kvstore.Client(a, namespace="rep", shm=False) as c:
+                assert c.get(key) == v
+        assert cc.delete([key], namespace="rep") == 1
+        for a in order[2:]:
+            with kvstore.Client(a, namespace="rep", shm=False) as c:
+                assert c.exists([key]) == [False], a
