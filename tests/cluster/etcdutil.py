@@ -40,12 +40,28 @@ class Etcd:
         self.data_dir = tmp / "etcd-data"
         self.log_path = tmp / "etcd.log"
         self.proc: subprocess.Popen | None = None
+        self._told = False  # endpoint handed out: the ports may no longer change
 
     @property
     def endpoint(self) -> str:
+        self._told = True
         return f"127.0.0.1:{self.client_port}"
 
     def start(self, timeout: float = 20.0) -> "Etcd":
+        # a free port is free only until someone binds it: another test's process (two
+        # xdist workers) may take it before etcd does; new ports then, unless a test was
+        # already given the endpoint
+        for _ in range(3):
+            try:
+                return self._start(timeout)
+            except RuntimeError as e:
+                if self._told or "address already in use" not in str(e):
+                    raise
+                self.stop()
+                self.client_port, self.peer_port = _free_port(), _free_port()
+        return self._start(timeout)
+
+    def _start(self, timeout: float) -> "Etcd":
         url_c = f"http://127.0.0.1:{self.client_port}"
         url_p = f"http://127.0.0.1:{self.peer_port}"
         self._log = open(self.log_path, "ab")
@@ -73,7 +89,7 @@ class Etcd:
     def _healthy(self) -> bool:
         import urllib.request
         try:
-            with urllib.request.urlopen(f"http://{self.endpoint}/health", timeout=1) as r:
+            with urllib.request.urlopen(f"http://127.0.0.1:{self.client_port}/health", timeout=1) as r:
                 return b"true" in r.read()
         except OSError:
             return False
