@@ -11,6 +11,15 @@ reports ``degraded`` (Health status, Members), keeps the last member list it saw
 trying the configured endpoints in turn. When etcd answers again it registers under a
 fresh lease, re-reads the list and watches again.
 
+One node per id: the node claims its key in an etcd transaction (put only if the key
+is as it was read). A key held by another node (another control address, under a lease
+that is not this process's) is not taken: this node stays unregistered and degraded,
+says so at error level and in Health / Members, and tries again every BACKOFF_MAX
+seconds, so it joins once that node's lease has run out (a replaced host reusing the
+id) and never while both run (two nodes under one id would share one place in the
+member list while holding different data). A key at this node's own address is its
+previous run's (a restart within the lease) and is taken over.
+
 static mode (``cluster.static_peers``): no etcd; the peers are probed with Info/Health
 every lease_ttl seconds so their ids, data addresses and liveness are known.
 
@@ -72,11 +81,19 @@ class MemberInfo:
         return cls(**known)
 
 
+class NodeIdInUse(Exception):
+    """Another live node is registered under this node's id."""
+
+
 @dataclass
 class _Entry:
     info: MemberInfo
     health: str  # alive | stale | unreachable | unknown
     seen: float  # time.monotonic() of the last confirmation (0 = never)
+
+
+def _ago(t: float) -> str:
+    return f"{max(0.0, time.time() - t):.0f}s ago" if t else "at an unknown time"
 
 
 def _advertised_host(host: str) -> str:
@@ -281,6 +298,13 @@ class Membership:
                 await self._session(host, port)  # returns only by raising
             except asyncio.CancelledError:
                 raise
+            except NodeIdInUse as e:
+                self.registered = False
+                self.detail = str(e)
+                log.error("%s", e, extra={"cluster": self.cluster, "etcd": f"{host}:{port}"})
+                await self._close_etcd()
+                await asyncio.sleep(BACKOFF_MAX)
+                continue
             except Exception as e:
                 was = self.registered
                 self.registered = False
@@ -326,7 +350,7 @@ class Membership:
                 # restarted: every node is here), so its records are not held back; a
                 # full repair pass deletes what the delete fences say it missed
                 self._dropped("its key was gone from etcd at reconnect", hold=False)
-            await etcd.put(key, self.self_info().to_json(), lease=lease)
+            await self._claim(etcd, key, lease, old)
             self._drop_seen = False
             if old is not None:  # our key moved to the new lease; the old one can go
                 try:
@@ -352,6 +376,33 @@ class Membership:
                     await watch.cancel()
                 except Exception:
                     pass
+
+    async def _claim(self, etcd, key: bytes, lease, old) -> None:
+        """Put this node's key under ``lease``, unless another node holds it (NodeIdInUse):
+        a key under this process's previous lease (``old``) or at this node's control
+        address (its previous run) is ours. The put is a transaction on the key's revision
+        as read, so two nodes starting at once under one id cannot both take it."""
+        me = self.self_info()
+        cur = await etcd.get(key)
+        if cur is not None and not (old is not None and cur.lease == old.id):
+            try:
+                held = MemberInfo.from_json(cur.value)
+            except (ValueError, TypeError):
+                held = None  # not a member document: ours to overwrite
+            if held is not None and held.control_address != me.control_address:
+                raise NodeIdInUse(
+                    f"node id {self.status.node_id!r} is registered by another node at "
+                    f"{held.control_address} (started {_ago(held.started_at)}); two nodes "
+                    "cannot share an id: set node.id (or stop the other node). This node "
+                    "serves its local data unregistered and joins once that registration "
+                    "expires")
+        tx = etcd.transactions
+        same = tx.version(key) == 0 if cur is None else tx.mod(key) == cur.mod_revision
+        ok, _ = await etcd.transaction(compare=[same], success=[tx.put(key, me.to_json(), lease)],
+                                       failure=[])
+        if not ok:
+            raise NodeIdInUse(f"node id {self.status.node_id!r} was registered by another "
+                              "node while this one registered; two nodes cannot share an id")
 
     async def _resync(self, etcd) -> int:
         """Re-read the whole member list and the policies; returns the etcd revision."""
