@@ -79,13 +79,14 @@ class Control:
 
     def delete(self, keys: Sequence, *, namespace: str | None = None) -> int:
         """Delete every copy / record of ``keys`` on its slots and the next nodes in its
-        preference order (M for EC, one for copies: where records sit until repair moves
-        them after a membership change). Returns how many keys had something deleted. A
-        node that refuses connections is passed over; one that does not answer within
-        ``node_timeout`` (hung, cut off: it may serve its records again) makes the delete
-        Unavailable, not acknowledged (retry: deletes are idempotent). Every node asked fences the keys against repair
-        writes for a while (kvstored/engine/fence.py), so a repair pass that read the
-        object before the delete cannot write it back."""
+        preference order (M for EC, max(1, N-1) for N copies: where records sit until
+        repair moves them after a membership change, or after a put written around dead
+        nodes). Returns how many keys had something deleted. A node that refuses
+        connections is passed over; one that does not answer within ``node_timeout``
+        (hung, cut off: it may serve its records again) makes the delete Unavailable, not
+        acknowledged (retry: deletes are idempotent). Every node asked fences the keys
+        against repair writes for a while (kvstored/engine/fence.py), so a repair pass
+        that read the object before the delete cannot write it back."""
         return self._redirected(self._delete, keys, namespace)
 
     def _delete(self, keys: Sequence, namespace: str | None) -> int:
@@ -107,6 +108,7 @@ class Control:
                 pairs = [(m, kb) for m, _ in sl + self._extra(kb, ns, p, sl, max(1, p.n - 1))]
             for m, sk in pairs:
                 per_node.setdefault(m.node_id, (m, []))[1].append((j, sk))
+
         def each(m: Member, items: list) -> list[bool]:
             # asked even when marked down (a mark is a guess; a delete must know). A node
             # that does not run (refuses connections) is passed over: if it comes back,
