@@ -11,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+from clusterutil import wait_for
 from etcdutil import TTL, needs_etcd
 
 import kvstore
@@ -31,26 +32,15 @@ def _members(d):
         return c.members()
 
 
-def _wait(pred, timeout: float, what: str, step: float = 0.2):
-    deadline = time.monotonic() + timeout
-    last = None
-    while time.monotonic() < deadline:
-        last = pred()
-        if last:
-            return last
-        time.sleep(step)
-    raise AssertionError(f"{what} not within {timeout}s (last: {last!r})")
-
-
 @needs_etcd
 def test_second_node_with_the_same_id_stays_out(etcd, start_daemon, tmp_path):
     a = start_daemon("--config", _config(tmp_path, "a", etcd, "same-id"))
-    _wait(lambda: not _members(a).degraded, 15, "the first node registered")
+    wait_for(lambda: not _members(a).degraded, 15, "the first node registered")
     with kvstore.Client(a.control, namespace="n", timeout=5.0) as c:
         c.put(b"on-a", b"a's data")
     b = start_daemon("--config", _config(tmp_path, "b", etcd, "same-id"))
     # b serves its local data but is not in the cluster; it says why
-    r = _wait(lambda: (lambda r: r if "same-id" in r.detail else None)(_members(b)), 15,
+    r = wait_for(lambda: (lambda r: r if "same-id" in r.detail else None)(_members(b)), 15,
               "the second node saying its id is taken")
     assert r.degraded and a.control in r.detail and "node.id" in r.detail, r.detail
     with kvstore.Client(b.control, timeout=5.0) as c:
@@ -65,7 +55,7 @@ def test_second_node_with_the_same_id_stays_out(etcd, start_daemon, tmp_path):
         assert c.get(b"on-a") == b"a's data"
     # the first node goes (its key with its lease): the second joins
     a.stop(signal.SIGKILL)
-    _wait(lambda: not _members(b).degraded, TTL + 15, "the second node registered")
+    wait_for(lambda: not _members(b).degraded, TTL + 15, "the second node registered")
     r = _members(b)
     assert [m.control_address for m in r.members] == [b.control]
 
@@ -73,13 +63,13 @@ def test_second_node_with_the_same_id_stays_out(etcd, start_daemon, tmp_path):
 @needs_etcd
 def test_restart_at_the_same_address_takes_its_key_over(etcd, start_daemon, tmp_path):
     a = start_daemon("--config", _config(tmp_path, "a", etcd, "restarted"))
-    _wait(lambda: not _members(a).degraded, 15, "the node registered")
+    wait_for(lambda: not _members(a).degraded, 15, "the node registered")
     port = int(a.control.rsplit(":", 1)[1])
     a.stop(signal.SIGKILL)  # its key stays until its lease runs out
     t0 = time.monotonic()
     a2 = start_daemon("--config", _config(tmp_path, "a2", etcd, "restarted"),
                       "--port", str(port), "--data-port", str(a.data_port))
-    _wait(lambda: not _members(a2).degraded, 15, "the restarted node registered")
+    wait_for(lambda: not _members(a2).degraded, 15, "the restarted node registered")
     # registered before the old lease could have run out: the key was taken over, not waited for
     assert time.monotonic() - t0 < TTL + 10
     assert "is registered by another node" not in a2.log()

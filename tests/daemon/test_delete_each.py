@@ -14,6 +14,7 @@ import pytest
 
 import kvstore
 from daemonutil import config
+from threadutil import run_threads
 from kvstore import errors
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
@@ -100,27 +101,16 @@ def test_concurrent_deletes_each_key_counted_once(daemon):
         for k in keys:
             c.put(k, k)
     results: list[list[bool]] = []
-    failures: list[BaseException] = []
     lock = threading.Lock()
 
     def worker(order: int) -> None:
-        try:
-            with kvstore.Client(daemon.control, namespace="cc", timeout=20) as c:
-                ks = keys if order % 2 == 0 else keys[::-1]
-                got = c.delete_each(ks)
-                if order % 2:
-                    got = got[::-1]
-                with lock:
-                    results.append(got)
-        except BaseException as e:  # noqa: BLE001 - reported below
-            failures.append(e)
+        with kvstore.Client(daemon.control, namespace="cc", timeout=20) as c:
+            ks = keys if order % 2 == 0 else keys[::-1]
+            got = c.delete_each(ks)
+            with lock:
+                results.append(got if order % 2 == 0 else got[::-1])
 
-    threads = [threading.Thread(target=worker, args=(i,)) for i in range(4)]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join(60)
-    assert not failures, failures
+    run_threads(worker, range(4), timeout=60)
     assert len(results) == 4
     for j in range(len(keys)):
         assert sum(r[j] for r in results) == 1, keys[j]

@@ -69,6 +69,12 @@ class Reads:
             return self._get_ec(kb, ns, p)
         return self._get_replica(kb, ns, self._slots(kb, ns, p, write=False))
 
+    def _copy_from(self, m: Member, key: bytes, ns: str, out=None):
+        """One node's copy: the bytes, or (into ``out``) its size."""
+        if out is None:
+            return self._node(m, "get", key, namespace=ns)
+        return self._node(m, "get_into", key, out, namespace=ns)
+
     def _get_replica(self, key: bytes, ns: str, sl: list[tuple[Member, int]], out=None):
         """The first healthy copy (into ``out`` when given: then its size)."""
         now = time.monotonic()
@@ -76,9 +82,7 @@ class Reads:
         errs = []
         for m in order:
             try:
-                if out is None:
-                    return self._node(m, "get", key, namespace=ns)
-                return self._node(m, "get_into", key, out, namespace=ns)
+                return self._copy_from(m, key, ns, out)
             except errors.Redirect:
                 raise
             except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
@@ -91,9 +95,7 @@ class Reads:
             p = self.policy(ns)  # (a put written around dead nodes: up to N-1 places further)
             for m, _ in self._extra(key, ns, p, sl, max(1, p.n - 1)):
                 try:
-                    if out is None:
-                        return self._node(m, "get", key, namespace=ns)
-                    return self._node(m, "get_into", key, out, namespace=ns)
+                    return self._copy_from(m, key, ns, out)
                 except errors.Redirect:
                     raise
                 except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
