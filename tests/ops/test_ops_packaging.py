@@ -213,6 +213,7 @@ def test_compose_file_has_etcd_and_three_nodes():
     assert "stop_grace_period" in text
 
 
+@pytest.mark.timeout(660)  # its subprocess may take 600 s (59-64 s at load 9-12 here)
 def test_check_build_replays_the_dockerfile():
     """docker/check-build.sh: the image's RUN steps in a clean venv, then start a standalone
     and a cluster node from it (~30-75 s, most of it pip)."""
