@@ -27,8 +27,11 @@ sys.path.insert(0, str(ROOT / "tests" / "cluster"))
 from etcdutil import Etcd, needs_etcd  # noqa: E402
 from opsutil import index_reachable  # noqa: E402
 
-pytestmark = pytest.mark.skipif(bool(os.environ.get("KVSTORED_SKIP_BUILD_CHECK")),
-                                reason="KVSTORED_SKIP_BUILD_CHECK is set")
+pytestmark = [pytest.mark.skipif(bool(os.environ.get("KVSTORED_SKIP_BUILD_CHECK")),
+                                 reason="KVSTORED_SKIP_BUILD_CHECK is set"),
+               # the fixtures build the wheel and pip-install fresh venvs (each up to
+               # PIP_TIMEOUT): the suite's 120 s default would cut a slow CI's first test
+               pytest.mark.timeout(900)]
 
 SMALL = ["--host", "127.0.0.1", "--port", "0", "--data-port", "0", "--metrics-port", "0",
          "--dram-size", "64MiB", "--slab-size", "4MiB", "--max-value-size", "4MiB"]
