@@ -146,6 +146,19 @@ _STORE_COUNTERS = (
 )
 
 
+# RepairAgent.more's counters: key (the metric is kvstored_repair_<key>_total), help
+_REPAIR_MORE = (
+    ("fenced", "Repair writes refused because their key was deleted on the target node "
+               "lately (a delete raced the pass)."),
+    ("late_writes", "Repair writes not sent: decided longer ago than the nodes' delete "
+                    "fence covers (retried next pass)."),
+    ("redecided", "Objects decided again from fresh Heads because their batch's had grown "
+                  "old (a slow, throttled batch)."),
+    ("unrecoverable", "EC objects found with fewer than K fragments left, every slot "
+                      "answering (each reported once)."),
+)
+
+
 def _counter(name: str, doc: str, value: float, labels: dict[str, str] | None = None):
     f = CounterMetricFamily(name, doc, labels=list(labels or ()))
     f.add_metric(list((labels or {}).values()), value)
@@ -283,18 +296,8 @@ class NodeCollector(Collector):
         yield _counter("kvstored_repair_removed", "Surplus records deleted after their homes "
                        "held them (drain, placement change).", rep.get("removed", 0))
         more = m.repair.more if m.repair is not None else {}
-        yield _counter("kvstored_repair_fenced", "Repair writes refused because their key was "
-                       "deleted on the target node lately (a delete raced the pass).",
-                       more.get("fenced", 0))
-        yield _counter("kvstored_repair_late_writes", "Repair writes not sent: decided longer "
-                       "ago than the nodes' delete fence covers (retried next pass).",
-                       more.get("late_writes", 0))
-        yield _counter("kvstored_repair_redecided", "Objects decided again from fresh Heads "
-                       "because their batch's had grown old (a slow, throttled batch).",
-                       more.get("redecided", 0))
-        yield _counter("kvstored_repair_unrecoverable", "EC objects found with fewer than K "
-                       "fragments left, every slot answering (each reported once).",
-                       more.get("unrecoverable", 0))
+        for key, text in _REPAIR_MORE:
+            yield _counter(f"kvstored_repair_{key}", text, more.get(key, 0))
         # ---- the delete fence (kvstored/engine/fence.py): keys deleted lately, which no
         # repair write brings back
         fence = m.store.fence.stats() if getattr(m.store, "fence", None) is not None else {}

@@ -12,7 +12,6 @@ import os
 import signal
 import time
 from pathlib import Path
-from typing import NamedTuple
 
 import pytest
 from clusterutil import placement, placement_members, wait_for, wait_left
@@ -24,8 +23,16 @@ import kvstore  # noqa: E402
 from kvstore import errors  # noqa: E402
 from kvstore.cluster import ClusterClient  # noqa: E402
 from kvstore.layout import Policy, placement_key, slots  # noqa: E402
+from fakes import Head as _Head  # noqa: E402
 
 POLICIES = {"rep": "replicas:2", "ec": "ec:2+1"}
+
+
+def _gone(c, keys, ns: str) -> None:
+    """Each of ``keys`` reads NotFound through ``c`` (a node's client or the cluster's)."""
+    for k in keys:
+        with pytest.raises(errors.NotFound):
+            c.get(k, namespace=ns)
 
 
 @pytest.mark.parametrize("kind", ["packed", "dict"])
@@ -91,13 +98,9 @@ def test_node_dropped_while_hung_does_not_serve_what_was_deleted_meanwhile(etcd,
     wait_for(lambda: all(placement(d) == set(names) for d in ds), 30, "h1 back in placement")
     with kvstore.Client(hung.control, timeout=5, shm=False) as c:
         # it had its copies all along, but holds them back from before it registered again
-        for k in gone_rep:
-            with pytest.raises(errors.NotFound):
-                c.get(k, namespace="rep")
+        _gone(c, gone_rep, "rep")
     # through the cluster, at once and after h1's repair has checked everything
-    for k in gone_rep:
-        with pytest.raises(errors.NotFound):
-            cc.get(k, namespace="rep")
+    _gone(cc, gone_rep, "rep")
     with kvstore.Client(hung.control, timeout=5, shm=False) as c:
         wait_for(lambda: c.stats().counters["unverified"] == 0, 60, "h1's records checked")
         rs = c.members().repair
@@ -107,12 +110,8 @@ def test_node_dropped_while_hung_does_not_serve_what_was_deleted_meanwhile(etcd,
         for k in gone_rep:
             assert not c.heads([k], namespace="rep").heads[0].present
     assert "dropped from the cluster" in hung.log()
-    for k in gone_rep:
-        with pytest.raises(errors.NotFound):
-            cc.get(k, namespace="rep")
-    for k in gone_ec:
-        with pytest.raises(errors.NotFound):
-            cc.get(k, namespace="ec")
+    _gone(cc, gone_rep, "rep")
+    _gone(cc, gone_ec, "ec")
     for k, v in objs.items():
         if k not in gone_rep:
             assert cc.get(k, namespace="rep") == v
@@ -120,15 +119,6 @@ def test_node_dropped_while_hung_does_not_serve_what_was_deleted_meanwhile(etcd,
         if k not in gone_ec:
             assert cc.get(k, namespace="ec") == v
     cc.close()
-
-
-class _Head(NamedTuple):
-    """A peer's answer to Heads for one key (the fields repair reads of pb.Head)."""
-    present: bool
-    unverified: bool = False
-    checksum: int = 0
-    head: bytes = b""
-    deleted_ago: float = 0.0
 
 
 def test_held_record_dropped_only_when_a_peer_deleted_it_after_it_was_written():
@@ -255,9 +245,7 @@ def test_rolling_restart_does_not_bring_back_what_was_deleted_while_a_node_was_d
         wait_for(lambda: c.stats().counters["unverified"] == 0, 60, "g3's records checked")
         assert c.members().repair.dropped >= len(gone)
         assert not any(h.present for h in c.heads(gone, namespace="rep").heads)
-    for k in gone:
-        with pytest.raises(errors.NotFound):
-            cc.get(k, namespace="rep")
+    _gone(cc, gone, "rep")
     for k, v in objs.items():
         if k not in gone:
             assert cc.get(k, namespace="rep") == v

@@ -10,21 +10,11 @@ from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace,
 from kvstore.wire import checksum
 from kvstored.engine import Store, StoreLimits
 from kvstored.engine.arena import MIN_SLOT, size_classes
+from fakes import Clock as FakeClock
 
 KiB = 1 << 10
 MiB = 1 << 20
 NS = b"ns"
-
-
-class FakeClock:
-    def __init__(self, t: float = 1000.0):
-        self.t = t
-
-    def __call__(self) -> float:
-        return self.t
-
-    def advance(self, dt: float) -> None:
-        self.t += dt
 
 
 def make_store(clock=None, **kw) -> Store:

@@ -14,17 +14,10 @@ from kvstored.dataplane.session import FAIR_FRAMES, DataSession, Plane
 from kvstored.engine import Store, StoreLimits
 
 from secutil import TOKENS, write_tokens
+from fakes import Clock
 
 KiB, MiB = 1 << 10, 1 << 20
 PING = encode_request(OP_PING, 1, b"", b"")
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def plane(auth=None, **limits) -> Plane:

@@ -6,16 +6,9 @@ import asyncio
 
 from kvstored.engine import Store, StoreLimits
 from kvstored.engine.fence import DELETED, MAX_WRITE_AGE_S, OVERFLOW, WINDOW_S, DeleteFence
+from fakes import Clock
 
 NS = b"ns"
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def test_a_deleted_key_is_fenced_for_the_window_and_no_longer():

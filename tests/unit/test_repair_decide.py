@@ -4,7 +4,6 @@ rebuild)."""
 from __future__ import annotations
 
 import os
-from typing import NamedTuple
 
 import pytest
 
@@ -14,17 +13,10 @@ from kvstore.placement import Member
 from kvstored.cluster.repair import decide as d
 from kvstored.cluster.repair.agent import group
 from kvstored.cluster.repair.throttle import Throttle
+from fakes import Head as H
 
 ME = "me"
 T_WRITE = 1000.0  # when this node's records were written (unix s)
-
-
-class H(NamedTuple):
-    """A peer's answer to Heads for one key (the fields repair reads of pb.Head)."""
-    present: bool
-    unverified: bool = False
-    checksum: int = 0
-    head: bytes = b""
 
 
 def mem(name: str) -> Member:

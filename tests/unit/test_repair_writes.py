@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import NamedTuple
 
 from kvstore.layout import FRAG_HEADER, FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, Policy, lap_key
 from kvstore.placement import Member
@@ -15,15 +14,9 @@ from kvstored.cluster.repair import decide as d
 from kvstored.cluster.repair.execute import REFRESH_S, Executor
 from kvstored.cluster.repair.peers import FENCED
 from kvstored.engine.fence import MAX_WRITE_AGE_S
+from fakes import Head as H
 
 ME = "me"
-
-
-class H(NamedTuple):
-    present: bool
-    unverified: bool = False
-    checksum: int = 0
-    head: bytes = b""
 
 
 def head(index: int) -> bytes:

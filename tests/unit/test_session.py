@@ -22,17 +22,10 @@ from kvstored.dataplane.ops import CORE_OPS
 from kvstored.dataplane.session import (DISCARD_LIMIT, HEADER_WINDOW, LARGE_PAYLOAD, DataSession,
                                         OpTable, Plane)
 from kvstored.engine import Store, StoreLimits
+from fakes import Clock
 
 MiB = 1 << 20
 NS = b"ns"
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self) -> float:
-        return self.t
 
 
 def make_store(clock=None, **kw) -> Store:

@@ -11,17 +11,10 @@ from kvstore.wire import checksum
 from kvstored import settings
 from kvstored.dataplane.policy import DataLimits
 from kvstored.engine.store import Store, StoreLimits
+from fakes import Clock
 
 KiB, MiB = 1 << 10, 1 << 20
 NS = b"ns"
-
-
-class Clock:
-    def __init__(self):
-        self.t = 1000.0
-
-    def __call__(self):
-        return self.t
 
 
 @pytest.fixture

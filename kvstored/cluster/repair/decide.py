@@ -175,7 +175,7 @@ def _delete_evidence(o: Obj, got: Mapping, peers: Peers) -> tuple[set, float]:
             if not h.unverified:
                 versions.add(version(o.ec, h.head if o.ec else h.checksum))
             continue
-        ago = getattr(h, "deleted_ago", 0.0)  # its delete fence: seconds since the delete
+        ago = h.deleted_ago  # its delete fence: seconds since the delete (0: not lately)
         if ago > 0:
             deleted_at = max(deleted_at, peers.heads_at - ago)
     return versions, deleted_at
