@@ -5,23 +5,15 @@ random slot states (pure: no sockets)."""
 from __future__ import annotations
 
 import random
-from typing import NamedTuple
 
 from kvstore.layout import FRAG_HEADER, FRAG_MAGIC, FRAG_VERSION, KIND_FRAGMENT, KIND_REPLICA, Policy, lap_key
 from kvstore.placement import Member
 from kvstored.cluster.repair import decide as d
+from fakes import Head as H
 
 ME = "me"
 P = Policy.parse("ec:3+2")
 VERSIONS = [(900, 7), (1200, 8)]  # (olen, ocsum) of two versions of one object
-
-
-class H(NamedTuple):
-    """A peer's answer to Heads for one key (the fields repair reads of pb.Head)."""
-    present: bool
-    unverified: bool = False
-    checksum: int = 0
-    head: bytes = b""
 
 
 def head(index: int, ver: int, kind: int = KIND_FRAGMENT) -> bytes:

@@ -9,7 +9,6 @@ import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
-from typing import NamedTuple
 
 import pytest
 
@@ -20,6 +19,7 @@ from kvstored.cluster.repair.execute import Executor
 from kvstored.cluster.repair.local import LocalStore
 from kvstored.cluster.repair.throttle import Throttle
 from kvstored.engine.store import Store, StoreLimits
+from fakes import Head as H
 
 MiB = 1 << 20
 NS = b"ec"
@@ -94,14 +94,6 @@ def test_put_many_from_several_threads_at_once(local):
     for its in items.values():
         for k, v in its:
             assert stored(local, k) == v
-
-
-class H(NamedTuple):
-    """A peer's answer to Heads for one key (the fields decide() reads)."""
-    present: bool
-    unverified: bool = False
-    checksum: int = 0
-    head: bytes = b""
 
 
 class OtherNodes:
