@@ -248,6 +248,9 @@ class NodeCollector(Collector):
             yield _counter(name, doc, stats.get(key, 0))
         yield _counter("kvstored_stalled_puts", "Data connections closed because a put stalled "
                        "past reservation_timeout.", counters.get("stalled_puts", 0))
+        yield _counter("kvstored_put_waits_ended_by_disconnect", "Puts waiting for space "
+                       "whose client closed the connection (the wait ended, nothing reserved).",
+                       counters.get("put_waits_ended_by_disconnect", 0))
         # ---- RDMA (kvstored/dataplane/rdma.py keeps these in the data server's counters)
         rdma = CounterMetricFamily("kvstored_rdma_events", "RDMA data path events by kind: "
                                    "connections, puts, gets, bytes, doorbells, work requests, "

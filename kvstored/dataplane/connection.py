@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import fcntl
 import logging
+import select
 import socket
 import termios
 from typing import TYPE_CHECKING
@@ -49,6 +50,12 @@ TLS_MAX_INFLIGHT = 8 << 20
 RCVLOWAT_MAX = 1 << 20
 RCVLOWAT_MIN = 128 << 10
 RCVLOWAT_PAYLOAD = 512 << 10
+
+# A put waiting for space (up to put_wait_timeout) reads nothing, so its client's close
+# is not seen by the transport: the socket is polled for a hang-up this often meanwhile,
+# and the wait ends (no slot is taken for a client that left, no object evicted for it)
+HANGUP_POLL = 0.1
+_HANGUP = getattr(select, "POLLRDHUP", 0x2000) | select.POLLHUP | select.POLLERR
 
 log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their logger name
 
@@ -114,6 +121,7 @@ class DataConnection(asyncio.BufferedProtocol):
         self.coalesce = False
         self.flush_due = False
         self.loop: asyncio.AbstractEventLoop | None = None
+        self.hangup_timer: asyncio.TimerHandle | None = None  # polls while a put waits
 
     @property
     def closed(self) -> bool:
@@ -214,6 +222,9 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.prune_timer is not None:
             self.prune_timer.cancel()
             self.prune_timer = None
+        if self.hangup_timer is not None:
+            self.hangup_timer.cancel()
+            self.hangup_timer = None
 
     def close(self) -> None:
         if not self.done and self.transport is not None:
@@ -411,6 +422,8 @@ class DataConnection(asyncio.BufferedProtocol):
             self.prune_timer = asyncio.get_running_loop().call_later(_PRUNE_INTERVAL, self._prune)
 
     async def _run(self, call: "Call") -> None:
+        if call is self.session.waiting and self.hangup_timer is None:
+            self.hangup_timer = asyncio.get_running_loop().call_later(HANGUP_POLL, self._poll_hangup)
         try:
             result = await call.fn(*call.args)
         except errors.KVStoreError as e:
@@ -418,6 +431,20 @@ class DataConnection(asyncio.BufferedProtocol):
         else:
             self.session.call_done(call, result, None)
         self._act()
+
+    def _poll_hangup(self) -> None:
+        """While a put waits for space: if the client hung up, end the connection, which
+        cancels the wait (``connection_lost``); a slot it got meanwhile is aborted."""
+        self.hangup_timer = None
+        if self.done or self.session.waiting is None:
+            return
+        if _hung_up(self.transport):
+            self.server.counters["put_waits_ended_by_disconnect"] += 1
+            log.info("client disconnected while its put waited for space: wait ended",
+                     extra={"peer": self.peer, "req_id": self.session.req_id})
+            self.abort()
+            return
+        self.hangup_timer = asyncio.get_running_loop().call_later(HANGUP_POLL, self._poll_hangup)
 
     def _prune(self) -> None:
         self.prune_timer = None
@@ -435,6 +462,20 @@ class DataConnection(asyncio.BufferedProtocol):
             self.transport.resume_reading()
         else:
             self.transport.pause_reading()
+
+
+def _hung_up(transport) -> bool:
+    """The peer closed (FIN or RST), though unread bytes may still wait in the socket."""
+    sock = transport.get_extra_info("socket")
+    try:
+        fd = sock.fileno() if sock is not None else -1
+        if fd < 0:
+            return False
+        p = select.poll()
+        p.register(fd, _HANGUP)
+        return any(ev & _HANGUP for _, ev in p.poll(0))
+    except (OSError, ValueError):
+        return False
 
 
 def _coalesce(out: list) -> list:
