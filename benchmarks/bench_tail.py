@@ -1,0 +1,277 @@
+#!/usr/bin/env python3
+"""Tail latency of a steady reader while the node does other work, beside Redis.
+
+    python benchmarks/bench_tail.py [--seconds 8] [--rate 400] [--size 64KiB]
+                                    [--phases idle,neighbour,evict,nvme] [--skip-redis]
+
+A user's question: "my engine reads 64 KiB blocks at a steady rate; what happens to its
+p99 / p99.9 when another client writes 4 MiB blocks flat out, when the cache is full and
+every put evicts, or when puts spill to the NVMe tier?" Each phase runs:
+
+* a **foreground reader** in its own process: ``get`` of ``--size`` objects (pinned, so
+  they stay resident; 256 of them, read in a shuffled cycle) at a fixed ``--rate`` on a
+  schedule set in advance (open loop). A get's latency counts from the moment the
+  schedule said to send it, so a stall is charged to every get that had to wait for it
+  (no coordinated omission); "service" is from the actual send;
+* a **background writer** in another process for the same window, paced at
+  ``--writer-mbs`` (250 MB/s by default, which redis-py reaches too, so both servers
+  carry the same background bytes; ``0`` = flat out, where kvstored takes several
+  times Redis's bytes and the rows compare different loads):
+  - ``idle``: none (the reader alone);
+  - ``neighbour``: 4 MiB puts of new bytes over a working set of 16 keys (no eviction);
+  - ``evict``: 1 MiB puts of new keys into a full 256 MiB arena (each put evicts);
+  - ``nvme``: as ``evict`` with an NVMe tier file: evicted objects are demoted to it.
+
+Every kvstored client here uses TCP (``transport="tcp"``), never same-host shm. The peer
+is Redis measured in the same run with the same processes and schedule (GET / SET; its
+``evict`` phase is ``maxmemory 256mb`` + ``volatile-lru`` with the writer's keys given a TTL,
+so only they are evicted, as kvstored's pins keep the reader's; it has no NVMe phase). The
+background writer's rate is printed beside each row: a writer that did little says little.
+Two cores are shared by the reader, the writer and the server, as on a busy host.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path[:0] = [str(REPO / "client"), str(REPO / "tests"), str(REPO / "benchmarks")]
+
+FG_OBJECTS = 256
+NEIGHBOUR_SIZE, NEIGHBOUR_KEYS = 4 << 20, 16
+EVICT_SIZE = 1 << 20
+ARENA = "256MiB"
+
+
+def parse_size(text: str) -> int:
+    from peers import parse_size as ps
+    return ps(text)
+
+
+# ---------------------------------------------------------------- the two client roles
+
+def _client(system: str, addr: str):
+    if system == "kvstored":
+        import kvstore
+        return kvstore.Client(addr, transport="tcp", namespace="tail")
+    import redis
+    host, port = addr.rsplit(":", 1)
+    return redis.Redis(host=host, port=int(port))
+
+
+def role_load(system: str, addr: str, size: int) -> None:
+    """Store the reader's objects (pinned on kvstored, so eviction never takes them)."""
+    c = _client(system, addr)
+    keys = [b"fg-%04d" % i for i in range(FG_OBJECTS)]
+    vals = [os.urandom(size) for _ in keys]
+    if system == "kvstored":
+        c.batch_put(list(zip(keys, vals)), overwrite=True)
+        c.pin(keys, ttl=3600)
+        c.close()
+    else:
+        for k, v in zip(keys, vals):
+            c.set(k, v)
+
+
+def role_reader(system: str, addr: str, size: int, rate: float, seconds: float, out: str) -> None:
+    c = _client(system, addr)
+    keys = [b"fg-%04d" % i for i in range(FG_OBJECTS)]
+    random.Random(1).shuffle(keys)
+    get = c.get
+    for k in keys[:16]:  # connect and warm
+        get(k)
+    n = int(rate * seconds)
+    lat, svc, errors = [], [], 0
+    t0 = time.perf_counter() + 0.05
+    for i in range(n):
+        due = t0 + i / rate
+        now = time.perf_counter()
+        if now < due:
+            time.sleep(due - now)
+        start = time.perf_counter()
+        try:
+            v = get(keys[i % FG_OBJECTS])
+            if v is None or len(v) != size:
+                errors += 1
+        except Exception:  # noqa: BLE001 (counted and reported, the row says how many)
+            errors += 1
+        end = time.perf_counter()
+        lat.append(end - due)
+        svc.append(end - start)
+        del v
+    Path(out).write_text(json.dumps({"lat": lat, "svc": svc, "errors": errors,
+                                     "wall": time.perf_counter() - t0}))
+
+
+def role_writer(system: str, addr: str, phase: str, seconds: float, mb_s: float, out: str) -> None:
+    c = _client(system, addr)
+    size = NEIGHBOUR_SIZE if phase == "neighbour" else EVICT_SIZE
+    base = bytearray(os.urandom(size))
+    stamp = 0
+    nbytes, errors = 0, 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while time.perf_counter() < end:
+        if mb_s > 0:  # paced: the same background bytes for every system
+            due = t0 + nbytes / (mb_s * 1e6)
+            now = time.perf_counter()
+            if now < due:
+                time.sleep(min(due - now, end - now))
+                continue
+        stamp += 1
+        base[:8] = stamp.to_bytes(8, "little")  # new bytes every put: stored, never deduplicated
+        key = (b"bg-%d" % (stamp % NEIGHBOUR_KEYS)) if phase == "neighbour" else b"bg-%d" % stamp
+        try:
+            if system == "kvstored":
+                c.put(key, base, overwrite=True)
+            else:
+                # a TTL marks the writer's keys volatile: volatile-lru evicts only them,
+                # as a Redis user keeps a hot set (kvstored's reader pins its objects)
+                c.set(key, bytes(base), ex=3600)
+            nbytes += size
+        except Exception:  # noqa: BLE001 (NoSpace while eviction catches up is counted)
+            errors += 1
+    Path(out).write_text(json.dumps({"bytes": nbytes, "errors": errors, "seconds": seconds}))
+
+
+# ---------------------------------------------------------------- the driver
+
+def _spawn(*args: str) -> subprocess.Popen:
+    return subprocess.Popen([sys.executable, __file__, *args])
+
+
+def _pct(xs: list[float], q: float) -> float:
+    xs = sorted(xs)
+    return xs[min(len(xs) - 1, int(len(xs) * q))] * 1e6
+
+
+def run_phase(system: str, addr: str, phase: str, a, tmp: Path) -> dict:
+    fg_out, bg_out = tmp / f"fg-{system}-{phase}.json", tmp / f"bg-{system}-{phase}.json"
+    procs = []
+    if phase != "idle":
+        procs.append(_spawn("--role", "writer", "--system", system, "--addr", addr, "--phase", phase,
+                            "--seconds", str(a.seconds + 0.5), "--writer-mbs", str(a.writer_mbs),
+                            "--out", str(bg_out)))
+        time.sleep(0.3)  # the writer is running when the reader starts
+    reader = _spawn("--role", "reader", "--system", system, "--addr", addr, "--size", str(a.size),
+                    "--rate", str(a.rate), "--seconds", str(a.seconds), "--out", str(fg_out))
+    procs.append(reader)
+    for p in procs:
+        p.wait(timeout=a.seconds * 4 + 60)
+    fg = json.loads(fg_out.read_text())
+    bg = json.loads(bg_out.read_text()) if phase != "idle" else {"bytes": 0, "errors": 0, "seconds": 1}
+    lat, svc = fg["lat"], fg["svc"]
+    return {"system": system, "phase": phase, "gets": len(lat), "errors": fg["errors"],
+            "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "p999": _pct(lat, 0.999),
+            "max": max(lat) * 1e6, "svc_p99": _pct(svc, 0.99),
+            "bg_mb_s": bg["bytes"] / bg["seconds"] / 1e6, "bg_errors": bg["errors"],
+            "load": os.getloadavg()[0]}
+
+
+def kvstored_rows(a, tmp: Path) -> list[dict]:
+    from daemonutil import Daemon
+    rows = []
+    for phase in a.phases:
+        args = ["--dram-size", ARENA, "--slab-size", "4MiB", "--max-value-size", "4MiB"]
+        if phase == "nvme":
+            args += ["--nvme-path", str(tmp / "tier.bin"), "--nvme-size", "2GiB"]
+        d = Daemon(tmp, *args).start(timeout=60)
+        try:
+            addr = d.control
+            subprocess.run([sys.executable, __file__, "--role", "load", "--system", "kvstored",
+                            "--addr", addr, "--size", str(a.size)], check=True, timeout=120)
+            rows.append(run_phase("kvstored", addr, phase, a, tmp))
+        finally:
+            d.stop()
+            (tmp / "tier.bin").unlink(missing_ok=True)
+        print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def redis_rows(a, tmp: Path) -> list[dict]:
+    from peers import RedisServer
+    rows = []
+    for phase in a.phases:
+        if phase == "nvme":
+            continue
+        with RedisServer() as r:
+            addr = f"127.0.0.1:{r.port}"
+            if phase == "evict":
+                import redis
+                redis.Redis(port=r.port).config_set("maxmemory", "256mb")
+                redis.Redis(port=r.port).config_set("maxmemory-policy", "volatile-lru")
+            subprocess.run([sys.executable, __file__, "--role", "load", "--system", "redis",
+                            "--addr", addr, "--size", str(a.size)], check=True, timeout=120)
+            rows.append(run_phase("redis", addr, phase, a, tmp))
+        print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _line(r: dict) -> str:
+    return (f"{r['system']:8s} {r['phase']:9s} gets {r['gets']:5d} err {r['errors']}  p50 {r['p50']:8.0f}"
+            f"  p99 {r['p99']:8.0f}  p99.9 {r['p999']:8.0f}  max {r['max']:8.0f} us"
+            f"  | writer {r['bg_mb_s']:7.0f} MB/s  load {r['load']:.1f}")
+
+
+def table(rows: list[dict], a) -> str:
+    pace = f"{a.writer_mbs:.0f} MB/s" if a.writer_mbs > 0 else "flat out"
+    out = [f"reader: get of {a.size >> 10} KiB at {a.rate:.0f}/s for {a.seconds:.0f} s, open loop "
+           f"(latency from the scheduled send); writer paced at {pace}; TCP; us",
+           "",
+           "| phase | system | gets | errors | p50 | p99 | p99.9 | max | service p99 | writer MB/s | load |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in sorted(rows, key=lambda r: (a.phases.index(r["phase"]), r["system"])):
+        out.append(f"| {r['phase']} | {r['system']} | {r['gets']} | {r['errors']} | {r['p50']:.0f} | "
+                   f"{r['p99']:.0f} | {r['p999']:.0f} | {r['max']:.0f} | {r['svc_p99']:.0f} | "
+                   f"{r['bg_mb_s']:.0f} | {r['load']:.1f} |")
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--rate", type=float, default=400.0, help="reader gets per second")
+    ap.add_argument("--size", default="64KiB")
+    ap.add_argument("--phases", default="idle,neighbour,evict,nvme")
+    ap.add_argument("--writer-mbs", type=float, default=250.0,
+                    help="background writer's pace in MB/s (0: flat out, which differs per system)")
+    ap.add_argument("--skip-redis", action="store_true")
+    ap.add_argument("--role", choices=["load", "reader", "writer"], help=argparse.SUPPRESS)
+    ap.add_argument("--system", help=argparse.SUPPRESS)
+    ap.add_argument("--addr", help=argparse.SUPPRESS)
+    ap.add_argument("--phase", help=argparse.SUPPRESS)
+    ap.add_argument("--out", help=argparse.SUPPRESS)
+    a = ap.parse_args(argv)
+    a.size = int(a.size) if str(a.size).isdigit() else parse_size(a.size)
+    if a.role == "load":
+        role_load(a.system, a.addr, a.size)
+        return 0
+    if a.role == "reader":
+        role_reader(a.system, a.addr, a.size, a.rate, a.seconds, a.out)
+        return 0
+    if a.role == "writer":
+        role_writer(a.system, a.addr, a.phase, a.seconds, a.writer_mbs, a.out)
+        return 0
+    a.phases = [p for p in a.phases.split(",") if p]
+    bad = set(a.phases) - {"idle", "neighbour", "evict", "nvme"}
+    if bad:
+        ap.error(f"unknown phase(s): {', '.join(sorted(bad))}")
+    with tempfile.TemporaryDirectory(prefix="bench-tail-") as t:
+        tmp = Path(t)
+        rows = kvstored_rows(a, tmp)
+        if not a.skip_redis:
+            rows += redis_rows(a, tmp)
+    print()
+    print(table(rows, a))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
