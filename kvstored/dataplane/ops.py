@@ -36,10 +36,18 @@ def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     s.put_t0 = s.t_in
     n = h.length
     s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0  # (the next header's read)
+    rid = h.req_id
+    reader = s.reader
+    if reader.end - reader.start >= n:  # the payload came with its header: one store call
+        stored = s.put_buffered(OP_PUT, rid, ns, key, n, h.checksum,
+                                bool(h.flags & FLAG_OVERWRITE), _put_reserved)
+        if stored is not None:
+            s.send(_PUT_OK[0] + _RID(rid) + _PUT_OK[1] if stored else _dedup_response(rid))
+        return
     # the header carries the checksum: bytes already stored are answered from the index
     # (reserve's one lookup, before any slot is taken and past the budgets too), and the
     # payload is read into scratch (_put_reserved with no reservation)
-    s.reserve(OP_PUT, h.req_id, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
+    s.reserve(OP_PUT, rid, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
               _put_reserved, skip=n, stream=True)
 
 

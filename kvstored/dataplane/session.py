@@ -431,13 +431,7 @@ class DataSession:
             _check_names(ns, key)
             res = self.store.reserve(ns, key, size, csum, overwrite)
         except errors.NoSpace as e:
-            if self.no_wait_until and self.store.clock() < self.no_wait_until:
-                return self.reject(op, rid, skip, e)
-            self.reading = False
-            self.waiting = Call(self.store.reserve_wait, (ns, key, size, csum, overwrite),
-                                _reserved_later, (op, rid, size, reserved, skip))
-            self.calls.append(self.waiting)
-            return
+            return self._no_space(e, op, rid, ns, key, size, csum, overwrite, reserved, skip)
         except errors.KVStoreError as e:
             return self.reject(op, rid, skip, e)
         if res is None:  # stored already: no slot was taken
@@ -447,6 +441,45 @@ class DataSession:
         else:
             self._hold(res)
         reserved(self, rid, res, size)
+
+    def _no_space(self, e: errors.NoSpace, op: int, rid: int, ns: bytes, key: bytes, size: int,
+                  csum: int | None, overwrite: bool, reserved: Callable, skip: int) -> None:
+        """``reserve`` found no space: a Call waits (bounded) for it, unless this
+        connection's last wait was in vain lately (then refused at once)."""
+        if self.no_wait_until and self.store.clock() < self.no_wait_until:
+            return self.reject(op, rid, skip, e)
+        self.reading = False
+        self.waiting = Call(self.store.reserve_wait, (ns, key, size, csum, overwrite),
+                            _reserved_later, (op, rid, size, reserved, skip))
+        self.calls.append(self.waiting)
+
+    def put_buffered(self, op: int, rid: int, ns: bytes, key: bytes, size: int, csum: int,
+                     overwrite: bool, reserved: Callable) -> bool | None:
+        """A put whose ``size`` payload bytes are all buffered after its header (TCP): the
+        store copies them into a free slot, verifies and indexes them in one call
+        (``Store.put_bytes``), so there is no reservation for any event to see (none is
+        counted in the connection's and client's bytes, nor given a stall deadline), and
+        the bytes are taken from the buffer. The bounds are ``reserve``'s, and ``reserve``
+        takes the put over when one refuses it; a typed error is answered (the payload
+        skipped); without space the put waits as any does (then ``reserved`` takes the
+        payload from the buffer). True: stored; False: stored already (deduplicated);
+        None: answered or waiting."""
+        if (self.budget.admit_reservation(self.reserved, size) is not None
+                or self.clients.admit(self.client, size) is not None):
+            return self.reserve(op, rid, ns, key, size, csum, overwrite, reserved, size, True)
+        reader = self.reader
+        start = reader.start
+        try:
+            _check_names(ns, key)
+            stored = self.store.put_bytes(ns, key, reader.view[start:start + size], csum,
+                                          overwrite)
+        except errors.NoSpace as e:
+            return self._no_space(e, op, rid, ns, key, size, csum, overwrite, reserved, size)
+        except errors.KVStoreError as e:
+            return self.reject(op, rid, size, e)
+        reader.skip(size)
+        self.no_wait_until = 0.0  # (what _hold does besides counting)
+        return stored
 
     def _hold(self, res: "Reservation | None") -> None:
         self.no_wait_until = 0.0  # space again: the next put may wait

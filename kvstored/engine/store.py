@@ -139,10 +139,24 @@ class Store(RepairHooks):
         ``checksum=None``: the writer fills the slot in place (shm) and ``commit``
         computes the checksum; dedup and conflicts are then decided at commit.
         """
-        limits = self.limits
-        if size > limits.max_value_size:
+        slot = self._slot(ns, key, size, checksum, overwrite)
+        if slot is None:
+            return None
+        off, sc, overwrite = slot
+        res = Reservation(ns, key, off, size, checksum, sc, overwrite,
+                          self.clock() + self.limits.reservation_timeout,
+                          self.arena.view[off:off + size])
+        self.reservations.add(res)
+        self.reserved_bytes += size
+        return res
+
+    def _slot(self, ns: bytes, key: bytes, size: int, checksum: int | None,
+              overwrite: bool) -> tuple | None:
+        """``reserve``'s checks and allocation, shared with ``put_bytes``: (offset, size
+        class, overwrite) of a free slot, or None when the same object is stored already."""
+        if size > self.limits.max_value_size:
             raise InvalidArgument(
-                f"value of {size} bytes exceeds max_value_size {limits.max_value_size}")
+                f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
         old = self.index.get(ns, key)  # one lookup serves dedup and the conflict check
         if old is not None:
             if self._same(old, size, checksum):
@@ -153,18 +167,13 @@ class Store(RepairHooks):
                 self.counters["conflicts"] += 1
                 raise Conflict(f"key exists with a different checksum (size {old.size}); "
                                "objects are immutable unless overwrite is asked")
-        arena = self.arena
-        sc = arena.class_for(size)
+        sc = self.arena.class_for(size)
         off = self.dram.alloc(sc)
         if off is None:
             self.counters["no_space"] += 1
             raise NoSpace(f"no space for {size} bytes: every candidate is pinned, referenced "
                           "or being written")
-        res = Reservation(ns, key, off, size, checksum, sc, overwrite,
-                          self.clock() + limits.reservation_timeout, arena.view[off:off + size])
-        self.reservations.add(res)
-        self.reserved_bytes += size
-        return res
+        return off, sc, overwrite
 
     def dedup(self, ns: bytes, key: bytes, size: int, checksum: int | None) -> bool:
         """True when exactly these bytes (size and checksum) are stored under the key: the
@@ -203,63 +212,70 @@ class Store(RepairHooks):
         if cs is None:
             res.checksum = cs = actual
         self._finish(res)
-        dram = self.dram
         if actual != cs:
             self.counters["checksum_failures"] += 1
-            dram.free_slot(res.offset)
+            self.dram.free_slot(res.offset)
             raise ChecksumMismatch("payload checksum does not match the declared checksum; "
                                    "nothing was stored")
+        return self._publish(res.ns, res.key, res.offset, res.size, cs, res.sc, res.overwrite)
+
+    def _publish(self, ns: bytes, key: bytes, off: int, size: int, cs: int, sc,
+                 overwrite: bool) -> bool:
+        """Index the verified object in the slot at ``off`` (``commit``, ``put_bytes``).
+        True if stored, False if the key holds these bytes already (the slot is freed)."""
         index = self.index
-        e = index.Entry(res.ns, res.key, res.offset, res.size, cs, res.sc)
+        dram = self.dram
+        e = index.Entry(ns, key, off, size, cs, sc)
         # A put without overwrite is almost always of a new key, which needs no lookup:
         # insert refuses (KeyError, nothing changed) a key that is taken, and only then is
         # the stored entry looked up -- it may have been committed, deleted or evicted
         # since reserve looked. An overwrite usually finds its key taken: look first.
-        taken = res.overwrite
+        taken = overwrite
         if not taken:
             try:
                 index.insert(e)
             except KeyError:
                 taken = True
             except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no leak
-                dram.free_slot(res.offset)
+                dram.free_slot(off)
                 raise
-        if taken and not self._replace(res, e):
+        if taken and not self._replace(e, ns, key, off, size, cs, overwrite):
             return False
         dram.link(e)
         counters = self.counters
         counters["puts"] += 1
-        counters["put_bytes"] += res.size
+        counters["put_bytes"] += size
         if self.observer is not None:
             self.observer.stored(e)
         if self.nvme is not None:  # maybe_evict has nothing to do without NVMe: no call
             self.maybe_evict()
         return True
 
-    def _replace(self, res: Reservation, e: Entry) -> bool:
-        """``commit`` for a key found taken (or an overwrite): False (slot freed) when the
+    def _replace(self, e: Entry, ns: bytes, key: bytes, off: int, size: int, cs: int,
+                 overwrite: bool) -> bool:
+        """``_publish`` for a key found taken (or an overwrite): False (slot freed) when the
         stored object is these bytes, Conflict unless overwrite, else ``e`` replaces the
         old entry (or is inserted, the key being free)."""
         free_slot = self.dram.free_slot
-        old = self.index.get(res.ns, res.key)
+        old = self.index.get(ns, key)
         if old is not None and old.unverified:
-            self._unlink(old, tombstone=True, key=res.key)
+            self._unlink(old, tombstone=True, key=key)
             old = None
         if old is not None:
-            if old.checksum == res.checksum and old.size == res.size:
-                free_slot(res.offset)  # a concurrent identical put won the race
+            if old.checksum == cs and old.size == size:
+                free_slot(off)  # a concurrent identical put won the race
                 self.counters["dedups"] += 1
                 return False
-            if not res.overwrite:
-                free_slot(res.offset)
+            if not overwrite:
+                free_slot(off)
                 self.counters["conflicts"] += 1
                 raise Conflict("key exists with different bytes; objects are immutable unless "
                                "overwrite is asked")
-            self._unlink(old, tombstone=True, key=res.key)
+            self._unlink(old, tombstone=True, key=key)
         try:
             self.index.insert(e)
         except BaseException:
-            free_slot(res.offset)
+            free_slot(off)
             raise
         return True
 
@@ -271,17 +287,34 @@ class Store(RepairHooks):
 
     def put_bytes(self, ns: bytes, key: bytes, data, checksum: int | None = None,
                   overwrite: bool = False) -> bool:
-        """One-shot put from a buffer (control-plane small objects)."""
-        cs = payload_checksum(data) if checksum is None else checksum
-        res = self.reserve(ns, key, len(data), cs, overwrite)
-        if res is None:
+        """One-shot put from a buffer (bytes or a byte memoryview): a control-plane object,
+        or a TCP put whose payload is all buffered already. The rules of reserve -> fill ->
+        commit without a Reservation (nothing can see the slot between the steps): the
+        bytes are copied into a free slot, the slot's checksum is verified, and only then
+        is it indexed. ``checksum=None``: the checksum of ``data``. True if stored, False
+        if the same object was stored already."""
+        size = len(data)
+        if checksum is None:
+            checksum = payload_checksum(data)
+        slot = self._slot(ns, key, size, checksum, overwrite)
+        if slot is None:
             return False
+        off, sc, overwrite = slot
+        view = self.arena.view[off:off + size]
         try:
-            res.view[:] = data
+            view[:] = data
+            actual = payload_checksum(view)  # of the slot: what a get will serve
         except BaseException:
-            self.abort(res)
+            self.dram.free_slot(off)
             raise
-        return self.commit(res)
+        finally:
+            view.release()
+        if actual != checksum:
+            self.counters["checksum_failures"] += 1
+            self.dram.free_slot(off)
+            raise ChecksumMismatch("payload checksum does not match the declared checksum; "
+                                   "nothing was stored")
+        return self._publish(ns, key, off, size, checksum, sc, overwrite)
 
     def _finish(self, res: Reservation) -> None:
         res.done = True
