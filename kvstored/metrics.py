@@ -270,6 +270,13 @@ class NodeCollector(Collector):
         yield _counter("kvstored_connections_rejected", "Connections refused at "
                        "server.max_connections.", counters.get("rejected_connections", 0),
                        {"plane": "data"})
+        # ---- file descriptors (kvstored/descriptors.py; the process collector exports
+        # process_open_fds and process_max_fds): at the limit, accepts fail
+        yield _counter("kvstored_descriptor_limit_reached", "Maintenance passes (every 0.5 s) "
+                       "that found the daemon out of file descriptors: new connections fail.",
+                       counters.get("descriptor_limit_reached", 0))
+        yield _counter("kvstored_accept_failures", "Accepts that failed (EMFILE and the like) "
+                       "on the TLS data port and the shm socket.", counters.get("accept_failed", 0))
 
         # ---- security (kvstored/auth.py, kvstored/tls.py): counters kept by the servers
         yield from _security_families(m.tls, counters, control)

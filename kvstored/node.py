@@ -25,7 +25,7 @@ from typing import Any, Callable
 
 import grpc
 
-from kvstored import __version__, logs, sdnotify
+from kvstored import __version__, descriptors, logs, sdnotify
 from kvstored.auth import Auth, TokensError
 from kvstored.config import HOST_DERIVED, Config, ConfigError, explicit_fields, load_config
 from kvstored.control.service import ControlService, add_to_server
@@ -48,6 +48,9 @@ WARM_REPORT = 1.0  # seconds between warming progress reports to systemd
 WARM_STALL_TIMEOUT = 60.0
 TIER_LOG_INTERVAL = 60.0  # seconds between per-tier stats lines in the log
 SHUTDOWN_FLUSH_TIMEOUT = 60.0  # seconds SIGTERM may spend writing DRAM-only objects to NVMe
+# seconds a control connection may take to set up (TCP, TLS, HTTP/2 settings): a silent
+# one held a descriptor for gRPC's default 120 s
+CONTROL_HANDSHAKE_TIMEOUT = 10.0
 
 
 def _open_nvme(config: Config):
@@ -198,6 +201,7 @@ class Node:
     async def warm(self, stop: asyncio.Event | None = None) -> None:
         """Wait until the arena is prefaulted, then report ready ("serving").
 
+        self.fd_watch: descriptors.Watch | None = None  # at the descriptor limit? (started)
         The planes already serve meanwhile (first writes to a page are just slower);
         this only holds back what promises full speed: /readyz, Health.ready, sd_notify
         READY=1 and the ready file. Progress goes to systemd, which also gets its start
@@ -274,6 +278,10 @@ class Node:
             st.data_port = await self.data_server.start(c.host, c.data_port)
         except OSError as e:
             hint = _bind_hint(e, "server.host / --host", "server.data_port / --data-port")
+        # refuses to start when RLIMIT_NOFILE leaves too few descriptors to serve
+        fds = descriptors.plan(c.max_connections, c.max_control_connections)
+        self.data_server.max_connections = fds.data
+        self.fd_watch = descriptors.Watch(self.data_server.counters)
             raise OSError(f"cannot listen on {c.host}:{c.data_port} for the data plane "
                           f"({e.strerror or e}); {hint}") from None
         # room for the largest control-plane value plus the message around it
@@ -286,6 +294,11 @@ class Node:
         self.control = ControlService(
             self.store, c, st, data=self.data_server, stats=self.control_stats, gate=self.gate,
             auth=self.auth, tls=self.tls, reload_security=self.reload_security,
+            # per-client bounds gRPC has: connections at once (more are closed on accept),
+            # a deadline for a connection's set-up, idle ones closed like data connections
+            ("grpc.max_allowed_incoming_connections", fds.control),
+            ("grpc.server_handshake_timeout_ms", int(CONTROL_HANDSHAKE_TIMEOUT * 1000)),
+            ("grpc.max_connection_idle_ms", int(c.idle_timeout * 1000)),
             reload=self._reload_checked if self.source is not None else None)
         add_to_server(self.grpc_server, self.control)
         try:  # a bind failure: 0 from older gRPC versions, RuntimeError from newer ones
@@ -383,6 +396,8 @@ class Node:
                     self.shm.expire_leases()
                 logs.report_suppressed()  # the counts of storms that stopped
                 if time.monotonic() - last_tier_log >= TIER_LOG_INTERVAL:
+                if self.fd_watch is not None:
+                    self.fd_watch.check()
                     last_tier_log = time.monotonic()
                     self._log_tiers()
             except Exception:  # keep maintaining; a bug here must not stop the daemon

@@ -235,6 +235,8 @@ SETTINGS: tuple[Setting, ...] = (
        reload="live"),
     _s("server", "max_connections_per_client", INT, 256, "data connections from one peer IP",
        check=_positive, reload="data.max_per_client"),
+    _s("server", "max_control_connections", INT, 1024,
+       "gRPC control connections at once; more are closed on accept", check=_positive),
     _s("server", "max_pipelined_requests", INT, 1024,
        "unanswered requests per data connection before it stops being read", check=_positive,
        reload="pipelined"),

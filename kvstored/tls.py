@@ -226,6 +226,7 @@ class TLSListener:
             try:
                 sock, addr = await loop.sock_accept(self.sock)
             except OSError as e:  # EMFILE and friends: back off, keep serving
+                self.counters["accept_failed"] += 1  # (the log line is rate-limited)
                 log.warning("data port accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue

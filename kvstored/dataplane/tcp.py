@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import resource
 from typing import TYPE_CHECKING
+
+from kvstored.descriptors import HEADROOM
 
 from .connection import TLS_MAX_INFLIGHT, DataConnection
 from .ops import CORE_OPS
@@ -26,39 +27,9 @@ if TYPE_CHECKING:
     from kvstored.engine import Store
     from kvstored.tls import ServerTLS, TLSListener
 
-__all__ = ["DataServer", "DataConnection", "TLS_MAX_INFLIGHT", "raise_nofile_limit"]
-
-# descriptors kept free beyond max_connections: control plane (gRPC), metrics, shm socket,
-# NVMe files, TLS handshakes in progress, logs
-FD_HEADROOM = 256
+__all__ = ["DataServer", "DataConnection", "TLS_MAX_INFLIGHT"]
 
 log = logging.getLogger("kvstored.tcp")
-
-
-def raise_nofile_limit(max_connections: int) -> int:
-    """Raise RLIMIT_NOFILE's soft limit to the hard limit; return how many data connections
-    fit with ``FD_HEADROOM`` descriptors kept for everything else (at most ``max_connections``),
-    so a flood of data connections never takes the control plane's descriptors."""
-    try:
-        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-        if hard == resource.RLIM_INFINITY or hard > soft:
-            want = hard if hard != resource.RLIM_INFINITY else max(soft, 1 << 20)
-            try:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
-                soft = want
-            except (ValueError, OSError):
-                pass
-    except (ValueError, OSError):
-        return max_connections
-    fit = soft - FD_HEADROOM
-    if fit < max_connections:
-        fit = max(fit, 16)
-        log.warning("RLIMIT_NOFILE is %d: serving at most %d data connections (server."
-                    "max_connections = %d, %d descriptors kept for the control plane, metrics "
-                    "and the shm socket); raise the hard limit (LimitNOFILE=) for more",
-                    soft, fit, max_connections, FD_HEADROOM)
-        return fit
-    return max_connections
 
 
 class DataServer:
@@ -144,7 +115,6 @@ class DataServer:
                 self.tx_closed + sum(c.session.sent for c in conns))
 
     async def start(self, host: str, port: int) -> int:
-        self.max_connections = raise_nofile_limit(self.max_connections)
         loop = asyncio.get_running_loop()
         if self.sweeper is None:
             self.sweeper = loop.create_task(self._sweep())
@@ -152,7 +122,7 @@ class DataServer:
             from kvstored.tls import TLSListener
             lim = self.limits
             self.listener = TLSListener(self.tls, lambda: DataConnection(self), self.counters,
-                                        max_handshakes=min(self.max_connections, FD_HEADROOM // 2),
+                                        max_handshakes=min(self.max_connections, HEADROOM // 2),
                                         max_per_client=lim.max_handshakes_per_client,
                                         timeout=lim.handshake_timeout)
             return await self.listener.start(host, port)

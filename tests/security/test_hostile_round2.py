@@ -4,6 +4,7 @@ bounded in time (waits on conditions, never on fixed sleeps)."""
 from __future__ import annotations
 
 import os
+import resource
 import socket
 import time
 
@@ -72,6 +73,93 @@ def test_put_waiting_for_space_ends_when_its_client_disconnects(hostile_daemon, 
             with pytest.raises(errors.NotFound):
                 c.get(b"waits")
         assert "client disconnected while its put waited for space" in d.log()
+    finally:
+        good.close()
+    assert d.alive()
+
+
+# ------------------------------------------------------- file descriptor limits
+
+def _flood(port: int, src: str, n: int) -> list[socket.socket]:
+    """Up to ``n`` connections from ``src`` that never send a byte (connects that fail or
+    hang in a full backlog end the flood)."""
+    socks = []
+    for _ in range(n):
+        try:
+            socks.append(connect_from(src, port, timeout=2))
+        except OSError:
+            break
+    return socks
+
+
+def test_too_low_descriptor_limit_refuses_to_start(start_daemon):
+    # hard 40: fewer descriptors left than it takes to serve; it used to start and then
+    # accept nothing on the control port, saying nothing
+    with pytest.raises(RuntimeError) as e:
+        start_daemon(wrapper=["prlimit", "--nofile=40:40", "--"])
+    msg = str(e.value)
+    assert "exited with 2" in msg and "RLIMIT_NOFILE is 40 (hard 40)" in msg
+    assert "server.max_connections" in msg and "LimitNOFILE=" in msg
+
+
+def test_descriptor_limit_bounds_planes_logs_exhaustion_and_recovers(hostile_daemon):
+    # Started under RLIMIT_NOFILE 256 (soft raised to hard 256): it warns, naming the
+    # settings, and splits what is free between data and control connections. A flood of
+    # silent connections on both ports never takes the process to its limit (gRPC closes
+    # control connections over its share on accept, and silent ones after its set-up
+    # deadline); a client already connected keeps being served, a new one again once the
+    # silent ones are gone. Then the daemon is held at its limit (its soft limit lowered
+    # below what it has open): that is logged and counted, and once descriptors are free
+    # again it accepts control and data connections as before.
+    d = hostile_daemon(wrapper=["prlimit", "--nofile=256:256", "--"])
+    pid = d.info["pid"]
+    log0 = d.log()
+    assert "RLIMIT_NOFILE is 256" in log0 and "server.max_control_connections" in log0
+    good = kvstore.Client(d.control, namespace="good", timeout=10, shm=False, transport="tcp")
+    control, data = [], []
+    try:
+        good.put(b"before", b"v" * 4096)
+        for a in range(2, 5):
+            control += _flood(d.info["control_port"], f"127.0.0.{a}", 100)
+            data += _flood(d.data_port, f"127.0.0.{a}", 100)
+        assert len(control) + len(data) >= 400, "the flood did not get going"
+        # the connected client is served beside the flood, the process below its limit
+        assert good.get(b"before") == b"v" * 4096
+        assert dict(good.stats().counters).get("descriptor_limit_reached", 0) == 0
+        assert len(os.listdir(f"/proc/{pid}/fd")) < 256
+        # every silent control connection is closed by the daemon: over its share at
+        # once, the others at their set-up deadline (10 s)
+        end = time.monotonic() + 40
+        for s in control:
+            s.settimeout(max(0.1, end - time.monotonic()))
+            try:
+                for _ in range(100):  # gRPC's SETTINGS frame, then EOF
+                    if not s.recv(4096):
+                        break
+            except TimeoutError:
+                raise AssertionError("a silent control connection was held past its "
+                                     "set-up deadline") from None
+            except ConnectionResetError:
+                pass
+    finally:
+        for s in control + data:
+            s.close()
+    with kvstore.Client(d.control, timeout=10, shm=False, transport="tcp") as c:
+        assert c.stats() is not None
+    try:
+        # the process at its limit (a soft limit below what it has open: no descriptor
+        # can be opened, as when connections hold them all)
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (16, hard))
+        wait_for(lambda: dict(good.stats().counters).get("descriptor_limit_reached", 0) >= 1, 15,
+                 "the daemon noticed it is out of descriptors")
+        wait_for(lambda: "out of file descriptors" in d.log(), 5, "the limit logged")
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        wait_for(lambda: "file descriptors free again" in d.log(), 15, "the recovery logged")
+        with kvstore.Client(d.control, namespace="good", timeout=10, shm=False,
+                            transport="tcp") as c:
+            c.put(b"after", b"w" * 4096)
+            assert c.get(b"after") == b"w" * 4096 and c.get(b"before") == b"v" * 4096
     finally:
         good.close()
     assert d.alive()
