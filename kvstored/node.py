@@ -197,11 +197,11 @@ class Node:
         self._watchdog_sent = 0.0
         self.membership = None  # kvstored.cluster.Membership when cluster.enabled
         self.repair = None  # kvstored.cluster.repair.RepairAgent when cluster.repair
+        self.fd_watch: descriptors.Watch | None = None  # at the descriptor limit? (started)
 
     async def warm(self, stop: asyncio.Event | None = None) -> None:
         """Wait until the arena is prefaulted, then report ready ("serving").
 
-        self.fd_watch: descriptors.Watch | None = None  # at the descriptor limit? (started)
         The planes already serve meanwhile (first writes to a page are just slower);
         this only holds back what promises full speed: /readyz, Health.ready, sd_notify
         READY=1 and the ready file. Progress goes to systemd, which also gets its start
@@ -274,14 +274,14 @@ class Node:
             self.metrics.usage.events = self.metrics.events = self.events
         from kvstored.dataplane.rdma import enable as enable_rdma  # before any connection
         self.rdma, self.rdma_status = enable_rdma(self.data_server, tls=self.tls is not None)
-        try:
-            st.data_port = await self.data_server.start(c.host, c.data_port)
-        except OSError as e:
-            hint = _bind_hint(e, "server.host / --host", "server.data_port / --data-port")
         # refuses to start when RLIMIT_NOFILE leaves too few descriptors to serve
         fds = descriptors.plan(c.max_connections, c.max_control_connections)
         self.data_server.max_connections = fds.data
         self.fd_watch = descriptors.Watch(self.data_server.counters)
+        try:
+            st.data_port = await self.data_server.start(c.host, c.data_port)
+        except OSError as e:
+            hint = _bind_hint(e, "server.host / --host", "server.data_port / --data-port")
             raise OSError(f"cannot listen on {c.host}:{c.data_port} for the data plane "
                           f"({e.strerror or e}); {hint}") from None
         # room for the largest control-plane value plus the message around it
@@ -290,15 +290,15 @@ class Node:
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             ("grpc.so_reuseport", 0),
-        ])
-        self.control = ControlService(
-            self.store, c, st, data=self.data_server, stats=self.control_stats, gate=self.gate,
-            auth=self.auth, tls=self.tls, reload_security=self.reload_security,
             # per-client bounds gRPC has: connections at once (more are closed on accept),
             # a deadline for a connection's set-up, idle ones closed like data connections
             ("grpc.max_allowed_incoming_connections", fds.control),
             ("grpc.server_handshake_timeout_ms", int(CONTROL_HANDSHAKE_TIMEOUT * 1000)),
             ("grpc.max_connection_idle_ms", int(c.idle_timeout * 1000)),
+        ])
+        self.control = ControlService(
+            self.store, c, st, data=self.data_server, stats=self.control_stats, gate=self.gate,
+            auth=self.auth, tls=self.tls, reload_security=self.reload_security,
             reload=self._reload_checked if self.source is not None else None)
         add_to_server(self.grpc_server, self.control)
         try:  # a bind failure: 0 from older gRPC versions, RuntimeError from newer ones
@@ -392,12 +392,12 @@ class Node:
             try:
                 self.store.reap()
                 self.store.maybe_evict()
+                if self.fd_watch is not None:
+                    self.fd_watch.check()
                 if self.shm is not None:
                     self.shm.expire_leases()
                 logs.report_suppressed()  # the counts of storms that stopped
                 if time.monotonic() - last_tier_log >= TIER_LOG_INTERVAL:
-                if self.fd_watch is not None:
-                    self.fd_watch.check()
                     last_tier_log = time.monotonic()
                     self._log_tiers()
             except Exception:  # keep maintaining; a bug here must not stop the daemon
