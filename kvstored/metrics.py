@@ -41,6 +41,7 @@ import kvstored
 from kvstore import errors
 
 from kvstored.latency import BUCKETS, LatencyHistogram
+from kvstored.looplag import LoopLag
 from kvstored.metrics_http import MetricsServer
 
 if TYPE_CHECKING:
@@ -208,6 +209,13 @@ class NodeCollector(Collector):
                 lat.add_metric([plane, op], h.buckets(), h.sum)
         yield ops
         yield lat
+        lag = HistogramMetricFamily(
+            "kvstored_event_loop_lag_seconds",
+            "How late the event loop woke a timer due every 25 ms: what every request on the "
+            "node waited behind (a long callback, a thread holding the GIL, no CPU) at that "
+            "moment (kvstored/looplag.py).")
+        lag.add_metric([], m.loop_lag.hist.buckets(), m.loop_lag.hist.sum)
+        yield lag
 
         errs = CounterMetricFamily("kvstored_errors", "Typed errors answered, by plane and type.",
                                    labels=["plane", "type"])
@@ -397,6 +405,7 @@ class Metrics:
         self.usage = StoreUsage(store)
         self.registry.register(UsageCollector(self, self.usage))
         ProcessCollector(registry=self.registry)  # process_* (rss, cpu, open fds...)
+        self.loop_lag = LoopLag()  # started by the node with its other timers
         self.server: MetricsServer | None = None
         self.config_text: Callable[[], str] | None = None  # /config: the running config (node)
 

@@ -257,6 +257,7 @@ class Node:
             self.grpc_server = None
         if self._maintenance is not None:
             self._maintenance.cancel()
+        self.metrics.loop_lag.stop()
         await self.metrics.close()
         if self.rdma is not None:
             self.rdma.close()
@@ -346,6 +347,7 @@ class Node:
                               f"({e.strerror or e}); {_bind_hint(e, 'metrics.host', 'metrics.port')}"
                               " or metrics.enabled") from None
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
+        self.metrics.loop_lag.start()
         if c.cluster_enabled:  # registers in the background; etcd down never blocks start
             from kvstored.cluster import Membership
             m = self.membership = Membership(c, st, self.gate, dram_capacity=self.store.arena.size,
@@ -440,6 +442,7 @@ class Node:
         await asyncio.gather(*waits)
         if self._maintenance is not None:
             self._maintenance.cancel()
+        self.metrics.loop_lag.stop()
         if self.events is not None:  # nothing changes the index any more: publish the rest
             self.events.close()
         if self.store.nvme is not None:
