@@ -214,8 +214,9 @@ def ride_out_seconds(ride_out_restarts, timeout: float) -> float:
 
 def is_unreachable(err: errors.KVStoreError) -> bool:
     """An error that means "nobody answered" (worth a retry while riding out a restart):
-    Unavailable, but not a Timeout (the time is spent) nor a Redirect (an answer)."""
-    return isinstance(err, errors.Unavailable) and not isinstance(err, (errors.Timeout, errors.Redirect))
+    Unavailable, but not a Timeout (the time is spent) nor a Redirect or NotVerified (answers)."""
+    return isinstance(err, errors.Unavailable) and not isinstance(
+        err, (errors.Timeout, errors.Redirect, errors.NotVerified))
 
 
 def auth_metadata(token: str | None) -> tuple | None:
@@ -225,6 +226,18 @@ def auth_metadata(token: str | None) -> tuple | None:
     if any(c.isspace() for c in token):
         raise errors.InvalidArgument("token must not contain white space")
     return (("authorization", f"Bearer {token}"),)
+
+
+# Sent with every control call: this SDK knows errors.NotVerified (code 13). A daemon
+# answers NotFound in its place to callers without it (older SDKs would read the unknown
+# code as Internal); the data plane's counterpart is wire.FLAG_NOT_VERIFIED_OK.
+ACCEPTS_METADATA = (("kvstore-accepts", "not-verified"),)
+
+
+def call_metadata(token: str | None) -> tuple:
+    """The metadata of every control call: the token's (``auth_metadata``) and what this
+    SDK accepts."""
+    return (auth_metadata(token) or ()) + ACCEPTS_METADATA
 
 
 def split_address(address: str) -> tuple[str, int]:
@@ -302,6 +315,6 @@ def tls_diagnosis(host: str, port: int, tls: TLSConfig | None,
 
 
 __all__ = ["CONNECT_TIMEOUT", "DEFAULT_NAMESPACE", "GRPC_OPTIONS", "Namespaced", "ServerInfo", "TLSConfig",
-           "as_bytes_view", "auth_metadata", "control_channel", "data_endpoint", "grpc_error",
+           "as_bytes_view", "auth_metadata", "call_metadata", "control_channel", "data_endpoint", "grpc_error",
            "grpc_options", "is_unreachable", "ride_out_seconds", "split_address", "tls_diagnosis", "value_parts",
            "writable_view"]

@@ -15,13 +15,13 @@ import grpc
 
 from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
-                      auth_metadata, control_channel, data_endpoint, grpc_error,
+                      call_metadata, control_channel, data_endpoint, grpc_error,
                       is_unreachable, ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
 from .control import AsyncControl, epoch_metadata
 from .recvpool import DEFAULT_POOL_BYTES, ReceivePool
 from .v1 import control_pb2 as pb
 from .v1 import control_pb2_grpc as pb_grpc
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PING,
+from .wire import (FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PING,
                    OP_PUT, VERSION, FrameReader, check_response, checksum, checksum_parts, encode_auth,
                    encode_request, key_bytes)
 
@@ -341,7 +341,7 @@ class AsyncClient(AsyncControl, Namespaced):
         self.tcp_congestion = tcp_congestion
         self.tls = tls
         self._token = token or None
-        self._metadata = auth_metadata(self._token)
+        self._metadata = call_metadata(self._token)
         self._ssl = tls.ssl_context() if tls is not None else None
         if not connect_timeout > 0:
             raise errors.InvalidArgument(f"connect_timeout must be positive, not {connect_timeout!r}")
@@ -515,7 +515,7 @@ class AsyncClient(AsyncControl, Namespaced):
                 finally:
                     for w in waiters:
                         p.end(w)
-            except errors.Timeout:
+            except (errors.Timeout, errors.NotVerified):  # NotVerified: an answer, retried by the caller
                 raise
             except errors.Unavailable as e:
                 if self._closed or loop.time() >= deadline:
@@ -562,10 +562,12 @@ class AsyncClient(AsyncControl, Namespaced):
         return await self._requests(build, deadline)
 
     async def get(self, key, *, namespace: str | None = None) -> bytearray:
-        return await self._one(OP_GET, self._nsb(namespace), key_bytes(key), None)
+        return await self._one(OP_GET, self._nsb(namespace), key_bytes(key), None,
+                               flags=FLAG_NOT_VERIFIED_OK)
 
     async def get_into(self, key, buffer, *, namespace: str | None = None) -> int:
-        return await self._one(OP_GET, self._nsb(namespace), key_bytes(key), writable_view(buffer))
+        return await self._one(OP_GET, self._nsb(namespace), key_bytes(key), writable_view(buffer),
+                               flags=FLAG_NOT_VERIFIED_OK)
 
     async def _one(self, op: int, ns: bytes, key: bytes, dest: memoryview | None, n: int = 0,
                    csum: int = 0, flags: int = 0, parts: Sequence = ()):
@@ -578,6 +580,8 @@ class AsyncClient(AsyncControl, Namespaced):
             w = p.call(op, ns, key, dest, deadline, self.timeout, n, csum, flags, parts)
             try:
                 return await w.fut
+            except errors.NotVerified:  # an answer (held back, retry shortly), not a lost connection
+                raise
             except errors.Unavailable:
                 pass  # the kept connection is gone (a restart?): on with a fresh one
             finally:
@@ -606,7 +610,7 @@ class AsyncClient(AsyncControl, Namespaced):
                 w = _Waiter(loop.create_future(), d, rid, OP_GET)
                 p.waiters[rid] = w
                 waiters.append(w)
-                frames.append(encode_request(OP_GET, rid, ns, k))
+                frames.append(encode_request(OP_GET, rid, ns, k, flags=FLAG_NOT_VERIFIED_OK))
             return [b"".join(frames)], waiters
 
         return await self._requests(build, deadline)

@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from . import errors
 from ._common import CONNECT_TIMEOUT
-from .wire import (FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PING,
+from .wire import (FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, FLAG_RESPONSE, HEADER, HEADER_SIZE, MAGIC, OP_AUTH, OP_GET, OP_PING,
                    OP_PUT, VERSION, FrameError, check_response, checksum, checksum_parts, checksum_stream, decode,
                    encode_auth, encode_request)
 
@@ -281,12 +281,13 @@ class TcpChannel(DataChannel):
 
     def keyed_frames(self, op: int, ns: bytes, keys: list[bytes]) -> tuple[bytes, list[int]]:
         """One payload-less ``op`` request per key with this connection's epoch, joined
-        into one buffer to send; and the request id of each."""
+        into one buffer to send; and the request id of each. (Gets, flagged: this SDK
+        knows errors.NotVerified, wire.FLAG_NOT_VERIFIED_OK.)"""
         rids, frames = [], []
         for k in keys:
             rid = self.next_id()
             rids.append(rid)
-            frames.append(encode_request(op, rid, ns, k, epoch=self.epoch))
+            frames.append(encode_request(op, rid, ns, k, flags=FLAG_NOT_VERIFIED_OK, epoch=self.epoch))
         return b"".join(frames), rids
 
     def put_frames(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int],

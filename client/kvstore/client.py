@@ -20,7 +20,7 @@ import grpc
 
 from . import errors
 from ._common import (CONNECT_TIMEOUT, DEFAULT_NAMESPACE, Namespaced, ServerInfo, TLSConfig,
-                      auth_metadata, control_channel, data_endpoint, grpc_error, is_unreachable,
+                      call_metadata, control_channel, data_endpoint, grpc_error, is_unreachable,
                       ride_out_seconds, split_address, tls_diagnosis, value_parts, writable_view)
 from .channel import TRANSPORTS, UNBOUNDED, DataChannel, TcpChannel, transport_plan
 from .control import SyncControl, epoch_metadata
@@ -79,7 +79,7 @@ class Client(SyncControl, Namespaced):
         self.tcp_congestion = tcp_congestion
         self.tls = tls
         self._token = token or None
-        self._metadata = auth_metadata(self._token)
+        self._metadata = call_metadata(self._token)
         self._ssl = tls.ssl_context() if tls is not None else None
         self._data_address = data_address
         if not connect_timeout > 0:
@@ -316,7 +316,7 @@ class Client(SyncControl, Namespaced):
                 if conn is not None:
                     self._drop(conn)
                 raise
-            except errors.Redirect:  # an answer, not a broken connection: the caller re-routes
+            except (errors.Redirect, errors.NotVerified):  # answers, not a broken connection
                 raise
             except (OSError, errors.Unavailable) as e:
                 if conn is not None:

@@ -83,13 +83,28 @@ class Redirect(Unavailable):
     name = "Redirect"
 
 
+class NotVerified(Unavailable):
+    """The node holds the object but has not verified it yet: a cluster node back from a
+    restart (NVMe tier) or dropped from the member list holds its records back until
+    repair has checked them against the other nodes (docs/cluster.md). Not NotFound
+    ("gone, recompute"): the object is there, retry shortly. An answer, not a failed
+    node: callers must not mark the node down for it.
+
+    Sent only to callers that announce they know it (data plane: a GET with
+    wire.FLAG_NOT_VERIFIED_OK; gRPC: metadata ``kvstore-accepts: not-verified``, which
+    this SDK always sends); older SDKs get NotFound, as before."""
+
+    code = 13
+    name = "NotVerified"
+
+
 Internal = KVStoreError
 
 _BY_CODE: dict[int, type[KVStoreError]] = {
     cls.code: cls
     for cls in (NotFound, NoSpace, Conflict, ChecksumMismatch, InvalidArgument,
                 PermissionDenied, Unavailable, ProtocolError, KVStoreError, Timeout, Redirect,
-                Deleted)
+                Deleted, NotVerified)
 }
 
 

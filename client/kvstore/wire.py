@@ -7,7 +7,7 @@ then the key bytes, then ``payload_len`` bytes of payload::
     version  u8  1
     op       u8  PUT / GET / PING / AUTH
     flags    u16 requests: FLAG_OVERWRITE, FLAG_REPAIR (PUT only; other bits on a PUT are
-                 refused); FLAG_RESPONSE on responses
+                 refused), FLAG_NOT_VERIFIED_OK (gets); FLAG_RESPONSE on responses
     req_id   u64 chosen by the client; responses echo it (completion may be out of order)
     status   u16 0 on requests; a kvstore.errors code on responses
     ns_len   u8  namespace length (responses: 0)
@@ -97,6 +97,11 @@ FLAG_OVERWRITE = 0x0001
 # the namespace when auth is on (repair presents cluster.token).
 FLAG_REPAIR = 0x0008
 PUT_FLAGS = FLAG_OVERWRITE | FLAG_REPAIR  # the flags a PUT may carry
+# GET, SHM_GET, RDMA_GET: the sender knows errors.NotVerified (a record held back until a
+# cluster node's repair has checked it). This SDK sets it on every get; a node answers
+# NotFound in its place on a connection whose gets never carried it (an older SDK, which
+# would read the unknown code as Internal). Nodes of earlier versions ignore it.
+FLAG_NOT_VERIFIED_OK = 0x0010
 FLAG_RESPONSE = 0x8000
 
 STATUS_OK = 0

@@ -51,7 +51,15 @@ GRPC_CODE = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
     errors.Timeout: grpc.StatusCode.DEADLINE_EXCEEDED,
     errors.Redirect: grpc.StatusCode.UNAVAILABLE,
+    errors.NotVerified: grpc.StatusCode.UNAVAILABLE,
 }
+
+
+def _accepts_not_verified(context) -> bool:
+    """The caller's SDK knows errors.NotVerified (metadata ``kvstore-accepts``, which
+    kvstore._common.call_metadata sends); older ones get NotFound in its place."""
+    return any(k == "kvstore-accepts" and "not-verified" in v.split(",")
+               for k, v in context.invocation_metadata() or ())
 
 
 def _typed_errors(fn: Callable) -> Callable:
@@ -68,6 +76,8 @@ def _typed_errors(fn: Callable) -> Callable:
                 result = await result
             return result
         except errors.KVStoreError as e:
+            if type(e) is errors.NotVerified and not _accepts_not_verified(context):
+                e = errors.NotFound(e.message)
             self.stats.count_error(e)
             _log_error(method, context, e)
             context.set_trailing_metadata((("kvstore-code", str(e.code)),))

@@ -13,7 +13,7 @@ from functools import partial
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, OP_GET,
+from kvstore.wire import (FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, FLAG_REPAIR, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, OP_GET,
                           OP_PING, OP_PUT, PUT_FLAGS, encode_error, encode_response)
 
 from kvstored.auth import ADMIN, READ, WRITE
@@ -127,6 +127,8 @@ def _send_object(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:
     s.out.append(s.store.view(e))  # the arena itself: the transport sends it without a copy
     s.sent += HEADER_SIZE + e.size
     s.pending.append((s.sent, e, t0 or s.t_in))  # released once its bytes left (written())
+    if h.flags & FLAG_NOT_VERIFIED_OK:
+        s.not_verified_ok = True
 
 
 def _ping(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:

@@ -50,7 +50,7 @@ from kvstore import errors
 from kvstore.rdma import verbs
 from kvstore.rdma.verbs import (LOCAL_WRITE, QPS_ERR, WC_REM_ACCESS_ERR, WC_SUCCESS,
                                 WC_WR_FLUSH_ERR, WR, WR_RDMA_READ, WR_RDMA_WRITE, Endpoint)
-from kvstore.wire import (FLAG_OVERWRITE, OP_RDMA_CONNECT, OP_RDMA_GET, OP_RDMA_PUT, RDMA_DESC,
+from kvstore.wire import (FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, OP_RDMA_CONNECT, OP_RDMA_GET, OP_RDMA_PUT, RDMA_DESC,
                           RDMA_SIZE, encode_response)
 
 from kvstored.auth import READ, WRITE
@@ -488,6 +488,8 @@ def _get(conn: RdmaConn, s: "DataSession", h: "Header", ns: bytes, key: bytes, a
         op = _Op(OP_RDMA_GET, rid, entry=e, size=e.size, csum=e.checksum)
         conn.start(op, conn.wrs_for(WR_RDMA_WRITE, e.offset, e.size, addr, rkey))
 
+    if h.flags & FLAG_NOT_VERIFIED_OK:
+        s.not_verified_ok = True
     s.acquire(h.req_id, ns, key, OP_RDMA_GET, deliver)
 
 

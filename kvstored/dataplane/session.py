@@ -114,6 +114,9 @@ class DataSession:
         # until then (store clock) a put finding no space is refused at once: this connection
         # just waited put_wait_timeout in vain, so a batch waits once, not once per object
         self.no_wait_until = 0.0
+        # a get on this connection carried wire.FLAG_NOT_VERIFIED_OK: its client knows
+        # errors.NotVerified (older ones get NotFound for a record held back)
+        self.not_verified_ok = False
         self.flushed_at = 0  # self.sent at the last take_output
         self.rx = 0  # bytes received
         self.offered = 0  # size of the buffer receive_buffer handed out last
@@ -360,6 +363,8 @@ class DataSession:
 
     def reject(self, op: int, rid: int, plen: int, err: errors.KVStoreError) -> None:
         """Answer with a typed error once the request's ``plen`` payload bytes are skipped."""
+        if type(err) is errors.NotVerified and not self.not_verified_ok:
+            err = errors.NotFound(err.message)
         self.counters["errors_" + err.name] += 1
         if log.isEnabledFor(logging.DEBUG):  # the client has it; the metric counts it
             log.debug("request failed: %s", err.message, extra={

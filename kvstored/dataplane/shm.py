@@ -47,7 +47,7 @@ import time
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_OVERWRITE, FLAG_REFILL, OP_SHM_COMMIT, OP_SHM_GET,
+from kvstore.wire import (FLAG_CHECKSUM_UNKNOWN, FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, FLAG_REFILL, OP_SHM_COMMIT, OP_SHM_GET,
                           OP_SHM_PUT, OP_SHM_RELEASE, OP_SHM_RESERVE, SHM_HELLO, SHM_IDS, SHM_MAGIC,
                           encode_error, encode_response)
 
@@ -231,6 +231,8 @@ class ShmState:
 
 def _shm_get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     s.acquire(h.req_id, ns, key, OP_SHM_GET, _lease)  # NVMe promotion included
+    if h.flags & FLAG_NOT_VERIFIED_OK:
+        s.not_verified_ok = True
 
 
 def _lease(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:

@@ -29,7 +29,7 @@ import time
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
-from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound
+from kvstore.errors import ChecksumMismatch, Conflict, InvalidArgument, NoSpace, NotFound, NotVerified
 from kvstore.wire import checksum as payload_checksum
 
 from .dram import DramTier
@@ -324,7 +324,9 @@ class Store(RepairHooks):
 
     # ------------------------------------------------------------------ get
     def acquire(self, ns: bytes, key: bytes) -> Entry:
-        """Take a read reference on a committed object (release it when done)."""
+        """Take a read reference on a committed object (release it when done). NotFound, or
+        NotVerified for a record held back until repair checks it (the data plane answers
+        NotFound in its place to older clients)."""
         e = self.index.get(ns, key)
         if e is None or e.unverified:
             self.counters["gets"] += 1
@@ -362,6 +364,9 @@ class Store(RepairHooks):
         """Promote an NVMe-only entry, asked for as ``key``, into DRAM: its record's header
         must hold ``key`` (a keyless entry was found by fingerprint) and its payload its
         checksum; else NotFound."""
+            if e is not None:
+                raise NotVerified(f"key {_show(key)} in namespace {ns.decode(errors='replace')} "
+                                  "is held back until this node's repair has verified it: retry shortly")
         await self.tiering.load(e, key)
 
     def _nvme_key(self, e: Entry) -> bytes | None:

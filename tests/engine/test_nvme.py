@@ -5,7 +5,7 @@ import asyncio
 
 import pytest
 
-from kvstore.errors import NotFound
+from kvstore.errors import NotFound, NotVerified
 from kvstored.engine import Store, StoreLimits
 from kvstored.engine.nvme import NvmeDevice, NvmeError, NvmeTier
 
@@ -187,7 +187,7 @@ def test_held_recovered_records_are_invisible_until_verified(tmp_path):
             keys = [b"k%d" % i for i in range(4)]
             assert s.exists(NS, keys) == [False] * 4 and s.lookup(NS, keys) == 0
             assert s.sample(None, 10) == [] and s.pin(NS, keys, 5.0) == 0
-            with pytest.raises(NotFound):
+            with pytest.raises(NotVerified):  # present, held back: not "gone" (NotFound)
                 await read(s, b"k0")
             # repair reads them (heads) and snapshots them first
             e, head = await s.read_head(NS, b"k0", 8)

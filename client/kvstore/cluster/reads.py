@@ -9,6 +9,11 @@ decoded otherwise); a missing, slow (``fragment_timeout``) or corrupt record tur
 read into a degraded one that fetches the other slots too. ``*_into`` assembles into the
 caller's buffer, so no object-sized intermediate is made on the concatenate path.
 
+A node that answers NotVerified holds its record back until its repair has checked it
+(back from a restart): an answer, so the node is not marked down, and the other copies
+are read as for a NotFound. When nothing verified is found and some node held its
+record back, the read raises NotVerified (an Unavailable: retry shortly), not NotFound.
+
 Batches are fanned out from the calling thread (``_GetFanout``: every node's GETs sent
 without blocking, every answer read with poll; EC data fragments received at their
 offsets in the object's buffer, ``_Placer``), or on the thread pool per node
@@ -87,11 +92,12 @@ class Reads:
                 raise
             except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
                 errs.append(e)
-        if all(isinstance(e, errors.NotFound) for e in errs):
-            # every slot says no: the next node in the key's preference order may still
-            # hold a copy, written when a node that is a slot now was away (restarting),
-            # with the copy on the other slot held back until checked (a node that came
-            # back from NVMe): an acknowledged object must not read as NotFound
+        if all(isinstance(e, (errors.NotFound, errors.NotVerified)) for e in errs):
+            # every slot says no (or holds its copy back): the next node in the key's
+            # preference order may still hold a copy, written when a node that is a slot
+            # now was away (restarting), with the copy on the other slot held back until
+            # checked (a node that came back from NVMe): an acknowledged object must not
+            # read as NotFound
             p = self.policy(ns)  # (a put written around dead nodes: up to N-1 places further)
             for m, _ in self._extra(key, ns, p, sl, max(1, p.n - 1)):
                 try:
@@ -99,10 +105,19 @@ class Reads:
                 except errors.Redirect:
                     raise
                 except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
-                    if not isinstance(e, errors.NotFound):
+                    if isinstance(e, errors.NotVerified):
+                        errs.append(e)
+                    elif not isinstance(e, errors.NotFound):
                         raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: its {len(sl)} "
                                                  f"node(s) said NotFound, {m.node_id}: "
                                                  f"{type(e).__name__}: {e}") from None
+        held = sum(isinstance(e, errors.NotVerified) for e in errs)
+        if held:  # present (or a delete's leftover), not yet checked: retry shortly
+            raise errors.NotVerified(f"{key[:64]!r}: held back unverified on {held} node(s) (back "
+                                     "from a restart, repair checking it), no verified copy: retry "
+                                     "shortly; " + "; ".join(f"{type(e).__name__}: {e}" for e in errs
+                                                              if not isinstance(e, errors.NotVerified)))
+        if all(isinstance(e, errors.NotFound) for e in errs):
             raise errors.NotFound(f"{key[:64]!r} not found on its {len(sl)} node(s)")
         raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: "
                                  + "; ".join(f"{type(e).__name__}: {e}" for e in errs))
@@ -140,6 +155,14 @@ class Reads:
         if vals and all(isinstance(d, errors.NotFound) for d in vals):
             raise errors.NotFound(f"{key[:64]!r} not found")
         found = sum(1 for d in vals if not isinstance(d, Exception))
+        held = sum(1 for d in vals if isinstance(d, errors.NotVerified))
+        if held:
+            # too few verified records, some held back (nodes back from a restart whose
+            # repair has not checked them yet): present, or a delete's leftover the check
+            # will drop; not "gone" yet (a held record may be a whole copy: no count of
+            # fragments tells). Retry shortly
+            raise errors.NotVerified(f"{key[:64]!r}: {found} verified record(s) of {p} and {held} "
+                                     "held back unverified (repair checking): retry shortly")
         raise errors.Unavailable(f"{key[:64]!r}: {found} record(s) of {p} fetched and no K={p.k} "
                                  "consistent valid fragments among them")
 
@@ -389,7 +412,7 @@ class _GetFanout:
             if isinstance(res, errors.KVStoreError):
                 if isinstance(res, (errors.Redirect, errors.InvalidArgument)):
                     self.raise_ = self.raise_ or res
-                elif isinstance(res, errors.Unavailable):
+                elif isinstance(res, errors.Unavailable) and not isinstance(res, errors.NotVerified):
                     self.r._mark_down(st.m)  # as MemberView._node does
                 if self.ec:
                     self.got[j][where] = res

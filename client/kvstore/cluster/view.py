@@ -154,7 +154,7 @@ class MemberView:
             raise errors.Unavailable(f"node {member.node_id} marked down")
         try:
             return getattr(self.client(member), op)(*args, **kw)
-        except errors.Redirect:
+        except (errors.Redirect, errors.NotVerified):  # answers: the node is up
             raise
         except errors.Unavailable:
             self._mark_down(member)

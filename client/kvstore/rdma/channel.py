@@ -20,7 +20,7 @@ import threading
 
 from .. import errors
 from ..channel import TcpChannel
-from ..wire import (FLAG_OVERWRITE, OP_GET, OP_PUT, OP_RDMA_CONNECT, OP_RDMA_GET, OP_RDMA_PUT,
+from ..wire import (FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, OP_GET, OP_PUT, OP_RDMA_CONNECT, OP_RDMA_GET, OP_RDMA_PUT,
                     RDMA_DESC, RDMA_SIZE, checksum, encode_request)
 from . import note_fallback, open_device
 from .verbs import (LOCAL_WRITE, MR, REMOTE_READ, REMOTE_WRITE, Endpoint, Unsupported,
@@ -168,12 +168,13 @@ class RdmaConnection(TcpChannel):
             rid = self.next_id()
             order[rid] = i
             if dests is None:
-                frames.append(encode_request(OP_GET, rid, ns, k, epoch=self.epoch))
+                frames.append(encode_request(OP_GET, rid, ns, k, flags=FLAG_NOT_VERIFIED_OK, epoch=self.epoch))
                 continue
             d = dests[i]
             mr = self.cache.get(d, LOCAL_WRITE | REMOTE_WRITE)
             addr = buffer_address(d)[0]
-            frames.append(encode_request(OP_RDMA_GET, rid, ns, k, RDMA_DESC.size, 0, 0, self.epoch)
+            frames.append(encode_request(OP_RDMA_GET, rid, ns, k, RDMA_DESC.size, 0, FLAG_NOT_VERIFIED_OK,
+                                         self.epoch)
                           + RDMA_DESC.pack(addr, len(d), mr.rkey))
         self.send([b"".join(frames)])
         return self._results(order, (OP_GET, OP_RDMA_GET), dests, verify, alloc)

@@ -74,7 +74,7 @@ class LocalStore:
             for n, (ns, key) in enumerate(items):
                 try:
                     e = await s.acquire_async(ns, key)
-                except errors.NotFound:
+                except (errors.NotFound, errors.NotVerified):  # held records are no source
                     out.append(None)
                     continue
                 try:

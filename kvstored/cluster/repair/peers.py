@@ -2,7 +2,8 @@
 
 One SDK Client per peer (cached; replaced when the peer comes back on another address).
 A peer that fails with Unavailable is not asked again in the same pass (a dead node that
-is still listed must not stall it). Batched reads raise the first error of the batch, so
+is still listed must not stall it); NotVerified (a record the peer holds back until its own
+repair checks it) is an answer, not a dead peer: that record is no source. Batched reads raise the first error of the batch, so
 a batch that fails is retried one object at a time to learn which objects failed.
 
 Writes carry FLAG_REPAIR: a node refuses one of a key it saw deleted lately
@@ -69,7 +70,7 @@ class PeerIO:
                       ride_out_restarts=False, transport="tcp")
 
     def _down(self, member, e: Exception) -> None:
-        if isinstance(e, errors.Unavailable):
+        if isinstance(e, errors.Unavailable) and not isinstance(e, errors.NotVerified):
             self.unreachable.add(member.node_id)
 
     def heads(self, member, ns: bytes, keys: list[bytes], head_bytes: int):
@@ -90,6 +91,8 @@ class PeerIO:
         c = self.client(member)
         try:
             return list(c.batch_get(keys, namespace=ns.decode()))
+        except errors.NotVerified:
+            pass  # one key held back there (no source): ask one at a time
         except errors.Unavailable as e:
             self._down(member, e)
             return [None] * len(keys)
