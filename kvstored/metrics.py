@@ -326,6 +326,15 @@ class NodeCollector(Collector):
         yield _counter("kvstored_delete_fence_overflowed", "Fenced keys forgotten before "
                        "their time (over the count bound): every repair write is refused "
                        "until they would have expired.", fence.get("overflowed", 0))
+        # the delete history (cluster nodes): deletes remembered for cluster.delete_horizon
+        yield _gauge("kvstored_delete_history_keys", "Deleted keys this node remembers "
+                     "(cluster.delete_horizon, at most cluster.delete_history_keys).",
+                     fence.get("history_keys", 0))
+        yield _gauge("kvstored_delete_history_bytes", "Memory of the delete history's "
+                     "tables.", fence.get("history_bytes", 0))
+        yield _counter("kvstored_delete_history_overflowed", "Deleted keys forgotten before "
+                       "cluster.delete_horizon (over delete_history_keys).",
+                       fence.get("history_overflowed", 0))
 
 
 AUTH_REASONS = ("no_token", "bad_token", "namespace", "scope", "revoked")

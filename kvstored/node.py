@@ -161,6 +161,9 @@ class Node:
         # a cluster node holds what it recovers at restart until peers confirm it is current
         self.store = Store(config.engine_limits(), nvme=_open_nvme(config),
                            hold_recovered=config.cluster_enabled)
+        if config.cluster_enabled:  # deletes remembered past the fence's window (fence.py)
+            from kvstored.cluster.history import open_history
+            self.store.fence.history = open_history(config)
         # id, ports and life-cycle state: read by the control plane, membership, /readyz
         self.status = NodeStatus(config.node_id, config.host, arena=self.store.arena)
         self.gate = EpochGate()  # membership writes the epoch; both planes check requests
@@ -454,6 +457,9 @@ class Node:
         if self.rdma is not None:
             self.rdma.close()
             self.rdma = None
+        if self.store.fence.history is not None:  # nothing deletes any more (cluster/history.py)
+            from kvstored.cluster.history import save_history
+            save_history(self.store.fence.history)
         self.store.close()
         self.status.state = "stopped"
         await self.metrics.close()

@@ -25,13 +25,26 @@ later, nothing comes back. Deletes of whole namespaces (DeleteAll) are
 one mark per namespace. Every key a delete names is recorded, present here or not (a
 repair write may be filling exactly the record this node lacked).
 
+Beyond the window, a cluster node keeps a **delete history** (``DeleteHistory``): a
+compact (fingerprint, time) record of every key deleted here over ``horizon`` seconds
+(24 h by default, ``cluster.delete_horizon``), bounded in count
+(``cluster.delete_history_keys``). It refuses no write; it only answers ``deleted_ago``
+(Heads) for longer, so a node back after a longer absence drops its records of objects
+deleted meanwhile (repair/decide.py) instead of serving them again.
+
 Everything runs on the daemon's event loop thread (Store's rule): no locks.
 """
 from __future__ import annotations
 
+import os
+import struct
+import sys
 import time
+from array import array
 from collections import OrderedDict
 from typing import Callable, Iterable
+
+import xxhash
 
 WINDOW_S = 60.0  # a key deleted this long ago is fenced no more
 # a repair write is sent at most this long after the Heads it was decided from (the
@@ -55,6 +68,9 @@ class DeleteFence:
         self._namespaces: dict[bytes | None, float] = {}  # DeleteAll: ns (None: all) -> when
         self.floor = float("-inf")  # newest delete forgotten before its window ended
         self.counters = {"recorded": 0, "refused": 0, "overflowed": 0}
+        # deletes remembered past the window, for deleted_ago only (a cluster node's: the
+        # node sets it from cluster.delete_horizon / delete_history_keys)
+        self.history: DeleteHistory | None = None
 
     def __len__(self) -> int:
         return len(self._keys)
@@ -64,12 +80,17 @@ class DeleteFence:
         now = self.clock()
         ks = self._keys
         pop = ks.pop
+        names = [] if self.history is not None else None
         n = 0
         for k in keys:
             ns_key = (ns, k if type(k) is bytes else bytes(k))
             pop(ns_key, None)  # a key deleted again moves to the newest end
             ks[ns_key] = now
+            if names is not None:
+                names.append(ns_key[1])
             n += 1
+        if names:
+            self.history.add_many(ns, names, now)
         self.counters["recorded"] += n
         # (the oldest key first: most deletes find nothing to trim and stop at one look)
         if (ks and (len(ks) > self.max_keys or next(iter(ks.values())) <= now - self.window)
@@ -78,7 +99,9 @@ class DeleteFence:
 
     def record_namespace(self, ns: bytes | None) -> None:
         """Every key of ``ns`` (None: of every namespace) was deleted now."""
-        self._namespaces[ns] = self.clock()
+        now = self._namespaces[ns] = self.clock()
+        if self.history is not None:
+            self.history.add_namespace(ns, now)
 
     def refusal(self, ns: bytes, key: bytes) -> str | None:
         """Why a repair write of (ns, key) must be refused, or None: DELETED when the key
@@ -106,6 +129,9 @@ class DeleteFence:
         since = now - self.window
         at = max(self._keys.get((ns, key), since), self._namespaces.get(ns, since),
                  self._namespaces.get(None, since))
+        if at <= since and self.history is not None:  # older: the history's (coarser) time
+            at = self.history.deleted_at(ns, key, now)
+            since = now - self.history.horizon
         return max(now - at, 1e-6) if at > since else 0.0
 
     def _trim(self, now: float) -> None:
@@ -128,5 +154,250 @@ class DeleteFence:
 
     def stats(self) -> dict:
         """Keys held (expired ones included until the next delete trims them), and the
-        counters (metrics: kvstored_delete_fence_*). Changes nothing: safe from any thread."""
-        return {"keys": len(self._keys), **self.counters}
+        counters (metrics: kvstored_delete_fence_*, kvstored_delete_history_*). Changes
+        nothing: safe from any thread."""
+        h = self.history
+        return {"keys": len(self._keys), **self.counters,
+                **({} if h is None else {"history_" + k: v for k, v in h.stats().items()})}
+
+
+def fingerprint(ns: bytes, key: bytes) -> int:
+    """A (namespace, key)'s 64-bit fingerprint, never 0 (an empty slot). Namespaces hold
+    no NUL byte, so ns + NUL + key names one pair."""
+    return xxhash.xxh3_64_intdigest(ns + b"\0" + key) or 1
+
+
+TICK_S = 0.1  # the history's time unit: a delete's time is rounded down to it
+_MAGIC, _VERSION = b"KVDH", 1  # a saved history (DeleteHistory.save)
+_FILE_HEAD = struct.Struct("<4sIdII")
+_TABLE_HEAD = struct.Struct("<IIIddd")
+_NS_HEAD = struct.Struct("<Bd")
+HISTORY_TABLES = 8  # the horizon is spread over this many tables' time spans
+MAX_TABLES = 32  # at most this many tables (a lookup looks in each, newest first)
+MIN_TABLE = 1024  # slots of the smallest table
+
+
+class _Table:
+    """An open-addressing hash table fingerprint -> delete time (ticks since ``base``),
+    at most half full: 12 bytes a slot, 24 per entry when full. Linear probing; never
+    deletes (the history drops whole tables)."""
+
+    __slots__ = ("fps", "ats", "mask", "n", "limit", "opened", "last", "base")
+
+    def __init__(self, slots: int, limit: int, opened: float):
+        self.fps = array("Q", bytes(8 * slots))
+        self.ats = array("I", bytes(4 * slots))
+        self.mask = slots - 1
+        self.n = 0
+        self.limit = min(limit, slots // 2)
+        self.opened = self.last = self.base = opened  # first and newest entry, tick 0
+
+    def get(self, fp: int) -> int:
+        """The tick of ``fp``'s delete, or -1."""
+        fps, mask = self.fps, self.mask
+        i = fp & mask
+        while True:
+            f = fps[i]
+            if f == fp:
+                return self.ats[i]
+            if f == 0:
+                return -1
+            i = (i + 1) & mask
+
+    def nbytes(self) -> int:
+        return (self.mask + 1) * 12
+
+
+class DeleteHistory:
+    """Which keys were deleted here over the last ``horizon`` seconds, at most ``max_keys``
+    of them: (fingerprint, time) pairs in hash tables, each filled for ``horizon /
+    (HISTORY_TABLES - 1)`` seconds or until full, then the next one opened. The oldest
+    table is dropped whole when its newest delete is past the horizon, or early when the
+    tables hold ``max_keys`` (deletes faster than that per horizon) or there are
+    MAX_TABLES: ``overflowed`` counts the keys forgotten early, ``floor`` is the newest of
+    them.
+
+    Times are ticks of ``TICK_S`` rounded down, on this node's monotonic clock: an age
+    read from it is at most one tick too long, which makes a delete look older, never
+    newer, than it was (a record written just before it may be kept; one written after
+    it is never taken for a leftover). A fingerprint shared by two keys (64 bits: a
+    lookup finds a wrong one with odds of about keys remembered / 2^64) makes the other
+    key look deleted.
+
+    Memory follows the delete rate: a table is sized for twice what the previous one took
+    in (MIN_TABLE slots at least, ``max_keys / HISTORY_TABLES`` entries at most), 24
+    bytes per entry when full, 12-48 in between."""
+
+    def __init__(self, horizon: float = 86400.0, max_keys: int = 2_000_000,
+                 clock: Callable[[], float] = time.monotonic):
+        if not horizon > 0 or max_keys < 1:
+            raise ValueError("a delete history needs a horizon > 0 and max_keys >= 1")
+        self.horizon = float(horizon)
+        self.max_keys = max_keys
+        self.clock = clock
+        self.span = self.horizon / (HISTORY_TABLES - 1)
+        self.per_table = max(MIN_TABLE // 2, -(-max_keys // HISTORY_TABLES))
+        self._tables: list[_Table] = []  # oldest first; the last one takes new deletes
+        self._namespaces: dict[bytes | None, float] = {}  # DeleteAll: ns (None: all) -> when
+        self.total = 0  # keys in the tables
+        self.floor = float("-inf")  # newest delete forgotten early (count bound)
+        self.counters = {"overflowed": 0, "tables_opened": 0}
+        self.path: str | None = None  # the file it is kept in across restarts (cluster/history.py)
+
+    def add_many(self, ns: bytes, keys: Iterable[bytes], now: float) -> None:
+        """Each of ``keys`` (bytes) of ``ns`` was deleted at ``now`` (this history's clock)."""
+        t = self._tables[-1] if self._tables else None
+        if t is None or now - t.opened >= self.span:
+            t = self._open(now, t)
+        fps, ats, mask, tick = t.fps, t.ats, t.mask, int((now - t.base) / TICK_S)
+        prefix = ns + b"\0"
+        h = xxhash.xxh3_64_intdigest
+        for k in keys:
+            if t.n >= t.limit:
+                t.last = now
+                t = self._open(now, t)
+                fps, ats, mask, tick = t.fps, t.ats, t.mask, 0
+            fp = h(prefix + k) or 1
+            i = fp & mask
+            while True:  # linear probing (_Table.get's loop, inlined: once per deleted key)
+                f = fps[i]
+                if f == 0:
+                    fps[i] = fp
+                    t.n += 1
+                    self.total += 1
+                    break
+                if f == fp:
+                    break
+                i = (i + 1) & mask
+            ats[i] = tick
+        t.last = now
+
+    def add_namespace(self, ns: bytes | None, now: float) -> None:
+        self._namespaces[ns] = now
+        for n in [n for n, at in self._namespaces.items() if at <= now - self.horizon]:
+            del self._namespaces[n]
+
+    def deleted_at(self, ns: bytes, key: bytes, now: float | None = None) -> float:
+        """When (ns, key), or its namespace, was last deleted here (this history's clock;
+        rounded down to a tick), or -inf when not within the horizon."""
+        now = self.clock() if now is None else now
+        since = now - self.horizon
+        at = max(self._namespaces.get(ns, since), self._namespaces.get(None, since))
+        fp = fingerprint(ns, key)
+        for t in reversed(self._tables):  # newest first: a key deleted again is found there
+            if t.last <= since or t.last <= at:
+                break  # older tables hold only older deletes
+            tick = t.get(fp)
+            if tick >= 0:
+                at = max(at, t.base + tick * TICK_S)
+                break
+        return at if at > since else float("-inf")
+
+    def _open(self, now: float, prev: "_Table | None") -> _Table:
+        """A new table for deletes from ``now`` on; the oldest ones dropped when expired,
+        or (counted as overflowed) when the tables hold max_keys or are MAX_TABLES."""
+        want = min(self.per_table, max(MIN_TABLE // 2, 2 * (prev.n if prev is not None else 0)))
+        tables = self._tables
+        while tables and (tables[0].last <= now - self.horizon or len(tables) >= MAX_TABLES
+                          or self.total + want > self.max_keys):
+            old = tables.pop(0)
+            self.total -= old.n
+            if old.last > now - self.horizon:  # forgotten before its horizon
+                self.counters["overflowed"] += old.n
+                self.floor = max(self.floor, old.last)
+        slots = MIN_TABLE
+        while slots < 2 * want:
+            slots *= 2
+        t = _Table(slots, want, now)
+        tables.append(t)
+        self.counters["tables_opened"] += 1
+        return t
+
+    def __len__(self) -> int:
+        """Keys remembered (some may be past the horizon until their table is dropped)."""
+        return self.total
+
+    # ------------------------------------------------------------ kept across restarts
+    # A file: FILE_HEAD (magic, version, wall clock at save, table and namespace counts),
+    # per table TABLE_HEAD (slots, entries, limit; ages at save of its first and newest
+    # entry and of tick 0) then its fingerprints and ticks (native order: the file stays on
+    # its host), per namespace NS_HEAD (length, 255 = every namespace; age) and its bytes;
+    # then the xxh3-64 of all that. Ages, not times: a monotonic clock restarts with the
+    # process. On load each age grows by the wall-clock time the node was down (never
+    # less than 0), so a delete can only look older after a restart, never newer.
+
+    def save(self, path: str) -> int:
+        """Write the history to ``path`` (a temporary file renamed over it); its size."""
+        now = self.clock()
+        parts = [b""]
+        for t in self._tables:
+            parts += [_TABLE_HEAD.pack(t.mask + 1, t.n, t.limit, now - t.opened, now - t.last,
+                                       now - t.base), t.fps.tobytes(), t.ats.tobytes()]
+        for ns, at in self._namespaces.items():
+            name = b"" if ns is None else ns
+            parts += [_NS_HEAD.pack(255 if ns is None else len(name), now - at), name]
+        parts[0] = _FILE_HEAD.pack(_MAGIC, _VERSION if sys.byteorder == "little" else 0,
+                                   time.time(), len(self._tables), len(self._namespaces))
+        h = xxhash.xxh3_64()
+        for p in parts:
+            h.update(p)
+        tmp = f"{path}.tmp"
+        with open(tmp, "wb") as f:
+            for p in parts:
+                f.write(p)
+            f.write(struct.pack("<Q", h.intdigest()))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        return sum(len(p) for p in parts) + 8
+
+    def load(self, path: str) -> int:
+        """Add what ``save`` wrote to ``path`` (tables older than the horizon skipped);
+        the deletes read. ValueError when the file is not a whole history of this
+        format; OSError when it cannot be read."""
+        with open(path, "rb") as f:
+            data = f.read()
+        if len(data) < _FILE_HEAD.size + 8 or xxhash.xxh3_64_intdigest(data[:-8]) != \
+                struct.unpack_from("<Q", data, len(data) - 8)[0]:
+            raise ValueError("not a whole delete history (truncated, or its checksum differs)")
+        magic, version, saved_wall, n_tables, n_ns = _FILE_HEAD.unpack_from(data)
+        if magic != _MAGIC or version != _VERSION or sys.byteorder != "little":
+            raise ValueError(f"not a delete history of this version ({magic!r}, {version})")
+        now = self.clock()
+        down = max(0.0, time.time() - saved_wall)  # wall time since the save (0 if stepped back)
+        pos, read = _FILE_HEAD.size, 0
+        tables = []
+        for _ in range(n_tables):
+            slots, n, limit, opened, last, base = _TABLE_HEAD.unpack_from(data, pos)
+            pos += _TABLE_HEAD.size
+            if slots < MIN_TABLE or slots & (slots - 1) or not n <= limit <= slots // 2:
+                raise ValueError(f"a table of {slots} slots, {n} entries, limit {limit}")
+            t = _Table.__new__(_Table)
+            t.fps = array("Q", data[pos:pos + 8 * slots])
+            t.ats = array("I", data[pos + 8 * slots:pos + 12 * slots])
+            pos += 12 * slots
+            t.mask, t.n, t.limit = slots - 1, n, limit
+            t.opened, t.last, t.base = now - opened - down, now - last - down, now - base - down
+            if t.last > now - self.horizon:
+                tables.append(t)
+                read += n
+        for _ in range(n_ns):
+            length, age = _NS_HEAD.unpack_from(data, pos)
+            pos += _NS_HEAD.size
+            name = None if length == 255 else data[pos:pos + length]
+            pos += 0 if name is None else length
+            if now - age - down > now - self.horizon:
+                self._namespaces[name] = max(self._namespaces.get(name, -1e300), now - age - down)
+        if pos != len(data) - 8:
+            raise ValueError("a delete history with bytes left over")
+        # older than what this process recorded meanwhile (nothing, when loaded at start)
+        self._tables[:0] = tables
+        self.total += read
+        while len(self._tables) > MAX_TABLES or self.total > self.max_keys:
+            old = self._tables.pop(0)
+            self.total -= old.n
+        return read
+
+    def stats(self) -> dict:
+        return {"keys": self.total, "bytes": sum(t.nbytes() for t in self._tables),
+                "tables": len(self._tables), **self.counters}

@@ -1,0 +1,233 @@
+"""The delete history (kvstored/engine/fence.py): deletes a cluster node remembers past
+the delete fence's 60 s window, as (fingerprint, time) pairs bounded in age and count,
+so Heads' ``deleted_ago`` keeps answering for a node back after a longer absence; and
+kept across a clean restart. Mostly pure (a hand-moved clock); the last test runs real
+etcd and kvstored processes: a delete a node missed while away stays deleted though
+every peer restarted since."""
+from __future__ import annotations
+
+import os
+import time
+
+import pytest
+from clusterutil import placement, placement_members, wait_for
+from etcdutil import needs_etcd
+
+from fakes import Clock
+from kvstored.engine.fence import (MAX_TABLES, MIN_TABLE, TICK_S, WINDOW_S, DeleteFence, DeleteHistory,
+                                   fingerprint)
+
+HOUR = 3600.0
+
+
+def _fence(clock, horizon: float = 24 * HOUR, max_keys: int = 100_000) -> DeleteFence:
+    f = DeleteFence(clock=clock)
+    f.history = DeleteHistory(horizon, max_keys, clock=clock)
+    return f
+
+
+def test_deleted_ago_answers_past_the_window_until_the_horizon():
+    clock = Clock(1000.0)
+    f = _fence(clock)
+    f.record(b"ns", [b"a", b"b"])
+    clock.advance(30.0)
+    assert f.deleted_ago(b"ns", b"a") == pytest.approx(30.0)  # the fence's exact age
+    clock.advance(3 * HOUR)  # far past the window: the history's, rounded up to a tick
+    age = f.deleted_ago(b"ns", b"b")
+    assert 3 * HOUR + 30.0 <= age <= 3 * HOUR + 30.0 + TICK_S
+    assert f.deleted_ago(b"ns", b"never") == 0.0
+    assert f.deleted_ago(b"other", b"a") == 0.0  # the namespace is part of the name
+    assert f.refusal(b"ns", b"a") is None  # the history refuses no repair write
+    clock.advance(21 * HOUR)  # past the horizon
+    assert f.deleted_ago(b"ns", b"a") == 0.0
+
+
+def test_without_a_history_the_fence_forgets_after_its_window():
+    clock = Clock(0.0)
+    f = DeleteFence(clock=clock)
+    f.record(b"ns", [b"a"])
+    clock.advance(WINDOW_S + 1)
+    assert f.deleted_ago(b"ns", b"a") == 0.0 and "history_keys" not in f.stats()
+
+
+def test_a_key_deleted_again_reports_its_latest_delete():
+    clock = Clock(0.0)
+    h = DeleteHistory(10 * HOUR, 10_000, clock=clock)
+    h.add_many(b"ns", [b"k"], clock())
+    clock.advance(2 * HOUR)  # the next table (span = horizon / 7)
+    h.add_many(b"ns", [b"k", b"k"], clock())  # twice in one call: one entry
+    clock.advance(60.0)
+    assert clock() - h.deleted_at(b"ns", b"k") == pytest.approx(60.0, abs=TICK_S)
+    assert len(h) == 2  # one per table
+
+
+def test_namespace_deletes_are_remembered_too():
+    clock = Clock(0.0)
+    f = _fence(clock, horizon=HOUR)
+    f.record_namespace(b"ns")
+    f.record_namespace(None)  # DeleteAll of every namespace
+    clock.advance(600.0)
+    assert f.deleted_ago(b"ns", b"any") == pytest.approx(600.0)
+    assert f.deleted_ago(b"x", b"any") == pytest.approx(600.0)
+    clock.advance(HOUR)
+    assert f.deleted_ago(b"ns", b"any") == 0.0
+
+
+def test_count_bound_forgets_the_oldest_tables_and_says_so():
+    clock = Clock(0.0)
+    h = DeleteHistory(HOUR, 4096, clock=clock)
+    for i in range(40):  # 40 x 512 keys, far over the bound
+        h.add_many(b"ns", [b"k%d-%d" % (i, j) for j in range(512)], clock())
+        clock.advance(1.0)
+    s = h.stats()
+    assert len(h) <= 4096 and s["keys"] == len(h) and s["tables"] <= MAX_TABLES
+    assert s["overflowed"] == 40 * 512 - len(h) and h.floor > 0
+    assert h.deleted_at(b"ns", b"k39-511") > float("-inf")  # the newest are kept
+    assert h.deleted_at(b"ns", b"k0-0") == float("-inf")  # the oldest went early
+    assert s["bytes"] <= 64 * len(h) + MAX_TABLES * MIN_TABLE * 12
+
+
+def test_memory_follows_the_delete_rate():
+    clock = Clock(0.0)
+    h = DeleteHistory(24 * HOUR, 2_000_000, clock=clock)
+    assert h.stats()["bytes"] == 0  # nothing before the first delete
+    h.add_many(b"ns", [b"a"], clock())
+    assert h.stats()["bytes"] == MIN_TABLE * 12
+    keys = [b"key-%032d" % i for i in range(200_000)]
+    for j in range(0, len(keys), 512):
+        h.add_many(b"ns", keys[j:j + 512], clock())
+    per_key = h.stats()["bytes"] / len(h)
+    assert len(h) == 200_001 and 12 <= per_key <= 64, per_key
+    assert all(h.deleted_at(b"ns", k) > float("-inf") for k in keys[::997])
+
+
+def test_bad_bounds_and_fingerprints():
+    with pytest.raises(ValueError):
+        DeleteHistory(0, 10)
+    with pytest.raises(ValueError):
+        DeleteHistory(float("nan"), 10)
+    with pytest.raises(ValueError):
+        DeleteHistory(10, 0)
+    assert fingerprint(b"ns", b"k") != 0 and fingerprint(b"ns", b"k") != fingerprint(b"n", b"sk")
+
+
+def test_config_bounds():
+    from kvstored.config import ConfigError, load_config
+    c = load_config(None)
+    assert (c.cluster_delete_horizon, c.cluster_delete_history_keys) == (86400.0, 2_000_000)
+    for field, bad in (("cluster_delete_horizon", 10.0), ("cluster_delete_history_keys", 10)):
+        with pytest.raises(ConfigError, match="outside"):
+            load_config(None, {field: bad})
+
+
+def test_saved_and_loaded_ages_only_grow(tmp_path, monkeypatch):
+    clock = Clock(5000.0)
+    h = DeleteHistory(HOUR, 100_000, clock=clock)
+    h.add_many(b"ns", [b"a", b"b"], clock())
+    clock.advance(600.0)
+    h.add_many(b"ns", [b"c"], clock())
+    h.add_namespace(b"gone", clock())
+    clock.advance(10.0)
+    path = str(tmp_path / "h.deletes")
+    assert h.save(path) > 0
+    ages = {k: clock() - h.deleted_at(b"ns", k) for k in (b"a", b"c")}
+    # a new process (its monotonic clock elsewhere), 30 s of wall time later
+    wall = __import__("time").time
+    monkeypatch.setattr("kvstored.engine.fence.time.time", lambda: wall() + 30.0)
+    clock2 = Clock(77.0)
+    g = DeleteHistory(HOUR, 100_000, clock=clock2)
+    assert g.load(path) == 3 and len(g) == 3
+    for k, age in ages.items():
+        assert age + 30.0 <= clock2() - g.deleted_at(b"ns", k) <= age + 30.0 + 1.0
+    assert clock2() - g.deleted_at(b"gone", b"x") == pytest.approx(40.0, abs=1.0)
+    assert g.deleted_at(b"ns", b"zz") == float("-inf")
+    g.add_many(b"ns", [b"d"], clock2())  # goes on recording
+    assert clock2() - g.deleted_at(b"ns", b"d") <= TICK_S and len(g) == 4
+    # past the horizon at load: skipped
+    monkeypatch.setattr("kvstored.engine.fence.time.time", lambda: wall() + 2 * HOUR)
+    assert DeleteHistory(HOUR, 100_000, clock=Clock(1.0)).load(path) == 0
+
+
+def test_a_damaged_history_file_is_refused(tmp_path):
+    path = tmp_path / "h.deletes"
+    h = DeleteHistory(HOUR, 1000, clock=Clock(1.0))
+    h.add_many(b"ns", [b"a"], 1.0)
+    h.save(str(path))
+    data = path.read_bytes()
+    for bad in (data[:-1], data[:10], b"", data[:20] + bytes([data[20] ^ 1]) + data[21:],
+                b"XXXX" + data[4:]):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError):
+            DeleteHistory(HOUR, 1000, clock=Clock(1.0)).load(str(path))
+    with pytest.raises(FileNotFoundError):
+        DeleteHistory(HOUR, 1000).load(str(tmp_path / "none"))
+
+
+def _node_args(tmp, etcd, name: str, extra: str = "") -> tuple[str, ...]:
+    cfg = tmp / f"{name}.toml"
+    cfg.write_text(f'[node]\nid = "{name}"\n[cluster]\nenabled = true\nlease_ttl = 2\nname = "dh"\n'
+                   f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\nrepair_interval = 2\n'
+                   f'policies = "rep=replicas:2"\n{extra}'
+                   f'[nvme]\npath = "{tmp / (name + ".nvme")}"\nsize = "64MiB"\nregion_size = "16MiB"\n')
+    return ("--config", str(cfg))
+
+
+@needs_etcd
+@pytest.mark.timeout(180)
+def test_delete_missed_while_away_stays_deleted_after_every_peer_restarted(etcd, start_daemon, tmp_path):
+    """d0 goes away (SIGTERM) holding copies; they are deleted; then d1 and d2 restart
+    (their delete fences, in memory, are gone); then d0 comes back. The peers' delete
+    histories, saved at their shutdown and loaded at start, still say the keys were
+    deleted after d0's copies were written: d0 drops them (before the history, nothing
+    said so, and d0 kept and served them)."""
+    import kvstore
+    from kvstore import errors
+    from kvstore.cluster import ClusterClient
+    from kvstore.layout import Policy, placement_key, slots
+    names = ["d0", "d1", "d2"]
+    ds = dict(zip(names, start_daemon.many(*(_node_args(tmp_path, etcd, n) for n in names))))
+    for d in ds.values():
+        wait_for(lambda d=d: placement(d) == set(names), 20, "three nodes")
+    rep = Policy.parse("replicas:2")
+    members = placement_members(ds["d0"])
+    on_d0 = [k for k in (f"x-{i}".encode() for i in range(400))
+             if "d0" in {m.node_id for m, _ in slots(placement_key(k, rep), members, rep, "rep")}]
+    objs = {k: os.urandom(1500 + i) for i, k in enumerate(on_d0[:10])}
+    with ClusterClient.from_cluster([d.control for d in ds.values()], refresh_s=0.2) as cc:
+        cc.batch_put(list(objs.items()), namespace="rep")
+    time.sleep(2.5)  # older than the repair agent's young-record guard
+    ds["d0"].stop()  # away, its copies on NVMe
+    rest = [ds["d1"], ds["d2"]]
+    for d in rest:
+        wait_for(lambda d=d: placement(d) == {"d1", "d2"}, 20, "d0 gone")
+    gone = list(objs)[:6]
+    with ClusterClient.from_cluster([d.control for d in rest], refresh_s=0.2) as cc:
+        assert cc.delete(gone, namespace="rep") == len(gone)
+    for n in ("d1", "d2"):  # every peer restarts (cleanly) while d0 is away
+        ds[n].stop()
+        assert (tmp_path / f"{n}.nvme.deletes").exists()
+        ds[n].start(30)
+        with kvstore.Client(ds[n].control, timeout=5, shm=False, namespace="rep") as c:
+            heads = c.heads(gone).heads
+            assert all(not h.present and h.deleted_ago > 0 for h in heads), heads
+            assert "kvstored_delete_history_keys" in _metrics(ds[n])
+    ds["d0"].start(30)
+    up = list(ds.values())
+    for d in up:
+        wait_for(lambda d=d: placement(d) == set(names), 30, "d0 back")
+    with kvstore.Client(ds["d0"].control, timeout=5, shm=False, namespace="rep") as c:
+        wait_for(lambda: c.stats().counters["unverified"] == 0, 60, "d0's records checked")
+        assert c.members().repair.dropped >= len(gone)
+        assert not any(h.present for h in c.heads(gone).heads)
+    with ClusterClient.from_cluster([d.control for d in up], refresh_s=0.2) as cc:
+        for k in gone:
+            with pytest.raises(errors.NotFound):
+                cc.get(k, namespace="rep")
+        for k in list(objs)[6:]:
+            assert cc.get(k, namespace="rep") == objs[k]
+
+
+def _metrics(d) -> str:
+    import urllib.request
+    with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=10) as r:
+        return r.read().decode()
