@@ -391,7 +391,9 @@ class DataConnection(asyncio.BufferedProtocol):
             if self.done or s.finish == "abort":
                 break
             if len(out) > 2:
-                out = _coalesce(out)
+                # an arena view in out (a get's payload) has its entry in pending until its
+                # bytes left: with none pending, out is small frames only, joined at once
+                out = _coalesce(out) if s.pending else [b"".join(out)]
             self.transport.writelines(out)  # one syscall for a whole pipelined burst
             if s.pending or not s.reading or s.queued:  # else written() has nothing to do
                 s.written(self.transport.get_write_buffer_size())

@@ -128,7 +128,6 @@ class DataSession:
         self.on_payload: Callable[[], None] | None = None  # run when the payload target is full
         self.reserved = 0  # bytes of this connection's unfinished reservations
         self.req_id = 0
-        self.frames = 0  # requests parsed (the driver yields to other connections by it)
         self.t_in = 0.0  # when the bytes being parsed arrived (latency start)
         self.put_t0 = 0.0
         self.window = 0  # HEADER_WINDOW after a large put (see there), else 0: no bound
@@ -298,7 +297,6 @@ class DataSession:
             if frame is None:
                 break
             h, ns, key = frame
-            self.frames += 1
             self.req_id = rid = h.req_id
             op = ops.get(h.op)
             if op is None:
@@ -482,7 +480,9 @@ class DataSession:
             return self._no_space(e, op, rid, ns, key, size, csum, overwrite, reserved, size)
         except errors.KVStoreError as e:
             return self.reject(op, rid, size, e)
-        reader.skip(size)
+        reader.start = start = start + size  # (FrameReader.skip of buffered bytes, inlined)
+        if start == reader.end:
+            reader.start = reader.end = 0
         self.no_wait_until = 0.0  # (what _hold does besides counting)
         return stored
 

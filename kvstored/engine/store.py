@@ -303,13 +303,10 @@ class Store(RepairHooks):
         view = self.arena.view[off:off + size]
         try:
             view[:] = data
-            actual = payload_checksum(view)  # of the slot: what a get will serve
-        except BaseException:
+        except BaseException:  # (e.g. a buffer of another length): the slot is not kept
             self.dram.free_slot(off)
             raise
-        finally:
-            view.release()
-        if actual != checksum:
+        if payload_checksum(view) != checksum:  # the slot's bytes: what a get will serve
             self.counters["checksum_failures"] += 1
             self.dram.free_slot(off)
             raise ChecksumMismatch("payload checksum does not match the declared checksum; "
