@@ -119,6 +119,8 @@ def _dedup_response(rid: int) -> bytes:
 
 
 def _get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
+    if h.flags & FLAG_NOT_VERIFIED_OK:
+        s.not_verified_ok = True
     s.acquire(h.req_id, ns, key, OP_GET, _send_object)
 
 
@@ -127,8 +129,6 @@ def _send_object(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:
     s.out.append(s.store.view(e))  # the arena itself: the transport sends it without a copy
     s.sent += HEADER_SIZE + e.size
     s.pending.append((s.sent, e, t0 or s.t_in))  # released once its bytes left (written())
-    if h.flags & FLAG_NOT_VERIFIED_OK:
-        s.not_verified_ok = True
 
 
 def _ping(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:

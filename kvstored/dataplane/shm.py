@@ -230,9 +230,9 @@ class ShmState:
 # skips payload bytes (length=SIZE), so their errors skip nothing.
 
 def _shm_get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
-    s.acquire(h.req_id, ns, key, OP_SHM_GET, _lease)  # NVMe promotion included
     if h.flags & FLAG_NOT_VERIFIED_OK:
         s.not_verified_ok = True
+    s.acquire(h.req_id, ns, key, OP_SHM_GET, _lease)  # NVMe promotion included
 
 
 def _lease(s: DataSession, rid: int, e: "Entry", t0: float = 0.0) -> None:

@@ -328,6 +328,9 @@ class Store(RepairHooks):
         if e is None or e.unverified:
             self.counters["gets"] += 1
             self.counters["misses"] += 1
+            if e is not None:
+                raise NotVerified(f"key {_show(key)} in namespace {ns.decode(errors='replace')} "
+                                  "is held back until this node's repair has verified it: retry shortly")
             raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
         if e.offset < 0:
             raise NotResident(e)  # the get is counted when the loaded entry is acquired
@@ -361,9 +364,6 @@ class Store(RepairHooks):
         """Promote an NVMe-only entry, asked for as ``key``, into DRAM: its record's header
         must hold ``key`` (a keyless entry was found by fingerprint) and its payload its
         checksum; else NotFound."""
-            if e is not None:
-                raise NotVerified(f"key {_show(key)} in namespace {ns.decode(errors='replace')} "
-                                  "is held back until this node's repair has verified it: retry shortly")
         await self.tiering.load(e, key)
 
     def _nvme_key(self, e: Entry) -> bytes | None:
