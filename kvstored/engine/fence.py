@@ -192,18 +192,6 @@ class _Table:
         self.limit = min(limit, slots // 2)
         self.opened = self.last = self.base = opened  # first and newest entry, tick 0
 
-    def get(self, fp: int) -> int:
-        """The tick of ``fp``'s delete, or -1."""
-        fps, mask = self.fps, self.mask
-        i = fp & mask
-        while True:
-            f = fps[i]
-            if f == fp:
-                return self.ats[i]
-            if f == 0:
-                return -1
-            i = (i + 1) & mask
-
     def nbytes(self) -> int:
         return (self.mask + 1) * 12
 
@@ -259,7 +247,7 @@ class DeleteHistory:
                 fps, ats, mask, tick = t.fps, t.ats, t.mask, 0
             fp = h(prefix + k) or 1
             i = fp & mask
-            while True:  # linear probing (_Table.get's loop, inlined: once per deleted key)
+            while True:  # linear probing (inlined: once per deleted key)
                 f = fps[i]
                 if f == 0:
                     fps[i] = fp
@@ -287,10 +275,16 @@ class DeleteHistory:
         for t in reversed(self._tables):  # newest first: a key deleted again is found there
             if t.last <= since or t.last <= at:
                 break  # older tables hold only older deletes
-            tick = t.get(fp)
-            if tick >= 0:
-                at = max(at, t.base + tick * TICK_S)
-                break
+            fps, mask = t.fps, t.mask  # (probing inlined: Heads asks this per absent key)
+            i = fp & mask
+            while True:
+                f = fps[i]
+                if f == fp:
+                    at = max(at, t.base + t.ats[i] * TICK_S)
+                    return at if at > since else float("-inf")
+                if f == 0:
+                    break
+                i = (i + 1) & mask
         return at if at > since else float("-inf")
 
     def _open(self, now: float, prev: "_Table | None") -> _Table:

@@ -68,7 +68,7 @@ def _grpc_get(address: str, key: bytes, metadata: tuple) -> tuple[grpc.StatusCod
 
 @needs_etcd
 @pytest.mark.timeout(180)
-def test_held_records_answer_not_verified_until_checked(etcd, start_daemon, tmp_path):
+def test_held_records_answer_not_verified_until_checked(etcd, start_daemon, tmp_path, capsys):
     names = ["v0", "v1", "v2"]
     ds = dict(zip(names, start_daemon.many(*(_args(tmp_path, etcd, n) for n in names))))
     for d in ds.values():
@@ -107,6 +107,11 @@ def test_held_records_answer_not_verified_until_checked(etcd, start_daemon, tmp_
                 c.control_get(k)
             assert isinstance(errors.error_for_code(errors.NotVerified.code), errors.Unavailable)
             assert c.exists(list(objs)) == [False] * len(objs)
+            from kvstore.cli import main as cli
+            capsys.readouterr()
+            assert cli(["-a", v0.control, "-n", "rep", "get", k.decode(), "-o", "-"]) == 3  # Unavailable
+            out, err = capsys.readouterr()
+            assert out == "" and err.startswith("kvstore-cli: NotVerified: ") and "retry" in err
             # clients that did not announce the code (older SDKs) get NotFound, as before
             assert _raw_get(v0.data_port, k, 0) == errors.NotFound.code
             assert _raw_get(v0.data_port, k, wire.FLAG_NOT_VERIFIED_OK) == errors.NotVerified.code
