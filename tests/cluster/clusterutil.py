@@ -1,7 +1,10 @@
 """Helpers of the cluster tests and benchmarks: waiting, and checking an object's records."""
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
+import threading
 import time
 from pathlib import Path
 
@@ -14,6 +17,25 @@ MIB = 1 << 20
 # byte, a page, small, EC-sized with a ragged tail, a block, over 2 MiB)
 FANOUT_POLICIES = {"plain": "none", "rep": "replicas:2", "ec": "ec:3+2"}
 FANOUT_SIZES = [1, 4096, 65_536, 300_001, MIB, 2 * MIB + 7]
+
+
+@contextlib.contextmanager
+def store_on_loop(limits):
+    """(store, loop, LocalStore): a real engine Store whose repair calls run on an asyncio
+    loop in another thread, as in the daemon (repair's own thread hops onto the loop)."""
+    from kvstored.cluster.repair.local import LocalStore
+    from kvstored.engine.store import Store
+    store = Store(limits)
+    loop = asyncio.new_event_loop()
+    t = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
+    t.start()
+    try:
+        yield store, loop, LocalStore(store, loop)
+    finally:
+        loop.call_soon_threadsafe(loop.stop)
+        t.join(5)
+        loop.close()
+        store.close()
 
 
 def fanout_cluster(nodes, **kw):

@@ -5,7 +5,6 @@ thread, as in the daemon); the peers of the executor test are an in-memory stand
 other nodes (their reads), never for this node."""
 from __future__ import annotations
 
-import asyncio
 import os
 import threading
 from concurrent.futures import ThreadPoolExecutor
@@ -18,7 +17,8 @@ from kvstored.cluster.repair import decide as d
 from kvstored.cluster.repair.execute import Executor
 from kvstored.cluster.repair.local import LocalStore
 from kvstored.cluster.repair.throttle import Throttle
-from kvstored.engine.store import Store, StoreLimits
+from kvstored.engine.store import StoreLimits
+from clusterutil import store_on_loop
 from fakes import Head as H
 
 MiB = 1 << 20
@@ -29,18 +29,9 @@ ME = "me"
 @pytest.fixture
 def local():
     """LocalStore over a 4 MiB Store whose calls run on a loop in another thread."""
-    store = Store(StoreLimits(dram_size=4 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
-                              hugepages=False, prefault=False, put_wait_timeout=0.2))
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
-    t.start()
-    try:
-        yield LocalStore(store, loop)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-        loop.close()
-        store.close()
+    with store_on_loop(StoreLimits(dram_size=4 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
+                                   hugepages=False, prefault=False, put_wait_timeout=0.2)) as (_s, _l, local):
+        yield local
 
 
 def stored(ls: LocalStore, key: bytes) -> bytes | None:

@@ -14,8 +14,8 @@ import time
 import pytest
 
 from kvstored.cluster.repair import local as local_mod
-from kvstored.cluster.repair.local import LocalStore
-from kvstored.engine.store import Store, StoreLimits
+from clusterutil import store_on_loop
+from kvstored.engine.store import StoreLimits
 
 MiB = 1 << 20
 NS = b"ec"
@@ -24,18 +24,9 @@ RECORDS = 16
 
 @pytest.fixture
 def node():
-    store = Store(StoreLimits(dram_size=64 * MiB, slab_size=4 * MiB, max_value_size=4 * MiB,
-                              hugepages=False, prefault=False, put_wait_timeout=0.2))
-    loop = asyncio.new_event_loop()
-    t = threading.Thread(target=loop.run_forever, name="test-loop", daemon=True)
-    t.start()
-    try:
-        yield store, loop, LocalStore(store, loop)
-    finally:
-        loop.call_soon_threadsafe(loop.stop)
-        t.join(5)
-        loop.close()
-        store.close()
+    with store_on_loop(StoreLimits(dram_size=64 * MiB, slab_size=4 * MiB, max_value_size=4 * MiB,
+                                   hugepages=False, prefault=False, put_wait_timeout=0.2)) as got:
+        yield got
 
 
 def _watch(loop, probe):
