@@ -231,3 +231,27 @@ def _metrics(d) -> str:
     import urllib.request
     with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=10) as r:
         return r.read().decode()
+
+
+def test_a_held_record_is_dropped_on_an_old_delete_a_verified_one_only_on_a_recent_one():
+    """The history's long ages drop held records (nobody vouched for them since the
+    restart), but a verified record only on a delete within the fence's window: an
+    identical re-put leaves a record's commit time as it was, so a record re-put after
+    an old delete must not be deleted on it once the re-put's other copies are evicted."""
+    from kvstore.layout import Policy
+    from kvstore.placement import Member
+    from kvstored.cluster.repair import decide as d
+    from fakes import Head
+    written = 1000.0
+
+    def obj(held: bool):
+        o = d.Obj(b"ns", b"key", Policy.parse("replicas:2"), False)
+        o.mine[0] = d.Local(b"key", 10, 5, held, b"", written)
+        o.slots = [(Member("me", "127.0.0.1:1"), 0), (Member("a", "127.0.0.1:2"), 0)]
+        return o
+    p = d.Peers("me", {"a": True}, {"a": 0.0}, [], written + 5 * HOUR)
+    old = {("a", 0): Head(False, deleted_ago=4 * HOUR)}  # deleted an hour after the write
+    assert d.decide(obj(True), old, p) == [d.Drop(b"key", 5)]
+    assert d.decide(obj(False), old, p) == [d.Copy(b"key", 1, b"key", False)]
+    recent = {("a", 0): Head(False, deleted_ago=WINDOW_S / 2)}
+    assert d.decide(obj(False), recent, p) == [d.DeleteLocal(b"key")]

@@ -9,8 +9,9 @@ agent (agent.py) executes the actions in bulk.
 * **verify** a record recovered at restart (or held back after the cluster dropped this
   node): kept (``Verify``) when a verified peer holds the same version; dropped
   (``Drop``) when verified peers hold only another version, or when none holds it and a
-  peer says a client deleted it there after the record was written (its delete fence:
-  ``Head.deleted_ago``); left pending when no peer answered. Otherwise kept: a peer that
+  peer says a client deleted it there after the record was written (its delete fence,
+  then its delete history for up to ``cluster.delete_horizon``: ``Head.deleted_ago``);
+  left pending when no peer answered. Otherwise kept: a peer that
   merely lacks it proves nothing (it may not have been one of its homes when it was
   written), and losing an acknowledged object is worse than keeping a deleted one.
 * **rebuild** (the *leader*: the first slot holding a verified current record): slots that
@@ -37,6 +38,7 @@ from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
 from kvstore.layout import KIND_FRAGMENT, Policy, lap_key, parse_head
+from kvstored.engine.fence import WINDOW_S
 
 
 class Local(NamedTuple):
@@ -161,9 +163,11 @@ def decide(o: Obj, got: Mapping, peers: Peers) -> list:
     return acts
 
 
-def _delete_evidence(o: Obj, got: Mapping, peers: Peers) -> tuple[set, float]:
+def _delete_evidence(o: Obj, got: Mapping, peers: Peers, within: float = float("inf")
+                     ) -> tuple[set, float]:
     """(the versions peers hold verified records of, the latest time on this node's
-    clock a peer says a client deleted the object there: -inf when none did lately).
+    clock a peer says a client deleted the object there at most ``within`` seconds ago:
+    -inf when none did).
     A peer that merely lacks it proves nothing: after a membership change it may never
     have been one of its homes (a node restarting in a roll is out of the list, and its
     place is taken by one that never held the object)."""
@@ -175,8 +179,8 @@ def _delete_evidence(o: Obj, got: Mapping, peers: Peers) -> tuple[set, float]:
             if not h.unverified:
                 versions.add(version(o.ec, h.head if o.ec else h.checksum))
             continue
-        ago = h.deleted_ago  # its delete fence: seconds since the delete (0: not lately)
-        if ago > 0:
+        ago = h.deleted_ago  # its delete fence or history: seconds since the delete (0: none)
+        if 0 < ago <= within:
             deleted_at = max(deleted_at, peers.heads_at - ago)
     return versions, deleted_at
 
@@ -187,8 +191,15 @@ def _drop_leftovers(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) 
     member list without it: a node rejoining while clients and peers still used the old
     list, or one that did not answer). Deleted here too (``DeleteLocal``), instead of
     being served, and copied back once the peers' fences expire. A re-put since would be
-    held verified by a peer."""
-    versions, deleted_at = _delete_evidence(o, got, peers)
+    held verified by a peer.
+
+    Only on a delete within the fence's window (WINDOW_S), not the delete history's
+    horizon: an identical re-put finds the record stored and leaves its commit time as
+    it was, so a record a client re-put after an old delete still looks older than it;
+    once the peers that took the re-put lose their copies (evicted), the history would
+    make this node delete the last one. A held record was re-put by nobody since the
+    restart (such a put verifies it, and it is then judged here)."""
+    versions, deleted_at = _delete_evidence(o, got, peers, WINDOW_S)
     if deleted_at == float("-inf"):
         return
     ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
