@@ -11,10 +11,10 @@ from ._common import TLSConfig
 from .aio import AsyncClient
 from .client import Client
 from .errors import (ChecksumMismatch, Conflict, InvalidArgument, KVStoreError, NoSpace, NotFound,
-                     PermissionDenied, ProtocolError, Redirect, Timeout, Unavailable)
+                     NotVerified, PermissionDenied, ProtocolError, Redirect, Timeout, Unavailable)
 
 __version__ = "0.1.0"
 
 __all__ = ["AsyncClient", "ChecksumMismatch", "Client", "Conflict", "InvalidArgument", "KVStoreError",
-           "NoSpace", "NotFound", "PermissionDenied", "ProtocolError", "Redirect", "TLSConfig", "Timeout",
+           "NoSpace", "NotFound", "NotVerified", "PermissionDenied", "ProtocolError", "Redirect", "TLSConfig", "Timeout",
            "Unavailable", "errors", "keys"]

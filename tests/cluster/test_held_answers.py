@@ -173,5 +173,9 @@ def test_not_verified_is_a_typed_unavailable():
     assert not isinstance(e, errors.NotFound) and e.message == "held"
     from kvstore._common import call_metadata, is_unreachable
     assert not is_unreachable(e)  # an answer: no ride-out retry loop, no TLS diagnosis
+    from kvstore.integrations._breaker import is_outage
+    assert not is_outage(e)  # the engine adapters' breaker stays closed: the store answered
+    import kvstore
+    assert kvstore.NotVerified is errors.NotVerified
     assert ("kvstore-accepts", "not-verified") in call_metadata(None)
     assert call_metadata("tok")[0] == ("authorization", "Bearer tok")

@@ -15,7 +15,8 @@ per probe. Without one, the first call after a back-off goes through as the prob
 others keep skipping until it returns), and its success closes the breaker.
 
 Only "nobody answered" errors trip it (Unavailable, Timeout, OSError): a NotFound, a
-Conflict or a bad argument is an answer from a live store.
+Conflict, a bad argument, a Redirect or a NotVerified (a cluster node holding an object
+back until it is checked) is an answer from a live store.
 """
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ log = logging.getLogger("kvstore.integrations")
 
 def is_outage(e: BaseException) -> bool:
     """Does ``e`` mean the store did not answer (as opposed to answering no)?"""
-    return isinstance(e, (errors.Unavailable, OSError)) and not isinstance(e, errors.Redirect)
+    return isinstance(e, (errors.Unavailable, OSError)) and not isinstance(
+        e, (errors.Redirect, errors.NotVerified))
 
 
 class Breaker:
