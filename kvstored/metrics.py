@@ -285,6 +285,11 @@ class NodeCollector(Collector):
                        counters.get("descriptor_limit_reached", 0))
         yield _counter("kvstored_accept_failures", "Accepts that failed (EMFILE and the like) "
                        "on the TLS data port and the shm socket.", counters.get("accept_failed", 0))
+        yield _gauge("kvstored_control_calls", "gRPC calls in progress (at most "
+                     "server.max_control_rpcs).", m.control.running)
+        yield _counter("kvstored_control_rpc_limit_reached", "Times the gRPC calls in progress "
+                       "reached server.max_control_rpcs (calls over it get RESOURCE_EXHAUSTED).",
+                       control.get("control_rpc_limit_reached", 0))
 
         # ---- security (kvstored/auth.py, kvstored/tls.py): counters kept by the servers
         yield from _security_families(m.tls, counters, control)

@@ -290,7 +290,9 @@ class Node:
                           f"({e.strerror or e}); {hint}") from None
         # room for the largest control-plane value plus the message around it
         msg_limit = c.max_control_value_size + (1 << 20)
-        self.grpc_server = grpc.aio.server(options=[
+        # calls at once: each holds its message (up to msg_limit, a few copies of it) while
+        # it runs; unbounded, 300 Puts of 4 MiB waiting for space grew the daemon by 2 GiB
+        self.grpc_server = grpc.aio.server(maximum_concurrent_rpcs=c.max_control_rpcs, options=[
             ("grpc.max_receive_message_length", msg_limit),
             ("grpc.max_send_message_length", msg_limit),
             ("grpc.so_reuseport", 0),

@@ -237,6 +237,9 @@ SETTINGS: tuple[Setting, ...] = (
        check=_positive, reload="data.max_per_client"),
     _s("server", "max_control_connections", INT, 1024,
        "gRPC control connections at once; more are closed on accept", check=_positive),
+    _s("server", "max_control_rpcs", INT, 128,
+       "gRPC calls served at once (each may hold a max_control_value_size message); more "
+       "get RESOURCE_EXHAUSTED (NoSpace)", check=_positive),
     _s("server", "max_pipelined_requests", INT, 1024,
        "unanswered requests per data connection before it stops being read", check=_positive,
        reload="pipelined"),

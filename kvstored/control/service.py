@@ -70,6 +70,9 @@ def _typed_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         t0 = time.perf_counter()
+        self.stats.running += 1
+        if self.stats.running == self.config.max_control_rpcs:
+            _at_call_limit(self)
         try:
             result = fn(self, request, context)
             if inspect.isawaitable(result):
@@ -83,9 +86,18 @@ def _typed_errors(fn: Callable) -> Callable:
             context.set_trailing_metadata((("kvstore-code", str(e.code)),))
             await context.abort(GRPC_CODE.get(type(e), grpc.StatusCode.INTERNAL), e.message)
         finally:
+            self.stats.running -= 1
             self.stats.observe(method, time.perf_counter() - t0)
 
     return wrapper
+
+
+def _at_call_limit(self: "ControlService") -> None:
+    """gRPC answers calls over the limit itself (RESOURCE_EXHAUSTED, "Concurrent RPC limit
+    exceeded!"), unseen here: count and say when the limit is reached."""
+    self.stats.counters["control_rpc_limit_reached"] += 1
+    log.warning("control calls at server.max_control_rpcs (%d): further calls get "
+                "RESOURCE_EXHAUSTED until some finish", self.config.max_control_rpcs)
 
 
 ANY_TOKEN = 0  # _guard: any valid token will do (no namespace involved)

@@ -17,6 +17,7 @@ class ControlStats:
     def __init__(self):
         self.counters: collections.Counter = collections.Counter()
         self.latency: dict[str, LatencyHistogram] = {}
+        self.running = 0  # calls in progress (gRPC refuses those over server.max_control_rpcs)
 
     def count_error(self, e: KVStoreError) -> None:
         self.counters["control_errors_" + e.name] += 1

@@ -114,6 +114,7 @@ class ShmServer:
             except asyncio.CancelledError:
                 raise
             except OSError as e:  # EMFILE and friends: keep serving the others
+                self.ds.counters["accept_failed"] += 1  # (the log line is rate-limited)
                 log.warning("shm accept failed: %s", e)
                 await asyncio.sleep(0.1)
                 continue

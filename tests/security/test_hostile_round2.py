@@ -3,6 +3,7 @@ once the process runs short of descriptors. Each test starts a real kvstored and
 bounded in time (waits on conditions, never on fixed sleeps)."""
 from __future__ import annotations
 
+import collections
 import os
 import resource
 import socket
@@ -17,7 +18,7 @@ from kvstore.wire import OP_PUT, OP_SHM_RESERVE, encode_request
 
 from test_hostile import GoodClient, connect_from, hostile_daemon, stats, wait_for  # noqa: F401
 
-KiB, MiB = 1 << 10, 1 << 20
+KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
 def _fill_and_pin(d, n: int, size: int) -> list[bytes]:
@@ -162,4 +163,64 @@ def test_descriptor_limit_bounds_planes_logs_exhaustion_and_recovers(hostile_dae
             assert c.get(b"after") == b"w" * 4096 and c.get(b"before") == b"v" * 4096
     finally:
         good.close()
+    assert d.alive()
+
+
+# ------------------------------------------------------------ gRPC control calls
+
+def test_concurrent_control_puts_are_bounded_in_memory(hostile_daemon):
+    # 300 control Puts of 4 MiB at once over 4 connections while the node is full (each
+    # would wait put_wait_timeout holding its message): unbounded, the daemon grew by
+    # ~2 GiB (~7 MiB a call). server.max_control_rpcs = 16 calls run at once, the rest
+    # get RESOURCE_EXHAUSTED (NoSpace) without their messages piling up; the daemon
+    # stays within a bound, and serves control calls again once the flood is over.
+    import asyncio
+
+    import grpc
+    from kvstore.v1 import control_pb2 as pb
+    from kvstore.v1 import control_pb2_grpc as pbg
+
+    from test_hostile import rss
+    d = hostile_daemon({"server": {"max_control_rpcs": 16}})
+    _fill_and_pin(d, 16, 4 * MiB)
+    pid = d.info["pid"]
+    rss0, peak = rss(pid), [rss(pid)]
+
+    async def flood() -> collections.Counter:
+        chans = [grpc.aio.insecure_channel(d.control, options=[
+            ("grpc.max_send_message_length", 8 * MiB),
+            ("grpc.use_local_subchannel_pool", 1)]) for _ in range(4)]  # 4 connections
+        stubs = [pbg.KVStoreStub(ch) for ch in chans]
+        value = os.urandom(4 * MiB)
+
+        async def put(i: int) -> str:
+            try:
+                await stubs[i % 4].Put(pb.PutRequest(namespace="evil", key=b"k%d" % i,
+                                                     value=value), timeout=60)
+                return "OK"
+            except grpc.aio.AioRpcError as e:
+                return e.code().name
+
+        async def watch() -> None:
+            for _ in range(10 ** 5):  # cancelled when the puts are answered
+                peak[0] = max(peak[0], rss(pid))
+                await asyncio.sleep(0.02)
+        w = asyncio.ensure_future(watch())
+        try:
+            return collections.Counter(await asyncio.gather(*(put(i) for i in range(300))))
+        finally:
+            w.cancel()
+            for ch in chans:
+                await ch.close()
+
+    got = asyncio.run(flood())
+    grew = peak[0] - rss0
+    print(f"\n300 concurrent 4 MiB control Puts on a full node: {dict(got)}; daemon RSS "
+          f"{rss0 / MiB:.0f} -> peak {peak[0] / MiB:.0f} MiB")
+    assert set(got) <= {"RESOURCE_EXHAUSTED"}, got  # no space, or over the call limit
+    assert grew < GiB, f"the daemon grew by {grew / MiB:.0f} MiB"
+    assert dict(stats(d)).get("control_rpc_limit_reached", 0) >= 1
+    assert "control calls at server.max_control_rpcs (16)" in d.log()
+    with kvstore.Client(d.control, timeout=10, shm=False) as c:
+        assert c.stats() is not None
     assert d.alive()
