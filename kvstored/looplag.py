@@ -1,5 +1,7 @@
-"""How late the event loop runs what is due: one number for "requests waited behind
-something" (a long callback, a thread holding the GIL, a starved CPU), whatever it was.
+"""How late the event loop runs what is due, and long work that gives the loop back.
+
+``LoopLag`` measures: one number for "requests waited behind something" (a long
+callback, a thread holding the GIL, a starved CPU), whatever it was.
 
 Every request on the data path, the control plane's handlers and the node's timers run
 on one event loop, so a stall there is a stall for every client at once, and it shows in
@@ -9,6 +11,13 @@ records how late it woke measures it from outside: ``kvstored_event_loop_lag_sec
 A lag over ``WARN_S`` is also logged (rate-limited like every log line, kvstored/logs.py).
 
 Cost: 40 wake-ups a second, ~20 us of CPU each (<0.1 % of a core).
+
+``Slices`` mitigates: work for peers and repair that loops over many items on the event
+loop (a Heads call of 4,096 keys, repair's store batches of up to 16 MiB) awaits
+``slices.turn()`` between items and so gives the loop back every ``SLICE_S``: a client's
+request waits behind at most about that much of it, not the whole batch (a Heads call of
+4,096 keys with their first bytes held the loop ~30 ms; benchmarks/RESULTS.md "Tail
+latency").
 """
 from __future__ import annotations
 
@@ -22,6 +31,7 @@ log = logging.getLogger("kvstored")
 
 INTERVAL = 0.025  # seconds between wake-ups: short enough to land in most stalls
 WARN_S = 1.0  # a lag this long is logged: every client waited at least this long
+SLICE_S = 0.002  # Slices: the longest run of a batch's items between two turns of the loop
 
 
 class LoopLag:
@@ -54,3 +64,18 @@ class LoopLag:
             t = clock()
             await asyncio.sleep(INTERVAL)
             self.observe(clock() - t - INTERVAL)
+
+
+class Slices:
+    """``await slices.turn()`` between a batch's items: a zero-length sleep (the loop serves
+    what is ready, then resumes the batch) once ``SLICE_S`` has passed since the last."""
+
+    __slots__ = ("_t",)
+
+    def __init__(self):
+        self._t = time.perf_counter()
+
+    async def turn(self) -> None:
+        if time.perf_counter() - self._t >= SLICE_S:
+            await asyncio.sleep(0)
+            self._t = time.perf_counter()

@@ -24,6 +24,7 @@ from kvstore.v1 import control_pb2_grpc as pb_grpc
 from kvstore.wire import MAX_KEY_LEN, VERSION, checksum, key_bytes, namespace_bytes
 from kvstored.auth import ADMIN, READ, WRITE, Unauthenticated
 from kvstored.config import ConfigError
+from kvstored.looplag import Slices
 from kvstored.dataplane.policy import AuthGuard, EpochGate
 
 if TYPE_CHECKING:
@@ -397,7 +398,9 @@ class ControlService(pb_grpc.KVStoreServicer):
         if request.head_bytes > 64:
             raise errors.InvalidArgument(f"head_bytes {request.head_bytes} is over 64")
         out = []
+        slices = Slices()  # 4,096 keys held the loop ~30 ms in one go (kvstored/looplag.py)
         for k in keys:
+            await slices.turn()
             e = self.store.peek(ns, k)
             if e is None:
                 out.append(pb.Head(present=False, deleted_ago=self.store.fence.deleted_ago(ns, k)))

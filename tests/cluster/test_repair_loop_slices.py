@@ -1,5 +1,6 @@
-"""Repair's batches on the event loop give it back between records (LocalStore's slices),
-so clients' requests are served in the middle of a rebuild, not after a whole batch.
+"""Repair's batches on the event loop, and the Heads calls peers make, give it back between
+records (looplag.Slices), so clients' requests are served in the middle of a rebuild,
+not after a whole batch.
 
 A real engine Store on a real asyncio loop in a thread, as in the daemon. With the slice
 set to 0 every record is a turn of its own: a ticker task on the same loop must see the
@@ -13,7 +14,7 @@ import time
 
 import pytest
 
-from kvstored.cluster.repair import local as local_mod
+from kvstored import looplag
 from clusterutil import store_on_loop
 from kvstored.engine.store import StoreLimits
 
@@ -44,7 +45,7 @@ def _watch(loop, probe):
 
 def test_put_and_read_batches_yield_between_records(node, monkeypatch):
     store, loop, local = node
-    monkeypatch.setattr(local_mod, "LOOP_SLICE_S", 0.0)
+    monkeypatch.setattr(looplag, "SLICE_S", 0.0)
     items = [(b"k%02d" % i, os.urandom(MiB)) for i in range(RECORDS)]
 
     seen, stop, fut = _watch(loop, lambda: store.stats()["objects"])
@@ -76,7 +77,40 @@ def test_put_and_read_batches_yield_between_records(node, monkeypatch):
 def test_default_slice_keeps_a_batch_whole_when_short(node):
     """The default slice only breaks long batches: a handful of tiny records is one turn."""
     store, loop, local = node
-    assert 0 < local_mod.LOOP_SLICE_S <= 0.01
+    assert 0 < looplag.SLICE_S <= 0.01
     out = local.put_many(NS, [(b"s%d" % i, b"x" * 64) for i in range(4)], overwrite=False)
     assert out == [True] * 4
     assert [bytes(g) for g in local.read_many([(NS, b"s%d" % i) for i in range(4)])] == [b"x" * 64] * 4
+
+
+def test_heads_gives_the_loop_back_between_keys(node, monkeypatch):
+    """A peer's Heads call (4,096 keys a call from repair) is served in slices too: the
+    handler itself (under its auth and error wrappers) on the store's loop."""
+    from kvstore.v1 import control_pb2 as pb
+    from kvstored.config import load_config
+    from kvstored.control.service import ControlService
+    from kvstored.dataplane.policy import EpochGate
+
+    store, loop, local = node
+    monkeypatch.setattr(looplag, "SLICE_S", 0.0)
+    keys = [b"h%03d" % i for i in range(64)]
+    assert local.put_many(NS, [(k, b"v" * 100) for k in keys], overwrite=False) == [True] * 64
+    svc = ControlService(store, load_config(None), None, data=None, stats=None, gate=EpochGate())
+    heads = ControlService.Heads.__wrapped__.__wrapped__  # the handler, without the wrappers
+    peeked = []
+    real_peek = store.peek
+
+    def counting_peek(ns, key):
+        peeked.append(key)
+        return real_peek(ns, key)
+    monkeypatch.setattr(store, "peek", counting_peek)
+    seen, stop, fut = _watch(loop, lambda: len(peeked))
+    try:
+        req = pb.HeadsRequest(namespace="ec", keys=keys + [b"absent"], head_bytes=8)
+        r = asyncio.run_coroutine_threadsafe(heads(svc, req, None), loop).result(30)
+    finally:
+        stop.set()
+        fut.result(10)
+    assert [h.present for h in r.heads] == [True] * 64 + [False]
+    assert all(h.head == b"v" * 8 and h.size == 100 for h in r.heads[:64])
+    assert any(0 < n < 65 for n in seen), f"no turn of the loop inside Heads: {sorted(set(seen))}"

@@ -1,16 +1,19 @@
 """This node's store as repair sees it: the few store calls it makes, each run on the
-daemon's event loop (the store is not thread-safe) and batched, one loop hop per batch."""
+daemon's event loop (the store is not thread-safe) and batched, one loop hop per batch.
+A batch gives the loop back every few milliseconds (looplag.Slices): it shares the loop
+with clients' requests, which waited behind whole batches of up to 16 MiB of records
+copied and hashed while a node rebuilt a lost peer (bench_tail.py --phases repair)."""
 from __future__ import annotations
 
 import asyncio
 import logging
 import threading
-import time
 
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER
 
 from kvstored.engine.fence import DELETED
+from kvstored.looplag import Slices
 
 from .peers import FENCED
 
@@ -18,27 +21,6 @@ log = logging.getLogger("kvstored.repair")
 
 HEAD = FRAG_HEADER.size  # an EC record's header
 CALL_TIMEOUT = 10.0  # one hop onto the event loop (a batch gets this per object, bounded)
-# A batch runs on the event loop that serves clients, and gives it back at least this
-# often: a client's request waits behind at most about this much repair work. One hop per
-# batch without a break (up to MAX_BATCH_BYTES of records copied and hashed) held the
-# loop for tens of milliseconds, and a survivor's 64 KiB gets waited that long while it
-# rebuilt a lost node (benchmarks/bench_tail.py --phases repair; RESULTS.md "Tail latency").
-LOOP_SLICE_S = 0.002
-
-
-class _Slices:
-    """``await s.turn()`` between a batch's items: a zero-length sleep (the loop serves
-    what is ready, then resumes the batch) once LOOP_SLICE_S has passed since the last."""
-
-    __slots__ = ("_t",)
-
-    def __init__(self):
-        self._t = time.perf_counter()
-
-    async def turn(self) -> None:
-        if time.perf_counter() - self._t >= LOOP_SLICE_S:
-            await asyncio.sleep(0)
-            self._t = time.perf_counter()
 
 
 class LocalStore:
@@ -75,7 +57,7 @@ class LocalStore:
         """The first ``n`` bytes of each (ns, key), unverified records included."""
         async def call():
             out = []
-            slices = _Slices()
+            slices = Slices()  # a batch gives the loop back (kvstored/looplag.py)
             for ns, key in items:
                 await slices.turn()
                 try:
@@ -95,7 +77,7 @@ class LocalStore:
 
         async def call():
             out = []
-            slices = _Slices()
+            slices = Slices()  # a batch gives the loop back (kvstored/looplag.py)
             for n, (ns, key) in enumerate(items):
                 await slices.turn()
                 try:
@@ -125,7 +107,7 @@ class LocalStore:
 
         async def call():
             out: list = []
-            slices = _Slices()
+            slices = Slices()  # a batch gives the loop back (kvstored/looplag.py)
             for key, data in items:
                 await slices.turn()
                 why = s.fence.refusal(ns, key)  # (again below, after any wait for space)
