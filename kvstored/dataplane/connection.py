@@ -375,6 +375,15 @@ class DataConnection(asyncio.BufferedProtocol):
                      "(%d bytes queued)", lim.write_stall_timeout, unsent,
                      extra={"peer": self.peer})
             self.abort()
+        elif (s.reader.receiving and s.res is None and not s.reserved
+              and now - self.active_at >= lim.put_stall_timeout):
+            # a payload skipped (its request refused) or read into no reservation: no
+            # reaper watches it and the connection is never idle, so a client that stops
+            # sending in it held the connection for good
+            self.server.counters["closed_payload_stalled"] += 1
+            log.info("closing a data connection whose request payload stalled for %gs",
+                     lim.put_stall_timeout, extra={"peer": self.peer})
+            self.abort()
         elif (not unsent and not s.pending and not s.reserved and s.idle()
               and now - self.active_at >= lim.idle_timeout):
             self.server.counters["closed_idle"] += 1

@@ -16,6 +16,7 @@ from kvstore import errors
 from kvstore.shm import ShmConnection
 from kvstore.wire import OP_PUT, OP_SHM_RESERVE, encode_request
 
+from secutil import response
 from test_hostile import GoodClient, connect_from, hostile_daemon, stats, wait_for  # noqa: F401
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
@@ -76,6 +77,56 @@ def test_put_waiting_for_space_ends_when_its_client_disconnects(hostile_daemon, 
         assert "client disconnected while its put waited for space" in d.log()
     finally:
         good.close()
+    assert d.alive()
+
+
+
+def _eof_within(s: socket.socket, seconds: float) -> float:
+    """Seconds until the daemon closed ``s`` (reading and dropping what it sends)."""
+    t0 = time.monotonic()
+    s.settimeout(seconds)
+    try:
+        for _ in range(10 ** 4):
+            if not s.recv(65536):
+                break
+    except TimeoutError:
+        raise AssertionError(f"the connection was still open after {seconds}s") from None
+    except ConnectionResetError:
+        pass
+    return time.monotonic() - t0
+
+
+def test_silent_in_a_refused_payload_is_closed(hostile_daemon):
+    # A refused request's payload is skipped before the error is sent. A client that
+    # stopped sending in it was never idle (a payload is being received) and had nothing
+    # reserved (no stall reaper): it held its connection for good. Now it is closed after
+    # put_stall_timeout without a byte; one that keeps sending gets its typed error.
+    d = hostile_daemon({"server": {"put_stall_timeout": 2.0, "idle_timeout": 600}})
+    good = GoodClient(d)
+    base = good.baseline(5)
+    good.start()
+    try:
+        over = connect_from("127.0.0.2", d.data_port)  # over max_value_size (4 MiB)
+        over.sendall(encode_request(OP_PUT, 1, b"evil", b"big", 8 * MiB, 0) + bytes(KiB))
+        unknown = connect_from("127.0.0.2", d.data_port)  # an unknown op with a body
+        unknown.sendall(encode_request(99, 2, b"", b"", 64 * KiB, 0) + bytes(10))
+        slow = connect_from("127.0.0.3", d.data_port)  # keeps sending, slowly
+        slow.sendall(encode_request(99, 3, b"", b"", 4, 0))
+        for i in range(4):
+            time.sleep(0.25)  # well under put_stall_timeout between bytes
+            slow.sendall(b"x")
+        rid, status, msg = response(slow)
+        assert (rid, status) == (3, errors.InvalidArgument.code) and b"unknown op" in msg
+        for s in (over, unknown):
+            assert _eof_within(s, 15) < 15
+            s.close()
+        assert stats(d).get("closed_payload_stalled", 0) == 2
+        good.beside()
+        slow.close()
+    finally:
+        good.stop()
+    good.check(base)
+    good.close()
     assert d.alive()
 
 
