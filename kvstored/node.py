@@ -200,6 +200,7 @@ class Node:
         self._watchdog_sent = 0.0
         self.membership = None  # kvstored.cluster.Membership when cluster.enabled
         self.repair = None  # kvstored.cluster.repair.RepairAgent when cluster.repair
+        self._history_saves: asyncio.Task | None = None  # cluster: cluster/history.keep_saving
         self.fd_watch: descriptors.Watch | None = None  # at the descriptor limit? (started)
 
     async def warm(self, stop: asyncio.Event | None = None) -> None:
@@ -354,6 +355,9 @@ class Node:
         self._maintenance = asyncio.get_running_loop().create_task(self._maintain())
         self.metrics.loop_lag.start()
         if c.cluster_enabled:  # registers in the background; etcd down never blocks start
+            from kvstored.cluster.history import keep_saving
+            self._history_saves = asyncio.get_running_loop().create_task(
+                keep_saving(self.store.fence.history))
             from kvstored.cluster import Membership
             m = self.membership = Membership(c, st, self.gate, dram_capacity=self.store.arena.size,
                                              tls=self.tls is not None)
@@ -461,6 +465,8 @@ class Node:
             self.rdma = None
         if self.store.fence.history is not None:  # nothing deletes any more (cluster/history.py)
             from kvstored.cluster.history import save_history
+            if self._history_saves is not None:
+                self._history_saves.cancel()
             save_history(self.store.fence.history)
         self.store.close()
         self.status.state = "stopped"

@@ -1,20 +1,22 @@
 """A cluster node's delete history (kvstored/engine/fence.py, ``DeleteHistory``): made
-from the config, loaded at start from the file the node saved it to at its last clean
-shutdown, saved again at this one. Peers read it through Heads (``deleted_ago``): a node
+from the config, loaded at start from the file the node last saved it to, saved every
+few minutes and at a clean shutdown. Peers read it through Heads (``deleted_ago``): a node
 back after an absence longer than the delete fence's window drops its records of
 objects deleted meanwhile, also when every peer restarted since (cleanly: SIGTERM).
 
 The file is ``cluster.delete_history_file``; "" (the default) puts it beside the NVMe
 tier's file (``<nvme.path>.deletes``, where the node keeps its tombstones), or nowhere
 when the node has no NVMe tier or it is a device; "off" keeps the history in memory
-only. A node that crashes (SIGKILL, power) saves nothing: its peers then lack the
-evidence of the deletes it saw since its last clean shutdown.
+only. A running node also saves it every SAVE_INTERVAL_S (5 min) while it changes: a
+node that crashes (SIGKILL, power) loses the deletes of at most that long.
 """
 from __future__ import annotations
 
+import asyncio
 import logging
 import os
 import stat
+import threading
 
 from kvstored.engine.fence import DeleteHistory
 
@@ -43,6 +45,7 @@ def open_history(config) -> DeleteHistory:
     """The node's delete history, with what its last clean shutdown saved (if anything)."""
     h = DeleteHistory(config.cluster_delete_horizon, config.cluster_delete_history_keys)
     h.path = history_file(config)
+    h.saves = _Saves()
     if h.path is None:
         return h
     # (the file stays: after a crash the next start reads it again, its ages grown by
@@ -58,13 +61,53 @@ def open_history(config) -> DeleteHistory:
     return h
 
 
+SAVE_INTERVAL_S = 300.0  # a running node saves its history this often (when it changed)
+
+
+class _Saves:
+    """One history's writes, in order: a write of an older snapshot never replaces a
+    newer one (a periodic save still writing when the shutdown's save runs)."""
+
+    def __init__(self):
+        self.lock = threading.Lock()
+        self.written = -1  # ``changes`` of the newest snapshot written
+
+
+def _write(h: DeleteHistory, parts: list[bytes], changes: int) -> None:
+    saves = h.saves
+    if saves is None:
+        saves = h.saves = _Saves()
+    with saves.lock:
+        if changes < saves.written:
+            return
+        try:
+            size = h.write(h.path, parts)
+        except OSError as e:
+            log.warning("delete history not saved to %s: %s", h.path, e)
+            return
+        saves.written = changes
+    log.debug("delete history saved", extra={"path": h.path, "bytes": size})
+
+
 def save_history(h: DeleteHistory | None) -> None:
-    """Save ``h`` to its file (shutdown, once nothing deletes any more); failures logged."""
+    """Save ``h`` to its file now (shutdown, once nothing deletes any more; the loop
+    thread); failures logged."""
     if h is None or h.path is None:
         return
-    try:
-        size = h.save(h.path)
-    except OSError as e:
-        log.warning("delete history not saved to %s: %s", h.path, e)
+    _write(h, h.snapshot(), h.changes)
+    log.info("delete history saved", extra={"path": h.path, "deletes": len(h)})
+
+
+async def keep_saving(h: DeleteHistory, interval: float = SAVE_INTERVAL_S) -> None:
+    """Save ``h`` every ``interval`` seconds while it changes (a task on the node's loop:
+    the snapshot is taken there, written on a worker thread), so a node that crashes
+    loses at most the deletes of the last interval, not all since its last clean stop."""
+    if h.path is None:
         return
-    log.info("delete history saved", extra={"path": h.path, "deletes": len(h), "bytes": size})
+    last = 0  # (what was loaded is in the file already: only this process's deletes count)
+    while True:
+        await asyncio.sleep(interval)
+        if h.changes == last:
+            continue
+        last = h.changes
+        await asyncio.to_thread(_write, h, h.snapshot(), last)

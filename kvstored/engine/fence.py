@@ -231,9 +231,12 @@ class DeleteHistory:
         self.floor = float("-inf")  # newest delete forgotten early (count bound)
         self.counters = {"overflowed": 0, "tables_opened": 0}
         self.path: str | None = None  # the file it is kept in across restarts (cluster/history.py)
+        self.changes = 0  # calls that recorded something (cluster/history.py saves when it moved)
+        self.saves = None  # cluster/history.py: keeps its writes of the file in order
 
     def add_many(self, ns: bytes, keys: Iterable[bytes], now: float) -> None:
         """Each of ``keys`` (bytes) of ``ns`` was deleted at ``now`` (this history's clock)."""
+        self.changes += 1
         t = self._tables[-1] if self._tables else None
         if t is None or now - t.opened >= self.span:
             t = self._open(now, t)
@@ -261,6 +264,7 @@ class DeleteHistory:
         t.last = now
 
     def add_namespace(self, ns: bytes | None, now: float) -> None:
+        self.changes += 1
         self._namespaces[ns] = now
         for n in [n for n, at in self._namespaces.items() if at <= now - self.horizon]:
             del self._namespaces[n]
@@ -322,6 +326,11 @@ class DeleteHistory:
 
     def save(self, path: str) -> int:
         """Write the history to ``path`` (a temporary file renamed over it); its size."""
+        return self.write(path, self.snapshot())
+
+    def snapshot(self) -> list[bytes]:
+        """The file's contents as of now, but its checksum (on the loop thread: a copy of
+        the tables, 48 MiB at 2,000,000 deletes; ``write`` may then run anywhere)."""
         now = self.clock()
         parts = [b""]
         for t in self._tables:
@@ -332,6 +341,12 @@ class DeleteHistory:
             parts += [_NS_HEAD.pack(255 if ns is None else len(name), now - at), name]
         parts[0] = _FILE_HEAD.pack(_MAGIC, _VERSION if sys.byteorder == "little" else 0,
                                    time.time(), len(self._tables), len(self._namespaces))
+        return parts
+
+    @staticmethod
+    def write(path: str, parts: list[bytes]) -> int:
+        """Write a ``snapshot`` to ``path`` with its checksum, fsynced, through a
+        temporary file renamed over it; its size."""
         h = xxhash.xxh3_64()
         for p in parts:
             h.update(p)

@@ -196,7 +196,7 @@ def test_delete_missed_while_away_stays_deleted_after_every_peer_restarted(etcd,
     with ClusterClient.from_cluster([d.control for d in ds.values()], refresh_s=0.2) as cc:
         cc.batch_put(list(objs.items()), namespace="rep")
     time.sleep(2.5)  # older than the repair agent's young-record guard
-    ds["d0"].stop()  # away, its copies on NVMe
+    assert ds["d0"].stop(timeout=60) == 0  # away (a clean stop), its copies on NVMe
     rest = [ds["d1"], ds["d2"]]
     for d in rest:
         wait_for(lambda d=d: placement(d) == {"d1", "d2"}, 20, "d0 gone")
@@ -204,8 +204,8 @@ def test_delete_missed_while_away_stays_deleted_after_every_peer_restarted(etcd,
     with ClusterClient.from_cluster([d.control for d in rest], refresh_s=0.2) as cc:
         assert cc.delete(gone, namespace="rep") == len(gone)
     for n in ("d1", "d2"):  # every peer restarts (cleanly) while d0 is away
-        ds[n].stop()
-        assert (tmp_path / f"{n}.nvme.deletes").exists()
+        assert ds[n].stop(timeout=60) == 0, ds[n].log()  # clean: SIGTERM, its history saved
+        assert (tmp_path / f"{n}.nvme.deletes").exists(), ds[n].log()
         ds[n].start(30)
         with kvstore.Client(ds[n].control, timeout=5, shm=False, namespace="rep") as c:
             heads = c.heads(gone).heads
@@ -217,7 +217,8 @@ def test_delete_missed_while_away_stays_deleted_after_every_peer_restarted(etcd,
         wait_for(lambda d=d: placement(d) == set(names), 30, "d0 back")
     with kvstore.Client(ds["d0"].control, timeout=5, shm=False, namespace="rep") as c:
         wait_for(lambda: c.stats().counters["unverified"] == 0, 60, "d0's records checked")
-        assert c.members().repair.dropped >= len(gone)
+        rs = c.members().repair
+        assert rs.dropped >= len(gone), (rs, ds["d0"].log())
         assert not any(h.present for h in c.heads(gone).heads)
     with ClusterClient.from_cluster([d.control for d in up], refresh_s=0.2) as cc:
         for k in gone:
@@ -255,3 +256,55 @@ def test_a_held_record_is_dropped_on_an_old_delete_a_verified_one_only_on_a_rece
     assert d.decide(obj(False), old, p) == [d.Copy(b"key", 1, b"key", False)]
     recent = {("a", 0): Head(False, deleted_ago=WINDOW_S / 2)}
     assert d.decide(obj(False), recent, p) == [d.DeleteLocal(b"key")]
+
+
+def test_a_running_node_saves_its_history_while_it_changes(tmp_path):
+    """keep_saving (the node's task): a crash loses at most one interval of deletes; an
+    older snapshot never replaces a newer file (a periodic write still running when the
+    shutdown's save is made)."""
+    import asyncio
+
+    from kvstored.cluster import history as hist
+    path = tmp_path / "n.deletes"
+    h = DeleteHistory(HOUR, 10_000)
+    h.path = str(path)
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(hist.keep_saving(h, 0.05))
+        try:
+            h.add_many(b"ns", [b"a"], h.clock())
+            deadline = time.monotonic() + 30
+            while not path.exists() and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            assert path.exists()
+        finally:
+            task.cancel()
+    asyncio.run(run())
+    g = DeleteHistory(HOUR, 10_000)
+    assert g.load(str(path)) == 1 and g.deleted_at(b"ns", b"a") > float("-inf")
+    old = (h.snapshot(), h.changes)
+    h.add_many(b"ns", [b"b"], h.clock())
+    hist.save_history(h)  # the newest
+    hist._write(h, *old)  # a late periodic write of an older snapshot: skipped
+    g = DeleteHistory(HOUR, 10_000)
+    assert g.load(str(path)) == 2
+    # unwritable: logged, the node goes on
+    h.path = str(tmp_path / "no-such-dir" / "x")
+    hist.save_history(h)
+
+
+def test_history_file_beside_the_nvme_tier_file(tmp_path):
+    from types import SimpleNamespace
+
+    from kvstored.cluster.history import history_file
+
+    def cfg(nvme="", where=""):  # the two settings it reads
+        return SimpleNamespace(nvme_path=nvme, cluster_delete_history_file=where)
+    nvme = str(tmp_path / "tier.nvme")
+    assert history_file(cfg(nvme)) == f"{nvme}.deletes"  # created at start
+    (tmp_path / "tier.nvme").write_bytes(b"")
+    assert history_file(cfg(nvme)) == f"{nvme}.deletes"
+    assert history_file(cfg(nvme, "off")) is None
+    assert history_file(cfg("", str(tmp_path / "h"))) == str(tmp_path / "h")
+    assert history_file(cfg()) is None  # no NVMe tier: memory only
+    assert history_file(cfg("/dev/null")) is None  # a device: nothing beside it
