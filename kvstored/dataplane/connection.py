@@ -157,7 +157,9 @@ class DataConnection(asyncio.BufferedProtocol):
             f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or ""))
         if srv.draining:  # accepted just before the listener closed
             return self._refuse(None)
-        ip = peer[0] if isinstance(peer, tuple) and peer else None
+        # whose connection: the peer IP, or the transport's client (shm: "uid:N"), so a
+        # local uid is held to max_connections_per_client too (it took every slot)
+        ip = peer[0] if isinstance(peer, tuple) and peer else (self.client or None)
         # the client's own limit first: refused early, naming it, and never evicting others
         n = srv.per_client.get(ip, 0) if ip is not None else 0
         if n >= srv.max_per_client:

@@ -130,6 +130,37 @@ def test_silent_in_a_refused_payload_is_closed(hostile_daemon):
     assert d.alive()
 
 
+
+def test_one_shm_uid_cannot_take_every_data_connection(hostile_daemon):
+    # shm connections have no peer IP: they were counted against max_connections but
+    # against no client, so one local uid could hold every slot and a TCP client from
+    # elsewhere was refused ("too many connections"). Now a uid is a client: over
+    # max_connections_per_client it is refused naming its limit, others are served.
+    d = hostile_daemon({"server": {"max_connections": 16, "max_connections_per_client": 4}})
+    held = []
+    try:
+        for _ in range(20):
+            held.append(ShmConnection(d.shm_path, 10))  # the hello comes before the refusal
+        wait_for(lambda: stats(d).get("rejected_connections_per_client", 0) == 16, 10,
+                 "the uid's connections over its limit refused")
+        with kvstore.Client(d.control, timeout=5, shm=False) as c:
+            assert c.stats().connections == 4
+        with kvstore.Client(d.control, namespace="good", timeout=10, shm=False,
+                            transport="tcp") as c:
+            c.put(b"k", b"v" * 100)
+            assert c.get(b"k") == b"v" * 100
+        # a refused one was told why (an Unavailable frame after the hello)
+        r = held[-1].read_response()
+        msg = bytearray(r.length)
+        held[-1].recv_into(memoryview(msg))
+        assert r.status == errors.Unavailable.code
+        assert b"too many connections from uid:%d (max 4 per client)" % os.getuid() in msg
+    finally:
+        for c in held:
+            c.close()
+    assert d.alive()
+
+
 # ------------------------------------------------------- file descriptor limits
 
 def _flood(port: int, src: str, n: int) -> list[socket.socket]:
