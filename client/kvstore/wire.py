@@ -392,27 +392,29 @@ class FrameReader:
     def next(self):
         """``(Header, ns, key)`` of the next frame, or None while incomplete (or while a
         payload is being received). Raises FrameError on a stream that cannot be parsed."""
-        avail = self.end - self.start
-        if self.target is not None or avail < HEADER_SIZE:
+        start = self.start
+        end = self.end
+        if self.target is not None or end - start < HEADER_SIZE:
             return None
-        t = HEADER.unpack_from(self.buf, self.start)
+        buf = self.buf
+        t = HEADER.unpack_from(buf, start)
         if t[0] != MAGIC or t[1] != VERSION:
             raise _bad_frame(t)
-        start = self.start
         nl = t[6]
         kl = t[7]
         e = start + HEADER_SIZE + nl + kl
-        if e > self.end:
+        if e > end:
             return None
         # one unpack of a struct made for these name lengths gives the namespace and key
         # as immutable bytes, without the slice-then-copy of bytes(buf[a:b])
         frame = _FRAMES.get(nl << 8 | kl)
         if frame is None:
             frame = _frame_struct(nl, kl)
-        t = frame.unpack_from(self.buf, start)
-        self.start = e
-        if e == self.end:
+        t = frame.unpack_from(buf, start)
+        if e == end:
             self.start = self.end = 0
+        else:
+            self.start = e
         return _new_header(Header, t[2:11]), t[11], t[12]
 
     def take(self, n: int) -> bytes | None:

@@ -31,7 +31,8 @@ log = logging.getLogger("kvstored.tcp")  # the data plane's log lines keep their
 
 
 def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
-    if h.flags & ~FLAG_OVERWRITE:  # a repair write, or bits no PUT defines
+    flags = h.flags
+    if flags & ~FLAG_OVERWRITE:  # a repair write, or bits no PUT defines
         return _put_repair(s, h, ns, key)
     s.put_t0 = s.t_in
     n = h.length
@@ -39,15 +40,15 @@ def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     rid = h.req_id
     reader = s.reader
     if reader.end - reader.start >= n:  # the payload came with its header: one store call
-        stored = s.put_buffered(OP_PUT, rid, ns, key, n, h.checksum,
-                                bool(h.flags & FLAG_OVERWRITE), _put_reserved)
+        stored = s.put_buffered(OP_PUT, rid, ns, key, n, h.checksum, flags == FLAG_OVERWRITE,
+                                _put_reserved)
         if stored is not None:
             s.send(_PUT_OK[0] + _RID(rid) + _PUT_OK[1] if stored else _dedup_response(rid))
         return
     # the header carries the checksum: bytes already stored are answered from the index
     # (reserve's one lookup, before any slot is taken and past the budgets too), and the
     # payload is read into scratch (_put_reserved with no reservation)
-    s.reserve(OP_PUT, rid, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
+    s.reserve(OP_PUT, rid, ns, key, n, h.checksum, flags == FLAG_OVERWRITE,
               _put_reserved, skip=n, stream=True)
 
 

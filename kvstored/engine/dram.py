@@ -36,9 +36,9 @@ class DramTier:
         self.objects = 0  # committed entries holding a slot
         self.demoting_bytes = 0  # bytes being written to NVMe (their slots free afterwards)
         self._draining = None  # the slab being emptied for another class, if any
-        # while alloc evicts for a slot: the victim's slot, handed over as it is freed
-        # (not freed and allocated again; see alloc)
-        self._claiming = False
+        # while alloc evicts for a slot of this class: the victim's slot, handed over as
+        # it is freed (not freed and allocated again; see alloc)
+        self._claiming: SizeClass | None = None
         self._claimed: int | None = None
         self._drain_since = 0.0
         # binds lazily to the running loop on first wait, so safe to create outside one
@@ -101,16 +101,16 @@ class DramTier:
                 break
             # the victim is of class sc: its slot, freed by the eviction, is taken as it
             # is (free_slot hands it over) rather than freed and allocated again
-            self._claiming = True
+            self._claiming = sc
             try:
                 freed = self.evict(victim)
             except BaseException:
-                self._claiming = False
+                self._claiming = None
                 off, self._claimed = self._claimed, None
                 if off is not None:
                     self.free_slot(off)
                 raise
-            self._claiming = False
+            self._claiming = None
             off, self._claimed = self._claimed, None
             if off is not None:
                 return off
@@ -145,10 +145,12 @@ class DramTier:
             pass
 
     def free_slot(self, offset: int) -> None:
-        if self._claiming and not self.arena.slab_of(offset).draining:
-            self._claiming = False  # alloc's eviction freed its victim's slot: alloc takes it
-            self._claimed = offset
-            return
+        if self._claiming is not None:  # alloc's eviction freed its victim's slot: take it
+            slab = self.arena.slab_of(offset)
+            if slab.size_class is self._claiming and not slab.draining:
+                self._claiming = None
+                self._claimed = offset
+                return
         if self._draining is not None and self.arena.slab_of(offset) is self._draining:
             self._drain_since = self.clock()  # the drain progresses: its timeout restarts
         self.arena.free(offset)

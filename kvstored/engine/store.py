@@ -15,7 +15,8 @@ Everything here runs on the daemon's event loop thread, so there are no locks;
 the only coroutines wait (bounded) for space or for an NVMe read.
 
 Invariants kept here (see docs/architecture.md):
-  * put is reserve -> fill -> commit; only committed entries are in the index;
+  * put is reserve -> fill -> commit (``put_bytes``: the same steps in one call, for
+    bytes at hand); only committed, verified entries are in the index;
   * an entry with a reader reference, a live pin or no commit is never evicted,
     and its slot is only freed once the last reference is released;
   * a second put of the same key and checksum is a no-op; a different checksum
