@@ -24,6 +24,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from typing import Iterator
 
 from kvstored.latency import LatencyHistogram
 
@@ -79,3 +80,15 @@ class Slices:
         if time.perf_counter() - self._t >= SLICE_S:
             await asyncio.sleep(0)
             self._t = time.perf_counter()
+
+
+async def run_sliced(steps: Iterator[None]):
+    """Run a generator of steps (the engine's ``Store.*_steps``), giving the loop back
+    between steps once SLICE_S has passed (Slices); what it returns."""
+    slices = Slices()
+    try:
+        while True:
+            next(steps)
+            await slices.turn()
+    except StopIteration as done:
+        return done.value

@@ -320,10 +320,21 @@ class Policy:
     def touch_chain(self, entries: list) -> None:
         """A prefix lookup's hits: deepest first, so the chain's head ends most recent and
         a chain is evicted from its tail (a prefix hit needs every earlier block)."""
+        start = self.chain_begin()
+        self.touch_run(entries)
+        self.chain_end(start)
+
+    # touch_chain in parts, for a chain touched a part at a time (Store's *_steps, which
+    # give the event loop back between parts): begin, the parts deepest first, end
+    def chain_begin(self) -> int:
         self._lookup_clock = (0, 0)
-        start = self.clock
+        return self.clock
+
+    def touch_run(self, entries: list) -> None:
         for e in reversed(entries):
             self.touch(e)
+
+    def chain_end(self, start: int) -> None:
         self._lookup_clock = (start, self.clock)
 
     def remove(self, e, evicted: bool = False) -> None:

@@ -54,7 +54,17 @@ LOAD_ATTEMPTS = 4  # promotions of one get evicted before it read them: then NoS
 # keyless keys) stays in the tens of ms at 2048 (benchmarks/bench_delete_all.py).
 WALK_CHUNK = 2048
 UNLINK_STEP = 256  # delete_all unlinks this many, then waits for their tombstones
+BATCH_STEP = 512  # keys of a batch query (exists, lookup, pin, unpin, delete) per step (~1-3 ms)
 TOMBSTONE_WAIT = 30.0  # s: delete_all waits this long at most for a step's tombstones
+
+
+def run_steps(steps: Iterator[None]):
+    """Run a generator of steps (Store's ``*_steps``) to its end; what it returns."""
+    try:
+        while True:
+            next(steps)
+    except StopIteration as done:
+        return done.value
 
 
 class DeleteAllResult(NamedTuple):
@@ -385,19 +395,35 @@ class Store(RepairHooks):
             self.dram.free_slot(e.offset)
 
     # ------------------------------------------------------- batch queries
+    # Each is a generator of steps (``*_steps``) that yields after every BATCH_STEP keys:
+    # the control plane runs them giving the event loop back between steps
+    # (kvstored/looplag.run_sliced; a call of 65,536 keys held the loop 120-320 ms), the
+    # plain methods run them to the end at once (run_steps). An entry is a view that a
+    # step's end may leave stale (evicted, deleted, its record reused): entries are kept
+    # only within a step, keys across steps.
     def exists(self, ns: bytes, keys: Iterable[bytes]) -> list[bool]:
         """Which of ``keys`` are stored. Counts as an access of those found (prefix
         lookups are made with it too), the first key most recent."""
+        return run_steps(self.exists_steps(ns, keys))
+
+    def exists_steps(self, ns: bytes, keys: Iterable[bytes]) -> Iterator[None]:
+        keys = keys if isinstance(keys, list) else list(keys)
         get = self.index.get
-        out = []
-        found = []
-        for k in keys:
-            e = get(ns, k)
-            ok = e is not None and not e.unverified
-            out.append(ok)
-            if ok:
-                found.append(e)
-        self.policy.touch_chain(found)
+        out: list[bool] = []
+        parts = []  # per step: (keys found, their entries)
+        for s in range(0, len(keys), BATCH_STEP):
+            if s:
+                yield
+            fk, fe = [], []
+            for k in keys[s:s + BATCH_STEP]:
+                e = get(ns, k)
+                ok = e is not None and not e.unverified
+                out.append(ok)
+                if ok:
+                    fk.append(k)
+                    fe.append(e)
+            parts.append((fk, fe))
+        yield from self._touch_chain_steps(ns, parts)
         return out
 
     def lookup(self, ns: bytes, keys: Iterable[bytes]) -> int:
@@ -405,54 +431,97 @@ class Store(RepairHooks):
 
         The hits count as accesses, and a missing last key is noted as a chain tail
         (eviction.Policy.note_chain)."""
+        return run_steps(self.lookup_steps(ns, keys))
+
+    def lookup_steps(self, ns: bytes, keys: Iterable[bytes]) -> Iterator[None]:
         keys = keys if isinstance(keys, list) else list(keys)
-        hits = []
-        hit_bytes = 0
         get = self.index.get
-        held = self.index.unverified  # records held back after a restart count as absent
-        for k in keys:
-            e = get(ns, k)
-            if e is None or (held and e.unverified):
+        parts = []
+        n = hit_bytes = 0
+        missed = False
+        for s in range(0, len(keys), BATCH_STEP):
+            if s:
+                yield
+            held = self.index.unverified  # records held back after a restart count as absent
+            fk, fe = [], []
+            for k in keys[s:s + BATCH_STEP]:
+                e = get(ns, k)
+                if e is None or (held and e.unverified):
+                    missed = True
+                    break
+                fk.append(k)
+                fe.append(e)
+                hit_bytes += e.size
+            parts.append((fk, fe))
+            n += len(fk)
+            if missed:
                 break
-            hits.append(e)
-            hit_bytes += e.size
-        self.policy.touch_chain(hits)
-        self.policy.note_chain(ns, keys, len(hits))
-        n = len(hits)
+        yield from self._touch_chain_steps(ns, parts)
+        self.policy.note_chain(ns, keys, n)
         if self.observer is not None:
             self.observer.looked_up(ns, len(keys), n, hit_bytes)
         return n
 
+    def _touch_chain_steps(self, ns: bytes, parts: list) -> Iterator[None]:
+        """policy.touch_chain of the hits of ``parts`` (one per step, in key order),
+        deepest step first; the last step's entries are current, the others' are looked
+        up again by key (and left out if they went meanwhile)."""
+        pol = self.policy
+        start = pol.chain_begin()
+        get = self.index.get
+        for i in range(len(parts) - 1, -1, -1):
+            fk, fe = parts[i]
+            if i != len(parts) - 1:
+                yield
+                fe = [e for e in map(lambda k: get(ns, k), fk) if e is not None and not e.unverified]
+            pol.touch_run(fe)
+        pol.chain_end(start)
+
     def pin(self, ns: bytes, keys: Iterable[bytes], ttl: float) -> int:
         """Protect objects from eviction for ``ttl`` seconds (or until unpinned)."""
+        return run_steps(self.pin_steps(ns, keys, ttl))
+
+    def pin_steps(self, ns: bytes, keys: Iterable[bytes], ttl: float) -> Iterator[None]:
         if not 0 < ttl <= self.limits.max_pin_ttl:
             raise InvalidArgument(f"pin ttl {ttl} outside (0, {self.limits.max_pin_ttl}] seconds")
-        until = self.clock() + ttl
+        keys = keys if isinstance(keys, list) else list(keys)
         n = 0
-        for k in keys:
-            e = self.index.get(ns, k)
-            if e is None or e.unverified:
-                continue
-            if e.pin_until <= self.clock():
-                e.pins = 0  # the old lease lapsed: start afresh
-            e.pins += 1
-            e.pin_until = max(e.pin_until, until)
-            self.index.note_pin(e)
-            n += 1
+        for s in range(0, len(keys), BATCH_STEP):
+            if s:
+                yield
+            now = self.clock()
+            until = now + ttl
+            for k in keys[s:s + BATCH_STEP]:
+                e = self.index.get(ns, k)
+                if e is None or e.unverified:
+                    continue
+                if e.pin_until <= now:
+                    e.pins = 0  # the old lease lapsed: start afresh
+                e.pins += 1
+                e.pin_until = max(e.pin_until, until)
+                self.index.note_pin(e)
+                n += 1
         self.counters["pins"] += n
         return n
 
     def unpin(self, ns: bytes, keys: Iterable[bytes]) -> int:
+        return run_steps(self.unpin_steps(ns, keys))
+
+    def unpin_steps(self, ns: bytes, keys: Iterable[bytes]) -> Iterator[None]:
+        keys = keys if isinstance(keys, list) else list(keys)
         n = 0
-        for k in keys:
-            e = self.index.get(ns, k)
-            if e is None or e.pins == 0:
-                continue
-            e.pins -= 1
-            if e.pins == 0:
-                e.pin_until = 0.0
-                self.index.drop_pin(e)
-            n += 1
+        for s in range(0, len(keys), BATCH_STEP):
+            if s:
+                yield
+            for k in keys[s:s + BATCH_STEP]:
+                e = self.index.get(ns, k)
+                if e is None or e.pins == 0:
+                    continue
+                e.pins -= 1
+                if e.pins == 0:
+                    e.pin_until = 0.0
+                    self.index.drop_pin(e)
+                n += 1
         self.counters["unpins"] += n
         if n:
             self.dram.signal_space()
@@ -466,15 +535,25 @@ class Store(RepairHooks):
         """Delete ``keys``; for each, whether it was here. ``fence``: a client's delete,
         so every key is fenced against repair writes (fence.py), held here or not;
         repair's own deletes (a record handed over, a surplus copy) are not."""
-        keys = list(keys)
-        if fence:
-            self.fence.record(ns, keys)
-        hits = []
-        for k in keys:
-            e = self.index.get(ns, k)
-            if e is not None:
-                self._unlink(e, tombstone=True, key=k)
-            hits.append(e is not None)
+        return run_steps(self.delete_each_steps(ns, keys, fence))
+
+    def delete_each_steps(self, ns: bytes, keys: Iterable[bytes], fence: bool = True
+                          ) -> Iterator[None]:
+        # a step's keys are fenced just before it deletes them: a repair write of a later
+        # step's key that lands meanwhile is deleted by that step, and fenced from then on
+        keys = keys if isinstance(keys, list) else list(keys)
+        hits: list[bool] = []
+        for s in range(0, len(keys), BATCH_STEP):
+            if s:
+                yield
+            part = keys[s:s + BATCH_STEP]
+            if fence:
+                self.fence.record(ns, part)
+            for k in part:
+                e = self.index.get(ns, k)
+                if e is not None:
+                    self._unlink(e, tombstone=True, key=k)
+                hits.append(e is not None)
         self.counters["deletes"] += sum(hits)
         return hits
 
