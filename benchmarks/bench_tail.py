@@ -2,7 +2,8 @@
 """Tail latency of a steady reader while the node does other work, beside Redis.
 
     python benchmarks/bench_tail.py [--seconds 8] [--rate 400] [--size 64KiB]
-                                    [--phases idle,neighbour,evict,nvme] [--skip-redis]
+                                    [--phases idle,neighbour,evict,nvme,repair] [--skip-redis]
+                                    [--repair-objects 1536] [--repair-rate SIZE]
 
 A user's question: "my engine reads 64 KiB blocks at a steady rate; what happens to its
 p99 / p99.9 when another client writes 4 MiB blocks flat out, when the cache is full and
@@ -20,7 +21,10 @@ every put evicts, or when puts spill to the NVMe tier?" Each phase runs:
   - ``idle``: none (the reader alone);
   - ``neighbour``: 4 MiB puts of new bytes over a working set of 16 keys (no eviction);
   - ``evict``: 1 MiB puts of new keys into a full 256 MiB arena (each put evicts);
-  - ``nvme``: as ``evict`` with an NVMe tier file: evicted objects are demoted to it.
+  - ``nvme``: as ``evict`` with an NVMe tier file: evicted objects are demoted to it;
+  - ``repair`` (not run unless named): five nodes under etcd with ``--repair-objects`` x
+    1 MiB under ec:3+2; the reader reads from n0 while n4 is SIGKILLed and the survivors
+    rebuild its records (no writer; two rows: before the loss, and while repair runs).
 
 Every kvstored client here uses TCP (``transport="tcp"``), never same-host shm. The peer
 is Redis measured in the same run with the same processes and schedule (GET / SET; its
@@ -35,6 +39,7 @@ import argparse
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import tempfile
@@ -89,25 +94,32 @@ def role_reader(system: str, addr: str, size: int, rate: float, seconds: float, 
         get(k)
     n = int(rate * seconds)
     lat, svc, errors = [], [], 0
-    t0 = time.perf_counter() + 0.05
+    # CLOCK_MONOTONIC is one clock for every process: the driver's marks (a node killed,
+    # repair done) select gets by their scheduled time
+    t0 = time.monotonic() + 0.05
+    stop = []
+    signal.signal(signal.SIGINT, lambda *_: stop.append(1))  # the driver's "enough": write results
+    Path(out + ".started").write_text(str(t0))
     for i in range(n):
+        if stop:
+            break
         due = t0 + i / rate
-        now = time.perf_counter()
+        now = time.monotonic()
         if now < due:
             time.sleep(due - now)
-        start = time.perf_counter()
+        start = time.monotonic()
         try:
             v = get(keys[i % FG_OBJECTS])
             if v is None or len(v) != size:
                 errors += 1
         except Exception:  # noqa: BLE001 (counted and reported, the row says how many)
             errors += 1
-        end = time.perf_counter()
+        end = time.monotonic()
         lat.append(end - due)
         svc.append(end - start)
         del v
-    Path(out).write_text(json.dumps({"lat": lat, "svc": svc, "errors": errors,
-                                     "wall": time.perf_counter() - t0}))
+    Path(out).write_text(json.dumps({"t0": t0, "rate": rate, "lat": lat, "svc": svc, "errors": errors,
+                                     "wall": time.monotonic() - t0}))
 
 
 def role_writer(system: str, addr: str, phase: str, seconds: float, mb_s: float, out: str) -> None:
@@ -167,18 +179,106 @@ def run_phase(system: str, addr: str, phase: str, a, tmp: Path) -> dict:
         p.wait(timeout=a.seconds * 4 + 60)
     fg = json.loads(fg_out.read_text())
     bg = json.loads(bg_out.read_text()) if phase != "idle" else {"bytes": 0, "errors": 0, "seconds": 1}
-    lat, svc = fg["lat"], fg["svc"]
-    return {"system": system, "phase": phase, "gets": len(lat), "errors": fg["errors"],
+    return _row(system, phase, fg["lat"], fg["svc"], fg["errors"], bg["bytes"] / bg["seconds"] / 1e6)
+
+
+def _row(system: str, phase: str, lat: list, svc: list, errors: int, bg_mb_s: float) -> dict:
+    return {"system": system, "phase": phase, "gets": len(lat), "errors": errors,
             "p50": _pct(lat, 0.5), "p99": _pct(lat, 0.99), "p999": _pct(lat, 0.999),
-            "max": max(lat) * 1e6, "svc_p99": _pct(svc, 0.99),
-            "bg_mb_s": bg["bytes"] / bg["seconds"] / 1e6, "bg_errors": bg["errors"],
+            "max": max(lat) * 1e6, "svc_p99": _pct(svc, 0.99), "svc_max": max(svc) * 1e6, "bg_mb_s": bg_mb_s,
             "load": os.getloadavg()[0]}
+
+
+def repair_rows(a, tmp: Path) -> list[dict]:
+    """Five nodes under etcd, ``--repair-objects`` x 1 MiB under ec:3+2 (bench_repair's
+    cluster, the daemon's default ``repair_rate``); the reader gets its own objects (a
+    namespace without a policy, which repair leaves alone) from node n0 while n4 is
+    SIGKILLed and the survivors rebuild its records. Two rows from one reader: its gets
+    scheduled before the kill, and those scheduled from the moment every survivor dropped
+    n4 until every survivor's repair is idle with nothing pending."""
+    import shutil
+
+    import bench_repair as br
+    from daemonutil import Daemon
+    from etcdutil import Etcd
+
+    from clusterutil import wait_for
+    from kvstore.cluster import ClusterClient
+    if shutil.which("etcd") is None:
+        print("repair phase skipped: no etcd binary on PATH", file=sys.stderr)
+        return []
+    rate = a.repair_rate or _default_repair_rate()
+    etcd, daemons = Etcd(tmp).start(), []
+    try:
+        for i in range(br.N_NODES):
+            daemons.append(Daemon(tmp, "--config", br.config(tmp, f"n{i}", etcd.endpoint, rate),
+                                  "--dram-size", "1GiB", "--slab-size", "4MiB").start(timeout=60))
+        ids = {f"n{i}" for i in range(br.N_NODES)}
+        for d in daemons:
+            wait_for(lambda d=d: br.placement(d) == ids, 30, "five nodes registered")
+        cc = ClusterClient.from_cluster([d.control for d in daemons], node_timeout=5.0)
+        blob = os.urandom((1 << 20) + a.repair_objects * 64)
+        for i in range(0, a.repair_objects, 32):
+            cc.batch_put([(b"rep-%06d" % j, memoryview(blob)[j * 64:j * 64 + (1 << 20)])
+                          for j in range(i, min(i + 32, a.repair_objects))], namespace=br.NS)
+        cc.close()
+        reader_node, victim, survivors = daemons[0], daemons[-1], daemons[:-1]
+        subprocess.run([sys.executable, __file__, "--role", "load", "--system", "kvstored",
+                        "--addr", reader_node.control, "--size", str(a.size)], check=True, timeout=120)
+        time.sleep(br.YOUNG_WAIT_S)  # repair leaves records younger than 2 s to a later pass
+        fg_out = tmp / "fg-repair.json"
+        seconds = a.seconds + 40  # the reader outlasts the rebuild; it is stopped after it
+        reader = _spawn("--role", "reader", "--system", "kvstored", "--addr", reader_node.control,
+                        "--size", str(a.size), "--rate", str(a.rate), "--seconds", str(seconds),
+                        "--out", str(fg_out))
+        started = Path(str(fg_out) + ".started")
+        wait_for(started.exists, 30, "reader started")
+        time.sleep(max(0.0, float(started.read_text()) + a.seconds / 2 - time.monotonic()))
+        passes = {d.control: br.members_of(d).repair.passes for d in survivors}
+        victim.stop(signal.SIGKILL)
+        wait_for(lambda: all("n4" not in br.placement(d) for d in survivors), 30, "n4 dropped")
+        t_drop = time.monotonic()
+
+        def repaired() -> bool:
+            sts = [br.members_of(d).repair for d in survivors]
+            return all(r.passes > passes[d.control] and r.state == "idle" and r.pending == 0
+                       for d, r in zip(survivors, sts))
+        wait_for(repaired, 120, "repair done on every survivor")
+        t_done = time.monotonic()
+        reader.send_signal(signal.SIGINT)
+        reader.wait(timeout=30)
+        fg = json.loads(fg_out.read_text()) if fg_out.exists() else None
+    finally:
+        for d in daemons:
+            d.stop()
+        etcd.stop()
+    if fg is None:
+        raise RuntimeError("the reader left no results")
+    t0, r = fg["t0"], fg["rate"]
+    before = [i for i in range(len(fg["lat"])) if t0 + i / r < t_drop - 3.0]  # before the kill
+    during = [i for i in range(len(fg["lat"])) if t_drop <= t0 + i / r <= t_done]
+    rows = []
+    for phase, idx in (("cluster, before the loss", before),
+                       (f"repair at {rate >> 20} MiB/s ({t_done - t_drop:.1f} s)", during)):
+        if idx:
+            rows.append(_row("kvstored", phase, [fg["lat"][i] for i in idx], [fg["svc"][i] for i in idx],
+                             fg["errors"] if phase.startswith("repair") else 0, 0.0))
+            print(_line(rows[-1]), flush=True)
+    return rows
+
+
+def _default_repair_rate() -> int:
+    from kvstored.config import load_config
+    return int(load_config(None).cluster_repair_rate)
 
 
 def kvstored_rows(a, tmp: Path) -> list[dict]:
     from daemonutil import Daemon
     rows = []
     for phase in a.phases:
+        if phase == "repair":
+            rows += repair_rows(a, tmp)
+            continue
         args = ["--dram-size", ARENA, "--slab-size", "4MiB", "--max-value-size", "4MiB"]
         if phase == "nvme":
             args += ["--nvme-path", str(tmp / "tier.bin"), "--nvme-size", "2GiB"]
@@ -199,7 +299,7 @@ def redis_rows(a, tmp: Path) -> list[dict]:
     from peers import RedisServer
     rows = []
     for phase in a.phases:
-        if phase == "nvme":
+        if phase in ("nvme", "repair"):
             continue
         with RedisServer() as r:
             addr = f"127.0.0.1:{r.port}"
@@ -225,11 +325,12 @@ def table(rows: list[dict], a) -> str:
     out = [f"reader: get of {a.size >> 10} KiB at {a.rate:.0f}/s for {a.seconds:.0f} s, open loop "
            f"(latency from the scheduled send); writer paced at {pace}; TCP; us",
            "",
-           "| phase | system | gets | errors | p50 | p99 | p99.9 | max | service p99 | writer MB/s | load |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
-    for r in sorted(rows, key=lambda r: (a.phases.index(r["phase"]), r["system"])):
+           "| phase | system | gets | errors | p50 | p99 | p99.9 | max | service p99 | service max | writer MB/s | load |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    order = {p: i for i, p in enumerate(a.phases)}
+    for r in sorted(rows, key=lambda r: (order.get(r["phase"], len(order)), r["system"])):
         out.append(f"| {r['phase']} | {r['system']} | {r['gets']} | {r['errors']} | {r['p50']:.0f} | "
-                   f"{r['p99']:.0f} | {r['p999']:.0f} | {r['max']:.0f} | {r['svc_p99']:.0f} | "
+                   f"{r['p99']:.0f} | {r['p999']:.0f} | {r['max']:.0f} | {r['svc_p99']:.0f} | {r['svc_max']:.0f} | "
                    f"{r['bg_mb_s']:.0f} | {r['load']:.1f} |")
     return "\n".join(out)
 
@@ -242,6 +343,10 @@ def main(argv=None) -> int:
     ap.add_argument("--phases", default="idle,neighbour,evict,nvme")
     ap.add_argument("--writer-mbs", type=float, default=250.0,
                     help="background writer's pace in MB/s (0: flat out, which differs per system)")
+    ap.add_argument("--repair-objects", type=int, default=1536,
+                    help="1 MiB objects under ec:3+2 in the repair phase")
+    ap.add_argument("--repair-rate", type=lambda t: parse_size(t) if not t.isdigit() else int(t), default=0,
+                    help="the nodes' cluster.repair_rate (bytes/s; default: the daemon's default)")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--role", choices=["load", "reader", "writer"], help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
@@ -260,7 +365,7 @@ def main(argv=None) -> int:
         role_writer(a.system, a.addr, a.phase, a.seconds, a.writer_mbs, a.out)
         return 0
     a.phases = [p for p in a.phases.split(",") if p]
-    bad = set(a.phases) - {"idle", "neighbour", "evict", "nvme"}
+    bad = set(a.phases) - {"idle", "neighbour", "evict", "nvme", "repair"}
     if bad:
         ap.error(f"unknown phase(s): {', '.join(sorted(bad))}")
     with tempfile.TemporaryDirectory(prefix="bench-tail-") as t:
