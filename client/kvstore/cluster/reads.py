@@ -105,18 +105,16 @@ class Reads:
                 except errors.Redirect:
                     raise
                 except (errors.NotFound, errors.Unavailable, errors.ChecksumMismatch) as e:
-                    if isinstance(e, errors.NotVerified):
+                    if not isinstance(e, errors.NotFound):
                         errs.append(e)
-                    elif not isinstance(e, errors.NotFound):
-                        raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: its {len(sl)} "
-                                                 f"node(s) said NotFound, {m.node_id}: "
-                                                 f"{type(e).__name__}: {e}") from None
+                        if not isinstance(e, errors.NotVerified):
+                            break  # a node that failed: Unavailable (below), not NotFound
         held = sum(isinstance(e, errors.NotVerified) for e in errs)
         if held:  # present (or a delete's leftover), not yet checked: retry shortly
+            others = [f"{type(e).__name__}: {e}" for e in errs if not isinstance(e, errors.NotVerified)]
             raise errors.NotVerified(f"{key[:64]!r}: held back unverified on {held} node(s) (back "
                                      "from a restart, repair checking it), no verified copy: retry "
-                                     "shortly; " + "; ".join(f"{type(e).__name__}: {e}" for e in errs
-                                                              if not isinstance(e, errors.NotVerified)))
+                                     "shortly" + "".join("; " + o for o in others))
         if all(isinstance(e, errors.NotFound) for e in errs):
             raise errors.NotFound(f"{key[:64]!r} not found on its {len(sl)} node(s)")
         raise errors.Unavailable(f"no healthy replica of {key[:64]!r}: "
