@@ -59,7 +59,7 @@ GRPC_CODE = {
 def _accepts_not_verified(context) -> bool:
     """The caller's SDK knows errors.NotVerified (metadata ``kvstore-accepts``, which
     kvstore._common.call_metadata sends); older ones get NotFound in its place."""
-    return any(k == "kvstore-accepts" and "not-verified" in v.split(",")
+    return any(k == "kvstore-accepts" and "not-verified" in (w.strip() for w in v.split(","))
                for k, v in context.invocation_metadata() or ())
 
 

@@ -119,6 +119,10 @@ def test_held_records_answer_not_verified_until_checked(etcd, start_daemon, tmp_
             assert _grpc_get(v0.control, k, ()) == (grpc.StatusCode.NOT_FOUND, str(errors.NotFound.code))
             assert _grpc_get(v0.control, k, (("kvstore-accepts", "not-verified"),)) == \
                 (grpc.StatusCode.UNAVAILABLE, str(errors.NotVerified.code))
+            assert _grpc_get(v0.control, k, (("kvstore-accepts", "later-thing, not-verified"),))[1] == \
+                str(errors.NotVerified.code)  # a list, as later SDKs may send
+            assert _grpc_get(v0.control, k, (("kvstore-accepts", "not-verified-x"),))[1] == \
+                str(errors.NotFound.code)  # an unknown word is no announcement
 
             # the cluster client: NotVerified (retry shortly), never NotFound; the held
             # node is an answer, not a dead node
