@@ -30,9 +30,11 @@ compact (fingerprint, time) record of every key deleted here over ``horizon`` se
 (24 h by default, ``cluster.delete_horizon``), bounded in count
 (``cluster.delete_history_keys``). It refuses no write; it only answers ``deleted_ago``
 (Heads) for longer, so a node back after a longer absence drops its records of objects
-deleted meanwhile (repair/decide.py) instead of serving them again.
+deleted meanwhile (repair/decide.py) instead of serving them again. Its file, kept
+across restarts: kvstored/cluster/history.py.
 
-Everything runs on the daemon's event loop thread (Store's rule): no locks.
+Everything runs on the daemon's event loop thread (Store's rule): no locks (but
+``DeleteHistory.write``, which touches only the snapshot it is given).
 """
 from __future__ import annotations
 
