@@ -55,7 +55,7 @@ ERROR_TYPES = tuple(sorted({c.name for c in (errors.NotFound, errors.NoSpace, er
                                              errors.ChecksumMismatch, errors.InvalidArgument,
                                              errors.PermissionDenied, errors.Unavailable,
                                              errors.ProtocolError, errors.Timeout, errors.Redirect,
-                                             errors.Deleted, errors.KVStoreError)}))
+                                             errors.Deleted, errors.NotVerified, errors.KVStoreError)}))
 
 
 # names the engine's tier dicts use -> the names the families below read
