@@ -214,7 +214,11 @@ class DataConnection(asyncio.BufferedProtocol):
                 srv.per_client.pop(self.peer_ip, None)
             self.peer_ip = None
         s = self.session
-        for call in s.connection_lost():
+        for call in s.connection_lost():  # a put waiting for space (TLS notices the close
+            # itself; plain TCP and shm by _poll_hangup): the wait ends, nothing reserved
+            srv.counters["put_waits_ended_by_disconnect"] += 1
+            log.info("connection closed while its put waited for space: wait ended",
+                     extra={"peer": self.peer, "req_id": s.req_id})
             if call.task is not None:
                 call.task.cancel()
         if self in srv.connections:
@@ -452,10 +456,7 @@ class DataConnection(asyncio.BufferedProtocol):
         if self.done or self.session.waiting is None:
             return
         if _hung_up(self.transport):
-            self.server.counters["put_waits_ended_by_disconnect"] += 1
-            log.info("client disconnected while its put waited for space: wait ended",
-                     extra={"peer": self.peer, "req_id": self.session.req_id})
-            self.abort()
+            self.abort()  # connection_lost counts and logs it
             return
         self.hangup_timer = asyncio.get_running_loop().call_later(HANGUP_POLL, self._poll_hangup)
 

@@ -7,6 +7,7 @@ import collections
 import os
 import resource
 import socket
+import ssl
 import time
 
 import pytest
@@ -18,15 +19,17 @@ from kvstore.wire import OP_PUT, OP_SHM_RESERVE, encode_request
 
 from secutil import response
 from test_hostile import GoodClient, connect_from, hostile_daemon, stats, wait_for  # noqa: F401
+from test_hostile import stats as _stats
 
 KiB, MiB, GiB = 1 << 10, 1 << 20, 1 << 30
 
 
-def _fill_and_pin(d, n: int, size: int) -> list[bytes]:
+def _fill_and_pin(d, n: int, size: int, tls=None) -> list[bytes]:
     """Put ``n`` objects of ``size`` bytes (the tests' arena holds 16 of 4 MiB) and pin
     them all: nothing is evictable, so the next put finds no space and waits."""
     keys = [b"full-%d" % i for i in range(n)]
-    with kvstore.Client(d.control, namespace="full", timeout=10, shm=False, transport="tcp") as c:
+    with kvstore.Client(d.control, namespace="full", timeout=10, shm=False, transport="tcp",
+                        tls=tls) as c:
         for k in keys:
             c.put(k, os.urandom(size))
         kept = [k for k in keys if c.exists([k])[0]]
@@ -34,20 +37,33 @@ def _fill_and_pin(d, n: int, size: int) -> list[bytes]:
     return kept
 
 
-@pytest.mark.parametrize("transport", ["tcp", "shm"])
-def test_put_waiting_for_space_ends_when_its_client_disconnects(hostile_daemon, transport):
+@pytest.mark.parametrize("transport", ["tcp", "tls", "shm"])
+def test_put_waiting_for_space_ends_when_its_client_disconnects(hostile_daemon, certs, transport):
     # A full node (every object pinned), a put that waits for space (put_wait_timeout
     # 30 s here: the wait can only end early by noticing the close), its client closes.
     # The wait ends within a few polls, nothing is reserved for it, and once space frees
     # no object is evicted for the dead put; other clients are served meanwhile.
-    d = hostile_daemon({"engine": {"put_wait_timeout": 30}})
-    kept = _fill_and_pin(d, 16, 4 * MiB)
+    sections = {"engine": {"put_wait_timeout": 30}}
+    tls = None
+    if transport == "tls":
+        sections["tls"] = {"cert_file": f'"{certs.server.cert}"', "key_file": f'"{certs.server.key}"'}
+        tls = kvstore.TLSConfig(ca_file=certs.ca)
+    d = hostile_daemon(sections)
+    kept = _fill_and_pin(d, 16, 4 * MiB, tls)
+
+    def stats(d):
+        return _stats(d, tls=tls)
     before = stats(d)
     assert before.get("reservations", 0) == 0
-    good = kvstore.Client(d.control, namespace="full", timeout=10, shm=False, transport="tcp")
+    good = kvstore.Client(d.control, namespace="full", timeout=10, shm=False, transport="tcp",
+                          tls=tls)
     try:
-        if transport == "tcp":
+        if transport in ("tcp", "tls"):
             s = connect_from("127.0.0.2", d.data_port)
+            if tls is not None:
+                ctx = ssl.create_default_context(cafile=certs.ca)
+                ctx.check_hostname = False
+                s = ctx.wrap_socket(s)
             # the header and part of the payload: the rest is never sent
             s.sendall(encode_request(OP_PUT, 1, b"dead", b"waits", 4 * MiB, 0) + bytes(64 * KiB))
         else:
@@ -71,10 +87,11 @@ def test_put_waiting_for_space_ends_when_its_client_disconnects(hostile_daemon, 
         assert end.get("evictions", 0) - after.get("evictions", 0) <= 1
         assert end.get("objects", 0) == len(kept)  # one evicted, one added
         assert end.get("reservations", 0) == 0
-        with kvstore.Client(d.control, namespace="dead", timeout=10, shm=False, transport="tcp") as c:
+        with kvstore.Client(d.control, namespace="dead", timeout=10, shm=False, transport="tcp",
+                            tls=tls) as c:
             with pytest.raises(errors.NotFound):
                 c.get(b"waits")
-        assert "client disconnected while its put waited for space" in d.log()
+        assert "connection closed while its put waited for space" in d.log()
     finally:
         good.close()
     assert d.alive()
