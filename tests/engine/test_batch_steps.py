@@ -120,3 +120,47 @@ def test_pin_ttl_refused_before_any_step():
         assert s.index.get(NS, b"a").pins == 0
     finally:
         s.close()
+
+
+def test_repair_snapshot_order_in_buckets_and_turns(monkeypatch):
+    """Repair's snapshot walks the index a chunk at a time with a turn of the loop between
+    (a key deleted meanwhile is left out), in repair order: held, pinned, protected, then
+    by read count in powers of two, most read first."""
+    import asyncio
+    monkeypatch.setattr(store_mod, "WALK_CHUNK", 8)
+    s = make_store()
+    try:
+        keys = [b"r%02d" % i for i in range(40)]
+        for k in keys:
+            s.put_bytes(NS, k, b"z" * 64)
+        s.index.mark_unverified(s.index.get(NS, keys[30]))
+        s.pin(NS, [keys[20]], 60)
+        s.exists(NS, [keys[10]])  # read: moves to the protected segment
+        for k, n in ((keys[1], 1), (keys[2], 5), (keys[3], 300), (keys[4], 2)):
+            s.index.get(NS, k).reads = n
+
+        async def run():
+            turns = []
+
+            async def ticker():
+                for _ in range(10_000):
+                    turns.append(1)
+                    if len(turns) == 2:
+                        s.delete(NS, [keys[39]])  # while the walk is under way
+                    await asyncio.sleep(0)
+            t = asyncio.ensure_future(ticker())
+            await asyncio.sleep(0)
+            seen = len(turns)
+            rows = await s.repair_snapshot()
+            during = len(turns) - seen
+            t.cancel()
+            return rows, during
+        rows, during = asyncio.run(run())
+        assert during >= 40 // 8 - 1, during  # the loop ran between chunks
+        order = [r[1] for r in rows]
+        assert keys[39] not in order and len(order) == 39
+        assert order[:3] == [keys[30], keys[20], keys[10]]
+        assert order[3:7] == [keys[3], keys[2], keys[4], keys[1]]  # 300, 5, 2, 1 reads
+        assert rows[0][4] and rows[1][5] and rows[2][6]  # unverified, pinned, protected
+    finally:
+        s.close()
