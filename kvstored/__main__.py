@@ -32,6 +32,7 @@ def _missing_extra(e: ModuleNotFoundError) -> str | None:
 # win when the operator sets them. 32 MiB is glibc's largest mmap threshold on 64-bit.
 MALLOC_MMAP_THRESHOLD = 32 << 20
 MALLOC_TRIM_THRESHOLD = 256 << 20
+SWITCH_INTERVAL = 0.0005  # seconds a thread may hold the GIL while another waits (see _main)
 
 
 def _tune_malloc() -> bool:
@@ -59,6 +60,12 @@ def _main(argv: list[str] | None) -> int:
     # before anything imports grpc (the kvstore package does, _tune_malloc included).
     os.environ.setdefault("GRPC_VERBOSITY", "NONE")
     _tune_malloc()
+    # Every request runs on the event loop's thread; the repair agent's threads run Python
+    # beside it. The loop thread waits for the GIL at each wake-up while one of them holds
+    # it, up to the switch interval: 5 ms by default, which a Python-busy thread made the
+    # loop's p50 lag (5-7 ms); at 0.5 ms it is ~1 ms, and the busy thread did as much work
+    # per second (benchmarks/bench_gil_switch.py; RESULTS.md "Tail latency").
+    sys.setswitchinterval(SWITCH_INTERVAL)
     from kvstored.config import ConfigError, config_from_args, fail
 
     try:
