@@ -43,6 +43,17 @@ def _tune_malloc() -> bool:
     return raise_thresholds(MALLOC_MMAP_THRESHOLD, MALLOC_TRIM_THRESHOLD) is not False
 
 
+def _settle_heap() -> None:
+    """Once ready: what start-up built (modules, gRPC, the node's objects: ~34,000 objects
+    the collector tracks) moves out of the collector's sight, so a full collection, which
+    runs on the event loop's thread whenever enough new objects accumulate, no longer
+    walks it: 3.6-5.6 ms a full collection before, ~0 after (measured with the daemon's
+    imports). Objects made later are collected as before."""
+    import gc
+    gc.collect()
+    gc.freeze()
+
+
 def main(argv: list[str] | None = None) -> int:
     try:
         return _main(argv)
@@ -95,7 +106,7 @@ def _main(argv: list[str] | None) -> int:
     try:
         source = ConfigSource(args.config, flag_overrides(args))  # re-read on SIGHUP
         return uvloop.run(serve(config, args.ready_file, source=source,
-                                on_ready=lambda: started.append(True)))
+                                on_ready=lambda: (started.append(True), _settle_heap())))
     except (KeyboardInterrupt, SystemExit):  # Ctrl-C before the signal handlers were set
         raise
     except Exception as e:
