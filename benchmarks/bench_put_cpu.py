@@ -4,6 +4,7 @@
     python benchmarks/bench_put_cpu.py [--sizes 4KiB,64KiB,1MiB] [--concurrency 8]
                                        [--seconds 3] [--rounds 2] [--skip-redis]
     python benchmarks/bench_put_cpu.py --nodes 6 --objects 32 [--sizes 1MiB]
+    python benchmarks/bench_put_cpu.py --in-process [--sizes 4KiB,64KiB] [--per-read 8]
 
 What users compare is bytes stored per second per server core, so each row reports the
 server process's CPU (utime + stime of all its threads, from /proc, over the timed
@@ -26,6 +27,13 @@ benchmarks/cluster_put_loop.py runs, measured over an exact window).
   stream of ``size``-byte messages (a sender process writes them back to back over one
   TCP connection) into the next slot of a memfd arena as large as kvstored's, and xxh3s
   each (the kernel's one copy and the checksum; no protocol, no index, no answers).
+
+``--in-process``: no sockets and no second process, so the figures do not follow the
+machine's load: a node's ``DataConnection`` (the node's Store, DataServer and metrics
+observer, its arena full so every put evicts) fed pipelined puts of new keys as uvloop
+would, ``--per-read`` frames per read, the answers taken by a fake transport. Per put:
+Python bytecodes and calls (``sys.settrace``, deterministic) and the best wall time of 7
+runs.
 
 Rounds alternate the order (kvstored first, then the peers; then the reverse); each row
 is the median round. Load (``/proc/loadavg``) is printed beside every round: on a shared machine CPU
@@ -205,6 +213,117 @@ def redis_round(loop, server: peers.RedisServer, size: int, conc: int, seconds: 
         loop.run_until_complete(r.aclose())
 
 
+def in_process(sizes: list[int], per_read: int, dram: int) -> None:
+    """``--in-process`` (see the module docstring)."""
+    from kvstore.wire import OP_PUT, checksum, encode_request
+    from kvstored.config import Config
+    from kvstored.dataplane.tcp import DataConnection, DataServer
+    from kvstored.engine import Store
+    from kvstored.metrics import StoreUsage
+
+    class Sock:  # what connection_made asks of a TCP socket
+        family, type, proto = socket.AF_INET, socket.SOCK_STREAM, 0
+
+        def setsockopt(self, *args) -> None:
+            pass
+
+    class Transport:  # takes the answers, never blocks
+        def __init__(self):
+            self.nbytes = 0
+
+        def get_extra_info(self, name):
+            return {"peername": ("127.0.0.1", 4242), "socket": Sock()}.get(name)
+
+        def writelines(self, bufs) -> None:
+            self.nbytes += sum(len(b) for b in bufs)
+
+        def get_write_buffer_size(self) -> int:
+            return 0
+
+        def set_write_buffer_limits(self, high, low) -> None:
+            pass
+
+        pause_reading = resume_reading = close = abort = lambda self: None
+
+    print(f"in-process put, {per_read} puts per read, new keys, arena {peers.human_size(dram)} "
+          "full (every put evicts):")
+    print("| size | bytecodes/put | calls/put | us/put (best of 7) |")
+    print("| --- | --- | --- | --- |")
+    for size in sizes:
+        cfg = Config()
+        cfg.dram_size, cfg.slab_size, cfg.max_value_size = dram, max(size, 4 << 20), max(size, 4 << 20)
+        cfg.prefault = cfg.hugepages = False
+        store = Store(cfg.engine_limits())
+        store.observer = StoreUsage(store)
+        srv = DataServer(store, max_connections=16, config=cfg,
+                         max_inflight_bytes=cfg.max_inflight_bytes,
+                         max_pipelined_requests=cfg.max_pipelined_requests)
+        payloads = [os.urandom(size) for _ in range(16)]
+        sums = [checksum(p) for p in payloads]
+        seq = itertools.count()
+
+        def batch() -> bytes:
+            out = []
+            for _ in range(per_read):
+                i = next(seq)
+                out.append(encode_request(OP_PUT, i, b"cpu", b"k-%d" % i, size, sums[i % 16])
+                           + payloads[i % 16])
+            return b"".join(out)
+
+        async def run() -> tuple:
+            c, t = DataConnection(srv), Transport()
+            c.connection_made(t)
+
+            def deliver(data: bytes) -> None:  # what uvloop does: reads into get_buffer
+                mv, done = memoryview(data), 0
+                while done < len(mv):
+                    b = c.get_buffer(-1)
+                    n = min(len(b), len(mv) - done)
+                    b[:n] = mv[done:done + n]
+                    done += n
+                    c.buffer_updated(n)
+                if c.flush_due:
+                    c._flush()
+
+            for _ in range(1_000_000):  # until the arena is full and puts evict
+                if store.counters["evictions"] >= 1000:
+                    break
+                deliver(batch())
+            frames = [batch() for _ in range(100)]
+            count = {"op": 0, "call": 0}
+
+            def trace(frame, event, arg):
+                if event == "call":
+                    count["call"] += 1
+                    frame.f_trace_opcodes = True
+                elif event == "opcode":
+                    count["op"] += 1
+                return trace
+
+            sys.settrace(trace)
+            for f in frames:
+                deliver(f)
+            sys.settrace(None)
+            best = float("inf")
+            for _ in range(7):
+                frames = [batch() for _ in range(300)]
+                t0 = time.perf_counter()
+                for f in frames:
+                    deliver(f)
+                best = min(best, (time.perf_counter() - t0) / (300 * per_read))
+            if t.nbytes == 0 or store.counters["checksum_failures"]:
+                raise RuntimeError("the puts were not answered, or did not verify")
+            return count["op"] / (100 * per_read), count["call"] / (100 * per_read), best
+
+        loop = asyncio.new_event_loop()
+        try:
+            ops_, calls, best = loop.run_until_complete(run())
+        finally:
+            loop.close()
+            store.close()
+        print(f"| {peers.human_size(size)} | {ops_:.0f} | {calls:.1f} | {best * 1e6:.2f} |", flush=True)
+
+
 def cluster_rounds(a, sizes: list[int], cc: str) -> dict:
     """``--nodes N``: N kvstored nodes, one ClusterClient (``--policy``, TCP, no shm)
     putting batches of ``--objects`` new keys; the nodes' CPU (all of them) per object put."""
@@ -271,8 +390,17 @@ def main(argv=None) -> int:
                          "batches of --objects), instead of one node beside Redis")
     ap.add_argument("--objects", type=int, default=32, help="objects per batch (--nodes)")
     ap.add_argument("--policy", default="none", help="the cluster's policy (--nodes): none, ec:4+2, ...")
+    ap.add_argument("--in-process", action="store_true",
+                    help="no sockets: a node's DataConnection fed pipelined puts in this "
+                         "process; bytecodes, calls and time per put")
+    ap.add_argument("--per-read", type=int, default=8, help="puts per read (--in-process)")
     a = ap.parse_args(argv)
     sizes = [peers.parse_size(s) for s in a.sizes.split(",")]
+    if a.in_process:
+        if a.per_read < 1:
+            ap.error("--per-read must be >= 1")
+        in_process(sizes, a.per_read, peers.parse_size(a.dram_size) // 4)
+        return 0
     if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
         ap.error("--concurrency and --rounds must be >= 1, --seconds > 0")
     import uvloop
