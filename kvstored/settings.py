@@ -238,7 +238,7 @@ SETTINGS: tuple[Setting, ...] = (
        check=_positive, reload="data.max_per_client"),
     _s("server", "max_control_connections", INT, 1024,
        "gRPC control connections at once; more are closed on accept", check=_positive),
-    _s("server", "max_control_rpcs", INT, 128,
+    _s("server", "max_control_rpcs", INT, 1024,
        "gRPC calls served at once (each may hold a max_control_value_size message); more "
        "get RESOURCE_EXHAUSTED (NoSpace)", check=_positive),
     _s("server", "max_pipelined_requests", INT, 1024,
