@@ -313,7 +313,7 @@ class KVStoreConnector(RemoteConnector):
             sizes = list(self.client.batch_get_into(okeys, bufs))
             self.breaker.success()
             return sizes
-        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+        except (errors.NotFound, errors.NotVerified, errors.ChecksumMismatch, errors.InvalidArgument):
             self.breaker.success()  # rare: a miss or a bad object in the batch
         except errors.KVStoreError as e:
             self.breaker.failure(e)
@@ -326,7 +326,7 @@ class KVStoreConnector(RemoteConnector):
         for i, (k, b) in enumerate(zip(okeys, bufs, strict=True)):
             try:
                 sizes.append(self.client.get_into(k, b))
-            except errors.NotFound:
+            except (errors.NotFound, errors.NotVerified):  # held back on a cluster node: a miss now
                 sizes.append(None)
             except (errors.ChecksumMismatch, errors.InvalidArgument) as e:
                 log.warning("kvstore: unusable object, treated as a miss: %s", e)
@@ -343,12 +343,12 @@ class KVStoreConnector(RemoteConnector):
             try:
                 blobs = list(self.client.batch_get(okeys))
                 self.breaker.success()
-            except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+            except (errors.NotFound, errors.NotVerified, errors.ChecksumMismatch, errors.InvalidArgument):
                 self.breaker.success()
                 for i, k in enumerate(okeys):
                     try:
                         blobs[i] = self.client.get(k)
-                    except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+                    except (errors.NotFound, errors.NotVerified, errors.ChecksumMismatch, errors.InvalidArgument):
                         pass
                     except errors.KVStoreError as e:
                         self.breaker.failure(e)

@@ -197,7 +197,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
             sizes = self.client.batch_get_into(okeys, views)
             self.breaker.success()
             return [s == len(v) for s, v in zip(sizes, views)]
-        except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+        except (errors.NotFound, errors.NotVerified, errors.ChecksumMismatch, errors.InvalidArgument):
             self.breaker.success()
         except errors.KVStoreError as e:
             self.breaker.failure(e)
@@ -207,7 +207,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
         for i, (k, v) in enumerate(zip(okeys, views)):
             try:
                 ok.append(self.client.get_into(k, v) == len(v))
-            except (errors.NotFound, errors.ChecksumMismatch, errors.InvalidArgument):
+            except (errors.NotFound, errors.NotVerified, errors.ChecksumMismatch, errors.InvalidArgument):
                 ok.append(False)
             except errors.KVStoreError as e:
                 self.breaker.failure(e)
@@ -271,7 +271,7 @@ class KVStoreHiCacheStorage(HiCacheStorage):
                 try:
                     out.append(torch.frombuffer(self.client.get(k), dtype=torch.uint8))
                     self.breaker.success()
-                except (errors.NotFound, errors.ChecksumMismatch):
+                except (errors.NotFound, errors.NotVerified, errors.ChecksumMismatch):
                     out.append(None)
                 except errors.KVStoreError as e:
                     self.breaker.failure(e)
