@@ -4,6 +4,7 @@
     python benchmarks/bench_tail.py [--seconds 8] [--rate 400] [--size 64KiB]
                                     [--phases idle,neighbour,evict,nvme,repair] [--skip-redis]
                                     [--repair-objects 1536] [--repair-rate SIZE]
+    (phases: idle, neighbour, evict, nvme by default; bigcalls, repair when named)
 
 A user's question: "my engine reads 64 KiB blocks at a steady rate; what happens to its
 p99 / p99.9 when another client writes 4 MiB blocks flat out, when the cache is full and
@@ -22,6 +23,9 @@ every put evicts, or when puts spill to the NVMe tier?" Each phase runs:
   - ``neighbour``: 4 MiB puts of new bytes over a working set of 16 keys (no eviction);
   - ``evict``: 1 MiB puts of new keys into a full 256 MiB arena (each put evicts);
   - ``nvme``: as ``evict`` with an NVMe tier file: evicted objects are demoted to it;
+  - ``bigcalls`` (not run unless named): no writer; another client asks whether
+    65,536 stored keys exist (the daemon's max_batch_keys; Redis: one EXISTS of them) ten
+    times a second;
   - ``repair`` (not run unless named): five nodes under etcd with ``--repair-objects`` x
     1 MiB under ec:3+2; the reader reads from n0 while n4 is SIGKILLed and the survivors
     rebuild its records (no writer; two rows: before the loss, and while repair runs).
@@ -52,6 +56,8 @@ sys.path[:0] = [str(REPO / "client"), str(REPO / "tests"), str(REPO / "benchmark
 FG_OBJECTS = 256
 NEIGHBOUR_SIZE, NEIGHBOUR_KEYS = 4 << 20, 16
 EVICT_SIZE = 1 << 20
+BIG_CALL_KEYS = 65_536  # the daemon's max_batch_keys
+BIG_CALL_EVERY = 0.1  # s between the bigcalls phase's calls
 ARENA = "256MiB"
 
 
@@ -71,18 +77,48 @@ def _client(system: str, addr: str):
     return redis.Redis(host=host, port=int(port))
 
 
-def role_load(system: str, addr: str, size: int) -> None:
-    """Store the reader's objects (pinned on kvstored, so eviction never takes them)."""
+def role_load(system: str, addr: str, size: int, phase: str = "") -> None:
+    """Store the reader's objects (pinned on kvstored, so eviction never takes them), and
+    for ``bigcalls`` the BIG_CALL_KEYS small objects the caller asks about."""
     c = _client(system, addr)
     keys = [b"fg-%04d" % i for i in range(FG_OBJECTS)]
     vals = [os.urandom(size) for _ in keys]
+    small = [(b"bc-%05d" % i, b"s" * 64) for i in range(BIG_CALL_KEYS)] if phase == "bigcalls" else []
     if system == "kvstored":
         c.batch_put(list(zip(keys, vals)), overwrite=True)
         c.pin(keys, ttl=3600)
+        for i in range(0, len(small), 4096):
+            c.batch_put(small[i:i + 4096], overwrite=True)
         c.close()
     else:
         for k, v in zip(keys, vals):
             c.set(k, v)
+        for i in range(0, len(small), 4096):
+            c.mset(dict(small[i:i + 4096]))
+
+
+def role_caller(system: str, addr: str, seconds: float, out: str) -> None:
+    """``bigcalls``: one exists() of BIG_CALL_KEYS stored keys every BIG_CALL_EVERY s."""
+    c = _client(system, addr)
+    keys = [b"bc-%05d" % i for i in range(BIG_CALL_KEYS)]
+    calls = errors = 0
+    t0 = time.perf_counter()
+    end = t0 + seconds
+    while True:
+        due = t0 + calls * BIG_CALL_EVERY
+        now = time.perf_counter()
+        if due >= end:
+            break
+        if now < due:
+            time.sleep(due - now)
+        try:
+            found = c.exists(keys) if system == "kvstored" else c.exists(*keys)
+            if (sum(found) if system == "kvstored" else found) != BIG_CALL_KEYS:
+                errors += 1
+        except Exception:  # noqa: BLE001 (counted and reported)
+            errors += 1
+        calls += 1
+    Path(out).write_text(json.dumps({"calls": calls, "bytes": 0, "errors": errors, "seconds": seconds}))
 
 
 def role_reader(system: str, addr: str, size: int, rate: float, seconds: float, out: str) -> None:
@@ -167,7 +203,11 @@ def _pct(xs: list[float], q: float) -> float:
 def run_phase(system: str, addr: str, phase: str, a, tmp: Path) -> dict:
     fg_out, bg_out = tmp / f"fg-{system}-{phase}.json", tmp / f"bg-{system}-{phase}.json"
     procs = []
-    if phase != "idle":
+    if phase == "bigcalls":
+        procs.append(_spawn("--role", "caller", "--system", system, "--addr", addr,
+                            "--seconds", str(a.seconds + 0.5), "--out", str(bg_out)))
+        time.sleep(0.3)
+    elif phase != "idle":
         procs.append(_spawn("--role", "writer", "--system", system, "--addr", addr, "--phase", phase,
                             "--seconds", str(a.seconds + 0.5), "--writer-mbs", str(a.writer_mbs),
                             "--out", str(bg_out)))
@@ -179,7 +219,11 @@ def run_phase(system: str, addr: str, phase: str, a, tmp: Path) -> dict:
         p.wait(timeout=a.seconds * 4 + 60)
     fg = json.loads(fg_out.read_text())
     bg = json.loads(bg_out.read_text()) if phase != "idle" else {"bytes": 0, "errors": 0, "seconds": 1}
-    return _row(system, phase, fg["lat"], fg["svc"], fg["errors"], bg["bytes"] / bg["seconds"] / 1e6)
+    row = _row(system, phase, fg["lat"], fg["svc"], fg["errors"], bg["bytes"] / bg["seconds"] / 1e6)
+    if "calls" in bg:
+        row["phase"] = f"bigcalls ({bg['calls'] / bg['seconds']:.1f} exists of {BIG_CALL_KEYS} keys/s)"
+        row["bg_errors"] = bg["errors"]
+    return row
 
 
 def _row(system: str, phase: str, lat: list, svc: list, errors: int, bg_mb_s: float) -> dict:
@@ -286,7 +330,7 @@ def kvstored_rows(a, tmp: Path) -> list[dict]:
         try:
             addr = d.control
             subprocess.run([sys.executable, __file__, "--role", "load", "--system", "kvstored",
-                            "--addr", addr, "--size", str(a.size)], check=True, timeout=120)
+                            "--addr", addr, "--size", str(a.size), "--phase", phase], check=True, timeout=300)
             rows.append(run_phase("kvstored", addr, phase, a, tmp))
         finally:
             d.stop()
@@ -308,7 +352,7 @@ def redis_rows(a, tmp: Path) -> list[dict]:
                 redis.Redis(port=r.port).config_set("maxmemory", "256mb")
                 redis.Redis(port=r.port).config_set("maxmemory-policy", "volatile-lru")
             subprocess.run([sys.executable, __file__, "--role", "load", "--system", "redis",
-                            "--addr", addr, "--size", str(a.size)], check=True, timeout=120)
+                            "--addr", addr, "--size", str(a.size), "--phase", phase], check=True, timeout=300)
             rows.append(run_phase("redis", addr, phase, a, tmp))
         print(_line(rows[-1]), flush=True)
     return rows
@@ -348,7 +392,7 @@ def main(argv=None) -> int:
     ap.add_argument("--repair-rate", type=lambda t: parse_size(t) if not t.isdigit() else int(t), default=0,
                     help="the nodes' cluster.repair_rate (bytes/s; default: the daemon's default)")
     ap.add_argument("--skip-redis", action="store_true")
-    ap.add_argument("--role", choices=["load", "reader", "writer"], help=argparse.SUPPRESS)
+    ap.add_argument("--role", choices=["load", "reader", "writer", "caller"], help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
     ap.add_argument("--addr", help=argparse.SUPPRESS)
     ap.add_argument("--phase", help=argparse.SUPPRESS)
@@ -356,7 +400,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(argv)
     a.size = int(a.size) if str(a.size).isdigit() else parse_size(a.size)
     if a.role == "load":
-        role_load(a.system, a.addr, a.size)
+        role_load(a.system, a.addr, a.size, a.phase or "")
+        return 0
+    if a.role == "caller":
+        role_caller(a.system, a.addr, a.seconds, a.out)
         return 0
     if a.role == "reader":
         role_reader(a.system, a.addr, a.size, a.rate, a.seconds, a.out)
@@ -365,7 +412,7 @@ def main(argv=None) -> int:
         role_writer(a.system, a.addr, a.phase, a.seconds, a.writer_mbs, a.out)
         return 0
     a.phases = [p for p in a.phases.split(",") if p]
-    bad = set(a.phases) - {"idle", "neighbour", "evict", "nvme", "repair"}
+    bad = set(a.phases) - {"idle", "neighbour", "evict", "nvme", "repair", "bigcalls"}
     if bad:
         ap.error(f"unknown phase(s): {', '.join(sorted(bad))}")
     with tempfile.TemporaryDirectory(prefix="bench-tail-") as t:
