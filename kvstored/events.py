@@ -52,14 +52,25 @@ flushes, e.g. a delete-all of a huge namespace), the queued events are dropped
 and counted (``kvstored_kv_events_dropped_total``), and the next batch starts
 with AllBlocksCleared: a router then under-estimates this node, never trusts a
 block that is gone.
+
+Connections: ZMQ accepts any number on a bound socket, each a descriptor of this process
+outside the node's connection limits. So each endpoint takes at most
+``events.max_subscribers`` at once (kept aside in the descriptor budget, descriptors.py):
+a ZMQ socket monitor reports every accept with its descriptor, and one over the limit is
+shut down at once (``shutdown`` on a duplicate; ZMQ's I/O thread then sees it end and
+closes its own). Refusals are counted (``kvstored_kv_event_subscribers_refused_total``)
+and logged once a minute at most. A refused ZMQ subscriber reconnects by itself (every
+100 ms by default) and gets in once a place is free.
 """
 from __future__ import annotations
 
 import asyncio
 import collections
+import errno
 import functools
 import logging
 import os
+import socket
 import time
 from typing import Any
 
@@ -80,6 +91,9 @@ REPLAY_CHUNK = 256  # batches a replay sends per loop turn (others are served me
 MAX_REPLAYS = 16  # replays in progress at once; more requests get only the end marker
 MAX_REQUESTS_PER_TURN = 64  # replay requests read per loop turn
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
+MAX_MONITOR_EVENTS_PER_TURN = 256  # accept/disconnect reports read per loop turn
+RECONCILE_EVERY = 1.0  # s: at the limit, drop tracked connections gone unreported, at most this often
+REFUSED_LOG_EVERY = 60.0  # s between warnings while connections are refused
 
 _STORED, _REMOVED = 0, 1
 
@@ -122,8 +136,10 @@ class EventPublisher:
     """
 
     def __init__(self, endpoint: str, *, replay_endpoint: str = "", replay_buffer: int = 10000,
-                 topic: str = "", medium: str = "EXTERNAL", block_size: int = 0):
+                 topic: str = "", medium: str = "EXTERNAL", block_size: int = 0,
+                 max_subscribers: int = 64):
         self.endpoint = endpoint
+        self.max_subscribers = max_subscribers
         self.replay_endpoint = replay_endpoint
         self.topic = topic.encode()
         self.medium = medium or None
@@ -137,7 +153,9 @@ class EventPublisher:
         self._replay_scheduled = False
         self.seq = 0
         self.counters = dict.fromkeys(("events", "batches", "dropped", "send_errors", "replays",
-                                       "replay_bad_requests", "replays_refused"), 0)
+                                       "replay_bad_requests", "replays_refused",
+                                       "subscribers_refused"), 0)
+        self._limits: list[ConnectionLimit] = []  # the PUB's, then the ROUTER's
         self._loop: asyncio.AbstractEventLoop | None = None
         self._ctx = self._pub = self._router = None
         self._packb = None
@@ -155,9 +173,11 @@ class EventPublisher:
         self._ctx = zmq.Context(io_threads=1)
         try:
             self._pub = self._bind(zmq.PUB, self.endpoint, "events.endpoint")
+            self._limits.append(ConnectionLimit(self, self._pub, "events.endpoint"))
             if self.replay_endpoint:
                 self._router = self._bind(zmq.ROUTER, self.replay_endpoint,
                                           "events.replay_endpoint")
+                self._limits.append(ConnectionLimit(self, self._router, "events.replay_endpoint"))
                 self._reader_fd = self._router.getsockopt(zmq.FD)
                 self._loop.add_reader(self._reader_fd, self._service_replay)
         except BaseException:
@@ -192,6 +212,9 @@ class EventPublisher:
         if self._reader_fd is not None and self._loop is not None:
             self._loop.remove_reader(self._reader_fd)
             self._reader_fd = None
+        for lim in self._limits:
+            lim.close()
+        self._limits = []
         for s in (self._pub, self._router):
             if s is not None:
                 s.close(0)
@@ -362,9 +385,139 @@ class EventPublisher:
         except zmq.ZMQError:
             pass
 
+    def subscribers(self) -> int:
+        """Connections to the events endpoint now (subscribers, and clients that never
+        finished ZMQ's handshake)."""
+        return len(self._limits[0].live) if self._limits else 0
+
     def stats(self) -> dict[str, int]:
         return {**self.counters, "pending": len(self._pending), "replay_buffered": len(self._buffer),
-                "replay_buffered_bytes": self._buffer_bytes, "seq": self.seq}
+                "replay_buffered_bytes": self._buffer_bytes, "seq": self.seq,
+                "subscribers": self.subscribers(),
+                "replay_connections": len(self._limits[1].live) if len(self._limits) > 1 else 0}
+
+
+class ConnectionLimit:
+    """At most ``publisher.max_subscribers`` connections on one bound ZMQ socket (see the
+    module docstring); reads the socket's monitor on the publisher's loop."""
+
+    def __init__(self, publisher: EventPublisher, sock, setting: str):
+        zmq = publisher._z
+        self.zmq, self.publisher, self.setting = zmq, publisher, setting
+        self.limit = publisher.max_subscribers
+        self.sock = sock
+        self.local = _local_address(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
+        self.live: set[int] = set()  # descriptors of the connections ZMQ holds
+        self.reconciled = 0.0
+        self.refused_since_log = 0
+        self.logged = -REFUSED_LOG_EVERY
+        self.mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
+        self.loop = publisher._loop
+        self.fd = self.mon.getsockopt(zmq.FD)
+        self.loop.add_reader(self.fd, self._read)
+        self.loop.call_soon(self._read)  # ZMQ's fd signals changes only: read what came first
+
+    def close(self) -> None:
+        if self.mon is None:
+            return
+        self.loop.remove_reader(self.fd)
+        try:
+            self.sock.disable_monitor()
+        except self.zmq.ZMQError:
+            pass
+        self.mon.close(0)
+        self.mon = None
+
+    def _read(self) -> None:
+        """Monitor reports (edge-triggered fd: read until empty, a bounded number a turn)."""
+        zmq = self.zmq
+        if self.mon is None:
+            return
+        from zmq.utils.monitor import parse_monitor_message
+        for _ in range(MAX_MONITOR_EVENTS_PER_TURN):
+            try:
+                if not self.mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
+                    return
+                msg = parse_monitor_message(self.mon.recv_multipart(flags=zmq.NOBLOCK))
+            except zmq.Again:
+                return
+            except zmq.ZMQError as e:
+                log.warning("KV events: %s monitor error (%s)", self.setting, e.strerror)
+                return
+            fd = int(msg["value"])
+            if msg["event"] == zmq.EVENT_DISCONNECTED:
+                self.live.discard(fd)
+            elif msg["event"] == zmq.EVENT_ACCEPTED:
+                self._accepted(fd)
+        self.loop.call_soon(self._read)  # more may be waiting, without a new fd edge
+
+    def _accepted(self, fd: int) -> None:
+        if len(self.live) >= self.limit:
+            self._reconcile()
+        if len(self.live) < self.limit:
+            self.live.add(fd)
+            return
+        ours = _shut_down_if(fd, self.local)
+        if ours:
+            self.publisher.counters["subscribers_refused"] += 1
+            self.refused_since_log += 1
+            now = time.monotonic()
+            if now - self.logged >= REFUSED_LOG_EVERY:
+                log.warning("KV events: %d connection(s) to %s refused: %d at once at most "
+                            "(events.max_subscribers)", self.refused_since_log, self.setting,
+                            self.limit)
+                self.logged, self.refused_since_log = now, 0
+        elif ours is None:  # not checked (out of descriptors): a connection all the same
+            self.live.add(fd)
+        # False: closed (and its descriptor reused) before this report was read
+
+    def _reconcile(self) -> None:
+        """Drop descriptors no longer ours (a disconnect the monitor did not report: its
+        queue is bounded); at most every RECONCILE_EVERY s."""
+        now = time.monotonic()
+        if now - self.reconciled < RECONCILE_EVERY:
+            return
+        self.reconciled = now
+        for fd in list(self.live):
+            if _shut_down_if(fd, self.local, shut=False) is False:
+                self.live.discard(fd)
+
+
+def _local_address(endpoint: str) -> tuple[int, Any]:
+    """(family, port or path) of a bound ZMQ endpoint (ZMQ_LAST_ENDPOINT)."""
+    if endpoint.startswith("ipc://"):
+        return socket.AF_UNIX, endpoint[6:]
+    return socket.AF_INET, int(endpoint.rpartition(":")[2])
+
+
+def _shut_down_if(fd: int, local: tuple[int, Any], shut: bool = True) -> bool | None:
+    """Whether ``fd`` is a connection accepted on ``local``; if so and ``shut``, shut it
+    down. The check guards against a descriptor closed and reused since its report. Works
+    on a duplicate: ZMQ's I/O thread owns ``fd`` and closes it once it sees the end.
+    None: not known (no descriptor left for the duplicate)."""
+    try:
+        dup = os.dup(fd)
+    except OSError as e:
+        return False if e.errno == errno.EBADF else None
+    try:
+        s = socket.socket(fileno=dup)
+    except OSError:
+        os.close(dup)
+        return False
+    with s:
+        try:
+            if s.type != socket.SOCK_STREAM:
+                return False
+            name = s.getsockname()
+            if local[0] == socket.AF_UNIX:
+                ours = s.family == socket.AF_UNIX and name == local[1]
+            else:
+                ours = s.family in (socket.AF_INET, socket.AF_INET6) and name[1] == local[1]
+            if ours and shut:
+                s.shutdown(socket.SHUT_RDWR)
+            return ours
+        except OSError:
+            return False
 
 
 def default_replay_endpoint(endpoint: str) -> str:

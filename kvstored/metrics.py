@@ -569,6 +569,12 @@ class UsageCollector(Collector):
                        "full); routers are then sent AllBlocksCleared.", ev.get("dropped", 0))
         yield _counter("kvstored_kv_event_replays", "Replay requests served to late or lagging "
                        "subscribers.", ev.get("replays", 0))
+        yield _gauge("kvstored_kv_event_subscribers", "Connections to the KV events endpoint "
+                     "now (at most events.max_subscribers).",
+                     m.events.subscribers() if m.events is not None else 0)
+        yield _counter("kvstored_kv_event_subscribers_refused", "Connections to the KV events "
+                       "or replay endpoint closed on accept: events.max_subscribers were open.",
+                       ev.get("subscribers_refused", 0))
 
 
 __all__ = ["BUCKETS", "DataPlaneStats", "LatencyHistogram", "Metrics", "MetricsServer", "NodeCollector",

@@ -394,6 +394,9 @@ SETTINGS: tuple[Setting, ...] = (
        check=_at_most_chars(32)),
     _s("events", "block_size", INT, 0, "tokens per block announced in BlockStored (0 = unknown)",
        check=_within(0, 1 << 20, "tokens")),
+    _s("events", "max_subscribers", INT, 64,
+       "connections at once to the events endpoint (and as many to the replay endpoint); "
+       "more are closed on accept", check=_within(1, 65536, "connections")),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}
