@@ -118,6 +118,14 @@ def _set_pipelined(node: "Node", v: int) -> None:
         c.max_pipelined = v
 
 
+def _set_max_connections(node: "Node", v: int) -> None:
+    # the start-up descriptor split again (descriptors.resplit): clamped, with a warning
+    # naming the settings, when RLIMIT_NOFILE leaves too few descriptors for ``v``
+    if node.fds is not None:
+        v = descriptors.resplit(node.fds, v, node.config.max_control_connections).data
+    node.data_server.max_connections = v
+
+
 def _set_tokens_file(node: "Node", v: str) -> None:
     if node.auth is not None:  # turning auth on or off needs a restart
         node.auth.path = v  # read by reload_security(), which runs after the settings
@@ -136,7 +144,7 @@ RELOAD_HOOKS: dict[str, Callable[["Node", str, Any], None]] = {
     "store": lambda node, f, v: setattr(node.store.limits, f, v),  # new reservations on
     "log_level": lambda node, f, v: logs.set_level(v),
     "log_format": lambda node, f, v: logs.set_format(v),
-    "data.max_connections": lambda node, f, v: setattr(node.data_server, "max_connections", v),
+    "data.max_connections": lambda node, f, v: _set_max_connections(node, v),
     "data.max_per_client": lambda node, f, v: setattr(node.data_server, "max_per_client", v),
     "inflight": lambda node, f, v: _set_inflight(node, v),
     "pipelined": lambda node, f, v: _set_pipelined(node, v),
@@ -202,6 +210,7 @@ class Node:
         self.repair = None  # kvstored.cluster.repair.RepairAgent when cluster.repair
         self._history_saves: asyncio.Task | None = None  # cluster: cluster/history.keep_saving
         self.fd_watch: descriptors.Watch | None = None  # at the descriptor limit? (started)
+        self.fds: descriptors.Budget | None = None  # the start-up descriptor split
 
     async def warm(self, stop: asyncio.Event | None = None) -> None:
         """Wait until the arena is prefaulted, then report ready ("serving").
@@ -274,14 +283,19 @@ class Node:
             from kvstored.events import EventPublisher
             self.events = EventPublisher(c.events_endpoint, replay_endpoint=c.events_replay(),
                                          replay_buffer=c.events_replay_buffer, topic=c.events_topic,
-                                         medium=c.events_medium, block_size=c.events_block_size)
+                                         medium=c.events_medium, block_size=c.events_block_size,
+                                         max_subscribers=c.events_max_subscribers)
             self.events.start()
             self.metrics.usage.events = self.metrics.events = self.events
         from kvstored.dataplane.rdma import enable as enable_rdma  # before any connection
         self.rdma, self.rdma_status = enable_rdma(self.data_server, tls=self.tls is not None)
         # refuses to start when RLIMIT_NOFILE leaves too few descriptors to serve
-        fds = descriptors.plan(c.max_connections, c.max_control_connections)
+        events_fds = 0 if self.events is None else c.events_max_subscribers * (
+            2 if self.events.replay_endpoint else 1)  # connections ZMQ may accept
+        self.fds = fds = descriptors.plan(c.max_connections, c.max_control_connections,
+                                          reserved=events_fds)
         self.data_server.max_connections = fds.data
+        self.data_server.max_handshakes = fds.handshakes
         self.fd_watch = descriptors.Watch(self.data_server.counters)
         try:
             st.data_port = await self.data_server.start(c.host, c.data_port)

@@ -15,7 +15,7 @@ import asyncio
 import logging
 from typing import TYPE_CHECKING
 
-from kvstored.descriptors import HEADROOM
+from kvstored.descriptors import MAX_HANDSHAKES
 
 from .connection import TLS_MAX_INFLIGHT, DataConnection
 from .ops import CORE_OPS
@@ -46,6 +46,7 @@ class DataServer:
                            max_pipelined=max_pipelined_requests, burst=max_inflight_bytes,
                            limits=self.limits)
         self.max_connections = max_connections
+        self.max_handshakes = MAX_HANDSHAKES  # TLS ones at once (the node: its descriptor budget's)
         self.tcp_congestion = tcp_congestion
         self.max_per_client = max_connections_per_client
         self.per_client: dict[str, int] = {}  # open data connections per peer IP
@@ -122,7 +123,7 @@ class DataServer:
             from kvstored.tls import TLSListener
             lim = self.limits
             self.listener = TLSListener(self.tls, lambda: DataConnection(self), self.counters,
-                                        max_handshakes=min(self.max_connections, HEADROOM // 2),
+                                        max_handshakes=min(self.max_connections, self.max_handshakes),
                                         max_per_client=lim.max_handshakes_per_client,
                                         timeout=lim.handshake_timeout)
             return await self.listener.start(host, port)
