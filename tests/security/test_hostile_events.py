@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import re
+import select
 import signal
 import socket
 import time
@@ -52,6 +53,28 @@ def _wait_metric(d, name: str, pred, timeout: float, what: str) -> float:
         v = metric(d, name)
         return v is not None and pred(v) and (v,)
     return wait_for(ok, timeout, what)[0]
+
+
+def _closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int:
+    """How many of ``socks`` the peer closes (EOF or reset) within ``timeout``; stops once
+    all but ``keep`` are. ZMQ sends its greeting first: read past it."""
+    open_ = set(socks)
+    for s in socks:
+        s.setblocking(False)
+    closed, end = 0, time.monotonic() + timeout
+    while len(open_) > keep and time.monotonic() < end:
+        ready, _, _ = select.select(list(open_), [], [], 0.5)
+        for s in ready:
+            try:
+                if s.recv(4096) != b"":
+                    continue
+            except BlockingIOError:
+                continue
+            except OSError:  # reset
+                pass
+            open_.discard(s)
+            closed += 1
+    return closed
 
 
 def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_daemon):
@@ -101,6 +124,7 @@ def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_dae
         assert _wait_metric(d, "kvstored_kv_event_subscribers", lambda v: v == 1, 10,
                             "one subscriber counted") == 1
         base = open_fds(pid)
+        flood_start = time.monotonic()
         for i in range(150):
             try:
                 raw.append(connect_from(f"127.0.0.{2 + i % 3}", int(pub_ep.rsplit(":", 1)[1]), 2))
@@ -118,20 +142,8 @@ def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_dae
             s.connect(pub_ep)
             hostile_subs.append(s)
         assert len(raw) >= 150, "the flood did not get going"
-        # over the limit: closed by the daemon (EOF), all but the 3 + 4 places left
-        end = time.monotonic() + 30
-        closed = 0
-        for s in raw:
-            s.settimeout(max(0.05, min(1.0, end - time.monotonic())))
-            try:
-                for _ in range(10):  # ZMQ's greeting first (it waits for ours), then EOF
-                    if s.recv(256) == b"":
-                        closed += 1
-                        break
-            except (TimeoutError, socket.timeout):
-                pass  # one of the few let in (ZMQ waits for its greeting)
-            except ConnectionResetError:
-                closed += 1
+        # over the limit: closed by the daemon, all but the 3 + 4 places left
+        closed = _closed_by_peer(raw, keep=7, timeout=30)
         assert closed >= len(raw) - 7, (closed, len(raw))
         refused = _wait_metric(d, "kvstored_kv_event_subscribers_refused_total",
                                lambda v: v >= len(raw) - 7, 15, "refusals counted")
@@ -139,13 +151,16 @@ def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_dae
             n = metric(d, "kvstored_kv_event_subscribers")
             assert n is None or n <= 4, n
             time.sleep(0.05)
-        # descriptors: the few let in, and kicked ones ZMQ has yet to close
-        wait_for(lambda: open_fds(pid) <= base + 7 + 16, 20,
+        # descriptors: the few let in, at most one per reconnecting SUB socket being
+        # refused, a few of ZMQ's own
+        bound = base + 7 + len(hostile_subs) + 8
+        wait_for(lambda: open_fds(pid) <= bound, 20,
                  f"the daemon's descriptors settled (base {base}, now {open_fds(pid)})")
         log = d.log()
-        for endpoint in ("events.endpoint", "events.replay_endpoint"):  # once a minute at most
-            assert log.count(f"to {endpoint} refused: 4 at once at most "
-                             "(events.max_subscribers)") == 1, log
+        most = 1 + int((time.monotonic() - flood_start) // 60)  # once a minute at most
+        for endpoint in ("events.endpoint", "events.replay_endpoint"):
+            assert 1 <= log.count(f"to {endpoint} refused: 4 at once at most "
+                                  "(events.max_subscribers)") <= most, log
         # the data plane and the router are served beside the flood
         keys = {b"during-%d" % i for i in range(20)}
         for k in keys:
