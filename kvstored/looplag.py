@@ -32,7 +32,10 @@ log = logging.getLogger("kvstored")
 
 INTERVAL = 0.025  # seconds between wake-ups: short enough to land in most stalls
 WARN_S = 1.0  # a lag this long is logged: every client waited at least this long
-SLICE_S = 0.002  # Slices: the longest run of a batch's items between two turns of the loop
+# Slices: the longest run of a batch's items between two turns of the loop. A client with
+# one request at a time gets one answer per turn: with 2 ms turns a reader of 400 gets/s
+# fell behind during a 65,536-key Exists (p99 142-156 ms), with 0.5 ms it did not (22-23)
+SLICE_S = 0.0005
 
 
 class LoopLag:

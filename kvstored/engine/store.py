@@ -54,7 +54,7 @@ LOAD_ATTEMPTS = 4  # promotions of one get evicted before it read them: then NoS
 # keyless keys) stays in the tens of ms at 2048 (benchmarks/bench_delete_all.py).
 WALK_CHUNK = 2048
 UNLINK_STEP = 256  # delete_all unlinks this many, then waits for their tombstones
-BATCH_STEP = 512  # keys of a batch query (exists, lookup, pin, unpin, delete) per step (~1-3 ms)
+BATCH_STEP = 128  # keys of a batch query (exists, lookup, pin, unpin, delete) per step (~0.3 ms)
 TOMBSTONE_WAIT = 30.0  # s: delete_all waits this long at most for a step's tombstones
 
 

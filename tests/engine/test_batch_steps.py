@@ -11,7 +11,7 @@ from kvstored.engine.store import Store, StoreLimits, run_steps
 
 MiB = 1 << 20
 NS = b"ns"
-N = 1300  # three steps of 512
+N = 1300  # several steps (BATCH_STEP keys each)
 
 
 def make_store() -> Store:
