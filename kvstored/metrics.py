@@ -286,7 +286,7 @@ class NodeCollector(Collector):
         yield _counter("kvstored_accept_failures", "Accepts that failed (EMFILE and the like) "
                        "on the TLS data port and the shm socket.", counters.get("accept_failed", 0))
         yield _counter("kvstored_metrics_requests_refused", "Metrics-port connections closed "
-                       "at 64 open, and scrapes answered 503 past 5 fresh ones a second.",
+                       "at 64 open, and scrapes answered 503 after 5 s waiting for a turn (5 a second).",
                        m.server.refused if m.server is not None else 0)
         yield _gauge("kvstored_control_calls", "gRPC calls in progress (at most "
                      "server.max_control_rpcs).", m.control.running)

@@ -27,13 +27,13 @@ HEAD_LIMIT = 16 << 10  # request line + headers
 REQUEST_TIMEOUT = 10.0
 # A scrape runs every collector on the loop that serves the data plane (~5-30 ms): a flood
 # of scrapes (8 clients in a loop) took a good client's put+get from 0.4 ms to 22 ms. At
-# most COLLECTS_PER_S fresh bodies are made a second (Prometheus scrapes every 10-60 s);
-# past that a body made for the same request within CACHE_S is sent again, else 503 +
-# Retry-After; and at most MAX_CONNECTIONS connections are served at once (more are
-# closed on accept).
-CACHE_S = 1.0
-CACHE_ENTRIES = 8
+# most COLLECTS_PER_S bodies are made a second (Prometheus scrapes every 10-60 s); a scrape
+# over that waits for its turn, up to QUEUE_S (then 503 + Retry-After), and is always a
+# fresh body: an earlier body sent again made quick before/after reads of a counter (a
+# test, a script polling a metric) see no change. At most MAX_CONNECTIONS connections are
+# served at once (more are closed on accept), so at most that many scrapes wait.
 COLLECTS_PER_S = 5
+QUEUE_S = 5.0
 MAX_CONNECTIONS = 64
 
 
@@ -48,8 +48,7 @@ class MetricsServer:
         self.server: asyncio.base_events.Server | None = None
         self.open = 0  # connections being served
         self.refused = 0  # connections closed at MAX_CONNECTIONS, scrapes over COLLECTS_PER_S
-        self._cache: dict[tuple, tuple[float, tuple]] = {}  # request -> (when, response)
-        self._collects: list[float] = []  # when the last fresh bodies were made
+        self._collects: list[float] = []  # when the last bodies were made
 
     async def start(self, host: str, port: int) -> int:
         self.server = await asyncio.start_server(self._handle, host, port, limit=HEAD_LIMIT,
@@ -78,23 +77,23 @@ class MetricsServer:
         return 404, "text/plain; charset=utf-8", \
             b"not found: try /metrics, /healthz, /readyz, /config\n", []
 
+    async def _turn(self) -> bool:
+        """Wait until fewer than COLLECTS_PER_S bodies were made in the last second (False
+        after QUEUE_S: answer 503), and take the turn."""
+        deadline = time.monotonic() + QUEUE_S
+        while True:
+            now = time.monotonic()
+            self._collects = [t for t in self._collects if now - t < 1.0]
+            if len(self._collects) < COLLECTS_PER_S:
+                self._collects.append(now)
+                return True
+            if now >= deadline:
+                return False
+            await asyncio.sleep(min(deadline - now, 1.0 - (now - self._collects[0]) + 0.001))
+
     def _scrape(self, query: str, headers: dict[str, str]):
-        """/metrics: a fresh body while fewer than COLLECTS_PER_S were made in the last
-        second; past that (a flood) the body made for the same request within CACHE_S,
-        else 503 + Retry-After."""
+        """/metrics: a body made now (its turn taken by ``_turn``)."""
         gz = gzip_accepted(headers.get("accept-encoding", ""))
-        key = (headers.get("accept", ""), query, gz)
-        now = time.monotonic()
-        self._collects = [t for t in self._collects if now - t < 1.0]
-        if len(self._collects) >= COLLECTS_PER_S:
-            hit = self._cache.get(key)
-            if hit is not None and now - hit[0] < CACHE_S:
-                return hit[1]
-            self.refused += 1
-            log.warning("metrics scrapes over %d a second: answered 503", COLLECTS_PER_S)
-            return 503, "text/plain; charset=utf-8", b"too many scrapes: retry in 1s\n", \
-                [("Retry-After", "1")]
-        self._collects.append(now)
         encoder, ctype = choose_encoder(headers.get("accept", ""))
         registry = self.registry
         params = parse_qs(query)
@@ -105,11 +104,7 @@ class MetricsServer:
         if gz:
             body = gzip.compress(body, compresslevel=1)
             extra.append(("Content-Encoding", "gzip"))
-        response = 200, ctype, body, extra
-        if key not in self._cache and len(self._cache) >= CACHE_ENTRIES:
-            self._cache.pop(min(self._cache, key=lambda k: self._cache[k][0]))
-        self._cache[key] = (now, response)
-        return response
+        return 200, ctype, body, extra
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         if self.open >= MAX_CONNECTIONS:
@@ -141,10 +136,19 @@ class MetricsServer:
                                                   [("Allow", "GET, HEAD")])
                 else:
                     url = urlsplit(target)
+                    status = None
+                    if url.path in ("/metrics", "/") and not await self._turn():
+                        self.refused += 1
+                        log.warning("metrics scrapes over %d a second waited %.0f s: answered 503",
+                                    COLLECTS_PER_S, QUEUE_S)
+                        status, ctype, body, extra = (503, "text/plain; charset=utf-8",
+                                                      b"too many scrapes: retry in 1s\n",
+                                                      [("Retry-After", "1")])
                     t0 = time.perf_counter()
                     try:
-                        status, ctype, body, extra = self._respond(method, url.path, url.query,
-                                                                   headers)
+                        if status is None:
+                            status, ctype, body, extra = self._respond(method, url.path, url.query,
+                                                                       headers)
                     except Exception:
                         log.exception("metrics scrape failed")
                         status, ctype, body, extra = 500, "text/plain", b"internal error\n", []
