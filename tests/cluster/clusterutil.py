@@ -19,6 +19,22 @@ FANOUT_POLICIES = {"plain": "none", "rep": "replicas:2", "ec": "ec:3+2"}
 FANOUT_SIZES = [1, 4096, 65_536, 300_001, MIB, 2 * MIB + 7]
 
 
+def node_config(tmp: Path, etcd, name: str, cluster: str, policies: dict[str, str], *,
+                repair_interval: float, cluster_extra: str = "", nvme: bool = False) -> tuple[str, ...]:
+    """``--config`` args of a cluster node under ``etcd`` (lease_ttl 2, repair_delay 0.5):
+    ``cluster_extra`` lines go in its [cluster] table; ``nvme`` gives it a 64 MiB tier file
+    beside the config."""
+    cfg = tmp / f"{name}.toml"
+    pols = ", ".join(f"{ns}={p}" for ns, p in policies.items())
+    text = (f'[node]\nid = "{name}"\n[cluster]\nenabled = true\nlease_ttl = 2\nname = "{cluster}"\n'
+            f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\nrepair_interval = {repair_interval}\n'
+            f'policies = "{pols}"\n{cluster_extra}')
+    if nvme:
+        text += f'[nvme]\npath = "{tmp / (name + ".nvme")}"\nsize = "64MiB"\nregion_size = "16MiB"\n'
+    cfg.write_text(text)
+    return ("--config", str(cfg))
+
+
 @contextlib.contextmanager
 def store_on_loop(limits):
     """(store, loop, LocalStore): a real engine Store whose repair calls run on an asyncio

@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 import signal
 import time
-from pathlib import Path
 
 import pytest
-from clusterutil import placement, placement_members, wait_for, wait_left
+from clusterutil import node_config, placement, placement_members, wait_for, wait_left
 from etcdutil import TTL, needs_etcd
 
 pytest.importorskip("pyeclib")
@@ -57,13 +56,8 @@ def test_hold_all_holds_back_every_record(kind):
         s.close()
 
 
-def _config(tmp, etcd, name: str) -> tuple[str, ...]:
-    cfg = tmp / f"{name}.toml"
-    pols = ", ".join(f"{ns}={p}" for ns, p in POLICIES.items())
-    cfg.write_text(f'[node]\nid = "{name}"\n[cluster]\nenabled = true\nlease_ttl = {TTL}\nname = "rj"\n'
-                   f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\nrepair_interval = 3\n'
-                   f'policies = "{pols}"\n')
-    return ("--config", str(cfg))
+def _config(tmp, etcd, name: str, **kw) -> tuple[str, ...]:
+    return node_config(tmp, etcd, name, "rj", POLICIES, repair_interval=3, **kw)
 
 
 @needs_etcd
@@ -220,10 +214,7 @@ def test_rolling_restart_does_not_bring_back_what_was_deleted_while_a_node_was_d
     names = [f"g{i}" for i in range(4)]
 
     def args(name):
-        nvme = f'[nvme]\npath = "{tmp_path / (name + ".nvme")}"\nsize = "64MiB"\nregion_size = "16MiB"\n'
-        cfg = Path(_config(tmp_path, etcd, name)[1])
-        cfg.write_text(cfg.read_text() + nvme)
-        return ("--config", str(cfg))
+        return _config(tmp_path, etcd, name, nvme=True)
     ds = dict(zip(names, start_daemon.many(*(args(n) for n in names))))
     for d in ds.values():
         wait_for(lambda d=d: placement(d) == set(names), 20, "four nodes")
@@ -302,12 +293,9 @@ def test_held_copy_is_kept_when_its_other_home_is_away(etcd, start_daemon, tmp_p
     names = [f"k{i}" for i in range(4)]
 
     def args(name):
-        cfg = Path(_config(tmp_path, etcd, name)[1])
         # only the restarting node repairs: no peer copies the objects meanwhile
-        cfg.write_text(cfg.read_text() + ("" if name == "k1" else "repair = false\n")
-                       + f'[nvme]\npath = "{tmp_path / (name + ".nvme")}"\nsize = "64MiB"\n'
-                         'region_size = "16MiB"\n')
-        return ("--config", str(cfg))
+        return _config(tmp_path, etcd, name, nvme=True,
+                       cluster_extra="" if name == "k1" else "repair = false\n")
     ds = dict(zip(names, start_daemon.many(*(args(n) for n in names))))
     for d in ds.values():
         wait_for(lambda d=d: placement(d) == set(names), 20, "four nodes")

@@ -10,7 +10,7 @@ import os
 import time
 
 import pytest
-from clusterutil import placement, placement_members, wait_for
+from clusterutil import node_config, placement, placement_members, wait_for
 from etcdutil import needs_etcd
 
 from fakes import Clock
@@ -164,12 +164,8 @@ def test_a_damaged_history_file_is_refused(tmp_path):
 
 
 def _node_args(tmp, etcd, name: str, extra: str = "") -> tuple[str, ...]:
-    cfg = tmp / f"{name}.toml"
-    cfg.write_text(f'[node]\nid = "{name}"\n[cluster]\nenabled = true\nlease_ttl = 2\nname = "dh"\n'
-                   f'etcd_endpoints = "{etcd.endpoint}"\nrepair_delay = 0.5\nrepair_interval = 2\n'
-                   f'policies = "rep=replicas:2"\n{extra}'
-                   f'[nvme]\npath = "{tmp / (name + ".nvme")}"\nsize = "64MiB"\nregion_size = "16MiB"\n')
-    return ("--config", str(cfg))
+    return node_config(tmp, etcd, name, "dh", {"rep": "replicas:2"}, repair_interval=2,
+                       cluster_extra=extra, nvme=True)
 
 
 @needs_etcd
