@@ -45,14 +45,14 @@ class DataServer:
         self.plane = Plane(store, CORE_OPS, gate=gate, auth=auth,
                            max_pipelined=max_pipelined_requests, burst=max_inflight_bytes,
                            limits=self.limits)
-        self.max_connections = max_connections
-        self.max_handshakes = MAX_HANDSHAKES  # TLS ones at once (the node: its descriptor budget's)
+        self.listener: TLSListener | None = None
+        self._max_connections = max_connections
+        self._max_handshakes = MAX_HANDSHAKES  # TLS ones at once (the node: its descriptor budget's)
         self.tcp_congestion = tcp_congestion
         self.max_per_client = max_connections_per_client
         self.per_client: dict[str, int] = {}  # open data connections per peer IP
         self.auth = auth  # None: auth off
         self.tls = tls  # None: plaintext
-        self.listener: TLSListener | None = None
         self.connections: set[DataConnection] = set()
         self.server: asyncio.base_events.Server | None = None
         self.counters = self.plane.counters
@@ -60,6 +60,31 @@ class DataServer:
         self.rx_closed = 0  # bytes received / queued by connections already closed
         self.tx_closed = 0
         self.sweeper: asyncio.Task | None = None
+
+    # The TLS listener's cap on handshakes in progress is min(max_connections,
+    # max_handshakes): set again whenever either changes (a SIGHUP that lowers
+    # max_connections lowers it too; it was read once, at start).
+    @property
+    def max_connections(self) -> int:
+        return self._max_connections
+
+    @max_connections.setter
+    def max_connections(self, v: int) -> None:
+        self._max_connections = v
+        self._cap_handshakes()
+
+    @property
+    def max_handshakes(self) -> int:
+        return self._max_handshakes
+
+    @max_handshakes.setter
+    def max_handshakes(self, v: int) -> None:
+        self._max_handshakes = v
+        self._cap_handshakes()
+
+    def _cap_handshakes(self) -> None:
+        if self.listener is not None:
+            self.listener.max_handshakes = min(self._max_connections, self._max_handshakes)
 
     # Cluster member-list epoch (kvstore.layout.member_epoch; 0 = not in a cluster), kept
     # by the plane's EpochGate: a put/get sent with another non-zero epoch gets Redirect.
@@ -123,7 +148,8 @@ class DataServer:
             from kvstored.tls import TLSListener
             lim = self.limits
             self.listener = TLSListener(self.tls, lambda: DataConnection(self), self.counters,
-                                        max_handshakes=min(self.max_connections, self.max_handshakes),
+                                        max_handshakes=min(self._max_connections,
+                                                           self._max_handshakes),
                                         max_per_client=lim.max_handshakes_per_client,
                                         timeout=lim.handshake_timeout)
             return await self.listener.start(host, port)

@@ -274,3 +274,50 @@ def test_tls_handshakes_fit_the_descriptor_split_under_a_low_limit(hostile_daemo
         c.put(b"after", b"w" * 1024)
         assert c.get(b"after") == b"w" * 1024
     assert d.alive()
+
+
+def test_a_reload_lowering_max_connections_lowers_the_tls_handshake_cap(certs):
+    # In process (a real TLS listener on loopback, real sockets): the listener's cap on
+    # handshakes in progress is min(max_connections, the descriptor split's). It was read
+    # once at start, so a SIGHUP lowering max_connections (node._set_max_connections sets
+    # DataServer.max_connections) left 128 silent handshakes possible. After the change,
+    # 6 silent connections: 2 are held, 4 refused at once.
+    import asyncio
+
+    from kvstored.dataplane.tcp import DataServer
+    from kvstored.engine.store import Store, StoreLimits
+    from kvstored.tls import ServerTLS
+
+    store = Store(StoreLimits(dram_size=8 << 20, slab_size=1 << 20, max_value_size=1 << 20,
+                              hugepages=False, prefault=False))
+    srv = DataServer(store, max_connections=64, max_inflight_bytes=4 << 20,
+                     tls=ServerTLS(certs.server.cert, certs.server.key))
+
+    async def run():
+        port = await srv.start("127.0.0.1", 0)
+        assert srv.listener.max_handshakes == 64
+        srv.max_connections = 2  # what the reload hook does
+        assert srv.listener.max_handshakes == 2
+        loop = asyncio.get_running_loop()
+        socks = []
+        try:
+            for _ in range(6):
+                s = socket.socket()
+                s.setblocking(False)
+                await loop.sock_connect(s, ("127.0.0.1", port))
+                socks.append(s)
+            deadline = time.monotonic() + 20
+            while (srv.counters["rejected_connections"] < 4
+                   and time.monotonic() < deadline):
+                await asyncio.sleep(0.02)
+            assert srv.counters["rejected_connections"] == 4, dict(srv.counters)
+            assert len(srv.listener.handshakes) == 2
+        finally:
+            for s in socks:
+                s.close()
+            srv.stop_accepting()
+
+    try:
+        asyncio.run(run())
+    finally:
+        store.close()
