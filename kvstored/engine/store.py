@@ -19,8 +19,8 @@ Invariants kept here (see docs/architecture.md):
     bytes at hand); only committed, verified entries are in the index;
   * an entry with a reader reference, a live pin or no commit is never evicted,
     and its slot is only freed once the last reference is released;
-  * a second put of the same key and checksum is a no-op; a different checksum
-    is a Conflict unless overwrite is asked.
+  * a second put of the same key and checksum stores nothing but refreshes the entry's
+    commit time (``_same``); a different checksum is a Conflict unless overwrite is asked.
 """
 from __future__ import annotations
 
@@ -194,12 +194,22 @@ class Store(RepairHooks):
         return old is not None and self._same(old, size, checksum)
 
     def _same(self, old: Entry, size: int, checksum: int | None) -> bool:
-        """``dedup`` for the entry found under the key."""
+        """``dedup`` for the entry found under the key.
+
+        The put commits the object again: its ``committed_at`` becomes now, on every path
+        (put_bytes, reserve, commit's race in ``_replace``; DRAM or NVMe-only entries). A
+        cluster's repair drops a record written before a delete a peer reports
+        (repair/decide.py), and a client's re-put after that delete must not look older
+        than it. In memory only: an NVMe record's header and summary keep the time it was
+        written (a refresh is not worth a 4 KiB write per dedup), so a restart forgets
+        the refreshes of records with an NVMe copy; DRAM-only ones are flushed at a clean
+        stop with the new time. Why that is safe: docs/cluster.md, "Deletes and repair"."""
         if checksum is None or old.checksum != checksum or old.size != size:
             return False
         if old.unverified:
             self.verify(old)  # a writer vouches for exactly these bytes
         self.policy.touch(old)  # a put of what is stored is an access
+        old.committed_at = time.time()  # ... and a commit (see above)
         self.counters["dedups"] += 1
         return True
 
@@ -275,6 +285,7 @@ class Store(RepairHooks):
         if old is not None:
             if old.checksum == cs and old.size == size:
                 free_slot(off)  # a concurrent identical put won the race
+                old.committed_at = time.time()  # this put commits it too (_same)
                 self.counters["dedups"] += 1
                 return False
             if not overwrite:
@@ -569,7 +580,8 @@ class Store(RepairHooks):
         Deletes stay deleted across a restart: each one writes the usual tombstone.
 
         Objects put while it runs: an object committed after the call began (a new key,
-        or an overwrite, which is a new entry) is kept and counted in ``kept_newer``; one
+        an overwrite, which is a new entry, or an identical re-put, which refreshes the
+        commit time) is kept and counted in ``kept_newer``; one
         committed before is deleted even if read or pinned meanwhile. The cut is the
         entry's commit time (wall clock), so a clock stepped back during the walk may
         delete objects put meanwhile.
