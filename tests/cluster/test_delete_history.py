@@ -230,28 +230,104 @@ def _metrics(d) -> str:
         return r.read().decode()
 
 
-def test_a_held_record_is_dropped_on_an_old_delete_a_verified_one_only_on_a_recent_one():
-    """The history's long ages drop held records (nobody vouched for them since the
-    restart), but a verified record only on a delete within the fence's window: an
-    identical re-put leaves a record's commit time as it was, so a record re-put after
-    an old delete must not be deleted on it once the re-put's other copies are evicted."""
+def _cluster_store(clock=None):
+    """A real Store as a cluster node has it: its fence with a delete history, on
+    ``clock`` (monotonic; a fake one is moved by hand)."""
+    from kvstored.engine import Store, StoreLimits
+    s = Store(StoreLimits(dram_size=8 << 20, slab_size=1 << 20, max_value_size=1 << 20,
+                          hugepages=False, prefault=False), clock=Clock())
+    s.fence = DeleteFence(clock=clock or Clock())
+    s.fence.history = DeleteHistory(2 * HOUR, 10_000, clock=s.fence.clock)
+    return s
+
+
+def _decide(me, peer, ns: bytes, keys) -> dict:
+    """What repair on ``me`` decides for each replicated object of ``keys`` it holds, with
+    ``peer`` (a Store) its other home: Heads asked of it as the control plane answers
+    them (control/service.py Heads), ``me``'s records as repair's snapshot reads them."""
+    import asyncio
+
     from kvstore.layout import Policy
     from kvstore.placement import Member
     from kvstored.cluster.repair import decide as d
     from fakes import Head
-    written = 1000.0
+    rows = {r[1]: r for r in asyncio.run(me.repair_snapshot()) if r[0] == ns}
+    out = {}
+    for k in keys:
+        _ns, key, size, csum, unverified, *_, at = rows[k]
+        o = d.Obj(ns, key, Policy.parse("replicas:2"), False)
+        o.mine[0] = d.Local(key, size, csum, unverified, b"", at)
+        o.slots = [(Member("me", "127.0.0.1:1"), 0), (Member("peer", "127.0.0.1:2"), 0)]
+        e = peer.peek(ns, key)
+        head = (Head(False, deleted_ago=peer.fence.deleted_ago(ns, key)) if e is None
+                else Head(True, e.unverified, e.checksum))
+        out[k] = d.decide(o, {("peer", 0): head}, d.Peers("me", {"peer": True}, {"peer": 0.0},
+                                                             [], time.time()))
+    return out
 
-    def obj(held: bool):
-        o = d.Obj(b"ns", b"key", Policy.parse("replicas:2"), False)
-        o.mine[0] = d.Local(b"key", 10, 5, held, b"", written)
-        o.slots = [(Member("me", "127.0.0.1:1"), 0), (Member("a", "127.0.0.1:2"), 0)]
-        return o
-    p = d.Peers("me", {"a": True}, {"a": 0.0}, [], written + 5 * HOUR)
-    old = {("a", 0): Head(False, deleted_ago=4 * HOUR)}  # deleted an hour after the write
-    assert d.decide(obj(True), old, p) == [d.Drop(b"key", 5)]
-    assert d.decide(obj(False), old, p) == [d.Copy(b"key", 1, b"key", False)]
-    recent = {("a", 0): Head(False, deleted_ago=WINDOW_S / 2)}
-    assert d.decide(obj(False), recent, p) == [d.DeleteLocal(b"key")]
+
+def test_a_node_away_past_the_window_drops_deleted_objects_and_keeps_re_put_ones():
+    """Real Stores, the peer's clock moved by hand. ``me`` was away for an hour (past the
+    fence's 60 s window, within the history's horizon) while a client deleted "gone" and
+    "again" on the peer; then the client put "again" once more (identical bytes: on me a
+    dedup) and the peer lost its copy (evicted). Repair on me deletes "gone" (the
+    history's evidence: the delete came after me's record was written) and keeps
+    "again": the re-put refreshed its commit time, so the old delete is no evidence
+    against it (before the refresh, this case is why verified records were deleted only
+    on a delete within 60 s). An object the peer merely lost is copied back; past the
+    horizon a delete is evidence no more."""
+    from kvstored.cluster.repair import decide as d
+    pclock = Clock(50_000.0)
+    me, peer = _cluster_store(), _cluster_store(pclock)
+    objs = {k: os.urandom(3000) for k in (b"gone", b"again", b"lost")}
+    try:
+        for s in (me, peer):
+            for k, v in objs.items():
+                assert s.put_bytes(b"ns", k, v)
+        for k in objs:  # me's copies were written two hours ago (wall clock)
+            me.index.get(b"ns", k).committed_at = time.time() - 2 * HOUR + 600
+        assert peer.delete(b"ns", [b"gone", b"again"]) == 2  # while me was away
+        pclock.advance(HOUR)  # an hour later: far past WINDOW_S
+        assert peer.fence.deleted_ago(b"ns", b"gone") >= HOUR > WINDOW_S
+        assert me.put_bytes(b"ns", b"again", objs[b"again"]) is False  # the client's re-put
+        assert peer.put_bytes(b"ns", b"again", objs[b"again"]) is True
+        for k in (b"again", b"lost"):  # the peer loses its copies (evicted)
+            assert peer.tiering.evict(peer.index.get(b"ns", k))
+        acts = _decide(me, peer, b"ns", objs)
+        assert acts[b"gone"] == [d.DeleteLocal(b"gone")]
+        assert acts[b"again"] == [d.Copy(b"again", 1, b"again", False)]
+        assert acts[b"lost"] == [d.Copy(b"lost", 1, b"lost", False)]
+        # past the peer's horizon its history is no evidence: kept, copied back
+        pclock.advance(2 * HOUR)
+        assert _decide(me, peer, b"ns", [b"gone"])[b"gone"] == [d.Copy(b"gone", 1, b"gone", False)]
+    finally:
+        me.close()
+        peer.close()
+
+
+def test_a_refreshed_commit_time_never_makes_identical_copies_differ():
+    """Two homes hold the same bytes; one was re-put since (its commit time refreshed),
+    the other not. Repair on either finds nothing to do, as before the refresh: versions
+    are compared by checksum (EC: header), never by commit time. A held copy beside a
+    verified one is verified, whichever is the newer; and a delete the peer saw before
+    the re-put does not count against the re-put copy."""
+    from kvstored.cluster.repair import decide as d
+    a, b = _cluster_store(), _cluster_store()
+    v = os.urandom(5000)
+    try:
+        for s in (a, b):
+            assert s.put_bytes(b"ns", b"k", v)
+        before = (_decide(a, b, b"ns", [b"k"]), _decide(b, a, b"ns", [b"k"]))
+        assert before == ({b"k": []}, {b"k": []})
+        b.index.get(b"ns", b"k").committed_at -= HOUR  # b's copy is an hour older ...
+        assert a.put_bytes(b"ns", b"k", v) is False  # ... and a's re-put just now
+        assert (_decide(a, b, b"ns", [b"k"]), _decide(b, a, b"ns", [b"k"])) == before
+        # b restarted: its copy held; a's verified (refreshed) one vouches for it
+        assert b.hold_all() == 1
+        assert _decide(b, a, b"ns", [b"k"]) == {b"k": [d.Verify(b"k")]}
+    finally:
+        a.close()
+        b.close()
 
 
 def test_a_running_node_saves_its_history_while_it_changes(tmp_path):

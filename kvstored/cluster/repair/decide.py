@@ -38,7 +38,6 @@ from dataclasses import dataclass, field
 from typing import Mapping, NamedTuple, Sequence
 
 from kvstore.layout import KIND_FRAGMENT, Policy, lap_key, parse_head
-from kvstored.engine.fence import WINDOW_S
 
 
 class Local(NamedTuple):
@@ -193,13 +192,13 @@ def _drop_leftovers(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) 
     being served, and copied back once the peers' fences expire. A re-put since would be
     held verified by a peer.
 
-    Only on a delete within the fence's window (WINDOW_S), not the delete history's
-    horizon: an identical re-put finds the record stored and leaves its commit time as
-    it was, so a record a client re-put after an old delete still looks older than it;
-    once the peers that took the re-put lose their copies (evicted), the history would
-    make this node delete the last one. A held record was re-put by nobody since the
-    restart (such a put verifies it, and it is then judged here)."""
-    versions, deleted_at = _delete_evidence(o, got, peers, WINDOW_S)
+    On a delete anywhere within the peers' delete histories (``cluster.delete_horizon``),
+    as for held records: a client's re-put since the delete is newer than it here too,
+    also when the peers that took it have lost their copies since (evicted), because an
+    identical re-put refreshes the record's commit time (engine/store.py ``_same``). A
+    held record was re-put by nobody since the restart (such a put verifies it, and it
+    is then judged here)."""
+    versions, deleted_at = _delete_evidence(o, got, peers)
     if deleted_at == float("-inf"):
         return
     ver = (lambda v: version(True, v.head)) if o.ec else (lambda v: v.checksum)
