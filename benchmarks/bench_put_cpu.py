@@ -5,6 +5,7 @@
                                        [--seconds 3] [--rounds 2] [--skip-redis]
     python benchmarks/bench_put_cpu.py --nodes 6 --objects 32 [--sizes 1MiB]
     python benchmarks/bench_put_cpu.py --in-process [--sizes 4KiB,64KiB] [--per-read 8]
+                                       [--query-keys 20000]
 
 What users compare is bytes stored per second per server core, so each row reports the
 server process's CPU (utime + stime of all its threads, from /proc, over the timed
@@ -33,7 +34,8 @@ machine's load: a node's ``DataConnection`` (the node's Store, DataServer and me
 observer, its arena full so every put evicts) fed pipelined puts of new keys as uvloop
 would, ``--per-read`` frames per read, the answers taken by a fake transport. Per put:
 Python bytecodes and calls (``sys.settrace``, deterministic) and the best wall time of 7
-runs.
+runs. Then (``--query-keys``, 0 to skip) the Store's ``exists`` and ``lookup`` of stored
+keys, one key a call and 64, per key: the index lookup and the eviction touch of each hit.
 
 Rounds alternate the order (kvstored first, then the peers; then the reverse); each row
 is the median round. Load (``/proc/loadavg``) is printed beside every round: on a shared machine CPU
@@ -324,6 +326,56 @@ def in_process(sizes: list[int], per_read: int, dram: int) -> None:
         print(f"| {peers.human_size(size)} | {ops_:.0f} | {calls:.1f} | {best * 1e6:.2f} |", flush=True)
 
 
+def in_process_queries(nkeys: int, batch: int) -> None:
+    """``--in-process``: the Store's exists / lookup of stored keys (each hit is an eviction
+    touch), per key: Python bytecodes (``sys.settrace``) and the best wall time of 7 runs."""
+    from kvstored.config import Config
+    from kvstored.engine import Store
+
+    cfg = Config()
+    cfg.dram_size, cfg.slab_size, cfg.max_value_size = 64 << 20, 4 << 20, 4 << 20
+    cfg.prefault = cfg.hugepages = False
+    store = Store(cfg.engine_limits())
+    try:
+        keys = [b"q-%d" % i for i in range(nkeys)]
+        data = bytes(256)
+        for k in keys:
+            store.put_bytes(b"q", k, data)
+        if sum(store.exists(b"q", keys)) != nkeys:
+            raise RuntimeError("the keys put are not all stored")
+        print(f"\nin-process queries of stored keys ({nkeys} keys of 256 B, index "
+              f"{getattr(store.index, 'kind', 'dict')}, policy {type(store.policy).__name__}):")
+        print("| call | keys/call | bytecodes/key | us/key (best of 7) |")
+        print("| --- | --- | --- | --- |")
+        for name, fn in (("exists", store.exists), ("lookup", store.lookup)):
+            for per in (1, batch):
+                calls = [keys[i:i + per] for i in range(0, nkeys - per + 1, per)]
+                count = [0]
+
+                def trace(frame, event, arg):
+                    if event == "call":
+                        frame.f_trace_opcodes = True
+                    elif event == "opcode":
+                        count[0] += 1
+                    return trace
+
+                sample = calls[:max(1, 2000 // per)]
+                sys.settrace(trace)
+                for c in sample:
+                    fn(b"q", c)
+                sys.settrace(None)
+                best = float("inf")
+                for _ in range(7):
+                    t0 = time.perf_counter()
+                    for c in calls:
+                        fn(b"q", c)
+                    best = min(best, (time.perf_counter() - t0) / (len(calls) * per))
+                print(f"| {name} | {per} | {count[0] / (len(sample) * per):.0f} | "
+                      f"{best * 1e6:.3f} |", flush=True)
+    finally:
+        store.close()
+
+
 def cluster_rounds(a, sizes: list[int], cc: str) -> dict:
     """``--nodes N``: N kvstored nodes, one ClusterClient (``--policy``, TCP, no shm)
     putting batches of ``--objects`` new keys; the nodes' CPU (all of them) per object put."""
@@ -394,12 +446,16 @@ def main(argv=None) -> int:
                     help="no sockets: a node's DataConnection fed pipelined puts in this "
                          "process; bytecodes, calls and time per put")
     ap.add_argument("--per-read", type=int, default=8, help="puts per read (--in-process)")
+    ap.add_argument("--query-keys", type=int, default=20000,
+                    help="--in-process: stored keys that exists/lookup then query (0: skip)")
     a = ap.parse_args(argv)
     sizes = [peers.parse_size(s) for s in a.sizes.split(",")]
     if a.in_process:
         if a.per_read < 1:
             ap.error("--per-read must be >= 1")
         in_process(sizes, a.per_read, peers.parse_size(a.dram_size) // 4)
+        if a.query_keys:
+            in_process_queries(a.query_keys, 64)
         return 0
     if a.concurrency < 1 or a.rounds < 1 or a.seconds <= 0:
         ap.error("--concurrency and --rounds must be >= 1, --seconds > 0")

@@ -736,7 +736,9 @@ static void detach_view(Entry *e) {
     if (e->rec < t->nrecs) {
         Rec *r = &t->recs[e->rec];
         view_del(t, e->rec);
-        if ((r->flags & F_USED) && !(r->flags & F_INTABLE)) rec_free(t, e->rec);
+        /* a record still in an eviction list (seg set) is kept: the lists link it by
+           number (Lru.remove unlinks it; its next view's dealloc frees it) */
+        if ((r->flags & F_USED) && !(r->flags & F_INTABLE) && r->seg < 0) rec_free(t, e->rec);
     }
     Py_DECREF(t);
 }
@@ -2240,6 +2242,49 @@ static void Ghost_dealloc(Ghost *g) {
     Py_TYPE(g)->tp_free((PyObject *)g);
 }
 
+/* add, pop and trim on digests: Ghost's methods and the native policy's (Lru) */
+static int g_add(Ghost *g, uint64_t d, int o) {
+    if (g->count >= G_MAXLIVE) g_drop_oldest(g);  /* billions of keys: the oldest goes early */
+    /* room first, so a MemoryError leaves the ghost as it was */
+    if (g->used == g->cap) {
+        if (g_rebuild(g, g_cap_for((uint64_t)g->count + 1), g_tcap_for((uint64_t)g->count + 1)) < 0)
+            return -1;
+    } else if (((uint64_t)g->count + 1) * 4 > (uint64_t)g->tcap * 3) {
+        if (g_tgrow(g, g_tcap_for((uint64_t)g->count + 1)) < 0) return -1;
+    }
+    int64_t i = g_find(g, d);
+    if (i >= 0) g_kill(g, g->slots[i] - 1, (uint32_t)i);  /* re-added: to the newest end */
+    uint32_t p = g_ring(g, g->used);
+    g->dig[p] = d;
+    g->org[p] = (uint8_t)o;
+    g->used++;
+    g_tput(g->slots, g->tcap, g_home(g, d, g->tcap), p);
+    g->n[o]++;
+    g->count++;
+    return 0;
+}
+
+/* The origin of digest d, which leaves the ghost; -1: not in it. */
+static int g_pop(Ghost *g, uint64_t d) {
+    int64_t i = g_find(g, d);
+    if (i < 0) return -1;
+    uint32_t p = g->slots[i] - 1;
+    int origin = g->org[p];
+    g_kill(g, p, (uint32_t)i);
+    g_maybe_shrink(g);
+    return origin;
+}
+
+static uint64_t g_trim(Ghost *g, uint64_t limit) {
+    uint64_t dropped = 0;
+    while (g->count > limit) {
+        g_drop_oldest(g);
+        dropped++;
+    }
+    if (dropped) g_maybe_shrink(g);
+    return dropped;
+}
+
 static PyObject *Ghost_add(Ghost *g, PyObject *const *args, Py_ssize_t n) {
     uint64_t d;
     if (n != 2) {
@@ -2258,35 +2303,15 @@ static PyObject *Ghost_add(Ghost *g, PyObject *const *args, Py_ssize_t n) {
         PyErr_SetString(PyExc_ValueError, "a ghost origin is 0, 1 or 2");
         return NULL;
     }
-    if (g->count >= G_MAXLIVE) g_drop_oldest(g);  /* billions of keys: the oldest goes early */
-    /* room first, so a MemoryError leaves the ghost as it was */
-    if (g->used == g->cap) {
-        if (g_rebuild(g, g_cap_for((uint64_t)g->count + 1), g_tcap_for((uint64_t)g->count + 1)) < 0)
-            return NULL;
-    } else if (((uint64_t)g->count + 1) * 4 > (uint64_t)g->tcap * 3) {
-        if (g_tgrow(g, g_tcap_for((uint64_t)g->count + 1)) < 0) return NULL;
-    }
-    int64_t i = g_find(g, d);
-    if (i >= 0) g_kill(g, g->slots[i] - 1, (uint32_t)i);  /* re-added: to the newest end */
-    uint32_t p = g_ring(g, g->used);
-    g->dig[p] = d;
-    g->org[p] = (uint8_t)o;
-    g->used++;
-    g_tput(g->slots, g->tcap, g_home(g, d, g->tcap), p);
-    g->n[o]++;
-    g->count++;
+    if (g_add(g, d, (int)o) < 0) return NULL;
     Py_RETURN_NONE;
 }
 
 static PyObject *Ghost_pop(Ghost *g, PyObject *o) {
     uint64_t d;
     if (g_digest(o, &d) < 0) return NULL;
-    int64_t i = g_find(g, d);
-    if (i < 0) Py_RETURN_NONE;
-    uint32_t p = g->slots[i] - 1;
-    long origin = g->org[p];
-    g_kill(g, p, (uint32_t)i);
-    g_maybe_shrink(g);
+    int origin = g_pop(g, d);
+    if (origin < 0) Py_RETURN_NONE;
     return PyLong_FromLong(origin);
 }
 
@@ -2311,13 +2336,7 @@ static PyObject *Ghost_trim(Ghost *g, PyObject *o) {
         PyErr_SetString(PyExc_ValueError, "trim(limit): limit must be >= 0");
         return NULL;
     }
-    uint64_t dropped = 0;
-    while ((long long)g->count > limit) {
-        g_drop_oldest(g);
-        dropped++;
-    }
-    if (dropped) g_maybe_shrink(g);
-    return PyLong_FromUnsignedLongLong(dropped);
+    return PyLong_FromUnsignedLongLong(g_trim(g, (uint64_t)limit));
 }
 
 static Py_ssize_t Ghost_len(Ghost *g) { return (Py_ssize_t)g->count; }
@@ -2401,6 +2420,684 @@ static PyTypeObject GhostType = {
     .tp_as_sequence = &Ghost_seq,
 };
 
+/* -------------------------------------------------------------------- Lru */
+
+/* The eviction policy's lists for the packed index (kvstored/engine/eviction.py,
+   NativePolicy): per size class the PROBATION, PROTECTED and COLD lists, linked through
+   the records' DRAM parts (newer/older record numbers, seg, stamp: the fields the
+   Python Policy sets through Entry views), with the clock, the resident count, the
+   last lookup's stamps and the adaptive age bonus. Every decision is the Python
+   Policy's, step for step (tests/engine/test_policy_native.py replays workloads
+   through both); here a touch or an eviction is one call and no view is built for a
+   neighbour. The ghost is a native Ghost (digests added, popped and trimmed here) or
+   any object with the Ghost's add/pop/trim/counts (DictGhost), called through Python.
+   tail_hints, parents and counters are the Python policy's dicts, shared: note_chain
+   stays in Python. Records are changed in place, so a view held meanwhile reads the
+   new fields. Per object: nothing beyond the record's own fields. */
+
+enum { L_PROB = 0, L_PROT = 1, L_COLD = 2 };
+
+typedef struct { uint32_t head, tail; uint64_t count; } LList;
+
+typedef struct {
+    PyObject_HEAD
+    Table *t;                 /* the index whose records are linked */
+    PyObject *ghost;          /* a Ghost, or an object with its methods */
+    PyObject *tail_hints, *parents, *counters;  /* the Python policy's dicts */
+    PyObject *last;           /* the entry inserted last (its view), or NULL */
+    uint32_t nclasses;
+    LList *lists;             /* nclasses x (PROBATION, PROTECTED, COLD) */
+    int32_t cidx[MAX_CLASSES + 1];  /* the table's class id -> sc.index; -1: not read yet */
+    uint64_t clock;           /* one tick per access or insertion */
+    int64_t resident;
+    uint64_t lo, hi;          /* (lo, hi]: the stamps the last lookup's hits got */
+    double share, bonus, rate, bonus_max;
+    uint64_t ghost_min;
+} Lru;
+
+static PyTypeObject LruType;
+
+static inline Aux *L_aux(Table *t, uint32_t rec) { return aux_ptr(t, &t->recs[rec]); }
+
+static void l_push(Table *t, LList *L, uint32_t rec) {
+    Aux *a = L_aux(t, rec);
+    a->older = L->head;
+    a->newer = NOREC;
+    if (L->head != NOREC) L_aux(t, L->head)->newer = rec;
+    L->head = rec;
+    if (L->tail == NOREC) L->tail = rec;
+    L->count++;
+}
+
+/* rec just older than ref (which is in L) */
+static void l_behind(Table *t, LList *L, uint32_t ref, uint32_t rec) {
+    Aux *ra = L_aux(t, ref), *a = L_aux(t, rec);
+    uint32_t older = ra->older;
+    a->newer = ref;
+    a->older = older;
+    if (older != NOREC) L_aux(t, older)->newer = rec; else L->tail = rec;
+    ra->older = rec;
+    L->count++;
+}
+
+static void l_remove(Table *t, LList *L, uint32_t rec) {
+    Aux *a = L_aux(t, rec);
+    uint32_t nw = a->newer, ol = a->older;
+    if (nw != NOREC) L_aux(t, nw)->older = ol; else L->head = ol;
+    if (ol != NOREC) L_aux(t, ol)->newer = nw; else L->tail = nw;
+    a->newer = a->older = NOREC;
+    L->count--;
+}
+
+static int lru_ready(Lru *p) {
+    if (!p->t) {
+        PyErr_SetString(PyExc_RuntimeError, "Lru is not initialised (or was cleared)");
+        return -1;
+    }
+    return 0;
+}
+
+/* sc.index of the table's class id (read once per class: getattr runs Python code) */
+static int lru_class(Lru *p, unsigned cid) {
+    int32_t v = p->cidx[cid];
+    if (v >= 0) return v;
+    if (cid >= (unsigned)PyList_GET_SIZE(p->t->classes)) {
+        PyErr_SetString(PyExc_RuntimeError, "packed index: a record's size class is unknown");
+        return -1;
+    }
+    PyObject *ix = PyObject_GetAttrString(PyList_GET_ITEM(p->t->classes, cid), "index");
+    if (!ix) return -1;
+    long x = PyLong_Check(ix) ? PyLong_AsLong(ix) : -2;
+    Py_DECREF(ix);
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < 0 || x >= (long)p->nclasses) {
+        PyErr_Format(PyExc_ValueError, "a size class's index must be an int in [0, %u)", p->nclasses);
+        return -1;
+    }
+    p->cidx[cid] = (int32_t)x;
+    return (int)x;
+}
+
+/* The record of an entry of this policy's index, or -1 with an exception. */
+static int64_t lru_rec(Lru *p, PyObject *o) {
+    if (!PyObject_TypeCheck(o, &EntryType)) {
+        PyErr_Format(PyExc_TypeError, "expected a kvstored._index.Entry, not %.80s", Py_TYPE(o)->tp_name);
+        return -1;
+    }
+    if (check_attached((Entry *)o, p->t) < 0) return -1;
+    return ((Entry *)o)->rec;
+}
+
+static void lru_balance(Lru *p, int idx) {
+    Table *t = p->t;
+    LList *L = &p->lists[(size_t)idx * 3], *prot = &L[L_PROT];
+    uint64_t total = prot->count + L[L_PROB].count + L[L_COLD].count;
+    if (prot->count > 1 && (double)prot->count > p->share * (double)total) {
+        uint32_t r = prot->tail;
+        l_remove(t, prot, r);
+        t->recs[r].seg = L_PROB;  /* keeps its stamp: it is as old as its last access */
+        l_push(t, &L[L_PROB], r);
+    }
+}
+
+static int lru_touch_rec(Lru *p, uint32_t rec) {
+    Table *t = p->t;
+    if (t->recs[rec].seg < 0) return 0;
+    Aux *a = L_aux(t, rec);
+    if (!a) {
+        PyErr_Format(PyExc_RuntimeError, "record %u is in an eviction list without its DRAM part", rec);
+        return -1;
+    }
+    if (p->lo < a->stamp && a->stamp <= p->hi) return 0;  /* the last lookup ordered it */
+    int idx = lru_class(p, t->recs[rec].sc);
+    if (idx < 0) return -1;
+    Rec *r = &t->recs[rec];
+    LList *L = &p->lists[(size_t)idx * 3];
+    l_remove(t, &L[r->seg], rec);
+    a = L_aux(t, rec);
+    a->stamp = ++p->clock & STAMP_MAX;
+    r->seg = L_PROT;
+    l_push(t, &L[L_PROT], rec);
+    lru_balance(p, idx);
+    return 0;
+}
+
+/* _push: at the head of list seg of class idx, stamped with the next tick */
+static int lru_push(Lru *p, uint32_t rec, int seg, int idx) {
+    Aux *a = aux_for_write(p->t, rec);
+    if (!a) return -1;
+    a->stamp = ++p->clock & STAMP_MAX;
+    p->t->recs[rec].seg = (int8_t)seg;
+    l_push(p->t, &p->lists[(size_t)idx * 3 + seg], rec);
+    p->resident++;
+    return 0;
+}
+
+/* hash((ns, key)) of a record (as the Python policy computes it), or -1 with an error;
+   *k: the tuple (new reference) when k is not NULL */
+static int lru_key(Lru *p, PyObject *e, PyObject **k, Py_hash_t *h) {
+    PyObject *key = get_key((Entry *)e, NULL);
+    if (!key) return -1;
+    PyObject *tup = PyTuple_Pack(2, p->t->spaces[R((Entry *)e)->ns].name, key);
+    Py_DECREF(key);
+    if (!tup) return -1;
+    *h = PyObject_Hash(tup);
+    if (*h == -1 && PyErr_Occurred()) { Py_DECREF(tup); return -1; }
+    if (k) *k = tup; else Py_DECREF(tup);
+    return 0;
+}
+
+static PyObject *digest_obj(Py_hash_t h) { return PyLong_FromSsize_t(h); }
+
+/* ghost.pop(digest): the origin, -1 when absent, -2 on an error */
+static int lru_ghost_pop(Lru *p, Py_hash_t h) {
+    if (Py_TYPE(p->ghost) == &GhostType) return g_pop((Ghost *)p->ghost, (uint64_t)h);
+    PyObject *d = digest_obj(h);
+    PyObject *o = d ? PyObject_CallMethod(p->ghost, "pop", "O", d) : NULL;
+    Py_XDECREF(d);
+    if (!o) return -2;
+    long v = o == Py_None ? -1 : PyLong_AsLong(o);
+    Py_DECREF(o);
+    if (v == -1 && PyErr_Occurred()) return -2;
+    return (int)v;
+}
+
+/* ghost.add(digest, origin); ghost.trim(limit) */
+static int lru_ghost_add_trim(Lru *p, Py_hash_t h, int origin, uint64_t limit) {
+    if (Py_TYPE(p->ghost) == &GhostType) {
+        if (g_add((Ghost *)p->ghost, (uint64_t)h, origin) < 0) return -1;
+        g_trim((Ghost *)p->ghost, limit);
+        return 0;
+    }
+    PyObject *d = digest_obj(h);
+    PyObject *o = d ? PyObject_CallMethod(p->ghost, "add", "Oi", d, origin) : NULL;
+    Py_XDECREF(d);
+    if (!o) return -1;
+    Py_DECREF(o);
+    o = PyObject_CallMethod(p->ghost, "trim", "K", (unsigned long long)limit);
+    if (!o) return -1;
+    Py_DECREF(o);
+    return 0;
+}
+
+/* the ghost's live digests by origin */
+static int lru_ghost_counts(Lru *p, uint64_t n[3]) {
+    if (Py_TYPE(p->ghost) == &GhostType) {
+        memcpy(n, ((Ghost *)p->ghost)->n, 3 * sizeof(uint64_t));
+        return 0;
+    }
+    PyObject *c = PyObject_GetAttrString(p->ghost, "counts");
+    if (!c) return -1;
+    int ok = PyArg_ParseTuple(c, "KKK", (unsigned long long *)&n[0], (unsigned long long *)&n[1],
+                              (unsigned long long *)&n[2]);
+    Py_DECREF(c);
+    return ok ? 0 : -1;
+}
+
+/* _ghost_hit: a key put again had left list ``origin`` (the ghost has let it go) */
+static int lru_ghost_hit(Lru *p, int origin) {
+    if (p->rate == 0.0 || origin == L_COLD) return 0;
+    uint64_t n[3];
+    if (lru_ghost_counts(p, n) < 0) return -1;
+    double step = p->rate / (double)(p->resident > 1 ? p->resident : 1);
+    double prob = (double)(n[L_PROB] + 1), prot = (double)(n[L_PROT] + 1);
+    if (origin == L_PROT) {
+        double r = prob / prot, b = p->bonus + step * (r > 1.0 ? r : 1.0);
+        p->bonus = b < p->bonus_max ? b : p->bonus_max;
+    } else {
+        double r = prot / prob, b = p->bonus - step * (r > 1.0 ? r : 1.0);
+        p->bonus = b > 0.0 ? b : 0.0;
+    }
+    return 0;
+}
+
+static int count_up(PyObject *counters, const char *name) {
+    PyObject *v = PyDict_GetItemString(counters, name), *one = PyLong_FromLong(1);
+    PyObject *n = v && one ? PyNumber_Add(v, one) : one;
+    if (n != one) Py_XDECREF(one);
+    if (!n) return -1;
+    int rc = PyDict_SetItemString(counters, name, n);
+    Py_DECREF(n);
+    return rc;
+}
+
+/* d.pop(k, None) is not None; -1 on an error */
+static int dict_take(PyObject *d, PyObject *k, PyObject **val) {
+    PyObject *v = PyDict_GetItemWithError(d, k);
+    if (!v) return PyErr_Occurred() ? -1 : 0;
+    if (val) { Py_INCREF(v); *val = v; }
+    if (PyDict_DelItem(d, k) < 0) { if (val) Py_CLEAR(*val); return -1; }
+    return 1;
+}
+
+/* _push_probation: just behind the chain parent when it was inserted just before */
+static int lru_push_probation(Lru *p, uint32_t rec, int idx, PyObject *k) {
+    PyObject *parent = NULL;
+    if (PyDict_GET_SIZE(p->parents) && dict_take(p->parents, k, &parent) < 0) return -1;
+    Entry *last = (Entry *)p->last;
+    if (parent && last && last->ix == p->t && R(last)->seg == L_PROB) {
+        int lidx = lru_class(p, R(last)->sc);
+        if (lidx < 0) { Py_DECREF(parent); return -1; }
+        int same = 0;
+        if (lidx == idx) {
+            PyObject *lk = get_key(last, NULL);
+            PyObject *tup = lk ? PyTuple_Pack(2, p->t->spaces[R(last)->ns].name, lk) : NULL;
+            Py_XDECREF(lk);
+            same = tup ? PyObject_RichCompareBool(tup, parent, Py_EQ) : -1;
+            Py_XDECREF(tup);
+        }
+        Py_DECREF(parent);
+        if (same < 0) return -1;
+        if (same) {
+            Aux *a = aux_for_write(p->t, rec);
+            if (!a) return -1;
+            p->clock++;  /* an insertion ticks the clock wherever it is linked */
+            a->stamp = L_aux(p->t, last->rec)->stamp;
+            p->t->recs[rec].seg = L_PROB;
+            l_behind(p->t, &p->lists[(size_t)idx * 3 + L_PROB], last->rec, rec);
+            p->resident++;
+            return 0;
+        }
+    } else {
+        Py_XDECREF(parent);
+    }
+    return lru_push(p, rec, L_PROB, idx);
+}
+
+static int lru_not_linked(Lru *p, uint32_t rec) {
+    if (p->t->recs[rec].seg >= 0) {
+        PyErr_Format(PyExc_ValueError, "entry (record %u) is in an eviction list already", rec);
+        return -1;
+    }
+    return 0;
+}
+
+static PyObject *Lru_insert(Lru *p, PyObject *e) {
+    if (lru_ready(p) < 0) return NULL;
+    int64_t rec = lru_rec(p, e);
+    if (rec < 0 || lru_not_linked(p, (uint32_t)rec) < 0) return NULL;
+    int idx = lru_class(p, p->t->recs[rec].sc);
+    if (idx < 0) return NULL;
+    PyObject *k;
+    Py_hash_t h;
+    if (lru_key(p, e, &k, &h) < 0) return NULL;
+    int rc = 0, origin = lru_ghost_pop(p, h);
+    if (origin == -2) {
+        rc = -1;
+    } else if (origin >= 0) {
+        if (lru_ghost_hit(p, origin) < 0 || dict_take(p->tail_hints, k, NULL) < 0 ||
+            count_up(p->counters, "ghost_hits") < 0 || lru_push(p, (uint32_t)rec, L_PROT, idx) < 0)
+            rc = -1;
+        else
+            lru_balance(p, idx);
+    } else {
+        int hinted = dict_take(p->tail_hints, k, NULL);
+        if (hinted < 0)
+            rc = -1;
+        else if (hinted)
+            rc = count_up(p->counters, "cold_inserts") < 0 || lru_push(p, (uint32_t)rec, L_COLD, idx) < 0
+                 ? -1 : 0;
+        else
+            rc = lru_push_probation(p, (uint32_t)rec, idx, k);
+    }
+    Py_DECREF(k);
+    if (rc < 0) return NULL;
+    Py_INCREF(e);
+    Py_XSETREF(p->last, e);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_insert_loaded(Lru *p, PyObject *e) {
+    if (lru_ready(p) < 0) return NULL;
+    int64_t rec = lru_rec(p, e);
+    if (rec < 0 || lru_not_linked(p, (uint32_t)rec) < 0) return NULL;
+    int idx = lru_class(p, p->t->recs[rec].sc);
+    if (idx < 0 || lru_push(p, (uint32_t)rec, L_PROT, idx) < 0) return NULL;
+    lru_balance(p, idx);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_touch(Lru *p, PyObject *e) {
+    if (lru_ready(p) < 0) return NULL;
+    int64_t rec = lru_rec(p, e);
+    if (rec < 0 || lru_touch_rec(p, (uint32_t)rec) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_touch_run(Lru *p, PyObject *entries) {
+    if (lru_ready(p) < 0) return NULL;
+    PyObject *seq = PySequence_Fast(entries, "touch_run(entries): a list of entries");
+    if (!seq) return NULL;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = PySequence_Fast_GET_SIZE(seq) - 1; i >= 0; i--) {  /* deepest first */
+        int64_t rec = lru_rec(p, items[i]);
+        if (rec < 0 || lru_touch_rec(p, (uint32_t)rec) < 0) { Py_DECREF(seq); return NULL; }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_chain_begin(Lru *p, PyObject *unused) {
+    p->lo = p->hi = 0;
+    return PyLong_FromUnsignedLongLong(p->clock);
+}
+
+static PyObject *Lru_chain_end(Lru *p, PyObject *start) {
+    unsigned long long s = PyLong_AsUnsignedLongLong(start);
+    if (s == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
+    p->lo = s;
+    p->hi = p->clock;
+    Py_RETURN_NONE;
+}
+
+static PyObject *Lru_touch_chain(Lru *p, PyObject *entries) {
+    uint64_t start = p->clock;
+    p->lo = p->hi = 0;
+    PyObject *r = Lru_touch_run(p, entries);
+    p->lo = start;
+    p->hi = p->clock;
+    return r;
+}
+
+static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObject *kwnames) {
+    if (lru_ready(p) < 0) return NULL;
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (n < 1 || n + nkw > 2 ||
+        (nkw && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "evicted") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "remove(entry, evicted=False)");
+        return NULL;
+    }
+    int evicted = n + nkw == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (evicted < 0) return NULL;
+    int64_t rec = lru_rec(p, args[0]);
+    if (rec < 0) return NULL;
+    int seg = p->t->recs[rec].seg;
+    Py_hash_t h = 0;
+    /* the digest first (the key of a keyless entry is read from NVMe and may fail):
+       an error leaves the entry linked */
+    if (evicted && lru_key(p, args[0], NULL, &h) < 0) return NULL;
+    if (seg >= 0) {
+        int idx = lru_class(p, p->t->recs[rec].sc);
+        if (idx < 0) return NULL;
+        l_remove(p->t, &p->lists[(size_t)idx * 3 + seg], (uint32_t)rec);
+        p->t->recs[rec].seg = -1;
+        p->resident--;
+        aux_settle(p->t, (uint32_t)rec);
+    }
+    if (evicted) {
+        uint64_t limit = p->resident > (int64_t)p->ghost_min ? (uint64_t)p->resident : p->ghost_min;
+        if (lru_ghost_add_trim(p, h, seg < 0 ? L_COLD : seg, limit) < 0) return NULL;
+    }
+    Py_RETURN_NONE;
+}
+
+/* evictable: refs == 0 and not pinned at now (Entry.pinned); 1, 0, or -1 on an error */
+static int lru_evictable_at(Table *t, uint32_t rec, double now) {
+    Aux *a = L_aux(t, rec);
+    if (a && a->refs) return 0;
+    if (!(t->recs[rec].flags & F_PIN)) return 1;
+    PyObject *k = PyLong_FromUnsignedLong(rec);
+    if (!k) return -1;
+    PyObject *v = PyDict_GetItemWithError(t->pins, k);
+    Py_DECREF(k);
+    if (!v) return PyErr_Occurred() ? -1 : 1;
+    long pins = PyLong_AsLong(PyList_GET_ITEM(v, 0));
+    double until = PyFloat_AsDouble(PyList_GET_ITEM(v, 1));
+    if (PyErr_Occurred()) return -1;
+    return !(pins > 0 && until > now);
+}
+
+static int lru_evictable(Lru *p, uint32_t rec, PyObject *fn, double now) {
+    if (!fn) return lru_evictable_at(p->t, rec, now);
+    PyObject *v = view_of(p->t, rec);
+    if (!v) return -1;
+    PyObject *r = PyObject_CallOneArg(fn, v);
+    Py_DECREF(v);
+    if (!r) return -1;
+    int b = PyObject_IsTrue(r);
+    Py_DECREF(r);
+    return b;
+}
+
+/* _tail: the oldest evictable record of list seg, NOREC if none, or -1 on an error;
+   the unevictable ones met move to the head (each looked at once) */
+static int64_t lru_tail(Lru *p, int idx, int seg, PyObject *fn, double now) {
+    LList *L = &p->lists[(size_t)idx * 3 + seg];
+    for (uint64_t i = 0, n = L->count; i < n; i++) {
+        uint32_t rec = L->tail;
+        int ok = lru_evictable(p, rec, fn, now);
+        if (ok < 0) return -1;
+        if (ok) return rec;
+        if (L->count == 1) return NOREC;
+        /* a callable may have changed the lists: only move a record still at the tail */
+        if (L->tail != rec) {
+            PyErr_SetString(PyExc_RuntimeError, "evictable() changed the eviction lists");
+            return -1;
+        }
+        l_remove(p->t, L, rec);
+        l_push(p->t, L, rec);
+    }
+    return NOREC;
+}
+
+static int lru_index_arg(Lru *p, PyObject *o) {
+    long x = PyLong_Check(o) ? PyLong_AsLong(o) : -2;
+    if (x == -1 && PyErr_Occurred()) return -1;
+    if (x < 0 || x >= (long)p->nclasses) {
+        PyErr_Format(PyExc_ValueError, "size class index must be an int in [0, %u)", p->nclasses);
+        return -1;
+    }
+    return (int)x;
+}
+
+/* victim(sc_index, evictable): evictable is the time ``now`` (a number: refs == 0 and not
+   pinned at now, tested here) or a callable taking the entry */
+static PyObject *Lru_victim(Lru *p, PyObject *const *args, Py_ssize_t n) {
+    if (lru_ready(p) < 0) return NULL;
+    if (n != 2) {
+        PyErr_SetString(PyExc_TypeError, "victim(sc_index, now | evictable)");
+        return NULL;
+    }
+    int idx = lru_index_arg(p, args[0]);
+    if (idx < 0) return NULL;
+    PyObject *fn = NULL;
+    double now = 0.0;
+    if (PyFloat_Check(args[1]) || PyLong_Check(args[1])) {
+        now = PyFloat_AsDouble(args[1]);
+        if (now == -1.0 && PyErr_Occurred()) return NULL;
+    } else if (PyCallable_Check(args[1])) {
+        fn = args[1];
+    } else {
+        PyErr_SetString(PyExc_TypeError, "victim(sc_index, evictable): a time or a callable");
+        return NULL;
+    }
+    LList *L = &p->lists[(size_t)idx * 3];
+    int64_t v = NOREC, prob = NOREC, prot = NOREC;
+    if (L[L_COLD].count && (v = lru_tail(p, idx, L_COLD, fn, now)) < 0) return NULL;
+    if (v == NOREC) {
+        if (L[L_PROB].count && (prob = lru_tail(p, idx, L_PROB, fn, now)) < 0) return NULL;
+        if (L[L_PROT].count && (prot = lru_tail(p, idx, L_PROT, fn, now)) < 0) return NULL;
+        if (prob == NOREC) {
+            v = prot;
+        } else if (prot == NOREC) {
+            v = prob;
+        } else {
+            double sp = (double)L_aux(p->t, (uint32_t)prot)->stamp;
+            double sb = (double)L_aux(p->t, (uint32_t)prob)->stamp;
+            v = sp + p->bonus * (double)(p->resident > 1 ? p->resident : 1) < sb ? prot : prob;
+        }
+    }
+    if (v == NOREC) Py_RETURN_NONE;
+    return view_of(p->t, (uint32_t)v);
+}
+
+static PyObject *Lru_count(Lru *p, PyObject *o) {
+    if (lru_ready(p) < 0) return NULL;
+    int idx = lru_index_arg(p, o);
+    if (idx < 0) return NULL;
+    LList *L = &p->lists[(size_t)idx * 3];
+    return PyLong_FromUnsignedLongLong(L[0].count + L[1].count + L[2].count);
+}
+
+/* order(sc_index, seg): the list's entries, head (newest) first (tests, tools) */
+static PyObject *Lru_order(Lru *p, PyObject *args) {
+    int idx, seg;
+    if (lru_ready(p) < 0 || !PyArg_ParseTuple(args, "ii:order", &idx, &seg)) return NULL;
+    if (idx < 0 || (uint32_t)idx >= p->nclasses || seg < 0 || seg > 2) {
+        PyErr_SetString(PyExc_ValueError, "order(sc_index, seg): out of range");
+        return NULL;
+    }
+    LList *L = &p->lists[(size_t)idx * 3 + seg];
+    PyObject *out = PyList_New(0);
+    uint64_t k = 0;
+    for (uint32_t r = L->head; out && r != NOREC; r = L_aux(p->t, r)->older) {
+        PyObject *v = ++k > L->count ? NULL : view_of(p->t, r);
+        if (!v) {
+            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "eviction list longer than its count");
+            Py_CLEAR(out);
+            break;
+        }
+        int rc = PyList_Append(out, v);
+        Py_DECREF(v);
+        if (rc < 0) Py_CLEAR(out);
+    }
+    return out;
+}
+
+static PyObject *Lru_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
+    static char *kwlist[] = {"table", "nclasses", "ghost", "tail_hints", "parents", "counters",
+                             "protected_share", "age_bonus", "adapt_rate", "bonus_max",
+                             "ghost_min", NULL};
+    PyObject *table, *ghost, *hints, *parents, *counters;
+    int nclasses;
+    double share, bonus, rate, bmax;
+    unsigned long long gmin;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O!iOO!O!O!ddddK:Lru", kwlist, &TableType, &table,
+                                     &nclasses, &ghost, &PyDict_Type, &hints, &PyDict_Type, &parents,
+                                     &PyDict_Type, &counters, &share, &bonus, &rate, &bmax, &gmin))
+        return NULL;
+    if (nclasses < 1 || nclasses > MAX_CLASSES + 1) {
+        PyErr_Format(PyExc_ValueError, "nclasses must be in [1, %d]", MAX_CLASSES + 1);
+        return NULL;
+    }
+    if (!(share > 0.0 && share < 1.0) || !(bonus >= 0.0 && bonus <= bmax) || !(rate >= 0.0)) {
+        PyErr_SetString(PyExc_ValueError, "protected_share in (0, 1), age_bonus in [0, bonus_max], "
+                        "adapt_rate >= 0");
+        return NULL;
+    }
+    Lru *p = (Lru *)type->tp_alloc(type, 0);
+    if (!p) return NULL;
+    p->lists = PyMem_Calloc((size_t)nclasses * 3, sizeof(LList));
+    if (!p->lists) { Py_DECREF(p); return PyErr_NoMemory(); }
+    for (size_t i = 0; i < (size_t)nclasses * 3; i++) p->lists[i].head = p->lists[i].tail = NOREC;
+    for (size_t i = 0; i <= MAX_CLASSES; i++) p->cidx[i] = -1;
+    p->nclasses = (uint32_t)nclasses;
+    Py_INCREF(table); p->t = (Table *)table;
+    Py_INCREF(ghost); p->ghost = ghost;
+    Py_INCREF(hints); p->tail_hints = hints;
+    Py_INCREF(parents); p->parents = parents;
+    Py_INCREF(counters); p->counters = counters;
+    p->share = share; p->bonus = bonus; p->rate = rate; p->bonus_max = bmax;
+    p->ghost_min = gmin;
+    return (PyObject *)p;
+}
+
+static int Lru_traverse(Lru *p, visitproc visit, void *arg) {
+    Py_VISIT(p->t); Py_VISIT(p->ghost); Py_VISIT(p->tail_hints); Py_VISIT(p->parents);
+    Py_VISIT(p->counters); Py_VISIT(p->last);
+    return 0;
+}
+
+static int Lru_clear(Lru *p) {
+    Py_CLEAR(p->last);
+    Py_CLEAR(p->t);
+    Py_CLEAR(p->ghost); Py_CLEAR(p->tail_hints); Py_CLEAR(p->parents); Py_CLEAR(p->counters);
+    return 0;
+}
+
+static void Lru_dealloc(Lru *p) {
+    PyObject_GC_UnTrack(p);
+    Lru_clear(p);
+    PyMem_Free(p->lists);
+    Py_TYPE(p)->tp_free((PyObject *)p);
+}
+
+static PyObject *Lru_get_clock(Lru *p, void *c) { return PyLong_FromUnsignedLongLong(p->clock); }
+static PyObject *Lru_get_resident(Lru *p, void *c) { return PyLong_FromLongLong(p->resident); }
+static PyObject *Lru_get_bonus(Lru *p, void *c) { return PyFloat_FromDouble(p->bonus); }
+static int Lru_set_bonus(Lru *p, PyObject *v, void *c) {
+    double b = v ? PyFloat_AsDouble(v) : -1.0;
+    if (b == -1.0 && PyErr_Occurred()) return -1;
+    if (!(b >= 0.0 && b <= p->bonus_max)) {
+        PyErr_SetString(PyExc_ValueError, "age_bonus must be in [0, bonus_max]");
+        return -1;
+    }
+    p->bonus = b;
+    return 0;
+}
+static PyObject *Lru_get_ghost(Lru *p, void *c) {
+    if (lru_ready(p) < 0) return NULL;
+    Py_INCREF(p->ghost);
+    return p->ghost;
+}
+static int Lru_set_ghost(Lru *p, PyObject *v, void *c) {
+    if (!v) { PyErr_SetString(PyExc_AttributeError, "cannot delete Lru.ghost"); return -1; }
+    Py_INCREF(v);
+    Py_XSETREF(p->ghost, v);
+    return 0;
+}
+static PyObject *Lru_get_lookup(Lru *p, void *c) {
+    return Py_BuildValue("(KK)", (unsigned long long)p->lo, (unsigned long long)p->hi);
+}
+static PyObject *Lru_get_last(Lru *p, void *c) {
+    PyObject *o = p->last ? p->last : Py_None;
+    Py_INCREF(o);
+    return o;
+}
+
+static PyGetSetDef Lru_getset[] = {
+    {"clock", (getter)Lru_get_clock, NULL, "ticks: one per access or insertion", NULL},
+    {"resident", (getter)Lru_get_resident, NULL, "entries in the lists", NULL},
+    {"age_bonus", (getter)Lru_get_bonus, (setter)Lru_set_bonus, "the adaptive age bonus", NULL},
+    {"ghost", (getter)Lru_get_ghost, (setter)Lru_set_ghost, "the ghost of evicted digests", NULL},
+    {"lookup_clock", (getter)Lru_get_lookup, NULL, "(from, to]: the last lookup's stamps", NULL},
+    {"last_insert", (getter)Lru_get_last, NULL, "the entry inserted last, or None", NULL},
+    {NULL}
+};
+
+static PyMethodDef Lru_methods[] = {
+    {"insert", (PyCFunction)Lru_insert, METH_O, "insert(entry): a newly committed entry"},
+    {"insert_loaded", (PyCFunction)Lru_insert_loaded, METH_O, "insert_loaded(entry): promoted from NVMe"},
+    {"touch", (PyCFunction)Lru_touch, METH_O, "touch(entry): an access"},
+    {"touch_run", (PyCFunction)Lru_touch_run, METH_O, "touch_run(entries): touched deepest first"},
+    {"touch_chain", (PyCFunction)Lru_touch_chain, METH_O, "chain_begin, touch_run, chain_end"},
+    {"chain_begin", (PyCFunction)Lru_chain_begin, METH_NOARGS, "chain_begin() -> start"},
+    {"chain_end", (PyCFunction)Lru_chain_end, METH_O, "chain_end(start)"},
+    {"remove", (PyCFunction)(void (*)(void))Lru_remove, METH_FASTCALL | METH_KEYWORDS,
+     "remove(entry, evicted=False): unlink; evicted: its digest goes to the ghost"},
+    {"victim", (PyCFunction)(void (*)(void))Lru_victim, METH_FASTCALL,
+     "victim(sc_index, now | evictable) -> entry | None"},
+    {"count", (PyCFunction)Lru_count, METH_O, "count(sc_index): entries of the class"},
+    {"order", (PyCFunction)Lru_order, METH_VARARGS, "order(sc_index, seg): entries, newest first"},
+    {NULL}
+};
+
+static PyTypeObject LruType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "kvstored._index.Lru",
+    .tp_doc = "Lru(table, nclasses, ghost, tail_hints, parents, counters, protected_share, "
+              "age_bonus, adapt_rate, bonus_max, ghost_min): the eviction lists of a packed index "
+              "(kvstored/engine/eviction.py NativePolicy).",
+    .tp_basicsize = sizeof(Lru),
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_HAVE_GC,
+    .tp_new = Lru_new,
+    .tp_dealloc = (destructor)Lru_dealloc,
+    .tp_traverse = (traverseproc)Lru_traverse,
+    .tp_clear = (inquiry)Lru_clear,
+    .tp_methods = Lru_methods,
+    .tp_getset = Lru_getset,
+};
+
 static PyObject *mod_set_full_error(PyObject *m, PyObject *cls) {
     if (!PyType_Check(cls) || !PyType_IsSubtype((PyTypeObject *)cls, (PyTypeObject *)PyExc_OverflowError)) {
         PyErr_SetString(PyExc_TypeError, "set_full_error(cls): cls must subclass OverflowError");
@@ -2424,7 +3121,7 @@ static struct PyModuleDef moddef = {
 
 PyMODINIT_FUNC PyInit__index(void) {
     if (PyType_Ready(&EntryType) < 0 || PyType_Ready(&TableType) < 0 || PyType_Ready(&IterType) < 0 ||
-        PyType_Ready(&GhostType) < 0)
+        PyType_Ready(&GhostType) < 0 || PyType_Ready(&LruType) < 0)
         return NULL;
     PyObject *tm = PyImport_ImportModule("time");
     if (!tm) return NULL;
@@ -2437,9 +3134,11 @@ PyMODINIT_FUNC PyInit__index(void) {
     Py_INCREF(&EntryType);
     Py_INCREF(&TableType);
     Py_INCREF(&GhostType);
+    Py_INCREF(&LruType);
     if (PyModule_AddObject(m, "Entry", (PyObject *)&EntryType) < 0 ||
         PyModule_AddObject(m, "Table", (PyObject *)&TableType) < 0 ||
         PyModule_AddObject(m, "Ghost", (PyObject *)&GhostType) < 0 ||
+        PyModule_AddObject(m, "Lru", (PyObject *)&LruType) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(Rec)) < 0 ||
         PyModule_AddIntConstant(m, "MAX_KEY", MAX_KEY) < 0) {
         Py_DECREF(m);

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Callable
 from kvstore.errors import NoSpace
 
 from .arena import Arena, SizeClass
-from .eviction import Policy
+from .eviction import make_policy
 
 if TYPE_CHECKING:
     from .entries import Entry, Index
@@ -32,7 +32,7 @@ class DramTier:
         index.use_slab_size(self.arena.slab_size)  # its slot map is laid out per slab
         if limits.prefault:
             self.arena.prefault_in_background()
-        self.policy = Policy(len(self.arena.classes))
+        self.policy = make_policy(len(self.arena.classes), index)
         self.objects = 0  # committed entries holding a slot
         self.demoting_bytes = 0  # bytes being written to NVMe (their slots free afterwards)
         self._draining = None  # the slab being emptied for another class, if any
@@ -91,12 +91,8 @@ class DramTier:
             return off
         # class full and no free slab: evict in this class, else empty a slab elsewhere
         now = self.clock()
-
-        def evictable(e: Entry) -> bool:
-            return e.refs == 0 and not e.pinned(now)
-
         for _ in range(8):  # demotions free their slot later; a drop frees it now
-            victim = self.policy.victim(sc.index, evictable)
+            victim = self.policy.victim_at(sc.index, now)
             if victim is None:
                 break
             # the victim is of class sc: its slot, freed by the eviction, is taken as it
@@ -221,10 +217,6 @@ class DramTier:
             return 0
         target = self.limits.low_watermark * a.size
         now = self.clock()
-
-        def evictable(e: Entry) -> bool:
-            return e.refs == 0 and not e.pinned(now)
-
         n = 0
         stuck: set[int] = set()
         pol = self.policy
@@ -232,7 +224,7 @@ class DramTier:
             # the class holding the most bytes gives up the next victim
             sc = max((c for c in a.classes if c.index not in stuck),
                      key=lambda c: pol.count(c.index) * c.slot_size)
-            v = pol.victim(sc.index, evictable)
+            v = pol.victim_at(sc.index, now)
             if v is None:
                 stuck.add(sc.index)
                 continue

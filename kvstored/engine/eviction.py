@@ -38,8 +38,16 @@ numbers in benchmarks/RESULTS.md). What the trace taught:
 Every operation is O(1) (amortised where unevictable entries are skipped). Entries
 are linked through their own ``newer``/``older`` fields; ``seg`` says which list.
 Pinned, referenced and reserved slots are never chosen: the caller's ``evictable``
-test decides, and a skipped entry moves to the head of its list so the next search
-does not meet it again.
+test decides (``victim_at(sc, now)``: not read and not pinned at ``now``), and a
+skipped entry moves to the head of its list so the next search does not meet it again.
+
+Two implementations make the same decisions (tests/engine/test_policy_native.py
+replays the Mooncake trace and a synthetic workload with pins, readers and deletes
+through both): ``Policy`` here, over any entries (the dict index's, tests' own), and
+``NativePolicy`` for the packed index, whose lists, clock and age bonus live in C
+(``kvstored._index.Lru``, native/index.c) and link the records' own fields, so a touch
+or an eviction is one C call and builds no view of a neighbour (``make_policy``
+picks it when the index is the packed one).
 """
 from __future__ import annotations
 
@@ -216,6 +224,17 @@ class _List:
         self.count -= 1
 
 
+def _check(protected_share, age_bonus, adapt_rate, bonus_max, ghost_min) -> None:
+    if not 0 < protected_share < 1:
+        raise ValueError("protected_share must be in (0, 1)")
+    if not 0 <= age_bonus <= bonus_max:
+        raise ValueError("age_bonus must be in [0, bonus_max]")
+    if adapt_rate < 0:
+        raise ValueError("adapt_rate must be >= 0")
+    if ghost_min < 0:
+        raise ValueError("ghost_min must be >= 0")
+
+
 class ClassQueues:
     """The three lists of one size class."""
 
@@ -248,14 +267,7 @@ class Policy:
                  ghost_min: int = 64, hint_limit: int = 4096,
                  parent_limit: int = 16384, adapt_rate: float = 8.0,
                  bonus_max: float = 8.0, ghost: str = "auto"):
-        if not 0 < protected_share < 1:
-            raise ValueError("protected_share must be in (0, 1)")
-        if not 0 <= age_bonus <= bonus_max:
-            raise ValueError("age_bonus must be in [0, bonus_max]")
-        if adapt_rate < 0:
-            raise ValueError("adapt_rate must be >= 0")
-        if ghost_min < 0:
-            raise ValueError("ghost_min must be >= 0")
+        _check(protected_share, age_bonus, adapt_rate, bonus_max, ghost_min)
         self.queues = [ClassQueues() for _ in range(nclasses)]
         self.protected_share = protected_share
         self.age_bonus = age_bonus
@@ -371,6 +383,10 @@ class Policy:
                     del par[next(iter(par))]
 
     # --------------------------------------------------------------- victims
+    def victim_at(self, sc_index: int, now: float):
+        """``victim`` of the entries neither read (refs) nor pinned at ``now``."""
+        return self.victim(sc_index, lambda e: e.refs == 0 and not e.pinned(now))
+
     def victim(self, sc_index: int, evictable: Callable[[object], bool]):
         """The next entry of class ``sc_index`` to evict, or None if none is evictable."""
         lists = self.queues[sc_index].lists
@@ -455,3 +471,83 @@ class Policy:
             lst.remove(e)
             lst.push_head(e)
         return None
+
+
+class NativePolicy(Policy):
+    """``Policy`` for the packed index with its lists in C (``kvstored._index.Lru``,
+    native/index.c): the same decisions (tests/engine/test_policy_native.py replays
+    workloads through both), made without a Python frame or an ``Entry`` view per
+    neighbour. The lists are the records' own link fields, as with ``Policy``; the list
+    heads, counts, clock, resident count, the last lookup's stamps and the age bonus are
+    the ``Lru``'s. ``note_chain`` and ``in_ghost`` are Policy's, on the dicts and ghost
+    the ``Lru`` shares. ``victim(sc, evictable)`` takes the time ``now`` (refs and pins are
+    tested in C) or a callable, as Policy's."""
+
+    def __init__(self, nclasses: int, index, *, protected_share: float = 0.5,
+                 age_bonus: float = 1.0, ghost_min: int = 64, hint_limit: int = 4096,
+                 parent_limit: int = 16384, adapt_rate: float = 8.0,
+                 bonus_max: float = 8.0, ghost: str = "auto"):
+        from kvstored._index import Lru
+        _check(protected_share, age_bonus, adapt_rate, bonus_max, ghost_min)
+        self.protected_share = protected_share
+        self.ghost_min = ghost_min
+        self.hint_limit = hint_limit
+        self.parent_limit = parent_limit
+        self.adapt_rate = adapt_rate
+        self.bonus_max = bonus_max
+        self.tail_hints = {}
+        self.parents = {}
+        self.counters = {"ghost_hits": 0, "cold_inserts": 0}
+        self.lru = lru = Lru(index, nclasses, make_ghost(ghost), self.tail_hints, self.parents,
+                             self.counters, protected_share, age_bonus, adapt_rate, bonus_max,
+                             ghost_min)
+        # the Lru's methods themselves: no Python frame between the Store and C
+        self.insert = lru.insert
+        self.insert_loaded = lru.insert_loaded
+        self.touch = lru.touch
+        self.touch_run = lru.touch_run
+        self.touch_chain = lru.touch_chain
+        self.chain_begin = lru.chain_begin
+        self.chain_end = lru.chain_end
+        self.remove = lru.remove
+        self.victim = lru.victim
+        self.victim_at = lru.victim
+        self.count = lru.count
+
+    @property
+    def ghost(self):
+        return self.lru.ghost
+
+    @ghost.setter
+    def ghost(self, g) -> None:
+        self.lru.ghost = g
+
+    @property
+    def age_bonus(self) -> float:
+        return self.lru.age_bonus
+
+    @age_bonus.setter
+    def age_bonus(self, v: float) -> None:
+        self.lru.age_bonus = v
+
+    @property
+    def clock(self) -> int:
+        return self.lru.clock
+
+    @property
+    def resident(self) -> int:
+        return self.lru.resident
+
+    def order(self, sc_index: int, seg: int) -> list:
+        """The entries of one list, newest first."""
+        return self.lru.order(sc_index, seg)
+
+
+def make_policy(nclasses: int, index, kind: str = "auto", **kw) -> Policy:
+    """The DRAM tier's policy: ``native`` (NativePolicy: lists in C; the packed index
+    only), ``python`` (Policy) or ``auto`` (native when ``index`` is the packed one)."""
+    if kind not in ("auto", "native", "python"):
+        raise ValueError(f"policy must be auto, native or python, not {kind!r}")
+    if kind == "native" or (kind == "auto" and getattr(index, "kind", None) == "packed"):
+        return NativePolicy(nclasses, index, **kw)
+    return Policy(nclasses, **kw)

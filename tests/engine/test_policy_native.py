@@ -1,0 +1,269 @@
+"""The eviction lists in C (eviction.NativePolicy over kvstored._index.Lru) against the
+Python Policy: workloads replayed through a Store with each must evict the same keys in
+the same order, hit the same and leave the same lists; and the native calls' own
+contract (typed errors, views that stay current, records kept while linked)."""
+from __future__ import annotations
+
+import gc
+import importlib.util
+import os
+import random
+import sys
+
+import pytest
+
+from kvstore.errors import NoSpace
+from kvstored.engine import Store, StoreLimits
+from kvstored.engine.entries import INDEX_ENV
+from kvstored.engine.eviction import COLD, NONE, PROBATION, PROTECTED, NativePolicy, Policy
+
+HAVE_NATIVE = importlib.util.find_spec("kvstored._index") is not None
+pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason="kvstored._index is not built")
+TRACE = os.environ.get("KVSTORE_TRACE", "/work/shared/traces/mooncake_conversation_trace.jsonl")
+KiB = 1 << 10
+NS = b"ns"
+# (index, policy): the dict index has only the Python policy
+CONFIGS = [("dict", "python"), ("packed", "python"), ("packed", "native")]
+
+
+@pytest.fixture(autouse=True)
+def index_kind(monkeypatch):
+    """Overrides the engine conftest's parametrisation: each test picks its indexes."""
+    monkeypatch.delenv(INDEX_ENV, raising=False)
+
+
+def make_store(monkeypatch, index: str, policy: str, dram: int) -> Store:
+    monkeypatch.setenv(INDEX_ENV, index)
+    s = Store(StoreLimits(dram_size=dram, slab_size=64 * KiB, max_value_size=64 * KiB,
+                          hugepages=False, prefault=False, put_wait_timeout=0.0,
+                          high_watermark=1.0, low_watermark=1.0))
+    assert isinstance(s.policy, NativePolicy) == (index == "packed")
+    if policy == "python" and index == "packed":  # before any put: nothing is linked yet
+        s.dram.policy = s.policy = Policy(len(s.arena.classes))
+    return s
+
+
+def lists_of(p, nclasses: int) -> list:
+    """Every list's keys, newest first."""
+    out = []
+    for c in range(nclasses):
+        for seg in (PROBATION, PROTECTED, COLD):
+            if isinstance(p, NativePolicy):
+                out.append([e.key for e in p.order(c, seg)])
+            else:
+                keys, e = [], p.queues[c].lists[seg].head
+                while e is not None:
+                    keys.append(e.key)
+                    e = e.older
+                out.append(keys)
+    return out
+
+
+def replay(monkeypatch, index: str, policy: str, reqs: list, dram: int, extras: bool,
+           seed: int = 5) -> dict:
+    """Each request a chain of block ids, as an inference engine drives the store: look
+    the chain up, read the hit prefix, put the rest (a stored block again is a dedup, an
+    access). ``extras``: also pins, readers held across requests, exists, deletes and
+    blocks of a second size class. Returns every decision."""
+    rnd = random.Random(seed)
+    s = make_store(monkeypatch, index, policy, dram)
+    victims: list = []
+    evict = s.dram.evict
+
+    def recording_evict(e):
+        victims.append(e.key)
+        return evict(e)
+
+    s.dram.evict = recording_evict
+    hits, refused = [], 0
+    held: list = []  # readers holding entries across requests
+    pinned: list = []
+    try:
+        for i, chain in enumerate(reqs):
+            keys = [b"b%d" % b for b in chain]
+            n = s.lookup(NS, keys)
+            hits.append(n)
+            for k in keys[:n]:
+                e = s.acquire(NS, k)
+                if extras and rnd.random() < 0.02:
+                    held.append(e)
+                else:
+                    s.release(e)
+            for k, b in zip(keys[n:], chain[n:]):
+                size = 3 * KiB if extras and b % 5 == 0 else KiB
+                try:
+                    s.put_bytes(NS, k, bytes([b % 251]) * size)
+                except NoSpace:
+                    refused += 1
+            if not extras:
+                continue
+            if rnd.random() < 0.05:
+                ks = rnd.sample(keys, min(3, len(keys)))
+                s.pin(NS, ks, ttl=600)
+                pinned.append(ks)
+            if pinned and rnd.random() < 0.05:
+                s.unpin(NS, pinned.pop(0))
+            if held and rnd.random() < 0.3:
+                s.release(held.pop(0))
+            if rnd.random() < 0.1:
+                hits.append(sum(s.exists(NS, rnd.sample(keys, min(4, len(keys))))))
+            if rnd.random() < 0.03:
+                s.delete(NS, [rnd.choice(keys)])
+        p = s.policy
+        return {"victims": victims, "hits": hits, "refused": refused,
+                "counters": dict(p.counters), "age_bonus": p.age_bonus, "clock": p.clock,
+                "resident": p.resident, "ghost": p.ghost.counts,
+                "lists": lists_of(p, len(s.arena.classes)),
+                "store": {k: s.counters[k] for k in ("hits", "misses", "evictions", "dedups")}}
+    finally:
+        for e in held:
+            s.release(e)
+        s.close()
+
+
+def _trace_sim():
+    here = os.path.dirname(os.path.abspath(__file__))
+    sys.path.insert(0, os.path.join(here, "..", "..", "benchmarks"))
+    try:
+        import trace_sim
+    finally:
+        sys.path.pop(0)
+    return trace_sim
+
+
+@pytest.mark.parametrize("source", ["mooncake", "synthetic"])
+def test_trace_replay_decides_the_same_with_the_lists_in_c(monkeypatch, source):
+    ts = _trace_sim()
+    if source == "mooncake":
+        if not os.path.exists(TRACE):
+            pytest.skip(f"no trace at {TRACE}")
+        reqs = ts.load_trace(TRACE, limit=600)
+    else:
+        reqs = ts.synthetic_trace(n=300, seed=4)
+    # about 10 % of the unique blocks (1 KiB slots, 64 KiB slabs)
+    dram = max(4, ts.unique_blocks(reqs) // 10 // 64) * 64 * KiB
+    out = [replay(monkeypatch, i, p, reqs, dram, extras=False) for i, p in CONFIGS]
+    assert len(out[0]["victims"]) > 1000 and out[0]["counters"]["ghost_hits"] > 0
+    assert sum(out[0]["hits"]) > 0
+    for o in out[1:]:
+        assert o == out[0]
+
+
+def test_synthetic_replay_with_pins_readers_deletes_and_two_classes(monkeypatch):
+    ts = _trace_sim()
+    reqs = ts.synthetic_trace(n=400, seed=9)
+    out = [replay(monkeypatch, i, p, reqs, 512 * KiB, extras=True) for i, p in CONFIGS]
+    a = out[0]
+    assert len(a["victims"]) > 1000 and a["counters"]["ghost_hits"] > 0
+    assert a["counters"]["cold_inserts"] > 0 and a["store"]["dedups"] > 0
+    classes = [i // 3 for i, keys in enumerate(a["lists"]) if keys]
+    assert len(set(classes)) == 2  # both sizes' classes hold entries
+    for o in out[1:]:
+        assert o == a
+
+
+# ------------------------------------------------------------ the native calls
+@pytest.fixture()
+def store(monkeypatch):
+    s = make_store(monkeypatch, "packed", "native", 256 * KiB)
+    yield s
+    s.close()
+
+
+def sc(store) -> int:
+    """The size class of the KiB objects these tests put."""
+    return store.arena.class_for(KiB).index
+
+
+def test_a_held_view_reads_what_the_c_lists_wrote(store):
+    for i in range(4):
+        store.put_bytes(NS, b"k%d" % i, bytes(KiB))
+    e = store.index.get(NS, b"k1")
+    assert e.seg == PROBATION
+    before = e.stamp
+    store.exists(NS, [b"k1"])
+    assert e.seg == PROTECTED and e.stamp > before and e.newer is None
+    p = store.policy
+    assert [x.key for x in p.order(sc(store), PROTECTED)] == [b"k1"]
+    assert [x.key for x in p.order(sc(store), PROBATION)] == [b"k3", b"k2", b"k0"]
+    assert e.older is None and store.index.get(NS, b"k2").older is store.index.get(NS, b"k0")
+
+
+def test_native_calls_refuse_what_is_not_theirs(store, monkeypatch):
+    store.put_bytes(NS, b"a", bytes(KiB))
+    p = store.policy
+    e = store.index.get(NS, b"a")
+    with pytest.raises(TypeError):
+        p.touch(object())
+    with pytest.raises(TypeError):
+        p.touch_run([e, "x"])
+    with pytest.raises(ValueError, match="already"):
+        p.insert(e)
+    with pytest.raises(ValueError, match="size class index"):
+        p.victim(99, 0.0)
+    with pytest.raises(ValueError, match="size class index"):
+        p.count(-1)
+    with pytest.raises(TypeError):
+        p.victim(0, "soon")
+    with pytest.raises(ValueError):
+        p.age_bonus = -1.0
+    other = make_store(monkeypatch, "packed", "native", 256 * KiB)
+    try:
+        other.put_bytes(NS, b"a", bytes(KiB))
+        with pytest.raises(KeyError, match="another index"):
+            p.touch(other.index.get(NS, b"a"))
+    finally:
+        other.close()
+    assert p.count(sc(store)) == 1 and p.resident == 1  # nothing changed by the refusals
+
+
+def test_victim_skips_read_and_pinned_entries_and_takes_a_callable(store):
+    for i in range(3):
+        store.put_bytes(NS, b"k%d" % i, bytes(KiB))
+    p, now, c = store.policy, store.clock(), sc(store)
+    r = store.acquire(NS, b"k0")
+    store.pin(NS, [b"k1"], ttl=60)
+    v = p.victim(c, now)
+    assert v.key == b"k2"
+    p.remove(v)
+    assert p.victim(c, now) is None  # one bounded pass, then None
+    assert p.victim(c, now + 120).key == b"k1"  # the pin's lease is over by then
+    store.release(r)
+    assert p.victim(c, lambda e: e.key == b"k0").key == b"k0"
+    assert p.victim(c, lambda e: False) is None
+    assert p.count(c) == 2
+
+
+def test_a_linked_record_outlives_its_views_until_unlinked(store):
+    """The lists link records by number: a record removed from the index while still
+    linked (no view left) must not be freed and reused under the list."""
+    store.put_bytes(NS, b"a", bytes(KiB))
+    store.put_bytes(NS, b"b", bytes(KiB))
+    ix = store.index
+    e = ix.get(NS, b"a")
+    ix.remove(e)
+    del e
+    gc.collect()
+    store.put_bytes(NS, b"c", bytes(KiB))  # would reuse a freed record
+    keys = [x.key for x in store.policy.order(sc(store), PROBATION)]
+    assert keys == [b"c", b"b", b"a"]
+    e = store.policy.order(sc(store), PROBATION)[2]
+    store.policy.remove(e, evicted=True)
+    assert e.seg == NONE and store.policy.in_ghost(NS, b"a") == PROBATION
+    del e
+    gc.collect()
+    assert [x.key for x in store.policy.order(sc(store), PROBATION)] == [b"c", b"b"]
+
+
+def test_a_store_with_the_native_policy_is_collected(monkeypatch):
+    """Store -> policy -> Lru -> index -> key loader (a Store method) is a cycle: the Lru
+    takes part in the collector's walk, so the Store is freed."""
+    import weakref
+    s = make_store(monkeypatch, "packed", "native", 256 * KiB)
+    s.put_bytes(NS, b"a", bytes(KiB))
+    s.index.set_key_loader(s._nvme_key)
+    ref = weakref.ref(s)
+    s.close()
+    del s
+    gc.collect()
+    assert ref() is None
