@@ -12,6 +12,10 @@ A lag over ``WARN_S`` is also logged (rate-limited like every log line, kvstored
 
 Cost: 40 wake-ups a second, ~20 us of CPU each (<0.1 % of a core).
 
+``LoopLag.recent()`` is the largest lag of the last ``RECENT`` wake-ups: what a request
+arriving now would wait behind, read by repair's pace (kvstored/cluster/repair/pace.py)
+from its own thread.
+
 ``Slices`` mitigates: work for peers and repair that loops over many items on the event
 loop (a Heads call of 4,096 keys, repair's store batches of up to 16 MiB) awaits
 ``slices.turn()`` between items and so gives the loop back every ``SLICE_S``: a client's
@@ -36,6 +40,7 @@ WARN_S = 1.0  # a lag this long is logged: every client waited at least this lon
 # one request at a time gets one answer per turn: with 2 ms turns a reader of 400 gets/s
 # fell behind during a 65,536-key Exists (p99 142-156 ms), with 0.5 ms it did not (22-23)
 SLICE_S = 0.0005
+RECENT = 8  # wake-ups LoopLag.recent() looks back over (~0.2 s)
 
 
 class LoopLag:
@@ -45,6 +50,10 @@ class LoopLag:
         self.hist = LatencyHistogram()
         self.max_s = 0.0
         self._task: asyncio.Task | None = None
+        # the last RECENT lags, a ring: read from other threads without a lock (a list's
+        # items are replaced whole; a reader sees each old or new, never torn)
+        self._recent = [0.0] * RECENT
+        self._at = 0
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -57,10 +66,16 @@ class LoopLag:
     def observe(self, lag: float) -> None:
         lag = max(0.0, lag)
         self.hist.observe(lag)
+        self._recent[self._at] = lag
+        self._at = (self._at + 1) % RECENT
         if lag > self.max_s:
             self.max_s = lag
         if lag >= WARN_S:
             log.warning("event loop blocked: every request waited", extra={"seconds": round(lag, 3)})
+
+    def recent(self) -> float:
+        """The largest lag (seconds) of the last RECENT wake-ups; 0.0 before any."""
+        return max(self._recent)
 
     async def _run(self) -> None:
         clock = time.monotonic  # not loop.time(): uvloop's is cached once per iteration

@@ -324,6 +324,12 @@ class NodeCollector(Collector):
         more = m.repair.more if m.repair is not None else {}
         for key, text in _REPAIR_MORE:
             yield _counter(f"kvstored_repair_{key}", text, more.get(key, 0))
+        pace = m.repair.pace if m.repair is not None else None  # (cluster/repair/pace.py)
+        yield _gauge("kvstored_repair_pace", "The share of its time repair works: 1 = full "
+                     "speed; less while this node's clients wait (cluster.repair_yield_lag).",
+                     pace.pace if pace is not None else 1.0)
+        yield _counter("kvstored_repair_yield_seconds", "Seconds repair waited for this node's "
+                       "clients.", pace.yielded_s if pace is not None else 0.0)
         # ---- the delete fence (kvstored/engine/fence.py): keys deleted lately, which no
         # repair write brings back
         fence = m.store.fence.stats() if getattr(m.store, "fence", None) is not None else {}

@@ -378,10 +378,11 @@ class Node:
             st.degraded = lambda: m.degraded
             self.control.membership = m
             if c.cluster_repair:
-                from kvstored.cluster.repair import LocalStore, RepairAgent, RepairSettings
+                from kvstored.cluster.repair import LocalStore, NodeLoad, RepairAgent, RepairSettings
                 self.repair = RepairAgent(st.node_id,
                                           LocalStore(self.store, asyncio.get_running_loop()), m,
-                                          RepairSettings.from_config(c))
+                                          RepairSettings.from_config(c),
+                                          NodeLoad(self.metrics.loop_lag, self.data_server))
                 self.control.repair = self.metrics.repair = self.repair
                 m.on_change.append(self.repair.wake)
                 self.repair.start()

@@ -6,7 +6,7 @@ then the key bytes, then ``payload_len`` bytes of payload::
     magic    4s  b"KVSD"
     version  u8  1
     op       u8  PUT / GET / PING / AUTH
-    flags    u16 requests: FLAG_OVERWRITE, FLAG_REPAIR (PUT only; other bits on a PUT are
+    flags    u16 requests: FLAG_OVERWRITE, FLAG_REPAIR (PUT and GET; other bits on a PUT are
                  refused), FLAG_NOT_VERIFIED_OK (gets); FLAG_RESPONSE on responses
     req_id   u64 chosen by the client; responses echo it (completion may be out of order)
     status   u16 0 on requests; a kvstore.errors code on responses
@@ -94,7 +94,9 @@ EPOCH_OPS = frozenset((OP_PUT, OP_GET, OP_SHM_GET, OP_SHM_RESERVE, OP_RDMA_PUT,
 FLAG_OVERWRITE = 0x0001
 # PUT from a cluster node's repair agent: refused with errors.Deleted when the key was
 # deleted on the receiving node lately (kvstored/engine/fence.py). Needs the admin scope on
-# the namespace when auth is on (repair presents cluster.token).
+# the namespace when auth is on (repair presents cluster.token). On a GET: a repair agent's
+# read, counted apart from clients' requests (kvstored/cluster/repair/pace.py); nodes of
+# earlier versions ignore it.
 FLAG_REPAIR = 0x0008
 PUT_FLAGS = FLAG_OVERWRITE | FLAG_REPAIR  # the flags a PUT may carry
 # GET, SHM_GET, RDMA_GET: the sender knows errors.NotVerified (a record held back until a

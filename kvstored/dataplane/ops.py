@@ -69,6 +69,7 @@ def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     the key was deleted here lately (kvstored/engine/fence.py): checked before the payload
     is taken, and again right before the commit (a delete may land while it arrives)."""
     s.put_t0 = s.t_in
+    s.counters["repair_requests"] += 1  # not a client's (kvstored/cluster/repair/pace.py)
     rid, n = h.req_id, h.length
     if h.flags & ~PUT_FLAGS:
         return s.reject(OP_PUT, rid, n, errors.InvalidArgument(
@@ -122,6 +123,8 @@ def _dedup_response(rid: int) -> bytes:
 def _get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     if h.flags & FLAG_NOT_VERIFIED_OK:
         s.not_verified_ok = True
+    if h.flags & FLAG_REPAIR:  # a peer's repair read, not a client's (cluster/repair/pace.py)
+        s.counters["repair_requests"] += 1
     s.acquire(h.req_id, ns, key, OP_GET, _send_object)
 
 

@@ -11,6 +11,7 @@ One job per module:
 * ``local.py``: the store calls repair makes, run on the daemon's event loop;
 * ``rebuild.py``: records rebuilt from sources (pyeclib reconstruct, re-indexed copies);
 * ``throttle.py``: the token bucket of ``cluster.repair_rate``;
+* ``pace.py``: yielding to this node's clients while they wait (``cluster.repair_yield_lag``);
 * ``steps.py``: CPU and wall time per step of a pass (logged when a pass ends).
 
 Namespaces repair by the cluster's policy (``kvstore-cli policy set`` / cluster.policies).
@@ -21,7 +22,9 @@ from __future__ import annotations
 
 from .agent import RepairAgent, RepairSettings
 from .local import LocalStore
+from .pace import NodeLoad
 
 # The daemon builds the agent from the narrow things it uses (kvstored/node.py):
-#   RepairAgent(node_id, LocalStore(store, loop), membership, RepairSettings.from_config(c))
-__all__ = ["LocalStore", "RepairAgent", "RepairSettings"]
+#   RepairAgent(node_id, LocalStore(store, loop), membership, RepairSettings.from_config(c),
+#               NodeLoad(loop_lag, data_server))
+__all__ = ["LocalStore", "NodeLoad", "RepairAgent", "RepairSettings"]

@@ -12,7 +12,8 @@ recently read, then most read) in batches of BATCH objects. Per batch:
 one Heads call per peer (and per namespace), all peers at once (an object another node
 leads is asked of its first slot only, see ``_ask``), then ``decide()`` per object (pure,
 no I/O) and the actions carried out in bulk (execute.py), throttled to
-``cluster.repair_rate`` bytes/s.
+``cluster.repair_rate`` bytes/s, and yielding to this node's clients while they wait
+(pace.py: ``cluster.repair_yield_lag``, ``cluster.repair_min_pace``).
 
 Writes and deletes are idempotent (immutable objects, deterministic reconstruction), so
 two nodes acting on the same object at once, or a pass interrupted by a crash, cannot
@@ -34,6 +35,7 @@ from .decide import Local, Obj, Peers, follower, led_by_first
 from .execute import Executor
 from .local import LocalStore
 from .peers import PeerIO
+from .pace import NodeLoad, Pace
 from .steps import Steps, thread_clock
 from .throttle import Throttle
 
@@ -73,8 +75,9 @@ class RepairSettings:
     """The config values the agent uses."""
 
     def __init__(self, delay: float, interval: float, rate: int, token: str | None = None,
-                 tls=None):
+                 tls=None, yield_lag: float = 0.0, min_pace: float = 1.0):
         self.delay, self.interval, self.rate, self.token, self.tls = delay, interval, rate, token, tls
+        self.yield_lag, self.min_pace = yield_lag, min_pace  # pace.py
 
     @classmethod
     def from_config(cls, c) -> "RepairSettings":
@@ -84,13 +87,16 @@ class RepairSettings:
             tls = TLSConfig(ca_file=c.tls_client_ca_file or None, cert_file=c.tls_cert_file,
                             key_file=c.tls_key_file)
         return cls(c.cluster_repair_delay, c.cluster_repair_interval, c.cluster_repair_rate,
-                   c.cluster_token or None, tls)
+                   c.cluster_token or None, tls, c.cluster_repair_yield_lag,
+                   c.cluster_repair_min_pace)
 
 
 class RepairAgent:
-    def __init__(self, node_id: str, store: LocalStore, membership, settings: RepairSettings):
+    def __init__(self, node_id: str, store: LocalStore, membership, settings: RepairSettings,
+                 load: NodeLoad | None = None):
         """``membership``: the node's Membership (epoch, degraded, draining, policies,
-        view(), placement_members()); ``store``: LocalStore."""
+        view(), placement_members()); ``store``: LocalStore; ``load``: what the node's
+        clients see (pace.NodeLoad; None: repair never yields to them)."""
         self.node_id = node_id
         self.store = store
         self.membership = membership
@@ -101,11 +107,12 @@ class RepairAgent:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.rate)
+        self.pace = Pace(settings.yield_lag, settings.min_pace, load)
         self.peers = PeerIO(settings.token, settings.tls, self._count)
         self.steps = Steps()  # where the current (or last) pass spends its time
         self._loop_cpu = None  # the event loop thread's CPU clock (once known)
         self.executor = Executor(store, self.peers, self.throttle, self._count, self._per_peer,
-                                 lambda: self._stop, self.steps)
+                                 lambda: self._stop, self.steps, self.pace)
         self._pool: ThreadPoolExecutor | None = None
         self._started: dict[str, float] = {}  # node_id -> process start (unix s), per pass
         self._peer_epochs: dict[str, int] = {}  # node_id -> epoch of its last Heads answer
@@ -287,6 +294,7 @@ class RepairAgent:
         if self._loop_cpu is None:
             self._loop_cpu = thread_clock(self.store.loop_thread()) or (lambda: 0.0)
         c0, l0, w0 = time.thread_time(), self._loop_cpu(), time.monotonic()
+        y0 = self.pace.yielded_s
         written0 = self.st["records_written"]
         self._led_elsewhere = 0
         objects = 0
@@ -303,6 +311,7 @@ class RepairAgent:
                     "seconds": round(time.monotonic() - w0, 3),
                     "cpu_ms": round((time.thread_time() - c0) * 1e3),
                     "loop_cpu_ms": round((self._loop_cpu() - l0) * 1e3),
+                    "yielded_ms": round((self.pace.yielded_s - y0) * 1e3),
                     "steps_cpu_wall_ms": steps.summary()})
 
     def _pass_body(self, steps: Steps) -> tuple[int, int]:
@@ -341,6 +350,7 @@ class RepairAgent:
         epoch = m.epoch
         self.peers.new_pass()  # peers that do not answer are not asked again this pass
         inflight = None  # (batch, todo, outcome future) of the batch being written
+        self.pace.begin()
 
         def account(batch, todo, outcome) -> None:
             nonlocal pending
@@ -360,6 +370,7 @@ class RepairAgent:
                     self._force_full = True
                     break
                 batch = objs[i:i + BATCH]
+                self.pace.step()  # (the previous batch's last writes, this pass's select)
                 steps.timed("own_heads", self._read_my_heads, batch)
                 c0, w0 = time.thread_time(), time.perf_counter()
                 for o in batch:

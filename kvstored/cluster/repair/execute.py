@@ -14,7 +14,11 @@ rebuilding and writing overlap; at most one chunk is being written while one mor
 built, so at most two chunks' records are held. Off by default: on 2 shared cores with
 every node on them it made passes ~20 % slower (the threads contend for the GIL and the
 cores; nothing waits on a network), see RESULTS.md, issue 13 session 4; where peers are
-other hosts the overlap hides their round trips. Rebuilt records are (header, fragment)
+other hosts the overlap hides their round trips.
+
+Between its steps (each round of reads, a chunk's rebuild, each write call) repair
+yields to this node's clients while they wait (pace.py): it waits in proportion to its
+work, and its chunks and write calls shrink with the pace. Rebuilt records are (header, fragment)
 pairs, sent gathered: the fragment pyeclib returned is not copied behind its header.
 """
 from __future__ import annotations
@@ -29,6 +33,7 @@ from kvstored.engine.fence import MAX_WRITE_AGE_S
 
 from . import pause
 from . import rebuild as rb
+from .pace import Pace
 from .decide import (UNRECOVERABLE, Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reconstruct,
                      Verify, decide)
 from .peers import FENCED
@@ -101,14 +106,16 @@ def _held(o: Obj, acts: list) -> int:
 
 
 class Executor:
-    def __init__(self, store, peers, throttle, count, per_peer, stopping, steps=None):
+    def __init__(self, store, peers, throttle, count, per_peer, stopping, steps=None,
+                 pace: Pace | None = None):
         """``store``: LocalStore; ``peers``: PeerIO; ``throttle``: Throttle; ``count(name,
         n)``: the agent's counters; ``per_peer(fn, jobs)``: run one job per peer at once;
         ``stopping()``: True once the agent is stopping; ``steps``: steps.Steps (where
-        the time goes)."""
+        the time goes); ``pace``: pace.Pace (None: never yields)."""
         self.store, self.peers, self.throttle = store, peers, throttle
         self.count, self.per_peer, self.stopping = count, per_peer, stopping
         self.steps = steps if steps is not None else Steps()
+        self.pace = pace if pace is not None else Pace(0.0, 1.0)
         self._writer: ThreadPoolExecutor | None = None
         self._inflight: Future | None = None  # the chunk being written
         self.pause = pause.point()  # a test's pause point (None outside such tests)
@@ -156,14 +163,15 @@ class Executor:
                 self._report(o, acts)
         self.steps.add("decide", time.thread_time() - c0, time.perf_counter() - w0)
         self.steps.timed("settle", self._settle, objs, plans, ok)
-        # execute in chunks whose records fit MAX_BATCH_BYTES (and REFRESH_S of the throttle)
-        cap = MAX_BATCH_BYTES
+        # execute in chunks whose records fit MAX_BATCH_BYTES (and REFRESH_S of the
+        # throttle), less while yielding to clients (the pace)
+        most = MAX_BATCH_BYTES
         if self.throttle is not None:
-            cap = max(1, min(cap, int(self.throttle.rate * REFRESH_S)))
+            most = max(1, min(most, int(self.throttle.rate * REFRESH_S)))
         start, size = 0, 0
         for i, o in enumerate(objs):
             est = _held(o, plans[i])
-            if i > start and size + est > cap:
+            if i > start and size + est > self.pace.scale(most):
                 self._move(objs[start:i], plans[start:i], ok, start, view.me, decided, heads)
                 start, size = i, 0
                 if refresh is not None and time.monotonic() - decided > REFRESH_S:
@@ -296,6 +304,7 @@ class Executor:
             if not wants:
                 break
             got = steps.timed("read", self._read, wants, me, {})
+            self.pace.step()
             c0, w0 = time.thread_time(), time.perf_counter()
             for (i, o, a, _m, _k), buf in zip(wants, got):
                 recs[i] += rb.usable([buf], a.version, have[i], o.policy)
@@ -329,6 +338,7 @@ class Executor:
                         member, lap = o.slots[j]
                         write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
         steps.add("rebuild", time.thread_time() - c0, time.perf_counter() - w0)
+        self.pace.step()
 
         def finish() -> None:
             if self.pause is not None:
@@ -395,7 +405,10 @@ class Executor:
         (LocalStore.put_many: no loopback round trip, no serving on the other end);
         {tag: [True stored | False identical | FENCED refused | None failed, ...]}. A
         chunk not sent within MAX_WRITE_AGE_S of ``decided`` is not sent (None)."""
+        pace = self.pace
+
         def put(job):
+            pace.begin()  # (a thread of its own with several peers at once)
             member, items = job
             put_many = (self.store.put_many if member.node_id == me
                         else lambda ns, its, overwrite: self.peers.put_many(member, ns, its, overwrite))
@@ -404,12 +417,13 @@ class Executor:
                 groups.setdefault((ns, overwrite), []).append((key, data, tag))
             out = []
             for (ns, overwrite), its in groups.items():
-                for c, e in _chunks([size(d) for _k, d, _t in its], PUT_CHUNK,
-                                    self.throttle.rate * WRITE_S):
+                for c, e in _chunks([size(d) for _k, d, _t in its],
+                                    max(1, int(pace.scale(PUT_CHUNK))), self.throttle.rate * WRITE_S):
                     if self.stopping():
                         out += [(tag, None) for _k, _d, tag in its[c:]]
                         break
                     chunk = its[c:e]
+                    pace.step()
                     self.throttle.take(sum(size(d) for _k, d, _t in chunk))
                     if time.monotonic() - decided > MAX_WRITE_AGE_S:  # past what fences cover
                         self.count("late_writes", len(its) - c)

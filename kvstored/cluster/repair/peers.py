@@ -8,8 +8,10 @@ a batch that fails is retried one object at a time to learn which objects failed
 
 Writes carry FLAG_REPAIR: a node refuses one of a key it saw deleted lately
 (errors.Deleted, kvstored/engine/fence.py), so a delete racing a pass leaves nothing
-behind. They are sent as one pipelined round of PUT frames per call, and every answer is
-read, so each record's outcome is known without a second round.
+behind. Reads carry it too: the peer counts them apart from its clients' requests, so its
+own repair does not take them for clients waiting (pace.py). Both are sent as pipelined
+rounds of frames, and every answer is read, so each record's outcome is known without a
+second round.
 """
 from __future__ import annotations
 
@@ -18,11 +20,13 @@ import threading
 
 from kvstore import errors
 from kvstore._common import value_parts
-from kvstore.wire import FLAG_REPAIR, OP_PUT
+from kvstore.wire import FLAG_NOT_VERIFIED_OK, FLAG_REPAIR, OP_GET, OP_PUT, encode_request
 
 log = logging.getLogger("kvstored.repair")
 
 PEER_TIMEOUT = 3.0  # one call to a peer
+GET_WINDOW = 32  # gets in flight on a connection (the SDK's batch_get window)
+GET_FLAGS = FLAG_NOT_VERIFIED_OK | FLAG_REPAIR  # a held-back record is an answer; repair's read
 FENCED = "fenced"  # a write's outcome: refused, the key was deleted on that node lately
 
 
@@ -85,30 +89,40 @@ class PeerIO:
             return None
 
     def get_many(self, member, ns: bytes, keys: list[bytes]) -> list[bytearray | None]:
-        """The bytes of each key on ``member`` (None where it failed or is absent)."""
+        """The bytes of each key on ``member`` (None where it failed, is absent or held
+        back there: no source), as repair reads (FLAG_REPAIR), checksums verified."""
         if not keys or member.node_id in self.unreachable:
             return [None] * len(keys)
-        c = self.client(member)
+
+        def fetch(conn) -> list:  # rounds of GET_WINDOW; every answer read, errors in place
+            out: list = []
+            for w in range(0, len(keys), GET_WINDOW):
+                order, frames = {}, []
+                for i, k in enumerate(keys[w:w + GET_WINDOW]):
+                    rid = conn.next_id()
+                    order[rid] = i
+                    frames.append(encode_request(OP_GET, rid, ns, k, flags=GET_FLAGS, epoch=conn.epoch))
+                conn.send([b"".join(frames)])
+                out += conn._collect(order, None, True, bytearray, OP_GET, keep_errors=True)
+            return out
+
         try:
-            return list(c.batch_get(keys, namespace=ns.decode()))
-        except errors.NotVerified:
-            pass  # one key held back there (no source): ask one at a time
-        except errors.Unavailable as e:
+            got = self.client(member)._run(fetch)
+        except errors.ChecksumMismatch:  # one record arrived corrupt (raised after all came)
+            return self._get_each(member, ns, keys)
+        except errors.KVStoreError as e:
             self._down(member, e)
             return [None] * len(keys)
-        except errors.KVStoreError:
-            pass  # one key absent (or bad): ask one at a time
-        out: list = []
-        for k in keys:
-            if member.node_id in self.unreachable:
-                out.append(None)
-                continue
-            try:
-                out.append(c.get(k, namespace=ns.decode()))
-            except errors.KVStoreError as e:
-                self._down(member, e)
-                out.append(None)
-        return out
+        except OSError as e:
+            self._down(member, errors.Unavailable(str(e)))
+            return [None] * len(keys)
+        return [None if isinstance(r, errors.KVStoreError) else r for r in got]
+
+    def _get_each(self, member, ns: bytes, keys: list[bytes]) -> list:
+        """``get_many`` one key at a time (to learn which record failed its checksum)."""
+        if len(keys) == 1:
+            return [None]
+        return [self.get_many(member, ns, [k])[0] for k in keys]
 
     def put_many(self, member, ns: bytes, items: list[tuple[bytes, object]],
                  overwrite: bool) -> list:
