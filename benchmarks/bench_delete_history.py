@@ -2,13 +2,15 @@
 """The delete history (kvstored/engine/fence.py DeleteHistory): memory per remembered
 delete, and what it adds to the delete path, in process (no daemon).
 
-    python benchmarks/bench_delete_history.py [--keys 1000000] [--batch 512] [--rounds 3]
+    python benchmarks/bench_delete_history.py [--keys 1000000] [--batch 512] [--rounds 3] [--dir D]
 
 Measured: the history's table bytes (and tracemalloc's count of what it allocated) per
 key after ``--keys`` deletes of 40-byte keys; ``Store.delete_each`` of stored 1 KiB
 objects in batches of ``--batch`` keys, on a Store without and with a history
-(alternated, best of ``--rounds``; the fence's own recording included in both); a
-lookup (``deleted_at``) of remembered and of unknown keys; save and load of the file.
+and with its journal (a file in ``--dir``, appended at each delete call: alternated,
+best of ``--rounds``; the fence's own recording included in all); the journal's cost
+per delete call of one key, and one fsync of it; a lookup (``deleted_at``) of
+remembered and of unknown keys; save and load of the file.
 """
 from __future__ import annotations
 
@@ -65,21 +67,29 @@ def _memory(n: int) -> None:
     print(f"           file {size / 2**20:.1f} MiB: save {save_s * 1e3:.0f} ms, load {load_s * 1e3:.0f} ms")
 
 
-def _store(history: bool) -> Store:
+def _store(history: str, where: str) -> Store:
+    """A Store whose fence keeps no history, a history, or a history and its journal
+    (a file in ``where``: a node's cluster.delete_history_file, written as each delete
+    call is made)."""
     s = Store(StoreLimits(dram_size=256 << 20, slab_size=4 << 20, max_value_size=1 << 20,
                           hugepages=False, prefault=False))
-    if history:
+    if history != "none":
         s.fence.history = DeleteHistory()
+    if history == "journal":
+        from kvstored.cluster.history import Journal
+        journal = s.fence.history.journal = Journal(os.path.join(where, "h.deletes"))
+        journal.rotate(1)
     return s
 
 
-def _delete_path(n: int, batch: int, rounds: int) -> None:
+def _delete_path(n: int, batch: int, rounds: int, where: str) -> None:
     keys = [b"obj-%036d" % i for i in range(n)]
     value = os.urandom(1024)
-    best: dict[bool, float] = {}
+    best: dict[str, float] = {}
     for _ in range(rounds):
-        for history in (False, True):
-            s = _store(history)
+        for history in ("none", "history", "journal"):
+            s = _store(history, where)
+            journal = s.fence.history.journal if s.fence.history is not None else None
             try:
                 for k in keys:
                     s.put_bytes(b"ns", k, value)
@@ -89,10 +99,39 @@ def _delete_path(n: int, batch: int, rounds: int) -> None:
                 dt = (time.perf_counter() - t0) / n
                 best[history] = min(best.get(history, dt), dt)
             finally:
+                if journal is not None:
+                    t0 = time.perf_counter()
+                    journal.sync()
+                    best["sync"] = min(best.get("sync", 1e9), time.perf_counter() - t0)
+                    journal.close()
                 s.close()
     print(f"Store.delete_each, {n} stored 1 KiB objects in batches of {batch}: "
-          f"{best[False] * 1e6:.2f} us/key without a history, {best[True] * 1e6:.2f} us/key with "
-          f"(+{(best[True] - best[False]) * 1e6:.2f} us)")
+          f"{best['none'] * 1e6:.2f} us/key without a history, {best['history'] * 1e6:.2f} us/key "
+          f"with (+{(best['history'] - best['none']) * 1e6:.2f} us), "
+          f"{best['journal'] * 1e6:.2f} us/key with its journal "
+          f"(+{(best['journal'] - best['history']) * 1e6:.2f} us over the history alone)")
+    # one key a delete call, the journal's worst case: DeleteHistory.add_many alone,
+    # without and with the journal, alternated, best of 5
+    from kvstored.cluster.history import Journal
+    one = keys[:20000]
+    for _ in range(5):
+        for journaled in (False, True):
+            h = DeleteHistory()
+            jl = None
+            if journaled:
+                jl = h.journal = Journal(os.path.join(where, "one.deletes"))
+                jl.rotate(1)
+            t0 = time.perf_counter()
+            for k in one:
+                h.add_many(b"ns", (k,), t0)
+            dt = (time.perf_counter() - t0) / len(one)
+            best[journaled] = min(best.get(journaled, dt), dt)
+            if jl is not None:
+                jl.close()
+    print(f"DeleteHistory.add_many of one key a call ({len(one)} calls): {best[False] * 1e6:.2f} us "
+          f"without its journal, {best[True] * 1e6:.2f} us with (+{(best[True] - best[False]) * 1e6:.2f}"
+          f" us: one os.write); an fsync of the journal {best['sync'] * 1e3:.1f} ms (in {where}; "
+          "a node makes one a second at most, on a worker thread)")
 
 
 def main(argv=None) -> int:
@@ -100,10 +139,13 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", type=int, default=1_000_000)
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--dir", default=None, help="where the journal is written (default: the "
+                    "temporary directory; give one on the disk a node would use)")
     a = ap.parse_args(argv)
     for n in sorted({min(a.keys, 100_000), a.keys}):
         _memory(n)
-    _delete_path(min(a.keys, 100_000), a.batch, a.rounds)
+    with tempfile.TemporaryDirectory(dir=a.dir) as where:
+        _delete_path(min(a.keys, 100_000), a.batch, a.rounds, where)
     return 0
 
 

@@ -30,8 +30,9 @@ compact (fingerprint, time) record of every key deleted here over ``horizon`` se
 (24 h by default, ``cluster.delete_horizon``), bounded in count
 (``cluster.delete_history_keys``). It refuses no write; it only answers ``deleted_ago``
 (Heads) for longer, so a node back after a longer absence drops its records of objects
-deleted meanwhile (repair/decide.py) instead of serving them again. Its file, kept
-across restarts: kvstored/cluster/history.py.
+deleted meanwhile (repair/decide.py) instead of serving them again. Its files (a
+snapshot, and a journal each delete call is appended to), kept across restarts and
+crashes: kvstored/cluster/history.py.
 
 Everything runs on the daemon's event loop thread (Store's rule): no locks (but
 ``DeleteHistory.write``, which touches only the snapshot it is given).
@@ -170,8 +171,18 @@ def fingerprint(ns: bytes, key: bytes) -> int:
 
 
 TICK_S = 0.1  # the history's time unit: a delete's time is rounded down to it
-_MAGIC, _VERSION = b"KVDH", 1  # a saved history (DeleteHistory.save)
-_FILE_HEAD = struct.Struct("<4sIdII")
+_MAGIC, _VERSION = b"KVDH", 2  # a saved history (DeleteHistory.save); 2: its generation
+_FILE_HEAD_V1 = struct.Struct("<4sIdII")  # (read still: generation 0)
+_FILE_HEAD = struct.Struct("<4sIdIIQ")
+# the journal of deletes since a snapshot (DeleteHistory.journal, cluster/history.py): a
+# head (magic, version, generation), then one record per delete call: JOURNAL_RECORD
+# (kind, count or name length, wall-clock time), its body (the keys' fingerprints, or
+# the namespace's name), the xxh3-64 of both
+_JOURNAL_MAGIC, _JOURNAL_VERSION = b"KVDJ", 1
+JOURNAL_HEAD = struct.Struct("<4sIQ")
+_JOURNAL_RECORD = struct.Struct("<BxxxId")
+_J_KEYS, _J_NAMESPACE, _J_EVERY_NAMESPACE = 1, 2, 3
+_CHECKSUM = struct.Struct("<Q")
 _TABLE_HEAD = struct.Struct("<IIIddd")
 _NS_HEAD = struct.Struct("<Bd")
 HISTORY_TABLES = 8  # the horizon is spread over this many tables' time spans
@@ -235,22 +246,34 @@ class DeleteHistory:
         self.path: str | None = None  # the file it is kept in across restarts (cluster/history.py)
         self.changes = 0  # calls that recorded something (cluster/history.py saves when it moved)
         self.saves = None  # cluster/history.py: keeps its writes of the file in order
+        # cluster/history.py's Journal: each delete call appended to a file as it is made
+        # (``append(bytes)``, on the loop thread), so a crash loses none; None: not kept
+        self.journal = None
+        self.generation = 0  # of the snapshot loaded (journals before it are in it)
 
     def add_many(self, ns: bytes, keys: Iterable[bytes], now: float) -> None:
         """Each of ``keys`` (bytes) of ``ns`` was deleted at ``now`` (this history's clock)."""
         self.changes += 1
+        prefix = ns + b"\0"
+        h = xxhash.xxh3_64_intdigest
+        fps = [h(prefix + k) or 1 for k in keys]
+        self._insert(fps, now)
+        if self.journal is not None:
+            body = array("Q", fps).tobytes()
+            self.journal.append(_journal_record(_J_KEYS, len(fps), body))
+
+    def _insert(self, new: list[int], now: float) -> None:
+        """Fingerprints ``new`` deleted at ``now`` (not before the newest table's tick 0:
+        a journal replayed after a wall clock stepped back is put there)."""
         t = self._tables[-1] if self._tables else None
         if t is None or now - t.opened >= self.span:
             t = self._open(now, t)
-        fps, ats, mask, tick = t.fps, t.ats, t.mask, int((now - t.base) / TICK_S)
-        prefix = ns + b"\0"
-        h = xxhash.xxh3_64_intdigest
-        for k in keys:
+        fps, ats, mask, tick = t.fps, t.ats, t.mask, max(0, int((now - t.base) / TICK_S))
+        for fp in new:
             if t.n >= t.limit:
                 t.last = now
                 t = self._open(now, t)
                 fps, ats, mask, tick = t.fps, t.ats, t.mask, 0
-            fp = h(prefix + k) or 1
             i = fp & mask
             while True:  # linear probing (inlined: once per deleted key)
                 f = fps[i]
@@ -263,10 +286,19 @@ class DeleteHistory:
                     break
                 i = (i + 1) & mask
             ats[i] = tick
-        t.last = now
+        if now > t.last:
+            t.last = now
 
     def add_namespace(self, ns: bytes | None, now: float) -> None:
         self.changes += 1
+        self._add_namespace(ns, now)
+        if self.journal is not None:
+            self.journal.append(_journal_record(_J_EVERY_NAMESPACE, 0, b"") if ns is None
+                                else _journal_record(_J_NAMESPACE, len(ns), ns))
+
+    def _add_namespace(self, ns: bytes | None, now: float) -> None:
+        if now <= self._namespaces.get(ns, now - 1):
+            return  # (a replayed journal: a later delete of it is known already)
         self._namespaces[ns] = now
         for n in [n for n, at in self._namespaces.items() if at <= now - self.horizon]:
             del self._namespaces[n]
@@ -330,9 +362,10 @@ class DeleteHistory:
         """Write the history to ``path`` (a temporary file renamed over it); its size."""
         return self.write(path, self.snapshot())
 
-    def snapshot(self) -> list[bytes]:
+    def snapshot(self, generation: int = 0) -> list[bytes]:
         """The file's contents as of now, but its checksum (on the loop thread: a copy of
-        the tables, 48 MiB at 2,000,000 deletes; ``write`` may then run anywhere)."""
+        the tables, 48 MiB at 2,000,000 deletes; ``write`` may then run anywhere).
+        ``generation``: the first journal not in it (cluster/history.py)."""
         now = self.clock()
         parts = [b""]
         for t in self._tables:
@@ -342,7 +375,8 @@ class DeleteHistory:
             name = b"" if ns is None else ns
             parts += [_NS_HEAD.pack(255 if ns is None else len(name), now - at), name]
         parts[0] = _FILE_HEAD.pack(_MAGIC, _VERSION if sys.byteorder == "little" else 0,
-                                   time.time(), len(self._tables), len(self._namespaces))
+                                   time.time(), len(self._tables), len(self._namespaces),
+                                   generation)
         return parts
 
     @staticmethod
@@ -360,6 +394,7 @@ class DeleteHistory:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        sync_dir(path)  # the rename too: the journals it replaces are removed after it
         return sum(len(p) for p in parts) + 8
 
     def load(self, path: str) -> int:
@@ -368,15 +403,23 @@ class DeleteHistory:
         format; OSError when it cannot be read."""
         with open(path, "rb") as f:
             data = f.read()
-        if len(data) < _FILE_HEAD.size + 8 or xxhash.xxh3_64_intdigest(data[:-8]) != \
+        if len(data) < _FILE_HEAD_V1.size + 8 or xxhash.xxh3_64_intdigest(data[:-8]) != \
                 struct.unpack_from("<Q", data, len(data) - 8)[0]:
             raise ValueError("not a whole delete history (truncated, or its checksum differs)")
-        magic, version, saved_wall, n_tables, n_ns = _FILE_HEAD.unpack_from(data)
-        if magic != _MAGIC or version != _VERSION or sys.byteorder != "little":
+        magic, version = struct.unpack_from("<4sI", data)
+        if magic != _MAGIC or version not in (1, _VERSION) or sys.byteorder != "little":
             raise ValueError(f"not a delete history of this version ({magic!r}, {version})")
+        if version == 1:  # (session 13's: no journals)
+            _m, _v, saved_wall, n_tables, n_ns = _FILE_HEAD_V1.unpack_from(data)
+            pos, generation = _FILE_HEAD_V1.size, 0
+        else:
+            if len(data) < _FILE_HEAD.size + 8:
+                raise ValueError("not a whole delete history (its head is cut short)")
+            _m, _v, saved_wall, n_tables, n_ns, generation = _FILE_HEAD.unpack_from(data)
+            pos = _FILE_HEAD.size
         now = self.clock()
         down = max(0.0, time.time() - saved_wall)  # wall time since the save (0 if stepped back)
-        pos, read = _FILE_HEAD.size, 0
+        read = 0
         tables = []
         for _ in range(n_tables):
             slots, n, limit, opened, last, base = _TABLE_HEAD.unpack_from(data, pos)
@@ -401,6 +444,7 @@ class DeleteHistory:
                 self._namespaces[name] = max(self._namespaces.get(name, -1e300), now - age - down)
         if pos != len(data) - 8:
             raise ValueError("a delete history with bytes left over")
+        self.generation = generation
         # older than what this process recorded meanwhile (nothing, when loaded at start)
         self._tables[:0] = tables
         self.total += read
@@ -409,6 +453,63 @@ class DeleteHistory:
             self.total -= old.n
         return read
 
+    def replay(self, data: bytes) -> tuple[int, int, bool]:
+        """Add the deletes of a journal file's contents: (its generation, the deletes
+        read, whether it ended with a whole record). Reading stops at the first record
+        that is cut short or does not verify (the tail a crash left: nothing after it is
+        trusted); deletes past the horizon are skipped. A record's age is the wall-clock
+        time since it was written (never below 0), as a snapshot's ages grow on load.
+        ValueError when the head is not a journal's of this version."""
+        if len(data) < JOURNAL_HEAD.size:
+            raise ValueError("a delete journal without its head")
+        magic, version, generation = JOURNAL_HEAD.unpack_from(data)
+        if magic != _JOURNAL_MAGIC or version != _JOURNAL_VERSION or sys.byteorder != "little":
+            raise ValueError(f"not a delete journal of this version ({magic!r}, {version})")
+        now, wall, since = self.clock(), time.time(), self.clock() - self.horizon
+        pos, read, rec, end = JOURNAL_HEAD.size, 0, _JOURNAL_RECORD.size, len(data)
+        while pos + rec + 8 <= end:
+            kind, count, written = _JOURNAL_RECORD.unpack_from(data, pos)
+            size = 8 * count if kind == _J_KEYS else count if kind == _J_NAMESPACE else 0
+            stop = pos + rec + size
+            if (kind not in (_J_KEYS, _J_NAMESPACE, _J_EVERY_NAMESPACE) or stop + 8 > end
+                    or _CHECKSUM.unpack_from(data, stop)[0]
+                    != xxhash.xxh3_64_intdigest(memoryview(data)[pos:stop])):
+                break
+            at = now - max(0.0, wall - written)
+            if at > since:
+                if kind == _J_KEYS:
+                    self._insert(array("Q", data[pos + rec:stop]), at)
+                else:
+                    self._add_namespace(data[pos + rec:stop] if kind == _J_NAMESPACE else None, at)
+                read += count if kind == _J_KEYS else 1
+            pos = stop + 8
+        return generation, read, pos == end
+
     def stats(self) -> dict:
         return {"keys": self.total, "bytes": sum(t.nbytes() for t in self._tables),
                 "tables": len(self._tables), **self.counters}
+
+
+def journal_head(generation: int) -> bytes:
+    """The first bytes of the journal of ``generation`` (cluster/history.py)."""
+    return JOURNAL_HEAD.pack(_JOURNAL_MAGIC, _JOURNAL_VERSION, generation)
+
+
+def _journal_record(kind: int, count: int, body: bytes) -> bytes:
+    rec = _JOURNAL_RECORD.pack(kind, count, time.time()) + body
+    return rec + _CHECKSUM.pack(xxhash.xxh3_64_intdigest(rec))
+
+
+def sync_dir(path: str) -> None:
+    """fsync the directory holding ``path`` (a rename or a new file in it outlives a
+    power loss); failures ignored (some file systems refuse it)."""
+    try:
+        fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)

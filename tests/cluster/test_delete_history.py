@@ -380,3 +380,135 @@ def test_history_file_beside_the_nvme_tier_file(tmp_path):
     assert history_file(cfg("", str(tmp_path / "h"))) == str(tmp_path / "h")
     assert history_file(cfg()) is None  # no NVMe tier: memory only
     assert history_file(cfg("/dev/null")) is None  # a device: nothing beside it
+
+
+def _history_config(tmp_path, where: str | None = None, nvme: str = ""):
+    from types import SimpleNamespace
+    return SimpleNamespace(cluster_delete_horizon=HOUR, cluster_delete_history_keys=10_000,
+                           cluster_delete_history_file=str(tmp_path / "n.deletes")
+                           if where is None else where, nvme_path=nvme)
+
+
+def _files(tmp_path) -> list[str]:
+    return sorted(p.name for p in tmp_path.iterdir() if p.name.startswith("n.deletes"))
+
+
+def test_journaled_deletes_survive_a_crash_up_to_a_torn_record(tmp_path):
+    """Every delete call is appended to the journal as it is made: a process that dies
+    without saving (nothing of save_history or keep_saving ran) leaves them on disk, and
+    the next start replays them, then writes one snapshot holding them and removes the
+    journals; a record a crash cut short is the end of what is read."""
+    from kvstored.cluster.history import open_history, save_history
+    cfg = _history_config(tmp_path)
+    f = DeleteFence()
+    f.history = h = open_history(cfg)
+    assert _files(tmp_path) == ["n.deletes.journal-1"]  # nothing saved yet: no snapshot
+    f.record(b"ns", [b"a", b"b"])
+    f.record_namespace(b"gone")
+    h.journal.append(b"\x01\x00\x00\x00\xff\xff")  # a record cut short (a torn write)
+    # the process dies here: its journal descriptor is simply left behind
+    g = open_history(cfg)
+    assert g.deleted_at(b"ns", b"a") > float("-inf") and g.deleted_at(b"ns", b"b") > float("-inf")
+    assert g.deleted_at(b"gone", b"any") > float("-inf") and g.deleted_at(b"ns", b"c") == float("-inf")
+    assert g.clock() - g.deleted_at(b"ns", b"a") < 60.0  # aged by the wall clock since written
+    assert _files(tmp_path) == ["n.deletes", "n.deletes.journal-2"]  # compacted at start
+    g.add_many(b"ns", [b"c"], g.clock())
+    k = open_history(cfg)  # a second crash: the snapshot, then journal 2
+    assert all(k.deleted_at(b"ns", x) > float("-inf") for x in (b"a", b"b", b"c"))
+    assert _files(tmp_path) == ["n.deletes", "n.deletes.journal-3"]
+    save_history(k)  # a clean stop: all in the snapshot, no journal left
+    assert _files(tmp_path) == ["n.deletes"]
+    assert open_history(cfg).deleted_at(b"ns", b"c") > float("-inf")
+    for j in (h.journal, g.journal):
+        j.close()
+
+
+def test_keep_saving_syncs_the_journal_and_compacts_it(tmp_path):
+    import asyncio
+
+    from kvstored.cluster.history import keep_saving, open_history, save_history
+    cfg = _history_config(tmp_path)
+    h = open_history(cfg)
+
+    async def run():
+        task = asyncio.get_running_loop().create_task(keep_saving(h, 0.2, 0.02))
+        try:
+            h.add_many(b"ns", [b"a"], h.clock())
+            deadline = time.monotonic() + 30
+            while h.journal.dirty and time.monotonic() < deadline:
+                await asyncio.sleep(0.01)
+            assert not h.journal.dirty  # fsynced by the task
+            while "n.deletes" not in _files(tmp_path) and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
+            while len(_files(tmp_path)) > 2 and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)  # (the old journal goes once the snapshot is in)
+        finally:
+            task.cancel()
+    asyncio.run(run())
+    assert _files(tmp_path) == ["n.deletes", "n.deletes.journal-2"]
+    h.add_many(b"ns", [b"b"], h.clock())  # in journal 2 only
+    g = open_history(cfg)
+    assert g.deleted_at(b"ns", b"a") > float("-inf") and g.deleted_at(b"ns", b"b") > float("-inf")
+    for x in (h, g):
+        save_history(x)
+    assert _files(tmp_path) == ["n.deletes"]
+
+
+def test_without_a_file_the_history_is_memory_only_and_start_up_says_so(tmp_path, caplog):
+    import logging
+
+    from kvstored.cluster.history import open_history
+    with caplog.at_level(logging.WARNING, logger="kvstored.cluster"):
+        h = open_history(_history_config(tmp_path, where=""))  # no NVMe tier, no path
+    assert h.path is None and h.journal is None
+    assert "cluster.delete_history_file" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="kvstored.cluster"):
+        assert open_history(_history_config(tmp_path, where="off")).path is None
+    assert caplog.text == ""  # asked for: nothing to say
+
+
+def test_a_session_13_snapshot_still_loads(tmp_path):
+    from kvstored.engine import fence
+    h = DeleteHistory(HOUR, 1000, clock=Clock(10.0))
+    h.add_many(b"ns", [b"a"], 10.0)
+    parts = h.snapshot()
+    head = fence._FILE_HEAD.unpack(parts[0])
+    parts[0] = fence._FILE_HEAD_V1.pack(head[0], 1, *head[2:5])  # no generation
+    h.write(str(tmp_path / "v1"), parts)
+    g = DeleteHistory(HOUR, 1000, clock=Clock(10.0))
+    assert g.load(str(tmp_path / "v1")) == 1 and g.generation == 0
+
+
+def test_a_node_without_nvme_keeps_its_deletes_through_sigkill(start_daemon, tmp_path):
+    """A real daemon (a cluster node of static peers: no etcd needed; no NVMe tier, its
+    history at cluster.delete_history_file) deletes keys and a namespace, is SIGKILLed,
+    and answers Heads for them after its restart: the journal had them on disk."""
+    import signal
+    import socket
+
+    import kvstore
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        dead = f"127.0.0.1:{s.getsockname()[1]}"
+    cfg = tmp_path / "n.toml"
+    cfg.write_text(f'[node]\nid = "solo"\n[cluster]\nenabled = true\nrepair = false\n'
+                   f'static_peers = "{dead}"\n'
+                   f'delete_history_file = "{tmp_path / "n.deletes"}"\n')
+    d = start_daemon("--config", str(cfg))
+    keys = [b"k%d" % i for i in range(5)]
+    with kvstore.Client(d.control, timeout=10, shm=False, namespace="ns") as c:
+        c.batch_put([(k, b"v" * 100) for k in keys])
+        assert c.delete(keys[:3]) == 3
+        c.put(b"x", b"y", namespace="gone")
+        c.delete_all(namespace="gone")
+    assert d.stop(signal.SIGKILL) == -signal.SIGKILL
+    assert not (tmp_path / "n.deletes").exists()  # never saved: only the journal has them
+    d.start(30)
+    with kvstore.Client(d.control, timeout=10, shm=False, namespace="ns") as c:
+        heads = c.heads(keys).heads
+        assert [h.deleted_ago > 0 for h in heads] == [True] * 3 + [False] * 2, heads
+        assert not any(h.present for h in heads)  # (no NVMe: the objects did not survive)
+        assert c.heads([b"any"], namespace="gone").heads[0].deleted_ago > 0
+    assert "delete journal replayed" in d.log()
+    assert _files(tmp_path) == ["n.deletes", "n.deletes.journal-2"]
