@@ -95,6 +95,36 @@ def test_oversized_value_is_refused_and_the_rest_undone(nodes):
             assert cc.exists(list(small) + [b"huge"], namespace=ns) == [False] * 7
 
 
+def test_a_failed_put_keeps_the_new_copies_of_an_object_that_existed(nodes):
+    """A failed batch undoes what it newly stored, but not the new copies of an object a
+    node held already: "old" lost one of its two copies (deleted on that node by hand),
+    then a batch re-puts it beside an oversized value. The home that kept it answers
+    "stored already"; the other stores it again and keeps it after the failure (its
+    delete would read, to the nodes' repair, as a client's delete of the object made
+    after the older copy, which repair would then delete too: kvstored/cluster/repair/
+    decide.py). The batch's new object is undone as before."""
+    with cluster(nodes) as cc:
+        p = cc.policy("rep")
+        huge = (b"huge-2", os.urandom(4 * MIB + 1))
+        bad = {m.node_id for m, *_ in cc._writes(huge[0], memoryview(huge[1]), "rep", p)}
+        for i in range(200):  # an object none of whose homes is one of the oversized one's
+            key, value = b"old-%d" % i, os.urandom(2000)
+            homes = [m for m, *_ in cc._writes(key, memoryview(value), "rep", p)]
+            if not bad & {m.node_id for m in homes}:
+                break
+        else:
+            pytest.fail("no object placed away from the oversized one")
+        assert cc.batch_put([(key, value)], namespace="rep") == [True]
+        with kvstore.Client(homes[1].address, timeout=10, shm=False, namespace="rep") as c:
+            assert c.delete([key]) == 1
+        with pytest.raises(errors.InvalidArgument, match="max_value_size"):
+            cc.batch_put([(key, value), (b"new-2", b"n" * 1000), huge], namespace="rep")
+        for m in homes:
+            with kvstore.Client(m.address, timeout=10, shm=False, namespace="rep") as c:
+                assert c.get(key) == value, m.node_id
+        assert cc.exists([b"new-2", huge[0]], namespace="rep") == [False, False]
+
+
 def test_threads_share_one_client(nodes):
     """Four threads put through one ClusterClient at once (each its own channels): every
     object of every thread is stored and reads back."""

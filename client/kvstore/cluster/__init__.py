@@ -41,8 +41,9 @@ refused (InvalidArgument) when it is this client's own; the cluster's policies w
 checked against the member count when they were set.
 
 Partial failure of a put: the records this call newly stored are deleted best effort
-and the error is raised; objects are immutable and a repeated put of the same bytes is
-a no-op, so retrying is idempotent.
+(but those of an object a node held already: writes.py) and the error is raised;
+objects are immutable and a repeated put of the same bytes is a no-op, so retrying is
+idempotent.
 """
 from __future__ import annotations
 

@@ -16,7 +16,11 @@ between rounds). Rounds of 1-2 MiB cost the client and the nodes more CPU per ba
 
 Partial failure: the records this call newly stored are deleted best effort and the
 error is raised; objects are immutable and a repeated put of the same bytes is a no-op,
-so retrying is idempotent.
+so retrying is idempotent. Not those of an object some node answered it held already:
+the object existed before this call, its new records only complete its copies, and
+their deletes would read, to the nodes' repair, as a client's delete of the object
+made after the copies it had (a peer's delete history, kvstored/cluster/repair/
+decide.py), so repair would delete those too.
 """
 from __future__ import annotations
 
@@ -122,16 +126,17 @@ class Writes:
             # encoding (or placement) failed mid-batch: the rounds already sent are undone
             if fan is not None:
                 fan.finish()
-            self._settle(jobs[:len(futs)], futs, ns, undo=True)
+            self._settle(jobs[:len(futs)], futs, ns, owners, undo=True)
             raise
-        res = self._settle(jobs, futs, ns)
+        res = self._settle(jobs, futs, ns, owners)
         return [any(res[j][i] for j, i in where) for where in owners]
 
     def _settle(self, jobs: list[tuple[Member, list]], futs: list, ns: str,
-                undo: bool = False) -> list[list[bool]]:
+                owners: list[list[tuple[int, int]]], undo: bool = False) -> list[list[bool]]:
         """Wait for every job; all must succeed (W = all). On a failure (or ``undo``) the
-        items newly stored by this call are deleted best effort and the first error is
-        raised (a Redirect first: the caller re-routes)."""
+        items newly stored by this call are deleted best effort, but those of objects a
+        node held already (``owners``: each object's (job, item) records; see the module
+        docstring), and the first error is raised (a Redirect first: the caller re-routes)."""
         wait(futs)
         results, first = [], None
         for (m, _items), f in zip(jobs, futs):
@@ -144,9 +149,15 @@ class Writes:
                 results.append(f.result())
         if first is None and not undo:
             return results
-        for (m, items), r in zip(jobs, results):
+        kept = set()  # (job, item): records of an object some node answered it held already
+        for where in owners:
+            if any(j < len(results) and results[j] is not None and not results[j][i]
+                   for j, i in where):
+                kept.update(where)
+        for j, ((m, items), r) in enumerate(zip(jobs, results)):
             if r is not None:
-                fresh = [k for (k, _v), stored in zip(items, r) if stored]
+                fresh = [k for i, ((k, _v), stored) in enumerate(zip(items, r))
+                         if stored and (j, i) not in kept]
                 if fresh:
                     try:  # exactly what this call wrote, where it wrote it: no redirect
                         self._node(m, "delete", fresh, namespace=ns, check_epoch=False)
