@@ -2777,6 +2777,43 @@ static PyObject *Lru_touch_run(Lru *p, PyObject *entries) {
     Py_RETURN_NONE;
 }
 
+/* touch_keys(index, ns, keys): touch_run of the entries stored under ``keys`` (unverified
+   ones and missing keys left out), found here: no view is built (a batch call's earlier
+   steps, whose entries may have gone stale while the loop ran, are touched by key) */
+static PyObject *Lru_touch_keys(Lru *p, PyObject *const *args, Py_ssize_t n) {
+    if (lru_ready(p) < 0) return NULL;
+    if (n != 3 || args[0] != (PyObject *)p->t || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "touch_keys(index, ns: bytes, keys): index is this policy's");
+        return NULL;
+    }
+    Table *t = p->t;
+    int ns = space_id(t, args[1], 0);
+    if (ns < 0) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;  /* no object in the namespace */
+    }
+    PyObject *seq = PySequence_Fast(args[2], "touch_keys(index, ns, keys): a list of keys");
+    if (!seq) return NULL;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    for (Py_ssize_t i = PySequence_Fast_GET_SIZE(seq) - 1; i >= 0; i--) {  /* deepest first */
+        if (!PyBytes_Check(items[i])) {
+            PyErr_SetString(PyExc_TypeError, "touch_keys: keys are bytes");
+            Py_DECREF(seq);
+            return NULL;
+        }
+        Py_ssize_t kl = PyBytes_GET_SIZE(items[i]);
+        if (kl > MAX_KEY) continue;
+        const char *k = PyBytes_AS_STRING(items[i]);
+        int64_t slot = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
+        if (slot < 0) continue;
+        uint32_t rec = t->slots[slot] - 1;
+        if (t->recs[rec].flags & F_UNVERIFIED) continue;
+        if (lru_touch_rec(p, rec) < 0) { Py_DECREF(seq); return NULL; }
+    }
+    Py_DECREF(seq);
+    Py_RETURN_NONE;
+}
+
 static PyObject *Lru_chain_begin(Lru *p, PyObject *unused) {
     p->lo = p->hi = 0;
     return PyLong_FromUnsignedLongLong(p->clock);
@@ -3071,6 +3108,8 @@ static PyMethodDef Lru_methods[] = {
     {"touch", (PyCFunction)Lru_touch, METH_O, "touch(entry): an access"},
     {"touch_run", (PyCFunction)Lru_touch_run, METH_O, "touch_run(entries): touched deepest first"},
     {"touch_chain", (PyCFunction)Lru_touch_chain, METH_O, "chain_begin, touch_run, chain_end"},
+    {"touch_keys", (PyCFunction)(void (*)(void))Lru_touch_keys, METH_FASTCALL,
+     "touch_keys(index, ns, keys): touch_run of the verified entries under keys"},
     {"chain_begin", (PyCFunction)Lru_chain_begin, METH_NOARGS, "chain_begin() -> start"},
     {"chain_end", (PyCFunction)Lru_chain_end, METH_O, "chain_end(start)"},
     {"remove", (PyCFunction)(void (*)(void))Lru_remove, METH_FASTCALL | METH_KEYWORDS,

@@ -349,6 +349,18 @@ class Policy:
     def chain_end(self, start: int) -> None:
         self._lookup_clock = (start, self.clock)
 
+    def touch_keys(self, index, ns: bytes, keys: list) -> None:
+        """``touch_run`` of the entries ``index`` holds under ``keys`` (a batch call's
+        earlier steps: their entries may have gone stale while the loop ran); missing and
+        unverified ones are left out."""
+        get = index.get
+        fe = []
+        for k in keys:
+            e = get(ns, k)
+            if e is not None and not e.unverified:
+                fe.append(e)
+        self.touch_run(fe)
+
     def remove(self, e, evicted: bool = False) -> None:
         """Unlink ``e`` (it leaves DRAM); ``evicted``: it also left the store by eviction,
         so remember its key in the ghost."""
@@ -507,6 +519,7 @@ class NativePolicy(Policy):
         self.touch = lru.touch
         self.touch_run = lru.touch_run
         self.touch_chain = lru.touch_chain
+        self.touch_keys = lru.touch_keys
         self.chain_begin = lru.chain_begin
         self.chain_end = lru.chain_end
         self.remove = lru.remove

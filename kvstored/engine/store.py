@@ -421,9 +421,10 @@ class Store(RepairHooks):
         keys = keys if isinstance(keys, list) else list(keys)
         get = self.index.get
         out: list[bool] = []
-        parts = []  # per step: (keys found, their entries)
+        parts = []  # per step: (keys found, their entries: the last step's only)
         for s in range(0, len(keys), BATCH_STEP):
             if s:
+                parts[-1] = (parts[-1][0], None)  # touched by key later: no view held
                 yield
             fk, fe = [], []
             for k in keys[s:s + BATCH_STEP]:
@@ -452,6 +453,7 @@ class Store(RepairHooks):
         missed = False
         for s in range(0, len(keys), BATCH_STEP):
             if s:
+                parts[-1] = (parts[-1][0], None)  # touched by key later: no view held
                 yield
             held = self.index.unverified  # records held back after a restart count as absent
             fk, fe = [], []
@@ -475,17 +477,17 @@ class Store(RepairHooks):
 
     def _touch_chain_steps(self, ns: bytes, parts: list) -> Iterator[None]:
         """policy.touch_chain of the hits of ``parts`` (one per step, in key order),
-        deepest step first; the last step's entries are current, the others' are looked
-        up again by key (and left out if they went meanwhile)."""
+        deepest step first; the last step's entries are current, the others' are touched
+        by key (policy.touch_keys: left out if they went meanwhile)."""
         pol = self.policy
         start = pol.chain_begin()
-        get = self.index.get
         for i in range(len(parts) - 1, -1, -1):
             fk, fe = parts[i]
             if i != len(parts) - 1:
                 yield
-                fe = [e for e in map(lambda k: get(ns, k), fk) if e is not None and not e.unverified]
-            pol.touch_run(fe)
+                pol.touch_keys(self.index, ns, fk)
+            else:
+                pol.touch_run(fe)
         pol.chain_end(start)
 
     def pin(self, ns: bytes, keys: Iterable[bytes], ttl: float) -> int:

@@ -78,6 +78,7 @@ def replay(monkeypatch, index: str, policy: str, reqs: list, dram: int, extras: 
     hits, refused = [], 0
     held: list = []  # readers holding entries across requests
     pinned: list = []
+    recent: list = []  # keys put, oldest first
     try:
         for i, chain in enumerate(reqs):
             keys = [b"b%d" % b for b in chain]
@@ -109,6 +110,10 @@ def replay(monkeypatch, index: str, policy: str, reqs: list, dram: int, extras: 
                 hits.append(sum(s.exists(NS, rnd.sample(keys, min(4, len(keys))))))
             if rnd.random() < 0.03:
                 s.delete(NS, [rnd.choice(keys)])
+            recent.extend(keys[n:])
+            if i % 40 == 39:  # batch calls of several steps: the earlier steps touched by key
+                hits.append(sum(s.exists(NS, recent[-300:])))
+                hits.append(s.lookup(NS, recent[-300:]))
         p = s.policy
         return {"victims": victims, "hits": hits, "refused": refused,
                 "counters": dict(p.counters), "age_bonus": p.age_bonus, "clock": p.clock,
@@ -207,6 +212,11 @@ def test_native_calls_refuse_what_is_not_theirs(store, monkeypatch):
         p.victim(0, "soon")
     with pytest.raises(ValueError):
         p.age_bonus = -1.0
+    with pytest.raises(TypeError):
+        p.touch_keys(store.index, NS, [b"a", "b"])
+    with pytest.raises(TypeError):
+        p.touch_keys(object(), NS, [b"a"])
+    p.touch_keys(store.index, b"other-ns", [b"a"])  # nothing there: nothing touched
     other = make_store(monkeypatch, "packed", "native", 256 * KiB)
     try:
         other.put_bytes(NS, b"a", bytes(KiB))
