@@ -4,6 +4,7 @@
     python benchmarks/bench_put_cpu.py [--sizes 4KiB,64KiB,1MiB] [--concurrency 8]
                                        [--seconds 3] [--rounds 2] [--skip-redis]
     python benchmarks/bench_put_cpu.py --nodes 6 --objects 32 [--sizes 1MiB]
+    python benchmarks/bench_put_cpu.py --exists-keys 65536 [--exists-calls 20]
     python benchmarks/bench_put_cpu.py --in-process [--sizes 4KiB,64KiB] [--per-read 8]
                                        [--query-keys 20000]
 
@@ -28,6 +29,9 @@ benchmarks/cluster_put_loop.py runs, measured over an exact window).
   stream of ``size``-byte messages (a sender process writes them back to back over one
   TCP connection) into the next slot of a memfd arena as large as kvstored's, and xxh3s
   each (the kernel's one copy and the checksum; no protocol, no index, no answers).
+
+``--exists-keys N`` instead: the server CPU per key of a control-plane ``Exists`` of N
+stored keys (every hit an eviction touch) beside Redis's ``EXISTS`` of N keys.
 
 ``--in-process``: no sockets and no second process, so the figures do not follow the
 machine's load: a node's ``DataConnection`` (the node's Store, DataServer and metrics
@@ -213,6 +217,43 @@ def redis_round(loop, server: peers.RedisServer, size: int, conc: int, seconds: 
         return measure(loop, put, server.proc.pid, conc, size, seconds, warmup)
     finally:
         loop.run_until_complete(r.aclose())
+
+
+def exists_rows(a, cc: str) -> None:
+    """``--exists-keys N``: the server CPU of a control-plane ``Exists`` of N stored keys
+    (each hit an eviction touch), per key, beside Redis's ``EXISTS`` of as many keys."""
+    import kvstore
+    n, calls = a.exists_keys, a.exists_calls
+    keys = [b"x-%d" % i for i in range(n)]
+    rows = []
+    with KvstoredDaemon(cc, dram_size=a.dram_size, max_value_size=4 << 20, slab_size=4 << 20) as kd:
+        with kvstore.Client(kd.address, namespace="ex", timeout=60) as c:
+            for i in range(0, n, 1024):
+                c.batch_put([(k, bytes(256)) for k in keys[i:i + 1024]])
+            if sum(c.exists(keys)) != n:
+                raise RuntimeError("the keys put are not all stored (is --dram-size too small?)")
+            c0, t0 = proc_cpu(kd.proc.pid), time.perf_counter()
+            for _ in range(calls):
+                c.exists(keys)
+            rows.append(("kvstored", proc_cpu(kd.proc.pid) - c0, time.perf_counter() - t0))
+    if not a.skip_redis:
+        import redis
+        with peers.RedisServer() as rs:
+            r = redis.Redis(host=rs.host, port=rs.port)
+            for i in range(0, n, 1024):
+                r.mset({k: bytes(256) for k in keys[i:i + 1024]})
+            if r.exists(*keys) != n:
+                raise RuntimeError("redis does not hold the keys put")
+            c0, t0 = proc_cpu(rs.proc.pid), time.perf_counter()
+            for _ in range(calls):
+                r.exists(*keys)
+            rows.append(("redis", proc_cpu(rs.proc.pid) - c0, time.perf_counter() - t0))
+            r.close()
+    print(f"Exists of {n} stored keys, {calls} calls, load {loadavg()}:")
+    print("| server | server CPU us/key | wall us/key (client included) |")
+    print("| --- | --- | --- |")
+    for who, cpu, wall in rows:
+        print(f"| {who} | {cpu / (n * calls) * 1e6:.3f} | {wall / (n * calls) * 1e6:.3f} |")
 
 
 def in_process(sizes: list[int], per_read: int, dram: int) -> None:
@@ -446,6 +487,10 @@ def main(argv=None) -> int:
                     help="no sockets: a node's DataConnection fed pipelined puts in this "
                          "process; bytecodes, calls and time per put")
     ap.add_argument("--per-read", type=int, default=8, help="puts per read (--in-process)")
+    ap.add_argument("--exists-keys", type=int, default=0,
+                    help="instead of puts: Exists of this many stored keys, server CPU per key "
+                         "beside Redis's EXISTS")
+    ap.add_argument("--exists-calls", type=int, default=20, help="Exists calls (--exists-keys)")
     ap.add_argument("--query-keys", type=int, default=20000,
                     help="--in-process: stored keys that exists/lookup then query (0: skip)")
     a = ap.parse_args(argv)
@@ -466,6 +511,12 @@ def main(argv=None) -> int:
     asyncio.set_event_loop(loop)
     with open(peers.CC_SYSCTL) as f:
         cc = f.read().strip()
+    if a.exists_keys:
+        if a.exists_calls < 1:
+            ap.error("--exists-calls must be >= 1")
+        exists_rows(a, cc)
+        loop.close()
+        return 0
     if a.nodes > 0:
         if a.objects < 1:
             ap.error("--objects must be >= 1")
