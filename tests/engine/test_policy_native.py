@@ -15,7 +15,8 @@ import pytest
 from kvstore.errors import NoSpace
 from kvstored.engine import Store, StoreLimits
 from kvstored.engine.entries import INDEX_ENV
-from kvstored.engine.eviction import COLD, NONE, PROBATION, PROTECTED, NativePolicy, Policy
+from kvstored.engine.eviction import (COLD, NONE, PROBATION, PROTECTED, DictGhost, NativePolicy,
+                                      Policy, make_policy)
 
 HAVE_NATIVE = importlib.util.find_spec("kvstored._index") is not None
 pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason="kvstored._index is not built")
@@ -40,6 +41,8 @@ def make_store(monkeypatch, index: str, policy: str, dram: int) -> Store:
     assert isinstance(s.policy, NativePolicy) == (index == "packed")
     if policy == "python" and index == "packed":  # before any put: nothing is linked yet
         s.dram.policy = s.policy = Policy(len(s.arena.classes))
+    if policy == "native-dict-ghost":  # the Lru calls a Python ghost's methods
+        s.policy.ghost = DictGhost()
     return s
 
 
@@ -157,7 +160,8 @@ def test_trace_replay_decides_the_same_with_the_lists_in_c(monkeypatch, source):
 def test_synthetic_replay_with_pins_readers_deletes_and_two_classes(monkeypatch):
     ts = _trace_sim()
     reqs = ts.synthetic_trace(n=400, seed=9)
-    out = [replay(monkeypatch, i, p, reqs, 512 * KiB, extras=True) for i, p in CONFIGS]
+    configs = CONFIGS + [("packed", "native-dict-ghost")]
+    out = [replay(monkeypatch, i, p, reqs, 512 * KiB, extras=True) for i, p in configs]
     a = out[0]
     assert len(a["victims"]) > 1000 and a["counters"]["ghost_hits"] > 0
     assert a["counters"]["cold_inserts"] > 0 and a["store"]["dedups"] > 0
@@ -277,3 +281,15 @@ def test_a_store_with_the_native_policy_is_collected(monkeypatch):
     del s
     gc.collect()
     assert ref() is None
+
+
+def test_make_policy_picks_by_index_and_refuses_unknown_kinds(store):
+    assert isinstance(make_policy(2, store.index), NativePolicy)
+    assert type(make_policy(2, store.index, "python")) is Policy
+    assert type(make_policy(2, object())) is Policy  # not the packed index
+    with pytest.raises(ValueError, match="policy must be"):
+        make_policy(2, store.index, "lru")
+    with pytest.raises(ValueError, match="protected_share"):
+        make_policy(2, store.index, protected_share=1.5)
+    with pytest.raises(TypeError):
+        NativePolicy(2, object())  # its lists link the packed index's records
