@@ -380,7 +380,8 @@ SETTINGS: tuple[Setting, ...] = (
        check=_within(1000, 200_000_000, "keys")),
     _s("cluster", "delete_history_file", STR, "",
        "where the delete history is kept across restarts and crashes (its journals beside it); "
-       "'' = <nvme.path>.deletes (memory only without an NVMe tier file), 'off' = not kept"),
+       "'' = <nvme.path>.deletes, else $STATE_DIRECTORY/kvstored-<control port>.deletes, else "
+       "memory only; 'off' = not kept"),
     _s("cluster", "token", STR, "", "token the repair agent presents to peers when auth is on"),
     _s("cluster", "etcd_username", STR, "", "etcd user when etcd authentication is on"),
     _s("cluster", "etcd_password_file", STR, "",

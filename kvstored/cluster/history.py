@@ -5,9 +5,10 @@ drops its records of objects deleted meanwhile, also when every peer restarted s
 
 The files: ``cluster.delete_history_file`` (the *snapshot*); "" (the default) puts it
 beside the NVMe tier's file (``<nvme.path>.deletes``, where the node keeps its
-tombstones), or nowhere when the node has no NVMe tier or it is a device (then the
-history is in memory only, and start-up says so: set the path); "off" keeps it in
-memory only. Beside the snapshot, *journals* ``<file>.journal-<generation>``: every
+tombstones); without an NVMe tier file (none, or a device) in systemd's state directory
+(``$STATE_DIRECTORY/kvstored-<control port>.deletes``, as the shm socket goes to
+``$RUNTIME_DIRECTORY``), else nowhere (the history is in memory only, and start-up says
+so: set the path); "off" keeps it in memory only. Beside the snapshot, *journals* ``<file>.journal-<generation>``: every
 delete call is appended to the current one (``Journal.append``, one ``os.write`` on the
 loop thread before the delete is answered), so a SIGKILL loses none; they are fsynced
 every SYNC_INTERVAL_S (1 s) on a worker thread, so a power loss loses at most that
@@ -42,14 +43,17 @@ def history_file(config) -> str | None:
     if path:
         return path
     nvme = config.nvme_path
-    if not nvme:
-        return None
     try:
-        if not stat.S_ISREG(os.stat(nvme).st_mode):
-            return None  # a block device: no file beside it
+        if nvme and stat.S_ISREG(os.stat(nvme).st_mode):
+            return f"{nvme}.deletes"
     except FileNotFoundError:
-        pass  # created at start
-    return f"{nvme}.deletes"
+        return f"{nvme}.deletes"  # created at start
+    # no file of the tier to keep it beside (none, or a block device)
+    state = os.environ.get("STATE_DIRECTORY", "").split(":")[0]
+    port = getattr(config, "control_port", 0)
+    if state and port and os.path.isdir(state):
+        return os.path.join(state, f"kvstored-{port}.deletes")
+    return None
 
 
 def journal_path(path: str, generation: int) -> str:
@@ -175,8 +179,8 @@ def open_history(config) -> DeleteHistory:
     if h.path is None:
         if config.cluster_delete_history_file != "off":
             log.warning("the delete history is kept in memory only (no NVMe tier file to keep "
-                        "it beside): deletes this node saw are forgotten when it restarts; set "
-                        "cluster.delete_history_file to keep them")
+                        "it beside, no $STATE_DIRECTORY): deletes this node saw are forgotten "
+                        "when it restarts; set cluster.delete_history_file to keep them")
         return h
     try:
         n = h.load(h.path)

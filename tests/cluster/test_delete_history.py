@@ -365,13 +365,15 @@ def test_a_running_node_saves_its_history_while_it_changes(tmp_path):
     hist.save_history(h)
 
 
-def test_history_file_beside_the_nvme_tier_file(tmp_path):
+def test_history_file_beside_the_nvme_tier_file(tmp_path, monkeypatch):
     from types import SimpleNamespace
 
     from kvstored.cluster.history import history_file
 
-    def cfg(nvme="", where=""):  # the two settings it reads
-        return SimpleNamespace(nvme_path=nvme, cluster_delete_history_file=where)
+    def cfg(nvme="", where="", port=7070):  # the settings it reads
+        return SimpleNamespace(nvme_path=nvme, cluster_delete_history_file=where,
+                               control_port=port)
+    monkeypatch.delenv("STATE_DIRECTORY", raising=False)
     nvme = str(tmp_path / "tier.nvme")
     assert history_file(cfg(nvme)) == f"{nvme}.deletes"  # created at start
     (tmp_path / "tier.nvme").write_bytes(b"")
@@ -380,6 +382,15 @@ def test_history_file_beside_the_nvme_tier_file(tmp_path):
     assert history_file(cfg("", str(tmp_path / "h"))) == str(tmp_path / "h")
     assert history_file(cfg()) is None  # no NVMe tier: memory only
     assert history_file(cfg("/dev/null")) is None  # a device: nothing beside it
+    # under systemd (StateDirectory=): there, named after the control port
+    monkeypatch.setenv("STATE_DIRECTORY", f"{tmp_path}:/elsewhere")
+    assert history_file(cfg()) == str(tmp_path / "kvstored-7070.deletes")
+    assert history_file(cfg("/dev/null")) == str(tmp_path / "kvstored-7070.deletes")
+    assert history_file(cfg(nvme)) == f"{nvme}.deletes"  # beside the tier's file first
+    assert history_file(cfg(port=0)) is None  # any free port: no name that lasts
+    assert history_file(cfg(where="off")) is None
+    monkeypatch.setenv("STATE_DIRECTORY", str(tmp_path / "missing"))
+    assert history_file(cfg()) is None
 
 
 def _history_config(tmp_path, where: str | None = None, nvme: str = ""):
