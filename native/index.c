@@ -1339,6 +1339,72 @@ static PyObject *Table_get(Table *t, PyObject *const *args, Py_ssize_t n) {
     return view_of(t, t->slots[i] - 1);
 }
 
+/* Record of (namespace id ns, key), -1 when absent, -2 with a TypeError (key not bytes). */
+static int64_t rec_of_key(Table *t, int ns, PyObject *key) {
+    if (!PyBytes_Check(key)) {
+        PyErr_Format(PyExc_TypeError, "keys are bytes, not %.80s", Py_TYPE(key)->tp_name);
+        return -2;
+    }
+    Py_ssize_t kl = PyBytes_GET_SIZE(key);
+    if (kl > MAX_KEY || ns < 0) return -1;
+    const char *k = PyBytes_AS_STRING(key);
+    int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
+    return i < 0 ? -1 : (int64_t)(t->slots[i] - 1);
+}
+
+/* The namespace id of a batch call's ns (-1: none holds objects), -2 with an error. */
+static int batch_ns(Table *t, PyObject *const *args, Py_ssize_t n, const char *what) {
+    if (n != 2 || !PyBytes_Check(args[0])) {
+        PyErr_Format(PyExc_TypeError, "%s(ns: bytes, keys: list)", what);
+        return -2;
+    }
+    int ns = space_id(t, args[0], 0);
+    return ns < 0 && PyErr_Occurred() ? -2 : ns;
+}
+
+/* present(ns, keys) -> [bool]: each key stored and not held back (unverified), as
+   ``get(ns, k)`` and ``not e.unverified`` would say, without building a view (Store's
+   exists; the dict index has the same in Python). */
+static PyObject *Table_present(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    int ns = batch_ns(t, args, n, "present");
+    if (ns == -2) return NULL;
+    PyObject *seq = PySequence_Fast(args[1], "present(ns, keys): keys must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq);
+    PyObject **items = PySequence_Fast_ITEMS(seq), *out = PyList_New(m);
+    for (Py_ssize_t i = 0; out && i < m; i++) {
+        int64_t rec = rec_of_key(t, ns, items[i]);
+        if (rec == -2) { Py_CLEAR(out); break; }
+        PyObject *b = rec >= 0 && !(t->recs[rec].flags & F_UNVERIFIED) ? Py_True : Py_False;
+        Py_INCREF(b);
+        PyList_SET_ITEM(out, i, b);
+    }
+    Py_DECREF(seq);
+    return out;
+}
+
+/* prefix(ns, keys) -> (count, bytes): how many leading keys are present (as ``present``
+   says) and their objects' bytes (Store's lookup). */
+static PyObject *Table_prefix(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    int ns = batch_ns(t, args, n, "prefix");
+    if (ns == -2) return NULL;
+    PyObject *seq = PySequence_Fast(args[1], "prefix(ns, keys): keys must be a sequence");
+    if (!seq) return NULL;
+    Py_ssize_t m = PySequence_Fast_GET_SIZE(seq), i = 0;
+    PyObject **items = PySequence_Fast_ITEMS(seq);
+    unsigned long long bytes = 0;
+    for (; i < m; i++) {
+        int64_t rec = rec_of_key(t, ns, items[i]);
+        if (rec == -2) { Py_DECREF(seq); return NULL; }
+        if (rec < 0 || (t->recs[rec].flags & F_UNVERIFIED)) break;
+        bytes += t->recs[rec].size;
+    }
+    Py_DECREF(seq);
+    return Py_BuildValue("(nK)", i, bytes);
+}
+
 static void space_drop_if_unused(Table *t, int ns) {
     if (!t->spaces[ns].nrec) { t->spaces[ns].nrec = 1; space_release(t, (uint16_t)ns); }
 }
@@ -1998,6 +2064,10 @@ static PyGetSetDef Table_getset[] = {
 };
 
 static PyMethodDef Table_methods[] = {
+    {"present", (PyCFunction)(void (*)(void))Table_present, METH_FASTCALL,
+     "present(ns, keys) -> [bool]: stored and not held back (unverified), no view built"},
+    {"prefix", (PyCFunction)(void (*)(void))Table_prefix, METH_FASTCALL,
+     "prefix(ns, keys) -> (count, bytes): the leading keys present, their bytes"},
     {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(ns, key) -> Entry | None"},
     {"insert", (PyCFunction)Table_insert, METH_O, "insert(entry): add under its (free) key"},
     {"add", (PyCFunction)(void (*)(void))Table_add, METH_VARARGS | METH_KEYWORDS,
@@ -2796,19 +2866,12 @@ static PyObject *Lru_touch_keys(Lru *p, PyObject *const *args, Py_ssize_t n) {
     if (!seq) return NULL;
     PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = PySequence_Fast_GET_SIZE(seq) - 1; i >= 0; i--) {  /* deepest first */
-        if (!PyBytes_Check(items[i])) {
-            PyErr_SetString(PyExc_TypeError, "touch_keys: keys are bytes");
+        int64_t rec = rec_of_key(t, ns, items[i]);
+        if (rec == -2 || (rec >= 0 && !(t->recs[rec].flags & F_UNVERIFIED) &&
+                          lru_touch_rec(p, (uint32_t)rec) < 0)) {
             Py_DECREF(seq);
             return NULL;
         }
-        Py_ssize_t kl = PyBytes_GET_SIZE(items[i]);
-        if (kl > MAX_KEY) continue;
-        const char *k = PyBytes_AS_STRING(items[i]);
-        int64_t slot = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
-        if (slot < 0) continue;
-        uint32_t rec = t->slots[slot] - 1;
-        if (t->recs[rec].flags & F_UNVERIFIED) continue;
-        if (lru_touch_rec(p, rec) < 0) { Py_DECREF(seq); return NULL; }
     }
     Py_DECREF(seq);
     Py_RETURN_NONE;

@@ -192,6 +192,26 @@ class Index:
         sp = self._spaces.get(ns)
         return None if sp is None else sp.keys.get(key)
 
+    def present(self, ns: bytes, keys: list) -> list[bool]:
+        """For each key: stored and not held back (unverified). The packed index does it
+        in C without building entries (Store.exists)."""
+        keys_of = self._spaces.get(ns)
+        if keys_of is None:
+            return [False] * len(keys)
+        got = keys_of.keys.get
+        return [e is not None and not e.unverified for e in map(got, keys)]
+
+    def prefix(self, ns: bytes, keys: list) -> tuple[int, int]:
+        """How many leading keys are ``present``, and their objects' bytes (Store.lookup)."""
+        n = nbytes = 0
+        for k in keys:
+            e = self.get(ns, k)
+            if e is None or e.unverified:
+                break
+            n += 1
+            nbytes += e.size
+        return n, nbytes
+
     def __contains__(self, k: tuple[bytes, bytes]) -> bool:
         return self.get(k[0], k[1]) is not None
 

@@ -419,22 +419,15 @@ class Store(RepairHooks):
 
     def exists_steps(self, ns: bytes, keys: Iterable[bytes]) -> Iterator[None]:
         keys = keys if isinstance(keys, list) else list(keys)
-        get = self.index.get
+        present = self.index.present
         out: list[bool] = []
-        parts = []  # per step: (keys found, their entries: the last step's only)
+        parts = []  # per step: its keys (the policy touches those stored, by key)
         for s in range(0, len(keys), BATCH_STEP):
             if s:
-                parts[-1] = (parts[-1][0], None)  # touched by key later: no view held
                 yield
-            fk, fe = [], []
-            for k in keys[s:s + BATCH_STEP]:
-                e = get(ns, k)
-                ok = e is not None and not e.unverified
-                out.append(ok)
-                if ok:
-                    fk.append(k)
-                    fe.append(e)
-            parts.append((fk, fe))
+            part = keys[s:s + BATCH_STEP]
+            out += present(ns, part)
+            parts.append(part)
         yield from self._touch_chain_steps(ns, parts)
         return out
 
@@ -447,27 +440,18 @@ class Store(RepairHooks):
 
     def lookup_steps(self, ns: bytes, keys: Iterable[bytes]) -> Iterator[None]:
         keys = keys if isinstance(keys, list) else list(keys)
-        get = self.index.get
+        prefix = self.index.prefix  # records held back after a restart count as absent
         parts = []
         n = hit_bytes = 0
-        missed = False
         for s in range(0, len(keys), BATCH_STEP):
             if s:
-                parts[-1] = (parts[-1][0], None)  # touched by key later: no view held
                 yield
-            held = self.index.unverified  # records held back after a restart count as absent
-            fk, fe = [], []
-            for k in keys[s:s + BATCH_STEP]:
-                e = get(ns, k)
-                if e is None or (held and e.unverified):
-                    missed = True
-                    break
-                fk.append(k)
-                fe.append(e)
-                hit_bytes += e.size
-            parts.append((fk, fe))
-            n += len(fk)
-            if missed:
+            part = keys[s:s + BATCH_STEP]
+            hit, nbytes = prefix(ns, part)
+            parts.append(part[:hit])
+            n += hit
+            hit_bytes += nbytes
+            if hit < len(part):
                 break
         yield from self._touch_chain_steps(ns, parts)
         self.policy.note_chain(ns, keys, n)
@@ -476,18 +460,15 @@ class Store(RepairHooks):
         return n
 
     def _touch_chain_steps(self, ns: bytes, parts: list) -> Iterator[None]:
-        """policy.touch_chain of the hits of ``parts`` (one per step, in key order),
-        deepest step first; the last step's entries are current, the others' are touched
-        by key (policy.touch_keys: left out if they went meanwhile)."""
+        """policy.touch_chain of the objects stored under the keys of ``parts`` (one list
+        per step, in key order), deepest step first; each step's keys are looked up as it
+        is touched (policy.touch_keys: keys gone meanwhile, or never stored, are left out)."""
         pol = self.policy
         start = pol.chain_begin()
         for i in range(len(parts) - 1, -1, -1):
-            fk, fe = parts[i]
             if i != len(parts) - 1:
                 yield
-                pol.touch_keys(self.index, ns, fk)
-            else:
-                pol.touch_run(fe)
+            pol.touch_keys(self.index, ns, parts[i])
         pol.chain_end(start)
 
     def pin(self, ns: bytes, keys: Iterable[bytes], ttl: float) -> int:

@@ -293,3 +293,32 @@ def test_make_policy_picks_by_index_and_refuses_unknown_kinds(store):
         make_policy(2, store.index, protected_share=1.5)
     with pytest.raises(TypeError):
         NativePolicy(2, object())  # its lists link the packed index's records
+
+
+@pytest.mark.parametrize("kind", ["dict", "packed"])
+def test_present_and_prefix_answer_as_get_does(monkeypatch, kind):
+    """Store.exists / lookup ask the index for a step's keys at once (the packed one in C,
+    no view built): the same answers as get and the unverified flag."""
+    s = make_store(monkeypatch, kind, "native" if kind == "packed" else "python", 256 * KiB)
+    try:
+        for k in (b"a", b"b", b"c"):
+            s.put_bytes(NS, k, bytes(100))
+        ix = s.index
+        ix.mark_unverified(ix.get(NS, b"b"))
+        keys = [b"a", b"b", b"c", b"zz", b"x" * 300, b"a"]
+        assert ix.present(NS, keys) == [True, False, True, False, False, True]
+        assert ix.present(b"no-such-ns", keys) == [False] * 6
+        assert ix.prefix(NS, keys) == (1, 100)
+        assert ix.prefix(NS, [b"c", b"a"]) == (2, 200)
+        assert ix.prefix(NS, []) == (0, 0)
+        assert s.exists(NS, keys) == [True, False, True, False, False, True]
+        assert s.lookup(NS, [b"a", b"c", b"b"]) == 2
+        if kind == "packed":  # typed errors for what the control plane never passes
+            with pytest.raises(TypeError):
+                ix.present(NS, [b"a", "b"])
+            with pytest.raises(TypeError):
+                ix.prefix("ns", [b"a"])
+            with pytest.raises(TypeError):
+                ix.present(NS, None)
+    finally:
+        s.close()
