@@ -100,6 +100,22 @@ def test_yields_only_while_clients_wait_and_lag():
     assert p.step() == 0.0 and p.pace == 1.0
 
 
+def test_waits_follow_the_work_clock_not_the_wall():
+    """Time spent waiting on peers is no work of this node's: the wait follows the
+    ``work`` clock (the agent's: its thread's CPU and its hops onto the loop)."""
+    load, clock = Load(), Clock()
+    load.lag_s = 0.050
+    work = [0.0]
+    p = Pace(0.002, 0.2, load, clock=clock, sleep=clock.sleep, work=lambda: work[0])
+    p.begin()
+    clock.t += 0.01
+    p.step()  # the first reading of the client count
+    load.requests += 10
+    clock.t += 0.3  # 300 ms waiting on a peer...
+    work[0] += 0.01  # ...and 10 ms of work
+    assert p.step() == pytest.approx(0.01)  # pace 0.5: as long as it worked
+
+
 def test_repair_requests_counted_apart_are_no_clients():
     """A peer's repair request is counted as repair's when it starts and as a request
     when answered: the count dips and comes back, never above its high-water mark."""

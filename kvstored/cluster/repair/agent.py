@@ -107,7 +107,9 @@ class RepairAgent:
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
         self.throttle = Throttle(settings.rate)
-        self.pace = Pace(settings.yield_lag, settings.min_pace, load)
+        # its work: the thread's CPU and its hops onto the event loop (LocalStore)
+        self.pace = Pace(settings.yield_lag, settings.min_pace, load,
+                         work=lambda: time.thread_time() + getattr(store, "hop_s", 0.0))
         self.peers = PeerIO(settings.token, settings.tls, self._count)
         self.steps = Steps()  # where the current (or last) pass spends its time
         self._loop_cpu = None  # the event loop thread's CPU clock (once known)

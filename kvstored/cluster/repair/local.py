@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import threading
+import time
 
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER
@@ -27,10 +28,15 @@ class LocalStore:
     def __init__(self, store, loop: asyncio.AbstractEventLoop):
         self._store = store
         self._loop = loop
+        self.hop_s = 0.0  # seconds repair's threads waited on hops, all told (pace.py's work)
 
     def _run(self, fn, timeout: float = CALL_TIMEOUT):
         """Run coroutine function ``fn()`` on the loop and wait for it."""
-        return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
+        t0 = time.perf_counter()
+        try:
+            return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
+        finally:
+            self.hop_s += time.perf_counter() - t0  # (threads adding at once may lose a bit)
 
     def loop_thread(self) -> int:
         """The thread id of the event loop (for its CPU clock, steps.thread_clock)."""

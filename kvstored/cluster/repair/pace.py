@@ -4,10 +4,12 @@ The byte throttle (throttle.py, ``cluster.repair_rate``) does not follow CPU: a 
 reconstruct, hashing, copies and Python per object compete with clients' requests for
 the cores, the GIL and the event loop whatever the bytes. So repair also yields to
 clients: it calls ``Pace.step()`` between its steps (a batch, a chunk's reads, its
-rebuild, each write call), and at pace ``p`` waits ``(1/p - 1)`` times the time it
-worked since the last step (at most MAX_WAIT_S): it runs ``p`` of the time, and its
-chunks shrink with it (execute.py: ``p`` of MAX_BATCH_BYTES and PUT_CHUNK), so the work
-between two waits is shorter too.
+rebuild, each write call), and at pace ``p`` waits ``(1/p - 1)`` times the work it did
+since the last step (at most MAX_WAIT_S), so it takes ``p`` of what it would take of the
+node; its chunks shrink with it (execute.py: ``p`` of MAX_BATCH_BYTES and PUT_CHUNK), so
+the work between two waits is shorter too. Its work is what competes with the node's
+clients: the repair thread's CPU and its hops onto the event loop (the agent's
+``work`` clock), not the time it waits on its peers (their CPU is not this node's).
 
 The rule (``next_pace``): clients are waiting when data-plane requests other than
 repair's (peers' repair reads and writes carry wire.FLAG_REPAIR and are counted apart)
@@ -72,10 +74,12 @@ class NodeLoad:
 class Pace:
     def __init__(self, yield_lag: float, min_pace: float, load: NodeLoad | None = None,
                  clock: Callable[[], float] = time.monotonic,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep,
+                 work: Callable[[], float] | None = None):
         """``yield_lag``: the loop lag (seconds) over which waiting clients make repair
         yield (0: never); ``min_pace``: the floor; ``load``: the node's NodeLoad (None:
-        never yields, a node without one)."""
+        never yields, a node without one); ``work``: the calling thread's work so far in
+        seconds (None: ``clock``, all the time between steps counts)."""
         if not 0.0 <= yield_lag:
             raise ValueError(f"repair yield lag must be >= 0, not {yield_lag!r}")
         if not MIN_PACE <= min_pace <= 1.0:
@@ -83,18 +87,19 @@ class Pace:
         self.yield_lag, self.min_pace, self.load = yield_lag, min_pace, load
         self.on = yield_lag > 0 and load is not None
         self._clock, self._sleep = clock, sleep
+        self._work = work or clock
         self.pace = 1.0
         self.yielded_s = 0.0  # seconds waited for clients, ever
         self._lock = threading.Lock()  # write calls to several peers may step at once
-        self._mine = threading.local()  # per thread: when its last step ended
+        self._mine = threading.local()  # per thread: its work clock when its last step ended
         self._seen = 0  # the highest client request count read so far
         self._read_at = float("-inf")  # when it was last read
         self._clients_at = float("-inf")  # when it last grew since a reading within HOLD_S
         self._stepped = clock()
 
     def begin(self) -> None:
-        """A pass or a write call starts: the time before this is not its work."""
-        self._mine.t = self._clock()
+        """A pass or a write call starts: the work before this is not its step's."""
+        self._mine.t = self._work()
 
     def waiting(self, now: float) -> bool:
         """Clients answered lately and the loop lagging over yield_lag."""
@@ -115,7 +120,8 @@ class Pace:
         if not self.on:
             return 0.0
         now = self._clock()
-        worked = now - getattr(self._mine, "t", now)
+        done = self._work()
+        worked = done - getattr(self._mine, "t", done)
         with self._lock:
             self.pace = next_pace(self.pace, self.waiting(now), now - self._stepped, self.min_pace)
             self._stepped = now
@@ -124,7 +130,7 @@ class Pace:
             self._sleep(wait)
             with self._lock:
                 self.yielded_s += wait
-        self._mine.t = self._clock()
+        self._mine.t = self._work()
         return wait
 
     def scale(self, n: float) -> float:
