@@ -186,6 +186,17 @@ def test_settings_are_checked(tmp_path):
     assert (c.cluster_repair_yield_lag, c.cluster_repair_min_pace) == (0.0, 0.5)
 
 
+def test_cli_repair_line_shows_the_pace():
+    from kvstore.cli import repair_line
+    rep = {"state": "scanning", "passes": 3, "scanned": 120, "total": 500, "records_written": 12,
+           "bytes_written": 48 << 20, "pending": 0, "dropped": 0, "failures": 0,
+           "pass_seconds": 4.0, "rate": 1 << 20, "eta_seconds": 12.0, "pace": 0.2}
+    assert repair_line(rep).endswith(", ETA 12s, yielding to clients (pace 0.20)")
+    for pace in (1.0, 0.0):  # full speed; a node of an earlier version (no pace)
+        assert "yielding" not in repair_line({**rep, "pace": pace})
+    assert "yielding" not in repair_line({**rep, "state": "idle"})
+
+
 # ---------------------------------------------------------------- a real cluster
 
 MIB = 1 << 20
@@ -261,6 +272,7 @@ def test_repair_waits_for_a_nodes_clients_and_still_finishes(etcd, start_daemon,
     print(f"reads {got[0]}, waited for clients (s): {waited}")
     assert got[0] > 0 and not failed
     assert waited[ds[0].control] > 0, waited
+    assert _status(ds[0]).yield_seconds >= waited[ds[0].control] - 0.01  # (Members().repair)
     assert all(waited[d.control] == 0 for d in survivors[1:]), waited
     members = placement_members(survivors[0])
     assert missing_redundancy(members, "ec", Policy.parse("ec:3+2"), objs) == []

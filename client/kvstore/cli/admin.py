@@ -156,7 +156,7 @@ def _repair_doc(r) -> dict:
             "verified": r.verified, "dropped": r.dropped, "removed": r.removed,
             "failures": r.failures, "last_pass_seconds": r.last_pass_seconds,
             "pending": r.pending, "pass_seconds": r.pass_seconds, "rate": r.rate,
-            "eta_seconds": r.eta_seconds}
+            "eta_seconds": r.eta_seconds, "pace": r.pace, "yield_seconds": r.yield_seconds}
 
 
 def _probe_member(c: Client, args, member) -> dict:
@@ -196,6 +196,8 @@ def repair_line(rep: dict, unverified: int | None = None) -> str:
         if rep["state"] == "scanning" and rep.get("pass_seconds"):  # progress of this pass
             text += (f", {human_size(rep.get('rate', 0))}/s for {rep['pass_seconds']:.0f}s"
                      + (f", ETA {rep['eta_seconds']:.0f}s" if rep.get("eta_seconds") else ""))
+            if 0 < rep.get("pace", 1) < 1:  # (0: a node of an earlier version)
+                text += f", yielding to clients (pace {rep['pace']:.2f})"
     if unverified:
         text += f", {unverified} unverified"
     return text

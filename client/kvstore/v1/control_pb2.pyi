@@ -80,7 +80,7 @@ class SetPolicyResponse(_message.Message):
     def __init__(self, policies: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class RepairStatus(_message.Message):
-    __slots__ = ("state", "passes", "scanned", "total", "records_written", "bytes_written", "verified", "dropped", "removed", "failures", "last_pass_seconds", "pending", "pass_seconds", "rate", "eta_seconds")
+    __slots__ = ("state", "passes", "scanned", "total", "records_written", "bytes_written", "verified", "dropped", "removed", "failures", "last_pass_seconds", "pending", "pass_seconds", "rate", "eta_seconds", "pace", "yield_seconds")
     STATE_FIELD_NUMBER: _ClassVar[int]
     PASSES_FIELD_NUMBER: _ClassVar[int]
     SCANNED_FIELD_NUMBER: _ClassVar[int]
@@ -96,6 +96,8 @@ class RepairStatus(_message.Message):
     PASS_SECONDS_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     ETA_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PACE_FIELD_NUMBER: _ClassVar[int]
+    YIELD_SECONDS_FIELD_NUMBER: _ClassVar[int]
     state: str
     passes: int
     scanned: int
@@ -111,7 +113,9 @@ class RepairStatus(_message.Message):
     pass_seconds: float
     rate: float
     eta_seconds: float
-    def __init__(self, state: _Optional[str] = ..., passes: _Optional[int] = ..., scanned: _Optional[int] = ..., total: _Optional[int] = ..., records_written: _Optional[int] = ..., bytes_written: _Optional[int] = ..., verified: _Optional[int] = ..., dropped: _Optional[int] = ..., removed: _Optional[int] = ..., failures: _Optional[int] = ..., last_pass_seconds: _Optional[float] = ..., pending: _Optional[int] = ..., pass_seconds: _Optional[float] = ..., rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ...) -> None: ...
+    pace: float
+    yield_seconds: float
+    def __init__(self, state: _Optional[str] = ..., passes: _Optional[int] = ..., scanned: _Optional[int] = ..., total: _Optional[int] = ..., records_written: _Optional[int] = ..., bytes_written: _Optional[int] = ..., verified: _Optional[int] = ..., dropped: _Optional[int] = ..., removed: _Optional[int] = ..., failures: _Optional[int] = ..., last_pass_seconds: _Optional[float] = ..., pending: _Optional[int] = ..., pass_seconds: _Optional[float] = ..., rate: _Optional[float] = ..., eta_seconds: _Optional[float] = ..., pace: _Optional[float] = ..., yield_seconds: _Optional[float] = ...) -> None: ...
 
 class MembersRequest(_message.Message):
     __slots__ = ()

@@ -177,11 +177,12 @@ class RepairAgent:
         """Members().repair (RepairStatus in control.proto): the counters, and for the
         pass in progress how long it has run, the write rate (bytes/s over the last
         RATE_WINDOW_S; 0 until it spans RATE_MIN_S) and an ETA from the share of its objects
-        scanned (0 when idle)."""
+        scanned (0 when idle); its pace and the seconds it waited for clients (pace.py)."""
         with self._lock:
             st = dict(self.st)
             marks = list(self._rate_marks)
-        st.update(pass_seconds=0.0, rate=0.0, eta_seconds=0.0)
+        st.update(pass_seconds=0.0, rate=0.0, eta_seconds=0.0, pace=round(self.pace.pace, 3),
+                  yield_seconds=round(self.pace.yielded_s, 3))
         if st["state"] != "scanning":
             return st
         now = time.monotonic()
