@@ -39,7 +39,8 @@ observer, its arena full so every put evicts) fed pipelined puts of new keys as 
 would, ``--per-read`` frames per read, the answers taken by a fake transport. Per put:
 Python bytecodes and calls (``sys.settrace``, deterministic) and the best wall time of 7
 runs. Then (``--query-keys``, 0 to skip) the Store's ``exists`` and ``lookup`` of stored
-keys, one key a call and 64, per key: the index lookup and the eviction touch of each hit.
+keys, one key a call, 64, and all in one call, per key: the index lookup and the eviction
+touch of each hit.
 
 Rounds alternate the order (kvstored first, then the peers; then the reverse); each row
 is the median round. Load (``/proc/loadavg``) is printed beside every round: on a shared machine CPU
@@ -389,7 +390,7 @@ def in_process_queries(nkeys: int, batch: int) -> None:
         print("| call | keys/call | bytecodes/key | us/key (best of 7) |")
         print("| --- | --- | --- | --- |")
         for name, fn in (("exists", store.exists), ("lookup", store.lookup)):
-            for per in (1, batch):
+            for per in (1, batch, nkeys):
                 calls = [keys[i:i + per] for i in range(0, nkeys - per + 1, per)]
                 count = [0]
 
