@@ -523,3 +523,28 @@ def test_a_node_without_nvme_keeps_its_deletes_through_sigkill(start_daemon, tmp
         assert c.heads([b"any"], namespace="gone").heads[0].deleted_ago > 0
     assert "delete journal replayed" in d.log()
     assert _files(tmp_path) == ["n.deletes", "n.deletes.journal-2"]
+
+
+def test_a_journal_that_cannot_be_written_is_set_aside_until_the_next_snapshot(tmp_path, caplog):
+    """A failed append (disk full, here a descriptor open for reading) is logged once,
+    the journal closed; deletes go on in memory, and the next snapshot holds them and
+    opens a new journal."""
+    import logging
+
+    from kvstored.cluster.history import open_history, save_history
+    cfg = _history_config(tmp_path)
+    h = open_history(cfg)
+    j = h.journal
+    good = j.fd
+    j.fd = os.open(os.devnull, os.O_RDONLY)  # (the journal's own descriptor stays open meanwhile)
+    with caplog.at_level(logging.WARNING, logger="kvstored.cluster"):
+        h.add_many(b"ns", [b"a"], h.clock())
+        h.add_many(b"ns", [b"b"], h.clock())
+    assert j.fd is None and caplog.text.count("delete journal") == 1
+    assert h.deleted_at(b"ns", b"b") > float("-inf")  # in memory
+    j.sync()  # closes the descriptor set aside
+    os.close(good)
+    save_history(h)  # the snapshot holds them
+    g = open_history(cfg)
+    assert g.deleted_at(b"ns", b"a") > float("-inf") and g.journal.fd is not None
+    g.journal.close()
