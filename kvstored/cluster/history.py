@@ -88,7 +88,6 @@ class Journal:
         self.fd: int | None = None
         self.generation = 0  # of the open journal (or of the last one, when none is open)
         self.dirty = False  # appended (or created) since the last fsync
-        self.appended = 0  # bytes
         self._fds = threading.Lock()  # fd and retired, between the loop and a sync
         self._sync = threading.Lock()  # one sync at a time
         self._retired: list[int] = []
@@ -108,7 +107,6 @@ class Journal:
                 self._retired.append(fd)
                 self.fd = None
             return
-        self.appended += len(data)
         self.dirty = True
 
     def rotate(self, generation: int | None) -> None:
