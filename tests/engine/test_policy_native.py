@@ -322,3 +322,69 @@ def test_present_and_prefix_answer_as_get_does(monkeypatch, kind):
                 ix.present(NS, None)
     finally:
         s.close()
+
+
+def _policy_ops(kind: str, seed: int) -> list:
+    """Random policy calls on a packed index's entries, without a Store: inserts (some
+    after a lookup named their parent or tail), promotions (insert_loaded), touches,
+    chains in parts, victims by an arbitrary test, evictions and plain removals, over
+    three size classes. Returns every answer and the final lists."""
+    from kvstored.engine.arena import SizeClass
+    from kvstored.engine.packedindex import PackedIndex
+
+    rnd = random.Random(seed)
+    classes = [SizeClass(i, 1024 << i, 1 << 20) for i in range(3)]
+    ix = PackedIndex(1 << 20)
+    p = NativePolicy(3, ix, ghost_min=8) if kind == "native" else Policy(3, ghost_min=8)
+    live: dict = {}  # key -> entry in the lists
+    out: list = []
+    nxt = 0
+    for step in range(4000):
+        op = rnd.random()
+        if op < 0.35 or not live:
+            if rnd.random() < 0.3 and live:  # a lookup that named its missing tail
+                chain = rnd.sample(sorted(live), min(3, len(live))) + [b"k%d" % nxt, b"k%d" % (nxt + 1)]
+                p.note_chain(NS, chain, len(chain) - 2)
+            key = b"k%d" % (nxt if rnd.random() < 0.8 else rnd.randrange(max(nxt, 1)))
+            nxt += 1
+            if key in live or ix.get(NS, key) is not None:
+                continue
+            sc = classes[rnd.randrange(3)]
+            e = ix.Entry(NS, key, sc.slot_size * nxt, 100, 0, sc)
+            ix.insert(e)
+            (p.insert_loaded if rnd.random() < 0.1 else p.insert)(e)
+            live[key] = e
+        elif op < 0.55:
+            p.touch(live[rnd.choice(sorted(live))])
+        elif op < 0.65:
+            run = [live[k] for k in rnd.sample(sorted(live), min(5, len(live)))]
+            start = p.chain_begin()
+            p.touch_run(run[2:])
+            p.touch_keys(ix, NS, [e.key for e in run[:2]] + [b"missing"])
+            p.chain_end(start)
+        elif op < 0.85:
+            c = rnd.randrange(3)
+            salt = rnd.randrange(4)
+            v = p.victim(c, lambda e: (hash(e.key) + salt) % 4 != 0)
+            out.append((c, None if v is None else v.key))
+            if v is not None:
+                p.remove(v, evicted=True)
+                ix.remove(v)
+                del live[v.key]
+        else:
+            k = rnd.choice(sorted(live))
+            e = live.pop(k)
+            p.remove(e, evicted=rnd.random() < 0.5)
+            ix.remove(e)
+        out.append(p.count(rnd.randrange(3)))
+    out.append((lists_of(p, 3), p.clock, p.resident, p.age_bonus, dict(p.counters),
+                p.ghost.counts, sorted(p.tail_hints), sorted(p.parents)))
+    return out
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_random_policy_calls_answer_the_same(seed):
+    a, b = _policy_ops("python", seed), _policy_ops("native", seed)
+    assert a[-1][4]["ghost_hits"] > 0 and a[-1][4]["cold_inserts"] > 0
+    assert sum(1 for x in a if isinstance(x, tuple) and len(x) == 2 and x[1] is None) > 0
+    assert a == b
