@@ -4,6 +4,7 @@
     python benchmarks/bench_tail.py [--seconds 8] [--rate 400] [--size 64KiB]
                                     [--phases idle,neighbour,evict,nvme,repair] [--skip-redis]
                                     [--repair-objects 1536] [--repair-rate SIZE]
+                                    [--repair-yield-lag S] [--no-repair-reader]
     (phases: idle, neighbour, evict, nvme by default; bigcalls, repair when named)
 
 A user's question: "my engine reads 64 KiB blocks at a steady rate; what happens to its
@@ -28,7 +29,12 @@ every put evicts, or when puts spill to the NVMe tier?" Each phase runs:
     a second;
   - ``repair`` (not run unless named): five nodes under etcd with ``--repair-objects`` x
     1 MiB under ec:3+2; the reader reads from n0 while n4 is SIGKILLed and the survivors
-    rebuild its records (no writer; two rows: before the loss, and while repair runs).
+    rebuild its records (no writer; two rows: before the loss, and while repair runs;
+    then the repair's time to full redundancy and the seconds n0's repair yielded to the
+    reader, kvstored_repair_yield_seconds_total). ``--no-repair-reader``: the same
+    without the reader (the repair's time on an idle cluster). ``--repair-yield-lag``
+    sets the nodes' cluster.repair_yield_lag (0: repair never yields; unset: the
+    daemon's default, and nothing written, so the script runs against older trees too).
 
 Every kvstored client here uses TCP (``transport="tcp"``), never same-host shm. The peer
 is Redis measured in the same run with the same processes and schedule (GET / SET; its
@@ -255,7 +261,11 @@ def repair_rows(a, tmp: Path) -> list[dict]:
     etcd, daemons = Etcd(tmp).start(), []
     try:
         for i in range(br.N_NODES):
-            daemons.append(Daemon(tmp, "--config", br.config(tmp, f"n{i}", etcd.endpoint, rate),
+            cfg = br.config(tmp, f"n{i}", etcd.endpoint, rate)
+            if a.repair_yield_lag is not None:  # (the [cluster] section is the file's last)
+                with open(cfg, "a") as f:
+                    f.write(f"repair_yield_lag = {a.repair_yield_lag}\n")
+            daemons.append(Daemon(tmp, "--config", cfg,
                                   "--dram-size", "1GiB", "--slab-size", "4MiB").start(timeout=60))
         ids = {f"n{i}" for i in range(br.N_NODES)}
         for d in daemons:
@@ -272,12 +282,15 @@ def repair_rows(a, tmp: Path) -> list[dict]:
         time.sleep(br.YOUNG_WAIT_S)  # repair leaves records younger than 2 s to a later pass
         fg_out = tmp / "fg-repair.json"
         seconds = a.seconds + 40  # the reader outlasts the rebuild; it is stopped after it
-        reader = _spawn("--role", "reader", "--system", "kvstored", "--addr", reader_node.control,
-                        "--size", str(a.size), "--rate", str(a.rate), "--seconds", str(seconds),
-                        "--out", str(fg_out))
-        started = Path(str(fg_out) + ".started")
-        wait_for(started.exists, 30, "reader started")
-        time.sleep(max(0.0, float(started.read_text()) + a.seconds / 2 - time.monotonic()))
+        reader = None
+        if a.repair_reader:
+            reader = _spawn("--role", "reader", "--system", "kvstored", "--addr", reader_node.control,
+                            "--size", str(a.size), "--rate", str(a.rate), "--seconds", str(seconds),
+                            "--out", str(fg_out))
+            started = Path(str(fg_out) + ".started")
+            wait_for(started.exists, 30, "reader started")
+            time.sleep(max(0.0, float(started.read_text()) + a.seconds / 2 - time.monotonic()))
+        yielded0 = _yielded(reader_node)
         passes = {d.control: br.members_of(d).repair.passes for d in survivors}
         victim.stop(signal.SIGKILL)
         wait_for(lambda: all("n4" not in br.placement(d) for d in survivors), 30, "n4 dropped")
@@ -287,8 +300,15 @@ def repair_rows(a, tmp: Path) -> list[dict]:
             sts = [br.members_of(d).repair for d in survivors]
             return all(r.passes > passes[d.control] and r.state == "idle" and r.pending == 0
                        for d, r in zip(survivors, sts))
-        wait_for(repaired, 120, "repair done on every survivor")
+        wait_for(repaired, 120, "repair done on every survivor", step=0.1)
         t_done = time.monotonic()
+        yielded = _yielded(reader_node) - yielded0
+        print(f"repair: {t_done - t_drop:.2f} s to full redundancy, n0 yielded {yielded:.2f} s"
+              f" ({'with' if reader else 'without'} the reader)", flush=True)
+        if reader is None:
+            return [{"system": "kvstored", "phase": f"repair, no reader ({t_done - t_drop:.2f} s)",
+                     "gets": 0, "errors": 0, "p50": 0, "p99": 0, "p999": 0, "max": 0,
+                     "svc_p99": 0, "svc_max": 0, "bg_mb_s": 0.0, "load": os.getloadavg()[0]}]
         reader.send_signal(signal.SIGINT)
         reader.wait(timeout=30)
         fg = json.loads(fg_out.read_text()) if fg_out.exists() else None
@@ -303,12 +323,23 @@ def repair_rows(a, tmp: Path) -> list[dict]:
     during = [i for i in range(len(fg["lat"])) if t_drop <= t0 + i / r <= t_done]
     rows = []
     for phase, idx in (("cluster, before the loss", before),
-                       (f"repair at {rate >> 20} MiB/s ({t_done - t_drop:.1f} s)", during)):
+                       (f"repair at {rate >> 20} MiB/s ({t_done - t_drop:.2f} s, n0 yielded "
+                        f"{yielded:.2f} s)", during)):
         if idx:
             rows.append(_row("kvstored", phase, [fg["lat"][i] for i in idx], [fg["svc"][i] for i in idx],
                              fg["errors"] if phase.startswith("repair") else 0, 0.0))
             print(_line(rows[-1]), flush=True)
     return rows
+
+
+def _yielded(d) -> float:
+    """kvstored_repair_yield_seconds_total of node ``d`` (0.0 on a tree without it)."""
+    import urllib.request
+    with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5) as r:
+        for line in r.read().decode().splitlines():
+            if line.startswith("kvstored_repair_yield_seconds_total "):
+                return float(line.split()[1])
+    return 0.0
 
 
 def _default_repair_rate() -> int:
@@ -391,6 +422,11 @@ def main(argv=None) -> int:
                     help="1 MiB objects under ec:3+2 in the repair phase")
     ap.add_argument("--repair-rate", type=lambda t: parse_size(t) if not t.isdigit() else int(t), default=0,
                     help="the nodes' cluster.repair_rate (bytes/s; default: the daemon's default)")
+    ap.add_argument("--repair-yield-lag", type=float, default=None,
+                    help="the nodes' cluster.repair_yield_lag in seconds (0: never yield; "
+                         "default: the daemon's default)")
+    ap.add_argument("--no-repair-reader", dest="repair_reader", action="store_false",
+                    help="repair phase without the reader: the repair's time alone")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--role", choices=["load", "reader", "writer", "caller"], help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)
