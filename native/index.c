@@ -247,7 +247,10 @@ static Aux *aux_for_write(Table *t, uint32_t rec) {
 /* A keyless record's DRAM part goes once every field is back to its default. */
 static void aux_settle(Table *t, uint32_t rec) {
     Rec *r = &t->recs[rec];
-    if (!(r->flags & F_KEYLESS) || r->dram == NOREC || !aux_default(aux_ptr(t, r))) return;
+    /* not while it is in an eviction list: the lists read its part (a sole member's links
+       are both NOREC, so its part can look default) */
+    if (!(r->flags & F_KEYLESS) || r->dram == NOREC || r->seg >= 0 || !aux_default(aux_ptr(t, r)))
+        return;
     chunk_free(t, 0, r->dram);
     r->dram = NOREC;
 }
@@ -805,6 +808,7 @@ static int set_seg(Entry *e, PyObject *v, void *c) {
     long long x;
     if (int_arg(v, "seg", -1, 2, &x) < 0) return -1;
     R(e)->seg = (int8_t)x;
+    A_settle(e);  /* out of the lists: a keyless record's part may go now */
     return 0;
 }
 
@@ -1635,6 +1639,11 @@ static PyObject *Table_shed_key(Table *t, PyObject *o) {
     if (!(t->recs[rec].flags & F_NVME)) {
         PyErr_SetString(PyExc_ValueError, "shed_key: the entry has no NVMe location (nvme is "
                         "None): its key would be nowhere");
+        return NULL;
+    }
+    if (t->recs[rec].seg >= 0) {  /* its links are in the DRAM part that would go */
+        PyErr_Format(PyExc_ValueError, "shed_key: the entry is in an eviction list (seg %d); "
+                     "the policy removes it first", (int)t->recs[rec].seg);
         return NULL;
     }
     Rec *r0 = &t->recs[rec];

@@ -274,6 +274,33 @@ def test_dram_fields_of_a_keyless_entry_promotion_readers_and_links():
     assert ix.get(b"ns", b"promote-me") is e and e.offset == -1
 
 
+def test_an_entry_in_the_eviction_lists_keeps_its_dram_part():
+    """The lists link records through their DRAM parts: shed_key refuses a linked entry
+    (dram.drop_copy unlinks first), and a keyless linked record keeps its part when its
+    fields look default (a sole member's links are both None). Before, either left a
+    record in a list without a part: the next walk read a null pointer (SIGSEGV)."""
+    from kvstored.engine.eviction import NativePolicy
+    ix = PackedIndex()
+    pol = NativePolicy(1, ix)
+    e = Entry(b"ns", b"linked", 4096, 100, CS, SC)
+    ix.insert(e)
+    pol.insert(e)  # the only member of its list
+    e.offset = -1  # drop_copy in the wrong order: the copy goes before the unlink
+    e.nvme = loc(0)
+    with pytest.raises(ValueError, match="eviction list"):
+        ix.shed_key(e)
+    assert e.key_in_ram and pol.order(0, e.seg) == [e]
+    pol.remove(e)
+    ix.shed_key(e)
+    assert not e.key_in_ram and e.seg == NONE
+    pol.insert_loaded(e)  # keyless, linked (the Store restores the key first)
+    e.stamp = 0  # every field of its part at its default now
+    assert pol.order(0, e.seg) == [e] and e.stamp == 0
+    pol.touch(e)
+    pol.remove(e)
+    assert e.seg == NONE and pol.resident == 0 and not e.key_in_ram
+
+
 def test_walk_over_mixed_keyed_and_keyless_entries():
     ix = PackedIndex()
     es = [nvme_only(ix, b"n%d" % (i % 3), b"key%03d" % i, i) for i in range(60)]
