@@ -7,6 +7,54 @@ import pytest
 
 from daemonutil import ROOT, Daemon, start_all, stop_all  # noqa: F401  (ROOT re-exported for older imports)
 
+# The longest files, longest first (each file's setup + call + teardown summed, a
+# two-worker run of the whole suite, 2026-12-01): `make test` runs pytest-xdist with
+# --dist loadfile, which hands out whole files, by default those with the most tests
+# first. That left the few-test, long files (the chaos run, the wheel installs, repair,
+# vLLM's import) for the end, one worker running them while the other had nothing left.
+# Handed out first, the short files fill in around them and both workers end together.
+# A file not named here runs after these, in collection order; the list only orders.
+LONGEST_FILES = (
+    "tests/cluster/test_repair.py",
+    "tests/ops/test_wheel_install.py",
+    "tests/cluster/test_chaos_rejoin.py",
+    "tests/cluster/test_chaos.py",
+    "tests/client/test_sdk.py",
+    "tests/integrations/test_lmcache.py",
+    "tests/cluster/test_repair_fence.py",
+    "tests/engine/test_nvme.py",
+    "tests/security/test_hostile_round2.py",
+    "tests/engine/test_nvme_recovery_peak.py",
+    "tests/cluster/test_membership.py",
+    "tests/engine/test_nvme_recover_stream.py",
+    "tests/ops/test_ops_packaging.py",
+    "tests/daemon/test_nvme_tier.py",
+    "tests/security/test_hostile.py",
+    "tests/integrations/test_vllm.py",
+    "tests/ops/test_ops_startup.py",
+    "tests/cluster/test_placement_equivalence.py",
+    "tests/engine/test_delete_all.py",
+    "tests/cluster/test_redirect_budget.py",
+    "tests/security/test_auth.py",
+    "tests/daemon/test_dataplane_bad_input.py",
+    "tests/ops/test_ops_audit.py",
+    "tests/cluster/test_node_id_conflict.py",
+    "tests/daemon/test_shm.py",
+)
+
+
+def pytest_configure(config):
+    # xdist's own order (most tests first) would undo LONGEST_FILES' (no-op without xdist)
+    if hasattr(config.option, "loadscopereorder"):
+        config.option.loadscopereorder = False
+
+
+def pytest_collection_modifyitems(session, config, items):
+    """LONGEST_FILES first, in that order; every other file after them, as collected.
+    The sort is stable: a file's tests keep their order and stay together."""
+    rank = {name: i for i, name in enumerate(LONGEST_FILES)}
+    items.sort(key=lambda item: rank.get(item.nodeid.split("::", 1)[0], len(rank)))
+
 
 @pytest.fixture
 def start_daemon(tmp_path):
