@@ -2976,13 +2976,14 @@ static int64_t lru_tail(Lru *p, int idx, int seg, PyObject *fn, double now) {
         uint32_t rec = L->tail;
         int ok = lru_evictable(p, rec, fn, now);
         if (ok < 0) return -1;
-        if (ok) return rec;
-        if (L->count == 1) return NOREC;
-        /* a callable may have changed the lists: only move a record still at the tail */
+        /* a callable may have changed the lists (unlinked, even freed, this record): go on
+           only with a record still at the tail */
         if (L->tail != rec) {
             PyErr_SetString(PyExc_RuntimeError, "evictable() changed the eviction lists");
             return -1;
         }
+        if (ok) return rec;
+        if (L->count == 1) return NOREC;
         l_remove(p->t, L, rec);
         l_push(p->t, L, rec);
     }
@@ -3026,6 +3027,10 @@ static PyObject *Lru_victim(Lru *p, PyObject *const *args, Py_ssize_t n) {
     if (v == NOREC) {
         if (L[L_PROB].count && (prob = lru_tail(p, idx, L_PROB, fn, now)) < 0) return NULL;
         if (L[L_PROT].count && (prot = lru_tail(p, idx, L_PROT, fn, now)) < 0) return NULL;
+        if (prob != NOREC && L[L_PROB].tail != (uint32_t)prob) {  /* moved by PROTECTED's test */
+            PyErr_SetString(PyExc_RuntimeError, "evictable() changed the eviction lists");
+            return NULL;
+        }
         if (prob == NOREC) {
             v = prot;
         } else if (prot == NOREC) {

@@ -473,3 +473,32 @@ def test_nvme_locations_on_a_big_drive_pack_once_the_geometry_is_known():
     with pytest.raises(ValueError, match="4 KiB multiples"):
         PackedIndex().use_nvme_geometry(DATA_START, 512 << 20)
     DictIndex().use_nvme_geometry(DATA_START, region)  # the dict index takes the call too
+
+
+# ------------------------------------------- the eviction lists' victim callable
+@pytest.mark.parametrize("drop", ["other-candidate", "own-record"])
+def test_a_victim_test_that_drops_a_listed_record_is_a_runtime_error(drop):
+    """Lru.victim(sc, evictable) runs Python per tail record; one that unlinks and frees
+    a record the walk holds (PROBATION's candidate while PROTECTED's tail is tested, or
+    the record under test itself) is refused. Before, the age comparison read the freed
+    record's DRAM part: a null pointer (SIGSEGV; found under ASan/UBSan)."""
+    from kvstored.engine.eviction import NativePolicy
+    ix = PackedIndex()
+    pol = NativePolicy(1, ix)
+    for i, k in enumerate((b"a", b"b")):
+        ix.insert(entry(b"ns", k, offset=4096 * i))
+        pol.insert(ix.get(b"ns", k))
+    pol.touch(ix.get(b"ns", b"b"))  # a: PROBATION, b: PROTECTED
+    victim = b"a" if drop == "other-candidate" else b"b"
+
+    def evictable(e):
+        if e.key == b"b":  # PROTECTED's tail is tested after PROBATION's
+            x = ix.get(b"ns", victim)
+            pol.remove(x)
+            ix.remove(x)  # its last view goes below: the record is freed
+        return True
+
+    with pytest.raises(RuntimeError, match="changed the eviction lists"):
+        pol.victim(0, evictable)
+    assert pol.resident == 1 and len(ix) == 1
+    assert pol.victim(0, lambda e: True) is not None  # the lists are whole
