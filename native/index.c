@@ -1109,6 +1109,7 @@ static int set_pin(Entry *e, int i, PyObject *v) {
         return -1;
     }
     int truth = PyObject_IsTrue(v);
+    if (truth < 0) return -1;
     if (!e->ix) {
         if (i == 0) {
             long n = PyLong_AsLong(v);
@@ -1120,7 +1121,6 @@ static int set_pin(Entry *e, int i, PyObject *v) {
         return 0;
     }
     Table *t = e->ix;
-    Rec *r = R(e);
     PyObject *p = pin_rec(e);
     if (!p) {
         if (!truth) return 0;
@@ -1129,16 +1129,22 @@ static int set_pin(Entry *e, int i, PyObject *v) {
         PyObject *k = PyLong_FromUnsignedLong(e->rec);
         if (!k || PyDict_SetItem(t->pins, k, p) < 0) { Py_XDECREF(k); Py_DECREF(p); return -1; }
         Py_DECREF(k);
-        Py_DECREF(p);
-        r->flags |= F_PIN;
+        R(e)->flags |= F_PIN;
+    } else {
+        Py_INCREF(p);
     }
+    /* an int subclass's __bool__ runs Python code, which may drop the pin record or grow
+       the record array: p is held, and no record pointer is kept across the tests */
     Py_INCREF(v);
     PyList_SetItem(p, i, v);
-    if (!PyObject_IsTrue(PyList_GET_ITEM(p, 0)) && !PyObject_IsTrue(PyList_GET_ITEM(p, 1))) {
+    int on = PyObject_IsTrue(PyList_GET_ITEM(p, 0));
+    if (on == 0) on = PyObject_IsTrue(PyList_GET_ITEM(p, 1));
+    if (on == 0) {
         dict_pop_rec(t->pins, e->rec);
-        r->flags &= ~F_PIN;
+        R(e)->flags &= ~F_PIN;
     }
-    return 0;
+    Py_DECREF(p);
+    return on < 0 ? -1 : 0;
 }
 static int set_pins(Entry *e, PyObject *v, void *c) { return set_pin(e, 0, v); }
 static int set_pin_until(Entry *e, PyObject *v, void *c) { return set_pin(e, 1, v); }

@@ -502,3 +502,32 @@ def test_a_victim_test_that_drops_a_listed_record_is_a_runtime_error(drop):
         pol.victim(0, evictable)
     assert pol.resident == 1 and len(ix) == 1
     assert pol.victim(0, lambda e: True) is not None  # the lists are whole
+
+
+def test_a_pin_count_whose_truth_test_grows_the_index_is_written_to_the_record_it_belongs_to():
+    """Entry.pins takes an int subclass: its __bool__ runs while the setter decides whether
+    the pin record goes. Here it grows the record array (realloc); before, the setter then
+    cleared the flag through a pointer into the freed array (heap-use-after-free under
+    ASan; unseen in a normal build). The pin record is dropped and the flag follows."""
+    ix = PackedIndex()
+    e = entry(b"ns", b"pinned")
+    ix.insert(e)
+
+    class Zero(int):
+        calls = 0
+
+        def __bool__(self):
+            Zero.calls += 1
+            if Zero.calls == 2:  # the setter's test of the stored count
+                for i in range(3000):
+                    ix.add(b"ns", b"k%d" % i, -1, 1, 1, SC, 0.0)
+            return False
+
+    e.pins = 1
+    e.pins = Zero(0)
+    assert Zero.calls >= 2 and len(ix) == 3001
+    assert e.pins == 0 and not e.pinned(0.0)
+    e.pin_until = 5.0  # a fresh pin record works as before
+    assert e.pin_until == 5.0 and e.pins == 0
+    e.pin_until = 0.0
+    assert e.pin_until == 0.0
