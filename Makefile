@@ -5,7 +5,7 @@ PY      = $(VENV)/bin/python
 PIP     = $(PY) -m pip --disable-pip-version-check -q
 ARGS   ?=
 
-.PHONY: run install install-test test engines-env bench bench-nvme bench-deps proto clean
+.PHONY: run install install-test test sanitize engines-env bench bench-nvme bench-deps proto clean
 
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
@@ -92,6 +92,11 @@ test: install-test
 	@$(MAKE) --no-print-directory -k engines-env || \
 	  echo "make test: could not install every engine into $(ENGINES); tests/integrations says which tests skip and why"
 	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+
+## make sanitize: native/*.c under ASan + UBSan, built in a scratch copy of the tree: a random
+## stress of the packed index and the tests that run native code (not in `make test`: ~20 min)
+sanitize: install-test
+	PY=$(abspath $(PY)) scripts/sanitize.sh $(ARGS)
 
 bench-deps: install
 	$(PIP) install -e '.[server,bench]'

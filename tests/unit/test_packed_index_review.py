@@ -531,3 +531,20 @@ def test_a_pin_count_whose_truth_test_grows_the_index_is_written_to_the_record_i
     assert e.pin_until == 5.0 and e.pins == 0
     e.pin_until = 0.0
     assert e.pin_until == 0.0
+
+
+@pytest.mark.parametrize("seed", [3, 11])
+def test_store_like_interleavings_and_refused_misuse_keep_index_and_lists_whole(seed, young_heap):
+    """One short round of scripts/stress_index.py (scripts/sanitize.sh runs it for a minute
+    under ASan/UBSan): puts, evictions (dropped, or demoted with the key shed), promotions,
+    deletes, touches by entry and by key, present/prefix, pins and readers, calls that must
+    be refused (a linked entry's key shed, an entry inserted twice), views held and dropped
+    in random order, narrow fingerprints; the index, the lists and a model agree."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[2] / "scripts" / "stress_index.py"
+    spec = importlib.util.spec_from_file_location("stress_index", path)
+    stress = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(stress)
+    stress.Round(random.Random(seed)).run(1500)
+    stress.ghost_stress(random.Random(seed), 1500)
