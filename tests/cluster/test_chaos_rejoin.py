@@ -379,7 +379,10 @@ def test_etcd_restart_drops_every_node_but_holds_nothing_back(etcd, start_daemon
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.2)
     cc.batch_put(list(objs.items()), namespace="rep")
     etcd.stop()
-    time.sleep(4.0)  # the nodes retry (0.25, 0.75, 1.75, 3.75 s...) and fail meanwhile
+    # every node has noticed (it retries 0.25, 0.75, 1.75, 3.75 s... after that, failing
+    # while etcd is away); a fixed 4 s here put the reconnect at the 7.75 s retry
+    wait_for(lambda: all("lost etcd" in d.log_path.read_text(errors="replace") for d in ds), 30,
+             "every node losing etcd")
     # the leases are revoked on a client port the nodes do not know, then etcd comes back
     # on theirs: no node can reconnect before its lease is gone (revoked on the usual
     # port after the restart, a node's retry on a loaded machine sometimes came first)
