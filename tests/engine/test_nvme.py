@@ -344,6 +344,7 @@ def test_each_sync_mode_validates_and_syncs_as_documented(tmp_path, mode):
     asyncio.run(run())
 
 
+@pytest.mark.index_free
 def test_concurrent_appends_with_sync_always_share_fdatasyncs(tmp_path):
     async def run():
         dev = NvmeDevice(str(tmp_path / "t.dat"), 33 * MiB, 16 * MiB, "auto", 32)
@@ -369,6 +370,7 @@ def test_concurrent_appends_with_sync_always_share_fdatasyncs(tmp_path):
     ("sync_interval = nan", "nvme.sync_interval"),
     ("sync_interval = 1e9", "nvme.sync_interval"),
 ])
+@pytest.mark.index_free
 def test_bad_sync_settings_are_clear_errors(tmp_path, toml, message):
     from kvstored.config import ConfigError, load_config
     path = tmp_path / "k.toml"
@@ -377,6 +379,7 @@ def test_bad_sync_settings_are_clear_errors(tmp_path, toml, message):
         load_config(path)
 
 
+@pytest.mark.index_free
 def test_bad_sync_mode_is_refused_by_the_tier(tmp_path):
     dev = NvmeDevice(str(tmp_path / "t.dat"), 33 * MiB, 16 * MiB, "threads", 32)
     try:
@@ -555,6 +558,7 @@ def test_a_payload_cannot_pass_for_a_record_header(tmp_path):
         s.close()
 
 
+@pytest.mark.index_free
 def test_format_1_file_is_refused_with_a_clear_message(tmp_path):
     import struct
 
@@ -570,6 +574,7 @@ def test_format_1_file_is_refused_with_a_clear_message(tmp_path):
     assert path.stat().st_size == os_size  # untouched
 
 
+@pytest.mark.index_free
 def test_oversized_record_is_refused_not_written(tmp_path):
     import errno
     import mmap

@@ -104,6 +104,7 @@ def _fillers(tag: bytes, n: int) -> list:
 ORDERS = ["natural", "reversed", "shuffled"]
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("order", ORDERS)
 def test_a_key_in_two_regions_recovers_its_newer_record_in_either_read_order(tmp_path, order):
     k = (b"ns", b"twice")
@@ -117,6 +118,7 @@ def test_a_key_in_two_regions_recovers_its_newer_record_in_either_read_order(tmp
         tier.close()
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("again", [False, True])
 def test_a_tombstone_deletes_the_record_read_before_or_after_it(tmp_path, order, again):
@@ -136,6 +138,7 @@ def test_a_tombstone_deletes_the_record_read_before_or_after_it(tmp_path, order,
         tier.close()
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("order", ORDERS)
 def test_a_key_overwritten_in_four_regions_keeps_the_newest(tmp_path, order):
     k = (b"other", b"often")
@@ -163,6 +166,7 @@ def _history(seed: int) -> list:
     return ops
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("order", ORDERS)
 @pytest.mark.parametrize("seed", [3, 4])
 def test_random_histories_recover_as_the_model_says(tmp_path, order, seed):
@@ -257,6 +261,7 @@ def test_recovery_decodes_one_region_at_a_time(tmp_path, monkeypatch):
         s.close()
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("seed", [1, 2, 3])
 def test_summary_facts_agree_with_parse_summary(seed):
     """nvmescan.summary_facts (what the scan keeps of a summary: its highest sequence number

@@ -64,6 +64,7 @@ def fillers(tmp_path):
     return path, _seqs(model)
 
 
+@pytest.mark.index_free
 def test_the_scan_keeps_no_summary_body(fillers):
     """After the scan, every summarized region is a reference (no bytes), and what the
     scan still holds is far less than the summaries it verified."""
@@ -116,6 +117,7 @@ def test_indexing_holds_a_window_of_summaries_at_most(fillers, monkeypatch, wind
         s.close()
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("order", ["natural", "reversed", "shuffled"])
 @pytest.mark.parametrize("how", ["bit", "other_summary"])
 def test_a_summary_changed_after_the_scan_costs_a_scan_of_its_region(tmp_path, monkeypatch,
@@ -160,6 +162,7 @@ def test_a_summary_changed_after_the_scan_costs_a_scan_of_its_region(tmp_path, m
         tier.close()
 
 
+@pytest.mark.index_free
 @pytest.mark.parametrize("fault", ["errno", "short", "raises"])
 def test_a_failed_second_read_scans_the_regions(fillers, monkeypatch, fault):
     """The second read of every summary fails (an error per request, a short read, or the
@@ -225,6 +228,7 @@ def test_a_region_unreadable_at_the_second_read_is_counted_not_fatal(fillers, mo
             tier.close()
 
 
+@pytest.mark.index_free
 def test_a_scanned_region_is_read_again_or_kept_when_its_summary_cannot_be_written(
         fillers, monkeypatch):
     """A region whose summary was corrupt at the scan is scanned and given a new summary:
@@ -264,6 +268,7 @@ def test_a_scanned_region_is_read_again_or_kept_when_its_summary_cannot_be_writt
         tier.close()
 
 
+@pytest.mark.index_free
 def test_a_region_reclaimed_before_indexing_gives_none_of_its_old_records(fillers):
     """Nothing writes between the scan and the indexing at a start; were a region reused
     (its generation moved on), its summary no longer describes it: skipped, not read."""

@@ -15,6 +15,9 @@ from kvstored.engine import nvmeio, nvmescan
 from kvstored.engine.nvme import BLOCK, DATA_START, NvmeDevice, NvmeTier, align_up
 from kvstored.engine.nvmeformat import TRAILER
 
+# the tier, its scan and io_uring on their own: no index (tests/engine/conftest.py)
+pytestmark = pytest.mark.index_free
+
 MiB = 1 << 20
 REGION = 16 * MiB
 SIZE = 60 * 1024  # 64 KiB records: ~250 per region

@@ -16,6 +16,9 @@ import pytest
 
 from kvstored.engine import nvmeio
 
+# the tier, its scan and io_uring on their own: no index (tests/engine/conftest.py)
+pytestmark = pytest.mark.index_free
+
 _uring = pytest.importorskip(
     "kvstored._uring", reason="native binding not built (needs liburing-dev at install: make install)")
 
