@@ -1,6 +1,8 @@
 """Build glue that pyproject.toml cannot express: package discovery over two roots, and the
 optional native extensions: the io_uring binding (native/uring.c -> kvstored._uring) and the
-packed index (native/index.c -> kvstored._index; without it the Store uses its dict index).
+packed index (native/index.c -> kvstored._index; without it the Store uses its dict index)
+and the daemon's frame parser (native/frame.c -> kvstored._frame; without it the data
+sessions use FrameReader.next, the same parser in Python).
 
 The binding links the system liburing (Debian: liburing-dev). It is compiled for the build
 machine's baseline ISA (no -march=native), so a wheel runs on any x86-64 CPU CPython runs on.
@@ -49,6 +51,8 @@ setup(
         Extension("kvstored._uring", sources=["native/uring.c"], libraries=["uring"],
                   extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"]),
         Extension("kvstored._index", sources=["native/index.c"],
+                  extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"]),
+        Extension("kvstored._frame", sources=["native/frame.c"],
                   extra_compile_args=["-O2", "-Wall", "-fno-strict-aliasing"]),
     ],
     cmdclass={"build_ext": OptionalBuildExt},

@@ -490,11 +490,12 @@ class StoreUsage:
         return r
 
     def stored(self, e: Any) -> None:
-        r = self.rows.get(e.ns) or self._row(e.ns)  # (the usual hit inlined: a call a put)
+        ns, size = e.ns, e.size  # (each a getter of a packed index's record: read once)
+        r = self.rows.get(ns) or self._row(ns)  # (the usual hit inlined: a call a put)
         r[0] += 1
-        r[1] += e.size
-        self.sizes[bisect_left(SIZE_BUCKETS, e.size)] += 1
-        self.sizes_sum += e.size
+        r[1] += size
+        self.sizes[bisect_left(SIZE_BUCKETS, size)] += 1
+        self.sizes_sum += size
         if self.events is not None:
             self.events.stored(e)
 

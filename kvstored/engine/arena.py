@@ -102,8 +102,9 @@ class Arena:
         self.classes = [SizeClass(i, s, slab_size) for i, s in enumerate(size_classes(slab_size))]
         self._class_sizes = [c.slot_size for c in self.classes]
         # size -> class of the sizes met so far: a put's lookup is a dict hit, not a bisect
+        # (Store._slot looks here first, without the call)
         # (KV blocks come in a few sizes; bounded against a spray of distinct ones)
-        self._class_by_size: dict[int, SizeClass] = {}
+        self.class_by_size: dict[int, SizeClass] = {}
         self.used_bytes = 0  # bytes of slots handed out
         self.prefaulted = 0  # bytes faulted in by prefault_in_background
         self._prefault_stop = threading.Event()
@@ -111,15 +112,15 @@ class Arena:
 
     # -- classes -----------------------------------------------------------
     def class_for(self, size: int) -> SizeClass:
-        sc = self._class_by_size.get(size)
+        sc = self.class_by_size.get(size)
         if sc is not None:
             return sc
         i = bisect.bisect_left(self._class_sizes, max(size, 1))
         if i == len(self.classes):
             raise ValueError(f"object of {size} bytes exceeds the slab size {self.slab_size}")
         sc = self.classes[i]
-        if len(self._class_by_size) < CLASS_CACHE:
-            self._class_by_size[size] = sc
+        if len(self.class_by_size) < CLASS_CACHE:
+            self.class_by_size[size] = sc
         return sc
 
     def slab_of(self, offset: int) -> Slab:

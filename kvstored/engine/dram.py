@@ -86,9 +86,9 @@ class DramTier:
     def alloc(self, sc: SizeClass) -> int | None:
         """A free slot of class ``sc``, evicting for it when the class is full; None when
         nothing can go now (everything pinned, referenced or being written)."""
-        off = self.arena.alloc(sc)
-        if off is not None:
-            return off
+        arena = self.arena
+        if sc.partial or arena.free_slabs:  # (Arena.alloc's own test, without its call
+            return arena.alloc(sc)          # when the class is full: every evicting put)
         # class full and no free slab: evict in this class, else empty a slab elsewhere
         now = self.clock()
         for _ in range(8):  # demotions free their slot later; a drop frees it now
@@ -142,7 +142,8 @@ class DramTier:
 
     def free_slot(self, offset: int) -> None:
         if self._claiming is not None:  # alloc's eviction freed its victim's slot: take it
-            slab = self.arena.slab_of(offset)
+            arena = self.arena
+            slab = arena.slabs[offset // arena.slab_size]  # (Arena.slab_of, inlined)
             if slab.size_class is self._claiming and not slab.draining:
                 self._claiming = None
                 self._claimed = offset

@@ -178,7 +178,8 @@ class Store(RepairHooks):
                 self.counters["conflicts"] += 1
                 raise Conflict(f"key exists with a different checksum (size {old.size}); "
                                "objects are immutable unless overwrite is asked")
-        sc = self.arena.class_for(size)
+        arena = self.arena
+        sc = arena.class_by_size.get(size) or arena.class_for(size)  # (its usual hit, inlined)
         off = self.dram.alloc(sc)
         if off is None:
             self.counters["no_space"] += 1

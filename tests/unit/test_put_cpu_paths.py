@@ -353,7 +353,7 @@ def test_buffered_put_is_committed_uncounted_and_a_split_one_is_counted():
 def test_put_answer_template_matches_the_codec():
     rng = random.Random(5)
     for rid in [0, 1, 255, 1 << 32, (1 << 64) - 1] + [rng.getrandbits(64) for _ in range(200)]:
-        assert ops._PUT_OK[0] + ops._RID(rid) + ops._PUT_OK[1] == encode_response(OP_PUT, rid)
+        assert ops._put_ok(ops._PUT_OK_HEAD, rid, ops._PUT_OK_TAIL) == encode_response(OP_PUT, rid)
 
 
 def test_class_cache_agrees_with_the_search_and_is_bounded():
@@ -366,12 +366,12 @@ def test_class_cache_agrees_with_the_search_and_is_bounded():
             sizes += [rng.randrange(1, MiB + 1) for _ in range(CLASS_CACHE + 500)]
             for sz in sizes:
                 assert a.class_for(sz) is a.classes[fresh.classes.index(fresh.class_for(sz))]
-                fresh._class_by_size.clear()  # the reference answer: always the search
-            assert len(a._class_by_size) == CLASS_CACHE
+                fresh.class_by_size.clear()  # the reference answer: always the search
+            assert len(a.class_by_size) == CLASS_CACHE
             for _ in range(2):  # too large: refused each time, never remembered
                 with pytest.raises(ValueError):
                     a.class_for(MiB + 1)
-            assert MiB + 1 not in a._class_by_size
+            assert MiB + 1 not in a.class_by_size
         finally:
             fresh.close()
     finally:
