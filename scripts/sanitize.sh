@@ -6,7 +6,7 @@
 # included, against that build. Not part of `make test`: ~15-20 min on 2 cores.
 #
 #   scripts/sanitize.sh                  (make sanitize) the default tests below
-#   scripts/sanitize.sh tests/x.py -k y  these pytest arguments instead
+#   scripts/sanitize.sh tests/x.py -k y  these pytest arguments instead (make sanitize ARGS=...)
 #   STRESS_SECONDS=300 scripts/sanitize.sh   a longer stress (default 60 s)
 #   KEEP=1 scripts/sanitize.sh           keep the scratch copy (its path is printed)
 #
@@ -83,12 +83,20 @@ except ImportError as e:
 rc=0
 "$PY" scripts/stress_index.py --seconds "${STRESS_SECONDS:-60}" || rc=1
 if [ $# -eq 0 ]; then
-  set -- tests/unit/test_packed_index.py tests/unit/test_packed_index_review.py \
-    tests/unit/test_index_keyless.py tests/unit/test_nvme_keys.py tests/unit/test_nvmeformat.py \
-    tests/unit/test_policy.py tests/unit/test_store_dram.py tests/unit/test_store_entries.py \
-    tests/unit/test_put_path_lookups.py tests/engine \
-    tests/daemon/test_nvme_tier.py tests/daemon/test_delete_all_nvme.py \
-    tests/daemon/test_dram_tier.py tests/daemon/test_dedup.py tests/daemon/test_delete_each.py
+  # the files that run native code (those absent from this tree are left out); the two
+  # tests deselected assert the event loop's CPU time between requests, which a build
+  # 3-5x slower under the sanitizers exceeds (their code runs in the rest of their files)
+  set --
+  for f in tests/unit/test_packed_index.py tests/unit/test_packed_index_review.py \
+      tests/unit/test_index_keyless.py tests/unit/test_nvme_keys.py tests/unit/test_nvmeformat.py \
+      tests/unit/test_policy.py tests/unit/test_store_dram.py tests/unit/test_store_entries.py \
+      tests/unit/test_put_path_lookups.py tests/unit/test_frame_native.py tests/unit/test_wire.py \
+      tests/unit/test_session.py tests/engine tests/daemon/test_nvme_tier.py \
+      tests/daemon/test_delete_all_nvme.py tests/daemon/test_dram_tier.py tests/daemon/test_dedup.py \
+      tests/daemon/test_delete_each.py tests/daemon/test_dataplane_bad_input.py; do
+    if [ -e "$f" ]; then set -- "$@" "$f"; fi
+  done
+  set -- "$@" -k "not keeps_the_loop_serving and not serves_the_data_path_and_stays_deleted"
 fi
 "$PY" -m pytest -q -p no:cacheprovider -p no:xdist --capture=sys "$@" || rc=1
 if compgen -G "$REPORTS/*" >/dev/null; then
@@ -96,5 +104,6 @@ if compgen -G "$REPORTS/*" >/dev/null; then
   for f in "$REPORTS"/*; do echo "== $f" >&2; head -60 "$f" >&2; done
   rc=1
 fi
+# a failed test without a report is not a memory error (e.g. a time bound under the slow build)
 echo "sanitize: $([ $rc = 0 ] && echo PASS || echo FAIL)"
 exit $rc
