@@ -55,7 +55,9 @@ static PyObject *next_frame(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     if (start == -1 && PyErr_Occurred()) return NULL;
     Py_ssize_t end = get_index(r, s_end);
     if (end == -1 && PyErr_Occurred()) return NULL;
-    if (end - start < HEADER_SIZE) Py_RETURN_NONE;
+    /* no subtraction that can overflow (the positions are any Python ints): a negative
+       start goes on to the bounds check below and is refused */
+    if (start >= 0 && (end < start || end - start < HEADER_SIZE)) Py_RETURN_NONE;
 
     PyObject *buf = PyObject_GetAttr(r, s_buf);
     if (!buf) return NULL;

@@ -80,4 +80,8 @@ def test_nothing_parsed_while_a_payload_is_received_and_bad_arguments_refused():
     c.end = len(c.buf) + 1  # positions outside the buffer: refused, not read
     with pytest.raises(ValueError):
         _frame.next_frame(c, Header)
+    # far apart: end - start overflowed (UBSan) and wrapped to "incomplete"
+    for c.start, c.end in ((-(1 << 62), 1 << 62), (-1, 0), (-(1 << 63), 40)):
+        with pytest.raises(ValueError):
+            _frame.next_frame(c, Header)
     assert struct.calcsize(HEADER.format) == HEADER_SIZE == 40
