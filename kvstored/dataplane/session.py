@@ -283,10 +283,12 @@ class DataSession:
         max_qframes, burst = budget.max_queued_frames, budget.burst
         self.t_in = _now()
         n = 0
-        while (not self.closed and reader.target is None and self.waiting is None
-               and not self.write_paused and len(pending) + self.loads < max_pipelined
-               and self.queued < max_qbytes and self.queued_frames < max_qframes):
-            if reader.end - reader.start < HEADER_SIZE:  # (inlined: the usual way out)
+        while True:  # bounded: FAIR_FRAMES frames at most, then yield_stop
+            if reader.end - reader.start < HEADER_SIZE:  # the usual way out: tested first
+                break
+            if (self.closed or reader.target is not None or self.waiting is not None
+                    or self.write_paused or len(pending) + self.loads >= max_pipelined
+                    or self.queued >= max_qbytes or self.queued_frames >= max_qframes):
                 break
             if self.sent - self.flushed_at >= burst:
                 self.burst_stop = True  # the driver flushes, then calls advance() again
@@ -329,11 +331,11 @@ class DataSession:
             handler(self, h, ns, key)
         self.in_advance = False
         if (self.reading and reader.end != reader.start and not self.closed
-                and len(pending) + self.loads >= budget.max_pipelined):
+                and len(pending) + self.loads >= max_pipelined):
             self.counters["pipeline_limit_pauses"] += 1
             self.reading = False  # too many unanswered requests: written() resumes
-        if (not self.closed and reader.target is None and (self.queued >= budget.max_queued_bytes
-                                                            or self.queued_frames >= budget.max_queued_frames)):
+        if ((self.queued >= max_qbytes or self.queued_frames >= max_qframes)
+                and not self.closed and reader.target is None):
             # responses pile up unread: read nothing more until the transport's buffer is
             # empty (the driver asks to be told: write_unblocked)
             if not self.queue_full:
