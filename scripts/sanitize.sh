@@ -13,9 +13,9 @@
 # Python is not ASan-built: libasan and libubsan are preloaded (children and daemons
 # inherit them) and PYTHONMALLOC=malloc puts Python's own objects under ASan too, so an
 # overrun of a bytes object or a buffer is caught. Leak checking is off (CPython does not
-# free everything at exit). Reports go to files (a daemon's stderr is often a pipe; pytest
-# captures with --capture=sys so a test's own report reaches the terminal too); any report
-# fails the run and is printed at the end.
+# free everything at exit). ASan's reports go to files too (a daemon's stderr is often a
+# pipe), printed at the end; UBSan's go to stderr (pytest runs with --capture=sys so they
+# reach the terminal) and end the process with status 1. Any report fails the run.
 set -eu
 cd "$(dirname "$0")/.."
 ROOT=$PWD
@@ -72,13 +72,15 @@ export PYTHONMALLOC=malloc
 export PYTHONPATH="$SCRATCH:$SCRATCH/client${PYTHONPATH:+:$PYTHONPATH}"
 export KVSTORE_REQUIRE_NATIVE=1
 cd "$SCRATCH"
-"$PY" -c 'import kvstored._index as i; print("sanitize: importing", i.__file__)
-try:
-    import kvstored._uring as u; print("sanitize: importing", u.__file__)
-except ImportError as e:
-    print("sanitize: no _uring:", e)'
-"$PY" -c 'import kvstored._index as i, sys; sys.exit(not i.__file__.startswith(sys.argv[1]))' \
-  "$SCRATCH" || { echo "sanitize: the sanitized _index is not the one imported" >&2; exit 1; }
+"$PY" - "$SCRATCH" <<'EOF' || { echo "sanitize: a sanitized extension is not the one imported" >&2; exit 1; }
+import glob, importlib, os, sys
+bad = False
+for so in sorted(glob.glob("kvstored/_*.so")):
+    m = importlib.import_module("kvstored." + os.path.basename(so).split(".")[0])
+    print("sanitize: importing", m.__file__)
+    bad |= not m.__file__.startswith(sys.argv[1] + "/")
+sys.exit(bad)
+EOF
 
 rc=0
 "$PY" scripts/stress_index.py --seconds "${STRESS_SECONDS:-60}" || rc=1
