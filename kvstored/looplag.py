@@ -14,7 +14,8 @@ Cost: 40 wake-ups a second, ~20 us of CPU each (<0.1 % of a core).
 
 ``LoopLag.recent()`` is the largest lag of the last ``RECENT`` wake-ups: what a request
 arriving now would wait behind, read by repair's pace (kvstored/cluster/repair/pace.py)
-from its own thread.
+from its own thread; ``LoopLag.ticks`` are called at every wake-up, on the loop (the
+pace's count of clients' requests).
 
 ``Slices`` mitigates: work for peers and repair that loops over many items on the event
 loop (a Heads call of 4,096 keys, repair's store batches of up to 16 MiB) awaits
@@ -54,6 +55,7 @@ class LoopLag:
         # items are replaced whole; a reader sees each old or new, never torn)
         self._recent = [0.0] * RECENT
         self._at = 0
+        self.ticks: list = []  # f(now) at every wake-up (time.monotonic), on the loop
 
     def start(self) -> None:
         self._task = asyncio.get_running_loop().create_task(self._run())
@@ -82,7 +84,13 @@ class LoopLag:
         while True:
             t = clock()
             await asyncio.sleep(INTERVAL)
-            self.observe(clock() - t - INTERVAL)
+            now = clock()
+            self.observe(now - t - INTERVAL)
+            for tick in self.ticks:
+                try:
+                    tick(now)
+                except Exception:  # one hook's bug must not stop the measure
+                    log.exception("loop lag tick failed")
 
 
 class Slices:

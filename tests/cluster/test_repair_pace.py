@@ -23,16 +23,13 @@ from kvstored.cluster.repair.pace import Pace, next_pace, wait_for
 # ---------------------------------------------------------------- the rule
 
 class Load:
-    """A scripted NodeLoad: the loop's recent lag and the clients' request count."""
+    """A scripted NodeLoad: the loop's recent lag and when clients were last answered."""
 
     def __init__(self):
-        self.lag_s, self.requests = 0.0, 0
+        self.lag_s, self.clients_at = 0.0, float("-inf")
 
     def lag(self) -> float:
         return self.lag_s
-
-    def client_requests(self) -> int:
-        return self.requests
 
 
 class Clock:
@@ -81,7 +78,7 @@ def test_yields_only_while_clients_wait_and_lag():
     # each step waits in proportion to the work before it
     waits = []
     for _ in range(5):
-        load.requests += 10
+        load.clients_at = clock.t
         clock.t += 0.01
         waits.append(p.step())
     assert p.pace == 0.2
@@ -90,7 +87,7 @@ def test_yields_only_while_clients_wait_and_lag():
     # clients still there, the loop no longer lags: back to full speed over RECOVER_S
     load.lag_s = 0.0005
     for _ in range(20):
-        load.requests += 10
+        load.clients_at = clock.t
         clock.t += pc.RECOVER_S / 10
         p.step()
     assert p.pace == 1.0
@@ -108,50 +105,52 @@ def test_waits_follow_the_work_clock_not_the_wall():
     work = [0.0]
     p = Pace(0.002, 0.2, load, clock=clock, sleep=clock.sleep, work=lambda: work[0])
     p.begin()
-    clock.t += 0.01
-    p.step()  # the first reading of the client count
-    load.requests += 10
     clock.t += 0.3  # 300 ms waiting on a peer...
     work[0] += 0.01  # ...and 10 ms of work
+    load.clients_at = clock.t
     assert p.step() == pytest.approx(0.01)  # pace 0.5: as long as it worked
 
 
-def test_repair_requests_counted_apart_are_no_clients():
-    """A peer's repair request is counted as repair's when it starts and as a request
-    when answered: the count dips and comes back, never above its high-water mark."""
-    load, clock = Load(), Clock()
-    load.requests, load.lag_s = 1000, 0.050
-    p = _pace(load, clock)
-    clock.t += 1.0
-    p.step()  # the first reading
-    clock.t += 1.0
-    for _ in range(10):
-        load.requests -= 3  # three repair reads start...
-        clock.t += 0.01
-        assert p.step() == 0.0
-        load.requests += 3  # ...and are answered
-        clock.t += 0.01
-        assert p.step() == 0.0
-    assert p.yielded_s == 0.0 and p.pace == 1.0
+class DataPlane:
+    """The two things NodeLoad reads of the node's DataServer, with its real histograms."""
+
+    def __init__(self):
+        from kvstored.latency import LatencyHistogram
+        self.hists = {op: LatencyHistogram() for op in ("get", "put", "shm_get", "auth", "ping")}
+        self.counters: dict = {}
+
+    def latency_by_name(self) -> dict:
+        return self.hists
+
+    def start_repair(self) -> None:  # a repair request is counted as such when it starts (ops.py)
+        self.counters["repair_requests"] = self.counters.get("repair_requests", 0) + 1
+
+    def answer(self, op: str) -> None:  # every request is counted when answered
+        self.hists[op].observe(0.001)
 
 
-def test_requests_since_an_old_reading_are_not_clients_now():
-    """The first step after a long pause (a new pass) sees every request since the last
-    reading: they may be long over, so they only set the count's mark."""
-    load, clock = Load(), Clock()
-    load.lag_s = 0.050
-    p = _pace(load, clock)
-    p.begin()
-    clock.t += 0.01
-    p.step()
-    load.requests += 500  # a client's burst, then a pause longer than HOLD_S
-    clock.t += 2 * pc.HOLD_S
-    p.begin()
-    clock.t += 0.01
-    assert p.step() == 0.0 and p.pace == 1.0
-    load.requests += 1  # and one more while the pass runs: clients are there now
-    clock.t += 0.01
-    assert p.step() > 0.0 and p.pace == 0.5
+def test_node_load_counts_clients_not_repair_requests():
+    from kvstored.looplag import LoopLag
+    from kvstored.cluster.repair.pace import NodeLoad
+    lag, data = LoopLag(), DataPlane()
+    data.answer("get")  # before the node's load is made: no client since
+    load = NodeLoad(lag, data)
+    assert load.tick in lag.ticks
+    load.tick(10.0)
+    assert load.clients_at == float("-inf")
+    for t in range(20):  # peers' repair reads and writes (ticks in between), pings, auths
+        data.start_repair()
+        load.tick(11.0 + t)
+        data.answer("get" if t % 2 else "put")
+        data.answer("ping")
+        data.answer("auth")
+        load.tick(11.5 + t)
+    assert load.clients_at == float("-inf")
+    data.answer("shm_get")  # a client (same-host shm)
+    load.tick(40.0)
+    assert load.clients_at == 40.0
+    lag.observe(0.004)
+    assert load.lag() == 0.004
 
 
 def test_off_and_bad_settings():
@@ -159,8 +158,8 @@ def test_off_and_bad_settings():
     load.lag_s = 1.0
     off = _pace(load, clock, yield_lag=0.0)
     off.begin()
-    load.requests += 100
     clock.t += 1.0
+    load.clients_at = clock.t
     assert off.step() == 0.0 and off.scale(64) == 64
     assert Pace(0.002, 0.2, None).step() == 0.0  # a node without a load never yields
     with pytest.raises(ValueError):

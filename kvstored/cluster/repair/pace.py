@@ -52,23 +52,35 @@ def wait_for(pace: float, worked: float) -> float:
 
 
 class NodeLoad:
-    """What the pace reads of its node: the event loop's recent lag and how many
-    data-plane requests clients (not peers' repair) have had answered."""
+    """What the pace reads of its node: the event loop's recent lag, and when clients
+    (not peers' repair) last had data-plane requests answered, checked at every wake-up
+    of the loop-lag timer (every 25 ms, on the loop)."""
 
     def __init__(self, loop_lag, data_server):
         """``loop_lag``: kvstored.looplag.LoopLag; ``data_server``: the node's DataServer
         (``latency_by_name()``, ``counters``)."""
         self._lag, self._data = loop_lag, data_server
+        self._seen = self.client_requests()
+        self.clients_at = float("-inf")  # time.monotonic() the count last grew
+        loop_lag.ticks.append(self.tick)
 
     def lag(self) -> float:
         return self._lag.recent()
 
     def client_requests(self) -> int:
-        """Requests answered minus those flagged as repair's (a count that only matters
-        by how it grows; read from the repair thread: plain ints, no lock)."""
+        """Requests answered minus those flagged as repair's: a count that only matters
+        by how it grows."""
         hists = self._data.latency_by_name()
         n = sum(h.count for op, h in hists.items() if op not in ("auth", "ping"))
         return n - self._data.counters.get("repair_requests", 0)
+
+    def tick(self, now: float) -> None:
+        """Note ``now`` when the count grew. A high-water mark: a peer's repair request,
+        counted as repair's when it starts and as a request when answered, adds nothing."""
+        n = self.client_requests()
+        if n > self._seen:
+            self._seen = n
+            self.clients_at = now
 
 
 class Pace:
@@ -92,9 +104,6 @@ class Pace:
         self.yielded_s = 0.0  # seconds waited for clients, ever
         self._lock = threading.Lock()  # write calls to several peers may step at once
         self._mine = threading.local()  # per thread: its work clock when its last step ended
-        self._seen = 0  # the highest client request count read so far
-        self._read_at = float("-inf")  # when it was last read
-        self._clients_at = float("-inf")  # when it last grew since a reading within HOLD_S
         self._stepped = clock()
 
     def begin(self) -> None:
@@ -102,17 +111,8 @@ class Pace:
         self._mine.t = self._work()
 
     def waiting(self, now: float) -> bool:
-        """Clients answered lately and the loop lagging over yield_lag."""
-        n = self.load.client_requests()
-        # a high-water mark: a peer's repair request, counted as repair's when it starts
-        # and as a request when answered, adds nothing. Growth since a reading older than
-        # HOLD_S (the first step of a pass, say) may be old: it only sets the mark
-        if n > self._seen:
-            if now - self._read_at < HOLD_S:
-                self._clients_at = now
-            self._seen = n
-        self._read_at = now
-        return now - self._clients_at < HOLD_S and self.load.lag() > self.yield_lag
+        """Clients answered within HOLD_S and the loop lagging over yield_lag."""
+        return now - self.load.clients_at < HOLD_S and self.load.lag() > self.yield_lag
 
     def step(self) -> float:
         """Between two steps of repair work: update the pace and wait what it says for
