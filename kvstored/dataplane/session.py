@@ -45,8 +45,8 @@ from kvstored.latency import BUCKETS as _BUCKETS
 
 # the op table and what sessions share live in plane.py (split for issue 14); they are
 # re-exported here, where transports and tests have always imported them from
-from .plane import (_VALID_NAMESPACES, BODY, EMPTY, SIZE, Call, Deliver, Handler, Op, OpTable, Plane,
-                    _check_names)
+from .plane import (_VALID_NAMESPACES, BODY, EMPTY, SIZE, Call, Deliver, Handler, Op, OpTable,
+                    Plane, _check_names)
 from .policy import AuthGuard, ConnectionBudget
 
 __all__ = ["DataSession", "Plane", "OpTable", "Op", "Call", "Handler", "Deliver", "BODY", "EMPTY",
