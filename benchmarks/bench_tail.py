@@ -4,7 +4,8 @@
     python benchmarks/bench_tail.py [--seconds 8] [--rate 400] [--size 64KiB]
                                     [--phases idle,neighbour,evict,nvme,repair] [--skip-redis]
                                     [--repair-objects 1536] [--repair-rate SIZE]
-                                    [--repair-yield-lag S] [--no-repair-reader]
+                                    [--repair-yield-lag S] [--repair-min-pace P]
+                                    [--no-repair-reader]
     (phases: idle, neighbour, evict, nvme by default; bigcalls, repair when named)
 
 A user's question: "my engine reads 64 KiB blocks at a steady rate; what happens to its
@@ -33,8 +34,9 @@ every put evicts, or when puts spill to the NVMe tier?" Each phase runs:
     then the repair's time to full redundancy and the seconds n0's repair yielded to the
     reader, kvstored_repair_yield_seconds_total). ``--no-repair-reader``: the same
     without the reader (the repair's time on an idle cluster). ``--repair-yield-lag``
-    sets the nodes' cluster.repair_yield_lag (0: repair never yields; unset: the
-    daemon's default, and nothing written, so the script runs against older trees too).
+    sets the nodes' cluster.repair_yield_lag (0: repair never yields), ``--repair-min-pace``
+    their cluster.repair_min_pace (unset: the daemon's defaults, and nothing written, so
+    the script runs against older trees too).
 
 Every kvstored client here uses TCP (``transport="tcp"``), never same-host shm. The peer
 is Redis measured in the same run with the same processes and schedule (GET / SET; its
@@ -262,9 +264,11 @@ def repair_rows(a, tmp: Path) -> list[dict]:
     try:
         for i in range(br.N_NODES):
             cfg = br.config(tmp, f"n{i}", etcd.endpoint, rate)
-            if a.repair_yield_lag is not None:  # (the [cluster] section is the file's last)
-                with open(cfg, "a") as f:
+            with open(cfg, "a") as f:  # (the [cluster] section is the file's last)
+                if a.repair_yield_lag is not None:
                     f.write(f"repair_yield_lag = {a.repair_yield_lag}\n")
+                if a.repair_min_pace is not None:
+                    f.write(f"repair_min_pace = {a.repair_min_pace}\n")
             daemons.append(Daemon(tmp, "--config", cfg,
                                   "--dram-size", "1GiB", "--slab-size", "4MiB").start(timeout=60))
         ids = {f"n{i}" for i in range(br.N_NODES)}
@@ -425,6 +429,8 @@ def main(argv=None) -> int:
     ap.add_argument("--repair-yield-lag", type=float, default=None,
                     help="the nodes' cluster.repair_yield_lag in seconds (0: never yield; "
                          "default: the daemon's default)")
+    ap.add_argument("--repair-min-pace", type=float, default=None,
+                    help="the nodes' cluster.repair_min_pace (default: the daemon's default)")
     ap.add_argument("--no-repair-reader", dest="repair_reader", action="store_false",
                     help="repair phase without the reader: the repair's time alone")
     ap.add_argument("--skip-redis", action="store_true")
