@@ -2926,11 +2926,11 @@ static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObjec
     if (evicted < 0) return NULL;
     int64_t rec = lru_rec(p, args[0]);
     if (rec < 0) return NULL;
-    int seg = p->t->recs[rec].seg;
     Py_hash_t h = 0;
     /* the digest first (the key of a keyless entry is read from NVMe and may fail):
-       an error leaves the entry linked */
+       an error leaves the entry linked; its list is read after (the loader is Python) */
     if (evicted && lru_key(p, args[0], NULL, &h) < 0) return NULL;
+    int seg = p->t->recs[rec].seg;
     if (seg >= 0) {
         int idx = lru_class(p, p->t->recs[rec].sc);
         if (idx < 0) return NULL;

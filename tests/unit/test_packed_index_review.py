@@ -548,3 +548,30 @@ def test_store_like_interleavings_and_refused_misuse_keep_index_and_lists_whole(
     spec.loader.exec_module(stress)
     stress.Round(random.Random(seed)).run(1500)
     stress.ghost_stress(random.Random(seed), 1500)
+
+
+def test_a_key_loader_that_unlinks_the_entry_being_evicted_leaves_the_lists_whole():
+    """Lru.remove(e, evicted=True) reads a keyless entry's key through the key loader
+    (Python) for the ghost's digest; it reads e's list after that. Before, the list read
+    first was stale when the loader had unlinked e: it was unlinked twice through its
+    freed DRAM part (SIGSEGV). The Store's loader reads NVMe and does not do this."""
+    from kvstored.engine.eviction import NONE, NativePolicy
+    ix = PackedIndex()
+    pol = NativePolicy(1, ix)
+    keep = entry(b"ns", b"keep", offset=4096)
+    ix.insert(keep)
+    pol.insert(keep)
+    e = entry(b"ns", b"keyless")
+    ix.insert(e)
+    e.nvme = Location(1, 40960, 100, 0x1234, 3)
+    ix.shed_key(e)
+    pol.insert_loaded(e)  # keyless and linked (the Store restores the key first)
+
+    def loader(x):
+        pol.remove(x)  # Python code in the middle of remove(evicted=True)
+        return b"keyless"
+
+    ix.set_key_loader(loader)
+    pol.remove(e, evicted=True)
+    assert e.seg == NONE and pol.resident == 1 and pol.count(0) == 1
+    assert pol.order(0, keep.seg) == [keep] and pol.in_ghost(b"ns", b"keyless") is not None
