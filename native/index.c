@@ -1186,7 +1186,7 @@ static PyObject *Entry_record(Entry *e, void *c) {
 static PyObject *Entry_repr(Entry *e) {
     /* a keyless entry's repr does not read the NVMe header */
     PyObject *ns = get_ns(e, NULL), *key = e->ix && (R(e)->flags & F_KEYLESS)
-        ? PyUnicode_FromFormat("<key not in RAM, fp %llx>", (unsigned long long)R(e)->fp)
+        ? PyUnicode_FromFormat("<key not in RAM, fp %llu>", (unsigned long long)R(e)->fp)
         : get_key(e, NULL);
     PyObject *s = NULL;
     if (ns && key)
@@ -1698,7 +1698,7 @@ static PyObject *Table_restore_key(Table *t, PyObject *const *args, Py_ssize_t n
     Rec *r = &t->recs[rec];
     if (kl != r->key_len || fp_of(t, r->ns, k, kl) != r->fp) {
         PyErr_Format(PyExc_ValueError, "restore_key: a key of %zu bytes that is not the entry's "
-                     "(%u bytes, fingerprint %llx)", kl, r->key_len, (unsigned long long)r->fp);
+                     "(%u bytes, fingerprint %llu)", kl, r->key_len, (unsigned long long)r->fp);
         return NULL;
     }
     if (!(r->flags & F_KEYLESS)) {

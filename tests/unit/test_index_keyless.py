@@ -133,6 +133,7 @@ def test_key_goes_through_the_loader_and_without_one_raises_lookup_error():
     with pytest.raises(LookupError):
         e.key
     assert "key not in RAM" in repr(e)  # repr never reads NVMe
+    assert "fp %d>" % ix.key_hash(b"ns", b"the-key") in repr(e)  # (was a literal "%llx")
 
 
 def test_value_errors():
