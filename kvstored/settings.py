@@ -369,7 +369,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("cluster", "repair_yield_lag", FLOAT, 0.002,
        "repair yields while clients wait and the event loop lags over this (seconds; 0 = never)",
        check=_within(0, 1, "seconds")),
-    _s("cluster", "repair_min_pace", FLOAT, 0.2,
+    _s("cluster", "repair_min_pace", FLOAT, 0.5,
        "the least share of its time repair works while yielding (its floor)",
        check=_within(0.05, 1, "of its time")),
     _s("cluster", "delete_horizon", FLOAT, 86400.0,
