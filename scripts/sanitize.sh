@@ -1,13 +1,14 @@
 #!/usr/bin/env bash
 # The native extensions (native/*.c, as setup.py lists them) under AddressSanitizer and
 # UndefinedBehaviorSanitizer, built into a scratch copy of the working tree (uncommitted
-# edits included) so the checkout's own build is untouched; then a random stress of the
-# packed index (scripts/stress_index.py) and the tests that run native code, daemons
-# included, against that build. Not part of `make test`: ~15-20 min on 2 cores.
+# edits included) so the checkout's own build is untouched; then random stresses of the
+# packed index and the frame parser (scripts/stress_index.py, stress_frame.py) and the
+# tests that run native code, daemons included, against that build. Not part of
+# `make test`: ~15-20 min on 2 cores.
 #
 #   scripts/sanitize.sh                  (make sanitize) the default tests below
 #   scripts/sanitize.sh tests/x.py -k y  these pytest arguments instead (make sanitize ARGS=...)
-#   STRESS_SECONDS=300 scripts/sanitize.sh   a longer stress (default 60 s)
+#   STRESS_SECONDS=300 scripts/sanitize.sh   longer stresses (default 60 s each)
 #   KEEP=1 scripts/sanitize.sh           keep the scratch copy (its path is printed)
 #
 # Python is not ASan-built: libasan and libubsan are preloaded (children and daemons
@@ -72,7 +73,7 @@ export PYTHONMALLOC=malloc
 export PYTHONPATH="$SCRATCH:$SCRATCH/client${PYTHONPATH:+:$PYTHONPATH}"
 export KVSTORE_REQUIRE_NATIVE=1
 cd "$SCRATCH"
-"$PY" - "$SCRATCH" <<'EOF' || { echo "sanitize: a sanitized extension is not the one imported" >&2; exit 1; }
+"$PY" - "$SCRATCH" <<'EOF' || { echo "sanitize: an unsanitized extension was imported" >&2; exit 1; }
 import glob, importlib, os, sys
 bad = False
 for so in sorted(glob.glob("kvstored/_*.so")):
@@ -84,6 +85,7 @@ EOF
 
 rc=0
 "$PY" scripts/stress_index.py --seconds "${STRESS_SECONDS:-60}" || rc=1
+"$PY" scripts/stress_frame.py --seconds "${STRESS_SECONDS:-60}" || rc=1
 if [ $# -eq 0 ]; then
   # the files that run native code (those absent from this tree are left out); the two
   # tests deselected assert the event loop's CPU time between requests, which a build
@@ -94,8 +96,9 @@ if [ $# -eq 0 ]; then
       tests/unit/test_policy.py tests/unit/test_store_dram.py tests/unit/test_store_entries.py \
       tests/unit/test_put_path_lookups.py tests/unit/test_frame_native.py tests/unit/test_wire.py \
       tests/unit/test_session.py tests/engine tests/daemon/test_nvme_tier.py \
-      tests/daemon/test_delete_all_nvme.py tests/daemon/test_dram_tier.py tests/daemon/test_dedup.py \
-      tests/daemon/test_delete_each.py tests/daemon/test_dataplane_bad_input.py; do
+      tests/daemon/test_delete_all_nvme.py tests/daemon/test_dram_tier.py \
+      tests/daemon/test_dedup.py tests/daemon/test_delete_each.py \
+      tests/daemon/test_dataplane_bad_input.py; do
     if [ -e "$f" ]; then set -- "$@" "$f"; fi
   done
   set -- "$@" -k "not keeps_the_loop_serving and not serves_the_data_path_and_stays_deleted"
