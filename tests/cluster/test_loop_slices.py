@@ -149,7 +149,19 @@ def test_batch_calls_give_the_loop_back_between_steps(node, monkeypatch, rpc):
         def get(self, ns, key):
             reached.append(key)
             return self._real.get(ns, key)
+
+        def present(self, ns, keys):  # Exists: a step's keys at once
+            reached.extend(keys)
+            return self._real.present(ns, keys)
+
+        def prefix(self, ns, keys):  # Lookup: likewise
+            reached.extend(keys)
+            return self._real.prefix(ns, keys)
     monkeypatch.setattr(store, "index", CountingIndex(store.index))
+    # the policy touches by key in the index it was built over (the Lru checks it is its own)
+    touch_keys = store.policy.touch_keys
+    monkeypatch.setattr(store.policy, "touch_keys",
+                        lambda index, ns, keys: touch_keys(getattr(index, "_real", index), ns, keys))
     seen, stop, fut = _watch(loop, lambda: len(set(reached)))
     try:
         r = asyncio.run_coroutine_threadsafe(handler(svc, req, None), loop).result(30)
