@@ -8,7 +8,6 @@ import gc
 import importlib.util
 import os
 import random
-import sys
 
 import pytest
 
@@ -17,6 +16,8 @@ from kvstored.engine import Store, StoreLimits
 from kvstored.engine.entries import INDEX_ENV
 from kvstored.engine.eviction import (COLD, NONE, PROBATION, PROTECTED, DictGhost, NativePolicy,
                                       Policy, make_policy)
+
+from test_ghost import _trace_sim  # the benchmark's trace replay (benchmarks/trace_sim.py)
 
 HAVE_NATIVE = importlib.util.find_spec("kvstored._index") is not None
 pytestmark = pytest.mark.skipif(not HAVE_NATIVE, reason="kvstored._index is not built")
@@ -127,16 +128,6 @@ def replay(monkeypatch, index: str, policy: str, reqs: list, dram: int, extras: 
         for e in held:
             s.release(e)
         s.close()
-
-
-def _trace_sim():
-    here = os.path.dirname(os.path.abspath(__file__))
-    sys.path.insert(0, os.path.join(here, "..", "..", "benchmarks"))
-    try:
-        import trace_sim
-    finally:
-        sys.path.pop(0)
-    return trace_sim
 
 
 @pytest.mark.parametrize("source", ["mooncake", "synthetic"])
