@@ -85,7 +85,7 @@ def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
         return s.reject(OP_PUT, rid, n, _refused(ns, key, why))
     s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0
     s.reserve(OP_PUT, rid, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
-              _repair_reserved, skip=n, stream=True)
+              _repair_reserved, skip=n, stream=True, recommit=False)
 
 
 def _repair_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:

@@ -425,7 +425,8 @@ class DataSession:
         deliver(self, rid, e, 0.0)
 
     def reserve(self, op: int, rid: int, ns: bytes, key: bytes, size: int, csum: int | None,
-                overwrite: bool, reserved: Callable, skip: int = 0, stream: bool = False) -> None:
+                overwrite: bool, reserved: Callable, skip: int = 0, stream: bool = False,
+                recommit: bool = True) -> None:
         """Reserve a slot and run ``reserved(session, rid, reservation or None, size)`` (None:
         the object is stored already). Without space, a Call waits (bounded) for it and nothing
         else on this connection is parsed meanwhile, so answers keep the requests' order.
@@ -436,19 +437,21 @@ class DataSession:
         bound (the store's reserve finds it otherwise, in the lookup it makes anyway); and
         when the whole payload is buffered already, ``reserved`` commits it before this call
         returns, so the reservation is not counted in the connection's and client's bytes
-        (no event could see them) nor given a stall deadline."""
+        (no event could see them) nor given a stall deadline. ``recommit=False``: a cluster
+        repair's write (Store.reserve)."""
         refused = (self.budget.admit_reservation(self.reserved, size)
                    or self.clients.admit(self.client, size))
         if refused is not None:  # this connection's (client's) own bound: waiting would not help
-            if stream and self.store.dedup(ns, key, size, csum):
+            if stream and self.store.dedup(ns, key, size, csum, recommit):
                 return reserved(self, rid, None, size)
             self.counters["reservations_refused_over_limit"] += 1
             return self.reject(op, rid, skip, refused)
         try:
             _check_names(ns, key)
-            res = self.store.reserve(ns, key, size, csum, overwrite)
+            res = self.store.reserve(ns, key, size, csum, overwrite, recommit)
         except errors.NoSpace as e:
-            return self._no_space(e, op, rid, ns, key, size, csum, overwrite, reserved, skip)
+            return self._no_space(e, op, rid, ns, key, size, csum, overwrite, reserved, skip,
+                                  recommit)
         except errors.KVStoreError as e:
             return self.reject(op, rid, skip, e)
         if res is None:  # stored already: no slot was taken
@@ -460,13 +463,14 @@ class DataSession:
         reserved(self, rid, res, size)
 
     def _no_space(self, e: errors.NoSpace, op: int, rid: int, ns: bytes, key: bytes, size: int,
-                  csum: int | None, overwrite: bool, reserved: Callable, skip: int) -> None:
+                  csum: int | None, overwrite: bool, reserved: Callable, skip: int,
+                  recommit: bool = True) -> None:
         """``reserve`` found no space: a Call waits (bounded) for it, unless this
         connection's last wait was in vain lately (then refused at once)."""
         if self.no_wait_until and self.store.clock() < self.no_wait_until:
             return self.reject(op, rid, skip, e)
         self.reading = False
-        self.waiting = Call(self.store.reserve_wait, (ns, key, size, csum, overwrite),
+        self.waiting = Call(self.store.reserve_wait, (ns, key, size, csum, overwrite, None, recommit),
                             _reserved_later, (op, rid, size, reserved, skip))
         self.calls.append(self.waiting)
 

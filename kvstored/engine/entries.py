@@ -106,7 +106,7 @@ class Reservation:
     """A slot being filled by a writer; invisible to readers until commit."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "overwrite", "deadline",
-                 "view", "on_expire", "done", "held")
+                 "view", "on_expire", "done", "held", "recommit")
 
     def __init__(self, ns, key, offset, size, checksum, sc, overwrite, deadline, view):
         self.ns = ns
@@ -123,6 +123,7 @@ class Reservation:
         self.on_expire: Callable[[Reservation], None] | None = None
         self.done = False
         self.held = False  # counted in a data session's and its client's reserved bytes
+        self.recommit = True  # a client's write: finding these bytes stored commits them again
 
 
 class _Space:

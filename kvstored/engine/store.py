@@ -142,27 +142,31 @@ class Store(RepairHooks):
 
     # ------------------------------------------------------------------ put
     def reserve(self, ns: bytes, key: bytes, size: int, checksum: int | None,
-                overwrite: bool = False) -> Reservation | None:
+                overwrite: bool = False, recommit: bool = True) -> Reservation | None:
         """Reserve a slot for ``size`` bytes, or None when the same object is already stored.
 
         Raises Conflict (different checksum, no overwrite), InvalidArgument (too
         large) or NoSpace (nothing evictable right now; see ``reserve_wait``).
         ``checksum=None``: the writer fills the slot in place (shm) and ``commit``
         computes the checksum; dedup and conflicts are then decided at commit.
+        ``recommit=False``: a cluster repair's write, which never refreshes a stored
+        object's commit time (``_same``).
         """
-        slot = self._slot(ns, key, size, checksum, overwrite)
+        slot = self._slot(ns, key, size, checksum, overwrite, recommit)
         if slot is None:
             return None
         off, sc, overwrite = slot
         res = Reservation(ns, key, off, size, checksum, sc, overwrite,
                           self.clock() + self.limits.reservation_timeout,
                           self.arena.view[off:off + size])
+        if not recommit:
+            res.recommit = False
         self.reservations.add(res)
         self.reserved_bytes += size
         return res
 
     def _slot(self, ns: bytes, key: bytes, size: int, checksum: int | None,
-              overwrite: bool) -> tuple | None:
+              overwrite: bool, recommit: bool = True) -> tuple | None:
         """``reserve``'s checks and allocation, shared with ``put_bytes``: (offset, size
         class, overwrite) of a free slot, or None when the same object is stored already."""
         if size > self.limits.max_value_size:
@@ -170,7 +174,7 @@ class Store(RepairHooks):
                 f"value of {size} bytes exceeds max_value_size {self.limits.max_value_size}")
         old = self.index.get(ns, key)  # one lookup serves dedup and the conflict check
         if old is not None:
-            if self._same(old, size, checksum):
+            if self._same(old, size, checksum, recommit):
                 return None
             if old.unverified:
                 overwrite = True  # a fresh write beats a record not yet verified
@@ -187,14 +191,15 @@ class Store(RepairHooks):
                           "or being written")
         return off, sc, overwrite
 
-    def dedup(self, ns: bytes, key: bytes, size: int, checksum: int | None) -> bool:
+    def dedup(self, ns: bytes, key: bytes, size: int, checksum: int | None,
+              recommit: bool = True) -> bool:
         """True when exactly these bytes (size and checksum) are stored under the key: the
         put is answered from the index alone, overwrite or not, before any slot is taken
         (re-puts, e.g. a cluster client's, otherwise reserve, copy and free a slot)."""
         old = self.index.get(ns, key)
-        return old is not None and self._same(old, size, checksum)
+        return old is not None and self._same(old, size, checksum, recommit)
 
-    def _same(self, old: Entry, size: int, checksum: int | None) -> bool:
+    def _same(self, old: Entry, size: int, checksum: int | None, recommit: bool = True) -> bool:
         """``dedup`` for the entry found under the key.
 
         The put commits the object again: its ``committed_at`` becomes now, on every path
@@ -204,23 +209,31 @@ class Store(RepairHooks):
         than it. In memory only: an NVMe record's header and summary keep the time it was
         written (a refresh is not worth a 4 KiB write per dedup), so a restart forgets
         the refreshes of records with an NVMe copy; DRAM-only ones are flushed at a clean
-        stop with the new time. Why that is safe: docs/cluster.md, "Deletes and repair"."""
+        stop with the new time. Why that is safe: docs/cluster.md, "Deletes and repair".
+
+        Not a cluster repair's write (``recommit=False``: FLAG_REPAIR puts, the agent's
+        own store writes): a copy is not a client's commit. Refreshed by it, a node that
+        missed a client's delete (away, or on another member list) and then got a peer's
+        copy written before the delete would hold a record newer than the delete, which
+        repair keeps and copies back (test_chaos, seed 485279573)."""
         if checksum is None or old.checksum != checksum or old.size != size:
             return False
         if old.unverified:
             self.verify(old)  # a writer vouches for exactly these bytes
         self.policy.touch(old)  # a put of what is stored is an access
-        old.committed_at = time.time()  # ... and a commit (see above)
+        if recommit:
+            old.committed_at = time.time()  # ... and a client's is a commit (see above)
         self.counters["dedups"] += 1
         return True
 
     async def reserve_wait(self, ns: bytes, key: bytes, size: int, checksum: int,
-                           overwrite: bool = False, timeout: float | None = None) -> Reservation | None:
+                           overwrite: bool = False, timeout: float | None = None,
+                           recommit: bool = True) -> Reservation | None:
         """``reserve``, waiting up to ``put_wait_timeout`` for space to be freed."""
         deadline = self.clock() + (self.limits.put_wait_timeout if timeout is None else timeout)
         while True:
             try:
-                return self.reserve(ns, key, size, checksum, overwrite)
+                return self.reserve(ns, key, size, checksum, overwrite, recommit)
             except NoSpace:
                 left = deadline - self.clock()
                 if left <= 0:
@@ -239,10 +252,11 @@ class Store(RepairHooks):
             self.dram.free_slot(res.offset)
             raise ChecksumMismatch("payload checksum does not match the declared checksum; "
                                    "nothing was stored")
-        return self._publish(res.ns, res.key, res.offset, res.size, cs, res.sc, res.overwrite)
+        return self._publish(res.ns, res.key, res.offset, res.size, cs, res.sc, res.overwrite,
+                             res.recommit)
 
     def _publish(self, ns: bytes, key: bytes, off: int, size: int, cs: int, sc,
-                 overwrite: bool) -> bool:
+                 overwrite: bool, recommit: bool = True) -> bool:
         """Index the verified object in the slot at ``off`` (``commit``, ``put_bytes``).
         True if stored, False if the key holds these bytes already (the slot is freed)."""
         index = self.index
@@ -261,7 +275,7 @@ class Store(RepairHooks):
             except BaseException:  # e.g. the packed index's IndexFull (a NoSpace): no leak
                 dram.free_slot(off)
                 raise
-        if taken and not self._replace(e, ns, key, off, size, cs, overwrite):
+        if taken and not self._replace(e, ns, key, off, size, cs, overwrite, recommit):
             return False
         dram.link(e)
         counters = self.counters
@@ -274,7 +288,7 @@ class Store(RepairHooks):
         return True
 
     def _replace(self, e: Entry, ns: bytes, key: bytes, off: int, size: int, cs: int,
-                 overwrite: bool) -> bool:
+                 overwrite: bool, recommit: bool = True) -> bool:
         """``_publish`` for a key found taken (or an overwrite): False (slot freed) when the
         stored object is these bytes, Conflict unless overwrite, else ``e`` replaces the
         old entry (or is inserted, the key being free)."""
@@ -286,7 +300,8 @@ class Store(RepairHooks):
         if old is not None:
             if old.checksum == cs and old.size == size:
                 free_slot(off)  # a concurrent identical put won the race
-                old.committed_at = time.time()  # this put commits it too (_same)
+                if recommit:
+                    old.committed_at = time.time()  # this put commits it too (_same)
                 self.counters["dedups"] += 1
                 return False
             if not overwrite:

@@ -154,3 +154,34 @@ def test_nvme_only_records_are_refreshed_in_memory_and_a_restart_reads_the_writt
     written, refreshed = asyncio.run(first_life())
     assert written > OLD and refreshed >= written
     asyncio.run(second_life(written, refreshed))
+
+
+def test_a_repair_write_of_the_same_bytes_keeps_the_commit_time():
+    """A cluster repair's copy (recommit=False: FLAG_REPAIR puts, the agent's own store
+    writes) is not a client's commit. Refreshed by it, a node that missed a client's delete
+    and then got a peer's copy written before that delete held a record newer than the
+    delete: repair kept it and copied it back, and the deleted object was served again
+    (test_chaos, seed 485279573). Each repair path."""
+    s = _store()
+    try:
+        data = b"r" * (3 * KiB)
+        cs = checksum(data)
+        assert s.put_bytes(NS, b"k", data) is True
+        _aged(s, b"k")
+        # the data plane's FLAG_REPAIR put: answered from the index, or reserve finds it
+        assert s.dedup(NS, b"k", len(data), cs, recommit=False)
+        assert s.reserve(NS, b"k", len(data), cs, recommit=False) is None
+        # the agent's own writes (checksum None, decided at commit: _replace)
+        res = s.reserve(NS, b"k", len(data), None, recommit=False)
+        res.view[:] = data
+        assert s.commit(res) is False
+
+        async def waited():
+            return await s.reserve_wait(NS, b"k", len(data), cs, recommit=False)
+        assert asyncio.run(waited()) is None
+        assert _at(s, b"k") == OLD
+        assert s.counters["dedups"] == 4
+        # and a client's put after them all commits it again
+        assert s.put_bytes(NS, b"k", data) is False and _at(s, b"k") > OLD
+    finally:
+        s.close()

@@ -125,7 +125,8 @@ class LocalStore:
                 try:
                     # checksum None: commit computes it once over the slot, and decides
                     # dedup and conflicts then (what a shm put does)
-                    res = await s.reserve_wait(ns, key, n, None, overwrite)
+                    # (recommit=False: a copy keeps the commit time it has here: Store._same)
+                    res = await s.reserve_wait(ns, key, n, None, overwrite, recommit=False)
                 except errors.KVStoreError as e:  # too large, no space in time
                     log.info("repair: could not store a record here: %s", e)
                     out.append(None)
