@@ -272,22 +272,25 @@ class TcpChannel(DataChannel):
     def next_id(self) -> int:
         return next(self._rid)
 
-    def send_keyed(self, op: int, ns: bytes, keys: list[bytes]) -> dict[int, int]:
+    def send_keyed(self, op: int, ns: bytes, keys: list[bytes], flags: int = 0) -> dict[int, int]:
         """One payload-less request per key (GET, SHM_GET) in one write, with this
-        connection's epoch; returns request id -> index."""
-        buf, rids = self.keyed_frames(op, ns, keys)
+        connection's epoch; returns request id -> index. ``flags``: as keyed_frames'."""
+        buf, rids = self.keyed_frames(op, ns, keys, flags)
         self.send([buf])
         return {rid: i for i, rid in enumerate(rids)}
 
-    def keyed_frames(self, op: int, ns: bytes, keys: list[bytes]) -> tuple[bytes, list[int]]:
+    def keyed_frames(self, op: int, ns: bytes, keys: list[bytes],
+                     flags: int = 0) -> tuple[bytes, list[int]]:
         """One payload-less ``op`` request per key with this connection's epoch, joined
         into one buffer to send; and the request id of each. (Gets, flagged: this SDK
-        knows errors.NotVerified, wire.FLAG_NOT_VERIFIED_OK.)"""
+        knows errors.NotVerified, wire.FLAG_NOT_VERIFIED_OK; ``flags``: further flags,
+        e.g. FLAG_REPAIR, a cluster repair agent's read.)"""
         rids, frames = [], []
+        flags |= FLAG_NOT_VERIFIED_OK
         for k in keys:
             rid = self.next_id()
             rids.append(rid)
-            frames.append(encode_request(op, rid, ns, k, flags=FLAG_NOT_VERIFIED_OK, epoch=self.epoch))
+            frames.append(encode_request(op, rid, ns, k, flags=flags, epoch=self.epoch))
         return b"".join(frames), rids
 
     def put_frames(self, ns: bytes, items: list, overwrite: bool, order: dict[int, int],

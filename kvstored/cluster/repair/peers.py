@@ -20,13 +20,12 @@ import threading
 
 from kvstore import errors
 from kvstore._common import value_parts
-from kvstore.wire import FLAG_NOT_VERIFIED_OK, FLAG_REPAIR, OP_GET, OP_PUT, encode_request
+from kvstore.client import WINDOW
+from kvstore.wire import FLAG_REPAIR, OP_GET, OP_PUT
 
 log = logging.getLogger("kvstored.repair")
 
 PEER_TIMEOUT = 3.0  # one call to a peer
-GET_WINDOW = 32  # gets in flight on a connection (the SDK's batch_get window)
-GET_FLAGS = FLAG_NOT_VERIFIED_OK | FLAG_REPAIR  # a held-back record is an answer; repair's read
 FENCED = "fenced"  # a write's outcome: refused, the key was deleted on that node lately
 
 
@@ -94,15 +93,10 @@ class PeerIO:
         if not keys or member.node_id in self.unreachable:
             return [None] * len(keys)
 
-        def fetch(conn) -> list:  # rounds of GET_WINDOW; every answer read, errors in place
+        def fetch(conn) -> list:  # batch_get's rounds, flagged; every answer read, errors in place
             out: list = []
-            for w in range(0, len(keys), GET_WINDOW):
-                order, frames = {}, []
-                for i, k in enumerate(keys[w:w + GET_WINDOW]):
-                    rid = conn.next_id()
-                    order[rid] = i
-                    frames.append(encode_request(OP_GET, rid, ns, k, flags=GET_FLAGS, epoch=conn.epoch))
-                conn.send([b"".join(frames)])
+            for w in range(0, len(keys), WINDOW):
+                order = conn.send_keyed(OP_GET, ns, keys[w:w + WINDOW], FLAG_REPAIR)
                 out += conn._collect(order, None, True, bytearray, OP_GET, keep_errors=True)
             return out
 
