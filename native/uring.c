@@ -11,6 +11,12 @@
  * reference to their owners) until its completion is reaped, so the kernel never writes
  * into memory Python has freed. A ring with ops in flight waits for them before it is
  * torn down (close() or dealloc), with the GIL released.
+ *
+ * Re-entry rule: releasing an op's buffers can run Python (the owner's __del__, or the GC), and
+ * that Python may call back into this ring: reap, wait, prep, even close it. So completions are
+ * moved off the completion queue into C memory, with no Python run, before any buffer is
+ * released (reap_ready). Threads: wait() and the drain of close() block with the GIL released;
+ * close() from another thread meanwhile would unmap the ring under them, so it is refused.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -34,6 +40,7 @@ typedef struct {
     int open;
     Py_ssize_t inflight;
     unsigned entries;
+    int blocked; /* threads inside a GIL-released wait on this ring: close() must not unmap it */
 } RingObject;
 
 static void op_free(uring_op *op) {
@@ -81,48 +88,100 @@ static int check_open(RingObject *self) {
     return 1;
 }
 
-/* Turn completed CQEs into a list of (user_data, res), releasing each op's buffers. */
+typedef struct {
+    uring_op *op;
+    int res;
+} reaped_op;
+
+/* Turn completed CQEs into a list of (user_data, res), releasing each op's buffers.
+ * First the ready CQEs are copied into a C array and the queue advanced, with no Python run (no
+ * Python object is made, so not even the GC): the ring is then consistent, and the Python that
+ * building the list or releasing a buffer may run (see the re-entry rule) finds every one of
+ * these completions already taken. A MemoryError while building the list loses these results;
+ * their buffers are still released. */
 static PyObject *reap_ready(RingObject *self) {
-    PyObject *out = PyList_New(0);
-    if (out == NULL)
-        return NULL;
+    unsigned ready = io_uring_cq_ready(&self->ring);
+    if (ready == 0)
+        return PyList_New(0);
+    reaped_op *batch = PyMem_Malloc((size_t)ready * sizeof(reaped_op)); /* runs no Python */
+    if (batch == NULL)
+        return PyErr_NoMemory(); /* nothing taken: the completions wait for the next reap */
     struct io_uring_cqe *cqe;
     unsigned head, seen = 0;
+    Py_ssize_t n = 0;
     io_uring_for_each_cqe(&self->ring, head, cqe) {
-        uring_op *op = (uring_op *)io_uring_cqe_get_data(cqe);
+        if (seen == ready)
+            break;
         seen++;
+        uring_op *op = (uring_op *)io_uring_cqe_get_data(cqe);
         if (op == NULL)
-            continue;
-        PyObject *t = Py_BuildValue("(Ki)", op->user_data, cqe->res);
-        op_free(op);
-        self->inflight--;
-        if (t == NULL || PyList_Append(out, t) < 0) {
-            Py_XDECREF(t);
-            io_uring_cq_advance(&self->ring, seen);
-            Py_DECREF(out);
-            return NULL;
-        }
-        Py_DECREF(t);
+            continue; /* the no-op that stands in for a failed prep */
+        batch[n].op = op;
+        batch[n].res = cqe->res;
+        n++;
     }
     io_uring_cq_advance(&self->ring, seen);
+    self->inflight -= n;
+    /* From here Python may run, and may use or close this ring. */
+    PyObject *out = PyList_New(n);
+    for (Py_ssize_t i = 0; out != NULL && i < n; i++) {
+        PyObject *t = Py_BuildValue("(Ki)", batch[i].op->user_data, batch[i].res);
+        if (t == NULL)
+            Py_CLEAR(out);
+        else
+            PyList_SET_ITEM(out, i, t);
+    }
+    PyObject *et, *ev, *tb; /* an owner's __del__ must not run with our error set */
+    PyErr_Fetch(&et, &ev, &tb);
+    for (Py_ssize_t i = 0; i < n; i++)
+        op_free(batch[i].op);
+    PyMem_Free(batch);
+    PyErr_Restore(et, ev, tb);
     return out;
 }
 
-/* Block (GIL released) until every op in flight has completed; drop their results. */
+/* Block (GIL released) until every op in flight has completed; drop their results. Ops
+ * prepped and not yet submitted are submitted first (else they would never complete). Waits in
+ * short slices: another thread may reap the last completion while this one is not looking. */
 static void drain_all(RingObject *self) {
     while (self->open && self->inflight > 0) {
         struct io_uring_cqe *cqe = NULL;
-        int rc;
+        struct __kernel_timespec slice = {.tv_sec = 0, .tv_nsec = 100 * 1000 * 1000};
+        int rc = io_uring_submit(&self->ring);
+        if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+            break; /* ring unusable: leak the views rather than free memory under the kernel */
+        self->blocked++;
         Py_BEGIN_ALLOW_THREADS
-        rc = io_uring_wait_cqe(&self->ring, &cqe);
+        rc = io_uring_wait_cqe_timeout(&self->ring, &cqe, &slice);
         Py_END_ALLOW_THREADS
-        if (rc < 0 && rc != -EINTR && rc != -EAGAIN)
+        self->blocked--;
+        if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -ETIME)
             break; /* ring unusable: leak the views rather than free memory under the kernel */
         PyObject *done = reap_ready(self);
         if (done == NULL)
             PyErr_Clear();
         Py_XDECREF(done);
     }
+}
+
+/* close() and dealloc: drain, then unmap, unless Python run by the drain closed it already. */
+static int ring_teardown(RingObject *self) {
+    if (self->blocked > 0) {
+        PyErr_SetString(PyExc_RuntimeError,
+                        "ring is being waited on in another thread: close it after that wait returns");
+        return -1;
+    }
+    drain_all(self);
+    if (self->blocked > 0) { /* another thread began a wait while this one drained */
+        PyErr_SetString(PyExc_RuntimeError,
+                        "ring is being waited on in another thread: close it after that wait returns");
+        return -1;
+    }
+    if (self->open) {
+        io_uring_queue_exit(&self->ring);
+        self->open = 0;
+    }
+    return 0;
 }
 
 static PyObject *Ring_prep(RingObject *self, PyObject *args) {
@@ -219,9 +278,11 @@ static PyObject *Ring_wait(RingObject *self, PyObject *args) {
     if (want > 0) {
         struct io_uring_cqe *cqe = NULL;
         int rc;
+        self->blocked++;
         Py_BEGIN_ALLOW_THREADS
         rc = io_uring_wait_cqe_nr(&self->ring, &cqe, want);
         Py_END_ALLOW_THREADS
+        self->blocked--;
         if (rc < 0 && rc != -EINTR)
             return raise_errno(-rc, "io_uring_wait_cqe");
     }
@@ -241,11 +302,8 @@ static PyObject *Ring_register_eventfd(RingObject *self, PyObject *args) {
 }
 
 static PyObject *Ring_close(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (self->open) {
-        drain_all(self);
-        io_uring_queue_exit(&self->ring);
-        self->open = 0;
-    }
+    if (self->open && ring_teardown(self) < 0)
+        return NULL;
     Py_RETURN_NONE;
 }
 
@@ -258,11 +316,9 @@ static PyObject *Ring_get_entries(RingObject *self, void *closure) {
 }
 
 static void Ring_dealloc(RingObject *self) {
-    if (self->open) {
-        drain_all(self);
-        io_uring_queue_exit(&self->ring);
-        self->open = 0;
-    }
+    /* no thread can be waiting: a wait holds a reference to the ring */
+    if (self->open && ring_teardown(self) < 0)
+        PyErr_WriteUnraisable((PyObject *)self);
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 

@@ -11,6 +11,7 @@ import mmap
 import os
 import shutil
 import subprocess
+import time
 
 import pytest
 
@@ -222,3 +223,147 @@ def test_the_binding_has_no_avx512():
         dis = subprocess.run([objdump, "-d", p], capture_output=True, text=True, timeout=60).stdout
         assert dis, p
         assert "%zmm" not in dis, f"{p} uses AVX-512 registers"
+
+
+# Run in a child: before the fix these crashed (a double free, or a read of an unmapped
+# completion ring), which must fail this test rather than take the test worker down.
+_REENTRY = r'''
+import os, sys
+from kvstored import _uring
+
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+r = _uring.Ring(8)
+nested = []
+
+class Owner(bytearray):
+    """A buffer whose last reference goes when the ring releases it, running Python that
+    calls back into the ring that is reaping it."""
+    def __del__(self):
+        if self.action in ("reap", "wait") and not closed(r):
+            nested.extend(r.reap() if self.action == "reap" else r.wait(1))
+        elif self.action == "close":
+            r.close()
+        elif self.action == "prep":  # queue more work from inside the reap
+            assert r.prep(True, fd, 0, [bytearray(b"x" * 64)], 100 + self.uid) is True
+
+def queue(action, n, ring):
+    for i in range(n):
+        b = Owner(b"%d" % i * 64)
+        b.action, b.uid = action, i + 1
+        assert ring.prep(True, fd, i * 64, [b], i + 1) is True
+        del b  # the ring's view holds the last reference
+
+def closed(ring):
+    try:
+        ring.submit()
+    except ValueError as e:
+        return "closed" in str(e)
+    return False
+
+def round_trip(action, n):
+    queue(action, n, r)
+    r.submit()
+    got = []
+    while r.inflight and len(got) + len(nested) < n:
+        got += r.wait(1)
+    return got
+
+for action in ("reap", "wait"):
+    nested.clear()
+    got = round_trip(action, 4)
+    ids = sorted(u for u, _ in got + nested)
+    assert ids == [1, 2, 3, 4], (action, got, nested)  # each completion exactly once
+    assert all(res == 64 for _, res in got + nested), (got, nested)
+    assert r.inflight == 0, r.inflight
+
+got = round_trip("prep", 3)  # each release queues one more write: they complete too
+r.submit()
+while r.inflight:
+    got += r.wait(1)
+assert sorted(u for u, _ in got) == [1, 2, 3, 101, 102, 103], got
+assert r.inflight == 0
+
+queue("close", 3, r)
+r.submit()
+got = r.wait(3)  # all three in one reap; the first release closes the ring under it
+assert sorted(u for u, _ in got) == [1, 2, 3], got
+assert r.inflight == 0 and closed(r)
+r.close()
+
+r = _uring.Ring(8)  # close() whose drain releases owners that close (and reap) again
+queue("close", 2, r)
+queue("reap", 1, r)
+r.close()  # not submitted: the drain submits them, then waits
+assert r.inflight == 0 and closed(r)
+print("ok")
+'''
+
+
+def test_buffer_owner_released_during_a_reap_may_call_back_into_the_ring(tmp_path):
+    """A completion's buffer owner freed while the ring reaps runs Python (its __del__ here; the
+    GC in general) that may reap, wait, queue more work or close the ring: every completion is
+    returned exactly once, nothing is freed twice and a close under the reap is safe."""
+    _ring_or_skip().close()
+    import sys
+    done = subprocess.run([sys.executable, "-c", _REENTRY, str(tmp_path / "r.dat")],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (
+        f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
+def _in_io_uring_enter(tid: int) -> bool:
+    """Whether thread tid is blocked in io_uring_enter (syscall 426 on every Linux arch)."""
+    try:
+        with open(f"/proc/self/task/{tid}/syscall") as f:
+            return f.read().split()[0] == "426"
+    except (OSError, IndexError):
+        return False
+
+
+def test_close_from_another_thread_during_a_wait_is_refused(tmp_path):
+    """wait() blocks with the GIL released; a close() from another thread meanwhile would unmap
+    the ring under it. It is refused with a typed error; the wait still completes."""
+    import threading
+    if not os.path.exists(f"/proc/self/task/{threading.get_native_id()}/syscall"):
+        pytest.skip("no /proc/<pid>/task/<tid>/syscall to see the waiter block")
+    r = _ring_or_skip()
+    rd, wr = os.pipe()
+    try:
+        buf = bytearray(16)
+        r.prep(False, rd, 0, [buf], 1)  # a pipe read completes only when data is written
+        r.submit()
+        got, tids = [], []
+
+        def wait():
+            tids.append(threading.get_native_id())
+            got.extend(r.wait(1))
+
+        waiter = threading.Thread(target=wait, daemon=True)
+        waiter.start()
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not (tids and _in_io_uring_enter(tids[0])):
+            time.sleep(0.005)
+        assert tids and _in_io_uring_enter(tids[0]), "the waiter never blocked in wait()"
+        closed = []
+
+        def close():
+            try:
+                r.close()
+                closed.append("closed")
+            except RuntimeError as e:
+                closed.append(str(e))
+
+        closer = threading.Thread(target=close, daemon=True)
+        closer.start()
+        closer.join(30)  # refused at once; before the fix it blocked until the read completed
+        os.write(wr, b"hello")
+        waiter.join(30)
+        closer.join(30)
+        assert not waiter.is_alive() and not closer.is_alive()
+        assert len(closed) == 1 and "another thread" in closed[0], closed
+        assert got == [(1, 5)] and buf[:5] == b"hello"
+        r.close()
+        assert r.inflight == 0
+    finally:
+        os.close(rd)
+        os.close(wr)
