@@ -23,6 +23,17 @@ previous run's (a restart within the lease) and is taken over.
 static mode (``cluster.static_peers``): no etcd; the peers are probed with Info/Health
 every lease_ttl seconds so their ids, data addresses and liveness are known.
 
+A lease that may have lapsed unseen: etcd drops a node whose renewals stop for the TTL;
+when this process itself was stopped (SIGSTOP, a paused VM, a loop blocked for seconds)
+it wakes still registered in its own view, and its sockets hold requests it would run
+before any timer or renewal of membership's noticed. So membership keeps a deadline on the
+gate: the send time of the last answered renewal plus the TTL less LEASE_SLACK of it. The
+first keyed request past it (data or control plane) has the node treat itself as dropped
+before it is answered (redirect, records held back until checked, a fresh registration).
+etcd out of reach is not a stall: a renewal still unanswered LEASE_SLACK of the TTL before
+the deadline disarms it (the loop ran, etcd did not answer: the node serves on, degraded,
+as above) until a renewal is answered again.
+
 Placement set: the members that take new records (etcd mode: registered and not
 draining; static mode: every configured peer). Its epoch (``kvstore.layout.member_epoch``)
 is written to the node's ``EpochGate``, which both planes consult (a keyed request sent
@@ -35,6 +46,7 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import math
 import socket
 import time
 from dataclasses import asdict, dataclass
@@ -54,6 +66,15 @@ BACKOFF_MIN = 0.25  # seconds before the first retry after etcd fails
 BACKOFF_MAX = 5.0  # the back-off doubles up to this
 ETCD_CALL_TIMEOUT = 2.0  # seconds for one etcd call (grant, put, get, keep-alive)
 DROPPED_EPOCH = 0xFFFFFFFF  # the gate's epoch while a dropped node is not registered again
+# share of the TTL kept in hand: the gate's deadline is this much before the lease can run
+# out, and a renewal unanswered this much before the deadline means etcd is late, not
+# that this process stalled (the module doc)
+LEASE_SLACK = 0.1
+
+
+class LeaseLapsed(ConnectionError):
+    """The gate's lease deadline passed: this node treats itself as dropped and registers
+    again under a fresh lease."""
 
 
 @dataclass
@@ -90,6 +111,11 @@ class _Entry:
     info: MemberInfo
     health: str  # alive | stale | unreachable | unknown
     seen: float  # time.monotonic() of the last confirmation (0 = never)
+
+
+def _retrieve(f: asyncio.Future) -> None:
+    if not f.cancelled():
+        f.exception()
 
 
 def _ago(t: float) -> str:
@@ -141,6 +167,8 @@ class Membership:
         self.on_dropped: list = []
         self.drops = 0  # how many times the cluster dropped this node
         self._drop_seen = False  # this drop was handled (until registered again)
+        self._renewed_at = 0.0  # perf_counter() when the last answered renewal (or the grant) was sent
+        self._lapse: asyncio.Future | None = None  # done when the gate's deadline passed (this session)
         self.ttl = c.cluster_lease_ttl
         self.endpoints = c.cluster_endpoints()
         self.static_peers = c.cluster_peers()
@@ -154,6 +182,8 @@ class Membership:
         self._etcd = None
         self._lease = None
         self._stopping = False
+        if self.source == "etcd":
+            gate.on_lapse = self._lapsed
 
     # ------------------------------------------------------------ view
 
@@ -183,7 +213,9 @@ class Membership:
             log.info("placement members changed", extra={
                 "epoch": f"{epoch:08x}", "members": len(self.placement_rows())})
         self.epoch = epoch
-        self.gate.epoch = epoch
+        # dropped and not registered again: clients stay redirected (a watch event or a
+        # resync of the ending session must not open the gate again)
+        self.gate.epoch = DROPPED_EPOCH if self._drop_seen else epoch
         # a member that restarted (new started_at) keeps the epoch but may have lost its
         # records: that wakes the listeners (repair) too
         seen = (epoch, tuple(sorted(self.policies.items())),
@@ -309,6 +341,11 @@ class Membership:
                 was = self.registered
                 self.registered = False
                 self.detail = f"etcd {host}:{port}: {type(e).__name__}: {' '.join(str(e).split())[:200]}"
+                if was and self._drop_seen:  # dropped (said so): register again at once
+                    await self._close_etcd()
+                    backoff = BACKOFF_MIN
+                    attempt -= 1  # the same endpoint: it answered
+                    continue
                 if was:
                     backoff = BACKOFF_MIN
                     log.warning("lost etcd; serving local data, membership degraded, retrying",
@@ -335,11 +372,14 @@ class Membership:
         self._etcd = etcd = aetcd.Client(host=host, port=port, timeout=ETCD_CALL_TIMEOUT, **creds)
         key = (self.prefix + self.status.node_id).encode()
         old = self._lease
+        sent = time.perf_counter()
         self._lease = lease = await etcd.lease(self.ttl)
+        self._renewed_at = sent
+        loop = asyncio.get_running_loop()
+        self._lapse = lapse = loop.create_future()
         # renewed from the grant on, in a task of its own: the writes and reads below (and
         # the resyncs later) each wait for etcd's disk and, on a loaded etcd, could push a
         # renewal past the TTL: the node would drop out of its own cluster and rejoin
-        loop = asyncio.get_running_loop()
         renewer = loop.create_task(self._renew(etcd, lease), name="cluster-lease-renew")
         watcher = watch = None
         try:
@@ -362,12 +402,15 @@ class Membership:
             self.registered = True
             self.detail = ""
             self.registrations += 1
+            if not renewer.done():
+                self.gate.deadline = self._lease_deadline()
             log.info("registered in cluster", extra={
                 "cluster": self.cluster, "etcd": f"{host}:{port}", "key": key.decode(),
                 "lease_ttl": self.ttl, "members": len(self.members) + 1})
             watcher = loop.create_task(self._watch(watch))
-            await self._keepalive(etcd, lease, key, watcher, renewer)
+            await self._keepalive(etcd, lease, key, watcher, renewer, lapse)
         finally:
+            self._renewals_stopped()
             renewer.cancel()
             if watcher is not None:
                 watcher.cancel()
@@ -471,18 +514,79 @@ class Membership:
         except Exception as e:  # the keep-alive loop notices etcd is gone and reconnects
             log.debug("member watch ended: %s", e)
 
+    def _lease_deadline(self) -> float:
+        """The gate's deadline: the last answered renewal's send time + the TTL, less slack."""
+        return self._renewed_at + self.ttl * (1 - LEASE_SLACK)
+
+    def _lapsed(self) -> None:
+        """The gate's deadline passed (``gate.on_lapse``, run before the request that found
+        it is answered): no renewal was answered for about the TTL while this node was
+        registered and etcd was not seen failing: the process stalled, and the cluster may
+        have dropped it and taken deletes that missed it. A drop now (held records,
+        redirects), and this etcd session ends: the node registers again under a fresh
+        lease, whether the old one ran out or not."""
+        self._dropped(f"no lease renewal answered for {time.perf_counter() - self._renewed_at:.1f}s "
+                      f"(lease_ttl {self.ttl}s): this process was stopped, its lease may have run out")
+        if self._lapse is not None and not self._lapse.done():
+            self._lapse.set_result(None)
+
+    def _renewals_stopped(self) -> None:
+        """Membership's own code found the renewals late, failed or ended: past an armed
+        deadline the process stalled (a drop: _lapsed); before it, etcd is late or out of
+        reach while this process runs: the deadline is disarmed and the node serves on
+        (degraded once the session ends), as whenever etcd is down."""
+        gate = self.gate
+        if self._stopping:
+            gate.deadline = math.inf
+        elif time.perf_counter() >= gate.deadline:
+            gate.lapse()
+        else:
+            gate.deadline = math.inf
+
     async def _renew(self, etcd, lease) -> None:
         """Renew the lease every ttl/3, counted from the start of the last renewal (a slow
-        reply does not push the next one out). Raises when etcd fails or the lease is gone."""
+        reply does not push the next one out), and keep the gate's deadline from the
+        answers. Raises when etcd fails or the lease is gone."""
         interval = max(0.5, self.ttl / 3)
+        slack = self.ttl * LEASE_SLACK
         while True:
             await asyncio.sleep(interval)
-            started = time.monotonic()
-            reply = await asyncio.wait_for(etcd.refresh_lease(lease.id), ETCD_CALL_TIMEOUT)
+            started = time.perf_counter()
+            if started >= self.gate.deadline:  # woke past it: stalled (no request came first)
+                self.gate.lapse()
+                raise LeaseLapsed(f"lease {lease.id:x} not renewed in time")
+            refresh = asyncio.ensure_future(etcd.refresh_lease(lease.id))
+            # a call given up may still end in an error (etcd's own deadline): not logged
+            refresh.add_done_callback(_retrieve)
+            try:
+                # etcd unanswered shortly before the deadline: disarm it (etcd is late or
+                # down; this process runs), then wait out the call's timeout
+                late = self._lease_deadline() - slack - started
+                done, _ = await asyncio.wait({refresh}, timeout=max(0.0, min(late, ETCD_CALL_TIMEOUT)))
+                if not done:
+                    self._renewals_stopped()
+                    if self._drop_seen:
+                        raise LeaseLapsed(f"lease {lease.id:x} not renewed in time")
+                    done, _ = await asyncio.wait(
+                        {refresh}, timeout=max(0.0, started + ETCD_CALL_TIMEOUT - time.perf_counter()))
+                if not done:
+                    raise asyncio.TimeoutError(f"lease {lease.id:x}: no renewal answer in "
+                                               f"{ETCD_CALL_TIMEOUT}s")
+                reply = refresh.result()
+            except asyncio.CancelledError:
+                raise
+            except Exception:
+                self._renewals_stopped()
+                raise
+            finally:
+                refresh.cancel()
             if reply is None or reply.TTL <= 0:
                 self._dropped(f"lease {lease.id:x} expired")
                 raise ConnectionError(f"lease {lease.id:x} expired")
-            interval = max(0.0, started + max(0.5, self.ttl / 3) - time.monotonic())
+            self._renewed_at = started
+            if self.registered and not self._drop_seen:
+                self.gate.deadline = self._lease_deadline()  # (re-)armed
+            interval = max(0.0, started + max(0.5, self.ttl / 3) - time.perf_counter())
 
     def _dropped(self, why: str, hold: bool = True) -> None:
         """The cluster dropped this node while it was registered (a hung process, a node
@@ -490,17 +594,19 @@ class Membership:
         sent meanwhile did not reach it. Until it has registered again it redirects every
         client that still routes to it, and it rejoins as a node whose data is not
         continuous: a new start time, and ``on_dropped(hold)``: repair holds its records
-        back until checked (``hold``: the lease ran out while etcd answered, so this
-        process stalled) or runs a full pass that deletes what it missed (etcd was out
-        of reach: down or restarted, when every node drops at once)."""
+        back until checked (``hold``: the lease ran out while etcd answered, or the
+        gate's deadline passed unseen, so this process stalled) or runs a full pass
+        that deletes what it missed (etcd was out of reach: down or restarted, when
+        every node drops at once)."""
         if self._drop_seen:
-            return  # once per drop (the renewal and the reconnect both notice)
+            return  # once per drop (the gate, the renewal and the reconnect all notice)
         self._drop_seen = True
         self.drops += 1
         self.started_at = time.time()
         # an epoch no member list has (member_epoch is an xxh32, never this sentinel in
         # practice): every keyed request that still routes here is redirected
         self.gate.epoch = DROPPED_EPOCH
+        self.gate.deadline = math.inf
         log.warning("this node was dropped from the cluster (%s); %s", why,
                     "its records are held back until repair has checked them against its peers"
                     if hold else "repair checks its records against its peers' deletes",
@@ -512,14 +618,17 @@ class Membership:
                 log.exception("membership drop listener failed")
 
     async def _keepalive(self, etcd, lease, key: bytes, watcher: asyncio.Task,
-                         renewer: asyncio.Task) -> None:
+                         renewer: asyncio.Task, lapse: asyncio.Future) -> None:
         """Re-read the list every ttl (belt and braces to the watch) while ``renewer`` keeps
-        the lease. Raises when the renewals fail (etcd gone, lease expired) or the watch
-        ends. A resync that times out is tried again next time: etcd answering renewals
-        but slow to read (a loaded disk) is no reason to leave and rejoin."""
+        the lease. Raises when the renewals fail (etcd gone, lease expired), the watch
+        ends or the gate's deadline passed (``lapse``). A resync that times out is tried
+        again next time: etcd answering renewals but slow to read (a loaded disk) is no
+        reason to leave and rejoin."""
         while True:
-            await asyncio.wait({renewer, watcher}, timeout=self.ttl,
+            await asyncio.wait({renewer, watcher, lapse}, timeout=self.ttl,
                                return_when=asyncio.FIRST_COMPLETED)
+            if lapse.done():
+                raise LeaseLapsed(f"lease {lease.id:x} may have run out while this process was stopped")
             if renewer.done():
                 renewer.result()  # raises what ended the renewals
                 raise ConnectionError("lease renewals stopped")  # pragma: no cover
@@ -530,6 +639,8 @@ class Membership:
                     raise ConnectionError("member watch ended") from None
                 log.debug("member resync timed out; the watch still runs, retrying in %ss", self.ttl)
                 continue
+            if lapse.done():  # (during the resync): not put back under the old lease
+                raise LeaseLapsed(f"lease {lease.id:x} may have run out while this process was stopped")
             if self.status.node_id not in self.members:  # someone deleted our key
                 await asyncio.wait_for(etcd.put(key, self.self_info().to_json(), lease=lease),
                                        ETCD_CALL_TIMEOUT)

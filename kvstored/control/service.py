@@ -192,8 +192,11 @@ class ControlService(pb_grpc.KVStoreServicer):
     def _check_epoch(self, context) -> None:
         """Keyed calls from a cluster client with an old member list are redirected by
         the same gate as the data path (metadata ``kvstore-epoch``; absent or 0 = not
-        checked)."""
-        if not self.gate.epoch:
+        checked); every keyed call (``context`` None: epoch not checked) first checks the
+        gate's lease deadline, as the data path does (EpochGate)."""
+        gate = self.gate
+        gate.check_lease(time.perf_counter())
+        if not gate.epoch or context is None:
             return
         for k, v in context.invocation_metadata() or ():
             if k == "kvstore-epoch":
@@ -201,14 +204,13 @@ class ControlService(pb_grpc.KVStoreServicer):
                     epoch = int(v)
                 except ValueError:
                     raise errors.InvalidArgument(f"kvstore-epoch metadata {v[:20]!r} is not a number") from None
-                redirect = self.gate.check(epoch)
+                redirect = gate.check(epoch)
                 if redirect is not None:
                     raise redirect
                 return
 
     def _keys(self, request, context=None) -> tuple[bytes, list[bytes]]:
-        if context is not None:
-            self._check_epoch(context)
+        self._check_epoch(context)
         ns = namespace_bytes(request.namespace)
         if len(request.keys) > self.config.max_batch_keys:
             raise errors.InvalidArgument(
@@ -315,6 +317,7 @@ class ControlService(pb_grpc.KVStoreServicer):
     @_typed_errors
     @_guard(READ)
     async def Get(self, request, context):
+        self._check_epoch(None)  # the lease deadline only: this call carries no epoch
         ns, key = namespace_bytes(request.namespace), key_bytes(request.key)
         e = await self.store.acquire_async(ns, key)
         try:

@@ -12,7 +12,8 @@
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+import math
+from typing import TYPE_CHECKING, Callable
 
 from kvstore import errors
 
@@ -27,12 +28,35 @@ _MASK_CACHE = 1024  # namespaces whose permission a connection remembers
 
 
 class EpochGate:
-    """The member-list epoch this node serves (0 = not in a cluster)."""
+    """The member-list epoch this node serves (0 = not in a cluster), and the time by
+    which its etcd lease may have lapsed.
 
-    __slots__ = ("epoch",)
+    ``deadline``: ``time.perf_counter()`` (the data plane's clock, CLOCK_MONOTONIC on
+    Linux: it runs while the process is stopped) past which this node's lease may have
+    run out unrenewed; membership keeps it from its renewals, ``inf`` while there is no
+    lease to keep (static or no cluster, not registered, etcd out of reach). A process
+    that was stopped past it runs requests already in its sockets before any timer of
+    membership's, so both planes call ``check_lease`` before they answer keyed requests
+    (the data plane once per batch of frames): past the deadline, ``lapse()`` runs
+    membership's ``on_lapse`` (the node treats itself as dropped) first."""
+
+    __slots__ = ("epoch", "deadline", "on_lapse")
 
     def __init__(self, epoch: int = 0):
         self.epoch = epoch
+        self.deadline = math.inf
+        self.on_lapse: Callable[[], None] | None = None
+
+    def check_lease(self, now: float) -> None:
+        """``lapse()`` if ``now`` (perf_counter) is past the deadline."""
+        if now >= self.deadline:
+            self.lapse()
+
+    def lapse(self) -> None:
+        """The deadline passed: disarm it and tell membership (once)."""
+        self.deadline = math.inf
+        if self.on_lapse is not None:
+            self.on_lapse()
 
     def check(self, epoch: int) -> errors.Redirect | None:
         """A Redirect for a request sent with another (non-zero) epoch, else None."""

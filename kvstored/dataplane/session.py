@@ -281,7 +281,9 @@ class DataSession:
         # the bounds cannot change while this loop runs (a reload sets them between events)
         max_pipelined, max_qbytes = budget.max_pipelined, budget.max_queued_bytes
         max_qframes, burst = budget.max_queued_frames, budget.burst
-        self.t_in = _now()
+        self.t_in = t_in = _now()
+        if t_in >= self.gate.deadline:  # the lease may have lapsed: dropped before any answer
+            self.gate.lapse()  # (EpochGate.check_lease, inline)
         n = 0
         while True:  # bounded: FAIR_FRAMES frames at most, then yield_stop
             if reader.end - reader.start < HEADER_SIZE:  # the usual way out: tested first

@@ -2,14 +2,16 @@
 
 On a cluster node the objects recovered from NVMe at start are held (``unverified``)
 until the repair agent has checked them against the peers; these are the calls it
-makes (through the event loop: kvstored/cluster/repair/local.py), plus the snapshot
-and head reads it plans with. A mixin of Store: it uses the Store's ``index``,
-``clock``, ``counters``, ``arena``, ``load``, ``nvme``, ``_walk_chunks`` and ``_unlink``.
+makes (through the event loop: kvstored/cluster/repair/local.py), plus the walk of the
+index it plans with (``RepairWalk``) and its head reads. A mixin of Store: it uses the
+Store's ``index``, ``clock``, ``counters``, ``arena``, ``load``, ``nvme``,
+``_walk_chunks``, ``_keys_of`` and ``_unlink``.
 """
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+import time
+from typing import TYPE_CHECKING, Callable, Iterable
 
 from .entries import DEAD
 from .eviction import PROTECTED
@@ -18,8 +20,14 @@ if TYPE_CHECKING:
     from .entries import Entry
 
 
-_KEYLESS_STEP = 2048  # keyless rows placed between turns of the loop
-_READ_BUCKETS = 17  # read counts are 16-bit: bit lengths 0..16
+# the walk's phases, most urgent first: held records (clients get none of them until
+# checked); pinned or read since put (protected segment); read at least once; the rest
+HELD, HOT, READ, REST = range(4)
+WALK_ROWS = 1024  # rows a ``RepairWalk.next`` call aims at (the agent's batch)
+# index entries one ``next`` call walks at most: a phase that finds few rows (the hot
+# objects of 16 M) gives the repair thread an answer every ~10 ms of the loop, well
+# within its hop's timeout, instead of walking the whole index in one call
+WALK_STEP_MAX = 32 * 1024
 
 
 class RepairHooks:
@@ -52,47 +60,17 @@ class RepairHooks:
         self.counters["deletes"] += 1
         return True
 
+    def repair_walk(self, siblings=None) -> "RepairWalk":
+        """A repair pass's walk of the index, a chunk at a time (``RepairWalk``)."""
+        return RepairWalk(self, siblings)
+
     async def repair_snapshot(self) -> list[tuple]:
-        """(ns, key, size, checksum, unverified, pinned, protected, reads, committed_at) of every object,
-        in repair order: unverified first (the node serves them once checked), then
-        pinned, then read since put (protected segment), then most read (by powers of
-        two of the read count; in index order within one).
-
-        The index is walked ``WALK_CHUNK`` entries at a time with a turn of the event
-        loop between (``_walk_chunks``): at ~1.1 us an object, one pass and a sort held the
-        loop ~1 s per million objects at every repair pass (a 16 M-object node: longer
-        than its etcd lease). The order is built from buckets, not sorted.
-
-        The keys of NVMe-only entries are not in RAM: they are read in bulk, one region
-        summary per region (``NvmeTier.keys_at``); an entry whose key cannot be read (its
-        record reclaimed meanwhile, a bad summary and header) is left out of this pass."""
-        # unverified, pinned, protected, then one bucket per power of two of reads, most first
-        buckets: list[list] = [[] for _ in range(3 + _READ_BUCKETS)]
-        keyless = []
-        for chunk in self._walk_chunks(None):
-            now = self.clock()
-            for e in chunk:
-                if e.state == DEAD:  # deleted since the walk listed it (dict index)
-                    continue
-                unverified, pinned, protected, reads = (e.unverified, e.pinned(now),
-                                                        e.seg == PROTECTED, e.reads)
-                b = (0 if unverified else 1 if pinned else 2 if protected
-                     else 2 + _READ_BUCKETS - min(reads.bit_length(), _READ_BUCKETS - 1))
-                if e.key_in_ram:
-                    buckets[b].append((e.ns, e.key, e.size, e.checksum, unverified, pinned,
-                                       protected, reads, e.committed_at))
-                elif e.nvme is not None:
-                    keyless.append((b, e.nvme, e.ns, e.size, e.checksum, unverified, pinned,
-                                    protected, reads, e.committed_at))
-            await asyncio.sleep(0)  # the loop serves clients between chunks
-        if keyless:
-            keys = await self.nvme.keys_at([k[1] for k in keyless])
-            for i, (k, got) in enumerate(zip(keyless, keys)):
-                if got is not None and got[0] == k[2]:
-                    buckets[k[0]].append((k[2], got[1]) + k[3:])
-                if i % _KEYLESS_STEP == _KEYLESS_STEP - 1:
-                    await asyncio.sleep(0)
-        return [r for bucket in buckets for r in bucket]
+        """Every row of a ``repair_walk`` at once (tests and tools; a pass takes them a
+        chunk at a time)."""
+        w, out = self.repair_walk(), []
+        while (rows := await w.next(WALK_ROWS)) is not None:
+            out += rows
+        return out
 
     async def read_head(self, ns: bytes, key: bytes, n: int) -> tuple[Entry, bytes] | None:
         """The entry and first ``n`` bytes of an object, unverified ones included (repair
@@ -106,3 +84,124 @@ class RepairHooks:
             if e is None or e.offset < 0:
                 return None
         return e, bytes(self.arena.view[e.offset:e.offset + min(n, e.size)])
+
+
+class RepairWalk:
+    """A repair pass's walk of the index: ``await next(n)`` gives the next ~``n`` rows
+    (ns, key, size, checksum, unverified, pinned, protected, reads, committed_at), None
+    once the walk is done. Nothing but a chunk is held: a pass over 16 M objects no
+    longer builds a row per object up front (docs/scale.md, "Where it stops").
+
+    Repair order by phases, each a walk of the whole index ``WALK_CHUNK`` entries at a
+    time (``Store._walk_chunks``) with a turn of the loop between: held records first
+    (HELD: clients get none until checked; the phase is skipped when none are held),
+    then pinned or read since put (HOT), read at least once (READ), the rest (REST). A
+    phase takes the entries of its own bucket and of the more urgent ones that the
+    earlier phases did not take (changed since, or put since). An entry taken is marked
+    (a bit per record number of the packed index, the entry's id for the dict index) and
+    not taken again, unless it was committed after the walk began (its record reused by
+    a newer object, or an identical re-put). At ~0.2 us per entry a phase that takes
+    nothing costs 3 s of the loop over 16 M entries, in 2,048-entry turns.
+
+    The index may change between chunks: an entry deleted meanwhile (DEAD) is left out,
+    an object put ahead of the cursor (or before a later phase) is seen, one put behind
+    it in the last phase is left to the next pass. Keys of NVMe-only entries come from
+    NVMe in bulk per chunk (``NvmeTier.keys_at``); one whose key cannot be read is left
+    out of this pass.
+
+    ``siblings(ns, key, unverified)`` (optional) names the other keys that belong to
+    the same object as a row's (an EC object's other laps on this node): those present
+    are given right after it in the same call, so the agent groups a whole object from
+    one call's rows, and are marked taken."""
+
+    def __init__(self, store, siblings: Callable[[bytes, bytes, bool], Iterable[bytes]] | None):
+        self._s = store
+        self._siblings = siblings
+        self.started = time.time()
+        self.expected = max(1, len(store.index))  # entries when it began (progress)
+        self.taken = 0  # rows given so far
+        self.phase = HELD if store.index.unverified else HOT
+        self._chunks = None  # the current phase's walk
+        packed = store.index.kind == "packed"
+        self._bits = bytearray() if packed else None  # record number -> taken
+        self._ids: set[int] | None = None if packed else set()
+
+    @property
+    def share(self) -> float:
+        """The share of the walk done (rows given / entries when it began), below 1
+        until it is done."""
+        return 1.0 if self.phase > REST else min(0.99, self.taken / self.expected)
+
+    def _is_taken(self, e: "Entry") -> bool:
+        if e.committed_at > self.started:
+            return False
+        if self._bits is None:
+            return id(e) in self._ids
+        r = e.record
+        bits = self._bits
+        return r is not None and (r >> 3) < len(bits) and bool(bits[r >> 3] & (1 << (r & 7)))
+
+    def _take(self, e: "Entry") -> None:
+        if self._bits is None:
+            self._ids.add(id(e))
+            return
+        r = e.record
+        if r is None:
+            return
+        if (r >> 3) >= len(self._bits):
+            self._bits.extend(bytes((r >> 3) + 1 - len(self._bits) + len(self._bits) // 2))
+        self._bits[r >> 3] |= 1 << (r & 7)
+
+    async def next(self, n: int = WALK_ROWS) -> list[tuple] | None:
+        """The next rows: at least ``n`` unless the walk ends, or fewer (even none) once
+        ``WALK_STEP_MAX`` entries were walked in this call; None when it is done."""
+        rows: list[tuple] = []
+        walked = 0
+        while len(rows) < n and walked < WALK_STEP_MAX and self.phase <= REST:
+            if self._chunks is None:
+                self._chunks = self._s._walk_chunks(None)
+            chunk = next(self._chunks, None)
+            if chunk is None:
+                self._chunks = None
+                self.phase += 1
+                continue
+            walked += len(chunk)
+            await self._rows_of(chunk, rows)
+            await asyncio.sleep(0)  # the loop serves clients between chunks
+        self.taken += len(rows)
+        return None if not rows and self.phase > REST else rows
+
+    async def _rows_of(self, chunk: list, rows: list) -> None:
+        phase, now = self.phase, self._s.clock()
+        picked = []
+        for e in chunk:
+            if e.state == DEAD:  # deleted since the walk listed it (dict index)
+                continue
+            if e.unverified:
+                b = HELD
+            elif e.seg == PROTECTED or e.pinned(now):
+                b = HOT
+            else:
+                b = READ if e.reads else REST
+            if b <= phase and not self._is_taken(e):
+                self._take(e)
+                picked.append(e)
+        keys = await self._s._keys_of(picked)  # keyless entries' keys: from NVMe in bulk
+        now = self._s.clock()
+        index, siblings = self._s.index, self._siblings
+        for e, key in zip(picked, keys):
+            if key is None or e.state == DEAD:  # unreadable, or deleted during the read
+                continue
+            rows.append(_row(e, key, now))
+            if siblings is None:
+                continue
+            for k in siblings(e.ns, key, e.unverified):
+                s = index.get(e.ns, k)
+                if s is not None and s is not e and s.state != DEAD:
+                    self._take(s)
+                    rows.append(_row(s, k, now))
+
+
+def _row(e: "Entry", key: bytes, now: float) -> tuple:
+    return (e.ns, key, e.size, e.checksum, e.unverified, e.pinned(now), e.seg == PROTECTED,
+            e.reads, e.committed_at)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import time
 
 import pytest
@@ -22,6 +23,7 @@ import kvstore  # noqa: E402
 from kvstore import errors  # noqa: E402
 from kvstore.cluster import ClusterClient  # noqa: E402
 from kvstore.layout import Policy, placement_key, slots  # noqa: E402
+from kvstore.wire import HEADER_SIZE, OP_GET, OP_PING, decode, encode_request  # noqa: E402
 from fakes import Head as _Head  # noqa: E402
 
 POLICIES = {"rep": "replicas:2", "ec": "ec:2+1"}
@@ -56,6 +58,31 @@ def test_hold_all_holds_back_every_record(kind):
         s.close()
 
 
+def _data_connection(d) -> socket.socket:
+    """A data connection to ``d`` the daemon has accepted (a ping answered)."""
+    s = socket.create_connection(("127.0.0.1", d.data_port), timeout=20)
+    s.sendall(encode_request(OP_PING, 1, b"", b""))
+    assert _answers(s, 1) == [(1, 0, b"")]
+    return s
+
+
+def _answers(s: socket.socket, n: int) -> list[tuple[int, int, bytes]]:
+    """``n`` responses read from ``s``: (request id, status, payload)."""
+    def exactly(k: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < k:
+            chunk = s.recv(k - len(buf))
+            if not chunk:
+                raise AssertionError(f"connection closed after {len(buf)} of {k} bytes")
+            buf += chunk
+        return bytes(buf)
+    out = []
+    for _ in range(n):
+        h = decode(exactly(HEADER_SIZE))
+        out.append((h.req_id, h.status, exactly(h.length)))
+    return out
+
+
 def _config(tmp, etcd, name: str, **kw) -> tuple[str, ...]:
     return node_config(tmp, etcd, name, "rj", POLICIES, repair_interval=3, **kw)
 
@@ -79,6 +106,11 @@ def test_node_dropped_while_hung_does_not_serve_what_was_deleted_meanwhile(etcd,
     cc.batch_put(list(objs.items()), namespace="rep")
     cc.batch_put(list(ecs.items()), namespace="ec")
     time.sleep(2.5)  # older than the repair agent's young-record guard
+    with kvstore.Client(hung.control, timeout=5, shm=False) as c:
+        epoch = c.members().epoch  # the member list h1 serves: all four
+    # connections h1 has accepted: requests sent on them while it is stopped wait in its
+    # sockets and are the first thing it runs when it resumes, before any timer of its own
+    stale_list, no_list = _data_connection(hung), _data_connection(hung)
 
     hung.proc.send_signal(signal.SIGSTOP)
     try:
@@ -87,8 +119,22 @@ def test_node_dropped_while_hung_does_not_serve_what_was_deleted_meanwhile(etcd,
         gone_rep, gone_ec = list(objs)[:12], list(ecs)[:6]
         wait_for(lambda: cc.delete(gone_rep, namespace="rep") == 12, 20, "rep deletes")
         wait_for(lambda: cc.delete(gone_ec, namespace="ec") == 6, 20, "ec deletes")
+        # gets of the deleted objects, queued before it resumes: from a client still on
+        # the member list with h1 (its epoch), and from one without a member list
+        for s, aux in ((stale_list, epoch), (no_list, 0)):
+            s.sendall(b"".join(encode_request(OP_GET, 10 + i, b"rep", k, epoch=aux)
+                               for i, k in enumerate(gone_rep)))
     finally:
         hung.proc.send_signal(signal.SIGCONT)
+    # its lease lapsed unseen: the first of them finds the gate's deadline passed, and
+    # none is served: on the old member list, redirected until h1 has registered again;
+    # without one, held back (NotVerified; NotFound once its repair has dropped it)
+    for s, answers in ((stale_list, {errors.Redirect.code}),
+                       (no_list, {errors.NotVerified.code, errors.NotFound.code})):
+        with s:
+            got = _answers(s, len(gone_rep))
+        assert [rid for rid, _st, _p in got] == list(range(10, 10 + len(gone_rep)))
+        assert {st for _rid, st, _p in got} <= answers, [(rid, st, p[:80]) for rid, st, p in got]
     wait_for(lambda: all(placement(d) == set(names) for d in ds), 30, "h1 back in placement")
     with kvstore.Client(hung.control, timeout=5, shm=False) as c:
         # it had its copies all along, but holds them back from before it registered again:

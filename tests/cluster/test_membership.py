@@ -330,3 +330,103 @@ def test_slow_etcd_reads_do_not_cost_the_lease(etcd, tmp_path, monkeypatch):
     assert slow_reads == [TTL - 0.3, ETCD_CALL_TIMEOUT + 0.5] and len(ended) == 2
     assert seen and all(reg and n == 1 for reg, n in seen), [s for s in seen if not s[0] or s[1] != 1][:3]
     assert b"/kvstored/slow/members/s0" not in etcd_keys(etcd, b"/kvstored/slow/")  # stop revoked
+
+
+def _in_process_member(etcd, name: str):
+    """A Membership on this test's event loop (no daemon): its gate, and the ``hold`` of
+    each drop it reported."""
+    from kvstored.cluster.membership import Membership
+    from kvstored.config import load_config
+    from kvstored.dataplane.policy import EpochGate
+    from kvstored.status import NodeStatus
+    cfg = load_config(None, {"cluster_enabled": True, "cluster_lease_ttl": TTL, "cluster_name": name,
+                             "cluster_etcd_endpoints": etcd.endpoint})
+    status = NodeStatus("s0", "127.0.0.1")
+    status.control_port, status.data_port = 1, 2
+    gate = EpochGate()
+    m = Membership(cfg, status, gate, dram_capacity=1 << 20, tls=False)
+    holds: list[bool] = []
+    m.on_dropped.append(holds.append)
+    return m, gate, holds
+
+
+async def _until(pred, timeout: float, what: str):
+    import asyncio
+    t_end = time.monotonic() + timeout
+    while not pred():
+        assert time.monotonic() < t_end, f"{what} not within {timeout}s"
+        await asyncio.sleep(0.05)
+
+
+@needs_etcd
+def test_a_stall_past_the_lease_is_a_drop_before_the_next_request(etcd):
+    """A process stopped past its lease wakes registered in its own view, and runs the
+    requests in its sockets before any timer of membership's: the gate's deadline (the
+    last answered renewal + the TTL, less slack) makes the first keyed request after it
+    drop the node (redirected, records held back) before it is answered; with no request,
+    the renewal task finds it on waking. The node then registers again under a fresh
+    lease. Here the stall is the event loop blocked past the TTL, as SIGSTOP leaves it."""
+    import asyncio
+    import math
+
+    from kvstore import errors
+    from kvstored.cluster.membership import DROPPED_EPOCH
+    m, gate, holds = _in_process_member(etcd, "stall")
+
+    async def run() -> None:
+        m.start()
+        try:
+            await _until(lambda: m.registered, 20, "registered")
+            epoch, lease = m.epoch, m._lease.id
+            assert gate.epoch == epoch and time.perf_counter() < gate.deadline < math.inf
+            gate.check_lease(time.perf_counter())
+            assert gate.check(epoch) is None and not holds
+            time.sleep(TTL + 0.5)  # the whole loop stops: no renewal, no timer
+            gate.check_lease(time.perf_counter())  # the first request after waking
+            assert isinstance(gate.check(epoch), errors.Redirect)
+            assert holds == [True] and gate.epoch == DROPPED_EPOCH and gate.deadline == math.inf
+            await _until(lambda: m.registered and m.registrations == 2, 20, "registered again")
+            assert m._lease.id != lease and gate.epoch == m.epoch and gate.deadline < math.inf
+            # no request comes after the next stall: the renewal task finds it on waking
+            time.sleep(TTL + 0.5)
+            await _until(lambda: m.registrations == 3, 20, "registered a third time")
+            assert holds == [True, True] and m.drops == 2
+        finally:
+            await m.stop()
+
+    asyncio.run(run())
+
+
+@needs_etcd
+def test_etcd_hung_is_not_taken_for_a_stall(etcd):
+    """etcd that stops answering (hung: renewals neither answered nor refused) while this
+    process runs: the deadline is disarmed before it passes (a renewal unanswered shortly
+    before it), so the node keeps serving its local data, degraded, as whenever etcd is
+    down; when etcd is back and the lease is gone, the rejoin checks records against the
+    peers' deletes without holding them back (hold False)."""
+    import asyncio
+    import math
+    m, gate, holds = _in_process_member(etcd, "hung")
+
+    async def run() -> None:
+        m.start()
+        try:
+            await _until(lambda: m.registered, 20, "registered")
+            epoch = m.epoch
+            etcd.proc.send_signal(signal.SIGSTOP)
+            try:
+                t_end = time.monotonic() + 3 * TTL  # past the lease, checking as requests do
+                while time.monotonic() < t_end:
+                    gate.check_lease(time.perf_counter())
+                    assert gate.check(epoch) is None, m.detail
+                    await asyncio.sleep(0.02)
+                assert m.degraded and gate.deadline == math.inf and gate.epoch == epoch
+                assert holds == [] and m.drops == 0
+            finally:
+                etcd.proc.send_signal(signal.SIGCONT)
+            await _until(lambda: m.registered, 30, "registered again")
+            assert holds in ([], [False]) and gate.epoch == m.epoch and gate.deadline < math.inf
+        finally:
+            await m.stop()
+
+    asyncio.run(run())

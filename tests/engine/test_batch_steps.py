@@ -123,9 +123,9 @@ def test_pin_ttl_refused_before_any_step():
 
 
 def test_repair_snapshot_order_in_buckets_and_turns(monkeypatch):
-    """Repair's snapshot walks the index a chunk at a time with a turn of the loop between
-    (a key deleted meanwhile is left out), in repair order: held, pinned, protected, then
-    by read count in powers of two, most read first."""
+    """Repair's walk goes over the index a chunk at a time with a turn of the loop between
+    (a key deleted meanwhile is left out), in repair order: held, then pinned or
+    protected, then read at least once, then the rest (each in index order)."""
     import asyncio
     monkeypatch.setattr(store_mod, "WALK_CHUNK", 8)
     s = make_store()
@@ -159,8 +159,9 @@ def test_repair_snapshot_order_in_buckets_and_turns(monkeypatch):
         assert during >= 40 // 8 - 1, during  # the loop ran between chunks
         order = [r[1] for r in rows]
         assert keys[39] not in order and len(order) == 39
-        assert order[:3] == [keys[30], keys[20], keys[10]]
-        assert order[3:7] == [keys[3], keys[2], keys[4], keys[1]]  # 300, 5, 2, 1 reads
-        assert rows[0][4] and rows[1][5] and rows[2][6]  # unverified, pinned, protected
+        assert order[:3] == [keys[30], keys[10], keys[20]]
+        assert order[3:7] == [keys[1], keys[2], keys[3], keys[4]]  # read: 1, 5, 300, 2 times
+        assert rows[0][4] and rows[1][6] and rows[2][5]  # unverified, protected, pinned
+        assert sorted(order) == sorted(keys[:39])  # each once
     finally:
         s.close()

@@ -1,6 +1,8 @@
 """The data plane's policy objects alone: epoch gate, auth guard, connection budget."""
 from __future__ import annotations
 
+import math
+
 import pytest
 
 from kvstore import errors
@@ -36,6 +38,28 @@ def test_epoch_gate(mine, theirs, redirect):
     assert (err is not None) == redirect
     if redirect:
         assert isinstance(err, errors.Redirect) and "00000008" in err.message
+
+
+def test_epoch_gate_lapses_once_past_its_lease_deadline():
+    """Past the deadline the check runs the lapse hook (membership drops the node: here,
+    the epoch a dropped node has), once; no deadline (single node, static peers, no
+    lease): never."""
+    g, lapses = EpochGate(7), []
+
+    def drop():
+        lapses.append(g.deadline)
+        g.epoch = 0xFFFFFFFF
+    g.on_lapse = drop
+    g.check_lease(1e12)  # no lease kept: no deadline
+    assert not lapses and g.check(7) is None
+    g.deadline = 100.0
+    g.check_lease(99.9)
+    assert not lapses and g.check(7) is None
+    g.check_lease(100.0)
+    assert lapses == [math.inf]  # disarmed before the hook ran
+    assert isinstance(g.check(7), errors.Redirect) and g.check(0) is None  # no epoch: passes
+    g.check_lease(200.0)
+    assert len(lapses) == 1
 
 
 def test_guard_before_login(auth):

@@ -1,7 +1,7 @@
 """The repair status after a pass that skipped young records (agent.py): those written
 around a membership change are pending until a pass has looked at them, and the agent
 shows "waiting" for that pass, not "idle" with nothing pending. Fakes of the agent's
-narrow inputs (the store's snapshot, the membership), no sockets: the pass sees only
+narrow inputs (the store's walk, the membership), no sockets: the pass sees only
 young records, so it asks no peer."""
 from __future__ import annotations
 
@@ -20,8 +20,8 @@ class _Store:
     def loop_thread(self):
         return None
 
-    def snapshot(self):
-        return list(self.rows)
+    def walk(self, siblings=None):
+        yield list(self.rows), 1.0  # (rows, share of the walk done), as LocalStore.walk
 
 
 class _Membership:

@@ -6,8 +6,10 @@ through LocalStore (local.py), which hops onto the daemon's event loop. A pass s
 ``cluster.repair_delay`` seconds after a placement or policy change (so a flapping node is
 not rebuilt at once), after a drain starts, and every ``cluster.repair_interval``
 seconds; it skips while etcd is unreachable (the member list may be stale). It walks this
-node's objects in repair order (records not yet verified first, then pinned, then
-recently read, then most read) in batches of BATCH objects. Per batch:
+node's objects in repair order (records not yet verified first, then pinned or recently
+read, then read at least once, then the rest), a chunk of the index at a time
+(LocalStore.walk), and acts on them in batches of BATCH objects before walking further,
+so a pass holds a chunk, not a row per object. Per batch:
 
 one Heads call per peer (and per namespace), all peers at once (an object another node
 leads is asked of its first slot only, see ``_ask``), then ``decide()`` per object (pure,
@@ -28,7 +30,7 @@ import time
 from concurrent.futures import CancelledError, ThreadPoolExecutor
 
 from kvstore import errors
-from kvstore.layout import FRAG_HEADER, Policy, lap_key, parse_head, slots, split_lap
+from kvstore.layout import FRAG_HEADER, MAX_LAPS, Policy, lap_key, parse_head, slots, split_lap
 from kvstore.placement import Member
 
 from .decide import Local, Obj, Peers, follower, led_by_first
@@ -318,38 +320,38 @@ class RepairAgent:
                     "steps_cpu_wall_ms": steps.summary()})
 
     def _pass_body(self, steps: Steps) -> tuple[int, int]:
-        """(objects left pending, objects looked at)."""
+        """(objects left pending, objects looked at). The index is walked a chunk at a
+        time (LocalStore.walk, in repair order), each chunk's rows grouped into objects
+        and selected, and the selected ones decided and acted on BATCH at a time: a pass
+        holds one chunk of rows and at most a batch or two of objects, not a row and an
+        ``Obj`` per object of the node (docs/scale.md, "Where it stops")."""
         m = self.membership
         me = self.node_id
         members, policies, draining, self._started = self._view()
         if not members:
             return 0, 0
-        rows = steps.timed("snapshot", self.store.snapshot)
         # a record younger than this may belong to a put still in flight (its other
         # records not written yet): leave it to a later pass. Not counted as pending: a
         # node taking writes always has young records, and a finished put is complete.
         young = time.time() - max(YOUNG_S, self.delay)
-        c0, w0 = time.thread_time(), time.perf_counter()
-        fresh = [r for r in rows if r[8] > young]
-        rows = [r for r in rows if r[8] <= young]
-        self._skipped_young = len(fresh)
-        objs = group(rows, policies, m.draining)
-        total = len(objs)
         full = self._full_due(m)
-        self._slots_of: dict[int, Policy] = {}  # id(obj) -> the policy its slots were computed for
-        if not full:
-            objs = self._affected(objs, members)
-        steps.add("select", time.thread_time() - c0, time.perf_counter() - w0)
+        # id(obj) -> the policy its slots were computed for (by _affected), for the
+        # objects selected and not yet done (pruned per batch: ids are reused)
+        self._slots_of: dict[int, Policy] = {}
+        changed = self._prev_members is not None and (
+            [x.node_id for x in self._prev_members] != [x.node_id for x in members])
+        carried = self._pending_keys or set()
         self._pass_t0 = time.monotonic()
-        self._pass_objects = len(objs)
+        self._pass_objects = 0
+        self._skipped_young = 0
         with self._lock:
             self._rate_marks = [(self._pass_t0, self.st["bytes_written"])]
-        self.st.update(state="scanning", scanned=0, total=total)
-        if objs:
-            log.info("repair pass", extra={"objects": len(objs), "members": len(members),
-                                           "epoch": f"{m.epoch:08x}"})
-        pending = 0
+        self.st.update(state="scanning", scanned=0, total=0)
+        log.info("repair pass", extra={"full": full, "members": len(members),
+                                       "epoch": f"{m.epoch:08x}"})
+        pending = selected = total = 0
         unfinished: set[tuple[bytes, bytes]] = set()
+        young_keys: set[tuple[bytes, bytes]] = set()
         epoch = m.epoch
         self.peers.new_pass()  # peers that do not answer are not asked again this pass
         inflight = None  # (batch, todo, outcome future) of the batch being written
@@ -364,20 +366,43 @@ class RepairAgent:
             self.st["scanned"] += len(batch)
             self._mark_rate()
 
+        walk = self.store.walk(siblings_of(policies, len(members)))
+        buf: list[Obj] = []  # selected objects not yet in a batch
+        walked = False
         try:
-            for i in range(0, len(objs), BATCH):
-                if self._stop:
+            while True:
+                if self._stop or (walked and not buf):
                     break
                 if m.epoch != epoch:  # the member list changed under us: start over soon
-                    pending += len(objs) - i
+                    pending += max(len(buf), self._pass_objects - self.st["scanned"], 1)
                     self._force_full = True
                     break
-                batch = objs[i:i + BATCH]
+                if len(buf) < BATCH and not walked:
+                    got = steps.timed("walk", next, walk, None)
+                    if got is None:
+                        walked = True
+                        self._pass_objects, self.st["total"] = selected, total
+                    else:
+                        c0, w0 = time.thread_time(), time.perf_counter()
+                        rows, share = got
+                        objs = group(self._old_rows(rows, young, changed, carried, unfinished,
+                                                    young_keys), policies, m.draining)
+                        total += len(objs)
+                        if not full:
+                            objs = self._affected(objs, members)
+                        selected += len(objs)
+                        buf += objs
+                        # what the whole pass will look at, from the share walked so far
+                        self._pass_objects = max(selected, round(selected / share) if share else 0)
+                        self.st["total"] = max(total, round(total / share) if share else 0)
+                        steps.add("select", time.thread_time() - c0, time.perf_counter() - w0)
+                    continue
+                batch, buf = buf[:BATCH], buf[BATCH:]
                 self.pace.step()  # (the previous batch's last writes, this pass's select)
                 steps.timed("own_heads", self._read_my_heads, batch)
                 c0, w0 = time.thread_time(), time.perf_counter()
                 for o in batch:
-                    if self._slots_of.get(id(o)) != o.policy or not o.policy:
+                    if self._slots_of.pop(id(o), None) != o.policy or not o.policy:
                         o.slots = slots(o.base, members, o.policy, o.ns) if o.policy else []
                 todo = [o for o in batch if o.slots]
                 steps.add("slots", time.thread_time() - c0, time.perf_counter() - w0)
@@ -402,27 +427,35 @@ class RepairAgent:
                 except Exception:
                     pass
             raise
+        finally:
+            walk.close()  # a pass cut short leaves the rest of the walk
         if inflight is not None:
             account(*inflight)
-        changed = self._prev_members is not None and (
-            [x.node_id for x in self._prev_members] != [x.node_id for x in members])
-        carried = self._pending_keys or set()
-        young_keys = set()
-        for r in fresh:
-            # written around the change (or carried over as such): look at them again
-            # once they are old enough
+        self._young_pending = len(young_keys)
+        self._prev_members, self._prev_started = members, dict(self._started)
+        if full:
+            self._last_full = time.monotonic()
+        self._pending_keys = unfinished if len(unfinished) <= MAX_PENDING_KEYS else None
+        return pending, selected
+
+    def _old_rows(self, rows: list, young: float, changed: bool, carried: set,
+                  unfinished: set, young_keys: set) -> list:
+        """The rows committed before ``young``. The others are left to a later pass;
+        those written around a membership change (or carried over as such) are looked at
+        again once they are old enough (added to ``unfinished`` and ``young_keys``)."""
+        old = []
+        for r in rows:
+            if r[8] <= young:
+                old.append(r)
+                continue
+            self._skipped_young += 1
             split = split_lap(r[1])
             key = (r[0], split[0] if split else r[1])
             if changed or key in carried:
                 unfinished.add(key)
                 young_keys.add(key)
                 self._recheck_young = True
-        self._young_pending = len(young_keys)
-        self._prev_members, self._prev_started = members, dict(self._started)
-        if full:
-            self._last_full = time.monotonic()
-        self._pending_keys = unfinished if len(unfinished) <= MAX_PENDING_KEYS else None
-        return pending, len(objs)
+        return old
 
     def _full_due(self, m) -> bool:
         """A full pass looks at every object; otherwise only at those a membership change
@@ -576,9 +609,36 @@ class RepairAgent:
                 heads.setdefault(id(o), {})[(nid, lap)] = h
         return heads, settled
 
+def siblings_of(policies: dict, n_members: int):
+    """The ``siblings(ns, key, unverified)`` of a repair walk (store.repair_walk): the
+    other lap keys of an EC record's object, which this node may hold too, so that the
+    walk gives them in the same rows and ``group`` sees all of an object's records at
+    once (decide() needs them all: a lap outside this node's slots is handed over to a
+    slot the others leave free). Asked of every lap > 0 record and every held one, and
+    of lap-0 records only while the object has fewer members than slots (laps wrap onto
+    the same nodes); otherwise a lap-0 record seldom has siblings (leftovers of such a
+    time), and they bring it along when the walk reaches them (the object is then looked
+    at twice in that pass, which is harmless). Lap keys go up to the policy's K+M, or
+    to MAX_LAPS for a namespace without one. Runs on the event loop, per row."""
+    def siblings(ns: bytes, key: bytes, unverified: bool):
+        split = split_lap(key)
+        if split is None:
+            return ()
+        p = policies.get(ns.decode(errors="replace")) or policies.get("*")
+        if p is not None and p.kind != "ec":
+            return ()
+        base, lap = split
+        n = p.n if p is not None else MAX_LAPS
+        if lap == 0 and not unverified and (p is None or n_members >= n):
+            return ()
+        return [lap_key(base, x) for x in range(n) if x != lap]
+    return siblings
+
+
 def group(rows, policies: dict, draining: bool) -> list[Obj]:
-    """The objects of store.repair_snapshot() rows, in their order: EC records grouped
-    by their lap-0 key; replicated records of namespaces with a policy (or, on a draining
+    """The objects of rows of the store's repair walk, in their order: EC records grouped
+    by their lap-0 key (siblings_of brings an object's records into the same rows);
+    replicated records of namespaces with a policy (or, on a draining
     node, of any namespace: they go to their "none" home)."""
     objs: dict[tuple[bytes, bytes], Obj] = {}
     for ns, key, size, csum, unverified, _pinned, _visited, _reads, at in rows:

@@ -9,11 +9,13 @@ import asyncio
 import logging
 import threading
 import time
+from typing import Iterator
 
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER
 
 from kvstored.engine.fence import DELETED
+from kvstored.engine.repairhooks import WALK_ROWS
 from kvstored.looplag import Slices
 
 from .peers import FENCED
@@ -52,12 +54,22 @@ class LocalStore:
     def unverified(self) -> int:
         return self._store.unverified
 
-    def snapshot(self) -> list[tuple]:
-        """store.repair_snapshot(): (ns, key, size, checksum, unverified, pinned,
-        protected, reads, committed_at) rows in repair order."""
-        async def call():
-            return await self._store.repair_snapshot()
-        return self._run(call)
+    def walk(self, siblings=None) -> Iterator[tuple[list[tuple], float]]:
+        """store.repair_walk(siblings) a hop at a time: (rows, share of the walk done)
+        per ~``WALK_ROWS`` rows (or per ``WALK_STEP_MAX`` entries walked: fewer rows,
+        even none); rows are (ns, key, size, checksum, unverified, pinned, protected,
+        reads, committed_at), in repair order. ``siblings`` runs on the loop."""
+        async def begin():
+            return self._store.repair_walk(siblings)
+        w = self._run(begin)
+
+        async def step():
+            return await w.next(WALK_ROWS), w.share
+        while True:
+            rows, share = self._run(step)
+            if rows is None:
+                return
+            yield rows, share
 
     def read_heads(self, items: list[tuple[bytes, bytes]], n: int) -> list[bytes | None]:
         """The first ``n`` bytes of each (ns, key), unverified records included."""
