@@ -5,7 +5,7 @@
                                     [--phases idle,neighbour,evict,nvme,repair] [--skip-redis]
                                     [--repair-objects 1536] [--repair-rate SIZE]
                                     [--repair-yield-lag S] [--repair-min-pace P]
-                                    [--no-repair-reader]
+                                    [--no-repair-reader] [--repair-profile DIR]
     (phases: idle, neighbour, evict, nvme by default; bigcalls, repair when named)
 
 A user's question: "my engine reads 64 KiB blocks at a steady rate; what happens to its
@@ -36,7 +36,14 @@ every put evicts, or when puts spill to the NVMe tier?" Each phase runs:
     without the reader (the repair's time on an idle cluster). ``--repair-yield-lag``
     sets the nodes' cluster.repair_yield_lag (0: repair never yields), ``--repair-min-pace``
     their cluster.repair_min_pace (unset: the daemon's defaults, and nothing written, so
-    the script runs against older trees too).
+    the script runs against older trees too). Where the time goes, from the kill to full
+    redundancy: each survivor's and the reader's CPU seconds; their main threads' seconds
+    on a CPU and runnable but waiting for one (Linux schedstat: the reader's and n0's
+    event loop's wait for a core); the seconds peers' repair requests were held behind
+    each node's clients (kvstored_repair_held_seconds_total); n0's loop lag and
+    data-plane get/put p99 (histogram buckets). ``--repair-profile DIR``: py-spy records
+    every survivor and the reader meanwhile (raw stacks, idle included, per thread) into
+    DIR/<name>.txt; a profiled run's figures are not comparable.
 
 Every kvstored client here uses TCP (``transport="tcp"``), never same-host shm. The peer
 is Redis measured in the same run with the same processes and schedule (GET / SET; its
@@ -299,6 +306,17 @@ def repair_rows(a, tmp: Path) -> list[dict]:
         victim.stop(signal.SIGKILL)
         wait_for(lambda: all("n4" not in br.placement(d) for d in survivors), 30, "n4 dropped")
         t_drop = time.monotonic()
+        pids = {f"n{i}": d.proc.pid for i, d in enumerate(survivors)}
+        if reader is not None:
+            pids["reader"] = reader.pid
+        cpu0 = {n: _cpu_s(p) for n, p in pids.items()}
+        sched0 = {n: _sched_s(p) for n, p in pids.items()}
+        hists0 = _node_hists(reader_node)
+        spies = [subprocess.Popen([str(Path(sys.executable).parent / "py-spy"), "record", "--pid", str(p), "--duration", "30",
+                                   "--rate", "500", "--idle", "--threads", "--nonblocking", "--format", "raw",
+                                   "--output", str(Path(a.repair_profile) / f"{n}.txt")],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                 for n, p in pids.items()] if a.repair_profile else []
 
         def repaired() -> bool:
             sts = [br.members_of(d).repair for d in survivors]
@@ -306,9 +324,25 @@ def repair_rows(a, tmp: Path) -> list[dict]:
                        for d, r in zip(survivors, sts))
         wait_for(repaired, 120, "repair done on every survivor", step=0.1)
         t_done = time.monotonic()
+        cpu = {n: _cpu_s(p) - cpu0[n] for n, p in pids.items()}
+        sched = {n: [b - a for a, b in zip(sched0[n], _sched_s(p))] for n, p in pids.items()}
+        hists = {k: [(le, n1 - n0) for (le, n1), (_, n0) in zip(v, hists0[k])]
+                 for k, v in _node_hists(reader_node).items()}
+        for spy in spies:  # py-spy writes its file on SIGINT
+            spy.send_signal(signal.SIGINT)
+            spy.wait(timeout=30)
         yielded = _yielded(reader_node) - yielded0
+        held = [_metric(d, "kvstored_repair_held_seconds_total") for d in survivors]
         print(f"repair: {t_done - t_drop:.2f} s to full redundancy, n0 yielded {yielded:.2f} s"
-              f" ({'with' if reader else 'without'} the reader)", flush=True)
+              f" ({'with' if reader else 'without'} the reader); CPU s meanwhile: "
+              + ", ".join(f"{n} {c:.2f}" for n, c in cpu.items()), flush=True)
+        print("peers' repair requests held behind clients, s: "
+              + ", ".join(f"n{i} {h:.2f}" for i, h in enumerate(held)), flush=True)
+        print("main threads meanwhile, s on a CPU / s runnable waiting for one: "
+              + ", ".join(f"{n} {r:.2f}/{w:.2f}" for n, (r, w) in sched.items()), flush=True)
+        print("n0 meanwhile, p99 (ms, a bucket's bound): "
+              + ", ".join(f"{k} {_bucket_pct(v, 0.99):g} of {v[-1][1] if v else 0:.0f}" for k, v in hists.items()),
+              flush=True)
         if reader is None:
             return [{"system": "kvstored", "phase": f"repair, no reader ({t_done - t_drop:.2f} s)",
                      "gets": 0, "errors": 0, "p50": 0, "p99": 0, "p999": 0, "max": 0,
@@ -338,12 +372,67 @@ def repair_rows(a, tmp: Path) -> list[dict]:
 
 def _yielded(d) -> float:
     """kvstored_repair_yield_seconds_total of node ``d`` (0.0 on a tree without it)."""
+    return _metric(d, "kvstored_repair_yield_seconds_total")
+
+
+def _metric(d, name: str) -> float:
+    """Node ``d``'s metric ``name`` (without labels; 0.0 on a tree without it)."""
     import urllib.request
     with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("kvstored_repair_yield_seconds_total "):
+            if line.startswith(name + " "):
                 return float(line.split()[1])
     return 0.0
+
+
+_HISTS = {"loop lag": ("kvstored_event_loop_lag_seconds_bucket{", ""),
+          "data get": ("kvstored_request_duration_seconds_bucket{", 'op="get",plane="data"'),
+          "data put": ("kvstored_request_duration_seconds_bucket{", 'op="put",plane="data"')}
+
+
+def _node_hists(d) -> dict[str, list]:
+    """Node ``d``'s loop-lag and data-plane get/put histograms: name -> [(le, count)]."""
+    import urllib.request
+    with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5) as r:
+        text = r.read().decode()
+    out: dict[str, list] = {}
+    for name, (prefix, labels) in _HISTS.items():
+        rows = []
+        for line in text.splitlines():
+            if line.startswith(prefix) and labels in line:
+                le = line.split('le="', 1)[1].split('"', 1)[0]
+                rows.append((float(le), float(line.rsplit(" ", 1)[1])))
+        out[name] = rows
+    return out
+
+
+def _bucket_pct(delta: list, q: float) -> float:
+    """The bound (ms) of the bucket holding quantile ``q`` of a histogram's [(le, d_count)]
+    deltas (cumulative counts)."""
+    total = delta[-1][1] if delta else 0
+    for le, n in delta:
+        if total and n >= q * total:
+            return le * 1e3
+    return 0.0
+
+
+def _sched_s(pid: int) -> tuple[float, float]:
+    """(seconds on a CPU, seconds runnable but waiting for one) of process ``pid``'s main
+    thread (the daemon's event loop; Linux schedstat)."""
+    try:
+        run, wait, _ = Path(f"/proc/{pid}/task/{pid}/schedstat").read_text().split()
+    except (OSError, ValueError):
+        return 0.0, 0.0
+    return int(run) / 1e9, int(wait) / 1e9
+
+
+def _cpu_s(pid: int) -> float:
+    """User + system CPU seconds process ``pid`` has used (Linux /proc; its threads too)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _default_repair_rate() -> int:
@@ -433,6 +522,9 @@ def main(argv=None) -> int:
                     help="the nodes' cluster.repair_min_pace (default: the daemon's default)")
     ap.add_argument("--no-repair-reader", dest="repair_reader", action="store_false",
                     help="repair phase without the reader: the repair's time alone")
+    ap.add_argument("--repair-profile", metavar="DIR", default="",
+                    help="py-spy record (raw, --idle) each survivor and the reader during the "
+                         "repair into DIR/<name>.txt (slows them: not for comparable figures)")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--role", choices=["load", "reader", "writer", "caller"], help=argparse.SUPPRESS)
     ap.add_argument("--system", help=argparse.SUPPRESS)

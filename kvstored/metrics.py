@@ -259,6 +259,12 @@ class NodeCollector(Collector):
         yield _counter("kvstored_put_waits_ended_by_disconnect", "Puts waiting for space "
                        "whose client closed the connection (the wait ended, nothing reserved).",
                        counters.get("put_waits_ended_by_disconnect", 0))
+        yield _counter("kvstored_repair_requests_held", "Peers' repair reads and writes "
+                       "(wire.FLAG_REPAIR) that waited their turn behind this node's clients "
+                       "(kvstored/dataplane/policy.py RepairQueue).",
+                       counters.get("repair_requests_held", 0))
+        yield _counter("kvstored_repair_held_seconds", "Seconds peers' repair requests waited "
+                       "behind this node's clients, in all.", counters.get("repair_held_us", 0) / 1e6)
         # ---- RDMA (kvstored/dataplane/rdma.py keeps these in the data server's counters)
         rdma = CounterMetricFamily("kvstored_rdma_events", "RDMA data path events by kind: "
                                    "connections, puts, gets, bytes, doorbells, work requests, "

@@ -63,6 +63,12 @@ def _accepts_not_verified(context) -> bool:
                for k, v in context.invocation_metadata() or ())
 
 
+# Clients' calls, counted as client activity by repair's pace (NodeLoad); not peers'
+# (Heads: their repair) nor monitoring and admin calls (Members, Stats, Health, Drain...)
+CLIENT_CALLS = frozenset({"Lookup", "Exists", "Pin", "Unpin", "Delete", "Put", "Get", "List",
+                          "DeleteAll"})
+
+
 def _typed_errors(fn: Callable) -> Callable:
     """Turn kvstore errors into gRPC status + the exact code in trailing metadata."""
 
@@ -71,6 +77,8 @@ def _typed_errors(fn: Callable) -> Callable:
     @functools.wraps(fn)
     async def wrapper(self, request, context):
         t0 = time.perf_counter()
+        if method in CLIENT_CALLS:  # a client waits on this node (cluster/repair/pace.py)
+            self.data.counters["control_client_calls"] += 1
         self.stats.running += 1
         if self.stats.running == self.config.max_control_rpcs:
             _at_call_limit(self)

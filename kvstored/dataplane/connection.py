@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING
 from kvstore import errors
 from kvstore.wire import OP_PING, encode_error
 
-from .policy import DataLimits
+from .policy import DataLimits, repair_admitted
 from .session import DataSession, OpTable
 
 if TYPE_CHECKING:
@@ -215,10 +215,12 @@ class DataConnection(asyncio.BufferedProtocol):
             self.peer_ip = None
         s = self.session
         for call in s.connection_lost():  # a put waiting for space (TLS notices the close
-            # itself; plain TCP and shm by _poll_hangup): the wait ends, nothing reserved
-            srv.counters["put_waits_ended_by_disconnect"] += 1
-            log.info("connection closed while its put waited for space: wait ended",
-                     extra={"peer": self.peer, "req_id": s.req_id})
+            # itself; plain TCP and shm by _poll_hangup): the wait ends, nothing reserved;
+            # or a peer's repair request waiting for its turn (policy.RepairQueue)
+            if call.then is not repair_admitted:
+                srv.counters["put_waits_ended_by_disconnect"] += 1
+                log.info("connection closed while its put waited for space: wait ended",
+                         extra={"peer": self.peer, "req_id": s.req_id})
             if call.task is not None:
                 call.task.cancel()
         if self in srv.connections:

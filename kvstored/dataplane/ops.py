@@ -68,6 +68,8 @@ def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     """A PUT with FLAG_REPAIR: a cluster repair agent's write, refused (errors.Deleted) when
     the key was deleted here lately (kvstored/engine/fence.py): checked before the payload
     is taken, and again right before the commit (a delete may land while it arrives)."""
+    if s.plane.repair_queue.hold(s, h, ns, key, _put_repair):  # behind this node's clients
+        return
     s.put_t0 = s.t_in
     s.counters["repair_requests"] += 1  # not a client's (kvstored/cluster/repair/pace.py)
     rid, n = h.req_id, h.length
@@ -124,6 +126,8 @@ def _get(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     if h.flags & FLAG_NOT_VERIFIED_OK:
         s.not_verified_ok = True
     if h.flags & FLAG_REPAIR:  # a peer's repair read, not a client's (cluster/repair/pace.py)
+        if s.plane.repair_queue.hold(s, h, ns, key, _get):  # behind this node's clients
+            return
         s.counters["repair_requests"] += 1
     s.acquire(h.req_id, ns, key, OP_GET, _send_object)
 

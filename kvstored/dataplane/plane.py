@@ -19,7 +19,7 @@ from kvstore.wire import MAX_KEY_LEN, OPS, Header, namespace_bytes
 
 from kvstored.metrics import LatencyHistogram
 
-from .policy import ClientSpace, ConnectionBudget, DataLimits, EpochGate
+from .policy import ClientSpace, ConnectionBudget, DataLimits, EpochGate, RepairQueue
 
 if TYPE_CHECKING:
     from kvstored.auth import Auth
@@ -88,6 +88,9 @@ class Plane:
         # kvstored/metrics.py); the operation counters are these histograms' counts.
         self.latency = {op: LatencyHistogram() for op in OPS}  # every op the wire knows
         self.latency_other = LatencyHistogram()  # unknown ops (answered with an error)
+        # peers' repair requests wait their turn while this node's clients wait (its
+        # clients_waiting is set by the node's repair pace, cluster/repair/pace.py)
+        self.repair_queue = RepairQueue(self.counters, lambda: self.draining)
 
     def latency_by_name(self) -> dict[str, LatencyHistogram]:
         return {**{OPS[op]: h for op, h in self.latency.items()}, "other": self.latency_other}

@@ -1,12 +1,17 @@
-"""Repair yields to the node's clients while they wait (kvstored/cluster/repair/pace.py).
+"""Repair yields to the node's clients while they wait (kvstored/cluster/repair/pace.py),
+and peers' repair requests wait their turn behind them (kvstored/dataplane/policy.py
+RepairQueue).
 
-The pace rule on a scripted clock and load; then five real kvstored processes under a
-real etcd: a client reading from n0 while n4's records are rebuilt makes n0's repair
-wait, the survivors that serve only their peers' repair (its reads and writes carry
-wire.FLAG_REPAIR) never wait, and full redundancy comes back.
+The pace rule on a scripted clock and load; the data plane's repair queue with real
+sessions over a real Store (bytes in, bytes out, its waits run on an event loop); then
+five real kvstored processes under a real etcd: a client reading from n0 while n4's
+records are rebuilt makes n0's repair wait and holds its peers' repair requests, the
+survivors that serve only their peers' repair (its reads and writes carry
+wire.FLAG_REPAIR) never wait nor hold, and full redundancy comes back.
 """
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import threading
@@ -16,8 +21,14 @@ import urllib.request
 import pytest
 from etcdutil import needs_etcd
 
+from kvstore import errors
+from kvstore.wire import (FLAG_REPAIR, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PING, OP_PUT, checksum,
+                          decode, encode_request)
 from kvstored.cluster.repair import pace as pc
 from kvstored.cluster.repair.pace import Pace, next_pace, wait_for
+from kvstored.dataplane import policy
+from kvstored.dataplane.ops import CORE_OPS
+from kvstored.dataplane.session import DataSession, Plane
 
 
 # ---------------------------------------------------------------- the rule
@@ -149,6 +160,9 @@ def test_node_load_counts_clients_not_repair_requests():
     data.answer("shm_get")  # a client (same-host shm)
     load.tick(40.0)
     assert load.clients_at == 40.0
+    data.counters["control_client_calls"] = 1  # a client's control call (control/service.py)
+    load.tick(41.0)
+    assert load.clients_at == 41.0
     lag.observe(0.004)
     assert load.lag() == 0.004
 
@@ -196,17 +210,236 @@ def test_cli_repair_line_shows_the_pace():
     assert "yielding" not in repair_line({**rep, "state": "idle"})
 
 
+# ------------------------------------------- the data plane: repair waits its turn
+
+NS = b"ns"
+VALUE = os.urandom(48 << 10)
+order: list = []  # (connection name, request id) as answers arrive, over all connections
+
+
+def _store():
+    from fakes import Clock
+    from kvstored.engine import Store, StoreLimits
+    return Store(StoreLimits(dram_size=8 * MIB, slab_size=MIB, max_value_size=MIB,
+                             hugepages=False, prefault=False, reservation_timeout=30.0,
+                             put_wait_timeout=0.3), clock=Clock())
+
+
+class Conn:
+    """Plays the transport (connection.py) around one real session: bytes in, answers
+    out, its store calls (a held repair request's wait among them) run as tasks."""
+
+    def __init__(self, plane: Plane, name: str):
+        self.s, self.name = DataSession(plane, name), name
+        self.wire, self.rest, self.tasks, self.got = bytearray(), b"", [], []
+
+    def send(self, data: bytes) -> None:
+        self.rest += data
+        self.pump()
+
+    def pump(self) -> None:
+        s = self.s
+        for _ in range(100):  # bounded: each round feeds or flushes something, or stops
+            if self.rest and s.reading and not s.closed:
+                self.rest = self.rest[s.feed(self.rest):]
+            if not s.out:
+                break
+            for b in s.take_output():
+                self.wire += bytes(b)
+            s.written(0)
+        for call in s.take_calls():
+            call.task = asyncio.get_running_loop().create_task(self._run(call))
+            self.tasks.append(call.task)
+        while len(self.wire) >= HEADER_SIZE:
+            h = decode(self.wire)
+            end = HEADER_SIZE + h.length
+            if len(self.wire) < end:
+                break
+            assert h.flags & FLAG_RESPONSE
+            self.got.append((h, bytes(self.wire[HEADER_SIZE:end])))
+            order.append((self.name, h.req_id))
+            del self.wire[:end]
+
+    async def _run(self, call) -> None:
+        try:
+            r = await call.fn(*call.args)
+        except errors.KVStoreError as e:
+            self.s.call_done(call, None, e)
+        else:
+            self.s.call_done(call, r, None)
+        self.pump()
+
+    async def answers(self, n: int, timeout: float = 10.0) -> list:
+        """Wait (bounded) until ``n`` answers came; returns them."""
+        end = time.monotonic() + timeout
+        while len(self.got) < n and time.monotonic() < end:
+            await asyncio.sleep(0.005)
+        assert len(self.got) >= n, f"{self.name}: {len(self.got)} of {n} answers"
+        return self.got[:n]
+
+
+def _get(rid: int, flags: int = 0) -> bytes:
+    return encode_request(OP_GET, rid, NS, b"k", flags=flags)
+
+
+def _queue(waiting: list) -> tuple:
+    """A plane whose store holds NS/k, its repair queue asking ``waiting[0]``."""
+    plane = Plane(_store(), CORE_OPS)
+    q = plane.repair_queue
+    q.clients_waiting = lambda now: waiting[0]
+    order.clear()
+    return plane, q
+
+
+async def _stored(plane: Plane) -> None:
+    c = Conn(plane, "writer")
+    c.send(encode_request(OP_PUT, 1, NS, b"k", len(VALUE), checksum(VALUE)) + VALUE)
+    (h, _), = await c.answers(1)
+    assert h.status == 0
+    order.clear()
+
+
+def test_a_repair_request_waits_behind_clients_and_keeps_its_connections_order():
+    """While the node's clients wait, a peer's repair read waits for its turn (nothing
+    after it on its connection is parsed); a client's read meanwhile is answered at once;
+    at its turn the repair read and what followed it are answered, in order."""
+    async def main():
+        waiting = [True]
+        plane, q = _queue(waiting)
+        await _stored(plane)
+        q.next_turn = time.monotonic() + 0.2  # a turn was just taken
+        peer, client = Conn(plane, "peer"), Conn(plane, "client")
+        peer.send(_get(1, FLAG_REPAIR) + _get(2) + encode_request(OP_PING, 3, b"", b""))
+        assert peer.got == [] and len(q.held) == 1 and not peer.s.reading
+        assert plane.counters["repair_requests_held"] == 1
+        client.send(_get(7))
+        (h, v), = await client.answers(1)
+        assert h.req_id == 7 and v == VALUE
+        got = await peer.answers(3)
+        assert [h.req_id for h, _ in got] == [1, 2, 3] and got[0][1] == got[1][1] == VALUE
+        assert order == [("client", 7), ("peer", 1), ("peer", 2), ("peer", 3)]
+        assert plane.counters["repair_requests"] == 1 and not q.held  # counted once
+        assert plane.counters["repair_held_us"] > 0
+    asyncio.run(main())
+
+
+def test_a_repair_request_starts_by_its_deadline_when_turns_never_come():
+    """Clients that never stop waiting and no turn free: the request still starts once it
+    waited REPAIR_MAX_HOLD_S (repair finishes, however busy the node's clients are)."""
+    async def main():
+        plane, q = _queue([True])
+        await _stored(plane)
+        q.next_turn = time.monotonic() + 3600
+        peer = Conn(plane, "peer")
+        peer.send(_get(1, FLAG_REPAIR))
+        assert peer.got == [] and q.held
+        (h, v), = await peer.answers(1)
+        assert h.req_id == 1 and v == VALUE and not q.held
+        assert plane.counters["repair_held_us"] >= policy.REPAIR_MAX_HOLD_S * 1e6
+    asyncio.run(main())
+
+
+def test_held_repair_requests_start_oldest_first_one_per_turn_or_all_once_clients_stop():
+    """Concurrent peers: held requests start in the order they came, one per turn while
+    clients wait; once clients stop waiting, every held request starts."""
+    async def main():
+        waiting = [True]
+        plane, q = _queue(waiting)
+        await _stored(plane)
+        q.next_turn = time.monotonic() + 0.05
+        peers = [Conn(plane, f"p{i}") for i in range(3)]
+        for i, p in enumerate(peers):
+            p.send(_get(i, FLAG_REPAIR))
+        assert len(q.held) == 3 and not any(p.got for p in peers)
+        for p in peers:
+            await p.answers(1)
+        assert order == [("p0", 0), ("p1", 1), ("p2", 2)]
+        q.next_turn = time.monotonic() + 3600  # no turn for the next ones...
+        order.clear()
+        for i, p in enumerate(peers):
+            p.send(_get(10 + i, FLAG_REPAIR))
+        assert len(q.held) == 3
+        waiting[0] = False  # ...but clients stop waiting
+        for p in peers:
+            await p.answers(2, timeout=policy.REPAIR_MAX_HOLD_S / 2 + 5)
+        assert order == [("p0", 10), ("p1", 11), ("p2", 12)] and not q.held
+    asyncio.run(main())
+
+
+def test_held_repair_requests_malformed_disconnected_draining_and_off():
+    """A malformed repair write waits like any and then gets its typed error (its payload
+    skipped, the connection goes on); one whose member list moved on while it waited is
+    redirected; a connection lost while held leaves nothing held;
+    a draining server starts none; with no rule (no repair pace) none is ever held."""
+    async def main():
+        plane, q = _queue([True])
+        await _stored(plane)
+        q.next_turn = time.monotonic() + 0.05
+        bad = Conn(plane, "bad")
+        bad.send(encode_request(OP_PUT, 1, NS, b"x", 10, 0, flags=FLAG_REPAIR | 0x100) + b"0123456789"
+                 + encode_request(OP_PING, 2, b"", b""))
+        assert bad.got == [] and q.held
+        (h1, body), (h2, _) = await bad.answers(2)
+        assert h1.status == errors.InvalidArgument.code and b"flags" in body and h2.req_id == 2
+
+        plane.gate.epoch = 5  # a repair read sent with the node's member list...
+        moved = Conn(plane, "moved")
+        moved.send(encode_request(OP_GET, 1, NS, b"k", flags=FLAG_REPAIR, epoch=5))
+        assert moved.got == [] and q.held
+        plane.gate.epoch = 6  # ...which moved on while it waited: redirected at its turn
+        (h, _), = await moved.answers(1)
+        assert h.status == errors.Redirect.code
+        plane.gate.epoch = 0
+
+        q.next_turn = time.monotonic() + 3600
+        gone = Conn(plane, "gone")
+        gone.send(_get(1, FLAG_REPAIR))
+        assert q.held
+        for call in gone.s.connection_lost():  # (what connection.py does)
+            call.task.cancel()
+        await asyncio.gather(*gone.tasks, return_exceptions=True)
+        for _ in range(1000):  # bounded (10 s): the queue's next tick lets it go
+            if not q.held:
+                break
+            await asyncio.sleep(0.01)
+        assert not q.held and gone.got == []
+
+        drained = Conn(plane, "drained")
+        drained.send(_get(1, FLAG_REPAIR))
+        assert q.held
+        plane.draining = True
+        await asyncio.wait_for(asyncio.gather(*drained.tasks), 10)
+        assert not q.held and drained.got == [] and drained.s.waiting is None
+        plane.draining = False
+
+        q.clients_waiting = None  # no repair pace on this node (or repair_yield_lag = 0)
+        free = Conn(plane, "free")
+        free.send(_get(5, FLAG_REPAIR))
+        assert [h.req_id for h, _ in free.got] == [5] and not free.tasks
+    asyncio.run(main())
+
+
 # ---------------------------------------------------------------- a real cluster
 
 MIB = 1 << 20
 
 
 def _yielded(d) -> float:
+    return _metric(d, "kvstored_repair_yield_seconds_total")
+
+
+def _metric(d, name: str) -> float:
     with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5) as r:
         for line in r.read().decode().splitlines():
-            if line.startswith("kvstored_repair_yield_seconds_total "):
+            if line.startswith(name + " "):
                 return float(line.split()[1])
-    raise AssertionError("no kvstored_repair_yield_seconds_total in /metrics")
+    raise AssertionError(f"no {name} in /metrics")
+
+
+def _counter(d, name: str) -> int:
+    import kvstore
+    with kvstore.Client(d.control, timeout=5, shm=False) as c:
+        return c.stats().counters.get(name, 0)
 
 
 @needs_etcd
@@ -265,14 +498,28 @@ def test_repair_waits_for_a_nodes_clients_and_still_finishes(etcd, start_daemon,
                        for d, r in ((d, _status(d)) for d in survivors))
         wait_for(repaired, 60, "repair done on every survivor")
         waited = {d.control: _yielded(d) - before[d.control] for d in survivors}
+        held = {d.control: _metric(d, "kvstored_repair_requests_held_total") for d in survivors}
+        held_s = _metric(ds[0], "kvstored_repair_held_seconds_total")
     finally:
         stop.set()
         t.join(10)
-    print(f"reads {got[0]}, waited for clients (s): {waited}")
+    print(f"reads {got[0]}, waited for clients (s): {waited}, peers' repair requests held: "
+          f"{held} ({held_s:.3f} s on n0)")
     assert got[0] > 0 and not failed
     assert waited[ds[0].control] > 0, waited
     assert _status(ds[0]).yield_seconds >= waited[ds[0].control] - 0.01  # (Members().repair)
     assert all(waited[d.control] == 0 for d in survivors[1:]), waited
+    # peers' repair requests waited their turns on n0 only, each started by its deadline
+    # (give or take the lateness of the queue's timer on a loaded host)
+    assert held[ds[0].control] > 0, held
+    assert all(held[d.control] == 0 for d in survivors[1:]), held
+    assert held_s / held[ds[0].control] <= policy.REPAIR_MAX_HOLD_S + 2.0
+    # a client's control call counts as client activity, monitoring calls do not
+    calls = _counter(survivors[1], "control_client_calls")
+    with kvstore.Client(survivors[1].control, namespace="plain", shm=False) as c:
+        c.members()
+        assert c.exists([b"r-0"]) is not None
+    assert _counter(survivors[1], "control_client_calls") == calls + 1
     members = placement_members(survivors[0])
     assert missing_redundancy(members, "ec", Policy.parse("ec:3+2"), objs) == []
 

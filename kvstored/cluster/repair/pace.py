@@ -20,9 +20,19 @@ step halves the pace, down to ``cluster.repair_min_pace``; otherwise it climbs b
 much its own work makes the loop lag. Bounded: never below ``min_pace`` of its time, so
 a busy node still re-protects its data; ``repair_yield_lag = 0`` turns it off.
 
+Clients' control-plane calls (control/service.py ``CLIENT_CALLS``: Exists, Lookup, Get,
+Put, ...; not peers' Heads nor monitoring calls) count as client requests too.
+
+The same rule holds peers' repair requests back on this node's data plane
+(``NodeLoad.hold_repair_requests``, kvstored/dataplane/policy.py ``RepairQueue``): while
+this node's clients wait, a peer's repair read or write starts only in its turn, so the
+peers' repair slows with this node's (they wait for its answers instead of taking the
+shared cores).
+
 Observable: ``kvstored_repair_pace`` (the current pace) and
 ``kvstored_repair_yield_seconds_total`` (time spent waiting for clients), and the
-agent's pass log line.
+agent's pass log line; ``kvstored_repair_requests_held_total`` and
+``kvstored_repair_held_seconds_total`` for peers' requests held.
 """
 from __future__ import annotations
 
@@ -68,11 +78,20 @@ class NodeLoad:
         return self._lag.recent()
 
     def client_requests(self) -> int:
-        """Requests answered minus those flagged as repair's: a count that only matters
-        by how it grows."""
+        """Data-plane requests answered minus those flagged as repair's, plus clients'
+        control calls (control/service.py CLIENT_CALLS): a count that only matters by
+        how it grows."""
         hists = self._data.latency_by_name()
         n = sum(h.count for op, h in hists.items() if op not in ("auth", "ping"))
-        return n - self._data.counters.get("repair_requests", 0)
+        counters = self._data.counters
+        return n - counters.get("repair_requests", 0) + counters.get("control_client_calls", 0)
+
+    def hold_repair_requests(self, waiting: Callable[[float], bool]) -> None:
+        """Peers' repair requests on this node's data plane wait their turn while
+        ``waiting(time.monotonic())`` (kvstored/dataplane/policy.py RepairQueue)."""
+        plane = getattr(self._data, "plane", None)
+        if plane is not None:
+            plane.repair_queue.clients_waiting = waiting
 
     def tick(self, now: float) -> None:
         """Note ``now`` when the count grew. A high-water mark: a peer's repair request,
@@ -105,6 +124,8 @@ class Pace:
         self._lock = threading.Lock()  # write calls to several peers may step at once
         self._mine = threading.local()  # per thread: its work clock when its last step ended
         self._stepped = clock()
+        if self.on and isinstance(load, NodeLoad):  # the same rule holds peers' repair here
+            load.hold_repair_requests(self.waiting)
 
     def begin(self) -> None:
         """A pass or a write call starts: the work before this is not its step's."""
