@@ -19,7 +19,7 @@
 
 #define HEADER_SIZE 40
 
-static PyObject *s_buf, *s_start, *s_end, *s_target, *s_next, *zero;
+static PyObject *s_buf, *s_start, *s_end, *s_target, *s_next, *zero, *one;
 
 static uint64_t le(const unsigned char *p, int n) {
     uint64_t v = 0;
@@ -119,10 +119,440 @@ static PyObject *next_frame(PyObject *m, PyObject *const *args, Py_ssize_t nargs
     return out;
 }
 
+/* ------------------------------------------------------------------ put_run
+ * put_run(session, ctx, limit): the data session's common put (ops._put ->
+ * DataSession.put_buffered -> Store.put_bytes -> DataSession.send) for a run of up to
+ * ``limit`` PUT frames that lie whole in the session's read buffer, in one call; returns
+ * how many frames it took. It stops at the first frame it does not take, leaving it
+ * unparsed for the Python path (DataSession.advance): another op or flag (a repair
+ * write), a partial frame, a size of 0 or past max_value_size, a namespace not in the
+ * session's cache of checked ones or a key of another length, a key that holds other
+ * bytes (a conflict, an overwrite, a held record), a size with no cached class, a connection or client
+ * over its reservation bound, a frame the epoch gate has to look at (another epoch, the
+ * lease deadline past: see there), no slot (NoSpace). The session
+ * builds ``ctx`` (DataSession.fast_put) only where the Python path would run ops._put
+ * with no auth guard and no NVMe tier, and calls this where advance() has tested its
+ * loop's conditions for the first frame; those a put changes (queued bytes and frames,
+ * the burst) are tested here before each further one.
+ *
+ * A put of the bytes stored under its key is answered "stored already" (Store._same, which
+ * refreshes the object as put_bytes does). A new key's, in the Python path's order: a
+ * slot from DramTier.alloc (which evicts), the
+ * payload copied in, its checksum computed over the slot (what a get serves) and compared
+ * with the header's, Store._publish (index, eviction lists, counters, observer: those
+ * rules stay in one place), then the OK answer queued and timed into the put latency
+ * histogram as DataSession.send does. A checksum mismatch is counted and its slot freed
+ * (Store.put_bytes), and a typed error of _publish (the index full) is answered by the
+ * session's reject with the payload skipped (put_buffered); the run stops after either.
+ *
+ * ctx: see C_* below (built by kvstored/dataplane/session.py, _fast_put_context); the
+ * session's own parts (reader, budget, clients, gate, put_latency) are read from it at
+ * each call, as its Python does (tests and reloads replace some).
+ */
+enum { C_INDEX_GET, C_CLASSES, C_ARENA, C_ALLOC, C_FREE, C_PUBLISH, C_COUNTERS,
+       C_LIMITS, C_NAMES, C_CHECKSUM, C_NOW, C_BUCKETS, C_OK_HEAD, C_OK_TAIL, C_MISMATCH, C_LARGE, C_WINDOW, C_ERROR, C_SAME, C_LEN };
+
+#define OP_PUT 1
+#define FLAG_OVERWRITE 1
+#define MAX_KEY_LEN 128
+#define MAX_BUCKETS 64
+
+static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_no_wait_until, *s_sent, *s_queued,
+    *s_queued_frames, *s_flushed_at, *s_out, *s_reserved, *s_client, *s_max_reserved_bytes,
+    *s_max_queued_bytes, *s_max_queued_frames, *s_burst, *s_cap, *s_held, *s_max_value_size,
+    *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_deadline, *s_reader,
+    *s_budget, *s_clients, *s_gate, *s_put_latency, *zero_float;
+
+/* o.<name> as a long long (-1 with an error set on failure) */
+static long long get_ll(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v) return -1;
+    long long n = PyLong_AsLongLong(v);
+    Py_DECREF(v);
+    return n;
+}
+
+static double get_double(PyObject *o, PyObject *name) {
+    PyObject *v = PyObject_GetAttr(o, name);
+    if (!v) return -1;
+    double d = PyFloat_AsDouble(v);
+    Py_DECREF(v);
+    return d;
+}
+
+static int set_ll(PyObject *o, PyObject *name, long long n) {
+    PyObject *v = PyLong_FromLongLong(n);
+    if (!v) return -1;
+    int r = PyObject_SetAttr(o, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+static int set_double(PyObject *o, PyObject *name, double d) {
+    PyObject *v = PyFloat_FromDouble(d);
+    if (!v) return -1;
+    int r = PyObject_SetAttr(o, name, v);
+    Py_DECREF(v);
+    return r;
+}
+
+/* d[key] += n, d a dict of ints */
+static int count(PyObject *d, PyObject *key, long long n) {
+    PyObject *v = PyDict_GetItemWithError(d, key);
+    if (!v && PyErr_Occurred()) return -1;
+    PyObject *k = PyLong_FromLongLong(n);
+    if (!k) return -1;
+    PyObject *sum = v ? PyNumber_Add(v, k) : (Py_INCREF(k), k);
+    Py_DECREF(k);
+    if (!sum) return -1;
+    int r = PyDict_SetItem(d, key, sum);
+    Py_DECREF(sum);
+    return r;
+}
+
+/* what put_run keeps of the session while it runs: read at its start, written back once
+   at its end (and before it calls the session's reject) */
+typedef struct {
+    PyObject *s, *reader, *hist, *out, *counts;
+    Py_ssize_t pos, end;
+    long long queued, queued_frames, sent, flushed_at;
+    double t_in, hist_sum;
+    uint64_t rid;        /* the last frame taken */
+    uint64_t size;
+    int taken, stored;   /* frames taken; puts stored */
+    Py_ssize_t large, window;
+} Run;
+
+static int write_back(Run *u) {
+    if (!u->taken) return 0;
+    int ok;
+    if (u->pos == u->end)
+        ok = PyObject_SetAttr(u->reader, s_start, zero) == 0
+             && PyObject_SetAttr(u->reader, s_end, zero) == 0;
+    else
+        ok = set_ll(u->reader, s_start, u->pos) == 0;
+    ok = ok && set_ll(u->s, s_req_id, (long long)u->rid) == 0  /* (no request id is >= 2**63) */
+         && set_double(u->s, s_put_t0, u->t_in) == 0
+         && set_ll(u->s, s_window, (Py_ssize_t)u->size >= u->large ? u->window : 0) == 0
+         && set_ll(u->s, s_sent, u->sent) == 0
+         && set_ll(u->s, s_queued, u->queued) == 0
+         && set_ll(u->s, s_queued_frames, u->queued_frames) == 0
+         && set_double(u->hist, s_sum, u->hist_sum) == 0;
+    if (ok && u->stored)  /* (what _hold does besides counting: put_buffered) */
+        ok = PyObject_SetAttr(u->s, s_no_wait_until, zero_float) == 0;
+    return ok ? 0 : -1;
+}
+
+/* the answer to a stored put: DataSession.send, inlined (out, counts, the histogram) */
+static int answer(Run *u, PyObject *ctx, PyObject *now_fn, const double *buckets,
+                  Py_ssize_t nbuckets, int dedup) {
+    PyObject *frame = PyBytes_FromStringAndSize(NULL, HEADER_SIZE);
+    if (!frame) return -1;
+    unsigned char *f = (unsigned char *)PyBytes_AS_STRING(frame);
+    memcpy(f, PyBytes_AS_STRING(PyTuple_GET_ITEM(ctx, C_OK_HEAD)), 8);
+    for (int i = 0; i < 8; i++) f[8 + i] = (unsigned char)(u->rid >> (8 * i));
+    memcpy(f + 16, PyBytes_AS_STRING(PyTuple_GET_ITEM(ctx, C_OK_TAIL)), 24);
+    if (dedup) f[20] = 1;  /* aux=1: the object was stored already (ops._dedup_response) */
+    int r = PyList_Append(u->out, frame);
+    Py_DECREF(frame);
+    if (r < 0) return -1;
+    u->sent += HEADER_SIZE;
+    u->queued += HEADER_SIZE;
+    u->queued_frames += 1;
+    PyObject *t = PyObject_CallNoArgs(now_fn);
+    if (!t) return -1;
+    double d = PyFloat_AsDouble(t) - u->t_in;
+    Py_DECREF(t);
+    if (PyErr_Occurred()) return -1;
+    Py_ssize_t i = 0;  /* bisect_left: a value equal to a bound falls in that bucket */
+    while (i < nbuckets && buckets[i] < d) i++;
+    PyObject *c = PyList_GET_ITEM(u->counts, i);
+    PyObject *c1 = PyNumber_Add(c, one);
+    if (!c1) return -1;
+    PyList_SET_ITEM(u->counts, i, c1);
+    Py_DECREF(c);
+    u->hist_sum += d;
+    return 0;
+}
+
+static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
+    if (nargs != 3 || !PyTuple_Check(args[1]) || PyTuple_GET_SIZE(args[1]) != C_LEN) {
+        PyErr_SetString(PyExc_TypeError, "put_run(session, ctx, limit): ctx is the tuple "
+                        "DataSession.fast_put holds");
+        return NULL;
+    }
+    PyObject *ctx = args[1];
+#define CX(i) PyTuple_GET_ITEM(ctx, i)
+    Py_ssize_t limit = PyLong_AsSsize_t(args[2]);
+    if (limit == -1 && PyErr_Occurred()) return NULL;
+    Run u = {.s = args[0]};
+    PyObject *budget = NULL, *clients = NULL, *gate = NULL, *client = NULL, *err = NULL;
+    Py_buffer arena = {0};
+    int failed = 1, have_arena = 0;
+    if (!(u.reader = PyObject_GetAttr(u.s, s_reader))) return NULL;
+    PyObject *target = PyObject_GetAttr(u.reader, s_target);
+    if (!target) goto done;
+    int receiving = target != Py_None;
+    Py_DECREF(target);
+    if (receiving) goto nothing;
+    if ((u.pos = get_index(u.reader, s_start)) == -1 && PyErr_Occurred()) goto done;
+    if ((u.end = get_index(u.reader, s_end)) == -1 && PyErr_Occurred()) goto done;
+    PyObject *buf = PyObject_GetAttr(u.reader, s_buf);
+    if (!buf) goto done;
+    Py_DECREF(buf);  /* the reader holds it; nothing in a run resizes it */
+    if (!PyByteArray_CheckExact(buf)) goto nothing;
+    if (u.pos < 0 || u.end > PyByteArray_GET_SIZE(buf) || u.end < u.pos) {
+        PyErr_SetString(PyExc_ValueError, "put_run: the reader's start/end lie outside its buffer");
+        goto done;
+    }
+    {   /* a first look before anything else is read: the calls that take nothing (a GET) */
+        const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(buf) + u.pos;
+        if (u.end - u.pos < HEADER_SIZE || p[5] != OP_PUT) goto nothing;
+    }
+    if (!(budget = PyObject_GetAttr(u.s, s_budget)) || !(clients = PyObject_GetAttr(u.s, s_clients))
+            || !(gate = PyObject_GetAttr(u.s, s_gate)) || !(u.hist = PyObject_GetAttr(u.s, s_put_latency)))
+        goto done;
+    long long max_qbytes, max_qframes, burst, max_reserved, client_cap, max_value, reserved;
+    long long epoch;
+    long long client_held = 0;
+    double buckets[MAX_BUCKETS];
+    Py_ssize_t nbuckets = 0;
+#define LL(var, o, name) if ((var = get_ll(o, name)) == -1 && PyErr_Occurred()) goto done
+    LL(u.queued, u.s, s_queued);
+    LL(u.queued_frames, u.s, s_queued_frames);
+    LL(u.sent, u.s, s_sent);
+    LL(u.flushed_at, u.s, s_flushed_at);
+    LL(reserved, u.s, s_reserved);
+    LL(max_qbytes, budget, s_max_queued_bytes);
+    LL(max_qframes, budget, s_max_queued_frames);
+    LL(burst, budget, s_burst);
+    LL(max_reserved, budget, s_max_reserved_bytes);
+    LL(client_cap, clients, s_cap);
+    LL(max_value, CX(C_LIMITS), s_max_value_size);
+    if ((u.t_in = get_double(u.s, s_t_in)) == -1 && PyErr_Occurred()) goto done;
+    /* The epoch gate (policy.EpochGate.check): a put is taken only where it has nothing to
+       say, so its answers stay its own: no epoch (0) on either side or the same one, and
+       the batch's time before the gate's lease deadline (a gate without one has none) */
+    LL(epoch, gate, s_epoch);
+    {
+        PyObject *dl = PyObject_GetAttr(gate, s_deadline);
+        double deadline = dl ? PyFloat_AsDouble(dl) : Py_HUGE_VAL;
+        Py_XDECREF(dl);
+        if (!dl && PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
+        if (PyErr_Occurred()) goto done;
+        if (u.t_in >= deadline) goto nothing;
+    }
+#undef LL
+    if ((u.hist_sum = get_double(u.hist, s_sum)) == -1 && PyErr_Occurred()) goto done;
+    if ((u.large = PyLong_AsSsize_t(CX(C_LARGE))) == -1 && PyErr_Occurred()) goto done;
+    if ((u.window = PyLong_AsSsize_t(CX(C_WINDOW))) == -1 && PyErr_Occurred()) goto done;
+    if (!(client = PyObject_GetAttr(u.s, s_client))) goto done;
+    int has_client = PyObject_IsTrue(client);
+    if (has_client < 0) goto done;
+    if (client_cap && has_client) {  /* ClientSpace.admit's test (put_buffered) */
+        PyObject *held = PyObject_GetAttr(clients, s_held);
+        if (!held) goto done;
+        PyObject *v = PyDict_Check(held) ? PyDict_GetItemWithError(held, client) : NULL;
+        client_held = v ? PyLong_AsLongLong(v) : 0;
+        if (!PyDict_Check(held) && !PyErr_Occurred())
+            PyErr_SetString(PyExc_TypeError, "put_run: ClientSpace.held is a dict");
+        Py_DECREF(held);
+        if (PyErr_Occurred()) goto done;
+    } else {
+        client_cap = 0;
+    }
+    if (!(u.out = PyObject_GetAttr(u.s, s_out))) goto done;
+    if (!(u.counts = PyObject_GetAttr(u.hist, s_counts))) goto done;
+    PyObject *bt = CX(C_BUCKETS);
+    if (!PyList_Check(u.out) || !PyTuple_Check(bt) || PyTuple_GET_SIZE(bt) >= MAX_BUCKETS
+            || !PyList_Check(u.counts) || PyList_GET_SIZE(u.counts) != PyTuple_GET_SIZE(bt) + 1
+            || !PyBytes_Check(CX(C_OK_HEAD)) || PyBytes_GET_SIZE(CX(C_OK_HEAD)) != 8
+            || !PyBytes_Check(CX(C_OK_TAIL)) || PyBytes_GET_SIZE(CX(C_OK_TAIL)) != 24) {
+        PyErr_SetString(PyExc_TypeError, "put_run: ctx does not hold what the session builds");
+        goto done;
+    }
+    nbuckets = PyTuple_GET_SIZE(bt);
+    for (Py_ssize_t i = 0; i < nbuckets; i++)
+        if ((buckets[i] = PyFloat_AsDouble(PyTuple_GET_ITEM(bt, i))) == -1 && PyErr_Occurred())
+            goto done;
+    if (PyObject_GetBuffer(CX(C_ARENA), &arena, PyBUF_WRITABLE) < 0) goto done;
+    have_arena = 1;
+
+    while (u.taken < limit) {
+        if (u.taken && (u.queued >= max_qbytes || u.queued_frames >= max_qframes
+                        || u.sent - u.flushed_at >= burst))
+            break;  /* advance() tests these again and acts (pauses, flushes) */
+        const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(buf) + u.pos;
+        if (u.end - u.pos < HEADER_SIZE || memcmp(p, "KVSD", 4) != 0 || p[4] != 1
+                || p[5] != OP_PUT || (le(p + 6, 2) & ~(uint64_t)FLAG_OVERWRITE))
+            break;
+        Py_ssize_t nl = p[18], kl = p[19];
+        uint64_t size = le(p + 24, 8), csum = le(p + 32, 8), aux = le(p + 20, 4);
+        int overwrite = (int)le(p + 6, 2);
+        Py_ssize_t data = u.pos + HEADER_SIZE + nl + kl;
+        if (data > u.end || size == 0 || size > (uint64_t)(u.end - data)
+                || size > (uint64_t)max_value || kl < 1 || kl > MAX_KEY_LEN)
+            break;
+        if ((max_reserved && reserved + (long long)size > max_reserved)
+                || (client_cap && client_held + (long long)size > client_cap))
+            break;  /* over a bound: reserve() answers or waits (put_buffered) */
+        if (aux && epoch && aux != (uint64_t)epoch)
+            break;  /* the epoch gate would answer Redirect: the Python path does */
+        PyObject *ns = NULL, *key = NULL, *sz = NULL, *off = NULL, *got = NULL;
+        int go = 0;  /* 1: stored; 0: left to the Python path; -1: raised */
+        ns = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE, nl);
+        key = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE + nl, kl);
+        sz = PyLong_FromUnsignedLongLong(size);
+        if (!ns || !key || !sz) { go = -1; goto put_end; }
+        int known = PySet_Contains(CX(C_NAMES), ns);  /* _check_names passed it before */
+        if (known != 1) { go = known; goto put_end; }
+        /* the class before the lookup: a size met first is the Python path's, which
+           then makes the put's one index lookup */
+        PyObject *sc = PyDict_GetItemWithError(CX(C_CLASSES), sz);  /* (borrowed) */
+        if (!sc) { go = PyErr_Occurred() ? -1 : 0; goto put_end; }
+        PyObject *nk[2] = {ns, key};
+        PyObject *old = PyObject_Vectorcall(CX(C_INDEX_GET), nk, 2, NULL);
+        if (!old) { go = -1; goto put_end; }
+        if (old != Py_None) {  /* stored already: these bytes (Store._same) or a conflict */
+            PyObject *cs = PyLong_FromUnsignedLongLong(csum);
+            PyObject *sa[4] = {old, sz, cs, Py_True};
+            PyObject *same = cs ? PyObject_Vectorcall(CX(C_SAME), sa, 4, NULL) : NULL;
+            Py_DECREF(old);
+            Py_XDECREF(cs);
+            if (!same) { go = -1; goto put_end; }
+            Py_DECREF(same);
+            if (same != Py_True) goto put_end;  /* a conflict or an overwrite: Python */
+            u.taken++;  /* answered from the index: the payload is skipped */
+            u.rid = le(p + 8, 8);
+            u.size = size;
+            u.pos = data + (Py_ssize_t)size;
+            u.stored++;
+            go = answer(&u, ctx, CX(C_NOW), buckets, nbuckets, 1) < 0 ? -1 : 1;
+            goto put_end;
+        }
+        Py_DECREF(old);
+        Py_INCREF(sc);
+        off = PyObject_CallOneArg(CX(C_ALLOC), sc);  /* may evict (Python) */
+        if (!off || off == Py_None) {  /* no slot: _slot counts and raises NoSpace */
+            Py_DECREF(sc);
+            go = off ? 0 : -1;
+            goto put_end;
+        }
+        Py_ssize_t o = PyLong_AsSsize_t(off);
+        if (o < 0 || (uint64_t)o > (uint64_t)arena.len || size > (uint64_t)(arena.len - o)) {
+            if (!PyErr_Occurred())
+                PyErr_SetString(PyExc_RuntimeError, "put_run: a slot outside the arena");
+            Py_DECREF(sc);
+            go = -1;
+            goto put_end;
+        }
+        /* (an eviction ran Python, which leaves the reader's buffer where it was) */
+        p = (const unsigned char *)PyByteArray_AS_STRING(buf) + u.pos;
+        memcpy((char *)arena.buf + o, p + HEADER_SIZE + nl + kl, (size_t)size);
+        PyObject *mv = PyMemoryView_FromMemory((char *)arena.buf + o, (Py_ssize_t)size, PyBUF_READ);
+        got = mv ? PyObject_CallOneArg(CX(C_CHECKSUM), mv) : NULL;
+        Py_XDECREF(mv);
+        unsigned long long actual = got ? PyLong_AsUnsignedLongLong(got) : 0;
+        if (!got || PyErr_Occurred()) {
+            Py_DECREF(sc);
+            PyObject *f = PyObject_CallOneArg(CX(C_FREE), off);  /* the slot is not kept */
+            Py_XDECREF(f);
+            go = -1;
+            goto put_end;
+        }
+        /* the frame is this put's from here: its header is consumed (an error answered
+           by reject skips the payload) */
+        u.taken++;
+        u.rid = le(p + 8, 8);
+        u.size = size;
+        u.pos = data;
+        if (actual != csum) {  /* Store.put_bytes: counted, the slot freed, nothing stored */
+            Py_DECREF(sc);
+            PyObject *f = PyObject_CallOneArg(CX(C_FREE), off);
+            if (!f || count(CX(C_COUNTERS), s_checksum_failures, 1) < 0) {
+                Py_XDECREF(f);
+                go = -1;
+                goto put_end;
+            }
+            Py_DECREF(f);
+            err = PyObject_CallNoArgs(CX(C_MISMATCH));
+            go = err ? 0 : -1;
+            goto put_end;
+        }
+        PyObject *pa[7] = {ns, key, off, sz, got, sc, overwrite ? Py_True : Py_False};
+        PyObject *stored = PyObject_Vectorcall(CX(C_PUBLISH), pa, 7, NULL);
+        Py_DECREF(sc);
+        if (!stored) {  /* a typed error (the index full) is answered; the slot is freed */
+            if (PyErr_ExceptionMatches(CX(C_ERROR))) {
+                PyObject *t, *v, *tb;
+                PyErr_Fetch(&t, &v, &tb);
+                PyErr_NormalizeException(&t, &v, &tb);
+                Py_XDECREF(t);
+                Py_XDECREF(tb);
+                err = v;
+                go = err ? 0 : -1;
+            } else {
+                go = -1;
+            }
+            goto put_end;
+        }
+        int dedup = stored == Py_False;  /* (a key taken meanwhile: _publish's race) */
+        Py_DECREF(stored);
+        u.pos = data + (Py_ssize_t)size;  /* the payload is taken from the buffer */
+        u.stored++;
+        go = answer(&u, ctx, CX(C_NOW), buckets, nbuckets, dedup) < 0 ? -1 : 1;
+    put_end:
+        Py_XDECREF(ns);
+        Py_XDECREF(key);
+        Py_XDECREF(sz);
+        Py_XDECREF(off);
+        Py_XDECREF(got);
+        if (go < 0) goto done;
+        if (go == 0) break;
+    }
+nothing:
+    failed = 0;
+done:
+    if (have_arena) PyBuffer_Release(&arena);
+    if (failed) {  /* raised: what was taken is written back, the error stays raised */
+        PyObject *t, *v, *tb;
+        PyErr_Fetch(&t, &v, &tb);
+        write_back(&u);
+        PyErr_Restore(t, v, tb);
+    } else if (write_back(&u) < 0) {
+        failed = 1;
+    } else if (err != NULL) {  /* put_buffered's answer to a refused put, the payload skipped */
+        PyObject *op = PyLong_FromLong(OP_PUT);
+        PyObject *rid = PyLong_FromUnsignedLongLong(u.rid);
+        PyObject *plen = PyLong_FromUnsignedLongLong(u.size);
+        PyObject *r = op && rid && plen
+            ? PyObject_CallMethodObjArgs(u.s, s_reject, op, rid, plen, err, NULL) : NULL;
+        Py_XDECREF(op);
+        Py_XDECREF(rid);
+        Py_XDECREF(plen);
+        Py_XDECREF(r);
+        failed = r == NULL;
+    }
+    Py_XDECREF(err);
+    Py_XDECREF(client);
+    Py_XDECREF(u.out);
+    Py_XDECREF(u.counts);
+    Py_XDECREF(u.hist);
+    Py_XDECREF(u.reader);
+    Py_XDECREF(budget);
+    Py_XDECREF(clients);
+    Py_XDECREF(gate);
+    return failed ? NULL : PyLong_FromLong(u.taken);
+#undef CX
+}
+
 static PyMethodDef mod_methods[] = {
     {"next_frame", (PyCFunction)(void (*)(void))next_frame, METH_FASTCALL,
      "next_frame(reader, header_type): reader.next() of a kvstore.wire.FrameReader, in C "
      "(a bad magic or version: reader.next() itself raises the FrameError)"},
+    {"put_run", (PyCFunction)(void (*)(void))put_run, METH_FASTCALL,
+     "put_run(session, ctx, limit): up to limit whole buffered PUT frames stored and answered "
+     "in one call (see native/frame.c); how many it took"},
     {NULL}
 };
 
@@ -138,6 +568,24 @@ PyMODINIT_FUNC PyInit__frame(void) {
     s_target = PyUnicode_InternFromString("target");
     s_next = PyUnicode_InternFromString("next");
     zero = PyLong_FromLong(0);
-    if (!s_buf || !s_start || !s_end || !s_target || !s_next || !zero) return NULL;
+    one = PyLong_FromLong(1);
+    zero_float = PyFloat_FromDouble(0.0);
+    if (!s_buf || !s_start || !s_end || !s_target || !s_next || !zero || !one || !zero_float)
+        return NULL;
+    struct { PyObject **p; const char *name; } names[] = {
+        {&s_req_id, "req_id"}, {&s_put_t0, "put_t0"}, {&s_t_in, "t_in"}, {&s_window, "window"},
+        {&s_no_wait_until, "no_wait_until"}, {&s_sent, "sent"}, {&s_queued, "queued"},
+        {&s_queued_frames, "queued_frames"}, {&s_flushed_at, "flushed_at"}, {&s_out, "out"},
+        {&s_reserved, "reserved"}, {&s_client, "client"},
+        {&s_max_reserved_bytes, "max_reserved_bytes"}, {&s_max_queued_bytes, "max_queued_bytes"},
+        {&s_max_queued_frames, "max_queued_frames"}, {&s_burst, "burst"}, {&s_cap, "cap"},
+        {&s_held, "held"}, {&s_max_value_size, "max_value_size"}, {&s_counts, "counts"},
+        {&s_sum, "sum"}, {&s_reject, "reject"}, {&s_checksum_failures, "checksum_failures"},
+        {&s_epoch, "epoch"}, {&s_deadline, "deadline"}, {&s_reader, "reader"},
+        {&s_budget, "budget"}, {&s_clients, "clients"}, {&s_gate, "gate"},
+        {&s_put_latency, "put_latency"},
+    };
+    for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
+        if (!(*names[i].p = PyUnicode_InternFromString(names[i].name))) return NULL;
     return PyModule_Create(&moddef);
 }

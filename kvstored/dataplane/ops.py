@@ -52,6 +52,11 @@ def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
               _put_reserved, skip=n, stream=True)
 
 
+# native/frame.c put_run does what _put does for a whole buffered put of a new key or of
+# the bytes stored (every other put comes here): sessions build its context for this handler
+_put.native_put = True  # type: ignore[attr-defined]
+
+
 def _put_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:
     if res is None:  # same object already stored: skip the payload, answer "deduplicated"
         s.skip_then_send(rid, size, _dedup_response(rid))

@@ -38,9 +38,10 @@ from typing import TYPE_CHECKING, Any, Callable
 
 from kvstore import errors
 from kvstore.wire import (HEADER_SIZE, MAX_KEY_LEN, OP_GET, OP_PUT, OPS, FrameError, FrameReader,
-                          Header, encode_error)
+                          Header, encode_error, encode_response)
+from kvstore.wire import checksum as payload_checksum
 
-from kvstored.engine.store import NotResident
+from kvstored.engine.store import NotResident, checksum_mismatch
 from kvstored.latency import BUCKETS as _BUCKETS
 
 # the op table and what sessions share live in plane.py (split for issue 14); they are
@@ -57,6 +58,10 @@ try:  # FrameReader.next in C (native/frame.c): a tenth of a small put's bytecod
 except ImportError:  # not built: the parser in Python
     def _next_frame(reader: FrameReader, header_type: type):
         return reader.next()
+try:  # a run of whole buffered puts stored and answered in one call (native/frame.c)
+    from kvstored._frame import put_run as _put_run
+except ImportError:  # not built: each put takes the Python path
+    _put_run = None
 
 if TYPE_CHECKING:
     from kvstored.engine import Entry, Reservation
@@ -142,6 +147,7 @@ class DataSession:
         self.window = 0  # HEADER_WINDOW after a large put (see there), else 0: no bound
         self.put_done: Callable[[], None] | None = None  # ops.py's put completion, bound once
         self.expired = self.reservation_expired  # a put's on_expire (bound once, not per put)
+        self.fast_put = _fast_put_context(self)  # put_run's context, or None: no C path
 
     # ================================================================ events
     def receive_buffer(self, sizehint: int = -1) -> memoryview:
@@ -278,6 +284,7 @@ class DataSession:
         self.in_advance = True
         reader, ops, budget, pending = self.reader, self.ops, self.budget, self.pending
         guard, plane, next_frame = self.guard, self.plane, _next_frame
+        fast, put_run = self.fast_put, _put_run
         # the bounds cannot change while this loop runs (a reload sets them between events)
         max_pipelined, max_qbytes = budget.max_pipelined, budget.max_queued_bytes
         max_qframes, burst = budget.max_queued_frames, budget.burst
@@ -302,6 +309,11 @@ class DataSession:
             if plane.draining:  # start nothing new; the server closes us
                 self.reading = False
                 break
+            if fast is not None:  # whole buffered puts, in C; 0: this frame is the Python path's
+                took = put_run(self, fast, FAIR_FRAMES + 1 - n)
+                if took:
+                    n += took - 1
+                    continue
             try:
                 frame = next_frame(reader, Header)  # reader.next()
             except FrameError as e:
@@ -557,6 +569,25 @@ class DataSession:
             self.on_payload = None
         self.close("abort")
         self.wake()
+
+
+# ============================================================ puts in C
+
+def _fast_put_context(s: DataSession) -> tuple | None:
+    """``put_run``'s context (native/frame.c: the C_* order there), or None where a put
+    must take the Python path: the extension is not built, auth is on (the guard's
+    per-namespace scopes), the store has an NVMe tier (a put may demote), or the op
+    table's PUT is not ops._put (marked ``native_put``) with its epoch gate and payload."""
+    op = s.ops.get(OP_PUT)
+    if (_put_run is None or s.guard is not None or s.store.nvme is not None or op is None
+            or not getattr(op[0], "native_put", False) or not op[2] or op[3] != BODY):
+        return None
+    store = s.store
+    ok = encode_response(OP_PUT, 0)
+    return (store.index.get, store.arena.class_by_size, store.arena.view, store.dram.alloc,
+            store.dram.free_slot, store._publish, store.counters, store.limits,
+            _VALID_NAMESPACES, payload_checksum, _now, _BUCKETS, ok[:8], ok[16:],
+            checksum_mismatch, LARGE_PAYLOAD, HEADER_WINDOW, errors.KVStoreError, store._same)
 
 
 # ====================================================== store call completions

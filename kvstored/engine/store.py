@@ -67,6 +67,13 @@ def run_steps(steps: Iterator[None]):
         return done.value
 
 
+def checksum_mismatch() -> ChecksumMismatch:
+    """The error of a put whose bytes do not match its declared checksum (commit,
+    put_bytes, and the data plane's put in C: native/frame.c put_run)."""
+    return ChecksumMismatch("payload checksum does not match the declared checksum; "
+                            "nothing was stored")
+
+
 class DeleteAllResult(NamedTuple):
     deleted: int  # objects removed from the index (unreadable ones included)
     unreadable: int  # keyless objects whose key could not be read: removed, no tombstone
@@ -250,8 +257,7 @@ class Store(RepairHooks):
         if actual != cs:
             self.counters["checksum_failures"] += 1
             self.dram.free_slot(res.offset)
-            raise ChecksumMismatch("payload checksum does not match the declared checksum; "
-                                   "nothing was stored")
+            raise checksum_mismatch()
         return self._publish(res.ns, res.key, res.offset, res.size, cs, res.sc, res.overwrite,
                              res.recommit)
 
@@ -347,8 +353,7 @@ class Store(RepairHooks):
         if payload_checksum(view) != checksum:  # the slot's bytes: what a get will serve
             self.counters["checksum_failures"] += 1
             self.dram.free_slot(off)
-            raise ChecksumMismatch("payload checksum does not match the declared checksum; "
-                                   "nothing was stored")
+            raise checksum_mismatch()
         return self._publish(ns, key, off, size, checksum, sc, overwrite)
 
     def _finish(self, res: Reservation) -> None:
