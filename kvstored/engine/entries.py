@@ -126,6 +126,23 @@ class Reservation:
         self.recommit = True  # a client's write: finding these bytes stored commits them again
 
 
+def _bytes_keys(ns, keys, call: str) -> list:
+    """A batch call's keys as a list (any iterable, as the packed index's PySequence_Fast
+    takes), each checked to be bytes; ns too. TypeError otherwise, with the packed index's
+    words."""
+    if not isinstance(ns, bytes):
+        raise TypeError(f"{call}(ns: bytes, keys: list)")
+    if keys.__class__ is not list and keys.__class__ is not tuple:
+        try:
+            keys = list(keys)  # a str or bytes gives str / int elements: refused below
+        except TypeError:
+            raise TypeError(f"{call}(ns, keys): keys must be a sequence") from None
+    for k in keys:
+        if k.__class__ is not bytes and not isinstance(k, bytes):
+            raise TypeError(f"keys are bytes, not {type(k).__name__}")
+    return keys
+
+
 class _Space:
     """One namespace: its keys, counts, and the one bytes object its entries share as
     ``ns`` (a put decodes a fresh one per request; keeping it per entry cost 48 B)."""
@@ -189,13 +206,20 @@ class Index:
         self.unverified = 0  # entries hidden from clients until verified
 
     # ---------------------------------------------------------------- lookup
+    # Lookups take bytes (subclasses too) and raise TypeError otherwise, as the packed
+    # index does: a str key would only ever miss here, and a read-only memoryview could hit.
     def get(self, ns: bytes, key: bytes) -> Entry | None:
         sp = self._spaces.get(ns)
-        return None if sp is None else sp.keys.get(key)
+        if sp is None or key.__class__ is not bytes or ns.__class__ is not bytes:
+            if not (isinstance(ns, bytes) and isinstance(key, bytes)):
+                raise TypeError("get(ns: bytes, key: bytes)")
+            return None if sp is None else sp.keys.get(key)
+        return sp.keys.get(key)
 
     def present(self, ns: bytes, keys: list) -> list[bool]:
         """For each key: stored and not held back (unverified). The packed index does it
         in C without building entries (Store.exists)."""
+        keys = _bytes_keys(ns, keys, "present")
         keys_of = self._spaces.get(ns)
         if keys_of is None:
             return [False] * len(keys)
@@ -203,10 +227,17 @@ class Index:
         return [e is not None and not e.unverified for e in map(got, keys)]
 
     def prefix(self, ns: bytes, keys: list) -> tuple[int, int]:
-        """How many leading keys are ``present``, and their objects' bytes (Store.lookup)."""
+        """How many leading keys are ``present``, and their objects' bytes (Store.lookup).
+        Keys after the first one missing are not looked at (nor type-checked), as in C."""
+        if not isinstance(ns, bytes):
+            raise TypeError("prefix(ns: bytes, keys: list)")
+        sp = self._spaces.get(ns)
+        got = {}.get if sp is None else sp.keys.get
         n = nbytes = 0
         for k in keys:
-            e = self.get(ns, k)
+            if not isinstance(k, bytes):
+                raise TypeError(f"keys are bytes, not {type(k).__name__}")
+            e = got(k)
             if e is None or e.unverified:
                 break
             n += 1

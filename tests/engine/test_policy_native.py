@@ -304,13 +304,27 @@ def test_present_and_prefix_answer_as_get_does(monkeypatch, kind):
         assert ix.prefix(NS, []) == (0, 0)
         assert s.exists(NS, keys) == [True, False, True, False, False, True]
         assert s.lookup(NS, [b"a", b"c", b"b"]) == 2
-        if kind == "packed":  # typed errors for what the control plane never passes
+        assert ix.present(NS, (b"a", b"zz")) == ix.present(NS, iter([b"a", b"zz"])) == [True, False]
+        # typed errors, the same from both indexes (the dict one said False for a str key)
+        for bad_key in ("a", 1, bytearray(b"a"), memoryview(b"a"), None):
+            with pytest.raises(TypeError, match="keys are bytes"):
+                ix.present(NS, [b"a", bad_key])
+            with pytest.raises(TypeError, match="keys are bytes"):
+                ix.present(b"no-such-ns", [bad_key])
+            with pytest.raises(TypeError, match="keys are bytes"):
+                ix.prefix(NS, [b"a", bad_key])
+            with pytest.raises(TypeError, match=r"get\(ns: bytes, key: bytes\)"):
+                ix.get(NS, bad_key)
+        assert ix.prefix(NS, [b"zz", "after the first miss"]) == (0, 0)  # not looked at
+        with pytest.raises(TypeError, match="keys are bytes, not str"):
+            ix.present(NS, "ab")  # a str is a sequence of str
+        for call in (ix.present, ix.prefix):
+            with pytest.raises(TypeError, match=r"\(ns: bytes, keys: list\)"):
+                call("ns", [b"a"])
             with pytest.raises(TypeError):
-                ix.present(NS, [b"a", "b"])
-            with pytest.raises(TypeError):
-                ix.prefix("ns", [b"a"])
-            with pytest.raises(TypeError):
-                ix.present(NS, None)
+                call(NS, None)
+        with pytest.raises(TypeError, match=r"get\(ns: bytes, key: bytes\)"):
+            ix.get("ns", b"a")
     finally:
         s.close()
 
