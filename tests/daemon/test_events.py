@@ -376,6 +376,102 @@ def test_publisher_never_blocks_past_the_high_water_mark(tmp_path, monkeypatch):
     assert seqs == sorted(seqs) and seqs[-1] == sent - 1 and seqs[-1] - seqs[0] + 1 > len(seqs)
 
 
+def test_a_burst_past_max_subscribers_is_closed_and_the_places_kept():
+    """The real publisher in this process, max_subscribers = 2 and both places taken: a
+    burst of 200 connections. ZMQ accepts them in its own thread before the loop reads
+    the reports (events.py: the limit is on connections kept), so the burst holds
+    descriptors for a moment; then every one is closed and counted, no descriptor is left,
+    the two subscribers keep their stream and a place that frees is taken again."""
+    import asyncio
+    import threading
+    from types import SimpleNamespace
+
+    from kvstored import events
+
+    burst = 200
+
+    def connect_all(port: int, out: list) -> None:
+        for _ in range(burst):
+            try:
+                out.append(socket.create_connection(("127.0.0.1", port), timeout=10))
+            except OSError as e:
+                out.append(e)
+
+    def closed_by_server(conns: list, timeout: float) -> int:
+        """How many of conns the server closes (EOF or reset; past ZMQ's greeting) within
+        timeout."""
+        closed, end = 0, time.monotonic() + timeout
+        for c in conns:
+            c.settimeout(max(0.01, end - time.monotonic()))
+            try:
+                while c.recv(4096):
+                    pass
+                closed += 1
+            except ConnectionResetError:
+                closed += 1
+            except OSError:  # still open at the deadline
+                pass
+        return closed
+
+    async def until(pred, what: str, timeout: float = 30.0) -> None:
+        end = time.monotonic() + timeout
+        while not pred():
+            assert time.monotonic() < end, what
+            await asyncio.sleep(0.01)
+
+    async def run() -> None:
+        pub = events.EventPublisher("tcp://127.0.0.1:0", max_subscribers=2)
+        pub.start()
+        port = int(pub._pub.getsockopt(zmq.LAST_ENDPOINT).decode().rsplit(":", 1)[1])
+        ctx = zmq.Context()
+        subs = [Sub(ctx, f"tcp://127.0.0.1:{port}") for _ in range(2)]
+        conns: list = []
+        try:
+            await until(lambda: pub.subscribers() == 2, "the two subscribers were not counted")
+            fds = len(os.listdir("/proc/self/fd"))
+            flood = threading.Thread(target=connect_all, args=(port, conns), daemon=True)
+            flood.start()
+            await until(lambda: not flood.is_alive(), "the burst did not finish")
+            socks = [c for c in conns if isinstance(c, socket.socket)]
+            assert len(socks) >= burst // 2, conns[:3]  # the flood got going
+            await until(lambda: pub.counters["subscribers_refused"] >= len(socks),
+                        f"refusals counted: {pub.counters['subscribers_refused']} of {len(socks)}")
+            closed = await asyncio.to_thread(closed_by_server, socks, 20.0)
+            assert closed == len(socks), (closed, len(socks))
+            assert pub.subscribers() == 2
+            for c in socks:
+                c.close()
+            # what the burst cost: no descriptor of the publisher's is left
+            await until(lambda: len(os.listdir("/proc/self/fd")) <= fds,
+                        f"descriptors back to {fds}: {len(os.listdir('/proc/self/fd'))}")
+            # the subscribers kept their stream
+            pub.stored(SimpleNamespace(ns=b"b", key=b"after-burst"))
+            for sub in subs:
+                await asyncio.to_thread(sub.drain_until, lambda sub=sub: any(
+                    e[0] == "BlockStored" for e in sub.events()))
+            # a place that frees is taken by the next subscriber
+            subs.pop().s.close(0)
+            late = Sub(ctx, f"tcp://127.0.0.1:{port}")
+            subs.append(late)
+            end = time.monotonic() + 30
+            while not late.got:  # ZMQ's slow joiner: publish until it is in
+                assert time.monotonic() < end, "the freed place was not taken again"
+                pub.stored(SimpleNamespace(ns=b"b", key=b"late"))
+                await asyncio.sleep(0.02)
+                await asyncio.to_thread(late.drain, 0.02)
+            assert pub.subscribers() == 2
+        finally:
+            for c in conns:
+                if isinstance(c, socket.socket):
+                    c.close()
+            for sub in subs:
+                sub.s.close(0)
+            pub.close()
+            ctx.term()
+
+    asyncio.run(run())
+
+
 def _start(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
