@@ -5,6 +5,7 @@ buffer); a corrupt fragment is rejected, never served; concurrent puts and gets.
 from __future__ import annotations
 
 import os
+import threading
 
 import pytest
 
@@ -69,24 +70,48 @@ def test_gathered_records_are_byte_identical_to_joined_ones(nodes, monkeypatch):
             encode_records(p, v, DEFAULT_MIN_EC_SIZE)
 
 
+def open_pipes() -> int:
+    """How many pipe ends this process has open (Linux)."""
+    n = 0
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            n += os.readlink(f"/proc/self/fd/{fd}").startswith("pipe:")
+        except OSError:
+            pass  # the listing's own descriptor, closed already
+    return n
+
+
 def test_encode_failure_mid_batch_undoes_the_rounds_already_sent(nodes, monkeypatch):
+    """Rounds after the first are encoded on the pool while the calling thread sends the
+    round before (writes._Fanout.encode_ahead): an encoder error there reaches the caller,
+    the rounds already sent are deleted again, and the batch's wake-up pipe is closed."""
     monkeypatch.setattr(cluster_writes, "ENCODE_ROUND_BYTES", MIB)  # one object per round
     real = cluster_writes.encode_hashed
     calls = []
 
     def failing(p, value, min_ec_size):
-        calls.append(len(value))
+        calls.append(threading.get_ident())
         if len(calls) == 3:
             raise RuntimeError("encoder broke")
         return real(p, value, min_ec_size)
     monkeypatch.setattr(cluster_writes, "encode_hashed", failing)
     items = [(f"u-{i}".encode(), os.urandom(MIB)) for i in range(4)]
     with cluster(nodes) as cc:
+        assert cc.batch_put(items[:1], namespace="ec") == [True]  # connections exist
+        cc.delete([items[0][0]], namespace="ec")
+        calls.clear()
+        pipes = open_pipes()
         with pytest.raises(RuntimeError, match="encoder broke"):
             cc.batch_put(items, namespace="ec")
+        assert open_pipes() == pipes
         monkeypatch.setattr(cluster_writes, "encode_hashed", real)
         # the two objects sent before the failure were deleted again
         assert cc.exists([k for k, _ in items], namespace="ec") == [False] * 4
+        assert calls[0] == threading.get_ident() and threading.get_ident() not in calls[1:]
+        # a whole batch in rounds, the encoder back: every object stored and read back
+        assert cc.batch_put(items, namespace="ec") == [True] * 4
+        got = cc.batch_get([k for k, _ in items], namespace="ec")
+        assert [bytes(b) for b in got] == [v for _, v in items]
 
 
 @pytest.mark.parametrize("ns", ["ec", "rep"])

@@ -9,10 +9,12 @@ the encoder returned is never copied behind a header. The encoder also gives eac
 checksum (hashed while the object's fragments are still in cache), which the fanned-out
 path puts in the PUT frame as it is (``TcpChannel.put_frames_hashed``: frame header, names
 and record header packed as one buffer) instead of hashing every record again when it is
-queued. A batch of EC objects is encoded in rounds of about ``ENCODE_ROUND_BYTES``, each
-round's records sent while the next round is encoded (the sockets take what they can
-between rounds). Rounds of 1-2 MiB cost the client and the nodes more CPU per batch
-(more, smaller sends: each wakes the nodes again); 32 MiB about the same as 8 MiB.
+queued. A batch of EC objects is encoded in rounds of about ``ENCODE_ROUND_BYTES``: the
+calling thread encodes the first, then each next round is encoded on the thread pool
+while the calling thread sends the round before (``_Fanout.encode_ahead``; ISA-L and xxh3
+let go of the GIL), so the encoding and the sends overlap on two cores instead of taking
+turns. Rounds of 1-2 MiB cost the client and the nodes more CPU per batch (more, smaller
+sends: each wakes the nodes again); 32 MiB about the same as 8 MiB.
 
 Partial failure: the records this call newly stored are deleted best effort and the
 error is raised; objects are immutable and a repeated put of the same bytes is a no-op,
@@ -24,6 +26,7 @@ decide.py), so repair would delete those too.
 """
 from __future__ import annotations
 
+import os
 import select
 import socket
 import time
@@ -86,6 +89,10 @@ class Writes:
         return [(m, lap_key(fk, lap), (head, body), csum)
                 for (m, lap), (head, body, csum) in zip(sl, encode_hashed(p, value, self.min_ec_size))]
 
+    def _round_writes(self, chunk: list, ns: str, p: Policy) -> list[list[tuple]]:
+        """``_writes`` of each object of one encode round."""
+        return [self._writes(kb, v, ns, p) for kb, v in chunk]
+
     def _batch_put_once(self, items, ns: str, overwrite: bool) -> list[bool]:
         p = self.policy(ns)
         jobs: list[tuple[Member, list]] = []  # one batch_put each; a node has one per round
@@ -97,13 +104,25 @@ class Writes:
             tune_malloc()  # once per process: pyeclib's fragments (layout.tune_malloc)
             per_round = max(1, ENCODE_ROUND_BYTES // max(1, len(items[0][1])))
         fan = _Fanout(self, ns, overwrite) if self.fanout_puts and items else None
+        rounds = [items[s:s + per_round] for s in range(0, len(items), per_round)]
+        # the fanned-out put encodes each EC round after the first on the pool while the
+        # calling thread sends the round before (see the module docstring)
+        ahead_on = fan is not None and p.kind == "ec" and len(rounds) > 1
+        ahead = None  # Future: the next round's records
         try:
-            for s in range(0, len(items), per_round):
+            for r, chunk in enumerate(rounds):
+                if ahead is None:
+                    recs = self._round_writes(chunk, ns, p)
+                else:
+                    fan.pump_until(ahead)
+                    recs, ahead = ahead.result(), None
+                if ahead_on and r + 1 < len(rounds):
+                    ahead = fan.encode_ahead(self._round_writes, rounds[r + 1], ns, p)
                 first_job = len(jobs)
                 at: dict[str, int] = {}
-                for kb, v in items[s:s + per_round]:
+                for writes in recs:
                     where = []
-                    for m, sk, rec, csum in self._writes(kb, v, ns, p):
+                    for m, sk, rec, csum in writes:
                         j = at.get(m.node_id)
                         if j is None:
                             j = at[m.node_id] = len(jobs)
@@ -119,7 +138,7 @@ class Writes:
                              for m, its in jobs[first_job:]]
                 else:
                     futs += [fan.add(m, its, sums[j]) for j, (m, its) in enumerate(jobs[first_job:], first_job)]
-                    fan.pump()  # what the sockets take now; the next round is encoded meanwhile
+                    fan.pump()  # what the sockets take now; then more while the next round is encoded
             if fan is not None:
                 fan.finish()
         except BaseException:
@@ -128,6 +147,9 @@ class Writes:
                 fan.finish()
             self._settle(jobs[:len(futs)], futs, ns, owners, undo=True)
             raise
+        finally:
+            if fan is not None:
+                fan.close(ahead)
         res = self._settle(jobs, futs, ns, owners)
         return [any(res[j][i] for j, i in where) for where in owners]
 
@@ -220,6 +242,7 @@ class _Fanout:
         self.nsb = namespace_bytes(ns)
         self.overwrite = overwrite
         self.nodes: dict[str, _NodeSend] = {}
+        self._wake: tuple[int, int] | None = None  # encode_ahead's pipe (read end, write end)
 
     def add(self, m: Member, items: list, sums: list | None = None) -> Future:
         """Queue one job (a node's records of one round); returns its Future. ``sums``:
@@ -279,6 +302,59 @@ class _Fanout:
         self.w.pooled_put_jobs += 1
         pf = self.w._pool.submit(self.w._put_records, m, items, self.ns, self.overwrite)
         pf.add_done_callback(lambda pf: _copy_outcome(pf, f))
+
+    def encode_ahead(self, fn, *args) -> Future:
+        """``fn(*args)`` (the next round's records) on the pool; its end is written to a
+        pipe (one byte per call, always, before the Future is done) that ``pump_until``
+        waits on beside the sockets."""
+        if self._wake is None:
+            self._wake = os.pipe()
+        wfd = self._wake[1]
+
+        def run():
+            try:
+                return fn(*args)
+            finally:
+                os.write(wfd, b"\0")
+        return self.w._pool.submit(run)
+
+    def pump_until(self, fut: Future) -> None:
+        """Send what the sockets take while ``fut`` (from ``encode_ahead``) runs: ``poll``
+        for room on the sockets with requests queued and for the pipe; returns once the
+        pipe's byte is read (``fut`` is then done) or ``fut`` was cancelled. A socket
+        that takes nothing within the node timeout is left to ``finish``."""
+        rfd = self._wake[0]
+        deadline = time.monotonic() + self.w.node_timeout
+        while True:
+            left = deadline - time.monotonic()
+            waiting = {st.conn.sock.fileno(): st for st in self.nodes.values()
+                       if st.out and st.conn is not None} if left > 0 else {}
+            p = select.poll()
+            p.register(rfd, select.POLLIN)
+            for fd in waiting:
+                p.register(fd, select.POLLOUT)
+            done = False
+            for fd, ev in p.poll(left * 1000 if waiting else 1000):
+                if fd == rfd:
+                    done = True
+                elif ev & (select.POLLERR | select.POLLHUP | select.POLLNVAL):
+                    self._broken(waiting[fd])
+            if done:
+                os.read(rfd, 1)
+                return
+            if fut.cancelled():  # the pool was shut down (the client closed): no byte comes
+                return
+            self.pump()
+
+    def close(self, ahead: Future | None) -> None:
+        """Release the pipe, once no encode submitted here can still write to it."""
+        if self._wake is None:
+            return
+        if ahead is not None and not ahead.cancel():
+            wait([ahead])
+        for fd in self._wake:
+            os.close(fd)
+        self._wake = None
 
     def pump(self) -> None:
         """Send what every socket takes now, without blocking."""
