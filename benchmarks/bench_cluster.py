@@ -254,11 +254,17 @@ def client_cpu_s() -> float:
 
 
 def nodes_cpu_s(pids: list[int]) -> float:
-    """User + system CPU seconds of the processes ``pids`` (clock ticks: 10 ms steps)."""
-    tick, t = os.sysconf("SC_CLK_TCK"), 0.0
+    """CPU seconds the processes ``pids`` have run: /proc/PID/schedstat (nanoseconds), else
+    /proc/PID/stat's user + system clock ticks (10 ms steps)."""
+    t = 0.0
     for pid in pids:
+        try:
+            t += int(Path(f"/proc/{pid}/schedstat").read_text().split()[0]) / 1e9
+            continue
+        except (OSError, ValueError, IndexError):
+            pass
         fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-        t += (int(fields[11]) + int(fields[12])) / tick
+        t += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return t
 
 
@@ -267,7 +273,7 @@ def paired_puts(clients: dict, size: int, count: int, rounds: int, ns: str, node
     same nodes in one process: load that drifts during a run hits every policy alike.
     Per policy: median and best GB/s, the median of the per-turn put-time ratios against
     the first policy, and the CPU seconds per batch of this process (the client) and of
-    the nodes (clock ticks: 10 ms steps)."""
+    the nodes (``nodes_cpu_s``)."""
     import statistics
     payloads = [os.urandom(size) for _ in range(min(count, 8))]
     got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in clients}
@@ -290,7 +296,7 @@ def paired_puts(clients: dict, size: int, count: int, rounds: int, ns: str, node
                     "put_GBps_best": round(rate(n, min(x[0] for x in v)), 2),
                     "speed_vs_first": round(statistics.median(b[0] / x[0] for b, x in zip(base, v)), 2),
                     "client_cpu_ms": round(statistics.median(x[1] for x in v) * 1e3, 1),
-                    "nodes_cpu_ms": round(statistics.median(x[2] for x in v) * 1e3)})
+                    "nodes_cpu_ms": round(statistics.median(x[2] for x in v) * 1e3, 1)})
     return out
 
 
@@ -337,7 +343,7 @@ def paired_gets(clients: dict, size: int, count: int, rounds: int, ns: str, node
                "GBps_best": round(rate(n, min(x[0] for x in v)), 2),
                "speed_vs_first": round(statistics.median(b[0] / x[0] for b, x in zip(base, v)), 2),
                "client_cpu_ms": round(statistics.median(x[1] for x in v) * 1e3, 1),
-               "nodes_cpu_ms": round(statistics.median(x[2] for x in v) * 1e3)}
+               "nodes_cpu_ms": round(statistics.median(x[2] for x in v) * 1e3, 1)}
         pool = got.get((f"{name} pool", call))
         if pool:  # the same policy on the thread-pool path, turn by turn
             row["speed_vs_pool"] = round(statistics.median(q[0] / x[0] for q, x in zip(pool, v)), 2)
@@ -433,7 +439,8 @@ def main(argv=None) -> int:
     cc_algo = Path("/proc/sys/net/ipv4/tcp_congestion_control").read_text().strip()
     results = {"congestion_control": cc_algo, "transport": "shm" if args.shm else "tcp",
                "batch_bytes": args.objects * MIB, "rounds": args.rounds, "cpus": os.cpu_count(),
-               "rows": [], "codec": [], "paired": [], "paired_gets": [], "latency": []}
+               "rows": [], "codec": [], "paired": [], "paired_gets": [], "latency": [],
+               "load_start": os.getloadavg()[0]}  # other work on shared cores moves every figure
     n_paired = max(node_counts, default=0)
     shm = None if args.shm else False
     t_start = time.perf_counter()
@@ -507,6 +514,7 @@ def main(argv=None) -> int:
         still = [d.proc.pid for d in daemons if d.alive()]
         assert not still, f"kvstored processes still running: {still}"
     t_cluster = time.perf_counter() - t_start
+    results["load_end"] = os.getloadavg()[0]
 
     from kvstore import layout
     # what ClusterClient's first EC put did (again here for --codec-only); True if it set any
@@ -522,7 +530,8 @@ def main(argv=None) -> int:
 
     print(f"# ClusterClient, {results['transport']}, {cc_algo}, {os.cpu_count()} cpus, batches of "
           f"{size_name(args.objects * MIB)} (objects x size), best of {args.rounds}; "
-          f"malloc thresholds: {results['malloc']}; cluster part {t_cluster:.0f} s\n")
+          f"malloc thresholds: {results['malloc']}; cluster part {t_cluster:.0f} s, load average "
+          f"{results['load_start']:.1f} -> {results['load_end']:.1f}\n")
     if results["rows"]:
         print("| nodes | policy | size | objects/batch | put GB/s | get GB/s | get_into GB/s | note |")
         print("|---|---|---|---:|---:|---:|---:|---|")
@@ -574,9 +583,42 @@ def main(argv=None) -> int:
         for r in results["codec"]:
             print(f"| {r['codec']} | {r['size']} | {r['op']} | {r['raw_GBps']:.2f} | {r['raw_us']} | "
                   f"{r['client_path']} | {r['client_GBps']:.2f} | {r['client_us']} | {r['client_over_raw']:.2f}x |")
+    results["floors"] = ec_floors(results)
+    if results["floors"]:
+        print("\n# ec put CPU per batch against its floor (paired turns): the client's `none` CPU x "
+              "(K+M)/K (the same TCP path, (K+M)/K the bytes) plus the batch's objects encoded at raw "
+              "pyeclib speed (codec table, this run); the nodes' `none` CPU x (K+M)/K\n")
+        print("| size | policy | client CPU ms | client floor | nodes CPU ms | nodes floor |")
+        print("|---|---|---:|---:|---:|---:|")
+        for r in results["floors"]:
+            print(f"| {r['size']} | {r['policy']} | {r['client_cpu_ms']} | {r['client_floor_ms']} | "
+                  f"{r['nodes_cpu_ms']} | {r['nodes_floor_ms']} |")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 0
+
+
+def ec_floors(results: dict) -> list[dict]:
+    """Per paired EC put row: its client and nodes CPU per batch beside what moving (K+M)/K
+    the bytes of a `none` put costs plus encoding at raw pyeclib speed (see main)."""
+    from kvstore.layout import Policy
+    plain = {r["size"]: r for r in results["paired"] if r["policy"] == "none"}
+    raw: dict[str, int] = {}
+    for r in results["codec"]:
+        if r["op"] == "encode":
+            raw.setdefault(r["size"], r["raw_us"])  # the first raw encode row of the size
+    out = []
+    for r in results["paired"]:
+        if not r["policy"].startswith("ec:") or r["size"] not in plain or r["size"] not in raw:
+            continue
+        p = Policy.parse(r["policy"])
+        grow = p.n / p.k
+        base = plain[r["size"]]
+        client_floor = base["client_cpu_ms"] * grow + r["objects"] * raw[r["size"]] / 1e3
+        out.append({"size": r["size"], "policy": r["policy"], "client_cpu_ms": r["client_cpu_ms"],
+                    "client_floor_ms": round(client_floor, 1), "nodes_cpu_ms": r["nodes_cpu_ms"],
+                    "nodes_floor_ms": round(base["nodes_cpu_ms"] * grow, 1)})
+    return out
 
 
 if __name__ == "__main__":
