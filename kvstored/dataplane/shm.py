@@ -145,10 +145,16 @@ class ShmServer:
         socket.send_fds(conn, [hello], [self.ds.store.arena.fd])  # tiny: never blocks
         counters["shm_connections_total"] += 1
         loop = asyncio.get_running_loop()
-        await loop.create_unix_connection(
+        transport, _ = await loop.create_unix_connection(
             lambda: DataConnection(self.ds, ops=SHM_OPS, ext=ShmState(self),
                                    peer=f"shm:pid={pid},uid={uid}", client=f"uid:{uid}"),
             sock=conn)
+        if transport.is_closing() and type(transport).__module__.startswith("uvloop"):
+            # refused in connection_made (too many connections): uvloop closed the fd then
+            # but attaches ``conn`` to the transport only afterwards, so nothing detaches it,
+            # and its finalizer closed the fd number again when the GC got to it, by then
+            # another socket's (a gRPC call's: "Stream removed"). The fd is closed: let go.
+            conn.detach()
 
     def expire_leases(self) -> int:
         """Release leases past their TTL (a client that forgot, or hangs)."""
