@@ -347,8 +347,6 @@ class RepairAgent:
         with self._lock:
             self._rate_marks = [(self._pass_t0, self.st["bytes_written"])]
         self.st.update(state="scanning", scanned=0, total=0)
-        log.info("repair pass", extra={"full": full, "members": len(members),
-                                       "epoch": f"{m.epoch:08x}"})
         pending = selected = total = 0
         unfinished: set[tuple[bytes, bytes]] = set()
         young_keys: set[tuple[bytes, bytes]] = set()
@@ -397,6 +395,9 @@ class RepairAgent:
                         self.st["total"] = max(total, round(total / share) if share else 0)
                         steps.add("select", time.thread_time() - c0, time.perf_counter() - w0)
                     continue
+                if not self.st["scanned"] and inflight is None:  # the first batch
+                    log.info("repair pass", extra={"full": full, "members": len(members),
+                                                   "epoch": f"{m.epoch:08x}"})
                 batch, buf = buf[:BATCH], buf[BATCH:]
                 self.pace.step()  # (the previous batch's last writes, this pass's select)
                 steps.timed("own_heads", self._read_my_heads, batch)
