@@ -37,11 +37,13 @@ client's cores, so this measures the client and the codec, not a network.
 policy in alternation (CPU per batch of the client and the nodes); ``--pool-too`` adds
 clients with ``fanout_puts=False, fanout_gets=False`` (each node's part on a pool thread)
 to the same turns, and a "vs pool" column of per-turn time ratios for the gets;
+``--compare-writes TREE`` adds each EC policy through TREE's batch put (a worktree of the
+commit before: a client-side change measured in the same turns, on the same nodes);
 ``--latency TURNS`` times get_into of a single object the same way (a block read's latency).
 
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
         [--nodes 3,5] [--sizes 1MiB,4MiB] [--policies none,replicas:2,ec:4+2] [--shm]
-        [--codec-only] [--paired TURNS [--pool-too] [--latency TURNS]]
+        [--codec-only] [--paired TURNS [--pool-too] [--compare-writes TREE] [--latency TURNS]]
         [--json out.json]
 """
 from __future__ import annotations
@@ -382,6 +384,17 @@ def paired_latency(clients: dict, size: int, turns: int, ns: str) -> list[dict]:
     return out
 
 
+def client_with_writes_of(tree: Path, cls):
+    """A ClusterClient subclass whose batch put is ``tree``'s (its writes.py loaded as a
+    module of this kvstore package, so it runs with this tree's channels and layout)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(
+        "kvstore.cluster._compared_writes", tree / "client" / "kvstore" / "cluster" / "writes.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return type("ComparedWrites", (cls,), {"_batch_put_once": mod.Writes._batch_put_once})
+
+
 def run_row(make_client, size: int, count: int, rounds: int, ns: str) -> dict:
     from kvstore import errors
     try:
@@ -411,6 +424,11 @@ def main(argv=None) -> int:
                     help="paired turns also with fanout_puts=False and fanout_gets=False (each "
                          "node's part on a pool thread, the paths before the fanned-out put and "
                          "get), rows '<policy> pool'")
+    ap.add_argument("--compare-writes", metavar="TREE",
+                    help="with --paired: also each EC policy through a client whose batch put "
+                         "(Writes._batch_put_once and what it calls in its module) is TREE's "
+                         "client/kvstore/cluster/writes.py, e.g. a worktree of the commit before: "
+                         "rows '<policy> (TREE)', the two put paths in the same turns")
     ap.add_argument("--latency", type=int, default=0, metavar="TURNS",
                     help="with --paired: also get_into of one object per call, every client in "
                          "alternation, this many turns (median latency; vs pool with --pool-too)")
@@ -485,6 +503,10 @@ def main(argv=None) -> int:
                             clients.update({f"{p} pool": stack.enter_context(ClusterClient(
                                 addrs[:n_paired], policy=p, shm=shm, fanout_puts=False, fanout_gets=False))
                                 for p in policies})
+                        if args.compare_writes:
+                            other = client_with_writes_of(Path(args.compare_writes), ClusterClient)
+                            clients.update({f"{p} ({args.compare_writes})": stack.enter_context(
+                                other(addrs[:n_paired], policy=p, shm=shm)) for p in policies if p.kind == "ec"})
                         pids = [d.proc.pid for d in daemons[:n_paired]]
                         for row in paired_puts(clients, size, count, args.paired, f"pp{n_paired}", pids):
                             row["nodes"] = n_paired
@@ -611,7 +633,7 @@ def ec_floors(results: dict) -> list[dict]:
     for r in results["paired"]:
         if not r["policy"].startswith("ec:") or r["size"] not in plain or r["size"] not in raw:
             continue
-        p = Policy.parse(r["policy"])
+        p = Policy.parse(r["policy"].split(" ")[0])  # "ec:4+2 pool", "ec:4+2 (TREE)" too
         grow = p.n / p.k
         base = plain[r["size"]]
         client_floor = base["client_cpu_ms"] * grow + r["objects"] * raw[r["size"]] / 1e3
