@@ -271,16 +271,19 @@ def nodes_cpu_s(pids: list[int]) -> float:
 
 
 def paired_puts(clients: dict, size: int, count: int, rounds: int, ns: str, node_pids: list[int]) -> list[dict]:
-    """batch_put of every policy in turn, ``rounds`` times (after one warm-up turn), on the
-    same nodes in one process: load that drifts during a run hits every policy alike.
+    """batch_put of every policy in turn, ``rounds`` times (after one warm-up turn; the
+    order rotated every turn), on the same nodes in one process: load that drifts during
+    a run hits every policy alike.
     Per policy: median and best GB/s, the median of the per-turn put-time ratios against
     the first policy, and the CPU seconds per batch of this process (the client) and of
     the nodes (``nodes_cpu_s``)."""
     import statistics
     payloads = [os.urandom(size) for _ in range(min(count, 8))]
     got: dict[str, list[tuple[float, float, float]]] = {name: [] for name in clients}
+    names = list(clients)
     for r in range(rounds + 1):
-        for name, cc in clients.items():
+        for name in names[r % len(names):] + names[:r % len(names)]:  # each first in turn
+            cc = clients[name]
             items = [(f"p{size}-r{r}-{name}-o{i}".encode(), payloads[i % len(payloads)]) for i in range(count)]
             c0, d0, t0 = client_cpu_s(), nodes_cpu_s(node_pids), time.perf_counter()
             stored = cc.batch_put(items, namespace=ns)
