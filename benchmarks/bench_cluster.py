@@ -38,7 +38,8 @@ policy in alternation (CPU per batch of the client and the nodes); ``--pool-too`
 clients with ``fanout_puts=False, fanout_gets=False`` (each node's part on a pool thread)
 to the same turns, and a "vs pool" column of per-turn time ratios for the gets;
 ``--compare-writes TREE`` adds each EC policy through TREE's batch put (a worktree of the
-commit before: a client-side change measured in the same turns, on the same nodes);
+commit before: a client-side change measured in the same turns, on the same nodes); a
+last table sets each paired EC put's CPU beside its floor (``ec_floors``);
 ``--latency TURNS`` times get_into of a single object the same way (a block read's latency).
 
     PYTHONPATH=client:. python benchmarks/bench_cluster.py [--objects 64] [--rounds 3]
