@@ -161,7 +161,7 @@ static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_no_wait_until, *s_s
     *s_queued_frames, *s_flushed_at, *s_out, *s_reserved, *s_client, *s_max_reserved_bytes,
     *s_max_queued_bytes, *s_max_queued_frames, *s_burst, *s_cap, *s_held, *s_max_value_size,
     *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_deadline, *s_reader,
-    *s_budget, *s_clients, *s_gate, *s_put_latency, *zero_float;
+    *s_budget, *s_clients, *s_gate, *s_put_latency, *zero_float, *kw_recommit;
 
 /* o.<name> as a long long (-1 with an error set on failure) */
 static long long get_ll(PyObject *o, PyObject *name) {
@@ -415,8 +415,10 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         if (!old) { go = -1; goto put_end; }
         if (old != Py_None) {  /* stored already: these bytes (Store._same) or a conflict */
             PyObject *cs = PyLong_FromUnsignedLongLong(csum);
+            /* (recommit by name: a client's put; a change of _same's parameters fails
+               loudly here rather than passing a flag where another argument now is) */
             PyObject *sa[4] = {old, sz, cs, Py_True};
-            PyObject *same = cs ? PyObject_Vectorcall(CX(C_SAME), sa, 4, NULL) : NULL;
+            PyObject *same = cs ? PyObject_Vectorcall(CX(C_SAME), sa, 3, kw_recommit) : NULL;
             Py_DECREF(old);
             Py_XDECREF(cs);
             if (!same) { go = -1; goto put_end; }
@@ -479,8 +481,8 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
             go = err ? 0 : -1;
             goto put_end;
         }
-        PyObject *pa[7] = {ns, key, off, sz, got, sc, overwrite ? Py_True : Py_False};
-        PyObject *stored = PyObject_Vectorcall(CX(C_PUBLISH), pa, 7, NULL);
+        PyObject *pa[8] = {ns, key, off, sz, got, sc, overwrite ? Py_True : Py_False, Py_True};
+        PyObject *stored = PyObject_Vectorcall(CX(C_PUBLISH), pa, 7, kw_recommit);
         Py_DECREF(sc);
         if (!stored) {  /* a typed error (the index full) is answered; the slot is freed */
             if (PyErr_ExceptionMatches(CX(C_ERROR))) {
@@ -587,5 +589,6 @@ PyMODINIT_FUNC PyInit__frame(void) {
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (!(*names[i].p = PyUnicode_InternFromString(names[i].name))) return NULL;
+    if (!(kw_recommit = Py_BuildValue("(s)", "recommit"))) return NULL;
     return PyModule_Create(&moddef);
 }
