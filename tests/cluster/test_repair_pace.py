@@ -307,7 +307,7 @@ def test_a_repair_request_waits_behind_clients_and_keeps_its_connections_order()
         waiting = [True]
         plane, q = _queue(waiting)
         await _stored(plane)
-        q.next_turn = time.monotonic() + 0.2  # a turn was just taken
+        q.next_turn = time.monotonic() + 3600  # a turn was just taken (the next: below)
         peer, client = Conn(plane, "peer"), Conn(plane, "client")
         peer.send(_get(1, FLAG_REPAIR) + _get(2) + encode_request(OP_PING, 3, b"", b""))
         assert peer.got == [] and len(q.held) == 1 and not peer.s.reading
@@ -315,6 +315,7 @@ def test_a_repair_request_waits_behind_clients_and_keeps_its_connections_order()
         client.send(_get(7))
         (h, v), = await client.answers(1)
         assert h.req_id == 7 and v == VALUE
+        q.next_turn = time.monotonic()  # the next turn is now
         got = await peer.answers(3)
         assert [h.req_id for h, _ in got] == [1, 2, 3] and got[0][1] == got[1][1] == VALUE
         assert order == [("client", 7), ("peer", 1), ("peer", 2), ("peer", 3)]
@@ -346,11 +347,12 @@ def test_held_repair_requests_start_oldest_first_one_per_turn_or_all_once_client
         waiting = [True]
         plane, q = _queue(waiting)
         await _stored(plane)
-        q.next_turn = time.monotonic() + 0.05
+        q.next_turn = time.monotonic() + 3600
         peers = [Conn(plane, f"p{i}") for i in range(3)]
         for i, p in enumerate(peers):
             p.send(_get(i, FLAG_REPAIR))
         assert len(q.held) == 3 and not any(p.got for p in peers)
+        q.next_turn = time.monotonic()  # turns from now on
         for p in peers:
             await p.answers(1)
         assert order == [("p0", 0), ("p1", 1), ("p2", 2)]
@@ -374,7 +376,7 @@ def test_held_repair_requests_malformed_disconnected_draining_and_off():
     async def main():
         plane, q = _queue([True])
         await _stored(plane)
-        q.next_turn = time.monotonic() + 0.05
+        q.next_turn = time.monotonic() + 3600  # no turn: each starts by its deadline
         bad = Conn(plane, "bad")
         bad.send(encode_request(OP_PUT, 1, NS, b"x", 10, 0, flags=FLAG_REPAIR | 0x100) + b"0123456789"
                  + encode_request(OP_PING, 2, b"", b""))
@@ -391,7 +393,6 @@ def test_held_repair_requests_malformed_disconnected_draining_and_off():
         assert h.status == errors.Redirect.code
         plane.gate.epoch = 0
 
-        q.next_turn = time.monotonic() + 3600
         gone = Conn(plane, "gone")
         gone.send(_get(1, FLAG_REPAIR))
         assert q.held
