@@ -121,6 +121,11 @@ class RepairWalk:
         self.expected = max(1, len(store.index))  # entries when it began (progress)
         self.taken = 0  # rows given so far
         self.phase = HELD if store.index.unverified else HOT
+        self._held_old = 0  # entries committed before the walk began that HELD took
+        # every entry that was in the index when the walk began is taken (everything
+        # was held: a restart, a drop from the cluster): a later phase looks only at
+        # entries committed since, at one attribute read each
+        self._only_new = False
         self._chunks = None  # the current phase's walk
         packed = store.index.kind == "packed"
         self._bits = bytearray() if packed else None  # record number -> taken
@@ -131,15 +136,6 @@ class RepairWalk:
         """The share of the walk done (rows given / entries when it began), below 1
         until it is done."""
         return 1.0 if self.phase > REST else min(0.99, self.taken / self.expected)
-
-    def _is_taken(self, e: "Entry") -> bool:
-        if e.committed_at > self.started:
-            return False
-        if self._bits is None:
-            return id(e) in self._ids
-        r = e.record
-        bits = self._bits
-        return r is not None and (r >> 3) < len(bits) and bool(bits[r >> 3] & (1 << (r & 7)))
 
     def _take(self, e: "Entry") -> None:
         if self._bits is None:
@@ -163,6 +159,8 @@ class RepairWalk:
             chunk = next(self._chunks, None)
             if chunk is None:
                 self._chunks = None
+                if self.phase == HELD and self._held_old >= self.expected:
+                    self._only_new = True
                 self.phase += 1
                 continue
             walked += len(chunk)
@@ -172,32 +170,71 @@ class RepairWalk:
         return None if not rows and self.phase > REST else rows
 
     async def _rows_of(self, chunk: list, rows: list) -> None:
-        phase, now = self.phase, self._s.clock()
-        picked = []
+        # one loop over the chunk, the checks inlined: ~1 us per entry taken, ~0.2 per
+        # entry left to another phase (a pass walks the index once per phase)
+        phase, now, started = self.phase, self._s.clock(), self.started
+        bits, ids = self._bits, self._ids
+        mark = phase < REST  # the last phase's entries need no mark (only its siblings)
+        only_new = self._only_new
+        keyless = []
+        first = len(rows)
         for e in chunk:
+            if only_new and e.committed_at <= started:
+                continue
             if e.state == DEAD:  # deleted since the walk listed it (dict index)
                 continue
-            if e.unverified:
+            held, pinned, protected = e.unverified, e.pinned(now), e.seg == PROTECTED
+            if held:
                 b = HELD
-            elif e.seg == PROTECTED or e.pinned(now):
+            elif pinned or protected:
                 b = HOT
             else:
                 b = READ if e.reads else REST
-            if b <= phase and not self._is_taken(e):
-                self._take(e)
-                picked.append(e)
-        keys = await self._s._keys_of(picked)  # keyless entries' keys: from NVMe in bulk
-        now = self._s.clock()
-        index, siblings = self._s.index, self._siblings
-        for e, key in zip(picked, keys):
-            if key is None or e.state == DEAD:  # unreadable, or deleted during the read
-                continue
-            rows.append(_row(e, key, now))
-            if siblings is None:
-                continue
-            for k in siblings(e.ns, key, e.unverified):
-                s = index.get(e.ns, k)
-                if s is not None and s is not e and s.state != DEAD:
+            if b > phase:
+                continue  # a later phase's
+            if e.committed_at <= started:  # else put since the walk began: not taken yet
+                if bits is None:
+                    if id(e) in ids:
+                        continue
+                else:
+                    r = e.record
+                    if r is None or ((r >> 3) < len(bits) and bits[r >> 3] >> (r & 7) & 1):
+                        continue
+            if mark:
+                if bits is None:
+                    ids.add(id(e))
+                else:
+                    r = e.record
+                    if (r >> 3) >= len(bits):
+                        self._take(e)  # (grows the bitmap)
+                    else:
+                        bits[r >> 3] |= 1 << (r & 7)
+                if b == HELD and e.committed_at <= started:
+                    self._held_old += 1
+            if e.key_in_ram:
+                rows.append((e.ns, e.key, e.size, e.checksum, held, pinned, protected, e.reads,
+                             e.committed_at))
+            elif e.nvme is not None:
+                keyless.append(e)
+        if keyless:  # their keys from NVMe in bulk; one that cannot be read is left out
+            now = self._s.clock()
+            for e, key in zip(keyless, await self._s._keys_of(keyless)):
+                if key is not None and e.state != DEAD:  # (deleted during the read)
+                    rows.append(_row(e, key, now))
+        if self._siblings is not None:
+            self._add_siblings(rows, first)
+
+    def _add_siblings(self, rows: list, first: int) -> None:
+        """After each of ``rows[first:]``, its siblings that are in the index (marked
+        taken)."""
+        index, siblings, now = self._s.index, self._siblings, self._s.clock()
+        mine = rows[first:]
+        del rows[first:]
+        for r in mine:
+            rows.append(r)
+            for k in siblings(r[0], r[1], r[4]):
+                s = index.get(r[0], k)
+                if s is not None and s.state != DEAD and k != r[1]:
                     self._take(s)
                     rows.append(_row(s, k, now))
 

@@ -177,3 +177,19 @@ def test_a_pass_verifies_held_records_first_and_reports_its_progress(on_loop, mo
             assert s["state"] == "scanning" and 150 <= s["total"] <= 600, s
     finally:
         a.stop()
+
+
+def test_when_everything_was_held_later_phases_give_what_was_put_since(on_loop):
+    """A restart or a drop holds every record: the held phase takes them all, and the
+    later phases give only the objects put since the walk began (held or not)."""
+    store, loop, local = on_loop
+    keys = [b"k%03d" % i for i in range(100)]
+    fill(store, loop, keys)
+    on(loop, lambda: store.hold_all())
+    walk = local.walk()
+    seen = [r[1] for r in next(walk)[0]]
+    new = [b"new%02d" % i for i in range(6)]
+    fill(store, loop, new)  # verified (a client's put), ahead of the walk or not
+    seen += [r[1] for rows, _share in walk for r in rows]
+    assert sorted(seen) == sorted(keys + new)
+    assert set(seen[-6:]) == set(new)  # after every held one

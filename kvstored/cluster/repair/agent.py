@@ -333,7 +333,8 @@ class RepairAgent:
         # a record younger than this may belong to a put still in flight (its other
         # records not written yet): leave it to a later pass. Not counted as pending: a
         # node taking writes always has young records, and a finished put is complete.
-        young = time.time() - max(YOUNG_S, self.delay)
+        begun = time.time()
+        young = begun - max(YOUNG_S, self.delay)
         full = self._full_due(m)
         # id(obj) -> the policy its slots were computed for (by _affected), for the
         # objects selected and not yet done (pruned per batch: ids are reused)
@@ -383,8 +384,8 @@ class RepairAgent:
                     else:
                         c0, w0 = time.thread_time(), time.perf_counter()
                         rows, share = got
-                        objs = group(self._old_rows(rows, young, changed, carried, unfinished,
-                                                    young_keys), policies, m.draining)
+                        objs = group(self._old_rows(rows, young, begun, changed, carried,
+                                                    unfinished, young_keys), policies, m.draining)
                         total += len(objs)
                         if not full:
                             objs = self._affected(objs, members)
@@ -439,17 +440,22 @@ class RepairAgent:
         self._pending_keys = unfinished if len(unfinished) <= MAX_PENDING_KEYS else None
         return pending, selected
 
-    def _old_rows(self, rows: list, young: float, changed: bool, carried: set,
+    def _old_rows(self, rows: list, young: float, begun: float, changed: bool, carried: set,
                   unfinished: set, young_keys: set) -> list:
         """The rows committed before ``young``. The others are left to a later pass;
         those written around a membership change (or carried over as such) are looked at
-        again once they are old enough (added to ``unfinished`` and ``young_keys``)."""
+        again once they are old enough (added to ``unfinished`` and ``young_keys``). Not
+        those committed after the pass began (``begun``, wall clock), which the walk
+        meets too: written with this member list (a client on an older one is
+        redirected), many by this pass's own writes, they would only hold a pass due."""
         old = []
         for r in rows:
             if r[8] <= young:
                 old.append(r)
                 continue
             self._skipped_young += 1
+            if r[8] > begun:
+                continue
             split = split_lap(r[1])
             key = (r[0], split[0] if split else r[1])
             if changed or key in carried:
@@ -621,12 +627,17 @@ def siblings_of(policies: dict, n_members: int):
     time), and they bring it along when the walk reaches them (the object is then looked
     at twice in that pass, which is harmless). Lap keys go up to the policy's K+M, or
     to MAX_LAPS for a namespace without one. Runs on the event loop, per row."""
+    kinds: dict[bytes, Policy | None | bool] = {}  # ns -> its policy; False: not EC
+
     def siblings(ns: bytes, key: bytes, unverified: bool):
+        p = kinds.get(ns, True)
+        if p is True:
+            p = policies.get(ns.decode(errors="replace")) or policies.get("*")
+            p = kinds[ns] = False if p is not None and p.kind != "ec" else p
+        if p is False:
+            return ()
         split = split_lap(key)
         if split is None:
-            return ()
-        p = policies.get(ns.decode(errors="replace")) or policies.get("*")
-        if p is not None and p.kind != "ec":
             return ()
         base, lap = split
         n = p.n if p is not None else MAX_LAPS
