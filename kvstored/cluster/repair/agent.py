@@ -77,9 +77,11 @@ class RepairSettings:
     """The config values the agent uses."""
 
     def __init__(self, delay: float, interval: float, rate: int, token: str | None = None,
-                 tls=None, yield_lag: float = 0.0, min_pace: float = 1.0):
+                 tls=None, yield_lag: float = 0.0, min_pace: float = 1.0,
+                 hold_requests: bool = False):
         self.delay, self.interval, self.rate, self.token, self.tls = delay, interval, rate, token, tls
         self.yield_lag, self.min_pace = yield_lag, min_pace  # pace.py
+        self.hold_requests = hold_requests  # pace.py: peers' repair requests wait their turn here
 
     @classmethod
     def from_config(cls, c) -> "RepairSettings":
@@ -90,7 +92,7 @@ class RepairSettings:
                             key_file=c.tls_key_file)
         return cls(c.cluster_repair_delay, c.cluster_repair_interval, c.cluster_repair_rate,
                    c.cluster_token or None, tls, c.cluster_repair_yield_lag,
-                   c.cluster_repair_min_pace)
+                   c.cluster_repair_min_pace, c.cluster_repair_hold_requests)
 
 
 class RepairAgent:
@@ -111,6 +113,7 @@ class RepairAgent:
         self.throttle = Throttle(settings.rate)
         # its work: the thread's CPU and its hops onto the event loop (LocalStore)
         self.pace = Pace(settings.yield_lag, settings.min_pace, load,
+                         hold_requests=settings.hold_requests,
                          work=lambda: time.thread_time() + getattr(store, "hop_s", 0.0))
         self.peers = PeerIO(settings.token, settings.tls, self._count)
         self.steps = Steps()  # where the current (or last) pass spends its time
@@ -665,4 +668,4 @@ def group(rows, policies: dict, draining: bool) -> list[Obj]:
         elif p is not None and p.kind != "ec" or (p is None and draining):
             o = objs[(ns, key)] = Obj(ns, key, p or Policy("none", 1), False)
             o.mine[0] = Local(key, size, csum, unverified, b"", at)
-    return list(objs.values())  # dict order keeps the snapshot's repair order
+    return list(objs.values())  # dict order keeps the walk's repair order
