@@ -372,6 +372,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("cluster", "repair_min_pace", FLOAT, 0.5,
        "the least share of its time repair works while yielding (its floor)",
        check=_within(0.05, 1, "of its time")),
+    # off by default: measured at load 2-37 it made repair with a reader ~1.5x as long for
+    # no clear gain in the reader's p99 (benchmarks/RESULTS.md, session 15)
+    _s("cluster", "repair_hold_requests", BOOL, False,
+       "while clients wait, peers' repair requests here start one per 5 ms (each waits <= 0.25 s)"),
     _s("cluster", "delete_horizon", FLOAT, 86400.0,
        "seconds a node remembers the keys deleted on it (kvstored/engine/fence.py)",
        check=_within(60, 30 * 86400, "seconds")),

@@ -457,7 +457,7 @@ def test_repair_waits_for_a_nodes_clients_and_still_finishes(etcd, start_daemon,
     from kvstore.cluster import ClusterClient
     from kvstore.layout import Policy
 
-    extra = "repair_yield_lag = 0.000001\nrepair_min_pace = 0.2\n"
+    extra = "repair_yield_lag = 0.000001\nrepair_min_pace = 0.2\nrepair_hold_requests = true\n"
     ds = start_daemon.many(*((*node_config(tmp_path, etcd, f"n{i}", "rp", {"ec": "ec:3+2"},
                                            repair_interval=30, cluster_extra=extra),
                               "--dram-size", "128MiB") for i in range(5)))

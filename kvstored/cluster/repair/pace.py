@@ -106,11 +106,12 @@ class Pace:
     def __init__(self, yield_lag: float, min_pace: float, load: NodeLoad | None = None,
                  clock: Callable[[], float] = time.monotonic,
                  sleep: Callable[[float], None] = time.sleep,
-                 work: Callable[[], float] | None = None):
+                 work: Callable[[], float] | None = None, hold_requests: bool = False):
         """``yield_lag``: the loop lag (seconds) over which waiting clients make repair
         yield (0: never); ``min_pace``: the floor; ``load``: the node's NodeLoad (None:
         never yields, a node without one); ``work``: the calling thread's work so far in
-        seconds (None: ``clock``, all the time between steps counts)."""
+        seconds (None: ``clock``, all the time between steps counts); ``hold_requests``
+        (cluster.repair_hold_requests): the same rule holds peers' repair requests here."""
         if not 0.0 <= yield_lag:
             raise ValueError(f"repair yield lag must be >= 0, not {yield_lag!r}")
         if not MIN_PACE <= min_pace <= 1.0:
@@ -124,7 +125,7 @@ class Pace:
         self._lock = threading.Lock()  # write calls to several peers may step at once
         self._mine = threading.local()  # per thread: its work clock when its last step ended
         self._stepped = clock()
-        if self.on and isinstance(load, NodeLoad):  # the same rule holds peers' repair here
+        if hold_requests and self.on and isinstance(load, NodeLoad):
             load.hold_repair_requests(self.waiting)
 
     def begin(self) -> None:
