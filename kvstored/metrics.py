@@ -261,7 +261,7 @@ class NodeCollector(Collector):
                        counters.get("put_waits_ended_by_disconnect", 0))
         yield _counter("kvstored_repair_requests_held", "Peers' repair reads and writes "
                        "(wire.FLAG_REPAIR) that waited their turn behind this node's clients "
-                       "(kvstored/dataplane/policy.py RepairQueue).",
+                       "(kvstored/dataplane/plane.py RepairQueue).",
                        counters.get("repair_requests_held", 0))
         yield _counter("kvstored_repair_held_seconds", "Seconds peers' repair requests waited "
                        "behind this node's clients, in all.", counters.get("repair_held_us", 0) / 1e6)

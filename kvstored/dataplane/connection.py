@@ -28,7 +28,8 @@ from typing import TYPE_CHECKING
 from kvstore import errors
 from kvstore.wire import OP_PING, encode_error
 
-from .policy import DataLimits, repair_admitted
+from .plane import repair_admitted
+from .policy import DataLimits
 from .session import DataSession, OpTable
 
 if TYPE_CHECKING:
@@ -216,7 +217,7 @@ class DataConnection(asyncio.BufferedProtocol):
         s = self.session
         for call in s.connection_lost():  # a put waiting for space (TLS notices the close
             # itself; plain TCP and shm by _poll_hangup): the wait ends, nothing reserved;
-            # or a peer's repair request waiting for its turn (policy.RepairQueue)
+            # or a peer's repair request waiting for its turn (plane.RepairQueue)
             if call.then is not repair_admitted:
                 srv.counters["put_waits_ended_by_disconnect"] += 1
                 log.info("connection closed while its put waited for space: wait ended",

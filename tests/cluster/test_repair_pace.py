@@ -1,5 +1,5 @@
 """Repair yields to the node's clients while they wait (kvstored/cluster/repair/pace.py),
-and peers' repair requests wait their turn behind them (kvstored/dataplane/policy.py
+and peers' repair requests wait their turn behind them (kvstored/dataplane/plane.py
 RepairQueue).
 
 The pace rule on a scripted clock and load; the data plane's repair queue with real
@@ -26,7 +26,7 @@ from kvstore.wire import (FLAG_REPAIR, FLAG_RESPONSE, HEADER_SIZE, OP_GET, OP_PI
                           decode, encode_request)
 from kvstored.cluster.repair import pace as pc
 from kvstored.cluster.repair.pace import Pace, next_pace, wait_for
-from kvstored.dataplane import policy
+from kvstored.dataplane import plane as dataplane
 from kvstored.dataplane.ops import CORE_OPS
 from kvstored.dataplane.session import DataSession, Plane
 
@@ -336,7 +336,7 @@ def test_a_repair_request_starts_by_its_deadline_when_turns_never_come():
         assert peer.got == [] and q.held
         (h, v), = await peer.answers(1)
         assert h.req_id == 1 and v == VALUE and not q.held
-        assert plane.counters["repair_held_us"] >= policy.REPAIR_MAX_HOLD_S * 1e6
+        assert plane.counters["repair_held_us"] >= dataplane.REPAIR_MAX_HOLD_S * 1e6
     asyncio.run(main())
 
 
@@ -363,7 +363,7 @@ def test_held_repair_requests_start_oldest_first_one_per_turn_or_all_once_client
         assert len(q.held) == 3
         waiting[0] = False  # ...but clients stop waiting
         for p in peers:
-            await p.answers(2, timeout=policy.REPAIR_MAX_HOLD_S / 2 + 5)
+            await p.answers(2, timeout=dataplane.REPAIR_MAX_HOLD_S / 2 + 5)
         assert order == [("p0", 10), ("p1", 11), ("p2", 12)] and not q.held
     asyncio.run(main())
 
@@ -514,7 +514,7 @@ def test_repair_waits_for_a_nodes_clients_and_still_finishes(etcd, start_daemon,
     # (give or take the lateness of the queue's timer on a loaded host)
     assert held[ds[0].control] > 0, held
     assert all(held[d.control] == 0 for d in survivors[1:]), held
-    assert held_s / held[ds[0].control] <= policy.REPAIR_MAX_HOLD_S + 2.0
+    assert held_s / held[ds[0].control] <= dataplane.REPAIR_MAX_HOLD_S + 2.0
     # a client's control call counts as client activity, monitoring calls do not
     calls = _counter(survivors[1], "control_client_calls")
     with kvstore.Client(survivors[1].control, namespace="plain", shm=False) as c:

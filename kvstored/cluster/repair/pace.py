@@ -24,7 +24,7 @@ Clients' control-plane calls (control/service.py ``CLIENT_CALLS``: Exists, Looku
 Put, ...; not peers' Heads nor monitoring calls) count as client requests too.
 
 The same rule holds peers' repair requests back on this node's data plane
-(``NodeLoad.hold_repair_requests``, kvstored/dataplane/policy.py ``RepairQueue``): while
+(``NodeLoad.hold_repair_requests``, kvstored/dataplane/plane.py ``RepairQueue``): while
 this node's clients wait, a peer's repair read or write starts only in its turn, so the
 peers' repair slows with this node's (they wait for its answers instead of taking the
 shared cores).
@@ -88,7 +88,7 @@ class NodeLoad:
 
     def hold_repair_requests(self, waiting: Callable[[float], bool]) -> None:
         """Peers' repair requests on this node's data plane wait their turn while
-        ``waiting(time.monotonic())`` (kvstored/dataplane/policy.py RepairQueue)."""
+        ``waiting(time.monotonic())`` (kvstored/dataplane/plane.py RepairQueue)."""
         plane = getattr(self._data, "plane", None)
         if plane is not None:
             plane.repair_queue.clients_waiting = waiting
