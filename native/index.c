@@ -1812,12 +1812,18 @@ static PyObject *Table_namespaces(Table *t, PyObject *unused) {
     PyObject *d = PyDict_New();
     if (!d) return NULL;
     for (uint32_t i = 0; i < t->nspaces; i++) {
+        /* read the space before allocating: an allocation may run the GC, whose
+           finalizers may add a namespace (t->spaces moves) or empty one (its name goes) */
         Space *s = &t->spaces[i];
         if (!s->name || !s->objects) continue;
-        PyObject *v = Py_BuildValue("(KK)", (unsigned long long)s->objects,
-                                    (unsigned long long)s->bytes);
-        if (!v || PyDict_SetItem(d, s->name, v) < 0) { Py_XDECREF(v); Py_DECREF(d); return NULL; }
-        Py_DECREF(v);
+        PyObject *name = s->name;
+        unsigned long long objects = s->objects, bytes = s->bytes;
+        Py_INCREF(name);
+        PyObject *v = Py_BuildValue("(KK)", objects, bytes);
+        int r = v ? PyDict_SetItem(d, name, v) : -1;
+        Py_DECREF(name);
+        Py_XDECREF(v);
+        if (r < 0) { Py_DECREF(d); return NULL; }
     }
     return d;
 }

@@ -495,3 +495,39 @@ def test_holding_every_view_at_once_then_letting_go_shrinks_the_view_map():
     assert ix.footprint()["views"] == 0 and ix.footprint()["view_slots"] <= 2048
     again = list(ix.iterate())  # the shrunk map still finds and files every view
     assert len(again) == 50_000 and all(ix.get(b"n", e.key) is e for e in again[::997])
+
+
+def test_namespaces_survives_a_collection_that_adds_namespaces_midway():
+    """Table.namespaces allocates a tuple per namespace; a collection it triggers may run
+    Python (here a gc callback) that adds namespaces, so the spaces array moves under
+    the loop. It must answer from what it read, not from the moved array (under
+    `make sanitize` a stale read is a heap-use-after-free report)."""
+    ix = PackedIndex()
+    keep = [entry(b"ns%d" % i, b"k", size=10 + i) for i in range(64)]
+    for e in keep:
+        ix.insert(e)
+    added = []
+
+    def grow(phase, info):
+        if phase == "start" and not added:
+            added.extend(entry(b"new%d" % i, b"k", size=7) for i in range(4096))
+            for e in added:
+                ix.insert(e)
+
+    # 2-tuples held, so the answer's tuples are fresh allocations (a free list's are not
+    # counted towards a collection)
+    held = [(i, -i) for i in range(5000)]
+    threshold = gc.get_threshold()
+    gc.callbacks.append(grow)
+    gc.set_threshold(1)
+    try:
+        got = ix.namespaces()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(grow)
+    assert added, "no collection ran during namespaces()"
+    del held
+    for i in range(64):
+        assert got[b"ns%d" % i] == (1, 10 + i)
+    assert set(got) - {b"ns%d" % i for i in range(64)} <= {b"new%d" % i for i in range(4096)}
+    assert all(got[k] == (1, 7) for k in got if k.startswith(b"new"))
