@@ -28,7 +28,7 @@ static uint64_t le(const unsigned char *p, int n) {
     return v;
 }
 
-/* reader.<name> as a Py_ssize_t (-1 with an error set on failure) */
+/* o.<name> as a Py_ssize_t (-1 with an error set on failure) */
 static Py_ssize_t get_index(PyObject *r, PyObject *name) {
     PyObject *v = PyObject_GetAttr(r, name);
     if (!v) return -1;
@@ -162,15 +162,6 @@ static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_no_wait_until, *s_s
     *s_max_queued_bytes, *s_max_queued_frames, *s_burst, *s_cap, *s_held, *s_max_value_size,
     *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_deadline, *s_reader,
     *s_budget, *s_clients, *s_gate, *s_put_latency, *zero_float, *kw_recommit;
-
-/* o.<name> as a long long (-1 with an error set on failure) */
-static long long get_ll(PyObject *o, PyObject *name) {
-    PyObject *v = PyObject_GetAttr(o, name);
-    if (!v) return -1;
-    long long n = PyLong_AsLongLong(v);
-    Py_DECREF(v);
-    return n;
-}
 
 static double get_double(PyObject *o, PyObject *name) {
     PyObject *v = PyObject_GetAttr(o, name);
@@ -317,7 +308,7 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     long long client_held = 0;
     double buckets[MAX_BUCKETS];
     Py_ssize_t nbuckets = 0;
-#define LL(var, o, name) if ((var = get_ll(o, name)) == -1 && PyErr_Occurred()) goto done
+#define LL(var, o, name) if ((var = get_index(o, name)) == -1 && PyErr_Occurred()) goto done
     LL(u.queued, u.s, s_queued);
     LL(u.queued_frames, u.s, s_queued_frames);
     LL(u.sent, u.s, s_sent);
