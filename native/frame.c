@@ -128,8 +128,8 @@ static PyObject *next_frame(PyObject *m, PyObject *const *args, Py_ssize_t nargs
  * write), a partial frame, a size of 0 or past max_value_size, a namespace not in the
  * session's cache of checked ones or a key of another length, a key that holds other
  * bytes (a conflict, an overwrite, a held record), a size with no cached class, a connection or client
- * over its reservation bound, a frame the epoch gate has to look at (another epoch, the
- * lease deadline past: see there), no slot (NoSpace). The session
+ * over its reservation bound, a frame the epoch gate has to look at (another epoch: see
+ * there), no slot (NoSpace). The session
  * builds ``ctx`` (DataSession.fast_put) only where the Python path would run ops._put
  * with no auth guard and no NVMe tier, and calls this where advance() has tested its
  * loop's conditions for the first frame; those a put changes (queued bytes and frames,
@@ -160,7 +160,7 @@ enum { C_INDEX_GET, C_CLASSES, C_ARENA, C_ALLOC, C_FREE, C_PUBLISH, C_COUNTERS,
 static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_no_wait_until, *s_sent, *s_queued,
     *s_queued_frames, *s_flushed_at, *s_out, *s_reserved, *s_client, *s_max_reserved_bytes,
     *s_max_queued_bytes, *s_max_queued_frames, *s_burst, *s_cap, *s_held, *s_max_value_size,
-    *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_deadline, *s_reader,
+    *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_reader,
     *s_budget, *s_clients, *s_gate, *s_put_latency, *zero_float, *kw_recommit;
 
 static double get_double(PyObject *o, PyObject *name) {
@@ -322,17 +322,10 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     LL(max_value, CX(C_LIMITS), s_max_value_size);
     if ((u.t_in = get_double(u.s, s_t_in)) == -1 && PyErr_Occurred()) goto done;
     /* The epoch gate (policy.EpochGate.check): a put is taken only where it has nothing to
-       say, so its answers stay its own: no epoch (0) on either side or the same one, and
-       the batch's time before the gate's lease deadline (a gate without one has none) */
+       say, so its answers stay its own: no epoch (0) on either side or the same one. (Its
+       lease deadline is checked by advance() before any frame of the batch, this one's
+       caller: past it, the node is dropped first and the gate's epoch says so.) */
     LL(epoch, gate, s_epoch);
-    {
-        PyObject *dl = PyObject_GetAttr(gate, s_deadline);
-        double deadline = dl ? PyFloat_AsDouble(dl) : Py_HUGE_VAL;
-        Py_XDECREF(dl);
-        if (!dl && PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
-        if (PyErr_Occurred()) goto done;
-        if (u.t_in >= deadline) goto nothing;
-    }
 #undef LL
     if ((u.hist_sum = get_double(u.hist, s_sum)) == -1 && PyErr_Occurred()) goto done;
     if ((u.large = PyLong_AsSsize_t(CX(C_LARGE))) == -1 && PyErr_Occurred()) goto done;
@@ -574,7 +567,7 @@ PyMODINIT_FUNC PyInit__frame(void) {
         {&s_max_queued_frames, "max_queued_frames"}, {&s_burst, "burst"}, {&s_cap, "cap"},
         {&s_held, "held"}, {&s_max_value_size, "max_value_size"}, {&s_counts, "counts"},
         {&s_sum, "sum"}, {&s_reject, "reject"}, {&s_checksum_failures, "checksum_failures"},
-        {&s_epoch, "epoch"}, {&s_deadline, "deadline"}, {&s_reader, "reader"},
+        {&s_epoch, "epoch"}, {&s_reader, "reader"},
         {&s_budget, "budget"}, {&s_clients, "clients"}, {&s_gate, "gate"},
         {&s_put_latency, "put_latency"},
     };
