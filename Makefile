@@ -91,10 +91,11 @@ test: install-test
 	  echo "make test: could not install etcd-server; tests/cluster membership tests will be skipped"
 	@$(MAKE) --no-print-directory -k engines-env || \
 	  echo "make test: could not install every engine into $(ENGINES); tests/integrations says which tests skip and why"
-	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile $(ARGS)
+	@# --durations: the slowest tests, in CI's log, to keep the suite near its ~10 minutes
+	KVSTORE_ENGINES=$(abspath $(ENGINES)) $(PY) -m pytest -n $(TEST_WORKERS) --dist loadfile --durations=20 $(ARGS)
 
 ## make sanitize: native/*.c under ASan + UBSan, built in a scratch copy of the tree: a random
-## stress of the packed index and the tests that run native code (not in `make test`: ~20 min)
+## stress of the packed index and the tests that run native code (not in `make test`: ~11 min)
 sanitize: install-test
 	PY=$(abspath $(PY)) scripts/sanitize.sh $(ARGS)
 
