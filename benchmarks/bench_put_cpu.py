@@ -3,6 +3,7 @@
 
     python benchmarks/bench_put_cpu.py [--sizes 4KiB,64KiB,1MiB] [--concurrency 8]
                                        [--seconds 3] [--rounds 2] [--skip-redis]
+                                       [--nvme-dir DIR [--nvme-size 2GiB]] [--auth]
     python benchmarks/bench_put_cpu.py --nodes 6 --objects 32 [--sizes 1MiB]
     python benchmarks/bench_put_cpu.py --exists-keys 65536 [--exists-calls 20]
     python benchmarks/bench_put_cpu.py --in-process [--sizes 4KiB,64KiB] [--per-read 8]
@@ -20,6 +21,11 @@ many pooled connections).
   the node evicts from then on, so eviction is in the figure;
 * Redis SETs new bytes over a bounded set of keys (``--keys`` per size: it has no
   eviction configured, and the bytes stored are the same per put).
+
+``--nvme-dir DIR``: the node has an NVMe tier, a file of ``--nvme-size`` in DIR (a fleet
+node always has one): past the high watermark each put's publish starts demotions, and
+their writes are in the node's CPU. ``--auth``: auth is on and the client shows a token
+that may write the benchmark's namespace (production nodes often run so).
 
 ``--nodes N`` instead: N nodes and one ClusterClient (``--policy``, default ``none``; TCP, no shm)
 putting batches of ``--objects`` new keys, the nodes' CPU summed (what
@@ -57,6 +63,7 @@ import os
 import socket
 import statistics
 import sys
+import tempfile
 import time
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -190,11 +197,11 @@ def floor_round(size: int, seconds: float, warmup: float, arena_size: int) -> di
 
 
 def kvstored_round(loop, kvstore, daemon: KvstoredDaemon, size: int, conc: int, seconds: float,
-                   warmup: float, tag: str) -> dict:
+                   warmup: float, tag: str, token: str | None = None) -> dict:
     stamp = _stamper(os.urandom(size), conc)
 
     async def open_client():
-        c = kvstore.AsyncClient(daemon.address)
+        c = kvstore.AsyncClient(daemon.address, token=token)
         await c.connect()
         return c
 
@@ -484,6 +491,11 @@ def main(argv=None) -> int:
     ap.add_argument("--dram-size", default="256MiB", help="kvstored --dram-size")
     ap.add_argument("--skip-redis", action="store_true")
     ap.add_argument("--skip-floor", action="store_true")
+    ap.add_argument("--nvme-dir", default="",
+                    help="give the node an NVMe tier: a file of --nvme-size in this directory")
+    ap.add_argument("--nvme-size", default="2GiB", help="the NVMe tier's size (--nvme-dir)")
+    ap.add_argument("--auth", action="store_true",
+                    help="auth on; the client's token may write the benchmark's namespace")
     ap.add_argument("--nodes", type=int, default=0,
                     help="N > 0: a cluster of N nodes driven by one ClusterClient (policy none, "
                          "batches of --objects), instead of one node beside Redis")
@@ -532,8 +544,11 @@ def main(argv=None) -> int:
         return 0
     rows: dict[tuple[str, int], list[dict]] = {}
     redis_ctx = peers.RedisServer() if not a.skip_redis else None
-    with KvstoredDaemon(cc, dram_size=a.dram_size, max_value_size=max(sizes + [4 << 20]),
-                        slab_size=max(sizes + [4 << 20])) as kd:
+    node_dir = tempfile.TemporaryDirectory(prefix="bench-put-cpu-",
+                                           dir=a.nvme_dir or None)
+    extra, token = _node_options(a, node_dir.name)
+    with node_dir, KvstoredDaemon(cc, dram_size=a.dram_size, max_value_size=max(sizes + [4 << 20]),
+                                  slab_size=max(sizes + [4 << 20]), extra_args=extra) as kd:
         if redis_ctx is not None:
             redis_ctx.__enter__()
         try:
@@ -549,7 +564,7 @@ def main(argv=None) -> int:
                             m = floor_round(size, a.seconds, a.warmup, peers.parse_size(a.dram_size))
                         elif who == "kvstored":
                             m = kvstored_round(loop, kvstore, kd, size, a.concurrency, a.seconds,
-                                               a.warmup, f"r{rnd}-{size}")
+                                               a.warmup, f"r{rnd}-{size}", token)
                         else:
                             m = redis_round(loop, redis_ctx, size, a.concurrency, a.seconds,
                                             a.warmup, a.keys)
@@ -567,9 +582,30 @@ def main(argv=None) -> int:
     return 0
 
 
+def _node_options(a, where: str) -> tuple[list[str], str | None]:
+    """The node's extra arguments for ``--nvme-dir`` / ``--auth`` (files in ``where``),
+    and the token the client shows (None: auth off)."""
+    extra: list[str] = []
+    if a.nvme_dir:
+        extra += ["--nvme-path", os.path.join(where, "nvme.img"), "--nvme-size", a.nvme_size]
+    if not a.auth:
+        return extra, None
+    token = "bench-put-cpu-" + os.urandom(8).hex()
+    tokens = os.path.join(where, "tokens.toml")
+    with open(tokens, "w") as f:
+        f.write(f'[[token]]\nname = "bench"\ntoken = "{token}"\n'
+                'namespaces = ["cpu"]\nscopes = ["read", "write"]\n')
+    os.chmod(tokens, 0o600)
+    config = os.path.join(where, "kvstored.toml")
+    with open(config, "w") as f:
+        f.write(f'[auth]\nenabled = true\ntokens_file = "{tokens}"\n')
+    return extra + ["--config", config], token
+
+
 def _table(a, sizes: list[int], rows: dict, names: list[str], what: str) -> None:
     print(f"\nmedian of {a.rounds} rounds, {a.seconds:g} s each, "
           + (f"batches of {a.objects}" if a.nodes else f"c={a.concurrency}")
+          + (", NVMe tier" if a.nvme_dir else "") + (", auth on" if a.auth else "")
           + f" ({what} CPU = utime + stime of the {what} processes):")
     print(f"| size | {what} | GB/s | {what} us/put | {what} GB/s per core | client us/put |")
     print("| --- | --- | --- | --- | --- | --- |")
