@@ -129,9 +129,11 @@ static PyObject *next_frame(PyObject *m, PyObject *const *args, Py_ssize_t nargs
  * session's cache of checked ones or a key of another length, a key that holds other
  * bytes (a conflict, an overwrite, a held record), a size with no cached class, a connection or client
  * over its reservation bound, a frame the epoch gate has to look at (another epoch: see
- * there), no slot (NoSpace). The session
- * builds ``ctx`` (DataSession.fast_put) only where the Python path would run ops._put
- * with no auth guard and no NVMe tier, and calls this where advance() has tested its
+ * there), a namespace the auth guard has not granted the op's scope in its cache (see
+ * there), no slot from ``ctx``'s alloc (NoSpace; with an NVMe tier also a slot only an
+ * eviction, maybe a demotion, would free: DramTier.alloc_if_free). The session
+ * builds ``ctx`` (DataSession.fast_put) only where the Python path would run ops._put,
+ * and calls this where advance() has tested its
  * loop's conditions for the first frame; those a put changes (queued bytes and frames,
  * the burst) are tested here before each further one.
  *
@@ -150,7 +152,8 @@ static PyObject *next_frame(PyObject *m, PyObject *const *args, Py_ssize_t nargs
  * each call, as its Python does (tests and reloads replace some).
  */
 enum { C_INDEX_GET, C_CLASSES, C_ARENA, C_ALLOC, C_FREE, C_PUBLISH, C_COUNTERS,
-       C_LIMITS, C_NAMES, C_CHECKSUM, C_NOW, C_BUCKETS, C_OK_HEAD, C_OK_TAIL, C_MISMATCH, C_LARGE, C_WINDOW, C_ERROR, C_SAME, C_LEN };
+       C_LIMITS, C_NAMES, C_CHECKSUM, C_NOW, C_BUCKETS, C_OK_HEAD, C_OK_TAIL, C_MISMATCH, C_LARGE, C_WINDOW, C_ERROR, C_SAME,
+       C_GUARD, C_SCOPE, C_LEN };
 
 #define OP_PUT 1
 #define FLAG_OVERWRITE 1
@@ -161,7 +164,8 @@ static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_no_wait_until, *s_s
     *s_queued_frames, *s_flushed_at, *s_out, *s_reserved, *s_client, *s_max_reserved_bytes,
     *s_max_queued_bytes, *s_max_queued_frames, *s_burst, *s_cap, *s_held, *s_max_value_size,
     *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_reader,
-    *s_budget, *s_clients, *s_gate, *s_put_latency, *zero_float, *kw_recommit;
+    *s_budget, *s_clients, *s_gate, *s_put_latency, *s_grant, *s_generation, *s_auth, *s_masks,
+    *zero_float, *kw_recommit;
 
 static double get_double(PyObject *o, PyObject *name) {
     PyObject *v = PyObject_GetAttr(o, name);
@@ -278,6 +282,8 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (limit == -1 && PyErr_Occurred()) return NULL;
     Run u = {.s = args[0]};
     PyObject *budget = NULL, *clients = NULL, *gate = NULL, *client = NULL, *err = NULL;
+    PyObject *masks = NULL;  /* the auth guard's namespace -> scope bits (NULL: auth off) */
+    long scope = 0;
     Py_buffer arena = {0};
     int failed = 1, have_arena = 0;
     if (!(u.reader = PyObject_GetAttr(u.s, s_reader))) return NULL;
@@ -330,6 +336,34 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if ((u.hist_sum = get_double(u.hist, s_sum)) == -1 && PyErr_Occurred()) goto done;
     if ((u.large = PyLong_AsSsize_t(CX(C_LARGE))) == -1 && PyErr_Occurred()) goto done;
     if ((u.window = PyLong_AsSsize_t(CX(C_WINDOW))) == -1 && PyErr_Occurred()) goto done;
+    if (CX(C_GUARD) != Py_None) {
+        /* policy.AuthGuard.check, for what it lets pass from its cache: a grant, still of
+           the token table's generation (a reload runs between events, never inside a run),
+           and the namespace's scope bits cached. A namespace met first, a refusal, a
+           reload: the Python path asks the guard, which answers, counts and caches. */
+        if ((scope = PyLong_AsLong(CX(C_SCOPE))) == -1 && PyErr_Occurred()) goto done;
+        PyObject *g = CX(C_GUARD);
+        PyObject *grant = PyObject_GetAttr(g, s_grant);
+        if (!grant) goto done;
+        int none = grant == Py_None;  /* no token shown: the guard's refusal */
+        Py_DECREF(grant);
+        if (none) goto nothing;
+        PyObject *auth = PyObject_GetAttr(g, s_auth);
+        if (!auth) goto done;
+        PyObject *mine = PyObject_GetAttr(g, s_generation);
+        PyObject *now = mine ? PyObject_GetAttr(auth, s_generation) : NULL;
+        Py_DECREF(auth);
+        int same = now ? PyObject_RichCompareBool(mine, now, Py_EQ) : -1;
+        Py_XDECREF(mine);
+        Py_XDECREF(now);
+        if (same < 0) goto done;
+        if (!same) goto nothing;
+        if (!(masks = PyObject_GetAttr(g, s_masks))) goto done;
+        if (!PyDict_CheckExact(masks)) {
+            PyErr_SetString(PyExc_TypeError, "put_run: AuthGuard.masks is a dict");
+            goto done;
+        }
+    }
     if (!(client = PyObject_GetAttr(u.s, s_client))) goto done;
     int has_client = PyObject_IsTrue(client);
     if (has_client < 0) goto done;
@@ -390,6 +424,13 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         if (!ns || !key || !sz) { go = -1; goto put_end; }
         int known = PySet_Contains(CX(C_NAMES), ns);  /* _check_names passed it before */
         if (known != 1) { go = known; goto put_end; }
+        if (masks) {  /* granted from the guard's cache, or the guard's to answer */
+            PyObject *mask = PyDict_GetItemWithError(masks, ns);  /* (borrowed) */
+            if (!mask) { go = PyErr_Occurred() ? -1 : 0; goto put_end; }
+            long bits = PyLong_AsLong(mask);
+            if (bits == -1 && PyErr_Occurred()) { go = -1; goto put_end; }
+            if (!(bits & scope)) goto put_end;  /* refused: the Python path answers */
+        }
         /* the class before the lookup: a size met first is the Python path's, which
            then makes the put's one index lookup */
         PyObject *sc = PyDict_GetItemWithError(CX(C_CLASSES), sz);  /* (borrowed) */
@@ -419,7 +460,8 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         Py_DECREF(old);
         Py_INCREF(sc);
         off = PyObject_CallOneArg(CX(C_ALLOC), sc);  /* may evict (Python) */
-        if (!off || off == Py_None) {  /* no slot: _slot counts and raises NoSpace */
+        if (!off || off == Py_None) {  /* no slot: the Python path's alloc evicts, or _slot
+                                          counts and raises NoSpace */
             Py_DECREF(sc);
             go = off ? 0 : -1;
             goto put_end;
@@ -528,6 +570,7 @@ done:
     Py_XDECREF(budget);
     Py_XDECREF(clients);
     Py_XDECREF(gate);
+    Py_XDECREF(masks);
     return failed ? NULL : PyLong_FromLong(u.taken);
 #undef CX
 }
@@ -569,7 +612,8 @@ PyMODINIT_FUNC PyInit__frame(void) {
         {&s_sum, "sum"}, {&s_reject, "reject"}, {&s_checksum_failures, "checksum_failures"},
         {&s_epoch, "epoch"}, {&s_reader, "reader"},
         {&s_budget, "budget"}, {&s_clients, "clients"}, {&s_gate, "gate"},
-        {&s_put_latency, "put_latency"},
+        {&s_put_latency, "put_latency"}, {&s_grant, "grant"}, {&s_generation, "generation"},
+        {&s_auth, "auth"}, {&s_masks, "masks"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++)
         if (!(*names[i].p = PyUnicode_InternFromString(names[i].name))) return NULL;

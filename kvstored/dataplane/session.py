@@ -575,19 +575,32 @@ class DataSession:
 
 def _fast_put_context(s: DataSession) -> tuple | None:
     """``put_run``'s context (native/frame.c: the C_* order there), or None where a put
-    must take the Python path: the extension is not built, auth is on (the guard's
-    per-namespace scopes), the store has an NVMe tier (a put may demote), or the op
-    table's PUT is not ops._put (marked ``native_put``) with its epoch gate and payload."""
+    must take the Python path: the extension is not built, or the op table's PUT is not
+    ops._put (marked ``native_put``) with its epoch gate and payload.
+
+    With auth on, the run takes a put only where the connection's ``AuthGuard`` has the
+    namespace's scope bits cached and they grant the op's scope (the guard's own cache,
+    filled by its ``check`` on the namespace's first put, which takes the Python path):
+    every refusal is the guard's, counted and answered by the Python path. With an NVMe
+    tier, the run's slots come from ``DramTier.alloc_if_free``: a put that needs an
+    eviction (maybe a demotion) is the Python path's, whose ``alloc`` evicts once."""
     op = s.ops.get(OP_PUT)
-    if (_put_run is None or s.guard is not None or s.store.nvme is not None or op is None
+    if (_put_run is None or op is None
             or not getattr(op[0], "native_put", False) or not op[2] or op[3] != BODY):
         return None
     store = s.store
+    dram = store.dram
     ok = encode_response(OP_PUT, 0)
-    return (store.index.get, store.arena.class_by_size, store.arena.view, store.dram.alloc,
-            store.dram.free_slot, store._publish, store.counters, store.limits,
+    scope = op[1] if op[1] is not None else 0  # (LOGIN, 0: any authenticated connection)
+    guard = s.guard if op[1] is not None else None
+    if guard is not None and not scope:  # (no such PUT: guard.check's LOGIN case is not in C)
+        return None
+    return (store.index.get, store.arena.class_by_size, store.arena.view,
+            dram.alloc if store.nvme is None else dram.alloc_if_free,
+            dram.free_slot, store._publish, store.counters, store.limits,
             _VALID_NAMESPACES, payload_checksum, _now, _BUCKETS, ok[:8], ok[16:],
-            checksum_mismatch, LARGE_PAYLOAD, HEADER_WINDOW, errors.KVStoreError, store._same)
+            checksum_mismatch, LARGE_PAYLOAD, HEADER_WINDOW, errors.KVStoreError, store._same,
+            guard, scope)
 
 
 # ====================================================== store call completions

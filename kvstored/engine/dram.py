@@ -118,6 +118,16 @@ class DramTier:
             return self.arena.alloc(sc)
         return None
 
+    def alloc_if_free(self, sc: SizeClass) -> int | None:
+        """``alloc`` where a slot of class ``sc`` is free without evicting (its first test),
+        else None. The data plane's C put run takes its slots so with an NVMe tier, where
+        an eviction may start a demotion (a slot freed later, maybe a wait): those puts
+        are left to the Python path, whose ``alloc`` evicts once (native/frame.c)."""
+        arena = self.arena
+        if sc.partial or arena.free_slabs:
+            return arena.alloc(sc)
+        return None
+
     async def alloc_wait(self, sc: SizeClass) -> int:
         """``alloc``, waiting up to ``put_wait_timeout`` for a slot (a promotion's)."""
         deadline = self.clock() + self.limits.put_wait_timeout

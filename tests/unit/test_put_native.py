@@ -9,38 +9,65 @@ repair-flagged puts, unknown flags, gets, pings and frames cut across reads, in 
 arena that evicts. Both sides must send the same bytes and end with the same index,
 arena use, counters, namespace usage and put count in
 the latency histogram; and the C side must have stored most puts without Store.put_bytes.
+The same on a node with an NVMe tier (evictions demote; gets promote) and on one with
+auth on (granted, refused and unauthenticated puts over mixed namespaces, tokens
+reloaded and revoked between reads, a malformed AUTH and a malformed frame).
 """
 from __future__ import annotations
 
+import asyncio
 import random
 
 import pytest
 
-from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, OP_GET, OP_PING, OP_PUT, checksum,
-                          encode_request)
+from kvstore import errors
+from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, MAX_TOKEN_LEN, OP_AUTH, OP_GET, OP_PING,
+                          OP_PUT, checksum, encode_request)
+from kvstored.auth import Auth
 from kvstored.dataplane import session as session_mod
 from kvstored.dataplane.ops import CORE_OPS
 from kvstored.dataplane.policy import EpochGate
 from kvstored.dataplane.session import DataSession, Plane
 from kvstored.engine import Store, StoreLimits
+from kvstored.engine.nvme import NvmeDevice, NvmeTier
 from kvstored.metrics import StoreUsage
 
 pytestmark = pytest.mark.skipif(session_mod._put_run is None, reason="native/frame.c not built")
 
 KiB = 1 << 10
+MiB = 1 << 20
 NS = b"native-put"
 EPOCH = 0x51
+# auth: WRITER may write NS and other-ns; READER may only read NS; SPARE is reloaded (a
+# new generation: every connection's cached grants are dropped); third-ns is nobody's
+WRITER, READER, SPARE = b"writer-token-0123456789", b"reader-token-0123456789", b"spare-token-0123456789"
+
+
+def write_tokens(path, spare_scopes: str = '"read"', writer: bool = True) -> None:
+    entries = [("reader", READER, '"native-put"', '"read"'),
+               ("spare", SPARE, '"*"', spare_scopes)]
+    if writer:
+        entries.append(("writer", WRITER, '"native-put", "other-ns"', '"read", "write"'))
+    path.write_text("".join(f'[[token]]\nname = "{n}"\ntoken = "{t.decode()}"\n'
+                            f"namespaces = [{ns}]\nscopes = [{sc}]\n" for n, t, ns, sc in entries))
+    path.chmod(0o600)
 
 
 class Side:
-    """A store, its observer and two connections' sessions; ``native`` picks the path."""
+    """A store, its observer and two connections' sessions; ``native`` picks the path.
+    ``nvme``: a file for an NVMe tier; ``tokens``: a tokens file (auth on)."""
 
-    def __init__(self, native: bool, index: str):
-        self.store = Store(StoreLimits(dram_size=2 << 20, slab_size=256 * KiB,
+    def __init__(self, native: bool, index: str, nvme=None, tokens=None, dram: int = 2 * MiB):
+        tier = None
+        if nvme is not None:
+            tier = NvmeTier(NvmeDevice(str(nvme), MiB + 4 * 16 * MiB, 16 * MiB, "threads", 32))
+        self.store = Store(StoreLimits(dram_size=dram, slab_size=256 * KiB,
                                        max_value_size=64 * KiB, hugepages=False,
-                                       prefault=False, index=index))
+                                       prefault=False, index=index, put_wait_timeout=5.0),
+                           nvme=tier)
         self.store.observer = StoreUsage(self.store)
-        self.plane = Plane(self.store, CORE_OPS, gate=EpochGate(EPOCH))
+        self.auth = Auth(str(tokens)) if tokens is not None else None
+        self.plane = Plane(self.store, CORE_OPS, gate=EpochGate(EPOCH), auth=self.auth)
         self.sessions = [DataSession(self.plane, f"c{i}", client="10.0.0.1") for i in range(2)]
         for s in self.sessions:
             assert (s.fast_put is not None) is True
@@ -62,13 +89,47 @@ class Side:
         self.wire[conn].extend(bytes(b) for b in s.take_output())
         s.written(0)  # the transport took everything: gets' references are released
 
+    async def read_settled(self, conn: int, data: bytes) -> None:
+        """``read``, as a driver does it where puts wait for space and gets load from NVMe:
+        the session's calls are run (one at a time) and the demotions they start written
+        before it reads on, and again after it took the bytes (or closed)."""
+        s = self.sessions[conn]
+        done = 0
+        for _ in range(200):  # bounded: each round runs every call the session asked for
+            done += s.feed(data[done:])
+            await self.settle()
+            if done == len(data) or s.closed:
+                break
+        assert done == len(data) or s.closed
+
+    async def settle(self) -> None:
+        for _ in range(200):  # bounded: a round ends with nothing in flight
+            await self.store.drain_tasks(30)
+            calls = [(s, c) for s in self.sessions for c in s.take_calls()]
+            for s, call in calls:
+                try:
+                    result, err = await call.fn(*call.args), None
+                except errors.KVStoreError as e:
+                    result, err = None, e
+                s.call_done(call, result, err)
+            for conn, s in enumerate(self.sessions):
+                self.wire[conn].extend(bytes(b) for b in s.take_output())
+                s.written(0)
+            if not calls and not self.store.tiering.tasks_in_flight():
+                return
+        raise AssertionError("the sessions' calls did not settle")
+
     def state(self) -> dict:
         st = self.store
         # (not the offsets: which partial slab a class takes a slot from is set order,
-        # which differs between two arenas; the bytes each one uses are in stats)
-        objects = sorted((e.ns, e.key, e.size, e.checksum, bytes(st.view(e)))
+        # which differs between two arenas; the bytes each one uses are in stats. Nor
+        # where on NVMe: demotions finish in any order)
+        objects = sorted((e.ns, e.key, e.size, e.checksum, e.offset >= 0, e.nvme is not None,
+                          bytes(st.view(e)) if e.offset >= 0 else b"")
                          for e in st.index.iterate(None))
         stats = st.stats()
+        if st.nvme is not None:
+            stats["nvme"] = dict(st.nvme.counters)
         usage = st.observer
         hist = self.plane.latency[OP_PUT]
         return {"objects": objects, "stats": stats, "ns": usage.ns, "sizes": usage.sizes,
@@ -77,17 +138,37 @@ class Side:
                              for s in self.sessions]}
 
 
-def workload(rng: random.Random) -> list[tuple[int, bytes]]:
-    """(connection, bytes of one read) in order: frames of every kind, cut at random."""
-    sizes = [4 * KiB, 4 * KiB, 16 * KiB, 1000, 64 * KiB]
+def _auth_frame(rid: int, token: bytes) -> bytes:
+    return encode_request(OP_AUTH, rid, b"", b"", len(token)) + token
+
+
+def workload(rng: random.Random, auth: bool = False,
+             one_class: bool = False) -> list[tuple[int, bytes]]:
+    """(connection, bytes of one read) in order: frames of every kind, cut at random.
+    ``auth``: connection 0 shows WRITER first; connection 1 puts unauthenticated, then
+    shows a token too long (refused), READER, then WRITER; puts go to namespaces either
+    may or may not write; connection 1 ends with a frame of a bad magic. ``one_class``:
+    every put stored is of the 4 KiB slot class (no empty one): with an NVMe tier, which
+    objects DramTier.reclaim_slab demotes depends on the slabs their slots are in, which
+    depends on set order (object addresses), so two stores would differ (one class: it
+    never runs)."""
+    sizes = [4 * KiB, 4000, 3600] if one_class else [4 * KiB, 4 * KiB, 16 * KiB, 1000, 64 * KiB]
     blobs = {}  # key -> bytes last put under it (re-puts and conflicts pick from here)
     streams: list[list[bytes]] = [[], []]
+    logins = {1: (0, WRITER), 60: (1, bytes(MAX_TOKEN_LEN + 1)), 90: (1, READER),
+              300: (1, WRITER)} if auth else {}
     for rid in range(1, 700):
+        if rid in logins:
+            conn, token = logins[rid]
+            streams[conn].append(_auth_frame(rid, token))
+            continue
         conn = rng.randrange(2)
         r = rng.random()
         key = b"k%d" % rng.randrange(400)  # keys collide: re-puts, conflicts, evictions
         data = rng.randbytes(rng.choice(sizes))
         csum, flags, epoch, ns = checksum(data), 0, 0, NS
+        if auth and rng.random() < 0.3:
+            ns = rng.choice([b"other-ns", b"third-ns"])
         if r < 0.12 and key in blobs:
             data = blobs[key]  # the same bytes again: stored already
             csum = checksum(data)
@@ -100,7 +181,8 @@ def workload(rng: random.Random) -> list[tuple[int, bytes]]:
         elif r < 0.27:
             data, csum = bytes(64 * KiB + 1), 0  # past max_value_size
         elif r < 0.29:
-            data, csum = b"", checksum(b"")
+            if not one_class:
+                data, csum = b"", checksum(b"")
         elif r < 0.31:
             ns = rng.choice([b"bad ns!", b"other-ns"])
         elif r < 0.33:
@@ -117,6 +199,8 @@ def workload(rng: random.Random) -> list[tuple[int, bytes]]:
                                             epoch=epoch) + data)
         if csum == checksum(data) and flags == 0 and ns == NS and 0 < len(key) <= 128:
             blobs.setdefault(key, data)
+    if auth:  # a bad magic: the connection's last answer is a ProtocolError
+        streams[1].append(b"XXXX" + bytes(36))
     reads = []
     pending = [b"".join(s) for s in streams]
     pos = [0, 0]
@@ -146,6 +230,66 @@ def test_both_paths_answer_and_store_the_same(index, seed):
         assert c["checksum_failures"] and native.plane.counters["errors_Redirect"]
         # most puts went through C (the Python side's went through put_bytes)
         assert native.put_bytes_calls < python.put_bytes_calls // 3
+    finally:
+        native.store.close()
+        python.store.close()
+
+
+@pytest.mark.parametrize("index", ["dict", "packed"])
+def test_both_paths_the_same_with_an_nvme_tier(tmp_path, index):
+    """DRAM overflows into the NVMe tier: puts past the high watermark start demotions,
+    those that need an eviction (DramTier.alloc_if_free finds no free slot) take the
+    Python path, which may wait for a demotion; gets of demoted keys promote them."""
+    async def run():
+        native = Side(True, index, nvme=tmp_path / "native.nvme", dram=MiB // 2)
+        python = Side(False, index, nvme=tmp_path / "python.nvme", dram=MiB // 2)
+        try:
+            for conn, data in workload(random.Random(3), one_class=True):
+                await native.read_settled(conn, data)
+                await python.read_settled(conn, data)
+            assert native.wire == python.wire
+            assert native.state() == python.state()
+            c, n = native.store.counters, native.store.nvme.counters
+            assert c["puts"] > 200 and c["dedups"] and c["conflicts"] and c["checksum_failures"]
+            assert n["demotions"] > 100 and n["promotions"]
+            assert native.put_bytes_calls < python.put_bytes_calls // 2
+        finally:
+            for side in (native, python):
+                await side.store.drain_tasks(30)
+                side.store.close()
+    asyncio.run(run())
+
+
+@pytest.mark.parametrize("seed", [4, 5])
+def test_both_paths_the_same_with_auth(tmp_path, seed):
+    """Auth on, two connections: granted puts in two namespaces, refusals of each kind
+    (no token, a namespace not granted, a read-only token, a revoked token), a malformed
+    AUTH, the tokens reloaded mid-stream (the guards' caches dropped), then the writer's
+    token revoked, and a malformed frame last; the refusals are the guard's, counted and
+    answered the same."""
+    tokens = tmp_path / "tokens.toml"
+    write_tokens(tokens)
+    native, python = Side(True, "packed", tokens=tokens), Side(False, "packed", tokens=tokens)
+    try:
+        reads = workload(random.Random(seed), auth=True)
+        for i, (conn, data) in enumerate(reads):
+            if i == len(reads) // 2:  # another token changes: a new generation
+                write_tokens(tokens, spare_scopes='"read", "write"')
+                assert native.auth.reload()["changed"] == python.auth.reload()["changed"] == ["spare"]
+            elif i == len(reads) * 9 // 10:
+                write_tokens(tokens, spare_scopes='"read", "write"', writer=False)
+                native.auth.reload()
+                python.auth.reload()
+            native.read(conn, data)
+            python.read(conn, data)
+        assert native.wire == python.wire
+        assert native.state() == python.state()
+        counted = native.plane.counters
+        for why in ("no_token", "namespace", "scope", "revoked"):
+            assert counted["auth_rejected_" + why], why
+        assert counted["errors_InvalidArgument"] and counted["errors_ProtocolError"] == 1
+        assert native.store.counters["puts"] > 100
+        assert native.put_bytes_calls < python.put_bytes_calls // 2
     finally:
         native.store.close()
         python.store.close()
