@@ -6,8 +6,9 @@ then the key bytes, then ``payload_len`` bytes of payload::
     magic    4s  b"KVSD"
     version  u8  1
     op       u8  PUT / GET / PING / AUTH
-    flags    u16 requests: FLAG_OVERWRITE, FLAG_REPAIR (PUT and GET; other bits on a PUT are
-                 refused), FLAG_NOT_VERIFIED_OK (gets); FLAG_RESPONSE on responses
+    flags    u16 requests: FLAG_OVERWRITE, FLAG_REPAIR (PUT and GET), FLAG_COMMIT_AGE (a
+                 repair PUT; other bits on a PUT are refused), FLAG_NOT_VERIFIED_OK (gets);
+                 FLAG_RESPONSE on responses
     req_id   u64 chosen by the client; responses echo it (completion may be out of order)
     status   u16 0 on requests; a kvstore.errors code on responses
     ns_len   u8  namespace length (responses: 0)
@@ -98,7 +99,19 @@ FLAG_OVERWRITE = 0x0001
 # read, counted apart from clients' requests (kvstored/cluster/repair/pace.py); nodes of
 # earlier versions ignore it.
 FLAG_REPAIR = 0x0008
-PUT_FLAGS = FLAG_OVERWRITE | FLAG_REPAIR  # the flags a PUT may carry
+# PUT, with FLAG_REPAIR only: the payload starts with COMMIT_AGE, the milliseconds since the
+# record being copied or rebuilt was committed on the sender (an age: it crosses nodes, a
+# clock never does), then the record; ``length`` counts both, ``checksum`` is the record's
+# alone (what the receiver stores and deduplicates by). The receiver stores the record with
+# that commit time on its own clock (repair drops records older than a delete a peer
+# reports: a copy must not look newer than the record it copies). Sent only to a node
+# whose Heads answer lists it in ``put_flags``; refused (InvalidArgument, nothing stored)
+# without FLAG_REPAIR, on a payload shorter than COMMIT_AGE, or with an age outside
+# 0..MAX_COMMIT_AGE_MS.
+FLAG_COMMIT_AGE = 0x0020
+COMMIT_AGE = struct.Struct("<q")
+MAX_COMMIT_AGE_MS = 100 * 365 * 86_400_000  # a century: past it an age is garbage, not old
+PUT_FLAGS = FLAG_OVERWRITE | FLAG_REPAIR | FLAG_COMMIT_AGE  # the flags a PUT may carry
 # GET, SHM_GET, RDMA_GET: the sender knows errors.NotVerified (a record held back until a
 # cluster node's repair has checked it). This SDK sets it on every get; a node answers
 # NotFound in its place on a connection whose gets never carried it (an older SDK, which
@@ -159,6 +172,24 @@ def encode_request(op: int, request_id: int, ns: bytes, key: bytes,
     """Header + namespace + key of a request (ns and key already validated)."""
     return HEADER.pack(MAGIC, VERSION, op, flags, request_id, 0, len(ns), len(key), epoch,
                        payload_len, payload_checksum) + ns + key
+
+
+def encode_commit_age(seconds: float) -> bytes:
+    """The COMMIT_AGE prefix of a FLAG_COMMIT_AGE put: ``seconds`` since the record's commit
+    in whole milliseconds, rounded down (the copy looks a little newer, never older: a
+    record is not taken for the leftover of a delete made just after it), 0 when
+    negative (a clock stepped back), at most MAX_COMMIT_AGE_MS."""
+    ms = int(seconds * 1000) if seconds > 0 else 0
+    return COMMIT_AGE.pack(min(ms, MAX_COMMIT_AGE_MS))
+
+
+def decode_commit_age(prefix) -> float:
+    """Seconds of a COMMIT_AGE prefix (8 bytes); InvalidArgument outside 0..MAX_COMMIT_AGE_MS."""
+    (ms,) = COMMIT_AGE.unpack(prefix)
+    if not 0 <= ms <= MAX_COMMIT_AGE_MS:
+        raise InvalidArgument(f"a repair put's commit age is {ms} ms: outside 0-{MAX_COMMIT_AGE_MS}; "
+                              "nothing was stored")
+    return ms / 1000.0
 
 
 def encode_response(op: int, request_id: int, status: int = STATUS_OK,

@@ -21,7 +21,7 @@ import kvstored
 from kvstore import errors
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
-from kvstore.wire import MAX_KEY_LEN, VERSION, checksum, key_bytes, namespace_bytes
+from kvstore.wire import MAX_KEY_LEN, PUT_FLAGS, VERSION, checksum, key_bytes, namespace_bytes
 from kvstored.auth import ADMIN, READ, WRITE, Unauthenticated
 from kvstored.config import ConfigError
 from kvstored.looplag import Slices, run_sliced
@@ -435,9 +435,10 @@ class ControlService(pb_grpc.KVStoreServicer):
                     continue
                 e, head = got
             out.append(pb.Head(present=True, unverified=e.unverified, size=e.size,
-                               checksum=e.checksum, head=head))
+                               checksum=e.checksum, head=head,
+                               committed_ago=max(0.0, time.time() - e.committed_at)))
         return pb.HeadsResponse(heads=out, unverified_objects=self.store.unverified,
-                                epoch=self.gate.epoch)
+                                epoch=self.gate.epoch, put_flags=PUT_FLAGS)
 
     @_typed_errors
     @_guard(ADMIN, all_namespaces_if_empty=True)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import logging
 import struct
+import time
 from functools import partial
 from typing import TYPE_CHECKING
 
 from kvstore import errors
-from kvstore.wire import (FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, FLAG_REPAIR, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH, OP_GET,
-                          OP_PING, OP_PUT, PUT_FLAGS, encode_error, encode_response)
+from kvstore.wire import (COMMIT_AGE, FLAG_COMMIT_AGE, FLAG_NOT_VERIFIED_OK, FLAG_OVERWRITE, FLAG_REPAIR, HEADER_SIZE,
+                          MAX_TOKEN_LEN, OP_AUTH, OP_GET, OP_PING, OP_PUT, PUT_FLAGS, decode_commit_age,
+                          encode_error, encode_response)
 
 from kvstored.auth import ADMIN, READ, WRITE
 from kvstored.engine.fence import OVERFLOW
@@ -72,16 +74,18 @@ def _put_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int
 def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     """A PUT with FLAG_REPAIR: a cluster repair agent's write, refused (errors.Deleted) when
     the key was deleted here lately (kvstored/engine/fence.py): checked before the payload
-    is taken, and again right before the commit (a delete may land while it arrives)."""
+    is taken, and again right before the commit (a delete may land while it arrives).
+    With FLAG_COMMIT_AGE the payload starts with the source record's commit age
+    (wire.COMMIT_AGE), and the record is stored with that commit time on this node's clock."""
+    rid, n = h.req_id, h.length
+    if h.flags & ~PUT_FLAGS or (h.flags & FLAG_COMMIT_AGE and not h.flags & FLAG_REPAIR):
+        return s.reject(OP_PUT, rid, n, errors.InvalidArgument(
+            f"a PUT's flags are {FLAG_OVERWRITE:#x} (overwrite), {FLAG_REPAIR:#x} (repair) and, "
+            f"with repair only, {FLAG_COMMIT_AGE:#x} (commit age); got {h.flags:#x}"))
     if s.plane.repair_queue.hold(s, h, ns, key, _put_repair):  # behind this node's clients
         return
     s.put_t0 = s.t_in
     s.counters["repair_requests"] += 1  # not a client's (kvstored/cluster/repair/pace.py)
-    rid, n = h.req_id, h.length
-    if h.flags & ~PUT_FLAGS:
-        return s.reject(OP_PUT, rid, n, errors.InvalidArgument(
-            f"a PUT's flags are {FLAG_OVERWRITE:#x} (overwrite) and {FLAG_REPAIR:#x} (repair); "
-            f"got {h.flags:#x}"))
     if s.guard is not None:  # the fence refuses puts: only nodes' repair agents (admin) may ask
         refused = s.guard.check(ns, ADMIN)
         if refused is not None:
@@ -90,15 +94,41 @@ def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     why = s.store.fence.refusal(ns, key)
     if why is not None:
         return s.reject(OP_PUT, rid, n, _refused(ns, key, why))
+    if not h.flags & FLAG_COMMIT_AGE:  # (an agent of an earlier version: the commit's own time)
+        return _repair_reserve(s, h, ns, key, n, None)
+    if n < COMMIT_AGE.size:
+        return s.reject(OP_PUT, rid, n, errors.InvalidArgument(
+            f"a commit-age put's payload is {n} bytes: shorter than its {COMMIT_AGE.size}-byte age"))
+    prefix = bytearray(COMMIT_AGE.size)
+    s.receive_payload(memoryview(prefix), COMMIT_AGE.size,
+                      lambda: _repair_aged(s, h, ns, key, n - COMMIT_AGE.size, prefix))
+
+
+def _repair_aged(s: DataSession, h: Header, ns: bytes, key: bytes, n: int, prefix: bytearray) -> None:
+    """The commit age of a FLAG_COMMIT_AGE put has arrived; its record (``n`` bytes) follows."""
+    try:
+        age = decode_commit_age(prefix)
+    except errors.InvalidArgument as e:
+        return s.reject(OP_PUT, h.req_id, n, e)
+    # on this node's clock: the age crossed nodes, the sender's clock did not (an age
+    # measured before the frame left: the copy looks newer by its transit, never older)
+    _repair_reserve(s, h, ns, key, n, time.time() - age)
+
+
+def _repair_reserve(s: DataSession, h: Header, ns: bytes, key: bytes, n: int,
+                    committed_at: float | None) -> None:
     s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0
-    s.reserve(OP_PUT, rid, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
-              _repair_reserved, skip=n, stream=True, recommit=False)
+    s.reserve(OP_PUT, h.req_id, ns, key, n, h.checksum, bool(h.flags & FLAG_OVERWRITE),
+              partial(_repair_reserved, committed_at=committed_at), skip=n, stream=True,
+              recommit=False)
 
 
-def _repair_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int) -> None:
+def _repair_reserved(s: DataSession, rid: int, res: "Reservation | None", size: int,
+                     committed_at: float | None = None) -> None:
     if res is None:
         s.skip_then_send(rid, size, _dedup_response(rid))
         return
+    res.committed_at = committed_at  # Store.commit: the source's commit time (None: now)
     s.res, s.put_rid = res, rid
     res.on_expire = s.expired
     s.receive_payload(res.view, size, partial(_repair_received, s))

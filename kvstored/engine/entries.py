@@ -106,7 +106,7 @@ class Reservation:
     """A slot being filled by a writer; invisible to readers until commit."""
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "overwrite", "deadline",
-                 "view", "on_expire", "done", "held", "recommit")
+                 "view", "on_expire", "done", "held", "recommit", "committed_at")
 
     def __init__(self, ns, key, offset, size, checksum, sc, overwrite, deadline, view):
         self.ns = ns
@@ -124,6 +124,8 @@ class Reservation:
         self.done = False
         self.held = False  # counted in a data session's and its client's reserved bytes
         self.recommit = True  # a client's write: finding these bytes stored commits them again
+        # a repair write's commit time (the source's: Store.commit), None: the commit's own
+        self.committed_at: float | None = None
 
 
 def _bytes_keys(ns, keys, call: str) -> list:

@@ -248,7 +248,9 @@ class Store(RepairHooks):
                 await self.dram.wait_for_space(left)  # re-checks: pin leases lapse meanwhile
 
     def commit(self, res: Reservation) -> bool:
-        """Verify the checksum and publish. True if stored, False if it deduplicated."""
+        """Verify the checksum and publish. True if stored, False if it deduplicated.
+        ``res.committed_at`` (a cluster repair's write: the commit time of the record it
+        copies) becomes the new entry's commit time; None: now."""
         actual = payload_checksum(res.view)
         cs = res.checksum
         if cs is None:
@@ -259,15 +261,17 @@ class Store(RepairHooks):
             self.dram.free_slot(res.offset)
             raise checksum_mismatch()
         return self._publish(res.ns, res.key, res.offset, res.size, cs, res.sc, res.overwrite,
-                             res.recommit)
+                             res.recommit, res.committed_at)
 
     def _publish(self, ns: bytes, key: bytes, off: int, size: int, cs: int, sc,
-                 overwrite: bool, recommit: bool = True) -> bool:
+                 overwrite: bool, recommit: bool = True, committed_at: float | None = None) -> bool:
         """Index the verified object in the slot at ``off`` (``commit``, ``put_bytes``).
         True if stored, False if the key holds these bytes already (the slot is freed)."""
         index = self.index
         dram = self.dram
         e = index.Entry(ns, key, off, size, cs, sc)
+        if committed_at is not None:
+            e.committed_at = committed_at
         # A put without overwrite is almost always of a new key, which needs no lookup:
         # insert refuses (KeyError, nothing changed) a key that is taken, and only then is
         # the stored entry looked up -- it may have been committed, deleted or evicted

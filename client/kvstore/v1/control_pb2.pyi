@@ -17,30 +17,34 @@ class HeadsRequest(_message.Message):
     def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., head_bytes: _Optional[int] = ...) -> None: ...
 
 class Head(_message.Message):
-    __slots__ = ("present", "unverified", "size", "checksum", "head", "deleted_ago")
+    __slots__ = ("present", "unverified", "size", "checksum", "head", "deleted_ago", "committed_ago")
     PRESENT_FIELD_NUMBER: _ClassVar[int]
     UNVERIFIED_FIELD_NUMBER: _ClassVar[int]
     SIZE_FIELD_NUMBER: _ClassVar[int]
     CHECKSUM_FIELD_NUMBER: _ClassVar[int]
     HEAD_FIELD_NUMBER: _ClassVar[int]
     DELETED_AGO_FIELD_NUMBER: _ClassVar[int]
+    COMMITTED_AGO_FIELD_NUMBER: _ClassVar[int]
     present: bool
     unverified: bool
     size: int
     checksum: int
     head: bytes
     deleted_ago: float
-    def __init__(self, present: _Optional[bool] = ..., unverified: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., head: _Optional[bytes] = ..., deleted_ago: _Optional[float] = ...) -> None: ...
+    committed_ago: float
+    def __init__(self, present: _Optional[bool] = ..., unverified: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., head: _Optional[bytes] = ..., deleted_ago: _Optional[float] = ..., committed_ago: _Optional[float] = ...) -> None: ...
 
 class HeadsResponse(_message.Message):
-    __slots__ = ("heads", "unverified_objects", "epoch")
+    __slots__ = ("heads", "unverified_objects", "epoch", "put_flags")
     HEADS_FIELD_NUMBER: _ClassVar[int]
     UNVERIFIED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
+    PUT_FLAGS_FIELD_NUMBER: _ClassVar[int]
     heads: _containers.RepeatedCompositeFieldContainer[Head]
     unverified_objects: int
     epoch: int
-    def __init__(self, heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ..., unverified_objects: _Optional[int] = ..., epoch: _Optional[int] = ...) -> None: ...
+    put_flags: int
+    def __init__(self, heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ..., unverified_objects: _Optional[int] = ..., epoch: _Optional[int] = ..., put_flags: _Optional[int] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("cancel",)
