@@ -2,7 +2,8 @@
 test moves by hand, and a peer's answer to Heads for one key."""
 from __future__ import annotations
 
-from typing import NamedTuple
+# a peer's answer to Heads for one key, as repair reads it (the agent makes these of pb.Head)
+from kvstored.cluster.repair.decide import Head  # noqa: F401
 
 
 class Clock:
@@ -16,12 +17,3 @@ class Clock:
 
     def advance(self, dt: float) -> None:
         self.t += dt
-
-
-class Head(NamedTuple):
-    """A peer's answer to Heads for one key (the fields repair reads of pb.Head)."""
-    present: bool
-    unverified: bool = False
-    checksum: int = 0
-    head: bytes = b""
-    deleted_ago: float = 0.0  # seconds since a client deleted the key there (0: not lately)

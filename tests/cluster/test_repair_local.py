@@ -99,7 +99,7 @@ class OtherNodes:
         self.calls.append(("get", member.node_id, len(keys)))
         return [self.data.get(member.node_id, {}).get((ns, k)) for k in keys]
 
-    def put_many(self, member, ns, items, overwrite):
+    def put_many(self, member, ns, items, overwrite, committed=None):
         assert member.node_id != ME, "a record for this node's own slot went over the wire"
         self.calls.append(("put", member.node_id, len(items)))
         return [True] * len(items)

@@ -463,7 +463,7 @@ class FakePeers:
         self.calls.append(("get", member.node_id, len(keys)))
         return [self.data.get(member.node_id, {}).get((ns, k)) for k in keys]
 
-    def put_many(self, member, ns, items, overwrite):
+    def put_many(self, member, ns, items, overwrite, committed=None):
         self.calls.append(("put", member.node_id, len(items)))
         if member.node_id in self.refuse:
             return [None] * len(items)
@@ -539,7 +539,7 @@ def test_executor_pipelined_writes_chunks_on_the_writer_thread(monkeypatch):
     writers = set()
     put = peers.put_many
 
-    def put_many(member, ns, items, overwrite):
+    def put_many(member, ns, items, overwrite, committed=None):
         writers.add(threading.current_thread().name)
         return put(member, ns, items, overwrite)
     peers.put_many = put_many

@@ -115,7 +115,7 @@ class _Peers:
         self.answer = answer
         self.writes: list = []
 
-    def put_many(self, member, ns, items, overwrite):
+    def put_many(self, member, ns, items, overwrite, committed=None):
         self.writes += [(member.node_id, k) for k, _v in items]
         return [self.answer] * len(items)
 

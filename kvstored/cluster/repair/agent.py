@@ -32,8 +32,9 @@ from concurrent.futures import CancelledError, ThreadPoolExecutor
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER, MAX_LAPS, Policy, lap_key, parse_head, slots, split_lap
 from kvstore.placement import Member
+from kvstore.wire import FLAG_COMMIT_AGE
 
-from .decide import Local, Obj, Peers, follower, led_by_first
+from .decide import Local, Obj, Peers, answered, follower, led_by_first
 from .execute import Executor
 from .local import LocalStore
 from .peers import PeerIO
@@ -607,7 +608,8 @@ class RepairAgent:
                         continue
                     settled = r.unverified_objects == 0
                     self._peer_epochs[member.node_id] = r.epoch
-                    out += [(o, lap, h) for (o, lap, _k), h in zip(chunk, r.heads)]
+                    at, aged = time.time(), bool(r.put_flags & FLAG_COMMIT_AGE)
+                    out += [(o, lap, answered(h, at, aged)) for (o, lap, _k), h in zip(chunk, r.heads)]
             return out, settled
 
         heads: dict[int, dict] = {}

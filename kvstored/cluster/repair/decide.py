@@ -61,6 +61,25 @@ class Obj:
     slots: list = field(default_factory=list)  # [(Member, lap)], layout.slots()
 
 
+class Head(NamedTuple):
+    """A peer's Heads answer for one record, as repair uses it (``answered``: from pb.Head)."""
+    present: bool
+    unverified: bool = False
+    checksum: int = 0
+    head: bytes = b""
+    deleted_ago: float = 0.0  # seconds since a client deleted the key there (0: not lately)
+    committed_at: float | None = None  # present: its commit time on this node's clock; None: unknown
+
+
+def answered(h, at: float, aged: bool) -> Head:
+    """``Head`` of a pb.Head that arrived at ``at`` (time.time()). ``aged``: the peer sets
+    ``committed_ago`` (its put_flags has wire.FLAG_COMMIT_AGE); the age becomes a time on
+    this node's clock (taken as the answer arrived: the record looks newer by the call's
+    latency, never older)."""
+    return Head(h.present, h.unverified, h.checksum, h.head, h.deleted_ago,
+                at - h.committed_ago if aged and h.present else None)
+
+
 class Peers(NamedTuple):
     """What the pass knows about the other nodes."""
     me: str

@@ -91,6 +91,33 @@ def _alone(o: Obj, got: dict, me: str) -> bool:
     return True
 
 
+def _local_time(o: Obj, key: bytes) -> float | None:
+    """The commit time of this node's record ``key`` of ``o`` (as the walk read it)."""
+    return next((v.committed_at for v in o.mine.values() if v.key == key), None)
+
+
+def _source_time(o: Obj, node_id: str, lap: int, heads: dict, me: str) -> float | None:
+    """The commit time, on this node's clock, of the record of ``o`` on lap ``lap`` of
+    ``node_id`` (a rebuild source): this node's own, or the peer's Heads answer (None: a
+    peer of an earlier version, which does not say)."""
+    if node_id == me:
+        v = o.mine.get(lap)
+        return None if v is None else v.committed_at
+    h = heads.get(id(o), {}).get((node_id, lap))
+    return None if h is None else h.committed_at
+
+
+def _oldest(times: list) -> float | None:
+    """The commit time a record rebuilt from sources committed at ``times`` keeps: the
+    oldest known one. It holds bytes of every source, so it is no newer than any of them;
+    a newer time would let a source a client re-put (or a copy written before copies
+    kept their time) carry the rest past a delete made after the others were written.
+    (Sources of one version are one put's fragments, so the times differ only by
+    re-puts and copies.) None when no source's time is known: the write's own."""
+    known = [t for t in times if t is not None]
+    return min(known) if known else None
+
+
 def _held(o: Obj, acts: list) -> int:
     """Bytes of records carrying out ``acts`` holds at once: a rebuild's sources and the
     records it builds, a copy's record and what is written of it; nothing for an object
@@ -282,17 +309,19 @@ class Executor:
                     local_keys[(o.ns, a.src)] = None
         # 2. rebuild sources, read local first, then one batch_get per peer
         recs: dict[int, list] = {}  # i -> usable source records
+        times: dict[int, list] = {}  # i -> their commit times (this node's clock; None: unknown)
         have: dict[int, set] = {}
         tried: dict[int, int] = {}  # i -> sources consumed
         rebuilds = [(i, o, a) for i, (o, acts) in enumerate(zip(objs, plans))
                     for a in acts if isinstance(a, Reconstruct)]
         for i, _o, _a in rebuilds:
-            recs[i], have[i], tried[i] = [], set(), 0
+            recs[i], times[i], have[i], tried[i] = [], [], set(), 0
         steps = self.steps
         if local_keys:  # the records to copy, in one loop hop
             steps.timed("read", self._read, [], me, local_keys)
         for _round in range(MAX_SOURCE_ROUNDS):
             wants = []  # (i, o, a, member, key)
+            when = []  # the commit time of each source asked for
             for i, o, a in rebuilds:
                 need = rb.needed(o.policy, a.kind) - len(recs[i])
                 if need <= 0 or tried[i] >= len(a.sources):
@@ -300,21 +329,25 @@ class Executor:
                 for j in a.sources[tried[i]:tried[i] + need]:
                     member, lap = o.slots[j]
                     wants.append((i, o, a, member, lap_key(o.base, lap)))
+                    when.append(_source_time(o, member.node_id, lap, heads, me))
                 tried[i] += need
             if not wants:
                 break
             got = steps.timed("read", self._read, wants, me, {})
             self.pace.step()
             c0, w0 = time.thread_time(), time.perf_counter()
-            for (i, o, a, _m, _k), buf in zip(wants, got):
-                recs[i] += rb.usable([buf], a.version, have[i], o.policy)
+            for (i, o, a, _m, _k), buf, at in zip(wants, got, when):
+                took = rb.usable([buf], a.version, have[i], o.policy)
+                recs[i] += took
+                times[i] += [at] * len(took)
             steps.add("check", time.thread_time() - c0, time.perf_counter() - w0)
-        # 3. records to write, per peer
-        writes: dict[str, tuple] = {}  # node_id -> (member, [(ns, overwrite, key, data, tag)])
+        # 3. records to write, per peer, each with the commit time it keeps there (the
+        # source's: a copy is no client's commit, docs/cluster.md "Deletes and repair")
+        writes: dict[str, tuple] = {}  # node_id -> (member, [(ns, overwrite, key, data, tag, at)])
         tags: dict[tuple, list] = {}  # (i, action index) -> results of its writes
 
-        def write(member, ns, overwrite, key, data, tag):
-            writes.setdefault(member.node_id, (member, []))[1].append((ns, overwrite, key, data, tag))
+        def write(member, ns, overwrite, key, data, tag, at):
+            writes.setdefault(member.node_id, (member, []))[1].append((ns, overwrite, key, data, tag, at))
             tags.setdefault(tag, [])
 
         c0, w0 = time.thread_time(), time.perf_counter()
@@ -326,24 +359,26 @@ class Executor:
                         ok[base + i] = False
                         tags[(i, n)] = [None]
                         continue
+                    at = _local_time(o, a.src)
                     for j in ((a.slot,) if isinstance(a, Copy) else a.slots):
-                        write(o.slots[j][0], o.ns, a.overwrite, a.dst, data, (i, n))
+                        write(o.slots[j][0], o.ns, a.overwrite, a.dst, data, (i, n), at)
                 elif isinstance(a, Reconstruct):
                     what = f"{o.ns.decode(errors='replace')}/{o.base[:48].hex()}"
                     built = rb.rebuild(o.policy, a.kind, recs.get(i, []), [t[0] for t in a.targets], what)
                     if built is None:
                         ok[base + i] = False
                         continue
+                    at = _oldest(times[i][:rb.needed(o.policy, a.kind)])  # the sources rebuild() used
                     for idx, j, overwrite in a.targets:
                         member, lap = o.slots[j]
-                        write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n))
+                        write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n), at)
         steps.add("rebuild", time.thread_time() - c0, time.perf_counter() - w0)
         self.pace.step()
 
         def finish() -> None:
             if self.pause is not None:
                 self.pause.before_write([(ns, key) for _m, items in writes.values()
-                                         for ns, _o, key, _d, _t in items])
+                                         for ns, _o, key, _d, _t, _at in items])
             results = steps.timed("write", self._write, writes, me, decided)
             for tag, r in results.items():
                 tags[tag] += r
@@ -411,26 +446,27 @@ class Executor:
             pace.begin()  # (a thread of its own with several peers at once)
             member, items = job
             put_many = (self.store.put_many if member.node_id == me
-                        else lambda ns, its, overwrite: self.peers.put_many(member, ns, its, overwrite))
+                        else lambda ns, its, overwrite, ats: self.peers.put_many(member, ns, its, overwrite, ats))
             groups: dict[tuple, list] = {}
-            for ns, overwrite, key, data, tag in items:
-                groups.setdefault((ns, overwrite), []).append((key, data, tag))
+            for ns, overwrite, key, data, tag, at in items:
+                groups.setdefault((ns, overwrite), []).append((key, data, tag, at))
             out = []
             for (ns, overwrite), its in groups.items():
-                for c, e in _chunks([size(d) for _k, d, _t in its],
+                for c, e in _chunks([size(d) for _k, d, _t, _a in its],
                                     max(1, int(pace.scale(PUT_CHUNK))), self.throttle.rate * WRITE_S):
                     if self.stopping():
-                        out += [(tag, None) for _k, _d, tag in its[c:]]
+                        out += [(tag, None) for _k, _d, tag, _a in its[c:]]
                         break
                     chunk = its[c:e]
                     pace.step()
-                    self.throttle.take(sum(size(d) for _k, d, _t in chunk))
+                    self.throttle.take(sum(size(d) for _k, d, _t, _a in chunk))
                     if time.monotonic() - decided > MAX_WRITE_AGE_S:  # past what fences cover
                         self.count("late_writes", len(its) - c)
-                        out += [(tag, None) for _k, _d, tag in its[c:]]
+                        out += [(tag, None) for _k, _d, tag, _a in its[c:]]
                         break
-                    rs = put_many(ns, [(k, d) for k, d, _t in chunk], overwrite)
-                    for (_k, d, tag), r in zip(chunk, rs):
+                    rs = put_many(ns, [(k, d) for k, d, _t, _a in chunk], overwrite,
+                                  [at for _k, _d, _t, at in chunk])
+                    for (_k, d, tag, _a), r in zip(chunk, rs):
                         if r is FENCED:
                             self.count("fenced")
                         elif r:

@@ -111,8 +111,8 @@ class LocalStore:
             return out
         return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
 
-    def put_many(self, ns: bytes, items: list[tuple[bytes, object]], overwrite: bool
-                 ) -> list[bool | None]:
+    def put_many(self, ns: bytes, items: list[tuple[bytes, object]], overwrite: bool,
+                 committed: list | None = None) -> list[bool | None]:
         """Store each (key, record) here, one loop hop for all (a record: bytes, or a
         (header, payload) pair copied into its slot back to back): True stored, False
         already there (identical), FENCED refused (the key was deleted here lately,
@@ -120,13 +120,15 @@ class LocalStore:
         over its bound; the next pass looks again). The same outcomes as a peer's repair write (PeerIO.put_many),
         without the loopback round trip: repair mostly rebuilds the records its own slots
         lack (with one node lost, the leader of an object is the slot that gets the extra
-        lap)."""
+        lap). ``committed``: per record, the commit time of the record it copies or was
+        rebuilt from (None: unknown, the write's own), kept as the new record's."""
         s = self._store
+        times = committed if committed is not None else [None] * len(items)
 
         async def call():
             out: list = []
             slices = Slices()  # a batch gives the loop back (kvstored/looplag.py)
-            for key, data in items:
+            for (key, data), at in zip(items, times):
                 await slices.turn()
                 why = s.fence.refusal(ns, key)  # (again below, after any wait for space)
                 if why is not None:
@@ -159,6 +161,7 @@ class LocalStore:
                     s.abort(res)
                     out.append(FENCED if why == DELETED else None)
                     continue
+                res.committed_at = at  # the source's commit time (Store.commit)
                 try:
                     out.append(s.commit(res))
                 except errors.KVStoreError:

@@ -17,11 +17,13 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 
 from kvstore import errors
 from kvstore._common import value_parts
 from kvstore.client import WINDOW
-from kvstore.wire import FLAG_REPAIR, OP_GET, OP_PUT
+from kvstore.wire import (COMMIT_AGE, FLAG_COMMIT_AGE, FLAG_OVERWRITE, FLAG_REPAIR, OP_GET, OP_PUT, checksum_parts,
+                          encode_commit_age, encode_request)
 
 log = logging.getLogger("kvstored.repair")
 
@@ -39,6 +41,8 @@ class PeerIO:
         self._clients: dict[str, object] = {}
         self._lock = threading.Lock()
         self.unreachable: set[str] = set()
+        # node_id -> the PUT flags its last Heads answer listed (0: an earlier version)
+        self.put_flags: dict[str, int] = {}
 
     def new_pass(self) -> None:
         self.unreachable = set()
@@ -81,11 +85,13 @@ class PeerIO:
         if member.node_id in self.unreachable:
             return None
         try:
-            return self.client(member).heads(keys, head_bytes=head_bytes, namespace=ns.decode())
+            r = self.client(member).heads(keys, head_bytes=head_bytes, namespace=ns.decode())
         except errors.KVStoreError as e:
             log.debug("repair: %s did not answer Heads: %s", member.node_id, e)
             self._down(member, e)
             return None
+        self.put_flags[member.node_id] = r.put_flags  # (a write to it follows its Heads)
+        return r
 
     def get_many(self, member, ns: bytes, keys: list[bytes]) -> list[bytearray | None]:
         """The bytes of each key on ``member`` (None where it failed, is absent or held
@@ -119,21 +125,31 @@ class PeerIO:
         return [self.get_many(member, ns, [k])[0] for k in keys]
 
     def put_many(self, member, ns: bytes, items: list[tuple[bytes, object]],
-                 overwrite: bool) -> list:
+                 overwrite: bool, committed: list | None = None) -> list:
         """Write each (key, record) to ``member`` as a repair write (a record: bytes, or a
         (header, payload) pair sent gathered): True stored, False already there
         (identical), FENCED refused (the key was deleted there lately), None failed (a
         Conflict: something else is there now; or the peer failed). The next pass looks
-        again at an object with any outcome but True and False."""
+        again at an object with any outcome but True and False.
+
+        ``committed``: per record, the commit time (time.time() on this node) of the record
+        it copies or was rebuilt from, or None. Sent as its age (FLAG_COMMIT_AGE) when the
+        peer's Heads said it takes one, so the copy keeps that time there; else the peer
+        stores it with the time of the write (a node of an earlier version)."""
         if not items:
             return []
         if member.node_id in self.unreachable:
             return [None] * len(items)
         records = [(k, *value_parts(v)) for k, v in items]  # (key, parts, size)
+        if not self.put_flags.get(member.node_id, 0) & FLAG_COMMIT_AGE:
+            committed = None
 
         def send(conn) -> list:  # one pipelined round; every answer read, errors in place
             order: dict[int, int] = {}
-            conn.send(conn.put_frames(ns, records, overwrite, order, flags=FLAG_REPAIR))
+            if committed is None:
+                conn.send(conn.put_frames(ns, records, overwrite, order, flags=FLAG_REPAIR))
+            else:
+                conn.send(_aged_frames(conn, ns, records, overwrite, order, committed))
             return conn._collect(order, None, False, None, OP_PUT, keep_errors=True)
 
         try:
@@ -161,3 +177,23 @@ class PeerIO:
         self._count("failures", n)
         self._down(member, e)
         log.info("repair: could not write to %s: %s", member.node_id, e)
+
+
+def _aged_frames(conn, ns: bytes, records: list, overwrite: bool, order: dict[int, int],
+                 committed: list) -> list:
+    """``conn.put_frames`` of repair writes, each record whose commit time is known
+    preceded by its age (wire.FLAG_COMMIT_AGE: the header's length counts the age, its
+    checksum is the record's alone). The ages are taken now, as the frames are sent."""
+    plain = FLAG_REPAIR | (FLAG_OVERWRITE if overwrite else 0)
+    now = time.time()
+    bufs: list = []
+    for (k, parts, n), at in zip(records, committed):
+        rid = conn.next_id()
+        order[rid] = len(order)
+        if at is None:
+            bufs.append(encode_request(OP_PUT, rid, ns, k, n, checksum_parts(parts), plain, conn.epoch))
+        else:
+            bufs.append(encode_request(OP_PUT, rid, ns, k, n + COMMIT_AGE.size, checksum_parts(parts),
+                                       plain | FLAG_COMMIT_AGE, conn.epoch) + encode_commit_age(now - at))
+        bufs += parts
+    return bufs
