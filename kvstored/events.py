@@ -6,7 +6,7 @@ the objects it holds, so a router can subscribe to it like to an engine.
 
 Wire format (what vLLM's ``ZmqEventPublisher`` sends, field for field):
 
-* a ZMQ PUB socket; each message is three frames: the topic (``events.topic``,
+* a ZMQ PUB; each message is three frames: the topic (``events.topic``,
   default empty), the sequence number (8 bytes, big-endian, from 0 at start,
   +1 per message), and the msgpack payload;
 * the payload is a batch ``[ts, [event, ...], dp_rank]`` (msgspec's
@@ -35,7 +35,7 @@ engine). Every start publishes ``AllBlocksCleared`` first, so a router drops
 what it knew of this node's previous life (objects recovered from NVMe are
 not announced).
 
-Late subscribers and gaps: a ROUTER socket (``events.replay_endpoint``) answers
+Late subscribers and gaps: a ROUTER (``events.replay_endpoint``) answers
 a request carrying a start sequence number (8 bytes, big-endian; sent from a
 REQ socket or a DEALER with an empty delimiter frame) with every buffered
 batch from that number on, each as ``[seq, payload]``, then ``[-1, b""]``
@@ -43,35 +43,48 @@ batch from that number on, each as ``[seq, payload]``, then ``[-1, b""]``
 (and at most ``REPLAY_MAX_BYTES``).
 
 The data path never waits for this: the store's commit and removal only append
-a tuple to a bounded queue; batches are encoded and handed to ZMQ (non-blocking;
-its own I/O thread does the sending) every ``FLUSH_DELAY`` (2 ms) at most. A subscriber
-that does not read costs at most ``SNDHWM`` queued messages, after which ZMQ
-drops its messages (it sees a gap in the sequence and can replay). Should the
+a tuple to a bounded queue; batches are encoded every ``FLUSH_DELAY`` (2 ms) at most,
+framed once and written to each subscriber's socket without waiting (what the kernel
+does not take at once is queued, bounded per subscriber: see below). Should the
 queue itself overflow (a burst of more than ``MAX_PENDING`` events between two
 flushes, e.g. a delete-all of a huge namespace), the queued events are dropped
 and counted (``kvstored_kv_events_dropped_total``), and the next batch starts
 with AllBlocksCleared: a router then under-estimates this node, never trusts a
 block that is gone.
 
-Connections: ZMQ accepts any number on a bound socket, each a descriptor of this process
-outside the node's connection limits. So each endpoint takes at most
-``events.max_subscribers`` at once (kept aside in the descriptor budget, descriptors.py):
-a ZMQ socket monitor reports every accept with its descriptor, and one over the limit is
-shut down at once (``shutdown`` on a duplicate; ZMQ's I/O thread then sees it end and
-closes its own). Refusals are counted (``kvstored_kv_event_subscribers_refused_total``)
-and logged once a minute at most. A refused ZMQ subscriber reconnects by itself (every
-100 ms by default) and gets in once a place is free.
+Connections: the daemon speaks ZMTP 3 (ZeroMQ's wire protocol, NULL security, as a PUB
+on the events endpoint and as a ROUTER on the replay endpoint) on its own listening
+sockets, on its loop (``ZmtpServer``): libzmq accepts in its own I/O thread without limit
+and offers no way to bound that, so an accept could only be refused after the fact, and a
+burst held descriptors past the limit (60-300 of 500 in one measurement). Here each
+endpoint accepts while fewer than ``events.max_subscribers`` connections are open; one
+over it is accepted and closed at once (so an endpoint holds at most the limit + 1
+descriptors, the one for the instant of a refusal); refusals are counted
+(``kvstored_kv_event_subscribers_refused_total``) and logged once a minute at most. A
+refused ZMQ subscriber reconnects by itself (every 100 ms by default) and gets in once a
+place is free. What one connection can hold, and for how long:
 
-The limit is on connections kept, not on accepts: ZMQ accepts (and greets) in its own I/O
-thread before the loop reads the reports, so a burst holds descriptors past the limit
-until the loop has read them: one loop turn after they come in at best, every one that
-comes while the loop is busy. Measured (limit 4, 500 connections at once from another
-process, a shared 2-core machine): 60-300 held past the limit at the peak, all closed
-within the next turns. Not bounded tighter: only ZMQ's thread could stop its accepts in
-time, it has no option for it, and ``zmq_unbind`` (the one way to stop them from here)
-also ends the connections that listener accepted. The excess comes out of what the
-budget leaves free (descriptors.py: HEADROOM, data places not in use); at the process's
-limit accepts fail with EMFILE (the descriptor watch logs it) until the loop has closed it.
+* a connection that has not finished ZMTP's greeting and READY within
+  ``HANDSHAKE_TIMEOUT`` (10 s) is closed (libzmq's own default is 30 s);
+* what it sends is read into at most ``MAX_FRAME`` bytes: a larger frame is skipped
+  unread (a replay request with one is answered with the end marker), a message of more
+  than ``MAX_FRAMES`` frames is malformed; subscriptions are not stored, only whether one
+  matches ``events.topic`` (libzmq keeps every subscription in a trie without bound);
+* a subscriber that does not read costs at most ``SUBSCRIBER_BUFFER`` bytes queued in the
+  daemon (past the kernel's socket buffer); past that its copies of new batches are
+  dropped and counted (``kvstored_kv_event_subscriber_drops_total``): it sees a gap in
+  the sequence and can replay;
+* a replay runs while its connection has less than ``REPLAY_BUFFER`` bytes queued; one
+  that cannot send for ``REPLAY_STALL_TIMEOUT`` (30 s) is closed (it held one of
+  ``MAX_REPLAYS`` places); at most ``MAX_QUEUED_REQUESTS`` requests wait behind a
+  connection's replay in progress, more are dropped (counted as refused);
+* a replay connection with no replay in progress closes after ``REPLAY_IDLE_TIMEOUT``
+  (300 s) without a request (a ZMQ DEALER or REQ reconnects by itself when it next sends).
+
+Accepts that fail (EMFILE: the process is at its descriptor limit) are counted
+(``kvstored_accept_failures_total``) and logged (at most once a minute); the endpoint
+stops accepting for ``ACCEPT_RETRY_DELAY`` then (the listening socket stays ready, and
+looking again at once would spin).
 """
 from __future__ import annotations
 
@@ -79,9 +92,11 @@ import asyncio
 import collections
 import errno
 import functools
+import itertools
 import logging
 import os
 import socket
+import stat
 import time
 from typing import Any
 
@@ -90,20 +105,31 @@ from xxhash import xxh3_64_intdigest
 log = logging.getLogger("kvstored.events")
 
 MAX_PENDING = 65536  # events queued between two flushes before they are dropped
-# Events wait this long to share a batch: a batch costs a ZMQ send (several us) on the
+# Events wait this long to share a batch: a batch costs a write per subscriber on the
 # loop, so at most ~500 batches/s whatever the put rate; routers do not notice 2 ms.
 FLUSH_DELAY = 0.002
 MAX_BATCH = 256  # events per published batch (a burst is split over loop turns)
-# Messages ZMQ queues per subscriber before dropping that subscriber's: 8 s at the most
-# batches a second; memory at most SNDHWM x ~10 KiB (a full batch) per stalled subscriber
-SNDHWM = 4000
+# bytes queued in the daemon for one subscriber (beyond the kernel's socket buffer) past
+# which its copies of new batches are dropped: ~2 s of the highest batch rate of full
+# batches (~12 KiB each); 256 MiB at most over the default 64 subscribers
+SUBSCRIBER_BUFFER = 4 << 20
 REPLAY_MAX_BYTES = 32 << 20  # payload bytes the replay buffer keeps at most
 REPLAY_CHUNK = 256  # batches a replay sends per loop turn (others are served meanwhile)
+REPLAY_BUFFER = 1 << 20  # bytes queued for a replay connection before its replay waits
 MAX_REPLAYS = 16  # replays in progress at once; more requests get only the end marker
-MAX_REQUESTS_PER_TURN = 64  # replay requests read per loop turn
+MAX_QUEUED_REQUESTS = 4  # requests waiting behind a connection's replay; more are dropped
+REPLAY_STALL_TIMEOUT = 30.0  # s a replay may wait for its connection to take bytes
+REPLAY_IDLE_TIMEOUT = 300.0  # s a replay connection may stay without a replay
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
-MAX_MONITOR_EVENTS_PER_TURN = 256  # accept/disconnect reports read per loop turn
-RECONCILE_EVERY = 1.0  # s: at the limit, drop tracked connections gone unreported, at most this often
+HANDSHAKE_TIMEOUT = 10.0  # s for ZMTP's greeting and READY after the accept
+# bytes of one received frame kept (a subscription, a replay request, an identity; the
+# topic is at most 256 characters); a larger one is skipped unread
+MAX_FRAME = 4 << 10
+MAX_FRAMES = 16  # frames of one received message kept; more: malformed
+READ_SIZE = 64 << 10  # bytes read from a connection per readiness event
+MAX_ACCEPTS_PER_TURN = 64  # accepts per readiness event of a listening socket
+ACCEPT_RETRY_DELAY = 1.0  # s without accepting after an accept failed (EMFILE)
+BACKLOG = 128
 REFUSED_LOG_EVERY = 60.0  # s between warnings while connections are refused
 
 _STORED, _REMOVED = 0, 1
@@ -130,16 +156,13 @@ class EventsError(OSError):
     the OSError kind end as ``kvstored: error: cannot start: ...``, exit 2)."""
 
 
-def _zmq():
+def _msgpack():
     try:
         import msgpack
-        import zmq
-        import zmq.utils.monitor  # noqa: F401 (here: read accepts without an import, which
-        # failed with EMFILE in a burst that took the process to its descriptor limit)
     except ModuleNotFoundError as e:
         raise EventsError(f"events.endpoint is set but the '{e.name}' package is not "
                           "installed: pip install 'kvstored[server]'") from None
-    return zmq, msgpack
+    return msgpack
 
 
 class EventPublisher:
@@ -162,59 +185,42 @@ class EventPublisher:
         self._scheduled = False
         self._buffer: collections.deque[tuple[int, bytes]] = collections.deque(maxlen=replay_buffer)
         self._buffer_bytes = 0
-        self._replays: collections.deque = collections.deque()  # [ident, delim, next seq]
+        self._replays: collections.deque[ZmtpConnection] = collections.deque()  # in progress
         self._replay_scheduled = False
         self.seq = 0
-        self.counters = dict.fromkeys(("events", "batches", "dropped", "send_errors", "replays",
-                                       "replay_bad_requests", "replays_refused",
-                                       "subscribers_refused"), 0)
-        self._limits: list[ConnectionLimit] = []  # the PUB's, then the ROUTER's
+        self.counters = dict.fromkeys(("events", "batches", "dropped", "subscriber_drops",
+                                       "replays", "replay_bad_requests", "replays_refused",
+                                       "replays_stalled", "subscribers_refused",
+                                       "handshakes_failed", "accept_failed"), 0)
+        self._pub: ZmtpServer | None = None
+        self._router: ZmtpServer | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._ctx = self._pub = self._router = None
         self._packb = None
-        self._z: Any = None  # the zmq module, once started
-        self._reader_fd: int | None = None
         self.closed = False
 
     # ------------------------------------------------------------ lifecycle
     def start(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
-        """Bind the sockets and announce AllBlocksCleared. Raises EventsError (one line)."""
-        zmq, msgpack = _zmq()
-        self._z = zmq
-        self._packb = msgpack.Packer(use_bin_type=True).pack
+        """Bind the endpoints and announce AllBlocksCleared. Raises EventsError (one line)."""
+        self._packb = _msgpack().Packer(use_bin_type=True).pack
         self._loop = loop or asyncio.get_running_loop()
-        self._ctx = zmq.Context(io_threads=1)
         try:
-            self._pub = self._bind(zmq.PUB, self.endpoint, "events.endpoint")
-            self._limits.append(ConnectionLimit(self, self._pub, "events.endpoint"))
+            self._pub = ZmtpServer(self, self.endpoint, "events.endpoint", PUB)
             if self.replay_endpoint:
-                self._router = self._bind(zmq.ROUTER, self.replay_endpoint,
-                                          "events.replay_endpoint")
-                self._limits.append(ConnectionLimit(self, self._router, "events.replay_endpoint"))
-                self._reader_fd = self._router.getsockopt(zmq.FD)
-                self._loop.add_reader(self._reader_fd, self._service_replay)
+                self._router = ZmtpServer(self, self.replay_endpoint, "events.replay_endpoint",
+                                          ROUTER)
         except BaseException:
             self.close()
             raise
         self._lost = True  # first batch: AllBlocksCleared (see the module docstring)
         self._schedule()
 
-    def _bind(self, kind: int, endpoint: str, setting: str):
-        zmq = self._z
-        s = self._ctx.socket(kind)
-        s.setsockopt(zmq.LINGER, 0)
-        s.setsockopt(zmq.SNDHWM, SNDHWM)
-        try:
-            s.bind(endpoint)
-        except zmq.ZMQError as e:
-            s.close(0)
-            why = os.strerror(e.errno) if e.errno and e.errno < 1000 else str(e)  # not ZMQ's addr=
-            raise EventsError(f"{setting}: cannot bind {endpoint!r} ({why}); use e.g. "
-                              "tcp://127.0.0.1:5557, tcp://*:5557 or ipc:///run/kvstored/events")
-        return s
+    def bound(self) -> tuple[str, str]:
+        """The endpoints as bound (a tcp port 0 or * replaced by the port taken)."""
+        return (self._pub.bound if self._pub else "", self._router.bound if self._router else "")
 
     def close(self) -> None:
-        """Publish what is queued (best effort), then close the sockets at once (no linger)."""
+        """Publish what is queued (best effort: what the sockets take at once), then close
+        every connection and listening socket."""
         if self.closed:
             return
         self.closed = True
@@ -222,19 +228,11 @@ class EventPublisher:
             self._scheduled = True  # no new schedule: flush now, in full
             while self._pending or self._lost:
                 self._flush_some()
-        if self._reader_fd is not None and self._loop is not None:
-            self._loop.remove_reader(self._reader_fd)
-            self._reader_fd = None
-        for lim in self._limits:
-            lim.close()
-        self._limits = []
-        for s in (self._pub, self._router):
-            if s is not None:
-                s.close(0)
+        for server in (self._pub, self._router):
+            if server is not None:
+                server.close()
         self._pub = self._router = None
-        if self._ctx is not None:
-            self._ctx.term()
-            self._ctx = None
+        self._replays.clear()
 
     # -------------------------------------------------- store observer half
     def stored(self, e: Any) -> None:
@@ -295,18 +293,16 @@ class EventPublisher:
             self._publish(self._packb([time.time(), events, 0]), len(events))
 
     def _publish(self, payload: bytes, n: int) -> None:
-        zmq = self._z
         seq = self.seq
         self.seq += 1
-        try:
-            # PUB never blocks: at a subscriber's SNDHWM ZMQ drops that subscriber's copy
-            self._pub.send_multipart((self.topic, seq.to_bytes(8, "big"), payload),
-                                     flags=zmq.NOBLOCK)
-        except zmq.ZMQError as e:  # the batch stays replayable
-            self.counters["send_errors"] += 1
-            if self.counters["send_errors"] == 1:
-                log.warning("KV events: publishing failed (%s); batches stay in the replay "
-                            "buffer", e.strerror)
+        if self._pub is not None and self._pub.subscribed:
+            wire = encode_message((self.topic, seq.to_bytes(8, "big"), payload))
+            for conn in tuple(self._pub.subscribed):  # (a failed write removes its connection)
+                # never waits: past its bound a subscriber's copy is dropped (it sees the gap)
+                if conn.queued + len(wire) > SUBSCRIBER_BUFFER:
+                    self.counters["subscriber_drops"] += 1
+                else:
+                    conn.write(wire)
         self.counters["events"] += n
         self.counters["batches"] += 1
         buf = self._buffer
@@ -318,219 +314,565 @@ class EventPublisher:
             self._buffer_bytes -= len(buf.popleft()[1])
 
     # ---------------------------------------------------------------- replay
-    def _service_replay(self) -> None:
-        """Read replay requests (the ROUTER's fd is edge-triggered: read until empty)."""
-        if self._router is None:
-            return
-        zmq = self._z
-        for _ in range(MAX_REQUESTS_PER_TURN):
-            try:
-                if not self._router.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    break
-                frames = self._router.recv_multipart(flags=zmq.NOBLOCK)
-            except zmq.Again:
-                break
-            except zmq.ZMQError as e:
-                log.warning("KV events: replay socket error (%s)", e.strerror)
-                break
-            self._request(frames)
-        else:  # more may be waiting: look again next turn, without a new fd edge
-            self._loop.call_soon(self._service_replay)
-        if self._replays and not self._replay_scheduled:
-            self._replay_scheduled = True
-            self._loop.call_soon(self._replay_some)
-
-    def _request(self, frames: list[bytes]) -> None:
-        # [identity, b"", start] from REQ (or a DEALER sending the delimiter); [identity,
-        # start] from a bare DEALER: the answer keeps the same shape
-        if len(frames) == 3 and frames[1] == b"" and len(frames[2]) == 8:
-            ident, delim, start = frames[0], [b""], frames[2]
-        elif len(frames) == 2 and len(frames[1]) == 8:
-            ident, delim, start = frames[0], [], frames[1]
+    def _request(self, conn: ZmtpConnection, frames: list[bytes], bad: bool) -> None:
+        """A replay request: ``[b"", start]`` from REQ (or a DEALER sending the delimiter),
+        ``[start]`` from a bare DEALER; the answer keeps the same shape."""
+        if not bad and len(frames) == 2 and frames[0] == b"" and len(frames[1]) == 8:
+            delim, start = True, frames[1]
+        elif not bad and len(frames) == 1 and len(frames[0]) == 8:
+            delim, start = False, frames[0]
         else:
             self.counters["replay_bad_requests"] += 1
             log.debug("KV events: malformed replay request (%d frames)", len(frames))
-            if len(frames) >= 2:  # answer the end marker, so a client does not wait forever
-                delim = [b""] if frames[1] == b"" else []
-                self._send_reply([frames[0], *delim, END_SEQ, b""])
+            start, delim = None, bool(frames) and frames[0] == b""
+        if conn.replay is not None:  # behind the replay in progress: its answer would cut it
+            if len(conn.requests) >= MAX_QUEUED_REQUESTS:
+                self.counters["replays_refused"] += 1
+            else:
+                conn.requests.append((delim, start))
+            return
+        self._begin(conn, delim, start)
+
+    def _begin(self, conn: ZmtpConnection, delim: bool, start: bytes | None) -> None:
+        prefix = (b"",) if delim else ()
+        if start is None:  # malformed: the end marker, so a client does not wait forever
+            conn.write(encode_message((*prefix, END_SEQ, b"")))
             return
         if len(self._replays) >= MAX_REPLAYS:
             self.counters["replays_refused"] += 1
-            self._send_reply([ident, *delim, END_SEQ, b""])
+            conn.write(encode_message((*prefix, END_SEQ, b"")))
             return
         self.counters["replays"] += 1
-        self._replays.append([ident, delim, int.from_bytes(start, "big")])
+        conn.replay = [prefix, int.from_bytes(start, "big")]
+        self._replays.append(conn)
+        self._schedule_replay()
+
+    def _schedule_replay(self) -> None:
+        if not self._replay_scheduled and self._replays and self._loop is not None:
+            self._replay_scheduled = True
+            self._loop.call_soon(self._replay_some)
 
     def _replay_some(self) -> None:
+        """Send up to REPLAY_CHUNK batches, round-robin over the replays whose connection
+        takes bytes (one with REPLAY_BUFFER queued waits until its socket drains)."""
         self._replay_scheduled = False
-        if self._router is None:
+        if self.closed:
             return
         budget = REPLAY_CHUNK
         buf = self._buffer
-        while self._replays and budget > 0:
-            job = self._replays[0]
-            ident, delim, nxt = job
+        for _ in range(len(self._replays)):
+            if budget <= 0:
+                break
+            conn = self._replays.popleft()
+            prefix, nxt = conn.replay
             # buffered seqs are consecutive, so the next batch's index follows from its seq
             # (the buffer moves on while a replay is in progress; what fell out is skipped)
             i = max(0, nxt - buf[0][0]) if buf else 0
-            while i < len(buf) and budget > 0:
+            while i < len(buf) and budget > 0 and conn.queued < REPLAY_BUFFER:
                 seq, payload = buf[i]
-                self._send_reply([ident, *delim, seq.to_bytes(8, "big"), payload])
+                conn.write(encode_message((*prefix, seq.to_bytes(8, "big"), payload)))
                 i += 1
                 budget -= 1
                 nxt = seq + 1
+            if conn.closed:  # a write failed: _replay_ended found it out of the queue
+                continue
             if i >= len(buf):
-                self._send_reply([ident, *delim, END_SEQ, b""])
-                self._replays.popleft()
+                conn.write(encode_message((*prefix, END_SEQ, b"")))
+                conn.replay = None
+                conn.idle_since = time.monotonic()
+                while conn.requests and conn.replay is None:  # next in line: this place
+                    self._begin(conn, *conn.requests.popleft())
             else:
-                job[2] = nxt
-                self._replays.rotate(-1)  # round-robin between subscribers
-        if self._replays:
-            self._replay_scheduled = True
-            self._loop.call_soon(self._replay_some)
-        # sending on the ROUTER can consume its fd's edge: look for requests again
-        self._loop.call_soon(self._service_replay)
+                conn.replay[1] = nxt
+                self._replays.append(conn)  # round-robin between subscribers
+                if conn.queued >= REPLAY_BUFFER:
+                    conn.wait_for_drain()
+        if any(c.queued < REPLAY_BUFFER for c in self._replays):
+            self._schedule_replay()
 
-    def _send_reply(self, frames: list[bytes]) -> None:
-        zmq = self._z
-        try:  # ROUTER drops (never blocks) for a peer past its HWM or gone
-            self._router.send_multipart(frames, flags=zmq.NOBLOCK)
-        except zmq.ZMQError:
-            pass
+    def _replay_ended(self, conn: ZmtpConnection) -> None:
+        if conn.replay is not None:
+            conn.replay = None
+            try:
+                self._replays.remove(conn)
+            except ValueError:
+                pass
 
     def subscribers(self) -> int:
-        """Connections to the events endpoint now (subscribers, and clients that never
-        finished ZMQ's handshake)."""
-        return len(self._limits[0].live) if self._limits else 0
+        """Connections to the events endpoint now (subscribers, and clients that have not
+        finished ZMTP's handshake)."""
+        return len(self._pub.conns) if self._pub is not None else 0
 
     def stats(self) -> dict[str, int]:
         return {**self.counters, "pending": len(self._pending), "replay_buffered": len(self._buffer),
                 "replay_buffered_bytes": self._buffer_bytes, "seq": self.seq,
                 "subscribers": self.subscribers(),
-                "replay_connections": len(self._limits[1].live) if len(self._limits) > 1 else 0}
+                "replay_connections": len(self._router.conns) if self._router is not None else 0}
 
 
-class ConnectionLimit:
-    """At most ``publisher.max_subscribers`` connections on one bound ZMQ socket (see the
-    module docstring); reads the socket's monitor on the publisher's loop."""
+# ------------------------------------------------------------------ ZMTP 3 (RFC 23, NULL)
 
-    def __init__(self, publisher: EventPublisher, sock, setting: str):
-        zmq = publisher._z
-        self.zmq, self.publisher, self.setting = zmq, publisher, setting
-        self.limit = publisher.max_subscribers
-        self.sock = sock
-        self.local = _local_address(sock.getsockopt(zmq.LAST_ENDPOINT).decode())
-        self.live: set[int] = set()  # descriptors of the connections ZMQ holds
-        self.reconciled = 0.0
+PUB, ROUTER = b"PUB", b"ROUTER"
+# the socket types libzmq lets connect to ours (its own check is on its side too)
+_PEERS = {PUB: (b"SUB", b"XSUB"), ROUTER: (b"REQ", b"DEALER", b"ROUTER")}
+_MORE, _LONG, _COMMAND = 0x01, 0x02, 0x04
+_GREETING_SIZE = 64
+
+
+def _greeting() -> bytes:
+    """Ours: signature, version 3.0 (so a libzmq peer sends subscriptions as messages, not
+    3.1's SUBSCRIBE commands; both are understood), mechanism NULL, as-server 0, filler."""
+    return b"\xff" + b"\0" * 8 + b"\x7f" + b"\x03\x00" + b"NULL".ljust(20, b"\0") + b"\0" * 32
+
+
+def _frame(flags: int, body: bytes) -> bytes:
+    n = len(body)
+    if n < 256:
+        return bytes((flags, n)) + body
+    return bytes((flags | _LONG,)) + n.to_bytes(8, "big") + body
+
+
+def encode_message(frames: tuple[bytes, ...]) -> bytes:
+    """One ZMTP message of ``frames`` as it goes on the wire."""
+    last = len(frames) - 1
+    return b"".join(_frame(_MORE if i < last else 0, f) for i, f in enumerate(frames))
+
+
+def _command(name: bytes, data: bytes) -> bytes:
+    return _frame(_COMMAND, bytes((len(name),)) + name + data)
+
+
+def _ready(socket_type: bytes) -> bytes:
+    prop = b"Socket-Type"
+    return _command(b"READY", bytes((len(prop),)) + prop + len(socket_type).to_bytes(4, "big")
+                    + socket_type)
+
+
+def _properties(data: bytes) -> dict[bytes, bytes] | None:
+    """READY's metadata, None when malformed."""
+    out, i = {}, 0
+    while i < len(data):
+        n = data[i]
+        name = data[i + 1:i + 1 + n]
+        j = i + 1 + n
+        if len(name) != n or j + 4 > len(data):
+            return None
+        m = int.from_bytes(data[j:j + 4], "big")
+        if j + 4 + m > len(data):
+            return None
+        out[name.lower()] = data[j + 4:j + 4 + m]
+        i = j + 4 + m
+    return out
+
+
+class ZmtpServer:
+    """One listening endpoint: accepts at most ``publisher.max_subscribers`` connections at
+    once (one more only for the instant of closing it), on the publisher's loop."""
+
+    def __init__(self, publisher: EventPublisher, endpoint: str, setting: str, kind: bytes):
+        self.publisher, self.setting, self.kind = publisher, setting, kind
+        self.loop = publisher._loop
+        self.sock, self.bound, self._path = _listen(endpoint, setting)
+        self.conns: set[ZmtpConnection] = set()
+        self.subscribed: list[ZmtpConnection] = []  # PUB: connections whose subscription matches
         self.refused_since_log = 0
         self.logged = -REFUSED_LOG_EVERY
-        self.mon = sock.get_monitor_socket(zmq.EVENT_ACCEPTED | zmq.EVENT_DISCONNECTED)
-        self.loop = publisher._loop
-        self.fd = self.mon.getsockopt(zmq.FD)
-        self.loop.add_reader(self.fd, self._read)
-        self.loop.call_soon(self._read)  # ZMQ's fd signals changes only: read what came first
+        self.failed_logged = -REFUSED_LOG_EVERY
+        self._retry: asyncio.TimerHandle | None = None
+        self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    @property
+    def limit(self) -> int:
+        return self.publisher.max_subscribers
 
     def close(self) -> None:
-        if self.mon is None:
+        if self.sock is None:
             return
-        self.loop.remove_reader(self.fd)
-        try:
-            self.sock.disable_monitor()
-        except self.zmq.ZMQError:
-            pass
-        self.mon.close(0)
-        self.mon = None
-
-    def _read(self) -> None:
-        """Monitor reports (edge-triggered fd: read until empty, a bounded number a turn)."""
-        zmq = self.zmq
-        if self.mon is None:
-            return
-        parse_monitor_message = zmq.utils.monitor.parse_monitor_message
-        for _ in range(MAX_MONITOR_EVENTS_PER_TURN):
+        if self._retry is not None:
+            self._retry.cancel()
+        else:
+            self.loop.remove_reader(self.sock.fileno())
+        self.sock.close()
+        self.sock = None
+        if self._path:
             try:
-                if not self.mon.getsockopt(zmq.EVENTS) & zmq.POLLIN:
-                    return
-                msg = parse_monitor_message(self.mon.recv_multipart(flags=zmq.NOBLOCK))
-            except zmq.Again:
-                return
-            except zmq.ZMQError as e:
-                log.warning("KV events: %s monitor error (%s)", self.setting, e.strerror)
-                return
-            fd = int(msg["value"])
-            if msg["event"] == zmq.EVENT_DISCONNECTED:
-                self.live.discard(fd)
-            elif msg["event"] == zmq.EVENT_ACCEPTED:
-                self._accepted(fd)
-        self.loop.call_soon(self._read)  # more may be waiting, without a new fd edge
+                os.unlink(self._path)
+            except OSError:
+                pass
+        for conn in list(self.conns):
+            conn.close()
 
-    def _accepted(self, fd: int) -> None:
-        if len(self.live) >= self.limit:
-            self._reconcile()
-        if len(self.live) < self.limit:
-            self.live.add(fd)
-            return
-        ours = _shut_down_if(fd, self.local)
-        if ours:
-            self.publisher.counters["subscribers_refused"] += 1
-            self.refused_since_log += 1
-            now = time.monotonic()
-            if now - self.logged >= REFUSED_LOG_EVERY:
-                log.warning("KV events: %d connection(s) to %s refused: %d at once at most "
-                            "(events.max_subscribers)", self.refused_since_log, self.setting,
-                            self.limit)
-                self.logged, self.refused_since_log = now, 0
-        elif ours is None:  # not checked (out of descriptors): a connection all the same
-            self.live.add(fd)
-        # False: closed (and its descriptor reused) before this report was read
+    def _accept(self) -> None:
+        for _ in range(MAX_ACCEPTS_PER_TURN):
+            try:
+                sock, _ = self.sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno in (errno.ECONNABORTED, errno.EPROTO):
+                    continue
+                self._accept_failed(e)
+                return
+            if len(self.conns) >= self.limit:
+                sock.close()
+                self._refused()
+                continue
+            conn = ZmtpConnection(self, sock)
+            self.conns.add(conn)
+            conn.write(_greeting())
 
-    def _reconcile(self) -> None:
-        """Drop descriptors no longer ours (a disconnect the monitor did not report: its
-        queue is bounded); at most every RECONCILE_EVERY s."""
+    def _accept_failed(self, e: OSError) -> None:
+        """Out of descriptors (or memory): counted, logged once a minute at most; no accept
+        for ACCEPT_RETRY_DELAY (the listening socket stays ready: retrying at once spins)."""
+        self.publisher.counters["accept_failed"] += 1
         now = time.monotonic()
-        if now - self.reconciled < RECONCILE_EVERY:
+        if now - self.failed_logged >= REFUSED_LOG_EVERY:
+            self.failed_logged = now
+            log.warning("KV events: accept on %s failed (%s): new subscribers wait until "
+                        "descriptors are free", self.setting, e.strerror or e)
+        self.loop.remove_reader(self.sock.fileno())
+        self._retry = self.loop.call_later(ACCEPT_RETRY_DELAY, self._resume)
+
+    def _resume(self) -> None:
+        self._retry = None
+        if self.sock is not None:
+            self.loop.add_reader(self.sock.fileno(), self._accept)
+
+    def _refused(self) -> None:
+        self.publisher.counters["subscribers_refused"] += 1
+        self.refused_since_log += 1
+        now = time.monotonic()
+        if now - self.logged >= REFUSED_LOG_EVERY:
+            log.warning("KV events: %d connection(s) to %s refused: %d at once at most "
+                        "(events.max_subscribers)", self.refused_since_log, self.setting,
+                        self.limit)
+            self.logged, self.refused_since_log = now, 0
+
+    def gone(self, conn: ZmtpConnection) -> None:
+        self.conns.discard(conn)
+        if conn.matching:
+            self.subscribed.remove(conn)
+
+
+class ZmtpConnection:
+    """One accepted connection: greeting and READY within HANDSHAKE_TIMEOUT, then frames
+    read into bounded buffers; writes never block (what the socket does not take is
+    queued: the publisher bounds it)."""
+
+    def __init__(self, server: ZmtpServer, sock: socket.socket):
+        self.server, self.sock = server, sock
+        self.publisher = server.publisher
+        self.loop = server.loop
+        self.fd = sock.fileno()
+        sock.setblocking(False)
+        if sock.family != socket.AF_UNIX:
+            try:  # batches are small and wanted now
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # reset already: the first read says so
+                pass
+        self.rbuf = bytearray()
+        self.wbuf: collections.deque[memoryview] = collections.deque()
+        self.queued = 0  # bytes in wbuf
+        self.greeted = self.ready = False
+        self.frames: list[bytes] = []  # of the message being received
+        self.bad = False  # that message is malformed (too many or too large frames)
+        self.skip = 0  # bytes of an oversized frame still to skip
+        self.skip_more = False  # that frame had MORE set
+        self.topics: dict[bytes, int] = {}  # subscriptions matching events.topic, with counts
+        self.matching = False  # in server.subscribed
+        self.replay: list | None = None  # [reply prefix, next seq] while a replay runs
+        self.requests: collections.deque = collections.deque()
+        self.idle_since = time.monotonic()
+        self.stall: asyncio.TimerHandle | None = None
+        self.closed = False
+        self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
+        self.loop.add_reader(self.fd, self._readable)
+
+    # ---------------------------------------------------------------- writing
+    def write(self, data: bytes) -> None:
+        if self.closed:
             return
-        self.reconciled = now
-        for fd in list(self.live):
-            if _shut_down_if(fd, self.local, shut=False) is False:
-                self.live.discard(fd)
+        if not self.wbuf:
+            try:
+                n = self.sock.send(data)
+            except (BlockingIOError, InterruptedError):
+                n = 0
+            except OSError:
+                self.close()
+                return
+            if n == len(data):
+                return
+            self.loop.add_writer(self.fd, self._writable)
+            data = memoryview(data)[n:]
+        else:
+            data = memoryview(data)
+        self.wbuf.append(data)
+        self.queued += len(data)
 
+    def _writable(self) -> None:
+        while self.wbuf:
+            try:
+                n = self.sock.sendmsg(itertools.islice(self.wbuf, 64))
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                self.close()
+                return
+            self.queued -= n
+            while n:
+                head = self.wbuf[0]
+                if n >= len(head):
+                    n -= len(head)
+                    self.wbuf.popleft()
+                else:
+                    self.wbuf[0] = head[n:]
+                    n = 0
+            if self.replay is not None and self.queued < REPLAY_BUFFER:
+                if self.stall is not None:
+                    self.stall.cancel()
+                    self.stall = None
+                self.publisher._schedule_replay()
+        self.loop.remove_writer(self.fd)
 
-def _local_address(endpoint: str) -> tuple[int, Any]:
-    """(family, port or path) of a bound ZMQ endpoint (ZMQ_LAST_ENDPOINT)."""
-    if endpoint.startswith("ipc://"):
-        return socket.AF_UNIX, endpoint[6:]
-    return socket.AF_INET, int(endpoint.rpartition(":")[2])
+    def wait_for_drain(self) -> None:
+        """A replay waits for this connection: closed if it takes nothing for
+        REPLAY_STALL_TIMEOUT (it holds one of MAX_REPLAYS places)."""
+        if self.stall is None:
+            self.stall = self.loop.call_later(REPLAY_STALL_TIMEOUT, self._stalled)
 
+    def _stalled(self) -> None:
+        self.stall = None
+        if self.replay is not None and self.queued >= REPLAY_BUFFER:
+            self.publisher.counters["replays_stalled"] += 1
+            log.info("KV events: a replay connection took nothing for %.0f s: closed",
+                     REPLAY_STALL_TIMEOUT)
+            self.close()
 
-def _shut_down_if(fd: int, local: tuple[int, Any], shut: bool = True) -> bool | None:
-    """Whether ``fd`` is a connection accepted on ``local``; if so and ``shut``, shut it
-    down. The check guards against a descriptor closed and reused since its report. Works
-    on a duplicate: ZMQ's I/O thread owns ``fd`` and closes it once it sees the end.
-    None: not known (no descriptor left for the duplicate)."""
-    try:
-        dup = os.dup(fd)
-    except OSError as e:
-        return False if e.errno == errno.EBADF else None
-    try:
-        s = socket.socket(fileno=dup)
-    except OSError:
-        os.close(dup)
-        return False
-    with s:
+    # ---------------------------------------------------------------- reading
+    def _readable(self) -> None:
         try:
-            if s.type != socket.SOCK_STREAM:
-                return False
-            name = s.getsockname()
-            if local[0] == socket.AF_UNIX:
-                ours = s.family == socket.AF_UNIX and name == local[1]
-            else:
-                ours = s.family in (socket.AF_INET, socket.AF_INET6) and name[1] == local[1]
-            if ours and shut:
-                s.shutdown(socket.SHUT_RDWR)
-            return ours
+            data = self.sock.recv(READ_SIZE)
+        except (BlockingIOError, InterruptedError):
+            return
         except OSError:
-            return False
+            self.close()
+            return
+        if not data:
+            self.close()
+            return
+        self.rbuf += data
+        self._parse()
+
+    def _parse(self) -> None:
+        buf = self.rbuf
+        pos = 0
+        if not self.greeted:
+            if len(buf) < _GREETING_SIZE:
+                if buf[:1] not in (b"", b"\xff"):  # not ZMTP 2+ (1.0 or not ZMQ at all)
+                    self._fail("not a ZMTP 3 greeting")
+                return
+            g = bytes(buf[:_GREETING_SIZE])
+            if g[0] != 0xFF or g[9] & 1 != 1 or g[10] < 3 or g[12:32].rstrip(b"\0") != b"NULL":
+                self._fail("not a ZMTP 3 NULL-security greeting")
+                return
+            self.greeted = True
+            pos = _GREETING_SIZE
+            self.write(_ready(self.server.kind))
+        while not self.closed:
+            if self.skip:  # the rest of an oversized frame: dropped as it comes
+                n = min(self.skip, len(buf) - pos)
+                self.skip -= n
+                pos += n
+                if self.skip:
+                    break
+                if not self.skip_more:
+                    self._message()
+                continue
+            if len(buf) - pos < 2:
+                break
+            flags = buf[pos]
+            if flags & _LONG:
+                if len(buf) - pos < 9:
+                    break
+                size, hdr = int.from_bytes(buf[pos + 1:pos + 9], "big"), 9
+            else:
+                size, hdr = buf[pos + 1], 2
+            if flags & _COMMAND:
+                if size > MAX_FRAME:  # no command of ours is this large
+                    self._fail("command frame too large")
+                    return
+                if len(buf) - pos < hdr + size:
+                    break
+                body = bytes(buf[pos + hdr:pos + hdr + size])
+                pos += hdr + size
+                self._command(body)
+                continue
+            if not self.ready:
+                self._fail("a message before READY")
+                return
+            if size > MAX_FRAME:
+                self.bad = True
+                self.skip, self.skip_more = size, bool(flags & _MORE)
+                pos += hdr
+                continue
+            if len(buf) - pos < hdr + size:
+                break
+            if len(self.frames) < MAX_FRAMES:
+                self.frames.append(bytes(buf[pos + hdr:pos + hdr + size]))
+            else:
+                self.bad = True
+            pos += hdr + size
+            if not flags & _MORE:
+                self._message()
+        if pos:
+            del buf[:pos]
+
+    def _command(self, body: bytes) -> None:
+        n = body[0] if body else 0
+        name, data = body[1:1 + n], body[1 + n:]
+        if name == b"READY" and not self.ready:
+            props = _properties(data)
+            if props is None or props.get(b"socket-type") not in _PEERS[self.server.kind]:
+                self._fail("READY without a matching Socket-Type")
+                return
+            self.ready = True
+            self.timer.cancel()
+            if self.server.kind == ROUTER:
+                self.timer = self.loop.call_later(REPLAY_IDLE_TIMEOUT, self._idle_check)
+        elif not self.ready:
+            self._fail(f"{name!r} before READY")
+        elif name == b"PING":  # ZMTP 3.1 heartbeat: TTL (2 bytes), then the context to echo
+            self.write(_command(b"PONG", data[2:18]))
+        elif name == b"SUBSCRIBE":
+            self._subscription(True, data)
+        elif name == b"CANCEL":
+            self._subscription(False, data)
+        elif name == b"ERROR":
+            self.close()
+
+    def _message(self) -> None:
+        frames, bad = self.frames, self.bad
+        self.frames, self.bad = [], False
+        if self.server.kind == PUB:  # a subscription (ZMTP 3.0): 1 or 0, then the topic
+            if not bad and len(frames) == 1 and frames[0][:1] in (b"\x01", b"\x00"):
+                self._subscription(frames[0][0] == 1, frames[0][1:])
+            return
+        self.idle_since = time.monotonic()
+        self.publisher._request(self, frames, bad)
+
+    def _subscription(self, on: bool, topic: bytes) -> None:
+        """Only subscriptions that match events.topic are kept (a count each): the others
+        could never select a message, and keeping them would cost memory without bound."""
+        if self.server.kind != PUB or not self.publisher.topic.startswith(topic):
+            return
+        if on:
+            self.topics[topic] = self.topics.get(topic, 0) + 1
+        elif topic in self.topics:
+            self.topics[topic] -= 1
+            if not self.topics[topic]:
+                del self.topics[topic]
+        wants = bool(self.topics)
+        if wants != self.matching:
+            self.matching = wants
+            if wants:
+                self.server.subscribed.append(self)
+            else:
+                self.server.subscribed.remove(self)
+
+    # ------------------------------------------------------------------ ending
+    def _handshake_expired(self) -> None:
+        self._fail(f"no ZMTP handshake within {HANDSHAKE_TIMEOUT:.0f} s")
+
+    def _idle_check(self) -> None:
+        """Replay connections: closed after REPLAY_IDLE_TIMEOUT without a replay (ZMQ
+        clients reconnect by themselves); one with a replay is the stall timer's."""
+        if self.closed:
+            return
+        left = self.idle_since + REPLAY_IDLE_TIMEOUT - time.monotonic()
+        if self.replay is None and left <= 0:
+            self.close()
+        else:
+            self.timer = self.loop.call_later(max(left, 1.0), self._idle_check)
+
+    def _fail(self, why: str) -> None:
+        if not self.ready:
+            self.publisher.counters["handshakes_failed"] += 1
+        log.debug("KV events: %s connection closed: %s", self.server.setting, why)
+        self.close()
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        self.timer.cancel()
+        if self.stall is not None:
+            self.stall.cancel()
+        self.loop.remove_reader(self.fd)
+        if self.wbuf:
+            self.loop.remove_writer(self.fd)
+        self.wbuf.clear()
+        self.queued = 0
+        self.sock.close()
+        self.publisher._replay_ended(self)
+        self.server.gone(self)
+
+
+def _listen(endpoint: str, setting: str) -> tuple[socket.socket, str, str]:
+    """A non-blocking listening socket for a tcp:// or ipc:// endpoint (ZMQ's spelling:
+    ``*`` for every address or for any port, ``ipc://@name`` for Linux's abstract
+    namespace); returns (socket, the endpoint as bound, the ipc path to remove at close)."""
+    hint = "use e.g. tcp://127.0.0.1:5557, tcp://*:5557 or ipc:///run/kvstored/events"
+    path = ""
+    try:
+        if endpoint.startswith("ipc://"):
+            name = endpoint[6:]
+            addr = "\0" + name[1:] if name.startswith("@") else name
+            if not name.startswith("@"):
+                _remove_stale(name)
+                path = name
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            try:
+                sock.bind(addr)
+                sock.listen(BACKLOG)
+            except BaseException:
+                sock.close()
+                raise
+            bound = endpoint
+        elif endpoint.startswith("tcp://"):
+            host, _, port = endpoint[6:].rpartition(":")
+            host = "0.0.0.0" if host == "*" else host.strip("[]")
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socket.create_server((host, 0 if port == "*" else int(port)), family=family,
+                                        backlog=BACKLOG)
+            p = sock.getsockname()[1]
+            bound = f"tcp://{endpoint[6:].rpartition(':')[0]}:{p}"
+        else:
+            raise EventsError(f"{setting}: {endpoint!r} is not a tcp:// or ipc:// endpoint; {hint}")
+    except EventsError:
+        raise
+    except (OSError, ValueError) as e:
+        why = e.strerror if isinstance(e, OSError) and e.strerror else str(e)
+        raise EventsError(f"{setting}: cannot bind {endpoint!r} ({why}); {hint}") from None
+    sock.setblocking(False)
+    return sock, bound, path
+
+
+def _remove_stale(path: str) -> None:
+    """An ipc path left by an earlier run is removed (as libzmq does); one a process still
+    listens on, or a file that is not a socket, is an error (bind then says so)."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return
+    if not stat.S_ISSOCK(st.st_mode):
+        return  # bind fails: Address already in use
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        probe.connect(path)
+    except OSError:
+        os.unlink(path)
+    finally:
+        probe.close()
 
 
 def default_replay_endpoint(endpoint: str) -> str:

@@ -290,7 +290,9 @@ class NodeCollector(Collector):
                        "that found the daemon out of file descriptors: new connections fail.",
                        counters.get("descriptor_limit_reached", 0))
         yield _counter("kvstored_accept_failures", "Accepts that failed (EMFILE and the like) "
-                       "on the TLS data port and the shm socket.", counters.get("accept_failed", 0))
+                       "on the TLS data port, the shm socket and the KV event endpoints.",
+                       counters.get("accept_failed", 0) + (
+                           m.events.counters["accept_failed"] if m.events is not None else 0))
         yield _counter("kvstored_metrics_requests_refused", "Metrics-port connections closed "
                        "at 64 open, and scrapes answered 503 after 5 s waiting for a turn (5 a second).",
                        m.server.refused if m.server is not None else 0)
@@ -588,6 +590,16 @@ class UsageCollector(Collector):
         yield _counter("kvstored_kv_event_subscribers_refused", "Connections to the KV events "
                        "or replay endpoint closed on accept: events.max_subscribers were open.",
                        ev.get("subscribers_refused", 0))
+        yield _counter("kvstored_kv_event_subscriber_drops", "Batches not sent to a subscriber "
+                       "that had 4 MiB queued (it did not read; it sees a gap and can replay).",
+                       ev.get("subscriber_drops", 0))
+        yield _counter("kvstored_kv_event_handshakes_failed", "Connections to the KV events or "
+                       "replay endpoint closed before ZMTP's handshake ended (10 s at most, or "
+                       "not ZMTP 3 with NULL security, or a socket type that does not fit).",
+                       ev.get("handshakes_failed", 0))
+        yield _counter("kvstored_kv_event_replays_stalled", "Replay connections closed after "
+                       "taking no bytes for 30 s with a replay in progress.",
+                       ev.get("replays_stalled", 0))
 
 
 __all__ = ["BUCKETS", "DataPlaneStats", "LatencyHistogram", "Metrics", "MetricsServer", "NodeCollector",

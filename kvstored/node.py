@@ -290,8 +290,8 @@ class Node:
         from kvstored.dataplane.rdma import enable as enable_rdma  # before any connection
         self.rdma, self.rdma_status = enable_rdma(self.data_server, tls=self.tls is not None)
         # refuses to start when RLIMIT_NOFILE leaves too few descriptors to serve
-        events_fds = 0 if self.events is None else c.events_max_subscribers * (
-            2 if self.events.replay_endpoint else 1)  # connections ZMQ may accept
+        events_fds = 0 if self.events is None else (c.events_max_subscribers + 1) * (
+            2 if self.events.replay_endpoint else 1)  # each endpoint's places, + 1 refusing
         self.fds = fds = descriptors.plan(c.max_connections, c.max_control_connections,
                                           reserved=events_fds)
         self.data_server.max_connections = fds.data
