@@ -394,6 +394,7 @@ def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, 
     cc = ClusterClient.from_cluster([d.control for d in ds], node_timeout=3.0, refresh_s=0.5)
     objs = {f"e-{i}".encode(): _blob(300_000 + i, i) for i in range(24)}
     cc.batch_put(list(objs.items()), namespace="ec")
+    put_done = time.time()
     time.sleep(2.5)  # older than the young-record guard
     victim = ds[1]
     with kvstore.Client(victim.control, timeout=5) as c:
@@ -405,7 +406,18 @@ def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, 
         _wait(lambda: c.stats().counters["objects"] >= held, 30, "the restarted node refilled")
     members = placement_members(ds[0])
     assert len(members) == 4
-    assert not _full_redundancy(members, "ec", Policy.parse("ec:2+1"), objs)
+    p = Policy.parse("ec:2+1")
+    assert not _full_redundancy(members, "ec", p, objs)
+    # the fragments rebuilt onto it keep their sources' commit time (the put's), not the
+    # time of the rebuild: Heads answers their age since the put
+    from kvstore.layout import lap_key, placement_key, slots
+    rebuilt = [lap_key(placement_key(k, p), lap) for k in objs
+               for m, lap in slots(placement_key(k, p), members, p, "ec") if m.node_id == "r1"]
+    asked = time.time()  # (rebuilt 2.5 s after the put at the earliest; 1 s of slack)
+    with kvstore.Client(victim.control, timeout=5, shm=False, namespace="ec") as c:
+        heads = c.heads(rebuilt).heads
+    assert rebuilt and all(h.present for h in heads)
+    assert all(h.committed_ago >= asked - put_done - 1.0 for h in heads), [h.committed_ago for h in heads]
     cc.close()
 
 

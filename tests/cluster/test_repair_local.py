@@ -56,6 +56,22 @@ def test_put_many_identical_conflicting_and_overwritten(local):
     assert stored(local, b"k") == w
 
 
+def test_put_many_keeps_the_commit_time_it_is_given():
+    """The agent's own store writes keep the source's commit time (a copy is no client's
+    commit: docs/cluster.md "Deletes and repair"); None: the write's own. Writing the same
+    bytes again with another time changes nothing (a repair write never refreshes)."""
+    import time
+    with store_on_loop(StoreLimits(dram_size=4 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
+                                   hugepages=False, prefault=False)) as (store, _l, ls):
+        old = time.time() - 7200.0
+        v = os.urandom(3000)
+        assert ls.put_many(NS, [(b"old", v), (b"new", (v[:64], v[64:]))], False, [old, None]) == [True, True]
+        assert store.peek(NS, b"old").committed_at == old
+        assert time.time() - 60 < store.peek(NS, b"new").committed_at <= time.time()
+        assert ls.put_many(NS, [(b"old", v)], False, [time.time()]) == [False]
+        assert store.peek(NS, b"old").committed_at == old
+
+
 def test_put_many_oversized_and_no_space_fail_per_record(local):
     big = b"x" * (MiB + 1)  # over max_value_size: refused, the others still stored
     ok = os.urandom(100)

@@ -458,6 +458,7 @@ class FakePeers:
     def __init__(self, data, refuse=()):
         self.data, self.refuse = data, set(refuse)
         self.calls = []
+        self.committed = {}  # (node_id, ns, key) -> the commit time a write carried
 
     def get_many(self, member, ns, keys):
         self.calls.append(("get", member.node_id, len(keys)))
@@ -467,6 +468,8 @@ class FakePeers:
         self.calls.append(("put", member.node_id, len(items)))
         if member.node_id in self.refuse:
             return [None] * len(items)
+        for (k, _v), at in zip(items, committed or [None] * len(items)):
+            self.committed[(member.node_id, ns, k)] = at
         for k, v in items:  # a record: one buffer, or (header, payload) sent gathered
             self.data.setdefault(member.node_id, {})[(ns, k)] = (
                 bytes(v[0]) + bytes(v[1]) if isinstance(v, tuple) else bytes(v))
@@ -555,6 +558,42 @@ def test_executor_pipelined_writes_chunks_on_the_writer_thread(monkeypatch):
 
 def peers_for_exec():
     return d.Peers(ME, {}, {}, [])
+
+
+def test_rebuilt_records_keep_the_oldest_commit_time_of_the_sources_used():
+    """A Reconstruct from K sources writes its records with the oldest commit time among
+    the sources it decoded from (this node's own record, a peer's from its Heads answer),
+    not the time of the write; a source read but found stale does not count. A peer of an
+    earlier version tells no time (None): the oldest of those known; none known, none
+    sent. Copies keep the local record's time."""
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    p = Policy.parse("ec:2+2")
+    recs = encode_records(p, os.urandom(300_000), 1)
+    stale = encode_records(p, os.urandom(300_000), 1)
+    names = [ME, "a", "b", "c"]
+
+    def rebuilt(mine_at, a_at, b_at):
+        o = ec_obj(names, {0: recs[0][:FRAG_HEADER.size]}, k=2, m=2)
+        o.mine[0] = o.mine[0]._replace(committed_at=mine_at)
+        remote = {"a": {(b"ns", o.base): stale[1]}, "b": {(b"ns", o.base): recs[2]}}
+        heads = {("a", 0): H(True, head=recs[1][:FRAG_HEADER.size], committed_at=a_at),  # stale
+                 ("b", 0): H(True, head=recs[2][:FRAG_HEADER.size], committed_at=b_at),
+                 ("c", 0): H(False)}
+        peers = FakePeers(remote)
+        ex, _ = executor(FakeStore({(b"ns", o.base): recs[0]}), peers)
+        assert ex.run([o], {id(o): heads}, peers_for_exec()) == [True]
+        assert peers.data["c"][(b"ns", o.base)] == recs[3]
+        return peers.committed[("c", b"ns", o.base)]
+    assert rebuilt(T_WRITE, 10.0, T_WRITE - 50) == T_WRITE - 50  # b's is older than mine
+    assert rebuilt(T_WRITE - 50, 10.0, T_WRITE) == T_WRITE - 50  # mine older; a's (stale) unused
+    assert rebuilt(T_WRITE, 10.0, None) == T_WRITE  # b of an earlier version: mine alone known
+    assert rebuilt(None, 10.0, None) is None  # nothing known: the write's own time
+    o = rep_obj([ME, "a"], at=T_WRITE - 7)
+    peers = FakePeers({})
+    ex, _ = executor(FakeStore({(b"ns", b"key"): b"v" * 10}), peers)
+    assert ex.run([o], {id(o): {("a", 0): H(False)}}, peers_for_exec()) == [True]
+    assert peers.committed == {("a", b"ns", b"key"): T_WRITE - 7}
 
 
 def test_executor_hand_over_deletes_only_after_every_copy_is_written():

@@ -128,7 +128,7 @@ class LocalStore:
         async def call():
             out: list = []
             slices = Slices()  # a batch gives the loop back (kvstored/looplag.py)
-            for (key, data), at in zip(items, times):
+            for (key, data), commit_time in zip(items, times):
                 await slices.turn()
                 why = s.fence.refusal(ns, key)  # (again below, after any wait for space)
                 if why is not None:
@@ -161,7 +161,7 @@ class LocalStore:
                     s.abort(res)
                     out.append(FENCED if why == DELETED else None)
                     continue
-                res.committed_at = at  # the source's commit time (Store.commit)
+                res.committed_at = commit_time  # the source's (Store.commit)
                 try:
                     out.append(s.commit(res))
                 except errors.KVStoreError:
