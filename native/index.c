@@ -141,6 +141,7 @@ typedef struct {
     PyObject_HEAD
     Table *ix;       /* NULL while detached */
     uint32_t rec;
+    uint8_t inserting;  /* inside Table.insert: a second insert (from Python it runs) is refused */
     Detached *det;   /* non-NULL while detached */
 } Entry;
 
@@ -611,7 +612,7 @@ static PyObject *view_of(Table *t, uint32_t rec) {
     if (v) { Py_INCREF(v); return (PyObject *)v; }
     v = PyObject_GC_New(Entry, &EntryType);
     if (!v) return NULL;
-    v->ix = NULL; v->det = NULL; v->rec = rec;
+    v->ix = NULL; v->det = NULL; v->rec = rec; v->inserting = 0;
     if (view_put(t, rec, v) < 0) { v->ix = NULL; PyObject_GC_Del(v); return NULL; }
     Py_INCREF(t);
     v->ix = t;
@@ -693,14 +694,19 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     if (fields_check(key, sizeobj, &size, csum, &cs) < 0 || offset_check(offset) < 0) return NULL;
     Entry *e = PyObject_GC_New(Entry, type);
     if (!e) return NULL;
-    e->ix = NULL; e->rec = NOREC;
+    e->ix = NULL; e->rec = NOREC; e->inserting = 0;
     e->det = PyMem_Calloc(1, sizeof(Detached));
     if (!e->det) { PyObject_GC_Del(e); return PyErr_NoMemory(); }
     Detached *d = e->det;
-    Py_INCREF(ns); d->ns = ns;
-    Py_INCREF(key); d->key = key;
+    /* exact bytes of our own for a subclass: then ns and key can be in no reference cycle,
+       so the GC never clears them (Entry_clear) and a cleared entry still reads them */
+    d->ns = PyBytes_CheckExact(ns) ? Py_NewRef(ns)
+                                   : PyBytes_FromStringAndSize(PyBytes_AS_STRING(ns), PyBytes_GET_SIZE(ns));
+    d->key = PyBytes_CheckExact(key) ? Py_NewRef(key)
+                                     : PyBytes_FromStringAndSize(PyBytes_AS_STRING(key), PyBytes_GET_SIZE(key));
     Py_INCREF(sc); d->sc = sc;
     d->nvme = NULL;
+    if (!d->ns || !d->key) { Py_DECREF(e); return NULL; }
     d->offset = offset;
     d->r.size = size;
     d->r.checksum = cs;
@@ -747,9 +753,16 @@ static void detach_view(Entry *e) {
 }
 
 static int Entry_clear(Entry *e) {
-    /* a cycle through a view (e.g. the index's pinned set): keep it a view of its record
-       until dealloc, but drop the detached objects */
-    det_free(e);
+    /* A cycle through a view (e.g. the index's pinned set): it stays a view of its record
+       until dealloc. A detached entry drops only the objects a cycle can pass through (sc,
+       nvme; ns and key are exact bytes): the GC clears the objects of a cycle one by one,
+       and Python run meanwhile (a weakref callback made by a finalizer, when an object
+       the cleared one held dies) may still read this entry, so the detached part stays
+       until dealloc and its getters see NULL, not freed memory. */
+    if (e->det) {
+        Py_CLEAR(e->det->sc);
+        Py_CLEAR(e->det->nvme);
+    }
     return 0;
 }
 
@@ -937,8 +950,16 @@ static PyObject *get_key(Entry *e, void *c) {
 static PyObject *get_key_in_ram(Entry *e, void *c) {
     return PyBool_FromLong(!e->ix || !(R(e)->flags & F_KEYLESS));
 }
+/* the size class of a detached entry the GC cleared (Entry_clear) is gone */
+static PyObject *cleared_error(void) {
+    PyErr_SetString(PyExc_RuntimeError, "entry was cleared by the garbage collector (it was in "
+                    "a reference cycle being freed): its size class is gone");
+    return NULL;
+}
+
 static PyObject *get_sc(Entry *e, void *c) {
     PyObject *o = e->ix ? PyList_GET_ITEM(e->ix->classes, R(e)->sc) : e->det->sc;
+    if (!o) return cleared_error();
     Py_INCREF(o);
     return o;
 }
@@ -1542,11 +1563,25 @@ static PyObject *Table_insert(Table *t, PyObject *o) {
         table_enter(t, e->rec);
         Py_RETURN_NONE;
     }
-    Detached *d = e->det;
-    if (insert_new(t, d->ns, d->key, &d->r, &d->a, d->offset, d->sc, d->nvme, d->pins,
-                   d->pin_until, e, 0) < 0)
+    if (!e->det->sc) return cleared_error();
+    if (e->inserting) {
+        PyErr_SetString(PyExc_RuntimeError, "entry is already being inserted (insert called "
+                        "again from Python code that inserting it ran)");
         return NULL;
-    det_free(e);  /* the view reads the record now */
+    }
+    /* insert_new runs Python (the size class's getattr, finalizers run by a collection)
+       that may set this entry's fields or insert it elsewhere: it reads a copy holding its
+       own references, and the entry is marked so that a second insert is refused (it would
+       free the detached part under this one and attach the entry twice) */
+    Detached c = *e->det;
+    Py_INCREF(c.ns); Py_INCREF(c.key); Py_INCREF(c.sc); Py_XINCREF(c.nvme);
+    e->inserting = 1;
+    int64_t rec = insert_new(t, c.ns, c.key, &c.r, &c.a, c.offset, c.sc, c.nvme, c.pins,
+                             c.pin_until, e, 0);
+    e->inserting = 0;
+    if (rec >= 0) det_free(e);  /* the view reads the record now */
+    Py_DECREF(c.ns); Py_DECREF(c.key); Py_DECREF(c.sc); Py_XDECREF(c.nvme);
+    if (rec < 0) return NULL;
     Py_RETURN_NONE;
 }
 

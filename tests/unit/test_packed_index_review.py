@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import random
+import weakref
 
 import pytest
 
@@ -188,6 +189,104 @@ def test_a_location_whose_getattr_grows_the_index_is_stored_on_the_right_record(
     assert e.nvme is loc and len(ix) == 20001
     e.nvme = None
     assert e.nvme is None
+
+
+class _Token:
+    """A detached entry's size class held by nothing else: it dies when the GC clears the entry."""
+
+
+class _CycleHolder:
+    """A detached entry's nvme that holds the entry back (the cycle). Its finalizer, run by
+    the GC before it clears anything, makes weakrefs the GC does not know of: the token's
+    callback then runs while the GC clears the cycle, and reads the entry through them."""
+
+    later: list = []
+    seen: list = []
+
+    def __del__(self):
+        _CycleHolder.later[:] = [weakref.ref(self), weakref.ref(self.e.sc, _CycleHolder.read)]
+
+    @staticmethod
+    def read(_):
+        h = _CycleHolder.later[0]()
+        if h is None or "e" not in h.__dict__:
+            return
+        e = h.e
+        got = [e.ns, e.key, repr(e), e.nvme is h or e.nvme is None]
+        for attempt in (lambda: e.sc, lambda: PackedIndex().insert(e)):
+            try:
+                got.append(attempt())
+            except RuntimeError as err:
+                got.append(str(err))
+        _CycleHolder.seen.append(got)
+
+
+def test_a_detached_entry_cleared_by_the_gc_still_reads_what_it_can():
+    """The GC clears a cycle's objects one by one (tp_clear); Python run meanwhile (here a
+    weakref callback a finalizer made) may still read a cleared entry. Before, tp_clear
+    freed a detached entry's fields and the read dereferenced NULL (SIGSEGV). Now ns and key
+    stay (exact bytes: in no cycle), and the cleared size class is a typed error."""
+    gc.collect()
+    gc.disable()  # the entry is older than its holder: the GC clears it first
+    try:
+        e = entry(b"tenant", b"key", sc=_Token())
+        h = _CycleHolder()
+        h.e, e.nvme = e, h
+        del e, h
+        gc.collect()
+    finally:
+        gc.enable()
+    assert _CycleHolder.seen, "the callback never ran during the collection"
+    (ns, key, text, nvme_ok, sc_err, insert_err), = _CycleHolder.seen
+    assert (ns, key, nvme_ok) == (b"tenant", b"key", True) and "detached" in text
+    assert "cleared by the garbage collector" in sc_err
+    assert "cleared by the garbage collector" in insert_err
+    _CycleHolder.seen.clear()
+    _CycleHolder.later.clear()
+
+
+def test_a_bytes_subclass_namespace_and_key_are_kept_as_plain_bytes():
+    """A bytes subclass can carry a __dict__ and so close a cycle through the entry; the
+    entry keeps plain bytes of its own, equal to what it was given."""
+    class B(bytes):
+        pass
+    ns, key = B(b"n"), B(b"k")
+    e = entry(ns, key)
+    ns.e = key.e = e
+    assert type(e.ns) is bytes and type(e.key) is bytes and (e.ns, e.key) == (b"n", b"k")
+    plain = b"plain"
+    assert entry(plain, b"k").ns is plain  # exact bytes are not copied
+
+
+def test_inserting_an_entry_again_from_python_its_insert_runs_is_refused():
+    """Table.insert reads the size class's slot_size by getattr, which may run Python. Here
+    that Python inserts the same entry into another index: before, that freed the detached
+    fields the first insert went on to read (heap-use-after-free under ASan) and attached
+    the entry to both indexes (the other's view slot left dangling). The second insert is
+    a typed error now; the first completes."""
+    ix, other = PackedIndex(), PackedIndex()
+    errors, calls = [], []
+
+    class Reentrant:
+        index = 0
+
+        @property
+        def slot_size(self):
+            if not calls:  # once: the nested insert reads slot_size too
+                calls.append(1)
+                try:
+                    other.insert(e)
+                except RuntimeError as err:
+                    errors.append(str(err))
+            return 4096
+
+    e = entry(b"n", b"k", sc=Reentrant())
+    ix.insert(e)
+    assert errors and "already being inserted" in errors[0]
+    assert ix.get(b"n", b"k") is e and e.record is not None and len(other) == 0
+    del e
+    gc.collect()
+    assert ix.get(b"n", b"k").key == b"k" and other.get(b"n", b"k") is None
 
 
 # ------------------------------------------------------------------- hostile input
