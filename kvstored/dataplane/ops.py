@@ -77,15 +77,15 @@ def _put_repair(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
     is taken, and again right before the commit (a delete may land while it arrives).
     With FLAG_COMMIT_AGE the payload starts with the source record's commit age
     (wire.COMMIT_AGE), and the record is stored with that commit time on this node's clock."""
+    if s.plane.repair_queue.hold(s, h, ns, key, _put_repair):  # behind this node's clients
+        return
+    s.put_t0 = s.t_in
+    s.counters["repair_requests"] += 1  # not a client's (kvstored/cluster/repair/pace.py)
     rid, n = h.req_id, h.length
     if h.flags & ~PUT_FLAGS or (h.flags & FLAG_COMMIT_AGE and not h.flags & FLAG_REPAIR):
         return s.reject(OP_PUT, rid, n, errors.InvalidArgument(
             f"a PUT's flags are {FLAG_OVERWRITE:#x} (overwrite), {FLAG_REPAIR:#x} (repair) and, "
             f"with repair only, {FLAG_COMMIT_AGE:#x} (commit age); got {h.flags:#x}"))
-    if s.plane.repair_queue.hold(s, h, ns, key, _put_repair):  # behind this node's clients
-        return
-    s.put_t0 = s.t_in
-    s.counters["repair_requests"] += 1  # not a client's (kvstored/cluster/repair/pace.py)
     if s.guard is not None:  # the fence refuses puts: only nodes' repair agents (admin) may ask
         refused = s.guard.check(ns, ADMIN)
         if refused is not None:
