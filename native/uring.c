@@ -16,7 +16,10 @@
  * that Python may call back into this ring: reap, wait, prep, even close it. So completions are
  * moved off the completion queue into C memory, with no Python run, before any buffer is
  * released (reap_ready). Threads: wait() and the drain of close() block with the GIL released;
- * close() from another thread meanwhile would unmap the ring under them, so it is refused.
+ * while one does, another thread's close() would unmap the ring under it, and another thread's
+ * reap() or wait() could take the completions it waits for (liburing's wait then goes back to
+ * sleep for completions that may never come): all three are refused with a RuntimeError. The
+ * NVMe tier uses a ring from one thread; a caller with several serialises them itself.
  */
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
@@ -83,6 +86,17 @@ static int Ring_init(RingObject *self, PyObject *args, PyObject *kw) {
 static int check_open(RingObject *self) {
     if (!self->open) {
         PyErr_SetString(PyExc_ValueError, "ring is closed");
+        return 0;
+    }
+    return 1;
+}
+
+/* reap() and wait() (close(): ring_teardown) while another thread blocks in a wait: see the
+ * threads rule at the top. blocked is changed only with the GIL held, so this test is exact. */
+static int check_no_waiter(RingObject *self, const char *what) {
+    if (self->blocked > 0) {
+        PyErr_Format(PyExc_RuntimeError, "ring is being waited on in another thread: %s it after "
+                     "that wait returns (one thread at a time may wait on or reap a ring)", what);
         return 0;
     }
     return 1;
@@ -166,17 +180,11 @@ static void drain_all(RingObject *self) {
 
 /* close() and dealloc: drain, then unmap, unless Python run by the drain closed it already. */
 static int ring_teardown(RingObject *self) {
-    if (self->blocked > 0) {
-        PyErr_SetString(PyExc_RuntimeError,
-                        "ring is being waited on in another thread: close it after that wait returns");
+    if (!check_no_waiter(self, "close"))
         return -1;
-    }
     drain_all(self);
-    if (self->blocked > 0) { /* another thread began a wait while this one drained */
-        PyErr_SetString(PyExc_RuntimeError,
-                        "ring is being waited on in another thread: close it after that wait returns");
+    if (!check_no_waiter(self, "close")) /* another thread began a wait while this one drained */
         return -1;
-    }
     if (self->open) {
         io_uring_queue_exit(&self->ring);
         self->open = 0;
@@ -262,7 +270,7 @@ static PyObject *Ring_submit(RingObject *self, PyObject *Py_UNUSED(ignored)) {
 }
 
 static PyObject *Ring_reap(RingObject *self, PyObject *Py_UNUSED(ignored)) {
-    if (!check_open(self))
+    if (!check_open(self) || !check_no_waiter(self, "reap"))
         return NULL;
     return reap_ready(self);
 }
@@ -271,7 +279,7 @@ static PyObject *Ring_wait(RingObject *self, PyObject *args) {
     unsigned want = 1;
     if (!PyArg_ParseTuple(args, "|I", &want))
         return NULL;
-    if (!check_open(self))
+    if (!check_open(self) || !check_no_waiter(self, "wait on"))
         return NULL;
     if (want > (unsigned)self->inflight)
         want = (unsigned)self->inflight;

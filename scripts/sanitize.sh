@@ -96,6 +96,7 @@ if [ $# -eq 0 ]; then
       tests/unit/test_policy.py tests/unit/test_store_dram.py tests/unit/test_store_entries.py \
       tests/unit/test_put_path_lookups.py tests/unit/test_frame_native.py tests/unit/test_wire.py \
       tests/unit/test_session.py tests/unit/test_put_native.py tests/unit/test_put_buffered.py \
+      tests/unit/test_uring_threads.py \
       tests/engine tests/daemon/test_nvme_tier.py \
       tests/daemon/test_delete_all_nvme.py tests/daemon/test_dram_tier.py \
       tests/daemon/test_dedup.py tests/daemon/test_delete_each.py \
