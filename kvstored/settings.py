@@ -241,6 +241,9 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "max_control_rpcs", INT, 1024,
        "gRPC calls served at once (each may hold a max_control_value_size message); more "
        "get RESOURCE_EXHAUSTED (NoSpace)", check=_positive),
+    _s("server", "control_request_timeout", FLOAT, 30.0,
+       "a gRPC call whose request message has not arrived this long after the call opened "
+       "is answered DEADLINE_EXCEEDED (it held one of max_control_rpcs)", check=_seconds),
     _s("server", "max_pipelined_requests", INT, 1024,
        "unanswered requests per data connection before it stops being read", check=_positive,
        reload="pipelined"),

@@ -8,9 +8,16 @@ raises: a body that does not decode becomes a ``Malformed`` marker, and the
 handler answers it with ``INVALID_ARGUMENT`` and the ``kvstore-code`` trailing
 metadata, like every other typed error of the control plane, before the
 servicer sees it.
+
+Each method is served as stream-unary (the same on the wire: one request message, one
+answer) so that the handler runs as soon as a call opens and can bound how long its
+request message may take: gRPC counts a call against ``maximum_concurrent_rpcs`` from
+its headers on, so calls whose message never came (an HTTP/2 stream left open) held
+every place without end and the control plane answered RESOURCE_EXHAUSTED to all.
 """
 from __future__ import annotations
 
+import asyncio
 import inspect
 import logging
 from typing import Any, Callable
@@ -69,21 +76,47 @@ def _handler(fn: Callable, method: str, on_error: Callable[[errors.KVStoreError]
     return handle
 
 
+def _first_message(handle: Callable, method: str, timeout: float,
+                   on_error: Callable[[errors.KVStoreError], None] | None):
+    """A stream-unary handler calling ``handle`` with the call's request message, or
+    DEADLINE_EXCEEDED (a Timeout, counted by ``on_error``) when it has not arrived within
+    ``timeout`` seconds of the call."""
+    async def read_then_handle(request_iterator, context):
+        try:
+            request = await asyncio.wait_for(context.read(), timeout)
+        except asyncio.TimeoutError:
+            err = errors.Timeout(f"{method}: the request message did not arrive within "
+                                 f"{timeout:g} s of the call (server.control_request_timeout)")
+            if on_error is not None:
+                on_error(err)
+            context.set_trailing_metadata((("kvstore-code", str(err.code)),))
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, err.message)
+        if request is grpc.aio.EOF:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message")
+        return await handle(request, context)
+
+    read_then_handle.__name__ = method
+    return read_then_handle
+
+
 def register(server: grpc.aio.Server, servicer,
-             on_error: Callable[[errors.KVStoreError], None] | None = None) -> None:
+             on_error: Callable[[errors.KVStoreError], None] | None = None,
+             request_timeout: float = 30.0) -> None:
     """Serve the KVStore service from ``servicer`` on ``server`` (in place of the generated
     ``add_KVStoreServicer_to_server``), malformed requests answered INVALID_ARGUMENT;
-    ``on_error`` counts them."""
-    handlers = method_handlers(servicer, on_error)
+    ``on_error`` counts them; a request message not in within ``request_timeout`` s of its
+    call is answered DEADLINE_EXCEEDED (the call's place is free again)."""
+    handlers = method_handlers(servicer, on_error, request_timeout)
     name = pb.DESCRIPTOR.services_by_name[SERVICE].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpc >= 1.62: the fast path
         server.add_registered_method_handlers(name, handlers)
 
 
-def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | None = None
-                    ) -> dict[str, grpc.RpcMethodHandler]:
-    """The KVStore service's handlers for ``servicer`` (unary methods, as the service has)."""
+def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | None = None,
+                    request_timeout: float = 30.0) -> dict[str, grpc.RpcMethodHandler]:
+    """The KVStore service's handlers for ``servicer`` (unary methods, as the service has,
+    each served as stream-unary: see the module docstring)."""
     svc = pb.DESCRIPTOR.services_by_name[SERVICE]
     handlers = {}
     for m in svc.methods:
@@ -94,7 +127,7 @@ def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | 
             continue
         req = getattr(pb, m.input_type.name)
         resp = getattr(pb, m.output_type.name)
-        handlers[m.name] = grpc.unary_unary_rpc_method_handler(
-            _handler(fn, m.name, on_error), request_deserializer=_deserializer(req),
-            response_serializer=resp.SerializeToString)
+        handlers[m.name] = grpc.stream_unary_rpc_method_handler(
+            _first_message(_handler(fn, m.name, on_error), m.name, request_timeout, on_error),
+            request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString)
     return handlers

@@ -467,4 +467,5 @@ class ControlService(pb_grpc.KVStoreServicer):
 def add_to_server(server: grpc.aio.Server, service: ControlService) -> None:
     # the generated handlers, plus INVALID_ARGUMENT for a body that does not decode
     from kvstored.control.errors import register
-    register(server, service, service.stats.count_error)
+    register(server, service, service.stats.count_error,
+             request_timeout=service.config.control_request_timeout)

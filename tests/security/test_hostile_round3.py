@@ -1,0 +1,402 @@
+"""Hostile clients, round 3: what one client can hold on the KV event endpoints (now served
+by the daemon's own ZMTP, kvstored/events.py), the control port's calls and the metrics
+port, and for how long.
+
+One daemon for the module (events.max_subscribers = 4 on both endpoints, 4 control calls
+at once, control_request_timeout = 1 s); the event endpoints' time bounds (handshake,
+stalled and idle replays) are checked on the real publisher in this process with its
+deadlines shortened. Every wait is on a condition, bounded in count and time.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import select
+import socket
+import threading
+import time
+import urllib.error
+import urllib.request
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+import kvstore
+from kvstore.v1 import control_pb2 as pb
+
+from test_hostile import rss, wait_for
+
+zmq = pytest.importorskip("zmq")
+msgpack = pytest.importorskip("msgpack")
+
+KiB, MiB = 1 << 10, 1 << 20
+END = (-1).to_bytes(8, "big", signed=True)
+LIMIT = 4  # events.max_subscribers of the module's daemon
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def metrics(d) -> dict[str, float] | None:
+    """Every sample of /metrics by its full text (labels included); None when the scrape
+    is refused (rate limit: the caller waits and asks again)."""
+    try:
+        with urllib.request.urlopen(d.metrics_url + "/metrics", timeout=5) as r:
+            text = r.read().decode()
+    except urllib.error.HTTPError:
+        return None
+    out = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, v = line.rpartition(" ")
+            out[name] = float(v)
+    return out
+
+
+def metric_when(d, name: str, pred, timeout: float = 15.0) -> float:
+    def ok():
+        m = metrics(d)
+        return m is not None and pred(m.get(name, 0.0)) and (m.get(name, 0.0),)
+    return wait_for(ok, timeout, f"{name} as expected")[0]
+
+
+def closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int:
+    """How many of ``socks`` the peer closes (EOF or reset) within ``timeout``; stops once
+    all but ``keep`` are (the daemon sends its ZMTP greeting first: read past it)."""
+    open_ = set(socks)
+    for s in socks:
+        s.setblocking(False)
+    closed, end = 0, time.monotonic() + timeout
+    while len(open_) > keep and time.monotonic() < end:
+        ready, _, _ = select.select(list(open_), [], [], 0.2)
+        for s in ready:
+            try:
+                if s.recv(4096) != b"":
+                    continue
+            except BlockingIOError:
+                continue
+            except OSError:  # reset
+                pass
+            open_.discard(s)
+            closed += 1
+    return closed
+
+
+@pytest.fixture(scope="module")
+def node(module_daemons, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("round3")
+    pub_port, rep_port = free_port(), free_port()
+    cfg = tmp / "round3.toml"
+    cfg.write_text("[server]\nmax_control_rpcs = 4\ncontrol_request_timeout = 1.0\n"
+                   f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'
+                   f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {LIMIT}\n')
+    d = module_daemons("round3", "--config", str(cfg))
+    d.pub_port, d.rep_port = pub_port, rep_port
+    return d
+
+
+# ------------------------------------------------------------------ KV event endpoints
+
+def test_an_event_endpoint_never_holds_more_than_its_limit_plus_one(node):
+    """300 connections as fast as one thread opens them, 200 on the events endpoint and
+    100 on the replay endpoint, kept open: the daemon's descriptors, sampled all along,
+    never pass where they were + 2 x (limit + 1) (+ 2 of slack); all but the 2 x limit let
+    in are closed and counted; the gauge never passes the limit."""
+    pid = node.info["pid"]
+    base = open_fds(pid)
+    refused0 = metric_when(node, "kvstored_kv_event_subscribers_refused_total", lambda v: True)
+    conns: list[socket.socket] = []
+
+    def flood() -> None:
+        for i in range(300):
+            port = node.pub_port if i % 3 else node.rep_port
+            try:
+                conns.append(socket.create_connection(("127.0.0.1", port), timeout=5))
+            except OSError:
+                pass
+
+    t = threading.Thread(target=flood, daemon=True)
+    peak = base
+    try:
+        t.start()
+        end = time.monotonic() + 60
+        while t.is_alive() and time.monotonic() < end:
+            peak = max(peak, open_fds(pid))
+        t.join(5)
+        for _ in range(50):  # and a little after the last connect
+            peak = max(peak, open_fds(pid))
+        assert len(conns) >= 250, "the flood did not get going"
+        assert peak <= base + 2 * (LIMIT + 1) + 2, (base, peak)
+        closed = closed_by_peer(conns, keep=2 * LIMIT, timeout=20)
+        assert closed >= len(conns) - 2 * LIMIT, (closed, len(conns))
+        metric_when(node, "kvstored_kv_event_subscribers_refused_total",
+                    lambda v: v - refused0 >= len(conns) - 2 * LIMIT)
+        assert metric_when(node, "kvstored_kv_event_subscribers", lambda v: True) <= LIMIT
+    finally:
+        for s in conns:
+            s.close()
+    # the places free again: a subscriber gets in and receives events
+    metric_when(node, "kvstored_kv_event_subscribers", lambda v: v == 0)
+    ctx = zmq.Context()
+    try:
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{node.pub_port}")
+        with kvstore.Client(node.control, namespace="r3", timeout=10, shm=False) as c:
+            for i in range(100):
+                c.put(f"after-{i}", b"a")
+                if sub.poll(100):
+                    break
+            else:
+                raise AssertionError("no event reached the subscriber after the flood")
+        topic, seq, payload = sub.recv_multipart()
+        assert topic == b"" and len(seq) == 8 and msgpack.unpackb(payload)[1]
+    finally:
+        ctx.destroy(0)
+    assert node.alive()
+
+
+def test_replay_endpoint_answers_oversized_and_malformed_requests_in_bounded_memory(node):
+    """A 16 MiB frame, a message of 40 frames, a request without its start: each gets the
+    end marker (the large frame skipped unread: the daemon does not grow by it); a client
+    that is not ZMTP at all, one asking for CURVE and one of the wrong socket type are
+    closed at once and counted."""
+    pid = node.info["pid"]
+    failed0 = metric_when(node, "kvstored_kv_event_handshakes_failed_total", lambda v: True)
+    before = rss(pid)
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.1:{node.rep_port}")
+        for request in ([b"", b"\0" * (16 * MiB)], [b""] + [b"x"] * 40, [b""]):
+            dealer.send_multipart(request)
+            assert dealer.poll(15000), "no answer"
+            assert dealer.recv_multipart() == [b"", END, b""]
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])  # a good one is served
+        assert dealer.poll(15000)
+        assert dealer.recv_multipart()[0] == b""
+        grown = rss(pid) - before
+        assert grown < 12 * MiB, f"the daemon grew by {grown >> 20} MiB"
+        # a PUB-side socket type on the replay endpoint, refused at READY
+        wrong = ctx.socket(zmq.PUSH)
+        wrong.setsockopt(zmq.LINGER, 0)
+        wrong.connect(f"tcp://127.0.0.1:{node.rep_port}")
+        curve = b"\xff" + b"\0" * 8 + b"\x7f\x03\x01" + b"CURVE".ljust(20, b"\0") + b"\0" * 32
+        for hello in (b"GET / HTTP/1.1\r\n\r\n", curve):
+            with socket.create_connection(("127.0.0.1", node.rep_port), timeout=5) as s:
+                s.sendall(hello)
+                assert closed_by_peer([s], keep=0, timeout=10) == 1
+        metric_when(node, "kvstored_kv_event_handshakes_failed_total",
+                    lambda v: v - failed0 >= 3)
+        wrong.close(0)
+    finally:
+        ctx.destroy(0)
+    assert node.alive()
+
+
+@pytest.fixture
+def publisher(tmp_path, monkeypatch):
+    """The real publisher in this process on an ipc endpoint pair, deadlines shortened;
+    yields (publisher, loop runner). Its loop runs in a thread: the test drives clients."""
+    from kvstored import events
+
+    monkeypatch.setattr(events, "HANDSHAKE_TIMEOUT", 0.5)
+    monkeypatch.setattr(events, "REPLAY_STALL_TIMEOUT", 0.5)
+    monkeypatch.setattr(events, "REPLAY_IDLE_TIMEOUT", 0.5)
+    monkeypatch.setattr(events, "REPLAY_BUFFER", 64 * KiB)
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def call(fn, *args):
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+
+    pub = events.EventPublisher(f"ipc://{tmp_path}/ev", replay_endpoint=f"ipc://{tmp_path}/rep",
+                                max_subscribers=LIMIT, replay_buffer=5000)
+    call(pub.start)
+    pub.call = call
+    try:
+        yield pub
+    finally:
+        call(pub.close)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+
+
+def test_event_connections_that_never_finish_zmtp_are_closed_at_the_deadline(publisher):
+    """Silent connections, and one that sends half a greeting, hold their place only until
+    the handshake deadline (0.5 s here, 10 s in the daemon); the places are then free for
+    real subscribers."""
+    pub = publisher
+    ep = pub.bound()[0][6:]
+    silent = []
+    for i in range(LIMIT):
+        s = socket.socket(socket.AF_UNIX)
+        s.connect(ep)
+        if i == 0:
+            s.sendall(b"\xff" + b"\0" * 8)  # most of a signature, then nothing
+        silent.append(s)
+    assert wait_for(lambda: pub.call(pub.subscribers) == LIMIT, 10, "the places taken")
+    t0 = time.monotonic()
+    assert closed_by_peer(silent, keep=0, timeout=15) == LIMIT
+    held = time.monotonic() - t0
+    assert held < 10, f"silent connections held {held:.1f} s"
+    assert pub.counters["handshakes_failed"] >= LIMIT
+    for s in silent:
+        s.close()
+    ctx = zmq.Context()
+    try:
+        subs = []
+        for _ in range(LIMIT):
+            sub = ctx.socket(zmq.SUB)
+            sub.setsockopt(zmq.LINGER, 0)
+            sub.setsockopt(zmq.SUBSCRIBE, b"")
+            sub.connect(f"ipc://{ep}")
+            subs.append(sub)
+        end = time.monotonic() + 15
+        got: set[int] = set()
+        while len(got) < LIMIT:  # ZMQ's slow joiner: publish until every one is in
+            assert time.monotonic() < end, f"{len(got)} of {LIMIT} subscribers got events"
+            pub.call(pub.stored, SimpleNamespace(ns=b"h", key=b"k"))
+            for i, sub in enumerate(subs):
+                if sub.poll(20):
+                    sub.recv_multipart()
+                    got.add(i)
+    finally:
+        ctx.destroy(0)
+
+
+def test_a_replay_nobody_reads_is_bounded_and_ends(publisher):
+    """A DEALER asks for a replay of 3001 batches and never reads (its socket buffers made
+    small): the daemon queues at most REPLAY_BUFFER (64 KiB here) + one batch for it, closes
+    it once it has taken nothing for REPLAY_STALL_TIMEOUT, and serves a reading client's
+    full replay meanwhile; requests piled behind a replay are bounded; a replay connection
+    without a replay is closed after REPLAY_IDLE_TIMEOUT and its DEALER, reconnecting by
+    itself, is served again."""
+    from kvstored import events
+
+    pub = publisher
+    for i in range(3000):
+        pub.call(pub._publish, msgpack.packb([0.0, [["AllBlocksCleared"]] * 40, 0]), 40)
+    rep = pub.bound()[1]
+    ctx = zmq.Context()
+    try:
+        stalled = ctx.socket(zmq.DEALER)
+        stalled.setsockopt(zmq.LINGER, 0)
+        stalled.setsockopt(zmq.RCVHWM, 1)
+        stalled.setsockopt(zmq.RCVBUF, 4096)
+        stalled.connect(rep)
+        for _ in range(events.MAX_QUEUED_REQUESTS + 10):  # piled up behind the first
+            stalled.send_multipart([b"", (0).to_bytes(8, "big")])
+        wait_for(lambda: pub.counters["replays_refused"] >= 9, 10, "piled requests refused")
+
+        def stalled_queue() -> int:
+            return max((c.queued for c in pub._router.conns if c.replay is not None), default=0)
+
+        peak = 0
+        end = time.monotonic() + 10
+        while pub.counters["replays_stalled"] == 0 and time.monotonic() < end:
+            peak = max(peak, pub.call(stalled_queue))
+            time.sleep(0.01)
+        assert pub.counters["replays_stalled"] == 1, "the stalled replay was not closed"
+        assert 0 < peak <= events.REPLAY_BUFFER + 4 * KiB, peak
+        stalled.close(0)  # (it would reconnect by itself, and be closed as idle, in a loop)
+        # a reading client gets all of it
+        reader = ctx.socket(zmq.DEALER)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.connect(rep)
+        reader.send_multipart([b"", (0).to_bytes(8, "big")])
+        seqs = []
+        while True:
+            assert reader.poll(10000), f"replay did not end ({len(seqs)} batches)"
+            frames = reader.recv_multipart()
+            if frames[1] == END:
+                break
+            seqs.append(int.from_bytes(frames[1], "big"))
+        assert seqs == list(range(3001))  # the start's AllBlocksCleared, then ours
+        # idle: closed after REPLAY_IDLE_TIMEOUT; the DEALER reconnects when it next sends
+        wait_for(lambda: pub.call(lambda: len(pub._router.conns)) == 0, 10,
+                 "idle replay connections closed")
+        reader.send_multipart([b"", (3000).to_bytes(8, "big")])
+        assert reader.poll(10000)
+        assert int.from_bytes(reader.recv_multipart()[1], "big") == 3000
+    finally:
+        ctx.destroy(0)
+
+
+# ------------------------------------------------------------------ control port
+
+def test_control_calls_without_a_request_message_end_at_the_deadline(node):
+    """4 calls (server.max_control_rpcs here) open their HTTP/2 stream and never send the
+    request message: gRPC counts them against the limit from their headers, so before
+    control_request_timeout they held every place for good. Now each ends with
+    DEADLINE_EXCEEDED after 1 s, counted, and the control plane serves again."""
+    ch = grpc.insecure_channel(node.control)
+    release = threading.Event()
+
+    def never():
+        release.wait(30)
+        return
+        yield
+
+    def key(m):
+        return [v for k, v in m.items() if k.startswith("kvstored_errors_total{")
+                and 'plane="control"' in k and 'type="Timeout"' in k]
+
+    before = sum(key(wait_for(lambda: metrics(node), 10, "a scrape")))
+    try:
+        calls = [ch.stream_unary("/kvstore.v1.KVStore/Info", request_serializer=bytes,
+                                 response_deserializer=bytes).future(never())
+                 for _ in range(4)]
+        t0 = time.monotonic()
+        wait_for(lambda: all(c.done() for c in calls), 20, "the stalled calls ended")
+        assert time.monotonic() - t0 < 15
+        for c in calls:
+            assert c.exception().code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "server.control_request_timeout" in c.exception().details()
+        info = ch.unary_unary("/kvstore.v1.KVStore/Info",
+                              request_serializer=pb.InfoRequest.SerializeToString,
+                              response_deserializer=pb.InfoResponse.FromString)
+        assert info(pb.InfoRequest(), timeout=10).version
+        after = wait_for(lambda: (m := metrics(node)) and sum(key(m)) - before >= 4 and m, 10,
+                         "the timeouts counted")
+        assert sum(key(after)) - before >= 4
+    finally:
+        release.set()
+        ch.close()
+
+
+# ------------------------------------------------------------------ metrics port
+
+def test_metrics_port_huge_request_line_is_cut_at_its_head_limit(node):
+    """A 4 MiB request line without an end: the port reads at most its head limit (16 KiB)
+    and closes; the daemon does not grow by it and scrapes are served."""
+    pid = node.info["pid"]
+    before = rss(pid)
+    port = int(node.metrics_url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as s:
+        sent = 0
+        try:
+            s.sendall(b"GET /")
+            chunk = b"a" * (64 * KiB)
+            while sent < 4 * MiB:
+                s.sendall(chunk)
+                sent += len(chunk)
+        except OSError:  # closed by the daemon before all of it went
+            pass
+        assert closed_by_peer([s], keep=0, timeout=10) == 1
+    assert rss(pid) - before < 8 * MiB
+    assert wait_for(lambda: metrics(node), 10, "a scrape after")
