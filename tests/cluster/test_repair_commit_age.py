@@ -224,3 +224,18 @@ def test_peers_get_the_age_only_once_their_heads_say_they_take_it(start_daemon):
     assert [sum(r[i] is True for r in results) for i in range(len(keys))] == [1] * len(keys)
     for k, got in zip(keys, _ages(d, keys)):  # the age the one stored write carried
         assert any(a <= got < a + 60 for a in ages), (k, got)
+
+
+def test_commit_age_codec_rounds_down_and_refuses_what_no_sender_writes():
+    """encode_commit_age: whole ms rounded down (a copy looks newer, never older), a
+    negative age (a clock stepped back) 0, capped; decode_commit_age refuses below 0 and
+    over the cap with InvalidArgument."""
+    from kvstore.wire import COMMIT_AGE, MAX_COMMIT_AGE_MS, decode_commit_age, encode_commit_age
+    assert COMMIT_AGE.unpack(encode_commit_age(1.2349)) == (1234,)
+    assert COMMIT_AGE.unpack(encode_commit_age(-5.0)) == (0,)
+    assert COMMIT_AGE.unpack(encode_commit_age(1e12)) == (MAX_COMMIT_AGE_MS,)
+    assert decode_commit_age(encode_commit_age(3600.0)) == 3600.0
+    assert decode_commit_age(COMMIT_AGE.pack(MAX_COMMIT_AGE_MS)) == MAX_COMMIT_AGE_MS / 1000
+    for bad in (-1, MAX_COMMIT_AGE_MS + 1, -(1 << 63)):
+        with pytest.raises(errors.InvalidArgument):
+            decode_commit_age(COMMIT_AGE.pack(bad))
