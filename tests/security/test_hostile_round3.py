@@ -204,6 +204,51 @@ def test_replay_endpoint_answers_oversized_and_malformed_requests_in_bounded_mem
     assert node.alive()
 
 
+def test_event_accepts_failing_for_descriptors_are_logged_counted_and_recovered(node):
+    """The daemon at its descriptor limit (its soft limit lowered to what it has open):
+    accepts on the events endpoint fail with EMFILE; that is logged (once a minute at most)
+    and counted in kvstored_accept_failures_total, and once descriptors are free a
+    subscriber that waited in the backlog is served."""
+    import resource
+
+    pid = node.info["pid"]
+    failed0 = metric_when(node, "kvstored_accept_failures_total", lambda v: True)
+    soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+    waiting: list[socket.socket] = []
+    ctx = zmq.Context()
+    try:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (open_fds(pid), hard))
+        for _ in range(3):  # the kernel queues them; the daemon cannot take them
+            waiting.append(socket.create_connection(("127.0.0.1", node.pub_port), timeout=5))
+        wait_for(lambda: "KV events: accept on events.endpoint failed" in node.log(), 15,
+                 "the accept failure logged")
+    finally:
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+    try:
+        metric_when(node, "kvstored_accept_failures_total", lambda v: v > failed0)
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.1:{node.pub_port}")
+        for s in waiting:  # accepted after the pause: they get the daemon's greeting
+            s.settimeout(10)
+            assert s.recv(1) == b"\xff"
+            s.close()
+        waiting.clear()
+        with kvstore.Client(node.control, namespace="r3fd", timeout=10, shm=False) as c:
+            for i in range(100):
+                c.put(f"fd-{i}", b"a")
+                if sub.poll(100):
+                    break
+            else:
+                raise AssertionError("no event reached the subscriber after the spell")
+    finally:
+        for s in waiting:
+            s.close()
+        ctx.destroy(0)
+    assert node.log().count("KV events: accept on events.endpoint failed") == 1
+
+
 @pytest.fixture
 def publisher(tmp_path, monkeypatch):
     """The real publisher in this process on an ipc endpoint pair, deadlines shortened;
