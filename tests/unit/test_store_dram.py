@@ -171,6 +171,30 @@ def test_evict_down_goes_from_the_high_watermark_to_the_low_one():
         t.close()
 
 
+@pytest.mark.parametrize("demote", [False, True])
+def test_evict_down_takes_each_victim_from_the_class_holding_most_bytes(demote):
+    """2 MiB of 256 KiB objects beside 2 MiB of 128 KiB ones, down to half: dropped
+    victims alternate between the classes as their bytes fall (a tie goes to the smaller
+    class, listed first); demotions leave every object listed until written, so the
+    class chosen first gives all the victims."""
+    t = Tier(high_watermark=0.75, low_watermark=0.5)
+    try:
+        big = [t.put(b"b%02d" % i, OBJ) for i in range(8)]
+        small = [t.put(b"s%02d" % i, OBJ // 2) for i in range(16)]
+        assert all(big + small) and t.dram.arena.used_bytes == t.dram.arena.size
+        t.demote = demote
+        assert t.dram.evict_down() == (16 if demote else 12)
+        if demote:
+            assert t.evicted == [e.key for e in small]
+            t.finish_demotions()
+        else:  # KiB held (big, small) before each victim: 2048/2048 -> small, 2048/1920
+            # -> big, 1792/1920 -> small, 1792/1792 -> small, ... down to 1024/1024
+            assert b"".join(k[:1] for k in t.evicted) == b"sbssbssbssbs"
+        assert t.dram.arena.used_bytes == 0.5 * t.dram.arena.size
+    finally:
+        t.close()
+
+
 def test_evict_down_stops_when_nothing_is_evictable():
     t = Tier(high_watermark=0.5, low_watermark=0.25)
     try:
