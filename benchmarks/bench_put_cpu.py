@@ -44,7 +44,8 @@ machine's load: a node's ``DataConnection`` (the node's Store, DataServer and me
 observer, its arena full so every put evicts) fed pipelined puts of new keys as uvloop
 would, ``--per-read`` frames per read, the answers taken by a fake transport. Per put:
 Python bytecodes and calls (``sys.settrace``, deterministic) and the best wall time and
-process CPU time of 7 runs. Then (``--query-keys``, 0 to skip) the Store's ``exists`` and ``lookup`` of stored
+process CPU time of 7 runs (``--auth``: the connection authenticates first; ``--nvme-dir``:
+the store has an NVMe tier and an arena that holds every put, none evicts). Then (``--query-keys``, 0 to skip) the Store's ``exists`` and ``lookup`` of stored
 keys, one key a call, 64, and all in one call, per key: the index lookup and the eviction
 touch of each hit.
 
@@ -264,12 +265,18 @@ def exists_rows(a, cc: str) -> None:
         print(f"| {who} | {cpu / (n * calls) * 1e6:.3f} | {wall / (n * calls) * 1e6:.3f} |")
 
 
-def in_process(sizes: list[int], per_read: int, dram: int) -> None:
-    """``--in-process`` (see the module docstring)."""
-    from kvstore.wire import OP_PUT, checksum, encode_request
+def in_process(sizes: list[int], per_read: int, dram: int, nvme_dir: str = "",
+               token: str | None = None, tokens_file: str = "") -> None:
+    """``--in-process`` (see the module docstring). ``nvme_dir``: the store has an NVMe
+    tier there, and an arena large enough for every put (below the high watermark: no
+    demotion, which would need the loop to run its writes). ``token``: auth on (the
+    tokens in ``tokens_file``), the connection authenticates first."""
+    from kvstore.wire import OP_AUTH, OP_PUT, checksum, encode_request
+    from kvstored.auth import Auth
     from kvstored.config import Config
     from kvstored.dataplane.tcp import DataConnection, DataServer
     from kvstored.engine import Store
+    from kvstored.engine.nvme import NvmeDevice, NvmeTier
     from kvstored.metrics import StoreUsage
 
     class Sock:  # what connection_made asks of a TCP socket
@@ -296,8 +303,13 @@ def in_process(sizes: list[int], per_read: int, dram: int) -> None:
 
         pause_reading = resume_reading = close = abort = lambda self: None
 
-    print(f"in-process put, {per_read} puts per read, new keys, arena {peers.human_size(dram)} "
-          "full (every put evicts):")
+    runs = 100 + 7 * 300 + 10  # batches delivered after the fill (see run)
+    if nvme_dir:
+        print(f"in-process put, {per_read} puts per read, new keys, an NVMe tier, the arena "
+              "below its high watermark (no eviction)" + (", auth on" if token else "") + ":")
+    else:
+        print(f"in-process put, {per_read} puts per read, new keys, arena {peers.human_size(dram)} "
+              "full (every put evicts)" + (", auth on" if token else "") + ":")
     # process CPU beside wall time: on a loaded machine the wall time of identical runs
     # varies 3x (the process waits for a core), its CPU much less
     print("| size | bytecodes/put | calls/put | us/put (best of 7) | CPU us/put (best of 7) |")
@@ -306,11 +318,19 @@ def in_process(sizes: list[int], per_read: int, dram: int) -> None:
         cfg = Config()
         cfg.dram_size, cfg.slab_size, cfg.max_value_size = dram, max(size, 4 << 20), max(size, 4 << 20)
         cfg.prefault = cfg.hugepages = False
-        store = Store(cfg.engine_limits())
+        tier = None
+        if nvme_dir:
+            slab = cfg.slab_size
+            need = runs * per_read * size * 5 // 4  # every put stays below high_watermark
+            cfg.dram_size = max(dram, -(-need // slab) * slab)
+            tier = NvmeTier(NvmeDevice(os.path.join(nvme_dir, f"in-process-{size}.nvme"),
+                                       (1 << 20) + 2 * (128 << 20), 128 << 20))
+        store = Store(cfg.engine_limits(), nvme=tier)
         store.observer = StoreUsage(store)
         srv = DataServer(store, max_connections=16, config=cfg,
                          max_inflight_bytes=cfg.max_inflight_bytes,
-                         max_pipelined_requests=cfg.max_pipelined_requests)
+                         max_pipelined_requests=cfg.max_pipelined_requests,
+                         auth=Auth(tokens_file) if token else None)
         payloads = [os.urandom(size) for _ in range(16)]
         sums = [checksum(p) for p in payloads]
         seq = itertools.count()
@@ -338,7 +358,9 @@ def in_process(sizes: list[int], per_read: int, dram: int) -> None:
                 if c.flush_due:
                     c._flush()
 
-            for _ in range(1_000_000):  # until the arena is full and puts evict
+            if token:
+                deliver(encode_request(OP_AUTH, 0, b"", b"", len(token)) + token.encode())
+            for _ in range(0 if nvme_dir else 1_000_000):  # until the arena is full and puts evict
                 if store.counters["evictions"] >= 1000:
                     break
                 deliver(batch())
@@ -365,8 +387,9 @@ def in_process(sizes: list[int], per_read: int, dram: int) -> None:
                     deliver(f)
                 best = min(best, (time.perf_counter() - t0) / (300 * per_read))
                 best_cpu = min(best_cpu, (time.process_time() - c0) / (300 * per_read))
-            if t.nbytes == 0 or store.counters["checksum_failures"]:
-                raise RuntimeError("the puts were not answered, or did not verify")
+            if (t.nbytes == 0 or store.counters["checksum_failures"]
+                    or store.counters["puts"] < runs * per_read * 9 // 10):
+                raise RuntimeError("the puts were not answered, did not verify or not stored")
             return (count["op"] / (100 * per_read), count["call"] / (100 * per_read), best,
                     best_cpu)
 
@@ -516,7 +539,10 @@ def main(argv=None) -> int:
     if a.in_process:
         if a.per_read < 1:
             ap.error("--per-read must be >= 1")
-        in_process(sizes, a.per_read, peers.parse_size(a.dram_size) // 4)
+        with tempfile.TemporaryDirectory(prefix="bench-put-cpu-", dir=a.nvme_dir or None) as d:
+            _, token = _node_options(a, d)
+            in_process(sizes, a.per_read, peers.parse_size(a.dram_size) // 4,
+                       d if a.nvme_dir else "", token, os.path.join(d, "tokens.toml"))
         if a.query_keys:
             in_process_queries(a.query_keys, 64)
         return 0

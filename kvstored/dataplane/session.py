@@ -583,7 +583,8 @@ def _fast_put_context(s: DataSession) -> tuple | None:
     filled by its ``check`` on the namespace's first put, which takes the Python path):
     every refusal is the guard's, counted and answered by the Python path. With an NVMe
     tier, the run's slots come from ``DramTier.alloc_if_free``: a put that needs an
-    eviction (maybe a demotion) is the Python path's, whose ``alloc`` evicts once."""
+    eviction (maybe a demotion) is the Python path's, whose ``alloc`` evicts once; past
+    the high watermark, ``Store._publish`` starts demotions from either path alike."""
     op = s.ops.get(OP_PUT)
     if (_put_run is None or op is None
             or not getattr(op[0], "native_put", False) or not op[2] or op[3] != BODY):
