@@ -584,21 +584,38 @@ static void dict_pop_rec(PyObject *d, uint32_t rec) {
     Py_XDECREF(k);
 }
 
-/* Free a record that left the table and has no view. */
+/* d.pop(rec) without releasing the value: it is returned (new reference, or NULL), for
+   the caller to release once its record pointers are no longer needed (a side table's
+   value may be the last reference to an object whose __del__ runs Python) */
+static PyObject *dict_take_rec(PyObject *d, uint32_t rec) {
+    PyObject *k = PyLong_FromUnsignedLong(rec);
+    PyObject *v = k ? PyDict_GetItemWithError(d, k) : NULL;
+    Py_XINCREF(v);
+    if (v && PyDict_DelItem(d, k) < 0) Py_CLEAR(v);
+    if (PyErr_Occurred()) PyErr_Clear();
+    Py_XDECREF(k);
+    return v;
+}
+
+/* Free a record that left the table and has no view. The side tables' values (a pin
+   record, an unpacked Location) are released last, when the record is free: their
+   release may run Python (a __del__) that grows the record array or reads this index. */
 static void rec_free(Table *t, uint32_t rec) {
     Rec *r = &t->recs[rec];
     PyObject *et, *ev, *tb;
     PyErr_Fetch(&et, &ev, &tb);
     slot_clear(t, rec);
-    if (r->flags & F_PIN) dict_pop_rec(t->pins, rec);
-    if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
-    if (off_units(t, r) == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    PyObject *pin = r->flags & F_PIN ? dict_take_rec(t->pins, rec) : NULL;
+    PyObject *loc = r->flags & F_NVSIDE ? dict_take_rec(t->nvside, rec) : NULL;
+    if (off_units(t, r) == OFF_WIDE) dict_pop_rec(t->wide, rec);  /* an exact int */
     if (r->dram != NOREC) chunk_free(t, rec_pool(r), r->dram);
     if (r->flags & F_KEYLESS) t->nkeyless--;
     space_release(t, r->ns);
     r->flags = 0;
     r->dram = t->freehead;
     t->freehead = rec;
+    Py_XDECREF(pin);
+    Py_XDECREF(loc);
     PyErr_Restore(et, ev, tb);
 }
 
@@ -1648,8 +1665,10 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
         t->unverified--;
     }
     if (r->flags & F_PIN) {
-        dict_pop_rec(t->pins, e->rec);
+        /* the flag first: the pin record's release may run Python (an int subclass's
+           __del__) that grows the record array under r */
         r->flags &= ~F_PIN;
+        dict_pop_rec(t->pins, e->rec);
     }
     /* the record lives on while its view does (freed by the view's dealloc) */
     Py_RETURN_NONE;
@@ -2669,18 +2688,19 @@ static void lru_balance(Lru *p, int idx) {
 static int lru_touch_rec(Lru *p, uint32_t rec) {
     Table *t = p->t;
     if (t->recs[rec].seg < 0) return 0;
+    /* the class first: its first read is a getattr, which may run Python that unlinks rec */
+    int idx = lru_class(p, t->recs[rec].sc);
+    if (idx < 0) return -1;
+    if (t->recs[rec].seg < 0) return 0;
     Aux *a = L_aux(t, rec);
     if (!a) {
         PyErr_Format(PyExc_RuntimeError, "record %u is in an eviction list without its DRAM part", rec);
         return -1;
     }
     if (p->lo < a->stamp && a->stamp <= p->hi) return 0;  /* the last lookup ordered it */
-    int idx = lru_class(p, t->recs[rec].sc);
-    if (idx < 0) return -1;
     Rec *r = &t->recs[rec];
     LList *L = &p->lists[(size_t)idx * 3];
     l_remove(t, &L[r->seg], rec);
-    a = L_aux(t, rec);
     a->stamp = ++p->clock & STAMP_MAX;
     r->seg = L_PROT;
     l_push(t, &L[L_PROT], rec);
@@ -2689,7 +2709,12 @@ static int lru_touch_rec(Lru *p, uint32_t rec) {
 }
 
 /* _push: at the head of list seg of class idx, stamped with the next tick */
+static int lru_not_linked(Lru *p, uint32_t rec);
+
 static int lru_push(Lru *p, uint32_t rec, int seg, int idx) {
+    /* checked here, where it is linked: the Python a caller ran since its own check (the
+       ghost's methods, a key loader, a collection's finalizers) may have linked it */
+    if (lru_not_linked(p, rec) < 0) return -1;
     Aux *a = aux_for_write(p->t, rec);
     if (!a) return -1;
     a->stamp = ++p->clock & STAMP_MAX;
@@ -2802,9 +2827,11 @@ static int lru_push_probation(Lru *p, uint32_t rec, int idx, PyObject *k) {
     if (PyDict_GET_SIZE(p->parents) && dict_take(p->parents, k, &parent) < 0) return -1;
     Entry *last = (Entry *)p->last;
     if (parent && last && last->ix == p->t && R(last)->seg == L_PROB) {
+        /* held: the Python run below (the class's getattr, the compare with the parent, a
+           collection) may insert another entry, and p->last held the only reference */
+        Py_INCREF(last);
         int lidx = lru_class(p, R(last)->sc);
-        if (lidx < 0) { Py_DECREF(parent); return -1; }
-        int same = 0;
+        int same = lidx < 0 ? -1 : 0;
         if (lidx == idx) {
             PyObject *lk = get_key(last, NULL);
             PyObject *tup = lk ? PyTuple_Pack(2, p->t->spaces[R(last)->ns].name, lk) : NULL;
@@ -2813,17 +2840,25 @@ static int lru_push_probation(Lru *p, uint32_t rec, int idx, PyObject *k) {
             Py_XDECREF(tup);
         }
         Py_DECREF(parent);
-        if (same < 0) return -1;
-        if (same) {
-            Aux *a = aux_for_write(p->t, rec);
-            if (!a) return -1;
+        /* behind the parent only if it is still the last insert, in PROBATION, and rec
+           is still unlinked: else at the head, as when it was not inserted just before */
+        if (same > 0 && ((PyObject *)last != p->last || last->ix != p->t || R(last)->seg != L_PROB))
+            same = 0;
+        if (same > 0 && lru_not_linked(p, rec) < 0)
+            same = -1;
+        Aux *a = same > 0 ? aux_for_write(p->t, rec) : NULL;
+        if (same > 0 && !a)
+            same = -1;
+        if (a) {
             p->clock++;  /* an insertion ticks the clock wherever it is linked */
             a->stamp = L_aux(p->t, last->rec)->stamp;
             p->t->recs[rec].seg = L_PROB;
             l_behind(p->t, &p->lists[(size_t)idx * 3 + L_PROB], last->rec, rec);
             p->resident++;
-            return 0;
         }
+        Py_DECREF(last);  /* may run Python (its record's side tables): nothing is held now */
+        if (same < 0) return -1;
+        if (same) return 0;
     } else {
         Py_XDECREF(parent);
     }
@@ -2894,9 +2929,10 @@ static PyObject *Lru_touch_run(Lru *p, PyObject *entries) {
     if (lru_ready(p) < 0) return NULL;
     PyObject *seq = PySequence_Fast(entries, "touch_run(entries): a list of entries");
     if (!seq) return NULL;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
+    /* the items are read each step: a list's may move (Python run by a touch may change it) */
     for (Py_ssize_t i = PySequence_Fast_GET_SIZE(seq) - 1; i >= 0; i--) {  /* deepest first */
-        int64_t rec = lru_rec(p, items[i]);
+        if (i >= PySequence_Fast_GET_SIZE(seq)) continue;
+        int64_t rec = lru_rec(p, PySequence_Fast_ITEMS(seq)[i]);
         if (rec < 0 || lru_touch_rec(p, (uint32_t)rec) < 0) { Py_DECREF(seq); return NULL; }
     }
     Py_DECREF(seq);
@@ -2920,9 +2956,9 @@ static PyObject *Lru_touch_keys(Lru *p, PyObject *const *args, Py_ssize_t n) {
     }
     PyObject *seq = PySequence_Fast(args[2], "touch_keys(index, ns, keys): a list of keys");
     if (!seq) return NULL;
-    PyObject **items = PySequence_Fast_ITEMS(seq);
     for (Py_ssize_t i = PySequence_Fast_GET_SIZE(seq) - 1; i >= 0; i--) {  /* deepest first */
-        int64_t rec = rec_of_key(t, ns, items[i]);
+        if (i >= PySequence_Fast_GET_SIZE(seq)) continue;  /* as touch_run */
+        int64_t rec = rec_of_key(t, ns, PySequence_Fast_ITEMS(seq)[i]);
         if (rec == -2 || (rec >= 0 && !(t->recs[rec].flags & F_UNVERIFIED) &&
                           lru_touch_rec(p, (uint32_t)rec) < 0)) {
             Py_DECREF(seq);
@@ -2971,10 +3007,13 @@ static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObjec
     /* the digest first (the key of a keyless entry is read from NVMe and may fail):
        an error leaves the entry linked; its list is read after (the loader is Python) */
     if (evicted && lru_key(p, args[0], NULL, &h) < 0) return NULL;
-    int seg = p->t->recs[rec].seg;
+    int seg = p->t->recs[rec].seg, idx = -1;
     if (seg >= 0) {
-        int idx = lru_class(p, p->t->recs[rec].sc);
+        idx = lru_class(p, p->t->recs[rec].sc);
         if (idx < 0) return NULL;
+        seg = p->t->recs[rec].seg;  /* the class's getattr may have run Python that unlinked it */
+    }
+    if (seg >= 0) {
         l_remove(p->t, &p->lists[(size_t)idx * 3 + seg], (uint32_t)rec);
         p->t->recs[rec].seg = -1;
         p->resident--;
@@ -3111,7 +3150,11 @@ static PyObject *Lru_order(Lru *p, PyObject *args) {
     LList *L = &p->lists[(size_t)idx * 3 + seg];
     PyObject *out = PyList_New(0);
     uint64_t k = 0;
-    for (uint32_t r = L->head; out && r != NOREC; r = L_aux(p->t, r)->older) {
+    for (uint32_t r = L->head, older; out && r != NOREC; r = older) {
+        /* the link first: building the view may run a collection whose Python unlinks r
+           (a keyless record's DRAM part then goes); a stale link is view_of's error */
+        const Aux *a = L_aux(p->t, r);
+        older = a ? a->older : NOREC;
         PyObject *v = ++k > L->count ? NULL : view_of(p->t, r);
         if (!v) {
             if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "eviction list longer than its count");

@@ -289,6 +289,97 @@ def test_inserting_an_entry_again_from_python_its_insert_runs_is_refused():
     assert ix.get(b"n", b"k").key == b"k" and other.get(b"n", b"k") is None
 
 
+def _grow(ix, n=20000):
+    """Python that moves the record array (realloc), as a __del__ may."""
+    for i in range(n):
+        ix.add(b"grow", b"%d" % i, -1, 1, 0, SC, 0.0)
+
+
+def test_a_pin_count_whose_release_grows_the_index_does_not_write_a_freed_record():
+    """remove() drops a pinned entry's pin record; the release of its count (an int
+    subclass: its __del__ runs) grows the record array. Before, remove then cleared the pin
+    flag through the old array (a heap-use-after-free write under ASan)."""
+    ix = PackedIndex()
+    e = entry(b"ns", b"k")
+    ix.insert(e)
+    dels = []
+
+    class Count(int):
+        def __del__(self):
+            dels.append(1)
+            _grow(ix)
+
+    e.pins = Count(1)  # the pin record holds the only reference
+    ix.remove(e)
+    assert dels and len(ix) == 20000
+    assert e.pins == 0 and not e.pinned(0.0)
+    ix.insert(e)  # the record is whole: in again, unpinned
+    assert ix.get(b"ns", b"k") is e and e.pins == 0
+
+
+def test_a_side_table_location_whose_release_grows_the_index_frees_its_record_whole():
+    """A Location that does not pack is kept whole in a side dict; the record's free (its
+    last view gone) releases it, and its __del__ grows the record array. Before, the free
+    went on through the old array (heap-use-after-free under ASan); the record is freed
+    whole now and its number is reused."""
+    ix = PackedIndex()
+    e = entry(b"ns", b"k")
+    ix.insert(e)
+    dels = []
+
+    class Loc:
+        region, offset, length, checksum, generation = 1, 4097, 100, 0x1234, 1  # unaligned
+
+        def __del__(self):
+            dels.append(1)
+            _grow(ix)
+
+    e.nvme = Loc()
+    assert ix.footprint()["nvme_side"] == 1
+    rec = e.record
+    ix.remove(e)
+    del e
+    gc.collect()
+    assert dels and len(ix) == 20000 and ix.footprint()["nvme_side"] == 0
+    again = entry(b"ns", b"again")
+    ix.insert(again)
+    assert len(ix) == 20001 and ix.get(b"ns", b"again").key == b"again"
+    assert rec in {again.record} | {x.record for x in ix.iterate(b"grow")}
+
+
+def test_a_chain_parent_whose_compare_inserts_another_entry_is_pushed_at_the_head():
+    """An insert whose chain parent was the last insert goes just behind it: the parent
+    (ns, key) is compared with the last insert's, and the compare may run Python (a bytes
+    subclass in the parents dict) that inserts another entry, dropping the only reference
+    to the old last insert's view. Before, its freed view was read after (heap-use-after-
+    free under ASan); now the parent is no longer the last insert and the entry goes to
+    the head, as the Python policy would put it."""
+    from kvstored.engine.eviction import PROBATION, NativePolicy
+    ix = PackedIndex()
+    pol = NativePolicy(1, ix)
+    a, b, c = (entry(b"ns", k, offset=4096 * (i + 1)) for i, k in enumerate((b"a", b"b", b"c")))
+    for e in (a, b, c):
+        ix.insert(e)
+    pol.insert(a)
+    del a  # pol.last_insert holds the only reference to a's view
+    fired = []
+
+    class Ns(bytes):
+        __hash__ = bytes.__hash__
+
+        def __eq__(self, other):
+            if not fired:
+                fired.append(1)
+                pol.insert(c)
+            return bytes.__eq__(self, other)
+
+    pol.parents[(b"ns", b"b")] = (Ns(b"ns"), b"a")
+    pol.insert(b)
+    assert fired and pol.resident == 3
+    assert [e.key for e in pol.order(0, PROBATION)] == [b"b", b"c", b"a"]
+    assert pol.lru.last_insert is b
+
+
 # ------------------------------------------------------------------- hostile input
 def test_a_full_namespace_table_is_a_typed_nospace_and_frees_the_id_on_empty():
     ix = PackedIndex()
