@@ -629,6 +629,15 @@ static PyObject *view_of(Table *t, uint32_t rec) {
     if (v) { Py_INCREF(v); return (PyObject *)v; }
     v = PyObject_GC_New(Entry, &EntryType);
     if (!v) return NULL;
+    /* the allocation may have run a collection whose Python made this record's view (a
+       second one would be filed beside it, and the map keep a freed one) or freed it */
+    Entry *w = rec < t->nrecs && (t->recs[rec].flags & F_USED) ? view_get(t, rec) : NULL;
+    if (w || rec >= t->nrecs || !(t->recs[rec].flags & F_USED)) {
+        PyObject_GC_Del(v);
+        if (w) { Py_INCREF(w); return (PyObject *)w; }
+        PyErr_Format(PyExc_RuntimeError, "record %u left the index while its view was made", rec);
+        return NULL;
+    }
     v->ix = NULL; v->det = NULL; v->rec = rec; v->inserting = 0;
     if (view_put(t, rec, v) < 0) { v->ix = NULL; PyObject_GC_Del(v); return NULL; }
     Py_INCREF(t);
@@ -1485,18 +1494,21 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     size_t kl = (size_t)PyBytes_GET_SIZE(keyobj);
     uint64_t fp = fp_of(t, (uint16_t)ns, k, kl);
     int64_t dup = find(t, (uint16_t)ns, k, kl, fp);
+    uint32_t twin = NOREC;  /* the keyless record this one may sit beside */
     if (dup >= 0 && keyless && (t->recs[t->slots[dup] - 1].flags & F_KEYLESS)) {
         /* a keyless record of equal fingerprint (recovery adds each key once: another
            key): this one keeps its key, so both are found as themselves */
+        twin = t->slots[dup] - 1;
         keyless = 0;
         dup = -1;
     }
     if (dup >= 0) {
+        /* read before the tuple's allocation, which may run Python that moves the slots */
+        int dup_keyless = (t->recs[t->slots[dup] - 1].flags & F_KEYLESS) != 0;
         PyObject *key = PyTuple_Pack(2, nsobj, keyobj);
         if (key)
             PyErr_Format(PyExc_KeyError, "index already holds %R%s; remove the old entry first", key,
-                         t->recs[t->slots[dup] - 1].flags & F_KEYLESS
-                         ? " (a keyless record of its fingerprint: maybe this key)" : "");
+                         dup_keyless ? " (a keyless record of its fingerprint: maybe this key)" : "");
         Py_XDECREF(key);
         space_drop_if_unused(t, ns);
         return -1;
@@ -1546,6 +1558,15 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
         Py_XDECREF(p); Py_XDECREF(kk);
         if (!ok) { rec_free(t, (uint32_t)rec); return -1; }
         t->recs[rec].flags |= F_PIN;
+    }
+    /* Python run since the check above (a Location's getattr, a collection run by the pin
+       record's allocation) may have indexed this key: two records would hold it */
+    int64_t again = find(t, (uint16_t)ns, k, kl, fp);
+    if (again >= 0 && t->slots[again] - 1 != twin) {
+        PyErr_SetString(PyExc_KeyError, "index already holds this key (indexed by Python code "
+                        "that this insert ran); remove the old entry first");
+        rec_free(t, (uint32_t)rec);
+        return -1;
     }
     if (view) {
         if (view_put(t, (uint32_t)rec, view) < 0) { rec_free(t, (uint32_t)rec); return -1; }

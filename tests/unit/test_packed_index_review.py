@@ -380,6 +380,71 @@ def test_a_chain_parent_whose_compare_inserts_another_entry_is_pushed_at_the_hea
     assert pol.lru.last_insert is b
 
 
+def test_a_collection_while_a_view_is_made_that_makes_the_same_view_leaves_one():
+    """A record's view is made on demand; its allocation may run a collection, and Python
+    run there (a gc callback here) may ask for the same record's view. Before, both were
+    filed in the view map and, the outer one gone first, the map kept its freed pointer
+    (heap-use-after-free on the next lookup under ASan). Now the outer call returns the
+    view the collection made."""
+    ix = PackedIndex()
+    ix.insert(entry(b"ns", b"k"))  # no view held: every get makes one
+    state = {"armed": False, "inner": None}
+
+    def made_inside(phase, info):
+        if phase == "start" and state["armed"]:
+            state["armed"] = False
+            state["inner"] = ix.get(b"ns", b"k")
+
+    threshold = gc.get_threshold()
+    gc.callbacks.append(made_inside)
+    try:
+        for attempt in range(20):  # until a collection runs inside the view's allocation
+            gc.collect()
+            junk = [[] for _ in range(attempt % 2)]  # noqa: F841 (shifts where the next one runs)
+            gc.set_threshold(1)
+            state["armed"] = True
+            outer = ix.get(b"ns", b"k")
+            gc.set_threshold(*threshold)
+            state["armed"] = False
+            if state["inner"] is not None:
+                break
+            del outer
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(made_inside)
+    inner = state.pop("inner")
+    assert inner is not None, "no collection ran while the view was made"
+    assert outer is inner
+    del outer, inner
+    again = ix.get(b"ns", b"k")
+    assert again.key == b"k" and ix.footprint()["views"] == 1
+
+
+def test_a_location_whose_getattr_indexes_the_same_key_is_a_duplicate_refused():
+    """insert() checks the key is free, then stores the NVMe Location, whose fields are read
+    by getattr (Python). Here that Python indexes the same key: before, both records went
+    into the table (one key, two objects, counted twice). Now the insert is a KeyError
+    and the index holds the key once."""
+    ix = PackedIndex()
+
+    class Loc:
+        offset, length, checksum, generation = 4096, 100, 0x1234, 1
+
+        @property
+        def region(self):
+            if not len(ix):
+                ix.add(b"ns", b"k", -1, 100, 0x1234, SC, 0.0)
+            return 3
+
+    e = entry(b"ns", b"k")
+    e.nvme = Loc()
+    with pytest.raises(KeyError, match="indexed by Python code"):
+        ix.insert(e)
+    assert len(ix) == 1 and ix.namespaces() == {b"ns": (1, 100)} and e.record is None
+    with pytest.raises(KeyError):
+        ix.add(b"ns", b"k", -1, 100, 0x1234, SC, 0.0, nvme=Loc())
+
+
 # ------------------------------------------------------------------- hostile input
 def test_a_full_namespace_table_is_a_typed_nospace_and_frees_the_id_on_empty():
     ix = PackedIndex()
