@@ -2514,16 +2514,26 @@ static int Ghost_contains(Ghost *g, PyObject *o) {
 }
 
 static PyObject *Ghost_items(Ghost *g, PyObject *unused) {
-    PyObject *l = PyList_New(g->count);
-    if (!l) return NULL;
-    Py_ssize_t w = 0;
-    for (uint32_t k = 0; k < g->used; k++) {
+    /* copied out first, with no Python run: each tuple's allocation may run a collection
+       whose Python adds to or pops from this ghost (the ring moves, the count changes) */
+    uint32_t n = 0;
+    uint64_t *dig = PyMem_Malloc(((size_t)g->count + 1) * sizeof(uint64_t));
+    uint8_t *org = PyMem_Malloc((size_t)g->count + 1);
+    if (!dig || !org) { PyMem_Free(dig); PyMem_Free(org); return PyErr_NoMemory(); }
+    for (uint32_t k = 0; k < g->used && n < g->count; k++) {
         uint32_t p = g_ring(g, k);
         if (g->org[p] == G_DEAD) continue;
-        PyObject *t = Py_BuildValue("(Ki)", (unsigned long long)g->dig[p], (int)g->org[p]);
-        if (!t) { Py_DECREF(l); return NULL; }
-        PyList_SET_ITEM(l, w++, t);
+        dig[n] = g->dig[p];
+        org[n++] = g->org[p];
     }
+    PyObject *l = PyList_New(n);
+    for (uint32_t i = 0; l && i < n; i++) {
+        PyObject *t = Py_BuildValue("(Ki)", (unsigned long long)dig[i], (int)org[i]);
+        if (!t) Py_CLEAR(l);
+        else PyList_SET_ITEM(l, i, t);
+    }
+    PyMem_Free(dig);
+    PyMem_Free(org);
     return l;
 }
 

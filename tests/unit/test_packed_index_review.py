@@ -445,6 +445,37 @@ def test_a_location_whose_getattr_indexes_the_same_key_is_a_duplicate_refused():
         ix.add(b"ns", b"k", -1, 100, 0x1234, SC, 0.0, nvme=Loc())
 
 
+def test_ghost_items_survives_a_collection_that_adds_digests_midway():
+    """Ghost.items allocates a tuple per digest; a collection it triggers may run Python
+    (a gc callback here) that adds digests. Before, the list was sized before the walk
+    and the walk went on over the grown ring: writes past the list's end (heap-buffer-
+    overflow under ASan). It answers from the digests it copied first."""
+    ghost = _index.Ghost()
+    for d in range(200):
+        ghost.add(d, d % 3)
+    added = []
+
+    def grow(phase, info):
+        if phase == "start" and not added:
+            added.append(1)
+            for d in range(1000, 3000):
+                ghost.add(d, 0)
+
+    held = [(i, -i) for i in range(5000)]  # the answer's tuples are fresh allocations
+    threshold = gc.get_threshold()
+    gc.callbacks.append(grow)
+    gc.set_threshold(1)
+    try:
+        got = ghost.items()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(grow)
+    del held
+    assert added, "no collection ran during items()"
+    assert got == [(d, d % 3) for d in range(200)]
+    assert len(ghost) == 2200 and ghost.items()[-1] == (2999, 0)
+
+
 # ------------------------------------------------------------------- hostile input
 def test_a_full_namespace_table_is_a_typed_nospace_and_frees_the_id_on_empty():
     ix = PackedIndex()
