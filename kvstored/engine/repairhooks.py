@@ -100,7 +100,10 @@ class RepairWalk:
     earlier phases did not take (changed since, or put since). An entry taken is marked
     (a bit per record number of the packed index, the entry's id for the dict index) and
     not taken again, unless it was committed after the walk began (its record reused by
-    a newer object, or an identical re-put). At ~0.2 us per entry a phase that takes
+    a newer object, or an identical re-put). A record a repair wrote meanwhile keeps its
+    source's older commit time (docs/cluster.md, "Deletes and repair"), so it may be
+    left to the next pass (on a record number this walk took already, or once the walk
+    looks only at entries committed since it began). At ~0.2 us per entry a phase that takes
     nothing costs 3 s of the loop over 16 M entries, in 2,048-entry turns.
 
     The index may change between chunks: an entry deleted meanwhile (DEAD) is left out,
