@@ -51,6 +51,10 @@ SHUTDOWN_FLUSH_TIMEOUT = 60.0  # seconds SIGTERM may spend writing DRAM-only obj
 # seconds a control connection may take to set up (TCP, TLS, HTTP/2 settings): a silent
 # one held a descriptor for gRPC's default 120 s
 CONTROL_HANDSHAKE_TIMEOUT = 10.0
+# seconds a control connection's calls in progress get to finish once the connection is
+# server.control_connection_max_age old (every control call's own bounds are shorter; a
+# max age under it is the grace too)
+CONTROL_AGE_GRACE = 60.0
 
 
 def _open_nvme(config: Config):
@@ -316,6 +320,13 @@ class Node:
             ("grpc.max_allowed_incoming_connections", fds.control),
             ("grpc.server_handshake_timeout_ms", int(CONTROL_HANDSHAKE_TIMEOUT * 1000)),
             ("grpc.max_connection_idle_ms", int(c.idle_timeout * 1000)),
+            # a connection ends after its age (GOAWAY; a client opens a new one by itself),
+            # its calls in progress getting a grace period more: the one bound on what a
+            # client that never takes its answers holds (a call's place and its answer until
+            # HTTP/2 flow control lets it out, which gRPC cannot cancel from here)
+            ("grpc.max_connection_age_ms", int(c.control_connection_max_age * 1000)),
+            ("grpc.max_connection_age_grace_ms",
+             int(min(CONTROL_AGE_GRACE, c.control_connection_max_age) * 1000)),
         ])
         self.control = ControlService(
             self.store, c, st, data=self.data_server, stats=self.control_stats, gate=self.gate,

@@ -244,6 +244,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "control_request_timeout", FLOAT, 30.0,
        "a gRPC call whose request message has not arrived this long after the call opened "
        "is answered DEADLINE_EXCEEDED (it held one of max_control_rpcs)", check=_seconds),
+    _s("server", "control_connection_max_age", FLOAT, 300.0,
+       "a gRPC control connection is closed this long after it opened (GOAWAY: clients "
+       "reconnect by themselves), its calls in progress given 60 s more (or this, if less)",
+       check=_seconds),
     _s("server", "max_pipelined_requests", INT, 1024,
        "unanswered requests per data connection before it stops being read", check=_positive,
        reload="pipelined"),
