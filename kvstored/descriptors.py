@@ -97,7 +97,8 @@ def plan(max_connections: int, max_control_connections: int, reserved: int = 0) 
     if free < MIN_FREE:
         raise DescriptorLimitError(
             f"RLIMIT_NOFILE is {soft} (hard {hard}) with {used} descriptors open and "
-            f"{reserved} kept for KV event subscribers: {free} left, too few to serve (at "
+            f"{reserved} kept for KV event subscribers (events.max_subscribers + 1 per "
+            f"endpoint): {free} left, too few to serve (at "
             f"least {used + reserved + MIN_FREE} needed; server.max_connections = "
             f"{max_connections} and server.max_control_connections = {max_control_connections} "
             f"want {used + reserved + max_connections + max_control_connections + HEADROOM}); "

@@ -80,6 +80,8 @@ place is free. What one connection can hold, and for how long:
   connection's replay in progress, more are dropped (counted as refused);
 * a replay connection with no replay in progress closes after ``REPLAY_IDLE_TIMEOUT``
   (300 s) without a request (a ZMQ DEALER or REQ reconnects by itself when it next sends).
+* a tcp connection whose peer vanished (no FIN: a host gone) is found by TCP keepalive
+  (``KEEPALIVE_IDLE`` + 3 x ``KEEPALIVE_INTERVAL``, 90 s) and its place freed.
 
 Accepts that fail (EMFILE: the process is at its descriptor limit) are counted
 (``kvstored_accept_failures_total``) and logged (at most once a minute); the endpoint
@@ -130,6 +132,8 @@ READ_SIZE = 64 << 10  # bytes read from a connection per readiness event
 MAX_ACCEPTS_PER_TURN = 64  # accepts per readiness event of a listening socket
 ACCEPT_RETRY_DELAY = 1.0  # s without accepting after an accept failed (EMFILE)
 BACKLOG = 128
+KEEPALIVE_IDLE = 60  # s of silence before TCP keepalive probes a tcp connection
+KEEPALIVE_INTERVAL = 10  # s between probes (3 unanswered: the connection is gone)
 REFUSED_LOG_EVERY = 60.0  # s between warnings while connections are refused
 
 _STORED, _REMOVED = 0, 1
@@ -568,6 +572,13 @@ class ZmtpConnection:
         if sock.family != socket.AF_UNIX:
             try:  # batches are small and wanted now
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                # a subscriber never has to send: one whose host vanished is found by
+                # keepalive probes (gone after KEEPALIVE_IDLE + 3 x KEEPALIVE_INTERVAL)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+                if hasattr(socket, "TCP_KEEPIDLE"):
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL)
+                    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT, 3)
             except OSError:  # reset already: the first read says so
                 pass
         self.rbuf = bytearray()

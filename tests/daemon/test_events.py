@@ -429,6 +429,9 @@ def test_a_burst_past_max_subscribers_is_closed_and_the_places_kept():
         conns: list = []
         try:
             await until(lambda: pub.subscribers() == 2, "the two subscribers were not counted")
+            # neither ever sends once subscribed: TCP keepalive finds a vanished host
+            assert all(c.sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                       for c in pub._pub.conns)
             fds = len(os.listdir("/proc/self/fd"))
             flood = threading.Thread(target=connect_all, args=(port, conns), daemon=True)
             flood.start()
