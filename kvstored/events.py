@@ -78,6 +78,9 @@ place is free. What one connection can hold, and for how long:
   that cannot send for ``REPLAY_STALL_TIMEOUT`` (30 s) is closed (it held one of
   ``MAX_REPLAYS`` places); at most ``MAX_QUEUED_REQUESTS`` requests wait behind a
   connection's replay in progress, more are dropped (counted as refused);
+* a connection with more than its bound queued (``SUBSCRIBER_BUFFER``, ``REPLAY_BUFFER``)
+  is not read until half of it has gone: what it sends (replay requests, ZMTP PINGs)
+  cannot queue answers it does not read;
 * a replay connection with no replay in progress closes after ``REPLAY_IDLE_TIMEOUT``
   (300 s) without a request (a ZMQ DEALER or REQ reconnects by itself when it next sends).
 * a tcp connection whose peer vanished (no FIN: a host gone) is found by TCP keepalive
@@ -595,6 +598,10 @@ class ZmtpConnection:
         self.requests: collections.deque = collections.deque()
         self.idle_since = time.monotonic()
         self.stall: asyncio.TimerHandle | None = None
+        # past this many bytes queued the connection is not read: what it sends (PINGs,
+        # requests) would queue answers without bound if it never reads them
+        self.read_bound = SUBSCRIBER_BUFFER if server.kind == PUB else REPLAY_BUFFER
+        self.reading = True
         self.closed = False
         self.timer = self.loop.call_later(HANDSHAKE_TIMEOUT, self._handshake_expired)
         self.loop.add_reader(self.fd, self._readable)
@@ -619,6 +626,9 @@ class ZmtpConnection:
             data = memoryview(data)
         self.wbuf.append(data)
         self.queued += len(data)
+        if self.reading and self.queued > self.read_bound:
+            self.reading = False
+            self.loop.remove_reader(self.fd)
 
     def _writable(self) -> None:
         while self.wbuf:
@@ -643,6 +653,9 @@ class ZmtpConnection:
                     self.stall.cancel()
                     self.stall = None
                 self.publisher._schedule_replay()
+            if not self.reading and self.queued <= self.read_bound // 2:
+                self.reading = True
+                self.loop.add_reader(self.fd, self._readable)
         self.loop.remove_writer(self.fd)
 
     def wait_for_drain(self) -> None:

@@ -384,6 +384,48 @@ def test_a_replay_nobody_reads_is_bounded_and_ends(publisher):
         ctx.destroy(0)
 
 
+def test_answers_a_client_never_reads_stop_its_reading_at_the_bound(publisher, monkeypatch):
+    """A ZMTP client that floods PINGs (events endpoint) or malformed replay requests
+    (replay endpoint) and reads nothing: each would be answered (a PONG, the end marker),
+    so past its bound queued (SUBSCRIBER_BUFFER, lowered to 256 KiB; REPLAY_BUFFER, 64 KiB)
+    the daemon stops reading that connection: it holds the bound + one read's answers at
+    most, and the flood's sender blocks."""
+    from kvstored import events
+
+    monkeypatch.setattr(events, "SUBSCRIBER_BUFFER", 256 * KiB)
+    monkeypatch.setattr(events, "REPLAY_IDLE_TIMEOUT", 30.0)  # (unread, it would count as idle)
+    pub = publisher
+    floods = ((0, b"SUB", events._command(b"PING", b"\0\0" + b"c" * 16), 256 * KiB),
+              (1, b"DEALER", events.encode_message((b"", b"abc")), events.REPLAY_BUFFER))
+    for endpoint, kind, frame, bound in floods:
+        path = pub.bound()[endpoint][6:]
+        s = socket.socket(socket.AF_UNIX)
+        try:
+            s.connect(path)
+            s.sendall(events._greeting() + events._ready(kind))
+            s.setblocking(False)
+            server = pub._pub if endpoint == 0 else pub._router
+
+            def paused() -> bool:
+                return bool(server.conns) and not any(c.reading for c in server.conns)
+
+            blob = memoryview(frame * (64 * KiB // len(frame)))  # whole frames: the
+            sent, off, end = 0, 0, time.monotonic() + 30  # stream wraps at a frame's end
+            while not pub.call(paused):
+                assert sent < 64 * MiB and time.monotonic() < end, f"{kind}: not paused"
+                try:
+                    n = s.send(blob[off:])
+                except BlockingIOError:
+                    time.sleep(0.02)
+                    continue
+                sent, off = sent + n, (off + n) % len(blob)
+            conns = pub.call(lambda: [(c.queued, c.reading) for c in server.conns])
+            assert len(conns) == 1 and not conns[0][1], conns
+            assert conns[0][0] <= bound + 4 * events.READ_SIZE, (kind, conns)
+        finally:
+            s.close()
+
+
 # ------------------------------------------------------------------ control port
 
 def test_control_calls_without_a_request_message_end_at_the_deadline(node):
