@@ -235,23 +235,36 @@ def test_both_paths_answer_and_store_the_same(index, seed):
         python.store.close()
 
 
-@pytest.mark.parametrize("index", ["dict", "packed"])
-def test_both_paths_the_same_with_an_nvme_tier(tmp_path, index):
+@pytest.mark.parametrize("index,auth", [("dict", False), ("packed", False), ("packed", True)])
+def test_both_paths_the_same_with_an_nvme_tier(tmp_path, index, auth):
     """DRAM overflows into the NVMe tier: puts past the high watermark start demotions,
     those that need an eviction (DramTier.alloc_if_free finds no free slot) take the
-    Python path, which may wait for a demotion; gets of demoted keys promote them."""
+    Python path, which may wait for a demotion; gets of demoted keys promote them.
+    ``auth``: a fleet node with both (the auth workload, tokens reloaded halfway)."""
+    tokens = tmp_path / "tokens.toml"
+    write_tokens(tokens)
+
     async def run():
-        native = Side(True, index, nvme=tmp_path / "native.nvme", dram=MiB // 2)
-        python = Side(False, index, nvme=tmp_path / "python.nvme", dram=MiB // 2)
+        native = Side(True, index, nvme=tmp_path / "native.nvme", dram=MiB // 2,
+                      tokens=tokens if auth else None)
+        python = Side(False, index, nvme=tmp_path / "python.nvme", dram=MiB // 2,
+                      tokens=tokens if auth else None)
         try:
-            for conn, data in workload(random.Random(3), one_class=True):
+            reads = workload(random.Random(3), auth=auth, one_class=True)
+            for i, (conn, data) in enumerate(reads):
+                if auth and i == len(reads) // 2:
+                    write_tokens(tokens, spare_scopes='"read", "write"')
+                    native.auth.reload()
+                    python.auth.reload()
                 await native.read_settled(conn, data)
                 await python.read_settled(conn, data)
             assert native.wire == python.wire
             assert native.state() == python.state()
             c, n = native.store.counters, native.store.nvme.counters
-            assert c["puts"] > 200 and c["dedups"] and c["conflicts"] and c["checksum_failures"]
-            assert n["demotions"] > 100 and n["promotions"]
+            assert c["puts"] > 150 and c["dedups"] and c["conflicts"] and c["checksum_failures"]
+            assert n["demotions"] > 50 and n["promotions"]
+            if auth:
+                assert native.plane.counters["auth_rejected_namespace"]
             assert native.put_bytes_calls < python.put_bytes_calls // 2
         finally:
             for side in (native, python):
