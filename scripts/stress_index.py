@@ -9,6 +9,9 @@ with a typed error, not crash (shed or insert an entry twice, touch a removed on
 wrong key, a detached entry). Views are held and dropped in random order, fingerprints
 are narrowed to force collisions, namespaces and key lengths vary. Each round checks
 the index against a model; the ghost is also driven at its limit against a Python model.
+A third part (Reentry) makes index and policy calls from inside other index calls: a gc
+callback at a low threshold and hostile Python hooks (size class, Location, pin count,
+a finalizer in a cycle through a detached entry); the sanitizers catch what goes wrong.
 
     python scripts/stress_index.py --seconds 60 [--seed N]
 
@@ -444,6 +447,199 @@ def ghost_stress(rng: random.Random, steps: int) -> None:
     check(tuple(counts) == g.counts, "counts")
 
 
+class Reentry:
+    """Index calls made from inside other index calls: a gc callback (the threshold at 1:
+    every few allocations a C call makes, a collection runs) and hostile objects' Python
+    hooks (a size class's slot_size, a Location's fields, a pin count's __bool__ and
+    __del__, a finalizer in a cycle through a detached entry) make random calls on the
+    same index and policy. No model: calls may fail with a typed error; memory errors are
+    the sanitizers' to catch, and at the end the index's own counts must agree."""
+
+    def __init__(self, rng: random.Random):
+        self.rng = rng
+        self.ix = PackedIndex(1 << 16)
+        self.classes = [SizeClass(i, 4096 << i, 1 << 16) for i in range(2)]
+        self.pol = NativePolicy(2, self.ix, ghost="native", parent_limit=8, hint_limit=8)
+        self.held: list = []
+        self.depth = 0
+        self.offs = iter(range(0, 1 << 40, 4096 << 1))
+
+    def key(self):
+        return self.rng.choice([b"a", b"b", b"c"]), b"%d" % self.rng.randrange(40)
+
+    def hostile_sc(self):
+        outer = self
+
+        class SC:
+            index = 0
+
+            @property
+            def slot_size(self):
+                outer.nested()
+                return 4096
+
+        return SC()
+
+    def hostile_loc(self, e):
+        outer = self
+        size, checksum = e.size, e.checksum
+
+        class Loc:
+            offset, length, generation = 4096 * 3 + outer.rng.choice([0, 1]), size, 1
+
+            @property
+            def region(self):
+                outer.nested()
+                return 2
+
+            @property
+            def checksum(self):
+                return checksum
+
+            def __del__(self):
+                outer.nested()
+
+        return Loc()
+
+    def hostile_count(self, n):
+        outer = self
+
+        class Count(int):
+            def __bool__(self):
+                outer.nested()
+                return int(self) != 0
+
+            def __del__(self):
+                outer.nested()
+
+        return Count(n)
+
+    def nested(self):
+        """A few random calls from inside another; not deeper than two."""
+        if self.depth >= 2 or self.ix is None:  # (finalizers run after the round too)
+            return
+        self.depth += 1
+        try:
+            for _ in range(self.rng.randint(0, 2)):
+                self.step()
+        finally:
+            self.depth -= 1
+
+    def on_gc(self, phase, info):
+        if phase == "start" and self.rng.random() < 0.3:
+            self.nested()
+
+    def some(self):
+        return self.rng.choice(self.held) if self.held else None
+
+    def step(self):
+        rng, ix, pol = self.rng, self.ix, self.pol
+        r = rng.random()
+        try:
+            if r < 0.22:
+                ns, key = self.key()
+                sc = self.hostile_sc() if rng.random() < 0.1 else rng.choice(self.classes)
+                e = ix.Entry(ns, key, next(self.offs) if rng.random() < 0.7 else -1,
+                             rng.randrange(100), rng.getrandbits(64), sc)
+                if rng.random() < 0.1:
+                    e.nvme = self.hostile_loc(e)
+                if rng.random() < 0.05:  # a cycle through the detached entry, with a finalizer
+                    holder = _Cycle(self)
+                    holder.e, e.nvme = e, holder
+                ix.insert(e)
+                if e.offset >= 0 and rng.random() < 0.8:
+                    ix.place(e)
+                    pol.insert(e)
+                self.held.append(e)
+            elif r < 0.32:
+                e = self.some()
+                if e is not None:
+                    if e.seg >= 0:
+                        pol.remove(e, evicted=rng.random() < 0.5)
+                    if e.offset >= 0:
+                        ix.displace(e)
+                    ix.remove(e)
+            elif r < 0.42:
+                self.held = [x for x in self.held if rng.random() < 0.7]
+            elif r < 0.52:
+                e = self.some()
+                if e is not None:
+                    pol.touch_run([e, self.some() or e]) if rng.random() < 0.5 else pol.touch(e)
+            elif r < 0.58:
+                ns, _ = self.key()
+                pol.touch_keys(ix, ns, [self.key()[1] for _ in range(3)])
+            elif r < 0.66:
+                v = pol.victim(rng.randrange(2), time.time())
+                if v is not None and rng.random() < 0.5:
+                    pol.remove(v, evicted=True)
+                    ix.displace(v)
+                    ix.remove(v)
+            elif r < 0.74:
+                e = self.some()
+                if e is not None:
+                    if rng.random() < 0.5:
+                        e.pins = self.hostile_count(rng.randrange(2))
+                    else:
+                        e.pin_until = time.time() + rng.random()
+            elif r < 0.8:
+                e = self.some()
+                if e is not None:
+                    e.nvme = self.hostile_loc(e) if rng.random() < 0.5 else None
+            elif r < 0.86:
+                ns, key = self.key()
+                self.held.extend(x for x in [ix.get(ns, key)] if x is not None)
+                ix.present(ns, [self.key()[1] for _ in range(4)])
+            elif r < 0.9:
+                ix.namespaces()
+                pol.ghost.items()
+            elif r < 0.95:
+                for i, x in enumerate(ix.iterate()):
+                    if i > 5:
+                        break
+                    self.held.append(x)
+            else:
+                pol.order(rng.randrange(2), rng.randrange(3))
+        except TYPED:
+            pass
+
+    def run(self, steps):
+        gc.collect()
+        threshold = gc.get_threshold()
+        gc.callbacks.append(self.on_gc)
+        gc.set_threshold(self.rng.choice([1, 3, 10]))
+        try:
+            for _ in range(steps):
+                self.step()
+        finally:
+            gc.set_threshold(*threshold)
+            gc.callbacks.remove(self.on_gc)
+        ix, pol = self.ix, self.pol
+        entries = list(ix.iterate())
+        check(len(entries) == len(ix), f"iterate {len(entries)} != len {len(ix)}")
+        check(len({(e.ns, e.key) for e in entries}) == len(entries), "a key indexed twice")
+        spaces = ix.namespaces()
+        check(sum(n for n, _ in spaces.values()) == len(ix), "namespace counts")
+        linked = sum(len(pol.order(c, s)) for c in range(2) for s in range(3))
+        check(linked == pol.resident, f"lists hold {linked}, resident {pol.resident}")
+        self.held.clear()
+        self.ix = self.pol = None
+        gc.collect()
+
+
+class _Cycle:
+    """A detached entry's nvme holding the entry: its finalizer calls into the index."""
+
+    def __init__(self, outer):
+        self.outer = outer
+
+    def __del__(self):
+        self.outer.nested()
+
+
+def reentry_stress(rng: random.Random, steps: int) -> None:
+    Reentry(rng).run(steps)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seconds", type=float, default=60.0)
@@ -459,6 +655,7 @@ def main() -> int:
         try:
             Round(rng).run(a.steps)
             ghost_stress(rng, a.steps)
+            reentry_stress(rng, a.steps // 4)
         except Mismatch as e:
             print(f"stress_index: round seed {rseed}: {e}", file=sys.stderr)
             return 1
