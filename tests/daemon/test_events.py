@@ -476,6 +476,65 @@ def test_a_burst_past_max_subscribers_is_closed_and_the_places_kept():
     asyncio.run(run())
 
 
+def test_subscriptions_select_by_topic_prefix_and_heartbeats_are_answered():
+    """The daemon speaks ZMTP itself: subscriptions select as libzmq's PUB does (a message
+    goes to a SUB whose subscription is a prefix of its topic), and a SUB set for ZMTP
+    heartbeats (every 0.1 s; 0.3 s without an answer would end its connection) stays
+    connected while it receives (libzmq sends no PING to the ZMTP 3.0 the daemon announces;
+    the daemon would answer one). The real publisher in this process, topic "kv"."""
+    import asyncio
+    from types import SimpleNamespace
+
+    from kvstored import events
+
+    def sub(ctx, endpoint: str, topic: bytes, **opts):
+        s = ctx.socket(zmq.SUB)
+        s.setsockopt(zmq.LINGER, 0)
+        for k, v in opts.items():
+            s.setsockopt(getattr(zmq, k), v)
+        s.setsockopt(zmq.SUBSCRIBE, topic)
+        s.connect(endpoint)
+        return s
+
+    async def run() -> tuple[dict, int, int]:
+        pub = events.EventPublisher("tcp://127.0.0.1:0", topic="kv")
+        pub.start()
+        ctx = zmq.Context()
+        try:
+            ep = pub.bound()[0]
+            subs = {t: sub(ctx, ep, t) for t in (b"", b"k", b"kv", b"kvx", b"x")}
+            hb = sub(ctx, ep, b"", HEARTBEAT_IVL=100, HEARTBEAT_TIMEOUT=300)
+            mon = hb.get_monitor_socket(zmq.EVENT_DISCONNECTED)
+            got, beats = dict.fromkeys(subs, 0), 0
+            joined, end, i = None, time.monotonic() + 30, 0
+            while joined is None or time.monotonic() - joined < 1.5:
+                assert time.monotonic() < end, (got, beats)
+                pub.stored(SimpleNamespace(ns=b"n", key=b"%d" % i))
+                i += 1
+                await asyncio.sleep(0.02)
+                for t, s in subs.items():
+                    while s.poll(0):
+                        assert s.recv_multipart()[0] == b"kv"
+                        got[t] += 1
+                while hb.poll(0):
+                    hb.recv_multipart()
+                    beats += 1
+                if joined is None and got[b""] and got[b"k"] and got[b"kv"] and beats:
+                    joined = time.monotonic()  # everyone in: 1.5 s more, heartbeats going
+            drops = 0
+            while mon.poll(0):
+                mon.recv_multipart()
+                drops += 1
+            return got, beats, drops
+        finally:
+            pub.close()
+            ctx.destroy(0)
+
+    got, beats, drops = asyncio.run(run())
+    assert got[b"kvx"] == got[b"x"] == 0 and min(got[b""], got[b"k"], got[b"kv"]) > 0, got
+    assert beats > 0 and drops == 0, (beats, drops)
+
+
 def _start(*args: str, timeout: float = 20.0) -> subprocess.CompletedProcess:
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / "client"), str(ROOT), env.get("PYTHONPATH", "")])
