@@ -54,18 +54,18 @@ def test_a_copy_of_an_object_deleted_elsewhere_is_dropped_on_the_delete_evidence
         wait_for(lambda d=d: placement(d) == set(names), 20, "two nodes")
     objs = {f"g-{i}".encode(): os.urandom(2000 + i) for i in range(4)}
     with kvstore.Client(a0.control, timeout=5, shm=False, namespace="rep") as c:
-        c.batch_put(list(objs.items()))  # on a0 only: written around a1
         put_at = time.time()
+        c.batch_put(list(objs.items()))  # on a0 only: written around a1
         # (repair copies a record once it is older than 2 s)
         wait_for(lambda: (pause / "paused").exists(), 30, "a0's copy held before its write")
         held = {bytes.fromhex(line.split()[1]) for line in (pause / "paused").read_text().splitlines()}
-        assert held == set(objs), held
+        assert held and held <= set(objs), held  # (all four, unless a pass met some young)
         assert c.delete(list(objs)) == len(objs)  # reaches a0 only
     deleted_at = time.time()
     written = _repair(a0).records_written
     (pause / "armed").unlink()
     # stored on a1 (a1 never saw the delete: its fence let them in)
-    wait_for(lambda: _repair(a0).records_written >= written + len(objs), 30, "a0's copies written")
+    wait_for(lambda: _repair(a0).records_written >= written + len(held), 30, "a0's copies written")
     with kvstore.Client(a1.control, timeout=5, shm=False, namespace="rep") as c:
         ages = [h.committed_ago for h in c.heads(list(objs)).heads if h.present]
     # a1 answers the commit age a0's records had, not the age of the write (those its
