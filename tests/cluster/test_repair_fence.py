@@ -34,8 +34,8 @@ from kvstore import errors  # noqa: E402
 from kvstore.cluster import ClusterClient  # noqa: E402
 from kvstore.layout import Policy, lap_key, placement_key  # noqa: E402
 from kvstore.placement import Member  # noqa: E402
-from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, OP_AUTH, OP_PING, OP_PUT, checksum,  # noqa: E402
-                          encode_request)
+from kvstore.wire import (COMMIT_AGE, FLAG_COMMIT_AGE, FLAG_OVERWRITE, FLAG_REPAIR, OP_AUTH,  # noqa: E402
+                          OP_PING, OP_PUT, checksum, encode_request)
 from kvstored.cluster.repair.peers import FENCED, PeerIO  # noqa: E402
 from secutil import response, token, write_tokens  # noqa: E402
 
@@ -269,6 +269,10 @@ def test_repair_flag_needs_admin_and_refuses_only_fenced_keys(start_daemon, tmp_
         assert (rid, status) == (3, errors.InvalidArgument.code) and b"0x100" in msg
         _send(s, OP_PUT, 4, b"k", b"v", FLAG_REPAIR | 0x4000)
         assert response(s)[:2] == (4, errors.InvalidArgument.code)
+        # a commit age (a repair write's too) needs the admin scope as well: refused
+        # before its age is read, the stream in step
+        _send(s, OP_PUT, 41, b"k", COMMIT_AGE.pack(1000) + b"v", FLAG_REPAIR | FLAG_COMMIT_AGE)
+        assert response(s)[:2] == (41, errors.PermissionDenied.code)
         _send(s, OP_PING, 5)
         assert response(s)[:2] == (5, 0)
     with kvstore.Client(d.control, token=token("admin"), namespace="team-a", timeout=5) as admin:
