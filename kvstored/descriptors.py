@@ -179,7 +179,8 @@ class Watch:
         elif now - self.warned < REMIND:
             return
         self.warned = now
-        log.warning("out of file descriptors (%s): new connections on the control, data and "
-                    "shm ports fail until some close; raise RLIMIT_NOFILE (LimitNOFILE=) or "
-                    "lower server.max_connections / server.max_control_connections",
+        log.warning("out of file descriptors (%s): new connections on the control, data, "
+                    "shm, metrics and KV event ports fail until some close; raise "
+                    "RLIMIT_NOFILE (LimitNOFILE=) or lower server.max_connections / "
+                    "server.max_control_connections",
                     os.strerror(e.errno), extra={"open": open_count(), "limit": limit()[0]})
