@@ -38,6 +38,7 @@ import mmap
 import os
 import time
 from collections import Counter
+from functools import partial
 from operator import itemgetter
 
 import xxhash
@@ -57,6 +58,7 @@ __all__ = ["BLOCK", "DATA_START", "REGION_OVERHEAD", "Location", "NvmeDevice", "
 
 log = logging.getLogger("kvstored.nvme")
 
+BATCH_MAX_RECORDS = 256  # append_batch: two iovecs a record, under Linux's IOV_MAX (1024)
 REGION_WAIT = 5.0  # seconds an append may wait for a busy region to become reclaimable
 # keys_at: up to this many wanted records of one region are read by their headers (4 KiB
 # each); more, and the region's summary is read once instead
@@ -87,6 +89,7 @@ class KeyMismatch(LookupError):
 
 
 class _Pending:
+    """A write in flight in a region (``waiter``: done once the durable frontier passed it)."""
     __slots__ = ("length", "done", "waiter")
 
     def __init__(self, length: int, waiter):
@@ -565,6 +568,11 @@ class NvmeTier:
         finally:
             if header_index is not None:
                 self.headers.give(header_index)
+        self._write_done(r, gen, rel, err)
+
+    def _write_done(self, r: Region, gen: int, rel: int, err: OSError | None) -> None:
+        """The write at ``rel`` of ``r`` (generation ``gen``) finished (``err``: it failed):
+        advance the region's durable frontier, or seal the region at ``rel``."""
         if r.generation != gen:  # cannot happen (pending regions are not reclaimed); be safe
             return
         p = r.pending.get(rel)
@@ -584,7 +592,7 @@ class NvmeTier:
                         q.waiter.set_exception(OSError(errno.EIO, "nvme region write failed"))
             r.write_ptr = rel
             return
-        self.counters["bytes_written"] += rec_len
+        self.counters["bytes_written"] += p.length
         p.done = True
         # advance the durable frontier over every contiguous finished record
         while True:
@@ -597,6 +605,146 @@ class NvmeTier:
                 q.waiter.set_result(None)
         if r.state == "full":
             self._maybe_summarize(r)
+
+    def writing_begins(self, ns: bytes, key: bytes, seq: int) -> None:
+        """A record of the key with sequence number ``seq`` will be written (``append_batch``'s
+        callers say so when they take ``seq``): its tombstones are carried until it lands."""
+        self.writing.setdefault((ns, key), []).append(seq)
+
+    def writing_ends(self, ns: bytes, key: bytes, seq: int) -> None:
+        k = (ns, key)
+        seqs = self.writing[k]
+        seqs.remove(seq)
+        if not seqs:
+            del self.writing[k]
+
+    async def append_batch(self, recs: list, headers: memoryview) -> list:
+        """Write many records (the demotion writer's batch) in few region appends; per
+        record, in order, its Location once it and everything before it in its region are
+        on disk (``append``'s promise), or the OSError that failed it.
+
+        ``recs``: ``(ns, key, payload, length, checksum, slot_size, committed_at, seq)``
+        each, ``payload`` as for ``append``; the caller took each ``seq`` with
+        ``writing_begins`` and ends it. ``headers``: ``BLOCK * len(recs)`` aligned bytes,
+        the records' header blocks, kept by the caller until this returns.
+
+        Consecutive records of one size class that land in one region are one write
+        (header, payload, header, payload, ...), and every write of the batch goes in one
+        submission: one completion, one frontier step and one fdatasync (``always``) per
+        run of records, not per record. A failed write fails its run and what follows it in
+        its region (``_write_done``), as for single appends."""
+        if len(recs) > BATCH_MAX_RECORDS:  # a run's iovecs (two a record) stay under IOV_MAX
+            raise ValueError(f"append_batch takes at most {BATCH_MAX_RECORDS} records")
+        out: list = [None] * len(recs)
+        runs: list[list] = []  # [region, gen, rel, length, bufs, first, last, waiter]
+        last_run: dict[int, list] = {}  # region index -> its run still being extended
+        failed: dict[int, OSError] = {}  # slot size -> why no region was found for it
+        loop = asyncio.get_running_loop()
+        todo = 0  # runs[todo:] are reserved but not yet submitted
+        for i, (ns, key, payload, length, checksum, slot, at, seq) in enumerate(recs):
+            err = failed.get(slot)
+            if err is not None:
+                out[i] = err
+                continue
+            rec_len = BLOCK + align_up(length)
+            entry_len = SUMMARY_ENTRY.size + len(ns) + len(key)
+            r = self.open.get(slot)
+            if r is None or not self._fits(r, rec_len, entry_len):
+                # taking a region awaits: what is reserved goes out first (an append that
+                # waits for a region must hold no unsubmitted write a reclaim waits for)
+                todo = self._submit_runs(runs, todo)
+                last_run.clear()
+                try:
+                    r = await self._region_for(slot, rec_len, entry_len)
+                    if r is None:
+                        raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
+                except OSError as e:
+                    out[i] = failed[slot] = e
+                    continue
+            rel = r.write_ptr
+            block = headers[i * BLOCK:(i + 1) * BLOCK]
+            data = record_header(ns, key, r.generation, seq, length, checksum, False, at,
+                                 self.dev.seed)
+            block[:len(data)] = data
+            block[len(data):] = bytes(BLOCK - len(data))
+            r.summary += summary_entry(seq, rel, length, checksum, at, False, ns, key)
+            r.write_ptr = rel + rec_len
+            out[i] = Location(r.index, r.base + rel, length, checksum, r.generation)
+            run = last_run.get(r.index)
+            if run is not None and run[2] + run[3] == rel:
+                run[3] += rec_len
+                run[4] += (block, payload)
+                run[6] = i
+                run[7].length += rec_len  # not done before its write is: safe to grow
+            else:
+                waiter = loop.create_future()
+                p = _Pending(rec_len, waiter)
+                r.pending[rel] = p
+                run = [r, r.generation, rel, rec_len, [block, payload], i, i, p]
+                runs.append(run)
+                last_run[r.index] = run
+        self._submit_runs(runs, todo)
+        counters = self.counters
+        for run in runs:
+            r, gen, first, last, p = run[0], run[1], run[5], run[6], run[7]
+            try:
+                await p.waiter  # the frontier passed the run: it and all before it are on disk
+            except OSError as e:
+                for i in range(first, last + 1):
+                    if not isinstance(out[i], OSError):
+                        out[i] = e
+                continue
+            n = 0
+            for i in range(first, last + 1):
+                if not isinstance(out[i], OSError):
+                    n += 1
+                    counters["demoted_bytes"] += recs[i][3]
+            counters["demotions"] += n
+            if r.generation == gen:
+                r.live_count += n
+        return out
+
+    def _submit_runs(self, runs: list, start: int) -> int:
+        """Submit the writes of ``runs[start:]`` (one submission); returns ``len(runs)``. Each
+        write's completion advances its region's frontier as it comes (``_run_written``):
+        a region with a write in flight is not reclaimed, and another append may be
+        waiting for a region meanwhile."""
+        if start >= len(runs):
+            return start
+        self.syncer.writing()
+        reqs = [(run[0].base + run[2], run[4]) for run in runs[start:]]
+        loop = asyncio.get_running_loop()
+        try:
+            futs = self.dev.io.writev_many(reqs)
+        except OSError as e:  # the backend is closed
+            futs = []
+            for _ in reqs:
+                f = loop.create_future()
+                f.set_exception(e)
+                futs.append(f)
+        for run, f in zip(runs[start:], futs):
+            f.add_done_callback(partial(self._run_written, run))
+        return len(runs)
+
+    def _run_written(self, run: list, f: asyncio.Future) -> None:
+        r, gen, rel, length = run[0], run[1], run[2], run[3]
+        err = OSError(errno.ECANCELED, "write cancelled") if f.cancelled() else f.exception()
+        if err is None and f.result() != length:
+            err = OSError(errno.EIO, f"short write ({f.result()} of {length} bytes)")
+        if err is None and self.syncer.mode == "always":  # done once an fdatasync covers it
+            asyncio.get_running_loop().create_task(self._run_synced(r, gen, rel))
+            return
+        if err is None:
+            self.syncer.dirty = True  # (Syncer.written without its wait)
+        self._write_done(r, gen, rel, err)
+
+    async def _run_synced(self, r: Region, gen: int, rel: int) -> None:
+        try:
+            await self.syncer.written()
+            err = None
+        except OSError as e:  # not durable: as a failed write (_do_write does the same)
+            err = e
+        self._write_done(r, gen, rel, err)
 
     def next_seq(self) -> int:
         """A sequence number: at restart the highest one per key wins, so callers take it

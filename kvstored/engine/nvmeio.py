@@ -101,6 +101,12 @@ class ThreadBackend:
     async def readv(self, offset: int, bufs: list) -> int:
         return await asyncio.get_running_loop().run_in_executor(self.pool, os.preadv, self.fd, bufs, offset)
 
+    def writev_many(self, reqs: list) -> list[asyncio.Future]:
+        """Start a write of every ``(offset, bufs)`` in ``reqs``; a future (bytes written) each."""
+        loop = asyncio.get_running_loop()
+        return [loop.run_in_executor(self.pool, _pwritev_all, self.fd, bufs, offset)
+                for offset, bufs in reqs]
+
     def read_many(self, reqs: list) -> list[int]:
         """Blocking: read every ``(offset, buf)`` in ``reqs``, up to the pool's width at once
         (for the restart, before any asynchronous I/O). Bytes read per request, or -errno."""
@@ -160,6 +166,23 @@ class UringBackend:
 
     async def readv(self, offset: int, bufs: list) -> int:
         return await self._submit(False, offset, bufs)
+
+    def writev_many(self, reqs: list) -> list[asyncio.Future]:
+        """Start a write of every ``(offset, bufs)`` in ``reqs`` with one submission (the
+        demotion writer's batch); a future (bytes written) each."""
+        if self.closed:
+            raise OSError("io_uring backend is closed")
+        self._attach()
+        futs = []
+        for offset, bufs in reqs:
+            fut = self.loop.create_future()
+            if len(self.futures) >= self.depth:
+                self.waiting.append((True, offset, bufs, fut))
+            else:
+                self._prep(True, offset, bufs, fut)
+            futs.append(fut)
+        self.ring.submit()
+        return futs
 
     def _submit(self, write: bool, offset: int, bufs: list) -> asyncio.Future:
         if self.closed:

@@ -3,7 +3,9 @@
 With an NVMe tier, an entry lives in DRAM (``offset >= 0``), on NVMe (``nvme``
 is a Location) or both. DRAM eviction demotes an entry (writes it to NVMe,
 holding a reference so the slot cannot be reused meanwhile) and only then drops
-the DRAM copy; a get of an NVMe-only entry promotes it back into a DRAM slot,
+the DRAM copy. Demotions are queued and written in batches by a few writer tasks
+(``_demotion_writer``: many records per region write and per io_uring submission,
+completed together), not a task each; a get of an NVMe-only entry promotes it back into a DRAM slot,
 verifying its checksum. Deleting or overwriting an entry that has an NVMe copy
 appends a tombstone so a restart does not bring it back. At start, the objects
 found on NVMe are indexed (``recover``); at shutdown, DRAM-only objects may be
@@ -14,7 +16,10 @@ Without an NVMe tier, an eviction is a removal from the index.
 from __future__ import annotations
 
 import asyncio
+import collections
+import errno
 import logging
+import mmap
 import time
 from typing import TYPE_CHECKING, Callable
 
@@ -54,7 +59,12 @@ class Tiering:
         # by fingerprint, so two gets of it may ask for different keys, and one's miss
         # (its header holds the other key) must not become the other's
         self._loading: dict[tuple[int, bytes], asyncio.Future] = {}
-        self._tasks: set[asyncio.Task] = set()
+        self._tasks: set[asyncio.Task] = set()  # writers and tombstone writes in flight
+        # demotions waiting for a writer: (entry, seq), in eviction order
+        self._queue: collections.deque[tuple[Entry, int]] = collections.deque()
+        self._queued_bytes = 0
+        self._writers: set[asyncio.Task] = set()  # the demotion writers running (also in _tasks)
+        self._batch_bufs: list[_BatchBuffer] = []  # idle writers' buffers, kept for the next
         # Aligned pages for objects under 4 KiB (their arena slots are not page aligned, and
         # O_DIRECT wants aligned buffers): demotions and promotions of such objects share
         # these and wait for one, so a burst of thousands holds BOUNCE_PAGES pages, not a
@@ -87,21 +97,89 @@ class Tiering:
     def _start_demotion(self, e: Entry) -> None:
         e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
         self.dram.demoting_bytes += e.size
-        self._spawn(self._demote(e, self.nvme.next_seq()))
+        seq = self.nvme.next_seq()
+        # taken now, in line with deletes: from here its tombstones are carried until it lands
+        self.nvme.writing_begins(e.ns, e.key, seq)
+        self._queue.append((e, seq))
+        self._queued_bytes += e.size
+        n = len(self._writers)
+        if n < DEMOTION_WRITERS and (n == 0 or len(self._queue) > n * DEMOTION_BATCH_RECORDS
+                                     or self._queued_bytes > n * DEMOTION_BATCH_BYTES):
+            t = asyncio.get_running_loop().create_task(self._demotion_writer())
+            self._writers.add(t)
+            self._tasks.add(t)
+            t.add_done_callback(self._writer_done)
 
-    async def _demote(self, e: Entry, seq: int) -> None:
-        page = None
+    def _writer_done(self, t: asyncio.Task) -> None:
+        self._writers.discard(t)
+        self._tasks.discard(t)
+
+    async def _demotion_writer(self) -> None:
+        """Write queued demotions in batches until the queue is empty (then end: the next
+        demotion starts a writer again). A batch is at most DEMOTION_BATCH_RECORDS records
+        and DEMOTION_BATCH_BYTES bytes, written by ``NvmeTier.append_batch`` and completed
+        together (``_demoted``)."""
+        buf = self._batch_bufs.pop() if self._batch_bufs else _BatchBuffer()
+        queue = self._queue
         try:
-            payload, page = await self._nvme_payload(e)
-            loc = await self.nvme.append(e.ns, e.key, payload, e.size, e.checksum,
-                                         _nvme_slot(e), e.committed_at, seq=seq)
-        except OSError as err:
-            loc = None
-            log.warning("demotion failed (%s); object dropped from DRAM instead", err)
+            while queue:
+                batch, size = [], 0
+                while queue and len(batch) < DEMOTION_BATCH_RECORDS and (
+                        not batch or size + queue[0][0].size <= DEMOTION_BATCH_BYTES):
+                    item = queue.popleft()
+                    e = item[0]
+                    self._queued_bytes -= e.size
+                    if e.state == DEAD:  # deleted or overwritten while queued: not written
+                        self._demoted(e, item[1], None)
+                        continue
+                    batch.append(item)
+                    size += e.size
+                if batch:
+                    await self._write_batch(batch, buf)
         finally:
-            if page is not None:
-                self._bounce.give(page)
-            self.dram.demoting_bytes -= e.size
+            # (here, not in the done callback: a demotion queued after the loop's last look
+            # and before that callback ran would find this writer listed and start none)
+            self._writers.discard(asyncio.current_task())
+            self._batch_bufs.append(buf)
+
+    async def _write_batch(self, batch: list, buf: "_BatchBuffer") -> None:
+        view = self.dram.arena.view
+        recs = []
+        for j, (e, seq) in enumerate(batch):
+            if e.sc.slot_size >= SLOT_ALIGN:
+                payload = view[e.offset:e.offset + _align(e.size)]
+            else:  # a sub-page slot is not page aligned (O_DIRECT): through the batch's page
+                page = buf.pages[j]
+                page[:e.size] = view[e.offset:e.offset + e.size]
+                page[e.size:] = bytes(BLOCK - e.size)  # a reused page: no other object's bytes
+                payload = page
+            recs.append((e.ns, e.key, payload, e.size, e.checksum, _nvme_slot(e),
+                         e.committed_at, seq))
+        try:
+            out = await self.nvme.append_batch(recs, buf.headers)
+        except BaseException as err:  # cancelled (shutdown): each record as a failed write
+            out = [err if isinstance(err, OSError) else OSError(errno.ECANCELED, "cancelled")] \
+                * len(batch)
+            for (e, seq), loc in zip(batch, out):
+                self._demoted(e, seq, loc)
+            raise
+        failed = None
+        for (e, seq), loc in zip(batch, out):
+            if isinstance(loc, OSError):
+                failed = loc
+                loc = None
+            self._demoted(e, seq, loc, written=True)
+        if failed is not None:
+            log.warning("demotion failed (%s); %d objects dropped from DRAM instead", failed,
+                        sum(isinstance(x, OSError) for x in out))
+
+    def _demoted(self, e: Entry, seq: int, loc, written: bool = False) -> None:
+        """A queued demotion ended: written at ``loc``, failed (None, or an OSError), or not
+        tried (deleted while queued)."""
+        if isinstance(loc, OSError):
+            loc = None
+        self.nvme.writing_ends(e.ns, e.key, seq)
+        self.dram.demoting_bytes -= e.size
         e.refs -= 1
         if e.state == DEAD:  # deleted or overwritten meanwhile
             if loc is not None:  # the delete's tombstone has a higher seq already
@@ -296,6 +374,8 @@ class Tiering:
         deadline = loop.time() + timeout
         written = 0
         why = ""
+        if self._writers:  # demotions in flight first: they would be written twice
+            await asyncio.wait(set(self._writers), timeout=max(0.0, deadline - loop.time()))
         self.nvme.keep_live = True
         try:
             for todo in self._flush_chunks(deadline):
@@ -417,7 +497,34 @@ def _most_read(e: Entry) -> int:
     return -e.reads
 
 
+# The demotion writers: at most DEMOTION_WRITERS batches in flight, each at most
+# DEMOTION_BATCH_RECORDS records and DEMOTION_BATCH_BYTES bytes. A batch's records free
+# their DRAM slots together, when the last is durable, so the bound is what a burst of
+# small records waits on: 64 x 4 KiB records are one 512 KiB write (the per-record Python
+# cost is what is left, the per-write cost is 1/64th), and four such writes in flight keep
+# a drive busy. 8 MiB caps a batch of large objects (eight 1 MiB ones): four writers keep
+# 32 MiB in flight, fio's bs=1M iodepth=32 in bench_nvme.py.
+DEMOTION_WRITERS = 4
+DEMOTION_BATCH_RECORDS = 64
+DEMOTION_BATCH_BYTES = 8 << 20
+BLOCK = SLOT_ALIGN  # the NVMe block: a header, a sub-page payload's page
+
 BOUNCE_PAGES = 64  # aligned pages shared by the demotions and promotions of sub-page objects
+
+
+class _BatchBuffer:
+    """A demotion writer's aligned pages: the batch's record headers and the pages its
+    sub-page objects are copied to (O_DIRECT wants aligned buffers). One mapping per
+    writer, reused: not a mapping per record (vm.max_map_count)."""
+
+    __slots__ = ("mm", "headers", "pages")
+
+    def __init__(self):
+        n = DEMOTION_BATCH_RECORDS
+        self.mm = mmap.mmap(-1, 2 * n * BLOCK)
+        view = memoryview(self.mm)
+        self.headers = view[:n * BLOCK]
+        self.pages = [view[(n + i) * BLOCK:(n + i + 1) * BLOCK] for i in range(n)]
 
 
 def _align(n: int, a: int = 4096) -> int:

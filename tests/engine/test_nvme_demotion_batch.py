@@ -1,0 +1,253 @@
+"""Demotions go to NVMe in batches (Tiering's demotion writers, NvmeTier.append_batch):
+what happens to a batch's records when they are deleted or overwritten while it is in
+flight or still queued, when the shutdown flush comes while it is in flight, and when one
+of its writes fails. A real NVMe tier on a file; the writes are the real ones, their
+completions held back (``GatedWrites``) so a batch stays in flight for as long as a test
+needs."""
+import asyncio
+
+import pytest
+
+from kvstore.errors import NotFound
+from kvstored.engine import tiering
+from test_nvme import MiB, NS, make_store, put, read, settle
+
+SMALL, LARGE = 4096, 16384
+
+
+def val(i: int, size: int = SMALL) -> bytes:
+    return bytes([i % 251, 7]) * (size // 2)
+
+
+class GatedWrites:
+    """The tier's batch writes (``writev_many``), their completions held until ``gate`` is
+    set. ``fail(bufs)`` may name an OSError: that write is not done and fails so."""
+
+    def __init__(self, store, fail=None):
+        self.io = store.nvme.dev.io
+        self.real = self.io.writev_many
+        self.gate = asyncio.Event()
+        self.fail = fail
+        self.writes = 0
+        self.io.writev_many = self
+
+    def __call__(self, reqs):
+        loop = asyncio.get_running_loop()
+        out = []
+        for offset, bufs in reqs:
+            self.writes += 1
+            err = self.fail(bufs) if self.fail else None
+            real = None if err else self.real([(offset, bufs)])[0]
+            o = loop.create_future()
+            loop.create_task(self._relay(real, o, err))
+            out.append(o)
+        return out
+
+    async def _relay(self, real, o, err):
+        await self.gate.wait()
+        if err is not None:
+            o.set_exception(err)
+            return
+        try:
+            o.set_result(await real)
+        except OSError as e:
+            o.set_exception(e)
+
+
+def evict_all(s) -> int:
+    """Demote every DRAM object now (watermarks at 0): the way a full node evicts."""
+    limits = s.limits
+    was = limits.high_watermark, limits.low_watermark
+    limits.high_watermark = limits.low_watermark = 0.0
+    try:
+        return s.maybe_evict()
+    finally:
+        limits.high_watermark, limits.low_watermark = was
+
+
+async def until(cond, what: str, timeout: float = 30.0) -> None:
+    loop = asyncio.get_running_loop()
+    deadline = loop.time() + timeout
+    while not cond():  # bounded: the writers take their batches within a few loop rounds
+        if loop.time() > deadline:
+            raise AssertionError(f"not reached in {timeout} s: {what}")
+        await asyncio.sleep(0.001)
+
+
+def in_flight(s):
+    """(entries whose batch is being written, entries still queued)."""
+    queued = [e for e, _seq in s.tiering._queue]
+    ids = {id(e) for e in queued}
+    writing = [e for e in s.index.values()
+               if e.nvme is None and e.offset >= 0 and e.refs and id(e) not in ids]
+    return writing, queued
+
+
+def test_delete_and_overwrite_while_a_batch_is_in_flight_or_queued(tmp_path):
+    """Deleted or replaced objects whose demotion is in flight or queued never come back:
+    not now, not after a restart; a queued one is not written at all. Until its batch is
+    durable an object is served from DRAM."""
+    path = tmp_path / "t.dat"
+    n = 400  # more than the writers take at once: some stay queued
+    cap = tiering.DEMOTION_WRITERS * tiering.DEMOTION_BATCH_RECORDS
+    assert n > cap
+
+    async def first():
+        s = make_store(path, regions=4)
+        try:
+            for i in range(n):
+                await put(s, b"k%d" % i, val(i))
+            gated = GatedWrites(s)
+            assert evict_all(s) == n
+            await until(lambda: len(s.tiering._queue) == n - cap, "the writers took their batches")
+            writing, queued = in_flight(s)
+            assert len(writing) == cap and len(queued) == n - cap
+            # served from DRAM while its record is not durable
+            k = writing[0].key
+            assert await read(s, k) == val(int(k[1:]))
+            gone = [writing[i].key for i in range(0, 60, 3)] + [queued[i].key for i in range(0, 60, 3)]
+            replaced = [writing[i].key for i in range(1, 60, 3)] + [queued[i].key for i in range(1, 60, 3)]
+            assert s.delete(NS, gone) == len(gone)
+            for k in replaced:
+                await put(s, k, val(1000 + int(k[1:])), overwrite=True)
+            gated.gate.set()
+            await settle(s)
+            assert not s.tiering._queue and s.dram.demoting_bytes == 0 and not s.nvme.writing
+            # 40 of the queued ones were deleted or replaced before their turn: not written
+            st = s.nvme.stats()
+            assert st["demotions"] == n - 40
+            assert st["objects"] == n - 80  # the in-flight ones that died were forgotten
+            for k in gone:
+                with pytest.raises(NotFound):
+                    await read(s, k)
+            for k in replaced:
+                assert await read(s, k) == val(1000 + int(k[1:]))
+            await s.flush_to_nvme(30)
+            await settle(s)
+            return gone, replaced
+        finally:
+            s.close()
+
+    async def second(gone, replaced):
+        s = make_store(path, regions=4)
+        try:
+            assert s.object_count() == n - len(gone)
+            for k in gone:
+                with pytest.raises(NotFound):
+                    await read(s, k)
+            for k in replaced:
+                assert await read(s, k) == val(1000 + int(k[1:]))
+            for i in range(0, n, 37):
+                k = b"k%d" % i
+                if k not in gone and k not in replaced:
+                    assert await read(s, k) == val(i)
+        finally:
+            await settle(s)
+            s.close()
+
+    gone, replaced = asyncio.run(first())
+    asyncio.run(second(gone, replaced))
+
+
+def test_shutdown_flush_with_a_batch_in_flight(tmp_path):
+    """The shutdown flush waits for the batches in flight (not writing their objects a
+    second time) and keeps every object; a restart finds each once."""
+    path = tmp_path / "t.dat"
+    n = 100
+
+    async def first():
+        s = make_store(path)
+        try:
+            for i in range(n):
+                await put(s, b"k%d" % i, val(i))
+            gated = GatedWrites(s)
+            evict_all(s)
+            await until(lambda: not s.tiering._queue and gated.writes, "the batch is written")
+            more = [b"x%d" % i for i in range(10)]  # DRAM-only objects the flush writes
+            for i, k in enumerate(more):
+                await put(s, k, val(i))
+            flush = asyncio.get_running_loop().create_task(s.flush_to_nvme(30))
+            await asyncio.sleep(0.05)
+            assert not flush.done()  # it waits for the batch
+            gated.gate.set()
+            assert await flush == len(more)
+            assert s.flush_not_kept == 0
+            st = s.nvme.stats()
+            assert st["objects"] == n + len(more) and st["demotions"] == n + len(more)
+            await settle(s)
+        finally:
+            s.close()
+
+    async def second():
+        s = make_store(path)
+        try:
+            assert s.object_count() == n + 10
+            for i in range(0, n, 9):
+                assert await read(s, b"k%d" % i) == val(i)
+            assert await read(s, b"x3") == val(3)
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(first())
+    asyncio.run(second())
+
+
+@pytest.mark.parametrize("backend", ["io_uring", "threads"])
+def test_a_failed_write_in_the_middle_of_a_batch(tmp_path, backend):
+    """One batch, two size classes: two writes (a run of records per region). The large
+    objects' write fails: those objects are dropped from DRAM (as a failed demotion always
+    was), their region is sealed, and the small ones of the same batch are demoted and read
+    back. Nothing leaks, and later demotions of that class go to a new region."""
+    path = tmp_path / "t.dat"
+
+    async def run():
+        s = make_store(path, backend=backend, regions=4)
+        if backend == "io_uring" and s.nvme.io_backend != "io_uring":
+            pytest.skip(f"io_uring unavailable here: {s.nvme.io_backend_reason}")
+        try:
+            for i in range(10):
+                await put(s, b"s%d" % i, val(i))
+                await put(s, b"L%d" % i, val(i, LARGE))
+            gated = GatedWrites(s, fail=lambda bufs: OSError(5, "injected EIO")
+                                if len(bufs[1]) == LARGE and gated.writes <= 2 else None)
+            evict_all(s)
+            await until(lambda: gated.writes == 2, "one batch of two writes")
+            assert s.nvme.open[LARGE].pending  # in flight, not yet failed
+            gated.gate.set()
+            await settle(s)
+            st = s.nvme.stats()
+            assert st["write_errors"] == 1 and st["demotions"] == 10 and st["objects"] == 10
+            assert s.dram.demoting_bytes == 0 and not s.nvme.writing
+            assert LARGE not in s.nvme.open  # sealed
+            for i in range(10):
+                e = s.index.get(NS, b"s%d" % i)
+                assert e.nvme is not None and e.offset < 0  # on NVMe only
+                assert await read(s, b"s%d" % i) == val(i)  # promoted, verified
+                with pytest.raises(NotFound):
+                    await read(s, b"L%d" % i)
+            await put(s, b"L-after", val(99, LARGE))
+            evict_all(s)
+            await settle(s)
+            assert s.index.get(NS, b"L-after").nvme is not None
+            assert s.nvme.stats()["write_errors"] == 1
+            assert await read(s, b"L-after") == val(99, LARGE)
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
+
+
+def test_append_batch_refuses_more_records_than_a_write_can_carry(tmp_path):
+    from kvstored.engine import nvme as nvme_mod
+
+    async def run():
+        s = make_store(tmp_path / "t.dat")
+        try:
+            with pytest.raises(ValueError):
+                await s.nvme.append_batch([None] * (nvme_mod.BATCH_MAX_RECORDS + 1), memoryview(b""))
+        finally:
+            s.close()
+
+    asyncio.run(run())
