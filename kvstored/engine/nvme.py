@@ -59,11 +59,17 @@ __all__ = ["BLOCK", "DATA_START", "REGION_OVERHEAD", "Location", "NvmeDevice", "
 log = logging.getLogger("kvstored.nvme")
 
 BATCH_MAX_RECORDS = 256  # append_batch: two iovecs a record, under Linux's IOV_MAX (1024)
+# append_batch: a run of records is one write of at most this many bytes (fio's block size
+# in bench_nvme.py): big enough that a write costs little per record, small enough that the
+# first records of a batch land (and free their DRAM) without waiting for the whole batch
+RUN_MAX_BYTES = 1 << 20
 REGION_WAIT = 5.0  # seconds an append may wait for a busy region to become reclaimable
 # keys_at: up to this many wanted records of one region are read by their headers (4 KiB
 # each); more, and the region's summary is read once instead
 KEYS_AT_HEADERS = 8
 _key_of = itemgetter(NS, KEY)
+_ZERO_BLOCK = memoryview(bytes(BLOCK))
+_ENTRY_SIZE = SUMMARY_ENTRY.size
 # set while a reclaim carries tombstones: their appends do not wait for the size class's
 # region taker (it may be the very append carrying them)
 _CARRYING: contextvars.ContextVar[bool] = contextvars.ContextVar("nvme_carrying", default=False)
@@ -618,10 +624,13 @@ class NvmeTier:
         if not seqs:
             del self.writing[k]
 
-    async def append_batch(self, recs: list, headers: memoryview) -> list:
+    async def append_batch(self, recs: list, headers: memoryview, landed=None) -> list:
         """Write many records (the demotion writer's batch) in few region appends; per
         record, in order, its Location once it and everything before it in its region are
-        on disk (``append``'s promise), or the OSError that failed it.
+        on disk (``append``'s promise), or the OSError that failed it. ``landed(i, result)``,
+        if given, is called with each record's result as soon as it is known (a run's
+        records together), before this returns: the caller frees DRAM as each run lands
+        rather than once the slowest has.
 
         ``recs``: ``(ns, key, payload, length, checksum, slot_size, committed_at, seq)``
         each, ``payload`` as for ``append``; the caller took each ``seq`` with
@@ -629,9 +638,9 @@ class NvmeTier:
         the records' header blocks, kept by the caller until this returns.
 
         Consecutive records of one size class that land in one region are one write
-        (header, payload, header, payload, ...), and every write of the batch goes in one
-        submission: one completion, one frontier step and one fdatasync (``always``) per
-        run of records, not per record. A failed write fails its run and what follows it in
+        (header, payload, header, payload, ...) of up to RUN_MAX_BYTES, and every write of
+        the batch goes in one submission: one completion, one frontier step and one
+        fdatasync (``always``) per run of records, not per record. A failed write fails its run and what follows it in
         its region (``_write_done``), as for single appends."""
         if len(recs) > BATCH_MAX_RECORDS:  # a run's iovecs (two a record) stay under IOV_MAX
             raise ValueError(f"append_batch takes at most {BATCH_MAX_RECORDS} records")
@@ -640,16 +649,19 @@ class NvmeTier:
         last_run: dict[int, list] = {}  # region index -> its run still being extended
         failed: dict[int, OSError] = {}  # slot size -> why no region was found for it
         loop = asyncio.get_running_loop()
+        seed = self.dev.seed
         todo = 0  # runs[todo:] are reserved but not yet submitted
         for i, (ns, key, payload, length, checksum, slot, at, seq) in enumerate(recs):
             err = failed.get(slot)
             if err is not None:
                 out[i] = err
                 continue
-            rec_len = BLOCK + align_up(length)
-            entry_len = SUMMARY_ENTRY.size + len(ns) + len(key)
+            rec_len = BLOCK + (length + BLOCK - 1) // BLOCK * BLOCK
+            entry_len = _ENTRY_SIZE + len(ns) + len(key)
             r = self.open.get(slot)
-            if r is None or not self._fits(r, rec_len, entry_len):
+            # (_fits, inlined: the summary's tail is align_up(its length) + BLOCK)
+            if r is None or (r.write_ptr + rec_len + BLOCK
+                             + (len(r.summary) + entry_len + BLOCK - 1) // BLOCK * BLOCK > r.size):
                 # taking a region awaits: what is reserved goes out first (an append that
                 # waits for a region must hold no unsubmitted write a reclaim waits for)
                 todo = self._submit_runs(runs, todo)
@@ -663,15 +675,14 @@ class NvmeTier:
                     continue
             rel = r.write_ptr
             block = headers[i * BLOCK:(i + 1) * BLOCK]
-            data = record_header(ns, key, r.generation, seq, length, checksum, False, at,
-                                 self.dev.seed)
+            data = record_header(ns, key, r.generation, seq, length, checksum, False, at, seed)
             block[:len(data)] = data
-            block[len(data):] = bytes(BLOCK - len(data))
+            block[len(data):] = _ZERO_BLOCK[len(data):]  # a reused block: no other header's bytes
             r.summary += summary_entry(seq, rel, length, checksum, at, False, ns, key)
             r.write_ptr = rel + rec_len
             out[i] = Location(r.index, r.base + rel, length, checksum, r.generation)
             run = last_run.get(r.index)
-            if run is not None and run[2] + run[3] == rel:
+            if run is not None and run[2] + run[3] == rel and run[3] + rec_len <= RUN_MAX_BYTES:
                 run[3] += rec_len
                 run[4] += (block, payload)
                 run[6] = i
@@ -685,7 +696,7 @@ class NvmeTier:
                 last_run[r.index] = run
         self._submit_runs(runs, todo)
         counters = self.counters
-        for run in runs:
+        for run in runs:  # (in reservation order: a region's runs land in this order)
             r, gen, first, last, p = run[0], run[1], run[5], run[6], run[7]
             try:
                 await p.waiter  # the frontier passed the run: it and all before it are on disk
@@ -693,6 +704,8 @@ class NvmeTier:
                 for i in range(first, last + 1):
                     if not isinstance(out[i], OSError):
                         out[i] = e
+                        if landed is not None:
+                            landed(i, e)
                 continue
             n = 0
             for i in range(first, last + 1):
@@ -702,6 +715,14 @@ class NvmeTier:
             counters["demotions"] += n
             if r.generation == gen:
                 r.live_count += n
+            if landed is not None:
+                for i in range(first, last + 1):
+                    if not isinstance(out[i], OSError):
+                        landed(i, out[i])
+        if failed and landed is not None:  # no region was found for these
+            for i, x in enumerate(out):
+                if isinstance(x, OSError) and x is failed.get(recs[i][5]):
+                    landed(i, x)
         return out
 
     def _submit_runs(self, runs: list, start: int) -> int:

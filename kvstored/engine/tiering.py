@@ -146,34 +146,36 @@ class Tiering:
         view = self.dram.arena.view
         recs = []
         for j, (e, seq) in enumerate(batch):
-            if e.sc.slot_size >= SLOT_ALIGN:
-                payload = view[e.offset:e.offset + _align(e.size)]
+            off, size, slot = e.offset, e.size, e.sc.slot_size
+            if slot >= SLOT_ALIGN:
+                payload = view[off:off + (size + BLOCK - 1) // BLOCK * BLOCK]
             else:  # a sub-page slot is not page aligned (O_DIRECT): through the batch's page
-                page = buf.pages[j]
-                page[:e.size] = view[e.offset:e.offset + e.size]
-                page[e.size:] = bytes(BLOCK - e.size)  # a reused page: no other object's bytes
-                payload = page
-            recs.append((e.ns, e.key, payload, e.size, e.checksum, _nvme_slot(e),
-                         e.committed_at, seq))
-        try:
-            out = await self.nvme.append_batch(recs, buf.headers)
-        except BaseException as err:  # cancelled (shutdown): each record as a failed write
-            out = [err if isinstance(err, OSError) else OSError(errno.ECANCELED, "cancelled")] \
-                * len(batch)
-            for (e, seq), loc in zip(batch, out):
-                self._demoted(e, seq, loc)
-            raise
-        failed = None
-        for (e, seq), loc in zip(batch, out):
-            if isinstance(loc, OSError):
-                failed = loc
-                loc = None
-            self._demoted(e, seq, loc, written=True)
-        if failed is not None:
-            log.warning("demotion failed (%s); %d objects dropped from DRAM instead", failed,
-                        sum(isinstance(x, OSError) for x in out))
+                payload = buf.pages[j]
+                payload[:size] = view[off:off + size]
+                payload[size:] = _ZERO_PAGE[size:]  # a reused page: no other object's bytes
+                slot = SLOT_ALIGN  # (_nvme_slot)
+            recs.append((e.ns, e.key, payload, size, e.checksum, slot, e.committed_at, seq))
+        done = [False] * len(batch)
 
-    def _demoted(self, e: Entry, seq: int, loc, written: bool = False) -> None:
+        def landed(i: int, loc) -> None:  # as each run of records lands (or fails)
+            done[i] = True
+            e, seq = batch[i]
+            self._demoted(e, seq, loc)
+
+        try:
+            out = await self.nvme.append_batch(recs, buf.headers, landed)
+        except BaseException as err:  # cancelled (shutdown): each record left as a failed write
+            err = err if isinstance(err, OSError) else OSError(errno.ECANCELED, "cancelled")
+            for i, (e, seq) in enumerate(batch):
+                if not done[i]:
+                    self._demoted(e, seq, err)
+            raise
+        failed = [x for x in out if isinstance(x, OSError)]
+        if failed:
+            log.warning("demotion failed (%s); %d objects dropped from DRAM instead", failed[0],
+                        len(failed))
+
+    def _demoted(self, e: Entry, seq: int, loc) -> None:
         """A queued demotion ended: written at ``loc``, failed (None, or an OSError), or not
         tried (deleted while queued)."""
         if isinstance(loc, OSError):
@@ -508,6 +510,7 @@ DEMOTION_WRITERS = 4
 DEMOTION_BATCH_RECORDS = 64
 DEMOTION_BATCH_BYTES = 8 << 20
 BLOCK = SLOT_ALIGN  # the NVMe block: a header, a sub-page payload's page
+_ZERO_PAGE = memoryview(bytes(BLOCK))
 
 BOUNCE_PAGES = 64  # aligned pages shared by the demotions and promotions of sub-page objects
 

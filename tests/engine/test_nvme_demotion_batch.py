@@ -20,31 +20,46 @@ def val(i: int, size: int = SMALL) -> bytes:
 
 
 class GatedWrites:
-    """The tier's batch writes (``writev_many``), their completions held until ``gate`` is
-    set. ``fail(bufs)`` may name an OSError: that write is not done and fails so."""
+    """The tier's batch writes (``writev_many``), each write's completion held until
+    ``release`` lets it go. ``fail(bufs)`` may name an OSError: that write is not done and
+    fails so."""
 
     def __init__(self, store, fail=None):
         self.io = store.nvme.dev.io
         self.real = self.io.writev_many
-        self.gate = asyncio.Event()
         self.fail = fail
-        self.writes = 0
+        self.held: list[asyncio.Event] = []  # one per write, in submission order
+        self.all_released = False
         self.io.writev_many = self
+
+    @property
+    def writes(self) -> int:
+        return len(self.held)
+
+    def release(self, first: int | None = None) -> None:
+        """Let the first ``first`` writes complete (None: all, and every later one)."""
+        if first is None:
+            self.all_released = True
+        for ev in self.held[:first]:
+            ev.set()
 
     def __call__(self, reqs):
         loop = asyncio.get_running_loop()
         out = []
         for offset, bufs in reqs:
-            self.writes += 1
+            ev = asyncio.Event()
+            self.held.append(ev)
+            if self.all_released:
+                ev.set()
             err = self.fail(bufs) if self.fail else None
             real = None if err else self.real([(offset, bufs)])[0]
             o = loop.create_future()
-            loop.create_task(self._relay(real, o, err))
+            loop.create_task(self._relay(ev, real, o, err))
             out.append(o)
         return out
 
-    async def _relay(self, real, o, err):
-        await self.gate.wait()
+    async def _relay(self, ev, real, o, err):
+        await ev.wait()
         if err is not None:
             o.set_exception(err)
             return
@@ -110,7 +125,7 @@ def test_delete_and_overwrite_while_a_batch_is_in_flight_or_queued(tmp_path):
             assert s.delete(NS, gone) == len(gone)
             for k in replaced:
                 await put(s, k, val(1000 + int(k[1:])), overwrite=True)
-            gated.gate.set()
+            gated.release()
             await settle(s)
             assert not s.tiering._queue and s.dram.demoting_bytes == 0 and not s.nvme.writing
             # 40 of the queued ones were deleted or replaced before their turn: not written
@@ -169,7 +184,7 @@ def test_shutdown_flush_with_a_batch_in_flight(tmp_path):
             flush = asyncio.get_running_loop().create_task(s.flush_to_nvme(30))
             await asyncio.sleep(0.05)
             assert not flush.done()  # it waits for the batch
-            gated.gate.set()
+            gated.release()
             assert await flush == len(more)
             assert s.flush_not_kept == 0
             st = s.nvme.stats()
@@ -214,7 +229,7 @@ def test_a_failed_write_in_the_middle_of_a_batch(tmp_path, backend):
             evict_all(s)
             await until(lambda: gated.writes == 2, "one batch of two writes")
             assert s.nvme.open[LARGE].pending  # in flight, not yet failed
-            gated.gate.set()
+            gated.release()
             await settle(s)
             st = s.nvme.stats()
             assert st["write_errors"] == 1 and st["demotions"] == 10 and st["objects"] == 10
@@ -248,6 +263,42 @@ def test_append_batch_refuses_more_records_than_a_write_can_carry(tmp_path):
             with pytest.raises(ValueError):
                 await s.nvme.append_batch([None] * (nvme_mod.BATCH_MAX_RECORDS + 1), memoryview(b""))
         finally:
+            s.close()
+
+    asyncio.run(run())
+
+
+def test_a_batch_frees_dram_as_each_of_its_writes_lands(tmp_path):
+    """A batch of large objects is several writes (a run is at most RUN_MAX_BYTES): the
+    objects of the first write leave DRAM once it lands, before the others have."""
+    from kvstored.engine import nvme as nvme_mod
+
+    async def run():
+        s = make_store(tmp_path / "t.dat", regions=4)
+        try:
+            size = 64 * 1024
+            n = 40  # one batch (under DEMOTION_BATCH_RECORDS and _BYTES), several writes
+            assert n * size <= tiering.DEMOTION_BATCH_BYTES and n <= tiering.DEMOTION_BATCH_RECORDS
+            for i in range(n):
+                await put(s, b"k%d" % i, val(i, size))
+            gated = GatedWrites(s)
+            evict_all(s)
+            per_write = nvme_mod.RUN_MAX_BYTES // (size + 4096)
+            await until(lambda: gated.writes == -(-n // per_write), "the batch's writes")
+            gated.release(1)
+            first = [s.index.get(NS, b"k%d" % i) for i in range(per_write)]
+            await until(lambda: all(e.offset < 0 for e in first), "the first write's objects left DRAM")
+            rest = [s.index.get(NS, b"k%d" % i) for i in range(per_write, n)]
+            assert all(e.offset >= 0 and e.nvme is None for e in rest)  # still in flight
+            assert s.dram.demoting_bytes == len(rest) * size
+            gated.release()
+            await settle(s)
+            assert all(e.offset < 0 and e.nvme is not None for e in rest)
+            assert s.nvme.stats()["demotions"] == n
+            for i in (0, per_write, n - 1):
+                assert await read(s, b"k%d" % i) == val(i, size)
+        finally:
+            await settle(s)
             s.close()
 
     asyncio.run(run())
