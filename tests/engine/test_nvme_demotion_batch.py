@@ -164,14 +164,16 @@ def test_delete_and_overwrite_while_a_batch_is_in_flight_or_queued(tmp_path):
     asyncio.run(second(gone, replaced))
 
 
-def test_shutdown_flush_with_a_batch_in_flight(tmp_path):
+@pytest.mark.parametrize("sync", ["interval", "always"])
+def test_shutdown_flush_with_a_batch_in_flight(tmp_path, sync):
     """The shutdown flush waits for the batches in flight (not writing their objects a
-    second time) and keeps every object; a restart finds each once."""
+    second time) and keeps every object; a restart finds each once. With ``nvme.sync =
+    always`` a batch's objects leave DRAM only once an fdatasync covers them."""
     path = tmp_path / "t.dat"
     n = 100
 
     async def first():
-        s = make_store(path)
+        s = make_store(path, sync=sync)
         try:
             for i in range(n):
                 await put(s, b"k%d" % i, val(i))
@@ -184,10 +186,13 @@ def test_shutdown_flush_with_a_batch_in_flight(tmp_path):
             flush = asyncio.get_running_loop().create_task(s.flush_to_nvme(30))
             await asyncio.sleep(0.05)
             assert not flush.done()  # it waits for the batch
+            syncs = s.nvme.stats()["syncs"]
             gated.release()
             assert await flush == len(more)
             assert s.flush_not_kept == 0
             st = s.nvme.stats()
+            if sync == "always":
+                assert st["syncs"] > syncs
             assert st["objects"] == n + len(more) and st["demotions"] == n + len(more)
             await settle(s)
         finally:
