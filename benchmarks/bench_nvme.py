@@ -31,6 +31,14 @@ help). Figures: seconds and per record, wall clock and CPU time (the CPU figure 
 one to compare on a busy machine), split into the tier's scan and the index build.
 ``--keep-file PATH`` reuses a filled tier file across runs (filling 1 M records takes
 about two minutes here).
+
+    python benchmarks/bench_nvme.py --demotion-cpu 20000 [--dir DIR] [--value 4KiB]
+
+CPU per demoted record, on the engine alone: a Store (256 MiB DRAM) with an NVMe tier
+on a file in DIR takes that many objects, then demotes all of them at once (the
+watermarks set to 0 for one ``maybe_evict``, the way a full node evicts past its high
+one) and waits for the writes; three rounds. Figures: process CPU (user and system)
+per record from the eviction to the DRAM slot freed, and MB/s of wall time.
 """
 from __future__ import annotations
 
@@ -278,6 +286,42 @@ def render_sync(rows: list[dict], size: int, total: int) -> str:
     return "\n".join(lines)
 
 
+def demotion_cpu_phase(work: str, n: int, size: int, rounds: int = 3) -> list[dict]:
+    """CPU per demoted record (engine only): see the module docstring."""
+    from kvstored.engine import Store, StoreLimits
+    from kvstored.engine.nvme import NvmeDevice, NvmeTier
+
+    async def run() -> list[dict]:
+        region = 64 * MiB
+        need = rounds * n * (size + 4096 + 4095) // 4096 * 4096 * 2
+        dev = NvmeDevice(os.path.join(work, "tier.dat"), MiB + (need // region + 2) * region,
+                         region, "auto", 32)
+        s = Store(StoreLimits(dram_size=256 * MiB, slab_size=4 * MiB, max_value_size=4 * MiB,
+                              prefault=False), nvme=NvmeTier(dev))
+        data = os.urandom(size)
+        rows = []
+        try:
+            for rnd in range(rounds):
+                for i in range(n):
+                    s.put_bytes(b"bench", b"r%dk%d" % (rnd, i), data)
+                lim = s.limits
+                was = lim.high_watermark, lim.low_watermark
+                t0, w0 = os.times(), time.perf_counter()
+                lim.high_watermark = lim.low_watermark = 0.0
+                m = s.maybe_evict()
+                lim.high_watermark, lim.low_watermark = was
+                await s.drain_tasks(120)
+                wall, t1 = time.perf_counter() - w0, os.times()
+                rows.append({"records": m, "user_us": (t1.user - t0.user) / m * 1e6,
+                             "sys_us": (t1.system - t0.system) / m * 1e6,
+                             "mb_s": m * size / wall / 1e6, "io_backend": s.nvme.io_backend,
+                             "load_avg": os.getloadavg()[0]})
+        finally:
+            s.close()
+        return rows
+    return asyncio.run(run())
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=os.path.join(HERE, "out"), help="where the fio and tier files go")
@@ -289,6 +333,8 @@ def main(argv=None) -> int:
                     help="only measure how long a restart with N records takes (engine)")
     ap.add_argument("--keep-file", metavar="PATH",
                     help="--restart: reuse this tier file (filled first if absent) and leave it")
+    ap.add_argument("--demotion-cpu", type=int, metavar="N",
+                    help="only measure the CPU per demoted record, N records a round (engine)")
     ap.add_argument("--backends", default="io_uring,threads",
                     help="nvme.io_backend values to run one after the other (default io_uring,threads)")
     ap.add_argument("--markdown")
@@ -297,6 +343,22 @@ def main(argv=None) -> int:
     import kvstore
 
     os.makedirs(args.dir, exist_ok=True)
+    if args.demotion_cpu:
+        size = parse_size(args.value or "4KiB")
+        work = tempfile.mkdtemp(prefix="bench-nvme-demote-", dir=args.dir)
+        try:
+            rows = demotion_cpu_phase(work, args.demotion_cpu, size)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        for r in rows:
+            print(f"{r['records']} records of {human_size(size)} demoted: CPU "
+                  f"{r['user_us'] + r['sys_us']:.1f} us per record (user {r['user_us']:.1f}, "
+                  f"sys {r['sys_us']:.1f}), {r['mb_s']:.0f} MB/s, {r['io_backend']}, "
+                  f"load {r['load_avg']:.1f}")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"demotion_cpu": rows, "machine": machine_facts()}, f, indent=2)
+        return 0
     if args.restart:
         work = tempfile.mkdtemp(prefix="bench-nvme-restart-", dir=args.dir)
         try:
