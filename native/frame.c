@@ -148,7 +148,8 @@ static PyObject *next_frame(PyObject *m, PyObject *const *args, Py_ssize_t nargs
  * bytes over the same bytes in the read buffer, see copy_to_slot) and compared
  * with the header's, Store._publish (index, eviction lists, counters, observer: those
  * rules stay in one place), then the OK answer queued and timed into the put latency
- * histogram as DataSession.send does. A checksum mismatch is counted and its slot freed
+ * histogram as DataSession.send does; the session's ``window`` and ``frame`` are set from
+ * the last frame taken as ops._put sets them (the next reads' sizes). A checksum mismatch is counted and its slot freed
  * (Store.put_bytes), and a typed error of _publish (the index full) is answered by the
  * session's reject with the payload skipped (put_buffered); the run stops after either.
  *
@@ -165,7 +166,7 @@ enum { C_INDEX_GET, C_CLASSES, C_ARENA, C_ALLOC, C_FREE, C_PUBLISH, C_COUNTERS,
 #define MAX_KEY_LEN 128
 #define MAX_BUCKETS 64
 
-static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_no_wait_until, *s_sent, *s_queued,
+static PyObject *s_req_id, *s_put_t0, *s_t_in, *s_window, *s_frame, *s_no_wait_until, *s_sent, *s_queued,
     *s_queued_frames, *s_flushed_at, *s_out, *s_reserved, *s_client, *s_max_reserved_bytes,
     *s_max_queued_bytes, *s_max_queued_frames, *s_burst, *s_cap, *s_held, *s_max_value_size,
     *s_counts, *s_sum, *s_reject, *s_checksum_failures, *s_epoch, *s_reader,
@@ -251,6 +252,7 @@ typedef struct {
     double t_in, hist_sum;
     uint64_t rid;        /* the last frame taken */
     uint64_t size;
+    Py_ssize_t flen;     /* its frame's length (header, names, payload) */
     int taken, stored;   /* frames taken; puts stored */
     Py_ssize_t large, window;
 } Run;
@@ -266,6 +268,7 @@ static int write_back(Run *u) {
     ok = ok && set_ll(u->s, s_req_id, (long long)u->rid) == 0  /* (no request id is >= 2**63) */
          && set_double(u->s, s_put_t0, u->t_in) == 0
          && set_ll(u->s, s_window, (Py_ssize_t)u->size >= u->large ? u->window : 0) == 0
+         && ((Py_ssize_t)u->size >= u->large || set_ll(u->s, s_frame, u->flen) == 0)
          && set_ll(u->s, s_sent, u->sent) == 0
          && set_ll(u->s, s_queued, u->queued) == 0
          && set_ll(u->s, s_queued_frames, u->queued_frames) == 0
@@ -489,6 +492,7 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
             u.taken++;  /* answered from the index: the payload is skipped */
             u.rid = le(p + 8, 8);
             u.size = size;
+            u.flen = HEADER_SIZE + nl + kl + (Py_ssize_t)size;
             u.pos = data + (Py_ssize_t)size;
             u.stored++;
             go = answer(&u, ctx, CX(C_NOW), buckets, nbuckets, 1) < 0 ? -1 : 1;
@@ -535,6 +539,7 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         u.taken++;
         u.rid = le(p + 8, 8);
         u.size = size;
+        u.flen = HEADER_SIZE + nl + kl + (Py_ssize_t)size;
         u.pos = data;
         if (actual != csum) {  /* Store.put_bytes: counted, the slot freed, nothing stored */
             Py_DECREF(sc);
@@ -645,6 +650,7 @@ PyMODINIT_FUNC PyInit__frame(void) {
         return NULL;
     struct { PyObject **p; const char *name; } names[] = {
         {&s_req_id, "req_id"}, {&s_put_t0, "put_t0"}, {&s_t_in, "t_in"}, {&s_window, "window"},
+        {&s_frame, "frame"},
         {&s_no_wait_until, "no_wait_until"}, {&s_sent, "sent"}, {&s_queued, "queued"},
         {&s_queued_frames, "queued_frames"}, {&s_flushed_at, "flushed_at"}, {&s_out, "out"},
         {&s_reserved, "reserved"}, {&s_client, "client"},

@@ -38,7 +38,11 @@ def _put(s: DataSession, h: Header, ns: bytes, key: bytes) -> None:
         return _put_repair(s, h, ns, key)
     s.put_t0 = s.t_in
     n = h.length
-    s.window = HEADER_WINDOW if n >= LARGE_PAYLOAD else 0  # (the next header's read)
+    if n >= LARGE_PAYLOAD:  # (the next reads' sizes: session.py, LARGE_PAYLOAD)
+        s.window = HEADER_WINDOW
+    else:
+        s.window = 0
+        s.frame = HEADER_SIZE + len(ns) + len(key) + n
     rid = h.req_id
     reader = s.reader
     if reader.end - reader.start >= n:  # the payload came with its header: one store call

@@ -21,8 +21,8 @@ import random
 import pytest
 
 from kvstore import errors
-from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, MAX_TOKEN_LEN, OP_AUTH, OP_GET, OP_PING,
-                          OP_PUT, checksum, encode_request)
+from kvstore.wire import (FLAG_OVERWRITE, FLAG_REPAIR, HEADER, HEADER_SIZE, MAX_TOKEN_LEN, OP_AUTH,
+                          OP_GET, OP_PING, OP_PUT, Header, checksum, encode_request)
 from kvstored.auth import Auth
 from kvstored.dataplane import session as session_mod
 from kvstored.dataplane.ops import CORE_OPS
@@ -361,6 +361,82 @@ def test_large_puts_the_same_whole_and_cut(cut):
     finally:
         native.store.close()
         python.store.close()
+
+
+def test_reads_end_at_whole_frames_of_the_last_put():
+    """After a put below LARGE_PAYLOAD the session offers reads that end where whole frames
+    of its length would (DataSession.receive_buffer, ``frame``): a stream of same-size puts
+    read as uvloop reads (as much as is offered, the socket never short) is then never cut
+    at the buffer's end, so the C run stores every put after the first (no reservation, no
+    Python path), where reads of the whole buffer cut one put in four. Both paths set
+    ``frame`` alike: they read, answer and store the same. A stream of other sizes and gets
+    after it (reads then cut frames again) is answered in order."""
+    rng = random.Random(11)
+    size = 64 * KiB - 100  # (max_value_size here is 64 KiB)
+    blobs = [rng.randbytes(size) for _ in range(30)]
+    frames = [encode_request(OP_PUT, i + 1, NS, b"w%02d" % i, size, checksum(b)) + b
+              for i, b in enumerate(blobs)]
+    flen = len(frames[0])
+    tail = b"".join(encode_request(OP_PUT, 100 + i, NS, b"m%d" % i, len(b), checksum(b)) + b
+                    for i, b in enumerate(rng.randbytes(rng.randrange(1, 64 * KiB))
+                                          for _ in range(12)))
+    tail += b"".join(encode_request(OP_GET, 200 + i, NS, b"w%02d" % i) for i in range(5))
+    seen = []
+    for native in (True, False):
+        side = Side(native, "packed", dram=4 * MiB)
+        reserve, put_bytes = side.store.reserve, side.store.put_bytes
+        reserved, put = [], []  # keys of the puts that reserved a slot / took put_bytes
+
+        def reserving(*a, **kw):
+            reserved.append(a[1])
+            return reserve(*a, **kw)
+
+        def putting(*a, **kw):
+            put.append(a[1])
+            return put_bytes(*a, **kw)
+
+        side.store.reserve, side.store.put_bytes = reserving, putting
+        try:
+            s = side.sessions[0]
+            side.read(0, frames[0])  # the first put: its size's class is met here
+            assert s.frame == flen and reserved == []
+            wire, offered, pos = b"".join(frames[1:]) + tail, [], 0
+            for _ in range(10_000):  # bounded: each read takes at least a byte
+                if pos == len(wire):
+                    break
+                b = s.receive_buffer()
+                n = min(len(b), len(wire) - pos)
+                assert n > 0
+                offered.append((len(b), s.reader.end - s.reader.start, pos))
+                b[:n] = wire[pos:pos + n]
+                pos += n
+                s.received(n)
+                side.wire[0].extend(bytes(x) for x in s.take_output())
+                s.written(0)
+            assert pos == len(wire)
+            frames_end = (len(frames) - 1) * flen
+            aligned = [o for o, held, at in offered if at + o <= frames_end]
+            assert len(aligned) >= 3 and all((o + held) % flen == 0 for o, held, at in offered
+                                             if at + o <= frames_end)
+            # none of the same-size puts was cut: none reserved a slot
+            assert not [k for k in reserved if k.startswith(b"w")]
+            if native:  # the C run took every same-size put but the first
+                assert [k for k in put if k.startswith(b"w")] == [b"w00"]
+            answers = [bytes(f) for f in side.wire[0]]
+            seen.append((b"".join(answers), side.state()))
+        finally:
+            side.store.close()
+    assert seen[0] == seen[1]
+    rids = []
+    data = seen[0][0]
+    for _ in range(100):  # bounded: one answer a round
+        if not data:
+            break
+        h = Header(*HEADER.unpack_from(data)[2:])
+        rids.append(h.req_id)
+        assert h.status == 0, h
+        data = data[HEADER_SIZE + h.length:]
+    assert rids == [*range(1, 31), *range(100, 112), *range(200, 205)]
 
 
 def test_bounds_and_limits_leave_puts_to_the_python_path():
