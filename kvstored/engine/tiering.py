@@ -117,8 +117,8 @@ class Tiering:
     async def _demotion_writer(self) -> None:
         """Write queued demotions in batches until the queue is empty (then end: the next
         demotion starts a writer again). A batch is at most DEMOTION_BATCH_RECORDS records
-        and DEMOTION_BATCH_BYTES bytes, written by ``NvmeTier.append_batch`` and completed
-        together (``_demoted``)."""
+        and DEMOTION_BATCH_BYTES bytes, written by ``NvmeTier.append_batch``; the records
+        of each of its writes are completed (``_demoted``) as that write lands."""
         buf = self._batch_bufs.pop() if self._batch_bufs else _BatchBuffer()
         queue = self._queue
         try:
