@@ -301,11 +301,18 @@ static int answer(Run *u, PyObject *ctx, PyObject *now_fn, const double *buckets
     if (PyErr_Occurred()) return -1;
     Py_ssize_t i = 0;  /* bisect_left: a value equal to a bound falls in that bucket */
     while (i < nbuckets && buckets[i] < d) i++;
+    /* (now_fn ran Python: the list's length is tested again, and its item held while
+       the add runs, rather than trusted from the run's start) */
+    if (i >= PyList_GET_SIZE(u->counts)) {
+        PyErr_SetString(PyExc_RuntimeError, "put_run: the put histogram's counts changed length");
+        return -1;
+    }
     PyObject *c = PyList_GET_ITEM(u->counts, i);
+    Py_INCREF(c);
     PyObject *c1 = PyNumber_Add(c, one);
-    if (!c1) return -1;
-    PyList_SET_ITEM(u->counts, i, c1);
     Py_DECREF(c);
+    if (!c1) return -1;
+    if (PyList_SetItem(u->counts, i, c1) < 0) return -1;  /* (steals c1; drops the old item) */
     u->hist_sum += d;
     return 0;
 }
@@ -324,8 +331,9 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     PyObject *budget = NULL, *clients = NULL, *gate = NULL, *client = NULL, *err = NULL;
     PyObject *masks = NULL;  /* the auth guard's namespace -> scope bits (NULL: auth off) */
     long scope = 0;
-    Py_buffer arena = {0};
-    int failed = 1, have_arena = 0;
+    Py_buffer arena = {0}, rbuf = {0};
+    PyObject *buf = NULL;
+    int failed = 1, have_arena = 0, have_rbuf = 0;
     if (!(u.reader = PyObject_GetAttr(u.s, s_reader))) return NULL;
     PyObject *target = PyObject_GetAttr(u.reader, s_target);
     if (!target) goto done;
@@ -334,16 +342,20 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
     if (receiving) goto nothing;
     if ((u.pos = get_index(u.reader, s_start)) == -1 && PyErr_Occurred()) goto done;
     if ((u.end = get_index(u.reader, s_end)) == -1 && PyErr_Occurred()) goto done;
-    PyObject *buf = PyObject_GetAttr(u.reader, s_buf);
-    if (!buf) goto done;
-    Py_DECREF(buf);  /* the reader holds it; nothing in a run resizes it */
+    if (!(buf = PyObject_GetAttr(u.reader, s_buf))) goto done;
     if (!PyByteArray_CheckExact(buf)) goto nothing;
-    if (u.pos < 0 || u.end > PyByteArray_GET_SIZE(buf) || u.end < u.pos) {
+    /* Held and exported for the whole run, as next_frame does: a run calls Python (the
+       index, _same, alloc and its evictions, the checksum, _publish, a collection) while
+       it reads frames through this pointer; with the export a resize from any of them
+       raises BufferError instead of moving the bytes under it. */
+    if (PyObject_GetBuffer(buf, &rbuf, PyBUF_SIMPLE) < 0) goto done;
+    have_rbuf = 1;
+    if (u.pos < 0 || u.end > rbuf.len || u.end < u.pos) {
         PyErr_SetString(PyExc_ValueError, "put_run: the reader's start/end lie outside its buffer");
         goto done;
     }
     {   /* a first look before anything else is read: the calls that take nothing (a GET) */
-        const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(buf) + u.pos;
+        const unsigned char *p = (const unsigned char *)rbuf.buf + u.pos;
         if (u.end - u.pos < HEADER_SIZE || p[5] != OP_PUT) goto nothing;
     }
     if (!(budget = PyObject_GetAttr(u.s, s_budget)) || !(clients = PyObject_GetAttr(u.s, s_clients))
@@ -440,7 +452,7 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         if (u.taken && (u.queued >= max_qbytes || u.queued_frames >= max_qframes
                         || u.sent - u.flushed_at >= burst))
             break;  /* advance() tests these again and acts (pauses, flushes) */
-        const unsigned char *p = (const unsigned char *)PyByteArray_AS_STRING(buf) + u.pos;
+        const unsigned char *p = (const unsigned char *)rbuf.buf + u.pos;
         if (u.end - u.pos < HEADER_SIZE || memcmp(p, "KVSD", 4) != 0 || p[4] != 1
                 || p[5] != OP_PUT || (le(p + 6, 2) & ~(uint64_t)FLAG_OVERWRITE))
             break;
@@ -456,7 +468,7 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
             break;  /* over a bound: reserve() answers or waits (put_buffered) */
         if (aux && epoch && aux != (uint64_t)epoch)
             break;  /* the epoch gate would answer Redirect: the Python path does */
-        PyObject *ns = NULL, *key = NULL, *sz = NULL, *off = NULL, *got = NULL;
+        PyObject *ns = NULL, *key = NULL, *sz = NULL, *off = NULL, *got = NULL, *sc = NULL;
         int go = 0;  /* 1: stored; 0: left to the Python path; -1: raised */
         ns = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE, nl);
         key = PyBytes_FromStringAndSize((const char *)p + HEADER_SIZE + nl, kl);
@@ -473,8 +485,9 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         }
         /* the class before the lookup: a size met first is the Python path's, which
            then makes the put's one index lookup */
-        PyObject *sc = PyDict_GetItemWithError(CX(C_CLASSES), sz);  /* (borrowed) */
+        sc = PyDict_GetItemWithError(CX(C_CLASSES), sz);
         if (!sc) { go = PyErr_Occurred() ? -1 : 0; goto put_end; }
+        Py_INCREF(sc);  /* (held from here: the lookup and _same below run Python) */
         PyObject *nk[2] = {ns, key};
         PyObject *old = PyObject_Vectorcall(CX(C_INDEX_GET), nk, 2, NULL);
         if (!old) { go = -1; goto put_end; }
@@ -499,11 +512,9 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
             goto put_end;
         }
         Py_DECREF(old);
-        Py_INCREF(sc);
         off = PyObject_CallOneArg(CX(C_ALLOC), sc);  /* may evict (Python) */
         if (!off || off == Py_None) {  /* no slot: the Python path's alloc evicts, or _slot
                                           counts and raises NoSpace */
-            Py_DECREF(sc);
             go = off ? 0 : -1;
             goto put_end;
         }
@@ -511,12 +522,9 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         if (o < 0 || (uint64_t)o > (uint64_t)arena.len || size > (uint64_t)(arena.len - o)) {
             if (!PyErr_Occurred())
                 PyErr_SetString(PyExc_RuntimeError, "put_run: a slot outside the arena");
-            Py_DECREF(sc);
             go = -1;
             goto put_end;
         }
-        /* (an eviction ran Python, which leaves the reader's buffer where it was) */
-        p = (const unsigned char *)PyByteArray_AS_STRING(buf) + u.pos;
         const char *src = (const char *)p + HEADER_SIZE + nl + kl;
         copy_to_slot((char *)arena.buf + o, src, (size_t)size);
         /* the checksum of the bytes just copied, read where they are in the cache: the
@@ -528,7 +536,6 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         Py_XDECREF(mv);
         unsigned long long actual = got ? PyLong_AsUnsignedLongLong(got) : 0;
         if (!got || PyErr_Occurred()) {
-            Py_DECREF(sc);
             PyObject *f = PyObject_CallOneArg(CX(C_FREE), off);  /* the slot is not kept */
             Py_XDECREF(f);
             go = -1;
@@ -542,7 +549,6 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         u.flen = HEADER_SIZE + nl + kl + (Py_ssize_t)size;
         u.pos = data;
         if (actual != csum) {  /* Store.put_bytes: counted, the slot freed, nothing stored */
-            Py_DECREF(sc);
             PyObject *f = PyObject_CallOneArg(CX(C_FREE), off);
             if (!f || count(CX(C_COUNTERS), s_checksum_failures, 1) < 0) {
                 Py_XDECREF(f);
@@ -556,7 +562,6 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         }
         PyObject *pa[8] = {ns, key, off, sz, got, sc, overwrite ? Py_True : Py_False, Py_True};
         PyObject *stored = PyObject_Vectorcall(CX(C_PUBLISH), pa, 7, kw_recommit);
-        Py_DECREF(sc);
         if (!stored) {  /* a typed error (the index full) is answered; the slot is freed */
             if (PyErr_ExceptionMatches(CX(C_ERROR))) {
                 PyObject *t, *v, *tb;
@@ -582,6 +587,7 @@ static PyObject *put_run(PyObject *m, PyObject *const *args, Py_ssize_t nargs) {
         Py_XDECREF(sz);
         Py_XDECREF(off);
         Py_XDECREF(got);
+        Py_XDECREF(sc);
         if (go < 0) goto done;
         if (go == 0) break;
     }
@@ -589,6 +595,8 @@ nothing:
     failed = 0;
 done:
     if (have_arena) PyBuffer_Release(&arena);
+    if (have_rbuf) PyBuffer_Release(&rbuf);
+    Py_XDECREF(buf);
     if (failed) {  /* raised: what was taken is written back, the error stays raised */
         PyObject *t, *v, *tb;
         PyErr_Fetch(&t, &v, &tb);

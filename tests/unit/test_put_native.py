@@ -513,3 +513,43 @@ def test_bad_arguments_are_refused():
             session_mod._put_run(s, s.fast_put, 1)
     finally:
         side.store.close()
+
+
+@pytest.mark.parametrize("hook", ["same", "alloc", "clock"])
+def test_python_a_run_calls_cannot_move_what_it_reads(hook):
+    """Python a run calls (Store._same, alloc and its evictions, the clock) that resizes the
+    reader's buffer, or empties the put histogram's counts: a typed error out of put_run,
+    never a read of moved memory (before: the dedup answer read the request id through a
+    stale pointer, and the histogram was indexed past its end; ASan, `make sanitize`)."""
+    side = Side(True, "packed")
+    try:
+        s = side.sessions[0]
+        d = b"y" * 1000
+
+        def frame(rid: int, key: bytes) -> bytes:
+            return encode_request(OP_PUT, rid, NS, key, len(d), checksum(d)) + d
+
+        side.read(0, frame(1, b"r1"))  # a size's first put takes the Python path
+        assert side.store.counters["puts"] == 1
+        ctx = list(s.fast_put)
+        at = {"alloc": 3, "clock": 10, "same": 18}[hook]
+        real = ctx[at]
+        hist = side.plane.latency[OP_PUT]
+
+        def hostile(*a, **kw):
+            if hook == "clock":
+                del hist.counts[:]
+            else:
+                s.reader.buf.extend(bytes(1 << 20))  # would move the bytes the run reads
+            return real(*a, **kw)
+
+        ctx[at] = hostile
+        wire = frame(2, b"r1") if hook == "same" else frame(2, b"r2")  # r1 again: _same
+        size = len(s.reader.buf)
+        s.reader.buf[:len(wire)] = wire
+        s.reader.start, s.reader.end = 0, len(wire)
+        with pytest.raises(RuntimeError if hook == "clock" else BufferError):
+            session_mod._put_run(s, tuple(ctx), 4)
+        assert len(s.reader.buf) == size  # not resized under the run
+    finally:
+        side.store.close()
