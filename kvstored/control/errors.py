@@ -91,8 +91,12 @@ def _first_message(handle: Callable, method: str, timeout: float,
                 on_error(err)
             context.set_trailing_metadata((("kvstore-code", str(err.code)),))
             await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, err.message)
-        if request is grpc.aio.EOF:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"{method}: no request message")
+        if request is grpc.aio.EOF:  # the client closed its side without the message
+            err = errors.InvalidArgument(f"{method}: the call ended without its request message")
+            if on_error is not None:
+                on_error(err)
+            context.set_trailing_metadata((("kvstore-code", str(err.code)),))
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
         return await handle(request, context)
 
     read_then_handle.__name__ = method

@@ -469,6 +469,32 @@ def test_control_calls_without_a_request_message_end_at_the_deadline(node):
         ch.close()
 
 
+def test_control_call_ended_without_its_request_message_is_a_typed_error(node):
+    """A call whose client closes its side without the request message (an empty stream)
+    is InvalidArgument like a malformed body: the kvstore-code trailing metadata (what the
+    SDK types errors by) and counted in kvstored_errors_total."""
+    ch = grpc.insecure_channel(node.control)
+
+    def key(m):
+        return [v for k, v in m.items() if k.startswith("kvstored_errors_total{")
+                and 'plane="control"' in k and 'type="InvalidArgument"' in k]
+
+    before = sum(key(wait_for(lambda: metrics(node), 10, "a scrape")))
+    try:
+        call = ch.stream_unary("/kvstore.v1.KVStore/Info", request_serializer=bytes,
+                               response_deserializer=bytes)
+        with pytest.raises(grpc.RpcError) as ei:
+            call(iter(()), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert ("kvstore-code", str(kvstore.errors.InvalidArgument.code)) in \
+            tuple(ei.value.trailing_metadata())
+        after = wait_for(lambda: (m := metrics(node)) and sum(key(m)) > before and m, 10,
+                         "the error counted")
+        assert sum(key(after)) - before == 1
+    finally:
+        ch.close()
+
+
 def _h2_frame(kind: int, flags: int, stream: int, payload: bytes) -> bytes:
     return len(payload).to_bytes(3, "big") + bytes((kind, flags)) + struct.pack(">I", stream) \
         + payload
