@@ -153,6 +153,16 @@ def _seconds(v) -> str | None:  # also refuses NaN and inf
     return None if math.isfinite(v) and v > 0 else f"must be a positive number of seconds, got {v}"
 
 
+# gRPC takes its time options as a C int of milliseconds (~24.8 days at most): a larger
+# value failed the start with a bare OverflowError
+GRPC_MAX_SECONDS = (2**31 - 1) // 1000
+
+
+def _grpc_seconds(v) -> str | None:
+    return _seconds(v) or (None if v <= GRPC_MAX_SECONDS else
+                           f"must be at most {GRPC_MAX_SECONDS} s (gRPC's limit), got {v}")
+
+
 def _port(v) -> str | None:
     return None if 0 <= v <= 65535 else f"{v} is out of range (allowed 0..65535; 0 picks a free port)"
 
@@ -247,7 +257,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "control_connection_max_age", FLOAT, 300.0,
        "a gRPC control connection is closed this long after it opened (GOAWAY: clients "
        "reconnect by themselves), its calls in progress given 60 s more (or this, if less)",
-       check=_seconds),
+       check=_grpc_seconds),
     _s("server", "max_pipelined_requests", INT, 1024,
        "unanswered requests per data connection before it stops being read", check=_positive,
        reload="pipelined"),
@@ -259,7 +269,7 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "write_stall_timeout", FLOAT, 30.0,
        "a connection that takes none of its responses this long is closed", check=_seconds),
     _s("server", "idle_timeout", FLOAT, 600.0,
-       "a data connection with no traffic this long is closed", check=_seconds),
+       "a data connection with no traffic this long is closed", check=_grpc_seconds),
     _s("server", "max_reserved_bytes_per_connection", SIZE, 1 * GiB,
        "unfinished puts of one connection", check=_positive),
     _s("server", "max_reserved_bytes_per_client", SIZE, 4 * GiB,

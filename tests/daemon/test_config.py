@@ -225,6 +225,10 @@ def test_unparseable_file(tmp_path):
     ({"log_level": "loud"}, "log.level: 'loud' is not one of debug, info, warning, error"),
     ({"put_wait_timeout": 0}, "engine.put_wait_timeout: must be a positive number of seconds"),
     ({"max_pin_ttl": float("inf")}, "engine.max_pin_ttl: must be a positive number of seconds"),
+    # gRPC options in ms as a C int: the start failed with a bare OverflowError
+    ({"control_connection_max_age": 1e7},
+     "server.control_connection_max_age: must be at most 2147483 s"),
+    ({"idle_timeout": 3e6}, "server.idle_timeout: must be at most 2147483 s"),
 ])
 def test_validation(overrides, expect):
     assert expect in error_of(load_config, None, overrides)
