@@ -427,6 +427,92 @@ def test_answers_a_client_never_reads_stop_its_reading_at_the_bound(publisher, m
             s.close()
 
 
+def _recv_exact(s: socket.socket, n: int) -> bytes:
+    buf = b""
+    while len(buf) < n:
+        got = s.recv(n - len(buf))
+        if not got:
+            raise EOFError(f"closed after {len(buf)} of {n} bytes")
+        buf += got
+    return buf
+
+
+def _recv_frame(s: socket.socket) -> tuple[int, bytes]:
+    """One ZMTP frame read off ``s``: (flags, body)."""
+    flags, n = _recv_exact(s, 2)
+    if flags & 0x02:
+        n = int.from_bytes(bytes((n,)) + _recv_exact(s, 7), "big")
+    return flags, _recv_exact(s, n)
+
+
+def test_zmtp_by_hand_subscriptions_pings_and_long_frames(publisher):
+    """A client speaking ZMTP by hand (libzmq sends neither 3.1 commands to the 3.0 the
+    daemon announces, nor long or hostile frames): the daemon's greeting and READY (PUB);
+    a subscription as a 3.1 SUBSCRIBE command and as a 3.0 message (0x01), each cancelled
+    (CANCEL, 0x00); a PING answered by a PONG echoing its context; a message frame over
+    MAX_FRAME skipped and the stream parsed again after it; a message frame of length
+    2**64 - 1 skipped as it comes with nothing kept; a command frame of length 2**63
+    closes the connection."""
+    from kvstored import events
+
+    pub = publisher
+    path = pub.bound()[0][6:]
+
+    def subscribed() -> int:
+        return pub.call(lambda: len(pub._pub.subscribed))
+
+    def client() -> socket.socket:
+        s = socket.socket(socket.AF_UNIX)
+        s.settimeout(10)
+        s.connect(path)
+        s.sendall(events._greeting() + events._ready(b"SUB"))
+        g = _recv_exact(s, 64)
+        assert g[0] == 0xFF and g[9] == 0x7F and g[10] == 3 and g[12:16] == b"NULL", g
+        flags, body = _recv_frame(s)
+        assert flags == 0x04 and body[:6] == b"\x05READY", body
+        assert b"\x0bSocket-Type\x00\x00\x00\x03PUB" in body, body
+        return s
+
+    def pong(s: socket.socket, context: bytes) -> None:
+        s.sendall(events._command(b"PING", b"\x00\x0a" + context))
+        assert _recv_frame(s) == (0x04, b"\x04PONG" + context)
+
+    s = client()
+    try:
+        for on, off in ((events._command(b"SUBSCRIBE", b""), events._command(b"CANCEL", b"")),
+                        (events.encode_message((b"\x01",)), events.encode_message((b"\x00",)))):
+            s.sendall(on)
+            wait_for(lambda: subscribed() == 1, 10, "subscribed")
+            pub.call(pub.stored, SimpleNamespace(ns=b"z", key=b"k"))
+            frames = [_recv_frame(s) for _ in range(3)]
+            assert [f for f, _ in frames] == [0x01, 0x01, 0x00], frames
+            topic, seq, payload = (b for _, b in frames)
+            assert topic == b"" and len(seq) == 8
+            assert msgpack.unpackb(payload)[1][-1][0] == "BlockStored"
+            s.sendall(off)
+            wait_for(lambda: subscribed() == 0, 10, "unsubscribed")
+        pong(s, b"ctx-1")
+        big = 8 * KiB  # > MAX_FRAME: skipped unread, then the stream goes on
+        assert big > events.MAX_FRAME
+        s.sendall(b"\x02" + big.to_bytes(8, "big") + b"\x01" * big)
+        pong(s, b"ctx-2")
+        s.sendall(b"\x06" + (1 << 63).to_bytes(8, "big"))  # a LONG command
+        assert s.recv(1) == b""  # closed
+    finally:
+        s.close()
+    s = client()
+    try:
+        s.sendall(b"\x02" + (2**64 - 1).to_bytes(8, "big"))
+        for _ in range(64):  # 4 MiB of a frame that never ends
+            s.sendall(b"\x01" * (64 * KiB))
+        kept = pub.call(lambda: [(len(c.rbuf), c.skip) for c in pub._pub.conns])
+        assert len(kept) == 1 and kept[0][1] > 0, kept
+        assert kept[0][0] <= events.MAX_FRAME + events.READ_SIZE, kept
+    finally:
+        s.close()
+    wait_for(lambda: pub.call(pub.subscribers) == 0, 10, "the connection gone")
+
+
 # ------------------------------------------------------------------ control port
 
 def test_control_calls_without_a_request_message_end_at_the_deadline(node):
