@@ -387,7 +387,8 @@ class EventPublisher:
                 conn.write(encode_message((*prefix, END_SEQ, b"")))
                 conn.replay = None
                 conn.idle_since = time.monotonic()
-                while conn.requests and conn.replay is None:  # next in line: this place
+                # next in line: this place (unless the end marker's write closed it)
+                while conn.requests and conn.replay is None and not conn.closed:
                     self._begin(conn, *conn.requests.popleft())
             else:
                 conn.replay[1] = nxt

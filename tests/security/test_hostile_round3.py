@@ -427,6 +427,34 @@ def test_answers_a_client_never_reads_stop_its_reading_at_the_bound(publisher, m
             s.close()
 
 
+def test_a_replay_connection_closed_by_its_end_marker_starts_no_queued_request(publisher):
+    """A replay reaches its end with a request queued behind it and the end marker's write
+    fails (the peer gone): the connection closes, and the queued request is not begun on
+    it (before: it was counted as a replay and filed among those in progress, closed)."""
+    pub = publisher
+    ctx = zmq.Context()
+    try:
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(pub.bound()[1])
+        wait_for(lambda: pub.call(lambda: [c.ready for c in pub._router.conns]) == [True], 10,
+                 "the DEALER's handshake")
+
+        def end_with_one_queued():
+            conn = next(iter(pub._router.conns))
+            conn.sock.shutdown(socket.SHUT_WR)  # the next write fails (EPIPE)
+            conn.replay = [(b"",), pub.seq]  # past the buffer's end: the end marker next
+            pub._replays.append(conn)
+            conn.requests.append((True, (0).to_bytes(8, "big")))
+            replays = pub.counters["replays"]
+            pub._replay_some()
+            return conn.closed, len(pub._replays), pub.counters["replays"] - replays
+
+        assert pub.call(end_with_one_queued) == (True, 0, 0)
+    finally:
+        ctx.destroy(0)
+
+
 def _recv_exact(s: socket.socket, n: int) -> bytes:
     buf = b""
     while len(buf) < n:
