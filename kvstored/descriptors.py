@@ -88,7 +88,7 @@ def plan(max_connections: int, max_control_connections: int, reserved: int = 0) 
     """The start-up budget (see the module docstring); raises DescriptorLimitError.
 
     ``reserved``: descriptors held for something else that may open later (KV event
-    subscribers: ``events.max_subscribers``), taken from what is free before the split.
+    subscribers: ``events.max_subscribers`` + 1 per endpoint), taken from what is free before the split.
     """
     soft = raise_soft_limit()
     hard = limit()[1]
