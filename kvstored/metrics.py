@@ -118,6 +118,9 @@ _TIER_FAMILIES = (
      "promotions", "counter"),
     ("kvstored_tier_io_errors", "Failed reads and writes on the tier's device.", "io_errors",
      "counter"),
+    ("kvstored_tier_demotion_failures", "Objects lost because their demotion write failed "
+     "(dropped from DRAM without an NVMe copy; the failed writes are in io_errors).",
+     "demotion_failures", "counter"),
     ("kvstored_tier_not_admitted", "Evicted objects not demoted (admission policy or write "
      "budget).", "not_admitted", "counter"),
     ("kvstored_tier_key_mismatches", "Reads of an NVMe-only object whose record held another "

@@ -159,7 +159,7 @@ class NvmeTier:
         self.counters = dict.fromkeys(
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
-             "write_errors", "read_errors", "tombstones", "tombstones_carried", "not_admitted",
+             "write_errors", "read_errors", "demotion_failures", "tombstones", "tombstones_carried", "not_admitted",
              "syncs", "sync_errors", "summaries_written", "summary_errors",
              # reads whose record header named another key than expected; regions whose
              # records had to be found by a header scan outside a restart, and its resyncs

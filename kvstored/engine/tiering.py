@@ -189,7 +189,8 @@ class Tiering:
             if e.refs == 0:
                 self.dram.free_slot(e.offset)
             return
-        if loc is None:
+        if loc is None:  # its only copy was the DRAM one being given up: the object is lost
+            self.nvme.counters["demotion_failures"] += 1
             if e.refs == 0:
                 self._unlink(e)
             return

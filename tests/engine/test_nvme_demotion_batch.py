@@ -238,6 +238,7 @@ def test_a_failed_write_in_the_middle_of_a_batch(tmp_path, backend):
             await settle(s)
             st = s.nvme.stats()
             assert st["write_errors"] == 1 and st["demotions"] == 10 and st["objects"] == 10
+            assert s.nvme.counters["demotion_failures"] == 10  # the large ones: lost, and said so
             assert s.dram.demoting_bytes == 0 and not s.nvme.writing
             assert LARGE not in s.nvme.open  # sealed
             for i in range(10):
@@ -251,6 +252,7 @@ def test_a_failed_write_in_the_middle_of_a_batch(tmp_path, backend):
             await settle(s)
             assert s.index.get(NS, b"L-after").nvme is not None
             assert s.nvme.stats()["write_errors"] == 1
+            assert s.nvme.counters["demotion_failures"] == 10
             assert await read(s, b"L-after") == val(99, LARGE)
         finally:
             await settle(s)
