@@ -132,6 +132,11 @@ HANDSHAKE_TIMEOUT = 10.0  # s for ZMTP's greeting and READY after the accept
 MAX_FRAME = 4 << 10
 MAX_FRAMES = 16  # frames of one received message kept; more: malformed
 READ_SIZE = 64 << 10  # bytes read from a connection per readiness event
+# a queued write under this many bytes is copied into the queue's last chunk (up to
+# QUEUE_CHUNK): one object per small answer (a PONG of 23 bytes) cost ~10x its size in
+# headers, so a client flooding PINGs held ~70 MB for SUBSCRIBER_BUFFER's 4 MiB
+SMALL_WRITE = 1 << 10
+QUEUE_CHUNK = 64 << 10
 MAX_ACCEPTS_PER_TURN = 64  # accepts per readiness event of a listening socket
 ACCEPT_RETRY_DELAY = 1.0  # s without accepting after an accept failed (EMFILE)
 BACKLOG = 128
@@ -586,7 +591,9 @@ class ZmtpConnection:
             except OSError:  # reset already: the first read says so
                 pass
         self.rbuf = bytearray()
-        self.wbuf: collections.deque[memoryview] = collections.deque()
+        # bytes objects (shared by every subscriber's queue), chunks of small writes, and
+        # a view of the head's unsent part
+        self.wbuf: collections.deque = collections.deque()
         self.queued = 0  # bytes in wbuf
         self.greeted = self.ready = False
         self.frames: list[bytes] = []  # of the message being received
@@ -622,11 +629,18 @@ class ZmtpConnection:
             if n == len(data):
                 return
             self.loop.add_writer(self.fd, self._writable)
-            data = memoryview(data)[n:]
+            self.wbuf.append(memoryview(data)[n:])
+            self.queued += len(data) - n
         else:
-            data = memoryview(data)
-        self.wbuf.append(data)
-        self.queued += len(data)
+            # the head (index 0) may be exported to a view: only a chunk behind it grows
+            tail = self.wbuf[-1] if len(self.wbuf) > 1 else None
+            if len(data) >= SMALL_WRITE:
+                self.wbuf.append(data)
+            elif type(tail) is bytearray and len(tail) + len(data) <= QUEUE_CHUNK:
+                tail += data
+            else:
+                self.wbuf.append(bytearray(data))
+            self.queued += len(data)
         if self.reading and self.queued > self.read_bound:
             self.reading = False
             self.loop.remove_reader(self.fd)
@@ -647,7 +661,7 @@ class ZmtpConnection:
                     n -= len(head)
                     self.wbuf.popleft()
                 else:
-                    self.wbuf[0] = head[n:]
+                    self.wbuf[0] = memoryview(head)[n:]
                     n = 0
             if self.replay is not None and self.queued < REPLAY_BUFFER:
                 if self.stall is not None:

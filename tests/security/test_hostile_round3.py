@@ -390,8 +390,15 @@ def test_answers_a_client_never_reads_stop_its_reading_at_the_bound(publisher, m
     (replay endpoint) and reads nothing: each would be answered (a PONG, the end marker),
     so past its bound queued (SUBSCRIBER_BUFFER, lowered to 256 KiB; REPLAY_BUFFER, 64 KiB)
     the daemon stops reading that connection: it holds the bound + one read's answers at
-    most, and the flood's sender blocks."""
+    most, and the flood's sender blocks. What the queued answers cost in memory, headers
+    included, stays within twice that (one object per 23-byte PONG cost ~10x)."""
+    import sys
+
     from kvstored import events
+
+    def held(c) -> int:
+        return sum(sys.getsizeof(b) + (sys.getsizeof(b.obj) if isinstance(b, memoryview) else 0)
+                   for b in c.wbuf)
 
     monkeypatch.setattr(events, "SUBSCRIBER_BUFFER", 256 * KiB)
     monkeypatch.setattr(events, "REPLAY_IDLE_TIMEOUT", 30.0)  # (unread, it would count as idle)
@@ -420,9 +427,10 @@ def test_answers_a_client_never_reads_stop_its_reading_at_the_bound(publisher, m
                     time.sleep(0.02)
                     continue
                 sent, off = sent + n, (off + n) % len(blob)
-            conns = pub.call(lambda: [(c.queued, c.reading) for c in server.conns])
+            conns = pub.call(lambda: [(c.queued, c.reading, held(c)) for c in server.conns])
             assert len(conns) == 1 and not conns[0][1], conns
             assert conns[0][0] <= bound + 4 * events.READ_SIZE, (kind, conns)
+            assert conns[0][2] <= 2 * (bound + 4 * events.READ_SIZE), (kind, conns)
         finally:
             s.close()
 
