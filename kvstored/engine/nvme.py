@@ -645,7 +645,10 @@ class NvmeTier:
         if len(recs) > BATCH_MAX_RECORDS:  # a run's iovecs (two a record) stay under IOV_MAX
             raise ValueError(f"append_batch takes at most {BATCH_MAX_RECORDS} records")
         out: list = [None] * len(recs)
-        runs: list[list] = []  # [region, gen, rel, length, bufs, first, last, waiter]
+        # [region, gen, rel, length, bufs, its records' indices, (unused), waiter]: a run's
+        # records need not be consecutive in ``recs`` (another size class's, in another
+        # region, may come between them), so it lists them rather than a first..last range
+        runs: list[list] = []
         last_run: dict[int, list] = {}  # region index -> its run still being extended
         failed: dict[int, OSError] = {}  # slot size -> why no region was found for it
         loop = asyncio.get_running_loop()
@@ -685,30 +688,30 @@ class NvmeTier:
             if run is not None and run[2] + run[3] == rel and run[3] + rec_len <= RUN_MAX_BYTES:
                 run[3] += rec_len
                 run[4] += (block, payload)
-                run[6] = i
+                run[5].append(i)
                 run[7].length += rec_len  # not done before its write is: safe to grow
             else:
                 waiter = loop.create_future()
                 p = _Pending(rec_len, waiter)
                 r.pending[rel] = p
-                run = [r, r.generation, rel, rec_len, [block, payload], i, i, p]
+                run = [r, r.generation, rel, rec_len, [block, payload], [i], None, p]
                 runs.append(run)
                 last_run[r.index] = run
         self._submit_runs(runs, todo)
         counters = self.counters
         for run in runs:  # (in reservation order: a region's runs land in this order)
-            r, gen, first, last, p = run[0], run[1], run[5], run[6], run[7]
+            r, gen, mine, p = run[0], run[1], run[5], run[7]
             try:
                 await p.waiter  # the frontier passed the run: it and all before it are on disk
             except OSError as e:
-                for i in range(first, last + 1):
+                for i in mine:
                     if not isinstance(out[i], OSError):
                         out[i] = e
                         if landed is not None:
                             landed(i, e)
                 continue
             n = 0
-            for i in range(first, last + 1):
+            for i in mine:
                 if not isinstance(out[i], OSError):
                     n += 1
                     counters["demoted_bytes"] += recs[i][3]
@@ -716,7 +719,7 @@ class NvmeTier:
             if r.generation == gen:
                 r.live_count += n
             if landed is not None:
-                for i in range(first, last + 1):
+                for i in mine:
                     if not isinstance(out[i], OSError):
                         landed(i, out[i])
         if failed and landed is not None:  # no region was found for these

@@ -309,3 +309,49 @@ def test_a_batch_frees_dram_as_each_of_its_writes_lands(tmp_path):
             s.close()
 
     asyncio.run(run())
+
+
+def test_a_batch_of_interleaved_sizes_completes_each_record_once(tmp_path):
+    """Demotions of two size classes evicted in turn make one batch whose records
+    interleave: each class's records are one run (one write) in its own region. A run that
+    lands completes its own records only. Before, it completed every record between its
+    first and last, the other class's too: their DRAM was given up before their write had
+    landed, and they were completed a second time when it did (a KeyError that killed the
+    writer; the puts waiting for space then failed NoSpace: test_eviction's concurrent
+    mixed-size test, under load)."""
+
+    async def run():
+        s = make_store(tmp_path / "t.dat", regions=4)
+        try:
+            n = 6
+            for i in range(n + 1):
+                await put(s, b"s%d" % i, val(i))
+                await put(s, b"L%d" % i, val(i, LARGE))
+            # each class's region open first: the batch below then takes no region midway
+            # (which would submit what it reserved so far as a write of its own)
+            for k in (b"s%d" % n, b"L%d" % n):
+                s.tiering.evict(s.index.get(NS, k))
+            await settle(s)
+            small = [s.index.get(NS, b"s%d" % i) for i in range(n)]
+            large = [s.index.get(NS, b"L%d" % i) for i in range(n)]
+            gated = GatedWrites(s)
+            for e_small, e_large in zip(small, large):  # s0, L0, s1, L1, ...: one batch
+                assert not s.tiering.evict(e_small) and not s.tiering.evict(e_large)
+            await until(lambda: gated.writes == 2, "one write per size class")
+            gated.release(1)  # the small objects' run (reserved first)
+            await until(lambda: all(e.offset < 0 for e in small), "the small objects' write landed")
+            assert all(e.offset >= 0 and e.nvme is None for e in large)  # theirs is in flight
+            assert s.dram.demoting_bytes == n * LARGE
+            gated.release()
+            await settle(s)
+            assert all(e.offset < 0 and e.nvme is not None for e in large)
+            st = s.nvme.stats()
+            assert st["demotions"] == 2 * (n + 1) and not s.nvme.writing and not s.tiering._writers
+            for i in range(n):
+                assert await read(s, b"s%d" % i) == val(i)
+                assert await read(s, b"L%d" % i) == val(i, LARGE)
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
