@@ -105,14 +105,26 @@ class Tiering:
         n = len(self._writers)
         if n < DEMOTION_WRITERS and (n == 0 or len(self._queue) > n * DEMOTION_BATCH_RECORDS
                                      or self._queued_bytes > n * DEMOTION_BATCH_BYTES):
-            t = asyncio.get_running_loop().create_task(self._demotion_writer())
-            self._writers.add(t)
-            self._tasks.add(t)
-            t.add_done_callback(self._writer_done)
+            self._start_writer()
+
+    def _start_writer(self) -> None:
+        t = asyncio.get_running_loop().create_task(self._demotion_writer())
+        self._writers.add(t)
+        self._tasks.add(t)
+        t.add_done_callback(self._writer_done)
 
     def _writer_done(self, t: asyncio.Task) -> None:
         self._writers.discard(t)
         self._tasks.discard(t)
+        if t.cancelled():
+            return
+        err = t.exception()
+        if err is not None:  # a bug: said loudly, and the queue not left without a writer
+            # (its records would wait, holding their DRAM, until the next demotion started one)
+            log.error("NVMe demotion writer failed; %d demotions queued go to a new one",
+                      len(self._queue), exc_info=err)
+            if self._queue and not self._writers:
+                self._start_writer()
 
     async def _demotion_writer(self) -> None:
         """Write queued demotions in batches until the queue is empty (then end: the next

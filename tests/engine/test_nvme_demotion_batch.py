@@ -355,3 +355,41 @@ def test_a_batch_of_interleaved_sizes_completes_each_record_once(tmp_path):
             s.close()
 
     asyncio.run(run())
+
+
+def test_a_writer_that_fails_hands_its_queue_to_a_new_one(tmp_path, monkeypatch, caplog):
+    """A demotion writer killed by an unexpected error (a bug: append_batch raising what it
+    should not) is logged, its batch's objects counted as lost, and the demotions still
+    queued go to a new writer at once rather than waiting for the next eviction."""
+    monkeypatch.setattr(tiering, "DEMOTION_WRITERS", 1)
+    monkeypatch.setattr(tiering, "DEMOTION_BATCH_RECORDS", 2)
+
+    async def run():
+        s = make_store(tmp_path / "t.dat", regions=4)
+        try:
+            for i in range(6):
+                await put(s, b"k%d" % i, val(i))
+            real = s.nvme.append_batch
+            calls = []
+
+            async def first_raises(*a, **kw):
+                calls.append(1)
+                if len(calls) == 1:
+                    raise RuntimeError("injected bug")
+                return await real(*a, **kw)
+
+            s.nvme.append_batch = first_raises
+            for i in range(6):  # three batches of two, one writer
+                assert not s.tiering.evict(s.index.get(NS, b"k%d" % i))
+            await until(lambda: not s.tiering._queue and not s.tiering._writers, "the queue drained")
+            await settle(s)
+            assert s.nvme.counters["demotion_failures"] == 2  # the failed batch's two
+            assert s.nvme.stats()["demotions"] == 4 and not s.nvme.writing
+            for i in range(2, 6):
+                assert await read(s, b"k%d" % i) == val(i)
+            assert "demotion writer failed" in caplog.text
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
