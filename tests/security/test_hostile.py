@@ -11,6 +11,7 @@ nothing acknowledged is lost, nothing corrupt is served. Each is bounded (< 30 s
 from __future__ import annotations
 
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -171,6 +172,28 @@ def wait_for(pred, timeout: float, what: str):
             return v
         time.sleep(0.1)
     raise AssertionError(f"not within {timeout}s: {what}")
+
+
+def closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int:
+    """How many of ``socks`` the peer closes (EOF or reset) within ``timeout``; stops once
+    all but ``keep`` are (a ZMTP endpoint sends its greeting first: read past it)."""
+    open_ = set(socks)
+    for s in socks:
+        s.setblocking(False)
+    closed, end = 0, time.monotonic() + timeout
+    while len(open_) > keep and time.monotonic() < end:
+        ready, _, _ = select.select(list(open_), [], [], 0.2)
+        for s in ready:
+            try:
+                if s.recv(4096) != b"":
+                    continue
+            except BlockingIOError:
+                continue
+            except OSError:  # reset
+                pass
+            open_.discard(s)
+            closed += 1
+    return closed
 
 
 def stats(d, tls=None) -> dict[str, int]:

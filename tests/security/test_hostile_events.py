@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import os
 import re
-import select
 import signal
 import socket
 import time
@@ -17,7 +16,7 @@ import pytest
 
 import kvstore
 
-from test_hostile import connect_from, hostile_daemon, stats, wait_for  # noqa: F401
+from test_hostile import closed_by_peer, connect_from, hostile_daemon, stats, wait_for  # noqa: F401
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -53,28 +52,6 @@ def _wait_metric(d, name: str, pred, timeout: float, what: str) -> float:
         v = metric(d, name)
         return v is not None and pred(v) and (v,)
     return wait_for(ok, timeout, what)[0]
-
-
-def _closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int:
-    """How many of ``socks`` the peer closes (EOF or reset) within ``timeout``; stops once
-    all but ``keep`` are. ZMQ sends its greeting first: read past it."""
-    open_ = set(socks)
-    for s in socks:
-        s.setblocking(False)
-    closed, end = 0, time.monotonic() + timeout
-    while len(open_) > keep and time.monotonic() < end:
-        ready, _, _ = select.select(list(open_), [], [], 0.5)
-        for s in ready:
-            try:
-                if s.recv(4096) != b"":
-                    continue
-            except BlockingIOError:
-                continue
-            except OSError:  # reset
-                pass
-            open_.discard(s)
-            closed += 1
-    return closed
 
 
 def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_daemon):
@@ -143,7 +120,7 @@ def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_dae
             hostile_subs.append(s)
         assert len(raw) >= 150, "the flood did not get going"
         # over the limit: closed by the daemon, all but the 3 + 4 places left
-        closed = _closed_by_peer(raw, keep=7, timeout=30)
+        closed = closed_by_peer(raw, keep=7, timeout=30)
         assert closed >= len(raw) - 7, (closed, len(raw))
         refused = _wait_metric(d, "kvstored_kv_event_subscribers_refused_total",
                                lambda v: v >= len(raw) - 7, 15, "refusals counted")

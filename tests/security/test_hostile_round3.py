@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import select
 import socket
 import struct
 import threading
@@ -26,7 +25,7 @@ import pytest
 import kvstore
 from kvstore.v1 import control_pb2 as pb
 
-from test_hostile import rss, wait_for
+from test_hostile import closed_by_peer, rss, wait_for
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -67,28 +66,6 @@ def metric_when(d, name: str, pred, timeout: float = 15.0) -> float:
         m = metrics(d)
         return m is not None and pred(m.get(name, 0.0)) and (m.get(name, 0.0),)
     return wait_for(ok, timeout, f"{name} as expected")[0]
-
-
-def closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int:
-    """How many of ``socks`` the peer closes (EOF or reset) within ``timeout``; stops once
-    all but ``keep`` are (the daemon sends its ZMTP greeting first: read past it)."""
-    open_ = set(socks)
-    for s in socks:
-        s.setblocking(False)
-    closed, end = 0, time.monotonic() + timeout
-    while len(open_) > keep and time.monotonic() < end:
-        ready, _, _ = select.select(list(open_), [], [], 0.2)
-        for s in ready:
-            try:
-                if s.recv(4096) != b"":
-                    continue
-            except BlockingIOError:
-                continue
-            except OSError:  # reset
-                pass
-            open_.discard(s)
-            closed += 1
-    return closed
 
 
 @pytest.fixture(scope="module")
