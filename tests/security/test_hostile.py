@@ -174,6 +174,16 @@ def wait_for(pred, timeout: float, what: str):
     raise AssertionError(f"not within {timeout}s: {what}")
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def open_fds(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
 def closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int:
     """How many of ``socks`` the peer closes (EOF or reset) within ``timeout``; stops once
     all but ``keep`` are (a ZMTP endpoint sends its greeting first: read past it)."""

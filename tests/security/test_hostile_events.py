@@ -16,22 +16,12 @@ import pytest
 
 import kvstore
 
-from test_hostile import closed_by_peer, connect_from, hostile_daemon, stats, wait_for  # noqa: F401
+from test_hostile import closed_by_peer, connect_from, free_port, hostile_daemon, open_fds, stats, wait_for  # noqa: F401
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
 
 KiB = 1 << 10
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def metric(d, name: str) -> float | None:

@@ -25,7 +25,7 @@ import pytest
 import kvstore
 from kvstore.v1 import control_pb2 as pb
 
-from test_hostile import closed_by_peer, rss, wait_for
+from test_hostile import closed_by_peer, free_port, open_fds, rss, wait_for
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -33,16 +33,6 @@ msgpack = pytest.importorskip("msgpack")
 KiB, MiB = 1 << 10, 1 << 20
 END = (-1).to_bytes(8, "big", signed=True)
 LIMIT = 4  # events.max_subscribers of the module's daemon
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def open_fds(pid: int) -> int:
-    return len(os.listdir(f"/proc/{pid}/fd"))
 
 
 def metrics(d) -> dict[str, float] | None:
