@@ -497,6 +497,26 @@ def test_holding_every_view_at_once_then_letting_go_shrinks_the_view_map():
     assert len(again) == 50_000 and all(ix.get(b"n", e.key) is e for e in again[::997])
 
 
+def collecting_during(call, on_start):
+    """``call()`` with a collection made to run inside it (threshold 1, with 2-tuples held
+    so the tuples it allocates are fresh ones, which count towards a collection) and
+    ``on_start()`` run at the start of each collection: the Python a C walk may meet
+    midway. Returns what ``call`` returned."""
+    def cb(phase, info):
+        if phase == "start":
+            on_start()
+
+    held = [(i, -i) for i in range(5000)]  # noqa: F841 (kept alive through the call)
+    threshold = gc.get_threshold()
+    gc.callbacks.append(cb)
+    gc.set_threshold(1)
+    try:
+        return call()
+    finally:
+        gc.set_threshold(*threshold)
+        gc.callbacks.remove(cb)
+
+
 def test_namespaces_survives_a_collection_that_adds_namespaces_midway():
     """Table.namespaces allocates a tuple per namespace; a collection it triggers may run
     Python (here a gc callback) that adds namespaces, so the spaces array moves under
@@ -508,25 +528,14 @@ def test_namespaces_survives_a_collection_that_adds_namespaces_midway():
         ix.insert(e)
     added = []
 
-    def grow(phase, info):
-        if phase == "start" and not added:
+    def grow():
+        if not added:
             added.extend(entry(b"new%d" % i, b"k", size=7) for i in range(4096))
             for e in added:
                 ix.insert(e)
 
-    # 2-tuples held, so the answer's tuples are fresh allocations (a free list's are not
-    # counted towards a collection)
-    held = [(i, -i) for i in range(5000)]
-    threshold = gc.get_threshold()
-    gc.callbacks.append(grow)
-    gc.set_threshold(1)
-    try:
-        got = ix.namespaces()
-    finally:
-        gc.set_threshold(*threshold)
-        gc.callbacks.remove(grow)
+    got = collecting_during(ix.namespaces, grow)
     assert added, "no collection ran during namespaces()"
-    del held
     for i in range(64):
         assert got[b"ns%d" % i] == (1, 10 + i)
     assert set(got) - {b"ns%d" % i for i in range(64)} <= {b"new%d" % i for i in range(4096)}

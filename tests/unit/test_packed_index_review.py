@@ -18,6 +18,7 @@ from kvstored.engine.arena import SizeClass, size_classes  # noqa: E402
 from kvstored.engine.entries import Entry as DictEntry, Index as DictIndex  # noqa: E402
 from kvstored.engine.nvmedevice import Location  # noqa: E402
 from kvstored.engine.packedindex import Entry, IndexFull, PackedIndex  # noqa: E402
+from test_packed_index import collecting_during  # noqa: E402  (tests/unit is on sys.path)
 
 GiB = 1 << 30
 SC = SizeClass(0, 4096, 1 << 20)
@@ -455,22 +456,13 @@ def test_ghost_items_survives_a_collection_that_adds_digests_midway():
         ghost.add(d, d % 3)
     added = []
 
-    def grow(phase, info):
-        if phase == "start" and not added:
+    def grow():
+        if not added:
             added.append(1)
             for d in range(1000, 3000):
                 ghost.add(d, 0)
 
-    held = [(i, -i) for i in range(5000)]  # the answer's tuples are fresh allocations
-    threshold = gc.get_threshold()
-    gc.callbacks.append(grow)
-    gc.set_threshold(1)
-    try:
-        got = ghost.items()
-    finally:
-        gc.set_threshold(*threshold)
-        gc.callbacks.remove(grow)
-    del held
+    got = collecting_during(ghost.items, grow)
     assert added, "no collection ran during items()"
     assert got == [(d, d % 3) for d in range(200)]
     assert len(ghost) == 2200 and ghost.items()[-1] == (2999, 0)
