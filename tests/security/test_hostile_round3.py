@@ -58,6 +58,16 @@ def metric_when(d, name: str, pred, timeout: float = 15.0) -> float:
     return wait_for(ok, timeout, f"{name} as expected")[0]
 
 
+
+def put_until_event(node, sub, namespace: str, when: str) -> None:
+    """Put small objects (at most 100, 0.1 s apart) until ``sub`` has an event to read."""
+    with kvstore.Client(node.control, namespace=namespace, timeout=10, shm=False) as c:
+        for i in range(100):
+            c.put(f"{namespace}-{i}", b"a")
+            if sub.poll(100):
+                return
+    raise AssertionError(f"no event reached the subscriber {when}")
+
 @pytest.fixture(scope="module")
 def node(module_daemons, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round3")
@@ -120,13 +130,7 @@ def test_an_event_endpoint_never_holds_more_than_its_limit_plus_one(node):
         sub.setsockopt(zmq.LINGER, 0)
         sub.setsockopt(zmq.SUBSCRIBE, b"")
         sub.connect(f"tcp://127.0.0.1:{node.pub_port}")
-        with kvstore.Client(node.control, namespace="r3", timeout=10, shm=False) as c:
-            for i in range(100):
-                c.put(f"after-{i}", b"a")
-                if sub.poll(100):
-                    break
-            else:
-                raise AssertionError("no event reached the subscriber after the flood")
+        put_until_event(node, sub, "r3", "after the flood")
         topic, seq, payload = sub.recv_multipart()
         assert topic == b"" and len(seq) == 8 and msgpack.unpackb(payload)[1]
     finally:
@@ -204,13 +208,7 @@ def test_event_accepts_failing_for_descriptors_are_logged_counted_and_recovered(
             assert s.recv(1) == b"\xff"
             s.close()
         waiting.clear()
-        with kvstore.Client(node.control, namespace="r3fd", timeout=10, shm=False) as c:
-            for i in range(100):
-                c.put(f"fd-{i}", b"a")
-                if sub.poll(100):
-                    break
-            else:
-                raise AssertionError("no event reached the subscriber after the spell")
+        put_until_event(node, sub, "r3fd", "after the spell")
     finally:
         for s in waiting:
             s.close()
