@@ -102,7 +102,8 @@ def _shm_text(path: str, used: bool) -> str:
 
 
 def _is_bytes_counter(name: str) -> bool:
-    return name.endswith("_bytes") or name in ("dram_capacity", "dram_used", "slab_size")
+    return name.endswith("_bytes") or name in ("dram_capacity", "dram_prefaulted", "dram_used",
+                                               "slab_size")
 
 
 def cmd_stats(c: Client, args) -> int:
@@ -265,12 +266,12 @@ def _find_member(c: Client, name: str, parser: argparse.ArgumentParser):
         if name in (m.node_id, m.control_address):
             return m
     known = ", ".join(m.node_id for m in r.members) or "(none)"
-    parser.error(f"drain: unknown node {name!r}; known nodes (as seen by {r.node_id}): {known}")
+    parser.error(f"unknown node {name!r}; known nodes (as seen by {r.node_id}): {known}")
 
 
 def cmd_drain(c: Client, args, parser: argparse.ArgumentParser) -> int:
     if args.cancel and args.wait:
-        parser.error("drain: --wait waits for a drain to finish; it makes no sense with --cancel")
+        parser.error("--wait waits for a drain to finish; it makes no sense with --cancel")
     m = _find_member(c, args.node, parser)
     target = c if m.self else _member_client(args, m.control_address, args.timeout)
     log = sys.stderr if args.json else sys.stdout  # --json: stdout carries one document only

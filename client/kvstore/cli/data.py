@@ -16,7 +16,7 @@ from .common import (EXIT_OK, arg_keys, emit_json, human_age, human_duration, hu
 def cmd_put(c: Client, args, parser: argparse.ArgumentParser) -> int:
     if args.file == "-":
         if args.key is None:
-            parser.error("put: --key is required when FILE is - (stdin)")
+            parser.error("--key is required when FILE is - (stdin)")
         data = sys.stdin.buffer.read()
         key = parse_key(args.key, args.hex)
     else:
@@ -53,7 +53,7 @@ def cmd_put(c: Client, args, parser: argparse.ArgumentParser) -> int:
 
 def cmd_get(c: Client, args, parser: argparse.ArgumentParser) -> int:
     if args.output == "-" and args.json:
-        parser.error("get: --json cannot share stdout with -o - (the object's bytes)")
+        parser.error("--json cannot share stdout with -o - (the object's bytes)")
     key = parse_key(args.key, args.hex)
     shown = show_key(key, args.hex)
     t0 = time.perf_counter()

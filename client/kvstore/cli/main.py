@@ -124,20 +124,27 @@ def _add_global_options(p, defaults: bool, timeout: bool = True) -> None:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog=PROG, description="Inspect and use a kvstored KV-block store.",
+        # a usage error prints this line and the error, not all fifteen global options
+        # (--help lists them)
+        usage=f"{PROG} [global options] COMMAND [options] (COMMAND --help: its options)",
         epilog="data commands use TCP unless --shm is given. exit codes: 0 ok, 1 error "
                "reported by the store, 2 usage, 3 daemon unreachable (or no shm path for --shm), "
                "4 permission denied (token or certificate); on an error stdout stays empty, "
-               "--json included, and stderr has one line")
+               "--json included, and stderr has one line (a usage error: the usage line, "
+               "then the error)")
     _add_global_options(parser, defaults=True)
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    # prog: a command is "kvstore-cli drain" in its usage and errors (not the usage line above)
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND", required=True, prog=PROG)
     # every subcommand gets the global options too, added last (below) so that its help
     # and usage show the command's own options first
     commands: list[argparse.ArgumentParser] = []
 
     def command(name: str, fn, help: str, needs_parser: bool = False) -> argparse.ArgumentParser:
         p = sub.add_parser(name, help=help, description=help)
-        p.set_defaults(func=(lambda c, a: fn(c, a, parser)) if needs_parser else fn)
+        # a command's own usage errors (drain NODE unknown, put - without --key) show that
+        # command's usage line, not the whole program's
+        p.set_defaults(func=(lambda c, a: fn(c, a, a.command_parser)) if needs_parser else fn)
         commands.append(p)
         return p
 
