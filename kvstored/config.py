@@ -298,15 +298,15 @@ class _ConfigRules:
         if not 0.001 <= self.nvme_sync_interval <= 3600:
             raise ConfigError(f"nvme.sync_interval: {self.nvme_sync_interval} is outside "
                               "0.001..3600 seconds")
+        if self.nvme_region_size % 4096 or not 16 * MiB <= self.nvme_region_size <= 256 * MiB:
+            raise ConfigError(f"nvme.region_size: {format_size(self.nvme_region_size)} must be a "
+                              "multiple of 4KiB between 16MiB and 256MiB")
         if not self.nvme_path:
             return
         if self.nvme_size <= 0:
             raise ConfigError("nvme.size: set a size for the NVMe tier (e.g. 64GiB) when nvme.path is set")
         if self.nvme_size % 4096:
             raise ConfigError(f"nvme.size: {self.nvme_size} is not a multiple of 4096 (O_DIRECT alignment)")
-        if self.nvme_region_size % 4096 or not 16 * MiB <= self.nvme_region_size <= 256 * MiB:
-            raise ConfigError(f"nvme.region_size: {format_size(self.nvme_region_size)} must be a "
-                              "multiple of 4KiB between 16MiB and 256MiB")
         if self.nvme_size < self.nvme_region_size + MiB:
             raise ConfigError(f"nvme.size ({format_size(self.nvme_size)}) is below one region "
                               f"({format_size(self.nvme_region_size)}) plus the 1MiB header area")

@@ -360,6 +360,8 @@ def test_the_ready_line_says_version_tiers_and_guards(start_daemon, tmp_path):
     ('[nvme]\nsync = "alwyas"', "nvme.sync: 'alwyas' is not none, interval or always"),
     ('[nvme]\nqueue_depth = 0', "nvme.queue_depth: 0 is outside 1..4096"),
     ('[nvme]\nadmission = "reads"', "nvme.admission: 'reads' is not 'all' or 'read'"),
+    ('[nvme]\nregion_size = "8MiB"',
+     "nvme.region_size: 8MiB must be a multiple of 4KiB between 16MiB and 256MiB"),
 ])
 def test_nvme_values_are_checked_with_the_tier_off(tmp_path, toml, message):
     """A typo in [nvme] used to wait, unnoticed, for the day nvme.path turns the tier on."""
