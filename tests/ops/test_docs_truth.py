@@ -179,3 +179,16 @@ def test_toml_examples_hold_only_real_settings(doc):
                     f"{doc}:{_line(text, m.start())}: [{section}] {key}")
                 checked += 1
     assert checked >= 5, checked
+
+
+def test_readme_sighup_list_is_what_reload_applies():
+    """README's Signals paragraph names the settings a SIGHUP applies live: exactly those
+    with a reload hook in kvstored/settings.py (it had lost two of them)."""
+    readme = _text("README.md")
+    m = re.search(r"SIGHUP: re-read the config file and apply\s+what can change live —(.*?)—",
+                  readme, re.S)
+    assert m, "README: the SIGHUP sentence moved"
+    named = set(re.findall(r"`([a-z]+\.[a-z_]+)`", m.group(1)))
+    reloadable = {s.name for s in SETTINGS if s.reload is not None}
+    assert named & reloadable == reloadable, f"not named: {sorted(reloadable - named)}"
+    assert named <= reloadable, f"not reloadable: {sorted(named - reloadable)}"
