@@ -192,3 +192,32 @@ def test_readme_sighup_list_is_what_reload_applies():
     reloadable = {s.name for s in SETTINGS if s.reload is not None}
     assert named & reloadable == reloadable, f"not named: {sorted(reloadable - named)}"
     assert named <= reloadable, f"not reloadable: {sorted(named - reloadable)}"
+
+
+def test_integrations_md_lists_every_adapter_option_with_its_default():
+    """docs/integrations.md's table of the options every adapter shares names each field of
+    ClientOptions (it lacked `tls`), and the single-valued defaults agree."""
+    import dataclasses
+
+    from kvstore.integrations._config import ClientOptions
+
+    text = _text("docs/integrations.md")
+    start = text.index("| key | default | meaning |")
+    rows = {}
+    for line in text[start:].splitlines()[2:]:
+        if not line.startswith("|"):
+            break
+        keys_cell, default_cell = line.split("|")[1:3]
+        for key in re.findall(r"`([a-z_]+)`", keys_cell):
+            rows[key] = default_cell.strip()
+    fields = {f.name: f.default for f in dataclasses.fields(ClientOptions)}
+    assert rows.keys() == fields.keys(), (f"options only: {sorted(fields.keys() - rows.keys())}; "
+                                          f"docs only: {sorted(rows.keys() - fields.keys())}")
+    for name, default in fields.items():
+        shown = rows[name]
+        if isinstance(default, bool):
+            assert shown == f"`{str(default).lower()}`", (name, shown)
+        elif isinstance(default, float):
+            assert float(shown.strip("`")) == default, (name, shown)
+        elif default is None:
+            assert shown in ("none", "from the daemon"), (name, shown)
