@@ -4,8 +4,10 @@ client against a plaintext daemon is one line, not gRPC's log line besides it.""
 from __future__ import annotations
 
 import os
+import socket
 import subprocess
 import sys
+import threading
 
 import pytest
 
@@ -63,3 +65,73 @@ def test_stats_shows_byte_counters_in_binary_units(daemon, capsys):
             if line.startswith(("dram_prefaulted ", "dram_capacity "))}
     assert rows.keys() == {"dram_prefaulted", "dram_capacity"}, out
     assert all(v.endswith("MiB") for v in rows.values()), rows
+
+
+def _http2_not_found_server(stop: threading.Event) -> tuple[socket.socket, threading.Thread]:
+    """An HTTP/2 server that is not gRPC (a proxy, a web server): every request on it is
+    answered ':status 404' (HPACK static index 13), nothing else."""
+    srv = socket.create_server(("127.0.0.1", 0))
+    srv.settimeout(0.2)
+
+    def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+        return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") \
+            + payload
+
+    def serve(conn: socket.socket) -> None:
+        conn.settimeout(0.2)
+        buf = b""
+        conn.sendall(frame(4, 0, 0))  # SETTINGS
+        while not stop.is_set():
+            try:
+                data = conn.recv(65536)
+            except socket.timeout:
+                continue
+            if not data:
+                return
+            buf += data
+            if buf.startswith(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"):
+                buf = buf[24:]
+            while len(buf) >= 9 and len(buf) >= 9 + int.from_bytes(buf[:3], "big"):
+                n, kind, flags = int.from_bytes(buf[:3], "big"), buf[3], buf[4]
+                stream = int.from_bytes(buf[5:9], "big") & 0x7FFFFFFF
+                buf = buf[9 + n:]
+                if kind == 4 and not flags & 1:
+                    conn.sendall(frame(4, 1, 0))  # SETTINGS ACK
+                elif kind == 1:  # HEADERS: answer 404, END_HEADERS | END_STREAM
+                    conn.sendall(frame(1, 0x5, stream, b"\x8d"))
+
+    def accept() -> None:
+        conns = []
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except socket.timeout:
+                continue
+            t = threading.Thread(target=serve, args=(conn,), daemon=True)
+            t.start()
+            conns.append((conn, t))
+        for conn, t in conns:
+            t.join(5)
+            conn.close()
+        srv.close()
+
+    t = threading.Thread(target=accept, daemon=True)
+    t.start()
+    return srv, t
+
+
+def test_an_http2_server_that_is_not_kvstored_is_exit_3(capsys):
+    """A non-gRPC HTTP/2 server at -a (this sandbox's egress proxy answered 404) was
+    `Internal: Received http2 header with status: 404`, exit 1 like a store error."""
+    stop = threading.Event()
+    srv, t = _http2_not_found_server(stop)
+    address = "127.0.0.1:%d" % srv.getsockname()[1]
+    try:
+        rc = main(["-a", address, "--timeout", "20", "status"])
+    finally:
+        stop.set()
+        t.join(10)
+    out, err = capsys.readouterr()
+    assert rc == 3 and out == "", err
+    assert err.startswith(f"kvstore-cli: Unavailable: {address} answers, but not as kvstored's "
+                          "control (gRPC) port") and len(err.splitlines()) == 1, err

@@ -260,6 +260,8 @@ def _add_globals_last(p: argparse.ArgumentParser) -> None:
 _REFUSED = re.compile(r"connection refused|errno 111|econnrefused", re.IGNORECASE)
 # gRPC's words for a peer that answers, but not in HTTP/2 (kvstored's data or metrics port)
 _NOT_GRPC = re.compile(r"failed parsing http/2|http1\.x server", re.IGNORECASE)
+# ... and one that answers in HTTP/2 but not as gRPC (a proxy or web server: "404")
+_HTTP2_NOT_GRPC = re.compile(r"received http2 header with status", re.IGNORECASE)
 
 
 def _error_text(e: errors.KVStoreError, args) -> str:
@@ -274,6 +276,9 @@ def _error_text(e: errors.KVStoreError, args) -> str:
                     "(is that port reachable from here? --data-address overrides it)")
         return (f"cannot connect to kvstored at {args.address}: connection refused "
                 "(is kvstored running?)")
+    if isinstance(e, errors.Unavailable) and _HTTP2_NOT_GRPC.search(text):
+        return (f"{args.address} answers, but not as kvstored's control (gRPC) port ({text}): "
+                f"-a takes kvstored's control port ({DEFAULT_ADDRESS} by default)")
     if isinstance(e, errors.Unavailable) and _NOT_GRPC.search(text):
         return (f"{args.address} answers, but not as kvstored's control (gRPC) port: is it the "
                 f"data or metrics port? -a takes the control port ({DEFAULT_ADDRESS} by default)")
@@ -317,6 +322,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except SystemExit as e:  # parser.error() from inside a command
         return e.code if isinstance(e.code, int) else EXIT_USAGE
     except errors.KVStoreError as e:
+        if not isinstance(e, errors.Unavailable) and _HTTP2_NOT_GRPC.search(e.message):
+            # an HTTP/2 server that is not gRPC (a proxy, a web server) answered the call:
+            # no kvstored there, so exit 3 like any address without one
+            e = errors.Unavailable(e.message)
         print(f"{PROG}: {e.name}: {_error_text(e, args)}", file=sys.stderr)
         # Timeout is a subclass of Unavailable: both mean "no daemon to talk to"
         if isinstance(e, errors.Unavailable):
