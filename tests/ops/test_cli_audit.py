@@ -135,3 +135,61 @@ def test_an_http2_server_that_is_not_kvstored_is_exit_3(capsys):
     assert rc == 3 and out == "", err
     assert err.startswith(f"kvstore-cli: Unavailable: {address} answers, but not as kvstored's "
                           "control (gRPC) port") and len(err.splitlines()) == 1, err
+
+
+def test_policy_rm_says_what_it_did_and_drain_on_a_one_node_cluster(start_daemon, tmp_path,
+                                                                      capsys):
+    """`policy rm` said "policy removed" for a namespace that had none, and for the
+    default the nodes' config (cluster.policies) keeps in force. One etcd, one node."""
+    import json
+    import shutil
+
+    from daemonutil import ROOT, config, wait_for
+
+    if shutil.which("etcd") is None:
+        pytest.skip("etcd is not installed (apt-get install etcd-server)")
+    sys.path.insert(0, str(ROOT / "tests" / "cluster"))
+    try:
+        from etcdutil import Etcd
+    finally:
+        sys.path.remove(str(ROOT / "tests" / "cluster"))
+
+    etcd = Etcd(tmp_path).start()
+    try:
+        d = start_daemon("--config", config(tmp_path, f"""
+            [cluster]
+            enabled = true
+            etcd_endpoints = "{etcd.endpoint}"
+            policies = "*=replicas:1"
+            repair_delay = 0
+            """))
+
+        def cli(*args: str) -> tuple[int, str, str]:
+            rc = main(["-a", d.control, *args])
+            out, err = capsys.readouterr()
+            return rc, out, err
+
+        def registered() -> bool:
+            doc = json.loads(cli("--json", "nodes")[1])
+            return doc["source"] == "etcd" and not doc["degraded"]
+        assert wait_for(registered, 20)
+        rc, out, err = cli("policy", "rm", "nobody")
+        assert rc == 0 and out.startswith("'nobody': had no policy of its own; nothing removed"), err
+        assert cli("policy", "set", "llama", "none")[0] == 0
+        rc, out, _ = cli("policy", "rm", "llama")
+        assert rc == 0 and out.startswith("'llama': policy removed\n"), out
+        assert cli("policy", "set", "*", "none")[0] == 0  # etcd's hides the config's
+        rc, out, _ = cli("policy", "rm", "*")
+        assert rc == 0 and out.startswith("* (default): replicas:1 from the nodes' config "
+                                          "(cluster.policies) is in force"), out
+        rc, out, _ = cli("--json", "policy", "ls")
+        assert rc == 0 and json.loads(out)["policies"] == {"*": "replicas:1"}, out
+        # drain: the node itself, empty, so safe to stop at once; then cancelled
+        node = d.info["node_id"]
+        rc, out, err = cli("--json", "drain", node, "--wait", "--timeout", "30")
+        doc = json.loads(out)
+        assert rc == 0 and doc["draining"] and doc["safe_to_stop"] and doc["objects"] == 0, err
+        rc, out, _ = cli("drain", node, "--cancel")
+        assert rc == 0 and out.startswith(f"{node}: drain cancelled"), out
+    finally:
+        etcd.stop()

@@ -340,20 +340,33 @@ def cmd_policy_set(c: Client, args) -> int:
 
 
 def cmd_policy_rm(c: Client, args) -> int:
-    return _policy_change(c, args, "", f"{_ns_shown(args.policy_namespace)}: policy removed")
+    ns = args.policy_namespace
+    before = c.members().policies.get(ns)
+
+    # what the change did, not what was asked: a namespace may have had no policy of its
+    # own, or keep one from the nodes' config (cluster.policies), which only etcd's hide
+    def what(after: dict) -> str:
+        if before is None:
+            return f"{_ns_shown(ns)}: had no policy of its own; nothing removed"
+        if ns not in after:
+            return f"{_ns_shown(ns)}: policy removed"
+        return (f"{_ns_shown(ns)}: {after[ns]} from the nodes' config (cluster.policies) is in "
+                "force; policy rm removes only what policy set put in etcd")
+    return _policy_change(c, args, "", what)
 
 
 def _ns_shown(ns: str) -> str:
     return "* (default)" if ns == "*" else repr(ns)
 
 
-def _policy_change(c: Client, args, policy: str, what: str) -> int:
+def _policy_change(c: Client, args, policy: str, what) -> int:
+    """``what``: the line to print, or a function of the policies in force after."""
     policies = c.set_policy(args.policy_namespace, policy)
     if args.json:
         emit_json({"namespace": args.policy_namespace, "policy": policy or None,
                    "policies": dict(sorted(policies.items()))})
     else:
-        print(what)
+        print(what(policies) if callable(what) else what)
         print(f"policies in force: {_policies_text(policies)}")
     return EXIT_OK
 
