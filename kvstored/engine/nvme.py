@@ -95,13 +95,17 @@ class KeyMismatch(LookupError):
 
 
 class _Pending:
-    """A write in flight in a region (``waiter``: done once the durable frontier passed it)."""
-    __slots__ = ("length", "done", "waiter")
+    """A write in flight in a region (``waiter``: done once the durable frontier passed it,
+    or failed once the write itself has ended: never while the kernel may still read its
+    buffers). ``failed``: an earlier write of the region failed while this one was in
+    flight; it fails so when it ends."""
+    __slots__ = ("length", "done", "waiter", "failed")
 
     def __init__(self, length: int, waiter):
         self.length = length
         self.done = False
         self.waiter = waiter
+        self.failed: OSError | None = None
 
 
 class NvmeTier:
@@ -156,6 +160,10 @@ class NvmeTier:
         self._key_buf: mmap.mmap | None = None  # key_at's aligned header block
         self._mismatch_logged = False
         self.closed = False  # close() writes the summaries still in flight itself
+        # tasks the tier starts on its own (summary writes, fdatasync waits of ``always``):
+        # held here so none is collected mid-flight, a failure is logged, and shutdown
+        # waits for them (``tasks``) or cancels them (close)
+        self.tasks: set[asyncio.Task] = set()
         self.counters = dict.fromkeys(
             ("hits", "misses", "demotions", "demoted_bytes", "promotions", "bytes_written",
              "bytes_read", "checksum_failures", "regions_reclaimed", "objects_dropped",
@@ -425,8 +433,17 @@ class NvmeTier:
             return
         buf = self._summary_block(r)
         r.sum_state = "writing"
-        asyncio.get_running_loop().create_task(
-            self._write_summary(r, r.generation, buf, r.base + r.size - len(buf)))
+        self._spawn(self._write_summary(r, r.generation, buf, r.base + r.size - len(buf)))
+
+    def _spawn(self, coro) -> None:
+        t = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(t)
+        t.add_done_callback(self._task_done)
+
+    def _task_done(self, t: asyncio.Task) -> None:
+        self.tasks.discard(t)
+        if not t.cancelled() and t.exception() is not None:  # a bug: said, not lost
+            log.error("NVMe tier task failed", exc_info=t.exception())
 
     def _summary_block(self, r: Region) -> mmap.mmap:
         return summary_block(r.summary, r.index, r.generation, r.slot_size, self.dev.seed)
@@ -554,27 +571,18 @@ class NvmeTier:
         r.state = "free"
 
     def _write(self, r: Region, bufs: list, rec_len: int, header_index: int | None, fut) -> None:
+        """One record's write (``append``; a region header): as a run of one record, its
+        header block given back when the write has ended (not before: the kernel reads it)."""
         rel = r.write_ptr
         r.write_ptr += rec_len
         r.pending[rel] = _Pending(rec_len, fut)
         self.syncer.writing()
-        asyncio.get_running_loop().create_task(self._do_write(r, rel, bufs, rec_len, header_index))
-
-    async def _do_write(self, r: Region, rel: int, bufs: list, rec_len: int, header_index) -> None:
-        gen = r.generation
-        err = None
-        try:
-            n = await self.dev.io.writev(r.base + rel, bufs)
-            if n != rec_len:
-                err = OSError(errno.EIO, f"short write ({n} of {rec_len} bytes)")
-            else:
-                await self.syncer.written()
-        except OSError as e:
-            err = e
-        finally:
-            if header_index is not None:
-                self.headers.give(header_index)
-        self._write_done(r, gen, rel, err)
+        # (the backend's one-write call, as a task: nothing cancels it but the loop's end,
+        # after close() waited for the device)
+        f = asyncio.get_running_loop().create_task(self.dev.io.writev(r.base + rel, bufs))
+        if header_index is not None:
+            f.add_done_callback(lambda _f: self.headers.give(header_index))
+        f.add_done_callback(partial(self._written, r, r.generation, rel, rec_len))
 
     def _write_done(self, r: Region, gen: int, rel: int, err: OSError | None) -> None:
         """The write at ``rel`` of ``r`` (generation ``gen``) finished (``err``: it failed):
@@ -584,6 +592,11 @@ class NvmeTier:
         p = r.pending.get(rel)
         if p is None:  # dropped by an earlier failure in this region
             return
+        if p.failed is not None:  # an earlier write failed: this one has ended now
+            del r.pending[rel]
+            if p.waiter is not None and not p.waiter.done():
+                p.waiter.set_exception(p.failed)
+            return
         if err is not None:
             self.counters["write_errors"] += 1
             log.error("nvme write failed at offset %d: %s; sealing region %d", r.base + rel, err, r.index)
@@ -591,11 +604,17 @@ class NvmeTier:
             # no summary (it would list records that failed): a restart scans it
             r.summary = None
             self._seal(r)
+            failed = OSError(errno.EIO, "nvme region write failed")
             for q_rel, q in list(r.pending.items()):
-                if q_rel >= rel:
+                if q_rel < rel:
+                    continue
+                if q_rel == rel or q.done:  # its write has ended: its buffers are free
                     del r.pending[q_rel]
                     if q.waiter is not None and not q.waiter.done():
-                        q.waiter.set_exception(OSError(errno.EIO, "nvme region write failed"))
+                        q.waiter.set_exception(failed)
+                else:  # still in flight: the kernel reads its buffers (a DRAM slot, a
+                    # header block) until it ends, and the region is not reclaimed before
+                    q.failed = failed
             r.write_ptr = rel
             return
         self.counters["bytes_written"] += p.length
@@ -625,12 +644,17 @@ class NvmeTier:
             del self.writing[k]
 
     async def append_batch(self, recs: list, headers: memoryview, landed=None) -> list:
-        """Write many records (the demotion writer's batch) in few region appends; per
-        record, in order, its Location once it and everything before it in its region are
-        on disk (``append``'s promise), or the OSError that failed it. ``landed(i, result)``,
-        if given, is called with each record's result as soon as it is known (a run's
-        records together), before this returns: the caller frees DRAM as each run lands
-        rather than once the slowest has.
+        """Write many records (the demotion writer's batch, the shutdown flush) in few
+        region appends; per record, in order, its Location once it and everything before
+        it in its region are on disk (``append``'s promise), or the OSError that failed it.
+        ``landed(i, result)``, if given, is called with each record's result as soon as it
+        is known (a run's records together), before this returns: the caller frees DRAM
+        as each run lands rather than once the slowest has.
+
+        A record's buffers (its payload, its header block) are the kernel's until its
+        write has ended, failed or not: its result comes only then. Cancelled (or failing
+        on a bug) while writes are in flight, this still waits for them and reports every
+        record (those never reserved as ECANCELED) before it re-raises.
 
         ``recs``: ``(ns, key, payload, length, checksum, slot_size, committed_at, seq)``
         each, ``payload`` as for ``append``; the caller took each ``seq`` with
@@ -645,87 +669,104 @@ class NvmeTier:
         if len(recs) > BATCH_MAX_RECORDS:  # a run's iovecs (two a record) stay under IOV_MAX
             raise ValueError(f"append_batch takes at most {BATCH_MAX_RECORDS} records")
         out: list = [None] * len(recs)
-        # [region, gen, rel, length, bufs, its records' indices, (unused), waiter]: a run's
-        # records need not be consecutive in ``recs`` (another size class's, in another
-        # region, may come between them), so it lists them rather than a first..last range
+        # [region, gen, rel, length, bufs, its records' indices, (unused), _Pending]: a
+        # run's records need not be consecutive in ``recs`` (another size class's, in
+        # another region, may come between them), so it lists them rather than a range
         runs: list[list] = []
         last_run: dict[int, list] = {}  # region index -> its run still being extended
         failed: dict[int, OSError] = {}  # slot size -> why no region was found for it
+        refused: list[int] = []  # records that got no region (nothing of theirs in flight)
         loop = asyncio.get_running_loop()
         seed = self.dev.seed
         todo = 0  # runs[todo:] are reserved but not yet submitted
-        for i, (ns, key, payload, length, checksum, slot, at, seq) in enumerate(recs):
-            err = failed.get(slot)
-            if err is not None:
-                out[i] = err
-                continue
-            rec_len = BLOCK + (length + BLOCK - 1) // BLOCK * BLOCK
-            entry_len = _ENTRY_SIZE + len(ns) + len(key)
-            r = self.open.get(slot)
-            # (_fits, inlined: the summary's tail is align_up(its length) + BLOCK)
-            if r is None or (r.write_ptr + rec_len + BLOCK
-                             + (len(r.summary) + entry_len + BLOCK - 1) // BLOCK * BLOCK > r.size):
-                # taking a region awaits: what is reserved goes out first (an append that
-                # waits for a region must hold no unsubmitted write a reclaim waits for)
-                todo = self._submit_runs(runs, todo)
-                last_run.clear()
-                try:
-                    r = await self._region_for(slot, rec_len, entry_len)
-                    if r is None:
-                        raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
-                except OSError as e:
-                    out[i] = failed[slot] = e
+        stop: BaseException | None = None
+        try:
+            for i, (ns, key, payload, length, checksum, slot, at, seq) in enumerate(recs):
+                err = failed.get(slot)
+                if err is not None:
+                    out[i] = err
+                    refused.append(i)
                     continue
-            rel = r.write_ptr
-            block = headers[i * BLOCK:(i + 1) * BLOCK]
-            data = record_header(ns, key, r.generation, seq, length, checksum, False, at, seed)
-            block[:len(data)] = data
-            block[len(data):] = _ZERO_BLOCK[len(data):]  # a reused block: no other header's bytes
-            r.summary += summary_entry(seq, rel, length, checksum, at, False, ns, key)
-            r.write_ptr = rel + rec_len
-            out[i] = Location(r.index, r.base + rel, length, checksum, r.generation)
-            run = last_run.get(r.index)
-            if run is not None and run[2] + run[3] == rel and run[3] + rec_len <= RUN_MAX_BYTES:
-                run[3] += rec_len
-                run[4] += (block, payload)
-                run[5].append(i)
-                run[7].length += rec_len  # not done before its write is: safe to grow
-            else:
-                waiter = loop.create_future()
-                p = _Pending(rec_len, waiter)
-                r.pending[rel] = p
-                run = [r, r.generation, rel, rec_len, [block, payload], [i], None, p]
-                runs.append(run)
-                last_run[r.index] = run
+                rec_len = BLOCK + (length + BLOCK - 1) // BLOCK * BLOCK
+                entry_len = _ENTRY_SIZE + len(ns) + len(key)
+                r = self.open.get(slot)
+                # (_fits, inlined: the summary's tail is align_up(its length) + BLOCK)
+                if r is None or (r.write_ptr + rec_len + BLOCK
+                                 + (len(r.summary) + entry_len + BLOCK - 1) // BLOCK * BLOCK > r.size):
+                    # taking a region awaits: what is reserved goes out first (an append that
+                    # waits for a region must hold no unsubmitted write a reclaim waits for)
+                    todo = self._submit_runs(runs, todo)
+                    last_run.clear()
+                    try:
+                        r = await self._region_for(slot, rec_len, entry_len)
+                        if r is None:
+                            raise OSError(errno.ENOSPC, "no NVMe region free or reclaimable")
+                    except OSError as e:
+                        out[i] = failed[slot] = e
+                        refused.append(i)
+                        continue
+                rel = r.write_ptr
+                block = headers[i * BLOCK:(i + 1) * BLOCK]
+                data = record_header(ns, key, r.generation, seq, length, checksum, False, at, seed)
+                block[:len(data)] = data
+                block[len(data):] = _ZERO_BLOCK[len(data):]  # a reused block: no other header's bytes
+                r.summary += summary_entry(seq, rel, length, checksum, at, False, ns, key)
+                r.write_ptr = rel + rec_len
+                run = last_run.get(r.index)
+                if run is not None and run[2] + run[3] == rel and run[3] + rec_len <= RUN_MAX_BYTES:
+                    run[3] += rec_len
+                    run[4] += (block, payload)
+                    run[5].append(i)
+                    run[7].length += rec_len  # not done before its write is: safe to grow
+                else:
+                    p = _Pending(rec_len, loop.create_future())
+                    r.pending[rel] = p
+                    run = [r, r.generation, rel, rec_len, [block, payload], [i], None, p]
+                    runs.append(run)
+                    last_run[r.index] = run
+                out[i] = Location(r.index, r.base + rel, length, checksum, r.generation)
+        except BaseException as e:  # cancelled while taking a region (or a bug): what is
+            # reserved is written all the same, the rest fails
+            stop = e
+            err = e if isinstance(e, OSError) else OSError(errno.ECANCELED, "batch append interrupted")
+            for i, x in enumerate(out):
+                if x is None:
+                    out[i] = err
+                    refused.append(i)
         self._submit_runs(runs, todo)
+        if landed is not None:
+            for i in refused:  # no region was found for these
+                landed(i, out[i])
         counters = self.counters
         for run in runs:  # (in reservation order: a region's runs land in this order)
             r, gen, mine, p = run[0], run[1], run[5], run[7]
             try:
-                await p.waiter  # the frontier passed the run: it and all before it are on disk
+                while True:
+                    try:  # the frontier passed the run: it and all before it are on disk
+                        await asyncio.shield(p.waiter)
+                        break
+                    except asyncio.CancelledError as c:
+                        if p.waiter.cancelled():  # (nothing cancels it: be safe)
+                            raise OSError(errno.ECANCELED, "write cancelled") from None
+                        # the kernel may still read the run's buffers (DRAM slots, header
+                        # blocks): the caller must not get them back before it ends
+                        stop = c
             except OSError as e:
                 for i in mine:
-                    if not isinstance(out[i], OSError):
-                        out[i] = e
-                        if landed is not None:
-                            landed(i, e)
+                    out[i] = e
+                    if landed is not None:
+                        landed(i, e)
                 continue
-            n = 0
+            counters["demotions"] += len(mine)
             for i in mine:
-                if not isinstance(out[i], OSError):
-                    n += 1
-                    counters["demoted_bytes"] += recs[i][3]
-            counters["demotions"] += n
+                counters["demoted_bytes"] += recs[i][3]
             if r.generation == gen:
-                r.live_count += n
+                r.live_count += len(mine)
             if landed is not None:
                 for i in mine:
-                    if not isinstance(out[i], OSError):
-                        landed(i, out[i])
-        if failed and landed is not None:  # no region was found for these
-            for i, x in enumerate(out):
-                if isinstance(x, OSError) and x is failed.get(recs[i][5]):
-                    landed(i, x)
+                    landed(i, out[i])
+        if stop is not None:
+            raise stop
         return out
 
     def _submit_runs(self, runs: list, start: int) -> int:
@@ -736,27 +777,33 @@ class NvmeTier:
         if start >= len(runs):
             return start
         self.syncer.writing()
-        reqs = [(run[0].base + run[2], run[4]) for run in runs[start:]]
-        loop = asyncio.get_running_loop()
+        futs = self._start_writes([(run[0].base + run[2], run[4]) for run in runs[start:]])
+        written = self._written
+        for run, f in zip(runs[start:], futs):
+            f.add_done_callback(partial(written, run[0], run[1], run[2], run[3]))
+        return len(runs)
+
+    def _start_writes(self, reqs: list) -> list[asyncio.Future]:
+        """The backend's writes of ``reqs`` (one submission); each future is done once the
+        kernel has finished with that write's buffers."""
         try:
-            futs = self.dev.io.writev_many(reqs)
+            return self.dev.io.writev_many(reqs)
         except OSError as e:  # the backend is closed
+            loop = asyncio.get_running_loop()
             futs = []
             for _ in reqs:
                 f = loop.create_future()
                 f.set_exception(e)
                 futs.append(f)
-        for run, f in zip(runs[start:], futs):
-            f.add_done_callback(partial(self._run_written, run))
-        return len(runs)
+            return futs
 
-    def _run_written(self, run: list, f: asyncio.Future) -> None:
-        r, gen, rel, length = run[0], run[1], run[2], run[3]
+    def _written(self, r: Region, gen: int, rel: int, length: int, f: asyncio.Future) -> None:
+        """The write of ``length`` bytes at ``rel`` of ``r`` (generation ``gen``) ended."""
         err = OSError(errno.ECANCELED, "write cancelled") if f.cancelled() else f.exception()
         if err is None and f.result() != length:
             err = OSError(errno.EIO, f"short write ({f.result()} of {length} bytes)")
         if err is None and self.syncer.mode == "always":  # done once an fdatasync covers it
-            asyncio.get_running_loop().create_task(self._run_synced(r, gen, rel))
+            self._spawn(self._run_synced(r, gen, rel))
             return
         if err is None:
             self.syncer.dirty = True  # (Syncer.written without its wait)
@@ -816,8 +863,20 @@ class NvmeTier:
         k = (ns, key)
         if not tombstone:
             self.writing.setdefault(k, []).append(seq)
+        stop = None
         try:
-            await fut
+            while True:
+                try:
+                    await asyncio.shield(fut)
+                    break
+                except asyncio.CancelledError as c:
+                    if fut.cancelled():  # (nothing cancels it: be safe)
+                        raise
+                    # the kernel may still read ``payload`` (the caller's DRAM slot or
+                    # bounce page): the caller gets it back only once the write has ended
+                    stop = c
+            if stop is not None:
+                raise stop
         finally:
             # the caller's forget (if the key was deleted meanwhile) follows without a pause
             if not tombstone:
@@ -1104,7 +1163,12 @@ class NvmeTier:
             except OSError as e:
                 log.warning("nvme region %d: summary write at close failed: %s", r.index, e)
         self.syncer.close()
-        self.dev.close()
+        self.dev.close()  # (waits for the writes in flight: the kernel is done with them)
+        for t in self.tasks:  # what they waited for has ended or failed with the device
+            try:
+                t.cancel()
+            except RuntimeError:  # its event loop is closed already
+                pass
 
 
 class _DictSink:

@@ -176,7 +176,9 @@ class Tiering:
 
         try:
             out = await self.nvme.append_batch(recs, buf.headers, landed)
-        except BaseException as err:  # cancelled (shutdown): each record left as a failed write
+        except BaseException as err:  # cancelled (shutdown), or a bug: append_batch reported
+            # every record it wrote, once its write ended (the kernel reads their slots and
+            # this batch's headers until then); one it never took is left as a failed write
             err = err if isinstance(err, OSError) else OSError(errno.ECANCELED, "cancelled")
             for i, (e, seq) in enumerate(batch):
                 if not done[i]:
@@ -190,6 +192,8 @@ class Tiering:
     def _demoted(self, e: Entry, seq: int, loc) -> None:
         """A queued demotion ended: written at ``loc``, failed (None, or an OSError), or not
         tried (deleted while queued)."""
+        if self.nvme.closed:  # a write failed by the tier's close, after the arena's: exiting
+            return
         if isinstance(loc, OSError):
             loc = None
         self.nvme.writing_ends(e.ns, e.key, seq)
@@ -490,9 +494,14 @@ class Tiering:
         return set(self._tasks)
 
     async def drain_tasks(self, timeout: float) -> None:
-        """Let demotions and tombstones in flight finish (bounded)."""
+        """Let demotions and tombstones in flight finish (bounded), and the tier's own
+        tasks they leave (summary writes, fdatasync waits)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=timeout)
+        if self.nvme is not None and self.nvme.tasks:
+            await asyncio.wait(list(self.nvme.tasks), timeout=max(0.0, deadline - loop.time()))
 
     def stats(self) -> dict | None:
         if self.nvme is None:
