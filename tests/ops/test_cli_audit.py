@@ -11,6 +11,7 @@ import threading
 
 import pytest
 
+import kvstore
 from kvstore.cli import main
 
 CLI_TIMEOUT = 60  # seconds: a CLI run on a loaded machine (imports grpc)
@@ -193,3 +194,22 @@ def test_policy_rm_says_what_it_did_and_drain_on_a_one_node_cluster(start_daemon
         assert rc == 0 and out.startswith(f"{node}: drain cancelled"), out
     finally:
         etcd.stop()
+
+
+def test_a_pin_over_the_daemons_longest_lease_is_refused_as_help_says(daemon, capsys):
+    """`pin --help` said the daemon caps a longer --ttl; it refuses it (InvalidArgument)."""
+    import io
+    from contextlib import redirect_stdout
+
+    help_text = io.StringIO()
+    with redirect_stdout(help_text):
+        assert main(["pin", "--help"]) == 0
+    assert "refuses more than its engine.max_pin_ttl" in " ".join(help_text.getvalue().split())
+    with kvstore.Client(daemon.control, timeout=10.0, shm=False) as c:
+        c.put("pinned", b"v")
+    assert main(["-a", daemon.control, "pin", "pinned", "--ttl", "86401"]) == 1
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("kvstore-cli: InvalidArgument: pin ttl 86401.0 outside "
+                                        "(0, 86400.0] seconds") and len(err.splitlines()) == 1, err
+    assert main(["-a", daemon.control, "pin", "pinned", "--ttl", "86400"]) == 0
+    assert capsys.readouterr().out.startswith("pinned 1/1 keys in namespace 'default' for 86400s")

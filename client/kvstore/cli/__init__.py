@@ -20,7 +20,8 @@ a one-shot command never wins back. put, get and bench say which one they used.
 
 Exit codes: 0 ok; 1 the store (or a local file) reported an error; 2 usage error;
 3 the daemon is unreachable (connection refused is reported at once, not after
---timeout), did not answer in time, or offers no shm path to ``--shm``. ``exists``
+--timeout), did not answer in time, or offers no shm path to ``--shm``; 4 permission
+denied (a token or certificate to fix). ``exists``
 and ``lookup`` exit 0 whatever they find: their answer is data, not success or failure.
 """
 from __future__ import annotations

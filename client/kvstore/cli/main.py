@@ -215,7 +215,8 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("keys", nargs="+", metavar="KEY")
         if name == "pin":
             p.add_argument("--ttl", type=_positive(float), default=60.0, metavar="SECONDS",
-                           help="pin lease in seconds (default 60; the daemon caps it)")
+                           help="pin lease in seconds (default 60; the daemon refuses more than its "
+                                "engine.max_pin_ttl, 86400 by default)")
 
     p = command("ls", cmd_ls, "a sample of stored objects and the total count")
     p.add_argument("--limit", type=_positive(int), default=50, metavar="N",
