@@ -924,7 +924,15 @@ static int set_unverified(Entry *e, PyObject *v, void *c) {
     if (!v) { bad_set("unverified"); return -1; }
     int b = PyObject_IsTrue(v);
     if (b < 0) return -1;
-    if (b) R(e)->flags |= F_UNVERIFIED; else R(e)->flags &= ~F_UNVERIFIED;
+    Rec *r = R(e);
+    if (!(r->flags & F_UNVERIFIED) == !b) return 0;  /* already so */
+    r->flags ^= F_UNVERIFIED;
+    /* an entry in the table: its count follows (as mark_unverified / verify), so a later
+       remove never takes it below zero */
+    if (e->ix && (r->flags & F_INTABLE)) {
+        if (b) e->ix->unverified++;
+        else e->ix->unverified--;
+    }
     return 0;
 }
 

@@ -39,7 +39,7 @@ class Entry:
 
     __slots__ = ("ns", "key", "offset", "size", "checksum", "sc", "state", "refs",
                  "seg", "stamp", "newer", "older", "committed_at", "nvme",
-                 "reads", "unverified")
+                 "reads", "_unverified", "_index")
     key_in_ram = True  # always here; the packed index sheds NVMe-only keys (Index.shed_key)
 
     def __init__(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int,
@@ -62,7 +62,22 @@ class Entry:
         # Recovered at restart by a cluster node: it may have been deleted or replaced
         # while the node was away, so clients do not see it until the repair agent has
         # checked it against its peers (Store.verify / drop_unverified).
-        self.unverified = False
+        self._unverified = False
+        self._index: "Index | None" = None  # the index holding it: keeps its held count
+
+    @property
+    def unverified(self) -> bool:
+        return self._unverified
+
+    @unverified.setter
+    def unverified(self, held: bool) -> None:
+        """Set directly, it keeps the holding index's ``unverified`` count true (as its
+        ``mark_unverified`` / ``verify`` do), so a later remove never takes it below zero."""
+        held = bool(held)
+        if held != self._unverified:
+            self._unverified = held
+            if self._index is not None:
+                self._index.unverified += 1 if held else -1
 
     def pinned(self, now: float) -> bool:
         r = _PINS.get(self)
@@ -167,7 +182,8 @@ class Index:
 
       * look up: ``get(ns, key)`` (and ``(ns, key) in index``);
       * change: ``insert(e)`` (a new key: the caller removed any old entry first),
-        ``add(fields)`` (the same from fields, for recovery) and ``remove(e)``; ``mark_unverified`` / ``verify`` flip a held-back record;
+        ``add(fields)`` (the same from fields, for recovery) and ``remove(e)``; ``mark_unverified`` / ``verify`` flip a held-back record (setting
+        ``Entry.unverified`` on an entry in the index does the same: the count follows);
       * walk: ``iterate(ns)`` (entries, optionally of one namespace) and ``__iter__``
         (keys); walks are for admin calls, repair and shutdown, never per request;
       * count: ``len()``, ``count(ns)``, ``namespaces()``, ``object_bytes``,
@@ -262,11 +278,12 @@ class Index:
         if sp.keys.setdefault(e.key, e) is not e:  # one dict operation on the put path
             raise KeyError(f"index already holds {(e.ns, e.key)!r}; remove the old entry first")
         e.ns = sp.name
+        e._index = self
         sp.objects += 1
         sp.bytes += e.size
         self._n += 1
         self.object_bytes += e.size
-        if e.unverified:
+        if e._unverified:
             self.unverified += 1
 
     def add(self, ns: bytes, key: bytes, offset: int, size: int, checksum: int, sc: "SizeClass",
@@ -299,8 +316,9 @@ class Index:
             sp.bytes -= e.size
         self._n -= 1
         self.object_bytes -= e.size
-        if e.unverified:
-            e.unverified = False
+        e._index = None
+        if e._unverified:
+            e._unverified = False
             self.unverified -= 1
         self._pinned.discard(e)
         e.forget_pin()
@@ -317,24 +335,24 @@ class Index:
         """Nothing to keep: ``Entry.key`` never needs loading here."""
 
     def mark_unverified(self, e: Entry) -> None:
-        if not e.unverified:
-            e.unverified = True
-            if self.get(e.ns, e.key) is not None:
-                self.unverified += 1
+        self._own(e)
+        e.unverified = True  # (counted by the setter while ``e`` is in this index)
 
     def verify(self, e: Entry) -> None:
-        if e.unverified:
-            e.unverified = False
-            if self.get(e.ns, e.key) is not None:
-                self.unverified -= 1
+        self._own(e)
+        e.unverified = False
+
+    def _own(self, e: Entry) -> None:
+        if e._index is not None and e._index is not self:  # would change another's count
+            raise ValueError("entry belongs to another index")
 
     def mark_all_unverified(self) -> int:
         """Every entry held back (``mark_unverified`` of each); how many were not already.
         A flag changes no dict, so no snapshot of the walk."""
         n = 0
         for e in self.iterate():
-            if not e.unverified:
-                e.unverified = True
+            if not e._unverified:
+                e._unverified = True
                 n += 1
         self.unverified += n
         return n
