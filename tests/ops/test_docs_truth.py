@@ -221,3 +221,13 @@ def test_integrations_md_lists_every_adapter_option_with_its_default():
             assert float(shown.strip("`")) == default, (name, shown)
         elif default is None:
             assert shown in ("none", "from the daemon"), (name, shown)
+
+
+def test_readme_layout_names_every_test_directory_and_doc():
+    readme = _text("README.md")
+    layout = readme.split("## Layout", 1)[1].split("\n## ", 1)[0]
+    tests = {p.name for p in (ROOT / "tests").iterdir() if p.is_dir() and p.name != "__pycache__"}
+    docs = {p.name for p in (ROOT / "docs").glob("*.md")}
+    named = set(re.findall(r"([a-z_]+)/", layout)) | set(re.findall(r"([a-z_]+\.md)", layout))
+    assert not tests - named, f"README Layout lacks tests/{sorted(tests - named)}"
+    assert not docs - named, f"README Layout lacks docs/{sorted(docs - named)}"
