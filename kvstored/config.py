@@ -165,14 +165,34 @@ class _ConfigRules:
                               "port; pick another (or 0 for any free port)")
         if not self.node_id:
             self.node_id = f"{socket.gethostname()}:{self.control_port}"
+        if self.control_streams_per_connection > self.max_control_rpcs:
+            raise ConfigError(
+                f"server.control_streams_per_connection ({self.control_streams_per_connection}) "
+                f"must be at most server.max_control_rpcs ({self.max_control_rpcs}): one "
+                "connection could take every call's place (0 = a quarter of it)")
         self._validate_cluster()
         self._validate_events()
         return self
+
+    def control_streams(self) -> int:
+        """Calls at once on one control connection (server.control_streams_per_connection,
+        0 = a quarter of server.max_control_rpcs)."""
+        return self.control_streams_per_connection or max(1, self.max_control_rpcs // 4)
+
+    def events_per_client(self) -> int:
+        """Connections at once from one source to each events endpoint
+        (events.max_subscribers_per_client, 0 = a quarter of events.max_subscribers)."""
+        return self.events_max_subscribers_per_client or max(1, self.events_max_subscribers // 4)
 
     def _validate_events(self) -> None:
         """[events] beyond each value's own check."""
         if self.events_endpoint and self.events_endpoint == self.events_replay_endpoint:
             raise ConfigError("events.replay_endpoint: must differ from events.endpoint")
+        if self.events_max_subscribers_per_client > self.events_max_subscribers:
+            raise ConfigError(
+                f"events.max_subscribers_per_client ({self.events_max_subscribers_per_client}) "
+                f"must be at most events.max_subscribers ({self.events_max_subscribers}) "
+                "(0 = a quarter of it)")
 
     def events_replay(self) -> str:
         """The replay endpoint in effect ("" = none)."""

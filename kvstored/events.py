@@ -57,12 +57,15 @@ on the events endpoint and as a ROUTER on the replay endpoint) on its own listen
 sockets, on its loop (``ZmtpServer``): libzmq accepts in its own I/O thread without limit
 and offers no way to bound that, so an accept could only be refused after the fact, and a
 burst held descriptors past the limit (60-300 of 500 in one measurement). Here each
-endpoint accepts while fewer than ``events.max_subscribers`` connections are open; one
-over it is accepted and closed at once (so an endpoint holds at most the limit + 1
-descriptors, the one for the instant of a refusal); refusals are counted
-(``kvstored_kv_event_subscribers_refused_total``) and logged once a minute at most. A
-refused ZMQ subscriber reconnects by itself (every 100 ms by default) and gets in once a
-place is free. What one connection can hold, and for how long:
+endpoint accepts while fewer than ``events.max_subscribers`` connections are open, and
+fewer than ``events.max_subscribers_per_client`` from the connecting source address (a
+unix socket's: its peer's uid), so one client cannot take every place; one over either is
+accepted and closed at once (so an endpoint holds at most the limit + 1 descriptors, the
+one for the instant of a refusal); refusals are counted
+(``kvstored_kv_event_subscribers_refused_total``; those for the per-source cap also in
+``kvstored_kv_event_subscribers_refused_per_client_total``) and logged once a minute at
+most. A refused ZMQ subscriber reconnects by itself (every 100 ms by default) and gets in
+once a place is free. What one connection can hold, and for how long:
 
 * a connection that has not finished ZMTP's greeting and READY within
   ``HANDSHAKE_TIMEOUT`` (10 s) is closed (libzmq's own default is 30 s);
@@ -75,9 +78,12 @@ place is free. What one connection can hold, and for how long:
   dropped and counted (``kvstored_kv_event_subscriber_drops_total``): it sees a gap in
   the sequence and can replay;
 * a replay runs while its connection has less than ``REPLAY_BUFFER`` bytes queued; one
-  that cannot send for ``REPLAY_STALL_TIMEOUT`` (30 s) is closed (it held one of
-  ``MAX_REPLAYS`` places); at most ``MAX_QUEUED_REQUESTS`` requests wait behind a
-  connection's replay in progress, more are dropped (counted as refused);
+  whose connection, with bytes waiting for it, takes fewer than ``events.replay_min_rate``
+  bytes a second over an ``events.replay_rate_window`` (64 KiB/s over 30 s) is closed and
+  counted (``kvstored_kv_event_replays_stalled_total``): it held one of ``MAX_REPLAYS``
+  places (before this rule a reader taking a few KiB every 29 s held one for good); at
+  most ``MAX_QUEUED_REQUESTS`` requests wait behind a connection's replay in progress,
+  more are dropped (counted as refused);
 * a connection with more than its bound queued (``SUBSCRIBER_BUFFER``, ``REPLAY_BUFFER``)
   is not read until half of it has gone: what it sends (replay requests, ZMTP PINGs)
   cannot queue answers it does not read;
@@ -96,12 +102,15 @@ from __future__ import annotations
 import asyncio
 import collections
 import errno
+import fcntl
 import functools
 import itertools
 import logging
 import os
 import socket
 import stat
+import struct
+import termios
 import time
 from typing import Any
 
@@ -123,7 +132,6 @@ REPLAY_CHUNK = 256  # batches a replay sends per loop turn (others are served me
 REPLAY_BUFFER = 1 << 20  # bytes queued for a replay connection before its replay waits
 MAX_REPLAYS = 16  # replays in progress at once; more requests get only the end marker
 MAX_QUEUED_REQUESTS = 4  # requests waiting behind a connection's replay; more are dropped
-REPLAY_STALL_TIMEOUT = 30.0  # s a replay may wait for its connection to take bytes
 REPLAY_IDLE_TIMEOUT = 300.0  # s a replay connection may stay without a replay
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
 HANDSHAKE_TIMEOUT = 10.0  # s for ZMTP's greeting and READY after the accept
@@ -143,6 +151,7 @@ BACKLOG = 128
 KEEPALIVE_IDLE = 60  # s of silence before TCP keepalive probes a tcp connection
 KEEPALIVE_INTERVAL = 10  # s between probes (3 unanswered: the connection is gone)
 REFUSED_LOG_EVERY = 60.0  # s between warnings while connections are refused
+_OUTQ = getattr(termios, "TIOCOUTQ", None)  # Linux: a socket's bytes not yet acked (SIOCOUTQ)
 
 _STORED, _REMOVED = 0, 1
 
@@ -185,9 +194,17 @@ class EventPublisher:
 
     def __init__(self, endpoint: str, *, replay_endpoint: str = "", replay_buffer: int = 10000,
                  topic: str = "", medium: str = "EXTERNAL", block_size: int = 0,
-                 max_subscribers: int = 64):
+                 max_subscribers: int = 64, max_per_client: int = 0,
+                 replay_min_rate: int = 64 << 10, replay_rate_window: float = 30.0):
+        """``max_per_client``: connections at once from one source address (unix sockets: one
+        uid) per endpoint, 0 = max_subscribers (no cap of its own; the daemon passes its
+        setting). A replay connection must take ``replay_min_rate`` bytes a second over each
+        ``replay_rate_window`` while bytes wait for it."""
         self.endpoint = endpoint
         self.max_subscribers = max_subscribers
+        self.max_per_client = max_per_client or max_subscribers
+        self.replay_min_rate = replay_min_rate
+        self.replay_rate_window = replay_rate_window
         self.replay_endpoint = replay_endpoint
         self.topic = topic.encode()
         self.medium = medium or None
@@ -203,6 +220,7 @@ class EventPublisher:
         self.counters = dict.fromkeys(("events", "batches", "dropped", "subscriber_drops",
                                        "replays", "replay_bad_requests", "replays_refused",
                                        "replays_stalled", "subscribers_refused",
+                                       "subscribers_refused_per_client",
                                        "handshakes_failed", "accept_failed"), 0)
         self._pub: ZmtpServer | None = None
         self._router: ZmtpServer | None = None
@@ -356,6 +374,7 @@ class EventPublisher:
             return
         self.counters["replays"] += 1
         conn.replay = [prefix, int.from_bytes(start, "big")]
+        conn.watch_rate()
         self._replays.append(conn)
         self._schedule_replay()
 
@@ -398,8 +417,6 @@ class EventPublisher:
             else:
                 conn.replay[1] = nxt
                 self._replays.append(conn)  # round-robin between subscribers
-                if conn.queued >= REPLAY_BUFFER:
-                    conn.wait_for_drain()
         if any(c.queued < REPLAY_BUFFER for c in self._replays):
             self._schedule_replay()
 
@@ -478,18 +495,34 @@ def _properties(data: bytes) -> dict[bytes, bytes] | None:
     return out
 
 
+def _source(sock: socket.socket, addr: Any) -> Any:
+    """Whom a connection counts against for the per-client cap: the peer's IP address (a
+    port is no identity: one client opens as many as it likes), on a unix socket its uid."""
+    if sock.family == socket.AF_UNIX:
+        try:
+            cred = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, 12)
+            return ("uid", int.from_bytes(cred[4:8], "little"))
+        except (OSError, AttributeError):  # (not Linux: every local peer is one source)
+            return ("uid", None)
+    return addr[0]
+
+
 class ZmtpServer:
     """One listening endpoint: accepts at most ``publisher.max_subscribers`` connections at
-    once (one more only for the instant of closing it), on the publisher's loop."""
+    once, ``publisher.max_per_client`` of them from one source (one more only for the
+    instant of closing it), on the publisher's loop."""
 
     def __init__(self, publisher: EventPublisher, endpoint: str, setting: str, kind: bytes):
         self.publisher, self.setting, self.kind = publisher, setting, kind
         self.loop = publisher._loop
         self.sock, self.bound, self._path = _listen(endpoint, setting)
         self.conns: set[ZmtpConnection] = set()
+        self.per_source: collections.Counter = collections.Counter()  # open connections
         self.subscribed: list[ZmtpConnection] = []  # PUB: connections whose subscription matches
         self.refused_since_log = 0
         self.logged = -REFUSED_LOG_EVERY
+        self.source_refused_since_log = 0
+        self.source_logged = -REFUSED_LOG_EVERY
         self.failed_logged = -REFUSED_LOG_EVERY
         self._retry: asyncio.TimerHandle | None = None
         self.loop.add_reader(self.sock.fileno(), self._accept)
@@ -518,7 +551,7 @@ class ZmtpServer:
     def _accept(self) -> None:
         for _ in range(MAX_ACCEPTS_PER_TURN):
             try:
-                sock, _ = self.sock.accept()
+                sock, addr = self.sock.accept()
             except (BlockingIOError, InterruptedError):
                 return
             except OSError as e:
@@ -530,7 +563,14 @@ class ZmtpServer:
                 sock.close()
                 self._refused()
                 continue
+            source = _source(sock, addr)
+            if self.per_source[source] >= self.publisher.max_per_client:
+                sock.close()
+                self._refused_source(source)
+                continue
             conn = ZmtpConnection(self, sock)
+            conn.source = source
+            self.per_source[source] += 1
             self.conns.add(conn)
             conn.write(_greeting())
 
@@ -561,8 +601,25 @@ class ZmtpServer:
                         self.limit)
             self.logged, self.refused_since_log = now, 0
 
+    def _refused_source(self, source: Any) -> None:
+        self.publisher.counters["subscribers_refused"] += 1
+        self.publisher.counters["subscribers_refused_per_client"] += 1
+        self.source_refused_since_log += 1
+        now = time.monotonic()
+        if now - self.source_logged >= REFUSED_LOG_EVERY:
+            who = f"uid {source[1]}" if isinstance(source, tuple) else source
+            log.warning("KV events: %d connection(s) to %s refused for their source (the last "
+                        "from %s): %d at once from one source at most "
+                        "(events.max_subscribers_per_client)", self.source_refused_since_log,
+                        self.setting, who, self.publisher.max_per_client)
+            self.source_logged, self.source_refused_since_log = now, 0
+
     def gone(self, conn: ZmtpConnection) -> None:
-        self.conns.discard(conn)
+        if conn in self.conns:
+            self.conns.discard(conn)
+            self.per_source[conn.source] -= 1
+            if not self.per_source[conn.source]:
+                del self.per_source[conn.source]
         if conn.matching:
             self.subscribed.remove(conn)
 
@@ -605,7 +662,10 @@ class ZmtpConnection:
         self.replay: list | None = None  # [reply prefix, next seq] while a replay runs
         self.requests: collections.deque = collections.deque()
         self.idle_since = time.monotonic()
-        self.stall: asyncio.TimerHandle | None = None
+        self.source: Any = None  # set by the server: whom it counts against
+        self.sent = 0  # bytes the socket took
+        self.rate: asyncio.TimerHandle | None = None  # the replay rate check while one runs
+        self.rate_mark = 0  # self.delivered() when the current window began
         # past this many bytes queued the connection is not read: what it sends (PINGs,
         # requests) would queue answers without bound if it never reads them
         self.read_bound = SUBSCRIBER_BUFFER if server.kind == PUB else REPLAY_BUFFER
@@ -626,6 +686,7 @@ class ZmtpConnection:
             except OSError:
                 self.close()
                 return
+            self.sent += n
             if n == len(data):
                 return
             self.loop.add_writer(self.fd, self._writable)
@@ -655,6 +716,7 @@ class ZmtpConnection:
                 self.close()
                 return
             self.queued -= n
+            self.sent += n
             while n:
                 head = self.wbuf[0]
                 if n >= len(head):
@@ -664,28 +726,53 @@ class ZmtpConnection:
                     self.wbuf[0] = memoryview(head)[n:]
                     n = 0
             if self.replay is not None and self.queued < REPLAY_BUFFER:
-                if self.stall is not None:
-                    self.stall.cancel()
-                    self.stall = None
                 self.publisher._schedule_replay()
             if not self.reading and self.queued <= self.read_bound // 2:
                 self.reading = True
                 self.loop.add_reader(self.fd, self._readable)
         self.loop.remove_writer(self.fd)
 
-    def wait_for_drain(self) -> None:
-        """A replay waits for this connection: closed if it takes nothing for
-        REPLAY_STALL_TIMEOUT (it holds one of MAX_REPLAYS places)."""
-        if self.stall is None:
-            self.stall = self.loop.call_later(REPLAY_STALL_TIMEOUT, self._stalled)
+    def watch_rate(self) -> None:
+        """A replay began: from now on, each replay_rate_window, a connection with bytes
+        still queued must have taken replay_min_rate x window of them (at least one) since
+        the last check, or it is closed: a reader taking a few KiB now and then held one of
+        MAX_REPLAYS places for good. One with nothing queued is waiting for us, not slow."""
+        if self.rate is None:
+            self.rate_mark = self.delivered()
+            self.rate = self.loop.call_later(self.publisher.replay_rate_window, self._check_rate)
 
-    def _stalled(self) -> None:
-        self.stall = None
-        if self.replay is not None and self.queued >= REPLAY_BUFFER:
-            self.publisher.counters["replays_stalled"] += 1
-            log.info("KV events: a replay connection took nothing for %.0f s: closed",
-                     REPLAY_STALL_TIMEOUT)
+    def delivered(self) -> int:
+        """Bytes the peer has taken: those the socket took less those still in the kernel's
+        send queue (what the socket takes moves in lumps of a third of its buffer, up to
+        ~4 MiB on Linux: a reader's rate is what leaves the kernel)."""
+        if _OUTQ is None:
+            return self.sent
+        try:
+            unsent = struct.unpack("i", fcntl.ioctl(self.fd, _OUTQ, b"\0\0\0\0"))[0]
+        except OSError:
+            unsent = 0
+        return self.sent - unsent
+
+    def _check_rate(self) -> None:
+        self.rate = None
+        if self.closed or self.replay is None:
+            return
+        pub = self.publisher
+        window = pub.replay_rate_window
+        taken = self.delivered() - self.rate_mark
+        need = max(1, int(pub.replay_min_rate * window))
+        if taken < need and self.queued:
+            pub.counters["replays_stalled"] += 1
+            log.info("KV events: a replay connection took %d bytes in %.1f s, under "
+                     "events.replay_min_rate (%d bytes/s): closed", taken, window,
+                     pub.replay_min_rate)
+            try:  # a reset: the kernel drops the megabytes it still holds for it at once
+                self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            except OSError:
+                pass
             self.close()
+            return
+        self.watch_rate()
 
     # ---------------------------------------------------------------- reading
     def _readable(self) -> None:
@@ -824,7 +911,7 @@ class ZmtpConnection:
 
     def _idle_check(self) -> None:
         """Replay connections: closed after REPLAY_IDLE_TIMEOUT without a replay (ZMQ
-        clients reconnect by themselves); one with a replay is the stall timer's."""
+        clients reconnect by themselves); one with a replay is the rate check's."""
         if self.closed:
             return
         left = self.idle_since + REPLAY_IDLE_TIMEOUT - time.monotonic()
@@ -844,8 +931,8 @@ class ZmtpConnection:
             return
         self.closed = True
         self.timer.cancel()
-        if self.stall is not None:
-            self.stall.cancel()
+        if self.rate is not None:
+            self.rate.cancel()
         self.loop.remove_reader(self.fd)
         if self.wbuf:
             self.loop.remove_writer(self.fd)

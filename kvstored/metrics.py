@@ -591,8 +591,14 @@ class UsageCollector(Collector):
                      "now (at most events.max_subscribers).",
                      m.events.subscribers() if m.events is not None else 0)
         yield _counter("kvstored_kv_event_subscribers_refused", "Connections to the KV events "
-                       "or replay endpoint closed on accept: events.max_subscribers were open.",
+                       "or replay endpoint closed on accept: events.max_subscribers were open, "
+                       "or events.max_subscribers_per_client from its source.",
                        ev.get("subscribers_refused", 0))
+        yield _counter("kvstored_kv_event_subscribers_refused_per_client", "Connections to the "
+                       "KV events or replay endpoint closed on accept because "
+                       "events.max_subscribers_per_client were open from their source address "
+                       "(unix socket: uid); also in kvstored_kv_event_subscribers_refused.",
+                       ev.get("subscribers_refused_per_client", 0))
         yield _counter("kvstored_kv_event_subscriber_drops", "Batches not sent to a subscriber "
                        "that had 4 MiB queued (it did not read; it sees a gap and can replay).",
                        ev.get("subscriber_drops", 0))
@@ -600,8 +606,9 @@ class UsageCollector(Collector):
                        "replay endpoint closed before ZMTP's handshake ended (10 s at most, or "
                        "not ZMTP 3 with NULL security, or a socket type that does not fit).",
                        ev.get("handshakes_failed", 0))
-        yield _counter("kvstored_kv_event_replays_stalled", "Replay connections closed after "
-                       "taking no bytes for 30 s with a replay in progress.",
+        yield _counter("kvstored_kv_event_replays_stalled", "Replay connections closed for "
+                       "taking fewer than events.replay_min_rate bytes/s over an "
+                       "events.replay_rate_window while a replay waited for them.",
                        ev.get("replays_stalled", 0))
 
 

@@ -288,7 +288,10 @@ class Node:
             self.events = EventPublisher(c.events_endpoint, replay_endpoint=c.events_replay(),
                                          replay_buffer=c.events_replay_buffer, topic=c.events_topic,
                                          medium=c.events_medium, block_size=c.events_block_size,
-                                         max_subscribers=c.events_max_subscribers)
+                                         max_subscribers=c.events_max_subscribers,
+                                         max_per_client=c.events_per_client(),
+                                         replay_min_rate=c.events_replay_min_rate,
+                                         replay_rate_window=c.events_replay_rate_window)
             self.events.start()
             self.metrics.usage.events = self.metrics.events = self.events
         from kvstored.dataplane.rdma import enable as enable_rdma  # before any connection
@@ -318,6 +321,9 @@ class Node:
             # per-client bounds gRPC has: connections at once (more are closed on accept),
             # a deadline for a connection's set-up, idle ones closed like data connections
             ("grpc.max_allowed_incoming_connections", fds.control),
+            # calls at once on one connection (HTTP/2 streams; gRPC refuses more): unbounded,
+            # one connection could take every place of max_control_rpcs
+            ("grpc.max_concurrent_streams", c.control_streams()),
             ("grpc.server_handshake_timeout_ms", int(CONTROL_HANDSHAKE_TIMEOUT * 1000)),
             ("grpc.max_connection_idle_ms", int(c.idle_timeout * 1000)),
             # a connection ends after its age (GOAWAY; a client opens a new one by itself),

@@ -251,6 +251,10 @@ SETTINGS: tuple[Setting, ...] = (
     _s("server", "max_control_rpcs", INT, 1024,
        "gRPC calls served at once (each may hold a max_control_value_size message); more "
        "get RESOURCE_EXHAUSTED (NoSpace)", check=_positive),
+    _s("server", "control_streams_per_connection", INT, 0,
+       "gRPC calls at once on one control connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; "
+       "more are refused by gRPC); 0 = a quarter of max_control_rpcs (at least 1)",
+       check=_within(0, 2**31 - 1, "calls")),
     _s("server", "control_request_timeout", FLOAT, 30.0,
        "a gRPC call whose request message has not arrived this long after the call opened "
        "is answered DEADLINE_EXCEEDED (it held one of max_control_rpcs)", check=_seconds),
@@ -426,6 +430,17 @@ SETTINGS: tuple[Setting, ...] = (
     _s("events", "max_subscribers", INT, 64,
        "connections at once to the events endpoint (and as many to the replay endpoint); "
        "more are closed on accept", check=_within(1, 65536, "connections")),
+    _s("events", "max_subscribers_per_client", INT, 0,
+       "connections at once from one source address (ipc: one uid) to each endpoint; more are "
+       "closed on accept; 0 = a quarter of max_subscribers (at least 1)",
+       check=_within(0, 65536, "connections")),
+    _s("events", "replay_min_rate", SIZE, 64 * KiB,
+       "bytes per second a replay connection must take, over each replay_rate_window, while "
+       "bytes wait for it; one that takes fewer is closed (0: only one taking none)",
+       check=_within(0, 1 << 30, "bytes per second")),
+    _s("events", "replay_rate_window", FLOAT, 30.0,
+       "seconds over which a replay connection's rate is measured",
+       check=_within(0.1, 3600, "seconds")),
 )
 SECTIONS = tuple(dict.fromkeys(s.section for s in SETTINGS))
 _BY_NAME = {s.name: s for s in SETTINGS}

@@ -56,7 +56,9 @@ def test_event_subscribers_are_bounded_and_a_router_keeps_its_stream(hostile_dae
     rep_port = free_port()
     d = hostile_daemon({"events": {"endpoint": f'"{pub_ep}"',
                                    "replay_endpoint": f'"tcp://127.0.0.1:{rep_port}"',
-                                   "max_subscribers": 4}})
+                                   "max_subscribers": 4,
+                                   # the total's test: the per-address cap is round 4's
+                                   "max_subscribers_per_client": 4}})
     pid = d.info["pid"]
     ctx = zmq.Context()
     router = ctx.socket(zmq.SUB)

@@ -73,10 +73,13 @@ def node(module_daemons, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round3")
     pub_port, rep_port = free_port(), free_port()
     cfg = tmp / "round3.toml"
-    cfg.write_text("[server]\nmax_control_rpcs = 4\ncontrol_request_timeout = 1.0\n"
+    # (every place on one connection: the per-connection cap is round 4's)
+    cfg.write_text("[server]\nmax_control_rpcs = 4\ncontrol_streams_per_connection = 4\n"
+                   "control_request_timeout = 1.0\n"
                    "control_connection_max_age = 3.0\n"
                    f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'
-                   f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {LIMIT}\n')
+                   f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {LIMIT}\n'
+                   f"max_subscribers_per_client = {LIMIT}\n")  # (every client here is 127.0.0.1)
     d = module_daemons("round3", "--config", str(cfg))
     d.pub_port, d.rep_port = pub_port, rep_port
     return d
@@ -224,7 +227,6 @@ def publisher(tmp_path, monkeypatch):
     from kvstored import events
 
     monkeypatch.setattr(events, "HANDSHAKE_TIMEOUT", 0.5)
-    monkeypatch.setattr(events, "REPLAY_STALL_TIMEOUT", 0.5)
     monkeypatch.setattr(events, "REPLAY_IDLE_TIMEOUT", 0.5)
     monkeypatch.setattr(events, "REPLAY_BUFFER", 64 * KiB)
     loop = asyncio.new_event_loop()
@@ -237,7 +239,8 @@ def publisher(tmp_path, monkeypatch):
         return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
 
     pub = events.EventPublisher(f"ipc://{tmp_path}/ev", replay_endpoint=f"ipc://{tmp_path}/rep",
-                                max_subscribers=LIMIT, replay_buffer=5000)
+                                max_subscribers=LIMIT, replay_buffer=5000,
+                                replay_rate_window=0.5)
     call(pub.start)
     pub.call = call
     try:
@@ -295,7 +298,7 @@ def test_event_connections_that_never_finish_zmtp_are_closed_at_the_deadline(pub
 def test_a_replay_nobody_reads_is_bounded_and_ends(publisher):
     """A DEALER asks for a replay of 3001 batches and never reads (its socket buffers made
     small): the daemon queues at most REPLAY_BUFFER (64 KiB here) + one batch for it, closes
-    it once it has taken nothing for REPLAY_STALL_TIMEOUT, and serves a reading client's
+    it once it has taken under its rate for a replay_rate_window (0.5 s here), and serves a reading client's
     full replay meanwhile; requests piled behind a replay are bounded; a replay connection
     without a replay is closed after REPLAY_IDLE_TIMEOUT and its DEALER, reconnecting by
     itself, is served again."""

@@ -1,0 +1,314 @@
+"""Hostile clients, round 4: one client taking every place on the control port (HTTP/2
+streams of one connection) or the KV event endpoints (connections from one address), and a
+replay reader slow enough to hold its place for good.
+
+One daemon for the module: max_control_rpcs = 4 with 2 streams per control connection, a
+control_request_timeout long enough (20 s) that calls without a request message hold their
+places through a test; events.max_subscribers = 4 with 2 per source address. Loopback
+tests bind their client sockets to 127.0.0.x to be different sources. The replay rate rule
+is checked on the real publisher in this process (a replay must outgrow the kernel's socket
+buffers, ~3 MB on loopback, for a reader to hold it: more batches than a test can put
+through a daemon cheaply). Every wait is on a condition, bounded in count and time.
+"""
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import struct
+import threading
+import time
+
+import grpc
+import pytest
+
+import kvstore
+from kvstore.v1 import control_pb2 as pb
+
+from test_hostile import closed_by_peer, connect_from, free_port, wait_for
+from test_hostile_round3 import _h2_frame, _hpack_literal, metric_when
+
+zmq = pytest.importorskip("zmq")
+msgpack = pytest.importorskip("msgpack")
+
+KiB, MiB = 1 << 10, 1 << 20
+END = (-1).to_bytes(8, "big", signed=True)
+RPCS, STREAMS = 4, 2  # server.max_control_rpcs, control_streams_per_connection
+SUBS, PER_CLIENT = 4, 2  # events.max_subscribers, max_subscribers_per_client
+
+
+@pytest.fixture(scope="module")
+def node(module_daemons, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("round4")
+    pub_port, rep_port = free_port(), free_port()
+    cfg = tmp / "round4.toml"
+    cfg.write_text(f"[server]\nmax_control_rpcs = {RPCS}\ncontrol_request_timeout = 20.0\n"
+                   f"control_streams_per_connection = {STREAMS}\n"
+                   f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'
+                   f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {SUBS}\n'
+                   f"max_subscribers_per_client = {PER_CLIENT}\n")
+    d = module_daemons("round4", "--config", str(cfg))
+    d.pub_port, d.rep_port = pub_port, rep_port
+    return d
+
+
+# ------------------------------------------------------------------ settings
+
+@pytest.mark.parametrize("overrides, expect", [
+    ({"max_control_rpcs": 8, "control_streams_per_connection": 9},
+     "server.control_streams_per_connection (9) must be at most server.max_control_rpcs (8)"),
+    ({"control_streams_per_connection": -1}, "server.control_streams_per_connection: -1 is outside"),
+    ({"events_max_subscribers": 4, "events_max_subscribers_per_client": 5},
+     "events.max_subscribers_per_client (5) must be at most events.max_subscribers (4)"),
+    ({"events_replay_rate_window": 0}, "events.replay_rate_window: 0.0 is outside 0.1..3600"),
+    ({"events_replay_rate_window": float("nan")}, "events.replay_rate_window: nan is outside"),
+    ({"events_replay_min_rate": "2GiB"}, "events.replay_min_rate: 2147483648 is outside"),
+])
+def test_new_limits_are_checked_at_start_naming_the_setting(overrides, expect):
+    from kvstored.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError) as ei:
+        load_config(None, overrides)
+    assert expect in str(ei.value) and "\n" not in str(ei.value)
+
+
+def test_new_limits_default_to_a_quarter_of_the_whole():
+    from kvstored.config import load_config
+
+    c = load_config(None, {"max_control_rpcs": 1024, "events_max_subscribers": 64})
+    assert (c.control_streams(), c.events_per_client()) == (256, 16)
+    c = load_config(None, {"max_control_rpcs": 2, "events_max_subscribers": 1})
+    assert (c.control_streams(), c.events_per_client()) == (1, 1)  # at least one
+    c = load_config(None, {"control_streams_per_connection": 3,
+                           "events_max_subscribers_per_client": 5})
+    assert (c.control_streams(), c.events_per_client()) == (3, 5)
+
+
+# ------------------------------------------------------------------ control port
+
+def _h2_frames(s: socket.socket, timeout: float, resets: int) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of the frames that arrive until ``resets`` streams
+    got RST_STREAM, or for ``timeout`` s."""
+    s.settimeout(0.2)
+    buf, out, until = b"", [], time.monotonic() + timeout
+    while time.monotonic() < until and len({f[2] for f in out if f[0] == 0x3}) < resets:
+        try:
+            got = s.recv(65536)
+        except TimeoutError:
+            continue
+        if not got:
+            break
+        buf += got
+        while len(buf) >= 9:
+            n = int.from_bytes(buf[:3], "big")
+            if len(buf) < 9 + n:
+                break
+            out.append((buf[3], buf[4], struct.unpack(">I", buf[5:9])[0] & 0x7FFFFFFF,
+                        buf[9:9 + n]))
+            buf = buf[9 + n:]
+    return out
+
+
+def test_one_control_connection_cannot_take_every_call_place(node):
+    """A hand-made HTTP/2 client that ignores SETTINGS_MAX_CONCURRENT_STREAMS opens 8 Info
+    calls on one connection and never sends their request messages (each would hold one of
+    max_control_rpcs = 4 places until control_request_timeout, 20 s here): gRPC refuses
+    the streams past control_streams_per_connection (2; REFUSED_STREAM), so another client
+    is still served at once; before, the 8 took all 4 places and it got RESOURCE_EXHAUSTED."""
+    port = int(node.control.rsplit(":", 1)[1])
+    ch = grpc.insecure_channel(node.control)
+    info = ch.unary_unary("/kvstore.v1.KVStore/Info",
+                          request_serializer=pb.InfoRequest.SerializeToString,
+                          response_deserializer=pb.InfoResponse.FromString)
+    assert info(pb.InfoRequest(), timeout=10).node_id  # the channel is up
+    fields = b"".join(_hpack_literal(k, v) for k, v in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kvstore.v1.KVStore/Info"),
+        (b":authority", b"kvstored"), (b"content-type", b"application/grpc"),
+        (b"te", b"trailers")))
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        # the preface and our SETTINGS, and an ACK of the daemon's (sent blind: a client
+        # that never ACKs is the next test's part); then 8 calls' HEADERS, no DATA
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(0x4, 0, 0, b"")
+                  + _h2_frame(0x4, 0x1, 0, b""))
+        s.sendall(b"".join(_h2_frame(0x1, 0x4, 2 * i + 1, fields) for i in range(8)))
+        frames = _h2_frames(s, 10, resets=8 - STREAMS)
+        # another client: served, not RESOURCE_EXHAUSTED (the hostile calls are still open)
+        for _ in range(3):
+            assert info(pb.InfoRequest(), timeout=10).node_id
+        settings = [f for f in frames if f[0] == 0x4 and not f[1] & 0x1]
+        assert settings, "no SETTINGS from the daemon"
+        advertised = dict(struct.unpack(">HI", settings[0][3][i:i + 6])
+                          for i in range(0, len(settings[0][3]), 6))
+        assert advertised.get(0x3) == STREAMS, advertised  # SETTINGS_MAX_CONCURRENT_STREAMS
+        refused = {f[2] for f in frames if f[0] == 0x3}  # RST_STREAM
+        assert len(refused) >= 8 - STREAMS, frames
+    finally:
+        s.close()
+        ch.close()
+
+
+def test_control_streams_past_the_cap_without_a_settings_ack_are_refused_too(node):
+    """The same client without ever ACKing the daemon's SETTINGS (so it may claim it never
+    learnt the limit): gRPC refuses the streams past it all the same (RST_STREAM
+    ENHANCE_YOUR_CALM, measured), and a second client is served."""
+    port = int(node.control.rsplit(":", 1)[1])
+    fields = b"".join(_hpack_literal(k, v) for k, v in (
+        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kvstore.v1.KVStore/Info"),
+        (b":authority", b"kvstored"), (b"content-type", b"application/grpc"),
+        (b"te", b"trailers")))
+    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    try:
+        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(0x4, 0, 0, b"")
+                  + b"".join(_h2_frame(0x1, 0x4, 2 * i + 1, fields) for i in range(8)))
+        frames = _h2_frames(s, 10, resets=8 - STREAMS)
+        with kvstore.Client(node.control, timeout=10, shm=False) as c:
+            assert c.info()
+        assert len({f[2] for f in frames if f[0] == 0x3}) >= 8 - STREAMS, frames  # RST_STREAM
+    finally:
+        s.close()
+
+
+# ------------------------------------------------------------------ KV event endpoints
+
+def _zmtp_peer(src: str, port: int, kind: bytes) -> socket.socket:
+    """A ZMTP 3 peer by hand from ``src``: greeting and READY sent, so the daemon keeps it
+    past its handshake deadline."""
+    from kvstored import events
+
+    s = connect_from(src, port)
+    s.sendall(events._greeting() + events._ready(kind))
+    return s
+
+
+def test_one_source_cannot_take_every_event_place(node):
+    """One address (127.0.0.2) opens 4 subscribers and 4 replay connections, each finishing
+    ZMTP's handshake: it keeps 2 of each (max_subscribers_per_client), the others are
+    closed, counted and logged with the address; a router from 127.0.0.3 subscribes and gets
+    events, and a replay from there is answered. Before, the 4 took every place and the
+    router was refused."""
+    refused0 = metric_when(node, "kvstored_kv_event_subscribers_refused_per_client_total",
+                           lambda v: True)
+    held = []
+    ctx = zmq.Context()
+    try:
+        for port, kind in ((node.pub_port, b"SUB"), (node.rep_port, b"DEALER")):
+            socks = [_zmtp_peer("127.0.0.2", port, kind) for _ in range(SUBS)]
+            held += socks
+            assert closed_by_peer(socks, keep=PER_CLIENT, timeout=10) == SUBS - PER_CLIENT
+        metric_when(node, "kvstored_kv_event_subscribers_refused_per_client_total",
+                    lambda v: v - refused0 >= 2 * (SUBS - PER_CLIENT))
+        assert metric_when(node, "kvstored_kv_event_subscribers", lambda v: True) == PER_CLIENT
+        sub = ctx.socket(zmq.SUB)
+        sub.setsockopt(zmq.LINGER, 0)
+        sub.setsockopt(zmq.SUBSCRIBE, b"")
+        sub.connect(f"tcp://127.0.0.3:0;127.0.0.1:{node.pub_port}")
+        with kvstore.Client(node.control, namespace="r4", timeout=10, shm=False) as c:
+            for i in range(100):  # (ZMQ's slow joiner: until one arrives)
+                c.put(f"k{i}", b"a")
+                if sub.poll(100):
+                    break
+            else:
+                raise AssertionError("the router from another address got no event")
+        assert msgpack.unpackb(sub.recv_multipart()[2])[1]
+        dealer = ctx.socket(zmq.DEALER)
+        dealer.setsockopt(zmq.LINGER, 0)
+        dealer.connect(f"tcp://127.0.0.3:0;127.0.0.1:{node.rep_port}")
+        dealer.send_multipart([b"", (0).to_bytes(8, "big")])
+        for _ in range(10000):
+            assert dealer.poll(10000), "no replay answer from another address"
+            if dealer.recv_multipart()[1] == END:
+                break
+        log = node.log_path.read_text(errors="replace")
+        assert "refused for their source (the last from 127.0.0.2)" in log
+        assert "events.max_subscribers_per_client" in log
+    finally:
+        ctx.destroy(0)
+        for s in held:
+            s.close()
+
+
+# ------------------------------------------------------------------ replay rate
+
+@pytest.fixture
+def tcp_publisher():
+    """The real publisher in this process on 127.0.0.1 (replays must take 64 KiB/s over
+    each 0.5 s); yields it with ``call`` to run a function on its loop (in a thread)."""
+    from kvstored import events
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def call(fn, *args):
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+
+    pub = events.EventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0",
+                                max_subscribers=4, replay_buffer=5000,
+                                replay_min_rate=64 * KiB, replay_rate_window=0.5)
+    call(pub.start)
+    pub.call = call
+    try:
+        yield pub
+    finally:
+        call(pub.close)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
+
+
+def test_a_slow_replay_reader_is_closed_and_a_fast_one_is_not(tcp_publisher, caplog):
+    """8 MB of batches to replay (more than loopback's socket buffers take): a reader that
+    takes 4 KiB every 0.1 s (40 KiB/s, under the 64 KiB/s asked) is closed within a few
+    0.5 s windows and counted (before: it never took nothing for the 30 s stall timeout, so
+    it held its replay place for good); a reader that takes what comes gets all of it."""
+    pub = tcp_publisher
+    for _ in range(2000):
+        pub.call(pub._publish, msgpack.packb([0.0, [["AllBlocksCleared"]] * 200, 0]), 200)
+    assert pub._buffer_bytes > 4 * MiB
+    port = int(pub.bound()[1].rsplit(":", 1)[1])
+    from kvstored import events
+
+    slow = socket.socket()
+    slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    slow.connect(("127.0.0.1", port))
+    slow.settimeout(10)
+    caplog.set_level(logging.INFO, "kvstored.events")
+    try:
+        slow.sendall(events._greeting() + events._ready(b"DEALER")
+                     + events.encode_message((b"", (0).to_bytes(8, "big"))))
+        t0, took = time.monotonic(), 0
+        while time.monotonic() - t0 < 15:
+            try:
+                got = slow.recv(4 * KiB)
+            except OSError:  # reset
+                break
+            if not got:
+                break
+            took += len(got)
+            time.sleep(0.1)
+        else:
+            raise AssertionError(f"the slow reader was not closed ({took} bytes in 15 s)")
+        assert pub.counters["replays_stalled"] == 1
+        assert any("under events.replay_min_rate" in r.getMessage() for r in caplog.records)
+        assert pub.call(lambda: len(pub._replays)) == 0  # its place is free
+    finally:
+        slow.close()
+    ctx = zmq.Context()
+    try:
+        reader = ctx.socket(zmq.DEALER)
+        reader.setsockopt(zmq.LINGER, 0)
+        reader.connect(pub.bound()[1])
+        reader.send_multipart([b"", (0).to_bytes(8, "big")])
+        n = 0
+        while True:
+            assert reader.poll(10000), f"replay did not end ({n} batches)"
+            if reader.recv_multipart()[1] == END:
+                break
+            n += 1
+        assert n == 2001  # the start's AllBlocksCleared, then ours
+        assert pub.counters["replays_stalled"] == 1
+    finally:
+        ctx.destroy(0)
