@@ -39,6 +39,12 @@ on a file in DIR takes that many objects, then demotes all of them at once (the
 watermarks set to 0 for one ``maybe_evict``, the way a full node evicts past its high
 one) and waits for the writes; three rounds. Figures: process CPU (user and system)
 per record from the eviction to the DRAM slot freed, and MB/s of wall time.
+
+    python benchmarks/bench_nvme.py --shutdown-flush 20000 [--dir DIR] [--value 16KiB]
+
+The shutdown flush: a daemon whose DRAM tier holds that many objects, none demoted,
+gets SIGTERM; seconds from the signal to its exit, and what its log says the flush
+wrote and could not keep.
 """
 from __future__ import annotations
 
@@ -322,6 +328,35 @@ def demotion_cpu_phase(work: str, n: int, size: int, rounds: int = 3) -> list[di
     return asyncio.run(run())
 
 
+def shutdown_flush_phase(kvstore, work: str, n: int, size: int) -> dict:
+    """SIGTERM with ``n`` DRAM-only objects of ``size`` bytes (a DRAM tier large enough to
+    hold them all, so none was demoted): seconds from the signal to the daemon's exit, and
+    what its log says the flush wrote and could not keep."""
+    import re
+    import signal
+    tier = os.path.join(work, "tier.dat")
+    extra = ["--nvme-path", tier, "--nvme-size", str(align(n * (size + 4096) * 2 + 256 * MiB)),
+             "--nvme-region-size", "64MiB"]
+    dram = align(n * size * 3 // 2 + 64 * MiB, MiB)
+    value = os.urandom(size)
+    with KvstoredDaemon("", dram_size=str(dram), max_value_size=max(size, 4 * MiB),
+                        slab_size=4 * MiB, extra_args=extra) as d:
+        with kvstore.Client(d.address, namespace="bench") as c:
+            for i in range(n):
+                c.put(b"obj-%08d" % i, value)
+            tiers = {t.name: t for t in c.stats().tiers}
+            dram_only = tiers["dram"].objects - tiers["nvme"].objects
+        t0, c0 = time.perf_counter(), os.times()
+        d.proc.send_signal(signal.SIGTERM)
+        rc = d.proc.wait(timeout=300)
+        wall = time.perf_counter() - t0
+        log_text = d.log_tail(200_000)
+    m = re.search(r"shutdown: wrote (\d+) DRAM-only objects to NVMe; (\d+) could not be kept", log_text)
+    return {"objects": n, "value": size, "dram_only_at_signal": dram_only, "exit_s": wall, "rc": rc,
+            "written": int(m.group(1)) if m else None, "not_kept": int(m.group(2)) if m else None,
+            "load_avg": os.getloadavg()[0]}
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--dir", default=os.path.join(HERE, "out"), help="where the fio and tier files go")
@@ -335,6 +370,9 @@ def main(argv=None) -> int:
                     help="--restart: reuse this tier file (filled first if absent) and leave it")
     ap.add_argument("--demotion-cpu", type=int, metavar="N",
                     help="only measure the CPU per demoted record, N records a round (engine)")
+    ap.add_argument("--shutdown-flush", type=int, metavar="N",
+                    help="only measure how long SIGTERM takes with N DRAM-only objects of "
+                    "--value (default 16KiB) to flush to NVMe (daemon)")
     ap.add_argument("--backends", default="io_uring,threads",
                     help="nvme.io_backend values to run one after the other (default io_uring,threads)")
     ap.add_argument("--markdown")
@@ -358,6 +396,20 @@ def main(argv=None) -> int:
         if args.json:
             with open(args.json, "w") as f:
                 json.dump({"demotion_cpu": rows, "machine": machine_facts()}, f, indent=2)
+        return 0
+    if args.shutdown_flush:
+        size = parse_size(args.value or "16KiB")
+        work = tempfile.mkdtemp(prefix="bench-nvme-flush-", dir=args.dir)
+        try:
+            r = shutdown_flush_phase(kvstore, work, args.shutdown_flush, size)
+        finally:
+            shutil.rmtree(work, ignore_errors=True)
+        print(f"SIGTERM with {r['dram_only_at_signal']} DRAM-only objects of {human_size(size)}: "
+              f"exit in {r['exit_s']:.2f} s (rc {r['rc']}), flush wrote {r['written']}, "
+              f"not kept {r['not_kept']}; load average {r['load_avg']:.1f} on {os.cpu_count()} CPUs")
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump({"shutdown_flush": r, "machine": machine_facts()}, f, indent=2)
         return 0
     if args.restart:
         work = tempfile.mkdtemp(prefix="bench-nvme-restart-", dir=args.dir)

@@ -9,7 +9,7 @@ completed together), not a task each; a get of an NVMe-only entry promotes it ba
 verifying its checksum. Deleting or overwriting an entry that has an NVMe copy
 appends a tombstone so a restart does not bring it back. At start, the objects
 found on NVMe are indexed (``recover``); at shutdown, DRAM-only objects may be
-written out (``flush_to_nvme``).
+written out (``flush_to_nvme``, in batches as the demotion writers write).
 
 Without an NVMe tier, an eviction is a removal from the index.
 """
@@ -66,9 +66,10 @@ class Tiering:
         self._writers: set[asyncio.Task] = set()  # the demotion writers running (also in _tasks)
         self._batch_bufs: list[_BatchBuffer] = []  # idle writers' buffers, kept for the next
         # Aligned pages for objects under 4 KiB (their arena slots are not page aligned, and
-        # O_DIRECT wants aligned buffers): demotions and promotions of such objects share
-        # these and wait for one, so a burst of thousands holds BOUNCE_PAGES pages, not a
-        # mapping each (vm.max_map_count: see nvmeio.HeaderPool).
+        # O_DIRECT wants aligned buffers): promotions of such objects share these and wait
+        # for one, so a burst of thousands holds BOUNCE_PAGES pages, not a mapping each
+        # (vm.max_map_count: see nvmeio.HeaderPool). Demotions and the shutdown flush copy
+        # theirs into their batch's pages (_BatchBuffer).
         self._bounce = HeaderPool(BOUNCE_PAGES) if nvme is not None else None
         if nvme is not None:
             # before any record (recovery adds them later): Locations pack on any drive size
@@ -154,7 +155,9 @@ class Tiering:
             self._writers.discard(asyncio.current_task())
             self._batch_bufs.append(buf)
 
-    async def _write_batch(self, batch: list, buf: "_BatchBuffer") -> None:
+    def _batch_records(self, batch: list, buf: "_BatchBuffer") -> list:
+        """``append_batch``'s records of ``batch`` (``(entry, seq)`` each): payloads are the
+        arena slots, or ``buf``'s pages for sub-page slots (not page aligned: O_DIRECT)."""
         view = self.dram.arena.view
         recs = []
         for j, (e, seq) in enumerate(batch):
@@ -165,8 +168,12 @@ class Tiering:
                 payload = buf.pages[j]
                 payload[:size] = view[off:off + size]
                 payload[size:] = _ZERO_PAGE[size:]  # a reused page: no other object's bytes
-                slot = SLOT_ALIGN  # (_nvme_slot)
+                slot = SLOT_ALIGN  # NVMe records stay 4 KiB aligned
             recs.append((e.ns, e.key, payload, size, e.checksum, slot, e.committed_at, seq))
+        return recs
+
+    async def _write_batch(self, batch: list, buf: "_BatchBuffer") -> None:
+        recs = self._batch_records(batch, buf)
         done = [False] * len(batch)
 
         def landed(i: int, loc) -> None:  # as each run of records lands (or fails)
@@ -213,18 +220,6 @@ class Tiering:
         e.nvme = loc
         if e.refs == 0 and e.offset >= 0:
             self.dram.drop_copy(e)
-
-    async def _nvme_payload(self, e: Entry) -> tuple[memoryview, int | None]:
-        """The object's bytes as the NVMe tier writes them (O_DIRECT): page aligned, whole
-        pages, and the bounce page to give back (None: none was needed). Sub-page slots
-        are not page aligned, so they are copied to a bounce page."""
-        view = self.dram.arena.view
-        if e.sc.slot_size >= SLOT_ALIGN:
-            return view[e.offset:e.offset + _align(e.size)], None
-        i, page = await self._bounce.take_wait()
-        page[:e.size] = view[e.offset:e.offset + e.size]
-        page[e.size:] = bytes(len(page) - e.size)  # a reused page: no other object's bytes on disk
-        return page[:_align(e.size)], i
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -459,34 +454,82 @@ class Tiering:
                              key=_most_read)
 
     async def _flush_chunk(self, todo: list, deadline: float) -> tuple[int, str]:
-        """Write ``todo`` in order: (how many were written, why it stopped or "")."""
+        """Write ``todo`` in order, in batches (``append_batch``, as the demotion writers do;
+        up to DEMOTION_WRITERS in flight): (how many were written, why it stopped or "")."""
         loop = asyncio.get_running_loop()
-        if loop.time() >= deadline:  # (also an empty chunk from a walk not taken)
-            return 0, "the flush reached its deadline"
-        written = 0
-        for e in todo:
-            if loop.time() >= deadline:
-                return written, "the flush reached its deadline"
-            if e.state == DEAD or e.nvme is not None:
-                continue
-            e.refs += 1
-            page = None
-            try:
-                payload, page = await self._nvme_payload(e)
-                loc = await self.nvme.append(e.ns, e.key, payload, e.size,
-                                             e.checksum, _nvme_slot(e), e.committed_at)
-                if e.state == DEAD:  # deleted meanwhile: its tombstone came later
-                    self.nvme.forget(loc, e.ns, e.key)
-                else:
-                    e.nvme = loc
+        written, why = 0, ""
+        flying: set[asyncio.Task] = set()
+        i = 0
+        try:
+            while True:
+                while i < len(todo) and len(flying) < DEMOTION_WRITERS and not why:
+                    if loop.time() >= deadline:
+                        why = "the flush reached its deadline"
+                        break
+                    batch, size = [], 0
+                    while i < len(todo) and len(batch) < DEMOTION_BATCH_RECORDS and (
+                            not batch or size + todo[i].size <= DEMOTION_BATCH_BYTES):
+                        e = todo[i]
+                        i += 1
+                        if e.state != DEAD and e.nvme is None:
+                            batch.append(e)
+                            size += e.size
+                    if batch:
+                        flying.add(loop.create_task(self._flush_batch(batch)))
+                if not todo and loop.time() >= deadline:  # (an empty chunk from a walk not taken)
+                    why = "the flush reached its deadline"
+                if not flying:
+                    return written, why
+                done, flying = await asyncio.wait(flying, return_when=asyncio.FIRST_COMPLETED)
+                for t in done:
+                    n, err = t.result()
+                    written += n
+                    if err is not None and not why:  # the batches in flight still land
+                        why = f"NVMe tier full or failing ({err.strerror or err})"
+        except BaseException:
+            for t in flying:  # (each still waits for its writes, then reports its records)
+                t.cancel()
+            raise
+
+    async def _flush_batch(self, batch: list) -> tuple[int, OSError | None]:
+        """Write ``batch`` (DRAM-only entries) with one ``append_batch``; each entry keeps its
+        DRAM copy and gains its NVMe one. (how many were written, the first error)."""
+        nvme = self.nvme
+        buf = self._batch_bufs.pop() if self._batch_bufs else _BatchBuffer()
+        items = []
+        for e in batch:
+            e.refs += 1  # its slot is read by the write: not freed meanwhile
+            seq = nvme.next_seq()
+            nvme.writing_begins(e.ns, e.key, seq)
+            items.append((e, seq))
+        done = [False] * len(items)
+        written, first_err = 0, None
+
+        def landed(i: int, loc) -> None:
+            nonlocal written, first_err
+            done[i] = True
+            e, seq = items[i]
+            nvme.writing_ends(e.ns, e.key, seq)
+            if isinstance(loc, OSError):
+                first_err = first_err or loc
+            elif e.state == DEAD:  # deleted meanwhile: its tombstone came later
+                nvme.forget(loc, e.ns, e.key)
+            else:
+                e.nvme = loc
                 written += 1
-            except OSError as err:
-                return written, f"NVMe tier full or failing ({err.strerror or err})"
-            finally:
-                if page is not None:
-                    self._bounce.give(page)
-                e.refs -= 1
-        return written, ""
+            self._release(e)
+
+        try:
+            await nvme.append_batch(self._batch_records(items, buf), buf.headers, landed)
+        except BaseException:  # cancelled, or a bug: append_batch reported what it wrote once
+            # the write ended; one it never took has nothing in flight
+            for i in range(len(items)):
+                if not done[i]:
+                    landed(i, OSError(errno.ECANCELED, "flush cancelled"))
+            raise
+        finally:
+            self._batch_bufs.append(buf)
+        return written, first_err
 
     def tasks_in_flight(self) -> set[asyncio.Task]:
         """A snapshot of the demotions and tombstone writes in flight: a caller that starts
@@ -534,7 +577,7 @@ DEMOTION_BATCH_BYTES = 8 << 20
 BLOCK = SLOT_ALIGN  # the NVMe block: a header, a sub-page payload's page
 _ZERO_PAGE = memoryview(bytes(BLOCK))
 
-BOUNCE_PAGES = 64  # aligned pages shared by the demotions and promotions of sub-page objects
+BOUNCE_PAGES = 64  # aligned pages shared by the promotions of sub-page objects
 
 
 class _BatchBuffer:
@@ -554,11 +597,6 @@ class _BatchBuffer:
 
 def _align(n: int, a: int = 4096) -> int:
     return (n + a - 1) // a * a
-
-
-def _nvme_slot(e: Entry) -> int:
-    """The slot size the NVMe tier groups records by: NVMe records stay 4 KiB aligned."""
-    return max(e.sc.slot_size, SLOT_ALIGN)
 
 
 class _RecoverySink:

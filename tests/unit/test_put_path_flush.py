@@ -33,16 +33,16 @@ def test_flush_writes_all_most_read_first_in_bounded_chunks(tmp_path, monkeypatc
                 s.index.get(NS, b"k%03d" % i).reads = 1 + i % 30
             assert all(e.nvme is None for e in s.index.values())
             sizes, order = [], []
-            real_chunk, real_append = s.tiering._flush_chunk, s.nvme.append
+            real_chunk, real_append = s.tiering._flush_chunk, s.nvme.append_batch
 
             async def chunk(todo, deadline):
                 sizes.append(len(todo))
                 return await real_chunk(todo, deadline)
 
-            async def append(ns, key, *a):
-                order.append(s.index.get(ns, key).reads)
-                return await real_append(ns, key, *a)
-            s.tiering._flush_chunk, s.nvme.append = chunk, append
+            async def append_batch(recs, *a):  # (the flush's batches, in the order issued)
+                order.extend(s.index.get(r[0], r[1]).reads for r in recs)
+                return await real_append(recs, *a)
+            s.tiering._flush_chunk, s.nvme.append_batch = chunk, append_batch
             assert await s.flush_to_nvme(30) == n
             await s.drain_tasks(10)
             assert s.flush_not_kept == 0
