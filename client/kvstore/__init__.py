@@ -10,9 +10,17 @@ import os as _os
 
 # gRPC's documented default log level is ERROR, but grpcio 1.85's C core writes INFO lines
 # on stderr (a failed TLS handshake: "I1202 ... ssl_transport_security.cc ... Handshake
-# failed") unless GRPC_VERBOSITY is set before grpc is imported: the typed error already
-# says it in one line (kvstore-cli's contract). An application's own setting is kept.
-_os.environ.setdefault("GRPC_VERBOSITY", "ERROR")
+# failed") unless GRPC_VERBOSITY is set when grpc is imported, which is when it reads it:
+# the typed error already says it in one line (kvstore-cli's contract). Set for that
+# import only, so the processes this one starts (a kvstored, whose own default is NONE)
+# inherit no setting; an application's own setting, or an earlier import, is left alone.
+if "GRPC_VERBOSITY" not in _os.environ:
+    _os.environ["GRPC_VERBOSITY"] = "ERROR"
+    try:
+        import grpc as _grpc  # noqa: F401
+    finally:
+        del _os.environ["GRPC_VERBOSITY"]
+    del _grpc
 
 from . import errors, keys
 from ._common import TLSConfig

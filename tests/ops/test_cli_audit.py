@@ -57,6 +57,12 @@ def test_tls_to_a_plaintext_daemon_is_one_line(daemon):
     assert r.returncode == 4 and r.stdout == "", r.stderr
     assert r.stderr.startswith("kvstore-cli: PermissionDenied: ") and "does not speak TLS" in \
         r.stderr and len(r.stderr.splitlines()) == 1, r.stderr
+    # ... set for grpc's import only: a process that imports kvstore and starts a kvstored
+    # passes it no GRPC_VERBOSITY (the daemon's own default, NONE, keeps gRPC's lines out)
+    r = subprocess.run([sys.executable, "-c", "import os, kvstore; print(os.environ.get("
+                        "'GRPC_VERBOSITY'))"], capture_output=True, text=True,
+                       timeout=CLI_TIMEOUT, env=env)
+    assert r.returncode == 0 and r.stdout == "None\n", (r.stdout, r.stderr)
 
 
 def test_stats_shows_byte_counters_in_binary_units(daemon, capsys):
