@@ -4,6 +4,7 @@ client against a plaintext daemon is one line, not gRPC's log line besides it.""
 from __future__ import annotations
 
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -144,10 +145,12 @@ def test_an_http2_server_that_is_not_kvstored_is_exit_3(capsys):
                           "control (gRPC) port") and len(err.splitlines()) == 1, err
 
 
-def test_policy_rm_says_what_it_did_and_drain_on_a_one_node_cluster(start_daemon, tmp_path,
-                                                                      capsys):
+def test_policy_rm_says_what_it_did_and_drain_names_the_node_it_cannot_reach(start_daemon,
+                                                                              tmp_path, capsys):
     """`policy rm` said "policy removed" for a namespace that had none, and for the
-    default the nodes' config (cluster.policies) keeps in force. One etcd, one node."""
+    default the nodes' config (cluster.policies) keeps in force; `drain` of a member that
+    is down said "cannot connect to kvstored at <the -a address>", which was up. One etcd,
+    two nodes (a long lease keeps the killed one listed)."""
     import json
     import shutil
 
@@ -163,13 +166,15 @@ def test_policy_rm_says_what_it_did_and_drain_on_a_one_node_cluster(start_daemon
 
     etcd = Etcd(tmp_path).start()
     try:
-        d = start_daemon("--config", config(tmp_path, f"""
+        cfg = config(tmp_path, f"""
             [cluster]
             enabled = true
             etcd_endpoints = "{etcd.endpoint}"
             policies = "*=replicas:1"
-            repair_delay = 0
-            """))
+            lease_ttl = 60
+            repair = false
+            """)
+        d, down = start_daemon.many(["--config", cfg], ["--config", cfg])
 
         def cli(*args: str) -> tuple[int, str, str]:
             rc = main(["-a", d.control, *args])
@@ -178,8 +183,8 @@ def test_policy_rm_says_what_it_did_and_drain_on_a_one_node_cluster(start_daemon
 
         def registered() -> bool:
             doc = json.loads(cli("--json", "nodes")[1])
-            return doc["source"] == "etcd" and not doc["degraded"]
-        assert wait_for(registered, 20)
+            return doc["source"] == "etcd" and not doc["degraded"] and len(doc["nodes"]) == 2
+        assert wait_for(registered, 30)
         rc, out, err = cli("policy", "rm", "nobody")
         assert rc == 0 and out.startswith("'nobody': had no policy of its own; nothing removed"), err
         assert cli("policy", "set", "llama", "none")[0] == 0
@@ -198,6 +203,13 @@ def test_policy_rm_says_what_it_did_and_drain_on_a_one_node_cluster(start_daemon
         assert rc == 0 and doc["draining"] and doc["safe_to_stop"] and doc["objects"] == 0, err
         rc, out, _ = cli("drain", node, "--cancel")
         assert rc == 0 and out.startswith(f"{node}: drain cancelled"), out
+        # a member that is down, still listed (its lease runs 60 s): exit 3, naming it
+        down.stop(signal.SIGKILL)
+        rc, out, err = cli("--timeout", "20", "drain", down.info["node_id"])
+        assert rc == 3 and out == "" and len(err.splitlines()) == 1, err
+        assert err.startswith(f"kvstore-cli: Unavailable: cannot reach {down.info['node_id']} at "
+                              f"{down.control} to drain it"), err
+        assert d.control not in err, err
     finally:
         etcd.stop()
 

@@ -276,7 +276,17 @@ def cmd_drain(c: Client, args, parser: argparse.ArgumentParser) -> int:
     target = c if m.self else _member_client(args, m.control_address, args.timeout)
     log = sys.stderr if args.json else sys.stdout  # --json: stdout carries one document only
     try:
-        r = target.drain(cancel=args.cancel)
+        try:
+            r = target.drain(cancel=args.cancel)
+        except errors.Unavailable as e:
+            if target is c:
+                raise
+            # Drain is asked of the node itself: one that is down cannot be drained (it
+            # leaves the member list once its lease runs out; repair re-homes its records)
+            raise errors.Unavailable(
+                f"cannot reach {m.node_id} at {m.control_address} to drain it "
+                f"({one_line(e.message)}); a node that is down leaves the member list "
+                "within cluster.lease_ttl and repair rebuilds its records") from None
         doc = {"node_id": m.node_id, "control_address": m.control_address,
                "draining": r.draining, "objects_left": r.objects_left, "detail": r.detail,
                "waited": False, "objects": r.objects_left, "safe_to_stop": False}

@@ -263,12 +263,18 @@ _REFUSED = re.compile(r"connection refused|errno 111|econnrefused", re.IGNORECAS
 _NOT_GRPC = re.compile(r"failed parsing http/2|http1\.x server", re.IGNORECASE)
 # ... and one that answers in HTTP/2 but not as gRPC (a proxy or web server: "404")
 _HTTP2_NOT_GRPC = re.compile(r"received http2 header with status", re.IGNORECASE)
+_ADDRESSES = re.compile(r"(?<![\w.:])((?:\d{1,3}\.){3}\d{1,3}:\d+|\[[0-9a-fA-F:]+\]:\d+)")
 
 
 def _error_text(e: errors.KVStoreError, args) -> str:
     """The one line for a typed error; a refused connection says where and what to check
     instead of gRPC's or the socket's wording."""
     text = one_line(e.message)
+    # another member's address (drain, nodes probe the members themselves): its own words
+    other = isinstance(e, errors.Unavailable) and args.address not in text and \
+        "data path" not in text and any(a != args.data_address for a in _ADDRESSES.findall(text))
+    if other:
+        return text
     if isinstance(e, errors.Unavailable) and _REFUSED.search(text):
         if "data path" in text and args.address not in text:
             # the control address answered, so the daemon runs: its data port is what is missing
