@@ -192,6 +192,46 @@ def cpu_seconds(d) -> tuple[float, float]:
     return int(fields[11]) / tck, int(fields[12]) / tck
 
 
+def thread_cpu(daemons) -> dict:
+    """{(pid, tid, comm): user + system CPU seconds} of every thread of ``daemons`` (the
+    event loop's thread is the one whose tid is the pid)."""
+    tck = os.sysconf("SC_CLK_TCK")
+    out = {}
+    for d in daemons:
+        pid = d.proc.pid
+        for task in Path(f"/proc/{pid}/task").iterdir():
+            try:
+                head, fields = task.joinpath("stat").read_text().rsplit(")", 1)
+            except OSError:  # the thread ended
+                continue
+            f = fields.split()
+            out[(pid, int(task.name), head.split("(", 1)[1])] = (int(f[11]) + int(f[12])) / tck
+    return out
+
+
+def threads_summary(before: dict, after: dict, records: int) -> str:
+    """Survivors' CPU per rebuilt record by thread kind: the event loop (main thread),
+    the busiest other thread of each node (the repair agent's), and the rest."""
+    loop = busiest = rest = 0.0
+    by_pid: dict = {}
+    for k, v in after.items():
+        by_pid.setdefault(k[0], []).append((v - before.get(k, 0.0), k))
+    for pid, rows in by_pid.items():
+        rows.sort(reverse=True)
+        others = []
+        for dv, k in rows:
+            if k[1] == pid:
+                loop += dv
+            else:
+                others.append(dv)
+        if others:
+            busiest += others[0]
+            rest += sum(others[1:])
+    per = 1e6 / max(records, 1)
+    return (f"event loops {loop * per:.0f} us, repair threads (busiest other) {busiest * per:.0f} us, "
+            f"other threads {rest * per:.0f} us")
+
+
 def cpu_of(daemons) -> tuple[float, float]:
     """(user, system) CPU seconds of ``daemons`` together."""
     got = [cpu_seconds(d) for d in daemons]
@@ -326,6 +366,7 @@ def main(argv=None) -> int:
             time.sleep(POLL_S)
         t_drop = time.monotonic()
         cpu_drop = cpu_of(survivors)
+        threads_drop = thread_cpu(survivors)
 
         # ---- wait for every survivor: a pass done since the drop, idle, pending 0;
         # each pass that ends is seen here (its end, and its start = end - its length)
@@ -348,6 +389,7 @@ def main(argv=None) -> int:
             time.sleep(POLL_S)
         t_done = time.monotonic()
         cpu_now = cpu_of(survivors)
+        threads_now = thread_cpu(survivors)
         stop_profilers(profilers)
         profilers = []
         passes_s = max(e for _s, e in pass_spans) - min(s for s, _e in pass_spans)
@@ -421,6 +463,7 @@ def main(argv=None) -> int:
          f"{cpu_rebuild / passes_s:.2f} cores busy over the passes"),
         ("  of which user / system", f"{cpu_user:.2f} / {cpu_sys:.2f} s",
          f"{cpu_rebuild * 1e6 / max(records, 1):.0f} us of CPU per record rebuilt"),
+        ("  of which by thread, per record", "", threads_summary(threads_drop, threads_now, records)),
         ("pyeclib reconstruct, 1 data fragment", f"{frag_len / frag_dt / 1e6:.0f} MB/s",
          f"{frag_dt * 1e6:.0f} us per {fmt_size(frag_len)} fragment"),
         ("pyeclib reconstruct, 1 parity fragment", f"{frag_len / par_dt / 1e6:.0f} MB/s",
