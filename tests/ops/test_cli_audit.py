@@ -210,6 +210,14 @@ def test_policy_rm_says_what_it_did_and_drain_names_the_node_it_cannot_reach(sta
         assert err.startswith(f"kvstore-cli: Unavailable: cannot reach {down.info['node_id']} at "
                               f"{down.control} to drain it"), err
         assert d.control not in err, err
+        # etcd down: the node's "etcd is unreachable (... Connection refused)" was rewritten
+        # into "cannot connect to kvstored at <-a>: connection refused (is kvstored running?)"
+        etcd.stop()
+        assert wait_for(lambda: json.loads(cli("--json", "nodes")[1])["degraded"], 30)
+        rc, out, err = cli("policy", "set", "x", "none")
+        assert rc == 3 and out == "" and len(err.splitlines()) == 1, err
+        assert err.startswith("kvstore-cli: Unavailable: etcd is unreachable") and \
+            "policy not changed" in err, err
     finally:
         etcd.stop()
 
