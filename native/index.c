@@ -1059,8 +1059,15 @@ static PyObject *get_nvme(Entry *e, void *c) {
                                  (unsigned long)r->nvme_gen);
 }
 
-static int attr_ull(PyObject *o, const char *name, unsigned long long *out) {
-    PyObject *v = PyObject_GetAttrString(o, name);
+/* the Location attribute names nvme_store reads, made once (a str built per read cost
+   more than the rest of a demotion's index update) */
+static PyObject *loc_names[5];
+
+static int attr_ull(PyObject *o, int which, unsigned long long *out) {
+    static const char *const names[5] = {"region", "offset", "length", "checksum", "generation"};
+    if (!loc_names[which] && !(loc_names[which] = PyUnicode_InternFromString(names[which])))
+        return -1;
+    PyObject *v = PyObject_GetAttr(o, loc_names[which]);
     if (!v) return -1;
     if (!PyLong_Check(v)) { Py_DECREF(v); *out = ~0ULL; return 0; }
     *out = PyLong_AsUnsignedLongLong(v);
@@ -1074,9 +1081,9 @@ static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
     /* the attributes first: getattr may run Python code (which may grow the record
        array), so no pointer into it is held across them */
     if (v != Py_None &&
-        (attr_ull(v, "region", &reg) < 0 || attr_ull(v, "offset", &off) < 0 ||
-         attr_ull(v, "length", &len) < 0 || attr_ull(v, "checksum", &cs) < 0 ||
-         attr_ull(v, "generation", &gen) < 0)) {
+        (attr_ull(v, 0, &reg) < 0 || attr_ull(v, 1, &off) < 0 ||
+         attr_ull(v, 2, &len) < 0 || attr_ull(v, 3, &cs) < 0 ||
+         attr_ull(v, 4, &gen) < 0)) {
         PyErr_Clear();
         PyErr_Format(PyExc_TypeError, "Entry.nvme must be None or a Location, not %.80s",
                      Py_TYPE(v)->tp_name);

@@ -47,7 +47,7 @@ from .nvmedevice import Location, NvmeDevice, NvmeError, Region
 from .nvmeformat import (BLOCK, COMMITTED, CSUM, DATA_START, FLAG_TOMBSTONE, FLAGS, KEY, LENGTH,
                          NS, REGION_HEADER, REGION_OVERHEAD, REL, SEQ, SUMMARY_ENTRY, align_up,
                          count_entries, key_digest, parse_record, parse_summary, parse_trailer,
-                         record_header, region_header, summary_block, summary_entry, tail_size)
+                         record_header, record_header_into, region_header, summary_block, summary_entry, tail_size)
 from .nvmeio import HeaderPool
 from .nvmescan import SCAN_CHUNK, Found, gc_paused, scan, scan_rows
 from .nvmesync import SYNC_MODES, Syncer
@@ -707,9 +707,7 @@ class NvmeTier:
                         continue
                 rel = r.write_ptr
                 block = headers[i * BLOCK:(i + 1) * BLOCK]
-                data = record_header(ns, key, r.generation, seq, length, checksum, False, at, seed)
-                block[:len(data)] = data
-                block[len(data):] = _ZERO_BLOCK[len(data):]  # a reused block: no other header's bytes
+                record_header_into(block, ns, key, r.generation, seq, length, checksum, at, seed)
                 r.summary += summary_entry(seq, rel, length, checksum, at, False, ns, key)
                 r.write_ptr = rel + rec_len
                 run = last_run.get(r.index)

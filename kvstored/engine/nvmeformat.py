@@ -55,6 +55,8 @@ FLAG_TOMBSTONE = 1
 # a summary block and the trailer (config checks region_size >= max_value_size + this)
 REGION_OVERHEAD = REGION_HEADER + 3 * BLOCK
 _CSUM = struct.Struct("<Q")
+_ZERO_BLOCK = memoryview(bytes(BLOCK))
+_HEADER_MAX = RECORD.size + 255 + 255 + _CSUM.size  # the longest record header
 
 # fields of a row (a decoded summary entry or scanned record header)
 SEQ, REL, LENGTH, CSUM, COMMITTED, FLAGS, NS_LEN, KEY_LEN, NS, KEY = range(10)
@@ -117,6 +119,25 @@ def record_header(ns: bytes, key: bytes, generation: int, seq: int, length: int,
     return sealed(RECORD.pack(RECORD_MAGIC, FLAG_TOMBSTONE if tombstone else 0, len(ns), len(key),
                               generation, seq, length, checksum, key_digest(ns, key), committed_at)
                   + ns + key, seed)
+
+
+def record_header_into(block: memoryview, ns: bytes, key: bytes, generation: int, seq: int,
+                       length: int, checksum: int, committed_at: float, seed: int) -> None:
+    """``record_header`` of a record (not a tombstone) packed into the BLOCK-byte ``block``
+    (the batch append's path, with no intermediate bytes objects), zeroed after it up to
+    the longest header there can be (ns and key lengths are one byte each): a block used
+    for headers only keeps no other header's bytes, and past that length it is never
+    written (a fresh mapping's zeros), so 4 KiB need not be zeroed per record."""
+    n, k = len(ns), len(key)
+    RECORD.pack_into(block, 0, RECORD_MAGIC, 0, n, k, generation, seq, length, checksum,
+                     key_digest(ns, key), committed_at)
+    h = RECORD.size + n
+    block[RECORD.size:h] = ns
+    end = h + k
+    block[h:end] = key
+    _CSUM.pack_into(block, end, xxhash.xxh3_64_intdigest(block[:end], seed))
+    end += _CSUM.size
+    block[end:_HEADER_MAX] = _ZERO_BLOCK[end:_HEADER_MAX]
 
 
 def parse_record(block, gen: int, seed: int, rel: int = 0) -> tuple | None:

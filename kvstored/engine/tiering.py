@@ -179,7 +179,8 @@ class Tiering:
         def landed(i: int, loc) -> None:  # as each run of records lands (or fails)
             done[i] = True
             e, seq = batch[i]
-            self._demoted(e, seq, loc)
+            rec = recs[i]
+            self._demoted(e, seq, loc, rec[0], rec[1])  # (the key bytes read once)
 
         try:
             out = await self.nvme.append_batch(recs, buf.headers, landed)
@@ -196,30 +197,36 @@ class Tiering:
             log.warning("demotion failed (%s); %d objects dropped from DRAM instead", failed[0],
                         len(failed))
 
-    def _demoted(self, e: Entry, seq: int, loc) -> None:
+    def _demoted(self, e: Entry, seq: int, loc, ns: bytes | None = None,
+                 key: bytes | None = None) -> None:
         """A queued demotion ended: written at ``loc``, failed (None, or an OSError), or not
-        tried (deleted while queued)."""
-        if self.nvme.closed:  # a write failed by the tier's close, after the arena's: exiting
+        tried (deleted while queued). ``ns``, ``key``: the entry's, when the caller has them."""
+        nvme = self.nvme
+        if nvme.closed:  # a write failed by the tier's close, after the arena's: exiting
             return
         if isinstance(loc, OSError):
             loc = None
-        self.nvme.writing_ends(e.ns, e.key, seq)
-        self.dram.demoting_bytes -= e.size
-        e.refs -= 1
+        if ns is None:
+            ns, key = e.ns, e.key
+        nvme.writing_ends(ns, key, seq)
+        dram = self.dram
+        dram.demoting_bytes -= e.size
+        refs = e.refs - 1
+        e.refs = refs
         if e.state == DEAD:  # deleted or overwritten meanwhile
             if loc is not None:  # the delete's tombstone has a higher seq already
-                self.nvme.forget(loc, e.ns, e.key)
-            if e.refs == 0:
-                self.dram.free_slot(e.offset)
+                nvme.forget(loc, ns, key)
+            if refs == 0:
+                dram.free_slot(e.offset)
             return
         if loc is None:  # its only copy was the DRAM one being given up: the object is lost
-            self.nvme.counters["demotion_failures"] += 1
-            if e.refs == 0:
+            nvme.counters["demotion_failures"] += 1
+            if refs == 0:
                 self._unlink(e)
             return
         e.nvme = loc
-        if e.refs == 0 and e.offset >= 0:
-            self.dram.drop_copy(e)
+        if refs == 0 and e.offset >= 0:
+            dram.drop_copy(e)
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)

@@ -145,3 +145,16 @@ def test_region_header_copies():
 def test_verify_refuses_a_block_too_short_for_its_checksum():
     assert not f.verify(b"abc", 2)
     assert f.verify(f.sealed(b"abc"), 3)
+
+
+def test_record_header_into_writes_record_header_over_a_used_block():
+    """The batch append's header, packed in place, is ``record_header`` byte for byte, the
+    rest of the block zero even where a longer header was before (and a stranger key)."""
+    import mmap
+    block = memoryview(mmap.mmap(-1, f.BLOCK))
+    f.record_header_into(block, b"n" * 255, bytes(range(255)), 9, 1, 10, 2, 0.5, 7)
+    for ns, key in ((b"ns", b"k"), (b"", b"\0" * 128), (b"n" * 255, b"k" * 255)):
+        f.record_header_into(block, ns, key, 7, 12345, 4096, 99, 1.5, 42)
+        want = f.record_header(ns, key, 7, 12345, 4096, 99, False, 1.5, 42)
+        assert bytes(block) == want + bytes(f.BLOCK - len(want))
+        assert f.parse_record(block, 7, 42)[-2:] == (ns, key)
