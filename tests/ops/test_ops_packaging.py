@@ -160,6 +160,38 @@ def test_example_configs_load():
     assert cfg.shm_socket_path == image.shm_socket_path == "/run/kvstored/shm.sock"
 
 
+# what the example files set on purpose; every other value they show is the default
+EXAMPLE_CHOICES = {
+    "systemd/kvstored.toml": {"shm.socket_path"},
+    "docker/kvstored.toml": {"shm.socket_path", "server.host", "metrics.host", "dram.size",
+                             "log.format"},
+}
+
+
+def test_example_configs_restate_the_defaults_they_do_not_change():
+    """The examples show settings an operator may edit, at their default values: a changed
+    default would otherwise stay pinned at its old value in every copied example."""
+    import tomllib
+
+    from kvstored.settings import SETTINGS, parse_size
+    by_name = {s.name: s for s in SETTINGS}
+    for rel, chosen in EXAMPLE_CHOICES.items():
+        shown = {f"{sec}.{key}": v for sec, table in
+                 tomllib.loads((ROOT / rel).read_text()).items() for key, v in table.items()}
+        assert chosen <= shown.keys(), (rel, sorted(chosen - shown.keys()))
+        for name, value in shown.items():
+            if name in chosen:
+                continue
+            default = by_name[name].default
+            if default is None:  # dram.size: auto
+                assert value == "auto", (rel, name, value)
+            elif isinstance(value, str) and isinstance(default, int) and \
+                    not isinstance(default, bool):
+                assert parse_size(value) == default, (rel, name, value, default)
+            else:
+                assert value == default, (rel, name, value, default)
+
+
 def _dockerfile() -> list[tuple[str, str]]:
     out, buf = [], ""
     for line in (DOCKER / "Dockerfile").read_text().splitlines():
