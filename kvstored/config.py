@@ -487,8 +487,16 @@ def _flag_choices(s: Setting) -> dict[str, Any]:
     return {"choices": s.choices} if s.choices else {}
 
 
+class _ArgParser(argparse.ArgumentParser):
+    """A bad flag is a start-up failure like any other: one line, ``kvstored: error: ...``,
+    exit 2 (argparse wrote its six-line usage first, which a journal shows as noise)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists the flags)\n")
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = _ArgParser(
         prog="kvstored", description="KV-block storage daemon.",
         epilog="Flags override the config file, which overrides built-in defaults. "
                "Sizes take binary units: 64KiB, 512MiB, 2GiB (K/KB/M/MB/G/GB are 1024-based too).")

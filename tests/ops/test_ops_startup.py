@@ -201,6 +201,29 @@ def _fails_in_one_line(argv: list[str], env: dict | None = None, timeout: float 
     return err[0]
 
 
+@pytest.mark.parametrize("argv, words", [
+    (["--port", "abc"], "argument --port: invalid int value: 'abc'"),
+    (["--bogus"], "unrecognized arguments: --bogus"),
+    (["--log-level", "verbose"], "argument --log-level: invalid choice: 'verbose'"),
+    (["--dram-size"], "argument --dram-size: expected one argument"),
+])
+def test_a_bad_flag_is_one_line_like_any_start_up_failure(capsys, argv, words):
+    """argparse wrote its six-line usage before the error: a journal's noise, and not the
+    one line README promises for every start-up failure."""
+    from kvstored.config import build_arg_parser
+    with pytest.raises(SystemExit) as e:
+        build_arg_parser().parse_args(argv)
+    assert e.value.code == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.count("\n") == 1 and err.startswith(f"kvstored: error: {words}")
+    assert err.endswith(" (kvstored --help lists the flags)\n"), err
+
+
+def test_a_bad_flag_through_the_entry_point_is_one_line(tmp_path):
+    line = _fails_in_one_line(_argv(tmp_path, "--metrics-port", "x"))
+    assert "argument --metrics-port: invalid int value: 'x'" in line, line
+
+
 @pytest.mark.parametrize("clash", ["control", "data", "metrics"])
 def test_port_clash_is_one_line_and_leaves_no_socket_file(tmp_path, clash):
     busy, port = _listener()
