@@ -170,6 +170,11 @@ class _ConfigRules:
                 f"server.control_streams_per_connection ({self.control_streams_per_connection}) "
                 f"must be at most server.max_control_rpcs ({self.max_control_rpcs}): one "
                 "connection could take every call's place (0 = a quarter of it)")
+        if self.control_rpcs_per_client > self.max_control_rpcs:
+            raise ConfigError(
+                f"server.control_rpcs_per_client ({self.control_rpcs_per_client}) must be at "
+                f"most server.max_control_rpcs ({self.max_control_rpcs}): one client could "
+                "take every call's place (0 = half of it)")
         self._validate_cluster()
         self._validate_events()
         return self
@@ -178,6 +183,11 @@ class _ConfigRules:
         """Calls at once on one control connection (server.control_streams_per_connection,
         0 = a quarter of server.max_control_rpcs)."""
         return self.control_streams_per_connection or max(1, self.max_control_rpcs // 4)
+
+    def control_calls_per_client(self) -> int:
+        """Calls at once from one client address (server.control_rpcs_per_client, 0 = half
+        of server.max_control_rpcs)."""
+        return self.control_rpcs_per_client or max(1, self.max_control_rpcs // 2)
 
     def events_per_client(self) -> int:
         """Connections at once from one source to each events endpoint

@@ -81,7 +81,8 @@ once a place is free. What one connection can hold, and for how long:
   whose connection, with bytes waiting for it, takes fewer than ``events.replay_min_rate``
   bytes a second over an ``events.replay_rate_window`` (64 KiB/s over 30 s) is closed and
   counted (``kvstored_kv_event_replays_stalled_total``): it held one of ``MAX_REPLAYS``
-  places (before this rule a reader taking a few KiB every 29 s held one for good); at
+  places (before this rule a reader taking a few KiB every 29 s held one for good), at
+  most ``MAX_REPLAYS_PER_CLIENT`` of them from one source (more get the end marker); at
   most ``MAX_QUEUED_REQUESTS`` requests wait behind a connection's replay in progress,
   more are dropped (counted as refused);
 * a connection with more than its bound queued (``SUBSCRIBER_BUFFER``, ``REPLAY_BUFFER``)
@@ -131,6 +132,9 @@ REPLAY_MAX_BYTES = 32 << 20  # payload bytes the replay buffer keeps at most
 REPLAY_CHUNK = 256  # batches a replay sends per loop turn (others are served meanwhile)
 REPLAY_BUFFER = 1 << 20  # bytes queued for a replay connection before its replay waits
 MAX_REPLAYS = 16  # replays in progress at once; more requests get only the end marker
+# of them from one source (IP; unix socket: uid): one client with 16 connections, each
+# reading just above events.replay_min_rate, held every place for minutes at a time
+MAX_REPLAYS_PER_CLIENT = 4
 MAX_QUEUED_REQUESTS = 4  # requests waiting behind a connection's replay; more are dropped
 REPLAY_IDLE_TIMEOUT = 300.0  # s a replay connection may stay without a replay
 END_SEQ = (-1).to_bytes(8, "big", signed=True)
@@ -368,7 +372,8 @@ class EventPublisher:
         if start is None:  # malformed: the end marker, so a client does not wait forever
             conn.write(encode_message((*prefix, END_SEQ, b"")))
             return
-        if len(self._replays) >= MAX_REPLAYS:
+        if len(self._replays) >= MAX_REPLAYS or sum(
+                c.source == conn.source for c in self._replays) >= MAX_REPLAYS_PER_CLIENT:
             self.counters["replays_refused"] += 1
             conn.write(encode_message((*prefix, END_SEQ, b"")))
             return

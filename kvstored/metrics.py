@@ -304,6 +304,10 @@ class NodeCollector(Collector):
         yield _counter("kvstored_control_rpc_limit_reached", "Times the gRPC calls in progress "
                        "reached server.max_control_rpcs (calls over it get RESOURCE_EXHAUSTED).",
                        control.get("control_rpc_limit_reached", 0))
+        yield _counter("kvstored_control_client_calls_refused", "gRPC calls refused at once "
+                       "(RESOURCE_EXHAUSTED) because their client address had "
+                       "server.control_rpcs_per_client calls in progress.",
+                       control.get("control_client_calls_refused", 0))
 
         # ---- security (kvstored/auth.py, kvstored/tls.py): counters kept by the servers
         yield from _security_families(m.tls, counters, control)
@@ -587,6 +591,10 @@ class UsageCollector(Collector):
                        "full); routers are then sent AllBlocksCleared.", ev.get("dropped", 0))
         yield _counter("kvstored_kv_event_replays", "Replay requests served to late or lagging "
                        "subscribers.", ev.get("replays", 0))
+        yield _counter("kvstored_kv_event_replays_refused", "Replay requests answered with "
+                       "the end marker alone: 16 replays in progress, 4 of them from the "
+                       "requester's source, or 4 requests queued behind its replay already.",
+                       ev.get("replays_refused", 0))
         yield _gauge("kvstored_kv_event_subscribers", "Connections to the KV events endpoint "
                      "now (at most events.max_subscribers).",
                      m.events.subscribers() if m.events is not None else 0)

@@ -255,6 +255,10 @@ SETTINGS: tuple[Setting, ...] = (
        "gRPC calls at once on one control connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; "
        "more are refused by gRPC); 0 = a quarter of max_control_rpcs (at least 1)",
        check=_within(0, 2**31 - 1, "calls")),
+    _s("server", "control_rpcs_per_client", INT, 0,
+       "gRPC calls at once from one client address, over all its connections; more get "
+       "RESOURCE_EXHAUSTED (NoSpace); 0 = half of max_control_rpcs (at least 1)",
+       check=_within(0, 2**31 - 1, "calls")),
     _s("server", "control_request_timeout", FLOAT, 30.0,
        "a gRPC call whose request message has not arrived this long after the call opened "
        "is answered DEADLINE_EXCEEDED (it held one of max_control_rpcs)", check=_seconds),

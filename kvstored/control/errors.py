@@ -14,12 +14,18 @@ answer) so that the handler runs as soon as a call opens and can bound how long 
 request message may take: gRPC counts a call against ``maximum_concurrent_rpcs`` from
 its headers on, so calls whose message never came (an HTTP/2 stream left open) held
 every place without end and the control plane answered RESOURCE_EXHAUSTED to all.
+
+Running first also lets it count a call against its client's address (``CallsPerClient``,
+``server.control_rpcs_per_client``) before the call waits for anything: one client, over
+as many connections as it likes, cannot hold every place of ``maximum_concurrent_rpcs``.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import inspect
 import logging
+import time
 from typing import Any, Callable
 
 import grpc
@@ -76,12 +82,77 @@ def _handler(fn: Callable, method: str, on_error: Callable[[errors.KVStoreError]
     return handle
 
 
+def peer_address(peer: str) -> str:
+    """The address in gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:[::1]:5000``): whom
+    a call counts against; the port is left out (a client opens as many as it likes)."""
+    kind, _, rest = peer.partition(":")
+    if kind in ("ipv4", "ipv6"):
+        return rest.rpartition(":")[0].strip("[]")
+    return kind  # unix and the like: one source
+
+
+class CallsPerClient:
+    """Calls in progress by client address, at most ``limit`` each: past it a call is
+    refused at once (RESOURCE_EXHAUSTED, NoSpace), counted in ``counters`` and logged once
+    a minute at most. gRPC's own limits are per server (maximum_concurrent_rpcs) and per
+    connection (max_concurrent_streams): a client with a few connections took every place."""
+
+    LOG_EVERY = 60.0
+
+    def __init__(self, limit: int, counters: collections.Counter):
+        self.limit = limit
+        self.counters = counters
+        self.running: collections.Counter = collections.Counter()
+        self.refused_since_log = 0
+        self.logged = -self.LOG_EVERY
+
+    def enter(self, peer: str) -> str | None:
+        """The call's client address, counted; None when that client is at its limit."""
+        who = peer_address(peer)
+        if self.running[who] >= self.limit:
+            self.counters["control_client_calls_refused"] += 1
+            self.refused_since_log += 1
+            now = time.monotonic()
+            if now - self.logged >= self.LOG_EVERY:
+                log.warning("%d control call(s) refused (the last from %s): %d at once from "
+                            "one client address at most (server.control_rpcs_per_client)",
+                            self.refused_since_log, who, self.limit)
+                self.logged, self.refused_since_log = now, 0
+            return None
+        self.running[who] += 1
+        return who
+
+    def leave(self, who: str) -> None:
+        self.running[who] -= 1
+        if not self.running[who]:
+            del self.running[who]
+
+
 def _first_message(handle: Callable, method: str, timeout: float,
-                   on_error: Callable[[errors.KVStoreError], None] | None):
+                   on_error: Callable[[errors.KVStoreError], None] | None,
+                   per_client: CallsPerClient | None = None):
     """A stream-unary handler calling ``handle`` with the call's request message, or
     DEADLINE_EXCEEDED (a Timeout, counted by ``on_error``) when it has not arrived within
-    ``timeout`` seconds of the call."""
+    ``timeout`` seconds of the call; with ``per_client``, NoSpace (RESOURCE_EXHAUSTED) at
+    once for a call whose client address has its limit of calls in progress."""
     async def read_then_handle(request_iterator, context):
+        who = None
+        if per_client is not None:
+            who = per_client.enter(context.peer())
+            if who is None:
+                err = errors.NoSpace(f"{method}: {per_client.limit} calls at once from one "
+                                     "client address at most (server.control_rpcs_per_client)")
+                if on_error is not None:
+                    on_error(err)
+                context.set_trailing_metadata((("kvstore-code", str(err.code)),))
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, err.message)
+        try:
+            return await _read_then_handle(context)
+        finally:
+            if who is not None:
+                per_client.leave(who)
+
+    async def _read_then_handle(context):
         try:
             request = await asyncio.wait_for(context.read(), timeout)
         except asyncio.TimeoutError:
@@ -105,12 +176,13 @@ def _first_message(handle: Callable, method: str, timeout: float,
 
 def register(server: grpc.aio.Server, servicer,
              on_error: Callable[[errors.KVStoreError], None] | None = None,
-             request_timeout: float = 30.0) -> None:
+             request_timeout: float = 30.0, per_client: CallsPerClient | None = None) -> None:
     """Serve the KVStore service from ``servicer`` on ``server`` (in place of the generated
     ``add_KVStoreServicer_to_server``), malformed requests answered INVALID_ARGUMENT;
     ``on_error`` counts them; a request message not in within ``request_timeout`` s of its
-    call is answered DEADLINE_EXCEEDED (the call's place is free again)."""
-    handlers = method_handlers(servicer, on_error, request_timeout)
+    call is answered DEADLINE_EXCEEDED (the call's place is free again); ``per_client``
+    bounds the calls of one client address."""
+    handlers = method_handlers(servicer, on_error, request_timeout, per_client)
     name = pb.DESCRIPTOR.services_by_name[SERVICE].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpc >= 1.62: the fast path
@@ -118,7 +190,8 @@ def register(server: grpc.aio.Server, servicer,
 
 
 def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | None = None,
-                    request_timeout: float = 30.0) -> dict[str, grpc.RpcMethodHandler]:
+                    request_timeout: float = 30.0, per_client: CallsPerClient | None = None
+                    ) -> dict[str, grpc.RpcMethodHandler]:
     """The KVStore service's handlers for ``servicer`` (unary methods, as the service has,
     each served as stream-unary: see the module docstring)."""
     svc = pb.DESCRIPTOR.services_by_name[SERVICE]
@@ -132,6 +205,7 @@ def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | 
         req = getattr(pb, m.input_type.name)
         resp = getattr(pb, m.output_type.name)
         handlers[m.name] = grpc.stream_unary_rpc_method_handler(
-            _first_message(_handler(fn, m.name, on_error), m.name, request_timeout, on_error),
+            _first_message(_handler(fn, m.name, on_error), m.name, request_timeout, on_error,
+                           per_client),
             request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString)
     return handlers

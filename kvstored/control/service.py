@@ -477,6 +477,8 @@ class ControlService(pb_grpc.KVStoreServicer):
 
 def add_to_server(server: grpc.aio.Server, service: ControlService) -> None:
     # the generated handlers, plus INVALID_ARGUMENT for a body that does not decode
-    from kvstored.control.errors import register
+    from kvstored.control.errors import CallsPerClient, register
     register(server, service, service.stats.count_error,
-             request_timeout=service.config.control_request_timeout)
+             request_timeout=service.config.control_request_timeout,
+             per_client=CallsPerClient(service.config.control_calls_per_client(),
+                                       service.stats.counters))

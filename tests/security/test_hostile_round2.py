@@ -280,10 +280,11 @@ def test_concurrent_control_puts_are_bounded_in_memory(hostile_daemon):
     from kvstore.v1 import control_pb2_grpc as pbg
 
     from test_hostile import rss
-    # (16 streams a connection: calls past the limit refused at once, not queued by the
-    # client behind the per-connection cap)
+    # (16 streams a connection and a client: calls past the limit refused at once by it,
+    # not queued by the client or refused by the per-client cap)
     d = hostile_daemon({"server": {"max_control_rpcs": 16,
-                                   "control_streams_per_connection": 16}})
+                                   "control_streams_per_connection": 16,
+                                   "control_rpcs_per_client": 16}})
     _fill_and_pin(d, 16, 4 * MiB)
     pid = d.info["pid"]
     rss0, peak = rss(pid), [rss(pid)]

@@ -73,8 +73,9 @@ def node(module_daemons, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round3")
     pub_port, rep_port = free_port(), free_port()
     cfg = tmp / "round3.toml"
-    # (every place on one connection: the per-connection cap is round 4's)
+    # (every place to one connection and one client: the caps on those are round 4's)
     cfg.write_text("[server]\nmax_control_rpcs = 4\ncontrol_streams_per_connection = 4\n"
+                   "control_rpcs_per_client = 4\n"
                    "control_request_timeout = 1.0\n"
                    "control_connection_max_age = 3.0\n"
                    f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'

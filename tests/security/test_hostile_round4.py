@@ -1,18 +1,21 @@
 """Hostile clients, round 4: one client taking every place on the control port (HTTP/2
-streams of one connection) or the KV event endpoints (connections from one address), and a
-replay reader slow enough to hold its place for good.
+streams of one connection, calls of one address over several) or the KV event endpoints
+(connections, replays from one address), and a replay reader slow enough to hold its place
+for good.
 
-One daemon for the module: max_control_rpcs = 4 with 2 streams per control connection, a
-control_request_timeout long enough (20 s) that calls without a request message hold their
-places through a test; events.max_subscribers = 4 with 2 per source address. Loopback
-tests bind their client sockets to 127.0.0.x to be different sources. The replay rate rule
-is checked on the real publisher in this process (a replay must outgrow the kernel's socket
-buffers, ~3 MB on loopback, for a reader to hold it: more batches than a test can put
-through a daemon cheaply). Every wait is on a condition, bounded in count and time.
+One daemon for the module: max_control_rpcs = 4 with 2 streams per control connection and
+2 calls per client address, a control_request_timeout long enough (20 s) that calls without
+a request message hold their places through a test; events.max_subscribers = 4 with 2 per
+source address. Loopback tests bind their client sockets to 127.0.0.x to be different
+sources. The replay rules are checked on the real publisher in this process (a replay must
+outgrow the kernel's socket buffers, ~3 MB on loopback, for a reader to hold it: more
+batches than a test can put through a daemon cheaply). Every wait is on a condition,
+bounded in count and time.
 """
 from __future__ import annotations
 
 import asyncio
+import collections
 import logging
 import socket
 import struct
@@ -33,7 +36,8 @@ msgpack = pytest.importorskip("msgpack")
 
 KiB, MiB = 1 << 10, 1 << 20
 END = (-1).to_bytes(8, "big", signed=True)
-RPCS, STREAMS = 4, 2  # server.max_control_rpcs, control_streams_per_connection
+RPCS, STREAMS, PER_ADDRESS = 4, 2, 2  # server.max_control_rpcs, control_streams_per_connection,
+# control_rpcs_per_client
 SUBS, PER_CLIENT = 4, 2  # events.max_subscribers, max_subscribers_per_client
 
 
@@ -44,6 +48,7 @@ def node(module_daemons, tmp_path_factory):
     cfg = tmp / "round4.toml"
     cfg.write_text(f"[server]\nmax_control_rpcs = {RPCS}\ncontrol_request_timeout = 20.0\n"
                    f"control_streams_per_connection = {STREAMS}\n"
+                   f"control_rpcs_per_client = {PER_ADDRESS}\n"
                    f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'
                    f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {SUBS}\n'
                    f"max_subscribers_per_client = {PER_CLIENT}\n")
@@ -58,6 +63,8 @@ def node(module_daemons, tmp_path_factory):
     ({"max_control_rpcs": 8, "control_streams_per_connection": 9},
      "server.control_streams_per_connection (9) must be at most server.max_control_rpcs (8)"),
     ({"control_streams_per_connection": -1}, "server.control_streams_per_connection: -1 is outside"),
+    ({"max_control_rpcs": 8, "control_rpcs_per_client": 9},
+     "server.control_rpcs_per_client (9) must be at most server.max_control_rpcs (8)"),
     ({"events_max_subscribers": 4, "events_max_subscribers_per_client": 5},
      "events.max_subscribers_per_client (5) must be at most events.max_subscribers (4)"),
     ({"events_replay_rate_window": 0}, "events.replay_rate_window: 0.0 is outside 0.1..3600"),
@@ -72,26 +79,37 @@ def test_new_limits_are_checked_at_start_naming_the_setting(overrides, expect):
     assert expect in str(ei.value) and "\n" not in str(ei.value)
 
 
-def test_new_limits_default_to_a_quarter_of_the_whole():
+def test_new_limits_default_to_a_share_of_the_whole():
     from kvstored.config import load_config
 
     c = load_config(None, {"max_control_rpcs": 1024, "events_max_subscribers": 64})
-    assert (c.control_streams(), c.events_per_client()) == (256, 16)
-    c = load_config(None, {"max_control_rpcs": 2, "events_max_subscribers": 1})
-    assert (c.control_streams(), c.events_per_client()) == (1, 1)  # at least one
-    c = load_config(None, {"control_streams_per_connection": 3,
+    assert (c.control_streams(), c.control_calls_per_client(), c.events_per_client()) == (
+        256, 512, 16)
+    c = load_config(None, {"max_control_rpcs": 1, "events_max_subscribers": 1})
+    assert (c.control_streams(), c.control_calls_per_client(), c.events_per_client()) == (
+        1, 1, 1)  # at least one
+    c = load_config(None, {"control_streams_per_connection": 3, "control_rpcs_per_client": 7,
                            "events_max_subscribers_per_client": 5})
-    assert (c.control_streams(), c.events_per_client()) == (3, 5)
+    assert (c.control_streams(), c.control_calls_per_client(), c.events_per_client()) == (
+        3, 7, 5)
 
 
 # ------------------------------------------------------------------ control port
 
-def _h2_frames(s: socket.socket, timeout: float, resets: int) -> list[tuple[int, int, int, bytes]]:
-    """(type, flags, stream, payload) of the frames that arrive until ``resets`` streams
-    got RST_STREAM, or for ``timeout`` s."""
+def _resets(frames) -> set[int]:
+    return {f[2] for f in frames if f[0] == 0x3}  # streams that got RST_STREAM
+
+
+def _ended(frames) -> set[int]:
+    return {f[2] for f in frames if f[0] == 0x1 and f[1] & 0x1}  # HEADERS with END_STREAM
+
+
+def _h2_frames(s: socket.socket, timeout: float, done) -> list[tuple[int, int, int, bytes]]:
+    """(type, flags, stream, payload) of the frames that arrive until ``done(frames)``, or
+    for ``timeout`` s."""
     s.settimeout(0.2)
     buf, out, until = b"", [], time.monotonic() + timeout
-    while time.monotonic() < until and len({f[2] for f in out if f[0] == 0x3}) < resets:
+    while time.monotonic() < until and not done(out):
         try:
             got = s.recv(65536)
         except TimeoutError:
@@ -109,9 +127,17 @@ def _h2_frames(s: socket.socket, timeout: float, resets: int) -> list[tuple[int,
     return out
 
 
+# an Info call's HEADERS block (HPACK literals): sent without its request message, the call
+# holds a place of max_control_rpcs until control_request_timeout
+INFO_HEADERS = b"".join(_hpack_literal(k, v) for k, v in (
+    (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kvstore.v1.KVStore/Info"),
+    (b":authority", b"kvstored"), (b"content-type", b"application/grpc"), (b"te", b"trailers")))
+PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
+
+
 def test_one_control_connection_cannot_take_every_call_place(node):
-    """A hand-made HTTP/2 client that ignores SETTINGS_MAX_CONCURRENT_STREAMS opens 8 Info
-    calls on one connection and never sends their request messages (each would hold one of
+    """A hand-made HTTP/2 client (from 127.0.0.2) that ignores SETTINGS_MAX_CONCURRENT_STREAMS
+    opens 8 Info calls on one connection and never sends their request messages (each would hold one of
     max_control_rpcs = 4 places until control_request_timeout, 20 s here): gRPC refuses
     the streams past control_streams_per_connection (2; REFUSED_STREAM), so another client
     is still served at once; before, the 8 took all 4 places and it got RESOURCE_EXHAUSTED."""
@@ -121,18 +147,14 @@ def test_one_control_connection_cannot_take_every_call_place(node):
                           request_serializer=pb.InfoRequest.SerializeToString,
                           response_deserializer=pb.InfoResponse.FromString)
     assert info(pb.InfoRequest(), timeout=10).node_id  # the channel is up
-    fields = b"".join(_hpack_literal(k, v) for k, v in (
-        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kvstore.v1.KVStore/Info"),
-        (b":authority", b"kvstored"), (b"content-type", b"application/grpc"),
-        (b"te", b"trailers")))
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = connect_from("127.0.0.2", port, timeout=10)
     try:
         # the preface and our SETTINGS, and an ACK of the daemon's (sent blind: a client
         # that never ACKs is the next test's part); then 8 calls' HEADERS, no DATA
-        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(0x4, 0, 0, b"")
+        s.sendall(PREFACE + _h2_frame(0x4, 0, 0, b"")
                   + _h2_frame(0x4, 0x1, 0, b""))
-        s.sendall(b"".join(_h2_frame(0x1, 0x4, 2 * i + 1, fields) for i in range(8)))
-        frames = _h2_frames(s, 10, resets=8 - STREAMS)
+        s.sendall(b"".join(_h2_frame(0x1, 0x4, 2 * i + 1, INFO_HEADERS) for i in range(8)))
+        frames = _h2_frames(s, 10, lambda f: len(_resets(f)) >= 8 - STREAMS)
         # another client: served, not RESOURCE_EXHAUSTED (the hostile calls are still open)
         for _ in range(3):
             assert info(pb.InfoRequest(), timeout=10).node_id
@@ -141,32 +163,65 @@ def test_one_control_connection_cannot_take_every_call_place(node):
         advertised = dict(struct.unpack(">HI", settings[0][3][i:i + 6])
                           for i in range(0, len(settings[0][3]), 6))
         assert advertised.get(0x3) == STREAMS, advertised  # SETTINGS_MAX_CONCURRENT_STREAMS
-        refused = {f[2] for f in frames if f[0] == 0x3}  # RST_STREAM
-        assert len(refused) >= 8 - STREAMS, frames
+        assert len(_resets(frames)) >= 8 - STREAMS, frames
     finally:
         s.close()
         ch.close()
 
 
 def test_control_streams_past_the_cap_without_a_settings_ack_are_refused_too(node):
-    """The same client without ever ACKing the daemon's SETTINGS (so it may claim it never
+    """The same client (127.0.0.2) without ever ACKing the daemon's SETTINGS (so it may claim it never
     learnt the limit): gRPC refuses the streams past it all the same (RST_STREAM
     ENHANCE_YOUR_CALM, measured), and a second client is served."""
     port = int(node.control.rsplit(":", 1)[1])
-    fields = b"".join(_hpack_literal(k, v) for k, v in (
-        (b":method", b"POST"), (b":scheme", b"http"), (b":path", b"/kvstore.v1.KVStore/Info"),
-        (b":authority", b"kvstored"), (b"content-type", b"application/grpc"),
-        (b"te", b"trailers")))
-    s = socket.create_connection(("127.0.0.1", port), timeout=10)
+    s = connect_from("127.0.0.2", port, timeout=10)
     try:
-        s.sendall(b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + _h2_frame(0x4, 0, 0, b"")
-                  + b"".join(_h2_frame(0x1, 0x4, 2 * i + 1, fields) for i in range(8)))
-        frames = _h2_frames(s, 10, resets=8 - STREAMS)
+        s.sendall(PREFACE + _h2_frame(0x4, 0, 0, b"")
+                  + b"".join(_h2_frame(0x1, 0x4, 2 * i + 1, INFO_HEADERS) for i in range(8)))
+        frames = _h2_frames(s, 10, lambda f: len(_resets(f)) >= 8 - STREAMS)
         with kvstore.Client(node.control, timeout=10, shm=False) as c:
             assert c.info()
-        assert len({f[2] for f in frames if f[0] == 0x3}) >= 8 - STREAMS, frames  # RST_STREAM
+        assert len(_resets(frames)) >= 8 - STREAMS, frames
     finally:
         s.close()
+
+
+def test_one_client_address_cannot_take_every_call_place(node):
+    """The same client (127.0.0.2) within the per-connection cap, over 2 connections of 2
+    calls each without their request messages: 4 would take every place (max_control_rpcs),
+    but past control_rpcs_per_client (2) calls of one address are answered at once
+    RESOURCE_EXHAUSTED with kvstore-code, counted and logged with the address; a client
+    from 127.0.0.1 is still served. Before, the 4 held every place."""
+    port = int(node.control.rsplit(":", 1)[1])
+    refused0 = metric_when(node, "kvstored_control_client_calls_refused_total", lambda v: True)
+    socks = [connect_from("127.0.0.2", port, timeout=10) for _ in range(2)]
+    calls = PREFACE + _h2_frame(0x4, 0, 0, b"") + _h2_frame(0x4, 0x1, 0, b"") \
+        + _h2_frame(0x1, 0x4, 1, INFO_HEADERS) + _h2_frame(0x1, 0x4, 3, INFO_HEADERS)
+    try:
+        for s in socks:
+            s.sendall(calls)
+        # 2 of the 4 answered at once (HEADERS ending the stream: a trailers-only
+        # RESOURCE_EXHAUSTED), the other 2 held (they wait for their request messages)
+        frames: list[list] = [[], []]
+        end = time.monotonic() + 15
+        while sum(len(_ended(f)) for f in frames) < 2 and time.monotonic() < end:
+            for i, s in enumerate(socks):
+                frames[i] += _h2_frames(s, 0.2, lambda f: False)
+        with kvstore.Client(node.control, timeout=10, shm=False) as c:  # (from 127.0.0.1)
+            for _ in range(3):
+                assert c.info()
+        metric_when(node, "kvstored_control_client_calls_refused_total",
+                    lambda v: v - refused0 == 2)
+        answers = [f for fs in frames for f in fs if f[0] == 0x1 and f[1] & 0x1]
+        assert len(answers) == 2, frames
+        assert all(b"server.control_rpcs_per_client" in a[3] for a in answers), answers
+        for i, s in enumerate(socks):  # the held ones still are
+            frames[i] += _h2_frames(s, 0.2, lambda f: False)
+        assert sum(len(_ended(f)) for f in frames) == 2, frames
+        assert "the last from 127.0.0.2" in node.log_path.read_text(errors="replace")
+    finally:
+        for s in socks:
+            s.close()
 
 
 # ------------------------------------------------------------------ KV event endpoints
@@ -246,7 +301,7 @@ def tcp_publisher():
         return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
 
     pub = events.EventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0",
-                                max_subscribers=4, replay_buffer=5000,
+                                max_subscribers=16, replay_buffer=5000,
                                 replay_min_rate=64 * KiB, replay_rate_window=0.5)
     call(pub.start)
     pub.call = call
@@ -312,3 +367,57 @@ def test_a_slow_replay_reader_is_closed_and_a_fast_one_is_not(tcp_publisher, cap
         assert pub.counters["replays_stalled"] == 1
     finally:
         ctx.destroy(0)
+
+
+def _replay_request_from(src: str, port: int) -> socket.socket:
+    """A DEALER by hand from ``src`` that asks for a replay from 0 and reads nothing (a
+    small receive buffer: what it is sent stays queued in the publisher)."""
+    from kvstored import events
+
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.bind((src, 0))
+    s.connect(("127.0.0.1", port))
+    s.sendall(events._greeting() + events._ready(b"DEALER")
+              + events.encode_message((b"", (0).to_bytes(8, "big"))))
+    return s
+
+
+def test_one_source_cannot_hold_every_replay_place(tcp_publisher):
+    """A source (127.0.0.2) asks for 6 replays of ~7 MB on 6 connections and reads none (a
+    rate window of 30 s: none is closed meanwhile): 4 run (MAX_REPLAYS_PER_CLIENT), the
+    other 2 get the end marker alone and are counted; a replay from 127.0.0.3 runs. Before,
+    one source could run all 16 (MAX_REPLAYS), each for as long as it read just fast
+    enough."""
+    from kvstored import events
+
+    from test_hostile_round3 import _recv_exact, _recv_frame
+
+    pub = tcp_publisher
+    pub.replay_rate_window = 30.0
+    for _ in range(2000):
+        pub.call(pub._publish, msgpack.packb([0.0, [["AllBlocksCleared"]] * 200, 0]), 200)
+    port = int(pub.bound()[1].rsplit(":", 1)[1])
+
+    def running() -> dict:
+        return pub.call(lambda: dict(collections.Counter(c.source for c in pub._replays)))
+
+    socks = []
+    try:
+        for i in range(events.MAX_REPLAYS_PER_CLIENT):
+            socks.append(_replay_request_from("127.0.0.2", port))
+            wait_for(lambda: running().get("127.0.0.2") == i + 1, 10, f"replay {i + 1} running")
+        refused = [_replay_request_from("127.0.0.2", port) for _ in range(2)]
+        socks += refused
+        for s in refused:  # the daemon's greeting and READY, then the end marker alone
+            s.settimeout(10)
+            _recv_exact(s, 64)
+            assert _recv_frame(s)[0] & 0x04  # READY
+            assert [_recv_frame(s)[1] for _ in range(3)] == [b"", END, b""]
+        assert pub.counters["replays_refused"] == 2
+        socks.append(_replay_request_from("127.0.0.3", port))
+        wait_for(lambda: running().get("127.0.0.3") == 1, 10, "the other source's replay")
+        assert running() == {"127.0.0.2": events.MAX_REPLAYS_PER_CLIENT, "127.0.0.3": 1}
+    finally:
+        for s in socks:
+            s.close()
