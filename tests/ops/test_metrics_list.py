@@ -72,6 +72,24 @@ def test_readme_lists_exactly_what_is_exported(worked):
     assert len(listed) >= 60
 
 
+def test_readme_names_each_familys_labels(worked):
+    """The "(plane, op)" after each listed name is the family's label set, exactly (a
+    family with none lists none), so a PromQL written from the README selects something."""
+    _, m = worked
+    listed = readme_list()
+    compared = 0
+    for family, fam in m.items():
+        name = family + ("_total" if fam["type"] == "counter" else "")
+        if name not in listed or not fam["samples"]:  # a labelled family with no child yet
+            continue
+        got = {k for (_, labels) in fam["samples"] for k, _ in labels} - {"le"}
+        paren = re.match(r"- `[a-z0-9_]+`(?: \(([^)]*)\))?", listed[name]).group(1)
+        want = {x.strip() for x in paren.split(",")} if paren else set()
+        assert got == want, f"{name}: README lists labels {sorted(want)}, exported {sorted(got)}"
+        compared += 1
+    assert compared >= 60, compared
+
+
 def test_prefix_hits_and_lookups_by_namespace(worked):
     _, m = worked
     assert value(m, "kvstored_lookups", namespace="a") == 2
