@@ -62,7 +62,8 @@ def node(module_daemons, tmp_path_factory):
 @pytest.mark.parametrize("overrides, expect", [
     ({"max_control_rpcs": 8, "control_streams_per_connection": 9},
      "server.control_streams_per_connection (9) must be at most server.max_control_rpcs (8)"),
-    ({"control_streams_per_connection": -1}, "server.control_streams_per_connection: -1 is outside"),
+    ({"control_streams_per_connection": -1},
+     "server.control_streams_per_connection: -1 is outside"),
     ({"max_control_rpcs": 8, "control_rpcs_per_client": 9},
      "server.control_rpcs_per_client (9) must be at most server.max_control_rpcs (8)"),
     ({"events_max_subscribers": 4, "events_max_subscribers_per_client": 5},
@@ -136,11 +137,12 @@ PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
 
 
 def test_one_control_connection_cannot_take_every_call_place(node):
-    """A hand-made HTTP/2 client (from 127.0.0.2) that ignores SETTINGS_MAX_CONCURRENT_STREAMS
-    opens 8 Info calls on one connection and never sends their request messages (each would hold one of
-    max_control_rpcs = 4 places until control_request_timeout, 20 s here): gRPC refuses
-    the streams past control_streams_per_connection (2; REFUSED_STREAM), so another client
-    is still served at once; before, the 8 took all 4 places and it got RESOURCE_EXHAUSTED."""
+    """A hand-made HTTP/2 client (from 127.0.0.2) that ignores
+    SETTINGS_MAX_CONCURRENT_STREAMS opens 8 Info calls on one connection and never sends
+    their request messages (each would hold one of max_control_rpcs = 4 places until
+    control_request_timeout, 20 s here): gRPC refuses the streams past
+    control_streams_per_connection (2; RST_STREAM), so another client is still served at
+    once; before, the 8 took all 4 places and it got RESOURCE_EXHAUSTED."""
     port = int(node.control.rsplit(":", 1)[1])
     ch = grpc.insecure_channel(node.control)
     info = ch.unary_unary("/kvstore.v1.KVStore/Info",
@@ -170,8 +172,8 @@ def test_one_control_connection_cannot_take_every_call_place(node):
 
 
 def test_control_streams_past_the_cap_without_a_settings_ack_are_refused_too(node):
-    """The same client (127.0.0.2) without ever ACKing the daemon's SETTINGS (so it may claim it never
-    learnt the limit): gRPC refuses the streams past it all the same (RST_STREAM
+    """The same client (127.0.0.2) without ever ACKing the daemon's SETTINGS (so it may
+    claim it never learnt the limit): gRPC refuses the streams past it all the same (RST_STREAM
     ENHANCE_YOUR_CALM, measured), and a second client is served."""
     port = int(node.control.rsplit(":", 1)[1])
     s = connect_from("127.0.0.2", port, timeout=10)
