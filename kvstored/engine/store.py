@@ -27,6 +27,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+import weakref
 from itertools import islice
 from typing import TYPE_CHECKING, Callable, Iterable, Iterator, NamedTuple
 
@@ -121,6 +122,9 @@ class Store(RepairHooks):
         self.observer = None
         # keys clients deleted lately: a cluster repair write of one is refused (fence.py)
         self.fence = DeleteFence()
+        # the repair agent's walks under way (RepairWalk): a record a repair writes
+        # meanwhile is left out of them (_publish)
+        self.repair_walks: weakref.WeakSet = weakref.WeakSet()
         if nvme is not None:
             self.tiering.recover(hold_recovered)
 
@@ -288,6 +292,9 @@ class Store(RepairHooks):
         if taken and not self._replace(e, ns, key, off, size, cs, overwrite, recommit):
             return False
         dram.link(e)
+        if not recommit and self.repair_walks:
+            for w in self.repair_walks:
+                w.written(e)
         counters = self.counters
         counters["puts"] += 1
         counters["put_bytes"] += size

@@ -60,7 +60,7 @@ class LocalStore:
         even none); rows are (ns, key, size, checksum, unverified, pinned, protected,
         reads, committed_at), in repair order. ``siblings`` runs on the loop."""
         async def begin():
-            return self._store.repair_walk(siblings)
+            return self._store.repair_walk(siblings, skip_repair_writes=True)
         w = self._run(begin)
 
         async def step():
