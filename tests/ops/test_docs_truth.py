@@ -250,3 +250,12 @@ def test_every_test_cited_as_evidence_exists():
             wrong.append(f"{where} {m.group(0)}")
     assert not wrong, wrong
     assert seen >= 20, seen
+
+
+def test_benchmarks_readme_lists_every_script():
+    """benchmarks/README.md's table names every script in benchmarks/ (12 were missing
+    from it before session 17)."""
+    table = (ROOT / "benchmarks" / "README.md").read_text()
+    scripts = sorted(p.name for p in (ROOT / "benchmarks").glob("*.py"))
+    missing = [s for s in scripts if f"`{s}`" not in table]
+    assert scripts and not missing, f"benchmarks/README.md does not list {missing}"
