@@ -155,7 +155,8 @@ class NvmeTier:
         self.stale_count: dict[tuple[bytes, bytes], int] = {}  # key -> regions with a stale record of it
         # key -> sequence numbers of its records being written: a delete may come first, and
         # its tombstone must not be reclaimed before the record lands (then forget marks it)
-        self.writing: dict[tuple[bytes, bytes], list[int]] = {}
+        # (one seq as an int, the common case: no list per demoted record; several, a list)
+        self.writing: dict[tuple[bytes, bytes], int | list[int]] = {}
         self._budget_window = (clock(), 0)  # (window start, bytes written in it)
         self._key_buf: mmap.mmap | None = None  # key_at's aligned header block
         self._mismatch_logged = False
@@ -530,7 +531,14 @@ class NvmeTier:
     def _needed_tombstones(self, r: Region) -> list[tuple[tuple[bytes, bytes], int]]:
         """Tombstones in ``r`` whose key still has a stale record in another live region."""
         return [(k, seq) for k, seq in r.tombs.items()
-                if self.stale_count.get(k) or any(w < seq for w in self.writing.get(k, ()))]
+                if self.stale_count.get(k) or self._writing_before(k, seq)]
+
+    def _writing_before(self, k: tuple[bytes, bytes], seq: int) -> bool:
+        """Whether a record of key ``k`` older than ``seq`` is being written."""
+        w = self.writing.get(k)
+        if w is None:
+            return False
+        return w < seq if type(w) is int else any(x < seq for x in w)
 
     async def _carry(self, r: Region, needed: list) -> bool:
         """Rewrite tombstones that must outlive ``r`` into the open tombstone region, with
@@ -634,14 +642,28 @@ class NvmeTier:
     def writing_begins(self, ns: bytes, key: bytes, seq: int) -> None:
         """A record of the key with sequence number ``seq`` will be written (``append_batch``'s
         callers say so when they take ``seq``): its tombstones are carried until it lands."""
-        self.writing.setdefault((ns, key), []).append(seq)
+        k = (ns, key)
+        writing = self.writing
+        w = writing.get(k)
+        if w is None:
+            writing[k] = seq
+        elif type(w) is int:
+            writing[k] = [w, seq]
+        else:
+            w.append(seq)
 
     def writing_ends(self, ns: bytes, key: bytes, seq: int) -> None:
         k = (ns, key)
-        seqs = self.writing[k]
-        seqs.remove(seq)
-        if not seqs:
-            del self.writing[k]
+        writing = self.writing
+        w = writing[k]
+        if type(w) is int:
+            if w != seq:
+                raise ValueError(f"no record of sequence number {seq} being written for the key")
+            del writing[k]
+            return
+        w.remove(seq)
+        if len(w) == 1:
+            writing[k] = w[0]
 
     async def append_batch(self, recs: list, headers: memoryview, landed=None) -> list:
         """Write many records (the demotion writer's batch, the shutdown flush) in few
@@ -860,7 +882,7 @@ class NvmeTier:
         self._write(r, bufs, rec_len, hdr[0] if hdr else None, fut)
         k = (ns, key)
         if not tombstone:
-            self.writing.setdefault(k, []).append(seq)
+            self.writing_begins(ns, key, seq)
         stop = None
         try:
             while True:
@@ -878,10 +900,7 @@ class NvmeTier:
         finally:
             # the caller's forget (if the key was deleted meanwhile) follows without a pause
             if not tombstone:
-                seqs = self.writing[k]
-                seqs.remove(seq)
-                if not seqs:
-                    del self.writing[k]
+                self.writing_ends(ns, key, seq)
         if tombstone:
             self.counters["tombstones"] += 1
             if r.generation == gen:

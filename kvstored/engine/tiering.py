@@ -81,28 +81,33 @@ class Tiering:
     def evict(self, e: Entry) -> bool:
         """Make ``e`` leave DRAM. True if its slot is free now (False: a demotion started)."""
         counters = self.dram.counters
+        size = e.size
         counters["evictions"] += 1
-        counters["evicted_bytes"] += e.size
-        if self.nvme is None:
+        counters["evicted_bytes"] += size
+        nvme = self.nvme
+        if nvme is None:
             self._unlink(e, evicted=True)
             return True
         if e.nvme is not None:  # a clean copy is on NVMe already
             self.dram.drop_copy(e)
             return True
-        if self.nvme.admit(e.size, e.reads):
-            self._start_demotion(e)
+        # (admit's answer without the call when it admits everything: the common case)
+        if (nvme.admission == "all" and not nvme.budget) or nvme.admit(size, e.reads):
+            self._start_demotion(e, size)
             return False
         self._unlink(e, evicted=True)
         return True
 
-    def _start_demotion(self, e: Entry) -> None:
+    def _start_demotion(self, e: Entry, size: int) -> None:
         e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
-        self.dram.demoting_bytes += e.size
-        seq = self.nvme.next_seq()
+        self.dram.demoting_bytes += size
+        nvme = self.nvme
+        seq = nvme.seq  # (next_seq, inlined)
+        nvme.seq = seq + 1
         # taken now, in line with deletes: from here its tombstones are carried until it lands
-        self.nvme.writing_begins(e.ns, e.key, seq)
+        nvme.writing_begins(e.ns, e.key, seq)
         self._queue.append((e, seq))
-        self._queued_bytes += e.size
+        self._queued_bytes += size
         n = len(self._writers)
         if n < DEMOTION_WRITERS and (n == 0 or len(self._queue) > n * DEMOTION_BATCH_RECORDS
                                      or self._queued_bytes > n * DEMOTION_BATCH_BYTES):
@@ -137,16 +142,19 @@ class Tiering:
         try:
             while queue:
                 batch, size = [], 0
-                while queue and len(batch) < DEMOTION_BATCH_RECORDS and (
-                        not batch or size + queue[0][0].size <= DEMOTION_BATCH_BYTES):
+                while queue and len(batch) < DEMOTION_BATCH_RECORDS:
                     item = queue.popleft()
                     e = item[0]
-                    self._queued_bytes -= e.size
+                    esize = e.size  # (each field of a packed entry is read once: a C call)
+                    if batch and size + esize > DEMOTION_BATCH_BYTES:
+                        queue.appendleft(item)  # the next batch's first
+                        break
+                    self._queued_bytes -= esize
                     if e.state == DEAD:  # deleted or overwritten while queued: not written
                         self._demoted(e, item[1], None)
                         continue
                     batch.append(item)
-                    size += e.size
+                    size += esize
                 if batch:
                     await self._write_batch(batch, buf)
         finally:
