@@ -12,6 +12,7 @@ AsyncClient), before anything is sent.
 from __future__ import annotations
 
 import functools
+import struct
 from typing import Callable, NamedTuple, Sequence
 
 from . import errors
@@ -141,11 +142,68 @@ def members(c) -> pb.MembersResponse:
 
 
 @_call
-def heads(c, keys: Sequence, *, head_bytes: int = 0, namespace: str | None = None) -> pb.HeadsResponse:
+def heads(c, keys: Sequence, *, head_bytes: int = 0, namespace: str | None = None,
+          packed: bool = False) -> pb.HeadsResponse:
     """Cluster internals (admin): presence, checksum and first ``head_bytes`` (<= 64)
-    of each key, records not yet verified after a restart included."""
+    of each key, records not yet verified after a restart included. ``packed``: ask for
+    the packed form (read either form with ``heads_of``)."""
     return Call("Heads", pb.HeadsRequest(namespace=c._nss(namespace), keys=c._keys(keys),
-                                         head_bytes=head_bytes), _same)
+                                         head_bytes=head_bytes, packed=packed), _same)
+
+
+class HeadRecord(NamedTuple):
+    """One key's answer in a Heads call, as ``heads_of`` gives it (pb.Head's fields)."""
+    present: bool
+    unverified: bool
+    size: int
+    checksum: int
+    head: bytes
+    deleted_ago: float
+    committed_ago: float
+
+
+class Heads(NamedTuple):
+    """A HeadsResponse read by ``heads_of``: ``heads`` in the order of the keys asked."""
+    heads: list
+    unverified_objects: int
+    epoch: int
+    put_flags: int
+
+
+# HeadsResponse.packed_heads: per key one record of HEAD_RECORD (present and unverified
+# as bytes 0/1) then head_bytes of head (zero padded; its length in the record). One
+# struct per head_bytes, made when first used
+HEAD_RECORD = struct.Struct("<??QQddB")
+_packed: dict[int, struct.Struct] = {}
+_record = functools.partial(tuple.__new__, HeadRecord)  # (HeadRecord(*t) checks its arguments: slower)
+
+
+def head_struct(head_bytes: int) -> struct.Struct:
+    """The fixed-width packed record of one key for ``head_bytes`` (0-64)."""
+    s = _packed.get(head_bytes)
+    if s is None:
+        s = _packed[head_bytes] = struct.Struct(f"{HEAD_RECORD.format}{head_bytes}s")
+    return s
+
+
+def heads_of(r, n_keys: int, head_bytes: int) -> Heads:
+    """A HeadsResponse of ``n_keys`` keys in either form: packed (a node asked for it)
+    or repeated Head messages (a node of an earlier version, or one not asked). An
+    answer that does not hold ``n_keys`` heads is a ProtocolError."""
+    if r.packed_heads or not r.heads:
+        s = head_struct(head_bytes)
+        data = r.packed_heads
+        if len(data) != n_keys * s.size:
+            raise errors.ProtocolError(f"a packed Heads answer of {len(data)} bytes for {n_keys} keys "
+                                       f"of {s.size} bytes each")
+        out = [_record((p, u, size, csum, head if n == head_bytes else head[:n], deleted, committed))
+               for p, u, size, csum, deleted, committed, n, head in s.iter_unpack(data)]
+    else:
+        if len(r.heads) != n_keys:
+            raise errors.ProtocolError(f"a Heads answer of {len(r.heads)} heads for {n_keys} keys")
+        out = [HeadRecord(h.present, h.unverified, h.size, h.checksum, h.head, h.deleted_ago,
+                          h.committed_ago) for h in r.heads]
+    return Heads(out, r.unverified_objects, r.epoch, r.put_flags)
 
 
 @_call
@@ -222,4 +280,5 @@ for _name, _build in CALLS.items():
     setattr(AsyncControl, _name, _named(_async(_build), _name))
 del _name, _build
 
-__all__ = ["CALLS", "AsyncControl", "Call", "SyncControl", "epoch_metadata"]
+__all__ = ["CALLS", "HEAD_RECORD", "AsyncControl", "Call", "HeadRecord", "Heads", "SyncControl", "epoch_metadata",
+           "head_struct", "heads_of"]

@@ -19,6 +19,7 @@ import grpc
 
 import kvstored
 from kvstore import errors
+from kvstore.control import head_struct
 from kvstore.v1 import control_pb2 as pb
 from kvstore.v1 import control_pb2_grpc as pb_grpc
 from kvstore.wire import MAX_KEY_LEN, PUT_FLAGS, VERSION, checksum, key_bytes, namespace_bytes
@@ -419,8 +420,26 @@ class ControlService(pb_grpc.KVStoreServicer):
             raise errors.InvalidArgument(f"head_bytes {request.head_bytes} is over 64")
         out = []
         store, n = self.store, request.head_bytes
-        peek, deleted_ago, Head = store.peek, store.fence.deleted_ago, pb.Head
+        peek, deleted_ago = store.peek, store.fence.deleted_ago
         view = store.arena.view
+        if request.packed:  # fixed-width records in one bytes field (kvstore/control.py heads_of)
+            pack = head_struct(n).pack
+
+            def absent(deleted: float):
+                return pack(False, False, 0, 0, deleted, 0.0, 0, b"")
+
+            def held(e, head: bytes):
+                return pack(True, e.unverified, e.size, e.checksum, 0.0,
+                            max(0.0, time.time() - e.committed_at), len(head), head)
+        else:  # repeated Head messages: a client of an earlier version, or one not asking
+            Head = pb.Head
+
+            def absent(deleted: float):
+                return Head(present=False, deleted_ago=deleted)
+
+            def held(e, head: bytes):
+                return Head(present=True, unverified=e.unverified, size=e.size, checksum=e.checksum,
+                            head=head, committed_ago=max(0.0, time.time() - e.committed_at))
         slices = Slices()  # 4,096 keys held the loop ~30 ms in one go (kvstored/looplag.py)
         # A peer's repair asks every node about every object it walks: ~4 us of this loop
         # per key before; the common case (a DRAM-resident record) is read here without a
@@ -430,7 +449,7 @@ class ControlService(pb_grpc.KVStoreServicer):
                 await slices.turn()
             e = peek(ns, k)
             if e is None:
-                out.append(Head(present=False, deleted_ago=deleted_ago(ns, k)))
+                out.append(absent(deleted_ago(ns, k)))
                 continue
             head = b""
             if n:
@@ -442,12 +461,13 @@ class ControlService(pb_grpc.KVStoreServicer):
                     except errors.NotFound:
                         got = None
                     if got is None:
-                        out.append(Head(present=False))
+                        out.append(absent(0.0))
                         continue
                     e, head = got
-            out.append(Head(present=True, unverified=e.unverified, size=e.size,
-                            checksum=e.checksum, head=head,
-                            committed_ago=max(0.0, time.time() - e.committed_at)))
+            out.append(held(e, head))
+        if request.packed:
+            return pb.HeadsResponse(packed_heads=b"".join(out), unverified_objects=store.unverified,
+                                    epoch=self.gate.epoch, put_flags=PUT_FLAGS)
         return pb.HeadsResponse(heads=out, unverified_objects=store.unverified,
                                 epoch=self.gate.epoch, put_flags=PUT_FLAGS)
 

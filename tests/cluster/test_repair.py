@@ -377,6 +377,44 @@ def test_cluster_rpcs_reject_bad_input(etcd, start_daemon, tmp_path):
         ch.close()
 
 
+def test_heads_answers_packed_or_repeated_alike(start_daemon):
+    """Heads in both forms on a live node: asked packed (repair, PeerIO.heads) it answers
+    in packed_heads; not asked (a client or peer of an earlier version) in Head messages;
+    both read the same through heads_of: presence, size, checksum, the first bytes (all
+    of a record shorter than asked), unverified, the delete's age and the commit age."""
+    from kvstore.control import heads_of
+    from kvstore.placement import Member
+    from kvstored.cluster.repair.peers import PeerIO
+    d = start_daemon("--dram-size", "64MiB")
+    big, small = os.urandom(5000), b"tiny"
+    keys = [b"big", b"small", b"gone", b"absent"]
+    io = PeerIO()
+    try:
+        assert io.put_many(Member("n", d.control), b"ns", [(b"big", big), (b"small", small),
+                                                            (b"gone", big)], False) == [True] * 3
+        with kvstore.Client(d.control, timeout=5, shm=False, namespace="ns") as c:
+            assert c.delete([b"gone"]) == 1
+            old = c.heads(keys, head_bytes=64)  # the repeated form
+            new = c.heads(keys, head_bytes=64, packed=True)
+            assert len(old.heads) == 4 and not old.packed_heads
+            assert not new.heads and len(new.packed_heads) == 4 * (35 + 64)
+            a, b = heads_of(old, 4, 64), heads_of(new, 4, 64)
+            assert c.heads([], head_bytes=64, packed=True).packed_heads == b""
+        peer = io.heads(Member("n", d.control), b"ns", keys, 64)
+    finally:
+        io.close()
+    for got in (a, b, peer):
+        h = got.heads
+        assert [x.present for x in h] == [True, True, False, False]
+        assert (h[0].size, h[0].head, h[1].size, h[1].head) == (5000, big[:64], 4, small)
+        assert h[0].checksum == kvstore.wire.checksum(big) and not h[0].unverified
+        assert 0 <= h[0].committed_ago < 60 and h[2].deleted_ago > 0 and h[3].deleted_ago == 0
+    # the same answers (ages aside: each call takes its own)
+    strip = [(x.present, x.unverified, x.size, x.checksum, x.head) for x in a.heads]
+    assert strip == [(x.present, x.unverified, x.size, x.checksum, x.head) for x in b.heads]
+    assert (a.put_flags, a.epoch) == (b.put_flags, b.epoch)
+
+
 def test_node_restarted_empty_is_refilled_without_waiting_for_a_full_pass(etcd, start_daemon, tmp_path):
     """A node killed and restarted at once (no NVMe: it comes back empty, possibly without
     ever leaving the member list) is refilled by the change pass its new start time

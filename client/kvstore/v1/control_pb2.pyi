@@ -7,14 +7,16 @@ from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
 DESCRIPTOR: _descriptor.FileDescriptor
 
 class HeadsRequest(_message.Message):
-    __slots__ = ("namespace", "keys", "head_bytes")
+    __slots__ = ("namespace", "keys", "head_bytes", "packed")
     NAMESPACE_FIELD_NUMBER: _ClassVar[int]
     KEYS_FIELD_NUMBER: _ClassVar[int]
     HEAD_BYTES_FIELD_NUMBER: _ClassVar[int]
+    PACKED_FIELD_NUMBER: _ClassVar[int]
     namespace: str
     keys: _containers.RepeatedScalarFieldContainer[bytes]
     head_bytes: int
-    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., head_bytes: _Optional[int] = ...) -> None: ...
+    packed: bool
+    def __init__(self, namespace: _Optional[str] = ..., keys: _Optional[_Iterable[bytes]] = ..., head_bytes: _Optional[int] = ..., packed: _Optional[bool] = ...) -> None: ...
 
 class Head(_message.Message):
     __slots__ = ("present", "unverified", "size", "checksum", "head", "deleted_ago", "committed_ago")
@@ -35,16 +37,18 @@ class Head(_message.Message):
     def __init__(self, present: _Optional[bool] = ..., unverified: _Optional[bool] = ..., size: _Optional[int] = ..., checksum: _Optional[int] = ..., head: _Optional[bytes] = ..., deleted_ago: _Optional[float] = ..., committed_ago: _Optional[float] = ...) -> None: ...
 
 class HeadsResponse(_message.Message):
-    __slots__ = ("heads", "unverified_objects", "epoch", "put_flags")
+    __slots__ = ("heads", "unverified_objects", "epoch", "put_flags", "packed_heads")
     HEADS_FIELD_NUMBER: _ClassVar[int]
     UNVERIFIED_OBJECTS_FIELD_NUMBER: _ClassVar[int]
     EPOCH_FIELD_NUMBER: _ClassVar[int]
     PUT_FLAGS_FIELD_NUMBER: _ClassVar[int]
+    PACKED_HEADS_FIELD_NUMBER: _ClassVar[int]
     heads: _containers.RepeatedCompositeFieldContainer[Head]
     unverified_objects: int
     epoch: int
     put_flags: int
-    def __init__(self, heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ..., unverified_objects: _Optional[int] = ..., epoch: _Optional[int] = ..., put_flags: _Optional[int] = ...) -> None: ...
+    packed_heads: bytes
+    def __init__(self, heads: _Optional[_Iterable[_Union[Head, _Mapping]]] = ..., unverified_objects: _Optional[int] = ..., epoch: _Optional[int] = ..., put_flags: _Optional[int] = ..., packed_heads: _Optional[bytes] = ...) -> None: ...
 
 class DrainRequest(_message.Message):
     __slots__ = ("cancel",)

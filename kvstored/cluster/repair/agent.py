@@ -34,7 +34,7 @@ from kvstore.layout import FRAG_HEADER, MAX_LAPS, Policy, lap_key, parse_head, s
 from kvstore.placement import Member
 from kvstore.wire import FLAG_COMMIT_AGE
 
-from .decide import Local, Obj, Peers, answered, follower, led_by_first
+from .decide import Head, Local, Obj, Peers, follower, led_by_first
 from .execute import Executor
 from .local import LocalStore
 from .peers import PeerIO
@@ -609,7 +609,9 @@ class RepairAgent:
                     settled = r.unverified_objects == 0
                     self._peer_epochs[member.node_id] = r.epoch
                     at, aged = time.time(), bool(r.put_flags & FLAG_COMMIT_AGE)
-                    out += [(o, lap, answered(h, at, aged)) for (o, lap, _k), h in zip(chunk, r.heads)]
+                    # (decide.answered, inline: one Head per key of every peer)
+                    out += [(o, lap, Head(p, u, c, hd, d, at - ca if aged and p else None))
+                            for (o, lap, _k), (p, u, _s, c, hd, d, ca) in zip(chunk, r.heads)]
             return out, settled
 
         heads: dict[int, dict] = {}
@@ -646,10 +648,15 @@ def siblings_of(policies: dict, n_members: int):
             return ()
         base, lap = split
         n = p.n if p is not None else MAX_LAPS
-        if lap == 0 and not unverified and (p is None or n_members >= n):
-            return ()
-        return [lap_key(base, x) for x in range(n) if x != lap]
+        if lap == 0:
+            if not unverified and (p is None or n_members >= n):
+                return ()
+            return [base + x for x in _LAP_SUFFIX[1:n]]  # lap_key(base, 1..n-1)
+        return [base] + [base + x for i, x in enumerate(_LAP_SUFFIX[1:n], 1) if i != lap]
     return siblings
+
+
+_LAP_SUFFIX = [b""] + [bytes((lap,)) for lap in range(1, MAX_LAPS)]  # lap_key's, by lap
 
 
 def group(rows, policies: dict, draining: bool) -> list[Obj]:

@@ -217,6 +217,9 @@ def _drop_leftovers(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) 
     identical re-put refreshes the record's commit time (engine/store.py ``_same``). A
     held record was re-put by nobody since the restart (such a put verifies it, and it
     is then judged here)."""
+    # (most objects: no peer says deleted; then no peer's head is parsed either)
+    if not any(h is not None and not h.present and h.deleted_ago > 0 for h in got.values()):
+        return
     versions, deleted_at = _delete_evidence(o, got, peers)
     if deleted_at == float("-inf"):
         return
@@ -311,16 +314,16 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
         if member.node_id == me:
             mv = mine.get(lap)
             h = parse_head(mv.head) if mv is not None and not mv.unverified else None
-            held.append((h[3], h[2], version(True, mv.head)) if h else False)
+            held.append((h[3], h[2], head_version(h)) if h else False)
             continue
         h = got.get((member.node_id, lap))
         if h is None:
             held.append(None)
-        elif not h.present or h.unverified or parse_head(h.head) is None:
+        elif not h.present or h.unverified:
             held.append(False)
         else:
-            hh = parse_head(h.head)
-            held.append((hh[3], hh[2], version(True, h.head)))
+            hh = parse_head(h.head)  # (each head parsed once: decide runs per object and slot)
+            held.append((hh[3], hh[2], head_version(hh)) if hh is not None else False)
     counts: dict = {}
     for x in held:
         if x:
@@ -373,8 +376,10 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
         # not) and those a draining node still has: fewer than K rebuild nothing, so no
         # source is read (and nothing is warned about every pass)
         have = {x[0] for x in held if x and x[2] == current} | drained
-        have |= {parse_head(mv.head)[3] for mv in mine.values()
-                 if not mv.unverified and version(True, mv.head) == current}
+        for mv in mine.values():
+            h = None if mv.unverified else parse_head(mv.head)
+            if h is not None and head_version(h) == current:
+                have.add(h[3])
         if len(have) < p.k:
             if None in right:  # a silent slot may hold more: look again next pass
                 acts.append(Pending(f"{len(have)} of the {p.k} fragments needed answered"))

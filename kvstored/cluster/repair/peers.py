@@ -22,6 +22,7 @@ import time
 from kvstore import errors
 from kvstore._common import value_parts
 from kvstore.client import WINDOW
+from kvstore.control import heads_of
 from kvstore.wire import (COMMIT_AGE, FLAG_COMMIT_AGE, FLAG_OVERWRITE, FLAG_REPAIR, OP_GET, OP_PUT, checksum_parts,
                           encode_commit_age, encode_request)
 
@@ -81,11 +82,14 @@ class PeerIO:
             self.unreachable.add(member.node_id)
 
     def heads(self, member, ns: bytes, keys: list[bytes], head_bytes: int):
-        """The HeadsResponse of ``keys`` on ``member``, or None when it did not answer."""
+        """The Heads of ``keys`` on ``member`` (kvstore.control.heads_of: asked packed, a
+        node of an earlier version answers in Head messages), or None when it did not
+        answer."""
         if member.node_id in self.unreachable:
             return None
         try:
-            r = self.client(member).heads(keys, head_bytes=head_bytes, namespace=ns.decode())
+            r = heads_of(self.client(member).heads(keys, head_bytes=head_bytes, namespace=ns.decode(),
+                                                   packed=True), len(keys), head_bytes)
         except errors.KVStoreError as e:
             log.debug("repair: %s did not answer Heads: %s", member.node_id, e)
             self._down(member, e)
