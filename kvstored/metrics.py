@@ -300,7 +300,8 @@ class NodeCollector(Collector):
                        "at 64 open, and scrapes answered 503 after 5 s waiting for a turn (5 a second).",
                        m.server.refused if m.server is not None else 0)
         yield _gauge("kvstored_control_calls", "gRPC calls in progress (at most "
-                     "server.max_control_rpcs).", m.control.running)
+                     "server.max_control_rpcs), each from its start: one waiting for its "
+                     "request message holds a place too.", m.control.running)
         yield _counter("kvstored_control_rpc_limit_reached", "Times the gRPC calls in progress "
                        "reached server.max_control_rpcs (calls over it get RESOURCE_EXHAUSTED).",
                        control.get("control_rpc_limit_reached", 0))

@@ -130,12 +130,23 @@ class CallsPerClient:
 
 def _first_message(handle: Callable, method: str, timeout: float,
                    on_error: Callable[[errors.KVStoreError], None] | None,
-                   per_client: CallsPerClient | None = None):
+                   per_client: CallsPerClient | None = None, calls=None):
     """A stream-unary handler calling ``handle`` with the call's request message, or
     DEADLINE_EXCEEDED (a Timeout, counted by ``on_error``) when it has not arrived within
     ``timeout`` seconds of the call; with ``per_client``, NoSpace (RESOURCE_EXHAUSTED) at
-    once for a call whose client address has its limit of calls in progress."""
+    once for a call whose client address has its limit of calls in progress. ``calls``
+    (ControlStats) counts every call from its start, as gRPC's limit does: one waiting for
+    its message holds a place too."""
     async def read_then_handle(request_iterator, context):
+        if calls is None:
+            return await _per_client(context)
+        calls.began()
+        try:
+            return await _per_client(context)
+        finally:
+            calls.ended()
+
+    async def _per_client(context):
         who = None
         if per_client is not None:
             who = per_client.enter(context.peer())
@@ -176,13 +187,15 @@ def _first_message(handle: Callable, method: str, timeout: float,
 
 def register(server: grpc.aio.Server, servicer,
              on_error: Callable[[errors.KVStoreError], None] | None = None,
-             request_timeout: float = 30.0, per_client: CallsPerClient | None = None) -> None:
+             request_timeout: float = 30.0, per_client: CallsPerClient | None = None,
+             calls=None) -> None:
     """Serve the KVStore service from ``servicer`` on ``server`` (in place of the generated
     ``add_KVStoreServicer_to_server``), malformed requests answered INVALID_ARGUMENT;
     ``on_error`` counts them; a request message not in within ``request_timeout`` s of its
     call is answered DEADLINE_EXCEEDED (the call's place is free again); ``per_client``
-    bounds the calls of one client address."""
-    handlers = method_handlers(servicer, on_error, request_timeout, per_client)
+    bounds the calls of one client address; ``calls`` (ControlStats) counts the calls in
+    progress."""
+    handlers = method_handlers(servicer, on_error, request_timeout, per_client, calls)
     name = pb.DESCRIPTOR.services_by_name[SERVICE].full_name
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(name, handlers),))
     if hasattr(server, "add_registered_method_handlers"):  # grpc >= 1.62: the fast path
@@ -190,8 +203,8 @@ def register(server: grpc.aio.Server, servicer,
 
 
 def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | None = None,
-                    request_timeout: float = 30.0, per_client: CallsPerClient | None = None
-                    ) -> dict[str, grpc.RpcMethodHandler]:
+                    request_timeout: float = 30.0, per_client: CallsPerClient | None = None,
+                    calls=None) -> dict[str, grpc.RpcMethodHandler]:
     """The KVStore service's handlers for ``servicer`` (unary methods, as the service has,
     each served as stream-unary: see the module docstring)."""
     svc = pb.DESCRIPTOR.services_by_name[SERVICE]
@@ -206,6 +219,6 @@ def method_handlers(servicer, on_error: Callable[[errors.KVStoreError], None] | 
         resp = getattr(pb, m.output_type.name)
         handlers[m.name] = grpc.stream_unary_rpc_method_handler(
             _first_message(_handler(fn, m.name, on_error), m.name, request_timeout, on_error,
-                           per_client),
+                           per_client, calls),
             request_deserializer=_deserializer(req), response_serializer=resp.SerializeToString)
     return handlers

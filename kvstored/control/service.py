@@ -80,9 +80,6 @@ def _typed_errors(fn: Callable) -> Callable:
         t0 = time.perf_counter()
         if method in CLIENT_CALLS:  # a client waits on this node (cluster/repair/pace.py)
             self.data.counters["control_client_calls"] += 1
-        self.stats.running += 1
-        if self.stats.running == self.config.max_control_rpcs:
-            _at_call_limit(self)
         try:
             result = fn(self, request, context)
             if inspect.isawaitable(result):
@@ -96,18 +93,9 @@ def _typed_errors(fn: Callable) -> Callable:
             context.set_trailing_metadata((("kvstore-code", str(e.code)),))
             await context.abort(GRPC_CODE.get(type(e), grpc.StatusCode.INTERNAL), e.message)
         finally:
-            self.stats.running -= 1
             self.stats.observe(method, time.perf_counter() - t0)
 
     return wrapper
-
-
-def _at_call_limit(self: "ControlService") -> None:
-    """gRPC answers calls over the limit itself (RESOURCE_EXHAUSTED, "Concurrent RPC limit
-    exceeded!"), unseen here: count and say when the limit is reached."""
-    self.stats.counters["control_rpc_limit_reached"] += 1
-    log.warning("control calls at server.max_control_rpcs (%d): further calls get "
-                "RESOURCE_EXHAUSTED until some finish", self.config.max_control_rpcs)
 
 
 SLICE_KEYS = 64  # Heads looks at the loop's slice clock once per this many keys
@@ -498,7 +486,9 @@ class ControlService(pb_grpc.KVStoreServicer):
 def add_to_server(server: grpc.aio.Server, service: ControlService) -> None:
     # the generated handlers, plus INVALID_ARGUMENT for a body that does not decode
     from kvstored.control.errors import CallsPerClient, register
+    service.stats.limit = service.config.max_control_rpcs
     register(server, service, service.stats.count_error,
              request_timeout=service.config.control_request_timeout,
              per_client=CallsPerClient(service.config.control_calls_per_client(),
-                                       service.stats.counters))
+                                       service.stats.counters),
+             calls=service.stats)

@@ -195,6 +195,9 @@ def test_one_client_address_cannot_take_every_call_place(node):
     RESOURCE_EXHAUSTED with kvstore-code, counted and logged with the address; a client
     from 127.0.0.1 is still served. Before, the 4 held every place."""
     port = int(node.control.rsplit(":", 1)[1])
+    # the calls the previous tests held from 127.0.0.2 end as the daemon sees their
+    # connections close: until then they would count against this test's address
+    metric_when(node, "kvstored_control_calls", lambda v: v == 0)
     refused0 = metric_when(node, "kvstored_control_client_calls_refused_total", lambda v: True)
     socks = [connect_from("127.0.0.2", port, timeout=10) for _ in range(2)]
     calls = PREFACE + _h2_frame(0x4, 0, 0, b"") + _h2_frame(0x4, 0x1, 0, b"") \
@@ -224,6 +227,39 @@ def test_one_client_address_cannot_take_every_call_place(node):
     finally:
         for s in socks:
             s.close()
+
+
+def test_calls_waiting_for_their_message_count_as_in_progress(node):
+    """Two addresses (127.0.0.2, .3) hold 2 calls each without their request messages:
+    every place of max_control_rpcs (4) is taken and gRPC refuses a client from 127.0.0.1
+    (RESOURCE_EXHAUSTED). The node says so: kvstored_control_calls shows the 4 calls and
+    kvstored_control_rpc_limit_reached_total counts the limit reached (before, a call was
+    counted only once its message came: the gauge said 0 while every client was refused,
+    and the counter never moved); once the connections close the gauge is 0 again."""
+    port = int(node.control.rsplit(":", 1)[1])
+    metric_when(node, "kvstored_control_calls", lambda v: v == 0)  # earlier tests' calls ended
+    reached0 = metric_when(node, "kvstored_control_rpc_limit_reached_total", lambda v: True)
+    calls = PREFACE + _h2_frame(0x4, 0, 0, b"") + _h2_frame(0x4, 0x1, 0, b"") \
+        + _h2_frame(0x1, 0x4, 1, INFO_HEADERS) + _h2_frame(0x1, 0x4, 3, INFO_HEADERS)
+    socks = [connect_from(src, port, timeout=10) for src in ("127.0.0.2", "127.0.0.3")]
+    ch = grpc.insecure_channel(node.control)
+    try:
+        for s in socks:
+            s.sendall(calls)
+        metric_when(node, "kvstored_control_calls", lambda v: v == RPCS)
+        info = ch.unary_unary("/kvstore.v1.KVStore/Info",
+                              request_serializer=pb.InfoRequest.SerializeToString,
+                              response_deserializer=pb.InfoResponse.FromString)
+        with pytest.raises(grpc.RpcError) as ei:
+            info(pb.InfoRequest(), timeout=10)
+        assert ei.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, ei.value
+        metric_when(node, "kvstored_control_rpc_limit_reached_total",
+                    lambda v: v - reached0 == 1)
+    finally:
+        ch.close()
+        for s in socks:
+            s.close()
+    metric_when(node, "kvstored_control_calls", lambda v: v == 0)
 
 
 # ------------------------------------------------------------------ KV event endpoints
