@@ -169,7 +169,7 @@ class _ConfigRules:
             raise ConfigError(
                 f"server.control_streams_per_connection ({self.control_streams_per_connection}) "
                 f"must be at most server.max_control_rpcs ({self.max_control_rpcs}): one "
-                "connection could take every call's place (0 = a quarter of it)")
+                "connection could take every call's place (0 = server.control_rpcs_per_client)")
         if self.control_rpcs_per_client > self.max_control_rpcs:
             raise ConfigError(
                 f"server.control_rpcs_per_client ({self.control_rpcs_per_client}) must be at "
@@ -181,8 +181,11 @@ class _ConfigRules:
 
     def control_streams(self) -> int:
         """Calls at once on one control connection (server.control_streams_per_connection,
-        0 = a quarter of server.max_control_rpcs)."""
-        return self.control_streams_per_connection or max(1, self.max_control_rpcs // 4)
+        0 = what one client address may run, control_calls_per_client). Not less by
+        default: an SDK client runs all its calls on one connection, and gRPC refuses
+        (REFUSED_STREAM: UNAVAILABLE, "daemon unreachable" to the SDK) the calls a client
+        opens at the cap as an earlier one ends (10-85 of 400 at once, with a quarter)."""
+        return self.control_streams_per_connection or self.control_calls_per_client()
 
     def control_calls_per_client(self) -> int:
         """Calls at once from one client address (server.control_rpcs_per_client, 0 = half

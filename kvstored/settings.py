@@ -253,7 +253,7 @@ SETTINGS: tuple[Setting, ...] = (
        "get RESOURCE_EXHAUSTED (NoSpace)", check=_positive),
     _s("server", "control_streams_per_connection", INT, 0,
        "gRPC calls at once on one control connection (HTTP/2 SETTINGS_MAX_CONCURRENT_STREAMS; "
-       "more are refused by gRPC); 0 = a quarter of max_control_rpcs (at least 1)",
+       "more are refused by gRPC); 0 = control_rpcs_per_client's value",
        check=_within(0, 2**31 - 1, "calls")),
     _s("server", "control_rpcs_per_client", INT, 0,
        "gRPC calls at once from one client address, over all its connections; more get "

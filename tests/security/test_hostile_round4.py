@@ -85,7 +85,9 @@ def test_new_limits_default_to_a_share_of_the_whole():
 
     c = load_config(None, {"max_control_rpcs": 1024, "events_max_subscribers": 64})
     assert (c.control_streams(), c.control_calls_per_client(), c.events_per_client()) == (
-        256, 512, 16)
+        512, 512, 16)  # (a connection: as many as its client may run; see the next test)
+    c = load_config(None, {"max_control_rpcs": 64, "control_rpcs_per_client": 64})
+    assert c.control_streams() == 64  # (a NAT's fleet allowed every place, on one connection too)
     c = load_config(None, {"max_control_rpcs": 1, "events_max_subscribers": 1})
     assert (c.control_streams(), c.control_calls_per_client(), c.events_per_client()) == (
         1, 1, 1)  # at least one
@@ -93,6 +95,28 @@ def test_new_limits_default_to_a_share_of_the_whole():
                            "events_max_subscribers_per_client": 5})
     assert (c.control_streams(), c.control_calls_per_client(), c.events_per_client()) == (
         3, 7, 5)
+
+
+def test_one_clients_burst_on_one_connection_is_served_under_the_defaults(module_daemons):
+    """An SDK-like client (one channel: one HTTP/2 connection) runs 400 calls at once
+    against the default limits (control_rpcs_per_client 512): every one is answered. With
+    control_streams_per_connection defaulting to a quarter of max_control_rpcs (256), gRPC
+    refused the calls the client opened at the cap as earlier ones ended (REFUSED_STREAM:
+    UNAVAILABLE, "daemon unreachable" to the SDK; 10-85 of 400 in each burst, measured)."""
+    d = module_daemons("round4-defaults")
+
+    async def burst() -> list:
+        async with grpc.aio.insecure_channel(d.control) as ch:
+            info = ch.unary_unary("/kvstore.v1.KVStore/Info",
+                                  request_serializer=pb.InfoRequest.SerializeToString,
+                                  response_deserializer=pb.InfoResponse.FromString)
+            got = await asyncio.gather(*(info(pb.InfoRequest(), timeout=60) for _ in range(400)),
+                                       return_exceptions=True)
+        return [(r.code(), r.details()) for r in got if isinstance(r, grpc.RpcError)]
+
+    for _ in range(2):  # a fresh connection each
+        failed = asyncio.run(burst())
+        assert not failed, f"{len(failed)} of 400 failed: {set(failed)}"
 
 
 # ------------------------------------------------------------------ control port
