@@ -26,6 +26,7 @@ import collections
 import inspect
 import logging
 import time
+import urllib.parse
 from typing import Any, Callable
 
 import grpc
@@ -83,11 +84,12 @@ def _handler(fn: Callable, method: str, on_error: Callable[[errors.KVStoreError]
 
 
 def peer_address(peer: str) -> str:
-    """The address in gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:[::1]:5000``): whom
-    a call counts against; the port is left out (a client opens as many as it likes)."""
+    """The address in gRPC's peer string (``ipv4:10.0.0.1:5000``, ``ipv6:%5B::1%5D:5000``: a
+    URI, its brackets percent-encoded): whom a call counts against, as the log names it; the
+    port is left out (a client opens as many as it likes)."""
     kind, _, rest = peer.partition(":")
     if kind in ("ipv4", "ipv6"):
-        return rest.rpartition(":")[0].strip("[]")
+        return urllib.parse.unquote(rest).rpartition(":")[0].strip("[]")
     return kind  # unix and the like: one source
 
 

@@ -119,6 +119,18 @@ def test_one_clients_burst_on_one_connection_is_served_under_the_defaults(module
         assert not failed, f"{len(failed)} of 400 failed: {set(failed)}"
 
 
+@pytest.mark.parametrize("peer, address", [
+    ("ipv4:10.0.0.1:5000", "10.0.0.1"),
+    ("ipv6:%5B::1%5D:49528", "::1"),  # as grpcio 1.85 writes it: a URI, brackets encoded
+    ("ipv6:[fe80::1]:5000", "fe80::1"),
+    ("unix:/run/kvstored/x.sock", "unix"),
+])
+def test_a_call_counts_against_its_peer_address_without_the_port(peer, address):
+    from kvstored.control.errors import peer_address
+
+    assert peer_address(peer) == address
+
+
 # ------------------------------------------------------------------ control port
 
 def _resets(frames) -> set[int]:
