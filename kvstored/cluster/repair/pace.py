@@ -70,6 +70,11 @@ class NodeLoad:
         """``loop_lag``: kvstored.looplag.LoopLag; ``data_server``: the node's DataServer
         (``latency_by_name()``, ``counters``)."""
         self._lag, self._data = loop_lag, data_server
+        # the bucket counts of the data plane's histograms, taken once (the plane makes
+        # them at start and keeps them: its sessions record into the same objects); a
+        # tick sums them without building the by-name dict (40 ticks a second)
+        self._counts = [h.counts for op, h in data_server.latency_by_name().items()
+                        if op not in ("auth", "ping")]
         self._seen = self.client_requests()
         self.clients_at = float("-inf")  # time.monotonic() the count last grew
         loop_lag.ticks.append(self.tick)
@@ -81,8 +86,7 @@ class NodeLoad:
         """Data-plane requests answered minus those flagged as repair's, plus clients'
         control calls (control/service.py CLIENT_CALLS): a count that only matters by
         how it grows."""
-        hists = self._data.latency_by_name()
-        n = sum(h.count for op, h in hists.items() if op not in ("auth", "ping"))
+        n = sum(map(sum, self._counts))
         counters = self._data.counters
         return n - counters.get("repair_requests", 0) + counters.get("control_client_calls", 0)
 
