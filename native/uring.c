@@ -286,6 +286,14 @@ static PyObject *Ring_wait(RingObject *self, PyObject *args) {
     if (want > 0) {
         struct io_uring_cqe *cqe = NULL;
         int rc;
+        /* Ops prepped and not yet submitted count in inflight: submitted first, or a wait
+         * for them would never return (Python run by a released buffer's owner during the
+         * last reap may have queued one, as drain_all also allows for) */
+        if (io_uring_sq_ready(&self->ring)) {
+            rc = io_uring_submit(&self->ring);
+            if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
+                return raise_errno(-rc, "io_uring_submit");
+        }
         self->blocked++;
         Py_BEGIN_ALLOW_THREADS
         rc = io_uring_wait_cqe_nr(&self->ring, &cqe, want);
@@ -338,7 +346,8 @@ static PyMethodDef Ring_methods[] = {
     {"reap", (PyCFunction)Ring_reap, METH_NOARGS,
      "reap() -> [(user_data, res)]: completions ready now (res < 0 is -errno)."},
     {"wait", (PyCFunction)Ring_wait, METH_VARARGS,
-     "wait(n=1) -> [(user_data, res)]: block (GIL released) for n completions, then reap."},
+     "wait(n=1) -> [(user_data, res)]: submit what is queued, block (GIL released) for n "
+     "completions, then reap."},
     {"register_eventfd", (PyCFunction)Ring_register_eventfd, METH_VARARGS,
      "register_eventfd(fd): the kernel signals fd on every completion."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS,

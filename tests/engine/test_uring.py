@@ -311,6 +311,34 @@ def test_buffer_owner_released_during_a_reap_may_call_back_into_the_ring(tmp_pat
         f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
+_WAIT_UNSUBMITTED = r'''
+import os, sys
+from kvstored import _uring
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+r = _uring.Ring(8)
+assert r.prep(True, fd, 0, [bytearray(b"y" * 64)], 7) is True  # queued, not submitted
+got = r.wait(1)
+assert got == [(7, 64)] and r.inflight == 0, (got, r.inflight)
+r.close()
+print("ok")
+'''
+
+
+def test_wait_submits_what_is_queued_first(tmp_path):
+    """An op prepped and not submitted counts in ``inflight``: wait() submits it before it
+    blocks. It used to wait for it for ever (the re-entry test above hung now and then when
+    a released owner's Python queued a write during a reap: 4 of 35 runs in session 17)."""
+    _ring_or_skip().close()
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", _WAIT_UNSUBMITTED, str(tmp_path / "w.dat")],
+                              capture_output=True, text=True, timeout=30)
+    except subprocess.TimeoutExpired:
+        pytest.fail("wait() never returned for an op that was prepped and not submitted")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (
+        f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
 def _in_io_uring_enter(tid: int) -> bool:
     """Whether thread tid is blocked in io_uring_enter (syscall 426 on every Linux arch)."""
     try:
