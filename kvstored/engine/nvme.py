@@ -895,16 +895,25 @@ class NvmeTier:
                     # the kernel may still read ``payload`` (the caller's DRAM slot or
                     # bounce page): the caller gets it back only once the write has ended
                     stop = c
-            if stop is not None:
-                raise stop
+                except BaseException as err:  # the write failed
+                    if stop is not None:
+                        raise stop from err  # the cancellation still reaches the caller
+                    raise
         finally:
             # the caller's forget (if the key was deleted meanwhile) follows without a pause
             if not tombstone:
                 self.writing_ends(ns, key, seq)
         if tombstone:
+            # kept even when the caller was cancelled meanwhile: the tombstone is on disk
+            # and in the region's summary, and one left out of r.tombs is not carried when
+            # the region is reclaimed (a deleted object would come back at a restart)
             self.counters["tombstones"] += 1
             if r.generation == gen:
                 r.tombs[k] = max(seq, r.tombs.get(k, 0))
+            if stop is not None:
+                raise stop
+        elif stop is not None:
+            raise stop  # a demotion the caller gave up: no entry will point at the record
         else:
             self.counters["demotions"] += 1
             self.counters["demoted_bytes"] += length

@@ -504,6 +504,14 @@ class Tiering:
         except BaseException:
             for t in flying:  # (each still waits for its writes, then reports its records)
                 t.cancel()
+            # ... and so does this chunk: flush_to_nvme's caller turns keep_live off once it
+            # returns, which must not happen while a batch's writes are in the kernel
+            while flying:
+                try:
+                    await asyncio.shield(asyncio.wait(flying))
+                except asyncio.CancelledError:
+                    pass
+                flying = {t for t in flying if not t.done()}
             raise
 
     async def _flush_batch(self, batch: list) -> tuple[int, OSError | None]:

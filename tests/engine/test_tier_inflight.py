@@ -172,3 +172,52 @@ def test_sync_always_waits_are_held_and_a_failure_is_logged(tmp_path, monkeypatc
             s.close()
 
     asyncio.run(run())
+
+
+def test_a_tombstone_append_cancelled_in_flight_is_still_recorded(tmp_path, monkeypatch):
+    """A tombstone's append whose caller is cancelled while the write is in the kernel:
+    the write lands (header on disk, entry in the region's summary), so the region keeps
+    it in ``tombs`` (carried when the region is reclaimed; one left out let a deleted
+    object come back after a restart) and counts it; the cancellation still reaches the
+    caller. A write that fails under a cancellation raises the cancellation."""
+    path = tmp_path / "t.dat"
+
+    class GatedTombstone(GatedPwrite):
+        armed = False
+
+        def __call__(self, fd, bufs, offset):
+            if self.armed and len(bufs) == 1:  # the tombstone's header block
+                self.held.set()
+                self.gate.wait(30)
+                if self.fail(b""):
+                    raise OSError(errno.EIO, "injected EIO")
+            return self.real(fd, bufs, offset)
+
+    async def run(fail: bool):
+        s = make_store(path, backend="threads")
+        gated = GatedTombstone(monkeypatch, fail=lambda _p: fail)
+        try:
+            await put(s, b"k", val(1, SLOT))  # a region open for the tombstone
+            nv = s.nvme
+            before = nv.counters["tombstones"]
+            gated.armed = True
+            t = asyncio.ensure_future(nv.append(NS, b"gone", None, 0, 0, 0, 0.0, tombstone=True))
+            await until(gated.held.is_set, "the tombstone's write is in the kernel")
+            t.cancel()
+            await loop_rounds()
+            assert not t.done()  # it waits for the write
+            gated.gate.set()
+            await asyncio.wait([t], timeout=30)
+            assert t.cancelled()
+            if fail:
+                assert nv.counters["tombstones"] == before
+            else:
+                assert nv.counters["tombstones"] == before + 1
+                assert any((NS, b"gone") in r.tombs for r in nv.regions), "the tombstone is not kept"
+        finally:
+            gated.gate.set()
+            await settle(s)
+
+    asyncio.run(run(False))
+    path.unlink()
+    asyncio.run(run(True))
