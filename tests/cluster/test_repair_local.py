@@ -110,7 +110,7 @@ class OtherNodes:
     def __init__(self, data):
         self.data, self.calls = data, []
 
-    def get_many(self, member, ns, keys):
+    def get_many(self, member, ns, keys, verify=True):
         assert member.node_id != ME
         self.calls.append(("get", member.node_id, len(keys)))
         return [self.data.get(member.node_id, {}).get((ns, k)) for k in keys]

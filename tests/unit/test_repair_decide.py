@@ -460,7 +460,7 @@ class FakePeers:
         self.calls = []
         self.committed = {}  # (node_id, ns, key) -> the commit time a write carried
 
-    def get_many(self, member, ns, keys):
+    def get_many(self, member, ns, keys, verify=True):
         self.calls.append(("get", member.node_id, len(keys)))
         return [self.data.get(member.node_id, {}).get((ns, k)) for k in keys]
 
@@ -632,3 +632,39 @@ def test_executor_reads_further_sources_when_the_first_are_stale():
     assert ex.run([o], {id(o): heads}, peers_for_exec()) == [True]
     assert peers.data["c"][(b"ns", o.base)] == recs[3]
     assert [c[1] for c in peers.calls if c[0] == "get"] == ["a", "b"]  # a second round
+
+
+def test_sources_are_checked_whole_without_the_transfer_checksum():
+    """Repair reads peers' rebuild sources without the transfer checksum where usable()
+    checks every byte of a record itself (rebuild.sound_alone: an indexed codec): any
+    single flipped bit of a fragment record, header or payload, makes it unusable, or
+    leaves its meaning unchanged. The header's EC type and reserved fields (covered by
+    neither the payload checksum nor the version) are checked for that."""
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import codec, encode_records
+    from kvstored.cluster.repair import rebuild as rb
+    p = Policy.parse("ec:3+2")
+    if not codec(p).indexed:
+        pytest.skip("this codec's fragments carry no index of their own")
+    assert rb.sound_alone(p) and not rb.sound_alone(Policy.parse("replicas:2"))
+    value = bytes(range(256)) * 40
+    recs = encode_records(p, value, 1)
+    ver = d.version(True, recs[0][:FRAG_HEADER.size])
+    rec = recs[1]
+    good = rb.usable([rec], ver, None, p)
+    assert [r[0][3] for r in good] == [1]
+    positions = list(range(FRAG_HEADER.size + 96)) + list(range(len(rec) - 64, len(rec)))
+    for pos in positions:
+        for bit in (0, 7):
+            bad = bytearray(rec)
+            bad[pos] ^= 1 << bit
+            got = rb.usable([bad], ver, None, p)
+            assert got == [] or (got[0][0] == good[0][0] and bytes(got[0][1]) == bytes(good[0][1])), (
+                f"a flipped bit at byte {pos} made a different usable source")
+    # the two fields no checksum covers: the EC type (6) and the reserved zero (7)
+    h = list(FRAG_HEADER.unpack_from(rec))
+    for i in (6, 7):
+        forged = list(h)
+        forged[i] ^= 1
+        bad = FRAG_HEADER.pack(*forged) + bytes(rec[FRAG_HEADER.size:])
+        assert rb.usable([bad], ver, None, p) == [], f"header field {i} is not checked"

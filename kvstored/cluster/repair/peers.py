@@ -97,9 +97,12 @@ class PeerIO:
         self.put_flags[member.node_id] = r.put_flags  # (a write to it follows its Heads)
         return r
 
-    def get_many(self, member, ns: bytes, keys: list[bytes]) -> list[bytearray | None]:
+    def get_many(self, member, ns: bytes, keys: list[bytes], verify: bool = True
+                 ) -> list[bytearray | None]:
         """The bytes of each key on ``member`` (None where it failed, is absent or held
-        back there: no source), as repair reads (FLAG_REPAIR), checksums verified."""
+        back there: no source), as repair reads (FLAG_REPAIR); with ``verify``, each
+        checked against the transfer checksum (without: the caller checks every byte
+        itself, rebuild.sound_alone)."""
         if not keys or member.node_id in self.unreachable:
             return [None] * len(keys)
 
@@ -113,7 +116,7 @@ class PeerIO:
             out: list = []
             for w in range(0, len(keys), WINDOW):
                 order = conn.send_keyed(OP_GET, ns, keys[w:w + WINDOW], FLAG_REPAIR)
-                out += conn._collect(order, None, True, take, OP_GET, keep_errors=True)
+                out += conn._collect(order, None, verify, take, OP_GET, keep_errors=True)
             return out
 
         try:
