@@ -668,3 +668,34 @@ def test_sources_are_checked_whole_without_the_transfer_checksum():
         forged[i] ^= 1
         bad = FRAG_HEADER.pack(*forged) + bytes(rec[FRAG_HEADER.size:])
         assert rb.usable([bad], ver, None, p) == [], f"header field {i} is not checked"
+
+
+def test_whole_record_sources_are_checked_whole_too():
+    """The same for a small object's whole records (kind REPLICA) of an EC policy, whose
+    payload here starts with its record's index (as liberasurecode's fragments do): a
+    flipped kind bit passed every other check, and rebuild() copied the kind FRAGMENT
+    into the records it wrote. usable() given the action's kind refuses it."""
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    from kvstored.cluster.repair import rebuild as rb
+    p = Policy.parse("ec:3+2")
+    value = bytes(4) + bytes(range(256)) * 4
+    rec = encode_records(p, value, 1 << 20)[0]  # below min_ec_size: stored whole, index 0
+    ver = d.version(True, rec[:FRAG_HEADER.size])
+    good = rb.usable([rec], ver, None, p, KIND_REPLICA)
+    assert [(r[0][2], r[0][3]) for r in good] == [(KIND_REPLICA, 0)]
+    for pos in list(range(FRAG_HEADER.size + 64)) + list(range(len(rec) - 64, len(rec))):
+        for bit in range(8):
+            bad = bytearray(rec)
+            bad[pos] ^= 1 << bit
+            got = rb.usable([bad], ver, None, p, KIND_REPLICA)
+            if pos == 6:  # the index: rebuild() writes each target's own
+                assert [r[0][2] for r in got] in ([], [KIND_REPLICA])
+                continue
+            assert got == [] or (got[0][0] == good[0][0] and bytes(got[0][1]) == bytes(good[0][1])), (
+                f"a flipped bit at byte {pos} made a different usable source")
+    flipped = bytearray(rec)
+    flipped[5] ^= 1  # kind REPLICA -> FRAGMENT
+    assert rb.usable([flipped], ver, None, p, KIND_REPLICA) == []
+    built = rb.rebuild(p, KIND_REPLICA, good, [2])
+    assert FRAG_HEADER.unpack_from(built[2][0])[2:4] == (KIND_REPLICA, 2)

@@ -337,7 +337,7 @@ class Executor:
             self.pace.step()
             c0, w0 = time.thread_time(), time.perf_counter()
             for (i, o, a, _m, _k), buf, at in zip(wants, got, when):
-                took = rb.usable([buf], a.version, have[i], o.policy)
+                took = rb.usable([buf], a.version, have[i], o.policy, a.kind)
                 recs[i] += took
                 times[i] += [at] * len(took)
             steps.add("check", time.thread_time() - c0, time.perf_counter() - w0)

@@ -16,9 +16,10 @@ def needed(p: Policy, kind: int) -> int:
     return 1 if kind == KIND_REPLICA else p.k
 
 
-def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None = None) -> list[tuple]:
-    """The (header, payload) of the valid records of version ``current`` among ``bufs``,
-    one per index (an index in ``have`` is skipped and added).
+def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None = None,
+           kind: int | None = None) -> list[tuple]:
+    """The (header, payload) of the valid records of version ``current`` (and, given, of
+    ``kind``) among ``bufs``, one per index (an index in ``have`` is skipped and added).
 
     Valid: the payload matches the header's payload checksum (the end-to-end check: a
     record stored corrupt under its own store checksum passes a transfer checksum and
@@ -28,7 +29,9 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
     fields that neither the payload checksum nor the version covers are checked too (the
     EC type, which M decides, and the reserved zero): every byte of a record is then
     checked here, so repair reads its peers' sources without the transfer checksum
-    (``sound_alone``)."""
+    (``sound_alone``). The kind, given ``kind``: a whole record whose kind bit flipped
+    to FRAGMENT passes every other check when its payload starts with its index's bytes,
+    and rebuild() would copy that kind into the records it writes."""
     have = set() if have is None else have
     check_index = p is not None and codec(p).indexed
     ec_type = EC_TYPES.index(p.ec_type) if p is not None and p.kind == "ec" else None
@@ -36,6 +39,8 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
     for buf in bufs:
         r = _parse(buf)
         if r is None or r[0][3] in have or head_version(r[0]) != current:
+            continue
+        if kind is not None and r[0][2] != kind:
             continue
         if ec_type is not None and (r[0][6] != ec_type or r[0][7] != 0):
             continue
