@@ -699,3 +699,19 @@ def test_whole_record_sources_are_checked_whole_too():
     assert rb.usable([flipped], ver, None, p, KIND_REPLICA) == []
     built = rb.rebuild(p, KIND_REPLICA, good, [2])
     assert FRAG_HEADER.unpack_from(built[2][0])[2:4] == (KIND_REPLICA, 2)
+
+
+def test_fragments_of_another_k_m_are_no_sources():
+    """rebuild() reconstructs with its policy's codec and writes its K and M: fragments of
+    a version of another K+M (the object re-put under a new policy, this node's own record
+    of the old one deciding the object's policy) would give records of that version's
+    size and checksum holding another code's parity. usable() refuses them."""
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    from kvstored.cluster.repair import rebuild as rb
+    new, old = Policy.parse("ec:4+2"), Policy.parse("ec:3+2")
+    recs = encode_records(new, bytes(range(256)) * 200, 1)
+    ver = d.version(True, recs[0][:FRAG_HEADER.size])
+    assert len(rb.usable(recs[:4], ver, None, new, KIND_FRAGMENT)) == 4
+    assert rb.usable(recs[:4], ver, None, old, KIND_FRAGMENT) == []
+    assert rb.rebuild(old, KIND_FRAGMENT, rb.usable(recs[:4], ver, None, old, KIND_FRAGMENT), [4]) is None

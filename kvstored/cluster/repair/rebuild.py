@@ -31,10 +31,14 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
     checked here, so repair reads its peers' sources without the transfer checksum
     (``sound_alone``). The kind, given ``kind``: a whole record whose kind bit flipped
     to FRAGMENT passes every other check when its payload starts with its index's bytes,
-    and rebuild() would copy that kind into the records it writes."""
+    and rebuild() would copy that kind into the records it writes. A fragment of another
+    K+M than ``p``'s (a version this node's own record does not share) is refused:
+    rebuild() would reconstruct it with ``p``'s codec and write the result under ``p``'s
+    K and M, with the other version's size and checksum."""
     have = set() if have is None else have
     check_index = p is not None and codec(p).indexed
     ec_type = EC_TYPES.index(p.ec_type) if p is not None and p.kind == "ec" else None
+    km = (p.k, p.m) if ec_type is not None else None
     out = []
     for buf in bufs:
         r = _parse(buf)
@@ -44,6 +48,8 @@ def usable(bufs: list, current, have: set[int] | None = None, p: Policy | None =
             continue
         if ec_type is not None and (r[0][6] != ec_type or r[0][7] != 0):
             continue
+        if km is not None and r[0][2] == KIND_FRAGMENT and r[0][4:6] != km:
+            continue  # rebuild() reconstructs with p's codec and labels with p's K, M
         if check_index and r[0][2] == KIND_FRAGMENT and inner_index(r[1]) != r[0][3]:
             log.warning("repair: a source fragment's header index %d is not its own", r[0][3])
             continue
