@@ -10,6 +10,8 @@ nothing acknowledged is lost, nothing corrupt is served. Each is bounded (< 30 s
 """
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import select
 import socket
@@ -204,6 +206,34 @@ def closed_by_peer(socks: list[socket.socket], keep: int, timeout: float) -> int
             open_.discard(s)
             closed += 1
     return closed
+
+
+@contextlib.contextmanager
+def publisher_on_a_loop(endpoint: str, **kw):
+    """The real KV events publisher in this process (kvstored/events.py EventPublisher(
+    endpoint, **kw)), started on an event loop in a thread, so the test drives clients;
+    yields it with ``call(fn, *args)`` to run a function on its loop. Closed after."""
+    from kvstored import events
+
+    loop = asyncio.new_event_loop()
+    runner = threading.Thread(target=loop.run_forever, daemon=True)
+    runner.start()
+
+    def call(fn, *args):
+        async def run():
+            return fn(*args)
+        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
+
+    pub = events.EventPublisher(endpoint, **kw)
+    call(pub.start)
+    pub.call = call
+    try:
+        yield pub
+    finally:
+        call(pub.close)
+        loop.call_soon_threadsafe(loop.stop)
+        runner.join(5)
+        loop.close()
 
 
 def stats(d, tls=None) -> dict[str, int]:

@@ -9,7 +9,6 @@ deadlines shortened. Every wait is on a condition, bounded in count and time.
 """
 from __future__ import annotations
 
-import asyncio
 import os
 import socket
 import struct
@@ -25,7 +24,7 @@ import pytest
 import kvstore
 from kvstore.v1 import control_pb2 as pb
 
-from test_hostile import closed_by_peer, free_port, open_fds, rss, wait_for
+from test_hostile import closed_by_peer, free_port, open_fds, publisher_on_a_loop, rss, wait_for
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -230,27 +229,10 @@ def publisher(tmp_path, monkeypatch):
     monkeypatch.setattr(events, "HANDSHAKE_TIMEOUT", 0.5)
     monkeypatch.setattr(events, "REPLAY_IDLE_TIMEOUT", 0.5)
     monkeypatch.setattr(events, "REPLAY_BUFFER", 64 * KiB)
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-
-    def call(fn, *args):
-        async def run():
-            return fn(*args)
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
-
-    pub = events.EventPublisher(f"ipc://{tmp_path}/ev", replay_endpoint=f"ipc://{tmp_path}/rep",
-                                max_subscribers=LIMIT, replay_buffer=5000,
-                                replay_rate_window=0.5)
-    call(pub.start)
-    pub.call = call
-    try:
+    with publisher_on_a_loop(f"ipc://{tmp_path}/ev", replay_endpoint=f"ipc://{tmp_path}/rep",
+                             max_subscribers=LIMIT, replay_buffer=5000,
+                             replay_rate_window=0.5) as pub:
         yield pub
-    finally:
-        call(pub.close)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(5)
-        loop.close()
 
 
 def test_event_connections_that_never_finish_zmtp_are_closed_at_the_deadline(publisher):

@@ -19,7 +19,6 @@ import collections
 import logging
 import socket
 import struct
-import threading
 import time
 
 import grpc
@@ -28,7 +27,7 @@ import pytest
 import kvstore
 from kvstore.v1 import control_pb2 as pb
 
-from test_hostile import closed_by_peer, connect_from, free_port, wait_for
+from test_hostile import closed_by_peer, connect_from, free_port, publisher_on_a_loop, wait_for
 from test_hostile_round3 import _h2_frame, _hpack_literal, metric_when
 
 zmq = pytest.importorskip("zmq")
@@ -363,29 +362,10 @@ def test_one_source_cannot_take_every_event_place(node):
 def tcp_publisher():
     """The real publisher in this process on 127.0.0.1 (replays must take 64 KiB/s over
     each 0.5 s); yields it with ``call`` to run a function on its loop (in a thread)."""
-    from kvstored import events
-
-    loop = asyncio.new_event_loop()
-    runner = threading.Thread(target=loop.run_forever, daemon=True)
-    runner.start()
-
-    def call(fn, *args):
-        async def run():
-            return fn(*args)
-        return asyncio.run_coroutine_threadsafe(run(), loop).result(10)
-
-    pub = events.EventPublisher("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0",
-                                max_subscribers=16, replay_buffer=5000,
-                                replay_min_rate=64 * KiB, replay_rate_window=0.5)
-    call(pub.start)
-    pub.call = call
-    try:
+    with publisher_on_a_loop("tcp://127.0.0.1:0", replay_endpoint="tcp://127.0.0.1:0",
+                             max_subscribers=16, replay_buffer=5000,
+                             replay_min_rate=64 * KiB, replay_rate_window=0.5) as pub:
         yield pub
-    finally:
-        call(pub.close)
-        loop.call_soon_threadsafe(loop.stop)
-        runner.join(5)
-        loop.close()
 
 
 def test_a_slow_replay_reader_is_closed_and_a_fast_one_is_not(tcp_publisher, caplog):
