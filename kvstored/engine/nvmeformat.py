@@ -116,21 +116,24 @@ def parse_region_header(block, index: int, seed: int) -> tuple[int, int] | None 
 # -- records ------------------------------------------------------------------------
 def record_header(ns: bytes, key: bytes, generation: int, seq: int, length: int, checksum: int,
                   tombstone: bool, committed_at: float, seed: int) -> bytes:
-    return sealed(RECORD.pack(RECORD_MAGIC, FLAG_TOMBSTONE if tombstone else 0, len(ns), len(key),
-                              generation, seq, length, checksum, key_digest(ns, key), committed_at)
-                  + ns + key, seed)
+    """A record's (or tombstone's) header as bytes: ``record_header_into`` a scratch block."""
+    buf = bytearray(_HEADER_MAX)
+    n = record_header_into(memoryview(buf), ns, key, generation, seq, length, checksum,
+                           committed_at, seed, tombstone)
+    return bytes(buf[:n])
 
 
 def record_header_into(block: memoryview, ns: bytes, key: bytes, generation: int, seq: int,
-                       length: int, checksum: int, committed_at: float, seed: int) -> None:
-    """``record_header`` of a record (not a tombstone) packed into the BLOCK-byte ``block``
-    (the batch append's path, with no intermediate bytes objects), zeroed after it up to
-    the longest header there can be (ns and key lengths are one byte each): a block used
-    for headers only keeps no other header's bytes, and past that length it is never
-    written (a fresh mapping's zeros), so 4 KiB need not be zeroed per record."""
+                       length: int, checksum: int, committed_at: float, seed: int,
+                       tombstone: bool = False) -> int:
+    """A record's header packed into ``block`` (at least _HEADER_MAX bytes; the batch
+    append's path, with no intermediate bytes objects), zeroed after it up to the longest
+    header there can be (ns and key lengths are one byte each): a block used for headers
+    only keeps no other header's bytes, and past that length it is never written (a fresh
+    mapping's zeros), so 4 KiB need not be zeroed per record. Returns the header's length."""
     n, k = len(ns), len(key)
-    RECORD.pack_into(block, 0, RECORD_MAGIC, 0, n, k, generation, seq, length, checksum,
-                     key_digest(ns, key), committed_at)
+    RECORD.pack_into(block, 0, RECORD_MAGIC, FLAG_TOMBSTONE if tombstone else 0, n, k,
+                     generation, seq, length, checksum, key_digest(ns, key), committed_at)
     h = RECORD.size + n
     block[RECORD.size:h] = ns
     end = h + k
@@ -138,6 +141,7 @@ def record_header_into(block: memoryview, ns: bytes, key: bytes, generation: int
     _CSUM.pack_into(block, end, xxhash.xxh3_64_intdigest(block[:end], seed))
     end += _CSUM.size
     block[end:_HEADER_MAX] = _ZERO_BLOCK[end:_HEADER_MAX]
+    return end
 
 
 def parse_record(block, gen: int, seed: int, rel: int = 0) -> tuple | None:
