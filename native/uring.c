@@ -29,6 +29,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/uio.h>
+#include <time.h>
 
 typedef struct {
     unsigned long long user_data; /* the caller's id, returned by reap() */
@@ -44,7 +45,25 @@ typedef struct {
     Py_ssize_t inflight;
     unsigned entries;
     int blocked; /* threads inside a GIL-released wait on this ring: close() must not unmap it */
+    int fail_errno;       /* tests only (_fail_submits): wait()'s next submits fail with this */
+    unsigned fail_count;
 } RingObject;
+
+/* wait()'s submit: io_uring_submit, or the error a test asked for (_fail_submits): the
+ * kernel's -EAGAIN / -EBUSY cannot be provoked on demand. */
+static int wait_submit(RingObject *self) {
+    if (self->fail_count) {
+        self->fail_count--;
+        return -self->fail_errno;
+    }
+    return io_uring_submit(&self->ring);
+}
+
+/* How long wait() retries a submit the kernel takes none of (-EAGAIN: no memory for the
+ * request; -EBUSY: completions it cannot post) before it raises, when nothing it already
+ * took could complete meanwhile. */
+#define SUBMIT_RETRIES 200
+#define SUBMIT_RETRY_NS (5 * 1000 * 1000)
 
 static void op_free(uring_op *op) {
     for (Py_ssize_t i = 0; i < op->nbufs; i++)
@@ -283,26 +302,57 @@ static PyObject *Ring_wait(RingObject *self, PyObject *args) {
         return NULL;
     if (want > (unsigned)self->inflight)
         want = (unsigned)self->inflight;
-    if (want > 0) {
+    for (unsigned tries = 0; want > 0; tries++) {
         struct io_uring_cqe *cqe = NULL;
         int rc;
         /* Ops prepped and not yet submitted count in inflight: submitted first, or a wait
          * for them would never return (Python run by a released buffer's owner during the
          * last reap may have queued one, as drain_all also allows for) */
         if (io_uring_sq_ready(&self->ring)) {
-            rc = io_uring_submit(&self->ring);
+            rc = wait_submit(self);
             if (rc < 0 && rc != -EINTR && rc != -EAGAIN && rc != -EBUSY)
                 return raise_errno(-rc, "io_uring_submit");
         }
+        /* Only what the kernel took can complete: a submit it refused (-EAGAIN, -EBUSY) leaves
+         * ops in the queue, and waiting for them too would block for ever. */
+        unsigned queued = io_uring_sq_ready(&self->ring);
+        unsigned taken = (unsigned)self->inflight > queued ? (unsigned)self->inflight - queued : 0;
+        if (taken == 0) {
+            if (tries >= SUBMIT_RETRIES)
+                return PyErr_Format(PyExc_BlockingIOError, "io_uring_submit: the kernel took none "
+                                    "of %u queued ops in %u tries; they stay queued", queued, tries);
+            struct timespec pause = {.tv_sec = 0, .tv_nsec = SUBMIT_RETRY_NS};
+            self->blocked++;  /* a waiter still: another thread's close/reap/wait is refused */
+            Py_BEGIN_ALLOW_THREADS
+            nanosleep(&pause, NULL);
+            Py_END_ALLOW_THREADS
+            self->blocked--;
+            continue;
+        }
         self->blocked++;
         Py_BEGIN_ALLOW_THREADS
-        rc = io_uring_wait_cqe_nr(&self->ring, &cqe, want);
+        rc = io_uring_wait_cqe_nr(&self->ring, &cqe, want < taken ? want : taken);
         Py_END_ALLOW_THREADS
         self->blocked--;
         if (rc < 0 && rc != -EINTR)
             return raise_errno(-rc, "io_uring_wait_cqe");
+        break;
     }
     return reap_ready(self);
+}
+
+/* _fail_submits(errno, count): tests only. wait()'s next count submits fail with -errno, as the
+ * kernel's would under memory pressure (EAGAIN) or a full completion queue (EBUSY). */
+static PyObject *Ring_fail_submits(RingObject *self, PyObject *args) {
+    int err;
+    unsigned count;
+    if (!PyArg_ParseTuple(args, "iI", &err, &count))
+        return NULL;
+    if (err <= 0)
+        return PyErr_Format(PyExc_ValueError, "_fail_submits: errno must be positive, not %d", err);
+    self->fail_errno = err;
+    self->fail_count = count;
+    Py_RETURN_NONE;
 }
 
 static PyObject *Ring_register_eventfd(RingObject *self, PyObject *args) {
@@ -348,6 +398,8 @@ static PyMethodDef Ring_methods[] = {
     {"wait", (PyCFunction)Ring_wait, METH_VARARGS,
      "wait(n=1) -> [(user_data, res)]: submit what is queued, block (GIL released) for n "
      "completions, then reap."},
+    {"_fail_submits", (PyCFunction)Ring_fail_submits, METH_VARARGS,
+     "_fail_submits(errno, count): tests only; wait()'s next count submits fail with -errno."},
     {"register_eventfd", (PyCFunction)Ring_register_eventfd, METH_VARARGS,
      "register_eventfd(fd): the kernel signals fd on every completion."},
     {"close", (PyCFunction)Ring_close, METH_NOARGS,

@@ -339,6 +339,68 @@ def test_wait_submits_what_is_queued_first(tmp_path):
         f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
 
+_WAIT_REFUSED_SUBMIT = r'''
+import errno, os, sys
+from kvstored import _uring
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT, 0o600)
+rd, wr = os.pipe()
+r = _uring.Ring(8)
+# 1. a pipe read the kernel took (it completes once data is written), then a file write whose
+#    submit the kernel refuses (EAGAIN): wait(2) waits for what the kernel took only.
+pipe_buf = bytearray(4)
+r.prep(False, rd, 0, [pipe_buf], 1)
+r.submit()
+r.prep(True, fd, 0, [bytearray(b"z" * 64)], 2)
+r._fail_submits(errno.EAGAIN, 1)
+os.write(wr, b"ping")
+got = r.wait(2)
+assert got == [(1, 4)], got
+assert r.inflight == 1, r.inflight        # the refused write is still queued...
+assert r.wait(1) == [(2, 64)]             # ...and the next wait submits it
+# 2. nothing the kernel took and every submit refused (EBUSY): a typed error, not a hang;
+#    the op stays queued and a later wait completes it.
+r.prep(True, fd, 4096, [bytearray(b"q" * 64)], 3)
+r._fail_submits(errno.EBUSY, 10 ** 6)
+try:
+    r.wait(1)
+except BlockingIOError as e:
+    assert "queued" in str(e), e
+else:
+    raise AssertionError("wait() returned with every submit refused")
+assert r.inflight == 1
+r._fail_submits(errno.EBUSY, 0)
+assert r.wait(1) == [(3, 64)]
+# 3. a refused submit that the kernel takes on a retry: wait() returns the completion
+r.prep(True, fd, 8192, [bytearray(b"r" * 64)], 4)
+r._fail_submits(errno.EAGAIN, 3)
+assert r.wait(1) == [(4, 64)]
+try:
+    r._fail_submits(0, 1)
+except ValueError:
+    pass
+else:
+    raise AssertionError("errno 0 accepted")
+r.close()
+print("ok")
+'''
+
+
+def test_wait_waits_only_for_what_the_kernel_took(tmp_path):
+    """A submit the kernel refuses (-EAGAIN, -EBUSY) leaves ops queued: wait() waits for the
+    ops it did take, retries the submit a bounded number of times when it took none, then
+    raises BlockingIOError with the ops still queued. It used to wait for the refused ops too,
+    for ever (found by session 17's review)."""
+    _ring_or_skip().close()
+    import sys
+    try:
+        done = subprocess.run([sys.executable, "-c", _WAIT_REFUSED_SUBMIT, str(tmp_path / "w.dat")],
+                              capture_output=True, text=True, timeout=60)
+    except subprocess.TimeoutExpired:
+        pytest.fail("wait() hung on ops whose submit the kernel refused")
+    assert done.returncode == 0 and done.stdout.strip() == "ok", (
+        f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+
+
 def _in_io_uring_enter(tid: int) -> bool:
     """Whether thread tid is blocked in io_uring_enter (syscall 426 on every Linux arch)."""
     try:
