@@ -206,6 +206,10 @@ class _ConfigRules:
                 f"events.max_subscribers_per_client ({self.events_max_subscribers_per_client}) "
                 f"must be at most events.max_subscribers ({self.events_max_subscribers}) "
                 "(0 = a quarter of it)")
+        if self.events_max_replays_per_client > self.events_max_replays:
+            raise ConfigError(
+                f"events.max_replays_per_client ({self.events_max_replays_per_client}) "
+                f"must be at most events.max_replays ({self.events_max_replays})")
 
     def events_replay(self) -> str:
         """The replay endpoint in effect ("" = none)."""

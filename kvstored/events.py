@@ -80,9 +80,10 @@ once a place is free. What one connection can hold, and for how long:
 * a replay runs while its connection has less than ``REPLAY_BUFFER`` bytes queued; one
   whose connection, with bytes waiting for it, takes fewer than ``events.replay_min_rate``
   bytes a second over an ``events.replay_rate_window`` (64 KiB/s over 30 s) is closed and
-  counted (``kvstored_kv_event_replays_stalled_total``): it held one of ``MAX_REPLAYS``
-  places (before this rule a reader taking a few KiB every 29 s held one for good), at
-  most ``MAX_REPLAYS_PER_CLIENT`` of them from one source (more get the end marker); at
+  counted (``kvstored_kv_event_replays_stalled_total``): it held one of
+  ``events.max_replays`` places (before this rule a reader taking a few KiB every 29 s
+  held one for good), at most ``events.max_replays_per_client`` of them from one source
+  (more get the end marker); at
   most ``MAX_QUEUED_REQUESTS`` requests wait behind a connection's replay in progress,
   more are dropped (counted as refused);
 * a connection with more than its bound queued (``SUBSCRIBER_BUFFER``, ``REPLAY_BUFFER``)
@@ -131,9 +132,11 @@ SUBSCRIBER_BUFFER = 4 << 20
 REPLAY_MAX_BYTES = 32 << 20  # payload bytes the replay buffer keeps at most
 REPLAY_CHUNK = 256  # batches a replay sends per loop turn (others are served meanwhile)
 REPLAY_BUFFER = 1 << 20  # bytes queued for a replay connection before its replay waits
-MAX_REPLAYS = 16  # replays in progress at once; more requests get only the end marker
-# of them from one source (IP; unix socket: uid): one client with 16 connections, each
-# reading just above events.replay_min_rate, held every place for minutes at a time
+# Replays in progress at once (events.max_replays; more requests get only the end marker)
+# and of them from one source (IP; unix socket: uid; events.max_replays_per_client): one
+# client with 16 connections, each reading just above events.replay_min_rate, held every
+# place for minutes at a time
+MAX_REPLAYS = 16
 MAX_REPLAYS_PER_CLIENT = 4
 MAX_QUEUED_REQUESTS = 4  # requests waiting behind a connection's replay; more are dropped
 REPLAY_IDLE_TIMEOUT = 300.0  # s a replay connection may stay without a replay
@@ -199,7 +202,8 @@ class EventPublisher:
     def __init__(self, endpoint: str, *, replay_endpoint: str = "", replay_buffer: int = 10000,
                  topic: str = "", medium: str = "EXTERNAL", block_size: int = 0,
                  max_subscribers: int = 64, max_per_client: int = 0,
-                 replay_min_rate: int = 64 << 10, replay_rate_window: float = 30.0):
+                 replay_min_rate: int = 64 << 10, replay_rate_window: float = 30.0,
+                 max_replays: int = MAX_REPLAYS, max_replays_per_client: int = MAX_REPLAYS_PER_CLIENT):
         """``max_per_client``: connections at once from one source address (unix sockets: one
         uid) per endpoint, 0 = max_subscribers (no cap of its own; the daemon passes its
         setting). A replay connection must take ``replay_min_rate`` bytes a second over each
@@ -208,6 +212,8 @@ class EventPublisher:
         self.max_subscribers = max_subscribers
         self.max_per_client = max_per_client or max_subscribers
         self.replay_min_rate = replay_min_rate
+        self.max_replays = max_replays
+        self.max_replays_per_client = min(max_replays_per_client, max_replays)
         self.replay_rate_window = replay_rate_window
         self.replay_endpoint = replay_endpoint
         self.topic = topic.encode()
@@ -372,8 +378,8 @@ class EventPublisher:
         if start is None:  # malformed: the end marker, so a client does not wait forever
             conn.write(encode_message((*prefix, END_SEQ, b"")))
             return
-        if len(self._replays) >= MAX_REPLAYS or sum(
-                c.source == conn.source for c in self._replays) >= MAX_REPLAYS_PER_CLIENT:
+        if len(self._replays) >= self.max_replays or sum(
+                c.source == conn.source for c in self._replays) >= self.max_replays_per_client:
             self.counters["replays_refused"] += 1
             conn.write(encode_message((*prefix, END_SEQ, b"")))
             return

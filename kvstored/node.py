@@ -290,6 +290,8 @@ class Node:
                                          medium=c.events_medium, block_size=c.events_block_size,
                                          max_subscribers=c.events_max_subscribers,
                                          max_per_client=c.events_per_client(),
+                                         max_replays=c.events_max_replays,
+                                         max_replays_per_client=c.events_max_replays_per_client,
                                          replay_min_rate=c.events_replay_min_rate,
                                          replay_rate_window=c.events_replay_rate_window)
             self.events.start()

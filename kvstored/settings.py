@@ -438,6 +438,12 @@ SETTINGS: tuple[Setting, ...] = (
        "connections at once from one source address (ipc: one uid) to each endpoint; more are "
        "closed on accept; 0 = a quarter of max_subscribers (at least 1)",
        check=_within(0, 65536, "connections")),
+    _s("events", "max_replays", INT, 16,
+       "replays in progress at once (each holds up to 1 MiB queued); more requests get the "
+       "end marker alone", check=_within(1, 1024, "replays")),
+    _s("events", "max_replays_per_client", INT, 4,
+       "replays in progress at once for one source address (ipc: one uid); more get the end "
+       "marker alone; at most max_replays", check=_within(1, 1024, "replays")),
     _s("events", "replay_min_rate", SIZE, 64 * KiB,
        "bytes per second a replay connection must take, over each replay_rate_window, while "
        "bytes wait for it; one that takes fewer is closed (0: only one taking none)",

@@ -67,6 +67,10 @@ def node(module_daemons, tmp_path_factory):
      "server.control_rpcs_per_client (9) must be at most server.max_control_rpcs (8)"),
     ({"events_max_subscribers": 4, "events_max_subscribers_per_client": 5},
      "events.max_subscribers_per_client (5) must be at most events.max_subscribers (4)"),
+    ({"events_max_replays": 4, "events_max_replays_per_client": 5},
+     "events.max_replays_per_client (5) must be at most events.max_replays (4)"),
+    ({"events_max_replays": 0}, "events.max_replays: 0 is outside 1..1024"),
+    ({"events_max_replays_per_client": 2000}, "events.max_replays_per_client: 2000 is outside"),
     ({"events_replay_rate_window": 0}, "events.replay_rate_window: 0.0 is outside 0.1..3600"),
     ({"events_replay_rate_window": float("nan")}, "events.replay_rate_window: nan is outside"),
     ({"events_replay_min_rate": "2GiB"}, "events.replay_min_rate: 2147483648 is outside"),
@@ -438,17 +442,16 @@ def _replay_request_from(src: str, port: int) -> socket.socket:
 
 
 def test_one_source_cannot_hold_every_replay_place(tcp_publisher):
-    """A source (127.0.0.2) asks for 6 replays of ~7 MB on 6 connections and reads none (a
-    rate window of 30 s: none is closed meanwhile): 4 run (MAX_REPLAYS_PER_CLIENT), the
-    other 2 get the end marker alone and are counted; a replay from 127.0.0.3 runs. Before,
-    one source could run all 16 (MAX_REPLAYS), each for as long as it read just fast
-    enough."""
-    from kvstored import events
-
+    """A source (127.0.0.2) asks for 5 replays of ~7 MB on 5 connections and reads none (a
+    rate window of 30 s: none is closed meanwhile): 3 run (events.max_replays_per_client,
+    set to 3 here; 4 by default), the other 2 get the end marker alone and are counted; a
+    replay from 127.0.0.3 runs. Before, one source could run all 16 (events.max_replays),
+    each for as long as it read just fast enough."""
     from test_hostile_round3 import _recv_exact, _recv_frame
 
     pub = tcp_publisher
     pub.replay_rate_window = 30.0
+    per_client = pub.max_replays_per_client = 3
     for _ in range(2000):
         pub.call(pub._publish, msgpack.packb([0.0, [["AllBlocksCleared"]] * 200, 0]), 200)
     port = int(pub.bound()[1].rsplit(":", 1)[1])
@@ -458,7 +461,7 @@ def test_one_source_cannot_hold_every_replay_place(tcp_publisher):
 
     socks = []
     try:
-        for i in range(events.MAX_REPLAYS_PER_CLIENT):
+        for i in range(per_client):
             socks.append(_replay_request_from("127.0.0.2", port))
             wait_for(lambda: running().get("127.0.0.2") == i + 1, 10, f"replay {i + 1} running")
         refused = [_replay_request_from("127.0.0.2", port) for _ in range(2)]
@@ -471,7 +474,7 @@ def test_one_source_cannot_hold_every_replay_place(tcp_publisher):
         assert pub.counters["replays_refused"] == 2
         socks.append(_replay_request_from("127.0.0.3", port))
         wait_for(lambda: running().get("127.0.0.3") == 1, 10, "the other source's replay")
-        assert running() == {"127.0.0.2": events.MAX_REPLAYS_PER_CLIENT, "127.0.0.3": 1}
+        assert running() == {"127.0.0.2": per_client, "127.0.0.3": 1}
     finally:
         for s in socks:
             s.close()
