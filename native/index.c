@@ -36,7 +36,7 @@ enum {
     F_INTABLE = 2,     /* reachable by get (else removed, kept for its views) */
     F_DEAD = 4,        /* state DEAD */
     F_UNVERIFIED = 8,
-    F_KEYLESS = 16,    /* its key is not in RAM (NVMe-only object: the key is on the NVMe header) */
+    F_KEYLESS = 16,    /* its key is not in RAM (on the NVMe header, or in the arena's key area) */
     F_PIN = 32,        /* a pin record exists in the pins dict */
     F_NVME = 64,       /* has an NVMe location */
     F_NVSIDE = 128,    /* ... kept whole in the side dict (it did not pack) */
@@ -1710,45 +1710,74 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
     Py_RETURN_NONE;
 }
 
-/* shed_key(entry): an inserted NVMe-only entry's key leaves RAM (its DRAM part goes,
-   with its read count and eviction stamp; readers and links, if any, stay in a bare
-   part). Lookups match it by namespace, length and fingerprint from then on. It keeps
-   its key when a keyless record of equal namespace, length and fingerprint exists
-   (the two could not be told apart): key_in_ram says which. */
-static PyObject *Table_shed_key(Table *t, PyObject *o) {
+/* shed_key(entry, dram=False): an inserted entry's key leaves RAM. Lookups match it by
+   namespace, length and fingerprint from then on; Entry.key asks the key loader. It keeps
+   its key when a keyless record of equal namespace, length and fingerprint exists (the
+   two could not be told apart): key_in_ram says which.
+   dram=False: an NVMe-only entry (offset -1, nvme set, in no eviction list): its DRAM
+   part goes, with its read count and eviction stamp (readers and links, if any, stay in
+   a bare part); the key is on the NVMe record header.
+   dram=True: also an entry with a DRAM copy and/or in an eviction list (its key is kept
+   beside the copy: the arena's key area, read back by the key loader); every field of
+   its DRAM part stays (offset, readers, links, stamp, read count). It needs a DRAM copy
+   or an NVMe location (else the key would be nowhere). */
+static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, PyObject *kwnames) {
     READY(t, NULL);
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (n < 1 || n + nkw > 2 ||
+        (nkw && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "dram") != 0)) {
+        PyErr_SetString(PyExc_TypeError, "shed_key(entry, dram=False)");
+        return NULL;
+    }
+    int dram = n + nkw == 2 ? PyObject_IsTrue(args[1]) : 0;
+    if (dram < 0) return NULL;
     Entry *e;
-    if (entry_arg(o, &e) < 0) return NULL;
+    if (entry_arg(args[0], &e) < 0) return NULL;
     if (e->ix != t || !(R(e)->flags & F_INTABLE)) {
         PyErr_SetString(PyExc_ValueError, e->ix && e->ix != t ? "shed_key: entry belongs to another index"
                         : "shed_key: the entry is not in the index (never inserted, or removed)");
         return NULL;
     }
     uint32_t rec = e->rec;
-    if (t->recs[rec].flags & F_KEYLESS) Py_RETURN_NONE;
     int64_t off = rec_offset(t, rec);
-    if (off >= 0) {
+    if (t->recs[rec].flags & F_KEYLESS) {
+        /* already keyless (shed with dram=True while it had a copy): on NVMe only and out
+           of the lists now (drop_copy's call), its stamp and read count go as above, and
+           with them its part */
+        Aux *a = aux_ptr(t, &t->recs[rec]);
+        if (!dram && off < 0 && t->recs[rec].seg < 0 && a) {
+            a->stamp = 0;
+            a->reads = 0;
+            aux_settle(t, rec);
+        }
+        Py_RETURN_NONE;
+    }
+    if (off >= 0 && !dram) {
         PyErr_Format(PyExc_ValueError, "shed_key: the entry has a DRAM copy (offset %lld); only "
-                     "an NVMe-only entry (offset -1) sheds its key", (long long)off);
+                     "an NVMe-only entry (offset -1) sheds its key, or dram=True", (long long)off);
         return NULL;
     }
-    if (!(t->recs[rec].flags & F_NVME)) {
+    if (off < 0 && !(t->recs[rec].flags & F_NVME)) {
         PyErr_SetString(PyExc_ValueError, "shed_key: the entry has no NVMe location (nvme is "
-                        "None): its key would be nowhere");
+                        "None) and no DRAM copy: its key would be nowhere");
         return NULL;
     }
-    if (t->recs[rec].seg >= 0) {  /* its links are in the DRAM part that would go */
+    if (t->recs[rec].seg >= 0 && !dram) {  /* its links are in the DRAM part that would go */
         PyErr_Format(PyExc_ValueError, "shed_key: the entry is in an eviction list (seg %d); "
-                     "the policy removes it first", (int)t->recs[rec].seg);
+                     "the policy removes it first, or dram=True", (int)t->recs[rec].seg);
         return NULL;
     }
     Rec *r0 = &t->recs[rec];
     if (keyless_twin(t, r0->ns, r0->key_len, r0->fp, rec)) Py_RETURN_NONE;
     Aux keep = *aux_ptr(t, &t->recs[rec]);
-    keep.stamp = 0;
-    keep.reads = 0;
+    if (!dram) {
+        keep.stamp = 0;
+        keep.reads = 0;
+    }
     int64_t bare = -1;
-    if (!aux_default(&keep) && (bare = chunk_alloc(t, 0)) < 0) return NULL;
+    /* a linked record keeps a part even when its fields look default (aux_settle) */
+    if ((!aux_default(&keep) || t->recs[rec].seg >= 0) && (bare = chunk_alloc(t, 0)) < 0)
+        return NULL;
     Rec *r = &t->recs[rec];
     chunk_free(t, key_class(r->key_len), r->dram);
     r->dram = NOREC;
@@ -2200,8 +2229,9 @@ static PyMethodDef Table_methods[] = {
     {"probes", (PyCFunction)Table_probes, METH_NOARGS, "(longest, mean hit, mean miss) slots read per lookup"},
     {"key_hash", (PyCFunction)(void (*)(void))Table_key_hash, METH_FASTCALL,
      "key_hash(ns, key): the seeded 64-bit fingerprint (None: no such namespace)"},
-    {"shed_key", (PyCFunction)Table_shed_key, METH_O,
-     "shed_key(entry): an NVMe-only entry's key leaves RAM"},
+    {"shed_key", (PyCFunction)(void (*)(void))Table_shed_key, METH_FASTCALL | METH_KEYWORDS,
+     "shed_key(entry, dram=False): the entry's key leaves RAM (dram=True: also one with a DRAM "
+     "copy or in an eviction list)"},
     {"restore_key", (PyCFunction)(void (*)(void))Table_restore_key, METH_FASTCALL,
      "restore_key(entry, key): a keyless entry gets its key back"},
     {"set_key_loader", (PyCFunction)Table_set_key_loader, METH_O,

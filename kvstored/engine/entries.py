@@ -191,8 +191,9 @@ class Index:
       * map a DRAM slot back to its entry: ``place`` / ``displace`` / ``at(offset)``;
       * learn the arena's and the NVMe tier's layout: ``use_slab_size``, ``use_nvme_geometry``;
       * track pins: ``note_pin`` / ``drop_pin`` / ``live_pins(now)``;
-      * keys of NVMe-only objects out of RAM (the packed index; no-ops here, where every
-        key stays in RAM): ``shed_key(e)``, ``restore_key(e, key)``,
+      * keys out of RAM (the packed index; no-ops here, where every key stays in RAM):
+        ``shed_key(e)`` (NVMe-only entries), ``shed_key(e, dram=True)`` (also one with
+        a DRAM copy, linked in the eviction lists), ``restore_key(e, key)``,
         ``set_key_loader(fn)``, ``add(..., keyless=True)``, ``Entry.key_in_ram``.
 
     ``__getitem__``, ``items`` and ``values`` exist for tests and tools that read
@@ -324,9 +325,10 @@ class Index:
         e.forget_pin()
 
     # ----------------------------------------- keys out of RAM (packed index)
-    def shed_key(self, e: Entry) -> None:
+    def shed_key(self, e: Entry, dram: bool = False) -> None:
         """No-op: this index keeps every key in RAM (the packed one sheds an NVMe-only
-        entry's key)."""
+        entry's key, and with ``dram=True`` a DRAM-resident one's, whose key is then in
+        the arena's key area)."""
 
     def restore_key(self, e: Entry, key: bytes) -> None:
         """No-op: the entry has its key."""

@@ -24,7 +24,13 @@ a freed record's number is reused, so the packed one must not point at it).
 Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(e)``
 (``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and
 the DRAM part (read count and stamp go to 0; readers and links, if any, stay);
-``add(..., keyless=True)`` indexes such a record at recovery. A keyless record is
+``add(..., keyless=True)`` indexes such a record at recovery. ``shed_key(e,
+dram=True)`` also takes an entry with a DRAM copy and/or in the eviction lists (its
+key is kept in the arena's key area, beside the copy; it needs a DRAM copy or an NVMe
+location, else ValueError): every DRAM field stays (offset, readers, links, stamp,
+reads), and the eviction policy reads its key through the loader (the ghost digest at
+eviction). When such an entry's copy goes (``drop_copy``: unlinked, offset -1, then
+``shed_key(e)``), its stamp and read count go as for any NVMe-only one. A keyless record is
 found by namespace, key length and fingerprint; a keyed one always by its bytes (a
 probe goes on past a keyless record of equal fingerprint). Two keyless records of one
 fingerprint could not be told apart, so the second keeps its key (``shed_key`` is then

@@ -444,3 +444,154 @@ def test_random_operations_with_narrow_fingerprints_find_every_present_key_as_it
             assert sig not in twins, "two keyless records of one fingerprint"
             twins[sig] = e
     assert len(twins) > 10 and len(held) - len(twins) > 10  # both kinds were exercised
+
+
+# ------------------------------------------- DRAM-resident keyless records (shed_key dram=True)
+def dram_linked(ix, pol, ns: bytes, key: bytes, off: int):
+    """An inserted entry with a DRAM copy, placed and in the eviction lists (as a put
+    leaves it); its key then goes to the arena's key area (shed_key(e, dram=True))."""
+    e = Entry(ns, key, off, 100, CS, SC)
+    ix.insert(e)
+    ix.place(e)
+    pol.insert(e)
+    return e
+
+
+def test_a_dram_resident_linked_entry_sheds_its_key_and_keeps_every_dram_field():
+    from kvstored.engine.eviction import NativePolicy
+    ix = PackedIndex()
+    ix.use_slab_size(1 << 20)
+    pol = NativePolicy(1, ix)
+    keys = {b"k%02d" % i: i for i in range(8)}
+    es = [dram_linked(ix, pol, b"ns", k, 4096 * i) for k, i in keys.items()]
+    e = es[3]
+    e.reads = 5
+    e.refs = 2
+    before = (e.offset, e.refs, e.stamp, e.reads, e.seg, e.newer, e.older, e.record)
+    with pytest.raises(ValueError, match="DRAM copy"):
+        ix.shed_key(e)  # without dram=True: NVMe-only entries only, as before
+    ix.shed_key(e, dram=True)
+    assert not e.key_in_ram and ix.footprint()["keyless"] == 1
+    assert (e.offset, e.refs, e.stamp, e.reads, e.seg, e.newer, e.older, e.record) == before
+    assert ix.get(b"ns", b"k03") is e and ix.at(4096 * 3) is e and e.nvme is None
+    ix.shed_key(e, dram=True)  # already keyless: nothing to do
+    calls = []
+
+    def loader(x):  # the Store's: the key from the arena's key area
+        calls.append(x)
+        return next(k for k, i in keys.items() if es[i] is x)
+
+    ix.set_key_loader(loader)
+    assert e.key == b"k03" and calls == [e] and not e.key_in_ram
+    # the policy reads and relinks it through its part: touch, then evict (the ghost
+    # digest needs the key: the loader, checked against the fingerprint)
+    pol.touch(e)
+    assert pol.order(0, 1)[0] is e and e.stamp == pol.clock
+    e.refs = 0
+    ix.set_key_loader(lambda x: b"k04" if x is e else loader(x))  # not its key: refused
+    with pytest.raises(LookupError, match="not record"):
+        pol.remove(e, evicted=True)
+    assert e.seg == 1 and pol.resident == 8  # an error leaves it linked
+    ix.set_key_loader(loader)
+    calls.clear()
+    pol.remove(e, evicted=True)
+    assert calls == [e] and e.seg == NONE and pol.in_ghost(b"ns", b"k03") is not None
+    ix.displace(e)
+    e.offset = -1
+    ix.remove(e)
+    assert ix.get(b"ns", b"k03") is None and ix.at(4096 * 3) is None and len(ix) == 7
+    # a removed keyless entry goes back by its fingerprint, and takes a slot again
+    ix.insert(e)
+    e.offset = 4096 * 3
+    ix.place(e)
+    pol.insert_loaded(e)
+    assert ix.get(b"ns", b"k03") is e and not e.key_in_ram and ix.at(4096 * 3) is e
+    # every entry keyless: the victims come in order, each read through the loader
+    for x in es:
+        ix.shed_key(x, dram=True)
+    assert ix.footprint()["keyless"] == 8
+    order = []
+    for _ in range(8):
+        v = pol.victim_at(0, 0.0)
+        order.append(v)
+        pol.remove(v, evicted=True)
+    assert {id(v) for v in order} == {id(x) for x in es} and pol.resident == 0
+    ix.restore_key(e, b"k03")
+    assert e.key_in_ram and e.offset == 4096 * 3 and e.key == b"k03"
+
+
+def test_a_dram_resident_keyless_entry_demoted_and_dropped_and_promoted_back():
+    """Its copy goes (drop_copy: unlinked, offset -1, NVMe location set): still keyless,
+    its DRAM part given back; promotion gives it an offset and links again."""
+    from kvstored.engine.eviction import NativePolicy
+    ix = PackedIndex()
+    ix.use_slab_size(1 << 20)
+    pol = NativePolicy(1, ix)
+    other = dram_linked(ix, pol, b"ns", b"other", 0)
+    e = dram_linked(ix, pol, b"ns", b"mover", 4096)
+    ix.shed_key(e, dram=True)
+    parts = ix.footprint()["dram_parts"]  # (chunks ever allocated, per pool)
+    e.nvme = loc(5)  # demoted
+    pol.remove(e)
+    ix.displace(e)
+    e.offset = -1
+    ix.shed_key(e)  # drop_copy's call: already keyless
+    assert not e.key_in_ram and e.offset == -1 and e.seg == NONE and e.stamp == e.reads == 0
+    # its bare part went: another entry's takes that chunk (the pools' high water stays)
+    f = dram_linked(ix, pol, b"ns", b"mover2", 12288)
+    ix.shed_key(f, dram=True)
+    assert ix.footprint()["dram_parts"] == parts
+    e.offset = 8192  # promoted, key still out of RAM (now in the arena's key area again)
+    ix.place(e)
+    pol.insert_loaded(e)
+    assert ix.at(8192) is e and e.seg >= 0 and not e.key_in_ram and other.seg >= 0
+    ix.set_key_loader(lambda x: b"mover" if x is e else None)
+    assert [x.key for x in pol.order(0, 1)][0] == b"mover"
+
+
+def test_shed_key_dram_errors_and_the_collision_rule():
+    from kvstored.engine.eviction import NativePolicy
+    ix = PackedIndex()
+    ix.use_slab_size(1 << 20)
+    ix.set_fingerprint_bits(4)
+    pol = NativePolicy(1, ix)
+    ix.add(b"ns", b"probe", -1, 1, CS, SC, 0.0)  # the namespace, so key_hash answers
+    fps: dict[int, list[bytes]] = {}
+    for i in range(200):
+        fps.setdefault(ix.key_hash(b"ns", b"key-%04d" % i), []).append(b"key-%04d" % i)
+    a, b = next(v for v in fps.values() if len(v) >= 2)[:2]
+    ea = dram_linked(ix, pol, b"ns", a, 0)
+    eb = dram_linked(ix, pol, b"ns", b, 4096)
+    ix.shed_key(ea, dram=True)
+    ix.shed_key(eb, dram=True)  # a keyless twin exists: eb keeps its key
+    assert not ea.key_in_ram and eb.key_in_ram
+    assert ix.get(b"ns", a) is ea and ix.get(b"ns", b) is eb and ix.footprint()["keyless"] == 1
+    # no DRAM copy and no NVMe location: the key would be nowhere
+    bare = Entry(b"ns", b"bare", -1, 100, CS, SC)
+    ix.insert(bare)
+    with pytest.raises(ValueError, match="nowhere"):
+        ix.shed_key(bare, dram=True)
+    with pytest.raises(ValueError, match="not in the index"):
+        ix.shed_key(Entry(b"ns", b"detached", 4096, 100, CS, SC), dram=True)
+    other = PackedIndex()
+    oe = Entry(b"ns", b"x", 0, 100, CS, SC)
+    other.insert(oe)
+    with pytest.raises(ValueError, match="another index"):
+        ix.shed_key(oe, dram=True)
+    ix.remove(bare)
+    with pytest.raises(ValueError, match="not in the index"):
+        ix.shed_key(bare, dram=True)
+    with pytest.raises(TypeError, match="dram=False"):
+        ix.shed_key(ea, dram_copy=True)
+    with pytest.raises(TypeError, match="dram=False"):
+        ix.shed_key(ea, True, True)
+    with pytest.raises(TypeError, match="dram=False"):
+        ix.shed_key()
+    with pytest.raises(TypeError):
+        ix.shed_key("not an entry", dram=True)
+    # the dict index takes the same call as a no-op
+    dix = DictIndex()
+    de = DictEntry(b"ns", b"k", 4096, 100, CS, SC)
+    dix.insert(de)
+    dix.shed_key(de, dram=True)
+    assert de.key_in_ram
