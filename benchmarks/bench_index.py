@@ -25,6 +25,14 @@ indexed as recovery does, ``add(..., keyless=True)`` with packed Locations after
 and its table slot: the state of an object that is on NVMe only once the Store sheds
 its key (``Index.shed_key``).
 
+``--dram-keyless`` measures the packed index alone with N DRAM-resident objects as the
+Store holds them once their keys live in the arena's key area: each inserted with its
+DRAM offset (a 256 B slot in 64 MiB slabs), placed in the slot map, linked in the
+eviction lists (NativePolicy.insert) and its key shed (``shed_key(e, dram=True)``), so
+each costs its record, its table slot and its slot-map slot.
+
+    .venv/bin/python benchmarks/bench_index.py --objects 4000000 --dram-keyless --breakdown
+
 ``--resident`` makes the arena hold fewer objects than are put: the rest go through
 eviction and the policy's ghost (one 64-bit digest per evicted key, up to as many as
 are resident) shows in the figure. ``--ghost`` picks it: ``native``
@@ -66,15 +74,80 @@ def _block(n: int) -> int:
     return (n + 15) // 16 * 16  # pymalloc hands out 16-byte multiples (64-bit CPython 3.11)
 
 
-def packed_breakdown(store: Store, n: int) -> list[tuple[str, float]]:
+def packed_breakdown(ix, n: int) -> list[tuple[str, float]]:
     """Bytes per object of the packed index by part (its own accounting: what it
     allocated and wrote; the capacity beyond that is virtual until touched)."""
-    fp = store.index.footprint()
+    fp = ix.footprint()
     return [(f"records ({fp['record_size']} B each)", fp["records"] / n),
-            (f"DRAM parts ({fp['dram_part_size']} B each)", fp["dram_parts"] / n),
+            (f"keyed: DRAM forms ({fp['dram_part_size']} B each)", fp["dram_parts"] / n),
             ("hash table (4 B slots, grown at 3/4)", fp["table"] / n),
-            ("keys (rounded to 8 B, after their DRAM part)", fp["keys"] / n),
-            ("slot map (u32 per DRAM slot)", fp["slot_map"] / n)]
+            ("keyed: keys (rounded to 8 B)", fp["keys"] / n),
+            ("slot map (u32 per DRAM slot)", fp["slot_map"] / n),
+            ("side tables (readers, NVMe aside)", (fp["refs_table"] + fp["aside_table"]) / n)]
+
+
+def index_gets(ix, a, names) -> None:
+    """--gets with an index-alone mode: hits spread over the keys added, then misses."""
+    step = max(1, a.objects // a.gets) | 1
+    got = 0
+    t0 = time.perf_counter()
+    for i in range(a.gets):
+        j = (i * step) % a.objects
+        got += ix.get(names[j % a.namespaces][:-1], key_of(j)) is not None
+    dt = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    for i in range(a.gets):
+        ix.get(names[0][:-1], b"absent-%025d" % i)  # 32-byte keys that are not there
+    dm = time.perf_counter() - t0
+    print(f"gets {a.gets}  found {got}  get {dt / a.gets * 1e6:.2f} us/op, "
+          f"miss {dm / a.gets * 1e6:.2f} us/op")
+
+
+def print_rows(rows) -> None:
+    for name, v in rows:
+        print(f"  {name:40s} {v:6.1f} B")
+    print(f"  {'sum':40s} {sum(v for _, v in rows):6.1f} B")
+
+
+def dram_keyless(a) -> None:
+    """--dram-keyless: the packed index alone, N DRAM-resident objects, linked in the
+    eviction lists, their keys shed (in the arena's key area once H2's Store lands)."""
+    from kvstored.engine.arena import SizeClass
+    from kvstored.engine.eviction import NativePolicy
+    from kvstored.engine.packedindex import PackedIndex
+
+    slab = default("slab_size")  # the daemon's: the slot map is laid out per slab
+    slot = max(256, 1 << (a.size - 1).bit_length())
+    ix = PackedIndex(slab)
+    sc = SizeClass(0, slot, slab)
+    pol = NativePolicy(1, ix)
+    names = [f"model-{j}|".encode() for j in range(a.namespaces)]
+    gc.collect()
+    base = rss_anon()
+    t0, c0 = time.perf_counter(), time.process_time()
+    for i in range(a.objects):
+        e = ix.Entry(names[i % a.namespaces][:-1], key_of(i), i * slot, a.size, i, sc)
+        ix.insert(e)
+        ix.place(e)
+        pol.insert(e)
+        ix.shed_key(e, dram=True)
+    del e
+    dt, cpu = time.perf_counter() - t0, time.process_time() - c0
+    gc.collect()
+    grown = rss_anon() - base
+    n = len(ix)
+    fp = ix.footprint()
+    assert n == a.objects and fp["keyless"] == n and pol.resident == n
+    print(f"index packed, DRAM-resident keyless  objects {n}  namespaces {a.namespaces}  "
+          f"insert+place+link+shed {dt / n * 1e6:.2f} us/object (CPU {cpu / n * 1e6:.2f} us)")
+    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / n:.1f} bytes/object held")
+    longest, hit, miss = ix.probes()
+    print(f"probes: longest {longest}, mean hit {hit:.2f}, mean miss {miss:.2f} slots "
+          f"(table load {n / (fp['table'] / 4):.2f})")
+    if a.gets:
+        index_gets(ix, a, names)
+    if a.breakdown:
+        print_rows(packed_breakdown(ix, n))
 
 
 def keyless(a) -> None:
@@ -109,35 +182,16 @@ def keyless(a) -> None:
     print(f"probes: longest {longest}, mean hit {hit:.2f}, mean miss {miss:.2f} slots "
           f"(table load {n / (ix.footprint()['table'] / 4):.2f})")
     if a.gets:
-        step = max(1, a.objects // a.gets) | 1
-        got = 0
-        t0 = time.perf_counter()
-        for i in range(a.gets):
-            j = (i * step) % a.objects
-            got += ix.get(names[j % a.namespaces][:-1], key_of(j)) is not None
-        dt = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        for i in range(a.gets):
-            ix.get(names[0][:-1], b"absent-%027d" % i)  # 32-byte keys that are not there
-        dm = time.perf_counter() - t0
-        print(f"gets {a.gets}  found {got}  get {dt / a.gets * 1e6:.2f} us/op, "
-              f"miss {dm / a.gets * 1e6:.2f} us/op")
+        index_gets(ix, a, names)
     if a.breakdown:
-        fp = ix.footprint()
-        rows = [(f"records ({fp['record_size']} B each)", fp["records"] / n),
-                (f"DRAM parts ({fp['dram_part_size']} B each)", fp["dram_parts"] / n),
-                ("hash table (4 B slots, grown at 3/4)", fp["table"] / n),
-                ("keys (rounded to 8 B, after their DRAM part)", fp["keys"] / n)]
-        for name, v in rows:
-            print(f"  {name:40s} {v:6.1f} B")
-        print(f"  {'sum':40s} {sum(v for _, v in rows):6.1f} B")
+        print_rows(packed_breakdown(ix, n)[:4])
 
 
 def breakdown(store: Store, ns: bytes, key: bytes, n: int) -> list[tuple[str, float]]:
     """Bytes per object by part: one entry's own objects (sys.getsizeof rounded to
     pymalloc's blocks) and the shared structures divided by ``n``."""
     if getattr(store.index, "kind", "dict") == "packed":
-        return packed_breakdown(store, n)
+        return packed_breakdown(store.index, n)
     e = store.index.get(ns, key)
     rows: list[tuple[str, float]] = [("Entry object (slots + GC header)", _block(sys.getsizeof(e))),
                                      ("key bytes", _block(sys.getsizeof(e.key)))]
@@ -179,11 +233,13 @@ def main() -> None:
                     help="the packed index alone: NVMe-only objects without their keys in RAM")
     ap.add_argument("--keep-keys", action="store_true",
                     help="with --keyless: the same NVMe-only records with their keys (a peer)")
+    ap.add_argument("--dram-keyless", action="store_true",
+                    help="the packed index alone: DRAM-resident objects, linked, keys shed")
     a = ap.parse_args()
-    if a.keyless:
-        if a.objects < 1 or a.namespaces < 1:
-            ap.error("--objects and --namespaces must be positive")
-        keyless(a)
+    if a.keyless or a.dram_keyless:
+        if a.objects < 1 or a.namespaces < 1 or a.size < 1:
+            ap.error("--objects, --size and --namespaces must be positive")
+        (dram_keyless if a.dram_keyless else keyless)(a)
         return
     if a.objects < 1 or a.size < 1 or a.namespaces < 1 or a.resident < 0:
         ap.error("--objects, --size and --namespaces must be positive")
@@ -238,9 +294,7 @@ def main() -> None:
     if a.breakdown:
         rows = breakdown(store, names[(a.objects - 1) % a.namespaces][:-1], key_of(a.objects - 1),
                          held)
-        for name, n in rows:
-            print(f"  {name:40s} {n:6.1f} B")
-        print(f"  {'sum':40s} {sum(n for _, n in rows):6.1f} B")
+        print_rows(rows)
     store.close()
 
 

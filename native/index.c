@@ -40,58 +40,86 @@ enum {
     F_PIN = 32,        /* a pin record exists in the pins dict */
     F_NVME = 64,       /* has an NVMe location */
     F_NVSIDE = 128,    /* ... kept whole in the side dict (it did not pack) */
+    F_DF = 256,        /* keyless: the record's union holds its DRAM form (else its NVMe form) */
+    F_ASIDE = 512,     /* keyless in its DRAM form: its packed NVMe location is in the aside table */
+    F_REFS = 1024,     /* readers in flight: the count is in the refs table */
 };
 
-/* The base record, 48 bytes: what every object needs, NVMe-only ones included. The
-   fields an object needs only while it has a DRAM copy (or its key in RAM) are in its
-   DRAM part (Aux, below), allocated only then, so an NVMe-only object whose key was
-   shed costs 48 B + its table slot. */
-typedef struct {
+/* The DRAM form, 17 bytes: what an object needs while it has a DRAM copy or is in an
+   eviction list. A keyless record holds it in its own union (below); a keyed one at the
+   head of its key chunk. Readers in flight are not here: a side table (refs > 0 only
+   while a read is under way). */
+typedef struct __attribute__((packed)) {
+    uint64_t off : 40;    /* DRAM offset / 64 (64 TiB), OFF_NONE: none */
+    uint64_t stamp : 28;  /* eviction clock, its low 28 bits (stamp_full: the clock's window) */
+    uint64_t reads : 4;   /* saturating at 15: the Store asks only "read at all?" and orders
+                             the shutdown flush by it */
+    uint32_t newer, older; /* eviction links (record numbers) */
+} DForm;
+
+/* The NVMe form, 14 bytes: a keyed record's key chunk and the packed NVMe location (a
+   keyless record in its DRAM form keeps the location in the aside table). */
+typedef struct __attribute__((packed)) {
+    uint32_t part;        /* keyed: its chunk (DRAM form + key) in pool key_class(key_len) */
+    uint32_t blk;         /* NVMe record offset / 4096; with the geometry: the region */
+    uint32_t gen;
+    uint16_t region;      /* the region; with the geometry: the block in the region */
+} NForm;
+
+/* The record, 51 bytes, every object (issue 13: <= 64 B with the table's 8.4 and the slot
+   map's 4.2 at 4 M). Records never move while they live (views, the slot map, the table
+   and the lists hold record numbers): the state-dependent fields share a union, and the
+   rare states are side tables (readers in flight; the NVMe location of a keyless object
+   that is also in DRAM). Packed (alignment 1): fields are read as unaligned loads. */
+typedef struct __attribute__((packed)) {
     uint64_t fp;          /* seeded 64-bit fingerprint of (namespace id, key): probe start, first compare */
     uint64_t checksum;
     double committed_at;  /* as written to NVMe and compared by repair: kept exact */
     uint32_t size;
-    uint32_t nvme_blk;    /* NVMe record offset / 4096; with the geometry: the region */
-    uint32_t nvme_gen;
-    uint32_t dram;        /* its DRAM part: chunk in pool rec_pool(); NOREC: none. Free list: next */
-    uint16_t nvme_region; /* the region; with the geometry: the block in the region */
     uint16_t ns;
     uint8_t key_len;
     uint8_t sc;
-    int8_t seg;           /* eviction list (-1: none) */
-    uint8_t flags;
+    unsigned flags : 13;
+    signed seg : 3;       /* eviction list (-1: none) */
+    union __attribute__((packed)) {
+        DForm d;          /* keyless with F_DF */
+        NForm n;          /* keyed always; keyless without F_DF */
+        uint32_t next;    /* on the free list */
+    } u;
 } Rec;
 
-_Static_assert(sizeof(Rec) == 48, "a base record is 48 bytes");
+_Static_assert(sizeof(DForm) == 17, "a DRAM form is 17 bytes");
+_Static_assert(sizeof(Rec) == 51, "a record is 51 bytes");
 
-/* The DRAM part, 24 bytes, followed in its pool chunk by the key (length rounded up
-   to 8): a keyed record's part is in the pool of its key's length class, a keyless
-   record's (only while it has a DRAM field set: an offset during promotion, readers,
-   links) in pool 0. */
-typedef struct {
-    uint64_t off : 40;    /* DRAM offset / 64 (64 PiB), OFF_NONE: on NVMe only */
-    uint64_t refs : 24;   /* readers in flight: 16 M on one object is refused, not wrapped */
-    uint64_t stamp : 48;  /* eviction clock: 2**48 ticks is years at millions per second */
-    uint64_t reads : 16;  /* saturating */
-    uint32_t newer, older; /* eviction links (record numbers) */
-} Aux;
-
-_Static_assert(sizeof(Aux) == 24, "a DRAM part is 24 bytes");
-
-/* A DRAM offset is kept as a 40-bit count of 64-byte units: every arena offset packs
-   (slot sizes are multiples of 64, slabs of 4096: arena.py), whatever the arena's size
-   up to 64 PiB. Only an unaligned offset (none from the arena) goes to a side dict. */
+/* A DRAM offset is kept as a 40-bit count of 64-byte units: every arena offset up to
+   64 TiB packs (slot sizes are multiples of 64, slabs of 4096: arena.py). An unaligned
+   offset (none from the arena) or one past 64 TiB goes to a side dict. */
 #define OFF_UNIT 64
 #define OFF_NONE 0xFFFFFFFFFFULL  /* offset -1: NVMe only */
-#define OFF_WIDE 0xFFFFFFFFFEULL  /* not 64-byte aligned (or past 64 PiB): kept in a side dict */
+#define OFF_WIDE 0xFFFFFFFFFEULL  /* kept in the side dict */
 #define REFS_MAX 0xFFFFFFLL
-#define STAMP_MAX 0xFFFFFFFFFFFFLL
-#define READS_MAX 0xFFFFu
+#define STAMP_MAX 0xFFFFFFFFFFFFLL /* Entry.stamp's range (the clock is a u64) */
+#define READS_MAX 0xFu
+/* Eviction stamps keep the clock's low 28 bits. An age (clock - stamp) counts at most
+   AGE_CAP ticks (the Python Policy caps it the same: eviction.STAMP_AGE_CAP), so a sweep
+   (clock_advance) sets a linked record's stamp older than that to clock - AGE_CAP, and
+   visits every record once per 2**26 ticks: no live stamp is 2**28 old, so its full
+   value is the clock minus (clock - stamp) mod 2**28. */
+#define STAMP_BITS 28
+#define STAMP_MASK ((1ULL << STAMP_BITS) - 1)
+#define AGE_CAP (1ULL << 27)
+#define SWEEP_SHIFT 26
 
-static const Aux AUX0 = {OFF_NONE, 0, 0, 0, NOREC, NOREC};
+static const DForm DF0 = {OFF_NONE, 0, 0, NOREC, NOREC};
+
+/* A side table: record -> a small value, open addressing (key rec + 1, 0 empty),
+   backward-shift deletion, grown at 3/4 and shrunk at 1/8. Bounded by the rare state
+   it holds, not by the records. */
+typedef struct { uint32_t key, a, b; uint16_t c, pad; } SEnt;
+typedef struct { SEnt *e; uint32_t mask, n; } SMap;  /* mask + 1 slots; e NULL: none */
 
 typedef struct { uint32_t rec; void *view; } VSlot;            /* rec + 1; 0 = empty */
-typedef struct { char *buf; uint32_t n, cap, free; } Pool;     /* chunks of 24 + 8 * class bytes */
+typedef struct { char *buf; uint32_t n, cap, free; } Pool;     /* chunks of 17 + 8 * class bytes */
 typedef struct { PyObject *name; uint64_t objects, bytes; uint32_t nrec; } Space;
 typedef struct { uint32_t slot_size, nslots; uint32_t *recs; } Row; /* recs: rec + 1 */
 
@@ -107,7 +135,11 @@ typedef struct {
     uint64_t nkeyless;      /* records whose key is not in RAM */
     uint64_t count;         /* records in the table */
     uint64_t object_bytes, unverified;
-    Pool pools[MAX_KEY / 8 + 2];  /* DRAM parts (+ keys) by key length class */
+    Pool pools[MAX_KEY / 8 + 2];  /* keyed records' chunks (DRAM form + key) by key length class */
+    SMap refs;              /* rec -> readers in flight (a: count), F_REFS */
+    SMap aside;             /* rec -> packed NVMe location of a keyless record in its DRAM form, F_ASIDE */
+    uint64_t clock;         /* the eviction clock (the Lru's ticks; Entry.stamp writes raise it) */
+    uint32_t sweep;         /* clock_advance's next record */
     Space *spaces;
     uint32_t nspaces, capspaces;
     uint32_t *freespaces;
@@ -129,8 +161,10 @@ typedef struct {
 } Table;
 
 typedef struct {
-    Rec r;
-    Aux a;           /* its off is unused: offset below */
+    Rec r;           /* its union is unused: the fields below */
+    DForm d;         /* its off and stamp are unused: offset, stamp below */
+    uint32_t refs;
+    uint64_t stamp;
     int64_t offset;
     PyObject *ns, *key, *sc, *nvme;
     long pins;
@@ -189,18 +223,24 @@ static int grow(void **p, size_t elem, uint64_t *cap, uint64_t want) {
     return 0;
 }
 
-static inline size_t chunk_size(unsigned c) { return sizeof(Aux) + 8 * (size_t)c; }
+static inline size_t chunk_size(unsigned c) { return sizeof(DForm) + 8 * (size_t)c; }
 static inline unsigned key_class(size_t n) { return (unsigned)(n + 7) / 8; }
-/* the pool of a record's DRAM part: its key's class, pool 0 when keyless */
-static inline unsigned rec_pool(const Rec *r) { return r->flags & F_KEYLESS ? 0 : key_class(r->key_len); }
 
-static inline Aux *aux_ptr(Table *t, const Rec *r) {
-    if (r->dram == NOREC) return NULL;
-    return (Aux *)(t->pools[rec_pool(r)].buf + (size_t)r->dram * chunk_size(rec_pool(r)));
+static inline DForm *chunk_df(Table *t, unsigned c, uint32_t i) {
+    return (DForm *)(t->pools[c].buf + (size_t)i * chunk_size(c));
 }
 
-/* the key bytes of a keyed record (after its DRAM part) */
-static inline char *key_ptr(Table *t, Rec *r) { return (char *)(aux_ptr(t, r) + 1); }
+/* A record's DRAM form: a keyed one's at the head of its key chunk, a keyless one's in
+   its union (F_DF), else NULL (every field at its default). */
+static inline DForm *df_ptr(Table *t, Rec *r) {
+    if (!(r->flags & F_KEYLESS)) return chunk_df(t, key_class(r->key_len), r->u.n.part);
+    return r->flags & F_DF ? &r->u.d : NULL;
+}
+
+/* the key bytes of a keyed record (after its DRAM form) */
+static inline char *key_ptr(Table *t, Rec *r) {
+    return (char *)chunk_df(t, key_class(r->key_len), r->u.n.part) + sizeof(DForm);
+}
 
 /* A chunk of pool c (zeroed), or -1 with an exception. May move the pool's buffer. */
 static int64_t chunk_alloc(Table *t, unsigned c) {
@@ -211,7 +251,7 @@ static int64_t chunk_alloc(Table *t, unsigned c) {
         i = p->free;
         memcpy(&p->free, p->buf + (size_t)i * cs, 4);
     } else {
-        if (p->n == NOREC - 1) { PyErr_SetString(full_error, "index full (2**32 DRAM parts of one key length class)"); return -1; }
+        if (p->n == NOREC - 1) { PyErr_SetString(full_error, "index full (2**32 keys of one key length class)"); return -1; }
         uint64_t cap = p->cap;
         if (grow((void **)&p->buf, cs, &cap, (uint64_t)p->n + 1) < 0) return -1;
         p->cap = cap > NOREC - 1 ? NOREC - 1 : (uint32_t)cap;
@@ -227,33 +267,207 @@ static void chunk_free(Table *t, unsigned c, uint32_t i) {
     p->free = i;
 }
 
-static inline int aux_default(const Aux *a) {
-    return a->off == OFF_NONE && !a->refs && !a->stamp && !a->reads && a->newer == NOREC &&
-           a->older == NOREC;
+/* ------------------------------------------------------------- side tables */
+
+static inline uint32_t s_home(uint32_t rec, uint32_t mask) {
+    return (uint32_t)(((uint64_t)(rec + 1) * 0x9E3779B97F4A7C15ULL) >> 32) & mask;
 }
 
-/* The DRAM part of record ``rec`` to write, allocated (bare, pool 0) for a keyless record
-   that has none; NULL with an exception. */
-static Aux *aux_for_write(Table *t, uint32_t rec) {
-    Rec *r = &t->recs[rec];
-    if (r->dram != NOREC) return aux_ptr(t, r);
-    int64_t i = chunk_alloc(t, 0);
-    if (i < 0) return NULL;
-    r->dram = (uint32_t)i;
-    Aux *a = aux_ptr(t, r);
-    *a = AUX0;
-    return a;
+static SEnt *s_find(SMap *m, uint32_t rec) {
+    if (!m->e) return NULL;
+    for (uint32_t i = s_home(rec, m->mask);; i = (i + 1) & m->mask) {
+        if (!m->e[i].key) return NULL;
+        if (m->e[i].key == rec + 1) return &m->e[i];
+    }
 }
 
-/* A keyless record's DRAM part goes once every field is back to its default. */
-static void aux_settle(Table *t, uint32_t rec) {
+/* Rebuilt with ncap slots (a power of two >= 16); -1 leaves it as it was. */
+static int s_resize(SMap *m, uint32_t ncap) {
+    SEnt *ne = PyMem_RawCalloc(ncap, sizeof(SEnt));
+    if (!ne) return -1;
+    if (m->e)
+        for (uint32_t i = 0; i <= m->mask; i++) {
+            if (!m->e[i].key) continue;
+            uint32_t j = s_home(m->e[i].key - 1, ncap - 1);
+            while (ne[j].key) j = (j + 1) & (ncap - 1);
+            ne[j] = m->e[i];
+        }
+    PyMem_RawFree(m->e);
+    m->e = ne;
+    m->mask = ncap - 1;
+    return 0;
+}
+
+/* rec's entry, made (zeroed) when absent; NULL with MemoryError. */
+static SEnt *s_put(SMap *m, uint32_t rec) {
+    SEnt *x = s_find(m, rec);
+    if (x) return x;
+    if ((!m->e || ((uint64_t)m->n + 1) * 4 > ((uint64_t)m->mask + 1) * 3) &&
+        s_resize(m, m->e ? (m->mask + 1) * 2 : 16) < 0) {
+        PyErr_NoMemory();
+        return NULL;
+    }
+    uint32_t i = s_home(rec, m->mask);
+    while (m->e[i].key) i = (i + 1) & m->mask;
+    memset(&m->e[i], 0, sizeof(SEnt));
+    m->e[i].key = rec + 1;
+    m->n++;
+    return &m->e[i];
+}
+
+static void s_del(SMap *m, uint32_t rec) {
+    SEnt *x = s_find(m, rec);
+    if (!x) return;
+    uint32_t i = (uint32_t)(x - m->e), j = i, mask = m->mask;
+    for (;;) {  /* backward shift, as slot_del */
+        j = (j + 1) & mask;
+        if (!m->e[j].key) break;
+        uint32_t k = s_home(m->e[j].key - 1, mask);
+        if ((j > i && (k <= i || k > j)) || (j < i && (k <= i && k > j))) {
+            m->e[i] = m->e[j];
+            i = j;
+        }
+    }
+    m->e[i].key = 0;
+    m->n--;
+    /* give memory back once mostly empty (a failed allocation keeps the bigger one) */
+    if (mask + 1 > 64 && (uint64_t)m->n * 8 < (uint64_t)mask + 1) s_resize(m, (mask + 1) / 2);
+}
+
+/* readers in flight of an attached record */
+static inline uint32_t refs_of(Table *t, uint32_t rec) {
+    if (!(t->recs[rec].flags & F_REFS)) return 0;
+    SEnt *x = s_find(&t->refs, rec);
+    return x ? x->a : 0;
+}
+
+static int refs_set(Table *t, uint32_t rec, uint32_t n) {
+    if (!n) {
+        if (t->recs[rec].flags & F_REFS) {
+            s_del(&t->refs, rec);
+            t->recs[rec].flags &= ~F_REFS;
+        }
+        return 0;
+    }
+    SEnt *x = s_put(&t->refs, rec);
+    if (!x) return -1;
+    x->a = n;
+    t->recs[rec].flags |= F_REFS;
+    return 0;
+}
+
+/* The packed NVMe location of a record with F_NVME and not F_NVSIDE: inline, or aside
+   for a keyless record in its DRAM form. */
+static void nv_get(Table *t, uint32_t rec, uint32_t *blk, uint32_t *gen, uint16_t *region) {
     Rec *r = &t->recs[rec];
-    /* not while it is in an eviction list: the lists read its part (a sole member's links
-       are both NOREC, so its part can look default) */
-    if (!(r->flags & F_KEYLESS) || r->dram == NOREC || r->seg >= 0 || !aux_default(aux_ptr(t, r)))
+    if (r->flags & F_ASIDE) {
+        SEnt *x = s_find(&t->aside, rec);
+        *blk = x ? x->a : 0; *gen = x ? x->b : 0; *region = x ? x->c : 0;
         return;
-    chunk_free(t, 0, r->dram);
-    r->dram = NOREC;
+    }
+    *blk = r->u.n.blk; *gen = r->u.n.gen; *region = r->u.n.region;
+}
+
+/* Its packed NVMe location set (the caller sets F_NVME); -1 with MemoryError. */
+static int nv_set(Table *t, uint32_t rec, uint32_t blk, uint32_t gen, uint16_t region) {
+    Rec *r = &t->recs[rec];
+    if ((r->flags & (F_KEYLESS | F_DF)) == (F_KEYLESS | F_DF)) {
+        SEnt *x = s_put(&t->aside, rec);
+        if (!x) return -1;
+        x->a = blk; x->b = gen; x->c = region;
+        r->flags |= F_ASIDE;
+        return 0;
+    }
+    r->u.n.blk = blk; r->u.n.gen = gen; r->u.n.region = region;
+    return 0;
+}
+
+/* Its packed NVMe location dropped (F_NVME cleared by the caller). */
+static void nv_clear(Table *t, uint32_t rec) {
+    if (t->recs[rec].flags & F_ASIDE) {
+        s_del(&t->aside, rec);
+        t->recs[rec].flags &= ~F_ASIDE;
+    }
+}
+
+static inline int df_default(const DForm *d) {
+    return d->off == OFF_NONE && !d->stamp && !d->reads && d->newer == NOREC && d->older == NOREC;
+}
+
+/* The DRAM form of record ``rec`` to write: a keyless record in its NVMe form turns to
+   its DRAM form, its packed NVMe location going aside; NULL with an exception. */
+static DForm *df_for_write(Table *t, uint32_t rec) {
+    Rec *r = &t->recs[rec];
+    DForm *d = df_ptr(t, r);
+    if (d) return d;
+    if ((r->flags & (F_NVME | F_NVSIDE)) == F_NVME) {
+        SEnt *x = s_put(&t->aside, rec);
+        if (!x) return NULL;
+        x->a = r->u.n.blk; x->b = r->u.n.gen; x->c = r->u.n.region;
+        r->flags |= F_ASIDE;
+    }
+    r->u.d = DF0;
+    r->flags |= F_DF;
+    return &r->u.d;
+}
+
+/* A keyless record goes back to its NVMe form once every DRAM field is at its default
+   and it is in no eviction list (the lists read its form: a sole member's links are both
+   NOREC, so its form can look default). */
+static void df_settle(Table *t, uint32_t rec) {
+    Rec *r = &t->recs[rec];
+    if ((r->flags & (F_KEYLESS | F_DF)) != (F_KEYLESS | F_DF) || r->seg >= 0 || !df_default(&r->u.d))
+        return;
+    NForm n = {NOREC, 0, 0, 0};
+    if (r->flags & F_ASIDE) {
+        SEnt *x = s_find(&t->aside, rec);
+        if (x) { n.blk = x->a; n.gen = x->b; n.region = x->c; }
+        s_del(&t->aside, rec);
+    }
+    r->u.n = n;
+    r->flags &= ~(F_DF | F_ASIDE);
+}
+
+/* ------------------------------------------------------------ eviction clock */
+
+/* The full value of a stored stamp: the clock's latest tick with those low bits. */
+static inline uint64_t stamp_full(const Table *t, uint64_t s) {
+    return t->clock - ((t->clock - s) & STAMP_MASK);
+}
+
+/* The stamp the policy compares: at most AGE_CAP ticks old (eviction.Policy: the same). */
+static inline uint64_t stamp_eff(const Table *t, uint64_t s) {
+    uint64_t f = stamp_full(t, s);
+    return t->clock > AGE_CAP && f < t->clock - AGE_CAP ? t->clock - AGE_CAP : f;
+}
+
+/* The clock moves to ``to``: the sweep visits the next records, (clock advance) x
+   (records / 2**SWEEP_SHIFT + 1) of them, and sets the stamp of a linked one older than
+   AGE_CAP at ``to`` to to - AGE_CAP. So every record is visited once per 2**SWEEP_SHIFT
+   ticks and no stamp gets older than AGE_CAP + 2**SWEEP_SHIFT < 2**28 (stamp_full stays
+   exact). A tick visits one or two records in order (their chunks lie in about the same
+   order); a jump of the clock (a test, Entry.stamp) sweeps them all. */
+static void clock_advance(Table *t, uint64_t to) {
+    uint64_t old = t->clock;
+    if (to <= old) return;
+    uint64_t nrecs = t->nrecs, step = (nrecs >> SWEEP_SHIFT) + 1, n = nrecs;
+    if ((to - old) < nrecs / step + 1) n = (to - old) * step;
+    for (; n; n--) {
+        if (t->sweep >= t->nrecs) t->sweep = 0;
+        Rec *r = &t->recs[t->sweep++];
+        if (!(r->flags & F_USED) || r->seg < 0) continue;
+        DForm *d = df_ptr(t, r);
+        if (!d) continue;
+        uint64_t f = old - ((old - d->stamp) & STAMP_MASK);
+        if (to - f > AGE_CAP) d->stamp = (to - AGE_CAP) & STAMP_MASK;
+    }
+    t->clock = to;
+}
+
+/* one tick: the new stamp */
+static inline uint64_t clock_tick(Table *t) {
+    clock_advance(t, t->clock + 1);
+    return t->clock;
 }
 
 /* ---------------------------------------------------------------- views map */
@@ -494,7 +708,7 @@ static int64_t rec_alloc(Table *t) {
     uint32_t i;
     if (t->freehead != NOREC) {
         i = t->freehead;
-        t->freehead = t->recs[i].dram;
+        t->freehead = t->recs[i].u.next;
     } else {
         if (t->nrecs >= MAX_RECS) {
             PyErr_SetString(full_error, "index full (2**32 records)");
@@ -506,15 +720,15 @@ static int64_t rec_alloc(Table *t) {
         i = t->nrecs++;
     }
     memset(&t->recs[i], 0, sizeof(Rec));
-    t->recs[i].dram = NOREC;
+    t->recs[i].u.n.part = NOREC;
     return i;
 }
 
 static void dict_pop_rec(PyObject *d, uint32_t rec);
 
-static inline uint64_t off_units(Table *t, const Rec *r) {
-    Aux *a = aux_ptr(t, r);
-    return a ? a->off : OFF_NONE;
+static inline uint64_t off_units(Table *t, Rec *r) {
+    DForm *d = df_ptr(t, r);
+    return d ? d->off : OFF_NONE;
 }
 
 static void slot_clear(Table *t, uint32_t rec);
@@ -538,9 +752,9 @@ static int rec_set_offset(Table *t, uint32_t rec, int64_t off) {
     if (rec_offset(t, rec) != off) slot_clear(t, rec);
     if (off_units(t, &t->recs[rec]) == OFF_WIDE) dict_pop_rec(t->wide, rec);
     if (off < 0) {
-        Aux *a = aux_ptr(t, &t->recs[rec]);
-        if (a) a->off = OFF_NONE;
-        aux_settle(t, rec);
+        DForm *d = df_ptr(t, &t->recs[rec]);
+        if (d) d->off = OFF_NONE;
+        df_settle(t, rec);
         return 0;
     }
     uint64_t u = OFF_WIDE;
@@ -552,13 +766,13 @@ static int rec_set_offset(Table *t, uint32_t rec, int64_t off) {
         Py_XDECREF(k); Py_XDECREF(v);
         if (bad) return -1;
     }
-    /* a keyless record gets a DRAM part here (promotion: the key follows by restore_key) */
-    Aux *a = aux_for_write(t, rec);
-    if (!a) {
+    /* a keyless record turns to its DRAM form here (promotion) */
+    DForm *d = df_for_write(t, rec);
+    if (!d) {
         if (u == OFF_WIDE) dict_pop_rec(t->wide, rec);
         return -1;
     }
-    a->off = u;
+    d->off = u;
     return 0;
 }
 
@@ -608,11 +822,15 @@ static void rec_free(Table *t, uint32_t rec) {
     PyObject *pin = r->flags & F_PIN ? dict_take_rec(t->pins, rec) : NULL;
     PyObject *loc = r->flags & F_NVSIDE ? dict_take_rec(t->nvside, rec) : NULL;
     if (off_units(t, r) == OFF_WIDE) dict_pop_rec(t->wide, rec);  /* an exact int */
-    if (r->dram != NOREC) chunk_free(t, rec_pool(r), r->dram);
-    if (r->flags & F_KEYLESS) t->nkeyless--;
+    if (!(r->flags & F_KEYLESS)) chunk_free(t, key_class(r->key_len), r->u.n.part);
+    else t->nkeyless--;
+    refs_set(t, rec, 0);
+    nv_clear(t, rec);
     space_release(t, r->ns);
+    r = &t->recs[rec];
     r->flags = 0;
-    r->dram = t->freehead;
+    r->seg = -1;
+    r->u.next = t->freehead;
     t->freehead = rec;
     Py_XDECREF(pin);
     Py_XDECREF(loc);
@@ -649,15 +867,15 @@ static PyObject *view_of(Table *t, uint32_t rec) {
 /* ------------------------------------------------------------------- Entry */
 
 static Rec *R(Entry *e) { return e->ix ? &e->ix->recs[e->rec] : &e->det->r; }
-/* its DRAM part to read (AUX0: none, all fields at their defaults) */
-static const Aux *A(Entry *e) {
-    if (!e->ix) return &e->det->a;
-    Aux *a = aux_ptr(e->ix, R(e));
-    return a ? a : &AUX0;
+/* its DRAM form to read (DF0: none, all fields at their defaults) */
+static const DForm *A(Entry *e) {
+    if (!e->ix) return &e->det->d;
+    DForm *d = df_ptr(e->ix, R(e));
+    return d ? d : &DF0;
 }
-/* ... to write (allocated for a keyless record: aux_settle after the write) */
-static Aux *A_w(Entry *e) { return e->ix ? aux_for_write(e->ix, e->rec) : &e->det->a; }
-static void A_settle(Entry *e) { if (e->ix) aux_settle(e->ix, e->rec); }
+/* ... to write (a keyless record turns to its DRAM form: A_settle after the write) */
+static DForm *A_w(Entry *e) { return e->ix ? df_for_write(e->ix, e->rec) : &e->det->d; }
+static void A_settle(Entry *e) { if (e->ix) df_settle(e->ix, e->rec); }
 
 static int check_attached(Entry *e, Table *t) {
     if (e->ix != t) {
@@ -736,8 +954,9 @@ static PyObject *Entry_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     d->offset = offset;
     d->r.size = size;
     d->r.checksum = cs;
-    d->a = AUX0;
-    d->r.dram = NOREC;
+    d->d = DF0;
+    d->refs = 0;
+    d->stamp = 0;
     d->r.seg = -1;
     d->r.flags = F_USED;
     PyObject *now = PyObject_CallNoArgs(time_time);
@@ -823,24 +1042,43 @@ static int int_arg(PyObject *v, const char *name, long long lo, long long hi, lo
     return 0;
 }
 
-/* a field of the DRAM part: writing a default to a record without one allocates nothing */
-#define AUX_FIELD(fname, ctype, lo, hi, dflt)                                             \
-    static PyObject *get_##fname(Entry *e, void *c) {                                    \
-        return PyLong_FromLongLong((long long)A(e)->fname);                              \
-    }                                                                                     \
-    static int set_##fname(Entry *e, PyObject *v, void *c) {                             \
-        long long x;                                                                      \
-        if (int_arg(v, #fname, (lo), (hi), &x) < 0) return -1;                            \
-        if (x == (dflt) && A(e) == &AUX0) return 0;                                       \
-        Aux *a = A_w(e);                                                                  \
-        if (!a) return -1;                                                                \
-        a->fname = (ctype)x;                                                              \
-        A_settle(e);                                                                      \
-        return 0;                                                                         \
-    }
+static PyObject *get_refs(Entry *e, void *c) {
+    return PyLong_FromUnsignedLong(e->ix ? refs_of(e->ix, e->rec) : e->det->refs);
+}
+static int set_refs(Entry *e, PyObject *v, void *c) {
+    long long x;
+    if (int_arg(v, "refs", 0, REFS_MAX, &x) < 0) return -1;
+    if (!e->ix) { e->det->refs = (uint32_t)x; return 0; }
+    return refs_set(e->ix, e->rec, (uint32_t)x);
+}
 
-AUX_FIELD(refs, uint32_t, 0, REFS_MAX, 0)
-AUX_FIELD(stamp, uint64_t, 0, STAMP_MAX, 0)
+/* The full stamp (the clock's window: stamp_full); 0 without a DRAM form. */
+static PyObject *get_stamp(Entry *e, void *c) {
+    if (!e->ix) return PyLong_FromUnsignedLongLong(e->det->stamp);
+    DForm *d = df_ptr(e->ix, R(e));
+    return PyLong_FromUnsignedLongLong(d ? stamp_full(e->ix, d->stamp) : 0);
+}
+/* A stamp past the clock moves the clock there; one older than AGE_CAP is kept as
+   clock - AGE_CAP (the policy counts no age past it). */
+static void stamp_store(Table *t, DForm *d, uint64_t x);
+static int set_stamp(Entry *e, PyObject *v, void *c) {
+    long long x;
+    if (int_arg(v, "stamp", 0, STAMP_MAX, &x) < 0) return -1;
+    if (!e->ix) { e->det->stamp = (uint64_t)x; return 0; }
+    if (x == 0 && A(e) == &DF0) return 0;
+    Table *t = e->ix;
+    clock_advance(t, (uint64_t)x);  /* before the form: the sweep may not see this one's old stamp */
+    DForm *d = A_w(e);
+    if (!d) return -1;
+    stamp_store(t, d, (uint64_t)x);
+    A_settle(e);
+    return 0;
+}
+
+static void stamp_store(Table *t, DForm *d, uint64_t x) {
+    if (t->clock > AGE_CAP && x < t->clock - AGE_CAP) x = t->clock - AGE_CAP;
+    d->stamp = x & STAMP_MASK;
+}
 
 static PyObject *get_seg(Entry *e, void *c) { return PyLong_FromLong(R(e)->seg); }
 static int set_seg(Entry *e, PyObject *v, void *c) {
@@ -890,8 +1128,8 @@ static int set_reads(Entry *e, PyObject *v, void *c) {
         return -1;
     }
     uint32_t n = (of || x > (long long)READS_MAX) ? READS_MAX : (uint32_t)x; /* saturating */
-    if (!n && A(e) == &AUX0) return 0;
-    Aux *a = A_w(e);
+    if (!n && A(e) == &DF0) return 0;
+    DForm *a = A_w(e);
     if (!a) return -1;
     a->reads = n;
     A_settle(e);
@@ -1013,8 +1251,8 @@ static int link_set(Entry *e, PyObject *v, int older, const char *name) {
         }
         l = ((Entry *)v)->rec;
     }
-    if (l == NOREC && A(e) == &AUX0) return 0;
-    Aux *a = A_w(e);
+    if (l == NOREC && A(e) == &DF0) return 0;
+    DForm *a = A_w(e);
     if (!a) return -1;
     if (older) a->older = l; else a->newer = l;
     A_settle(e);
@@ -1048,15 +1286,18 @@ static PyObject *get_nvme(Entry *e, void *c) {
         Py_INCREF(o);
         return o;
     }
-    unsigned long long reg = r->nvme_region, off = (unsigned long long)r->nvme_blk * NVME_BLOCK;
+    uint32_t blk, gen;
+    uint16_t region;
+    nv_get(t, e->rec, &blk, &gen, &region);
+    unsigned long long reg = region, off = (unsigned long long)blk * NVME_BLOCK;
     if (t->nv_region) {
-        reg = r->nvme_blk;
+        reg = blk;
         off = (unsigned long long)t->nv_start + reg * (unsigned long long)t->nv_region +
-              (unsigned long long)r->nvme_region * NVME_BLOCK;
+              (unsigned long long)region * NVME_BLOCK;
     }
     return PyObject_CallFunction(t->loctype, "KKkKk", reg, off,
                                  (unsigned long)r->size, (unsigned long long)r->checksum,
-                                 (unsigned long)r->nvme_gen);
+                                 (unsigned long)gen);
 }
 
 /* the Location attribute names nvme_store reads, made once (a str built per read cost
@@ -1091,6 +1332,7 @@ static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
     }
     Rec *r = &t->recs[rec];
     if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
+    nv_clear(t, rec);
     r = &t->recs[rec];
     r->flags &= ~(F_NVME | F_NVSIDE);
     if (v == Py_None) return 0;
@@ -1102,17 +1344,14 @@ static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
         unsigned long long base = (unsigned long long)t->nv_start + reg * (unsigned long long)t->nv_region;
         if (reg < 0xFFFFFFFFULL && reg <= (~0ULL - (unsigned long long)t->nv_start) / (unsigned long long)t->nv_region &&
             off >= base && off - base < (unsigned long long)t->nv_region) {
-            r->nvme_blk = (uint32_t)reg;
-            r->nvme_region = (uint16_t)((off - base) / NVME_BLOCK);
-            r->nvme_gen = (uint32_t)gen;
-            r->flags |= F_NVME;
+            if (nv_set(t, rec, (uint32_t)reg, (uint32_t)gen, (uint16_t)((off - base) / NVME_BLOCK)) < 0)
+                return -1;
+            t->recs[rec].flags |= F_NVME;
             return 0;
         }
     } else if (ok && reg < 0xFFFF && off / NVME_BLOCK < 0xFFFFFFFFULL) {
-        r->nvme_region = (uint16_t)reg;
-        r->nvme_blk = (uint32_t)(off / NVME_BLOCK);
-        r->nvme_gen = (uint32_t)gen;
-        r->flags |= F_NVME;
+        if (nv_set(t, rec, (uint32_t)(off / NVME_BLOCK), (uint32_t)gen, (uint16_t)reg) < 0) return -1;
+        t->recs[rec].flags |= F_NVME;
         return 0;
     }
     PyObject *k = PyLong_FromUnsignedLong(rec);
@@ -1274,7 +1513,7 @@ static PyGetSetDef Entry_getset[] = {
     {"older", (getter)get_older, (setter)set_older, "eviction link", NULL},
     {"committed_at", (getter)get_committed_at, (setter)set_committed_at, "time.time() of commit", NULL},
     {"nvme", (getter)get_nvme, (setter)set_nvme, "Location of the NVMe copy, or None", NULL},
-    {"reads", (getter)get_reads, (setter)set_reads, "gets served (saturating at 65535)", NULL},
+    {"reads", (getter)get_reads, (setter)set_reads, "gets served (saturating at 15)", NULL},
     {"unverified", (getter)get_unverified, (setter)set_unverified, "held back until verified", NULL},
     {"pins", (getter)get_pins, (setter)set_pins, "pin count (side table)", NULL},
     {"pin_until", (getter)get_pin_until, (setter)set_pin_until, "pin lease end (side table)", NULL},
@@ -1362,6 +1601,8 @@ static void Table_dealloc(Table *t) {
     PyMem_RawFree(t->slots);
     PyMem_RawFree(t->views);
     for (size_t i = 0; i < sizeof t->pools / sizeof t->pools[0]; i++) PyMem_RawFree(t->pools[i].buf);
+    PyMem_RawFree(t->refs.e);
+    PyMem_RawFree(t->aside.e);
     for (uint32_t i = 0; i < t->nspaces; i++) Py_XDECREF(t->spaces[i].name);
     PyMem_RawFree(t->spaces);
     PyMem_RawFree(t->freespaces);
@@ -1496,8 +1737,9 @@ static void table_enter(Table *t, uint32_t rec) {
    ``keyless``: the key is fingerprinted, not kept (offset must be -1, nvme a Location).
    Returns the record number, or -1 with an exception and nothing changed. */
 static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec *src,
-                          const Aux *srca, int64_t offset, PyObject *scobj, PyObject *nvme,
-                          long pins, double pin_until, Entry *view, int keyless) {
+                          const DForm *srcd, uint32_t refs, uint64_t stamp, int64_t offset,
+                          PyObject *scobj, PyObject *nvme, long pins, double pin_until,
+                          Entry *view, int keyless) {
     /* the size class first: its slot_size is read by getattr, which may run Python code
        and a garbage collection that frees the last record of the namespace looked up
        below (its id would be recycled under this record) */
@@ -1542,21 +1784,28 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     r->ns = (uint16_t)ns;
     r->sc = (uint8_t)sc;
     r->flags = (src->flags & (F_DEAD | F_UNVERIFIED)) | F_USED;
-    r->dram = NOREC;
+    r->seg = src->seg;
+    NForm n0 = {NOREC, 0, 0, 0};
+    r->u.n = n0;
     if (keyless) {
         r->flags |= F_KEYLESS;
         t->nkeyless++;
     } else {
-        r->dram = (uint32_t)ch;
-        Aux *a = aux_ptr(t, r);
-        *a = *srca;
-        a->off = OFF_NONE;
-        a->newer = a->older = NOREC;  /* links are made after insert */
-        if (kl) memcpy(a + 1, k, kl);
+        r->u.n.part = (uint32_t)ch;
+        DForm *d = df_ptr(t, r);
+        *d = *srcd;
+        d->off = OFF_NONE;
+        d->newer = d->older = NOREC;  /* links are made after insert */
+        d->stamp = 0;
+        if (kl) memcpy((char *)d + sizeof(DForm), k, kl);
+        if (stamp) {
+            clock_advance(t, stamp);
+            stamp_store(t, df_ptr(t, &t->recs[rec]), stamp);
+        }
     }
     t->spaces[ns].nrec++;
     /* from here a failure frees the record (rec_free: key, namespace, side tables) */
-    if (rec_set_offset(t, (uint32_t)rec, offset) < 0 ||
+    if (refs_set(t, (uint32_t)rec, refs) < 0 || rec_set_offset(t, (uint32_t)rec, offset) < 0 ||
         (nvme && nvme != Py_None && nvme_store(t, (uint32_t)rec, nvme) < 0)) {
         rec_free(t, (uint32_t)rec);
         return -1;
@@ -1629,8 +1878,8 @@ static PyObject *Table_insert(Table *t, PyObject *o) {
     Detached c = *e->det;
     Py_INCREF(c.ns); Py_INCREF(c.key); Py_INCREF(c.sc); Py_XINCREF(c.nvme);
     e->inserting = 1;
-    int64_t rec = insert_new(t, c.ns, c.key, &c.r, &c.a, c.offset, c.sc, c.nvme, c.pins,
-                             c.pin_until, e, 0);
+    int64_t rec = insert_new(t, c.ns, c.key, &c.r, &c.d, c.refs, c.stamp, c.offset, c.sc, c.nvme,
+                             c.pins, c.pin_until, e, 0);
     e->inserting = 0;
     if (rec >= 0) det_free(e);  /* the view reads the record now */
     Py_DECREF(c.ns); Py_DECREF(c.key); Py_DECREF(c.sc); Py_XDECREF(c.nvme);
@@ -1668,7 +1917,7 @@ static PyObject *Table_add(Table *t, PyObject *args, PyObject *kw) {
     src.committed_at = committed_at;
     src.seg = -1;
     src.flags = unverified ? F_UNVERIFIED : 0;
-    if (insert_new(t, ns, key, &src, &AUX0, offset, sc, nvme, 0, 0.0, NULL, keyless) < 0)
+    if (insert_new(t, ns, key, &src, &DF0, 0, 0, offset, sc, nvme, 0, 0.0, NULL, keyless) < 0)
         return NULL;
     Py_RETURN_NONE;
 }
@@ -1744,11 +1993,11 @@ static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, P
         /* already keyless (shed with dram=True while it had a copy): on NVMe only and out
            of the lists now (drop_copy's call), its stamp and read count go as above, and
            with them its part */
-        Aux *a = aux_ptr(t, &t->recs[rec]);
-        if (!dram && off < 0 && t->recs[rec].seg < 0 && a) {
-            a->stamp = 0;
-            a->reads = 0;
-            aux_settle(t, rec);
+        DForm *d = df_ptr(t, &t->recs[rec]);
+        if (!dram && off < 0 && t->recs[rec].seg < 0 && d) {
+            d->stamp = 0;
+            d->reads = 0;
+            df_settle(t, rec);
         }
         Py_RETURN_NONE;
     }
@@ -1769,23 +2018,29 @@ static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, P
     }
     Rec *r0 = &t->recs[rec];
     if (keyless_twin(t, r0->ns, r0->key_len, r0->fp, rec)) Py_RETURN_NONE;
-    Aux keep = *aux_ptr(t, &t->recs[rec]);
+    Rec *r = &t->recs[rec];
+    DForm keep = *df_ptr(t, r);
     if (!dram) {
         keep.stamp = 0;
         keep.reads = 0;
     }
-    int64_t bare = -1;
-    /* a linked record keeps a part even when its fields look default (aux_settle) */
-    if ((!aux_default(&keep) || t->recs[rec].seg >= 0) && (bare = chunk_alloc(t, 0)) < 0)
-        return NULL;
-    Rec *r = &t->recs[rec];
-    chunk_free(t, key_class(r->key_len), r->dram);
-    r->dram = NOREC;
+    /* its DRAM form in the union when a field is set or it is linked (df_settle); the
+       packed NVMe location then goes aside (first: a MemoryError changes nothing) */
+    int in_df = !df_default(&keep) || r->seg >= 0;
+    if (in_df && (r->flags & (F_NVME | F_NVSIDE)) == F_NVME) {
+        SEnt *x = s_put(&t->aside, rec);
+        if (!x) return NULL;
+        r = &t->recs[rec];
+        x->a = r->u.n.blk; x->b = r->u.n.gen; x->c = r->u.n.region;
+        r->flags |= F_ASIDE;
+    }
+    chunk_free(t, key_class(r->key_len), r->u.n.part);
+    r->u.n.part = NOREC;
     r->flags |= F_KEYLESS;
     t->nkeyless++;
-    if (bare >= 0) {
-        r->dram = (uint32_t)bare;
-        *aux_ptr(t, r) = keep;
+    if (in_df) {
+        r->u.d = keep;
+        r->flags |= F_DF;
     }
     Py_RETURN_NONE;
 }
@@ -1828,16 +2083,22 @@ static PyObject *Table_restore_key(Table *t, PyObject *const *args, Py_ssize_t n
         Py_RETURN_NONE;
     }
     unsigned c = key_class(kl);
-    int64_t ch = chunk_alloc(t, c);  /* may move pool 0, where its bare part is */
+    int64_t ch = chunk_alloc(t, c);
     if (ch < 0) return NULL;
     r = &t->recs[rec];
-    Aux *na = (Aux *)(t->pools[c].buf + (size_t)ch * chunk_size(c));
-    Aux *old = aux_ptr(t, r);
-    *na = old ? *old : AUX0;
-    if (kl) memcpy(na + 1, k, kl);
-    if (old) chunk_free(t, 0, r->dram);
-    r->dram = (uint32_t)ch;
-    r->flags &= ~F_KEYLESS;
+    DForm *nd = chunk_df(t, c, (uint32_t)ch);
+    *nd = r->flags & F_DF ? r->u.d : DF0;
+    if (kl) memcpy((char *)nd + sizeof(DForm), k, kl);
+    NForm n0 = {(uint32_t)ch, 0, 0, 0};
+    if (r->flags & F_ASIDE) {
+        SEnt *x = s_find(&t->aside, rec);
+        if (x) { n0.blk = x->a; n0.gen = x->b; n0.region = x->c; }
+        s_del(&t->aside, rec);
+    } else if (!(r->flags & F_DF)) {
+        n0.blk = r->u.n.blk; n0.gen = r->u.n.gen; n0.region = r->u.n.region;
+    }
+    r->u.n = n0;
+    r->flags &= ~(F_KEYLESS | F_DF | F_ASIDE);
     t->nkeyless--;
     Py_RETURN_NONE;
 }
@@ -2124,18 +2385,18 @@ static PyObject *Table_footprint(Table *t, PyObject *unused) {
     for (size_t c = 0; c < sizeof t->pools / sizeof t->pools[0]; c++) {
         keys += (uint64_t)t->pools[c].n * 8 * c;
         keycap += (uint64_t)t->pools[c].cap * 8 * c;
-        parts += (uint64_t)t->pools[c].n * sizeof(Aux);
-        partcap += (uint64_t)t->pools[c].cap * sizeof(Aux);
+        parts += (uint64_t)t->pools[c].n * sizeof(DForm);
+        partcap += (uint64_t)t->pools[c].cap * sizeof(DForm);
     }
     rows = t->nrows * sizeof(Row);
     for (uint64_t i = 0; i < t->nrows; i++)
         if (t->rows[i].recs) rows += (uint64_t)t->rows[i].nslots * 4;
-    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsn}",
+    return Py_BuildValue("{sKsKsKsKsKsKsKsKsKsKsKsKsKsKsnsnsKsKsKsK}",
                          "view_slots", (unsigned long long)(t->views ? t->vmask + 1 : 0),
                          "record_size", (unsigned long long)sizeof(Rec),
                          "records", (unsigned long long)t->nrecs * sizeof(Rec),
                          "records_capacity", (unsigned long long)t->caprecs * sizeof(Rec),
-                         "dram_part_size", (unsigned long long)sizeof(Aux),
+                         "dram_part_size", (unsigned long long)sizeof(DForm),
                          "dram_parts", (unsigned long long)parts,
                          "dram_parts_capacity", (unsigned long long)partcap,
                          "keyless", (unsigned long long)t->nkeyless,
@@ -2146,7 +2407,11 @@ static PyObject *Table_footprint(Table *t, PyObject *unused) {
                          "views", (unsigned long long)t->vcount,
                          "namespaces", (unsigned long long)(t->nspaces - t->nfreespaces),
                          "wide_offsets", PyDict_GET_SIZE(t->wide),
-                         "nvme_side", PyDict_GET_SIZE(t->nvside));
+                         "nvme_side", PyDict_GET_SIZE(t->nvside),
+                         "readers", (unsigned long long)t->refs.n,
+                         "refs_table", (unsigned long long)(t->refs.e ? (t->refs.mask + 1ULL) * sizeof(SEnt) : 0),
+                         "nvme_aside", (unsigned long long)t->aside.n,
+                         "aside_table", (unsigned long long)(t->aside.e ? (t->aside.mask + 1ULL) * sizeof(SEnt) : 0));
 }
 
 /* probes() -> (longest, mean hit, mean miss): slots a lookup reads, over the keys present
@@ -2669,7 +2934,6 @@ typedef struct {
     uint32_t nclasses;
     LList *lists;             /* nclasses x (PROBATION, PROTECTED, COLD) */
     int32_t cidx[MAX_CLASSES + 1];  /* the table's class id -> sc.index; -1: not read yet */
-    uint64_t clock;           /* one tick per access or insertion */
     int64_t resident;
     uint64_t lo, hi;          /* (lo, hi]: the stamps the last lookup's hits got */
     double share, bonus, rate, bonus_max;
@@ -2678,10 +2942,10 @@ typedef struct {
 
 static PyTypeObject LruType;
 
-static inline Aux *L_aux(Table *t, uint32_t rec) { return aux_ptr(t, &t->recs[rec]); }
+static inline DForm *L_aux(Table *t, uint32_t rec) { return df_ptr(t, &t->recs[rec]); }
 
 static void l_push(Table *t, LList *L, uint32_t rec) {
-    Aux *a = L_aux(t, rec);
+    DForm *a = L_aux(t, rec);
     a->older = L->head;
     a->newer = NOREC;
     if (L->head != NOREC) L_aux(t, L->head)->newer = rec;
@@ -2692,7 +2956,7 @@ static void l_push(Table *t, LList *L, uint32_t rec) {
 
 /* rec just older than ref (which is in L) */
 static void l_behind(Table *t, LList *L, uint32_t ref, uint32_t rec) {
-    Aux *ra = L_aux(t, ref), *a = L_aux(t, rec);
+    DForm *ra = L_aux(t, ref), *a = L_aux(t, rec);
     uint32_t older = ra->older;
     a->newer = ref;
     a->older = older;
@@ -2702,7 +2966,7 @@ static void l_behind(Table *t, LList *L, uint32_t ref, uint32_t rec) {
 }
 
 static void l_remove(Table *t, LList *L, uint32_t rec) {
-    Aux *a = L_aux(t, rec);
+    DForm *a = L_aux(t, rec);
     uint32_t nw = a->newer, ol = a->older;
     if (nw != NOREC) L_aux(t, nw)->older = ol; else L->head = ol;
     if (ol != NOREC) L_aux(t, ol)->newer = nw; else L->tail = nw;
@@ -2768,16 +3032,17 @@ static int lru_touch_rec(Lru *p, uint32_t rec) {
     int idx = lru_class(p, t->recs[rec].sc);
     if (idx < 0) return -1;
     if (t->recs[rec].seg < 0) return 0;
-    Aux *a = L_aux(t, rec);
+    DForm *a = L_aux(t, rec);
     if (!a) {
-        PyErr_Format(PyExc_RuntimeError, "record %u is in an eviction list without its DRAM part", rec);
+        PyErr_Format(PyExc_RuntimeError, "record %u is in an eviction list without its DRAM form", rec);
         return -1;
     }
-    if (p->lo < a->stamp && a->stamp <= p->hi) return 0;  /* the last lookup ordered it */
+    uint64_t es = stamp_eff(t, a->stamp);
+    if (p->lo < es && es <= p->hi) return 0;  /* the last lookup ordered it */
     Rec *r = &t->recs[rec];
     LList *L = &p->lists[(size_t)idx * 3];
     l_remove(t, &L[r->seg], rec);
-    a->stamp = ++p->clock & STAMP_MAX;
+    a->stamp = clock_tick(t) & STAMP_MASK;
     r->seg = L_PROT;
     l_push(t, &L[L_PROT], rec);
     lru_balance(p, idx);
@@ -2791,10 +3056,10 @@ static int lru_push(Lru *p, uint32_t rec, int seg, int idx) {
     /* checked here, where it is linked: the Python a caller ran since its own check (the
        ghost's methods, a key loader, a collection's finalizers) may have linked it */
     if (lru_not_linked(p, rec) < 0) return -1;
-    Aux *a = aux_for_write(p->t, rec);
+    DForm *a = df_for_write(p->t, rec);
     if (!a) return -1;
-    a->stamp = ++p->clock & STAMP_MAX;
-    p->t->recs[rec].seg = (int8_t)seg;
+    a->stamp = clock_tick(p->t) & STAMP_MASK;
+    p->t->recs[rec].seg = seg;
     l_push(p->t, &p->lists[(size_t)idx * 3 + seg], rec);
     p->resident++;
     return 0;
@@ -2922,11 +3187,11 @@ static int lru_push_probation(Lru *p, uint32_t rec, int idx, PyObject *k) {
             same = 0;
         if (same > 0 && lru_not_linked(p, rec) < 0)
             same = -1;
-        Aux *a = same > 0 ? aux_for_write(p->t, rec) : NULL;
+        DForm *a = same > 0 ? df_for_write(p->t, rec) : NULL;
         if (same > 0 && !a)
             same = -1;
         if (a) {
-            p->clock++;  /* an insertion ticks the clock wherever it is linked */
+            clock_tick(p->t);  /* an insertion ticks the clock wherever it is linked */
             a->stamp = L_aux(p->t, last->rec)->stamp;
             p->t->recs[rec].seg = L_PROB;
             l_behind(p->t, &p->lists[(size_t)idx * 3 + L_PROB], last->rec, rec);
@@ -3046,24 +3311,27 @@ static PyObject *Lru_touch_keys(Lru *p, PyObject *const *args, Py_ssize_t n) {
 }
 
 static PyObject *Lru_chain_begin(Lru *p, PyObject *unused) {
+    if (lru_ready(p) < 0) return NULL;
     p->lo = p->hi = 0;
-    return PyLong_FromUnsignedLongLong(p->clock);
+    return PyLong_FromUnsignedLongLong(p->t->clock);
 }
 
 static PyObject *Lru_chain_end(Lru *p, PyObject *start) {
+    if (lru_ready(p) < 0) return NULL;
     unsigned long long s = PyLong_AsUnsignedLongLong(start);
     if (s == (unsigned long long)-1 && PyErr_Occurred()) return NULL;
     p->lo = s;
-    p->hi = p->clock;
+    p->hi = p->t->clock;
     Py_RETURN_NONE;
 }
 
 static PyObject *Lru_touch_chain(Lru *p, PyObject *entries) {
-    uint64_t start = p->clock;
+    if (lru_ready(p) < 0) return NULL;
+    uint64_t start = p->t->clock;
     p->lo = p->hi = 0;
     PyObject *r = Lru_touch_run(p, entries);
     p->lo = start;
-    p->hi = p->clock;
+    p->hi = p->t->clock;
     return r;
 }
 
@@ -3093,7 +3361,7 @@ static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObjec
         l_remove(p->t, &p->lists[(size_t)idx * 3 + seg], (uint32_t)rec);
         p->t->recs[rec].seg = -1;
         p->resident--;
-        aux_settle(p->t, (uint32_t)rec);
+        df_settle(p->t, (uint32_t)rec);
     }
     if (evicted) {
         uint64_t limit = p->resident > (int64_t)p->ghost_min ? (uint64_t)p->resident : p->ghost_min;
@@ -3104,8 +3372,7 @@ static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObjec
 
 /* evictable: refs == 0 and not pinned at now (Entry.pinned); 1, 0, or -1 on an error */
 static int lru_evictable_at(Table *t, uint32_t rec, double now) {
-    Aux *a = L_aux(t, rec);
-    if (a && a->refs) return 0;
+    if (refs_of(t, rec)) return 0;
     if (!(t->recs[rec].flags & F_PIN)) return 1;
     PyObject *k = PyLong_FromUnsignedLong(rec);
     if (!k) return -1;
@@ -3198,8 +3465,9 @@ static PyObject *Lru_victim(Lru *p, PyObject *const *args, Py_ssize_t n) {
         } else if (prot == NOREC) {
             v = prob;
         } else {
-            double sp = (double)L_aux(p->t, (uint32_t)prot)->stamp;
-            double sb = (double)L_aux(p->t, (uint32_t)prob)->stamp;
+            /* ages past AGE_CAP count as AGE_CAP (eviction.Policy: the same) */
+            double sp = (double)stamp_eff(p->t, L_aux(p->t, (uint32_t)prot)->stamp);
+            double sb = (double)stamp_eff(p->t, L_aux(p->t, (uint32_t)prob)->stamp);
             v = sp + p->bonus * (double)(p->resident > 1 ? p->resident : 1) < sb ? prot : prob;
         }
     }
@@ -3229,7 +3497,7 @@ static PyObject *Lru_order(Lru *p, PyObject *args) {
     for (uint32_t r = L->head, older; out && r != NOREC; r = older) {
         /* the link first: building the view may run a collection whose Python unlinks r
            (a keyless record's DRAM part then goes); a stale link is view_of's error */
-        const Aux *a = L_aux(p->t, r);
+        const DForm *a = L_aux(p->t, r);
         older = a ? a->older : NOREC;
         PyObject *v = ++k > L->count ? NULL : view_of(p->t, r);
         if (!v) {
@@ -3302,7 +3570,27 @@ static void Lru_dealloc(Lru *p) {
     Py_TYPE(p)->tp_free((PyObject *)p);
 }
 
-static PyObject *Lru_get_clock(Lru *p, void *c) { return PyLong_FromUnsignedLongLong(p->clock); }
+static PyObject *Lru_get_clock(Lru *p, void *c) {
+    if (lru_ready(p) < 0) return NULL;
+    return PyLong_FromUnsignedLongLong(p->t->clock);
+}
+/* a test hook: the clock jumps forward (never back), as after that many ticks */
+static int Lru_set_clock(Lru *p, PyObject *v, void *c) {
+    if (lru_ready(p) < 0) return -1;
+    if (!v || !PyLong_Check(v)) {
+        PyErr_SetString(PyExc_TypeError, "Lru.clock must be an int");
+        return -1;
+    }
+    unsigned long long x = PyLong_AsUnsignedLongLong(v);
+    if (x == (unsigned long long)-1 && PyErr_Occurred()) return -1;
+    if (x < p->t->clock || x > (unsigned long long)STAMP_MAX) {
+        PyErr_Format(PyExc_ValueError, "Lru.clock moves forward only, up to 2**48 - 1 (it is %llu)",
+                     (unsigned long long)p->t->clock);
+        return -1;
+    }
+    clock_advance(p->t, x);
+    return 0;
+}
 static PyObject *Lru_get_resident(Lru *p, void *c) { return PyLong_FromLongLong(p->resident); }
 static PyObject *Lru_get_bonus(Lru *p, void *c) { return PyFloat_FromDouble(p->bonus); }
 static int Lru_set_bonus(Lru *p, PyObject *v, void *c) {
@@ -3336,7 +3624,7 @@ static PyObject *Lru_get_last(Lru *p, void *c) {
 }
 
 static PyGetSetDef Lru_getset[] = {
-    {"clock", (getter)Lru_get_clock, NULL, "ticks: one per access or insertion", NULL},
+    {"clock", (getter)Lru_get_clock, (setter)Lru_set_clock, "the index's eviction clock: one tick per access or insertion (set: a test hook, forward only)", NULL},
     {"resident", (getter)Lru_get_resident, NULL, "entries in the lists", NULL},
     {"age_bonus", (getter)Lru_get_bonus, (setter)Lru_set_bonus, "the adaptive age bonus", NULL},
     {"ghost", (getter)Lru_get_ghost, (setter)Lru_set_ghost, "the ghost of evicted digests", NULL},
@@ -3422,7 +3710,9 @@ PyMODINIT_FUNC PyInit__index(void) {
         PyModule_AddObject(m, "Ghost", (PyObject *)&GhostType) < 0 ||
         PyModule_AddObject(m, "Lru", (PyObject *)&LruType) < 0 ||
         PyModule_AddIntConstant(m, "RECORD_SIZE", (long)sizeof(Rec)) < 0 ||
-        PyModule_AddIntConstant(m, "MAX_KEY", MAX_KEY) < 0) {
+        PyModule_AddIntConstant(m, "MAX_KEY", MAX_KEY) < 0 ||
+        PyModule_AddIntConstant(m, "STAMP_AGE_CAP", (long)AGE_CAP) < 0 ||
+        PyModule_AddIntConstant(m, "STAMP_BITS", STAMP_BITS) < 0) {
         Py_DECREF(m);
         return NULL;
     }

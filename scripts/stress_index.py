@@ -67,7 +67,9 @@ class Round:
             self.pol = Policy(len(self.classes), **kw)
         self.spaces = [bytes(rng.randrange(256) for _ in range(rng.choice([0, 1, 3, 8, 17])))
                        for _ in range(rng.randint(1, 40))]
-        self.keys = {}  # (ns, key) -> state: "dram" | "nvme" (keyed) | "keyless" | "removed"
+        # (ns, key) -> state: "dram" | "dram-keyless" (its key shed: the arena's key area) |
+        # "nvme" (keyed) | "keyless" | "removed"
+        self.keys = {}
         self.held = []  # views held by "readers"
         self.slots = {}  # offset -> (ns, key)
         self.next_slot = {sc.index: 0 for sc in self.classes}
@@ -171,13 +173,14 @@ class Round:
         if v is None:
             return
         k = (v.ns, v.key)
-        check(self.keys.get(k) == "dram", f"victim {k} is {self.keys.get(k)}")
+        check(self.keys.get(k) in ("dram", "dram-keyless"), f"victim {k} is {self.keys.get(k)}")
         off = v.offset
         self.pol.remove(v, evicted=True) if self.native else self.pol.remove(v, True)
         self.ix.displace(v)
         self.slots.pop(off, None)
         self.free_slots[sc.index].append(off)
         if self.rng.random() < 0.5:
+            self.keyless_keys.pop(v.record, None)
             self.ix.remove(v)
             self.keys[k] = "removed"
         else:  # demoted: NVMe-only, its key shed
@@ -216,6 +219,31 @@ class Round:
         if not e.key_in_ram:
             self.keyless_keys[e.record] = k[1]
         self.hold(e)
+
+    def shed_dram(self):
+        """A DRAM-resident, linked entry's key goes to the arena's key area (H2's Store):
+        shed_key(e, dram=True); sometimes with an NVMe copy too (a demotion landed)."""
+        dram = [k for k, s in self.keys.items() if s == "dram"]
+        if not dram:
+            return
+        k = self.rng.choice(dram)
+        e = self.ix.get(*k)
+        if e.nvme is None and self.rng.random() < 0.3:
+            e.nvme = self.location(e)
+        self.ix.shed_key(e, dram=True)
+        if not e.key_in_ram:
+            self.keyless_keys[e.record] = k[1]
+            self.keys[k] = "dram-keyless"
+        self.hold(e)
+
+    def clock_jump(self):
+        """Past the age cap: every stamp is swept to it (the 28 bits a record keeps)."""
+        from kvstored.engine.eviction import STAMP_AGE_CAP
+        to = self.pol.clock + STAMP_AGE_CAP + self.rng.randrange(1 << 20)
+        if self.native:
+            self.pol.lru.clock = to
+        else:
+            self.pol.clock = to
 
     def reinsert(self):
         """A removed entry (held view) inserted again: NVMe-only, its key free."""
@@ -365,10 +393,11 @@ class Round:
         for (ns, key), s in live.items():
             e = ix.get(ns, key)
             check(e is not None, f"{(ns, key)} ({s}) lost")
-            check((e.offset >= 0) == (s == "dram"), f"{key!r} offset {e.offset} as {s}")
-            check(e.key_in_ram == (s != "keyless"), f"{key!r} key_in_ram as {s}")
+            indram = s in ("dram", "dram-keyless")
+            check((e.offset >= 0) == indram, f"{key!r} offset {e.offset} as {s}")
+            check(e.key_in_ram == (s not in ("keyless", "dram-keyless")), f"{key!r} key_in_ram as {s}")
             check(e.key == key, "key")
-            if s == "dram":
+            if indram:
                 check(ix.at(e.offset) is e, "slot map")
                 check(e.seg >= 0, f"DRAM entry {key!r} not linked")
             else:
@@ -385,7 +414,8 @@ class Round:
                 check(n == self.pol.count(sc.index), "list counts")
                 total += n
             check(total == self.pol.resident, "resident")
-            check(total == sum(1 for s in live.values() if s == "dram"), "resident vs model")
+            check(total == sum(1 for s in live.values() if s in ("dram", "dram-keyless")),
+                  "resident vs model")
         ix.probes()
         ix.footprint()
 
@@ -394,7 +424,8 @@ class Round:
         ops = [(self.put, rng.choice([20, 30, 60])), (self.evict, 15), (self.promote, 8),
                (self.delete, 8), (self.touch, 15), (self.query, 8), (self.flags, 6),
                (self.misuse, 6), (self.demote_out_of_order, 2), (self.reinsert, 2),
-               (self.drop_views, 4), (self.hold_all, 0.3)]
+               (self.drop_views, 4), (self.hold_all, 0.3), (self.shed_dram, 6),
+               (self.clock_jump, 0.2)]
         funcs, weights = zip(*ops)
         for i in range(steps):
             rng.choices(funcs, weights)[0]()

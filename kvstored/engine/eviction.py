@@ -48,6 +48,11 @@ through both): ``Policy`` here, over any entries (the dict index's, tests' own),
 (``kvstored._index.Lru``, native/index.c) and link the records' own fields, so a touch
 or an eviction is one C call and builds no view of a neighbour (``make_policy``
 picks it when the index is the packed one).
+
+An entry's age (clock - stamp) counts at most ``STAMP_AGE_CAP`` ticks (2**27: 134 M
+accesses) in both: the packed index keeps a stamp's low 28 bits (its 51-byte record,
+issue 13) and sweeps older stamps up to the cap, so a stamp older than that compares as
+exactly that old (``_eff``). Below the cap, decisions are those of exact stamps.
 """
 from __future__ import annotations
 
@@ -57,6 +62,7 @@ from typing import Callable
 
 PROBATION, PROTECTED, COLD = 0, 1, 2
 NONE = -1  # not in any list (NVMe-only, or not committed)
+STAMP_AGE_CAP = 1 << 27  # = kvstored._index.STAMP_AGE_CAP (tests/engine/test_policy_native.py)
 
 # entries.INDEX_ENV (entries imports this module): tests set it to "dict" to run the
 # engine without native structures, the ghost's included
@@ -319,7 +325,7 @@ class Policy:
         if e.seg == NONE:
             return
         lo, hi = self._lookup_clock
-        if lo < e.stamp <= hi:
+        if lo < self._eff(e.stamp) <= hi:
             return  # the get of a hit the last lookup just ordered: keep the chain's order
         lst = self.queues[e.sc.index].lists
         lst[e.seg].remove(e)
@@ -413,7 +419,7 @@ class Policy:
             return prot
         if prot is None:
             return prob
-        if prot.stamp + self.age_bonus * max(self.resident, 1) < prob.stamp:
+        if self._eff(prot.stamp) + self.age_bonus * max(self.resident, 1) < self._eff(prob.stamp):
             return prot
         return prob
 
@@ -426,6 +432,12 @@ class Policy:
         return self.ghost.counts
 
     # --------------------------------------------------------------- helpers
+    def _eff(self, stamp: int) -> int:
+        """The stamp compared: an age past STAMP_AGE_CAP counts as the cap (as the native
+        policy's stamp_eff, whose stamps keep 28 bits)."""
+        floor = self.clock - STAMP_AGE_CAP
+        return stamp if stamp > floor else floor
+
     def _ghost_hit(self, origin: int) -> None:
         """``origin``: the list a key put again had left (the ghost has let it go)."""
         if not self.adapt_rate or origin == COLD:

@@ -1,9 +1,12 @@
 """The packed index: the Index's seam (kvstored/engine/entries.py) over native records.
 
-``kvstored._index`` (native/index.c) keeps one 48-byte record per object (with a
-seeded 64-bit fingerprint of its namespace and key), a 24-byte DRAM part (DRAM
-offset, readers, eviction links, stamp, read count) followed by the key in per-length
-pools while the object has a DRAM copy or its key in RAM, an open-addressing table of
+``kvstored._index`` (native/index.c) keeps one 51-byte record per object that never
+moves (a seeded 64-bit fingerprint of its namespace and key, checksum, commit time,
+size, ids, flags, and a union: the DRAM form (DRAM offset, eviction stamp, read count,
+links) for a keyless record in DRAM or in a list, else the NVMe form (packed location,
+and a keyed record's chunk: its DRAM form followed by the key, in per-length pools);
+small side tables hold the rare states (readers in flight; the NVMe location of a
+keyless record that is also in DRAM), an open-addressing table of
 u32 record numbers (probed from the record's fingerprint) and the DRAM slot map as u32
 arrays per slab; an ``Entry`` is a view of one record, built on
 lookup and shared by every lookup while anyone holds it (the Store and the eviction
@@ -14,8 +17,11 @@ Differences from the dict index a caller can see, all within its documented
 contract: walks go in record order (record numbers are reused), not namespace by
 namespace in insertion order; keys are at most 255 bytes (the wire allows 128);
 ``Entry.size`` and ``Entry.checksum`` are read-only once inserted (nothing changes
-them); ``Entry.reads`` saturates at 65535, ``Entry.stamp`` holds 48 bits (the
-eviction clock: years of accesses) and ``Entry.refs`` 24 (16 M readers of one object
+them); ``Entry.reads`` saturates at 15 (the Store asks "read at all?" and orders the
+shutdown flush by it); ``Entry.stamp`` keeps the eviction clock's low 28 bits and reads
+back whole (the clock's window), an age past 2**27 ticks counting as 2**27 (as
+``eviction.Policy`` counts it: ``STAMP_AGE_CAP``); a stamp set past the clock moves the
+clock (the table's, shared with its ``Lru``); ``Entry.refs`` holds 24 bits (16 M readers of one object
 are refused with ValueError); offsets below -1 are refused; at most 65535 namespaces
 hold objects at once (``IndexFull``, a NoSpace); a slot left by an offset change
 without ``displace`` reads None from ``at`` (the dict index keeps the old entry there:

@@ -329,22 +329,41 @@ def test_present_and_prefix_answer_as_get_does(monkeypatch, kind):
         s.close()
 
 
-def _policy_ops(kind: str, seed: int) -> list:
+def set_clock(p, clock: int) -> None:
+    """The test hook: the clock jumps forward, as after that many ticks."""
+    if isinstance(p, NativePolicy):
+        p.lru.clock = clock
+    else:
+        p.clock = clock
+
+
+def _policy_ops(kind: str, seed: int, clock0: int = 0, jump_every: int = 0,
+                keyless: bool = False) -> list:
     """Random policy calls on a packed index's entries, without a Store: inserts (some
     after a lookup named their parent or tail), promotions (insert_loaded), touches,
     chains in parts, victims by an arbitrary test, evictions and plain removals, over
-    three size classes. Returns every answer and the final lists."""
+    three size classes. Returns every answer and the final lists. ``clock0``: the clock
+    starts there; ``jump_every``: every so many steps it jumps past STAMP_AGE_CAP (every
+    entry's age then counts as the cap); ``keyless``: half the entries shed their key
+    while in DRAM (``shed_key(e, dram=True)``: the loader gives it back)."""
     from kvstored.engine.arena import SizeClass
+    from kvstored.engine.eviction import STAMP_AGE_CAP
     from kvstored.engine.packedindex import PackedIndex
 
     rnd = random.Random(seed)
     classes = [SizeClass(i, 1024 << i, 1 << 20) for i in range(3)]
     ix = PackedIndex(1 << 20)
+    keys_of: dict = {}  # record -> key, for the loader
+    ix.set_key_loader(lambda e: keys_of[e.record])
     p = NativePolicy(3, ix, ghost_min=8) if kind == "native" else Policy(3, ghost_min=8)
+    if clock0:
+        set_clock(p, clock0)
     live: dict = {}  # key -> entry in the lists
     out: list = []
     nxt = 0
     for step in range(4000):
+        if jump_every and step % jump_every == jump_every - 1:
+            set_clock(p, p.clock + STAMP_AGE_CAP + rnd.randrange(1 << 20))
         op = rnd.random()
         if op < 0.35 or not live:
             if rnd.random() < 0.3 and live:  # a lookup that named its missing tail
@@ -358,6 +377,9 @@ def _policy_ops(kind: str, seed: int) -> list:
             e = ix.Entry(NS, key, sc.slot_size * nxt, 100, 0, sc)
             ix.insert(e)
             (p.insert_loaded if rnd.random() < 0.1 else p.insert)(e)
+            if keyless and rnd.random() < 0.5:
+                keys_of[e.record] = key
+                ix.shed_key(e, dram=True)
             live[key] = e
         elif op < 0.55:
             p.touch(live[rnd.choice(sorted(live))])
@@ -393,3 +415,57 @@ def test_random_policy_calls_answer_the_same(seed):
     assert a[-1][4]["ghost_hits"] > 0 and a[-1][4]["cold_inserts"] > 0
     assert sum(1 for x in a if isinstance(x, tuple) and len(x) == 2 and x[1] is None) > 0
     assert a == b
+
+
+@pytest.mark.parametrize("clock0, jump_every, keyless", [
+    ((1 << 28) - 1500, 0, False),  # the 28 bits a record keeps wrap during the run
+    ((1 << 29) - 700, 700, True),  # and ages pass the cap again and again; keyless entries
+])
+def test_the_clock_across_the_stamps_wrap_and_past_the_age_cap(clock0, jump_every, keyless):
+    """The packed record keeps a stamp's low 28 bits (issue 13: a 51-byte record) and
+    counts an age past STAMP_AGE_CAP as the cap, as Policy does with exact stamps: the
+    two decide the same across the wrap and after jumps past the cap, with DRAM-resident
+    entries whose key was shed among them."""
+    a = _policy_ops("python", 3, clock0, jump_every, keyless)
+    b = _policy_ops("native", 3, clock0, jump_every, keyless)
+    assert a[-1][1] > clock0 + 1500 and a[-1][1] >> 28 > clock0 >> 28  # it wrapped
+    assert sum(1 for x in a if isinstance(x, tuple) and len(x) == 2 and x[1] is not None) > 100
+    assert a == b
+
+
+def test_stamps_read_back_whole_across_the_wrap_and_clamp_past_the_cap():
+    from kvstored import _index
+    from kvstored.engine.arena import SizeClass
+    from kvstored.engine.eviction import STAMP_AGE_CAP
+    from kvstored.engine.packedindex import PackedIndex
+
+    assert _index.STAMP_AGE_CAP == STAMP_AGE_CAP and _index.STAMP_BITS == 28
+    sc0 = SizeClass(0, 1024, 1 << 20)
+    ix = PackedIndex(1 << 20)
+    p = NativePolicy(1, ix)
+    p.lru.clock = (1 << 28) - 3
+    es = []
+    for i in range(6):  # stamped 2**28 - 2 .. 2**28 + 3: across the wrap of the low bits
+        e = ix.Entry(NS, b"w%d" % i, 1024 * i, 100, 0, sc0)
+        ix.insert(e)
+        p.insert(e)
+        es.append(e)
+    assert [e.stamp for e in es] == [(1 << 28) - 2 + i for i in range(6)]
+    assert [e.key for e in p.order(0, PROBATION)] == [b"w%d" % i for i in range(5, -1, -1)]
+    p.touch(es[0])
+    assert es[0].stamp == p.clock == (1 << 28) + 4 and es[0].seg == PROTECTED
+    with pytest.raises(ValueError, match="forward"):
+        p.lru.clock = 5
+    with pytest.raises(TypeError):
+        p.lru.clock = "x"
+    # past the cap: every older stamp reads as the cap's (the sweep set it), the order
+    # of the lists is kept, and a victim is still the oldest tail
+    p.lru.clock = p.clock + STAMP_AGE_CAP + 12345
+    assert {e.stamp for e in es} == {p.clock - STAMP_AGE_CAP}
+    v = p.victim(0, lambda e: True)
+    assert v is es[1]  # the probation tail (ages tie at the cap: probation goes first)
+    # Entry.stamp: a value past the clock moves it; one older than the cap is kept at it
+    es[2].stamp = p.clock + 10
+    assert p.clock == es[2].stamp and es[3].stamp == p.clock - STAMP_AGE_CAP  # swept again
+    es[3].stamp = 1
+    assert es[3].stamp == p.clock - STAMP_AGE_CAP

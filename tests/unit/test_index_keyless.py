@@ -373,14 +373,14 @@ def test_footprint_per_record():
                Location(i // 16384, (1 << 20) + (i // 16384) * (64 << 20) + (i % 16384) * 4096,
                         100, CS, 1), keyless=True)
     fp = ix.footprint()
-    assert fp["record_size"] == 48 and fp["records"] == 48 * n
+    assert fp["record_size"] == 51 and fp["records"] == 51 * n
     assert fp["keys"] == 0 and fp["dram_parts"] == 0 and fp["nvme_side"] == 0
     assert fp["table"] / n <= 4 / 0.375  # u32 slots, at least 3/8 full after a doubling
     assert fp["keyless"] == n
     e = ix.get(b"ns", b"%032d" % 5)
     ix.restore_key(e, b"%032d" % 5)
     fp = ix.footprint()
-    assert fp["dram_parts"] == 24 and fp["keys"] == 32 and fp["dram_part_size"] == 24
+    assert fp["dram_parts"] == 17 and fp["keys"] == 32 and fp["dram_part_size"] == 17
 
 
 def test_the_dict_index_takes_the_same_calls_as_no_ops():

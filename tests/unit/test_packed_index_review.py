@@ -533,16 +533,21 @@ def test_the_hash_mixes_a_per_table_seed_and_keeps_probe_chains_short():
 
 
 # ------------------------------------------------------------------ equivalence
-@pytest.mark.parametrize("seed", [11, 12, 13, 14])
-def test_random_operations_with_links_offsets_and_held_records_agree(seed, young_heap):
+@pytest.mark.parametrize("seed, shed", [(11, False), (12, False), (13, True), (14, True)])
+def test_random_operations_with_links_offsets_and_held_records_agree(seed, shed, young_heap):
     """A wider differential than test_packed_index's: eviction links (push/remove of a
     list through newer/older), offset moves (displace, change, place), promotion from
     NVMe-only, re-insert of a removed held entry, add(), pins with leases, refs, stamps
-    and segments, NVMe locations; every read compared against the dict index."""
+    and segments, NVMe locations; every read compared against the dict index. ``shed``:
+    the packed index's entries also shed their key (``shed_key(e, dram=True)``, DRAM-
+    resident and linked ones included: the record's union and side tables) and get it
+    back (``restore_key``) at random; their keys come from a loader."""
     rng = random.Random(seed)
     slab = 1 << 14
     classes = [SizeClass(0, 256, slab), SizeClass(1, 1024, slab)]
     both = (DictIndex(slab), PackedIndex(slab))
+    shed_keys: dict = {}  # record -> key of the packed index's keyless entries
+    both[1].set_key_loader(lambda e: shed_keys[e.record])
     cls = (DictEntry, Entry)
     heads: list[list] = [[None, None], [None, None]]  # one eviction list per class, per index
     held: list[dict] = [{}, {}]
@@ -646,7 +651,17 @@ def test_random_operations_with_links_offsets_and_held_records_agree(seed, young
             flip, refs, reads = rng.random() < 0.5, rng.randrange(3), rng.randrange(70000)
             for ix, e in zip(both, cur):
                 (ix.verify if flip else ix.mark_unverified)(e)
-                e.refs, e.reads = refs, min(reads, 65535)
+                e.refs, e.reads = refs, min(reads, 15)  # (the packed index saturates at 15)
+            pe = cur[1]
+            if shed and pe.offset >= 0 and pe.nvme is None and rng.random() < 0.5:
+                loc = Location(rng.randrange(4), 4096 * rng.randrange(1000), pe.size, pe.checksum, 1)
+                for e in cur:  # a demotion landed, the DRAM copy kept: in both tiers
+                    e.nvme = loc
+            if shed and (pe.offset >= 0 or pe.nvme is not None) and rng.random() < 0.7:
+                shed_keys[pe.record] = key
+                both[1].shed_key(pe, dram=True)
+            elif shed and rng.random() < 0.5:
+                both[1].restore_key(pe, key)
         elif cur[0] is None and gone[0] and op < 0.95:
             # re-insert a removed entry someone still held (its key free again)
             j = rng.randrange(len(gone[0]))
@@ -681,6 +696,11 @@ def test_random_operations_with_links_offsets_and_held_records_agree(seed, young
             for ns_ in (b"ns0", b"ns3", b"absent"):
                 assert sorted(e.key for e in a.iterate(ns_)) == sorted(e.key for e in b.iterate(ns_))
                 assert a.count(ns_) == b.count(ns_)
+            if shed and step == 11999:  # every state of a keyless record was met
+                kl = [e for e in b.iterate() if not e.key_in_ram]
+                assert any(e.offset >= 0 and e.older is not None for e in kl)
+                assert any(e.offset >= 0 and e.nvme is not None for e in kl)
+                assert any(e.offset < 0 and e.nvme is not None for e in kl)
 
 
 def test_a_put_into_one_namespace_too_many_is_nospace_and_frees_its_slot(monkeypatch):

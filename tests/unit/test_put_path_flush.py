@@ -67,7 +67,7 @@ def test_flush_past_its_deadline_walks_no_more_and_counts_what_is_lost(tmp_path,
         try:
             for i in range(40):
                 s.put_bytes(NS, b"k%02d" % i, bytes([i]) * 4096)
-                s.index.get(NS, b"k%02d" % i).reads = i
+                s.index.get(NS, b"k%02d" % i).reads = i // 3  # (below 16: the packed index saturates there)
             walks = []
             real = s.tiering._flush_chunk
 
