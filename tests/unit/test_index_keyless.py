@@ -595,3 +595,59 @@ def test_shed_key_dram_errors_and_the_collision_rule():
     dix.insert(de)
     dix.shed_key(de, dram=True)
     assert de.key_in_ram
+
+
+def test_side_tables_hold_only_the_rare_states_and_follow_record_reuse():
+    """Readers in flight and the NVMe location of a keyless record that is also in DRAM
+    live in side tables keyed by record number (the 51-byte record has no room): they
+    grow with those states only, shrink when they end, and a freed record's number,
+    reused, inherits nothing."""
+    ix = PackedIndex()
+    ix.use_slab_size(1 << 20)
+    es = [Entry(b"ns", b"r%04d" % i, 4096 * i, 100, CS, SC) for i in range(3000)]
+    for e in es:
+        ix.insert(e)
+    fp = ix.footprint()
+    assert fp["readers"] == 0 and fp["refs_table"] == 0 and fp["record_size"] == 51
+    for e in es:
+        e.refs = 3
+    assert ix.footprint()["readers"] == 3000 and all(e.refs == 3 for e in es)
+    grown = ix.footprint()["refs_table"]
+    for e in es:
+        e.refs = 0
+    fp = ix.footprint()
+    assert fp["readers"] == 0 and fp["refs_table"] < grown / 8
+    # keyless in DRAM with an NVMe copy too: the location goes aside, and comes back
+    for i, e in enumerate(es[:500]):
+        e.nvme = loc(i)
+        ix.shed_key(e, dram=True)
+    assert ix.footprint()["nvme_aside"] == 500
+    assert all(e.nvme == loc(i) and not e.key_in_ram for i, e in enumerate(es[:500]))
+    for e in es[:250]:  # the copy dropped: NVMe-only, the location back in the record
+        e.offset = -1
+        ix.shed_key(e)
+    assert ix.footprint()["nvme_aside"] == 250
+    assert all(e.nvme == loc(i) and e.offset == -1 for i, e in enumerate(es[:250]))
+    for i, e in enumerate(es[250:500], 250):  # keys back: keyed, the location inline again
+        ix.restore_key(e, b"r%04d" % i)
+    assert ix.footprint()["nvme_aside"] == 0
+    assert all(e.nvme == loc(i + 250) and e.key_in_ram for i, e in enumerate(es[250:500]))
+    # removed and freed while reading, with the location aside: nothing stays behind
+    victims = es[500:600]
+    for i, e in enumerate(victims):
+        e.refs = 1
+        e.nvme = loc(i)
+        ix.shed_key(e, dram=True)
+    assert ix.footprint()["nvme_aside"] == 100 and ix.footprint()["readers"] == 100
+    recs = {e.record for e in victims}
+    for e in victims:
+        ix.remove(e)
+    del e, victims, es[500:600]
+    gc.collect()
+    fp = ix.footprint()
+    assert fp["nvme_aside"] == 0 and fp["readers"] == 0
+    fresh = [Entry(b"ns", b"new%03d" % i, -1, 100, CS, SC) for i in range(100)]
+    for e in fresh:
+        ix.insert(e)
+    assert {e.record for e in fresh} == recs  # the numbers, reused
+    assert all(e.refs == 0 and e.nvme is None and e.key_in_ram and e.stamp == 0 for e in fresh)
