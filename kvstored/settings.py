@@ -179,6 +179,11 @@ def _one_of(*allowed: str) -> Callable[[Any], str | None]:
     return lambda v: None if v in allowed else f"{v!r} is not one of {', '.join(allowed)}"
 
 
+def _key_area_bytes(v) -> str | None:
+    from kvstored.engine.arena import key_width_problem  # (one rule: the arena's)
+    return key_width_problem(v)
+
+
 def _at_most_chars(n: int) -> Callable[[Any], str | None]:
     return lambda v: None if len(v) <= n else f"longer than {n} characters"
 
@@ -313,6 +318,10 @@ SETTINGS: tuple[Setting, ...] = (
        "per DRAM-resident object, ~7.5x per NVMe-only one, whose key stays on NVMe; "
        "auto = packed when kvstored._index is built)",
        choices=INDEX_KINDS, check=_one_of(*INDEX_KINDS)),
+    _s("dram", "key_area_bytes", INT, 40,
+       "bytes per arena slot for its object's key (a length byte + the key), kept there "
+       "instead of in daemon RAM by the packed index; longer keys stay in RAM; 0 = none",
+       check=_key_area_bytes),
     # [nvme] (off while nvme.path is empty; size and paths are checked only when it is on)
     _s("nvme", "path", STR, "", "file or block device of the NVMe tier",
        flag=Flag("--nvme-path", "PATH", "file or block device of the NVMe tier")),

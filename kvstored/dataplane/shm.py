@@ -344,7 +344,7 @@ def _grant(s: DataSession, size: int) -> tuple:
     arena = store.arena
     sc = arena.class_for(size)
     if (not sc.partial and not arena.free_slabs) or \
-            arena.used_bytes + sc.slot_size > store.limits.high_watermark * arena.size:
+            arena.used_bytes + sc.footprint > store.limits.high_watermark * arena.size:
         return ()
     try:
         # not bound to any key yet (no object has an empty key): SHM_PUT binds it

@@ -68,12 +68,26 @@ class Slab:
 
 
 class SizeClass:
-    __slots__ = ("index", "slot_size", "slots_per_slab", "slabs", "partial")
+    __slots__ = ("index", "slot_size", "slots_per_slab", "slabs", "partial", "key_base",
+                 "footprint")
 
-    def __init__(self, index: int, slot_size: int, slab_size: int):
+    def __init__(self, index: int, slot_size: int, slab_size: int, key_width: int = 0):
         self.index = index
         self.slot_size = slot_size
-        self.slots_per_slab = slab_size // slot_size
+        slots = slab_size // slot_size
+        # where a slab's key area begins (offset from its base); 0: this class has none
+        self.key_base = 0
+        if key_width:
+            keyed = slab_size // (slot_size + key_width)
+            # the key area takes whole slots: worth it while they cost the slab at most
+            # twice the keys' own bytes (e.g. 64 MiB slabs, 40 B keys: classes up to 64 KiB)
+            if keyed and (slots - keyed) * slot_size <= 2 * keyed * key_width:
+                slots = keyed
+                self.key_base = slab_size - keyed * key_width
+        self.slots_per_slab = slots
+        # arena bytes a slot takes, its key record included: what Arena.used_bytes counts,
+        # so that a full arena reads full (the watermarks) whatever its classes' key areas
+        self.footprint = slot_size + (key_width if self.key_base else 0)
         self.slabs: set[Slab] = set()
         self.partial: set[Slab] = set()  # slabs of this class with a free slot
 
@@ -81,9 +95,13 @@ class SizeClass:
 class Arena:
     """Slot allocator over a memfd mapping. Single-threaded (the daemon's event loop)."""
 
-    def __init__(self, size: int, slab_size: int, *, hugepages: bool = True, name: str = "kvstored-arena"):
+    def __init__(self, size: int, slab_size: int, *, hugepages: bool = True, name: str = "kvstored-arena",
+                 key_width: int = 0):
         if slab_size % SLOT_ALIGN or slab_size < MIN_SLOT:
             raise ValueError(f"slab size {slab_size} must be a multiple of {SLOT_ALIGN}")
+        problem = key_width_problem(key_width)
+        if problem:
+            raise ValueError(f"key area width {key_width!r}: {problem}")
         nslabs = size // slab_size
         if nslabs < 1:
             raise ValueError(f"arena size {size} is smaller than one slab ({slab_size})")
@@ -99,13 +117,15 @@ class Arena:
         self.view = memoryview(self.mmap)
         self.slabs = [Slab(i, i * slab_size) for i in range(nslabs)]
         self.free_slabs: list[Slab] = list(reversed(self.slabs))
-        self.classes = [SizeClass(i, s, slab_size) for i, s in enumerate(size_classes(slab_size))]
+        self.key_width = key_width  # bytes of a slot's key record (0: no key areas)
+        self.classes = [SizeClass(i, s, slab_size, key_width)
+                        for i, s in enumerate(size_classes(slab_size))]
         self._class_sizes = [c.slot_size for c in self.classes]
         # size -> class of the sizes met so far: a put's lookup is a dict hit, not a bisect
         # (Store._slot looks here first, without the call)
         # (KV blocks come in a few sizes; bounded against a spray of distinct ones)
         self.class_by_size: dict[int, SizeClass] = {}
-        self.used_bytes = 0  # bytes of slots handed out
+        self.used_bytes = 0  # bytes of slots handed out, with their key records
         self.prefaulted = 0  # bytes faulted in by prefault_in_background
         self._prefault_stop = threading.Event()
         self._prefault_thread: threading.Thread | None = None
@@ -148,7 +168,7 @@ class Arena:
         slab.used += 1
         if slab.used == sc.slots_per_slab:
             sc.partial.discard(slab)
-        self.used_bytes += sc.slot_size
+        self.used_bytes += sc.footprint
         return off
 
     def free(self, offset: int) -> None:
@@ -156,7 +176,7 @@ class Arena:
         sc = slab.size_class
         assert sc is not None, "free of a slot in an unassigned slab"
         slab.used -= 1
-        self.used_bytes -= sc.slot_size
+        self.used_bytes -= sc.footprint
         if slab.used == 0:
             # whole slab free: give it back so any class can use it
             sc.slabs.discard(slab)
@@ -188,6 +208,39 @@ class Arena:
         sc = slab.size_class
         return range(slab.base, slab.bump, sc.slot_size) if sc is not None else range(0)
 
+
+    # -- key areas -------------------------------------------------------------
+    def write_key(self, offset: int, sc: SizeClass, key: bytes) -> bool:
+        """Write ``key`` into the key record of the slot at ``offset`` (of class ``sc``);
+        False when the class has no key area or the key is too long for a record."""
+        base = sc.key_base
+        n = len(key)
+        if not base or n >= self.key_width:
+            return False
+        slab = offset - offset % self.slab_size
+        at = slab + base + (offset - slab) // sc.slot_size * self.key_width
+        m = self.mmap
+        m[at] = n
+        m[at + 1:at + 1 + n] = key
+        return True
+
+    def read_key(self, offset: int) -> bytes | None:
+        """The bytes in the key record of the slot at ``offset``, unchecked (a client may
+        have rewritten them: the caller verifies); None where there is no such record."""
+        if not 0 <= offset < self.size:
+            return None
+        slab = self.slabs[offset // self.slab_size]
+        sc = slab.size_class
+        if sc is None or not sc.key_base:
+            return None
+        i = (offset - slab.base) // sc.slot_size
+        if i >= sc.slots_per_slab:
+            return None
+        at = slab.base + sc.key_base + i * self.key_width
+        n = self.mmap[at]
+        if n >= self.key_width:
+            return None
+        return self.mmap[at + 1:at + 1 + n]
 
     @property
     def free_bytes(self) -> int:
@@ -244,6 +297,19 @@ class Arena:
             os.close(self.fd)
         except OSError:
             pass
+
+
+MAX_KEY_WIDTH = 136  # a record for a wire key of 128 bytes, rounded up to 8
+
+
+def key_width_problem(width) -> str | None:
+    """What is wrong with a key record width (``dram.key_area_bytes``), or None."""
+    if isinstance(width, bool) or not isinstance(width, int):
+        return f"must be an integer, not {type(width).__name__}"
+    if width and not (16 <= width <= MAX_KEY_WIDTH and width % 8 == 0):
+        return (f"must be 0 (keys stay in RAM) or a multiple of 8 from 16 to {MAX_KEY_WIDTH}, "
+                f"got {width}")
+    return None
 
 
 def _memfd(name: str, size: int, hugepages: bool) -> tuple[int, bool]:

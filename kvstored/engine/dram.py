@@ -28,7 +28,11 @@ class DramTier:
         self.clock = clock
         self.index = index
         self.counters = counters  # the Store's; this tier counts no_space
-        self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages)
+        # the arena's shape is its settings' alone (the same whichever index): with the dict
+        # index, which keeps every key in RAM, its key records are left unused
+        self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages,
+                           key_width=limits.key_area_bytes)
+        self._sheds_keys = index.kind == "packed"
         index.use_slab_size(self.arena.slab_size)  # its slot map is laid out per slab
         if limits.prefault:
             self.arena.prefault_in_background()
@@ -63,7 +67,12 @@ class DramTier:
     def unlink(self, e: "Entry", evicted: bool = False) -> None:
         """A removed entry leaves the policy; its slot is freed now, or by the last
         ``release`` while readers hold it. ``evicted``: its key goes to the ghost."""
-        self.policy.remove(e, evicted)
+        try:
+            self.policy.remove(e, evicted)
+        except LookupError:
+            # keyless, and its key record in the arena no longer verifies (a local client
+            # rewrote it): no ghost digest can be made, but it must still leave its list
+            self.policy.remove(e)
         self.index.displace(e)
         self.objects -= 1
         if e.refs == 0:
@@ -78,6 +87,15 @@ class DramTier:
         self.free_slot(off)
         # NVMe-only now: its key is on the record's header, not kept in RAM (packed index)
         self.index.shed_key(e)
+
+    def keep_key_in_arena(self, e: "Entry", off: int, sc: SizeClass, key: bytes) -> None:
+        """A committed entry's key goes to the key record of its slot (``off``, of class
+        ``sc``) and leaves RAM (``Index.shed_key(e, dram=True)``), where the class has a
+        key area and the key fits a record; else it stays in RAM. Called once the entry is
+        linked and announced: the policy's insert and the observer read the key, which
+        they then have without the loader (``Store._key_of``)."""
+        if self._sheds_keys and self.arena.write_key(off, sc, key):
+            self.index.shed_key(e, dram=True)
 
     def view(self, e: "Entry") -> memoryview:
         return self.arena.view[e.offset:e.offset + e.size]

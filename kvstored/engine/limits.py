@@ -22,3 +22,4 @@ class StoreLimits:
     hugepages: bool = default("hugepages")
     prefault: bool = default("prefault")
     index: str = default("index")  # auto | packed | dict (entries.make_index)
+    key_area_bytes: int = default("key_area_bytes")  # per-slot key records (arena.py)

@@ -234,8 +234,10 @@ class RepairWalk:
                         bits[r >> 3] |= 1 << (r & 7)
                 if b == HELD and e.committed_at <= started:
                     self._held_old += 1
-            if e.key_in_ram:
-                rows.append((e.ns, e.key, e.size, e.checksum, held, pinned, protected, e.reads,
+            # in RAM, or in its DRAM slot's key record (else NVMe's, in bulk below)
+            key = e.key if e.key_in_ram else self._s._key_in_dram(e)
+            if key is not None:
+                rows.append((e.ns, key, e.size, e.checksum, held, pinned, protected, e.reads,
                              e.committed_at))
             elif e.nvme is not None:
                 keyless.append(e)

@@ -108,10 +108,10 @@ class Store(RepairHooks):
         self.tiering = Tiering(nvme, self.index, self.dram, limits, clock, self._unlink,
                                self.release)
         self.dram.evict = self.tiering.evict
-        if nvme is not None:
-            # an NVMe-only entry keeps no key in RAM (packed index): a walk that asks for
-            # one reads it from the record's header (bulk walks read summaries instead)
-            self.index.set_key_loader(self._nvme_key)
+        # A keyless entry (packed index) has its key in its DRAM slot's key record, or on
+        # its NVMe record's header: a walk, event or admin call that asks for it reads it
+        # there (bulk walks read NVMe summaries instead: _keys_of)
+        self.index.set_key_loader(self._key_of)
         self.arena = self.dram.arena  # the servers map and address it directly
         self.policy = self.dram.policy
         self.nvme = nvme
@@ -273,6 +273,7 @@ class Store(RepairHooks):
         True if stored, False if the key holds these bytes already (the slot is freed)."""
         index = self.index
         dram = self.dram
+        arena_keys = sc.key_base  # its class keeps keys in the arena (arena.py)
         e = index.Entry(ns, key, off, size, cs, sc)
         if committed_at is not None:
             e.committed_at = committed_at
@@ -300,6 +301,8 @@ class Store(RepairHooks):
         counters["put_bytes"] += size
         if self.observer is not None:
             self.observer.stored(e)
+        if arena_keys:
+            dram.keep_key_in_arena(e, off, sc, key)
         if self.nvme is not None:  # maybe_evict has nothing to do without NVMe: no call
             self.maybe_evict()
         return True
@@ -388,6 +391,12 @@ class Store(RepairHooks):
             raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
         if e.offset < 0:
             raise NotResident(e)  # the get is counted when the loaded entry is acquired
+        if not e.key_in_ram and self.arena.read_key(e.offset) != key:
+            # found by fingerprint, and its key record holds another key: not this object
+            # (or the record was rewritten by a local client: the object misses)
+            self.counters["gets"] += 1
+            self.counters["misses"] += 1
+            raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
         self.counters["gets"] += 1
         self.counters["hits"] += 1
         self.counters["get_bytes"] += e.size
@@ -419,6 +428,31 @@ class Store(RepairHooks):
         must hold ``key`` (a keyless entry was found by fingerprint) and its payload its
         checksum; else NotFound."""
         await self.tiering.load(e, key)
+
+    def _key_of(self, e: Entry) -> bytes | None:
+        """The index's key loader: the key of a keyless entry, from its DRAM slot's key
+        record, else from its NVMe record's header; None when neither has it. The index
+        checks what this returns against the record's length and fingerprint; here a key
+        record is checked only when an NVMe copy could answer instead (a client may have
+        rewritten it: the header is then asked)."""
+        off = e.offset
+        if off >= 0:
+            k = self.arena.read_key(off)
+            if k is not None and (e.nvme is None or self.index.get(e.ns, k) is e):
+                return k
+        return self._nvme_key(e)
+
+    def _key_in_dram(self, e: Entry) -> bytes | None:
+        """``e``'s key without I/O: in RAM, or in its DRAM slot's key record if that still
+        names it (the lookup by it finds ``e``: its length and fingerprint); else None."""
+        if e.key_in_ram:
+            return e.key
+        off = e.offset
+        if off >= 0:
+            k = self.arena.read_key(off)
+            if k is not None and self.index.get(e.ns, k) is e:
+                return k
+        return None
 
     def _nvme_key(self, e: Entry) -> bytes | None:
         """The key of a keyless (NVMe-only) entry, read from its record's header; None
@@ -636,8 +670,8 @@ class Store(RepairHooks):
         for e, k in zip(entries, keys):
             if e.state == DEAD:  # deleted or replaced during an await
                 continue
-            if k is None and e.key_in_ram:  # promoted during the await: its key is back
-                k = e.key
+            if k is None:  # promoted during the await: its key is in DRAM now
+                k = self._key_in_dram(e)
             if k is None:
                 bad += 1
                 self._unlink(e, tombstone=True)
@@ -673,8 +707,9 @@ class Store(RepairHooks):
                     out.append((e.ns, k))
             await asyncio.sleep(0)
         if unreadable:
-            log.warning("%d NVMe-only objects left out of a key listing: their keys are no "
-                        "longer readable", unreadable)
+            log.warning("%d objects left out of a key listing: their keys are no longer "
+                        "readable (NVMe headers, or arena key records, that do not verify)",
+                        unreadable)
         return out
 
     async def sample_keys(self, ns: bytes | None, limit: int) -> list[tuple[Entry, bytes]]:
@@ -704,13 +739,14 @@ class Store(RepairHooks):
             yield chunk
 
     async def _keys_of(self, entries: list[Entry]) -> list[bytes | None]:
-        """The key of each of ``entries``: from RAM, else (keyless) from NVMe in one bulk
-        ``keys_at``; None where it cannot be read."""
+        """The key of each of ``entries``: from RAM or its DRAM slot's key record, else
+        (NVMe-only, keyless) from NVMe in one bulk ``keys_at``; None where it cannot be read."""
         out: list[bytes | None] = [None] * len(entries)
         keyless = []
         for i, e in enumerate(entries):
-            if e.key_in_ram:
-                out[i] = e.key
+            k = e.key if e.key_in_ram else self._key_in_dram(e)
+            if k is not None:
+                out[i] = k
             elif e.nvme is not None:
                 keyless.append(i)
         if keyless and self.nvme is not None:
@@ -719,8 +755,8 @@ class Store(RepairHooks):
                 e = entries[i]
                 if g is not None and g[0] == e.ns:
                     out[i] = g[1]
-                elif e.key_in_ram:  # promoted meanwhile
-                    out[i] = e.key
+                else:  # promoted meanwhile?
+                    out[i] = self._key_in_dram(e)
         return out
 
     def sample(self, ns: bytes | None, limit: int) -> list[Entry]:
@@ -755,8 +791,9 @@ class Store(RepairHooks):
             except LookupError:
                 unreadable += 1
         if unreadable:
-            log.warning("%d NVMe-only objects left out of a key listing: their record headers "
-                        "no longer verify", unreadable)
+            log.warning("%d objects left out of a key listing: their keys are no longer "
+                        "readable (NVMe headers, or arena key records, that do not verify)",
+                        unreadable)
         return out
 
     def peek(self, ns: bytes, key: bytes) -> Entry | None:

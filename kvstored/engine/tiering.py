@@ -60,8 +60,9 @@ class Tiering:
         # (its header holds the other key) must not become the other's
         self._loading: dict[tuple[int, bytes], asyncio.Future] = {}
         self._tasks: set[asyncio.Task] = set()  # writers and tombstone writes in flight
-        # demotions waiting for a writer: (entry, seq), in eviction order
-        self._queue: collections.deque[tuple[Entry, int]] = collections.deque()
+        # demotions waiting for a writer: (entry, seq, key), in eviction order (the key read
+        # once, when it was queued: a keyless entry's key record may be rewritten meanwhile)
+        self._queue: collections.deque[tuple[Entry, int, bytes]] = collections.deque()
         self._queued_bytes = 0
         self._writers: set[asyncio.Task] = set()  # the demotion writers running (also in _tasks)
         self._batch_bufs: list[_BatchBuffer] = []  # idle writers' buffers, kept for the next
@@ -93,20 +94,25 @@ class Tiering:
             return True
         # (admit's answer without the call when it admits everything: the common case)
         if (nvme.admission == "all" and not nvme.budget) or nvme.admit(size, e.reads):
-            self._start_demotion(e, size)
+            try:
+                key = e.key  # keyless: its arena key record's (Store._key_of)
+            except LookupError:  # ... rewritten by a local client: no record can name it
+                self._unlink(e, evicted=True)
+                return True
+            self._start_demotion(e, size, key)
             return False
         self._unlink(e, evicted=True)
         return True
 
-    def _start_demotion(self, e: Entry, size: int) -> None:
+    def _start_demotion(self, e: Entry, size: int, key: bytes) -> None:
         e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
         self.dram.demoting_bytes += size
         nvme = self.nvme
         seq = nvme.seq  # (next_seq, inlined)
         nvme.seq = seq + 1
         # taken now, in line with deletes: from here its tombstones are carried until it lands
-        nvme.writing_begins(e.ns, e.key, seq)
-        self._queue.append((e, seq))
+        nvme.writing_begins(e.ns, key, seq)
+        self._queue.append((e, seq, key))
         self._queued_bytes += size
         n = len(self._writers)
         if n < DEMOTION_WRITERS and (n == 0 or len(self._queue) > n * DEMOTION_BATCH_RECORDS
@@ -151,7 +157,7 @@ class Tiering:
                         break
                     self._queued_bytes -= esize
                     if e.state == DEAD:  # deleted or overwritten while queued: not written
-                        self._demoted(e, item[1], None)
+                        self._demoted(e, item[1], None, e.ns, item[2])
                         continue
                     batch.append(item)
                     size += esize
@@ -164,11 +170,11 @@ class Tiering:
             self._batch_bufs.append(buf)
 
     def _batch_records(self, batch: list, buf: "_BatchBuffer") -> list:
-        """``append_batch``'s records of ``batch`` (``(entry, seq)`` each): payloads are the
-        arena slots, or ``buf``'s pages for sub-page slots (not page aligned: O_DIRECT)."""
+        """``append_batch``'s records of ``batch`` (``(entry, seq, key)`` each): payloads are
+        the arena slots, or ``buf``'s pages for sub-page slots (not page aligned: O_DIRECT)."""
         view = self.dram.arena.view
         recs = []
-        for j, (e, seq) in enumerate(batch):
+        for j, (e, seq, key) in enumerate(batch):
             off, size, slot = e.offset, e.size, e.sc.slot_size
             if slot >= SLOT_ALIGN:
                 payload = view[off:off + (size + BLOCK - 1) // BLOCK * BLOCK]
@@ -177,7 +183,7 @@ class Tiering:
                 payload[:size] = view[off:off + size]
                 payload[size:] = _ZERO_PAGE[size:]  # a reused page: no other object's bytes
                 slot = SLOT_ALIGN  # NVMe records stay 4 KiB aligned
-            recs.append((e.ns, e.key, payload, size, e.checksum, slot, e.committed_at, seq))
+            recs.append((e.ns, key, payload, size, e.checksum, slot, e.committed_at, seq))
         return recs
 
     async def _write_batch(self, batch: list, buf: "_BatchBuffer") -> None:
@@ -186,7 +192,7 @@ class Tiering:
 
         def landed(i: int, loc) -> None:  # as each run of records lands (or fails)
             done[i] = True
-            e, seq = batch[i]
+            e, seq, _key = batch[i]
             rec = recs[i]
             self._demoted(e, seq, loc, rec[0], rec[1])  # (the key bytes read once)
 
@@ -196,9 +202,9 @@ class Tiering:
             # every record it wrote, once its write ended (the kernel reads their slots and
             # this batch's headers until then); one it never took is left as a failed write
             err = err if isinstance(err, OSError) else OSError(errno.ECANCELED, "cancelled")
-            for i, (e, seq) in enumerate(batch):
+            for i, (e, seq, key) in enumerate(batch):
                 if not done[i]:
-                    self._demoted(e, seq, err)
+                    self._demoted(e, seq, err, e.ns, key)
             raise
         failed = [x for x in out if isinstance(x, OSError)]
         if failed:
@@ -318,9 +324,10 @@ class Tiering:
                 raise NotFound("object failed its checksum on NVMe and was dropped")
             self.nvme.counters["hits"] += 1
             self.nvme.counters["promotions"] += 1
-            if not e.key_in_ram:  # its header holds ``key``: DRAM gets compare key bytes again
+            if not e.key_in_ram:  # its header holds ``key``: in RAM while it is linked
                 self.index.restore_key(e, key)
             dram.link_loaded(e, off)
+            dram.keep_key_in_arena(e, off, e.sc, key)  # ... then in its slot's key record
             off = None
             fut.set_result(None)
         except BaseException as exc:
@@ -428,8 +435,8 @@ class Tiering:
         view of every object at once costs ~100 B each (~1 GB per 10 M objects).
 
         A first walk counts objects per read count; the counts are cut into ranges of
-        about ``cap`` objects (a read count holding more is split by key hash), each
-        fetched by one walk, so at most about 2 * ``_FLUSH_PASSES`` walks follow (none
+        about ``cap`` objects (a read count holding more is split by slot number: no key
+        read), each fetched by one walk, so at most about 2 * ``_FLUSH_PASSES`` walks follow (none
         past the deadline: an empty chunk then). A last walk takes what is still DRAM-only
         (an object read meanwhile into a range already written)."""
         loop = asyncio.get_running_loop()
@@ -465,7 +472,7 @@ class Tiering:
                 yield sorted((e for e in self.index.iterate()
                               if e.nvme is None and e.offset >= 0 and e.reads >= lo
                               and (hi is None or e.reads < hi)
-                              and (parts == 1 or hash(e.key) % parts == part)),
+                              and (parts == 1 or e.offset // e.sc.slot_size % parts == part)),
                              key=_most_read)
 
     async def _flush_chunk(self, todo: list, deadline: float) -> tuple[int, str]:
@@ -521,22 +528,28 @@ class Tiering:
         buf = self._batch_bufs.pop() if self._batch_bufs else _BatchBuffer()
         items = []
         for e in batch:
+            try:
+                key = e.key  # keyless: its arena key record's
+            except LookupError:  # ... rewritten by a local client: no record can name it
+                log.warning("shutdown flush: an object whose key record in the arena no longer "
+                            "verifies is not written")
+                continue
             e.refs += 1  # its slot is read by the write: not freed meanwhile
             seq = nvme.next_seq()
-            nvme.writing_begins(e.ns, e.key, seq)
-            items.append((e, seq))
+            nvme.writing_begins(e.ns, key, seq)
+            items.append((e, seq, key))
         done = [False] * len(items)
         written, first_err = 0, None
 
         def landed(i: int, loc) -> None:
             nonlocal written, first_err
             done[i] = True
-            e, seq = items[i]
-            nvme.writing_ends(e.ns, e.key, seq)
+            e, seq, key = items[i]
+            nvme.writing_ends(e.ns, key, seq)
             if isinstance(loc, OSError):
                 first_err = first_err or loc
             elif e.state == DEAD:  # deleted meanwhile: its tombstone came later
-                nvme.forget(loc, e.ns, e.key)
+                nvme.forget(loc, e.ns, key)
             else:
                 e.nvme = loc
                 written += 1

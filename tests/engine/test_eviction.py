@@ -436,7 +436,9 @@ def test_small_object_slots_are_packed():
     try:
         for i in range(1000):
             s.put_bytes(NS, b"s%d" % i, bytes([i % 251]) * KiB)
-        assert s.arena.used_bytes == 1000 * KiB
+        # a 1 KiB slot each, and its key record (arena.SizeClass.footprint)
+        assert s.arena.used_bytes == 1000 * s.arena.class_for(KiB).footprint
+        assert s.arena.class_for(KiB).slot_size == KiB
         e = s.acquire(NS, b"s999")
         assert bytes(s.view(e)) == bytes([999 % 251]) * KiB
         s.release(e)

@@ -91,7 +91,7 @@ async def until(cond, what: str, timeout: float = 30.0) -> None:
 
 def in_flight(s):
     """(entries whose batch is being written, entries still queued)."""
-    queued = [e for e, _seq in s.tiering._queue]
+    queued = [e for e, _seq, _key in s.tiering._queue]
     ids = {id(e) for e in queued}
     writing = [e for e in s.index.values()
                if e.nvme is None and e.offset >= 0 and e.refs and id(e) not in ids]

@@ -66,9 +66,10 @@ def read(store: Store, key: bytes, ns: bytes = NS) -> bytes:
 def check_accounting(store: Store) -> None:
     """Internal bookkeeping agrees with the index (used after every scenario)."""
     a = store.arena
-    slots = sum(e.sc.slot_size for e in store.index.values())
-    res_slots = sum(r.sc.slot_size for r in store.reservations)
-    # used bytes = committed slots + reserved slots (+ dead-but-referenced slots, none here)
+    slots = sum(e.sc.footprint for e in store.index.values())
+    res_slots = sum(r.sc.footprint for r in store.reservations)
+    # used bytes = committed slots + reserved slots (+ dead-but-referenced slots, none here),
+    # each with its key record where its class has one (arena.SizeClass.footprint)
     assert a.used_bytes == slots + res_slots
     assert store.objects_bytes == sum(e.size for e in store.index.values())
     assert store.reserved_bytes == sum(r.size for r in store.reservations)
@@ -218,14 +219,14 @@ def test_overwrite_keeps_old_bytes_for_a_reader(store):
     # the reader still sees the old bytes: its slot was not reused
     assert bytes(old_view) == old
     used_with_both = store.arena.used_bytes
-    assert used_with_both == 2 * store.arena.class_for(len(old)).slot_size
+    assert used_with_both == 2 * store.arena.class_for(len(old)).footprint
     # a further overwrite / put does not land on the old slot while referenced
     assert put(store, b"k2", val(12, 300 * KiB))
     assert bytes(old_view) == old
     old_view.release()
     store.release(e)
     # now the old slot is freed
-    assert store.arena.used_bytes == 2 * store.arena.class_for(len(old)).slot_size
+    assert store.arena.used_bytes == 2 * store.arena.class_for(len(old)).footprint
     assert read(store, b"k") == new
     check_accounting(store)
 

@@ -101,7 +101,7 @@ def test_eviction_hands_the_victims_slot_over_and_frees_it_on_failure():
     with pytest.raises(RuntimeError):
         store.put_bytes(NS, b"fails", data[1][::-1])
     store.dram.evict = real
-    assert arena.used_bytes == used - arena.class_for(100_000).slot_size
+    assert arena.used_bytes == used - arena.class_for(100_000).footprint
     assert store.dram._claimed is None and not store.dram._claiming
     assert store.peek(NS, b"fails") is None
     assert store.put_bytes(NS, b"after", data[2][::-1])  # takes the freed slot

@@ -60,7 +60,7 @@ def test_racing_reservations_of_one_key_same_bytes_dedup_at_commit(store):
     for r in (r1, r2):
         r.view[:] = data
     assert store.commit(r1) is True and store.commit(r2) is False
-    slot = store.arena.class_for(len(data)).slot_size
+    slot = store.arena.class_for(len(data)).footprint  # the slot and its key record
     assert store.arena.used_bytes == slot and store.object_count() == 1
     assert store.counters["dedups"] == 1
 
@@ -80,7 +80,7 @@ def test_racing_reservations_of_one_key_different_bytes(store):
     assert store.commit(r3) is True  # overwrite replaces them
     e = store.peek(NS, b"k")
     assert bytes(store.view(e)) == b and e.checksum == checksum(b)
-    slot = store.arena.class_for(len(a)).slot_size
+    slot = store.arena.class_for(len(a)).footprint  # the slot and its key record
     assert store.arena.used_bytes == slot and store.reserved_bytes == 0
 
 
