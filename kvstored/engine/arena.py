@@ -19,6 +19,7 @@ import ctypes
 import logging
 import mmap
 import os
+import struct
 import threading
 import time
 
@@ -118,6 +119,8 @@ class Arena:
         self.slabs = [Slab(i, i * slab_size) for i in range(nslabs)]
         self.free_slabs: list[Slab] = list(reversed(self.slabs))
         self.key_width = key_width  # bytes of a slot's key record (0: no key areas)
+        # a record: its length byte, then the key zero-padded (a write leaves no stale byte)
+        self._key_record = struct.Struct(f"B{key_width - 1}s") if key_width else None
         self.classes = [SizeClass(i, s, slab_size, key_width)
                         for i, s in enumerate(size_classes(slab_size))]
         self._class_sizes = [c.slot_size for c in self.classes]
@@ -217,30 +220,38 @@ class Arena:
         n = len(key)
         if not base or n >= self.key_width:
             return False
-        slab = offset - offset % self.slab_size
-        at = slab + base + (offset - slab) // sc.slot_size * self.key_width
-        m = self.mmap
-        m[at] = n
-        m[at + 1:at + 1 + n] = key
+        rel = offset % self.slab_size
+        self._key_record.pack_into(self.mmap, offset - rel + base + rel // sc.slot_size
+                                   * self.key_width, n, key)
         return True
 
-    def read_key(self, offset: int) -> bytes | None:
-        """The bytes in the key record of the slot at ``offset``, unchecked (a client may
-        have rewritten them: the caller verifies); None where there is no such record."""
-        if not 0 <= offset < self.size:
+    def holds_key(self, offset: int, sc: SizeClass, key: bytes) -> bool:
+        """Whether the key record of the slot at ``offset`` (a live slot of class ``sc``)
+        holds ``key``: a get's check of a keyless entry (``read_key``, for the hot path)."""
+        base = sc.key_base
+        if not base:
+            return False
+        rel = offset % self.slab_size
+        at = offset - rel + base + rel // sc.slot_size * self.key_width
+        m = self.mmap
+        n = len(key)
+        return m[at] == n and m[at + 1:at + 1 + n] == key
+
+    def read_key(self, offset: int, sc: SizeClass) -> bytes | None:
+        """The bytes in the key record of the slot at ``offset`` of class ``sc``, unchecked
+        (a client may have rewritten them: the caller verifies); None where its class has
+        no key area or the length byte is past the record. ``offset`` must have been a
+        slot of ``sc`` (an entry's own offset and class, even after its slab went to
+        another class: the record read is then another object's bytes, which the caller's
+        check refuses, and never outside the arena)."""
+        base = sc.key_base
+        if not base:
             return None
-        slab = self.slabs[offset // self.slab_size]
-        sc = slab.size_class
-        if sc is None or not sc.key_base:
-            return None
-        i = (offset - slab.base) // sc.slot_size
-        if i >= sc.slots_per_slab:
-            return None
-        at = slab.base + sc.key_base + i * self.key_width
-        n = self.mmap[at]
-        if n >= self.key_width:
-            return None
-        return self.mmap[at + 1:at + 1 + n]
+        rel = offset % self.slab_size
+        at = offset - rel + base + rel // sc.slot_size * self.key_width
+        m = self.mmap
+        n = m[at]
+        return m[at + 1:at + 1 + n] if n < self.key_width else None
 
     @property
     def free_bytes(self) -> int:

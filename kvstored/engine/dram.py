@@ -32,7 +32,7 @@ class DramTier:
         # index, which keeps every key in RAM, its key records are left unused
         self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages,
                            key_width=limits.key_area_bytes)
-        self._sheds_keys = index.kind == "packed"
+        self.sheds_keys = index.kind == "packed"
         index.use_slab_size(self.arena.slab_size)  # its slot map is laid out per slab
         if limits.prefault:
             self.arena.prefault_in_background()
@@ -94,7 +94,7 @@ class DramTier:
         key area and the key fits a record; else it stays in RAM. Called once the entry is
         linked and announced: the policy's insert and the observer read the key, which
         they then have without the loader (``Store._key_of``)."""
-        if self._sheds_keys and self.arena.write_key(off, sc, key):
+        if self.sheds_keys and self.arena.write_key(off, sc, key):
             self.index.shed_key(e, dram=True)
 
     def view(self, e: "Entry") -> memoryview:

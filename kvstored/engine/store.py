@@ -301,8 +301,9 @@ class Store(RepairHooks):
         counters["put_bytes"] += size
         if self.observer is not None:
             self.observer.stored(e)
-        if arena_keys:
-            dram.keep_key_in_arena(e, off, sc, key)
+        if arena_keys:  # (DramTier.keep_key_in_arena, inlined: every put)
+            if dram.sheds_keys and self.arena.write_key(off, sc, key):
+                index.shed_key(e, dram=True)
         if self.nvme is not None:  # maybe_evict has nothing to do without NVMe: no call
             self.maybe_evict()
         return True
@@ -389,9 +390,10 @@ class Store(RepairHooks):
                 raise NotVerified(f"key {_show(key)} in namespace {ns.decode(errors='replace')} "
                                   "is held back until this node's repair has verified it: retry shortly")
             raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
-        if e.offset < 0:
+        off = e.offset
+        if off < 0:
             raise NotResident(e)  # the get is counted when the loaded entry is acquired
-        if not e.key_in_ram and self.arena.read_key(e.offset) != key:
+        if not e.key_in_ram and not self.arena.holds_key(off, e.sc, key):
             # found by fingerprint, and its key record holds another key: not this object
             # (or the record was rewritten by a local client: the object misses)
             self.counters["gets"] += 1
@@ -437,7 +439,7 @@ class Store(RepairHooks):
         rewritten it: the header is then asked)."""
         off = e.offset
         if off >= 0:
-            k = self.arena.read_key(off)
+            k = self.arena.read_key(off, e.sc)
             if k is not None and (e.nvme is None or self.index.get(e.ns, k) is e):
                 return k
         return self._nvme_key(e)
@@ -449,7 +451,7 @@ class Store(RepairHooks):
             return e.key
         off = e.offset
         if off >= 0:
-            k = self.arena.read_key(off)
+            k = self.arena.read_key(off, e.sc)
             if k is not None and self.index.get(e.ns, k) is e:
                 return k
         return None
