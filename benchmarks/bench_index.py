@@ -246,6 +246,9 @@ def main() -> None:
     fit = a.resident or a.objects
     slab = default("slab_size")  # the daemon's (64 MiB): the slot map is laid out per slab
     slot = max(256, 1 << (a.size - 1).bit_length())
+    from kvstored.engine.arena import SizeClass
+    # a slot's arena bytes with its key record (dram.key_area_bytes: fewer slots per slab)
+    slot = SizeClass(0, slot, slab, default("key_area_bytes")).footprint
     dram = (fit * slot // slab + (2 if fit == a.objects else 0)) * slab  # memfd: pages written count
     if dram < slab:
         ap.error(f"--resident {fit} x {slot} B is less than one slab of {slab} B")
