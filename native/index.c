@@ -103,7 +103,7 @@ _Static_assert(sizeof(Rec) == 51, "a record is 51 bytes");
 /* Eviction stamps keep the clock's low 28 bits. An age (clock - stamp) counts at most
    AGE_CAP ticks (the Python Policy caps it the same: eviction.STAMP_AGE_CAP), so a sweep
    (clock_advance) sets a linked record's stamp older than that to clock - AGE_CAP, and
-   visits every record once per 2**26 ticks: no live stamp is 2**28 old, so its full
+   visits every record once per 2**25 ticks: no live stamp is 2**28 old, so its full
    value is the clock minus (clock - stamp) mod 2**28. */
 #define STAMP_BITS 28
 #define STAMP_MASK ((1ULL << STAMP_BITS) - 1)
@@ -140,6 +140,7 @@ typedef struct {
     SMap aside;             /* rec -> packed NVMe location of a keyless record in its DRAM form, F_ASIDE */
     uint64_t clock;         /* the eviction clock (the Lru's ticks; Entry.stamp writes raise it) */
     uint32_t sweep;         /* clock_advance's next record */
+    uint64_t sweep_acc;     /* its fraction of a record to visit */
     Space *spaces;
     uint32_t nspaces, capspaces;
     uint32_t *freespaces;
@@ -441,17 +442,23 @@ static inline uint64_t stamp_eff(const Table *t, uint64_t s) {
     return t->clock > AGE_CAP && f < t->clock - AGE_CAP ? t->clock - AGE_CAP : f;
 }
 
-/* The clock moves to ``to``: the sweep visits the next records, (clock advance) x
-   (records / 2**SWEEP_SHIFT + 1) of them, and sets the stamp of a linked one older than
-   AGE_CAP at ``to`` to to - AGE_CAP. So every record is visited once per 2**SWEEP_SHIFT
-   ticks and no stamp gets older than AGE_CAP + 2**SWEEP_SHIFT < 2**28 (stamp_full stays
-   exact). A tick visits one or two records in order (their chunks lie in about the same
-   order); a jump of the clock (a test, Entry.stamp) sweeps them all. */
+/* The clock moves to ``to``: the sweep visits the next records in array order, (records
+   + 1) per 2**(SWEEP_SHIFT - 1) ticks (an accumulator carries the fraction), and sets the
+   stamp of a linked one older than AGE_CAP at ``to`` to to - AGE_CAP. So every record is
+   visited once per 2**(SWEEP_SHIFT - 1) ticks and no stamp gets older than AGE_CAP +
+   2**(SWEEP_SHIFT - 1) < 2**28 (stamp_full stays exact). At 1 M records that is one
+   record every 32 ticks; a jump of the clock past 2**(SWEEP_SHIFT - 1) (a test,
+   Entry.stamp) sweeps them all. */
 static void clock_advance(Table *t, uint64_t to) {
     uint64_t old = t->clock;
     if (to <= old) return;
-    uint64_t nrecs = t->nrecs, step = (nrecs >> SWEEP_SHIFT) + 1, n = nrecs;
-    if ((to - old) < nrecs / step + 1) n = (to - old) * step;
+    uint64_t nrecs = t->nrecs, n = nrecs, d = to - old;
+    if (d < (1ULL << (SWEEP_SHIFT - 1))) {
+        t->sweep_acc += d * (nrecs + 1);  /* < 2**25 x 2**32: no overflow */
+        n = t->sweep_acc >> (SWEEP_SHIFT - 1);
+        t->sweep_acc &= (1ULL << (SWEEP_SHIFT - 1)) - 1;
+        if (n > nrecs) n = nrecs;
+    }
     for (; n; n--) {
         if (t->sweep >= t->nrecs) t->sweep = 0;
         Rec *r = &t->recs[t->sweep++];

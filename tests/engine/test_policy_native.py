@@ -338,23 +338,26 @@ def set_clock(p, clock: int) -> None:
 
 
 def _policy_ops(kind: str, seed: int, clock0: int = 0, jump_every: int = 0,
-                keyless: bool = False) -> list:
+                keyless: bool = False, jump: int = 0, index: str = "packed") -> list:
     """Random policy calls on a packed index's entries, without a Store: inserts (some
     after a lookup named their parent or tail), promotions (insert_loaded), touches,
     chains in parts, victims by an arbitrary test, evictions and plain removals, over
     three size classes. Returns every answer and the final lists. ``clock0``: the clock
     starts there; ``jump_every``: every so many steps it jumps past STAMP_AGE_CAP (every
-    entry's age then counts as the cap); ``keyless``: half the entries shed their key
+    entry's age then counts as the cap), or by ``jump`` ticks (the sweep's gradual path:
+    ages pass the cap over several jumps); ``index``: ``dict`` for the Python policy
+    over exact stamps (the dict index's entries); ``keyless``: half the entries shed their key
     while in DRAM (``shed_key(e, dram=True)``: the loader gives it back)."""
     from kvstored.engine.arena import SizeClass
+    from kvstored.engine.entries import Index as DictIndex
     from kvstored.engine.eviction import STAMP_AGE_CAP
     from kvstored.engine.packedindex import PackedIndex
 
     rnd = random.Random(seed)
     classes = [SizeClass(i, 1024 << i, 1 << 20) for i in range(3)]
-    ix = PackedIndex(1 << 20)
-    keys_of: dict = {}  # record -> key, for the loader
-    ix.set_key_loader(lambda e: keys_of[e.record])
+    ix = (PackedIndex if index == "packed" else DictIndex)(1 << 20)
+    keys_of: dict = {}  # id(entry) -> key, for the loader (the entries stay held in live)
+    ix.set_key_loader(lambda e: keys_of[id(e)])
     p = NativePolicy(3, ix, ghost_min=8) if kind == "native" else Policy(3, ghost_min=8)
     if clock0:
         set_clock(p, clock0)
@@ -363,7 +366,7 @@ def _policy_ops(kind: str, seed: int, clock0: int = 0, jump_every: int = 0,
     nxt = 0
     for step in range(4000):
         if jump_every and step % jump_every == jump_every - 1:
-            set_clock(p, p.clock + STAMP_AGE_CAP + rnd.randrange(1 << 20))
+            set_clock(p, p.clock + (jump or STAMP_AGE_CAP + rnd.randrange(1 << 20)))
         op = rnd.random()
         if op < 0.35 or not live:
             if rnd.random() < 0.3 and live:  # a lookup that named its missing tail
@@ -378,8 +381,8 @@ def _policy_ops(kind: str, seed: int, clock0: int = 0, jump_every: int = 0,
             ix.insert(e)
             (p.insert_loaded if rnd.random() < 0.1 else p.insert)(e)
             if keyless and rnd.random() < 0.5:
-                keys_of[e.record] = key
-                ix.shed_key(e, dram=True)
+                keys_of[id(e)] = key
+                ix.shed_key(e, dram=True)  # (the dict index: a no-op)
             live[key] = e
         elif op < 0.55:
             p.touch(live[rnd.choice(sorted(live))])
@@ -417,17 +420,18 @@ def test_random_policy_calls_answer_the_same(seed):
     assert a == b
 
 
-@pytest.mark.parametrize("clock0, jump_every, keyless", [
-    ((1 << 28) - 1500, 0, False),  # the 28 bits a record keeps wrap during the run
-    ((1 << 29) - 700, 700, True),  # and ages pass the cap again and again; keyless entries
+@pytest.mark.parametrize("clock0, jump_every, keyless, jump", [
+    ((1 << 28) - 1500, 0, False, 0),  # the 28 bits a record keeps wrap during the run
+    ((1 << 29) - 700, 700, True, 0),  # and ages pass the cap again and again; keyless entries
+    ((1 << 28) - 300, 40, True, (1 << 25) - 1),  # in steps the sweep follows record by record
 ])
-def test_the_clock_across_the_stamps_wrap_and_past_the_age_cap(clock0, jump_every, keyless):
+def test_the_clock_across_the_stamps_wrap_and_past_the_age_cap(clock0, jump_every, keyless, jump):
     """The packed record keeps a stamp's low 28 bits (issue 13: a 51-byte record) and
     counts an age past STAMP_AGE_CAP as the cap, as Policy does with exact stamps: the
     two decide the same across the wrap and after jumps past the cap, with DRAM-resident
     entries whose key was shed among them."""
-    a = _policy_ops("python", 3, clock0, jump_every, keyless)
-    b = _policy_ops("native", 3, clock0, jump_every, keyless)
+    a = _policy_ops("python", 3, clock0, jump_every, keyless, jump, index="dict")  # exact stamps
+    b = _policy_ops("native", 3, clock0, jump_every, keyless, jump)
     assert a[-1][1] > clock0 + 1500 and a[-1][1] >> 28 > clock0 >> 28  # it wrapped
     assert sum(1 for x in a if isinstance(x, tuple) and len(x) == 2 and x[1] is not None) > 100
     assert a == b
@@ -466,6 +470,38 @@ def test_stamps_read_back_whole_across_the_wrap_and_clamp_past_the_cap():
     assert v is es[1]  # the probation tail (ages tie at the cap: probation goes first)
     # Entry.stamp: a value past the clock moves it; one older than the cap is kept at it
     es[2].stamp = p.clock + 10
-    assert p.clock == es[2].stamp and es[3].stamp == p.clock - STAMP_AGE_CAP  # swept again
+    assert p.clock == es[2].stamp and es[3].stamp <= p.clock - STAMP_AGE_CAP  # counts as the cap
     es[3].stamp = 1
     assert es[3].stamp == p.clock - STAMP_AGE_CAP
+
+
+def _aged_pair(kind: str):
+    """Probation's tail ``a`` aged 2**28 + 10 ticks in steps the gradual sweep follows
+    (each under 2**25), protected's tail ``b`` 2**24: the victim. Exact stamps (Python,
+    dict index) count a's age as the cap, so a goes; a record without the sweep would
+    read a's 28 bits as 10 ticks old and pick b."""
+    from kvstored.engine.arena import SizeClass
+    from kvstored.engine.entries import Index as DictIndex
+    from kvstored.engine.packedindex import PackedIndex
+
+    sc0 = SizeClass(0, 1024, 1 << 20)
+    ix = PackedIndex(1 << 20) if kind == "native" else DictIndex(1 << 20)
+    p = NativePolicy(1, ix) if kind == "native" else Policy(1)
+    a, b = (ix.Entry(NS, k, off, 100, 0, sc0) for k, off in ((b"a", 0), (b"b", 1024)))
+    for e in (a, b):
+        ix.insert(e)
+        p.insert(e)
+    p.touch(b)
+    born = a.stamp
+    step = (1 << 25) - 1
+    while p.clock + step < born + (1 << 28) - (1 << 24):
+        set_clock(p, p.clock + step)
+    set_clock(p, born + (1 << 28) - (1 << 24))
+    p.touch(b)
+    set_clock(p, born + (1 << 28) + 10)
+    assert (a.seg, b.seg) == (PROBATION, PROTECTED)
+    return p.victim(0, lambda e: True).key
+
+
+def test_the_sweep_keeps_a_stamp_older_than_its_28_bits_counted_at_the_cap():
+    assert _aged_pair("python") == _aged_pair("native") == b"a"
