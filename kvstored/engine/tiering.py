@@ -371,11 +371,13 @@ class Tiering:
         """``region`` is reclaimed: entries whose NVMe copy was one of ``rows`` lose it, and
         leave the index when it was their only copy."""
         for e, key in self._entries_of(region, rows):  # (each row looked up after the last unlink)
-            if not e.key_in_ram:  # the row has it: no header read for the KV event
-                self.index.restore_key(e, key)
-            e.nvme = None
             if e.offset < 0:
+                if not e.key_in_ram:  # the row has it: no header read for the KV event
+                    self.index.restore_key(e, key)
+                e.nvme = None
                 self._unlink(e)
+            else:  # it keeps its key where it is: RAM, or its DRAM slot's key record
+                e.nvme = None
 
     def _entries_of(self, region, rows):
         """(entry, key) of the index entries whose ``nvme`` Location is the very record of a row of

@@ -431,3 +431,41 @@ def test_racing_puts_of_one_key_and_a_walk_during_puts_and_evictions(index_kind)
         finally:
             s.close()
     asyncio.run(run())
+
+
+def test_a_reclaimed_region_leaves_resident_objects_keys_where_they_are(tmp_path, index_kind):
+    """Objects with a DRAM copy and an NVMe copy, pinned in DRAM, whose region the tier
+    reclaims: they lose the NVMe copy only; their keys stay out of RAM (in their slots'
+    records) and read back right."""
+    async def run():
+        s = make_store(dram=40 * MiB, nvme_path=tmp_path / "t.dat")
+        try:
+            hot = [key(i) for i in range(4200)]  # more than a region of 4 KiB records
+            for i, k in enumerate(hot):
+                s.put_bytes(NS, k, val(i))
+            await s.flush_to_nvme(10)  # each gets an NVMe copy and keeps its DRAM one
+            assert all(s.index.get(NS, k).nvme is not None for k in hot)
+            assert s.pin(NS, hot, 600) == len(hot)  # never evicted from DRAM meanwhile
+            for i in range(5000, 5100):  # 1 MiB objects through 4 x 16 MiB regions
+                res = await s.reserve_wait(NS, key(i), MiB, checksum(val(i, MiB)))
+                res.view[:] = val(i, MiB)
+                s.commit(res)
+                await asyncio.sleep(0)
+                if s.index.get(NS, hot[0]).nvme is None:
+                    break
+            await s.drain_tasks(10)
+            assert s.nvme.counters["regions_reclaimed"] >= 1
+            packed = index_kind == "packed"
+            gone = 0
+            for i, k in enumerate(hot):
+                e = s.index.get(NS, k)
+                gone += e.nvme is None
+                assert e.offset >= 0
+                assert e.key_in_ram != packed and e.key == k
+                assert read(s, k) == val(i)
+            assert gone >= 1000  # (a region's worth lost their NVMe copy)
+            assert set(hot) <= {k for _, k in s.keys()}
+        finally:
+            await s.drain_tasks(10)
+            s.close()
+    asyncio.run(run())
