@@ -24,6 +24,7 @@ from fakes import Head as H
 MiB = 1 << 20
 NS = b"ec"
 ME = "me"
+HEAD = FRAG_HEADER.size
 
 
 @pytest.fixture
@@ -44,6 +45,49 @@ def test_put_many_stores_joined_and_gathered_records_byte_identical(local):
                           False) == [True, True, True]
     assert stored(local, b"a") == a
     assert stored(local, b"g") == stored(local, b"v") == h + p
+
+
+def test_read_heads_gives_first_bytes_of_verified_held_and_short_records():
+    """read_heads: the first n bytes of each record (all of a shorter one), None for an
+    absent key; a record held back until checked (hold_all) is read too. More keys than
+    one slice of the loop (HEAD_SLICE)."""
+    import asyncio
+    from kvstored.cluster.repair.local import HEAD_SLICE
+    with store_on_loop(StoreLimits(dram_size=4 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
+                                   hugepages=False, prefault=False)) as (store, loop, ls):
+        recs = {b"k%d" % i: os.urandom(10 if i == 7 else 100 + i) for i in range(2 * HEAD_SLICE + 3)}
+        assert ls.put_many(NS, list(recs.items()), False) == [True] * len(recs)
+        keys = [(NS, k) for k in recs] + [(NS, b"absent"), (b"other", b"k1")]
+        want = [v[:64] for v in recs.values()] + [None, None]
+        assert ls.read_heads(keys, 64) == want
+        assert recs[b"k7"] == want[7]  # shorter than n: all of it
+
+        async def hold():
+            return store.hold_all()
+        assert asyncio.run_coroutine_threadsafe(hold(), loop).result(5) == len(recs)
+        assert store.peek(NS, b"k0").unverified
+        assert ls.read_heads(keys, 64) == want
+
+
+def test_read_many_in_place_keeps_the_sources_slots_until_released():
+    """Rebuild sources read with ``held``: read-only views of their DRAM slots, each slot's
+    read reference kept until release(held) (queued onto the loop); a hop of a Held that
+    was released already (a hop that timed out) keeps nothing and gives copies."""
+    from kvstored.cluster.repair.local import Held
+    with store_on_loop(StoreLimits(dram_size=4 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
+                                   hugepages=False, prefault=False)) as (store, _l, ls):
+        v, w = os.urandom(5000), os.urandom(3000)
+        assert ls.put_many(NS, [(b"s", v), (b"w", w)], False) == [True, True]
+        held = Held()
+        (head, payload), whole, none = ls.read_many([(NS, b"s"), (NS, b"w"), (NS, b"absent")], 1, held=held)
+        assert (head, bytes(payload), whole, none) == (v[:HEAD], v[HEAD:], w, None)
+        assert type(payload) is memoryview and payload.readonly and type(whole) is bytes
+        assert store.peek(NS, b"s").refs == 1 and store.peek(NS, b"w").refs == 0
+        ls.release(held)
+        ls.read_heads([(NS, b"s")], 8)  # a later hop: the release queued before it has run
+        assert store.peek(NS, b"s").refs == 0 and held.closed and not held.entries
+        (head, payload), = ls.read_many([(NS, b"s")], 1, held=held)  # closed: copies, nothing kept
+        assert type(payload) is bytes and bytes(payload) == v[HEAD:] and store.peek(NS, b"s").refs == 0
 
 
 def test_put_many_identical_conflicting_and_overwritten(local):

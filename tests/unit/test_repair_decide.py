@@ -427,18 +427,30 @@ def test_status_reports_rate_and_eta_of_the_pass_in_progress():
 
 # ------------------------------------------------------------------ bulk execution (fakes, no sockets)
 class FakeStore:
-    """LocalStore's calls over a dict {(ns, key): bytes}."""
+    """LocalStore's calls over a dict {(ns, key): bytes}; ``refs``: read references
+    read_many keeps (payloads given as views, with ``held``) and release gives back."""
 
     def __init__(self, data):
         self.data = dict(data)
         self.hops = 0
+        self.refs = 0
 
-    def read_many(self, items, split=0):
+    def read_many(self, items, split=0, held=None):
         self.hops += 1
         got = [self.data.get(k) for k in items]
         n = FRAG_HEADER.size  # the first ``split`` as (header, payload), as LocalStore does
-        return [(bytes(b[:n]), bytes(b[n:])) if i < split and b is not None else b
-                for i, b in enumerate(got)]
+        if held is not None:
+            held.asked = True
+            kept = [k for i, (k, b) in enumerate(zip(items, got)) if i < split and b is not None]
+            held.entries += kept
+            self.refs += len(kept)
+        return [(bytes(b[:n]), memoryview(b)[n:] if held is not None else bytes(b[n:]))
+                if i < split and b is not None else b for i, b in enumerate(got)]
+
+    def release(self, held):
+        held.closed = True
+        self.refs -= len(held.entries)
+        held.entries = []
 
     def settle(self, verify, drop):
         self.hops += 1
@@ -512,6 +524,37 @@ def test_executor_rebuilds_many_objects_with_one_read_and_one_write_call_per_pee
     assert sorted(c for c in peers.calls if c[0] == "get") == [("get", "a", 10), ("get", "b", 10)]
     assert [c for c in peers.calls if c[0] == "put"] == [("put", "c", 10)]
     assert counts["records_written"] == 10 and store.hops == 1  # one local read for all
+    assert store.refs == 0  # the local sources' slots, read in place, were given back
+
+
+@pytest.mark.parametrize("pipelined", [False, True])
+def test_local_sources_read_in_place_are_given_back_when_the_write_fails(monkeypatch, pipelined):
+    """This node's rebuild sources are views of its slots, their read references kept
+    until the chunk is written: a write that raises (or a chunk never written) gives
+    them back all the same."""
+    pytest.importorskip("pyeclib")
+    from kvstore.layout import encode_records
+    from kvstored.cluster.repair import execute
+    monkeypatch.setattr(execute, "PIPELINED", pipelined)
+    p = Policy.parse("ec:2+2")
+    recs = encode_records(p, os.urandom(300_000), 1)
+    names = [ME, "a", "b", "c"]
+    o = ec_obj(names, {0: recs[0][:FRAG_HEADER.size]}, k=2, m=2)
+    heads = {("a", 0): H(True, head=recs[1][:FRAG_HEADER.size]),
+             ("b", 0): H(True, head=recs[2][:FRAG_HEADER.size]), ("c", 0): H(False)}
+    peers = FakePeers({"a": {(b"ns", o.base): recs[1]}, "b": {(b"ns", o.base): recs[2]}})
+
+    def broken(member, ns, items, overwrite, committed=None):
+        raise RuntimeError("write failed")
+    peers.put_many = broken
+    store = FakeStore({(b"ns", o.base): recs[0]})
+    ex, _ = executor(store, peers)
+    try:
+        with pytest.raises(RuntimeError, match="write failed"):
+            ex.start([o], {id(o): heads}, peers_for_exec()).result(30)
+    finally:
+        ex.close()
+    assert store.hops == 1 and store.refs == 0
 
 
 def test_executor_pipelined_writes_chunks_on_the_writer_thread(monkeypatch):
@@ -546,12 +589,13 @@ def test_executor_pipelined_writes_chunks_on_the_writer_thread(monkeypatch):
         writers.add(threading.current_thread().name)
         return put(member, ns, items, overwrite)
     peers.put_many = put_many
-    ex, counts = executor(FakeStore(local), peers)
+    store = FakeStore(local)
+    ex, counts = executor(store, peers)
     try:
         assert ex.start(objs, heads, peers_for_exec()).result(30) == [True] * 10
     finally:
         ex.close()
-    assert peers.data["c"] == want and counts["records_written"] == 10
+    assert peers.data["c"] == want and counts["records_written"] == 10 and store.refs == 0
     assert len([c for c in peers.calls if c[0] == "put"]) == 10  # one per chunk
     assert writers and all(n.startswith("kvstored-repair-write") for n in writers)
 

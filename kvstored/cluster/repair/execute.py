@@ -34,6 +34,7 @@ from kvstored.engine.fence import MAX_WRITE_AGE_S
 from . import pause
 from . import rebuild as rb
 from .pace import Pace
+from .local import Held
 from .decide import (UNRECOVERABLE, Copy, DeleteLocal, Drop, HandOver, Obj, Peers, Pending, Reconstruct,
                      Verify, decide)
 from .peers import FENCED
@@ -258,18 +259,38 @@ class Executor:
                                 "namespace": o.ns.decode(errors="replace"), "key": o.base[:48].hex()})
                 return
 
-    def _submit_write(self, fn) -> None:
+    def _submit_write(self, fn, cleanup=None) -> None:
         """Run ``fn``: now, or with PIPELINED on the writer thread once the chunk in
-        flight is written (so at most one chunk waits while another is written)."""
+        flight is written (so at most one chunk waits while another is written); then
+        ``cleanup()``, once, whatever happened (also when ``fn`` never runs)."""
+        def run():
+            try:
+                fn()
+            finally:
+                if cleanup is not None:
+                    cleanup()
         prev, self._inflight = self._inflight, None
-        if prev is not None:
-            prev.result()  # a failed write ends the pass like any error (and is forgotten)
+        try:
+            if prev is not None:
+                prev.result()  # a failed write ends the pass like any error (and is forgotten)
+            if PIPELINED and self._writer is None:
+                self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstored-repair-write")
+        except BaseException:
+            if cleanup is not None:
+                cleanup()
+            raise
         if not PIPELINED:
-            fn()
+            run()
             return
-        if self._writer is None:
-            self._writer = ThreadPoolExecutor(1, thread_name_prefix="kvstored-repair-write")
-        self._inflight = self._writer.submit(fn)
+        try:
+            fut = self._writer.submit(run)
+        except BaseException:  # the writer was shut down (the agent stops)
+            if cleanup is not None:
+                cleanup()
+            raise
+        if cleanup is not None:  # cancelled by close(): run() never runs
+            fut.add_done_callback(lambda f: cleanup() if f.cancelled() else None)
+        self._inflight = fut
 
     def _settle(self, objs: list[Obj], plans: list, ok: list) -> None:
         """Verify / Drop actions: one loop hop for the batch."""
@@ -307,6 +328,53 @@ class Executor:
             for a in acts:
                 if isinstance(a, (Copy, HandOver)):
                     local_keys[(o.ns, a.src)] = None
+        # 2.-3. rebuild sources read and records rebuilt. This node's sources are read in
+        # place (views of their DRAM slots), their read references held until the chunk is
+        # written (a re-indexed whole record is written with its source's payload)
+        steps = self.steps
+        held = Held()
+        try:
+            writes, tags = self._build(objs, plans, ok, base, me, heads, local_keys, held)
+        except BaseException:
+            self._release(held)
+            raise
+
+        def finish() -> None:
+            if self.pause is not None:
+                self.pause.before_write([(ns, key) for _m, items in writes.values()
+                                         for ns, _o, key, _d, _t, _at in items])
+            results = steps.timed("write", self._write, writes, me, decided)
+            for tag, r in results.items():
+                tags[tag] += r
+            # 4. deletes: handed-over records once every copy was written
+            deletes = []
+            for i, (o, acts) in enumerate(zip(objs, plans)):
+                for n, a in enumerate(acts):
+                    written = tags.get((i, n), [])
+                    landed = all(r is not None and r is not FENCED for r in written)
+                    if not landed:
+                        ok[base + i] = False
+                    if isinstance(a, DeleteLocal) or (isinstance(a, HandOver) and written and landed):
+                        deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
+                    elif (isinstance(a, HandOver) and any(r is FENCED for r in written)
+                          and _alone(o, heads.get(id(o), {}), me)):
+                        deletes.append((o.ns, a.src))
+                        log.info("repair: dropped a record of an object deleted while it was "
+                                 "handed over", extra={"namespace": o.ns.decode(errors="replace"),
+                                                       "key": a.src[:48].hex()})
+            if deletes:
+                self.count("removed", steps.timed("delete", self.store.delete, deletes))
+        self._submit_write(finish, lambda: self._release(held))
+
+    def _release(self, held: Held) -> None:
+        """Give back the read references of this node's sources read in place (if any)."""
+        if held.asked:
+            self.store.release(held)
+
+    def _build(self, objs: list[Obj], plans: list, ok: list, base: int, me: str, heads: dict,
+               local_keys: dict, held: Held) -> tuple[dict, dict]:
+        """_move's reads and rebuilds: (the records to write per peer, the results of each
+        action's writes, by tag), this node's sources' read references kept in ``held``."""
         # 2. rebuild sources, read local first, then one batch_get per peer
         recs: dict[int, list] = {}  # i -> usable source records
         times: dict[int, list] = {}  # i -> their commit times (this node's clock; None: unknown)
@@ -333,7 +401,7 @@ class Executor:
                 tried[i] += need
             if not wants:
                 break
-            got = steps.timed("read", self._read, wants, me, {})
+            got = steps.timed("read", self._read, wants, me, {}, held)
             self.pace.step()
             c0, w0 = time.thread_time(), time.perf_counter()
             for (i, o, a, _m, _k), buf, at in zip(wants, got, when):
@@ -374,41 +442,20 @@ class Executor:
                         write(member, o.ns, overwrite, lap_key(o.base, lap), built[idx], (i, n), at)
         steps.add("rebuild", time.thread_time() - c0, time.perf_counter() - w0)
         self.pace.step()
+        return writes, tags
 
-        def finish() -> None:
-            if self.pause is not None:
-                self.pause.before_write([(ns, key) for _m, items in writes.values()
-                                         for ns, _o, key, _d, _t, _at in items])
-            results = steps.timed("write", self._write, writes, me, decided)
-            for tag, r in results.items():
-                tags[tag] += r
-            # 4. deletes: handed-over records once every copy was written
-            deletes = []
-            for i, (o, acts) in enumerate(zip(objs, plans)):
-                for n, a in enumerate(acts):
-                    written = tags.get((i, n), [])
-                    landed = all(r is not None and r is not FENCED for r in written)
-                    if not landed:
-                        ok[base + i] = False
-                    if isinstance(a, DeleteLocal) or (isinstance(a, HandOver) and written and landed):
-                        deletes.append((o.ns, a.key if isinstance(a, DeleteLocal) else a.src))
-                    elif (isinstance(a, HandOver) and any(r is FENCED for r in written)
-                          and _alone(o, heads.get(id(o), {}), me)):
-                        deletes.append((o.ns, a.src))
-                        log.info("repair: dropped a record of an object deleted while it was "
-                                 "handed over", extra={"namespace": o.ns.decode(errors="replace"),
-                                                       "key": a.src[:48].hex()})
-            if deletes:
-                self.count("removed", steps.timed("delete", self.store.delete, deletes))
-        self._submit_write(finish)
-
-    def _read(self, wants: list, me: str, local_keys: dict) -> list:
+    def _read(self, wants: list, me: str, local_keys: dict, held: Held | None = None) -> list:
         """The records of ``wants`` ((i, o, a, member, key)) and of ``local_keys`` (filled
-        in place): this node's in one loop hop, each peer's with one batch_get, at once."""
+        in place): this node's in one loop hop, each peer's with one batch_get, at once.
+        With ``held``, this node's rebuild sources are views of its slots, their read
+        references kept in ``held`` (LocalStore.read_many)."""
         local = [(o.ns, key) for _i, o, _a, member, key in wants if member.node_id == me]
         lk = list(local_keys)
         # rebuild sources split into (header, payload): see LocalStore.read_many
-        got_local = self.store.read_many(local + lk, len(local)) if local or lk else []
+        if local and held is not None:
+            got_local = self.store.read_many(local + lk, len(local), held=held)
+        else:
+            got_local = self.store.read_many(local + lk, len(local)) if local or lk else []
         for k, buf in zip(lk, got_local[len(local):]):
             local_keys[k] = buf
         per_peer: dict[str, tuple] = {}

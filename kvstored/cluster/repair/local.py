@@ -23,7 +23,20 @@ from .peers import FENCED
 log = logging.getLogger("kvstored.repair")
 
 HEAD = FRAG_HEADER.size  # an EC record's header
+HEAD_SLICE = 64  # read_heads looks at the loop's slice clock once per this many keys
 CALL_TIMEOUT = 10.0  # one hop onto the event loop (a batch gets this per object, bounded)
+
+
+class Held:
+    """Read references on DRAM slots that LocalStore.read_many kept for repair's views of
+    them, given back together by LocalStore.release (touched on the event loop only)."""
+
+    __slots__ = ("entries", "closed", "asked")
+
+    def __init__(self):
+        self.entries: list = []
+        self.closed = False
+        self.asked = False  # read_many was given it (set on the caller's thread)
 
 
 class LocalStore:
@@ -73,25 +86,42 @@ class LocalStore:
 
     def read_heads(self, items: list[tuple[bytes, bytes]], n: int) -> list[bytes | None]:
         """The first ``n`` bytes of each (ns, key), unverified records included."""
+        s = self._store
+
         async def call():
             out = []
             slices = Slices()  # a batch gives the loop back (kvstored/looplag.py)
-            for ns, key in items:
-                await slices.turn()
+            peek, view = s.peek, s.arena.view
+            for i, (ns, key) in enumerate(items):
+                if not i % HEAD_SLICE:
+                    await slices.turn()
+                # a record in DRAM (the common case) is read here, as Heads reads it, without
+                # a coroutine per key; one on NVMe is loaded by read_head
+                e = peek(ns, key)
+                if e is None or e.offset >= 0:
+                    out.append(None if e is None else bytes(view[e.offset:e.offset + min(n, e.size)]))
+                    continue
                 try:
-                    got = await self._store.read_head(ns, key, n)
+                    got = await s.read_head(ns, key, n)
                 except errors.NotFound:
                     got = None
                 out.append(None if got is None else got[1])
             return out
         return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
 
-    def read_many(self, items: list[tuple[bytes, bytes]], split: int = 0) -> list:
+    def read_many(self, items: list[tuple[bytes, bytes]], split: int = 0,
+                  held: "Held | None" = None) -> list:
         """The bytes of each (ns, key) (None when absent); one loop hop for all. The first
         ``split`` items come as (first HEAD bytes, the rest) pairs, each its own bytes: a
         rebuild source's payload then goes to pyeclib (which takes only bytes) without a
-        second copy."""
+        second copy. With ``held``, their payloads are read-only views of the records'
+        DRAM slots instead (ISA-L and the checks read them in place): each slot's read
+        reference is kept in ``held`` until ``release(held)``, so the slot is neither
+        freed nor reused while repair reads it (the copy out of the arena was ~4 % of a
+        rebuilding node's loop, RESULTS.md session 17)."""
         s = self._store
+        if held is not None:
+            held.asked = True
 
         async def call():
             out = []
@@ -105,11 +135,36 @@ class LocalStore:
                     continue
                 try:
                     v = s.view(e)
-                    out.append((bytes(v[:HEAD]), bytes(v[HEAD:])) if n < split else bytes(v))
+                    if n >= split:
+                        out.append(bytes(v))
+                    elif held is None or held.closed:  # (closed: the caller gave up on this hop)
+                        out.append((bytes(v[:HEAD]), bytes(v[HEAD:])))
+                    else:
+                        out.append((bytes(v[:HEAD]), v[HEAD:].toreadonly()))
+                        held.entries.append(e)
+                        e = None  # released by release(held)
                 finally:
-                    s.release(e)
+                    if e is not None:
+                        s.release(e)
             return out
         return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
+
+    def release(self, held: "Held") -> None:
+        """Give back the read references read_many kept in ``held``; the views it gave
+        of those slots must not be used after this. Queued onto the loop, not waited for:
+        the loop runs it after the hops queued before it, and a hop of ``held`` that
+        timed out and runs later keeps no reference (``held`` is closed by then)."""
+        release = self._store.release
+
+        def give_back():
+            held.closed = True
+            entries, held.entries = held.entries, []
+            for e in entries:
+                release(e)
+        try:
+            self._loop.call_soon_threadsafe(give_back)
+        except RuntimeError:  # the loop is closed: the store is gone with it
+            pass
 
     def put_many(self, ns: bytes, items: list[tuple[bytes, object]], overwrite: bool,
                  committed: list | None = None) -> list[bool | None]:
