@@ -140,48 +140,43 @@ def _first_message(handle: Callable, method: str, timeout: float,
     (ControlStats) counts every call from its start, as gRPC's limit does: one waiting for
     its message holds a place too."""
     async def read_then_handle(request_iterator, context):
-        if calls is None:
-            return await _per_client(context)
-        calls.began()
-        try:
-            return await _per_client(context)
-        finally:
-            calls.ended()
-
-    async def _per_client(context):
+        # one coroutine for every call of the service (Heads: each peer's repair batch):
+        # no nested coroutines, and asyncio.timeout where wait_for made a Task per call
+        if calls is not None:
+            calls.began()
         who = None
-        if per_client is not None:
-            who = per_client.enter(context.peer())
-            if who is None:
-                err = errors.NoSpace(f"{method}: {per_client.limit} calls at once from one "
-                                     "client address at most (server.control_rpcs_per_client)")
+        try:
+            if per_client is not None:
+                who = per_client.enter(context.peer())
+                if who is None:
+                    err = errors.NoSpace(f"{method}: {per_client.limit} calls at once from one "
+                                         "client address at most (server.control_rpcs_per_client)")
+                    if on_error is not None:
+                        on_error(err)
+                    context.set_trailing_metadata((("kvstore-code", str(err.code)),))
+                    await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, err.message)
+            try:
+                async with asyncio.timeout(timeout):
+                    request = await context.read()
+            except TimeoutError:
+                err = errors.Timeout(f"{method}: the request message did not arrive within "
+                                     f"{timeout:g} s of the call (server.control_request_timeout)")
                 if on_error is not None:
                     on_error(err)
                 context.set_trailing_metadata((("kvstore-code", str(err.code)),))
-                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED, err.message)
-        try:
-            return await _read_then_handle(context)
+                await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, err.message)
+            if request is grpc.aio.EOF:  # the client closed its side without the message
+                err = errors.InvalidArgument(f"{method}: the call ended without its request message")
+                if on_error is not None:
+                    on_error(err)
+                context.set_trailing_metadata((("kvstore-code", str(err.code)),))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
+            return await handle(request, context)
         finally:
             if who is not None:
                 per_client.leave(who)
-
-    async def _read_then_handle(context):
-        try:
-            request = await asyncio.wait_for(context.read(), timeout)
-        except asyncio.TimeoutError:
-            err = errors.Timeout(f"{method}: the request message did not arrive within "
-                                 f"{timeout:g} s of the call (server.control_request_timeout)")
-            if on_error is not None:
-                on_error(err)
-            context.set_trailing_metadata((("kvstore-code", str(err.code)),))
-            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, err.message)
-        if request is grpc.aio.EOF:  # the client closed its side without the message
-            err = errors.InvalidArgument(f"{method}: the call ended without its request message")
-            if on_error is not None:
-                on_error(err)
-            context.set_trailing_metadata((("kvstore-code", str(err.code)),))
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, err.message)
-        return await handle(request, context)
+            if calls is not None:
+                calls.ended()
 
     read_then_handle.__name__ = method
     return read_then_handle
