@@ -359,3 +359,42 @@ def test_answers_of_mixed_lengths_stay_framed(daemon, monkeypatch, rbuf):
         big = os.urandom(200 << 10)
         c.put(b"big", big)
         assert c.get(b"big") == big
+
+
+def test_a_client_rewriting_a_key_record_only_makes_that_object_miss(daemon):
+    """The arena also holds DRAM-resident objects' keys (dram.key_area_bytes, default 40:
+    a length byte and the key, after each slab's slots). A shm client maps it read-write
+    and may rewrite a key record: the daemon then refuses that object's key (a get of it
+    misses) and serves every other object as before; nothing crashes."""
+    import importlib.util
+
+    from kvstored.engine.arena import SizeClass
+    from kvstored.settings import default
+
+    if importlib.util.find_spec("kvstored._index") is None or \
+            os.environ.get("KVSTORED_INDEX", "auto") == "dict":
+        pytest.skip("the daemon's index is the dict one: every key stays in RAM")
+    slab = 4 * MiB  # the shared daemon's (daemonutil)
+    with kvstore.Client(daemon.control, namespace="keys") as c:
+        assert c.transport == "shm"
+        keys = [b"%032d" % i for i in range(8)]  # 32-byte keys, 4 KiB objects
+        vals = [os.urandom(4096) for _ in keys]
+        assert c.batch_put(list(zip(keys, vals))) == [True] * len(keys)
+        arena = c._channel_here().arena  # this client's own read-write mapping
+        off = arena.find(vals[3][:64])
+        assert off >= 0 and arena[off:off + 4096] == vals[3]
+        sc = SizeClass(0, 4096, slab, default("key_area_bytes"))
+        assert sc.key_base, "4 KiB slots keep their keys in the arena"
+        base = off - off % slab
+        at = base + sc.key_base + (off - base) // 4096 * default("key_area_bytes")
+        assert arena[at] == 32 and arena[at + 1:at + 33] == keys[3]  # the record, as laid out
+        arena[at + 1:at + 33] = keys[4]  # another stored object's key
+        with pytest.raises(kvstore.NotFound):
+            c.get(keys[3])
+        assert c.get(keys[4]) == vals[4]  # its own bytes, not object 3's
+        assert c.batch_get([k for i, k in enumerate(keys) if i != 3]) == \
+            [v for i, v in enumerate(vals) if i != 3]
+        assert c.exists([keys[3], keys[4]]) == [True, True]  # the index still holds it
+        assert c.delete([keys[3]]) == 1  # found by its key's fingerprint, and removed
+        assert c.exists([keys[3]]) == [False]
+        assert c.put(keys[3], vals[3]) is True and c.get(keys[3]) == vals[3]
