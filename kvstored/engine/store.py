@@ -836,8 +836,8 @@ class Store(RepairHooks):
             try:
                 self.observer.removed(e)
             except LookupError:  # a keyless entry whose key is unreadable: no KV event names it
-                log.warning("removed an NVMe-only object whose key is unreadable: no KV event "
-                            "sent for it")
+                log.warning("removed an object whose key is unreadable (its NVMe header, or its "
+                            "arena key record, no longer verifies): no KV event sent for it")
         e.state = DEAD
         tiering = self.tiering
         if tiering.nvme is not None:  # (removed has nothing to do without NVMe: no call)
