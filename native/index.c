@@ -1091,8 +1091,11 @@ static PyObject *get_seg(Entry *e, void *c) { return PyLong_FromLong(R(e)->seg);
 static int set_seg(Entry *e, PyObject *v, void *c) {
     long long x;
     if (int_arg(v, "seg", -1, 2, &x) < 0) return -1;
+    /* a listed record has a DRAM form (the lists read its links): a keyless one turns to
+       it first, so a MemoryError leaves the segment as it was */
+    if (x >= 0 && !A_w(e)) return -1;
     R(e)->seg = (int8_t)x;
-    A_settle(e);  /* out of the lists: a keyless record's part may go now */
+    A_settle(e);  /* out of the lists: a keyless record's DRAM form may go now */
     return 0;
 }
 

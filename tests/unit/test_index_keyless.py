@@ -651,3 +651,18 @@ def test_side_tables_hold_only_the_rare_states_and_follow_record_reuse():
         ix.insert(e)
     assert {e.record for e in fresh} == recs  # the numbers, reused
     assert all(e.refs == 0 and e.nvme is None and e.key_in_ram and e.stamp == 0 for e in fresh)
+
+
+def test_a_keyless_record_given_a_segment_takes_its_dram_form_and_keeps_its_location():
+    """Entry.seg >= 0 on a keyless NVMe-only record: the lists read its links, so it turns
+    to its DRAM form first (its NVMe location aside); back at -1 with nothing else set,
+    to its NVMe form (before, a keyless record could be listed without the part its links
+    live in)."""
+    ix = PackedIndex()
+    ix.add(b"ns", b"k", -1, 100, CS, SC, 0.0, loc(1), keyless=True)
+    e = ix.get(b"ns", b"k")
+    e.seg = 0
+    assert e.seg == 0 and e.older is None and e.newer is None and e.nvme == loc(1)
+    assert ix.footprint()["nvme_aside"] == 1
+    e.seg = NONE
+    assert e.seg == NONE and e.nvme == loc(1) and ix.footprint()["nvme_aside"] == 0
