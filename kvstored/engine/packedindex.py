@@ -29,7 +29,7 @@ a freed record's number is reused, so the packed one must not point at it).
 
 Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(e)``
 (``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and
-the DRAM part (read count and stamp go to 0; readers and links, if any, stay);
+its chunk (read count and stamp go to 0; readers and links, if any, stay);
 ``add(..., keyless=True)`` indexes such a record at recovery. ``shed_key(e,
 dram=True)`` also takes an entry with a DRAM copy and/or in the eviction lists (its
 key is kept in the arena's key area, beside the copy; it needs a DRAM copy or an NVMe
