@@ -3475,10 +3475,16 @@ static PyObject *Lru_victim(Lru *p, PyObject *const *args, Py_ssize_t n) {
         } else if (prot == NOREC) {
             v = prob;
         } else {
-            /* ages past AGE_CAP count as AGE_CAP (eviction.Policy: the same) */
-            double sp = (double)stamp_eff(p->t, L_aux(p->t, (uint32_t)prot)->stamp);
-            double sb = (double)stamp_eff(p->t, L_aux(p->t, (uint32_t)prob)->stamp);
-            v = sp + p->bonus * (double)(p->resident > 1 ? p->resident : 1) < sb ? prot : prob;
+            /* ages past AGE_CAP count as AGE_CAP, and a protected tail whose age reached the
+               cap goes before a probation tail whose age did not: with a bonus term past the
+               cap (bonus x resident >= 2**27) it would stay for ever, where exact stamps let
+               it age out (eviction.Policy: the same) */
+            uint64_t ep = stamp_eff(p->t, L_aux(p->t, (uint32_t)prot)->stamp);
+            uint64_t eb = stamp_eff(p->t, L_aux(p->t, (uint32_t)prob)->stamp);
+            int aged_out = p->t->clock >= AGE_CAP && ep <= p->t->clock - AGE_CAP &&
+                           eb > p->t->clock - AGE_CAP;
+            v = aged_out || (double)ep + p->bonus * (double)(p->resident > 1 ? p->resident : 1) <
+                            (double)eb ? prot : prob;
         }
     }
     if (v == NOREC) Py_RETURN_NONE;

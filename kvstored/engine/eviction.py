@@ -419,9 +419,15 @@ class Policy:
             return prot
         if prot is None:
             return prob
-        if self._eff(prot.stamp) + self.age_bonus * max(self.resident, 1) < self._eff(prob.stamp):
+        sp, sb = self._eff(prot.stamp), self._eff(prob.stamp)
+        if sp + self.age_bonus * max(self.resident, 1) < sb:
             return prot
-        return prob
+        # a protected tail whose age reached the cap goes before a probation tail whose age
+        # did not: with ages capped, a bonus term past the cap (bonus x resident >= 2**27:
+        # ~16-90 M resident objects) would keep it for ever, where exact stamps let it age
+        # out (as the native policy does)
+        floor = self.clock - STAMP_AGE_CAP
+        return prot if sp <= floor < sb else prob
 
     def count(self, sc_index: int) -> int:
         return self.queues[sc_index].count

@@ -505,3 +505,40 @@ def _aged_pair(kind: str):
 
 def test_the_sweep_keeps_a_stamp_older_than_its_28_bits_counted_at_the_cap():
     assert _aged_pair("python") == _aged_pair("native") == b"a"
+
+
+@pytest.mark.parametrize("kind", ["python", "native"])
+def test_a_protected_tail_past_the_age_cap_ages_out_whatever_the_bonus(kind):
+    """Ages count at most STAMP_AGE_CAP (2**27) ticks. A protected tail goes when it is
+    older than the probation tail by age_bonus x resident; once that term passes the cap
+    (~16 M resident objects at bonus_max 8) no capped age could ever exceed it and a stale
+    protected entry would stay for ever (R1, session 18), where exact stamps let it age
+    out. A protected tail at the cap now goes before a probation tail that is not; with
+    both at the cap the probation tail goes, as with exact stamps of that order."""
+    from kvstored.engine.arena import SizeClass
+    from kvstored.engine.eviction import STAMP_AGE_CAP
+    from kvstored.engine.packedindex import PackedIndex
+
+    sc0 = SizeClass(0, 1024, 1 << 20)
+    ix = PackedIndex(1 << 20)
+    p = (NativePolicy(1, ix, age_bonus=float(1 << 26), bonus_max=float(1 << 27), adapt_rate=0.0)
+         if kind == "native" else
+         Policy(1, age_bonus=float(1 << 26), bonus_max=float(1 << 27), adapt_rate=0.0))
+    stale, fresh, later = (ix.Entry(NS, k, 1024 * i, 100, 0, sc0)
+                           for i, k in enumerate((b"stale", b"fresh", b"later")))
+    for e in (stale, fresh):
+        ix.insert(e)
+    p.insert(stale)
+    p.touch(stale)
+    assert stale.seg == PROTECTED
+    set_clock(p, p.clock + STAMP_AGE_CAP + 1000)  # the stale one: unread past the cap
+    p.insert(fresh)  # resident 2 x bonus 2**26 = 2**27: the term alone reaches the cap
+    assert p.victim(0, lambda e: True) is stale
+    # both tails past the cap: the probation one goes (exact stamps: it is the older)
+    set_clock(p, p.clock + STAMP_AGE_CAP + 1000)
+    assert p.victim(0, lambda e: True) is fresh
+    # below the cap nothing changed: a touched entry stays while the bonus covers it
+    ix.insert(later)
+    p.touch(stale)
+    p.insert(later)
+    assert p.victim(0, lambda e: True) is fresh
