@@ -425,6 +425,34 @@ def test_status_reports_rate_and_eta_of_the_pass_in_progress():
     assert a.status()["eta_seconds"] == 0.0  # nothing left to estimate
 
 
+def test_per_peer_returns_only_once_every_job_ended(monkeypatch):
+    """One peer's job raising ends the call only once the others ended too: their
+    records may be views of this node's DRAM slots, whose read references the caller
+    gives back as soon as this returns (a job still sending would read freed slots)."""
+    import threading
+    from kvstored.cluster.repair import agent
+    from kvstored.cluster.repair.agent import RepairAgent, RepairSettings
+    monkeypatch.setattr(agent, "PARALLEL_PEERS", True)
+    a = RepairAgent("me", None, None, RepairSettings(1.0, 60.0, 1 << 20))
+    started, go, ended = threading.Event(), threading.Event(), threading.Event()
+
+    def job(name):
+        if name == "bad":
+            assert started.wait(10)
+            raise RuntimeError("peer write failed")
+        started.set()
+        go.wait(0.5)  # set only after the call returned: a job still running then is a bug
+        ended.set()
+        return 1
+    try:
+        with pytest.raises(RuntimeError, match="peer write failed"):
+            a._per_peer(job, {"bad": "bad", "slow": "slow"})
+        assert ended.is_set()
+    finally:
+        go.set()
+        a._pool.shutdown(wait=True)
+
+
 # ------------------------------------------------------------------ bulk execution (fakes, no sockets)
 class FakeStore:
     """LocalStore's calls over a dict {(ns, key): bytes}; ``refs``: read references

@@ -27,7 +27,7 @@ import logging
 import os
 import threading
 import time
-from concurrent.futures import CancelledError, ThreadPoolExecutor
+from concurrent.futures import CancelledError, ThreadPoolExecutor, wait
 
 from kvstore import errors
 from kvstore.layout import FRAG_HEADER, MAX_LAPS, Policy, lap_key, parse_head, slots, split_lap
@@ -227,6 +227,10 @@ class RepairAgent:
         if len(jobs) <= 1 or not PARALLEL_PEERS:
             return {name: fn(job) for name, job in jobs.items()}
         futs = {name: self._workers().submit(fn, job) for name, job in jobs.items()}
+        # every job ends before an outcome or error is taken: a job may send views of this
+        # node's DRAM slots (repair's in-place sources), whose read references the caller
+        # gives back once this returns or raises
+        wait(futs.values())
         try:
             return {name: f.result() for name, f in futs.items()}
         except CancelledError:  # stop() cancelled the pool's work: end the pass like any error
