@@ -256,3 +256,37 @@ def test_peer_calls_one_after_another_or_at_once(monkeypatch, parallel):
     else:
         assert seen == [(1, threading.current_thread().name), (2, threading.current_thread().name),
                         (3, threading.current_thread().name)]
+
+
+def test_put_many_that_timed_out_writes_nothing_afterwards(monkeypatch):
+    """A put_many hop the caller gave up on (past its timeout) is cancelled on the loop:
+    its records may be views of this node's DRAM slots (repair's in-place sources), whose
+    read references the executor gives back once the write raised, so a record written
+    after that could copy another object's bytes. Here the source changes after the
+    timeout (a reused slot) and space then frees: nothing is stored."""
+    from kvstored.cluster.repair import local as local_mod
+    with store_on_loop(StoreLimits(dram_size=4 * MiB, slab_size=1 * MiB, max_value_size=1 * MiB,
+                                   hugepages=False, prefault=False, put_wait_timeout=30.0)) as (store, _l, ls):
+        assert ls.put_many(NS, [(b"f%d" % i, os.urandom(900_000)) for i in range(4)], False) == [True] * 4
+
+        async def hold():  # every slot read-referenced: nothing can be evicted for a new one
+            return [store.acquire(NS, b"f%d" % i) for i in range(4)]
+        held = ls._run(hold)
+        src = bytearray(os.urandom(900_000))
+        monkeypatch.setattr(local_mod, "CALL_TIMEOUT", 0.3)
+        with pytest.raises(TimeoutError):
+            ls.put_many(NS, [(b"late", (memoryview(src)[:HEAD], memoryview(src)[HEAD:]))], False)
+        monkeypatch.setattr(local_mod, "CALL_TIMEOUT", 10.0)
+        src[:] = b"\xee" * len(src)  # the slot the view read is another object's now
+
+        async def let_go():
+            for e in held:
+                store.release(e)
+        ls._run(let_go)
+        # a hop left running would now find space within its wait (50 ms polls) and store
+        import time
+        deadline = time.monotonic() + 1.0
+        while time.monotonic() < deadline:
+            assert store.peek(NS, b"late") is None
+            time.sleep(0.05)
+        assert stored(ls, b"late") is None

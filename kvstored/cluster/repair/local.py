@@ -9,6 +9,7 @@ import asyncio
 import logging
 import threading
 import time
+from concurrent.futures import TimeoutError as FutureTimeout
 from typing import Iterator
 
 from kvstore import errors
@@ -45,11 +46,17 @@ class LocalStore:
         self._loop = loop
         self.hop_s = 0.0  # seconds repair's threads waited on hops, all told (pace.py's work)
 
-    def _run(self, fn, timeout: float = CALL_TIMEOUT):
-        """Run coroutine function ``fn()`` on the loop and wait for it."""
+    def _run(self, fn, timeout: float = CALL_TIMEOUT, cancel_late: bool = False):
+        """Run coroutine function ``fn()`` on the loop and wait for it. ``cancel_late``: a
+        call past ``timeout`` is cancelled on the loop (at its next await), not left to run."""
         t0 = time.perf_counter()
+        fut = asyncio.run_coroutine_threadsafe(fn(), self._loop)
         try:
-            return asyncio.run_coroutine_threadsafe(fn(), self._loop).result(timeout)
+            return fut.result(timeout)
+        except FutureTimeout:
+            if cancel_late:
+                fut.cancel()
+            raise
         finally:
             self.hop_s += time.perf_counter() - t0  # (threads adding at once may lose a bit)
 
@@ -222,7 +229,9 @@ class LocalStore:
                 except errors.KVStoreError:
                     out.append(None)
             return out
-        return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)))
+        # cancelled once the caller gave up: a record may be a view of a DRAM slot (read
+        # in place, read_many's ``held``), given back once this raised
+        return self._run(call, CALL_TIMEOUT * max(1, min(len(items), 30)), cancel_late=True)
 
     def settle(self, verify: list[tuple[bytes, bytes]],
                drop: list[tuple[bytes, bytes, int]]) -> tuple[int, list[tuple[bytes, bytes]]]:
