@@ -120,7 +120,10 @@ typedef struct { SEnt *e; uint32_t mask, n; } SMap;  /* mask + 1 slots; e NULL: 
 
 typedef struct { uint32_t rec; void *view; } VSlot;            /* rec + 1; 0 = empty */
 typedef struct { char *buf; uint32_t n, cap, free; } Pool;     /* chunks of 17 + 8 * class bytes */
-typedef struct { PyObject *name; uint64_t objects, bytes; uint32_t nrec; } Space;
+/* nh: the seeded hash of the name, which fingerprints start from (not the id: ids are
+   reused once a namespace empties, and a fingerprint must stay the same for a key while
+   the table lives, as the eviction ghost remembers it) */
+typedef struct { PyObject *name; uint64_t objects, bytes, nh; uint32_t nrec; } Space;
 typedef struct { uint32_t slot_size, nslots; uint32_t *recs; } Row; /* recs: rec + 1 */
 
 typedef struct {
@@ -148,6 +151,10 @@ typedef struct {
     PyObject *space_ids;    /* name -> id */
     PyObject *classes;      /* list of size class objects */
     uint32_t slot_sizes[MAX_CLASSES + 1];
+    uint32_t slots_per[MAX_CLASSES + 1];  /* the class's slots per slab (0: unknown) */
+    uint32_t key_base[MAX_CLASSES + 1];   /* its slabs' key area start (0: none) */
+    Py_buffer karena;       /* the arena (use_key_area; .obj NULL: none): key records */
+    uint32_t key_width;     /* bytes of a slot's key record */
     int64_t slab_size;
     Row *rows;
     uint64_t nrows;
@@ -194,11 +201,12 @@ static uint64_t mix(uint64_t h) {
     return h;
 }
 
-/* The fingerprint: a seeded mix of (namespace id, key), every word of the key through a
+/* The fingerprint: a seeded mix of (namespace, key), every word of the key through a
    multiply-xorshift with the per-table seed (clients choose keys: none can aim them at
-   one probe run without the seed). */
-static uint64_t fp_of(Table *t, uint16_t ns, const char *k, size_t n) {
-    uint64_t h = t->seed ^ ((uint64_t)ns << 48) ^ (n * 0x9E3779B97F4A7C15ULL);
+   one probe run without the seed). It starts from the namespace's name hash (nh), not
+   its id, so a key's fingerprint is the same for the table's whole life: the native
+   eviction policy's ghost remembers an evicted key by it (no key read at eviction). */
+static uint64_t words_mix(uint64_t h, const char *k, size_t n) {
     size_t i = 0;
     for (; i + 8 <= n; i += 8) {
         uint64_t w;
@@ -210,7 +218,20 @@ static uint64_t fp_of(Table *t, uint16_t ns, const char *k, size_t n) {
         memcpy(&w, k + i, n - i);
         h = mix(h ^ w ^ 0xA5A5A5A5ULL);
     }
-    return mix(h) & t->fp_mask;
+    return mix(h);
+}
+
+/* the name hash of a namespace (Space.nh): seeded, another start than keys' */
+static uint64_t name_hash(Table *t, const char *name, size_t n) {
+    return words_mix(t->seed ^ 0x5851F42D4C957F2DULL ^ (n * 0xC2B2AE3D27D4EB4FULL), name, n);
+}
+
+static uint64_t fp_named(Table *t, uint64_t nh, const char *k, size_t n) {
+    return words_mix(t->seed ^ nh ^ (n * 0x9E3779B97F4A7C15ULL), k, n) & t->fp_mask;
+}
+
+static inline uint64_t fp_of(Table *t, uint16_t ns, const char *k, size_t n) {
+    return fp_named(t, t->spaces[ns].nh, k, n);
 }
 
 static int grow(void **p, size_t elem, uint64_t *cap, uint64_t want) {
@@ -664,6 +685,7 @@ static int space_id(Table *t, PyObject *name, int create) {
     Py_DECREF(idv);
     Space *s = &t->spaces[id];
     s->name = own;
+    s->nh = name_hash(t, PyBytes_AS_STRING(own), (size_t)PyBytes_GET_SIZE(own));
     s->objects = s->bytes = 0;
     s->nrec = 0;
     return (int)id;
@@ -681,6 +703,20 @@ static void space_release(Table *t, uint16_t id) {
 }
 
 /* ------------------------------------------------------------------- classes */
+
+/* An optional int attribute below 2**32: 0 when absent or not an int; an error only
+   from a failing getattr other than AttributeError. */
+static uint32_t opt_attr(PyObject *o, const char *name) {
+    PyObject *v = PyObject_GetAttrString(o, name);
+    if (!v) {
+        if (PyErr_ExceptionMatches(PyExc_AttributeError)) PyErr_Clear();
+        return 0;
+    }
+    long x = PyLong_Check(v) ? PyLong_AsLong(v) : 0;
+    Py_DECREF(v);
+    if (x == -1 && PyErr_Occurred()) { PyErr_Clear(); return 0; }
+    return x > 0 && x <= 0xFFFFFFFFL ? (uint32_t)x : 0;
+}
 
 static int class_id(Table *t, PyObject *sc) {
     Py_ssize_t n = PyList_GET_SIZE(t->classes);
@@ -704,8 +740,15 @@ static int class_id(Table *t, PyObject *sc) {
         PyErr_SetString(PyExc_ValueError, "sc.slot_size must be a positive int below 2**31");
         return -1;
     }
+    /* the arena's layout of the class, where it says (arena.SizeClass; tests' stand-ins
+       may not): its slots per slab size the slot map's rows, its key area's start is where
+       get_read finds a slot's key record */
+    uint32_t per = opt_attr(sc, "slots_per_slab"), kb = opt_attr(sc, "key_base");
+    if (PyErr_Occurred()) return -1;
     if (PyList_Append(t->classes, sc) < 0) return -1;
     t->slot_sizes[n] = (uint32_t)v;
+    t->slots_per[n] = per;
+    t->key_base[n] = kb;
     return (int)n;
 }
 
@@ -1607,6 +1650,7 @@ static void Table_dealloc(Table *t) {
     /* views hold a reference to the table: none is left here */
     PyObject_GC_UnTrack(t);
     Py_CLEAR(t->key_loader);
+    if (t->karena.obj) PyBuffer_Release(&t->karena);
     PyMem_RawFree(t->recs);
     PyMem_RawFree(t->slots);
     PyMem_RawFree(t->views);
@@ -2277,7 +2321,16 @@ static PyObject *Table_place(Table *t, PyObject *o) {
                      (long long)t->slab_size);
         return NULL;
     }
+    /* a row per slab: the class's slots per slab where the arena says (fewer than
+       slab / slot where its slabs keep a key area), else slab / slot + 1 (a spare slot, as
+       the dict index's: an offset past a slab's last whole slot reads None) */
     uint64_t ns = (uint64_t)t->slab_size / size + 1;
+    if (t->slots_per[r->sc] && t->slots_per[r->sc] < ns) ns = t->slots_per[r->sc];
+    if ((uint64_t)(rel / size) >= ns) {
+        PyErr_Format(PyExc_ValueError, "offset %lld is past the %llu slots of %u bytes a slab "
+                     "of its class holds", (long long)off, (unsigned long long)ns, size);
+        return NULL;
+    }
     if (slab >= 0xFFFFFFFFULL || ns > 0xFFFFFFFFULL) {
         PyErr_Format(PyExc_ValueError, "offset %lld: slab %llu of %lld bytes is past the slot "
                      "map (2**32 slabs of 2**32 slots)", (long long)off,
@@ -2317,6 +2370,72 @@ static PyObject *Table_displace(Table *t, PyObject *o) {
     if (entry_arg(o, &e) < 0 || check_attached(e, t) < 0) return NULL;
     slot_clear(t, e->rec);
     Py_RETURN_NONE;
+}
+
+/* --- key areas: a get's check of a keyless DRAM entry */
+
+/* use_key_area(arena, key_width): the arena's buffer (held until use_key_area(None, 0)
+   or the table's end) and the width of its slots' key records, whose places come from
+   each class's key_base and slot size and the slab size (arena.py's layout). */
+static PyObject *Table_use_key_area(Table *t, PyObject *args) {
+    READY(t, NULL);
+    PyObject *buf;
+    long w;
+    if (!PyArg_ParseTuple(args, "Ol:use_key_area", &buf, &w)) return NULL;
+    if (buf != Py_None && (w < 2 || w > MAX_KEY + 1))
+        return PyErr_Format(PyExc_ValueError, "key_width must be in [2, %d], not %ld", MAX_KEY + 1, w);
+    Py_buffer nb = {0};
+    if (buf != Py_None && PyObject_GetBuffer(buf, &nb, PyBUF_SIMPLE) < 0) return NULL;
+    if (t->karena.obj) PyBuffer_Release(&t->karena);
+    t->karena = nb;
+    t->key_width = buf != Py_None ? (uint32_t)w : 0;
+    Py_RETURN_NONE;
+}
+
+/* Whether the key record of record rec's DRAM slot holds key k (kl bytes): the record
+   is at its slab's key area (the class's key_base) + slot number x key_width, a length
+   byte and the key. 0 where the table has no key area, the class none, or the place is
+   outside the buffer (never read past it: the offset is the record's own, the bytes are
+   shared with clients, who may have rewritten them). */
+static int key_record_holds(Table *t, uint32_t rec, const char *k, size_t kl) {
+    Rec *r = &t->recs[rec];
+    uint32_t kb = t->key_base[r->sc], w = t->key_width, size = t->slot_sizes[r->sc];
+    int64_t off = rec_offset(t, rec);
+    if (!t->karena.obj || !kb || off < 0 || kl >= w) return 0;
+    int64_t rel = off % t->slab_size;
+    uint64_t at = (uint64_t)(off - rel) + kb + (uint64_t)(rel / size) * w;
+    if (at + w > (uint64_t)t->karena.len) return 0;
+    const unsigned char *p = (const unsigned char *)t->karena.buf + at;
+    return p[0] == kl && memcmp(p + 1, k, kl) == 0;
+}
+
+/* get_read(ns, key): ``get`` for a read of the object's bytes. A keyless entry with a
+   DRAM copy was found by its 64-bit fingerprint alone: it is returned only if its slot's
+   key record holds ``key`` (another key of that fingerprint, or a record a local client
+   rewrote, reads None: a miss, never another object's bytes). An NVMe-only keyless one
+   is returned as ``get`` does (its read compares the key on the record's header). */
+static PyObject *Table_get_read(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "get_read(ns: bytes, key: bytes)");
+        return NULL;
+    }
+    Py_ssize_t kl = PyBytes_GET_SIZE(args[1]);
+    if (kl > MAX_KEY) Py_RETURN_NONE;
+    int ns = space_id(t, args[0], 0);
+    if (ns < 0) {
+        if (PyErr_Occurred()) return NULL;
+        Py_RETURN_NONE;
+    }
+    const char *k = PyBytes_AS_STRING(args[1]);
+    int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
+    if (i < 0) Py_RETURN_NONE;
+    uint32_t rec = t->slots[i] - 1;
+    Rec *r = &t->recs[rec];
+    if ((r->flags & F_KEYLESS) && off_units(t, r) != OFF_NONE &&
+        !key_record_holds(t, rec, k, (size_t)kl))
+        Py_RETURN_NONE;
+    return view_of(t, rec);
 }
 
 static PyObject *Table_at(Table *t, PyObject *v) {
@@ -2484,6 +2603,10 @@ static PyMethodDef Table_methods[] = {
     {"prefix", (PyCFunction)(void (*)(void))Table_prefix, METH_FASTCALL,
      "prefix(ns, keys) -> (count, bytes): the leading keys present, their bytes"},
     {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(ns, key) -> Entry | None"},
+    {"get_read", (PyCFunction)(void (*)(void))Table_get_read, METH_FASTCALL,
+     "get_read(ns, key) -> Entry | None: get, a keyless DRAM entry only if its key record holds key"},
+    {"use_key_area", (PyCFunction)Table_use_key_area, METH_VARARGS,
+     "use_key_area(arena_buffer | None, key_width): where get_read finds slots' key records"},
     {"insert", (PyCFunction)Table_insert, METH_O, "insert(entry): add under its (free) key"},
     {"add", (PyCFunction)(void (*)(void))Table_add, METH_VARARGS | METH_KEYWORDS,
      "add(ns, key, offset, size, checksum, sc, committed_at, nvme=None, unverified=False, keyless=False)"},
@@ -3075,24 +3198,28 @@ static int lru_push(Lru *p, uint32_t rec, int seg, int idx) {
     return 0;
 }
 
-/* hash((ns, key)) of a record (as the Python policy computes it), or -1 with an error;
-   *k: the tuple (new reference) when k is not NULL */
-static int lru_key(Lru *p, PyObject *e, PyObject **k, Py_hash_t *h) {
+/* (ns, key) of a record, a new tuple (the keys of the Python policy's tail_hints and
+   parents), or NULL with an error */
+static PyObject *lru_key(Lru *p, PyObject *e) {
     PyObject *key = get_key((Entry *)e, NULL);
-    if (!key) return -1;
+    if (!key) return NULL;
     PyObject *tup = PyTuple_Pack(2, p->t->spaces[R((Entry *)e)->ns].name, key);
     Py_DECREF(key);
-    if (!tup) return -1;
-    *h = PyObject_Hash(tup);
-    if (*h == -1 && PyErr_Occurred()) { Py_DECREF(tup); return -1; }
-    if (k) *k = tup; else Py_DECREF(tup);
-    return 0;
+    return tup;
 }
 
-static PyObject *digest_obj(Py_hash_t h) { return PyLong_FromSsize_t(h); }
+/* The ghost's digest of a record: its fingerprint, a seeded 64-bit hash of (namespace
+   name, key) that stays the same for a key while the table lives (fp_of), so neither an
+   insert nor an eviction reads the key (a keyless one's is in the arena or on NVMe).
+   The Python policy digests hash((ns, key)): other values, the same decisions (a
+   collision of either is ~2**-64 per pair of keys). */
+typedef uint64_t Digest;
+static inline Digest lru_digest(Lru *p, uint32_t rec) { return p->t->recs[rec].fp; }
+
+static PyObject *digest_obj(Digest h) { return PyLong_FromUnsignedLongLong(h); }
 
 /* ghost.pop(digest): the origin, -1 when absent, -2 on an error */
-static int lru_ghost_pop(Lru *p, Py_hash_t h) {
+static int lru_ghost_pop(Lru *p, Digest h) {
     if (Py_TYPE(p->ghost) == &GhostType) return g_pop((Ghost *)p->ghost, (uint64_t)h);
     PyObject *d = digest_obj(h);
     PyObject *o = d ? PyObject_CallMethod(p->ghost, "pop", "O", d) : NULL;
@@ -3105,7 +3232,7 @@ static int lru_ghost_pop(Lru *p, Py_hash_t h) {
 }
 
 /* ghost.add(digest, origin); ghost.trim(limit) */
-static int lru_ghost_add_trim(Lru *p, Py_hash_t h, int origin, uint64_t limit) {
+static int lru_ghost_add_trim(Lru *p, Digest h, int origin, uint64_t limit) {
     if (Py_TYPE(p->ghost) == &GhostType) {
         if (g_add((Ghost *)p->ghost, (uint64_t)h, origin) < 0) return -1;
         g_trim((Ghost *)p->ghost, limit);
@@ -3165,11 +3292,33 @@ static int count_up(PyObject *counters, const char *name) {
 
 /* d.pop(k, None) is not None; -1 on an error */
 static int dict_take(PyObject *d, PyObject *k, PyObject **val) {
+    if (!k) return 0;  /* no key: the dict was empty (Lru_insert builds none then) */
     PyObject *v = PyDict_GetItemWithError(d, k);
     if (!v) return PyErr_Occurred() ? -1 : 0;
     if (val) { Py_INCREF(v); *val = v; }
     if (PyDict_DelItem(d, k) < 0) { if (val) Py_CLEAR(*val); return -1; }
     return 1;
+}
+
+/* Whether record rec is the object named by ``nk``, a (ns, key) tuple of bytes: 1 or 0;
+   2: ``nk`` is something else (the caller compares tuples in Python). A keyless record
+   is compared by its fingerprint (its key is in the arena or on NVMe: no read per chain
+   put); a false match, ~2**-64, only links a new entry behind the wrong last insert. */
+static int rec_named(Table *t, uint32_t rec, PyObject *nk) {
+    if (!PyTuple_CheckExact(nk) || PyTuple_GET_SIZE(nk) != 2 ||
+        !PyBytes_CheckExact(PyTuple_GET_ITEM(nk, 0)) || !PyBytes_CheckExact(PyTuple_GET_ITEM(nk, 1)))
+        return 2;
+    PyObject *ns = PyTuple_GET_ITEM(nk, 0), *key = PyTuple_GET_ITEM(nk, 1);
+    Rec *r = &t->recs[rec];
+    PyObject *name = t->spaces[r->ns].name;
+    Py_ssize_t kl = PyBytes_GET_SIZE(key);
+    if (PyBytes_GET_SIZE(ns) != PyBytes_GET_SIZE(name) ||
+        memcmp(PyBytes_AS_STRING(ns), PyBytes_AS_STRING(name), (size_t)PyBytes_GET_SIZE(ns)) ||
+        kl != r->key_len)
+        return 0;
+    if (r->flags & F_KEYLESS)
+        return fp_of(t, r->ns, PyBytes_AS_STRING(key), (size_t)kl) == r->fp;
+    return memcmp(key_ptr(t, r), PyBytes_AS_STRING(key), (size_t)kl) == 0;
 }
 
 /* _push_probation: just behind the chain parent when it was inserted just before */
@@ -3183,7 +3332,9 @@ static int lru_push_probation(Lru *p, uint32_t rec, int idx, PyObject *k) {
         Py_INCREF(last);
         int lidx = lru_class(p, R(last)->sc);
         int same = lidx < 0 ? -1 : 0;
-        if (lidx == idx) {
+        if (lidx == idx)
+            same = rec_named(p->t, last->rec, parent);
+        if (same == 2) {  /* not plain bytes: Python's compare of the tuples */
             PyObject *lk = get_key(last, NULL);
             PyObject *tup = lk ? PyTuple_Pack(2, p->t->spaces[R(last)->ns].name, lk) : NULL;
             Py_XDECREF(lk);
@@ -3230,10 +3381,14 @@ static PyObject *Lru_insert(Lru *p, PyObject *e) {
     if (rec < 0 || lru_not_linked(p, (uint32_t)rec) < 0) return NULL;
     int idx = lru_class(p, p->t->recs[rec].sc);
     if (idx < 0) return NULL;
-    PyObject *k;
-    Py_hash_t h;
-    if (lru_key(p, e, &k, &h) < 0) return NULL;
-    int rc = 0, origin = lru_ghost_pop(p, h);
+    /* the (ns, key) tuple only where a chain hint may name it (the dicts are empty
+       without prefix lookups that missed); first, so an unreadable key changes nothing */
+    PyObject *k = NULL;
+    if (PyDict_GET_SIZE(p->tail_hints) || PyDict_GET_SIZE(p->parents)) {
+        k = lru_key(p, e);
+        if (!k) return NULL;
+    }
+    int rc = 0, origin = lru_ghost_pop(p, lru_digest(p, (uint32_t)rec));
     if (origin == -2) {
         rc = -1;
     } else if (origin >= 0) {
@@ -3252,7 +3407,7 @@ static PyObject *Lru_insert(Lru *p, PyObject *e) {
         else
             rc = lru_push_probation(p, (uint32_t)rec, idx, k);
     }
-    Py_DECREF(k);
+    Py_XDECREF(k);
     if (rc < 0) return NULL;
     Py_INCREF(e);
     Py_XSETREF(p->last, e);
@@ -3357,10 +3512,7 @@ static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObjec
     if (evicted < 0) return NULL;
     int64_t rec = lru_rec(p, args[0]);
     if (rec < 0) return NULL;
-    Py_hash_t h = 0;
-    /* the digest first (the key of a keyless entry is read from NVMe and may fail):
-       an error leaves the entry linked; its list is read after (the loader is Python) */
-    if (evicted && lru_key(p, args[0], NULL, &h) < 0) return NULL;
+    Digest h = lru_digest(p, (uint32_t)rec);  /* no key read: a keyless one's may not verify */
     int seg = p->t->recs[rec].seg, idx = -1;
     if (seg >= 0) {
         idx = lru_class(p, p->t->recs[rec].sc);
@@ -3649,7 +3801,22 @@ static PyGetSetDef Lru_getset[] = {
     {NULL}
 };
 
+/* digest(ns, key) -> the ghost's digest of that key (as lru_digest of its record: its
+   fingerprint; any namespace, stored or not): NativePolicy.in_ghost */
+static PyObject *Lru_digest(Lru *p, PyObject *const *args, Py_ssize_t n) {
+    if (lru_ready(p) < 0) return NULL;
+    if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
+        PyErr_SetString(PyExc_TypeError, "digest(ns: bytes, key: bytes)");
+        return NULL;
+    }
+    Table *t = p->t;
+    uint64_t nh = name_hash(t, PyBytes_AS_STRING(args[0]), (size_t)PyBytes_GET_SIZE(args[0]));
+    return digest_obj(fp_named(t, nh, PyBytes_AS_STRING(args[1]), (size_t)PyBytes_GET_SIZE(args[1])));
+}
+
 static PyMethodDef Lru_methods[] = {
+    {"digest", (PyCFunction)(void (*)(void))Lru_digest, METH_FASTCALL,
+     "digest(ns, key) -> int: the ghost's digest of a key (its fingerprint in this index)"},
     {"insert", (PyCFunction)Lru_insert, METH_O, "insert(entry): a newly committed entry"},
     {"insert_loaded", (PyCFunction)Lru_insert_loaded, METH_O, "insert_loaded(entry): promoted from NVMe"},
     {"touch", (PyCFunction)Lru_touch, METH_O, "touch(entry): an access"},

@@ -213,6 +213,9 @@ class Arena:
 
 
     # -- key areas -------------------------------------------------------------
+    # A slot's record is at its slab's base + key_base + slot number x key_width: a length
+    # byte, then the key. The packed index reads the same layout in C for a get's check
+    # (Index.use_key_area, get_read: native/index.c key_record_holds).
     def write_key(self, offset: int, sc: SizeClass, key: bytes) -> bool:
         """Write ``key`` into the key record of the slot at ``offset`` (of class ``sc``);
         False when the class has no key area or the key is too long for a record."""
@@ -224,18 +227,6 @@ class Arena:
         self._key_record.pack_into(self.mmap, offset - rel + base + rel // sc.slot_size
                                    * self.key_width, n, key)
         return True
-
-    def holds_key(self, offset: int, sc: SizeClass, key: bytes) -> bool:
-        """Whether the key record of the slot at ``offset`` (a live slot of class ``sc``)
-        holds ``key``: a get's check of a keyless entry (``read_key``, for the hot path)."""
-        base = sc.key_base
-        if not base:
-            return False
-        rel = offset % self.slab_size
-        at = offset - rel + base + rel // sc.slot_size * self.key_width
-        m = self.mmap
-        n = len(key)
-        return m[at] == n and m[at + 1:at + 1 + n] == key
 
     def read_key(self, offset: int, sc: SizeClass) -> bytes | None:
         """The bytes in the key record of the slot at ``offset`` of class ``sc``, unchecked

@@ -34,6 +34,8 @@ class DramTier:
                            key_width=limits.key_area_bytes)
         self.sheds_keys = index.kind == "packed"
         index.use_slab_size(self.arena.slab_size)  # its slot map is laid out per slab
+        if self.arena.key_width:  # a get compares a keyless entry's key record in C
+            index.use_key_area(self.arena.mmap, self.arena.key_width)
         if limits.prefault:
             self.arena.prefault_in_background()
         self.policy = make_policy(len(self.arena.classes), index)
@@ -276,6 +278,7 @@ class DramTier:
                 "hugepages": a.hugepages, "dram_prefaulted": a.prefaulted}
 
     def close(self) -> None:
+        self.index.use_key_area(None, 0)  # its hold on the mapping, or the unmap fails
         self.arena.close()
 
 

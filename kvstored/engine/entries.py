@@ -189,7 +189,10 @@ class Index:
       * count: ``len()``, ``count(ns)``, ``namespaces()``, ``object_bytes``,
         ``unverified``;
       * map a DRAM slot back to its entry: ``place`` / ``displace`` / ``at(offset)``;
-      * learn the arena's and the NVMe tier's layout: ``use_slab_size``, ``use_nvme_geometry``;
+      * learn the arena's and the NVMe tier's layout: ``use_slab_size``, ``use_nvme_geometry``,
+        ``use_key_area(arena_buffer | None, key_width)`` (where slots' key records are);
+      * ``get_read(ns, key)``: ``get`` for a read of the object's bytes (the packed index
+        returns a keyless DRAM entry only if its slot's key record holds ``key``);
       * track pins: ``note_pin`` / ``drop_pin`` / ``live_pins(now)``;
       * keys out of RAM (the packed index; no-ops here, where every key stays in RAM):
         ``shed_key(e)`` (NVMe-only entries), ``shed_key(e, dram=True)`` (also one with
@@ -234,6 +237,14 @@ class Index:
                 raise TypeError("get(ns: bytes, key: bytes)")
             return None if sp is None else sp.keys.get(key)
         return sp.keys.get(key)
+
+    # A read's lookup (Store.acquire): the packed index's compares a keyless DRAM entry's
+    # key record with the key; here every key is in RAM and compared by the dict.
+    get_read = get
+
+    def use_key_area(self, arena, key_width: int) -> None:
+        """The packed index reads slots' key records here (get_read); this one keeps keys
+        in RAM."""
 
     def present(self, ns: bytes, keys: list) -> list[bool]:
         """For each key: stored and not held back (unverified). The packed index does it

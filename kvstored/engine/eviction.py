@@ -284,7 +284,8 @@ class Policy:
         self.adapt_rate = adapt_rate
         self.bonus_max = bonus_max
         # hash((ns, key)) of evicted entries, oldest first -> the list it left (COLD also
-        # stands for "no list": such a ghost hit protects but does not adapt). A digest,
+        # stands for "no list": such a ghost hit protects but does not adapt; NativePolicy
+        # digests the record's fingerprint instead: same decisions). A digest,
         # not the key (~186 B with the key bytes and the tuple): a rare collision only
         # admits one object as protected. make_ghost: native, or a dict.
         self.ghost = make_ghost(ghost)
@@ -509,9 +510,15 @@ class NativePolicy(Policy):
     workloads through both), made without a Python frame or an ``Entry`` view per
     neighbour. The lists are the records' own link fields, as with ``Policy``; the list
     heads, counts, clock, resident count, the last lookup's stamps and the age bonus are
-    the ``Lru``'s. ``note_chain`` and ``in_ghost`` are Policy's, on the dicts and ghost
-    the ``Lru`` shares. ``victim(sc, evictable)`` takes the time ``now`` (refs and pins are
-    tested in C) or a callable, as Policy's."""
+    the ``Lru``'s. ``note_chain`` is Policy's, on the dicts the ``Lru`` shares.
+    ``victim(sc, evictable)`` takes the time ``now`` (refs and pins are tested in C) or a
+    callable, as Policy's.
+
+    The ghost's digest of a key is its record's fingerprint (``Lru.digest``: a seeded
+    64-bit hash of the namespace's name and the key, the same for a key while the index
+    lives), not Policy's hash((ns, key)): an insert or an eviction reads no key (a DRAM
+    object's is in the arena's key area, and an eviction would read and verify it).
+    Other values, the same decisions: either digest collides for ~2**-64 of key pairs."""
 
     def __init__(self, nclasses: int, index, *, protected_share: float = 0.5,
                  age_bonus: float = 1.0, ghost_min: int = 64, hint_limit: int = 4096,
@@ -544,6 +551,10 @@ class NativePolicy(Policy):
         self.victim = lru.victim
         self.victim_at = lru.victim
         self.count = lru.count
+
+    def in_ghost(self, ns: bytes, key: bytes) -> int | None:
+        """The list an evicted key left (PROBATION, PROTECTED or COLD), or None."""
+        return self.lru.ghost.get(self.lru.digest(ns, key))
 
     @property
     def ghost(self):

@@ -22,7 +22,8 @@ shutdown flush by it); ``Entry.stamp`` keeps the eviction clock's low 28 bits an
 back whole (the clock's window), an age past 2**27 ticks counting as 2**27 (as
 ``eviction.Policy`` counts it: ``STAMP_AGE_CAP``); a stamp set past the clock moves the
 clock (the table's, shared with its ``Lru``); ``Entry.refs`` holds 24 bits (16 M readers of one object
-are refused with ValueError); offsets below -1 are refused; at most 65535 namespaces
+are refused with ValueError); offsets below -1 are refused; a slab's row of the slot map holds its class's
+``slots_per_slab`` (an offset past them is refused by ``place``); at most 65535 namespaces
 hold objects at once (``IndexFull``, a NoSpace); a slot left by an offset change
 without ``displace`` reads None from ``at`` (the dict index keeps the old entry there:
 a freed record's number is reused, so the packed one must not point at it).
@@ -34,16 +35,35 @@ its chunk (read count and stamp go to 0; readers and links, if any, stay);
 dram=True)`` also takes an entry with a DRAM copy and/or in the eviction lists (its
 key is kept in the arena's key area, beside the copy; it needs a DRAM copy or an NVMe
 location, else ValueError): every DRAM field stays (offset, readers, links, stamp,
-reads), and the eviction policy reads its key through the loader (the ghost digest at
-eviction). When such an entry's copy goes (``drop_copy``: unlinked, offset -1, then
+reads), and the eviction policy needs no key (its ghost digest is the fingerprint).
+When such an entry's copy goes (``drop_copy``: unlinked, offset -1, then
 ``shed_key(e)``), its stamp and read count go as for any NVMe-only one. A keyless record is
 found by namespace, key length and fingerprint; a keyed one always by its bytes (a
 probe goes on past a keyless record of equal fingerprint). Two keyless records of one
 fingerprint could not be told apart, so the second keeps its key (``shed_key`` is then
 a no-op, ``add(keyless=True)`` indexes it keyed). A lookup of a key that is not stored
 may return a keyless record of equal 64-bit fingerprint (the seed is random per
-table), which the Store turns into a miss by comparing the key on the NVMe record
-header on every read of a keyless object.
+table). Which paths compare the whole key of a keyless entry, and which match it by
+fingerprint alone:
+
+  * reads compare: a get (``get_read``: a keyless DRAM entry is returned only if its
+    slot's key record, read in C from the arena given by ``use_key_area(buffer,
+    key_width)``, holds the key; the Store's ``acquire``) and a promotion from NVMe
+    (the record header's key, ``Tiering.load``). They must: a fingerprint match of
+    another key would serve that object's bytes as this key's (another prompt's KV
+    cache: silently wrong model output), and a client that rewrote a key record in
+    its mapping of the arena would make a get serve bytes under a key they never had;
+  * ``get`` and the calls built on it match by namespace, length and fingerprint:
+    exists (``present``), lookup (``prefix``), pin, delete, ``touch_keys`` and
+    repair's Heads. A false match there needs another stored key with the same seeded
+    64-bit fingerprint, ~n/2**64 per call at n keyless objects, and costs a wrong
+    hit (the get that follows misses), a pin or delete of the wrong cached block, or
+    a wrong head compared by repair (which then reads the record): never wrong bytes.
+
+The fingerprint starts from the namespace's name hash, not its id (ids are reused once a
+namespace empties), so a key's fingerprint is fixed while the table lives: the native
+eviction policy's ghost uses it as the evicted key's digest (``Lru.digest``), and
+neither an insert nor an eviction reads a key.
 ``Entry.key`` of a keyless entry calls the loader of ``set_key_loader(fn)``
 (``fn(entry) -> bytes | None``, checked against the length and fingerprint), else
 raises LookupError; ``Entry.key_in_ram`` says which. ``restore_key(e, key)`` gives

@@ -382,7 +382,11 @@ class Store(RepairHooks):
         """Take a read reference on a committed object (release it when done). NotFound, or
         NotVerified for a record held back until repair checks it (the data plane answers
         NotFound in its place to older clients)."""
-        e = self.index.get(ns, key)
+        # get_read: a keyless DRAM entry (found by its 64-bit fingerprint) only if its
+        # slot's key record holds ``key``: another key of that fingerprint, or a record a
+        # local client rewrote, misses here instead of serving another object's bytes (an
+        # NVMe-only one is compared on its record's header by the load)
+        e = self.index.get_read(ns, key)
         if e is None or e.unverified:
             self.counters["gets"] += 1
             self.counters["misses"] += 1
@@ -393,12 +397,6 @@ class Store(RepairHooks):
         off = e.offset
         if off < 0:
             raise NotResident(e)  # the get is counted when the loaded entry is acquired
-        if not e.key_in_ram and not self.arena.holds_key(off, e.sc, key):
-            # found by fingerprint, and its key record holds another key: not this object
-            # (or the record was rewritten by a local client: the object misses)
-            self.counters["gets"] += 1
-            self.counters["misses"] += 1
-            raise NotFound(f"no key {_show(key)} in namespace {ns.decode(errors='replace')}")
         self.counters["gets"] += 1
         self.counters["hits"] += 1
         self.counters["get_bytes"] += e.size

@@ -220,12 +220,12 @@ def test_evictions_name_the_right_keys_and_reused_slots_never_name_old_objects(i
             with pytest.raises(LookupError):
                 first.key  # its record now holds key(n): refused, not returned
         assert newest.key == key(n) and read(s, key(n)) == val(n)
-        for i in range(n + 1, n + 40):  # more evictions: the ghost digests read records
+        for i in range(n + 1, n + 40):  # more evictions (the KV events read records)
             s.put_bytes(NS, key(i), val(i))
         assert len(ev.removed_keys) == 40 and len(set(ev.removed_keys)) == 40
         assert sorted(ev.removed_keys) == sorted(key(i) for i in range(40))
         assert sorted(k for _, k in s.keys()) == sorted(key(i) for i in range(40, n + 40))
-        # an evicted key put again soon is a ghost hit (its digest came from the arena)
+        # an evicted key put again soon is a ghost hit
         hits = s.policy.counters["ghost_hits"]
         s.put_bytes(NS, key(39), val(39))
         assert s.policy.counters["ghost_hits"] == hits + 1
@@ -273,6 +273,15 @@ def test_a_rewritten_key_record_costs_only_its_object(index_kind):
                 assert s.put_bytes(NS, key(i), val(i))
             assert all(s.index.get(NS, k) is None for k in bad)
             assert bad.isdisjoint(k for _, k in s.keys())
+            # their unreadable records did not keep them out of the ghost (its digests are
+            # the records' fingerprints): put again, each is admitted protected
+            evicted = bad - {key(3)}
+            assert all(s.policy.in_ghost(NS, k) is not None for k in evicted)
+            hits = s.policy.counters["ghost_hits"]
+            for k in sorted(evicted):
+                assert s.put_bytes(NS, k, val(int(k)))
+                assert read(s, k) == val(int(k))
+            assert s.policy.counters["ghost_hits"] == hits + len(evicted)
             # the unreadable ones left no KV event (none could name them); the rest did
             assert not (bad - {key(3)}) & set(ev.removed_keys)
             assert len(set(ev.removed_keys)) == len(ev.removed_keys)
