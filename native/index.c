@@ -2024,6 +2024,8 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
    beside the copy: the arena's key area, read back by the key loader); every field of
    its DRAM part stays (offset, readers, links, stamp, read count). It needs a DRAM copy
    or an NVMe location (else the key would be nowhere). */
+static int shed_rec(Table *t, uint32_t rec, int dram);
+
 static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, PyObject *kwnames) {
     READY(t, NULL);
     Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
@@ -2041,7 +2043,13 @@ static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, P
                         : "shed_key: the entry is not in the index (never inserted, or removed)");
         return NULL;
     }
-    uint32_t rec = e->rec;
+    if (shed_rec(t, e->rec, dram) < 0) return NULL;
+    Py_RETURN_NONE;
+}
+
+/* shed_key of record rec (in this table): 0, or -1 with a ValueError / MemoryError and
+   nothing changed */
+static int shed_rec(Table *t, uint32_t rec, int dram) {
     int64_t off = rec_offset(t, rec);
     if (t->recs[rec].flags & F_KEYLESS) {
         /* already keyless (shed with dram=True while it had a copy): on NVMe only and out
@@ -2053,25 +2061,25 @@ static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, P
             d->reads = 0;
             df_settle(t, rec);
         }
-        Py_RETURN_NONE;
+        return 0;
     }
     if (off >= 0 && !dram) {
         PyErr_Format(PyExc_ValueError, "shed_key: the entry has a DRAM copy (offset %lld); only "
                      "an NVMe-only entry (offset -1) sheds its key, or dram=True", (long long)off);
-        return NULL;
+        return -1;
     }
     if (off < 0 && !(t->recs[rec].flags & F_NVME)) {
         PyErr_SetString(PyExc_ValueError, "shed_key: the entry has no NVMe location (nvme is "
                         "None) and no DRAM copy: its key would be nowhere");
-        return NULL;
+        return -1;
     }
     if (t->recs[rec].seg >= 0 && !dram) {  /* its links are in the DRAM part that would go */
         PyErr_Format(PyExc_ValueError, "shed_key: the entry is in an eviction list (seg %d); "
                      "the policy removes it first, or dram=True", (int)t->recs[rec].seg);
-        return NULL;
+        return -1;
     }
     Rec *r0 = &t->recs[rec];
-    if (keyless_twin(t, r0->ns, r0->key_len, r0->fp, rec)) Py_RETURN_NONE;
+    if (keyless_twin(t, r0->ns, r0->key_len, r0->fp, rec)) return 0;
     Rec *r = &t->recs[rec];
     DForm keep = *df_ptr(t, r);
     if (!dram) {
@@ -2083,7 +2091,7 @@ static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, P
     int in_df = !df_default(&keep) || r->seg >= 0;
     if (in_df && (r->flags & (F_NVME | F_NVSIDE)) == F_NVME) {
         SEnt *x = s_put(&t->aside, rec);
-        if (!x) return NULL;
+        if (!x) return -1;
         r = &t->recs[rec];
         x->a = r->u.n.blk; x->b = r->u.n.gen; x->c = r->u.n.region;
         r->flags |= F_ASIDE;
@@ -2096,7 +2104,7 @@ static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, P
         r->u.d = keep;
         r->flags |= F_DF;
     }
-    Py_RETURN_NONE;
+    return 0;
 }
 
 /* restore_key(entry, key): a keyless entry gets its key back (promotion to DRAM, after
@@ -2385,7 +2393,11 @@ static PyObject *Table_use_key_area(Table *t, PyObject *args) {
     if (buf != Py_None && (w < 2 || w > MAX_KEY + 1))
         return PyErr_Format(PyExc_ValueError, "key_width must be in [2, %d], not %ld", MAX_KEY + 1, w);
     Py_buffer nb = {0};
-    if (buf != Py_None && PyObject_GetBuffer(buf, &nb, PyBUF_SIMPLE) < 0) return NULL;
+    /* writable where it can be (keep_key_in_area writes records; get_read only reads) */
+    if (buf != Py_None && PyObject_GetBuffer(buf, &nb, PyBUF_WRITABLE) < 0) {
+        PyErr_Clear();
+        if (PyObject_GetBuffer(buf, &nb, PyBUF_SIMPLE) < 0) return NULL;
+    }
     if (t->karena.obj) PyBuffer_Release(&t->karena);
     t->karena = nb;
     t->key_width = buf != Py_None ? (uint32_t)w : 0;
@@ -2407,6 +2419,38 @@ static int key_record_holds(Table *t, uint32_t rec, const char *k, size_t kl) {
     if (at + w > (uint64_t)t->karena.len) return 0;
     const unsigned char *p = (const unsigned char *)t->karena.buf + at;
     return p[0] == kl && memcmp(p + 1, k, kl) == 0;
+}
+
+/* keep_key_in_area(entry) -> bool: a committed keyed entry with a DRAM copy writes its
+   key into its slot's key record (a length byte, the key, zeros to the record's end: no
+   stale byte) and sheds it from RAM (shed_key(e, dram=True)); False, nothing changed,
+   where the table has no key area, its class none, or the key does not fit a record
+   (it stays in RAM). One call per put (Store._publish), no Python. */
+static PyObject *Table_keep_key_in_area(Table *t, PyObject *o) {
+    READY(t, NULL);
+    Entry *e;
+    if (entry_arg(o, &e) < 0 || check_attached(e, t) < 0) return NULL;
+    if (!(R(e)->flags & F_INTABLE)) {
+        PyErr_SetString(PyExc_ValueError, "keep_key_in_area: the entry is not in the index");
+        return NULL;
+    }
+    uint32_t rec = e->rec;
+    Rec *r = &t->recs[rec];
+    uint32_t kb = t->key_base[r->sc], w = t->key_width, size = t->slot_sizes[r->sc];
+    if (!t->karena.obj || t->karena.readonly || !kb || (r->flags & F_KEYLESS) || r->key_len >= w)
+        Py_RETURN_FALSE;
+    int64_t off = rec_offset(t, rec);
+    if (off < 0) Py_RETURN_FALSE;
+    r = &t->recs[rec];
+    int64_t rel = off % t->slab_size;
+    uint64_t at = (uint64_t)(off - rel) + kb + (uint64_t)(rel / size) * w;
+    if (at + w > (uint64_t)t->karena.len) Py_RETURN_FALSE;
+    unsigned char *p = (unsigned char *)t->karena.buf + at;
+    p[0] = r->key_len;
+    memcpy(p + 1, key_ptr(t, r), r->key_len);
+    memset(p + 1 + r->key_len, 0, w - 1 - r->key_len);
+    if (shed_rec(t, rec, 1) < 0) return NULL;
+    return PyBool_FromLong((t->recs[rec].flags & F_KEYLESS) != 0);
 }
 
 /* get_read(ns, key): ``get`` for a read of the object's bytes. A keyless entry with a
@@ -2605,6 +2649,8 @@ static PyMethodDef Table_methods[] = {
     {"get", (PyCFunction)(void (*)(void))Table_get, METH_FASTCALL, "get(ns, key) -> Entry | None"},
     {"get_read", (PyCFunction)(void (*)(void))Table_get_read, METH_FASTCALL,
      "get_read(ns, key) -> Entry | None: get, a keyless DRAM entry only if its key record holds key"},
+    {"keep_key_in_area", (PyCFunction)Table_keep_key_in_area, METH_O,
+     "keep_key_in_area(entry) -> bool: its key into its slot's key record, shed from RAM"},
     {"use_key_area", (PyCFunction)Table_use_key_area, METH_VARARGS,
      "use_key_area(arena_buffer | None, key_width): where get_read finds slots' key records"},
     {"insert", (PyCFunction)Table_insert, METH_O, "insert(entry): add under its (free) key"},

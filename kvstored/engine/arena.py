@@ -214,8 +214,8 @@ class Arena:
 
     # -- key areas -------------------------------------------------------------
     # A slot's record is at its slab's base + key_base + slot number x key_width: a length
-    # byte, then the key. The packed index reads the same layout in C for a get's check
-    # (Index.use_key_area, get_read: native/index.c key_record_holds).
+    # byte, then the key. The packed index writes and reads the same layout in C (every
+    # put, and a get's check: Index.use_key_area, keep_key_in_area, get_read).
     def write_key(self, offset: int, sc: SizeClass, key: bytes) -> bool:
         """Write ``key`` into the key record of the slot at ``offset`` (of class ``sc``);
         False when the class has no key area or the key is too long for a record."""

@@ -32,9 +32,8 @@ class DramTier:
         # index, which keeps every key in RAM, its key records are left unused
         self.arena = Arena(limits.dram_size, limits.slab_size, hugepages=limits.hugepages,
                            key_width=limits.key_area_bytes)
-        self.sheds_keys = index.kind == "packed"
         index.use_slab_size(self.arena.slab_size)  # its slot map is laid out per slab
-        if self.arena.key_width:  # a get compares a keyless entry's key record in C
+        if self.arena.key_width:  # the packed index writes and compares key records in C
             index.use_key_area(self.arena.mmap, self.arena.key_width)
         if limits.prefault:
             self.arena.prefault_in_background()
@@ -95,9 +94,10 @@ class DramTier:
         ``sc``) and leaves RAM (``Index.shed_key(e, dram=True)``), where the class has a
         key area and the key fits a record; else it stays in RAM. Called once the entry is
         linked and announced: the policy's insert and the observer read the key, which
-        they then have without the loader (``Store._key_of``)."""
-        if self.sheds_keys and self.arena.write_key(off, sc, key):
-            self.index.shed_key(e, dram=True)
+        they then have without the loader (``Store._key_of``). The packed index writes the
+        record itself (``keep_key_in_area``: the arena given by ``use_key_area``; the
+        layout of ``Arena.write_key``); the dict index keeps every key in RAM."""
+        self.index.keep_key_in_area(e)
 
     def view(self, e: "Entry") -> memoryview:
         return self.arena.view[e.offset:e.offset + e.size]

@@ -193,6 +193,8 @@ class Index:
         ``use_key_area(arena_buffer | None, key_width)`` (where slots' key records are);
       * ``get_read(ns, key)``: ``get`` for a read of the object's bytes (the packed index
         returns a keyless DRAM entry only if its slot's key record holds ``key``);
+        ``keep_key_in_area(e)``: a DRAM entry's key into its slot's key record, out of RAM
+        (the packed index; False here);
       * track pins: ``note_pin`` / ``drop_pin`` / ``live_pins(now)``;
       * keys out of RAM (the packed index; no-ops here, where every key stays in RAM):
         ``shed_key(e)`` (NVMe-only entries), ``shed_key(e, dram=True)`` (also one with
@@ -243,8 +245,12 @@ class Index:
     get_read = get
 
     def use_key_area(self, arena, key_width: int) -> None:
-        """The packed index reads slots' key records here (get_read); this one keeps keys
-        in RAM."""
+        """The packed index reads and writes slots' key records here (get_read,
+        keep_key_in_area); this one keeps keys in RAM."""
+
+    def keep_key_in_area(self, e: Entry) -> bool:
+        """The packed index moves ``e``'s key into its slot's key record; here it stays."""
+        return False
 
     def present(self, ns: bytes, keys: list) -> list[bool]:
         """For each key: stored and not held back (unverified). The packed index does it

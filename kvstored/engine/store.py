@@ -301,9 +301,8 @@ class Store(RepairHooks):
         counters["put_bytes"] += size
         if self.observer is not None:
             self.observer.stored(e)
-        if arena_keys:  # (DramTier.keep_key_in_arena, inlined: every put)
-            if dram.sheds_keys and self.arena.write_key(off, sc, key):
-                index.shed_key(e, dram=True)
+        if arena_keys:  # (DramTier.keep_key_in_arena, inlined: every put; one C call)
+            index.keep_key_in_area(e)
         if self.nvme is not None:  # maybe_evict has nothing to do without NVMe: no call
             self.maybe_evict()
         return True

@@ -705,16 +705,25 @@ def test_get_read_compares_a_keyless_dram_entrys_key_record():
         ix = PackedIndex(1 << 20)
         pol = NativePolicy(len(arena.classes), ix)
         es = {}
-        for i in range(4):
-            k = b"key-%d" % i
+
+        def record(e):
+            rel = e.offset % arena.slab_size
+            return e.offset - rel + sc.key_base + rel // sc.slot_size * 40
+
+        for i in range(6):
+            k = b"key-%d" % i if i < 5 else b"k" * 40  # the last: too long for a record
             off = arena.alloc(sc)
             e = Entry(b"ns", k, off, 100, CS, sc)
             ix.insert(e)
             ix.place(e)
             pol.insert(e)
-            assert arena.write_key(off, sc, k)
-            ix.shed_key(e, dram=True)
+            arena.mmap[record(e):record(e) + 40] = b"\xff" * 40  # a stale record
+            if i < 2:  # as the Python layout writes it
+                assert arena.write_key(off, sc, k)
+                ix.shed_key(e, dram=True)
             es[k] = e
+        assert not ix.keep_key_in_area(es[b"key-2"])  # no key area told: stays in RAM
+        assert es[b"key-2"].key_in_ram
         with pytest.raises(TypeError):
             ix.get_read(b"ns", "key-0")
         with pytest.raises(ValueError):
@@ -722,6 +731,15 @@ def test_get_read_compares_a_keyless_dram_entrys_key_record():
         # no key area told yet: a keyless DRAM entry cannot be checked, so it misses
         assert ix.get_read(b"ns", b"key-0") is None and ix.get(b"ns", b"key-0") is es[b"key-0"]
         ix.use_key_area(arena.mmap, 40)
+        # the index writes a record in C (every put): the length, the key, zeros after
+        for k in (b"key-2", b"key-3", b"key-4"):
+            e = es[k]
+            assert ix.keep_key_in_area(e) and not e.key_in_ram
+            assert bytes(arena.mmap[record(e):record(e) + 40]) == bytes([len(k)]) + k.ljust(39, b"\0")
+            assert arena.read_key(e.offset, sc) == k
+        assert not ix.keep_key_in_area(es[b"key-4"])  # keyless already
+        long = es.pop(b"k" * 40)
+        assert not ix.keep_key_in_area(long) and long.key_in_ram and ix.get_read(b"ns", long.key) is long
         assert all(ix.get_read(b"ns", k) is e for k, e in es.items())
         assert ix.get_read(b"ns", b"key-9") is None and ix.get_read(b"nx", b"key-0") is None
         # the record rewritten (as a shm client can): only that entry misses
