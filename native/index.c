@@ -1106,7 +1106,11 @@ static int set_refs(Entry *e, PyObject *v, void *c) {
 static PyObject *get_stamp(Entry *e, void *c) {
     if (!e->ix) return PyLong_FromUnsignedLongLong(e->det->stamp);
     DForm *d = df_ptr(e->ix, R(e));
-    return PyLong_FromUnsignedLongLong(d ? stamp_full(e->ix, d->stamp) : 0);
+    /* the sweep keeps only linked records' stamps within the clock's window: an unlinked
+       one never stamped reads 0 (not the window's base); one stamped and left unlinked
+       for 2**28 ticks or more reads wrong, and no decision reads it (a link stamps anew) */
+    if (!d || (R(e)->seg < 0 && d->stamp == 0)) return PyLong_FromLong(0);
+    return PyLong_FromUnsignedLongLong(stamp_full(e->ix, d->stamp));
 }
 /* A stamp past the clock moves the clock there; one older than AGE_CAP is kept as
    clock - AGE_CAP (the policy counts no age past it). */

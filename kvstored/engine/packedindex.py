@@ -19,7 +19,9 @@ namespace in insertion order; keys are at most 255 bytes (the wire allows 128);
 ``Entry.size`` and ``Entry.checksum`` are read-only once inserted (nothing changes
 them); ``Entry.reads`` saturates at 15 (the Store asks "read at all?" and orders the
 shutdown flush by it); ``Entry.stamp`` keeps the eviction clock's low 28 bits and reads
-back whole (the clock's window), an age past 2**27 ticks counting as 2**27 (as
+back whole (the clock's window) while the entry is in an eviction list (an unlinked one
+never stamped reads 0; one unlinked for 2**28 ticks or more reads wrong, and nothing
+decides by it: a link stamps anew), an age past 2**27 ticks counting as 2**27 (as
 ``eviction.Policy`` counts it: ``STAMP_AGE_CAP``); a stamp set past the clock moves the
 clock (the table's, shared with its ``Lru``); ``Entry.refs`` holds 24 bits (16 M readers of one object
 are refused with ValueError); offsets below -1 are refused; a slab's row of the slot map holds its class's

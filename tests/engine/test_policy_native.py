@@ -473,6 +473,10 @@ def test_stamps_read_back_whole_across_the_wrap_and_clamp_past_the_cap():
     assert p.clock == es[2].stamp and es[3].stamp <= p.clock - STAMP_AGE_CAP  # counts as the cap
     es[3].stamp = 1
     assert es[3].stamp == p.clock - STAMP_AGE_CAP
+    # an entry never linked reads 0 past the wrap too (it read the window's base, 2**28 x n)
+    fresh = ix.Entry(NS, b"fresh", 1024 * 7, 100, 0, sc0)
+    ix.insert(fresh)
+    assert p.clock > 1 << 28 and fresh.stamp == 0 and fresh.seg == NONE
 
 
 def _aged_pair(kind: str):
