@@ -89,6 +89,19 @@ def packed_breakdown(ix, n: int) -> list[tuple[str, float]]:
              (fp.get("refs_table", 0) + fp.get("aside_table", 0)) / n)]  # (none before session 18)
 
 
+
+def report_index_alone(ix, a, names, n: int, grown: int, rows: int | None = None) -> None:
+    """What the index-alone modes print after their first line: RSS per object, probes,
+    then gets and the breakdown (its first ``rows`` rows) when asked."""
+    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / n:.1f} bytes/object held")
+    longest, hit, miss = ix.probes()
+    print(f"probes: longest {longest}, mean hit {hit:.2f}, mean miss {miss:.2f} slots "
+          f"(table load {n / (ix.footprint()['table'] / 4):.2f})")
+    if a.gets:
+        index_gets(ix, a, names)
+    if a.breakdown:
+        print_rows(packed_breakdown(ix, n)[:rows])
+
 def index_gets(ix, a, names) -> None:
     """--gets with an index-alone mode: hits spread over the keys added, then misses."""
     step = max(1, a.objects // a.gets) | 1
@@ -149,14 +162,7 @@ def dram_keyless(a) -> None:
     assert n == a.objects and fp["keyless"] == n and pol.resident == n
     print(f"index packed, DRAM-resident keyless{' + NVMe copy' if a.nvme_too else ''}  objects {n}  namespaces {a.namespaces}  "
           f"insert+place+link+shed {dt / n * 1e6:.2f} us/object (CPU {cpu / n * 1e6:.2f} us)")
-    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / n:.1f} bytes/object held")
-    longest, hit, miss = ix.probes()
-    print(f"probes: longest {longest}, mean hit {hit:.2f}, mean miss {miss:.2f} slots "
-          f"(table load {n / (fp['table'] / 4):.2f})")
-    if a.gets:
-        index_gets(ix, a, names)
-    if a.breakdown:
-        print_rows(packed_breakdown(ix, n))
+    report_index_alone(ix, a, names, n, grown)
 
 
 def keyless(a) -> None:
@@ -186,14 +192,7 @@ def keyless(a) -> None:
     assert n == a.objects
     print(f"index packed, {'keyed' if a.keep_keys else 'keyless'} NVMe-only  objects {n}  namespaces {a.namespaces}  add "
           f"{dt / n * 1e6:.2f} us/object (CPU {cpu / n * 1e6:.2f} us)")
-    print(f"RssAnon grew {grown / 2**20:.1f} MiB: {grown / n:.1f} bytes/object held")
-    longest, hit, miss = ix.probes()
-    print(f"probes: longest {longest}, mean hit {hit:.2f}, mean miss {miss:.2f} slots "
-          f"(table load {n / (ix.footprint()['table'] / 4):.2f})")
-    if a.gets:
-        index_gets(ix, a, names)
-    if a.breakdown:
-        print_rows(packed_breakdown(ix, n)[:4])
+    report_index_alone(ix, a, names, n, grown, rows=4)
 
 
 def breakdown(store: Store, ns: bytes, key: bytes, n: int) -> list[tuple[str, float]]:

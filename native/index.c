@@ -1691,23 +1691,32 @@ static int entry_arg(PyObject *o, Entry **e) {
     return 0;
 }
 
-static PyObject *Table_get(Table *t, PyObject *const *args, Py_ssize_t n) {
-    READY(t, NULL);
+/* The record of (ns, key) in args (get and get_read): 1 and *rec when found, 0 when not,
+   -1 with an exception (args not two bytes: the TypeError names ``call``). */
+static int lookup_args(Table *t, PyObject *const *args, Py_ssize_t n, const char *call,
+                       uint32_t *rec) {
     if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "get(ns: bytes, key: bytes)");
-        return NULL;
+        PyErr_Format(PyExc_TypeError, "%s(ns: bytes, key: bytes)", call);
+        return -1;
     }
     Py_ssize_t kl = PyBytes_GET_SIZE(args[1]);
-    if (kl > MAX_KEY) Py_RETURN_NONE;
+    if (kl > MAX_KEY) return 0;
     int ns = space_id(t, args[0], 0);
-    if (ns < 0) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
-    }
+    if (ns < 0) return PyErr_Occurred() ? -1 : 0;
     const char *k = PyBytes_AS_STRING(args[1]);
     int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
-    if (i < 0) Py_RETURN_NONE;
-    return view_of(t, t->slots[i] - 1);
+    if (i < 0) return 0;
+    *rec = t->slots[i] - 1;
+    return 1;
+}
+
+static PyObject *Table_get(Table *t, PyObject *const *args, Py_ssize_t n) {
+    READY(t, NULL);
+    uint32_t rec;
+    int got = lookup_args(t, args, n, "get", &rec);
+    if (got < 0) return NULL;
+    if (!got) Py_RETURN_NONE;
+    return view_of(t, rec);
 }
 
 /* Record of (namespace id ns, key), -1 when absent, -2 with a TypeError (key not bytes). */
@@ -2464,24 +2473,13 @@ static PyObject *Table_keep_key_in_area(Table *t, PyObject *o) {
    is returned as ``get`` does (its read compares the key on the record's header). */
 static PyObject *Table_get_read(Table *t, PyObject *const *args, Py_ssize_t n) {
     READY(t, NULL);
-    if (n != 2 || !PyBytes_Check(args[0]) || !PyBytes_Check(args[1])) {
-        PyErr_SetString(PyExc_TypeError, "get_read(ns: bytes, key: bytes)");
-        return NULL;
-    }
-    Py_ssize_t kl = PyBytes_GET_SIZE(args[1]);
-    if (kl > MAX_KEY) Py_RETURN_NONE;
-    int ns = space_id(t, args[0], 0);
-    if (ns < 0) {
-        if (PyErr_Occurred()) return NULL;
-        Py_RETURN_NONE;
-    }
-    const char *k = PyBytes_AS_STRING(args[1]);
-    int64_t i = find(t, (uint16_t)ns, k, (size_t)kl, fp_of(t, (uint16_t)ns, k, (size_t)kl));
-    if (i < 0) Py_RETURN_NONE;
-    uint32_t rec = t->slots[i] - 1;
+    uint32_t rec;
+    int got = lookup_args(t, args, n, "get_read", &rec);
+    if (got < 0) return NULL;
+    if (!got) Py_RETURN_NONE;
     Rec *r = &t->recs[rec];
     if ((r->flags & F_KEYLESS) && off_units(t, r) != OFF_NONE &&
-        !key_record_holds(t, rec, k, (size_t)kl))
+        !key_record_holds(t, rec, PyBytes_AS_STRING(args[1]), (size_t)PyBytes_GET_SIZE(args[1])))
         Py_RETURN_NONE;
     return view_of(t, rec);
 }

@@ -85,6 +85,17 @@ class Events:
         pass
 
 
+async def put_through(s: Store, ids) -> None:
+    """Puts object i of ``ids`` (4 KiB each) with reserve_wait -> fill -> commit, letting
+    the loop run every 50 puts so demotions keep up."""
+    for i in ids:
+        res = await s.reserve_wait(NS, key(i), 4 * KiB, checksum(val(i)))
+        res.view[:] = val(i)
+        s.commit(res)
+        if i % 50 == 0:
+            await asyncio.sleep(0)
+
+
 def in_ram(s: Store, k: bytes) -> bool:
     return s.index.get(NS, k).key_in_ram
 
@@ -330,12 +341,7 @@ def test_keys_follow_objects_through_demotion_and_promotion(tmp_path, index_kind
         c = Client(s) if index_kind == "packed" else None
         try:
             n = 700  # 4 KiB each: ~2.8 MiB through 2 MiB of DRAM
-            for i in range(n):
-                res = await s.reserve_wait(NS, key(i), 4 * KiB, checksum(val(i)))
-                res.view[:] = val(i)
-                s.commit(res)
-                if i % 50 == 0:
-                    await asyncio.sleep(0)
+            await put_through(s, range(n))
             await s.drain_tasks(10)
             cold = [e for e in s.index.iterate() if e.offset < 0]
             warm = [e for e in s.index.iterate() if e.offset >= 0]
@@ -367,12 +373,7 @@ def test_keys_follow_objects_through_demotion_and_promotion(tmp_path, index_kind
             fresh = key(n + 100)
             s.put_bytes(NS, fresh, val(n + 100))
             c.write(fresh, b"\x20" + b"\x11" * 32)
-            for i in range(n + 101, n + 700):
-                res = await s.reserve_wait(NS, key(i), 4 * KiB, checksum(val(i)))
-                res.view[:] = val(i)
-                s.commit(res)
-                if i % 50 == 0:
-                    await asyncio.sleep(0)
+            await put_through(s, range(n + 101, n + 700))
             await s.drain_tasks(10)
             assert s.index.get(NS, fresh) is None  # dropped at its eviction, nothing raised
             assert s.nvme.counters["demotion_failures"] == 0

@@ -303,10 +303,19 @@ def test_buffer_owner_released_during_a_reap_may_call_back_into_the_ring(tmp_pat
     """A completion's buffer owner freed while the ring reaps runs Python (its __del__ here; the
     GC in general) that may reap, wait, queue more work or close the ring: every completion is
     returned exactly once, nothing is freed twice and a close under the reap is safe."""
+    _run_ring_script(_REENTRY, tmp_path / "r.dat", 120, "a reap with re-entering owners hung")
+
+
+def _run_ring_script(script: str, path, timeout: float, hung: str) -> None:
+    """Runs ``script`` (it prints "ok") in a child process: a wait that hangs fails the
+    test with ``hung`` instead of hanging the run."""
     _ring_or_skip().close()
     import sys
-    done = subprocess.run([sys.executable, "-c", _REENTRY, str(tmp_path / "r.dat")],
-                          capture_output=True, text=True, timeout=120)
+    try:
+        done = subprocess.run([sys.executable, "-c", script, str(path)],
+                              capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        pytest.fail(hung)
     assert done.returncode == 0 and done.stdout.strip() == "ok", (
         f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
 
@@ -328,15 +337,8 @@ def test_wait_submits_what_is_queued_first(tmp_path):
     """An op prepped and not submitted counts in ``inflight``: wait() submits it before it
     blocks. It used to wait for it for ever (the re-entry test above hung now and then when
     a released owner's Python queued a write during a reap: 4 of 35 runs in session 17)."""
-    _ring_or_skip().close()
-    import sys
-    try:
-        done = subprocess.run([sys.executable, "-c", _WAIT_UNSUBMITTED, str(tmp_path / "w.dat")],
-                              capture_output=True, text=True, timeout=30)
-    except subprocess.TimeoutExpired:
-        pytest.fail("wait() never returned for an op that was prepped and not submitted")
-    assert done.returncode == 0 and done.stdout.strip() == "ok", (
-        f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    _run_ring_script(_WAIT_UNSUBMITTED, tmp_path / "w.dat", 30,
+                     "wait() never returned for an op that was prepped and not submitted")
 
 
 _WAIT_REFUSED_SUBMIT = r'''
@@ -390,15 +392,8 @@ def test_wait_waits_only_for_what_the_kernel_took(tmp_path):
     ops it did take, retries the submit a bounded number of times when it took none, then
     raises BlockingIOError with the ops still queued. It used to wait for the refused ops too,
     for ever (found by session 17's review)."""
-    _ring_or_skip().close()
-    import sys
-    try:
-        done = subprocess.run([sys.executable, "-c", _WAIT_REFUSED_SUBMIT, str(tmp_path / "w.dat")],
-                              capture_output=True, text=True, timeout=60)
-    except subprocess.TimeoutExpired:
-        pytest.fail("wait() hung on ops whose submit the kernel refused")
-    assert done.returncode == 0 and done.stdout.strip() == "ok", (
-        f"rc={done.returncode}\n{done.stdout[-2000:]}\n{done.stderr[-4000:]}")
+    _run_ring_script(_WAIT_REFUSED_SUBMIT, tmp_path / "w.dat", 60,
+                     "wait() hung on ops whose submit the kernel refused")
 
 
 def _in_io_uring_enter(tid: int) -> bool:
