@@ -39,7 +39,9 @@ class DramTier:
             self.arena.prefault_in_background()
         self.policy = make_policy(len(self.arena.classes), index)
         self.objects = 0  # committed entries holding a slot
-        self.demoting_bytes = 0  # bytes being written to NVMe (their slots free afterwards)
+        # arena bytes (slot footprints, as Arena.used_bytes counts them) of objects being
+        # written to NVMe: their slots free once written, so evict_down counts them gone
+        self.demoting_bytes = 0
         self._draining = None  # the slab being emptied for another class, if any
         # while alloc evicts for a slot of this class: the victim's slot, handed over as
         # it is freed (not freed and allocated again; see alloc)

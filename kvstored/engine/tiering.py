@@ -106,7 +106,9 @@ class Tiering:
 
     def _start_demotion(self, e: Entry, size: int, key: bytes) -> None:
         e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
-        self.dram.demoting_bytes += size
+        # what the arena counts used for its slot (slot and key record: SizeClass.footprint),
+        # so evict_down stops at its target, not past it by the slots' slack
+        self.dram.demoting_bytes += e.sc.footprint
         nvme = self.nvme
         seq = nvme.seq  # (next_seq, inlined)
         nvme.seq = seq + 1
@@ -224,7 +226,7 @@ class Tiering:
             ns, key = e.ns, e.key
         nvme.writing_ends(ns, key, seq)
         dram = self.dram
-        dram.demoting_bytes -= e.size
+        dram.demoting_bytes -= e.sc.footprint
         refs = e.refs - 1
         e.refs = refs
         if e.state == DEAD:  # deleted or overwritten meanwhile

@@ -297,7 +297,7 @@ def test_a_batch_frees_dram_as_each_of_its_writes_lands(tmp_path):
             await until(lambda: all(e.offset < 0 for e in first), "the first write's objects left DRAM")
             rest = [s.index.get(NS, b"k%d" % i) for i in range(per_write, n)]
             assert all(e.offset >= 0 and e.nvme is None for e in rest)  # still in flight
-            assert s.dram.demoting_bytes == len(rest) * size
+            assert s.dram.demoting_bytes == len(rest) * rest[0].sc.footprint  # the slots' bytes
             gated.release()
             await settle(s)
             assert all(e.offset < 0 and e.nvme is not None for e in rest)
@@ -341,7 +341,7 @@ def test_a_batch_of_interleaved_sizes_completes_each_record_once(tmp_path):
             gated.release(1)  # the small objects' run (reserved first)
             await until(lambda: all(e.offset < 0 for e in small), "the small objects' write landed")
             assert all(e.offset >= 0 and e.nvme is None for e in large)  # theirs is in flight
-            assert s.dram.demoting_bytes == n * LARGE
+            assert s.dram.demoting_bytes == n * large[0].sc.footprint
             gated.release()
             await settle(s)
             assert all(e.offset < 0 and e.nvme is not None for e in large)

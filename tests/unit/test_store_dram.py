@@ -41,7 +41,7 @@ class Tier:
         self.evicted.append(e.key)
         if self.demote:  # as tiering does: a reference keeps the slot while it is written
             e.refs += 1
-            self.dram.demoting_bytes += e.size
+            self.dram.demoting_bytes += e.sc.footprint
             self.demoting.append(e)
             return False
         self.index.remove(e)
@@ -52,7 +52,7 @@ class Tier:
     def finish_demotions(self) -> None:
         for e in self.demoting:
             e.refs -= 1
-            self.dram.demoting_bytes -= e.size
+            self.dram.demoting_bytes -= e.sc.footprint
             self.dram.drop_copy(e)
         self.demoting.clear()
 
@@ -98,7 +98,7 @@ def test_a_demotion_in_flight_frees_its_slot_only_when_written(t):
     t.fill()
     t.demote = True
     assert t.put(b"new") is None  # victims are being written: nothing free yet
-    assert t.demoting and t.dram.demoting_bytes == len(t.demoting) * OBJ
+    assert t.demoting and t.dram.demoting_bytes == len(t.demoting) * t.demoting[0].sc.footprint
     started = len(t.demoting)
     t.finish_demotions()
     assert t.dram.objects == 16 - started and t.dram.demoting_bytes == 0
@@ -167,6 +167,28 @@ def test_evict_down_goes_from_the_high_watermark_to_the_low_one():
         assert t.dram.arena.used_bytes == t.dram.arena.size  # not written yet
         t.finish_demotions()
         assert t.dram.arena.used_bytes == 0.5 * t.dram.arena.size
+    finally:
+        t.close()
+
+
+def test_demotions_in_flight_count_their_slots_not_their_sizes():
+    """Objects of 200 KiB in 224 KiB slots (the arena counts slots, and key records where a
+    class keeps them: SizeClass.footprint): the demotions evict_down starts count their
+    slots' bytes as gone, so it stops at the low watermark, as plain evictions do. Counted
+    by object size it demoted 16 where 14 reach the target (the slots' slack)."""
+    t = Tier(dram=8 * MiB, high_watermark=0.75, low_watermark=0.5)
+    try:
+        es = [t.put(b"k%02d" % i, 200 * KiB) for i in range(32)]
+        es = [e for e in es if e is not None]
+        fp = es[0].sc.footprint
+        assert fp > 200 * KiB and t.dram.arena.used_bytes == len(es) * fp
+        t.demote = True
+        used, target = t.dram.arena.used_bytes, 0.5 * t.dram.arena.size
+        n = t.dram.evict_down()
+        assert n == -(-(used - target) // fp)  # the fewest that reach the target
+        assert t.dram.demoting_bytes == n * fp
+        t.finish_demotions()
+        assert t.dram.demoting_bytes == 0 and t.dram.arena.used_bytes <= target
     finally:
         t.close()
 
