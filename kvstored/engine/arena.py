@@ -19,7 +19,6 @@ import ctypes
 import logging
 import mmap
 import os
-import struct
 import threading
 import time
 
@@ -118,9 +117,9 @@ class Arena:
         self.view = memoryview(self.mmap)
         self.slabs = [Slab(i, i * slab_size) for i in range(nslabs)]
         self.free_slabs: list[Slab] = list(reversed(self.slabs))
-        self.key_width = key_width  # bytes of a slot's key record (0: no key areas)
-        # a record: its length byte, then the key zero-padded (a write leaves no stale byte)
-        self._key_record = struct.Struct(f"B{key_width - 1}s") if key_width else None
+        # bytes of a slot's key record (0: no key areas): its length byte, then the key
+        # zero-padded (the packed index writes them: Index.keep_key_in_area)
+        self.key_width = key_width
         self.classes = [SizeClass(i, s, slab_size, key_width)
                         for i, s in enumerate(size_classes(slab_size))]
         self._class_sizes = [c.slot_size for c in self.classes]
@@ -214,20 +213,8 @@ class Arena:
 
     # -- key areas -------------------------------------------------------------
     # A slot's record is at its slab's base + key_base + slot number x key_width: a length
-    # byte, then the key. The packed index writes and reads the same layout in C (every
-    # put, and a get's check: Index.use_key_area, keep_key_in_area, get_read).
-    def write_key(self, offset: int, sc: SizeClass, key: bytes) -> bool:
-        """Write ``key`` into the key record of the slot at ``offset`` (of class ``sc``);
-        False when the class has no key area or the key is too long for a record."""
-        base = sc.key_base
-        n = len(key)
-        if not base or n >= self.key_width:
-            return False
-        rel = offset % self.slab_size
-        self._key_record.pack_into(self.mmap, offset - rel + base + rel // sc.slot_size
-                                   * self.key_width, n, key)
-        return True
-
+    # byte, then the key, zero-padded. The packed index writes and reads the same layout in
+    # C (every put, and a get's check: Index.use_key_area, keep_key_in_area, get_read).
     def read_key(self, offset: int, sc: SizeClass) -> bytes | None:
         """The bytes in the key record of the slot at ``offset`` of class ``sc``, unchecked
         (a client may have rewritten them: the caller verifies); None where its class has

@@ -98,7 +98,7 @@ class DramTier:
         linked and announced: the policy's insert and the observer read the key, which
         they then have without the loader (``Store._key_of``). The packed index writes the
         record itself (``keep_key_in_area``: the arena given by ``use_key_area``; the
-        layout of ``Arena.write_key``); the dict index keeps every key in RAM."""
+        layout ``Arena.read_key`` reads); the dict index keeps every key in RAM."""
         self.index.keep_key_in_area(e)
 
     def view(self, e: "Entry") -> memoryview:
