@@ -2037,17 +2037,24 @@ static PyObject *Table_remove(Table *t, PyObject *o) {
    beside the copy: the arena's key area, read back by the key loader); every field of
    its DRAM part stays (offset, readers, links, stamp, read count). It needs a DRAM copy
    or an NVMe location (else the key would be nowhere). */
+/* A vectorcall of (obj, flag=False): the flag's truth (0 when not given), or -1 with a
+   TypeError naming ``usage`` (no obj, too many arguments, another keyword). */
+static int flag_arg(PyObject *const *args, Py_ssize_t n, PyObject *kwnames, const char *kw,
+                    const char *usage) {
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
+    if (n < 1 || n + nkw > 2 ||
+        (nkw && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), kw) != 0)) {
+        PyErr_SetString(PyExc_TypeError, usage);
+        return -1;
+    }
+    return n + nkw == 2 ? PyObject_IsTrue(args[1]) : 0;
+}
+
 static int shed_rec(Table *t, uint32_t rec, int dram);
 
 static PyObject *Table_shed_key(Table *t, PyObject *const *args, Py_ssize_t n, PyObject *kwnames) {
     READY(t, NULL);
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (n < 1 || n + nkw > 2 ||
-        (nkw && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "dram") != 0)) {
-        PyErr_SetString(PyExc_TypeError, "shed_key(entry, dram=False)");
-        return NULL;
-    }
-    int dram = n + nkw == 2 ? PyObject_IsTrue(args[1]) : 0;
+    int dram = flag_arg(args, n, kwnames, "dram", "shed_key(entry, dram=False)");
     if (dram < 0) return NULL;
     Entry *e;
     if (entry_arg(args[0], &e) < 0) return NULL;
@@ -3550,13 +3557,7 @@ static PyObject *Lru_touch_chain(Lru *p, PyObject *entries) {
 
 static PyObject *Lru_remove(Lru *p, PyObject *const *args, Py_ssize_t n, PyObject *kwnames) {
     if (lru_ready(p) < 0) return NULL;
-    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
-    if (n < 1 || n + nkw > 2 ||
-        (nkw && PyUnicode_CompareWithASCIIString(PyTuple_GET_ITEM(kwnames, 0), "evicted") != 0)) {
-        PyErr_SetString(PyExc_TypeError, "remove(entry, evicted=False)");
-        return NULL;
-    }
-    int evicted = n + nkw == 2 ? PyObject_IsTrue(args[1]) : 0;
+    int evicted = flag_arg(args, n, kwnames, "evicted", "remove(entry, evicted=False)");
     if (evicted < 0) return NULL;
     int64_t rec = lru_rec(p, args[0]);
     if (rec < 0) return NULL;
