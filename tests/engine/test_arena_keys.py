@@ -23,6 +23,7 @@ from kvstored.engine import Store, StoreLimits
 from kvstored.engine.arena import Arena, size_classes
 from kvstored.engine.entries import DEAD
 from kvstored.engine.nvme import NvmeDevice, NvmeTier
+from test_store import read  # (DRAM-resident objects, through a read reference)
 
 KiB, MiB = 1 << 10, 1 << 20
 NS = b"ns"
@@ -98,14 +99,6 @@ async def put_through(s: Store, ids) -> None:
 
 def in_ram(s: Store, k: bytes) -> bool:
     return s.index.get(NS, k).key_in_ram
-
-
-def read(s: Store, k: bytes) -> bytes:
-    e = s.acquire(NS, k)
-    try:
-        return bytes(s.view(e))
-    finally:
-        s.release(e)
 
 
 # ------------------------------------------------------------------ layout

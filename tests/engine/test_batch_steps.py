@@ -8,6 +8,7 @@ import pytest
 from kvstore.errors import InvalidArgument
 from kvstored.engine import store as store_mod
 from kvstored.engine.store import Store, StoreLimits, run_steps
+from test_store import read  # (DRAM-resident objects, through a read reference)
 
 MiB = 1 << 20
 NS = b"ns"
@@ -25,14 +26,6 @@ def filled() -> tuple[Store, list[bytes]]:
     for i, k in enumerate(keys):
         s.put_bytes(NS, k, bytes([i % 251]) * 100)
     return s, keys
-
-
-def read(s: Store, key: bytes) -> bytes:
-    e = s.acquire(NS, key)
-    try:
-        return bytes(s.view(e))
-    finally:
-        s.release(e)
 
 
 def stamps(s: Store, keys) -> list[int]:
