@@ -303,9 +303,21 @@ static SEnt *s_find(SMap *m, uint32_t rec) {
     }
 }
 
+/* Test hook (module function _fail_allocs(n)): the next n side-table allocations fail
+   as out of memory (an SMap's rebuild, an insert into the nvside or wide dict), so the
+   tests reach the MemoryError paths that must leave a record as it was. Checked only
+   where a side table allocates (rare states), never on a lookup or a list step. */
+static Py_ssize_t fail_allocs;
+
+static inline int side_alloc_fails(void) {
+    if (fail_allocs <= 0) return 0;
+    fail_allocs--;
+    return 1;
+}
+
 /* Rebuilt with ncap slots (a power of two >= 16); -1 leaves it as it was. */
 static int s_resize(SMap *m, uint32_t ncap) {
-    SEnt *ne = PyMem_RawCalloc(ncap, sizeof(SEnt));
+    SEnt *ne = side_alloc_fails() ? NULL : PyMem_RawCalloc(ncap, sizeof(SEnt));
     if (!ne) return -1;
     if (m->e)
         for (uint32_t i = 0; i <= m->mask; i++) {
@@ -775,6 +787,7 @@ static int64_t rec_alloc(Table *t) {
 }
 
 static void dict_pop_rec(PyObject *d, uint32_t rec);
+static int side_dict_set(PyObject *d, uint32_t rec, PyObject *v);
 
 static inline uint64_t off_units(Table *t, Rec *r) {
     DForm *d = df_ptr(t, r);
@@ -782,6 +795,7 @@ static inline uint64_t off_units(Table *t, Rec *r) {
 }
 
 static void slot_clear(Table *t, uint32_t rec);
+static void slot_clear_at(Table *t, uint32_t rec, int64_t off);
 
 static int64_t rec_offset(Table *t, uint32_t rec) {
     uint64_t o = off_units(t, &t->recs[rec]);
@@ -795,32 +809,42 @@ static int64_t rec_offset(Table *t, uint32_t rec) {
     return x;
 }
 
+/* 0, or -1 with MemoryError and the record as it was: what may fail (the wide dict's
+   insert, a keyless record's DRAM form) comes before the old offset's slot and side
+   entry go. */
 static int rec_set_offset(Table *t, uint32_t rec, int64_t off) {
+    int64_t old = rec_offset(t, rec);
+    int was_wide = off_units(t, &t->recs[rec]) == OFF_WIDE;
+    uint64_t u = OFF_NONE;
+    DForm *d = NULL;
+    if (off >= 0) {
+        u = OFF_WIDE;
+        if (off % OFF_UNIT == 0 && (uint64_t)(off / OFF_UNIT) < OFF_WIDE) {
+            u = (uint64_t)(off / OFF_UNIT);
+        } else {
+            /* replaces a wide old offset in place: the failure below cannot follow then
+               (a wide offset's record has its DRAM form) */
+            PyObject *v = PyLong_FromLongLong(off);
+            int bad = !v || side_dict_set(t->wide, rec, v) < 0;
+            Py_XDECREF(v);
+            if (bad) return -1;
+        }
+        /* a keyless record turns to its DRAM form here (promotion) */
+        if (!(d = df_for_write(t, rec))) {
+            if (u == OFF_WIDE) dict_pop_rec(t->wide, rec);
+            return -1;
+        }
+    }
     /* the slot it leaves must not keep pointing at it: once the record is freed and its
        number reused, at(old offset) would return another object (callers displace first;
        this makes a missed displace harmless) */
-    if (rec_offset(t, rec) != off) slot_clear(t, rec);
-    if (off_units(t, &t->recs[rec]) == OFF_WIDE) dict_pop_rec(t->wide, rec);
+    if (old != off) slot_clear_at(t, rec, old);
+    if (was_wide && u != OFF_WIDE) dict_pop_rec(t->wide, rec);
     if (off < 0) {
-        DForm *d = df_ptr(t, &t->recs[rec]);
+        d = df_ptr(t, &t->recs[rec]);
         if (d) d->off = OFF_NONE;
         df_settle(t, rec);
         return 0;
-    }
-    uint64_t u = OFF_WIDE;
-    if (off % OFF_UNIT == 0 && (uint64_t)(off / OFF_UNIT) < OFF_WIDE) {
-        u = (uint64_t)(off / OFF_UNIT);
-    } else {
-        PyObject *k = PyLong_FromUnsignedLong(rec), *v = PyLong_FromLongLong(off);
-        int bad = !k || !v || PyDict_SetItem(t->wide, k, v) < 0;
-        Py_XDECREF(k); Py_XDECREF(v);
-        if (bad) return -1;
-    }
-    /* a keyless record turns to its DRAM form here (promotion) */
-    DForm *d = df_for_write(t, rec);
-    if (!d) {
-        if (u == OFF_WIDE) dict_pop_rec(t->wide, rec);
-        return -1;
     }
     d->off = u;
     return 0;
@@ -832,8 +856,10 @@ static Row *row_of(Table *t, int64_t off, uint64_t *slab, int64_t *rel) {
     return *slab < t->nrows && t->rows[*slab].recs ? &t->rows[*slab] : NULL;
 }
 
-static void slot_clear(Table *t, uint32_t rec) {
-    int64_t off = rec_offset(t, rec);
+static void slot_clear(Table *t, uint32_t rec) { slot_clear_at(t, rec, rec_offset(t, rec)); }
+
+/* rec's slot at DRAM offset off (its current one, or the one it leaves) is emptied */
+static void slot_clear_at(Table *t, uint32_t rec, int64_t off) {
     if (off < 0) return;
     uint64_t slab; int64_t rel;
     Row *row = row_of(t, off, &slab, &rel);
@@ -859,6 +885,17 @@ static PyObject *dict_take_rec(PyObject *d, uint32_t rec) {
     if (PyErr_Occurred()) PyErr_Clear();
     Py_XDECREF(k);
     return v;
+}
+
+/* d[rec] = v for a side dict (nvside, wide): 0, or -1 with MemoryError and d as it was.
+   An old value under rec is replaced; it is an int or a Location (the caller holds a
+   Location it replaces: its release may run Python). */
+static int side_dict_set(PyObject *d, uint32_t rec, PyObject *v) {
+    if (side_alloc_fails()) { PyErr_NoMemory(); return -1; }
+    PyObject *k = PyLong_FromUnsignedLong(rec);
+    int rc = k ? PyDict_SetItem(d, k, v) : -1;
+    Py_XDECREF(k);
+    return rc;
 }
 
 /* Free a record that left the table and has no view. The side tables' values (a pin
@@ -1374,6 +1411,9 @@ static int attr_ull(PyObject *o, int which, unsigned long long *out) {
     return 0;
 }
 
+/* 0, or -1 with an exception and the entry's location as it was: the new location is
+   stored (the aside table's entry, the side dict's) before the old one goes, so a
+   MemoryError never leaves an object on NVMe that the index cannot find. */
 static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
     unsigned long long reg = 0, off = 0, len = 0, cs = 0, gen = 0;
     /* the attributes first: getattr may run Python code (which may grow the record
@@ -1388,33 +1428,50 @@ static int nvme_store(Table *t, uint32_t rec, PyObject *v) {
         return -1;
     }
     Rec *r = &t->recs[rec];
-    if (r->flags & F_NVSIDE) dict_pop_rec(t->nvside, rec);
-    nv_clear(t, rec);
-    r = &t->recs[rec];
-    r->flags &= ~(F_NVME | F_NVSIDE);
-    if (v == Py_None) return 0;
-    int ok = t->loctype != Py_None && Py_IS_TYPE(v, (PyTypeObject *)t->loctype) &&
-             off % NVME_BLOCK == 0 && len == r->size && cs == r->checksum && gen <= 0xFFFFFFFFULL;
-    if (ok && t->nv_region) {
-        /* the device's geometry is known: (region: 32 bits, block in it: 16 bits), so a
-           drive of any size packs (before it, past 65535 regions or 16 TiB did not) */
-        unsigned long long base = (unsigned long long)t->nv_start + reg * (unsigned long long)t->nv_region;
-        if (reg < 0xFFFFFFFFULL && reg <= (~0ULL - (unsigned long long)t->nv_start) / (unsigned long long)t->nv_region &&
-            off >= base && off - base < (unsigned long long)t->nv_region) {
-            if (nv_set(t, rec, (uint32_t)reg, (uint32_t)gen, (uint16_t)((off - base) / NVME_BLOCK)) < 0)
-                return -1;
-            t->recs[rec].flags |= F_NVME;
-            return 0;
-        }
-    } else if (ok && reg < 0xFFFF && off / NVME_BLOCK < 0xFFFFFFFFULL) {
-        if (nv_set(t, rec, (uint32_t)(off / NVME_BLOCK), (uint32_t)gen, (uint16_t)reg) < 0) return -1;
-        t->recs[rec].flags |= F_NVME;
-        return 0;
+    /* the old side dict Location is held until the record is consistent: its release
+       may run Python (a __del__) */
+    PyObject *old = NULL;
+    if (r->flags & F_NVSIDE) {
+        PyObject *k = PyLong_FromUnsignedLong(rec);
+        old = k ? PyDict_GetItemWithError(t->nvside, k) : NULL;
+        Py_XDECREF(k);
+        if (!old && PyErr_Occurred()) return -1;
+        Py_XINCREF(old);
     }
-    PyObject *k = PyLong_FromUnsignedLong(rec);
-    if (!k || PyDict_SetItem(t->nvside, k, v) < 0) { Py_XDECREF(k); return -1; }
-    Py_DECREF(k);
-    t->recs[rec].flags |= F_NVME | F_NVSIDE;
+    int packed = 0;
+    uint32_t pblk = 0, pgen = 0;
+    uint16_t preg = 0;
+    if (v != Py_None && t->loctype != Py_None && Py_IS_TYPE(v, (PyTypeObject *)t->loctype) &&
+        off % NVME_BLOCK == 0 && len == r->size && cs == r->checksum && gen <= 0xFFFFFFFFULL) {
+        if (t->nv_region) {
+            /* the device's geometry is known: (region: 32 bits, block in it: 16 bits), so a
+               drive of any size packs (before it, past 65535 regions or 16 TiB did not) */
+            unsigned long long base = (unsigned long long)t->nv_start + reg * (unsigned long long)t->nv_region;
+            if (reg < 0xFFFFFFFFULL && reg <= (~0ULL - (unsigned long long)t->nv_start) / (unsigned long long)t->nv_region &&
+                off >= base && off - base < (unsigned long long)t->nv_region) {
+                packed = 1;
+                pblk = (uint32_t)reg; pgen = (uint32_t)gen; preg = (uint16_t)((off - base) / NVME_BLOCK);
+            }
+        } else if (reg < 0xFFFF && off / NVME_BLOCK < 0xFFFFFFFFULL) {
+            packed = 1;
+            pblk = (uint32_t)(off / NVME_BLOCK); pgen = (uint32_t)gen; preg = (uint16_t)reg;
+        }
+    }
+    if (packed) {
+        /* inline, or the aside table's entry (the old one's, else a new one) */
+        if (nv_set(t, rec, pblk, pgen, preg) < 0) { Py_XDECREF(old); return -1; }
+        if (old) dict_pop_rec(t->nvside, rec);  /* held: not released here */
+        t->recs[rec].flags = (t->recs[rec].flags & ~F_NVSIDE) | F_NVME;
+    } else if (v != Py_None) {
+        if (side_dict_set(t->nvside, rec, v) < 0) { Py_XDECREF(old); return -1; }
+        nv_clear(t, rec);
+        t->recs[rec].flags |= F_NVME | F_NVSIDE;
+    } else {
+        if (old) dict_pop_rec(t->nvside, rec);
+        nv_clear(t, rec);
+        t->recs[rec].flags &= ~(F_NVME | F_NVSIDE);
+    }
+    Py_XDECREF(old);
     return 0;
 }
 
@@ -3910,9 +3967,21 @@ static PyObject *mod_set_full_error(PyObject *m, PyObject *cls) {
     Py_RETURN_NONE;
 }
 
+/* _fail_allocs(n): tests only (fail_allocs above) */
+static PyObject *mod_fail_allocs(PyObject *m, PyObject *v) {
+    Py_ssize_t n = PyLong_AsSsize_t(v);
+    if (n == -1 && PyErr_Occurred()) return NULL;
+    if (n < 0) return PyErr_Format(PyExc_ValueError, "_fail_allocs: n must be >= 0, not %zd", n);
+    fail_allocs = n;
+    Py_RETURN_NONE;
+}
+
 static PyMethodDef mod_methods[] = {
     {"set_full_error", (PyCFunction)mod_set_full_error, METH_O,
      "set_full_error(cls): the OverflowError subclass raised when the index is full"},
+    {"_fail_allocs", (PyCFunction)mod_fail_allocs, METH_O,
+     "_fail_allocs(n): tests only; the next n side-table allocations (an SMap's rebuild, an "
+     "insert into the nvside or wide dict) fail with MemoryError; 0 ends it"},
     {NULL}
 };
 

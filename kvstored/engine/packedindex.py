@@ -30,6 +30,12 @@ hold objects at once (``IndexFull``, a NoSpace); a slot left by an offset change
 without ``displace`` reads None from ``at`` (the dict index keeps the old entry there:
 a freed record's number is reused, so the packed one must not point at it).
 
+A setter or call that fails for want of memory (a side table's growth: the NVMe
+location of a keyless DRAM record, a Location or DRAM offset that does not pack)
+raises MemoryError and leaves the entry as it was: the new value is stored before the
+old one goes (``_index._fail_allocs(n)``, a test hook, makes the next n such
+allocations fail).
+
 Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(e)``
 (``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and
 its chunk (read count and stamp go to 0; readers and links, if any, stay);

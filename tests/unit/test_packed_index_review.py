@@ -873,3 +873,92 @@ def test_a_key_loader_that_unlinks_the_entry_being_evicted_leaves_the_lists_whol
     pol.remove(e, evicted=True)
     assert e.seg == NONE and pol.resident == 1 and pol.count(0) == 1
     assert pol.order(0, keep.seg) == [keep] and pol.in_ghost(b"ns", b"keyless") is not None
+
+
+# ------------------------------------------ a failed allocation leaves the record as it was
+@pytest.fixture
+def fail_allocs():
+    """kvstored._index._fail_allocs(n): the next n side-table allocations fail (the test
+    hook; always ended, so no other test meets a failure)."""
+    yield _index._fail_allocs
+    _index._fail_allocs(0)
+
+
+def unpacked(i: int = 0) -> Location:
+    """A Location that does not pack (its offset is not 4 KiB aligned): the nvside dict."""
+    return Location(1, (20 + i) * 4096 + 512, 100, 0x1234, 3)
+
+
+def test_a_failed_nvme_store_keeps_the_old_location_in_the_side_dict(fail_allocs):
+    """Entry.nvme = a new location that packs, on a keyless record in its DRAM form (its
+    packed location goes in the aside table, whose first entry allocates), when the old
+    location is the side dict's. Before, the old one was dropped first: the failed
+    allocation left the entry with no NVMe location (an object only on NVMe lost)."""
+    ix = PackedIndex()
+    e = entry(b"ns", b"nv")
+    ix.insert(e)
+    e.nvme = unpacked()
+    ix.shed_key(e)
+    e.reads = 1  # a DRAM field set: the record takes its DRAM form
+    assert ix.footprint()["nvme_aside"] == 0 and e.nvme == unpacked()
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        e.nvme = Location(2, 40960, 100, 0x1234, 4)
+    assert e.nvme == unpacked() and ix.footprint()["nvme_aside"] == 0
+    e.nvme = Location(2, 40960, 100, 0x1234, 4)  # with memory: stored, the old one gone
+    assert e.nvme == Location(2, 40960, 100, 0x1234, 4) and ix.footprint()["nvme_aside"] == 1
+    e.nvme = unpacked(1)  # and back to the side dict: the aside entry goes
+    assert e.nvme == unpacked(1) and ix.footprint()["nvme_aside"] == 0
+    e.reads = 0  # back to its NVMe form
+    assert ix.get(b"ns", b"nv") is e and e.nvme == unpacked(1) and not e.key_in_ram
+
+
+def test_a_failed_nvme_store_keeps_the_old_packed_location(fail_allocs):
+    """Entry.nvme = a location that does not pack (the side dict's insert fails): the
+    entry keeps its packed one; before, it was cleared first and the entry read None."""
+    ix = PackedIndex()
+    e = entry(b"ns", b"nv")
+    ix.insert(e)
+    e.nvme = Location(1, 40960, 100, 0x1234, 3)
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        e.nvme = unpacked()
+    assert e.nvme == Location(1, 40960, 100, 0x1234, 3)
+    e.nvme = unpacked()
+    assert e.nvme == unpacked()
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        e.nvme = unpacked(1)  # one side dict Location for another
+    assert e.nvme == unpacked()
+    e.nvme = None
+    assert e.nvme is None
+
+
+def test_a_failed_offset_store_keeps_the_old_offset_and_its_slot(fail_allocs):
+    """Entry.offset = an offset that does not pack (the wide dict's insert fails): the
+    old offset and its slot stay; before, the old wide offset was dropped first (the
+    entry read offset -1 with a DRAM copy) and the old slot emptied."""
+    ix = PackedIndex(1 << 20)
+    e = entry(b"ns", b"off", offset=4096)
+    ix.insert(e)
+    ix.place(e)
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        e.offset = 4096 + 1  # not a multiple of 64: the wide dict
+    assert e.offset == 4096 and ix.at(4096) is e
+    e.offset = 100
+    assert e.offset == 100 and ix.footprint()["wide_offsets"] == 1
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        e.offset = 200
+    assert e.offset == 100 and ix.footprint()["wide_offsets"] == 1
+    e.offset = 8192
+    assert e.offset == 8192 and ix.footprint()["wide_offsets"] == 0
+
+
+def test_fail_allocs_takes_a_count():
+    with pytest.raises(ValueError, match=">= 0"):
+        _index._fail_allocs(-1)
+    with pytest.raises(TypeError):
+        _index._fail_allocs("1")
+
