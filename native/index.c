@@ -166,6 +166,7 @@ typedef struct {
     PyObject *wide;         /* rec -> DRAM offset that did not pack (OFF_WIDE) */
     PyObject *loctype;      /* builds Locations from packed fields */
     PyObject *key_loader;   /* fn(entry) -> bytes | None: the key of a keyless entry */
+    uint32_t lrus;          /* live Lru objects over this table: they own seg and the links */
 } Table;
 
 typedef struct {
@@ -1171,10 +1172,24 @@ static void stamp_store(Table *t, DForm *d, uint64_t x) {
     d->stamp = x & STAMP_MASK;
 }
 
+/* While a native eviction policy (Lru) lives over the table, a record's seg and links
+   are its lists' (their heads and counts are in the Lru): a write from Python would
+   put a record in a list without linking it, or out of one still linked (the Lru's
+   count and head then go wrong; its next unlink reads the wrong list). Only the Python
+   Policy writes them, over its own lists: refused here unless the write changes nothing. */
+static int lists_owned(Entry *e, const char *name) {
+    if (!e->ix || !e->ix->lrus) return 0;
+    PyErr_Format(PyExc_ValueError, "Entry.%s is kept by the index's native eviction policy "
+                 "(kvstored._index.Lru: insert / remove link and unlink an entry)", name);
+    return -1;
+}
+
 static PyObject *get_seg(Entry *e, void *c) { return PyLong_FromLong(R(e)->seg); }
 static int set_seg(Entry *e, PyObject *v, void *c) {
     long long x;
     if (int_arg(v, "seg", -1, 2, &x) < 0) return -1;
+    if (x == R(e)->seg) return 0;
+    if (lists_owned(e, "seg") < 0) return -1;
     /* a listed record has a DRAM form (the lists read its links): a keyless one turns to
        it first, so a MemoryError leaves the segment as it was */
     if (x >= 0 && !A_w(e)) return -1;
@@ -1345,7 +1360,8 @@ static int link_set(Entry *e, PyObject *v, int older, const char *name) {
         }
         l = ((Entry *)v)->rec;
     }
-    if (l == NOREC && A(e) == &DF0) return 0;
+    if (l == (older ? A(e)->older : A(e)->newer)) return 0;
+    if (lists_owned(e, name) < 0) return -1;
     DForm *a = A_w(e);
     if (!a) return -1;
     if (older) a->older = l; else a->newer = l;
@@ -1908,7 +1924,7 @@ static int64_t insert_new(Table *t, PyObject *nsobj, PyObject *keyobj, const Rec
     r->ns = (uint16_t)ns;
     r->sc = (uint8_t)sc;
     r->flags = (src->flags & (F_DEAD | F_UNVERIFIED)) | F_USED;
-    r->seg = src->seg;
+    r->seg = -1;  /* in no list: the policy links it after insert, as its links (below) */
     NForm n0 = {NOREC, 0, 0, 0};
     r->u.n = n0;
     if (keyless) {
@@ -3815,6 +3831,7 @@ static PyObject *Lru_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
     for (size_t i = 0; i <= MAX_CLASSES; i++) p->cidx[i] = -1;
     p->nclasses = (uint32_t)nclasses;
     Py_INCREF(table); p->t = (Table *)table;
+    p->t->lrus++;  /* Entry.seg and the links are this Lru's now (lists_owned) */
     Py_INCREF(ghost); p->ghost = ghost;
     Py_INCREF(hints); p->tail_hints = hints;
     Py_INCREF(parents); p->parents = parents;
@@ -3832,6 +3849,7 @@ static int Lru_traverse(Lru *p, visitproc visit, void *arg) {
 
 static int Lru_clear(Lru *p) {
     Py_CLEAR(p->last);
+    if (p->t) p->t->lrus--;
     Py_CLEAR(p->t);
     Py_CLEAR(p->ghost); Py_CLEAR(p->tail_hints); Py_CLEAR(p->parents); Py_CLEAR(p->counters);
     return 0;

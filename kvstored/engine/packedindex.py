@@ -30,11 +30,16 @@ hold objects at once (``IndexFull``, a NoSpace); a slot left by an offset change
 without ``displace`` reads None from ``at`` (the dict index keeps the old entry there:
 a freed record's number is reused, so the packed one must not point at it).
 
-A setter or call that fails for want of memory (a side table's growth: the NVMe
-location of a keyless DRAM record, a Location or DRAM offset that does not pack)
-raises MemoryError and leaves the entry as it was: the new value is stored before the
-old one goes (``_index._fail_allocs(n)``, a test hook, makes the next n such
-allocations fail).
+While a native eviction policy (``kvstored._index.Lru``, ``eviction.NativePolicy``)
+lives over the index, ``Entry.seg`` and the links (``newer``/``older``) are its lists':
+a write from Python that changes one is a ValueError (it would put a record in a list
+without linking it, or out of one it is still linked in); the Python ``Policy`` writes
+them over an index no Lru is bound to. ``insert`` puts a record in no list (``seg``
+-1, no links): the policy links it. A setter or call that fails for want of memory (a
+side table's growth: the NVMe location of a keyless DRAM record, a Location or DRAM
+offset that does not pack) raises MemoryError and leaves the entry as it was: the new
+value is stored before the old one goes (``_index._fail_allocs(n)``, a test hook,
+makes the next n such allocations fail).
 
 Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(e)``
 (``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and

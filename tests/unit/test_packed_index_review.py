@@ -962,3 +962,50 @@ def test_fail_allocs_takes_a_count():
     with pytest.raises(TypeError):
         _index._fail_allocs("1")
 
+
+# ------------------------------------------ Entry.seg under the native eviction policy
+def test_entry_seg_and_links_are_refused_while_the_native_policy_owns_them():
+    """While an Lru lives over the index, its lists own seg and the links: a Python write
+    of either is a ValueError unless it changes nothing. Before, seg = 0 on an entry the
+    Lru never linked (or had unlinked) passed; its remove then unlinked it from a list it
+    was not in: the list's head and tail went (order() empty, victim() None) and its
+    count fell below its members. With no Lru, the Python Policy writes them as before."""
+    from kvstored.engine.eviction import NONE, PROBATION, PROTECTED, NativePolicy, Policy
+    ix = PackedIndex(1 << 20)
+    pol = NativePolicy(1, ix)
+    a, b, c = (entry(b"ns", k, offset=o) for k, o in ((b"a", 4096), (b"b", 8192), (b"c", 12288)))
+    for e in (a, b, c):
+        ix.insert(e)
+    pol.insert(a)
+    pol.insert(b)
+    with pytest.raises(ValueError, match="native eviction policy"):
+        c.seg = PROBATION  # never linked
+    assert c.seg == NONE
+    pol.remove(c)  # not linked: nothing happens
+    assert pol.count(0) == pol.resident == 2 and pol.order(0, PROBATION) == [b, a]
+    assert pol.victim(0, 0.0) is a
+    with pytest.raises(ValueError, match="native eviction policy"):
+        b.seg = PROTECTED  # linked: moving it is the Lru's (touch)
+    with pytest.raises(ValueError, match="native eviction policy"):
+        b.older = None
+    b.seg, b.older, c.seg = PROBATION, a, NONE  # writes that change nothing pass
+    pol.remove(a)
+    with pytest.raises(ValueError, match="native eviction policy"):
+        a.seg = PROBATION  # unlinked already
+    assert pol.count(0) == pol.resident == 1 and pol.order(0, PROBATION) == [b]
+    d = entry(b"ns", b"d", offset=16384)
+    d.seg = PROTECTED  # a detached entry's field: insert puts it in no list
+    ix.insert(d)
+    assert d.seg == NONE
+    pol.insert(d)
+    pol.insert(c)
+    assert pol.count(0) == pol.resident == 3 and pol.order(0, PROBATION) == [c, d, b]
+    for e in (b, c, d):
+        pol.remove(e)
+    del pol
+    gc.collect()
+    py = Policy(1)  # the Python policy over the packed index's entries: its own lists
+    py.insert(a)
+    assert a.seg == PROBATION and py.queues[0].lists[PROBATION].head is a
+    py.remove(a)
+    assert a.seg == NONE
