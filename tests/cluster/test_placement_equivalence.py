@@ -1,6 +1,10 @@
 """The cached/fast placement (kvstore.placement) gives exactly the answers of the plain
 implementation it replaced (frozen below as REF): same members, same order, same typed
-errors, ties included. A changed answer would move data in a running cluster."""
+errors, ties included. A changed answer would move data in a running cluster.
+
+Both fast paths are held to it: the Python one and the C one (kvstore._placement,
+native/placement.c), by the ``path`` fixture; the C one's tie-breaks by tables that keep
+2 bits of each score (its hash is always the real xxh3, never the coarse one)."""
 from __future__ import annotations
 
 import random
@@ -12,6 +16,21 @@ import xxhash
 from kvstore import placement
 from kvstore.errors import InvalidArgument
 from kvstore.placement import Member
+
+PATHS = ["python"] + (["c"] if placement._C is not None else [])
+
+
+@pytest.fixture(params=PATHS)
+def path(request, monkeypatch):
+    """The fast path under test: placement's C per-key work or its Python one."""
+    monkeypatch.setattr(placement, "_NATIVE", request.param == "c")
+    return request.param
+
+
+def native():
+    if placement._C is None:
+        pytest.skip("kvstore._placement not built (native/placement.c needs libxxhash-dev)")
+    return placement._C
 
 # ---- frozen reference: kvstore/placement.py as of commit 45d06b7 (hash looked up in
 # REF_HASH so the tie tests can swap in a coarse one) ----
@@ -149,7 +168,7 @@ def sizes(rng: random.Random) -> tuple[int, int]:
     return m, n
 
 
-def test_same_answers_random_cases():
+def test_same_answers_random_cases(path):
     rng = random.Random(1313)
     pools: list = []  # reuse member lists as the cluster does, so cached entries are hit
     for case in range(24_000):
@@ -176,7 +195,7 @@ def test_same_answers_with_ties(monkeypatch):
         compare_case(rng, random_members(rng, m), n)
 
 
-def test_large_member_lists():
+def test_large_member_lists(path):
     rng = random.Random(5)
     for m in (50, 100):
         members = random_members(rng, m)
@@ -185,7 +204,7 @@ def test_large_member_lists():
                 compare_case(rng, members, n)
 
 
-def test_same_errors():
+def test_same_errors(path):
     rng = random.Random(3)
     ms = random_members(rng, 5)
     dup = ms + [Member(ms[2].node_id, "x", "other")]
@@ -197,7 +216,7 @@ def test_same_errors():
     assert outcome(placement.preference, b"k", dup, "ec") == outcome(ref_preference, b"k", dup, "ec")
 
 
-def test_odd_member_lists_take_the_plain_form():
+def test_odd_member_lists_take_the_plain_form(path):
     """bytes node ids, a generator for preference, duck-typed members without failure_domain."""
     class Bare:
         def __init__(self, node_id):
@@ -216,7 +235,7 @@ def test_odd_member_lists_take_the_plain_form():
         assert [id(m) for m in placement.preference(key, iter(bare), "ec")] == [id(m) for m in ref_preference(key, bare, "ec")]
 
 
-def test_cache_is_bounded_and_keyed_on_domains():
+def test_cache_is_bounded_and_keyed_on_domains(path):
     rng = random.Random(11)
     for i in range(placement._CACHE_MAX * 2 + 5):
         placement.place_positions(b"k", random_members(rng, 3), 2, f"ns-{i}")
@@ -230,7 +249,7 @@ def test_cache_is_bounded_and_keyed_on_domains():
             assert outcome(placement.place, k, ms, 3, "ec") == outcome(ref_place, k, ms, 3, "ec")
 
 
-def test_concurrent_callers_agree():
+def test_concurrent_callers_agree(path):
     """Threads sharing (and overflowing) the cache still get the reference answers."""
     rng = random.Random(21)
     lists = [random_members(rng, rng.randint(1, 8)) for _ in range(placement._CACHE_MAX + 20)]
@@ -253,10 +272,172 @@ def test_concurrent_callers_agree():
 
 
 @pytest.mark.parametrize("m", [4, 5, 6])
-def test_every_position_count_on_fixed_keys(m):
+def test_every_position_count_on_fixed_keys(m, path):
     """n from 1 to m over many keys on a plain cluster (the layout's common shape)."""
     ms = [Member(f"node-{i}", f"127.0.0.1:{7000 + i}", "") for i in range(m)]
     for i in range(1500):
         k = b"\x01" + i.to_bytes(8, "little") + b"frag"
         for n in range(1, m + 1):
             assert outcome(placement.place_positions, k, ms, n, "ec") == outcome(ref_place_positions, k, ms, n, "ec")
+
+
+def wide_members(rng: random.Random, m: int) -> list:
+    """1..60 members: ids that differ by a space, a case, a NUL, a prefix or an accent
+    (distinct strings that sort close together), unicode, failure domains or none."""
+    base = rng.choice(["n1", "N1", "node", "ü", "雪", "a" * 40])
+    variants = ["", " ", "0", "\x00", "é", "e\u0301", "A", "a", "-1", "10"]
+    ids: list = []
+    while len(ids) < m:
+        nid = base + rng.choice(variants) + (str(rng.randrange(60)) if rng.random() < 0.7 else "")
+        if nid not in ids:
+            ids.append(nid)
+    doms = rng.choice([[""], ["r0", "r1"], ["r0", "r1", "r2", ""], ids[:3] or [""], ["dc-ü", "dc-u"]])
+    return [Member(i, "", rng.choice(doms)) for i in ids]
+
+
+def wide_key(rng: random.Random):
+    k = rng.randbytes(rng.choice([0, 1, 7, 17, 64, 200, 4000]))
+    r = rng.random()
+    if r < 0.15:
+        return k.decode("latin-1")
+    if r < 0.2:
+        return "ключ-" + k.hex()
+    return bytearray(k) if r < 0.25 else k
+
+
+def test_wide_random_lists(path):
+    """Member lists of 1..60, n from 1 to members+2, both place and place_positions, and
+    preference; str and bytes namespaces and keys, empty and long ones."""
+    rng = random.Random(4242)
+    lists = [wide_members(rng, rng.randint(1, 60)) for _ in range(24)]
+    for case in range(1500):
+        ms = rng.choice(lists) if case % 3 else wide_members(rng, rng.randint(1, 60))
+        n = rng.choice([1, 2, 3, 5, len(ms), len(ms) + 1, len(ms) + 2, rng.randint(1, len(ms))])
+        ns = rng.choice(["default", "", b"", "ns-ü", b"\xff\x00ns", "x" * 300])
+        key = wide_key(rng)
+        got = outcome(placement.place_positions, key, ms, n, ns)
+        assert got == outcome(ref_place_positions, key, ms, n, ns), (path, len(ms), n)
+        assert outcome(placement.place, key, ms, n, ns) == outcome(ref_place, key, ms, n, ns)
+        if case % 5 == 0:
+            assert outcome(placement.preference, key, ms, ns) == outcome(ref_preference, key, ms, ns)
+
+
+def error_type(f, *a):
+    try:
+        f(*a)
+    except Exception as e:  # noqa: BLE001 - the error's type is what is compared
+        return type(e)
+    return None
+
+
+def test_malformed_input_same_typed_errors(path):
+    """Keys and namespaces of wrong types, n < 1, huge or not an integer: the error the
+    reference raises (its type; its text too for InvalidArgument)."""
+    rng = random.Random(8)
+    ms = random_members(rng, 5)
+    bad_keys = [None, 3.5, object(), ["k"], "\ud800", {"k": 1}]
+    for f, g in ((placement.place_positions, ref_place_positions), (placement.place, ref_place)):
+        for key in bad_keys:
+            want = error_type(g, key, ms, 3, "ec")
+            assert want is not None and error_type(f, key, ms, 3, "ec") is want, (f.__name__, key)
+        for ns in (None, 2.5, "\udfff"):
+            want = error_type(g, b"k", ms, 3, ns)
+            assert want is not None and error_type(f, b"k", ms, 3, ns) is want, (f.__name__, ns)
+        for n in (-1, 0, -(1 << 70), 6, 1 << 70, 10**30):
+            got, want = outcome(f, b"k", ms, n, "ec"), outcome(g, b"k", ms, n, "ec")
+            assert got == want and got[0] is InvalidArgument, (f.__name__, n, got)
+        for n in (2.5, "3", None):
+            want = error_type(g, b"k", ms, n, "ec")
+            assert want is TypeError and error_type(f, b"k", ms, n, "ec") is TypeError, (f.__name__, n)
+        # a key that bytes() accepts is one: an int is that many zero bytes, as in the reference
+        assert outcome(f, 4, ms, 3, "ec") == outcome(g, 4, ms, 3, "ec")
+
+
+def test_native_hash_is_xxh3():
+    """The C path's scores are the xxhash package's xxh3_64 (libxxhash, linked), bit for bit."""
+    c = native()
+    rng = random.Random(6)
+    for n in list(range(0, 260)) + [1024, 4095, 65536 + 7]:
+        b = rng.randbytes(n)
+        assert c.xxh3_64(b) == xxhash.xxh3_64_intdigest(b), n
+
+
+def test_native_tie_breaks():
+    """The C path's hash is always the real xxh3, so equal scores come from a table whose
+    scores keep 2 bits (mask=3), against the reference hashing with that coarse hash:
+    every tie-break (node_id, then position) must be the reference's."""
+    c = native()
+    coarse = lambda b: xxhash.xxh3_64_intdigest(b) & 3  # noqa: E731
+    rng = random.Random(31)
+    for case in range(1500):
+        ms = wide_members(rng, rng.randint(1, 24)) if case % 2 else random_members(rng, sizes(rng)[0])
+        ns = rng.choice(["ec", b"", "ns-ü"])
+        e = placement._Entry([m.node_id for m in ms], [m.failure_domain for m in ms],
+                             _LEN.pack(len(_b(ns))) + _b(ns))
+        table = c.Table(e.heads, [r for _, r in e.ranked], e.dom, mask=3)
+        key = rng.randbytes(rng.choice([0, 5, 20]))
+        n = rng.randint(1, len(ms))
+        REF_HASH["h"] = coarse
+        try:
+            want_pp = [id(m) for m in ref_place_positions(key, ms, n, ns)]
+            want_p = [id(m) for m in ref_place(key, ms, n, ns)]
+            want_o = [id(m) for m in ref_preference(key, ms, ns)]
+        finally:
+            REF_HASH["h"] = xxhash.xxh3_64_intdigest
+        assert [id(m) for m in c.place_positions(table, key, ms, n)] == want_pp, case
+        assert [id(m) for m in c.place(table, key, ms, n)] == want_p, case
+        assert [id(ms[i]) for i in c.order(table, key)] == want_o, case
+
+
+def test_native_entry_cache_follows_the_list():
+    """The C path finds an entry by the identity of the member objects: a list changed in
+    place, a list of look-alike objects, or a member subclass gets its own answer."""
+    native()
+    placement._NATIVE = True  # restored below whatever the environment said
+    try:
+        rng = random.Random(12)
+        ms = random_members(rng, 6)
+        for i in range(200):
+            key = f"k{i}".encode()
+            assert outcome(placement.place_positions, key, ms, 5, "ec") == outcome(ref_place_positions, key, ms, 5, "ec")
+            j = rng.randrange(len(ms))
+            ms[j] = Member(f"swap-{i}", "", rng.choice(["", "r1", ms[0].node_id]))  # in place
+            twin = [Member(m.node_id, m.address, m.failure_domain) for m in ms]  # equal, not identical
+            assert outcome(placement.place, key, twin, 4, b"ec") == outcome(ref_place, key, twin, 4, b"ec")
+
+        class Sub(Member):
+            pass
+
+        subs = [Sub(f"s{i}", "", "") for i in range(5)]
+        assert outcome(placement.place_positions, b"k", subs, 5, "ec") == outcome(ref_place_positions, b"k", subs, 5, "ec")
+    finally:
+        placement._NATIVE = placement._C is not None
+
+
+def test_native_rejects_malformed_tables_and_calls():
+    """The C functions check what they are given (placement.py never passes these)."""
+    c = native()
+    with pytest.raises(TypeError):
+        c.Table([b"a", "b"], [0, 1], [0, 1])
+    with pytest.raises(ValueError):
+        c.Table([b"a", b"b"], [0, 0], [0, 1])  # ranks must be distinct
+    with pytest.raises(ValueError):
+        c.Table([b"a", b"b"], [0, 1], [0, 2])  # a domain out of range
+    with pytest.raises(ValueError):
+        c.Table([b"a"], [0, 1], [0])
+    t = c.Table([b"a", b"b", b"c"], [2, 0, 1], [0, 1, 1])
+    ms = ["A", "B", "C"]
+    for n in (0, -1, 4, 1 << 40):
+        with pytest.raises(ValueError):
+            c.place_positions(t, b"k", ms, n)
+        with pytest.raises(ValueError):
+            c.place(t, b"k", ms, n)
+    with pytest.raises(OverflowError):
+        c.place(t, b"k", ms, 1 << 70)
+    with pytest.raises(ValueError):
+        c.place(t, b"k", ms[:2], 1)  # members must match the table
+    with pytest.raises(TypeError):
+        c.place_positions(t, "k", ms, 1)  # keys are bytes-like (placement encodes str)
+    with pytest.raises(TypeError):
+        c.order(object(), b"k")
+    assert sorted(c.place_positions(t, b"k", ms, 3)) == ms and sorted(c.order(t, b"")) == [0, 1, 2]
