@@ -10,16 +10,18 @@ ARGS   ?=
 $(VENV)/bin/python:
 	$(PYTHON) -m venv $(VENV)
 
-# The NVMe tier's io_uring binding (native/uring.c) builds against the system liburing:
-# Debian's liburing-dev. Without it the install still works and the tier uses threads (loudly).
-NATIVE_DEPS = /usr/include/liburing.h
+# The NVMe tier's io_uring binding (native/uring.c) builds against the system liburing
+# (Debian's liburing-dev), the SDK's placement (native/placement.c) against libxxhash
+# (libxxhash-dev). Without them the install still works: the tier uses threads (loudly),
+# placement hashes in Python. With both, every extension must build.
+NATIVE_DEPS = /usr/include/liburing.h /usr/include/xxhash.h
 
-$(NATIVE_DEPS):
-	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev >/dev/null) || \
-	  echo "make: could not install liburing-dev; the NVMe tier will use pread/pwrite threads"
+$(NATIVE_DEPS) &:
+	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev libxxhash-dev >/dev/null) || \
+	  echo "make: could not install liburing-dev/libxxhash-dev; the NVMe tier will use pread/pwrite threads, placement Python"
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard native/*.c) | $(VENV)/bin/python $(NATIVE_DEPS)
-	KVSTORE_REQUIRE_NATIVE=$$(test -f $(NATIVE_DEPS) && echo 1) $(PIP) install -e '.[server]'
+	KVSTORE_REQUIRE_NATIVE=$$(for h in $(NATIVE_DEPS); do test -f $$h || exit; done; echo 1) $(PIP) install -e '.[server]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed

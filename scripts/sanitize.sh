@@ -33,7 +33,8 @@ find "$SCRATCH/kvstored" -name '_*.so' -delete
 
 SAN="-fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer -O1 -g"
 # Each extension setup.py declares, compiled here with the sanitizers (setup.py's own flags
-# would put -O2 after ours); a missing library (liburing) skips that one, as setup.py does.
+# would put -O2 after ours); a missing library (liburing, libxxhash) skips that one, as
+# setup.py does.
 (cd "$SCRATCH" && "$PY" - "$SAN" <<'EOF'
 import os, shlex, subprocess, sys, sysconfig
 import setuptools
@@ -45,7 +46,8 @@ exec(compile(open("setup.py").read(), "setup.py", "exec"))
 inc = sysconfig.get_paths()["include"]
 suffix = sysconfig.get_config_var("EXT_SUFFIX")
 for ext in captured["ext_modules"]:
-    out = os.path.join(*ext.name.split(".")) + suffix
+    pkg, mod = ext.name.rsplit(".", 1)  # kvstore lives in client/ (setup.py's package_dir)
+    out = os.path.join(captured["package_dir"].get(pkg, pkg), mod + suffix)
     cmd = (["gcc", "-shared", "-fPIC", "-Wall", "-fno-strict-aliasing", f"-I{inc}"]
            + flags + ext.sources + ["-o", out]
            + [f"-l{lib}" for lib in ext.libraries])
@@ -53,7 +55,7 @@ for ext in captured["ext_modules"]:
     print(f"sanitize: {ext.name}: {'built' if r.returncode == 0 else 'NOT built'} -> {out}")
     if r.returncode:
         print(r.stderr[-2000:], file=sys.stderr)
-        if ext.name != "kvstored._uring":  # only the io_uring binding is optional here
+        if ext.name not in ("kvstored._uring", "kvstore._placement"):  # optional: system libraries
             sys.exit(1)
 EOF
 )
@@ -76,8 +78,9 @@ cd "$SCRATCH"
 "$PY" - "$SCRATCH" <<'EOF' || { echo "sanitize: an unsanitized extension was imported" >&2; exit 1; }
 import glob, importlib, os, sys
 bad = False
-for so in sorted(glob.glob("kvstored/_*.so")):
-    m = importlib.import_module("kvstored." + os.path.basename(so).split(".")[0])
+for so in sorted(glob.glob("kvstored/_*.so") + glob.glob("client/kvstore/_*.so")):
+    pkg = "kvstore" if so.startswith("client/") else "kvstored"
+    m = importlib.import_module(pkg + "." + os.path.basename(so).split(".")[0])
     print("sanitize: importing", m.__file__)
     bad |= not m.__file__.startswith(sys.argv[1] + "/")
 sys.exit(bad)
@@ -96,7 +99,7 @@ if [ $# -eq 0 ]; then
       tests/unit/test_policy.py tests/unit/test_store_dram.py tests/unit/test_store_entries.py \
       tests/unit/test_put_path_lookups.py tests/unit/test_frame_native.py tests/unit/test_wire.py \
       tests/unit/test_session.py tests/unit/test_put_native.py tests/unit/test_put_buffered.py \
-      tests/unit/test_uring_threads.py \
+      tests/unit/test_uring_threads.py tests/cluster/test_placement_equivalence.py \
       tests/engine tests/daemon/test_nvme_tier.py \
       tests/daemon/test_delete_all_nvme.py tests/daemon/test_dram_tier.py \
       tests/daemon/test_dedup.py tests/daemon/test_delete_each.py \
