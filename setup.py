@@ -35,6 +35,17 @@ class OptionalBuildExt(build_ext):
             super().build_extension(ext)
         except Exception as e:  # no liburing / libxxhash headers or library
             self._skip(e, ext.name)
+            self.__dict__.setdefault("skipped", set()).add(ext.name)
+
+    def copy_extensions_to_source(self):
+        """In-place builds (pip install -e) copy only what was built: a skipped extension
+        must not stop the copy of those after it."""
+        every = self.extensions
+        self.extensions = [e for e in every if e.name not in self.__dict__.get("skipped", ())]
+        try:
+            super().copy_extensions_to_source()
+        finally:
+            self.extensions = every
 
     @staticmethod
     def _skip(e, name="native extensions"):
