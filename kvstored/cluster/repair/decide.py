@@ -14,7 +14,9 @@ agent (agent.py) executes the actions in bulk.
   left pending when no peer answered. Otherwise kept: a peer that
   merely lacks it proves nothing (it may not have been one of its homes when it was
   written), and losing an acknowledged object is worse than keeping a deleted one.
-* **rebuild** (the *leader*: the first slot holding a verified current record): slots that
+* **rebuild** (the *leader*: a node that gets a missing EC index and holds a current
+  record on another of its slots, else the first slot holding a verified current record,
+  see ``leader``): slots that
   lack a record get one: replicas are copied (``Copy``); missing EC indices are rebuilt
   (``Reconstruct``: from K fragments, or re-indexed copies of a whole-object record).
   Indices a draining node still holds are left to it.
@@ -356,21 +358,32 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
             hh = parse_head(h.head)
             if hh is not None and version(True, h.head) == current:
                 drained.add(hh[3])
+    # the slots as every holder sees them: before this node's own hand-overs (which count
+    # as done below), its records verified in this pass held back (as its peers see
+    # them): who leads is chosen from these, so all holders agree
+    seen_all: set[int] = set()
+    right_all = []
+    for y, x in enumerate(held[:nslots]):
+        ok = (bool(x) and x[2] == current and x[0] in want and x[0] not in seen_all
+              and not _held_back(o, me, y))
+        if ok:
+            seen_all.add(x[0])
+        right_all.append(ok if x is not None else None)
     done = _hand_over(o, mine, my_laps, current, held, right, seen, acts)
     if not my_laps:
         return done
-    leader = next((j for j, ok in enumerate(right) if ok), None)
-    if leader is None or o.slots[leader][0].node_id != me:
+    if not any(right):
+        return done
+    need = p.k if kind == KIND_FRAGMENT else 1
+    if leader(o, me, _plan(want, seen_all, right_all, drained), right_all, right, held, current,
+              need) != me:
         return done
     missing = [i for i in want if i not in seen]
     # indices a draining holder still has are left to it (it writes them itself)
     todo = [i for i in missing if i not in drained]
+    plan = _plan(want, seen, right, drained)
     if not todo:
         return done and not missing and None not in right
-    free = [j for j, ok in enumerate(right) if ok is False]
-    for i in missing:  # keep the drained indices' own slots for them
-        if i in drained and i in free:
-            free.remove(i)
     if kind == KIND_FRAGMENT:
         # the fragments the slots that answered hold, this node's own (on its slots or
         # not) and those a draining node still has: fewer than K rebuild nothing, so no
@@ -387,7 +400,6 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
                 acts.append(Pending(f"{UNRECOVERABLE}: {len(have)} of the {p.k} fragments it "
                                     "needs are left, every slot answered"))
             return False
-    plan = assign(todo, free)
     if not plan:
         return False
     sources = [(j, x) for j, x in enumerate(held) if x and x[2] == current]
@@ -396,6 +408,67 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
                             tuple((i, j, held[j] not in (False, None)) for i, j in plan),
                             tuple(j for j, _x in sources)))
     return done and len(plan) == len(todo) and None not in right
+
+
+def _plan(want: list, seen: set, right: list, drained: set) -> list:
+    """(index, slot) pairs for the indices no slot holds rightly (``seen``), but those a
+    draining node still holds, on the slots that lack a current record (``right`` False),
+    the drained indices' own slots kept free for them."""
+    missing = [i for i in want if i not in seen]
+    todo = [i for i in missing if i not in drained]
+    if not todo:
+        return []
+    free = [j for j, ok in enumerate(right) if ok is False]
+    for i in missing:  # keep the drained indices' own slots for them
+        if i in drained and i in free:
+            free.remove(i)
+    return assign(todo, free)
+
+
+def leader(o: Obj, me: str, plan: list, right_all: list, right: list, held: list, current,
+           need: int) -> str:
+    """The node that rebuilds an EC object's missing indices (``plan``: (index, slot)
+    pairs, as every holder sees the slots; ``right_all``/``right``: the slots holding a
+    current record of their own index, before/after this node's hand-overs).
+
+    * Where the slots alone hold enough fragments to rebuild from (``need``): the first
+      node that gets a missing index on a slot holding no current record (none, an
+      unverified one or another version) and holds a current record on another of its
+      slots; else the node of the first slot that holds one. Every holder decides this
+      alike from the same Heads (so its own hand-overs and the records it verifies in
+      this pass do not count), and such a node looks at the object in full
+      (``follower`` is None for it: one of its slots lacks its current record). Where
+      placement wraps (a cluster of at most K+M-2 nodes, or a first slot that lost its
+      record), the rebuilt record is then written into that node's own store: K-1
+      transfers per record instead of K, and no peer serving the write.
+    * Otherwise only a node that holds more (records off its slots it hands over, or of
+      its own it verifies now) can rebuild: the first slot holding one counting those
+      (``right``; the rule before: a node that got a slot and could not rebuild would
+      call the object unrecoverable). The caller has checked that ``right`` has one."""
+    here = o.slots[next(j for j, ok in enumerate(right) if ok)][0].node_id
+    visible = {x[0] for y, x in enumerate(held) if x and x[2] == current and not _held_back(o, me, y)}
+    if len(visible) < need:
+        return here
+    for _i, j in plan:
+        x = held[j]
+        if x and x[2] == current:  # a current record with an index another slot holds
+            continue  # (its node may skip the object: led_by_first)
+        node = o.slots[j][0].node_id
+        # a record there as every holder sees it (right_all: not one this node verifies
+        # now, nor one it hands over to the slot in this decision)
+        if any(ok and held[y] and o.slots[y][0].node_id == node for y, ok in enumerate(right_all)):
+            return node
+    first = next((j for j, ok in enumerate(right_all) if ok), None)
+    return here if first is None else o.slots[first][0].node_id
+
+
+def _held_back(o: Obj, me: str, j: int) -> bool:
+    """True when slot ``j`` is this node's and its record was unverified as walked: this
+    node counts it once verified (``_verify_mine``), its peers see it held back, so a
+    choice of leader that depends on it would differ between them."""
+    member, lap = o.slots[j]
+    mv = o.mine.get(lap) if member.node_id == me else None
+    return mv is not None and mv.unverified
 
 
 def _hand_over(o: Obj, mine: dict, my_laps: set, current, held: list, right: list, seen: set,
@@ -454,7 +527,9 @@ def follower(o: Obj, me: str) -> tuple | None:
         got = v
     p = o.policy
     nslots = p.n if got[4] == KIND_FRAGMENT else p.m + 1
-    if not set(o.mine) <= {lap for m, lap in o.slots[:nslots] if m.node_id == me}:
+    my_laps = {lap for m, lap in o.slots[:nslots] if m.node_id == me}
+    # a slot of mine without my record: this node may be the one that rebuilds it (leader)
+    if set(o.mine) != my_laps:
         return None
     return got[:4], got[4]
 
