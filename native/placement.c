@@ -476,7 +476,7 @@ done:
  * identity answers for them. The slots hold their member objects, so no address is reused
  * while a slot names it. Nothing here runs Python code (no attribute reads), so the GIL is
  * held throughout and threads see whole slots. */
-#define SLOTS 8
+#define SLOTS 32 /* (members, ns) pairs: a client with several namespaces, repair's two lists */
 
 static struct {
     PyObject *ns;      /* bytes */
