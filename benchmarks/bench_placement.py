@@ -1,27 +1,44 @@
-"""Placement cost per call: kvstore.placement against the frozen previous implementation
-(the reference copy in tests/cluster/test_placement_equivalence.py), alternating in one
-run so machine load hits both alike. Best of --repeat passes over --keys keys.
+"""Placement cost per key: kvstore.placement's C path (kvstore._placement, native/placement.c)
+against its Python path, alternating in one run so machine load hits both alike. Best of
+--repeat passes over --keys keys (a tenth of them at 1,000 members).
 
     PYTHONPATH=client .venv/bin/python benchmarks/bench_placement.py [--keys 2000] [--repeat 3]
+
+Two tables: layout.slots / place_positions / place on plain clusters of 4, 5, 50 and 1,000
+members (the repair benchmark's shape is ec:3+2 on 5 members, 4 after a loss), then
+docs/scale.md's shape (benchmarks/sim_scale.py's members: one failure domain per 20 nodes;
+policies none, replicas:3, ec:4+2 at 10, 100 and 1,000 members).
 """
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 import timeit
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "tests", "cluster"))
-
-import test_placement_equivalence as ref  # noqa: E402
-from kvstore import layout, placement  # noqa: E402
-from kvstore.placement import Member  # noqa: E402
+from kvstore import layout, placement
+from kvstore.placement import Member
+from sim_scale import keys as scale_keys, members as scale_members  # benchmarks/ (the script's dir)
 
 
-def per_call(f, keys, repeat: int) -> float:
+def per_key(f, keys, repeat: int) -> float:
     """Microseconds per call of f(key), best of `repeat` passes."""
     return min(timeit.repeat(lambda: [f(k) for k in keys], number=1, repeat=repeat)) / len(keys) * 1e6
+
+
+def both(f, keys, repeat: int) -> tuple[float, float]:
+    """(Python us, C us) per key for f, each the best of two alternating rounds."""
+    r = {True: float("inf"), False: float("inf")}
+    for native in (False, True, False, True):
+        placement._NATIVE = native
+        try:
+            r[native] = min(r[native], per_key(f, keys, repeat))
+        finally:
+            placement._NATIVE = True
+    return r[False], r[True]
+
+
+def row(m, name: str, py: float, c: float) -> None:
+    print(f"| {m:,} | {name} | {py:.2f} | {c:.2f} | {py / c:.1f}x |", flush=True)
 
 
 def main(argv=None) -> int:
@@ -29,36 +46,34 @@ def main(argv=None) -> int:
     ap.add_argument("--keys", type=int, default=2000)
     ap.add_argument("--repeat", type=int, default=3)
     a = ap.parse_args(argv)
-    if not (1 <= a.keys <= 100_000 and 1 <= a.repeat <= 20):
-        ap.error("--keys must be 1..100000 and --repeat 1..20")
-    keys = [b"\x01" + i.to_bytes(8, "little") + b"frag" for i in range(a.keys)]
-    print("| members | call | old us | new us | new/old |")
+    if not (10 <= a.keys <= 100_000 and 1 <= a.repeat <= 20):
+        ap.error("--keys must be 10..100000 and --repeat 1..20")
+    if placement._C is None:
+        print("kvstore._placement is not built (native/placement.c needs libxxhash-dev)", file=sys.stderr)
+        return 2
+    ec32, rep3 = layout.Policy.parse("ec:3+2"), layout.Policy.parse("replicas:3")
+    names = [b"blk-%d" % i for i in range(a.keys)]
+    print("| members | call | Python us | C us | speed-up |")
     print("|---:|---|---:|---:|---:|")
-    for m in (4, 5, 6, 16, 100):
+    for m in (4, 5, 50, 1000):
         ms = [Member(f"node-{i}", f"127.0.0.1:{7000 + i}", "") for i in range(m)]
-        cases = [(f"place_positions n={n}", lambda k, n=n: ref.ref_place_positions(k, ms, n, "ec"),
-                  lambda k, n=n: placement.place_positions(k, ms, n, "ec")) for n in (4, 5, 6) if n <= m]
-        cases.append(("place n=3", lambda k: ref.ref_place(k, ms, 3, "default"),
-                      lambda k: placement.place(k, ms, 3, "default")))
-        for name, old, new in cases:
-            o = min(per_call(old, keys, a.repeat), per_call(old, keys, a.repeat))
-            nw = min(per_call(new, keys, a.repeat), per_call(new, keys, a.repeat))
-            print(f"| {m} | {name} | {o:.2f} | {nw:.2f} | {nw / o:.2f} |", flush=True)
-    # layout.slots in the repair benchmark's shape: ec:3+2 on 5 members and on 4 survivors
-    p = layout.Policy.parse("ec:3+2")
-    pkeys = [layout.placement_key(b"blk-%d" % i, p) for i in range(a.keys)]
-    fast = layout.place_positions
-    for m in (5, 4):
-        ms = [Member(f"node-{i}", f"127.0.0.1:{7000 + i}", "") for i in range(m)]
-        r = {}
-        for name, fn in (("old", ref.ref_place_positions), ("new", fast)) * 2:
-            layout.place_positions = fn
-            try:
-                t = per_call(lambda k: layout.slots(k, ms, p, "ec"), pkeys, a.repeat)
-            finally:
-                layout.place_positions = fast
-            r[name] = min(r.get(name, float("inf")), t)
-        print(f"| {m} | layout.slots ec:3+2 | {r['old']:.2f} | {r['new']:.2f} | {r['new'] / r['old']:.2f} |")
+        ks = names if m < 1000 else names[:max(10, a.keys // 10)]
+        ec_keys = [layout.placement_key(k, ec32) for k in ks]
+        row(m, "layout.slots ec:3+2", *both(lambda k: layout.slots(k, ms, ec32, b"default"), ec_keys, a.repeat))
+        row(m, "layout.slots replicas:3", *both(lambda k: layout.slots(k, ms, rep3, b"default"), ks, a.repeat))
+        n = min(5, m)
+        row(m, f"place_positions n={n}", *both(lambda k: placement.place_positions(k, ms, n, "ec"), ec_keys, a.repeat))
+        row(m, "place n=3", *both(lambda k: placement.place(k, ms, 3, "default"), ks, a.repeat))
+    print()
+    print("| members | layout.slots (docs/scale.md shape) | Python us | C us | speed-up |")
+    print("|---:|---|---:|---:|---:|")
+    for m in (10, 100, 1000):
+        ms = scale_members(m, domains=max(1, m // 20))
+        ks = scale_keys(a.keys if m < 1000 else max(10, a.keys // 10))
+        for text in ("none", "replicas:3", "ec:4+2"):
+            p = layout.Policy.parse(text)
+            pk = [layout.placement_key(k, p) for k in ks]
+            row(m, text, *both(lambda k: layout.slots(k, ms, p, b"ns"), pk, a.repeat))
     return 0
 
 
