@@ -389,29 +389,26 @@ def test_native_tie_breaks():
         assert [id(ms[i]) for i in c.order(table, key)] == want_o, case
 
 
-def test_native_entry_cache_follows_the_list():
+def test_native_entry_cache_follows_the_list(monkeypatch):
     """The C path finds an entry by the identity of the member objects: a list changed in
     place, a list of look-alike objects, or a member subclass gets its own answer."""
     native()
-    placement._NATIVE = True  # restored below whatever the environment said
-    try:
-        rng = random.Random(12)
-        ms = random_members(rng, 6)
-        for i in range(200):
-            key = f"k{i}".encode()
-            assert outcome(placement.place_positions, key, ms, 5, "ec") == outcome(ref_place_positions, key, ms, 5, "ec")
-            j = rng.randrange(len(ms))
-            ms[j] = Member(f"swap-{i}", "", rng.choice(["", "r1", ms[0].node_id]))  # in place
-            twin = [Member(m.node_id, m.address, m.failure_domain) for m in ms]  # equal, not identical
-            assert outcome(placement.place, key, twin, 4, b"ec") == outcome(ref_place, key, twin, 4, b"ec")
+    monkeypatch.setattr(placement, "_NATIVE", True)  # whatever the environment said
+    rng = random.Random(12)
+    ms = random_members(rng, 6)
+    for i in range(200):
+        key = f"k{i}".encode()
+        assert outcome(placement.place_positions, key, ms, 5, "ec") == outcome(ref_place_positions, key, ms, 5, "ec")
+        j = rng.randrange(len(ms))
+        ms[j] = Member(f"swap-{i}", "", rng.choice(["", "r1", ms[0].node_id]))  # in place
+        twin = [Member(m.node_id, m.address, m.failure_domain) for m in ms]  # equal, not identical
+        assert outcome(placement.place, key, twin, 4, b"ec") == outcome(ref_place, key, twin, 4, b"ec")
 
-        class Sub(Member):
-            pass
+    class Sub(Member):
+        pass
 
-        subs = [Sub(f"s{i}", "", "") for i in range(5)]
-        assert outcome(placement.place_positions, b"k", subs, 5, "ec") == outcome(ref_place_positions, b"k", subs, 5, "ec")
-    finally:
-        placement._NATIVE = placement._C is not None
+    subs = [Sub(f"s{i}", "", "") for i in range(5)]
+    assert outcome(placement.place_positions, b"k", subs, 5, "ec") == outcome(ref_place_positions, b"k", subs, 5, "ec")
 
 
 def test_native_rejects_malformed_tables_and_calls():
