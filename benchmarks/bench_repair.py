@@ -192,6 +192,13 @@ def cpu_seconds(d) -> tuple[float, float]:
     return int(fields[11]) / tck, int(fields[12]) / tck
 
 
+def minor_faults(daemons) -> int:
+    """Minor page faults of ``daemons`` together (Linux /proc: fresh anonymous pages the
+    kernel zeroes, mostly buffers malloc took from the kernel again)."""
+    return sum(int(Path(f"/proc/{d.proc.pid}/stat").read_text().rsplit(")", 1)[1].split()[7])
+               for d in daemons)
+
+
 def thread_cpu(daemons) -> dict:
     """{(pid, tid, comm): user + system CPU seconds} of every thread of ``daemons`` (the
     event loop's thread is the one whose tid is the pid)."""
@@ -366,6 +373,7 @@ def main(argv=None) -> int:
             time.sleep(POLL_S)
         t_drop = time.monotonic()
         cpu_drop = cpu_of(survivors)
+        faults_drop = minor_faults(survivors)
         threads_drop = thread_cpu(survivors)
 
         # ---- wait for every survivor: a pass done since the drop, idle, pending 0;
@@ -389,6 +397,7 @@ def main(argv=None) -> int:
             time.sleep(POLL_S)
         t_done = time.monotonic()
         cpu_now = cpu_of(survivors)
+        faults_now = minor_faults(survivors)
         threads_now = thread_cpu(survivors)
         stop_profilers(profilers)
         profilers = []
@@ -464,6 +473,9 @@ def main(argv=None) -> int:
         ("  of which user / system", f"{cpu_user:.2f} / {cpu_sys:.2f} s",
          f"{cpu_rebuild * 1e6 / max(records, 1):.0f} us of CPU per record rebuilt"),
         ("  of which by thread, per record", "", threads_summary(threads_drop, threads_now, records)),
+        ("survivors' minor page faults", f"{faults_now - faults_drop}",
+         f"{(faults_now - faults_drop) / max(records, 1):.0f} per record rebuilt "
+         f"({fmt_size(4096 * (faults_now - faults_drop))} of pages faulted in)"),
         ("pyeclib reconstruct, 1 data fragment", f"{frag_len / frag_dt / 1e6:.0f} MB/s",
          f"{frag_dt * 1e6:.0f} us per {fmt_size(frag_len)} fragment"),
         ("pyeclib reconstruct, 1 parity fragment", f"{frag_len / par_dt / 1e6:.0f} MB/s",
