@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -518,7 +519,11 @@ def test_print_config_is_a_starting_file_for_any_host(tmp_path):
     assert f'id = ""  # on this host: "{_socket.gethostname()}:7070"' in text
     start = tmp_path / "start.toml"
     start.write_text(text)
-    assert printed("--config", str(start)) == text  # reads back the same, still unresolved
+
+    def steady(t: str) -> str:  # "auto"'s size on this host is 25 % of MemAvailable at
+        # the moment (capped): it moves when other processes take memory between the calls
+        return re.sub(r'(size = "auto"  # on this host: )"[^"]*"', r"\1?", t)
+    assert steady(printed("--config", str(start))) == steady(text)  # the same, still unresolved
     doc = tomllib.loads(printed("--config", config(tmp_path, '[node]\nid = "n1"\n'),
                                 "--dram-size", "1GiB"))
     assert (doc["dram"]["size"], doc["node"]["id"]) == ("1GiB", "n1")  # set: kept as set
