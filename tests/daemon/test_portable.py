@@ -70,3 +70,30 @@ def test_nvme_daemon_on_epyc_milan(tmp_path):
     finally:
         rc = d.stop(timeout=60)
     assert rc == 0, d.log()
+
+
+@pytest.mark.timeout(120)
+def test_native_placement_on_epyc_milan():
+    """kvstore._placement (the SDK's placement in C, linked to the system libxxhash) on the
+    same CPU: it loads, and its slots are the Python path's for a few hundred keys."""
+    import subprocess
+    import sys
+
+    pytest.importorskip("kvstore._placement", reason="built without libxxhash headers")
+    from daemonutil import ROOT
+    code = (
+        "import os\n"
+        "from kvstore import layout, placement as pl\n"
+        "assert pl._NATIVE, 'the C path is not in use'\n"
+        "ms = [pl.Member(f'n{i}', f'127.0.0.1:{7000 + i}', f'd{i % 3}') for i in range(7)]\n"
+        "p = layout.Policy.parse('ec:3+2')\n"
+        "keys = [os.urandom(32) for _ in range(300)]\n"
+        "c = [layout.slots(layout.placement_key(k, p), ms, p, 'ns') for k in keys]\n"
+        "pl._NATIVE = False\n"
+        "py = [layout.slots(layout.placement_key(k, p), ms, p, 'ns') for k in keys]\n"
+        "assert c == py\n"
+        "print('ok', len(keys))\n")
+    env = {**os.environ, "PYTHONPATH": f"{ROOT / 'client'}{os.pathsep}{ROOT}"}
+    r = subprocess.run([QEMU, "-cpu", "EPYC-Milan", sys.executable, "-c", code],
+                       capture_output=True, text=True, timeout=110, env=env)
+    assert r.returncode == 0 and r.stdout.startswith("ok 300"), r.stderr[-2000:]
