@@ -409,7 +409,10 @@ def main(argv=None) -> int:
         nbytes = sum(r.bytes_written - base[d.control][2] for d, r in zip(survivors, sts))
         failures = sum(r.failures - base[d.control][3] for d, r in zip(survivors, sts))
         passes = sum(r.passes - passes_at_drop[d.control] for d, r in zip(survivors, sts))
-        last_pass = max(r.last_pass_seconds for r in sts)
+        # each survivor's last pass (the one that rebuilt, after a single drop): a node
+        # done well before the others means the rest ran on fewer busy processes
+        pass_each = sorted(r.last_pass_seconds for r in sts)
+        written_each = sorted(r.records_written - base[d.control][1] for d, r in zip(survivors, sts))
 
         # ---- one full check, then read everything back
         live = members_of(survivors[0])
@@ -451,7 +454,9 @@ def main(argv=None) -> int:
           f"{os.cpu_count()} cores (load average {load:.1f} at start); puts took {t_put:.2f}s ({total / t_put / 1e9:.2f} GB/s)")
     print(f"victim {vid}: {victim_records} records before the kill, SIGKILLed {t_kill - t_last_put:.2f}s after the "
           f"last put; dropped from placement by all survivors {t_drop - t_kill:.2f}s after SIGKILL")
-    print(f"survivors: {passes} passes since the drop, longest last pass {last_pass:.2f}s, "
+    print(f"survivors: {passes} passes since the drop, last passes "
+          f"{', '.join(f'{x:.2f}' for x in pass_each)} s, records written "
+          f"{', '.join(str(x) for x in written_each)}, "
           f"{failures} failures, {polls} status polls; full check {t_check:.2f}s")
     print()
     rows = [
