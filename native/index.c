@@ -304,14 +304,16 @@ static SEnt *s_find(SMap *m, uint32_t rec) {
     }
 }
 
-/* Test hook (module function _fail_allocs(n)): the next n side-table allocations fail
-   as out of memory (an SMap's rebuild, an insert into the nvside or wide dict), so the
-   tests reach the MemoryError paths that must leave a record as it was. Checked only
-   where a side table allocates (rare states), never on a lookup or a list step. */
-static Py_ssize_t fail_allocs;
+/* Test hook (module function _fail_allocs(n, after=0)): past the next ``after``
+   side-table allocations, n fail as out of memory (an SMap's rebuild, an insert into the
+   nvside or wide dict), so the tests reach the MemoryError paths that must leave a record
+   as it was, a call's second allocation included. Checked only where a side table
+   allocates (rare states), never on a lookup or a list step. */
+static Py_ssize_t fail_allocs, fail_after;
 
 static inline int side_alloc_fails(void) {
     if (fail_allocs <= 0) return 0;
+    if (fail_after > 0) { fail_after--; return 0; }
     fail_allocs--;
     return 1;
 }
@@ -3985,21 +3987,24 @@ static PyObject *mod_set_full_error(PyObject *m, PyObject *cls) {
     Py_RETURN_NONE;
 }
 
-/* _fail_allocs(n): tests only (fail_allocs above) */
-static PyObject *mod_fail_allocs(PyObject *m, PyObject *v) {
-    Py_ssize_t n = PyLong_AsSsize_t(v);
-    if (n == -1 && PyErr_Occurred()) return NULL;
-    if (n < 0) return PyErr_Format(PyExc_ValueError, "_fail_allocs: n must be >= 0, not %zd", n);
+/* _fail_allocs(n, after=0): tests only (fail_allocs above) */
+static PyObject *mod_fail_allocs(PyObject *m, PyObject *args) {
+    Py_ssize_t n, after = 0;
+    if (!PyArg_ParseTuple(args, "n|n:_fail_allocs", &n, &after)) return NULL;
+    if (n < 0 || after < 0)
+        return PyErr_Format(PyExc_ValueError, "_fail_allocs: n and after must be >= 0, not %zd, %zd",
+                            n, after);
     fail_allocs = n;
+    fail_after = after;
     Py_RETURN_NONE;
 }
 
 static PyMethodDef mod_methods[] = {
     {"set_full_error", (PyCFunction)mod_set_full_error, METH_O,
      "set_full_error(cls): the OverflowError subclass raised when the index is full"},
-    {"_fail_allocs", (PyCFunction)mod_fail_allocs, METH_O,
-     "_fail_allocs(n): tests only; the next n side-table allocations (an SMap's rebuild, an "
-     "insert into the nvside or wide dict) fail with MemoryError; 0 ends it"},
+    {"_fail_allocs", (PyCFunction)mod_fail_allocs, METH_VARARGS,
+     "_fail_allocs(n, after=0): tests only; past the next `after` side-table allocations (an "
+     "SMap's rebuild, an insert into the nvside or wide dict), n fail with MemoryError; 0 ends it"},
     {NULL}
 };
 

@@ -38,8 +38,8 @@ them over an index no Lru is bound to. ``insert`` puts a record in no list (``se
 -1, no links): the policy links it. A setter or call that fails for want of memory (a
 side table's growth: the NVMe location of a keyless DRAM record, a Location or DRAM
 offset that does not pack) raises MemoryError and leaves the entry as it was: the new
-value is stored before the old one goes (``_index._fail_allocs(n)``, a test hook,
-makes the next n such allocations fail).
+value is stored before the old one goes (``_index._fail_allocs(n, after=0)``, a test
+hook, makes n such allocations fail past the next ``after``).
 
 Keys of NVMe-only objects out of RAM (issue 13: <= 64 B per object). ``shed_key(e)``
 (``e`` inserted, ``offset == -1``, ``nvme`` set; else ValueError) frees the key and

@@ -878,8 +878,8 @@ def test_a_key_loader_that_unlinks_the_entry_being_evicted_leaves_the_lists_whol
 # ------------------------------------------ a failed allocation leaves the record as it was
 @pytest.fixture
 def fail_allocs():
-    """kvstored._index._fail_allocs(n): the next n side-table allocations fail (the test
-    hook; always ended, so no other test meets a failure)."""
+    """kvstored._index._fail_allocs(n, after=0): past the next ``after`` side-table
+    allocations, n fail (the test hook; always ended, so no other test meets a failure)."""
     yield _index._fail_allocs
     _index._fail_allocs(0)
 
@@ -959,8 +959,169 @@ def test_a_failed_offset_store_keeps_the_old_offset_and_its_slot(fail_allocs):
 def test_fail_allocs_takes_a_count():
     with pytest.raises(ValueError, match=">= 0"):
         _index._fail_allocs(-1)
+    with pytest.raises(ValueError, match=">= 0"):
+        _index._fail_allocs(1, -1)
     with pytest.raises(TypeError):
         _index._fail_allocs("1")
+    with pytest.raises(TypeError):
+        _index._fail_allocs()
+
+
+def test_a_failed_promotion_to_a_wide_offset_drops_its_wide_entry(fail_allocs):
+    """Entry.offset = an offset that does not pack, on a keyless NVMe-only record: the
+    wide dict's insert passes, then its DRAM form's (the packed NVMe location goes in the
+    aside table, whose first entry allocates) fails. The insert is undone: the entry is
+    NVMe-only as before, and no wide entry is left behind (after=1: the second
+    allocation of the call is the one that fails)."""
+    ix = PackedIndex(1 << 20)
+    loc = Location(1, 40960, 100, 0x1234, 3)
+    ix.add(b"ns", b"kl", -1, 100, 0x1234, SC, 0.0, nvme=loc, keyless=True)
+    e = ix.get(b"ns", b"kl")
+    assert not e.key_in_ram and ix.footprint()["nvme_aside"] == 0
+    fail_allocs(1, 1)
+    with pytest.raises(MemoryError):
+        e.offset = 4096 + 8
+    fp = ix.footprint()
+    assert e.offset == -1 and e.nvme == loc and (fp["wide_offsets"], fp["nvme_aside"]) == (0, 0)
+    e.offset = 4096 + 8  # with memory: both stored
+    fp = ix.footprint()
+    assert e.offset == 4104 and e.nvme == loc and (fp["wide_offsets"], fp["nvme_aside"]) == (1, 1)
+    e.offset = -1  # NVMe-only again: its DRAM form and both side entries go
+    fp = ix.footprint()
+    assert e.nvme == loc and (fp["wide_offsets"], fp["nvme_aside"]) == (0, 0)
+    assert ix.get(b"ns", b"kl") is e and not e.key_in_ram
+
+
+def test_a_failed_insert_or_add_indexes_nothing(fail_allocs):
+    """A side-table allocation that fails inside insert / add (recovery's add of a keyless
+    record whose location does not pack, an entry with readers, one with a wide offset)
+    frees the new record whole: nothing indexed, the namespace gone, and the same call
+    with memory stores it."""
+    ix = PackedIndex(1 << 20)
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        ix.add(b"a", b"k", -1, 100, 0x1234, SC, 0.0, nvme=unpacked(), keyless=True)
+    e = entry(b"b", b"k", offset=4096)
+    e.refs = 2
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        ix.insert(e)
+    w = entry(b"c", b"k", offset=4096 + 8)
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        ix.insert(w)
+    fp = ix.footprint()
+    assert len(ix) == 0 and ix.namespaces() == {} and e.record is None and w.record is None
+    assert (fp["keyless"], fp["nvme_side"], fp["readers"], fp["wide_offsets"]) == (0, 0, 0, 0)
+    ix.add(b"a", b"k", -1, 100, 0x1234, SC, 0.0, nvme=unpacked(), keyless=True)
+    ix.insert(e)
+    ix.insert(w)
+    assert ix.get(b"a", b"k").nvme == unpacked() and not ix.get(b"a", b"k").key_in_ram
+    assert ix.get(b"b", b"k") is e and e.refs == 2 and e.offset == 4096
+    assert ix.get(b"c", b"k") is w and w.offset == 4104 and len(ix) == 3
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_random_setters_with_failing_allocations_leave_each_entry_as_it_was(fail_allocs, seed):
+    """Random NVMe locations (packed, side dict, none), offsets (slot, wide, -1), read
+    counts, readers, key sheds and restores and native-policy links, each call with
+    0-2 side-table allocations failing (after 0-2 that pass): a call that raises
+    MemoryError leaves every field as it was, one that returns has stored its value,
+    and the side tables' sizes match the entries' state (no entry left behind, none
+    lost) after each call."""
+    from kvstored.engine.eviction import COLD, PROBATION, PROTECTED, NativePolicy
+    rng = random.Random(seed)
+    ix = PackedIndex(1 << 20)
+    pol = NativePolicy(1, ix)
+
+    def packed(i: int) -> Location:
+        return Location(1, (40 + i) * 4096, 100, 0x1234, i)
+
+    n = 10
+    es, model = [], []
+    for i in range(n):
+        e = entry(b"ns", b"k%d" % i)
+        ix.insert(e)
+        e.nvme = packed(i)
+        es.append(e)
+        model.append(dict(nvme=packed(i), off=-1, reads=0, refs=0, keyless=False, slot=None,
+                          linked=False))
+    raised = 0
+    for step in range(1500):
+        i = rng.randrange(n)
+        e, m = es[i], model[i]
+        new = dict(m)
+        op = rng.choice(["nvme", "nvme", "offset", "offset", "reads", "refs", "shed", "restore",
+                         "link"])
+        if op == "nvme":
+            v = rng.choice([None, packed(rng.randrange(50)), unpacked(rng.randrange(50))])
+            if v is None and m["keyless"] and m["off"] < 0:
+                continue  # the key would be nowhere (a keyless record needs its location)
+            new["nvme"] = v
+            call = lambda: setattr(e, "nvme", v)  # noqa: E731
+        elif op == "offset":
+            kind = rng.choice(["none", "slot", "wide"])
+            off = (2 * i + rng.randrange(2)) * 4096 + (8 if kind == "wide" else 0)
+            off = -1 if kind == "none" else off
+            if off < 0 and m["keyless"] and m["nvme"] is None:
+                continue
+            new["off"] = off
+            new["slot"] = off if kind == "slot" else None if m["slot"] != off else m["slot"]
+
+            def call(e=e, off=off, kind=kind):
+                e.offset = off
+                if kind == "slot":
+                    ix.place(e)
+        elif op == "reads":
+            new["reads"] = r = rng.randrange(2)
+            call = lambda: setattr(e, "reads", r)  # noqa: E731
+        elif op == "refs":
+            new["refs"] = r = rng.randrange(3)
+            call = lambda: setattr(e, "refs", r)  # noqa: E731
+        elif op == "shed":
+            if m["keyless"] or m["off"] >= 0 or m["nvme"] is None or m["linked"]:
+                continue
+            new["keyless"], new["reads"] = True, 0
+            call = lambda: ix.shed_key(e)  # noqa: E731
+        elif op == "restore":
+            if not m["keyless"]:
+                continue
+            new["keyless"] = False
+            call = lambda: ix.restore_key(e, b"k%d" % i)  # noqa: E731
+        else:
+            if not m["linked"] and m["off"] < 0:
+                continue  # the Store links DRAM entries only
+            new["linked"] = not m["linked"]
+            call = pol.remove if m["linked"] else pol.insert
+            call = (lambda f: lambda: f(e))(call)
+        fail_allocs(rng.choice([0, 1, 1, 2]), rng.randrange(3))
+        try:
+            call()
+            model[i] = new
+        except MemoryError:
+            raised += 1
+        finally:
+            fail_allocs(0)
+        wide = side = aside = 0
+        for ej, mj in zip(es, model):
+            got = (ej.nvme, ej.offset, ej.reads, ej.refs, not ej.key_in_ram, ej.seg >= 0)
+            assert got == (mj["nvme"], mj["off"], mj["reads"], mj["refs"], mj["keyless"],
+                           mj["linked"]), (step, op)
+            if mj["slot"] is not None:
+                assert ix.at(mj["slot"]) is ej, (step, op)
+            wide += mj["off"] >= 0 and mj["off"] % 64 != 0
+            side += mj["nvme"] is not None and mj["nvme"].offset % 4096 != 0
+            # a keyless record with DRAM fields keeps its packed location aside
+            aside += (mj["keyless"] and mj["nvme"] is not None and mj["nvme"].offset % 4096 == 0
+                      and (mj["off"] >= 0 or mj["reads"] or mj["linked"] or ej.stamp != 0))
+        fp = ix.footprint()
+        sides = (fp["wide_offsets"], fp["nvme_side"], fp["nvme_aside"])
+        assert sides == (wide, side, aside), (step, op)
+        assert fp["readers"] == sum(1 for mj in model if mj["refs"])
+        linked = {id(ej) for ej, mj in zip(es, model) if mj["linked"]}
+        assert pol.resident == len(linked)
+        assert {id(x) for seg in (PROBATION, PROTECTED, COLD) for x in pol.order(0, seg)} == linked
+    assert raised >= 20, raised  # the failures were met
 
 
 # ------------------------------------------ Entry.seg under the native eviction policy
