@@ -349,23 +349,30 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
         right.append(ok if x is not None else None)
     my_laps = {lap for member, lap in o.slots[:nslots] if member.node_id == me}
     # draining nodes hand over their own records: leave their indices to them
-    drained = set()
+    drains = set()  # (version, index)
     for d in peers.draining:
         if d.node_id == me:
             continue
         h = got.get((d.node_id, 0))
         if h is not None and h.present and not h.unverified:
             hh = parse_head(h.head)
-            if hh is not None and version(True, h.head) == current:
-                drained.add(hh[3])
+            if hh is not None:
+                drains.add((head_version(hh), hh[3]))
+    drained = {i for v, i in drains if v == current}
     # the slots as every holder sees them: before this node's own hand-overs (which count
-    # as done below), its records verified in this pass held back (as its peers see
-    # them): who leads is chosen from these, so all holders agree
+    # as done below), its records as its peers' Heads show them (one it verifies in this
+    # pass held back, one it drops still there), and the version they make current: who
+    # leads is chosen from these, so all holders agree
+    held_all = [_as_seen(o, mine, me, y, x) for y, x in enumerate(held)]
+    counts_all: dict = {}
+    for x in held_all:
+        if x:
+            counts_all[x[2]] = counts_all.get(x[2], 0) + 1
+    current_all = max(counts_all.items(), key=lambda kv: kv[1])[0] if counts_all else None
     seen_all: set[int] = set()
     right_all = []
-    for y, x in enumerate(held[:nslots]):
-        ok = (bool(x) and x[2] == current and x[0] in want and x[0] not in seen_all
-              and not _held_back(o, me, y))
+    for x in held_all[:nslots]:
+        ok = bool(x) and x[2] == current_all and x[0] in want and x[0] not in seen_all
         if ok:
             seen_all.add(x[0])
         right_all.append(ok if x is not None else None)
@@ -375,8 +382,8 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
     if not any(right):
         return done
     need = p.k if kind == KIND_FRAGMENT else 1
-    if leader(o, me, _plan(want, seen_all, right_all, drained), right_all, right, held, current,
-              need) != me:
+    plan_all = _plan(want, seen_all, right_all, {i for v, i in drains if v == current_all})
+    if leader(o, me, plan_all, right_all, right, held_all, current_all, need) != me:
         return done
     missing = [i for i in want if i not in seen]
     # indices a draining holder still has are left to it (it writes them itself)
@@ -428,8 +435,9 @@ def _plan(want: list, seen: set, right: list, drained: set) -> list:
 def leader(o: Obj, me: str, plan: list, right_all: list, right: list, held: list, current,
            need: int) -> str:
     """The node that rebuilds an EC object's missing indices (``plan``: (index, slot)
-    pairs, as every holder sees the slots; ``right_all``/``right``: the slots holding a
-    current record of their own index, before/after this node's hand-overs).
+    pairs, ``held``, ``current`` and ``right_all``: the slots, the version that most of
+    them hold and those holding a current record of their own index, all as every holder
+    sees them; ``right``: the latter as this node sees them, after its hand-overs).
 
     * Where the slots alone hold enough fragments to rebuild from (``need``): the first
       node that gets a missing index on a slot holding no current record (none, an
@@ -446,7 +454,7 @@ def leader(o: Obj, me: str, plan: list, right_all: list, right: list, held: list
       (``right``; the rule before: a node that got a slot and could not rebuild would
       call the object unrecoverable). The caller has checked that ``right`` has one."""
     here = o.slots[next(j for j, ok in enumerate(right) if ok)][0].node_id
-    visible = {x[0] for y, x in enumerate(held) if x and x[2] == current and not _held_back(o, me, y)}
+    visible = {x[0] for x in held if x and x[2] == current}
     if len(visible) < need:
         return here
     for _i, j in plan:
@@ -462,13 +470,19 @@ def leader(o: Obj, me: str, plan: list, right_all: list, right: list, held: list
     return here if first is None else o.slots[first][0].node_id
 
 
-def _held_back(o: Obj, me: str, j: int) -> bool:
-    """True when slot ``j`` is this node's and its record was unverified as walked: this
-    node counts it once verified (``_verify_mine``), its peers see it held back, so a
-    choice of leader that depends on it would differ between them."""
+def _as_seen(o: Obj, mine: dict, me: str, j: int, x):
+    """``held[j]`` as this node's peers see it from their Heads: for a slot of this node,
+    its record as walked (one unverified then is held back there, though this node counts
+    it once verified by ``_verify_mine``; one ``_drop_leftovers`` deletes is still there),
+    so a choice of leader made from these is the same on every holder."""
     member, lap = o.slots[j]
-    mv = o.mine.get(lap) if member.node_id == me else None
-    return mv is not None and mv.unverified
+    if member.node_id != me:
+        return x
+    mv = o.mine.get(lap)
+    if mv is mine.get(lap):
+        return x  # neither verified nor dropped in this decision (most): as held shows it
+    h = parse_head(mv.head) if mv is not None and not mv.unverified else None
+    return (h[3], h[2], head_version(h)) if h else False
 
 
 def _hand_over(o: Obj, mine: dict, my_laps: set, current, held: list, right: list, seen: set,
