@@ -27,6 +27,14 @@
 #include <string.h>
 #include <xxhash.h>
 
+/* XXH3's output is final from libxxhash 0.8.0 on (before it changed between releases, and
+ * its declarations were not in the plain header): an older one would hash otherwise than
+ * the xxhash package, so the extension is not built against it (setup.py then skips it).
+ * At run time placement.py checks the loaded library against the package all the same. */
+#if !defined(XXH_VERSION_NUMBER) || XXH_VERSION_NUMBER < 800
+#error "kvstore._placement needs libxxhash 0.8.0 or later (XXH3 final)"
+#endif
+
 static const unsigned char POS[4] = {0, 'p', 'o', 's'}; /* placement._POS */
 #define TAIL 6                                          /* POS + le16(position) */
 #define SELECT_MAX 16 /* place(): up to this n, n passes of selection; above, one sort */

@@ -26,6 +26,7 @@ plain forms' order, so its answers are the same.
 """
 from __future__ import annotations
 
+import logging
 import os
 import struct
 from collections.abc import Iterable, Sequence
@@ -345,6 +346,28 @@ def _place_positions_any(key, members: Sequence, n: int, ns) -> list:
 _POS = b"\x00pos"  # keeps per-position keys apart from plain keys
 _XXH3 = xxhash.xxh3_64_intdigest
 _h = _XXH3  # a module global: tests swap in a coarse hash to force ties (the C path is off then)
+
+
+def _hashes_agree(c) -> bool:
+    """True when ``c.xxh3_64`` (the system libxxhash this process loaded) is the xxhash
+    package's xxh3_64 on inputs of every length XXH3 treats apart (0, 1-3, 4-8, 9-16,
+    17-128, 129-240, longer, past a block). A library whose XXH3 predates its final form
+    (before 0.8.0), or one a wheel meets at run time other than the one it was built
+    against (the soname is the same), would place keys elsewhere than nodes hashing in
+    Python: data written where no reader looks."""
+    data = bytes(range(256)) * 24
+    try:
+        return all(c.xxh3_64(data[:n]) == _XXH3(data[:n])
+                   for n in (0, 1, 3, 4, 8, 9, 16, 17, 100, 128, 129, 240, 241, 1024, 1025, 6000))
+    except Exception:  # noqa: BLE001 - any failure of the probe: not usable
+        return False
+
+
+if _C is not None and not _hashes_agree(_C):
+    logging.getLogger("kvstore").warning(
+        "kvstore._placement: the linked libxxhash's xxh3_64 differs from the xxhash "
+        "package's; placement hashes in Python")
+    _C = None
 # the C path: on when built, unless KVSTORE_NATIVE_PLACEMENT=0 (tests flip this to run both)
 _NATIVE = _C is not None and os.environ.get("KVSTORE_NATIVE_PLACEMENT", "1").strip().lower() \
     not in ("0", "no", "false", "off")

@@ -438,3 +438,38 @@ def test_native_rejects_malformed_tables_and_calls():
     with pytest.raises(TypeError):
         c.order(object(), b"k")
     assert sorted(c.place_positions(t, b"k", ms, 3)) == ms and sorted(c.order(t, b"")) == [0, 1, 2]
+
+
+def test_native_path_only_with_the_packages_hash():
+    """The C path is used only when the libxxhash the process loaded hashes as the xxhash
+    package does on every length class: a libxxhash before 0.8.0 (XXH3 not final), or
+    another one met at run time than the wheel was built against, would place keys
+    elsewhere than Python nodes. Such a library leaves placement in Python."""
+    import subprocess
+    import sys
+    c = native()
+    assert placement._hashes_agree(c)
+
+    class Like:  # differs from the real hash on some inputs only
+        def __init__(self, f):
+            self.xxh3_64 = f
+
+    assert not placement._hashes_agree(Like(lambda b: c.xxh3_64(b) & 0xFFFFFFFF))  # an int-returning call
+    assert not placement._hashes_agree(Like(lambda b: c.xxh3_64(b) ^ (len(b) > 240)))  # long inputs only
+    assert not placement._hashes_agree(Like(lambda b: c.xxh3_64(b) ^ (len(b) == 0)))  # the empty input only
+    assert not placement._hashes_agree(Like(lambda b: 1 / 0))
+    # at import: a module whose hash differs is not used (placement answers in Python)
+    probe = ("import importlib.util, sys, types\n"  # (kvstore's __init__ imports placement)
+             "spec = importlib.util.spec_from_file_location('kvstore._placement', sys.argv[1])\n"
+             "real = importlib.util.module_from_spec(spec)\n"
+             "spec.loader.exec_module(real)\n"
+             "fake = types.ModuleType('kvstore._placement')\n"
+             "fake.__dict__.update(real.__dict__)\n"
+             "fake.xxh3_64 = lambda b: real.xxh3_64(b) ^ (len(b) > 1024)\n"
+             "sys.modules['kvstore._placement'] = fake\n"
+             "from kvstore import placement as p\n"
+             "print(p._C is None, p._NATIVE, p._entry([p.Member('a')], 'ns').table)\n")
+    out = subprocess.run([sys.executable, "-c", probe, c.__file__], capture_output=True, text=True,
+                         timeout=60)
+    assert out.returncode == 0 and out.stdout.split() == ["True", "False", "None"], (out.stdout, out.stderr)
+    assert "differs from the xxhash package" in out.stderr
