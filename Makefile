@@ -15,13 +15,18 @@ $(VENV)/bin/python:
 # (libxxhash-dev). Without them the install still works: the tier uses threads (loudly),
 # placement hashes in Python. With both, every extension must build.
 NATIVE_DEPS = /usr/include/liburing.h /usr/include/xxhash.h
+# placement.c needs libxxhash >= 0.8 (XXH3 final; it #errors before: the extension is
+# skipped and placement stays in Python), so an older header does not make it required
+XXH_08 = awk '/define XXH_VERSION_(MAJOR|MINOR)[ \t]/ { v[$$2] = $$3 } \
+  END { exit !(v["XXH_VERSION_MAJOR"] * 100 + v["XXH_VERSION_MINOR"] >= 8) }'
 
 $(NATIVE_DEPS) &:
 	@(apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq liburing-dev libxxhash-dev >/dev/null) || \
 	  echo "make: could not install liburing-dev/libxxhash-dev; the NVMe tier will use pread/pwrite threads, placement Python"
 
 $(VENV)/.installed: pyproject.toml setup.py $(wildcard native/*.c) | $(VENV)/bin/python $(NATIVE_DEPS)
-	KVSTORE_REQUIRE_NATIVE=$$(for h in $(NATIVE_DEPS); do test -f $$h || exit; done; echo 1) $(PIP) install -e '.[server]'
+	KVSTORE_REQUIRE_NATIVE=$$(for h in $(NATIVE_DEPS); do test -f $$h || exit; done; \
+	  $(XXH_08) /usr/include/xxhash.h || exit; echo 1) $(PIP) install -e '.[server]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml $(VENV)/.installed
