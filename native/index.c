@@ -3783,17 +3783,32 @@ static PyObject *Lru_order(Lru *p, PyObject *args) {
         PyErr_SetString(PyExc_ValueError, "order(sc_index, seg): out of range");
         return NULL;
     }
+    /* The record numbers first, with no Python run in between: building a view may run a
+       collection whose Python (a finalizer) unlinks, frees or reuses records of this list,
+       and a link read after that may name a freed record (a chunk index it no longer has:
+       a read out of bounds). Each view is then checked to be of a record still in the list
+       (and the table is held: the same Python may clear this Lru). */
+    Table *t = p->t;
     LList *L = &p->lists[(size_t)idx * 3 + seg];
+    uint64_t n = L->count, k = 0;
+    uint32_t *recs = PyMem_Malloc((size_t)(n ? n : 1) * sizeof(uint32_t));
+    if (!recs) return PyErr_NoMemory();
+    for (uint32_t r = L->head; r != NOREC; k++) {
+        if (k == n || r >= t->nrecs) {
+            PyMem_Free(recs);
+            PyErr_SetString(PyExc_RuntimeError, "eviction list longer than its count");
+            return NULL;
+        }
+        recs[k] = r;
+        const DForm *a = L_aux(t, r);
+        r = a ? a->older : NOREC;
+    }
+    Py_INCREF(t);
     PyObject *out = PyList_New(0);
-    uint64_t k = 0;
-    for (uint32_t r = L->head, older; out && r != NOREC; r = older) {
-        /* the link first: building the view may run a collection whose Python unlinks r
-           (a keyless record's DRAM part then goes); a stale link is view_of's error */
-        const DForm *a = L_aux(p->t, r);
-        older = a ? a->older : NOREC;
-        PyObject *v = ++k > L->count ? NULL : view_of(p->t, r);
+    for (uint64_t i = 0; out && i < k; i++) {
+        uint32_t r = recs[i];
+        PyObject *v = view_of(t, r);
         if (!v) {
-            if (!PyErr_Occurred()) PyErr_SetString(PyExc_RuntimeError, "eviction list longer than its count");
             Py_CLEAR(out);
             break;
         }
@@ -3801,6 +3816,18 @@ static PyObject *Lru_order(Lru *p, PyObject *args) {
         Py_DECREF(v);
         if (rc < 0) Py_CLEAR(out);
     }
+    /* the last view made, no Python runs below: every record answered must still be in
+       the list (one unlinked while a later view was made is not) */
+    for (Py_ssize_t i = 0; out && i < PyList_GET_SIZE(out); i++) {
+        uint32_t r = ((Entry *)PyList_GET_ITEM(out, i))->rec;
+        /* (a record removed from the index while linked is still in the list) */
+        if (r >= t->nrecs || !(t->recs[r].flags & F_USED) || t->recs[r].seg != seg) {
+            Py_CLEAR(out);
+            PyErr_SetString(PyExc_RuntimeError, "eviction list changed while order() read it");
+        }
+    }
+    Py_DECREF(t);
+    PyMem_Free(recs);
     return out;
 }
 

@@ -1170,3 +1170,59 @@ def test_entry_seg_and_links_are_refused_while_the_native_policy_owns_them():
     assert a.seg == PROBATION and py.queues[0].lists[PROBATION].head is a
     py.remove(a)
     assert a.seg == NONE
+
+
+def test_order_under_a_collection_that_unlinks_the_next_entry_never_reads_a_freed_record():
+    """Lru.order (the eviction list's entries, for tests and tools) makes a view per record;
+    a view's allocation may run a collection whose Python unlinks and frees the record
+    after it (here a gc callback: the policy's remove, the index's remove, then inserts
+    that reuse the freed records). order() read each record's link before making its view
+    and followed it after: a freed record's link, whose DRAM form had gone, pointed
+    anywhere (stress_index under ASan: a SEGV in Lru_order). It now reads the list before
+    any Python runs and answers only entries still in it, or a RuntimeError."""
+    from kvstored.engine.eviction import NativePolicy
+
+    sc = SizeClass(0, 4096, 1 << 16)
+    ran = 0
+    for attempt in range(12):
+        ix = PackedIndex(1 << 12)
+        pol = NativePolicy(1, ix, ghost="native", parent_limit=8, hint_limit=8)
+        keys = [b"k%d" % i for i in range(6)]
+        for i, k in enumerate(keys):
+            e = Entry(b"ns", k, i * 4096, 100, i, sc)
+            ix.insert(e)
+            ix.place(e)
+            pol.insert(e)
+        del e  # no view held: order() makes each one
+        state = {"armed": True, "n": 0, "seen": 0}
+
+        def unlink_next():
+            # the collections run at each GC allocation: the nth one lands on the nth
+            # view order() makes (the first ones run before it walks)
+            state["seen"] += 1
+            if not state["armed"] or state["seen"] < 2 + attempt % 6:
+                return
+            state["armed"] = False
+            for k in keys[:attempt % 6] + keys[attempt % 6 + 1:]:  # all but one, whichever
+                x = ix.get(b"ns", k)  # (order() was making a view of) are freed on return
+                if x is not None:
+                    pol.remove(x, evicted=True)
+                    ix.displace(x)
+                    ix.remove(x)
+            for j in range(3 if attempt >= 6 else 0):  # reuse the freed records (at the head)
+                y = Entry(b"ns", b"new%d-%d" % (attempt, j), (100 + j) * 4096, 100, j, sc)
+                ix.insert(y)
+                ix.place(y)
+                pol.insert(y)
+            state["n"] += 1
+
+        try:
+            got = collecting_during(lambda: pol.order(0, 0), unlink_next)
+        except RuntimeError as err:  # the list changed under it: said, nothing read
+            assert "changed" in str(err) or "index" in str(err), err
+            got = []
+        ran += state["n"]
+        for x in got:  # only entries in the list now, each once
+            assert ix.get(b"ns", x.key) is x and x.seg == 0
+        assert len({x.key for x in got}) == len(got)
+    assert ran, "no collection ran inside order()"
