@@ -326,27 +326,18 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
         else:
             hh = parse_head(h.head)  # (each head parsed once: decide runs per object and slot)
             held.append((hh[3], hh[2], head_version(hh)) if hh is not None else False)
-    counts: dict = {}
-    for x in held:
-        if x:
-            counts[x[2]] = counts.get(x[2], 0) + 1
     mine_ok = [mv for mv in mine.values() if not mv.unverified and parse_head(mv.head)]
-    if not counts and not mine_ok:
+    current = _majority(held)
+    if current is None and not mine_ok:
         return False
-    current = max(counts.items(), key=lambda kv: kv[1])[0] if counts else version(True, mine_ok[0].head)
+    if current is None:
+        current = version(True, mine_ok[0].head)
     kind = next((x[1] for x in held if x and x[2] == current), None)
     if kind is None:
         kind = parse_head(mine_ok[0].head)[2]
     want = list(range(p.n)) if kind == KIND_FRAGMENT else list(range(p.m + 1))
     nslots = len(want)
-    # slot j is right when it holds a current record with an index nobody before it holds
-    seen: set[int] = set()
-    right = []
-    for x in held[:nslots]:
-        ok = bool(x) and x[2] == current and x[0] in want and x[0] not in seen
-        if ok:
-            seen.add(x[0])
-        right.append(ok if x is not None else None)
+    seen, right = _right(held[:nslots], current, want)
     my_laps = {lap for member, lap in o.slots[:nslots] if member.node_id == me}
     # draining nodes hand over their own records: leave their indices to them
     drains = set()  # (version, index)
@@ -364,18 +355,8 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
     # pass held back, one it drops still there), and the version they make current: who
     # leads is chosen from these, so all holders agree
     held_all = [_as_seen(o, mine, me, y, x) for y, x in enumerate(held)]
-    counts_all: dict = {}
-    for x in held_all:
-        if x:
-            counts_all[x[2]] = counts_all.get(x[2], 0) + 1
-    current_all = max(counts_all.items(), key=lambda kv: kv[1])[0] if counts_all else None
-    seen_all: set[int] = set()
-    right_all = []
-    for x in held_all[:nslots]:
-        ok = bool(x) and x[2] == current_all and x[0] in want and x[0] not in seen_all
-        if ok:
-            seen_all.add(x[0])
-        right_all.append(ok if x is not None else None)
+    current_all = _majority(held_all)
+    seen_all, right_all = _right(held_all[:nslots], current_all, want)
     done = _hand_over(o, mine, my_laps, current, held, right, seen, acts)
     if not my_laps:
         return done
@@ -415,6 +396,29 @@ def _ec(o: Obj, mine: dict, got: Mapping, peers: Peers, acts: list) -> bool:
                             tuple((i, j, held[j] not in (False, None)) for i, j in plan),
                             tuple(j for j, _x in sources)))
     return done and len(plan) == len(todo) and None not in right
+
+
+def _majority(held: list):
+    """The version most slots hold a verified record of (``held``: (index, kind, version),
+    False or None per slot), None when none holds one."""
+    counts: dict = {}
+    for x in held:
+        if x:
+            counts[x[2]] = counts.get(x[2], 0) + 1
+    return max(counts.items(), key=lambda kv: kv[1])[0] if counts else None
+
+
+def _right(held: list, current, want: list) -> tuple[set, list]:
+    """(indices seen, per slot: True / False / None unanswered): slot j is right when it
+    holds a current record with an index of ``want`` nobody before it holds."""
+    seen: set[int] = set()
+    right = []
+    for x in held:
+        ok = bool(x) and x[2] == current and x[0] in want and x[0] not in seen
+        if ok:
+            seen.add(x[0])
+        right.append(ok if x is not None else None)
+    return seen, right
 
 
 def _plan(want: list, seen: set, right: list, drained: set) -> list:
