@@ -241,9 +241,21 @@ static int sort_members(const Table *t, const uint64_t *s, uint32_t *idx) {
     return 0;
 }
 
-/* key: bytes-like; the Table; members (when given) a sequence of the table's length */
+static int parse_n(PyObject *o, const Table *t, const char *name, Py_ssize_t *n) {
+    *n = PyNumber_AsSsize_t(o, PyExc_OverflowError); /* any __index__, as range() takes */
+    if (*n == -1 && PyErr_Occurred()) return -1;
+    if (*n < 1 || *n > t->nm || *n > 0x10000) {
+        PyErr_Format(PyExc_ValueError, "%s(): cannot place on %zd of %zd members", name, *n,
+                     t->nm);
+        return -1;
+    }
+    return 0;
+}
+
+/* key: bytes-like; the Table; members (when given) a sequence of the table's length; n
+   (when given: 4 arguments) how many to place */
 static int parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const char *name,
-                 Table **t, Py_buffer *key) {
+                 Table **t, Py_buffer *key, Py_ssize_t *n) {
     if (nargs != want) {
         PyErr_Format(PyExc_TypeError, "%s() takes %zd arguments (%zd given)", name, want, nargs);
         return -1;
@@ -263,21 +275,11 @@ static int parse(PyObject *const *args, Py_ssize_t nargs, Py_ssize_t want, const
             goto fail;
         }
     }
+    if (want > 3 && parse_n(args[3], *t, name, n) < 0) goto fail;
     return 0;
 fail:
     PyBuffer_Release(key);
     return -1;
-}
-
-static int parse_n(PyObject *o, const Table *t, const char *name, Py_ssize_t *n) {
-    *n = PyNumber_AsSsize_t(o, PyExc_OverflowError); /* any __index__, as range() takes */
-    if (*n == -1 && PyErr_Occurred()) return -1;
-    if (*n < 1 || *n > t->nm || *n > 0x10000) {
-        PyErr_Format(PyExc_ValueError, "%s(): cannot place on %zd of %zd members", name, *n,
-                     t->nm);
-        return -1;
-    }
-    return 0;
 }
 
 /* [members[i] for i in idx[:n]] */
@@ -298,7 +300,7 @@ static PyObject *pick(PyObject *members, const uint32_t *idx, Py_ssize_t n) {
 static PyObject *order(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
     Table *t;
     Py_buffer key;
-    if (parse(args, nargs, 2, "order", &t, &key) < 0) return NULL;
+    if (parse(args, nargs, 2, "order", &t, &key, NULL) < 0) return NULL;
     PyObject *out = NULL;
     Input in = {0};
     Py_ssize_t nm = t->nm;
@@ -335,11 +337,7 @@ static PyObject *place(PyObject *self, PyObject *const *args, Py_ssize_t nargs) 
     Table *t;
     Py_buffer key;
     Py_ssize_t n;
-    if (parse(args, nargs, 4, "place", &t, &key) < 0) return NULL;
-    if (parse_n(args[3], t, "place", &n) < 0) {
-        PyBuffer_Release(&key);
-        return NULL;
-    }
+    if (parse(args, nargs, 4, "place", &t, &key, &n) < 0) return NULL;
     PyObject *out = NULL;
     Input in = {0};
     Py_ssize_t nm = t->nm, got = 0;
@@ -402,11 +400,7 @@ static PyObject *place_positions(PyObject *self, PyObject *const *args, Py_ssize
     Table *t;
     Py_buffer key;
     Py_ssize_t n;
-    if (parse(args, nargs, 4, "place_positions", &t, &key) < 0) return NULL;
-    if (parse_n(args[3], t, "place_positions", &n) < 0) {
-        PyBuffer_Release(&key);
-        return NULL;
-    }
+    if (parse(args, nargs, 4, "place_positions", &t, &key, &n) < 0) return NULL;
     PyObject *out = NULL;
     Input in = {0};
     Py_ssize_t nm = t->nm, left = n;
