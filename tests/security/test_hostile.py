@@ -226,6 +226,12 @@ def publisher_on_a_loop(endpoint: str, **kw):
 
     pub = events.EventPublisher(endpoint, **kw)
     call(pub.start)
+    # the start's AllBlocksCleared goes out FLUSH_DELAY later; wait for it, so a client
+    # that subscribes within those 2 ms does not get it as the batch its test reads
+    deadline = time.monotonic() + 10
+    while call(lambda: pub.seq) < 1:
+        assert time.monotonic() < deadline, "the start's AllBlocksCleared was not published"
+        time.sleep(0.001)
     pub.call = call
     try:
         yield pub
