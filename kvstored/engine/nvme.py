@@ -172,7 +172,9 @@ class NvmeTier:
              "syncs", "sync_errors", "summaries_written", "summary_errors",
              # reads whose record header named another key than expected; regions whose
              # records had to be found by a header scan outside a restart, and its resyncs
-             "key_mismatches", "region_scans", "scan_resyncs"), 0)
+             "key_mismatches", "region_scans", "scan_resyncs",
+             # records written whose location the index had no memory for (Tiering._store_location)
+             "unindexed_records"), 0)
         self.counters.update(found.stats)
         self.syncer = Syncer(device.fd, sync, sync_interval, self.counters)
         self.counters["io_backend_fallback"] = int(device.io_backend != "io_uring")

@@ -240,9 +240,28 @@ class Tiering:
             if refs == 0:
                 self._unlink(e)
             return
-        e.nvme = loc
+        if not self._store_location(e, loc, ns, key):
+            return  # its DRAM copy stays its only one (still listed: evicted again later)
         if refs == 0 and e.offset >= 0:
             dram.drop_copy(e)
+
+    def _store_location(self, e: Entry, loc, ns: bytes, key: bytes) -> bool:
+        """``e.nvme = loc`` for a record just written; False when the index cannot store it
+        (MemoryError: a side table's growth). The record is then forgotten (its space goes
+        back with its region) and tombstoned: a restart must not bring back a record this
+        index never held (a later delete or overwrite of the key writes no tombstone for
+        it). The entry is left as it was."""
+        try:
+            e.nvme = loc
+            return True
+        except MemoryError:
+            nvme = self.nvme
+            nvme.forget(loc, ns, key)
+            self._spawn(self._tombstone(ns, key, nvme.next_seq()))
+            nvme.counters["unindexed_records"] += 1
+            log.warning("an NVMe record was written but the index is out of memory for its "
+                        "location: the record is dropped, the object keeps its DRAM copy")
+            return False
 
     def _spawn(self, coro) -> None:
         t = asyncio.get_running_loop().create_task(coro)
@@ -554,8 +573,7 @@ class Tiering:
                 first_err = first_err or loc
             elif e.state == DEAD:  # deleted meanwhile: its tombstone came later
                 nvme.forget(loc, e.ns, key)
-            else:
-                e.nvme = loc
+            elif self._store_location(e, loc, e.ns, key):
                 written += 1
             self._release(e)
 

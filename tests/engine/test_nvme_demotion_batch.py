@@ -393,3 +393,65 @@ def test_a_writer_that_fails_hands_its_queue_to_a_new_one(tmp_path, monkeypatch,
             s.close()
 
     asyncio.run(run())
+
+
+def test_a_written_record_whose_location_the_index_cannot_store(tmp_path, index_kind):
+    """The packed index raises MemoryError storing a written record's location (a side
+    table's growth; ``_index._fail_allocs``), for a demotion and for the shutdown flush.
+    The demoted object keeps its DRAM copy (nothing lost); its record is forgotten (not
+    counted live: its space goes with its region) and tombstoned, so an overwrite that
+    stays DRAM-only does not let the old value come back at a restart. The flush writes
+    such an object again later in the same flush. Before, the MemoryError escaped the
+    write's callback: the record stayed live and untracked, and came back."""
+    if index_kind != "packed":
+        pytest.skip("only the packed index's location store allocates")
+    from kvstored import _index
+    path = tmp_path / "t.dat"
+    old, new, kept = val(1, SMALL), val(2, SMALL), val(3, SMALL)
+
+    async def run():
+        s = make_store(path)
+        try:
+            await put(s, b"k", old)
+            e = s.index.get(NS, b"k")
+            assert not e.key_in_ram  # in its slot's key record: its location needs a side table
+            assert not s.tiering.evict(e)  # a demotion started
+            _index._fail_allocs(1)  # the next side-table allocation: that location's
+            await until(lambda: not s.tiering._writers and e.refs == 0, "the demotion ended")
+            _index._fail_allocs(0)
+            assert s.index.get(NS, b"k") is e and e.offset >= 0 and e.nvme is None
+            assert s.nvme.counters["unindexed_records"] == 1
+            assert s.nvme.counters["demotion_failures"] == 0  # not lost: still in DRAM
+            assert s.nvme.stats()["objects"] == 0  # the record is not counted live
+            assert await read(s, b"k") == old
+            await put(s, b"k", new, overwrite=True)  # DRAM-only: no tombstone of its own
+        finally:
+            _index._fail_allocs(0)
+            await settle(s)
+            s.close()
+        s = make_store(path)  # no flush: DRAM-only objects are gone, and so is the old record
+        try:
+            assert s.index.get(NS, b"k") is None
+            await put(s, b"f", kept)
+            f = s.index.get(NS, b"f")
+            assert not f.key_in_ram
+            _index._fail_allocs(1, 1)  # past the readers' table (the flush's reference)
+            try:
+                # its first record is refused; the flush's last walk writes it again
+                assert await s.flush_to_nvme(10) == 1
+            finally:
+                _index._fail_allocs(0)
+            assert s.nvme.counters["unindexed_records"] == 1
+            assert f.nvme is not None and s.flush_not_kept == 0
+        finally:
+            _index._fail_allocs(0)
+            await settle(s)
+            s.close()
+        s = make_store(path)
+        try:
+            assert await read(s, b"f") == kept and s.index.get(NS, b"k") is None
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
