@@ -3518,8 +3518,13 @@ static PyObject *Lru_insert(Lru *p, PyObject *e) {
         k = lru_key(p, e);
         if (!k) return NULL;
     }
-    int rc = 0, origin = lru_ghost_pop(p, lru_digest(p, (uint32_t)rec));
-    if (origin == -2) {
+    /* the push's one allocation first (a keyless record's DRAM form: its packed NVMe
+       location goes aside), so that a MemoryError leaves the ghost, the hints, the
+       counters and the age bonus as they were; a later failure takes the form back */
+    int rc = 0, origin = -1;
+    if (!df_for_write(p->t, (uint32_t)rec)) {
+        rc = -1;
+    } else if ((origin = lru_ghost_pop(p, lru_digest(p, (uint32_t)rec))) == -2) {
         rc = -1;
     } else if (origin >= 0) {
         if (lru_ghost_hit(p, origin) < 0 || dict_take(p->tail_hints, k, NULL) < 0 ||
@@ -3538,7 +3543,10 @@ static PyObject *Lru_insert(Lru *p, PyObject *e) {
             rc = lru_push_probation(p, (uint32_t)rec, idx, k);
     }
     Py_XDECREF(k);
-    if (rc < 0) return NULL;
+    if (rc < 0) {
+        df_settle(p->t, (uint32_t)rec);  /* its NVMe form again, unless something linked it */
+        return NULL;
+    }
     Py_INCREF(e);
     Py_XSETREF(p->last, e);
     Py_RETURN_NONE;

@@ -1226,3 +1226,46 @@ def test_order_under_a_collection_that_unlinks_the_next_entry_never_reads_a_free
             assert ix.get(b"ns", x.key) is x and x.seg == 0
         assert len({x.key for x in got}) == len(got)
     assert ran, "no collection ran inside order()"
+
+
+def test_a_failed_insert_on_a_ghost_hit_keeps_the_ghost_entry(fail_allocs):
+    """Lru.insert of a keyless NVMe-form record that the ghost remembers: its push
+    allocates (the record's DRAM form puts its packed location aside). Before, the
+    ghost entry was popped (and the age bonus moved) before that allocation: its
+    MemoryError lost what the ghost knew. Now the allocation comes first; a failure
+    after it (a ghost whose pop raises) takes the record back to its NVMe form."""
+    from kvstored.engine.eviction import NONE, PROTECTED, NativePolicy
+    ix = PackedIndex()
+    pol = NativePolicy(1, ix, ghost="native")
+    loc = Location(1, 40960, 100, 0x1234, 3)
+    e = entry(b"ns", b"k")
+    ix.insert(e)
+    e.nvme = loc
+    pol.insert(e)
+    pol.remove(e, evicted=True)
+    origin = pol.in_ghost(b"ns", b"k")
+    assert origin is not None
+    ix.shed_key(e)  # keyless, NVMe form: no DRAM fields, nothing aside
+    bonus = pol.age_bonus
+    assert ix.footprint()["nvme_aside"] == 0
+    fail_allocs(1)
+    with pytest.raises(MemoryError):
+        pol.insert(e)
+    assert pol.in_ghost(b"ns", b"k") == origin and pol.age_bonus == bonus
+    assert pol.counters["ghost_hits"] == 0 and pol.resident == 0 and e.seg == NONE
+    assert e.nvme == loc and ix.footprint()["nvme_aside"] == 0
+
+    class Refusing:  # a ghost whose pop fails once the record has its DRAM form
+        def pop(self, digest):
+            raise RuntimeError("ghost unavailable")
+
+    real = pol.ghost
+    pol.ghost = Refusing()
+    with pytest.raises(RuntimeError, match="ghost unavailable"):
+        pol.insert(e)
+    assert e.seg == NONE and e.nvme == loc and ix.footprint()["nvme_aside"] == 0
+    pol.ghost = real
+    pol.insert(e)  # with memory: the ghost hit, as it would have been
+    assert e.seg == PROTECTED and pol.counters["ghost_hits"] == 1
+    assert pol.in_ghost(b"ns", b"k") is None and e.nvme == loc
+    assert ix.get(b"ns", b"k") is e
