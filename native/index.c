@@ -3860,6 +3860,12 @@ static PyObject *Lru_new(PyTypeObject *type, PyObject *args, PyObject *kw) {
                         "adapt_rate >= 0");
         return NULL;
     }
+    if (((Table *)table)->lrus) {  /* both would link the same records' fields: lists torn */
+        PyErr_SetString(PyExc_ValueError, "this index has a live Lru already: its lists are the "
+                        "records' own link fields, which a second Lru would relink under it "
+                        "(drop the first before making another)");
+        return NULL;
+    }
     Lru *p = (Lru *)type->tp_alloc(type, 0);
     if (!p) return NULL;
     p->lists = PyMem_Calloc((size_t)nclasses * 3, sizeof(LList));

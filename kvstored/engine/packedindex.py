@@ -31,7 +31,8 @@ without ``displace`` reads None from ``at`` (the dict index keeps the old entry 
 a freed record's number is reused, so the packed one must not point at it).
 
 While a native eviction policy (``kvstored._index.Lru``, ``eviction.NativePolicy``)
-lives over the index, ``Entry.seg`` and the links (``newer``/``older``) are its lists':
+lives over the index (one at a time: another is refused with ValueError), ``Entry.seg``
+and the links (``newer``/``older``) are its lists':
 a write from Python that changes one is a ValueError (it would put a record in a list
 without linking it, or out of one it is still linked in); the Python ``Policy`` writes
 them over an index no Lru is bound to. ``insert`` puts a record in no list (``seg``

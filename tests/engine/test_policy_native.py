@@ -275,7 +275,8 @@ def test_a_store_with_the_native_policy_is_collected(monkeypatch):
 
 
 def test_make_policy_picks_by_index_and_refuses_unknown_kinds(store):
-    assert isinstance(make_policy(2, store.index), NativePolicy)
+    from kvstored.engine.packedindex import PackedIndex
+    assert isinstance(make_policy(2, PackedIndex()), NativePolicy)  # (the store's has its own)
     assert type(make_policy(2, store.index, "python")) is Policy
     assert type(make_policy(2, object())) is Policy  # not the packed index
     with pytest.raises(ValueError, match="policy must be"):
@@ -284,6 +285,29 @@ def test_make_policy_picks_by_index_and_refuses_unknown_kinds(store):
         make_policy(2, store.index, protected_share=1.5)
     with pytest.raises(TypeError):
         NativePolicy(2, object())  # its lists link the packed index's records
+
+
+def test_a_second_native_policy_over_one_index_is_refused(store):
+    """An index's eviction lists are its records' own link fields: a second Lru over
+    it would relink records in the first's lists (each list torn). While one lives,
+    another is refused with ValueError, through make_policy or Lru itself; once it is
+    gone, one can be made. Before, the second was built and both linked the records."""
+    from kvstored._index import Ghost, Lru
+    from kvstored.engine.packedindex import PackedIndex
+    store.put_bytes(NS, b"a", bytes(KiB))
+    with pytest.raises(ValueError, match="live Lru already"):
+        make_policy(2, store.index)
+    with pytest.raises(ValueError, match="live Lru already"):
+        Lru(store.index, 2, Ghost(), {}, {}, {}, 0.5, 1.0, 8.0, 8.0, 64)
+    store.put_bytes(NS, b"b", bytes(KiB))  # the first policy's lists are whole
+    assert [e.key for e in store.policy.order(sc(store), PROBATION)] == [b"b", b"a"]
+    ix = PackedIndex()
+    first = NativePolicy(1, ix)
+    with pytest.raises(ValueError, match="live Lru already"):
+        NativePolicy(1, ix)
+    del first
+    gc.collect()
+    assert NativePolicy(1, ix).resident == 0  # the first is gone: a new one over the index
 
 
 @pytest.mark.parametrize("kind", ["dict", "packed"])
