@@ -204,10 +204,15 @@ def test_breaker_probes_in_the_background():
         for _ in range(50):
             assert b.call(work, default="miss") == "miss"
         assert state["calls"] == 1, "an engine call was used as a probe"
-        time.sleep(0.5)
-        assert b.probes >= 2 and not b.closed
+        # probes after 0.05 and 0.1 s more: waited for, as the prober thread may get no
+        # CPU for a while on a loaded machine
+        deadline = time.monotonic() + 10
+        while b.probes < 2:
+            assert time.monotonic() < deadline, f"{b.probes} background probe(s) in 10 s"
+            time.sleep(0.01)
+        assert not b.closed and state["calls"] == 1
         state["up"] = True
-        deadline = time.monotonic() + 2
+        deadline = time.monotonic() + 10
         while not b.closed:
             assert time.monotonic() < deadline, "the probe never closed the breaker"
             time.sleep(0.01)
@@ -242,7 +247,9 @@ def test_hung_daemon_costs_one_timeout(start_daemon):
             assert b.probes >= 1 and not b.closed
         finally:
             d.proc.send_signal(signal.SIGCONT)
-        deadline = time.monotonic() + 1.0 + 0.5 + 3.0  # a probe in flight + back-off + slack
+        # a probe in flight (1 s) + back-off (0.5 s), then the resumed daemon's answer:
+        # generous, for a loaded machine (closing by itself is the point, not how fast)
+        deadline = time.monotonic() + 30.0
         while not b.closed:
             assert time.monotonic() < deadline, "the daemon answers again but the breaker stays open"
             time.sleep(0.02)
