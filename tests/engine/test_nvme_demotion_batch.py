@@ -435,7 +435,8 @@ def test_a_written_record_whose_location_the_index_cannot_store(tmp_path, index_
             await put(s, b"f", kept)
             f = s.index.get(NS, b"f")
             assert not f.key_in_ram
-            _index._fail_allocs(1, 1)  # past the readers' table (the flush's reference)
+            assert await read(s, b"f") == kept  # (the readers' table made: the flush's reference)
+            _index._fail_allocs(1)  # the next side-table allocation: its location's
             try:
                 # its first record is refused; the flush's last walk writes it again
                 assert await s.flush_to_nvme(10) == 1
