@@ -121,6 +121,9 @@ _TIER_FAMILIES = (
     ("kvstored_tier_demotion_failures", "Objects lost because their demotion write failed "
      "(dropped from DRAM without an NVMe copy; the failed writes are in io_errors).",
      "demotion_failures", "counter"),
+    ("kvstored_tier_unindexed_records", "NVMe records written whose location the index could "
+     "not store (out of memory): tombstoned, the object kept in DRAM; not lost.",
+     "unindexed_records", "counter"),
     ("kvstored_tier_not_admitted", "Evicted objects not demoted (admission policy or write "
      "budget).", "not_admitted", "counter"),
     ("kvstored_tier_key_mismatches", "Reads of an NVMe-only object whose record held another "
