@@ -55,6 +55,7 @@ class Tiering:
         self._unlink = unlink
         self._release = release
         self.flush_not_kept = 0  # DRAM-only objects the last shutdown flush could not write
+        self._flush_refused = 0  # objects the flush under way could not write (it tries again)
         # (id(entry), key) -> promotion in progress. The key too: a keyless entry is found
         # by fingerprint, so two gets of it may ask for different keys, and one's miss
         # (its header holds the other key) must not become the other's
@@ -422,9 +423,11 @@ class Tiering:
         """Demote every DRAM-only object (shutdown); returns how many were written.
 
         Never at the cost of what is on NVMe already: meanwhile the tier reclaims only
-        regions holding no live object. Objects that do not fit (or miss the deadline)
-        stay DRAM-only and are lost at exit: ``flush_not_kept`` counts them, and a
-        warning says so. Most-read objects go first.
+        regions holding no live object. Objects that do not fit (or miss the deadline),
+        and those refused in the last walk (a key record that no longer verifies, the
+        index out of memory for a reference or a location), stay DRAM-only and are lost
+        at exit: ``flush_not_kept`` counts them, and a warning says so. Most-read objects
+        go first.
         """
         self.flush_not_kept = 0
         if self.nvme is None:
@@ -436,22 +439,32 @@ class Tiering:
         if self._writers:  # demotions in flight first: they would be written twice
             await asyncio.wait(set(self._writers), timeout=max(0.0, deadline - loop.time()))
         self.nvme.keep_live = True
+        self._flush_refused = 0
         try:
             for todo in self._flush_chunks(deadline):
                 n, why = await self._flush_chunk(todo, deadline)
                 written += n
                 del todo
                 if why:  # what is left DRAM-only is lost at exit
-                    self.flush_not_kept = sum(
-                        1 for x in self.index.iterate()
-                        if x.nvme is None and x.offset >= 0 and x.state != DEAD)
+                    self.flush_not_kept = self._dram_only_count()
                     break
+            else:
+                # an object refused in the last walk (its key record unreadable, or its
+                # location refused by the index) is not written again: lost at exit too
+                if self._flush_refused:
+                    self.flush_not_kept = self._dram_only_count()
+                    why = "objects refused (key unreadable or index out of memory)"
         finally:
             self.nvme.keep_live = False
         if self.flush_not_kept:
             log.warning("shutdown flush: %s; %d DRAM-only objects could not be kept and are lost "
                         "at exit (%d written)", why, self.flush_not_kept, written)
         return written
+
+    def _dram_only_count(self) -> int:
+        """Live objects whose only copy is in DRAM (after a flush: those lost at exit)."""
+        return sum(1 for x in self.index.iterate()
+                   if x.nvme is None and x.offset >= 0 and x.state != DEAD)
 
     def _flush_chunks(self, deadline: float):
         """The DRAM-only objects, most-read first, in lists of a bounded length: holding a
@@ -556,8 +569,13 @@ class Tiering:
             except LookupError:  # ... rewritten by a local client: no record can name it
                 log.warning("shutdown flush: an object whose key record in the arena no longer "
                             "verifies is not written")
+                self._flush_refused += 1
                 continue
-            e.refs += 1  # its slot is read by the write: not freed meanwhile
+            try:
+                e.refs += 1  # its slot is read by the write: not freed meanwhile
+            except MemoryError:  # the readers' side table could not grow: not written now
+                self._flush_refused += 1
+                continue
             seq = nvme.next_seq()
             nvme.writing_begins(e.ns, key, seq)
             items.append((e, seq, key))
@@ -575,6 +593,8 @@ class Tiering:
                 nvme.forget(loc, e.ns, key)
             elif self._store_location(e, loc, e.ns, key):
                 written += 1
+            else:
+                self._flush_refused += 1  # a later walk writes it again, if one comes
             self._release(e)
 
         try:

@@ -456,3 +456,84 @@ def test_a_written_record_whose_location_the_index_cannot_store(tmp_path, index_
             s.close()
 
     asyncio.run(run())
+
+
+def test_an_object_the_index_refuses_in_the_flushs_last_walk_is_counted_lost(tmp_path, index_kind,
+                                                                             caplog):
+    """The shutdown flush's last walk is the last try: an object whose location the index
+    refuses there too (MemoryError in both walks) stays DRAM-only and is lost at exit, so
+    ``flush_not_kept`` counts it and the flush warns. Before, the flush ended without a
+    reason (no chunk said why) and reported nothing lost (flush_not_kept 0). Its records
+    are tombstoned: a restart has no such key."""
+    if index_kind != "packed":
+        pytest.skip("only the packed index's location store allocates")
+    from kvstored import _index
+    path = tmp_path / "t.dat"
+    kept = val(4, SMALL)
+
+    async def run():
+        s = make_store(path)
+        try:
+            await put(s, b"f", kept)
+            f = s.index.get(NS, b"f")
+            assert not f.key_in_ram  # in its slot's key record: its location needs a side table
+            assert await read(s, b"f") == kept  # (the readers' table made: the flush's reference)
+            _index._fail_allocs(2)  # the next two side-table allocations: both walks' stores
+            try:
+                assert await s.flush_to_nvme(10) == 0
+            finally:
+                _index._fail_allocs(0)
+            assert s.nvme.counters["unindexed_records"] == 2  # refused in both walks
+            assert f.nvme is None and f.offset >= 0  # DRAM-only at exit
+            assert s.flush_not_kept == 1
+            assert any("could not be kept" in r.getMessage() for r in caplog.records)
+        finally:
+            _index._fail_allocs(0)
+            await settle(s)
+            s.close()
+        s = make_store(path)
+        try:
+            assert s.index.get(NS, b"f") is None
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
+
+
+def test_a_flush_reference_the_index_cannot_store_leaves_the_object_to_the_last_walk(
+        tmp_path, index_kind):
+    """The flush's reference on an object (``refs += 1``: the readers' side table, made on
+    the first) raises MemoryError: that object is not written in that walk, and the
+    flush's last walk writes it. Before, the MemoryError escaped the flush (the node's
+    stop raised before draining its tasks)."""
+    if index_kind != "packed":
+        pytest.skip("only the packed index's readers' table allocates")
+    from kvstored import _index
+    path = tmp_path / "t.dat"
+    kept = val(5, SMALL)
+
+    async def run():
+        s = make_store(path)
+        try:
+            await put(s, b"g", kept)
+            g = s.index.get(NS, b"g")
+            assert g.refs == 0 and g.nvme is None
+            _index._fail_allocs(1)  # the next side-table allocation: the readers' table's
+            try:
+                assert await s.flush_to_nvme(10) == 1
+            finally:
+                _index._fail_allocs(0)
+            assert g.nvme is not None and g.refs == 0 and s.flush_not_kept == 0
+        finally:
+            _index._fail_allocs(0)
+            await settle(s)
+            s.close()
+        s = make_store(path)
+        try:
+            assert await read(s, b"g") == kept
+        finally:
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
