@@ -122,7 +122,8 @@ _TIER_FAMILIES = (
      "(dropped from DRAM without an NVMe copy; the failed writes are in io_errors).",
      "demotion_failures", "counter"),
     ("kvstored_tier_unindexed_records", "NVMe records written whose location the index could "
-     "not store (out of memory): tombstoned, the object kept in DRAM; not lost.",
+     "not store (out of memory): tombstoned, the object kept in DRAM (in the shutdown flush's "
+     "last walk: not kept, counted in the stop summary).",
      "unindexed_records", "counter"),
     ("kvstored_tier_not_admitted", "Evicted objects not demoted (admission policy or write "
      "budget).", "not_admitted", "counter"),
