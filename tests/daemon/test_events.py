@@ -105,7 +105,8 @@ class Sub:
 
 def join(sub: Sub, client, ns: str, deadline_s: float = 10.0) -> set[int]:
     """Put probe objects (namespace ``probe-<ns>``) until the subscription is live (ZMQ's
-    slow joiner), then drain; returns the probes' hashes (an eviction may remove them)."""
+    slow joiner), then drain until the last probe's event; returns the probes' hashes (an
+    eviction may remove them)."""
     t_end = time.monotonic() + deadline_s
     i = 0
     while not sub.got:
@@ -113,7 +114,11 @@ def join(sub: Sub, client, ns: str, deadline_s: float = 10.0) -> set[int]:
         client.put(f"probe{i}", b"p", namespace=f"probe-{ns}")
         i += 1
         sub.drain(0.05)
-    sub.drain(0.2)
+    # the batch that arrived may be one flushed before the last probe was put: that probe's
+    # own batch follows, on a loaded machine after any fixed quiet time, and a test would
+    # find it first; batches arrive in order, so once it is in nothing of the probes is left
+    sub.drain_until(lambda: sub.saw("BlockStored", bhash(f"probe-{ns}", f"probe{i - 1}")),
+                    timeout=deadline_s)
     sub.got.clear()
     sub.raw.clear()
     return {bhash(f"probe-{ns}", f"probe{j}") for j in range(i)}
