@@ -561,8 +561,8 @@ def test_async_call_rides_out_a_restart_when_asked(start_daemon):
 def test_killed_daemon_fails_fast_and_is_reached_again(start_daemon):
     """A client that used a daemon which then died: its next calls fail within a
     second (no ride-out by default), and once a daemon answers there again the client
-    reaches it within a second or two, however long it was away (gRPC's reconnect
-    back-off is capped)."""
+    reaches it within a few seconds, however long it was away (gRPC's reconnect
+    back-off is capped at 1 s)."""
     import signal as sig
 
     d1 = start_daemon()
@@ -586,7 +586,11 @@ def test_killed_daemon_fails_fast_and_is_reached_again(start_daemon):
                 c.health()
                 break
             except errors.Unavailable:
-                assert time.monotonic() - back < 2.0, "the daemon is back but not reached"
+                # gRPC's next dial is at most 1.2 s away (the 1 s cap + its 20 % jitter),
+                # then the dial and a Health call to a daemon just started: reached 0.1 to
+                # 1.0 s after it was back beside two busy loops, so 2 s left a loaded CI
+                # machine 1 s; a default back-off, grown over the 8 s, waits up to ~6 s
+                assert time.monotonic() - back < 4.0, "the daemon is back but not reached"
                 time.sleep(0.05)
         assert c.put(b"b", b"2") is True and c.get(b"b") == b"2"
 
