@@ -68,7 +68,10 @@ def test_sigterm_under_load_loses_no_acknowledged_write(start_daemon, tmp_path):
     for t in threads:
         t.start()
     go.set()
-    time.sleep(1.0)
+    # real load first: 40 puts acknowledged (waited for, bounded, not assumed of a second)
+    deadline = time.monotonic() + 30
+    while sum(map(len, acks)) < 40 and time.monotonic() < deadline and not any(ends):
+        time.sleep(0.05)
     before = sum(map(len, acks))
     t_term = time.time()
     d.proc.send_signal(signal.SIGTERM)
@@ -79,13 +82,14 @@ def test_sigterm_under_load_loses_no_acknowledged_write(start_daemon, tmp_path):
     assert rc == 0, d.log()
     assert t_exit - t_term < drain + 1, f"exit took {t_exit - t_term:.2f}s"
     acked = sum(map(len, acks))
-    assert before >= 40, f"only {before} puts in a second: no real load"
+    assert before >= 40, f"only {before} puts in 30 s: no real load ({ends})"
     # each writer ended on a connection-level error, never a typed refusal of its write
     for e in ends:
         assert isinstance(e, (errors.Unavailable, errors.ProtocolError, OSError)), repr(e)
     assert max(max(a) for a in acks if a) <= t_exit  # nothing acknowledged after the exit
     last = max(max(a) for a in acks if a)
-    assert last >= t_term - 0.5, "the writers were still writing when SIGTERM came"
+    # still writing when SIGTERM came (2 s: a put's round trip on a loaded machine)
+    assert last >= t_term - 2.0, "the writers were still writing when SIGTERM came"
     stopped = _stopped_line(d)
     committed = int(stopped["puts"])
     assert acked <= committed <= acked + writers, (acked, committed)
