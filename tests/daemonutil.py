@@ -31,7 +31,10 @@ class Daemon:
         self.proc: subprocess.Popen | None = None
         self.info: dict = {}
 
-    def start(self, timeout: float = 20.0) -> "Daemon":
+    # the ready wait is long on purpose: a loaded CI machine (two xdist workers, several
+    # clusters starting at once) can take tens of seconds to import and start a node, and
+    # a node that cannot start exits (seen at once) rather than running into this bound
+    def start(self, timeout: float = 60.0) -> "Daemon":
         return self.launch().wait_ready(timeout)
 
     def launch(self) -> "Daemon":
@@ -53,7 +56,7 @@ class Daemon:
                                      cwd=self.tmp)
         return self
 
-    def wait_ready(self, timeout: float = 20.0) -> "Daemon":
+    def wait_ready(self, timeout: float = 60.0) -> "Daemon":
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.ready_file.exists():
@@ -103,7 +106,7 @@ class Daemon:
         return self.proc.returncode
 
 
-def start_all(*daemons: Daemon, timeout: float = 30.0) -> list[Daemon]:
+def start_all(*daemons: Daemon, timeout: float = 60.0) -> list[Daemon]:
     """Start several daemons at once (their imports overlap), each ready on return; all
     stopped again if one fails."""
     try:
