@@ -308,9 +308,11 @@ class Tiering:
         if pending is not None:
             await asyncio.shield(pending)
             return
+        # first: a reference the index cannot store (MemoryError: the readers' side table's
+        # growth) must not leave a load registered that nothing ends (its waiters would hang)
+        e.refs += 1  # keeps its region from being reclaimed while we read
         fut = asyncio.get_running_loop().create_future()
         self._loading[(id(e), key)] = fut
-        e.refs += 1  # keeps its region from being reclaimed while we read
         dram = self.dram
         off = page = None
         try:

@@ -537,3 +537,44 @@ def test_a_flush_reference_the_index_cannot_store_leaves_the_object_to_the_last_
             s.close()
 
     asyncio.run(run())
+
+
+def test_a_promotion_whose_reference_the_index_cannot_store_leaves_no_load_behind(
+        tmp_path, index_kind):
+    """A read of an NVMe-only object takes a reference before the promotion's read
+    (``refs += 1``: on a fresh index, the readers' side table is made then). When the index
+    cannot store it (MemoryError) that read fails, and nothing is left registered: the next
+    read promotes the object. Before, the promotion in progress stayed registered with
+    nobody to end it, and every later read of the key waited on it for good."""
+    if index_kind != "packed":
+        pytest.skip("only the packed index's readers' table allocates")
+    from kvstored import _index
+    path = tmp_path / "t.dat"
+    kept = val(6, SMALL)
+
+    async def run():
+        s = make_store(path)
+        try:
+            await put(s, b"p", kept)
+            assert await s.flush_to_nvme(10) == 1
+        finally:
+            await settle(s)
+            s.close()
+        s = make_store(path)  # recovered: NVMe-only, no reader yet
+        try:
+            e = s.index.get(NS, b"p")
+            assert e.offset < 0 and e.nvme is not None and e.refs == 0
+            _index._fail_allocs(1)  # the next side-table allocation: the readers' table's
+            try:
+                with pytest.raises(MemoryError):
+                    await read(s, b"p")
+            finally:
+                _index._fail_allocs(0)
+            assert s.tiering._loading == {} and e.refs == 0
+            assert await asyncio.wait_for(read(s, b"p"), 30) == kept
+        finally:
+            _index._fail_allocs(0)
+            await settle(s)
+            s.close()
+
+    asyncio.run(run())
