@@ -100,13 +100,25 @@ class Tiering:
             except LookupError:  # ... rewritten by a local client: no record can name it
                 self._unlink(e, evicted=True)
                 return True
-            self._start_demotion(e, size, key)
+            try:
+                self._start_demotion(e, size, key)
+            except MemoryError:
+                # the write's reference (the packed index's readers' table growing) could not
+                # be taken, and nothing else has changed: the object leaves as an eviction
+                # without a copy would, counted lost, so a slab being reclaimed still drains
+                nvme.counters["demotion_failures"] += 1
+                log.warning("NVMe demotion skipped: the index is out of memory; object dropped",
+                            extra={"namespace": e.ns.decode(errors="replace"), "size": size})
+                self._unlink(e, evicted=True)
+                return True
             return False
         self._unlink(e, evicted=True)
         return True
 
     def _start_demotion(self, e: Entry, size: int, key: bytes) -> None:
-        e.refs += 1  # the write reads the slot: it must not be freed or reused meanwhile
+        # the write reads the slot: it must not be freed or reused meanwhile. First: its
+        # MemoryError (the packed index) must leave nothing changed (evict relies on it)
+        e.refs += 1
         # what the arena counts used for its slot (slot and key record: SizeClass.footprint),
         # so evict_down stops at its target, not past it by the slots' slack
         self.dram.demoting_bytes += e.sc.footprint

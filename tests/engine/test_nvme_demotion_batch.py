@@ -5,12 +5,13 @@ of its writes fails. A real NVMe tier on a file; the writes are the real ones, t
 completions held back (``GatedWrites``) so a batch stays in flight for as long as a test
 needs."""
 import asyncio
+import contextlib
 
 import pytest
 
 from kvstore.errors import NotFound
 from kvstored.engine import tiering
-from test_nvme import MiB, NS, make_store, put, read, settle
+from test_nvme import NS, make_store, put, read, settle
 
 SMALL, LARGE = 4096, 16384
 
@@ -395,6 +396,37 @@ def test_a_writer_that_fails_hands_its_queue_to_a_new_one(tmp_path, monkeypatch,
     asyncio.run(run())
 
 
+# ----------------------------------------- the packed index out of memory (_fail_allocs)
+
+def packed_only(index_kind: str, what: str) -> None:
+    if index_kind != "packed":
+        pytest.skip(f"only the packed index's {what} allocates")
+
+
+@contextlib.contextmanager
+def failing_allocs(n: int):
+    """The index's next ``n`` side-table allocations fail (MemoryError), within the block."""
+    from kvstored import _index
+    _index._fail_allocs(n)
+    try:
+        yield
+    finally:
+        _index._fail_allocs(0)
+
+
+@contextlib.asynccontextmanager
+async def opened(path):
+    """A store over the tier file ``path``, settled and closed after."""
+    s = make_store(path)
+    try:
+        yield s
+    finally:
+        from kvstored import _index
+        _index._fail_allocs(0)
+        await settle(s)
+        s.close()
+
+
 def test_a_written_record_whose_location_the_index_cannot_store(tmp_path, index_kind):
     """The packed index raises MemoryError storing a written record's location (a side
     table's growth; ``_index._fail_allocs``), for a demotion and for the shutdown flush.
@@ -403,57 +435,37 @@ def test_a_written_record_whose_location_the_index_cannot_store(tmp_path, index_
     stays DRAM-only does not let the old value come back at a restart. The flush writes
     such an object again later in the same flush. Before, the MemoryError escaped the
     write's callback: the record stayed live and untracked, and came back."""
-    if index_kind != "packed":
-        pytest.skip("only the packed index's location store allocates")
-    from kvstored import _index
+    packed_only(index_kind, "location store")
     path = tmp_path / "t.dat"
     old, new, kept = val(1, SMALL), val(2, SMALL), val(3, SMALL)
 
     async def run():
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             await put(s, b"k", old)
             e = s.index.get(NS, b"k")
             assert not e.key_in_ram  # in its slot's key record: its location needs a side table
             assert not s.tiering.evict(e)  # a demotion started
-            _index._fail_allocs(1)  # the next side-table allocation: that location's
-            await until(lambda: not s.tiering._writers and e.refs == 0, "the demotion ended")
-            _index._fail_allocs(0)
+            with failing_allocs(1):  # the next side-table allocation: that location's
+                await until(lambda: not s.tiering._writers and e.refs == 0, "the demotion ended")
             assert s.index.get(NS, b"k") is e and e.offset >= 0 and e.nvme is None
             assert s.nvme.counters["unindexed_records"] == 1
             assert s.nvme.counters["demotion_failures"] == 0  # not lost: still in DRAM
             assert s.nvme.stats()["objects"] == 0  # the record is not counted live
             assert await read(s, b"k") == old
             await put(s, b"k", new, overwrite=True)  # DRAM-only: no tombstone of its own
-        finally:
-            _index._fail_allocs(0)
-            await settle(s)
-            s.close()
-        s = make_store(path)  # no flush: DRAM-only objects are gone, and so is the old record
-        try:
+        async with opened(path) as s:  # no flush: DRAM-only objects are gone, so is the old record
             assert s.index.get(NS, b"k") is None
             await put(s, b"f", kept)
             f = s.index.get(NS, b"f")
             assert not f.key_in_ram
             assert await read(s, b"f") == kept  # (the readers' table made: the flush's reference)
-            _index._fail_allocs(1)  # the next side-table allocation: its location's
-            try:
+            with failing_allocs(1):  # the next side-table allocation: its location's
                 # its first record is refused; the flush's last walk writes it again
                 assert await s.flush_to_nvme(10) == 1
-            finally:
-                _index._fail_allocs(0)
             assert s.nvme.counters["unindexed_records"] == 1
             assert f.nvme is not None and s.flush_not_kept == 0
-        finally:
-            _index._fail_allocs(0)
-            await settle(s)
-            s.close()
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             assert await read(s, b"f") == kept and s.index.get(NS, b"k") is None
-        finally:
-            await settle(s)
-            s.close()
 
     asyncio.run(run())
 
@@ -465,38 +477,24 @@ def test_an_object_the_index_refuses_in_the_flushs_last_walk_is_counted_lost(tmp
     ``flush_not_kept`` counts it and the flush warns. Before, the flush ended without a
     reason (no chunk said why) and reported nothing lost (flush_not_kept 0). Its records
     are tombstoned: a restart has no such key."""
-    if index_kind != "packed":
-        pytest.skip("only the packed index's location store allocates")
-    from kvstored import _index
+    packed_only(index_kind, "location store")
     path = tmp_path / "t.dat"
     kept = val(4, SMALL)
 
     async def run():
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             await put(s, b"f", kept)
             f = s.index.get(NS, b"f")
             assert not f.key_in_ram  # in its slot's key record: its location needs a side table
             assert await read(s, b"f") == kept  # (the readers' table made: the flush's reference)
-            _index._fail_allocs(2)  # the next two side-table allocations: both walks' stores
-            try:
+            with failing_allocs(2):  # the next two side-table allocations: both walks' stores
                 assert await s.flush_to_nvme(10) == 0
-            finally:
-                _index._fail_allocs(0)
             assert s.nvme.counters["unindexed_records"] == 2  # refused in both walks
             assert f.nvme is None and f.offset >= 0  # DRAM-only at exit
             assert s.flush_not_kept == 1
             assert any("could not be kept" in r.getMessage() for r in caplog.records)
-        finally:
-            _index._fail_allocs(0)
-            await settle(s)
-            s.close()
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             assert s.index.get(NS, b"f") is None
-        finally:
-            await settle(s)
-            s.close()
 
     asyncio.run(run())
 
@@ -507,34 +505,20 @@ def test_a_flush_reference_the_index_cannot_store_leaves_the_object_to_the_last_
     the first) raises MemoryError: that object is not written in that walk, and the
     flush's last walk writes it. Before, the MemoryError escaped the flush (the node's
     stop raised before draining its tasks)."""
-    if index_kind != "packed":
-        pytest.skip("only the packed index's readers' table allocates")
-    from kvstored import _index
+    packed_only(index_kind, "readers' table")
     path = tmp_path / "t.dat"
     kept = val(5, SMALL)
 
     async def run():
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             await put(s, b"g", kept)
             g = s.index.get(NS, b"g")
             assert g.refs == 0 and g.nvme is None
-            _index._fail_allocs(1)  # the next side-table allocation: the readers' table's
-            try:
+            with failing_allocs(1):  # the next side-table allocation: the readers' table's
                 assert await s.flush_to_nvme(10) == 1
-            finally:
-                _index._fail_allocs(0)
             assert g.nvme is not None and g.refs == 0 and s.flush_not_kept == 0
-        finally:
-            _index._fail_allocs(0)
-            await settle(s)
-            s.close()
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             assert await read(s, b"g") == kept
-        finally:
-            await settle(s)
-            s.close()
 
     asyncio.run(run())
 
@@ -546,35 +530,55 @@ def test_a_promotion_whose_reference_the_index_cannot_store_leaves_no_load_behin
     cannot store it (MemoryError) that read fails, and nothing is left registered: the next
     read promotes the object. Before, the promotion in progress stayed registered with
     nobody to end it, and every later read of the key waited on it for good."""
-    if index_kind != "packed":
-        pytest.skip("only the packed index's readers' table allocates")
-    from kvstored import _index
+    packed_only(index_kind, "readers' table")
     path = tmp_path / "t.dat"
     kept = val(6, SMALL)
 
     async def run():
-        s = make_store(path)
-        try:
+        async with opened(path) as s:
             await put(s, b"p", kept)
             assert await s.flush_to_nvme(10) == 1
-        finally:
-            await settle(s)
-            s.close()
-        s = make_store(path)  # recovered: NVMe-only, no reader yet
-        try:
+        async with opened(path) as s:  # recovered: NVMe-only, no reader yet
             e = s.index.get(NS, b"p")
             assert e.offset < 0 and e.nvme is not None and e.refs == 0
-            _index._fail_allocs(1)  # the next side-table allocation: the readers' table's
-            try:
+            with failing_allocs(1):  # the next side-table allocation: the readers' table's
                 with pytest.raises(MemoryError):
                     await read(s, b"p")
-            finally:
-                _index._fail_allocs(0)
             assert s.tiering._loading == {} and e.refs == 0
             assert await asyncio.wait_for(read(s, b"p"), 30) == kept
-        finally:
-            _index._fail_allocs(0)
-            await settle(s)
-            s.close()
+
+    asyncio.run(run())
+
+
+def test_a_demotion_whose_reference_the_index_cannot_store_drops_the_object_counted(
+        tmp_path, index_kind):
+    """An eviction's demotion takes a reference on the object first (``refs += 1``: on a
+    fresh index, the readers' side table is made then). When the index cannot store it
+    (MemoryError), the object leaves as an eviction without a copy does: dropped, counted
+    in ``demotion_failures``, its slot free; the store goes on (a later demotion works).
+    Before, the MemoryError escaped evict() after the eviction was counted: from
+    reclaim_slab it left a slab draining that nothing tracked, never serving slots again."""
+    packed_only(index_kind, "readers' table")
+    path = tmp_path / "t.dat"
+    a, b = val(7, SMALL), val(8, SMALL)
+
+    async def run():
+        async with opened(path) as s:
+            await put(s, b"a", a)
+            await put(s, b"b", b)
+            e = s.index.get(NS, b"a")
+            assert e.refs == 0 and e.nvme is None
+            evictions = s.dram.counters["evictions"]
+            with failing_allocs(1):  # the next side-table allocation: the readers' table's
+                assert s.tiering.evict(e)  # its slot is free now: no demotion in flight
+            assert s.index.get(NS, b"a") is None
+            assert s.nvme.counters["demotion_failures"] == 1
+            assert s.dram.counters["evictions"] == evictions + 1
+            f = s.index.get(NS, b"b")
+            assert not s.tiering.evict(f)  # a demotion started: the index has memory again
+            await until(lambda: not s.tiering._writers and f.refs == 0, "the demotion ended")
+            assert f.nvme is not None and await read(s, b"b") == b
+            await put(s, b"a", a)  # the dropped key can be stored again
+            assert await read(s, b"a") == a
 
     asyncio.run(run())
