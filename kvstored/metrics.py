@@ -118,8 +118,9 @@ _TIER_FAMILIES = (
      "promotions", "counter"),
     ("kvstored_tier_io_errors", "Failed reads and writes on the tier's device.", "io_errors",
      "counter"),
-    ("kvstored_tier_demotion_failures", "Objects lost because their demotion write failed "
-     "(dropped from DRAM without an NVMe copy; the failed writes are in io_errors).",
+    ("kvstored_tier_demotion_failures", "Objects lost because their demotion write failed, or "
+     "could not start with the index out of memory (dropped from DRAM without an NVMe copy; "
+     "the failed writes are in io_errors).",
      "demotion_failures", "counter"),
     ("kvstored_tier_unindexed_records", "NVMe records written whose location the index could "
      "not store (out of memory): tombstoned, the object kept in DRAM (in the shutdown flush's "
