@@ -199,7 +199,9 @@ class _ConfigRules:
 
     def _validate_events(self) -> None:
         """[events] beyond each value's own check."""
-        if self.events_endpoint and self.events_endpoint == self.events_replay_endpoint:
+        # (the same tcp endpoint with port "*" is two binds of a free port each: they differ)
+        if (self.events_endpoint and self.events_endpoint == self.events_replay_endpoint
+                and not self.events_endpoint.endswith(":*")):
             raise ConfigError("events.replay_endpoint: must differ from events.endpoint")
         if self.events_max_subscribers_per_client > self.events_max_subscribers:
             raise ConfigError(

@@ -1014,9 +1014,12 @@ def _remove_stale(path: str) -> None:
 
 def default_replay_endpoint(endpoint: str) -> str:
     """The replay endpoint next to ``endpoint`` (vLLM's examples: PUB 5557, replay 5558):
-    a tcp port + 1, or ``-replay`` appended to an ipc path."""
+    a tcp port + 1 (any free port beside port ``*``: the ready file names both), or
+    ``-replay`` appended to an ipc path."""
     if endpoint.startswith("tcp://"):
         host, sep, port = endpoint[6:].rpartition(":")
+        if sep and port == "*":
+            return endpoint
         if sep and port.isdigit() and 0 < int(port) < 65535:
             return f"tcp://{host}:{int(port) + 1}"
         return ""

@@ -421,7 +421,7 @@ class Node:
             "data": f"{c.host}:{st.data_port}", "shm": st.shm_path or "off",
             "rdma": self.rdma_status,
             "metrics": f"{c.metrics_host}:{self.metrics_port}" if c.metrics_enabled else "off",
-            "kv_events": c.events_endpoint or "off",
+            "kv_events": (self.events.bound()[0] or c.events_endpoint) if self.events else "off",
             "dram": self.store.arena.size, "hugepages": self.store.arena.hugepages,
             # the tiers and what guards the planes, so one line says what is running
             "nvme": (f"{c.nvme_path} ({nvme.dev.nregions * nvme.dev.region_size} bytes, "
@@ -620,10 +620,14 @@ async def serve(config: Config, ready_file: str | None = None,
         try:
             tmp = ready_file + ".tmp"
             st = node.status
+            # the KV events endpoints as bound (a tcp port 0 replaced by the port taken): ""
+            # when off, so a test or a supervisor never picks a port and races for it
+            ev = node.events.bound() if node.events is not None else ("", "")
             with open(tmp, "w") as f:
                 json.dump({"pid": os.getpid(), "node_id": st.node_id, "host": config.host,
                            "control_port": st.control_port, "data_port": st.data_port,
-                           "metrics_port": node.metrics_port}, f)
+                           "metrics_port": node.metrics_port, "events_endpoint": ev[0],
+                           "events_replay_endpoint": ev[1]}, f)
             os.replace(tmp, ready_file)  # atomic: readers never see half a file
         except OSError as e:
             await node.stop(0)

@@ -51,11 +51,16 @@ def bhash(ns: str, key: str) -> int:
 
 @pytest.fixture
 def events_daemon(start_daemon, tmp_path):
-    """A daemon publishing on a free port, replay on another; returns (daemon, pub, replay)."""
-    pub, rep = f"tcp://127.0.0.1:{free_port()}", f"tcp://127.0.0.1:{free_port()}"
+    """A daemon publishing on a free port, replay on another; returns (daemon, pub, replay).
+    The daemon binds any free port (``*``) and names it in its ready file: a port picked
+    here and bound there later could be taken in between."""
     cfg = tmp_path / "events.toml"
-    cfg.write_text(f'[events]\nreplay_endpoint = "{rep}"\nblock_size = 16\n')
-    return start_daemon("--config", str(cfg), "--kv-events", pub), pub, rep
+    cfg.write_text('[events]\nreplay_endpoint = "tcp://127.0.0.1:*"\nblock_size = 16\n')
+    d = start_daemon("--config", str(cfg), "--kv-events", "tcp://127.0.0.1:*")
+    pub, rep = d.info["events_endpoint"], d.info["events_replay_endpoint"]
+    assert pub.startswith("tcp://127.0.0.1:") and not pub.endswith((":*", ":0")), d.info
+    assert rep.startswith("tcp://127.0.0.1:") and rep != pub and not rep.endswith(":*"), d.info
+    return d, pub, rep
 
 
 class Sub:
@@ -592,6 +597,26 @@ def test_bad_events_settings(tmp_path, text, says):
     assert says in str(e.value) and "\n" not in str(e.value)
 
 
+def test_any_free_port_endpoints_are_named_in_the_ready_file(start_daemon):
+    """``tcp://HOST:*`` binds any free port; the replay endpoint beside it (by default) too,
+    and the ready file names both as bound, so a supervisor or a test never picks a port
+    and races another process for it. The same ``*`` endpoint for both is two binds."""
+    from kvstored.config import Config
+    from kvstored.events import default_replay_endpoint
+
+    assert default_replay_endpoint("tcp://127.0.0.1:*") == "tcp://127.0.0.1:*"
+    assert default_replay_endpoint("tcp://127.0.0.1:5557") == "tcp://127.0.0.1:5558"
+    Config(events_endpoint="tcp://127.0.0.1:*", events_replay_endpoint="tcp://127.0.0.1:*").validate()
+    d = start_daemon("--kv-events", "tcp://127.0.0.1:*")
+    pub, rep = d.info["events_endpoint"], d.info["events_replay_endpoint"]
+    ports = {int(e.rpartition(":")[2]) for e in (pub, rep)}
+    assert len(ports) == 2 and 0 not in ports and pub.startswith("tcp://127.0.0.1:"), d.info
+    for port in ports:  # both listen
+        socket.create_connection(("127.0.0.1", port), timeout=10).close()
+    off = start_daemon()
+    assert off.info["events_endpoint"] == off.info["events_replay_endpoint"] == ""
+
+
 def test_concurrent_writers_and_replays(events_daemon):
     """Four writers at once: every object stored once; 20 replays at once all end; an
     oversized replay request gets the end marker."""
@@ -711,11 +736,12 @@ def test_queue_overflow_drops_counts_and_clears(tmp_path, monkeypatch):
 def test_tier_moves_publish_nothing(start_daemon, tmp_path):
     """With an NVMe tier, DRAM evictions demote and gets promote: the node still holds
     every object, so no BlockRemoved; a delete still publishes one."""
-    pub = f"tcp://127.0.0.1:{free_port()}"
     cfg = tmp_path / "events.toml"  # replay unused here: off, not the default port pub + 1
     cfg.write_text('[events]\nreplay_endpoint = "off"\n')  # (which may be taken: a CI flake)
-    d = start_daemon("--config", str(cfg), "--kv-events", pub, "--nvme-path",
+    d = start_daemon("--config", str(cfg), "--kv-events", "tcp://127.0.0.1:*", "--nvme-path",
                      str(tmp_path / "nvme"), "--nvme-size", "256MiB", "--nvme-region-size", "16MiB")
+    pub = d.info["events_endpoint"]
+    assert d.info["events_replay_endpoint"] == ""  # off
     ctx = zmq.Context()
     try:
         sub = Sub(ctx, pub)

@@ -24,7 +24,7 @@ import pytest
 import kvstore
 from kvstore.v1 import control_pb2 as pb
 
-from test_hostile import closed_by_peer, free_port, open_fds, publisher_on_a_loop, rss, wait_for
+from test_hostile import closed_by_peer, open_fds, publisher_on_a_loop, rss, wait_for
 
 zmq = pytest.importorskip("zmq")
 msgpack = pytest.importorskip("msgpack")
@@ -70,18 +70,19 @@ def put_until_event(node, sub, namespace: str, when: str) -> None:
 @pytest.fixture(scope="module")
 def node(module_daemons, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round3")
-    pub_port, rep_port = free_port(), free_port()
     cfg = tmp / "round3.toml"
     # (every place to one connection and one client: the caps on those are round 4's)
     cfg.write_text("[server]\nmax_control_rpcs = 4\ncontrol_streams_per_connection = 4\n"
                    "control_rpcs_per_client = 4\n"
                    "control_request_timeout = 1.0\n"
                    "control_connection_max_age = 3.0\n"
-                   f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'
-                   f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {LIMIT}\n'
+                   '[events]\nendpoint = "tcp://127.0.0.1:*"\n'
+                   f'replay_endpoint = "tcp://127.0.0.1:*"\nmax_subscribers = {LIMIT}\n'
                    f"max_subscribers_per_client = {LIMIT}\n")  # (every client here is 127.0.0.1)
     d = module_daemons("round3", "--config", str(cfg))
-    d.pub_port, d.rep_port = pub_port, rep_port
+    # any free ports, as the daemon bound them (its ready file): none picked here to race for
+    d.pub_port, d.rep_port = (int(d.info[k].rpartition(":")[2])
+                              for k in ("events_endpoint", "events_replay_endpoint"))
     return d
 
 

@@ -27,7 +27,7 @@ import pytest
 import kvstore
 from kvstore.v1 import control_pb2 as pb
 
-from test_hostile import closed_by_peer, connect_from, free_port, publisher_on_a_loop, wait_for
+from test_hostile import closed_by_peer, connect_from, publisher_on_a_loop, wait_for
 from test_hostile_round3 import _h2_frame, _hpack_literal, metric_when
 
 zmq = pytest.importorskip("zmq")
@@ -43,16 +43,17 @@ SUBS, PER_CLIENT = 4, 2  # events.max_subscribers, max_subscribers_per_client
 @pytest.fixture(scope="module")
 def node(module_daemons, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("round4")
-    pub_port, rep_port = free_port(), free_port()
     cfg = tmp / "round4.toml"
     cfg.write_text(f"[server]\nmax_control_rpcs = {RPCS}\ncontrol_request_timeout = 20.0\n"
                    f"control_streams_per_connection = {STREAMS}\n"
                    f"control_rpcs_per_client = {PER_ADDRESS}\n"
-                   f'[events]\nendpoint = "tcp://127.0.0.1:{pub_port}"\n'
-                   f'replay_endpoint = "tcp://127.0.0.1:{rep_port}"\nmax_subscribers = {SUBS}\n'
+                   '[events]\nendpoint = "tcp://127.0.0.1:*"\n'
+                   f'replay_endpoint = "tcp://127.0.0.1:*"\nmax_subscribers = {SUBS}\n'
                    f"max_subscribers_per_client = {PER_CLIENT}\n")
     d = module_daemons("round4", "--config", str(cfg))
-    d.pub_port, d.rep_port = pub_port, rep_port
+    # any free ports, as the daemon bound them (its ready file): none picked here to race for
+    d.pub_port, d.rep_port = (int(d.info[k].rpartition(":")[2])
+                              for k in ("events_endpoint", "events_replay_endpoint"))
     return d
 
 
