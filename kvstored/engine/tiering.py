@@ -459,17 +459,16 @@ class Tiering:
                 n, why = await self._flush_chunk(todo, deadline)
                 written += n
                 del todo
-                if why:  # what is left DRAM-only is lost at exit
-                    self.flush_not_kept = self._dram_only_count()
+                if why:
                     break
-            else:
-                # an object refused in the last walk (its key record unreadable, or its
-                # location refused by the index) is not written again: lost at exit too
-                if self._flush_refused:
-                    self.flush_not_kept = self._dram_only_count()
-                    why = "objects refused (key unreadable or index out of memory)"
         finally:
             self.nvme.keep_live = False
+        # what is left DRAM-only is lost at exit: after a stop (why), or when objects were
+        # refused (key record unreadable, index out of memory): one refused in the last
+        # walk is not written again
+        if why or self._flush_refused:
+            self.flush_not_kept = self._dram_only_count()
+            why = why or "objects refused (key unreadable or index out of memory)"
         if self.flush_not_kept:
             log.warning("shutdown flush: %s; %d DRAM-only objects could not be kept and are lost "
                         "at exit (%d written)", why, self.flush_not_kept, written)
